@@ -1,0 +1,103 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ModelInfoRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("model", "image_height", "image_width", "patch_size", "grid_height", "grid_width", "num_prefix_tokens", "num_classes", "in_chans", "mean", "std", "full_gflops", "price_per_gflop", "currency", "models", "max_batch_images", "dtype")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    PATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    GRID_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    GRID_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    IN_CHANS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
+    FULL_GFLOPS_FIELD_NUMBER: _ClassVar[int]
+    PRICE_PER_GFLOP_FIELD_NUMBER: _ClassVar[int]
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    image_height: int
+    image_width: int
+    patch_size: int
+    grid_height: int
+    grid_width: int
+    num_prefix_tokens: int
+    num_classes: int
+    in_chans: int
+    mean: _containers.RepeatedScalarFieldContainer[float]
+    std: _containers.RepeatedScalarFieldContainer[float]
+    full_gflops: float
+    price_per_gflop: float
+    currency: str
+    models: _containers.RepeatedScalarFieldContainer[str]
+    max_batch_images: int
+    dtype: str
+    def __init__(self, model: _Optional[str] = ..., image_height: _Optional[int] = ..., image_width: _Optional[int] = ..., patch_size: _Optional[int] = ..., grid_height: _Optional[int] = ..., grid_width: _Optional[int] = ..., num_prefix_tokens: _Optional[int] = ..., num_classes: _Optional[int] = ..., in_chans: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., full_gflops: _Optional[float] = ..., price_per_gflop: _Optional[float] = ..., currency: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., max_batch_images: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
+
+class InferRequest(_message.Message):
+    __slots__ = ("request_id", "model", "images", "patches", "keep_indices", "keep_counts")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    PATCHES_FIELD_NUMBER: _ClassVar[int]
+    KEEP_INDICES_FIELD_NUMBER: _ClassVar[int]
+    KEEP_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    images: Tensor
+    patches: Tensor
+    keep_indices: Tensor
+    keep_counts: Tensor
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., patches: _Optional[_Union[Tensor, _Mapping]] = ..., keep_indices: _Optional[_Union[Tensor, _Mapping]] = ..., keep_counts: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class Usage(_message.Message):
+    __slots__ = ("images", "tokens", "gflops", "full_gflops", "cost", "replayed")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GFLOPS_FIELD_NUMBER: _ClassVar[int]
+    FULL_GFLOPS_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    images: int
+    tokens: int
+    gflops: float
+    full_gflops: float
+    cost: float
+    replayed: bool
+    def __init__(self, images: _Optional[int] = ..., tokens: _Optional[int] = ..., gflops: _Optional[float] = ..., full_gflops: _Optional[float] = ..., cost: _Optional[float] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class InferResponse(_message.Message):
+    __slots__ = ("request_id", "logits", "usage")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    logits: Tensor
+    usage: Usage
+    def __init__(self, request_id: _Optional[str] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
