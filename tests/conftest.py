@@ -1,0 +1,26 @@
+"""Fixtures shared by every test area: tiny timm models and the committed CIFAR-10 subset."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR_SUBSET = REPO / "data" / "cifar10-subset"
+
+# Two cores: keep torch from oversubscribing when Ray or gRPC threads run beside it.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def cifar_subset() -> Path:
+    """ImageFolder root with train/ and test/ (500 / 100 images per class, 32x32)."""
+    assert (CIFAR_SUBSET / "train").is_dir(), f"missing committed data at {CIFAR_SUBSET}"
+    return CIFAR_SUBSET
+
+
+def tiny_vit_kwargs(**overrides: object) -> dict[str, object]:
+    """A CIFAR-size ViT: 32x32 input, 4x4 patches (8x8 grid), 10 classes."""
+    return {"img_size": 32, "patch_size": 4, "num_classes": 10, **overrides}
