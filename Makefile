@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast demo bench protos clean
+.PHONY: install browser test test-fast demo bench bench-quick protos clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -15,9 +15,28 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+## Debian's chromium for the dashboard's browser test (CI must run it); installed only when missing and root.
+browser:
+	@test -x /usr/bin/chromium || [ "$$(id -u)" != 0 ] || { apt-get update -q && apt-get install -y -q chromium; } \
+		|| echo "warning: could not install chromium: the dashboard browser test fails in CI, skips elsewhere"
+
 ## The whole suite (CPU only, tiny models; about 10 minutes on 2 cores).
-test: install
+test: install browser
 	$(VENV)/bin/pytest -q -ra --durations=15 tests
+
+## Benchmarks: docs/benchmarks.md, docs/benchmarks.json and docs/bench_*.png from one run. Run it alone on a quiet
+## machine (other load skews the ratios; the report warns when the matmul rate drifted during the run).
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+bench: install $(BENCH_STAMP)
+	$(PY) -m benchmarks --out docs
+
+## The same sections on tiny models with one repeat (what the tests run): checks that the suite works, in ~30 s.
+bench-quick: install $(BENCH_STAMP)
+	$(PY) -m benchmarks --quick --out out/bench-quick
 
 ## Regenerate the Python stubs from protos/ (tests fail when they drift).
 protos: install

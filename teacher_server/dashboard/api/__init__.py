@@ -1,0 +1,1 @@
+"""Routers of the dashboard's JSON API, one per resource."""

@@ -1,0 +1,79 @@
+"""/api/keys: the admin API (list, create, disable/enable, set quota and price), behind the admin bearer token."""
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Path, status
+from sqlalchemy.orm import Session, sessionmaker
+
+from teacher_server import auth, ledger
+from teacher_server.dashboard.deps import SessionDep, get_sessions, require_admin
+from teacher_server.dashboard.schemas import CreatedKey, CreateKeyRequest, ErrorMessage, KeyInfo, UpdateKeyRequest
+
+_AUTH_ERRORS: dict[int | str, dict[str, object]] = {
+    401: {"model": ErrorMessage, "description": "missing or wrong admin token"},
+    403: {"model": ErrorMessage, "description": "no admin token configured on the server"},
+}
+router = APIRouter(prefix="/api/keys", tags=["admin: keys"], dependencies=[Depends(require_admin)],
+                   responses=_AUTH_ERRORS)
+
+NamePath = Annotated[str, Path(min_length=1, max_length=200, description="the key's name")]
+_NOT_FOUND: dict[int | str, dict[str, object]] = {404: {"model": ErrorMessage, "description": "no such key"}}
+
+
+def _existing(session: Session, name: str) -> ledger.ApiKey:
+    key = ledger.find_api_key_by_name(session, name=name)
+    if key is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no API key named {name!r}")
+    return key
+
+
+@router.get("", response_model=list[KeyInfo], summary="List API keys (never their secrets)")
+def list_keys(session: SessionDep) -> list[KeyInfo]:
+    return [KeyInfo.model_validate(k) for k in ledger.list_api_keys(session)]
+
+
+@router.post("", response_model=CreatedKey, status_code=status.HTTP_201_CREATED,
+             responses={409: {"model": ErrorMessage, "description": "name taken"}},
+             summary="Create an API key; the secret is in this response only")
+def create_key(body: CreateKeyRequest,
+               sessions: Annotated[sessionmaker[Session], Depends(get_sessions)]) -> CreatedKey:
+    try:
+        secret, row = auth.create_api_key(sessions, name=body.name, quota_gflops=body.quota_gflops,
+                                          price_per_gflop=body.price_per_gflop)
+    except ledger.DuplicateKeyNameError as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+    except ValueError as exc:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from exc
+    return CreatedKey(secret=secret, **KeyInfo.model_validate(row).model_dump())
+
+
+@router.patch("/{name}", response_model=KeyInfo, responses=_NOT_FOUND,
+              summary="Change a key: disabled, quota_gflops, price_per_gflop (only the fields sent)")
+def update_key(name: NamePath, body: UpdateKeyRequest, session: SessionDep) -> KeyInfo:
+    key = _existing(session, name)
+    sent = body.model_fields_set
+    if "disabled" in sent:
+        if body.disabled is None:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, "`disabled` must be true or false, not null")
+        key = ledger.set_api_key_disabled(session, name=name, disabled=body.disabled)
+    if sent & {"quota_gflops", "price_per_gflop"}:
+        key = ledger.set_api_key_limits(
+            session, name=name,
+            quota_gflops=body.quota_gflops if "quota_gflops" in sent else key.quota_gflops,
+            price_per_gflop=body.price_per_gflop if "price_per_gflop" in sent else key.price_per_gflop,
+        )
+    return KeyInfo.model_validate(key)
+
+
+@router.post("/{name}/disable", response_model=KeyInfo, responses=_NOT_FOUND,
+             summary="Disable a key (its requests are refused within the server's auth cache TTL)")
+def disable_key(name: NamePath, session: SessionDep) -> KeyInfo:
+    _existing(session, name)
+    return KeyInfo.model_validate(ledger.set_api_key_disabled(session, name=name, disabled=True))
+
+
+@router.post("/{name}/enable", response_model=KeyInfo, responses=_NOT_FOUND, summary="Re-enable a disabled key")
+def enable_key(name: NamePath, session: SessionDep) -> KeyInfo:
+    _existing(session, name)
+    return KeyInfo.model_validate(ledger.set_api_key_disabled(session, name=name, disabled=False))

@@ -1,0 +1,148 @@
+"""GET /api/usage/...: totals per key, time series per key and bucket, recent latency and batch sizes (read-only)."""
+from __future__ import annotations
+
+import math
+from datetime import datetime, timedelta, timezone
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, status
+
+from teacher_server.dashboard import queries
+from teacher_server.dashboard.deps import SessionDep, SettingsDep
+from teacher_server.dashboard.schemas import (
+    Bucket, ErrorMessage, KeySeries, KeyUsage, LatencyFigures, RecentLatency, UsageByKey, UsageSeries, UsageTotals,
+)
+
+router = APIRouter(prefix="/api/usage", tags=["usage"])
+
+BUCKET_SECONDS = {Bucket.minute: 60, Bucket.hour: 3600}
+DEFAULT_WINDOW = {Bucket.minute: timedelta(hours=6), Bucket.hour: timedelta(days=7)}
+MAX_BUCKETS = 2000  # per series response; more asks for a coarser bucket or a shorter window
+
+SinceQuery = Annotated[datetime | None, Query(description="ISO 8601 start (inclusive); naive means UTC")]
+UntilQuery = Annotated[datetime | None, Query(description="ISO 8601 end (exclusive); naive means UTC")]
+KeyQuery = Annotated[str | None, Query(max_length=200, description="only this API key (by name)")]
+
+
+def _saving_pct(gflops: float, full_gflops: float) -> float:
+    return 100.0 * (1.0 - gflops / full_gflops) if full_gflops > 0 else 0.0
+
+
+def _check_window(since: datetime | None, until: datetime | None) -> None:
+    if since is not None and until is not None and queries.as_utc(since) >= queries.as_utc(until):
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "`since` must be before `until`")
+
+
+def _unknown_key(session: SessionDep, key: str | None) -> None:
+    if key is not None and not queries.usage_by_key(session, key_name=key):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no API key named {key!r}")
+
+
+@router.get("/keys", response_model=UsageByKey, responses={400: {"model": ErrorMessage}, 404: {"model": ErrorMessage}},
+            summary="Usage totals per API key")
+def usage_by_key(session: SessionDep, settings: SettingsDep, since: SinceQuery = None, until: UntilQuery = None,
+                 key: KeyQuery = None) -> UsageByKey:
+    """Requests, images, GFLOPs used, GFLOPs a full teacher would have used, saving and cost per key, in a window
+    (default: all time), plus the total over all keys."""
+    _check_window(since, until)
+    _unknown_key(session, key)
+    rows = queries.usage_by_key(session, since=since, until=until, key_name=key)
+    lifetime = {r.name: r.gflops for r in rows}
+    if since is not None or until is not None:
+        lifetime = {r.name: r.gflops for r in queries.usage_by_key(session, key_name=key)}
+    keys = []
+    for r in rows:
+        quota_pct: float | None = None
+        if r.quota_gflops is not None:  # a zero quota is spent from the start
+            quota_pct = 100.0 * lifetime[r.name] / r.quota_gflops if r.quota_gflops > 0 else 100.0
+        keys.append(KeyUsage(
+            name=r.name, key_prefix=r.key_prefix, disabled=r.disabled, created_at=r.created_at,
+            quota_gflops=r.quota_gflops, price_per_gflop=r.price_per_gflop,
+            effective_price_per_gflop=settings.price_per_gflop if r.price_per_gflop is None else r.price_per_gflop,
+            quota_used_pct=quota_pct,
+            last_used_at=r.last_used_at, requests=r.requests, images=r.images, tokens=r.tokens, gflops=r.gflops,
+            full_gflops=r.full_gflops, saved_gflops=r.full_gflops - r.gflops,
+            saving_pct=_saving_pct(r.gflops, r.full_gflops), cost=r.cost,
+        ))
+    gflops = sum(k.gflops for k in keys)
+    full = sum(k.full_gflops for k in keys)
+    total = UsageTotals(
+        requests=sum(k.requests for k in keys), images=sum(k.images for k in keys),
+        tokens=sum(k.tokens for k in keys), gflops=gflops, full_gflops=full, saved_gflops=full - gflops,
+        saving_pct=_saving_pct(gflops, full), cost=sum(k.cost for k in keys),
+    )
+    return UsageByKey(currency=settings.currency, default_price_per_gflop=settings.price_per_gflop,
+                      since=since and queries.as_utc(since), until=until and queries.as_utc(until), keys=keys,
+                      total=total)
+
+
+@router.get("/timeseries", response_model=UsageSeries,
+            responses={400: {"model": ErrorMessage}, 404: {"model": ErrorMessage}},
+            summary="GFLOPs, cost, requests and images per key and time bucket")
+def usage_timeseries(session: SessionDep, settings: SettingsDep, bucket: Bucket = Bucket.minute,
+                     since: SinceQuery = None, until: UntilQuery = None, key: KeyQuery = None) -> UsageSeries:
+    """Per key, the usage in each `bucket` (minute or hour, UTC) of [since, until). Default window: the last 6 hours
+    by minute, the last 7 days by hour. Buckets before the first usage in the window are left out; later empty
+    buckets are zeros."""
+    _check_window(since, until)
+    _unknown_key(session, key)
+    width = BUCKET_SECONDS[bucket]
+    end = queries.as_utc(until) if until is not None else datetime.now(timezone.utc)
+    start = queries.as_utc(since) if since is not None else end - DEFAULT_WINDOW[bucket]
+    if start >= end:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "`since` must be before `until`")
+    cells = queries.usage_by_bucket(session, width_s=width, since=start, until=end, key_name=key)
+    timestamps: list[int] = []
+    if cells:
+        first = min(c.start_epoch for c in cells)
+        last = max(max(c.start_epoch for c in cells), math.ceil(end.timestamp()) - 1) // width * width
+        count = (last - first) // width + 1
+        if count > MAX_BUCKETS:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST,
+                                f"the window holds {count} {bucket.value} buckets, more than {MAX_BUCKETS}: "
+                                "shorten it (since/until) or use a coarser bucket")
+        timestamps = list(range(first, last + 1, width))
+    index = {t: i for i, t in enumerate(timestamps)}
+    by_key: dict[str, KeySeries] = {}
+    for c in cells:
+        s = by_key.get(c.key)
+        if s is None:
+            n = len(timestamps)
+            s = by_key[c.key] = KeySeries(key=c.key, requests=[0] * n, images=[0] * n, gflops=[0.0] * n,
+                                          full_gflops=[0.0] * n, cost=[0.0] * n)
+        i = index[c.start_epoch]
+        s.requests[i], s.images[i], s.gflops[i], s.full_gflops[i], s.cost[i] = (
+            c.requests, c.images, c.gflops, c.full_gflops, c.cost)
+    return UsageSeries(bucket=bucket, bucket_seconds=width, currency=settings.currency, since=start, until=end,
+                       timestamps=timestamps, series=[by_key[k] for k in sorted(by_key)])
+
+
+def _figures(key: str, rows: list[queries.RecentRequest]) -> LatencyFigures:
+    if not rows:
+        return LatencyFigures(key=key, requests=0, latency_ms_p50=None, latency_ms_p95=None, latency_ms_max=None,
+                              queue_ms_p50=None, queue_ms_p95=None, images_per_request_mean=None,
+                              batch_images_mean=None, batch_images_p50=None, batch_images_max=None)
+    latency = [r.latency_ms for r in rows]
+    queue = [r.queue_ms for r in rows]
+    batch = [float(r.batch_images) for r in rows]
+    return LatencyFigures(
+        key=key, requests=len(rows), latency_ms_p50=queries.percentile(latency, 50),
+        latency_ms_p95=queries.percentile(latency, 95), latency_ms_max=max(latency),
+        queue_ms_p50=queries.percentile(queue, 50), queue_ms_p95=queries.percentile(queue, 95),
+        images_per_request_mean=sum(r.images for r in rows) / len(rows), batch_images_mean=sum(batch) / len(batch),
+        batch_images_p50=queries.percentile(batch, 50), batch_images_max=max(r.batch_images for r in rows),
+    )
+
+
+@router.get("/latency", response_model=RecentLatency, responses={404: {"model": ErrorMessage}},
+            summary="Latency, queueing and micro-batch sizes of the most recent requests")
+def recent_latency(session: SessionDep, limit: Annotated[int, Query(ge=1, le=100_000)] = 1000,
+                   since: SinceQuery = None, key: KeyQuery = None) -> RecentLatency:
+    """Percentiles (linear interpolation) over the last `limit` requests, overall and per key."""
+    _unknown_key(session, key)
+    rows = queries.recent_requests(session, limit=limit, since=since, key_name=key)
+    per_key: dict[str, list[queries.RecentRequest]] = {}
+    for r in rows:
+        per_key.setdefault(r.key, []).append(r)
+    return RecentLatency(window_requests=limit, since=since and queries.as_utc(since), overall=_figures("*", rows),
+                         keys=[_figures(k, per_key[k]) for k in sorted(per_key)])

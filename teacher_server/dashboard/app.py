@@ -1,0 +1,80 @@
+"""The dashboard application: JSON API under /api, the page at /, vendored static files at /static."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from teacher_server import ledger
+from teacher_server.dashboard.api import keys, usage
+from teacher_server.dashboard.deps import SessionDep
+from teacher_server.dashboard.schemas import ErrorMessage, Health
+from teacher_server.settings import ServerSettings
+
+HERE = Path(__file__).resolve().parent
+STATIC_DIR = HERE / "static"
+PAGE = HERE / "templates" / "index.html"
+
+DESCRIPTION = """Usage and billing of a MaskedKD teacher server, read from its ledger (the same database).
+
+* `/api/usage/...`: read-only totals per API key, time series per key and minute/hour, recent latency and batch sizes.
+* `/api/keys...`: admin operations (create, disable/enable, quota and price), with `Authorization: Bearer <admin
+  token>`; the token comes from `--admin-token` or `MASKEDKD_ADMIN_TOKEN` (without one, admin calls answer 403).
+
+GFLOPs are real FLOPs (2 per multiply-add); `full_gflops` is what the unmasked teacher would have cost.
+"""
+
+
+def _finite(value: Any) -> Any:
+    """JSON-safe copy: NaN/inf (which JSON cannot carry) become strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422, but also when the rejected input holds NaN (`{"quota_gflops": NaN}` would otherwise be a 500)."""
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse({"detail": _finite(jsonable_encoder(exc.errors()))},
+                        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
+def create_app(settings: ServerSettings, *, sessions: sessionmaker[Session] | None = None) -> FastAPI:
+    """The dashboard for the ledger at `settings.db` (or the given session factory, e.g. the server's own)."""
+    app = FastAPI(title="MaskedKD teacher dashboard", version="1", description=DESCRIPTION,
+                  responses={422: {"description": "invalid parameters"}})
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.state.settings = settings
+    app.state.sessions = sessions if sessions is not None else ledger.open_ledger(settings.db)
+    app.include_router(usage.router)
+    app.include_router(keys.router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    page = PAGE.read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
+
+    @app.get("/healthz", response_model=Health, tags=["health"], responses={503: {"model": ErrorMessage}},
+             summary="Liveness and ledger reachability")
+    def healthz(session: SessionDep) -> Health:
+        try:
+            session.execute(text("SELECT 1"))
+        except SQLAlchemyError as exc:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"ledger unreachable: {exc.__class__.__name__}")
+        return Health(status="ok", database=session.get_bind().dialect.name)
+
+    return app

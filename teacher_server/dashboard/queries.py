@@ -1,0 +1,188 @@
+"""Read-side queries of the dashboard: usage per key, per key and time bucket, and recent latency figures.
+
+They read the ledger's tables through its ORM models (`teacher_server.ledger`) and work on SQLite and Postgres:
+time buckets are computed in SQL as epoch seconds of the bucket start, with one expression per dialect.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import BigInteger, ColumnElement, and_, func, select
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.expression import FunctionElement
+
+from teacher_server.ledger import ApiKey, UsageRecord
+
+
+def as_utc(moment: datetime) -> datetime:
+    """Aware UTC datetime; naive values (SQLite gives those back) are taken to be UTC already."""
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
+class bucket_start_epoch(FunctionElement[int]):  # noqa: N801 (SQL function style)
+    """Epoch seconds of the start of the `width_s`-second bucket holding a timestamp column (UTC)."""
+
+    type = BigInteger()
+    inherit_cache = False  # `width_s` is rendered as a literal, so statements with different widths differ
+
+    def __init__(self, column: Any, width_s: int) -> None:
+        self.width_s = int(width_s)
+        super().__init__(column)
+
+
+@compiles(bucket_start_epoch, "sqlite")
+def _bucket_sqlite(element: bucket_start_epoch, compiler: Any, **kw: Any) -> str:
+    column = compiler.process(element.clauses, **kw)
+    width = element.width_s
+    # strftime('%s') reads SQLAlchemy's stored 'YYYY-MM-DD HH:MM:SS.ffffff' (UTC) as whole epoch seconds
+    return f"((CAST(strftime('%s', {column}) AS INTEGER) / {width}) * {width})"
+
+
+@compiles(bucket_start_epoch)
+def _bucket_default(element: bucket_start_epoch, compiler: Any, **kw: Any) -> str:
+    column = compiler.process(element.clauses, **kw)
+    width = element.width_s
+    # Postgres: EXTRACT(EPOCH) of a timestamptz is true epoch seconds; of a naive timestamp, as if it were UTC
+    return f"CAST(FLOOR(EXTRACT(EPOCH FROM {column}) / {width}) * {width} AS BIGINT)"
+
+
+def _window(since: datetime | None, until: datetime | None) -> list[ColumnElement[bool]]:
+    conditions: list[ColumnElement[bool]] = []
+    if since is not None:
+        conditions.append(UsageRecord.created_at >= as_utc(since))
+    if until is not None:
+        conditions.append(UsageRecord.created_at < as_utc(until))
+    return conditions
+
+
+@dataclass(frozen=True)
+class KeyUsageRow:
+    """One key with its usage totals in a window."""
+
+    name: str
+    key_prefix: str
+    disabled: bool
+    created_at: datetime
+    quota_gflops: float | None
+    price_per_gflop: float | None
+    requests: int
+    images: int
+    tokens: int
+    gflops: float
+    full_gflops: float
+    cost: float
+    last_used_at: datetime | None
+
+
+def usage_by_key(
+    session: Session, *, since: datetime | None = None, until: datetime | None = None, key_name: str | None = None,
+) -> list[KeyUsageRow]:
+    """Every key (also those without usage) with the totals of its rows in [since, until), ordered by name."""
+    joined = and_(UsageRecord.api_key_id == ApiKey.id, *_window(since, until))
+    stmt = (
+        select(
+            ApiKey.name, ApiKey.key_prefix, ApiKey.disabled, ApiKey.created_at, ApiKey.quota_gflops,
+            ApiKey.price_per_gflop, func.count(UsageRecord.id), func.coalesce(func.sum(UsageRecord.images), 0),
+            func.coalesce(func.sum(UsageRecord.tokens), 0), func.coalesce(func.sum(UsageRecord.gflops), 0.0),
+            func.coalesce(func.sum(UsageRecord.full_gflops), 0.0), func.coalesce(func.sum(UsageRecord.cost), 0.0),
+            func.max(UsageRecord.created_at),
+        )
+        .select_from(ApiKey)
+        .outerjoin(UsageRecord, joined)
+        .group_by(ApiKey.id, ApiKey.name, ApiKey.key_prefix, ApiKey.disabled, ApiKey.created_at,
+                  ApiKey.quota_gflops, ApiKey.price_per_gflop)
+        .order_by(ApiKey.name)
+    )
+    if key_name is not None:
+        stmt = stmt.where(ApiKey.name == key_name)
+    rows = []
+    for r in session.execute(stmt):
+        last_used = r[12]
+        if isinstance(last_used, str):  # SQLite returns max() of a DATETIME column as its stored text
+            last_used = datetime.fromisoformat(last_used)
+        rows.append(KeyUsageRow(
+            name=r[0], key_prefix=r[1], disabled=bool(r[2]), created_at=as_utc(r[3]), quota_gflops=r[4],
+            price_per_gflop=r[5], requests=int(r[6]), images=int(r[7]), tokens=int(r[8]), gflops=float(r[9]),
+            full_gflops=float(r[10]), cost=float(r[11]), last_used_at=as_utc(last_used) if last_used else None,
+        ))
+    return rows
+
+
+@dataclass(frozen=True)
+class BucketRow:
+    """Usage of one key in one time bucket."""
+
+    key: str
+    start_epoch: int     # UTC epoch seconds of the bucket start
+    requests: int
+    images: int
+    gflops: float
+    full_gflops: float
+    cost: float
+
+
+def usage_by_bucket(
+    session: Session, *, width_s: int, since: datetime | None = None, until: datetime | None = None,
+    key_name: str | None = None,
+) -> list[BucketRow]:
+    """Non-empty (key, bucket) cells in [since, until), ordered by bucket then key."""
+    bucket = bucket_start_epoch(UsageRecord.created_at, width_s).label("bucket")
+    stmt = (
+        select(ApiKey.name, bucket, func.count(UsageRecord.id), func.sum(UsageRecord.images),
+               func.sum(UsageRecord.gflops), func.sum(UsageRecord.full_gflops), func.sum(UsageRecord.cost))
+        .select_from(UsageRecord)
+        .join(ApiKey, ApiKey.id == UsageRecord.api_key_id)
+        .where(*_window(since, until))
+        .group_by(ApiKey.name, bucket)
+        .order_by(bucket, ApiKey.name)
+    )
+    if key_name is not None:
+        stmt = stmt.where(ApiKey.name == key_name)
+    return [
+        BucketRow(key=r[0], start_epoch=int(r[1]), requests=int(r[2]), images=int(r[3] or 0),
+                  gflops=float(r[4] or 0.0), full_gflops=float(r[5] or 0.0), cost=float(r[6] or 0.0))
+        for r in session.execute(stmt)
+    ]
+
+
+@dataclass(frozen=True)
+class RecentRequest:
+    key: str
+    latency_ms: float
+    queue_ms: float
+    images: int
+    batch_images: int
+
+
+def recent_requests(
+    session: Session, *, limit: int, since: datetime | None = None, key_name: str | None = None,
+) -> list[RecentRequest]:
+    """The last `limit` usage rows (newest first), optionally only after `since` and of one key."""
+    stmt = (
+        select(ApiKey.name, UsageRecord.latency_ms, UsageRecord.queue_ms, UsageRecord.images,
+               UsageRecord.batch_images)
+        .select_from(UsageRecord)
+        .join(ApiKey, ApiKey.id == UsageRecord.api_key_id)
+        .where(*_window(since, None))
+        .order_by(UsageRecord.id.desc())
+        .limit(limit)
+    )
+    if key_name is not None:
+        stmt = stmt.where(ApiKey.name == key_name)
+    return [RecentRequest(key=r[0], latency_ms=float(r[1]), queue_ms=float(r[2]), images=int(r[3]),
+                          batch_images=int(r[4])) for r in session.execute(stmt)]
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation between closest ranks (numpy's default); nan if empty."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100.0
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)

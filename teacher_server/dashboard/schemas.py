@@ -1,0 +1,139 @@
+"""Request and response models of the dashboard's JSON API (they are what /openapi.json documents)."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def _as_utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]  # naive values from SQLite are UTC
+
+
+class UsageTotals(BaseModel):
+    requests: int = Field(description="billed requests (a replayed retry is not a new request)")
+    images: int
+    tokens: int = Field(description="teacher tokens processed, prefix tokens included")
+    gflops: float = Field(description="GFLOPs of the masked forwards billed (2 FLOPs per multiply-add)")
+    full_gflops: float = Field(description="GFLOPs the full, unmasked teacher would have used for the same images")
+    saved_gflops: float = Field(description="full_gflops - gflops")
+    saving_pct: float = Field(description="100 * saved_gflops / full_gflops; 0 without usage")
+    cost: float = Field(description="amount billed, in `currency`")
+
+
+class KeyUsage(UsageTotals):
+    name: str
+    key_prefix: str = Field(description="first characters of the secret, for recognising a key")
+    disabled: bool
+    created_at: UtcDatetime
+    quota_gflops: float | None = Field(description="GFLOP quota; null: unlimited")
+    price_per_gflop: float | None = Field(description="the key's own price; null: the server default")
+    effective_price_per_gflop: float
+    quota_used_pct: float | None = Field(description="lifetime GFLOPs used / quota in percent; null: unlimited")
+    last_used_at: UtcDatetime | None
+
+
+class UsageByKey(BaseModel):
+    currency: str
+    default_price_per_gflop: float
+    since: UtcDatetime | None
+    until: UtcDatetime | None
+    keys: list[KeyUsage]
+    total: UsageTotals
+
+
+class Bucket(str, Enum):
+    minute = "minute"
+    hour = "hour"
+
+
+class KeySeries(BaseModel):
+    """One key's values per bucket, aligned with `UsageSeries.timestamps` (0 where the key had no usage)."""
+
+    key: str
+    requests: list[int]
+    images: list[int]
+    gflops: list[float]
+    full_gflops: list[float]
+    cost: list[float]
+
+
+class UsageSeries(BaseModel):
+    bucket: Bucket
+    bucket_seconds: int
+    currency: str
+    since: UtcDatetime = Field(description="start of the window asked for (UTC)")
+    until: UtcDatetime = Field(description="end of the window (UTC, exclusive)")
+    timestamps: list[int] = Field(description="UTC epoch seconds of each bucket's start, from the first bucket "
+                                              "with usage in the window to the bucket holding `until`")
+    series: list[KeySeries]
+
+
+class LatencyFigures(BaseModel):
+    key: str = Field(description="API key name, or '*' for all keys together")
+    requests: int = Field(description="recent requests these figures are computed over")
+    latency_ms_p50: float | None
+    latency_ms_p95: float | None
+    latency_ms_max: float | None
+    queue_ms_p50: float | None
+    queue_ms_p95: float | None
+    images_per_request_mean: float | None
+    batch_images_mean: float | None = Field(description="mean size (images) of the micro-batches requests ran in")
+    batch_images_p50: float | None
+    batch_images_max: int | None
+
+
+class RecentLatency(BaseModel):
+    window_requests: int = Field(description="at most this many most recent requests are considered")
+    since: UtcDatetime | None
+    overall: LatencyFigures
+    keys: list[LatencyFigures]
+
+
+class KeyInfo(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    name: str
+    key_prefix: str
+    created_at: UtcDatetime
+    disabled: bool
+    quota_gflops: float | None
+    price_per_gflop: float | None
+
+
+class CreatedKey(KeyInfo):
+    secret: str = Field(description="the API key itself; shown only in this response, only its hash is stored")
+
+
+class CreateKeyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]*$",
+                      description="unique name: letters, digits and . _ @ -")
+    quota_gflops: float | None = Field(None, ge=0, allow_inf_nan=False, description="null: unlimited")
+    price_per_gflop: float | None = Field(None, ge=0, allow_inf_nan=False, description="null: the server default")
+
+
+class UpdateKeyRequest(BaseModel):
+    """Only the fields present change; an explicit null resets quota (unlimited) or price (server default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    disabled: bool | None = None
+    quota_gflops: float | None = Field(None, ge=0, allow_inf_nan=False)
+    price_per_gflop: float | None = Field(None, ge=0, allow_inf_nan=False)
+
+
+class Health(BaseModel):
+    status: str
+    database: str
+
+
+class ErrorMessage(BaseModel):
+    detail: str
