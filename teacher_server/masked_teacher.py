@@ -1,0 +1,245 @@
+"""Masked forward of a timm ViT teacher: only the kept patches are embedded and go through the blocks.
+
+The wrapper reuses the model's own modules (patch projection weights and norm, cls/dist/reg tokens, pos_embed,
+norm_pre, blocks, norm, fc_norm, head) and differs from `model(x)` in one place: the position embedding is
+gathered for the kept positions, so masked patches cost nothing (paper App. G gathers after the full embedding;
+the result is the same). The order of keep_indices does not matter: every kept token carries its own position
+embedding and attention and pooling are permutation invariant, so logits only depend on the kept set.
+Duplicated positions are not rejected; they act as extra tokens.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import Attention, Mlp, PatchEmbed
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor, nn
+
+from teacher_server.flops import ViTShape, masked_forward_flops
+
+SUPPORTED_FAMILIES = (
+    "timm VisionTransformer (class token, register tokens, no_embed_class/DeiT3, fc_norm, "
+    "global_pool 'token'|'avg'|'max'|'avgmax') and VisionTransformerDistilled (DeiT distilled), "
+    "with a fixed img_size, a non-overlapping Conv2d PatchEmbed, a learned absolute pos_embed "
+    "and standard Block/Attention/Mlp blocks"
+)
+_POOLS = ("token", "avg", "max", "avgmax")
+
+
+class UnsupportedModelError(TypeError):
+    """The model is not a ViT this wrapper can mask; the message names the supported families."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"unsupported teacher model: {reason}. Supported: {SUPPORTED_FAMILIES}.")
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise UnsupportedModelError unless MaskedTeacher reproduces `model(x)` exactly."""
+    name = type(model).__name__
+    if not isinstance(model, VisionTransformer):
+        raise UnsupportedModelError(f"{name} is not a timm VisionTransformer")
+    if model.dynamic_img_size:
+        raise UnsupportedModelError(f"{name} uses dynamic_img_size=True")
+    pe = model.patch_embed
+    if type(pe) is not PatchEmbed:
+        raise UnsupportedModelError(f"{name}.patch_embed is {type(pe).__name__} (hybrid/custom stem), not PatchEmbed")
+    proj = pe.proj
+    if not (
+        isinstance(proj, nn.Conv2d) and proj.kernel_size == proj.stride == pe.patch_size
+        and proj.padding == (0, 0) and proj.dilation == (1, 1) and proj.groups == 1
+        and pe.patch_size[0] == pe.patch_size[1] and pe.flatten and not pe.dynamic_img_pad
+    ):
+        raise UnsupportedModelError(f"{name}.patch_embed is not a plain non-overlapping square-patch conv")
+    if model.pos_embed is None:
+        raise UnsupportedModelError(f"{name} has no absolute pos_embed (e.g. rope)")
+    embed_len = pe.num_patches + (0 if model.no_embed_class else model.num_prefix_tokens)
+    if tuple(model.pos_embed.shape) != (1, embed_len, model.embed_dim):
+        raise UnsupportedModelError(f"{name}.pos_embed has shape {tuple(model.pos_embed.shape)}")
+    if model.attn_pool is not None or model.global_pool not in _POOLS:
+        raise UnsupportedModelError(f"{name} uses global_pool={model.global_pool!r}")
+    if isinstance(model, VisionTransformerDistilled) and model.reg_token is not None:
+        raise UnsupportedModelError(f"{name} mixes a distillation token with register tokens")
+    for i, blk in enumerate(model.blocks):
+        attn, mlp = getattr(blk, "attn", None), getattr(blk, "mlp", None)
+        if not (
+            type(blk) is Block and type(attn) is Attention and getattr(attn, "gate", None) is None
+            and type(mlp) is Mlp and isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear)
+        ):
+            raise UnsupportedModelError(
+                f"{name}.blocks[{i}] is {type(blk).__name__}/{type(attn).__name__}/{type(mlp).__name__}")
+
+
+class MaskedTeacher(nn.Module):
+    """Logits of a timm ViT from a subset of its patches; equal to `model(x)` when every patch is kept.
+
+    Put in eval mode at construction (the teacher only serves inference). Inputs are cast to the weights'
+    dtype and moved to their device. Images/patches are expected normalized with `mean`/`std`.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        check_supported(model)
+        self.model = model
+        pe = model.patch_embed
+        self.img_size: tuple[int, int] = (int(pe.img_size[0]), int(pe.img_size[1]))
+        self.patch_size: int = int(pe.patch_size[0])
+        self.grid_size: tuple[int, int] = (int(pe.grid_size[0]), int(pe.grid_size[1]))
+        self.num_patches: int = int(pe.num_patches)
+        self.num_prefix_tokens: int = int(model.num_prefix_tokens)
+        self.num_classes: int = int(model.num_classes)
+        self.in_chans: int = int(pe.proj.in_channels)
+        self.embed_dim: int = int(model.embed_dim)
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        self.mean: tuple[float, ...] = tuple(float(v) for v in cfg.get("mean", IMAGENET_DEFAULT_MEAN))
+        self.std: tuple[float, ...] = tuple(float(v) for v in cfg.get("std", IMAGENET_DEFAULT_STD))
+        self.shape = ViTShape.from_model(model)
+        self._pooled_head = model.global_pool != "token" and not isinstance(model, VisionTransformerDistilled)
+        self.eval()
+
+    # ---------------------------------------------------------------- public API
+    def gflops(self, num_kept: int) -> float:
+        """Analytic GFLOPs (2 per multiply-add) of one image with `num_kept` patches."""
+        return masked_forward_flops(self.shape, num_kept).total / 1e9
+
+    def embed_patches(self, patches: Tensor, keep_indices: Tensor) -> Tensor:
+        """[B,K,C,P,P] normalized patches at positions keep_indices [B,K] -> tokens [B,K,D] incl. pos embed."""
+        idx, _ = self._resolve_keep(keep_indices, None, patches.shape[0])
+        return self._embed(self._check_patches(patches, idx.shape[1]), idx)
+
+    def forward(self, images: Tensor, keep_indices: Tensor | None = None,
+                keep_counts: Tensor | None = None) -> Tensor:
+        """images [B,C,H,W] normalized; keep_indices [B,K] row-major grid positions (None: all) -> logits."""
+        weight = self.model.patch_embed.proj.weight
+        if images.dim() != 4 or images.shape[1] != self.in_chans or tuple(images.shape[2:]) != self.img_size:
+            raise ValueError(
+                f"images must be [B, {self.in_chans}, {self.img_size[0]}, {self.img_size[1]}], "
+                f"got {list(images.shape)}")
+        x = images.to(device=weight.device, dtype=weight.dtype)
+        B, C = x.shape[:2]
+        (gh, gw), p = self.grid_size, self.patch_size
+        grid = x[:, :, : gh * p, : gw * p].reshape(B, C, gh, p, gw, p)  # a view unless H, W were cropped
+        if keep_indices is None:
+            if keep_counts is not None:
+                raise ValueError("keep_counts needs keep_indices")
+            patches = grid.permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C, p, p)  # [B,N,C,P,P]
+            return self._encode(self._embed(patches, None), None)
+        idx, valid = self._resolve_keep(keep_indices, keep_counts, B)
+        batch = torch.arange(B, device=idx.device)[:, None]
+        # separated advanced indices put their broadcast dims first: [B,K] + (C,P,P)
+        patches = grid[batch, :, idx // gw, :, idx % gw, :]
+        return self._forward_kept(patches, idx, valid)
+
+    def forward_patches(self, patches: Tensor, keep_indices: Tensor,
+                        keep_counts: Tensor | None = None) -> Tensor:
+        """patches [B,K,C,P,P] normalized, only the kept ones, at positions keep_indices [B,K] -> logits."""
+        idx, valid = self._resolve_keep(keep_indices, keep_counts, patches.shape[0])
+        patches = self._check_patches(patches, keep_indices.shape[1])[:, : idx.shape[1]]
+        return self._forward_kept(patches, idx, valid)
+
+    # ---------------------------------------------------------------- internals
+    def _check_patches(self, patches: Tensor, k: int) -> Tensor:
+        p = self.patch_size
+        if patches.dim() != 5 or tuple(patches.shape[1:]) != (k, self.in_chans, p, p):
+            raise ValueError(
+                f"patches must be [B, {k}, {self.in_chans}, {p}, {p}] to match keep_indices, "
+                f"got {list(patches.shape)}")
+        weight = self.model.patch_embed.proj.weight
+        return patches.to(device=weight.device, dtype=weight.dtype)
+
+    def _resolve_keep(self, keep_indices: Tensor, keep_counts: Tensor | None,
+                      batch: int) -> tuple[Tensor, Tensor | None]:
+        """Validate; return indices [B,K'] (K' = longest row, padding zeroed) and valid [B,K'] or None."""
+        if keep_indices.dim() != 2 or keep_indices.shape[0] != batch or keep_indices.shape[1] < 1:
+            raise ValueError(f"keep_indices must be [B={batch}, K>=1], got {list(keep_indices.shape)}")
+        if keep_indices.dtype.is_floating_point or keep_indices.dtype.is_complex or keep_indices.dtype == torch.bool:
+            raise ValueError(f"keep_indices must be an integer tensor, got {keep_indices.dtype}")
+        device = self.model.patch_embed.proj.weight.device
+        idx = keep_indices.to(device=device, dtype=torch.long)
+        k = idx.shape[1]
+        out_of_range = (idx < 0) | (idx >= self.num_patches)  # [B,K]
+        if keep_counts is None:
+            if bool(out_of_range.any()):
+                raise ValueError(f"keep_indices must lie in [0, {self.num_patches})")
+            return idx, None
+        if keep_counts.shape != (batch,) or keep_counts.dtype.is_floating_point or keep_counts.dtype == torch.bool:
+            raise ValueError(f"keep_counts must be an integer tensor [B={batch}], got {keep_counts.dtype} "
+                             f"{list(keep_counts.shape)}")
+        counts = keep_counts.to(device=device, dtype=torch.long)
+        valid = torch.arange(k, device=device) < counts[:, None]  # [B,K]
+        lo, hi, bad = torch.stack([counts.min(), counts.max(), (out_of_range & valid).any().long()]).tolist()
+        if lo < 1 or hi > k:
+            raise ValueError(f"keep_counts must lie in [1, K={k}], got min {lo}, max {hi}")
+        if bad:
+            raise ValueError(f"keep_indices must lie in [0, {self.num_patches}) in the first keep_counts entries")
+        if lo == hi:  # rectangular after trimming: no mask, so blocks take the fused attention path
+            return idx[:, :hi], None
+        valid = valid[:, :hi]
+        return idx[:, :hi].masked_fill(~valid, 0), valid
+
+    def _patch_pos_embed(self) -> Tensor:
+        """Position embedding of the N grid positions, [N,D]."""
+        pos = self.model.pos_embed[0]
+        return pos if self.model.no_embed_class else pos[self.num_prefix_tokens:]
+
+    def _prefix_tokens(self) -> Tensor | None:
+        """cls/dist/reg tokens with their position embedding where the model has one, [1,prefix,D]."""
+        m = self.model
+        parts = [t for t in (m.cls_token, getattr(m, "dist_token", None), m.reg_token) if t is not None]
+        if not parts:
+            return None
+        prefix = torch.cat(parts, dim=1)
+        return prefix if m.no_embed_class else prefix + m.pos_embed[:, : self.num_prefix_tokens]
+
+    def _embed(self, patches: Tensor, idx: Tensor | None) -> Tensor:
+        """The patch conv as a matmul over flattened patches, then the gathered pos embed: [B,K,D]."""
+        pe = self.model.patch_embed
+        B, K = patches.shape[:2]
+        weight = pe.proj.weight  # [D,C,P,P]; flattening matches a [C,P,P] patch
+        x = F.linear(patches.reshape(B, K, -1), weight.reshape(weight.shape[0], -1), pe.proj.bias)  # [B,K,D]
+        x = pe.norm(x)
+        pos = self._patch_pos_embed()  # [N,D]
+        return x + (pos if idx is None else pos[idx])
+
+    def _forward_kept(self, patches: Tensor, idx: Tensor, valid: Tensor | None) -> Tensor:
+        tokens = self._embed(patches, idx)
+        if valid is not None:  # padding may hold anything (even NaN); zero it so masked keys stay finite
+            tokens = tokens.masked_fill(~valid[..., None], 0.0)
+        return self._encode(tokens, valid)
+
+    def _encode(self, tokens: Tensor, valid: Tensor | None) -> Tensor:
+        """Patch tokens [B,K,D] (+ valid [B,K]) -> prefix, blocks, norm, head -> logits [B,classes]."""
+        m = self.model
+        B = tokens.shape[0]
+        prefix = self._prefix_tokens()
+        x = tokens if prefix is None else torch.cat([prefix.expand(B, -1, -1), tokens], dim=1)  # [B,n,D]
+        x = m.norm_pre(m.pos_drop(x))
+        if valid is None:
+            x = m.blocks(x)
+        else:
+            keys = F.pad(valid, (self.num_prefix_tokens, 0), value=True)  # [B,n]
+            attn_mask = torch.zeros(keys.shape, dtype=x.dtype, device=x.device).masked_fill_(~keys, float("-inf"))
+            attn_mask = attn_mask[:, None, None, :]  # [B,1,1,n]: every query ignores padded keys
+            for blk in m.blocks:
+                x = blk(x, attn_mask=attn_mask)
+        x = m.norm(x)
+        if valid is None or not self._pooled_head:
+            return m.forward_head(x)  # token heads read prefix tokens only, so padding cannot leak in
+        return self._masked_pool_head(x, valid)
+
+    def _masked_pool_head(self, x: Tensor, valid: Tensor) -> Tensor:
+        """timm's avg/max pooling over real tokens only (padding excluded), then fc_norm and head."""
+        m = self.model
+        if m.pool_include_prefix:
+            keep = F.pad(valid, (self.num_prefix_tokens, 0), value=True)  # [B,n]
+        else:
+            x, keep = x[:, self.num_prefix_tokens:], valid  # [B,K,D], [B,K]
+        w = keep[..., None].to(x.dtype)
+        avg = (x * w).sum(dim=1) / w.sum(dim=1)  # [B,D]
+        if m.global_pool == "avg":
+            pooled = avg
+        else:
+            peak = x.masked_fill(~keep[..., None], float("-inf")).amax(dim=1)  # [B,D]
+            pooled = peak if m.global_pool == "max" else 0.5 * (peak + avg)
+        return m.head(m.head_drop(m.fc_norm(pooled)))
