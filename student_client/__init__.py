@@ -1,6 +1,45 @@
-"""MaskedKD student side: SIPS capture and patch selection (more parts live in submodules)."""
+"""MaskedKD student side: SIPS capture and patch selection, the TeacherClient, KD losses and Ray training.
+
+The client and training names are imported lazily, so `import student_client` for SIPS does not load grpc or Ray.
+"""
 from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 from student_client.sips import SIPSCapture, SIPSUnsupportedModelError, select_patches, sips_overhead_flops
 
-__all__ = ["SIPSCapture", "SIPSUnsupportedModelError", "select_patches", "sips_overhead_flops"]
+if TYPE_CHECKING:
+    from student_client.aio_client import AsyncTeacherClient
+    from student_client.client import TeacherClient
+    from student_client.config import TrainConfig
+    from student_client.errors import (
+        TeacherAuthError, TeacherError, TeacherInputError, TeacherQuotaError, TeacherUnavailableError,
+    )
+    from student_client.losses import DistillationLoss, kd_kl_loss
+    from student_client.stream import TeacherStream
+    from student_client.wire import ModelInfo, Usage
+
+_LAZY = {
+    "TeacherClient": "student_client.client",
+    "AsyncTeacherClient": "student_client.aio_client",
+    "TeacherStream": "student_client.stream",
+    "ModelInfo": "student_client.wire",
+    "Usage": "student_client.wire",
+    "TeacherError": "student_client.errors",
+    "TeacherAuthError": "student_client.errors",
+    "TeacherQuotaError": "student_client.errors",
+    "TeacherInputError": "student_client.errors",
+    "TeacherUnavailableError": "student_client.errors",
+    "DistillationLoss": "student_client.losses",
+    "kd_kl_loss": "student_client.losses",
+    "TrainConfig": "student_client.config",
+}
+
+__all__ = ["SIPSCapture", "SIPSUnsupportedModelError", "select_patches", "sips_overhead_flops", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'student_client' has no attribute {name!r}")

@@ -1,0 +1,98 @@
+"""AsyncTeacherClient: the asyncio twin of TeacherClient on grpc.aio (same requests, retries and errors).
+
+>>> async with AsyncTeacherClient("127.0.0.1:50051", key) as client:
+...     logits, usage = await client.infer(images=x, keep_indices=keep)
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import torch
+
+from maskedkd.v1 import teacher_pb2 as pb
+from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
+from student_client.client import InferResult, backoff_delay, channel_options, slice_rows
+from student_client.errors import RETRYABLE_CODES, error_from_rpc
+from student_client.wire import (
+    ModelInfo, Usage, batch_size_of, build_request, decode_response, new_request_id, split_rows,
+)
+
+
+class AsyncTeacherClient:
+    """Create inside a running event loop; close with `await client.close()` or `async with`."""
+
+    def __init__(
+        self, target: str, api_key: str, *, timeout_s: float = 60.0, max_retries: int = 4, backoff: float = 0.25,
+        max_message_mb: float = 64.0, model: str | None = None, tls: bool = False,
+        root_certificates: bytes | None = None,
+    ) -> None:
+        self.target = target
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.model = model
+        self._metadata = (("authorization", f"Bearer {api_key}"),)
+        options = channel_options(max_message_mb)
+        if tls:
+            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self.channel = grpc.aio.secure_channel(target, creds, options=options)
+        else:
+            self.channel = grpc.aio.insecure_channel(target, options=options)
+        self.stub = pb_grpc.TeacherServiceStub(self.channel)
+        self._info: ModelInfo | None = None
+        self._info_lock = asyncio.Lock()
+
+    async def info(self, *, refresh: bool = False) -> ModelInfo:
+        async with self._info_lock:
+            if self._info is None or refresh:
+                msg = await self._call(self.stub.GetModelInfo, pb.ModelInfoRequest(model=self.model or ""))
+                self._info = ModelInfo.from_proto(msg)
+            return self._info
+
+    async def infer(
+        self, images: torch.Tensor | None = None, patches: torch.Tensor | None = None,
+        keep_indices: torch.Tensor | None = None, keep_counts: torch.Tensor | None = None,
+        request_id: str | None = None, *, send_patches: bool = True,
+    ) -> InferResult:
+        """Same contract as `TeacherClient.infer`; parts of a split batch run concurrently."""
+        info = await self.info()
+        rid = request_id or new_request_id()
+        parts = split_rows(batch_size_of(images, patches), info.max_batch_images)
+        requests = [
+            build_request(
+                info, images=slice_rows(images, rows), patches=slice_rows(patches, rows),
+                keep_indices=slice_rows(keep_indices, rows), keep_counts=slice_rows(keep_counts, rows),
+                request_id=rid if len(parts) == 1 else f"{rid}.{i}", model=self.model, send_patches=send_patches,
+            )
+            for i, rows in enumerate(parts)
+        ]
+        responses = await asyncio.gather(*(self._call(self.stub.Infer, req) for req in requests))
+        decoded = [decode_response(r) for r in responses]
+        usage = Usage()
+        for _, u in decoded:
+            usage = usage + u
+        logits = decoded[0][0] if len(decoded) == 1 else torch.cat([lg for lg, _ in decoded])
+        return logits, usage
+
+    async def _call(self, method: Any, request: Any) -> Any:
+        attempt = 0
+        while True:
+            try:
+                return await method(request, timeout=self.timeout_s, metadata=self._metadata)
+            except grpc.aio.AioRpcError as err:
+                if err.code() in RETRYABLE_CODES and attempt < self.max_retries:
+                    await asyncio.sleep(backoff_delay(attempt, self.backoff))
+                    attempt += 1
+                    continue
+                raise error_from_rpc(err, self.target, attempts=attempt + 1) from err
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncTeacherClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

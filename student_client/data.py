@@ -1,0 +1,107 @@
+"""ImageFolder data for training and eval. Loaders yield UN-normalized pixels in [0, 1]; the worker normalizes.
+
+The teacher must see exactly the pixels the student saw (after crop, flip, RandAugment, mixup/cutmix), so the
+augmented batch is sent to the teacher as is, and only the student's copy is normalized with the student's mean/std.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from timm.data import Mixup
+from timm.data.auto_augment import rand_augment_transform
+from torchvision import datasets, transforms
+
+TRAIN_SPLITS = ("train",)
+EVAL_SPLITS = ("val", "test", "validation")
+AUGMENTS = ("simple", "heavy")
+RAND_AUGMENT = "rand-m9-mstd0.5-inc1"  # DeiT's recipe
+
+
+@dataclass(frozen=True)
+class HeavyAugmentConfig:
+    mixup_alpha: float = 0.8      # DeiT defaults
+    cutmix_alpha: float = 1.0
+    label_smoothing: float = 0.1
+
+
+def find_split(root: Path, names: tuple[str, ...]) -> Path | None:
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    return None
+
+
+def train_transform(image_size: tuple[int, int], augment: str) -> transforms.Compose:
+    """PIL -> [C, H, W] float in [0, 1]. simple: pad-crop + flip; heavy: plus RandAugment (pixels stay k/255)."""
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
+    steps: list[object] = [
+        transforms.Resize(image_size),
+        transforms.RandomCrop(image_size, padding=max(1, min(image_size) // 8), padding_mode="reflect"),
+        transforms.RandomHorizontalFlip(),
+    ]
+    if augment == "heavy":
+        hparams = {"translate_const": int(min(image_size) * 0.45), "img_mean": (124, 116, 104)}
+        steps.append(rand_augment_transform(RAND_AUGMENT, hparams))
+    steps.append(transforms.ToTensor())
+    return transforms.Compose(steps)
+
+
+def eval_transform(image_size: tuple[int, int]) -> transforms.Compose:
+    return transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor()])
+
+
+def _rgb(path: str) -> object:
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        return Image.open(f).convert("RGB")
+
+
+def image_folder(path: Path, transform: transforms.Compose) -> datasets.ImageFolder:
+    return datasets.ImageFolder(str(path), transform=transform, loader=_rgb)
+
+
+def build_datasets(
+    root: str | Path, image_size: tuple[int, int], augment: str,
+) -> tuple[datasets.ImageFolder, datasets.ImageFolder | None, list[str]]:
+    """(train set, eval set or None, class names). `root` holds train/ and val/ or test/, or is itself the train set."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data directory not found: {root}")
+    train_dir = find_split(root, TRAIN_SPLITS) or root
+    eval_dir = find_split(root, EVAL_SPLITS)
+    train = image_folder(train_dir, train_transform(image_size, augment))
+    evals = image_folder(eval_dir, eval_transform(image_size)) if eval_dir else None
+    if evals is not None and evals.classes != train.classes:
+        raise ValueError(f"class folders of {eval_dir} differ from those of {train_dir}")
+    return train, evals, list(train.classes)
+
+
+def class_names_of(root: str | Path) -> list[str]:
+    """Class folder names, sorted as ImageFolder sorts them (cheap: no file scan)."""
+    root = Path(root)
+    train_dir = find_split(root, TRAIN_SPLITS) or root
+    return sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def build_mixup(num_classes: int, augment: str, cfg: HeavyAugmentConfig | None = None) -> Mixup | None:
+    """timm Mixup/CutMix for `heavy` (needs an even batch; it gives soft targets [B, C]), None for `simple`."""
+    if augment != "heavy":
+        return None
+    cfg = cfg or HeavyAugmentConfig()
+    return Mixup(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, label_smoothing=cfg.label_smoothing,
+                 num_classes=num_classes)
+
+
+class Normalizer:
+    """x [B, C, H, W] in [0, 1] -> (x - mean) / std for the student (the teacher server normalizes its own copy)."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> None:
+        self.mean = torch.tensor(mean, device=device, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std

@@ -1,0 +1,118 @@
+"""Launching `train_worker` on Ray Train: TorchTrainer, ScalingConfig, FailureConfig, Ray checkpoints.
+
+Without `ray_address`, a local Ray starts with one CPU per core (no dashboard). A failed worker group is restarted up
+to `max_failures` times from the last checkpoint it reported (`ray.train.get_checkpoint()` in the worker).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from student_client.config import TrainConfig
+from student_client.errors import TeacherError
+from student_client.metrics import CsvProgressTail
+
+
+class TrainingError(RuntimeError):
+    """Training stopped; str(err) is one line that says why."""
+
+
+def _first_line(text: str) -> str:
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    return lines[0] if lines else ""
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The user exception inside Ray's wrappers (RayTaskError.cause, __cause__ chains)."""
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, TeacherError):
+            return exc
+        nxt = getattr(exc, "cause", None) or exc.__cause__
+        if not isinstance(nxt, BaseException):
+            break
+        exc = nxt
+    return exc
+
+
+def describe_failure(err: BaseException) -> str:
+    """One line for a failed fit(): the first worker's root exception."""
+    failures = getattr(err, "worker_failures", None)
+    if isinstance(failures, dict) and failures:
+        err = failures[min(failures)]
+    controller = getattr(err, "controller_failure", None)
+    if isinstance(controller, BaseException):
+        err = controller
+    root = _root_cause(err)
+    if isinstance(root, TeacherError):
+        return str(root)
+    message = _first_line(str(root))
+    # RayTaskError strings start with the task name; keep the user's exception line when it is there.
+    for line in str(root).splitlines()[::-1]:
+        if line.strip() and not line.startswith(" ") and ":" in line:
+            message = line.strip()
+            break
+    return message if message.startswith(type(root).__name__) else f"{type(root).__name__}: {message}"
+
+
+def init_ray(address: str | None, workers: int, *, worker_logs: bool = False) -> bool:
+    """Connect to `address` or start a local Ray; returns True when this call started it.
+
+    Worker and controller logs stay in Ray's log files unless `worker_logs` (the driver shows our progress bar).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    level = logging.INFO if worker_logs else logging.ERROR
+    if address:
+        ray.init(address=address, logging_level=level, log_to_driver=worker_logs)
+    else:
+        ray.init(num_cpus=max(workers, os.cpu_count() or 1), include_dashboard=False, logging_level=level,
+                 log_to_driver=worker_logs)
+    return True
+
+
+def run_with_ray(cfg: TrainConfig, *, ray_address: str | None = None, worker_logs: bool = False) -> dict[str, Any]:
+    """Train on Ray; returns rank 0's final summary. Raises TrainingError (one line) on failure."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from student_client.train_loop import train_worker
+
+    started = init_ray(ray_address, cfg.workers, worker_logs=worker_logs)
+    out = Path(cfg.out).resolve()
+    cfg.out = str(out)
+    resources = {"CPU": 1.0, **({"GPU": 1.0} if cfg.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=cfg.to_dict(),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+            storage_path=str(out / "ray"),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    summary_file = out / "summary.json"
+    summary_file.unlink(missing_ok=True)
+    try:
+        with CsvProgressTail(out, enabled=cfg.progress):
+            result = trainer.fit()
+    except Exception as err:  # TrainingFailedError and friends
+        raise TrainingError(describe_failure(err)) from err
+    finally:
+        if started:
+            ray.shutdown()
+    # rank 0 writes the final summary; Result.metrics only holds the last checkpoint's report
+    metrics = json.loads(summary_file.read_text()) if summary_file.is_file() else dict(result.metrics or {})
+    if metrics.get("fatal_error"):
+        raise TrainingError(str(metrics["fatal_error"]))
+    return metrics

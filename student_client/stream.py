@@ -1,0 +1,171 @@
+"""A streaming session over `InferStream`: submit batches without waiting, responses matched by request_id.
+
+>>> with TeacherStream(client) as stream:
+...     fut = stream.submit(images=x, keep_indices=keep)   # returns at once
+...     ...                                                # the student keeps computing
+...     logits, usage = fut.result()
+
+When the stream breaks with UNAVAILABLE / DEADLINE_EXCEEDED, it is reopened (with backoff) and every unanswered
+request is sent again with the same request_id: the server answers those it already ran from its ledger, unbilled.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any
+
+import grpc
+import torch
+
+from maskedkd.v1 import teacher_pb2 as pb
+from student_client.client import InferResult, TeacherClient, backoff_delay
+from student_client.errors import RETRYABLE_CODES, TeacherError, TeacherInputError, error_from_rpc
+from student_client.wire import build_request, decode_response, new_request_id
+
+_CLOSE = object()  # ends the request iterator of one stream
+
+
+class TeacherStream:
+    """One bidirectional stream per session; thread-safe `submit`. Uses the client's channel, key and settings."""
+
+    def __init__(self, client: TeacherClient) -> None:
+        self.client = client
+        self.info = client.info()
+        self._lock = threading.Lock()
+        self._pending: dict[str, tuple[pb.InferRequest, Future[InferResult]]] = {}
+        self._outbox: queue.Queue[Any] | None = None
+        self._reader: threading.Thread | None = None
+        self._closed = False
+        self._failures = 0  # consecutive stream breaks without a response in between
+
+    def submit(
+        self, images: torch.Tensor | None = None, patches: torch.Tensor | None = None,
+        keep_indices: torch.Tensor | None = None, keep_counts: torch.Tensor | None = None,
+        request_id: str | None = None, *, send_patches: bool = True,
+    ) -> Future[InferResult]:
+        """Queue one batch (same arguments as `TeacherClient.infer`); the Future gives (logits, usage)."""
+        fut: Future[InferResult] = Future()
+        info = self.info
+        n = int((images if images is not None else patches).shape[0])  # type: ignore[union-attr]
+        if info.max_batch_images and n > info.max_batch_images:
+            fut.set_exception(TeacherInputError(
+                f"batch of {n} images exceeds the teacher's max_batch_images={info.max_batch_images}; "
+                "split it or use TeacherClient.infer"))
+            return fut
+        rid = request_id or new_request_id()
+        try:
+            req = build_request(info, images=images, patches=patches, keep_indices=keep_indices,
+                                keep_counts=keep_counts, request_id=rid, model=self.client.model,
+                                send_patches=send_patches)
+        except TeacherError as err:
+            fut.set_exception(err)
+            return fut
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("TeacherStream is closed")
+            if rid in self._pending:
+                raise ValueError(f"request_id {rid!r} is already in flight on this stream")
+            self._pending[rid] = (req, fut)
+            self._ensure_open_locked()
+            assert self._outbox is not None
+            self._outbox.put(req)
+        return fut
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    # ---- stream lifecycle -----------------------------------------------------------------------------------
+    def _ensure_open_locked(self) -> None:
+        if self._reader is not None and self._reader.is_alive() and self._outbox is not None:
+            return
+        self._outbox = queue.Queue()
+        for req, _ in self._pending.values():  # resend what was never answered (same request_ids: no double bill)
+            self._outbox.put(req)
+        outbox = self._outbox
+        call = self.client.stub.InferStream(self._requests(outbox), metadata=self.client.metadata)
+        self._reader = threading.Thread(target=self._read, args=(call, outbox), daemon=True,
+                                        name="teacher-stream-reader")
+        self._reader.start()
+
+    @staticmethod
+    def _requests(outbox: queue.Queue[Any]):  # type: ignore[no-untyped-def]
+        while True:
+            item = outbox.get()
+            if item is _CLOSE:
+                return
+            yield item
+
+    def _read(self, call: Any, outbox: queue.Queue[Any]) -> None:
+        try:
+            for resp in call:
+                logits, usage = decode_response(resp)
+                with self._lock:
+                    self._failures = 0
+                    entry = self._pending.pop(resp.request_id, None)
+                if entry is not None and not entry[1].done():
+                    entry[1].set_result((logits, usage))
+            self._on_stream_end(None, outbox)
+        except grpc.RpcError as err:
+            self._on_stream_end(err, outbox)
+        except Exception as err:  # a decode error: fail everything in flight with it
+            self._fail_all(TeacherError(f"teacher at {self.client.target} sent a bad response: {err}"))
+
+    def _on_stream_end(self, err: grpc.RpcError | None, outbox: queue.Queue[Any]) -> None:
+        with self._lock:
+            if not self._pending or self._closed and err is None:
+                return
+            retryable = err is None or err.code() in RETRYABLE_CODES
+            self._failures += 1
+            if retryable and self._failures <= self.client.max_retries:
+                attempt = self._failures - 1
+            else:
+                attempt = -1
+        if attempt < 0:
+            if err is None:
+                self._fail_all(TeacherError(
+                    f"teacher at {self.client.target} closed the stream with requests unanswered"))
+            else:
+                self._fail_all(error_from_rpc(err, self.client.target, attempts=self._failures))
+            return
+        time.sleep(backoff_delay(attempt, self.client.backoff))
+        with self._lock:
+            outbox.put(_CLOSE)
+            self._reader = None
+            if self._pending and not self._closed:
+                self._ensure_open_locked()
+
+    def _fail_all(self, error: TeacherError) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+            if self._outbox is not None:
+                self._outbox.put(_CLOSE)
+            self._outbox, self._reader = None, None
+            self._failures = 0
+        for _, fut in pending.values():
+            if not fut.done():
+                fut.set_exception(error)
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Wait up to `timeout_s` for answers in flight, then end the stream."""
+        deadline = time.monotonic() + (self.client.timeout_s if timeout_s is None else timeout_s)
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with self._lock:
+            self._closed = True
+            if self._outbox is not None:
+                self._outbox.put(_CLOSE)
+            reader = self._reader
+        if reader is not None:
+            reader.join(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
+        if self.in_flight:
+            self._fail_all(TeacherError("stream closed with requests unanswered"))
+
+    def __enter__(self) -> TeacherStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,317 @@
+"""The per-worker training function: Ray Train's `train_loop_per_worker` (`train_worker`), or in-process
+(`run_training(cfg, LocalContext())`). Model, data and the TeacherClient are built inside the worker.
+
+Every step all workers all-reduce one small stats tensor (loss, images, teacher usage, a fatal-error flag), so the
+progress bar and the cost figures cover all workers, and a fatal teacher error (bad key, quota, bad input) stops every
+worker at the same step, cleanly, instead of being retried by Ray's FailureConfig like a crash would be.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.optim import create_optimizer_v2
+from torch.utils.data import DataLoader, DistributedSampler
+
+from student_client.checkpointing import (
+    TrainState, latest_checkpoint, load_training_checkpoint, prune_checkpoints, save_training_checkpoint,
+)
+from student_client.client import TeacherClient
+from student_client.config import TrainConfig
+from student_client.context import LocalContext, RayContext
+from student_client.data import Normalizer, build_datasets, build_mixup, class_names_of
+from student_client.errors import FATAL_ERRORS, TeacherInputError
+from student_client.evaluate import Accuracy, count_correct, shard
+from student_client.losses import DistillationLoss
+from student_client.metrics import MetricsWriter, Progress, write_run_info
+from student_client.sips import SIPSCapture
+from student_client.stream import TeacherStream
+from student_client.student import (
+    MaskedStudent, create_student, describe_student, freeze_all_but_head, student_kwargs_for, unwrap,
+)
+from student_client.train_step import PatchSelector, StepRunner
+
+Context = LocalContext | RayContext
+# Layout of the per-step all-reduced stats tensor.
+_STATS = ("loss", "ce", "kd", "images", "gflops", "full_gflops", "cost", "requests", "fatal", "wait_s", "teacher_s")
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point (one call per worker)."""
+    run_training(TrainConfig.from_dict(config), RayContext())
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, floor: float = 0.01):  # type: ignore[no-untyped-def]
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def _fatal(ctx: Context, message: str | None) -> str | None:
+    """All workers agree whether any hit a fatal error; returns the first message (or None)."""
+    flag = ctx.all_reduce(torch.tensor([1.0 if message else 0.0]))
+    if float(flag[0]) == 0:
+        return None
+    return next((m for m in ctx.all_gather_object(message) if m), "fatal teacher error")
+
+
+def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
+    """Train per `cfg`; returns the final summary (also reported to Ray and written to out/summary.json)."""
+    torch.set_num_threads(max(1, cfg.threads_per_worker))
+    torch.manual_seed(cfg.seed + ctx.rank)
+    out = Path(cfg.out)
+    started = time.perf_counter()
+
+    # ---- student and data ----
+    model_kwargs = student_kwargs_for(cfg.student_kwargs, len(class_names_of(cfg.data)))
+    raw = create_student(cfg.student, model_kwargs)
+    spec = describe_student(raw)
+    if cfg.train_head_only:
+        freeze_all_but_head(raw)
+    if spec.distilled:
+        raw.set_distilled_training(cfg.mode != "none")  # (cls, dist) outputs: KD goes on the distillation head
+    train_ds, eval_ds, class_names = build_datasets(cfg.data, spec.image_size, cfg.augment)
+    sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
+    loader = ctx.prepare_loader(DataLoader(train_ds, batch_size=cfg.per_worker_batch, sampler=sampler,
+                                           num_workers=cfg.loader_workers, drop_last=cfg.augment == "heavy"))
+    eval_loader = None if eval_ds is None or not cfg.eval else DataLoader(
+        shard(eval_ds, ctx.rank, ctx.world_size), batch_size=max(cfg.per_worker_batch, 32), shuffle=False)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"no training batches: {len(train_ds)} images for batch size {cfg.batch_size}")
+    total_steps = cfg.epochs * steps_per_epoch
+    planned = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+
+    # ---- optimizer, scheduler, restore ----
+    raw.to(ctx.device)
+    optimizer = create_optimizer_v2(raw, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(total_steps, int(cfg.warmup_epochs * steps_per_epoch)))
+    state = TrainState()
+    with ctx.restored_checkpoint() as ray_ckpt:
+        source = ray_ckpt or (latest_checkpoint(out) if cfg.resume else None)
+        if source is not None:
+            state = load_training_checkpoint(source, model=raw, optimizer=optimizer, scheduler=scheduler)
+    resumed = state.global_step > 0
+    model = ctx.prepare_model(MaskedStudent(raw) if cfg.mode == "mask-student" else raw)
+    normalize = Normalizer(spec.mean, spec.std, ctx.device)
+    mixup = build_mixup(len(class_names), cfg.augment)
+
+    # ---- teacher ----
+    client: TeacherClient | None = None
+    stream: TeacherStream | None = None
+    selector: PatchSelector | None = None
+    setup_error: str | None = None
+    if cfg.mode != "none":
+        try:
+            client = TeacherClient(cfg.teacher or "", cfg.api_key or "", timeout_s=cfg.teacher_timeout_s,
+                                   max_retries=cfg.teacher_retries, model=cfg.teacher_model)
+            info = client.info()
+            if info.num_classes != model_kwargs["num_classes"]:
+                raise TeacherInputError(f"teacher {info.model} predicts {info.num_classes} classes, the student "
+                                        f"{model_kwargs['num_classes']} ({len(class_names)} class folders in data)")
+            stream = TeacherStream(client) if cfg.transport == "stream" else None
+            target_grid = info.grid_size if cfg.mode == "kd" else (spec.grid_size or info.grid_size)
+            needs_scores = cfg.strategy in ("sips", "bottom")
+            if needs_scores and spec.grid_size is None:
+                raise ValueError(f"--strategy {cfg.strategy} needs a ViT student; {cfg.student} has no patch grid")
+            capture = SIPSCapture(raw) if needs_scores else None
+            gen = torch.Generator().manual_seed(cfg.seed * 1000 + ctx.rank + 7919 * state.global_step)
+            selector = PatchSelector(cfg, capture, spec.grid_size, target_grid, gen)
+        except FATAL_ERRORS as err:
+            setup_error = str(err)
+    if (fatal := _fatal(ctx, setup_error)) is not None:
+        return _finish(cfg, ctx, state, fatal_error=fatal, started=started)
+    submit = None if client is None else (stream.submit if stream is not None else client.submit)
+    criterion = DistillationLoss(cfg.lambda_kd, cfg.tau, cfg.hard)
+    runner = StepRunner(cfg, model, raw, normalize, criterion, selector, submit,
+                        request_id_prefix=f"{uuid.uuid4().hex[:12]}-w{ctx.rank}")
+
+    # ---- loop ----
+    is_main = ctx.rank == 0
+    writer = MetricsWriter(out, append=resumed) if is_main else None
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(cfg.to_json())
+        write_run_info(out, total=planned, initial=min(state.global_step, planned))
+    progress = Progress(planned, min(state.global_step, planned),
+                        enabled=is_main and cfg.progress and not ctx.under_ray)  # Ray: the driver draws it
+    fatal: str | None = None
+    last_acc: Accuracy | None = None
+    try:
+        while state.epochs_done < cfg.epochs and not _done(cfg, state) and fatal is None:
+            epoch = state.epochs_done
+            sampler.set_epoch(epoch)
+            ep_start, ep = time.perf_counter(), torch.zeros(len(_STATS), dtype=torch.float64)
+            skip = state.batches_into_epoch
+            for i, (images, targets) in enumerate(loader):
+                if i < skip:
+                    continue
+                if _done(cfg, state):
+                    break
+                _maybe_inject_failure(cfg, ctx, state)
+                t0 = time.perf_counter()
+                images, targets = images.to(ctx.device), targets.to(ctx.device)
+                if mixup is not None:
+                    images, targets = mixup(images, targets)
+                error, result = None, None
+                try:
+                    result = runner(images, targets, state.global_step)
+                except FATAL_ERRORS as err:
+                    error = str(err)
+                stats = torch.zeros(len(_STATS), dtype=torch.float64)
+                if result is not None:
+                    b, u, s = result.images, result.usage, result.stats
+                    stats += torch.tensor([float(result.loss.total.detach()) * b, float(result.loss.ce) * b,
+                                           float(result.loss.kd) * b, b, u.gflops, u.full_gflops, u.cost,
+                                           u.requests, 0, s.wait_s, s.teacher_s], dtype=torch.float64)
+                stats[_STATS.index("fatal")] = 1.0 if error else 0.0
+                stats = ctx.all_reduce(stats)
+                if stats[_STATS.index("fatal")] > 0:
+                    fatal = next((m for m in ctx.all_gather_object(error) if m), "fatal teacher error")
+                    break
+                assert result is not None
+                optimizer.zero_grad(set_to_none=True)
+                result.loss.total.backward()
+                optimizer.step()
+                scheduler.step()
+                ep += stats
+                _account(state, stats, i + 1 if i + 1 < steps_per_epoch else 0)
+                if is_main:
+                    _log_step(writer, progress, cfg, state, stats, epoch, time.perf_counter() - t0,
+                              optimizer.param_groups[0]["lr"])
+            if fatal is not None:
+                break
+            if state.batches_into_epoch == 0:  # else max_steps stopped it mid-epoch; a resume continues there
+                state.epochs_done += 1
+            last_acc = _evaluate(ctx, model, eval_loader, normalize)
+            _end_epoch(cfg, ctx, writer, state, ep, last_acc, epoch, time.perf_counter() - ep_start,
+                       raw, model_kwargs, optimizer, scheduler, class_names)
+    finally:
+        progress.close()
+        if writer is not None:
+            writer.close()
+        if stream is not None:
+            stream.close(timeout_s=5.0)
+        if client is not None:
+            client.close()
+    return _finish(cfg, ctx, state, fatal_error=fatal, started=started, accuracy=last_acc)
+
+
+def _maybe_inject_failure(cfg: TrainConfig, ctx: Context, state: TrainState) -> None:
+    """Recovery testing: crash rank 0 once at step `fail_at_step` (a marker file makes it happen only once)."""
+    if cfg.fail_at_step is None or ctx.rank != 0 or state.global_step != cfg.fail_at_step:
+        return
+    marker = Path(cfg.out) / ".failure_injected"
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(state.global_step))
+        raise RuntimeError(f"injected failure at step {state.global_step}")
+
+
+def _done(cfg: TrainConfig, state: TrainState) -> bool:
+    return cfg.max_steps is not None and state.global_step >= cfg.max_steps
+
+
+def _account(state: TrainState, stats: torch.Tensor, batches_into_epoch: int) -> None:
+    s = dict(zip(_STATS, stats.tolist()))
+    state.global_step += 1
+    state.batches_into_epoch = batches_into_epoch
+    state.images_seen += int(s["images"])
+    state.teacher_gflops += s["gflops"]
+    state.teacher_full_gflops += s["full_gflops"]
+    state.teacher_cost += s["cost"]
+    state.teacher_requests += int(s["requests"])
+
+
+def _log_step(writer: MetricsWriter | None, progress: Progress, cfg: TrainConfig, state: TrainState,
+              stats: torch.Tensor, epoch: int, step_s: float, lr: float) -> None:
+    s = dict(zip(_STATS, stats.tolist()))
+    n = max(1.0, s["images"])
+    row = {
+        "step": state.global_step, "epoch": epoch, "loss": s["loss"] / n, "ce": s["ce"] / n, "kd": s["kd"] / n,
+        "lr": lr, "images": int(s["images"]), "img_per_s": s["images"] / max(step_s, 1e-9), "step_s": step_s,
+        "teacher_gflops": s["gflops"], "teacher_full_gflops": s["full_gflops"], "teacher_cost": s["cost"],
+        "total_teacher_gflops": state.teacher_gflops,
+        "total_saved_gflops": state.teacher_full_gflops - state.teacher_gflops,
+        "overlap": 1 - s["wait_s"] / s["teacher_s"] if s["teacher_s"] > 0 else "", "teacher_wait_s": s["wait_s"],
+    }
+    if writer is not None and state.global_step % max(1, cfg.log_every) == 0:
+        writer.log_step(row)
+    progress.update(1, {"loss": row["loss"], "img_per_s": row["img_per_s"], "gflops": state.teacher_gflops,
+                        "saved": row["total_saved_gflops"]})
+
+
+def _evaluate(
+    ctx: Context, model: torch.nn.Module, loader: DataLoader | None, normalize: Normalizer,
+) -> Accuracy | None:
+    if loader is None:
+        return None
+    acc = count_correct(unwrap(model), loader, normalize, ctx.device)
+    counts = ctx.all_reduce(torch.tensor([acc.top1_correct, acc.top5_correct, acc.images], dtype=torch.float64))
+    return Accuracy(int(counts[0]), int(counts[1]), int(counts[2]))
+
+
+def _end_epoch(cfg: TrainConfig, ctx: Context, writer: MetricsWriter | None, state: TrainState,
+               ep: torch.Tensor, acc: Accuracy | None, epoch: int, epoch_s: float, raw: torch.nn.Module,
+               model_kwargs: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any,
+               class_names: list[str]) -> None:
+    """Epoch metrics, then (rank 0) a checkpoint; every worker reports it to Ray Train (a sync point)."""
+    s = dict(zip(_STATS, ep.tolist()))
+    n = max(1.0, s["images"])
+    row = {
+        "epoch": epoch, "step": state.global_step, "train_loss": s["loss"] / n, "train_ce": s["ce"] / n,
+        "train_kd": s["kd"] / n, "val_top1": acc.top1 if acc else "", "val_top5": acc.top5 if acc else "",
+        "images": int(s["images"]), "epoch_s": epoch_s, "teacher_gflops": s["gflops"],
+        "teacher_full_gflops": s["full_gflops"], "teacher_cost": s["cost"],
+        "teacher_saving": 1 - s["gflops"] / s["full_gflops"] if s["full_gflops"] else "",
+        "overlap": 1 - s["wait_s"] / s["teacher_s"] if s["teacher_s"] > 0 else "",
+    }
+    state.history.append(row)
+    if acc is not None:
+        state.best_top1 = max(state.best_top1 or 0.0, acc.top1)
+    ckpt_dir = None
+    if ctx.rank == 0:
+        assert writer is not None
+        writer.log_epoch(row)
+        ckpt_dir = save_training_checkpoint(
+            cfg.out, model=raw, model_name=cfg.student, model_kwargs=model_kwargs, optimizer=optimizer,
+            scheduler=scheduler, state=state,
+            extra={"class_names": class_names, "val_top1": row["val_top1"], "val_top5": row["val_top5"],
+                   "mode": cfg.mode, "strategy": cfg.strategy, "keep": cfg.keep},
+        )
+        prune_checkpoints(cfg.out, cfg.keep_checkpoints)
+    ctx.report({k: v for k, v in row.items() if v != ""} | {"global_step": state.global_step}, ckpt_dir)
+
+
+def _finish(cfg: TrainConfig, ctx: Context, state: TrainState, *, fatal_error: str | None, started: float,
+            accuracy: Accuracy | None = None) -> dict[str, Any]:
+    full, used = state.teacher_full_gflops, state.teacher_gflops
+    summary: dict[str, Any] = {
+        "fatal_error": fatal_error or "", "epochs_done": state.epochs_done, "global_step": state.global_step,
+        "images_seen": state.images_seen, "val_top1": accuracy.top1 if accuracy else None,
+        "val_top5": accuracy.top5 if accuracy else None, "val_images": accuracy.images if accuracy else 0,
+        "teacher_gflops": used, "teacher_full_gflops": full, "teacher_saved_gflops": full - used,
+        "teacher_saving": (full - used) / full if full else 0.0, "teacher_cost": state.teacher_cost,
+        "teacher_requests": state.teacher_requests, "wall_s": time.perf_counter() - started,
+        "mode": cfg.mode, "strategy": cfg.strategy, "keep": cfg.keep, "out": str(Path(cfg.out).resolve()),
+        "overlap": _mean_overlap(state),
+    }
+    if ctx.rank == 0:
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / "summary.json").write_text(json.dumps(summary, indent=2))
+    ctx.report({k: v for k, v in summary.items() if v is not None} | {"final": True})
+    return summary
+
+
+def _mean_overlap(state: TrainState) -> float | None:
+    values = [h["overlap"] for h in state.history if isinstance(h.get("overlap"), float)]
+    return sum(values) / len(values) if values else None

@@ -1,0 +1,121 @@
+"""One optimizer step of MaskedKD on one worker (paper Eq. 1 with SIPS, pipelined as in App. E).
+
+kd:            student forward per micro-batch (SIPS captured), select patches on the teacher's grid, send the kept
+               patches asynchronously; gather the teacher logits; CE + lambda * KD; one backward.
+none:          plain supervised CE (no teacher).
+mask-student:  the Sec 4.2 ablation: the teacher sees the full image, the student only its kept patches.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from student_client.config import TrainConfig
+from student_client.data import Normalizer
+from student_client.losses import DistillationLoss, LossParts
+from student_client.pipeline import OverlapStats, Submit, TeacherRequest, pipelined_forward
+from student_client.sips import SIPSCapture, select_patches
+from student_client.wire import Usage
+
+
+@dataclass
+class StepResult:
+    loss: LossParts
+    images: int
+    usage: Usage = field(default_factory=Usage)
+    stats: OverlapStats = field(default_factory=OverlapStats)
+
+
+def concat_outputs(outputs: list[Any]) -> Any:
+    """Per-micro-batch student outputs -> one batch (tuples of heads concatenated head by head)."""
+    if isinstance(outputs[0], (tuple, list)):
+        return tuple(torch.cat(parts) for parts in zip(*outputs))
+    return torch.cat(outputs)
+
+
+class PatchSelector:
+    """Kept positions for one micro-batch: SIPS (top/bottom-k), random, or all, mapped to the target grid."""
+
+    def __init__(self, cfg: TrainConfig, capture: SIPSCapture | None, student_grid: tuple[int, int] | None,
+                 target_grid: tuple[int, int], generator: torch.Generator) -> None:
+        self.cfg = cfg
+        self.capture = capture
+        self.student_grid = student_grid
+        self.target_grid = target_grid
+        self.generator = generator
+
+    @property
+    def needs_scores(self) -> bool:
+        return self.cfg.strategy in ("sips", "bottom")
+
+    def __call__(self, batch: int, device: torch.device) -> torch.Tensor | None:
+        """[b, K] sorted positions on the target grid, or None for strategy `all` (send the full image)."""
+        if self.cfg.strategy == "all":
+            return None
+        if self.needs_scores:
+            assert self.capture is not None and self.capture.scores is not None, "SIPS scores were not captured"
+            scores, grid = self.capture.scores, self.student_grid
+        else:  # random needs no scores, only their shape
+            grid = self.target_grid
+            scores = torch.zeros(batch, grid[0] * grid[1], device=device)
+        return select_patches(scores, self.cfg.keep_value, self.cfg.strategy, teacher_grid=self.target_grid,
+                              student_grid=grid, generator=self.generator)
+
+
+class StepRunner:
+    """Forward (pipelined with the teacher) and loss for one batch; the caller runs backward and the optimizer."""
+
+    def __init__(
+        self, cfg: TrainConfig, model: nn.Module, raw_model: nn.Module, normalize: Normalizer,
+        criterion: DistillationLoss, selector: PatchSelector | None, submit: Submit | None,
+        request_id_prefix: str,
+    ) -> None:
+        self.cfg = cfg
+        self.model = model            # what the training forward goes through (DDP / MaskedStudent wrapper)
+        self.raw_model = raw_model    # the timm student (scores-only forwards in mask-student)
+        self.normalize = normalize
+        self.criterion = criterion
+        self.selector = selector
+        self.submit = submit
+        self.prefix = request_id_prefix
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor, step: int) -> StepResult:
+        """images [B, C, H, W] in [0, 1] (after mixup), targets [B] or soft [B, classes]."""
+        cfg = self.cfg
+        if cfg.mode == "none":
+            output = self.model(self.normalize(images))
+            return StepResult(self.criterion(output, targets, None), images.shape[0])
+        micro = list(images.tensor_split(min(cfg.micro_batches, images.shape[0])))
+        request_id: Callable[[int], str] = lambda i: f"{self.prefix}-s{step}-m{i}"  # noqa: E731
+        if cfg.mode == "kd":
+            result = pipelined_forward(micro, self._kd_student_step, self.submit, request_id=request_id,
+                                       timeout_s=cfg.teacher_timeout_s * (cfg.teacher_retries + 1))
+        else:
+            early = [TeacherRequest(x, None) for x in micro]
+            result = pipelined_forward(micro, self._masked_student_step, self.submit, request_id=request_id,
+                                       early_requests=early,
+                                       timeout_s=cfg.teacher_timeout_s * (cfg.teacher_retries + 1))
+        assert result.teacher_logits is not None
+        output = concat_outputs(result.outputs)
+        teacher_logits = torch.cat(result.teacher_logits).to(images.device)  # [B, classes]
+        loss = self.criterion(output, targets, teacher_logits)
+        return StepResult(loss, images.shape[0], result.usage, result.stats)
+
+    def _kd_student_step(self, i: int, x: torch.Tensor) -> tuple[Any, TeacherRequest]:
+        output = self.model(self.normalize(x))  # SIPSCapture fills selector.capture.scores here
+        assert self.selector is not None
+        keep = self.selector(x.shape[0], x.device)
+        return output, TeacherRequest(x.detach(), None if keep is None else keep.cpu())
+
+    def _masked_student_step(self, i: int, x: torch.Tensor) -> tuple[Any, None]:
+        xn = self.normalize(x)
+        assert self.selector is not None
+        if self.selector.needs_scores:  # the student's own attention on the full image, without grad
+            with torch.no_grad():
+                self.raw_model(xn)
+        keep = self.selector(x.shape[0], x.device)
+        return self.model(xn, keep_indices=keep), None

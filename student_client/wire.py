@@ -1,0 +1,200 @@
+"""What travels to and from the teacher: ModelInfo/Usage as dataclasses, request building, response decoding.
+
+Shared by the blocking client, the asyncio client and the streaming session, so all three send the same bytes.
+"""
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+
+from maskedkd.codec import proto_to_tensor, tensor_to_proto
+from maskedkd.v1 import teacher_pb2 as pb
+from student_client.errors import TeacherInputError
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A served teacher, as `GetModelInfo` describes it."""
+
+    model: str                      # name the server serves it under
+    image_size: tuple[int, int]     # (H, W) the teacher expects
+    patch_size: int                 # square patches, P x P
+    grid_size: tuple[int, int]      # patch grid; keep_indices are row-major positions on it
+    num_prefix_tokens: int
+    num_classes: int
+    in_chans: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    full_gflops: float              # one full, unmasked image
+    price_per_gflop: float
+    currency: str
+    models: tuple[str, ...] = ()    # every model the server serves
+    max_batch_images: int = 0       # 0: the server did not say
+    dtype: str = "float32"
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    @classmethod
+    def from_proto(cls, msg: pb.ModelInfo) -> ModelInfo:
+        return cls(
+            model=msg.model, image_size=(int(msg.image_height), int(msg.image_width)), patch_size=int(msg.patch_size),
+            grid_size=(int(msg.grid_height), int(msg.grid_width)), num_prefix_tokens=int(msg.num_prefix_tokens),
+            num_classes=int(msg.num_classes), in_chans=int(msg.in_chans), mean=tuple(msg.mean), std=tuple(msg.std),
+            full_gflops=float(msg.full_gflops), price_per_gflop=float(msg.price_per_gflop), currency=msg.currency,
+            models=tuple(msg.models), max_batch_images=int(msg.max_batch_images), dtype=msg.dtype or "float32",
+        )
+
+
+@dataclass
+class Usage:
+    """What one or more requests cost; `+` sums them (replayed is true only if every part was replayed)."""
+
+    images: int = 0
+    tokens: int = 0
+    gflops: float = 0.0
+    full_gflops: float = 0.0
+    cost: float = 0.0
+    replayed: bool = False
+    requests: int = field(default=0, compare=False)  # how many responses this sums
+
+    @property
+    def saved_gflops(self) -> float:
+        return self.full_gflops - self.gflops
+
+    @property
+    def saving(self) -> float:
+        """Fraction of the full teacher's FLOPs not spent (0 when nothing was sent)."""
+        return self.saved_gflops / self.full_gflops if self.full_gflops > 0 else 0.0
+
+    @classmethod
+    def from_proto(cls, msg: pb.Usage) -> Usage:
+        return cls(images=int(msg.images), tokens=int(msg.tokens), gflops=float(msg.gflops),
+                   full_gflops=float(msg.full_gflops), cost=float(msg.cost), replayed=bool(msg.replayed), requests=1)
+
+    def __add__(self, other: Usage) -> Usage:
+        if self.requests == 0:
+            return Usage(**{f.name: getattr(other, f.name) for f in fields(other)})
+        if other.requests == 0:
+            return self
+        return Usage(
+            images=self.images + other.images, tokens=self.tokens + other.tokens, gflops=self.gflops + other.gflops,
+            full_gflops=self.full_gflops + other.full_gflops, cost=self.cost + other.cost,
+            replayed=self.replayed and other.replayed, requests=self.requests + other.requests,
+        )
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def wire_pixels(x: torch.Tensor) -> torch.Tensor:
+    """uint8 when every value is exactly k/255 in [0, 1] (4x fewer bytes than float32, lossless), else float16.
+
+    The check is one elementwise pass; ToTensor() output and RandAugment'ed pixels qualify, mixup/resize do not.
+    """
+    if x.dtype == torch.uint8:
+        return x
+    if not x.is_floating_point():
+        raise TeacherInputError(f"pixels must be uint8 or float in [0, 1], got {x.dtype}")
+    scaled = x.detach().float() * 255.0
+    rounded = scaled.round()
+    if x.numel() and bool(((scaled - rounded).abs().amax() <= 1e-3) & (rounded.amin() >= 0) & (rounded.amax() <= 255)):
+        return rounded.to(torch.uint8)
+    return x.detach().to(torch.float16)
+
+
+def to_teacher_resolution(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[B, C, h, w] -> [B, C, H, W] float 0..1, bilinear (App. B), or unchanged when the size already matches."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=False).clamp_(0.0, 1.0)
+
+
+def extract_patches(images: torch.Tensor, keep_indices: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """images [B, C, H, W], keep_indices [B, K] row-major on the H/P x W/P grid -> [B, K, C, P, P]."""
+    B, C, H, W = images.shape
+    P = patch_size
+    gh, gw = H // P, W // P
+    grid = images.reshape(B, C, gh, P, gw, P).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C, P, P)
+    index = keep_indices.to(device=images.device, dtype=torch.long)  # [B, K]
+    return torch.gather(grid, 1, index[:, :, None, None, None].expand(-1, -1, C, P, P))
+
+
+def check_keep_indices(keep_indices: torch.Tensor, batch: int, num_patches: int) -> None:
+    """Client-side checks needed to cut patches; the server validates the rest (duplicates, counts)."""
+    if keep_indices.dim() != 2 or keep_indices.shape[0] != batch:
+        raise TeacherInputError(f"keep_indices must be [B={batch}, K], got {list(keep_indices.shape)}")
+    if keep_indices.dtype.is_floating_point or keep_indices.dtype == torch.bool:
+        raise TeacherInputError(f"keep_indices must be integers, got {keep_indices.dtype}")
+    if keep_indices.numel() and (int(keep_indices.min()) < 0 or int(keep_indices.max()) >= num_patches):
+        raise TeacherInputError(
+            f"keep_indices out of range: the teacher's grid has {num_patches} patches (0..{num_patches - 1}), "
+            f"got {int(keep_indices.min())}..{int(keep_indices.max())}")
+
+
+def _index_dtype(num_patches: int) -> torch.dtype:
+    return torch.int16 if num_patches <= 32767 else torch.int32
+
+
+def build_request(
+    info: ModelInfo, *, images: torch.Tensor | None = None, patches: torch.Tensor | None = None,
+    keep_indices: torch.Tensor | None = None, keep_counts: torch.Tensor | None = None,
+    request_id: str, model: str | None = None, send_patches: bool = True,
+) -> pb.InferRequest:
+    """The InferRequest for one batch. With images + keep_indices and `send_patches`, only the kept patches go."""
+    if (images is None) == (patches is None):
+        raise TeacherInputError("pass exactly one of images or patches")
+    req = pb.InferRequest(request_id=request_id, model=model or "")
+    if keep_indices is not None and keep_counts is not None:  # padding may hold anything: make it a valid 0
+        valid = torch.arange(keep_indices.shape[-1]) < keep_counts.reshape(-1, 1).cpu()  # [B, K]
+        keep_indices = keep_indices.masked_fill(~valid.to(keep_indices.device), 0)
+    if images is not None:
+        if images.dim() != 4:
+            raise TeacherInputError(f"images must be [B, C, H, W], got {list(images.shape)}")
+        if images.shape[1] != info.in_chans:
+            raise TeacherInputError(f"images have {images.shape[1]} channels; the teacher expects {info.in_chans}")
+        images = to_teacher_resolution(images, info.image_size)  # [B, C, H_t, W_t]
+        if keep_indices is not None and send_patches:
+            check_keep_indices(keep_indices, images.shape[0], info.num_patches)
+            patches = extract_patches(images, keep_indices, info.patch_size)  # [B, K, C, P, P]
+            req.patches.CopyFrom(tensor_to_proto(wire_pixels(patches)))
+        else:
+            req.images.CopyFrom(tensor_to_proto(wire_pixels(images)))
+    else:
+        assert patches is not None
+        if keep_indices is None:
+            raise TeacherInputError("keep_indices are required with patches")
+        if patches.dim() != 5:
+            raise TeacherInputError(f"patches must be [B, K, C, P, P], got {list(patches.shape)}")
+        req.patches.CopyFrom(tensor_to_proto(wire_pixels(patches)))
+    if keep_indices is not None:
+        if keep_indices.dim() != 2:
+            raise TeacherInputError(f"keep_indices must be [B, K], got {list(keep_indices.shape)}")
+        req.keep_indices.CopyFrom(tensor_to_proto(keep_indices.detach().to(_index_dtype(info.num_patches))))
+    if keep_counts is not None:
+        req.keep_counts.CopyFrom(tensor_to_proto(keep_counts.detach().reshape(-1).to(torch.int32)))
+    return req
+
+
+def batch_size_of(images: torch.Tensor | None, patches: torch.Tensor | None) -> int:
+    return int((images if images is not None else patches).shape[0])  # type: ignore[union-attr]
+
+
+def split_rows(n: int, max_rows: int) -> list[slice]:
+    """Slices of at most `max_rows` rows covering range(n) (one slice when max_rows <= 0)."""
+    if max_rows <= 0 or n <= max_rows:
+        return [slice(0, n)]
+    return [slice(i * max_rows, min(n, (i + 1) * max_rows)) for i in range(math.ceil(n / max_rows))]
+
+
+def decode_response(resp: pb.InferResponse) -> tuple[torch.Tensor, Usage]:
+    """(logits [B, num_classes] float32, Usage)."""
+    logits = proto_to_tensor(resp.logits, name="logits").float()
+    return logits, Usage.from_proto(resp.usage)

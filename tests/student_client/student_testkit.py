@@ -1,0 +1,62 @@
+"""Shared pieces of the student_client tests: a small real-image subset, a tiny teacher, a real server, the ledger.
+
+Not a conftest.py: `tests/conftest.py` is imported as `conftest` by other test files, and a second conftest module
+here would shadow it.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from teacher_server.settings import ServerSettings
+from teacher_server.testing import RunningServer, running_server
+
+REPO = Path(__file__).resolve().parents[2]
+CIFAR = REPO / "data" / "cifar10-subset"
+# 2-block CIFAR-size ViT (8x8 grid of 4x4 patches): cheap enough for a real training step on 2 cores.
+STUDENT = "vit_tiny_patch16_224"
+STUDENT_KWARGS = {"img_size": 32, "patch_size": 4, "depth": 2}
+
+
+def make_subset(root: Path, *, train_per_class: int = 4, test_per_class: int = 2) -> Path:
+    """An ImageFolder tree of symlinks to the first files of each CIFAR class (real images, few of them)."""
+    for split, n in (("train", train_per_class), ("test", test_per_class)):
+        for class_dir in sorted((CIFAR / split).iterdir()):
+            dst = root / split / class_dir.name
+            dst.mkdir(parents=True, exist_ok=True)
+            for f in sorted(class_dir.iterdir())[:n]:
+                os.symlink(f, dst / f.name)
+    return root
+
+
+def tiny_teacher(seed: int = 0, **overrides: object) -> nn.Module:
+    torch.manual_seed(seed)
+    kwargs = {"img_size": 32, "patch_size": 4, "num_classes": 10, "depth": 2, **overrides}
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs).eval()
+
+
+@contextmanager
+def teacher_server(tmp: Path, model: nn.Module, **settings: object) -> Iterator[RunningServer]:
+    """A real gRPC teacher on 127.0.0.1 with a real SQLite ledger in `tmp`."""
+    cfg = ServerSettings(model="vit_tiny_patch16_224", db=f"sqlite:///{tmp / 'ledger.db'}", metrics_port=None,
+                         **settings)
+    with running_server(cfg, model=model) as srv:
+        yield srv
+
+
+def ledger_rows(srv: RunningServer, key_name: str) -> list[dict[str, object]]:
+    """Usage rows of one key, read straight from the SQLite file (the documented ledger schema)."""
+    db = srv.settings.db.removeprefix("sqlite:///")
+    with sqlite3.connect(db) as conn:
+        conn.row_factory = sqlite3.Row
+        rows = conn.execute(
+            "SELECT u.request_id, u.images, u.tokens, u.gflops, u.full_gflops, u.cost FROM usage u "
+            "JOIN api_keys k ON k.id = u.api_key_id WHERE k.name = ? ORDER BY u.id", (key_name,)).fetchall()
+    return [dict(r) for r in rows]

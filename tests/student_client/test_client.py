@@ -1,0 +1,214 @@
+"""TeacherClient, AsyncTeacherClient and TeacherStream against a real teacher server on 127.0.0.1."""
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+import torch.nn.functional as F
+from student_testkit import ledger_rows, teacher_server, tiny_teacher
+
+from maskedkd.v1 import teacher_pb2 as pb
+from student_client.aio_client import AsyncTeacherClient
+from student_client.client import TeacherClient
+from student_client.errors import (
+    TeacherAuthError, TeacherInputError, TeacherQuotaError, TeacherUnavailableError,
+)
+from student_client.stream import TeacherStream
+from student_client.wire import wire_pixels
+from teacher_server.masked_teacher import MaskedTeacher
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    model = tiny_teacher()
+    with teacher_server(tmp_path_factory.mktemp("client"), model, max_batch_images=8) as srv:
+        srv.reference = MaskedTeacher(model)  # type: ignore[attr-defined]
+        yield srv
+
+
+def reference_logits(srv, images: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """The teacher run in-process on the same pixels, normalized the way the server says it normalizes."""
+    mt: MaskedTeacher = srv.reference
+    mean, std = torch.tensor(mt.mean).view(1, -1, 1, 1), torch.tensor(mt.std).view(1, -1, 1, 1)
+    with torch.no_grad():
+        return mt((images.float() - mean) / std, keep)
+
+
+def pixels(b: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """[b, 3, size, size] float pixels that are exactly k/255 (what ToTensor gives)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (b, 3, size, size), generator=g).float() / 255
+
+
+def random_keep(b: int, k: int, n: int = 64, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(n, generator=g)[:k].sort().values for _ in range(b)])
+
+
+class Recorder(grpc.UnaryUnaryClientInterceptor):
+    """Keeps every request the client puts on the wire; with `lose_first`, the first answer is lost after the
+    server ran (and billed) it, as when a connection drops on the way back."""
+
+    def __init__(self, lose_first: bool = False) -> None:
+        self.sent: list[object] = []
+        self.lose_first = lose_first
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        self.sent.append(request)
+        outcome = continuation(client_call_details, request)
+        if self.lose_first and isinstance(request, pb.InferRequest):
+            self.lose_first = False
+            outcome.result()  # the server has answered and written the ledger
+            raise LostResponse()
+        return outcome
+
+
+class LostResponse(grpc.RpcError, grpc.Call):  # type: ignore[misc]
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "connection reset while reading the response"
+
+    def initial_metadata(self): return ()  # type: ignore[no-untyped-def]  # noqa: E704
+    def trailing_metadata(self): return ()  # type: ignore[no-untyped-def]  # noqa: E704
+    def is_active(self): return False  # type: ignore[no-untyped-def]  # noqa: E704
+    def time_remaining(self): return None  # type: ignore[no-untyped-def]  # noqa: E704
+    def cancel(self): return False  # type: ignore[no-untyped-def]  # noqa: E704
+    def add_callback(self, cb): return False  # type: ignore[no-untyped-def]  # noqa: E704
+
+
+def test_infer_sends_only_kept_patches_as_uint8_and_matches_in_process_teacher(server) -> None:  # type: ignore[no-untyped-def]
+    rec = Recorder()
+    client = TeacherClient(server.address, server.create_key("patches"), interceptors=[rec])
+    x, keep = pixels(3), random_keep(3, 16)
+    logits, usage = client.infer(images=x, keep_indices=keep)
+    torch.testing.assert_close(logits, reference_logits(server, x, keep), rtol=1e-5, atol=1e-5)
+
+    req = [r for r in rec.sent if isinstance(r, pb.InferRequest)][0]
+    assert req.WhichOneof("input") == "patches"
+    assert req.patches.dtype == "uint8" and list(req.patches.shape) == [3, 16, 3, 4, 4]
+    assert len(req.patches.data) == 3 * 16 * 3 * 4 * 4  # a quarter of the full image's 3*3*32*32 bytes
+    # the patch bytes are the pixels at the kept positions, cut independently here
+    grid = (x * 255).round().to(torch.uint8).unfold(2, 4, 4).unfold(3, 4, 4)  # [B, C, 8, 8, 4, 4]
+    expected = torch.stack([grid[b].permute(1, 2, 0, 3, 4).reshape(64, 3, 4, 4)[keep[b]] for b in range(3)])
+    assert req.patches.data == expected.numpy().tobytes()
+    assert usage.gflops == pytest.approx(3 * server.reference.gflops(16), rel=1e-9)
+    assert usage.full_gflops == pytest.approx(3 * server.reference.gflops(64), rel=1e-9)
+
+
+def test_float_pixels_travel_as_float16_and_full_images_when_no_keep(server) -> None:  # type: ignore[no-untyped-def]
+    rec = Recorder()
+    client = TeacherClient(server.address, server.create_key("float16"), interceptors=[rec])
+    x = pixels(2) * 0.7 + 0.1  # no longer k/255, like mixup output
+    assert wire_pixels(x).dtype == torch.float16 and wire_pixels(pixels(2)).dtype == torch.uint8
+    logits, usage = client.infer(images=x)
+    req = [r for r in rec.sent if isinstance(r, pb.InferRequest)][0]
+    assert req.WhichOneof("input") == "images" and req.images.dtype == "float16"
+    torch.testing.assert_close(logits, reference_logits(server, x.half().float(), None), rtol=1e-4, atol=1e-4)
+    assert usage.gflops == pytest.approx(usage.full_gflops)
+
+
+def test_ragged_keep_counts_and_split_batches(server) -> None:  # type: ignore[no-untyped-def]
+    client = TeacherClient(server.address, server.create_key("ragged"))
+    x, keep = pixels(10, seed=3), random_keep(10, 20, seed=3)
+    counts = torch.tensor([20, 12, 5, 20, 1, 7, 20, 3, 9, 11])
+    logits, usage = client.infer(images=x, keep_indices=keep, keep_counts=counts, request_id="split-1")
+    expected = torch.cat([reference_logits(server, x[i:i + 1], keep[i:i + 1, : counts[i]]) for i in range(10)])
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert usage.requests == 2  # 10 images over max_batch_images=8
+    ids = sorted(r["request_id"] for r in ledger_rows(server, "ragged"))
+    assert ids == ["split-1.0", "split-1.1"]
+    assert usage.gflops == pytest.approx(sum(server.reference.gflops(int(c)) for c in counts), rel=1e-9)
+
+
+def test_lost_response_is_retried_with_the_same_request_id_and_billed_once(server) -> None:  # type: ignore[no-untyped-def]
+    rec = Recorder(lose_first=True)
+    client = TeacherClient(server.address, server.create_key("retry"), interceptors=[rec], backoff=0.01)
+    x, keep = pixels(2, seed=5), random_keep(2, 32, seed=5)
+    logits, usage = client.infer(images=x, keep_indices=keep)
+    infer_requests = [r for r in rec.sent if isinstance(r, pb.InferRequest)]
+    assert len(infer_requests) == 2 and infer_requests[0].request_id == infer_requests[1].request_id
+    assert usage.replayed  # answered from the ledger
+    rows = ledger_rows(server, "retry")
+    assert len(rows) == 1 and rows[0]["request_id"] == infer_requests[0].request_id
+    assert rows[0]["gflops"] == pytest.approx(2 * server.reference.gflops(32), rel=1e-9)
+    torch.testing.assert_close(logits, reference_logits(server, x, keep), rtol=1e-5, atol=1e-5)
+
+
+def test_errors_are_typed_one_line_and_unbilled(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    x = pixels(1)
+    with pytest.raises(TeacherAuthError) as bad_key:
+        TeacherClient(server.address, "mkd_" + "x" * 43).infer(images=x)
+    with pytest.raises(TeacherAuthError):
+        TeacherClient(server.address, "mkd_" + "x" * 43).check_key()
+    TeacherClient(server.address, server.create_key("good")).check_key()
+
+    poor = TeacherClient(server.address, server.create_key("poor", quota_gflops=1e-6))
+    with pytest.raises(TeacherQuotaError) as quota:
+        poor.infer(images=x)
+    client = TeacherClient(server.address, server.create_key("bad-input"))
+    with pytest.raises(TeacherInputError) as bad_index:
+        client.infer(images=x, keep_indices=torch.tensor([[1, 999]]))
+    with pytest.raises(TeacherInputError) as bad_model:
+        TeacherClient(server.address, server.create_key("model"), model="no-such-model").info()
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(TeacherUnavailableError) as unreachable:
+        TeacherClient(dead, "k", max_retries=2, backoff=0.01, timeout_s=2).info()
+
+    for err in (bad_key, quota, bad_index, bad_model, unreachable):
+        message = str(err.value)
+        assert "\n" not in message and message
+    assert "999" in str(bad_index.value) or "range" in str(bad_index.value)
+    assert "after 3 attempts" in str(unreachable.value)
+    assert ledger_rows(server, "poor") == [] and ledger_rows(server, "bad-input") == []
+
+
+def test_resizes_to_the_teacher_resolution(tmp_path: Path) -> None:
+    model = tiny_teacher(img_size=48, patch_size=8)  # 6x6 grid
+    with teacher_server(tmp_path, model) as srv:
+        client = TeacherClient(srv.address, srv.create_key("hires"))
+        assert client.info().image_size == (48, 48) and client.info().grid_size == (6, 6)
+        x, keep = pixels(2), random_keep(2, 18, n=36)
+        logits, _ = client.infer(images=x, keep_indices=keep)
+        big = F.interpolate(x, size=(48, 48), mode="bilinear", align_corners=False)
+        mt = MaskedTeacher(model)
+        ref = mt((big.half().float() - 0.5) / 0.5, keep)  # resized pixels are not k/255: they go as float16
+        torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_stream_matches_unary_and_fails_cleanly_on_a_bad_key(server) -> None:  # type: ignore[no-untyped-def]
+    client = TeacherClient(server.address, server.create_key("stream"))
+    batches = [(pixels(2, seed=s), random_keep(2, 8 * (s + 1), seed=s)) for s in range(4)]
+    with TeacherStream(client) as stream:
+        futures = [stream.submit(images=x, keep_indices=k, request_id=f"s{i}") for i, (x, k) in enumerate(batches)]
+        results = [f.result(timeout=30) for f in futures]
+    for (x, k), (logits, usage) in zip(batches, results):
+        torch.testing.assert_close(logits, reference_logits(server, x, k), rtol=1e-5, atol=1e-5)
+        assert usage.gflops == pytest.approx(2 * server.reference.gflops(k.shape[1]), rel=1e-9)
+    assert sorted(r["request_id"] for r in ledger_rows(server, "stream")) == ["s0", "s1", "s2", "s3"]
+
+    with TeacherStream(TeacherClient(server.address, "mkd_" + "y" * 43)) as bad:
+        fut = bad.submit(images=pixels(1))
+        with pytest.raises(TeacherAuthError):
+            fut.result(timeout=30)
+
+
+async def test_async_client_matches_the_in_process_teacher(server) -> None:  # type: ignore[no-untyped-def]
+    key = server.create_key("aio")
+    x, keep = pixels(3, seed=9), random_keep(3, 24, seed=9)
+    async with AsyncTeacherClient(server.address, key) as client:
+        (a, ua), (b, ub) = await asyncio.gather(client.infer(images=x, keep_indices=keep, request_id="a1"),
+                                                client.infer(images=x, keep_indices=keep, request_id="a1"))
+        with pytest.raises(TeacherInputError):
+            await client.infer(images=x, keep_indices=torch.tensor([[0, 0, 70]] * 3))
+    torch.testing.assert_close(a, reference_logits(server, x, keep), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a, b)
+    assert len(ledger_rows(server, "aio")) == 1  # same request_id twice: billed once
