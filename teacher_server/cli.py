@@ -1,0 +1,241 @@
+"""`teacher-server`: serve | keys create | keys list | keys disable | usage | dashboard.
+
+Flags override `MASKEDKD_*` environment variables. Errors are one line on stderr and exit code 2; `keys` and
+`usage` only touch the ledger (no torch import), so they are quick.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not usage + message
+        raise CliError(f"{message} (see {self.prog} --help)")
+
+
+def _add_db(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", help="ledger URL (default: $MASKEDKD_DB or sqlite:///maskedkd-ledger.db)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="teacher-server", description="MaskedKD teacher service: serve a masked ViT teacher, "
+                     "manage API keys, read usage.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    serve = sub.add_parser("serve", help="serve a teacher over gRPC")
+    serve.add_argument("--model", help="timm architecture name (optional when the checkpoint carries it)")
+    serve.add_argument("--checkpoint", help="weights: .safetensors (ours or foreign) or a torch file")
+    serve.add_argument("--model-kwargs", help="JSON object of timm.create_model kwargs, e.g. '{\"img_size\": 32}'")
+    serve.add_argument("--pretrained", action="store_true", default=None,
+                       help="download hub weights (only without --checkpoint)")
+    serve.add_argument("--served-name", help="name clients use for the model (default: the architecture name)")
+    serve.add_argument("--host", help="listen address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="gRPC port (default 50051; 0: any free port)")
+    _add_db(serve)
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    serve.add_argument("--max-batch-images", type=int, help="images per micro-batch and per request (default 256)")
+    serve.add_argument("--token-budget", type=int, help="teacher tokens per micro-batch (default 65536)")
+    serve.add_argument("--max-delay-ms", type=float, help="max wait of a request for batch company (default 2)")
+    serve.add_argument("--mixed-k", choices=["bucket", "pad"], help="rows with different keep counts (default bucket)")
+    serve.add_argument("--max-message-mb", type=float, help="gRPC message size limit in MiB (default 256)")
+    serve.add_argument("--price-per-gflop", type=float, help="default price per GFLOP (default 1e-6)")
+    serve.add_argument("--currency", help="currency of prices (default USD)")
+    serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9464; 0: any free port)")
+    serve.add_argument("--metrics-host", help="address of /metrics (default 127.0.0.1; 0.0.0.0 for a scraper "
+                       "in another container)")
+    serve.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+    serve.add_argument("--dashboard-port", type=int, help="also serve the dashboard on this port")
+    serve.add_argument("--admin-token", help="token for the dashboard's admin operations")
+    serve.add_argument("--grace-s", type=float, help="seconds in-flight requests get on shutdown (default 10)")
+    serve.add_argument("--drain-s", type=float, help="seconds NOT_SERVING is announced before refusing calls")
+
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="{create,list,disable}",
+                                   parser_class=_Parser)
+    create = keys_sub.add_parser("create", help="create a key and print its secret (shown once)")
+    create.add_argument("--name", required=True)
+    create.add_argument("--quota-gflops", type=float, help="GFLOPs the key may use in total (default unlimited)")
+    create.add_argument("--price-per-gflop", type=float, help="the key's own price (default: the server's)")
+    _add_db(create)
+    listing = keys_sub.add_parser("list", help="list keys (never their secrets)")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_db(listing)
+    disable = keys_sub.add_parser("disable", help="disable a key (takes effect within seconds)")
+    disable.add_argument("name_pos", nargs="?", metavar="NAME")
+    disable.add_argument("--name")
+    _add_db(disable)
+
+    usage = sub.add_parser("usage", help="totals per key: GFLOPs used, full GFLOPs, saving %%, cost")
+    usage.add_argument("--key", help="only this key (by name)")
+    usage.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_db(usage)
+
+    from teacher_server.dashboard.server import add_dashboard_arguments  # light: FastAPI loads only when serving
+
+    add_dashboard_arguments(sub.add_parser("dashboard", help="serve the usage and billing dashboard of a ledger "
+                                                              "on its own (no teacher needed)"))
+    return parser
+
+
+def _settings(**overrides: Any) -> Any:
+    from pydantic import ValidationError
+
+    from teacher_server.settings import ServerSettings
+
+    try:
+        return ServerSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "settings"
+        raise CliError(f"invalid setting {where}: {first.get('msg')}") from exc
+
+
+def _sessions(db: str | None) -> Any:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from teacher_server.ledger import open_ledger
+
+    url = _settings(db=db).db
+    try:
+        return open_ledger(url)
+    except (SQLAlchemyError, OSError) as exc:
+        raise CliError(f"cannot open ledger {url}: {str(exc).splitlines()[0]}") from exc
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    if args.model_kwargs is not None:
+        try:
+            kwargs = json.loads(args.model_kwargs)
+        except json.JSONDecodeError as exc:
+            raise CliError(f"--model-kwargs is not valid JSON: {exc}") from exc
+        if not isinstance(kwargs, dict):
+            raise CliError("--model-kwargs must be a JSON object")
+        args.model_kwargs = kwargs
+    fields = ("model", "checkpoint", "model_kwargs", "pretrained", "served_name", "host", "port", "db", "device",
+              "dtype", "max_batch_images", "token_budget", "max_delay_ms", "mixed_k", "max_message_mb",
+              "price_per_gflop", "currency", "metrics_port", "metrics_host", "dashboard_port", "admin_token",
+              "grace_s", "drain_s")
+    settings = _settings(**{f: getattr(args, f) for f in fields})
+    if not settings.model and not settings.checkpoint:  # before importing torch: a quick answer
+        raise CliError("no teacher given: pass --model NAME and/or --checkpoint PATH")
+    if args.no_metrics:
+        settings.metrics_port = None
+    import asyncio
+    import logging
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from teacher_server.registry import ModelLoadError
+    from teacher_server.server import ServerStartError, TeacherServer, serve_until_signalled
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        server = TeacherServer(settings)
+        asyncio.run(serve_until_signalled(server))
+    except (ModelLoadError, ServerStartError, SQLAlchemyError) as exc:
+        raise CliError(str(exc).splitlines()[0]) from exc
+    return 0
+
+
+def _fmt_num(value: float | None, unit: str = "") -> str:
+    return "-" if value is None else f"{value:.6g}{unit}"
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from teacher_server import ledger
+    from teacher_server.auth import create_api_key
+
+    sessions = _sessions(args.db)
+    if args.keys_command == "create":
+        try:
+            secret, row = create_api_key(sessions, name=args.name, quota_gflops=args.quota_gflops,
+                                         price_per_gflop=args.price_per_gflop)
+        except (ValueError, ledger.LedgerError) as exc:
+            raise CliError(str(exc)) from exc
+        print(secret)
+        print(f"created key {row.name!r} ({row.key_prefix}...); the secret above is shown only once", file=sys.stderr)
+        return 0
+    if args.keys_command == "disable":
+        name = args.name or args.name_pos
+        if not name:
+            raise CliError("keys disable needs a key name (NAME or --name NAME)")
+        with sessions() as session:
+            try:
+                ledger.set_api_key_disabled(session, name=name)
+            except ledger.LedgerError as exc:
+                raise CliError(str(exc)) from exc
+        print(f"disabled key {name!r}")
+        return 0
+    with sessions() as session:
+        keys = ledger.list_api_keys(session)
+    rows = [{"name": k.name, "prefix": k.key_prefix, "created_at": k.created_at.isoformat(),
+             "disabled": bool(k.disabled), "quota_gflops": k.quota_gflops, "price_per_gflop": k.price_per_gflop}
+            for k in keys]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'NAME':24} {'PREFIX':14} {'STATUS':9} {'QUOTA_GFLOPS':>14} {'PRICE/GFLOP':>12}  CREATED")
+    for r in rows:
+        status = "disabled" if r["disabled"] else "active"
+        print(f"{r['name']:24} {r['prefix']:14} {status:9} {_fmt_num(r['quota_gflops']):>14} "
+              f"{_fmt_num(r['price_per_gflop']):>12}  {r['created_at']}")
+    return 0
+
+
+def _cmd_usage(args: argparse.Namespace) -> int:
+    from teacher_server import ledger
+
+    sessions = _sessions(args.db)
+    with sessions() as session:
+        try:
+            totals = ledger.usage_totals(session, key_name=args.key)
+        except ledger.LedgerError as exc:
+            raise CliError(str(exc)) from exc
+    if args.json:
+        print(json.dumps([{"key": t.name, "requests": t.requests, "images": t.images, "tokens": t.tokens,
+                           "gflops": t.gflops, "full_gflops": t.full_gflops, "saving_pct": t.saving_pct,
+                           "cost": t.cost} for t in totals], indent=2))
+        return 0
+    print(f"{'KEY':24} {'REQUESTS':>9} {'IMAGES':>9} {'GFLOPS':>14} {'FULL_GFLOPS':>14} {'SAVING':>8} {'COST':>14}")
+    for t in totals:
+        print(f"{t.name:24} {t.requests:>9} {t.images:>9} {t.gflops:>14.6f} {t.full_gflops:>14.6f} "
+              f"{t.saving_pct:>7.2f}% {t.cost:>14.8f}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "serve":
+            return _cmd_serve(args)
+        if args.command == "keys":
+            return _cmd_keys(args)
+        if args.command == "dashboard":
+            from teacher_server.dashboard.server import run_dashboard_command
+
+            return run_dashboard_command(args)
+        return _cmd_usage(args)
+    except CliError as exc:
+        print(f"teacher-server: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # never a traceback for the user; the message is still specific
+        print(f"teacher-server: error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+              file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

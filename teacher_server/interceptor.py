@@ -1,0 +1,134 @@
+"""The one place exceptions become gRPC statuses: typed `ServiceError`s keep their message, anything else becomes
+INTERNAL with a reference id (the trace goes to the server log, never to the client). Also counts inference
+requests that end in an error (`maskedkd_requests_total{code}`); successes are counted where they complete."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from teacher_server.errors import ServiceError
+from teacher_server.inference import CURRENT_LABELS, CallLabels
+from teacher_server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+SERVICE_PREFIX = "/maskedkd.v1.TeacherService/"
+INFERENCE_METHODS = ("Infer", "InferStream")
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """(code, client-facing message) for an exception."""
+    if isinstance(exc, ServiceError):
+        return grpc.StatusCode[exc.status], str(exc)
+    ref = uuid.uuid4().hex[:12]
+    log.error("internal error (ref %s)", ref, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal server error (ref {ref}); the request was not billed"
+
+
+def mark_counted(exc: BaseException) -> BaseException:
+    """Tell the interceptor this error was already counted (per stream message)."""
+    exc.maskedkd_counted = True  # type: ignore[attr-defined]
+    return exc
+
+
+class ErrorInterceptor(aio.ServerInterceptor):
+    """Also tracks the TeacherService calls in flight, so shutdown can wait for exactly those (not for health
+    watchers or reflection streams)."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self._metrics = metrics
+        self._in_flight = 0
+        self._idle: asyncio.Event | None = None
+
+    def _enter(self) -> None:
+        self._in_flight += 1
+        if self._idle is not None:
+            self._idle.clear()
+
+    def _leave(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no TeacherService call is in flight (True) or `timeout` passed (False)."""
+        if self._idle is None:
+            self._idle = asyncio.Event()
+        if self._in_flight == 0:
+            return True
+        self._idle.clear()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or not method.startswith(SERVICE_PREFIX):
+            return handler
+        counts = method.removeprefix(SERVICE_PREFIX) in INFERENCE_METHODS
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, counts), request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                self._wrap_stream(handler.stream_stream, counts), request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return handler
+
+    async def _fail(self, exc: Exception, context: aio.ServicerContext, labels: CallLabels, counts: bool) -> None:
+        code, message = status_of(exc)
+        if counts and not getattr(exc, "maskedkd_counted", False):
+            self._metrics.count_request(model=labels.model, key=labels.key, code=code.name)
+        await context.abort(code, message)
+
+    def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]], counts: bool) -> Callable[..., Awaitable[Any]]:
+        async def unary(request: Any, context: aio.ServicerContext) -> Any:
+            labels = CallLabels()
+            CURRENT_LABELS.set(labels)
+            self._enter()
+            try:
+                response = await behavior(request, context)
+            except (aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                await self._fail(exc, context, labels, counts)
+                raise  # unreachable: abort raises
+            finally:
+                self._leave()
+            if counts:
+                self._metrics.count_request(model=labels.model, key=labels.key, code="OK")
+            return response
+
+        return unary
+
+    def _wrap_stream(self, behavior: Callable[..., AsyncIterator[Any]],
+                     counts: bool) -> Callable[..., AsyncIterator[Any]]:
+        async def stream(request_iterator: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+            labels = CallLabels()
+            CURRENT_LABELS.set(labels)
+            self._enter()
+            try:
+                async for response in behavior(request_iterator, context):
+                    yield response
+            except (aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                await self._fail(exc, context, labels, counts)
+                raise
+            finally:
+                self._leave()
+
+        return stream

@@ -1,0 +1,291 @@
+"""The billing ledger: API keys and one usage row per served request (SQLAlchemy 2; SQLite by default, Postgres too).
+
+Exactly-once billing rests on the unique (api_key_id, request_id) constraint of `usage`: a row is only ever inserted
+once, and a retry finds it and is answered from it. The dashboard reads these same tables.
+All data-access functions take a `Session` and keyword-only arguments; the caller owns the transaction unless the
+function says it commits.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import (
+    BigInteger, Boolean, DateTime, Double, Engine, ForeignKey, Index, Integer, LargeBinary, String, UniqueConstraint,
+    and_, create_engine, event, func, select,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+
+SQLITE_BUSY_TIMEOUT_S = 30.0  # writers wait this long for the SQLite write lock instead of failing at once
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class LedgerError(RuntimeError):
+    """A ledger operation that cannot be done as asked (message says why)."""
+
+
+class DuplicateKeyNameError(LedgerError):
+    pass
+
+
+class UnknownKeyNameError(LedgerError):
+    pass
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    key_prefix: Mapped[str] = mapped_column(String(12))                  # first 12 chars of the secret, for display
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)       # sha256 hex of the secret
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    quota_gflops: Mapped[float | None] = mapped_column(Double, nullable=True)     # None: unlimited
+    price_per_gflop: Mapped[float | None] = mapped_column(Double, nullable=True)  # None: server default
+
+    usage: Mapped[list[UsageRecord]] = relationship(back_populates="api_key", lazy="noload")
+
+
+class UsageRecord(Base):
+    __tablename__ = "usage"
+    __table_args__ = (
+        UniqueConstraint("api_key_id", "request_id", name="uq_usage_key_request"),
+        Index("ix_usage_created_at", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    api_key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"))
+    request_id: Mapped[str] = mapped_column(String(200))
+    model: Mapped[str] = mapped_column(String(200))
+    images: Mapped[int] = mapped_column(Integer)
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    gflops: Mapped[float] = mapped_column(Double)
+    full_gflops: Mapped[float] = mapped_column(Double)
+    cost: Mapped[float] = mapped_column(Double)
+    latency_ms: Mapped[float] = mapped_column(Double)
+    queue_ms: Mapped[float] = mapped_column(Double)
+    batch_images: Mapped[int] = mapped_column(Integer)                   # images in the micro-batch it ran in
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    logits: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)       # float32 row-major, for replay
+    logits_shape: Mapped[str | None] = mapped_column(String(64), nullable=True)    # "B,C"
+
+    api_key: Mapped[ApiKey] = relationship(back_populates="usage", lazy="noload")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# engine
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for `url`; SQLite files get WAL, a busy timeout and enforced foreign keys."""
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True)
+    database = url.split("///", 1)[1] if "///" in url else ""
+    if database and database != ":memory:" and not database.startswith("file:"):
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; a crash loses at most the last commits
+        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    return engine
+
+
+def open_ledger(url: str) -> sessionmaker[Session]:
+    """Engine + schema (created if missing) + a session factory, in one call."""
+    engine = make_engine(url)
+    Base.metadata.create_all(engine)
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# api keys
+
+
+def add_api_key(
+    session: Session, *, name: str, key_prefix: str, key_hash: str, quota_gflops: float | None = None,
+    price_per_gflop: float | None = None,
+) -> ApiKey:
+    """Insert a key and commit; `DuplicateKeyNameError` when the name is taken."""
+    if find_api_key_by_name(session, name=name) is not None:
+        raise DuplicateKeyNameError(f"an API key named {name!r} already exists")
+    key = ApiKey(name=name, key_prefix=key_prefix, key_hash=key_hash, quota_gflops=quota_gflops,
+                 price_per_gflop=price_per_gflop, disabled=False, created_at=utcnow())
+    session.add(key)
+    try:
+        session.commit()
+    except IntegrityError as exc:
+        session.rollback()
+        raise DuplicateKeyNameError(f"an API key named {name!r} already exists") from exc
+    return key
+
+
+def find_api_key_by_hash(session: Session, *, key_hash: str) -> ApiKey | None:
+    return session.scalars(select(ApiKey).where(ApiKey.key_hash == key_hash)).one_or_none()
+
+
+def find_api_key_by_name(session: Session, *, name: str) -> ApiKey | None:
+    return session.scalars(select(ApiKey).where(ApiKey.name == name)).one_or_none()
+
+
+def list_api_keys(session: Session) -> list[ApiKey]:
+    return list(session.scalars(select(ApiKey).order_by(ApiKey.id)))
+
+
+def set_api_key_disabled(session: Session, *, name: str, disabled: bool = True) -> ApiKey:
+    """Disable (or re-enable) a key by name and commit; `UnknownKeyNameError` when there is none."""
+    key = find_api_key_by_name(session, name=name)
+    if key is None:
+        raise UnknownKeyNameError(f"no API key named {name!r}")
+    key.disabled = disabled
+    session.commit()
+    return key
+
+
+def set_api_key_limits(
+    session: Session, *, name: str, quota_gflops: float | None, price_per_gflop: float | None,
+) -> ApiKey:
+    """Replace a key's quota and price (None: unlimited / server default) and commit."""
+    key = find_api_key_by_name(session, name=name)
+    if key is None:
+        raise UnknownKeyNameError(f"no API key named {name!r}")
+    key.quota_gflops = quota_gflops
+    key.price_per_gflop = price_per_gflop
+    session.commit()
+    return key
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# usage
+
+
+@dataclass(frozen=True)
+class NewUsage:
+    """One usage row to insert (plain values, built outside any session)."""
+
+    api_key_id: int
+    request_id: str
+    model: str
+    images: int
+    tokens: int
+    gflops: float
+    full_gflops: float
+    cost: float
+    latency_ms: float
+    queue_ms: float
+    batch_images: int
+    logits: bytes | None = None        # float32 row-major; None when the request can never be replayed
+    logits_shape: str | None = None    # "B,C"
+
+
+def _record(row: NewUsage, created_at: datetime) -> UsageRecord:
+    return UsageRecord(
+        api_key_id=row.api_key_id, request_id=row.request_id, model=row.model, images=row.images, tokens=row.tokens,
+        gflops=row.gflops, full_gflops=row.full_gflops, cost=row.cost, latency_ms=row.latency_ms,
+        queue_ms=row.queue_ms, batch_images=row.batch_images, created_at=created_at, logits=row.logits,
+        logits_shape=row.logits_shape,
+    )
+
+
+def insert_usage_rows(session: Session, *, rows: list[NewUsage]) -> list[UsageRecord | None]:
+    """Insert and commit `rows` in one transaction; returns, per row, None when inserted or the row already stored
+    under the same (api_key_id, request_id) (the request then was billed before and must be replayed, not billed)."""
+    if not rows:
+        return []
+    now = utcnow()
+    session.add_all([_record(r, now) for r in rows])
+    try:
+        session.commit()
+        return [None] * len(rows)
+    except IntegrityError:
+        session.rollback()
+    # Some request_id was billed already (another server, or a race): insert one by one under savepoints.
+    outcome: list[UsageRecord | None] = []
+    for row in rows:
+        try:
+            with session.begin_nested():
+                session.add(_record(row, now))
+            outcome.append(None)
+        except IntegrityError:
+            outcome.append(find_usage(session, api_key_id=row.api_key_id, request_id=row.request_id))
+    session.commit()
+    return outcome
+
+
+def find_usage(session: Session, *, api_key_id: int, request_id: str) -> UsageRecord | None:
+    return session.scalars(
+        select(UsageRecord).where(UsageRecord.api_key_id == api_key_id, UsageRecord.request_id == request_id)
+    ).one_or_none()
+
+
+def used_gflops(session: Session, *, api_key_id: int) -> float:
+    """GFLOPs billed to a key so far."""
+    total = session.scalar(select(func.coalesce(func.sum(UsageRecord.gflops), 0.0))
+                           .where(UsageRecord.api_key_id == api_key_id))
+    return float(total or 0.0)
+
+
+@dataclass(frozen=True)
+class KeyTotals:
+    name: str
+    key_prefix: str
+    disabled: bool
+    requests: int
+    images: int
+    tokens: int
+    gflops: float
+    full_gflops: float
+    cost: float
+
+    @property
+    def saving_pct(self) -> float:
+        """Share of the full teacher's GFLOPs the masked forwards saved, in percent (0 without usage)."""
+        if self.full_gflops <= 0 or math.isnan(self.full_gflops):
+            return 0.0
+        return 100.0 * (1.0 - self.gflops / self.full_gflops)
+
+
+def usage_totals(session: Session, *, key_name: str | None = None, since: datetime | None = None) -> list[KeyTotals]:
+    """Totals per key (every key, also those without usage), optionally one key and/or rows after `since`."""
+    conditions = [UsageRecord.api_key_id == ApiKey.id]
+    if since is not None:
+        conditions.append(UsageRecord.created_at >= since)
+    stmt = (
+        select(
+            ApiKey.name, ApiKey.key_prefix, ApiKey.disabled,
+            func.count(UsageRecord.id), func.coalesce(func.sum(UsageRecord.images), 0),
+            func.coalesce(func.sum(UsageRecord.tokens), 0), func.coalesce(func.sum(UsageRecord.gflops), 0.0),
+            func.coalesce(func.sum(UsageRecord.full_gflops), 0.0), func.coalesce(func.sum(UsageRecord.cost), 0.0),
+        )
+        .select_from(ApiKey)
+        .outerjoin(UsageRecord, and_(*conditions))
+        .group_by(ApiKey.id, ApiKey.name, ApiKey.key_prefix, ApiKey.disabled)
+        .order_by(ApiKey.name)
+    )
+    if key_name is not None:
+        if find_api_key_by_name(session, name=key_name) is None:
+            raise UnknownKeyNameError(f"no API key named {key_name!r}")
+        stmt = stmt.where(ApiKey.name == key_name)
+    return [
+        KeyTotals(name=r[0], key_prefix=r[1], disabled=bool(r[2]), requests=int(r[3]), images=int(r[4]),
+                  tokens=int(r[5]), gflops=float(r[6]), full_gflops=float(r[7]), cost=float(r[8]))
+        for r in session.execute(stmt)
+    ]
+

@@ -1,0 +1,49 @@
+"""What a request costs, from the analytic FLOP model (teacher_server.flops), never from timing.
+
+gflops = sum over images of FLOPs(K_i) / 1e9; full_gflops = images * FLOPs(num_patches) / 1e9;
+cost = gflops * price_per_gflop; tokens = sum over images of (K_i + num_prefix_tokens).
+FLOPs are summed as integers and divided once, so the numbers do not depend on summation order.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from teacher_server.flops import ViTShape, masked_forward_flops
+
+
+@dataclass(frozen=True)
+class Usage:
+    images: int
+    tokens: int
+    flops: int          # exact FLOPs of the masked forward (2 per multiply-add)
+    gflops: float       # flops / 1e9
+    full_gflops: float  # the unmasked forward of the same images
+    cost: float         # gflops * price_per_gflop
+
+
+class Meter:
+    """Usage of one served teacher; FLOPs per keep count are tabulated once."""
+
+    def __init__(self, shape: ViTShape) -> None:
+        self.num_patches = shape.num_patches
+        self.num_prefix_tokens = shape.num_prefix_tokens
+        self._flops_by_kept = [masked_forward_flops(shape, k).total for k in range(shape.num_patches + 1)]
+
+    @property
+    def full_image_gflops(self) -> float:
+        return self._flops_by_kept[self.num_patches] / 1e9
+
+    def usage(self, keep_counts: Sequence[int], *, price_per_gflop: float) -> Usage:
+        """Usage of one request whose image i kept `keep_counts[i]` patches."""
+        flops = sum(self._flops_by_kept[k] for k in keep_counts)
+        images = len(keep_counts)
+        gflops = flops / 1e9
+        return Usage(
+            images=images,
+            tokens=sum(keep_counts) + images * self.num_prefix_tokens,
+            flops=flops,
+            gflops=gflops,
+            full_gflops=images * self._flops_by_kept[self.num_patches] / 1e9,
+            cost=gflops * price_per_gflop,
+        )

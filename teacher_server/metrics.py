@@ -1,0 +1,72 @@
+"""Prometheus metrics of one server instance (own registry, so several servers can live in one process).
+
+Names are agreed with the Grafana dashboards (docs/ARCHITECTURE.md). Label `key` is the API key's name ("" when the
+caller could not be identified), `code` the gRPC status name (OK, INVALID_ARGUMENT, ...). One inference request is
+one Infer call or one message of an InferStream.
+"""
+from __future__ import annotations
+
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+
+_IMAGE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+_TOKEN_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
+_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class ServerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("maskedkd_requests_total", "Inference requests by final status code",
+                                ["model", "key", "code"], registry=r)
+        self.images = Counter("maskedkd_images_total", "Images served (billed requests)", ["model", "key"],
+                              registry=r)
+        self.gflops_used = Counter("maskedkd_gflops_used_total", "GFLOPs of the masked forwards billed",
+                                   ["model", "key"], registry=r)
+        self.gflops_full = Counter("maskedkd_gflops_full_total", "GFLOPs the full teacher would have used",
+                                   ["model", "key"], registry=r)
+        self.gflops_saved = Counter("maskedkd_gflops_saved_total", "GFLOPs saved by masking (full - used)",
+                                    ["model", "key"], registry=r)
+        self.cost = Counter("maskedkd_cost_total", "Amount billed, in the server's currency", ["key"], registry=r)
+        self.batch_images = Histogram("maskedkd_batch_images", "Images per micro-batch", buckets=_IMAGE_BUCKETS,
+                                      registry=r)
+        self.batch_tokens = Histogram("maskedkd_batch_tokens", "Teacher tokens per micro-batch",
+                                      buckets=_TOKEN_BUCKETS, registry=r)
+        self.queue_seconds = Histogram("maskedkd_queue_seconds", "Time a request waited for its micro-batch",
+                                       buckets=_SECONDS_BUCKETS, registry=r)
+        self.compute_seconds = Histogram("maskedkd_compute_seconds", "Teacher forward time per micro-batch",
+                                         buckets=_SECONDS_BUCKETS, registry=r)
+        self.request_latency = Histogram("maskedkd_request_latency_seconds", "Server-side latency of a request",
+                                         ["model"], buckets=_SECONDS_BUCKETS, registry=r)
+        self.queue_depth = Gauge("maskedkd_queue_depth", "Requests waiting for a micro-batch", registry=r)
+        self._http: WSGIServer | None = None
+        self._http_thread: threading.Thread | None = None
+
+    def count_request(self, *, model: str, key: str, code: str) -> None:
+        self.requests.labels(model=model, key=key, code=code).inc()
+
+    def count_billed(self, *, model: str, key: str, images: int, gflops: float, full_gflops: float,
+                     cost: float) -> None:
+        self.images.labels(model=model, key=key).inc(images)
+        self.gflops_used.labels(model=model, key=key).inc(gflops)
+        self.gflops_full.labels(model=model, key=key).inc(full_gflops)
+        self.gflops_saved.labels(model=model, key=key).inc(max(0.0, full_gflops - gflops))
+        self.cost.labels(key=key).inc(cost)
+
+    def render(self) -> bytes:
+        """The text exposition format, as /metrics serves it."""
+        return generate_latest(self.registry)
+
+    def start_http(self, *, host: str, port: int) -> int:
+        """Serve /metrics in a daemon thread; returns the bound port (useful with port 0)."""
+        self._http, self._http_thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(self._http.server_address[1])
+
+    def stop_http(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

@@ -1,0 +1,181 @@
+"""The teacher server's lifecycle: load the teacher, wire service + health + reflection + metrics (+ dashboard),
+serve, and shut down gracefully (health NOT_SERVING first, in-flight requests finish, ledger flushed)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from typing import Any
+
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from torch import nn
+
+from maskedkd.v1 import teacher_pb2 as pb
+from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
+from teacher_server import ledger
+from teacher_server.auth import KeyAuthenticator
+from teacher_server.inference import InferenceService
+from teacher_server.interceptor import ErrorInterceptor
+from teacher_server.metrics import ServerMetrics
+from teacher_server.registry import ModelRegistry, build_served_model, load_teacher
+from teacher_server.servicer import TeacherServicer
+from teacher_server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TeacherService"].full_name  # "maskedkd.v1.TeacherService"
+
+
+class ServerStartError(RuntimeError):
+    """The server cannot start as configured (port taken, dashboard missing, ...)."""
+
+
+class TeacherServer:
+    """One server instance. Construct (loads the model, opens the ledger), then `await start()` / `await stop()`
+    on one event loop."""
+
+    def __init__(self, settings: ServerSettings, *, model: nn.Module | None = None) -> None:
+        self.settings = settings
+        self.metrics = ServerMetrics()
+        self.sessions = ledger.open_ledger(settings.db)
+        self.auth = KeyAuthenticator(self.sessions, ttl_s=settings.auth_cache_s)
+        self.registry = ModelRegistry()
+        self.service = InferenceService(registry=self.registry, sessions=self.sessions, metrics=self.metrics,
+                                        default_price_per_gflop=settings.price_per_gflop,
+                                        max_message_bytes=settings.max_message_bytes)
+        name, teacher = load_teacher(settings, model)
+        self.registry.add(build_served_model(name, teacher, settings, finalize=self.service.finalize,
+                                             metrics=self.metrics))
+        self.health = HealthServicer()
+        self._interceptor = ErrorInterceptor(self.metrics)
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self.dashboard_port: int | None = None
+        self._server: aio.Server | None = None
+        self._dashboard: Any = None
+        self._stopped = False
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.host}:{self.port}"
+
+    async def start(self) -> None:
+        s = self.settings
+        for served in self.registry:
+            await served.batcher.start()
+        limit = s.max_message_bytes
+        server = aio.server(
+            interceptors=[self._interceptor],
+            options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
+                     ("grpc.so_reuseport", 0)],
+        )
+        pb_grpc.add_TeacherServiceServicer_to_server(
+            TeacherServicer(service=self.service, auth=self.auth, settings=s, metrics=self.metrics), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server)
+        reason = "address in use?"
+        try:
+            self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+        except RuntimeError as exc:  # grpc raises on a failed bind (older versions returned 0)
+            self.port, reason = 0, str(exc).split(";")[0]
+        if not self.port:
+            for served in self.registry:
+                await served.batcher.close()
+            raise ServerStartError(f"cannot listen on {s.host}:{s.port}: {reason}")
+        await server.start()
+        self._server = server
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if s.metrics_port is not None:
+            try:
+                self.metrics_port = self.metrics.start_http(host=s.metrics_host, port=s.metrics_port)
+            except OSError as exc:
+                await self.stop(grace=0)
+                raise ServerStartError(f"cannot serve metrics on {s.metrics_host}:{s.metrics_port}: {exc}") from exc
+        if s.dashboard_port is not None:
+            try:
+                self._start_dashboard()
+            except Exception:
+                await self.stop(grace=0)
+                raise
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful: NOT_SERVING, drain period, refuse new calls, let in-flight ones finish (up to `grace`
+        seconds), run what is queued, close the ledger."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.settings.grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self.settings.drain_s > 0 and self._server is not None:
+            await asyncio.sleep(self.settings.drain_s)
+        if self._server is not None:
+            # Refuse new calls, give TeacherService calls up to `grace` to finish, then cut what is left (health
+            # watchers, reflection streams) instead of letting them hold the shutdown for the whole grace period.
+            stopping = asyncio.create_task(self._server.stop(grace))
+            await self._interceptor.wait_idle(grace)
+            await self._server.stop(0)
+            await stopping
+        for served in self.registry:
+            await served.batcher.close()
+        self._stop_dashboard()
+        self.metrics.stop_http()
+        await asyncio.to_thread(self._flush_ledger)
+
+    def _flush_ledger(self) -> None:
+        engine = self.sessions.kw["bind"]
+        if engine.dialect.name == "sqlite":
+            with engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        engine.dispose()
+
+    # ------------------------------------------------------------------------------------------------ dashboard
+
+    def _start_dashboard(self) -> None:
+        try:  # lazy: another area, optional at runtime
+            from teacher_server.dashboard import create_app
+            from teacher_server.dashboard.server import start_dashboard_thread
+        except ImportError as exc:
+            raise ServerStartError(f"--dashboard-port given, but the dashboard is not available: {exc}") from exc
+        try:
+            self._dashboard = start_dashboard_thread(create_app(self.settings), host=self.settings.dashboard_host,
+                                                     port=self.settings.dashboard_port or 0)
+        except Exception as exc:
+            raise ServerStartError(f"cannot start the dashboard on {self.settings.dashboard_host}:"
+                                   f"{self.settings.dashboard_port}: {exc}") from exc
+        self.dashboard_port = int(self._dashboard.url.rsplit(":", 1)[1])
+
+    def _stop_dashboard(self) -> None:
+        if self._dashboard is not None:
+            self._dashboard.stop()
+            self._dashboard = None
+
+
+async def serve_until_signalled(server: TeacherServer) -> None:
+    """Start, announce the addresses on stderr, stop gracefully on SIGTERM/SIGINT."""
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    s = server.settings
+    parts = [f"teacher-server: serving {', '.join(server.registry.names)} on {server.address}"]
+    if server.metrics_port is not None:
+        parts.append(f"metrics http://{s.metrics_host}:{server.metrics_port}/metrics")
+    if server.dashboard_port is not None:
+        parts.append(f"dashboard http://{s.dashboard_host}:{server.dashboard_port}/")
+    print("; ".join(parts), file=sys.stderr, flush=True)
+    await stop.wait()
+    print("teacher-server: shutting down (finishing in-flight requests)", file=sys.stderr, flush=True)
+    await server.stop()
+    print("teacher-server: stopped", file=sys.stderr, flush=True)

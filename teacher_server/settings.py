@@ -1,0 +1,65 @@
+"""The teacher server's one validated configuration: environment (`MASKEDKD_*`) first, CLI flags override it."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    """Everything `teacher-server serve` needs. Field `x` reads env `MASKEDKD_X` (dicts as JSON)."""
+
+    model_config = SettingsConfigDict(env_prefix="MASKEDKD_", extra="forbid", validate_assignment=True)
+
+    # --- the teacher ---
+    model: str | None = None                # timm architecture name; None: from the checkpoint's metadata
+    checkpoint: str | None = None           # .safetensors (ours or foreign) or torch file with the weights
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)  # timm.create_model kwargs (override the checkpoint's)
+    pretrained: bool = False                # download hub weights when no checkpoint is given
+    served_name: str | None = None          # name clients use; default: the architecture name
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    # --- network ---
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535)            # 0: pick a free port
+    max_message_mb: float = Field(256.0, gt=0)          # gRPC limit per message; fits 256 float32 224px images
+    metrics_port: int | None = Field(9464, ge=0, le=65535)  # Prometheus /metrics; None: off; 0: free port
+    metrics_host: str = "127.0.0.1"
+    dashboard_port: int | None = Field(None, ge=0, le=65535)  # None: no dashboard
+    dashboard_host: str = "127.0.0.1"
+
+    # --- ledger and billing ---
+    db: str = "sqlite:///maskedkd-ledger.db"            # SQLAlchemy URL; postgresql+psycopg2://... works too
+    price_per_gflop: float = Field(1e-6, ge=0)          # default price; a key may carry its own
+    currency: str = "USD"
+    admin_token: str | None = None                      # guards admin operations (dashboard); None: admin off
+    auth_cache_s: float = Field(2.0, ge=0)              # how long a key lookup is trusted; bounds disable latency
+
+    # --- micro-batching ---
+    max_batch_images: int = Field(256, ge=1)            # per micro-batch, and the largest one request may carry
+    token_budget: int = Field(65536, ge=1)              # teacher tokens (kept patches + prefix) per micro-batch
+    max_delay_ms: float = Field(2.0, ge=0)              # how long the first request of a batch waits for company
+    mixed_k: Literal["bucket", "pad"] = "bucket"        # rows with different keep counts: see batcher.py
+
+    # --- lifecycle ---
+    grace_s: float = Field(10.0, ge=0)                  # in-flight requests get this long to finish on shutdown
+    drain_s: float = Field(0.0, ge=0)                   # NOT_SERVING is announced this long before refusing calls
+
+    @field_validator("model_kwargs", mode="before")
+    @classmethod
+    def _kwargs_from_json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            import json
+
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"model_kwargs is not valid JSON: {exc}") from exc
+        return value
+
+    @property
+    def max_message_bytes(self) -> int:
+        return int(self.max_message_mb * 1024 * 1024)
+

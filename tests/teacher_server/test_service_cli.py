@@ -1,0 +1,123 @@
+"""`teacher-server` as a user runs it, in subprocesses: keys create/list/disable, usage, and serve from a checkpoint
+written by save_model_checkpoint, answering a call from this process, stopped by SIGTERM."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from service_testkit import (
+    CLOSE, MODEL, TINY, Reference, auth, image_request, logits_of, random_images, random_keep, stub, tiny_vit,
+)
+
+from teacher_server.checkpoints import save_model_checkpoint
+
+pytestmark = pytest.mark.timeout(180)
+
+_SCRIPT = Path(sys.executable).parent / "teacher-server"  # the console script a user runs
+CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "teacher_server.cli"]
+
+
+def run_cli(*args: str, db: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MASKEDKD_")}
+    return subprocess.run([*CLI, *args, "--db", db], capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_keys_and_usage_commands(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    created = run_cli("keys", "create", "--name", "grace", "--quota-gflops", "12.5", "--price-per-gflop", "0.2", db=db)
+    assert created.returncode == 0, created.stderr
+    secret = created.stdout.strip()
+    assert re.fullmatch(r"mkd_[A-Za-z0-9_-]{43}", secret)
+    assert "shown only once" in created.stderr
+
+    listed = run_cli("keys", "list", "--json", db=db)
+    assert listed.returncode == 0 and secret not in listed.stdout
+    (entry,) = json.loads(listed.stdout)
+    assert (entry["name"], entry["prefix"], entry["disabled"], entry["quota_gflops"], entry["price_per_gflop"]) == (
+        "grace", secret[:12], False, 12.5, 0.2)
+    table = run_cli("keys", "list", db=db)
+    assert "grace" in table.stdout and secret not in table.stdout and "active" in table.stdout
+
+    duplicate = run_cli("keys", "create", "--name", "grace", db=db)
+    assert duplicate.returncode == 2 and duplicate.stdout == ""
+    assert duplicate.stderr.count("\n") == 1 and "already exists" in duplicate.stderr
+
+    assert run_cli("keys", "disable", "grace", db=db).returncode == 0
+    assert json.loads(run_cli("keys", "list", "--json", db=db).stdout)[0]["disabled"] is True
+    missing = run_cli("keys", "disable", "nobody", db=db)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "nobody" in missing.stderr
+
+    usage = run_cli("usage", "--json", db=db)
+    assert json.loads(usage.stdout) == [{"key": "grace", "requests": 0, "images": 0, "tokens": 0, "gflops": 0.0,
+                                         "full_gflops": 0.0, "saving_pct": 0.0, "cost": 0.0}]
+    unknown = run_cli("usage", "--key", "nobody", db=db)
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+    bad_flag = run_cli("keys", "create", "--name", "x", "--quota-gflops", "lots", db=db)
+    assert bad_flag.returncode == 2 and bad_flag.stderr.count("\n") == 1 and "--quota-gflops" in bad_flag.stderr
+
+
+def test_serve_from_a_checkpoint_answers_a_call_and_stops_on_sigterm(tmp_path: Path) -> None:
+    model = tiny_vit(seed=3)
+    ckpt = save_model_checkpoint(tmp_path / "teacher.safetensors", model, model_name=MODEL, model_kwargs=TINY)
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    secret = run_cli("keys", "create", "--name", "heidi", db=db).stdout.strip()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MASKEDKD_")}
+    proc = subprocess.Popen(
+        [*CLI, "serve", "--checkpoint", str(ckpt), "--port", "0", "--metrics-port", "0", "--db", db,
+         "--max-delay-ms", "1"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stderr is not None
+        address = metrics = None
+        deadline = time.monotonic() + 120
+        seen = []
+        while address is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            seen.append(line)
+            if m := re.search(r"serving (\S+) on (\S+); metrics (\S+)", line):
+                assert m.group(1) == MODEL  # rebuilt from the checkpoint's metadata alone
+                address, metrics = m.group(2), m.group(3)
+        assert address is not None, "".join(seen)
+
+        channel, teacher = stub(address)
+        images, keep = random_images(2, 8), random_keep(2, 16, 8)
+        response = teacher.Infer(image_request(images, keep, request_id="cli-1"), metadata=auth(secret))
+        ref = Reference(model)
+        torch.testing.assert_close(logits_of(response), ref.logits(images, keep), **CLOSE)
+        assert response.usage.gflops == ref.gflops([16, 16])
+        assert "maskedkd_gflops_used_total" in urllib.request.urlopen(metrics, timeout=10).read().decode()
+        channel.close()
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        tail = proc.stderr.read()
+        assert "stopped" in tail and "Traceback" not in tail
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    (totals,) = json.loads(run_cli("usage", "--key", "heidi", "--json", db=db).stdout)
+    assert (totals["requests"], totals["images"], totals["gflops"], totals["cost"]) == (
+        1, 2, response.usage.gflops, response.usage.cost)
+    assert totals["saving_pct"] == pytest.approx(100 * (1 - response.usage.gflops / response.usage.full_gflops))
+    text = run_cli("usage", db=db).stdout
+    assert "heidi" in text and "%" in text
+
+
+def test_serve_errors_are_one_line(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    no_model = run_cli("serve", "--port", "0", db=db)
+    assert no_model.returncode == 2 and no_model.stderr.count("\n") == 1 and "--model" in no_model.stderr
+    bad_json = run_cli("serve", "--model", MODEL, "--model-kwargs", "{img_size: 32}", db=db)
+    assert bad_json.returncode == 2 and "--model-kwargs" in bad_json.stderr and "Traceback" not in bad_json.stderr
