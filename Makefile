@@ -24,6 +24,12 @@ browser:
 test: install browser
 	$(VENV)/bin/pytest -q -ra --durations=15 tests
 
+## The demo: teacher server + key + MaskedKD and no-KD students on 2 Ray workers + the bill + the dashboard.
+## `make demo DEMO_ARGS=--exit` exits when done instead of keeping the dashboard up.
+DEMO_ARGS ?=
+demo: install
+	$(PY) scripts/demo.py $(DEMO_ARGS)
+
 ## Benchmarks: docs/benchmarks.md, docs/benchmarks.json and docs/bench_*.png from one run. Run it alone on a quiet
 ## machine (other load skews the ratios; the report warns when the matmul rate drifted during the run).
 BENCH_STAMP := $(VENV)/.installed-bench
