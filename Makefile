@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser test test-fast demo bench bench-quick protos clean
+.PHONY: install browser postgres test test-fast demo bench bench-quick protos clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -20,8 +20,14 @@ browser:
 	@test -x /usr/bin/chromium || [ "$$(id -u)" != 0 ] || { apt-get update -q && apt-get install -y -q chromium; } \
 		|| echo "warning: could not install chromium: the dashboard browser test fails in CI, skips elsewhere"
 
+## Debian's PostgreSQL for the Postgres ledger tests (CI must run them); installed only when missing and root.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || { apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; } \
+		|| echo "warning: could not install postgresql: the Postgres ledger tests fail in CI, skip elsewhere"
+
 ## The whole suite (CPU only, tiny models; about 10 minutes on 2 cores).
-test: install browser
+test: install browser postgres
 	$(VENV)/bin/pytest -q -ra --durations=15 tests
 
 ## The demo: teacher server + key + MaskedKD and no-KD students on 2 Ray workers + the bill + the dashboard.

@@ -15,6 +15,7 @@ from teacher_server.errors import AuthenticationError
 
 SECRET_PREFIX = "mkd_"
 DISPLAY_PREFIX_CHARS = 12  # stored in clear for display: "mkd_" + 8 random chars
+MAX_NAME_CHARS = 200       # the width of api_keys.name
 
 
 def generate_secret() -> str:
@@ -32,6 +33,8 @@ def create_api_key(
     """Create and store a key; returns (secret, row). The secret exists only in this return value."""
     if not name or not name.strip():
         raise ValueError("a key needs a non-empty name")
+    if len(name.strip()) > MAX_NAME_CHARS or "\x00" in name:  # the ledger's column; Postgres enforces both
+        raise ValueError(f"a key name has at most {MAX_NAME_CHARS} characters and no NUL character")
     if quota_gflops is not None and quota_gflops < 0:
         raise ValueError("quota_gflops must be >= 0")
     if price_per_gflop is not None and price_per_gflop < 0:

@@ -110,7 +110,18 @@ def _sessions(db: str | None) -> Any:
     try:
         return open_ledger(url)
     except (SQLAlchemyError, OSError) as exc:
-        raise CliError(f"cannot open ledger {url}: {str(exc).splitlines()[0]}") from exc
+        raise CliError(f"cannot open ledger {_without_password(url)}: {str(exc).splitlines()[0]}") from exc
+
+
+def _without_password(url: str) -> str:
+    """The URL as shown to the user: a Postgres password never reaches the terminal or a log."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return repr(url)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

@@ -124,6 +124,8 @@ class InferenceService:
         if len(request.request_id) > MAX_REQUEST_ID_CHARS:
             raise InvalidRequestError(f"request_id is {len(request.request_id)} characters; at most "
                                       f"{MAX_REQUEST_ID_CHARS} allowed")
+        if "\x00" in request.request_id:  # Postgres text cannot store NUL; refuse it on every backend alike
+            raise InvalidRequestError("request_id contains a NUL (\\x00) character, which is not allowed")
         prepared = await self._prepare(request, served)
         price = key.price_per_gflop if key.price_per_gflop is not None else self._default_price
         usage = served.meter.usage(prepared.counts, price_per_gflop=price)

@@ -14,12 +14,13 @@ from pathlib import Path
 
 from sqlalchemy import (
     BigInteger, Boolean, DateTime, Double, Engine, ForeignKey, Index, Integer, LargeBinary, String, UniqueConstraint,
-    and_, create_engine, event, func, select,
+    and_, create_engine, event, func, select, text,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_S = 30.0  # writers wait this long for the SQLite write lock instead of failing at once
+SCHEMA_LOCK_ID = 0x6D6B645F6C6467  # Postgres advisory lock key ("mkd_ldg") serializing schema creation
 
 
 def utcnow() -> datetime:
@@ -111,7 +112,12 @@ def make_engine(url: str) -> Engine:
 def open_ledger(url: str) -> sessionmaker[Session]:
     """Engine + schema (created if missing) + a session factory, in one call."""
     engine = make_engine(url)
-    Base.metadata.create_all(engine)
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Processes starting together on a fresh database (server replicas, dashboard, CLI) would race to
+            # CREATE TABLE; this lock, held to the commit, lets one create and the rest find the tables.
+            conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": SCHEMA_LOCK_ID})
+        Base.metadata.create_all(conn)
     return sessionmaker(engine, expire_on_commit=False)
 
 
@@ -210,21 +216,23 @@ def insert_usage_rows(session: Session, *, rows: list[NewUsage]) -> list[UsageRe
     if not rows:
         return []
     now = utcnow()
-    session.add_all([_record(r, now) for r in rows])
+    # One global insertion order, so two servers billing overlapping request_ids cannot deadlock on Postgres.
+    order = sorted(range(len(rows)), key=lambda i: (rows[i].api_key_id, rows[i].request_id))
+    session.add_all([_record(rows[i], now) for i in order])
     try:
         session.commit()
         return [None] * len(rows)
     except IntegrityError:
         session.rollback()
     # Some request_id was billed already (another server, or a race): insert one by one under savepoints.
-    outcome: list[UsageRecord | None] = []
-    for row in rows:
+    outcome: list[UsageRecord | None] = [None] * len(rows)
+    for i in order:
+        row = rows[i]
         try:
             with session.begin_nested():
                 session.add(_record(row, now))
-            outcome.append(None)
         except IntegrityError:
-            outcome.append(find_usage(session, api_key_id=row.api_key_id, request_id=row.request_id))
+            outcome[i] = find_usage(session, api_key_id=row.api_key_id, request_id=row.request_id)
     session.commit()
     return outcome
 

@@ -17,7 +17,8 @@ _AUTH_ERRORS: dict[int | str, dict[str, object]] = {
 router = APIRouter(prefix="/api/keys", tags=["admin: keys"], dependencies=[Depends(require_admin)],
                    responses=_AUTH_ERRORS)
 
-NamePath = Annotated[str, Path(min_length=1, max_length=200, description="the key's name")]
+NamePath = Annotated[str, Path(min_length=1, max_length=200, pattern=r"^[^\x00]*$",  # Postgres text holds no NUL
+                               description="the key's name")]
 _NOT_FOUND: dict[int | str, dict[str, object]] = {404: {"model": ErrorMessage, "description": "no such key"}}
 
 

@@ -21,7 +21,9 @@ MAX_BUCKETS = 2000  # per series response; more asks for a coarser bucket or a s
 
 SinceQuery = Annotated[datetime | None, Query(description="ISO 8601 start (inclusive); naive means UTC")]
 UntilQuery = Annotated[datetime | None, Query(description="ISO 8601 end (exclusive); naive means UTC")]
-KeyQuery = Annotated[str | None, Query(max_length=200, description="only this API key (by name)")]
+# no NUL: Postgres text cannot hold it, so such a name can match no key (422, not a database error)
+KeyQuery = Annotated[str | None, Query(max_length=200, pattern=r"^[^\x00]*$",
+                                       description="only this API key (by name)")]
 
 
 def _saving_pct(gflops: float, full_gflops: float) -> float:
