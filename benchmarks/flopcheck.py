@@ -1,0 +1,41 @@
+"""The analytic FLOP model (what the server bills) against `torch.utils.flop_counter.FlopCounterMode` on the real
+masked forward, for every model and keep of the run."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.config import KEEPS, BenchConfig, ModelCase, num_kept
+from benchmarks.teacher import build_teacher, make_batch
+from teacher_server.flops import masked_forward_flops
+
+BATCH = 2  # FLOPs are per image; two images check that nothing is counted per batch
+
+
+def counted_flops(teacher: Any, kept: int) -> int:
+    """FlopCounterMode's FLOPs of one image's masked forward."""
+    tb = make_batch(teacher, BATCH, kept)
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        teacher.forward_patches(tb.normalized, tb.indices)
+    return counter.get_total_flops() // BATCH
+
+
+def run_flops_section(cfg: BenchConfig, extra: tuple[ModelCase, ...] = ()) -> dict[str, Any]:
+    rows = []
+    seen = set()
+    for case in (*cfg.models, *extra):
+        if case.key in seen:
+            continue
+        seen.add(case.key)
+        teacher = build_teacher(case)
+        for keep in KEEPS:
+            kept = num_kept(keep, teacher.num_patches)
+            model = masked_forward_flops(teacher.shape, kept)
+            counted = counted_flops(teacher, kept)
+            rows.append({"model": case.key, "label": case.label, "keep": keep, "kept": kept,
+                         "flop_model": model.total, "flop_counter": counted, "ratio": model.total / counted,
+                         "attention_share": model.attention / model.total})
+    return {"rows": rows, "max_abs_deviation": max(abs(r["ratio"] - 1.0) for r in rows)}

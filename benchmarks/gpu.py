@@ -1,0 +1,93 @@
+"""GPU section (runs only when CUDA is available): the bf16 masked forward as a share of the card's peak.
+
+Peak is the vendor's dense bf16 tensor-core figure when the card is in the table below, and in any case the bf16
+`torch.matmul` rate measured in the same run (8192 x 8192), which is what the card reaches in practice. Through the
+server: the same model served in bf16 on the GPU by a real server process, one client, the same batch.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from benchmarks.config import KEEPS, BenchConfig, num_kept
+from benchmarks.teacher import build_teacher, make_batch
+from benchmarks.timing import matmul_rate, measure
+
+# Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, from NVIDIA datasheets; first substring match wins.
+PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200", 989.4), ("H100", 989.4), ("GH200", 989.4),
+    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0),
+)
+NOT_RUN = "not run: no GPU"
+
+
+def spec_peak_tflops(device_name: str) -> float | None:
+    for needle, peak in PEAK_BF16_TFLOPS:
+        if needle in device_name:
+            return peak
+    return None
+
+
+def run_gpu_section(cfg: BenchConfig, pool: Any = None, *, device: str = "cuda") -> dict[str, Any]:
+    """`device="cpu"` exercises the same code on the CPU (tests only); `pool` None skips the gRPC measurement."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return {"status": NOT_RUN}
+    on_gpu = device == "cuda"
+    sync = torch.cuda.synchronize if on_gpu else None
+    name = torch.cuda.get_device_name(0) if on_gpu else "cpu (test run of the GPU section)"
+    peak = spec_peak_tflops(name) if on_gpu else None
+    mm = matmul_rate(8192 if cfg.mode == "full" else 256, warmup=cfg.warmup, repeats=cfg.repeats,
+                     device=device, dtype=torch.bfloat16)
+    models = []
+    for case in cfg.gpu_models:
+        teacher = build_teacher(case, device=device, dtype=torch.bfloat16)
+        full_gflops = teacher.gflops(teacher.num_patches)
+        server = pool.get(f"gpu-{case.key}") if pool is not None else None
+        client = None
+        if server is not None:
+            from student_client.client import TeacherClient
+
+            client = TeacherClient(server.address, server.api_key, timeout_s=600.0)
+        rows = []
+        try:
+            for keep in KEEPS:
+                kept = num_kept(keep, teacher.num_patches)
+                tb = make_batch(teacher, cfg.gpu_batch, kept)
+                x = tb.normalized.to(device=device, dtype=torch.bfloat16)
+                idx = tb.indices.to(device)
+
+                def forward() -> None:
+                    with torch.inference_mode():
+                        for _ in range(cfg.calls_per_repeat):
+                            teacher.forward_patches(x, idx)
+
+                t = measure(forward, warmup=cfg.warmup, repeats=cfg.repeats, sync=sync)
+                ips = cfg.calls_per_repeat * cfg.gpu_batch / t.median_s
+                tflops = ips * teacher.gflops(kept) / 1e3
+                row: dict[str, Any] = {
+                    "keep": keep, "kept": kept, "images_per_s": ips, "tflops_per_s": tflops,
+                    "flop_speedup": full_gflops / teacher.gflops(kept),
+                    "of_spec_peak": tflops / peak if peak else None,
+                    "of_matmul": tflops * 1e3 / mm["gflops_per_s"], "timing": t.to_dict(),
+                }
+                if client is not None:
+                    def remote() -> None:
+                        for _ in range(cfg.calls_per_repeat):
+                            client.infer(patches=tb.pixels, keep_indices=tb.indices)
+
+                    rt = measure(remote, warmup=cfg.warmup, repeats=cfg.repeats)
+                    row["grpc_images_per_s"] = cfg.calls_per_repeat * cfg.gpu_batch / rt.median_s
+                    row["server_efficiency"] = row["grpc_images_per_s"] / ips
+                rows.append(row)
+        finally:
+            if client is not None:
+                client.close()
+        for row in rows:
+            row["speedup"] = row["images_per_s"] / rows[0]["images_per_s"]
+        models.append({"model": case.key, "label": case.label, "batch": cfg.gpu_batch, "rows": rows})
+        del teacher
+        if on_gpu:
+            torch.cuda.empty_cache()
+    return {"status": "ok", "device": name, "dtype": "bfloat16", "spec_peak_tflops": peak,
+            "matmul_bf16": mm, "models": models}

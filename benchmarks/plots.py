@@ -1,0 +1,113 @@
+"""PNG plots of one run; each carries the command that made it and the machine in its footer."""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any
+
+
+def _figure(results: dict[str, Any], ncols: int, title: str) -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 4.2), squeeze=False)
+    m = results["machine"]
+    mode = " [quick mode: not measurements]" if results["mode"] == "quick" else ""
+    fig.suptitle(title + mode)
+    footer = (f"{results['command']} | {m['cpu_model']}, {m['usable_cpus']} cores, {m['torch_threads']} threads, "
+              f"torch {m['torch']} | {results['started_utc']}")
+    fig.text(0.01, 0.005, textwrap.fill(footer, width=95 * ncols), fontsize=6.5, color="gray", va="bottom")
+    return fig, axes[0]
+
+
+def _save(fig: Any, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def plot_teacher(results: dict[str, Any], out: Path) -> str | None:
+    s = results["sections"].get("teacher", {})
+    if s.get("status") != "ok":
+        return None
+    fig, axes = _figure(results, len(s["models"]), "Teacher throughput speedup over the full teacher")
+    for ax, m in zip(axes, s["models"]):
+        keeps = [100 * r["keep"] for r in m["rows"]]
+        ax.plot(keeps, [r["flop_speedup"] for r in m["rows"]], "k--", label="FLOP ratio")
+        ax.plot(keeps, [r["inprocess_speedup"] for r in m["rows"]], "o-", label="in-process")
+        ax.plot(keeps, [r["grpc_speedup"] for r in m["rows"]], "s-", label="gRPC server")
+        ax.set(title=m["model"], xlabel="patches kept (%)", ylabel="speedup (x)")
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save(fig, out / "bench_teacher_speedup.png")
+
+
+def plot_wire(results: dict[str, Any], out: Path) -> str | None:
+    s = results["sections"].get("wire", {})
+    if s.get("status") != "ok":
+        return None
+    fig, axes = _figure(results, len(s["models"]), "Bytes on the wire per image")
+    for ax, m in zip(axes, s["models"]):
+        keeps = [100 * r["keep"] for r in m["rows"]]
+        ax.plot(keeps, [r["bytes_per_image"] for r in m["rows"]], "o-", label="InferRequest / image")
+        ax.plot(keeps, [r["kept_uint8_bytes"] for r in m["rows"]], "k--", label="kept pixels as uint8")
+        ax.axhline(m["float32_image_bytes"], color="r", ls=":", label="full float32 image")
+        ax.set(title=m["model"], xlabel="patches kept (%)", ylabel="bytes", yscale="log")
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save(fig, out / "bench_wire.png")
+
+
+def plot_microbatch(results: dict[str, Any], out: Path) -> str | None:
+    s = results["sections"].get("microbatch", {})
+    if s.get("status") != "ok" or not s["models"]:
+        return None
+    fig, axes = _figure(results, len(s["models"]), "Micro-batching: concurrent clients")
+    for ax, m in zip(axes, s["models"]):
+        clients = [r["clients"] for r in m["rows"]]
+        ax.plot(clients, [r["images_per_s"] for r in m["rows"]], "o-",
+                label=f"N clients x batch {m['rows'][0]['batch_per_client']}")
+        ref = m["reference"]
+        ax.axhline(ref["images_per_s"], color="k", ls="--", label=f"1 client x batch {ref['batch_per_client']}")
+        ax.axhline(0.9 * ref["images_per_s"], color="gray", ls=":", label="90% of reference")
+        ax.set(title=m["model"], xlabel="concurrent clients", ylabel="images / s", xscale="log", xticks=clients,
+               xticklabels=[str(c) for c in clients])
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save(fig, out / "bench_microbatch.png")
+
+
+def plot_training(results: dict[str, Any], out: Path) -> str | None:
+    s = results["sections"].get("training", {})
+    if s.get("status") != "ok" or not s["pairs"]:
+        return None
+    fig, axes = _figure(results, len(s["pairs"]), "Training step speedup over full KD")
+    for ax, p in zip(axes, s["pairs"]):
+        names = list(p["modes"])
+        x = range(len(names))
+        ax.bar([i - 0.2 for i in x], [p["modes"][n]["speedup_vs_full_kd"] for n in names], 0.4, label="measured")
+        ax.bar([i + 0.2 for i in x], [p["modes"][n]["predicted_speedup_vs_full_kd"] for n in names], 0.4,
+               label="FLOP model")
+        ax.set(title=p["pair"], ylabel="speedup vs full KD (x)", xticks=list(x), xticklabels=names)
+        ax.tick_params(axis="x", labelrotation=30)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend()
+    return _save(fig, out / "bench_training.png")
+
+
+def write_plots(results: dict[str, Any], out: Path) -> list[str]:
+    """Every plot whose section ran; returns the paths written (none when matplotlib is missing)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("benchmarks: matplotlib not installed (pip install -e '.[bench]'): no plots")
+        return []
+    made = [plot(results, out) for plot in (plot_teacher, plot_wire, plot_microbatch, plot_training)]
+    return [p for p in made if p]

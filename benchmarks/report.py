@@ -1,0 +1,231 @@
+"""docs/benchmarks.md from the results of one run (the JSON beside it holds every number)."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+Section = dict[str, Any]
+MAKE_TARGETS = {"python -m benchmarks --out docs": " (`make bench`)",
+                "python -m benchmarks --quick --out out/bench-quick": " (`make bench-quick`)"}
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def keep(k: float) -> str:
+    return f"{100 * k:.0f}%"
+
+
+def _machine(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    mm = r["sections"].get("matmul", {})
+    rows = [("CPU", m["cpu_model"]), ("cores (logical / usable)", f"{m['logical_cpus']} / {m['usable_cpus']}"),
+            ("torch threads", m["torch_threads"]), ("torch / timm / grpcio", f"{m['torch']} / {m['timm']} / "
+                                                                            f"{m['grpcio']}"),
+            ("python", m["python"]), ("platform", m["platform"]), ("git", m["git"]),
+            ("load average at start / end", f"{m['load_average_at_start']} / {m.get('load_average_at_end')}")]
+    if m.get("gpu"):
+        rows.append(("GPU", m["gpu"]))
+    if mm.get("status") == "ok":
+        start, end = mm["start"], mm.get("end")
+        rows.append((f"fp32 matmul {start['n']}x{start['n']} (start / end)",
+                     f"{start['gflops_per_s']:.1f} / {end['gflops_per_s']:.1f} GFLOP/s (drift {mm['drift']:.2f})"
+                     if end else f"{start['gflops_per_s']:.1f} GFLOP/s"))
+    return table(("", ""), rows)
+
+
+def _targets(r: dict[str, Any]) -> str:
+    ts = r.get("targets", [])
+    if not ts:
+        return "No target could be evaluated (see the sections' errors)."
+    passed = sum(t["result"] == "PASS" for t in ts)
+    rows = [(f"**{t['result']}**", t["name"], t["scope"], f"{t['value']:.3f}", f"{t['op']} {t['threshold']}",
+             t["detail"]) for t in ts]
+    return f"{passed} of {len(ts)} pass.\n\n" + table(("result", "target", "scope", "measured", "needs", "numbers"),
+                                                       rows)
+
+
+def _teacher(s: Section) -> str:
+    parts = [f"Batch {s['batch']}; calls per timed repeat: {s['calls_per_repeat']}; median of the repeats. gRPC: "
+             "one `TeacherClient`, kept patches as uint8, one request in flight, server in its own process."]
+    for m in s["models"]:
+        rows = [(keep(x["keep"]), x["kept"], f"{x['gflops_per_image']:.3f}", f"{x['flop_speedup']:.2f}x",
+                 f"{x['inprocess']['images_per_s']:.1f}", f"{x['inprocess_speedup']:.2f}x",
+                 f"{x['grpc']['images_per_s']:.1f}", f"{x['grpc_speedup']:.2f}x") for x in m["rows"]]
+        parts.append(f"**{m['label']}** (`{m['timm_name']}` {m['kwargs']}, {m['num_patches']} patches)\n\n" + table(
+            ("keep", "patches", "GFLOPs/img", "FLOP-ratio speedup", "in-process img/s", "in-process speedup",
+             "gRPC img/s", "gRPC speedup"), rows))
+    return "\n\n".join(parts)
+
+
+def _server_eff(s: Section) -> str:
+    rows = [(m["model"], keep(x["keep"]), f"{x['grpc']['images_per_s']:.1f}", f"{x['inprocess']['images_per_s']:.1f}",
+             pct(x["server_efficiency"]), "yes" if x["billing_matches_flop_model"] else "NO")
+            for m in s["models"] for x in m["rows"]]
+    return table(("model", "keep", "gRPC img/s", "in-process img/s", "gRPC / in-process", "billed = FLOP model"), rows)
+
+
+def _compute_eff(s: Section) -> str:
+    rows = [(m["model"], keep(x["keep"]), f"{x['achieved_gflops_per_s']:.1f}", f"{s['matmul_gflops_per_s']:.1f}",
+             pct(x["compute_efficiency"])) for m in s["models"] for x in m["rows"]]
+    return ("FLOP rate of the in-process masked forward, counting FLOPs with the FLOP model (matrix products only), "
+            "over this machine's fp32 `torch.matmul` rate.\n\n"
+            + table(("model", "keep", "masked forward GFLOP/s", "matmul GFLOP/s", "share"), rows))
+
+
+def _masking(s: Section) -> str:
+    rows = []
+    for m in s["models"]:
+        for x in m["rows"][1:]:
+            rows.append((m["model"], keep(x["keep"]), f"{x['inprocess_speedup']:.2f}x", f"{x['flop_speedup']:.2f}x",
+                         f"{x['inprocess_speedup'] / x['flop_speedup']:.2f}"))
+    return table(("model", "keep", "in-process speedup", "FLOP-ratio speedup", "measured / FLOP ratio"), rows)
+
+
+def _wire(s: Section) -> str:
+    parts = []
+    for m in s["models"]:
+        rows = [(keep(x["keep"]), x["payload"], x["pixel_dtype"], f"{x['bytes_per_image']:.0f}",
+                 f"{x['kept_uint8_bytes']:.0f}", f"{x['vs_kept_uint8']:.3f}", pct(x["vs_float32_image"]))
+                for x in m["rows"]]
+        parts.append(f"**{m['label']}**: image {m['image']} = {m['raw_uint8_bytes']} B as uint8, "
+                     f"{m['float32_image_bytes']} B as float32; batch {m['batch']}\n\n" + table(
+                         ("keep", "sent as", "pixels", "bytes/image", "kept uint8 bytes", "vs kept uint8",
+                          "vs float32 image"), rows))
+    return "Serialized `InferRequest` size / images, built by the product's client from un-normalized images.\n\n" + \
+        "\n\n".join(parts)
+
+
+def _microbatch(s: Section) -> str:
+    cfgs = s["server_settings"]
+    parts = [f"Server settings: {cfgs}. Each client its own `TeacherClient`, requests back to back; keep "
+             f"{keep(s['models'][0]['keep']) if s['models'] else '-'}; micro-batch sizes from the server's ledger."]
+    for m in s["models"]:
+        ref = m["reference"]
+        rows = [(f"1 x batch {ref['batch_per_client']} (reference)", ref["images"], f"{ref['images_per_s']:.1f}",
+                 "1.00", f"{ref['mean_batch_images']:.1f}", ref["max_batch_images"])]
+        rows += [(f"{x['clients']} x batch {x['batch_per_client']}", x["images"], f"{x['images_per_s']:.1f}",
+                  f"{x['vs_reference']:.2f}", f"{x['mean_batch_images']:.1f}", x["max_batch_images"])
+                 for x in m["rows"]]
+        parts.append(f"**{m['label']}**\n\n" + table(
+            ("clients", "images", "img/s", "vs reference", "mean micro-batch", "max micro-batch"), rows))
+    return "\n\n".join(parts)
+
+
+def _training(s: Section) -> str:
+    pipelined = s["micro_batches"] > 1
+    parts = [f"`run_training` in this process (one worker, torch threads: {s['threads']}, data `{s['data']}`, "
+             f"{s['micro_batches']} micro-batch(es) per step), teacher server in its own process on loopback with as "
+             f"many threads. Predicted FLOPs per image: {s['flops_per_training_image']}. "
+             + ("Pipelined as in App. E: student and teacher overlap on the same cores." if pipelined else
+                "Student and teacher share the cores, so they take turns (no pipelining), which is what the FLOP "
+                "sum assumes.")]
+    for p in s["pairs"]:
+        rows = [(name, f"{m['step_s'] * 1e3:.0f}", f"{m['predicted_gflops_per_image']:.3f}",
+                 f"{m['speedup_vs_full_kd']:.2f}x", f"{m['predicted_speedup_vs_full_kd']:.2f}x",
+                 f"{m['of_predicted']:.2f}") + ((pct(m["overlap"]) if m.get("overlap") is not None else "",)
+                                                 if pipelined else ())
+                for name, m in p["modes"].items()]
+        parts.append(f"**{p['label']}**: batch {p['batch_size']}, median of {p['timed_steps']} steps after "
+                     f"{p['warmup_steps']} warm-up\n\n" + table(
+                         ("mode", "ms/step", "GFLOPs/img (model)", "speedup vs full KD", "predicted",
+                          "measured / predicted") + (("teacher overlap",) if pipelined else ()), rows))
+    return "\n\n".join(parts)
+
+
+def _flops(s: Section) -> str:
+    rows = [(x["model"], keep(x["keep"]), x["kept"], f"{x['flop_model'] / 1e9:.4f}", f"{x['flop_counter'] / 1e9:.4f}",
+             f"{x['ratio']:.4f}", pct(x["attention_share"])) for x in s["rows"]]
+    return (f"GFLOPs of one image's masked forward. Largest deviation: {100 * s['max_abs_deviation']:.3f}%.\n\n"
+            + table(("model", "keep", "patches", "FLOP model", "FlopCounterMode", "ratio", "attention share"), rows))
+
+
+def _breakdown(s: Section) -> str:
+    parts = [s["note"] + "."]
+    for m in s["models"]:
+        groups = ", ".join(f"{g} {pct(v['share'])}" for g, v in m["groups"].items())
+        mm = "n/a" if m["matmul_gflops_per_s"] is None else (
+            f"{m['matmul_gflops_per_s']:.1f} GFLOP/s ({pct(m['matmul_vs_machine'])} of the machine's matmul)")
+        att = "n/a" if m["attention_gflops_per_s"] is None else f"{m['attention_gflops_per_s']:.1f} GFLOP/s"
+        parts.append(f"- **{m['model']}** keep {keep(m['keep'])}, batch {m['batch']}: {groups}. Matrix products "
+                     f"reach {mm}; fused attention {att}; time outside products and attention: "
+                     f"{pct(m['non_product_share'])}.")
+    return "\n".join(parts)
+
+
+def _gpu(s: Section) -> str:
+    mm = s["matmul_bf16"]
+    parts = [f"{s['device']}, {s['dtype']}; spec peak {s['spec_peak_tflops'] or 'unknown'} TFLOP/s; measured bf16 "
+             f"matmul {mm['n']}x{mm['n']}: {mm['gflops_per_s'] / 1e3:.1f} TFLOP/s."]
+    for m in s["models"]:
+        rows = [(keep(x["keep"]), f"{x['images_per_s']:.0f}", f"{x['speedup']:.2f}x", f"{x['flop_speedup']:.2f}x",
+                 f"{x['tflops_per_s']:.1f}", pct(x["of_spec_peak"]), pct(x["of_matmul"]),
+                 pct(x.get("server_efficiency"))) for x in m["rows"]]
+        parts.append(f"**{m['label']}**, batch {m['batch']}\n\n" + table(
+            ("keep", "img/s", "speedup", "FLOP ratio", "TFLOP/s", "of spec peak", "of bf16 matmul",
+             "gRPC / in-process"), rows))
+    return "\n\n".join(parts)
+
+
+RENDER: tuple[tuple[str, str, Callable[[Section], str]], ...] = (
+    ("teacher", "Teacher throughput by keep", _teacher),
+    ("teacher", "Server efficiency (gRPC / in-process, same batch)", _server_eff),
+    ("teacher", "Compute efficiency", _compute_eff),
+    ("teacher", "Masking speedup against the FLOP ratio", _masking),
+    ("wire", "Bytes on the wire per image", _wire),
+    ("microbatch", "Micro-batching across clients", _microbatch),
+    ("training", "End-to-end training step time", _training),
+    ("flops", "FLOP model against FlopCounterMode", _flops),
+    ("breakdown", "Where the masked forward's time goes", _breakdown),
+    ("gpu", "GPU (bf16)", _gpu),
+)
+
+
+def render(results: dict[str, Any], plots: Sequence[str] = ()) -> str:
+    quick = results["mode"] == "quick"
+    head = [
+        "# Benchmarks",
+        "",
+        f"Made by `{results['command']}`" + MAKE_TARGETS.get(results["command"], "")
+        + f" on {results['started_utc']}, in {results['total_s']} s. Every number below comes from this one run on "
+        "this one machine; targets are ratios within the run. Full data: `benchmarks.json` beside this file.",
+        "",
+    ]
+    if quick:
+        head += ["> **Quick mode**: tiny stand-in models and one repeat, to check that the suite works. The numbers "
+                 "are not measurements.", ""]
+    load = results["machine"].get("load_average_at_start")
+    cpus = results["machine"].get("usable_cpus") or 1
+    if load and load[0] > 0.5 * cpus:
+        head += [f"> **Warning**: the 1-minute load average was {load[0]} on {cpus} CPUs when the run started: other "
+                 "work was running, so the timings are not trustworthy.", ""]
+    drift = results["sections"].get("matmul", {}).get("drift")
+    if drift is not None and not 0.9 <= drift <= 1.1:
+        head += [f"> **Warning**: the matmul rate changed by {100 * (drift - 1):+.0f}% between the start and the end "
+                 "of the run: the machine was not quiet, so the ratios are unreliable.", ""]
+    out = head + ["## Machine", "", _machine(results), "", "## Targets", "", _targets(results), ""]
+    for i, (key, title, fn) in enumerate(RENDER, start=1):
+        sec = results["sections"].get(key)
+        out += [f"## {i}. {title}", ""]
+        if sec is None:
+            out.append("not run (section not selected)")
+        elif sec.get("status") == "ok":
+            out.append(fn(sec))
+        else:
+            out.append(sec.get("error") or sec.get("status", "not run"))
+        out.append("")
+    if plots:
+        out += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
+    return "\n".join(out)
+
+
+def write_report(results: dict[str, Any], path: Path, plots: Sequence[str] = ()) -> None:
+    path.write_text(render(results, plots))

@@ -1,0 +1,118 @@
+"""The issue's targets, each a ratio measured in this run, checked as PASS / MISS with the numbers behind it."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from benchmarks.config import TARGET_KEEPS
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str          # which target
+    scope: str         # model / keep / pair it applies to
+    value: float       # measured ratio
+    op: str            # ">=" or "<="
+    threshold: float
+    detail: str        # the numbers the ratio comes from
+
+    @property
+    def passed(self) -> bool:
+        return self.value >= self.threshold if self.op == ">=" else self.value <= self.threshold
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "result": "PASS" if self.passed else "MISS"}
+
+
+def _pct(keep: float) -> str:
+    return f"keep {keep * 100:.0f}%"
+
+
+def teacher_targets(section: dict[str, Any]) -> list[Target]:
+    out = []
+    for m in section.get("models", []):
+        for r in m["rows"]:
+            if r["keep"] in TARGET_KEEPS:
+                out.append(Target(
+                    "serving overhead: gRPC / in-process throughput", f"{m['model']} {_pct(r['keep'])}",
+                    r["server_efficiency"], ">=", 0.95,
+                    f"gRPC {r['grpc']['images_per_s']:.1f} img/s vs in-process {r['inprocess']['images_per_s']:.1f}"
+                    f" img/s, batch {m['batch']}"))
+            out.append(Target(
+                "compute efficiency: masked forward / fp32 matmul rate", f"{m['model']} {_pct(r['keep'])}",
+                r["compute_efficiency"], ">=", 0.75,
+                f"{r['achieved_gflops_per_s']:.1f} GFLOP/s (FLOP model) vs matmul "
+                f"{section['matmul_gflops_per_s']:.1f} GFLOP/s"))
+        half = next((r for r in m["rows"] if r["keep"] == 0.5), None)
+        if half is not None:
+            out.append(Target(
+                "masking speedup: keep 50% in-process speedup / FLOP ratio", m["model"],
+                half["inprocess_speedup"] / half["flop_speedup"], ">=", 1.0,
+                f"measured {half['inprocess_speedup']:.2f}x vs FLOP ratio {half['flop_speedup']:.2f}x"))
+    return out
+
+
+def wire_targets(section: dict[str, Any]) -> list[Target]:
+    return [Target("wire: bytes per image / kept uint8 pixels", f"{m['model']} {_pct(r['keep'])}",
+                   r["vs_kept_uint8"], "<=", 1.05,
+                   f"{r['bytes_per_image']:.0f} B vs {r['kept_uint8_bytes']:.0f} B kept uint8 "
+                   f"({r['vs_float32_image'] * 100:.1f}% of a float32 image)")
+            for m in section.get("models", []) for r in m["rows"]]
+
+
+def microbatch_targets(section: dict[str, Any]) -> list[Target]:
+    out = []
+    for m in section.get("models", []):
+        eight = next((r for r in m["rows"] if r["clients"] == 8), None)
+        if eight is not None:
+            ref = m["reference"]
+            out.append(Target(
+                "micro-batching: 8 concurrent clients / one client of their total batch", m["model"], eight["vs_reference"],
+                ">=", 0.90,
+                f"{eight['images_per_s']:.1f} vs {ref['images_per_s']:.1f} img/s (clients of batch "
+                f"{eight['batch_per_client']} vs one of batch {ref['batch_per_client']}; mean micro-batch "
+                f"{eight['mean_batch_images']:.1f} images)"))
+    return out
+
+
+def training_targets(section: dict[str, Any]) -> list[Target]:
+    out = []
+    for p in section.get("pairs", []):
+        m = p["modes"].get("maskedkd_50")
+        if m is not None:
+            out.append(Target(
+                "training: MaskedKD-50 speedup over full KD / FLOP-model prediction", p["pair"], m["of_predicted"],
+                ">=", 0.95,
+                f"measured {m['speedup_vs_full_kd']:.2f}x ({p['modes']['full_kd']['step_s'] * 1e3:.0f} -> "
+                f"{m['step_s'] * 1e3:.0f} ms/step) vs predicted {m['predicted_speedup_vs_full_kd']:.2f}x"))
+    return out
+
+
+def gpu_targets(section: dict[str, Any]) -> list[Target]:
+    out = []
+    for m in section.get("models", []):
+        if m["model"] != "vit_b_224":
+            continue
+        for r in m["rows"]:
+            share = r["of_spec_peak"] if r["of_spec_peak"] is not None else r["of_matmul"]
+            basis = "spec peak" if r["of_spec_peak"] is not None else "measured bf16 matmul (card not in table)"
+            out.append(Target("GPU (aim): ViT-B bf16 masked forward / peak", f"{m['model']} {_pct(r['keep'])}",
+                              share, ">=", 0.50, f"{r['tflops_per_s']:.1f} TFLOP/s vs {basis}"))
+    return out
+
+
+def all_targets(results: dict[str, Any]) -> list[Target]:
+    sections = results["sections"]
+    ok = lambda name: sections.get(name, {}).get("status") == "ok"  # noqa: E731
+    out: list[Target] = []
+    if ok("teacher"):
+        out += teacher_targets(sections["teacher"])
+    if ok("wire"):
+        out += wire_targets(sections["wire"])
+    if ok("microbatch"):
+        out += microbatch_targets(sections["microbatch"])
+    if ok("training"):
+        out += training_targets(sections["training"])
+    if ok("gpu"):
+        out += gpu_targets(sections["gpu"])
+    return out

@@ -1,0 +1,107 @@
+"""Teacher throughput at each keep, in-process (`MaskedTeacher.forward_patches`) and through the gRPC server.
+
+Both paths run the same architecture on the same batch with the same torch thread count, one after the other:
+in-process in this process, gRPC in the server process (this process then only waits). The gRPC client is the
+product's `TeacherClient` sending kept patches as uint8, one request at a time (one client, nothing in flight
+twice), so the server's micro-batch is exactly the client's batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import timm
+import torch
+
+from benchmarks.config import KEEPS, BenchConfig, ModelCase, num_kept
+from benchmarks.timing import measure
+from teacher_server.masked_teacher import MaskedTeacher
+
+
+@dataclass
+class TeacherBatch:
+    """One batch of kept patches in the two forms the two paths take."""
+
+    pixels: torch.Tensor       # [B, K, C, P, P] uint8, what a client sends
+    normalized: torch.Tensor   # [B, K, C, P, P] float32, what forward_patches takes
+    indices: torch.Tensor      # [B, K] int64, sorted positions on the teacher grid
+
+
+def build_teacher(case: ModelCase, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> MaskedTeacher:
+    model = timm.create_model(case.timm_name, pretrained=False, **case.kwargs)
+    return MaskedTeacher(model.to(device=device, dtype=dtype).eval())
+
+
+def make_batch(teacher: MaskedTeacher, batch: int, kept: int, seed: int = 0) -> TeacherBatch:
+    gen = torch.Generator().manual_seed(seed)
+    c, p = teacher.in_chans, teacher.patch_size
+    pixels = torch.randint(0, 256, (batch, kept, c, p, p), dtype=torch.uint8, generator=gen)
+    noise = torch.rand(batch, teacher.num_patches, generator=gen)
+    indices = noise.argsort(dim=1)[:, :kept].sort(dim=1).values
+    mean = torch.tensor(teacher.mean).view(1, 1, -1, 1, 1)
+    std = torch.tensor(teacher.std).view(1, 1, -1, 1, 1)
+    normalized = (pixels.float() / 255.0 - mean) / std
+    return TeacherBatch(pixels, normalized, indices)
+
+
+def inprocess_rate(teacher: MaskedTeacher, tb: TeacherBatch, cfg: BenchConfig) -> dict[str, Any]:
+    calls = cfg.calls_per_repeat
+
+    def run() -> None:
+        with torch.inference_mode():
+            for _ in range(calls):
+                teacher.forward_patches(tb.normalized, tb.indices)
+
+    t = measure(run, warmup=cfg.warmup, repeats=cfg.repeats)
+    return {"images_per_s": calls * tb.indices.shape[0] / t.median_s, "timing": t.to_dict()}
+
+
+def grpc_rate(client: Any, tb: TeacherBatch, cfg: BenchConfig) -> dict[str, Any]:
+    calls = cfg.calls_per_repeat
+    usage_gflops: list[float] = []
+
+    def run() -> None:
+        for _ in range(calls):
+            _, usage = client.infer(patches=tb.pixels, keep_indices=tb.indices)
+            usage_gflops.append(usage.gflops)
+
+    t = measure(run, warmup=cfg.warmup, repeats=cfg.repeats)
+    return {"images_per_s": calls * tb.indices.shape[0] / t.median_s, "timing": t.to_dict(),
+            "billed_gflops_per_call": usage_gflops[-1]}
+
+
+def run_teacher_section(cfg: BenchConfig, pool: Any, matmul_gflops_per_s: float) -> dict[str, Any]:
+    from student_client.client import TeacherClient
+
+    models = []
+    for case in cfg.models:
+        teacher = build_teacher(case)
+        server = pool.get(case.key)
+        full_gflops = teacher.gflops(teacher.num_patches)
+        rows = []
+        with TeacherClient(server.address, server.api_key, timeout_s=600.0) as client:
+            for keep in KEEPS:
+                kept = num_kept(keep, teacher.num_patches)
+                tb = make_batch(teacher, cfg.batch, kept)
+                gflops = teacher.gflops(kept)
+                inproc = inprocess_rate(teacher, tb, cfg)
+                remote = grpc_rate(client, tb, cfg)
+                achieved = inproc["images_per_s"] * gflops
+                rows.append({
+                    "keep": keep, "kept": kept, "gflops_per_image": gflops, "flop_speedup": full_gflops / gflops,
+                    "inprocess": inproc, "grpc": remote,
+                    "server_efficiency": remote["images_per_s"] / inproc["images_per_s"],
+                    "achieved_gflops_per_s": achieved,
+                    "compute_efficiency": achieved / matmul_gflops_per_s,
+                    "billing_matches_flop_model": abs(remote["billed_gflops_per_call"] - cfg.batch * gflops)
+                    <= 1e-6 * cfg.batch * gflops,
+                })
+        base_in, base_rpc = rows[0]["inprocess"]["images_per_s"], rows[0]["grpc"]["images_per_s"]
+        for row in rows:
+            row["inprocess_speedup"] = row["inprocess"]["images_per_s"] / base_in
+            row["grpc_speedup"] = row["grpc"]["images_per_s"] / base_rpc
+        models.append({"model": case.key, "label": case.label, "timm_name": case.timm_name, "kwargs": case.kwargs,
+                       "num_patches": teacher.num_patches, "batch": cfg.batch, "rows": rows})
+        del teacher
+    return {"models": models, "batch": cfg.batch, "calls_per_repeat": cfg.calls_per_repeat,
+            "matmul_gflops_per_s": matmul_gflops_per_s}

@@ -1,0 +1,57 @@
+"""Mixed keep counts in one micro-batch: bucketing by count vs padding with masks (teacher_server.batcher).
+
+    .venv/bin/python benchmarks/teacher_server/bench_mixed_k.py [--reps 5]
+
+Prints the best-of-reps wall time and CPU time (all threads; steadier on a shared machine) of each strategy for a
+few batch shapes (random weights, float32, CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import timm
+import torch
+
+from teacher_server.batcher import run_bucketed, run_padded
+from teacher_server.masked_teacher import MaskedTeacher
+
+CASES = [  # (label, model kwargs, images, counts to draw from)
+    ("vit_tiny 32px/4px", dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=4, num_classes=10),
+     64, (16, 32, 48, 64)),
+    ("vit_small 224px", dict(model_name="vit_small_patch16_224", num_classes=1000), 16, (98, 147, 196)),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(0)
+    for label, kwargs, images, choices in CASES:
+        teacher = MaskedTeacher(timm.create_model(pretrained=False, **kwargs).eval())
+        n, c, p = teacher.num_patches, teacher.in_chans, teacher.patch_size
+        k = max(choices)
+        counts = torch.tensor(choices)[torch.randint(len(choices), (images,), generator=gen)]  # [B]
+        patches = torch.randn(images, k, c, p, p, generator=gen)                                # [B,K,C,P,P]
+        indices = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(images)])    # [B,K]
+        best = {"bucket": float("inf"), "pad": float("inf")}
+        cpu = dict(best)
+        with torch.inference_mode():
+            for _ in range(args.reps):
+                for name, run in (("bucket", run_bucketed), ("pad", run_padded)):
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    run(teacher.forward_patches, patches, indices, counts)
+                    best[name] = min(best[name], time.perf_counter() - t0)
+                    cpu[name] = min(cpu[name], time.process_time() - c0)
+            diff = (run_bucketed(teacher.forward_patches, patches, indices, counts)
+                    - run_padded(teacher.forward_patches, patches, indices, counts)).abs().max().item()
+        print(f"{label}: {images} images, counts from {choices}: wall bucket {best['bucket'] * 1e3:.0f} ms, "
+              f"pad {best['pad'] * 1e3:.0f} ms; cpu bucket {cpu['bucket'] * 1e3:.0f} ms, pad {cpu['pad'] * 1e3:.0f} ms "
+              f"(max |diff| {diff:.2e})", flush=True)
+
+
+if __name__ == "__main__":
+    main()

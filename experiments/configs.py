@@ -1,0 +1,123 @@
+"""Sizes of the CIFAR-10 reproduction: `cpu` (about two hours on 2 cores), `gpu` (a larger run), `smoke` (tests)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Method:
+    key: str            # run directory and ledger key prefix
+    label: str          # row label in the results table
+    mode: str           # student-client --mode
+    keep: float         # --keep
+    strategy: str       # --strategy
+
+
+METHODS: tuple[Method, ...] = (
+    Method("no_kd", "No KD (student alone)", "none", 1.0, "all"),
+    Method("full_kd", "Full KD (teacher sees every patch)", "kd", 1.0, "all"),
+    Method("maskedkd_75", "MaskedKD 75% (SIPS)", "kd", 0.75, "sips"),
+    Method("maskedkd_50", "MaskedKD 50% (SIPS)", "kd", 0.5, "sips"),
+    Method("maskedkd_25", "MaskedKD 25% (SIPS)", "kd", 0.25, "sips"),
+    Method("random_50", "MaskedKD 50% (random patches)", "kd", 0.5, "random"),
+    Method("bottom_50", "MaskedKD 50% (bottom-k SIPS)", "kd", 0.5, "bottom"),
+    Method("mask_student_50", "Mask the student 50% (SIPS; teacher sees all)", "mask-student", 0.5, "sips"),
+)
+METHODS_BY_KEY = {m.key: m for m in METHODS}
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    """One `student-client train` recipe (the teacher is trained with it too, with --mode none)."""
+
+    arch: str                                           # timm name
+    kwargs: dict[str, Any]                              # --student-kwargs
+    epochs: int
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    augment: str = "simple"                             # simple | heavy
+    max_steps: int | None = None                        # smoke runs stop early
+
+
+@dataclass(frozen=True)
+class ReproConfig:
+    name: str
+    teacher: ModelRecipe
+    student: ModelRecipe
+    train_per_class: int | None        # images per class taken from CIFAR-10 train (None: all 5,000)
+    test_per_class: int | None         # images per class of CIFAR-10 test for evaluation (None: all 1,000)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    methods: tuple[str, ...] = tuple(m.key for m in METHODS)
+    device: str = "cpu"                # student-client --device and teacher-server --device
+    threads: int = 0                   # torch threads of runs with no teacher beside them (teacher, no KD); 0: all CPUs
+    server_threads: int = 0            # the teacher server's torch threads (OMP_NUM_THREADS); 0: torch's default
+    kd_threads: int = 0                # student threads while the server computes beside it; 0: CPUs - server_threads
+    probe_images: int | None = 2000    # test images for the fidelity probe (None: the whole eval split)
+    lambda_kd: float = 1.0
+    tau: float = 1.0
+    micro_batches: int = 2
+    size_note: str = ""                # what the sizes add up to (dropped when the command line resizes the run)
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+# 32px CIFAR ViTs with 4x4 patches (8x8 grid, 64 patches + class token).
+CPU = ReproConfig(
+    name="cpu",
+    teacher=ModelRecipe("vit_small_patch16_224",
+                        {"img_size": 32, "patch_size": 4, "embed_dim": 192, "depth": 6, "num_heads": 3},
+                        epochs=8, batch_size=64, lr=1e-3, warmup_epochs=1.0),
+    student=ModelRecipe("vit_tiny_patch16_224",
+                        {"img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3},
+                        epochs=2, batch_size=64, lr=1e-3, warmup_epochs=0.5),
+    train_per_class=2000,
+    test_per_class=500,
+    server_threads=1,
+    probe_images=1000,
+    size_note=(
+        "Sized for about two hours on 2 CPU cores: a 20,000-image class-balanced subset of CIFAR-10 train "
+        "(the first 2,000 files per class), a 5,000-image class-balanced subset of the test set (first 500 per "
+        "class), a 6-block D=192 ViT teacher trained 8 epochs and a 4-block D=96 ViT student trained 2 epochs "
+        "(batch 64)."),
+    notes=(
+        "During KD runs the teacher server and the student get one core each (OMP_NUM_THREADS=1 for the server, "
+        "--threads-per-worker 1): two processes with two OpenMP threads each on two cores stall each other at "
+        "every parallel barrier. The teacher and the no-KD students train alone with both cores.",
+        "Accuracies are far below published CIFAR-10 numbers (tiny models, few epochs, no pretraining); the "
+        "comparison between methods under the same budget is the point.",
+    ),
+)
+
+GPU = ReproConfig(
+    name="gpu",
+    teacher=ModelRecipe("vit_small_patch16_224", {"img_size": 32, "patch_size": 4, "num_classes": 10},
+                        epochs=100, batch_size=256, lr=1e-3, warmup_epochs=5.0, augment="heavy"),
+    student=ModelRecipe("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 4, "num_classes": 10},
+                        epochs=50, batch_size=256, lr=1e-3, warmup_epochs=5.0, augment="heavy"),
+    train_per_class=None,
+    test_per_class=None,
+    device="auto",
+    probe_images=None,
+    size_note=("Full CIFAR-10 (50,000 train, 10,000 test), ViT-S/4 teacher (100 epochs) and ViT-Ti/4 student "
+               "(50 epochs), RandAugment + mixup/cutmix, one GPU shared by the teacher server and the student."),
+)
+
+SMOKE = ReproConfig(
+    name="smoke",
+    teacher=ModelRecipe("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2},
+                        epochs=1, batch_size=16, warmup_epochs=0.0, max_steps=2),
+    student=ModelRecipe("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 1},
+                        epochs=1, batch_size=16, warmup_epochs=0.0, max_steps=2),
+    train_per_class=8,
+    test_per_class=4,
+    seeds=(0,),
+    methods=("no_kd", "maskedkd_50"),
+    threads=1,
+    server_threads=1,
+    probe_images=40,
+    notes=("Smoke run: tiny models, a few steps, one seed, two methods; the numbers mean nothing.",),
+)
+
+CONFIGS = {c.name: c for c in (CPU, GPU, SMOKE)}

@@ -1,0 +1,109 @@
+"""The results section of docs/reproduction.md (mean and std over seeds) and the accuracy-vs-keep figure (Fig. 2)."""
+from __future__ import annotations
+
+import statistics
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from experiments.configs import METHODS_BY_KEY, ReproConfig
+
+FIG2_METHODS = (("full_kd", 1.0), ("maskedkd_75", 0.75), ("maskedkd_50", 0.5), ("maskedkd_25", 0.25))
+
+
+def aggregate(results: list[dict[str, Any]], methods: tuple[str, ...]) -> list[dict[str, Any]]:
+    """One row per method with results: top-1 mean/std over seeds (sample std), teacher GFLOPs per run."""
+    rows = []
+    for key in methods:
+        mine = sorted((r for r in results if r["method"] == key), key=lambda r: r["seed"])
+        if not mine:
+            continue
+        top1 = [r["top1"] for r in mine]
+        m = METHODS_BY_KEY[key]
+        rows.append({
+            "method": key, "label": m.label, "mode": m.mode, "keep": m.keep, "strategy": m.strategy,
+            "seeds": [r["seed"] for r in mine], "top1": top1, "top1_mean": statistics.fmean(top1),
+            "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
+            "top5_mean": statistics.fmean(r["top5"] for r in mine),
+            "teacher_gflops": statistics.fmean(r["ledger"]["gflops"] for r in mine),
+            "teacher_full_gflops": statistics.fmean(r["ledger"]["full_gflops"] for r in mine),
+            "train_wall_s": statistics.fmean(r["train_wall_s"] for r in mine),
+        })
+    return rows
+
+
+def _saving(row: dict[str, Any]) -> str:
+    full = row["teacher_full_gflops"]
+    return "-" if full <= 0 else f"{100 * (1 - row['teacher_gflops'] / full):.1f}%"
+
+
+def results_markdown(cfg: ReproConfig, command: str, rows: list[dict[str, Any]], teacher: dict[str, Any] | None,
+                     *, data: str, figure: Path | None, doc: Path, failures: list[str], pending: int,
+                     total_runs: int) -> str:
+    done = sum(len(r["seeds"]) for r in rows)
+    lines = [f"## Results (config `{cfg.name}`)", "",
+             f"Made by `{command}` (config `{cfg.name}`); {done} of {total_runs} student runs done"
+             + (f", {pending} still to run (rerun the command: finished runs are skipped)" if pending else "") + ".",
+             "Every teacher call went through a real `teacher-server serve` on loopback; the teacher GFLOPs are read "
+             "from the server's ledger (`teacher-server usage`), summed over each run's API keys.", ""]
+    lines += [f"- {note}" for note in (cfg.size_note, *cfg.notes) if note]
+    lines += [f"- Data: `{data}` ({cfg.train_per_class or 'all'} train / {cfg.test_per_class or 'all'} test images "
+              f"per class). Teacher: `{cfg.teacher.arch}` {cfg.teacher.kwargs}, {cfg.teacher.epochs} epochs. "
+              f"Student: `{cfg.student.arch}` {cfg.student.kwargs}, {cfg.student.epochs} epochs, batch "
+              f"{cfg.student.batch_size}, lr {cfg.student.lr}, lambda {cfg.lambda_kd}, tau {cfg.tau}, augment "
+              f"{cfg.student.augment}; seeds {list(cfg.seeds)}.", ""]
+    if teacher is not None:
+        lines += [f"Teacher top-1 on the test split: **{teacher['top1']:.2f}%** (top-5 {teacher['top5']:.2f}%, "
+                  f"{teacher['images']} images, trained in {teacher['train_wall_s'] / 60:.1f} min).", ""]
+    if failures:
+        lines += ["Failed runs (see their train.log; rerun to retry): " + ", ".join(failures), ""]
+    lines += ["| method | mode | keep | strategy | student top-1 (mean ± std) | per seed | top-5 | teacher GFLOPs / run "
+              "(ledger) | full-teacher GFLOPs | saving | train min / run |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['label']} | {r['mode']} | {100 * r['keep']:.0f}% | {r['strategy']} | "
+            f"{r['top1_mean']:.2f} ± {r['top1_std']:.2f} | {', '.join(f'{x:.2f}' for x in r['top1'])} | "
+            f"{r['top5_mean']:.2f} | {r['teacher_gflops']:.1f} | {r['teacher_full_gflops']:.1f} | {_saving(r)} | "
+            f"{r['train_wall_s'] / 60:.1f} |")
+    if figure is not None and figure.exists():
+        rel = figure.name if figure.parent.resolve() == doc.parent.resolve() else figure.resolve()
+        lines += ["", f"![Student and teacher accuracy against patches kept]({rel})", "",
+                  "Fig. 2 of the paper on our setup: student top-1 (mean ± std over seeds) for full KD (100%) and "
+                  "MaskedKD with SIPS at 75/50/25%, and the teacher's top-1 when it sees only the patches the "
+                  "student's SIPS keeps (from the fidelity probe of this config, one student)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_fig2(rows: list[dict[str, Any]], probe: dict[str, Any] | None, path: Path, command: str) -> Path | None:
+    """Student and teacher accuracy against keep; None when matplotlib or the data are missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    by_key = {r["method"]: r for r in rows}
+    points = [(100 * keep, by_key[key]) for key, keep in FIG2_METHODS if key in by_key]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ax.errorbar([p for p, _ in points], [r["top1_mean"] for _, r in points], yerr=[r["top1_std"] for _, r in points],
+                fmt="o-", capsize=3, label="student (MaskedKD, SIPS)")
+    if "no_kd" in by_key:
+        ax.axhline(by_key["no_kd"]["top1_mean"], color="gray", ls=":", label="student without KD")
+    if probe is not None:
+        sips = sorted((r for r in probe["rows"] if r["strategy"] == "sips"), key=lambda r: -r["keep"])
+        ax.plot([100 * r["keep"] for r in sips], [r["teacher_top1"] for r in sips], "s--",
+                label="teacher on the kept patches")
+    ax.set(xlabel="teacher patches kept (%)", ylabel="top-1 accuracy (%)", title="Accuracy vs. patches kept")
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.text(0.01, 0.005, textwrap.fill(command, width=110), fontsize=6, color="gray", va="bottom")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,257 @@
+"""Reproduce MaskedKD's claims on CIFAR-10 through the real service.
+
+1. Train a ViT teacher: `student-client train --mode none`.
+2. Serve it: `teacher-server serve --checkpoint teacher/model.safetensors` on a free loopback port.
+3. Students, each seed, each with its own API key (`teacher-server keys create`): no KD, full KD, MaskedKD keep
+   75/50/25% with SIPS, random and bottom-k at 50%, mask-student at 50%.
+4. Evaluate every student on the test split; read each run's teacher GFLOPs from the server's ledger.
+5. Teacher-fidelity probe (experiments/fidelity_probe.py) with the MaskedKD-50 student of the first seed.
+6. docs/reproduction.md (results table, mean and std over seeds) and the accuracy-vs-keep figure (paper Fig. 2).
+
+Resumable: a run whose result.json exists is skipped; an interrupted run resumes from its last checkpoint.
+
+    python -m experiments.reproduce_cifar --config cpu            # ~2 h on 2 cores (run it in the background)
+    python -m experiments.reproduce_cifar --config gpu            # larger, for a GPU machine
+    python -m experiments.reproduce_cifar --smoke --out /tmp/s    # a few steps, 1 seed, 2 methods (tests)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a file: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.cifar_data import DEFAULT_CACHE, DEFAULT_TARBALL, DataError, prepare_data
+from experiments.configs import CONFIGS, METHODS_BY_KEY, Method, ReproConfig
+from experiments.doc_sections import update_section
+from experiments.services import TeacherService, ToolError, train, train_command
+
+REPO = Path(__file__).resolve().parents[1]
+RESULT = "result.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.reproduce_cifar", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
+    p.add_argument("--smoke", action="store_true", help="same as --config smoke (a few steps; for tests)")
+    p.add_argument("--out", type=Path, default=None, help="runs, checkpoints, logs, ledger (default runs/repro-CONFIG)")
+    p.add_argument("--data", type=Path, default=None, help="ImageFolder root instead of the shared tarball")
+    p.add_argument("--tarball", type=Path, default=DEFAULT_TARBALL)
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the tarball is extracted (outside the repo)")
+    p.add_argument("--doc", type=Path, default=None,
+                   help="markdown report (default docs/reproduction.md; OUT/reproduction.md for --smoke); the run "
+                        "owns its config's sections in it")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the config's)")
+    p.add_argument("--methods", default=None, help=f"comma-separated subset of: {','.join(METHODS_BY_KEY)}")
+    p.add_argument("--threads", type=int, default=0, help="torch threads of runs without a teacher (default: all)")
+    p.add_argument("--train-per-class", type=int, default=None, help="override the config's training subset")
+    p.add_argument("--teacher-epochs", type=int, default=None, help="override the config's teacher epochs")
+    p.add_argument("--student-epochs", type=int, default=None, help="override the config's student epochs")
+    return p
+
+
+def _config(args: argparse.Namespace) -> ReproConfig:
+    cfg = CONFIGS["smoke" if args.smoke else args.config]
+    changes: dict[str, Any] = {}
+    if args.seeds:
+        changes["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+    if args.methods:
+        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        unknown = [m for m in methods if m not in METHODS_BY_KEY]
+        if unknown:
+            raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS_BY_KEY)}")
+        changes["methods"] = methods
+    if args.threads:
+        changes["threads"] = args.threads
+    if args.train_per_class:
+        changes["train_per_class"] = args.train_per_class
+    if args.teacher_epochs:
+        changes["teacher"] = dataclasses.replace(cfg.teacher, epochs=args.teacher_epochs)
+    if args.student_epochs:
+        changes["student"] = dataclasses.replace(cfg.student, epochs=args.student_epochs)
+    if {"train_per_class", "teacher", "student"} & set(changes):
+        changes["size_note"] = f"Config `{cfg.name}` resized on the command line (sizes below)."
+    return dataclasses.replace(cfg, **changes)
+
+
+def _eval_device(cfg: ReproConfig) -> str:
+    import torch
+
+    return "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
+
+
+def evaluate(run_dir: Path, data: Path, cfg: ReproConfig) -> dict[str, Any]:
+    from student_client.evaluate import evaluate_checkpoint
+
+    acc = evaluate_checkpoint(run_dir, data, split="test", batch_size=256, device=_eval_device(cfg))
+    return {"top1": acc.top1, "top5": acc.top5, "images": acc.images}
+
+
+def _train(cfg: ReproConfig, recipe: Any, method: Method, seed: int, run_dir: Path, data: Path, threads: int,
+           service: TeacherService | None) -> float:
+    resume = (run_dir / "checkpoints").is_dir()
+    kd = method.mode != "none"
+    assert not kd or service is not None
+    cmd = train_command(data=data, out=run_dir, recipe=recipe, mode=method.mode, keep=method.keep,
+                        strategy=method.strategy, seed=seed, device=cfg.device, threads=threads,
+                        micro_batches=cfg.micro_batches, lambda_kd=cfg.lambda_kd, tau=cfg.tau,
+                        teacher=service.address if kd and service else None, resume=resume)
+    key = service.create_key(run_dir.name) if kd and service else None
+    return train(cmd, run_dir / "train.log", api_key=key)
+
+
+def ensure_teacher(cfg: ReproConfig, data: Path, out: Path, threads: int) -> dict[str, Any]:
+    teacher_dir = out / "teacher"
+    if (teacher_dir / RESULT).exists():
+        return json.loads((teacher_dir / RESULT).read_text())
+    print(f"[repro] training the teacher ({cfg.teacher.arch} {cfg.teacher.kwargs}, {cfg.teacher.epochs} epochs)",
+          flush=True)
+    plain = Method("teacher", "teacher", "none", 1.0, "all")
+    wall = _train(cfg, cfg.teacher, plain, 0, teacher_dir, data, threads, None)
+    result = {"method": "teacher", **evaluate(teacher_dir, data, cfg), "train_wall_s": wall,
+              "checkpoint": str(teacher_dir / "model.safetensors")}
+    (teacher_dir / RESULT).write_text(json.dumps(result, indent=2))
+    print(f"[repro] teacher: top-1 {result['top1']:.2f}% in {wall / 60:.1f} min", flush=True)
+    return result
+
+
+def thread_counts(cfg: ReproConfig) -> tuple[int, int]:
+    """(threads of a run alone on the machine, student threads while the teacher server computes beside it)."""
+    cpus = os.cpu_count() or 1
+    alone = cfg.threads or cpus
+    beside = cfg.kd_threads or (max(1, cpus - cfg.server_threads) if cfg.server_threads else cpus)
+    return alone, beside
+
+
+def run_student(cfg: ReproConfig, method: Method, seed: int, data: Path, out: Path,
+                service: TeacherService | None) -> dict[str, Any]:
+    run_dir = out / "runs" / f"{method.key}-s{seed}"
+    alone, beside = thread_counts(cfg)
+    threads = alone if method.mode == "none" else beside
+    wall = _train(cfg, cfg.student, method, seed, run_dir, data, threads, service)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    zero = {"requests": 0.0, "images": 0.0, "gflops": 0.0, "full_gflops": 0.0, "cost": 0.0}
+    ledger = service.usage(run_dir.name) if service is not None and method.mode != "none" else zero
+    result = {"method": method.key, "seed": seed, **evaluate(run_dir, data, cfg), "ledger": ledger,
+              "client_gflops": summary.get("teacher_gflops", 0.0), "steps": summary.get("global_step"),
+              "train_wall_s": wall}
+    (run_dir / RESULT).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def collect(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob(f"*/{RESULT}"))]
+
+
+def run_probe(cfg: ReproConfig, out: Path, data: Path, doc: Path) -> dict[str, Any] | None:
+    """The fidelity probe once, with the MaskedKD-50 (else any KD) student of the first seed."""
+    from experiments.fidelity_probe import probe, write_outputs
+
+    path = out / "fidelity.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    candidates = [f"maskedkd_50-s{cfg.seeds[0]}"] + [f"{m}-s{cfg.seeds[0]}" for m in cfg.methods]
+    student = next((out / "runs" / c for c in candidates if (out / "runs" / c / RESULT).exists()), None)
+    if student is None:
+        return None
+    teacher = out / "teacher" / "model.safetensors"
+    device = _eval_device(cfg)
+    result = probe(teacher, student / "model.safetensors", data, split="test", max_images=cfg.probe_images,
+                   device=device)
+    command = shlex.join(["python", "-m", "experiments.fidelity_probe", "--teacher", str(teacher), "--student",
+                          str(student / "model.safetensors"), "--data", str(data), "--split", "test"]
+                         + (["--max-images", str(cfg.probe_images)] if cfg.probe_images else [])
+                         + (["--device", device] if device != "cpu" else [])
+                         + ["--doc", str(doc), "--section", f"fidelity-{cfg.name}"])
+    write_outputs(result, command, json_path=path, doc=doc, section=f"fidelity-{cfg.name}",
+                  title=f"Teacher fidelity under masking (config `{cfg.name}`)")
+    return result
+
+
+def write_report(cfg: ReproConfig, command: str, out: Path, data: Path, doc: Path, teacher: dict[str, Any] | None,
+                 probe_result: dict[str, Any] | None, failures: list[str]) -> None:
+    from experiments.repro_report import aggregate, plot_fig2, results_markdown
+
+    results = [r for r in collect(out) if r["method"] in cfg.methods and r["seed"] in cfg.seeds]
+    rows = aggregate(results, cfg.methods)
+    figure = plot_fig2(rows, probe_result, doc.with_name(f"{doc.stem}_{cfg.name}_fig2.png"), command)
+    total = len(cfg.methods) * len(cfg.seeds)
+    body = results_markdown(cfg, command, rows, teacher, data=str(data), figure=figure, doc=doc,
+                            failures=failures, pending=total - len(results), total_runs=total)
+    update_section(doc, f"results-{cfg.name}", body)
+    (out / "results.json").write_text(json.dumps({"command": command, "config": dataclasses.asdict(cfg),
+                                                  "teacher": teacher, "rows": rows, "runs": results,
+                                                  "failures": failures}, indent=2, default=str) + "\n")
+
+
+def reproduce(cfg: ReproConfig, *, out: Path, data: Path, doc: Path, command: str) -> int:
+    import torch
+
+    threads, _ = thread_counts(cfg)
+    torch.set_num_threads(threads)
+    out.mkdir(parents=True, exist_ok=True)
+    update_section(doc, f"results-{cfg.name}", f"## Results (config `{cfg.name}`)\n\nIn progress: `{command}` is "
+                   "running (results appear here when it ends; finished runs are kept in its output directory).\n")
+    teacher = ensure_teacher(cfg, data, out, threads)
+    todo = [(METHODS_BY_KEY[m], s) for m in cfg.methods for s in cfg.seeds
+            if not (out / "runs" / f"{m}-s{s}" / RESULT).exists()]
+    print(f"[repro] {len(todo)} student runs to do (of {len(cfg.methods) * len(cfg.seeds)})", flush=True)
+    failures: list[str] = []
+    service: TeacherService | None = None
+    started = time.perf_counter()
+    try:
+        for i, (method, seed) in enumerate(todo, start=1):
+            if method.mode != "none" and (service is None or not service.alive):
+                if service is not None:
+                    service.stop()
+                service = TeacherService(out / "teacher" / "model.safetensors", out / "ledger.db",
+                                         out / "teacher-server.log", device=cfg.device,
+                                         threads=cfg.server_threads).start()
+            try:
+                r = run_student(cfg, method, seed, data, out, service)
+            except (ToolError, OSError, ValueError) as exc:
+                failures.append(f"{method.key}-s{seed}")
+                print(f"[repro] FAILED {method.key} seed {seed}: {' '.join(str(exc).split())[:600]}", flush=True)
+                continue
+            eta = (time.perf_counter() - started) / i * (len(todo) - i)
+            print(f"[repro] [{i}/{len(todo)}] {method.key} seed {seed}: top-1 {r['top1']:.2f}%, teacher "
+                  f"{r['ledger']['gflops']:.1f} GFLOPs, {r['train_wall_s'] / 60:.1f} min; ETA {eta / 60:.0f} min",
+                  flush=True)
+    finally:
+        if service is not None:
+            service.stop()
+    probe_result = run_probe(cfg, out, data, doc)
+    write_report(cfg, command, out, data, doc, teacher, probe_result, failures)
+    print(f"[repro] wrote {doc}" + (f"; {len(failures)} run(s) failed: {', '.join(failures)}" if failures else ""))
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = _config(args)
+        out = args.out or REPO / "runs" / f"repro-{cfg.name}"
+        data = prepare_data(data=args.data, tarball=args.tarball, cache=args.cache,
+                            train_per_class=cfg.train_per_class, test_per_class=cfg.test_per_class)
+        command = shlex.join(["python", "-m", "experiments.reproduce_cifar", *argv])
+        doc = args.doc or (out / "reproduction.md" if cfg.name == "smoke" else REPO / "docs" / "reproduction.md")
+        return reproduce(cfg, out=out, data=data, doc=doc, command=command)
+    except (DataError, ToolError, ValueError, OSError) as exc:
+        print(f"reproduce_cifar: error: {' '.join(str(exc).split())[:1000]}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("reproduce_cifar: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

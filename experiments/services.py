@@ -1,0 +1,174 @@
+"""The real command-line tools, as a user runs them: `teacher-server serve`, `teacher-server keys create`,
+`teacher-server usage`, `student-client train`. Each runs as its own process; output goes to log files."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+SERVING = re.compile(r"teacher-server: serving .* on (\S+):(\d+)")
+
+
+class ToolError(RuntimeError):
+    """A tool exited non-zero; the message carries the tail of its log."""
+
+
+def tool(name: str) -> list[str]:
+    """The console script beside this interpreter (the venv's), else the one on PATH."""
+    local = Path(sys.executable).with_name(name)
+    found = str(local) if local.exists() else shutil.which(name)
+    if not found:
+        raise ToolError(f"{name} not found: install the project (pip install -e .)")
+    return [found]
+
+
+def _tail(path: Path, chars: int = 1500) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+
+def run_tool(cmd: list[str], log: Path, *, timeout_s: float | None = None, log_stdout: bool = True) -> str:
+    """Run to completion; stdout is returned, stderr (and stdout unless `log_stdout` is off) appended to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True, timeout=timeout_s)
+        if log_stdout:
+            f.write(proc.stdout)
+    if proc.returncode != 0:
+        raise ToolError(f"{Path(cmd[0]).name} {cmd[1] if len(cmd) > 1 else ''} exited {proc.returncode}: "
+                        f"{_tail(log)}")
+    return proc.stdout
+
+
+class TeacherService:
+    """`teacher-server serve` on a checkpoint, on a free loopback port, with its own SQLite ledger."""
+
+    def __init__(self, checkpoint: Path, db: Path, log: Path, *, device: str = "cpu", threads: int = 0) -> None:
+        self.checkpoint = checkpoint
+        self.threads = threads          # torch threads of the server (OMP_NUM_THREADS); 0: torch's default
+        self.db_url = f"sqlite:///{db}"
+        self.log = log
+        self.device = device
+        self.address: str | None = None
+        self._proc: subprocess.Popen[str] | None = None
+        self._pump: threading.Thread | None = None
+
+    def start(self, timeout_s: float = 300.0) -> TeacherService:
+        cmd = tool("teacher-server") + ["serve", "--checkpoint", str(self.checkpoint), "--host", "127.0.0.1",
+                                        "--port", "0", "--db", self.db_url, "--device", self.device, "--no-metrics"]
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        if self.threads > 0:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        ready = threading.Event()
+
+        def pump() -> None:  # keep draining stderr into the log, or the server blocks on a full pipe
+            assert self._proc is not None and self._proc.stderr is not None
+            with self.log.open("a") as f:
+                f.write(f"$ {' '.join(cmd)}\n")
+                for line in self._proc.stderr:
+                    f.write(line)
+                    f.flush()
+                    match = SERVING.search(line)
+                    if match and not ready.is_set():
+                        self.address = f"{match.group(1)}:{match.group(2)}"
+                        ready.set()
+            ready.set()
+
+        self._pump = threading.Thread(target=pump, daemon=True)
+        self._pump.start()
+        ready.wait(timeout_s)
+        if self.address is None:
+            self.stop()
+            raise ToolError(f"teacher-server did not start: {_tail(self.log)}")
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def create_key(self, prefix: str) -> str:
+        """A fresh key named `<prefix>-<random>`: a run's usage is the sum over its keys (one per attempt)."""
+        out = run_tool(tool("teacher-server") + ["keys", "create", "--name", f"{prefix}-{uuid.uuid4().hex[:8]}",
+                                                 "--db", self.db_url], self.log, log_stdout=False)
+        secret = out.strip().splitlines()[-1] if out.strip() else ""
+        if not secret.startswith("mkd_"):
+            raise ToolError(f"teacher-server keys create printed no secret: {out!r}")
+        return secret
+
+    def usage(self, prefix: str) -> dict[str, float]:
+        """Ledger totals over the keys of one run (`teacher-server usage --json`)."""
+        rows = json.loads(run_tool(tool("teacher-server") + ["usage", "--json", "--db", self.db_url], self.log))
+        mine = [r for r in rows if str(r["key"]).startswith(f"{prefix}-")]
+        return {field: float(sum(r[field] for r in mine))
+                for field in ("requests", "images", "gflops", "full_gflops", "cost")}
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._pump is not None:
+            self._pump.join(timeout=10)
+
+    def __enter__(self) -> TeacherService:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def train_command(*, data: Path, out: Path, recipe: Any, mode: str, keep: float, strategy: str, seed: int,
+                  device: str, threads: int, micro_batches: int, lambda_kd: float, tau: float,
+                  teacher: str | None = None, resume: bool = False) -> list[str]:
+    """`student-client train ...` for one run (in-process, one worker: `--local`)."""
+    cmd = tool("student-client") + [
+        "train", "--local", "--data", str(data), "--out", str(out), "--student", recipe.arch,
+        "--student-kwargs", json.dumps(recipe.kwargs), "--epochs", str(recipe.epochs),
+        "--batch-size", str(recipe.batch_size), "--lr", str(recipe.lr), "--weight-decay", str(recipe.weight_decay),
+        "--warmup-epochs", str(recipe.warmup_epochs), "--augment", recipe.augment, "--mode", mode,
+        "--keep", str(keep), "--strategy", strategy, "--seed", str(seed), "--device", device,
+        "--threads-per-worker", str(threads), "--micro-batches", str(micro_batches), "--lambda", str(lambda_kd),
+        "--tau", str(tau), "--no-eval", "--no-progress",
+    ]
+    if recipe.max_steps is not None:
+        cmd += ["--max-steps", str(recipe.max_steps)]
+    if teacher is not None:
+        cmd += ["--teacher", teacher]
+    if resume:
+        cmd.append("--resume")
+    return cmd
+
+
+def train(cmd: list[str], log: Path, *, api_key: str | None = None) -> float:
+    """Run `student-client train`; the API key travels in the environment, not on the command line. Returns wall s."""
+    env = dict(os.environ)
+    env.pop("MASKEDKD_API_KEY", None)
+    if api_key is not None:
+        env["MASKEDKD_API_KEY"] = api_key
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with log.open("a") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    if rc != 0:
+        raise ToolError(f"student-client train exited {rc}: {_tail(log)}")
+    return time.perf_counter() - t0

@@ -1,0 +1,66 @@
+"""`python -m experiments.reproduce_cifar --smoke` end to end: the real `student-client train` and
+`teacher-server serve/keys/usage` processes, a real SQLite ledger, the committed CIFAR-10 subset."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments.doc_sections import read_section
+from teacher_server.checkpoints import load_model
+from teacher_server.flops import ViTShape, masked_forward_flops
+
+REPO = Path(__file__).resolve().parents[2]
+SECRET = re.compile(r"mkd_[A-Za-z0-9_-]{43}")
+
+
+def _reproduce(tmp: Path) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "experiments.reproduce_cifar", "--smoke", "--out", str(tmp / "out"),
+           "--data", str(REPO / "data" / "cifar10-subset"), "--cache", str(tmp / "cache" / "cifar10")]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_smoke_reproduction_end_to_end_and_resume(tmp_path: Path) -> None:
+    first = _reproduce(tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    out = tmp_path / "out"
+    doc = out / "reproduction.md"  # a smoke run never writes into the repo's docs/
+    results = json.loads((out / "results.json").read_text())
+    runs = {r["method"]: r for r in results["runs"]}
+    assert set(runs) == {"no_kd", "maskedkd_50"} and not results["failures"]
+
+    # The ledger billed what the FLOP model says for the kept patches (K = floor(0.5 * 16) = 8 per image), and
+    # the student's own account of its usage agrees with the server's ledger.
+    teacher, _ = load_model(checkpoint=out / "teacher" / "model.safetensors")
+    shape = ViTShape.from_model(teacher)
+    ledger = runs["maskedkd_50"]["ledger"]
+    assert ledger["images"] == 2 * 16  # 2 steps of batch 16
+    assert ledger["gflops"] == pytest.approx(ledger["images"] * masked_forward_flops(shape, 8).total / 1e9)
+    assert ledger["full_gflops"] == pytest.approx(ledger["images"] * masked_forward_flops(shape, 16).total / 1e9)
+    assert runs["maskedkd_50"]["client_gflops"] == pytest.approx(ledger["gflops"])
+    assert runs["no_kd"]["ledger"]["gflops"] == 0
+    assert all(0 <= r["top1"] <= 100 and r["images"] == 40 for r in runs.values())  # 4 test images per class
+
+    results_md = read_section(doc, "results-smoke")
+    fidelity_md = read_section(doc, "fidelity-smoke")
+    assert results_md is not None and fidelity_md is not None
+    assert "python -m experiments.reproduce_cifar --smoke" in results_md
+    assert "MaskedKD 50% (SIPS)" in results_md and "No KD" in results_md and "± " in results_md
+    assert "| sips | 50% |" in fidelity_md and "| bottom | 25% |" in fidelity_md
+    assert (out / "reproduction_smoke_fig2.png").read_bytes()[:4] == b"\x89PNG"
+    assert "(reproduction_smoke_fig2.png)" in results_md
+    assert read_section(REPO / "docs" / "reproduction.md", "results-smoke") is None
+    for log in out.rglob("*.log"):  # API secrets never land in logs
+        assert not SECRET.search(log.read_text()), log
+
+    # Resumable: a second run finds every result and trains nothing.
+    stamp = (out / "runs" / "maskedkd_50-s0" / "result.json").stat().st_mtime_ns
+    second = _reproduce(tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "0 student runs to do" in second.stdout
+    assert (out / "runs" / "maskedkd_50-s0" / "result.json").stat().st_mtime_ns == stamp
