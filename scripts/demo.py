@@ -43,7 +43,7 @@ class DemoError(RuntimeError):
     """A step of the demo failed; the message says which."""
 
 
-def _run(cmd: list[str], *, env: dict[str, str] | None = None, capture: bool = True) -> str:
+def _run(cmd: list[str], *, env: dict[str, str] | None = None, capture: bool = True, echo: bool = True) -> str:
     shown = " ".join(c if " " not in c else f"'{c}'" for c in cmd)
     print(f"$ {shown.replace(str(BIN) + '/', '')}", flush=True)
     proc = subprocess.run(cmd, env=env, text=True, stdout=subprocess.PIPE if capture else None,
@@ -51,7 +51,7 @@ def _run(cmd: list[str], *, env: dict[str, str] | None = None, capture: bool = T
     if proc.returncode != 0:
         detail = (proc.stderr or "").strip().splitlines()[-1:] if capture else []
         raise DemoError(f"{Path(cmd[0]).name} {cmd[1]} failed (exit {proc.returncode}) {' '.join(detail)}")
-    if capture and proc.stdout.strip():
+    if capture and echo and proc.stdout.strip():
         print(proc.stdout.rstrip(), flush=True)
     return proc.stdout if capture else ""
 
@@ -125,7 +125,7 @@ def run_demo(cfg: DemoConfig) -> int:
         kd_top1 = evaluate(cfg.workdir / "student-maskedkd")
         base_top1 = evaluate(cfg.workdir / "student-no-kd")
         usage = json.loads(_run([str(BIN / "teacher-server"), "usage", "--key", "demo-student", "--json",
-                                 "--db", db_url]))[0]
+                                 "--db", db_url], echo=False))[0]
         print_report(cfg, teacher_top1, kd_top1, base_top1, usage, kd, dashboard)
         if not cfg.exit_when_done:
             print(f"\nDashboard: {dashboard}  (admin token: {admin_token}). Ctrl-C to stop.", flush=True)
@@ -146,27 +146,26 @@ def run_demo(cfg: DemoConfig) -> int:
 def print_report(cfg: DemoConfig, teacher_top1: float, kd_top1: float, base_top1: float, usage: dict,
                  kd_summary: dict, dashboard: str) -> None:
     ratio = usage["gflops"] / usage["full_gflops"] if usage["full_gflops"] else float("nan")
-    lines = [
-        "",
-        "MaskedKD demo: results (test split of the committed CIFAR-10 subset, 1,000 images)",
-        f"  teacher (6-block ViT, frozen)          top-1 {teacher_top1:6.2f}%",
-        f"  student, MaskedKD keep {cfg.keep:.0%}           top-1 {kd_top1:6.2f}%",
-        f"  student, no KD                         top-1 {base_top1:6.2f}%",
-        f"  teacher GFLOPs used                    {usage['gflops']:.1f} of {usage['full_gflops']:.1f} for the "
-        f"full teacher ({ratio:.3f} x full; keep = {cfg.keep})",
-        f"  teacher cost                           {usage['cost']:.6f} USD for {usage['images']} images "
-        f"({usage['saving_pct']:.1f}% saved)",
-        f"  pipeline overlap                       {100 * float(kd_summary.get('overlap') or 0):.0f}% of teacher "
-        "time hidden behind student compute",
-        f"  dashboard                              {dashboard}",
+    rows = [
+        ("teacher (6-block ViT, frozen)", f"top-1 {teacher_top1:6.2f}%"),
+        (f"student, MaskedKD keep {cfg.keep:.0%}", f"top-1 {kd_top1:6.2f}%"),
+        ("student, no KD", f"top-1 {base_top1:6.2f}%"),
+        ("teacher GFLOPs used", f"{usage['gflops']:.1f} of {usage['full_gflops']:.1f} for the full teacher "
+                                f"({ratio:.3f} x full; keep = {cfg.keep})"),
+        ("teacher cost", f"{usage['cost']:.6f} USD for {usage['images']} images ({usage['saving_pct']:.1f}% saved)"),
+        ("pipeline overlap", f"{100 * float(kd_summary.get('overlap') or 0):.0f}% of teacher time hidden behind "
+                             "student compute"),
+        ("dashboard", dashboard),
     ]
+    lines = ["", "MaskedKD demo: results (test split of the committed CIFAR-10 subset, 1,000 images)"]
+    lines += [f"  {label:<38} {value}" for label, value in rows]
     print("\n".join(lines), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="make demo", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", type=Path, default=REPO / "runs" / "demo")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--max-steps", type=int, default=0, help="stop each student after this many steps (smoke run)")
     p.add_argument("--keep", type=float, default=0.5)
     p.add_argument("--workers", type=int, default=2)
