@@ -114,18 +114,11 @@ class TeacherClient:
     def check_key(self) -> None:
         """Raise TeacherAuthError unless the server accepts the API key. Free: opens an InferStream with no
         requests (the server checks the key before reading any), so nothing runs and nothing is billed."""
-        attempt = 0
-        while True:
-            try:
-                for _ in self.stub.InferStream(iter(()), timeout=self.timeout_s, metadata=self._metadata):
-                    pass
-                return
-            except grpc.RpcError as err:
-                if err.code() in RETRYABLE_CODES and attempt < self.max_retries:
-                    time.sleep(backoff_delay(attempt, self.backoff))
-                    attempt += 1
-                    continue
-                raise error_from_rpc(err, self.target, attempts=attempt + 1) from err
+        def drain_empty_stream(_request: None, **call: Any) -> None:
+            for _ in self.stub.InferStream(iter(()), **call):
+                pass
+
+        self._call(drain_empty_stream, None)
 
     def submit(self, images: torch.Tensor | None = None, **kwargs: Any) -> Future[InferResult]:
         """`infer` on a background thread; the Future resolves to (logits, usage) or raises a TeacherError."""
