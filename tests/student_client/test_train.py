@@ -115,7 +115,13 @@ def test_teacher_sees_exactly_the_augmented_pixels_and_the_loss_uses_its_logits(
     with torch.no_grad():
         teacher_logits = ref(t_norm, keep)
         student_logits = student(normalize(images))
-    assert float(result.loss.kd) == pytest.approx(float(kd_kl_loss(student_logits, teacher_logits, 1.0)), rel=1e-4)
+    expected = float(kd_kl_loss(student_logits, teacher_logits, 1.0))
+    # The server may batch the two micro-batches together and the step ran the student on them apart, so logits
+    # differ by float32 kernel noise (~1e-6); the KL itself is small, hence a relative tolerance of 2e-3 ...
+    assert float(result.loss.kd) == pytest.approx(expected, rel=2e-3)
+    with torch.no_grad():
+        unmasked = float(kd_kl_loss(student_logits, ref(t_norm), 1.0))
+    assert abs(unmasked - expected) > 2e-3 * expected  # ... which still tells masked from full teacher logits
     assert result.usage.gflops == pytest.approx(8 * ref.gflops(32), rel=1e-9)
 
 
