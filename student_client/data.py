@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageOps
 from timm.data import Mixup
 from timm.data.auto_augment import rand_augment_transform
 from torchvision import datasets, transforms
@@ -43,10 +44,32 @@ def train_transform(image_size: tuple[int, int], augment: str) -> transforms.Com
         transforms.RandomHorizontalFlip(),
     ]
     if augment == "heavy":
-        hparams = {"translate_const": int(min(image_size) * 0.45), "img_mean": (124, 116, 104)}
-        steps.append(rand_augment_transform(RAND_AUGMENT, hparams))
+        steps.append(rand_augment(image_size))
     steps.append(transforms.ToTensor())
     return transforms.Compose(steps)
+
+
+def rand_augment(image_size: tuple[int, int]) -> object:
+    """timm's RandAugment with DeiT's recipe, made safe for Pillow >= 13 (see `_posterize`)."""
+    hparams = {"translate_const": int(min(image_size) * 0.45), "img_mean": (124, 116, 104)}
+    augment = rand_augment_transform(RAND_AUGMENT, hparams)
+    for op in augment.ops:
+        if op.name.startswith("Posterize"):
+            op.aug_fn = _posterize
+    return augment
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
+    """Keep `bits_to_keep` MSBs per channel, 0 included.
+
+    With mstd0.5 the magnitude reaches 10, where timm's increasing posterize asks for 0 bits. Pillow < 13 returned a
+    black image for that; Pillow 13 raises ValueError, which killed a training run at random. Keep the old result.
+    """
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return ImageOps.posterize(img, bits_to_keep)
 
 
 def eval_transform(image_size: tuple[int, int]) -> transforms.Compose:
@@ -54,8 +77,6 @@ def eval_transform(image_size: tuple[int, int]) -> transforms.Compose:
 
 
 def _rgb(path: str) -> object:
-    from PIL import Image
-
     with open(path, "rb") as f:
         return Image.open(f).convert("RGB")
 
