@@ -42,6 +42,7 @@ class BenchConfig:
     models: tuple[ModelCase, ...]
     batch: int = 32                       # images per teacher call (in-process and gRPC)
     calls_per_repeat: int = 2             # teacher calls timed together in one repeat
+    compiled: bool = True                 # also time the in-process forward as `--compile static` serves it
     warmup: int = 2                       # untimed repeats first
     repeats: int = 5                      # timed repeats; the median is reported
     matmul_size: int = 2048               # the machine's fp32 matmul rate is measured on n x n
@@ -99,6 +100,7 @@ QUICK = BenchConfig(
     models=QUICK_MODELS,
     batch=8,
     calls_per_repeat=1,
+    compiled=False,                       # ~20 s of compiling per shape: the quick run stays eager
     warmup=1,
     repeats=1,
     matmul_size=256,

@@ -74,11 +74,21 @@ def _server_eff(s: Section) -> str:
 
 
 def _compute_eff(s: Section) -> str:
-    rows = [(m["model"], keep(x["keep"]), f"{x['achieved_gflops_per_s']:.1f}", f"{s['matmul_gflops_per_s']:.1f}",
-             pct(x["compute_efficiency"])) for m in s["models"] for x in m["rows"]]
+    rows = []
+    for m in s["models"]:
+        for x in m["rows"]:
+            c = x.get("compiled")
+            rows.append((m["model"], keep(x["keep"]), f"{x['achieved_gflops_per_s']:.1f}", pct(x["compute_efficiency"]),
+                         "-" if c is None else f"{c['achieved_gflops_per_s']:.1f}",
+                         "-" if c is None else pct(c["compute_efficiency"]),
+                         "-" if c is None else f"{c['vs_eager']:.2f}x",
+                         "-" if c is None else f"{c['first_call_s']:.1f}"))
     return ("FLOP rate of the in-process masked forward, counting FLOPs with the FLOP model (matrix products only), "
-            "over this machine's fp32 `torch.matmul` rate.\n\n"
-            + table(("model", "keep", "masked forward GFLOP/s", "matmul GFLOP/s", "share"), rows))
+            f"over this machine's fp32 `torch.matmul` rate ({s['matmul_gflops_per_s']:.1f} GFLOP/s). Eager is what "
+            "`teacher-server serve` runs by default; compiled is `--compile static` (inductor with frozen weights, one "
+            "graph per batch shape; the first call of a shape pays the compile).\n\n"
+            + table(("model", "keep", "eager GFLOP/s", "eager share", "compiled GFLOP/s", "compiled share",
+                     "compiled / eager", "compile s (first call)"), rows))
 
 
 def _masking(s: Section) -> str:

@@ -1,5 +1,7 @@
 """Teacher throughput at each keep, in-process (`MaskedTeacher.forward_patches`) and through the gRPC server.
 
+The in-process rate is measured eager and, with `compiled`, as `teacher-server serve --compile static` runs it
+(inductor, frozen weights, one graph per shape; the first call's time is the compile cost of that shape).
 Both paths run the same architecture on the same batch with the same torch thread count, one after the other:
 in-process in this process, gRPC in the server process (this process then only waits). The gRPC client is the
 product's `TeacherClient` sending kept patches as uint8, one request at a time (one client, nothing in flight
@@ -10,11 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import time
+
 import timm
 import torch
 
 from benchmarks.config import KEEPS, BenchConfig, ModelCase, num_kept
 from benchmarks.timing import measure
+from teacher_server.compiled import PatchForward, compiled_forward_patches
 from teacher_server.masked_teacher import MaskedTeacher
 
 
@@ -44,16 +49,22 @@ def make_batch(teacher: MaskedTeacher, batch: int, kept: int, seed: int = 0) -> 
     return TeacherBatch(pixels, normalized, indices)
 
 
-def inprocess_rate(teacher: MaskedTeacher, tb: TeacherBatch, cfg: BenchConfig) -> dict[str, Any]:
+def inprocess_rate(forward: PatchForward, tb: TeacherBatch, cfg: BenchConfig) -> dict[str, Any]:
+    """Images/s of `forward` (eager `forward_patches` or its compiled form); `compile_s`: its first call's time."""
     calls = cfg.calls_per_repeat
+    started = time.perf_counter()
+    with torch.inference_mode():
+        forward(tb.normalized, tb.indices, None)  # compiles this shape when `forward` is compiled
+    first_call_s = time.perf_counter() - started
 
     def run() -> None:
         with torch.inference_mode():
             for _ in range(calls):
-                teacher.forward_patches(tb.normalized, tb.indices)
+                forward(tb.normalized, tb.indices, None)
 
     t = measure(run, warmup=cfg.warmup, repeats=cfg.repeats)
-    return {"images_per_s": calls * tb.indices.shape[0] / t.median_s, "timing": t.to_dict()}
+    return {"images_per_s": calls * tb.indices.shape[0] / t.median_s, "timing": t.to_dict(),
+            "first_call_s": first_call_s}
 
 
 def grpc_rate(client: Any, tb: TeacherBatch, cfg: BenchConfig) -> dict[str, Any]:
@@ -76,6 +87,7 @@ def run_teacher_section(cfg: BenchConfig, pool: Any, matmul_gflops_per_s: float)
     models = []
     for case in cfg.models:
         teacher = build_teacher(case)
+        compiled = compiled_forward_patches(teacher) if cfg.compiled else None
         server = pool.get(case.key)
         full_gflops = teacher.gflops(teacher.num_patches)
         rows = []
@@ -84,15 +96,20 @@ def run_teacher_section(cfg: BenchConfig, pool: Any, matmul_gflops_per_s: float)
                 kept = num_kept(keep, teacher.num_patches)
                 tb = make_batch(teacher, cfg.batch, kept)
                 gflops = teacher.gflops(kept)
-                inproc = inprocess_rate(teacher, tb, cfg)
+                inproc = inprocess_rate(teacher.forward_patches, tb, cfg)
                 remote = grpc_rate(client, tb, cfg)
                 achieved = inproc["images_per_s"] * gflops
+                fast = inprocess_rate(compiled, tb, cfg) if compiled is not None else None
                 rows.append({
                     "keep": keep, "kept": kept, "gflops_per_image": gflops, "flop_speedup": full_gflops / gflops,
                     "inprocess": inproc, "grpc": remote,
                     "server_efficiency": remote["images_per_s"] / inproc["images_per_s"],
                     "achieved_gflops_per_s": achieved,
                     "compute_efficiency": achieved / matmul_gflops_per_s,
+                    "compiled": None if fast is None else {
+                        **fast, "achieved_gflops_per_s": fast["images_per_s"] * gflops,
+                        "compute_efficiency": fast["images_per_s"] * gflops / matmul_gflops_per_s,
+                        "vs_eager": fast["images_per_s"] / inproc["images_per_s"]},
                     "billing_matches_flop_model": abs(remote["billed_gflops_per_call"] - cfg.batch * gflops)
                     <= 1e-6 * cfg.batch * gflops,
                 })
@@ -102,6 +119,6 @@ def run_teacher_section(cfg: BenchConfig, pool: Any, matmul_gflops_per_s: float)
             row["grpc_speedup"] = row["grpc"]["images_per_s"] / base_rpc
         models.append({"model": case.key, "label": case.label, "timm_name": case.timm_name, "kwargs": case.kwargs,
                        "num_patches": teacher.num_patches, "batch": cfg.batch, "rows": rows})
-        del teacher
+        del teacher, compiled
     return {"models": models, "batch": cfg.batch, "calls_per_repeat": cfg.calls_per_repeat,
             "matmul_gflops_per_s": matmul_gflops_per_s}

@@ -27,9 +27,17 @@ def aggregate(results: list[dict[str, Any]], methods: tuple[str, ...]) -> list[d
             "top5_mean": statistics.fmean(r["top5"] for r in mine),
             "teacher_gflops": statistics.fmean(r["ledger"]["gflops"] for r in mine),
             "teacher_full_gflops": statistics.fmean(r["ledger"]["full_gflops"] for r in mine),
+            "client_gflops": statistics.fmean(r.get("client_gflops", r["ledger"]["gflops"]) for r in mine),
+            "resumed_seeds": [r["seed"] for r in mine if _billed_extra(r)],
             "train_wall_s": statistics.fmean(r["train_wall_s"] for r in mine),
         })
     return rows
+
+
+def _billed_extra(result: dict[str, Any]) -> bool:
+    """The ledger holds more than a complete run sends: an interrupted run was resumed (its lost steps were re-sent)."""
+    client = result.get("client_gflops")
+    return client is not None and result["ledger"]["gflops"] > client * 1.005
 
 
 def _saving(row: dict[str, Any]) -> str:
@@ -58,14 +66,22 @@ def results_markdown(cfg: ReproConfig, command: str, rows: list[dict[str, Any]],
     if failures:
         lines += ["Failed runs (see their train.log; rerun to retry): " + ", ".join(failures), ""]
     lines += ["| method | mode | keep | strategy | student top-1 (mean ± std) | per seed | top-5 | teacher GFLOPs / run "
-              "(ledger) | full-teacher GFLOPs | saving | train min / run |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "(complete run, client) | billed GFLOPs / run (ledger) | full-teacher GFLOPs (ledger) | saving | "
+              "train min / run |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['label']} | {r['mode']} | {100 * r['keep']:.0f}% | {r['strategy']} | "
             f"{r['top1_mean']:.2f} ± {r['top1_std']:.2f} | {', '.join(f'{x:.2f}' for x in r['top1'])} | "
-            f"{r['top5_mean']:.2f} | {r['teacher_gflops']:.1f} | {r['teacher_full_gflops']:.1f} | {_saving(r)} | "
+            f"{r['top5_mean']:.2f} | {r['client_gflops']:.1f} | {r['teacher_gflops']:.1f}"
+            f"{' *' if r['resumed_seeds'] else ''} | {r['teacher_full_gflops']:.1f} | {_saving(r)} | "
             f"{r['train_wall_s'] / 60:.1f} |")
+    resumed = [f"{r['label']} seed {s}" for r in rows for s in r["resumed_seeds"]]
+    if resumed:
+        lines += ["", "\\* Billed more than a complete run sends: " + ", ".join(resumed) + " was interrupted (the "
+                  "session running it ended) and resumed from its last epoch checkpoint, so the teacher calls of the "
+                  "lost partial epoch were billed and then made again. The client column counts one complete run "
+                  "(FLOP model of what it sent), and its train time counts only the resumed part; saving % is billed over the full-teacher cost of the same calls."]
     if figure is not None and figure.exists():
         rel = figure.name if figure.parent.resolve() == doc.parent.resolve() else figure.resolve()
         lines += ["", f"![Student and teacher accuracy against patches kept]({rel})", "",

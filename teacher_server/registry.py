@@ -10,6 +10,7 @@ from torch import nn
 
 from teacher_server.batcher import ForwardFn, TokenBudgetBatcher
 from teacher_server.checkpoints import load_model
+from teacher_server.compiled import forward_patches_fn
 from teacher_server.errors import ModelNotFoundError
 from teacher_server.masked_teacher import MaskedTeacher
 from teacher_server.metering import Meter
@@ -40,14 +41,16 @@ def model_spec(name: str, teacher: MaskedTeacher) -> ModelSpec:
                      in_chans=teacher.in_chans, mean=teacher.mean, std=teacher.std)
 
 
-def make_forward(teacher: MaskedTeacher, device: torch.device, dtype: torch.dtype) -> ForwardFn:
+def make_forward(teacher: MaskedTeacher, device: torch.device, dtype: torch.dtype, compile_mode: str = "off",
+                 ) -> ForwardFn:
     """The batcher's forward: CPU float32 inputs in, CPU float32 logits out, compute on `device` in `dtype`."""
+    forward_patches = forward_patches_fn(teacher, compile_mode)
 
     def forward(patches: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
         x = patches.to(device=device, dtype=dtype)               # [G,K,C,P,P]
         idx = indices.to(device)                                  # [G,K]
         cnt = counts.to(device) if counts is not None else None   # [G]
-        return teacher.forward_patches(x, idx, cnt).float().cpu()  # [G,classes]
+        return forward_patches(x, idx, cnt).float().cpu()  # [G,classes]
 
     return forward
 
@@ -124,7 +127,7 @@ def build_served_model(
     """Meter and batcher around a loaded teacher; `batcher_kwargs` go to TokenBudgetBatcher (finalize, metrics)."""
     weight = next(teacher.parameters())
     batcher = TokenBudgetBatcher(
-        make_forward(teacher, weight.device, weight.dtype), num_prefix_tokens=teacher.num_prefix_tokens,
+        make_forward(teacher, weight.device, weight.dtype, settings.compile), num_prefix_tokens=teacher.num_prefix_tokens,
         token_budget=settings.token_budget, max_batch_images=settings.max_batch_images,
         max_delay_s=settings.max_delay_ms / 1000.0, mixed_k=settings.mixed_k, name=name,
         **batcher_kwargs,  # type: ignore[arg-type]

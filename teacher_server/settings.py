@@ -20,6 +20,7 @@ class ServerSettings(BaseSettings):
     served_name: str | None = None          # name clients use; default: the architecture name
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    compile: Literal["off", "static"] = "off"  # static: inductor graph per (batch, K) shape; see compiled.py
 
     # --- network ---
     host: str = "127.0.0.1"
