@@ -30,6 +30,7 @@ import torch
 
 from benchmarks.config import FULL, QUICK, BenchConfig
 from benchmarks.timing import load_average, machine_info, matmul_rate, usable_cpus
+from benchmarks.training import compiled_key
 
 SECTIONS = ("matmul", "teacher", "wire", "microbatch", "training", "flops", "breakdown", "gpu")
 
@@ -54,6 +55,8 @@ def _servers_needed(cfg: BenchConfig, sections: tuple[str, ...]) -> dict[str, di
         for pair in cfg.train_pairs:
             needed[pair.teacher.key] = {"model": pair.teacher.timm_name, "model_kwargs": pair.teacher.kwargs,
                                         "device": "cpu"}
+            if pair.key in cfg.train_compiled_pairs:
+                needed[compiled_key(pair.teacher.key)] = {**needed[pair.teacher.key], "compile": "static"}
     if "gpu" in sections and torch.cuda.is_available():
         for case in cfg.gpu_models:
             needed[f"gpu-{case.key}"] = {"model": case.timm_name, "model_kwargs": case.kwargs, "device": "cuda",

@@ -60,6 +60,10 @@ class BenchConfig:
     # 1: no pipelining. Student and teacher share this machine's cores, so overlapping them (App. E) only makes two
     # OpenMP teams fight over the same cores; the FLOP model's prediction assumes they take turns.
     train_micro_batches: int = 1
+    # pairs also trained against a `--compile static` teacher (steady training traffic: one graph per mode's shape,
+    # compiled during the warm-up steps), for these modes
+    train_compiled_pairs: tuple[str, ...] = ("cifar",)
+    train_compiled_modes: tuple[str, ...] = ("full_kd", "maskedkd_50")
     profile_keep: float = 0.5             # where the op-time profile is taken
     gpu_models: tuple[ModelCase, ...] = ()
     gpu_batch: int = 256
@@ -117,6 +121,7 @@ QUICK = BenchConfig(
     ),
     train_warmup_steps=1,
     train_steps=1,
+    train_compiled_pairs=(),
     gpu_models=(ModelCase("vit_b_224", "ViT-Ti 64px (quick mode)", "vit_tiny_patch16_224", {"img_size": 64}),),
     gpu_batch=8,
 )

@@ -139,15 +139,18 @@ def _training(s: Section) -> str:
                 "Student and teacher share the cores, so they take turns (no pipelining), which is what the FLOP "
                 "sum assumes.")]
     for p in s["pairs"]:
-        rows = [(name, f"{m['step_s'] * 1e3:.0f}", f"{m['predicted_gflops_per_image']:.3f}",
-                 f"{m['speedup_vs_full_kd']:.2f}x", f"{m['predicted_speedup_vs_full_kd']:.2f}x",
-                 f"{m['of_predicted']:.2f}") + ((pct(m["overlap"]) if m.get("overlap") is not None else "",)
-                                                 if pipelined else ())
-                for name, m in p["modes"].items()]
-        parts.append(f"**{p['label']}**: batch {p['batch_size']}, median of {p['timed_steps']} steps after "
-                     f"{p['warmup_steps']} warm-up\n\n" + table(
-                         ("mode", "ms/step", "GFLOPs/img (model)", "speedup vs full KD", "predicted",
-                          "measured / predicted") + (("teacher overlap",) if pipelined else ()), rows))
+        for label, modes in (("", p["modes"]), (" — teacher served with `--compile static`", p.get("compiled_modes"))):
+            if not modes:
+                continue
+            rows = [(name, f"{m['step_s'] * 1e3:.0f}", f"{m['predicted_gflops_per_image']:.3f}",
+                     f"{m['speedup_vs_full_kd']:.2f}x", f"{m['predicted_speedup_vs_full_kd']:.2f}x",
+                     f"{m['of_predicted']:.2f}") + ((pct(m["overlap"]) if m.get("overlap") is not None else "",)
+                                                     if pipelined else ())
+                    for name, m in modes.items()]
+            parts.append(f"**{p['label']}**{label}: batch {p['batch_size']}, median of {p['timed_steps']} steps after "
+                         f"{p['warmup_steps']} warm-up\n\n" + table(
+                             ("mode", "ms/step", "GFLOPs/img (model)", "speedup vs full KD", "predicted",
+                              "measured / predicted") + (("teacher overlap",) if pipelined else ()), rows))
     return "\n\n".join(parts)
 
 

@@ -75,27 +75,44 @@ def run_mode(pair: TrainPair, server: Any, opts: dict[str, Any], cfg: BenchConfi
             "overlap": summary.get("overlap")}
 
 
+def compiled_key(teacher_key: str) -> str:
+    """Server-pool key of the `--compile static` server of a teacher."""
+    return f"{teacher_key}-compiled"
+
+
+def _run_modes(pair: TrainPair, server: Any, names: tuple[str, ...], cfg: BenchConfig, workdir: Path,
+               threads: int, predicted: dict[str, float]) -> dict[str, Any]:
+    modes: dict[str, Any] = {}
+    try:
+        for name, opts in MODES:
+            if name in names:
+                modes[name] = run_mode(pair, server, opts, cfg, workdir / name, threads)
+    finally:
+        torch.set_num_threads(threads)  # run_training sets the process-wide thread count
+    full = modes["full_kd"]["step_s"]
+    for name in modes:
+        modes[name]["predicted_gflops_per_image"] = predicted[name]
+        modes[name]["speedup_vs_full_kd"] = full / modes[name]["step_s"]
+        modes[name]["predicted_speedup_vs_full_kd"] = predicted["full_kd"] / predicted[name]
+        modes[name]["of_predicted"] = modes[name]["speedup_vs_full_kd"] / modes[name]["predicted_speedup_vs_full_kd"]
+    return modes
+
+
 def run_training_section(cfg: BenchConfig, pool: Any, workdir: Path, threads: int) -> dict[str, Any]:
     pairs = []
     for pair in cfg.train_pairs:
-        server = pool.get(pair.teacher.key)
         predicted = predicted_gflops(pair, num_classes=10)
-        modes: dict[str, Any] = {}
-        try:
-            for name, opts in MODES:
-                modes[name] = run_mode(pair, server, opts, cfg, workdir / pair.key / name, threads)
-        finally:
-            torch.set_num_threads(threads)  # run_training sets the process-wide thread count
-        full = modes["full_kd"]["step_s"]
-        for name in modes:
-            modes[name]["predicted_gflops_per_image"] = predicted[name]
-            modes[name]["speedup_vs_full_kd"] = full / modes[name]["step_s"]
-            modes[name]["predicted_speedup_vs_full_kd"] = predicted["full_kd"] / predicted[name]
-            modes[name]["of_predicted"] = modes[name]["speedup_vs_full_kd"] / modes[name]["predicted_speedup_vs_full_kd"]
+        modes = _run_modes(pair, pool.get(pair.teacher.key), tuple(name for name, _ in MODES), cfg,
+                           workdir / pair.key, threads, predicted)
+        compiled = None
+        if pair.key in cfg.train_compiled_pairs:
+            compiled = _run_modes(pair, pool.get(compiled_key(pair.teacher.key)), cfg.train_compiled_modes, cfg,
+                                  workdir / f"{pair.key}-compiled", threads, predicted)
         pairs.append({"pair": pair.key, "label": pair.label, "student": pair.student,
                       "student_kwargs": pair.student_kwargs, "teacher": pair.teacher.timm_name,
                       "teacher_kwargs": pair.teacher.kwargs, "batch_size": pair.batch_size,
-                      "warmup_steps": cfg.train_warmup_steps, "timed_steps": cfg.train_steps, "modes": modes})
+                      "warmup_steps": cfg.train_warmup_steps, "timed_steps": cfg.train_steps, "modes": modes,
+                      "compiled_modes": compiled})
     return {"pairs": pairs, "data": str(DATA.relative_to(REPO)), "threads": threads,
             "micro_batches": cfg.train_micro_batches,
             "flops_per_training_image": "3 x student forward + teacher masked forward (FLOP model)"}
