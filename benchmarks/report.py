@@ -209,7 +209,8 @@ def render(results: dict[str, Any], plots: Sequence[str] = ()) -> str:
         "",
         f"Made by `{results['command']}`" + MAKE_TARGETS.get(results["command"], "")
         + f" on {results['started_utc']}, in {results['total_s']} s. Every number below comes from this one run on "
-        "this one machine; targets are ratios within the run. Full data: `benchmarks.json` beside this file.",
+        "this one machine; targets are ratios within the run. Full data: `benchmarks.json` beside this file. "
+        "Why the misses miss, with measurements: [performance-notes.md](performance-notes.md).",
         "",
     ]
     if quick:
