@@ -13,7 +13,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from sqlalchemy import (
-    BigInteger, Boolean, DateTime, Double, Engine, ForeignKey, Index, Integer, LargeBinary, String, UniqueConstraint,
+    BigInteger, Boolean, ColumnElement, DateTime, Double, Engine, ForeignKey, Index, Integer, LargeBinary, String,
+    UniqueConstraint,
     and_, create_engine, event, func, select, text,
 )
 from sqlalchemy.exc import IntegrityError
@@ -250,50 +251,83 @@ def used_gflops(session: Session, *, api_key_id: int) -> float:
     return float(total or 0.0)
 
 
+def as_utc(moment: datetime) -> datetime:
+    """Aware UTC datetime; naive values (SQLite gives those back) are taken to be UTC already."""
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
+def usage_window(*, since: datetime | None, until: datetime | None) -> list[ColumnElement[bool]]:
+    """Conditions selecting usage rows in [since, until) (either end open when None)."""
+    conditions: list[ColumnElement[bool]] = []
+    if since is not None:
+        conditions.append(UsageRecord.created_at >= as_utc(since))
+    if until is not None:
+        conditions.append(UsageRecord.created_at < as_utc(until))
+    return conditions
+
+
+def saving_pct(gflops: float, full_gflops: float) -> float:
+    """Share of the full teacher's GFLOPs the masked forwards saved, in percent (0 without usage)."""
+    if full_gflops <= 0 or math.isnan(full_gflops):
+        return 0.0
+    return 100.0 * (1.0 - gflops / full_gflops)
+
+
 @dataclass(frozen=True)
 class KeyTotals:
+    """One key with the totals of its usage rows (in a time window when one was asked for)."""
+
     name: str
     key_prefix: str
     disabled: bool
+    created_at: datetime
+    quota_gflops: float | None
+    price_per_gflop: float | None
     requests: int
     images: int
     tokens: int
     gflops: float
     full_gflops: float
     cost: float
+    last_used_at: datetime | None
 
     @property
     def saving_pct(self) -> float:
-        """Share of the full teacher's GFLOPs the masked forwards saved, in percent (0 without usage)."""
-        if self.full_gflops <= 0 or math.isnan(self.full_gflops):
-            return 0.0
-        return 100.0 * (1.0 - self.gflops / self.full_gflops)
+        return saving_pct(self.gflops, self.full_gflops)
 
 
-def usage_totals(session: Session, *, key_name: str | None = None, since: datetime | None = None) -> list[KeyTotals]:
-    """Totals per key (every key, also those without usage), optionally one key and/or rows after `since`."""
-    conditions = [UsageRecord.api_key_id == ApiKey.id]
-    if since is not None:
-        conditions.append(UsageRecord.created_at >= since)
+def usage_totals(
+    session: Session, *, key_name: str | None = None, since: datetime | None = None, until: datetime | None = None,
+) -> list[KeyTotals]:
+    """Every key (also those without usage) with the totals of its rows in [since, until), ordered by name;
+    only `key_name` when given (UnknownKeyNameError when no key has that name)."""
     stmt = (
         select(
-            ApiKey.name, ApiKey.key_prefix, ApiKey.disabled,
-            func.count(UsageRecord.id), func.coalesce(func.sum(UsageRecord.images), 0),
+            ApiKey.name, ApiKey.key_prefix, ApiKey.disabled, ApiKey.created_at, ApiKey.quota_gflops,
+            ApiKey.price_per_gflop, func.count(UsageRecord.id), func.coalesce(func.sum(UsageRecord.images), 0),
             func.coalesce(func.sum(UsageRecord.tokens), 0), func.coalesce(func.sum(UsageRecord.gflops), 0.0),
             func.coalesce(func.sum(UsageRecord.full_gflops), 0.0), func.coalesce(func.sum(UsageRecord.cost), 0.0),
+            func.max(UsageRecord.created_at),
         )
         .select_from(ApiKey)
-        .outerjoin(UsageRecord, and_(*conditions))
-        .group_by(ApiKey.id, ApiKey.name, ApiKey.key_prefix, ApiKey.disabled)
+        .outerjoin(UsageRecord, and_(UsageRecord.api_key_id == ApiKey.id, *usage_window(since=since, until=until)))
+        .group_by(ApiKey.id, ApiKey.name, ApiKey.key_prefix, ApiKey.disabled, ApiKey.created_at,
+                  ApiKey.quota_gflops, ApiKey.price_per_gflop)
         .order_by(ApiKey.name)
     )
     if key_name is not None:
         if find_api_key_by_name(session, name=key_name) is None:
             raise UnknownKeyNameError(f"no API key named {key_name!r}")
         stmt = stmt.where(ApiKey.name == key_name)
-    return [
-        KeyTotals(name=r[0], key_prefix=r[1], disabled=bool(r[2]), requests=int(r[3]), images=int(r[4]),
-                  tokens=int(r[5]), gflops=float(r[6]), full_gflops=float(r[7]), cost=float(r[8]))
-        for r in session.execute(stmt)
-    ]
+    totals = []
+    for r in session.execute(stmt):
+        last_used = r[12]
+        if isinstance(last_used, str):  # SQLite returns max() of a DATETIME column as its stored text
+            last_used = datetime.fromisoformat(last_used)
+        totals.append(KeyTotals(
+            name=r[0], key_prefix=r[1], disabled=bool(r[2]), created_at=as_utc(r[3]), quota_gflops=r[4],
+            price_per_gflop=r[5], requests=int(r[6]), images=int(r[7]), tokens=int(r[8]), gflops=float(r[9]),
+            full_gflops=float(r[10]), cost=float(r[11]), last_used_at=as_utc(last_used) if last_used else None,
+        ))
+    return totals
 

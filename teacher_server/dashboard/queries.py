@@ -7,20 +7,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, ColumnElement, and_, func, select
+from sqlalchemy import BigInteger, func, select
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import FunctionElement
 
-from teacher_server.ledger import ApiKey, UsageRecord
-
-
-def as_utc(moment: datetime) -> datetime:
-    """Aware UTC datetime; naive values (SQLite gives those back) are taken to be UTC already."""
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+from teacher_server.ledger import ApiKey, UsageRecord, usage_window
 
 
 class bucket_start_epoch(FunctionElement[int]):  # noqa: N801 (SQL function style)
@@ -50,68 +45,6 @@ def _bucket_default(element: bucket_start_epoch, compiler: Any, **kw: Any) -> st
     return f"CAST(FLOOR(EXTRACT(EPOCH FROM {column}) / {width}) * {width} AS BIGINT)"
 
 
-def _window(since: datetime | None, until: datetime | None) -> list[ColumnElement[bool]]:
-    conditions: list[ColumnElement[bool]] = []
-    if since is not None:
-        conditions.append(UsageRecord.created_at >= as_utc(since))
-    if until is not None:
-        conditions.append(UsageRecord.created_at < as_utc(until))
-    return conditions
-
-
-@dataclass(frozen=True)
-class KeyUsageRow:
-    """One key with its usage totals in a window."""
-
-    name: str
-    key_prefix: str
-    disabled: bool
-    created_at: datetime
-    quota_gflops: float | None
-    price_per_gflop: float | None
-    requests: int
-    images: int
-    tokens: int
-    gflops: float
-    full_gflops: float
-    cost: float
-    last_used_at: datetime | None
-
-
-def usage_by_key(
-    session: Session, *, since: datetime | None = None, until: datetime | None = None, key_name: str | None = None,
-) -> list[KeyUsageRow]:
-    """Every key (also those without usage) with the totals of its rows in [since, until), ordered by name."""
-    joined = and_(UsageRecord.api_key_id == ApiKey.id, *_window(since, until))
-    stmt = (
-        select(
-            ApiKey.name, ApiKey.key_prefix, ApiKey.disabled, ApiKey.created_at, ApiKey.quota_gflops,
-            ApiKey.price_per_gflop, func.count(UsageRecord.id), func.coalesce(func.sum(UsageRecord.images), 0),
-            func.coalesce(func.sum(UsageRecord.tokens), 0), func.coalesce(func.sum(UsageRecord.gflops), 0.0),
-            func.coalesce(func.sum(UsageRecord.full_gflops), 0.0), func.coalesce(func.sum(UsageRecord.cost), 0.0),
-            func.max(UsageRecord.created_at),
-        )
-        .select_from(ApiKey)
-        .outerjoin(UsageRecord, joined)
-        .group_by(ApiKey.id, ApiKey.name, ApiKey.key_prefix, ApiKey.disabled, ApiKey.created_at,
-                  ApiKey.quota_gflops, ApiKey.price_per_gflop)
-        .order_by(ApiKey.name)
-    )
-    if key_name is not None:
-        stmt = stmt.where(ApiKey.name == key_name)
-    rows = []
-    for r in session.execute(stmt):
-        last_used = r[12]
-        if isinstance(last_used, str):  # SQLite returns max() of a DATETIME column as its stored text
-            last_used = datetime.fromisoformat(last_used)
-        rows.append(KeyUsageRow(
-            name=r[0], key_prefix=r[1], disabled=bool(r[2]), created_at=as_utc(r[3]), quota_gflops=r[4],
-            price_per_gflop=r[5], requests=int(r[6]), images=int(r[7]), tokens=int(r[8]), gflops=float(r[9]),
-            full_gflops=float(r[10]), cost=float(r[11]), last_used_at=as_utc(last_used) if last_used else None,
-        ))
-    return rows
-
-
 @dataclass(frozen=True)
 class BucketRow:
     """Usage of one key in one time bucket."""
@@ -136,7 +69,7 @@ def usage_by_bucket(
                func.sum(UsageRecord.gflops), func.sum(UsageRecord.full_gflops), func.sum(UsageRecord.cost))
         .select_from(UsageRecord)
         .join(ApiKey, ApiKey.id == UsageRecord.api_key_id)
-        .where(*_window(since, until))
+        .where(*usage_window(since=since, until=until))
         .group_by(ApiKey.name, bucket)
         .order_by(bucket, ApiKey.name)
     )
@@ -167,7 +100,7 @@ def recent_requests(
                UsageRecord.batch_images)
         .select_from(UsageRecord)
         .join(ApiKey, ApiKey.id == UsageRecord.api_key_id)
-        .where(*_window(since, None))
+        .where(*usage_window(since=since, until=None))
         .order_by(UsageRecord.id.desc())
         .limit(limit)
     )

@@ -1,18 +1,16 @@
 """Request and response models of the dashboard's JSON API (they are what /openapi.json documents)."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from enum import Enum
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-
-def _as_utc(moment: datetime) -> datetime:
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+from teacher_server.ledger import as_utc
 
 
-UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]  # naive values from SQLite are UTC
+UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]  # naive values from SQLite are UTC
 
 
 class UsageTotals(BaseModel):

@@ -12,6 +12,7 @@ from teacher_server.dashboard.deps import SessionDep, SettingsDep
 from teacher_server.dashboard.schemas import (
     Bucket, ErrorMessage, KeySeries, KeyUsage, LatencyFigures, RecentLatency, UsageByKey, UsageSeries, UsageTotals,
 )
+from teacher_server.ledger import as_utc, find_api_key_by_name, saving_pct, usage_totals
 
 router = APIRouter(prefix="/api/usage", tags=["usage"])
 
@@ -26,17 +27,13 @@ KeyQuery = Annotated[str | None, Query(max_length=200, pattern=r"^[^\x00]*$",
                                        description="only this API key (by name)")]
 
 
-def _saving_pct(gflops: float, full_gflops: float) -> float:
-    return 100.0 * (1.0 - gflops / full_gflops) if full_gflops > 0 else 0.0
-
-
 def _check_window(since: datetime | None, until: datetime | None) -> None:
-    if since is not None and until is not None and queries.as_utc(since) >= queries.as_utc(until):
+    if since is not None and until is not None and as_utc(since) >= as_utc(until):
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "`since` must be before `until`")
 
 
 def _unknown_key(session: SessionDep, key: str | None) -> None:
-    if key is not None and not queries.usage_by_key(session, key_name=key):
+    if key is not None and find_api_key_by_name(session, name=key) is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no API key named {key!r}")
 
 
@@ -48,10 +45,10 @@ def usage_by_key(session: SessionDep, settings: SettingsDep, since: SinceQuery =
     (default: all time), plus the total over all keys."""
     _check_window(since, until)
     _unknown_key(session, key)
-    rows = queries.usage_by_key(session, since=since, until=until, key_name=key)
+    rows = usage_totals(session, since=since, until=until, key_name=key)
     lifetime = {r.name: r.gflops for r in rows}
     if since is not None or until is not None:
-        lifetime = {r.name: r.gflops for r in queries.usage_by_key(session, key_name=key)}
+        lifetime = {r.name: r.gflops for r in usage_totals(session, key_name=key)}
     keys = []
     for r in rows:
         quota_pct: float | None = None
@@ -64,17 +61,17 @@ def usage_by_key(session: SessionDep, settings: SettingsDep, since: SinceQuery =
             quota_used_pct=quota_pct,
             last_used_at=r.last_used_at, requests=r.requests, images=r.images, tokens=r.tokens, gflops=r.gflops,
             full_gflops=r.full_gflops, saved_gflops=r.full_gflops - r.gflops,
-            saving_pct=_saving_pct(r.gflops, r.full_gflops), cost=r.cost,
+            saving_pct=saving_pct(r.gflops, r.full_gflops), cost=r.cost,
         ))
     gflops = sum(k.gflops for k in keys)
     full = sum(k.full_gflops for k in keys)
     total = UsageTotals(
         requests=sum(k.requests for k in keys), images=sum(k.images for k in keys),
         tokens=sum(k.tokens for k in keys), gflops=gflops, full_gflops=full, saved_gflops=full - gflops,
-        saving_pct=_saving_pct(gflops, full), cost=sum(k.cost for k in keys),
+        saving_pct=saving_pct(gflops, full), cost=sum(k.cost for k in keys),
     )
     return UsageByKey(currency=settings.currency, default_price_per_gflop=settings.price_per_gflop,
-                      since=since and queries.as_utc(since), until=until and queries.as_utc(until), keys=keys,
+                      since=since and as_utc(since), until=until and as_utc(until), keys=keys,
                       total=total)
 
 
@@ -89,8 +86,8 @@ def usage_timeseries(session: SessionDep, settings: SettingsDep, bucket: Bucket 
     _check_window(since, until)
     _unknown_key(session, key)
     width = BUCKET_SECONDS[bucket]
-    end = queries.as_utc(until) if until is not None else datetime.now(timezone.utc)
-    start = queries.as_utc(since) if since is not None else end - DEFAULT_WINDOW[bucket]
+    end = as_utc(until) if until is not None else datetime.now(timezone.utc)
+    start = as_utc(since) if since is not None else end - DEFAULT_WINDOW[bucket]
     if start >= end:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "`since` must be before `until`")
     cells = queries.usage_by_bucket(session, width_s=width, since=start, until=end, key_name=key)
@@ -146,5 +143,5 @@ def recent_latency(session: SessionDep, limit: Annotated[int, Query(ge=1, le=100
     per_key: dict[str, list[queries.RecentRequest]] = {}
     for r in rows:
         per_key.setdefault(r.key, []).append(r)
-    return RecentLatency(window_requests=limit, since=since and queries.as_utc(since), overall=_figures("*", rows),
+    return RecentLatency(window_requests=limit, since=since and as_utc(since), overall=_figures("*", rows),
                          keys=[_figures(k, per_key[k]) for k in sorted(per_key)])
