@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.timing import REPO
+from teacher_server.child_process import stop_gracefully
 
 
 class ServerProcess:
@@ -76,13 +77,7 @@ class ServerProcess:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_gracefully(proc, timeout_s=30)
         if proc.stdout is not None:
             proc.stdout.close()
 

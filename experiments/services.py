@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -14,6 +13,8 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+from teacher_server.child_process import stop_gracefully
 
 SERVING = re.compile(r"teacher-server: serving .* on (\S+):(\d+)")
 
@@ -118,13 +119,7 @@ class TeacherService:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_gracefully(proc, timeout_s=60)
         if self._pump is not None:
             self._pump.join(timeout=10)
 

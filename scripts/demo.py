@@ -12,12 +12,13 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from teacher_server.child_process import stop_gracefully
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -135,12 +136,7 @@ def run_demo(cfg: DemoConfig) -> int:
                 pass
         return 0
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
+        stop_gracefully(server, timeout_s=30, process_group=True)
 
 
 def print_report(cfg: DemoConfig, teacher_top1: float, kd_top1: float, base_top1: float, usage: dict,
