@@ -87,18 +87,20 @@ def main(argv: list[str] | None = None) -> int:
 
             MaskedTeacher.forward_patches = timed  # type: ignore[method-assign]
             settings = ServerSettings(model=case.timm_name, db=f"sqlite:///{tmp}/ledger.db", port=0, metrics_port=None)
-            with running_server(settings, model=teacher.model) as srv:
-                key = srv.create_key("gap")
-                with TeacherClient(srv.address, key, timeout_s=600) as client:
-                    call = lambda: client.infer(patches=tb.pixels, keep_indices=tb.indices)  # noqa: E731
-                    call()
-                    for _ in range(args.rounds):
-                        before = served[0]
-                        wall = _per_call(call, args.calls)
-                        compute = (served[0] - before) / args.calls
-                        print(f"gRPC call {wall:.3f} s  served forward {compute:.3f} s  "
-                              f"direct forward {_per_call(direct, args.calls):.3f} s", flush=True)
-            MaskedTeacher.forward_patches = original  # type: ignore[method-assign]
+            try:
+                with running_server(settings, model=teacher.model) as srv:
+                    key = srv.create_key("gap")
+                    with TeacherClient(srv.address, key, timeout_s=600) as client:
+                        call = lambda: client.infer(patches=tb.pixels, keep_indices=tb.indices)  # noqa: E731
+                        call()
+                        for _ in range(args.rounds):
+                            before = served[0]
+                            wall = _per_call(call, args.calls)
+                            compute = (served[0] - before) / args.calls
+                            print(f"gRPC call {wall:.3f} s  served forward {compute:.3f} s  "
+                                  f"direct forward {_per_call(direct, args.calls):.3f} s", flush=True)
+            finally:
+                MaskedTeacher.forward_patches = original  # type: ignore[method-assign]
             return 0
         from benchmarks.server_proc import ServerPool
 

@@ -19,7 +19,8 @@ import torch
 
 from benchmarks.config import KEEPS, BenchConfig, ModelCase, num_kept
 from benchmarks.timing import measure
-from teacher_server.compiled import PatchForward, compiled_forward_patches
+from teacher_server.batcher import ForwardFn
+from teacher_server.compiled import compiled_forward_patches
 from teacher_server.masked_teacher import MaskedTeacher
 
 
@@ -49,7 +50,7 @@ def make_batch(teacher: MaskedTeacher, batch: int, kept: int, seed: int = 0) -> 
     return TeacherBatch(pixels, normalized, indices)
 
 
-def inprocess_rate(forward: PatchForward, tb: TeacherBatch, cfg: BenchConfig) -> dict[str, Any]:
+def inprocess_rate(forward: ForwardFn, tb: TeacherBatch, cfg: BenchConfig) -> dict[str, Any]:
     """Images/s of `forward` (eager `forward_patches` or its compiled form); `compile_s`: its first call's time."""
     calls = cfg.calls_per_repeat
     started = time.perf_counter()

@@ -9,17 +9,15 @@ beyond that run eager. It pays off for steady traffic (fixed student batch and k
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
+from teacher_server.batcher import ForwardFn
 from teacher_server.masked_teacher import MaskedTeacher
 
-PatchForward = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 COMPILE_MODES = ("off", "static")
 
 
-def compiled_forward_patches(teacher: MaskedTeacher, *, max_shapes: int = 8) -> PatchForward:
+def compiled_forward_patches(teacher: MaskedTeacher, *, max_shapes: int = 8) -> ForwardFn:
     """`teacher.forward_patches` compiled by inductor with frozen weights, one graph per input shape.
 
     Call it under `torch.inference_mode()` (the batcher does): freezing treats the weights as constants, so a
@@ -33,7 +31,7 @@ def compiled_forward_patches(teacher: MaskedTeacher, *, max_shapes: int = 8) -> 
     return torch.compile(teacher.forward_patches, dynamic=False)  # type: ignore[return-value]
 
 
-def forward_patches_fn(teacher: MaskedTeacher, mode: str) -> PatchForward:
+def forward_patches_fn(teacher: MaskedTeacher, mode: str) -> ForwardFn:
     """The teacher's patch forward for a `--compile` mode: "off" is eager, "static" is `compiled_forward_patches`."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
