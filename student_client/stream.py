@@ -25,6 +25,21 @@ from student_client.errors import RETRYABLE_CODES, TeacherError, TeacherInputErr
 from student_client.wire import build_request, decode_response, new_request_id
 
 _CLOSE = object()  # ends the request iterator of one stream
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class _MessageError(grpc.RpcError):
+    """The error answer of one stream message, seen as the RpcError a unary Infer of it would have raised."""
+
+    def __init__(self, response: pb.InferResponse) -> None:
+        self._code = _CODES.get(response.error.code, grpc.StatusCode.UNKNOWN)
+        self._details = f"request_id {response.request_id!r}: {response.error.message}"
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
 
 
 class TeacherStream:
@@ -102,12 +117,15 @@ class TeacherStream:
     def _read(self, call: Any, outbox: queue.Queue[Any]) -> None:
         try:
             for resp in call:
-                logits, usage = decode_response(resp)
+                result = None if resp.HasField("error") else decode_response(resp)
                 with self._lock:
                     self._failures = 0
                     entry = self._pending.pop(resp.request_id, None)
                 if entry is not None and not entry[1].done():
-                    entry[1].set_result((logits, usage))
+                    if result is None:  # this request alone failed; the stream goes on
+                        entry[1].set_exception(error_from_rpc(_MessageError(resp), self.client.target))
+                    else:
+                        entry[1].set_result(result)
             self._on_stream_end(None, outbox)
         except grpc.RpcError as err:
             self._on_stream_end(err, outbox)
