@@ -103,7 +103,8 @@ def _scan(buf: bytes, pos: int, end: int, descriptor: Descriptor, path: str, fou
                 _check_value(buf, pos, pos + size, field, name, found, top=not path)
             pos += size
         else:
-            raise _Corrupt(f"{name}: wire type {wire} at byte {at} (groups are not part of this contract)")
+            what = "a group, which this contract does not use" if wire in (3, 4) else "no such wire type"
+            raise _Corrupt(f"{name}: wire type {wire} at byte {at} ({what})")
         if pos > end:
             raise _Corrupt(f"{name}: truncated at byte {end}")
 

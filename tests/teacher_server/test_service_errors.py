@@ -146,6 +146,15 @@ def test_undecodable_bytes_are_invalid_argument_naming_the_problem(served, case:
     assert ledger_rows(srv.settings.db) == []
 
 
+def test_an_undecodable_model_info_request_is_invalid_argument(served) -> None:
+    srv, _ = served
+    with grpc.insecure_channel(srv.address) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            channel.unary_unary("/maskedkd.v1.TeacherService/GetModelInfo")(b"\x0a\x02\xff\xfe", timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == "the request is not a valid maskedkd.v1.ModelInfoRequest: model is not valid UTF-8"
+
+
 def test_echoed_input_is_clipped(served) -> None:
     srv, key = served
     channel, teacher = stub(srv.address)
