@@ -54,6 +54,7 @@ class TeacherStream:
         self._reader: threading.Thread | None = None
         self._closed = False
         self._failures = 0  # consecutive stream breaks without a response in between
+        self._retries: dict[str, int] = {}  # request_id -> resends after a transient per-message error
 
     def submit(
         self, images: torch.Tensor | None = None, patches: torch.Tensor | None = None,
@@ -121,9 +122,10 @@ class TeacherStream:
                 with self._lock:
                     self._failures = 0
                     entry = self._pending.pop(resp.request_id, None)
+                    resent = self._retries.pop(resp.request_id, 0)
                 if entry is not None and not entry[1].done():
                     if result is None:  # this request alone failed; the stream goes on
-                        entry[1].set_exception(error_from_rpc(_MessageError(resp), self.client.target))
+                        self._on_message_error(resp, *entry, resent=resent)
                     else:
                         entry[1].set_result(result)
             self._on_stream_end(None, outbox)
@@ -131,6 +133,28 @@ class TeacherStream:
             self._on_stream_end(err, outbox)
         except Exception as err:  # a decode error: fail everything in flight with it
             self._fail_all(TeacherError(f"teacher at {self.client.target} sent a bad response: {err}"))
+
+    def _on_message_error(self, resp: pb.InferResponse, req: pb.InferRequest, fut: Future[InferResult], *,
+                          resent: int) -> None:
+        """Resend a request refused with a transient status (same request_id, after a backoff), else fail it."""
+        err, attempt = _MessageError(resp), resent
+        if err.code() not in RETRYABLE_CODES or attempt >= self.client.max_retries:
+            fut.set_exception(error_from_rpc(err, self.client.target, attempts=attempt + 1))
+            return
+        with self._lock:
+            self._retries[req.request_id] = attempt + 1
+            self._pending[req.request_id] = (req, fut)  # pending again: close() waits for it, a reopen resends it
+        timer = threading.Timer(backoff_delay(attempt, self.client.backoff), self._resend, args=(req,))
+        timer.daemon = True
+        timer.start()
+
+    def _resend(self, req: pb.InferRequest) -> None:
+        with self._lock:
+            if self._closed or req.request_id not in self._pending:
+                return
+            self._ensure_open_locked()
+            assert self._outbox is not None
+            self._outbox.put(req)
 
     def _on_stream_end(self, err: grpc.RpcError | None, outbox: queue.Queue[Any]) -> None:
         with self._lock:
