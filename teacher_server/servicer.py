@@ -1,5 +1,6 @@
 """TeacherService over gRPC: authenticate, hand the request to InferenceService, encode the answer. Errors are
-raised as typed exceptions and mapped to statuses by the interceptor."""
+raised as typed exceptions and mapped to statuses by the interceptor; in InferStream the same mapping makes a failed
+message's own error answer."""
 from __future__ import annotations
 
 import asyncio
@@ -28,6 +29,24 @@ class _StreamEnd:
     """Last item of a stream's answer queue: queued only after every answer started before it."""
 
     error: BaseException | None  # what the stream then ends with; None: the client half-closed, all answered
+
+
+async def _next_request(messages: AsyncIterator[Any], closing: asyncio.Future[Any]) -> Any:
+    """The stream's next message, or how the stream ends: the client half-closed, its side broke, or the server is
+    shutting down (then the message, if any, stays unread: the client resends it elsewhere)."""
+    incoming = asyncio.ensure_future(anext(messages))
+    await asyncio.wait({incoming, closing}, return_when=asyncio.FIRST_COMPLETED)
+    if not incoming.done():
+        incoming.cancel()
+        return _StreamEnd(mark_counted(ServiceUnavailableError(
+            "the server is shutting down; requests not answered on this stream were not run: send them again "
+            "(same request_id)")))
+    try:
+        return incoming.result()
+    except StopAsyncIteration:
+        return _StreamEnd(None)
+    except Exception as exc:  # the client's side of the stream broke
+        return _StreamEnd(mark_counted(exc))
 
 
 def to_response(outcome: InferOutcome) -> pb.InferResponse:
@@ -95,29 +114,17 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             finally:
                 window.release()
 
-        async def read() -> BaseException | None:
-            """Start an answer per message until the client half-closes (None) or the stream must end (why)."""
+        async def read() -> _StreamEnd:
+            """Start an answer per message until the client half-closes or the stream must end."""
             messages = aiter(request_iterator)
             closing = asyncio.ensure_future(self._closing.wait())
             try:
                 while True:
                     await window.acquire()
-                    incoming = asyncio.ensure_future(anext(messages))
-                    await asyncio.wait({incoming, closing}, return_when=asyncio.FIRST_COMPLETED)
-                    if not incoming.done():
+                    request = await _next_request(messages, closing)
+                    if isinstance(request, _StreamEnd):
                         window.release()
-                        incoming.cancel()
-                        return mark_counted(ServiceUnavailableError(
-                            "the server is shutting down; requests not answered on this stream were not run: "
-                            "send them again (same request_id)"))
-                    try:
-                        request = incoming.result()
-                    except StopAsyncIteration:
-                        window.release()
-                        return None
-                    except Exception as exc:  # the client's side of the stream broke
-                        window.release()
-                        return mark_counted(exc)
+                        return request
                     task = asyncio.create_task(answer(request))
                     started.add(task)
                     task.add_done_callback(started.discard)
@@ -126,13 +133,13 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
 
         async def read_then_end() -> None:
             try:
-                error = await read()
+                end = await read()
                 await asyncio.gather(*started, return_exceptions=True)
             except asyncio.CancelledError:  # the client cancelled: its answers cannot be sent any more
                 for task in started:
                     task.cancel()
                 raise
-            await answers.put(_StreamEnd(error))
+            await answers.put(end)
 
         reader = asyncio.create_task(read_then_end())
         try:

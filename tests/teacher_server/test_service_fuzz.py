@@ -3,9 +3,11 @@ serializers) to Infer and InferStream: never UNKNOWN or INTERNAL, every message 
 afterwards, and the ledger, read back with SQL, holds exactly the requests answered OK (nothing refused is billed)."""
 from __future__ import annotations
 
-import timm
+from pathlib import Path
+
 import grpc
 import pytest
+import timm
 from fuzz_cases import fuzz_cases
 from service_testkit import MODEL, TINY, auth, image_request, ledger_rows, random_images, random_keep, settings
 
@@ -32,7 +34,7 @@ def _check_message(message: str) -> None:
     assert not message.endswith(CUT_MARK), f"an unclipped echo reached the size guard: {message}"
 
 
-def test_hostile_requests_get_clear_statuses_and_nothing_refused_is_billed(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_hostile_requests_get_clear_statuses_and_nothing_refused_is_billed(tmp_path: Path) -> None:
     model = timm.create_model(MODEL, pretrained=False, depth=2, **TINY).eval()
     cases = list(fuzz_cases(SEED, CASES))
     split = int(len(cases) * UNARY_SHARE)
@@ -67,7 +69,8 @@ def test_hostile_requests_get_clear_statuses_and_nothing_refused_is_billed(tmp_p
                     elif not answer.usage.replayed:
                         billed_answers.append(answer.request_id)
             good = image_request(random_images(2, 0), random_keep(2, 8, 0), request_id="still-alive")
-            assert pb.InferResponse.FromString(infer(good.SerializeToString(), metadata=key, timeout=60)).usage.images == 2
+            alive = pb.InferResponse.FromString(infer(good.SerializeToString(), metadata=key, timeout=60))
+            assert alive.usage.images == 2
     billed_rows = [r["request_id"] for r in ledger_rows(srv.settings.db)]
     assert sorted(billed_rows) == sorted(billed_answers + ["still-alive"])
     assert len(billed_answers) < 0.25 * CASES, codes  # most cases are refused before any forward

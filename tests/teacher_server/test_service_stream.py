@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -94,7 +95,7 @@ def test_each_message_gets_its_own_answer_and_only_good_ones_are_billed(served) 
         assert row["gflops"] == pytest.approx(by_id[row["request_id"]].usage.gflops, rel=1e-12)
 
 
-def test_shutdown_ends_a_stream_only_after_every_billed_answer_was_sent(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_shutdown_ends_a_stream_only_after_every_billed_answer_was_sent(tmp_path: Path) -> None:
     # The client never half-closes: it keeps sending while the server shuts down. Before per-message answers the
     # server kept serving the stream for the grace period, then cut it with answers billed but unsent.
     srv = RunningServer(settings(tmp_path, max_delay_ms=20.0, grace_s=5.0), model=tiny_vit(seed=5))
@@ -132,3 +133,34 @@ def test_shutdown_ends_a_stream_only_after_every_billed_answer_was_sent(tmp_path
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "shutting down" in err.value.details() and "same request_id" in err.value.details()
     assert len(sent) > len(answered) >= 3  # the client was still sending when the stream ended
+
+
+def test_after_a_client_cancel_a_resend_replays_what_was_billed(served) -> None:
+    srv, _ = served
+    key = srv.create_key("canceller")
+    requests = [image_request(random_images(2, 50 + i), random_keep(2, 12, 50 + i), request_id=f"c-{i}")
+                for i in range(12)]
+    release = threading.Event()
+
+    def first_try() -> Iterator[pb.InferRequest]:
+        yield from requests
+        release.wait(30)  # keep the stream open until the client cancels it
+
+    first: dict[str, pb.InferResponse] = {}
+    with grpc.insecure_channel(srv.address) as channel:
+        call = channel.stream_stream(STREAM, request_serializer=pb.InferRequest.SerializeToString,
+                                     response_deserializer=pb.InferResponse.FromString)
+        answers = call(first_try(), metadata=auth(key), timeout=60)
+        for answer in answers:
+            first[answer.request_id] = answer
+            if len(first) == 2:
+                answers.cancel()
+                break
+        release.set()
+        again = {a.request_id: a for a in call(iter(requests), metadata=auth(key), timeout=60)}
+    assert set(again) == {r.request_id for r in requests} and not any(a.HasField("error") for a in again.values())
+    for request_id, answer in first.items():  # answered before the cancel: the resend replays it, unbilled
+        assert again[request_id].usage.replayed
+        assert again[request_id].logits.data == answer.logits.data
+    rows = [r["request_id"] for r in ledger_rows(srv.settings.db) if r["key"] == "canceller"]
+    assert sorted(rows) == sorted(again)  # each request billed exactly once over both streams
