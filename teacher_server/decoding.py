@@ -10,10 +10,10 @@ from typing import Any
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
-from maskedkd.text import clip
 from teacher_server.errors import InvalidRequestError
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+SCAN_FIELDS = 10_000  # fields the scan reads before giving up (it runs in Python, on the event loop)
 _VARINT_TYPES = frozenset({FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT32,
                            FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_SINT64,
                            FieldDescriptor.TYPE_BOOL, FieldDescriptor.TYPE_ENUM})
@@ -50,19 +50,36 @@ def tolerant(deserializer: Callable[[bytes], Any], descriptor: Descriptor) -> Ca
         try:
             return deserializer(raw)
         except Exception as exc:  # DecodeError, and whatever else a parser raises on hostile bytes
-            found: dict[str, str] = {}
+            scan = _Scan()
             try:
-                _scan(raw, 0, len(raw), descriptor, "", found)
-                problem = clip(str(exc).split(": ")[-1], 120)  # the scan found nothing: say what the parser said
+                _scan(raw, 0, len(raw), descriptor, "", scan)
+                problem = _parser_says(exc)  # the scan found nothing: say what the parser said
             except _Corrupt as corrupt:
                 problem = str(corrupt)
-            return UndecodableRequest(descriptor.full_name, problem, found.get("request_id", ""))
+            except _GiveUp:
+                problem = _parser_says(exc)
+            return UndecodableRequest(descriptor.full_name, problem, scan.request_id)
 
     return deserialize
 
 
+def _parser_says(exc: Exception) -> str:
+    """upb's reason ("Wire format was corrupt"), without the message type it names first."""
+    return str(exc).split(": ")[-1][:120] or type(exc).__name__
+
+
 class _Corrupt(Exception):
     """The first problem found in the wire format, as a bounded message."""
+
+
+class _GiveUp(Exception):
+    """The scan read SCAN_FIELDS fields without finding the problem."""
+
+
+@dataclass
+class _Scan:
+    request_id: str = ""             # the top-level request_id, once read
+    fields_left: int = SCAN_FIELDS
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
@@ -80,10 +97,13 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
             raise _Corrupt(f"varint longer than 10 bytes ending at byte {pos}")
 
 
-def _scan(buf: bytes, pos: int, end: int, descriptor: Descriptor, path: str, found: dict[str, str]) -> None:
+def _scan(buf: bytes, pos: int, end: int, descriptor: Descriptor, path: str, scan: _Scan) -> None:
     """Walk the fields of `buf[pos:end]` as `descriptor`, raising `_Corrupt` at the first problem; records the
     top-level request_id on the way."""
     while pos < end:
+        scan.fields_left -= 1
+        if scan.fields_left < 0:
+            raise _GiveUp
         at = pos
         tag, pos = _varint(buf, pos)
         number, wire = tag >> 3, tag & 7
@@ -100,7 +120,7 @@ def _scan(buf: bytes, pos: int, end: int, descriptor: Descriptor, path: str, fou
             if pos + size > end:
                 raise _Corrupt(f"{name}: {size} bytes announced at byte {at}, only {end - pos} left")
             if field is not None:
-                _check_value(buf, pos, pos + size, field, name, found, top=not path)
+                _check_value(buf, pos, pos + size, field, name, scan, top=not path)
             pos += size
         else:
             what = "a group, which this contract does not use" if wire in (3, 4) else "no such wire type"
@@ -109,19 +129,25 @@ def _scan(buf: bytes, pos: int, end: int, descriptor: Descriptor, path: str, fou
             raise _Corrupt(f"{name}: truncated at byte {end}")
 
 
-def _check_value(buf: bytes, pos: int, end: int, field: FieldDescriptor, name: str, found: dict[str, str],
-                 *, top: bool) -> None:
+def _check_value(buf: bytes, pos: int, end: int, field: FieldDescriptor, name: str, scan: _Scan, *,
+                 top: bool) -> None:
     if field.type == FieldDescriptor.TYPE_STRING:
         try:
             text = buf[pos:end].decode("utf-8")
         except UnicodeDecodeError:
             raise _Corrupt(f"{name} is not valid UTF-8") from None
         if top and field.name == "request_id":
-            found["request_id"] = text
+            scan.request_id = text
     elif field.type == FieldDescriptor.TYPE_MESSAGE:
-        _scan(buf, pos, end, field.message_type, name + ".", found)
+        _scan(buf, pos, end, field.message_type, name + ".", scan)
     elif field.type in _VARINT_TYPES:  # packed repeated varints
         while pos < end:
-            _, pos = _varint(buf, pos)
+            scan.fields_left -= 1
+            if scan.fields_left < 0:
+                raise _GiveUp
+            try:
+                _, pos = _varint(buf, pos)
+            except _Corrupt:
+                raise _Corrupt(f"{name}: packed values run past their length") from None
         if pos > end:
             raise _Corrupt(f"{name}: packed values run past their length")

@@ -43,7 +43,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 def mark_counted(exc: BaseException) -> BaseException:
-    """Tell the interceptor this error was already counted (per stream message)."""
+    """Tell the interceptor not to count this error as a request (a stream's end: its messages count apart)."""
     exc.maskedkd_counted = True  # type: ignore[attr-defined]
     return exc
 
