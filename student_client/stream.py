@@ -7,6 +7,8 @@
 
 When the stream breaks with UNAVAILABLE / DEADLINE_EXCEEDED, it is reopened (with backoff) and every unanswered
 request is sent again with the same request_id: the server answers those it already ran from its ledger, unbilled.
+A request the teacher refuses alone fails only its own future with the mapped TeacherError (after resends under the
+same request_id when the status is UNAVAILABLE / DEADLINE_EXCEEDED); the stream goes on.
 """
 from __future__ import annotations
 
