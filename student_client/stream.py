@@ -7,6 +7,8 @@
 
 When the stream breaks with UNAVAILABLE / DEADLINE_EXCEEDED, it is reopened (with backoff) and every unanswered
 request is sent again with the same request_id: the server answers those it already ran from its ledger, unbilled.
+A request the teacher refuses alone fails only its own future with the mapped TeacherError (after resends under the
+same request_id when the status is UNAVAILABLE / DEADLINE_EXCEEDED); the stream goes on.
 """
 from __future__ import annotations
 
@@ -25,6 +27,21 @@ from student_client.errors import RETRYABLE_CODES, TeacherError, TeacherInputErr
 from student_client.wire import build_request, decode_response, new_request_id
 
 _CLOSE = object()  # ends the request iterator of one stream
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class _MessageError(grpc.RpcError):
+    """The error answer of one stream message, seen as the RpcError a unary Infer of it would have raised."""
+
+    def __init__(self, response: pb.InferResponse) -> None:
+        self._code = _CODES.get(response.error.code, grpc.StatusCode.UNKNOWN)
+        self._details = f"request_id {response.request_id!r}: {response.error.message}"
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
 
 
 class TeacherStream:
@@ -39,6 +56,7 @@ class TeacherStream:
         self._reader: threading.Thread | None = None
         self._closed = False
         self._failures = 0  # consecutive stream breaks without a response in between
+        self._retries: dict[str, int] = {}  # request_id -> resends after a transient per-message error
 
     def submit(
         self, images: torch.Tensor | None = None, patches: torch.Tensor | None = None,
@@ -102,17 +120,43 @@ class TeacherStream:
     def _read(self, call: Any, outbox: queue.Queue[Any]) -> None:
         try:
             for resp in call:
-                logits, usage = decode_response(resp)
+                result = None if resp.HasField("error") else decode_response(resp)
                 with self._lock:
                     self._failures = 0
                     entry = self._pending.pop(resp.request_id, None)
+                    resent = self._retries.pop(resp.request_id, 0)
                 if entry is not None and not entry[1].done():
-                    entry[1].set_result((logits, usage))
+                    if result is None:  # this request alone failed; the stream goes on
+                        self._on_message_error(resp, *entry, resent=resent)
+                    else:
+                        entry[1].set_result(result)
             self._on_stream_end(None, outbox)
         except grpc.RpcError as err:
             self._on_stream_end(err, outbox)
         except Exception as err:  # a decode error: fail everything in flight with it
             self._fail_all(TeacherError(f"teacher at {self.client.target} sent a bad response: {err}"))
+
+    def _on_message_error(self, resp: pb.InferResponse, req: pb.InferRequest, fut: Future[InferResult], *,
+                          resent: int) -> None:
+        """Resend a request refused with a transient status (same request_id, after a backoff), else fail it."""
+        err, attempt = _MessageError(resp), resent
+        if err.code() not in RETRYABLE_CODES or attempt >= self.client.max_retries:
+            fut.set_exception(error_from_rpc(err, self.client.target, attempts=attempt + 1))
+            return
+        with self._lock:
+            self._retries[req.request_id] = attempt + 1
+            self._pending[req.request_id] = (req, fut)  # pending again: close() waits for it, a reopen resends it
+        timer = threading.Timer(backoff_delay(attempt, self.client.backoff), self._resend, args=(req,))
+        timer.daemon = True
+        timer.start()
+
+    def _resend(self, req: pb.InferRequest) -> None:
+        with self._lock:
+            if self._closed or req.request_id not in self._pending:
+                return
+            self._ensure_open_locked()
+            assert self._outbox is not None
+            self._outbox.put(req)
 
     def _on_stream_end(self, err: grpc.RpcError | None, outbox: queue.Queue[Any]) -> None:
         with self._lock:

@@ -1,6 +1,8 @@
 """The one place exceptions become gRPC statuses: typed `ServiceError`s keep their message, anything else becomes
 INTERNAL with a reference id (the trace goes to the server log, never to the client). Also counts inference
-requests that end in an error (`maskedkd_requests_total{code}`); successes are counted where they complete."""
+requests that end in an error (`maskedkd_requests_total{code}`); successes are counted where they complete.
+Request bytes that do not parse reach the service as `UndecodableRequest` markers (INVALID_ARGUMENT), not as
+grpc's UNKNOWN."""
 from __future__ import annotations
 
 import asyncio
@@ -12,6 +14,8 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from maskedkd.v1 import teacher_pb2 as pb
+from teacher_server.decoding import decoded, tolerant
 from teacher_server.errors import ServiceError
 from teacher_server.inference import CURRENT_LABELS, CallLabels
 from teacher_server.metrics import ServerMetrics
@@ -20,19 +24,26 @@ log = logging.getLogger(__name__)
 
 SERVICE_PREFIX = "/maskedkd.v1.TeacherService/"
 INFERENCE_METHODS = ("Infer", "InferStream")
+MAX_MESSAGE_CHARS = 300  # a status message is one short line; longer ones are a bug (an unclipped echo), cut here
+CUT_MARK = " [cut]"
+_METHODS = pb.DESCRIPTOR.services_by_name["TeacherService"].methods_by_name
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """(code, client-facing message) for an exception."""
     if isinstance(exc, ServiceError):
-        return grpc.StatusCode[exc.status], str(exc)
+        message = str(exc)
+        if len(message) > MAX_MESSAGE_CHARS:
+            log.warning("status message of %d characters cut: %s", len(message), message[:1000])
+            message = message[:MAX_MESSAGE_CHARS - len(CUT_MARK)] + CUT_MARK
+        return grpc.StatusCode[exc.status], message
     ref = uuid.uuid4().hex[:12]
     log.error("internal error (ref %s)", ref, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal server error (ref {ref}); the request was not billed"
 
 
 def mark_counted(exc: BaseException) -> BaseException:
-    """Tell the interceptor this error was already counted (per stream message)."""
+    """Tell the interceptor not to count this error as a request (a stream's end: its messages count apart)."""
     exc.maskedkd_counted = True  # type: ignore[attr-defined]
     return exc
 
@@ -77,14 +88,18 @@ class ErrorInterceptor(aio.ServerInterceptor):
         method: str = handler_call_details.method
         if handler is None or not method.startswith(SERVICE_PREFIX):
             return handler
-        counts = method.removeprefix(SERVICE_PREFIX) in INFERENCE_METHODS
+        name = method.removeprefix(SERVICE_PREFIX)
+        counts = name in INFERENCE_METHODS
+        deserializer = handler.request_deserializer
+        if name in _METHODS and deserializer is not None:
+            deserializer = tolerant(deserializer, _METHODS[name].input_type)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, counts), request_deserializer=handler.request_deserializer,
+                self._wrap_unary(handler.unary_unary, counts), request_deserializer=deserializer,
                 response_serializer=handler.response_serializer)
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
-                self._wrap_stream(handler.stream_stream, counts), request_deserializer=handler.request_deserializer,
+                self._wrap_stream(handler.stream_stream, counts), request_deserializer=deserializer,
                 response_serializer=handler.response_serializer)
         return handler
 
@@ -100,7 +115,7 @@ class ErrorInterceptor(aio.ServerInterceptor):
             CURRENT_LABELS.set(labels)
             self._enter()
             try:
-                response = await behavior(request, context)
+                response = await behavior(decoded(request), context)
             except (aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as exc:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from maskedkd.codec import TensorDecodeError, proto_to_tensor
+from maskedkd.text import clip
 from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server.errors import InvalidRequestError
 
@@ -91,7 +92,7 @@ def _decode_keep_counts(request: pb.InferRequest, batch: int, k: int, max_elemen
         raise InvalidRequestError(f"keep_counts: dtype {str(counts.dtype).removeprefix('torch.')} is not an integer "
                                   "type; send int16, int32 or int64")
     if tuple(counts.shape) != (batch,):
-        raise InvalidRequestError(f"keep_counts: shape {list(counts.shape)} must be [B] = [{batch}]")
+        raise InvalidRequestError(f"keep_counts: shape {clip(list(counts.shape))} must be [B] = [{batch}]")
     counts = counts.to(torch.int64)
     bad = ((counts < 1) | (counts > k)).nonzero()
     if len(bad):
@@ -130,7 +131,7 @@ def _decode_keep_indices(request: pb.InferRequest, batch: int, spec: ModelSpec, 
         raise InvalidRequestError(f"keep_indices: dtype {str(indices.dtype).removeprefix('torch.')} is not an "
                                   "integer type; send int16, int32 or int64")
     if indices.dim() != 2 or indices.shape[0] != batch:
-        raise InvalidRequestError(f"keep_indices: shape {list(indices.shape)} must be [B, K] with B = {batch}")
+        raise InvalidRequestError(f"keep_indices: shape {clip(list(indices.shape))} must be [B, K] with B = {batch}")
     k = int(indices.shape[1])
     if k_expected is not None and k != k_expected:
         raise InvalidRequestError(f"keep_indices: K = {k} disagrees with patches, which carry K = {k_expected}")
@@ -166,7 +167,7 @@ def prepare_input(request: pb.InferRequest, spec: ModelSpec, *, max_images: int,
     if which == "images":
         images = _decode(request.images, "images", max_elements)
         if images.dim() != 4:
-            raise InvalidRequestError(f"images: shape {list(images.shape)} must be [B, C, H, W] (4 dimensions)")
+            raise InvalidRequestError(f"images: shape {clip(list(images.shape))} must be [B, C, H, W] (4 dimensions)")
         batch = int(images.shape[0])
         _check_batch_size(batch, "images", max_images)
         if images.shape[1] != c:
@@ -191,7 +192,7 @@ def prepare_input(request: pb.InferRequest, spec: ModelSpec, *, max_images: int,
     else:
         raw = _decode(request.patches, "patches", max_elements)
         if raw.dim() != 5:
-            raise InvalidRequestError(f"patches: shape {list(raw.shape)} must be [B, K, C, P, P] (5 dimensions)")
+            raise InvalidRequestError(f"patches: shape {clip(list(raw.shape))} must be [B, K, C, P, P] (5 dimensions)")
         batch, k = int(raw.shape[0]), int(raw.shape[1])
         _check_batch_size(batch, "patches", max_images)
         if raw.shape[2] != c:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from maskedkd.text import clip
 from teacher_server.batcher import ForwardFn, TokenBudgetBatcher
 from teacher_server.checkpoints import load_model
 from teacher_server.compiled import forward_patches_fn
@@ -114,7 +115,7 @@ class ModelRegistry:
     def get(self, name: str) -> ServedModel:
         served = self._models.get(name or self.default or "")
         if served is None:
-            raise ModelNotFoundError(f"unknown model {name!r}; this server serves: {', '.join(self.names)}")
+            raise ModelNotFoundError(f"unknown model {clip(name)}; this server serves: {', '.join(self.names)}")
         return served
 
     def __iter__(self):  # type: ignore[no-untyped-def]

@@ -56,6 +56,7 @@ class TeacherServer:
         self.metrics_port: int | None = None
         self.dashboard_port: int | None = None
         self._server: aio.Server | None = None
+        self._servicer: TeacherServicer | None = None
         self._dashboard: Any = None
         self._stopped = False
 
@@ -73,8 +74,8 @@ class TeacherServer:
             options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
                      ("grpc.so_reuseport", 0)],
         )
-        pb_grpc.add_TeacherServiceServicer_to_server(
-            TeacherServicer(service=self.service, auth=self.auth, settings=s, metrics=self.metrics), server)
+        self._servicer = TeacherServicer(service=self.service, auth=self.auth, settings=s, metrics=self.metrics)
+        pb_grpc.add_TeacherServiceServicer_to_server(self._servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -122,6 +123,8 @@ class TeacherServer:
         if self._server is not None:
             # Refuse new calls, give TeacherService calls up to `grace` to finish, then cut what is left (health
             # watchers, reflection streams) instead of letting them hold the shutdown for the whole grace period.
+            if self._servicer is not None:  # streams answer what they started, then end UNAVAILABLE
+                self._servicer.close_streams()
             stopping = asyncio.create_task(self._server.stop(grace))
             await self._interceptor.wait_idle(grace)
             await self._server.stop(0)

@@ -1,9 +1,12 @@
 """TeacherService over gRPC: authenticate, hand the request to InferenceService, encode the answer. Errors are
-raised as typed exceptions and mapped to statuses by the interceptor."""
+raised as typed exceptions and mapped to statuses by the interceptor; in InferStream the same mapping makes a failed
+message's own error answer."""
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 
 from grpc import aio
 
@@ -11,21 +14,39 @@ from maskedkd.codec import tensor_to_proto
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
 from teacher_server.auth import KeyAuthenticator, KeyInfo, bearer_secret
-from teacher_server.errors import AuthenticationError, ServiceError
+from teacher_server.decoding import decoded, request_id_of
+from teacher_server.errors import AuthenticationError, ServiceUnavailableError
 from teacher_server.inference import CURRENT_LABELS, CallLabels, InferenceService, InferOutcome, current_labels
-from teacher_server.interceptor import mark_counted
+from teacher_server.interceptor import mark_counted, status_of
 from teacher_server.metrics import ServerMetrics
 from teacher_server.settings import ServerSettings
 
 STREAM_WINDOW = 64  # requests of one stream in flight at once (back-pressure on a fast sender)
 
 
-class StreamRequestError(ServiceError):
-    """A failed message of an InferStream: ends the stream with the message's status, naming its request_id."""
+@dataclass(frozen=True)
+class _StreamEnd:
+    """Last item of a stream's answer queue: queued only after every answer started before it."""
 
-    def __init__(self, request_id: str, cause: ServiceError) -> None:
-        super().__init__(f"request_id {request_id!r}: {cause}" if request_id else str(cause))
-        self.status = cause.status
+    error: BaseException | None  # what the stream then ends with; None: the client half-closed, all answered
+
+
+async def _next_request(messages: AsyncIterator[Any], closing: asyncio.Future[Any]) -> Any:
+    """The stream's next message, or how the stream ends: the client half-closed, its side broke, or the server is
+    shutting down (then the message, if any, stays unread: the client resends it elsewhere)."""
+    incoming = asyncio.ensure_future(anext(messages))
+    await asyncio.wait({incoming, closing}, return_when=asyncio.FIRST_COMPLETED)
+    if not incoming.done():
+        incoming.cancel()
+        return _StreamEnd(mark_counted(ServiceUnavailableError(
+            "the server is shutting down; requests not answered on this stream were not run: send them again "
+            "(same request_id)")))
+    try:
+        return incoming.result()
+    except StopAsyncIteration:
+        return _StreamEnd(None)
+    except Exception as exc:  # the client's side of the stream broke
+        return _StreamEnd(mark_counted(exc))
 
 
 def to_response(outcome: InferOutcome) -> pb.InferResponse:
@@ -44,6 +65,11 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         self._auth = auth
         self._settings = settings
         self._metrics = metrics
+        self._closing = asyncio.Event()
+
+    def close_streams(self) -> None:
+        """Server shutdown: every InferStream stops reading, answers what it started, then ends UNAVAILABLE."""
+        self._closing.set()
 
     async def _key(self, context: aio.ServicerContext) -> KeyInfo:
         key = await self._auth.authenticate(bearer_secret(context.invocation_metadata()))
@@ -72,53 +98,72 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         key = await self._key(context)
         return to_response(await self._service.infer(key, request))
 
-    async def InferStream(self, request_iterator: AsyncIterator[pb.InferRequest],
+    async def InferStream(self, request_iterator: AsyncIterator[Any],
                           context: aio.ServicerContext) -> AsyncIterator[pb.InferResponse]:
+        # One answer per message, an error answer for a failed one (keyed by its request_id); the stream goes on.
+        # Where it must end (server shutting down, the client's side broke), it ends only after every message
+        # already started was answered: nothing billed is left unsent.
         await self._key(context)  # refuse a bad key before reading anything
-        responses: asyncio.Queue[pb.InferResponse | BaseException | None] = asyncio.Queue()
+        answers: asyncio.Queue[pb.InferResponse | _StreamEnd] = asyncio.Queue()
         window = asyncio.Semaphore(STREAM_WINDOW)
+        started: set[asyncio.Task[None]] = set()
 
-        async def answer(request: pb.InferRequest) -> None:
-            labels = CallLabels()
-            CURRENT_LABELS.set(labels)  # this task's own copy of the context
+        async def answer(request: Any) -> None:
             try:
-                key = await self._key(context)  # cached; a key disabled mid-stream stops being served
-                response = to_response(await self._service.infer(key, request))
-                self._metrics.count_request(model=labels.model, key=labels.key, code="OK")
-                await responses.put(response)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                code = exc.status if isinstance(exc, ServiceError) else "INTERNAL"
-                self._metrics.count_request(model=labels.model, key=labels.key, code=code)
-                if isinstance(exc, ServiceError):
-                    exc = StreamRequestError(request.request_id, exc)
-                await responses.put(mark_counted(exc))
+                await answers.put(await self._answer(request, context))
             finally:
                 window.release()
 
-        async def read() -> None:
-            tasks: list[asyncio.Task[None]] = []
+        async def read() -> _StreamEnd:
+            """Start an answer per message until the client half-closes or the stream must end."""
+            messages = aiter(request_iterator)
+            closing = asyncio.ensure_future(self._closing.wait())
             try:
-                async for request in request_iterator:
+                while True:
                     await window.acquire()
-                    tasks.append(asyncio.create_task(answer(request)))
-                    tasks = [t for t in tasks if not t.done()]
-                await asyncio.gather(*tasks)
-                await responses.put(None)
-            except asyncio.CancelledError:
-                for t in tasks:
-                    t.cancel()
-                raise
-            except Exception as exc:  # the client's stream broke
-                await responses.put(exc)
+                    request = await _next_request(messages, closing)
+                    if isinstance(request, _StreamEnd):
+                        window.release()
+                        return request
+                    task = asyncio.create_task(answer(request))
+                    started.add(task)
+                    task.add_done_callback(started.discard)
+            finally:
+                closing.cancel()
 
-        reader = asyncio.create_task(read())
+        async def read_then_end() -> None:
+            try:
+                end = await read()
+                await asyncio.gather(*started, return_exceptions=True)
+            except asyncio.CancelledError:  # the client cancelled: its answers cannot be sent any more
+                for task in started:
+                    task.cancel()
+                raise
+            await answers.put(end)
+
+        reader = asyncio.create_task(read_then_end())
         try:
-            while (item := await responses.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
+            while not isinstance(item := await answers.get(), _StreamEnd):
                 yield item
+            if item.error is not None:
+                raise item.error
         finally:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
+
+    async def _answer(self, request: Any, context: aio.ServicerContext) -> pb.InferResponse:
+        """One stream message's answer, or its error answer (counted per message, as a unary call would be)."""
+        labels = CallLabels()
+        CURRENT_LABELS.set(labels)  # this task's own copy of the context
+        try:
+            key = await self._key(context)  # cached; a key disabled mid-stream stops being served
+            response = to_response(await self._service.infer(key, decoded(request)))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            code, message = status_of(exc)
+            self._metrics.count_request(model=labels.model, key=labels.key, code=code.name)
+            return pb.InferResponse(request_id=request_id_of(request),
+                                    error=pb.Status(code=code.value[0], message=message))
+        self._metrics.count_request(model=labels.model, key=labels.key, code="OK")
+        return response

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import torch
 
+from maskedkd.text import clip
 from maskedkd.v1 import teacher_pb2 as pb
 
 # dtype name on the wire -> torch dtype. bfloat16 has no numpy dtype, so it travels as raw 16-bit words.
@@ -21,6 +22,8 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
 }
 _TORCH_TO_WIRE = {v: k for k, v in WIRE_DTYPES.items()}
 _BIG_ENDIAN = sys.byteorder == "big"
+MAX_DIMS = 16                # far above the contract's 5, below numpy's 64
+MAX_EXTENT = 1 << 40         # bound on prod(max(dim, 1)) when the caller gives no max_elements
 
 
 class TensorDecodeError(ValueError):
@@ -42,18 +45,25 @@ def tensor_to_proto(tensor: torch.Tensor) -> pb.Tensor:
 def proto_to_tensor(msg: pb.Tensor, *, name: str = "tensor", max_elements: int | None = None) -> torch.Tensor:
     """Decode a `Tensor` message; raises `TensorDecodeError` naming `name` on any inconsistency."""
     if msg.dtype not in WIRE_DTYPES:
-        raise TensorDecodeError(f"{name}: unsupported dtype {msg.dtype!r}; expected one of {sorted(WIRE_DTYPES)}")
+        raise TensorDecodeError(f"{name}: unsupported dtype {clip(msg.dtype)}; expected one of {sorted(WIRE_DTYPES)}")
+    if len(msg.shape) > MAX_DIMS:
+        raise TensorDecodeError(f"{name}: shape has {len(msg.shape)} dimensions; at most {MAX_DIMS} allowed")
     shape = tuple(int(s) for s in msg.shape)
     if any(s < 0 for s in shape):
-        raise TensorDecodeError(f"{name}: negative dimension in shape {list(shape)}")
+        raise TensorDecodeError(f"{name}: negative dimension in shape {clip(list(shape))}")
+    limit = MAX_EXTENT if max_elements is None else max_elements
     numel = math.prod(shape)
-    if max_elements is not None and numel > max_elements:
-        raise TensorDecodeError(f"{name}: {numel} elements exceed the limit of {max_elements}")
+    if numel > limit:
+        raise TensorDecodeError(f"{name}: {clip(numel, 24)} elements exceed the limit of {limit}")
+    # A zero-size tensor may still name huge dimensions, which numpy refuses: bound them as if each were >= 1.
+    if math.prod(max(s, 1) for s in shape) > limit:
+        raise TensorDecodeError(f"{name}: zero-size shape {clip(list(shape))} names dimensions beyond the limit of "
+                                f"{limit} elements")
     dtype = WIRE_DTYPES[msg.dtype]
     itemsize = torch.empty((), dtype=dtype).element_size()
     if len(msg.data) != numel * itemsize:
         raise TensorDecodeError(
-            f"{name}: shape {list(shape)} of {msg.dtype} needs {numel * itemsize} bytes, got {len(msg.data)}"
+            f"{name}: shape {clip(list(shape))} of {msg.dtype} needs {numel * itemsize} bytes, got {len(msg.data)}"
         )
     np_dtype = np.dtype("int16" if dtype == torch.bfloat16 else msg.dtype)
     arr = np.frombuffer(msg.data, dtype=np_dtype.newbyteorder("<")).reshape(shape)

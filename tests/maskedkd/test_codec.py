@@ -124,3 +124,21 @@ def test_max_elements() -> None:
 def test_unsupported_torch_dtype_is_refused_on_encode() -> None:
     with pytest.raises(TypeError, match="float64"):
         tensor_to_proto(torch.zeros(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    ("shape", "words"),
+    [([1] * 65, "65 dimensions; at most 16"), ([0] + [1 << 40] * 3, "zero-size shape"),
+     ([1 << 62] * 16, "elements exceed the limit")],
+    ids=["65_dims", "zero_size_huge", "huge"],
+)
+def test_hostile_shapes_are_refused_before_numpy_sees_them(shape: list[int], words: str) -> None:
+    with pytest.raises(TensorDecodeError) as err:
+        proto_to_tensor(pb.Tensor(dtype="uint8", shape=shape, data=b""), name="images")
+    assert words in str(err.value) and len(str(err.value)) <= 200, str(err.value)
+
+
+def test_a_long_dtype_is_named_not_echoed() -> None:
+    with pytest.raises(TensorDecodeError) as err:
+        proto_to_tensor(pb.Tensor(dtype="x" * 5000, shape=[1], data=b"\x00"))
+    assert "(5000 chars)" in str(err.value) and len(str(err.value)) <= 200

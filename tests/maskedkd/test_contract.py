@@ -121,6 +121,9 @@ def test_contract_names(compiled) -> None:
     _check(response, "request_id", FD.TYPE_STRING)
     _check(response, "logits", FD.TYPE_MESSAGE, type_name=TENSOR)
     _check(response, "usage", FD.TYPE_MESSAGE, type_name=".maskedkd.v1.Usage")
+    _check(response, "error", FD.TYPE_MESSAGE, type_name=".maskedkd.v1.Status")  # a stream message's own failure
+    _check(messages["Status"], "code", FD.TYPE_INT32)
+    _check(messages["Status"], "message", FD.TYPE_STRING)
 
     usage = messages["Usage"]
     for name, kind in [("images", FD.TYPE_INT64), ("tokens", FD.TYPE_INT64), ("gflops", FD.TYPE_DOUBLE),

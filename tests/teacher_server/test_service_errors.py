@@ -49,6 +49,20 @@ def _nan() -> pb.InferRequest:
     return image_request(x, KEEP)
 
 
+def _huge_dims() -> pb.InferRequest:
+    req = image_request(IMAGES, KEEP)
+    req.images.shape[:] = [2, 3, 1 << 62, 1 << 62]
+    return req
+
+
+def _shape(shape: list[int], data: bytes = b"") -> pb.InferRequest:
+    req = image_request(IMAGES, KEEP)
+    del req.images.shape[:]
+    req.images.shape.extend(shape)
+    req.images.data = data
+    return req
+
+
 BAD_INPUTS: dict[str, tuple[Callable[[], pb.InferRequest], str]] = {  # case -> (request, words the message needs)
     "no input": (lambda: pb.InferRequest(), "no input"),
     "unknown wire dtype": (lambda: _wire_dtype("float64"), "unsupported dtype 'float64'"),
@@ -77,6 +91,10 @@ BAD_INPUTS: dict[str, tuple[Callable[[], pb.InferRequest], str]] = {  # case -> 
     "patch shape": (lambda: patch_request(PATCHES[0], KEEP), "must be [B, K, C, P, P]"),
     "patch size": (lambda: patch_request(PATCHES[..., :3, :3].contiguous(), KEEP), "patch size 3x3"),
     "request_id too long": (lambda: image_request(IMAGES, KEEP, request_id="x" * 201), "request_id is 201"),
+    "65 dimensions": (lambda: _shape([1] * 65, b"\x00"), "65 dimensions; at most 16"),
+    "huge dimensions": (_huge_dims, "elements exceed the limit"),
+    "zero-size with huge dimensions": (lambda: _shape([0, 3, 1 << 40, 1 << 40]), "zero-size shape"),
+    "negative dimension": (lambda: _shape([2, 3, -32, -32]), "negative dimension"),
 }
 
 
@@ -101,20 +119,54 @@ def test_bad_input_is_invalid_argument_naming_the_problem(served, case: str) -> 
     channel.close()
 
 
-def test_a_bad_message_ends_a_stream_naming_its_request_id(served) -> None:
+def _raw(request: pb.InferRequest) -> bytes:
+    return request.SerializeToString()
+
+
+UNDECODABLE: dict[str, tuple[bytes, str]] = {  # case -> (raw request bytes, words the message needs)
+    "truncated message": (_raw(image_request(IMAGES, KEEP))[:-5], "keep_indices: 142 bytes announced"),
+    "invalid UTF-8 request_id": (_raw(image_request(IMAGES, KEEP, request_id="rid")).replace(b"rid", b"r\xffd"),
+                                 "request_id is not valid UTF-8"),
+    "invalid UTF-8 model": (_raw(image_request(IMAGES, KEEP, model="vit")).replace(b"vit", b"v\xc3("),
+                            "model is not valid UTF-8"),
+    "garbage": (bytes(range(256)) * 4, "not a valid maskedkd.v1.InferRequest"),
+    "unterminated group": (b"\x0b", "wire type 3"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNDECODABLE))
+def test_undecodable_bytes_are_invalid_argument_naming_the_problem(served, case: str) -> None:
+    srv, key = served
+    raw, words = UNDECODABLE[case]
+    with grpc.insecure_channel(srv.address) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            channel.unary_unary("/maskedkd.v1.TeacherService/Infer")(raw, metadata=auth(key), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert words in err.value.details() and len(err.value.details()) <= 300, err.value.details()
+    assert ledger_rows(srv.settings.db) == []
+
+
+def test_an_undecodable_model_info_request_is_invalid_argument(served) -> None:
+    srv, _ = served
+    with grpc.insecure_channel(srv.address) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            channel.unary_unary("/maskedkd.v1.TeacherService/GetModelInfo")(b"\x0a\x02\xff\xfe", timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == "the request is not a valid maskedkd.v1.ModelInfoRequest: model is not valid UTF-8"
+
+
+def test_echoed_input_is_clipped(served) -> None:
     srv, key = served
     channel, teacher = stub(srv.address)
-    good = image_request(IMAGES, KEEP, request_id="fine")
-    bad = image_request(IMAGES[:, :1].contiguous(), KEEP, request_id="broken")
-    got: list[str] = []
-    with pytest.raises(grpc.RpcError) as err:
-        for response in teacher.InferStream(iter([good, bad]), metadata=auth(key)):
-            got.append(response.request_id)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "'broken'" in err.value.details() and "channels" in err.value.details()
-    billed = [r["request_id"] for r in ledger_rows(srv.settings.db)]
-    assert "broken" not in billed and set(billed) <= {"fine"}
-    _forget_usage(srv)
+    cases = {
+        grpc.StatusCode.NOT_FOUND: image_request(IMAGES, KEEP, model="m" * 5000),
+        grpc.StatusCode.INVALID_ARGUMENT: _wire_dtype("d" * 5000),
+    }
+    for code, request in cases.items():
+        with pytest.raises(grpc.RpcError) as err:
+            teacher.Infer(request, metadata=auth(key))
+        assert err.value.code() == code
+        assert "(5000 chars)" in err.value.details() and len(err.value.details()) <= 200, err.value.details()
     channel.close()
 
 

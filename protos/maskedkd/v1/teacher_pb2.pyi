@@ -92,12 +92,22 @@ class Usage(_message.Message):
     replayed: bool
     def __init__(self, images: _Optional[int] = ..., tokens: _Optional[int] = ..., gflops: _Optional[float] = ..., full_gflops: _Optional[float] = ..., cost: _Optional[float] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
+class Status(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
 class InferResponse(_message.Message):
-    __slots__ = ("request_id", "logits", "usage")
+    __slots__ = ("request_id", "logits", "usage", "error")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     logits: Tensor
     usage: Usage
-    def __init__(self, request_id: _Optional[str] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+    error: Status
+    def __init__(self, request_id: _Optional[str] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., error: _Optional[_Union[Status, _Mapping]] = ...) -> None: ...

@@ -71,7 +71,10 @@ class TeacherServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def InferStream(self, request_iterator, context):
-        """Bidirectional stream of Infer calls; every response carries the request_id of its request, in any order.
+        """Bidirectional stream of Infer calls; every request gets exactly one response carrying its request_id, in any
+        order. A request that fails gets a response with `error` set and the stream goes on. The stream itself ends
+        with an error status only when it cannot go on (bad API key, server shutting down: UNAVAILABLE, resend what was
+        not answered), and then only after every request that was billed has been answered.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,99 @@
+"""TeacherStream and per-message error answers: a request the teacher refuses fails its own future with the mapped
+TeacherError while the others are answered and billed as usual (a real teacher), and a transient per-message status
+is resent under the same request_id (a scripted TeacherService on a real gRPC server)."""
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+import pytest
+import torch
+from student_testkit import ledger_rows, teacher_server, tiny_teacher
+
+from maskedkd.codec import tensor_to_proto
+from maskedkd.v1 import teacher_pb2 as pb
+from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
+from student_client.client import TeacherClient
+from student_client.errors import TeacherInputError, TeacherUnavailableError
+from student_client.stream import TeacherStream
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_a_refused_request_fails_only_its_own_future(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (2, 3, 32, 32), generator=g).float() / 255  # [B, C, H, W], exactly k/255
+    keep = torch.stack([torch.randperm(64, generator=g)[:8].sort().values for _ in range(2)])  # [B, K]
+    repeats = keep.clone()
+    repeats[1, 1] = repeats[1, 0]  # the client sends it; the teacher refuses a repeated position
+    with teacher_server(tmp_path, tiny_teacher()) as srv:
+        client = TeacherClient(srv.address, srv.create_key("streamer"))
+        with TeacherStream(client) as stream:
+            futures = {rid: stream.submit(images=x, keep_indices=k, request_id=rid)
+                       for rid, x, k in [("a", images, keep), ("bad", images, repeats),
+                                         ("b", images.flip(0), keep.flip(0))]}
+            with pytest.raises(TeacherInputError) as err:
+                futures["bad"].result(timeout=30)
+            logits = {rid: futures[rid].result(timeout=30)[0] for rid in ("a", "b")}
+        assert err.value.code == "INVALID_ARGUMENT"
+        assert "request_id 'bad'" in str(err.value) and "repeats position" in str(err.value)
+        torch.testing.assert_close(logits["a"], logits["b"].flip(0), rtol=1e-5, atol=1e-5)
+        assert sorted(r["request_id"] for r in ledger_rows(srv, "streamer")) == ["a", "b"]
+
+
+class _ScriptedTeacher(pb_grpc.TeacherServiceServicer):
+    """Answers by request_id: "flaky-*" UNAVAILABLE on the first attempt then logits, "down-*" always UNAVAILABLE,
+    "bad-*" INVALID_ARGUMENT; counts the attempts per id."""
+
+    def __init__(self) -> None:
+        self.attempts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def GetModelInfo(self, request: pb.ModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
+        return pb.ModelInfo(model="scripted", image_height=32, image_width=32, patch_size=4, grid_height=8,
+                            grid_width=8, num_classes=10, in_chans=3, mean=[0.5] * 3, std=[0.5] * 3,
+                            max_batch_images=8)
+
+    def InferStream(self, requests: Iterator[pb.InferRequest],
+                    context: grpc.ServicerContext) -> Iterator[pb.InferResponse]:
+        for request in requests:
+            rid = request.request_id
+            with self._lock:
+                self.attempts[rid] += 1
+                first = self.attempts[rid] == 1
+            if rid.startswith("down") or rid.startswith("flaky") and first:
+                code, message = grpc.StatusCode.UNAVAILABLE, "ledger busy; not billed, retry"
+            elif rid.startswith("bad"):
+                code, message = grpc.StatusCode.INVALID_ARGUMENT, "keep_indices row 0 repeats position 3"
+            else:
+                yield pb.InferResponse(request_id=rid, logits=tensor_to_proto(torch.full((2, 10), 7.0)),
+                                       usage=pb.Usage(images=2))
+                continue
+            yield pb.InferResponse(request_id=rid, error=pb.Status(code=code.value[0], message=message))
+
+
+def test_transient_message_errors_are_resent_under_the_same_id() -> None:
+    teacher = _ScriptedTeacher()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_TeacherServiceServicer_to_server(teacher, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        client = TeacherClient(f"127.0.0.1:{port}", "mkd_" + "s" * 43, max_retries=2, backoff=0.01)
+        images, keep = torch.zeros(2, 3, 32, 32), torch.arange(8).repeat(2, 1)  # [B, C, H, W], [B, K]
+        with TeacherStream(client) as stream:
+            got = {rid: stream.submit(images=images, keep_indices=keep, request_id=rid)
+                   for rid in ("flaky-1", "down-1", "bad-1", "ok-1")}
+            logits, usage = got["flaky-1"].result(timeout=30)
+            with pytest.raises(TeacherUnavailableError, match="request_id 'down-1': ledger busy"):
+                got["down-1"].result(timeout=30)
+            with pytest.raises(TeacherInputError, match="repeats position 3"):
+                got["bad-1"].result(timeout=30)
+            assert got["ok-1"].result(timeout=30)[1].images == 2
+        assert torch.equal(logits, torch.full((2, 10), 7.0)) and usage.images == 2
+        assert teacher.attempts == {"flaky-1": 2, "down-1": 3, "bad-1": 1, "ok-1": 1}  # max_retries=2 resends
+    finally:
+        server.stop(grace=None)
