@@ -225,7 +225,8 @@ def test_ports_hosts_and_urls_agree(services: dict[str, Any], commands: dict[str
     # prometheus scrapes exactly that port on every replica of the teacher service (DNS service discovery)
     prometheus = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     assert [job.get("static_configs") for job in prometheus["scrape_configs"]] == [None]
-    discovered = [(name, sd["port"]) for sd in prometheus["scrape_configs"][0]["dns_sd_configs"] for name in sd["names"]]
+    sds = prometheus["scrape_configs"][0]["dns_sd_configs"]
+    discovered = [(name, sd["port"]) for sd in sds for name in sd["names"]]
     assert discovered == [("teacher", teacher.metrics_port)]
     assert prometheus["scrape_configs"][0]["dns_sd_configs"][0]["type"] == "A"
     assert prometheus["scrape_configs"][0].get("metrics_path", "/metrics") == "/metrics"
