@@ -10,6 +10,7 @@ The replicas are shared by the module; the failover test kills them, so it runs 
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,11 +28,13 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "teacher_server"))  # the Postgres and service testkits
 from postgres_testkit import PostgresServer, pg_rows, postgres_server  # noqa: E402,F401 (fixture)
-from service_testkit import MODEL, TINY, random_images, random_keep, tiny_vit  # noqa: E402
+from service_testkit import MODEL, TINY, random_images, random_keep, settings, tiny_vit  # noqa: E402
 
+from student_client.aio_client import AsyncTeacherClient  # noqa: E402
 from student_client.channel import HEALTH_SERVICE, grpc_target  # noqa: E402
 from student_client.client import TeacherClient  # noqa: E402
 from student_client.errors import TeacherQuotaError  # noqa: E402
@@ -39,6 +43,8 @@ from teacher_server import ledger  # noqa: E402
 from teacher_server.auth import create_api_key  # noqa: E402
 from teacher_server.checkpoints import save_model_checkpoint  # noqa: E402
 from teacher_server.child_process import stop_gracefully  # noqa: E402
+from teacher_server.server import SERVICE_NAME  # noqa: E402
+from teacher_server.testing import RunningServer, running_server  # noqa: E402
 
 pytestmark = pytest.mark.timeout(360)
 
@@ -60,6 +66,7 @@ def free_port() -> int:
 class Replica:
     proc: subprocess.Popen
     port: int
+    metrics_port: int
     log: Path
 
     @property
@@ -78,13 +85,13 @@ class Cluster:
 
 
 def start_replica(checkpoint: Path, db: str, log: Path) -> Replica:
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     argv = [*CLI, "serve", "--checkpoint", str(checkpoint), "--host", "127.0.0.1", "--port", str(port), "--db", db,
-            "--device", "cpu", "--no-metrics", "--max-delay-ms", "30", "--grace-s", "2"]
+            "--device", "cpu", "--metrics-port", str(metrics_port), "--max-delay-ms", "30", "--grace-s", "2"]
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("MASKEDKD_")}, "OMP_NUM_THREADS": "1"}
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-    return Replica(proc, port, log)
+    return Replica(proc, port, metrics_port, log)
 
 
 def wait_serving(replica: Replica, deadline: float) -> None:
@@ -103,7 +110,8 @@ def wait_serving(replica: Replica, deadline: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster(postgres_server: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:  # noqa: F811
+def cluster(postgres_server: PostgresServer,  # noqa: F811 (the imported fixture)
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("replicas")
     checkpoint = save_model_checkpoint(root / "teacher.safetensors", tiny_vit(seed=3), model_name=MODEL,
                                        model_kwargs=TINY)  # every replica serves the same weights
@@ -190,6 +198,66 @@ def test_a_quota_race_across_replicas_never_overshoots(cluster: Cluster) -> None
     assert billed <= quota, f"billed {billed:.6g} GFLOPs over a quota of {quota:.6g} ({len(accepted)} accepted)"
 
 
+def images_served(replica: Replica | RunningServer) -> float:
+    """Images this replica billed, from its own /metrics (summed over keys and models)."""
+    if isinstance(replica, RunningServer):
+        url = replica.metrics_url
+    else:
+        url = f"http://127.0.0.1:{replica.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        text = answer.read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(text) if family.name == "maskedkd_images"
+               for sample in family.samples if sample.name == "maskedkd_images_total")
+
+
+def test_a_replica_that_is_not_serving_gets_no_calls(tmp_path: Path) -> None:
+    """Client-side health checking: a replica whose health says NOT_SERVING (draining) is skipped, and used again
+    once it is SERVING. Two in-process servers on one SQLite ledger."""
+    model = tiny_vit(seed=3)
+    with running_server(settings(tmp_path, metrics_port=0), model=model) as a, \
+            running_server(settings(tmp_path, metrics_port=0), model=model) as b:
+        secret = a.create_key("health")
+
+        def set_health(status: int) -> None:  # what the server does itself when it starts draining
+            b._call(b.server.health.set(SERVICE_NAME, status))
+
+        with TeacherClient(f"{a.address},{b.address}", secret) as client:
+            set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            time.sleep(0.5)  # the client's health watch sees the change
+            before = [images_served(a), images_served(b)]
+            for i in range(6):
+                client.infer(**request(2 * i), request_id=f"h-off-{i}")
+            skipped = [images_served(a) - before[0], images_served(b) - before[1]]
+            set_health(health_pb2.HealthCheckResponse.SERVING)
+            time.sleep(0.5)
+            before = [images_served(a), images_served(b)]
+            for i in range(6):
+                client.infer(**request(2 * i), request_id=f"h-on-{i}")
+            spread = [images_served(a) - before[0], images_served(b) - before[1]]
+    assert skipped == [6, 0], skipped
+    assert spread == [3, 3], spread
+
+
+def test_calls_spread_round_robin_over_every_replica(cluster: Cluster) -> None:
+    secret = new_key(cluster.db, "spread")
+    before = [images_served(r) for r in cluster.replicas]
+    sent = 0
+    with TeacherClient(cluster.target, secret) as client:
+        for i in range(12):
+            sent += client.infer(**request(i), request_id=f"spread-sync-{i}")[1].images
+
+    async def async_calls() -> int:
+        async with AsyncTeacherClient(cluster.target, secret) as client:
+            return sum([(await client.infer(**request(i), request_id=f"spread-async-{i}"))[1].images
+                        for i in range(12)])
+
+    sent += asyncio.run(async_calls())
+    per_replica = [after - b for after, b in zip([images_served(r) for r in cluster.replicas], before)]
+    assert sum(per_replica) == sent == sum(request(i)["images"].shape[0] for i in range(12)) * 2
+    assert min(per_replica) >= sent / REPLICAS / 3, f"not spread over the replicas: {per_replica}"
+    assert len(ledger_rows(cluster.db, "spread")) == 24
+
+
 def test_failover_loses_nothing_and_bills_once_when_replicas_die(cluster: Cluster) -> None:
     secret = new_key(cluster.db, "load")
     answers: dict[str, Usage] = {}
@@ -217,7 +285,9 @@ def test_failover_loses_nothing_and_bills_once_when_replicas_die(cluster: Cluste
     for t in threads:
         t.start()
     started.wait()
-    time.sleep(0.6)
+    deadline = time.monotonic() + 60
+    while len(answers) < CLIENTS and time.monotonic() < deadline:  # under way: about one answer per client
+        time.sleep(0.05)
     answered_at_kill = len(answers)
     killed.proc.send_signal(signal.SIGKILL)
     time.sleep(0.4)
