@@ -289,6 +289,7 @@ def test_failover_loses_nothing_and_bills_once_when_replicas_die(cluster: Cluste
     while len(answers) < CLIENTS and time.monotonic() < deadline:  # under way: about one answer per client
         time.sleep(0.05)
     answered_at_kill = len(answers)
+    served_by_killed = images_served(killed)
     killed.proc.send_signal(signal.SIGKILL)
     time.sleep(0.4)
     stopped.proc.send_signal(signal.SIGSTOP)
@@ -299,6 +300,7 @@ def test_failover_loses_nothing_and_bills_once_when_replicas_die(cluster: Cluste
     assert not errors, errors[:3]
     total = CLIENTS * REQUESTS_PER_CLIENT
     assert 0 < answered_at_kill < total, "the replica died mid-load"
+    assert served_by_killed > 0 and images_served(stopped) > 0, "both failed replicas had taken part of the load"
     assert killed.proc.wait(timeout=5) == -signal.SIGKILL
     # the survivors flush the ledger on a graceful stop; late commits of the cut-off replica land before we read
     for replica in cluster.replicas[1:]:
