@@ -13,7 +13,8 @@ import torch
 
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
-from student_client.client import InferResult, backoff_delay, channel_options, slice_rows
+from student_client.channel import open_channel
+from student_client.client import InferResult, backoff_delay, slice_rows
 from student_client.errors import RETRYABLE_CODES, error_from_rpc
 from student_client.wire import (
     ModelInfo, Usage, batch_size_of, build_request, decode_response, new_request_id, split_rows,
@@ -34,12 +35,8 @@ class AsyncTeacherClient:
         self.backoff = backoff
         self.model = model
         self._metadata = (("authorization", f"Bearer {api_key}"),)
-        options = channel_options(max_message_mb)
-        if tls:
-            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-            self.channel = grpc.aio.secure_channel(target, creds, options=options)
-        else:
-            self.channel = grpc.aio.insecure_channel(target, options=options)
+        self.channel = open_channel(target, max_message_mb=max_message_mb, tls=tls, root_certificates=root_certificates,
+                                    aio=True)
         self.stub = pb_grpc.TeacherServiceStub(self.channel)
         self._info: ModelInfo | None = None
         self._info_lock = asyncio.Lock()

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a timm student (MaskedKD against a teacher, or plain with --mode none)")
-    t.add_argument("--teacher", default=os.environ.get("MASKEDKD_TEACHER"), help="HOST:PORT (env MASKEDKD_TEACHER)")
+    t.add_argument("--teacher", default=os.environ.get("MASKEDKD_TEACHER"),
+                   help="HOST:PORT; replicas: HOST:PORT,HOST:PORT,... or dns:///NAME:PORT (env MASKEDKD_TEACHER)")
     t.add_argument("--api-key", default=os.environ.get("MASKEDKD_API_KEY"), help="API key (env MASKEDKD_API_KEY)")
     t.add_argument("--teacher-model", default=None, help="served model name (default: the server's default)")
     t.add_argument("--student", default="vit_tiny_patch16_224", help="timm architecture name")

@@ -22,6 +22,7 @@ import torch
 
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
+from student_client.channel import open_channel
 from student_client.errors import RETRYABLE_CODES, TeacherError, error_from_rpc
 from student_client.wire import (
     ModelInfo, Usage, batch_size_of, build_request, decode_response, new_request_id, split_rows,
@@ -29,11 +30,6 @@ from student_client.wire import (
 
 T = TypeVar("T")
 InferResult = tuple[torch.Tensor, Usage]
-
-
-def channel_options(max_message_mb: float) -> list[tuple[str, Any]]:
-    limit = int(max_message_mb * 1024 * 1024)
-    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
 
 
 def backoff_delay(attempt: int, backoff_s: float) -> float:
@@ -60,12 +56,8 @@ class TeacherClient:
         self.max_message_mb = max_message_mb
         self.model = model              # None: the server's default model
         self._metadata = (("authorization", f"Bearer {api_key}"),)
-        options = channel_options(max_message_mb)
-        if tls:
-            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-            channel = grpc.secure_channel(target, creds, options=options)
-        else:
-            channel = grpc.insecure_channel(target, options=options)
+        # one channel over one or many replicas (round-robin, health-checked): see student_client/channel.py
+        channel = open_channel(target, max_message_mb=max_message_mb, tls=tls, root_certificates=root_certificates)
         self._raw_channel = channel
         self.channel = grpc.intercept_channel(channel, *interceptors) if interceptors else channel
         self.stub = pb_grpc.TeacherServiceStub(self.channel)

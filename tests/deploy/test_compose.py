@@ -222,10 +222,13 @@ def test_ports_hosts_and_urls_agree(services: dict[str, Any], commands: dict[str
     assert services["teacher"]["environment"]["MASKEDKD_METRICS_HOST"] == "0.0.0.0"
     assert str(teacher.metrics_port) in {str(p) for p in services["teacher"].get("expose", [])}
     assert urlsplit(_healthcheck_url(services["teacher"])).port == teacher.metrics_port
-    # prometheus scrapes exactly that port on the teacher service
+    # prometheus scrapes exactly that port on every replica of the teacher service (DNS service discovery)
     prometheus = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
-    targets = [t for job in prometheus["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
-    assert targets == [f"teacher:{teacher.metrics_port}"]
+    assert [job.get("static_configs") for job in prometheus["scrape_configs"]] == [None]
+    sds = prometheus["scrape_configs"][0]["dns_sd_configs"]
+    discovered = [(name, sd["port"]) for sd in sds for name in sd["names"]]
+    assert discovered == [("teacher", teacher.metrics_port)]
+    assert prometheus["scrape_configs"][0]["dns_sd_configs"][0]["type"] == "A"
     assert prometheus["scrape_configs"][0].get("metrics_path", "/metrics") == "/metrics"
     # grafana's datasource points at prometheus' listen port
     listen = next(a for a in services["prometheus"]["command"] if a.startswith("--web.listen-address="))
@@ -247,8 +250,8 @@ def test_ports_hosts_and_urls_agree(services: dict[str, Any], commands: dict[str
     # student -> teacher, ray workers and job -> head
     job = commands["student"][1]
     student = parse_cli(student_parser(), list(job["entrypoint"][1:]))
-    host, port = student.teacher.rsplit(":", 1)
-    assert host == "teacher" and int(port) == teacher.port
+    host, port = student.teacher.removeprefix("dns:///").rsplit(":", 1)
+    assert student.teacher.startswith("dns:///") and host == "teacher" and int(port) == teacher.port
     head = commands["ray-head"][1]
     assert commands["ray-worker"][1]["address"] == f"ray-head:{head['port']}"
     job_api = urlsplit(job["address"])
@@ -257,7 +260,44 @@ def test_ports_hosts_and_urls_agree(services: dict[str, Any], commands: dict[str
     # no two services publish the same host port; only the key-guarded gRPC API listens beyond the host
     published = [str(p).split(":") for s in services.values() for p in s.get("ports", [])]
     assert len({p[-2] for p in published}) == len(published)
-    assert [p for p in published if len(p) < 3 or p[0] != "127.0.0.1"] == [[str(teacher.port), str(teacher.port)]]
+    assert [p for p in published if len(p) < 3 or p[0] != "127.0.0.1"] == [[TEACHER_PORTS, str(teacher.port)]]
+
+
+TEACHER_PORTS = "50051-50058"  # the default host port range of the teacher replicas
+
+
+def fixed_host_ports(service: dict[str, Any]) -> list[str]:
+    """Published ports that name a single host port: a second replica of the service could not bind it."""
+    fixed = []
+    for port in service.get("ports", []):
+        parts = str(port).split(":")
+        host = parts[-2] if len(parts) >= 2 else ""
+        if host and "-" not in host:
+            fixed.append(str(port))
+    return fixed
+
+
+def test_the_teacher_scales_out(services: dict[str, Any], commands: dict[str, tuple[str, Any]]) -> None:
+    """`docker compose up --scale teacher=N`: no host port collision, no fixed container name, clients inside the
+    stack balance over every replica (dns:///), Prometheus discovers every replica."""
+    from student_client.channel import grpc_target
+
+    teacher = services["teacher"]
+    assert "container_name" not in teacher and fixed_host_ports(teacher) == []
+    low, high = TEACHER_PORTS.split("-")
+    assert int(high) - int(low) + 1 >= 4, "room for a few replicas"
+    assert str(commands["teacher"][1].port) in {str(p) for p in teacher["expose"]}
+    student = parse_cli(student_parser(), list(commands["student"][1]["entrypoint"][1:]))
+    assert grpc_target(student.teacher) == f"dns:///teacher:{commands['teacher'][1].port}"
+    prometheus = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    assert prometheus["scrape_configs"][0]["dns_sd_configs"][0]["names"] == ["teacher"]
+    # the check can fail: the old fixed mapping and a fixed name are caught
+    assert fixed_host_ports({"ports": ["50051:50051"]}) == ["50051:50051"]
+    assert fixed_host_ports({"ports": ["127.0.0.1:8080:8080", "9000"]}) == ["127.0.0.1:8080:8080"]
+    assert fixed_host_ports({"ports": [f"{TEACHER_PORTS}:50051", "50051"]}) == []
+    # with the variable set, the range comes from it
+    moved = load_compose(COMPOSE, {"MASKEDKD_TEACHER_PORTS": "6000-6003"})["services"]["teacher"]["ports"]
+    assert moved == ["6000-6003:50051"]
 
 
 def test_references_and_paths_exist(compose: dict[str, Any], services: dict[str, Any],
