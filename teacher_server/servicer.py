@@ -15,6 +15,7 @@ from teacher_server.errors import AuthenticationError, ServiceError
 from teacher_server.inference import CURRENT_LABELS, CallLabels, InferenceService, InferOutcome, current_labels
 from teacher_server.interceptor import mark_counted
 from teacher_server.metrics import ServerMetrics
+from teacher_server.quota_status import limit_metadata
 from teacher_server.settings import ServerSettings
 
 STREAM_WINDOW = 64  # requests of one stream in flight at once (back-pressure on a fast sender)
@@ -70,11 +71,16 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
 
     async def Infer(self, request: pb.InferRequest, context: aio.ServicerContext) -> pb.InferResponse:
         key = await self._key(context)
-        return to_response(await self._service.infer(key, request))
+        outcome = await self._service.infer(key, request)
+        if metadata := limit_metadata(outcome.limits):  # x-ratelimit-* / x-quota-*: quota_status.py
+            await context.send_initial_metadata(metadata)
+        return to_response(outcome)
 
     async def InferStream(self, request_iterator: AsyncIterator[pb.InferRequest],
                           context: aio.ServicerContext) -> AsyncIterator[pb.InferResponse]:
-        await self._key(context)  # refuse a bad key before reading anything
+        key = await self._key(context)  # refuse a bad key before reading anything
+        if metadata := limit_metadata(await self._service.limit_metadata(key)):  # the state as the stream starts
+            await context.send_initial_metadata(metadata)
         responses: asyncio.Queue[pb.InferResponse | BaseException | None] = asyncio.Queue()
         window = asyncio.Semaphore(STREAM_WINDOW)
 
