@@ -1,0 +1,86 @@
+"""Transient ledger failures answer UNAVAILABLE "ledger unavailable, not billed, retry" and bill nothing; a retry
+under the same request_id, once the ledger is back, is billed exactly once. SQLite: another connection holds the
+write lock beyond the (short) busy timeout. Postgres: the server is stopped and started again."""
+from __future__ import annotations
+
+import sqlite3
+
+import grpc
+import pytest
+import torch
+from postgres_testkit import SERVER_TIMEZONE, _run, pg_rows, postgres_server, postgres_url  # noqa: F401
+from service_testkit import auth, image_request, random_images, random_keep, settings, stub, tiny_vit
+
+from teacher_server.testing import running_server
+
+pytestmark = pytest.mark.timeout(180)
+MESSAGE = "ledger unavailable, not billed, retry"
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return tiny_vit(seed=11)
+
+
+def test_sqlite_write_lock_held_too_long_is_unavailable_and_a_retry_bills_once(tmp_path, model) -> None:
+    with running_server(settings(tmp_path, ledger_busy_timeout_s=0.3), model=model) as srv:
+        plain, limited = srv.create_key("plain"), srv.create_key("limited", quota_gflops=1e9)
+        channel, teacher = stub(srv.address)
+        db = srv.settings.db.removeprefix("sqlite:///")
+        requests = {secret: image_request(random_images(2, i), random_keep(2, 12, i), request_id=f"locked-{i}")
+                    for i, secret in enumerate((plain, limited))}
+        holder = sqlite3.connect(db, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # the write lock, held by someone else
+        try:
+            for secret, request in requests.items():
+                with pytest.raises(grpc.RpcError) as err:
+                    teacher.Infer(request, metadata=auth(secret))
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert err.value.details().startswith(MESSAGE) and len(err.value.details()) < 300
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM usage").fetchone() == (0,)  # nothing billed
+        for secret, request in requests.items():  # the client's retry, same id
+            assert not teacher.Infer(request, metadata=auth(secret)).usage.replayed
+            assert teacher.Infer(request, metadata=auth(secret)).usage.replayed
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("SELECT request_id FROM usage ORDER BY request_id").fetchall() == [
+                ("locked-0",), ("locked-1",)]
+            assert conn.execute("SELECT COUNT(*) FROM quota_holds").fetchone() == (0,)
+        channel.close()
+
+
+def _restart(server) -> None:  # type: ignore[no-untyped-def]
+    """pg_ctl start on the same data directory and port (what a database restart looks like to the clients)."""
+    options = (f"-c listen_addresses=127.0.0.1 -c port={server.port} -c unix_socket_directories={server.root} "
+               f"-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=100 "
+               f"-c timezone={SERVER_TIMEZONE}")
+    _run(server, [str(server.bin_dir / "pg_ctl"), "start", "-D", str(server.data_dir), "-w", "-t", "60",
+                  "-l", str(server.log_file), "-o", options])
+
+
+def test_postgres_restart_is_unavailable_then_billed_once(postgres_server, postgres_url: str, model) -> None:
+    from test_ledger_postgres import pg_settings
+
+    with running_server(pg_settings(postgres_url), model=model) as srv:
+        secret = srv.create_key("pg")
+        channel, teacher = stub(srv.address)
+        before = image_request(random_images(1, 1), random_keep(1, 10, 1), request_id="before")
+        teacher.Infer(before, metadata=auth(secret))  # the pool holds live connections now
+        request = image_request(random_images(1, 2), random_keep(1, 10, 2), request_id="during")
+        # A clean shutdown: the testkit's own stop is immediate, and with its synchronous_commit=off that would lose
+        # the last commits (an artifact of the throw-away server's settings, not of the ledger).
+        _run(postgres_server, [str(postgres_server.bin_dir / "pg_ctl"), "stop", "-D", str(postgres_server.data_dir),
+                               "-m", "fast", "-w"])
+        try:
+            with pytest.raises(grpc.RpcError) as err:
+                teacher.Infer(request, metadata=auth(secret))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and err.value.details().startswith(MESSAGE)
+        finally:
+            _restart(postgres_server)
+        assert not teacher.Infer(request, metadata=auth(secret)).usage.replayed
+        assert teacher.Infer(request, metadata=auth(secret)).usage.replayed
+        assert pg_rows(postgres_url, "SELECT request_id FROM usage ORDER BY id") == [("before",), ("during",)]
+        channel.close()
