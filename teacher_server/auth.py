@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from teacher_server import ledger
 from teacher_server.errors import AuthenticationError
-from teacher_server.ledger_billing import KeyLimits
+from teacher_server.ledger_billing import KeyLimits, unavailable_on_transient_errors
 
 SECRET_PREFIX = "mkd_"
 DISPLAY_PREFIX_CHARS = 12  # stored in clear for display: "mkd_" + 8 random chars
@@ -102,7 +102,7 @@ class KeyAuthenticator:
         self._cache.clear()
 
     def _load(self, key_hash: str) -> KeyInfo | None:
-        with self._sessions() as session:
+        with unavailable_on_transient_errors(), self._sessions() as session:
             row = ledger.find_api_key_by_hash(session, key_hash=key_hash)
             if row is None:
                 return None
