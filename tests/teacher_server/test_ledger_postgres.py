@@ -26,6 +26,7 @@ from service_testkit import MODEL, TINY, auth, image_request, random_images, ran
 
 from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server import ledger, ledger_billing
+from teacher_server.ledger_migrate import head_revision
 from teacher_server.dashboard import create_app
 from teacher_server.settings import ServerSettings
 from teacher_server.testing import running_server
@@ -296,7 +297,9 @@ def test_servers_opening_a_fresh_database_together_create_the_schema_once(postgr
         assert list(pool.map(open_it, range(4))) == ["ok"] * 4
     tables = pg_rows(postgres_url, "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' "
                                    "ORDER BY table_name")
-    assert tables == [("api_keys",), ("usage",)]
+    assert tables == [("alembic_version",), ("api_keys",), ("key_counters",), ("quota_holds",), ("replay_payloads",),
+                      ("usage",)]
+    assert pg_rows(postgres_url, "SELECT version_num FROM alembic_version") == [(head_revision(),)]
 
 
 def test_dashboard_usage_equals_raw_sql_on_postgres(postgres_url: str, model) -> None:

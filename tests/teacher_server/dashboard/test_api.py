@@ -276,13 +276,16 @@ def test_through_the_real_server_billing_equals_responses_and_admin_takes_effect
         alice = client.post("/api/keys", json={"name": "alice"}, headers=ADMIN).json()["secret"]
         bob = server.create_key("bob", price_per_gflop=3e-6)
         billed: dict[str, list[pb.Usage]] = {"alice": [], "bob": []}
+        states: list[torch.Tensor] = []
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.TeacherServiceStub(channel)
             for i, (who, secret, images, kept) in enumerate([("alice", alice, 4, 16), ("alice", alice, 2, 64),
                                                              ("bob", bob, 3, 32), ("alice", alice, 1, 8),
                                                              ("bob", bob, 5, 48)]):
+                states.append(generator.get_state())
                 billed[who].append(_infer(stub, secret, f"r{i}", images, kept, generator).usage)
-            replay = _infer(stub, bob, "r2", 3, 32, generator)  # a retry: answered from the ledger, not billed
+            retry = torch.Generator().set_state(states[2])  # the same inputs as r2
+            replay = _infer(stub, bob, "r2", 3, 32, retry)  # a retry: answered from the ledger, not billed
             assert replay.usage.replayed
 
             body = client.get("/api/usage/keys").json()
