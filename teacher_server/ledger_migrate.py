@@ -4,6 +4,7 @@ alembic.ini is needed in the working directory."""
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 PRE_ALEMBIC_REVISION = "0001"      # the schema main created with create_all before migrations existed
 SCHEMA_LOCK_ID = 0x6D6B645F6C6467  # Postgres advisory lock key ("mkd_ldg") serializing migrations
+_IN_PROCESS = threading.Lock()     # alembic's `context` is process-global: one migration at a time per process
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
@@ -54,14 +56,40 @@ def _quiet_alembic() -> Iterator[None]:
         logger.setLevel(level)
 
 
+@contextmanager
+def _locked_transaction(engine: Engine) -> Iterator[Connection]:
+    """One transaction around the whole migration, DDL included, that processes starting together take in turn:
+    Postgres by an advisory lock held to the commit; SQLite by BEGIN IMMEDIATE (its write lock; the driver's own
+    transaction handling would autocommit each CREATE/ALTER)."""
+    if engine.dialect.name != "sqlite":
+        with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": SCHEMA_LOCK_ID})
+            yield conn
+        return
+    with engine.connect() as conn:
+        dbapi = conn.connection.dbapi_connection
+        assert dbapi is not None
+        level = dbapi.isolation_level  # type: ignore[attr-defined]
+        dbapi.isolation_level = None  # type: ignore[attr-defined]
+        try:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.exec_driver_sql("ROLLBACK")
+                raise
+            conn.exec_driver_sql("COMMIT")
+        finally:
+            dbapi.isolation_level = level  # type: ignore[attr-defined]
+
+
 def upgrade_to_head(engine: Engine) -> tuple[str | None, str] | None:
     """Migrate the ledger to the newest revision in one transaction; returns (from, to) when it migrated, None when
-    it already was there. On Postgres, processes starting together (server replicas, dashboard, CLI) take an
-    advisory lock held to the commit: one migrates, the others then find the newest revision."""
+    it already was there. Processes starting together (server replicas, dashboard, CLI) migrate in turn: the first
+    migrates, the others then find the newest revision."""
     head = head_revision()
-    with _quiet_alembic(), engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": SCHEMA_LOCK_ID})
+    with _IN_PROCESS, _quiet_alembic(), _locked_transaction(engine) as conn:
         before = current_revision(conn)
         if before == head:
             return None

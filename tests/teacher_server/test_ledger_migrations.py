@@ -110,3 +110,30 @@ def test_a_postgres_ledger_of_main_before_migrations_upgrades_in_place(postgres_
     assert [(u, bytes(b)) for u, b in pg_rows(postgres_url, "SELECT usage_id, logits FROM replay_payloads")] == [
         (1, b"\x00\x00\x80\x3f")]
     assert pg_rows(postgres_url, "SELECT requests, gflops, window_gflops FROM key_counters") == [(1, 2.5, 2.5)]
+
+
+def test_processes_upgrading_one_sqlite_ledger_together_migrate_it_once(tmp_path) -> None:
+    db = tmp_path / "ledger.db"
+    shutil.copy(PRE_ALEMBIC, db)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MASKEDKD_")}
+    procs = [subprocess.Popen([*CLI, "ledger", "upgrade", "--db", f"sqlite:///{db}"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err for _, err in outs]
+    assert sum("upgraded schema from 0001" in out for out, _ in outs) == 1
+    assert sum("is at the newest schema" in out for out, _ in outs) == 3
+    assert rows(db, "SELECT COUNT(*) FROM replay_payloads") == [(5,)]  # moved once, not once per process
+
+
+def test_a_failing_migration_leaves_the_ledger_as_it_was(tmp_path) -> None:
+    db = tmp_path / "ledger.db"
+    shutil.copy(PRE_ALEMBIC, db)
+    with sqlite3.connect(db) as conn:  # a table in the way of revision 0002, after its first steps ran
+        conn.execute("CREATE TABLE replay_payloads (unrelated INTEGER)")
+    with pytest.raises(Exception, match="replay_payloads"):
+        ledger.open_ledger(f"sqlite:///{db}")
+    assert [r[1] for r in rows(db, "PRAGMA table_info(api_keys)")] == [
+        "id", "name", "key_prefix", "key_hash", "created_at", "disabled", "quota_gflops", "price_per_gflop"]
+    assert "logits" in {r[1] for r in rows(db, "PRAGMA table_info(usage)")}
+    assert sorted(r[0] for r in rows(db, "SELECT name FROM sqlite_master WHERE type = 'table'")) == [
+        "api_keys", "replay_payloads", "usage"]  # no alembic_version: the next start tries again from 0001
