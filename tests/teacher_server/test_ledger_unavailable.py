@@ -11,6 +11,7 @@ import torch
 from postgres_testkit import SERVER_TIMEZONE, _run, pg_rows, postgres_server, postgres_url  # noqa: F401
 from service_testkit import auth, image_request, random_images, random_keep, settings, stub, tiny_vit
 
+from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server.testing import running_server
 
 pytestmark = pytest.mark.timeout(180)
@@ -49,6 +50,49 @@ def test_sqlite_write_lock_held_too_long_is_unavailable_and_a_retry_bills_once(t
             assert conn.execute("SELECT request_id FROM usage ORDER BY request_id").fetchall() == [
                 ("locked-0",), ("locked-1",)]
             assert conn.execute("SELECT COUNT(*) FROM quota_holds").fetchone() == (0,)
+        channel.close()
+
+
+def test_sqlite_full_is_unavailable_and_a_retry_bills_once(tmp_path, model) -> None:
+    """SQLITE_FULL ("database or disk is full") through SQLite's own limit on the file's pages."""
+    from sqlalchemy import event
+
+    with running_server(settings(tmp_path), model=model) as srv:
+        secret = srv.create_key("full")
+        channel, teacher = stub(srv.address)
+        engine = srv.server.sessions.kw["bind"]
+        db = srv.settings.db.removeprefix("sqlite:///")
+        with sqlite3.connect(db) as conn:
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+
+        def no_room(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+            dbapi_conn.execute(f"PRAGMA max_page_count = {pages}")
+
+        event.listen(engine, "connect", no_room)
+        engine.dispose()  # new connections, each with the limit
+        refused: tuple[pb.InferRequest, grpc.RpcError] | None = None
+        try:
+            for i in range(40):  # until the file would have to grow (each answer keeps 64 x 40 bytes of logits)
+                request = image_request(random_images(64, i), random_keep(64, 64, i), request_id=f"f{i}")
+                try:
+                    teacher.Infer(request, metadata=auth(secret))
+                except grpc.RpcError as err:
+                    refused = (request, err)
+                    break
+        finally:
+            event.remove(engine, "connect", no_room)
+            engine.dispose()
+        assert refused is not None, "the page limit never filled up"
+        request, err = refused
+        assert err.code() == grpc.StatusCode.UNAVAILABLE and err.details().startswith(MESSAGE), err.details()
+        assert "full" in err.details()
+        count = "SELECT COUNT(*) FROM usage WHERE request_id = ?"
+        with sqlite3.connect(db) as conn:
+            assert conn.execute(count, (request.request_id,)).fetchone() == (0,)  # nothing billed
+        assert not teacher.Infer(request, metadata=auth(secret)).usage.replayed  # room again: billed now, once
+        assert teacher.Infer(request, metadata=auth(secret)).usage.replayed
+        with sqlite3.connect(db) as conn:
+            assert conn.execute(count, (request.request_id,)).fetchone() == (1,)
         channel.close()
 
 
