@@ -1,6 +1,7 @@
 """Transient ledger failures answer UNAVAILABLE "ledger unavailable, not billed, retry" and bill nothing; a retry
 under the same request_id, once the ledger is back, is billed exactly once. SQLite: another connection holds the
-write lock beyond the (short) busy timeout. Postgres: the server is stopped and started again."""
+write lock beyond the (short) busy timeout; the file is full (SQLite's page limit). Postgres: the server is stopped and
+started again."""
 from __future__ import annotations
 
 import sqlite3
