@@ -10,7 +10,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 from service_testkit import auth, image_request, random_images, random_keep, settings, stub, tiny_vit
 from sqlalchemy import event
 from test_batcher import RecordingForward, make, prepared

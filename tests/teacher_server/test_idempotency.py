@@ -14,7 +14,7 @@ import grpc
 import pytest
 import torch
 from service_testkit import (
-    auth, image_request, logits_of, patch_request, patches_of, random_images, random_keep, settings, stub, tiny_vit,
+    auth, image_request, patch_request, patches_of, random_images, random_keep, settings, stub, tiny_vit,
 )
 
 from maskedkd.v1 import teacher_pb2 as pb
