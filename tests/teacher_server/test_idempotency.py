@@ -141,3 +141,18 @@ def test_ledger_purge_older_than_keeps_billing_rows(tmp_path, model) -> None:
     bad = subprocess.run([*cli, "--older-than", "soon"], capture_output=True, text=True, timeout=60, env=env)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not a duration" in bad.stderr
     assert sql(db, "SELECT COUNT(*) FROM usage") == [(3,)]
+
+
+def test_the_server_purges_expired_replay_payloads_by_itself(tmp_path, model) -> None:
+    with running_server(settings(tmp_path, replay_ttl="1s", replay_purge_interval_s=0.3), model=model) as srv:
+        secret = srv.create_key("nia")
+        channel, teacher = stub(srv.address)
+        teacher.Infer(image_request(random_images(1, 5), request_id="soon-gone"), metadata=auth(secret))
+        channel.close()
+        db = srv.settings.db
+        assert sql(db, "SELECT COUNT(*) FROM replay_payloads") == [(1,)]
+        deadline = time.monotonic() + 10
+        while sql(db, "SELECT COUNT(*) FROM replay_payloads") != [(0,)] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert sql(db, "SELECT COUNT(*) FROM replay_payloads") == [(0,)]
+        assert sql(db, "SELECT request_id FROM usage") == [("soon-gone",)]  # the billing row stays

@@ -137,3 +137,25 @@ def test_a_failing_migration_leaves_the_ledger_as_it_was(tmp_path) -> None:
     assert "logits" in {r[1] for r in rows(db, "PRAGMA table_info(usage)")}
     assert sorted(r[0] for r in rows(db, "SELECT name FROM sqlite_master WHERE type = 'table'")) == [
         "api_keys", "replay_payloads", "usage"]  # no alembic_version: the next start tries again from 0001
+
+
+def test_revision_0001_is_the_schema_main_created(tmp_path) -> None:
+    """The tables, columns, types, keys and indexes of revision 0001 equal those of the ledger main wrote."""
+    from alembic import command
+
+    engine = ledger.make_engine(f"sqlite:///{tmp_path / 'r1.db'}")
+    with engine.begin() as conn:
+        command.upgrade(alembic_config(conn), "0001")
+    engine.dispose()
+
+    def schema(db: Path) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for (table,) in rows(db, "SELECT name FROM sqlite_master WHERE type = 'table' AND name != 'alembic_version' "
+                                 "ORDER BY name"):
+            indexes = rows(db, f"PRAGMA index_list({table})")
+            out[table] = (rows(db, f"PRAGMA table_info({table})"), rows(db, f"PRAGMA foreign_key_list({table})"),
+                          sorted((i[2], i[3], tuple(c[2] for c in rows(db, f"PRAGMA index_info('{i[1]}')")))
+                                 for i in indexes))
+        return out
+
+    assert schema(tmp_path / "r1.db") == schema(PRE_ALEMBIC)
