@@ -9,6 +9,7 @@ Sections (all ratios measured in this run, on this machine):
   flops       the FLOP model against FlopCounterMode
   breakdown   where the masked forward's time goes (torch.profiler)
   gpu         bf16 on the GPU, % of peak (only with CUDA)
+  ledger      per-request billing time at growing ledger sizes (SQLite, Postgres), ledger bytes per billed image
 Writes OUT/benchmarks.json, OUT/benchmarks.md and OUT/bench_*.png. Teacher servers run as separate processes.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from benchmarks.config import FULL, QUICK, BenchConfig
 from benchmarks.timing import load_average, machine_info, matmul_rate, usable_cpus
 from benchmarks.training import compiled_key
 
-SECTIONS = ("matmul", "teacher", "wire", "microbatch", "training", "flops", "breakdown", "gpu")
+SECTIONS = ("matmul", "teacher", "wire", "microbatch", "training", "flops", "breakdown", "gpu", "ledger")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +125,10 @@ def run_bench(cfg: BenchConfig, sections: tuple[str, ...], *, threads: int, comm
             s["training"] = _run("training", lambda: run_training_section(cfg, pool, workdir / "train", threads))
         if "gpu" in sections:
             s["gpu"] = _run("gpu", lambda: run_gpu_section(cfg, pool if torch.cuda.is_available() else None))
+        if "ledger" in sections:
+            from benchmarks.ledger_scale import run_ledger_section
+
+            s["ledger"] = _run("ledger", lambda: run_ledger_section(cfg))
         if "matmul" in s and s["matmul"]["status"] == "ok":
             end = matmul_rate(cfg.matmul_size, warmup=cfg.warmup, repeats=max(3, cfg.repeats))
             s["matmul"]["end"] = end

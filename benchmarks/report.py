@@ -5,6 +5,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.ledger_scale import render_ledger
+
 Section = dict[str, Any]
 MAKE_TARGETS = {"python -m benchmarks --out docs": " (`make bench`)",
                 "python -m benchmarks --quick --out out/bench-quick": " (`make bench-quick`)"}
@@ -199,6 +201,7 @@ RENDER: tuple[tuple[str, str, Callable[[Section], str]], ...] = (
     ("flops", "FLOP model against FlopCounterMode", _flops),
     ("breakdown", "Where the masked forward's time goes", _breakdown),
     ("gpu", "GPU (bf16)", _gpu),
+    ("ledger", "Ledger at scale", render_ledger),
 )
 
 

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from teacher_server import ledger
 from teacher_server.errors import AuthenticationError
+from teacher_server.ledger_billing import KeyLimits, unavailable_on_transient_errors
 
 SECRET_PREFIX = "mkd_"
 DISPLAY_PREFIX_CHARS = 12  # stored in clear for display: "mkd_" + 8 random chars
@@ -28,7 +29,8 @@ def hash_secret(secret: str) -> str:
 
 def create_api_key(
     sessions: sessionmaker[Session], *, name: str, quota_gflops: float | None = None,
-    price_per_gflop: float | None = None,
+    price_per_gflop: float | None = None, quota_window: str = "lifetime",
+    rate_limit_gflops_per_min: float | None = None,
 ) -> tuple[str, ledger.ApiKey]:
     """Create and store a key; returns (secret, row). The secret exists only in this return value."""
     if not name or not name.strip():
@@ -39,12 +41,21 @@ def create_api_key(
         raise ValueError("quota_gflops must be >= 0")
     if price_per_gflop is not None and price_per_gflop < 0:
         raise ValueError("price_per_gflop must be >= 0")
+    validate_limits(quota_window=quota_window, rate_limit_gflops_per_min=rate_limit_gflops_per_min)
     secret = generate_secret()
     with sessions() as session:
         row = ledger.add_api_key(session, name=name.strip(), key_prefix=secret[:DISPLAY_PREFIX_CHARS],
                                  key_hash=hash_secret(secret), quota_gflops=quota_gflops,
-                                 price_per_gflop=price_per_gflop)
+                                 price_per_gflop=price_per_gflop, quota_window=quota_window,
+                                 rate_limit_gflops_per_min=rate_limit_gflops_per_min)
     return secret, row
+
+
+def validate_limits(*, quota_window: str, rate_limit_gflops_per_min: float | None) -> None:
+    if quota_window not in ledger.QUOTA_WINDOWS:
+        raise ValueError(f"quota window must be one of {', '.join(ledger.QUOTA_WINDOWS)}, not {quota_window!r}")
+    if rate_limit_gflops_per_min is not None and not rate_limit_gflops_per_min > 0:
+        raise ValueError("rate_limit_gflops_per_min must be > 0")
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,12 @@ class KeyInfo:
     disabled: bool
     quota_gflops: float | None
     price_per_gflop: float | None
+    quota_window: str = "lifetime"
+    rate_limit_gflops_per_min: float | None = None
+
+    @property
+    def limits(self) -> KeyLimits:
+        return KeyLimits(self.quota_gflops, self.quota_window, self.rate_limit_gflops_per_min)
 
 
 def bearer_secret(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
@@ -85,11 +102,12 @@ class KeyAuthenticator:
         self._cache.clear()
 
     def _load(self, key_hash: str) -> KeyInfo | None:
-        with self._sessions() as session:
+        with unavailable_on_transient_errors(), self._sessions() as session:
             row = ledger.find_api_key_by_hash(session, key_hash=key_hash)
             if row is None:
                 return None
-            return KeyInfo(row.id, row.name, bool(row.disabled), row.quota_gflops, row.price_per_gflop)
+            return KeyInfo(row.id, row.name, bool(row.disabled), row.quota_gflops, row.price_per_gflop,
+                           row.quota_window, row.rate_limit_gflops_per_min)
 
     async def authenticate(self, secret: str) -> KeyInfo:
         """The enabled key behind `secret`; `AuthenticationError` for unknown or disabled keys."""

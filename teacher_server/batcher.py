@@ -2,8 +2,9 @@
 
 A batch is sealed when its teacher tokens reach `token_budget`, its images reach `max_batch_images`, or the first
 request has waited `max_delay_s` and the worker is free (while the worker is busy, the open batch keeps filling).
-The forward and the `finalize` hook (the ledger commit) run in one worker thread, so the event loop stays free and
-every result is committed before it is handed back.
+The forward runs in a worker thread and the `finalize` hook (the ledger commit) in the commit stage's own thread
+(commit_stage.py), so batch i+1's forward overlaps batch i's commit; the event loop stays free and every result is
+committed before it is handed back.
 
 Rows with different keep counts: `bucket` groups rows by count and runs each group unpadded (rows with the same
 count, from any request, concatenate); `pad` pads to the longest row and masks (MaskedTeacher's keep_counts).
@@ -29,6 +30,7 @@ from typing import Any, Literal
 
 import torch
 
+from teacher_server.commit_stage import CommitStage, Forwarded, commit_results
 from teacher_server.errors import ServiceUnavailableError
 from teacher_server.metrics import ServerMetrics
 from teacher_server.preprocess import PreparedInput
@@ -133,6 +135,7 @@ class TokenBudgetBatcher:
         self._collector: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._busy: asyncio.Future[Any] | None = None
+        self._commits: CommitStage | None = None
         self._closing = False
 
     @property
@@ -145,6 +148,7 @@ class TokenBudgetBatcher:
     async def start(self) -> None:
         self._queue = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{self._name}")
+        self._commits = CommitStage(self._commit, name=self._name)
         self._collector = asyncio.create_task(self._collect(), name=f"batcher-{self._name}")
 
     async def submit(self, prepared: PreparedInput, context: Any = None) -> JobResult:
@@ -169,6 +173,8 @@ class TokenBudgetBatcher:
             await asyncio.gather(self._busy, return_exceptions=True)
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+        if self._commits is not None:
+            await self._commits.close()
 
     # ------------------------------------------------------------------------------------------------------------
 
@@ -220,16 +226,18 @@ class TokenBudgetBatcher:
                 tokens += item.tokens
             if self._busy is not None:
                 await asyncio.gather(self._busy, return_exceptions=True)
+            assert self._commits is not None
+            await self._commits.wait_for_room()
             if self._metrics:
                 self._metrics.queue_depth.dec(len(batch))
             assert self._executor is not None
             self._busy = loop.run_in_executor(self._executor, self._run, batch)
-            self._busy.add_done_callback(lambda fut, jobs=batch: self._deliver(jobs, fut))
+            self._busy.add_done_callback(lambda fut, jobs=batch: self._forwarded(jobs, fut))
         if carry is not None and carry is not _STOP:  # cannot happen after _STOP, but never strand a client
             carry.future.set_exception(ServiceUnavailableError("the server is shutting down"))
 
-    def _run(self, jobs: list[BatchJob]) -> list[tuple[BatchJob, JobResult]] | BaseException:
-        """Worker thread: forward the live jobs, finalize (commit), return (job, result) per live job."""
+    def _run(self, jobs: list[BatchJob]) -> Forwarded | list[Any] | BaseException:
+        """Worker thread: forward the live jobs; the commit stage commits them."""
         live = [j for j in jobs if not j.future.done()]  # callers that went away before the forward: not billed
         if not live:
             return []
@@ -242,20 +250,36 @@ class TokenBudgetBatcher:
             stats = BatchStats(images=int(patches.shape[0]), tokens=sum(j.tokens for j in live),
                                compute_s=compute_s, started_at=started)
             per_job = [t.clone() for t in torch.split(logits, [j.images for j in live])]
-            finalized = self._finalize(live, per_job, stats) if self._finalize else [None] * len(live)
         except Exception as exc:  # delivered to every caller of the batch; nothing was committed
             return exc
         if self._metrics:
             self._metrics.batch_images.observe(stats.images)
             self._metrics.batch_tokens.observe(stats.tokens)
             self._metrics.compute_seconds.observe(compute_s)
+        return Forwarded(live, per_job, stats)
+
+    def _commit(self, batch: Forwarded) -> list[tuple[BatchJob, JobResult]] | BaseException:
+        """Commit thread: finalize (the ledger commit), then (job, result) per job."""
+        try:
+            finalized = commit_results(batch, self._finalize)
+        except Exception as exc:  # delivered to every caller of the batch; nothing was committed
+            return exc
         out = []
-        for job, job_logits, fin in zip(live, per_job, finalized):
-            queue_s = max(0.0, started - job.enqueued_at)
+        for job, job_logits, fin in zip(batch.jobs, batch.logits, finalized):
+            queue_s = max(0.0, batch.stats.started_at - job.enqueued_at)
             if self._metrics:
                 self._metrics.queue_seconds.observe(queue_s)
-            out.append((job, JobResult(job_logits, queue_s, stats, fin)))
+            out.append((job, JobResult(job_logits, queue_s, batch.stats, fin)))
         return out
+
+    def _forwarded(self, jobs: list[BatchJob], fut: asyncio.Future[Any]) -> None:
+        """Event loop: a forward finished; hand it to the commit stage (or its error to the callers)."""
+        if not fut.cancelled() and fut.exception() is None and isinstance(fut.result(), Forwarded):
+            assert self._commits is not None
+            batch: Forwarded = fut.result()
+            self._commits.submit(batch).add_done_callback(lambda done: self._deliver(batch.jobs, done))
+            return
+        self._deliver(jobs, fut)
 
     @staticmethod
     def _deliver(jobs: list[BatchJob], fut: asyncio.Future[Any]) -> None:

@@ -1,4 +1,5 @@
-"""`teacher-server`: serve | keys create | keys list | keys disable | usage | dashboard.
+"""`teacher-server`: serve | keys create | keys list | keys disable | keys quota | usage | ledger upgrade |
+ledger purge | dashboard.
 
 Flags override `MASKEDKD_*` environment variables. Errors are one line on stderr and exit code 2; `keys` and
 `usage` only touch the ledger (no torch import), so they are quick.
@@ -25,6 +26,22 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_db(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", help="ledger URL (default: $MASKEDKD_DB or sqlite:///maskedkd-ledger.db)")
+
+
+def _optional_float(text: str) -> float | None:
+    if text.strip().lower() in ("none", "unlimited", ""):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', not {text!r}") from None
+
+
+def _add_limit_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quota-window", choices=["lifetime", "month", "day"], default="lifetime",
+                   help="what the quota counts: all usage, or the current UTC calendar month or day")
+    p.add_argument("--rate-limit-gflops-per-min", type=_optional_float,
+                   help="GFLOPs the key may be admitted per minute (default: no rate limit)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,20 +77,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
     serve.add_argument("--dashboard-port", type=int, help="also serve the dashboard on this port")
     serve.add_argument("--admin-token", help="token for the dashboard's admin operations")
+    serve.add_argument("--replay-ttl", help="how long answers are kept for replaying a retried request_id: "
+                       "seconds or 30m, 12h, 7d (default 7d)")
     serve.add_argument("--grace-s", type=float, help="seconds in-flight requests get on shutdown (default 10)")
     serve.add_argument("--drain-s", type=float, help="seconds NOT_SERVING is announced before refusing calls")
 
     keys = sub.add_parser("keys", help="manage API keys")
-    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="{create,list,disable}",
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="{create,list,disable,quota}",
                                    parser_class=_Parser)
     create = keys_sub.add_parser("create", help="create a key and print its secret (shown once)")
     create.add_argument("--name", required=True)
     create.add_argument("--quota-gflops", type=float, help="GFLOPs the key may use in total (default unlimited)")
     create.add_argument("--price-per-gflop", type=float, help="the key's own price (default: the server's)")
+    _add_limit_arguments(create)
     _add_db(create)
     listing = keys_sub.add_parser("list", help="list keys (never their secrets)")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     _add_db(listing)
+    quota = keys_sub.add_parser("quota", help="set a key's quota (GFLOPs per window) and rate limit (GFLOPs/min)")
+    quota.add_argument("name_pos", metavar="NAME")
+    quota.add_argument("--quota-gflops", type=_optional_float, required=True,
+                       help="GFLOPs per quota window; 'none': unlimited")
+    _add_limit_arguments(quota)
+    _add_db(quota)
     disable = keys_sub.add_parser("disable", help="disable a key (takes effect within seconds)")
     disable.add_argument("name_pos", nargs="?", metavar="NAME")
     disable.add_argument("--name")
@@ -83,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--key", help="only this key (by name)")
     usage.add_argument("--json", action="store_true", help="machine-readable output")
     _add_db(usage)
+
+    ledger_cmd = sub.add_parser("ledger", help="ledger maintenance: schema upgrade, replay payload purge")
+    ledger_sub = ledger_cmd.add_subparsers(dest="ledger_command", required=True, metavar="{upgrade,purge}",
+                                           parser_class=_Parser)
+    _add_db(ledger_sub.add_parser("upgrade", help="migrate the ledger's schema to the newest revision"))
+    purge = ledger_sub.add_parser("purge", help="delete expired replay payloads (billing rows are kept)")
+    purge.add_argument("--older-than", help="also delete the payloads of requests billed longer ago than this "
+                       "(seconds or 30m, 12h, 7d)")
+    _add_db(purge)
 
     from teacher_server.dashboard.server import add_dashboard_arguments  # light: FastAPI loads only when serving
 
@@ -139,7 +174,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     fields = ("model", "checkpoint", "model_kwargs", "pretrained", "served_name", "host", "port", "db", "device",
               "dtype", "compile", "max_batch_images", "token_budget", "max_delay_ms", "mixed_k", "max_message_mb",
               "price_per_gflop", "currency", "metrics_port", "metrics_host", "dashboard_port", "admin_token",
-              "grace_s", "drain_s")
+              "grace_s", "drain_s", "replay_ttl")
     settings = _settings(**{f: getattr(args, f) for f in fields})
     if not settings.model and not settings.checkpoint:  # before importing torch: a quick answer
         raise CliError("no teacher given: pass --model NAME and/or --checkpoint PATH")
@@ -174,7 +209,8 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     if args.keys_command == "create":
         try:
             secret, row = create_api_key(sessions, name=args.name, quota_gflops=args.quota_gflops,
-                                         price_per_gflop=args.price_per_gflop)
+                                         price_per_gflop=args.price_per_gflop, quota_window=args.quota_window,
+                                         rate_limit_gflops_per_min=args.rate_limit_gflops_per_min)
         except (ValueError, ledger.LedgerError) as exc:
             raise CliError(str(exc)) from exc
         print(secret)
@@ -191,10 +227,13 @@ def _cmd_keys(args: argparse.Namespace) -> int:
                 raise CliError(str(exc)) from exc
         print(f"disabled key {name!r}")
         return 0
+    if args.keys_command == "quota":
+        return _set_quota(sessions, args)
     with sessions() as session:
         keys = ledger.list_api_keys(session)
     rows = [{"name": k.name, "prefix": k.key_prefix, "created_at": k.created_at.isoformat(),
-             "disabled": bool(k.disabled), "quota_gflops": k.quota_gflops, "price_per_gflop": k.price_per_gflop}
+             "disabled": bool(k.disabled), "quota_gflops": k.quota_gflops, "price_per_gflop": k.price_per_gflop,
+             "quota_window": k.quota_window, "rate_limit_gflops_per_min": k.rate_limit_gflops_per_min}
             for k in keys]
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -205,6 +244,60 @@ def _cmd_keys(args: argparse.Namespace) -> int:
         print(f"{r['name']:24} {r['prefix']:14} {status:9} {_fmt_num(r['quota_gflops']):>14} "
               f"{_fmt_num(r['price_per_gflop']):>12}  {r['created_at']}")
     return 0
+
+
+def _set_quota(sessions: Any, args: argparse.Namespace) -> int:
+    from teacher_server import ledger, ledger_billing
+    from teacher_server.auth import validate_limits
+
+    if args.quota_gflops is not None and args.quota_gflops < 0:
+        raise CliError("--quota-gflops must be >= 0")
+    try:
+        validate_limits(quota_window=args.quota_window, rate_limit_gflops_per_min=args.rate_limit_gflops_per_min)
+        with sessions() as session:
+            ledger_billing.set_key_limits(session, name=args.name_pos, quota_gflops=args.quota_gflops,
+                                          quota_window=args.quota_window,
+                                          rate_limit_gflops_per_min=args.rate_limit_gflops_per_min)
+    except (ValueError, ledger.LedgerError) as exc:
+        raise CliError(str(exc)) from exc
+    print(f"key {args.name_pos!r}: quota {_fmt_num(args.quota_gflops)} GFLOPs per {args.quota_window}, rate limit "
+          f"{_fmt_num(args.rate_limit_gflops_per_min)} GFLOPs/min (servers apply it within their auth cache TTL)")
+    return 0
+
+
+def _cmd_ledger(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from teacher_server.ledger import make_engine
+    from teacher_server.ledger_billing import purge
+    from teacher_server.ledger_migrate import head_revision, upgrade_to_head
+    from teacher_server.settings import parse_duration
+
+    url = _settings(db=args.db).db
+    try:
+        if args.ledger_command == "upgrade":
+            engine = make_engine(url)
+            migrated = upgrade_to_head(engine)
+            engine.dispose()
+            if migrated is None:
+                print(f"ledger {_without_password(url)} is at the newest schema ({head_revision()})")
+            else:
+                print(f"ledger {_without_password(url)}: upgraded schema from {migrated[0] or 'empty'} to "
+                      f"{migrated[1]}")
+            return 0
+        try:
+            older = None if args.older_than is None else timedelta(seconds=parse_duration(args.older_than))
+        except ValueError as exc:
+            raise CliError(f"--older-than: {exc}") from exc
+        sessions = _sessions(args.db)
+        with sessions() as session:
+            purged = purge(session, older_than=older)
+        print(f"purged {purged.payloads} replay payloads; released {purged.holds} stale quota holds")
+        return 0
+    except SQLAlchemyError as exc:
+        raise CliError(f"ledger {_without_password(url)}: {str(exc).splitlines()[0]}") from exc
 
 
 def _cmd_usage(args: argparse.Namespace) -> int:
@@ -235,6 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_serve(args)
         if args.command == "keys":
             return _cmd_keys(args)
+        if args.command == "ledger":
+            return _cmd_ledger(args)
         if args.command == "dashboard":
             from teacher_server.dashboard.server import run_dashboard_command
 

@@ -21,8 +21,35 @@ class ModelNotFoundError(ServiceError, LookupError):
 
 
 class QuotaExceededError(ServiceError):
+    """`details`: google.rpc messages (QuotaFailure, RetryInfo) the interceptor packs into the status;
+    `trailing_metadata`: the key's x-ratelimit-* / x-quota-* state (quota_status.py)."""
+
     status = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, *, details: tuple[object, ...] = (),
+                 trailing_metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(message)
+        self.details = details
+        self.trailing_metadata = trailing_metadata
 
 
 class ServiceUnavailableError(ServiceError):
+    status = "UNAVAILABLE"
+
+
+class RequestIdReusedError(ServiceError):
+    """A request_id already billed (or in flight) for other inputs: refused, nothing billed."""
+
+    status = "ALREADY_EXISTS"
+
+
+class ReplayExpiredError(ServiceError):
+    """A request_id billed before whose replay payload is gone (retention): refused, never billed twice."""
+
+    status = "FAILED_PRECONDITION"
+
+
+class LedgerUnavailableError(ServiceError):
+    """The ledger could not commit right now (lock timeout, disk full, lost connection): nothing billed, retry."""
+
     status = "UNAVAILABLE"

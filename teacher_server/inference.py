@@ -1,18 +1,19 @@
 """The billing core of an inference request: validate, dedupe, check quota, batch, commit, answer.
 
-Exactly-once: a request with a client `request_id` is answered from the ledger when (key, request_id) is stored
-there (also after a restart); a duplicate arriving while the original is still in flight waits for it and gets
-the same answer; the unique ledger constraint settles anything else (another server on the same database).
-Quota: committed GFLOPs plus GFLOPs reserved by the key's in-flight requests plus this request must fit; the
-reservation is released only after the commit, so concurrent requests can never overshoot the quota together.
+Exactly-once, bound to content: a request with a client `request_id` carries a content digest (content_digest.py).
+When (key, request_id) is stored in the ledger (also after a restart) or in flight, the same digest is replayed
+(unbilled, `replayed=true`) and another digest is refused with ALREADY_EXISTS; a stored request whose replay payload
+expired is refused with FAILED_PRECONDITION. The unique ledger constraint settles anything else (another server).
+Quota and rate limit: admitted by one conditional UPDATE in the ledger before the forward (ledger_billing.reserve),
+held until the usage row commits, so requests on any number of servers never overshoot together.
 """
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -20,10 +21,13 @@ import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from maskedkd.v1 import teacher_pb2 as pb
-from teacher_server import ledger
+from teacher_server import ledger, ledger_billing
 from teacher_server.auth import KeyInfo
 from teacher_server.batcher import BatchJob, BatchStats
-from teacher_server.errors import InvalidRequestError, QuotaExceededError
+from teacher_server.content_digest import content_digest
+from teacher_server.errors import InvalidRequestError, ReplayExpiredError, RequestIdReusedError, ServiceError
+from teacher_server.ledger_billing import Hold, LimitState, unavailable_on_transient_errors
+from teacher_server.quota_status import quota_exceeded
 from teacher_server.metering import Usage
 from teacher_server.metrics import ServerMetrics
 from teacher_server.preprocess import PreparedInput, prepare_input
@@ -31,6 +35,9 @@ from teacher_server.registry import ModelRegistry, ServedModel
 
 OFFLOAD_BYTES = 1 << 20          # decode payloads above this size off the event loop
 MAX_REQUEST_ID_CHARS = 200       # the ledger column's width
+DEFAULT_REPLAY_TTL_S = 7 * 86400.0
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,6 +66,7 @@ class InferOutcome:
     logits: torch.Tensor   # [B, classes] float32
     usage: Usage
     replayed: bool
+    limits: LimitState | None = None   # the key's quota/rate-limit state, for the response metadata
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,8 @@ class _Billing:
     model: str
     usage: Usage
     received_at: float
+    digest: str | None = None     # None for server-assigned ids
+    hold: Hold | None = None      # GFLOPs reserved against the key's quota/rate limit
 
 
 class _RetryYourself(Exception):
@@ -82,31 +92,40 @@ def logits_to_bytes(logits: torch.Tensor) -> tuple[bytes, str]:
     return arr.tobytes(), ",".join(str(s) for s in arr.shape)
 
 
-def logits_from_record(record: ledger.UsageRecord) -> torch.Tensor:
-    if record.logits is None or not record.logits_shape:
-        raise InvalidRequestError(f"request_id {record.request_id!r} was already used by a request whose logits "
-                                  "were not kept (it had a server-assigned id); choose a new request_id")
-    shape = [int(s) for s in record.logits_shape.split(",")]
-    flat = torch.frombuffer(bytearray(record.logits), dtype=torch.float32)  # little-endian hosts only, as the codec
-    return flat.reshape(shape).clone()
+def reused_error(request_id: str) -> RequestIdReusedError:
+    return RequestIdReusedError(f"request_id {request_id[:80]!r} was already used with different inputs; "
+                                "nothing billed")
 
 
-def outcome_from_record(record: ledger.UsageRecord) -> InferOutcome:
+def outcome_from_stored(record: ledger.UsageRecord, payload: ledger.ReplayPayload | None,
+                        digest: str) -> InferOutcome:
+    """The replay of a stored request, or the refusal: other inputs (ALREADY_EXISTS), answer gone (FAILED_PRECONDITION).
+    Rows billed before digests existed (content_digest None) are replayed without comparing inputs."""
+    if record.content_digest is not None and record.content_digest != digest:
+        raise reused_error(record.request_id)
+    if payload is None:
+        raise ReplayExpiredError(f"request_id {record.request_id[:80]!r} was billed before, but its answer is no "
+                                 "longer kept (replay retention expired, or the id was server-assigned); nothing "
+                                 "billed; send the request under a new request_id")
+    shape = [int(s) for s in payload.logits_shape.split(",")]
+    flat = torch.frombuffer(bytearray(payload.logits), dtype=torch.float32)  # little-endian hosts only, as the codec
     usage = Usage(images=record.images, tokens=record.tokens, flops=round(record.gflops * 1e9),
                   gflops=record.gflops, full_gflops=record.full_gflops, cost=record.cost)
-    return InferOutcome(record.request_id, record.model, logits_from_record(record), usage, replayed=True)
+    return InferOutcome(record.request_id, record.model, flat.reshape(shape).clone(), usage, replayed=True)
 
 
 class InferenceService:
     def __init__(self, *, registry: ModelRegistry, sessions: sessionmaker[Session], metrics: ServerMetrics,
-                 default_price_per_gflop: float, max_message_bytes: int) -> None:
+                 default_price_per_gflop: float, max_message_bytes: int,
+                 replay_ttl_s: float = DEFAULT_REPLAY_TTL_S) -> None:
         self.registry = registry
         self._sessions = sessions
         self._metrics = metrics
         self._default_price = default_price_per_gflop
         self._max_elements = max_message_bytes  # a tensor cannot hold more elements than the message has bytes
-        self._inflight: dict[tuple[int, str], asyncio.Future[InferOutcome]] = {}
-        self._reserved_flops: defaultdict[int, int] = defaultdict(int)  # key id -> FLOPs of uncommitted requests
+        self._replay_ttl_s = replay_ttl_s
+        # (key id, request_id) -> (content digest, the original's outcome) of requests in flight
+        self._inflight: dict[tuple[int, str], tuple[str, asyncio.Future[InferOutcome]]] = {}
 
     # ---------------------------------------------------------------------------------------- event loop side
 
@@ -133,30 +152,41 @@ class InferenceService:
             rid = f"auto-{uuid.uuid4().hex}"
             return await self._run(key, served, prepared, usage, rid, replayable=False, received_at=received_at)
 
+        digest = await self._digest(request, served.name)
         token = (key.id, request.request_id)
-        while (original := self._inflight.get(token)) is not None:
+        while (entry := self._inflight.get(token)) is not None:
+            if entry[0] != digest:
+                raise reused_error(request.request_id)
             try:
-                return replace(await asyncio.shield(original), replayed=True)
+                return replace(await asyncio.shield(entry[1]), replayed=True)
             except _RetryYourself:
                 continue
         mine: asyncio.Future[InferOutcome] = asyncio.get_running_loop().create_future()
-        self._inflight[token] = mine
+        self._inflight[token] = (digest, mine)
         try:
-            stored = await asyncio.to_thread(self._find_stored, key.id, request.request_id)
+            stored = await asyncio.to_thread(self._find_stored, key, request.request_id, digest)
             if stored is not None:
                 outcome = stored
             else:
                 outcome = await self._run(key, served, prepared, usage, request.request_id, replayable=True,
-                                          received_at=received_at)
+                                          received_at=received_at, digest=digest)
             mine.set_result(outcome)
             return outcome
-        except BaseException:
-            mine.set_exception(_RetryYourself())
+        except BaseException as exc:
+            # A refusal decided by the ledger holds for the duplicates too; anything else: they run on their own.
+            final = isinstance(exc, (RequestIdReusedError, ReplayExpiredError))
+            mine.set_exception(exc if final else _RetryYourself())
             mine.exception()  # mark retrieved: nobody may be waiting
             raise
         finally:
-            if self._inflight.get(token) is mine:
+            if self._inflight.get(token, (None, None))[1] is mine:
                 del self._inflight[token]
+
+    async def _digest(self, request: pb.InferRequest, model: str) -> str:
+        payload = request.images if request.WhichOneof("input") == "images" else request.patches
+        if len(payload.data) > OFFLOAD_BYTES:
+            return await asyncio.to_thread(content_digest, request, model=model)
+        return content_digest(request, model=model)
 
     async def _prepare(self, request: pb.InferRequest, served: ServedModel) -> PreparedInput:
         payload = request.images if request.WhichOneof("input") == "images" else request.patches
@@ -167,64 +197,90 @@ class InferenceService:
         return prepare_input(request, served.spec, max_images=max_images, max_elements=self._max_elements)
 
     async def _run(self, key: KeyInfo, served: ServedModel, prepared: PreparedInput, usage: Usage, request_id: str,
-                   *, replayable: bool, received_at: float) -> InferOutcome:
-        if key.quota_gflops is not None:
-            used = await asyncio.to_thread(self._used_gflops, key.id)
-            reserved = self._reserved_flops[key.id] / 1e9
-            if used + reserved + usage.gflops > key.quota_gflops:
-                raise QuotaExceededError(
-                    f"quota exceeded for API key {key.name!r}: {used + reserved:.6g} of {key.quota_gflops:.6g} "
-                    f"GFLOPs used, this request needs {usage.gflops:.6g} more; nothing was billed")
-        self._reserved_flops[key.id] += usage.flops
+                   *, replayable: bool, received_at: float, digest: str | None = None) -> InferOutcome:
+        hold: Hold | None = None
+        state: LimitState | None = None
+        if key.limits.limited:
+            hold, state = await asyncio.to_thread(self._reserve, key, usage.gflops)
+            if hold is None:
+                raise quota_exceeded(key=key, needed_gflops=usage.gflops, state=state)
         try:
-            billing = _Billing(key, request_id, replayable, served.name, usage, received_at)
+            billing = _Billing(key, request_id, replayable, served.name, usage, received_at, digest, hold)
             result = await served.batcher.submit(prepared, billing)
-        finally:
-            self._reserved_flops[key.id] -= usage.flops
-            if self._reserved_flops[key.id] == 0:
-                del self._reserved_flops[key.id]
-        if isinstance(result.finalized, Exception):
-            raise result.finalized
+            if isinstance(result.finalized, Exception):
+                raise result.finalized
+        except BaseException:
+            if hold is not None:  # settled already when the row committed; then this gives back nothing
+                asyncio.get_running_loop().run_in_executor(None, self._release, hold)
+            raise
         if result.finalized is not None:  # the ledger already held this request: replay what it stored
             return result.finalized
         self._metrics.count_billed(model=served.name, key=key.name, images=usage.images, gflops=usage.gflops,
                                    full_gflops=usage.full_gflops, cost=usage.cost)
-        return InferOutcome(request_id, served.name, result.logits, usage, replayed=False)
+        return InferOutcome(request_id, served.name, result.logits, usage, replayed=False, limits=state)
 
     # ------------------------------------------------------------------------------------------- worker side
 
-    def _find_stored(self, api_key_id: int, request_id: str) -> InferOutcome | None:
-        with self._sessions() as session:
-            record = ledger.find_usage(session, api_key_id=api_key_id, request_id=request_id)
-            return None if record is None else outcome_from_record(record)
+    def _find_stored(self, key: KeyInfo, request_id: str, digest: str) -> InferOutcome | None:
+        with unavailable_on_transient_errors(), self._sessions() as session:
+            found = ledger_billing.find_billed(session, api_key_id=key.id, request_id=request_id)
+            if found is None:
+                return None
+            outcome = outcome_from_stored(*found, digest)
+            if key.limits.limited:
+                outcome = replace(outcome, limits=ledger_billing.limit_state(session, api_key_id=key.id,
+                                                                             limits=key.limits))
+            return outcome
 
-    def _used_gflops(self, api_key_id: int) -> float:
-        with self._sessions() as session:
-            return ledger.used_gflops(session, api_key_id=api_key_id)
+    def _reserve(self, key: KeyInfo, gflops: float) -> tuple[Hold | None, LimitState]:
+        with unavailable_on_transient_errors(), self._sessions() as session:
+            return ledger_billing.reserve(session, api_key_id=key.id, gflops=gflops, limits=key.limits)
+
+    def _release(self, hold: Hold) -> None:
+        try:
+            with unavailable_on_transient_errors(), self._sessions() as session:
+                ledger_billing.release(session, holds=[hold])
+        except Exception:  # the hold expires and the periodic purge gives it back
+            log.warning("could not release quota hold %d now; the purge will", hold.id, exc_info=True)
+
+    async def limit_metadata(self, key: KeyInfo) -> LimitState | None:
+        """The key's quota/rate-limit state now (None for a key without limits)."""
+        if not key.limits.limited:
+            return None
+
+        def read() -> LimitState:
+            with unavailable_on_transient_errors(), self._sessions() as session:
+                return ledger_billing.limit_state(session, api_key_id=key.id, limits=key.limits)
+
+        return await asyncio.to_thread(read)
 
     def finalize(self, jobs: Sequence[BatchJob], logits: Sequence[torch.Tensor],
-                 stats: BatchStats) -> list[InferOutcome | InvalidRequestError | None]:
-        """Commit one usage row per job in one transaction (worker thread, before any response leaves).
-        Returns per job None (billed now) or the stored outcome when its (key, request_id) was billed before."""
+                 stats: BatchStats) -> list[InferOutcome | ServiceError | None]:
+        """Commit one usage row (and replay payload) per job in one transaction (before any response leaves).
+        Returns per job None (billed now), or for a (key, request_id) billed before: its replay or the refusal."""
         now = time.monotonic()
-        rows = []
+        items = []
         for job, out in zip(jobs, logits):
             b: _Billing = job.context
-            raw, shape = logits_to_bytes(out) if b.replayable else (None, None)
-            rows.append(ledger.NewUsage(
+            row = ledger.NewUsage(
                 api_key_id=b.key.id, request_id=b.request_id, model=b.model, images=b.usage.images,
                 tokens=b.usage.tokens, gflops=b.usage.gflops, full_gflops=b.usage.full_gflops, cost=b.usage.cost,
                 latency_ms=(now - b.received_at) * 1000.0,
                 queue_ms=max(0.0, stats.started_at - job.enqueued_at) * 1000.0,
-                batch_images=stats.images, logits=raw, logits_shape=shape,
-            ))
-        with self._sessions() as session:
-            stored = ledger.insert_usage_rows(session, rows=rows)
-        return [None if record is None else _replay_or_error(record) for record in stored]
+                batch_images=stats.images, content_digest=b.digest,
+            )
+            items.append(ledger_billing.Billable(row, b.key.quota_window, logits_to_bytes(out) if b.replayable
+                                                 else None, b.hold))
+        with unavailable_on_transient_errors(), self._sessions() as session:
+            stored = ledger_billing.bill(session, items=items, replay_ttl_s=self._replay_ttl_s)
+            return [None if record is None else self._replay_or_error(session, record, job.context)
+                    for record, job in zip(stored, jobs)]
 
-
-def _replay_or_error(record: ledger.UsageRecord) -> InferOutcome | InvalidRequestError:
-    try:
-        return outcome_from_record(record)
-    except InvalidRequestError as exc:  # one job's problem must not fail the rest of its (committed) batch
-        return exc
+    @staticmethod
+    def _replay_or_error(session: Session, record: ledger.UsageRecord, b: _Billing) -> InferOutcome | ServiceError:
+        """One job's problem must not fail the rest of its (committed) batch."""
+        found = ledger_billing.find_billed(session, api_key_id=record.api_key_id, request_id=record.request_id)
+        try:
+            return outcome_from_stored(record, found[1] if found else None, b.digest or "")
+        except ServiceError as exc:
+            return exc

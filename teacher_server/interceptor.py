@@ -42,6 +42,26 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal server error (ref {ref}); the request was not billed"
 
 
+def rich_trailing_metadata(exc: BaseException, code: grpc.StatusCode,
+                           message: str) -> tuple[tuple[str, str | bytes], ...]:
+    """Trailing metadata of an error: the google.rpc Status with the error's `details` (QuotaFailure, RetryInfo)
+    when it has some, and its own `trailing_metadata` (the x-ratelimit-* / x-quota-* state)."""
+    metadata: list[tuple[str, str | bytes]] = list(getattr(exc, "trailing_metadata", ()))
+    details = getattr(exc, "details", ())
+    if details:
+        from google.protobuf import any_pb2
+        from google.rpc import status_pb2
+
+        packed = []
+        for detail in details:
+            any_detail = any_pb2.Any()
+            any_detail.Pack(detail)
+            packed.append(any_detail)
+        status = status_pb2.Status(code=code.value[0], message=message, details=packed)
+        metadata.append(("grpc-status-details-bin", status.SerializeToString()))
+    return tuple(metadata)
+
+
 def mark_counted(exc: BaseException) -> BaseException:
     """Tell the interceptor not to count this error as a request (a stream's end: its messages count apart)."""
     exc.maskedkd_counted = True  # type: ignore[attr-defined]
@@ -107,7 +127,7 @@ class ErrorInterceptor(aio.ServerInterceptor):
         code, message = status_of(exc)
         if counts and not getattr(exc, "maskedkd_counted", False):
             self._metrics.count_request(model=labels.model, key=labels.key, code=code.name)
-        await context.abort(code, message)
+        await context.abort(code, message, trailing_metadata=rich_trailing_metadata(exc, code, message))
 
     def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]], counts: bool) -> Callable[..., Awaitable[Any]]:
         async def unary(request: Any, context: aio.ServicerContext) -> Any:

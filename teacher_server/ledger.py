@@ -1,7 +1,10 @@
 """The billing ledger: API keys and one usage row per served request (SQLAlchemy 2; SQLite by default, Postgres too).
 
 Exactly-once billing rests on the unique (api_key_id, request_id) constraint of `usage`: a row is only ever inserted
-once, and a retry finds it and is answered from it. The dashboard reads these same tables.
+once, and a retry finds it and is answered from it when its content digest matches (replay payloads live in their own
+table, `replay_payloads`, kept for a retention window; billing rows are kept forever). Per-key running totals and the
+quota/rate-limit counters live in `key_counters` (ledger_billing.py); the schema is migrated by Alembic
+(ledger_migrate.py, teacher_server/migrations). The dashboard reads these same tables.
 All data-access functions take a `Session` and keyword-only arguments; the caller owns the transaction unless the
 function says it commits.
 """
@@ -15,13 +18,13 @@ from pathlib import Path
 from sqlalchemy import (
     BigInteger, Boolean, ColumnElement, DateTime, Double, Engine, ForeignKey, Index, Integer, LargeBinary, String,
     UniqueConstraint,
-    and_, create_engine, event, func, select, text,
+    and_, create_engine, event, func, select,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_S = 30.0  # writers wait this long for the SQLite write lock instead of failing at once
-SCHEMA_LOCK_ID = 0x6D6B645F6C6467  # Postgres advisory lock key ("mkd_ldg") serializing schema creation
+QUOTA_WINDOWS = ("lifetime", "month", "day")
 
 
 def utcnow() -> datetime:
@@ -55,6 +58,8 @@ class ApiKey(Base):
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     quota_gflops: Mapped[float | None] = mapped_column(Double, nullable=True)     # None: unlimited
     price_per_gflop: Mapped[float | None] = mapped_column(Double, nullable=True)  # None: server default
+    quota_window: Mapped[str] = mapped_column(String(16), default="lifetime", server_default="lifetime")
+    rate_limit_gflops_per_min: Mapped[float | None] = mapped_column(Double, nullable=True)  # None: no rate limit
 
     usage: Mapped[list[UsageRecord]] = relationship(back_populates="api_key", lazy="noload")
 
@@ -79,46 +84,89 @@ class UsageRecord(Base):
     queue_ms: Mapped[float] = mapped_column(Double)
     batch_images: Mapped[int] = mapped_column(Integer)                   # images in the micro-batch it ran in
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    logits: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)       # float32 row-major, for replay
-    logits_shape: Mapped[str | None] = mapped_column(String(64), nullable=True)    # "B,C"
+    # sha256 hex of what determines the answer (inference.content_digest); None: billed before digests existed
+    content_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     api_key: Mapped[ApiKey] = relationship(back_populates="usage", lazy="noload")
+
+
+class ReplayPayload(Base):
+    """The answer of a billed request, kept until `expires_at` so a retry can be replayed (purged after)."""
+
+    __tablename__ = "replay_payloads"
+    __table_args__ = (Index("ix_replay_payloads_expires_at", "expires_at"),)
+
+    usage_id: Mapped[int] = mapped_column(ForeignKey("usage.id", ondelete="CASCADE"), primary_key=True)
+    logits: Mapped[bytes] = mapped_column(LargeBinary)                   # float32 little-endian, row-major
+    logits_shape: Mapped[str] = mapped_column(String(64))                # "B,C"
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class KeyCounter(Base):
+    """One row per key: running totals of its usage rows (updated in the same transaction as each row) and the
+    counters its quota and rate limit are checked against with one conditional UPDATE (ledger_billing.py)."""
+
+    __tablename__ = "key_counters"
+
+    api_key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), primary_key=True)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    images: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    gflops: Mapped[float] = mapped_column(Double, default=0.0, server_default="0")
+    full_gflops: Mapped[float] = mapped_column(Double, default=0.0, server_default="0")
+    cost: Mapped[float] = mapped_column(Double, default=0.0, server_default="0")
+    reserved_gflops: Mapped[float] = mapped_column(Double, default=0.0, server_default="0")  # open quota holds
+    window_start: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")     # epoch s; 0: lifetime
+    window_gflops: Mapped[float] = mapped_column(Double, default=0.0, server_default="0")    # billed in the window
+    rate_start: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")       # epoch s of the minute
+    rate_gflops: Mapped[float] = mapped_column(Double, default=0.0, server_default="0")      # admitted this minute
+
+
+class QuotaHold(Base):
+    """GFLOPs reserved by one request between its admission and its commit (or release). A hold left behind by a
+    crashed server expires and is purged, giving its GFLOPs back."""
+
+    __tablename__ = "quota_holds"
+    __table_args__ = (Index("ix_quota_holds_expires_at", "expires_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    api_key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
+    gflops: Mapped[float] = mapped_column(Double)
+    rate_start: Mapped[int] = mapped_column(BigInteger)   # the rate-limit minute the GFLOPs were admitted in
+    expires_at: Mapped[int] = mapped_column(BigInteger)   # epoch s
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # engine
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S) -> Engine:
     """An engine for `url`; SQLite files get WAL, a busy timeout and enforced foreign keys."""
     if not url.startswith("sqlite"):
         return create_engine(url, pool_pre_ping=True)
     database = url.split("///", 1)[1] if "///" in url else ""
     if database and database != ":memory:" and not database.startswith("file:"):
         Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False})
+    engine = create_engine(url, connect_args={"timeout": busy_timeout_s, "check_same_thread": False})
 
     @event.listens_for(engine, "connect")
     def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
         cursor = dbapi_conn.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; a crash loses at most the last commits
-        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
     return engine
 
 
-def open_ledger(url: str) -> sessionmaker[Session]:
-    """Engine + schema (created if missing) + a session factory, in one call."""
-    engine = make_engine(url)
-    with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            # Processes starting together on a fresh database (server replicas, dashboard, CLI) would race to
-            # CREATE TABLE; this lock, held to the commit, lets one create and the rest find the tables.
-            conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": SCHEMA_LOCK_ID})
-        Base.metadata.create_all(conn)
+def open_ledger(url: str, *, busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S) -> sessionmaker[Session]:
+    """Engine + schema (created or upgraded to the newest Alembic revision) + a session factory, in one call."""
+    from teacher_server.ledger_migrate import upgrade_to_head
+
+    engine = make_engine(url, busy_timeout_s=busy_timeout_s)
+    upgrade_to_head(engine)
     return sessionmaker(engine, expire_on_commit=False)
 
 
@@ -128,20 +176,34 @@ def open_ledger(url: str) -> sessionmaker[Session]:
 
 def add_api_key(
     session: Session, *, name: str, key_prefix: str, key_hash: str, quota_gflops: float | None = None,
-    price_per_gflop: float | None = None,
+    price_per_gflop: float | None = None, quota_window: str = "lifetime",
+    rate_limit_gflops_per_min: float | None = None,
 ) -> ApiKey:
-    """Insert a key and commit; `DuplicateKeyNameError` when the name is taken."""
+    """Insert a key (and its zeroed counters) and commit; `DuplicateKeyNameError` when the name is taken."""
     if find_api_key_by_name(session, name=name) is not None:
         raise DuplicateKeyNameError(f"an API key named {name!r} already exists")
     key = ApiKey(name=name, key_prefix=key_prefix, key_hash=key_hash, quota_gflops=quota_gflops,
-                 price_per_gflop=price_per_gflop, disabled=False, created_at=utcnow())
+                 price_per_gflop=price_per_gflop, disabled=False, created_at=utcnow(), quota_window=quota_window,
+                 rate_limit_gflops_per_min=rate_limit_gflops_per_min)
     session.add(key)
     try:
+        session.flush()
+        session.add(KeyCounter(api_key_id=key.id, window_start=window_start(quota_window, utcnow())))
         session.commit()
     except IntegrityError as exc:
         session.rollback()
         raise DuplicateKeyNameError(f"an API key named {name!r} already exists") from exc
     return key
+
+
+def window_start(quota_window: str, now: datetime) -> int:
+    """Epoch seconds where the quota window holding `now` began (UTC calendar day or month; 0 for lifetime)."""
+    now = now.astimezone(timezone.utc)
+    if quota_window == "day":
+        return int(now.replace(hour=0, minute=0, second=0, microsecond=0).timestamp())
+    if quota_window == "month":
+        return int(now.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp())
+    return 0
 
 
 def find_api_key_by_hash(session: Session, *, key_hash: str) -> ApiKey | None:
@@ -198,44 +260,16 @@ class NewUsage:
     latency_ms: float
     queue_ms: float
     batch_images: int
-    logits: bytes | None = None        # float32 row-major; None when the request can never be replayed
-    logits_shape: str | None = None    # "B,C"
+    content_digest: str | None = None  # sha256 hex of the inputs; None for server-assigned ids
 
 
-def _record(row: NewUsage, created_at: datetime) -> UsageRecord:
+def usage_record(row: NewUsage, created_at: datetime) -> UsageRecord:
     return UsageRecord(
         api_key_id=row.api_key_id, request_id=row.request_id, model=row.model, images=row.images, tokens=row.tokens,
         gflops=row.gflops, full_gflops=row.full_gflops, cost=row.cost, latency_ms=row.latency_ms,
-        queue_ms=row.queue_ms, batch_images=row.batch_images, created_at=created_at, logits=row.logits,
-        logits_shape=row.logits_shape,
+        queue_ms=row.queue_ms, batch_images=row.batch_images, created_at=created_at,
+        content_digest=row.content_digest,
     )
-
-
-def insert_usage_rows(session: Session, *, rows: list[NewUsage]) -> list[UsageRecord | None]:
-    """Insert and commit `rows` in one transaction; returns, per row, None when inserted or the row already stored
-    under the same (api_key_id, request_id) (the request then was billed before and must be replayed, not billed)."""
-    if not rows:
-        return []
-    now = utcnow()
-    # One global insertion order, so two servers billing overlapping request_ids cannot deadlock on Postgres.
-    order = sorted(range(len(rows)), key=lambda i: (rows[i].api_key_id, rows[i].request_id))
-    session.add_all([_record(rows[i], now) for i in order])
-    try:
-        session.commit()
-        return [None] * len(rows)
-    except IntegrityError:
-        session.rollback()
-    # Some request_id was billed already (another server, or a race): insert one by one under savepoints.
-    outcome: list[UsageRecord | None] = [None] * len(rows)
-    for i in order:
-        row = rows[i]
-        try:
-            with session.begin_nested():
-                session.add(_record(row, now))
-        except IntegrityError:
-            outcome[i] = find_usage(session, api_key_id=row.api_key_id, request_id=row.request_id)
-    session.commit()
-    return outcome
 
 
 def find_usage(session: Session, *, api_key_id: int, request_id: str) -> UsageRecord | None:
@@ -245,9 +279,8 @@ def find_usage(session: Session, *, api_key_id: int, request_id: str) -> UsageRe
 
 
 def used_gflops(session: Session, *, api_key_id: int) -> float:
-    """GFLOPs billed to a key so far."""
-    total = session.scalar(select(func.coalesce(func.sum(UsageRecord.gflops), 0.0))
-                           .where(UsageRecord.api_key_id == api_key_id))
+    """GFLOPs billed to a key so far (its running total: one primary-key read)."""
+    total = session.scalar(select(KeyCounter.gflops).where(KeyCounter.api_key_id == api_key_id))
     return float(total or 0.0)
 
 

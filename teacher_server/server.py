@@ -41,12 +41,13 @@ class TeacherServer:
     def __init__(self, settings: ServerSettings, *, model: nn.Module | None = None) -> None:
         self.settings = settings
         self.metrics = ServerMetrics()
-        self.sessions = ledger.open_ledger(settings.db)
+        self.sessions = ledger.open_ledger(settings.db, busy_timeout_s=settings.ledger_busy_timeout_s)
         self.auth = KeyAuthenticator(self.sessions, ttl_s=settings.auth_cache_s)
         self.registry = ModelRegistry()
         self.service = InferenceService(registry=self.registry, sessions=self.sessions, metrics=self.metrics,
                                         default_price_per_gflop=settings.price_per_gflop,
-                                        max_message_bytes=settings.max_message_bytes)
+                                        max_message_bytes=settings.max_message_bytes,
+                                        replay_ttl_s=settings.replay_ttl)
         name, teacher = load_teacher(settings, model)
         self.registry.add(build_served_model(name, teacher, settings, finalize=self.service.finalize,
                                              metrics=self.metrics))
@@ -58,6 +59,7 @@ class TeacherServer:
         self._server: aio.Server | None = None
         self._servicer: TeacherServicer | None = None
         self._dashboard: Any = None
+        self._purger: asyncio.Task[None] | None = None
         self._stopped = False
 
     @property
@@ -91,6 +93,7 @@ class TeacherServer:
             raise ServerStartError(f"cannot listen on {s.host}:{s.port}: {reason}")
         await server.start()
         self._server = server
+        self._purger = asyncio.create_task(self._purge_periodically(), name="ledger-purge")
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if s.metrics_port is not None:
@@ -116,6 +119,9 @@ class TeacherServer:
         if self._stopped:
             return
         self._stopped = True
+        if self._purger is not None:
+            self._purger.cancel()
+            await asyncio.gather(self._purger, return_exceptions=True)
         grace = self.settings.grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
         if self.settings.drain_s > 0 and self._server is not None:
@@ -134,6 +140,25 @@ class TeacherServer:
         self._stop_dashboard()
         self.metrics.stop_http()
         await asyncio.to_thread(self._flush_ledger)
+
+    async def _purge_periodically(self) -> None:
+        """Delete expired replay payloads and give back quota holds of dead requests, every purge interval."""
+        from teacher_server.ledger_billing import purge
+
+        def purge_once() -> None:
+            with self.sessions() as session:
+                purged = purge(session)
+            if purged.payloads or purged.holds:
+                log.info("ledger: purged %d expired replay payloads, released %d stale quota holds",
+                         purged.payloads, purged.holds)
+
+        while True:
+            try:
+                await asyncio.to_thread(purge_once)
+            except Exception:  # a busy or unreachable ledger: try again next round
+                log.warning("ledger purge failed; retrying in %.0f s", self.settings.replay_purge_interval_s,
+                            exc_info=True)
+            await asyncio.sleep(self.settings.replay_purge_interval_s)
 
     def _flush_ledger(self) -> None:
         engine = self.sessions.kw["bind"]

@@ -19,6 +19,7 @@ from teacher_server.errors import AuthenticationError, ServiceUnavailableError
 from teacher_server.inference import CURRENT_LABELS, CallLabels, InferenceService, InferOutcome, current_labels
 from teacher_server.interceptor import mark_counted, status_of
 from teacher_server.metrics import ServerMetrics
+from teacher_server.quota_status import limit_metadata
 from teacher_server.settings import ServerSettings
 
 STREAM_WINDOW = 64  # requests of one stream in flight at once (back-pressure on a fast sender)
@@ -96,14 +97,19 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
 
     async def Infer(self, request: pb.InferRequest, context: aio.ServicerContext) -> pb.InferResponse:
         key = await self._key(context)
-        return to_response(await self._service.infer(key, request))
+        outcome = await self._service.infer(key, request)
+        if metadata := limit_metadata(outcome.limits):  # x-ratelimit-* / x-quota-*: quota_status.py
+            await context.send_initial_metadata(metadata)
+        return to_response(outcome)
 
     async def InferStream(self, request_iterator: AsyncIterator[Any],
                           context: aio.ServicerContext) -> AsyncIterator[pb.InferResponse]:
         # One answer per message, an error answer for a failed one (keyed by its request_id); the stream goes on.
         # Where it must end (server shutting down, the client's side broke), it ends only after every message
         # already started was answered: nothing billed is left unsent.
-        await self._key(context)  # refuse a bad key before reading anything
+        key = await self._key(context)  # refuse a bad key before reading anything
+        if metadata := limit_metadata(await self._service.limit_metadata(key)):  # the state as the stream starts
+            await context.send_initial_metadata(metadata)
         answers: asyncio.Queue[pb.InferResponse | _StreamEnd] = asyncio.Queue()
         window = asyncio.Semaphore(STREAM_WINDOW)
         started: set[asyncio.Task[None]] = set()

@@ -7,6 +7,23 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of "3600", "90s", "30m", "12h", "7d" or "2w"."""
+    value = text.strip().lower()
+    scale = DURATION_UNITS.get(value[-1:], None)
+    number = value[:-1] if scale is not None else value
+    try:
+        seconds = float(number) * (scale or 1.0)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a duration (seconds, or a number with s, m, h, d or w)") from None
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"{text!r} is not a positive duration")
+    return seconds
+
+
 class ServerSettings(BaseSettings):
     """Everything `teacher-server serve` needs. Field `x` reads env `MASKEDKD_X` (dicts as JSON)."""
 
@@ -37,6 +54,9 @@ class ServerSettings(BaseSettings):
     currency: str = "USD"
     admin_token: str | None = None                      # guards admin operations (dashboard); None: admin off
     auth_cache_s: float = Field(2.0, ge=0)              # how long a key lookup is trusted; bounds disable latency
+    replay_ttl: float = Field(7 * 86400.0, gt=0)        # seconds (or "7d", "12h", "30m") answers are kept for replay
+    replay_purge_interval_s: float = Field(3600.0, gt=0)  # how often the server purges expired replay payloads
+    ledger_busy_timeout_s: float = Field(30.0, gt=0)    # SQLite: wait this long for the write lock, then UNAVAILABLE
 
     # --- micro-batching ---
     max_batch_images: int = Field(256, ge=1)            # per micro-batch, and the largest one request may carry
@@ -47,6 +67,11 @@ class ServerSettings(BaseSettings):
     # --- lifecycle ---
     grace_s: float = Field(10.0, ge=0)                  # in-flight requests get this long to finish on shutdown
     drain_s: float = Field(0.0, ge=0)                   # NOT_SERVING is announced this long before refusing calls
+
+    @field_validator("replay_ttl", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return parse_duration(value) if isinstance(value, str) else value
 
     @field_validator("model_kwargs", mode="before")
     @classmethod

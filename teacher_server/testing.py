@@ -71,10 +71,12 @@ class RunningServer:
         return self.server.registry.default
 
     def create_key(self, name: str, quota_gflops: float | None = None,
-                   price_per_gflop: float | None = None) -> str:
+                   price_per_gflop: float | None = None, *, quota_window: str = "lifetime",
+                   rate_limit_gflops_per_min: float | None = None) -> str:
         """Store a new API key in the server's ledger; returns the secret (`mkd_...`)."""
         secret, _ = create_api_key(self.server.sessions, name=name, quota_gflops=quota_gflops,
-                                   price_per_gflop=price_per_gflop)
+                                   price_per_gflop=price_per_gflop, quota_window=quota_window,
+                                   rate_limit_gflops_per_min=rate_limit_gflops_per_min)
         return secret
 
     def invalidate_key_cache(self) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import Enum
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -93,6 +93,9 @@ class RecentLatency(BaseModel):
     keys: list[LatencyFigures]
 
 
+QuotaWindow = Literal["lifetime", "month", "day"]
+
+
 class KeyInfo(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -103,6 +106,8 @@ class KeyInfo(BaseModel):
     disabled: bool
     quota_gflops: float | None
     price_per_gflop: float | None
+    quota_window: QuotaWindow = "lifetime"
+    rate_limit_gflops_per_min: float | None = None
 
 
 class CreatedKey(KeyInfo):
@@ -116,6 +121,9 @@ class CreateKeyRequest(BaseModel):
                       description="unique name: letters, digits and . _ @ -")
     quota_gflops: float | None = Field(None, ge=0, allow_inf_nan=False, description="null: unlimited")
     price_per_gflop: float | None = Field(None, ge=0, allow_inf_nan=False, description="null: the server default")
+    quota_window: QuotaWindow = Field("lifetime", description="what quota_gflops counts: all usage, or the "
+                                      "current UTC calendar month or day")
+    rate_limit_gflops_per_min: float | None = Field(None, gt=0, allow_inf_nan=False, description="null: none")
 
 
 class UpdateKeyRequest(BaseModel):
@@ -126,6 +134,8 @@ class UpdateKeyRequest(BaseModel):
     disabled: bool | None = None
     quota_gflops: float | None = Field(None, ge=0, allow_inf_nan=False)
     price_per_gflop: float | None = Field(None, ge=0, allow_inf_nan=False)
+    quota_window: QuotaWindow | None = None
+    rate_limit_gflops_per_min: float | None = Field(None, gt=0, allow_inf_nan=False)
 
 
 class Health(BaseModel):

@@ -25,7 +25,8 @@ from postgres_testkit import pg_rows, postgres_server, postgres_url  # noqa: F40
 from service_testkit import MODEL, TINY, auth, image_request, random_images, random_keep, stub, tiny_vit
 
 from maskedkd.v1 import teacher_pb2 as pb
-from teacher_server import ledger
+from teacher_server import ledger, ledger_billing
+from teacher_server.ledger_migrate import head_revision
 from teacher_server.dashboard import create_app
 from teacher_server.settings import ServerSettings
 from teacher_server.testing import running_server
@@ -51,10 +52,11 @@ def pg_settings(url: str, **overrides: Any) -> ServerSettings:
 def usage_rows(url: str) -> list[dict[str, Any]]:
     """Every usage row with its key's name, through psycopg2 (the documented schema, not the ORM)."""
     names = ["key", "request_id", "images", "tokens", "gflops", "full_gflops", "cost", "batch_images", "epoch",
-             "logits", "logits_shape"]
+             "logits", "logits_shape"]  # the replay payload, from its own table
     query = ("SELECT k.name, u.request_id, u.images, u.tokens, u.gflops, u.full_gflops, u.cost, u.batch_images, "
-             "EXTRACT(EPOCH FROM u.created_at)::float8, u.logits, u.logits_shape "
-             "FROM usage u JOIN api_keys k ON k.id = u.api_key_id ORDER BY u.id")
+             "EXTRACT(EPOCH FROM u.created_at)::float8, p.logits, p.logits_shape "
+             "FROM usage u JOIN api_keys k ON k.id = u.api_key_id LEFT JOIN replay_payloads p ON p.usage_id = u.id "
+             "ORDER BY u.id")
     return [dict(zip(names, r)) for r in pg_rows(url, query)]
 
 
@@ -168,19 +170,22 @@ def test_insert_usage_rows_settles_duplicates_with_savepoints(postgres_url: str)
         with pytest.raises(ledger.DuplicateKeyNameError):
             ledger.add_api_key(s, name="k", key_prefix="mkd_y", key_hash="g" * 64)
 
-    def row(rid: str, gflops: float) -> ledger.NewUsage:
-        return ledger.NewUsage(api_key_id=key.id, request_id=rid, model="m", images=1, tokens=2, gflops=gflops,
-                               full_gflops=2.0, cost=gflops, latency_ms=1.0, queue_ms=0.5, batch_images=1,
-                               logits=b"\x01\x02\x03\x04", logits_shape="1,1")
+    def item(rid: str, gflops: float) -> ledger_billing.Billable:
+        row = ledger.NewUsage(api_key_id=key.id, request_id=rid, model="m", images=1, tokens=2, gflops=gflops,
+                              full_gflops=2.0, cost=gflops, latency_ms=1.0, queue_ms=0.5, batch_images=1,
+                              content_digest=rid * 64)
+        return ledger_billing.Billable(row, "lifetime", payload=(b"\x01\x02\x03\x04", "1,1"))
 
     with sessions() as s:
-        assert ledger.insert_usage_rows(s, rows=[row("a", 1.0)]) == [None]
+        assert ledger_billing.bill(s, items=[item("a", 1.0)], replay_ttl_s=60) == [None]
     with sessions() as s:
-        outcome = ledger.insert_usage_rows(s, rows=[row("b", 1.5), row("a", 9.0), row("c", 0.5)])
+        outcome = ledger_billing.bill(s, items=[item("b", 1.5), item("a", 9.0), item("c", 0.5)], replay_ttl_s=60)
     assert outcome[0] is None and outcome[2] is None
-    assert outcome[1] is not None and outcome[1].gflops == 1.0 and bytes(outcome[1].logits) == b"\x01\x02\x03\x04"
+    assert outcome[1] is not None and outcome[1].gflops == 1.0 and outcome[1].content_digest == "a" * 64
     assert pg_rows(postgres_url, "SELECT request_id, gflops FROM usage ORDER BY request_id") == [
         ("a", 1.0), ("b", 1.5), ("c", 0.5)]
+    assert pg_rows(postgres_url, "SELECT COUNT(*), MIN(length(logits)) FROM replay_payloads") == [(3, 4)]
+    assert pg_rows(postgres_url, "SELECT requests, gflops FROM key_counters") == [(3, 3.0)]
     with sessions() as s:
         assert ledger.used_gflops(s, api_key_id=key.id) == 3.0
     sessions.kw["bind"].dispose()
@@ -292,7 +297,9 @@ def test_servers_opening_a_fresh_database_together_create_the_schema_once(postgr
         assert list(pool.map(open_it, range(4))) == ["ok"] * 4
     tables = pg_rows(postgres_url, "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' "
                                    "ORDER BY table_name")
-    assert tables == [("api_keys",), ("usage",)]
+    assert tables == [("alembic_version",), ("api_keys",), ("key_counters",), ("quota_holds",), ("replay_payloads",),
+                      ("usage",)]
+    assert pg_rows(postgres_url, "SELECT version_num FROM alembic_version") == [(head_revision(),)]
 
 
 def test_dashboard_usage_equals_raw_sql_on_postgres(postgres_url: str, model) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,7 +15,7 @@ from service_testkit import (
 )
 
 from maskedkd.v1 import teacher_pb2 as pb
-from teacher_server import ledger
+from teacher_server import ledger, ledger_billing
 from teacher_server.testing import running_server
 
 pytestmark = pytest.mark.timeout(120)
@@ -176,21 +177,26 @@ def test_a_key_price_overrides_the_server_default(tmp_path, model) -> None:
 
 
 def test_ledger_insert_settles_a_duplicate_written_elsewhere(tmp_path) -> None:
-    """Two servers on one database: the unique (key, request_id) lets only one row in; the other gets it back."""
+    """Two servers on one database: the unique (key, request_id) lets only one row in; the other gets it back, and
+    the running totals count the stored rows only."""
     sessions = ledger.open_ledger(f"sqlite:///{tmp_path / 'l.db'}")
     with sessions() as s:
         key = ledger.add_api_key(s, name="k", key_prefix="mkd_x", key_hash="h" * 64)
 
-    def row(rid: str, gflops: float) -> ledger.NewUsage:
-        return ledger.NewUsage(api_key_id=key.id, request_id=rid, model="m", images=1, tokens=2, gflops=gflops,
-                               full_gflops=2.0, cost=gflops, latency_ms=1.0, queue_ms=0.5, batch_images=1,
-                               logits=b"\0" * 8, logits_shape="1,2")
+    def item(rid: str, gflops: float) -> ledger_billing.Billable:
+        row = ledger.NewUsage(api_key_id=key.id, request_id=rid, model="m", images=1, tokens=2, gflops=gflops,
+                              full_gflops=2.0, cost=gflops, latency_ms=1.0, queue_ms=0.5, batch_images=1,
+                              content_digest="d" * 64)
+        return ledger_billing.Billable(row, "lifetime", payload=(b"\0" * 8, "1,2"))
 
     with sessions() as s:
-        assert ledger.insert_usage_rows(s, rows=[row("a", 1.0)]) == [None]
+        assert ledger_billing.bill(s, items=[item("a", 1.0)], replay_ttl_s=60) == [None]
     with sessions() as s:
-        outcome = ledger.insert_usage_rows(s, rows=[row("b", 1.5), row("a", 9.0), row("c", 0.5)])
+        outcome = ledger_billing.bill(s, items=[item("b", 1.5), item("a", 9.0), item("c", 0.5)], replay_ttl_s=60)
     assert outcome[0] is None and outcome[2] is None
     assert outcome[1] is not None and outcome[1].gflops == 1.0  # the stored one, not the new numbers
     with sessions() as s:
         assert ledger.used_gflops(s, api_key_id=key.id) == 3.0
+    with sqlite3.connect(tmp_path / "l.db") as conn:
+        assert conn.execute("SELECT requests, gflops, window_gflops FROM key_counters").fetchall() == [(3, 3.0, 3.0)]
+        assert conn.execute("SELECT COUNT(*) FROM replay_payloads").fetchone() == (3,)

@@ -27,6 +27,16 @@ if _version_not_supported:
 
 class TeacherServiceStub:
     """The teacher: runs the masked forward of a ViT on the kept patches and meters every call per API key.
+
+    Statuses of Infer (and of each InferStream message) besides OK and INVALID_ARGUMENT: ALREADY_EXISTS and
+    FAILED_PRECONDITION (see InferRequest.request_id); RESOURCE_EXHAUSTED when the key's quota window or rate limit
+    has no room (nothing billed; google.rpc QuotaFailure and, unless the quota is a lifetime one, RetryInfo details in
+    grpc-status-details-bin); UNAVAILABLE "ledger unavailable, not billed, retry" when the ledger cannot commit for
+    the moment (retry under the same request_id).
+    Metadata: for a key with limits, Infer's initial metadata (and InferStream's, as the stream starts) and the
+    trailing metadata of RESOURCE_EXHAUSTED carry x-quota-limit-gflops, x-quota-remaining-gflops, x-quota-window,
+    x-quota-reset (e.g. "3600s", not for lifetime quotas), x-ratelimit-limit-gflops (per minute),
+    x-ratelimit-remaining-gflops and x-ratelimit-reset-gflops (e.g. "12.5s"); each only for the limits the key has.
     """
 
     def __init__(self, channel):
@@ -54,6 +64,16 @@ class TeacherServiceStub:
 
 class TeacherServiceServicer:
     """The teacher: runs the masked forward of a ViT on the kept patches and meters every call per API key.
+
+    Statuses of Infer (and of each InferStream message) besides OK and INVALID_ARGUMENT: ALREADY_EXISTS and
+    FAILED_PRECONDITION (see InferRequest.request_id); RESOURCE_EXHAUSTED when the key's quota window or rate limit
+    has no room (nothing billed; google.rpc QuotaFailure and, unless the quota is a lifetime one, RetryInfo details in
+    grpc-status-details-bin); UNAVAILABLE "ledger unavailable, not billed, retry" when the ledger cannot commit for
+    the moment (retry under the same request_id).
+    Metadata: for a key with limits, Infer's initial metadata (and InferStream's, as the stream starts) and the
+    trailing metadata of RESOURCE_EXHAUSTED carry x-quota-limit-gflops, x-quota-remaining-gflops, x-quota-window,
+    x-quota-reset (e.g. "3600s", not for lifetime quotas), x-ratelimit-limit-gflops (per minute),
+    x-ratelimit-remaining-gflops and x-ratelimit-reset-gflops (e.g. "12.5s"); each only for the limits the key has.
     """
 
     def GetModelInfo(self, request, context):
@@ -108,6 +128,16 @@ def add_TeacherServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class TeacherService:
     """The teacher: runs the masked forward of a ViT on the kept patches and meters every call per API key.
+
+    Statuses of Infer (and of each InferStream message) besides OK and INVALID_ARGUMENT: ALREADY_EXISTS and
+    FAILED_PRECONDITION (see InferRequest.request_id); RESOURCE_EXHAUSTED when the key's quota window or rate limit
+    has no room (nothing billed; google.rpc QuotaFailure and, unless the quota is a lifetime one, RetryInfo details in
+    grpc-status-details-bin); UNAVAILABLE "ledger unavailable, not billed, retry" when the ledger cannot commit for
+    the moment (retry under the same request_id).
+    Metadata: for a key with limits, Infer's initial metadata (and InferStream's, as the stream starts) and the
+    trailing metadata of RESOURCE_EXHAUSTED carry x-quota-limit-gflops, x-quota-remaining-gflops, x-quota-window,
+    x-quota-reset (e.g. "3600s", not for lifetime quotas), x-ratelimit-limit-gflops (per minute),
+    x-ratelimit-remaining-gflops and x-ratelimit-reset-gflops (e.g. "12.5s"); each only for the limits the key has.
     """
 
     @staticmethod

@@ -6,7 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Path, status
 from sqlalchemy.orm import Session, sessionmaker
 
-from teacher_server import auth, ledger
+from teacher_server import auth, ledger, ledger_billing
 from teacher_server.dashboard.deps import SessionDep, get_sessions, require_admin
 from teacher_server.dashboard.schemas import CreatedKey, CreateKeyRequest, ErrorMessage, KeyInfo, UpdateKeyRequest
 
@@ -41,7 +41,8 @@ def create_key(body: CreateKeyRequest,
                sessions: Annotated[sessionmaker[Session], Depends(get_sessions)]) -> CreatedKey:
     try:
         secret, row = auth.create_api_key(sessions, name=body.name, quota_gflops=body.quota_gflops,
-                                          price_per_gflop=body.price_per_gflop)
+                                          price_per_gflop=body.price_per_gflop, quota_window=body.quota_window,
+                                          rate_limit_gflops_per_min=body.rate_limit_gflops_per_min)
     except ledger.DuplicateKeyNameError as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
     except ValueError as exc:
@@ -50,7 +51,8 @@ def create_key(body: CreateKeyRequest,
 
 
 @router.patch("/{name}", response_model=KeyInfo, responses=_NOT_FOUND,
-              summary="Change a key: disabled, quota_gflops, price_per_gflop (only the fields sent)")
+              summary="Change a key: disabled, quota_gflops, price_per_gflop, quota_window, "
+                      "rate_limit_gflops_per_min (only the fields sent)")
 def update_key(name: NamePath, body: UpdateKeyRequest, session: SessionDep) -> KeyInfo:
     key = _existing(session, name)
     sent = body.model_fields_set
@@ -64,6 +66,14 @@ def update_key(name: NamePath, body: UpdateKeyRequest, session: SessionDep) -> K
             quota_gflops=body.quota_gflops if "quota_gflops" in sent else key.quota_gflops,
             price_per_gflop=body.price_per_gflop if "price_per_gflop" in sent else key.price_per_gflop,
         )
+    if sent & {"quota_window", "rate_limit_gflops_per_min"}:
+        if "quota_window" in sent and body.quota_window is None:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, "`quota_window` must be lifetime, month or day")
+        ledger_billing.set_key_limits(
+            session, name=name, quota_gflops=key.quota_gflops, quota_window=body.quota_window or key.quota_window,
+            rate_limit_gflops_per_min=(body.rate_limit_gflops_per_min if "rate_limit_gflops_per_min" in sent
+                                       else key.rate_limit_gflops_per_min))
+        key = _existing(session, name)
     return KeyInfo.model_validate(key)
 
 

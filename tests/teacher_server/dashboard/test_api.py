@@ -206,6 +206,26 @@ def test_admin_create_update_disable_write_the_ledger(seeded: SeededLedger, tmp_
     assert rows(db, "SELECT disabled FROM api_keys WHERE name = 'admin-made'") == [(0,)]
 
 
+def test_admin_sets_quota_window_and_rate_limit(seeded: SeededLedger, tmp_path: Path) -> None:
+    db = tmp_path / "limits.db"
+    client = TestClient(create_app(seeded.settings.model_copy(update={"db": f"sqlite:///{db}"})),
+                        raise_server_exceptions=False)
+    created = client.post("/api/keys", json={"name": "team", "quota_gflops": 10.0, "quota_window": "month",
+                                             "rate_limit_gflops_per_min": 2.5}, headers=ADMIN)
+    assert created.status_code == 201, created.text
+    assert (created.json()["quota_window"], created.json()["rate_limit_gflops_per_min"]) == ("month", 2.5)
+    assert rows(db, "SELECT quota_gflops, quota_window, rate_limit_gflops_per_min FROM api_keys") == [
+        (10.0, "month", 2.5)]
+    changed = client.patch("/api/keys/team", json={"quota_window": "day", "rate_limit_gflops_per_min": None},
+                           headers=ADMIN)
+    assert changed.status_code == 200 and changed.json()["quota_window"] == "day"
+    assert rows(db, "SELECT quota_gflops, quota_window, rate_limit_gflops_per_min FROM api_keys") == [
+        (10.0, "day", None)]
+    for body in ({"quota_window": "week"}, {"rate_limit_gflops_per_min": 0}, {"quota_window": None}):
+        assert client.patch("/api/keys/team", json=body, headers=ADMIN).status_code in (400, 422), body
+    assert rows(db, "SELECT quota_window FROM api_keys") == [("day",)]
+
+
 @pytest.mark.parametrize("method,path,kwargs,status", [
     ("GET", "/api/usage/keys", {"params": {"since": "yesterday"}}, 422),
     ("GET", "/api/usage/keys", {"params": {"since": "2026-01-02T00:00:00", "until": "2026-01-01T00:00:00"}}, 400),
@@ -276,13 +296,16 @@ def test_through_the_real_server_billing_equals_responses_and_admin_takes_effect
         alice = client.post("/api/keys", json={"name": "alice"}, headers=ADMIN).json()["secret"]
         bob = server.create_key("bob", price_per_gflop=3e-6)
         billed: dict[str, list[pb.Usage]] = {"alice": [], "bob": []}
+        states: list[torch.Tensor] = []
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.TeacherServiceStub(channel)
             for i, (who, secret, images, kept) in enumerate([("alice", alice, 4, 16), ("alice", alice, 2, 64),
                                                              ("bob", bob, 3, 32), ("alice", alice, 1, 8),
                                                              ("bob", bob, 5, 48)]):
+                states.append(generator.get_state())
                 billed[who].append(_infer(stub, secret, f"r{i}", images, kept, generator).usage)
-            replay = _infer(stub, bob, "r2", 3, 32, generator)  # a retry: answered from the ledger, not billed
+            retry = torch.Generator().set_state(states[2])  # the same inputs as r2
+            replay = _infer(stub, bob, "r2", 3, 32, retry)  # a retry: answered from the ledger, not billed
             assert replay.usage.replayed
 
             body = client.get("/api/usage/keys").json()

@@ -1,0 +1,63 @@
+"""The commit stage of the batcher: `finalize` (the ledger commit) of batch i runs on its own thread while the
+forward thread already runs batch i+1, so a slow commit no longer idles the teacher.
+
+Order and safety: batches commit one at a time in forward order, and a batch's callers get their results only when
+its commit returned (nothing is answered before its usage row is committed). At most one finished forward waits for
+the commit stage (`wait_for_room`), so a ledger slower than the teacher slows the forwards instead of piling up
+uncommitted answers in memory.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+MAX_WAITING_COMMITS = 1  # finished forwards queued behind the running commit
+
+
+@dataclass
+class Forwarded:
+    """A batch whose forward is done, on its way to the commit."""
+
+    jobs: list[Any]                # BatchJob, the live ones
+    logits: list[torch.Tensor]     # per job [B_j, classes]
+    stats: Any                     # BatchStats
+
+
+class CommitStage:
+    """One commit thread. `submit` from the event loop; the returned future resolves after the commit."""
+
+    def __init__(self, commit: Callable[[Forwarded], Any], *, name: str) -> None:
+        self._commit = commit
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"commit-{name}")
+        self._pending: deque[asyncio.Future[Any]] = deque()
+
+    def submit(self, batch: Forwarded) -> asyncio.Future[Any]:
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self._commit, batch)
+        self._pending.append(future)
+        future.add_done_callback(self._pending.remove)
+        return future
+
+    async def wait_for_room(self) -> None:
+        """Wait until at most MAX_WAITING_COMMITS batches wait behind the running commit."""
+        while len(self._pending) > MAX_WAITING_COMMITS:
+            await asyncio.wait([self._pending[0]])
+
+    async def close(self) -> None:
+        """Let every submitted commit finish, then stop the thread."""
+        while self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+
+def commit_results(batch: Forwarded, finalize: Callable[[Sequence[Any], Sequence[torch.Tensor], Any], Sequence[Any]]
+                   | None) -> list[Any]:
+    """Commit thread: what `finalize` says per job (None per job without a finalize hook)."""
+    if finalize is None:
+        return [None] * len(batch.jobs)
+    return list(finalize(batch.jobs, batch.logits, batch.stats))

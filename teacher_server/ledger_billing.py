@@ -1,0 +1,328 @@
+"""Billing writes in O(1) per request: quota holds reserved with one conditional UPDATE of the key's counters, usage
+rows committed together with their replay payloads and the counters' running totals, and the purge of what expired.
+
+Why it holds across servers on one database: admission is a single `UPDATE key_counters ... WHERE <room left>`,
+which the database serializes per row, so two servers can never admit more than the quota together; GFLOPs stay
+held (`reserved_gflops`, one `quota_holds` row per request) until the usage row commits or the request fails. A hold
+left by a crashed server expires and the purge gives its GFLOPs back. Keys are updated in id order (no deadlocks).
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import ColumnElement, case, delete, func, select, update
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.orm import Session
+
+from teacher_server.errors import LedgerUnavailableError
+
+from teacher_server.ledger import (
+    KeyCounter, NewUsage, QuotaHold, ReplayPayload, UnknownKeyNameError, UsageRecord, as_utc, find_api_key_by_name,
+    usage_record, utcnow, window_start,
+)
+
+HOLD_TTL_S = 900.0   # a hold older than this belongs to a dead request (a crashed server); the purge releases it
+RATE_WINDOW_S = 60   # the rate limit counts GFLOPs admitted per minute (fixed windows, UTC)
+_C = KeyCounter.__table__.c
+
+
+@dataclass(frozen=True)
+class KeyLimits:
+    quota_gflops: float | None       # None: unlimited
+    quota_window: str                # lifetime | month | day
+    rate_limit_gflops_per_min: float | None
+
+    @property
+    def limited(self) -> bool:
+        return self.quota_gflops is not None or self.rate_limit_gflops_per_min is not None
+
+
+@dataclass(frozen=True)
+class Hold:
+    """GFLOPs one request holds between admission and commit."""
+
+    id: int
+    api_key_id: int
+    gflops: float
+    rate_start: int
+
+
+@dataclass(frozen=True)
+class LimitState:
+    """A key's quota and rate-limit state as its responses report it (None fields: no such limit)."""
+
+    quota_gflops: float | None
+    quota_window: str
+    quota_remaining_gflops: float | None
+    quota_reset_s: float | None          # seconds until the quota window starts over; None: lifetime
+    rate_limit_gflops: float | None      # per minute
+    rate_remaining_gflops: float | None
+    rate_reset_s: float | None           # seconds until the rate-limit minute starts over
+
+
+@dataclass(frozen=True)
+class Billable:
+    """One usage row to commit, with its replay payload and the hold it settles."""
+
+    row: NewUsage
+    quota_window: str
+    payload: tuple[bytes, str] | None = None   # (float32 logits, "B,C"); None: not replayable
+    hold: Hold | None = None
+
+
+def _next_window(quota_window: str, start: int) -> int | None:
+    begun = datetime.fromtimestamp(start, timezone.utc)
+    if quota_window == "day":
+        return int((begun + timedelta(days=1)).timestamp())
+    if quota_window == "month":
+        return int((begun.replace(day=28) + timedelta(days=4)).replace(day=1).timestamp())
+    return None
+
+
+def _windows(limits: KeyLimits, now: float) -> tuple[int, int]:
+    return window_start(limits.quota_window, datetime.fromtimestamp(now, timezone.utc)), int(now // 60 * 60)
+
+
+def _window_used(ws: int) -> ColumnElement[float]:
+    return case((_C.window_start < ws, 0.0), else_=_C.window_gflops)
+
+
+def _rate_used(rs: int) -> ColumnElement[float]:
+    return case((_C.rate_start < rs, 0.0), else_=_C.rate_gflops)
+
+
+def limit_state(session: Session, *, api_key_id: int, limits: KeyLimits, now: float | None = None) -> LimitState:
+    """The key's state now (one primary-key read)."""
+    now = time.time() if now is None else now
+    ws, rs = _windows(limits, now)
+    counter = session.get(KeyCounter, api_key_id, populate_existing=True)
+    window_used = 0.0 if counter is None or counter.window_start < ws else counter.window_gflops
+    reserved = 0.0 if counter is None else max(0.0, counter.reserved_gflops)
+    rate_used = 0.0 if counter is None or counter.rate_start < rs else counter.rate_gflops
+    next_window = _next_window(limits.quota_window, ws)
+    rate = limits.rate_limit_gflops_per_min
+    return LimitState(
+        quota_gflops=limits.quota_gflops, quota_window=limits.quota_window,
+        quota_remaining_gflops=None if limits.quota_gflops is None else max(
+            0.0, limits.quota_gflops - window_used - reserved),
+        quota_reset_s=None if next_window is None else max(0.0, next_window - now),
+        rate_limit_gflops=rate, rate_remaining_gflops=None if rate is None else max(0.0, rate - rate_used),
+        rate_reset_s=None if rate is None else max(0.0, rs + RATE_WINDOW_S - now),
+    )
+
+
+def reserve(session: Session, *, api_key_id: int, gflops: float, limits: KeyLimits,
+            now: float | None = None) -> tuple[Hold | None, LimitState]:
+    """Admit `gflops` for a key if its quota window and rate limit have room (one conditional UPDATE) and record the
+    hold; commits. Returns (hold, state after); hold None when refused (nothing changed)."""
+    now = time.time() if now is None else now
+    ws, rs = _windows(limits, now)
+    window_used, rate_used = _window_used(ws), _rate_used(rs)
+    conditions = [_C.api_key_id == api_key_id]
+    if limits.quota_gflops is not None:
+        conditions.append(window_used + _C.reserved_gflops + gflops <= limits.quota_gflops)
+    if limits.rate_limit_gflops_per_min is not None:
+        conditions.append(rate_used + gflops <= limits.rate_limit_gflops_per_min)
+    admit = update(KeyCounter.__table__).where(*conditions).values(
+        window_gflops=window_used, window_start=case((_C.window_start < ws, ws), else_=_C.window_start),
+        rate_gflops=rate_used + gflops, rate_start=case((_C.rate_start < rs, rs), else_=_C.rate_start),
+        reserved_gflops=_C.reserved_gflops + gflops,
+    )
+    for _ in range(2):
+        if session.execute(admit).rowcount == 1:
+            counter_rate_start = session.scalar(select(_C.rate_start).where(_C.api_key_id == api_key_id))
+            hold = QuotaHold(api_key_id=api_key_id, gflops=gflops, rate_start=int(counter_rate_start),
+                             expires_at=int(now + HOLD_TTL_S))
+            session.add(hold)
+            session.flush()
+            state = limit_state(session, api_key_id=api_key_id, limits=limits, now=now)
+            session.commit()
+            return Hold(hold.id, api_key_id, gflops, hold.rate_start), state
+        if session.get(KeyCounter, api_key_id) is not None:
+            break
+        _ensure_counter(session, api_key_id=api_key_id, ws=ws)
+    state = limit_state(session, api_key_id=api_key_id, limits=limits, now=now)
+    session.commit()
+    return None, state
+
+
+def _ensure_counter(session: Session, *, api_key_id: int, ws: int) -> None:
+    """A key without a counter row (created by an older server while this one ran): start one."""
+    try:
+        with session.begin_nested():
+            session.add(KeyCounter(api_key_id=api_key_id, window_start=ws))
+    except IntegrityError:
+        pass
+
+
+def _drop_hold(session: Session, hold: Hold) -> bool:
+    """Delete the hold; False when it was gone already (released, settled or purged: its GFLOPs were given back)."""
+    return session.execute(delete(QuotaHold).where(QuotaHold.id == hold.id)).rowcount == 1
+
+
+def _give_back(session: Session, holds: list[Hold]) -> None:
+    """Return the GFLOPs of refused or failed requests: reservation and rate-limit minute alike."""
+    for hold in sorted(holds, key=lambda h: (h.api_key_id, h.id)):
+        if _drop_hold(session, hold):
+            session.execute(update(KeyCounter.__table__).where(_C.api_key_id == hold.api_key_id).values(
+                reserved_gflops=_C.reserved_gflops - hold.gflops,
+                rate_gflops=case((_C.rate_start == hold.rate_start, _C.rate_gflops - hold.gflops),
+                                 else_=_C.rate_gflops),
+            ))
+
+
+def release(session: Session, *, holds: list[Hold]) -> None:
+    """Give back the holds of requests that were not billed, and commit."""
+    _give_back(session, holds)
+    session.commit()
+
+
+def _settle(session: Session, items: list[Billable], records: list[UsageRecord], replay_ttl_s: float,
+            now: float) -> None:
+    """Payloads, running totals and held GFLOPs of the rows just inserted (same transaction)."""
+    expires = utcnow() + timedelta(seconds=replay_ttl_s)
+    session.add_all([ReplayPayload(usage_id=rec.id, logits=item.payload[0], logits_shape=item.payload[1],
+                                   expires_at=expires)
+                     for item, rec in zip(items, records) if item.payload is not None])
+    per_key: dict[int, list[Billable]] = defaultdict(list)
+    for item in items:
+        per_key[item.row.api_key_id].append(item)
+    for key_id in sorted(per_key):
+        mine = per_key[key_id]
+        held = math.fsum(i.hold.gflops for i in mine if i.hold is not None and _drop_hold(session, i.hold))
+        gflops = math.fsum(i.row.gflops for i in mine)
+        ws = window_start(mine[0].quota_window, datetime.fromtimestamp(now, timezone.utc))
+        values = dict(
+            requests=_C.requests + len(mine), images=_C.images + sum(i.row.images for i in mine),
+            tokens=_C.tokens + sum(i.row.tokens for i in mine), gflops=_C.gflops + gflops,
+            full_gflops=_C.full_gflops + math.fsum(i.row.full_gflops for i in mine),
+            cost=_C.cost + math.fsum(i.row.cost for i in mine),
+            window_gflops=_window_used(ws) + gflops,
+            window_start=case((_C.window_start < ws, ws), else_=_C.window_start),
+            reserved_gflops=_C.reserved_gflops - held,
+        )
+        if session.execute(update(KeyCounter.__table__).where(_C.api_key_id == key_id).values(**values)).rowcount:
+            continue
+        _ensure_counter(session, api_key_id=key_id, ws=ws)
+        session.execute(update(KeyCounter.__table__).where(_C.api_key_id == key_id).values(**values))
+
+
+def bill(session: Session, *, items: list[Billable], replay_ttl_s: float,
+         now: float | None = None) -> list[UsageRecord | None]:
+    """Insert and commit the usage rows of `items` in one transaction, with their replay payloads, the running totals
+    and the settlement of their holds. Returns, per item, None when billed now or the row already stored under the
+    same (api_key_id, request_id) (billed before: its hold is given back; the caller replays or refuses)."""
+    if not items:
+        return []
+    now = time.time() if now is None else now
+    created = utcnow()
+    # One global insertion order, so two servers billing overlapping request_ids cannot deadlock on Postgres.
+    order = sorted(range(len(items)), key=lambda i: (items[i].row.api_key_id, items[i].row.request_id))
+    try:
+        records = [usage_record(items[i].row, created) for i in order]
+        session.add_all(records)
+        session.flush()
+        _settle(session, [items[i] for i in order], records, replay_ttl_s, now)
+        session.commit()
+        return [None] * len(items)
+    except IntegrityError:
+        session.rollback()
+    # Some request_id was billed already (another server, or a race): insert one by one under savepoints.
+    outcome: list[UsageRecord | None] = [None] * len(items)
+    inserted: list[tuple[Billable, UsageRecord]] = []
+    for i in order:
+        record = usage_record(items[i].row, created)
+        try:
+            with session.begin_nested():
+                session.add(record)
+            inserted.append((items[i], record))
+        except IntegrityError:
+            outcome[i] = session.scalars(select(UsageRecord).where(
+                UsageRecord.api_key_id == items[i].row.api_key_id,
+                UsageRecord.request_id == items[i].row.request_id)).one()
+    _settle(session, [b for b, _ in inserted], [r for _, r in inserted], replay_ttl_s, now)
+    _give_back(session, [items[i].hold for i in order if outcome[i] is not None and items[i].hold is not None])
+    session.commit()
+    return outcome
+
+
+def find_billed(session: Session, *, api_key_id: int,
+                request_id: str) -> tuple[UsageRecord, ReplayPayload | None] | None:
+    """The usage row of (key, request_id) with its replay payload (None when expired or never kept)."""
+    record = session.scalars(select(UsageRecord).where(UsageRecord.api_key_id == api_key_id,
+                                                       UsageRecord.request_id == request_id)).one_or_none()
+    if record is None:
+        return None
+    payload = session.get(ReplayPayload, record.id)
+    if payload is not None and as_utc(payload.expires_at) <= utcnow():
+        payload = None
+    return record, payload
+
+
+@dataclass(frozen=True)
+class Purged:
+    payloads: int     # replay payloads deleted
+    holds: int        # expired quota holds given back
+
+
+def purge(session: Session, *, older_than: timedelta | None = None, now: float | None = None) -> Purged:
+    """Delete expired replay payloads (and, with `older_than`, those of rows billed longer ago than that) and give
+    back quota holds of requests that died; commits. Billing rows are never deleted."""
+    now = time.time() if now is None else now
+    stale = ReplayPayload.expires_at <= utcnow()
+    if older_than is not None:
+        cutoff = utcnow() - older_than
+        stale = stale | ReplayPayload.usage_id.in_(select(UsageRecord.id).where(UsageRecord.created_at < cutoff))
+    payloads = session.execute(delete(ReplayPayload).where(stale)).rowcount
+    expired = session.execute(select(QuotaHold).where(QuotaHold.expires_at <= int(now))).scalars().all()
+    holds = [Hold(h.id, h.api_key_id, h.gflops, h.rate_start) for h in expired]
+    _give_back(session, holds)
+    session.commit()
+    return Purged(payloads=int(payloads or 0), holds=len(holds))
+
+
+def set_key_limits(session: Session, *, name: str, quota_gflops: float | None, quota_window: str,
+                   rate_limit_gflops_per_min: float | None) -> None:
+    """Set a key's quota (GFLOPs per window) and rate limit (GFLOPs per minute) and commit. A changed window starts
+    from what the key was billed in the new window so far (one sum over its rows; an admin operation)."""
+    key = find_api_key_by_name(session, name=name)
+    if key is None:
+        raise UnknownKeyNameError(f"no API key named {name!r}")
+    if key.quota_window != quota_window:
+        ws = window_start(quota_window, utcnow())
+        since = datetime.fromtimestamp(ws, timezone.utc)
+        billed = session.scalar(select(func.coalesce(func.sum(UsageRecord.gflops), 0.0)).where(
+            UsageRecord.api_key_id == key.id, UsageRecord.created_at >= since))
+        _ensure_counter(session, api_key_id=key.id, ws=ws)
+        session.execute(update(KeyCounter.__table__).where(_C.api_key_id == key.id).values(
+            window_start=ws, window_gflops=float(billed or 0.0)))
+    key.quota_gflops = quota_gflops
+    key.quota_window = quota_window
+    key.rate_limit_gflops_per_min = rate_limit_gflops_per_min
+    session.commit()
+
+
+@contextmanager
+def unavailable_on_transient_errors() -> Iterator[None]:
+    """Turn a ledger failure that a retry can cure (SQLite lock timeout or full disk, a lost or restarting Postgres
+    connection, an exhausted pool) into LedgerUnavailableError (UNAVAILABLE); nothing was committed."""
+    try:
+        yield
+    except (OperationalError, InterfaceError, PoolTimeoutError) as exc:
+        raise _unavailable(exc) from exc
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise _unavailable(exc) from exc
+        raise
+
+
+def _unavailable(exc: Exception) -> LedgerUnavailableError:
+    cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return LedgerUnavailableError(f"ledger unavailable, not billed, retry ({(cause[0] if cause else '')[:160]})")

@@ -1,0 +1,158 @@
+"""Idempotency bound to content over real gRPC and a real SQLite ledger: a request_id replays only the inputs it
+was billed for (ALREADY_EXISTS otherwise, also in flight), and an id whose replay payload expired is refused with
+FAILED_PRECONDITION, never billed twice. The ledger is read back with SQL."""
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import torch
+from service_testkit import (
+    auth, image_request, patch_request, patches_of, random_images, random_keep, settings, stub, tiny_vit,
+)
+
+from maskedkd.v1 import teacher_pb2 as pb
+from teacher_server.content_digest import content_digest
+from teacher_server.testing import running_server
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return tiny_vit(seed=7)
+
+
+def sql(db_url: str, query: str, params: tuple = ()) -> list[tuple]:
+    with sqlite3.connect(db_url.removeprefix("sqlite:///")) as conn:
+        return conn.execute(query, params).fetchall()
+
+
+def refusal(teacher, request: pb.InferRequest, secret: str) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as err:
+        teacher.Infer(request, metadata=auth(secret))
+    return err.value
+
+
+def test_same_id_same_content_replays_and_other_content_is_refused_unbilled(tmp_path, model) -> None:
+    with running_server(settings(tmp_path), model=model) as srv:
+        secret = srv.create_key("ivy")
+        channel, teacher = stub(srv.address)
+        images, keep = random_images(3, 1), random_keep(3, 20, 1)
+        original = image_request(images, keep, request_id="step-1")
+        first = teacher.Infer(original, metadata=auth(secret))
+        again = teacher.Infer(original, metadata=auth(secret))
+        assert not first.usage.replayed and again.usage.replayed
+        assert again.logits.data == first.logits.data and again.usage.gflops == first.usage.gflops
+        db = srv.settings.db
+        stored = sql(db, "SELECT request_id, images, gflops, content_digest FROM usage")
+        assert stored == [("step-1", 3, first.usage.gflops, content_digest(original, model=srv.model_name))]
+
+        other_batch = image_request(images[:1], keep[:1], request_id="step-1")           # 1 image, not 3
+        other_bytes = image_request(images.flip(0), keep, request_id="step-1")           # same shape, other pixels
+        other_keep = image_request(images, random_keep(3, 20, 2), request_id="step-1")   # other kept patches
+        other_counts = image_request(images, keep, request_id="step-1", counts=torch.tensor([20, 10, 5]))
+        as_patches = patch_request(patches_of(images, keep), keep, request_id="step-1")  # same pixels, other kind
+        for request in (other_batch, other_bytes, other_keep, other_counts, as_patches):
+            err = refusal(teacher, request, secret)
+            assert err.code() == grpc.StatusCode.ALREADY_EXISTS
+            assert err.details() == "request_id 'step-1' was already used with different inputs; nothing billed"
+        assert sql(db, "SELECT COUNT(*), SUM(gflops) FROM usage") == [(1, first.usage.gflops)]
+        assert sql(db, "SELECT requests, gflops FROM key_counters k JOIN api_keys a ON a.id = k.api_key_id "
+                       "WHERE a.name = 'ivy'") == [(1, first.usage.gflops)]
+        assert teacher.Infer(original, metadata=auth(secret)).usage.replayed  # the original still replays
+        other_key = srv.create_key("jo")  # ids are per key: another key's "step-1" is its own request
+        assert not teacher.Infer(other_batch, metadata=auth(other_key)).usage.replayed
+        channel.close()
+
+
+def test_concurrent_duplicates_with_different_content_bill_one_and_refuse_the_others(tmp_path, model) -> None:
+    with running_server(settings(tmp_path, max_delay_ms=100.0), model=model) as srv:
+        secret = srv.create_key("kim")
+        channel, teacher = stub(srv.address)
+        requests = [image_request(random_images(1 + i % 2, 10 + i), random_keep(1 + i % 2, 12, i), request_id="dup")
+                    for i in range(4)] * 3  # 4 different contents, each sent 3 times, all at once
+
+        def call(request: pb.InferRequest) -> tuple[grpc.StatusCode, pb.InferResponse | None]:
+            try:
+                return grpc.StatusCode.OK, teacher.Infer(request, metadata=auth(secret))
+            except grpc.RpcError as err:
+                return err.code(), None
+
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            results = list(pool.map(call, requests))
+        (digest, images, gflops), = sql(srv.settings.db, "SELECT content_digest, images, gflops FROM usage")
+        winner = [r for r in requests if content_digest(r, model=srv.model_name) == digest]
+        assert len(winner) == 3  # the billed row is one of the contents sent
+        for request, (code, response) in zip(requests, results):
+            if request in winner:
+                assert code == grpc.StatusCode.OK and response is not None
+                assert response.usage.gflops == gflops and response.usage.images == images
+            else:
+                assert code == grpc.StatusCode.ALREADY_EXISTS
+        ok = [resp for code, resp in results if code == grpc.StatusCode.OK]
+        assert sum(not r.usage.replayed for r in ok) == 1 and len({r.logits.data for r in ok}) == 1
+        channel.close()
+
+
+def test_an_id_whose_replay_payload_expired_is_refused_and_never_billed_twice(tmp_path, model) -> None:
+    with running_server(settings(tmp_path, replay_ttl="1s"), model=model) as srv:
+        secret = srv.create_key("lee")
+        channel, teacher = stub(srv.address)
+        request = image_request(random_images(2, 3), random_keep(2, 16, 3), request_id="old")
+        first = teacher.Infer(request, metadata=auth(secret))
+        db = srv.settings.db
+        assert sql(db, "SELECT COUNT(*), MIN(length(logits)) FROM replay_payloads") == [(1, 2 * 10 * 4)]
+        assert sql(db, "SELECT logits_shape FROM replay_payloads") == [("2,10",)]
+        time.sleep(1.2)
+        err = refusal(teacher, request, secret)
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "no longer kept" in err.details()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MASKEDKD_")}
+        purged = subprocess.run([sys.executable, "-m", "teacher_server.cli", "ledger", "purge", "--db", db],
+                                capture_output=True, text=True, timeout=60, env=env)
+        assert purged.returncode == 0 and purged.stdout.startswith("purged 1 replay payloads"), purged.stderr
+        assert sql(db, "SELECT COUNT(*) FROM replay_payloads") == [(0,)]
+        assert refusal(teacher, request, secret).code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert sql(db, "SELECT request_id, gflops FROM usage") == [("old", first.usage.gflops)]  # kept, billed once
+        channel.close()
+
+
+def test_ledger_purge_older_than_keeps_billing_rows(tmp_path, model) -> None:
+    with running_server(settings(tmp_path), model=model) as srv:
+        secret = srv.create_key("max")
+        channel, teacher = stub(srv.address)
+        for i in range(3):
+            teacher.Infer(image_request(random_images(1, i), request_id=f"r{i}"), metadata=auth(secret))
+        channel.close()
+    db = srv.settings.db
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MASKEDKD_")}
+    cli = [sys.executable, "-m", "teacher_server.cli", "ledger", "purge", "--db", db]
+    kept = subprocess.run([*cli, "--older-than", "1h"], capture_output=True, text=True, timeout=60, env=env)
+    assert kept.returncode == 0 and kept.stdout.startswith("purged 0 replay payloads")
+    time.sleep(1.1)
+    gone = subprocess.run([*cli, "--older-than", "1s"], capture_output=True, text=True, timeout=60, env=env)
+    assert gone.returncode == 0 and gone.stdout.startswith("purged 3 replay payloads")
+    bad = subprocess.run([*cli, "--older-than", "soon"], capture_output=True, text=True, timeout=60, env=env)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not a duration" in bad.stderr
+    assert sql(db, "SELECT COUNT(*) FROM usage") == [(3,)]
+
+
+def test_the_server_purges_expired_replay_payloads_by_itself(tmp_path, model) -> None:
+    with running_server(settings(tmp_path, replay_ttl="1s", replay_purge_interval_s=0.3), model=model) as srv:
+        secret = srv.create_key("nia")
+        channel, teacher = stub(srv.address)
+        teacher.Infer(image_request(random_images(1, 5), request_id="soon-gone"), metadata=auth(secret))
+        channel.close()
+        db = srv.settings.db
+        assert sql(db, "SELECT COUNT(*) FROM replay_payloads") == [(1,)]
+        deadline = time.monotonic() + 10
+        while sql(db, "SELECT COUNT(*) FROM replay_payloads") != [(0,)] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert sql(db, "SELECT COUNT(*) FROM replay_payloads") == [(0,)]
+        assert sql(db, "SELECT request_id FROM usage") == [("soon-gone",)]  # the billing row stays

@@ -1,0 +1,161 @@
+"""Alembic migrations: a ledger written by main before migrations existed (tests/teacher_server/data, 2 keys and 6
+usage rows, logits inside `usage`) is upgraded in place at start and by `teacher-server ledger upgrade`; its rows,
+totals and replays survive, and billing goes on. The migrated schema equals the models (autogenerate finds nothing)."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from postgres_testkit import pg_rows, postgres_server, postgres_url  # noqa: F401 (fixtures)
+from service_testkit import auth, image_request, logits_of, random_images, random_keep, settings, stub, tiny_vit
+
+from teacher_server import ledger
+from teacher_server.ledger_migrate import alembic_config, head_revision
+from teacher_server.testing import running_server
+
+pytestmark = pytest.mark.timeout(180)
+
+PRE_ALEMBIC = Path(__file__).parent / "data" / "ledger-pre-alembic.db"
+CLI = [sys.executable, "-m", "teacher_server.cli"]
+
+
+def rows(db: Path, query: str) -> list[tuple]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(query).fetchall()
+
+
+def test_a_ledger_of_main_before_migrations_upgrades_in_place_and_keeps_billing(tmp_path, caplog) -> None:
+    db = tmp_path / "ledger.db"
+    shutil.copy(PRE_ALEMBIC, db)
+    before_usage = rows(db, "SELECT id, api_key_id, request_id, images, tokens, gflops, full_gflops, cost, created_at "
+                            "FROM usage ORDER BY id")
+    before_logits = dict(rows(db, "SELECT id, logits FROM usage WHERE logits IS NOT NULL"))
+    before_keys = rows(db, "SELECT id, name, key_hash, quota_gflops, price_per_gflop FROM api_keys ORDER BY id")
+    assert len(before_usage) == 6 and len(before_logits) == 5
+    with caplog.at_level(logging.INFO, logger="teacher_server.ledger_migrate"):
+        sessions = ledger.open_ledger(f"sqlite:///{db}")
+    assert [r.getMessage() for r in caplog.records if r.name == "teacher_server.ledger_migrate"] == [
+        f"ledger: upgraded schema from 0001 to {head_revision()}"]
+    assert rows(db, "SELECT version_num FROM alembic_version") == [(head_revision(),)]
+    assert rows(db, "SELECT id, api_key_id, request_id, images, tokens, gflops, full_gflops, cost, created_at "
+                    "FROM usage ORDER BY id") == before_usage
+    assert rows(db, "SELECT id, name, key_hash, quota_gflops, price_per_gflop FROM api_keys ORDER BY id") == before_keys
+    assert dict(rows(db, "SELECT usage_id, logits FROM replay_payloads")) == before_logits
+    assert "logits" not in {r[1] for r in rows(db, "PRAGMA table_info(usage)")}  # billing rows keep no logits
+    totals = rows(db, "SELECT api_key_id, COUNT(*), SUM(images), SUM(tokens), SUM(gflops) FROM usage GROUP BY 1")
+    assert rows(db, "SELECT api_key_id, requests, images, tokens, gflops FROM key_counters ORDER BY 1") == totals
+    with sessions.kw["bind"].connect() as conn:  # the migrated schema is exactly what the models declare
+        assert compare_metadata(MigrationContext.configure(conn), ledger.Base.metadata) == []
+    sessions.kw["bind"].dispose()
+
+    legacy_logits = torch.frombuffer(bytearray(before_logits[1]), dtype=torch.float32).reshape(2, 10)
+    with running_server(settings(tmp_path, db=f"sqlite:///{db}"), model=tiny_vit(seed=3)) as srv:
+        channel, teacher = stub(srv.address)
+        alice = auth("mkd_alice-secret")  # the fixture's keys were made with these secrets
+        replay = teacher.Infer(image_request(random_images(2, 0), request_id="legacy-0"), metadata=alice)
+        assert replay.usage.replayed and torch.equal(logits_of(replay), legacy_logits)
+        fresh = teacher.Infer(image_request(random_images(1, 1), random_keep(1, 16, 1), request_id="new-1"),
+                              metadata=alice)
+        assert not fresh.usage.replayed
+        channel.close()
+    assert rows(db, "SELECT COUNT(*) FROM usage") == [(7,)]
+    assert rows(db, "SELECT requests, gflops FROM key_counters WHERE api_key_id = 1") == [
+        (4, pytest.approx(totals[0][4] + fresh.usage.gflops, rel=1e-12))]
+
+
+def test_cli_ledger_upgrade_migrates_once_and_then_says_it_is_current(tmp_path) -> None:
+    db = tmp_path / "ledger.db"
+    shutil.copy(PRE_ALEMBIC, db)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MASKEDKD_")}
+    first = subprocess.run([*CLI, "ledger", "upgrade", "--db", f"sqlite:///{db}"], capture_output=True, text=True,
+                           timeout=60, env=env, cwd=tmp_path)  # no alembic.ini in the working directory
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == f"ledger sqlite:///{db}: upgraded schema from 0001 to {head_revision()}"
+    again = subprocess.run([*CLI, "ledger", "upgrade", "--db", f"sqlite:///{db}"], capture_output=True, text=True,
+                           timeout=60, env=env, cwd=tmp_path)
+    assert again.returncode == 0 and "is at the newest schema" in again.stdout
+    assert rows(db, "SELECT COUNT(*) FROM usage") == [(6,)]
+
+
+def test_a_postgres_ledger_of_main_before_migrations_upgrades_in_place(postgres_url: str) -> None:
+    from alembic import command
+    from sqlalchemy import text
+
+    engine = ledger.make_engine(postgres_url)
+    with engine.begin() as conn:  # main's schema as create_all made it (revision 0001), without alembic_version
+        command.upgrade(alembic_config(conn), "0001")
+        conn.execute(text("DROP TABLE alembic_version"))
+        conn.execute(text("INSERT INTO api_keys (name, key_prefix, key_hash, created_at, disabled) "
+                          "VALUES ('pg', 'mkd_pg', :h, now(), false)"), {"h": "p" * 64})
+        conn.execute(text("INSERT INTO usage (api_key_id, request_id, model, images, tokens, gflops, full_gflops, "
+                          "cost, latency_ms, queue_ms, batch_images, created_at, logits, logits_shape) "
+                          "VALUES (1, 'r1', 'm', 1, 5, 2.5, 4.0, 0.1, 1, 1, 1, now(), :l, '1,1')"),
+                     {"l": b"\x00\x00\x80\x3f"})
+    engine.dispose()
+    sessions = ledger.open_ledger(postgres_url)
+    with sessions.kw["bind"].connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), ledger.Base.metadata) == []
+    sessions.kw["bind"].dispose()
+    assert pg_rows(postgres_url, "SELECT version_num FROM alembic_version") == [(head_revision(),)]
+    assert pg_rows(postgres_url, "SELECT request_id, gflops FROM usage") == [("r1", 2.5)]
+    assert [(u, bytes(b)) for u, b in pg_rows(postgres_url, "SELECT usage_id, logits FROM replay_payloads")] == [
+        (1, b"\x00\x00\x80\x3f")]
+    assert pg_rows(postgres_url, "SELECT requests, gflops, window_gflops FROM key_counters") == [(1, 2.5, 2.5)]
+
+
+def test_processes_upgrading_one_sqlite_ledger_together_migrate_it_once(tmp_path) -> None:
+    db = tmp_path / "ledger.db"
+    shutil.copy(PRE_ALEMBIC, db)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MASKEDKD_")}
+    procs = [subprocess.Popen([*CLI, "ledger", "upgrade", "--db", f"sqlite:///{db}"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err for _, err in outs]
+    assert sum("upgraded schema from 0001" in out for out, _ in outs) == 1
+    assert sum("is at the newest schema" in out for out, _ in outs) == 3
+    assert rows(db, "SELECT COUNT(*) FROM replay_payloads") == [(5,)]  # moved once, not once per process
+
+
+def test_a_failing_migration_leaves_the_ledger_as_it_was(tmp_path) -> None:
+    db = tmp_path / "ledger.db"
+    shutil.copy(PRE_ALEMBIC, db)
+    with sqlite3.connect(db) as conn:  # a table in the way of revision 0002, after its first steps ran
+        conn.execute("CREATE TABLE replay_payloads (unrelated INTEGER)")
+    with pytest.raises(Exception, match="replay_payloads"):
+        ledger.open_ledger(f"sqlite:///{db}")
+    assert [r[1] for r in rows(db, "PRAGMA table_info(api_keys)")] == [
+        "id", "name", "key_prefix", "key_hash", "created_at", "disabled", "quota_gflops", "price_per_gflop"]
+    assert "logits" in {r[1] for r in rows(db, "PRAGMA table_info(usage)")}
+    assert sorted(r[0] for r in rows(db, "SELECT name FROM sqlite_master WHERE type = 'table'")) == [
+        "api_keys", "replay_payloads", "usage"]  # no alembic_version: the next start tries again from 0001
+
+
+def test_revision_0001_is_the_schema_main_created(tmp_path) -> None:
+    """The tables, columns, types, keys and indexes of revision 0001 equal those of the ledger main wrote."""
+    from alembic import command
+
+    engine = ledger.make_engine(f"sqlite:///{tmp_path / 'r1.db'}")
+    with engine.begin() as conn:
+        command.upgrade(alembic_config(conn), "0001")
+    engine.dispose()
+
+    def schema(db: Path) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for (table,) in rows(db, "SELECT name FROM sqlite_master WHERE type = 'table' AND name != 'alembic_version' "
+                                 "ORDER BY name"):
+            indexes = rows(db, f"PRAGMA index_list({table})")
+            out[table] = (rows(db, f"PRAGMA table_info({table})"), rows(db, f"PRAGMA foreign_key_list({table})"),
+                          sorted((i[2], i[3], tuple(c[2] for c in rows(db, f"PRAGMA index_info('{i[1]}')")))
+                                 for i in indexes))
+        return out
+
+    assert schema(tmp_path / "r1.db") == schema(PRE_ALEMBIC)
