@@ -158,7 +158,6 @@ def test_address_lists_become_static_grpc_targets() -> None:
             grpc_target(bad)
 
 
-@pytest.mark.xfail(reason="needs the DB-atomic quota reservation of the billing work", strict=True)
 def test_a_quota_race_across_replicas_never_overshoots(cluster: Cluster) -> None:
     with TeacherClient(cluster.target, new_key(cluster.db, "probe"), max_retries=2) as client:
         _, one = client.infer(**request(0), request_id="probe-0")
