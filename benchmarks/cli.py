@@ -9,6 +9,8 @@ Sections (all ratios measured in this run, on this machine):
   flops       the FLOP model against FlopCounterMode
   breakdown   where the masked forward's time goes (torch.profiler)
   gpu         bf16 on the GPU, % of peak (only with CUDA)
+  precision   matmul rate per dtype (the best is the machine's limit), the dtype `--dtype auto` serves, and a
+              MaskedKD-50 training step with the student in fp32 against bf16; bf16 targets are N/A without native bf16
 Writes OUT/benchmarks.json, OUT/benchmarks.md and OUT/bench_*.png. Teacher servers run as separate processes.
 """
 from __future__ import annotations
@@ -31,8 +33,9 @@ import torch
 from benchmarks.config import FULL, QUICK, BenchConfig
 from benchmarks.timing import load_average, machine_info, matmul_rate, usable_cpus
 from benchmarks.training import compiled_key
+from teacher_server.precision import DTYPES
 
-SECTIONS = ("matmul", "teacher", "wire", "microbatch", "training", "flops", "breakdown", "gpu")
+SECTIONS = ("matmul", "teacher", "wire", "microbatch", "training", "flops", "breakdown", "gpu", "precision")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +60,18 @@ def _servers_needed(cfg: BenchConfig, sections: tuple[str, ...]) -> dict[str, di
                                         "device": "cpu"}
             if pair.key in cfg.train_compiled_pairs:
                 needed[compiled_key(pair.teacher.key)] = {**needed[pair.teacher.key], "compile": "static"}
+    if "precision" in sections:
+        from benchmarks.precision import FP32_SERVER_SUFFIX
+        from teacher_server.precision import native_bf16
+
+        pair = cfg.train_pairs[0]
+        needed.setdefault(pair.teacher.key, {"model": pair.teacher.timm_name, "model_kwargs": pair.teacher.kwargs,
+                                             "device": "cpu"})
+        deit = next((c for c in cfg.models if c.key == "deit_s_224"), None)
+        if native_bf16("cpu")[0] and deit is not None:  # the default serves bf16: compare with an fp32 server
+            base = {"model": deit.timm_name, "model_kwargs": deit.kwargs, "device": "cpu"}
+            needed.setdefault(deit.key, base)
+            needed[deit.key + FP32_SERVER_SUFFIX] = {**base, "dtype": "float32"}
     if "gpu" in sections and torch.cuda.is_available():
         for case in cfg.gpu_models:
             needed[f"gpu-{case.key}"] = {"model": case.timm_name, "model_kwargs": case.kwargs, "device": "cuda",
@@ -84,6 +99,7 @@ def run_bench(cfg: BenchConfig, sections: tuple[str, ...], *, threads: int, comm
     from benchmarks.flopcheck import run_flops_section
     from benchmarks.gpu import run_gpu_section
     from benchmarks.microbatch import run_microbatch_section
+    from benchmarks.precision import dtype_rates, run_precision_training
     from benchmarks.server_proc import ServerPool
     from benchmarks.teacher import run_teacher_section
     from benchmarks.training import run_training_section
@@ -109,6 +125,10 @@ def run_bench(cfg: BenchConfig, sections: tuple[str, ...], *, threads: int, comm
             s["matmul"] = _run("matmul", lambda: {"start": matmul_rate(cfg.matmul_size, warmup=cfg.warmup + 1,
                                                                        repeats=max(3, cfg.repeats))})
             matmul_gflops = s["matmul"].get("start", {}).get("gflops_per_s", 0.0)
+        rates: dict[str, Any] = {}
+        if "precision" in sections or "teacher" in sections:
+            rates = _run("precision (matmul per dtype)", lambda: dtype_rates(cfg))
+        served_ok = rates.get("status") == "ok"
         if "wire" in sections:
             s["wire"] = _run("wire", lambda: run_wire_section(cfg))
         if "flops" in sections:
@@ -117,11 +137,20 @@ def run_bench(cfg: BenchConfig, sections: tuple[str, ...], *, threads: int, comm
         if "breakdown" in sections:
             s["breakdown"] = _run("breakdown", lambda: run_breakdown_section(cfg, matmul_gflops))
         if "teacher" in sections:
-            s["teacher"] = _run("teacher", lambda: run_teacher_section(cfg, pool, matmul_gflops))
+            s["teacher"] = _run("teacher", lambda: run_teacher_section(
+                cfg, pool, rates["served_gflops_per_s"] if served_ok else matmul_gflops,
+                dtype=DTYPES[rates["served_dtype"]] if served_ok else torch.float32,
+                limit_gflops_per_s=rates["limit_gflops_per_s"] if served_ok else None))
         if "microbatch" in sections:
             s["microbatch"] = _run("microbatch", lambda: run_microbatch_section(cfg, pool))
         if "training" in sections:
             s["training"] = _run("training", lambda: run_training_section(cfg, pool, workdir / "train", threads))
+        if "precision" in sections:
+            if served_ok:
+                more = _run("precision (training step fp32 vs bf16)", lambda: run_precision_training(
+                    cfg, pool, workdir / "precision", threads, rates["native_bf16"]))
+                rates = {**rates, **more, "section_s": rates["section_s"] + more["section_s"]}
+            s["precision"] = rates
         if "gpu" in sections:
             s["gpu"] = _run("gpu", lambda: run_gpu_section(cfg, pool if torch.cuda.is_available() else None))
         if "matmul" in s and s["matmul"]["status"] == "ok":

@@ -60,10 +60,11 @@ def warm_up_shapes(forward: ForwardFn, teacher: MaskedTeacher, shapes: Sequence[
     for b, k in shapes:
         if k > teacher.num_patches:
             raise ValueError(f"compile shape {b}:{k} keeps more patches than the teacher has ({teacher.num_patches})")
-        patches = torch.zeros(b, k, c, p, p)                          # [B,K,C,P,P]
-        indices = torch.arange(k).unsqueeze(0).expand(b, k).contiguous()  # [B,K]
         started = time.perf_counter()
+        # Inputs made under inference mode, like the batcher's bucketed rows: the graph guards on tensor kind.
         with torch.inference_mode():
+            patches = torch.zeros(b, k, c, p, p)                              # [B,K,C,P,P]
+            indices = torch.arange(k).unsqueeze(0).expand(b, k).contiguous()  # [B,K]
             forward(patches, indices, None)
         seconds.append(time.perf_counter() - started)
         log.info("compiled shape %d:%d in %.1f s", b, k, seconds[-1])
