@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", default=None, help=f"comma-separated subset of: {','.join(SECTIONS)}")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per process (default: every CPU this process may use; 1 with --quick)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--gpu", action="store_true", help="the prepared one-GPU run (benchmarks/gpu_script.py): "
+                        "CUDA tests, bf16 masked forward of DeiT-S/DeiT-B/ViT-L, gRPC with 8 clients -> docs/gpu.md")
+    parser.add_argument("--dry-run", action="store_true", help="with --gpu: the same code on the CPU, tiny models")
     return parser
 
 
@@ -165,6 +168,13 @@ def run_bench(cfg: BenchConfig, sections: tuple[str, ...], *, threads: int, comm
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.gpu or args.dry_run:
+        if not args.gpu:
+            print("benchmarks: error: --dry-run goes with --gpu", file=sys.stderr)
+            return 2
+        from benchmarks.gpu_script import main as gpu_main
+
+        return gpu_main(dry_run=args.dry_run, out=args.out, command=shlex.join(["python", "-m", "benchmarks", *argv]))
     cfg = QUICK if args.quick else FULL
     sections = SECTIONS if not args.only else tuple(x.strip() for x in args.only.split(",") if x.strip())
     unknown = [x for x in sections if x not in SECTIONS]

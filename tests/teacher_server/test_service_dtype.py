@@ -90,3 +90,15 @@ def test_compile_shapes_parse_and_need_static() -> None:
         ServerSettings(compile="static", compile_shapes="2x4")
     with pytest.raises(ValueError, match="compile=static"):
         ServerSettings(compile_shapes="2:4")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_auto_dtype_follows_compute_capability(tmp_path: Path) -> None:
+    major, _ = torch.cuda.get_device_capability(0)
+    expected = "bfloat16" if major >= 8 else "float32"
+    assert resolve_dtype("auto", "cuda")[0] == getattr(torch, expected)
+    with running_server(settings(tmp_path, device="cuda"), model=tiny_vit()) as srv:
+        channel, client = stub(srv.address)
+        with channel:
+            assert client.GetModelInfo(pb.ModelInfoRequest()).dtype == expected
+        assert srv.server.registry.get("").fidelity.agreement >= 0.98
