@@ -40,7 +40,7 @@ NO_CUDA = "benchmarks --gpu: error: torch sees no CUDA device (torch {torch}, CU
           "(python -m benchmarks --gpu --dry-run checks the script on the CPU)"
 
 
-def run_cuda_tests(dry_run: bool, timeout_s: float) -> dict[str, Any]:
+def run_cuda_tests(timeout_s: float) -> dict[str, Any]:
     """The suite's CUDA tests (selected by name); on the CPU they are collected and skipped."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda", "tests/teacher_server",
            "tests/student_client/test_train_precision.py"]
@@ -100,29 +100,51 @@ def concurrent_clients(cfg: BenchConfig, case: ModelCase, device: str, workdir: 
             "billing_matches_flop_model": bool(billed) and max(abs(g - expected) for g in billed) <= 1e-6 * expected}
 
 
-def render(result: dict[str, Any]) -> str:
-    g, m = result["forward"], result["machine"]
+def _forward_md(g: dict[str, Any]) -> list[str]:
+    if "error" in g:
+        return ["## Masked forward", "", f"failed: {g['error']}"]
     rows = [(mod["label"], keep_pct(r["keep"]), r["kept"], f"{r['images_per_s']:.0f}", f"{r['tflops_per_s']:.1f}",
              pct(r["of_spec_peak"]), pct(r["of_matmul"]), f"{r['billed_gflops_per_image']:.2f}",
              f"{r['speedup']:.2f}x", f"{r['flop_speedup']:.2f}x") for mod in g["models"] for r in mod["rows"]]
-    c, t = result["server"], result["tests"]
+    return [f"## Masked forward, {g['dtype']}, batch {g['models'][0]['batch']} (random weights)", "",
+            f"{g['device']}; datasheet bf16 peak {g['spec_peak_tflops'] or 'unknown'} TFLOP/s; bf16 matmul measured "
+            f"{g['matmul_bf16']['gflops_per_s'] / 1e3:.1f} TFLOP/s (n={g['matmul_bf16']['n']}).", "",
+            table(("model", "keep", "patches", "img/s", "TFLOP/s", "of datasheet peak", "of bf16 matmul",
+                   "billed GFLOPs/img", "speedup vs keep 100%", "FLOP ratio"), rows)]
+
+
+def _server_md(c: dict[str, Any], device: str) -> list[str]:
+    if "error" in c:
+        return [f"## Server through gRPC, {CLIENTS} concurrent clients", "", f"failed: {c['error']}"]
+    return [f"## Server through gRPC, {c['clients']} concurrent clients", "",
+            f"{c['model']} served with `--device {device} --dtype auto` (resolved: {c['served_dtype']}), "
+            f"{c['clients']} clients x {c['requests_per_client']} requests of {c['batch_per_request']} images at keep "
+            f"50%: **{c['images_per_s']:.0f} img/s**; billed = FLOP model: "
+            f"{'yes' if c['billing_matches_flop_model'] else 'NO'}; errors: {c['errors'] or 'none'}."]
+
+
+def render(result: dict[str, Any]) -> str:
+    m, t = result["machine"], result["tests"]
     lines = [
         "# GPU figures" + (" (DRY RUN on the CPU: not GPU figures)" if result["dry_run"] else ""), "",
         f"Made by `{result['command']}` on {result['started_utc']} in {result['total_s']:.0f} s. "
-        f"GPU: {g['device']}; datasheet bf16 peak {g['spec_peak_tflops'] or 'unknown'} TFLOP/s; bf16 matmul measured "
-        f"{g['matmul_bf16']['gflops_per_s'] / 1e3:.1f} TFLOP/s (n={g['matmul_bf16']['n']}). torch {m['torch']}, "
-        f"timm {m['timm']}, git {m['git']}.", "",
+        f"GPU: {m.get('gpu', 'none')}; torch {m['torch']}, timm {m['timm']}, git {m['git']}.", "",
         "## Tests that need CUDA", "", f"`{t['command']}`: {t['summary']} (exit {t['returncode']}).", "",
-        f"## Masked forward, {g['dtype']}, batch {g['models'][0]['batch']} (random weights)", "",
-        table(("model", "keep", "patches", "img/s", "TFLOP/s", "of datasheet peak", "of bf16 matmul",
-               "billed GFLOPs/img", "speedup vs keep 100%", "FLOP ratio"), rows), "",
-        f"## Server through gRPC, {c['clients']} concurrent clients", "",
-        f"{c['model']} served with `--device {result['device']} --dtype auto` (resolved: {c['served_dtype']}), "
-        f"{c['clients']} clients x {c['requests_per_client']} requests of {c['batch_per_request']} images at keep "
-        f"50%: **{c['images_per_s']:.0f} img/s**; billed = FLOP model: "
-        f"{'yes' if c['billing_matches_flop_model'] else 'NO'}; errors: {c['errors'] or 'none'}.", "",
+        *_forward_md(result["forward"]), "", *_server_md(result["server"], result["device"]), "",
     ]
     return "\n".join(lines)
+
+
+def _step(name: str, fn: Any) -> dict[str, Any]:
+    """One step of the run; a failure is recorded (and printed) so the other steps still report."""
+    print(f"[gpu] {name} ...", file=sys.stderr, flush=True)
+    try:
+        return fn()
+    except Exception as exc:
+        import traceback
+
+        traceback.print_exc()
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
 
 
 def keep_pct(k: float) -> str:
@@ -139,18 +161,17 @@ def main(*, dry_run: bool, out: str | None, command: str) -> int:
                               gpu_batch=4 if dry_run else 256)
     result: dict[str, Any] = {"command": command, "dry_run": dry_run, "device": device, "machine": machine_info(),
                               "started_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
-    print("[gpu] CUDA tests ...", file=sys.stderr, flush=True)
-    result["tests"] = run_cuda_tests(dry_run, timeout_s=180)
-    print(f"[gpu] {result['tests']['summary']}; masked forward ...", file=sys.stderr, flush=True)
-    result["forward"] = run_gpu_section(cfg, None, device=device, keeps=GPU_KEEPS)
-    print("[gpu] server with 8 clients ...", file=sys.stderr, flush=True)
+    result["tests"] = run_cuda_tests(timeout_s=180)
+    print(f"[gpu] CUDA tests: {result['tests']['summary']}", file=sys.stderr, flush=True)
+    result["forward"] = _step("masked forward", lambda: run_gpu_section(cfg, None, device=device, keeps=GPU_KEEPS))
     with tempfile.TemporaryDirectory(prefix="maskedkd-gpu-") as tmp:
-        result["server"] = concurrent_clients(cfg, cfg.gpu_models[0], device, Path(tmp),
-                                              batch=2 if dry_run else 32, requests=2 if dry_run else 8)
+        result["server"] = _step(f"server with {CLIENTS} clients", lambda: concurrent_clients(
+            cfg, cfg.gpu_models[0], device, Path(tmp), batch=2 if dry_run else 32, requests=2 if dry_run else 8))
     result["total_s"] = time.perf_counter() - started
     path = Path(out) if out else REPO / ("out/gpu-dry-run/gpu.md" if dry_run else "docs/gpu.md")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render(result))
     (path.with_suffix(".json")).write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"wrote {path} in {result['total_s']:.0f} s", file=sys.stderr)
-    return 0 if result["tests"]["returncode"] in (0, 5) and not result["server"]["errors"] else 1
+    failed = "error" in result["forward"] or "error" in result["server"] or result["server"]["errors"]
+    return 0 if result["tests"]["returncode"] in (0, 5) and not failed else 1

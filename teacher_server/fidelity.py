@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from teacher_server.masked_teacher import MaskedTeacher
-from teacher_server.precision import dtype_name
 
 FIDELITY_IMAGES = 16   # images in the fixed batch
 FIDELITY_SEED = 0
