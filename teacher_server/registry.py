@@ -171,7 +171,7 @@ def build_served_model(
         forward, num_prefix_tokens=teacher.num_prefix_tokens,
         token_budget=settings.token_budget, max_batch_images=settings.max_batch_images,
         max_delay_s=settings.max_delay_ms / 1000.0, mixed_k=settings.mixed_k, name=name,
-        **batcher_kwargs,  # type: ignore[arg-type]
+        prefetch_device=weight.device, **batcher_kwargs,  # type: ignore[arg-type]
     )
     return ServedModel(name=name, teacher=teacher, spec=model_spec(name, teacher), meter=Meter(teacher.shape),
                        batcher=batcher, device=weight.device, dtype_name=dtype_name(weight.dtype),
