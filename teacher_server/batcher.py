@@ -118,7 +118,7 @@ class TokenBudgetBatcher:
 
     def __init__(
         self, forward: ForwardFn, *, num_prefix_tokens: int, token_budget: int, max_batch_images: int,
-        max_delay_s: float, mixed_k: Literal["bucket", "pad"] = "bucket", finalize: FinalizeFn | None = None,
+        max_delay_s: float, mixed_k: Literal["bucket", "pad", "pack"] = "bucket", finalize: FinalizeFn | None = None,
         metrics: ServerMetrics | None = None, name: str = "teacher", prefetch_device: torch.device | None = None,
     ) -> None:
         self._forward = forward
@@ -127,7 +127,7 @@ class TokenBudgetBatcher:
         self._token_budget = token_budget
         self._max_images = max_batch_images
         self._max_delay_s = max_delay_s
-        self._run_rows = run_bucketed if mixed_k == "bucket" else run_padded
+        self._run_rows = run_bucketed if mixed_k == "bucket" else run_padded  # pack: the forward packs ragged rows
         self._finalize = finalize
         self._metrics = metrics
         self._name = name

@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-images", type=int, help="images per micro-batch and per request (default 256)")
     serve.add_argument("--token-budget", type=int, help="teacher tokens per micro-batch (default 65536)")
     serve.add_argument("--max-delay-ms", type=float, help="max wait of a request for batch company (default 2)")
-    serve.add_argument("--mixed-k", choices=["bucket", "pad"], help="rows with different keep counts (default bucket)")
+    serve.add_argument("--mixed-k", choices=["bucket", "pad", "pack"],
+                       help="rows with different keep counts: bucket (default), pad, or pack without padding")
     serve.add_argument("--max-message-mb", type=float, help="gRPC message size limit in MiB (default 256)")
     serve.add_argument("--price-per-gflop", type=float, help="default price per GFLOP (default 1e-6)")
     serve.add_argument("--currency", help="currency of prices (default USD)")

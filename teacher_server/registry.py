@@ -16,6 +16,7 @@ from teacher_server.errors import ModelNotFoundError
 from teacher_server.fidelity import DtypeFidelity, compare_logits, fixed_images, logits_on
 from teacher_server.masked_teacher import MaskedTeacher
 from teacher_server.metering import Meter
+from teacher_server.packing import run_packed, supports_packing
 from teacher_server.preprocess import ModelSpec
 from teacher_server.precision import DTYPES, dtype_name, resolve_dtype
 from teacher_server.settings import ServerSettings
@@ -45,7 +46,7 @@ def model_spec(name: str, teacher: MaskedTeacher) -> ModelSpec:
 
 
 def make_forward(teacher: MaskedTeacher, device: torch.device, dtype: torch.dtype, compile_mode: str = "off",
-                 ) -> ForwardFn:
+                 *, pack: bool = False) -> ForwardFn:
     """The batcher's forward: CPU float32 inputs in, CPU float32 logits out, compute on `device` in `dtype`.
 
     On CUDA the inputs are copied from pinned host memory without blocking the host (the copy is queued on the
@@ -59,6 +60,8 @@ def make_forward(teacher: MaskedTeacher, device: torch.device, dtype: torch.dtyp
         x = patches.to(device=device, dtype=dtype, non_blocking=on_cuda)          # [G,K,C,P,P]
         idx = indices.to(device, non_blocking=on_cuda)                            # [G,K]
         cnt = counts.to(device) if counts is not None else None                   # [G]
+        if pack and cnt is not None:  # ragged rows (`--mixed-k pack`): all tokens in one sequence, no padding
+            return run_packed(teacher, x, idx, cnt).float().cpu()  # [G,classes]
         return forward_patches(x, idx, cnt).float().cpu()  # [G,classes]
 
     return forward
@@ -161,7 +164,10 @@ def build_served_model(
 ) -> ServedModel:
     """Meter and batcher around a loaded teacher; `batcher_kwargs` go to TokenBudgetBatcher (finalize, metrics)."""
     weight = next(teacher.parameters())
-    forward = make_forward(teacher, weight.device, weight.dtype, settings.compile)
+    pack = settings.mixed_k == "pack" and supports_packing(teacher)
+    if settings.mixed_k == "pack" and not pack:
+        log.info("--mixed-k pack: %s is not a plain class-token ViT; ragged rows are bucketed instead", name)
+    forward = make_forward(teacher, weight.device, weight.dtype, settings.compile, pack=pack)
     if settings.compile_shapes:
         try:
             warm_up_shapes(forward, teacher, settings.compile_shapes)
@@ -170,7 +176,8 @@ def build_served_model(
     batcher = TokenBudgetBatcher(
         forward, num_prefix_tokens=teacher.num_prefix_tokens,
         token_budget=settings.token_budget, max_batch_images=settings.max_batch_images,
-        max_delay_s=settings.max_delay_ms / 1000.0, mixed_k=settings.mixed_k, name=name,
+        max_delay_s=settings.max_delay_ms / 1000.0, mixed_k=settings.mixed_k if pack or settings.mixed_k != "pack"
+        else "bucket", name=name,
         prefetch_device=weight.device, **batcher_kwargs,  # type: ignore[arg-type]
     )
     return ServedModel(name=name, teacher=teacher, spec=model_spec(name, teacher), meter=Meter(teacher.shape),

@@ -46,7 +46,7 @@ class ServerSettings(BaseSettings):
     max_batch_images: int = Field(256, ge=1)            # per micro-batch, and the largest one request may carry
     token_budget: int = Field(65536, ge=1)              # teacher tokens (kept patches + prefix) per micro-batch
     max_delay_ms: float = Field(2.0, ge=0)              # how long the first request of a batch waits for company
-    mixed_k: Literal["bucket", "pad"] = "bucket"        # rows with different keep counts: see batcher.py
+    mixed_k: Literal["bucket", "pad", "pack"] = "bucket"  # rows with different keep counts: batcher.py, packing.py
 
     # --- lifecycle ---
     grace_s: float = Field(10.0, ge=0)                  # in-flight requests get this long to finish on shutdown

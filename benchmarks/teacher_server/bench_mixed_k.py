@@ -1,5 +1,5 @@
 """Mixed keep counts in one micro-batch: bucketing by count vs padding with masks (teacher_server.batcher) vs
-packing every row's tokens without padding (benchmarks/packing.py).
+packing every row's tokens without padding (teacher_server/packing.py, `--mixed-k pack`).
 
     .venv/bin/python benchmarks/teacher_server/bench_mixed_k.py [--reps 5] [--quick]
 
@@ -14,7 +14,7 @@ import time
 import timm
 import torch
 
-from benchmarks.packing import run_packed
+from teacher_server.packing import run_packed
 from teacher_server.batcher import run_bucketed, run_padded
 from teacher_server.masked_teacher import MaskedTeacher
 

@@ -1,24 +1,34 @@
-"""Ragged micro-batches packed without padding, measured against the batcher's bucketing (bench_mixed_k.py).
+"""Ragged micro-batches packed without padding: `teacher-server serve --mixed-k pack` (measured against bucketing
+and padding by benchmarks/teacher_server/bench_mixed_k.py).
 
 Packed: every row's tokens (prefix + its K kept patches) in one [T, D] sequence, T = sum of the rows' lengths. The
 norms, qkv, attention output projection and MLP run once over all T tokens (one GEMM each, no padding); attention
 runs per group of equal-length rows, which lie contiguously when rows are ordered by count, so each group is a
 plain [G, n, ...] view and uses fused SDPA. Bucketing instead runs the whole model once per distinct count.
-Only plain ViT blocks with a class-token head (timm `Block`, `global_pool="token"`) are covered: a measurement,
-not a serving path, unless it wins.
+Only plain ViT blocks with a class-token head (timm `Block`, `global_pool="token"`) are covered; other teachers
+fall back to bucketing (`supports_packing`).
 
-Measured 2026-11-29 on the 2-core EPYC under a load average of ~8 (other work running; wall times unreliable),
-`bench_mixed_k.py --quick --reps 3`, vit_tiny 32px/4px, 64 images, counts from {16, 32, 48, 64}, float32, best of 3:
-wall bucket 8925 / pad 5627 / packed 6668 ms; CPU time bucket 4258 / pad 2177 / packed 2178 ms; max |diff| against
-bucketing: pad 8.6e-7, packed 0. No packing win that survives the noise was measured, so the batcher keeps bucketing
-(earlier quiet-machine figures in teacher_server/batcher.py: bucketing beats padding); rerun on a quiet machine.
+Measured 2026-11-29 on the 2-core EPYC, `bench_mixed_k.py --quick --reps 3` (vit_tiny 32px/4px, 64 images, counts
+from {16, 32, 48, 64}, float32, best of 3), on a machine shared with other work:
+  load ~8: wall bucket 8925 / pad 5627 / packed 6668 ms; CPU time bucket 4258 / pad 2177 / packed 2178 ms
+  load ~5: wall bucket 7516 / pad 5501 / packed 5772 ms; CPU time bucket 3585 / pad 2249 / packed 2370 ms
+max |diff| against bucketing: pad 6e-7..9e-7, packed 0. Under contention fewer, larger calls win (packed beats
+bucketing by ~25%); on the quiet machine of teacher_server/batcher.py's figures bucketing beat padding by ~30% and
+packing was not measured. Bucketing stays the default until a quiet-machine run decides; `--mixed-k pack` is there.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import Attention, Block
 
 from teacher_server.masked_teacher import MaskedTeacher
+
+
+def supports_packing(teacher: MaskedTeacher) -> bool:
+    """Plain timm ViT blocks and a class-token head: what `run_packed` computes exactly."""
+    m = teacher.model
+    return m.global_pool == "token" and all(type(b) is Block and type(b.attn) is Attention for b in m.blocks)
 
 
 def _packed_attention(attn: torch.nn.Module, x: torch.Tensor, groups: list[tuple[int, int]]) -> torch.Tensor:
