@@ -10,6 +10,8 @@ Sections (all ratios measured in this run, on this machine):
   breakdown   where the masked forward's time goes (torch.profiler)
   gpu         bf16 on the GPU, % of peak (only with CUDA)
   ledger      per-request billing time at growing ledger sizes (SQLite, Postgres), ledger bytes per billed image
+  precision   matmul rate per dtype (the best is the machine's limit), the dtype `--dtype auto` serves, and a
+              MaskedKD-50 training step with the student in fp32 against bf16; bf16 targets are N/A without native bf16
 Writes OUT/benchmarks.json, OUT/benchmarks.md and OUT/bench_*.png. Teacher servers run as separate processes.
 """
 from __future__ import annotations
@@ -32,8 +34,10 @@ import torch
 from benchmarks.config import FULL, QUICK, BenchConfig
 from benchmarks.timing import load_average, machine_info, matmul_rate, usable_cpus
 from benchmarks.training import compiled_key
+from teacher_server.precision import DTYPES
 
-SECTIONS = ("matmul", "teacher", "wire", "microbatch", "training", "flops", "breakdown", "gpu", "ledger")
+SECTIONS = ("matmul", "teacher", "wire", "microbatch", "training", "flops", "breakdown", "gpu", "precision",
+            "ledger")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", default=None, help=f"comma-separated subset of: {','.join(SECTIONS)}")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per process (default: every CPU this process may use; 1 with --quick)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--gpu", action="store_true", help="the prepared one-GPU run (benchmarks/gpu_script.py): "
+                        "CUDA tests, bf16 masked forward of DeiT-S/DeiT-B/ViT-L, gRPC with 8 clients -> docs/gpu.md")
+    parser.add_argument("--dry-run", action="store_true", help="with --gpu: the same code on the CPU, tiny models")
     return parser
 
 
@@ -58,6 +65,18 @@ def _servers_needed(cfg: BenchConfig, sections: tuple[str, ...]) -> dict[str, di
                                         "device": "cpu"}
             if pair.key in cfg.train_compiled_pairs:
                 needed[compiled_key(pair.teacher.key)] = {**needed[pair.teacher.key], "compile": "static"}
+    if "precision" in sections:
+        from benchmarks.precision import FP32_SERVER_SUFFIX
+        from teacher_server.precision import native_bf16
+
+        pair = cfg.train_pairs[0]
+        needed.setdefault(pair.teacher.key, {"model": pair.teacher.timm_name, "model_kwargs": pair.teacher.kwargs,
+                                             "device": "cpu"})
+        deit = next((c for c in cfg.models if c.key == "deit_s_224"), None)
+        if native_bf16("cpu")[0] and deit is not None:  # the default serves bf16: compare with an fp32 server
+            base = {"model": deit.timm_name, "model_kwargs": deit.kwargs, "device": "cpu"}
+            needed.setdefault(deit.key, base)
+            needed[deit.key + FP32_SERVER_SUFFIX] = {**base, "dtype": "float32"}
     if "gpu" in sections and torch.cuda.is_available():
         for case in cfg.gpu_models:
             needed[f"gpu-{case.key}"] = {"model": case.timm_name, "model_kwargs": case.kwargs, "device": "cuda",
@@ -85,6 +104,7 @@ def run_bench(cfg: BenchConfig, sections: tuple[str, ...], *, threads: int, comm
     from benchmarks.flopcheck import run_flops_section
     from benchmarks.gpu import run_gpu_section
     from benchmarks.microbatch import run_microbatch_section
+    from benchmarks.precision import dtype_rates, run_precision_training
     from benchmarks.server_proc import ServerPool
     from benchmarks.teacher import run_teacher_section
     from benchmarks.training import run_training_section
@@ -110,6 +130,10 @@ def run_bench(cfg: BenchConfig, sections: tuple[str, ...], *, threads: int, comm
             s["matmul"] = _run("matmul", lambda: {"start": matmul_rate(cfg.matmul_size, warmup=cfg.warmup + 1,
                                                                        repeats=max(3, cfg.repeats))})
             matmul_gflops = s["matmul"].get("start", {}).get("gflops_per_s", 0.0)
+        rates: dict[str, Any] = {}
+        if "precision" in sections or "teacher" in sections:
+            rates = _run("precision (matmul per dtype)", lambda: dtype_rates(cfg))
+        served_ok = rates.get("status") == "ok"
         if "wire" in sections:
             s["wire"] = _run("wire", lambda: run_wire_section(cfg))
         if "flops" in sections:
@@ -118,11 +142,20 @@ def run_bench(cfg: BenchConfig, sections: tuple[str, ...], *, threads: int, comm
         if "breakdown" in sections:
             s["breakdown"] = _run("breakdown", lambda: run_breakdown_section(cfg, matmul_gflops))
         if "teacher" in sections:
-            s["teacher"] = _run("teacher", lambda: run_teacher_section(cfg, pool, matmul_gflops))
+            s["teacher"] = _run("teacher", lambda: run_teacher_section(
+                cfg, pool, rates["served_gflops_per_s"] if served_ok else matmul_gflops,
+                dtype=DTYPES[rates["served_dtype"]] if served_ok else torch.float32,
+                limit_gflops_per_s=rates["limit_gflops_per_s"] if served_ok else None))
         if "microbatch" in sections:
             s["microbatch"] = _run("microbatch", lambda: run_microbatch_section(cfg, pool))
         if "training" in sections:
             s["training"] = _run("training", lambda: run_training_section(cfg, pool, workdir / "train", threads))
+        if "precision" in sections:
+            if served_ok:
+                more = _run("precision (training step fp32 vs bf16)", lambda: run_precision_training(
+                    cfg, pool, workdir / "precision", threads, rates["native_bf16"]))
+                rates = {**rates, **more, "section_s": rates["section_s"] + more["section_s"]}
+            s["precision"] = rates
         if "gpu" in sections:
             s["gpu"] = _run("gpu", lambda: run_gpu_section(cfg, pool if torch.cuda.is_available() else None))
         if "ledger" in sections:
@@ -141,6 +174,13 @@ def run_bench(cfg: BenchConfig, sections: tuple[str, ...], *, threads: int, comm
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.gpu or args.dry_run:
+        if not args.gpu:
+            print("benchmarks: error: --dry-run goes with --gpu", file=sys.stderr)
+            return 2
+        from benchmarks.gpu_script import main as gpu_main
+
+        return gpu_main(dry_run=args.dry_run, out=args.out, command=shlex.join(["python", "-m", "benchmarks", *argv]))
     cfg = QUICK if args.quick else FULL
     sections = SECTIONS if not args.only else tuple(x.strip() for x in args.only.split(",") if x.strip())
     unknown = [x for x in sections if x not in SECTIONS]

@@ -29,7 +29,8 @@ def spec_peak_tflops(device_name: str) -> float | None:
     return None
 
 
-def run_gpu_section(cfg: BenchConfig, pool: Any = None, *, device: str = "cuda") -> dict[str, Any]:
+def run_gpu_section(cfg: BenchConfig, pool: Any = None, *, device: str = "cuda",
+                    keeps: tuple[float, ...] = KEEPS) -> dict[str, Any]:
     """`device="cpu"` exercises the same code on the CPU (tests only); `pool` None skips the gRPC measurement."""
     if device == "cuda" and not torch.cuda.is_available():
         return {"status": NOT_RUN}
@@ -51,7 +52,7 @@ def run_gpu_section(cfg: BenchConfig, pool: Any = None, *, device: str = "cuda")
             client = TeacherClient(server.address, server.api_key, timeout_s=600.0)
         rows = []
         try:
-            for keep in KEEPS:
+            for keep in keeps:
                 kept = num_kept(keep, teacher.num_patches)
                 tb = make_batch(teacher, cfg.gpu_batch, kept)
                 x = tb.normalized.to(device=device, dtype=torch.bfloat16)
@@ -67,6 +68,7 @@ def run_gpu_section(cfg: BenchConfig, pool: Any = None, *, device: str = "cuda")
                 tflops = ips * teacher.gflops(kept) / 1e3
                 row: dict[str, Any] = {
                     "keep": keep, "kept": kept, "images_per_s": ips, "tflops_per_s": tflops,
+                    "billed_gflops_per_image": teacher.gflops(kept),
                     "flop_speedup": full_gflops / teacher.gflops(kept),
                     "of_spec_peak": tflops / peak if peak else None,
                     "of_matmul": tflops * 1e3 / mm["gflops_per_s"], "timing": t.to_dict(),

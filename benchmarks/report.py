@@ -49,9 +49,10 @@ def _targets(r: dict[str, Any]) -> str:
     if not ts:
         return "No target could be evaluated (see the sections' errors)."
     passed = sum(t["result"] == "PASS" for t in ts)
+    na = sum(t["result"] == "N/A" for t in ts)
     rows = [(f"**{t['result']}**", t["name"], t["scope"], f"{t['value']:.3f}", f"{t['op']} {t['threshold']}",
              t["detail"]) for t in ts]
-    return f"{passed} of {len(ts)} pass.\n\n" + table(("result", "target", "scope", "measured", "needs", "numbers"),
+    return f"{passed} of {len(ts) - na} pass ({na} not applicable on this machine).\n\n" + table(("result", "target", "scope", "measured", "needs", "numbers"),
                                                        rows)
 
 
@@ -86,7 +87,8 @@ def _compute_eff(s: Section) -> str:
                          "-" if c is None else f"{c['vs_eager']:.2f}x",
                          "-" if c is None else f"{c['first_call_s']:.1f}"))
     return ("FLOP rate of the in-process masked forward, counting FLOPs with the FLOP model (matrix products only), "
-            f"over this machine's fp32 `torch.matmul` rate ({s['matmul_gflops_per_s']:.1f} GFLOP/s). Eager is what "
+            f"over this machine's `torch.matmul` rate in the dtype served ({s.get('dtype', 'float32')}, "
+            f"{s['matmul_gflops_per_s']:.1f} GFLOP/s). Eager is what "
             "`teacher-server serve` runs by default; compiled is `--compile static` (inductor with frozen weights, one "
             "graph per batch shape; the first call of a shape pays the compile).\n\n"
             + table(("model", "keep", "eager GFLOP/s", "eager share", "compiled GFLOP/s", "compiled share",
@@ -190,9 +192,32 @@ def _gpu(s: Section) -> str:
     return "\n\n".join(parts)
 
 
+def _precision(s: Section) -> str:
+    mm = s["matmul"]
+    rows = [(d, f"{mm[d]['n']}", f"{s['rates'][d]:.2f}", "yes" if d == s["limit_dtype"] else "",
+             "yes" if d == s["served_dtype"] else "") for d in ("float32", "bfloat16")]
+    text = (f"Native bf16: **{'yes' if s['native_bf16'] else 'no'}** ({s['why']}). `--dtype auto` serves "
+            f"**{s['served_dtype']}**; the machine's limit is the {s['limit_dtype']} matmul rate "
+            f"({s['limit_gflops_per_s']:.1f} GFLOP/s); bf16 runs at {s['bf16_vs_fp32']:.3f}x the fp32 rate.\n\n"
+            + table(("dtype", "matmul n", "GFLOP/s", "machine limit", "served by auto"), rows))
+    train = s.get("training")
+    if train:
+        st = train["steps"]
+        text += ("\n\nMaskedKD-50 (SIPS) training step, student forward in fp32 vs bf16 autocast (SIPS and the loss "
+                 f"in fp32), `{train['student']}`, batch {train['batch_size']}:\n\n"
+                 + table(("precision", "ms / step", "steps timed"),
+                         [(p, f"{st[p]['step_s'] * 1e3:.0f}", st[p]["steps_timed"]) for p in ("fp32", "bf16")])
+                 + f"\n\nfp32 step / bf16 step: {train['bf16_speedup']:.3f}x.")
+    pair = s.get("default_vs_fp32_server")
+    if pair:
+        text += (f"\n\nDefault server vs fp32 server, keep 50%, median of {pair['rounds']} interleaved rounds: "
+                 f"{pair['default_images_per_s']:.1f} vs {pair['fp32_images_per_s']:.1f} img/s ({pair['ratio']:.2f}x).")
+    return text
+
+
 RENDER: tuple[tuple[str, str, Callable[[Section], str]], ...] = (
     ("teacher", "Teacher throughput by keep", _teacher),
-    ("teacher", "Server efficiency (gRPC / in-process, same batch)", _server_eff),
+    ("teacher", "Server efficiency (gRPC / in-process, same batch and dtype, interleaved rounds)", _server_eff),
     ("teacher", "Compute efficiency", _compute_eff),
     ("teacher", "Masking speedup against the FLOP ratio", _masking),
     ("wire", "Bytes on the wire per image", _wire),
@@ -202,6 +227,7 @@ RENDER: tuple[tuple[str, str, Callable[[Section], str]], ...] = (
     ("breakdown", "Where the masked forward's time goes", _breakdown),
     ("gpu", "GPU (bf16)", _gpu),
     ("ledger", "Ledger at scale", render_ledger),
+    ("precision", "Precision: matmul rate per dtype, the served dtype, training step fp32 vs bf16", _precision),
 )
 
 

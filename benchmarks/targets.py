@@ -6,6 +6,8 @@ from typing import Any
 
 from benchmarks.config import TARGET_KEEPS
 
+NOT_NATIVE_PREFIX = "not applicable on this CPU (no native bf16)"
+
 
 @dataclass(frozen=True)
 class Target:
@@ -15,13 +17,18 @@ class Target:
     op: str            # ">=" or "<="
     threshold: float
     detail: str        # the numbers the ratio comes from
+    applicable: bool = True  # False: the target does not apply to this machine (detail says why, and what was measured)
 
     @property
     def passed(self) -> bool:
         return self.value >= self.threshold if self.op == ">=" else self.value <= self.threshold
 
+    @property
+    def result(self) -> str:
+        return "N/A" if not self.applicable else "PASS" if self.passed else "MISS"
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "result": "PASS" if self.passed else "MISS"}
+        return {**asdict(self), "result": self.result}
 
 
 def _pct(keep: float) -> str:
@@ -30,23 +37,25 @@ def _pct(keep: float) -> str:
 
 def teacher_targets(section: dict[str, Any]) -> list[Target]:
     out = []
+    dtype = section.get("dtype", "float32")
     for m in section.get("models", []):
         for r in m["rows"]:
             if r["keep"] in TARGET_KEEPS:
                 out.append(Target(
-                    "serving overhead: gRPC / in-process throughput", f"{m['model']} {_pct(r['keep'])}",
+                    "serving overhead: gRPC / in-process throughput, same dtype", f"{m['model']} {_pct(r['keep'])}",
                     r["server_efficiency"], ">=", 0.95,
-                    f"gRPC {r['grpc']['images_per_s']:.1f} img/s vs in-process {r['inprocess']['images_per_s']:.1f}"
+                    f"median of {section.get('rounds', 1)} interleaved rounds in {dtype}; gRPC "
+                    f"{r['grpc']['images_per_s']:.1f} img/s vs in-process {r['inprocess']['images_per_s']:.1f}"
                     f" img/s, batch {m['batch']}"))
             out.append(Target(
-                "compute efficiency, eager: masked forward / fp32 matmul rate", f"{m['model']} {_pct(r['keep'])}",
+                f"compute efficiency, eager: masked forward / {dtype} matmul rate", f"{m['model']} {_pct(r['keep'])}",
                 r["compute_efficiency"], ">=", 0.75,
                 f"{r['achieved_gflops_per_s']:.1f} GFLOP/s (FLOP model) vs matmul "
                 f"{section['matmul_gflops_per_s']:.1f} GFLOP/s"))
             if r.get("compiled") is not None:
                 c = r["compiled"]
                 out.append(Target(
-                    "compute efficiency, `--compile static`: masked forward / fp32 matmul rate",
+                    f"compute efficiency, `--compile static`: masked forward / {dtype} matmul rate",
                     f"{m['model']} {_pct(r['keep'])}", c["compute_efficiency"], ">=", 0.75,
                     f"{c['achieved_gflops_per_s']:.1f} GFLOP/s (FLOP model) vs matmul "
                     f"{section['matmul_gflops_per_s']:.1f} GFLOP/s; {c['first_call_s']:.0f} s to compile the shape"))
@@ -109,6 +118,40 @@ def gpu_targets(section: dict[str, Any]) -> list[Target]:
     return out
 
 
+BF16_FORWARD_KEEPS = (1.0, 0.5, 0.25)
+
+
+def precision_targets(precision: dict[str, Any], teacher: dict[str, Any] | None) -> list[Target]:
+    """The bf16 targets: they apply only where the machine computes bf16 natively; elsewhere N/A with the numbers."""
+    out: list[Target] = []
+    native, rates = precision["native_bf16"], precision["rates"]
+    served = precision["served_dtype"]
+    machine = (f"{served} served; matmul fp32 {rates['float32']:.1f}, bf16 {rates['bfloat16']:.2f} GFLOP/s "
+               f"(bf16 = {precision['bf16_vs_fp32']:.3f}x fp32; {precision['why']})")
+    na = f"{NOT_NATIVE_PREFIX}: " if not native else ""
+    deit = next((m for m in (teacher or {}).get("models", []) if m["model"] == "deit_s_224"), None)
+    for r in (deit or {}).get("rows", []):
+        if r["keep"] in BF16_FORWARD_KEEPS:
+            share = r["grpc_gflops_per_s"] / rates["bfloat16"]
+            out.append(Target("bf16: default server forward / bf16 matmul rate", f"deit_s_224 {_pct(r['keep'])}",
+                              share, ">=", 0.60, f"{na}server {r['grpc_gflops_per_s']:.1f} GFLOP/s; {machine}",
+                              applicable=native and served == "bfloat16"))
+    vs_fp32 = precision.get("default_vs_fp32_server")
+    out.append(Target("bf16: default server / fp32 server throughput", "deit_s_224 keep 50%",
+                      vs_fp32["ratio"] if vs_fp32 else 1.0, ">=", 2.3,
+                      f"{na}default {vs_fp32['default_images_per_s']:.1f} vs fp32 {vs_fp32['fp32_images_per_s']:.1f} "
+                      f"img/s; {machine}" if vs_fp32 else f"{na}the default resolves to {served}, the same server as "
+                      f"an fp32 one (ratio 1 by construction); {machine}", applicable=native and vs_fp32 is not None))
+    train = precision.get("training")
+    if train is not None:
+        st = train["steps"]
+        out.append(Target("bf16: MaskedKD-50 training step, fp32 step / bf16 step", train["pair"],
+                          train["bf16_speedup"], ">=", 2.0,
+                          f"{na}fp32 {st['fp32']['step_s'] * 1e3:.0f} ms vs bf16 {st['bf16']['step_s'] * 1e3:.0f} ms "
+                          f"per step, batch {train['batch_size']}; {machine}", applicable=native))
+    return out
+
+
 def all_targets(results: dict[str, Any]) -> list[Target]:
     sections = results["sections"]
     ok = lambda name: sections.get(name, {}).get("status") == "ok"  # noqa: E731
@@ -123,4 +166,6 @@ def all_targets(results: dict[str, Any]) -> list[Target]:
         out += training_targets(sections["training"])
     if ok("gpu"):
         out += gpu_targets(sections["gpu"])
+    if ok("precision"):
+        out += precision_targets(sections["precision"], sections["teacher"] if ok("teacher") else None)
     return out

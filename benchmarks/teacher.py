@@ -2,8 +2,10 @@
 
 The in-process rate is measured eager and, with `compiled`, as `teacher-server serve --compile static` runs it
 (inductor, frozen weights, one graph per shape; the first call's time is the compile cost of that shape).
-Both paths run the same architecture on the same batch with the same torch thread count, one after the other:
-in-process in this process, gRPC in the server process (this process then only waits). The gRPC client is the
+Both paths run the same architecture on the same batch, in the dtype the server serves by default (`--dtype auto`),
+with the same torch thread count, in interleaved rounds (one in-process repeat, then one gRPC repeat, `repeats`
+times): in-process in this process, gRPC in the server process (this process then only waits). The server's
+efficiency is the median over rounds of the per-round ratio, so a load swing hits both paths of a round alike. The gRPC client is the
 product's `TeacherClient` sending kept patches as uint8, one request at a time (one client, nothing in flight
 twice), so the server's micro-batch is exactly the client's batch.
 """
@@ -12,13 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import statistics
 import time
 
 import timm
 import torch
 
 from benchmarks.config import KEEPS, BenchConfig, ModelCase, num_kept
-from benchmarks.timing import measure
+from benchmarks.timing import Timing, measure
 from teacher_server.batcher import ForwardFn
 from teacher_server.compiled import compiled_forward_patches
 from teacher_server.masked_teacher import MaskedTeacher
@@ -82,12 +85,54 @@ def grpc_rate(client: Any, tb: TeacherBatch, cfg: BenchConfig) -> dict[str, Any]
             "billed_gflops_per_call": usage_gflops[-1]}
 
 
-def run_teacher_section(cfg: BenchConfig, pool: Any, matmul_gflops_per_s: float) -> dict[str, Any]:
+def _timing(samples: list[float]) -> Timing:
+    return Timing(statistics.median(samples), min(samples), max(samples), len(samples))
+
+
+def interleaved_rates(forward: ForwardFn, client: Any, tb: TeacherBatch, cfg: BenchConfig,
+                      dtype: torch.dtype) -> tuple[dict[str, Any], dict[str, Any], float]:
+    """(in-process, gRPC, median per-round gRPC/in-process ratio) over `cfg.repeats` interleaved rounds."""
+    calls, batch = cfg.calls_per_repeat, tb.indices.shape[0]
+    x = tb.normalized.to(dtype)
+    usage_gflops: list[float] = []
+
+    def local() -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for _ in range(calls):
+                forward(x, tb.indices, None)
+        return time.perf_counter() - t0
+
+    def remote() -> float:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            _, usage = client.infer(patches=tb.pixels, keep_indices=tb.indices)
+            usage_gflops.append(usage.gflops)
+        return time.perf_counter() - t0
+
+    first_call_s = local()
+    for _ in range(cfg.warmup):
+        local(), remote()
+    rounds = [(local(), remote()) for _ in range(max(1, cfg.repeats))]
+    inproc_t, grpc_t = _timing([a for a, _ in rounds]), _timing([b for _, b in rounds])
+    inproc = {"images_per_s": calls * batch / inproc_t.median_s, "timing": inproc_t.to_dict(),
+              "first_call_s": first_call_s}
+    remote_out = {"images_per_s": calls * batch / grpc_t.median_s, "timing": grpc_t.to_dict(),
+                  "billed_gflops_per_call": usage_gflops[-1]}
+    return inproc, remote_out, statistics.median(a / b for a, b in rounds)
+
+
+def run_teacher_section(cfg: BenchConfig, pool: Any, matmul_gflops_per_s: float, *,
+                        dtype: torch.dtype = torch.float32, limit_gflops_per_s: float | None = None,
+                        ) -> dict[str, Any]:
+    """`matmul_gflops_per_s`: the machine's matmul rate in `dtype` (the dtype served); `limit_gflops_per_s`: the
+    best dtype's rate (the machine's limit)."""
     from student_client.client import TeacherClient
 
+    limit = limit_gflops_per_s or matmul_gflops_per_s
     models = []
     for case in cfg.models:
-        teacher = build_teacher(case)
+        teacher = build_teacher(case, dtype=dtype)
         compiled = compiled_forward_patches(teacher) if cfg.compiled else None
         server = pool.get(case.key)
         full_gflops = teacher.gflops(teacher.num_patches)
@@ -97,16 +142,18 @@ def run_teacher_section(cfg: BenchConfig, pool: Any, matmul_gflops_per_s: float)
                 kept = num_kept(keep, teacher.num_patches)
                 tb = make_batch(teacher, cfg.batch, kept)
                 gflops = teacher.gflops(kept)
-                inproc = inprocess_rate(teacher.forward_patches, tb, cfg)
-                remote = grpc_rate(client, tb, cfg)
+                inproc, remote, server_efficiency = interleaved_rates(teacher.forward_patches, client, tb, cfg,
+                                                                      dtype)
                 achieved = inproc["images_per_s"] * gflops
                 fast = inprocess_rate(compiled, tb, cfg) if compiled is not None else None
                 rows.append({
                     "keep": keep, "kept": kept, "gflops_per_image": gflops, "flop_speedup": full_gflops / gflops,
                     "inprocess": inproc, "grpc": remote,
-                    "server_efficiency": remote["images_per_s"] / inproc["images_per_s"],
+                    "server_efficiency": server_efficiency,
                     "achieved_gflops_per_s": achieved,
                     "compute_efficiency": achieved / matmul_gflops_per_s,
+                    "grpc_gflops_per_s": remote["images_per_s"] * gflops,
+                    "of_limit": remote["images_per_s"] * gflops / limit,
                     "compiled": None if fast is None else {
                         **fast, "achieved_gflops_per_s": fast["images_per_s"] * gflops,
                         "compute_efficiency": fast["images_per_s"] * gflops / matmul_gflops_per_s,
@@ -122,4 +169,5 @@ def run_teacher_section(cfg: BenchConfig, pool: Any, matmul_gflops_per_s: float)
                        "num_patches": teacher.num_patches, "batch": cfg.batch, "rows": rows})
         del teacher, compiled
     return {"models": models, "batch": cfg.batch, "calls_per_repeat": cfg.calls_per_repeat,
-            "matmul_gflops_per_s": matmul_gflops_per_s}
+            "matmul_gflops_per_s": matmul_gflops_per_s, "dtype": str(dtype).removeprefix("torch."),
+            "limit_gflops_per_s": limit, "rounds": max(1, cfg.repeats)}

@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any
 
-from student_client.config import MODES, STRATEGIES, TRANSPORTS, TrainConfig
+from student_client.config import MODES, PRECISIONS, STRATEGIES, TRANSPORTS, TrainConfig
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP)")
     t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: a GPU per worker if any")
     t.add_argument("--micro-batches", type=int, default=2, help="pipelining: teacher on i while student on i+1")
+    t.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="student forward precision (autocast; SIPS and the loss stay fp32). auto: bf16 where the "
+                   "device computes it natively (CPU avx512_bf16/AMX, CUDA >= 8.0), else fp32")
     t.add_argument("--transport", choices=TRANSPORTS, default="stream", help="InferStream or unary Infer calls")
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (quick runs)")
     t.add_argument("--seed", type=int, default=0)
@@ -94,7 +97,7 @@ def _config(args: argparse.Namespace) -> TrainConfig:
         keep=args.keep, lambda_kd=args.lambda_kd, tau=args.tau, hard=args.hard, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
         augment=args.augment, train_head_only=args.train_head_only, workers=1 if args.local else args.workers,
-        use_gpu=use_gpu, micro_batches=args.micro_batches, max_steps=args.max_steps, seed=args.seed,
+        use_gpu=use_gpu, micro_batches=args.micro_batches, precision=args.precision, max_steps=args.max_steps, seed=args.seed,
         resume=args.resume, keep_checkpoints=args.keep_checkpoints, max_failures=args.max_failures,
         threads_per_worker=args.threads_per_worker,
         loader_workers=args.loader_workers, eval=not args.no_eval, progress=not args.no_progress,

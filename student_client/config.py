@@ -8,6 +8,7 @@ from typing import Any
 MODES = ("kd", "none", "mask-student")
 STRATEGIES = ("sips", "random", "bottom", "all")
 TRANSPORTS = ("stream", "unary")
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -43,6 +44,7 @@ class TrainConfig:
     workers: int = 1                            # Ray Train workers (DDP)
     use_gpu: bool = False
     micro_batches: int = 2                      # App. E pipelining; 1: no overlap
+    precision: str = "auto"                     # student forward: auto (bf16 where native) | bf16 | fp32 autocast
     max_steps: int | None = None                # stop after this many optimizer steps (quick runs)
     seed: int = 0
     resume: bool = False
@@ -62,6 +64,8 @@ class TrainConfig:
             raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.transport not in TRANSPORTS:
             raise ValueError(f"--transport must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.augment not in ("simple", "heavy"):
             raise ValueError(f"--augment must be simple or heavy, got {self.augment!r}")
         if not (0 < self.keep <= 1 or (self.keep >= 1 and float(self.keep).is_integer())):

@@ -4,9 +4,14 @@ kd:            student forward per micro-batch (SIPS captured), select patches o
                patches asynchronously; gather the teacher logits; CE + lambda * KD; one backward.
 none:          plain supervised CE (no teacher).
 mask-student:  the Sec 4.2 ablation: the teacher sees the full image, the student only its kept patches.
+
+Precision (`--precision`): the student's forwards run under bf16 autocast when the resolved precision is bf16
+(`teacher_server.precision.resolve_precision`: auto means bf16 only where the device computes it natively). SIPS
+ranks in fp32 (sips.py leaves autocast for its softmax), and the loss is computed outside autocast on fp32 logits.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +25,7 @@ from student_client.losses import DistillationLoss, LossParts
 from student_client.pipeline import OverlapStats, Submit, TeacherRequest, pipelined_forward
 from student_client.sips import SIPSCapture, select_patches
 from student_client.wire import Usage
+from teacher_server.precision import resolve_precision
 
 
 @dataclass
@@ -31,10 +37,24 @@ class StepResult:
 
 
 def concat_outputs(outputs: list[Any]) -> Any:
-    """Per-micro-batch student outputs -> one batch (tuples of heads concatenated head by head)."""
+    """Per-micro-batch student outputs -> one float32 batch (tuples of heads concatenated head by head)."""
     if isinstance(outputs[0], (tuple, list)):
-        return tuple(torch.cat(parts) for parts in zip(*outputs))
-    return torch.cat(outputs)
+        return tuple(torch.cat(parts).float() for parts in zip(*outputs))
+    return torch.cat(outputs).float()
+
+
+def as_float32(output: Any) -> Any:
+    """A student output (a tensor or a tuple of heads) in float32, for the loss."""
+    if isinstance(output, (tuple, list)):
+        return tuple(t.float() for t in output)
+    return output.float()
+
+
+def student_autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """The context the student's forward runs in: bf16 autocast for "bf16", nothing for "fp32"."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 class PatchSelector:
@@ -82,13 +102,18 @@ class StepRunner:
         self.selector = selector
         self.submit = submit
         self.prefix = request_id_prefix
+        param = next(raw_model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        self.precision = resolve_precision(cfg.precision, device)   # "bf16" or "fp32"
+        self._autocast = lambda: student_autocast(self.precision, device)  # noqa: E731
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor, step: int) -> StepResult:
         """images [B, C, H, W] in [0, 1] (after mixup), targets [B] or soft [B, classes]."""
         cfg = self.cfg
         if cfg.mode == "none":
-            output = self.model(self.normalize(images))
-            return StepResult(self.criterion(output, targets, None), images.shape[0])
+            with self._autocast():
+                output = self.model(self.normalize(images))
+            return StepResult(self.criterion(as_float32(output), targets, None), images.shape[0])
         micro = list(images.tensor_split(min(cfg.micro_batches, images.shape[0])))
         request_id: Callable[[int], str] = lambda i: f"{self.prefix}-s{step}-m{i}"  # noqa: E731
         if cfg.mode == "kd":
@@ -106,7 +131,8 @@ class StepRunner:
         return StepResult(loss, images.shape[0], result.usage, result.stats)
 
     def _kd_student_step(self, i: int, x: torch.Tensor) -> tuple[Any, TeacherRequest]:
-        output = self.model(self.normalize(x))  # SIPSCapture fills selector.capture.scores here
+        with self._autocast():
+            output = self.model(self.normalize(x))  # SIPSCapture fills selector.capture.scores here (fp32)
         assert self.selector is not None
         keep = self.selector(x.shape[0], x.device)
         return output, TeacherRequest(x.detach(), None if keep is None else keep.cpu())
@@ -115,7 +141,8 @@ class StepRunner:
         xn = self.normalize(x)
         assert self.selector is not None
         if self.selector.needs_scores:  # the student's own attention on the full image, without grad
-            with torch.no_grad():
+            with torch.no_grad(), self._autocast():
                 self.raw_model(xn)
         keep = self.selector(x.shape[0], x.device)
-        return self.model(xn, keep_indices=keep), None
+        with self._autocast():
+            return self.model(xn, keep_indices=keep), None

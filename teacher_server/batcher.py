@@ -33,6 +33,7 @@ import torch
 from teacher_server.commit_stage import CommitStage, Forwarded, commit_results
 from teacher_server.errors import ServiceUnavailableError
 from teacher_server.metrics import ServerMetrics
+from teacher_server.prefetch import Prefetcher
 from teacher_server.preprocess import PreparedInput
 
 # forward(patches [G,K,C,P,P], keep_indices [G,K], keep_counts [G] | None) -> logits [G, classes] float32 CPU
@@ -119,15 +120,16 @@ class TokenBudgetBatcher:
 
     def __init__(
         self, forward: ForwardFn, *, num_prefix_tokens: int, token_budget: int, max_batch_images: int,
-        max_delay_s: float, mixed_k: Literal["bucket", "pad"] = "bucket", finalize: FinalizeFn | None = None,
-        metrics: ServerMetrics | None = None, name: str = "teacher",
+        max_delay_s: float, mixed_k: Literal["bucket", "pad", "pack"] = "bucket", finalize: FinalizeFn | None = None,
+        metrics: ServerMetrics | None = None, name: str = "teacher", prefetch_device: torch.device | None = None,
     ) -> None:
         self._forward = forward
+        self._prefetch = Prefetcher(concat_jobs, prefetch_device, name)  # next batch staged during the forward
         self._prefix = num_prefix_tokens
         self._token_budget = token_budget
         self._max_images = max_batch_images
         self._max_delay_s = max_delay_s
-        self._run_rows = run_bucketed if mixed_k == "bucket" else run_padded
+        self._run_rows = run_bucketed if mixed_k == "bucket" else run_padded  # pack: the forward packs ragged rows
         self._finalize = finalize
         self._metrics = metrics
         self._name = name
@@ -175,6 +177,7 @@ class TokenBudgetBatcher:
             self._executor.shutdown(wait=True)
         if self._commits is not None:
             await self._commits.close()
+        self._prefetch.close()
 
     # ------------------------------------------------------------------------------------------------------------
 
@@ -224,6 +227,7 @@ class TokenBudgetBatcher:
                 batch.append(item)
                 images += item.images
                 tokens += item.tokens
+            staged = self._prefetch.start(batch) if self._busy is not None and not self._busy.done() else None
             if self._busy is not None:
                 await asyncio.gather(self._busy, return_exceptions=True)
             assert self._commits is not None
@@ -231,19 +235,19 @@ class TokenBudgetBatcher:
             if self._metrics:
                 self._metrics.queue_depth.dec(len(batch))
             assert self._executor is not None
-            self._busy = loop.run_in_executor(self._executor, self._run, batch)
+            self._busy = loop.run_in_executor(self._executor, self._run, batch, staged)
             self._busy.add_done_callback(lambda fut, jobs=batch: self._forwarded(jobs, fut))
         if carry is not None and carry is not _STOP:  # cannot happen after _STOP, but never strand a client
             carry.future.set_exception(ServiceUnavailableError("the server is shutting down"))
 
-    def _run(self, jobs: list[BatchJob]) -> Forwarded | list[Any] | BaseException:
+    def _run(self, jobs: list[BatchJob], staged: Any = None) -> Forwarded | list[Any] | BaseException:
         """Worker thread: forward the live jobs; the commit stage commits them."""
         live = [j for j in jobs if not j.future.done()]  # callers that went away before the forward: not billed
         if not live:
             return []
         try:
             started = time.monotonic()
-            patches, indices, counts = concat_jobs(live)
+            patches, indices, counts = self._prefetch.take(staged, live) or concat_jobs(live)
             with torch.inference_mode():
                 logits = self._run_rows(self._forward, patches, indices, counts)   # [sum B, classes]
             compute_s = time.monotonic() - started

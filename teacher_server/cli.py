@@ -60,14 +60,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="gRPC port (default 50051; 0: any free port)")
     _add_db(serve)
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="auto (default): bfloat16 where the device computes it natively (CPU avx512_bf16/AMX, "
+                       "CUDA >= 8.0), else float32")
+    serve.add_argument("--min-dtype-agreement", type=float,
+                       help="refuse to start when the dtype's top-1 agreement with float32 on a fixed batch is "
+                       "below this (default 0.98)")
     serve.add_argument("--compile", choices=["off", "static"],
                        help="static: torch.compile the forward, one graph per batch shape (~20 s each on 2 CPU "
                        "cores; faster steady state; default off)")
+    serve.add_argument("--compile-shapes", metavar="B:K,...",
+                       help="with --compile static: compile these (micro-batch images, kept patches) shapes at "
+                       "start-up so no request waits for a compile, e.g. 64:32,64:16")
     serve.add_argument("--max-batch-images", type=int, help="images per micro-batch and per request (default 256)")
     serve.add_argument("--token-budget", type=int, help="teacher tokens per micro-batch (default 65536)")
     serve.add_argument("--max-delay-ms", type=float, help="max wait of a request for batch company (default 2)")
-    serve.add_argument("--mixed-k", choices=["bucket", "pad"], help="rows with different keep counts (default bucket)")
+    serve.add_argument("--mixed-k", choices=["bucket", "pad", "pack"],
+                       help="rows with different keep counts: bucket (default), pad, or pack without padding")
     serve.add_argument("--max-message-mb", type=float, help="gRPC message size limit in MiB (default 256)")
     serve.add_argument("--price-per-gflop", type=float, help="default price per GFLOP (default 1e-6)")
     serve.add_argument("--currency", help="currency of prices (default USD)")
@@ -172,7 +181,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise CliError("--model-kwargs must be a JSON object")
         args.model_kwargs = kwargs
     fields = ("model", "checkpoint", "model_kwargs", "pretrained", "served_name", "host", "port", "db", "device",
-              "dtype", "compile", "max_batch_images", "token_budget", "max_delay_ms", "mixed_k", "max_message_mb",
+              "dtype", "min_dtype_agreement", "compile", "compile_shapes", "max_batch_images", "token_budget", "max_delay_ms", "mixed_k", "max_message_mb",
               "price_per_gflop", "currency", "metrics_port", "metrics_host", "dashboard_port", "admin_token",
               "grace_s", "drain_s", "replay_ttl")
     settings = _settings(**{f: getattr(args, f) for f in fields})

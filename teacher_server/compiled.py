@@ -4,15 +4,22 @@ TorchInductor with weight freezing (weights folded in as constants, pre-packed f
 GELU and residual adds around the matrix products. Measured on the 2-core CPU (`make bench`, docs/benchmarks.md):
 it lifts the fp32 masked forward from ~55-70% to ~75-80% of the machine's matmul rate. The gain needs static
 shapes (with `dynamic=True` it was gone in our measurement), so every new (micro-batch size, K) shape compiles its
-own graph: ~20 s on 2 CPU cores, paid by the first request of that shape. Up to `max_shapes` graphs are kept; shapes
+own graph: ~20 s on 2 CPU cores, paid by the first request of that shape unless `--compile-shapes B:K,...` compiled
+it at start-up (`warm_up_shapes`). Up to `max_shapes` graphs are kept; shapes
 beyond that run eager. It pays off for steady traffic (fixed student batch and keep), not for ragged one-off calls.
 """
 from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
 
 import torch
 
 from teacher_server.batcher import ForwardFn
 from teacher_server.masked_teacher import MaskedTeacher
+
+log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("off", "static")
 
@@ -36,3 +43,29 @@ def forward_patches_fn(teacher: MaskedTeacher, mode: str) -> ForwardFn:
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
     return compiled_forward_patches(teacher) if mode == "static" else teacher.forward_patches
+
+
+def warm_up_shapes(forward: ForwardFn, teacher: MaskedTeacher, shapes: Sequence[tuple[int, int]]) -> list[float]:
+    """Run `forward` once per (micro-batch images B, kept patches K) so each graph is compiled before serving.
+
+    `forward` is the batcher's own (the same input dtype, device copy and inference mode), so the compiled graphs
+    are the ones requests hit: a micro-batch of B rows with K kept patches each (mixed keep counts are bucketed into
+    equal-K groups, so those are the shapes to list). Returns the seconds each shape took.
+    """
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, len(shapes))
+    c, p = teacher.in_chans, teacher.patch_size
+    seconds = []
+    for b, k in shapes:
+        if k > teacher.num_patches:
+            raise ValueError(f"compile shape {b}:{k} keeps more patches than the teacher has ({teacher.num_patches})")
+        started = time.perf_counter()
+        # Inputs made under inference mode, like the batcher's bucketed rows: the graph guards on tensor kind.
+        with torch.inference_mode():
+            patches = torch.zeros(b, k, c, p, p)                              # [B,K,C,P,P]
+            indices = torch.arange(k).unsqueeze(0).expand(b, k).contiguous()  # [B,K]
+            forward(patches, indices, None)
+        seconds.append(time.perf_counter() - started)
+        log.info("compiled shape %d:%d in %.1f s", b, k, seconds[-1])
+    return seconds

@@ -42,6 +42,10 @@ class ServerMetrics:
         self.request_latency = Histogram("maskedkd_request_latency_seconds", "Server-side latency of a request",
                                          ["model"], buckets=_SECONDS_BUCKETS, registry=r)
         self.queue_depth = Gauge("maskedkd_queue_depth", "Requests waiting for a micro-batch", registry=r)
+        self.dtype_agreement = Gauge("maskedkd_dtype_top1_agreement", "Start-up check: top-1 agreement of the "
+                                     "served dtype with float32 on a fixed batch", ["model", "dtype"], registry=r)
+        self.dtype_kl = Gauge("maskedkd_dtype_kl_nats", "Start-up check: mean KL(float32 || served dtype) on a "
+                              "fixed batch", ["model", "dtype"], registry=r)
         self._http: WSGIServer | None = None
         self._http_thread: threading.Thread | None = None
 

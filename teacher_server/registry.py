@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -11,16 +12,19 @@ from torch import nn
 from maskedkd.text import clip
 from teacher_server.batcher import ForwardFn, TokenBudgetBatcher
 from teacher_server.checkpoints import load_model
-from teacher_server.compiled import forward_patches_fn
+from teacher_server.compiled import forward_patches_fn, warm_up_shapes
 from teacher_server.errors import ModelNotFoundError
+from teacher_server.fidelity import DtypeFidelity, compare_logits, fixed_images, logits_on
 from teacher_server.masked_teacher import MaskedTeacher
 from teacher_server.metering import Meter
+from teacher_server.packing import run_packed, supports_packing
 from teacher_server.preprocess import ModelSpec
+from teacher_server.precision import DTYPES, dtype_name, resolve_dtype
 from teacher_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+__all__ = ["DTYPES", "ModelLoadError", "ModelRegistry", "ServedModel", "build_served_model", "load_teacher"]
 
 
 class ModelLoadError(RuntimeError):
@@ -43,14 +47,22 @@ def model_spec(name: str, teacher: MaskedTeacher) -> ModelSpec:
 
 
 def make_forward(teacher: MaskedTeacher, device: torch.device, dtype: torch.dtype, compile_mode: str = "off",
-                 ) -> ForwardFn:
-    """The batcher's forward: CPU float32 inputs in, CPU float32 logits out, compute on `device` in `dtype`."""
+                 *, pack: bool = False) -> ForwardFn:
+    """The batcher's forward: CPU float32 inputs in, CPU float32 logits out, compute on `device` in `dtype`.
+
+    On CUDA the inputs are copied from pinned host memory without blocking the host (the copy is queued on the
+    stream ahead of the forward that reads it)."""
     forward_patches = forward_patches_fn(teacher, compile_mode)
+    on_cuda = device.type == "cuda"
 
     def forward(patches: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
-        x = patches.to(device=device, dtype=dtype)               # [G,K,C,P,P]
-        idx = indices.to(device)                                  # [G,K]
-        cnt = counts.to(device) if counts is not None else None   # [G]
+        if on_cuda:
+            patches, indices = patches.pin_memory(), indices.pin_memory()
+        x = patches.to(device=device, dtype=dtype, non_blocking=on_cuda)          # [G,K,C,P,P]
+        idx = indices.to(device, non_blocking=on_cuda)                            # [G,K]
+        cnt = counts.to(device) if counts is not None else None                   # [G]
+        if pack and cnt is not None:  # ragged rows (`--mixed-k pack`): all tokens in one sequence, no padding
+            return run_packed(teacher, x, idx, cnt).float().cpu()  # [G,classes]
         return forward_patches(x, idx, cnt).float().cpu()  # [G,classes]
 
     return forward
@@ -64,12 +76,20 @@ class ServedModel:
     meter: Meter
     batcher: TokenBudgetBatcher
     device: torch.device
-    dtype_name: str
+    dtype_name: str                       # the resolved dtype ("auto" never reaches here)
+    fidelity: DtypeFidelity | None = None  # the start-up check against float32
 
 
-def load_teacher(settings: ServerSettings, model: nn.Module | None = None) -> tuple[str, MaskedTeacher]:
-    """(served name, teacher on the configured device and dtype) from a given module or from the settings."""
-    device, dtype = resolve_device(settings.device), DTYPES[settings.dtype]
+def load_teacher(settings: ServerSettings, model: nn.Module | None = None,
+                 ) -> tuple[str, MaskedTeacher, DtypeFidelity]:
+    """(served name, teacher on the configured device and resolved dtype, its fidelity against float32).
+
+    Raises ModelLoadError, with the numbers in one line, when the dtype's top-1 agreement with float32 on the fixed
+    batch is below `settings.min_dtype_agreement`.
+    """
+    device = resolve_device(settings.device)
+    dtype, why = resolve_dtype(settings.dtype, device)
+    log.info("dtype %s: %s", dtype_name(dtype), why)
     if model is None:
         if not settings.model and not settings.checkpoint:
             raise ModelLoadError("no teacher given: pass --model NAME and/or --checkpoint PATH")
@@ -87,12 +107,29 @@ def load_teacher(settings: ServerSettings, model: nn.Module | None = None) -> tu
         weight = next(model.parameters())
         if weight.device != device or weight.dtype != dtype:
             model = copy.deepcopy(model)  # never convert the caller's module in place
-    model = model.to(device=device, dtype=dtype).eval()
     try:
-        teacher = MaskedTeacher(model)
+        teacher = MaskedTeacher(model.to(device=device, dtype=torch.float32).eval())
     except TypeError as exc:
         raise ModelLoadError(str(exc)) from exc
-    return settings.served_name or arch, teacher
+    fidelity = _convert_checked(teacher, dtype)
+    log.info("%s", fidelity.line())
+    if fidelity.agreement < settings.min_dtype_agreement:
+        raise ModelLoadError(f"refusing to serve {dtype_name(dtype)}: {fidelity.line()} is below "
+                             f"--min-dtype-agreement {settings.min_dtype_agreement}")
+    return settings.served_name or arch, teacher, fidelity
+
+
+def _convert_checked(teacher: MaskedTeacher, dtype: torch.dtype) -> DtypeFidelity:
+    """Convert the float32 teacher to `dtype` in place, comparing its logits before and after on the fixed batch."""
+    if dtype == torch.float32:  # the reference itself
+        return DtypeFidelity("float32", agreement=1.0, kl=0.0, images=0, seconds=0.0)
+    started = time.perf_counter()
+    images = fixed_images(teacher)
+    reference = logits_on(teacher, images)   # [B, classes] in float32
+    teacher.to(dtype=dtype)
+    agreement, kl = compare_logits(reference, logits_on(teacher, images))
+    return DtypeFidelity(dtype_name(dtype), agreement=agreement, kl=kl, images=int(images.shape[0]),
+                         seconds=time.perf_counter() - started)
 
 
 class ModelRegistry:
@@ -123,15 +160,27 @@ class ModelRegistry:
 
 
 def build_served_model(
-    name: str, teacher: MaskedTeacher, settings: ServerSettings, **batcher_kwargs: object,
+    name: str, teacher: MaskedTeacher, settings: ServerSettings, *, fidelity: DtypeFidelity | None = None,
+    **batcher_kwargs: object,
 ) -> ServedModel:
     """Meter and batcher around a loaded teacher; `batcher_kwargs` go to TokenBudgetBatcher (finalize, metrics)."""
     weight = next(teacher.parameters())
+    pack = settings.mixed_k == "pack" and supports_packing(teacher)
+    if settings.mixed_k == "pack" and not pack:
+        log.info("--mixed-k pack: %s is not a plain class-token ViT; ragged rows are bucketed instead", name)
+    forward = make_forward(teacher, weight.device, weight.dtype, settings.compile, pack=pack)
+    if settings.compile_shapes:
+        try:
+            warm_up_shapes(forward, teacher, settings.compile_shapes)
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from exc
     batcher = TokenBudgetBatcher(
-        make_forward(teacher, weight.device, weight.dtype, settings.compile), num_prefix_tokens=teacher.num_prefix_tokens,
+        forward, num_prefix_tokens=teacher.num_prefix_tokens,
         token_budget=settings.token_budget, max_batch_images=settings.max_batch_images,
-        max_delay_s=settings.max_delay_ms / 1000.0, mixed_k=settings.mixed_k, name=name,
-        **batcher_kwargs,  # type: ignore[arg-type]
+        max_delay_s=settings.max_delay_ms / 1000.0, mixed_k=settings.mixed_k if pack or settings.mixed_k != "pack"
+        else "bucket", name=name,
+        prefetch_device=weight.device, **batcher_kwargs,  # type: ignore[arg-type]
     )
     return ServedModel(name=name, teacher=teacher, spec=model_spec(name, teacher), meter=Meter(teacher.shape),
-                       batcher=batcher, device=weight.device, dtype_name=settings.dtype)
+                       batcher=batcher, device=weight.device, dtype_name=dtype_name(weight.dtype),
+                       fidelity=fidelity)

@@ -48,9 +48,11 @@ class TeacherServer:
                                         default_price_per_gflop=settings.price_per_gflop,
                                         max_message_bytes=settings.max_message_bytes,
                                         replay_ttl_s=settings.replay_ttl)
-        name, teacher = load_teacher(settings, model)
-        self.registry.add(build_served_model(name, teacher, settings, finalize=self.service.finalize,
-                                             metrics=self.metrics))
+        name, teacher, fidelity = load_teacher(settings, model)
+        self.metrics.dtype_agreement.labels(model=name, dtype=fidelity.dtype).set(fidelity.agreement)
+        self.metrics.dtype_kl.labels(model=name, dtype=fidelity.dtype).set(fidelity.kl)
+        self.registry.add(build_served_model(name, teacher, settings, fidelity=fidelity,
+                                             finalize=self.service.finalize, metrics=self.metrics))
         self.health = HealthServicer()
         self._interceptor = ErrorInterceptor(self.metrics)
         self.port: int | None = None

@@ -1,10 +1,10 @@
 """The teacher server's one validated configuration: environment (`MASKEDKD_*`) first, CLI flags override it."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
@@ -36,8 +36,12 @@ class ServerSettings(BaseSettings):
     pretrained: bool = False                # download hub weights when no checkpoint is given
     served_name: str | None = None          # name clients use; default: the architecture name
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # auto: bfloat16 where the device computes it natively (teacher_server/precision.py), else float32
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    min_dtype_agreement: float = Field(0.98, ge=0)  # refuse to start below this top-1 agreement with float32
     compile: Literal["off", "static"] = "off"  # static: inductor graph per (batch, K) shape; see compiled.py
+    # (micro-batch images, kept patches) graphs compiled at start-up, so no request waits; "B:K,B:K" from CLI/env
+    compile_shapes: Annotated[tuple[tuple[int, int], ...], NoDecode] = ()
 
     # --- network ---
     host: str = "127.0.0.1"
@@ -62,7 +66,7 @@ class ServerSettings(BaseSettings):
     max_batch_images: int = Field(256, ge=1)            # per micro-batch, and the largest one request may carry
     token_budget: int = Field(65536, ge=1)              # teacher tokens (kept patches + prefix) per micro-batch
     max_delay_ms: float = Field(2.0, ge=0)              # how long the first request of a batch waits for company
-    mixed_k: Literal["bucket", "pad"] = "bucket"        # rows with different keep counts: see batcher.py
+    mixed_k: Literal["bucket", "pad", "pack"] = "bucket"  # rows with different keep counts: batcher.py, packing.py
 
     # --- lifecycle ---
     grace_s: float = Field(10.0, ge=0)                  # in-flight requests get this long to finish on shutdown
@@ -84,6 +88,25 @@ class ServerSettings(BaseSettings):
             except json.JSONDecodeError as exc:
                 raise ValueError(f"model_kwargs is not valid JSON: {exc}") from exc
         return value
+
+    @field_validator("compile_shapes", mode="before")
+    @classmethod
+    def _shapes_from_text(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        shapes = []
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            b, sep, k = part.partition(":")
+            if not sep or not b.strip().isdigit() or not k.strip().isdigit() or int(b) < 1 or int(k) < 1:
+                raise ValueError(f"compile_shapes wants B:K pairs of positive integers like 32:98, got {part!r}")
+            shapes.append((int(b), int(k)))
+        return tuple(shapes)
+
+    @model_validator(mode="after")
+    def _shapes_need_compile(self) -> ServerSettings:
+        if self.compile_shapes and self.compile != "static":
+            raise ValueError("compile_shapes needs compile=static (there is nothing to warm up in eager mode)")
+        return self
 
     @property
     def max_message_bytes(self) -> int:

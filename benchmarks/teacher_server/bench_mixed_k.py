@@ -1,6 +1,7 @@
-"""Mixed keep counts in one micro-batch: bucketing by count vs padding with masks (teacher_server.batcher).
+"""Mixed keep counts in one micro-batch: bucketing by count vs padding with masks (teacher_server.batcher) vs
+packing every row's tokens without padding (teacher_server/packing.py, `--mixed-k pack`).
 
-    .venv/bin/python benchmarks/teacher_server/bench_mixed_k.py [--reps 5]
+    .venv/bin/python benchmarks/teacher_server/bench_mixed_k.py [--reps 5] [--quick]
 
 Prints the best-of-reps wall time and CPU time (all threads; steadier on a shared machine) of each strategy for a
 few batch shapes (random weights, float32, CPU).
@@ -13,6 +14,7 @@ import time
 import timm
 import torch
 
+from teacher_server.packing import run_packed
 from teacher_server.batcher import run_bucketed, run_padded
 from teacher_server.masked_teacher import MaskedTeacher
 
@@ -27,30 +29,37 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="the tiny case only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
-    for label, kwargs, images, choices in CASES:
+    for label, kwargs, images, choices in CASES[:1] if args.quick else CASES:
         teacher = MaskedTeacher(timm.create_model(pretrained=False, **kwargs).eval())
         n, c, p = teacher.num_patches, teacher.in_chans, teacher.patch_size
         k = max(choices)
         counts = torch.tensor(choices)[torch.randint(len(choices), (images,), generator=gen)]  # [B]
         patches = torch.randn(images, k, c, p, p, generator=gen)                                # [B,K,C,P,P]
         indices = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(images)])    # [B,K]
-        best = {"bucket": float("inf"), "pad": float("inf")}
+        best = {"bucket": float("inf"), "pad": float("inf"), "packed": float("inf")}
+        strategies = (("bucket", lambda: run_bucketed(teacher.forward_patches, patches, indices, counts)),
+                      ("pad", lambda: run_padded(teacher.forward_patches, patches, indices, counts)),
+                      ("packed", lambda: run_packed(teacher, patches, indices, counts)))
         cpu = dict(best)
         with torch.inference_mode():
             for _ in range(args.reps):
-                for name, run in (("bucket", run_bucketed), ("pad", run_padded)):
+                for name, run in strategies:
                     t0, c0 = time.perf_counter(), time.process_time()
-                    run(teacher.forward_patches, patches, indices, counts)
+                    run()
                     best[name] = min(best[name], time.perf_counter() - t0)
                     cpu[name] = min(cpu[name], time.process_time() - c0)
             diff = (run_bucketed(teacher.forward_patches, patches, indices, counts)
                     - run_padded(teacher.forward_patches, patches, indices, counts)).abs().max().item()
+            packed_diff = (run_bucketed(teacher.forward_patches, patches, indices, counts)
+                           - run_packed(teacher, patches, indices, counts)).abs().max().item()
         print(f"{label}: {images} images, counts from {choices}: wall bucket {best['bucket'] * 1e3:.0f} ms, "
-              f"pad {best['pad'] * 1e3:.0f} ms; cpu bucket {cpu['bucket'] * 1e3:.0f} ms, pad {cpu['pad'] * 1e3:.0f} ms "
-              f"(max |diff| {diff:.2e})", flush=True)
+              f"pad {best['pad'] * 1e3:.0f} ms, packed {best['packed'] * 1e3:.0f} ms; cpu bucket "
+              f"{cpu['bucket'] * 1e3:.0f} ms, pad {cpu['pad'] * 1e3:.0f} ms, packed {cpu['packed'] * 1e3:.0f} ms "
+              f"(max |diff| vs bucket: pad {diff:.2e}, packed {packed_diff:.2e})", flush=True)
 
 
 if __name__ == "__main__":

@@ -69,12 +69,23 @@ def test_targets_and_report(quick_run: tuple[Path, dict, str]) -> None:
     names = [t["name"] for t in results["targets"]]
     for kind in ("serving overhead", "compute efficiency", "masking speedup", "wire", "micro-batching", "training"):
         assert any(name.startswith(kind) for name in names), kind
-    assert all(t["result"] in ("PASS", "MISS") for t in results["targets"])
+    assert all(t["result"] in ("PASS", "MISS", "N/A") for t in results["targets"])
+    p = results["sections"]["precision"]
+    assert p["rates"]["float32"] > 0 and p["rates"]["bfloat16"] > 0
+    assert p["served_dtype"] == ("bfloat16" if p["native_bf16"] else "float32")
+    assert results["sections"]["teacher"]["dtype"] == p["served_dtype"]  # efficiency is in the dtype served
+    bf16 = [t for t in results["targets"] if t["name"].startswith("bf16:")]
+    assert {t["name"] for t in bf16} >= {"bf16: default server / fp32 server throughput",
+                                         "bf16: MaskedKD-50 training step, fp32 step / bf16 step"}
+    if not p["native_bf16"]:  # no pass/fail claims on a CPU that emulates bf16, but the numbers measured
+        assert all(t["result"] == "N/A" and "not applicable on this CPU (no native bf16)" in t["detail"]
+                   and "GFLOP/s" in t["detail"] for t in bf16)
+    assert set(p["training"]["steps"]) == {"fp32", "bf16"} and p["training"]["bf16_speedup"] > 0
     assert f"python -m benchmarks --quick --out {out}" in md and results["command"] in md
     assert "torch threads" in md and "Quick mode" in md
     assert torch.cuda.is_available() or "not run: no GPU" in md
     for title in ("Teacher throughput", "Server efficiency", "Compute efficiency", "Masking speedup", "wire",
-                  "Micro-batching", "training step", "FlopCounterMode"):
+                  "Micro-batching", "training step", "FlopCounterMode", "Precision", "Native bf16"):
         assert title in md, title
     pngs = sorted(out.glob("bench_*.png"))
     assert len(pngs) == 4 and all(p.read_bytes()[:8] == PNG_MAGIC for p in pngs)

@@ -34,3 +34,35 @@ def test_compiled_server_answers_like_the_eager_teacher_and_bills_the_flop_model
             torch.testing.assert_close(logits_of(response), ref.logits(images, keep), rtol=1e-4, atol=1e-5)
             assert response.usage.gflops == pytest.approx(4 * MaskedTeacher(model).gflops(12), rel=1e-9)
         assert counters["stats"]["unique_graphs"] > graphs_before  # the server really ran a compiled graph
+
+
+@pytest.mark.slow
+def test_compile_shapes_are_compiled_at_start_up_and_no_request_compiles(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`--compile-shapes 2:12`: the shape's graphs compiled before the server answers; a request of it adds none."""
+    from torch._dynamo.utils import counters
+
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, num_classes=10,
+                              depth=1).eval()  # one block: the compile of the shape stays short
+    ref = Reference(model)
+    graphs_before = counters["stats"]["unique_graphs"]
+    with running_server(settings(tmp_path, compile="static", compile_shapes="2:12"), model=model) as srv:
+        graphs_at_start = counters["stats"]["unique_graphs"]
+        assert graphs_at_start > graphs_before
+        key = srv.create_key("warm")
+        _, teacher = stub(srv.address)
+        images, keep = random_images(2, seed=3), random_keep(2, 12, seed=4)
+        response = teacher.Infer(patch_request(patches_of(images, keep), keep, request_id="w"),
+                                 metadata=auth(key), timeout=240)
+        torch.testing.assert_close(logits_of(response), ref.logits(images, keep), rtol=1e-4, atol=1e-5)
+        assert counters["stats"]["unique_graphs"] == graphs_at_start  # served by the warmed graph
+
+
+def test_compile_shape_beyond_the_grid_is_a_load_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from teacher_server.registry import ModelLoadError
+    from teacher_server.server import TeacherServer
+
+    with pytest.raises(ModelLoadError, match="more patches than the teacher has"):
+        TeacherServer(settings(tmp_path, compile="static", compile_shapes="2:65"), model=tiny_vit())

@@ -1,0 +1,29 @@
+"""`python -m benchmarks --gpu`: refuses in one line without CUDA; its dry run executes every step on the CPU."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.cli import main
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_without_cuda_it_refuses_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["--gpu", "--out", str(tmp_path / "gpu.md")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no CUDA device" in err[0] and "nothing was run" in err[0]
+    assert not (tmp_path / "gpu.md").exists()
+
+
+@pytest.mark.slow
+def test_dry_run_writes_the_report_from_every_step(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.md"
+    assert main(["--gpu", "--dry-run", "--out", str(out)]) == 0
+    md = out.read_text()
+    assert "DRY RUN on the CPU" in md
+    for title in ("Tests that need CUDA", "Masked forward, bfloat16", "8 concurrent clients"):
+        assert title in md, title
+    assert "billed = FLOP model: yes" in md and "errors: none" in md
+    assert md.count("| ViT-Ti 32px") == 3  # keep 100/50/25%

@@ -1,0 +1,64 @@
+"""`--precision auto|bf16|fp32`: the student's forward runs in the resolved precision, SIPS and the loss stay fp32,
+and one MaskedKD step against a real teacher server trains (finite loss, gradients) in each."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from student_testkit import STUDENT, STUDENT_KWARGS, make_subset, teacher_server, tiny_teacher
+
+from student_client.client import TeacherClient
+from student_client.config import TrainConfig
+from student_client.data import Normalizer
+from student_client.losses import DistillationLoss
+from student_client.sips import SIPSCapture
+from student_client.student import create_student, describe_student, student_kwargs_for
+from student_client.train_step import PatchSelector, StepRunner
+from teacher_server.precision import FORCE_CPU_BF16_ENV
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("precision")
+    data = make_subset(root / "data", train_per_class=1, test_per_class=1)
+    with teacher_server(root, tiny_teacher()) as srv:
+        yield {"root": root, "data": data, "srv": srv}
+
+
+@pytest.mark.parametrize("precision,forced,resolved", [
+    ("fp32", "1", "fp32"), ("bf16", "0", "bf16"), ("auto", "1", "bf16"), ("auto", "0", "fp32"),
+])
+def test_one_maskedkd_step_in_each_precision(env: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+                                             precision: str, forced: str, resolved: str) -> None:
+    monkeypatch.setenv(FORCE_CPU_BF16_ENV, forced)
+    srv = env["srv"]
+    cfg = TrainConfig(data=str(env["data"]), out=str(env["root"] / precision), teacher=srv.address,
+                      api_key=srv.create_key(f"{precision}-{forced}"), student=STUDENT, student_kwargs=STUDENT_KWARGS,
+                      batch_size=4, micro_batches=1, precision=precision, progress=False)
+    torch.manual_seed(0)
+    student = create_student(STUDENT, student_kwargs_for(STUDENT_KWARGS, 10))
+    spec = describe_student(student)
+    block_out: list[torch.dtype] = []
+    student.blocks[0].mlp.fc1.register_forward_hook(lambda m, a, out: block_out.append(out.dtype))
+    capture = SIPSCapture(student)
+    client = TeacherClient(srv.address, cfg.api_key or "")
+    selector = PatchSelector(cfg, capture, spec.grid_size, (8, 8), torch.Generator().manual_seed(0))
+    runner = StepRunner(cfg, student, student, Normalizer(spec.mean, spec.std, torch.device("cpu")),
+                        DistillationLoss(cfg.lambda_kd, cfg.tau), selector, client.submit, f"p-{precision}-{forced}")
+    assert runner.precision == resolved
+    images, targets = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    result = runner(images, targets, 0)
+    result.loss.total.backward()
+    client.close()
+    assert block_out == [torch.bfloat16 if resolved == "bf16" else torch.float32]
+    assert capture.scores is not None and capture.scores.dtype == torch.float32  # SIPS ranks in fp32
+    assert result.loss.total.dtype == torch.float32 and torch.isfinite(result.loss.total)
+    assert student.head.weight.grad is not None and torch.isfinite(student.head.weight.grad).all()
+    assert result.usage.images == 4 and result.usage.gflops > 0
+
+
+def test_unknown_precision_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--precision"):
+        TrainConfig(data=str(tmp_path), out=str(tmp_path), mode="none", precision="fp8")
