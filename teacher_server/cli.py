@@ -59,7 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "in another container)")
     serve.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
     serve.add_argument("--dashboard-port", type=int, help="also serve the dashboard on this port")
-    serve.add_argument("--admin-token", help="token for the dashboard's admin operations")
+    from teacher_server.dashboard.server import add_dashboard_arguments, add_token_arguments  # light: no FastAPI
+
+    add_token_arguments(serve)
+    serve.add_argument("--dashboard-public", action="store_true", default=None,
+                       help="dashboard read views without a token (only for a loopback-only dashboard)")
+    serve.add_argument("--metrics-key-labels", action="store_true", default=None,
+                       help="label /metrics series with API key names (default: key=\"-\")")
+    serve.add_argument("--tls-cert", help="PEM certificate chain: serve gRPC (and the dashboard) over TLS")
+    serve.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    serve.add_argument("--tls-client-ca", help="PEM CA bundle: mutual TLS, clients need a certificate it signed")
     serve.add_argument("--grace-s", type=float, help="seconds in-flight requests get on shutdown (default 10)")
     serve.add_argument("--drain-s", type=float, help="seconds NOT_SERVING is announced before refusing calls")
 
@@ -84,8 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--json", action="store_true", help="machine-readable output")
     _add_db(usage)
 
-    from teacher_server.dashboard.server import add_dashboard_arguments  # light: FastAPI loads only when serving
-
     add_dashboard_arguments(sub.add_parser("dashboard", help="serve the usage and billing dashboard of a ledger "
                                                               "on its own (no teacher needed)"))
     return parser
@@ -100,8 +107,9 @@ def _settings(**overrides: Any) -> Any:
         return ServerSettings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "settings"
-        raise CliError(f"invalid setting {where}: {first.get('msg')}") from exc
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        message = str(first.get("msg")).removeprefix("Value error, ")
+        raise CliError(f"invalid setting {where}: {message}" if where else message) from exc
 
 
 def _sessions(db: str | None) -> Any:
@@ -138,11 +146,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         args.model_kwargs = kwargs
     fields = ("model", "checkpoint", "model_kwargs", "pretrained", "served_name", "host", "port", "db", "device",
               "dtype", "compile", "max_batch_images", "token_budget", "max_delay_ms", "mixed_k", "max_message_mb",
-              "price_per_gflop", "currency", "metrics_port", "metrics_host", "dashboard_port", "admin_token",
-              "grace_s", "drain_s")
+              "price_per_gflop", "currency", "metrics_port", "metrics_host", "dashboard_port", "grace_s", "drain_s",
+              "admin_token_file", "viewer_token_file", "dashboard_public", "metrics_key_labels", "tls_cert",
+              "tls_key", "tls_client_ca")
+    from teacher_server.dashboard.server import secret_on_command_line
+
+    refusal = secret_on_command_line(args)
+    if refusal:
+        raise CliError(refusal)
     settings = _settings(**{f: getattr(args, f) for f in fields})
     if not settings.model and not settings.checkpoint:  # before importing torch: a quick answer
         raise CliError("no teacher given: pass --model NAME and/or --checkpoint PATH")
+    from teacher_server.tls import TlsConfigError, load_tls_files
+
+    try:
+        load_tls_files(settings)  # a bad path or key: one line now, not after loading the model
+    except TlsConfigError as exc:
+        raise CliError(str(exc)) from exc
     if args.no_metrics:
         settings.metrics_port = None
     import asyncio
