@@ -15,6 +15,7 @@ from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
 from student_client.client import InferResult, backoff_delay, channel_options, slice_rows
 from student_client.errors import RETRYABLE_CODES, error_from_rpc
+from student_client.tls import channel_credentials
 from student_client.wire import (
     ModelInfo, Usage, batch_size_of, build_request, decode_response, new_request_id, split_rows,
 )
@@ -26,7 +27,8 @@ class AsyncTeacherClient:
     def __init__(
         self, target: str, api_key: str, *, timeout_s: float = 60.0, max_retries: int = 4, backoff: float = 0.25,
         max_message_mb: float = 64.0, model: str | None = None, tls: bool = False,
-        root_certificates: bytes | None = None,
+        root_certificates: bytes | None = None, ca_file: str | None = None, client_cert: str | None = None,
+        client_key: str | None = None,
     ) -> None:
         self.target = target
         self.timeout_s = timeout_s
@@ -35,8 +37,9 @@ class AsyncTeacherClient:
         self.model = model
         self._metadata = (("authorization", f"Bearer {api_key}"),)
         options = channel_options(max_message_mb)
-        if tls:
-            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+        creds = channel_credentials(tls=tls, ca_file=ca_file, client_cert=client_cert, client_key=client_key,
+                                    root_certificates=root_certificates)
+        if creds is not None:
             self.channel = grpc.aio.secure_channel(target, creds, options=options)
         else:
             self.channel = grpc.aio.insecure_channel(target, options=options)

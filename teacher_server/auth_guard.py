@@ -49,10 +49,11 @@ class TokenBucket:
 class FailedAuthLimiter:
     """Token buckets of failed key checks, per peer address and over all peers."""
 
-    def __init__(self, *, per_peer_per_s: float, per_peer_burst: int, global_per_s: float) -> None:
+    def __init__(self, *, per_peer_per_s: float, per_peer_burst: int, global_per_s: float,
+                 global_burst: float | None = None) -> None:
         self._peer_rate, self._peer_burst = per_peer_per_s, float(per_peer_burst)
-        now = time.monotonic()
-        self._global = TokenBucket(global_per_s, 2.0 * global_per_s, 2.0 * global_per_s, now)
+        burst = 2.0 * global_per_s if global_burst is None else float(global_burst)  # default: 2 s worth
+        self._global = TokenBucket(global_per_s, burst, burst, time.monotonic())
         self._peers: dict[str, TokenBucket] = {}
 
     def _peer(self, peer: str, now: float) -> TokenBucket:
