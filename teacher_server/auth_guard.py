@@ -22,7 +22,7 @@ from grpc import aio
 
 from teacher_server.auth import KeyAuthenticator, bearer_secret, hash_secret
 from teacher_server.errors import AuthenticationError
-from teacher_server.interceptor import SERVICE_PREFIX
+from teacher_server.interceptor import SERVICE_PREFIX, status_of
 from teacher_server.metrics import ServerMetrics
 
 KEYED_METHODS = ("Infer", "InferStream", "GetModelInfo")  # GetModelInfo: the key is optional, a wrong one refused
@@ -72,11 +72,26 @@ class FailedAuthLimiter:
         self._global.refill(now)
         return max(self._peer(peer, now).wait_s(), self._global.wait_s())
 
+    def take(self, peer: str) -> float:
+        """Reserve one check for `peer` (0), or the seconds to wait. Reserving before the lookup keeps concurrent
+        guesses within the burst; `refund` when the key turned out valid."""
+        wait = self.wait_s(peer)
+        if wait == 0:
+            self._add(peer, -1.0)
+        return wait
+
+    def refund(self, peer: str) -> None:
+        self._add(peer, 1.0)
+
     def record_failure(self, peer: str) -> None:
+        self._add(peer, -1.0)
+
+    def _add(self, peer: str, tokens: float) -> None:
         now = time.monotonic()
         self._global.refill(now)
-        self._global.tokens -= 1.0
-        self._peer(peer, now).tokens -= 1.0
+        bucket = self._peer(peer, now)
+        self._global.tokens = min(self._global.burst, self._global.tokens + tokens)
+        bucket.tokens = min(bucket.burst, bucket.tokens + tokens)
 
 
 def peer_host(peer: str) -> str:
@@ -105,15 +120,18 @@ class AuthFirstInterceptor(aio.ServerInterceptor):
         now = time.monotonic()
         if self._accepted.get(key_hash, 0.0) < now:
             host = peer_host(peer)
-            wait = self._limiter.wait_s(host)
+            wait = self._limiter.take(host)
             if wait > 0:
                 raise AuthenticationError(f"too many failed API key checks from {host}; "
                                           f"try again in {max(wait, 0.1):.1f} s")
             try:
-                await self._auth.authenticate(secret)
+                await self._auth.authenticate(secret)  # a failure keeps the reserved token spent
             except AuthenticationError:
-                self._limiter.record_failure(host)
                 raise
+            except BaseException:  # e.g. the ledger is unreachable: not the caller's failure
+                self._limiter.refund(host)
+                raise
+            self._limiter.refund(host)
             if len(self._accepted) >= MAX_TRACKED:
                 self._accepted.clear()
             self._accepted[key_hash] = now + ACCEPTED_TTL_S
@@ -126,10 +144,11 @@ class AuthFirstInterceptor(aio.ServerInterceptor):
             return
         try:
             await self.check(metadata, context.peer())
-        except AuthenticationError as exc:
+        except Exception as exc:  # AuthenticationError, or a ledger failure mapped like everywhere else
+            code, message = status_of(exc)
             if method != "GetModelInfo":
-                self._metrics.count_request(model="", key="", code="UNAUTHENTICATED")
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+                self._metrics.count_request(model="", key="", code=code.name)
+            await context.abort(code, message)
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],

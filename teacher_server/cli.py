@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-cert", help="PEM certificate chain: serve gRPC (and the dashboard) over TLS")
     serve.add_argument("--tls-key", help="PEM private key of --tls-cert")
     serve.add_argument("--tls-client-ca", help="PEM CA bundle: mutual TLS, clients need a certificate it signed")
+    serve.add_argument("--auth-failures-per-s", type=float,
+                       help="failed API key checks allowed per second and peer address (default 10)")
+    serve.add_argument("--auth-failures-burst", type=int, help="failed key checks a peer may make at once (default 20)")
     serve.add_argument("--grace-s", type=float, help="seconds in-flight requests get on shutdown (default 10)")
     serve.add_argument("--drain-s", type=float, help="seconds NOT_SERVING is announced before refusing calls")
 
@@ -148,7 +151,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
               "dtype", "compile", "max_batch_images", "token_budget", "max_delay_ms", "mixed_k", "max_message_mb",
               "price_per_gflop", "currency", "metrics_port", "metrics_host", "dashboard_port", "grace_s", "drain_s",
               "admin_token_file", "viewer_token_file", "dashboard_public", "metrics_key_labels", "tls_cert",
-              "tls_key", "tls_client_ca")
+              "tls_key", "tls_client_ca", "auth_failures_per_s", "auth_failures_burst")
     from teacher_server.dashboard.server import secret_on_command_line
 
     refusal = secret_on_command_line(args)

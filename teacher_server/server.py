@@ -182,13 +182,14 @@ async def serve_until_signalled(server: TeacherServer) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     s = server.settings
-    tls = " (TLS" + (", client certificates required)" if s.tls_client_ca else ")") if s.tls_cert else ""
-    parts = [f"teacher-server: serving {', '.join(server.registry.names)} on {server.address}{tls}"]
+    parts = [f"teacher-server: serving {', '.join(server.registry.names)} on {server.address}"]
     if server.metrics_port is not None:
         parts.append(f"metrics http://{s.metrics_host}:{server.metrics_port}/metrics")
     if server.dashboard_port is not None:
         scheme = "https" if s.tls_cert else "http"
         parts.append(f"dashboard {scheme}://{s.dashboard_host}:{server.dashboard_port}/")
+    if s.tls_cert:
+        parts.append("mutual TLS (client certificates required)" if s.tls_client_ca else "TLS")
     print("; ".join(parts), file=sys.stderr, flush=True)
     await stop.wait()
     print("teacher-server: shutting down (finishing in-flight requests)", file=sys.stderr, flush=True)

@@ -67,13 +67,17 @@ def test_failed_key_checks_are_rate_limited_without_ledger_queries(limited: Runn
     assert teacher.Infer(request, metadata=auth(good)).usage.images == 1
     queries = LedgerQueries(srv)
     try:
-        for _ in range(5):  # the burst: each unknown key is looked up once
-            assert _code_and_details(teacher.Infer, request, metadata=auth(_guess()))[0] == \
-                grpc.StatusCode.UNAUTHENTICATED
+        # 20 guesses at once: the burst of 5 is looked up (a token is reserved before each lookup), the rest are
+        # refused at once without a ledger query
+        calls = [teacher.Infer.future(request, metadata=auth(_guess())) for _ in range(20)]
+        answers = [(c.exception().code(), c.exception().details()) for c in calls]  # type: ignore[union-attr]
+        assert {code for code, _ in answers} == {grpc.StatusCode.UNAUTHENTICATED}
+        assert sum(details == "unknown API key" for _, details in answers) == 5
+        assert sum("too many failed API key checks from 127.0.0.1" in details for _, details in answers) == 15
         assert queries.count == 5
-        for _ in range(20):  # the bucket is empty: refused at once, no ledger query
+        for _ in range(5):  # the bucket stays empty
             code, details = _code_and_details(teacher.Infer, request, metadata=auth(_guess()))
-            assert code == grpc.StatusCode.UNAUTHENTICATED and "too many failed API key checks from 127.0.0.1" in details
+            assert code == grpc.StatusCode.UNAUTHENTICATED and "too many failed" in details
         code, details = _code_and_details(teacher.GetModelInfo, pb.ModelInfoRequest(), metadata=auth(_guess()))
         assert code == grpc.StatusCode.UNAUTHENTICATED and "too many failed" in details
         code, details = _code_and_details(teacher.Infer, request, metadata=auth(fresh))  # the price of a lock-out
@@ -91,7 +95,7 @@ def test_failed_key_checks_are_rate_limited_without_ledger_queries(limited: Runn
     assert billed == ["good", "good", "fresh"]  # nothing refused was billed
     assert srv.metrics_url is not None
     text = urllib.request.urlopen(srv.metrics_url, timeout=10).read().decode()
-    assert 'maskedkd_requests_total{code="UNAUTHENTICATED",key="-",model=""} 26.0' in text
+    assert 'maskedkd_requests_total{code="UNAUTHENTICATED",key="-",model=""} 26.0' in text  # 20 + 5 + fresh
 
 
 def test_the_key_is_checked_before_the_message_is_read(limited: RunningServer) -> None:
@@ -116,9 +120,11 @@ def test_the_key_is_checked_before_the_message_is_read(limited: RunningServer) -
 
 def test_limiter_buckets_are_per_peer_and_global() -> None:
     limiter = FailedAuthLimiter(per_peer_per_s=1e-3, per_peer_burst=3, global_per_s=1e-3, global_burst=5)
+    for _ in range(10):  # a check that succeeds gives its reserved token back
+        assert limiter.take("10.0.0.1") == 0
+        limiter.refund("10.0.0.1")
     for _ in range(3):
-        assert limiter.wait_s("10.0.0.1") == 0
-        limiter.record_failure("10.0.0.1")
+        assert limiter.take("10.0.0.1") == 0  # reserved before the lookup, kept when the key was wrong
     assert limiter.wait_s("10.0.0.1") > 100       # this peer waits ...
     assert limiter.wait_s("10.0.0.2") == 0        # ... another one does not
     limiter.record_failure("10.0.0.2")
