@@ -156,9 +156,10 @@ class TeacherServer:
     def _start_dashboard(self) -> None:
         try:  # lazy: another area, optional at runtime
             from teacher_server.dashboard import create_app
-            from teacher_server.dashboard.server import start_dashboard_thread
+            from teacher_server.dashboard.server import start_dashboard_thread, warn_if_public
         except ImportError as exc:
             raise ServerStartError(f"--dashboard-port given, but the dashboard is not available: {exc}") from exc
+        warn_if_public(self.settings)
         try:
             self._dashboard = start_dashboard_thread(create_app(self.settings), host=self.settings.dashboard_host,
                                                      port=self.settings.dashboard_port or 0,

@@ -84,9 +84,10 @@ class ServerSettings(BaseSettings):
             path = data.get(f"{name}_file")
             if not path:
                 continue
-            if data.get(name) and data.get(name) != read_token_file(str(path), name):
+            token = read_token_file(str(path), name)
+            if data.get(name) and data.get(name) != token:
                 raise ValueError(f"{name} is set both directly and by {name}_file {path}: keep one")
-            data = {**data, name: read_token_file(str(path), name)}
+            data = {**data, name: token}
         return data
 
     @model_validator(mode="after")

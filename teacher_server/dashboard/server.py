@@ -57,6 +57,14 @@ def secret_on_command_line(args: argparse.Namespace) -> str | None:
     return None
 
 
+def warn_if_public(settings: ServerSettings) -> None:
+    """Public read views are meant for a loopback-only address; elsewhere say so on stderr (not refused: behind a
+    container's port mapping 0.0.0.0 may still be reachable from the host's loopback only)."""
+    if settings.dashboard_public and settings.dashboard_host not in ("127.0.0.1", "::1", "localhost"):
+        print(f"teacher-server: warning: dashboard read views are public on {settings.dashboard_host}: whoever "
+              "reaches the port reads key names and costs", file=sys.stderr, flush=True)
+
+
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     """ServerSettings from the environment, overridden by the flags that were given."""
     from teacher_server.settings import ServerSettings
@@ -97,6 +105,14 @@ def run_dashboard_command(args: argparse.Namespace) -> int:
         print(f"teacher-server dashboard: error: invalid {where}: {first['msg']}", file=sys.stderr)
         return 2
     port = DEFAULT_PORT if settings.dashboard_port is None else settings.dashboard_port
+    from teacher_server.tls import TlsConfigError, load_tls_files
+
+    try:
+        load_tls_files(settings)
+    except TlsConfigError as exc:
+        print(f"teacher-server dashboard: error: {exc}", file=sys.stderr)
+        return 2
+    warn_if_public(settings)
     try:
         app = create_app(settings)
     except Exception as exc:  # a bad URL or an unreachable database: one line, not a trace

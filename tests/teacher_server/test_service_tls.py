@@ -121,3 +121,35 @@ def test_bad_tls_files_are_a_one_line_cli_error(pki: Pki, tmp_path: Path, case: 
     assert {"missing-cert": "nope.pem", "key-of-another-cert": "do not form", "not-pem-ca": "not a PEM file",
             "cert-without-key": "both tls_cert and tls_key"}[case] in lines[0]
     assert not (tmp_path / "l.db").exists()  # refused before anything was opened
+
+
+def test_standalone_dashboard_serves_https(pki: Pki, tls_server: RunningServer) -> None:
+    """`teacher-server dashboard --tls-cert --tls-key` on the TLS server's ledger, as a real process."""
+    import os
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tls_server.create_key("tls-dashboard")
+    env = {**os.environ, "MASKEDKD_VIEWER_TOKEN": "tls-viewer"}
+    process = subprocess.Popen([sys.executable, "-m", "teacher_server.dashboard", "--db", tls_server.settings.db,
+                                "--port", str(port), "--tls-cert", pki.server_cert, "--tls-key", pki.server_key],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                response = httpx.get(f"https://127.0.0.1:{port}/api/usage/keys", verify=pki.ca, timeout=2,
+                                     headers={"Authorization": "Bearer tls-viewer"})
+                break
+            except httpx.TransportError:
+                assert process.poll() is None and time.monotonic() < deadline, process.stdout and process.stdout.read()
+                time.sleep(0.2)
+        assert response.status_code == 200 and "tls-dashboard" in {k["name"] for k in response.json()["keys"]}
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/api/usage/keys", timeout=5)
+    finally:
+        process.terminate()
+        process.wait(10)
