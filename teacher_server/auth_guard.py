@@ -172,11 +172,10 @@ class AuthFirstInterceptor(aio.ServerInterceptor):
     def _guard_unary(self, method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def unary(request_iterator: AsyncIterator[Any], context: aio.ServicerContext) -> Any:
             await self._refuse_or_pass(method, context)
-            requests = [r async for r in request_iterator]  # a unary client sends one message, then half-closes
-            if len(requests) != 1:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"{method} takes exactly one request message, got {len(requests)}")
-            return await behavior(requests[0], context)
+            request = await context.read()  # the one message of a unary call (not waiting for the half-close)
+            if request is grpc.aio.EOF:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method} takes one request message, got none")
+            return await behavior(request, context)
 
         return unary
 
