@@ -35,11 +35,10 @@ class ServerSettings(BaseSettings):
     db: str = "sqlite:///maskedkd-ledger.db"            # SQLAlchemy URL; postgresql+psycopg2://... works too
     price_per_gflop: float = Field(1e-6, ge=0)          # default price; a key may carry its own
     currency: str = "USD"
-    admin_token: str | None = None                      # guards admin operations (dashboard); None: admin off.
-                                                        # env MASKEDKD_ADMIN_TOKEN or admin_token_file only
+    admin_token: str | None = None                      # guards admin operations (dashboard); None: admin off
     auth_cache_s: float = Field(2.0, ge=0)              # how long a key lookup is trusted; bounds disable latency
 
-    # --- security (see teacher_server/auth_guard.py and tls.py) ---
+    # --- security (see teacher_server/auth_guard.py and tls.py); tokens from the environment or a file only ---
     admin_token_file: str | None = None                 # file holding the admin token (a mounted secret)
     viewer_token: str | None = None                     # dashboard read views; env MASKEDKD_VIEWER_TOKEN or file only
     viewer_token_file: str | None = None                # file holding the viewer token
