@@ -62,10 +62,11 @@ def start_teacher(cfg: DemoConfig, db_url: str, admin_token: str) -> tuple[subpr
     log_path = cfg.workdir / "teacher-server.log"
     cmd = [str(BIN / "teacher-server"), "serve", "--checkpoint", str(TEACHER_CHECKPOINT), "--db", db_url,
            "--port", "0", "--metrics-port", "0", "--dashboard-port", str(cfg.dashboard_port),
-           "--admin-token", admin_token, "--price-per-gflop", "0.000002"]
-    print(f"$ {' '.join(cmd).replace(str(BIN) + '/', '')}  (log: {log_path})", flush=True)
+           "--price-per-gflop", "0.000002"]
+    print(f"$ MASKEDKD_ADMIN_TOKEN=... {' '.join(cmd).replace(str(BIN) + '/', '')}  (log: {log_path})", flush=True)
     log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    env = {**os.environ, "MASKEDKD_ADMIN_TOKEN": admin_token}  # never on the command line: it would show in `ps`
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True, env=env)
     deadline = time.monotonic() + 120
     pattern = re.compile(r"serving \S+ on (\S+?);.*dashboard (\S+)")
     while time.monotonic() < deadline:
@@ -129,7 +130,7 @@ def run_demo(cfg: DemoConfig) -> int:
                                  "--db", db_url], echo=False))[0]
         print_report(cfg, teacher_top1, kd_top1, base_top1, usage, kd, dashboard)
         if not cfg.exit_when_done:
-            print(f"\nDashboard: {dashboard}  (admin token: {admin_token}). Ctrl-C to stop.", flush=True)
+            print(f"\nDashboard: {dashboard}?token={admin_token}  (the admin token). Ctrl-C to stop.", flush=True)
             try:
                 server.wait()
             except KeyboardInterrupt:

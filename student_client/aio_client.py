@@ -16,6 +16,7 @@ from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
 from student_client.channel import open_channel
 from student_client.client import InferResult, backoff_delay, slice_rows
 from student_client.errors import RETRYABLE_CODES, error_from_rpc
+from student_client.tls import channel_credentials
 from student_client.wire import (
     ModelInfo, Usage, batch_size_of, build_request, decode_response, new_request_id, split_rows,
 )
@@ -27,7 +28,8 @@ class AsyncTeacherClient:
     def __init__(
         self, target: str, api_key: str, *, timeout_s: float = 60.0, max_retries: int = 4, backoff: float = 0.25,
         max_message_mb: float = 64.0, model: str | None = None, tls: bool = False,
-        root_certificates: bytes | None = None,
+        root_certificates: bytes | None = None, ca_file: str | None = None, client_cert: str | None = None,
+        client_key: str | None = None,
     ) -> None:
         self.target = target
         self.timeout_s = timeout_s
@@ -35,8 +37,9 @@ class AsyncTeacherClient:
         self.backoff = backoff
         self.model = model
         self._metadata = (("authorization", f"Bearer {api_key}"),)
-        self.channel = open_channel(target, max_message_mb=max_message_mb, tls=tls, root_certificates=root_certificates,
-                                    aio=True)
+        creds = channel_credentials(tls=tls, ca_file=ca_file, client_cert=client_cert, client_key=client_key,
+                                    root_certificates=root_certificates)
+        self.channel = open_channel(target, max_message_mb=max_message_mb, credentials=creds, aio=True)
         self.stub = pb_grpc.TeacherServiceStub(self.channel)
         self._info: ModelInfo | None = None
         self._info_lock = asyncio.Lock()

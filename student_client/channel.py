@@ -80,12 +80,12 @@ def grpc_target(target: str) -> str:
     raise ValueError(f"teacher address list {target!r} mixes IPv4 and IPv6 addresses")
 
 
-def open_channel(target: str, *, max_message_mb: float, tls: bool = False, root_certificates: bytes | None = None,
+def open_channel(target: str, *, max_message_mb: float, credentials: grpc.ChannelCredentials | None = None,
                  aio: bool = False) -> Any:
-    """A blocking (or, with `aio`, an asyncio) channel to `target`, balanced and health-checked."""
+    """A blocking (or, with `aio`, an asyncio) channel to `target`, balanced and health-checked; TLS when
+    `credentials` are given (student_client/tls.py builds them)."""
     uri, options = grpc_target(target), channel_options(max_message_mb)
     module: Any = grpc.aio if aio else grpc
-    if tls:
-        creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-        return module.secure_channel(uri, creds, options=options)
+    if credentials is not None:
+        return module.secure_channel(uri, credentials, options=options)
     return module.insecure_channel(uri, options=options)

@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HOST:PORT; replicas: HOST:PORT,HOST:PORT,... or dns:///NAME:PORT (env MASKEDKD_TEACHER)")
     t.add_argument("--api-key", default=os.environ.get("MASKEDKD_API_KEY"), help="API key (env MASKEDKD_API_KEY)")
     t.add_argument("--teacher-model", default=None, help="served model name (default: the server's default)")
+    t.add_argument("--teacher-ca", default=os.environ.get("MASKEDKD_TEACHER_CA"),
+                   help="PEM CA file of the teacher's TLS certificate: connect with TLS (env MASKEDKD_TEACHER_CA)")
+    t.add_argument("--teacher-client-cert", default=os.environ.get("MASKEDKD_TEACHER_CLIENT_CERT"),
+                   help="PEM client certificate for a teacher with mutual TLS (env MASKEDKD_TEACHER_CLIENT_CERT)")
+    t.add_argument("--teacher-client-key", default=os.environ.get("MASKEDKD_TEACHER_CLIENT_KEY"),
+                   help="private key of --teacher-client-cert (env MASKEDKD_TEACHER_CLIENT_KEY)")
     t.add_argument("--student", default="vit_tiny_patch16_224", help="timm architecture name")
     t.add_argument("--student-kwargs", type=_json_dict, default={}, help="JSON kwargs for timm.create_model")
     t.add_argument("--data", required=True, help="ImageFolder root with train/ and val/ or test/")
@@ -92,7 +98,8 @@ def _config(args: argparse.Namespace) -> TrainConfig:
     use_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     return TrainConfig(
         data=args.data, out=args.out, student=args.student, student_kwargs=args.student_kwargs,
-        teacher=args.teacher, api_key=args.api_key, teacher_model=args.teacher_model,
+        teacher=args.teacher, api_key=args.api_key, teacher_model=args.teacher_model, teacher_ca=args.teacher_ca,
+        teacher_client_cert=args.teacher_client_cert, teacher_client_key=args.teacher_client_key,
         teacher_timeout_s=args.teacher_timeout, transport=args.transport, mode=args.mode, strategy=args.strategy,
         keep=args.keep, lambda_kd=args.lambda_kd, tau=args.tau, hard=args.hard, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
@@ -108,6 +115,7 @@ def _preflight(cfg: TrainConfig) -> str:
     """Reach the teacher once before starting workers: a bad address or key fails here, in one line."""
     from student_client.client import TeacherClient
     from student_client.data import class_names_of
+    from student_client.tls import teacher_tls_kwargs
 
     classes = class_names_of(cfg.data)
     if not classes:
@@ -115,7 +123,7 @@ def _preflight(cfg: TrainConfig) -> str:
     if cfg.mode == "none":
         return ""
     with TeacherClient(cfg.teacher or "", cfg.api_key or "", timeout_s=10.0, max_retries=1,
-                       model=cfg.teacher_model) as client:
+                       model=cfg.teacher_model, **teacher_tls_kwargs(cfg)) as client:
         info = client.info()
         client.check_key()
     if info.num_classes != int(cfg.student_kwargs.get("num_classes", len(classes))):

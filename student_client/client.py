@@ -24,6 +24,7 @@ from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
 from student_client.channel import open_channel
 from student_client.errors import RETRYABLE_CODES, TeacherError, error_from_rpc
+from student_client.tls import channel_credentials
 from student_client.wire import (
     ModelInfo, Usage, batch_size_of, build_request, decode_response, new_request_id, split_rows,
 )
@@ -48,6 +49,7 @@ class TeacherClient:
         self, target: str, api_key: str, *, timeout_s: float = 60.0, max_retries: int = 4, backoff: float = 0.25,
         max_message_mb: float = 64.0, model: str | None = None, tls: bool = False,
         root_certificates: bytes | None = None, interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (),
+        ca_file: str | None = None, client_cert: str | None = None, client_key: str | None = None,
     ) -> None:
         self.target = target
         self.timeout_s = timeout_s      # deadline of one attempt
@@ -56,8 +58,11 @@ class TeacherClient:
         self.max_message_mb = max_message_mb
         self.model = model              # None: the server's default model
         self._metadata = (("authorization", f"Bearer {api_key}"),)
-        # one channel over one or many replicas (round-robin, health-checked): see student_client/channel.py
-        channel = open_channel(target, max_message_mb=max_message_mb, tls=tls, root_certificates=root_certificates)
+        # one channel over one or many replicas (round-robin, health-checked): see student_client/channel.py;
+        # TLS when asked for or when any TLS file is given (ca_file None: the system's root certificates)
+        creds = channel_credentials(tls=tls, ca_file=ca_file, client_cert=client_cert, client_key=client_key,
+                                    root_certificates=root_certificates)
+        channel = open_channel(target, max_message_mb=max_message_mb, credentials=creds)
         self._raw_channel = channel
         self.channel = grpc.intercept_channel(channel, *interceptors) if interceptors else channel
         self.stub = pb_grpc.TeacherServiceStub(self.channel)

@@ -24,6 +24,9 @@ class TrainConfig:
     teacher_model: str | None = None            # served model name; None: the server's default
     teacher_timeout_s: float = 120.0            # deadline of one teacher call
     teacher_retries: int = 4                    # retries on UNAVAILABLE / DEADLINE_EXCEEDED (same request_id)
+    teacher_ca: str | None = None               # PEM CA of the teacher's TLS certificate: TLS on (a path on every node)
+    teacher_client_cert: str | None = None      # PEM client certificate for a teacher with mutual TLS
+    teacher_client_key: str | None = None       # its private key
     transport: str = "stream"                   # stream: one InferStream per worker; unary: Infer on threads
     # --- method ---
     mode: str = "kd"                            # kd | none | mask-student (paper Sec 4.2 ablation)

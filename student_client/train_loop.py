@@ -34,6 +34,7 @@ from student_client.stream import TeacherStream
 from student_client.student import (
     MaskedStudent, create_student, describe_student, freeze_all_but_head, student_kwargs_for, unwrap,
 )
+from student_client.tls import teacher_tls_kwargs
 from student_client.train_step import PatchSelector, StepRunner
 
 Context = LocalContext | RayContext
@@ -113,7 +114,8 @@ def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
     if cfg.mode != "none":
         try:
             client = TeacherClient(cfg.teacher or "", cfg.api_key or "", timeout_s=cfg.teacher_timeout_s,
-                                   max_retries=cfg.teacher_retries, model=cfg.teacher_model)
+                                   max_retries=cfg.teacher_retries, model=cfg.teacher_model,
+                                   **teacher_tls_kwargs(cfg))
             info = client.info()
             if info.num_classes != model_kwargs["num_classes"]:
                 raise TeacherInputError(f"teacher {info.model} predicts {info.num_classes} classes, the student "

@@ -85,9 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
                        "in another container)")
     serve.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
     serve.add_argument("--dashboard-port", type=int, help="also serve the dashboard on this port")
-    serve.add_argument("--admin-token", help="token for the dashboard's admin operations")
     serve.add_argument("--replay-ttl", help="how long answers are kept for replaying a retried request_id: "
                        "seconds or 30m, 12h, 7d (default 7d)")
+    from teacher_server.dashboard.server import add_dashboard_arguments, add_token_arguments  # light: no FastAPI
+
+    add_token_arguments(serve)
+    serve.add_argument("--dashboard-public", action="store_true", default=None,
+                       help="dashboard read views without a token (only for a loopback-only dashboard)")
+    serve.add_argument("--metrics-key-labels", action="store_true", default=None,
+                       help="label /metrics series with API key names (default: key=\"-\")")
+    serve.add_argument("--tls-cert", help="PEM certificate chain: serve gRPC (and the dashboard) over TLS")
+    serve.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    serve.add_argument("--tls-client-ca", help="PEM CA bundle: mutual TLS, clients need a certificate it signed")
+    serve.add_argument("--auth-failures-per-s", type=float,
+                       help="failed API key checks allowed per second and peer address (default 10)")
+    serve.add_argument("--auth-failures-burst", type=int, help="failed key checks a peer may make at once (default 20)")
     serve.add_argument("--grace-s", type=float, help="seconds in-flight requests get on shutdown (default 10)")
     serve.add_argument("--drain-s", type=float, help="seconds NOT_SERVING is announced before refusing calls")
 
@@ -128,8 +140,6 @@ def build_parser() -> argparse.ArgumentParser:
                        "(seconds or 30m, 12h, 7d)")
     _add_db(purge)
 
-    from teacher_server.dashboard.server import add_dashboard_arguments  # light: FastAPI loads only when serving
-
     add_dashboard_arguments(sub.add_parser("dashboard", help="serve the usage and billing dashboard of a ledger "
                                                               "on its own (no teacher needed)"))
     return parser
@@ -144,8 +154,9 @@ def _settings(**overrides: Any) -> Any:
         return ServerSettings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "settings"
-        raise CliError(f"invalid setting {where}: {first.get('msg')}") from exc
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        message = str(first.get("msg")).removeprefix("Value error, ")
+        raise CliError(f"invalid setting {where}: {message}" if where else message) from exc
 
 
 def _sessions(db: str | None) -> Any:
@@ -181,12 +192,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise CliError("--model-kwargs must be a JSON object")
         args.model_kwargs = kwargs
     fields = ("model", "checkpoint", "model_kwargs", "pretrained", "served_name", "host", "port", "db", "device",
-              "dtype", "min_dtype_agreement", "compile", "compile_shapes", "max_batch_images", "token_budget", "max_delay_ms", "mixed_k", "max_message_mb",
-              "price_per_gflop", "currency", "metrics_port", "metrics_host", "dashboard_port", "admin_token",
-              "grace_s", "drain_s", "replay_ttl")
+              "dtype", "min_dtype_agreement", "compile", "compile_shapes", "max_batch_images", "token_budget",
+              "max_delay_ms", "mixed_k", "max_message_mb", "price_per_gflop", "currency", "metrics_port",
+              "metrics_host", "dashboard_port", "grace_s", "drain_s", "replay_ttl",
+              "admin_token_file", "viewer_token_file", "dashboard_public", "metrics_key_labels", "tls_cert",
+              "tls_key", "tls_client_ca", "auth_failures_per_s", "auth_failures_burst")
+    from teacher_server.dashboard.server import secret_on_command_line
+
+    refusal = secret_on_command_line(args)
+    if refusal:
+        raise CliError(refusal)
     settings = _settings(**{f: getattr(args, f) for f in fields})
     if not settings.model and not settings.checkpoint:  # before importing torch: a quick answer
         raise CliError("no teacher given: pass --model NAME and/or --checkpoint PATH")
+    from teacher_server.tls import TlsConfigError, load_tls_files
+
+    try:
+        load_tls_files(settings)  # a bad path or key: one line now, not after loading the model
+    except TlsConfigError as exc:
+        raise CliError(str(exc)) from exc
     if args.no_metrics:
         settings.metrics_port = None
     import asyncio

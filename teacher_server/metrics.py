@@ -1,7 +1,8 @@
 """Prometheus metrics of one server instance (own registry, so several servers can live in one process).
 
 Names are agreed with the Grafana dashboards (docs/ARCHITECTURE.md). Label `key` is the API key's name ("" when the
-caller could not be identified), `code` the gRPC status name (OK, INVALID_ARGUMENT, ...). One inference request is
+caller could not be identified) when `key_labels` is on (`--metrics-key-labels`); by default it is "-" for every
+series, so an unauthenticated scrape does not list the customers. `code` the gRPC status name (OK, INVALID_ARGUMENT, ...). One inference request is
 one Infer call or one message of an InferStream.
 """
 from __future__ import annotations
@@ -16,8 +17,12 @@ _TOKEN_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
 _SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
+HIDDEN_KEY = "-"  # the `key` label without --metrics-key-labels
+
+
 class ServerMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, key_labels: bool = False) -> None:
+        self.key_labels = key_labels
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.requests = Counter("maskedkd_requests_total", "Inference requests by final status code",
@@ -49,11 +54,16 @@ class ServerMetrics:
         self._http: WSGIServer | None = None
         self._http_thread: threading.Thread | None = None
 
+    def _key(self, key: str) -> str:
+        return key if self.key_labels else HIDDEN_KEY
+
     def count_request(self, *, model: str, key: str, code: str) -> None:
+        key = self._key(key)
         self.requests.labels(model=model, key=key, code=code).inc()
 
     def count_billed(self, *, model: str, key: str, images: int, gflops: float, full_gflops: float,
                      cost: float) -> None:
+        key = self._key(key)
         self.images.labels(model=model, key=key).inc(images)
         self.gflops_used.labels(model=model, key=key).inc(gflops)
         self.gflops_full.labels(model=model, key=key).inc(full_gflops)

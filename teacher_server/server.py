@@ -18,12 +18,14 @@ from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
 from teacher_server import ledger
 from teacher_server.auth import KeyAuthenticator
+from teacher_server.auth_guard import AuthFirstInterceptor, FailedAuthLimiter
 from teacher_server.inference import InferenceService
 from teacher_server.interceptor import ErrorInterceptor
 from teacher_server.metrics import ServerMetrics
 from teacher_server.registry import ModelRegistry, build_served_model, load_teacher
 from teacher_server.servicer import TeacherServicer
 from teacher_server.settings import ServerSettings
+from teacher_server.tls import TlsConfigError, load_tls_files, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ class TeacherServer:
 
     def __init__(self, settings: ServerSettings, *, model: nn.Module | None = None) -> None:
         self.settings = settings
-        self.metrics = ServerMetrics()
+        self.metrics = ServerMetrics(key_labels=settings.metrics_key_labels)
         self.sessions = ledger.open_ledger(settings.db, busy_timeout_s=settings.ledger_busy_timeout_s)
         self.auth = KeyAuthenticator(self.sessions, ttl_s=settings.auth_cache_s)
         self.registry = ModelRegistry()
@@ -55,6 +57,9 @@ class TeacherServer:
                                              finalize=self.service.finalize, metrics=self.metrics))
         self.health = HealthServicer()
         self._interceptor = ErrorInterceptor(self.metrics)
+        self.auth_guard = AuthFirstInterceptor(self.auth, FailedAuthLimiter(
+            per_peer_per_s=settings.auth_failures_per_s, per_peer_burst=settings.auth_failures_burst,
+            global_per_s=settings.auth_failures_global_per_s), self.metrics)
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.dashboard_port: int | None = None
@@ -70,11 +75,15 @@ class TeacherServer:
 
     async def start(self) -> None:
         s = self.settings
+        try:
+            tls = load_tls_files(s)
+        except TlsConfigError as exc:
+            raise ServerStartError(str(exc)) from exc
         for served in self.registry:
             await served.batcher.start()
         limit = s.max_message_bytes
         server = aio.server(
-            interceptors=[self._interceptor],
+            interceptors=[self.auth_guard, self._interceptor],  # the key is checked before a message is read
             options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
                      ("grpc.so_reuseport", 0)],
         )
@@ -86,7 +95,10 @@ class TeacherServer:
             server)
         reason = "address in use?"
         try:
-            self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+            if tls is None:
+                self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+            else:
+                self.port = server.add_secure_port(f"{s.host}:{s.port}", server_credentials(tls))
         except RuntimeError as exc:  # grpc raises on a failed bind (older versions returned 0)
             self.port, reason = 0, str(exc).split(";")[0]
         if not self.port:
@@ -174,12 +186,14 @@ class TeacherServer:
     def _start_dashboard(self) -> None:
         try:  # lazy: another area, optional at runtime
             from teacher_server.dashboard import create_app
-            from teacher_server.dashboard.server import start_dashboard_thread
+            from teacher_server.dashboard.server import start_dashboard_thread, warn_if_public
         except ImportError as exc:
             raise ServerStartError(f"--dashboard-port given, but the dashboard is not available: {exc}") from exc
+        warn_if_public(self.settings)
         try:
             self._dashboard = start_dashboard_thread(create_app(self.settings), host=self.settings.dashboard_host,
-                                                     port=self.settings.dashboard_port or 0)
+                                                     port=self.settings.dashboard_port or 0,
+                                                     tls_cert=self.settings.tls_cert, tls_key=self.settings.tls_key)
         except Exception as exc:
             raise ServerStartError(f"cannot start the dashboard on {self.settings.dashboard_host}:"
                                    f"{self.settings.dashboard_port}: {exc}") from exc
@@ -203,7 +217,10 @@ async def serve_until_signalled(server: TeacherServer) -> None:
     if server.metrics_port is not None:
         parts.append(f"metrics http://{s.metrics_host}:{server.metrics_port}/metrics")
     if server.dashboard_port is not None:
-        parts.append(f"dashboard http://{s.dashboard_host}:{server.dashboard_port}/")
+        scheme = "https" if s.tls_cert else "http"
+        parts.append(f"dashboard {scheme}://{s.dashboard_host}:{server.dashboard_port}/")
+    if s.tls_cert:
+        parts.append("mutual TLS (client certificates required)" if s.tls_client_ca else "TLS")
     print("; ".join(parts), file=sys.stderr, flush=True)
     await stop.wait()
     print("teacher-server: shutting down (finishing in-flight requests)", file=sys.stderr, flush=True)

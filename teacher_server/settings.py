@@ -62,6 +62,19 @@ class ServerSettings(BaseSettings):
     replay_purge_interval_s: float = Field(3600.0, gt=0)  # how often the server purges expired replay payloads
     ledger_busy_timeout_s: float = Field(30.0, gt=0)    # SQLite: wait this long for the write lock, then UNAVAILABLE
 
+    # --- security (see teacher_server/auth_guard.py and tls.py); tokens from the environment or a file only ---
+    admin_token_file: str | None = None                 # file holding the admin token (a mounted secret)
+    viewer_token: str | None = None                     # dashboard read views; env MASKEDKD_VIEWER_TOKEN or file only
+    viewer_token_file: str | None = None                # file holding the viewer token
+    dashboard_public: bool = False                      # read views without a token (loopback-only deployments)
+    metrics_key_labels: bool = False                    # /metrics labelled with key names; off: key="-"
+    tls_cert: str | None = None                         # PEM certificate chain: the gRPC port (and dashboard) use TLS
+    tls_key: str | None = None                          # PEM private key of tls_cert
+    tls_client_ca: str | None = None                    # PEM CA bundle: mutual TLS, clients need a cert it signed
+    auth_failures_per_s: float = Field(10.0, gt=0)      # failed key checks refilled per second, per peer address
+    auth_failures_burst: int = Field(20, ge=1)          # failed key checks a peer may make at once
+    auth_failures_global_per_s: float = Field(100.0, gt=0)  # the same for all peers together (burst: 2 s worth)
+
     # --- micro-batching ---
     max_batch_images: int = Field(256, ge=1)            # per micro-batch, and the largest one request may carry
     token_budget: int = Field(65536, ge=1)              # teacher tokens (kept patches + prefix) per micro-batch
@@ -108,7 +121,43 @@ class ServerSettings(BaseSettings):
             raise ValueError("compile_shapes needs compile=static (there is nothing to warm up in eager mode)")
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _tokens_from_files(cls, data: Any) -> Any:
+        """`*_token_file` fills `*_token`: secrets come from the environment or a file, never from argv."""
+        if not isinstance(data, dict):
+            return data
+        for name in ("admin_token", "viewer_token"):
+            path = data.get(f"{name}_file")
+            if not path:
+                continue
+            token = read_token_file(str(path), name)
+            if data.get(name) and data.get(name) != token:
+                raise ValueError(f"{name} is set both directly and by {name}_file {path}: keep one")
+            data = {**data, name: token}
+        return data
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> ServerSettings:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("TLS needs both tls_cert and tls_key (--tls-cert FILE --tls-key FILE)")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        return self
+
     @property
     def max_message_bytes(self) -> int:
         return int(self.max_message_mb * 1024 * 1024)
 
+
+
+def read_token_file(path: str, what: str) -> str:
+    """The token in a file (surrounding whitespace stripped); ValueError when unreadable or empty."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read {what}_file {path}: {exc.strerror if isinstance(exc, OSError) else exc}")
+    if not token:
+        raise ValueError(f"{what}_file {path} is empty")
+    return token

@@ -61,9 +61,10 @@ class RunningServer:
 
     @property
     def dashboard_url(self) -> str | None:
-        """http://HOST:PORT of the dashboard when `settings.dashboard_port` was set (0: a free port), else None."""
+        """http(s)://HOST:PORT of the dashboard when `settings.dashboard_port` was set (0: a free port), else None."""
         port = self.server.dashboard_port
-        return None if port is None else f"http://{self.settings.dashboard_host}:{port}"
+        scheme = "https" if self.settings.tls_cert else "http"
+        return None if port is None else f"{scheme}://{self.settings.dashboard_host}:{port}"
 
     @property
     def model_name(self) -> str:

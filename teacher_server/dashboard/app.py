@@ -8,13 +8,14 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from teacher_server import ledger
+from teacher_server.dashboard import access
 from teacher_server.dashboard.api import keys, usage
 from teacher_server.dashboard.deps import SessionDep
 from teacher_server.dashboard.schemas import ErrorMessage, Health
@@ -26,9 +27,11 @@ PAGE = HERE / "templates" / "index.html"
 
 DESCRIPTION = """Usage and billing of a MaskedKD teacher server, read from its ledger (the same database).
 
-* `/api/usage/...`: read-only totals per API key, time series per key and minute/hour, recent latency and batch sizes.
+* `/api/usage/...`: read-only totals per API key, time series per key and minute/hour, recent latency and batch sizes,
+  with `Authorization: Bearer <viewer or admin token>` (`MASKEDKD_VIEWER_TOKEN` / `--viewer-token-file`); in a
+  browser, open `/?token=...` once (or sign in with the form): an HttpOnly cookie then carries the read access.
 * `/api/keys...`: admin operations (create, disable/enable, quota and price), with `Authorization: Bearer <admin
-  token>`; the token comes from `--admin-token` or `MASKEDKD_ADMIN_TOKEN` (without one, admin calls answer 403).
+  token>`; the token comes from `MASKEDKD_ADMIN_TOKEN` or `--admin-token-file` (without one, admin calls answer 403).
 
 GFLOPs are real FLOPs (2 per multiply-add); `full_gflops` is what the unmasked teacher would have cost.
 """
@@ -61,12 +64,13 @@ def create_app(settings: ServerSettings, *, sessions: sessionmaker[Session] | No
     app.state.sessions = sessions if sessions is not None else ledger.open_ledger(settings.db)
     app.include_router(usage.router)
     app.include_router(keys.router)
+    app.include_router(access.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     page = PAGE.read_text(encoding="utf-8")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def index() -> HTMLResponse:
-        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
+    def index(request: Request) -> Response:
+        return access.page_or_login(request, settings, page)
 
     @app.get("/healthz", response_model=Health, tags=["health"], responses={503: {"model": ErrorMessage}},
              summary="Liveness and ledger reachability")

@@ -12,8 +12,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from teacher_server.settings import ServerSettings
 
 ADMIN_DISABLED_MESSAGE = (
-    "admin API disabled: no admin token configured; start the dashboard with --admin-token TOKEN "
-    "or set the environment variable MASKEDKD_ADMIN_TOKEN"
+    "admin API disabled: no admin token configured; set the environment variable MASKEDKD_ADMIN_TOKEN "
+    "or start the dashboard with --admin-token-file FILE"
 )
 
 _bearer = HTTPBearer(auto_error=False, description="the admin token (settings.admin_token)")

@@ -25,11 +25,44 @@ def add_dashboard_arguments(parser: argparse.ArgumentParser) -> None:
                                                      "MASKEDKD_DASHBOARD_HOST)")
     parser.add_argument("--port", type=int, default=None,
                         help=f"port to listen on (default {DEFAULT_PORT}; env MASKEDKD_DASHBOARD_PORT)")
-    parser.add_argument("--admin-token", default=None,
-                        help="token for the admin API (prefer env MASKEDKD_ADMIN_TOKEN: flags show in `ps`)")
+    add_token_arguments(parser)
+    parser.add_argument("--public", dest="dashboard_public", action="store_true", default=None,
+                        help="read views without a token (only on a loopback-only address; env "
+                             "MASKEDKD_DASHBOARD_PUBLIC)")
+    parser.add_argument("--tls-cert", help="serve HTTPS with this PEM certificate chain (env MASKEDKD_TLS_CERT)")
+    parser.add_argument("--tls-key", help="the PEM private key of --tls-cert (env MASKEDKD_TLS_KEY)")
     parser.add_argument("--price-per-gflop", type=float, default=None, help="default price shown for keys without "
                                                                            "their own (env MASKEDKD_PRICE_PER_GFLOP)")
     parser.add_argument("--currency", default=None, help="currency label (env MASKEDKD_CURRENCY)")
+
+
+def add_token_arguments(parser: argparse.ArgumentParser) -> None:
+    """Token flags of `serve` and `dashboard`: files only. `--admin-token VALUE` stays known, to be refused with a
+    pointer to the environment and file options (a value on the command line shows in `ps`)."""
+    parser.add_argument("--admin-token", help=argparse.SUPPRESS)
+    parser.add_argument("--viewer-token", help=argparse.SUPPRESS)
+    parser.add_argument("--admin-token-file", help="file holding the admin token of the dashboard's admin API "
+                                                   "(or env MASKEDKD_ADMIN_TOKEN)")
+    parser.add_argument("--viewer-token-file", help="file holding the token of the dashboard's read views "
+                                                    "(or env MASKEDKD_VIEWER_TOKEN); the admin token opens them too")
+
+
+def secret_on_command_line(args: argparse.Namespace) -> str | None:
+    """The one-line refusal when a token was given as a command-line value, else None."""
+    for flag, env in (("admin_token", "MASKEDKD_ADMIN_TOKEN"), ("viewer_token", "MASKEDKD_VIEWER_TOKEN")):
+        if getattr(args, flag, None) is not None:
+            dashed = "--" + flag.replace("_", "-")
+            return (f"{dashed} VALUE is not accepted (command lines show in `ps`): set {env} or pass "
+                    f"{dashed}-file FILE")
+    return None
+
+
+def warn_if_public(settings: ServerSettings) -> None:
+    """Public read views are meant for a loopback-only address; elsewhere say so on stderr (not refused: behind a
+    container's port mapping 0.0.0.0 may still be reachable from the host's loopback only)."""
+    if settings.dashboard_public and settings.dashboard_host not in ("127.0.0.1", "::1", "localhost"):
+        print(f"teacher-server: warning: dashboard read views are public on {settings.dashboard_host}: whoever "
+              "reaches the port reads key names and costs", file=sys.stderr, flush=True)
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
@@ -37,7 +70,9 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     from teacher_server.settings import ServerSettings
 
     overrides = {"db": args.db, "dashboard_host": args.host, "dashboard_port": args.port,
-                 "admin_token": args.admin_token, "price_per_gflop": args.price_per_gflop, "currency": args.currency}
+                 "admin_token_file": args.admin_token_file, "viewer_token_file": args.viewer_token_file,
+                 "dashboard_public": args.dashboard_public, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
+                 "price_per_gflop": args.price_per_gflop, "currency": args.currency}
     return ServerSettings(**{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -58,6 +93,10 @@ def run_dashboard_command(args: argparse.Namespace) -> int:
 
     from teacher_server.dashboard.app import create_app
 
+    refusal = secret_on_command_line(args)
+    if refusal:
+        print(f"teacher-server dashboard: error: {refusal}", file=sys.stderr)
+        return 2
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:
@@ -66,6 +105,14 @@ def run_dashboard_command(args: argparse.Namespace) -> int:
         print(f"teacher-server dashboard: error: invalid {where}: {first['msg']}", file=sys.stderr)
         return 2
     port = DEFAULT_PORT if settings.dashboard_port is None else settings.dashboard_port
+    from teacher_server.tls import TlsConfigError, load_tls_files
+
+    try:
+        load_tls_files(settings)
+    except TlsConfigError as exc:
+        print(f"teacher-server dashboard: error: {exc}", file=sys.stderr)
+        return 2
+    warn_if_public(settings)
     try:
         app = create_app(settings)
     except Exception as exc:  # a bad URL or an unreachable database: one line, not a trace
@@ -73,9 +120,14 @@ def run_dashboard_command(args: argparse.Namespace) -> int:
         print(f"teacher-server dashboard: error: cannot open the ledger {_without_password(settings.db)}: {reason}",
               file=sys.stderr)
         return 1
-    admin = "on" if settings.admin_token else "off (set MASKEDKD_ADMIN_TOKEN or --admin-token)"
-    print(f"dashboard: http://{settings.dashboard_host}:{port}/  (API docs at /docs; admin API {admin})", flush=True)
-    uvicorn.run(app, host=settings.dashboard_host, port=port, log_level="warning")
+    admin = "on" if settings.admin_token else "off (set MASKEDKD_ADMIN_TOKEN or --admin-token-file)"
+    views = ("public" if settings.dashboard_public else "viewer or admin token" if settings.viewer_token
+             or settings.admin_token else "locked (set MASKEDKD_VIEWER_TOKEN, or --public)")
+    scheme = "https" if settings.tls_cert else "http"
+    print(f"dashboard: {scheme}://{settings.dashboard_host}:{port}/  (API docs at /docs; admin API {admin}; "
+          f"read views {views})", flush=True)
+    uvicorn.run(app, host=settings.dashboard_host, port=port, log_level="warning",
+                ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key)
     return 0
 
 
@@ -90,12 +142,14 @@ class RunningDashboard:
         self.thread.join(timeout_s)
 
 
-def start_dashboard_thread(app: FastAPI, *, host: str = "127.0.0.1", port: int = 0,
-                           timeout_s: float = 30.0) -> RunningDashboard:
-    """Serve `app` with uvicorn in a daemon thread; port 0 picks a free port. Returns once it accepts connections."""
+def start_dashboard_thread(app: FastAPI, *, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 30.0,
+                           tls_cert: str | None = None, tls_key: str | None = None) -> RunningDashboard:
+    """Serve `app` with uvicorn in a daemon thread (HTTPS with `tls_cert`/`tls_key`); port 0 picks a free port.
+    Returns once it accepts connections."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
+                                           ssl_certfile=tls_cert, ssl_keyfile=tls_key))
     thread = threading.Thread(target=server.run, name="maskedkd-dashboard", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout_s
@@ -105,4 +159,5 @@ def start_dashboard_thread(app: FastAPI, *, host: str = "127.0.0.1", port: int =
             raise RuntimeError(f"the dashboard did not start on {host}:{port}")
         time.sleep(0.02)
     bound = server.servers[0].sockets[0].getsockname()[1]
-    return RunningDashboard(url=f"http://{host}:{bound}", server=server, thread=thread)
+    scheme = "https" if tls_cert else "http"
+    return RunningDashboard(url=f"{scheme}://{host}:{bound}", server=server, thread=thread)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from pathlib import Path
 
@@ -9,17 +10,20 @@ import grpc
 import pytest
 import torch
 import torch.nn.functional as F
-from student_testkit import ledger_rows, teacher_server, tiny_teacher
+from student_testkit import STUDENT, STUDENT_KWARGS, ledger_rows, make_subset, teacher_server, tiny_teacher
 
 from maskedkd.v1 import teacher_pb2 as pb
 from student_client.aio_client import AsyncTeacherClient
+from student_client.cli import main as student_cli
 from student_client.client import TeacherClient
 from student_client.errors import (
     TeacherAuthError, TeacherInputError, TeacherQuotaError, TeacherUnavailableError,
 )
 from student_client.stream import TeacherStream
+from student_client.tls import channel_credentials
 from student_client.wire import wire_pixels
 from teacher_server.masked_teacher import MaskedTeacher
+from teacher_server.testing_tls import make_pki
 
 
 @pytest.fixture(scope="module")
@@ -195,10 +199,8 @@ def test_stream_matches_unary_and_fails_cleanly_on_a_bad_key(server) -> None:  #
         assert usage.gflops == pytest.approx(2 * server.reference.gflops(k.shape[1]), rel=1e-9)
     assert sorted(r["request_id"] for r in ledger_rows(server, "stream")) == ["s0", "s1", "s2", "s3"]
 
-    with TeacherStream(TeacherClient(server.address, "mkd_" + "y" * 43)) as bad:
-        fut = bad.submit(images=pixels(1))
-        with pytest.raises(TeacherAuthError):
-            fut.result(timeout=30)
+    with pytest.raises(TeacherAuthError):  # GetModelInfo, the stream's first call, refuses a wrong key
+        TeacherStream(TeacherClient(server.address, "mkd_" + "y" * 43))
 
 
 async def test_async_client_matches_the_in_process_teacher(server) -> None:  # type: ignore[no-untyped-def]
@@ -212,3 +214,53 @@ async def test_async_client_matches_the_in_process_teacher(server) -> None:  # t
     torch.testing.assert_close(a, reference_logits(server, x, keep), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(a, b)
     assert len(ledger_rows(server, "aio")) == 1  # same request_id twice: billed once
+
+
+async def test_async_client_and_stream_over_mutual_tls(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    with teacher_server(tmp_path, tiny_teacher(), tls_cert=pki.server_cert, tls_key=pki.server_key,
+                        tls_client_ca=pki.ca) as srv:
+        key = srv.create_key("mtls")
+        tls = {"ca_file": pki.ca, "client_cert": pki.client_cert, "client_key": pki.client_key}
+        async with AsyncTeacherClient(srv.address, key, **tls) as client:
+            _, usage = await client.infer(images=pixels(2), request_id="aio-tls")
+        with TeacherStream(TeacherClient(srv.address, key, **tls)) as stream:
+            _, streamed = stream.submit(images=pixels(1), request_id="stream-tls").result(timeout=60)
+        async with AsyncTeacherClient(srv.address, key, ca_file=pki.ca, max_retries=0, timeout_s=5) as no_cert:
+            with pytest.raises(TeacherUnavailableError):
+                await no_cert.infer(images=pixels(1))
+        rows = ledger_rows(srv, "mtls")
+    assert [r["request_id"] for r in rows] == ["aio-tls", "stream-tls"]
+    assert [r["cost"] for r in rows] == pytest.approx([usage.cost, streamed.cost], rel=1e-12)
+
+
+def test_student_cli_trains_against_a_mutual_tls_teacher(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    pki = make_pki(tmp_path / "pki")
+    data = make_subset(tmp_path / "data", train_per_class=1, test_per_class=1)
+    monkeypatch.delenv("MASKEDKD_API_KEY", raising=False)
+    with teacher_server(tmp_path, tiny_teacher(), tls_cert=pki.server_cert, tls_key=pki.server_key,
+                        tls_client_ca=pki.ca) as srv:
+        key = srv.create_key("cli-tls")
+        common = ["train", "--teacher", srv.address, "--api-key", key, "--student", STUDENT, "--student-kwargs",
+                  json.dumps(STUDENT_KWARGS), "--data", str(data), "--batch-size", "4", "--max-steps", "1",
+                  "--local", "--no-progress", "--no-eval"]
+        tls = ["--teacher-ca", pki.ca, "--teacher-client-cert", pki.client_cert, "--teacher-client-key",
+               pki.client_key]
+        assert student_cli([*common, "--out", str(tmp_path / "ok"), *tls]) == 0, capsys.readouterr().err
+        billed = len(ledger_rows(srv, "cli-tls"))
+        assert billed >= 1 and "student: top-1" not in capsys.readouterr().err
+        code = student_cli([*common, "--out", str(tmp_path / "no-cert"), "--teacher-ca", pki.ca])
+        err = capsys.readouterr().err
+        assert code != 0 and err.count("\n") == 1 and err.startswith("student-client: error:")
+        assert len(ledger_rows(srv, "cli-tls")) == billed
+    code = student_cli([*common, "--out", str(tmp_path / "bad"), "--teacher-ca", str(tmp_path / "missing.pem")])
+    err = capsys.readouterr().err
+    assert code != 0 and err.count("\n") == 1 and "cannot read teacher CA file" in err and "missing.pem" in err
+
+
+def test_tls_credentials_need_a_key_with_a_certificate(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path)
+    with pytest.raises(ValueError, match="needs its key"):
+        channel_credentials(ca_file=pki.ca, client_cert=pki.client_cert)
+    assert channel_credentials() is None and channel_credentials(ca_file=pki.ca) is not None

@@ -5,16 +5,19 @@ import math
 from datetime import datetime, timedelta, timezone
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, status
+from fastapi import APIRouter, Depends, HTTPException, Query, status
 
 from teacher_server.dashboard import queries
+from teacher_server.dashboard.access import require_viewer
 from teacher_server.dashboard.deps import SessionDep, SettingsDep
 from teacher_server.dashboard.schemas import (
     Bucket, ErrorMessage, KeySeries, KeyUsage, LatencyFigures, RecentLatency, UsageByKey, UsageSeries, UsageTotals,
 )
 from teacher_server.ledger import as_utc, find_api_key_by_name, saving_pct, usage_totals
 
-router = APIRouter(prefix="/api/usage", tags=["usage"])
+router = APIRouter(prefix="/api/usage", tags=["usage"], dependencies=[Depends(require_viewer)],
+                   responses={401: {"model": ErrorMessage, "description": "missing or wrong viewer token"},
+                              403: {"model": ErrorMessage, "description": "read views locked (no token configured)"}})
 
 BUCKET_SECONDS = {Bucket.minute: 60, Bucket.hour: 3600}
 DEFAULT_WINDOW = {Bucket.minute: timedelta(hours=6), Bucket.hour: timedelta(days=7)}

@@ -5,7 +5,7 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 
 import pytest
-from seed_ledger import ADMIN_TOKEN, DEFAULT_PRICE, SeededLedger, seed_usage
+from seed_ledger import ADMIN_TOKEN, DEFAULT_PRICE, VIEWER_TOKEN, SeededLedger, seed_usage
 
 from teacher_server import ledger
 from teacher_server.dashboard import create_app
@@ -20,8 +20,8 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> SeededLedger:
     sessions = ledger.open_ledger(url)
     now = datetime.now(timezone.utc)
     seed_usage(sessions, now=now)
-    settings = ServerSettings(db=url, admin_token=ADMIN_TOKEN, price_per_gflop=DEFAULT_PRICE, currency="USD",
-                              metrics_port=None)
+    settings = ServerSettings(db=url, admin_token=ADMIN_TOKEN, viewer_token=VIEWER_TOKEN, price_per_gflop=DEFAULT_PRICE,
+                              currency="USD", metrics_port=None)
     return SeededLedger(url=url, path=path, sessions=sessions, settings=settings, now=now)
 
 

@@ -15,6 +15,7 @@ from teacher_server.flops import ViTShape, masked_forward_flops
 from teacher_server.settings import ServerSettings
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
+VIEWER_TOKEN = "test-viewer-token-9876543210"
 DEFAULT_PRICE = 2e-6
 # DeiT-S/16 at 224 px, the paper's teacher: 196 patches, width 384, 12 blocks, MLP 1536, 1000 classes
 DEIT_S = ViTShape(num_patches=196, patch_dim=768, embed_dim=384, depth=12, attn_dim=384, mlp_hidden=1536,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import sqlite3
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from seed_ledger import ADMIN_TOKEN, DEFAULT_PRICE, PLANS, SeededLedger
+from seed_ledger import ADMIN_TOKEN, DEFAULT_PRICE, PLANS, VIEWER_TOKEN, SeededLedger
 from fastapi.testclient import TestClient
 
 from maskedkd.codec import tensor_to_proto
@@ -29,6 +30,7 @@ from teacher_server.settings import ServerSettings
 from teacher_server.testing import running_server
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+VIEWER = {"Authorization": f"Bearer {VIEWER_TOKEN}"}
 REL = 1e-9  # float sums in SQL and in Python may differ in the last bits only
 
 
@@ -58,7 +60,8 @@ def epoch_of(text: str) -> float:
 
 @pytest.fixture(scope="module")
 def client(seeded: SeededLedger) -> TestClient:
-    return TestClient(create_app(seeded.settings), raise_server_exceptions=False)
+    """Reads with the viewer token (tests/teacher_server/dashboard/test_access.py covers reading without it)."""
+    return TestClient(create_app(seeded.settings), raise_server_exceptions=False, headers=VIEWER)
 
 
 def assert_key_numbers(api_key: dict[str, Any], expected: tuple[Any, ...]) -> None:
@@ -173,7 +176,7 @@ def test_admin_api_off_without_a_configured_token(seeded: SeededLedger) -> None:
     response = TestClient(app).post("/api/keys", json={"name": "x"}, headers=ADMIN)
     assert response.status_code == 403
     assert "MASKEDKD_ADMIN_TOKEN" in response.json()["detail"] and "--admin-token" in response.json()["detail"]
-    assert TestClient(app).get("/api/usage/keys").status_code == 200  # reading usage stays open
+    assert TestClient(app).get("/api/usage/keys", headers=VIEWER).status_code == 200  # the viewer still reads
 
 
 def test_admin_create_update_disable_write_the_ledger(seeded: SeededLedger, tmp_path: Path) -> None:
@@ -292,7 +295,8 @@ def test_through_the_real_server_billing_equals_responses_and_admin_takes_effect
     generator = torch.Generator().manual_seed(0)
     with running_server(settings) as server:  # `teacher-server serve --dashboard-port`: the server hosts it
         assert server.server.dashboard_port
-        client = httpx.Client(base_url=f"http://127.0.0.1:{server.server.dashboard_port}", timeout=30)
+        client = httpx.Client(base_url=f"http://127.0.0.1:{server.server.dashboard_port}", timeout=30,
+                              headers=ADMIN)  # the admin token also opens the read views
         alice = client.post("/api/keys", json={"name": "alice"}, headers=ADMIN).json()["secret"]
         bob = server.create_key("bob", price_per_gflop=3e-6)
         billed: dict[str, list[pb.Usage]] = {"alice": [], "bob": []}
@@ -340,18 +344,21 @@ def test_dashboard_command_serves_the_ledger(seeded: SeededLedger, tmp_path: Pat
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    env = {**os.environ, "MASKEDKD_VIEWER_TOKEN": VIEWER_TOKEN}
+    env.pop("MASKEDKD_ADMIN_TOKEN", None)
     process = subprocess.Popen([sys.executable, "-m", "teacher_server.dashboard", "--db", seeded.url, "--port",
-                                str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         deadline = time.monotonic() + 60
         while True:
             try:
-                body = httpx.get(f"http://127.0.0.1:{port}/api/usage/keys", timeout=2).json()
+                body = httpx.get(f"http://127.0.0.1:{port}/api/usage/keys", headers=VIEWER, timeout=2).json()
                 break
             except httpx.HTTPError:
                 assert process.poll() is None and time.monotonic() < deadline, process.stdout and process.stdout.read()
                 time.sleep(0.2)
         assert body["total"]["requests"] == rows(seeded.path, "SELECT COUNT(*) FROM usage")[0][0]
+        assert httpx.get(f"http://127.0.0.1:{port}/api/usage/keys", timeout=2).status_code == 401
         assert httpx.post(f"http://127.0.0.1:{port}/api/keys", json={"name": "x"}).status_code == 403
     finally:
         process.terminate()

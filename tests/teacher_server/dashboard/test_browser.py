@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from seed_ledger import SeededLedger
+from seed_ledger import VIEWER_TOKEN, SeededLedger
 
 from teacher_server.dashboard.server import RunningDashboard
 
@@ -68,8 +68,9 @@ def page(browser: Browser, dashboard: RunningDashboard) -> Iterator[Page]:
     page.on("request", lambda r: page.requested.append(r.url))  # type: ignore[attr-defined]
     page.on("console", lambda m: m.type == "error" and page.errors.append(m.text))  # type: ignore[attr-defined]
     page.on("pageerror", lambda e: page.errors.append(str(e)))  # type: ignore[attr-defined]
-    page.goto(dashboard.url + "/", wait_until="load")
+    page.goto(dashboard.url + "/?token=" + VIEWER_TOKEN, wait_until="load")  # signs in: an HttpOnly cookie
     page.wait_for_selector("body[data-state=ready]", timeout=30_000)
+    assert page.url == dashboard.url + "/" and page.evaluate("document.cookie") == ""  # token gone, cookie hidden
     yield page
     page.close()
 

@@ -1,0 +1,189 @@
+"""The API key is checked before a request message is read, and failed checks are rate-limited.
+
+grpc.aio reads (and deserializes) a unary request before it calls the method's behaviour, so an anonymous caller
+could make the server hold a near-limit message per call before its key is looked at. `AuthFirstInterceptor` serves
+the keyed methods through request-*streaming* handlers instead: the behaviour starts with no message read, checks
+the `authorization` metadata, refuses with UNAUTHENTICATED (the transport then resets the stream, so the client stops
+sending), and only then reads the one request and runs the method as before. On the wire nothing changes.
+
+Every unknown key costs a ledger query, so failed checks draw from token buckets, one per peer address and one for
+all peers: an empty bucket refuses further unknown keys at once, without a query. Keys that passed recently skip the
+buckets (the authenticator's own TTL cache still re-reads them, so a disabled key stops working as before).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from teacher_server.auth import KeyAuthenticator, bearer_secret, hash_secret
+from teacher_server.errors import AuthenticationError
+from teacher_server.interceptor import SERVICE_PREFIX, status_of
+from teacher_server.metrics import ServerMetrics
+
+KEYED_METHODS = ("Infer", "InferStream", "GetModelInfo")  # GetModelInfo: the key is optional, a wrong one refused
+ACCEPTED_TTL_S = 600.0     # how long a key that passed skips the failure buckets
+MAX_TRACKED = 10_000       # peers and accepted keys remembered at most (memory bound)
+
+
+@dataclass
+class TokenBucket:
+    rate: float          # tokens refilled per second
+    burst: float         # capacity
+    tokens: float
+    updated: float       # time.monotonic() of the last refill
+
+    def refill(self, now: float) -> None:
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+
+    def wait_s(self) -> float:
+        """Seconds until one token is there (0: now)."""
+        return max(0.0, (1.0 - self.tokens) / self.rate)
+
+
+class FailedAuthLimiter:
+    """Token buckets of failed key checks, per peer address and over all peers."""
+
+    def __init__(self, *, per_peer_per_s: float, per_peer_burst: int, global_per_s: float,
+                 global_burst: float | None = None) -> None:
+        self._peer_rate, self._peer_burst = per_peer_per_s, float(per_peer_burst)
+        burst = 2.0 * global_per_s if global_burst is None else float(global_burst)  # default: 2 s worth
+        self._global = TokenBucket(global_per_s, burst, burst, time.monotonic())
+        self._peers: dict[str, TokenBucket] = {}
+
+    def _peer(self, peer: str, now: float) -> TokenBucket:
+        bucket = self._peers.get(peer)
+        if bucket is None:
+            if len(self._peers) >= MAX_TRACKED:  # forget the peers whose buckets are full again
+                for name in [p for p, b in self._peers.items() if (b.refill(now), b.tokens >= b.burst)[1]]:
+                    del self._peers[name]
+            bucket = self._peers[peer] = TokenBucket(self._peer_rate, self._peer_burst, self._peer_burst, now)
+        bucket.refill(now)
+        return bucket
+
+    def wait_s(self, peer: str) -> float:
+        """0 when `peer` may have an unknown key checked now, else the seconds until it may."""
+        now = time.monotonic()
+        self._global.refill(now)
+        return max(self._peer(peer, now).wait_s(), self._global.wait_s())
+
+    def take(self, peer: str) -> float:
+        """Reserve one check for `peer` (0), or the seconds to wait. Reserving before the lookup keeps concurrent
+        guesses within the burst; `refund` when the key turned out valid."""
+        wait = self.wait_s(peer)
+        if wait == 0:
+            self._add(peer, -1.0)
+        return wait
+
+    def refund(self, peer: str) -> None:
+        self._add(peer, 1.0)
+
+    def record_failure(self, peer: str) -> None:
+        self._add(peer, -1.0)
+
+    def _add(self, peer: str, tokens: float) -> None:
+        now = time.monotonic()
+        self._global.refill(now)
+        bucket = self._peer(peer, now)
+        self._global.tokens = min(self._global.burst, self._global.tokens + tokens)
+        bucket.tokens = min(bucket.burst, bucket.tokens + tokens)
+
+
+def peer_host(peer: str) -> str:
+    """'ipv4:1.2.3.4:5678' -> '1.2.3.4', 'ipv6:[::1]:5678' -> '::1'; other forms (unix:...) are kept whole."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0] or rest
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]") or rest
+    return peer
+
+
+class AuthFirstInterceptor(aio.ServerInterceptor):
+    """Checks the key of TeacherService calls before their message is read; goes first in the interceptor list."""
+
+    def __init__(self, auth: KeyAuthenticator, limiter: FailedAuthLimiter, metrics: ServerMetrics) -> None:
+        self._auth = auth
+        self._limiter = limiter
+        self._metrics = metrics
+        self._accepted: dict[str, float] = {}  # key hash -> until when it skips the buckets
+
+    async def check(self, metadata: Any, peer: str) -> None:
+        """Raise AuthenticationError unless the call's key is valid (GetModelInfo: or absent)."""
+        secret = bearer_secret(metadata)
+        key_hash = hash_secret(secret)
+        now = time.monotonic()
+        if self._accepted.get(key_hash, 0.0) < now:
+            host = peer_host(peer)
+            wait = self._limiter.take(host)
+            if wait > 0:
+                raise AuthenticationError(f"too many failed API key checks from {host}; "
+                                          f"try again in {max(wait, 0.1):.1f} s")
+            try:
+                await self._auth.authenticate(secret)  # a failure keeps the reserved token spent
+            except AuthenticationError:
+                raise
+            except BaseException:  # e.g. the ledger is unreachable: not the caller's failure
+                self._limiter.refund(host)
+                raise
+            self._limiter.refund(host)
+            if len(self._accepted) >= MAX_TRACKED:
+                self._accepted.clear()
+            self._accepted[key_hash] = now + ACCEPTED_TTL_S
+            return
+        await self._auth.authenticate(secret)  # cached: no ledger query; still refuses a disabled key
+
+    async def _refuse_or_pass(self, method: str, context: aio.ServicerContext) -> None:
+        metadata = context.invocation_metadata()
+        if method == "GetModelInfo" and not any(k.lower() == "authorization" for k, _ in metadata or ()):
+            return
+        try:
+            await self.check(metadata, context.peer())
+        except Exception as exc:  # AuthenticationError, or a ledger failure mapped like everywhere else
+            code, message = status_of(exc)
+            if method != "GetModelInfo":
+                self._metrics.count_request(model="", key="", code=code.name)
+            await context.abort(code, message)
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method.removeprefix(SERVICE_PREFIX)
+        if handler is None or not handler_call_details.method.startswith(SERVICE_PREFIX) \
+                or method not in KEYED_METHODS:
+            return handler
+        if handler.unary_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._guard_unary(method, handler.unary_unary), request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                self._guard_stream(method, handler.stream_stream),
+                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        return handler
+
+    def _guard_unary(self, method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def unary(request_iterator: AsyncIterator[Any], context: aio.ServicerContext) -> Any:
+            await self._refuse_or_pass(method, context)
+            request = await context.read()  # the one message of a unary call (not waiting for the half-close)
+            if request is grpc.aio.EOF:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method} takes one request message, got none")
+            return await behavior(request, context)
+
+        return unary
+
+    def _guard_stream(self, method: str,
+                      behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+        async def stream(request_iterator: AsyncIterator[Any], context: aio.ServicerContext) -> AsyncIterator[Any]:
+            await self._refuse_or_pass(method, context)
+            async for response in behavior(request_iterator, context):
+                yield response
+
+        return stream
