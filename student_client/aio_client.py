@@ -1,4 +1,4 @@
-"""AsyncTeacherClient: the asyncio twin of TeacherClient on grpc.aio (same requests, retries and errors).
+"""AsyncTeacherClient: the asyncio twin of TeacherClient on grpc.aio (same requests, retry policy and errors).
 
 >>> async with AsyncTeacherClient("127.0.0.1:50051", key) as client:
 ...     logits, usage = await client.infer(images=x, keep_indices=keep)
@@ -13,8 +13,8 @@ import torch
 
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
-from student_client.client import InferResult, backoff_delay, channel_options, slice_rows
-from student_client.errors import RETRYABLE_CODES, error_from_rpc
+from student_client.client import InferResult, channel_options, slice_rows
+from student_client.retry import DEFAULT_PATIENCE_S, RetryPolicy
 from student_client.wire import (
     ModelInfo, Usage, batch_size_of, build_request, decode_response, new_request_id, split_rows,
 )
@@ -26,12 +26,14 @@ class AsyncTeacherClient:
     def __init__(
         self, target: str, api_key: str, *, timeout_s: float = 60.0, max_retries: int = 4, backoff: float = 0.25,
         max_message_mb: float = 64.0, model: str | None = None, tls: bool = False,
-        root_certificates: bytes | None = None,
+        root_certificates: bytes | None = None, patience_s: float = DEFAULT_PATIENCE_S,
     ) -> None:
         self.target = target
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.backoff = backoff
+        self.retry = RetryPolicy(target, timeout_s=timeout_s, patience_s=patience_s, min_retries=max_retries,
+                                 backoff_s=backoff)
         self.model = model
         self._metadata = (("authorization", f"Bearer {api_key}"),)
         options = channel_options(max_message_mb)
@@ -77,16 +79,16 @@ class AsyncTeacherClient:
         return logits, usage
 
     async def _call(self, method: Any, request: Any) -> Any:
-        attempt = 0
+        attempts = self.retry.start()
         while True:
             try:
-                return await method(request, timeout=self.timeout_s, metadata=self._metadata)
+                result = await method(request, timeout=attempts.timeout(), metadata=self._metadata,
+                                      wait_for_ready=attempts.waiting)
             except grpc.aio.AioRpcError as err:
-                if err.code() in RETRYABLE_CODES and attempt < self.max_retries:
-                    await asyncio.sleep(backoff_delay(attempt, self.backoff))
-                    attempt += 1
-                    continue
-                raise error_from_rpc(err, self.target, attempts=attempt + 1) from err
+                await asyncio.sleep(attempts.failed(err))
+                continue
+            attempts.succeeded()
+            return result
 
     async def close(self) -> None:
         await self.channel.close()

@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads-per-worker", type=int, default=1)
     t.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes per worker")
     t.add_argument("--teacher-timeout", type=float, default=120.0, help="deadline of one teacher call, seconds")
+    t.add_argument("--teacher-patience", type=float, default=120.0,
+                   help="seconds to keep retrying an unreachable or restarting teacher (same request ids)")
+    t.add_argument("--request-log", default=None,
+                   help="debug: append the request id and sha256 of every teacher request to this file")
     t.add_argument("--no-eval", action="store_true", help="skip evaluation after each epoch")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--ray-address", default=None, help="join a Ray cluster (default: start a local Ray)")
@@ -89,7 +93,8 @@ def _config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         data=args.data, out=args.out, student=args.student, student_kwargs=args.student_kwargs,
         teacher=args.teacher, api_key=args.api_key, teacher_model=args.teacher_model,
-        teacher_timeout_s=args.teacher_timeout, transport=args.transport, mode=args.mode, strategy=args.strategy,
+        teacher_timeout_s=args.teacher_timeout, teacher_patience_s=args.teacher_patience,
+        request_log=args.request_log, transport=args.transport, mode=args.mode, strategy=args.strategy,
         keep=args.keep, lambda_kd=args.lambda_kd, tau=args.tau, hard=args.hard, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
         augment=args.augment, train_head_only=args.train_head_only, workers=1 if args.local else args.workers,
@@ -110,7 +115,7 @@ def _preflight(cfg: TrainConfig) -> str:
         raise ValueError(f"no class folders under {cfg.data}")
     if cfg.mode == "none":
         return ""
-    with TeacherClient(cfg.teacher or "", cfg.api_key or "", timeout_s=10.0, max_retries=1,
+    with TeacherClient(cfg.teacher or "", cfg.api_key or "", timeout_s=10.0, max_retries=1, patience_s=0,
                        model=cfg.teacher_model) as client:
         info = client.info()
         client.check_key()

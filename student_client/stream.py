@@ -5,8 +5,11 @@
 ...     ...                                                # the student keeps computing
 ...     logits, usage = fut.result()
 
-When the stream breaks with UNAVAILABLE / DEADLINE_EXCEEDED, it is reopened (with backoff) and every unanswered
-request is sent again with the same request_id: the server answers those it already ran from its ledger, unbilled.
+When the stream breaks with UNAVAILABLE / DEADLINE_EXCEEDED, it is reopened under the client's retry policy (backoff,
+then waiting for the channel to connect, for up to the client's patience) and every unanswered request is sent again
+with the same request_id: the server answers those it already ran from its ledger, unbilled. When it ends with
+ALREADY_EXISTS (an id billed before for other content), the unanswered requests go as unary calls, which re-send each
+refused one under a derived id (`TeacherClient.infer_request`).
 """
 from __future__ import annotations
 
@@ -20,11 +23,22 @@ import grpc
 import torch
 
 from maskedkd.v1 import teacher_pb2 as pb
-from student_client.client import InferResult, TeacherClient, backoff_delay
-from student_client.errors import RETRYABLE_CODES, TeacherError, TeacherInputError, error_from_rpc
+from student_client.client import InferResult, TeacherClient
+from student_client.errors import TeacherError, TeacherInputError
+from student_client.retry import Attempts
 from student_client.wire import build_request, decode_response, new_request_id
 
 _CLOSE = object()  # ends the request iterator of one stream
+
+
+class _ClosedEarly(grpc.RpcError):
+    """The server ended the stream cleanly with requests unanswered: retried like UNAVAILABLE."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "the stream ended with requests unanswered"
 
 
 class TeacherStream:
@@ -38,7 +52,7 @@ class TeacherStream:
         self._outbox: queue.Queue[Any] | None = None
         self._reader: threading.Thread | None = None
         self._closed = False
-        self._failures = 0  # consecutive stream breaks without a response in between
+        self._attempts: Attempts | None = None  # retry state while the stream keeps breaking without answers
 
     def submit(
         self, images: torch.Tensor | None = None, patches: torch.Tensor | None = None,
@@ -68,6 +82,7 @@ class TeacherStream:
             if rid in self._pending:
                 raise ValueError(f"request_id {rid!r} is already in flight on this stream")
             self._pending[rid] = (req, fut)
+            self.client.log_request(req)
             self._ensure_open_locked()
             assert self._outbox is not None
             self._outbox.put(req)
@@ -104,8 +119,10 @@ class TeacherStream:
             for resp in call:
                 logits, usage = decode_response(resp)
                 with self._lock:
-                    self._failures = 0
+                    attempts, self._attempts = self._attempts, None
                     entry = self._pending.pop(resp.request_id, None)
+                if attempts is not None:
+                    attempts.succeeded()
                 if entry is not None and not entry[1].done():
                     entry[1].set_result((logits, usage))
             self._on_stream_end(None, outbox)
@@ -118,33 +135,52 @@ class TeacherStream:
         with self._lock:
             if not self._pending or self._closed and err is None:
                 return
-            retryable = err is None or err.code() in RETRYABLE_CODES
-            self._failures += 1
-            if retryable and self._failures <= self.client.max_retries:
-                attempt = self._failures - 1
-            else:
-                attempt = -1
-        if attempt < 0:
-            if err is None:
-                self._fail_all(TeacherError(
-                    f"teacher at {self.client.target} closed the stream with requests unanswered"))
-            else:
-                self._fail_all(error_from_rpc(err, self.client.target, attempts=self._failures))
+            if self._attempts is None:
+                self._attempts = self.client.retry.start()
+            attempts = self._attempts
+        if err is not None and err.code() == grpc.StatusCode.ALREADY_EXISTS:
+            self._resend_unary(outbox)
             return
-        time.sleep(backoff_delay(attempt, self.client.backoff))
+        try:
+            delay = attempts.failed(err if err is not None else _ClosedEarly())
+            attempts.sleep(delay)
+            # wait for the teacher to accept connections again, within the patience left
+            grpc.channel_ready_future(self.client.raw_channel).result(timeout=max(attempts.patience_left(), 0.1))
+        except TeacherError as error:
+            self._fail_all(error)
+            return
+        except grpc.FutureTimeoutError:
+            self._fail_all(TeacherError(f"teacher at {self.client.target} is unavailable: it did not come back "
+                                        f"within {self.client.patience_s:.0f}s", code="UNAVAILABLE"))
+            return
         with self._lock:
             outbox.put(_CLOSE)
             self._reader = None
             if self._pending and not self._closed:
                 self._ensure_open_locked()
 
+    def _resend_unary(self, outbox: queue.Queue[Any]) -> None:
+        """Answer every unanswered request through unary calls (each refused id is re-sent under a derived id)."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+            outbox.put(_CLOSE)
+            self._outbox, self._reader, self._attempts = None, None, None
+
+        def resolve(req: pb.InferRequest, fut: Future[InferResult]) -> None:
+            try:
+                fut.set_result(decode_response(self.client.infer_request(req)))
+            except Exception as error:  # noqa: BLE001 - handed to the waiting step
+                fut.set_exception(error)
+
+        for req, fut in pending.values():
+            threading.Thread(target=resolve, args=(req, fut), daemon=True, name="teacher-stream-unary").start()
+
     def _fail_all(self, error: TeacherError) -> None:
         with self._lock:
             pending, self._pending = self._pending, {}
             if self._outbox is not None:
                 self._outbox.put(_CLOSE)
-            self._outbox, self._reader = None, None
-            self._failures = 0
+            self._outbox, self._reader, self._attempts = None, None, None
         for _, fut in pending.values():
             if not fut.done():
                 fut.set_exception(error)
