@@ -42,7 +42,9 @@ InferResult = tuple[torch.Tensor, Usage]
 
 def channel_options(max_message_mb: float) -> list[tuple[str, Any]]:
     limit = int(max_message_mb * 1024 * 1024)
-    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+    # reconnect within ~2 s of a restarted teacher coming back (gRPC's default backoff grows to 120 s)
+    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
+            ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000)]
 
 
 MAX_RESENDS = 8  # derived ids <id>.r1 .. <id>.r8 tried after ALREADY_EXISTS
@@ -151,11 +153,15 @@ class TeacherClient:
                   file=sys.stderr, flush=True)
 
     def log_request(self, req: pb.InferRequest) -> None:
-        """With `request_log`: append {request_id, sha256 of the serialized request, pid} as one JSON line."""
+        """With `request_log`: append {request_id, content_sha256, pid} as one JSON line, where content_sha256 is the
+        sha256 of the serialized request without its request_id (what must match when a resumed run re-sends it)."""
         if self.request_log is None:
             return
-        digest = hashlib.sha256(req.SerializeToString(deterministic=True)).hexdigest()
-        line = json.dumps({"request_id": req.request_id, "sha256": digest, "pid": os.getpid()})
+        content = pb.InferRequest()
+        content.CopyFrom(req)
+        content.request_id = ""
+        digest = hashlib.sha256(content.SerializeToString(deterministic=True)).hexdigest()
+        line = json.dumps({"request_id": req.request_id, "content_sha256": digest, "pid": os.getpid()})
         with self._log_lock, self.request_log.open("a") as f:
             f.write(line + "\n")
 
