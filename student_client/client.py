@@ -71,7 +71,7 @@ class TeacherClient:
         self.retry = RetryPolicy(target, timeout_s=timeout_s, patience_s=patience_s, min_retries=max_retries,
                                  backoff_s=backoff)
         self.request_log = Path(request_log) if request_log else None  # debug: sha256 of every request sent
-        self.mismatched_requests = 0    # ids the server refused (ALREADY_EXISTS) and that went again as <id>.rN
+        self.mismatched_requests = 0    # requests whose id the server refused (ALREADY_EXISTS), re-sent as <id>.rN
         self.max_message_mb = max_message_mb
         self.model = model              # None: the server's default model
         self._metadata = (("authorization", f"Bearer {api_key}"),)
@@ -139,7 +139,8 @@ class TeacherClient:
             except TeacherError as err:
                 if err.code != "ALREADY_EXISTS" or not original or resend == MAX_RESENDS:
                     raise
-                self.note_mismatch(req.request_id, str(err))
+                if resend == 0:
+                    self.note_mismatch(original, str(err))
         raise AssertionError("unreachable")
 
     def note_mismatch(self, request_id: str, reason: str) -> None:

@@ -59,9 +59,9 @@ class RetryPolicy:
             if self._waiting_since is not None:
                 return
             self._waiting_since = time.monotonic()
-        detail = (err.details() or "").splitlines()[0][:200] if hasattr(err, "details") else ""
+        detail = next(iter((err.details() or "").splitlines()), "")[:200] if hasattr(err, "details") else ""
         self._say(f"teacher at {self.target} unavailable ({err.code().name}: {detail}); waiting up to "
-                  f"{self.patience_s:.0f}s, retrying under the same request ids")
+                  f"{self.patience_s:g}s, retrying under the same request ids")
 
     def note_answered(self) -> None:
         if self._waiting_since is None:  # the common case, without the lock
