@@ -2,7 +2,8 @@
 
 A call that fails with UNAVAILABLE or DEADLINE_EXCEEDED (the teacher down, restarting, or answering "ledger
 unavailable, not billed, retry") is sent again under the same request_id, with jittered exponential backoff, for up to
-`patience_s` seconds (and at least `min_retries` times). Retries use gRPC wait-for-ready, so an attempt waits for the
+`patience_s` seconds (and at least `min_retries` times). RESOURCE_EXHAUSTED with a google.rpc.RetryInfo detail (a rate
+limit) is retried after the delay it names, when that fits in the patience; without one (a quota) it is final. Retries use gRPC wait-for-ready, so an attempt waits for the
 channel to connect instead of failing at once, within a deadline cut to the patience left. The server answers a
 retried request it already billed from its ledger (replayed, unbilled), so waiting never pays twice.
 
@@ -28,6 +29,27 @@ DEFAULT_PATIENCE_S = 120.0  # longer than a teacher restart (model load, ~5-30 s
 def backoff_delay(attempt: int, backoff_s: float, max_backoff_s: float = float("inf")) -> float:
     """Exponential backoff with +-25% jitter so that many workers do not retry in lockstep."""
     return min(max_backoff_s, backoff_s * (2 ** attempt)) * random.uniform(0.75, 1.25)
+
+
+def retry_after_s(err: grpc.RpcError) -> float | None:
+    """The google.rpc.RetryInfo delay a RESOURCE_EXHAUSTED status carries (a rate limit), or None."""
+    try:
+        from google.rpc import error_details_pb2, status_pb2
+    except ImportError:  # googleapis-common-protos not installed: no details to read
+        return None
+    trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    for key, value in trailing or ():
+        if key != "grpc-status-details-bin":
+            continue
+        try:
+            status = status_pb2.Status.FromString(value)
+        except Exception:  # noqa: BLE001 - a malformed detail is no retry hint
+            return None
+        for detail in status.details:
+            info = error_details_pb2.RetryInfo()
+            if detail.Unpack(info):
+                return max(0.0, info.retry_delay.ToTimedelta().total_seconds())
+    return None
 
 
 @dataclass
@@ -99,6 +121,12 @@ class Attempts:
     def failed(self, err: grpc.RpcError) -> float:
         """The delay before the next attempt, or raises the typed TeacherError when the call must not be retried."""
         code = err.code() if hasattr(err, "code") else None
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # a rate limit says when to come back; a quota does not
+            delay = retry_after_s(err)
+            if delay is None or delay > self.patience_left():
+                raise error_from_rpc(err, self.policy.target, attempts=self.count + 1)
+            self.count += 1
+            return delay
         if code not in RETRYABLE_CODES:
             raise error_from_rpc(err, self.policy.target, attempts=self.count + 1)
         now = time.monotonic()
