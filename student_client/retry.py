@@ -3,9 +3,10 @@
 A call that fails with UNAVAILABLE or DEADLINE_EXCEEDED (the teacher down, restarting, or answering "ledger
 unavailable, not billed, retry") is sent again under the same request_id, with jittered exponential backoff, for up to
 `patience_s` seconds (and at least `min_retries` times). RESOURCE_EXHAUSTED with a google.rpc.RetryInfo detail (a rate
-limit) is retried after the delay it names, when that fits in the patience; without one (a quota) it is final. Retries use gRPC wait-for-ready, so an attempt waits for the
-channel to connect instead of failing at once, within a deadline cut to the patience left. The server answers a
-retried request it already billed from its ledger (replayed, unbilled), so waiting never pays twice.
+limit) is retried after the delay it names, when that fits in the patience; without one (a quota) it is final.
+Retries use gRPC wait-for-ready, so an attempt waits for the channel to connect instead of failing at once, within a
+deadline cut to the patience left. The server answers a retried request it already billed from its ledger (replayed,
+unbilled), so waiting never pays twice.
 
 Per outage (across all calls sharing the policy), one line on stderr when the waiting starts and one when the teacher
 answers again.

@@ -80,7 +80,7 @@ def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
     if spec.distilled:
         raw.set_distilled_training(cfg.mode != "none")  # (cls, dist) outputs: KD goes on the distillation head
     train_ds, eval_ds, class_names = build_datasets(cfg.data, spec.image_size, cfg.augment)
-    train_ds = SeededSamples(train_ds, cfg.seed)  # augmentation drawn from (seed, epoch, index): a re-run sends the same
+    train_ds = SeededSamples(train_ds, cfg.seed)  # augmentation drawn from (seed, epoch, index), not process history
     sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
     loader = ctx.prepare_loader(DataLoader(train_ds, batch_size=cfg.per_worker_batch, sampler=sampler,
                                            num_workers=cfg.loader_workers, drop_last=cfg.augment == "heavy"))

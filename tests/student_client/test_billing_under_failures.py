@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 from process_testkit import (
-    STUDENT_CLI, TeacherProcess, clean_env, create_key, digests_by_id, free_port, ledger_rows_at, request_log, step_rows,
-    train_cmd, wait_for,
+    STUDENT_CLI, TeacherProcess, clean_env, create_key, digests_by_id, free_port, ledger_rows_at, request_log,
+    step_rows, train_cmd, wait_for,
 )
 from student_testkit import ledger_rows, make_subset, teacher_server, tiny_teacher
 
