@@ -195,7 +195,8 @@ def test_a_resumed_run_sends_the_bytes_of_an_uninterrupted_one_with_heavy_augmen
     straight = config(env, "det-straight", **common)
     run_training(replace(straight, request_log=str(Path(straight.out) / "requests.jsonl")), LocalContext())
     stopped = config(env, "det-stopped", **common)
-    stopped = replace(stopped, request_log=str(Path(stopped.out) / "requests.jsonl"))
+    # ... and in a DataLoader worker process rather than in the training process
+    stopped = replace(stopped, request_log=str(Path(stopped.out) / "requests.jsonl"), loader_workers=1)
     assert run_training(replace(stopped, max_steps=3), LocalContext())["global_step"] == 3  # mid-epoch 2
     run_id = (Path(stopped.out) / "run_id").read_text()
     assert run_training(replace(stopped, resume=True), LocalContext())["global_step"] == 6
