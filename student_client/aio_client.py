@@ -14,7 +14,7 @@ import torch
 
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
-from student_client.client import MAX_RESENDS, InferResult, channel_options, slice_rows
+from student_client.client import MAX_RESENDS, REPLAY_REFUSED, InferResult, channel_options, slice_rows
 from student_client.errors import TeacherError
 from student_client.retry import DEFAULT_PATIENCE_S, RetryPolicy
 from student_client.wire import (
@@ -34,7 +34,7 @@ class AsyncTeacherClient:
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.backoff = backoff
-        self.mismatched_requests = 0  # requests whose id the server refused (ALREADY_EXISTS), re-sent as <id>.rN
+        self.mismatched_requests = 0  # requests whose replay the server refused, re-sent as <id>.rN
         self.retry = RetryPolicy(target, timeout_s=timeout_s, patience_s=patience_s, min_retries=max_retries,
                                  backoff_s=backoff)
         self.model = model
@@ -82,7 +82,7 @@ class AsyncTeacherClient:
         return logits, usage
 
     async def _infer_request(self, req: pb.InferRequest) -> pb.InferResponse:
-        """As `TeacherClient.infer_request`: an id refused with ALREADY_EXISTS goes again as <id>.r1, .r2, ..."""
+        """As `TeacherClient.infer_request`: an id whose replay is refused goes again as <id>.r1, .r2, ..."""
         original = req.request_id
         for resend in range(MAX_RESENDS + 1):
             if resend:
@@ -90,14 +90,13 @@ class AsyncTeacherClient:
             try:
                 return await self._call(self.stub.Infer, req)
             except TeacherError as err:
-                if err.code != "ALREADY_EXISTS" or not original or resend == MAX_RESENDS:
+                if err.code not in REPLAY_REFUSED or not original or resend == MAX_RESENDS:
                     raise
                 if resend == 0:
                     self.mismatched_requests += 1
                     if self.mismatched_requests == 1:
-                        print(f"student-client: warning: the teacher billed request id {original} before for "
-                              f"different content ({err}); re-sending under a derived id (billed again)",
-                              file=sys.stderr, flush=True)
+                        print(f"student-client: warning: the teacher cannot replay request id {original} ({err}); "
+                              "re-sending under a derived id (billed again)", file=sys.stderr, flush=True)
         raise AssertionError("unreachable")
 
     async def _call(self, method: Any, request: Any) -> Any:

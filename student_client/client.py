@@ -9,9 +9,10 @@ request_id; a retry after UNAVAILABLE / DEADLINE_EXCEEDED reuses it, so the serv
 ledger and never bills it twice. Such failures are retried for up to `patience_s` (`student_client.retry`), long enough
 to ride out a teacher restart.
 
-When the server refuses an id with ALREADY_EXISTS (it billed that id before for different content, e.g. a resumed run
-whose kernels were not deterministic), the request is sent again under `<id>.r1` (then `.r2`, ...): billed as new work,
-warned about once and counted in `mismatched_requests`.
+When the server refuses an id it cannot replay -- ALREADY_EXISTS (it billed that id before for different content, e.g. a
+resumed run whose kernels were not deterministic) or FAILED_PRECONDITION (the stored answer has expired) -- the request
+is sent again under `<id>.r1` (then `.r2`, ...): billed as new work, warned about once, counted in
+`mismatched_requests`.
 """
 from __future__ import annotations
 
@@ -47,7 +48,9 @@ def channel_options(max_message_mb: float) -> list[tuple[str, Any]]:
             ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000)]
 
 
-MAX_RESENDS = 8  # derived ids <id>.r1 .. <id>.r8 tried after ALREADY_EXISTS
+MAX_RESENDS = 8  # derived ids <id>.r1 .. <id>.r8 tried after a refused replay
+# The server cannot replay this id: billed before for other content, or its stored answer expired.
+REPLAY_REFUSED = frozenset({"ALREADY_EXISTS", "FAILED_PRECONDITION"})
 
 
 def slice_rows(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
@@ -71,7 +74,7 @@ class TeacherClient:
         self.retry = RetryPolicy(target, timeout_s=timeout_s, patience_s=patience_s, min_retries=max_retries,
                                  backoff_s=backoff)
         self.request_log = Path(request_log) if request_log else None  # debug: sha256 of every request sent
-        self.mismatched_requests = 0    # requests whose id the server refused (ALREADY_EXISTS), re-sent as <id>.rN
+        self.mismatched_requests = 0    # requests whose replay the server refused, re-sent as <id>.rN
         self.max_message_mb = max_message_mb
         self.model = model              # None: the server's default model
         self._metadata = (("authorization", f"Bearer {api_key}"),)
@@ -128,7 +131,7 @@ class TeacherClient:
         return (logits[0] if len(logits) == 1 else torch.cat(logits)), usage
 
     def infer_request(self, req: pb.InferRequest) -> pb.InferResponse:
-        """Send one built request (retried per the policy); on ALREADY_EXISTS, again under a derived id."""
+        """Send one built request (retried per the policy); when its replay is refused, again under a derived id."""
         original = req.request_id
         for resend in range(MAX_RESENDS + 1):
             if resend:
@@ -137,7 +140,7 @@ class TeacherClient:
             try:
                 return self._call(self.stub.Infer, req)
             except TeacherError as err:
-                if err.code != "ALREADY_EXISTS" or not original or resend == MAX_RESENDS:
+                if err.code not in REPLAY_REFUSED or not original or resend == MAX_RESENDS:
                     raise
                 if resend == 0:
                     self.note_mismatch(original, str(err))
@@ -149,8 +152,8 @@ class TeacherClient:
             self.mismatched_requests += 1
             first = self.mismatched_requests == 1
         if first:
-            print(f"student-client: warning: the teacher billed request id {request_id} before for different content "
-                  f"({reason}); re-sending under a derived id (billed again; counted as teacher_mismatched_requests)",
+            print(f"student-client: warning: the teacher cannot replay request id {request_id} ({reason}); "
+                  "re-sending under a derived id (billed again; counted as teacher_mismatched_requests)",
                   file=sys.stderr, flush=True)
 
     def log_request(self, req: pb.InferRequest) -> None:

@@ -8,8 +8,8 @@
 When the stream breaks with UNAVAILABLE / DEADLINE_EXCEEDED, it is reopened under the client's retry policy (backoff,
 then waiting for the channel to connect, for up to the client's patience) and every unanswered request is sent again
 with the same request_id: the server answers those it already ran from its ledger, unbilled. When it ends with
-ALREADY_EXISTS (an id billed before for other content), the unanswered requests go as unary calls, which re-send each
-refused one under a derived id (`TeacherClient.infer_request`).
+ALREADY_EXISTS or FAILED_PRECONDITION (an id it cannot replay), the unanswered requests go as unary calls, which
+re-send each refused one under a derived id (`TeacherClient.infer_request`).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import grpc
 import torch
 
 from maskedkd.v1 import teacher_pb2 as pb
-from student_client.client import InferResult, TeacherClient
+from student_client.client import REPLAY_REFUSED, InferResult, TeacherClient
 from student_client.errors import TeacherError, TeacherInputError
 from student_client.retry import Attempts
 from student_client.wire import build_request, decode_response, new_request_id
@@ -138,7 +138,7 @@ class TeacherStream:
             if self._attempts is None:
                 self._attempts = self.client.retry.start()
             attempts = self._attempts
-        if err is not None and err.code() == grpc.StatusCode.ALREADY_EXISTS:
+        if err is not None and err.code().name in REPLAY_REFUSED:
             self._resend_unary(outbox)
             return
         try:
