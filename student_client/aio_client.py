@@ -1,4 +1,4 @@
-"""AsyncTeacherClient: the asyncio twin of TeacherClient on grpc.aio (same requests, retries and errors).
+"""AsyncTeacherClient: the asyncio twin of TeacherClient on grpc.aio (same requests, retry policy and errors).
 
 >>> async with AsyncTeacherClient("127.0.0.1:50051", key) as client:
 ...     logits, usage = await client.infer(images=x, keep_indices=keep)
@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any
 
 import grpc
@@ -14,8 +15,9 @@ import torch
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
 from student_client.channel import open_channel
-from student_client.client import InferResult, backoff_delay, slice_rows
-from student_client.errors import RETRYABLE_CODES, error_from_rpc
+from student_client.client import MAX_RESENDS, REPLAY_REFUSED, InferResult, slice_rows
+from student_client.errors import TeacherError
+from student_client.retry import DEFAULT_PATIENCE_S, RetryPolicy
 from student_client.tls import channel_credentials
 from student_client.wire import (
     ModelInfo, Usage, batch_size_of, build_request, decode_response, new_request_id, split_rows,
@@ -28,13 +30,16 @@ class AsyncTeacherClient:
     def __init__(
         self, target: str, api_key: str, *, timeout_s: float = 60.0, max_retries: int = 4, backoff: float = 0.25,
         max_message_mb: float = 64.0, model: str | None = None, tls: bool = False,
-        root_certificates: bytes | None = None, ca_file: str | None = None, client_cert: str | None = None,
-        client_key: str | None = None,
+        root_certificates: bytes | None = None, patience_s: float = DEFAULT_PATIENCE_S,
+        ca_file: str | None = None, client_cert: str | None = None, client_key: str | None = None,
     ) -> None:
         self.target = target
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.backoff = backoff
+        self.mismatched_requests = 0  # requests whose replay the server refused, re-sent as <id>.rN
+        self.retry = RetryPolicy(target, timeout_s=timeout_s, patience_s=patience_s, min_retries=max_retries,
+                                 backoff_s=backoff)
         self.model = model
         self._metadata = (("authorization", f"Bearer {api_key}"),)
         creds = channel_credentials(tls=tls, ca_file=ca_file, client_cert=client_cert, client_key=client_key,
@@ -68,7 +73,7 @@ class AsyncTeacherClient:
             )
             for i, rows in enumerate(parts)
         ]
-        responses = await asyncio.gather(*(self._call(self.stub.Infer, req) for req in requests))
+        responses = await asyncio.gather(*(self._infer_request(req) for req in requests))
         decoded = [decode_response(r) for r in responses]
         usage = Usage()
         for _, u in decoded:
@@ -76,17 +81,35 @@ class AsyncTeacherClient:
         logits = decoded[0][0] if len(decoded) == 1 else torch.cat([lg for lg, _ in decoded])
         return logits, usage
 
+    async def _infer_request(self, req: pb.InferRequest) -> pb.InferResponse:
+        """As `TeacherClient.infer_request`: an id whose replay is refused goes again as <id>.r1, .r2, ..."""
+        original = req.request_id
+        for resend in range(MAX_RESENDS + 1):
+            if resend:
+                req.request_id = f"{original}.r{resend}"
+            try:
+                return await self._call(self.stub.Infer, req)
+            except TeacherError as err:
+                if err.code not in REPLAY_REFUSED or not original or resend == MAX_RESENDS:
+                    raise
+                if resend == 0:
+                    self.mismatched_requests += 1
+                    if self.mismatched_requests == 1:
+                        print(f"student-client: warning: the teacher cannot replay request id {original} ({err}); "
+                              "re-sending under a derived id (billed again)", file=sys.stderr, flush=True)
+        raise AssertionError("unreachable")
+
     async def _call(self, method: Any, request: Any) -> Any:
-        attempt = 0
+        attempts = self.retry.start()
         while True:
             try:
-                return await method(request, timeout=self.timeout_s, metadata=self._metadata)
+                result = await method(request, timeout=attempts.timeout(), metadata=self._metadata,
+                                      wait_for_ready=attempts.waiting)
             except grpc.aio.AioRpcError as err:
-                if err.code() in RETRYABLE_CODES and attempt < self.max_retries:
-                    await asyncio.sleep(backoff_delay(attempt, self.backoff))
-                    attempt += 1
-                    continue
-                raise error_from_rpc(err, self.target, attempts=attempt + 1) from err
+                await asyncio.sleep(attempts.failed(err))
+                continue
+            attempts.succeeded()
+            return result
 
     async def close(self) -> None:
         await self.channel.close()

@@ -38,6 +38,8 @@ def channel_options(max_message_mb: float) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
         ("grpc.service_config", service_config()),
+        # reconnect within ~2 s of a restarted teacher coming back (gRPC's default backoff grows to 120 s)
+        ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000),
     ]
 
 

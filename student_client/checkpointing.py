@@ -33,6 +33,7 @@ class TrainState:
     teacher_full_gflops: float = 0.0     # what the full teacher would have cost
     teacher_cost: float = 0.0
     teacher_requests: int = 0
+    teacher_mismatched_requests: int = 0  # re-sent requests the teacher had billed for other content (re-billed)
     best_top1: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)  # per-epoch metrics
 

@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads-per-worker", type=int, default=1)
     t.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes per worker")
     t.add_argument("--teacher-timeout", type=float, default=120.0, help="deadline of one teacher call, seconds")
+    t.add_argument("--teacher-patience", type=float, default=120.0,
+                   help="seconds to keep retrying an unreachable or restarting teacher (same request ids)")
+    t.add_argument("--request-log", default=None,
+                   help="debug: append the request id and sha256 of every teacher request to this file")
     t.add_argument("--no-eval", action="store_true", help="skip evaluation after each epoch")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--ray-address", default=None, help="join a Ray cluster (default: start a local Ray)")
@@ -100,7 +104,8 @@ def _config(args: argparse.Namespace) -> TrainConfig:
         data=args.data, out=args.out, student=args.student, student_kwargs=args.student_kwargs,
         teacher=args.teacher, api_key=args.api_key, teacher_model=args.teacher_model, teacher_ca=args.teacher_ca,
         teacher_client_cert=args.teacher_client_cert, teacher_client_key=args.teacher_client_key,
-        teacher_timeout_s=args.teacher_timeout, transport=args.transport, mode=args.mode, strategy=args.strategy,
+        teacher_timeout_s=args.teacher_timeout, teacher_patience_s=args.teacher_patience,
+        request_log=args.request_log, transport=args.transport, mode=args.mode, strategy=args.strategy,
         keep=args.keep, lambda_kd=args.lambda_kd, tau=args.tau, hard=args.hard, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
         augment=args.augment, train_head_only=args.train_head_only, workers=1 if args.local else args.workers,
@@ -122,7 +127,7 @@ def _preflight(cfg: TrainConfig) -> str:
         raise ValueError(f"no class folders under {cfg.data}")
     if cfg.mode == "none":
         return ""
-    with TeacherClient(cfg.teacher or "", cfg.api_key or "", timeout_s=10.0, max_retries=1,
+    with TeacherClient(cfg.teacher or "", cfg.api_key or "", timeout_s=10.0, max_retries=1, patience_s=0,
                        model=cfg.teacher_model, **teacher_tls_kwargs(cfg)) as client:
         info = client.info()
         client.check_key()
@@ -142,6 +147,9 @@ def _print_summary(s: dict[str, Any], currency: str) -> None:
         print(f"teacher: {s['teacher_gflops']:.4g} GFLOPs used vs {s['teacher_full_gflops']:.4g} for the full teacher:"
               f" saved {s['teacher_saved_gflops']:.4g} GFLOPs ({100 * s['teacher_saving']:.1f}%),"
               f" cost {s['teacher_cost']:.6g} {currency}".rstrip())
+    if s.get("teacher_mismatched_requests"):
+        print(f"teacher: {s['teacher_mismatched_requests']} re-sent requests no longer matched what was billed under "
+              "their ids and were billed again under derived ids")
     if s.get("overlap") is not None:
         print(f"pipeline: {100 * s['overlap']:.0f}% of teacher time hidden behind student compute")
 

@@ -6,13 +6,22 @@
 
 By default only the kept patches travel (uint8 when the pixels are exactly k/255, else float16). Every call carries a
 request_id; a retry after UNAVAILABLE / DEADLINE_EXCEEDED reuses it, so the server answers a retried request from its
-ledger and never bills it twice.
+ledger and never bills it twice. Such failures are retried for up to `patience_s` (`student_client.retry`), long enough
+to ride out a teacher restart.
+
+When the server refuses an id it cannot replay -- ALREADY_EXISTS (it billed that id before for different content, e.g. a
+resumed run whose kernels were not deterministic) or FAILED_PRECONDITION (the stored answer has expired) -- the request
+is sent again under `<id>.r1` (then `.r2`, ...): billed as new work, warned about once, counted in
+`mismatched_requests`.
 """
 from __future__ import annotations
 
-import random
+import hashlib
+import json
+import os
+import sys
 import threading
-import time
+from pathlib import Path
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -23,7 +32,8 @@ import torch
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
 from student_client.channel import open_channel
-from student_client.errors import RETRYABLE_CODES, TeacherError, error_from_rpc
+from student_client.errors import TeacherError
+from student_client.retry import DEFAULT_PATIENCE_S, RetryPolicy
 from student_client.tls import channel_credentials
 from student_client.wire import (
     ModelInfo, Usage, batch_size_of, build_request, decode_response, new_request_id, split_rows,
@@ -33,9 +43,9 @@ T = TypeVar("T")
 InferResult = tuple[torch.Tensor, Usage]
 
 
-def backoff_delay(attempt: int, backoff_s: float) -> float:
-    """Exponential backoff with +-25% jitter so that many workers do not retry in lockstep."""
-    return backoff_s * (2 ** attempt) * random.uniform(0.75, 1.25)
+MAX_RESENDS = 8  # derived ids <id>.r1 .. <id>.r8 tried after a refused replay
+# The server cannot replay this id: billed before for other content, or its stored answer expired.
+REPLAY_REFUSED = frozenset({"ALREADY_EXISTS", "FAILED_PRECONDITION"})
 
 
 def slice_rows(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
@@ -49,16 +59,22 @@ class TeacherClient:
         self, target: str, api_key: str, *, timeout_s: float = 60.0, max_retries: int = 4, backoff: float = 0.25,
         max_message_mb: float = 64.0, model: str | None = None, tls: bool = False,
         root_certificates: bytes | None = None, interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (),
+        patience_s: float = DEFAULT_PATIENCE_S, request_log: str | Path | None = None,
         ca_file: str | None = None, client_cert: str | None = None, client_key: str | None = None,
     ) -> None:
         self.target = target
         self.timeout_s = timeout_s      # deadline of one attempt
-        self.max_retries = max_retries  # extra attempts after UNAVAILABLE / DEADLINE_EXCEEDED
+        self.max_retries = max_retries  # retries after UNAVAILABLE / DEADLINE_EXCEEDED, at least (see patience_s)
         self.backoff = backoff          # first retry waits ~backoff seconds, then doubles
+        self.patience_s = patience_s    # keep retrying a transient failure (teacher restarting) this long
+        self.retry = RetryPolicy(target, timeout_s=timeout_s, patience_s=patience_s, min_retries=max_retries,
+                                 backoff_s=backoff)
+        self.request_log = Path(request_log) if request_log else None  # debug: sha256 of every request sent
+        self.mismatched_requests = 0    # requests whose replay the server refused, re-sent as <id>.rN
         self.max_message_mb = max_message_mb
         self.model = model              # None: the server's default model
         self._metadata = (("authorization", f"Bearer {api_key}"),)
-        # one channel over one or many replicas (round-robin, health-checked): see student_client/channel.py;
+        # one channel over one or many replicas (round-robin, health-checked): see student_client/channel.py
         # TLS when asked for or when any TLS file is given (ca_file None: the system's root certificates)
         creds = channel_credentials(tls=tls, ca_file=ca_file, client_cert=client_cert, client_key=client_key,
                                     root_certificates=root_certificates)
@@ -68,6 +84,7 @@ class TeacherClient:
         self.stub = pb_grpc.TeacherServiceStub(self.channel)
         self._info: ModelInfo | None = None
         self._lock = threading.Lock()
+        self._log_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
 
     # ---- calls ----------------------------------------------------------------------------------------------
@@ -103,10 +120,49 @@ class TeacherClient:
                 keep_indices=slice_rows(keep_indices, rows), keep_counts=slice_rows(keep_counts, rows),
                 request_id=rid if len(parts) == 1 else f"{rid}.{i}", model=self.model, send_patches=send_patches,
             )
-            part_logits, part_usage = decode_response(self._call(self.stub.Infer, req))
+            part_logits, part_usage = decode_response(self.infer_request(req))
             logits.append(part_logits)
             usage = usage + part_usage
         return (logits[0] if len(logits) == 1 else torch.cat(logits)), usage
+
+    def infer_request(self, req: pb.InferRequest) -> pb.InferResponse:
+        """Send one built request (retried per the policy); when its replay is refused, again under a derived id."""
+        original = req.request_id
+        for resend in range(MAX_RESENDS + 1):
+            if resend:
+                req.request_id = f"{original}.r{resend}"
+            self.log_request(req)
+            try:
+                return self._call(self.stub.Infer, req)
+            except TeacherError as err:
+                if err.code not in REPLAY_REFUSED or not original or resend == MAX_RESENDS:
+                    raise
+                if resend == 0:
+                    self.note_mismatch(original, str(err))
+        raise AssertionError("unreachable")
+
+    def note_mismatch(self, request_id: str, reason: str) -> None:
+        """Count a refused re-send; warn once per client (the summary reports the count)."""
+        with self._lock:
+            self.mismatched_requests += 1
+            first = self.mismatched_requests == 1
+        if first:
+            print(f"student-client: warning: the teacher cannot replay request id {request_id} ({reason}); "
+                  "re-sending under a derived id (billed again; counted as teacher_mismatched_requests)",
+                  file=sys.stderr, flush=True)
+
+    def log_request(self, req: pb.InferRequest) -> None:
+        """With `request_log`: append {request_id, content_sha256, pid} as one JSON line, where content_sha256 is the
+        sha256 of the serialized request without its request_id (what must match when a resumed run re-sends it)."""
+        if self.request_log is None:
+            return
+        content = pb.InferRequest()
+        content.CopyFrom(req)
+        content.request_id = ""
+        digest = hashlib.sha256(content.SerializeToString(deterministic=True)).hexdigest()
+        line = json.dumps({"request_id": req.request_id, "content_sha256": digest, "pid": os.getpid()})
+        with self._log_lock, self.request_log.open("a") as f:
+            f.write(line + "\n")
 
     def check_key(self) -> None:
         """Raise TeacherAuthError unless the server accepts the API key. Free: opens an InferStream with no
@@ -130,18 +186,23 @@ class TeacherClient:
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return self._metadata
 
+    @property
+    def raw_channel(self) -> grpc.Channel:
+        """The channel without interceptors (for connectivity checks)."""
+        return self._raw_channel
+
     def _call(self, method: Callable[..., T], request: Any) -> T:
-        """One unary call with a deadline per attempt and backoff retries on UNAVAILABLE / DEADLINE_EXCEEDED."""
-        attempt = 0
+        """One unary call under the retry policy: retries wait for the channel (wait_for_ready) within the patience."""
+        attempts = self.retry.start()
         while True:
             try:
-                return method(request, timeout=self.timeout_s, metadata=self._metadata)
+                result = method(request, timeout=attempts.timeout(), metadata=self._metadata,
+                                wait_for_ready=attempts.waiting)
             except grpc.RpcError as err:
-                if err.code() in RETRYABLE_CODES and attempt < self.max_retries:
-                    time.sleep(backoff_delay(attempt, self.backoff))
-                    attempt += 1
-                    continue
-                raise error_from_rpc(err, self.target, attempts=attempt + 1) from err
+                attempts.sleep(attempts.failed(err))
+                continue
+            attempts.succeeded()
+            return result
 
     def close(self) -> None:
         if self._pool is not None:

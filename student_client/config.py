@@ -24,6 +24,7 @@ class TrainConfig:
     teacher_model: str | None = None            # served model name; None: the server's default
     teacher_timeout_s: float = 120.0            # deadline of one teacher call
     teacher_retries: int = 4                    # retries on UNAVAILABLE / DEADLINE_EXCEEDED (same request_id)
+    teacher_patience_s: float = 120.0           # ... kept up this long: a restarting teacher is waited for
     teacher_ca: str | None = None               # PEM CA of the teacher's TLS certificate: TLS on (a path on every node)
     teacher_client_cert: str | None = None      # PEM client certificate for a teacher with mutual TLS
     teacher_client_key: str | None = None       # its private key
@@ -59,6 +60,8 @@ class TrainConfig:
     eval: bool = True                           # evaluate on val/test after each epoch
     progress: bool = True                       # progress bar (in-process runs; the driver draws it for Ray)
     fail_at_step: int | None = None             # fault injection for recovery tests: rank 0 raises once here
+    run_id: str | None = None                   # request-id prefix; None: out/run_id (kept by --resume, else new)
+    request_log: str | None = None              # debug: append request_id + sha256 of every request sent here
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -85,11 +88,18 @@ class TrainConfig:
             raise ValueError("--augment heavy (mixup/cutmix) needs an even batch per worker")
         if self.tau <= 0:
             raise ValueError("--tau must be > 0")
+        if self.teacher_patience_s < 0:
+            raise ValueError("--teacher-patience must be >= 0 seconds")
 
     @property
     def keep_value(self) -> float | int:
         """What select_patches takes: a fraction, or an int count."""
         return int(self.keep) if self.keep > 1 else float(self.keep)
+
+    @property
+    def teacher_wait_s(self) -> float:
+        """How long one step waits for a teacher answer: every attempt's deadline plus the patience."""
+        return self.teacher_timeout_s * (self.teacher_retries + 1) + self.teacher_patience_s
 
     @property
     def per_worker_batch(self) -> int:

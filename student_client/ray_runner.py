@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from student_client.config import TrainConfig
+from student_client.determinism import run_id_for
 from student_client.errors import TeacherError
 from student_client.metrics import CsvProgressTail
 
@@ -89,6 +90,7 @@ def run_with_ray(cfg: TrainConfig, *, ray_address: str | None = None, worker_log
     started = init_ray(ray_address, cfg.workers, worker_logs=worker_logs)
     out = Path(cfg.out).resolve()
     cfg.out = str(out)
+    cfg.run_id = cfg.run_id or run_id_for(out, resume=cfg.resume)  # every worker, and every restart, uses this one
     resources = {"CPU": 1.0, **({"GPU": 1.0} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
         train_worker,

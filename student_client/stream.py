@@ -5,10 +5,13 @@
 ...     ...                                                # the student keeps computing
 ...     logits, usage = fut.result()
 
-When the stream breaks with UNAVAILABLE / DEADLINE_EXCEEDED, it is reopened (with backoff) and every unanswered
-request is sent again with the same request_id: the server answers those it already ran from its ledger, unbilled.
+When the stream breaks with UNAVAILABLE / DEADLINE_EXCEEDED, it is reopened under the client's retry policy (backoff,
+then waiting for the channel to connect, for up to the client's patience) and every unanswered request is sent again
+with the same request_id: the server answers those it already ran from its ledger, unbilled.
 A request the teacher refuses alone fails only its own future with the mapped TeacherError (after resends under the
-same request_id when the status is UNAVAILABLE / DEADLINE_EXCEEDED); the stream goes on.
+same request_id, per the same policy, when the status is transient); the stream goes on. A request refused with
+ALREADY_EXISTS or FAILED_PRECONDITION (an id the teacher cannot replay: billed before for other content, or its stored
+answer expired) goes as a unary call, which re-sends it under a derived id (`TeacherClient.infer_request`).
 """
 from __future__ import annotations
 
@@ -22,8 +25,9 @@ import grpc
 import torch
 
 from maskedkd.v1 import teacher_pb2 as pb
-from student_client.client import InferResult, TeacherClient, backoff_delay
-from student_client.errors import RETRYABLE_CODES, TeacherError, TeacherInputError, error_from_rpc
+from student_client.client import REPLAY_REFUSED, InferResult, TeacherClient
+from student_client.errors import TeacherError, TeacherInputError
+from student_client.retry import Attempts
 from student_client.wire import build_request, decode_response, new_request_id
 
 _CLOSE = object()  # ends the request iterator of one stream
@@ -44,6 +48,16 @@ class _MessageError(grpc.RpcError):
         return self._details
 
 
+class _ClosedEarly(grpc.RpcError):
+    """The server ended the stream cleanly with requests unanswered: retried like UNAVAILABLE."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "the stream ended with requests unanswered"
+
+
 class TeacherStream:
     """One bidirectional stream per session; thread-safe `submit`. Uses the client's channel, key and settings."""
 
@@ -55,8 +69,8 @@ class TeacherStream:
         self._outbox: queue.Queue[Any] | None = None
         self._reader: threading.Thread | None = None
         self._closed = False
-        self._failures = 0  # consecutive stream breaks without a response in between
-        self._retries: dict[str, int] = {}  # request_id -> resends after a transient per-message error
+        self._attempts: Attempts | None = None  # retry state while the stream keeps breaking without answers
+        self._retries: dict[str, Attempts] = {}  # request_id -> retry state after a transient per-message error
 
     def submit(
         self, images: torch.Tensor | None = None, patches: torch.Tensor | None = None,
@@ -86,6 +100,7 @@ class TeacherStream:
             if rid in self._pending:
                 raise ValueError(f"request_id {rid!r} is already in flight on this stream")
             self._pending[rid] = (req, fut)
+            self.client.log_request(req)
             self._ensure_open_locked()
             assert self._outbox is not None
             self._outbox.put(req)
@@ -122,9 +137,11 @@ class TeacherStream:
             for resp in call:
                 result = None if resp.HasField("error") else decode_response(resp)
                 with self._lock:
-                    self._failures = 0
+                    attempts, self._attempts = self._attempts, None
                     entry = self._pending.pop(resp.request_id, None)
-                    resent = self._retries.pop(resp.request_id, 0)
+                    resent = self._retries.pop(resp.request_id, None)
+                if attempts is not None:
+                    attempts.succeeded()
                 if entry is not None and not entry[1].done():
                     if result is None:  # this request alone failed; the stream goes on
                         self._on_message_error(resp, *entry, resent=resent)
@@ -137,16 +154,22 @@ class TeacherStream:
             self._fail_all(TeacherError(f"teacher at {self.client.target} sent a bad response: {err}"))
 
     def _on_message_error(self, resp: pb.InferResponse, req: pb.InferRequest, fut: Future[InferResult], *,
-                          resent: int) -> None:
-        """Resend a request refused with a transient status (same request_id, after a backoff), else fail it."""
-        err, attempt = _MessageError(resp), resent
-        if err.code() not in RETRYABLE_CODES or attempt >= self.client.max_retries:
-            fut.set_exception(error_from_rpc(err, self.client.target, attempts=attempt + 1))
+                          resent: Attempts | None) -> None:
+        """Resend a request refused with a transient status (same request_id, per the retry policy), else fail it."""
+        err = _MessageError(resp)
+        if err.code().name in REPLAY_REFUSED:
+            self._resolve_unary(req, fut)
+            return
+        attempts = resent or self.client.retry.start()
+        try:
+            delay = attempts.failed(err)
+        except TeacherError as error:
+            fut.set_exception(error)
             return
         with self._lock:
-            self._retries[req.request_id] = attempt + 1
+            self._retries[req.request_id] = attempts
             self._pending[req.request_id] = (req, fut)  # pending again: close() waits for it, a reopen resends it
-        timer = threading.Timer(backoff_delay(attempt, self.client.backoff), self._resend, args=(req,))
+        timer = threading.Timer(delay, self._resend, args=(req,))
         timer.daemon = True
         timer.start()
 
@@ -162,33 +185,57 @@ class TeacherStream:
         with self._lock:
             if not self._pending or self._closed and err is None:
                 return
-            retryable = err is None or err.code() in RETRYABLE_CODES
-            self._failures += 1
-            if retryable and self._failures <= self.client.max_retries:
-                attempt = self._failures - 1
-            else:
-                attempt = -1
-        if attempt < 0:
-            if err is None:
-                self._fail_all(TeacherError(
-                    f"teacher at {self.client.target} closed the stream with requests unanswered"))
-            else:
-                self._fail_all(error_from_rpc(err, self.client.target, attempts=self._failures))
+            if self._attempts is None:
+                self._attempts = self.client.retry.start()
+            attempts = self._attempts
+        if err is not None and err.code().name in REPLAY_REFUSED:
+            self._resend_unary(outbox)
             return
-        time.sleep(backoff_delay(attempt, self.client.backoff))
+        try:
+            delay = attempts.failed(err if err is not None else _ClosedEarly())
+            attempts.sleep(delay)
+            # wait for the teacher to accept connections again, within the patience left
+            grpc.channel_ready_future(self.client.raw_channel).result(timeout=max(attempts.patience_left(), 0.1))
+        except TeacherError as error:
+            self._fail_all(error)
+            return
+        except grpc.FutureTimeoutError:
+            self._fail_all(TeacherError(f"teacher at {self.client.target} is unavailable: it did not come back "
+                                        f"within {self.client.patience_s:.0f}s", code="UNAVAILABLE"))
+            return
         with self._lock:
             outbox.put(_CLOSE)
             self._reader = None
             if self._pending and not self._closed:
                 self._ensure_open_locked()
 
+    def _resend_unary(self, outbox: queue.Queue[Any]) -> None:
+        """Answer every unanswered request through unary calls (each refused id is re-sent under a derived id)."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+            outbox.put(_CLOSE)
+            self._outbox, self._reader, self._attempts = None, None, None
+
+        for req, fut in pending.values():
+            self._resolve_unary(req, fut)
+
+    def _resolve_unary(self, req: pb.InferRequest, fut: Future[InferResult]) -> None:
+        """Answer one request with a unary call on its own thread (a refused id goes again under a derived id)."""
+        def resolve() -> None:
+            try:
+                fut.set_result(decode_response(self.client.infer_request(req)))
+            except Exception as error:  # noqa: BLE001 - handed to the waiting step
+                fut.set_exception(error)
+
+        threading.Thread(target=resolve, daemon=True, name="teacher-stream-unary").start()
+
     def _fail_all(self, error: TeacherError) -> None:
         with self._lock:
             pending, self._pending = self._pending, {}
             if self._outbox is not None:
                 self._outbox.put(_CLOSE)
-            self._outbox, self._reader = None, None
-            self._failures = 0
+            self._outbox, self._reader, self._attempts = None, None, None
+            self._retries.clear()
         for _, fut in pending.values():
             if not fut.done():
                 fut.set_exception(error)

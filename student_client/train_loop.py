@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from student_client.client import TeacherClient
 from student_client.config import TrainConfig
 from student_client.context import LocalContext, RayContext
 from student_client.data import Normalizer, build_datasets, build_mixup, class_names_of
+from student_client.determinism import SeededSamples, run_id_for, seed_everything, step_seed
 from student_client.errors import FATAL_ERRORS, TeacherInputError
 from student_client.evaluate import Accuracy, count_correct, shard
 from student_client.losses import DistillationLoss
@@ -39,7 +39,8 @@ from student_client.train_step import PatchSelector, StepRunner
 
 Context = LocalContext | RayContext
 # Layout of the per-step all-reduced stats tensor.
-_STATS = ("loss", "ce", "kd", "images", "gflops", "full_gflops", "cost", "requests", "fatal", "wait_s", "teacher_s")
+_STATS = ("loss", "ce", "kd", "images", "gflops", "full_gflops", "cost", "requests", "fatal", "wait_s", "teacher_s",
+          "mismatched")
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -80,6 +81,7 @@ def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
     if spec.distilled:
         raw.set_distilled_training(cfg.mode != "none")  # (cls, dist) outputs: KD goes on the distillation head
     train_ds, eval_ds, class_names = build_datasets(cfg.data, spec.image_size, cfg.augment)
+    train_ds = SeededSamples(train_ds, cfg.seed)  # augmentation drawn from (seed, epoch, index), not process history
     sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
     loader = ctx.prepare_loader(DataLoader(train_ds, batch_size=cfg.per_worker_batch, sampler=sampler,
                                            num_workers=cfg.loader_workers, drop_last=cfg.augment == "heavy"))
@@ -114,7 +116,8 @@ def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
     if cfg.mode != "none":
         try:
             client = TeacherClient(cfg.teacher or "", cfg.api_key or "", timeout_s=cfg.teacher_timeout_s,
-                                   max_retries=cfg.teacher_retries, model=cfg.teacher_model,
+                                   max_retries=cfg.teacher_retries, patience_s=cfg.teacher_patience_s,
+                                   model=cfg.teacher_model, request_log=cfg.request_log,
                                    **teacher_tls_kwargs(cfg))
             info = client.info()
             if info.num_classes != model_kwargs["num_classes"]:
@@ -126,7 +129,7 @@ def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
             if needs_scores and spec.grid_size is None:
                 raise ValueError(f"--strategy {cfg.strategy} needs a ViT student; {cfg.student} has no patch grid")
             capture = SIPSCapture(raw) if needs_scores else None
-            gen = torch.Generator().manual_seed(cfg.seed * 1000 + ctx.rank + 7919 * state.global_step)
+            gen = torch.Generator()  # reseeded every step from (seed, epoch, step, rank)
             selector = PatchSelector(cfg, capture, spec.grid_size, target_grid, gen)
         except FATAL_ERRORS as err:
             setup_error = str(err)
@@ -134,8 +137,9 @@ def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
         return _finish(cfg, ctx, state, fatal_error=fatal, started=started)
     submit = None if client is None else (stream.submit if stream is not None else client.submit)
     criterion = DistillationLoss(cfg.lambda_kd, cfg.tau, cfg.hard)
-    runner = StepRunner(cfg, model, raw, normalize, criterion, selector, submit,
-                        request_id_prefix=f"{uuid.uuid4().hex[:12]}-w{ctx.rank}")
+    # The run id is the driver's (Ray) or out/run_id's: a resume or a restarted worker re-sends under the same ids.
+    run_id = cfg.run_id or run_id_for(out, resume=cfg.resume)
+    runner = StepRunner(cfg, model, raw, normalize, criterion, selector, submit, request_id_prefix=run_id)
 
     # ---- loop ----
     is_main = ctx.rank == 0
@@ -152,6 +156,8 @@ def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
         while state.epochs_done < cfg.epochs and not _done(cfg, state) and fatal is None:
             epoch = state.epochs_done
             sampler.set_epoch(epoch)
+            train_ds.set_epoch(epoch)
+            runner.prefix = f"{run_id}-e{epoch}-w{ctx.rank}"  # ids <run>-e<epoch>-w<rank>-s<step>-m<micro>
             ep_start, ep = time.perf_counter(), torch.zeros(len(_STATS), dtype=torch.float64)
             skip = state.batches_into_epoch
             for i, (images, targets) in enumerate(loader):
@@ -162,6 +168,10 @@ def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
                 _maybe_inject_failure(cfg, ctx, state)
                 t0 = time.perf_counter()
                 images, targets = images.to(ctx.device), targets.to(ctx.device)
+                seed_everything(step_seed(cfg.seed, epoch, state.global_step, ctx.rank, "global"))  # mixup, dropout
+                if selector is not None:
+                    selector.generator.manual_seed(step_seed(cfg.seed, epoch, state.global_step, ctx.rank, "select"))
+                mismatched_before = client.mismatched_requests if client is not None else 0
                 if mixup is not None:
                     images, targets = mixup(images, targets)
                 error, result = None, None
@@ -174,8 +184,10 @@ def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
                     b, u, s = result.images, result.usage, result.stats
                     stats += torch.tensor([float(result.loss.total.detach()) * b, float(result.loss.ce) * b,
                                            float(result.loss.kd) * b, b, u.gflops, u.full_gflops, u.cost,
-                                           u.requests, 0, s.wait_s, s.teacher_s], dtype=torch.float64)
+                                           u.requests, 0, s.wait_s, s.teacher_s, 0], dtype=torch.float64)
                 stats[_STATS.index("fatal")] = 1.0 if error else 0.0
+                if client is not None:
+                    stats[_STATS.index("mismatched")] = client.mismatched_requests - mismatched_before
                 stats = ctx.all_reduce(stats)
                 if stats[_STATS.index("fatal")] > 0:
                     fatal = next((m for m in ctx.all_gather_object(error) if m), "fatal teacher error")
@@ -232,6 +244,7 @@ def _account(state: TrainState, stats: torch.Tensor, batches_into_epoch: int) ->
     state.teacher_full_gflops += s["full_gflops"]
     state.teacher_cost += s["cost"]
     state.teacher_requests += int(s["requests"])
+    state.teacher_mismatched_requests += int(s["mismatched"])
 
 
 def _log_step(writer: MetricsWriter | None, progress: Progress, cfg: TrainConfig, state: TrainState,
@@ -303,7 +316,8 @@ def _finish(cfg: TrainConfig, ctx: Context, state: TrainState, *, fatal_error: s
         "val_top5": accuracy.top5 if accuracy else None, "val_images": accuracy.images if accuracy else 0,
         "teacher_gflops": used, "teacher_full_gflops": full, "teacher_saved_gflops": full - used,
         "teacher_saving": (full - used) / full if full else 0.0, "teacher_cost": state.teacher_cost,
-        "teacher_requests": state.teacher_requests, "wall_s": time.perf_counter() - started,
+        "teacher_requests": state.teacher_requests,
+        "teacher_mismatched_requests": state.teacher_mismatched_requests, "wall_s": time.perf_counter() - started,
         "mode": cfg.mode, "strategy": cfg.strategy, "keep": cfg.keep, "out": str(Path(cfg.out).resolve()),
         "overlap": _mean_overlap(state),
     }

@@ -118,12 +118,12 @@ class StepRunner:
         request_id: Callable[[int], str] = lambda i: f"{self.prefix}-s{step}-m{i}"  # noqa: E731
         if cfg.mode == "kd":
             result = pipelined_forward(micro, self._kd_student_step, self.submit, request_id=request_id,
-                                       timeout_s=cfg.teacher_timeout_s * (cfg.teacher_retries + 1))
+                                       timeout_s=cfg.teacher_wait_s)
         else:
             early = [TeacherRequest(x, None) for x in micro]
             result = pipelined_forward(micro, self._masked_student_step, self.submit, request_id=request_id,
                                        early_requests=early,
-                                       timeout_s=cfg.teacher_timeout_s * (cfg.teacher_retries + 1))
+                                       timeout_s=cfg.teacher_wait_s)
         assert result.teacher_logits is not None
         output = concat_outputs(result.outputs)
         teacher_logits = torch.cat(result.teacher_logits).to(images.device)  # [B, classes]

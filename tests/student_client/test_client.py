@@ -165,7 +165,7 @@ def test_errors_are_typed_one_line_and_unbilled(server, tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{s.getsockname()[1]}"
     with pytest.raises(TeacherUnavailableError) as unreachable:
-        TeacherClient(dead, "k", max_retries=2, backoff=0.01, timeout_s=2).info()
+        TeacherClient(dead, "k", max_retries=2, backoff=0.01, timeout_s=2, patience_s=0).info()
 
     for err in (bad_key, quota, bad_index, bad_model, unreachable):
         message = str(err.value)

@@ -82,7 +82,8 @@ def test_transient_message_errors_are_resent_under_the_same_id() -> None:
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        client = TeacherClient(f"127.0.0.1:{port}", "mkd_" + "s" * 43, max_retries=2, backoff=0.01)
+        client = TeacherClient(f"127.0.0.1:{port}", "mkd_" + "s" * 43, max_retries=2, backoff=0.01,
+                               patience_s=0)
         images, keep = torch.zeros(2, 3, 32, 32), torch.arange(8).repeat(2, 1)  # [B, C, H, W], [B, K]
         with TeacherStream(client) as stream:
             got = {rid: stream.submit(images=images, keep_indices=keep, request_id=rid)

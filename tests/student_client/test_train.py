@@ -2,6 +2,8 @@
 ledger against the FLOP model, what the teacher sees, head-only training, checkpoint and resume."""
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -175,3 +177,31 @@ def test_quota_exhausted_mid_run_stops_cleanly_with_the_reason(env: dict[str, An
     billed = sum(r["gflops"] for r in ledger_rows(srv, "quota-small"))
     assert billed <= 1.5 * one_step + 1e-9
     assert summary["teacher_gflops"] == pytest.approx(one_step, rel=1e-9)
+
+
+def test_a_resumed_run_sends_the_bytes_of_an_uninterrupted_one_with_heavy_augment_and_random_patches(
+    env: dict[str, Any],
+) -> None:
+    """RandAugment, mixup/cutmix (float16 on the wire) and the random patch choice are drawn from (seed, epoch,
+    step/index, rank), not from how far the process got: a run stopped mid-epoch and resumed sends what one
+    uninterrupted run sends, under the same ids (its run id kept in out/run_id)."""
+    common = dict(epochs=3, max_steps=None, augment="heavy", strategy="random")  # 2 steps of 8 per epoch
+
+    def digests(out: Path) -> dict[str, str]:
+        run_id = (out / "run_id").read_text().strip()
+        lines = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
+        return {str(e["request_id"]).removeprefix(run_id): str(e["content_sha256"]) for e in lines}
+
+    straight = config(env, "det-straight", **common)
+    run_training(replace(straight, request_log=str(Path(straight.out) / "requests.jsonl")), LocalContext())
+    stopped = config(env, "det-stopped", **common)
+    # ... and in a DataLoader worker process rather than in the training process
+    stopped = replace(stopped, request_log=str(Path(stopped.out) / "requests.jsonl"), loader_workers=1)
+    assert run_training(replace(stopped, max_steps=3), LocalContext())["global_step"] == 3  # mid-epoch 2
+    run_id = (Path(stopped.out) / "run_id").read_text()
+    assert run_training(replace(stopped, resume=True), LocalContext())["global_step"] == 6
+    assert (Path(stopped.out) / "run_id").read_text() == run_id
+
+    expected = digests(Path(straight.out))
+    assert sorted(expected) == sorted(f"-e{s // 2}-w0-s{s}-m{m}" for s in range(6) for m in range(2))
+    assert digests(Path(stopped.out)) == expected

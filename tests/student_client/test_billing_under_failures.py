@@ -1,0 +1,121 @@
+"""Training never pays twice: a training process killed with SIGKILL and resumed, and a teacher killed and restarted
+three times during a run, end with exactly the ledger rows of an uninterrupted run (read back with SQL), every
+re-sent request byte-identical to the first send (sha256 from the run's --request-log), and summary.json equal to
+what the ledger billed."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from process_testkit import (
+    STUDENT_CLI, TeacherProcess, clean_env, create_key, digests_by_id, free_port, ledger_rows_at, request_log,
+    step_rows, train_cmd, wait_for,
+)
+from student_testkit import ledger_rows, make_subset, teacher_server, tiny_teacher
+
+from student_client.cli import main
+from teacher_server.checkpoints import save_model_checkpoint
+from teacher_server.masked_teacher import MaskedTeacher
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def run_id_of(out: Path) -> str:
+    return (out / "run_id").read_text().strip()
+
+
+def summary_of(out: Path) -> dict[str, float]:
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_kill_9_mid_epoch_then_resume_bills_exactly_the_uninterrupted_run(tmp_path: Path) -> None:
+    data = make_subset(tmp_path / "data", train_per_class=4, test_per_class=1)  # 40 images: 5 steps of 8 per epoch
+    env = clean_env()
+    with teacher_server(tmp_path, tiny_teacher()) as srv:
+        straight, killed = tmp_path / "straight", tmp_path / "killed"
+        # the uninterrupted run: the same command line, through the same main() in this process
+        assert main(train_cmd(data, straight, srv.address, srv.create_key("straight"))[len(STUDENT_CLI):]) == 0
+
+        key = srv.create_key("killed")
+        proc = subprocess.Popen(train_cmd(data, killed, srv.address, key), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=env)
+        try:
+            wait_for(lambda: step_rows(killed) >= 7 or proc.poll() is not None, 180, "7 steps")  # into epoch 2
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait(timeout=30) == -signal.SIGKILL, "the run ended before it could be killed"
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        run_id = run_id_of(killed)
+        resumed = subprocess.run(train_cmd(data, killed, srv.address, key, "--resume"),
+                                 capture_output=True, text=True, timeout=180, env=env)
+        assert resumed.returncode == 0, resumed.stderr
+        assert "resuming from" in resumed.stderr
+        assert run_id_of(killed) == run_id  # --resume kept the run id
+        rows_straight, rows_killed = ledger_rows(srv, "straight"), ledger_rows(srv, "killed")
+
+    def ids(rows: list[dict[str, object]], run: str) -> list[str]:
+        return sorted(str(r["request_id"]).removeprefix(run) for r in rows)
+
+    # the same requests, each billed once: 2 epochs x 5 steps x 2 micro-batches
+    assert ids(rows_killed, run_id) == ids(rows_straight, run_id_of(straight))
+    assert len(rows_killed) == len({r["request_id"] for r in rows_killed}) == 20
+    billed = sum(float(r["gflops"]) for r in rows_killed)  # type: ignore[arg-type]
+    assert billed == pytest.approx(sum(float(r["gflops"]) for r in rows_straight), rel=1e-12)  # type: ignore[arg-type]
+    assert summary_of(killed)["teacher_gflops"] == pytest.approx(billed, rel=1e-9)
+    assert summary_of(killed)["teacher_mismatched_requests"] == 0
+
+    # byte identity, proven on the client side: the killed run re-sent epoch 2's first steps under the same ids,
+    # with the same bytes as its first attempt and as the uninterrupted run
+    log = request_log(killed)
+    assert len({e["pid"] for e in log}) == 2
+    sent = digests_by_id(log, run_id)
+    resent = [rid for rid, n in Counter(str(e["request_id"]) for e in log).items() if n > 1]
+    assert len(resent) >= 4, "the kill came too late to re-send anything"
+    assert all(len(d) == 1 for d in sent.values()), {k: v for k, v in sent.items() if len(v) > 1}
+    assert sent == digests_by_id(request_log(straight), run_id_of(straight))
+
+
+def test_teacher_killed_and_restarted_three_times_the_run_completes_billed_once(tmp_path: Path) -> None:
+    data = make_subset(tmp_path / "data", train_per_class=4, test_per_class=1)
+    teacher = tiny_teacher()
+    ckpt = save_model_checkpoint(tmp_path / "teacher.safetensors", teacher, model_name="vit_tiny_patch16_224",
+                                 model_kwargs={"img_size": 32, "patch_size": 4, "num_classes": 10, "depth": 2})
+    db = tmp_path / "ledger.db"
+    server = TeacherProcess(ckpt, db, free_port(), tmp_path / "teacher.log")
+    server.start()
+    key = create_key(db, "restarts")
+    out = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(data, out, server.address, key, epochs=2), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=clean_env())
+    try:
+        for rows in (2, 4, 6):  # kill it three times while steps are in flight, and start it again at once
+            wait_for(lambda: step_rows(out) >= rows or proc.poll() is not None, 180, f"{rows} steps")
+            assert proc.poll() is None, "the run ended before the teacher was killed"
+            server.kill()
+            server.start()
+        _, stderr = proc.communicate(timeout=200)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.stop()
+    assert proc.returncode == 0, stderr
+    assert server.starts == 4
+    assert stderr.count("waiting up to 120s") >= 1 and "is back after" in stderr
+
+    rows = ledger_rows_at(db, "restarts")
+    run_id = run_id_of(out)
+    expected = {f"{run_id}-e{s // 5}-w0-s{s}-m{m}" for s in range(10) for m in range(2)}
+    assert sorted(r["request_id"] for r in rows) == sorted(expected)  # each id once, none missing, none extra
+    per_image = MaskedTeacher(teacher).gflops(32)  # keep 0.5 of the 8x8 grid (SIPS)
+    for r in rows:
+        assert r["gflops"] == pytest.approx(int(r["images"]) * per_image, rel=1e-9)  # type: ignore[call-overload]
+    billed = sum(float(r["gflops"]) for r in rows)  # type: ignore[arg-type]
+    assert billed == pytest.approx(80 * per_image, rel=1e-9)  # what an uninterrupted run bills: 2 epochs x 40
+    assert summary_of(out)["teacher_gflops"] == pytest.approx(billed, rel=1e-9)
+    sent = digests_by_id(request_log(out), run_id)
+    assert all(len(d) == 1 for d in sent.values())  # whatever was re-sent went with the same bytes
