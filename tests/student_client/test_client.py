@@ -226,7 +226,8 @@ async def test_async_client_and_stream_over_mutual_tls(tmp_path: Path) -> None:
             _, usage = await client.infer(images=pixels(2), request_id="aio-tls")
         with TeacherStream(TeacherClient(srv.address, key, **tls)) as stream:
             _, streamed = stream.submit(images=pixels(1), request_id="stream-tls").result(timeout=60)
-        async with AsyncTeacherClient(srv.address, key, ca_file=pki.ca, max_retries=0, timeout_s=5) as no_cert:
+        async with AsyncTeacherClient(srv.address, key, ca_file=pki.ca, max_retries=0, timeout_s=5,
+                                      patience_s=0) as no_cert:
             with pytest.raises(TeacherUnavailableError):
                 await no_cert.infer(images=pixels(1))
         rows = ledger_rows(srv, "mtls")

@@ -331,7 +331,9 @@ def test_dashboard_usage_equals_raw_sql_on_postgres(postgres_url: str, model) ->
             assert k["gflops"] == pytest.approx(gflops, rel=REL) and k["cost"] == pytest.approx(cost, rel=REL)
             assert k["full_gflops"] == pytest.approx(full, rel=REL)
 
-    client = TestClient(create_app(pg_settings(postgres_url)), raise_server_exceptions=False)
+    viewer = "pg-viewer-token"  # the read views need a token since the lock-down
+    client = TestClient(create_app(pg_settings(postgres_url, viewer_token=viewer)), raise_server_exceptions=False,
+                        headers={"Authorization": f"Bearer {viewer}"})
     body = client.get("/api/usage/keys").json()
     expected = sql_totals()
     for path in ("/api/usage/keys", "/api/usage/timeseries", "/api/usage/latency"):  # Postgres text holds no NUL

@@ -71,9 +71,10 @@ def test_tls_call_works_and_billing_equals_the_ledger(tls_server: RunningServer,
 
 def test_plain_text_and_untrusting_clients_are_refused_unbilled(tls_server: RunningServer, pki: Pki) -> None:
     key = tls_server.create_key("tls-refused")
-    _refused(TeacherClient(tls_server.address, key, max_retries=0, timeout_s=5))            # plain text
-    _refused(TeacherClient(tls_server.address, key, tls=True, max_retries=0, timeout_s=5))  # system roots only
-    _refused(TeacherClient(tls_server.address, key, ca_file=pki.other_ca, max_retries=0, timeout_s=5))
+    once = {"max_retries": 0, "timeout_s": 5, "patience_s": 0}  # a refused handshake is not a teacher restart
+    _refused(TeacherClient(tls_server.address, key, **once))                        # plain text
+    _refused(TeacherClient(tls_server.address, key, tls=True, **once))              # system roots only
+    _refused(TeacherClient(tls_server.address, key, ca_file=pki.other_ca, **once))
     with grpc.insecure_channel(tls_server.address) as channel:
         with pytest.raises(grpc.RpcError) as err:
             pb_grpc.TeacherServiceStub(channel).GetModelInfo(pb.ModelInfoRequest(), timeout=5)
@@ -96,9 +97,10 @@ def test_mutual_tls_needs_a_client_certificate_from_the_ca(mtls_server: RunningS
     with TeacherClient(mtls_server.address, key, ca_file=pki.ca, client_cert=pki.client_cert,
                        client_key=pki.client_key) as client:
         _, usage = client.infer(images=_pixels(2), request_id="m1")
-    _refused(TeacherClient(mtls_server.address, key, ca_file=pki.ca, max_retries=0, timeout_s=5))
+    once = {"max_retries": 0, "timeout_s": 5, "patience_s": 0}  # a refused handshake is not a teacher restart
+    _refused(TeacherClient(mtls_server.address, key, ca_file=pki.ca, **once))
     _refused(TeacherClient(mtls_server.address, key, ca_file=pki.ca, client_cert=pki.other_client_cert,
-                           client_key=pki.other_client_key, max_retries=0, timeout_s=5))
+                           client_key=pki.other_client_key, **once))
     rows = [r for r in ledger_rows(mtls_server.settings.db) if r["key"] == "mtls-bob"]
     assert [r["request_id"] for r in rows] == ["m1"] and rows[0]["cost"] == pytest.approx(usage.cost, rel=1e-12)
 
