@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--student-kwargs", type=_json_dict, default={}, help="JSON kwargs for timm.create_model")
     t.add_argument("--data", required=True, help="ImageFolder root with train/ and val/ or test/")
     t.add_argument("--out", required=True, help="output directory: checkpoints, metrics CSVs, summary.json")
+    t.add_argument("--storage", default=None,
+                   help="Ray Train checkpoint storage: a path every node shares (NFS) or a URI (s3://, gs://); "
+                   "default <out>/ray (one machine only)")
     t.add_argument("--epochs", type=int, default=1)
     t.add_argument("--batch-size", type=int, default=64, help="global batch, split over workers")
     t.add_argument("--lr", type=float, default=5e-4)
@@ -101,7 +104,7 @@ def _config(args: argparse.Namespace) -> TrainConfig:
 
     use_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     return TrainConfig(
-        data=args.data, out=args.out, student=args.student, student_kwargs=args.student_kwargs,
+        data=args.data, out=args.out, storage=args.storage, student=args.student, student_kwargs=args.student_kwargs,
         teacher=args.teacher, api_key=args.api_key, teacher_model=args.teacher_model, teacher_ca=args.teacher_ca,
         teacher_client_cert=args.teacher_client_cert, teacher_client_key=args.teacher_client_key,
         teacher_timeout_s=args.teacher_timeout, teacher_patience_s=args.teacher_patience,
@@ -160,6 +163,10 @@ def _train(args: argparse.Namespace) -> int:
     cfg = _config(args)
     currency = _preflight(cfg)
     existing = latest_checkpoint(cfg.out)
+    if existing is None and not args.local:
+        from student_client.ray_runner import stored_run
+
+        existing = stored_run(cfg)  # Ray Train's checkpoints of the run id in --out, on --storage
     if cfg.resume and existing is None:
         print(f"student-client: no checkpoint in {cfg.out} yet; starting from scratch", file=sys.stderr)
     elif cfg.resume and existing is not None:

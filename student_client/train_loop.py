@@ -28,7 +28,7 @@ from student_client.determinism import SeededSamples, run_id_for, seed_everythin
 from student_client.errors import FATAL_ERRORS, TeacherInputError
 from student_client.evaluate import Accuracy, count_correct, shard
 from student_client.losses import DistillationLoss
-from student_client.metrics import MetricsWriter, Progress, write_run_info
+from student_client.metrics import MetricsWriter, Progress
 from student_client.sips import SIPSCapture
 from student_client.stream import TeacherStream
 from student_client.student import (
@@ -73,6 +73,8 @@ def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
     started = time.perf_counter()
 
     # ---- student and data ----
+    if (fatal := _fatal(ctx, _missing_data(cfg, ctx))) is not None:  # every node must see --data
+        return _finish(cfg, ctx, TrainState(), fatal_error=fatal, started=started)
     model_kwargs = student_kwargs_for(cfg.student_kwargs, len(class_names_of(cfg.data)))
     raw = create_student(cfg.student, model_kwargs)
     spec = describe_student(raw)
@@ -104,6 +106,8 @@ def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
         if source is not None:
             state = load_training_checkpoint(source, model=raw, optimizer=optimizer, scheduler=scheduler)
     resumed = state.global_step > 0
+    if (fatal := _fatal(ctx, _resume_mismatch(ctx, state))) is not None:
+        return _finish(cfg, ctx, state, fatal_error=fatal, started=started)
     model = ctx.prepare_model(MaskedStudent(raw) if cfg.mode == "mask-student" else raw)
     normalize = Normalizer(spec.mean, spec.std, ctx.device)
     mixup = build_mixup(len(class_names), cfg.augment)
@@ -147,7 +151,8 @@ def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(cfg.to_json())
-        write_run_info(out, total=planned, initial=min(state.global_step, planned))
+    if ctx.under_ray:  # the driver's progress bar starts from this report
+        ctx.report({"kind": "start", "total": planned, "initial": min(state.global_step, planned)})
     progress = Progress(planned, min(state.global_step, planned),
                         enabled=is_main and cfg.progress and not ctx.under_ray)  # Ray: the driver draws it
     fatal: str | None = None
@@ -199,9 +204,11 @@ def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
                 scheduler.step()
                 ep += stats
                 _account(state, stats, i + 1 if i + 1 < steps_per_epoch else 0)
+                row = _step_row(state, stats, epoch, time.perf_counter() - t0, optimizer.param_groups[0]["lr"])
                 if is_main:
-                    _log_step(writer, progress, cfg, state, stats, epoch, time.perf_counter() - t0,
-                              optimizer.param_groups[0]["lr"])
+                    _log_step(writer, progress, cfg, state, row)
+                if ctx.under_ray and state.global_step % max(1, cfg.log_every) == 0:  # every rank: a collective
+                    ctx.report({"kind": "step", **{k: v for k, v in row.items() if v != ""}})
             if fatal is not None:
                 break
             if state.batches_into_epoch == 0:  # else max_steps stopped it mid-epoch; a resume continues there
@@ -247,8 +254,24 @@ def _account(state: TrainState, stats: torch.Tensor, batches_into_epoch: int) ->
     state.teacher_mismatched_requests += int(s["mismatched"])
 
 
-def _log_step(writer: MetricsWriter | None, progress: Progress, cfg: TrainConfig, state: TrainState,
-              stats: torch.Tensor, epoch: int, step_s: float, lr: float) -> None:
+def _missing_data(cfg: TrainConfig, ctx: Context) -> str | None:
+    """A one-line error when this worker's node does not have --data (Ray workers read it where they run)."""
+    if Path(cfg.data).is_dir():
+        return None
+    return (f"--data {cfg.data} is not a directory on {ctx.node} (rank {ctx.rank}): on a Ray cluster it must "
+            "exist on every node (a shared or copied path)")
+
+
+def _resume_mismatch(ctx: Context, state: TrainState) -> str | None:
+    """Ranks that restored different checkpoints (a --resume from an --out that is not shared) must not train."""
+    steps = ctx.all_gather_object(state.global_step)
+    if len(set(steps)) <= 1:
+        return None
+    return (f"workers restored different checkpoints (global step by rank: {steps}): resume from --storage, or "
+            "make --out a path shared by every node")
+
+
+def _step_row(state: TrainState, stats: torch.Tensor, epoch: int, step_s: float, lr: float) -> dict[str, Any]:
     s = dict(zip(_STATS, stats.tolist()))
     n = max(1.0, s["images"])
     row = {
@@ -259,6 +282,11 @@ def _log_step(writer: MetricsWriter | None, progress: Progress, cfg: TrainConfig
         "total_saved_gflops": state.teacher_full_gflops - state.teacher_gflops,
         "overlap": 1 - s["wait_s"] / s["teacher_s"] if s["teacher_s"] > 0 else "", "teacher_wait_s": s["wait_s"],
     }
+    return row
+
+
+def _log_step(writer: MetricsWriter | None, progress: Progress, cfg: TrainConfig, state: TrainState,
+              row: dict[str, Any]) -> None:
     if writer is not None and state.global_step % max(1, cfg.log_every) == 0:
         writer.log_step(row)
     progress.update(1, {"loss": row["loss"], "img_per_s": row["img_per_s"], "gflops": state.teacher_gflops,
@@ -304,7 +332,8 @@ def _end_epoch(cfg: TrainConfig, ctx: Context, writer: MetricsWriter | None, sta
                    "mode": cfg.mode, "strategy": cfg.strategy, "keep": cfg.keep},
         )
         prune_checkpoints(cfg.out, cfg.keep_checkpoints)
-    ctx.report({k: v for k, v in row.items() if v != ""} | {"global_step": state.global_step}, ckpt_dir)
+    ctx.report({k: v for k, v in row.items() if v != ""} | {"global_step": state.global_step, "kind": "epoch"},
+               ckpt_dir)
 
 
 def _finish(cfg: TrainConfig, ctx: Context, state: TrainState, *, fatal_error: str | None, started: float,
@@ -324,7 +353,7 @@ def _finish(cfg: TrainConfig, ctx: Context, state: TrainState, *, fatal_error: s
     if ctx.rank == 0:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         (Path(cfg.out) / "summary.json").write_text(json.dumps(summary, indent=2))
-    ctx.report({k: v for k, v in summary.items() if v is not None} | {"final": True})
+    ctx.report({k: v for k, v in summary.items() if v is not None} | {"final": True, "kind": "final"})
     return summary
 
 
