@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import tarfile
 from typing import Any
 
 from student_client.config import MODES, PRECISIONS, STRATEGIES, TRANSPORTS, TrainConfig
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="private key of --teacher-client-cert (env MASKEDKD_TEACHER_CLIENT_KEY)")
     t.add_argument("--student", default="vit_tiny_patch16_224", help="timm architecture name")
     t.add_argument("--student-kwargs", type=_json_dict, default={}, help="JSON kwargs for timm.create_model")
-    t.add_argument("--data", required=True, help="ImageFolder root with train/ and val/ or test/")
+    t.add_argument("--data", required=True, help="ImageFolder root with train/ and val/ or test/, or a .tar/.tar.gz "
+                   "of one (each node extracts it once into $MASKEDKD_DATA_CACHE, default ~/.cache/maskedkd/data)")
     t.add_argument("--out", required=True, help="output directory: checkpoints, metrics CSVs, summary.json")
     t.add_argument("--storage", default=None,
                    help="Ray Train checkpoint storage: a path every node shares (NFS) or a URI (s3://, gs://); "
@@ -123,9 +125,13 @@ def _preflight(cfg: TrainConfig) -> str:
     """Reach the teacher once before starting workers: a bad address or key fails here, in one line."""
     from student_client.client import TeacherClient
     from student_client.data import class_names_of
+    from student_client.data_archive import local_data_root
     from student_client.tls import teacher_tls_kwargs
 
-    classes = class_names_of(cfg.data)
+    try:
+        classes = class_names_of(local_data_root(cfg.data))  # an archive: extracted here too, to read its classes
+    except tarfile.TarError as err:
+        raise ValueError(f"--data {cfg.data} is not a readable archive: {err}") from err
     if not classes:
         raise ValueError(f"no class folders under {cfg.data}")
     if cfg.mode == "none":

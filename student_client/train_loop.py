@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from student_client.client import TeacherClient
 from student_client.config import TrainConfig
 from student_client.context import LocalContext, RayContext
 from student_client.data import Normalizer, build_datasets, build_mixup, class_names_of
+from student_client.data_archive import is_archive, local_data_root
 from student_client.determinism import SeededSamples, run_id_for, seed_everything, step_seed
 from student_client.errors import FATAL_ERRORS, TeacherInputError
 from student_client.evaluate import Accuracy, count_correct, shard
@@ -73,16 +75,17 @@ def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
     started = time.perf_counter()
 
     # ---- student and data ----
-    if (fatal := _fatal(ctx, _missing_data(cfg, ctx))) is not None:  # every node must see --data
+    data_root, data_error = _local_data(cfg, ctx)
+    if (fatal := _fatal(ctx, data_error)) is not None:  # every node must see --data
         return _finish(cfg, ctx, TrainState(), fatal_error=fatal, started=started)
-    model_kwargs = student_kwargs_for(cfg.student_kwargs, len(class_names_of(cfg.data)))
+    model_kwargs = student_kwargs_for(cfg.student_kwargs, len(class_names_of(data_root)))
     raw = create_student(cfg.student, model_kwargs)
     spec = describe_student(raw)
     if cfg.train_head_only:
         freeze_all_but_head(raw)
     if spec.distilled:
         raw.set_distilled_training(cfg.mode != "none")  # (cls, dist) outputs: KD goes on the distillation head
-    train_ds, eval_ds, class_names = build_datasets(cfg.data, spec.image_size, cfg.augment)
+    train_ds, eval_ds, class_names = build_datasets(data_root, spec.image_size, cfg.augment)
     train_ds = SeededSamples(train_ds, cfg.seed)  # augmentation drawn from (seed, epoch, index), not process history
     sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
     loader = ctx.prepare_loader(DataLoader(train_ds, batch_size=cfg.per_worker_batch, sampler=sampler,
@@ -254,12 +257,18 @@ def _account(state: TrainState, stats: torch.Tensor, batches_into_epoch: int) ->
     state.teacher_mismatched_requests += int(s["mismatched"])
 
 
-def _missing_data(cfg: TrainConfig, ctx: Context) -> str | None:
-    """A one-line error when this worker's node does not have --data (Ray workers read it where they run)."""
-    if Path(cfg.data).is_dir():
-        return None
-    return (f"--data {cfg.data} is not a directory on {ctx.node} (rank {ctx.rank}): on a Ray cluster it must "
-            "exist on every node (a shared or copied path)")
+def _local_data(cfg: TrainConfig, ctx: Context) -> tuple[str, str | None]:
+    """This node's ImageFolder root for --data (an archive extracted once per node), or a one-line error naming the
+    node when it does not have --data (Ray workers read it where they run)."""
+    try:
+        root = local_data_root(cfg.data)
+    except (tarfile.TarError, OSError) as err:
+        return cfg.data, f"--data {cfg.data} could not be extracted on {ctx.node} (rank {ctx.rank}): {err}"
+    if Path(root).is_dir():
+        return root, None
+    what = "an archive file" if is_archive(cfg.data) else "a directory"
+    return root, (f"--data {cfg.data} is not {what} on {ctx.node} (rank {ctx.rank}): on a Ray cluster it must "
+                  "exist on every node (a shared or copied path)")
 
 
 def _resume_mismatch(ctx: Context, state: TrainState) -> str | None:
