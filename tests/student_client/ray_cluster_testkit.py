@@ -86,7 +86,9 @@ def _stop(cluster: RayCluster) -> None:
 
 
 @contextmanager
-def two_node_cluster(log_dir: Path, *, timeout_s: float = 120.0) -> Iterator[RayCluster]:
+def two_node_cluster(log_dir: Path, *, node_env: tuple[dict[str, str], dict[str, str]] = ({}, {}),
+                     timeout_s: float = 120.0) -> Iterator[RayCluster]:
+    """`node_env`: extra environment of the head's and of the second node's processes (their Ray workers)."""
     port = free_port()
     env = clean_env() | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
                          "RAY_USAGE_STATS_ENABLED": "0"}
@@ -96,10 +98,10 @@ def two_node_cluster(log_dir: Path, *, timeout_s: float = 120.0) -> Iterator[Ray
     try:
         cluster.procs.append(_start_node(
             ["--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1", "--num-gpus=0",
-             "--include-dashboard=false", f"--temp-dir={temp_dirs[0]}"], env, log_dir / "ray-head.log"))
+             "--include-dashboard=false", f"--temp-dir={temp_dirs[0]}"], env | node_env[0], log_dir / "ray-head.log"))
         cluster.procs.append(_start_node(
             [f"--address={cluster.address}", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0",
-             f"--temp-dir={temp_dirs[1]}"], env, log_dir / "ray-worker.log"))
+             f"--temp-dir={temp_dirs[1]}"], env | node_env[1], log_dir / "ray-worker.log"))
         deadline = time.monotonic() + timeout_s
         while len(cluster.alive_nodes()) < 2:
             if time.monotonic() > deadline or any(p.poll() is not None for p in cluster.procs):

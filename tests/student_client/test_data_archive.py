@@ -1,12 +1,11 @@
 """`--data` as an archive on shared storage: extracted once per node into the cache, then trained from like a folder."""
 from __future__ import annotations
 
-import tarfile
 import threading
 from pathlib import Path
 
 import pytest
-from student_testkit import STUDENT, STUDENT_KWARGS, make_subset
+from student_testkit import STUDENT, STUDENT_KWARGS, make_archive
 
 from student_client.cli import main
 from student_client.config import TrainConfig
@@ -14,15 +13,6 @@ from student_client.context import LocalContext
 from student_client.data import class_names_of
 from student_client.data_archive import CACHE_ENV, local_data_root
 from student_client.train_loop import run_training
-
-
-def make_archive(tmp_path: Path) -> Path:
-    subset = make_subset(tmp_path / "cifar-small", train_per_class=1, test_per_class=1)
-    archive = tmp_path / "shared" / "cifar-small.tar.gz"
-    archive.parent.mkdir()
-    with tarfile.open(archive, "w:gz", dereference=True) as tar:  # the subset is symlinks: store the images
-        tar.add(subset, arcname="cifar-small")
-    return archive
 
 
 def test_an_archive_is_extracted_once_per_node_and_trained_from(tmp_path: Path,

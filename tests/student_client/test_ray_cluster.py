@@ -1,5 +1,6 @@
 """`student-client train` on a real two-node Ray cluster (two `ray start` nodes on loopback, one CPU each, so the two
-workers run on different nodes) against a real teacher: checkpoints land in --storage, the driver's progress and
+workers run on different nodes) against a real teacher: the data is an archive on the shared storage, extracted once
+per node; checkpoints land in --storage, the driver's progress and
 epoch lines come from Ray Train's reports, `--resume` continues from the storage alone (the --out checkpoints
 deleted, as when rank 0 wrote them on another machine), and the ledger holds exactly the run's request ids.
 """
@@ -12,13 +13,17 @@ from pathlib import Path
 
 from process_testkit import STUDENT_CLI, ledger_rows_at
 from ray_cluster_testkit import two_node_cluster
-from student_testkit import STUDENT, STUDENT_KWARGS, make_subset, teacher_server, tiny_teacher
+from student_testkit import STUDENT, STUDENT_KWARGS, make_archive, teacher_server, tiny_teacher
+
+from student_client.data_archive import CACHE_ENV
 
 
 def test_two_nodes_train_with_shared_storage_and_reported_progress(tmp_path: Path) -> None:
-    data = make_subset(tmp_path / "data", train_per_class=2, test_per_class=1)  # 20 train / 10 test images
+    data = make_archive(tmp_path, train_per_class=2)  # shared/cifar-small.tar.gz: 20 train / 10 test images
     out, storage = tmp_path / "run", tmp_path / "shared" / "ray"
-    with two_node_cluster(tmp_path) as cluster, teacher_server(tmp_path, tiny_teacher()) as srv:
+    caches = [tmp_path / "cache-node-a", tmp_path / "cache-node-b"]
+    node_env = ({CACHE_ENV: str(caches[0])}, {CACHE_ENV: str(caches[1])})
+    with two_node_cluster(tmp_path, node_env=node_env) as cluster, teacher_server(tmp_path, tiny_teacher()) as srv:
         key = srv.create_key("cluster-student")
         nodes = cluster.alive_nodes()
 
@@ -28,7 +33,7 @@ def test_two_nodes_train_with_shared_storage_and_reported_progress(tmp_path: Pat
                  "--out", str(out), "--storage", str(storage), "--teacher", srv.address, "--api-key", key,
                  "--student", STUDENT, "--student-kwargs", json.dumps(STUDENT_KWARGS), "--epochs", str(epochs),
                  "--batch-size", "8", "--keep", "0.5", "--max-failures", "0", *extra],
-                env=cluster.env, capture_output=True, text=True, timeout=300)
+                env=cluster.env | {CACHE_ENV: str(tmp_path / "cache-driver")}, capture_output=True, text=True, timeout=300)
 
         proc = train(1)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -38,6 +43,10 @@ def test_two_nodes_train_with_shared_storage_and_reported_progress(tmp_path: Pat
         resumed = train(2, "--resume", "--no-progress")
         rows = ledger_rows_at(Path(srv.settings.db.removeprefix("sqlite:///")), "cluster-student")
     assert "done: 1 epochs, 3 steps, 20 images" in proc.stdout  # 10 images per worker, 4 per step: 3 steps
+
+    # each node extracted the archive once, into its own cache, for both runs
+    for cache in caches:
+        assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 1, sorted(cache.iterdir())
 
     # the epoch line came from rank 0's report: it names rank 0's Ray node, which no CSV holds
     epoch_lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("epoch 1: step 3,")]
