@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import tarfile
 from typing import Any
 
 from student_client.config import MODES, PRECISIONS, STRATEGIES, TRANSPORTS, TrainConfig
@@ -47,8 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="private key of --teacher-client-cert (env MASKEDKD_TEACHER_CLIENT_KEY)")
     t.add_argument("--student", default="vit_tiny_patch16_224", help="timm architecture name")
     t.add_argument("--student-kwargs", type=_json_dict, default={}, help="JSON kwargs for timm.create_model")
-    t.add_argument("--data", required=True, help="ImageFolder root with train/ and val/ or test/")
+    t.add_argument("--data", required=True, help="ImageFolder root with train/ and val/ or test/, or a .tar/.tar.gz "
+                   "of one (each node extracts it once into $MASKEDKD_DATA_CACHE, default ~/.cache/maskedkd/data)")
     t.add_argument("--out", required=True, help="output directory: checkpoints, metrics CSVs, summary.json")
+    t.add_argument("--storage", default=None,
+                   help="Ray Train checkpoint storage: a path every node shares (NFS) or a URI (s3://, gs://); "
+                   "default <out>/ray (one machine only)")
     t.add_argument("--epochs", type=int, default=1)
     t.add_argument("--batch-size", type=int, default=64, help="global batch, split over workers")
     t.add_argument("--lr", type=float, default=5e-4)
@@ -101,7 +106,7 @@ def _config(args: argparse.Namespace) -> TrainConfig:
 
     use_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     return TrainConfig(
-        data=args.data, out=args.out, student=args.student, student_kwargs=args.student_kwargs,
+        data=args.data, out=args.out, storage=args.storage, student=args.student, student_kwargs=args.student_kwargs,
         teacher=args.teacher, api_key=args.api_key, teacher_model=args.teacher_model, teacher_ca=args.teacher_ca,
         teacher_client_cert=args.teacher_client_cert, teacher_client_key=args.teacher_client_key,
         teacher_timeout_s=args.teacher_timeout, teacher_patience_s=args.teacher_patience,
@@ -120,9 +125,13 @@ def _preflight(cfg: TrainConfig) -> str:
     """Reach the teacher once before starting workers: a bad address or key fails here, in one line."""
     from student_client.client import TeacherClient
     from student_client.data import class_names_of
+    from student_client.data_archive import local_data_root
     from student_client.tls import teacher_tls_kwargs
 
-    classes = class_names_of(cfg.data)
+    try:
+        classes = class_names_of(local_data_root(cfg.data))  # an archive: extracted here too, to read its classes
+    except tarfile.TarError as err:
+        raise ValueError(f"--data {cfg.data} is not a readable archive: {err}") from err
     if not classes:
         raise ValueError(f"no class folders under {cfg.data}")
     if cfg.mode == "none":
@@ -160,6 +169,10 @@ def _train(args: argparse.Namespace) -> int:
     cfg = _config(args)
     currency = _preflight(cfg)
     existing = latest_checkpoint(cfg.out)
+    if existing is None and not args.local:
+        from student_client.ray_runner import stored_run
+
+        existing = stored_run(cfg)  # Ray Train's checkpoints of the run id in --out, on --storage
     if cfg.resume and existing is None:
         print(f"student-client: no checkpoint in {cfg.out} yet; starting from scratch", file=sys.stderr)
     elif cfg.resume and existing is not None:

@@ -15,6 +15,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 class TrainConfig:
     data: str                                   # ImageFolder root: train/ and val/ or test/
     out: str                                    # checkpoints, metrics CSVs, summary.json
+    storage: str | None = None                  # Ray Train storage_path (shared dir or s3://, gs://); None: <out>/ray
     # --- student ---
     student: str = "vit_tiny_patch16_224"       # timm architecture name
     student_kwargs: dict[str, Any] = field(default_factory=dict)  # timm.create_model kwargs; num_classes from data

@@ -2,6 +2,7 @@
 debugging: one worker, no Ray). The training loop only talks to this interface."""
 from __future__ import annotations
 
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,6 +22,7 @@ class LocalContext:
         self.rank = 0
         self.world_size = 1
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.node = "this process"
         self.reports: list[dict[str, Any]] = []
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
@@ -58,6 +60,8 @@ class RayContext:
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.node = f"{socket.gethostname()} (Ray node {self.node_id[:12]})"
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return self._torch.prepare_model(model)
@@ -83,7 +87,7 @@ class RayContext:
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
         checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        self._train.report(metrics, checkpoint=checkpoint)
+        self._train.report(dict(metrics, node=self.node_id), checkpoint=checkpoint)  # the driver shows the node
 
     @contextmanager
     def restored_checkpoint(self) -> Iterator[Path | None]:

@@ -1,9 +1,8 @@
-"""Per-step and per-epoch metrics to CSV (and TensorBoard when installed), and the rank-0 progress bar."""
+"""Per-step and per-epoch metrics to CSV (and TensorBoard when installed), and the rank-0 progress bar of in-process
+runs (a Ray run's driver draws its bar from the reports: `ray_progress`)."""
 from __future__ import annotations
 
 import csv
-import json
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -101,74 +100,3 @@ class Progress:
 def progress_text(info: dict[str, Any]) -> str:
     return (f"loss {float(info['loss']):.3f} | {float(info['img_per_s']):.0f} img/s | teacher "
             f"{float(info['gflops']):.4g} GF used, {float(info['saved']):.4g} GF saved")
-
-
-def write_run_info(out_dir: str | Path, *, total: int, initial: int) -> None:
-    """`out/run.json`: what the driver's progress bar needs before the first step row arrives."""
-    path = Path(out_dir) / "run.json"
-    path.write_text(json.dumps({"total": total, "initial": initial, "time": time.time()}))
-
-
-class CsvProgressTail:
-    """The driver's progress bar for a Ray run: follows `out/metrics_steps.csv`, written by rank 0 each step.
-
-    Ray workers log to their own files (the driver stays readable); this thread renders the bar from the CSV.
-    """
-
-    def __init__(self, out_dir: str | Path, *, enabled: bool, poll_s: float = 0.5) -> None:
-        self.out = Path(out_dir)
-        self.poll_s = poll_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="progress-tail") if enabled else None
-        self._since = time.time()
-
-    def __enter__(self) -> CsvProgressTail:
-        if self._thread is not None:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        from tqdm import tqdm
-
-        run_json, steps_csv = self.out / "run.json", self.out / "metrics_steps.csv"
-        while not self._stop.wait(self.poll_s):  # wait for this run's run.json
-            if run_json.is_file() and run_json.stat().st_mtime >= self._since - 1:
-                break
-        else:
-            return
-        try:
-            info = json.loads(run_json.read_text())
-        except (OSError, json.JSONDecodeError):
-            return
-        bar = tqdm(total=info["total"], initial=info["initial"], desc="train", unit="step", dynamic_ncols=True)
-        seen = info["initial"]
-        try:
-            while True:
-                stopping = self._stop.wait(self.poll_s)
-                rows = _read_rows(steps_csv)
-                new = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) > seen]
-                if new:
-                    last = new[-1]
-                    bar.set_postfix_str(progress_text({
-                        "loss": last["loss"], "img_per_s": last["img_per_s"],
-                        "gflops": last["total_teacher_gflops"] or 0, "saved": last["total_saved_gflops"] or 0,
-                    }), refresh=False)
-                    bar.update(int(last["step"]) - seen)
-                    seen = int(last["step"])
-                if stopping or seen >= info["total"]:
-                    return
-        finally:
-            bar.close()
-
-
-def _read_rows(path: Path) -> list[dict[str, str]]:
-    try:
-        with path.open(newline="") as f:
-            return list(csv.DictReader(f))
-    except OSError:
-        return []

@@ -2,20 +2,24 @@
 
 Without `ray_address`, a local Ray starts with one CPU per core (no dashboard). A failed worker group is restarted up
 to `max_failures` times from the last checkpoint it reported (`ray.train.get_checkpoint()` in the worker).
+
+On a cluster: Ray Train keeps the checkpoints under `<storage>/maskedkd-<run id>/` (`--storage`, shared by every node
+or a URI; default `<out>/ray`); the run id stays in the driver's `<out>/run_id`. `--resume` reuses the run id, so Ray
+Train finds that directory again and hands its newest checkpoint to every worker, on any node. The driver's progress
+bar, epoch lines and final summary come from `ray.train.report` (`ray_progress`); when rank 0 ran on another node,
+the driver also writes `summary.json` and copies the newest `model.safetensors` from the storage into its `--out`.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 from student_client.config import TrainConfig
 from student_client.determinism import run_id_for
 from student_client.errors import TeacherError
-from student_client.metrics import CsvProgressTail
 
 
 class TrainingError(RuntimeError):
@@ -79,26 +83,63 @@ def init_ray(address: str | None, workers: int, *, worker_logs: bool = False) ->
     return True
 
 
+RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's checkpoints, in its run directory
+
+
+def ray_run_name(run_id: str) -> str:
+    """Ray Train's run directory under the storage: one per run id, so --resume finds it again."""
+    return f"maskedkd-{run_id}"
+
+
+def storage_path_of(cfg: TrainConfig) -> str:
+    """--storage as Ray Train takes it: a URI as given, a local path absolute; default <out>/ray."""
+    storage = cfg.storage or str(Path(cfg.out) / "ray")
+    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+
+
+def stored_run(cfg: TrainConfig) -> str | None:
+    """Where Ray Train keeps the checkpoints of the run id stored in --out, if it has any (for messages)."""
+    run_id_file = Path(cfg.out) / "run_id"
+    run_id = cfg.run_id or (run_id_file.read_text().strip() if run_id_file.is_file() else "")
+    if not run_id:
+        return None
+    run_dir = f"{storage_path_of(cfg).rstrip('/')}/{ray_run_name(run_id)}"
+    try:
+        import pyarrow.fs
+
+        fs, path = pyarrow.fs.FileSystem.from_uri(run_dir) if "://" in run_dir else (pyarrow.fs.LocalFileSystem(),
+                                                                                    run_dir)
+        found = fs.get_file_info(f"{path}/{RUN_SNAPSHOT}").type != pyarrow.fs.FileType.NotFound
+    except Exception:  # unreachable or unknown storage: Ray Train reports it when it starts
+        return None
+    return run_dir if found else None
+
+
 def run_with_ray(cfg: TrainConfig, *, ray_address: str | None = None, worker_logs: bool = False) -> dict[str, Any]:
     """Train on Ray; returns rank 0's final summary. Raises TrainingError (one line) on failure."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from student_client.ray_progress import ReportedProgress
     from student_client.train_loop import train_worker
 
     started = init_ray(ray_address, cfg.workers, worker_logs=worker_logs)
     out = Path(cfg.out).resolve()
     cfg.out = str(out)
     cfg.run_id = cfg.run_id or run_id_for(out, resume=cfg.resume)  # every worker, and every restart, uses this one
+    cfg.storage = storage_path_of(cfg)
+    driver_node = ray.get_runtime_context().get_node_id()
+    reports = ReportedProgress(enabled=cfg.progress)
     resources = {"CPU": 1.0, **({"GPU": 1.0} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=cfg.to_dict(),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
-            storage_path=str(out / "ray"),
+            name=ray_run_name(cfg.run_id),  # same run id (--resume): Ray Train restores its newest checkpoint
+            storage_path=cfg.storage,
+            callbacks=[reports.callback],
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -106,15 +147,36 @@ def run_with_ray(cfg: TrainConfig, *, ray_address: str | None = None, worker_log
     summary_file = out / "summary.json"
     summary_file.unlink(missing_ok=True)
     try:
-        with CsvProgressTail(out, enabled=cfg.progress):
+        with reports:
             result = trainer.fit()
     except Exception as err:  # TrainingFailedError and friends
         raise TrainingError(describe_failure(err)) from err
     finally:
         if started:
             ray.shutdown()
-    # rank 0 writes the final summary; Result.metrics only holds the last checkpoint's report
-    metrics = json.loads(summary_file.read_text()) if summary_file.is_file() else dict(result.metrics or {})
+    # rank 0's final report; Result.metrics only holds the last checkpoint's report
+    if reports.final is not None:
+        metrics = {"val_top1": None, "val_top5": None, "overlap": None, **reports.final}
+    else:
+        metrics = json.loads(summary_file.read_text()) if summary_file.is_file() else dict(result.metrics or {})
     if metrics.get("fatal_error"):
         raise TrainingError(str(metrics["fatal_error"]))
+    if reports.nodes and reports.nodes[0] != driver_node:  # rank 0 wrote its --out on another machine
+        _bring_home(out, metrics, result.checkpoint)
     return metrics
+
+
+def _bring_home(out: Path, summary: dict[str, Any], checkpoint: Any) -> None:
+    """summary.json from the final report and the newest weights from the storage, into the driver's --out."""
+    import tempfile
+
+    from student_client.checkpointing import MODEL_FILE
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if checkpoint is None:
+        return
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        checkpoint.to_directory(tmp)
+        if (Path(tmp) / MODEL_FILE).is_file():
+            (Path(tmp) / MODEL_FILE).replace(out / MODEL_FILE)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,12 @@ from student_client.client import TeacherClient
 from student_client.config import TrainConfig
 from student_client.context import LocalContext, RayContext
 from student_client.data import Normalizer, build_datasets, build_mixup, class_names_of
+from student_client.data_archive import is_archive, local_data_root
 from student_client.determinism import SeededSamples, run_id_for, seed_everything, step_seed
 from student_client.errors import FATAL_ERRORS, TeacherInputError
 from student_client.evaluate import Accuracy, count_correct, shard
 from student_client.losses import DistillationLoss
-from student_client.metrics import MetricsWriter, Progress, write_run_info
+from student_client.metrics import MetricsWriter, Progress
 from student_client.sips import SIPSCapture
 from student_client.stream import TeacherStream
 from student_client.student import (
@@ -73,14 +75,17 @@ def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
     started = time.perf_counter()
 
     # ---- student and data ----
-    model_kwargs = student_kwargs_for(cfg.student_kwargs, len(class_names_of(cfg.data)))
+    data_root, data_error = _local_data(cfg, ctx)
+    if (fatal := _fatal(ctx, data_error)) is not None:  # every node must see --data
+        return _finish(cfg, ctx, TrainState(), fatal_error=fatal, started=started)
+    model_kwargs = student_kwargs_for(cfg.student_kwargs, len(class_names_of(data_root)))
     raw = create_student(cfg.student, model_kwargs)
     spec = describe_student(raw)
     if cfg.train_head_only:
         freeze_all_but_head(raw)
     if spec.distilled:
         raw.set_distilled_training(cfg.mode != "none")  # (cls, dist) outputs: KD goes on the distillation head
-    train_ds, eval_ds, class_names = build_datasets(cfg.data, spec.image_size, cfg.augment)
+    train_ds, eval_ds, class_names = build_datasets(data_root, spec.image_size, cfg.augment)
     train_ds = SeededSamples(train_ds, cfg.seed)  # augmentation drawn from (seed, epoch, index), not process history
     sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
     loader = ctx.prepare_loader(DataLoader(train_ds, batch_size=cfg.per_worker_batch, sampler=sampler,
@@ -104,6 +109,8 @@ def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
         if source is not None:
             state = load_training_checkpoint(source, model=raw, optimizer=optimizer, scheduler=scheduler)
     resumed = state.global_step > 0
+    if (fatal := _fatal(ctx, _resume_mismatch(ctx, state))) is not None:
+        return _finish(cfg, ctx, state, fatal_error=fatal, started=started)
     model = ctx.prepare_model(MaskedStudent(raw) if cfg.mode == "mask-student" else raw)
     normalize = Normalizer(spec.mean, spec.std, ctx.device)
     mixup = build_mixup(len(class_names), cfg.augment)
@@ -147,7 +154,8 @@ def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(cfg.to_json())
-        write_run_info(out, total=planned, initial=min(state.global_step, planned))
+    if ctx.under_ray:  # the driver's progress bar starts from this report
+        ctx.report({"kind": "start", "total": planned, "initial": min(state.global_step, planned)})
     progress = Progress(planned, min(state.global_step, planned),
                         enabled=is_main and cfg.progress and not ctx.under_ray)  # Ray: the driver draws it
     fatal: str | None = None
@@ -199,9 +207,11 @@ def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
                 scheduler.step()
                 ep += stats
                 _account(state, stats, i + 1 if i + 1 < steps_per_epoch else 0)
+                row = _step_row(state, stats, epoch, time.perf_counter() - t0, optimizer.param_groups[0]["lr"])
                 if is_main:
-                    _log_step(writer, progress, cfg, state, stats, epoch, time.perf_counter() - t0,
-                              optimizer.param_groups[0]["lr"])
+                    _log_step(writer, progress, cfg, state, row)
+                if ctx.under_ray and state.global_step % max(1, cfg.log_every) == 0:  # every rank: a collective
+                    ctx.report({"kind": "step", **{k: v for k, v in row.items() if v != ""}})
             if fatal is not None:
                 break
             if state.batches_into_epoch == 0:  # else max_steps stopped it mid-epoch; a resume continues there
@@ -247,8 +257,30 @@ def _account(state: TrainState, stats: torch.Tensor, batches_into_epoch: int) ->
     state.teacher_mismatched_requests += int(s["mismatched"])
 
 
-def _log_step(writer: MetricsWriter | None, progress: Progress, cfg: TrainConfig, state: TrainState,
-              stats: torch.Tensor, epoch: int, step_s: float, lr: float) -> None:
+def _local_data(cfg: TrainConfig, ctx: Context) -> tuple[str, str | None]:
+    """This node's ImageFolder root for --data (an archive extracted once per node), or a one-line error naming the
+    node when it does not have --data (Ray workers read it where they run)."""
+    try:
+        root = local_data_root(cfg.data)
+    except (tarfile.TarError, OSError) as err:
+        return cfg.data, f"--data {cfg.data} could not be extracted on {ctx.node} (rank {ctx.rank}): {err}"
+    if Path(root).is_dir():
+        return root, None
+    what = "an archive file" if is_archive(cfg.data) else "a directory"
+    return root, (f"--data {cfg.data} is not {what} on {ctx.node} (rank {ctx.rank}): on a Ray cluster it must "
+                  "exist on every node (a shared or copied path)")
+
+
+def _resume_mismatch(ctx: Context, state: TrainState) -> str | None:
+    """Ranks that restored different checkpoints (a --resume from an --out that is not shared) must not train."""
+    steps = ctx.all_gather_object(state.global_step)
+    if len(set(steps)) <= 1:
+        return None
+    return (f"workers restored different checkpoints (global step by rank: {steps}): resume from --storage, or "
+            "make --out a path shared by every node")
+
+
+def _step_row(state: TrainState, stats: torch.Tensor, epoch: int, step_s: float, lr: float) -> dict[str, Any]:
     s = dict(zip(_STATS, stats.tolist()))
     n = max(1.0, s["images"])
     row = {
@@ -259,6 +291,11 @@ def _log_step(writer: MetricsWriter | None, progress: Progress, cfg: TrainConfig
         "total_saved_gflops": state.teacher_full_gflops - state.teacher_gflops,
         "overlap": 1 - s["wait_s"] / s["teacher_s"] if s["teacher_s"] > 0 else "", "teacher_wait_s": s["wait_s"],
     }
+    return row
+
+
+def _log_step(writer: MetricsWriter | None, progress: Progress, cfg: TrainConfig, state: TrainState,
+              row: dict[str, Any]) -> None:
     if writer is not None and state.global_step % max(1, cfg.log_every) == 0:
         writer.log_step(row)
     progress.update(1, {"loss": row["loss"], "img_per_s": row["img_per_s"], "gflops": state.teacher_gflops,
@@ -304,7 +341,8 @@ def _end_epoch(cfg: TrainConfig, ctx: Context, writer: MetricsWriter | None, sta
                    "mode": cfg.mode, "strategy": cfg.strategy, "keep": cfg.keep},
         )
         prune_checkpoints(cfg.out, cfg.keep_checkpoints)
-    ctx.report({k: v for k, v in row.items() if v != ""} | {"global_step": state.global_step}, ckpt_dir)
+    ctx.report({k: v for k, v in row.items() if v != ""} | {"global_step": state.global_step, "kind": "epoch"},
+               ckpt_dir)
 
 
 def _finish(cfg: TrainConfig, ctx: Context, state: TrainState, *, fatal_error: str | None, started: float,
@@ -324,7 +362,7 @@ def _finish(cfg: TrainConfig, ctx: Context, state: TrainState, *, fatal_error: s
     if ctx.rank == 0:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         (Path(cfg.out) / "summary.json").write_text(json.dumps(summary, indent=2))
-    ctx.report({k: v for k, v in summary.items() if v is not None} | {"final": True})
+    ctx.report({k: v for k, v in summary.items() if v is not None} | {"final": True, "kind": "final"})
     return summary
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +35,16 @@ def make_subset(root: Path, *, train_per_class: int = 4, test_per_class: int = 2
             for f in sorted(class_dir.iterdir())[:n]:
                 os.symlink(f, dst / f.name)
     return root
+
+
+def make_archive(tmp_path: Path, *, train_per_class: int = 1) -> Path:
+    """`tmp_path/shared/cifar-small.tar.gz`: a CIFAR subset with one top-level folder, as `tar czf` makes it."""
+    subset = make_subset(tmp_path / "cifar-small", train_per_class=train_per_class, test_per_class=1)
+    archive = tmp_path / "shared" / "cifar-small.tar.gz"
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "w:gz", dereference=True) as tar:  # the subset is symlinks: store the images
+        tar.add(subset, arcname="cifar-small")
+    return archive
 
 
 def tiny_teacher(seed: int = 0, **overrides: object) -> nn.Module:

@@ -96,3 +96,15 @@ def test_a_worker_crash_without_retries_left_is_one_line(local_ray: None, tmp_pa
     with pytest.raises(TrainingError) as err:
         run_with_ray(cfg)
     assert str(err.value) == "RuntimeError: injected failure at step 0"
+
+
+def test_data_missing_on_a_worker_node_is_one_line_naming_the_node(local_ray: None, tmp_path: Path) -> None:
+    missing = tmp_path / "not-on-this-node"  # the driver's preflight is skipped: only the workers look
+    cfg = TrainConfig(data=str(missing), out=str(tmp_path / "run"), mode="none", student=STUDENT,
+                      student_kwargs=STUDENT_KWARGS, workers=2, batch_size=4, max_failures=1, progress=False)
+    with pytest.raises(TrainingError) as err:
+        run_with_ray(cfg)
+    node_id = ray.get_runtime_context().get_node_id()
+    assert str(err.value).startswith(f"--data {missing} is not a directory on "), str(err.value)
+    assert f"(Ray node {node_id[:12]}) (rank 0)" in str(err.value)
+    assert "\n" not in str(err.value)

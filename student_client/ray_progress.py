@@ -1,0 +1,120 @@
+"""The driver's view of a Ray run, built from `ray.train.report` metrics only, never from files, so it works when rank 0
+runs on another node.
+
+Every worker reports a "start" row, a "step" row every `log_every` steps, an "epoch" row (with rank 0's checkpoint)
+and a "final" summary. Ray Train calls `ForwardReports.after_report` on its controller (an actor on the driver's
+node) with all workers' rows; it forwards rank 0's row, plus the node of every rank, to a Ray queue that
+`ReportedProgress` drains on the driver: the progress bar, one line per epoch, and the final summary.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any
+
+from ray.train import UserCallback
+from ray.util.queue import Empty, Queue
+
+from student_client.metrics import progress_text
+
+
+class ForwardReports(UserCallback):
+    """Runs on Ray Train's controller: rank 0's reported row (+ `nodes`, the node id of each rank) into `queue`."""
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if metrics:
+            self.queue.put(dict(metrics[0], nodes=[m.get("node", "") for m in metrics]))
+
+
+class ReportedProgress:
+    """Driver side: a thread draws the bar and prints epoch lines from the forwarded reports.
+
+    `final` is rank 0's final summary, `nodes` the node id of each rank (from the last report), once seen.
+    """
+
+    def __init__(self, *, enabled: bool, poll_s: float = 0.2) -> None:
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.callback = ForwardReports(self.queue)
+        self.enabled = enabled
+        self.poll_s = poll_s
+        self.final: dict[str, Any] | None = None
+        self.nodes: list[str] = []
+        self.steps_seen = 0
+        self._bar: Any = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="reported-progress")
+
+    def __enter__(self) -> ReportedProgress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._drain()  # rows that arrived after the thread's last poll
+        if self._bar is not None:
+            self._bar.close()
+        try:
+            self.queue.shutdown()
+        except Exception:  # the cluster is already gone
+            pass
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                row = self.queue.get(block=True, timeout=self.poll_s)
+            except Empty:
+                continue
+            except Exception:  # the queue actor died with the cluster: nothing more to show
+                return
+            self._handle(row)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                row = self.queue.get_nowait()
+            except Exception:  # Empty, or the queue actor is gone
+                return
+            self._handle(row)
+
+    def _handle(self, row: dict[str, Any]) -> None:
+        self.nodes = list(row.get("nodes") or self.nodes)
+        kind = row.get("kind")
+        if kind == "final" or row.get("final"):
+            self.final = row
+        elif kind == "start" and self.enabled and self._bar is None:
+            from tqdm import tqdm
+
+            self._print(f"ray: {len(self.nodes)} workers on {len(set(self.nodes))} nodes; rank 0 on node "
+                        f"{self.nodes[0][:12]} writes the metrics CSVs into --out there")
+
+            self._bar = tqdm(total=int(row["total"]), initial=int(row["initial"]), desc="train", unit="step",
+                             dynamic_ncols=True)
+            self.steps_seen = int(row["initial"])
+        elif kind == "step":
+            step = int(row["step"])
+            if self._bar is not None and step > self.steps_seen:
+                self._bar.set_postfix_str(progress_text({
+                    "loss": row["loss"], "img_per_s": row["img_per_s"], "gflops": row["total_teacher_gflops"],
+                    "saved": row["total_saved_gflops"]}), refresh=False)
+                self._bar.update(step - self.steps_seen)
+            self.steps_seen = max(self.steps_seen, step)
+        elif kind == "epoch" and self.enabled:
+            self._print(epoch_line(row))
+
+    def _print(self, line: str) -> None:
+        if self._bar is not None:
+            self._bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+
+def epoch_line(row: dict[str, Any]) -> str:
+    """One line per finished epoch, as reported by rank 0."""
+    top1 = f", val top-1 {float(row['val_top1']):.2f}%" if row.get("val_top1") not in (None, "") else ""
+    return (f"epoch {int(row['epoch']) + 1}: step {row['step']}, train loss {float(row['train_loss']):.4f}{top1}, "
+            f"teacher {float(row.get('teacher_gflops', 0)):.4g} GFLOPs (reported by rank 0 on node "
+            f"{str(row.get('node', '?'))[:12]})")
