@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_compose import (COMPOSE, DEPLOY, REPO, bind_mounts, compose, commands, health_check_command,  # noqa: F401
-                          load_compose, parse_cli, parsed_commands, services, student_parser, teacher_parser)
+from test_compose import (COMPOSE, DEPLOY, REPO, commands, compose, health_check_command,  # noqa: F401 (fixtures)
+                          load_compose, parse_cli, parsed_commands, services, student_parser)
 
 from teacher_server.server import SERVICE_NAME
 from teacher_server.settings import ServerSettings
