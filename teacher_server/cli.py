@@ -1,5 +1,5 @@
 """`teacher-server`: serve | keys create | keys list | keys disable | keys quota | usage | ledger upgrade |
-ledger purge | dashboard.
+ledger purge | dashboard | health.
 
 Flags override `MASKEDKD_*` environment variables. Errors are one line on stderr and exit code 2; `keys` and
 `usage` only touch the ledger (no torch import), so they are quick.
@@ -142,6 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_dashboard_arguments(sub.add_parser("dashboard", help="serve the usage and billing dashboard of a ledger "
                                                               "on its own (no teacher needed)"))
+
+    health = sub.add_parser("health", help="one gRPC health check of a teacher (container and Kubernetes exec "
+                                           "probes): exit 0 when SERVING, 1 otherwise")
+    health.add_argument("--target", default="127.0.0.1:50051", help="host:port (default 127.0.0.1:50051)")
+    health.add_argument("--service", default="", help="service to ask about (default: the server as a whole; "
+                                                      "maskedkd.v1.TeacherService turns NOT_SERVING while draining)")
+    health.add_argument("--ca", help="PEM CA file: check over TLS and verify the server's certificate with it")
+    health.add_argument("--client-cert", help="PEM client certificate, for a server with mutual TLS")
+    health.add_argument("--client-key", help="PEM private key of --client-cert")
+    health.add_argument("--server-name", help="name the server's certificate must carry (default: the target's "
+                                              "host), e.g. the Service name clients dial")
+    health.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
     return parser
 
 
@@ -354,6 +366,19 @@ def _cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_health(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC core's handshake logs would break the one-line answer
+    from teacher_server.healthcheck import HealthTarget, check_health
+
+    result = check_health(HealthTarget(target=args.target, service=args.service, ca_file=args.ca,
+                                       client_cert=args.client_cert, client_key=args.client_key,
+                                       server_name=args.server_name, timeout_s=args.timeout))
+    print(result.line, file=sys.stdout if result.serving else sys.stderr)
+    return 0 if result.serving else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -363,6 +388,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_keys(args)
         if args.command == "ledger":
             return _cmd_ledger(args)
+        if args.command == "health":
+            return _cmd_health(args)
         if args.command == "dashboard":
             from teacher_server.dashboard.server import run_dashboard_command
 

@@ -215,13 +215,33 @@ def _healthcheck_url(service: dict[str, Any]) -> str:
     return match.group(0)
 
 
+def health_check_command(service: dict[str, Any]) -> argparse.Namespace:
+    """The parsed `teacher-server health ...` of a service's health check."""
+    test = [str(a) for a in service["healthcheck"]["test"]]
+    assert test[:3] == ["CMD", "teacher-server", "health"], test
+    return parse_cli(teacher_parser(), test[2:])
+
+
+def bind_mounts(service: dict[str, Any]) -> dict[str, str]:
+    """target -> source of a service's volumes (short `src:dst[:ro]` and long `{type: bind, ...}` syntax)."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        if isinstance(volume, dict):
+            mounts[volume["target"]] = volume["source"]
+        else:
+            source, target = str(volume).split(":")[:2]
+            mounts[target] = source
+    return mounts
+
+
 def test_ports_hosts_and_urls_agree(services: dict[str, Any], commands: dict[str, tuple[str, Any]]) -> None:
     teacher, dashboard = commands["teacher"][1], commands["dashboard"][1]
     # teacher: gRPC published, listening on all interfaces, metrics reachable from the prometheus container
     assert teacher.host == "0.0.0.0" and teacher.port in _container_ports(services["teacher"])
     assert services["teacher"]["environment"]["MASKEDKD_METRICS_HOST"] == "0.0.0.0"
     assert str(teacher.metrics_port) in {str(p) for p in services["teacher"].get("expose", [])}
-    assert urlsplit(_healthcheck_url(services["teacher"])).port == teacher.metrics_port
+    probe = health_check_command(services["teacher"])
+    assert probe.target == f"127.0.0.1:{teacher.port}"  # gRPC health on the serving port (test_deploy_tls.py: TLS)
     # prometheus scrapes exactly that port on every replica of the teacher service (DNS service discovery)
     prometheus = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     assert [job.get("static_configs") for job in prometheus["scrape_configs"]] == [None]
@@ -309,14 +329,15 @@ def test_references_and_paths_exist(compose: dict[str, Any], services: dict[str,
         if build:
             context = (DEPLOY / build["context"]).resolve()
             assert context == REPO and (context / build["dockerfile"]).is_file()
-        for volume in service.get("volumes", []):
-            source, target = str(volume).split(":")[:2]
-            if source.startswith("."):
+        for source in bind_mounts(service).values():
+            if source.startswith("./tls/"):  # made by deploy/make-dev-certs.sh, git-ignored (test_deploy_tls.py)
+                assert (DEPLOY / "make-dev-certs.sh").is_file()
+            elif source.startswith("."):
                 assert (DEPLOY / source).exists(), f"{name}: {source} missing"
             else:
                 assert source in compose["volumes"], f"{name}: named volume {source} not declared"
     # grafana: provisioning mounted where grafana reads it, dashboards where the provider looks
-    mounts = dict(str(v).split(":")[:2] for v in services["grafana"]["volumes"])
+    mounts = {source: target for target, source in bind_mounts(services["grafana"]).items()}
     assert mounts["./grafana/provisioning"] == "/etc/grafana/provisioning"
     provider = yaml.safe_load(DASHBOARD_PROVIDERS.read_text())["providers"][0]
     assert mounts["./grafana/dashboards"] == provider["options"]["path"]

@@ -80,6 +80,13 @@ def flag(argv: list[str], name: str) -> str:
     return argv[argv.index(name) + 1]
 
 
+def probe_command(probe: dict[str, Any]) -> Any:
+    """The parsed `teacher-server health ...` of an exec probe."""
+    command = probe["exec"]["command"]
+    assert command[:2] == ["teacher-server", "health"] and "grpc" not in probe, probe
+    return parse_cli(teacher_parser(), command[1:])
+
+
 def secret_templates() -> dict[str, dict[str, Any]]:
     return {s["metadata"]["name"]: s for s in load_documents(K8S / "secrets.example.yaml")}
 
@@ -107,6 +114,9 @@ def test_broken_manifests_are_rejected(rendered) -> None:
     assert k8s_errors(teacher)
     teacher = copy.deepcopy(rendered[("Deployment", "teacher")])
     teacher["spec"]["replicas"] = "two"
+    assert k8s_errors(teacher)
+    teacher = copy.deepcopy(rendered[("Deployment", "teacher")])
+    teacher["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["exec"]["command"] = "teacher-server health"
     assert k8s_errors(teacher)
     hpa = copy.deepcopy(rendered[("HorizontalPodAutoscaler", "teacher")])
     del hpa["spec"]["maxReplicas"]
@@ -153,10 +163,15 @@ def test_teacher_command_probes_and_headless_service_agree(rendered) -> None:
     assert env["MASKEDKD_DB"]["valueFrom"]["secretKeyRef"]["key"] == "url"
     ports = {p["name"]: p["containerPort"] for p in main["ports"]}
     assert ports == {"grpc": args.port, "metrics": args.metrics_port}
-    # probes: gRPC health on the serving port; readiness asks for the service the server marks NOT_SERVING
+    # probes: gRPC health on the serving port (exec: TLS, test_teacher_serves_tls_only_...); readiness asks for the
+    # service the server marks NOT_SERVING while draining, startup and liveness for the server as a whole
     assert HEALTH_SERVICE == SERVICE_NAME
-    assert main["readinessProbe"]["grpc"] == {"port": args.port, "service": SERVICE_NAME}
-    assert main["livenessProbe"]["grpc"]["port"] == args.port and main["startupProbe"]["grpc"]["port"] == args.port
+    probes = {kind: probe_command(main[kind]) for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
+    assert {p.target for p in probes.values()} == {f"127.0.0.1:{args.port}"}
+    assert probes["readinessProbe"].service == SERVICE_NAME
+    assert probes["startupProbe"].service == probes["livenessProbe"].service == ""
+    for kind, probe in probes.items():  # the check must answer within the kubelet's timeout
+        assert probe.timeout < main[kind]["timeoutSeconds"], kind
     grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace > args.drain_s + args.grace_s, "the kubelet must not SIGKILL a draining teacher"
     # headless Service over the teacher pods, ports by name
