@@ -27,6 +27,12 @@ from student_client.errors import RETRYABLE_CODES, error_from_rpc
 DEFAULT_PATIENCE_S = 120.0  # longer than a teacher restart (model load, ~5-30 s) with room for a slow host
 
 
+def tls_refused(err: grpc.RpcError) -> bool:
+    """The TLS handshake failed (an untrusted or wrong certificate): waiting for the teacher cannot mend that."""
+    details = err.details() if hasattr(err, "details") else ""
+    return "handshake failed" in (details or "").lower()
+
+
 def backoff_delay(attempt: int, backoff_s: float, max_backoff_s: float = float("inf")) -> float:
     """Exponential backoff with +-25% jitter so that many workers do not retry in lockstep."""
     return min(max_backoff_s, backoff_s * (2 ** attempt)) * random.uniform(0.75, 1.25)
@@ -128,7 +134,7 @@ class Attempts:
                 raise error_from_rpc(err, self.policy.target, attempts=self.count + 1)
             self.count += 1
             return delay
-        if code not in RETRYABLE_CODES:
+        if code not in RETRYABLE_CODES or tls_refused(err):
             raise error_from_rpc(err, self.policy.target, attempts=self.count + 1)
         now = time.monotonic()
         if self.first_failure is None:

@@ -69,6 +69,14 @@ def test_tls_call_works_and_billing_equals_the_ledger(tls_server: RunningServer,
     assert sum(r["gflops"] for r in rows) == pytest.approx(first.gflops + second.gflops, rel=1e-12)
 
 
+@pytest.mark.timeout(60)  # far below the default 120 s patience: a failed handshake is not waited out
+def test_an_untrusted_certificate_fails_at_once_with_the_default_patience(tls_server: RunningServer,
+                                                                          pki: Pki) -> None:
+    with TeacherClient(tls_server.address, tls_server.create_key("tls-impatient"), ca_file=pki.other_ca) as client:
+        with pytest.raises(TeacherUnavailableError, match="(?i)handshake failed"):
+            client.infer(images=_pixels(1))
+
+
 def test_plain_text_and_untrusting_clients_are_refused_unbilled(tls_server: RunningServer, pki: Pki) -> None:
     key = tls_server.create_key("tls-refused")
     once = {"max_retries": 0, "timeout_s": 5, "patience_s": 0}  # a refused handshake is not a teacher restart
