@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--auth-failures-burst", type=int, help="failed key checks a peer may make at once (default 20)")
     serve.add_argument("--grace-s", type=float, help="seconds in-flight requests get on shutdown (default 10)")
     serve.add_argument("--drain-s", type=float, help="seconds NOT_SERVING is announced before refusing calls")
+    serve.add_argument("--max-connection-age-s", type=float,
+                       help="close client connections after this long (they reconnect and re-resolve DNS, so "
+                       "replicas added by an autoscaler get traffic); default: never")
 
     keys = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="{create,list,disable,quota}",
@@ -206,7 +209,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     fields = ("model", "checkpoint", "model_kwargs", "pretrained", "served_name", "host", "port", "db", "device",
               "dtype", "min_dtype_agreement", "compile", "compile_shapes", "max_batch_images", "token_budget",
               "max_delay_ms", "mixed_k", "max_message_mb", "price_per_gflop", "currency", "metrics_port",
-              "metrics_host", "dashboard_port", "grace_s", "drain_s", "replay_ttl",
+              "metrics_host", "dashboard_port", "grace_s", "drain_s", "max_connection_age_s", "replay_ttl",
               "admin_token_file", "viewer_token_file", "dashboard_public", "metrics_key_labels", "tls_cert",
               "tls_key", "tls_client_ca", "auth_failures_per_s", "auth_failures_burst")
     from teacher_server.dashboard.server import secret_on_command_line

@@ -82,10 +82,14 @@ class TeacherServer:
         for served in self.registry:
             await served.batcher.start()
         limit = s.max_message_bytes
+        options: list[tuple[str, int]] = [("grpc.max_send_message_length", limit),
+                                          ("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", 0)]
+        if s.max_connection_age_s is not None:  # GOAWAY after the age; calls in flight get the shutdown grace
+            options += [("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
+                        ("grpc.max_connection_age_grace_ms", int(s.grace_s * 1000))]
         server = aio.server(
             interceptors=[self.auth_guard, self._interceptor],  # the key is checked before a message is read
-            options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
-                     ("grpc.so_reuseport", 0)],
+            options=options,
         )
         self._servicer = TeacherServicer(service=self.service, auth=self.auth, settings=s, metrics=self.metrics)
         pb_grpc.add_TeacherServiceServicer_to_server(self._servicer, server)

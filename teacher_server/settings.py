@@ -84,6 +84,8 @@ class ServerSettings(BaseSettings):
     # --- lifecycle ---
     grace_s: float = Field(10.0, ge=0)                  # in-flight requests get this long to finish on shutdown
     drain_s: float = Field(0.0, ge=0)                   # NOT_SERVING is announced this long before refusing calls
+    # Clients re-resolve DNS only when a connection ends: an age makes them find replicas added by an autoscaler.
+    max_connection_age_s: float | None = Field(None, gt=0)  # None: connections live as long as the client keeps them
 
     @field_validator("replay_ttl", mode="before")
     @classmethod

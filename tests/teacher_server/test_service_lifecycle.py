@@ -1,16 +1,19 @@
 """Graceful shutdown of a real server: health says NOT_SERVING first, an in-flight request still finishes and is
-billed, new calls are refused afterwards, and the ledger file is complete once stop() returns."""
+billed, new calls are refused afterwards, and the ledger file is complete once stop() returns; --max-connection-age-s ends connections so clients re-resolve."""
 from __future__ import annotations
 
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service_testkit import auth, image_request, ledger_rows, random_images, random_keep, settings, stub, tiny_vit
 
+from maskedkd.v1 import teacher_pb2 as pb
+from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
 from teacher_server.testing import RunningServer, running_server
 
 pytestmark = pytest.mark.timeout(120)
@@ -87,3 +90,23 @@ def test_settings_come_from_the_environment_and_flags_win(monkeypatch) -> None:
         "sqlite:///from-env.db", {"img_size": 32}, 1.0, 50051, "127.0.0.1")
     with pytest.raises(ValueError, match="dtype"):
         ServerSettings(dtype="float64")
+
+
+@pytest.mark.parametrize("age_s", [None, 1.0])
+def test_max_connection_age_ends_idle_connections_so_clients_re_resolve(tmp_path: Path, age_s: float | None) -> None:
+    states: list[grpc.ChannelConnectivity] = []
+    left_ready = threading.Event()
+
+    def seen(state: grpc.ChannelConnectivity) -> None:
+        if states and states[-1] == grpc.ChannelConnectivity.READY and state != state.READY:
+            left_ready.set()
+        states.append(state)
+
+    with running_server(settings(tmp_path, max_connection_age_s=age_s, grace_s=0.5)) as srv:
+        channel = grpc.insecure_channel(srv.address)
+        channel.subscribe(seen)
+        pb_grpc.TeacherServiceStub(channel).GetModelInfo(pb.ModelInfoRequest(), timeout=30)
+        ended = left_ready.wait(timeout=6.0)  # GOAWAY after the age (+ jitter) and the grace
+        channel.unsubscribe(seen)
+        channel.close()
+    assert ended == (age_s is not None), states
