@@ -1,5 +1,6 @@
 """Graceful shutdown of a real server: health says NOT_SERVING first, an in-flight request still finishes and is
-billed, new calls are refused afterwards, and the ledger file is complete once stop() returns; --max-connection-age-s ends connections so clients re-resolve."""
+billed, new calls are refused afterwards, and the ledger file is complete once stop() returns. A connection age ends
+connections so that clients re-resolve the teacher's DNS name."""
 from __future__ import annotations
 
 import threading
