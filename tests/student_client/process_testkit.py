@@ -86,16 +86,6 @@ def digests_by_id(entries: list[dict[str, object]], run_id: str) -> dict[str, se
     return dict(out)
 
 
-def ledger_rows_at(db: Path, key_name: str) -> list[dict[str, object]]:
-    """Usage rows of one key, read straight from the SQLite file."""
-    with sqlite3.connect(db) as conn:
-        conn.row_factory = sqlite3.Row
-        rows = conn.execute(
-            "SELECT u.request_id, u.images, u.gflops, u.full_gflops FROM usage u "
-            "JOIN api_keys k ON k.id = u.api_key_id WHERE k.name = ? ORDER BY u.id", (key_name,)).fetchall()
-    return [dict(r) for r in rows]
-
-
 def create_key(db: Path, name: str) -> str:
     """A new API key in the ledger of a running `teacher-server serve` (it made the schema)."""
     sessions = open_ledger(f"sqlite:///{db}")

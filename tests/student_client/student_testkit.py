@@ -62,12 +62,16 @@ def teacher_server(tmp: Path, model: nn.Module, **settings: object) -> Iterator[
         yield srv
 
 
-def ledger_rows(srv: RunningServer, key_name: str) -> list[dict[str, object]]:
+def ledger_rows_at(db: Path | str, key_name: str) -> list[dict[str, object]]:
     """Usage rows of one key, read straight from the SQLite file (the documented ledger schema)."""
-    db = srv.settings.db.removeprefix("sqlite:///")
     with sqlite3.connect(db) as conn:
         conn.row_factory = sqlite3.Row
         rows = conn.execute(
             "SELECT u.request_id, u.images, u.tokens, u.gflops, u.full_gflops, u.cost FROM usage u "
             "JOIN api_keys k ON k.id = u.api_key_id WHERE k.name = ? ORDER BY u.id", (key_name,)).fetchall()
     return [dict(r) for r in rows]
+
+
+def ledger_rows(srv: RunningServer, key_name: str) -> list[dict[str, object]]:
+    """Usage rows of one key of a running test server's SQLite ledger."""
+    return ledger_rows_at(srv.settings.db.removeprefix("sqlite:///"), key_name)

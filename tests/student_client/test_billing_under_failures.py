@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 from process_testkit import (
-    STUDENT_CLI, TeacherProcess, clean_env, create_key, digests_by_id, free_port, ledger_rows_at, request_log,
+    STUDENT_CLI, TeacherProcess, clean_env, create_key, digests_by_id, free_port, request_log,
     step_rows, train_cmd, wait_for,
 )
-from student_testkit import ledger_rows, make_subset, teacher_server, tiny_teacher
+from student_testkit import ledger_rows, ledger_rows_at, make_subset, teacher_server, tiny_teacher
 
 from student_client.cli import main
 from teacher_server.checkpoints import save_model_checkpoint

@@ -11,9 +11,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from process_testkit import STUDENT_CLI, ledger_rows_at
+from process_testkit import STUDENT_CLI
 from ray_cluster_testkit import two_node_cluster
-from student_testkit import STUDENT, STUDENT_KWARGS, make_archive, teacher_server, tiny_teacher
+from student_testkit import STUDENT, STUDENT_KWARGS, ledger_rows_at, make_archive, teacher_server, tiny_teacher
 
 from student_client.data_archive import CACHE_ENV
 
