@@ -6,11 +6,13 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install browser postgres test test-fast demo bench bench-quick protos clean
 
-$(STAMP): pyproject.toml
+# The extras `make demo` and `make test` need (pyproject.toml), at the versions pinned in constraints.txt.
+EXTRAS := client,train,server,dashboard,postgres,test
+$(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -40,7 +42,7 @@ demo: install
 ## machine (other load skews the ratios; the report warns when the matmul rate drifted during the run).
 BENCH_STAMP := $(VENV)/.installed-bench
 $(BENCH_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[$(EXTRAS),bench]'
 	touch $(BENCH_STAMP)
 
 bench: install $(BENCH_STAMP)
@@ -50,9 +52,9 @@ bench: install $(BENCH_STAMP)
 bench-quick: install $(BENCH_STAMP)
 	$(PY) -m benchmarks --quick --out out/bench-quick
 
-## Regenerate the Python stubs from protos/ (tests fail when they drift).
+## Regenerate the Python stubs maskedkd/v1/ from the contract protos/maskedkd/v1/teacher.proto (tests fail when they drift).
 protos: install
-	cd protos && ../$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. maskedkd/v1/teacher.proto
+	$(PY) -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. maskedkd/v1/teacher.proto
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -13,7 +13,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.config import BenchConfig, num_kept
 from benchmarks.teacher import build_teacher, make_batch
-from teacher_server.flops import masked_forward_flops
+from maskedkd.flops import masked_forward_flops
 
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (  # first match wins
     ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention")),

@@ -34,7 +34,7 @@ import torch
 from benchmarks.config import FULL, QUICK, BenchConfig
 from benchmarks.timing import load_average, machine_info, matmul_rate, usable_cpus
 from benchmarks.training import compiled_key
-from teacher_server.precision import DTYPES
+from maskedkd.precision import DTYPES
 
 SECTIONS = ("matmul", "teacher", "wire", "microbatch", "training", "flops", "breakdown", "gpu", "precision",
             "ledger")
@@ -67,7 +67,7 @@ def _servers_needed(cfg: BenchConfig, sections: tuple[str, ...]) -> dict[str, di
                 needed[compiled_key(pair.teacher.key)] = {**needed[pair.teacher.key], "compile": "static"}
     if "precision" in sections:
         from benchmarks.precision import FP32_SERVER_SUFFIX
-        from teacher_server.precision import native_bf16
+        from maskedkd.precision import native_bf16
 
         pair = cfg.train_pairs[0]
         needed.setdefault(pair.teacher.key, {"model": pair.teacher.timm_name, "model_kwargs": pair.teacher.kwargs,

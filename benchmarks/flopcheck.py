@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.config import KEEPS, BenchConfig, ModelCase, num_kept
 from benchmarks.teacher import build_teacher, make_batch
-from teacher_server.flops import masked_forward_flops
+from maskedkd.flops import masked_forward_flops
 
 BATCH = 2  # FLOPs are per image; two images check that nothing is counted per batch
 

@@ -16,7 +16,7 @@ import torch
 
 from benchmarks.config import BenchConfig, num_kept
 from benchmarks.timing import matmul_rate
-from teacher_server.precision import dtype_name, native_bf16, resolve_dtype
+from maskedkd.precision import dtype_name, native_bf16, resolve_dtype
 
 FP32_SERVER_SUFFIX = "-fp32"   # pool key of the float32 server beside the default one (native-bf16 machines only)
 

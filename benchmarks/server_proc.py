@@ -43,7 +43,7 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [str(REPO), str(REPO / "protos"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+            [str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
         cmd = [sys.executable, "-m", "benchmarks.server_proc", "--settings", json.dumps(self.settings),
                "--threads", str(self.threads)]
         self._proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,

@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.config import FULL_MODELS
 from benchmarks.teacher import TeacherBatch, build_teacher, make_batch
-from teacher_server.masked_teacher import MaskedTeacher
+from maskedkd.masked_teacher import MaskedTeacher
 
 
 def _per_call(fn: Callable[[], object], calls: int) -> float:

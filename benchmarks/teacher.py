@@ -24,7 +24,7 @@ from benchmarks.config import KEEPS, BenchConfig, ModelCase, num_kept
 from benchmarks.timing import Timing, measure
 from teacher_server.batcher import ForwardFn
 from teacher_server.compiled import compiled_forward_patches
-from teacher_server.masked_teacher import MaskedTeacher
+from maskedkd.masked_teacher import MaskedTeacher
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 
 from benchmarks.config import BenchConfig, TrainPair, num_kept
 from benchmarks.timing import REPO
-from teacher_server.flops import ViTShape, masked_forward_flops
+from maskedkd.flops import ViTShape, masked_forward_flops
 
 DATA = REPO / "data" / "cifar10-subset"
 MODES: tuple[tuple[str, dict[str, Any]], ...] = (

@@ -45,8 +45,8 @@ def probe(teacher_ckpt: Path, student_ckpt: Path, data: Path, *, split: str | No
     from student_client.sips import SIPSCapture, select_patches
     from student_client.student import describe_student
     from student_client.wire import to_teacher_resolution
-    from teacher_server.checkpoints import load_model
-    from teacher_server.masked_teacher import MaskedTeacher
+    from maskedkd.checkpoints import load_model
+    from maskedkd.masked_teacher import MaskedTeacher
 
     dev = torch.device(device)
     teacher = MaskedTeacher(load_model(checkpoint=resolve_model_file(teacher_ckpt))[0].to(dev))

@@ -2,7 +2,7 @@
 model, its own SQLite ledger), send N concurrent Infer calls of M MiB each WITHOUT an API key, and report the
 server's peak resident memory (VmHWM) before and after, and what the calls got back.
 
-    PYTHONPATH=$PWD:$PWD/protos python scripts/auth_payload_rss.py --messages 4 --mib 192
+    PYTHONPATH=$PWD python scripts/auth_payload_rss.py --messages 4 --mib 192
 
 Run it with PYTHONPATH pointing at another checkout to compare versions of the server.
 """

@@ -1,7 +1,7 @@
 """Training checkpoints: one directory per save with
 
 - `model.safetensors`: the student's weights plus `model_name`/`model_kwargs` in the header
-  (`teacher_server.checkpoints` format, so `teacher-server serve --checkpoint` loads it with no extra flags);
+  (`maskedkd.checkpoints` format, so `teacher-server serve --checkpoint` loads it with no extra flags);
 - `train_state.pt`: optimizer, scheduler, epoch/step counters and the teacher usage so far (`--resume` restores it).
 
 Layout under `--out`: `checkpoints/epoch_0003/`, `checkpoints/step_000120/` (a run stopped mid-epoch), and
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from teacher_server.checkpoints import CheckpointError, load_state_dict, read_checkpoint_meta, save_model_checkpoint
+from maskedkd.checkpoints import CheckpointError, load_state_dict, read_checkpoint_meta, save_model_checkpoint
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"

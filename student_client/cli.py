@@ -207,7 +207,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from teacher_server.checkpoints import CheckpointError
+    from maskedkd.checkpoints import CheckpointError
 
     from student_client.errors import TeacherError
     from student_client.ray_runner import TrainingError

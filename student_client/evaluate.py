@@ -72,7 +72,7 @@ def evaluate_checkpoint(
     device: str = "cpu", loader_workers: int = 0,
 ) -> Accuracy:
     """Load a student checkpoint (ours: no flags needed) and measure top-1 / top-5 on the split."""
-    from teacher_server.checkpoints import load_model
+    from maskedkd.checkpoints import load_model
 
     from student_client.checkpointing import resolve_model_file
     from student_client.student import describe_student

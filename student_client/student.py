@@ -73,7 +73,7 @@ class MaskedStudent(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        from teacher_server.masked_teacher import MaskedTeacher
+        from maskedkd.masked_teacher import MaskedTeacher
 
         self.masked = MaskedTeacher(model)
         self.masked.train()  # MaskedTeacher puts itself in eval mode for serving

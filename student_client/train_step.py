@@ -6,7 +6,7 @@ none:          plain supervised CE (no teacher).
 mask-student:  the Sec 4.2 ablation: the teacher sees the full image, the student only its kept patches.
 
 Precision (`--precision`): the student's forwards run under bf16 autocast when the resolved precision is bf16
-(`teacher_server.precision.resolve_precision`: auto means bf16 only where the device computes it natively). SIPS
+(`maskedkd.precision.resolve_precision`: auto means bf16 only where the device computes it natively). SIPS
 ranks in fp32 (sips.py leaves autocast for its softmax), and the loss is computed outside autocast on fp32 logits.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from student_client.losses import DistillationLoss, LossParts
 from student_client.pipeline import OverlapStats, Submit, TeacherRequest, pipelined_forward
 from student_client.sips import SIPSCapture, select_patches
 from student_client.wire import Usage
-from teacher_server.precision import resolve_precision
+from maskedkd.precision import resolve_precision
 
 
 @dataclass

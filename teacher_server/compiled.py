@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from teacher_server.batcher import ForwardFn
-from teacher_server.masked_teacher import MaskedTeacher
+from maskedkd.masked_teacher import MaskedTeacher
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from teacher_server.masked_teacher import MaskedTeacher
+from maskedkd.masked_teacher import MaskedTeacher
 
 FIDELITY_IMAGES = 16   # images in the fixed batch
 FIDELITY_SEED = 0

@@ -1,4 +1,4 @@
-"""What a request costs, from the analytic FLOP model (teacher_server.flops), never from timing.
+"""What a request costs, from the analytic FLOP model (maskedkd.flops), never from timing.
 
 gflops = sum over images of FLOPs(K_i) / 1e9; full_gflops = images * FLOPs(num_patches) / 1e9;
 cost = gflops * price_per_gflop; tokens = sum over images of (K_i + num_prefix_tokens).
@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from teacher_server.flops import ViTShape, masked_forward_flops
+from maskedkd.flops import ViTShape, masked_forward_flops
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, Block
 
-from teacher_server.masked_teacher import MaskedTeacher
+from maskedkd.masked_teacher import MaskedTeacher
 
 
 def supports_packing(teacher: MaskedTeacher) -> bool:

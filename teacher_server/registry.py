@@ -11,15 +11,15 @@ from torch import nn
 
 from maskedkd.text import clip
 from teacher_server.batcher import ForwardFn, TokenBudgetBatcher
-from teacher_server.checkpoints import load_model
+from maskedkd.checkpoints import load_model
 from teacher_server.compiled import forward_patches_fn, warm_up_shapes
 from teacher_server.errors import ModelNotFoundError
 from teacher_server.fidelity import DtypeFidelity, compare_logits, fixed_images, logits_on
-from teacher_server.masked_teacher import MaskedTeacher
+from maskedkd.masked_teacher import MaskedTeacher
 from teacher_server.metering import Meter
 from teacher_server.packing import run_packed, supports_packing
 from teacher_server.preprocess import ModelSpec
-from teacher_server.precision import DTYPES, dtype_name, resolve_dtype
+from maskedkd.precision import DTYPES, dtype_name, resolve_dtype
 from teacher_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)

@@ -36,7 +36,7 @@ class ServerSettings(BaseSettings):
     pretrained: bool = False                # download hub weights when no checkpoint is given
     served_name: str | None = None          # name clients use; default: the architecture name
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # auto: bfloat16 where the device computes it natively (teacher_server/precision.py), else float32
+    # auto: bfloat16 where the device computes it natively (maskedkd/precision.py), else float32
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     min_dtype_agreement: float = Field(0.98, ge=0)  # refuse to start below this top-1 agreement with float32
     compile: Literal["off", "static"] = "off"  # static: inductor graph per (batch, K) shape; see compiled.py

@@ -41,7 +41,7 @@ from student_client.errors import TeacherQuotaError  # noqa: E402
 from student_client.wire import Usage  # noqa: E402
 from teacher_server import ledger  # noqa: E402
 from teacher_server.auth import create_api_key  # noqa: E402
-from teacher_server.checkpoints import save_model_checkpoint  # noqa: E402
+from maskedkd.checkpoints import save_model_checkpoint  # noqa: E402
 from teacher_server.child_process import stop_gracefully  # noqa: E402
 from teacher_server.server import SERVICE_NAME  # noqa: E402
 from teacher_server.testing import RunningServer, running_server  # noqa: E402

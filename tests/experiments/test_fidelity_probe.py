@@ -12,7 +12,7 @@ from torchvision import datasets, transforms
 
 from experiments.doc_sections import read_section, update_section
 from experiments.fidelity_probe import STRATEGIES, main, probe
-from teacher_server.checkpoints import save_model_checkpoint
+from maskedkd.checkpoints import save_model_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "data" / "cifar10-subset"
@@ -61,7 +61,7 @@ def test_keep_all_is_the_full_teacher(result: dict) -> None:
 
 def test_full_teacher_accuracy_matches_an_independent_forward(checkpoints: tuple[Path, Path], result: dict) -> None:
     """The teacher's plain timm forward on bilinearly resized, normalized images, computed here from scratch."""
-    from teacher_server.checkpoints import load_model
+    from maskedkd.checkpoints import load_model
 
     teacher, _ = load_model(checkpoint=checkpoints[0])
     ds = datasets.ImageFolder(str(DATA / "test"), transform=transforms.ToTensor())

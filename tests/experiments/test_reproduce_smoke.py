@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from experiments.doc_sections import read_section
-from teacher_server.checkpoints import load_model
-from teacher_server.flops import ViTShape, masked_forward_flops
+from maskedkd.checkpoints import load_model
+from maskedkd.flops import ViTShape, masked_forward_flops
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = re.compile(r"mkd_[A-Za-z0-9_-]{43}")

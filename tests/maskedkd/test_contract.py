@@ -13,7 +13,8 @@ from grpc_tools import protoc
 
 from maskedkd.v1 import teacher_pb2, teacher_pb2_grpc
 
-PROTO_ROOT = Path(__file__).resolve().parents[2] / "protos"
+REPO = Path(__file__).resolve().parents[2]
+PROTO_ROOT = REPO / "protos"  # the contract source; its stubs are generated into REPO/maskedkd/v1
 PROTO = "maskedkd/v1/teacher.proto"
 FD = descriptor_pb2.FieldDescriptorProto
 TENSOR = ".maskedkd.v1.Tensor"
@@ -57,7 +58,7 @@ def generated() -> descriptor_pb2.FileDescriptorProto:
 
 
 def test_generated_descriptor_matches_the_proto(compiled, generated) -> None:
-    assert generated == compiled, f"protos/maskedkd/v1 stubs drifted from {PROTO}: run `make protos`"
+    assert generated == compiled, f"maskedkd/v1 stubs drifted from {PROTO}: run `make protos`"
 
 
 def test_generated_sources_match_a_fresh_protoc_run(tmp_path: Path) -> None:
@@ -65,8 +66,8 @@ def test_generated_sources_match_a_fresh_protoc_run(tmp_path: Path) -> None:
     _protoc(f"--python_out={tmp_path}", f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}")
     for name in ("teacher_pb2.py", "teacher_pb2.pyi", "teacher_pb2_grpc.py"):
         fresh = (tmp_path / "maskedkd" / "v1" / name).read_text()
-        committed = (PROTO_ROOT / "maskedkd" / "v1" / name).read_text()
-        assert committed == fresh, f"protos/maskedkd/v1/{name} drifted from {PROTO}: run `make protos`"
+        committed = (REPO / "maskedkd" / "v1" / name).read_text()
+        assert committed == fresh, f"maskedkd/v1/{name} drifted from {PROTO}: run `make protos`"
 
 
 def _fields(message: descriptor_pb2.DescriptorProto) -> dict[str, descriptor_pb2.FieldDescriptorProto]:

@@ -18,8 +18,8 @@ from process_testkit import (
 from student_testkit import ledger_rows, ledger_rows_at, make_subset, teacher_server, tiny_teacher
 
 from student_client.cli import main
-from teacher_server.checkpoints import save_model_checkpoint
-from teacher_server.masked_teacher import MaskedTeacher
+from maskedkd.checkpoints import save_model_checkpoint
+from maskedkd.masked_teacher import MaskedTeacher
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -15,7 +15,7 @@ from student_testkit import STUDENT, STUDENT_KWARGS, make_subset, teacher_server
 from torchvision import datasets, transforms
 
 from student_client.cli import main
-from teacher_server.checkpoints import load_model
+from maskedkd.checkpoints import load_model
 
 CLI = [sys.executable, "-m", "student_client.cli"]
 

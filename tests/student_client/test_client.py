@@ -22,7 +22,7 @@ from student_client.errors import (
 from student_client.stream import TeacherStream
 from student_client.tls import channel_credentials
 from student_client.wire import wire_pixels
-from teacher_server.masked_teacher import MaskedTeacher
+from maskedkd.masked_teacher import MaskedTeacher
 from teacher_server.testing_tls import make_pki
 
 

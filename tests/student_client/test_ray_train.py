@@ -20,8 +20,8 @@ from student_testkit import STUDENT, STUDENT_KWARGS, ledger_rows, make_subset, t
 
 from student_client.config import TrainConfig
 from student_client.ray_runner import TrainingError, run_with_ray
-from teacher_server.checkpoints import load_model
-from teacher_server.masked_teacher import MaskedTeacher
+from maskedkd.checkpoints import load_model
+from maskedkd.masked_teacher import MaskedTeacher
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,8 @@ from student_client.sips import SIPSCapture
 from student_client.student import create_student, describe_student, student_kwargs_for
 from student_client.train_loop import run_training
 from student_client.train_step import PatchSelector, StepRunner
-from teacher_server.checkpoints import load_state_dict
-from teacher_server.masked_teacher import MaskedTeacher
+from maskedkd.checkpoints import load_state_dict
+from maskedkd.masked_teacher import MaskedTeacher
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from student_client.losses import DistillationLoss
 from student_client.sips import SIPSCapture
 from student_client.student import create_student, describe_student, student_kwargs_for
 from student_client.train_step import PatchSelector, StepRunner
-from teacher_server.precision import FORCE_CPU_BF16_ENV
+from maskedkd.precision import FORCE_CPU_BF16_ENV
 
 
 @pytest.fixture(scope="module")

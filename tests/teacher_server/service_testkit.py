@@ -17,8 +17,8 @@ from torch import nn
 from maskedkd.codec import proto_to_tensor, tensor_to_proto
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
-from teacher_server.flops import masked_forward_flops
-from teacher_server.masked_teacher import MaskedTeacher
+from maskedkd.flops import masked_forward_flops
+from maskedkd.masked_teacher import MaskedTeacher
 from teacher_server.settings import ServerSettings
 
 MODEL = "vit_tiny_patch16_224"

@@ -6,7 +6,7 @@ import timm
 import torch
 
 from teacher_server.packing import run_packed
-from teacher_server.masked_teacher import MaskedTeacher
+from maskedkd.masked_teacher import MaskedTeacher
 
 
 @pytest.mark.parametrize("extra", [{}, {"reg_tokens": 2}])

@@ -18,7 +18,7 @@ from service_testkit import (
     CLOSE, MODEL, TINY, Reference, auth, image_request, logits_of, random_images, random_keep, stub, tiny_vit,
 )
 
-from teacher_server.checkpoints import save_model_checkpoint
+from maskedkd.checkpoints import save_model_checkpoint
 
 pytestmark = pytest.mark.timeout(180)
 

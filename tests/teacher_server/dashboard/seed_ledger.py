@@ -11,7 +11,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 
 from teacher_server import auth, ledger
-from teacher_server.flops import ViTShape, masked_forward_flops
+from maskedkd.flops import ViTShape, masked_forward_flops
 from teacher_server.settings import ServerSettings
 
 ADMIN_TOKEN = "test-admin-token-0123456789"

@@ -6,7 +6,8 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from teacher_server import MaskedTeacher, ViTShape, masked_forward_flops
+from maskedkd.flops import ViTShape, masked_forward_flops
+from maskedkd.masked_teacher import MaskedTeacher
 
 TINY = {"img_size": 32, "patch_size": 4, "num_classes": 10, "depth": 2}  # 64 patches
 MODELS: dict[str, tuple[str, dict[str, object]]] = {

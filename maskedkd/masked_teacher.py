@@ -17,7 +17,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from teacher_server.flops import ViTShape, masked_forward_flops
+from maskedkd.flops import ViTShape, masked_forward_flops
 
 SUPPORTED_FAMILIES = (
     "timm VisionTransformer (class token, register tokens, no_embed_class/DeiT3, fc_norm, "

@@ -6,7 +6,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from teacher_server import MaskedTeacher, UnsupportedModelError
+from maskedkd.masked_teacher import MaskedTeacher, UnsupportedModelError
 
 TINY = {"img_size": 32, "patch_size": 4, "num_classes": 10, "depth": 2}  # 8x8 grid, 64 patches
 SMALL = {"embed_dim": 96, "num_heads": 3}
