@@ -65,6 +65,19 @@ def describe_failure(err: BaseException) -> str:
     return message if message.startswith(type(root).__name__) else f"{type(root).__name__}: {message}"
 
 
+TRAIN_EXTRA_HINT = "Ray is not installed; `student-client train` without --local needs the train extra: " \
+                   "pip install 'maskedkd-service[train]'"
+
+
+def require_ray() -> None:
+    """Raise TrainingError (one line naming the `train` extra) when Ray is not importable."""
+    try:
+        import ray  # noqa: F401
+        import ray.train  # noqa: F401
+    except ImportError as err:
+        raise TrainingError(TRAIN_EXTRA_HINT) from err
+
+
 def init_ray(address: str | None, workers: int, *, worker_logs: bool = False) -> bool:
     """Connect to `address` or start a local Ray; returns True when this call started it.
 
@@ -117,6 +130,7 @@ def stored_run(cfg: TrainConfig) -> str | None:
 
 def run_with_ray(cfg: TrainConfig, *, ray_address: str | None = None, worker_logs: bool = False) -> dict[str, Any]:
     """Train on Ray; returns rank 0's final summary. Raises TrainingError (one line) on failure."""
+    require_ray()
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

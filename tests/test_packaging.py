@@ -1,0 +1,95 @@
+"""pyproject.toml's extras and constraints.txt: what `pip install maskedkd-service[client]` pulls in, and the pins.
+
+The closure is resolved offline from the installed distributions' own metadata (their Requires-Dist with markers and
+extras), starting from the requirements pyproject.toml names for an extra.
+"""
+from __future__ import annotations
+
+import importlib.metadata as md
+import tomllib
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+REPO = Path(__file__).resolve().parents[1]
+PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+SELF = canonicalize_name(PROJECT["name"])
+SERVER_ONLY = {"ray", "fastapi", "starlette", "sqlalchemy", "alembic", "uvicorn"}
+
+
+def project_requirements(extras: set[str]) -> list[Requirement]:
+    """The base dependencies plus those of `extras`, self-references (`maskedkd-service[client]`) expanded."""
+    reqs, seen, todo = [Requirement(r) for r in PROJECT["dependencies"]], set(), set(extras)
+    while todo:
+        extra = todo.pop()
+        seen.add(extra)
+        for line in PROJECT["optional-dependencies"][extra]:
+            req = Requirement(line)
+            if canonicalize_name(req.name) == SELF:
+                todo |= req.extras - seen
+            else:
+                reqs.append(req)
+    return reqs
+
+
+def closure(extras: set[str]) -> set[str]:
+    """Every distribution (canonical name) installing the project with `extras` brings in."""
+    found: set[str] = set()
+    todo: list[tuple[Requirement, str]] = [(r, "") for r in project_requirements(extras)]
+    while todo:
+        req, extra = todo.pop()
+        if req.marker is not None and not req.marker.evaluate({"extra": extra}):
+            continue
+        name = canonicalize_name(req.name)
+        wanted = {(name, e) for e in req.extras | {""}}
+        if all(key in found for key in wanted):
+            continue
+        found |= wanted
+        dist = md.distribution(req.name)  # PackageNotFoundError: an extra names something not installed here
+        for e in req.extras | {""}:
+            todo += [(Requirement(line), e) for line in dist.requires or []]
+    return {name for name, _ in found}
+
+
+def test_the_resolver_sees_through_extras() -> None:
+    """The closure can fail: ray[train] is reached through the train extra's self-reference and ray's own extras."""
+    train = closure({"train"})
+    assert {"ray", "torch", "grpcio", "pyarrow"} <= train  # pyarrow only via ray's `train` extra's markers
+    assert "fastapi" in closure({"dashboard"}) and "starlette" in closure({"dashboard"})
+
+
+def test_the_client_extra_pulls_no_server_or_ray() -> None:
+    client = closure({"client"})
+    assert {"torch", "timm", "grpcio", "protobuf", "numpy", "torchvision", "pillow", "grpcio-status"} <= client
+    assert not client & SERVER_ONLY, f"the client extra pulls {sorted(client & SERVER_ONLY)}"
+
+
+def _constraints() -> dict[str, str]:
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep and version, f"constraints.txt: {line!r} is not an exact pin"
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+@pytest.mark.parametrize("extra", sorted(PROJECT["optional-dependencies"]))
+def test_every_named_dependency_is_pinned_within_its_range(extra: str) -> None:
+    pins = _constraints()
+    for req in project_requirements({extra}):
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req} ({extra}) has no pin in constraints.txt"
+        assert req.specifier.contains(pins[name], prereleases=True), f"constraints.txt {name}=={pins[name]} " \
+                                                                       f"is outside pyproject's {req}"
+        assert str(req.specifier), f"{req}: pyproject.toml gives a version range for every dependency"
+
+
+def test_the_pins_are_what_is_installed_here() -> None:
+    """constraints.txt holds versions seen working: this environment's (the suite runs on them)."""
+    drift = {name: (version, md.version(name)) for name, version in _constraints().items()
+             if md.version(name) != version}
+    assert not drift, f"constraints.txt differs from the installed versions (pinned, installed): {drift}"
