@@ -39,7 +39,7 @@ def run_breakdown_section(cfg: BenchConfig, matmul_gflops_per_s: float) -> dict[
     models = []
     for case in cfg.models:
         teacher = build_teacher(case)
-        kept = num_kept(cfg.profile_keep, teacher.num_patches)
+        kept = num_kept(cfg.profile_keep, teacher.geometry.num_patches)
         tb = make_batch(teacher, cfg.batch, kept)
         with torch.inference_mode():
             teacher.forward_patches(tb.normalized, tb.indices)  # warm-up outside the profile

@@ -32,7 +32,7 @@ def run_flops_section(cfg: BenchConfig, extra: tuple[ModelCase, ...] = ()) -> di
         seen.add(case.key)
         teacher = build_teacher(case)
         for keep in KEEPS:
-            kept = num_kept(keep, teacher.num_patches)
+            kept = num_kept(keep, teacher.geometry.num_patches)
             model = masked_forward_flops(teacher.shape, kept)
             counted = counted_flops(teacher, kept)
             rows.append({"model": case.key, "label": case.label, "keep": keep, "kept": kept,

@@ -43,7 +43,7 @@ def run_gpu_section(cfg: BenchConfig, pool: Any = None, *, device: str = "cuda",
     models = []
     for case in cfg.gpu_models:
         teacher = build_teacher(case, device=device, dtype=torch.bfloat16)
-        full_gflops = teacher.gflops(teacher.num_patches)
+        full_gflops = teacher.gflops(teacher.geometry.num_patches)
         server = pool.get(f"gpu-{case.key}") if pool is not None else None
         client = None
         if server is not None:
@@ -53,7 +53,7 @@ def run_gpu_section(cfg: BenchConfig, pool: Any = None, *, device: str = "cuda",
         rows = []
         try:
             for keep in keeps:
-                kept = num_kept(keep, teacher.num_patches)
+                kept = num_kept(keep, teacher.geometry.num_patches)
                 tb = make_batch(teacher, cfg.gpu_batch, kept)
                 x = tb.normalized.to(device=device, dtype=torch.bfloat16)
                 idx = tb.indices.to(device)

@@ -64,7 +64,7 @@ def concurrent_clients(cfg: BenchConfig, case: ModelCase, device: str, workdir: 
     from student_client.client import TeacherClient
 
     teacher = build_teacher(case)
-    kept = num_kept(0.5, teacher.num_patches)
+    kept = num_kept(0.5, teacher.geometry.num_patches)
     tb = make_batch(teacher, batch, kept)
     with ServerPool(workdir, threads=torch.get_num_threads()) as pool:
         pool.launch(case.key, {"model": case.timm_name, "model_kwargs": case.kwargs, "device": device,

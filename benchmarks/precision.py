@@ -76,7 +76,7 @@ def default_vs_fp32_server(cfg: BenchConfig, pool: Any) -> dict[str, Any]:
 
     case = next(c for c in cfg.models if c.key == "deit_s_224")
     teacher = build_teacher(case)
-    kept = num_kept(0.5, teacher.num_patches)
+    kept = num_kept(0.5, teacher.geometry.num_patches)
     tb = make_batch(teacher, cfg.batch, kept)
     default, fp32 = pool.get(case.key), pool.get(case.key + FP32_SERVER_SUFFIX)
     with TeacherClient(default.address, default.api_key, timeout_s=600.0) as a, \

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     case = FULL_MODELS[0]  # DeiT-S 224, all 196 patches, batch 32
     teacher = build_teacher(case)
-    tb = make_batch(teacher, 32, teacher.num_patches)
+    tb = make_batch(teacher, 32, teacher.geometry.num_patches)
     direct = _direct(teacher, tb)
     direct()
     if args.threads_only:

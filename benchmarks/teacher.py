@@ -43,12 +43,12 @@ def build_teacher(case: ModelCase, *, device: str = "cpu", dtype: torch.dtype = 
 
 def make_batch(teacher: MaskedTeacher, batch: int, kept: int, seed: int = 0) -> TeacherBatch:
     gen = torch.Generator().manual_seed(seed)
-    c, p = teacher.in_chans, teacher.patch_size
+    c, p = teacher.geometry.in_chans, teacher.geometry.patch_size
     pixels = torch.randint(0, 256, (batch, kept, c, p, p), dtype=torch.uint8, generator=gen)
-    noise = torch.rand(batch, teacher.num_patches, generator=gen)
+    noise = torch.rand(batch, teacher.geometry.num_patches, generator=gen)
     indices = noise.argsort(dim=1)[:, :kept].sort(dim=1).values
-    mean = torch.tensor(teacher.mean).view(1, 1, -1, 1, 1)
-    std = torch.tensor(teacher.std).view(1, 1, -1, 1, 1)
+    mean = torch.tensor(teacher.geometry.mean).view(1, 1, -1, 1, 1)
+    std = torch.tensor(teacher.geometry.std).view(1, 1, -1, 1, 1)
     normalized = (pixels.float() / 255.0 - mean) / std
     return TeacherBatch(pixels, normalized, indices)
 
@@ -135,11 +135,11 @@ def run_teacher_section(cfg: BenchConfig, pool: Any, matmul_gflops_per_s: float,
         teacher = build_teacher(case, dtype=dtype)
         compiled = compiled_forward_patches(teacher) if cfg.compiled else None
         server = pool.get(case.key)
-        full_gflops = teacher.gflops(teacher.num_patches)
+        full_gflops = teacher.gflops(teacher.geometry.num_patches)
         rows = []
         with TeacherClient(server.address, server.api_key, timeout_s=600.0) as client:
             for keep in KEEPS:
-                kept = num_kept(keep, teacher.num_patches)
+                kept = num_kept(keep, teacher.geometry.num_patches)
                 tb = make_batch(teacher, cfg.batch, kept)
                 gflops = teacher.gflops(kept)
                 inproc, remote, server_efficiency = interleaved_rates(teacher.forward_patches, client, tb, cfg,
@@ -166,7 +166,7 @@ def run_teacher_section(cfg: BenchConfig, pool: Any, matmul_gflops_per_s: float,
             row["inprocess_speedup"] = row["inprocess"]["images_per_s"] / base_in
             row["grpc_speedup"] = row["grpc"]["images_per_s"] / base_rpc
         models.append({"model": case.key, "label": case.label, "timm_name": case.timm_name, "kwargs": case.kwargs,
-                       "num_patches": teacher.num_patches, "batch": cfg.batch, "rows": rows})
+                       "num_patches": teacher.geometry.num_patches, "batch": cfg.batch, "rows": rows})
         del teacher, compiled
     return {"models": models, "batch": cfg.batch, "calls_per_repeat": cfg.calls_per_repeat,
             "matmul_gflops_per_s": matmul_gflops_per_s, "dtype": str(dtype).removeprefix("torch."),

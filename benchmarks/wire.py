@@ -7,6 +7,7 @@ client sends the whole image and no positions. References: the kept share of the
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -18,11 +19,8 @@ from student_client.wire import ModelInfo, build_request, new_request_id
 
 def model_info_of(teacher: Any, name: str) -> ModelInfo:
     """The ModelInfo a server would announce for this teacher (no server needed to size a request)."""
-    return ModelInfo(model=name, image_size=teacher.img_size, patch_size=teacher.patch_size,
-                     grid_size=teacher.grid_size, num_prefix_tokens=teacher.num_prefix_tokens,
-                     num_classes=teacher.num_classes, in_chans=teacher.in_chans, mean=teacher.mean, std=teacher.std,
-                     full_gflops=teacher.gflops(teacher.num_patches), price_per_gflop=0.0, currency="USD",
-                     max_batch_images=0)
+    return ModelInfo(**asdict(teacher.geometry), model=name, full_gflops=teacher.gflops(teacher.geometry.num_patches),
+                     price_per_gflop=0.0, currency="USD", max_batch_images=0)
 
 
 def run_wire_section(cfg: BenchConfig) -> dict[str, Any]:
@@ -31,20 +29,20 @@ def run_wire_section(cfg: BenchConfig) -> dict[str, Any]:
     for case in cfg.models:
         teacher = build_teacher(case)
         info = model_info_of(teacher, case.timm_name)
-        b, (h, w), c = cfg.wire_batch, teacher.img_size, teacher.in_chans
+        b, (h, w), c = cfg.wire_batch, teacher.geometry.image_size, teacher.geometry.in_chans
         images = torch.randint(0, 256, (b, c, h, w), generator=gen).float() / 255.0  # [B,C,H,W], k/255 as in training
         raw_uint8 = c * h * w
         rows = []
         for keep in KEEPS:
-            kept = num_kept(keep, teacher.num_patches)
-            if kept == teacher.num_patches:
+            kept = num_kept(keep, teacher.geometry.num_patches)
+            if kept == teacher.geometry.num_patches:
                 keep_indices = None  # strategy `all` / full KD: the client sends the image itself
             else:
-                noise = torch.rand(b, teacher.num_patches, generator=gen)
+                noise = torch.rand(b, teacher.geometry.num_patches, generator=gen)
                 keep_indices = noise.argsort(dim=1)[:, :kept].sort(dim=1).values  # [B,K]
             request = build_request(info, images=images, keep_indices=keep_indices, request_id=new_request_id())
             per_image = request.ByteSize() / b
-            kept_raw = raw_uint8 * kept / teacher.num_patches
+            kept_raw = raw_uint8 * kept / teacher.geometry.num_patches
             rows.append({
                 "keep": keep, "kept": kept, "payload": request.WhichOneof("input"),
                 "pixel_dtype": getattr(request, request.WhichOneof("input")).dtype,

@@ -69,7 +69,8 @@ def probe(teacher_ckpt: Path, student_ckpt: Path, data: Path, *, split: str | No
             s_logits = merged_logits(student(_normalize(x, spec.mean, spec.std)))  # [B,classes]; fills capture
             scores = capture.scores  # [B, N_student]
             assert scores is not None
-            xt = _normalize(to_teacher_resolution(x, teacher.img_size), teacher.mean, teacher.std)  # [B,C,H,W]
+            g = teacher.geometry
+            xt = _normalize(to_teacher_resolution(x, g.image_size), g.mean, g.std)  # [B,C,H,W]
             full = teacher(xt)  # [B,classes]
             log_p = F.log_softmax(full.float(), dim=1)
             s_top, t_top = s_logits.argmax(1), full.argmax(1)
@@ -79,7 +80,7 @@ def probe(teacher_ckpt: Path, student_ckpt: Path, data: Path, *, split: str | No
             images += int(y.numel())
             for strategy in strategies:
                 for keep in keeps:
-                    idx = select_patches(scores, keep, strategy, teacher_grid=teacher.grid_size,
+                    idx = select_patches(scores, keep, strategy, teacher_grid=teacher.geometry.grid_size,
                                          student_grid=spec.grid_size, generator=gen)  # [B,K]
                     masked = teacher(xt, idx)  # [B,classes]
                     log_q = F.log_softmax(masked.float(), dim=1)
@@ -91,11 +92,11 @@ def probe(teacher_ckpt: Path, student_ckpt: Path, data: Path, *, split: str | No
                     acc["agree_student"] += int((m_top == s_top).sum())
     if images == 0:
         raise ValueError(f"no images in {data}")
-    rows = [{"strategy": s, "keep": k, "kept": max(1, int(k * teacher.num_patches + 1e-9)),
+    rows = [{"strategy": s, "keep": k, "kept": max(1, int(k * teacher.geometry.num_patches + 1e-9)),
              "kl": v["kl"] / images, "top1_agreement": v["agree"] / images, "teacher_top1": 100 * v["correct"] / images,
              "agreement_with_student": v["agree_student"] / images} for (s, k), v in sums.items()]
     return {"teacher": str(teacher_ckpt), "student": str(student_ckpt), "data": str(data), "images": images,
-            "teacher_num_patches": teacher.num_patches, "teacher_full_top1": 100 * full_correct / images,
+            "teacher_num_patches": teacher.geometry.num_patches, "teacher_full_top1": 100 * full_correct / images,
             "student_top1": 100 * student_correct / images,
             "teacher_full_agreement_with_student": full_agree_student / images, "rows": rows}
 

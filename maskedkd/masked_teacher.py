@@ -5,19 +5,23 @@ norm_pre, blocks, norm, fc_norm, head) and differs from `model(x)` in one place:
 gathered for the kept positions, so masked patches cost nothing (paper App. G gathers after the full embedding;
 the result is the same). The order of keep_indices does not matter: every kept token carries its own position
 embedding and attention and pooling are permutation invariant, so logits only depend on the kept set.
-Duplicated positions are not rejected; they act as extra tokens.
+
+The forward checks shapes and dtypes only, never values: it makes no host sync. keep_indices / keep_counts are
+validated once where they enter (`maskedkd.keep.check_keep`: the server's preprocess, the client's request
+building); a duplicated position acts as an extra token, an out-of-range one fails in the gather.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Attention, Mlp, PatchEmbed
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from maskedkd.flops import ViTShape, masked_forward_flops
+from maskedkd.geometry import TeacherGeometry
+from maskedkd.patches import gather_patches, images_to_patches
 
 SUPPORTED_FAMILIES = (
     "timm VisionTransformer (class token, register tokens, no_embed_class/DeiT3, fc_norm, "
@@ -82,18 +86,8 @@ class MaskedTeacher(nn.Module):
         super().__init__()
         check_supported(model)
         self.model = model
-        pe = model.patch_embed
-        self.img_size: tuple[int, int] = (int(pe.img_size[0]), int(pe.img_size[1]))
-        self.patch_size: int = int(pe.patch_size[0])
-        self.grid_size: tuple[int, int] = (int(pe.grid_size[0]), int(pe.grid_size[1]))
-        self.num_patches: int = int(pe.num_patches)
-        self.num_prefix_tokens: int = int(model.num_prefix_tokens)
-        self.num_classes: int = int(model.num_classes)
-        self.in_chans: int = int(pe.proj.in_channels)
+        self.geometry = TeacherGeometry.from_model(model)
         self.embed_dim: int = int(model.embed_dim)
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        self.mean: tuple[float, ...] = tuple(float(v) for v in cfg.get("mean", IMAGENET_DEFAULT_MEAN))
-        self.std: tuple[float, ...] = tuple(float(v) for v in cfg.get("std", IMAGENET_DEFAULT_STD))
         self.shape = ViTShape.from_model(model)
         self._pooled_head = model.global_pool != "token" and not isinstance(model, VisionTransformerDistilled)
         self.eval()
@@ -111,77 +105,58 @@ class MaskedTeacher(nn.Module):
     def forward(self, images: Tensor, keep_indices: Tensor | None = None,
                 keep_counts: Tensor | None = None) -> Tensor:
         """images [B,C,H,W] normalized; keep_indices [B,K] row-major grid positions (None: all) -> logits."""
+        g = self.geometry
+        if images.dim() != 4 or images.shape[1] != g.in_chans or tuple(images.shape[2:]) != g.image_size:
+            raise ValueError(f"images must be [B, {g.in_chans}, {g.image_size[0]}, {g.image_size[1]}], "
+                             f"got {list(images.shape)}")
         weight = self.model.patch_embed.proj.weight
-        if images.dim() != 4 or images.shape[1] != self.in_chans or tuple(images.shape[2:]) != self.img_size:
-            raise ValueError(
-                f"images must be [B, {self.in_chans}, {self.img_size[0]}, {self.img_size[1]}], "
-                f"got {list(images.shape)}")
         x = images.to(device=weight.device, dtype=weight.dtype)
-        B, C = x.shape[:2]
-        (gh, gw), p = self.grid_size, self.patch_size
-        grid = x[:, :, : gh * p, : gw * p].reshape(B, C, gh, p, gw, p)  # a view unless H, W were cropped
         if keep_indices is None:
             if keep_counts is not None:
                 raise ValueError("keep_counts needs keep_indices")
-            patches = grid.permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C, p, p)  # [B,N,C,P,P]
+            patches = images_to_patches(x, g.patch_size)  # [B,N,C,P,P]
             return self._encode(self._embed(patches, None), None)
-        idx, valid = self._resolve_keep(keep_indices, keep_counts, B)
-        batch = torch.arange(B, device=idx.device)[:, None]
-        # separated advanced indices put their broadcast dims first: [B,K] + (C,P,P)
-        patches = grid[batch, :, idx // gw, :, idx % gw, :]
-        return self._forward_kept(patches, idx, valid)
+        idx, valid = self._resolve_keep(keep_indices, keep_counts, x.shape[0])
+        return self._forward_kept(gather_patches(x, idx, g.patch_size), idx, valid)  # [B,K,C,P,P] kept
 
     def forward_patches(self, patches: Tensor, keep_indices: Tensor,
                         keep_counts: Tensor | None = None) -> Tensor:
         """patches [B,K,C,P,P] normalized, only the kept ones, at positions keep_indices [B,K] -> logits."""
         idx, valid = self._resolve_keep(keep_indices, keep_counts, patches.shape[0])
-        patches = self._check_patches(patches, keep_indices.shape[1])[:, : idx.shape[1]]
-        return self._forward_kept(patches, idx, valid)
+        return self._forward_kept(self._check_patches(patches, idx.shape[1]), idx, valid)
 
     # ---------------------------------------------------------------- internals
     def _check_patches(self, patches: Tensor, k: int) -> Tensor:
-        p = self.patch_size
-        if patches.dim() != 5 or tuple(patches.shape[1:]) != (k, self.in_chans, p, p):
-            raise ValueError(
-                f"patches must be [B, {k}, {self.in_chans}, {p}, {p}] to match keep_indices, "
-                f"got {list(patches.shape)}")
+        c, p = self.geometry.in_chans, self.geometry.patch_size
+        if patches.dim() != 5 or tuple(patches.shape[1:]) != (k, c, p, p):
+            raise ValueError(f"patches must be [B, {k}, {c}, {p}, {p}] to match keep_indices, "
+                             f"got {list(patches.shape)}")
         weight = self.model.patch_embed.proj.weight
         return patches.to(device=weight.device, dtype=weight.dtype)
 
     def _resolve_keep(self, keep_indices: Tensor, keep_counts: Tensor | None,
                       batch: int) -> tuple[Tensor, Tensor | None]:
-        """Validate; return indices [B,K'] (K' = longest row, padding zeroed) and valid [B,K'] or None."""
+        """Shapes and dtypes only (values are trusted, see the module doc): indices [B,K] on the weights' device
+        with padding zeroed, and valid [B,K] (None: every entry is real)."""
         if keep_indices.dim() != 2 or keep_indices.shape[0] != batch or keep_indices.shape[1] < 1:
             raise ValueError(f"keep_indices must be [B={batch}, K>=1], got {list(keep_indices.shape)}")
         if keep_indices.dtype.is_floating_point or keep_indices.dtype.is_complex or keep_indices.dtype == torch.bool:
             raise ValueError(f"keep_indices must be an integer tensor, got {keep_indices.dtype}")
         device = self.model.patch_embed.proj.weight.device
         idx = keep_indices.to(device=device, dtype=torch.long)
-        k = idx.shape[1]
-        out_of_range = (idx < 0) | (idx >= self.num_patches)  # [B,K]
         if keep_counts is None:
-            if bool(out_of_range.any()):
-                raise ValueError(f"keep_indices must lie in [0, {self.num_patches})")
             return idx, None
         if keep_counts.shape != (batch,) or keep_counts.dtype.is_floating_point or keep_counts.dtype == torch.bool:
             raise ValueError(f"keep_counts must be an integer tensor [B={batch}], got {keep_counts.dtype} "
                              f"{list(keep_counts.shape)}")
         counts = keep_counts.to(device=device, dtype=torch.long)
-        valid = torch.arange(k, device=device) < counts[:, None]  # [B,K]
-        lo, hi, bad = torch.stack([counts.min(), counts.max(), (out_of_range & valid).any().long()]).tolist()
-        if lo < 1 or hi > k:
-            raise ValueError(f"keep_counts must lie in [1, K={k}], got min {lo}, max {hi}")
-        if bad:
-            raise ValueError(f"keep_indices must lie in [0, {self.num_patches}) in the first keep_counts entries")
-        if lo == hi:  # rectangular after trimming: no mask, so blocks take the fused attention path
-            return idx[:, :hi], None
-        valid = valid[:, :hi]
-        return idx[:, :hi].masked_fill(~valid, 0), valid
+        valid = torch.arange(idx.shape[1], device=device) < counts[:, None]  # [B,K]
+        return idx.masked_fill(~valid, 0), valid
 
     def _patch_pos_embed(self) -> Tensor:
         """Position embedding of the N grid positions, [N,D]."""
         pos = self.model.pos_embed[0]
-        return pos if self.model.no_embed_class else pos[self.num_prefix_tokens:]
+        return pos if self.model.no_embed_class else pos[self.geometry.num_prefix_tokens:]
 
     def _prefix_tokens(self) -> Tensor | None:
         """cls/dist/reg tokens with their position embedding where the model has one, [1,prefix,D]."""
@@ -190,7 +165,7 @@ class MaskedTeacher(nn.Module):
         if not parts:
             return None
         prefix = torch.cat(parts, dim=1)
-        return prefix if m.no_embed_class else prefix + m.pos_embed[:, : self.num_prefix_tokens]
+        return prefix if m.no_embed_class else prefix + m.pos_embed[:, : self.geometry.num_prefix_tokens]
 
     def _embed(self, patches: Tensor, idx: Tensor | None) -> Tensor:
         """The patch conv as a matmul over flattened patches, then the gathered pos embed: [B,K,D]."""
@@ -218,7 +193,7 @@ class MaskedTeacher(nn.Module):
         if valid is None:
             x = m.blocks(x)
         else:
-            keys = F.pad(valid, (self.num_prefix_tokens, 0), value=True)  # [B,n]
+            keys = F.pad(valid, (self.geometry.num_prefix_tokens, 0), value=True)  # [B,n]
             attn_mask = torch.zeros(keys.shape, dtype=x.dtype, device=x.device).masked_fill_(~keys, float("-inf"))
             attn_mask = attn_mask[:, None, None, :]  # [B,1,1,n]: every query ignores padded keys
             for blk in m.blocks:
@@ -232,9 +207,9 @@ class MaskedTeacher(nn.Module):
         """timm's avg/max pooling over real tokens only (padding excluded), then fc_norm and head."""
         m = self.model
         if m.pool_include_prefix:
-            keep = F.pad(valid, (self.num_prefix_tokens, 0), value=True)  # [B,n]
+            keep = F.pad(valid, (self.geometry.num_prefix_tokens, 0), value=True)  # [B,n]
         else:
-            x, keep = x[:, self.num_prefix_tokens:], valid  # [B,K,D], [B,K]
+            x, keep = x[:, self.geometry.num_prefix_tokens:], valid  # [B,K,D], [B,K]
         w = keep[..., None].to(x.dtype)
         avg = (x * w).sum(dim=1) / w.sum(dim=1)  # [B,D]
         if m.global_pool == "avg":

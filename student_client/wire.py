@@ -6,29 +6,25 @@ from __future__ import annotations
 
 import math
 import uuid
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 
 from maskedkd.codec import proto_to_tensor, tensor_to_proto
+from maskedkd.geometry import TeacherGeometry
+from maskedkd.keep import KeepIndicesError, check_keep
+from maskedkd.patches import gather_patches
 from maskedkd.v1 import teacher_pb2 as pb
 from student_client.errors import TeacherInputError
 
 
 @dataclass(frozen=True)
-class ModelInfo:
-    """A served teacher, as `GetModelInfo` describes it."""
+class ModelInfo(TeacherGeometry):
+    """A served teacher, as `GetModelInfo` describes it: its geometry (image/patch size, grid, classes, mean/std)
+    and what the service says about it."""
 
     model: str                      # name the server serves it under
-    image_size: tuple[int, int]     # (H, W) the teacher expects
-    patch_size: int                 # square patches, P x P
-    grid_size: tuple[int, int]      # patch grid; keep_indices are row-major positions on it
-    num_prefix_tokens: int
-    num_classes: int
-    in_chans: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
     full_gflops: float              # one full, unmasked image
     price_per_gflop: float
     currency: str
@@ -36,18 +32,12 @@ class ModelInfo:
     max_batch_images: int = 0       # 0: the server did not say
     dtype: str = "float32"
 
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size[0] * self.grid_size[1]
-
     @classmethod
     def from_proto(cls, msg: pb.ModelInfo) -> ModelInfo:
         return cls(
-            model=msg.model, image_size=(int(msg.image_height), int(msg.image_width)), patch_size=int(msg.patch_size),
-            grid_size=(int(msg.grid_height), int(msg.grid_width)), num_prefix_tokens=int(msg.num_prefix_tokens),
-            num_classes=int(msg.num_classes), in_chans=int(msg.in_chans), mean=tuple(msg.mean), std=tuple(msg.std),
-            full_gflops=float(msg.full_gflops), price_per_gflop=float(msg.price_per_gflop), currency=msg.currency,
-            models=tuple(msg.models), max_batch_images=int(msg.max_batch_images), dtype=msg.dtype or "float32",
+            **asdict(TeacherGeometry.from_proto(msg)), model=msg.model, full_gflops=float(msg.full_gflops),
+            price_per_gflop=float(msg.price_per_gflop), currency=msg.currency, models=tuple(msg.models),
+            max_batch_images=int(msg.max_batch_images), dtype=msg.dtype or "float32",
         )
 
 
@@ -117,28 +107,6 @@ def to_teacher_resolution(images: torch.Tensor, size: tuple[int, int]) -> torch.
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=False).clamp_(0.0, 1.0)
 
 
-def extract_patches(images: torch.Tensor, keep_indices: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """images [B, C, H, W], keep_indices [B, K] row-major on the H/P x W/P grid -> [B, K, C, P, P]."""
-    B, C, H, W = images.shape
-    P = patch_size
-    gh, gw = H // P, W // P
-    grid = images.reshape(B, C, gh, P, gw, P).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C, P, P)
-    index = keep_indices.to(device=images.device, dtype=torch.long)  # [B, K]
-    return torch.gather(grid, 1, index[:, :, None, None, None].expand(-1, -1, C, P, P))
-
-
-def check_keep_indices(keep_indices: torch.Tensor, batch: int, num_patches: int) -> None:
-    """Client-side checks needed to cut patches; the server validates the rest (duplicates, counts)."""
-    if keep_indices.dim() != 2 or keep_indices.shape[0] != batch:
-        raise TeacherInputError(f"keep_indices must be [B={batch}, K], got {list(keep_indices.shape)}")
-    if keep_indices.dtype.is_floating_point or keep_indices.dtype == torch.bool:
-        raise TeacherInputError(f"keep_indices must be integers, got {keep_indices.dtype}")
-    if keep_indices.numel() and (int(keep_indices.min()) < 0 or int(keep_indices.max()) >= num_patches):
-        raise TeacherInputError(
-            f"keep_indices out of range: the teacher's grid has {num_patches} patches (0..{num_patches - 1}), "
-            f"got {int(keep_indices.min())}..{int(keep_indices.max())}")
-
-
 def _index_dtype(num_patches: int) -> torch.dtype:
     return torch.int16 if num_patches <= 32767 else torch.int32
 
@@ -152,9 +120,16 @@ def build_request(
     if (images is None) == (patches is None):
         raise TeacherInputError("pass exactly one of images or patches")
     req = pb.InferRequest(request_id=request_id, model=model or "")
-    if keep_indices is not None and keep_counts is not None:  # padding may hold anything: make it a valid 0
-        valid = torch.arange(keep_indices.shape[-1]) < keep_counts.reshape(-1, 1).cpu()  # [B, K]
-        keep_indices = keep_indices.masked_fill(~valid.to(keep_indices.device), 0)
+    batch = batch_size_of(images, patches)
+    if keep_indices is not None:  # checked here, at the client's boundary (the server checks its own again)
+        try:
+            keep_indices, checked_counts = check_keep(keep_indices, keep_counts, batch=batch,
+                                                      num_patches=info.num_patches)  # padding set to 0
+        except KeepIndicesError as exc:
+            raise TeacherInputError(str(exc)) from exc
+        keep_counts = checked_counts if keep_counts is not None else None
+    elif keep_counts is not None:
+        raise TeacherInputError("keep_counts need keep_indices")
     if images is not None:
         if images.dim() != 4:
             raise TeacherInputError(f"images must be [B, C, H, W], got {list(images.shape)}")
@@ -162,8 +137,7 @@ def build_request(
             raise TeacherInputError(f"images have {images.shape[1]} channels; the teacher expects {info.in_chans}")
         images = to_teacher_resolution(images, info.image_size)  # [B, C, H_t, W_t]
         if keep_indices is not None and send_patches:
-            check_keep_indices(keep_indices, images.shape[0], info.num_patches)
-            patches = extract_patches(images, keep_indices, info.patch_size)  # [B, K, C, P, P]
+            patches = gather_patches(images, keep_indices, info.patch_size)  # [B, K, C, P, P]
             req.patches.CopyFrom(tensor_to_proto(wire_pixels(patches)))
         else:
             req.images.CopyFrom(tensor_to_proto(wire_pixels(images)))
@@ -175,9 +149,7 @@ def build_request(
             raise TeacherInputError(f"patches must be [B, K, C, P, P], got {list(patches.shape)}")
         req.patches.CopyFrom(tensor_to_proto(wire_pixels(patches)))
     if keep_indices is not None:
-        if keep_indices.dim() != 2:
-            raise TeacherInputError(f"keep_indices must be [B, K], got {list(keep_indices.shape)}")
-        req.keep_indices.CopyFrom(tensor_to_proto(keep_indices.detach().to(_index_dtype(info.num_patches))))
+        req.keep_indices.CopyFrom(tensor_to_proto(keep_indices.to(_index_dtype(info.num_patches))))
     if keep_counts is not None:
         req.keep_counts.CopyFrom(tensor_to_proto(keep_counts.detach().reshape(-1).to(torch.int32)))
     return req

@@ -55,11 +55,12 @@ def warm_up_shapes(forward: ForwardFn, teacher: MaskedTeacher, shapes: Sequence[
     import torch._dynamo.config as dynamo_config
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, len(shapes))
-    c, p = teacher.in_chans, teacher.patch_size
+    g = teacher.geometry
+    c, p = g.in_chans, g.patch_size
     seconds = []
     for b, k in shapes:
-        if k > teacher.num_patches:
-            raise ValueError(f"compile shape {b}:{k} keeps more patches than the teacher has ({teacher.num_patches})")
+        if k > g.num_patches:
+            raise ValueError(f"compile shape {b}:{k} keeps more patches than the teacher has ({g.num_patches})")
         started = time.perf_counter()
         # Inputs made under inference mode, like the batcher's bucketed rows: the graph guards on tensor kind.
         with torch.inference_mode():

@@ -42,11 +42,11 @@ class DtypeFidelity:
 def fixed_images(teacher: MaskedTeacher, *, images: int = FIDELITY_IMAGES, seed: int = FIDELITY_SEED) -> torch.Tensor:
     """[images, C, H, W] normalized float32: smooth seeded noise in [0, 1] with the teacher's mean/std applied."""
     gen = torch.Generator().manual_seed(seed)
-    h, w = teacher.img_size
-    low = torch.rand(images, teacher.in_chans, max(1, h // 8), max(1, w // 8), generator=gen)
+    h, w = teacher.geometry.image_size
+    low = torch.rand(images, teacher.geometry.in_chans, max(1, h // 8), max(1, w // 8), generator=gen)
     pixels = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)  # [B,C,H,W]
-    mean = torch.tensor(teacher.mean).view(1, -1, 1, 1)
-    std = torch.tensor(teacher.std).view(1, -1, 1, 1)
+    mean = torch.tensor(teacher.geometry.mean).view(1, -1, 1, 1)
+    std = torch.tensor(teacher.geometry.std).view(1, -1, 1, 1)
     return (pixels - mean) / std
 
 

@@ -192,9 +192,9 @@ class InferenceService:
         payload = request.images if request.WhichOneof("input") == "images" else request.patches
         max_images = served.batcher.max_batch_images
         if len(payload.data) > OFFLOAD_BYTES:
-            return await asyncio.to_thread(prepare_input, request, served.spec, max_images=max_images,
+            return await asyncio.to_thread(prepare_input, request, served.teacher.geometry, max_images=max_images,
                                            max_elements=self._max_elements)
-        return prepare_input(request, served.spec, max_images=max_images, max_elements=self._max_elements)
+        return prepare_input(request, served.teacher.geometry, max_images=max_images, max_elements=self._max_elements)
 
     async def _run(self, key: KeyInfo, served: ServedModel, prepared: PreparedInput, usage: Usage, request_id: str,
                    *, replayable: bool, received_at: float, digest: str | None = None) -> InferOutcome:

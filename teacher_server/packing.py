@@ -55,7 +55,7 @@ def run_packed(teacher: MaskedTeacher, patches: torch.Tensor, indices: torch.Ten
     counts_sorted = counts[order].tolist()
     groups: list[tuple[int, int]] = []            # (rows, tokens per row), rows ordered by count
     for c in counts_sorted:
-        n = c + teacher.num_prefix_tokens
+        n = c + teacher.geometry.num_prefix_tokens
         if groups and groups[-1][1] == n:
             groups[-1] = (groups[-1][0] + 1, n)
         else:
@@ -63,7 +63,7 @@ def run_packed(teacher: MaskedTeacher, patches: torch.Tensor, indices: torch.Ten
     seqs, row = [], 0
     prefix = teacher._prefix_tokens()             # [1, prefix, D]
     for rows, n in groups:
-        k = n - teacher.num_prefix_tokens
+        k = n - teacher.geometry.num_prefix_tokens
         sel = order[row:row + rows]
         tokens = teacher.embed_patches(patches[sel, :k], indices[sel, :k])          # [G, k, D]
         if prefix is not None:

@@ -11,28 +11,15 @@ from dataclasses import dataclass
 import torch
 
 from maskedkd.codec import TensorDecodeError, proto_to_tensor
+from maskedkd.geometry import TeacherGeometry
+from maskedkd.keep import KeepIndicesError, check_keep
+from maskedkd.patches import gather_patches
 from maskedkd.text import clip
 from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server.errors import InvalidRequestError
 
 PIXEL_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """The geometry and normalization of a served teacher (what requests are validated against)."""
-
-    name: str
-    img_size: tuple[int, int]          # H, W
-    patch_size: int                    # P
-    grid_size: tuple[int, int]         # H // P, W // P
-    num_patches: int                   # N
-    num_prefix_tokens: int
-    num_classes: int
-    in_chans: int                      # C
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
 
 
 @dataclass
@@ -84,84 +71,46 @@ def _check_batch_size(batch: int, name: str, max_images: int) -> None:
         raise InvalidRequestError(f"{name}: {batch} images exceed max_batch_images={max_images}; split the batch")
 
 
-def _decode_keep_counts(request: pb.InferRequest, batch: int, k: int, max_elements: int) -> torch.Tensor:
-    if not request.HasField("keep_counts"):
-        return torch.full((batch,), k, dtype=torch.int64)
-    counts = _decode(request.keep_counts, "keep_counts", max_elements)
-    if counts.dtype not in INDEX_DTYPES:
-        raise InvalidRequestError(f"keep_counts: dtype {str(counts.dtype).removeprefix('torch.')} is not an integer "
-                                  "type; send int16, int32 or int64")
-    if tuple(counts.shape) != (batch,):
-        raise InvalidRequestError(f"keep_counts: shape {clip(list(counts.shape))} must be [B] = [{batch}]")
-    counts = counts.to(torch.int64)
-    bad = ((counts < 1) | (counts > k)).nonzero()
-    if len(bad):
-        b = int(bad[0, 0])
-        raise InvalidRequestError(
-            f"keep_counts[{b}] = {int(counts[b])} disagrees with K = {k} of keep_indices; each count must be in 1..{k}")
-    return counts
+def _decode_index_tensor(request: pb.InferRequest, field: str, max_elements: int) -> torch.Tensor:
+    """keep_indices / keep_counts as sent, in one of the contract's integer dtypes."""
+    x = _decode(getattr(request, field), field, max_elements)
+    if x.dtype not in INDEX_DTYPES:
+        raise InvalidRequestError(f"{field}: dtype {str(x.dtype).removeprefix('torch.')} is not an integer type; "
+                                  "send int16, int32 or int64")
+    return x
 
 
-def _validate_indices(indices: torch.Tensor, counts: torch.Tensor, num_patches: int) -> torch.Tensor:
-    """Range and uniqueness of the used entries of each row; padded entries (past the count) become 0."""
-    batch, k = indices.shape
-    used = torch.arange(k).unsqueeze(0) < counts.unsqueeze(1)  # [B, K]
-    out_of_range = used & ((indices < 0) | (indices >= num_patches))
-    if bool(out_of_range.any()):
-        b, j = (int(v) for v in out_of_range.nonzero()[0])
-        raise InvalidRequestError(
-            f"keep_indices[{b}, {j}] = {int(indices[b, j])} is out of range: the teacher grid has positions "
-            f"0..{num_patches - 1}")
-    # Padded entries get distinct sentinels beyond the grid so only real duplicates collide.
-    sentinels = num_patches + torch.arange(k).unsqueeze(0).expand(batch, k)
-    probe = torch.where(used, indices, sentinels)
-    ordered = probe.sort(dim=1).values
-    dup = (ordered[:, 1:] == ordered[:, :-1]).nonzero()
-    if len(dup):
-        b, j = (int(v) for v in dup[0])
-        raise InvalidRequestError(f"keep_indices row {b} repeats position {int(ordered[b, j])}; positions in a row "
-                                  "must be distinct")
-    return torch.where(used, indices, torch.zeros_like(indices))
-
-
-def _decode_keep_indices(request: pb.InferRequest, batch: int, spec: ModelSpec, max_elements: int,
-                         k_expected: int | None) -> torch.Tensor:
-    indices = _decode(request.keep_indices, "keep_indices", max_elements)
-    if indices.dtype not in INDEX_DTYPES:
-        raise InvalidRequestError(f"keep_indices: dtype {str(indices.dtype).removeprefix('torch.')} is not an "
-                                  "integer type; send int16, int32 or int64")
+def _checked_keep(request: pb.InferRequest, batch: int, geometry: TeacherGeometry, max_elements: int,
+                  k_expected: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep_indices [B, K] int64 with padding zeroed, keep_counts [B] int64), checked once (`maskedkd.keep`)."""
+    indices = _decode_index_tensor(request, "keep_indices", max_elements)
     if indices.dim() != 2 or indices.shape[0] != batch:
         raise InvalidRequestError(f"keep_indices: shape {clip(list(indices.shape))} must be [B, K] with B = {batch}")
-    k = int(indices.shape[1])
-    if k_expected is not None and k != k_expected:
-        raise InvalidRequestError(f"keep_indices: K = {k} disagrees with patches, which carry K = {k_expected}")
-    if k < 1:
-        raise InvalidRequestError("keep_indices: K = 0; keep at least one patch")
-    if k > spec.num_patches:
-        raise InvalidRequestError(f"keep_indices: K = {k} exceeds the {spec.num_patches} patches of the teacher grid")
-    return indices.to(torch.int64)
+    if k_expected is not None and indices.shape[1] != k_expected:
+        raise InvalidRequestError(f"keep_indices: K = {indices.shape[1]} disagrees with patches, which carry "
+                                  f"K = {k_expected}")
+    counts = _decode_index_tensor(request, "keep_counts", max_elements) if request.HasField("keep_counts") else None
+    if counts is not None and tuple(counts.shape) != (batch,):
+        raise InvalidRequestError(f"keep_counts: shape {clip(list(counts.shape))} must be [B] = [{batch}]")
+    try:
+        return check_keep(indices, counts, batch=batch, num_patches=geometry.num_patches)
+    except KeepIndicesError as exc:
+        raise InvalidRequestError(str(exc)) from exc
 
 
-def _normalize(patches: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+def _normalize(patches: torch.Tensor, geometry: TeacherGeometry) -> torch.Tensor:
     """[B, K, C, P, P] 0..1 -> teacher-normalized, in place."""
-    mean = torch.tensor(spec.mean, dtype=patches.dtype).view(-1, 1, 1)
-    std = torch.tensor(spec.std, dtype=patches.dtype).view(-1, 1, 1)
+    mean = torch.tensor(geometry.mean, dtype=patches.dtype).view(-1, 1, 1)
+    std = torch.tensor(geometry.std, dtype=patches.dtype).view(-1, 1, 1)
     return patches.sub_(mean).div_(std)
 
 
-def images_to_patches(images: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """[B, C, H, W] -> [B, N, C, P, P], patches in row-major grid order."""
-    b, c, h, w = images.shape
-    p = patch_size
-    grid = images.reshape(b, c, h // p, p, w // p, p)          # [B, C, Gh, P, Gw, P]
-    return grid.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c, p, p)
-
-
-def prepare_input(request: pb.InferRequest, spec: ModelSpec, *, max_images: int,
+def prepare_input(request: pb.InferRequest, geometry: TeacherGeometry, *, max_images: int,
                   max_elements: int = 1 << 31) -> PreparedInput:
-    """Validate `request` against the teacher `spec`; returns normalized kept patches or raises InvalidRequestError."""
+    """Validate `request` against the teacher's `geometry`; returns normalized kept patches or raises
+    InvalidRequestError. The forward trusts what this returned (it checks nothing again)."""
     which = request.WhichOneof("input")
-    p, c = spec.patch_size, spec.in_chans
+    p, c = geometry.patch_size, geometry.in_chans
     if which is None:
         raise InvalidRequestError("request carries no input: set `images` [B, C, H, W] or `patches` [B, K, C, P, P]")
     if which == "images":
@@ -172,23 +121,19 @@ def prepare_input(request: pb.InferRequest, spec: ModelSpec, *, max_images: int,
         _check_batch_size(batch, "images", max_images)
         if images.shape[1] != c:
             raise InvalidRequestError(f"images: {images.shape[1]} channels, the teacher expects {c}")
-        if tuple(images.shape[2:]) != spec.img_size:
-            h, w = spec.img_size
+        if tuple(images.shape[2:]) != geometry.image_size:
+            h, w = geometry.image_size
             raise InvalidRequestError(f"images: size {images.shape[2]}x{images.shape[3]}, the teacher expects {h}x{w}")
         pixels = _pixels_to_unit_float(images, "images")
-        all_patches = images_to_patches(pixels, p)                 # [B, N, C, P, P]
         if request.HasField("keep_indices"):
-            indices = _decode_keep_indices(request, batch, spec, max_elements, None)
+            indices, counts = _checked_keep(request, batch, geometry, max_elements, None)
         else:
             if request.HasField("keep_counts"):
                 raise InvalidRequestError("keep_counts needs keep_indices: without them every image keeps all "
-                                          f"{spec.num_patches} patches")
-            indices = torch.arange(spec.num_patches).unsqueeze(0).expand(batch, -1).clone()
-        k = int(indices.shape[1])
-        counts = _decode_keep_counts(request, batch, k, max_elements)
-        indices = _validate_indices(indices, counts, spec.num_patches)
-        gather = indices.view(batch, k, 1, 1, 1).expand(batch, k, c, p, p)
-        patches = torch.gather(all_patches, 1, gather)             # [B, K, C, P, P]
+                                          f"{geometry.num_patches} patches")
+            indices = torch.arange(geometry.num_patches).unsqueeze(0).expand(batch, -1).clone()
+            counts = torch.full((batch,), geometry.num_patches, dtype=torch.int64)
+        patches = gather_patches(pixels, indices, p)               # [B, K, C, P, P]
     else:
         raw = _decode(request.patches, "patches", max_elements)
         if raw.dim() != 5:
@@ -202,8 +147,7 @@ def prepare_input(request: pb.InferRequest, spec: ModelSpec, *, max_images: int,
                                       f"{p}x{p}")
         if not request.HasField("keep_indices"):
             raise InvalidRequestError("keep_indices are required with patches: where on the grid does each patch go?")
-        indices = _decode_keep_indices(request, batch, spec, max_elements, k)
-        counts = _decode_keep_counts(request, batch, k, max_elements)
-        indices = _validate_indices(indices, counts, spec.num_patches)
+        indices, counts = _checked_keep(request, batch, geometry, max_elements, k)
         patches = _pixels_to_unit_float(raw, "patches")
-    return PreparedInput(patches=_normalize(patches.contiguous(), spec), keep_indices=indices, keep_counts=counts)
+    return PreparedInput(patches=_normalize(patches.contiguous(), geometry), keep_indices=indices,
+                         keep_counts=counts)

@@ -1,4 +1,4 @@
-"""The models a server serves: name -> masked teacher, its geometry, meter and micro-batcher."""
+"""The models a server serves: name -> masked teacher (with its geometry), meter and micro-batcher."""
 from __future__ import annotations
 
 import copy
@@ -18,7 +18,6 @@ from teacher_server.fidelity import DtypeFidelity, compare_logits, fixed_images,
 from maskedkd.masked_teacher import MaskedTeacher
 from teacher_server.metering import Meter
 from teacher_server.packing import run_packed, supports_packing
-from teacher_server.preprocess import ModelSpec
 from maskedkd.precision import DTYPES, dtype_name, resolve_dtype
 from teacher_server.settings import ServerSettings
 
@@ -37,13 +36,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("--device cuda asked for, but torch sees no CUDA device")
     return torch.device(device)
-
-
-def model_spec(name: str, teacher: MaskedTeacher) -> ModelSpec:
-    return ModelSpec(name=name, img_size=teacher.img_size, patch_size=teacher.patch_size,
-                     grid_size=teacher.grid_size, num_patches=teacher.num_patches,
-                     num_prefix_tokens=teacher.num_prefix_tokens, num_classes=teacher.num_classes,
-                     in_chans=teacher.in_chans, mean=teacher.mean, std=teacher.std)
 
 
 def make_forward(teacher: MaskedTeacher, device: torch.device, dtype: torch.dtype, compile_mode: str = "off",
@@ -71,8 +63,7 @@ def make_forward(teacher: MaskedTeacher, device: torch.device, dtype: torch.dtyp
 @dataclass
 class ServedModel:
     name: str
-    teacher: MaskedTeacher
-    spec: ModelSpec
+    teacher: MaskedTeacher                # its `geometry` is what requests are checked against
     meter: Meter
     batcher: TokenBudgetBatcher
     device: torch.device
@@ -175,12 +166,12 @@ def build_served_model(
         except ValueError as exc:
             raise ModelLoadError(str(exc)) from exc
     batcher = TokenBudgetBatcher(
-        forward, num_prefix_tokens=teacher.num_prefix_tokens,
+        forward, num_prefix_tokens=teacher.geometry.num_prefix_tokens,
         token_budget=settings.token_budget, max_batch_images=settings.max_batch_images,
         max_delay_s=settings.max_delay_ms / 1000.0, mixed_k=settings.mixed_k if pack or settings.mixed_k != "pack"
         else "bucket", name=name,
         prefetch_device=weight.device, **batcher_kwargs,  # type: ignore[arg-type]
     )
-    return ServedModel(name=name, teacher=teacher, spec=model_spec(name, teacher), meter=Meter(teacher.shape),
+    return ServedModel(name=name, teacher=teacher, meter=Meter(teacher.shape),
                        batcher=batcher, device=weight.device, dtype_name=dtype_name(weight.dtype),
                        fidelity=fidelity)

@@ -85,11 +85,8 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             price = key.price_per_gflop if key.price_per_gflop is not None else price
         except AuthenticationError:
             pass
-        s = served.spec
         return pb.ModelInfo(
-            model=s.name, image_height=s.img_size[0], image_width=s.img_size[1], patch_size=s.patch_size,
-            grid_height=s.grid_size[0], grid_width=s.grid_size[1], num_prefix_tokens=s.num_prefix_tokens,
-            num_classes=s.num_classes, in_chans=s.in_chans, mean=list(s.mean), std=list(s.std),
+            model=served.name, **served.teacher.geometry.proto_fields(),
             full_gflops=served.meter.full_image_gflops, price_per_gflop=price, currency=self._settings.currency,
             models=self._service.registry.names, max_batch_images=served.batcher.max_batch_images,
             dtype=served.dtype_name,

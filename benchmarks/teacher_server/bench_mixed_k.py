@@ -35,7 +35,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     for label, kwargs, images, choices in CASES[:1] if args.quick else CASES:
         teacher = MaskedTeacher(timm.create_model(pretrained=False, **kwargs).eval())
-        n, c, p = teacher.num_patches, teacher.in_chans, teacher.patch_size
+        n, c, p = teacher.geometry.num_patches, teacher.geometry.in_chans, teacher.geometry.patch_size
         k = max(choices)
         counts = torch.tensor(choices)[torch.randint(len(choices), (images,), generator=gen)]  # [B]
         patches = torch.randn(images, k, c, p, p, generator=gen)                                # [B,K,C,P,P]

@@ -21,7 +21,7 @@ MODELS: dict[str, tuple[str, dict[str, object]]] = {
 
 
 def counted_flops(teacher: MaskedTeacher, keep: torch.Tensor | None, batch: int) -> FlopCounterMode:
-    x = torch.randn(batch, 3, *teacher.img_size)
+    x = torch.randn(batch, 3, *teacher.geometry.image_size)
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         teacher(x, keep)
     return counter
@@ -34,7 +34,7 @@ def teacher(request: pytest.FixtureRequest) -> MaskedTeacher:
 
 
 def test_matches_flop_counter_for_several_k(teacher: MaskedTeacher) -> None:
-    n = teacher.num_patches
+    n = teacher.geometry.num_patches
     batch = 1 if n > 64 else 2  # the real-size DeiT-S runs one image
     for k in sorted({1, n // 4, n // 2 + 3, n}):
         keep = torch.stack([torch.randperm(n)[:k] for _ in range(batch)])

@@ -37,7 +37,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
 def reference_logits(srv, images: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:  # type: ignore[no-untyped-def]
     """The teacher run in-process on the same pixels, normalized the way the server says it normalizes."""
     mt: MaskedTeacher = srv.reference
-    mean, std = torch.tensor(mt.mean).view(1, -1, 1, 1), torch.tensor(mt.std).view(1, -1, 1, 1)
+    mean, std = torch.tensor(mt.geometry.mean).view(1, -1, 1, 1), torch.tensor(mt.geometry.std).view(1, -1, 1, 1)
     with torch.no_grad():
         return mt((images.float() - mean) / std, keep)
 

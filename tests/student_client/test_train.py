@@ -113,7 +113,8 @@ def test_teacher_sees_exactly_the_augmented_pixels_and_the_loss_uses_its_logits(
     keep = torch.cat([s["keep_indices"] for s in sent])
     assert keep.shape == (8, 32)
     ref = env["ref"]
-    t_norm = (images.half().float() - torch.tensor(ref.mean).view(1, 3, 1, 1)) / torch.tensor(ref.std).view(1, 3, 1, 1)
+    mean, std = torch.tensor(ref.geometry.mean).view(1, 3, 1, 1), torch.tensor(ref.geometry.std).view(1, 3, 1, 1)
+    t_norm = (images.half().float() - mean) / std
     with torch.no_grad():
         teacher_logits = ref(t_norm, keep)
         student_logits = student(normalize(images))

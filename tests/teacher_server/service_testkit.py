@@ -101,8 +101,8 @@ class Reference:
 
     def __init__(self, model: nn.Module) -> None:
         self.teacher = MaskedTeacher(model)
-        self.mean = torch.tensor(self.teacher.mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(self.teacher.std).view(1, 3, 1, 1)
+        self.mean = torch.tensor(self.teacher.geometry.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(self.teacher.geometry.std).view(1, 3, 1, 1)
 
     def logits(self, images: torch.Tensor, keep: torch.Tensor | None = None,
                counts: torch.Tensor | None = None) -> torch.Tensor:
