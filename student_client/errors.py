@@ -21,7 +21,11 @@ class TeacherQuotaError(TeacherError):
 
 
 class TeacherInputError(TeacherError):
-    """The request was rejected as malformed (INVALID_ARGUMENT, NOT_FOUND for an unknown model, too large)."""
+    """The request was rejected as malformed (INVALID_ARGUMENT, NOT_FOUND for an unknown model, too large), by the
+    teacher or, before sending, by the client's own check of the same rules (then INVALID_ARGUMENT)."""
+
+    def __init__(self, message: str, *, code: str = "INVALID_ARGUMENT") -> None:
+        super().__init__(message, code=code)
 
 
 class TeacherUnavailableError(TeacherError):

@@ -27,19 +27,24 @@ def test_a_refused_request_fails_only_its_own_future(tmp_path) -> None:  # type:
     g = torch.Generator().manual_seed(3)
     images = torch.randint(0, 256, (2, 3, 32, 32), generator=g).float() / 255  # [B, C, H, W], exactly k/255
     keep = torch.stack([torch.randperm(64, generator=g)[:8].sort().values for _ in range(2)])  # [B, K]
+    too_bright = images.clone()
+    row, col = divmod(int(keep[1, 0]), 8)  # a kept patch of image 1 (8x8 grid of 4x4 patches)
+    too_bright[1, 0, 4 * row, 4 * col] = 1.5  # the client sends it (float16); the teacher refuses pixels past 1
     repeats = keep.clone()
-    repeats[1, 1] = repeats[1, 0]  # the client sends it; the teacher refuses a repeated position
+    repeats[1, 1] = repeats[1, 0]  # the client refuses a repeated position itself: it is never sent
     with teacher_server(tmp_path, tiny_teacher()) as srv:
         client = TeacherClient(srv.address, srv.create_key("streamer"))
         with TeacherStream(client) as stream:
             futures = {rid: stream.submit(images=x, keep_indices=k, request_id=rid)
-                       for rid, x, k in [("a", images, keep), ("bad", images, repeats),
+                       for rid, x, k in [("a", images, keep), ("bad", too_bright, keep), ("local", images, repeats),
                                          ("b", images.flip(0), keep.flip(0))]}
             with pytest.raises(TeacherInputError) as err:
                 futures["bad"].result(timeout=30)
+            with pytest.raises(TeacherInputError, match="keep_indices row 1 repeats position") as local:
+                futures["local"].result(timeout=30)
             logits = {rid: futures[rid].result(timeout=30)[0] for rid in ("a", "b")}
-        assert err.value.code == "INVALID_ARGUMENT"
-        assert "request_id 'bad'" in str(err.value) and "repeats position" in str(err.value)
+        assert err.value.code == local.value.code == "INVALID_ARGUMENT"
+        assert "request_id 'bad'" in str(err.value) and "un-normalized in [0, 1]" in str(err.value)
         torch.testing.assert_close(logits["a"], logits["b"].flip(0), rtol=1e-5, atol=1e-5)
         assert sorted(r["request_id"] for r in ledger_rows(srv, "streamer")) == ["a", "b"]
 
