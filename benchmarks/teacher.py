@@ -22,9 +22,9 @@ import torch
 
 from benchmarks.config import KEEPS, BenchConfig, ModelCase, num_kept
 from benchmarks.timing import Timing, measure
+from maskedkd.masked_teacher import MaskedTeacher
 from teacher_server.batcher import ForwardFn
 from teacher_server.compiled import compiled_forward_patches
-from maskedkd.masked_teacher import MaskedTeacher
 
 
 @dataclass

@@ -38,6 +38,8 @@ def _normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...])
 def probe(teacher_ckpt: Path, student_ckpt: Path, data: Path, *, split: str | None = None,
           max_images: int | None = None, batch_size: int = 100, seed: int = 0, device: str = "cpu",
           keeps: tuple[float, ...] = KEEPS, strategies: tuple[str, ...] = STRATEGIES) -> dict[str, Any]:
+    from maskedkd.checkpoints import load_model
+    from maskedkd.masked_teacher import MaskedTeacher
     from student_client.checkpointing import resolve_model_file
     from student_client.data import eval_transform, image_folder
     from student_client.evaluate import eval_split_dir
@@ -45,8 +47,6 @@ def probe(teacher_ckpt: Path, student_ckpt: Path, data: Path, *, split: str | No
     from student_client.sips import SIPSCapture, select_patches
     from student_client.student import describe_student
     from student_client.wire import to_teacher_resolution
-    from maskedkd.checkpoints import load_model
-    from maskedkd.masked_teacher import MaskedTeacher
 
     dev = torch.device(device)
     teacher = MaskedTeacher(load_model(checkpoint=resolve_model_file(teacher_ckpt))[0].to(dev))

@@ -19,13 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from maskedkd.precision import resolve_precision
 from student_client.config import TrainConfig
 from student_client.data import Normalizer
 from student_client.losses import DistillationLoss, LossParts
 from student_client.pipeline import OverlapStats, Submit, TeacherRequest, pipelined_forward
 from student_client.sips import SIPSCapture, select_patches
 from student_client.wire import Usage
-from maskedkd.precision import resolve_precision
 
 
 @dataclass

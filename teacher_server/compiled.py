@@ -16,8 +16,8 @@ from collections.abc import Sequence
 
 import torch
 
-from teacher_server.batcher import ForwardFn
 from maskedkd.masked_teacher import MaskedTeacher
+from teacher_server.batcher import ForwardFn
 
 log = logging.getLogger(__name__)
 

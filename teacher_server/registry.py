@@ -9,16 +9,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from maskedkd.checkpoints import load_model
+from maskedkd.masked_teacher import MaskedTeacher
+from maskedkd.precision import DTYPES, dtype_name, resolve_dtype
 from maskedkd.text import clip
 from teacher_server.batcher import ForwardFn, TokenBudgetBatcher
-from maskedkd.checkpoints import load_model
 from teacher_server.compiled import forward_patches_fn, warm_up_shapes
 from teacher_server.errors import ModelNotFoundError
 from teacher_server.fidelity import DtypeFidelity, compare_logits, fixed_images, logits_on
-from maskedkd.masked_teacher import MaskedTeacher
 from teacher_server.metering import Meter
 from teacher_server.packing import run_packed, supports_packing
-from maskedkd.precision import DTYPES, dtype_name, resolve_dtype
 from teacher_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)

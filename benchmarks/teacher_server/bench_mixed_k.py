@@ -14,9 +14,9 @@ import time
 import timm
 import torch
 
-from teacher_server.packing import run_packed
-from teacher_server.batcher import run_bucketed, run_padded
 from maskedkd.masked_teacher import MaskedTeacher
+from teacher_server.batcher import run_bucketed, run_padded
+from teacher_server.packing import run_packed
 
 CASES = [  # (label, model kwargs, images, counts to draw from)
     ("vit_tiny 32px/4px", dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=4, num_classes=10),

@@ -17,9 +17,9 @@ from process_testkit import (
 )
 from student_testkit import ledger_rows, ledger_rows_at, make_subset, teacher_server, tiny_teacher
 
-from student_client.cli import main
 from maskedkd.checkpoints import save_model_checkpoint
 from maskedkd.masked_teacher import MaskedTeacher
+from student_client.cli import main
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -14,8 +14,8 @@ import torch
 from student_testkit import STUDENT, STUDENT_KWARGS, make_subset, teacher_server, tiny_teacher
 from torchvision import datasets, transforms
 
-from student_client.cli import main
 from maskedkd.checkpoints import load_model
+from student_client.cli import main
 
 CLI = [sys.executable, "-m", "student_client.cli"]
 

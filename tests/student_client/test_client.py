@@ -19,10 +19,10 @@ from student_client.client import TeacherClient
 from student_client.errors import (
     TeacherAuthError, TeacherInputError, TeacherQuotaError, TeacherUnavailableError,
 )
+from maskedkd.masked_teacher import MaskedTeacher
 from student_client.stream import TeacherStream
 from student_client.tls import channel_credentials
 from student_client.wire import wire_pixels
-from maskedkd.masked_teacher import MaskedTeacher
 from teacher_server.testing_tls import make_pki
 
 

@@ -18,10 +18,10 @@ import ray
 from process_testkit import digests_by_id, request_log, step_rows, wait_for
 from student_testkit import STUDENT, STUDENT_KWARGS, ledger_rows, make_subset, teacher_server, tiny_teacher
 
-from student_client.config import TrainConfig
-from student_client.ray_runner import TrainingError, run_with_ray
 from maskedkd.checkpoints import load_model
 from maskedkd.masked_teacher import MaskedTeacher
+from student_client.config import TrainConfig
+from student_client.ray_runner import TrainingError, run_with_ray
 
 
 @pytest.fixture(scope="module")

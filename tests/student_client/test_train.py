@@ -12,6 +12,8 @@ import torch
 from student_testkit import STUDENT, STUDENT_KWARGS, ledger_rows, make_subset, teacher_server, tiny_teacher
 from torch.utils.data import DataLoader
 
+from maskedkd.checkpoints import load_state_dict
+from maskedkd.masked_teacher import MaskedTeacher
 from student_client.checkpointing import latest_checkpoint
 from student_client.client import TeacherClient
 from student_client.config import TrainConfig
@@ -22,8 +24,6 @@ from student_client.sips import SIPSCapture
 from student_client.student import create_student, describe_student, student_kwargs_for
 from student_client.train_loop import run_training
 from student_client.train_step import PatchSelector, StepRunner
-from maskedkd.checkpoints import load_state_dict
-from maskedkd.masked_teacher import MaskedTeacher
 
 
 @pytest.fixture(scope="module")

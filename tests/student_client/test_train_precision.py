@@ -9,6 +9,7 @@ import pytest
 import torch
 from student_testkit import STUDENT, STUDENT_KWARGS, make_subset, teacher_server, tiny_teacher
 
+from maskedkd.precision import FORCE_CPU_BF16_ENV
 from student_client.client import TeacherClient
 from student_client.config import TrainConfig
 from student_client.data import Normalizer
@@ -16,7 +17,6 @@ from student_client.losses import DistillationLoss
 from student_client.sips import SIPSCapture
 from student_client.student import create_student, describe_student, student_kwargs_for
 from student_client.train_step import PatchSelector, StepRunner
-from maskedkd.precision import FORCE_CPU_BF16_ENV
 
 
 @pytest.fixture(scope="module")

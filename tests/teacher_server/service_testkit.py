@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from maskedkd.codec import proto_to_tensor, tensor_to_proto
-from maskedkd.v1 import teacher_pb2 as pb
-from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
 from maskedkd.flops import masked_forward_flops
 from maskedkd.masked_teacher import MaskedTeacher
+from maskedkd.v1 import teacher_pb2 as pb
+from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
 from teacher_server.settings import ServerSettings
 
 MODEL = "vit_tiny_patch16_224"

@@ -8,9 +8,9 @@ import timm
 import torch
 from service_testkit import MODEL, TINY, random_keep
 
+from maskedkd.masked_teacher import MaskedTeacher
 from teacher_server.batcher import TokenBudgetBatcher, run_bucketed, run_padded
 from teacher_server.errors import ServiceUnavailableError
-from maskedkd.masked_teacher import MaskedTeacher
 from teacher_server.preprocess import PreparedInput
 
 pytestmark = pytest.mark.timeout(60)

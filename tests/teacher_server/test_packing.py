@@ -5,8 +5,8 @@ import pytest
 import timm
 import torch
 
-from teacher_server.packing import run_packed
 from maskedkd.masked_teacher import MaskedTeacher
+from teacher_server.packing import run_packed
 
 
 @pytest.mark.parametrize("extra", [{}, {"reg_tokens": 2}])

@@ -6,8 +6,8 @@ import torch
 from service_testkit import Reference, auth, logits_of, patch_request, patches_of, random_images, random_keep
 from service_testkit import settings, stub, tiny_vit
 
-from teacher_server.compiled import forward_patches_fn
 from maskedkd.masked_teacher import MaskedTeacher
+from teacher_server.compiled import forward_patches_fn
 from teacher_server.testing import running_server
 
 pytestmark = pytest.mark.timeout(300)

@@ -9,9 +9,9 @@ import torch
 from service_testkit import auth, ledger_rows, logits_of, patch_request, patches_of, random_images, random_keep, \
     settings, stub, tiny_vit
 
+from maskedkd.precision import FORCE_CPU_BF16_ENV, cpu_bf16_support, resolve_dtype, resolve_precision
 from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server.cli import main as teacher_cli
-from maskedkd.precision import FORCE_CPU_BF16_ENV, cpu_bf16_support, resolve_dtype, resolve_precision
 from teacher_server.settings import ServerSettings
 from teacher_server.testing import running_server
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from teacher_server import auth, ledger
 from maskedkd.flops import ViTShape, masked_forward_flops
+from teacher_server import auth, ledger
 from teacher_server.settings import ServerSettings
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
