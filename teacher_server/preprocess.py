@@ -84,18 +84,15 @@ def _checked_keep(request: pb.InferRequest, batch: int, geometry: TeacherGeometr
                   k_expected: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(keep_indices [B, K] int64 with padding zeroed, keep_counts [B] int64), checked once (`maskedkd.keep`)."""
     indices = _decode_index_tensor(request, "keep_indices", max_elements)
-    if indices.dim() != 2 or indices.shape[0] != batch:
-        raise InvalidRequestError(f"keep_indices: shape {clip(list(indices.shape))} must be [B, K] with B = {batch}")
+    counts = _decode_index_tensor(request, "keep_counts", max_elements) if request.HasField("keep_counts") else None
+    try:
+        indices, counts = check_keep(indices, counts, batch=batch, num_patches=geometry.num_patches)
+    except KeepIndicesError as exc:
+        raise InvalidRequestError(str(exc)) from exc
     if k_expected is not None and indices.shape[1] != k_expected:
         raise InvalidRequestError(f"keep_indices: K = {indices.shape[1]} disagrees with patches, which carry "
                                   f"K = {k_expected}")
-    counts = _decode_index_tensor(request, "keep_counts", max_elements) if request.HasField("keep_counts") else None
-    if counts is not None and tuple(counts.shape) != (batch,):
-        raise InvalidRequestError(f"keep_counts: shape {clip(list(counts.shape))} must be [B] = [{batch}]")
-    try:
-        return check_keep(indices, counts, batch=batch, num_patches=geometry.num_patches)
-    except KeepIndicesError as exc:
-        raise InvalidRequestError(str(exc)) from exc
+    return indices, counts
 
 
 def _normalize(patches: torch.Tensor, geometry: TeacherGeometry) -> torch.Tensor:
