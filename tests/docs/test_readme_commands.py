@@ -2,8 +2,9 @@
 the repository root, with `.venv` activated by the README's own block (the venv is NOT on the test's PATH).
 
 What the test changes is listed here, each with its reason: SUBSTITUTIONS (free ports instead of the defaults,
-training shortened) and NOT_RUN (commands covered by another test, or that need machines this test does not have).
-A README edit that no entry matches fails the test, so neither table goes stale silently.
+training shortened), SMALL_SUBSET (fewer images where the README's data lives) and NOT_RUN (commands covered by
+another test, or that need machines this test does not have). A README edit that no entry matches fails the test,
+so neither table goes stale silently.
 
 The "repository root" is a scratch directory holding a symlink to each top-level entry of this checkout and `.venv`
 pointing at the running interpreter's venv, so what the commands write (runs/, the ledger, tls.*) stays out of the
@@ -59,6 +60,11 @@ SUBSTITUTIONS = (
                  "... of two steps (the seconds budget of a test; the full run is `make demo`); no progress bar in a "
                  "captured log"),
 )
+
+# The README trains on data/cifar10-subset (committed, 6,000 images). In the scratch root that path holds the first
+# images of each class of the committed subset instead (links to the same files), so the scan and the evaluations
+# read a few hundred images, not 6,000.
+SMALL_SUBSET = {"train": 16, "test": 10}   # images per class: 2 steps of 64 need 128 training images
 
 NOT_RUN = (
     NotRun("make demo", "tests/scripts/test_demo.py", "the demo with --max-steps 30, its printed numbers checked"),
@@ -124,10 +130,26 @@ def repository_view(root: Path) -> Path:
     assert sys.prefix != sys.base_prefix, "run the suite in the project's venv (make test creates .venv)"
     root.mkdir()
     for entry in REPO.iterdir():
-        if entry.name not in WRITTEN_BY_THE_README | {".git", ".venv"}:
+        if entry.name not in WRITTEN_BY_THE_README | {".git", ".venv", "data"}:
             (root / entry.name).symlink_to(entry)
     (root / ".venv").symlink_to(sys.prefix)
+    (root / "data").mkdir()
+    for entry in (REPO / "data").iterdir():
+        if entry.name != "cifar10-subset":
+            (root / "data" / entry.name).symlink_to(entry)
+    small_image_folder(REPO / "data" / "cifar10-subset", root / "data" / "cifar10-subset", SMALL_SUBSET)
     return root
+
+
+def small_image_folder(source: Path, target: Path, per_class: dict[str, int]) -> None:
+    """An ImageFolder of the first `per_class[split]` images of each class of `source`, as links."""
+    for split, count in per_class.items():
+        classes = sorted(d for d in (source / split).iterdir() if d.is_dir())
+        assert classes, f"no classes under {source / split}"
+        for class_dir in classes:
+            (target / split / class_dir.name).mkdir(parents=True)
+            for image in sorted(class_dir.iterdir())[:count]:
+                (target / split / class_dir.name / image.name).symlink_to(image)
 
 
 def user_env() -> dict[str, str]:
@@ -181,6 +203,7 @@ def test_every_not_run_entry_and_substitution_is_still_in_the_readme() -> None:
     script_for(to_run, {"plain_port": 1, "tls_port": 2})  # every substitution matches
 
 
+@pytest.mark.slow
 def test_readme_command_blocks_run_as_written(tmp_path: Path) -> None:
     to_run, _ = split_blocks(command_blocks(README))
     root = repository_view(tmp_path / "repo")
