@@ -14,12 +14,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from student_client.config import TrainConfig
 from student_client.data import Normalizer
 from student_client.losses import DistillationLoss, LossParts
 from student_client.pipeline import OverlapStats, Submit, TeacherRequest, pipelined_forward
@@ -57,10 +56,25 @@ def student_autocast(precision: str, device: torch.device) -> contextlib.Abstrac
     return contextlib.nullcontext()
 
 
+class StepSettings(Protocol):
+    """What a step reads from its config: a TrainConfig, or `student_client.kd.KDSettings` for MaskedKD."""
+
+    mode: str                 # kd | none | mask-student
+    strategy: str             # sips | random | bottom | all
+    micro_batches: int        # App. E pipelining: teacher on micro-batch i while the student computes i+1
+    precision: str            # auto | bf16 | fp32 (student forward autocast)
+
+    @property
+    def keep_value(self) -> float | int: ...  # what select_patches takes: a fraction or an int count
+
+    @property
+    def teacher_wait_s(self) -> float: ...    # longest wait for one teacher answer
+
+
 class PatchSelector:
     """Kept positions for one micro-batch: SIPS (top/bottom-k), random, or all, mapped to the target grid."""
 
-    def __init__(self, cfg: TrainConfig, capture: SIPSCapture | None, student_grid: tuple[int, int] | None,
+    def __init__(self, cfg: StepSettings, capture: SIPSCapture | None, student_grid: tuple[int, int] | None,
                  target_grid: tuple[int, int], generator: torch.Generator) -> None:
         self.cfg = cfg
         self.capture = capture
@@ -90,7 +104,7 @@ class StepRunner:
     """Forward (pipelined with the teacher) and loss for one batch; the caller runs backward and the optimizer."""
 
     def __init__(
-        self, cfg: TrainConfig, model: nn.Module, raw_model: nn.Module, normalize: Normalizer,
+        self, cfg: StepSettings, model: nn.Module, raw_model: nn.Module, normalize: Normalizer,
         criterion: DistillationLoss, selector: PatchSelector | None, submit: Submit | None,
         request_id_prefix: str,
     ) -> None:
