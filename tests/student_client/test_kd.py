@@ -43,7 +43,7 @@ def client_for(env: dict[str, Any], name: str) -> TeacherClient:
     return TeacherClient(env["srv"].address, env["srv"].create_key(name), patience_s=5)
 
 
-def independent_sips_top_k(student: torch.nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
+def independent_sips_top_k(student: torch.nn.Module, x: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
     """[B, K] sorted: the last block's full attention matrix, [CLS] row over the patch keys, summed over heads."""
     seen: dict[str, torch.Tensor] = {}
     last = student.blocks[-1]
@@ -56,38 +56,47 @@ def independent_sips_top_k(student: torch.nn.Module, x: torch.Tensor, k: int) ->
     q, key, _v = attn.qkv(tokens).reshape(B, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     probs = ((q @ key.transpose(-2, -1)) * attn.head_dim ** -0.5).softmax(dim=-1)  # [B, H, n, n]
     scores = probs[:, :, 0, 1:].sum(dim=1)  # [B, N]
-    return scores.topk(k, dim=1).indices.sort(dim=1).values
+    return scores.topk(k, dim=1, largest=largest).indices.sort(dim=1).values
 
 
 def reference_loss(student: torch.nn.Module, teacher: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                   *, keep: int, lam: float, tau: float) -> torch.Tensor:
+                   *, keep: int, lam: float, tau: float, strategy: str, hard: bool) -> torch.Tensor:
     x = images.float() / 255
     mean = torch.tensor(student.pretrained_cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(student.pretrained_cfg["std"]).view(1, 3, 1, 1)
     xs = (x - mean) / std
-    kept = independent_sips_top_k(student, xs, keep)
+    if strategy == "all":
+        kept = torch.arange(64).expand(len(x), 64)
+    else:
+        kept = independent_sips_top_k(student, xs, keep, largest=strategy == "sips")
     masked = MaskedTeacher(teacher)
     with torch.no_grad():
         t_mean, t_std = torch.tensor(masked.mean).view(1, 3, 1, 1), torch.tensor(masked.std).view(1, 3, 1, 1)
         t_logits = masked((x - t_mean) / t_std, kept)  # [B, classes]
         s_logits = student(xs)
+    if hard:  # DeiT's hard distillation: CE against the teacher's top-1
+        return F.cross_entropy(s_logits, labels) + lam * F.cross_entropy(s_logits, t_logits.argmax(dim=1))
     p_t = (t_logits / tau).softmax(dim=1)
     kl = (p_t * (p_t.log() - (s_logits / tau).log_softmax(dim=1))).sum(dim=1).mean()
     return F.cross_entropy(s_logits, labels) + lam * tau * tau * kl
 
 
-@pytest.mark.parametrize("micro_batches,transport", [(1, "unary"), (2, "stream")])
+@pytest.mark.parametrize("micro_batches,transport,strategy,hard", [
+    (1, "unary", "sips", False), (2, "stream", "sips", False), (2, "unary", "bottom", False),
+    (2, "unary", "all", True),
+])
 def test_loss_is_ce_plus_lambda_tau2_kl_of_the_masked_teacher(env: dict[str, Any], micro_batches: int,
-                                                              transport: str) -> None:
+                                                              transport: str, strategy: str, hard: bool) -> None:
     student = make_student()
     images, labels = batch()
-    name = f"loss-{micro_batches}-{transport}"
-    with client_for(env, name) as client, MaskedKD(student, client, keep=0.5, lambda_kd=0.7, tau=2.0,
-                                                   micro_batches=micro_batches, transport=transport,
-                                                   run_id=name) as kd:
+    name = f"loss-{micro_batches}-{transport}-{strategy}"
+    with client_for(env, name) as client, MaskedKD(student, client, keep=0.5, lambda_kd=0.7, tau=2.0, hard=hard,
+                                                   strategy=strategy, micro_batches=micro_batches,
+                                                   transport=transport, run_id=name) as kd:
         loss = kd(images.float() / 255, labels)
         loss.backward()
-    expected = reference_loss(student, env["teacher"], images, labels, keep=32, lam=0.7, tau=2.0)
+    expected = reference_loss(student, env["teacher"], images, labels, keep=32, lam=0.7, tau=2.0,
+                              strategy=strategy, hard=hard)
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-5)
     assert kd.last.loss == pytest.approx(kd.last.ce + 0.7 * kd.last.kd, rel=1e-6)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
