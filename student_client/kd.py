@@ -10,8 +10,8 @@ One call runs the same step as `student-client train --mode kd` (`train_step.Ste
 the full image (SIPS captured by a hook on its last block), the kept patches picked on the teacher's grid, only those
 patches sent (uint8 when the pixels are exactly k/255), and the loss from the teacher's logits.
 
-Everything that can be wrong with the pairing (classes, channels, geometry, SIPS support, keep, strategy) is checked
-once, at construction, against the teacher's `GetModelInfo`; a call trusts it.
+Everything that can be wrong with the pairing (the API key, classes, channels, geometry, SIPS support, keep, strategy) is
+checked once, at construction, against the teacher's `GetModelInfo`; a call trusts it.
 
 Pipelining (paper App. E): with `micro_batches=M` (default 2) the batch is cut into M parts; the teacher request of
 part i goes out as soon as the student's forward of part i is done, and runs while the student computes parts
@@ -103,7 +103,8 @@ class MaskedKD:
             raise ValueError(f"lambda_kd must be >= 0, got {lambda_kd!r}")
         raw = _unwrap(student)  # the timm model inside DDP / torch.compile
         spec = describe_student(raw)
-        self.info: ModelInfo = teacher.info()  # one GetModelInfo: a bad address or key fails here
+        self.info: ModelInfo = teacher.info()  # one GetModelInfo: an unreachable teacher fails here
+        teacher.check_key()  # TeacherAuthError for a bad or disabled key (free: nothing runs, nothing is billed)
         _check_pairing(raw, spec.image_size, spec.grid_size, self.info, strategy, allow_resize)
         _num_keep(keep, self.info.num_patches)  # ValueError naming the range
         needs_scores = strategy in ("sips", "bottom")

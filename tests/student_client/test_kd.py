@@ -14,6 +14,7 @@ from student_testkit import STUDENT, STUDENT_KWARGS, ledger_rows, teacher_server
 
 from student_client import MaskedKD, SIPSUnsupportedModelError
 from student_client.client import TeacherClient
+from student_client.errors import TeacherAuthError
 from teacher_server.flops import ViTShape, masked_forward_flops
 from teacher_server.masked_teacher import MaskedTeacher
 
@@ -152,6 +153,12 @@ def test_construction_errors_are_clear(env: dict[str, Any], student_kwargs: dict
         with pytest.raises(error, match=message):
             MaskedKD(make_student(**student_kwargs), client, **kd_kwargs)
     assert not ledger_rows(env["srv"], name)
+
+
+def test_a_bad_key_fails_at_construction(env: dict[str, Any]) -> None:
+    with TeacherClient(env["srv"].address, "mkd_not-a-key", patience_s=0) as client:
+        with pytest.raises(TeacherAuthError):
+            MaskedKD(make_student(), client)
 
 
 def test_random_strategy_without_sips_support_and_the_other_grid_is_resized(env: dict[str, Any]) -> None:
