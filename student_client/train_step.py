@@ -1,7 +1,8 @@
 """One optimizer step of MaskedKD on one worker (paper Eq. 1 with SIPS, pipelined as in App. E).
 
 kd:            student forward per micro-batch (SIPS captured), select patches on the teacher's grid, send the kept
-               patches asynchronously; gather the teacher logits; CE + lambda * KD; one backward.
+               patches asynchronously; gather the teacher logits; CE + lambda * KD; one backward. With strategy random
+               or all the selection needs no student, so every micro-batch's request goes out before the first forward.
 none:          plain supervised CE (no teacher).
 mask-student:  the Sec 4.2 ablation: the teacher sees the full image, the student only its kept patches.
 
@@ -130,7 +131,13 @@ class StepRunner:
             return StepResult(self.criterion(as_float32(output), targets, None), images.shape[0])
         micro = list(images.tensor_split(min(cfg.micro_batches, images.shape[0])))
         request_id: Callable[[int], str] = lambda i: f"{self.prefix}-s{step}-m{i}"  # noqa: E731
-        if cfg.mode == "kd":
+        if cfg.mode == "kd" and self.selector is not None and not self.selector.needs_scores:
+            # random / all: the kept patches do not depend on the student, so every request goes out before the
+            # first student forward and the teacher's whole time can hide behind the student's (same ids, bytes)
+            early = [self._teacher_request(x) for x in micro]
+            result = pipelined_forward(micro, self._student_forward, self.submit, request_id=request_id,
+                                       early_requests=early, timeout_s=cfg.teacher_wait_s)
+        elif cfg.mode == "kd":
             result = pipelined_forward(micro, self._kd_student_step, self.submit, request_id=request_id,
                                        timeout_s=cfg.teacher_wait_s)
         else:
@@ -145,11 +152,18 @@ class StepRunner:
         return StepResult(loss, images.shape[0], result.usage, result.stats)
 
     def _kd_student_step(self, i: int, x: torch.Tensor) -> tuple[Any, TeacherRequest]:
+        output, _ = self._student_forward(i, x)  # SIPSCapture fills selector.capture.scores here (fp32)
+        return output, self._teacher_request(x)
+
+    def _student_forward(self, i: int, x: torch.Tensor) -> tuple[Any, None]:
         with self._autocast():
-            output = self.model(self.normalize(x))  # SIPSCapture fills selector.capture.scores here (fp32)
+            return self.model(self.normalize(x)), None
+
+    def _teacher_request(self, x: torch.Tensor) -> TeacherRequest:
+        """The kept positions of micro-batch x (after its forward for SIPS / bottom) and its pixels."""
         assert self.selector is not None
         keep = self.selector(x.shape[0], x.device)
-        return output, TeacherRequest(x.detach(), None if keep is None else keep.cpu())
+        return TeacherRequest(x.detach(), None if keep is None else keep.cpu())
 
     def _masked_student_step(self, i: int, x: torch.Tensor) -> tuple[Any, None]:
         xn = self.normalize(x)

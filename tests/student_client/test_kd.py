@@ -188,3 +188,37 @@ def test_train_returns_the_summary_and_raises_one_line_on_a_bad_key(tmp_path: Pa
         assert summary["teacher_gflops"] == pytest.approx(sum(r["gflops"] for r in rows), rel=1e-12)
         with pytest.raises(TrainingError, match="(?i)key"):
             train(TrainConfig(out=str(tmp_path / "bad"), api_key="mkd_wrong", **base), local=True)
+
+
+class RecordingClient(TeacherClient):
+    """A real client that notes when each request is handed over, beside the student's forwards."""
+
+    def __init__(self, *args: Any, events: list[str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.events = events
+
+    def submit(self, images: torch.Tensor | None = None, **kwargs: Any):  # type: ignore[no-untyped-def]
+        self.events.append(f"send {kwargs['request_id'].rsplit('-', 1)[1]}")
+        return super().submit(images, **kwargs)
+
+
+@pytest.mark.parametrize("strategy,schedule", [
+    ("sips", ["forward", "send m0", "forward", "send m1", "forward", "send m2"]),      # App. E: i's answer hides
+    ("random", ["send m0", "send m1", "send m2", "forward", "forward", "forward"]),    # behind i+1's forward
+    ("all", ["send m0", "send m1", "send m2", "forward", "forward", "forward"]),
+])
+def test_pipelining_schedule(env: dict[str, Any], strategy: str, schedule: list[str]) -> None:
+    """micro_batches=3: with SIPS each request leaves right after its micro-batch's forward; random and all need no
+    student, so every request leaves before the first forward. The loss is the same as unpipelined."""
+    events: list[str] = []
+    student = make_student()
+    student.register_forward_pre_hook(lambda *_: events.append("forward"))
+    images, labels = batch()
+    with RecordingClient(env["srv"].address, env["srv"].create_key(f"sched-{strategy}"), events=events) as client:
+        piped = MaskedKD(student, client, strategy=strategy, micro_batches=3, run_id=f"sched-{strategy}")(
+            images, labels)
+        assert events == schedule
+        events.clear()
+        whole = MaskedKD(student, client, strategy=strategy, micro_batches=1, run_id=f"whole-{strategy}")(
+            images, labels)
+    torch.testing.assert_close(piped, whole, rtol=1e-5, atol=1e-6)
