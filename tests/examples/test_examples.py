@@ -29,24 +29,35 @@ def env(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-de
         yield {"root": root, "data": data, "srv": srv}
 
 
-def run_example(script: str, env: dict, key_name: str, *extra: str, key: str | None = None) -> tuple[dict, str, Path]:
-    saved = env["root"] / f"{key_name}.pt"
+def run_example(script: str, env: dict, run_id: str, *, key: str) -> tuple[dict, str, Path]:
+    """`python examples/<script>` with the key in MASKEDKD_API_KEY: (the JSON line it printed, stdout, saved student)."""
+    saved = env["root"] / f"{run_id}.pt"
     proc_env = {k: v for k, v in os.environ.items() if not k.startswith("MASKEDKD_")}
-    proc_env.update(MASKEDKD_API_KEY=key or env["srv"].create_key(key_name), OMP_NUM_THREADS="1",
+    proc_env.update(MASKEDKD_API_KEY=key, OMP_NUM_THREADS="1",
                     PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "protos"), proc_env.get("PYTHONPATH", "")]))
     cmd = [sys.executable, str(REPO / "examples" / script), "--teacher", env["srv"].address, "--data",
            str(env["data"]), "--student-kwargs", json.dumps(STUDENT_KWARGS), "--steps", str(STEPS),
-           "--batch-size", "8", "--run-id", key_name, "--save", str(saved), "--json", *extra]
+           "--batch-size", "8", "--run-id", run_id, "--save", str(saved), "--json"]
     proc = subprocess.run(cmd, cwd=REPO, env=proc_env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     return json.loads(lines[-1]), proc.stdout, saved
 
 
-@pytest.mark.parametrize("script", ["plain_loop.py", "lightning_loop.py"])
-def test_example_trains_and_prints_the_ledgers_bill(env: dict, script: str) -> None:
-    name = script.removesuffix(".py")
-    printed, stdout, saved = run_example(script, env, name)
+@pytest.fixture(scope="module")
+def runs(env: dict) -> dict[str, tuple[dict, str, Path, str]]:
+    """Each example run once: (the JSON it printed, its stdout, its saved student, its API key)."""
+    out = {}
+    for script in ("plain_loop.py", "lightning_loop.py"):
+        name = script.removesuffix(".py")
+        key = env["srv"].create_key(name)
+        out[name] = (*run_example(script, env, name, key=key), key)
+    return out
+
+
+@pytest.mark.parametrize("name", ["plain_loop", "lightning_loop"])
+def test_example_trains_and_prints_the_ledgers_bill(env: dict, runs: dict, name: str) -> None:
+    printed, stdout, saved, _ = runs[name]
     rows = ledger_rows(env["srv"], name)
     assert len(rows) == STEPS * 2 == printed["teacher_requests"]  # 2 micro-batches per step, each billed once
     assert sorted(r["request_id"] for r in rows) == sorted(f"{name}-s{s}-m{m}" for s in range(STEPS) for m in (0, 1))
@@ -64,11 +75,10 @@ def test_example_trains_and_prints_the_ledgers_bill(env: dict, script: str) -> N
     assert all(torch.isfinite(v).all() for v in trained.values())
 
 
-def test_rerunning_with_the_same_run_id_is_answered_from_the_ledger_unbilled(env: dict) -> None:
+def test_rerunning_with_the_same_run_id_is_answered_from_the_ledger_unbilled(env: dict, runs: dict) -> None:
     """A crashed-and-rerun script: the same key, --run-id and --seed send the same requests; nothing is billed twice."""
-    key = env["srv"].create_key("rerun")
-    first, _, _ = run_example("plain_loop.py", env, "rerun", key=key)
-    again, _, _ = run_example("plain_loop.py", env, "rerun", key=key)
-    rows = ledger_rows(env["srv"], "rerun")
+    first, _, _, key = runs["plain_loop"]
+    again, _, _ = run_example("plain_loop.py", env, "plain_loop", key=key)
+    rows = ledger_rows(env["srv"], "plain_loop")
     assert len(rows) == STEPS * 2 and first["teacher_gflops"] == pytest.approx(sum(r["gflops"] for r in rows))
     assert again["teacher_gflops"] == 0.0 and again["teacher_requests"] == 0 and again["losses"] == first["losses"]
