@@ -20,7 +20,12 @@ i+1..M-1; the answers are gathered after the last forward and one loss covers th
 
 Request ids are `<run_id>-s<step>-m<part>`: pass `run_id` and `step` (or keep `kd.step`, which counts successful
 calls, in your checkpoint) and a retried or resumed step re-sends the same ids, which the teacher answers from its
-ledger without billing again (`kd.last.usage.replayed`). Without `run_id` a random one is drawn per MaskedKD.
+ledger without billing again (`kd.last.usage.replayed`). Without `run_id` a random one is drawn per MaskedKD. Under
+DDP give every rank its own run_id (e.g. f"{run}-w{rank}"): ids are per API key, and one id with other content is
+re-sent under `<id>.rN` and billed again (`kd.mismatched_requests`).
+
+Build it after the student is on its device (the normalization constants are put there once); in Lightning, in
+`on_fit_start` (examples/lightning_loop.py).
 """
 from __future__ import annotations
 
