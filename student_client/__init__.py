@@ -1,5 +1,6 @@
 """MaskedKD student side: SIPS capture and patch selection, the TeacherClient, KD losses and Ray training.
 
+In one's own loop: `MaskedKD(student, TeacherClient(target, api_key), keep=0.5)`; a whole run: `train(TrainConfig(...))`.
 The client and training names are imported lazily, so `import student_client` for SIPS does not load grpc or Ray.
 """
 from __future__ import annotations
@@ -12,7 +13,10 @@ from student_client.sips import SIPSCapture, SIPSUnsupportedModelError, select_p
 if TYPE_CHECKING:
     from student_client.aio_client import AsyncTeacherClient
     from student_client.client import TeacherClient
+    from student_client.api import train
     from student_client.config import TrainConfig
+    from student_client.kd import KDStep, MaskedKD
+    from student_client.ray_runner import TrainingError
     from student_client.errors import (
         TeacherAuthError, TeacherError, TeacherInputError, TeacherQuotaError, TeacherUnavailableError,
     )
@@ -34,6 +38,10 @@ _LAZY = {
     "DistillationLoss": "student_client.losses",
     "kd_kl_loss": "student_client.losses",
     "TrainConfig": "student_client.config",
+    "MaskedKD": "student_client.kd",
+    "KDStep": "student_client.kd",
+    "train": "student_client.api",
+    "TrainingError": "student_client.ray_runner",
 }
 
 __all__ = ["SIPSCapture", "SIPSUnsupportedModelError", "select_patches", "sips_overhead_flops", *_LAZY]

@@ -1,7 +1,8 @@
 """One optimizer step of MaskedKD on one worker (paper Eq. 1 with SIPS, pipelined as in App. E).
 
 kd:            student forward per micro-batch (SIPS captured), select patches on the teacher's grid, send the kept
-               patches asynchronously; gather the teacher logits; CE + lambda * KD; one backward.
+               patches asynchronously; gather the teacher logits; CE + lambda * KD; one backward. With strategy random
+               or all the selection needs no student, so every micro-batch's request goes out before the first forward.
 none:          plain supervised CE (no teacher).
 mask-student:  the Sec 4.2 ablation: the teacher sees the full image, the student only its kept patches.
 
@@ -14,13 +15,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from maskedkd.precision import resolve_precision
-from student_client.config import TrainConfig
 from student_client.data import Normalizer
 from student_client.losses import DistillationLoss, LossParts
 from student_client.pipeline import OverlapStats, Submit, TeacherRequest, pipelined_forward
@@ -57,10 +56,25 @@ def student_autocast(precision: str, device: torch.device) -> contextlib.Abstrac
     return contextlib.nullcontext()
 
 
+class StepSettings(Protocol):
+    """What a step reads from its config: a TrainConfig, or `student_client.kd.KDSettings` for MaskedKD."""
+
+    mode: str                 # kd | none | mask-student
+    strategy: str             # sips | random | bottom | all
+    micro_batches: int        # App. E pipelining: teacher on micro-batch i while the student computes i+1
+    precision: str            # auto | bf16 | fp32 (student forward autocast)
+
+    @property
+    def keep_value(self) -> float | int: ...  # what select_patches takes: a fraction or an int count
+
+    @property
+    def teacher_wait_s(self) -> float: ...    # longest wait for one teacher answer
+
+
 class PatchSelector:
     """Kept positions for one micro-batch: SIPS (top/bottom-k), random, or all, mapped to the target grid."""
 
-    def __init__(self, cfg: TrainConfig, capture: SIPSCapture | None, student_grid: tuple[int, int] | None,
+    def __init__(self, cfg: StepSettings, capture: SIPSCapture | None, student_grid: tuple[int, int] | None,
                  target_grid: tuple[int, int], generator: torch.Generator) -> None:
         self.cfg = cfg
         self.capture = capture
@@ -90,7 +104,7 @@ class StepRunner:
     """Forward (pipelined with the teacher) and loss for one batch; the caller runs backward and the optimizer."""
 
     def __init__(
-        self, cfg: TrainConfig, model: nn.Module, raw_model: nn.Module, normalize: Normalizer,
+        self, cfg: StepSettings, model: nn.Module, raw_model: nn.Module, normalize: Normalizer,
         criterion: DistillationLoss, selector: PatchSelector | None, submit: Submit | None,
         request_id_prefix: str,
     ) -> None:
@@ -116,7 +130,13 @@ class StepRunner:
             return StepResult(self.criterion(as_float32(output), targets, None), images.shape[0])
         micro = list(images.tensor_split(min(cfg.micro_batches, images.shape[0])))
         request_id: Callable[[int], str] = lambda i: f"{self.prefix}-s{step}-m{i}"  # noqa: E731
-        if cfg.mode == "kd":
+        if cfg.mode == "kd" and self.selector is not None and not self.selector.needs_scores:
+            # random / all: the kept patches do not depend on the student, so every request goes out before the
+            # first student forward and the teacher's whole time can hide behind the student's (same ids, bytes)
+            early = [self._teacher_request(x) for x in micro]
+            result = pipelined_forward(micro, self._student_forward, self.submit, request_id=request_id,
+                                       early_requests=early, timeout_s=cfg.teacher_wait_s)
+        elif cfg.mode == "kd":
             result = pipelined_forward(micro, self._kd_student_step, self.submit, request_id=request_id,
                                        timeout_s=cfg.teacher_wait_s)
         else:
@@ -131,11 +151,18 @@ class StepRunner:
         return StepResult(loss, images.shape[0], result.usage, result.stats)
 
     def _kd_student_step(self, i: int, x: torch.Tensor) -> tuple[Any, TeacherRequest]:
+        output, _ = self._student_forward(i, x)  # SIPSCapture fills selector.capture.scores here (fp32)
+        return output, self._teacher_request(x)
+
+    def _student_forward(self, i: int, x: torch.Tensor) -> tuple[Any, None]:
         with self._autocast():
-            output = self.model(self.normalize(x))  # SIPSCapture fills selector.capture.scores here (fp32)
+            return self.model(self.normalize(x)), None
+
+    def _teacher_request(self, x: torch.Tensor) -> TeacherRequest:
+        """The kept positions of micro-batch x (after its forward for SIPS / bottom) and its pixels."""
         assert self.selector is not None
         keep = self.selector(x.shape[0], x.device)
-        return output, TeacherRequest(x.detach(), None if keep is None else keep.cpu())
+        return TeacherRequest(x.detach(), None if keep is None else keep.cpu())
 
     def _masked_student_step(self, i: int, x: torch.Tensor) -> tuple[Any, None]:
         xn = self.normalize(x)

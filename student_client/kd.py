@@ -1,0 +1,210 @@
+"""MaskedKD in one's own training loop: `loss = kd(images, labels); loss.backward()`.
+
+>>> kd = MaskedKD(student, TeacherClient("teacher:50051", api_key), keep=0.5)
+>>> for step, (images, labels) in enumerate(loader):      # images un-normalized: float in [0, 1] or uint8
+...     loss = kd(images, labels, step=step)                # CE + lambda * tau^2 * KL(teacher || student)
+...     optimizer.zero_grad(); loss.backward(); optimizer.step()
+...     print(kd.last.ce, kd.last.kd, kd.last.billed.gflops, kd.total_billed.cost)
+
+One call runs the same step as `student-client train --mode kd` (`train_step.StepRunner`): the student forward on
+the full image (SIPS captured by a hook on its last block), the kept patches picked on the teacher's grid, only those
+patches sent (uint8 when the pixels are exactly k/255), and the loss from the teacher's logits.
+
+Everything that can be wrong with the pairing (the API key, classes, channels, geometry, SIPS support, keep, strategy) is
+checked once, at construction, against the teacher's `GetModelInfo`; a call trusts it.
+
+Pipelining (paper App. E): with `micro_batches=M` (default 2) the batch is cut into M parts; the teacher request of
+part i goes out as soon as the student's forward of part i is done, and runs while the student computes parts
+i+1..M-1; the answers are gathered after the last forward and one loss covers the whole batch (one backward).
+`kd.last.overlap` is the fraction of the teacher's time hidden that way; `micro_batches=1` sends one request per call.
+
+Request ids are `<run_id>-s<step>-m<part>`: pass `run_id` and `step` (or keep `kd.step`, which counts successful
+calls, in your checkpoint) and a retried or resumed step re-sends the same ids, which the teacher answers from its
+ledger without billing again (`kd.last.usage.replayed`). Without `run_id` a random one is drawn per MaskedKD. Under
+DDP give every rank its own run_id (e.g. f"{run}-w{rank}"): ids are per API key, and one id with other content is
+re-sent under `<id>.rN` and billed again (`kd.mismatched_requests`).
+
+Build it after the student is on its device (the normalization constants are put there once); in Lightning, in
+`on_fit_start` (examples/lightning_loop.py).
+"""
+from __future__ import annotations
+
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from student_client.client import InferResult, TeacherClient
+from student_client.data import Normalizer
+from student_client.determinism import step_seed
+from student_client.losses import DistillationLoss
+from student_client.pipeline import OverlapStats
+from student_client.sips import STRATEGIES, SIPSCapture, _num_keep, _unwrap
+from student_client.stream import TeacherStream
+from student_client.student import describe_student
+from student_client.train_step import PatchSelector, StepRunner
+from student_client.wire import ModelInfo, Usage
+
+PRECISIONS = ("fp32", "bf16", "auto")
+TRANSPORTS = ("unary", "stream")
+
+
+@dataclass(frozen=True)
+class KDSettings:
+    """The step settings StepRunner reads (`train_step.StepSettings`), fixed at construction."""
+
+    strategy: str
+    keep_value: float | int
+    micro_batches: int
+    precision: str
+    teacher_wait_s: float
+    mode: str = "kd"
+
+
+@dataclass
+class KDStep:
+    """What one call did: its loss parts and what the teacher answered and billed."""
+
+    step: int = -1                                    # the step number its request ids carry
+    loss: float = float("nan")                        # CE + lambda * KD
+    ce: float = float("nan")
+    kd: float = float("nan")                          # tau^2 * KL (or the hard-label CE with hard=True)
+    usage: Usage = field(default_factory=Usage)       # every answer, replayed ones included
+    billed: Usage = field(default_factory=Usage)      # the answers billed now (replays excluded): what it cost
+    overlap: float = 1.0                              # fraction of the teacher's wall time hidden behind the student
+    stats: OverlapStats = field(default_factory=OverlapStats)
+
+
+class MaskedKD:
+    """Callable MaskedKD loss for a timm ViT student against a metered teacher (see the module docstring).
+
+    student: a timm ViT (optionally inside DDP or torch.compile), on the device the images are on; its training
+    forward must return logits (DeiT distilled students are switched to (cls, dist) outputs: KD on the dist head).
+    teacher: a TeacherClient (MaskedKD neither owns nor closes it). keep: fraction in (0, 1] or int count of the
+    teacher's patches. strategy: sips | random | bottom | all. lambda_kd, tau, hard, label_smoothing: the loss
+    (`losses.DistillationLoss`). micro_batches: pipelining (module docstring). transport: unary calls on the
+    client's threads, or one InferStream. run_id, seed: request ids and the random strategy's draws per step.
+    mean/std: the student's input normalization (default: its timm pretrained config). precision: the student
+    forward's autocast (fp32: none; bf16; auto: bf16 where native). allow_resize: a student whose image size or
+    patch grid differs from the teacher's (images resized bilinearly, scores interpolated, paper App. B).
+    """
+
+    def __init__(
+        self, student: nn.Module, teacher: TeacherClient, *, keep: float | int = 0.5, strategy: str = "sips",
+        lambda_kd: float = 1.0, tau: float = 1.0, hard: bool = False, label_smoothing: float = 0.0,
+        micro_batches: int = 2, transport: str = "unary", run_id: str | None = None, seed: int = 0,
+        mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None, precision: str = "fp32",
+        allow_resize: bool = True,
+    ) -> None:
+        _check_choice("strategy", strategy, STRATEGIES)
+        _check_choice("transport", transport, TRANSPORTS)
+        _check_choice("precision", precision, PRECISIONS)
+        if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
+            raise ValueError(f"micro_batches must be an int >= 1, got {micro_batches!r}")
+        if not lambda_kd >= 0:
+            raise ValueError(f"lambda_kd must be >= 0, got {lambda_kd!r}")
+        raw = _unwrap(student)  # the timm model inside DDP / torch.compile
+        spec = describe_student(raw)
+        self.info: ModelInfo = teacher.info()  # one GetModelInfo: an unreachable teacher fails here
+        teacher.check_key()  # TeacherAuthError for a bad or disabled key (free: nothing runs, nothing is billed)
+        _check_pairing(raw, spec.image_size, spec.grid_size, self.info, strategy, allow_resize)
+        _num_keep(keep, self.info.num_patches)  # ValueError naming the range
+        needs_scores = strategy in ("sips", "bottom")
+        capture = SIPSCapture(student) if needs_scores else None  # SIPSUnsupportedModelError names what works
+        if spec.distilled:
+            raw.set_distilled_training(True)  # type: ignore[operator]
+
+        self.student = student
+        self.client = teacher
+        self.settings = KDSettings(strategy=strategy, keep_value=keep, micro_batches=micro_batches,
+                                   precision=precision, teacher_wait_s=_teacher_wait_s(teacher))
+        self.run_id = run_id or uuid.uuid4().hex[:16]
+        self.seed = seed
+        self.step = 0                          # the next call's step when none is passed
+        self.last = KDStep()
+        self.total_usage = Usage()             # every answer since construction (replays included)
+        self.total_billed = Usage()            # what the teacher billed since construction: equals the ledger
+        self._capture = capture
+        self._stream = TeacherStream(teacher) if transport == "stream" else None
+        self._futures: list[Future[InferResult]] = []
+        device = next(raw.parameters()).device
+        self.criterion = DistillationLoss(lambda_kd, tau, hard, label_smoothing)
+        self._selector = PatchSelector(self.settings, capture, spec.grid_size, self.info.grid_size,
+                                       torch.Generator())
+        self._runner = StepRunner(self.settings, student, raw, Normalizer(mean or spec.mean, std or spec.std, device),
+                                  self.criterion, self._selector, self._submit, request_id_prefix=self.run_id)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, *, step: int | None = None) -> torch.Tensor:
+        """images [B, C, H, W] un-normalized (float in [0, 1] or uint8) on the student's device; labels [B] class
+        indices or [B, classes] soft targets -> the scalar loss to backward. `step` (default `self.step`) names the
+        request ids; the same step with the same inputs is answered from the teacher's ledger, unbilled."""
+        x = images.float().div_(255.0) if images.dtype == torch.uint8 else images  # [B, C, H, W] in [0, 1]
+        step = self.step if step is None else step
+        self._selector.generator.manual_seed(step_seed(self.seed, 0, step, 0, "select"))
+        self._futures = []
+        result = self._runner(x, labels, step)
+        answers = [fut.result()[1] for fut in self._futures]  # all done: the runner gathered every one
+        billed = sum((u for u in answers if not u.replayed), Usage())
+        self.last = KDStep(step=step, loss=float(result.loss.total.detach()), ce=float(result.loss.ce),
+                           kd=float(result.loss.kd), usage=result.usage, billed=billed,
+                           overlap=result.stats.overlap, stats=result.stats)
+        self.total_usage = self.total_usage + result.usage
+        self.total_billed = self.total_billed + billed
+        self.step = step + 1
+        return result.loss.total
+
+    @property
+    def mismatched_requests(self) -> int:
+        """Requests whose id the teacher had billed for other inputs, re-sent (and billed) under `<id>.rN`."""
+        return self.client.mismatched_requests
+
+    def _submit(self, **kwargs: Any) -> Future[InferResult]:
+        fut = self._stream.submit(**kwargs) if self._stream is not None else self.client.submit(**kwargs)
+        self._futures.append(fut)
+        return fut
+
+    def close(self) -> None:
+        """Remove the SIPS hook and close the stream (the TeacherClient stays open: it is the caller's)."""
+        if self._capture is not None:
+            self._capture.remove()
+        if self._stream is not None:
+            self._stream.close(timeout_s=5.0)
+            self._stream = None
+
+    def __enter__(self) -> MaskedKD:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _teacher_wait_s(client: TeacherClient) -> float:
+    """How long a call waits for one answer: every attempt's deadline plus the client's patience."""
+    return client.timeout_s * (client.max_retries + 1) + client.patience_s
+
+
+def _check_pairing(raw: nn.Module, image_size: tuple[int, int], grid: tuple[int, int] | None, info: ModelInfo,
+                   strategy: str, allow_resize: bool) -> None:
+    """The student against the teacher's GetModelInfo; one ValueError per mismatch."""
+    classes = getattr(raw, "num_classes", None)
+    if classes != info.num_classes:
+        raise ValueError(f"the teacher {info.model} predicts {info.num_classes} classes, the student {classes}")
+    proj = getattr(getattr(raw, "patch_embed", None), "proj", None)
+    chans = getattr(proj, "in_channels", None)
+    if chans is not None and chans != info.in_chans:
+        raise ValueError(f"the teacher {info.model} takes {info.in_chans} channels, the student {chans}")
+    if grid is None and strategy in ("sips", "bottom"):
+        raise ValueError(f"strategy {strategy!r} needs a ViT student with a patch grid; {type(raw).__name__} has "
+                         "none (use strategy 'random' or 'all')")
+    if not allow_resize and (tuple(image_size) != tuple(info.image_size) or grid != tuple(info.grid_size)):
+        raise ValueError(f"the student takes {image_size[0]}x{image_size[1]} images on a {grid} patch grid, the "
+                         f"teacher {info.model} {info.image_size[0]}x{info.image_size[1]} on {info.grid_size} "
+                         f"(patch size {info.patch_size}); pass allow_resize=True to resize (paper App. B)")
