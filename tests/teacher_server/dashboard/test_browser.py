@@ -172,3 +172,37 @@ def test_charts_draw_the_ledger_per_minute_and_per_hour(page: Page, seeded: Seed
     _assert_charts_equal_ledger(page, seeded, 3600)
     assert "per hour" in page.inner_text("#gflops-title")
     assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_api_docs_render_offline_from_vendored_assets(browser: Browser, dashboard: RunningDashboard) -> None:
+    """/docs with every request to anywhere but 127.0.0.1 refused: Swagger UI still lists every operation of
+    /openapi.json (FastAPI's default page loads its scripts from a CDN and stays blank offline)."""
+    import json
+    import urllib.request
+    from urllib.parse import urlparse
+
+    with urllib.request.urlopen(dashboard.url + "/openapi.json", timeout=10) as response:
+        spec = json.load(response)
+    expected = sorted((method.upper(), path) for path, ops in spec["paths"].items() for method in ops)
+    page = browser.new_page()
+    refused: list[str] = []
+
+    def only_loopback(route: Any) -> None:
+        url = route.request.url
+        if url.startswith("data:") or urlparse(url).hostname == "127.0.0.1":
+            route.continue_()
+        else:
+            refused.append(url)
+            route.abort()
+
+    page.route("**/*", only_loopback)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(dashboard.url + "/docs", wait_until="load")
+    page.wait_for_selector(".opblock-summary-path", timeout=30_000)
+    shown_ops = page.eval_on_selector_all(
+        ".opblock-summary", "els => els.map(e => [e.querySelector('.opblock-summary-method').textContent, "
+                            "e.querySelector('.opblock-summary-path').dataset.path])")
+    page.close()
+    assert sorted((m.upper(), p) for m, p in shown_ops) == expected
+    assert len(expected) >= 8 and refused == [] and errors == []
