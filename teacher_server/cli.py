@@ -174,12 +174,15 @@ def _settings(**overrides: Any) -> Any:
         raise CliError(f"invalid setting {where}: {message}" if where else message) from exc
 
 
-def _sessions(db: str | None) -> Any:
+def _sessions(db: str | None, *, must_exist: bool = False) -> Any:
     from sqlalchemy.exc import SQLAlchemyError
 
-    from teacher_server.ledger import open_ledger
+    from teacher_server.ledger import missing_sqlite_file, open_ledger
 
     url = _settings(db=db).db
+    missing = missing_sqlite_file(url) if must_exist else None
+    if missing is not None:  # a typo must not read as an empty ledger (nor leave a new file behind)
+        raise CliError(f"no ledger at {missing} (check --db or MASKEDKD_DB; `teacher-server serve` creates one)")
     try:
         return open_ledger(url)
     except (SQLAlchemyError, OSError) as exc:
@@ -351,7 +354,7 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
 def _cmd_usage(args: argparse.Namespace) -> int:
     from teacher_server import ledger
 
-    sessions = _sessions(args.db)
+    sessions = _sessions(args.db, must_exist=True)
     with sessions() as session:
         try:
             totals = ledger.usage_totals(session, key_name=args.key)

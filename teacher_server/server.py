@@ -48,6 +48,7 @@ class TeacherServer:
         self.registry = ModelRegistry()
         self.service = InferenceService(registry=self.registry, sessions=self.sessions, metrics=self.metrics,
                                         default_price_per_gflop=settings.price_per_gflop,
+                                        currency=settings.currency,
                                         max_message_bytes=settings.max_message_bytes,
                                         replay_ttl_s=settings.replay_ttl)
         name, teacher, fidelity = load_teacher(settings, model)

@@ -112,6 +112,13 @@ def run_dashboard_command(args: argparse.Namespace) -> int:
     except TlsConfigError as exc:
         print(f"teacher-server dashboard: error: {exc}", file=sys.stderr)
         return 2
+    from teacher_server.ledger import missing_sqlite_file
+
+    missing = missing_sqlite_file(settings.db)
+    if missing is not None:  # the standalone dashboard reads a ledger; a typo must not create an empty one
+        print(f"teacher-server dashboard: error: no ledger at {missing} (check --db or MASKEDKD_DB; "
+              "`teacher-server serve` creates one)", file=sys.stderr)
+        return 2
     warn_if_public(settings)
     try:
         app = create_app(settings)
