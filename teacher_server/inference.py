@@ -46,6 +46,7 @@ class CallLabels:
 
     model: str = ""
     key: str = ""
+    key_id: int = 0  # 0: no key known (yet)
 
 
 CURRENT_LABELS: contextvars.ContextVar[CallLabels | None] = contextvars.ContextVar("maskedkd_labels", default=None)

@@ -75,7 +75,8 @@ def seed_usage(sessions: sessionmaker[Session], *, now: datetime, seed: int = 0)
             rows.append(ledger.UsageRecord(
                 api_key_id=key.id, request_id=f"{plan.name}-{n}", model="deit_small_patch16_224", images=images,
                 tokens=images * (kept + DEIT_S.num_prefix_tokens), gflops=images * per_image,
-                full_gflops=images * full_per_image, cost=images * per_image * price,
+                full_gflops=images * full_per_image, cost=images * per_image * price, price_per_gflop=price,
+                currency="USD",
                 latency_ms=queue_ms + batch_images * per_image * rng.uniform(0.08, 0.12), queue_ms=queue_ms,
                 batch_images=batch_images, created_at=created,
             ))
