@@ -31,9 +31,6 @@ def add_dashboard_arguments(parser: argparse.ArgumentParser) -> None:
                              "MASKEDKD_DASHBOARD_PUBLIC)")
     parser.add_argument("--tls-cert", help="serve HTTPS with this PEM certificate chain (env MASKEDKD_TLS_CERT)")
     parser.add_argument("--tls-key", help="the PEM private key of --tls-cert (env MASKEDKD_TLS_KEY)")
-    parser.add_argument("--price-per-gflop", type=float, default=None, help="default price shown for keys without "
-                                                                           "their own (env MASKEDKD_PRICE_PER_GFLOP)")
-    parser.add_argument("--currency", default=None, help="currency label (env MASKEDKD_CURRENCY)")
 
 
 def add_token_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,8 +68,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
     overrides = {"db": args.db, "dashboard_host": args.host, "dashboard_port": args.port,
                  "admin_token_file": args.admin_token_file, "viewer_token_file": args.viewer_token_file,
-                 "dashboard_public": args.dashboard_public, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
-                 "price_per_gflop": args.price_per_gflop, "currency": args.currency}
+                 "dashboard_public": args.dashboard_public, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
     return ServerSettings(**{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -126,7 +122,7 @@ def run_dashboard_command(args: argparse.Namespace) -> int:
         reason = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
         print(f"teacher-server dashboard: error: cannot open the ledger {_without_password(settings.db)}: {reason}",
               file=sys.stderr)
-        return 1
+        return 2
     admin = "on" if settings.admin_token else "off (set MASKEDKD_ADMIN_TOKEN or --admin-token-file)"
     views = ("public" if settings.dashboard_public else "viewer or admin token" if settings.viewer_token
              or settings.admin_token else "locked (set MASKEDKD_VIEWER_TOKEN, or --public)")

@@ -120,7 +120,7 @@ def test_usage_window_equals_sql(client: TestClient, seeded: SeededLedger) -> No
     assert_key_numbers(one["total"], everything["robotics-lab"])
 
 
-@pytest.mark.parametrize("bucket,width", [("minute", 60), ("hour", 3600)])
+@pytest.mark.parametrize("bucket,width", [("minute", 60), ("hour", 3600), ("day", 86400)])
 def test_timeseries_equals_python_bucketing_of_rows(client: TestClient, seeded: SeededLedger, bucket: str,
                                                     width: int) -> None:
     body = client.get("/api/usage/timeseries", params={"bucket": bucket}).json()
