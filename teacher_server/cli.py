@@ -377,13 +377,21 @@ def _cmd_usage(args: argparse.Namespace) -> int:
         for r in ledger_reports.refusals_by_day(session, key_name=args.key):
             refused[r.key][r.reason] += r.count
     if args.json:
-        print(json.dumps([{"key": t.name, "requests": t.requests, "images": t.images, "tokens": t.tokens,
-                           "gflops": t.gflops, "full_gflops": t.full_gflops, "saving_pct": t.saving_pct,
-                           "cost": t.cost, "billed": [
-                               {"price_per_gflop": b.price_per_gflop, "currency": currency_name(b.currency),
-                                "requests": b.requests, "gflops": b.gflops, "cost": b.cost} for b in billed[t.name]],
-                           "refused": dict(refused.get(t.name, {}))} for t in totals]
-                         + ([{"key": None, "refused": dict(refused[None])}] if None in refused else []), indent=2))
+        entries: list[dict[str, Any]] = []
+        for t in totals:  # "billed" and "refused" only where there is some (the entry of an unused key is unchanged)
+            entry: dict[str, Any] = {"key": t.name, "requests": t.requests, "images": t.images, "tokens": t.tokens,
+                                     "gflops": t.gflops, "full_gflops": t.full_gflops, "saving_pct": t.saving_pct,
+                                     "cost": t.cost}
+            if billed[t.name]:
+                entry["billed"] = [{"price_per_gflop": b.price_per_gflop, "currency": currency_name(b.currency),
+                                    "requests": b.requests, "gflops": b.gflops, "cost": b.cost}
+                                   for b in billed[t.name]]
+            if t.name in refused:
+                entry["refused"] = dict(refused[t.name])
+            entries.append(entry)
+        if None in refused:  # refused before a key was known
+            entries.append({"key": None, "refused": dict(refused[None])})
+        print(json.dumps(entries, indent=2))
         return 0
     print(f"{'KEY':24} {'REQUESTS':>9} {'IMAGES':>9} {'GFLOPS':>14} {'FULL_GFLOPS':>14} {'SAVING':>8} "
           f"{'COST (AS BILLED)':>20}  {'PRICE/GFLOP':12} REFUSED")
