@@ -28,9 +28,11 @@ PAGE = HERE / "templates" / "index.html"
 
 DESCRIPTION = """Usage and billing of a MaskedKD teacher server, read from its ledger (the same database).
 
-* `/api/usage/...`: read-only totals per API key, time series per key and minute/hour, recent latency and batch sizes,
-  with `Authorization: Bearer <viewer or admin token>` (`MASKEDKD_VIEWER_TOKEN` / `--viewer-token-file`); in a
-  browser, open `/?token=...` once (or sign in with the form): an HttpOnly cookie then carries the read access.
+* `/api/usage/...`: read-only totals per API key (costs and prices as billed, refused calls), time series per key and
+  minute/hour/day, usage and refusals per UTC day (`/api/usage/daily`, CSV at `/api/usage/daily.csv`), recent latency
+  and batch sizes, with `Authorization: Bearer <viewer or admin token>` (`MASKEDKD_VIEWER_TOKEN` /
+  `--viewer-token-file`); in a browser, open `/?token=...` once (or sign in with the form): an HttpOnly cookie then
+  carries the read access.
 * `/api/keys...`: admin operations (create, disable/enable, quota and price), with `Authorization: Bearer <admin
   token>`; the token comes from `MASKEDKD_ADMIN_TOKEN` or `--admin-token-file` (without one, admin calls answer 403).
 

@@ -108,8 +108,8 @@ def usage_by_key(session: SessionDep, since: SinceQuery = None, until: UntilQuer
 def usage_timeseries(session: SessionDep, bucket: Bucket = Bucket.minute,
                      since: SinceQuery = None, until: UntilQuery = None, key: KeyQuery = None) -> UsageSeries:
     """Per key, the usage in each `bucket` (minute, hour or day, UTC) of [since, until). Default window: the last 6
-    hours by minute, the last 7 days by hour, the last 90 days by day. Buckets before the first usage in the window are left out; later empty
-    buckets are zeros."""
+    hours by minute, the last 7 days by hour, the last 90 days by day. Buckets before the first usage in the window
+    are left out; later empty buckets are zeros."""
     _check_window(since, until)
     _unknown_key(session, key)
     width = BUCKET_SECONDS[bucket]
