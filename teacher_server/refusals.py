@@ -35,7 +35,7 @@ def reason_of(exc: BaseException) -> str | None:
     if isinstance(exc, AuthenticationError):
         return "auth"
     if isinstance(exc, QuotaExceededError):
-        return "rate_limit" if getattr(exc, "limit", "quota") == "rate_limit" else "quota"
+        return "rate_limit" if exc.limit == "rate_limit" else "quota"
     if isinstance(exc, (InvalidRequestError, ModelNotFoundError, RequestIdReusedError)):
         return "invalid"
     return None
