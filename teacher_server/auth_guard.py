@@ -24,6 +24,7 @@ from teacher_server.auth import KeyAuthenticator, bearer_secret, hash_secret
 from teacher_server.errors import AuthenticationError
 from teacher_server.interceptor import SERVICE_PREFIX, status_of
 from teacher_server.metrics import ServerMetrics
+from teacher_server.refusals import RefusalCounter
 
 KEYED_METHODS = ("Infer", "InferStream", "GetModelInfo")  # GetModelInfo: the key is optional, a wrong one refused
 ACCEPTED_TTL_S = 600.0     # how long a key that passed skips the failure buckets
@@ -107,8 +108,10 @@ def peer_host(peer: str) -> str:
 class AuthFirstInterceptor(aio.ServerInterceptor):
     """Checks the key of TeacherService calls before their message is read; goes first in the interceptor list."""
 
-    def __init__(self, auth: KeyAuthenticator, limiter: FailedAuthLimiter, metrics: ServerMetrics) -> None:
+    def __init__(self, auth: KeyAuthenticator, limiter: FailedAuthLimiter, metrics: ServerMetrics,
+                 refusals: RefusalCounter | None = None) -> None:
         self._auth = auth
+        self._refusals = refusals or RefusalCounter()
         self._limiter = limiter
         self._metrics = metrics
         self._accepted: dict[str, float] = {}  # key hash -> until when it skips the buckets
@@ -148,6 +151,7 @@ class AuthFirstInterceptor(aio.ServerInterceptor):
             code, message = status_of(exc)
             if method != "GetModelInfo":
                 self._metrics.count_request(model="", key="", code=code.name)
+                self._refusals.count(exc)  # no key known: it is the key that was refused
             await context.abort(code, message)
 
     async def intercept_service(

@@ -12,7 +12,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from teacher_server.cli_settings import SECRET_FIELDS, SettingsError, add_setting_flags, settings_from_flags
+from teacher_server.settings import ServerSettings
+
 EXIT_USAGE = 2
+# every setting is a `serve` flag, except the secrets (environment or *_file only)
+SERVE_FIELDS = tuple(name for name in ServerSettings.model_fields if name not in SECRET_FIELDS)
 
 
 class CliError(Exception):
@@ -25,7 +30,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_db(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--db", help="ledger URL (default: $MASKEDKD_DB or sqlite:///maskedkd-ledger.db)")
+    add_setting_flags(p, ["db"])
 
 
 def _optional_float(text: str) -> float | None:
@@ -50,61 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     serve = sub.add_parser("serve", help="serve a teacher over gRPC")
-    serve.add_argument("--model", help="timm architecture name (optional when the checkpoint carries it)")
-    serve.add_argument("--checkpoint", help="weights: .safetensors (ours or foreign) or a torch file")
-    serve.add_argument("--model-kwargs", help="JSON object of timm.create_model kwargs, e.g. '{\"img_size\": 32}'")
-    serve.add_argument("--pretrained", action="store_true", default=None,
-                       help="download hub weights (only without --checkpoint)")
-    serve.add_argument("--served-name", help="name clients use for the model (default: the architecture name)")
-    serve.add_argument("--host", help="listen address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="gRPC port (default 50051; 0: any free port)")
-    _add_db(serve)
-    serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
-                       help="auto (default): bfloat16 where the device computes it natively (CPU avx512_bf16/AMX, "
-                       "CUDA >= 8.0), else float32")
-    serve.add_argument("--min-dtype-agreement", type=float,
-                       help="refuse to start when the dtype's top-1 agreement with float32 on a fixed batch is "
-                       "below this (default 0.98)")
-    serve.add_argument("--compile", choices=["off", "static"],
-                       help="static: torch.compile the forward, one graph per batch shape (~20 s each on 2 CPU "
-                       "cores; faster steady state; default off)")
-    serve.add_argument("--compile-shapes", metavar="B:K,...",
-                       help="with --compile static: compile these (micro-batch images, kept patches) shapes at "
-                       "start-up so no request waits for a compile, e.g. 64:32,64:16")
-    serve.add_argument("--max-batch-images", type=int, help="images per micro-batch and per request (default 256)")
-    serve.add_argument("--token-budget", type=int, help="teacher tokens per micro-batch (default 65536)")
-    serve.add_argument("--max-delay-ms", type=float, help="max wait of a request for batch company (default 2)")
-    serve.add_argument("--mixed-k", choices=["bucket", "pad", "pack"],
-                       help="rows with different keep counts: bucket (default), pad, or pack without padding")
-    serve.add_argument("--max-message-mb", type=float, help="gRPC message size limit in MiB (default 256)")
-    serve.add_argument("--price-per-gflop", type=float, help="default price per GFLOP (default 1e-6)")
-    serve.add_argument("--currency", help="currency of prices (default USD)")
-    serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9464; 0: any free port)")
-    serve.add_argument("--metrics-host", help="address of /metrics (default 127.0.0.1; 0.0.0.0 for a scraper "
-                       "in another container)")
+    add_setting_flags(serve, SERVE_FIELDS)
     serve.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
-    serve.add_argument("--dashboard-port", type=int, help="also serve the dashboard on this port")
-    serve.add_argument("--replay-ttl", help="how long answers are kept for replaying a retried request_id: "
-                       "seconds or 30m, 12h, 7d (default 7d)")
-    from teacher_server.dashboard.server import add_dashboard_arguments, add_token_arguments  # light: no FastAPI
+    from teacher_server.dashboard.server import add_dashboard_arguments, add_secret_refusals  # light: no FastAPI
 
-    add_token_arguments(serve)
-    serve.add_argument("--dashboard-public", action="store_true", default=None,
-                       help="dashboard read views without a token (only for a loopback-only dashboard)")
-    serve.add_argument("--metrics-key-labels", action="store_true", default=None,
-                       help="label /metrics series with API key names (default: key=\"-\")")
-    serve.add_argument("--tls-cert", help="PEM certificate chain: serve gRPC (and the dashboard) over TLS")
-    serve.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    serve.add_argument("--tls-client-ca", help="PEM CA bundle: mutual TLS, clients need a certificate it signed")
-    serve.add_argument("--auth-failures-per-s", type=float,
-                       help="failed API key checks allowed per second and peer address (default 10)")
-    serve.add_argument("--auth-failures-burst", type=int, help="failed key checks a peer may make at once (default 20)")
-    serve.add_argument("--grace-s", type=float, help="seconds in-flight requests get on shutdown (default 10)")
-    serve.add_argument("--drain-s", type=float, help="seconds NOT_SERVING is announced before refusing calls")
-    serve.add_argument("--max-connection-age-s", type=float,
-                       help="close client connections after this long (they reconnect and re-resolve DNS, so "
-                       "replicas added by an autoscaler get traffic); default: never")
+    add_secret_refusals(serve)
 
     keys = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="{create,list,disable,quota}",
@@ -129,9 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     disable.add_argument("--name")
     _add_db(disable)
 
-    usage = sub.add_parser("usage", help="totals per key: GFLOPs used, full GFLOPs, saving %%, cost")
+    usage = sub.add_parser("usage", help="totals per key: GFLOPs used, full GFLOPs, saving %%, cost and price as "
+                                         "billed, refused calls")
     usage.add_argument("--key", help="only this key (by name)")
-    usage.add_argument("--json", action="store_true", help="machine-readable output")
+    output = usage.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="machine-readable output")
+    output.add_argument("--csv", action="store_true", help="usage per UTC day, key, currency and price as CSV "
+                                                           "(the dashboard's /api/usage/daily.csv)")
     _add_db(usage)
 
     ledger_cmd = sub.add_parser("ledger", help="ledger maintenance: schema upgrade, replay payload purge")
@@ -148,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     health = sub.add_parser("health", help="one gRPC health check of a teacher (container and Kubernetes exec "
                                            "probes): exit 0 when SERVING, 1 otherwise")
-    health.add_argument("--target", default="127.0.0.1:50051", help="host:port (default 127.0.0.1:50051)")
+    target = f"{ServerSettings.model_fields['host'].default}:{ServerSettings.model_fields['port'].default}"
+    health.add_argument("--target", default=target, help=f"HOST:PORT (default {target})")
     health.add_argument("--service", default="", help="service to ask about (default: the server as a whole; "
                                                       "maskedkd.v1.TeacherService turns NOT_SERVING while draining)")
     health.add_argument("--ca", help="PEM CA file: check over TLS and verify the server's certificate with it")
@@ -160,26 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(**overrides: Any) -> Any:
-    from pydantic import ValidationError
-
-    from teacher_server.settings import ServerSettings
-
+def _settings(args: argparse.Namespace | None = None, names: tuple[str, ...] = (), **values: Any) -> ServerSettings:
+    """ServerSettings from the environment and the given flags; a bad value is a CliError naming its flag."""
     try:
-        return ServerSettings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        message = str(first.get("msg")).removeprefix("Value error, ")
-        raise CliError(f"invalid setting {where}: {message}" if where else message) from exc
+        return settings_from_flags(args or argparse.Namespace(), names, **values)
+    except SettingsError as exc:
+        raise CliError(str(exc)) from exc
 
 
-def _sessions(db: str | None) -> Any:
+def _sessions(db: str | None, *, must_exist: bool = False) -> Any:
     from sqlalchemy.exc import SQLAlchemyError
 
-    from teacher_server.ledger import open_ledger
+    from teacher_server.ledger import missing_sqlite_file, open_ledger
 
     url = _settings(db=db).db
+    missing = missing_sqlite_file(url) if must_exist else None
+    if missing is not None:  # a typo must not read as an empty ledger (nor leave a new file behind)
+        raise CliError(f"no ledger at {missing} (check --db or MASKEDKD_DB; `teacher-server serve` creates one)")
     try:
         return open_ledger(url)
     except (SQLAlchemyError, OSError) as exc:
@@ -198,26 +155,12 @@ def _without_password(url: str) -> str:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    if args.model_kwargs is not None:
-        try:
-            kwargs = json.loads(args.model_kwargs)
-        except json.JSONDecodeError as exc:
-            raise CliError(f"--model-kwargs is not valid JSON: {exc}") from exc
-        if not isinstance(kwargs, dict):
-            raise CliError("--model-kwargs must be a JSON object")
-        args.model_kwargs = kwargs
-    fields = ("model", "checkpoint", "model_kwargs", "pretrained", "served_name", "host", "port", "db", "device",
-              "dtype", "min_dtype_agreement", "compile", "compile_shapes", "max_batch_images", "token_budget",
-              "max_delay_ms", "mixed_k", "max_message_mb", "price_per_gflop", "currency", "metrics_port",
-              "metrics_host", "dashboard_port", "grace_s", "drain_s", "max_connection_age_s", "replay_ttl",
-              "admin_token_file", "viewer_token_file", "dashboard_public", "metrics_key_labels", "tls_cert",
-              "tls_key", "tls_client_ca", "auth_failures_per_s", "auth_failures_burst")
     from teacher_server.dashboard.server import secret_on_command_line
 
     refusal = secret_on_command_line(args)
     if refusal:
         raise CliError(refusal)
-    settings = _settings(**{f: getattr(args, f) for f in fields})
+    settings = _settings(args, SERVE_FIELDS)
     if not settings.model and not settings.checkpoint:  # before importing torch: a quick answer
         raise CliError("no teacher given: pass --model NAME and/or --checkpoint PATH")
     from teacher_server.tls import TlsConfigError, load_tls_files
@@ -349,24 +292,65 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
 
 
 def _cmd_usage(args: argparse.Namespace) -> int:
-    from teacher_server import ledger
+    from collections import defaultdict
 
-    sessions = _sessions(args.db)
+    from teacher_server import ledger, ledger_reports
+    from teacher_server.ledger_reports import currency_name
+
+    sessions = _sessions(args.db, must_exist=True)
     with sessions() as session:
         try:
             totals = ledger.usage_totals(session, key_name=args.key)
         except ledger.LedgerError as exc:
             raise CliError(str(exc)) from exc
+        if args.csv:
+            ledger_reports.write_usage_csv(ledger_reports.usage_by_day(session, key_name=args.key), sys.stdout)
+            return 0
+        billed: dict[str, list[ledger_reports.BilledPrice]] = defaultdict(list)
+        for b in ledger_reports.billed_prices(session, key_name=args.key):
+            billed[b.key].append(b)
+        refused: dict[str | None, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        for r in ledger_reports.refusals_by_day(session, key_name=args.key):
+            refused[r.key][r.reason] += r.count
     if args.json:
-        print(json.dumps([{"key": t.name, "requests": t.requests, "images": t.images, "tokens": t.tokens,
-                           "gflops": t.gflops, "full_gflops": t.full_gflops, "saving_pct": t.saving_pct,
-                           "cost": t.cost} for t in totals], indent=2))
+        entries: list[dict[str, Any]] = []
+        for t in totals:  # "billed" and "refused" only where there is some (the entry of an unused key is unchanged)
+            entry: dict[str, Any] = {"key": t.name, "requests": t.requests, "images": t.images, "tokens": t.tokens,
+                                     "gflops": t.gflops, "full_gflops": t.full_gflops, "saving_pct": t.saving_pct,
+                                     "cost": t.cost}
+            if billed[t.name]:
+                entry["billed"] = [{"price_per_gflop": b.price_per_gflop, "currency": currency_name(b.currency),
+                                    "requests": b.requests, "gflops": b.gflops, "cost": b.cost}
+                                   for b in billed[t.name]]
+            if t.name in refused:
+                entry["refused"] = dict(refused[t.name])
+            entries.append(entry)
+        if None in refused:  # refused before a key was known
+            entries.append({"key": None, "refused": dict(refused[None])})
+        print(json.dumps(entries, indent=2))
         return 0
-    print(f"{'KEY':24} {'REQUESTS':>9} {'IMAGES':>9} {'GFLOPS':>14} {'FULL_GFLOPS':>14} {'SAVING':>8} {'COST':>14}")
+    print(f"{'KEY':24} {'REQUESTS':>9} {'IMAGES':>9} {'GFLOPS':>14} {'FULL_GFLOPS':>14} {'SAVING':>8} "
+          f"{'COST (AS BILLED)':>20}  {'PRICE/GFLOP':12} REFUSED")
     for t in totals:
+        costs = defaultdict(float)
+        for b in billed[t.name]:
+            costs[currency_name(b.currency)] += b.cost
+        cost = " + ".join(f"{c:.8f} {cur}" for cur, c in sorted(costs.items())) or f"{0.0:.8f}"
+        prices = ", ".join(sorted({f"{_fmt_num(b.price_per_gflop)} {currency_name(b.currency)}"
+                                   for b in billed[t.name]})) or "-"
         print(f"{t.name:24} {t.requests:>9} {t.images:>9} {t.gflops:>14.6f} {t.full_gflops:>14.6f} "
-              f"{t.saving_pct:>7.2f}% {t.cost:>14.8f}")
+              f"{t.saving_pct:>7.2f}% {cost:>20}  {prices:12} {_refused_text(refused.get(t.name, {}))}")
+    if None in refused:
+        print(f"{'(no key known)':24} {'':>9} {'':>9} {'':>14} {'':>14} {'':>8} {'':>20}  {'':12} "
+              f"{_refused_text(refused[None])}")
     return 0
+
+
+def _refused_text(counts: dict[str, int]) -> str:
+    """"3 (auth 2, quota 1)", or "0"."""
+    if not counts:
+        return "0"
+    return f"{sum(counts.values())} ({', '.join(f'{r} {n}' for r, n in sorted(counts.items()))})"
 
 
 def _cmd_health(args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ class QuotaExceededError(ServiceError):
         super().__init__(message)
         self.details = details
         self.trailing_metadata = trailing_metadata
+        self.limit = "quota"  # or "rate_limit": which limit refused (counted per reason, refusals.py)
 
 
 class ServiceUnavailableError(ServiceError):

@@ -46,6 +46,7 @@ class CallLabels:
 
     model: str = ""
     key: str = ""
+    key_id: int = 0  # 0: no key known (yet)
 
 
 CURRENT_LABELS: contextvars.ContextVar[CallLabels | None] = contextvars.ContextVar("maskedkd_labels", default=None)
@@ -116,12 +117,13 @@ def outcome_from_stored(record: ledger.UsageRecord, payload: ledger.ReplayPayloa
 
 class InferenceService:
     def __init__(self, *, registry: ModelRegistry, sessions: sessionmaker[Session], metrics: ServerMetrics,
-                 default_price_per_gflop: float, max_message_bytes: int,
+                 default_price_per_gflop: float, currency: str, max_message_bytes: int,
                  replay_ttl_s: float = DEFAULT_REPLAY_TTL_S) -> None:
         self.registry = registry
         self._sessions = sessions
         self._metrics = metrics
         self._default_price = default_price_per_gflop
+        self._currency = currency  # stored with every usage row: reports show what was billed, not today's flags
         self._max_elements = max_message_bytes  # a tensor cannot hold more elements than the message has bytes
         self._replay_ttl_s = replay_ttl_s
         # (key id, request_id) -> (content digest, the original's outcome) of requests in flight
@@ -146,8 +148,7 @@ class InferenceService:
         if "\x00" in request.request_id:  # Postgres text cannot store NUL; refuse it on every backend alike
             raise InvalidRequestError("request_id contains a NUL (\\x00) character, which is not allowed")
         prepared = await self._prepare(request, served)
-        price = key.price_per_gflop if key.price_per_gflop is not None else self._default_price
-        usage = served.meter.usage(prepared.counts, price_per_gflop=price)
+        usage = served.meter.usage(prepared.counts, price_per_gflop=self._price_of(key))
         if not request.request_id:
             rid = f"auto-{uuid.uuid4().hex}"
             return await self._run(key, served, prepared, usage, rid, replayable=False, received_at=received_at)
@@ -219,6 +220,9 @@ class InferenceService:
                                    full_gflops=usage.full_gflops, cost=usage.cost)
         return InferOutcome(request_id, served.name, result.logits, usage, replayed=False, limits=state)
 
+    def _price_of(self, key: KeyInfo) -> float:
+        return key.price_per_gflop if key.price_per_gflop is not None else self._default_price
+
     # ------------------------------------------------------------------------------------------- worker side
 
     def _find_stored(self, key: KeyInfo, request_id: str, digest: str) -> InferOutcome | None:
@@ -268,6 +272,7 @@ class InferenceService:
                 latency_ms=(now - b.received_at) * 1000.0,
                 queue_ms=max(0.0, stats.started_at - job.enqueued_at) * 1000.0,
                 batch_images=stats.images, content_digest=b.digest,
+                price_per_gflop=self._price_of(b.key), currency=self._currency,
             )
             items.append(ledger_billing.Billable(row, b.key.quota_window, logits_to_bytes(out) if b.replayable
                                                  else None, b.hold))

@@ -19,6 +19,7 @@ from teacher_server.decoding import decoded, tolerant
 from teacher_server.errors import ServiceError
 from teacher_server.inference import CURRENT_LABELS, CallLabels
 from teacher_server.metrics import ServerMetrics
+from teacher_server.refusals import RefusalCounter
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,9 @@ class ErrorInterceptor(aio.ServerInterceptor):
     """Also tracks the TeacherService calls in flight, so shutdown can wait for exactly those (not for health
     watchers or reflection streams)."""
 
-    def __init__(self, metrics: ServerMetrics) -> None:
+    def __init__(self, metrics: ServerMetrics, refusals: RefusalCounter | None = None) -> None:
         self._metrics = metrics
+        self._refusals = refusals or RefusalCounter()
         self._in_flight = 0
         self._idle: asyncio.Event | None = None
 
@@ -127,6 +129,7 @@ class ErrorInterceptor(aio.ServerInterceptor):
         code, message = status_of(exc)
         if counts and not getattr(exc, "maskedkd_counted", False):
             self._metrics.count_request(model=labels.model, key=labels.key, code=code.name)
+            self._refusals.count(exc, key_id=labels.key_id)
         await context.abort(code, message, trailing_metadata=rich_trailing_metadata(exc, code, message))
 
     def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]], counts: bool) -> Callable[..., Awaitable[Any]]:

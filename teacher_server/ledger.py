@@ -80,6 +80,9 @@ class UsageRecord(Base):
     gflops: Mapped[float] = mapped_column(Double)
     full_gflops: Mapped[float] = mapped_column(Double)
     cost: Mapped[float] = mapped_column(Double)
+    # what this row was billed at (cost = gflops * price); None: billed before revision 0003 and not recoverable
+    price_per_gflop: Mapped[float | None] = mapped_column(Double, nullable=True)
+    currency: Mapped[str | None] = mapped_column(String(16), nullable=True)  # None: billed before revision 0003
     latency_ms: Mapped[float] = mapped_column(Double)
     queue_ms: Mapped[float] = mapped_column(Double)
     batch_images: Mapped[int] = mapped_column(Integer)                   # images in the micro-batch it ran in
@@ -122,6 +125,18 @@ class KeyCounter(Base):
     rate_gflops: Mapped[float] = mapped_column(Double, default=0.0, server_default="0")      # admitted this minute
 
 
+class Refusal(Base):
+    """Calls refused on one UTC day for one reason, per key: a counter row (refusals.py adds to it in batches).
+    Nothing refused is billed; these rows only count."""
+
+    __tablename__ = "refusals"
+
+    day_start: Mapped[int] = mapped_column(BigInteger, primary_key=True)    # epoch s of the UTC day
+    api_key_id: Mapped[int] = mapped_column(Integer, primary_key=True)      # 0: no key known (bad or missing key)
+    reason: Mapped[str] = mapped_column(String(32), primary_key=True)       # refusals.REASONS
+    count: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
 class QuotaHold(Base):
     """GFLOPs reserved by one request between its admission and its commit (or release). A hold left behind by a
     crashed server expires and is purged, giving its GFLOPs back."""
@@ -159,6 +174,23 @@ def make_engine(url: str, *, busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S) -> E
         cursor.close()
 
     return engine
+
+
+def missing_sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL when that file does not exist; None when it exists or the URL names no file (memory,
+    `file:` URIs, other databases). Commands that only read a ledger refuse a missing one instead of creating it."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return None
+    database = parsed.database or ""
+    if not parsed.get_backend_name() == "sqlite" or database in ("", ":memory:") or database.startswith("file:"):
+        return None
+    path = Path(database).expanduser()
+    return None if path.exists() else path
 
 
 def open_ledger(url: str, *, busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S) -> sessionmaker[Session]:
@@ -261,6 +293,8 @@ class NewUsage:
     queue_ms: float
     batch_images: int
     content_digest: str | None = None  # sha256 hex of the inputs; None for server-assigned ids
+    price_per_gflop: float | None = None  # the price `cost` was computed with (the server always gives it)
+    currency: str | None = None
 
 
 def usage_record(row: NewUsage, created_at: datetime) -> UsageRecord:
@@ -268,7 +302,7 @@ def usage_record(row: NewUsage, created_at: datetime) -> UsageRecord:
         api_key_id=row.api_key_id, request_id=row.request_id, model=row.model, images=row.images, tokens=row.tokens,
         gflops=row.gflops, full_gflops=row.full_gflops, cost=row.cost, latency_ms=row.latency_ms,
         queue_ms=row.queue_ms, batch_images=row.batch_images, created_at=created_at,
-        content_digest=row.content_digest,
+        content_digest=row.content_digest, price_per_gflop=row.price_per_gflop, currency=row.currency,
     )
 
 

@@ -71,5 +71,7 @@ def quota_exceeded(*, key: KeyInfo, needed_gflops: float, state: LimitState) -> 
     if retry_s is not None:
         details.append(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(
             seconds=int(retry_s), nanos=int((retry_s % 1) * 1e9))))
-    return QuotaExceededError(f"API key {key.name!r}: {'; '.join(messages)}; nothing was billed",
-                              details=tuple(details), trailing_metadata=limit_metadata(state))
+    error = QuotaExceededError(f"API key {key.name!r}: {'; '.join(messages)}; nothing was billed",
+                               details=tuple(details), trailing_metadata=limit_metadata(state))
+    error.limit = "quota" if quota_short or len(violations) != 1 else "rate_limit"  # refusal counters' reason
+    return error

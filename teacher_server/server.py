@@ -22,6 +22,7 @@ from teacher_server.auth_guard import AuthFirstInterceptor, FailedAuthLimiter
 from teacher_server.inference import InferenceService
 from teacher_server.interceptor import ErrorInterceptor
 from teacher_server.metrics import ServerMetrics
+from teacher_server.refusals import FLUSH_INTERVAL_S, RefusalCounter
 from teacher_server.registry import ModelRegistry, build_served_model, load_teacher
 from teacher_server.servicer import TeacherServicer
 from teacher_server.settings import ServerSettings
@@ -48,6 +49,7 @@ class TeacherServer:
         self.registry = ModelRegistry()
         self.service = InferenceService(registry=self.registry, sessions=self.sessions, metrics=self.metrics,
                                         default_price_per_gflop=settings.price_per_gflop,
+                                        currency=settings.currency,
                                         max_message_bytes=settings.max_message_bytes,
                                         replay_ttl_s=settings.replay_ttl)
         name, teacher, fidelity = load_teacher(settings, model)
@@ -56,10 +58,11 @@ class TeacherServer:
         self.registry.add(build_served_model(name, teacher, settings, fidelity=fidelity,
                                              finalize=self.service.finalize, metrics=self.metrics))
         self.health = HealthServicer()
-        self._interceptor = ErrorInterceptor(self.metrics)
+        self.refusals = RefusalCounter()  # refused calls per day, key and reason; written by _flush_refusals
+        self._interceptor = ErrorInterceptor(self.metrics, self.refusals)
         self.auth_guard = AuthFirstInterceptor(self.auth, FailedAuthLimiter(
             per_peer_per_s=settings.auth_failures_per_s, per_peer_burst=settings.auth_failures_burst,
-            global_per_s=settings.auth_failures_global_per_s), self.metrics)
+            global_per_s=settings.auth_failures_global_per_s), self.metrics, self.refusals)
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.dashboard_port: int | None = None
@@ -67,6 +70,7 @@ class TeacherServer:
         self._servicer: TeacherServicer | None = None
         self._dashboard: Any = None
         self._purger: asyncio.Task[None] | None = None
+        self._refusal_writer: asyncio.Task[None] | None = None
         self._stopped = False
 
     @property
@@ -91,7 +95,8 @@ class TeacherServer:
             interceptors=[self.auth_guard, self._interceptor],  # the key is checked before a message is read
             options=options,
         )
-        self._servicer = TeacherServicer(service=self.service, auth=self.auth, settings=s, metrics=self.metrics)
+        self._servicer = TeacherServicer(service=self.service, auth=self.auth, settings=s, metrics=self.metrics,
+                                         refusals=self.refusals)
         pb_grpc.add_TeacherServiceServicer_to_server(self._servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -112,6 +117,7 @@ class TeacherServer:
         await server.start()
         self._server = server
         self._purger = asyncio.create_task(self._purge_periodically(), name="ledger-purge")
+        self._refusal_writer = asyncio.create_task(self._write_refusals_periodically(), name="refusal-counts")
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if s.metrics_port is not None:
@@ -157,6 +163,14 @@ class TeacherServer:
             await served.batcher.close()
         self._stop_dashboard()
         self.metrics.stop_http()
+        if self._refusal_writer is not None:
+            self._refusal_writer.cancel()
+            await asyncio.gather(self._refusal_writer, return_exceptions=True)
+        try:
+            await asyncio.to_thread(self.refusals.flush, self.sessions)
+        except Exception:
+            log.warning("could not write %d refusal counts at shutdown", sum(self.refusals.pending().values()),
+                        exc_info=True)
         await asyncio.to_thread(self._flush_ledger)
 
     async def _purge_periodically(self) -> None:
@@ -177,6 +191,15 @@ class TeacherServer:
                 log.warning("ledger purge failed; retrying in %.0f s", self.settings.replay_purge_interval_s,
                             exc_info=True)
             await asyncio.sleep(self.settings.replay_purge_interval_s)
+
+    async def _write_refusals_periodically(self) -> None:
+        """Add the refused calls counted in memory to the ledger's counters, once per interval (off the hot path)."""
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+            try:
+                await asyncio.to_thread(self.refusals.flush, self.sessions)
+            except Exception:  # a busy or unreachable ledger: the counts stay pending for the next round
+                log.warning("could not write refusal counts; retrying", exc_info=True)
 
     def _flush_ledger(self) -> None:
         engine = self.sessions.kw["bind"]

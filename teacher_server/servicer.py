@@ -20,6 +20,7 @@ from teacher_server.inference import CURRENT_LABELS, CallLabels, InferenceServic
 from teacher_server.interceptor import mark_counted, status_of
 from teacher_server.metrics import ServerMetrics
 from teacher_server.quota_status import limit_metadata
+from teacher_server.refusals import RefusalCounter
 from teacher_server.settings import ServerSettings
 
 STREAM_WINDOW = 64  # requests of one stream in flight at once (back-pressure on a fast sender)
@@ -61,8 +62,9 @@ def to_response(outcome: InferOutcome) -> pb.InferResponse:
 
 class TeacherServicer(pb_grpc.TeacherServiceServicer):
     def __init__(self, *, service: InferenceService, auth: KeyAuthenticator, settings: ServerSettings,
-                 metrics: ServerMetrics) -> None:
+                 metrics: ServerMetrics, refusals: RefusalCounter | None = None) -> None:
         self._service = service
+        self._refusals = refusals or RefusalCounter()
         self._auth = auth
         self._settings = settings
         self._metrics = metrics
@@ -74,7 +76,8 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
 
     async def _key(self, context: aio.ServicerContext) -> KeyInfo:
         key = await self._auth.authenticate(bearer_secret(context.invocation_metadata()))
-        current_labels().key = key.name
+        labels = current_labels()
+        labels.key, labels.key_id = key.name, key.id
         return key
 
     async def GetModelInfo(self, request: pb.ModelInfoRequest, context: aio.ServicerContext) -> pb.ModelInfo:
@@ -166,6 +169,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         except Exception as exc:
             code, message = status_of(exc)
             self._metrics.count_request(model=labels.model, key=labels.key, code=code.name)
+            self._refusals.count(exc, key_id=labels.key_id)
             return pb.InferResponse(request_id=request_id_of(request),
                                     error=pb.Status(code=code.value[0], message=message))
         self._metrics.count_request(model=labels.model, key=labels.key, code="OK")

@@ -1,21 +1,14 @@
-"""`python -m teacher_server.dashboard ...`: the same as `teacher-server dashboard ...`."""
+"""`python -m teacher_server.dashboard ...`: the same as `teacher-server dashboard ...` (same flags, same one-line
+errors with exit status 2)."""
 from __future__ import annotations
 
-import argparse
 import sys
-
-from teacher_server.dashboard.server import add_dashboard_arguments, run_dashboard_command
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m teacher_server.dashboard",
-                                     description="Serve the usage and billing dashboard of a teacher ledger.")
-    add_dashboard_arguments(parser)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_dashboard_command(build_parser().parse_args(argv))
+    from teacher_server.cli import main as cli_main
+
+    return cli_main(["dashboard", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
@@ -27,9 +28,11 @@ PAGE = HERE / "templates" / "index.html"
 
 DESCRIPTION = """Usage and billing of a MaskedKD teacher server, read from its ledger (the same database).
 
-* `/api/usage/...`: read-only totals per API key, time series per key and minute/hour, recent latency and batch sizes,
-  with `Authorization: Bearer <viewer or admin token>` (`MASKEDKD_VIEWER_TOKEN` / `--viewer-token-file`); in a
-  browser, open `/?token=...` once (or sign in with the form): an HttpOnly cookie then carries the read access.
+* `/api/usage/...`: read-only totals per API key (costs and prices as billed, refused calls), time series per key and
+  minute/hour/day, usage and refusals per UTC day (`/api/usage/daily`, CSV at `/api/usage/daily.csv`), recent latency
+  and batch sizes, with `Authorization: Bearer <viewer or admin token>` (`MASKEDKD_VIEWER_TOKEN` /
+  `--viewer-token-file`); in a browser, open `/?token=...` once (or sign in with the form): an HttpOnly cookie then
+  carries the read access.
 * `/api/keys...`: admin operations (create, disable/enable, quota and price), with `Authorization: Bearer <admin
   token>`; the token comes from `MASKEDKD_ADMIN_TOKEN` or `--admin-token-file` (without one, admin calls answer 403).
 
@@ -57,8 +60,9 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
 
 def create_app(settings: ServerSettings, *, sessions: sessionmaker[Session] | None = None) -> FastAPI:
     """The dashboard for the ledger at `settings.db` (or the given session factory, e.g. the server's own)."""
-    app = FastAPI(title="MaskedKD teacher dashboard", version="1", description=DESCRIPTION,
-                  responses={422: {"description": "invalid parameters"}})
+    # docs_url/redoc_url off: FastAPI's own pages load their scripts from a CDN; /docs below uses vendored ones
+    app = FastAPI(title="MaskedKD teacher dashboard", version="1", description=DESCRIPTION, docs_url=None,
+                  redoc_url=None, responses={422: {"description": "invalid parameters"}})
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.state.settings = settings
     app.state.sessions = sessions if sessions is not None else ledger.open_ledger(settings.db)
@@ -71,6 +75,13 @@ def create_app(settings: ServerSettings, *, sessions: sessionmaker[Session] | No
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index(request: Request) -> Response:
         return access.page_or_login(request, settings, page)
+
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    def api_docs() -> Response:
+        """Swagger UI from /static (works offline); relative URLs, as the page's, for a reverse proxy's prefix."""
+        return get_swagger_ui_html(openapi_url="openapi.json", title="MaskedKD teacher dashboard: API",
+                                   swagger_js_url="static/swagger-ui-bundle.js",
+                                   swagger_css_url="static/swagger-ui.css", swagger_favicon_url="data:,")
 
     @app.get("/healthz", response_model=Health, tags=["health"], responses={503: {"model": ErrorMessage}},
              summary="Liveness and ledger reachability")

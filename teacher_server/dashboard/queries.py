@@ -1,48 +1,19 @@
 """Read-side queries of the dashboard: usage per key, per key and time bucket, and recent latency figures.
 
 They read the ledger's tables through its ORM models (`teacher_server.ledger`) and work on SQLite and Postgres:
-time buckets are computed in SQL as epoch seconds of the bucket start, with one expression per dialect.
+time buckets are computed in SQL as epoch seconds of the bucket start (`ledger_reports.bucket_start_epoch`).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
-from sqlalchemy import BigInteger, func, select
-from sqlalchemy.ext.compiler import compiles
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.expression import FunctionElement
 
 from teacher_server.ledger import ApiKey, UsageRecord, usage_window
-
-
-class bucket_start_epoch(FunctionElement[int]):  # noqa: N801 (SQL function style)
-    """Epoch seconds of the start of the `width_s`-second bucket holding a timestamp column (UTC)."""
-
-    type = BigInteger()
-    inherit_cache = False  # `width_s` is rendered as a literal, so statements with different widths differ
-
-    def __init__(self, column: Any, width_s: int) -> None:
-        self.width_s = int(width_s)
-        super().__init__(column)
-
-
-@compiles(bucket_start_epoch, "sqlite")
-def _bucket_sqlite(element: bucket_start_epoch, compiler: Any, **kw: Any) -> str:
-    column = compiler.process(element.clauses, **kw)
-    width = element.width_s
-    # strftime('%s') reads SQLAlchemy's stored 'YYYY-MM-DD HH:MM:SS.ffffff' (UTC) as whole epoch seconds
-    return f"((CAST(strftime('%s', {column}) AS INTEGER) / {width}) * {width})"
-
-
-@compiles(bucket_start_epoch)
-def _bucket_default(element: bucket_start_epoch, compiler: Any, **kw: Any) -> str:
-    column = compiler.process(element.clauses, **kw)
-    width = element.width_s
-    # Postgres: EXTRACT(EPOCH) of a timestamptz is true epoch seconds; of a naive timestamp, as if it were UTC
-    return f"CAST(FLOOR(EXTRACT(EPOCH FROM {column}) / {width}) * {width} AS BIGINT)"
+from teacher_server.ledger_reports import bucket_start_epoch
 
 
 @dataclass(frozen=True)

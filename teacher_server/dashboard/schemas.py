@@ -1,7 +1,7 @@
 """Request and response models of the dashboard's JSON API (they are what /openapi.json documents)."""
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from enum import Enum
 from typing import Annotated, Literal
 
@@ -24,30 +24,56 @@ class UsageTotals(BaseModel):
     cost: float = Field(description="amount billed, in `currency`")
 
 
+class BilledPrice(BaseModel):
+    """Rows billed at one price in one currency (as stored with each usage row, not the server's settings)."""
+
+    price_per_gflop: float | None = Field(description="null: not recoverable (rows from before revision 0003 "
+                                                      "without GFLOPs)")
+    currency: str = Field(description="'unknown' for rows billed before the currency was recorded (revision 0003)")
+    requests: int
+    gflops: float
+    cost: float
+
+
+class CurrencyCost(BaseModel):
+    currency: str = Field(description="'unknown' for rows billed before the currency was recorded")
+    requests: int
+    cost: float
+
+
 class KeyUsage(UsageTotals):
     name: str
     key_prefix: str = Field(description="first characters of the secret, for recognising a key")
     disabled: bool
     created_at: UtcDatetime
     quota_gflops: float | None = Field(description="GFLOP quota; null: unlimited")
-    price_per_gflop: float | None = Field(description="the key's own price; null: the server default")
-    effective_price_per_gflop: float
+    price_per_gflop: float | None = Field(description="the key's own price for new requests; null: the serving "
+                                                      "server's default")
+    currency: str | None = Field(description="the currency its rows in the window were billed in; null: none "
+                                             "billed, or several currencies (see `billed`)")
+    billed: list[BilledPrice] = Field(description="the prices and currencies its rows in the window were billed at")
+    refused: dict[str, int] = Field(description="calls refused per reason (auth, quota, rate_limit, invalid) on the "
+                                                "UTC days the window touches")
     quota_used_pct: float | None = Field(description="lifetime GFLOPs used / quota in percent; null: unlimited")
     last_used_at: UtcDatetime | None
 
 
 class UsageByKey(BaseModel):
-    currency: str
-    default_price_per_gflop: float
+    currency: str | None = Field(description="the one currency the window's rows were billed in; null: none billed, "
+                                             "or several (see `cost_by_currency`; `total.cost` then mixes them)")
+    cost_by_currency: list[CurrencyCost]
     since: UtcDatetime | None
     until: UtcDatetime | None
     keys: list[KeyUsage]
     total: UsageTotals
+    refused_without_key: dict[str, int] = Field(description="calls refused before a key was known (missing or wrong "
+                                                            "key, bad input), per reason")
 
 
 class Bucket(str, Enum):
     minute = "minute"
     hour = "hour"
+    day = "day"
 
 
 class KeySeries(BaseModel):
@@ -64,7 +90,7 @@ class KeySeries(BaseModel):
 class UsageSeries(BaseModel):
     bucket: Bucket
     bucket_seconds: int
-    currency: str
+    currency: str | None = Field(description="the one currency of the rows in the window; null: none, or several")
     since: UtcDatetime = Field(description="start of the window asked for (UTC)")
     until: UtcDatetime = Field(description="end of the window (UTC, exclusive)")
     timestamps: list[int] = Field(description="UTC epoch seconds of each bucket's start, from the first bucket "
@@ -91,6 +117,35 @@ class RecentLatency(BaseModel):
     since: UtcDatetime | None
     overall: LatencyFigures
     keys: list[LatencyFigures]
+
+
+class DayUsage(BaseModel):
+    """One key's usage on one UTC day at one price and currency (as billed)."""
+
+    day: date
+    key: str
+    currency: str
+    price_per_gflop: float | None
+    requests: int
+    images: int
+    tokens: int
+    gflops: float
+    full_gflops: float
+    cost: float
+
+
+class DayRefusals(BaseModel):
+    day: date
+    key: str | None = Field(description="null: refused before a key was known")
+    reason: str = Field(description="auth, quota, rate_limit or invalid")
+    count: int
+
+
+class DailyUsage(BaseModel):
+    since: UtcDatetime | None
+    until: UtcDatetime | None
+    days: list[DayUsage]
+    refusals: list[DayRefusals]
 
 
 QuotaWindow = Literal["lifetime", "month", "day"]

@@ -17,34 +17,26 @@ if TYPE_CHECKING:  # heavy imports stay out of `teacher-server --help`
 DEFAULT_PORT = 8080
 
 
+# the settings `teacher-server dashboard` reads, and the flags whose names differ from the fields'
+DASHBOARD_FIELDS = ("db", "dashboard_host", "dashboard_port", "admin_token_file", "viewer_token_file",
+                    "dashboard_public", "tls_cert", "tls_key")
+DASHBOARD_FLAGS = {"dashboard_host": "--host", "dashboard_port": "--port"}
+
+
 def add_dashboard_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `teacher-server dashboard` (flags override the MASKEDKD_* environment)."""
-    parser.add_argument("--db", help="ledger URL, e.g. sqlite:///maskedkd-ledger.db or postgresql+psycopg2://... "
-                                     "(env MASKEDKD_DB)")
-    parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; env "
-                                                     "MASKEDKD_DASHBOARD_HOST)")
-    parser.add_argument("--port", type=int, default=None,
-                        help=f"port to listen on (default {DEFAULT_PORT}; env MASKEDKD_DASHBOARD_PORT)")
-    add_token_arguments(parser)
-    parser.add_argument("--public", dest="dashboard_public", action="store_true", default=None,
-                        help="read views without a token (only on a loopback-only address; env "
-                             "MASKEDKD_DASHBOARD_PUBLIC)")
-    parser.add_argument("--tls-cert", help="serve HTTPS with this PEM certificate chain (env MASKEDKD_TLS_CERT)")
-    parser.add_argument("--tls-key", help="the PEM private key of --tls-cert (env MASKEDKD_TLS_KEY)")
-    parser.add_argument("--price-per-gflop", type=float, default=None, help="default price shown for keys without "
-                                                                           "their own (env MASKEDKD_PRICE_PER_GFLOP)")
-    parser.add_argument("--currency", default=None, help="currency label (env MASKEDKD_CURRENCY)")
+    """The flags of `teacher-server dashboard`, derived from ServerSettings (flags override the MASKEDKD_* env)."""
+    from teacher_server.cli_settings import add_setting_flags
+
+    add_setting_flags(parser, DASHBOARD_FIELDS, flags=DASHBOARD_FLAGS, aliases={"dashboard_public": ("--public",)},
+                      helps={"dashboard_port": f"port to listen on (unset: {DEFAULT_PORT})"})
+    add_secret_refusals(parser)
 
 
-def add_token_arguments(parser: argparse.ArgumentParser) -> None:
-    """Token flags of `serve` and `dashboard`: files only. `--admin-token VALUE` stays known, to be refused with a
-    pointer to the environment and file options (a value on the command line shows in `ps`)."""
+def add_secret_refusals(parser: argparse.ArgumentParser) -> None:
+    """`--admin-token VALUE` / `--viewer-token VALUE` stay known, to be refused with a pointer to the environment
+    and file options (a value on the command line shows in `ps`)."""
     parser.add_argument("--admin-token", help=argparse.SUPPRESS)
     parser.add_argument("--viewer-token", help=argparse.SUPPRESS)
-    parser.add_argument("--admin-token-file", help="file holding the admin token of the dashboard's admin API "
-                                                   "(or env MASKEDKD_ADMIN_TOKEN)")
-    parser.add_argument("--viewer-token-file", help="file holding the token of the dashboard's read views "
-                                                    "(or env MASKEDKD_VIEWER_TOKEN); the admin token opens them too")
 
 
 def secret_on_command_line(args: argparse.Namespace) -> str | None:
@@ -66,14 +58,10 @@ def warn_if_public(settings: ServerSettings) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
-    """ServerSettings from the environment, overridden by the flags that were given."""
-    from teacher_server.settings import ServerSettings
+    """ServerSettings from the environment, overridden by the flags that were given (SettingsError: one line)."""
+    from teacher_server.cli_settings import settings_from_flags
 
-    overrides = {"db": args.db, "dashboard_host": args.host, "dashboard_port": args.port,
-                 "admin_token_file": args.admin_token_file, "viewer_token_file": args.viewer_token_file,
-                 "dashboard_public": args.dashboard_public, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
-                 "price_per_gflop": args.price_per_gflop, "currency": args.currency}
-    return ServerSettings(**{k: v for k, v in overrides.items() if v is not None})
+    return settings_from_flags(args, DASHBOARD_FIELDS, flags=DASHBOARD_FLAGS)
 
 
 def _without_password(url: str) -> str:
@@ -89,8 +77,8 @@ def _without_password(url: str) -> str:
 def run_dashboard_command(args: argparse.Namespace) -> int:
     """`teacher-server dashboard ...`: serve until Ctrl-C. Returns the exit status."""
     import uvicorn
-    from pydantic import ValidationError
 
+    from teacher_server.cli_settings import SettingsError
     from teacher_server.dashboard.app import create_app
 
     refusal = secret_on_command_line(args)
@@ -99,10 +87,8 @@ def run_dashboard_command(args: argparse.Namespace) -> int:
         return 2
     try:
         settings = settings_from_args(args)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(map(str, first["loc"]))
-        print(f"teacher-server dashboard: error: invalid {where}: {first['msg']}", file=sys.stderr)
+    except SettingsError as exc:
+        print(f"teacher-server dashboard: error: {exc}", file=sys.stderr)
         return 2
     port = DEFAULT_PORT if settings.dashboard_port is None else settings.dashboard_port
     from teacher_server.tls import TlsConfigError, load_tls_files
@@ -112,6 +98,13 @@ def run_dashboard_command(args: argparse.Namespace) -> int:
     except TlsConfigError as exc:
         print(f"teacher-server dashboard: error: {exc}", file=sys.stderr)
         return 2
+    from teacher_server.ledger import missing_sqlite_file
+
+    missing = missing_sqlite_file(settings.db)
+    if missing is not None:  # the standalone dashboard reads a ledger; a typo must not create an empty one
+        print(f"teacher-server dashboard: error: no ledger at {missing} (check --db or MASKEDKD_DB; "
+              "`teacher-server serve` creates one)", file=sys.stderr)
+        return 2
     warn_if_public(settings)
     try:
         app = create_app(settings)
@@ -119,7 +112,7 @@ def run_dashboard_command(args: argparse.Namespace) -> int:
         reason = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
         print(f"teacher-server dashboard: error: cannot open the ledger {_without_password(settings.db)}: {reason}",
               file=sys.stderr)
-        return 1
+        return 2
     admin = "on" if settings.admin_token else "off (set MASKEDKD_ADMIN_TOKEN or --admin-token-file)"
     views = ("public" if settings.dashboard_public else "viewer or admin token" if settings.viewer_token
              or settings.admin_token else "locked (set MASKEDKD_VIEWER_TOKEN, or --public)")

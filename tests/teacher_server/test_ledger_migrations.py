@@ -51,6 +51,13 @@ def test_a_ledger_of_main_before_migrations_upgrades_in_place_and_keeps_billing(
     assert rows(db, "SELECT id, name, key_hash, quota_gflops, price_per_gflop FROM api_keys ORDER BY id") == before_keys
     assert dict(rows(db, "SELECT usage_id, logits FROM replay_payloads")) == before_logits
     assert "logits" not in {r[1] for r in rows(db, "PRAGMA table_info(usage)")}  # billing rows keep no logits
+    # revision 0003: the price in force, recovered from each row (the fixture's bob has price 0.5 now, but his rows
+    # were billed at the 1e-6 default: cost / gflops, not his current price); the currency was never recorded
+    key_price = dict(rows(db, "SELECT id, price_per_gflop FROM api_keys"))
+    assert rows(db, "SELECT id, price_per_gflop, currency FROM usage ORDER BY id") == [
+        (rid, pytest.approx(1e-6, rel=1e-12), None) for rid, *_ in before_usage]
+    assert all(cost != gflops * key_price[kid] for _, kid, _, _, _, gflops, _, cost, _ in before_usage
+               if key_price[kid] is not None)
     totals = rows(db, "SELECT api_key_id, COUNT(*), SUM(images), SUM(tokens), SUM(gflops) FROM usage GROUP BY 1")
     assert rows(db, "SELECT api_key_id, requests, images, tokens, gflops FROM key_counters ORDER BY 1") == totals
     with sessions.kw["bind"].connect() as conn:  # the migrated schema is exactly what the models declare
@@ -68,6 +75,8 @@ def test_a_ledger_of_main_before_migrations_upgrades_in_place_and_keeps_billing(
         assert not fresh.usage.replayed
         channel.close()
     assert rows(db, "SELECT COUNT(*) FROM usage") == [(7,)]
+    assert rows(db, "SELECT price_per_gflop, currency, cost FROM usage WHERE request_id = 'new-1'") == [
+        (srv.settings.price_per_gflop, srv.settings.currency, pytest.approx(fresh.usage.cost, rel=1e-12))]
     assert rows(db, "SELECT requests, gflops FROM key_counters WHERE api_key_id = 1") == [
         (4, pytest.approx(totals[0][4] + fresh.usage.gflops, rel=1e-12))]
 
@@ -107,6 +116,7 @@ def test_a_postgres_ledger_of_main_before_migrations_upgrades_in_place(postgres_
     sessions.kw["bind"].dispose()
     assert pg_rows(postgres_url, "SELECT version_num FROM alembic_version") == [(head_revision(),)]
     assert pg_rows(postgres_url, "SELECT request_id, gflops FROM usage") == [("r1", 2.5)]
+    assert pg_rows(postgres_url, "SELECT price_per_gflop, currency FROM usage") == [(pytest.approx(0.04), None)]
     assert [(u, bytes(b)) for u, b in pg_rows(postgres_url, "SELECT usage_id, logits FROM replay_payloads")] == [
         (1, b"\x00\x00\x80\x3f")]
     assert pg_rows(postgres_url, "SELECT requests, gflops, window_gflops FROM key_counters") == [(1, 2.5, 2.5)]

@@ -297,8 +297,8 @@ def test_servers_opening_a_fresh_database_together_create_the_schema_once(postgr
         assert list(pool.map(open_it, range(4))) == ["ok"] * 4
     tables = pg_rows(postgres_url, "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' "
                                    "ORDER BY table_name")
-    assert tables == [("alembic_version",), ("api_keys",), ("key_counters",), ("quota_holds",), ("replay_payloads",),
-                      ("usage",)]
+    assert tables == [("alembic_version",), ("api_keys",), ("key_counters",), ("quota_holds",), ("refusals",),
+                      ("replay_payloads",), ("usage",)]
     assert pg_rows(postgres_url, "SELECT version_num FROM alembic_version") == [(head_revision(),)]
 
 

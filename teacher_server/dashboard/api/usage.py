@@ -1,26 +1,33 @@
-"""GET /api/usage/...: totals per key, time series per key and bucket, recent latency and batch sizes (read-only)."""
+"""GET /api/usage/...: totals per key, time series per key and bucket, usage and refusals per day (JSON and CSV),
+recent latency and batch sizes (read-only). Prices and currencies are those stored with the usage rows."""
 from __future__ import annotations
 
+import io
 import math
+from collections import defaultdict
 from datetime import datetime, timedelta, timezone
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
+from fastapi.responses import Response
 
 from teacher_server.dashboard import queries
 from teacher_server.dashboard.access import require_viewer
-from teacher_server.dashboard.deps import SessionDep, SettingsDep
+from teacher_server.dashboard.deps import SessionDep
+from teacher_server import ledger_reports
 from teacher_server.dashboard.schemas import (
-    Bucket, ErrorMessage, KeySeries, KeyUsage, LatencyFigures, RecentLatency, UsageByKey, UsageSeries, UsageTotals,
+    BilledPrice, Bucket, CurrencyCost, DailyUsage, DayRefusals, DayUsage, ErrorMessage, KeySeries, KeyUsage,
+    LatencyFigures, RecentLatency, UsageByKey, UsageSeries, UsageTotals,
 )
 from teacher_server.ledger import as_utc, find_api_key_by_name, saving_pct, usage_totals
+from teacher_server.ledger_reports import currency_name
 
 router = APIRouter(prefix="/api/usage", tags=["usage"], dependencies=[Depends(require_viewer)],
                    responses={401: {"model": ErrorMessage, "description": "missing or wrong viewer token"},
                               403: {"model": ErrorMessage, "description": "read views locked (no token configured)"}})
 
-BUCKET_SECONDS = {Bucket.minute: 60, Bucket.hour: 3600}
-DEFAULT_WINDOW = {Bucket.minute: timedelta(hours=6), Bucket.hour: timedelta(days=7)}
+BUCKET_SECONDS = {Bucket.minute: 60, Bucket.hour: 3600, Bucket.day: ledger_reports.DAY_S}
+DEFAULT_WINDOW = {Bucket.minute: timedelta(hours=6), Bucket.hour: timedelta(days=7), Bucket.day: timedelta(days=90)}
 MAX_BUCKETS = 2000  # per series response; more asks for a coarser bucket or a shorter window
 
 SinceQuery = Annotated[datetime | None, Query(description="ISO 8601 start (inclusive); naive means UTC")]
@@ -40,15 +47,26 @@ def _unknown_key(session: SessionDep, key: str | None) -> None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no API key named {key!r}")
 
 
+def _one_currency(currencies: set[str]) -> str | None:
+    return next(iter(currencies)) if len(currencies) == 1 else None
+
+
 @router.get("/keys", response_model=UsageByKey, responses={400: {"model": ErrorMessage}, 404: {"model": ErrorMessage}},
             summary="Usage totals per API key")
-def usage_by_key(session: SessionDep, settings: SettingsDep, since: SinceQuery = None, until: UntilQuery = None,
+def usage_by_key(session: SessionDep, since: SinceQuery = None, until: UntilQuery = None,
                  key: KeyQuery = None) -> UsageByKey:
-    """Requests, images, GFLOPs used, GFLOPs a full teacher would have used, saving and cost per key, in a window
-    (default: all time), plus the total over all keys."""
+    """Requests, images, GFLOPs used, GFLOPs a full teacher would have used, saving, cost and the prices billed per
+    key, in a window (default: all time), plus the total over all keys and the calls refused."""
     _check_window(since, until)
     _unknown_key(session, key)
     rows = usage_totals(session, since=since, until=until, key_name=key)
+    billed: dict[str, list[BilledPrice]] = defaultdict(list)
+    for b in ledger_reports.billed_prices(session, since=since, until=until, key_name=key):
+        billed[b.key].append(BilledPrice(price_per_gflop=b.price_per_gflop, currency=currency_name(b.currency),
+                                         requests=b.requests, gflops=b.gflops, cost=b.cost))
+    refused: dict[str | None, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for r in ledger_reports.refusals_by_day(session, since=since, until=until):
+        refused[r.key][r.reason] += r.count
     lifetime = {r.name: r.gflops for r in rows}
     if since is not None or until is not None:
         lifetime = {r.name: r.gflops for r in usage_totals(session, key_name=key)}
@@ -60,8 +78,8 @@ def usage_by_key(session: SessionDep, settings: SettingsDep, since: SinceQuery =
         keys.append(KeyUsage(
             name=r.name, key_prefix=r.key_prefix, disabled=r.disabled, created_at=r.created_at,
             quota_gflops=r.quota_gflops, price_per_gflop=r.price_per_gflop,
-            effective_price_per_gflop=settings.price_per_gflop if r.price_per_gflop is None else r.price_per_gflop,
-            quota_used_pct=quota_pct,
+            currency=_one_currency({b.currency for b in billed[r.name]}), billed=billed[r.name],
+            refused=dict(refused.get(r.name, {})), quota_used_pct=quota_pct,
             last_used_at=r.last_used_at, requests=r.requests, images=r.images, tokens=r.tokens, gflops=r.gflops,
             full_gflops=r.full_gflops, saved_gflops=r.full_gflops - r.gflops,
             saving_pct=saving_pct(r.gflops, r.full_gflops), cost=r.cost,
@@ -73,19 +91,25 @@ def usage_by_key(session: SessionDep, settings: SettingsDep, since: SinceQuery =
         tokens=sum(k.tokens for k in keys), gflops=gflops, full_gflops=full, saved_gflops=full - gflops,
         saving_pct=saving_pct(gflops, full), cost=sum(k.cost for k in keys),
     )
-    return UsageByKey(currency=settings.currency, default_price_per_gflop=settings.price_per_gflop,
-                      since=since and as_utc(since), until=until and as_utc(until), keys=keys,
-                      total=total)
+    per_currency: dict[str, list[BilledPrice]] = defaultdict(list)
+    for prices in billed.values():
+        for b in prices:
+            per_currency[b.currency].append(b)
+    costs = [CurrencyCost(currency=c, requests=sum(b.requests for b in bs), cost=math.fsum(b.cost for b in bs))
+             for c, bs in sorted(per_currency.items())]
+    return UsageByKey(currency=_one_currency(set(per_currency)), cost_by_currency=costs,
+                      since=since and as_utc(since), until=until and as_utc(until), keys=keys, total=total,
+                      refused_without_key=dict(refused.get(None, {})) if key is None else {})
 
 
 @router.get("/timeseries", response_model=UsageSeries,
             responses={400: {"model": ErrorMessage}, 404: {"model": ErrorMessage}},
             summary="GFLOPs, cost, requests and images per key and time bucket")
-def usage_timeseries(session: SessionDep, settings: SettingsDep, bucket: Bucket = Bucket.minute,
+def usage_timeseries(session: SessionDep, bucket: Bucket = Bucket.minute,
                      since: SinceQuery = None, until: UntilQuery = None, key: KeyQuery = None) -> UsageSeries:
-    """Per key, the usage in each `bucket` (minute or hour, UTC) of [since, until). Default window: the last 6 hours
-    by minute, the last 7 days by hour. Buckets before the first usage in the window are left out; later empty
-    buckets are zeros."""
+    """Per key, the usage in each `bucket` (minute, hour or day, UTC) of [since, until). Default window: the last 6
+    hours by minute, the last 7 days by hour, the last 90 days by day. Buckets before the first usage in the window
+    are left out; later empty buckets are zeros."""
     _check_window(since, until)
     _unknown_key(session, key)
     width = BUCKET_SECONDS[bucket]
@@ -115,8 +139,42 @@ def usage_timeseries(session: SessionDep, settings: SettingsDep, bucket: Bucket 
         i = index[c.start_epoch]
         s.requests[i], s.images[i], s.gflops[i], s.full_gflops[i], s.cost[i] = (
             c.requests, c.images, c.gflops, c.full_gflops, c.cost)
-    return UsageSeries(bucket=bucket, bucket_seconds=width, currency=settings.currency, since=start, until=end,
+    currencies = {currency_name(b.currency) for b in ledger_reports.billed_prices(session, since=start, until=end,
+                                                                                key_name=key)}
+    return UsageSeries(bucket=bucket, bucket_seconds=width, currency=_one_currency(currencies), since=start, until=end,
                        timestamps=timestamps, series=[by_key[k] for k in sorted(by_key)])
+
+
+@router.get("/daily", response_model=DailyUsage, responses={400: {"model": ErrorMessage}, 404: {"model": ErrorMessage}},
+            summary="Usage per UTC day, key, currency and price; refused calls per day, key and reason")
+def usage_daily(session: SessionDep, since: SinceQuery = None, until: UntilQuery = None,
+                key: KeyQuery = None) -> DailyUsage:
+    """The ledger's rows in [since, until) (default: all time) summed per UTC day, key and the price and currency
+    they were billed at; and the refusal counters of the days the window touches."""
+    _check_window(since, until)
+    _unknown_key(session, key)
+    days = [DayUsage(day=d.day, key=d.key, currency=currency_name(d.currency), price_per_gflop=d.price_per_gflop,
+                     requests=d.requests, images=d.images, tokens=d.tokens, gflops=d.gflops,
+                     full_gflops=d.full_gflops, cost=d.cost)
+            for d in ledger_reports.usage_by_day(session, since=since, until=until, key_name=key)]
+    refusals = [DayRefusals(day=r.day, key=r.key, reason=r.reason, count=r.count)
+                for r in ledger_reports.refusals_by_day(session, since=since, until=until, key_name=key)]
+    return DailyUsage(since=since and as_utc(since), until=until and as_utc(until), days=days, refusals=refusals)
+
+
+@router.get("/daily.csv", response_class=Response, responses={
+    200: {"content": {"text/csv": {}}, "description": "one line per UTC day, key, currency and price"},
+    400: {"model": ErrorMessage}, 404: {"model": ErrorMessage}}, summary="Usage per UTC day as CSV")
+def usage_daily_csv(session: SessionDep, since: SinceQuery = None, until: UntilQuery = None,
+                    key: KeyQuery = None) -> Response:
+    """The rows of /api/usage/daily as CSV with a header: day, key, currency, price_per_gflop, requests, images,
+    tokens, gflops, full_gflops, cost (floats written exactly; `teacher-server usage --csv` writes the same)."""
+    _check_window(since, until)
+    _unknown_key(session, key)
+    out = io.StringIO()
+    ledger_reports.write_usage_csv(ledger_reports.usage_by_day(session, since=since, until=until, key_name=key), out)
+    return Response(out.getvalue(), media_type="text/csv; charset=utf-8",
+                    headers={"Content-Disposition": 'attachment; filename="maskedkd-usage-daily.csv"'})
 
 
 def _figures(key: str, rows: list[queries.RecentRequest]) -> LatencyFigures:

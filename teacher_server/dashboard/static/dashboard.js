@@ -19,7 +19,21 @@ function fmtMoney(n, currency) {
   return currency + " " + fmtFixed(n, Math.abs(n) >= 100 ? 2 : 6);
 }
 function fmtPrice(n, currency) {
-  return currency + " " + Number(n).toPrecision(3);
+  if (n === null) return currency + " ?";
+  return currency + " " + (n !== 0 && Math.abs(n) < 0.001 ? Number(n).toExponential(2) : Number(n).toPrecision(3));
+}
+// costs as billed, one currency at a time ("USD 1.23", "USD 1.23 + EUR 0.50"); prices and currencies come from
+// the ledger's usage rows, never from the settings of whoever serves this page
+function fmtCosts(billed) {
+  const per = {};
+  for (const b of billed) per[b.currency] = (per[b.currency] || 0) + b.cost;
+  const parts = Object.keys(per).sort().map((c) => fmtMoney(per[c], c));
+  return parts.length ? parts.join(" + ") : fmtFixed(0, 6);
+}
+function fmtRefused(counts) {
+  const reasons = Object.keys(counts || {}).sort();
+  const total = reasons.reduce((acc, r) => acc + counts[r], 0);
+  return total ? `${fmtInt(total)} (${reasons.map((r) => `${r} ${fmtInt(counts[r])}`).join(", ")})` : "0";
 }
 
 function el(tag, attrs, text) {
@@ -46,10 +60,14 @@ function colorOf(key) {
 
 // ---------------------------------------------------------------- totals and the per-key table
 function renderUsage(usage) {
-  const cur = usage.currency;
   const t = usage.total;
+  const refusedAll = {};
+  for (const counts of [usage.refused_without_key, ...usage.keys.map((k) => k.refused)]) {
+    for (const [r, n] of Object.entries(counts)) refusedAll[r] = (refusedAll[r] || 0) + n;
+  }
   const totals = { requests: fmtInt(t.requests), images: fmtInt(t.images), gflops: fmtGflops(t.gflops),
-                   full_gflops: fmtGflops(t.full_gflops), saving_pct: fmtPct(t.saving_pct), cost: fmtMoney(t.cost, cur) };
+                   full_gflops: fmtGflops(t.full_gflops), saving_pct: fmtPct(t.saving_pct),
+                   cost: fmtCosts(usage.cost_by_currency), refused: fmtRefused(refusedAll) };
   for (const [field, text] of Object.entries(totals)) {
     document.querySelector(`[data-total="${field}"]`).textContent = text;
   }
@@ -65,15 +83,18 @@ function renderUsage(usage) {
     row.append(status);
     const cells = [["requests", fmtInt(k.requests)], ["images", fmtInt(k.images)], ["gflops", fmtGflops(k.gflops)],
                    ["full_gflops", fmtGflops(k.full_gflops)], ["saving_pct", fmtPct(k.saving_pct)],
-                   ["cost", fmtMoney(k.cost, cur)], ["price", fmtPrice(k.effective_price_per_gflop, cur)],
+                   ["cost", fmtCosts(k.billed)],
+                   ["price", [...new Set(k.billed.map((b) => fmtPrice(b.price_per_gflop, b.currency)))].join(", ")
+                     || "–"],
                    ["quota", k.quota_gflops === null ? "unlimited"
-                     : `${fmtPct(k.quota_used_pct)} of ${fmtGflops(k.quota_gflops)}`]];
+                     : `${fmtPct(k.quota_used_pct)} of ${fmtGflops(k.quota_gflops)}`],
+                   ["refused", fmtRefused(k.refused)]];
     for (const [field, text] of cells) row.append(el("td", { class: "num", "data-field": field }, text));
     body.append(row);
   }
   if (!usage.keys.length) {
     const row = el("tr");
-    row.append(el("td", { colspan: 11, class: "muted" },
+    row.append(el("td", { colspan: 12, class: "muted" },
       "No API keys yet: create one with `teacher-server keys create --name NAME` or POST /api/keys."));
     body.append(row);
   }
@@ -109,14 +130,46 @@ function drawChart(id, title, series, field, timestamps, extra) {
 }
 
 function renderSeries(ts) {
-  const per = ts.bucket === "hour" ? "hour" : "minute";
+  const per = ts.bucket;
   document.getElementById("gflops-title").textContent = `GFLOPs per ${per} (dashed: full teacher, all keys)`;
-  document.getElementById("cost-title").textContent = `Cost per ${per} (${ts.currency})`;
+  document.getElementById("cost-title").textContent =
+    `Cost per ${per} (${ts.currency === null ? "as billed; several currencies or none" : ts.currency})`;
   const fullTotal = ts.timestamps.map((_, i) => ts.series.reduce((acc, s) => acc + s.full_gflops[i], 0));
   drawChart("chart-gflops", "GFLOPs", ts.series, "gflops", ts.timestamps,
             { label: "full teacher", values: fullTotal });
   drawChart("chart-cost", "cost", ts.series, "cost", ts.timestamps, null);
   state.lastSeries = ts;
+}
+
+// ---------------------------------------------------------------- per day (UTC)
+function renderDaily(daily) {
+  // one row per (day, key, currency, price) billed; a (day, key)'s refusals go on its first row, or on a row of
+  // their own when that key had no usage that day
+  const rows = daily.days.map((d) => ({ ...d, refused: {} }));
+  const first = {};
+  for (const d of rows) first[`${d.day}|${d.key}`] ||= d;
+  for (const r of daily.refusals) {
+    const cell = `${r.day}|${r.key ?? ""}`;
+    if (!first[cell]) {
+      first[cell] = { day: r.day, key: r.key, refused: {}, requests: 0, images: 0, gflops: 0, currency: null };
+      rows.push(first[cell]);
+    }
+    first[cell].refused[r.reason] = (first[cell].refused[r.reason] || 0) + r.count;
+  }
+  rows.sort((a, b) => (a.day < b.day) - (a.day > b.day) || String(a.key ?? "").localeCompare(String(b.key ?? "")));
+  const body = document.querySelector("#daily tbody");
+  body.replaceChildren();
+  for (const d of rows) {
+    const row = el("tr", { "data-day": d.day, "data-key": d.key ?? "" });
+    row.append(el("td", { "data-field": "day" }, d.day), el("td", { "data-field": "key" }, d.key ?? "(no key)"));
+    const cells = [["requests", fmtInt(d.requests)], ["images", fmtInt(d.images)], ["gflops", fmtGflops(d.gflops)],
+                   ["cost", d.currency === null ? "–" : fmtMoney(d.cost, d.currency)],
+                   ["price", d.currency === null ? "–" : fmtPrice(d.price_per_gflop, d.currency)],
+                   ["refused", fmtRefused(d.refused)]];
+    for (const [field, text] of cells) row.append(el("td", { class: "num", "data-field": field }, text));
+    body.append(row);
+  }
+  state.lastDaily = daily;
 }
 
 // ---------------------------------------------------------------- latency table
@@ -139,15 +192,22 @@ function renderLatency(lat) {
 }
 
 // ---------------------------------------------------------------- refresh loop
+const DAILY_DAYS = 31;  // the per-day table's window; the CSV link exports all days
+function dailySince() {
+  const start = new Date(Date.now() - (DAILY_DAYS - 1) * 86400000);
+  return start.toISOString().slice(0, 10) + "T00:00:00Z";
+}
+
 async function refresh() {
   const banner = document.getElementById("error");
   try {
-    const [usage, ts, lat] = await Promise.all([
+    const [usage, ts, lat, daily] = await Promise.all([
       getJSON("api/usage/keys"), getJSON(`api/usage/timeseries?bucket=${encodeURIComponent(state.bucket)}`),
-      getJSON("api/usage/latency?limit=1000")]);
+      getJSON("api/usage/latency?limit=1000"), getJSON(`api/usage/daily?since=${encodeURIComponent(dailySince())}`)]);
     for (const k of usage.keys) colorOf(k.name);  // colors follow the table's (name) order
     renderUsage(usage);
     renderSeries(ts);
+    renderDaily(daily);
     renderLatency(lat);
     banner.hidden = true;
     document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
@@ -161,7 +221,7 @@ async function refresh() {
 
 document.addEventListener("DOMContentLoaded", () => {
   const select = document.getElementById("bucket");
-  select.value = state.bucket === "hour" ? "hour" : "minute";
+  select.value = ["minute", "hour", "day"].includes(state.bucket) ? state.bucket : "minute";
   select.addEventListener("change", () => {
     state.bucket = select.value;
     history.replaceState(null, "", `?bucket=${state.bucket}`);

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from maskedkd.flops import ViTShape, masked_forward_flops
 from teacher_server import auth, ledger
+from teacher_server.refusals import NO_KEY, add_refusals
 from teacher_server.settings import ServerSettings
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
@@ -34,6 +35,10 @@ class KeyPlan:
     every_min: float                # one request about every this many minutes
     disabled: bool = False
 
+
+# refused calls per key (None: no key known) and reason, counted today (UTC)
+REFUSALS = {("robotics-lab", "quota"): 7, ("robotics-lab", "invalid"): 1, ("intern-sandbox", "auth"): 4,
+            (None, "auth"): 12}
 
 PLANS = (
     KeyPlan("vision-team", None, None, keep=0.5, batch=128, start_min=175, end_min=0, every_min=0.5),
@@ -75,7 +80,8 @@ def seed_usage(sessions: sessionmaker[Session], *, now: datetime, seed: int = 0)
             rows.append(ledger.UsageRecord(
                 api_key_id=key.id, request_id=f"{plan.name}-{n}", model="deit_small_patch16_224", images=images,
                 tokens=images * (kept + DEIT_S.num_prefix_tokens), gflops=images * per_image,
-                full_gflops=images * full_per_image, cost=images * per_image * price,
+                full_gflops=images * full_per_image, cost=images * per_image * price, price_per_gflop=price,
+                currency="USD",
                 latency_ms=queue_ms + batch_images * per_image * rng.uniform(0.08, 0.12), queue_ms=queue_ms,
                 batch_images=batch_images, created_at=created,
             ))
@@ -87,3 +93,9 @@ def seed_usage(sessions: sessionmaker[Session], *, now: datetime, seed: int = 0)
         if plan.disabled:
             with sessions() as session:
                 ledger.set_api_key_disabled(session, name=plan.name, disabled=True)
+    day = int(now.timestamp()) // 86400 * 86400
+    with sessions() as session:
+        ids = {k.name: k.id for k in ledger.list_api_keys(session)}
+        add_refusals(session, counts={(day, ids[name] if name else NO_KEY, reason): n
+                                      for (name, reason), n in REFUSALS.items()})
+        session.commit()

@@ -83,14 +83,23 @@ def test_usage_by_key_equals_sql_sums(client: TestClient, seeded: SeededLedger) 
         assert_key_numbers(key, expected[key["name"]])
     columns = list(zip(*expected.values()))
     assert_key_numbers(body["total"], tuple(sum(c) for c in columns))
-    assert body["currency"] == "USD" and body["default_price_per_gflop"] == DEFAULT_PRICE
+    assert body["currency"] == "USD" and "default_price_per_gflop" not in body
+    assert body["cost_by_currency"] == [{"currency": "USD", "requests": sum(columns[0]),
+                                         "cost": pytest.approx(sum(columns[5]), rel=REL)}]
 
-    # key settings: effective price, quota use, status, straight from api_keys
+    # the prices billed, from the usage rows; key settings (quota use, status) straight from api_keys
+    billed = defaultdict(list)
+    for name, price, currency, n, cost in rows(seeded.path, "SELECT k.name, u.price_per_gflop, u.currency, "
+                                               "COUNT(*), SUM(u.cost) FROM usage u JOIN api_keys k ON "
+                                               "k.id = u.api_key_id GROUP BY 1, 2, 3"):
+        billed[name].append((price, currency, n, pytest.approx(cost, rel=REL)))
     settings = {r[0]: r[1:] for r in rows(seeded.path, "SELECT name, price_per_gflop, quota_gflops, disabled, "
                                                        "key_prefix FROM api_keys")}
     for key in body["keys"]:
         price, quota, disabled, prefix = settings[key["name"]]
-        assert key["effective_price_per_gflop"] == (DEFAULT_PRICE if price is None else price)
+        assert [(b["price_per_gflop"], b["currency"], b["requests"], b["cost"]) for b in key["billed"]] == \
+            billed[key["name"]]
+        assert key["price_per_gflop"] == price and key["currency"] == ("USD" if billed[key["name"]] else None)
         assert key["disabled"] == bool(disabled) and key["key_prefix"] == prefix
         used = expected[key["name"]][3]
         assert key["quota_used_pct"] == (None if quota is None else pytest.approx(100 * used / quota, rel=REL))
@@ -111,7 +120,7 @@ def test_usage_window_equals_sql(client: TestClient, seeded: SeededLedger) -> No
     assert_key_numbers(one["total"], everything["robotics-lab"])
 
 
-@pytest.mark.parametrize("bucket,width", [("minute", 60), ("hour", 3600)])
+@pytest.mark.parametrize("bucket,width", [("minute", 60), ("hour", 3600), ("day", 86400)])
 def test_timeseries_equals_python_bucketing_of_rows(client: TestClient, seeded: SeededLedger, bucket: str,
                                                     width: int) -> None:
     body = client.get("/api/usage/timeseries", params={"bucket": bucket}).json()

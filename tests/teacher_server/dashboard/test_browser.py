@@ -83,7 +83,7 @@ def test_page_totals_and_key_table_equal_the_ledger(page: Page, seeded: SeededLe
         FROM api_keys k LEFT JOIN usage u ON u.api_key_id = k.id GROUP BY k.name""")}
     requests, images, gflops, full, cost = (sum(v[i] for v in per_key.values()) for i in range(5))
     total = {f: page.inner_text(f"[data-total={f}]") for f in
-             ("requests", "images", "gflops", "full_gflops", "saving_pct", "cost")}
+             ("requests", "images", "gflops", "full_gflops", "saving_pct", "cost", "refused")}
     assert_shows(total["requests"], requests)
     assert_shows(total["images"], images)
     assert_shows(total["gflops"], gflops)
@@ -109,6 +109,35 @@ def test_page_totals_and_key_table_equal_the_ledger(page: Page, seeded: SeededLe
     assert_shows(page.inner_text(f'{overall} td[data-field="requests"]'), len(latency))
     assert_shows(page.inner_text(f'{overall} td[data-field="latency_ms_p50"]'), float(np.percentile(latency, 50)))
     assert_shows(page.inner_text(f'{overall} td[data-field="latency_ms_p95"]'), float(np.percentile(latency, 95)))
+
+    refused = dict(((r[0] or ""), r[1]) for r in rows(seeded.path, """
+        SELECT k.name, SUM(r.count) FROM refusals r LEFT JOIN api_keys k ON k.id = r.api_key_id GROUP BY k.name"""))
+    assert_shows(total["refused"], sum(refused.values()))
+    for name in per_key:
+        assert_shows(page.inner_text(f'#keys tr[data-key="{name}"] td[data-field="refused"]'), refused.get(name, 0))
+
+    # the per-day table: one row per (day, key, price) billed, refusals on a (day, key)'s first row
+    daily = defaultdict(lambda: [0, 0.0, 0.0, 0])
+    for day, name, n, used, cost in rows(seeded.path, """
+            SELECT date(u.created_at), k.name, COUNT(*), SUM(u.gflops), SUM(u.cost) FROM usage u
+            JOIN api_keys k ON k.id = u.api_key_id GROUP BY 1, 2"""):
+        daily[(day, name)][:3] = [n, used, cost]
+    for day_start, name, count in rows(seeded.path, """
+            SELECT r.day_start, k.name, SUM(r.count) FROM refusals r LEFT JOIN api_keys k ON k.id = r.api_key_id
+            GROUP BY 1, 2"""):
+        daily[(datetime.fromtimestamp(day_start, timezone.utc).date().isoformat(), name or "")][3] += count
+    shown_days = page.eval_on_selector_all("#daily tbody tr", "rs => rs.map(r => [r.dataset.day, r.dataset.key, "
+                                           "...['requests', 'gflops', 'cost', 'refused'].map(f => "
+                                           "r.querySelector(`td[data-field=${f}]`).textContent)])")
+    assert sorted((d, k) for d, k, *_ in shown_days) == sorted(daily)
+    for day, name, n, used, cost, refused_text in shown_days:
+        want = daily[(day, name)]
+        assert_shows(n, want[0])
+        assert_shows(used, want[1])
+        if want[0]:
+            assert cost.startswith("USD ")
+            assert_shows(cost, want[2])
+        assert_shows(refused_text, want[3])
 
     origin = dashboard.url
     assert page.requested and all(u.startswith(origin) for u in page.requested), page.requested  # no CDN
@@ -172,3 +201,37 @@ def test_charts_draw_the_ledger_per_minute_and_per_hour(page: Page, seeded: Seed
     _assert_charts_equal_ledger(page, seeded, 3600)
     assert "per hour" in page.inner_text("#gflops-title")
     assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_api_docs_render_offline_from_vendored_assets(browser: Browser, dashboard: RunningDashboard) -> None:
+    """/docs with every request to anywhere but 127.0.0.1 refused: Swagger UI still lists every operation of
+    /openapi.json (FastAPI's default page loads its scripts from a CDN and stays blank offline)."""
+    import json
+    import urllib.request
+    from urllib.parse import urlparse
+
+    with urllib.request.urlopen(dashboard.url + "/openapi.json", timeout=10) as response:
+        spec = json.load(response)
+    expected = sorted((method.upper(), path) for path, ops in spec["paths"].items() for method in ops)
+    page = browser.new_page()
+    refused: list[str] = []
+
+    def only_loopback(route: Any) -> None:
+        url = route.request.url
+        if url.startswith("data:") or urlparse(url).hostname == "127.0.0.1":
+            route.continue_()
+        else:
+            refused.append(url)
+            route.abort()
+
+    page.route("**/*", only_loopback)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(dashboard.url + "/docs", wait_until="load")
+    page.wait_for_selector(".opblock-summary-path", timeout=30_000)
+    shown_ops = page.eval_on_selector_all(
+        ".opblock-summary", "els => els.map(e => [e.querySelector('.opblock-summary-method').textContent, "
+                            "e.querySelector('.opblock-summary-path').dataset.path])")
+    page.close()
+    assert sorted((m.upper(), p) for m, p in shown_ops) == expected
+    assert len(expected) >= 8 and refused == [] and errors == []

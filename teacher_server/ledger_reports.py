@@ -1,0 +1,161 @@
+"""Read-side reports of the ledger shared by `teacher-server usage` and the dashboard: what each key was billed at
+(price and currency as stored with its rows), usage per UTC day, refused calls per day, and the CSV export.
+
+Money is reported as billed: the price and currency come from the usage rows, never from the server's current
+settings; rows billed before revision 0003 have no recorded currency (None, shown as "unknown").
+All functions take a `Session` and keyword-only arguments and work on SQLite and Postgres.
+"""
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import date, datetime, timezone
+from typing import Any, TextIO
+
+from sqlalchemy import BigInteger, func, select
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.expression import FunctionElement
+
+from teacher_server.ledger import ApiKey, Refusal, UsageRecord, as_utc, usage_window
+
+DAY_S = 86400
+UNKNOWN_CURRENCY = "unknown"  # how reports name the currency of rows billed before it was recorded
+
+
+class bucket_start_epoch(FunctionElement[int]):  # noqa: N801 (SQL function style)
+    """Epoch seconds of the start of the `width_s`-second bucket holding a timestamp column (UTC)."""
+
+    type = BigInteger()
+    inherit_cache = False  # `width_s` is rendered as a literal, so statements with different widths differ
+
+    def __init__(self, column: Any, width_s: int) -> None:
+        self.width_s = int(width_s)
+        super().__init__(column)
+
+
+@compiles(bucket_start_epoch, "sqlite")
+def _bucket_sqlite(element: bucket_start_epoch, compiler: Any, **kw: Any) -> str:
+    column = compiler.process(element.clauses, **kw)
+    width = element.width_s
+    # strftime('%s') reads SQLAlchemy's stored 'YYYY-MM-DD HH:MM:SS.ffffff' (UTC) as whole epoch seconds
+    return f"((CAST(strftime('%s', {column}) AS INTEGER) / {width}) * {width})"
+
+
+@compiles(bucket_start_epoch)
+def _bucket_default(element: bucket_start_epoch, compiler: Any, **kw: Any) -> str:
+    column = compiler.process(element.clauses, **kw)
+    width = element.width_s
+    # Postgres: EXTRACT(EPOCH) of a timestamptz is true epoch seconds; of a naive timestamp, as if it were UTC
+    return f"CAST(FLOOR(EXTRACT(EPOCH FROM {column}) / {width}) * {width} AS BIGINT)"
+
+
+def currency_name(currency: str | None) -> str:
+    return UNKNOWN_CURRENCY if currency is None else currency
+
+
+@dataclass(frozen=True)
+class BilledPrice:
+    """The rows of one key billed at one price in one currency."""
+
+    key: str
+    price_per_gflop: float | None   # None: not recoverable (a row without GFLOPs from before revision 0003)
+    currency: str | None            # None: billed before the currency was recorded
+    requests: int
+    gflops: float
+    cost: float
+
+
+def billed_prices(session: Session, *, since: datetime | None = None, until: datetime | None = None,
+                  key_name: str | None = None) -> list[BilledPrice]:
+    """Per key, the distinct (price, currency) its rows in [since, until) were billed at, ordered by key."""
+    stmt = (
+        select(ApiKey.name, UsageRecord.price_per_gflop, UsageRecord.currency, func.count(UsageRecord.id),
+               func.sum(UsageRecord.gflops), func.sum(UsageRecord.cost))
+        .select_from(UsageRecord).join(ApiKey, ApiKey.id == UsageRecord.api_key_id)
+        .where(*usage_window(since=since, until=until))
+        .group_by(ApiKey.name, UsageRecord.price_per_gflop, UsageRecord.currency)
+        .order_by(ApiKey.name, UsageRecord.currency, UsageRecord.price_per_gflop)
+    )
+    if key_name is not None:
+        stmt = stmt.where(ApiKey.name == key_name)
+    return [BilledPrice(key=r[0], price_per_gflop=r[1], currency=r[2], requests=int(r[3]), gflops=float(r[4] or 0),
+                        cost=float(r[5] or 0)) for r in session.execute(stmt)]
+
+
+@dataclass(frozen=True)
+class DayUsage:
+    """Usage of one key on one UTC day at one price and currency."""
+
+    day: date
+    key: str
+    currency: str | None
+    price_per_gflop: float | None
+    requests: int
+    images: int
+    tokens: int
+    gflops: float
+    full_gflops: float
+    cost: float
+
+
+def usage_by_day(session: Session, *, since: datetime | None = None, until: datetime | None = None,
+                 key_name: str | None = None) -> list[DayUsage]:
+    """Non-empty (UTC day, key, currency, price) cells of the rows in [since, until), ordered by day and key."""
+    day = bucket_start_epoch(UsageRecord.created_at, DAY_S).label("day")
+    stmt = (
+        select(day, ApiKey.name, UsageRecord.currency, UsageRecord.price_per_gflop, func.count(UsageRecord.id),
+               func.sum(UsageRecord.images), func.sum(UsageRecord.tokens), func.sum(UsageRecord.gflops),
+               func.sum(UsageRecord.full_gflops), func.sum(UsageRecord.cost))
+        .select_from(UsageRecord).join(ApiKey, ApiKey.id == UsageRecord.api_key_id)
+        .where(*usage_window(since=since, until=until))
+        .group_by(day, ApiKey.name, UsageRecord.currency, UsageRecord.price_per_gflop)
+        .order_by(day, ApiKey.name, UsageRecord.currency, UsageRecord.price_per_gflop)
+    )
+    if key_name is not None:
+        stmt = stmt.where(ApiKey.name == key_name)
+    return [DayUsage(day=datetime.fromtimestamp(int(r[0]), timezone.utc).date(), key=r[1], currency=r[2],
+                     price_per_gflop=r[3], requests=int(r[4]), images=int(r[5] or 0), tokens=int(r[6] or 0),
+                     gflops=float(r[7] or 0), full_gflops=float(r[8] or 0), cost=float(r[9] or 0))
+            for r in session.execute(stmt)]
+
+
+@dataclass(frozen=True)
+class DayRefusals:
+    """Calls refused on one UTC day for one reason, for one key (key None: no key known)."""
+
+    day: date
+    key: str | None
+    reason: str
+    count: int
+
+
+def refusals_by_day(session: Session, *, since: datetime | None = None, until: datetime | None = None,
+                    key_name: str | None = None) -> list[DayRefusals]:
+    """Refusal counters of the days that overlap [since, until), ordered by day, key and reason."""
+    stmt = (select(Refusal.day_start, ApiKey.name, Refusal.reason, Refusal.count)
+            .select_from(Refusal).outerjoin(ApiKey, ApiKey.id == Refusal.api_key_id)
+            .order_by(Refusal.day_start, ApiKey.name, Refusal.reason))
+    if since is not None:
+        stmt = stmt.where(Refusal.day_start > int(as_utc(since).timestamp()) - DAY_S)
+    if until is not None:
+        stmt = stmt.where(Refusal.day_start < int(as_utc(until).timestamp()))
+    if key_name is not None:
+        stmt = stmt.where(ApiKey.name == key_name)
+    return [DayRefusals(day=datetime.fromtimestamp(int(r[0]), timezone.utc).date(), key=r[1], reason=r[2],
+                        count=int(r[3])) for r in session.execute(stmt)]
+
+
+CSV_COLUMNS = ("day", "key", "currency", "price_per_gflop", "requests", "images", "tokens", "gflops",
+               "full_gflops", "cost")
+
+
+def write_usage_csv(rows: Iterable[DayUsage], out: TextIO) -> None:
+    """One line per (UTC day, key, currency, price); floats in repr form, so the sums read back exactly."""
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for r in rows:
+        writer.writerow([r.day.isoformat(), r.key, currency_name(r.currency),
+                         "" if r.price_per_gflop is None else repr(r.price_per_gflop), r.requests, r.images,
+                         r.tokens, repr(r.gflops), repr(r.full_gflops), repr(r.cost)])
