@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from maskedkd.precision import resolve_precision
 from student_client.data import Normalizer
 from student_client.losses import DistillationLoss, LossParts
 from student_client.pipeline import OverlapStats, Submit, TeacherRequest, pipelined_forward

@@ -72,7 +72,7 @@ def reference_loss(student: torch.nn.Module, teacher: torch.nn.Module, images: t
         kept = independent_sips_top_k(student, xs, keep, largest=strategy == "sips")
     masked = MaskedTeacher(teacher)
     with torch.no_grad():
-        t_mean, t_std = torch.tensor(masked.mean).view(1, 3, 1, 1), torch.tensor(masked.std).view(1, 3, 1, 1)
+        t_mean, t_std = torch.tensor(masked.geometry.mean).view(1, 3, 1, 1), torch.tensor(masked.geometry.std).view(1, 3, 1, 1)
         t_logits = masked((x - t_mean) / t_std, kept)  # [B, classes]
         s_logits = student(xs)
     if hard:  # DeiT's hard distillation: CE against the teacher's top-1
