@@ -94,7 +94,8 @@ class ReportedProgress:
             self._started = True
             nodes = len(set(self.nodes))
             where = f"; rank 0 on node {self.nodes[0][:12]} writes the metrics CSVs into --out there" if nodes > 1 else ""
-            self._print(f"ray: {len(self.nodes)} workers on {nodes} node{'s' if nodes > 1 else ''} training after "
+            workers = len(self.nodes)
+            self._print(f"ray: {workers} worker{'s' if workers > 1 else ''} on {nodes} node{'s' if nodes > 1 else ''} training after "
                         f"{time.monotonic() - self.started_at:.1f}s{where}")
             self.steps_seen = int(row["initial"])
             if self.enabled:
