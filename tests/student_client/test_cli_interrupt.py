@@ -16,7 +16,12 @@ from process_testkit import STUDENT_CLI, clean_env, step_rows, wait_for
 from student_testkit import STUDENT, STUDENT_KWARGS, make_subset
 
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
-STEPS_PER_EPOCH, EPOCHS = 10, 3  # 80 training images, batch 8
+STEPS_PER_EPOCH, EPOCHS = 5, 3  # 40 training images, batch 8
+
+
+def _default_sigint() -> None:
+    """A shell's background job inherits SIGINT ignored; a terminal's foreground job, which this test plays, does not."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_until_interrupted(cmd: list[str], cwd: Path, out: Path, steps: int) -> subprocess.CompletedProcess[str]:
@@ -24,7 +29,7 @@ def run_until_interrupted(cmd: list[str], cwd: Path, out: Path, steps: int) -> s
     log = cwd / "interrupted.log"
     with log.open("w") as stderr:
         proc = subprocess.Popen(cmd, cwd=cwd, env=clean_env(), stdout=subprocess.DEVNULL, stderr=stderr, text=True,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_default_sigint)
         try:
             wait_for(lambda: step_rows(out) >= steps or proc.poll() is not None, 240, f"{steps} training steps")
             assert proc.poll() is None, log.read_text()[-3000:]
@@ -41,7 +46,7 @@ def run_until_interrupted(cmd: list[str], cwd: Path, out: Path, steps: int) -> s
 def test_ctrl_c_prints_the_resume_command_exits_130_and_it_finishes_with_every_step_once(
     tmp_path: Path, runner: list[str],
 ) -> None:
-    make_subset(tmp_path / "data", train_per_class=8, test_per_class=1)
+    make_subset(tmp_path / "data", train_per_class=4, test_per_class=1)
     args = ["train", "--mode", "none", "--data", "data", "--out", "run", "--student", STUDENT,  # relative paths
             "--student-kwargs", json.dumps(STUDENT_KWARGS), "--epochs", str(EPOCHS), "--batch-size", "8", *runner]
     out = tmp_path / "run"
@@ -51,7 +56,8 @@ def test_ctrl_c_prints_the_resume_command_exits_130_and_it_finishes_with_every_s
     last = interrupted.stderr.strip().splitlines()[-1]
     assert last == "student-client: interrupted; resume with: " + shlex.join(["student-client", *args, "--resume"])
     assert "Traceback" not in interrupted.stderr
-    epoch_1 = [ln for ln in interrupted.stderr.splitlines() if ln.startswith("epoch 1: step 10, train loss")]
+    epoch_1 = [ln for ln in interrupted.stderr.splitlines()
+               if ln.startswith(f"epoch 1: step {STEPS_PER_EPOCH}, train loss")]
     assert len(epoch_1) == 1 and "val top-1" in epoch_1[0], interrupted.stderr[-3000:]
     if runner != ["--local"]:
         assert re.search(r"^ray: started a local Ray in [\d.]+s; starting 1 worker$", interrupted.stderr, re.M)
