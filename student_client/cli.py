@@ -67,8 +67,17 @@ def _settings(args: argparse.Namespace) -> tuple[TrainConfig, LaunchOptions]:
 
 
 def resume_command(argv: list[str]) -> str:
-    """The command that continues an interrupted run: the same flags plus --resume."""
-    return shlex.join(["student-client", *argv, *([] if "--resume" in argv else ["--resume"])])
+    """The command that continues an interrupted run: the same flags plus --resume. An --api-key value becomes
+    "$MASKEDKD_API_KEY" (the message must not print the key)."""
+    words, hidden = ["student-client"], "@API_KEY@"
+    for i, word in enumerate(argv):
+        if word.startswith("--api-key="):
+            word = "--api-key=" + hidden
+        elif i > 0 and argv[i - 1] == "--api-key":
+            word = hidden
+        words.append(word)
+    command = shlex.join([*words, *([] if "--resume" in argv else ["--resume"])])
+    return command.replace(hidden, '"$MASKEDKD_API_KEY"')
 
 
 def _print_summary(s: dict[str, Any], currency: str) -> None:

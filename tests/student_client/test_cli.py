@@ -14,7 +14,7 @@ import torch
 from student_testkit import STUDENT, STUDENT_KWARGS, make_subset, teacher_server, tiny_teacher
 from torchvision import datasets, transforms
 
-from student_client.cli import build_parser, main
+from student_client.cli import build_parser, main, resume_command
 from student_client.config import TrainConfig
 from student_client.settings_cli import given
 from teacher_server.checkpoints import load_model
@@ -199,3 +199,11 @@ def test_bad_flags_are_one_line_exit_2_without_the_usage(
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "usage" not in err
     assert err.startswith("student-client: error: ") and needle in err, err
+
+
+def test_the_resume_command_repeats_the_flags_but_not_the_api_key() -> None:
+    argv = ["train", "--data", "my data", "--api-key", "mkd_secret", "--out", "o"]
+    assert resume_command(argv) == ("student-client train --data 'my data' --api-key \"$MASKEDKD_API_KEY\" --out o "
+                                    "--resume")
+    assert resume_command(["train", "--api-key=mkd_secret", "--resume"]) == \
+        'student-client train --api-key="$MASKEDKD_API_KEY" --resume'
