@@ -92,11 +92,10 @@ class ReportedProgress:
             self.final = row
         elif kind == "start" and not self._started:
             self._started = True
-            nodes = len(set(self.nodes))
-            where = f"; rank 0 on node {self.nodes[0][:12]} writes the metrics CSVs into --out there" if nodes > 1 else ""
-            workers = len(self.nodes)
-            self._print(f"ray: {workers} worker{'s' if workers > 1 else ''} on {nodes} node{'s' if nodes > 1 else ''} training after "
-                        f"{time.monotonic() - self.started_at:.1f}s{where}")
+            workers, nodes = len(self.nodes), len(set(self.nodes))
+            where = "" if nodes == 1 else f"; rank 0 on node {self.nodes[0][:12]} writes the metrics CSVs there"
+            self._print(f"ray: {workers} worker{'s' if workers > 1 else ''} on {nodes} node{'s' if nodes > 1 else ''} "
+                        f"training after {time.monotonic() - self.started_at:.1f}s{where}")
             self.steps_seen = int(row["initial"])
             if self.enabled:
                 from tqdm import tqdm

@@ -115,7 +115,8 @@ def test_train_flags_are_derived_from_train_config_and_env_fills_what_is_not_giv
     assert cfg == defaults and cfg.epochs == 1 and cfg.eval and cfg.student_kwargs == {}
     assert cfg.data == str(tmp_path / "d") and cfg.out == str(tmp_path / "o")  # absolute before Ray sees them
 
-    help_text = " ".join(parser._subparsers._group_actions[0].choices["train"].format_help().split())  # type: ignore[union-attr]
+    train_parser = parser._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
+    help_text = " ".join(train_parser.format_help().split())
     for name, info in TrainConfig.model_fields.items():
         if (info.json_schema_extra or {}).get("cli", True) is False:  # type: ignore[union-attr]
             assert "--" + name.replace("_", "-") not in help_text
@@ -185,7 +186,8 @@ def test_bad_values_are_one_line_exit_2_before_ray_starts(
 
 
 @pytest.mark.parametrize("flags,needle", [
-    (["--epochs", "x"], "--epochs: Input should be a valid integer"), (["--mode", "bogus"], "--mode: invalid choice: 'bogus'"),
+    (["--epochs", "x"], "--epochs: Input should be a valid integer"),
+    (["--mode", "bogus"], "--mode: invalid choice: 'bogus'"),
     (["--bogus"], "unrecognized arguments: --bogus"), ([], "required: --data"),
 ])
 def test_bad_flags_are_one_line_exit_2_without_the_usage(

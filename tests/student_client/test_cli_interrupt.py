@@ -20,7 +20,7 @@ STEPS_PER_EPOCH, EPOCHS = 5, 3  # 40 training images, batch 8
 
 
 def _default_sigint() -> None:
-    """A shell's background job inherits SIGINT ignored; a terminal's foreground job, which this test plays, does not."""
+    """A shell's background job inherits SIGINT ignored; a terminal's foreground job (played here) does not."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
