@@ -17,10 +17,17 @@ from student_client.ray_runner import TrainingError
 
 
 def train(cfg: TrainConfig, *, local: bool = False, ray_address: str | None = None,
-          worker_logs: bool = False) -> dict[str, Any]:
+          worker_logs: bool = False, check: bool = True) -> dict[str, Any]:
     """Train per `cfg` on Ray Train (`cfg.workers` workers; a local Ray unless `ray_address`) or, with `local`, in
     this process as one worker without Ray. Returns the summary dict (steps, images, val_top1/5, teacher_gflops,
-    teacher_full_gflops, teacher_saving, teacher_cost, teacher_requests, overlap, out, ...)."""
+    teacher_full_gflops, teacher_saving, teacher_cost, teacher_requests, overlap, out, ...).
+
+    `check` first runs the checks `student-client train` runs before Ray starts (data tree, student name and kwargs,
+    a --resume checkpoint's fit, the teacher's address and key): a bad value raises `UsageError` in one line."""
+    if check:
+        from student_client.preflight import preflight
+
+        preflight(cfg)
     if local:
         from student_client.context import LocalContext
         from student_client.train_loop import run_training

@@ -50,6 +50,22 @@ def _split_host_port(address: str) -> tuple[str, str]:
     return host.strip("[]"), port
 
 
+def require_ports(target: str) -> None:
+    """ValueError unless every address of `target` names its port (gRPC would silently use 443 otherwise)."""
+    target = target.strip()
+    if target.startswith(_SCHEME_PREFIXES) and not target.startswith("dns:"):
+        return  # ipv4:, unix:, xds:, ...: gRPC's own syntax
+    name = target.removeprefix("dns:")
+    if name.startswith("//"):  # dns://AUTHORITY/NAME:PORT
+        name = name[2:].partition("/")[2]
+    for address in name.split(","):
+        try:
+            _split_host_port(address)
+        except ValueError:
+            raise ValueError(f"teacher address {address.strip()!r} has no port: give HOST:PORT "
+                             "(e.g. 127.0.0.1:50051)") from None
+
+
 def _literal_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """`host` as an IP address; a name is resolved once, here (a static list does not re-resolve)."""
     try:

@@ -110,7 +110,7 @@ def load_training_checkpoint(
     try:
         model.load_state_dict(load_state_dict(weights), strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {weights} does not fit the student: {str(exc).splitlines()[0]}") from exc
+        raise CheckpointError(f"checkpoint {weights} does not fit the student: {' '.join(str(exc).split())}") from exc
     blob = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=False)
     if optimizer is not None:
         optimizer.load_state_dict(blob["optimizer"])

@@ -1,96 +1,163 @@
-"""TrainConfig: everything one training run needs; the CLI builds it, every Ray worker receives it as a dict."""
+"""TrainConfig: everything one training run needs, validated once. The `student-client train` flags are derived from
+its fields (`student_client.settings_cli`); every field also reads env `MASKEDKD_STUDENT_<FIELD>` (the teacher
+address, API key and TLS files also their older names, e.g. `MASKEDKD_API_KEY`). Every Ray worker receives it as a
+dict (`to_dict` / `from_dict`); relative paths are made absolute here, because Ray workers run in another directory.
+"""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+import os
+from typing import Annotated, Any, Literal, get_args
 
-MODES = ("kd", "none", "mask-student")
-STRATEGIES = ("sips", "random", "bottom", "all")
-TRANSPORTS = ("stream", "unary")
-PRECISIONS = ("auto", "bf16", "fp32")
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from student_client.channel import require_ports
+
+Mode = Literal["kd", "none", "mask-student"]
+Strategy = Literal["sips", "random", "bottom", "all"]
+Transport = Literal["stream", "unary"]
+Precision = Literal["auto", "bf16", "fp32"]
+Augment = Literal["simple", "heavy"]
+MODES, STRATEGIES, TRANSPORTS, PRECISIONS = get_args(Mode), get_args(Strategy), get_args(Transport), get_args(Precision)
+
+ENV_PREFIX = "MASKEDKD_STUDENT_"
+PATH_FIELDS = ("data", "out", "storage", "teacher_ca", "teacher_client_cert", "teacher_client_key", "request_log")
 
 
-@dataclass
-class TrainConfig:
-    data: str                                   # ImageFolder root: train/ and val/ or test/
-    out: str                                    # checkpoints, metrics CSVs, summary.json
-    storage: str | None = None                  # Ray Train storage_path (shared dir or s3://, gs://); None: <out>/ray
+def _env(name: str, *older: str) -> AliasChoices:
+    """Env names of a field: MASKEDKD_STUDENT_<NAME> first, then the older MASKEDKD_<NAME> ones."""
+    return AliasChoices(ENV_PREFIX + name.upper(), *older)
+
+
+def parse_json_object(value: Any) -> Any:
+    """A JSON object given as text (a flag or an env var) -> dict; one-line ValueError otherwise."""
+    if not isinstance(value, str):
+        return value
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"must be a JSON object like '{{\"img_size\": 32}}', got {value!r}")
+    return parsed
+
+
+def absolute_path(value: str | None) -> str | None:
+    """A local path as an absolute one (`~` expanded); a URI (s3://, gs://) as given."""
+    if value is None or value == "" or "://" in value:
+        return value
+    return os.path.abspath(os.path.expanduser(value))
+
+
+class TrainConfig(BaseSettings):
+    """One training run. Construct by keyword (`TrainConfig(data=..., out=...)`) or from `student-client train`."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_by_name=True)
+
+    data: str = Field(description="ImageFolder root with train/ and val/ or test/, or a .tar/.tar.gz of one (each "
+                      "node extracts it once into $MASKEDKD_DATA_CACHE, default ~/.cache/maskedkd/data)")
+    out: str = Field(description="output directory: checkpoints, metrics CSVs, summary.json")
+    storage: str | None = Field(None, description="Ray Train checkpoint storage: a path every node shares (NFS) or "
+                                "a URI (s3://, gs://); default <out>/ray (one machine only)")
     # --- student ---
-    student: str = "vit_tiny_patch16_224"       # timm architecture name
-    student_kwargs: dict[str, Any] = field(default_factory=dict)  # timm.create_model kwargs; num_classes from data
+    student: str = Field("vit_tiny_patch16_224", description="timm architecture name")
+    student_kwargs: Annotated[dict[str, Any], NoDecode] = Field(
+        default_factory=dict, description="JSON kwargs for timm.create_model (num_classes: from the data)")
     # --- teacher ---
-    teacher: str | None = None                  # HOST:PORT of the teacher service (not needed with mode none)
-    api_key: str | None = field(default=None, repr=False)
-    teacher_model: str | None = None            # served model name; None: the server's default
-    teacher_timeout_s: float = 120.0            # deadline of one teacher call
-    teacher_retries: int = 4                    # retries on UNAVAILABLE / DEADLINE_EXCEEDED (same request_id)
-    teacher_patience_s: float = 120.0           # ... kept up this long: a restarting teacher is waited for
-    teacher_ca: str | None = None               # PEM CA of the teacher's TLS certificate: TLS on (a path on every node)
-    teacher_client_cert: str | None = None      # PEM client certificate for a teacher with mutual TLS
-    teacher_client_key: str | None = None       # its private key
-    transport: str = "stream"                   # stream: one InferStream per worker; unary: Infer on threads
+    teacher: str | None = Field(None, validation_alias=_env("teacher", "MASKEDKD_TEACHER"),
+                                description="HOST:PORT; replicas: HOST:PORT,HOST:PORT,... or dns:///NAME:PORT")
+    api_key: str | None = Field(None, repr=False, validation_alias=_env("api_key", "MASKEDKD_API_KEY"),
+                                description="API key of the teacher service")
+    teacher_model: str | None = Field(None, description="served model name (default: the server's default)")
+    teacher_timeout_s: float = Field(120.0, gt=0, description="deadline of one teacher call, seconds",
+                                     json_schema_extra={"flag": "--teacher-timeout"})
+    teacher_retries: int = Field(4, ge=0, description="retries on UNAVAILABLE / DEADLINE_EXCEEDED (same request id)")
+    teacher_patience_s: float = Field(
+        120.0, ge=0, json_schema_extra={"flag": "--teacher-patience"},
+        description="seconds to keep retrying an unreachable or restarting teacher (same request ids)")
+    teacher_ca: str | None = Field(None, validation_alias=_env("teacher_ca", "MASKEDKD_TEACHER_CA"),
+                                   description="PEM CA file of the teacher's TLS certificate: connect with TLS")
+    teacher_client_cert: str | None = Field(
+        None, validation_alias=_env("teacher_client_cert", "MASKEDKD_TEACHER_CLIENT_CERT"),
+        description="PEM client certificate for a teacher with mutual TLS")
+    teacher_client_key: str | None = Field(
+        None, validation_alias=_env("teacher_client_key", "MASKEDKD_TEACHER_CLIENT_KEY"),
+        description="private key of --teacher-client-cert")
+    transport: Transport = Field("stream", description="InferStream (one stream per worker) or unary Infer calls")
     # --- method ---
-    mode: str = "kd"                            # kd | none | mask-student (paper Sec 4.2 ablation)
-    strategy: str = "sips"                      # sips | random | bottom | all
-    keep: float = 0.5                           # fraction (or count when >= 1) of teacher patches kept
-    lambda_kd: float = 1.0
-    tau: float = 1.0
-    hard: bool = False                          # CE on the teacher's argmax instead of KL
+    mode: Mode = Field("kd", description="kd: MaskedKD; none: no teacher; mask-student: the paper's ablation")
+    strategy: Strategy = Field("sips", description="which teacher patches are kept")
+    keep: float = Field(0.5, description="fraction in (0, 1] (or a whole count) of teacher patches kept")
+    lambda_kd: float = Field(1.0, ge=0, description="weight of the KD term", json_schema_extra={"flag": "--lambda"})
+    tau: float = Field(1.0, gt=0, description="KD temperature")
+    hard: bool = Field(False, description="hard distillation: CE on the teacher's argmax")
     # --- optimization ---
-    epochs: int = 1
-    batch_size: int = 64                        # global: split evenly over workers
-    lr: float = 5e-4
-    weight_decay: float = 0.05
-    warmup_epochs: float = 0.0
-    augment: str = "simple"                     # simple | heavy (RandAugment + mixup/cutmix)
-    train_head_only: bool = False               # freeze all but the classifier head(s) (paper App. C)
+    epochs: int = Field(1, ge=1, description="training epochs")
+    batch_size: int = Field(64, ge=1, description="global batch, split evenly over workers")
+    lr: float = Field(5e-4, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay")
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up before the cosine schedule")
+    augment: Augment = Field("simple", description="simple: crop + flip; heavy: RandAugment + mixup/cutmix")
+    train_head_only: bool = Field(False, description="freeze all but the classifier head(s) (paper App. C)")
     # --- runtime ---
-    workers: int = 1                            # Ray Train workers (DDP)
-    use_gpu: bool = False
-    micro_batches: int = 2                      # App. E pipelining; 1: no overlap
-    precision: str = "auto"                     # student forward: auto (bf16 where native) | bf16 | fp32 autocast
-    max_steps: int | None = None                # stop after this many optimizer steps (quick runs)
-    seed: int = 0
-    resume: bool = False
-    keep_checkpoints: int = 3                   # newest checkpoint directories kept in out/checkpoints
-    max_failures: int = 2                       # Ray Train restarts a failed worker group this often
-    threads_per_worker: int = 1                 # torch intra-op threads per worker
-    loader_workers: int = 0                     # DataLoader processes per worker
-    log_every: int = 1                          # write a step row every N steps
-    eval: bool = True                           # evaluate on val/test after each epoch
-    progress: bool = True                       # progress bar (in-process runs; the driver draws it for Ray)
-    fail_at_step: int | None = None             # fault injection for recovery tests: rank 0 raises once here
-    run_id: str | None = None                   # request-id prefix; None: out/run_id (kept by --resume, else new)
-    request_log: str | None = None              # debug: append request_id + sha256 of every request sent here
+    workers: int = Field(1, ge=1, description="Ray Train workers (DDP)")
+    use_gpu: bool = Field(False, description="a GPU per worker", json_schema_extra={"cli": False})  # from --device
+    micro_batches: int = Field(2, ge=1, description="pipelining: the teacher works on i while the student on i+1")
+    precision: Precision = Field("auto", description="student forward precision (autocast; SIPS and the loss stay "
+                                 "fp32). auto: bf16 where the device computes it natively, else fp32")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (quick runs)")
+    seed: int = Field(0, description="seed of data order, augmentation and patch choice")
+    resume: bool = Field(False, description="continue from the newest checkpoint in --out")
+    keep_checkpoints: int = Field(3, ge=0, description="newest checkpoints kept in --out (0: all)")
+    max_failures: int = Field(2, ge=0, description="Ray Train restarts after a worker failure")
+    threads_per_worker: int = Field(1, ge=1, description="torch intra-op threads per worker")
+    loader_workers: int = Field(0, ge=0, description="DataLoader processes per worker")
+    log_every: int = Field(1, ge=1, description="write a step row to metrics_steps.csv every N steps")
+    eval: bool = Field(True, description="evaluate on val/ or test/ after each epoch")
+    progress: bool = Field(True, description="progress bar")
+    # fault injection for recovery tests: rank 0 raises once at this step
+    fail_at_step: int | None = Field(None, json_schema_extra={"cli": False})
+    # request-id prefix; None: out/run_id (kept by --resume, else new)
+    run_id: str | None = Field(None, json_schema_extra={"cli": False})
+    request_log: str | None = Field(None, description="debug: append the request id and sha256 of every teacher "
+                                    "request to this file")
 
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        if self.transport not in TRANSPORTS:
-            raise ValueError(f"--transport must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.augment not in ("simple", "heavy"):
-            raise ValueError(f"--augment must be simple or heavy, got {self.augment!r}")
-        if not (0 < self.keep <= 1 or (self.keep >= 1 and float(self.keep).is_integer())):
-            raise ValueError(f"--keep must be a fraction in (0, 1] or a whole count of patches, got {self.keep}")
+    @field_validator("student_kwargs", mode="before")
+    @classmethod
+    def _json_kwargs(cls, value: Any) -> Any:
+        return parse_json_object(value)
+
+    @field_validator(*PATH_FIELDS)
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        return absolute_path(value)
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher_target(cls, value: str | None) -> str | None:
+        if value:
+            require_ports(value)
+        return value or None
+
+    @field_validator("keep")
+    @classmethod
+    def _keep(cls, value: float) -> float:
+        if not (0 < value <= 1 or (value >= 1 and float(value).is_integer())):
+            raise ValueError(f"must be a fraction in (0, 1] or a whole count of patches, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
         if self.mode != "none" and not self.teacher:
             raise ValueError(f"--mode {self.mode} needs --teacher HOST:PORT (or use --mode none)")
         if self.mode != "none" and not self.api_key:
             raise ValueError("no API key: pass --api-key or set MASKEDKD_API_KEY")
-        if self.workers < 1 or self.micro_batches < 1 or self.epochs < 1:
-            raise ValueError("--workers, --micro-batches and --epochs must be >= 1")
         if self.batch_size < self.workers:
             raise ValueError(f"--batch-size {self.batch_size} is smaller than --workers {self.workers}")
         if self.augment == "heavy" and (self.batch_size // self.workers) % 2:
             raise ValueError("--augment heavy (mixup/cutmix) needs an even batch per worker")
-        if self.tau <= 0:
-            raise ValueError("--tau must be > 0")
-        if self.teacher_patience_s < 0:
-            raise ValueError("--teacher-patience must be >= 0 seconds")
+        return self
 
     @property
     def keep_value(self) -> float | int:
@@ -107,18 +174,21 @@ class TrainConfig:
         return self.batch_size // self.workers
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every field, the API key included (for Ray workers; never log it)."""
+        return self.model_dump()
 
     def public_dict(self) -> dict[str, Any]:
         """For logs and checkpoints: no secret."""
-        d = asdict(self)
-        d.pop("api_key", None)
-        return d
+        return self.model_dump(exclude={"api_key"})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        """Back from `to_dict` (unknown keys of older dicts are dropped)."""
+        return cls(**{k: v for k, v in d.items() if k in cls.model_fields})
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A validated copy with `changes` applied."""
+        return type(self)(**{**self.model_dump(), **changes})
 
     def to_json(self) -> str:
         return json.dumps(self.public_dict(), sort_keys=True)

@@ -3,7 +3,8 @@ runs (a Ray run's driver draws its bar from the reports: `ray_progress`)."""
 from __future__ import annotations
 
 import csv
-import time
+import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +19,22 @@ EPOCH_COLUMNS = (
 )
 
 
+def utc_now_iso() -> str:
+    """The time as ISO 8601 in UTC with milliseconds: 2026-11-29T15:31:02.123Z."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 class _CsvLog:
-    def __init__(self, path: Path, columns: tuple[str, ...], append: bool) -> None:
-        fresh = not (append and path.is_file() and path.stat().st_size > 0)
-        self._file = path.open("w" if fresh else "a", newline="")
+    """A CSV file of rows with a `step` column. `resume_step`: keep the rows up to that step (a resumed run redoes
+    the later ones, so every step appears once); None: start a new file."""
+
+    def __init__(self, path: Path, columns: tuple[str, ...], resume_step: int | None) -> None:
+        kept = _rows_up_to(path, resume_step) if resume_step is not None else []
+        self._file = path.open("w", newline="")
         self._writer = csv.DictWriter(self._file, fieldnames=columns, extrasaction="ignore")
-        if fresh:
-            self._writer.writeheader()
+        self._writer.writeheader()
+        self._writer.writerows(kept)
+        self._file.flush()
 
     def write(self, row: dict[str, Any]) -> None:
         self._writer.writerow({k: _fmt(v) for k, v in row.items()})
@@ -34,6 +44,20 @@ class _CsvLog:
         self._file.close()
 
 
+def _rows_up_to(path: Path, step: int) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return [row for row in csv.DictReader(f) if _int(row.get("step")) <= step]
+
+
+def _int(text: str | None) -> float:
+    try:
+        return int(text or "")
+    except ValueError:
+        return float("inf")  # a torn last line of a killed run: dropped
+
+
 def _fmt(v: Any) -> Any:
     return f"{v:.6g}" if isinstance(v, float) else v
 
@@ -41,11 +65,12 @@ def _fmt(v: Any) -> Any:
 class MetricsWriter:
     """`out/metrics_steps.csv`, `out/metrics_epochs.csv`, and `out/tensorboard/` when tensorboard is installed."""
 
-    def __init__(self, out_dir: str | Path, *, append: bool) -> None:
+    def __init__(self, out_dir: str | Path, *, resume_step: int | None) -> None:
+        """`resume_step`: the restored checkpoint's global step (rows after it are dropped); None: fresh files."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.steps = _CsvLog(out / "metrics_steps.csv", STEP_COLUMNS, append)
-        self.epochs = _CsvLog(out / "metrics_epochs.csv", EPOCH_COLUMNS, append)
+        self.steps = _CsvLog(out / "metrics_steps.csv", STEP_COLUMNS, resume_step)
+        self.epochs = _CsvLog(out / "metrics_epochs.csv", EPOCH_COLUMNS, resume_step)
         self._tb: Any = None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -55,7 +80,7 @@ class MetricsWriter:
             self._tb = None
 
     def log_step(self, row: dict[str, Any]) -> None:
-        row = {"time": time.time(), **row}
+        row = {"time": utc_now_iso(), **row}
         self.steps.write(row)
         if self._tb is not None:
             for k in ("loss", "ce", "kd", "lr", "img_per_s", "total_teacher_gflops", "overlap"):
@@ -63,7 +88,7 @@ class MetricsWriter:
                     self._tb.add_scalar(f"step/{k}", row[k], row["step"])
 
     def log_epoch(self, row: dict[str, Any]) -> None:
-        row = {"time": time.time(), **row}
+        row = {"time": utc_now_iso(), **row}
         self.epochs.write(row)
         if self._tb is not None:
             for k in ("train_loss", "val_top1", "val_top5", "teacher_gflops", "teacher_saving", "overlap"):
@@ -78,7 +103,8 @@ class MetricsWriter:
 
 
 class Progress:
-    """The tqdm bar of an in-process run (rank 0): loss, img/s, teacher GFLOPs used and saved; tqdm adds the ETA."""
+    """The tqdm bar of an in-process run (rank 0): loss, img/s, teacher GFLOPs used and saved; tqdm adds the ETA.
+    `write` prints a line (an epoch's) on stderr above the bar, also when the bar is off."""
 
     def __init__(self, total: int, initial: int, *, enabled: bool) -> None:
         self._bar: Any = None
@@ -92,9 +118,25 @@ class Progress:
             self._bar.set_postfix_str(progress_text(info), refresh=False)
             self._bar.update(n)
 
+    def write(self, line: str) -> None:
+        if self._bar is not None:
+            self._bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+def epoch_line(row: dict[str, Any], node: str | None = None) -> str:
+    """One line per finished epoch: its step, train loss, validation accuracy and teacher GFLOPs."""
+    val = (f", val top-1 {float(row['val_top1']):.2f}% top-5 {float(row['val_top5']):.2f}%"
+           if row.get("val_top1") not in (None, "") else "")
+    where = f" (reported by rank 0 on node {node[:12]})" if node else ""
+    return (f"epoch {int(row['epoch']) + 1}: step {row['step']}, train loss {float(row['train_loss']):.4f}{val}, "
+            f"teacher {float(row.get('teacher_gflops') or 0):.4g} GFLOPs, {float(row.get('epoch_s') or 0):.1f}s"
+            f"{where}")
 
 
 def progress_text(info: dict[str, Any]) -> str:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from typing import Any
 
 from ray.train import UserCallback
 from ray.util.queue import Empty, Queue
 
-from student_client.metrics import progress_text
+from student_client.metrics import epoch_line, progress_text
 
 
 class ForwardReports(UserCallback):
@@ -35,7 +36,10 @@ class ReportedProgress:
     `final` is rank 0's final summary, `nodes` the node id of each rank (from the last report), once seen.
     """
 
-    def __init__(self, *, enabled: bool, poll_s: float = 0.2) -> None:
+    def __init__(self, *, enabled: bool, started_at: float, poll_s: float = 0.2) -> None:
+        """`enabled`: draw the bar (the start and epoch lines are printed either way); `started_at`: the
+        time.monotonic() of the launch, for the line that says how long the workers took to start."""
+        self.started_at = started_at
         self.queue = Queue(actor_options={"num_cpus": 0})
         self.callback = ForwardReports(self.queue)
         self.enabled = enabled
@@ -44,6 +48,7 @@ class ReportedProgress:
         self.nodes: list[str] = []
         self.steps_seen = 0
         self._bar: Any = None
+        self._started = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="reported-progress")
 
@@ -85,15 +90,18 @@ class ReportedProgress:
         kind = row.get("kind")
         if kind == "final" or row.get("final"):
             self.final = row
-        elif kind == "start" and self.enabled and self._bar is None:
-            from tqdm import tqdm
-
-            self._print(f"ray: {len(self.nodes)} workers on {len(set(self.nodes))} nodes; rank 0 on node "
-                        f"{self.nodes[0][:12]} writes the metrics CSVs into --out there")
-
-            self._bar = tqdm(total=int(row["total"]), initial=int(row["initial"]), desc="train", unit="step",
-                             dynamic_ncols=True)
+        elif kind == "start" and not self._started:
+            self._started = True
+            workers, nodes = len(self.nodes), len(set(self.nodes))
+            where = "" if nodes == 1 else f"; rank 0 on node {self.nodes[0][:12]} writes the metrics CSVs there"
+            self._print(f"ray: {workers} worker{'s' if workers > 1 else ''} on {nodes} node{'s' if nodes > 1 else ''} "
+                        f"training after {time.monotonic() - self.started_at:.1f}s{where}")
             self.steps_seen = int(row["initial"])
+            if self.enabled:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=int(row["total"]), initial=int(row["initial"]), desc="train", unit="step",
+                                 dynamic_ncols=True)
         elif kind == "step":
             step = int(row["step"])
             if self._bar is not None and step > self.steps_seen:
@@ -102,8 +110,8 @@ class ReportedProgress:
                     "saved": row["total_saved_gflops"]}), refresh=False)
                 self._bar.update(step - self.steps_seen)
             self.steps_seen = max(self.steps_seen, step)
-        elif kind == "epoch" and self.enabled:
-            self._print(epoch_line(row))
+        elif kind == "epoch":
+            self._print(epoch_line(row, row.get("node") if len(set(self.nodes)) > 1 else None))
 
     def _print(self, line: str) -> None:
         if self._bar is not None:
@@ -111,10 +119,3 @@ class ReportedProgress:
         else:
             print(line, file=sys.stderr, flush=True)
 
-
-def epoch_line(row: dict[str, Any]) -> str:
-    """One line per finished epoch, as reported by rank 0."""
-    top1 = f", val top-1 {float(row['val_top1']):.2f}%" if row.get("val_top1") not in (None, "") else ""
-    return (f"epoch {int(row['epoch']) + 1}: step {row['step']}, train loss {float(row['train_loss']):.4f}{top1}, "
-            f"teacher {float(row.get('teacher_gflops', 0)):.4g} GFLOPs (reported by rank 0 on node "
-            f"{str(row.get('node', '?'))[:12]})")

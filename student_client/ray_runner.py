@@ -14,6 +14,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -138,13 +142,17 @@ def run_with_ray(cfg: TrainConfig, *, ray_address: str | None = None, worker_log
     from student_client.ray_progress import ReportedProgress
     from student_client.train_loop import train_worker
 
+    launched = time.monotonic()
     started = init_ray(ray_address, cfg.workers, worker_logs=worker_logs)
+    how = "started a local Ray" if started else f"connected to Ray at {ray_address or 'the running cluster'}"
+    print(f"ray: {how} in {time.monotonic() - launched:.1f}s; starting {cfg.workers} worker"
+          f"{'s' if cfg.workers > 1 else ''}", file=sys.stderr, flush=True)
     out = Path(cfg.out).resolve()
     cfg.out = str(out)
     cfg.run_id = cfg.run_id or run_id_for(out, resume=cfg.resume)  # every worker, and every restart, uses this one
     cfg.storage = storage_path_of(cfg)
     driver_node = ray.get_runtime_context().get_node_id()
-    reports = ReportedProgress(enabled=cfg.progress)
+    reports = ReportedProgress(enabled=cfg.progress, started_at=launched)
     resources = {"CPU": 1.0, **({"GPU": 1.0} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
         train_worker,
@@ -160,14 +168,23 @@ def run_with_ray(cfg: TrainConfig, *, ray_address: str | None = None, worker_log
     )
     summary_file = out / "summary.json"
     summary_file.unlink(missing_ok=True)
+    on_sigint = signal.getsignal(signal.SIGINT)
     try:
         with reports:
-            result = trainer.fit()
+            result = fit_interruptibly(trainer)
+    except KeyboardInterrupt:
+        # Ctrl-C: leaving the driver (ray.shutdown below, or exiting) ends the run's controller and workers; the
+        # checkpoints in --out / --storage stay, so --resume continues from the newest one.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        raise
     except Exception as err:  # TrainingFailedError and friends
         raise TrainingError(describe_failure(err)) from err
     finally:
         if started:
             ray.shutdown()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, on_sigint)
     # rank 0's final report; Result.metrics only holds the last checkpoint's report
     if reports.final is not None:
         metrics = {"val_top1": None, "val_top5": None, "overlap": None, **reports.final}
@@ -178,6 +195,26 @@ def run_with_ray(cfg: TrainConfig, *, ray_address: str | None = None, worker_log
     if reports.nodes and reports.nodes[0] != driver_node:  # rank 0 wrote its --out on another machine
         _bring_home(out, metrics, result.checkpoint)
     return metrics
+
+
+def fit_interruptibly(trainer: Any) -> Any:
+    """`trainer.fit()` on a helper thread, so Ctrl-C raises KeyboardInterrupt here. (On the main thread Ray Train
+    installs its own SIGINT handler, which aborts the run and then exits the process with no message.)"""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # handed to the main thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.2)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def _bring_home(out: Path, summary: dict[str, Any], checkpoint: Any) -> None:

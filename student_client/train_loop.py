@@ -30,7 +30,7 @@ from student_client.determinism import SeededSamples, run_id_for, seed_everythin
 from student_client.errors import FATAL_ERRORS, TeacherInputError
 from student_client.evaluate import Accuracy, count_correct, shard
 from student_client.losses import DistillationLoss
-from student_client.metrics import MetricsWriter, Progress
+from student_client.metrics import MetricsWriter, Progress, epoch_line
 from student_client.sips import SIPSCapture
 from student_client.stream import TeacherStream
 from student_client.student import (
@@ -150,7 +150,7 @@ def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
 
     # ---- loop ----
     is_main = ctx.rank == 0
-    writer = MetricsWriter(out, append=resumed) if is_main else None
+    writer = MetricsWriter(out, resume_step=state.global_step if resumed else None) if is_main else None
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(cfg.to_json())
@@ -217,7 +217,7 @@ def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
             if state.batches_into_epoch == 0:  # else max_steps stopped it mid-epoch; a resume continues there
                 state.epochs_done += 1
             last_acc = _evaluate(ctx, model, eval_loader, normalize)
-            _end_epoch(cfg, ctx, writer, state, ep, last_acc, epoch, time.perf_counter() - ep_start,
+            _end_epoch(cfg, ctx, writer, progress, state, ep, last_acc, epoch, time.perf_counter() - ep_start,
                        raw, model_kwargs, optimizer, scheduler, class_names)
     finally:
         progress.close()
@@ -312,7 +312,7 @@ def _evaluate(
     return Accuracy(int(counts[0]), int(counts[1]), int(counts[2]))
 
 
-def _end_epoch(cfg: TrainConfig, ctx: Context, writer: MetricsWriter | None, state: TrainState,
+def _end_epoch(cfg: TrainConfig, ctx: Context, writer: MetricsWriter | None, progress: Progress, state: TrainState,
                ep: torch.Tensor, acc: Accuracy | None, epoch: int, epoch_s: float, raw: torch.nn.Module,
                model_kwargs: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any,
                class_names: list[str]) -> None:
@@ -334,6 +334,8 @@ def _end_epoch(cfg: TrainConfig, ctx: Context, writer: MetricsWriter | None, sta
     if ctx.rank == 0:
         assert writer is not None
         writer.log_epoch(row)
+        if not ctx.under_ray:  # a Ray run's driver prints it from the report
+            progress.write(epoch_line(row))
         ckpt_dir = save_training_checkpoint(
             cfg.out, model=raw, model_name=cfg.student, model_kwargs=model_kwargs, optimizer=optimizer,
             scheduler=scheduler, state=state,

@@ -4,6 +4,7 @@ re-sent request byte-identical to the first send (sha256 from the run's --reques
 what the ledger billed."""
 from __future__ import annotations
 
+import csv
 import json
 import signal
 import subprocess
@@ -68,6 +69,8 @@ def test_kill_9_mid_epoch_then_resume_bills_exactly_the_uninterrupted_run(tmp_pa
     assert billed == pytest.approx(sum(float(r["gflops"]) for r in rows_straight), rel=1e-12)  # type: ignore[arg-type]
     assert summary_of(killed)["teacher_gflops"] == pytest.approx(billed, rel=1e-9)
     assert summary_of(killed)["teacher_mismatched_requests"] == 0
+    with (killed / "metrics_steps.csv").open(newline="") as f:  # the steps redone after the kill: each row once
+        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 11))
 
     # byte identity, proven on the client side: the killed run re-sent epoch 2's first steps under the same ids,
     # with the same bytes as its first attempt and as the uninterrupted run

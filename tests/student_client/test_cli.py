@@ -15,7 +15,9 @@ from student_testkit import STUDENT, STUDENT_KWARGS, make_subset, teacher_server
 from torchvision import datasets, transforms
 
 from maskedkd.checkpoints import load_model
-from student_client.cli import main
+from student_client.cli import build_parser, main, resume_command
+from student_client.config import TrainConfig
+from student_client.settings_cli import given
 
 CLI = [sys.executable, "-m", "student_client.cli"]
 
@@ -98,3 +100,112 @@ def test_mode_none_trains_without_a_teacher_and_eval_prints_top1_top5(
 
     code, _, err = in_process(capsys, "eval", "--checkpoint", str(tmp_path / "nope"), "--data", str(data))
     assert code != 0 and err.count("\n") == 1 and "nope" in err
+
+
+def test_train_flags_are_derived_from_train_config_and_env_fills_what_is_not_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in [k for k in os.environ if k.startswith("MASKEDKD_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    parser = build_parser()
+    args = parser.parse_args(["train", "--data", "d", "--out", "o", "--mode", "none"])
+    cfg = TrainConfig(**given(args, TrainConfig))
+    defaults = TrainConfig(data="d", out="o", mode="none")
+    assert cfg == defaults and cfg.epochs == 1 and cfg.eval and cfg.student_kwargs == {}
+    assert cfg.data == str(tmp_path / "d") and cfg.out == str(tmp_path / "o")  # absolute before Ray sees them
+
+    train_parser = parser._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
+    help_text = " ".join(train_parser.format_help().split())
+    for name, info in TrainConfig.model_fields.items():
+        if (info.json_schema_extra or {}).get("cli", True) is False:  # type: ignore[union-attr]
+            assert "--" + name.replace("_", "-") not in help_text
+            continue
+        assert " ".join(str(info.description).split()) in help_text, name
+    for old_flag in ("--lambda", "--teacher-timeout", "--teacher-patience", "--no-eval", "--no-progress", "--hard",
+                     "--train-head-only", "--resume", "--local", "--ray-address", "--device"):
+        assert old_flag in help_text
+
+    # env fills a flag not given; a flag given wins; older env names still work
+    monkeypatch.setenv("MASKEDKD_STUDENT_EPOCHS", "3")
+    monkeypatch.setenv("MASKEDKD_STUDENT_STUDENT_KWARGS", '{"img_size": 32}')
+    monkeypatch.setenv("MASKEDKD_API_KEY", "mkd_secret_value")
+    monkeypatch.setenv("MASKEDKD_TEACHER", "127.0.0.1:50051")
+    args = parser.parse_args(["train", "--data", "d", "--out", "o", "--lambda", "0.5", "--no-eval",
+                              "--storage", "s3://bucket/runs", "--teacher-ca", "ca.pem"])
+    cfg = TrainConfig(**given(args, TrainConfig))
+    assert (cfg.epochs, cfg.student_kwargs, cfg.lambda_kd, cfg.eval) == (3, {"img_size": 32}, 0.5, False)
+    assert cfg.teacher == "127.0.0.1:50051" and cfg.api_key == "mkd_secret_value"
+    assert cfg.storage == "s3://bucket/runs" and cfg.teacher_ca == str(tmp_path / "ca.pem")
+    assert TrainConfig(**given(parser.parse_args(["train", "--data", "d", "--out", "o", "--epochs", "2"]),
+                               TrainConfig)).epochs == 2
+
+    # a Ray worker gets it as a dict and rebuilds the same config; the key never shows in repr or config.json
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg and cfg.to_dict()["api_key"] == "mkd_secret_value"
+    assert "mkd_secret_value" not in repr(cfg) and "mkd_secret_value" not in cfg.to_json()
+    assert cfg.replace(epochs=5).epochs == 5
+    with pytest.raises(ValueError, match="tau"):
+        cfg.replace(tau=0)
+
+
+def _mismatched_checkpoint(out: Path) -> None:
+    """out/checkpoints/epoch_0001 of a 3-block student (the runs below ask for 2 blocks)."""
+    from student_client.checkpointing import TrainState, save_training_checkpoint
+    from student_client.student import create_student
+
+    kwargs = {**STUDENT_KWARGS, "depth": 3, "num_classes": 10}
+    model = create_student(STUDENT, kwargs)
+    optimizer = torch.optim.AdamW(model.parameters())
+    save_training_checkpoint(out, model=model, model_name=STUDENT, model_kwargs=kwargs, optimizer=optimizer,
+                             scheduler=None, state=TrainState(epochs_done=1, global_step=3))
+
+
+@pytest.mark.parametrize("flags,needles", [
+    (["--student-kwargs", "{img_size: 32}"], ["--student-kwargs: not JSON: Expecting property name"]),
+    (["--teacher", "localhost", "--api-key", "mkd_x", "--mode", "kd"], ["--teacher:", "'localhost'", "HOST:PORT"]),
+    (["--student", "vit_tiny_patch16_24"], ["--student: 'vit_tiny_patch16_24' is not a timm model",
+                                            "did you mean vit_tiny_patch16_224"]),
+    (["--student-kwargs", '{"img_sizee": 32}'], ["--student-kwargs: cannot build", "img_sizee"]),
+    (["--data", "no/such/dir"], ["--data: no directory", "no/such/dir"]),
+    (["--resume"], ["--resume: checkpoint", "does not fit", "Unexpected key(s) in state_dict",
+                    '"blocks.2.mlp.fc2.bias"']),
+    (["--keep", "1.5"], ["--keep: must be a fraction"]),
+])
+def test_bad_values_are_one_line_exit_2_before_ray_starts(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    flags: list[str], needles: list[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    _mismatched_checkpoint(tmp_path / "out")
+    args = ["train", "--mode", "none", "--student", STUDENT, "--student-kwargs", json.dumps(STUDENT_KWARGS),
+            "--data", str(data), "--out", "out", "--workers", "1", *flags]  # no --local: Ray would be next
+    code, stdout, err = in_process(capsys, *args)
+    assert code == 2 and stdout == ""
+    assert_one_line_error(subprocess.CompletedProcess(args, code, stdout, err), *needles)
+    assert "ray:" not in err  # the line Ray prints when it started
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--epochs", "x"], "--epochs: Input should be a valid integer"),
+    (["--mode", "bogus"], "--mode: invalid choice: 'bogus'"),
+    (["--bogus"], "unrecognized arguments: --bogus"), ([], "required: --data"),
+])
+def test_bad_flags_are_one_line_exit_2_without_the_usage(
+    capsys: pytest.CaptureFixture[str], flags: list[str], needle: str,
+) -> None:
+    args = ["train", *(["--data", "d"] if flags else []), "--out", "o", "--mode", "none", *flags]
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argparse's own checks
+        code = exc.code  # type: ignore[assignment]
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "usage" not in err
+    assert err.startswith("student-client: error: ") and needle in err, err
+
+
+def test_the_resume_command_repeats_the_flags_but_not_the_api_key() -> None:
+    argv = ["train", "--data", "my data", "--api-key", "mkd_secret", "--out", "o"]
+    assert resume_command(argv) == ("student-client train --data 'my data' --api-key \"$MASKEDKD_API_KEY\" --out o "
+                                    "--resume")
+    assert resume_command(["train", "--api-key=mkd_secret", "--resume"]) == \
+        'student-client train --api-key="$MASKEDKD_API_KEY" --resume'

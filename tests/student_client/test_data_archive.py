@@ -45,5 +45,5 @@ def test_a_missing_or_corrupt_archive_is_one_line(tmp_path: Path, monkeypatch: p
     for data, needle in ((bad, "is not a readable archive"), (tmp_path / "missing.tar.gz", "missing.tar.gz")):
         code = main(["train", "--mode", "none", "--local", "--data", str(data), "--out", str(tmp_path / "run")])
         err = capsys.readouterr().err
-        assert code == 1 and err.startswith("student-client: error: ") and err.count("\n") == 1, err
+        assert code == 2 and err.startswith("student-client: error: ") and err.count("\n") == 1, err
         assert needle in err, err

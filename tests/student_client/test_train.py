@@ -3,7 +3,6 @@ ledger against the FLOP model, what the teacher sees, head-only training, checkp
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -194,13 +193,13 @@ def test_a_resumed_run_sends_the_bytes_of_an_uninterrupted_one_with_heavy_augmen
         return {str(e["request_id"]).removeprefix(run_id): str(e["content_sha256"]) for e in lines}
 
     straight = config(env, "det-straight", **common)
-    run_training(replace(straight, request_log=str(Path(straight.out) / "requests.jsonl")), LocalContext())
+    run_training(straight.replace(request_log=str(Path(straight.out) / "requests.jsonl")), LocalContext())
     stopped = config(env, "det-stopped", **common)
     # ... and in a DataLoader worker process rather than in the training process
-    stopped = replace(stopped, request_log=str(Path(stopped.out) / "requests.jsonl"), loader_workers=1)
-    assert run_training(replace(stopped, max_steps=3), LocalContext())["global_step"] == 3  # mid-epoch 2
+    stopped = stopped.replace(request_log=str(Path(stopped.out) / "requests.jsonl"), loader_workers=1)
+    assert run_training(stopped.replace(max_steps=3), LocalContext())["global_step"] == 3  # mid-epoch 2
     run_id = (Path(stopped.out) / "run_id").read_text()
-    assert run_training(replace(stopped, resume=True), LocalContext())["global_step"] == 6
+    assert run_training(stopped.replace(resume=True), LocalContext())["global_step"] == 6
     assert (Path(stopped.out) / "run_id").read_text() == run_id
 
     expected = digests(Path(straight.out))
