@@ -173,7 +173,8 @@ def test_random_strategy_without_sips_support_and_the_other_grid_is_resized(env:
 
 
 def test_train_returns_the_summary_and_raises_one_line_on_a_bad_key(tmp_path: Path) -> None:
-    """student_client.train(cfg) in-process: the summary's bill is the ledger's; a bad key is a TrainingError."""
+    """student_client.train(cfg) in-process: the summary's bill is the ledger's; a bad key is one line (TeacherAuthError)
+    before training starts, and a TrainingError when the checks are skipped (what a worker meets)."""
     from student_testkit import make_subset
 
     from student_client import TrainConfig, TrainingError, train
@@ -186,8 +187,12 @@ def test_train_returns_the_summary_and_raises_one_line_on_a_bad_key(tmp_path: Pa
         rows = ledger_rows(srv, "ok")
         assert summary["global_step"] == 1 and len(rows) == 2
         assert summary["teacher_gflops"] == pytest.approx(sum(r["gflops"] for r in rows), rel=1e-12)
+        bad = TrainConfig(out=str(tmp_path / "bad"), api_key="mkd_wrong", **base)
+        with pytest.raises(TeacherAuthError, match="(?i)key") as refused:
+            train(bad, local=True)
+        assert "\n" not in str(refused.value)
         with pytest.raises(TrainingError, match="(?i)key"):
-            train(TrainConfig(out=str(tmp_path / "bad"), api_key="mkd_wrong", **base), local=True)
+            train(bad, local=True, check=False)
 
 
 class RecordingClient(TeacherClient):
