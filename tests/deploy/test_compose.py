@@ -179,7 +179,7 @@ def test_every_service_command_exists_in_our_clis(services: dict[str, Any],
     job = commands["student"][1]
     assert job["entrypoint"][0] == "student-client"
     student = parse_cli(student_parser(), list(job["entrypoint"][1:]))
-    assert student.command == "train" and student.ray_address == "auto" and student.workers >= 2
+    assert student.command == "train" and student.ray_address == "auto" and int(student.workers) >= 2
     runtime_env = json.loads(job["runtime_env_json"])
     assert set(runtime_env["env_vars"]) == {"MASKEDKD_API_KEY"}  # the key travels by env, not argv
     assert ray_params(services["ray-head"]["command"][1:])["head"] is True

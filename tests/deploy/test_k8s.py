@@ -339,4 +339,4 @@ def test_rayjob_trains_against_the_headless_service_with_shared_storage(rendered
     assert job["spec"]["rayClusterSpec"]["rayVersion"] == ray_pin
     workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert workers["minReplicas"] <= workers["replicas"] <= workers["maxReplicas"]
-    assert workers["replicas"] >= args.workers
+    assert workers["replicas"] >= int(args.workers)
