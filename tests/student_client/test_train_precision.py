@@ -59,6 +59,13 @@ def test_one_maskedkd_step_in_each_precision(env: dict[str, Any], monkeypatch: p
     assert result.usage.images == 4 and result.usage.gflops > 0
 
 
-def test_unknown_precision_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="--precision"):
+def test_unknown_precision_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The settings refuse it (pydantic's ValidationError is a ValueError); the CLI says it in one line, exit 2."""
+    with pytest.raises(ValueError, match="precision"):
         TrainConfig(data=str(tmp_path), out=str(tmp_path), mode="none", precision="fp8")
+    from student_client.cli import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(["train", "--data", str(tmp_path), "--out", str(tmp_path), "--mode", "none", "--precision", "fp8"])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and err.count("\n") == 1 and "--precision" in err
