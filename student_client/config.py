@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from student_client import keep_auto
 from student_client.channel import require_ports
 
 Mode = Literal["kd", "none", "mask-student"]
@@ -91,11 +92,11 @@ class TrainConfig(BaseSettings):
     keep: float | Literal["auto"] = Field(
         0.5, description="fraction in (0, 1] (or a whole count) of teacher patches kept; auto: the smallest of "
         "0.75/0.5/0.375/0.25 (sips or random) that meets --keep-max-kl and --keep-min-agreement on probes")
-    keep_every: int = Field(200, ge=1, description="--keep auto: probe and decide again every N steps")
-    keep_probes: int = Field(4, ge=1, description="--keep auto: images per worker probed at a decision")
-    keep_max_kl: float = Field(0.05, gt=0, description="--keep auto: largest mean KL(full || masked) of the "
+    keep_every: int = Field(keep_auto.EVERY, ge=1, description="--keep auto: probe and decide again every N steps")
+    keep_probes: int = Field(keep_auto.PROBES, ge=1, description="--keep auto: images per worker probed at a decision")
+    keep_max_kl: float = Field(keep_auto.MAX_KL, gt=0, description="--keep auto: largest mean KL(full || masked) of the "
                                "teacher's outputs at --tau")
-    keep_min_agreement: float = Field(0.9, ge=0, le=1, description="--keep auto: smallest top-1 agreement with the "
+    keep_min_agreement: float = Field(keep_auto.MIN_AGREEMENT, ge=0, le=1, description="--keep auto: smallest top-1 agreement with the "
                                       "full image")
     lambda_kd: float = Field(1.0, ge=0, description="weight of the KD term", json_schema_extra={"flag": "--lambda"})
     tau: float = Field(1.0, gt=0, description="KD temperature")

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 LADDER = (0.75, 0.5, 0.375, 0.25)   # fractions of the teacher's patches tried, largest first
 FULL = ("all", 1.0)                  # the decision when no rung meets the target
+# defaults of TrainConfig's --keep-* flags and MaskedKD's keep_* arguments
+EVERY, PROBES, MAX_KL, MIN_AGREEMENT = 200, 4, 0.05, 0.9
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from student_client.data import Normalizer
-from student_client.errors import FATAL_ERRORS, TeacherUnavailableError
+from student_client.errors import FATAL_ERRORS, TeacherError, TeacherUnavailableError
 from student_client.keep_auto import Rung, choose, ladder, rung_sums
 from student_client.pipeline import Submit
 from student_client.sips import select_patches
@@ -91,6 +92,7 @@ class KeepDecision:
     usage: Usage                 # this worker's probe cost
     record: dict[str, Any]       # the decision, summed over workers: step, strategy, keep, kl, agreement, probe cost
     error: str | None = None     # a fatal teacher error on any worker (then nothing else is set)
+    raised: TeacherError | None = None  # this worker's own, to re-raise where there is no fatal-error protocol
 
 
 def probe_and_decide(prober: KeepProber, ctx: Collective, images: torch.Tensor, *, step: int, prefix: str,
@@ -98,11 +100,11 @@ def probe_and_decide(prober: KeepProber, ctx: Collective, images: torch.Tensor, 
     """Probe this worker's first images, all-reduce every worker's sums, decide, and set the selector to it.
 
     A collective: every worker calls it at the same step and gets the same decision (or the same error)."""
-    outcome, error = None, None
+    outcome, error, raised = None, None, None
     try:
         outcome = prober.probe(images[:prober.probes], step=step, prefix=prefix)
     except FATAL_ERRORS as err:
-        error = str(err)
+        error, raised = str(err), err
     r = len(prober.rungs)
     local = torch.zeros(3 * r + 3, dtype=torch.float64)  # rung sums, probe GFLOPs, probe cost, error flag
     if outcome is not None:
@@ -113,7 +115,7 @@ def probe_and_decide(prober: KeepProber, ctx: Collective, images: torch.Tensor, 
     total = ctx.all_reduce(local)
     if float(total[-1]) > 0:
         message = next((m for m in ctx.all_gather_object(error) if m), "fatal teacher error in a probe")
-        return KeepDecision(None, Usage(), {}, message)
+        return KeepDecision(None, Usage(), {}, message, raised)
     assert outcome is not None
     decision = choose(prober.rungs, total[:3 * r].view(r, 3), max_kl=max_kl, min_agreement=min_agreement)
     prober.selector.strategy, prober.selector.keep = decision.strategy, decision.keep
@@ -121,6 +123,24 @@ def probe_and_decide(prober: KeepProber, ctx: Collective, images: torch.Tensor, 
               "agreement": decision.agreement, "probe_gflops": float(total[3 * r]),
               "probe_cost": float(total[3 * r + 1])}
     return KeepDecision(outcome.full_logits, outcome.usage, record)
+
+
+class ProcessGroup:
+    """The default torch.distributed group when one is initialized (the library under DDP), else this process."""
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return tensor
+        moved = tensor.to(torch.device("cpu") if dist.get_backend() == "gloo" else tensor.device).clone()
+        dist.all_reduce(moved)
+        return moved.to(tensor.device)
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return [obj]
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
 
 
 def apply_decision(selector: PatchSelector, record: dict[str, Any]) -> None:

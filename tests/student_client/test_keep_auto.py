@@ -114,3 +114,26 @@ def test_a_keep_auto_run_bills_its_probes_once_and_logs_each_decision(
     assert [float(s["keep"]) for s in steps] == [0.25] * 3
     assert float(steps[0]["probe_gflops"]) > 0 and float(steps[1]["probe_gflops"]) == 0
     assert json.loads((Path(cfg.out) / "summary.json").read_text())["keep_decisions"] == decisions
+
+
+def test_masked_kd_keep_auto_decides_on_probes_and_bills_them_in_its_usage(tmp_path: Path) -> None:
+    from student_client.client import TeacherClient
+    from student_client.kd import MaskedKD
+    from student_client.student import create_student
+
+    with teacher_server(tmp_path, tiny_teacher()) as srv:
+        key = srv.create_key("lib-auto")
+        student = create_student(STUDENT, {**STUDENT_KWARGS, "num_classes": 10})
+        images, labels = torch.rand(6, 3, 32, 32), torch.arange(6)
+        with TeacherClient(srv.address, key) as client, MaskedKD(
+                student, client, keep="auto", run_id="lib", keep_every=2, keep_probes=2, keep_max_kl=10.0,
+                keep_min_agreement=0.0) as kd:
+            for _ in range(3):
+                kd(images, labels).backward()
+            rows = ledger_rows(srv, "lib-auto")
+    assert [(d["step"], d["keep"]) for d in kd.keep_decisions] == [(0, 0.25), (2, 0.25)]
+    assert kd.total_billed.gflops == pytest.approx(sum(r["gflops"] for r in rows), rel=1e-9)
+    assert sorted(r["request_id"] for r in rows if "probe" in str(r["request_id"])) == sorted(
+        f"lib-s{s}-probe-{n}" for s in (0, 2) for n in ["full"] + [r.name for r in ladder(["sips", "random"])])
+    # steps 0 and 2 send their 4 unprobed images, step 1 all 6; two decisions of 9 probe requests of 2 images
+    assert sum(int(r["images"]) for r in rows) == 4 + 6 + 4 + 2 * 9 * 2
