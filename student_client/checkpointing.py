@@ -35,6 +35,9 @@ class TrainState:
     teacher_requests: int = 0
     teacher_mismatched_requests: int = 0  # re-sent requests the teacher had billed for other content (re-billed)
     best_top1: float | None = None
+    probe_gflops: float = 0.0            # --keep auto: what the probes cost (part of teacher_gflops / _cost)
+    probe_cost: float = 0.0
+    keep_decisions: list[dict[str, Any]] = field(default_factory=list)  # --keep auto: one per decision, in order
     history: list[dict[str, Any]] = field(default_factory=list)  # per-epoch metrics
 
 

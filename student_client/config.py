@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from student_client import keep_auto
 from student_client.channel import require_ports
 
 Mode = Literal["kd", "none", "mask-student"]
@@ -88,7 +89,15 @@ class TrainConfig(BaseSettings):
     # --- method ---
     mode: Mode = Field("kd", description="kd: MaskedKD; none: no teacher; mask-student: the paper's ablation")
     strategy: Strategy = Field("sips", description="which teacher patches are kept")
-    keep: float = Field(0.5, description="fraction in (0, 1] (or a whole count) of teacher patches kept")
+    keep: float | Literal["auto"] = Field(
+        0.5, description="fraction in (0, 1] (or a whole count) of teacher patches kept; auto: the smallest of "
+        "0.75/0.5/0.375/0.25 (sips or random) that meets --keep-max-kl and --keep-min-agreement on probes")
+    keep_every: int = Field(keep_auto.EVERY, ge=1, description="--keep auto: probe and decide again every N steps")
+    keep_probes: int = Field(keep_auto.PROBES, ge=1, description="--keep auto: images per worker probed at a decision")
+    keep_max_kl: float = Field(keep_auto.MAX_KL, gt=0, description="--keep auto: largest mean KL(full || masked) of the "
+                               "teacher's outputs at --tau")
+    keep_min_agreement: float = Field(keep_auto.MIN_AGREEMENT, ge=0, le=1, description="--keep auto: smallest top-1 agreement with the "
+                                      "full image")
     lambda_kd: float = Field(1.0, ge=0, description="weight of the KD term", json_schema_extra={"flag": "--lambda"})
     tau: float = Field(1.0, gt=0, description="KD temperature")
     hard: bool = Field(False, description="hard distillation: CE on the teacher's argmax")
@@ -142,7 +151,10 @@ class TrainConfig(BaseSettings):
 
     @field_validator("keep")
     @classmethod
-    def _keep(cls, value: float) -> float:
+    def _keep(cls, value: float | str) -> float | str:
+        if value == "auto":
+            return value
+        assert isinstance(value, float)
         if not (0 < value <= 1 or (value >= 1 and float(value).is_integer())):
             raise ValueError(f"must be a fraction in (0, 1] or a whole count of patches, got {value}")
         return value
@@ -153,6 +165,8 @@ class TrainConfig(BaseSettings):
             raise ValueError(f"--mode {self.mode} needs --teacher HOST:PORT (or use --mode none)")
         if self.mode != "none" and not self.api_key:
             raise ValueError("no API key: pass --api-key or set MASKEDKD_API_KEY")
+        if self.keep == "auto" and self.mode != "kd":
+            raise ValueError(f"--keep auto needs --mode kd, not {self.mode}")
         if self.batch_size < self.workers:
             raise ValueError(f"--batch-size {self.batch_size} is smaller than --workers {self.workers}")
         if self.augment == "heavy" and (self.batch_size // self.workers) % 2:
@@ -161,7 +175,9 @@ class TrainConfig(BaseSettings):
 
     @property
     def keep_value(self) -> float | int:
-        """What select_patches takes: a fraction, or an int count."""
+        """What select_patches takes: a fraction, or an int count (auto: the full image until the first decision)."""
+        if self.keep == "auto":
+            return 1.0
         return int(self.keep) if self.keep > 1 else float(self.keep)
 
     @property

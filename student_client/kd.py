@@ -38,7 +38,10 @@ import torch
 from torch import nn
 
 from student_client.client import InferResult, TeacherClient
+from student_client import keep_auto
 from student_client.data import Normalizer
+from student_client.errors import TeacherInputError
+from student_client.keep_probe import KeepProber, ProcessGroup, probe_and_decide
 from student_client.determinism import step_seed
 from student_client.losses import DistillationLoss
 from student_client.pipeline import OverlapStats
@@ -84,7 +87,10 @@ class MaskedKD:
     student: a timm ViT (optionally inside DDP or torch.compile), on the device the images are on; its training
     forward must return logits (DeiT distilled students are switched to (cls, dist) outputs: KD on the dist head).
     teacher: a TeacherClient (MaskedKD neither owns nor closes it). keep: fraction in (0, 1] or int count of the
-    teacher's patches. strategy: sips | random | bottom | all. lambda_kd, tau, hard, label_smoothing: the loss
+    teacher's patches, or "auto": every `keep_every` steps the first `keep_probes` images go to the teacher whole
+    and at 75/50/37.5/25% (sips and random), and the smallest keep meeting `keep_max_kl` / `keep_min_agreement` is
+    used until the next decision (`keep_auto`; the probes are billed, in `last.usage`, and the full-image answers
+    are their images' KD targets; `kd.keep_decisions` lists the decisions). strategy: sips | random | bottom | all. lambda_kd, tau, hard, label_smoothing: the loss
     (`losses.DistillationLoss`). micro_batches: pipelining (module docstring). transport: unary calls on the
     client's threads, or one InferStream. run_id, seed: request ids and the random strategy's draws per step.
     mean/std: the student's input normalization (default: its timm pretrained config). precision: the student
@@ -93,11 +99,12 @@ class MaskedKD:
     """
 
     def __init__(
-        self, student: nn.Module, teacher: TeacherClient, *, keep: float | int = 0.5, strategy: str = "sips",
+        self, student: nn.Module, teacher: TeacherClient, *, keep: float | int | str = 0.5, strategy: str = "sips",
         lambda_kd: float = 1.0, tau: float = 1.0, hard: bool = False, label_smoothing: float = 0.0,
         micro_batches: int = 2, transport: str = "unary", run_id: str | None = None, seed: int = 0,
         mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None, precision: str = "fp32",
-        allow_resize: bool = True,
+        allow_resize: bool = True, keep_every: int = keep_auto.EVERY, keep_probes: int = keep_auto.PROBES,
+        keep_max_kl: float = keep_auto.MAX_KL, keep_min_agreement: float = keep_auto.MIN_AGREEMENT,
     ) -> None:
         _check_choice("strategy", strategy, STRATEGIES)
         _check_choice("transport", transport, TRANSPORTS)
@@ -111,15 +118,20 @@ class MaskedKD:
         self.info: ModelInfo = teacher.info()  # one GetModelInfo: an unreachable teacher fails here
         teacher.check_key()  # TeacherAuthError for a bad or disabled key (free: nothing runs, nothing is billed)
         _check_pairing(raw, spec.image_size, spec.grid_size, self.info, strategy, allow_resize)
-        _num_keep(keep, self.info.num_patches)  # ValueError naming the range
-        needs_scores = strategy in ("sips", "bottom")
+        auto = keep == "auto"
+        if not auto:
+            _num_keep(keep, self.info.num_patches)  # type: ignore[arg-type]  # ValueError naming the range
+        elif keep_every < 1 or keep_probes < 1:
+            raise ValueError(f"keep_every and keep_probes must be >= 1, got {keep_every}, {keep_probes}")
+        needs_scores = strategy in ("sips", "bottom") or (auto and spec.grid_size is not None)
         capture = SIPSCapture(student) if needs_scores else None  # SIPSUnsupportedModelError names what works
         if spec.distilled:
             raw.set_distilled_training(True)  # type: ignore[operator]
 
         self.student = student
         self.client = teacher
-        self.settings = KDSettings(strategy=strategy, keep_value=keep, micro_batches=micro_batches,
+        self.settings = KDSettings(strategy=strategy, keep_value=1.0 if auto else keep,  # type: ignore[arg-type]
+                                   micro_batches=micro_batches,
                                    precision=precision, teacher_wait_s=_teacher_wait_s(teacher))
         self.run_id = run_id or uuid.uuid4().hex[:16]
         self.seed = seed
@@ -134,8 +146,15 @@ class MaskedKD:
         self.criterion = DistillationLoss(lambda_kd, tau, hard, label_smoothing)
         self._selector = PatchSelector(self.settings, capture, spec.grid_size, self.info.grid_size,
                                        torch.Generator())
-        self._runner = StepRunner(self.settings, student, raw, Normalizer(mean or spec.mean, std or spec.std, device),
-                                  self.criterion, self._selector, self._submit, request_id_prefix=self.run_id)
+        normalize = Normalizer(mean or spec.mean, std or spec.std, device)
+        self._runner = StepRunner(self.settings, student, raw, normalize, self.criterion, self._selector,
+                                  self._submit, request_id_prefix=self.run_id)
+        # keep="auto": probes and decisions (keep_probe), agreed over torch.distributed ranks when initialized
+        self._prober = None if not auto else KeepProber(
+            raw_model=raw, normalize=normalize, selector=self._selector, submit=self._submit, probes=keep_probes,
+            tau=tau, timeout_s=self.settings.teacher_wait_s)
+        self._keep_target = (keep_every, keep_max_kl, keep_min_agreement)
+        self.keep_decisions: list[dict[str, Any]] = []  # keep="auto": one record per decision (keep_probe)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, *, step: int | None = None) -> torch.Tensor:
         """images [B, C, H, W] un-normalized (float in [0, 1] or uint8) on the student's device; labels [B] class
@@ -145,13 +164,22 @@ class MaskedKD:
         step = self.step if step is None else step
         self._selector.generator.manual_seed(step_seed(self.seed, 0, step, 0, "select"))
         self._futures = []
-        result = self._runner(x, labels, step)
+        known, probe_usage = None, Usage()
+        every, max_kl, min_agreement = self._keep_target
+        if self._prober is not None and (step % every == 0 or not self.keep_decisions):
+            decided = probe_and_decide(self._prober, ProcessGroup(), x, step=step, prefix=self.run_id,
+                                       max_kl=max_kl, min_agreement=min_agreement)
+            if decided.error is not None:
+                raise decided.raised or TeacherInputError(decided.error)
+            known, probe_usage = decided.known, decided.usage
+            self.keep_decisions.append(decided.record)
+        result = self._runner(x, labels, step, known=known)
         answers = [fut.result()[1] for fut in self._futures]  # all done: the runner gathered every one
         billed = sum((u for u in answers if not u.replayed), Usage())
         self.last = KDStep(step=step, loss=float(result.loss.total.detach()), ce=float(result.loss.ce),
-                           kd=float(result.loss.kd), usage=result.usage, billed=billed,
+                           kd=float(result.loss.kd), usage=result.usage + probe_usage, billed=billed,
                            overlap=result.stats.overlap, stats=result.stats)
-        self.total_usage = self.total_usage + result.usage
+        self.total_usage = self.total_usage + result.usage + probe_usage
         self.total_billed = self.total_billed + billed
         self.step = step + 1
         return result.loss.total

@@ -29,6 +29,7 @@ from student_client.data_archive import is_archive, local_data_root
 from student_client.determinism import SeededSamples, run_id_for, seed_everything, step_seed
 from student_client.errors import FATAL_ERRORS, TeacherInputError
 from student_client.evaluate import Accuracy, count_correct, shard
+from student_client.keep_probe import KeepProber, apply_decision, decision_line, probe_and_decide
 from student_client.losses import DistillationLoss
 from student_client.metrics import MetricsWriter, Progress, epoch_line
 from student_client.sips import SIPSCapture
@@ -38,11 +39,12 @@ from student_client.student import (
 )
 from student_client.tls import teacher_tls_kwargs
 from student_client.train_step import PatchSelector, StepRunner
+from student_client.wire import Usage
 
 Context = LocalContext | RayContext
 # Layout of the per-step all-reduced stats tensor.
 _STATS = ("loss", "ce", "kd", "images", "gflops", "full_gflops", "cost", "requests", "fatal", "wait_s", "teacher_s",
-          "mismatched")
+          "mismatched", "probe_gflops", "probe_cost")
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -132,10 +134,12 @@ def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
                                         f"{model_kwargs['num_classes']} ({len(class_names)} class folders in data)")
             stream = TeacherStream(client) if cfg.transport == "stream" else None
             target_grid = info.grid_size if cfg.mode == "kd" else (spec.grid_size or info.grid_size)
-            needs_scores = cfg.strategy in ("sips", "bottom")
+            needs_scores = cfg.strategy in ("sips", "bottom") and cfg.keep != "auto"
             if needs_scores and spec.grid_size is None:
                 raise ValueError(f"--strategy {cfg.strategy} needs a ViT student; {cfg.student} has no patch grid")
-            capture = SIPSCapture(raw) if needs_scores else None
+            # --keep auto probes sips (a ViT student) and random
+            wants_scores = needs_scores or (cfg.keep == "auto" and spec.grid_size is not None)
+            capture = SIPSCapture(raw) if wants_scores else None
             gen = torch.Generator()  # reseeded every step from (seed, epoch, step, rank)
             selector = PatchSelector(cfg, capture, spec.grid_size, target_grid, gen)
         except FATAL_ERRORS as err:
@@ -144,6 +148,12 @@ def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
         return _finish(cfg, ctx, state, fatal_error=fatal, started=started)
     submit = None if client is None else (stream.submit if stream is not None else client.submit)
     criterion = DistillationLoss(cfg.lambda_kd, cfg.tau, cfg.hard)
+    prober = None
+    if cfg.keep == "auto" and selector is not None and submit is not None:
+        prober = KeepProber(raw_model=raw, normalize=normalize, selector=selector, submit=submit,
+                            probes=cfg.keep_probes, tau=cfg.tau, timeout_s=cfg.teacher_wait_s)
+        if state.keep_decisions:  # resumed: continue with the keep chosen last
+            apply_decision(selector, state.keep_decisions[-1])
     # The run id is the driver's (Ray) or out/run_id's: a resume or a restarted worker re-sends under the same ids.
     run_id = cfg.run_id or run_id_for(out, resume=cfg.resume)
     runner = StepRunner(cfg, model, raw, normalize, criterion, selector, submit, request_id_prefix=run_id)
@@ -182,17 +192,28 @@ def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
                 mismatched_before = client.mismatched_requests if client is not None else 0
                 if mixup is not None:
                     images, targets = mixup(images, targets)
+                known, probe_usage, decision = None, Usage(), None
+                if prober is not None and (state.global_step % cfg.keep_every == 0 or not state.keep_decisions):
+                    decided = probe_and_decide(prober, ctx, images, step=state.global_step, prefix=runner.prefix,
+                                               max_kl=cfg.keep_max_kl, min_agreement=cfg.keep_min_agreement)
+                    if decided.error is not None:
+                        fatal = decided.error
+                        break
+                    known, probe_usage, decision = decided.known, decided.usage, decided.record
+                    if is_main:
+                        progress.write(decision_line(decision))
                 error, result = None, None
                 try:
-                    result = runner(images, targets, state.global_step)
+                    result = runner(images, targets, state.global_step, known=known)
                 except FATAL_ERRORS as err:
                     error = str(err)
                 stats = torch.zeros(len(_STATS), dtype=torch.float64)
                 if result is not None:
-                    b, u, s = result.images, result.usage, result.stats
+                    b, u, s = result.images, result.usage + probe_usage, result.stats
                     stats += torch.tensor([float(result.loss.total.detach()) * b, float(result.loss.ce) * b,
                                            float(result.loss.kd) * b, b, u.gflops, u.full_gflops, u.cost,
-                                           u.requests, 0, s.wait_s, s.teacher_s, 0], dtype=torch.float64)
+                                           u.requests, 0, s.wait_s, s.teacher_s, 0, probe_usage.gflops,
+                                           probe_usage.cost], dtype=torch.float64)
                 stats[_STATS.index("fatal")] = 1.0 if error else 0.0
                 if client is not None:
                     stats[_STATS.index("mismatched")] = client.mismatched_requests - mismatched_before
@@ -207,7 +228,11 @@ def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
                 scheduler.step()
                 ep += stats
                 _account(state, stats, i + 1 if i + 1 < steps_per_epoch else 0)
+                if decision is not None:
+                    state.keep_decisions.append(decision)
                 row = _step_row(state, stats, epoch, time.perf_counter() - t0, optimizer.param_groups[0]["lr"])
+                if prober is not None and selector is not None:
+                    row.update(keep_strategy=selector.strategy, keep=selector.keep)
                 if is_main:
                     _log_step(writer, progress, cfg, state, row)
                 if ctx.under_ray and state.global_step % max(1, cfg.log_every) == 0:  # every rank: a collective
@@ -255,6 +280,8 @@ def _account(state: TrainState, stats: torch.Tensor, batches_into_epoch: int) ->
     state.teacher_cost += s["cost"]
     state.teacher_requests += int(s["requests"])
     state.teacher_mismatched_requests += int(s["mismatched"])
+    state.probe_gflops += s["probe_gflops"]
+    state.probe_cost += s["probe_cost"]
 
 
 def _local_data(cfg: TrainConfig, ctx: Context) -> tuple[str, str | None]:
@@ -290,6 +317,7 @@ def _step_row(state: TrainState, stats: torch.Tensor, epoch: int, step_s: float,
         "total_teacher_gflops": state.teacher_gflops,
         "total_saved_gflops": state.teacher_full_gflops - state.teacher_gflops,
         "overlap": 1 - s["wait_s"] / s["teacher_s"] if s["teacher_s"] > 0 else "", "teacher_wait_s": s["wait_s"],
+        "probe_gflops": s["probe_gflops"], "probe_cost": s["probe_cost"],
     }
     return row
 
@@ -359,7 +387,8 @@ def _finish(cfg: TrainConfig, ctx: Context, state: TrainState, *, fatal_error: s
         "teacher_requests": state.teacher_requests,
         "teacher_mismatched_requests": state.teacher_mismatched_requests, "wall_s": time.perf_counter() - started,
         "mode": cfg.mode, "strategy": cfg.strategy, "keep": cfg.keep, "out": str(Path(cfg.out).resolve()),
-        "overlap": _mean_overlap(state),
+        "overlap": _mean_overlap(state), "probe_gflops": state.probe_gflops, "probe_cost": state.probe_cost,
+        "keep_decisions": state.keep_decisions,
     }
     if ctx.rank == 0:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)

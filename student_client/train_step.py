@@ -13,6 +13,7 @@ ranks in fp32 (sips.py leaves autocast for its softmax), and the loss is compute
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import Future
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -82,14 +83,16 @@ class PatchSelector:
         self.student_grid = student_grid
         self.target_grid = target_grid
         self.generator = generator
+        self.strategy: str = cfg.strategy      # `--keep auto` changes both at each decision
+        self.keep: float | int = cfg.keep_value
 
     @property
     def needs_scores(self) -> bool:
-        return self.cfg.strategy in ("sips", "bottom")
+        return self.strategy in ("sips", "bottom")
 
     def __call__(self, batch: int, device: torch.device) -> torch.Tensor | None:
         """[b, K] sorted positions on the target grid, or None for strategy `all` (send the full image)."""
-        if self.cfg.strategy == "all":
+        if self.strategy == "all":
             return None
         if self.needs_scores:
             assert self.capture is not None and self.capture.scores is not None, "SIPS scores were not captured"
@@ -97,7 +100,7 @@ class PatchSelector:
         else:  # random needs no scores, only their shape
             grid = self.target_grid
             scores = torch.zeros(batch, grid[0] * grid[1], device=device)
-        return select_patches(scores, self.cfg.keep_value, self.cfg.strategy, teacher_grid=self.target_grid,
+        return select_patches(scores, self.keep, self.strategy, teacher_grid=self.target_grid,
                               student_grid=grid, generator=self.generator)
 
 
@@ -122,8 +125,11 @@ class StepRunner:
         self.precision = resolve_precision(cfg.precision, device)   # "bf16" or "fp32"
         self._autocast = lambda: student_autocast(self.precision, device)  # noqa: E731
 
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor, step: int) -> StepResult:
-        """images [B, C, H, W] in [0, 1] (after mixup), targets [B] or soft [B, classes]."""
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor, step: int,
+                 known: torch.Tensor | None = None) -> StepResult:
+        """images [B, C, H, W] in [0, 1] (after mixup), targets [B] or soft [B, classes]. known [P, classes]: teacher
+        logits already paid for the first P images (`--keep auto`'s full-image probe answers, kd mode): those rows
+        form a micro-batch of their own that sends no request."""
         cfg = self.cfg
         if cfg.mode == "none":
             with self._autocast():
@@ -131,18 +137,26 @@ class StepRunner:
             return StepResult(self.criterion(as_float32(output), targets, None), images.shape[0])
         micro = list(images.tensor_split(min(cfg.micro_batches, images.shape[0])))
         request_id: Callable[[int], str] = lambda i: f"{self.prefix}-s{step}-m{i}"  # noqa: E731
+        submit = self.submit
+        if known is not None:
+            assert cfg.mode == "kd" and submit is not None
+            rest = images[known.shape[0]:]
+            micro = [images[:known.shape[0]]]
+            micro += list(rest.tensor_split(min(cfg.micro_batches, rest.shape[0]))) if rest.shape[0] else []
+            request_id = lambda i: _KNOWN if i == 0 else f"{self.prefix}-s{step}-m{i - 1}"  # noqa: E731
+            submit = _answering_known(submit, known)
         if cfg.mode == "kd" and self.selector is not None and not self.selector.needs_scores:
             # random / all: the kept patches do not depend on the student, so every request goes out before the
             # first student forward and the teacher's whole time can hide behind the student's (same ids, bytes)
             early = [self._teacher_request(x) for x in micro]
-            result = pipelined_forward(micro, self._student_forward, self.submit, request_id=request_id,
+            result = pipelined_forward(micro, self._student_forward, submit, request_id=request_id,
                                        early_requests=early, timeout_s=cfg.teacher_wait_s)
         elif cfg.mode == "kd":
-            result = pipelined_forward(micro, self._kd_student_step, self.submit, request_id=request_id,
+            result = pipelined_forward(micro, self._kd_student_step, submit, request_id=request_id,
                                        timeout_s=cfg.teacher_wait_s)
         else:
             early = [TeacherRequest(x, None) for x in micro]
-            result = pipelined_forward(micro, self._masked_student_step, self.submit, request_id=request_id,
+            result = pipelined_forward(micro, self._masked_student_step, submit, request_id=request_id,
                                        early_requests=early,
                                        timeout_s=cfg.teacher_wait_s)
         assert result.teacher_logits is not None
@@ -174,3 +188,17 @@ class StepRunner:
         keep = self.selector(x.shape[0], x.device)
         with self._autocast():
             return self.model(xn, keep_indices=keep), None
+
+
+_KNOWN = "known-answer"  # the request id StepRunner gives the micro-batch whose teacher answer it already has
+
+
+def _answering_known(submit: Submit, known: torch.Tensor) -> Submit:
+    """`submit`, except that the request named _KNOWN is answered with `known` at no cost and not sent."""
+    def wrapped(**kwargs: Any) -> Future[Any]:
+        if kwargs.get("request_id") != _KNOWN:
+            return submit(**kwargs)
+        done: Future[Any] = Future()
+        done.set_result((known, Usage()))
+        return done
+    return wrapped

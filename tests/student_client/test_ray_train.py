@@ -108,3 +108,35 @@ def test_data_missing_on_a_worker_node_is_one_line_naming_the_node(local_ray: No
     assert str(err.value).startswith(f"--data {missing} is not a directory on "), str(err.value)
     assert f"(Ray node {node_id[:12]}) (rank 0)" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_keep_auto_on_two_workers_decides_once_for_both_and_bills_every_probe(
+    local_ray: None, tmp_path: Path,
+) -> None:
+    """Each worker probes its own images; the all-reduced numbers give both the same keep, so every step's requests
+    from both ranks cost what the FLOP model says for that one keep."""
+    data = make_subset(tmp_path / "data", train_per_class=2, test_per_class=1)  # 20 train images: 10 per worker
+    teacher = tiny_teacher()
+    with teacher_server(tmp_path, teacher) as srv:
+        key = srv.create_key("ray-auto")
+        cfg = TrainConfig(
+            data=str(data), out=str(tmp_path / "run"), teacher=srv.address, api_key=key, student=STUDENT,
+            student_kwargs=STUDENT_KWARGS, workers=2, batch_size=8, max_steps=3, keep="auto", keep_every=2,
+            keep_probes=2, progress=False, eval=False)
+        summary = run_with_ray(cfg)
+        rows = ledger_rows(srv, "ray-auto")
+    assert summary["fatal_error"] == "" and summary["global_step"] == 3
+    decisions = summary["keep_decisions"]
+    assert [d["step"] for d in decisions] == [0, 2]
+    probes = [r for r in rows if "-probe-" in str(r["request_id"])]
+    assert len(probes) == 2 * 2 * (1 + 2 * 4)  # 2 decisions x 2 ranks x (full + sips and random x 4 keeps)
+    assert {str(r["request_id"]).split("-probe-")[0].rsplit("-", 2)[1] for r in probes} == {"w0", "w1"}
+    assert summary["probe_gflops"] == pytest.approx(sum(r["gflops"] for r in probes), rel=1e-9)
+    assert summary["teacher_gflops"] == pytest.approx(sum(r["gflops"] for r in rows), rel=1e-9)
+    ref = MaskedTeacher(teacher)
+    in_force = {0: decisions[0]["keep"], 1: decisions[0]["keep"], 2: decisions[1]["keep"]}
+    steps = [r for r in rows if "-probe-" not in str(r["request_id"])]
+    assert {str(r["request_id"]).rsplit("-", 3)[1] for r in steps} == {"w0", "w1"}
+    for r in steps:
+        step = int(str(r["request_id"]).rsplit("-", 2)[1].removeprefix("s"))
+        assert r["gflops"] == pytest.approx(r["images"] * ref.gflops(max(1, int(in_force[step] * 64))), rel=1e-9)

@@ -1,0 +1,73 @@
+"""`--keep auto`: pick the smallest teacher input that keeps the supervision faithful, from probes.
+
+A probe sends a few of a step's images to the teacher twice over: the full image, and every rung of a ladder of keeps
+(each strategy x each fraction). Fidelity of a rung = KL(full || masked) of the teacher's softened outputs (the
+quantity the KD loss sees) and the top-1 agreement with the full answer. The decision is the smallest keep whose mean
+KL and agreement meet the target; none: the full image (strategy `all`, keep 1.0).
+
+Everything here is a pure function on tensors. Per-rung sums (not means) travel, so workers all-reduce them and every
+rank derives the same decision from the same numbers.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+LADDER = (0.75, 0.5, 0.375, 0.25)   # fractions of the teacher's patches tried, largest first
+FULL = ("all", 1.0)                  # the decision when no rung meets the target
+# defaults of TrainConfig's --keep-* flags and MaskedKD's keep_* arguments
+EVERY, PROBES, MAX_KL, MIN_AGREEMENT = 200, 4, 0.05, 0.9
+
+
+@dataclass(frozen=True)
+class Rung:
+    strategy: str   # sips | random
+    keep: float     # fraction of the teacher's patches
+
+    @property
+    def name(self) -> str:
+        """Request-id suffix and log name, e.g. `sips-0.375`."""
+        return f"{self.strategy}-{self.keep:g}"
+
+
+@dataclass(frozen=True)
+class Decision:
+    strategy: str
+    keep: float
+    kl: float          # mean KL(full || masked) of the chosen rung (0 for the full image)
+    agreement: float   # its top-1 agreement with the full image (1 for the full image)
+
+
+def ladder(strategies: Sequence[str], keeps: Sequence[float] = LADDER) -> list[Rung]:
+    """Every (strategy, keep) pair, strategy-major."""
+    return [Rung(s, float(k)) for s in strategies for k in keeps]
+
+
+def rung_sums(full: torch.Tensor, masked: Sequence[torch.Tensor], tau: float) -> torch.Tensor:
+    """full [P, C] and one [P, C] per rung -> [R, 3] float64: (sum of KL(full || rung), sum of top-1 agreements, P)."""
+    log_p = F.log_softmax(full.double() / tau, dim=-1)                      # [P, C]
+    top1 = full.argmax(dim=-1)                                              # [P]
+    rows = []
+    for m in masked:
+        log_q = F.log_softmax(m.double() / tau, dim=-1)                     # [P, C]
+        kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)                    # [P]
+        agree = (m.argmax(dim=-1) == top1).double()                         # [P]
+        rows.append(torch.stack([kl.sum(), agree.sum(), torch.tensor(float(full.shape[0]), dtype=torch.float64)]))
+    return torch.stack(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)
+
+
+def choose(rungs: Sequence[Rung], sums: torch.Tensor, *, max_kl: float, min_agreement: float) -> Decision:
+    """The smallest keep whose mean KL <= max_kl and agreement >= min_agreement (ties: the lower KL); else FULL."""
+    best: Decision | None = None
+    for rung, (kl_sum, agree_sum, n) in zip(rungs, sums.tolist()):
+        if n <= 0:
+            continue
+        kl, agreement = kl_sum / n, agree_sum / n
+        if kl > max_kl or agreement < min_agreement:
+            continue
+        if best is None or (rung.keep, kl) < (best.keep, best.kl):
+            best = Decision(rung.strategy, rung.keep, kl, agreement)
+    return best or Decision(FULL[0], FULL[1], 0.0, 1.0)
