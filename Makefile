@@ -28,7 +28,7 @@ postgres:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; } \
 		|| echo "warning: could not install postgresql: the Postgres ledger tests fail in CI, skip elsewhere"
 
-## The whole suite (CPU only, tiny models; about 16-18 minutes on 2 cores).
+## The whole suite (CPU only, tiny models; about 23 minutes on 2 cores; 605 tests).
 test: install browser postgres
 	$(VENV)/bin/pytest -q -ra --durations=15 tests
 
