@@ -30,8 +30,22 @@ def aggregate(results: list[dict[str, Any]], methods: tuple[str, ...]) -> list[d
             "client_gflops": statistics.fmean(r.get("client_gflops", r["ledger"]["gflops"]) for r in mine),
             "resumed_seeds": [r["seed"] for r in mine if _billed_extra(r)],
             "train_wall_s": statistics.fmean(r["train_wall_s"] for r in mine),
+            "probe_gflops": statistics.fmean(r.get("probe_gflops", 0.0) for r in mine),
+            "last_decisions": [r["keep_decisions"][-1] for r in mine if r.get("keep_decisions")],
         })
+    full = next((r for r in rows if r["method"] == "full_kd"), None)
+    for r in rows:
+        r["x_full_kd"] = r["teacher_gflops"] / full["teacher_gflops"] if full and full["teacher_gflops"] else None
     return rows
+
+
+def keep_text(row: dict[str, Any]) -> str:
+    """A fixed keep as a percentage; `auto` with the keep and strategy each seed's run ended on."""
+    if row["keep"] != "auto":
+        return f"{100 * row['keep']:.0f}%"
+    chosen = ", ".join(f"{100 * d['keep']:.1f}% {d['strategy']}" if d.get("keep") else "full"
+                       for d in row["last_decisions"])
+    return f"auto (last: {chosen})" if chosen else "auto"
 
 
 def _billed_extra(result: dict[str, Any]) -> bool:
@@ -55,27 +69,34 @@ def results_markdown(cfg: ReproConfig, command: str, rows: list[dict[str, Any]],
              "Every teacher call went through a real `teacher-server serve` on loopback; the teacher GFLOPs are read "
              "from the server's ledger (`teacher-server usage`), summed over each run's API keys.", ""]
     lines += [f"- {note}" for note in (cfg.size_note, *cfg.notes) if note]
-    lines += [f"- Data: `{data}` ({cfg.train_per_class or 'all'} train / {cfg.test_per_class or 'all'} test images "
+    lines += [f"- Data ({cfg.dataset}): `{data}` ({cfg.train_per_class or 'all'} train / {cfg.test_per_class or 'all'} test images "
               f"per class). Teacher: `{cfg.teacher.arch}` {cfg.teacher.kwargs}, {cfg.teacher.epochs} epochs. "
               f"Student: `{cfg.student.arch}` {cfg.student.kwargs}, {cfg.student.epochs} epochs, batch "
               f"{cfg.student.batch_size}, lr {cfg.student.lr}, lambda {cfg.lambda_kd}, tau {cfg.tau}, augment "
               f"{cfg.student.augment}; seeds {list(cfg.seeds)}.", ""]
     if teacher is not None:
+        trained = (f"trained in {teacher['train_wall_s'] / 60:.1f} min" if teacher.get("train_wall_s")
+                   else f"committed: `{Path(teacher['checkpoint']).name}`")
         lines += [f"Teacher top-1 on the test split: **{teacher['top1']:.2f}%** (top-5 {teacher['top5']:.2f}%, "
-                  f"{teacher['images']} images, trained in {teacher['train_wall_s'] / 60:.1f} min).", ""]
+                  f"{teacher['images']} images, {trained}).", ""]
     if failures:
         lines += ["Failed runs (see their train.log; rerun to retry): " + ", ".join(failures), ""]
     lines += ["| method | mode | keep | strategy | student top-1 (mean ± std) | per seed | top-5 | teacher GFLOPs / run "
-              "(complete run, client) | billed GFLOPs / run (ledger) | full-teacher GFLOPs (ledger) | saving | "
-              "train min / run |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "(complete run, client) | billed GFLOPs / run (ledger) | x full KD (billed) | full-teacher GFLOPs "
+              "(ledger) | saving | train min / run |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        ratio = "-" if r["x_full_kd"] is None else f"{r['x_full_kd']:.3f}"
         lines.append(
-            f"| {r['label']} | {r['mode']} | {100 * r['keep']:.0f}% | {r['strategy']} | "
+            f"| {r['label']} | {r['mode']} | {keep_text(r)} | {r['strategy']} | "
             f"{r['top1_mean']:.2f} ± {r['top1_std']:.2f} | {', '.join(f'{x:.2f}' for x in r['top1'])} | "
             f"{r['top5_mean']:.2f} | {r['client_gflops']:.1f} | {r['teacher_gflops']:.1f}"
-            f"{' *' if r['resumed_seeds'] else ''} | {r['teacher_full_gflops']:.1f} | {_saving(r)} | "
+            f"{' *' if r['resumed_seeds'] else ''} | {ratio} | {r['teacher_full_gflops']:.1f} | {_saving(r)} | "
             f"{r['train_wall_s'] / 60:.1f} |")
+    auto = next((r for r in rows if r["keep"] == "auto"), None)
+    if auto is not None:
+        lines += ["", f"`--keep auto`: its probes cost {auto['probe_gflops']:.1f} GFLOPs per run (included in its "
+                  "billed GFLOPs); the keep column lists the keep each seed's run ended on."]
     resumed = [f"{r['label']} seed {s}" for r in rows for s in r["resumed_seeds"]]
     if resumed:
         lines += ["", "\\* Billed more than a complete run sends: " + ", ".join(resumed) + " was interrupted (the "

@@ -1,5 +1,6 @@
-"""`make demo`: a teacher server on the committed CIFAR-10 teacher, a key, a MaskedKD student and a no-KD student
-on 2 Ray workers, their accuracies, the teacher's bill, and the dashboard (kept up until Ctrl-C).
+"""`make demo`: a teacher server on the committed CIFAR-10 teacher, an API key per student, three students trained on
+the same budget (no KD, full KD, MaskedKD keep 50%) on 2 Ray workers, their accuracies and teacher bills side by side,
+and the dashboard (kept up until Ctrl-C).
 
 Everything runs through the real command-line tools (`teacher-server`, `student-client`) on embedded defaults:
 a SQLite ledger under --workdir, a local Ray, the server on loopback.
@@ -18,30 +19,55 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from maskedkd.checkpoints import read_checkpoint_meta
 from teacher_server.child_process import stop_gracefully
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TEACHER_CHECKPOINT = REPO / "models" / "cifar10-vit-teacher.safetensors"
 DATA = REPO / "data" / "cifar10-subset"
-# The student: a 4-block, 96-wide ViT on 4x4 patches of 32x32 images (the teacher is 6 blocks, 192 wide).
+# The student: a 4-block, 96-wide ViT on 4x4 patches of 32x32 images (a fifth of the teacher's compute).
 STUDENT_KWARGS = {"img_size": 32, "patch_size": 4, "num_classes": 10, "embed_dim": 96, "depth": 4, "num_heads": 3}
+PRICE_PER_GFLOP = 0.000002  # USD, the demo server's price
 
 
 @dataclass
 class DemoConfig:
-    workdir: Path        # ledger, server log and both students' runs
-    epochs: int          # student epochs
+    workdir: Path        # ledger, server log and the students' runs
+    epochs: int          # student epochs (the same for every student)
     max_steps: int       # 0 = full epochs; >0 stops each student early (the CI smoke run)
-    keep: float          # share of teacher patches kept
+    keep: float          # share of teacher patches kept by the MaskedKD student
     workers: int         # Ray Train workers
     batch_size: int      # global batch over all workers
     dashboard_port: int  # 0 = any free port
     exit_when_done: bool  # do not keep the dashboard up
 
 
+@dataclass(frozen=True)
+class Student:
+    name: str            # run directory and API key name
+    label: str           # row label in the report
+    mode: str            # student-client --mode
+    keep: float          # --keep
+    strategy: str        # --strategy
+
+
+@dataclass
+class StudentResult:
+    student: Student
+    top1: float          # % on the subset's test split
+    usage: dict          # the key's ledger row (`teacher-server usage --json`); zeros for no KD
+    summary: dict        # the run's summary.json
+
+
 class DemoError(RuntimeError):
     """A step of the demo failed; the message says which."""
+
+
+def students(keep: float) -> list[Student]:
+    return [Student("student-no-kd", "student, no KD", "none", 1.0, "all"),
+            Student("student-full-kd", "student, full KD", "kd", 1.0, "all"),
+            Student("student-maskedkd", f"student, MaskedKD keep {keep:.0%}", "kd", keep, "sips")]
 
 
 def _run(cmd: list[str], *, env: dict[str, str] | None = None, capture: bool = True, echo: bool = True) -> str:
@@ -62,7 +88,7 @@ def start_teacher(cfg: DemoConfig, db_url: str, admin_token: str) -> tuple[subpr
     log_path = cfg.workdir / "teacher-server.log"
     cmd = [str(BIN / "teacher-server"), "serve", "--checkpoint", str(TEACHER_CHECKPOINT), "--db", db_url,
            "--port", "0", "--metrics-port", "0", "--dashboard-port", str(cfg.dashboard_port),
-           "--price-per-gflop", "0.000002"]
+           "--price-per-gflop", str(PRICE_PER_GFLOP)]
     print(f"$ MASKEDKD_ADMIN_TOKEN=... {' '.join(cmd).replace(str(BIN) + '/', '')}  (log: {log_path})", flush=True)
     log = open(log_path, "w")
     env = {**os.environ, "MASKEDKD_ADMIN_TOKEN": admin_token}  # never on the command line: it would show in `ps`
@@ -80,16 +106,17 @@ def start_teacher(cfg: DemoConfig, db_url: str, admin_token: str) -> tuple[subpr
     raise DemoError("teacher-server did not start within 120 s")
 
 
-def train_student(cfg: DemoConfig, name: str, mode: str, teacher: str, api_key: str) -> dict:
-    out = cfg.workdir / name
-    cmd = [str(BIN / "student-client"), "train", "--mode", mode, "--teacher", teacher,
-           "--student", "vit_tiny_patch16_224", "--student-kwargs", json.dumps(STUDENT_KWARGS),
-           "--data", str(DATA), "--out", str(out), "--epochs", str(cfg.epochs),
-           "--batch-size", str(cfg.batch_size), "--lr", "2e-3", "--warmup-epochs", "0",
-           "--keep", str(cfg.keep), "--strategy", "sips", "--workers", str(cfg.workers), "--seed", "0"]
+def train_student(cfg: DemoConfig, student: Student, teacher: str, api_key: str | None) -> dict:
+    out = cfg.workdir / student.name
+    cmd = [str(BIN / "student-client"), "train", "--mode", student.mode, "--student", "vit_tiny_patch16_224",
+           "--student-kwargs", json.dumps(STUDENT_KWARGS), "--data", str(DATA), "--out", str(out),
+           "--epochs", str(cfg.epochs), "--batch-size", str(cfg.batch_size), "--lr", "2e-3",
+           "--warmup-epochs", "0", "--workers", str(cfg.workers), "--seed", "0"]
+    if student.mode != "none":
+        cmd += ["--teacher", teacher, "--keep", str(student.keep), "--strategy", student.strategy]
     if cfg.max_steps:
         cmd += ["--max-steps", str(cfg.max_steps)]
-    env = {**os.environ, "MASKEDKD_API_KEY": api_key}
+    env = {**os.environ, **({"MASKEDKD_API_KEY": api_key} if api_key else {})}
     _run(cmd, env=env, capture=False)
     return json.loads((out / "summary.json").read_text())
 
@@ -102,6 +129,21 @@ def evaluate(checkpoint: Path) -> float:
     return float(match.group(1))
 
 
+def key_usage(db_url: str, key_name: str) -> dict:
+    rows = json.loads(_run([str(BIN / "teacher-server"), "usage", "--key", key_name, "--json", "--db", db_url],
+                           echo=False))
+    if len(rows) != 1:
+        raise DemoError(f"the ledger has {len(rows)} rows for key {key_name}")
+    return rows[0]
+
+
+def teacher_label() -> str:
+    meta = read_checkpoint_meta(TEACHER_CHECKPOINT)
+    kwargs = meta.model_kwargs if meta else {}
+    depth, width = kwargs.get("depth", "?"), kwargs.get("embed_dim", 192)
+    return f"teacher ({depth}-block {width}-wide ViT, frozen)"
+
+
 def run_demo(cfg: DemoConfig) -> int:
     if not TEACHER_CHECKPOINT.is_file():
         raise DemoError(f"missing teacher checkpoint {TEACHER_CHECKPOINT} (see models/README.md)")
@@ -110,25 +152,29 @@ def run_demo(cfg: DemoConfig) -> int:
     cfg.workdir.mkdir(parents=True)
     db_url = f"sqlite:///{cfg.workdir / 'ledger.db'}"
     admin_token = secrets.token_urlsafe(24)
+    roster = students(cfg.keep)
+    steps = 3 + len(roster)
 
-    print("== 1/5 teacher server on the committed CIFAR-10 teacher", flush=True)
+    print(f"== 1/{steps} teacher server on the committed CIFAR-10 teacher", flush=True)
     server, address, dashboard = start_teacher(cfg, db_url, admin_token)
     try:
-        print("== 2/5 an API key for the student", flush=True)
-        api_key = _run([str(BIN / "teacher-server"), "keys", "create", "--name", "demo-student",
-                        "--db", db_url]).strip().splitlines()[-1]
-        print(f"== 3/5 MaskedKD student (keep {cfg.keep:.0%} of the teacher's patches, SIPS) on "
-              f"{cfg.workers} Ray workers", flush=True)
-        kd = train_student(cfg, "student-maskedkd", "kd", address, api_key)
-        print("== 4/5 the same student without a teacher (no KD baseline)", flush=True)
-        base = train_student(cfg, "student-no-kd", "none", address, api_key)
-        print("== 5/5 evaluation and the teacher's bill", flush=True)
+        print(f"== 2/{steps} an API key per KD student (each is billed separately)", flush=True)
+        keys = {s.name: _run([str(BIN / "teacher-server"), "keys", "create", "--name", s.name, "--db", db_url])
+                .strip().splitlines()[-1] for s in roster if s.mode != "none"}
+        summaries = {}
+        for i, student in enumerate(roster, start=3):
+            teacher_note = "no teacher" if student.mode == "none" else (
+                "the teacher sees every patch" if student.keep >= 1 else
+                f"the teacher sees {student.keep:.0%} of the patches, chosen by the student's attention (SIPS)")
+            print(f"== {i}/{steps} {student.label} ({teacher_note}), {cfg.workers} Ray workers", flush=True)
+            summaries[student.name] = train_student(cfg, student, address, keys.get(student.name))
+        print(f"== {steps}/{steps} evaluation and the teacher's bill per student", flush=True)
         teacher_top1 = evaluate(TEACHER_CHECKPOINT)
-        kd_top1 = evaluate(cfg.workdir / "student-maskedkd")
-        base_top1 = evaluate(cfg.workdir / "student-no-kd")
-        usage = json.loads(_run([str(BIN / "teacher-server"), "usage", "--key", "demo-student", "--json",
-                                 "--db", db_url], echo=False))[0]
-        print_report(cfg, teacher_top1, kd_top1, base_top1, usage, kd, dashboard)
+        zero = {"images": 0, "gflops": 0.0, "full_gflops": 0.0, "cost": 0.0}
+        results = [StudentResult(s, evaluate(cfg.workdir / s.name),
+                                 key_usage(db_url, s.name) if s.mode != "none" else zero, summaries[s.name])
+                   for s in roster]
+        print_report(teacher_top1, results, dashboard)
         if not cfg.exit_when_done:
             print(f"\nDashboard: {dashboard}?token={admin_token}  (the admin token). Ctrl-C to stop.", flush=True)
             try:
@@ -140,29 +186,32 @@ def run_demo(cfg: DemoConfig) -> int:
         stop_gracefully(server, timeout_s=30, process_group=True)
 
 
-def print_report(cfg: DemoConfig, teacher_top1: float, kd_top1: float, base_top1: float, usage: dict,
-                 kd_summary: dict, dashboard: str) -> None:
-    ratio = usage["gflops"] / usage["full_gflops"] if usage["full_gflops"] else float("nan")
-    rows = [
-        ("teacher (6-block ViT, frozen)", f"top-1 {teacher_top1:6.2f}%"),
-        (f"student, MaskedKD keep {cfg.keep:.0%}", f"top-1 {kd_top1:6.2f}%"),
-        ("student, no KD", f"top-1 {base_top1:6.2f}%"),
-        ("teacher GFLOPs used", f"{usage['gflops']:.1f} of {usage['full_gflops']:.1f} for the full teacher "
-                                f"({ratio:.3f} x full; keep = {cfg.keep})"),
-        ("teacher cost", f"{usage['cost']:.6f} USD for {usage['images']} images ({usage['saving_pct']:.1f}% saved)"),
-        ("pipeline overlap", f"{100 * float(kd_summary.get('overlap') or 0):.0f}% of teacher time hidden behind "
-                             "student compute"),
-        ("dashboard", dashboard),
-    ]
-    lines = ["", "MaskedKD demo: results (test split of the committed CIFAR-10 subset, 1,000 images)"]
-    lines += [f"  {label:<38} {value}" for label, value in rows]
+def print_report(teacher_top1: float, results: list[StudentResult], dashboard: str) -> None:
+    by_mode = {(r.student.mode, r.student.keep >= 1): r for r in results}
+    base, full, masked = by_mode[("none", True)], by_mode[("kd", True)], by_mode[("kd", False)]
+    lines = ["", "MaskedKD demo: results (test split of the committed CIFAR-10 subset, 1,000 images)",
+             f"  {'':<36} {'top-1':>7}  {'teacher GFLOPs':>14}  {'x full KD':>9}  {'teacher cost':>16}",
+             f"  {teacher_label():<36} {teacher_top1:6.2f}%"]
+    for r in results:
+        ratio = r.usage["gflops"] / full.usage["gflops"] if full.usage["gflops"] else float("nan")
+        lines.append(f"  {r.student.label:<36} {r.top1:6.2f}%  {r.usage['gflops']:14.1f}  {ratio:9.3f}  "
+                     f"{r.usage['cost']:12.6f} USD")
+    saved = 1 - masked.usage["gflops"] / full.usage["gflops"] if full.usage["gflops"] else float("nan")
+    lines += ["",
+              f"  MaskedKD vs no KD:   {masked.top1 - base.top1:+.2f} points",
+              f"  MaskedKD vs full KD: {masked.top1 - full.top1:+.2f} points for {100 * saved:.1f}% less teacher "
+              f"compute ({masked.usage['images']} images at keep {masked.student.keep}; attention is quadratic in "
+              "the tokens, so a little more than the patches dropped)",
+              f"  pipeline overlap:    {100 * float(masked.summary.get('overlap') or 0):.0f}% of the MaskedKD "
+              "student's teacher time hidden behind its own compute",
+              f"  dashboard:           {dashboard}"]
     print("\n".join(lines), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="make demo", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", type=Path, default=REPO / "runs" / "demo")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--max-steps", type=int, default=0, help="stop each student after this many steps (smoke run)")
     p.add_argument("--keep", type=float, default=0.5)
     p.add_argument("--workers", type=int, default=2)
@@ -170,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dashboard-port", type=int, default=8080)
     p.add_argument("--exit", dest="exit_when_done", action="store_true", help="exit instead of keeping the dashboard up")
     args = p.parse_args(argv)
+    if not 0 < args.keep < 1:
+        p.error("--keep must be between 0 and 1 (exclusive): the full-KD student already shows keep 1")
     try:
         return run_demo(DemoConfig(**vars(args)))
     except DemoError as err:

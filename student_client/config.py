@@ -19,7 +19,7 @@ Mode = Literal["kd", "none", "mask-student"]
 Strategy = Literal["sips", "random", "bottom", "all"]
 Transport = Literal["stream", "unary"]
 Precision = Literal["auto", "bf16", "fp32"]
-Augment = Literal["simple", "heavy"]
+Augment = Literal["simple", "crop", "heavy"]
 MODES, STRATEGIES, TRANSPORTS, PRECISIONS = get_args(Mode), get_args(Strategy), get_args(Transport), get_args(Precision)
 
 ENV_PREFIX = "MASKEDKD_STUDENT_"
@@ -107,7 +107,8 @@ class TrainConfig(BaseSettings):
     lr: float = Field(5e-4, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay")
     warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up before the cosine schedule")
-    augment: Augment = Field("simple", description="simple: crop + flip; heavy: RandAugment + mixup/cutmix")
+    augment: Augment = Field("simple", description="simple: crop + flip; crop: crop only (digits, text: a mirror "
+                             "image is another class); heavy: RandAugment + mixup/cutmix")
     train_head_only: bool = Field(False, description="freeze all but the classifier head(s) (paper App. C)")
     # --- runtime ---
     workers: int = Field(1, ge=1, description="Ray Train workers (DDP)")

@@ -16,7 +16,7 @@ from torchvision import datasets, transforms
 
 TRAIN_SPLITS = ("train",)
 EVAL_SPLITS = ("val", "test", "validation")
-AUGMENTS = ("simple", "heavy")
+AUGMENTS = ("simple", "crop", "heavy")
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"  # DeiT's recipe
 
 
@@ -35,14 +35,16 @@ def find_split(root: Path, names: tuple[str, ...]) -> Path | None:
 
 
 def train_transform(image_size: tuple[int, int], augment: str) -> transforms.Compose:
-    """PIL -> [C, H, W] float in [0, 1]. simple: pad-crop + flip; heavy: plus RandAugment (pixels stay k/255)."""
+    """PIL -> [C, H, W] float in [0, 1]. simple: pad-crop + flip; crop: pad-crop only; heavy: simple plus RandAugment
+    (pixels stay k/255)."""
     if augment not in AUGMENTS:
         raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
     steps: list[object] = [
         transforms.Resize(image_size),
         transforms.RandomCrop(image_size, padding=max(1, min(image_size) // 8), padding_mode="reflect"),
-        transforms.RandomHorizontalFlip(),
     ]
+    if augment != "crop":
+        steps.append(transforms.RandomHorizontalFlip())
     if augment == "heavy":
         steps.append(rand_augment(image_size))
     steps.append(transforms.ToTensor())

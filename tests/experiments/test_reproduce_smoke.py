@@ -1,4 +1,4 @@
-"""`python -m experiments.reproduce_cifar --smoke` end to end: the real `student-client train` and
+"""`python -m experiments.reproduce --smoke` end to end: the real `student-client train` and
 `teacher-server serve/keys/usage` processes, a real SQLite ledger, the committed CIFAR-10 subset."""
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ SECRET = re.compile(r"mkd_[A-Za-z0-9_-]{43}")
 
 
 def _reproduce(tmp: Path) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "experiments.reproduce_cifar", "--smoke", "--out", str(tmp / "out"),
+    cmd = [sys.executable, "-m", "experiments.reproduce", "--smoke", "--out", str(tmp / "out"),
            "--data", str(REPO / "data" / "cifar10-subset"), "--cache", str(tmp / "cache" / "cifar10")]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
@@ -32,7 +32,7 @@ def test_smoke_reproduction_end_to_end_and_resume(tmp_path: Path) -> None:
     doc = out / "reproduction.md"  # a smoke run never writes into the repo's docs/
     results = json.loads((out / "results.json").read_text())
     runs = {r["method"]: r for r in results["runs"]}
-    assert set(runs) == {"no_kd", "maskedkd_50"} and not results["failures"]
+    assert set(runs) == {"no_kd", "maskedkd_50", "keep_auto"} and not results["failures"]
 
     # The ledger billed what the FLOP model says for the kept patches (K = floor(0.5 * 16) = 8 per image), and
     # the student's own account of its usage agrees with the server's ledger.
@@ -44,12 +44,17 @@ def test_smoke_reproduction_end_to_end_and_resume(tmp_path: Path) -> None:
     assert ledger["full_gflops"] == pytest.approx(ledger["images"] * masked_forward_flops(shape, 16).total / 1e9)
     assert runs["maskedkd_50"]["client_gflops"] == pytest.approx(ledger["gflops"])
     assert runs["no_kd"]["ledger"]["gflops"] == 0
+    # --keep auto: its probes are billed like any request (ledger = the client's account, probes included).
+    auto = runs["keep_auto"]
+    assert auto["keep_decisions"] and 0 < auto["probe_gflops"] < auto["ledger"]["gflops"]
+    assert auto["client_gflops"] == pytest.approx(auto["ledger"]["gflops"])
     assert all(0 <= r["top1"] <= 100 and r["images"] == 40 for r in runs.values())  # 4 test images per class
 
     results_md = read_section(doc, "results-smoke")
     fidelity_md = read_section(doc, "fidelity-smoke")
     assert results_md is not None and fidelity_md is not None
-    assert "python -m experiments.reproduce_cifar --smoke" in results_md
+    assert "python -m experiments.reproduce --smoke" in results_md
+    assert "| auto (last: " in results_md and "its probes cost" in results_md
     assert "MaskedKD 50% (SIPS)" in results_md and "No KD" in results_md and "± " in results_md
     assert "| sips | 50% |" in fidelity_md and "| bottom | 25% |" in fidelity_md
     assert (out / "reproduction_smoke_fig2.png").read_bytes()[:4] == b"\x89PNG"

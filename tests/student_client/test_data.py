@@ -1,8 +1,9 @@
-"""Heavy augmentation must not fail on any op at any magnitude timm's RandAugment can draw."""
+"""Augmentation: heavy must not fail on any op at any magnitude timm's RandAugment can draw; crop never mirrors."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageOps
 
 from student_client.data import rand_augment, train_transform
@@ -36,3 +37,17 @@ def test_heavy_transform_survives_many_draws() -> None:
     for seed in range(300):
         x = transform(_image(seed))
         assert x.shape == (3, 32, 32) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+
+
+def test_crop_augment_never_mirrors_while_simple_does() -> None:
+    pixels = torch.zeros(32, 32, 3, dtype=torch.uint8)
+    pixels[:, :16] = 255  # left half white: a mirror image has its white half on the right
+    image = Image.fromarray(pixels.numpy())
+    torch.manual_seed(0)
+
+    def mirrored(augment: str) -> int:
+        outs = [train_transform((32, 32), augment)(image) for _ in range(64)]
+        return sum(int(x[:, :, :8].mean() < x[:, :, -8:].mean()) for x in outs)
+
+    assert mirrored("crop") == 0
+    assert 10 < mirrored("simple") < 54

@@ -1,18 +1,19 @@
-"""Reproduce MaskedKD's claims on CIFAR-10 through the real service.
+"""Reproduce MaskedKD's claims on CIFAR-10 and MNIST through the real service.
 
-1. Train a ViT teacher: `student-client train --mode none`.
+1. The teacher: the committed one (config `cifar10`), or trained here with `student-client train --mode none`.
 2. Serve it: `teacher-server serve --checkpoint teacher/model.safetensors` on a free loopback port.
 3. Students, each seed, each with its own API key (`teacher-server keys create`): no KD, full KD, MaskedKD keep
-   75/50/25% with SIPS, random and bottom-k at 50%, mask-student at 50%.
+   75/50/25% with SIPS, random and bottom-k at 50%, mask-student at 50%, `--keep auto`.
 4. Evaluate every student on the test split; read each run's teacher GFLOPs from the server's ledger.
 5. Teacher-fidelity probe (experiments/fidelity_probe.py) with the MaskedKD-50 student of the first seed.
 6. docs/reproduction.md (results table, mean and std over seeds) and the accuracy-vs-keep figure (paper Fig. 2).
 
 Resumable: a run whose result.json exists is skipped; an interrupted run resumes from its last checkpoint.
 
-    python -m experiments.reproduce_cifar --config cpu            # ~2 h on 2 cores (run it in the background)
-    python -m experiments.reproduce_cifar --config gpu            # larger, for a GPU machine
-    python -m experiments.reproduce_cifar --smoke --out /tmp/s    # a few steps, 1 seed, 2 methods (tests)
+    python -m experiments.reproduce --config cifar10     # the committed teacher, 3 seeds x 9 methods (hours)
+    python -m experiments.reproduce --config mnist       # another domain: trains its own teacher first
+    python -m experiments.reproduce --config cpu         # the first, small CIFAR-10 run (~2 h on 2 cores)
+    python -m experiments.reproduce --smoke --out /tmp/s # a few steps, 1 seed, 3 methods (tests)
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.cifar_data import DEFAULT_CACHE, DEFAULT_TARBALL, DataError, prepare_data
+from experiments.datasets import DataError, default_cache, default_tarball, prepare_data
 from experiments.configs import CONFIGS, METHODS_BY_KEY, Method, ReproConfig
 from experiments.doc_sections import update_section
 from experiments.services import TeacherService, ToolError, train, train_command
@@ -39,13 +40,14 @@ RESULT = "result.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.reproduce_cifar", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
+    p = argparse.ArgumentParser(prog="python -m experiments.reproduce", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", choices=sorted(CONFIGS), default="cifar10")
     p.add_argument("--smoke", action="store_true", help="same as --config smoke (a few steps; for tests)")
     p.add_argument("--out", type=Path, default=None, help="runs, checkpoints, logs, ledger (default runs/repro-CONFIG)")
     p.add_argument("--data", type=Path, default=None, help="ImageFolder root instead of the shared tarball")
-    p.add_argument("--tarball", type=Path, default=DEFAULT_TARBALL)
-    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the tarball is extracted (outside the repo)")
+    p.add_argument("--tarball", type=Path, default=None, help="the dataset's tarball (default: ../shared/data/...)")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="where the tarball is extracted (outside the repo; default ~/.cache/maskedkd/DATASET)")
     p.add_argument("--doc", type=Path, default=None,
                    help="markdown report (default docs/reproduction.md; OUT/reproduction.md for --smoke); the run "
                         "owns its config's sections in it")
@@ -108,14 +110,28 @@ def _train(cfg: ReproConfig, recipe: Any, method: Method, seed: int, run_dir: Pa
     return train(cmd, run_dir / "train.log", api_key=key)
 
 
-def ensure_teacher(cfg: ReproConfig, data: Path, out: Path, threads: int) -> dict[str, Any]:
+def teacher_checkpoint(cfg: ReproConfig, out: Path) -> Path:
+    """The committed teacher of the config, else the one this run trains under OUT/teacher."""
+    return REPO / cfg.teacher_checkpoint if cfg.teacher_checkpoint else out / "teacher" / "model.safetensors"
+
+
+def ensure_teacher(cfg: ReproConfig, data: Path, teacher_data: Path, out: Path, threads: int) -> dict[str, Any]:
     teacher_dir = out / "teacher"
     if (teacher_dir / RESULT).exists():
         return json.loads((teacher_dir / RESULT).read_text())
+    teacher_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.teacher_checkpoint:
+        path = teacher_checkpoint(cfg, out)
+        if not path.is_file():
+            raise DataError(f"the config's teacher {path} is missing (models/README.md says how it is made)")
+        result = {"method": "teacher", **evaluate(path, data, cfg), "train_wall_s": None, "checkpoint": str(path)}
+        (teacher_dir / RESULT).write_text(json.dumps(result, indent=2))
+        print(f"[repro] teacher {path.name}: top-1 {result['top1']:.2f}% on the test split", flush=True)
+        return result
     print(f"[repro] training the teacher ({cfg.teacher.arch} {cfg.teacher.kwargs}, {cfg.teacher.epochs} epochs)",
           flush=True)
     plain = Method("teacher", "teacher", "none", 1.0, "all")
-    wall = _train(cfg, cfg.teacher, plain, 0, teacher_dir, data, threads, None)
+    wall = _train(cfg, cfg.teacher, plain, 0, teacher_dir, teacher_data, threads, None)
     result = {"method": "teacher", **evaluate(teacher_dir, data, cfg), "train_wall_s": wall,
               "checkpoint": str(teacher_dir / "model.safetensors")}
     (teacher_dir / RESULT).write_text(json.dumps(result, indent=2))
@@ -142,7 +158,8 @@ def run_student(cfg: ReproConfig, method: Method, seed: int, data: Path, out: Pa
     ledger = service.usage(run_dir.name) if service is not None and method.mode != "none" else zero
     result = {"method": method.key, "seed": seed, **evaluate(run_dir, data, cfg), "ledger": ledger,
               "client_gflops": summary.get("teacher_gflops", 0.0), "steps": summary.get("global_step"),
-              "train_wall_s": wall}
+              "train_wall_s": wall, "probe_gflops": summary.get("probe_gflops", 0.0),
+              "keep_decisions": summary.get("keep_decisions", [])}
     (run_dir / RESULT).write_text(json.dumps(result, indent=2))
     return result
 
@@ -162,7 +179,7 @@ def run_probe(cfg: ReproConfig, out: Path, data: Path, doc: Path) -> dict[str, A
     student = next((out / "runs" / c for c in candidates if (out / "runs" / c / RESULT).exists()), None)
     if student is None:
         return None
-    teacher = out / "teacher" / "model.safetensors"
+    teacher = teacher_checkpoint(cfg, out)
     device = _eval_device(cfg)
     result = probe(teacher, student / "model.safetensors", data, split="test", max_images=cfg.probe_images,
                    device=device)
@@ -192,19 +209,24 @@ def write_report(cfg: ReproConfig, command: str, out: Path, data: Path, doc: Pat
                                                   "failures": failures}, indent=2, default=str) + "\n")
 
 
-def reproduce(cfg: ReproConfig, *, out: Path, data: Path, doc: Path, command: str) -> int:
+def reproduce(cfg: ReproConfig, *, out: Path, data: Path, teacher_data: Path, doc: Path, command: str) -> int:
     import torch
 
     threads, _ = thread_counts(cfg)
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
-    update_section(doc, f"results-{cfg.name}", f"## Results (config `{cfg.name}`)\n\nIn progress: `{command}` is "
-                   "running (results appear here when it ends; finished runs are kept in its output directory).\n")
-    teacher = ensure_teacher(cfg, data, out, threads)
+    teacher = ensure_teacher(cfg, data, teacher_data, out, threads)
+    fidelity = out / "fidelity.json"
+
+    def report(failures: list[str]) -> None:  # after every run, so a long reproduction shows its progress
+        probe_result = json.loads(fidelity.read_text()) if fidelity.exists() else None
+        write_report(cfg, command, out, data, doc, teacher, probe_result, failures)
+
     todo = [(METHODS_BY_KEY[m], s) for m in cfg.methods for s in cfg.seeds
             if not (out / "runs" / f"{m}-s{s}" / RESULT).exists()]
     print(f"[repro] {len(todo)} student runs to do (of {len(cfg.methods) * len(cfg.seeds)})", flush=True)
     failures: list[str] = []
+    report(failures)
     service: TeacherService | None = None
     started = time.perf_counter()
     try:
@@ -212,7 +234,7 @@ def reproduce(cfg: ReproConfig, *, out: Path, data: Path, doc: Path, command: st
             if method.mode != "none" and (service is None or not service.alive):
                 if service is not None:
                     service.stop()
-                service = TeacherService(out / "teacher" / "model.safetensors", out / "ledger.db",
+                service = TeacherService(teacher_checkpoint(cfg, out), out / "ledger.db",
                                          out / "teacher-server.log", device=cfg.device,
                                          threads=cfg.server_threads).start()
             try:
@@ -221,6 +243,7 @@ def reproduce(cfg: ReproConfig, *, out: Path, data: Path, doc: Path, command: st
                 failures.append(f"{method.key}-s{seed}")
                 print(f"[repro] FAILED {method.key} seed {seed}: {' '.join(str(exc).split())[:600]}", flush=True)
                 continue
+            report(failures)
             eta = (time.perf_counter() - started) / i * (len(todo) - i)
             print(f"[repro] [{i}/{len(todo)}] {method.key} seed {seed}: top-1 {r['top1']:.2f}%, teacher "
                   f"{r['ledger']['gflops']:.1f} GFLOPs, {r['train_wall_s'] / 60:.1f} min; ETA {eta / 60:.0f} min",
@@ -240,16 +263,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = _config(args)
         out = args.out or REPO / "runs" / f"repro-{cfg.name}"
-        data = prepare_data(data=args.data, tarball=args.tarball, cache=args.cache,
+        tarball = args.tarball or default_tarball(cfg.dataset)
+        cache = args.cache or default_cache(cfg.dataset)
+        data = prepare_data(data=args.data, tarball=tarball, cache=cache,
                             train_per_class=cfg.train_per_class, test_per_class=cfg.test_per_class)
-        command = shlex.join(["python", "-m", "experiments.reproduce_cifar", *argv])
+        teacher_per_class = cfg.train_per_class if cfg.teacher_train_per_class == -1 else cfg.teacher_train_per_class
+        teacher_data = prepare_data(data=args.data, tarball=tarball, cache=cache,
+                                    train_per_class=teacher_per_class, test_per_class=cfg.test_per_class)
+        command = shlex.join(["python", "-m", "experiments.reproduce", *argv])
         doc = args.doc or (out / "reproduction.md" if cfg.name == "smoke" else REPO / "docs" / "reproduction.md")
-        return reproduce(cfg, out=out, data=data, doc=doc, command=command)
+        return reproduce(cfg, out=out, data=data, teacher_data=teacher_data, doc=doc, command=command)
     except (DataError, ToolError, ValueError, OSError) as exc:
-        print(f"reproduce_cifar: error: {' '.join(str(exc).split())[:1000]}", file=sys.stderr)
+        print(f"reproduce: error: {' '.join(str(exc).split())[:1000]}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("reproduce_cifar: interrupted; rerun the same command to resume", file=sys.stderr)
+        print("reproduce: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
 
 

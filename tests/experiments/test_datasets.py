@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.cifar_data import DataError, extract_cifar, make_subset, prepare_data
+from experiments.datasets import DataError, extract_tarball, make_subset, prepare_data
 from experiments.doc_sections import read_section, update_section
 
 
@@ -26,10 +26,10 @@ def _tarball(path: Path, per_class: int = 3) -> Path:
 def test_extract_once_then_subset(tmp_path: Path) -> None:
     tarball = _tarball(tmp_path / "c.tar.gz")
     cache = tmp_path / "cache" / "cifar10"
-    root = extract_cifar(tarball, cache)
+    root = extract_tarball(tarball, cache)
     assert sorted(p.name for p in (root / "train").iterdir()) == ["cat", "dog"]
     (root / "train" / "cat" / "0000.jpg").write_bytes(b"changed")
-    assert extract_cifar(tarball, cache) == root
+    assert extract_tarball(tarball, cache) == root
     assert (root / "train" / "cat" / "0000.jpg").read_bytes() == b"changed"  # not extracted twice
 
     sub = prepare_data(data=None, tarball=tarball, cache=cache, train_per_class=2, test_per_class=1)
@@ -41,14 +41,14 @@ def test_extract_once_then_subset(tmp_path: Path) -> None:
 
 
 def test_subset_larger_than_the_class_is_an_error(tmp_path: Path) -> None:
-    root = extract_cifar(_tarball(tmp_path / "c.tar.gz"), tmp_path / "cifar10")
+    root = extract_tarball(_tarball(tmp_path / "c.tar.gz"), tmp_path / "cifar10")
     with pytest.raises(DataError, match="fewer than the 5"):
         make_subset(root, tmp_path / "sub", train_per_class=5, test_per_class=1)
 
 
 def test_missing_tarball_says_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="--tarball PATH or --data DIR"):
-        extract_cifar(tmp_path / "nope.tar.gz", tmp_path / "cifar10")
+        extract_tarball(tmp_path / "nope.tar.gz", tmp_path / "cifar10")
 
 
 def test_doc_sections_replace_only_their_own(tmp_path: Path) -> None:

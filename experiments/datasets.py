@@ -1,13 +1,26 @@
-"""CIFAR-10 from the shared tarball: extracted once into a cache outside the repo, then class-balanced subsets made
-of symlinks (the first N files of each class, in file-name order, so every run sees the same images)."""
+"""The shared datasets (CIFAR-10, MNIST) from their tarballs: extracted once into a cache outside the repo, then
+class-balanced subsets made of symlinks (the first N files of each class, in file-name order, so every run sees the
+same images)."""
 from __future__ import annotations
 
 import shutil
 import tarfile
 from pathlib import Path
 
-DEFAULT_TARBALL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpg.tar.gz"
-DEFAULT_CACHE = Path("~/.cache/maskedkd/cifar10").expanduser()
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CACHE_ROOT = Path("~/.cache/maskedkd").expanduser()
+# dataset name -> its tarball in ../shared/data (ImageFolder layout: train/<class>/..., test/<class>/...)
+TARBALLS = {"cifar10": "cifar10-jpg.tar.gz", "mnist": "mnist-png.tar.gz"}
+DEFAULT_TARBALL = SHARED_DATA / TARBALLS["cifar10"]
+DEFAULT_CACHE = CACHE_ROOT / "cifar10"
+
+
+def default_tarball(dataset: str) -> Path:
+    return SHARED_DATA / TARBALLS[dataset]
+
+
+def default_cache(dataset: str) -> Path:
+    return CACHE_ROOT / dataset
 SPLITS = ("train", "test")
 _COMPLETE = ".complete"
 
@@ -16,12 +29,12 @@ class DataError(RuntimeError):
     """The dataset cannot be found or prepared (message says what to do)."""
 
 
-def extract_cifar(tarball: Path, cache: Path) -> Path:
-    """`cache` holding train/<class>/*.jpg and test/<class>/*.jpg; extracted from `tarball` unless already there."""
+def extract_tarball(tarball: Path, cache: Path) -> Path:
+    """`cache` holding train/<class>/* and test/<class>/*; extracted from `tarball` unless already there."""
     if (cache / _COMPLETE).exists():
         return cache
     if not tarball.is_file():
-        raise DataError(f"CIFAR-10 tarball not found at {tarball}; pass --tarball PATH or --data DIR")
+        raise DataError(f"dataset tarball not found at {tarball}; pass --tarball PATH or --data DIR")
     tmp = cache.with_name(cache.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -71,7 +84,7 @@ def make_subset(source: Path, dest: Path, *, train_per_class: int | None, test_p
 def prepare_data(*, data: Path | None, tarball: Path, cache: Path, train_per_class: int | None,
                  test_per_class: int | None) -> Path:
     """The ImageFolder root a run trains on: `data` (or the extracted tarball), cut to the configured subset."""
-    source = data if data is not None else extract_cifar(tarball, cache)
+    source = data if data is not None else extract_tarball(tarball, cache)
     if not source.is_dir():
         raise DataError(f"data directory not found: {source}")
     if train_per_class is None and test_per_class is None:
