@@ -59,7 +59,7 @@ class AsyncTeacherClient:
     async def infer(
         self, images: torch.Tensor | None = None, patches: torch.Tensor | None = None,
         keep_indices: torch.Tensor | None = None, keep_counts: torch.Tensor | None = None,
-        request_id: str | None = None, *, send_patches: bool = True,
+        request_id: str | None = None, *, send_patches: bool = True, purpose: str = "",
     ) -> InferResult:
         """Same contract as `TeacherClient.infer`; parts of a split batch run concurrently."""
         info = await self.info()
@@ -70,6 +70,7 @@ class AsyncTeacherClient:
                 info, images=slice_rows(images, rows), patches=slice_rows(patches, rows),
                 keep_indices=slice_rows(keep_indices, rows), keep_counts=slice_rows(keep_counts, rows),
                 request_id=rid if len(parts) == 1 else f"{rid}.{i}", model=self.model, send_patches=send_patches,
+                purpose=purpose,
             )
             for i, rows in enumerate(parts)
         ]

@@ -99,14 +99,16 @@ class TeacherClient:
     def infer(
         self, images: torch.Tensor | None = None, patches: torch.Tensor | None = None,
         keep_indices: torch.Tensor | None = None, keep_counts: torch.Tensor | None = None,
-        request_id: str | None = None, *, send_patches: bool = True,
+        request_id: str | None = None, *, send_patches: bool = True, purpose: str = "",
     ) -> InferResult:
         """Teacher logits [B, num_classes] float32 and the Usage billed.
 
         images: [B, C, H, W] un-normalized (uint8 or float 0..1), resized bilinearly to the teacher's resolution
         when it differs. patches: [B, K, C, P, P] already cut (then keep_indices is required). keep_indices: [B, K]
         row-major on the teacher's grid (None: all patches). keep_counts: [B] for ragged rows. A batch larger than
-        the server's max_batch_images is split into requests `<request_id>.<i>`.
+        the server's max_batch_images is split into requests `<request_id>.<i>`. purpose: what the requests are
+        for, as the teacher's usage reports total them apart: '' (training targets) or 1-32 characters of [a-z0-9_-]
+        such as "probe"; billed the same either way.
         """
         info = self.info()
         rid = request_id or new_request_id()
@@ -119,6 +121,7 @@ class TeacherClient:
                 info, images=slice_rows(images, rows), patches=slice_rows(patches, rows),
                 keep_indices=slice_rows(keep_indices, rows), keep_counts=slice_rows(keep_counts, rows),
                 request_id=rid if len(parts) == 1 else f"{rid}.{i}", model=self.model, send_patches=send_patches,
+                purpose=purpose,
             )
             part_logits, part_usage = decode_response(self.infer_request(req))
             logits.append(part_logits)

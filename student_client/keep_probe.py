@@ -1,6 +1,7 @@
 """The probes of `--keep auto` (see keep_auto): a step's first few images to the teacher as the full image and every
 rung of the ladder, under deterministic ids `<prefix>-s<step>-probe-full` / `-probe-<strategy>-<keep>`, so a resume or
-a rerun of the step replays them from the teacher's ledger instead of paying again.
+a rerun of the step replays them from the teacher's ledger instead of paying again. They carry purpose "probe", so the
+teacher's usage reports and dashboard show what they cost beside the training targets.
 
 The full-image answer becomes the KD target of the probe images in that step (`StepRunner(..., known=...)`), so the
 probes' images need no other request.
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from maskedkd.purpose import PROBE
 from student_client.data import Normalizer
 from student_client.errors import FATAL_ERRORS, TeacherError, TeacherUnavailableError
 from student_client.keep_auto import Rung, choose, ladder, rung_sums
@@ -58,7 +60,8 @@ class KeepProber:
             scores = torch.zeros(images.shape[0], grid[0] * grid[1], device=images.device)
         assert scores is not None
         pixels = images.detach()
-        futures = [self.submit(images=pixels, keep_indices=None, request_id=f"{prefix}-s{step}-probe-full")]
+        futures = [self.submit(images=pixels, keep_indices=None, request_id=f"{prefix}-s{step}-probe-full",
+                               purpose=PROBE)]
         for rung in self.rungs:
             if rung.strategy == "sips":
                 score_map, score_grid = scores, grid
@@ -67,7 +70,7 @@ class KeepProber:
             keep = select_patches(score_map, rung.keep, rung.strategy, teacher_grid=tg, student_grid=score_grid,
                                   generator=sel.generator)
             futures.append(self.submit(images=pixels, keep_indices=keep.cpu(),
-                                       request_id=f"{prefix}-s{step}-probe-{rung.name}"))
+                                       request_id=f"{prefix}-s{step}-probe-{rung.name}", purpose=PROBE))
         try:
             answers = [f.result(timeout=self.timeout_s) for f in futures]
         except FutureTimeout:

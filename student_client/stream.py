@@ -75,7 +75,7 @@ class TeacherStream:
     def submit(
         self, images: torch.Tensor | None = None, patches: torch.Tensor | None = None,
         keep_indices: torch.Tensor | None = None, keep_counts: torch.Tensor | None = None,
-        request_id: str | None = None, *, send_patches: bool = True,
+        request_id: str | None = None, *, send_patches: bool = True, purpose: str = "",
     ) -> Future[InferResult]:
         """Queue one batch (same arguments as `TeacherClient.infer`); the Future gives (logits, usage)."""
         fut: Future[InferResult] = Future()
@@ -90,7 +90,7 @@ class TeacherStream:
         try:
             req = build_request(info, images=images, patches=patches, keep_indices=keep_indices,
                                 keep_counts=keep_counts, request_id=rid, model=self.client.model,
-                                send_patches=send_patches)
+                                send_patches=send_patches, purpose=purpose)
         except TeacherError as err:
             fut.set_exception(err)
             return fut

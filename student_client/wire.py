@@ -15,6 +15,7 @@ from maskedkd.codec import proto_to_tensor, tensor_to_proto
 from maskedkd.geometry import TeacherGeometry
 from maskedkd.keep import KeepIndicesError, check_keep
 from maskedkd.patches import gather_patches
+from maskedkd.purpose import purpose_problem
 from maskedkd.v1 import teacher_pb2 as pb
 from student_client.errors import TeacherInputError
 
@@ -114,12 +115,15 @@ def _index_dtype(num_patches: int) -> torch.dtype:
 def build_request(
     info: ModelInfo, *, images: torch.Tensor | None = None, patches: torch.Tensor | None = None,
     keep_indices: torch.Tensor | None = None, keep_counts: torch.Tensor | None = None,
-    request_id: str, model: str | None = None, send_patches: bool = True,
+    request_id: str, model: str | None = None, send_patches: bool = True, purpose: str = "",
 ) -> pb.InferRequest:
-    """The InferRequest for one batch. With images + keep_indices and `send_patches`, only the kept patches go."""
+    """The InferRequest for one batch. With images + keep_indices and `send_patches`, only the kept patches go.
+    `purpose` labels it for the teacher's cost reports ('' = training targets, "probe", ...)."""
     if (images is None) == (patches is None):
         raise TeacherInputError("pass exactly one of images or patches")
-    req = pb.InferRequest(request_id=request_id, model=model or "")
+    if (problem := purpose_problem(purpose)) is not None:
+        raise TeacherInputError(problem)
+    req = pb.InferRequest(request_id=request_id, model=model or "", purpose=purpose)
     batch = batch_size_of(images, patches)
     if keep_indices is not None:  # checked here, at the client's boundary (the server checks its own again)
         try:

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_db(disable)
 
     usage = sub.add_parser("usage", help="totals per key: GFLOPs used, full GFLOPs, saving %%, cost and price as "
-                                         "billed, refused calls")
+                                         "billed, what probe requests cost, refused calls")
     usage.add_argument("--key", help="only this key (by name)")
     output = usage.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="machine-readable output")
@@ -292,65 +292,25 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
 
 
 def _cmd_usage(args: argparse.Namespace) -> int:
-    from collections import defaultdict
-
     from teacher_server import ledger, ledger_reports
-    from teacher_server.ledger_reports import currency_name
+    from teacher_server.cli_usage import read_usage_report, report_json, report_lines
 
     sessions = _sessions(args.db, must_exist=True)
     with sessions() as session:
-        try:
-            totals = ledger.usage_totals(session, key_name=args.key)
-        except ledger.LedgerError as exc:
-            raise CliError(str(exc)) from exc
         if args.csv:
+            if args.key is not None and ledger.find_api_key_by_name(session, name=args.key) is None:
+                raise CliError(f"no API key named {args.key!r}")
             ledger_reports.write_usage_csv(ledger_reports.usage_by_day(session, key_name=args.key), sys.stdout)
             return 0
-        billed: dict[str, list[ledger_reports.BilledPrice]] = defaultdict(list)
-        for b in ledger_reports.billed_prices(session, key_name=args.key):
-            billed[b.key].append(b)
-        refused: dict[str | None, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        for r in ledger_reports.refusals_by_day(session, key_name=args.key):
-            refused[r.key][r.reason] += r.count
+        try:
+            report = read_usage_report(session, key_name=args.key)
+        except ledger.LedgerError as exc:
+            raise CliError(str(exc)) from exc
     if args.json:
-        entries: list[dict[str, Any]] = []
-        for t in totals:  # "billed" and "refused" only where there is some (the entry of an unused key is unchanged)
-            entry: dict[str, Any] = {"key": t.name, "requests": t.requests, "images": t.images, "tokens": t.tokens,
-                                     "gflops": t.gflops, "full_gflops": t.full_gflops, "saving_pct": t.saving_pct,
-                                     "cost": t.cost}
-            if billed[t.name]:
-                entry["billed"] = [{"price_per_gflop": b.price_per_gflop, "currency": currency_name(b.currency),
-                                    "requests": b.requests, "gflops": b.gflops, "cost": b.cost}
-                                   for b in billed[t.name]]
-            if t.name in refused:
-                entry["refused"] = dict(refused[t.name])
-            entries.append(entry)
-        if None in refused:  # refused before a key was known
-            entries.append({"key": None, "refused": dict(refused[None])})
-        print(json.dumps(entries, indent=2))
-        return 0
-    print(f"{'KEY':24} {'REQUESTS':>9} {'IMAGES':>9} {'GFLOPS':>14} {'FULL_GFLOPS':>14} {'SAVING':>8} "
-          f"{'COST (AS BILLED)':>20}  {'PRICE/GFLOP':12} REFUSED")
-    for t in totals:
-        costs = defaultdict(float)
-        for b in billed[t.name]:
-            costs[currency_name(b.currency)] += b.cost
-        cost = " + ".join(f"{c:.8f} {cur}" for cur, c in sorted(costs.items())) or f"{0.0:.8f}"
-        prices = ", ".join(sorted({f"{_fmt_num(b.price_per_gflop)} {currency_name(b.currency)}"
-                                   for b in billed[t.name]})) or "-"
-        print(f"{t.name:24} {t.requests:>9} {t.images:>9} {t.gflops:>14.6f} {t.full_gflops:>14.6f} "
-              f"{t.saving_pct:>7.2f}% {cost:>20}  {prices:12} {_refused_text(refused.get(t.name, {}))}")
-    if None in refused:
-        print(f"{'(no key known)':24} {'':>9} {'':>9} {'':>14} {'':>14} {'':>8} {'':>20}  {'':12} "
-              f"{_refused_text(refused[None])}")
+        print(json.dumps(report_json(report), indent=2))
+    else:
+        print("\n".join(report_lines(report)))
     return 0
-
-
-def _refused_text(counts: dict[str, int]) -> str:
-    """"3 (auth 2, quota 1)", or "0"."""
-    if not counts:
-        return "0"
-    return f"{sum(counts.values())} ({', '.join(f'{r} {n}' for r, n in sorted(counts.items()))})"
 
 
 def _cmd_health(args: argparse.Namespace) -> int:

@@ -1,6 +1,9 @@
 """The content digest binding a request_id to its inputs: sha256 over everything that determines the answer (model,
 input kind, and dtype, shape and bytes of the input, keep indices and keep counts). Computed from the request's
-fields as sent, before any decoding, so it is cheap (hashlib over the bytes) and the same on every server."""
+fields as sent, before any decoding, so it is cheap (hashlib over the bytes) and the same on every server.
+
+`purpose` is left out on purpose: it does not change the answer, so a retry under another label is a replay of what
+was billed (and stays counted under the label it was billed with), not a refusal."""
 from __future__ import annotations
 
 import hashlib

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 from sqlalchemy.orm import Session, sessionmaker
 
+from maskedkd.purpose import purpose_problem
 from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server import ledger, ledger_billing
 from teacher_server.auth import KeyInfo
@@ -82,6 +83,7 @@ class _Billing:
     received_at: float
     digest: str | None = None     # None for server-assigned ids
     hold: Hold | None = None      # GFLOPs reserved against the key's quota/rate limit
+    purpose: str = ""             # InferRequest.purpose, stored with the row
 
 
 class _RetryYourself(Exception):
@@ -147,11 +149,14 @@ class InferenceService:
                                       f"{MAX_REQUEST_ID_CHARS} allowed")
         if "\x00" in request.request_id:  # Postgres text cannot store NUL; refuse it on every backend alike
             raise InvalidRequestError("request_id contains a NUL (\\x00) character, which is not allowed")
+        if (problem := purpose_problem(request.purpose)) is not None:
+            raise InvalidRequestError(problem)
         prepared = await self._prepare(request, served)
         usage = served.meter.usage(prepared.counts, price_per_gflop=self._price_of(key))
         if not request.request_id:
             rid = f"auto-{uuid.uuid4().hex}"
-            return await self._run(key, served, prepared, usage, rid, replayable=False, received_at=received_at)
+            return await self._run(key, served, prepared, usage, rid, replayable=False, received_at=received_at,
+                                   purpose=request.purpose)
 
         digest = await self._digest(request, served.name)
         token = (key.id, request.request_id)
@@ -170,7 +175,7 @@ class InferenceService:
                 outcome = stored
             else:
                 outcome = await self._run(key, served, prepared, usage, request.request_id, replayable=True,
-                                          received_at=received_at, digest=digest)
+                                          received_at=received_at, digest=digest, purpose=request.purpose)
             mine.set_result(outcome)
             return outcome
         except BaseException as exc:
@@ -198,7 +203,8 @@ class InferenceService:
         return prepare_input(request, served.teacher.geometry, max_images=max_images, max_elements=self._max_elements)
 
     async def _run(self, key: KeyInfo, served: ServedModel, prepared: PreparedInput, usage: Usage, request_id: str,
-                   *, replayable: bool, received_at: float, digest: str | None = None) -> InferOutcome:
+                   *, replayable: bool, received_at: float, digest: str | None = None,
+                   purpose: str = "") -> InferOutcome:
         hold: Hold | None = None
         state: LimitState | None = None
         if key.limits.limited:
@@ -206,7 +212,7 @@ class InferenceService:
             if hold is None:
                 raise quota_exceeded(key=key, needed_gflops=usage.gflops, state=state)
         try:
-            billing = _Billing(key, request_id, replayable, served.name, usage, received_at, digest, hold)
+            billing = _Billing(key, request_id, replayable, served.name, usage, received_at, digest, hold, purpose)
             result = await served.batcher.submit(prepared, billing)
             if isinstance(result.finalized, Exception):
                 raise result.finalized
@@ -272,7 +278,7 @@ class InferenceService:
                 latency_ms=(now - b.received_at) * 1000.0,
                 queue_ms=max(0.0, stats.started_at - job.enqueued_at) * 1000.0,
                 batch_images=stats.images, content_digest=b.digest,
-                price_per_gflop=self._price_of(b.key), currency=self._currency,
+                price_per_gflop=self._price_of(b.key), currency=self._currency, purpose=b.purpose,
             )
             items.append(ledger_billing.Billable(row, b.key.quota_window, logits_to_bytes(out) if b.replayable
                                                  else None, b.hold))

@@ -89,6 +89,8 @@ class UsageRecord(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     # sha256 hex of what determines the answer (inference.content_digest); None: billed before digests existed
     content_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # the client's InferRequest.purpose ('' = training targets, 'probe', ...): reports total each apart (0004)
+    purpose: Mapped[str] = mapped_column(String(32), default="", server_default="")
 
     api_key: Mapped[ApiKey] = relationship(back_populates="usage", lazy="noload")
 
@@ -295,6 +297,7 @@ class NewUsage:
     content_digest: str | None = None  # sha256 hex of the inputs; None for server-assigned ids
     price_per_gflop: float | None = None  # the price `cost` was computed with (the server always gives it)
     currency: str | None = None
+    purpose: str = ""  # InferRequest.purpose, validated at the boundary
 
 
 def usage_record(row: NewUsage, created_at: datetime) -> UsageRecord:
@@ -303,6 +306,7 @@ def usage_record(row: NewUsage, created_at: datetime) -> UsageRecord:
         gflops=row.gflops, full_gflops=row.full_gflops, cost=row.cost, latency_ms=row.latency_ms,
         queue_ms=row.queue_ms, batch_images=row.batch_images, created_at=created_at,
         content_digest=row.content_digest, price_per_gflop=row.price_per_gflop, currency=row.currency,
+        purpose=row.purpose,
     )
 
 

@@ -1,5 +1,6 @@
 """Read-side reports of the ledger shared by `teacher-server usage` and the dashboard: what each key was billed at
-(price and currency as stored with its rows), usage per UTC day, refused calls per day, and the CSV export.
+(price and currency as stored with its rows), what each purpose cost (training targets '' and the client's `probe`
+requests apart), usage per UTC day with its probe share, refused calls per day, and the CSV export.
 
 Money is reported as billed: the price and currency come from the usage rows, never from the server's current
 settings; rows billed before revision 0003 have no recorded currency (None, shown as "unknown").
@@ -13,11 +14,12 @@ from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from typing import Any, TextIO
 
-from sqlalchemy import BigInteger, func, select
+from sqlalchemy import BigInteger, case, func, select
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import FunctionElement
 
+from maskedkd.purpose import PROBE
 from teacher_server.ledger import ApiKey, Refusal, UsageRecord, as_utc, usage_window
 
 DAY_S = 86400
@@ -85,6 +87,40 @@ def billed_prices(session: Session, *, since: datetime | None = None, until: dat
 
 
 @dataclass(frozen=True)
+class PurposeUsage:
+    """The rows of one key requested for one purpose ('' = training targets), billed in one currency."""
+
+    key: str
+    purpose: str
+    currency: str | None
+    requests: int
+    images: int
+    tokens: int
+    gflops: float
+    full_gflops: float
+    cost: float
+
+
+def usage_by_purpose(session: Session, *, since: datetime | None = None, until: datetime | None = None,
+                     key_name: str | None = None) -> list[PurposeUsage]:
+    """Per key, the totals of its rows in [since, until) per (purpose, currency), ordered by key and purpose."""
+    stmt = (
+        select(ApiKey.name, UsageRecord.purpose, UsageRecord.currency, func.count(UsageRecord.id),
+               func.sum(UsageRecord.images), func.sum(UsageRecord.tokens), func.sum(UsageRecord.gflops),
+               func.sum(UsageRecord.full_gflops), func.sum(UsageRecord.cost))
+        .select_from(UsageRecord).join(ApiKey, ApiKey.id == UsageRecord.api_key_id)
+        .where(*usage_window(since=since, until=until))
+        .group_by(ApiKey.name, UsageRecord.purpose, UsageRecord.currency)
+        .order_by(ApiKey.name, UsageRecord.purpose, UsageRecord.currency)
+    )
+    if key_name is not None:
+        stmt = stmt.where(ApiKey.name == key_name)
+    return [PurposeUsage(key=r[0], purpose=r[1], currency=r[2], requests=int(r[3]), images=int(r[4] or 0),
+                         tokens=int(r[5] or 0), gflops=float(r[6] or 0), full_gflops=float(r[7] or 0),
+                         cost=float(r[8] or 0)) for r in session.execute(stmt)]
+
+
+@dataclass(frozen=True)
 class DayUsage:
     """Usage of one key on one UTC day at one price and currency."""
 
@@ -98,6 +134,13 @@ class DayUsage:
     gflops: float
     full_gflops: float
     cost: float
+    probe_requests: int = 0     # the part of the above requested with purpose 'probe'
+    probe_gflops: float = 0.0
+    probe_cost: float = 0.0
+
+
+def _probe_sum(column: Any) -> Any:
+    return func.sum(case((UsageRecord.purpose == PROBE, column), else_=0))
 
 
 def usage_by_day(session: Session, *, since: datetime | None = None, until: datetime | None = None,
@@ -107,7 +150,8 @@ def usage_by_day(session: Session, *, since: datetime | None = None, until: date
     stmt = (
         select(day, ApiKey.name, UsageRecord.currency, UsageRecord.price_per_gflop, func.count(UsageRecord.id),
                func.sum(UsageRecord.images), func.sum(UsageRecord.tokens), func.sum(UsageRecord.gflops),
-               func.sum(UsageRecord.full_gflops), func.sum(UsageRecord.cost))
+               func.sum(UsageRecord.full_gflops), func.sum(UsageRecord.cost), _probe_sum(1),
+               _probe_sum(UsageRecord.gflops), _probe_sum(UsageRecord.cost))
         .select_from(UsageRecord).join(ApiKey, ApiKey.id == UsageRecord.api_key_id)
         .where(*usage_window(since=since, until=until))
         .group_by(day, ApiKey.name, UsageRecord.currency, UsageRecord.price_per_gflop)
@@ -117,7 +161,8 @@ def usage_by_day(session: Session, *, since: datetime | None = None, until: date
         stmt = stmt.where(ApiKey.name == key_name)
     return [DayUsage(day=datetime.fromtimestamp(int(r[0]), timezone.utc).date(), key=r[1], currency=r[2],
                      price_per_gflop=r[3], requests=int(r[4]), images=int(r[5] or 0), tokens=int(r[6] or 0),
-                     gflops=float(r[7] or 0), full_gflops=float(r[8] or 0), cost=float(r[9] or 0))
+                     gflops=float(r[7] or 0), full_gflops=float(r[8] or 0), cost=float(r[9] or 0),
+                     probe_requests=int(r[10] or 0), probe_gflops=float(r[11] or 0), probe_cost=float(r[12] or 0))
             for r in session.execute(stmt)]
 
 
@@ -148,14 +193,16 @@ def refusals_by_day(session: Session, *, since: datetime | None = None, until: d
 
 
 CSV_COLUMNS = ("day", "key", "currency", "price_per_gflop", "requests", "images", "tokens", "gflops",
-               "full_gflops", "cost")
+               "full_gflops", "cost", "probe_requests", "probe_gflops", "probe_cost")
 
 
 def write_usage_csv(rows: Iterable[DayUsage], out: TextIO) -> None:
-    """One line per (UTC day, key, currency, price); floats in repr form, so the sums read back exactly."""
+    """One line per (UTC day, key, currency, price); floats in repr form, so the sums read back exactly. The probe_*
+    columns are the part of the line's requests, GFLOPs and cost requested with purpose 'probe'."""
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for r in rows:
         writer.writerow([r.day.isoformat(), r.key, currency_name(r.currency),
                          "" if r.price_per_gflop is None else repr(r.price_per_gflop), r.requests, r.images,
-                         r.tokens, repr(r.gflops), repr(r.full_gflops), repr(r.cost)])
+                         r.tokens, repr(r.gflops), repr(r.full_gflops), repr(r.cost), r.probe_requests,
+                         repr(r.probe_gflops), repr(r.probe_cost)])

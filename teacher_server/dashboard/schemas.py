@@ -22,6 +22,10 @@ class UsageTotals(BaseModel):
     saved_gflops: float = Field(description="full_gflops - gflops")
     saving_pct: float = Field(description="100 * saved_gflops / full_gflops; 0 without usage")
     cost: float = Field(description="amount billed, in `currency`")
+    probe_requests: int = Field(0, description="the part of `requests` sent with purpose 'probe' (the fidelity "
+                                               "probes of the student client's `--keep auto`)")
+    probe_gflops: float = Field(0.0, description="the part of `gflops` billed for probe requests")
+    probe_cost: float = Field(0.0, description="the part of `cost` billed for probe requests")
 
 
 class BilledPrice(BaseModel):
@@ -41,6 +45,20 @@ class CurrencyCost(BaseModel):
     cost: float
 
 
+class PurposeCost(BaseModel):
+    """Rows requested for one purpose, billed in one currency."""
+
+    purpose: str = Field(description="InferRequest.purpose: '' for training targets, 'probe' for `--keep auto` "
+                                     "probes, or another label the client chose")
+    currency: str = Field(description="'unknown' for rows billed before the currency was recorded")
+    requests: int
+    images: int
+    tokens: int
+    gflops: float
+    full_gflops: float
+    cost: float
+
+
 class KeyUsage(UsageTotals):
     name: str
     key_prefix: str = Field(description="first characters of the secret, for recognising a key")
@@ -52,6 +70,7 @@ class KeyUsage(UsageTotals):
     currency: str | None = Field(description="the currency its rows in the window were billed in; null: none "
                                              "billed, or several currencies (see `billed`)")
     billed: list[BilledPrice] = Field(description="the prices and currencies its rows in the window were billed at")
+    by_purpose: list[PurposeCost] = Field([], description="its rows in the window per purpose and currency")
     refused: dict[str, int] = Field(description="calls refused per reason (auth, quota, rate_limit, invalid) on the "
                                                 "UTC days the window touches")
     quota_used_pct: float | None = Field(description="lifetime GFLOPs used / quota in percent; null: unlimited")
@@ -132,6 +151,9 @@ class DayUsage(BaseModel):
     gflops: float
     full_gflops: float
     cost: float
+    probe_requests: int = Field(0, description="the part of `requests` sent with purpose 'probe'")
+    probe_gflops: float = Field(0.0, description="the part of `gflops` billed for probe requests")
+    probe_cost: float = Field(0.0, description="the part of `cost` billed for probe requests")
 
 
 class DayRefusals(BaseModel):

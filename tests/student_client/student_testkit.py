@@ -67,7 +67,7 @@ def ledger_rows_at(db: Path | str, key_name: str) -> list[dict[str, object]]:
     with sqlite3.connect(db) as conn:
         conn.row_factory = sqlite3.Row
         rows = conn.execute(
-            "SELECT u.request_id, u.images, u.tokens, u.gflops, u.full_gflops, u.cost FROM usage u "
+            "SELECT u.request_id, u.images, u.tokens, u.gflops, u.full_gflops, u.cost, u.purpose FROM usage u "
             "JOIN api_keys k ON k.id = u.api_key_id WHERE k.name = ? ORDER BY u.id", (key_name,)).fetchall()
     return [dict(r) for r in rows]
 

@@ -216,6 +216,30 @@ async def test_async_client_matches_the_in_process_teacher(server) -> None:  # t
     assert len(ledger_rows(server, "aio")) == 1  # same request_id twice: billed once
 
 
+async def test_purpose_labels_every_clients_rows_and_a_bad_label_never_leaves(server) -> None:  # type: ignore[no-untyped-def]
+    key = server.create_key("purposes")
+    x, keep = pixels(2, seed=4), random_keep(2, 8, seed=4)
+    rec = Recorder()
+    client = TeacherClient(server.address, key, interceptors=[rec])
+    plain, _ = client.infer(images=x, keep_indices=keep, request_id="plain")
+    labelled, _ = client.infer(images=x, keep_indices=keep, request_id="eval", purpose="eval")
+    torch.testing.assert_close(labelled, plain)  # the label changes nothing but the ledger's row
+    with TeacherStream(client) as stream:
+        stream.submit(images=x, keep_indices=keep, request_id="streamed", purpose="probe").result(timeout=30)
+    async with AsyncTeacherClient(server.address, key) as aio:
+        await aio.infer(images=x, keep_indices=keep, request_id="aio", purpose="probe")
+        with pytest.raises(TeacherInputError, match="lowercase letters"):
+            await aio.infer(images=x, keep_indices=keep, request_id="bad-aio", purpose="Probe")
+    sent = len(rec.sent)
+    for bad, words in (("has space", "lowercase letters"), ("p" * 33, "33 characters; at most 32")):
+        with pytest.raises(TeacherInputError, match=words):
+            client.infer(images=x, keep_indices=keep, request_id="bad", purpose=bad)
+    assert len(rec.sent) == sent  # refused by the client: nothing went out
+    assert [r.purpose for r in rec.sent if isinstance(r, pb.InferRequest)] == ["", "eval"]
+    assert {r["request_id"]: r["purpose"] for r in ledger_rows(server, "purposes")} == {
+        "plain": "", "eval": "eval", "streamed": "probe", "aio": "probe"}
+
+
 async def test_async_client_and_stream_over_mutual_tls(tmp_path: Path) -> None:
     pki = make_pki(tmp_path / "pki")
     with teacher_server(tmp_path, tiny_teacher(), tls_cert=pki.server_cert, tls_key=pki.server_key,

@@ -1,5 +1,6 @@
 """`--keep auto`: the decision rule on constructed logits, and a real run against a real teacher whose ledger, read
-back with SQL, holds exactly the probes and steps the summary reports; a rerun of the same steps bills nothing new."""
+back with SQL, holds exactly the probes (labelled purpose 'probe') and steps the summary reports; a rerun of the same
+steps bills nothing new."""
 from __future__ import annotations
 
 import csv
@@ -16,6 +17,8 @@ from student_client.config import TrainConfig
 from student_client.context import LocalContext
 from student_client.keep_auto import LADDER, Rung, choose, ladder, rung_sums
 from student_client.train_loop import run_training
+from teacher_server import ledger
+from teacher_server.ledger_reports import usage_by_purpose
 
 
 def reference_kl(full: torch.Tensor, masked: torch.Tensor, tau: float) -> float:
@@ -86,6 +89,8 @@ def test_a_keep_auto_run_bills_its_probes_once_and_logs_each_decision(
         summary = run_training(cfg.replace(max_steps=3, resume=True), LocalContext())  # step 1 keeps step 0's keep
         rows = ledger_rows(srv, "auto")
         err = capsys.readouterr().err
+        with ledger.open_ledger(srv.settings.db)() as session:  # what `teacher-server usage` and the dashboard show
+            reported = {p.purpose: p for p in usage_by_purpose(session, key_name="auto")}
 
         # a rerun of the same steps under the same run id sends the same bytes: all replayed, nothing billed
         run_id = (Path(cfg.out) / "run_id").read_text().strip()
@@ -104,6 +109,14 @@ def test_a_keep_auto_run_bills_its_probes_once_and_logs_each_decision(
     assert len(probes) == 2 * (1 + 2 * len(LADDER))  # two decisions: full + sips and random at every keep
     assert {str(r["request_id"]).split("-probe-")[0].rsplit("-", 1)[1] for r in probes} == {"s0", "s2"}
     assert summary["probe_gflops"] == pytest.approx(sum(r["gflops"] for r in probes), rel=1e-9)
+    # every probe, and nothing else, carries purpose 'probe': the teacher's reports attribute them exactly
+    assert [r["request_id"] for r in rows if r["purpose"] == "probe"] == [r["request_id"] for r in probes]
+    assert {r["purpose"] for r in rows if r not in probes} == {""}
+    assert summary["probe_gflops"] == pytest.approx(sum(r["gflops"] for r in rows if r["purpose"] == "probe"),
+                                                    rel=1e-9)
+    assert sorted(reported) == ["", "probe"] and reported["probe"].requests == len(probes)
+    assert reported["probe"].gflops == pytest.approx(summary["probe_gflops"], rel=1e-9)
+    assert reported["probe"].cost == pytest.approx(summary["probe_cost"], rel=1e-9)
     assert summary["probe_cost"] == pytest.approx(sum(r["cost"] for r in probes), rel=1e-9)
     assert sum(d["probe_gflops"] for d in decisions) == pytest.approx(summary["probe_gflops"], rel=1e-9)
     # the probe images need no other request: their KD target is the full-image probe answer
@@ -133,7 +146,7 @@ def test_masked_kd_keep_auto_decides_on_probes_and_bills_them_in_its_usage(tmp_p
             rows = ledger_rows(srv, "lib-auto")
     assert [(d["step"], d["keep"]) for d in kd.keep_decisions] == [(0, 0.25), (2, 0.25)]
     assert kd.total_billed.gflops == pytest.approx(sum(r["gflops"] for r in rows), rel=1e-9)
-    assert sorted(r["request_id"] for r in rows if "probe" in str(r["request_id"])) == sorted(
+    assert sorted(r["request_id"] for r in rows if r["purpose"] == "probe") == sorted(
         f"lib-s{s}-probe-{n}" for s in (0, 2) for n in ["full"] + [r.name for r in ladder(["sips", "random"])])
     # steps 0 and 2 send their 4 unprobed images, step 1 all 6; two decisions of 9 probe requests of 2 images
     assert sum(int(r["images"]) for r in rows) == 4 + 6 + 4 + 2 * 9 * 2

@@ -72,6 +72,28 @@ def test_same_id_same_content_replays_and_other_content_is_refused_unbilled(tmp_
         channel.close()
 
 
+def test_a_retry_under_another_purpose_replays_what_was_billed_under_the_first(tmp_path, model) -> None:
+    # purpose is not part of the digest (it does not change the answer): the retry is a replay, not ALREADY_EXISTS,
+    # and the row keeps the purpose it was billed with, so reports stay as billed
+    with running_server(settings(tmp_path), model=model) as srv:
+        secret = srv.create_key("kim")
+        channel, teacher = stub(srv.address)
+        probe = image_request(random_images(2, 5), random_keep(2, 12, 5), request_id="s0-probe-full")
+        probe.purpose = "probe"
+        first = teacher.Infer(probe, metadata=auth(secret))
+        unlabelled = pb.InferRequest()
+        unlabelled.CopyFrom(probe)
+        unlabelled.purpose = ""
+        again = teacher.Infer(unlabelled, metadata=auth(secret))
+        channel.close()
+        assert not first.usage.replayed and again.usage.replayed
+        assert again.logits.data == first.logits.data
+        assert (again.usage.gflops, again.usage.cost) == (first.usage.gflops, first.usage.cost)
+        assert content_digest(probe, model=srv.model_name) == content_digest(unlabelled, model=srv.model_name)
+        assert sql(srv.settings.db, "SELECT request_id, purpose, gflops, cost FROM usage") == [
+            ("s0-probe-full", "probe", first.usage.gflops, first.usage.cost)]
+
+
 def test_concurrent_duplicates_with_different_content_bill_one_and_refuse_the_others(tmp_path, model) -> None:
     with running_server(settings(tmp_path, max_delay_ms=100.0), model=model) as srv:
         secret = srv.create_key("kim")

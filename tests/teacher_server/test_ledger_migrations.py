@@ -169,3 +169,43 @@ def test_revision_0001_is_the_schema_main_created(tmp_path) -> None:
         return out
 
     assert schema(tmp_path / "r1.db") == schema(PRE_ALEMBIC)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_revision_0004_reads_rows_billed_before_it_as_training_targets(tmp_path, request, backend: str) -> None:
+    """A ledger at 0003 with rows (two keys, a currency and a NULL one) upgrades to 0004: every old row reads back
+    with purpose '' and is otherwise unchanged, a row inserted without a purpose gets '', the schema equals the
+    models."""
+    from alembic import command
+    from sqlalchemy import text
+
+    url = f"sqlite:///{tmp_path / 'r3.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    engine = ledger.make_engine(url)
+    with engine.begin() as conn:
+        command.upgrade(alembic_config(conn), "0003")
+        for name in ("a", "b"):
+            conn.execute(text("INSERT INTO api_keys (name, key_prefix, key_hash, created_at, disabled) "
+                              "VALUES (:n, 'mkd_x', :h, CURRENT_TIMESTAMP, false)"), {"n": name, "h": name * 64})
+        for i, (key_id, currency) in enumerate([(1, "USD"), (1, None), (2, "EUR")]):
+            conn.execute(text("INSERT INTO usage (api_key_id, request_id, model, images, tokens, gflops, full_gflops, "
+                              "cost, price_per_gflop, currency, latency_ms, queue_ms, batch_images, created_at) "
+                              "VALUES (:k, :r, 'm', 2, 10, :g, 4.0, :c, 1e-6, :cur, 1, 1, 2, CURRENT_TIMESTAMP)"),
+                         {"k": key_id, "r": f"old-{i}", "g": 1.5 + i, "c": (1.5 + i) * 1e-6, "cur": currency})
+    query = "SELECT request_id, api_key_id, gflops, cost, price_per_gflop, currency FROM usage ORDER BY id"
+    with engine.connect() as conn:
+        before = [tuple(r) for r in conn.execute(text(query))]
+    engine.dispose()
+
+    sessions = ledger.open_ledger(url)
+    engine = sessions.kw["bind"]
+    with engine.begin() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), ledger.Base.metadata) == []
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == head_revision()
+        assert [tuple(r) for r in conn.execute(text(query))] == before
+        assert [tuple(r) for r in conn.execute(text("SELECT request_id, purpose FROM usage ORDER BY id"))] == [
+            ("old-0", ""), ("old-1", ""), ("old-2", "")]
+        conn.execute(text("INSERT INTO usage (api_key_id, request_id, model, images, tokens, gflops, full_gflops, "
+                          "cost, latency_ms, queue_ms, batch_images, created_at) "
+                          "VALUES (2, 'raw', 'm', 1, 5, 1.0, 2.0, 0.0, 1, 1, 1, CURRENT_TIMESTAMP)"))
+        assert conn.execute(text("SELECT purpose FROM usage WHERE request_id = 'raw'")).scalar() == ""
+    engine.dispose()

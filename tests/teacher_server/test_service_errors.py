@@ -63,6 +63,12 @@ def _shape(shape: list[int], data: bytes = b"") -> pb.InferRequest:
     return req
 
 
+def _purpose(label: str) -> pb.InferRequest:
+    req = image_request(IMAGES, KEEP, request_id="labelled")
+    req.purpose = label
+    return req
+
+
 BAD_INPUTS: dict[str, tuple[Callable[[], pb.InferRequest], str]] = {  # case -> (request, words the message needs)
     "no input": (lambda: pb.InferRequest(), "no input"),
     "unknown wire dtype": (lambda: _wire_dtype("float64"), "unsupported dtype 'float64'"),
@@ -91,6 +97,9 @@ BAD_INPUTS: dict[str, tuple[Callable[[], pb.InferRequest], str]] = {  # case -> 
     "patch shape": (lambda: patch_request(PATCHES[0], KEEP), "must be [B, K, C, P, P]"),
     "patch size": (lambda: patch_request(PATCHES[..., :3, :3].contiguous(), KEEP), "patch size 3x3"),
     "request_id too long": (lambda: image_request(IMAGES, KEEP, request_id="x" * 201), "request_id is 201"),
+    "purpose in capitals": (lambda: _purpose("Probe"), "purpose 'Probe' may hold only lowercase letters"),
+    "purpose with a NUL": (lambda: _purpose("probe\x00"), "may hold only lowercase letters, digits"),
+    "purpose too long": (lambda: _purpose("p" * 33), "is 33 characters; at most 32"),
     "65 dimensions": (lambda: _shape([1] * 65, b"\x00"), "65 dimensions; at most 16"),
     "huge dimensions": (_huge_dims, "elements exceed the limit"),
     "zero-size with huge dimensions": (lambda: _shape([0, 3, 1 << 40, 1 << 40]), "zero-size shape"),

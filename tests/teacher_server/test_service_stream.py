@@ -48,6 +48,8 @@ def _bad_messages() -> list[tuple[bytes, str, grpc.StatusCode, str]]:
     bad_dtype.images.dtype = "uint9"
     bad_utf8_dtype = bad_dtype.SerializeToString().replace(b"uint9", b"uin\xff9")
     bad_utf8_id = image_request(images, keep, request_id="idXX").SerializeToString().replace(b"idXX", b"id\xc3\x28")
+    bad_purpose = image_request(images, keep, request_id="bad-purpose")
+    bad_purpose.purpose = "Training Targets"
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     return [
         (one_channel.SerializeToString(), "one-channel", invalid, "1 channels"),
@@ -56,6 +58,7 @@ def _bad_messages() -> list[tuple[bytes, str, grpc.StatusCode, str]]:
         (cut, "cut-short", invalid, "not a valid maskedkd.v1.InferRequest: keep_indices"),
         (bad_utf8_dtype, "bad-dtype", invalid, "images.dtype is not valid UTF-8"),
         (bad_utf8_id, "", invalid, "request_id is not valid UTF-8"),
+        (bad_purpose.SerializeToString(), "bad-purpose", invalid, "purpose 'Training Targets' may hold only"),
     ]
 
 
@@ -70,6 +73,8 @@ def test_each_message_gets_its_own_answer_and_only_good_ones_are_billed(served) 
     srv, reference = served
     key = srv.create_key("mixed")
     goods = [_good(i) for i in range(6)]
+    for request, _, _ in goods[4:]:
+        request.purpose = "probe"  # per message: the others stay training targets
     bads = _bad_messages()
     messages = [g[0].SerializeToString() for g in goods[:3]] + [b[0] for b in bads[:3]] + \
         [g[0].SerializeToString() for g in goods[3:]] + [b[0] for b in bads[3:]]
@@ -91,6 +96,8 @@ def test_each_message_gets_its_own_answer_and_only_good_ones_are_billed(served) 
         assert words in answer.error.message and len(answer.error.message) <= 300, answer.error.message
     rows = [r for r in ledger_rows(srv.settings.db) if r["key"] == "mixed"]
     assert sorted(r["request_id"] for r in rows) == sorted(g[0].request_id for g in goods)  # each exactly once
+    assert {r["request_id"]: r["purpose"] for r in rows} == {g[0].request_id: g[0].purpose for g in goods}
+    assert sorted(r["purpose"] for r in rows) == [""] * 4 + ["probe"] * 2
     for row in rows:
         assert row["gflops"] == pytest.approx(by_id[row["request_id"]].usage.gflops, rel=1e-12)
 

@@ -1,5 +1,6 @@
-"""GET /api/usage/...: totals per key, time series per key and bucket, usage and refusals per day (JSON and CSV),
-recent latency and batch sizes (read-only). Prices and currencies are those stored with the usage rows."""
+"""GET /api/usage/...: totals per key (with what probe requests cost), time series per key and bucket, usage and
+refusals per day (JSON and CSV), recent latency and batch sizes (read-only). Prices and currencies are those stored
+with the usage rows."""
 from __future__ import annotations
 
 import io
@@ -11,13 +12,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Query, status
 from fastapi.responses import Response
 
+from maskedkd.purpose import PROBE
 from teacher_server.dashboard import queries
 from teacher_server.dashboard.access import require_viewer
 from teacher_server.dashboard.deps import SessionDep
 from teacher_server import ledger_reports
 from teacher_server.dashboard.schemas import (
     BilledPrice, Bucket, CurrencyCost, DailyUsage, DayRefusals, DayUsage, ErrorMessage, KeySeries, KeyUsage,
-    LatencyFigures, RecentLatency, UsageByKey, UsageSeries, UsageTotals,
+    LatencyFigures, PurposeCost, RecentLatency, UsageByKey, UsageSeries, UsageTotals,
 )
 from teacher_server.ledger import as_utc, find_api_key_by_name, saving_pct, usage_totals
 from teacher_server.ledger_reports import currency_name
@@ -64,6 +66,11 @@ def usage_by_key(session: SessionDep, since: SinceQuery = None, until: UntilQuer
     for b in ledger_reports.billed_prices(session, since=since, until=until, key_name=key):
         billed[b.key].append(BilledPrice(price_per_gflop=b.price_per_gflop, currency=currency_name(b.currency),
                                          requests=b.requests, gflops=b.gflops, cost=b.cost))
+    purposes: dict[str, list[PurposeCost]] = defaultdict(list)
+    for p in ledger_reports.usage_by_purpose(session, since=since, until=until, key_name=key):
+        purposes[p.key].append(PurposeCost(purpose=p.purpose, currency=currency_name(p.currency),
+                                           requests=p.requests, images=p.images, tokens=p.tokens, gflops=p.gflops,
+                                           full_gflops=p.full_gflops, cost=p.cost))
     refused: dict[str | None, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for r in ledger_reports.refusals_by_day(session, since=since, until=until):
         refused[r.key][r.reason] += r.count
@@ -75,10 +82,13 @@ def usage_by_key(session: SessionDep, since: SinceQuery = None, until: UntilQuer
         quota_pct: float | None = None
         if r.quota_gflops is not None:  # a zero quota is spent from the start
             quota_pct = 100.0 * lifetime[r.name] / r.quota_gflops if r.quota_gflops > 0 else 100.0
+        probes = [p for p in purposes[r.name] if p.purpose == PROBE]
         keys.append(KeyUsage(
             name=r.name, key_prefix=r.key_prefix, disabled=r.disabled, created_at=r.created_at,
             quota_gflops=r.quota_gflops, price_per_gflop=r.price_per_gflop,
             currency=_one_currency({b.currency for b in billed[r.name]}), billed=billed[r.name],
+            by_purpose=purposes[r.name], probe_requests=sum(p.requests for p in probes),
+            probe_gflops=math.fsum(p.gflops for p in probes), probe_cost=math.fsum(p.cost for p in probes),
             refused=dict(refused.get(r.name, {})), quota_used_pct=quota_pct,
             last_used_at=r.last_used_at, requests=r.requests, images=r.images, tokens=r.tokens, gflops=r.gflops,
             full_gflops=r.full_gflops, saved_gflops=r.full_gflops - r.gflops,
@@ -90,6 +100,8 @@ def usage_by_key(session: SessionDep, since: SinceQuery = None, until: UntilQuer
         requests=sum(k.requests for k in keys), images=sum(k.images for k in keys),
         tokens=sum(k.tokens for k in keys), gflops=gflops, full_gflops=full, saved_gflops=full - gflops,
         saving_pct=saving_pct(gflops, full), cost=sum(k.cost for k in keys),
+        probe_requests=sum(k.probe_requests for k in keys), probe_gflops=math.fsum(k.probe_gflops for k in keys),
+        probe_cost=math.fsum(k.probe_cost for k in keys),
     )
     per_currency: dict[str, list[BilledPrice]] = defaultdict(list)
     for prices in billed.values():
@@ -155,7 +167,8 @@ def usage_daily(session: SessionDep, since: SinceQuery = None, until: UntilQuery
     _unknown_key(session, key)
     days = [DayUsage(day=d.day, key=d.key, currency=currency_name(d.currency), price_per_gflop=d.price_per_gflop,
                      requests=d.requests, images=d.images, tokens=d.tokens, gflops=d.gflops,
-                     full_gflops=d.full_gflops, cost=d.cost)
+                     full_gflops=d.full_gflops, cost=d.cost, probe_requests=d.probe_requests,
+                     probe_gflops=d.probe_gflops, probe_cost=d.probe_cost)
             for d in ledger_reports.usage_by_day(session, since=since, until=until, key_name=key)]
     refusals = [DayRefusals(day=r.day, key=r.key, reason=r.reason, count=r.count)
                 for r in ledger_reports.refusals_by_day(session, since=since, until=until, key_name=key)]
@@ -168,7 +181,8 @@ def usage_daily(session: SessionDep, since: SinceQuery = None, until: UntilQuery
 def usage_daily_csv(session: SessionDep, since: SinceQuery = None, until: UntilQuery = None,
                     key: KeyQuery = None) -> Response:
     """The rows of /api/usage/daily as CSV with a header: day, key, currency, price_per_gflop, requests, images,
-    tokens, gflops, full_gflops, cost (floats written exactly; `teacher-server usage --csv` writes the same)."""
+    tokens, gflops, full_gflops, cost, probe_requests, probe_gflops, probe_cost (floats written exactly;
+    `teacher-server usage --csv` writes the same)."""
     _check_window(since, until)
     _unknown_key(session, key)
     out = io.StringIO()

@@ -30,6 +30,18 @@ function fmtCosts(billed) {
   const parts = Object.keys(per).sort().map((c) => fmtMoney(per[c], c));
   return parts.length ? parts.join(" + ") : fmtFixed(0, 6);
 }
+// GFLOPs of the probe requests with their share of all GFLOPs: "12.34 (4.1 %)"
+function fmtShare(part, whole) {
+  return `${fmtGflops(part)} (${fmtPct(whole > 0 ? 100 * part / whole : 0)})`;
+}
+const probesOf = (byPurpose) => (byPurpose || []).filter((p) => p.purpose === "probe");
+// what the probes of a key cost: GFLOPs with their share on one line, money on the next
+function probeCell(probeGflops, gflops, cost) {
+  const cell = el("td", { class: "num", "data-field": "probes" });
+  cell.append(el("span", { "data-field": "probe_gflops" }, fmtShare(probeGflops, gflops)),
+              el("span", { class: "note", "data-field": "probe_cost" }, cost));
+  return cell;
+}
 function fmtRefused(counts) {
   const reasons = Object.keys(counts || {}).sort();
   const total = reasons.reduce((acc, r) => acc + counts[r], 0);
@@ -67,7 +79,10 @@ function renderUsage(usage) {
   }
   const totals = { requests: fmtInt(t.requests), images: fmtInt(t.images), gflops: fmtGflops(t.gflops),
                    full_gflops: fmtGflops(t.full_gflops), saving_pct: fmtPct(t.saving_pct),
-                   cost: fmtCosts(usage.cost_by_currency), refused: fmtRefused(refusedAll) };
+                   cost: fmtCosts(usage.cost_by_currency), refused: fmtRefused(refusedAll),
+                   probe_gflops: fmtGflops(t.probe_gflops) + " GFLOPs",
+                   probe_cost: `${fmtPct(t.gflops > 0 ? 100 * t.probe_gflops / t.gflops : 0)} of GFLOPs · ` +
+                     fmtCosts(usage.keys.flatMap((k) => probesOf(k.by_purpose))) };
   for (const [field, text] of Object.entries(totals)) {
     document.querySelector(`[data-total="${field}"]`).textContent = text;
   }
@@ -83,18 +98,21 @@ function renderUsage(usage) {
     row.append(status);
     const cells = [["requests", fmtInt(k.requests)], ["images", fmtInt(k.images)], ["gflops", fmtGflops(k.gflops)],
                    ["full_gflops", fmtGflops(k.full_gflops)], ["saving_pct", fmtPct(k.saving_pct)],
-                   ["cost", fmtCosts(k.billed)],
+                   ["cost", fmtCosts(k.billed)], ["probes", null],
                    ["price", [...new Set(k.billed.map((b) => fmtPrice(b.price_per_gflop, b.currency)))].join(", ")
                      || "–"],
                    ["quota", k.quota_gflops === null ? "unlimited"
                      : `${fmtPct(k.quota_used_pct)} of ${fmtGflops(k.quota_gflops)}`],
                    ["refused", fmtRefused(k.refused)]];
-    for (const [field, text] of cells) row.append(el("td", { class: "num", "data-field": field }, text));
+    for (const [field, text] of cells) {
+      row.append(field === "probes" ? probeCell(k.probe_gflops, k.gflops, fmtCosts(probesOf(k.by_purpose)))
+        : el("td", { class: "num", "data-field": field }, text));
+    }
     body.append(row);
   }
   if (!usage.keys.length) {
     const row = el("tr");
-    row.append(el("td", { colspan: 12, class: "muted" },
+    row.append(el("td", { colspan: 13, class: "muted" },
       "No API keys yet: create one with `teacher-server keys create --name NAME` or POST /api/keys."));
     body.append(row);
   }
@@ -151,7 +169,8 @@ function renderDaily(daily) {
   for (const r of daily.refusals) {
     const cell = `${r.day}|${r.key ?? ""}`;
     if (!first[cell]) {
-      first[cell] = { day: r.day, key: r.key, refused: {}, requests: 0, images: 0, gflops: 0, currency: null };
+      first[cell] = { day: r.day, key: r.key, refused: {}, requests: 0, images: 0, gflops: 0, probe_gflops: 0,
+                      currency: null };
       rows.push(first[cell]);
     }
     first[cell].refused[r.reason] = (first[cell].refused[r.reason] || 0) + r.count;
@@ -164,6 +183,8 @@ function renderDaily(daily) {
     row.append(el("td", { "data-field": "day" }, d.day), el("td", { "data-field": "key" }, d.key ?? "(no key)"));
     const cells = [["requests", fmtInt(d.requests)], ["images", fmtInt(d.images)], ["gflops", fmtGflops(d.gflops)],
                    ["cost", d.currency === null ? "–" : fmtMoney(d.cost, d.currency)],
+                   ["probe_gflops", fmtShare(d.probe_gflops, d.gflops)],
+                   ["probe_cost", d.currency === null ? "–" : fmtMoney(d.probe_cost, d.currency)],
                    ["price", d.currency === null ? "–" : fmtPrice(d.price_per_gflop, d.currency)],
                    ["refused", fmtRefused(d.refused)]];
     for (const [field, text] of cells) row.append(el("td", { class: "num", "data-field": field }, text));

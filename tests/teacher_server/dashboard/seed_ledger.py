@@ -34,6 +34,7 @@ class KeyPlan:
     end_min: int                    # minutes before now of its last request
     every_min: float                # one request about every this many minutes
     disabled: bool = False
+    probe_every: int = 0            # every this many-th request is a `--keep auto` probe (purpose 'probe'); 0: none
 
 
 # refused calls per key (None: no key known) and reason, counted today (UTC)
@@ -41,8 +42,9 @@ REFUSALS = {("robotics-lab", "quota"): 7, ("robotics-lab", "invalid"): 1, ("inte
             (None, "auth"): 12}
 
 PLANS = (
-    KeyPlan("vision-team", None, None, keep=0.5, batch=128, start_min=175, end_min=0, every_min=0.5),
-    KeyPlan("robotics-lab", 3e-6, 6e6, keep=0.25, batch=256, start_min=95, end_min=20, every_min=0.25),
+    KeyPlan("vision-team", None, None, keep=0.5, batch=128, start_min=175, end_min=0, every_min=0.5, probe_every=9),
+    KeyPlan("robotics-lab", 3e-6, 6e6, keep=0.25, batch=256, start_min=95, end_min=20, every_min=0.25,
+            probe_every=25),
     KeyPlan("benchmarks", 1e-6, None, keep=1.0, batch=64, start_min=150, end_min=110, every_min=1.0),
     KeyPlan("intern-sandbox", None, 2e4, keep=0.5, batch=32, start_min=60, end_min=45, every_min=1.0,
             disabled=True),
@@ -84,6 +86,7 @@ def seed_usage(sessions: sessionmaker[Session], *, now: datetime, seed: int = 0)
                 currency="USD",
                 latency_ms=queue_ms + batch_images * per_image * rng.uniform(0.08, 0.12), queue_ms=queue_ms,
                 batch_images=batch_images, created_at=created,
+                purpose="probe" if plan.probe_every and n % plan.probe_every == 0 else "",
             ))
             minute -= plan.every_min * rng.uniform(0.97, 1.03)
             n += 1

@@ -2,7 +2,9 @@
 (raw SQL through the sqlite3 module, bucketing in Python), admin calls need the admin token, bad input is a 4xx."""
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import math
 import os
 import sqlite3
@@ -104,6 +106,43 @@ def test_usage_by_key_equals_sql_sums(client: TestClient, seeded: SeededLedger) 
         used = expected[key["name"]][3]
         assert key["quota_used_pct"] == (None if quota is None else pytest.approx(100 * used / quota, rel=REL))
     assert any(k["disabled"] for k in body["keys"]) and any(k["requests"] == 0 for k in body["keys"])
+
+
+def test_probe_costs_per_key_and_per_day_equal_sql_sums(client: TestClient, seeded: SeededLedger) -> None:
+    body = client.get("/api/usage/keys").json()
+    per_purpose = defaultdict(list)
+    for name, purpose, currency, n, gflops, cost in rows(seeded.path, """
+            SELECT k.name, u.purpose, u.currency, COUNT(*), SUM(u.gflops), SUM(u.cost) FROM usage u
+            JOIN api_keys k ON k.id = u.api_key_id GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"""):
+        per_purpose[name].append((purpose, currency, n, pytest.approx(gflops, rel=REL), pytest.approx(cost, rel=REL)))
+    probes = {r[0]: r[1:] for r in rows(seeded.path, """
+        SELECT k.name, COUNT(u.id), COALESCE(SUM(u.gflops), 0.0), COALESCE(SUM(u.cost), 0.0) FROM api_keys k
+        LEFT JOIN usage u ON u.api_key_id = k.id AND u.purpose = 'probe' GROUP BY k.name""")}
+    assert sum(1 for n, _, _ in probes.values() if n) == 2  # the seed has probes on two keys, not on the others
+    for key in body["keys"]:
+        assert [(p["purpose"], p["currency"], p["requests"], p["gflops"], p["cost"]) for p in key["by_purpose"]] == \
+            per_purpose[key["name"]]
+        n, gflops, cost = probes[key["name"]]
+        assert key["probe_requests"] == n
+        assert key["probe_gflops"] == pytest.approx(gflops, rel=REL, abs=0.0)
+        assert key["probe_cost"] == pytest.approx(cost, rel=REL, abs=0.0)
+        assert key["probe_gflops"] < key["gflops"] or key["gflops"] == 0
+    assert body["total"]["probe_requests"] == sum(n for n, _, _ in probes.values())
+    assert body["total"]["probe_gflops"] == pytest.approx(sum(g for _, g, _ in probes.values()), rel=REL)
+
+    daily = client.get("/api/usage/daily").json()["days"]
+    expected = {(day, name, price): (n, pytest.approx(g, rel=REL, abs=0.0), pytest.approx(c, rel=REL, abs=0.0))
+                for day, name, price, n, g, c in rows(seeded.path, """
+                    SELECT date(u.created_at), k.name, u.price_per_gflop,
+                           SUM(u.purpose = 'probe'), SUM(CASE WHEN u.purpose = 'probe' THEN u.gflops ELSE 0 END),
+                           SUM(CASE WHEN u.purpose = 'probe' THEN u.cost ELSE 0 END)
+                    FROM usage u JOIN api_keys k ON k.id = u.api_key_id GROUP BY 1, 2, 3""")}
+    assert {(d["day"], d["key"], d["price_per_gflop"]): (d["probe_requests"], d["probe_gflops"], d["probe_cost"])
+            for d in daily} == expected
+    exported = list(csv.DictReader(io.StringIO(client.get("/api/usage/daily.csv").text)))
+    assert [(r["day"], r["key"], int(r["probe_requests"]), float(r["probe_gflops"]), float(r["probe_cost"]))
+            for r in exported] == [(d["day"], d["key"], d["probe_requests"], d["probe_gflops"], d["probe_cost"])
+                                   for d in daily]
 
 
 def test_usage_window_equals_sql(client: TestClient, seeded: SeededLedger) -> None:

@@ -91,6 +91,16 @@ def test_page_totals_and_key_table_equal_the_ledger(page: Page, seeded: SeededLe
     assert_shows(total["saving_pct"], 100 * (full - gflops) / full)
     assert_shows(total["cost"], cost)
     assert total["cost"].startswith("USD ")
+    probes = {r[0]: r[1:] for r in rows(seeded.path, """
+        SELECT k.name, COALESCE(SUM(u.gflops), 0), COALESCE(SUM(u.cost), 0) FROM api_keys k
+        LEFT JOIN usage u ON u.api_key_id = k.id AND u.purpose = 'probe' GROUP BY k.name""")}
+    probe_gflops, probe_cost = (sum(v[i] for v in probes.values()) for i in range(2))
+    assert probe_gflops > 0
+    assert_shows(page.inner_text("[data-total=probe_gflops]"), probe_gflops)
+    share, paid = page.inner_text("[data-total=probe_cost]").split("·")  # "7.4 % of GFLOPs · USD 0.064631"
+    assert_shows(share, 100 * probe_gflops / gflops)
+    assert paid.strip().startswith("USD ")
+    assert_shows(paid, probe_cost)
 
     assert page.eval_on_selector_all("#keys tbody tr", "rs => rs.map(r => r.dataset.key)") == sorted(per_key)
     for name, (n, imgs, used, full_k, cost_k, disabled) in per_key.items():
@@ -102,6 +112,10 @@ def test_page_totals_and_key_table_equal_the_ledger(page: Page, seeded: SeededLe
         assert_shows(cell("full_gflops"), full_k)
         assert_shows(cell("saving_pct"), 100 * (full_k - used) / full_k if full_k else 0.0)
         assert_shows(cell("cost"), cost_k)
+        probe_cell = page.inner_text(f'#keys tr[data-key="{name}"] [data-field="probe_gflops"]')  # "6,755.68 (4.0 %)"
+        assert_shows(probe_cell, probes[name][0])
+        assert_shows(probe_cell.split("(")[1], 100 * probes[name][0] / used if used else 0.0)
+        assert_shows(page.inner_text(f'#keys tr[data-key="{name}"] [data-field="probe_cost"]'), probes[name][1])
         assert cell("status") == ("disabled" if disabled else "active")
 
     latency = sorted((r[0] for r in rows(seeded.path, "SELECT latency_ms FROM usage ORDER BY id DESC LIMIT 1000")))
@@ -117,26 +131,32 @@ def test_page_totals_and_key_table_equal_the_ledger(page: Page, seeded: SeededLe
         assert_shows(page.inner_text(f'#keys tr[data-key="{name}"] td[data-field="refused"]'), refused.get(name, 0))
 
     # the per-day table: one row per (day, key, price) billed, refusals on a (day, key)'s first row
-    daily = defaultdict(lambda: [0, 0.0, 0.0, 0])
-    for day, name, n, used, cost in rows(seeded.path, """
-            SELECT date(u.created_at), k.name, COUNT(*), SUM(u.gflops), SUM(u.cost) FROM usage u
+    daily = defaultdict(lambda: [0, 0.0, 0.0, 0, 0.0, 0.0])
+    for day, name, n, used, cost, probe_used, probe_paid in rows(seeded.path, """
+            SELECT date(u.created_at), k.name, COUNT(*), SUM(u.gflops), SUM(u.cost),
+                   SUM(CASE WHEN u.purpose = 'probe' THEN u.gflops ELSE 0 END),
+                   SUM(CASE WHEN u.purpose = 'probe' THEN u.cost ELSE 0 END) FROM usage u
             JOIN api_keys k ON k.id = u.api_key_id GROUP BY 1, 2"""):
         daily[(day, name)][:3] = [n, used, cost]
+        daily[(day, name)][4:] = [probe_used, probe_paid]
     for day_start, name, count in rows(seeded.path, """
             SELECT r.day_start, k.name, SUM(r.count) FROM refusals r LEFT JOIN api_keys k ON k.id = r.api_key_id
             GROUP BY 1, 2"""):
         daily[(datetime.fromtimestamp(day_start, timezone.utc).date().isoformat(), name or "")][3] += count
     shown_days = page.eval_on_selector_all("#daily tbody tr", "rs => rs.map(r => [r.dataset.day, r.dataset.key, "
-                                           "...['requests', 'gflops', 'cost', 'refused'].map(f => "
+                                           "...['requests', 'gflops', 'cost', 'refused', 'probe_gflops', "
+                                           "'probe_cost'].map(f => "
                                            "r.querySelector(`td[data-field=${f}]`).textContent)])")
     assert sorted((d, k) for d, k, *_ in shown_days) == sorted(daily)
-    for day, name, n, used, cost, refused_text in shown_days:
+    for day, name, n, used, cost, refused_text, probe_used, probe_paid in shown_days:
         want = daily[(day, name)]
         assert_shows(n, want[0])
         assert_shows(used, want[1])
         if want[0]:
             assert cost.startswith("USD ")
             assert_shows(cost, want[2])
+            assert_shows(probe_used, want[4])
+            assert_shows(probe_paid, want[5])
         assert_shows(refused_text, want[3])
 
     origin = dashboard.url
