@@ -15,7 +15,7 @@ from maskedkd.flops import ViTShape, masked_forward_flops
 
 REPO = Path(__file__).resolve().parents[2]
 TEACHER = REPO / "models" / "cifar10-vit-teacher.safetensors"
-ROW = re.compile(r"^\s+(student, [^%]+?|teacher \(.+?\))\s+([0-9.]+)%(?:\s+([0-9.]+)\s+([0-9.na]+)\s+([0-9.]+) USD)?$",
+ROW = re.compile(r"^\s+(student, .+?|teacher \(.+?\))\s{2,}([0-9.]+)%(?:\s+([0-9.]+)\s+([0-9.na]+)\s+([0-9.]+) USD)?$",
                  re.MULTILINE)
 
 
