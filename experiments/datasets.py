@@ -11,8 +11,6 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CACHE_ROOT = Path("~/.cache/maskedkd").expanduser()
 # dataset name -> its tarball in ../shared/data (ImageFolder layout: train/<class>/..., test/<class>/...)
 TARBALLS = {"cifar10": "cifar10-jpg.tar.gz", "mnist": "mnist-png.tar.gz"}
-DEFAULT_TARBALL = SHARED_DATA / TARBALLS["cifar10"]
-DEFAULT_CACHE = CACHE_ROOT / "cifar10"
 
 
 def default_tarball(dataset: str) -> Path:

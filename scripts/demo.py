@@ -194,8 +194,8 @@ def run_demo(cfg: DemoConfig) -> int:
 
 
 def print_report(teacher_top1: float, results: list[StudentResult], dashboard: str) -> None:
-    by_mode = {(r.student.mode, r.student.keep >= 1): r for r in results}
-    base, full, masked = by_mode[("none", True)], by_mode[("kd", True)], by_mode[("kd", False)]
+    by_name = {r.student.name: r for r in results}
+    base, full, masked = by_name["student-no-kd"], by_name["student-full-kd"], by_name["student-maskedkd"]
     lines = ["", "MaskedKD demo: results (test split of the committed CIFAR-10 subset, 1,000 images)",
              f"  {'':<40} {'top-1':>7}  {'teacher GFLOPs':>14}  {'x full KD':>9}  {'teacher cost':>16}",
              f"  {teacher_label():<40} {teacher_top1:6.2f}%"]
