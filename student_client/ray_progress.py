@@ -1,8 +1,8 @@
 """The driver's view of a Ray run, built from `ray.train.report` metrics only, never from files, so it works when rank 0
 runs on another node.
 
-Every worker reports a "start" row, a "step" row every `log_every` steps, an "epoch" row (with rank 0's checkpoint)
-and a "final" summary. Ray Train calls `ForwardReports.after_report` on its controller (an actor on the driver's
+Every worker reports a "start" row, a "step" row every `progress_every` steps, an "epoch" row (with rank 0's
+checkpoint) and a "final" summary. Ray Train calls `ForwardReports.after_report` on its controller (an actor on the driver's
 node) with all workers' rows; it forwards rank 0's row, plus the node of every rank, to a Ray queue that
 `ReportedProgress` drains on the driver: the progress bar, one line per epoch, and the final summary.
 """
@@ -111,6 +111,10 @@ class ReportedProgress:
                 self._bar.update(step - self.steps_seen)
             self.steps_seen = max(self.steps_seen, step)
         elif kind == "epoch":
+            step = int(row["global_step"])
+            if self._bar is not None and step > self.steps_seen:  # steps since the last progress row
+                self._bar.update(step - self.steps_seen)
+            self.steps_seen = max(self.steps_seen, step)
             self._print(epoch_line(row, row.get("node") if len(set(self.nodes)) > 1 else None))
 
     def _print(self, line: str) -> None:

@@ -235,7 +235,7 @@ def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
                     row.update(keep_strategy=selector.strategy, keep=selector.keep)
                 if is_main:
                     _log_step(writer, progress, cfg, state, row)
-                if ctx.under_ray and state.global_step % max(1, cfg.log_every) == 0:  # every rank: a collective
+                if ctx.under_ray and state.global_step % cfg.progress_every == 0:  # every rank: a collective
                     ctx.report({"kind": "step", **{k: v for k, v in row.items() if v != ""}})
             if fatal is not None:
                 break
