@@ -28,9 +28,9 @@ postgres:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; } \
 		|| echo "warning: could not install postgresql: the Postgres ledger tests fail in CI, skip elsewhere"
 
-## The whole suite (CPU only, tiny models; about 23 minutes on 2 cores; 605 tests).
+## The whole suite (CPU only, tiny models; 2 pytest workers, since most slow tests wait on Ray and server subprocesses).
 test: install browser postgres
-	$(VENV)/bin/pytest -q -ra --durations=15 tests
+	$(VENV)/bin/pytest -q -ra --durations=15 -n 2 --dist loadscope tests
 
 ## The demo: teacher server + key + MaskedKD and no-KD students on 2 Ray workers + the bill + the dashboard.
 ## `make demo DEMO_ARGS=--exit` exits when done instead of keeping the dashboard up.

@@ -27,3 +27,9 @@ def cifar_subset() -> Path:
 def tiny_vit_kwargs(**overrides: object) -> dict[str, object]:
     """A CIFAR-size ViT: 32x32 input, 4x4 patches (8x8 grid), 10 classes."""
     return {"img_size": 32, "patch_size": 4, "num_classes": 10, **overrides}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow modules first (a stable sort keeps each module's order): under `make test`'s two workers the long
+    end-to-end runs then overlap each other and the quick tests fill the gaps, instead of one worker ending alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -46,7 +46,7 @@ from teacher_server.child_process import stop_gracefully  # noqa: E402
 from teacher_server.server import SERVICE_NAME  # noqa: E402
 from teacher_server.testing import RunningServer, running_server  # noqa: E402
 
-pytestmark = pytest.mark.timeout(360)
+pytestmark = [pytest.mark.timeout(360), pytest.mark.slow]  # `make test` starts slow modules first
 
 _SCRIPT = Path(sys.executable).parent / "teacher-server"
 CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "teacher_server.cli"]

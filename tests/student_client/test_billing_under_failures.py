@@ -22,7 +22,7 @@ from maskedkd.checkpoints import save_model_checkpoint
 from maskedkd.masked_teacher import MaskedTeacher
 from student_client.cli import main
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]  # `make test` starts slow modules first
 
 
 def run_id_of(out: Path) -> str:

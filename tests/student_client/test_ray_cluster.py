@@ -11,11 +11,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 from process_testkit import STUDENT_CLI
 from ray_cluster_testkit import two_node_cluster
 from student_testkit import STUDENT, STUDENT_KWARGS, ledger_rows_at, make_archive, teacher_server, tiny_teacher
 
 from student_client.data_archive import CACHE_ENV
+
+pytestmark = pytest.mark.slow  # Ray / subprocess end-to-end: `make test` starts slow modules first
 
 
 def test_two_nodes_train_with_shared_storage_and_reported_progress(tmp_path: Path) -> None:

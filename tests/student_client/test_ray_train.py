@@ -23,6 +23,8 @@ from maskedkd.masked_teacher import MaskedTeacher
 from student_client.config import TrainConfig
 from student_client.ray_runner import TrainingError, run_with_ray
 
+pytestmark = pytest.mark.slow  # Ray / subprocess end-to-end: `make test` starts slow modules first
+
 
 @pytest.fixture(scope="module")
 def local_ray():  # type: ignore[no-untyped-def]
