@@ -32,6 +32,8 @@ def aggregate(results: list[dict[str, Any]], methods: tuple[str, ...]) -> list[d
             "train_wall_s": statistics.fmean(r["train_wall_s"] for r in mine),
             "probe_gflops": statistics.fmean(r.get("probe_gflops", 0.0) for r in mine),
             "last_decisions": [r["keep_decisions"][-1] for r in mine if r.get("keep_decisions")],
+            "keep_mass": m.keep_mass,
+            "kept_fractions": [r["kept_fraction"] for r in mine if r.get("kept_fraction") is not None],
         })
     full = next((r for r in rows if r["method"] == "full_kd"), None)
     for r in rows:
@@ -40,7 +42,13 @@ def aggregate(results: list[dict[str, Any]], methods: tuple[str, ...]) -> list[d
 
 
 def keep_text(row: dict[str, Any]) -> str:
-    """A fixed keep as a percentage; `auto` with the keep and strategy each seed's run ended on."""
+    """A fixed keep as a percentage; `auto` with the keep and strategy each seed's run ended on; a SIPS-mass keep
+    with the mean share of patches its images kept."""
+    if row.get("keep_mass") is not None:
+        kept = row.get("kept_fractions") or []
+        mean = f", mean kept {100 * statistics.fmean(kept):.1f}%" if kept else ""
+        cap = "" if row["keep"] == 1.0 else f", at most {100 * row['keep']:.0f}%"
+        return f"{100 * row['keep_mass']:.0f}% of SIPS mass per image{cap}{mean}"
     if row["keep"] != "auto":
         return f"{100 * row['keep']:.0f}%"
     chosen = ", ".join(f"{100 * d['keep']:.1f}% {d['strategy']}" if d.get("keep") else "full"

@@ -3,7 +3,8 @@
 1. The teacher: the committed one (config `cifar10`), or trained here with `student-client train --mode none`.
 2. Serve it: `teacher-server serve --checkpoint teacher/model.safetensors` on a free loopback port.
 3. Students, each seed, each with its own API key (`teacher-server keys create`): no KD, full KD, MaskedKD keep
-   75/50/25% with SIPS, random and bottom-k at 50%, mask-student at 50%, `--keep auto`.
+   75/50/25% with SIPS, random and bottom-k at 50%, mask-student at 50%, `--keep auto`, per-image K by SIPS
+   mass (`--keep-mass 0.9`).
 4. Evaluate every student on the test split; read each run's teacher GFLOPs from the server's ledger.
 5. Teacher-fidelity probe (experiments/fidelity_probe.py) with the MaskedKD-50 student of the first seed.
 6. docs/reproduction.md (results table, mean and std over seeds) and the accuracy-vs-keep figure (paper Fig. 2).
@@ -105,7 +106,8 @@ def _train(cfg: ReproConfig, recipe: Any, method: Method, seed: int, run_dir: Pa
     cmd = train_command(data=data, out=run_dir, recipe=recipe, mode=method.mode, keep=method.keep,
                         strategy=method.strategy, seed=seed, device=cfg.device, threads=threads,
                         micro_batches=cfg.micro_batches, lambda_kd=cfg.lambda_kd, tau=cfg.tau,
-                        teacher=service.address if kd and service else None, resume=resume)
+                        teacher=service.address if kd and service else None, resume=resume,
+                        keep_mass=method.keep_mass)
     key = service.create_key(run_dir.name) if kd and service else None
     return train(cmd, run_dir / "train.log", api_key=key)
 
@@ -159,7 +161,7 @@ def run_student(cfg: ReproConfig, method: Method, seed: int, data: Path, out: Pa
     result = {"method": method.key, "seed": seed, **evaluate(run_dir, data, cfg), "ledger": ledger,
               "client_gflops": summary.get("teacher_gflops", 0.0), "steps": summary.get("global_step"),
               "train_wall_s": wall, "probe_gflops": summary.get("probe_gflops", 0.0),
-              "keep_decisions": summary.get("keep_decisions", [])}
+              "keep_decisions": summary.get("keep_decisions", []), "kept_fraction": summary.get("kept_fraction")}
     (run_dir / RESULT).write_text(json.dumps(result, indent=2))
     return result
 

@@ -132,7 +132,7 @@ class TeacherService:
 
 def train_command(*, data: Path, out: Path, recipe: Any, mode: str, keep: float, strategy: str, seed: int,
                   device: str, threads: int, micro_batches: int, lambda_kd: float, tau: float,
-                  teacher: str | None = None, resume: bool = False) -> list[str]:
+                  teacher: str | None = None, resume: bool = False, keep_mass: float | None = None) -> list[str]:
     """`student-client train ...` for one run (in-process, one worker: `--local`)."""
     cmd = tool("student-client") + [
         "train", "--local", "--data", str(data), "--out", str(out), "--student", recipe.arch,
@@ -145,6 +145,8 @@ def train_command(*, data: Path, out: Path, recipe: Any, mode: str, keep: float,
     ]
     if recipe.max_steps is not None:
         cmd += ["--max-steps", str(recipe.max_steps)]
+    if keep_mass is not None:
+        cmd += ["--keep-mass", str(keep_mass)]
     if teacher is not None:
         cmd += ["--teacher", teacher]
     if resume:

@@ -8,7 +8,9 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from student_client.sips import SIPSCapture, SIPSUnsupportedModelError, select_patches, sips_overhead_flops
+from student_client.sips import (
+    SIPSCapture, SIPSUnsupportedModelError, select_by_mass, select_patches, sips_overhead_flops,
+)
 
 if TYPE_CHECKING:
     from student_client.aio_client import AsyncTeacherClient
@@ -44,7 +46,8 @@ _LAZY = {
     "TrainingError": "student_client.ray_runner",
 }
 
-__all__ = ["SIPSCapture", "SIPSUnsupportedModelError", "select_patches", "sips_overhead_flops", *_LAZY]
+__all__ = ["SIPSCapture", "SIPSUnsupportedModelError", "select_by_mass", "select_patches", "sips_overhead_flops",
+           *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

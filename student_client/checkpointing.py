@@ -37,6 +37,7 @@ class TrainState:
     best_top1: float | None = None
     probe_gflops: float = 0.0            # --keep auto: what the probes cost (part of teacher_gflops / _cost)
     probe_cost: float = 0.0
+    kept: float = 0.0                    # sum over images of the share of the teacher's patches each was answered from
     keep_decisions: list[dict[str, Any]] = field(default_factory=list)  # --keep auto: one per decision, in order
     history: list[dict[str, Any]] = field(default_factory=list)  # per-epoch metrics
 

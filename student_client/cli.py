@@ -90,6 +90,8 @@ def _print_summary(s: dict[str, Any], currency: str) -> None:
         print(f"teacher: {s['teacher_gflops']:.4g} GFLOPs used vs {s['teacher_full_gflops']:.4g} for the full teacher:"
               f" saved {s['teacher_saved_gflops']:.4g} GFLOPs ({100 * s['teacher_saving']:.1f}%),"
               f" cost {s['teacher_cost']:.6g} {currency}".rstrip())
+    if s.get("teacher_full_gflops") and s.get("kept_fraction") is not None:
+        print(f"teacher input: {100 * s['kept_fraction']:.1f}% of the patches per image on average")
     if s.get("teacher_mismatched_requests"):
         print(f"teacher: {s['teacher_mismatched_requests']} re-sent requests no longer matched what was billed under "
               "their ids and were billed again under derived ids")

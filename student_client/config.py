@@ -98,6 +98,9 @@ class TrainConfig(BaseSettings):
                                "teacher's outputs at --tau")
     keep_min_agreement: float = Field(keep_auto.MIN_AGREEMENT, ge=0, le=1, description="--keep auto: smallest top-1 agreement with the "
                                       "full image")
+    keep_mass: float | None = Field(None, gt=0, le=1, description="per-image K (--mode kd --strategy sips): keep "
+                                    "each image's fewest top-SIPS patches holding this share of its SIPS, at most "
+                                    "--keep of them (default: off, every image keeps --keep)")
     lambda_kd: float = Field(1.0, ge=0, description="weight of the KD term", json_schema_extra={"flag": "--lambda"})
     tau: float = Field(1.0, gt=0, description="KD temperature")
     hard: bool = Field(False, description="hard distillation: CE on the teacher's argmax")
@@ -170,6 +173,11 @@ class TrainConfig(BaseSettings):
             raise ValueError("no API key: pass --api-key or set MASKEDKD_API_KEY")
         if self.keep == "auto" and self.mode != "kd":
             raise ValueError(f"--keep auto needs --mode kd, not {self.mode}")
+        if self.keep_mass is not None and (self.mode, self.strategy) != ("kd", "sips"):
+            raise ValueError(f"--keep-mass needs --mode kd --strategy sips, not --mode {self.mode} "
+                             f"--strategy {self.strategy}")
+        if self.keep_mass is not None and self.keep == "auto":
+            raise ValueError("--keep-mass needs a numeric --keep (the most one image keeps), not auto")
         if self.batch_size < self.workers:
             raise ValueError(f"--batch-size {self.batch_size} is smaller than --workers {self.workers}")
         if self.augment == "heavy" and (self.batch_size // self.workers) % 2:

@@ -65,6 +65,7 @@ class KDSettings:
     precision: str
     teacher_wait_s: float
     mode: str = "kd"
+    keep_mass: float | None = None  # per-image K (TrainConfig.keep_mass); the library keeps a fixed K
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Any
 STEP_COLUMNS = (
     "step", "epoch", "loss", "ce", "kd", "lr", "images", "img_per_s", "step_s",
     "teacher_gflops", "teacher_full_gflops", "teacher_cost", "total_teacher_gflops", "total_saved_gflops",
-    "overlap", "teacher_wait_s", "keep_strategy", "keep", "probe_gflops", "probe_cost", "time",
+    "overlap", "teacher_wait_s", "keep_strategy", "keep", "probe_gflops", "probe_cost", "kept_fraction", "time",
 )
 EPOCH_COLUMNS = (
     "epoch", "step", "train_loss", "train_ce", "train_kd", "val_top1", "val_top5", "images", "epoch_s",

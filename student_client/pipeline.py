@@ -31,6 +31,7 @@ Submit = Callable[..., InferFuture]  # submit(images=..., keep_indices=..., requ
 class TeacherRequest:
     images: torch.Tensor                 # [b, C, H, W] un-normalized, exactly what the student saw
     keep_indices: torch.Tensor | None    # [b, K] on the teacher's grid; None: the full image
+    keep_counts: torch.Tensor | None = None  # [b] ragged rows (`--keep-mass`): row i uses its first counts[i]
 
 
 @dataclass
@@ -115,6 +116,8 @@ def pipelined_forward(
     def send(i: int, req: TeacherRequest) -> None:
         assert submit is not None
         kwargs: dict[str, Any] = {"images": req.images, "keep_indices": req.keep_indices}
+        if req.keep_counts is not None:
+            kwargs["keep_counts"] = req.keep_counts
         if request_id is not None:
             kwargs["request_id"] = request_id(i)
         timed[i] = _Timed(submit(**kwargs))

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from timm.layers.attention import Attention
 from torch import nn
 
-__all__ = ["SIPSCapture", "SIPSUnsupportedModelError", "select_patches", "sips_overhead_flops", "STRATEGIES"]
+__all__ = ["SIPSCapture", "SIPSUnsupportedModelError", "select_by_mass", "select_patches", "sips_overhead_flops",
+           "STRATEGIES"]
 
 STRATEGIES = ("sips", "random", "bottom", "all")
 
@@ -152,6 +153,39 @@ def _num_keep(keep: float | int, total: int) -> int:
     return max(1, math.floor(keep * total + 1e-9))  # 1e-9: 0.29 * 100 must give 29, not 28
 
 
+def _grids(scores: torch.Tensor, teacher_grid: int | Sequence[int] | None,
+           student_grid: int | Sequence[int] | None) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(student grid, teacher grid) of scores [B, N], checked; the student grid defaults to a square sqrt(N)^2."""
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or scores.shape[1] == 0:
+        shape = list(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ValueError(f"scores must be a [B, N] tensor with N >= 1, got {shape}")
+    if not scores.is_floating_point():
+        raise ValueError(f"scores must be floating point, got {scores.dtype}")
+    N = scores.shape[1]
+    if student_grid is None:
+        side = math.isqrt(N)
+        if teacher_grid is not None and side * side != N:
+            raise ValueError(f"{N} student patches are not a square grid; pass student_grid=(h, w)")
+        s_grid = (side, side) if side * side == N else (1, N)
+    else:
+        s_grid = _grid(student_grid, "student_grid")
+        if s_grid[0] * s_grid[1] != N:
+            raise ValueError(f"student_grid {s_grid} has {s_grid[0] * s_grid[1]} patches but scores have {N}")
+    return s_grid, (s_grid if teacher_grid is None else _grid(teacher_grid, "teacher_grid"))
+
+
+def _on_teacher_grid(scores: torch.Tensor, s_grid: tuple[int, int], t_grid: tuple[int, int]) -> torch.Tensor:
+    """scores [B, h_s * w_s] -> [B, h_t * w_t], detached, bilinearly resized when the grids differ (App. B)."""
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError("scores contain NaN or inf")
+    if t_grid == s_grid:
+        return scores.detach()
+    B = scores.shape[0]
+    grid_scores = scores.detach().float().reshape(B, 1, *s_grid)  # [B, 1, h_s, w_s]
+    resized = F.interpolate(grid_scores, size=t_grid, mode="bilinear", align_corners=False)
+    return resized.reshape(B, t_grid[0] * t_grid[1])  # [B, h_t * w_t]
+
+
 def select_patches(
     scores: torch.Tensor,
     keep: float | int,
@@ -170,23 +204,8 @@ def select_patches(
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
-    if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or scores.shape[1] == 0:
-        shape = list(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
-        raise ValueError(f"scores must be a [B, N] tensor with N >= 1, got {shape}")
-    if not scores.is_floating_point():
-        raise ValueError(f"scores must be floating point, got {scores.dtype}")
-    B, N = scores.shape
-    if student_grid is None:
-        side = math.isqrt(N)
-        if teacher_grid is not None and side * side != N:
-            raise ValueError(f"{N} student patches are not a square grid; pass student_grid=(h, w)")
-        s_grid = (side, side) if side * side == N else (1, N)
-    else:
-        s_grid = _grid(student_grid, "student_grid")
-        if s_grid[0] * s_grid[1] != N:
-            raise ValueError(f"student_grid {s_grid} has {s_grid[0] * s_grid[1]} patches but scores have {N}")
-    t_grid = s_grid if teacher_grid is None else _grid(teacher_grid, "teacher_grid")
-    total = t_grid[0] * t_grid[1]
+    s_grid, t_grid = _grids(scores, teacher_grid, student_grid)
+    B, total = scores.shape[0], t_grid[0] * t_grid[1]
     k = _num_keep(keep, total)
 
     if strategy == "all":
@@ -195,11 +214,41 @@ def select_patches(
         noise = torch.rand(B, total, generator=generator, device=generator.device if generator is not None else scores.device)
         return noise.to(scores.device).argsort(dim=1)[:, :k].sort(dim=1).values
 
-    if not bool(torch.isfinite(scores).all()):
-        raise ValueError("scores contain NaN or inf")
-    if t_grid != s_grid:
-        grid_scores = scores.detach().float().reshape(B, 1, *s_grid)  # [B, 1, h_s, w_s]
-        resized = F.interpolate(grid_scores, size=t_grid, mode="bilinear", align_corners=False)
-        scores = resized.reshape(B, total)  # [B, h_t * w_t]
-    top = torch.topk(scores.detach(), k, dim=1, largest=strategy == "sips", sorted=False).indices  # [B, K]
+    scores = _on_teacher_grid(scores, s_grid, t_grid)  # [B, h_t * w_t]
+    top = torch.topk(scores, k, dim=1, largest=strategy == "sips", sorted=False).indices  # [B, K]
     return top.sort(dim=1).values
+
+
+def select_by_mass(
+    scores: torch.Tensor,
+    mass: float,
+    keep: float | int = 1.0,
+    teacher_grid: int | Sequence[int] | None = None,
+    student_grid: int | Sequence[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image K: each row keeps its fewest top-SIPS patches whose share of the row's total SIPS reaches `mass`.
+
+    scores: [B, N] SIPS (>= 0) on the student's grid, resized to `teacher_grid` first as in `select_patches`.
+    mass: in (0, 1]. keep: the most one image keeps (a fraction or an int count, as `select_patches` takes it), so
+    K_b is clipped to [1, K_max]; a row whose scores are all 0 keeps K_max.
+    Returns (positions [B, max_b K_b] int64, counts [B] int64): row b's first counts[b] entries are its positions,
+    sorted ascending, the rest are 0 (padding, as `keep_counts` of a ragged request expects).
+    """
+    if isinstance(mass, bool) or not isinstance(mass, numbers.Real) or not 0.0 < mass <= 1.0:
+        raise ValueError(f"mass must be a share in (0, 1], got {mass!r}")
+    s_grid, t_grid = _grids(scores, teacher_grid, student_grid)
+    total = t_grid[0] * t_grid[1]
+    k_max = _num_keep(keep, total)
+    scores = _on_teacher_grid(scores, s_grid, t_grid).double()  # [B, T]
+    if bool((scores < 0).any()):
+        raise ValueError("scores must be >= 0 (SIPS is attention mass)")
+    ranked, order = scores.sort(dim=1, descending=True)  # [B, T] each
+    share = ranked.cumsum(dim=1) / ranked.sum(dim=1, keepdim=True)  # [B, T]; NaN where a row sums to 0
+    reached = share >= mass - 1e-12  # [B, T]; 1e-12: a cumsum that ends at 0.9999999999 still reaches 1.0
+    counts = torch.where(reached.any(dim=1), reached.int().argmax(dim=1) + 1, total)  # [B] first index reaching
+    counts = counts.clamp(1, k_max).to(torch.int64)  # [B]
+    width = int(counts.max())
+    used = torch.arange(width, device=scores.device).unsqueeze(0) < counts.unsqueeze(1)  # [B, K]
+    # used slots first, ascending; padding (sentinel `total`) sorts after them and becomes 0
+    positions = torch.where(used, order[:, :width], total).sort(dim=1).values  # [B, K]
+    return torch.where(used, positions, 0), counts

@@ -44,7 +44,7 @@ from student_client.wire import Usage
 Context = LocalContext | RayContext
 # Layout of the per-step all-reduced stats tensor.
 _STATS = ("loss", "ce", "kd", "images", "gflops", "full_gflops", "cost", "requests", "fatal", "wait_s", "teacher_s",
-          "mismatched", "probe_gflops", "probe_cost")
+          "mismatched", "probe_gflops", "probe_cost", "kept")
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -213,7 +213,7 @@ def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
                     stats += torch.tensor([float(result.loss.total.detach()) * b, float(result.loss.ce) * b,
                                            float(result.loss.kd) * b, b, u.gflops, u.full_gflops, u.cost,
                                            u.requests, 0, s.wait_s, s.teacher_s, 0, probe_usage.gflops,
-                                           probe_usage.cost], dtype=torch.float64)
+                                           probe_usage.cost, result.kept], dtype=torch.float64)
                 stats[_STATS.index("fatal")] = 1.0 if error else 0.0
                 if client is not None:
                     stats[_STATS.index("mismatched")] = client.mismatched_requests - mismatched_before
@@ -282,6 +282,7 @@ def _account(state: TrainState, stats: torch.Tensor, batches_into_epoch: int) ->
     state.teacher_mismatched_requests += int(s["mismatched"])
     state.probe_gflops += s["probe_gflops"]
     state.probe_cost += s["probe_cost"]
+    state.kept += s["kept"]
 
 
 def _local_data(cfg: TrainConfig, ctx: Context) -> tuple[str, str | None]:
@@ -310,16 +311,15 @@ def _resume_mismatch(ctx: Context, state: TrainState) -> str | None:
 def _step_row(state: TrainState, stats: torch.Tensor, epoch: int, step_s: float, lr: float) -> dict[str, Any]:
     s = dict(zip(_STATS, stats.tolist()))
     n = max(1.0, s["images"])
-    row = {
+    return {
         "step": state.global_step, "epoch": epoch, "loss": s["loss"] / n, "ce": s["ce"] / n, "kd": s["kd"] / n,
         "lr": lr, "images": int(s["images"]), "img_per_s": s["images"] / max(step_s, 1e-9), "step_s": step_s,
         "teacher_gflops": s["gflops"], "teacher_full_gflops": s["full_gflops"], "teacher_cost": s["cost"],
         "total_teacher_gflops": state.teacher_gflops,
         "total_saved_gflops": state.teacher_full_gflops - state.teacher_gflops,
         "overlap": 1 - s["wait_s"] / s["teacher_s"] if s["teacher_s"] > 0 else "", "teacher_wait_s": s["wait_s"],
-        "probe_gflops": s["probe_gflops"], "probe_cost": s["probe_cost"],
+        "probe_gflops": s["probe_gflops"], "probe_cost": s["probe_cost"], "kept_fraction": s["kept"] / n,
     }
-    return row
 
 
 def _log_step(writer: MetricsWriter | None, progress: Progress, cfg: TrainConfig, state: TrainState,
@@ -388,7 +388,7 @@ def _finish(cfg: TrainConfig, ctx: Context, state: TrainState, *, fatal_error: s
         "teacher_mismatched_requests": state.teacher_mismatched_requests, "wall_s": time.perf_counter() - started,
         "mode": cfg.mode, "strategy": cfg.strategy, "keep": cfg.keep, "out": str(Path(cfg.out).resolve()),
         "overlap": _mean_overlap(state), "probe_gflops": state.probe_gflops, "probe_cost": state.probe_cost,
-        "keep_decisions": state.keep_decisions,
+        "keep_decisions": state.keep_decisions, "kept_fraction": state.kept / max(1, state.images_seen),
     }
     if ctx.rank == 0:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from maskedkd.precision import resolve_precision
 from student_client.data import Normalizer
 from student_client.losses import DistillationLoss, LossParts
 from student_client.pipeline import OverlapStats, Submit, TeacherRequest, pipelined_forward
-from student_client.sips import SIPSCapture, select_patches
+from student_client.sips import SIPSCapture, select_by_mass, select_patches
 from student_client.wire import Usage
 
 
@@ -35,6 +35,7 @@ class StepResult:
     images: int
     usage: Usage = field(default_factory=Usage)
     stats: OverlapStats = field(default_factory=OverlapStats)
+    kept: float = 0.0   # sum over the images of the share of the teacher's patches each was answered from
 
 
 def concat_outputs(outputs: list[Any]) -> Any:
@@ -65,6 +66,7 @@ class StepSettings(Protocol):
     strategy: str             # sips | random | bottom | all
     micro_batches: int        # App. E pipelining: teacher on micro-batch i while the student computes i+1
     precision: str            # auto | bf16 | fp32 (student forward autocast)
+    keep_mass: float | None   # per-image K: each image's fewest top-SIPS patches holding this share (sips only)
 
     @property
     def keep_value(self) -> float | int: ...  # what select_patches takes: a fraction or an int count
@@ -84,7 +86,8 @@ class PatchSelector:
         self.target_grid = target_grid
         self.generator = generator
         self.strategy: str = cfg.strategy      # `--keep auto` changes both at each decision
-        self.keep: float | int = cfg.keep_value
+        self.keep: float | int = cfg.keep_value  # with `mass`: the most one image keeps
+        self.mass: float | None = cfg.keep_mass
 
     @property
     def needs_scores(self) -> bool:
@@ -92,16 +95,33 @@ class PatchSelector:
 
     def __call__(self, batch: int, device: torch.device) -> torch.Tensor | None:
         """[b, K] sorted positions on the target grid, or None for strategy `all` (send the full image)."""
+        positions, counts = self.select(batch, device)
+        assert counts is None, "per-image K (keep_mass) needs select(), which returns the counts"
+        return positions
+
+    def select(self, batch: int, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(positions [b, K] or None for the full image, counts [b] of ragged rows or None when every row has K)."""
         if self.strategy == "all":
-            return None
+            return None, None
         if self.needs_scores:
             assert self.capture is not None and self.capture.scores is not None, "SIPS scores were not captured"
             scores, grid = self.capture.scores, self.student_grid
         else:  # random needs no scores, only their shape
             grid = self.target_grid
             scores = torch.zeros(batch, grid[0] * grid[1], device=device)
+        if self.mass is not None and self.strategy == "sips":
+            return select_by_mass(scores, self.mass, self.keep, teacher_grid=self.target_grid, student_grid=grid)
         return select_patches(scores, self.keep, self.strategy, teacher_grid=self.target_grid,
-                              student_grid=grid, generator=self.generator)
+                              student_grid=grid, generator=self.generator), None
+
+    def kept_share(self, request: TeacherRequest) -> float:
+        """Sum over the request's images of the share of the target grid's patches each sends (1 for a full image)."""
+        b, total = request.images.shape[0], self.target_grid[0] * self.target_grid[1]
+        if request.keep_indices is None:
+            return float(b)
+        if request.keep_counts is None:
+            return b * request.keep_indices.shape[1] / total
+        return int(request.keep_counts.sum()) / total
 
 
 class StepRunner:
@@ -124,6 +144,7 @@ class StepRunner:
         device = param.device if param is not None else torch.device("cpu")
         self.precision = resolve_precision(cfg.precision, device)   # "bf16" or "fp32"
         self._autocast = lambda: student_autocast(self.precision, device)  # noqa: E731
+        self._kept: list[float] = []  # this step's micro-batches, in order: `PatchSelector.kept_share` of each
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor, step: int,
                  known: torch.Tensor | None = None) -> StepResult:
@@ -135,6 +156,7 @@ class StepRunner:
             with self._autocast():
                 output = self.model(self.normalize(images))
             return StepResult(self.criterion(as_float32(output), targets, None), images.shape[0])
+        self._kept = []
         micro = list(images.tensor_split(min(cfg.micro_batches, images.shape[0])))
         request_id: Callable[[int], str] = lambda i: f"{self.prefix}-s{step}-m{i}"  # noqa: E731
         submit = self.submit
@@ -156,6 +178,7 @@ class StepRunner:
                                        timeout_s=cfg.teacher_wait_s)
         else:
             early = [TeacherRequest(x, None) for x in micro]
+            self._kept = [float(x.shape[0]) for x in micro]
             result = pipelined_forward(micro, self._masked_student_step, submit, request_id=request_id,
                                        early_requests=early,
                                        timeout_s=cfg.teacher_wait_s)
@@ -163,7 +186,9 @@ class StepRunner:
         output = concat_outputs(result.outputs)
         teacher_logits = torch.cat(result.teacher_logits).to(images.device)  # [B, classes]
         loss = self.criterion(output, targets, teacher_logits)
-        return StepResult(loss, images.shape[0], result.usage, result.stats)
+        if known is not None:  # answered from the full-image probe
+            self._kept[0] = float(known.shape[0])
+        return StepResult(loss, images.shape[0], result.usage, result.stats, kept=sum(self._kept))
 
     def _kd_student_step(self, i: int, x: torch.Tensor) -> tuple[Any, TeacherRequest]:
         output, _ = self._student_forward(i, x)  # SIPSCapture fills selector.capture.scores here (fp32)
@@ -176,8 +201,11 @@ class StepRunner:
     def _teacher_request(self, x: torch.Tensor) -> TeacherRequest:
         """The kept positions of micro-batch x (after its forward for SIPS / bottom) and its pixels."""
         assert self.selector is not None
-        keep = self.selector(x.shape[0], x.device)
-        return TeacherRequest(x.detach(), None if keep is None else keep.cpu())
+        keep, counts = self.selector.select(x.shape[0], x.device)
+        request = TeacherRequest(x.detach(), None if keep is None else keep.cpu(),
+                                 None if counts is None else counts.cpu())
+        self._kept.append(self.selector.kept_share(request))
+        return request
 
     def _masked_student_step(self, i: int, x: torch.Tensor) -> tuple[Any, None]:
         xn = self.normalize(x)

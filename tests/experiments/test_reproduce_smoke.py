@@ -32,7 +32,7 @@ def test_smoke_reproduction_end_to_end_and_resume(tmp_path: Path) -> None:
     doc = out / "reproduction.md"  # a smoke run never writes into the repo's docs/
     results = json.loads((out / "results.json").read_text())
     runs = {r["method"]: r for r in results["runs"]}
-    assert set(runs) == {"no_kd", "maskedkd_50", "keep_auto"} and not results["failures"]
+    assert set(runs) == {"no_kd", "maskedkd_50", "keep_auto", "mass_90"} and not results["failures"]
 
     # The ledger billed what the FLOP model says for the kept patches (K = floor(0.5 * 16) = 8 per image), and
     # the student's own account of its usage agrees with the server's ledger.
@@ -48,6 +48,12 @@ def test_smoke_reproduction_end_to_end_and_resume(tmp_path: Path) -> None:
     auto = runs["keep_auto"]
     assert auto["keep_decisions"] and 0 < auto["probe_gflops"] < auto["ledger"]["gflops"]
     assert auto["client_gflops"] == pytest.approx(auto["ledger"]["gflops"])
+    # --keep-mass 0.9: ragged rows, billed per image at each one's K; the ledger agrees with the client's account
+    mass = runs["mass_90"]
+    assert mass["ledger"]["images"] == 2 * 16 and mass["client_gflops"] == pytest.approx(mass["ledger"]["gflops"])
+    assert 1 / 16 <= mass["kept_fraction"] <= 1
+    lo, hi = (masked_forward_flops(shape, k).total / 1e9 for k in (1, 16))
+    assert 32 * lo <= mass["ledger"]["gflops"] <= 32 * hi
     assert all(0 <= r["top1"] <= 100 and r["images"] == 40 for r in runs.values())  # 4 test images per class
 
     results_md = read_section(doc, "results-smoke")
@@ -55,6 +61,7 @@ def test_smoke_reproduction_end_to_end_and_resume(tmp_path: Path) -> None:
     assert results_md is not None and fidelity_md is not None
     assert "python -m experiments.reproduce --smoke" in results_md
     assert "| auto (last: " in results_md and "its probes cost" in results_md
+    assert "| 90% of SIPS mass per image, mean kept " in results_md
     assert "MaskedKD 50% (SIPS)" in results_md and "No KD" in results_md and "± " in results_md
     assert "| sips | 50% |" in fidelity_md and "| bottom | 25% |" in fidelity_md
     assert (out / "reproduction_smoke_fig2.png").read_bytes()[:4] == b"\x89PNG"

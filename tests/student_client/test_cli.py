@@ -170,6 +170,8 @@ def _mismatched_checkpoint(out: Path) -> None:
     (["--resume"], ["--resume: checkpoint", "does not fit", "Unexpected key(s) in state_dict",
                     '"blocks.2.mlp.fc2.bias"']),
     (["--keep", "1.5"], ["--keep: must be a fraction"]),
+    (["--keep-mass", "0.9"], ["--keep-mass needs --mode kd --strategy sips, not --mode none"]),
+    (["--keep-mass", "1.2"], ["--keep-mass: Input should be less than or equal to 1"]),
 ])
 def test_bad_values_are_one_line_exit_2_before_ray_starts(
     data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,

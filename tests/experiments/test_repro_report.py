@@ -1,0 +1,36 @@
+"""The reproduction's results table: a per-image-K (SIPS mass) row is labelled with its mass and mean kept share and
+shows its billed GFLOPs and ratio to full KD like every other row."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from experiments.configs import SMOKE
+from experiments.repro_report import aggregate, results_markdown
+
+
+def result(method: str, seed: int, gflops: float, kept: float | None) -> dict[str, Any]:
+    return {"method": method, "seed": seed, "top1": 50.0 + seed, "top5": 90.0, "images": 40,
+            "ledger": {"gflops": gflops, "full_gflops": 100.0}, "client_gflops": gflops, "train_wall_s": 60.0,
+            "probe_gflops": 0.0, "keep_decisions": [], "kept_fraction": kept}
+
+
+def test_a_mass_row_shows_its_mass_mean_kept_share_and_gflops(tmp_path: Path) -> None:
+    results = [result("full_kd", 0, 100.0, 1.0), result("full_kd", 1, 100.0, 1.0),
+               result("mass_90", 0, 60.0, 0.6), result("mass_90", 1, 70.0, 0.7)]
+    rows = aggregate(results, ("full_kd", "mass_90"))
+    md = results_markdown(SMOKE, "python -m experiments.reproduce --smoke", rows, None, data="d", figure=None,
+                          doc=tmp_path / "r.md", failures=[], pending=0, total_runs=4)
+    line = next(ln for ln in md.splitlines() if ln.startswith("| MaskedKD per-image K (90% of SIPS mass)"))
+    cells = [c.strip() for c in line.split("|")[1:-1]]
+    assert cells[1:4] == ["kd", "90% of SIPS mass per image, mean kept 65.0%", "sips"]
+    assert cells[7:10] == ["65.0", "65.0", "0.650"] and cells[11] == "35.0%"
+
+
+def test_a_mass_run_done_before_kept_fractions_were_recorded_still_gets_a_row(tmp_path: Path) -> None:
+    old = result("mass_90", 0, 60.0, None)
+    del old["kept_fraction"]
+    rows = aggregate([old], ("mass_90",))
+    md = results_markdown(SMOKE, "cmd", rows, None, data="d", figure=None, doc=tmp_path / "r.md", failures=[],
+                          pending=0, total_runs=1)
+    assert "| 90% of SIPS mass per image | sips |" in md
