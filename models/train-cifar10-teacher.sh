@@ -6,7 +6,8 @@
 #
 #   models/train-cifar10-teacher.sh [OUT]      # default runs/cifar10-teacher; rerun the same command to resume
 #
-# Ctrl-C (SIGINT) saves a mid-epoch checkpoint; the rerun continues from it. When it ends:
+# A checkpoint is written after every epoch; a stop (Ctrl-C, a kill, a reboot) loses the epoch in progress and the
+# rerun continues from the last finished one. When it ends:
 #   cp OUT/model.safetensors models/cifar10-vit-teacher.safetensors
 #   cp OUT/metrics_epochs.csv models/cifar10-vit-teacher.metrics_epochs.csv
 set -euo pipefail
@@ -16,6 +17,9 @@ PY=${PY:-.venv/bin/python}
 # ../shared/data/cifar10-jpg.tar.gz, extracted once into ~/.cache/maskedkd/cifar10 (train/ and test/)
 DATA=$("$PY" -c 'from experiments.datasets import default_cache, default_tarball, extract_tarball as x
 print(x(default_tarball("cifar10"), default_cache("cifar10")))')
+# Yield to everything else on the machine. Under Linux's autogroup scheduling a started-with-setsid job's nice value
+# only ranks it within its own session, so lower the session's weight too where the kernel has autogroups.
+echo 19 2>/dev/null > /proc/self/autogroup || true
 exec nice -n 19 "$(dirname "$PY")/student-client" train --mode none --local --student vit_tiny_patch16_224 \
     --student-kwargs '{"img_size": 32, "patch_size": 4, "num_classes": 10, "depth": 6}' \
     --data "$DATA" --out "$OUT" --epochs 40 --batch-size 128 --lr 1e-3 \
