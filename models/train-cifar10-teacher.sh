@@ -17,9 +17,8 @@ PY=${PY:-.venv/bin/python}
 # ../shared/data/cifar10-jpg.tar.gz, extracted once into ~/.cache/maskedkd/cifar10 (train/ and test/)
 DATA=$("$PY" -c 'from experiments.datasets import default_cache, default_tarball, extract_tarball as x
 print(x(default_tarball("cifar10"), default_cache("cifar10")))')
-# Yield to everything else on the machine. Under Linux's autogroup scheduling a started-with-setsid job's nice value
-# only ranks it within its own session, so lower the session's weight too where the kernel has autogroups.
-echo 19 2>/dev/null > /proc/self/autogroup || true
+# nice 19 yields to the same session's jobs; with Linux autogroups a job in another session (setsid, another login)
+# shares the CPU equally unless its group is lowered too: echo 19 > /proc/PID/autogroup.
 exec nice -n 19 "$(dirname "$PY")/student-client" train --mode none --local --student vit_tiny_patch16_224 \
     --student-kwargs '{"img_size": 32, "patch_size": 4, "num_classes": 10, "depth": 6}' \
     --data "$DATA" --out "$OUT" --epochs 40 --batch-size 128 --lr 1e-3 \
