@@ -28,9 +28,10 @@ postgres:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; } \
 		|| echo "warning: could not install postgresql: the Postgres ledger tests fail in CI, skip elsewhere"
 
-## The whole suite (CPU only, tiny models; 2 pytest workers, since most slow tests wait on Ray and server subprocesses).
+## The whole suite (CPU only, tiny models). Two pytest workers, since most slow tests wait on Ray and server
+## subprocesses; whole modules per worker (module fixtures start once), slow modules first (tests/conftest.py).
 test: install browser postgres
-	$(VENV)/bin/pytest -q -ra --durations=15 -n 2 --dist loadscope tests
+	$(VENV)/bin/pytest -q -ra --durations=15 -n 2 --dist loadscope --no-loadscope-reorder tests
 
 ## The demo: teacher server + key + MaskedKD and no-KD students on 2 Ray workers + the bill + the dashboard.
 ## `make demo DEMO_ARGS=--exit` exits when done instead of keeping the dashboard up.

@@ -88,6 +88,11 @@ class RayContext:
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
         checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         self._train.report(dict(metrics, node=self.node_id), checkpoint=checkpoint)  # the driver shows the node
+        if metrics.get("kind") == "epoch":
+            # Ray Train holds one undelivered report per worker and polls every ~2 s; a second report blocks until the
+            # epoch row (and its checkpoint) was taken, so the driver has printed it before the next epoch trains,
+            # as a Ctrl-C right after the line expects. The driver ignores the marker.
+            self._train.report({"kind": "delivered", "node": self.node_id})
 
     @contextmanager
     def restored_checkpoint(self) -> Iterator[Path | None]:
