@@ -67,7 +67,7 @@ SUBSTITUTIONS = (
 SMALL_SUBSET = {"train": 16, "test": 10}   # images per class: 2 steps of 64 need 128 training images
 
 NOT_RUN = (
-    NotRun("make demo", "tests/scripts/test_demo.py", "the demo with --max-steps 30, its printed numbers checked"),
+    NotRun("make demo", "tests/scripts/test_demo.py", "the demo with --max-steps 8, its printed numbers checked"),
     NotRun("make test", "the suite itself", "this test is part of it"),
     NotRun("student-client train --ray-address HEAD:6379", "tests/student_client/test_ray_cluster.py",
            "needs a Ray cluster and shared storage; the test starts two `ray start` nodes on loopback"),
