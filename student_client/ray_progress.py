@@ -2,8 +2,8 @@
 runs on another node.
 
 Every worker reports a "start" row, a "step" row every `progress_every` steps, an "epoch" row (with rank 0's
-checkpoint) and a "final" summary. Ray Train calls `ForwardReports.after_report` on its controller (an actor on the driver's
-node) with all workers' rows; it forwards rank 0's row, plus the node of every rank, to a Ray queue that
+checkpoint) and a "final" summary. Ray Train calls `ForwardReports.after_report` on its controller (an actor on the
+driver's node) with all workers' rows; it forwards rank 0's row, plus the node of every rank, to a Ray queue that
 `ReportedProgress` drains on the driver: the progress bar, one line per epoch, and the final summary.
 """
 from __future__ import annotations
@@ -103,19 +103,19 @@ class ReportedProgress:
                 self._bar = tqdm(total=int(row["total"]), initial=int(row["initial"]), desc="train", unit="step",
                                  dynamic_ncols=True)
         elif kind == "step":
-            step = int(row["step"])
-            if self._bar is not None and step > self.steps_seen:
+            if self._bar is not None and int(row["step"]) > self.steps_seen:
                 self._bar.set_postfix_str(progress_text({
                     "loss": row["loss"], "img_per_s": row["img_per_s"], "gflops": row["total_teacher_gflops"],
                     "saved": row["total_saved_gflops"]}), refresh=False)
-                self._bar.update(step - self.steps_seen)
-            self.steps_seen = max(self.steps_seen, step)
+            self._advance(int(row["step"]))
         elif kind == "epoch":
-            step = int(row["global_step"])
-            if self._bar is not None and step > self.steps_seen:  # steps since the last progress row
-                self._bar.update(step - self.steps_seen)
-            self.steps_seen = max(self.steps_seen, step)
+            self._advance(int(row["global_step"]))  # the steps since the last progress row
             self._print(epoch_line(row, row.get("node") if len(set(self.nodes)) > 1 else None))
+
+    def _advance(self, step: int) -> None:
+        if self._bar is not None and step > self.steps_seen:
+            self._bar.update(step - self.steps_seen)
+        self.steps_seen = max(self.steps_seen, step)
 
     def _print(self, line: str) -> None:
         if self._bar is not None:
