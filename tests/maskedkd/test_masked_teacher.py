@@ -24,6 +24,8 @@ FAMILIES: dict[str, tuple[str, dict[str, object]]] = {
     "avg_include_prefix": ("vit_tiny_patch16_224", {"global_pool": "avg", "pool_include_prefix": True}),
     "avgmax_no_class_token": ("vit_tiny_patch16_224", {"class_token": False, "global_pool": "avgmax"}),
     "clip_norm_pre": ("vit_base_patch16_clip_224", SMALL),  # norm_pre, no proj bias
+    # trained with patch dropout (models/train-cifar10-teacher.sh): training-only, so serving equals model(x)
+    "patch_dropout_trained": ("vit_tiny_patch16_224", {"patch_drop_rate": 0.5}),
 }
 ATOL = 1e-5
 
