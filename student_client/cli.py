@@ -81,7 +81,10 @@ def resume_command(argv: list[str]) -> str:
 
 
 def _print_summary(s: dict[str, Any], currency: str) -> None:
-    print(f"done: {s.get('epochs_done')} epochs, {s.get('global_step')} steps, {s.get('images_seen')} images "
+    epochs = f"{s.get('epochs_done')} epochs"
+    if partial := s.get("steps_into_epoch"):
+        epochs += f" + {partial} steps of epoch {int(s['epochs_done']) + 1} (stopped by --max-steps)"
+    print(f"done: {epochs}, {s.get('global_step')} steps, {s.get('images_seen')} images "
           f"({float(s.get('wall_s', 0)):.0f}s training)")
     if s.get("val_top1") is not None:
         print(f"student: top-1 {s['val_top1']:.2f}%  top-5 {s['val_top5']:.2f}% on {s.get('val_images')} images"

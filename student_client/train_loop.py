@@ -380,6 +380,7 @@ def _finish(cfg: TrainConfig, ctx: Context, state: TrainState, *, fatal_error: s
     full, used = state.teacher_full_gflops, state.teacher_gflops
     summary: dict[str, Any] = {
         "fatal_error": fatal_error or "", "epochs_done": state.epochs_done, "global_step": state.global_step,
+        "steps_into_epoch": state.batches_into_epoch,  # > 0: --max-steps stopped it inside epoch epochs_done + 1
         "images_seen": state.images_seen, "val_top1": accuracy.top1 if accuracy else None,
         "val_top5": accuracy.top5 if accuracy else None, "val_images": accuracy.images if accuracy else 0,
         "teacher_gflops": used, "teacher_full_gflops": full, "teacher_saved_gflops": full - used,

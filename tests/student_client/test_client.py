@@ -274,7 +274,10 @@ def test_student_cli_trains_against_a_mutual_tls_teacher(tmp_path: Path, capsys:
                pki.client_key]
         assert student_cli([*common, "--out", str(tmp_path / "ok"), *tls]) == 0, capsys.readouterr().err
         billed = len(ledger_rows(srv, "cli-tls"))
-        assert billed >= 1 and "student: top-1" not in capsys.readouterr().err
+        printed = capsys.readouterr()
+        assert billed >= 1 and "student: top-1" not in printed.err
+        # 10 images at batch 4 are 3 steps an epoch; --max-steps 1 stops inside the first
+        assert "done: 0 epochs + 1 steps of epoch 1 (stopped by --max-steps), 1 steps, 4 images" in printed.out
         code = student_cli([*common, "--out", str(tmp_path / "no-cert"), "--teacher-ca", pki.ca])
         err = capsys.readouterr().err
         assert code != 0 and err.count("\n") == 1 and err.startswith("student-client: error:")
