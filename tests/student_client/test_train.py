@@ -138,6 +138,7 @@ def test_checkpoint_and_resume_restore_optimizer_scheduler_and_epoch(env: dict[s
     resumed_cfg = config(env, "resume-2", out=cfg.out, api_key=cfg.api_key, epochs=3, max_steps=5, resume=True)
     second = run_training(resumed_cfg, LocalContext())
     assert second["epochs_done"] == 1 and second["global_step"] == 5  # stopped 2 steps into epoch 2
+    assert second["steps_into_epoch"] == 2 and first["steps_into_epoch"] == 0
     mid = latest_checkpoint(cfg.out)
     assert mid is not None and mid.name == "step_000005"
     state = torch.load(mid / "train_state.pt", weights_only=False)
@@ -151,6 +152,7 @@ def test_checkpoint_and_resume_restore_optimizer_scheduler_and_epoch(env: dict[s
     third = run_training(config(env, "resume-3", out=cfg.out, api_key=cfg.api_key, epochs=2, max_steps=None,
                                 resume=True, keep_checkpoints=2), LocalContext())
     assert third["epochs_done"] == 2 and third["global_step"] == 6  # finished epoch 2: one batch left
+    assert third["steps_into_epoch"] == 0
     assert sorted(p.name for p in (Path(cfg.out) / "checkpoints").iterdir()) == ["epoch_0002", "step_000005"]
     assert third["teacher_gflops"] == pytest.approx(sum(r["gflops"] for r in ledger_rows(env["srv"], "resume")))
 
