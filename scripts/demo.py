@@ -38,6 +38,7 @@ class DemoConfig:
     max_steps: int       # 0 = full epochs; >0 stops each student early (the CI smoke run)
     keep: float          # share of teacher patches kept by the MaskedKD student
     workers: int         # Ray Train workers
+    local: bool          # train in one process, no Ray (the smoke test's budget: Ray Train starts in 25-90 s)
     batch_size: int      # global batch over all workers
     dashboard_port: int  # 0 = any free port
     exit_when_done: bool  # do not keep the dashboard up
@@ -111,7 +112,7 @@ def train_student(cfg: DemoConfig, student: Student, teacher: str, api_key: str 
     cmd = [str(BIN / "student-client"), "train", "--mode", student.mode, "--student", "vit_tiny_patch16_224",
            "--student-kwargs", json.dumps(STUDENT_KWARGS), "--data", str(DATA), "--out", str(out),
            "--epochs", str(cfg.epochs), "--batch-size", str(cfg.batch_size), "--lr", "2e-3",
-           "--warmup-epochs", "0", "--workers", str(cfg.workers), "--seed", "0"]
+           "--warmup-epochs", "0", "--seed", "0", *(["--local"] if cfg.local else ["--workers", str(cfg.workers)])]
     if student.mode != "none":
         cmd += ["--teacher", teacher, "--keep", str(student.keep), "--strategy", student.strategy]
     if cfg.max_steps:
@@ -173,7 +174,8 @@ def run_demo(cfg: DemoConfig) -> int:
             teacher_note = "no teacher" if student.mode == "none" else (
                 "the teacher sees every patch" if student.keep >= 1 else
                 f"the teacher sees {student.keep:.0%} of the patches, chosen by the student's attention (SIPS)")
-            print(f"== {i}/{steps} {student.label} ({teacher_note}), {cfg.workers} Ray workers", flush=True)
+            where = "one process, no Ray (--local)" if cfg.local else f"{cfg.workers} Ray workers"
+            print(f"== {i}/{steps} {student.label} ({teacher_note}), {where}", flush=True)
             summaries[student.name] = train_student(cfg, student, address, keys.get(student.name))
         print(f"== {steps}/{steps} the teacher's accuracy and the bill per student", flush=True)
         teacher_top1 = evaluate(TEACHER_CHECKPOINT)
@@ -220,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--max-steps", type=int, default=0, help="stop each student after this many steps (smoke run)")
     p.add_argument("--keep", type=float, default=0.5)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers per student")
+    p.add_argument("--local", action="store_true",
+                   help="train each student in-process instead of on Ray (no Ray start-up: the smoke test's budget)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--dashboard-port", type=int, default=8080)
     p.add_argument("--exit", dest="exit_when_done", action="store_true", help="exit instead of keeping the dashboard up")
