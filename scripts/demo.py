@@ -37,6 +37,7 @@ class DemoConfig:
     epochs: int          # student epochs (the same for every student)
     max_steps: int       # 0 = full epochs; >0 stops each student early (the CI smoke run)
     keep: float          # share of teacher patches kept by the MaskedKD student
+    strategy: str        # which patches it keeps: sips (the student's attention) or random
     workers: int         # Ray Train workers
     local: bool          # train in one process, no Ray (the smoke test's budget: Ray Train starts in 25-90 s)
     batch_size: int      # global batch over all workers
@@ -65,10 +66,14 @@ class DemoError(RuntimeError):
     """A step of the demo failed; the message says which."""
 
 
-def students(keep: float) -> list[Student]:
+STRATEGY_NOTES = {"sips": "chosen by the student's attention (SIPS)", "random": "chosen at random per image"}
+
+
+def students(keep: float, strategy: str) -> list[Student]:
+    masked_label = f"student, MaskedKD keep {keep:.0%}" + (f" ({strategy})" if strategy != "sips" else "")
     return [Student("student-no-kd", "student, no KD", "none", 1.0, "all"),
             Student("student-full-kd", "student, full KD", "kd", 1.0, "all"),
-            Student("student-maskedkd", f"student, MaskedKD keep {keep:.0%}", "kd", keep, "sips")]
+            Student("student-maskedkd", masked_label, "kd", keep, strategy)]
 
 
 def _run(cmd: list[str], *, env: dict[str, str] | None = None, capture: bool = True, echo: bool = True) -> str:
@@ -160,7 +165,7 @@ def run_demo(cfg: DemoConfig) -> int:
     cfg.workdir.mkdir(parents=True)
     db_url = f"sqlite:///{cfg.workdir / 'ledger.db'}"
     admin_token = secrets.token_urlsafe(24)
-    roster = students(cfg.keep)
+    roster = students(cfg.keep, cfg.strategy)
     steps = 3 + len(roster)
 
     print(f"== 1/{steps} teacher server on the committed CIFAR-10 teacher", flush=True)
@@ -173,7 +178,7 @@ def run_demo(cfg: DemoConfig) -> int:
         for i, student in enumerate(roster, start=3):
             teacher_note = "no teacher" if student.mode == "none" else (
                 "the teacher sees every patch" if student.keep >= 1 else
-                f"the teacher sees {student.keep:.0%} of the patches, chosen by the student's attention (SIPS)")
+                f"the teacher sees {student.keep:.0%} of the patches, {STRATEGY_NOTES[student.strategy]}")
             where = "one process, no Ray (--local)" if cfg.local else f"{cfg.workers} Ray workers"
             print(f"== {i}/{steps} {student.label} ({teacher_note}), {where}", flush=True)
             summaries[student.name] = train_student(cfg, student, address, keys.get(student.name))
@@ -222,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--max-steps", type=int, default=0, help="stop each student after this many steps (smoke run)")
     p.add_argument("--keep", type=float, default=0.5)
+    p.add_argument("--strategy", choices=sorted(STRATEGY_NOTES), default="sips",
+                   help="the MaskedKD student's patches: its attention (SIPS, the paper's) or random")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers per student")
     p.add_argument("--local", action="store_true",
                    help="train each student in-process instead of on Ray (no Ray start-up: the smoke test's budget)")
