@@ -23,7 +23,7 @@ Augment = Literal["simple", "crop", "heavy"]
 MODES, STRATEGIES, TRANSPORTS, PRECISIONS = get_args(Mode), get_args(Strategy), get_args(Transport), get_args(Precision)
 
 ENV_PREFIX = "MASKEDKD_STUDENT_"
-PATH_FIELDS = ("data", "out", "storage", "teacher_ca", "teacher_client_cert", "teacher_client_key", "request_log")
+PATH_FIELDS = ("data", "out", "storage", "student_init", "teacher_ca", "teacher_client_cert", "teacher_client_key", "request_log")
 
 
 def _env(name: str, *older: str) -> AliasChoices:
@@ -65,6 +65,11 @@ class TrainConfig(BaseSettings):
     student: str = Field("vit_tiny_patch16_224", description="timm architecture name")
     student_kwargs: Annotated[dict[str, Any], NoDecode] = Field(
         default_factory=dict, description="JSON kwargs for timm.create_model (num_classes: from the data)")
+    student_init: str | None = Field(
+        None, json_schema_extra={"flag": "--init"},
+        description="start the student from these weights (.safetensors or .pth state dict, e.g. a model.safetensors "
+                    "of an earlier run); a head of another class count starts fresh; optimizer and schedule start "
+                    "fresh (unlike --resume)")
     # --- teacher ---
     teacher: str | None = Field(None, validation_alias=_env("teacher", "MASKEDKD_TEACHER"),
                                 description="HOST:PORT; replicas: HOST:PORT,HOST:PORT,... or dns:///NAME:PORT")

@@ -1,6 +1,6 @@
 """Checks of a TrainConfig before any worker starts (Ray takes ~25 s to start; a bad value should fail at once):
-the data tree, the student's name and kwargs (built on the meta device: no memory, no weights), a --resume
-checkpoint's fit to that student, and the teacher (reachable, the key valid, the same classes).
+the data tree, the student's name and kwargs (built on the meta device: no memory, no weights), the fit of --init
+weights and of a --resume checkpoint to that student, and the teacher (reachable, the key valid, the same classes).
 
 `UsageError` is a bad value the user gave (the CLI exits 2); other errors (an unreachable teacher) exit 1.
 """
@@ -90,6 +90,17 @@ def check_resume(cfg: TrainConfig, model: nn.Module) -> Path | None:
     return checkpoint
 
 
+def check_init(cfg: TrainConfig, model: nn.Module) -> None:
+    """With --init: the weights load into the student (read once here, on the meta device)."""
+    from student_client.student_init import StudentInitError, init_student
+
+    if cfg.student_init:
+        try:
+            init_student(model, cfg.student_init, assign=True)
+        except StudentInitError as err:
+            raise UsageError(str(err)) from err
+
+
 def check_teacher(cfg: TrainConfig, num_classes: int) -> str:
     """Reach the teacher once: a bad address or key fails here, in one line. Returns the bill's currency."""
     from student_client.client import TeacherClient
@@ -110,5 +121,6 @@ def check_teacher(cfg: TrainConfig, num_classes: int) -> str:
 def preflight(cfg: TrainConfig) -> str:
     """Every check, cheapest first; returns the teacher's currency ("" without a teacher)."""
     classes = check_data(cfg)
+    check_init(cfg, build_meta_student(cfg, len(classes)))
     check_resume(cfg, build_meta_student(cfg, len(classes)))
     return check_teacher(cfg, len(classes))

@@ -37,6 +37,7 @@ from student_client.stream import TeacherStream
 from student_client.student import (
     MaskedStudent, create_student, describe_student, freeze_all_but_head, student_kwargs_for, unwrap,
 )
+from student_client.student_init import init_student
 from student_client.tls import teacher_tls_kwargs
 from student_client.train_step import PatchSelector, StepRunner
 from student_client.wire import Usage
@@ -82,6 +83,8 @@ def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
         return _finish(cfg, ctx, TrainState(), fatal_error=fatal, started=started)
     model_kwargs = student_kwargs_for(cfg.student_kwargs, len(class_names_of(data_root)))
     raw = create_student(cfg.student, model_kwargs)
+    if cfg.student_init:
+        init_student(raw, cfg.student_init)  # checked by the preflight; a --resume checkpoint overrides it below
     spec = describe_student(raw)
     if cfg.train_head_only:
         freeze_all_but_head(raw)
