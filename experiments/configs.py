@@ -179,8 +179,8 @@ MNIST = ReproConfig(
     probe_images=2000,
     size_note=(
         "MNIST (28x28 digits, another domain: mostly empty background): a 6-block D=128 ViT teacher on 4x4 patches "
-        "(49 patches) trained 5 epochs on all 60,000 training images with patch dropout 0.5; students (4 blocks, D=96) trained 6 epochs "
-        "(batch 64) on a 10,000-image class-balanced subset, evaluated on all 10,000 test images. Augmentation: "
+        "(49 patches) trained 5 epochs on all 60,000 training images with patch dropout 0.5; students (4 blocks, "
+        "D=96) trained 6 epochs (batch 64) on a 10,000-image class-balanced subset, evaluated on all 10,000 test images. Augmentation: "
         "pad-crop only (a flipped digit is another digit, or none)."),
     notes=CPU.notes[:1],
 )

@@ -23,7 +23,8 @@ Augment = Literal["simple", "crop", "heavy"]
 MODES, STRATEGIES, TRANSPORTS, PRECISIONS = get_args(Mode), get_args(Strategy), get_args(Transport), get_args(Precision)
 
 ENV_PREFIX = "MASKEDKD_STUDENT_"
-PATH_FIELDS = ("data", "out", "storage", "student_init", "teacher_ca", "teacher_client_cert", "teacher_client_key", "request_log")
+PATH_FIELDS = ("data", "out", "storage", "student_init", "teacher_ca", "teacher_client_cert", "teacher_client_key",
+               "request_log")
 
 
 def _env(name: str, *older: str) -> AliasChoices:

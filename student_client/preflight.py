@@ -21,7 +21,8 @@ class UsageError(ValueError):
     """A flag's value cannot work; str(err) is one line that names the flag."""
 
 
-def _one_line(text: object) -> str:
+def one_line(text: object) -> str:
+    """`text` with every run of whitespace (newlines too) made one space."""
     return " ".join(str(text).split())
 
 
@@ -63,14 +64,14 @@ def build_meta_student(cfg: TrainConfig, num_classes: int) -> nn.Module:
             model = timm.create_model(cfg.student, pretrained=False, **kwargs)
     except Exception as err:  # timm raises TypeError, ValueError, AssertionError, RuntimeError for bad kwargs
         raise UsageError(f"--student-kwargs: cannot build {cfg.student} with {kwargs}: "
-                         f"{_one_line(err) or type(err).__name__}") from err
+                         f"{one_line(err) or type(err).__name__}") from err
     if cfg.mode != "none" and cfg.strategy in ("sips", "bottom"):
         if describe_student(model).grid_size is None:
             raise UsageError(f"--strategy {cfg.strategy} needs a ViT student; {cfg.student} has no patch grid")
         try:
             SIPSCapture(model).remove()
         except TypeError as err:
-            raise UsageError(f"--strategy {cfg.strategy}: {_one_line(err)}") from err
+            raise UsageError(f"--strategy {cfg.strategy}: {one_line(err)}") from err
     return model
 
 
@@ -86,7 +87,7 @@ def check_resume(cfg: TrainConfig, model: nn.Module) -> Path | None:
         model.load_state_dict(load_state_dict(checkpoint / MODEL_FILE), strict=True, assign=True)
     except (RuntimeError, CheckpointError) as err:
         raise UsageError(f"--resume: checkpoint {checkpoint} does not fit --student {cfg.student} "
-                         f"{cfg.student_kwargs}: {_one_line(err)}") from err
+                         f"{cfg.student_kwargs}: {one_line(err)}") from err
     return checkpoint
 
 
@@ -121,6 +122,7 @@ def check_teacher(cfg: TrainConfig, num_classes: int) -> str:
 def preflight(cfg: TrainConfig) -> str:
     """Every check, cheapest first; returns the teacher's currency ("" without a teacher)."""
     classes = check_data(cfg)
-    check_init(cfg, build_meta_student(cfg, len(classes)))
-    check_resume(cfg, build_meta_student(cfg, len(classes)))
+    student = build_meta_student(cfg, len(classes))
+    check_init(cfg, student)
+    check_resume(cfg, student)
     return check_teacher(cfg, len(classes))

@@ -16,15 +16,12 @@ import torch
 from timm.models import load_state_dict
 from torch import nn
 
+from student_client.preflight import one_line
 from student_client.student import classifier_modules
 
 
 class StudentInitError(ValueError):
     """The --init weights cannot be read or do not fit the student; str(err) is one line."""
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 def _head_parameter_names(model: nn.Module) -> set[str]:
@@ -42,14 +39,14 @@ def init_student(model: nn.Module, path: str | Path, *, assign: bool = False) ->
     try:
         state: dict[str, torch.Tensor] = load_state_dict(str(path), use_ema=False)
     except Exception as err:  # safetensors, torch.load and pickle raise many kinds for a file that is not a state dict
-        reason = _one_line(err) or type(err).__name__
+        reason = one_line(err) or type(err).__name__
         raise StudentInitError(f"--init: {path} is not a state dict (.safetensors or .pth): {reason[:160]}") from err
     filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:
         try:
             state = filter_fn(state, model)
         except Exception as err:  # a family's filter assumes its own checkpoint layout
-            raise StudentInitError(f"--init: {path} does not fit {type(model).__name__}: {_one_line(err)}") from err
+            raise StudentInitError(f"--init: {path} does not fit {type(model).__name__}: {one_line(err)}") from err
     own = model.state_dict()
     heads = _head_parameter_names(model)
     fresh = sorted(k for k in heads if k in state and k in own and state[k].shape != own[k].shape)
