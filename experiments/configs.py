@@ -143,7 +143,7 @@ CIFAR10 = ReproConfig(
     teacher_checkpoint="models/cifar10-vit-teacher.safetensors",
     teacher=ModelRecipe("vit_tiny_patch16_224",
                         {"img_size": 32, "patch_size": 4, "num_classes": 10, "depth": 6},
-                        epochs=40, batch_size=128, lr=1e-3, warmup_epochs=2.0),
+                        epochs=30, batch_size=128, lr=1e-3, warmup_epochs=2.0),  # phases: models/train-cifar10-teacher.sh
     student=ModelRecipe("vit_tiny_patch16_224", {"img_size": 32, **_STUDENT_96},
                         epochs=6, batch_size=128, lr=2e-3, warmup_epochs=0.5),
     train_per_class=2000,
