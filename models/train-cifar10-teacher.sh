@@ -31,12 +31,10 @@ train() {
         --data "$DATA" --out "$OUT" --batch-size 128 --lr 1e-3 --warmup-epochs 2 --augment simple \
         --seed 0 --threads-per-worker 2 --loader-workers 1 --no-progress --resume "$@"
 }
+# Each phase stops at its step count; a rerun resumes from the newest checkpoint, and a phase already past its
+# --max-steps returns at once, so the whole script is the resume command.
 PHASE1_STEPS=2346  # 6 epochs of 391 steps (50,000 images, batch 128)
 PHASE2_STEPS=6647  # 17 epochs
-if ! ls -d "$OUT"/checkpoints/epoch_00{06,07,08,09,1,2,3}* >/dev/null 2>&1; then
-    train --epochs 40 --student-kwargs "{$KWARGS}" --max-steps "$PHASE1_STEPS"
-fi
-if ! ls -d "$OUT"/checkpoints/epoch_00{17,18,19,2,3}* >/dev/null 2>&1; then
-    train --epochs 40 --student-kwargs "{$KWARGS, \"patch_drop_rate\": 0.5}" --max-steps "$PHASE2_STEPS"
-fi
+train --epochs 40 --student-kwargs "{$KWARGS}" --max-steps "$PHASE1_STEPS"
+train --epochs 40 --student-kwargs "{$KWARGS, \"patch_drop_rate\": 0.5}" --max-steps "$PHASE2_STEPS"
 train --epochs 30 --student-kwargs "{$KWARGS, \"patch_drop_rate\": 0.5}"
