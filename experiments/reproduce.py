@@ -108,7 +108,7 @@ def _train(cfg: ReproConfig, recipe: Any, method: Method, seed: int, run_dir: Pa
                         micro_batches=cfg.micro_batches, lambda_kd=cfg.lambda_kd, tau=cfg.tau,
                         teacher=service.address if kd and service else None, resume=resume,
                         keep_mass=method.keep_mass)
-    key = service.create_key(run_dir.name) if kd and service else None
+    key = service.run_key(run_dir) if kd and service else None
     return train(cmd, run_dir / "train.log", api_key=key)
 
 

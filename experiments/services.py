@@ -16,6 +16,7 @@ from typing import Any
 
 from teacher_server.child_process import stop_gracefully
 
+KEY_FILE = "api_key.json"  # a run's API key, kept across its attempts (TeacherService.run_key)
 SERVING = re.compile(r"teacher-server: serving .* on (\S+):(\d+)")
 
 
@@ -100,13 +101,39 @@ class TeacherService:
         return self._proc is not None and self._proc.poll() is None
 
     def create_key(self, prefix: str) -> str:
-        """A fresh key named `<prefix>-<random>`: a run's usage is the sum over its keys (one per attempt)."""
-        out = run_tool(tool("teacher-server") + ["keys", "create", "--name", f"{prefix}-{uuid.uuid4().hex[:8]}",
-                                                 "--db", self.db_url], self.log, log_stdout=False)
+        """A fresh key named `<prefix>-<random>`; `usage(prefix)` sums over every key of that prefix."""
+        return self._new_key(f"{prefix}-{uuid.uuid4().hex[:8]}")
+
+    def run_key(self, run_dir: Path) -> str:
+        """The run's key, made on its first attempt and kept in `run_dir/api_key.json` (owner-only): a resumed run
+        sends its lost steps again under the same key and request ids, so the server replays them unbilled. A key
+        file the ledger does not know (a ledger deleted since) or has disabled is replaced by a fresh key."""
+        path = run_dir / KEY_FILE
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved["name"] in self._key_names():
+                return str(saved["secret"])
+        name = f"{run_dir.name}-{uuid.uuid4().hex[:8]}"
+        secret = self._new_key(name)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.unlink(missing_ok=True)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            json.dump({"name": name, "secret": secret}, f)
+        tmp.replace(path)
+        return secret
+
+    def _new_key(self, name: str) -> str:
+        out = run_tool(tool("teacher-server") + ["keys", "create", "--name", name, "--db", self.db_url], self.log,
+                       log_stdout=False)
         secret = out.strip().splitlines()[-1] if out.strip() else ""
         if not secret.startswith("mkd_"):
             raise ToolError(f"teacher-server keys create printed no secret: {out!r}")
         return secret
+
+    def _key_names(self) -> set[str]:
+        rows = json.loads(run_tool(tool("teacher-server") + ["keys", "list", "--json", "--db", self.db_url], self.log))
+        return {str(r["name"]) for r in rows if not r["disabled"]}
 
     def usage(self, prefix: str) -> dict[str, float]:
         """Ledger totals over the keys of one run (`teacher-server usage --json`)."""

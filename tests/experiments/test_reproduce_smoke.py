@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +77,19 @@ def test_smoke_reproduction_end_to_end_and_resume(tmp_path: Path) -> None:
     assert second.returncode == 0, second.stderr[-3000:]
     assert "0 student runs to do" in second.stdout
     assert (out / "runs" / "maskedkd_50-s0" / "result.json").stat().st_mtime_ns == stamp
+
+    # A run stopped after its requests but before its checkpoint (a session ending): the resumed attempt sends the
+    # same requests under the run's kept key, the server replays them, and the ledger still bills the run once.
+    run = out / "runs" / "maskedkd_50-s0"
+    key_file = run / "api_key.json"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    (run / "result.json").unlink()
+    for checkpoint in (run / "checkpoints").iterdir():
+        shutil.rmtree(checkpoint)
+    third = _reproduce(tmp_path)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert "1 student runs to do" in third.stdout
+    again = {r["method"]: r for r in json.loads((out / "results.json").read_text())["runs"]}["maskedkd_50"]
+    assert again["client_gflops"] == pytest.approx(ledger["gflops"])  # the attempt asked for every step again
+    assert again["ledger"] == ledger                                   # and paid for none of them
+    assert json.loads(key_file.read_text())["secret"] not in (out / "ledger.db").read_bytes().decode(errors="replace")
