@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="top-1 / top-5 of a checkpoint on an ImageFolder split")
     e.add_argument("--checkpoint", required=True, help=".safetensors file, checkpoint dir, or a training --out dir")
-    e.add_argument("--data", required=True)
+    e.add_argument("--data", required=True, help="ImageFolder directory, or a .tar/.tar.gz/.tgz of one")
     e.add_argument("--split", default=None, help="subfolder (default: val, test, or the folder itself)")
     e.add_argument("--batch-size", type=int, default=128)
     e.add_argument("--device", choices=("cpu", "cuda"), default="cpu")

@@ -56,8 +56,10 @@ def shard(dataset: Dataset, rank: int, world_size: int) -> Dataset:
 
 
 def eval_split_dir(data: str | Path, split: str | None = None) -> Path:
-    """`data/<split>`, else the first of val/test/validation, else `data` itself."""
-    root = Path(data)
+    """`data/<split>`, else the first of val/test/validation, else `data` itself (an archive: its extracted copy)."""
+    from student_client.data_archive import local_data_root
+
+    root = Path(local_data_root(str(data)))
     if split:
         if not (root / split).is_dir():
             raise FileNotFoundError(f"no split {split!r} under {root}")

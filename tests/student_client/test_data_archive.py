@@ -12,6 +12,7 @@ from student_client.config import TrainConfig
 from student_client.context import LocalContext
 from student_client.data import class_names_of
 from student_client.data_archive import CACHE_ENV, local_data_root
+from student_client.evaluate import evaluate_checkpoint
 from student_client.train_loop import run_training
 
 
@@ -35,6 +36,13 @@ def test_an_archive_is_extracted_once_per_node_and_trained_from(tmp_path: Path,
                       student_kwargs=STUDENT_KWARGS, batch_size=4, max_steps=1, eval=False, progress=False)
     summary = run_training(cfg, LocalContext())
     assert summary["global_step"] == 1 and summary["images_seen"] == 4 and not summary["fatal_error"]
+
+    # `student-client eval` reads the same archive: the accuracy equals the one measured on the extracted folder.
+    from_archive = evaluate_checkpoint(tmp_path / "run", archive)
+    from_folder = evaluate_checkpoint(tmp_path / "run", roots[0])
+    assert from_archive.images == from_folder.images > 0
+    assert (from_archive.top1_correct, from_archive.top5_correct) == (from_folder.top1_correct,
+                                                                      from_folder.top5_correct)
 
 
 def test_a_missing_or_corrupt_archive_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
