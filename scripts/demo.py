@@ -25,7 +25,7 @@ from teacher_server.child_process import stop_gracefully
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TEACHER_CHECKPOINT = REPO / "models" / "cifar10-vit-teacher.safetensors"
-DATA = REPO / "data" / "cifar10-subset"
+DATA = REPO / "data" / "cifar10-demo.tar.gz"  # 20,000 training and all 10,000 test images (data/README.md)
 # The student: a 4-block, 96-wide ViT on 4x4 patches of 32x32 images (a fifth of the teacher's compute).
 STUDENT_KWARGS = {"img_size": 32, "patch_size": 4, "num_classes": 10, "embed_dim": 96, "depth": 4, "num_heads": 3}
 PRICE_PER_GFLOP = 0.000002  # USD, the demo server's price
@@ -34,7 +34,10 @@ PRICE_PER_GFLOP = 0.000002  # USD, the demo server's price
 @dataclass
 class DemoConfig:
     workdir: Path        # ledger, server log and the students' runs
+    data: Path           # ImageFolder (or an archive of one) with train/ and test/
     epochs: int          # student epochs (the same for every student)
+    lr: float            # peak learning rate (AdamW, cosine schedule)
+    warmup_epochs: float  # linear warm-up, in epochs
     max_steps: int       # 0 = full epochs; >0 stops each student early (the CI smoke run)
     keep: float          # share of teacher patches kept by the MaskedKD student
     strategy: str        # which patches it keeps: sips (the student's attention) or random
@@ -115,9 +118,9 @@ def start_teacher(cfg: DemoConfig, db_url: str, admin_token: str) -> tuple[subpr
 def train_student(cfg: DemoConfig, student: Student, teacher: str, api_key: str | None) -> dict:
     out = cfg.workdir / student.name
     cmd = [str(BIN / "student-client"), "train", "--mode", student.mode, "--student", "vit_tiny_patch16_224",
-           "--student-kwargs", json.dumps(STUDENT_KWARGS), "--data", str(DATA), "--out", str(out),
-           "--epochs", str(cfg.epochs), "--batch-size", str(cfg.batch_size), "--lr", "2e-3",
-           "--warmup-epochs", "0", "--seed", "0", *(["--local"] if cfg.local else ["--workers", str(cfg.workers)])]
+           "--student-kwargs", json.dumps(STUDENT_KWARGS), "--data", str(cfg.data), "--out", str(out),
+           "--epochs", str(cfg.epochs), "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr),
+           "--warmup-epochs", str(cfg.warmup_epochs), "--seed", "0", *(["--local"] if cfg.local else ["--workers", str(cfg.workers)])]
     if student.mode != "none":
         cmd += ["--teacher", teacher, "--keep", str(student.keep), "--strategy", student.strategy]
     if cfg.max_steps:
@@ -127,8 +130,8 @@ def train_student(cfg: DemoConfig, student: Student, teacher: str, api_key: str 
     return json.loads((out / "summary.json").read_text())
 
 
-def evaluate(checkpoint: Path) -> float:
-    text = _run([str(BIN / "student-client"), "eval", "--checkpoint", str(checkpoint), "--data", str(DATA)])
+def evaluate(checkpoint: Path, data: Path) -> float:
+    text = _run([str(BIN / "student-client"), "eval", "--checkpoint", str(checkpoint), "--data", str(data)])
     match = re.search(r"top-1 ([0-9.]+)%", text)
     if not match:
         raise DemoError(f"student-client eval printed no top-1: {text.strip()}")
@@ -183,12 +186,12 @@ def run_demo(cfg: DemoConfig) -> int:
             print(f"== {i}/{steps} {student.label} ({teacher_note}), {where}", flush=True)
             summaries[student.name] = train_student(cfg, student, address, keys.get(student.name))
         print(f"== {steps}/{steps} the teacher's accuracy and the bill per student", flush=True)
-        teacher_top1 = evaluate(TEACHER_CHECKPOINT)
+        teacher_top1 = evaluate(TEACHER_CHECKPOINT, cfg.data)
         zero = {"images": 0, "gflops": 0.0, "full_gflops": 0.0, "cost": 0.0}
         results = [StudentResult(s, student_top1(summaries[s.name], s),
                                  key_usage(db_url, s.name) if s.mode != "none" else zero, summaries[s.name])
                    for s in roster]
-        print_report(teacher_top1, results, dashboard)
+        print_report(teacher_top1, results, dashboard, cfg.data)
         if not cfg.exit_when_done:
             print(f"\nDashboard: {dashboard}?token={admin_token}  (the admin token). Ctrl-C to stop.", flush=True)
             try:
@@ -200,10 +203,11 @@ def run_demo(cfg: DemoConfig) -> int:
         stop_gracefully(server, timeout_s=30, process_group=True)
 
 
-def print_report(teacher_top1: float, results: list[StudentResult], dashboard: str) -> None:
+def print_report(teacher_top1: float, results: list[StudentResult], dashboard: str, data: Path) -> None:
     by_name = {r.student.name: r for r in results}
     base, full, masked = by_name["student-no-kd"], by_name["student-full-kd"], by_name["student-maskedkd"]
-    lines = ["", "MaskedKD demo: results (test split of the committed CIFAR-10 subset, 1,000 images)",
+    test_images = int(base.summary.get("val_images") or 0)
+    lines = ["", f"MaskedKD demo: results (test split of {data.name}, {test_images:,} images)",
              f"  {'':<40} {'top-1':>7}  {'teacher GFLOPs':>14}  {'x full KD':>9}  {'teacher cost':>16}",
              f"  {teacher_label():<40} {teacher_top1:6.2f}%"]
     for r in results:
@@ -224,7 +228,10 @@ def print_report(teacher_top1: float, results: list[StudentResult], dashboard: s
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="make demo", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", type=Path, default=REPO / "runs" / "demo")
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--data", type=Path, default=DATA, help="ImageFolder with train/ and test/, or a .tar.gz of one")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-epochs", type=float, default=0.25)
     p.add_argument("--max-steps", type=int, default=0, help="stop each student after this many steps (smoke run)")
     p.add_argument("--keep", type=float, default=0.5)
     p.add_argument("--strategy", choices=sorted(STRATEGY_NOTES), default="sips",
@@ -232,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers per student")
     p.add_argument("--local", action="store_true",
                    help="train each student in-process instead of on Ray (no Ray start-up: the smoke test's budget)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--dashboard-port", type=int, default=8080)
     p.add_argument("--exit", dest="exit_when_done", action="store_true", help="exit instead of keeping the dashboard up")
     args = p.parse_args(argv)

@@ -33,7 +33,8 @@ def parse_rows(out: str) -> dict[str, tuple[float, ...]]:
 def test_short_demo_prints_three_students_and_bills_matching_the_flop_model(tmp_path: Path) -> None:
     keep, price = 0.5, 0.000002
     cmd = [sys.executable, str(REPO / "scripts" / "demo.py"), "--exit", "--workdir", str(tmp_path / "demo"),
-           "--epochs", "1", "--max-steps", "8", "--keep", str(keep), "--dashboard-port", "0", "--local"]
+           "--epochs", "1", "--max-steps", "8", "--keep", str(keep), "--dashboard-port", "0", "--local",
+           "--data", str(REPO / "data" / "cifar10-subset")]  # the demo's own archive: 10,000 test images per eval
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
     out = proc.stdout
     assert proc.returncode == 0, f"demo failed:\n{out[-3000:]}\n{proc.stderr[-3000:]}"
