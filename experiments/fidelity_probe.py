@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-KEEPS = (1.0, 0.75, 0.5, 0.25)
+from student_client.keep_auto import LADDER
+
+KEEPS = (1.0, *LADDER)  # every rung `--keep auto` tries, and the full image
 STRATEGIES = ("sips", "random", "bottom")
 SECTION = "fidelity"
 
@@ -115,7 +117,7 @@ def markdown(result: dict[str, Any], command: str, title: str = "Teacher fidelit
     ]
     for r in sorted(result["rows"], key=lambda r: (STRATEGIES.index(r["strategy"]) if r["strategy"] in STRATEGIES
                                                    else 9, -r["keep"])):
-        lines.append(f"| {r['strategy']} | {100 * r['keep']:.0f}% | {r['kept']} | {r['kl']:.4f} | "
+        lines.append(f"| {r['strategy']} | {100 * r['keep']:g}% | {r['kept']} | {r['kl']:.4f} | "
                      f"{100 * r['top1_agreement']:.1f}% | {r['teacher_top1']:.2f}% | "
                      f"{100 * r['agreement_with_student']:.1f}% |")
     return "\n".join(lines) + "\n"

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torchvision import datasets, transforms
 
 from experiments.doc_sections import read_section, update_section
-from experiments.fidelity_probe import STRATEGIES, main, probe
+from experiments.fidelity_probe import KEEPS, STRATEGIES, main, probe
 from maskedkd.checkpoints import save_model_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,7 +49,7 @@ def result(checkpoints: tuple[Path, Path]) -> dict:
 
 def test_keep_all_is_the_full_teacher(result: dict) -> None:
     rows = {(r["strategy"], r["keep"]): r for r in result["rows"]}
-    assert result["images"] == IMAGES and len(rows) == 4 * len(STRATEGIES)
+    assert result["images"] == IMAGES and len(rows) == len(KEEPS) * len(STRATEGIES)
     for strategy in STRATEGIES:
         full = rows[(strategy, 1.0)]
         assert full["kept"] == 64 and full["kl"] == pytest.approx(0.0, abs=1e-5) and full["top1_agreement"] == 1.0
@@ -84,7 +84,7 @@ def test_cli_writes_json_and_its_own_doc_section(checkpoints: tuple[Path, Path],
     assert read_section(doc, "results") == "## Results\n\nkept as is\n"
     section = read_section(doc, "fidelity")
     assert section is not None and "python -m experiments.fidelity_probe --teacher" in section
-    assert (tmp_path / "f.json").read_text().count('"strategy"') == 12
+    assert (tmp_path / "f.json").read_text().count('"strategy"') == len(KEEPS) * len(STRATEGIES)
 
 
 def test_cli_bad_checkpoint_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
