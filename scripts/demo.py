@@ -120,7 +120,8 @@ def train_student(cfg: DemoConfig, student: Student, teacher: str, api_key: str 
     cmd = [str(BIN / "student-client"), "train", "--mode", student.mode, "--student", "vit_tiny_patch16_224",
            "--student-kwargs", json.dumps(STUDENT_KWARGS), "--data", str(cfg.data), "--out", str(out),
            "--epochs", str(cfg.epochs), "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr),
-           "--warmup-epochs", str(cfg.warmup_epochs), "--seed", "0", *(["--local"] if cfg.local else ["--workers", str(cfg.workers)])]
+           "--warmup-epochs", str(cfg.warmup_epochs), "--seed", "0",
+           *(["--local"] if cfg.local else ["--workers", str(cfg.workers)])]
     if student.mode != "none":
         cmd += ["--teacher", teacher, "--keep", str(student.keep), "--strategy", student.strategy]
     if cfg.max_steps:
