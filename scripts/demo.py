@@ -1,5 +1,5 @@
 """`make demo`: a teacher server on the committed CIFAR-10 teacher, an API key per student, three students trained on
-the same budget (no KD, full KD, MaskedKD keep 50%) on 2 Ray workers, their accuracies and teacher bills side by side,
+the same budget (no KD, full KD, MaskedKD keep 50%), their accuracies and teacher bills side by side,
 and the dashboard (kept up until Ctrl-C).
 
 Everything runs through the real command-line tools (`teacher-server`, `student-client`) on embedded defaults:
@@ -41,8 +41,8 @@ class DemoConfig:
     max_steps: int       # 0 = full epochs; >0 stops each student early (the CI smoke run)
     keep: float          # share of teacher patches kept by the MaskedKD student
     strategy: str        # which patches it keeps: sips (the student's attention) or random
-    workers: int         # Ray Train workers
-    local: bool          # train in one process, no Ray (the smoke test's budget: Ray Train starts in 25-90 s)
+    workers: int         # Ray Train workers per student (with --ray)
+    ray: bool            # one student after another on Ray Train; default: all three at once, one process each
     batch_size: int      # global batch over all workers
     dashboard_port: int  # 0 = any free port
     exit_when_done: bool  # do not keep the dashboard up
@@ -101,6 +101,8 @@ def start_teacher(cfg: DemoConfig, db_url: str, admin_token: str) -> tuple[subpr
     print(f"$ MASKEDKD_ADMIN_TOKEN=... {' '.join(cmd).replace(str(BIN) + '/', '')}  (log: {log_path})", flush=True)
     log = open(log_path, "w")
     env = {**os.environ, "MASKEDKD_ADMIN_TOKEN": admin_token}  # never on the command line: it would show in `ps`
+    if not cfg.ray:  # one torch thread beside the three single-threaded students: no oversubscribed OpenMP barriers
+        env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True, env=env)
     deadline = time.monotonic() + 120
     pattern = re.compile(r"serving \S+ on (\S+?);.*dashboard (\S+)")
@@ -115,20 +117,64 @@ def start_teacher(cfg: DemoConfig, db_url: str, admin_token: str) -> tuple[subpr
     raise DemoError("teacher-server did not start within 120 s")
 
 
-def train_student(cfg: DemoConfig, student: Student, teacher: str, api_key: str | None) -> dict:
+def student_command(cfg: DemoConfig, student: Student, teacher: str) -> list[str]:
     out = cfg.workdir / student.name
     cmd = [str(BIN / "student-client"), "train", "--mode", student.mode, "--student", "vit_tiny_patch16_224",
            "--student-kwargs", json.dumps(STUDENT_KWARGS), "--data", str(cfg.data), "--out", str(out),
            "--epochs", str(cfg.epochs), "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr),
            "--warmup-epochs", str(cfg.warmup_epochs), "--seed", "0",
-           *(["--local"] if cfg.local else ["--workers", str(cfg.workers)])]
+           *(["--workers", str(cfg.workers)] if cfg.ray else
+             ["--local", "--threads-per-worker", "1", "--no-progress"])]
     if student.mode != "none":
         cmd += ["--teacher", teacher, "--keep", str(student.keep), "--strategy", student.strategy]
     if cfg.max_steps:
         cmd += ["--max-steps", str(cfg.max_steps)]
-    env = {**os.environ, **({"MASKEDKD_API_KEY": api_key} if api_key else {})}
-    _run(cmd, env=env, capture=False)
-    return json.loads((out / "summary.json").read_text())
+    return cmd
+
+
+def _env(api_key: str | None) -> dict[str, str]:
+    return {**os.environ, **({"MASKEDKD_API_KEY": api_key} if api_key else {})}
+
+
+def train_one_after_another(cfg: DemoConfig, roster: list[Student], teacher: str, keys: dict[str, str],
+                            first_step: int, steps: int) -> dict[str, dict]:
+    """Each student on `cfg.workers` Ray workers, in turn, its progress bar on the terminal."""
+    for i, student in enumerate(roster, start=first_step):
+        print(f"== {i}/{steps} {student.label} ({teacher_note(student)}), {cfg.workers} Ray workers", flush=True)
+        _run(student_command(cfg, student, teacher), env=_env(keys.get(student.name)), capture=False)
+    return {s.name: json.loads((cfg.workdir / s.name / "summary.json").read_text()) for s in roster}
+
+
+def train_at_once(cfg: DemoConfig, roster: list[Student], teacher: str, keys: dict[str, str]) -> dict[str, dict]:
+    """The three students at once, one single-threaded process each (no Ray start-up; the KD students' waits for the
+    teacher are filled by the others' compute instead of idling a core); each writes `<workdir>/<name>/train.log`."""
+    procs = []
+    for student in roster:
+        cmd = student_command(cfg, student, teacher)
+        log = cfg.workdir / student.name / "train.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        print(f"   {student.label}: {teacher_note(student)}  (log: {log})", flush=True)
+        with open(log, "w") as f:
+            procs.append((student, log, subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
+                                                         env=_env(keys.get(student.name)))))
+    for student, log, proc in procs:
+        if proc.wait() != 0:
+            for _, _, other in procs:
+                other.kill()
+            tail = log.read_text(errors="replace").strip().splitlines()[-1:]
+            raise DemoError(f"{student.name} failed (exit {proc.returncode}) {' '.join(tail)} (log: {log})")
+    summaries = {s.name: json.loads((cfg.workdir / s.name / "summary.json").read_text()) for s in roster}
+    for student in roster:
+        print(f"   {student.label}: done in {summaries[student.name].get('wall_s', 0):.0f} s", flush=True)
+    return summaries
+
+
+def teacher_note(student: Student) -> str:
+    if student.mode == "none":
+        return "no teacher"
+    if student.keep >= 1:
+        return "the teacher sees every patch"
+    return f"the teacher sees {student.keep:.0%} of the patches, {STRATEGY_NOTES[student.strategy]}"
 
 
 def evaluate(checkpoint: Path, data: Path) -> float:
@@ -170,7 +216,7 @@ def run_demo(cfg: DemoConfig) -> int:
     db_url = f"sqlite:///{cfg.workdir / 'ledger.db'}"
     admin_token = secrets.token_urlsafe(24)
     roster = students(cfg.keep, cfg.strategy)
-    steps = 3 + len(roster)
+    steps = 3 + (len(roster) if cfg.ray else 1)
 
     print(f"== 1/{steps} teacher server on the committed CIFAR-10 teacher", flush=True)
     server, address, dashboard = start_teacher(cfg, db_url, admin_token)
@@ -178,14 +224,11 @@ def run_demo(cfg: DemoConfig) -> int:
         print(f"== 2/{steps} an API key per KD student (each is billed separately)", flush=True)
         keys = {s.name: _run([str(BIN / "teacher-server"), "keys", "create", "--name", s.name, "--db", db_url])
                 .strip().splitlines()[-1] for s in roster if s.mode != "none"}
-        summaries = {}
-        for i, student in enumerate(roster, start=3):
-            teacher_note = "no teacher" if student.mode == "none" else (
-                "the teacher sees every patch" if student.keep >= 1 else
-                f"the teacher sees {student.keep:.0%} of the patches, {STRATEGY_NOTES[student.strategy]}")
-            where = "one process, no Ray (--local)" if cfg.local else f"{cfg.workers} Ray workers"
-            print(f"== {i}/{steps} {student.label} ({teacher_note}), {where}", flush=True)
-            summaries[student.name] = train_student(cfg, student, address, keys.get(student.name))
+        if cfg.ray:
+            summaries = train_one_after_another(cfg, roster, address, keys, 3, steps)
+        else:
+            print(f"== 3/{steps} three students at once, the same images and seed, one process each", flush=True)
+            summaries = train_at_once(cfg, roster, address, keys)
         print(f"== {steps}/{steps} the teacher's accuracy and the bill per student", flush=True)
         teacher_top1 = evaluate(TEACHER_CHECKPOINT, cfg.data)
         zero = {"images": 0, "gflops": 0.0, "full_gflops": 0.0, "cost": 0.0}
@@ -237,12 +280,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", type=float, default=0.5)
     p.add_argument("--strategy", choices=sorted(STRATEGY_NOTES), default="sips",
                    help="the MaskedKD student's patches: its attention (SIPS, the paper's) or random")
-    p.add_argument("--workers", type=int, default=2, help="Ray Train workers per student")
-    p.add_argument("--local", action="store_true",
-                   help="train each student in-process instead of on Ray (no Ray start-up: the smoke test's budget)")
+    p.add_argument("--ray", action="store_true",
+                   help="train the students one after another on Ray Train (default: all three at once, one process "
+                        "each: on a small machine Ray's start-up, about a minute per student, is most of the budget)")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers per student (with --ray)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--dashboard-port", type=int, default=8080)
-    p.add_argument("--exit", dest="exit_when_done", action="store_true", help="exit instead of keeping the dashboard up")
+    p.add_argument("--exit", dest="exit_when_done", action="store_true",
+                   help="exit instead of keeping the dashboard up")
     args = p.parse_args(argv)
     if not 0 < args.keep < 1:
         p.error("--keep must be between 0 and 1 (exclusive): the full-KD student already shows keep 1")

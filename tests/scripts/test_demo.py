@@ -1,8 +1,7 @@
 """A short `make demo` run end to end (real server subprocess, real keys, the real `student-client` runs), checking its
 printed numbers against the FLOP model of the committed teacher and against the ledger read back through
-`teacher-server usage`. The students train with --local: three Ray Train start-ups (25 s each on a quiet 2-core
-machine, 60-90 s beside the other tests) were most of this test's time, and the Ray path of the same training loop,
-its billing included, is tested in tests/student_client/test_ray_train.py."""
+`teacher-server usage`. The students train the demo's default way, at once, in-process (no Ray); the Ray path of the
+same training loop, its billing included, is tested in tests/student_client/test_ray_train.py."""
 from __future__ import annotations
 
 import json
@@ -33,7 +32,7 @@ def parse_rows(out: str) -> dict[str, tuple[float, ...]]:
 def test_short_demo_prints_three_students_and_bills_matching_the_flop_model(tmp_path: Path) -> None:
     keep, price = 0.5, 0.000002
     cmd = [sys.executable, str(REPO / "scripts" / "demo.py"), "--exit", "--workdir", str(tmp_path / "demo"),
-           "--epochs", "1", "--max-steps", "8", "--keep", str(keep), "--dashboard-port", "0", "--local",
+           "--epochs", "1", "--max-steps", "8", "--keep", str(keep), "--dashboard-port", "0",
            "--data", str(REPO / "data" / "cifar10-subset")]  # the demo's own archive: 10,000 test images per eval
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
     out = proc.stdout
