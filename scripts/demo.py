@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,9 +146,11 @@ def train_one_after_another(cfg: DemoConfig, roster: list[Student], teacher: str
     return {s.name: json.loads((cfg.workdir / s.name / "summary.json").read_text()) for s in roster}
 
 
-def train_at_once(cfg: DemoConfig, roster: list[Student], teacher: str, keys: dict[str, str]) -> dict[str, dict]:
+def train_at_once(cfg: DemoConfig, roster: list[Student], teacher: str, keys: dict[str, str],
+                  after_first: Callable[[], None]) -> dict[str, dict]:
     """The three students at once, one single-threaded process each (no Ray start-up; the KD students' waits for the
-    teacher are filled by the others' compute instead of idling a core); each writes `<workdir>/<name>/train.log`."""
+    teacher are filled by the others' compute instead of idling a core); each writes `<workdir>/<name>/train.log`.
+    `after_first` runs when the first student (no KD: it never waits for the teacher) is done and its core is free."""
     procs = []
     for student in roster:
         cmd = student_command(cfg, student, teacher)
@@ -157,12 +160,14 @@ def train_at_once(cfg: DemoConfig, roster: list[Student], teacher: str, keys: di
         with open(log, "w") as f:
             procs.append((student, log, subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
                                                          env=_env(keys.get(student.name)))))
-    for student, log, proc in procs:
+    for i, (student, log, proc) in enumerate(procs):
         if proc.wait() != 0:
             for _, _, other in procs:
                 other.kill()
             tail = log.read_text(errors="replace").strip().splitlines()[-1:]
             raise DemoError(f"{student.name} failed (exit {proc.returncode}) {' '.join(tail)} (log: {log})")
+        if i == 0:
+            after_first()
     summaries = {s.name: json.loads((cfg.workdir / s.name / "summary.json").read_text()) for s in roster}
     for student in roster:
         print(f"   {student.label}: done in {summaries[student.name].get('wall_s', 0):.0f} s", flush=True)
@@ -177,12 +182,34 @@ def teacher_note(student: Student) -> str:
     return f"the teacher sees {student.keep:.0%} of the patches, {STRATEGY_NOTES[student.strategy]}"
 
 
-def evaluate(checkpoint: Path, data: Path) -> float:
-    text = _run([str(BIN / "student-client"), "eval", "--checkpoint", str(checkpoint), "--data", str(data)])
-    match = re.search(r"top-1 ([0-9.]+)%", text)
-    if not match:
-        raise DemoError(f"student-client eval printed no top-1: {text.strip()}")
-    return float(match.group(1))
+@dataclass
+class TeacherEval:
+    """`student-client eval` of the teacher on the test split, in the background on one thread."""
+    proc: subprocess.Popen
+    log: Path
+
+    @classmethod
+    def start(cls, data: Path, workdir: Path) -> TeacherEval:
+        log = workdir / "teacher-eval.log"
+        cmd = [str(BIN / "student-client"), "eval", "--checkpoint", str(TEACHER_CHECKPOINT), "--data", str(data)]
+        print(f"   teacher: evaluating on the test split  (log: {log})", flush=True)
+        with open(log, "w") as f:
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
+                                    env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return cls(proc, log)
+
+    def top1(self) -> float:
+        text = self.log.read_text(errors="replace") if self.proc.wait() == 0 else ""
+        match = re.search(r"top-1 ([0-9.]+)%", text)
+        if not match:
+            raise DemoError(f"student-client eval of the teacher failed (exit {self.proc.returncode}): "
+                            f"{' '.join(self.log.read_text(errors='replace').strip().splitlines()[-1:])}")
+        return float(match.group(1))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def student_top1(summary: dict, student: Student) -> float:
@@ -220,17 +247,20 @@ def run_demo(cfg: DemoConfig) -> int:
 
     print(f"== 1/{steps} teacher server on the committed CIFAR-10 teacher", flush=True)
     server, address, dashboard = start_teacher(cfg, db_url, admin_token)
+    teacher_eval: list[TeacherEval] = []  # started once a core is free (after the no-KD student)
     try:
         print(f"== 2/{steps} an API key per KD student (each is billed separately)", flush=True)
         keys = {s.name: _run([str(BIN / "teacher-server"), "keys", "create", "--name", s.name, "--db", db_url])
                 .strip().splitlines()[-1] for s in roster if s.mode != "none"}
         if cfg.ray:
             summaries = train_one_after_another(cfg, roster, address, keys, 3, steps)
+            teacher_eval.append(TeacherEval.start(cfg.data, cfg.workdir))
         else:
             print(f"== 3/{steps} three students at once, the same images and seed, one process each", flush=True)
-            summaries = train_at_once(cfg, roster, address, keys)
+            summaries = train_at_once(cfg, roster, address, keys,
+                                      after_first=lambda: teacher_eval.append(TeacherEval.start(cfg.data, cfg.workdir)))
         print(f"== {steps}/{steps} the teacher's accuracy and the bill per student", flush=True)
-        teacher_top1 = evaluate(TEACHER_CHECKPOINT, cfg.data)
+        teacher_top1 = teacher_eval[0].top1()
         zero = {"images": 0, "gflops": 0.0, "full_gflops": 0.0, "cost": 0.0}
         results = [StudentResult(s, student_top1(summaries[s.name], s),
                                  key_usage(db_url, s.name) if s.mode != "none" else zero, summaries[s.name])
@@ -244,6 +274,8 @@ def run_demo(cfg: DemoConfig) -> int:
                 pass
         return 0
     finally:
+        for running in teacher_eval:
+            running.stop()
         stop_gracefully(server, timeout_s=30, process_group=True)
 
 
