@@ -133,6 +133,11 @@ def student_command(cfg: DemoConfig, student: Student, teacher: str) -> list[str
     return cmd
 
 
+def read_summaries(workdir: Path, roster: list[Student]) -> dict[str, dict]:
+    """Each student's `summary.json`, written by its training run when it finished."""
+    return {s.name: json.loads((workdir / s.name / "summary.json").read_text()) for s in roster}
+
+
 def _env(api_key: str | None) -> dict[str, str]:
     return {**os.environ, **({"MASKEDKD_API_KEY": api_key} if api_key else {})}
 
@@ -143,7 +148,7 @@ def train_one_after_another(cfg: DemoConfig, roster: list[Student], teacher: str
     for i, student in enumerate(roster, start=first_step):
         print(f"== {i}/{steps} {student.label} ({teacher_note(student)}), {cfg.workers} Ray workers", flush=True)
         _run(student_command(cfg, student, teacher), env=_env(keys.get(student.name)), capture=False)
-    return {s.name: json.loads((cfg.workdir / s.name / "summary.json").read_text()) for s in roster}
+    return read_summaries(cfg.workdir, roster)
 
 
 def train_at_once(cfg: DemoConfig, roster: list[Student], teacher: str, keys: dict[str, str],
@@ -168,7 +173,7 @@ def train_at_once(cfg: DemoConfig, roster: list[Student], teacher: str, keys: di
             raise DemoError(f"{student.name} failed (exit {proc.returncode}) {' '.join(tail)} (log: {log})")
         if i == 0:
             after_first()
-    summaries = {s.name: json.loads((cfg.workdir / s.name / "summary.json").read_text()) for s in roster}
+    summaries = read_summaries(cfg.workdir, roster)
     for student in roster:
         print(f"   {student.label}: done in {summaries[student.name].get('wall_s', 0):.0f} s", flush=True)
     return summaries
