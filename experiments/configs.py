@@ -64,6 +64,7 @@ class ReproConfig:
     threads: int = 0                   # torch threads of runs with no teacher beside them (teacher, no KD); 0: all CPUs
     server_threads: int = 0            # the teacher server's torch threads (OMP_NUM_THREADS); 0: torch's default
     kd_threads: int = 0                # student threads while the server computes beside it; 0: CPUs - server_threads
+    parallel: int = 1                  # student runs at once sharing the server (--parallel); CPUs split
     probe_images: int | None = 2000    # test images for the fidelity probe (None: the whole eval split)
     lambda_kd: float = 1.0
     tau: float = 1.0
@@ -145,7 +146,7 @@ CIFAR10 = ReproConfig(
                         {"img_size": 32, "patch_size": 4, "num_classes": 10, "depth": 6},
                         epochs=30, batch_size=128, lr=1e-3, warmup_epochs=2.0),  # phases: models/train-cifar10-teacher.sh
     student=ModelRecipe("vit_tiny_patch16_224", {"img_size": 32, **_STUDENT_96},
-                        epochs=4, batch_size=128, lr=2e-3, warmup_epochs=0.5),  # 80,000 images seen
+                        epochs=4, batch_size=128, lr=2e-3, warmup_epochs=0.5),
     train_per_class=2000,
     test_per_class=None,
     methods=HEADLINE_FIRST,

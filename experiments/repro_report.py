@@ -77,6 +77,9 @@ def results_markdown(cfg: ReproConfig, command: str, rows: list[dict[str, Any]],
              "Every teacher call went through a real `teacher-server serve` on loopback; the teacher GFLOPs are read "
              "from the server's ledger (`teacher-server usage`), summed over each run's API keys.", ""]
     lines += [f"- {note}" for note in (cfg.size_note, *cfg.notes) if note]
+    if cfg.parallel > 1:
+        lines.append(f"- {cfg.parallel} student runs trained at once (`--parallel {cfg.parallel}`), sharing the "
+                     "teacher server and the CPUs: each run's train time is its wall time beside the others.")
     lines += [f"- Data ({cfg.dataset}): `{data}` ({cfg.train_per_class or 'all'} train / {cfg.test_per_class or 'all'} test images "
               f"per class). Teacher: `{cfg.teacher.arch}` {cfg.teacher.kwargs}, {cfg.teacher.epochs} epochs. "
               f"Student: `{cfg.student.arch}` {cfg.student.kwargs}, {cfg.student.epochs} epochs, batch "

@@ -25,6 +25,7 @@ import os
 import shlex
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the config's)")
     p.add_argument("--methods", default=None, help=f"comma-separated subset of: {','.join(METHODS_BY_KEY)}")
     p.add_argument("--threads", type=int, default=0, help="torch threads of runs without a teacher (default: all)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="student runs at once, sharing the teacher server (default 1). A KD student waits for the "
+                        "teacher for part of every step: on 2 CPU cores two KD runs at once each step as fast as "
+                        "one alone. The CPUs are split between the runs")
     p.add_argument("--train-per-class", type=int, default=None, help="override the config's training subset")
     p.add_argument("--teacher-epochs", type=int, default=None, help="override the config's teacher epochs")
     p.add_argument("--student-epochs", type=int, default=None, help="override the config's student epochs")
@@ -74,6 +79,9 @@ def _config(args: argparse.Namespace) -> ReproConfig:
         changes["methods"] = methods
     if args.threads:
         changes["threads"] = args.threads
+    if args.parallel < 1:
+        raise ValueError(f"--parallel must be at least 1, got {args.parallel}")
+    changes["parallel"] = args.parallel
     if args.train_per_class:
         changes["train_per_class"] = args.train_per_class
     if args.teacher_epochs:
@@ -142,10 +150,11 @@ def ensure_teacher(cfg: ReproConfig, data: Path, teacher_data: Path, out: Path, 
 
 
 def thread_counts(cfg: ReproConfig) -> tuple[int, int]:
-    """(threads of a run alone on the machine, student threads while the teacher server computes beside it)."""
+    """(threads of a run without a teacher, student threads while the teacher server computes beside it), each run's
+    share when `cfg.parallel` runs train at once."""
     cpus = os.cpu_count() or 1
-    alone = cfg.threads or cpus
-    beside = cfg.kd_threads or (max(1, cpus - cfg.server_threads) if cfg.server_threads else cpus)
+    alone = cfg.threads or max(1, cpus // cfg.parallel)
+    beside = cfg.kd_threads or max(1, (cpus - cfg.server_threads if cfg.server_threads else cpus) // cfg.parallel)
     return alone, beside
 
 
@@ -214,7 +223,7 @@ def write_report(cfg: ReproConfig, command: str, out: Path, data: Path, doc: Pat
 def reproduce(cfg: ReproConfig, *, out: Path, data: Path, teacher_data: Path, doc: Path, command: str) -> int:
     import torch
 
-    threads, _ = thread_counts(cfg)
+    threads = cfg.threads or os.cpu_count() or 1  # the teacher trains, and the runs are evaluated, alone
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
     teacher = ensure_teacher(cfg, data, teacher_data, out, threads)
@@ -231,25 +240,39 @@ def reproduce(cfg: ReproConfig, *, out: Path, data: Path, teacher_data: Path, do
     report(failures)
     service: TeacherService | None = None
     started = time.perf_counter()
+    running: dict[Future[dict[str, Any]], tuple[Method, int]] = {}
+    finished = 0
     try:
-        for i, (method, seed) in enumerate(todo, start=1):
-            if method.mode != "none" and (service is None or not service.alive):
-                if service is not None:
-                    service.stop()
-                service = TeacherService(teacher_checkpoint(cfg, out), out / "ledger.db",
-                                         out / "teacher-server.log", device=cfg.device,
-                                         threads=cfg.server_threads).start()
-            try:
-                r = run_student(cfg, method, seed, data, out, service)
-            except (ToolError, OSError, ValueError) as exc:
-                failures.append(f"{method.key}-s{seed}")
-                print(f"[repro] FAILED {method.key} seed {seed}: {' '.join(str(exc).split())[:600]}", flush=True)
-                continue
-            report(failures)
-            eta = (time.perf_counter() - started) / i * (len(todo) - i)
-            print(f"[repro] [{i}/{len(todo)}] {method.key} seed {seed}: top-1 {r['top1']:.2f}%, teacher "
-                  f"{r['ledger']['gflops']:.1f} GFLOPs, {r['train_wall_s'] / 60:.1f} min; ETA {eta / 60:.0f} min",
-                  flush=True)
+        with ThreadPoolExecutor(max_workers=cfg.parallel) as pool:
+            queue = list(todo)
+            if cfg.parallel > 1:
+                print(f"[repro] {cfg.parallel} runs at once", flush=True)
+            while queue or running:
+                while queue and len(running) < cfg.parallel:
+                    method, seed = queue.pop(0)
+                    if method.mode != "none" and (service is None or not service.alive):
+                        if service is not None:  # it died: the runs using it fail and are retried next time
+                            service.stop()
+                        service = TeacherService(teacher_checkpoint(cfg, out), out / "ledger.db",
+                                                 out / "teacher-server.log", device=cfg.device,
+                                                 threads=cfg.server_threads).start()
+                    running[pool.submit(run_student, cfg, method, seed, data, out, service)] = (method, seed)
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    method, seed = running.pop(future)
+                    finished += 1
+                    try:
+                        r = future.result()
+                    except (ToolError, OSError, ValueError) as exc:
+                        failures.append(f"{method.key}-s{seed}")
+                        print(f"[repro] FAILED {method.key} seed {seed}: {' '.join(str(exc).split())[:600]}",
+                              flush=True)
+                        continue
+                    report(failures)
+                    eta = (time.perf_counter() - started) / finished * (len(todo) - finished)
+                    print(f"[repro] [{finished}/{len(todo)}] {method.key} seed {seed}: top-1 {r['top1']:.2f}%, "
+                          f"teacher {r['ledger']['gflops']:.1f} GFLOPs, {r['train_wall_s'] / 60:.1f} min; "
+                          f"ETA {eta / 60:.0f} min", flush=True)
     finally:
         if service is not None:
             service.stop()

@@ -19,16 +19,17 @@ REPO = Path(__file__).resolve().parents[2]
 SECRET = re.compile(r"mkd_[A-Za-z0-9_-]{43}")
 
 
-def _reproduce(tmp: Path) -> subprocess.CompletedProcess[str]:
+def _reproduce(tmp: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "experiments.reproduce", "--smoke", "--out", str(tmp / "out"),
-           "--data", str(REPO / "data" / "cifar10-subset"), "--cache", str(tmp / "cache" / "cifar10")]
+           "--data", str(REPO / "data" / "cifar10-subset"), "--cache", str(tmp / "cache" / "cifar10"), *extra]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
 def test_smoke_reproduction_end_to_end_and_resume(tmp_path: Path) -> None:
-    first = _reproduce(tmp_path)
+    first = _reproduce(tmp_path, "--parallel", "2")  # two runs at a time on the one server, each with its own key
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "[repro] 2 runs at once" in first.stdout
     out = tmp_path / "out"
     doc = out / "reproduction.md"  # a smoke run never writes into the repo's docs/
     results = json.loads((out / "results.json").read_text())
@@ -61,6 +62,7 @@ def test_smoke_reproduction_end_to_end_and_resume(tmp_path: Path) -> None:
     fidelity_md = read_section(doc, "fidelity-smoke")
     assert results_md is not None and fidelity_md is not None
     assert "python -m experiments.reproduce --smoke" in results_md
+    assert "2 student runs trained at once (`--parallel 2`)" in results_md
     assert "| auto (last: " in results_md and "its probes cost" in results_md
     assert "| 90% of SIPS mass per image, mean kept " in results_md
     assert "MaskedKD 50% (SIPS)" in results_md and "No KD" in results_md and "± " in results_md
