@@ -33,7 +33,8 @@ postgres:
 test: install browser postgres
 	$(VENV)/bin/pytest -q -ra --durations=15 -n 2 --dist loadscope --no-loadscope-reorder tests
 
-## The demo: teacher server + key + MaskedKD and no-KD students on 2 Ray workers + the bill + the dashboard.
+## The demo: teacher server + a key per KD student + three students at once (no KD, full KD, MaskedKD-50) + their
+## accuracies and bills side by side + the dashboard.
 ## `make demo DEMO_ARGS=--exit` exits when done instead of keeping the dashboard up.
 DEMO_ARGS ?=
 demo: install
