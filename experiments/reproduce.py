@@ -10,8 +10,10 @@
 6. docs/reproduction.md (results table, mean and std over seeds) and the accuracy-vs-keep figure (paper Fig. 2).
 
 Resumable: a run whose result.json exists is skipped; an interrupted run resumes from its last checkpoint.
+`--parallel N` trains N student runs at once against the one server (a KD student waits for the teacher for part
+of every step, so on 2 CPU cores two runs at once each step about as fast as one alone).
 
-    python -m experiments.reproduce --config cifar10     # the committed teacher, 3 seeds x 9 methods (hours)
+    python -m experiments.reproduce --config cifar10 --parallel 2  # the committed teacher, 3 seeds x 10 methods
     python -m experiments.reproduce --config mnist       # another domain: trains its own teacher first
     python -m experiments.reproduce --config cpu         # the first, small CIFAR-10 run (~2 h on 2 cores)
     python -m experiments.reproduce --smoke --out /tmp/s # a few steps, 1 seed, 3 methods (tests)
