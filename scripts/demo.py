@@ -189,18 +189,18 @@ def teacher_note(student: Student) -> str:
 
 @dataclass
 class TeacherEval:
-    """`student-client eval` of the teacher on the test split, in the background on one thread."""
+    """`student-client eval` of the teacher on the test split, in the background (on one thread beside students)."""
     proc: subprocess.Popen
     log: Path
 
     @classmethod
-    def start(cls, data: Path, workdir: Path) -> TeacherEval:
+    def start(cls, data: Path, workdir: Path, *, one_thread: bool) -> TeacherEval:
         log = workdir / "teacher-eval.log"
         cmd = [str(BIN / "student-client"), "eval", "--checkpoint", str(TEACHER_CHECKPOINT), "--data", str(data)]
         print(f"   teacher: evaluating on the test split  (log: {log})", flush=True)
         with open(log, "w") as f:
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
-                                    env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                    env={**os.environ, **({"OMP_NUM_THREADS": "1"} if one_thread else {})})
         return cls(proc, log)
 
     def top1(self) -> float:
@@ -259,11 +259,11 @@ def run_demo(cfg: DemoConfig) -> int:
                 .strip().splitlines()[-1] for s in roster if s.mode != "none"}
         if cfg.ray:
             summaries = train_one_after_another(cfg, roster, address, keys, 3, steps)
-            teacher_eval.append(TeacherEval.start(cfg.data, cfg.workdir))
+            teacher_eval.append(TeacherEval.start(cfg.data, cfg.workdir, one_thread=False))  # nothing else runs
         else:
             print(f"== 3/{steps} three students at once, the same images and seed, one process each", flush=True)
-            summaries = train_at_once(cfg, roster, address, keys,
-                                      after_first=lambda: teacher_eval.append(TeacherEval.start(cfg.data, cfg.workdir)))
+            summaries = train_at_once(cfg, roster, address, keys, after_first=lambda: teacher_eval.append(
+                TeacherEval.start(cfg.data, cfg.workdir, one_thread=True)))
         print(f"== {steps}/{steps} the teacher's accuracy and the bill per student", flush=True)
         teacher_top1 = teacher_eval[0].top1()
         zero = {"images": 0, "gflops": 0.0, "full_gflops": 0.0, "cost": 0.0}

@@ -90,3 +90,4 @@ def test_smoke_reproduction_end_to_end_and_resume(tmp_path: Path) -> None:
     again = {r["method"]: r for r in json.loads((out / "results.json").read_text())["runs"]}["maskedkd_50"]
     assert again["client_gflops"] == pytest.approx(ledger["gflops"])  # the attempt asked for every step again
     assert again["ledger"] == ledger                                   # and paid for none of them
+    assert json.loads(key_file.read_text())["secret"] not in (out / "ledger.db").read_bytes().decode(errors="replace")
