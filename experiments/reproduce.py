@@ -9,7 +9,9 @@
 5. Teacher-fidelity probe (experiments/fidelity_probe.py) with the MaskedKD-50 student of the first seed.
 6. docs/reproduction.md (results table, mean and std over seeds) and the accuracy-vs-keep figure (paper Fig. 2).
 
-Resumable: a run whose result.json exists is skipped; an interrupted run resumes from its last checkpoint.
+Resumable: a run whose result.json exists is skipped; an interrupted run resumes from its last checkpoint. Across
+sessions and machines: finished results are kept beside the doc (docs/reproduction_CONFIG_runs.json, committed) and
+restored into a new OUT under the same sizes and teacher (experiments/committed_runs.py).
 `--parallel N` trains N student runs at once against the one server (a KD student waits for the teacher for part
 of every step, so on 2 CPU cores two runs at once each step about as fast as one alone).
 
@@ -34,13 +36,14 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from experiments import committed_runs
 from experiments.datasets import DataError, default_cache, default_tarball, prepare_data
 from experiments.configs import CONFIGS, METHODS_BY_KEY, Method, ReproConfig
 from experiments.doc_sections import update_section
 from experiments.services import TeacherService, ToolError, train, train_command
 
 REPO = Path(__file__).resolve().parents[1]
-RESULT = "result.json"
+RESULT = committed_runs.RESULT
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,7 +175,8 @@ def run_student(cfg: ReproConfig, method: Method, seed: int, data: Path, out: Pa
     result = {"method": method.key, "seed": seed, **evaluate(run_dir, data, cfg), "ledger": ledger,
               "client_gflops": summary.get("teacher_gflops", 0.0), "steps": summary.get("global_step"),
               "train_wall_s": wall, "probe_gflops": summary.get("probe_gflops", 0.0),
-              "keep_decisions": summary.get("keep_decisions", []), "kept_fraction": summary.get("kept_fraction")}
+              "keep_decisions": summary.get("keep_decisions", []), "kept_fraction": summary.get("kept_fraction"),
+              "machine": committed_runs.machine(), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (run_dir / RESULT).write_text(json.dumps(result, indent=2))
     return result
 
@@ -189,7 +193,8 @@ def run_probe(cfg: ReproConfig, out: Path, data: Path, doc: Path) -> dict[str, A
     if path.exists():
         return json.loads(path.read_text())
     candidates = [f"maskedkd_50-s{cfg.seeds[0]}"] + [f"{m}-s{cfg.seeds[0]}" for m in cfg.methods]
-    student = next((out / "runs" / c for c in candidates if (out / "runs" / c / RESULT).exists()), None)
+    # a run restored from the committed results has no weights here
+    student = next((out / "runs" / c for c in candidates if (out / "runs" / c / "model.safetensors").exists()), None)
     if student is None:
         return None
     teacher = teacher_checkpoint(cfg, out)
@@ -217,6 +222,8 @@ def write_report(cfg: ReproConfig, command: str, out: Path, data: Path, doc: Pat
     body = results_markdown(cfg, command, rows, teacher, data=str(data), figure=figure, doc=doc,
                             failures=failures, pending=total - len(results), total_runs=total)
     update_section(doc, f"results-{cfg.name}", body)
+    committed_runs.save(committed_runs.runs_path(doc, cfg), cfg, checkpoint=teacher_checkpoint(cfg, out),
+                        teacher=teacher, runs=results, fidelity=probe_result)
     (out / "results.json").write_text(json.dumps({"command": command, "config": dataclasses.asdict(cfg),
                                                   "teacher": teacher, "rows": rows, "runs": results,
                                                   "failures": failures}, indent=2, default=str) + "\n")
@@ -228,6 +235,7 @@ def reproduce(cfg: ReproConfig, *, out: Path, data: Path, teacher_data: Path, do
     threads = cfg.threads or os.cpu_count() or 1  # the teacher trains, and the runs are evaluated, alone
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
+    committed_runs.restore(committed_runs.runs_path(doc, cfg), cfg, out, checkpoint=teacher_checkpoint(cfg, out))
     teacher = ensure_teacher(cfg, data, teacher_data, out, threads)
     fidelity = out / "fidelity.json"
 

@@ -1,14 +1,17 @@
 """Which floating-point precision a device computes natively: the one rule behind `teacher-server serve --dtype auto`
 and `student-client train --precision auto`.
 
-bf16 is chosen only where the hardware multiplies it natively: a CPU with AVX512-BF16 or AMX-BF16, or a CUDA device of
-compute capability 8.0 or higher (Ampere on). Elsewhere bf16 is emulated and slower than fp32 (on an AVX2-only EPYC a
-2048^3 bf16 matmul ran ~50x slower than fp32: benchmarks' dtype section), so auto means float32 there.
+bf16 is chosen only where the hardware multiplies it natively and faster than fp32: a CUDA device of compute
+capability 8.0 or higher (Ampere on), or a CPU with AVX512-BF16 or AMX-BF16 on which a quick interleaved bf16/fp32
+matmul (~0.1-0.3 s, once per process) measures bf16 at least `CPU_BF16_MIN_SPEEDUP` times faster. The flags alone are
+not enough: an AVX512-BF16 EPYC ran bf16 4x faster than fp32, an AVX512-BF16 Xeon without AMX 2x slower (both 2
+cores). Without the flags bf16 is emulated (an AVX2-only EPYC: ~50x slower than fp32) and nothing is measured.
 `MASKEDKD_FORCE_CPU_BF16=1|0` overrides the CPU detection (tests cover both answers on any CPU).
 """
 from __future__ import annotations
 
 import os
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -17,11 +20,11 @@ import torch
 FORCE_CPU_BF16_ENV = "MASKEDKD_FORCE_CPU_BF16"
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+CPU_BF16_MIN_SPEEDUP = 1.25  # bf16 must clearly win: it also costs accuracy (teacher agreement, student steps)
 
 
-@lru_cache(maxsize=1)
-def _detected_cpu_bf16() -> tuple[bool, str]:
-    """(native bf16?, why) from /proc/cpuinfo's flags, else torch's CPU capability."""
+def _cpu_bf16_flags() -> tuple[bool, str]:
+    """(does the CPU claim bf16 instructions, which) from /proc/cpuinfo's flags, else torch's CPU capability."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -30,8 +33,37 @@ def _detected_cpu_bf16() -> tuple[bool, str]:
     except OSError:
         pass
     capability = torch.backends.cpu.get_cpu_capability()  # "AVX2", "AVX512", "AMX", ... (no bf16 flag list)
-    native = "AMX" in capability.upper() or "BF16" in capability.upper()
-    return native, f"torch cpu capability {capability}"
+    return "AMX" in capability.upper() or "BF16" in capability.upper(), f"torch cpu capability {capability}"
+
+
+@lru_cache(maxsize=1)
+def measured_cpu_bf16_speedup(n: int = 1024, rounds: int = 4) -> float:
+    """fp32 time / bf16 time of an n x n matmul on the CPU, best of `rounds` interleaved pairs (interleaving keeps
+    a busy machine's load off the ratio). Measured once per process."""
+    a32, b32 = torch.randn(n, n), torch.randn(n, n)
+    a16, b16 = a32.bfloat16(), b32.bfloat16()
+    best = {torch.float32: float("inf"), torch.bfloat16: float("inf")}
+    pairs = ((torch.float32, a32, b32), (torch.bfloat16, a16, b16))
+    for dtype, a, b in pairs:  # warm-up: the first product of each dtype pays for kernel selection
+        torch.mm(a, b)
+    for _ in range(rounds):
+        for dtype, a, b in pairs:
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return best[torch.float32] / best[torch.bfloat16]
+
+
+@lru_cache(maxsize=1)
+def _detected_cpu_bf16() -> tuple[bool, str]:
+    """(native and faster bf16?, why): the flags first, then the measured matmul speed-up."""
+    flagged, why = _cpu_bf16_flags()
+    if not flagged:
+        return False, why
+    speedup = measured_cpu_bf16_speedup()
+    verdict = "bf16" if speedup >= CPU_BF16_MIN_SPEEDUP else "fp32"
+    return speedup >= CPU_BF16_MIN_SPEEDUP, (f"{why}; measured bf16 matmul {speedup:.2f}x fp32 "
+                                             f"(needs {CPU_BF16_MIN_SPEEDUP}x): {verdict}")
 
 
 def cpu_bf16_support() -> tuple[bool, str]:

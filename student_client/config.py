@@ -124,7 +124,7 @@ class TrainConfig(BaseSettings):
     use_gpu: bool = Field(False, description="a GPU per worker", json_schema_extra={"cli": False})  # from --device
     micro_batches: int = Field(2, ge=1, description="pipelining: the teacher works on i while the student on i+1")
     precision: Precision = Field("auto", description="student forward precision (autocast; SIPS and the loss stay "
-                                 "fp32). auto: bf16 where the device computes it natively, else fp32")
+                                 "fp32). auto: bf16 where the device computes it natively and faster, else fp32")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (quick runs)")
     seed: int = Field(0, description="seed of data order, augmentation and patch choice")
     resume: bool = Field(False, description="continue from the newest checkpoint in --out")

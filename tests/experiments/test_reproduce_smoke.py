@@ -81,6 +81,10 @@ def test_smoke_reproduction_end_to_end_and_resume(tmp_path: Path) -> None:
     key_file = run / "api_key.json"
     assert key_file.stat().st_mode & 0o777 == 0o600
     (run / "result.json").unlink()
+    state_file = out / "reproduction_smoke_runs.json"  # the committed state beside the doc never saw it finish
+    state = json.loads(state_file.read_text())
+    state["runs"] = [r for r in state["runs"] if r["method"] != "maskedkd_50"]
+    state_file.write_text(json.dumps(state))
     for checkpoint in (run / "checkpoints").iterdir():
         shutil.rmtree(checkpoint)
     second = _reproduce(tmp_path)
@@ -91,3 +95,24 @@ def test_smoke_reproduction_end_to_end_and_resume(tmp_path: Path) -> None:
     assert again["client_gflops"] == pytest.approx(ledger["gflops"])  # the attempt asked for every step again
     assert again["ledger"] == ledger                                   # and paid for none of them
     assert json.loads(key_file.read_text())["secret"] not in (out / "ledger.db").read_bytes().decode(errors="replace")
+
+    # A clean clone of a reproduction spread over sessions: OUT is gone, the committed teacher and the results file
+    # beside the doc remain. Every finished run is restored (the same teacher file, the same sizes): nothing is
+    # trained, no server is started, nothing is billed, and the report is written from the restored numbers.
+    state = json.loads((out / "reproduction_smoke_runs.json").read_text())
+    assert {f"{r['method']}-s{r['seed']}" for r in state["runs"]} == {f"{m}-s0" for m in runs}
+    assert all(r["machine"]["precision"] in ("fp32", "bf16") and r["machine"]["cpus"] for r in state["runs"])
+    clone = tmp_path / "clone"
+    (clone / "teacher").mkdir(parents=True)
+    shutil.copy(out / "teacher" / "model.safetensors", clone / "teacher" / "model.safetensors")
+    third = subprocess.run(
+        [sys.executable, "-m", "experiments.reproduce", "--smoke", "--out", str(clone), "--doc", str(doc),
+         "--data", str(REPO / "data" / "cifar10-subset"), "--cache", str(tmp_path / "cache" / "cifar10")],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert "restored 6 finished result(s)" in third.stdout and "0 student runs to do" in third.stdout
+    assert not (clone / "ledger.db").exists()
+    def numbers(results: Path) -> dict[str, tuple[float, dict]]:
+        return {r["method"]: (r["top1"], r["ledger"]) for r in json.loads(results.read_text())["runs"]}
+
+    assert numbers(clone / "results.json") == numbers(out / "results.json")

@@ -9,7 +9,8 @@ import torch
 from service_testkit import auth, ledger_rows, logits_of, patch_request, patches_of, random_images, random_keep, \
     settings, stub, tiny_vit
 
-from maskedkd.precision import FORCE_CPU_BF16_ENV, cpu_bf16_support, resolve_dtype, resolve_precision
+from maskedkd.precision import CPU_BF16_MIN_SPEEDUP, FORCE_CPU_BF16_ENV, cpu_bf16_support, \
+    measured_cpu_bf16_speedup, resolve_dtype, resolve_precision
 from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server.cli import main as teacher_cli
 from teacher_server.settings import ServerSettings
@@ -31,10 +32,15 @@ def test_auto_follows_the_forced_cpu_answer(monkeypatch: pytest.MonkeyPatch, for
     assert resolve_precision("fp32", "cpu") == "fp32"
 
 
-def test_detection_reads_the_cpu_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_detection_reads_the_cpu_flags_then_measures(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(FORCE_CPU_BF16_ENV, raising=False)
     native, why = cpu_bf16_support()
-    assert native == _cpuinfo_has_bf16(), why
+    if _cpuinfo_has_bf16():  # flags are not enough: bf16 must also measure faster (the same cached measurement)
+        speedup = measured_cpu_bf16_speedup()
+        assert speedup > 0 and native == (speedup >= CPU_BF16_MIN_SPEEDUP), why
+        assert f"measured bf16 matmul {speedup:.2f}x fp32" in why
+    else:
+        assert not native and "measured" not in why, why
     assert ServerSettings().dtype == "auto"
 
 
