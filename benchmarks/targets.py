@@ -6,7 +6,7 @@ from typing import Any
 
 from benchmarks.config import TARGET_KEEPS
 
-NOT_NATIVE_PREFIX = "not applicable on this CPU (no native bf16)"
+NOT_NATIVE_PREFIX = "not applicable on this CPU (bf16 not native, or not faster)"
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ def aggregate(results: list[dict[str, Any]], methods: tuple[str, ...]) -> list[d
             "last_decisions": [r["keep_decisions"][-1] for r in mine if r.get("keep_decisions")],
             "keep_mass": m.keep_mass,
             "kept_fractions": [r["kept_fraction"] for r in mine if r.get("kept_fraction") is not None],
+            "machines": [r.get("machine") for r in mine],
         })
     full = next((r for r in rows if r["method"] == "full_kd"), None)
     for r in rows:
@@ -62,6 +63,17 @@ def _billed_extra(result: dict[str, Any]) -> bool:
     return client is not None and result["ledger"]["gflops"] > client * 1.005
 
 
+def machines_text(rows: list[dict[str, Any]]) -> str:
+    """Where the runs ran, with counts: a reproduction may be spread over machines (experiments/committed_runs.py)."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        for m in r.get("machines", []):
+            name = (f"{m['cpu']} ({m['cpus']} cores, {m['precision']}, torch {m['torch']})" if m
+                    else "a machine not recorded (runs before records were kept)")
+            counts[name] = counts.get(name, 0) + 1
+    return "; ".join(f"{n} run{'s' if n > 1 else ''} on {name}" for name, n in counts.items())
+
+
 def _saving(row: dict[str, Any]) -> str:
     full = row["teacher_full_gflops"]
     return "-" if full <= 0 else f"{100 * (1 - row['teacher_gflops'] / full):.1f}%"
@@ -84,7 +96,10 @@ def results_markdown(cfg: ReproConfig, command: str, rows: list[dict[str, Any]],
               f"per class). Teacher: `{cfg.teacher.arch}` {cfg.teacher.kwargs}, {cfg.teacher.epochs} epochs. "
               f"Student: `{cfg.student.arch}` {cfg.student.kwargs}, {cfg.student.epochs} epochs, batch "
               f"{cfg.student.batch_size}, lr {cfg.student.lr}, lambda {cfg.lambda_kd}, tau {cfg.tau}, augment "
-              f"{cfg.student.augment}; seeds {list(cfg.seeds)}.", ""]
+              f"{cfg.student.augment}; seeds {list(cfg.seeds)}."]
+    if rows:
+        lines.append(f"- Machines: {machines_text(rows)}.")
+    lines.append("")
     if teacher is not None:
         trained = (f"trained in {teacher['train_wall_s'] / 60:.1f} min" if teacher.get("train_wall_s")
                    else f"committed: `{Path(teacher['checkpoint']).name}`")

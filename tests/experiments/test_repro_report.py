@@ -34,3 +34,16 @@ def test_a_mass_run_done_before_kept_fractions_were_recorded_still_gets_a_row(tm
     md = results_markdown(SMOKE, "cmd", rows, None, data="d", figure=None, doc=tmp_path / "r.md", failures=[],
                           pending=0, total_runs=1)
     assert "| 90% of SIPS mass per image | sips |" in md
+
+
+def test_the_machines_each_run_ran_on_are_counted(tmp_path: Path) -> None:
+    xeon = {"cpu": "Xeon", "cpus": 2, "precision": "fp32", "torch": "2.x"}
+    epyc = {"cpu": "EPYC", "cpus": 2, "precision": "bf16", "torch": "2.x"}
+    runs = [result("full_kd", 0, 100.0, 1.0), result("full_kd", 1, 100.0, 1.0), result("no_kd", 0, 0.0, 1.0)]
+    runs[0]["machine"], runs[1]["machine"] = xeon, epyc
+    rows = aggregate(runs, ("no_kd", "full_kd"))
+    md = results_markdown(SMOKE, "cmd", rows, None, data="d", figure=None, doc=tmp_path / "r.md", failures=[],
+                          pending=0, total_runs=3)
+    line = next(ln for ln in md.splitlines() if ln.startswith("- Machines: "))
+    assert "1 run on a machine not recorded" in line
+    assert "1 run on Xeon (2 cores, fp32, torch 2.x)" in line and "1 run on EPYC (2 cores, bf16, torch 2.x)" in line
