@@ -1,6 +1,6 @@
 """Reproduce MaskedKD's claims on CIFAR-10 and MNIST through the real service.
 
-1. The teacher: the committed one (config `cifar10`), or trained here with `student-client train --mode none`.
+1. The teacher: the committed one (configs `cifar10`, `mnist`), or trained here with `student-client train --mode none`.
 2. Serve it: `teacher-server serve --checkpoint teacher/model.safetensors` on a free loopback port.
 3. Students, each seed, each with its own API key (`teacher-server keys create`): no KD, full KD, MaskedKD keep
    75/50/25% with SIPS, random and bottom-k at 50%, mask-student at 50%, `--keep auto`, per-image K by SIPS
@@ -16,7 +16,7 @@ restored into a new OUT under the same sizes and teacher (experiments/committed_
 of every step, so on 2 CPU cores two runs at once each step about as fast as one alone).
 
     python -m experiments.reproduce --config cifar10 --parallel 2  # the committed teacher, 3 seeds x 10 methods
-    python -m experiments.reproduce --config mnist       # another domain: trains its own teacher first
+    python -m experiments.reproduce --config mnist       # another domain, its committed teacher
     python -m experiments.reproduce --config cpu         # the first, small CIFAR-10 run (~2 h on 2 cores)
     python -m experiments.reproduce --smoke --out /tmp/s # a few steps, 1 seed, 3 methods (tests)
 """
