@@ -196,8 +196,8 @@ def _precision(s: Section) -> str:
     mm = s["matmul"]
     rows = [(d, f"{mm[d]['n']}", f"{s['rates'][d]:.2f}", "yes" if d == s["limit_dtype"] else "",
              "yes" if d == s["served_dtype"] else "") for d in ("float32", "bfloat16")]
-    text = (f"Native bf16, faster than fp32: **{'yes' if s['native_bf16'] else 'no'}** ({s['why']}). `--dtype auto` serves "
-            f"**{s['served_dtype']}**; the machine's limit is the {s['limit_dtype']} matmul rate "
+    text = (f"Native bf16, faster than fp32: **{'yes' if s['native_bf16'] else 'no'}** ({s['why']}). "
+            f"`--dtype auto` serves **{s['served_dtype']}**; the machine's limit is the {s['limit_dtype']} matmul rate "
             f"({s['limit_gflops_per_s']:.1f} GFLOP/s); bf16 runs at {s['bf16_vs_fp32']:.3f}x the fp32 rate.\n\n"
             + table(("dtype", "matmul n", "GFLOP/s", "machine limit", "served by auto"), rows))
     train = s.get("training")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-HEADER = "# Reproduction of MaskedKD on CIFAR-10\n\nWritten by the scripts in `experiments/` (see its README).\n"
+HEADER = ("# Reproduction of MaskedKD on CIFAR-10 and MNIST\n\n"
+          "Written by the scripts in `experiments/` (see its README).\n")
 
 
 def _markers(name: str) -> tuple[str, str]:

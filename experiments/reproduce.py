@@ -185,14 +185,14 @@ def collect(out: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted((out / "runs").glob(f"*/{RESULT}"))]
 
 
-def run_probe(cfg: ReproConfig, out: Path, data: Path, doc: Path) -> dict[str, Any] | None:
-    """The fidelity probe once, with the MaskedKD-50 (else any KD) student of the first seed."""
+def run_probe(cfg: ReproConfig, out: Path, data: Path, doc: Path, *, fallback: bool = True) -> dict[str, Any] | None:
+    """The fidelity probe once, with the MaskedKD-50 student of the first seed (with `fallback`, else any KD one)."""
     from experiments.fidelity_probe import probe, write_outputs
 
     path = out / "fidelity.json"
     if path.exists():
         return json.loads(path.read_text())
-    candidates = [f"maskedkd_50-s{cfg.seeds[0]}"] + [f"{m}-s{cfg.seeds[0]}" for m in cfg.methods]
+    candidates = [f"maskedkd_50-s{cfg.seeds[0]}"] + ([f"{m}-s{cfg.seeds[0]}" for m in cfg.methods] if fallback else [])
     # a run restored from the committed results has no weights here
     student = next((out / "runs" / c for c in candidates if (out / "runs" / c / "model.safetensors").exists()), None)
     if student is None:
@@ -278,6 +278,8 @@ def reproduce(cfg: ReproConfig, *, out: Path, data: Path, teacher_data: Path, do
                         print(f"[repro] FAILED {method.key} seed {seed}: {' '.join(str(exc).split())[:600]}",
                               flush=True)
                         continue
+                    if method.key == "maskedkd_50" and seed == cfg.seeds[0]:  # the probe's student: probe now,
+                        run_probe(cfg, out, data, doc, fallback=False)        # not hours later at the end
                     report(failures)
                     eta = (time.perf_counter() - started) / finished * (len(todo) - finished)
                     print(f"[repro] [{finished}/{len(todo)}] {method.key} seed {seed}: top-1 {r['top1']:.2f}%, "
