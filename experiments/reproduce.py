@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="student runs at once, sharing the teacher server (default 1). A KD student waits for the "
                         "teacher for part of every step: on 2 CPU cores two KD runs at once each step as fast as "
                         "one alone. The CPUs are split between the runs")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the doc sections and the committed results from the runs finished so far; train "
+                        "nothing (e.g. while the reproduction runs elsewhere, or to commit a partial one)")
     p.add_argument("--train-per-class", type=int, default=None, help="override the config's training subset")
     p.add_argument("--teacher-epochs", type=int, default=None, help="override the config's teacher epochs")
     p.add_argument("--student-epochs", type=int, default=None, help="override the config's student epochs")
@@ -229,13 +232,21 @@ def write_report(cfg: ReproConfig, command: str, out: Path, data: Path, doc: Pat
                                                   "failures": failures}, indent=2, default=str) + "\n")
 
 
-def reproduce(cfg: ReproConfig, *, out: Path, data: Path, teacher_data: Path, doc: Path, command: str) -> int:
+def reproduce(cfg: ReproConfig, *, out: Path, data: Path, teacher_data: Path, doc: Path, command: str,
+              report_only: bool = False) -> int:
     import torch
 
     threads = cfg.threads or os.cpu_count() or 1  # the teacher trains, and the runs are evaluated, alone
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
     committed_runs.restore(committed_runs.runs_path(doc, cfg), cfg, out, checkpoint=teacher_checkpoint(cfg, out))
+    if report_only:
+        teacher_file, fidelity_file = out / "teacher" / RESULT, out / "fidelity.json"
+        write_report(cfg, command, out, data, doc,
+                     json.loads(teacher_file.read_text()) if teacher_file.exists() else None,
+                     json.loads(fidelity_file.read_text()) if fidelity_file.exists() else None, [])
+        print(f"[repro] {len(collect(out))} finished run(s) reported in {doc}", flush=True)
+        return 0
     teacher = ensure_teacher(cfg, data, teacher_data, out, threads)
     fidelity = out / "fidelity.json"
 
@@ -307,9 +318,11 @@ def main(argv: list[str] | None = None) -> int:
         teacher_per_class = cfg.train_per_class if cfg.teacher_train_per_class == -1 else cfg.teacher_train_per_class
         teacher_data = prepare_data(data=args.data, tarball=tarball, cache=cache,
                                     train_per_class=teacher_per_class, test_per_class=cfg.test_per_class)
-        command = shlex.join(["python", "-m", "experiments.reproduce", *argv])
+        # the command that trains (a --report-only rerun reports what that command made)
+        command = shlex.join(["python", "-m", "experiments.reproduce", *(a for a in argv if a != "--report-only")])
         doc = args.doc or (out / "reproduction.md" if cfg.name == "smoke" else REPO / "docs" / "reproduction.md")
-        return reproduce(cfg, out=out, data=data, teacher_data=teacher_data, doc=doc, command=command)
+        return reproduce(cfg, out=out, data=data, teacher_data=teacher_data, doc=doc, command=command,
+                         report_only=args.report_only)
     except (DataError, ToolError, ValueError, OSError) as exc:
         print(f"reproduce: error: {' '.join(str(exc).split())[:1000]}", file=sys.stderr)
         return 1

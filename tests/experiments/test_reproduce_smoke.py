@@ -116,3 +116,18 @@ def test_smoke_reproduction_end_to_end_and_resume(tmp_path: Path) -> None:
         return {r["method"]: (r["top1"], r["ledger"]) for r in json.loads(results.read_text())["runs"]}
 
     assert numbers(clone / "results.json") == numbers(out / "results.json")
+
+    # --report-only: the doc and the committed results from what is finished, nothing trained or started
+    (clone / "reproduction.md").unlink(missing_ok=True)
+    report = tmp_path / "report" / "reproduction.md"
+    only = subprocess.run(
+        [sys.executable, "-m", "experiments.reproduce", "--smoke", "--out", str(clone), "--doc", str(report),
+         "--report-only", "--data", str(REPO / "data" / "cifar10-subset"),
+         "--cache", str(tmp_path / "cache" / "cifar10")],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert only.returncode == 0, only.stdout[-3000:] + only.stderr[-3000:]
+    assert "4 finished run(s) reported" in only.stdout and "student runs to do" not in only.stdout
+    section = read_section(report, "results-smoke")
+    assert section is not None and "4 of 4 student runs done" in section and "--report-only" not in section
+    assert numbers(clone / "results.json") == numbers(out / "results.json")
+    assert json.loads((report.parent / "reproduction_smoke_runs.json").read_text())["runs"] == state["runs"]
