@@ -125,10 +125,11 @@ def results_markdown(cfg: ReproConfig, command: str, rows: list[dict[str, Any]],
                   "billed GFLOPs); the keep column lists the keep each seed's run ended on."]
     resumed = [f"{r['label']} seed {s}" for r in rows for s in r["resumed_seeds"]]
     if resumed:
-        lines += ["", "\\* Billed more than a complete run sends: " + ", ".join(resumed) + " was interrupted (the "
-                  "session running it ended) and resumed from its last epoch checkpoint, so the teacher calls of the "
-                  "lost partial epoch were billed and then made again. The client column counts one complete run "
-                  "(FLOP model of what it sent), and its train time counts only the resumed part; saving % is billed over the full-teacher cost of the same calls."]
+        lines += ["", "\\* Billed more than a complete run sends: " + ", ".join(resumed) + " was interrupted and "
+                  "restarted, and teacher calls made before the interruption were billed again (they were re-sent "
+                  "under new request ids, so the server could not replay them). The client column counts one "
+                  "complete run (FLOP model of what it sent), and its train time counts only the last attempt; "
+                  "saving % is billed over the full-teacher cost of the same calls."]
     if figure is not None and figure.exists():
         rel = figure.name if figure.parent.resolve() == doc.parent.resolve() else figure.resolve()
         lines += ["", f"![Student and teacher accuracy against patches kept]({rel})", "",

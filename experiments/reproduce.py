@@ -116,7 +116,9 @@ def evaluate(run_dir: Path, data: Path, cfg: ReproConfig) -> dict[str, Any]:
 
 def _train(cfg: ReproConfig, recipe: Any, method: Method, seed: int, run_dir: Path, data: Path, threads: int,
            service: TeacherService | None) -> float:
-    resume = (run_dir / "checkpoints").is_dir()
+    # Any earlier attempt, even one stopped before its first checkpoint, is resumed: --resume keeps its run id, so the
+    # requests it already paid for are re-sent under the same ids and replayed by the server, not billed again.
+    resume = (run_dir / "checkpoints").is_dir() or (run_dir / "run_id").is_file()
     kd = method.mode != "none"
     assert not kd or service is not None
     cmd = train_command(data=data, out=run_dir, recipe=recipe, mode=method.mode, keep=method.keep,

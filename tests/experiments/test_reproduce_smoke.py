@@ -74,7 +74,7 @@ def test_smoke_reproduction_end_to_end_and_resume(tmp_path: Path) -> None:
         assert not SECRET.search(log.read_text()), log
 
     # Resumable: a rerun trains only what has no result. Here one run stopped after its requests but before its
-    # checkpoint (a session ending): the resumed attempt sends the same requests under the run's kept key, the server
+    # first checkpoint (a session ending): the resumed attempt sends the same requests under the run's kept key, the server
     # replays them, and the ledger still bills the run once. The other runs are left as they were.
     stamp = (out / "runs" / "no_kd-s0" / "result.json").stat().st_mtime_ns
     run = out / "runs" / "maskedkd_50-s0"
@@ -85,8 +85,7 @@ def test_smoke_reproduction_end_to_end_and_resume(tmp_path: Path) -> None:
     state = json.loads(state_file.read_text())
     state["runs"] = [r for r in state["runs"] if r["method"] != "maskedkd_50"]
     state_file.write_text(json.dumps(state))
-    for checkpoint in (run / "checkpoints").iterdir():
-        shutil.rmtree(checkpoint)
+    shutil.rmtree(run / "checkpoints")  # stopped before its first epoch checkpoint: only its run id is left
     second = _reproduce(tmp_path)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "1 student runs to do" in second.stdout
