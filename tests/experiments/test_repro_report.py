@@ -47,3 +47,13 @@ def test_the_machines_each_run_ran_on_are_counted(tmp_path: Path) -> None:
     line = next(ln for ln in md.splitlines() if ln.startswith("- Machines: "))
     assert "1 run on a machine not recorded" in line
     assert "1 run on Xeon (2 cores, fp32, torch 2.x)" in line and "1 run on EPYC (2 cores, bf16, torch 2.x)" in line
+
+
+def test_the_ratio_to_full_kd_is_over_a_complete_full_kd_run(tmp_path: Path) -> None:
+    rebilled = result("full_kd", 1, 120.0, 1.0)  # restarted: the ledger billed 20 GFLOPs twice
+    rebilled["client_gflops"] = 100.0
+    rows = aggregate([result("full_kd", 0, 100.0, 1.0), rebilled, result("maskedkd_50", 0, 50.0, 0.5)],
+                     ("full_kd", "maskedkd_50"))
+    by_key = {r["method"]: r for r in rows}
+    assert by_key["full_kd"]["teacher_gflops"] == 110.0 and by_key["full_kd"]["resumed_seeds"] == [1]
+    assert by_key["maskedkd_50"]["x_full_kd"] == 0.5
