@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import platform
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +33,10 @@ def sizes(cfg: ReproConfig) -> dict[str, Any]:
     return {k: full[k] for k in SIZE_FIELDS}
 
 
+@lru_cache(maxsize=1)
 def machine() -> dict[str, Any]:
-    """Where this process runs: CPU model, cores, torch, and the precision `auto` resolves to (the runs use auto)."""
-    import os
-
+    """Where this process runs: CPU model, cores, torch, and the precision `auto` resolves to (the runs use auto).
+    The same for every run of the process: read once."""
     import torch
 
     from maskedkd.precision import cpu_bf16_support, resolve_precision

@@ -118,7 +118,9 @@ def _train(cfg: ReproConfig, recipe: Any, method: Method, seed: int, run_dir: Pa
            service: TeacherService | None) -> float:
     # Any earlier attempt, even one stopped before its first checkpoint, is resumed: --resume keeps its run id, so the
     # requests it already paid for are re-sent under the same ids and replayed by the server, not billed again.
-    resume = (run_dir / "checkpoints").is_dir() or (run_dir / "run_id").is_file()
+    from student_client.determinism import RUN_ID_FILE
+
+    resume = (run_dir / "checkpoints").is_dir() or (run_dir / RUN_ID_FILE).is_file()
     kd = method.mode != "none"
     assert not kd or service is not None
     cmd = train_command(data=data, out=run_dir, recipe=recipe, mode=method.mode, keep=method.keep,
