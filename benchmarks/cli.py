@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per process (default: every CPU this process may use; 1 with --quick)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--gpu", action="store_true", help="the prepared one-GPU run (benchmarks/gpu_script.py): "
-                        "CUDA tests, bf16 masked forward of DeiT-S/DeiT-B/ViT-L, gRPC with 8 clients -> docs/gpu.md")
+                        "CUDA tests, bf16 masked forward of DeiT-S/DeiT-B/ViT-L, gRPC with 8 clients, the training step "
+                        "-> docs/gpu.md")
     parser.add_argument("--dry-run", action="store_true", help="with --gpu: the same code on the CPU, tiny models")
     return parser
 

@@ -4,6 +4,8 @@
 2. the masked forward in bf16 at keep 100/50/25% for DeiT-S, DeiT-B and ViT-L (random weights): img/s, TFLOP/s,
    share of the card's bf16 peak (datasheet, and the bf16 matmul measured in the same run), billed GFLOPs per image,
 3. a real server process (`--device cuda`, `--dtype auto`) through gRPC with 8 concurrent clients,
+4. the product's training loop on the GPU (DeiT-Ti student, DeiT-S teacher server on the same card): step time of
+   no KD, full KD and MaskedKD 50/25%,
 then writes docs/gpu.md. Without CUDA it prints one line and exits 2. `--dry-run` runs the same code on the CPU with
 tiny models and writes out/gpu-dry-run/gpu.md instead (to check the script on a machine without a GPU).
 """
@@ -22,7 +24,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.config import FULL, QUICK, BenchConfig, ModelCase, num_kept
+from benchmarks.config import FULL, QUICK, BenchConfig, ModelCase, TrainPair, num_kept
 from benchmarks.gpu import run_gpu_section
 from benchmarks.report import pct, table
 from benchmarks.timing import REPO, machine_info
@@ -36,14 +38,21 @@ GPU_MODELS = (
 DRY_MODELS = (ModelCase("tiny", "ViT-Ti 32px, 2 blocks (dry run)", "vit_tiny_patch16_224",
                         {"img_size": 32, "patch_size": 4, "depth": 2, "num_classes": 10}),)
 CLIENTS = 8
+# the product's loop on the GPU: student and teacher server on the same card, bf16 (`--precision auto`, `--dtype auto`)
+GPU_TRAIN_PAIR = TrainPair("deit", "DeiT-Ti student, DeiT-S teacher, 224px (CIFAR-10 subset upsampled)",
+                           ModelCase("deit_s_224_c10", "DeiT-S 224px, 10-class head", "deit_small_patch16_224",
+                                     {"num_classes": 10}), "deit_tiny_patch16_224", {}, batch_size=128)
+GPU_TRAIN_MODES = ("no_kd", "full_kd", "maskedkd_50", "maskedkd_25")
+CUDA_TEST_FILES = ("tests/maskedkd/test_masked_teacher.py", "tests/teacher_server/test_service_dtype.py",
+                   "tests/student_client/test_train_precision.py")
 NO_CUDA = "benchmarks --gpu: error: torch sees no CUDA device (torch {torch}, CUDA build {cuda}); nothing was run " \
           "(python -m benchmarks --gpu --dry-run checks the script on the CPU)"
 
 
 def run_cuda_tests(timeout_s: float) -> dict[str, Any]:
-    """The suite's CUDA tests (selected by name); on the CPU they are collected and skipped."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda", "tests/teacher_server",
-           "tests/student_client/test_train_precision.py"]
+    """The suite's CUDA tests (selected by name in the files that hold them: collecting the whole suite would need
+    every test dependency on the GPU machine); on the CPU they are collected and skipped."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda", *CUDA_TEST_FILES]
     started = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
@@ -100,6 +109,35 @@ def concurrent_clients(cfg: BenchConfig, case: ModelCase, device: str, workdir: 
             "billing_matches_flop_model": bool(billed) and max(abs(g - expected) for g in billed) <= 1e-6 * expected}
 
 
+def gpu_training(cfg: BenchConfig, pair: TrainPair, device: str, workdir: Path) -> dict[str, Any]:
+    """`run_training` on `device` against a real server process on the same device: median step time per mode and
+    its ratio to full KD's, beside the FLOP model's prediction of that ratio."""
+    from benchmarks.server_proc import ServerPool
+    from benchmarks.training import predicted_gflops, run_modes
+
+    threads = torch.get_num_threads()
+    with ServerPool(workdir, threads=threads) as pool:
+        pool.launch(pair.teacher.key, {"model": pair.teacher.timm_name, "model_kwargs": pair.teacher.kwargs,
+                                       "device": device, "max_batch_images": max(256, pair.batch_size)})
+        modes = run_modes(pair, pool.get(pair.teacher.key), GPU_TRAIN_MODES, cfg, workdir / pair.key, threads,
+                          predicted_gflops(pair, num_classes=10), device=device)
+    return {"label": pair.label, "batch_size": pair.batch_size, "warmup_steps": cfg.train_warmup_steps,
+            "timed_steps": cfg.train_steps, "modes": modes}
+
+
+def _training_md(t: dict[str, Any]) -> list[str]:
+    title = "## Training step, student and teacher on the same device (bf16 where native)"
+    if "error" in t:
+        return [title, "", f"failed: {t['error']}"]
+    rows = [(name, f"{1e3 * m['step_s']:.1f}", f"{t['batch_size'] / m['step_s']:.0f}", f"{m['teacher_gflops']:.0f}",
+             f"{m['speedup_vs_full_kd']:.2f}x", f"{m['predicted_speedup_vs_full_kd']:.2f}x")
+            for name, m in t["modes"].items()]
+    return [title, "", f"{t['label']}, batch {t['batch_size']}: median of {t['timed_steps']} steps after "
+            f"{t['warmup_steps']} warm-up steps (`step_s`: data on hand to optimizer step, teacher answers through "
+            f"gRPC included).", "",
+            table(("mode", "step ms", "img/s", "teacher GFLOPs billed", "vs full KD", "FLOP model"), rows)]
+
+
 def _forward_md(g: dict[str, Any]) -> list[str]:
     if "error" in g:
         return ["## Masked forward", "", f"failed: {g['error']}"]
@@ -131,6 +169,7 @@ def render(result: dict[str, Any]) -> str:
         f"GPU: {m.get('gpu', 'none')}; torch {m['torch']}, timm {m['timm']}, git {m['git']}.", "",
         "## Tests that need CUDA", "", f"`{t['command']}`: {t['summary']} (exit {t['returncode']}).", "",
         *_forward_md(result["forward"]), "", *_server_md(result["server"], result["device"]), "",
+        *_training_md(result["training"]), "",
     ]
     return "\n".join(lines)
 
@@ -167,11 +206,13 @@ def main(*, dry_run: bool, out: str | None, command: str) -> int:
     with tempfile.TemporaryDirectory(prefix="maskedkd-gpu-") as tmp:
         result["server"] = _step(f"server with {CLIENTS} clients", lambda: concurrent_clients(
             cfg, cfg.gpu_models[0], device, Path(tmp), batch=2 if dry_run else 32, requests=2 if dry_run else 8))
+        result["training"] = _step("training step", lambda: gpu_training(
+            cfg, QUICK.train_pairs[0] if dry_run else GPU_TRAIN_PAIR, device, Path(tmp)))
     result["total_s"] = time.perf_counter() - started
     path = Path(out) if out else REPO / ("out/gpu-dry-run/gpu.md" if dry_run else "docs/gpu.md")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render(result))
     (path.with_suffix(".json")).write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"wrote {path} in {result['total_s']:.0f} s", file=sys.stderr)
-    failed = "error" in result["forward"] or "error" in result["server"] or result["server"]["errors"]
+    failed = any("error" in result[k] for k in ("forward", "server", "training")) or result["server"]["errors"]
     return 0 if result["tests"]["returncode"] in (0, 5) and not failed else 1

@@ -55,7 +55,7 @@ def _step_times(out: Path, skip: int) -> list[float]:
 
 
 def run_mode(pair: TrainPair, server: Any, opts: dict[str, Any], cfg: BenchConfig, out: Path,
-             threads: int) -> dict[str, Any]:
+             threads: int, device: str = "cpu") -> dict[str, Any]:
     from student_client.config import TrainConfig
     from student_client.context import LocalContext
     from student_client.train_loop import run_training
@@ -66,7 +66,7 @@ def run_mode(pair: TrainPair, server: Any, opts: dict[str, Any], cfg: BenchConfi
         teacher=server.address if kd else None, api_key=server.api_key if kd else None, batch_size=pair.batch_size,
         max_steps=cfg.train_warmup_steps + cfg.train_steps, threads_per_worker=threads, eval=False, progress=False,
         seed=0, micro_batches=cfg.train_micro_batches, **opts)
-    summary = run_training(train_cfg, LocalContext(torch.device("cpu")))
+    summary = run_training(train_cfg, LocalContext(torch.device(device)))
     if summary.get("fatal_error"):
         raise RuntimeError(f"training run failed: {summary['fatal_error']}")
     times = _step_times(out, cfg.train_warmup_steps)
@@ -80,13 +80,15 @@ def compiled_key(teacher_key: str) -> str:
     return f"{teacher_key}-compiled"
 
 
-def _run_modes(pair: TrainPair, server: Any, names: tuple[str, ...], cfg: BenchConfig, workdir: Path,
-               threads: int, predicted: dict[str, float]) -> dict[str, Any]:
+def run_modes(pair: TrainPair, server: Any, names: tuple[str, ...], cfg: BenchConfig, workdir: Path,
+              threads: int, predicted: dict[str, float], device: str = "cpu") -> dict[str, Any]:
+    """`names` (full_kd among them) trained in turn on `device`; each mode's step time against full KD's, and the
+    FLOP model's prediction of that ratio."""
     modes: dict[str, Any] = {}
     try:
         for name, opts in MODES:
             if name in names:
-                modes[name] = run_mode(pair, server, opts, cfg, workdir / name, threads)
+                modes[name] = run_mode(pair, server, opts, cfg, workdir / name, threads, device)
     finally:
         torch.set_num_threads(threads)  # run_training sets the process-wide thread count
     full = modes["full_kd"]["step_s"]
@@ -102,11 +104,11 @@ def run_training_section(cfg: BenchConfig, pool: Any, workdir: Path, threads: in
     pairs = []
     for pair in cfg.train_pairs:
         predicted = predicted_gflops(pair, num_classes=10)
-        modes = _run_modes(pair, pool.get(pair.teacher.key), tuple(name for name, _ in MODES), cfg,
+        modes = run_modes(pair, pool.get(pair.teacher.key), tuple(name for name, _ in MODES), cfg,
                            workdir / pair.key, threads, predicted)
         compiled = None
         if pair.key in cfg.train_compiled_pairs:
-            compiled = _run_modes(pair, pool.get(compiled_key(pair.teacher.key)), cfg.train_compiled_modes, cfg,
+            compiled = run_modes(pair, pool.get(compiled_key(pair.teacher.key)), cfg.train_compiled_modes, cfg,
                                   workdir / f"{pair.key}-compiled", threads, predicted)
         pairs.append({"pair": pair.key, "label": pair.label, "student": pair.student,
                       "student_kwargs": pair.student_kwargs, "teacher": pair.teacher.timm_name,

@@ -7,6 +7,9 @@ import pytest
 import torch
 
 from benchmarks.cli import main
+from benchmarks.gpu_script import CUDA_TEST_FILES
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
@@ -23,7 +26,14 @@ def test_dry_run_writes_the_report_from_every_step(tmp_path: Path) -> None:
     assert main(["--gpu", "--dry-run", "--out", str(out)]) == 0
     md = out.read_text()
     assert "DRY RUN on the CPU" in md
-    for title in ("Tests that need CUDA", "Masked forward, bfloat16", "8 concurrent clients"):
+    for title in ("Tests that need CUDA", "Masked forward, bfloat16", "8 concurrent clients", "Training step"):
         assert title in md, title
     assert "billed = FLOP model: yes" in md and "errors: none" in md
     assert md.count("| ViT-Ti 32px") == 3  # keep 100/50/25%
+    assert all(f"| {mode} |" in md for mode in ("no_kd", "full_kd", "maskedkd_50", "maskedkd_25"))
+
+
+def test_the_cuda_test_list_names_every_file_with_a_cuda_only_test() -> None:
+    needs_cuda = {str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("test_*.py")
+                  if p != Path(__file__).resolve() and "skipif(not torch.cuda.is_available()" in p.read_text()}
+    assert needs_cuda and needs_cuda == set(CUDA_TEST_FILES)

@@ -59,6 +59,33 @@ def test_one_maskedkd_step_in_each_precision(env: dict[str, Any], monkeypatch: p
     assert result.usage.images == 4 and result.usage.gflops > 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_maskedkd_step_runs_the_student_in_bf16(env: dict[str, Any]) -> None:
+    """On a GPU, auto resolves to bf16 (compute capability >= 8), SIPS and the loss stay fp32 on the device, and the
+    teacher's answer (served on the CPU here) comes back onto the student's device."""
+    srv, device = env["srv"], torch.device("cuda")
+    cfg = TrainConfig(data=str(env["data"]), out=str(env["root"] / "cuda"), teacher=srv.address,
+                      api_key=srv.create_key("cuda"), student=STUDENT, student_kwargs=STUDENT_KWARGS, batch_size=4,
+                      micro_batches=1, precision="auto", progress=False)
+    torch.manual_seed(0)
+    student = create_student(STUDENT, student_kwargs_for(STUDENT_KWARGS, 10)).to(device)
+    spec = describe_student(student)
+    capture = SIPSCapture(student)
+    client = TeacherClient(srv.address, cfg.api_key or "")
+    selector = PatchSelector(cfg, capture, spec.grid_size, (8, 8), torch.Generator().manual_seed(0))
+    runner = StepRunner(cfg, student, student, Normalizer(spec.mean, spec.std, device), DistillationLoss(cfg.lambda_kd,
+                        cfg.tau), selector, client.submit, "p-cuda")
+    expected = "bf16" if torch.cuda.get_device_capability(0)[0] >= 8 else "fp32"
+    assert runner.precision == expected
+    result = runner(torch.rand(4, 3, 32, 32, device=device), torch.tensor([0, 1, 2, 3], device=device), 0)
+    result.loss.total.backward()
+    client.close()
+    assert capture.scores is not None and capture.scores.dtype == torch.float32
+    assert result.loss.total.device.type == "cuda" and torch.isfinite(result.loss.total)
+    assert student.head.weight.grad is not None and torch.isfinite(student.head.weight.grad).all()
+    assert result.usage.images == 4 and result.usage.gflops > 0
+
+
 def test_unknown_precision_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The settings refuse it (pydantic's ValidationError is a ValueError); the CLI says it in one line, exit 2."""
     with pytest.raises(ValueError, match="precision"):
