@@ -5,6 +5,7 @@ not part of `make bench`.
     python -m benchmarks.serving_gap                 # server in its own process (as `make bench` runs it)
     python -m benchmarks.serving_gap --same-process  # server inside this process (running_server)
     python -m benchmarks.serving_gap --threads-only  # the forward on the main thread against a worker thread
+    python -m benchmarks.serving_gap --device cuda --batch 128 --keep 0.5   # on a GPU: server and direct in bf16
 """
 from __future__ import annotations
 
@@ -20,22 +21,26 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.config import FULL_MODELS
+from benchmarks.config import FULL_MODELS, num_kept
 from benchmarks.teacher import TeacherBatch, build_teacher, make_batch
 from maskedkd.masked_teacher import MaskedTeacher
 
 
 def _per_call(fn: Callable[[], object], calls: int) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     started = time.perf_counter()
     for _ in range(calls):
         fn()
     return (time.perf_counter() - started) / calls
 
 
-def _direct(teacher: MaskedTeacher, tb: TeacherBatch) -> Callable[[], object]:
+def _direct(teacher: MaskedTeacher, tb: TeacherBatch, device: str, dtype: torch.dtype) -> Callable[[], object]:
+    x, idx = tb.normalized.to(device=device, dtype=dtype), tb.indices.to(device)
+
     def run() -> object:
         with torch.inference_mode():
-            return teacher.forward_patches(tb.normalized, tb.indices)
+            return teacher.forward_patches(x, idx).float().cpu()  # the answer reaches the host, as a served one does
     return run
 
 
@@ -53,12 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: served and direct in bf16")
+    parser.add_argument("--batch", type=int, default=32, help="images per call")
+    parser.add_argument("--keep", type=float, default=1.0, help="fraction of the 196 patches sent")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    case = FULL_MODELS[0]  # DeiT-S 224, all 196 patches, batch 32
-    teacher = build_teacher(case)
-    tb = make_batch(teacher, 32, teacher.geometry.num_patches)
-    direct = _direct(teacher, tb)
+    case = FULL_MODELS[0]  # DeiT-S 224
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    teacher = build_teacher(case, device=args.device, dtype=dtype)
+    tb = make_batch(teacher, args.batch, num_kept(args.keep, teacher.geometry.num_patches))
+    direct = _direct(teacher, tb, args.device, dtype)
     direct()
     if args.threads_only:
         pool = ThreadPoolExecutor(1)
@@ -106,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
 
         port = 9777
         with ServerPool(Path(tmp), threads=args.threads) as pool:
-            pool.launch("gap", {"model": case.timm_name, "model_kwargs": case.kwargs, "device": "cpu",
-                                "metrics_port": port})
+            pool.launch("gap", {"model": case.timm_name, "model_kwargs": case.kwargs, "device": args.device,
+                                "metrics_port": port, "max_batch_images": max(256, args.batch)})
             srv = pool.get("gap")
             with TeacherClient(srv.address, srv.api_key, timeout_s=600) as client:
                 call = lambda: client.infer(patches=tb.pixels, keep_indices=tb.indices)  # noqa: E731
