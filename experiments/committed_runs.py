@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import platform
+from collections.abc import Collection
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -62,9 +63,13 @@ def save(path: Path, cfg: ReproConfig, *, checkpoint: Path, teacher: dict[str, A
     path.write_text(json.dumps(state, indent=1, default=str) + "\n")
 
 
-def restore(path: Path, cfg: ReproConfig, out: Path, *, checkpoint: Path) -> list[str]:
-    """Write OUT's result files from the committed state where OUT lacks them; returns what was restored. A state
-    recorded under other sizes or with another teacher is left alone (with a note): its numbers would not compare."""
+PROBE_STUDENT = "maskedkd_50"  # the fidelity probe measures this method's first-seed student
+
+
+def restore(path: Path, cfg: ReproConfig, out: Path, *, checkpoint: Path, skip: Collection[str] = ()) -> list[str]:
+    """Write OUT's result files from the committed state where OUT lacks them, but for the methods in `skip` (being
+    redone); returns what was restored. A state recorded under other sizes or with another teacher is left alone (with
+    a note): its numbers would not compare."""
     if not path.is_file():
         return []
     state = json.loads(path.read_text())
@@ -83,8 +88,11 @@ def restore(path: Path, cfg: ReproConfig, out: Path, *, checkpoint: Path) -> lis
             restored.append(name)
 
     put(out / "teacher" / RESULT, state.get("teacher"), "teacher")
-    put(out / "fidelity.json", state.get("fidelity"), "fidelity")
+    if PROBE_STUDENT not in skip:  # the probe is of that method's first student
+        put(out / "fidelity.json", state.get("fidelity"), "fidelity")
     for run in state.get("runs", []):
+        if run["method"] in skip:
+            continue
         name = f"{run['method']}-s{run['seed']}"
         put(out / "runs" / name / RESULT, run, name)
     if restored:

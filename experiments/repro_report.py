@@ -89,7 +89,7 @@ def results_markdown(cfg: ReproConfig, command: str, rows: list[dict[str, Any]],
              f"Made by `{command}` (config `{cfg.name}`); {done} of {total_runs} student runs done"
              + (f", {pending} still to run (rerun the command: finished runs are skipped)" if pending else "") + ".",
              "Every teacher call went through a real `teacher-server serve` on loopback; the teacher GFLOPs are read "
-             "from the server's ledger (`teacher-server usage`), summed over each run's API keys.", ""]
+             "from the server's ledger (`teacher-server usage`), one API key per run.", ""]
     lines += [f"- {note}" for note in (cfg.size_note, *cfg.notes) if note]
     if cfg.parallel > 1:
         lines.append(f"- {cfg.parallel} student runs trained at once (`--parallel {cfg.parallel}`), sharing the "

@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="student runs at once, sharing the teacher server (default 1). A KD student waits for the "
                         "teacher for part of every step: on 2 CPU cores two KD runs at once each step as fast as "
                         "one alone. The CPUs are split between the runs")
+    p.add_argument("--redo", default="",
+                   help="comma-separated methods to train again (e.g. after a change to --keep auto): their finished "
+                        "runs are moved to OUT/runs/replaced/ and dropped from the committed results; the new runs "
+                        "get new API keys, so the old bills stay out of theirs")
     p.add_argument("--report-only", action="store_true",
                    help="write the doc sections and the committed results from the runs finished so far; train "
                         "nothing (e.g. while the reproduction runs elsewhere, or to commit a partial one)")
@@ -178,7 +182,7 @@ def run_student(cfg: ReproConfig, method: Method, seed: int, data: Path, out: Pa
     wall = _train(cfg, cfg.student, method, seed, run_dir, data, threads, service)
     summary = json.loads((run_dir / "summary.json").read_text())
     zero = {"requests": 0.0, "images": 0.0, "gflops": 0.0, "full_gflops": 0.0, "cost": 0.0}
-    ledger = service.usage(run_dir.name) if service is not None and method.mode != "none" else zero
+    ledger = service.run_usage(run_dir) if service is not None and method.mode != "none" else zero
     result = {"method": method.key, "seed": seed, **evaluate(run_dir, data, cfg), "ledger": ledger,
               "client_gflops": summary.get("teacher_gflops", 0.0), "steps": summary.get("global_step"),
               "train_wall_s": wall, "probe_gflops": summary.get("probe_gflops", 0.0),
@@ -199,7 +203,8 @@ def run_probe(cfg: ReproConfig, out: Path, data: Path, doc: Path, *, fallback: b
     path = out / "fidelity.json"
     if path.exists():
         return json.loads(path.read_text())
-    candidates = [f"maskedkd_50-s{cfg.seeds[0]}"] + ([f"{m}-s{cfg.seeds[0]}" for m in cfg.methods] if fallback else [])
+    first = cfg.seeds[0]
+    candidates = [f"{committed_runs.PROBE_STUDENT}-s{first}"] + ([f"{m}-s{first}" for m in cfg.methods] if fallback else [])
     # a run restored from the committed results has no weights here
     student = next((out / "runs" / c for c in candidates if (out / "runs" / c / "model.safetensors").exists()), None)
     if student is None:
@@ -236,14 +241,36 @@ def write_report(cfg: ReproConfig, command: str, out: Path, data: Path, doc: Pat
                                                   "failures": failures}, indent=2, default=str) + "\n")
 
 
+def retire_runs(out: Path, methods: tuple[str, ...], seeds: tuple[int, ...]) -> list[str]:
+    """Move the run dirs of `methods` to OUT/runs/replaced/NAME-TIMESTAMP (kept for inspection); their names."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    moved = []
+    for m in methods:
+        for s in seeds:
+            run_dir = out / "runs" / f"{m}-s{s}"
+            if run_dir.exists():
+                target = out / "runs" / "replaced" / f"{run_dir.name}-{stamp}"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                run_dir.rename(target)
+                moved.append(run_dir.name)
+    if committed_runs.PROBE_STUDENT in methods and (out / "fidelity.json").exists():  # probed again with the new one
+        (out / "fidelity.json").rename(out / "runs" / "replaced" / f"fidelity-{stamp}.json")
+    return moved
+
+
 def reproduce(cfg: ReproConfig, *, out: Path, data: Path, teacher_data: Path, doc: Path, command: str,
-              report_only: bool = False) -> int:
+              report_only: bool = False, redo: tuple[str, ...] = ()) -> int:
     import torch
 
     threads = cfg.threads or os.cpu_count() or 1  # the teacher trains, and the runs are evaluated, alone
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
-    committed_runs.restore(committed_runs.runs_path(doc, cfg), cfg, out, checkpoint=teacher_checkpoint(cfg, out))
+    if redo:
+        moved = retire_runs(out, redo, cfg.seeds)
+        print(f"[repro] --redo {','.join(redo)}: {len(moved)} run dir(s) moved to {out / 'runs' / 'replaced'}",
+              flush=True)
+    committed_runs.restore(committed_runs.runs_path(doc, cfg), cfg, out, checkpoint=teacher_checkpoint(cfg, out),
+                           skip=redo)
     if report_only:
         teacher_file, fidelity_file = out / "teacher" / RESULT, out / "fidelity.json"
         write_report(cfg, command, out, data, doc,
@@ -293,8 +320,8 @@ def reproduce(cfg: ReproConfig, *, out: Path, data: Path, teacher_data: Path, do
                         print(f"[repro] FAILED {method.key} seed {seed}: {' '.join(str(exc).split())[:600]}",
                               flush=True)
                         continue
-                    if method.key == "maskedkd_50" and seed == cfg.seeds[0]:  # the probe's student: probe now,
-                        run_probe(cfg, out, data, doc, fallback=False)        # not hours later at the end
+                    if method.key == committed_runs.PROBE_STUDENT and seed == cfg.seeds[0]:  # probe now, not hours
+                        run_probe(cfg, out, data, doc, fallback=False)                  # later at the end
                     report(failures)
                     eta = (time.perf_counter() - started) / finished * (len(todo) - finished)
                     print(f"[repro] [{finished}/{len(todo)}] {method.key} seed {seed}: top-1 {r['top1']:.2f}%, "
@@ -309,11 +336,32 @@ def reproduce(cfg: ReproConfig, *, out: Path, data: Path, teacher_data: Path, do
     return 1 if failures else 0
 
 
+def recorded_args(argv: list[str]) -> list[str]:
+    """The arguments the doc records: the command that makes the results from a clean clone, so without
+    --report-only (it trains nothing) and --redo (it would retire the committed runs again)."""
+    kept, skip_next = [], False
+    for a in argv:
+        if skip_next:
+            skip_next = False
+        elif a == "--redo":
+            skip_next = True
+        elif a != "--report-only" and not a.startswith("--redo="):
+            kept.append(a)
+    return kept
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         cfg = _config(args)
+        redo = tuple(m for m in args.redo.split(",") if m)
+        if redo and args.report_only:
+            raise ValueError("--redo trains again; it does not go with --report-only")
+        unknown = [m for m in redo if m not in cfg.methods]
+        if unknown:
+            raise ValueError(f"--redo: {', '.join(unknown)} not among config {cfg.name}'s methods "
+                             f"({', '.join(cfg.methods)})")
         out = args.out or REPO / "runs" / f"repro-{cfg.name}"
         tarball = args.tarball or default_tarball(cfg.dataset)
         cache = args.cache or default_cache(cfg.dataset)
@@ -323,10 +371,10 @@ def main(argv: list[str] | None = None) -> int:
         teacher_data = prepare_data(data=args.data, tarball=tarball, cache=cache,
                                     train_per_class=teacher_per_class, test_per_class=cfg.test_per_class)
         # the command that trains (a --report-only rerun reports what that command made)
-        command = shlex.join(["python", "-m", "experiments.reproduce", *(a for a in argv if a != "--report-only")])
+        command = shlex.join(["python", "-m", "experiments.reproduce", *recorded_args(argv)])
         doc = args.doc or (out / "reproduction.md" if cfg.name == "smoke" else REPO / "docs" / "reproduction.md")
         return reproduce(cfg, out=out, data=data, teacher_data=teacher_data, doc=doc, command=command,
-                         report_only=args.report_only)
+                         report_only=args.report_only, redo=redo)
     except (DataError, ToolError, ValueError, OSError) as exc:
         print(f"reproduce: error: {' '.join(str(exc).split())[:1000]}", file=sys.stderr)
         return 1

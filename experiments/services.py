@@ -100,10 +100,6 @@ class TeacherService:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def create_key(self, prefix: str) -> str:
-        """A fresh key named `<prefix>-<random>`; `usage(prefix)` sums over every key of that prefix."""
-        return self._new_key(f"{prefix}-{uuid.uuid4().hex[:8]}")
-
     def run_key(self, run_dir: Path) -> str:
         """The run's key, made on its first attempt and kept in `run_dir/api_key.json` (owner-only): a resumed run
         sends its lost steps again under the same key and request ids, so the server replays them unbilled. A key
@@ -135,10 +131,12 @@ class TeacherService:
         rows = json.loads(run_tool(tool("teacher-server") + ["keys", "list", "--json", "--db", self.db_url], self.log))
         return {str(r["name"]) for r in rows if not r["disabled"]}
 
-    def usage(self, prefix: str) -> dict[str, float]:
-        """Ledger totals over the keys of one run (`teacher-server usage --json`)."""
+    def run_usage(self, run_dir: Path) -> dict[str, float]:
+        """Ledger totals of one run's key (`teacher-server usage --json`), the one in `run_dir/api_key.json`: a run
+        redone in the same ledger (`reproduce --redo`) is billed under a new key, and the old one's bill stays out."""
+        name = json.loads((run_dir / KEY_FILE).read_text())["name"]
         rows = json.loads(run_tool(tool("teacher-server") + ["usage", "--json", "--db", self.db_url], self.log))
-        mine = [r for r in rows if str(r["key"]).startswith(f"{prefix}-")]
+        mine = [r for r in rows if str(r["key"]) == name]
         return {field: float(sum(r[field] for r in mine))
                 for field in ("requests", "images", "gflops", "full_gflops", "cost")}
 

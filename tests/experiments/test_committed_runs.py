@@ -51,3 +51,11 @@ def test_other_sizes_or_another_teacher_restore_nothing(state: tuple[Path, Path]
     assert committed_runs.restore(path, SMOKE, tmp_path / "c", checkpoint=other) == []
     assert committed_runs.restore(path, SMOKE, tmp_path / "d", checkpoint=tmp_path / "missing") == []
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
+def test_methods_being_redone_are_not_restored(state: tuple[Path, Path], tmp_path: Path) -> None:
+    path, teacher = state
+    out = tmp_path / "out"
+    assert sorted(committed_runs.restore(path, SMOKE, out, checkpoint=teacher, skip=("maskedkd_50",))) == \
+        ["no_kd-s0", "teacher"]
+    assert not (out / "runs" / "maskedkd_50-s0").exists()

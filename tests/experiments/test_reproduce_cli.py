@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 
 from experiments.configs import CIFAR10
-from experiments.reproduce import main, thread_counts
+from experiments.reproduce import main, recorded_args, retire_runs, thread_counts
 
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--parallel", "0"], "--parallel must be at least 1, got 0"),
     (["--methods", "no_kd,nope"], "unknown method(s) nope; choose from no_kd,"),
+    (["--redo", "keep_auto,nope"], "--redo: nope not among config cifar10's methods"),
+    (["--redo", "keep_auto", "--report-only"], "--redo trains again; it does not go with --report-only"),
 ])
 def test_bad_flags_are_one_line_before_any_work(tmp_path: Path, flags: list[str], message: str,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
@@ -30,3 +32,22 @@ def test_parallel_runs_share_the_cpus(monkeypatch: pytest.MonkeyPatch, cpus: int
     monkeypatch.setattr("os.cpu_count", lambda: cpus)
     # (threads of a run without a teacher, student threads beside the one-thread server), per run
     assert thread_counts(dataclasses.replace(CIFAR10, parallel=parallel)) == expected
+
+
+def test_the_recorded_command_leaves_out_report_only_and_redo() -> None:
+    argv = ["--config", "mnist", "--redo", "keep_auto", "--parallel", "2", "--redo=mass_90", "--report-only"]
+    assert recorded_args(argv) == ["--config", "mnist", "--parallel", "2"]
+
+
+def test_redone_runs_are_moved_aside_with_the_probe_of_their_student(tmp_path: Path) -> None:
+    for name in ("keep_auto-s0", "keep_auto-s1", "maskedkd_50-s0", "no_kd-s0"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "result.json").write_text("{}")
+    (tmp_path / "fidelity.json").write_text("{}")
+    assert retire_runs(tmp_path, ("keep_auto",), (0, 1, 2)) == ["keep_auto-s0", "keep_auto-s1"]
+    assert (tmp_path / "fidelity.json").exists()  # its student (maskedkd_50 seed 0) stays
+    assert retire_runs(tmp_path, ("maskedkd_50",), (0,)) == ["maskedkd_50-s0"]
+    assert not (tmp_path / "fidelity.json").exists()
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["no_kd-s0", "replaced"]
+    replaced = sorted(p.name.split("-2")[0] for p in (tmp_path / "runs" / "replaced").iterdir())
+    assert replaced == ["fidelity", "keep_auto-s0", "keep_auto-s1", "maskedkd_50-s0"]

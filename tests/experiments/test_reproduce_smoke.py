@@ -95,6 +95,18 @@ def test_smoke_reproduction_end_to_end_and_resume(tmp_path: Path) -> None:
     assert again["ledger"] == ledger                                   # and paid for none of them
     assert json.loads(key_file.read_text())["secret"] not in (out / "ledger.db").read_bytes().decode(errors="replace")
 
+    # --redo: the method trains again under a new key in the same ledger; the old run (and the probe of its student)
+    # is moved aside, and the new run's bill is its own key's alone, not the sum with the old one's.
+    fourth = _reproduce(tmp_path, "--redo", "maskedkd_50")
+    assert fourth.returncode == 0, fourth.stdout[-3000:] + fourth.stderr[-3000:]
+    assert "1 student runs to do" in fourth.stdout
+    assert {p.name.split("-2")[0] for p in (out / "runs" / "replaced").iterdir()} == {"maskedkd_50-s0", "fidelity"}
+    redone = {r["method"]: r for r in json.loads((out / "results.json").read_text())["runs"]}["maskedkd_50"]
+    assert redone["ledger"] == ledger and (out / "fidelity.json").exists()
+    assert json.loads(key_file.read_text())["name"] != json.loads(
+        next((out / "runs" / "replaced").glob("maskedkd_50-s0-*/api_key.json")).read_text())["name"]
+    assert "--redo" not in read_section(doc, "results-smoke")
+
     # A clean clone of a reproduction spread over sessions: OUT is gone, the committed teacher and the results file
     # beside the doc remain. Every finished run is restored (the same teacher file, the same sizes): nothing is
     # trained, no server is started, nothing is billed, and the report is written from the restored numbers.

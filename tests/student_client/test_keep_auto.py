@@ -15,7 +15,7 @@ from student_testkit import STUDENT, STUDENT_KWARGS, ledger_rows, make_subset, t
 
 from student_client.config import TrainConfig
 from student_client.context import LocalContext
-from student_client.keep_auto import LADDER, Rung, choose, ladder, rung_sums
+from student_client.keep_auto import LADDER, STAY_AGREEMENT_SLACK, STAY_KL_FACTOR, Rung, choose, ladder, rung_sums
 from student_client.train_loop import run_training
 from teacher_server import ledger
 from teacher_server.ledger_reports import usage_by_purpose
@@ -73,6 +73,27 @@ def test_at_one_keep_the_strategy_with_the_lower_kl_wins(logits: Any) -> None:
     rungs = [Rung("sips", 0.5), Rung("random", 0.5)]
     sums = rung_sums(full, [masked[1], masked[0]], tau=1.0)
     assert choose(rungs, sums, max_kl=1e9, min_agreement=0.0).strategy == "random"
+
+
+def test_the_last_keep_stays_while_it_is_near_the_target_and_goes_on_a_clear_miss() -> None:
+    """Hysteresis on constructed sums: (KL sum, agreement sum, n) per rung, n = 100."""
+    rungs = [Rung("random", 0.75), Rung("random", 0.5)]
+
+    def sums(kl_50: float, agree_50: float) -> torch.Tensor:
+        return torch.tensor([[5.0, 95.0, 100.0], [100 * kl_50, 100 * agree_50, 100.0]], dtype=torch.float64)
+
+    target = {"max_kl": 0.15, "min_agreement": 0.75}
+    just_over = sums(0.16, 0.85)  # 50% misses the plain target by probe noise
+    assert choose(rungs, just_over, **target).keep == 0.75                      # no previous keep: plain rule
+    assert choose(rungs, just_over, **target, current=Rung("random", 0.5)).keep == 0.5  # stays at 50%
+    edge_kl, edge_agree = 0.15 * STAY_KL_FACTOR, 0.75 - STAY_AGREEMENT_SLACK
+    assert choose(rungs, sums(edge_kl * 1.01, 0.85), **target, current=Rung("random", 0.5)).keep == 0.75
+    assert choose(rungs, sums(0.12, edge_agree - 0.01), **target, current=Rung("random", 0.5)).keep == 0.75
+    # the band only holds a keep: a smaller keep that meets the plain target still replaces the last one
+    assert choose(rungs, sums(0.10, 0.9), **target, current=Rung("random", 0.75)).keep == 0.5
+    # a last keep of another strategy, or the full image, is not held
+    assert choose(rungs, just_over, **target, current=Rung("sips", 0.5)).keep == 0.75
+    assert choose(rungs, just_over, **target, current=Rung("all", 1.0)).keep == 0.75
 
 
 def test_a_keep_auto_run_bills_its_probes_once_and_logs_each_decision(
