@@ -43,8 +43,8 @@ GPU_TRAIN_PAIR = TrainPair("deit", "DeiT-Ti student, DeiT-S teacher, 224px (CIFA
                            ModelCase("deit_s_224_c10", "DeiT-S 224px, 10-class head", "deit_small_patch16_224",
                                      {"num_classes": 10}), "deit_tiny_patch16_224", {}, batch_size=128)
 GPU_TRAIN_MODES = ("no_kd", "full_kd", "maskedkd_50", "maskedkd_25")
-CUDA_TEST_FILES = ("tests/maskedkd/test_masked_teacher.py", "tests/teacher_server/test_service_dtype.py",
-                   "tests/student_client/test_train_precision.py")
+CUDA_TEST_FILES = ("tests/maskedkd/test_masked_teacher.py", "tests/teacher_server/test_prefetch.py",
+                   "tests/teacher_server/test_service_dtype.py", "tests/student_client/test_train_precision.py")
 NO_CUDA = "benchmarks --gpu: error: torch sees no CUDA device (torch {torch}, CUDA build {cuda}); nothing was run " \
           "(python -m benchmarks --gpu --dry-run checks the script on the CPU)"
 

@@ -40,7 +40,8 @@ def resolve_device(device: str) -> torch.device:
 
 def make_forward(teacher: MaskedTeacher, device: torch.device, dtype: torch.dtype, compile_mode: str = "off",
                  *, pack: bool = False) -> ForwardFn:
-    """The batcher's forward: CPU float32 inputs in, CPU float32 logits out, compute on `device` in `dtype`.
+    """The batcher's forward: CPU inputs (or, on CUDA, rows the prefetcher already staged there) in, CPU float32
+    logits out, compute on `device` in `dtype`.
 
     On CUDA the inputs are copied from pinned host memory without blocking the host (the copy is queued on the
     stream ahead of the forward that reads it)."""
@@ -48,7 +49,7 @@ def make_forward(teacher: MaskedTeacher, device: torch.device, dtype: torch.dtyp
     on_cuda = device.type == "cuda"
 
     def forward(patches: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
-        if on_cuda:
+        if on_cuda and not patches.is_cuda:  # rows the prefetcher staged are on the device already (not pinnable)
             patches, indices = patches.pin_memory(), indices.pin_memory()
         x = patches.to(device=device, dtype=dtype, non_blocking=on_cuda)          # [G,K,C,P,P]
         idx = indices.to(device, non_blocking=on_cuda)                            # [G,K]

@@ -5,12 +5,18 @@ import asyncio
 import threading
 import time
 
+from types import SimpleNamespace
+
 import pytest
+import timm
 import torch
 from service_testkit import random_keep
 
-from teacher_server.batcher import TokenBudgetBatcher
+from maskedkd.masked_teacher import MaskedTeacher
+from teacher_server.batcher import TokenBudgetBatcher, concat_jobs, run_bucketed, run_padded
+from teacher_server.prefetch import Prefetcher
 from teacher_server.preprocess import PreparedInput
+from teacher_server.registry import make_forward
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -80,3 +86,26 @@ async def test_a_caller_gone_after_staging_is_not_run() -> None:
     await b.close()
     assert [n for _, _, n in fwd.calls] == [4, 2]  # the staged rows were dropped; only the live caller ran
     assert torch.equal(result.logits, torch.full((2, 1), 3.0 * 16))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@torch.inference_mode()
+def test_cuda_rows_staged_on_the_device_run_through_the_served_forward() -> None:
+    """Under load the prefetcher hands the forward rows already on the GPU (the forward used to pin them: pinning a
+    CUDA tensor raises, and every request of such a batch failed with INTERNAL). Mixed keep counts, both ways of
+    running them, against the same rows concatenated on the host."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, num_classes=10)
+    teacher = MaskedTeacher(model.to("cuda").eval())
+    forward = make_forward(teacher, torch.device("cuda"), torch.float32)
+    g = torch.Generator().manual_seed(0)
+    jobs = [SimpleNamespace(prepared=PreparedInput(patches=torch.randn(b, k, 3, 4, 4, generator=g),
+                                                   keep_indices=random_keep(b, k, seed=k),
+                                                   keep_counts=torch.full((b,), k)))
+            for b, k in ((3, 32), (2, 16), (4, 32))]
+    prefetcher = Prefetcher(concat_jobs, torch.device("cuda"))
+    staged = prefetcher.take(prefetcher.start(jobs), jobs)
+    prefetcher.close()
+    assert staged is not None and all(t.is_cuda for t in staged)
+    for run in (run_bucketed, run_padded):
+        expected = run(forward, *concat_jobs(jobs))  # host rows, pinned and copied by the forward
+        torch.testing.assert_close(run(forward, *staged), expected, atol=1e-4, rtol=1e-4)
