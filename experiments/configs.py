@@ -14,6 +14,7 @@ class Method:
     keep: float | str   # --keep: a fraction, or "auto" (the client decides from probes)
     strategy: str       # --strategy (with keep auto: the strategy until the first decision)
     keep_mass: float | None = None  # --keep-mass: per-image K holding this share of SIPS, at most `keep` patches
+    tau: float | None = None        # --tau of this method's runs (None: the config's)
 
 
 METHODS: tuple[Method, ...] = (
@@ -29,6 +30,8 @@ METHODS: tuple[Method, ...] = (
     # 0.9 with no cap (keep 1.0): the mass alone sets each image's K, so the row shows what the criterion spends on
     # its own next to the fixed keeps; 0.9 drops only the low-attention tail the paper's Fig. 3 shows as background.
     Method("mass_90", "MaskedKD per-image K (90% of SIPS mass)", "kd", 1.0, "sips", keep_mass=0.9),
+    # a control for a near-certain teacher (MNIST): are masked answers better targets only because they are softer?
+    Method("full_kd_tau2", "Full KD at tau 2 (softer targets; control)", "kd", 1.0, "all", tau=2.0),
 )
 METHODS_BY_KEY = {m.key: m for m in METHODS}
 
@@ -179,7 +182,7 @@ MNIST = ReproConfig(
     train_per_class=1000,
     test_per_class=None,
     teacher_train_per_class=None,
-    methods=HEADLINE_FIRST,
+    methods=(*HEADLINE_FIRST, "full_kd_tau2"),
     server_threads=1,
     probe_images=2000,
     size_note=(

@@ -63,8 +63,10 @@ def probe(teacher_ckpt: Path, student_ckpt: Path, data: Path, *, split: str | No
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     gen = torch.Generator().manual_seed(seed)
     sums: dict[tuple[str, float], dict[str, float]] = {
-        (s, k): {"kl": 0.0, "agree": 0.0, "correct": 0.0, "agree_student": 0.0} for s in strategies for k in keeps}
+        (s, k): {"kl": 0.0, "agree": 0.0, "correct": 0.0, "agree_student": 0.0, "entropy": 0.0}
+        for s in strategies for k in keeps}
     full_correct = student_correct = full_agree_student = images = 0
+    full_entropy = 0.0
     with SIPSCapture(student) as capture:
         for x, y in loader:  # x [B,C,h,w] in [0,1]
             x, y = x.to(dev), y.to(dev)
@@ -75,6 +77,7 @@ def probe(teacher_ckpt: Path, student_ckpt: Path, data: Path, *, split: str | No
             xt = _normalize(to_teacher_resolution(x, g.image_size), g.mean, g.std)  # [B,C,H,W]
             full = teacher(xt)  # [B,classes]
             log_p = F.log_softmax(full.float(), dim=1)
+            full_entropy += float(-(log_p.exp() * log_p).sum())
             s_top, t_top = s_logits.argmax(1), full.argmax(1)
             full_correct += int((t_top == y).sum())
             student_correct += int((s_top == y).sum())
@@ -88,6 +91,7 @@ def probe(teacher_ckpt: Path, student_ckpt: Path, data: Path, *, split: str | No
                     log_q = F.log_softmax(masked.float(), dim=1)
                     acc = sums[(strategy, keep)]
                     acc["kl"] += float((log_p.exp() * (log_p - log_q)).sum())
+                    acc["entropy"] += float(-(log_q.exp() * log_q).sum())  # how soft the KD target is
                     m_top = masked.argmax(1)
                     acc["agree"] += int((m_top == t_top).sum())
                     acc["correct"] += int((m_top == y).sum())
@@ -96,11 +100,13 @@ def probe(teacher_ckpt: Path, student_ckpt: Path, data: Path, *, split: str | No
         raise ValueError(f"no images in {data}")
     rows = [{"strategy": s, "keep": k, "kept": max(1, int(k * teacher.geometry.num_patches + 1e-9)),
              "kl": v["kl"] / images, "top1_agreement": v["agree"] / images, "teacher_top1": 100 * v["correct"] / images,
-             "agreement_with_student": v["agree_student"] / images} for (s, k), v in sums.items()]
+             "agreement_with_student": v["agree_student"] / images, "entropy": v["entropy"] / images}
+            for (s, k), v in sums.items()]
     return {"teacher": str(teacher_ckpt), "student": str(student_ckpt), "data": str(data), "images": images,
             "teacher_num_patches": teacher.geometry.num_patches, "teacher_full_top1": 100 * full_correct / images,
             "student_top1": 100 * student_correct / images,
-            "teacher_full_agreement_with_student": full_agree_student / images, "rows": rows}
+            "teacher_full_agreement_with_student": full_agree_student / images,
+            "teacher_full_entropy": full_entropy / images, "rows": rows}
 
 
 def markdown(result: dict[str, Any], command: str, title: str = "Teacher fidelity under masking") -> str:
@@ -111,16 +117,21 @@ def markdown(result: dict[str, Any], command: str, title: str = "Teacher fidelit
         f"{result['student_top1']:.2f}%, full teacher agrees with the student on "
         f"{100 * result['teacher_full_agreement_with_student']:.1f}% of images.", "",
         "KL is KL(teacher full || teacher masked) in nats, mean over images; agreement is top-1 agreement with the "
-        "full teacher.", "",
-        "| strategy | keep | patches | KL | top-1 agreement | masked teacher top-1 | agrees with student |",
-        "|---|---|---|---|---|---|---|",
+        "full teacher; entropy is the masked teacher's answer's (softmax at tau 1, nats, mean over images: how soft "
+        f"the KD target is; the full teacher's: {_nats(result.get('teacher_full_entropy'))}).", "",
+        "| strategy | keep | patches | KL | top-1 agreement | masked teacher top-1 | agrees with student | entropy |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(result["rows"], key=lambda r: (STRATEGIES.index(r["strategy"]) if r["strategy"] in STRATEGIES
                                                    else 9, -r["keep"])):
         lines.append(f"| {r['strategy']} | {100 * r['keep']:g}% | {r['kept']} | {r['kl']:.4f} | "
                      f"{100 * r['top1_agreement']:.1f}% | {r['teacher_top1']:.2f}% | "
-                     f"{100 * r['agreement_with_student']:.1f}% |")
+                     f"{100 * r['agreement_with_student']:.1f}% | {_nats(r.get('entropy'))} |")
     return "\n".join(lines) + "\n"
+
+
+def _nats(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"  # n/a: a probe recorded before entropies were
 
 
 def write_outputs(result: dict[str, Any], command: str, *, json_path: Path | None, doc: Path | None,

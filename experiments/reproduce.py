@@ -129,7 +129,8 @@ def _train(cfg: ReproConfig, recipe: Any, method: Method, seed: int, run_dir: Pa
     assert not kd or service is not None
     cmd = train_command(data=data, out=run_dir, recipe=recipe, mode=method.mode, keep=method.keep,
                         strategy=method.strategy, seed=seed, device=cfg.device, threads=threads,
-                        micro_batches=cfg.micro_batches, lambda_kd=cfg.lambda_kd, tau=cfg.tau,
+                        micro_batches=cfg.micro_batches, lambda_kd=cfg.lambda_kd,
+                        tau=cfg.tau if method.tau is None else method.tau,
                         teacher=service.address if kd and service else None, resume=resume,
                         keep_mass=method.keep_mass)
     key = service.run_key(run_dir) if kd and service else None

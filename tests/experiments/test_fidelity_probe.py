@@ -71,8 +71,15 @@ def test_full_teacher_accuracy_matches_an_independent_forward(checkpoints: tuple
     mean = torch.tensor(teacher.pretrained_cfg["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(teacher.pretrained_cfg["std"]).view(1, -1, 1, 1)
     with torch.no_grad():
-        top = teacher((x - mean) / std).argmax(1)
+        logits = teacher((x - mean) / std)
+    top = logits.argmax(1)
     assert result["teacher_full_top1"] == pytest.approx(100 * float((top == torch.tensor(ys)).float().mean()))
+    entropy = torch.distributions.Categorical(logits=logits).entropy().mean()  # the KD target's softness
+    assert result["teacher_full_entropy"] == pytest.approx(float(entropy), rel=1e-3)
+    for row in result["rows"]:
+        assert 0 <= row["entropy"] <= float(torch.log(torch.tensor(10.0))) + 1e-6
+        if row["keep"] == 1.0:
+            assert row["entropy"] == pytest.approx(result["teacher_full_entropy"], rel=1e-4)
 
 
 def test_cli_writes_json_and_its_own_doc_section(checkpoints: tuple[Path, Path], tmp_path: Path) -> None:

@@ -51,3 +51,22 @@ def test_redone_runs_are_moved_aside_with_the_probe_of_their_student(tmp_path: P
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["no_kd-s0", "replaced"]
     replaced = sorted(p.name.split("-2")[0] for p in (tmp_path / "runs" / "replaced").iterdir())
     assert replaced == ["fidelity", "keep_auto-s0", "keep_auto-s1", "maskedkd_50-s0"]
+
+
+def test_a_method_with_its_own_tau_trains_at_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from experiments import reproduce
+    from experiments.configs import MNIST, METHODS_BY_KEY
+
+    sent: list[list[str]] = []
+    monkeypatch.setattr(reproduce, "train", lambda cmd, log, api_key=None: sent.append(cmd) or 0.0)
+
+    class Service:  # the address and key a KD run asks for; no server is needed to build the command
+        address = "127.0.0.1:1"
+
+        def run_key(self, run_dir: Path) -> str:
+            return "mkd_test"
+
+    for key in ("full_kd", "full_kd_tau2"):
+        reproduce._train(MNIST, MNIST.student, METHODS_BY_KEY[key], 0, tmp_path / key, tmp_path, 1, Service())
+    taus = [cmd[cmd.index("--tau") + 1] for cmd in sent]
+    assert taus == [str(MNIST.tau), "2.0"] and "full_kd_tau2" in MNIST.methods
