@@ -205,7 +205,9 @@ def run_probe(cfg: ReproConfig, out: Path, data: Path, doc: Path, *, fallback: b
     if path.exists():
         return json.loads(path.read_text())
     first = cfg.seeds[0]
-    candidates = [f"{committed_runs.PROBE_STUDENT}-s{first}"] + ([f"{m}-s{first}" for m in cfg.methods] if fallback else [])
+    candidates = [f"{committed_runs.PROBE_STUDENT}-s{first}"]
+    if fallback:
+        candidates += [f"{m}-s{first}" for m in cfg.methods]
     # a run restored from the committed results has no weights here
     student = next((out / "runs" / c for c in candidates if (out / "runs" / c / "model.safetensors").exists()), None)
     if student is None:
@@ -245,17 +247,18 @@ def write_report(cfg: ReproConfig, command: str, out: Path, data: Path, doc: Pat
 def retire_runs(out: Path, methods: tuple[str, ...], seeds: tuple[int, ...]) -> list[str]:
     """Move the run dirs of `methods` to OUT/runs/replaced/NAME-TIMESTAMP (kept for inspection); their names."""
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    replaced = out / "runs" / "replaced"
     moved = []
     for m in methods:
         for s in seeds:
             run_dir = out / "runs" / f"{m}-s{s}"
             if run_dir.exists():
-                target = out / "runs" / "replaced" / f"{run_dir.name}-{stamp}"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                run_dir.rename(target)
+                replaced.mkdir(parents=True, exist_ok=True)
+                run_dir.rename(replaced / f"{run_dir.name}-{stamp}")
                 moved.append(run_dir.name)
     if committed_runs.PROBE_STUDENT in methods and (out / "fidelity.json").exists():  # probed again with the new one
-        (out / "fidelity.json").rename(out / "runs" / "replaced" / f"fidelity-{stamp}.json")
+        replaced.mkdir(parents=True, exist_ok=True)
+        (out / "fidelity.json").rename(replaced / f"fidelity-{stamp}.json")
     return moved
 
 

@@ -169,7 +169,7 @@ class MaskedKD:
         every, max_kl, min_agreement = self._keep_target
         if self._prober is not None and (step % every == 0 or not self.keep_decisions):
             decided = probe_and_decide(self._prober, ProcessGroup(), x, step=step, prefix=self.run_id,
-                                       max_kl=max_kl, min_agreement=min_agreement, first=not self.keep_decisions)
+                                       max_kl=max_kl, min_agreement=min_agreement)
             if decided.error is not None:
                 raise decided.raised or TeacherInputError(decided.error)
             known, probe_usage = decided.known, decided.usage

@@ -99,9 +99,10 @@ class KeepDecision:
 
 
 def probe_and_decide(prober: KeepProber, ctx: Collective, images: torch.Tensor, *, step: int, prefix: str,
-                     max_kl: float, min_agreement: float, first: bool) -> KeepDecision:
+                     max_kl: float, min_agreement: float) -> KeepDecision:
     """Probe this worker's first images, all-reduce every worker's sums, decide, and set the selector to it.
-    After the `first` decision the selector holds the previous one, which the decision's hysteresis keeps near.
+    The selector holds the previous decision, which the decision's hysteresis keeps near (before the first one it
+    holds the full image, keep 1.0: no rung of the ladder, so nothing is held).
 
     A collective: every worker calls it at the same step and gets the same decision (or the same error)."""
     outcome, error, raised = None, None, None
@@ -121,9 +122,8 @@ def probe_and_decide(prober: KeepProber, ctx: Collective, images: torch.Tensor, 
         message = next((m for m in ctx.all_gather_object(error) if m), "fatal teacher error in a probe")
         return KeepDecision(None, Usage(), {}, message, raised)
     assert outcome is not None
-    current = Rung(prober.selector.strategy, float(prober.selector.keep)) if not first else None
     decision = choose(prober.rungs, total[:3 * r].view(r, 3), max_kl=max_kl, min_agreement=min_agreement,
-                      current=current)
+                      current=Rung(prober.selector.strategy, float(prober.selector.keep)))
     prober.selector.strategy, prober.selector.keep = decision.strategy, decision.keep
     record = {"step": step, "strategy": decision.strategy, "keep": decision.keep, "kl": decision.kl,
               "agreement": decision.agreement, "probe_gflops": float(total[3 * r]),

@@ -198,8 +198,7 @@ def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
                 known, probe_usage, decision = None, Usage(), None
                 if prober is not None and (state.global_step % cfg.keep_every == 0 or not state.keep_decisions):
                     decided = probe_and_decide(prober, ctx, images, step=state.global_step, prefix=runner.prefix,
-                                               max_kl=cfg.keep_max_kl, min_agreement=cfg.keep_min_agreement,
-                                               first=not state.keep_decisions)
+                                               max_kl=cfg.keep_max_kl, min_agreement=cfg.keep_min_agreement)
                     if decided.error is not None:
                         fatal = decided.error
                         break

@@ -70,3 +70,9 @@ def test_a_method_with_its_own_tau_trains_at_it(monkeypatch: pytest.MonkeyPatch,
         reproduce._train(MNIST, MNIST.student, METHODS_BY_KEY[key], 0, tmp_path / key, tmp_path, 1, Service())
     taus = [cmd[cmd.index("--tau") + 1] for cmd in sent]
     assert taus == [str(MNIST.tau), "2.0"] and "full_kd_tau2" in MNIST.methods
+
+
+def test_redoing_the_probe_student_with_no_run_dir_still_moves_its_probe_aside(tmp_path: Path) -> None:
+    (tmp_path / "fidelity.json").write_text("{}")  # e.g. the runs of an OUT whose run dirs were deleted
+    assert retire_runs(tmp_path, ("maskedkd_50",), (0,)) == []
+    assert [p.name.split("-2")[0] for p in (tmp_path / "runs" / "replaced").iterdir()] == ["fidelity"]
