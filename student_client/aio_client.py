@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 from typing import Any
 
 import grpc
@@ -15,8 +14,9 @@ import torch
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
 from student_client.channel import open_channel
-from student_client.client import MAX_RESENDS, REPLAY_REFUSED, InferResult, slice_rows
+from student_client.client import InferResult, slice_rows
 from student_client.errors import TeacherError
+from student_client.resend import CountsRefusedReplays, RefusedReplays, ResendPlan
 from student_client.retry import DEFAULT_PATIENCE_S, RetryPolicy
 from student_client.tls import channel_credentials
 from student_client.wire import (
@@ -24,7 +24,7 @@ from student_client.wire import (
 )
 
 
-class AsyncTeacherClient:
+class AsyncTeacherClient(CountsRefusedReplays):
     """Create inside a running event loop; close with `await client.close()` or `async with`."""
 
     def __init__(
@@ -32,12 +32,14 @@ class AsyncTeacherClient:
         max_message_mb: float = 64.0, model: str | None = None, tls: bool = False,
         root_certificates: bytes | None = None, patience_s: float = DEFAULT_PATIENCE_S,
         ca_file: str | None = None, client_cert: str | None = None, client_key: str | None = None,
+        reuse_billed_answers: bool = False,
     ) -> None:
         self.target = target
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.backoff = backoff
-        self.mismatched_requests = 0  # requests whose replay the server refused, re-sent as <id>.rN
+        self.refused_replays = RefusedReplays()  # re-sent ids the teacher could not replay (resend.py)
+        self.reuse_billed_answers = reuse_billed_answers  # see student_client/resend.py
         self.retry = RetryPolicy(target, timeout_s=timeout_s, patience_s=patience_s, min_retries=max_retries,
                                  backoff_s=backoff)
         self.model = model
@@ -83,22 +85,15 @@ class AsyncTeacherClient:
         return logits, usage
 
     async def _infer_request(self, req: pb.InferRequest) -> pb.InferResponse:
-        """As `TeacherClient.infer_request`: an id whose replay is refused goes again as <id>.r1, .r2, ..."""
-        original = req.request_id
-        for resend in range(MAX_RESENDS + 1):
-            if resend:
-                req.request_id = f"{original}.r{resend}"
+        """As `TeacherClient.infer_request`: a refused replay goes on as `student_client.resend` says."""
+        plan = ResendPlan(req, self.reuse_billed_answers)
+        while True:
             try:
                 return await self._call(self.stub.Infer, req)
             except TeacherError as err:
-                if err.code not in REPLAY_REFUSED or not original or resend == MAX_RESENDS:
+                if (step := plan.after(err)) is None:
                     raise
-                if resend == 0:
-                    self.mismatched_requests += 1
-                    if self.mismatched_requests == 1:
-                        print(f"student-client: warning: the teacher cannot replay request id {original} ({err}); "
-                              "re-sending under a derived id (billed again)", file=sys.stderr, flush=True)
-        raise AssertionError("unreachable")
+                self.refused_replays.note(plan, step, str(err))
 
     async def _call(self, method: Any, request: Any) -> Any:
         attempts = self.retry.start()

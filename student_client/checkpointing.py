@@ -33,7 +33,9 @@ class TrainState:
     teacher_full_gflops: float = 0.0     # what the full teacher would have cost
     teacher_cost: float = 0.0
     teacher_requests: int = 0
-    teacher_mismatched_requests: int = 0  # re-sent requests the teacher had billed for other content (re-billed)
+    teacher_mismatched_requests: int = 0  # re-sent requests the teacher could not replay as sent (resend.py)
+    teacher_rebilled_requests: int = 0    # of those, billed again under a derived id
+    precision: str = ""                  # bf16 | fp32, resolved at the run's start and kept by --resume
     best_top1: float | None = None
     probe_gflops: float = 0.0            # --keep auto: what the probes cost (part of teacher_gflops / _cost)
     probe_cost: float = 0.0

@@ -96,8 +96,10 @@ def _print_summary(s: dict[str, Any], currency: str) -> None:
     if s.get("teacher_full_gflops") and s.get("kept_fraction") is not None:
         print(f"teacher input: {100 * s['kept_fraction']:.1f}% of the patches per image on average")
     if s.get("teacher_mismatched_requests"):
+        rebilled = s.get("teacher_rebilled_requests", 0)
         print(f"teacher: {s['teacher_mismatched_requests']} re-sent requests no longer matched what was billed under "
-              "their ids and were billed again under derived ids")
+              f"their ids: {s['teacher_mismatched_requests'] - rebilled} answered with what was billed, {rebilled} "
+              "billed again under derived ids")
     if s.get("overlap") is not None:
         print(f"pipeline: {100 * s['overlap']:.0f}% of teacher time hidden behind student compute")
 

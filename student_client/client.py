@@ -10,16 +10,17 @@ ledger and never bills it twice. Such failures are retried for up to `patience_s
 to ride out a teacher restart.
 
 When the server refuses an id it cannot replay -- ALREADY_EXISTS (it billed that id before for different content, e.g. a
-resumed run whose kernels were not deterministic) or FAILED_PRECONDITION (the stored answer has expired) -- the request
-is sent again under `<id>.r1` (then `.r2`, ...): billed as new work, warned about once, counted in
-`mismatched_requests`.
+resumed run whose patch selection flipped a near-tie) or FAILED_PRECONDITION (the stored answer has expired) -- the
+client follows `student_client.resend`: with `reuse_billed_answers` (the training loop's setting) an ALREADY_EXISTS is
+answered with what the teacher billed under that id, unbilled; otherwise the request is sent again under `<id>.r1`
+(then `.r2`, ...), billed as new work. Both are warned about once and counted (`mismatched_requests`,
+`rebilled_requests`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import sys
 import threading
 from pathlib import Path
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
 from student_client.channel import open_channel
 from student_client.errors import TeacherError
+from student_client.resend import CountsRefusedReplays, RefusedReplays, ResendPlan
 from student_client.retry import DEFAULT_PATIENCE_S, RetryPolicy
 from student_client.tls import channel_credentials
 from student_client.wire import (
@@ -43,16 +45,13 @@ T = TypeVar("T")
 InferResult = tuple[torch.Tensor, Usage]
 
 
-MAX_RESENDS = 8  # derived ids <id>.r1 .. <id>.r8 tried after a refused replay
-# The server cannot replay this id: billed before for other content, or its stored answer expired.
-REPLAY_REFUSED = frozenset({"ALREADY_EXISTS", "FAILED_PRECONDITION"})
 
 
 def slice_rows(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
     return None if t is None else t[rows]
 
 
-class TeacherClient:
+class TeacherClient(CountsRefusedReplays):
     """Blocking client for `maskedkd.v1.TeacherService`; thread-safe (one channel, shared by threads)."""
 
     def __init__(
@@ -61,6 +60,7 @@ class TeacherClient:
         root_certificates: bytes | None = None, interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (),
         patience_s: float = DEFAULT_PATIENCE_S, request_log: str | Path | None = None,
         ca_file: str | None = None, client_cert: str | None = None, client_key: str | None = None,
+        reuse_billed_answers: bool = False,
     ) -> None:
         self.target = target
         self.timeout_s = timeout_s      # deadline of one attempt
@@ -70,7 +70,8 @@ class TeacherClient:
         self.retry = RetryPolicy(target, timeout_s=timeout_s, patience_s=patience_s, min_retries=max_retries,
                                  backoff_s=backoff)
         self.request_log = Path(request_log) if request_log else None  # debug: sha256 of every request sent
-        self.mismatched_requests = 0    # requests whose replay the server refused, re-sent as <id>.rN
+        self.refused_replays = RefusedReplays()  # re-sent ids the teacher could not replay (resend.py)
+        self.reuse_billed_answers = reuse_billed_answers  # see student_client/resend.py
         self.max_message_mb = max_message_mb
         self.model = model              # None: the server's default model
         self._metadata = (("authorization", f"Bearer {api_key}"),)
@@ -129,30 +130,16 @@ class TeacherClient:
         return (logits[0] if len(logits) == 1 else torch.cat(logits)), usage
 
     def infer_request(self, req: pb.InferRequest) -> pb.InferResponse:
-        """Send one built request (retried per the policy); when its replay is refused, again under a derived id."""
-        original = req.request_id
-        for resend in range(MAX_RESENDS + 1):
-            if resend:
-                req.request_id = f"{original}.r{resend}"
+        """Send one built request (retried per the policy); a refused replay goes on as `student_client.resend` says."""
+        plan = ResendPlan(req, self.reuse_billed_answers)
+        while True:
             self.log_request(req)
             try:
                 return self._call(self.stub.Infer, req)
             except TeacherError as err:
-                if err.code not in REPLAY_REFUSED or not original or resend == MAX_RESENDS:
+                if (step := plan.after(err)) is None:
                     raise
-                if resend == 0:
-                    self.note_mismatch(original, str(err))
-        raise AssertionError("unreachable")
-
-    def note_mismatch(self, request_id: str, reason: str) -> None:
-        """Count a refused re-send; warn once per client (the summary reports the count)."""
-        with self._lock:
-            self.mismatched_requests += 1
-            first = self.mismatched_requests == 1
-        if first:
-            print(f"student-client: warning: the teacher cannot replay request id {request_id} ({reason}); "
-                  "re-sending under a derived id (billed again; counted as teacher_mismatched_requests)",
-                  file=sys.stderr, flush=True)
+                self.refused_replays.note(plan, step, str(err))
 
     def log_request(self, req: pb.InferRequest) -> None:
         """With `request_log`: append {request_id, content_sha256, pid} as one JSON line, where content_sha256 is the

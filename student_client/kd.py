@@ -22,7 +22,10 @@ Request ids are `<run_id>-s<step>-m<part>`: pass `run_id` and `step` (or keep `k
 calls, in your checkpoint) and a retried or resumed step re-sends the same ids, which the teacher answers from its
 ledger without billing again (`kd.last.usage.replayed`). Without `run_id` a random one is drawn per MaskedKD. Under
 DDP give every rank its own run_id (e.g. f"{run}-w{rank}"): ids are per API key, and one id with other content is
-re-sent under `<id>.rN` and billed again (`kd.mismatched_requests`).
+re-sent under `<id>.rN` and billed again (`kd.mismatched_requests`). A resumed loop whose kept patches may come out
+different (another precision, CPU or thread count flipped a near-tie) can build its client with
+`TeacherClient(..., reuse_billed_answers=True)`: a re-sent id of the same batch size then takes the answer billed
+under it, unbilled (student_client/resend.py; `student-client train` does this).
 
 Build it after the student is on its device (the normalization constants are put there once); in Lightning, in
 `on_fit_start` (examples/lightning_loop.py).

@@ -199,8 +199,8 @@ def select_patches(
     scores: [B, N] SIPS on the student's grid (`student_grid`, default a square sqrt(N) x sqrt(N)). When
     `teacher_grid` differs, the score map is bilinearly resized to it first (paper App. B), and `keep` counts the
     teacher's patches. keep: a fraction in (0, 1] (K = floor(keep * N), at least 1) or an int count >= 1.
-    strategy: `sips` (top-K scores), `bottom` (bottom-K), `random` (uniform, from `generator`), `all` (every patch;
-    `keep` is still validated but ignored).
+    strategy: `sips` (top-K scores; of equal scores the lower position first), `bottom` (bottom-K, likewise),
+    `random` (uniform, from `generator`), `all` (every patch; `keep` is still validated but ignored).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
@@ -214,9 +214,11 @@ def select_patches(
         noise = torch.rand(B, total, generator=generator, device=generator.device if generator is not None else scores.device)
         return noise.to(scores.device).argsort(dim=1)[:, :k].sort(dim=1).values
 
-    scores = _on_teacher_grid(scores, s_grid, t_grid)  # [B, h_t * w_t]
-    top = torch.topk(scores, k, dim=1, largest=strategy == "sips", sorted=False).indices  # [B, K]
-    return top.sort(dim=1).values
+    scores = _on_teacher_grid(scores, s_grid, t_grid).float()  # [B, h_t * w_t]
+    # A stable sort breaks ties by position (topk's order among equal scores is the kernel's), so the same scores
+    # always keep the same patches, on any CPU and thread count.
+    order = scores.sort(dim=1, descending=strategy == "sips", stable=True).indices  # [B, h_t * w_t]
+    return order[:, :k].sort(dim=1).values  # [B, K]
 
 
 def select_by_mass(

@@ -18,6 +18,7 @@ import torch
 from timm.optim import create_optimizer_v2
 from torch.utils.data import DataLoader, DistributedSampler
 
+from maskedkd.precision import resolve_precision
 from student_client.checkpointing import (
     TrainState, latest_checkpoint, load_training_checkpoint, prune_checkpoints, save_training_checkpoint,
 )
@@ -45,7 +46,7 @@ from student_client.wire import Usage
 Context = LocalContext | RayContext
 # Layout of the per-step all-reduced stats tensor.
 _STATS = ("loss", "ce", "kd", "images", "gflops", "full_gflops", "cost", "requests", "fatal", "wait_s", "teacher_s",
-          "mismatched", "probe_gflops", "probe_cost", "kept")
+          "mismatched", "rebilled", "probe_gflops", "probe_cost", "kept")
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -114,7 +115,8 @@ def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
         if source is not None:
             state = load_training_checkpoint(source, model=raw, optimizer=optimizer, scheduler=scheduler)
     resumed = state.global_step > 0
-    if (fatal := _fatal(ctx, _resume_mismatch(ctx, state))) is not None:
+    problem = _resume_mismatch(ctx, state) or (_resume_changes_images(cfg, out) if resumed and ctx.rank == 0 else None)
+    if (fatal := _fatal(ctx, problem)) is not None:
         return _finish(cfg, ctx, state, fatal_error=fatal, started=started)
     model = ctx.prepare_model(MaskedStudent(raw) if cfg.mode == "mask-student" else raw)
     normalize = Normalizer(spec.mean, spec.std, ctx.device)
@@ -130,7 +132,7 @@ def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
             client = TeacherClient(cfg.teacher or "", cfg.api_key or "", timeout_s=cfg.teacher_timeout_s,
                                    max_retries=cfg.teacher_retries, patience_s=cfg.teacher_patience_s,
                                    model=cfg.teacher_model, request_log=cfg.request_log,
-                                   **teacher_tls_kwargs(cfg))
+                                   reuse_billed_answers=True, **teacher_tls_kwargs(cfg))
             info = client.info()
             if info.num_classes != model_kwargs["num_classes"]:
                 raise TeacherInputError(f"teacher {info.model} predicts {info.num_classes} classes, the student "
@@ -159,7 +161,9 @@ def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
             apply_decision(selector, state.keep_decisions[-1])
     # The run id is the driver's (Ray) or out/run_id's: a resume or a restarted worker re-sends under the same ids.
     run_id = cfg.run_id or run_id_for(out, resume=cfg.resume)
-    runner = StepRunner(cfg, model, raw, normalize, criterion, selector, submit, request_id_prefix=run_id)
+    state.precision = _run_precision(cfg, ctx, state)
+    runner = StepRunner(cfg, model, raw, normalize, criterion, selector, submit, request_id_prefix=run_id,
+                        precision=state.precision)
 
     # ---- loop ----
     is_main = ctx.rank == 0
@@ -192,7 +196,7 @@ def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
                 seed_everything(step_seed(cfg.seed, epoch, state.global_step, ctx.rank, "global"))  # mixup, dropout
                 if selector is not None:
                     selector.generator.manual_seed(step_seed(cfg.seed, epoch, state.global_step, ctx.rank, "select"))
-                mismatched_before = client.mismatched_requests if client is not None else 0
+                refused_before = (client.mismatched_requests, client.rebilled_requests) if client else (0, 0)
                 if mixup is not None:
                     images, targets = mixup(images, targets)
                 known, probe_usage, decision = None, Usage(), None
@@ -215,11 +219,12 @@ def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
                     b, u, s = result.images, result.usage + probe_usage, result.stats
                     stats += torch.tensor([float(result.loss.total.detach()) * b, float(result.loss.ce) * b,
                                            float(result.loss.kd) * b, b, u.gflops, u.full_gflops, u.cost,
-                                           u.requests, 0, s.wait_s, s.teacher_s, 0, probe_usage.gflops,
+                                           u.requests, 0, s.wait_s, s.teacher_s, 0, 0, probe_usage.gflops,
                                            probe_usage.cost, result.kept], dtype=torch.float64)
                 stats[_STATS.index("fatal")] = 1.0 if error else 0.0
                 if client is not None:
-                    stats[_STATS.index("mismatched")] = client.mismatched_requests - mismatched_before
+                    stats[_STATS.index("mismatched")] = client.mismatched_requests - refused_before[0]
+                    stats[_STATS.index("rebilled")] = client.rebilled_requests - refused_before[1]
                 stats = ctx.all_reduce(stats)
                 if stats[_STATS.index("fatal")] > 0:
                     fatal = next((m for m in ctx.all_gather_object(error) if m), "fatal teacher error")
@@ -283,6 +288,7 @@ def _account(state: TrainState, stats: torch.Tensor, batches_into_epoch: int) ->
     state.teacher_cost += s["cost"]
     state.teacher_requests += int(s["requests"])
     state.teacher_mismatched_requests += int(s["mismatched"])
+    state.teacher_rebilled_requests += int(s["rebilled"])
     state.probe_gflops += s["probe_gflops"]
     state.probe_cost += s["probe_cost"]
     state.kept += s["kept"]
@@ -300,6 +306,38 @@ def _local_data(cfg: TrainConfig, ctx: Context) -> tuple[str, str | None]:
     what = "an archive file" if is_archive(cfg.data) else "a directory"
     return root, (f"--data {cfg.data} is not {what} on {ctx.node} (rank {ctx.rank}): on a Ray cluster it must "
                   "exist on every node (a shared or copied path)")
+
+
+def _run_precision(cfg: TrainConfig, ctx: Context, state: TrainState) -> str:
+    """The student's precision for this run: `--precision auto` is resolved once, at the run's start, by rank 0 (on
+    its device, for every rank), and a resumed run keeps it, so the bytes it re-sends come from the same numerics."""
+    if cfg.precision == "auto" and state.precision:
+        return state.precision
+    return str(ctx.all_gather_object(resolve_precision(cfg.precision, ctx.device))[0])
+
+
+# What decides which images a request id carries: a resume must keep them (its re-sent ids may take the answers
+# billed under them, student_client/resend.py). `data` is compared by its last path component (a moved run may mount
+# the same data elsewhere).
+IMAGE_SETTINGS = ("data", "seed", "batch_size", "workers", "augment")
+
+
+def _resume_changes_images(cfg: TrainConfig, out: Path) -> str | None:
+    """A one-line refusal when --resume changes a setting that decides the images under each request id."""
+    try:
+        started_with = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # a run from before config.json was written: nothing to compare
+    now = json.loads(cfg.to_json())
+    for name in IMAGE_SETTINGS:
+        before, after = started_with.get(name), now.get(name)
+        if name == "data" and before is not None and after is not None:
+            before, after = Path(str(before)).name, Path(str(after)).name
+        if before is not None and before != after:
+            flag = "--" + name.replace("_", "-")
+            return (f"--resume: this run was started with {flag} {before}, not {after}; its re-sent requests would "
+                    f"carry other images under the same ids: resume with {flag} {before}, or train into a new --out")
+    return None
 
 
 def _resume_mismatch(ctx: Context, state: TrainState) -> str | None:
@@ -389,7 +427,9 @@ def _finish(cfg: TrainConfig, ctx: Context, state: TrainState, *, fatal_error: s
         "teacher_gflops": used, "teacher_full_gflops": full, "teacher_saved_gflops": full - used,
         "teacher_saving": (full - used) / full if full else 0.0, "teacher_cost": state.teacher_cost,
         "teacher_requests": state.teacher_requests,
-        "teacher_mismatched_requests": state.teacher_mismatched_requests, "wall_s": time.perf_counter() - started,
+        "teacher_mismatched_requests": state.teacher_mismatched_requests,
+        "teacher_rebilled_requests": state.teacher_rebilled_requests, "precision": state.precision,
+        "wall_s": time.perf_counter() - started,
         "mode": cfg.mode, "strategy": cfg.strategy, "keep": cfg.keep, "out": str(Path(cfg.out).resolve()),
         "overlap": _mean_overlap(state), "probe_gflops": state.probe_gflops, "probe_cost": state.probe_cost,
         "keep_decisions": state.keep_decisions, "kept_fraction": state.kept / max(1, state.images_seen),

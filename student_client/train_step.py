@@ -130,7 +130,7 @@ class StepRunner:
     def __init__(
         self, cfg: StepSettings, model: nn.Module, raw_model: nn.Module, normalize: Normalizer,
         criterion: DistillationLoss, selector: PatchSelector | None, submit: Submit | None,
-        request_id_prefix: str,
+        request_id_prefix: str, precision: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.model = model            # what the training forward goes through (DDP / MaskedStudent wrapper)
@@ -142,7 +142,8 @@ class StepRunner:
         self.prefix = request_id_prefix
         param = next(raw_model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
-        self.precision = resolve_precision(cfg.precision, device)   # "bf16" or "fp32"
+        # "bf16" or "fp32": as given (a run's own, kept across resumes), else resolved from the settings
+        self.precision = precision or resolve_precision(cfg.precision, device)
         self._autocast = lambda: student_autocast(self.precision, device)  # noqa: E731
         self._kept: list[float] = []  # this step's micro-batches, in order: `PatchSelector.kept_share` of each
 

@@ -84,6 +84,7 @@ class _Billing:
     digest: str | None = None     # None for server-assigned ids
     hold: Hold | None = None      # GFLOPs reserved against the key's quota/rate limit
     purpose: str = ""             # InferRequest.purpose, stored with the row
+    accept_billed: bool = False   # InferRequest.accept_billed_answer: a stored answer of another digest will do
 
 
 class _RetryYourself(Exception):
@@ -101,10 +102,12 @@ def reused_error(request_id: str) -> RequestIdReusedError:
 
 
 def outcome_from_stored(record: ledger.UsageRecord, payload: ledger.ReplayPayload | None,
-                        digest: str) -> InferOutcome:
+                        digest: str, *, accept_billed: bool = False, images: int = 0) -> InferOutcome:
     """The replay of a stored request, or the refusal: other inputs (ALREADY_EXISTS), answer gone (FAILED_PRECONDITION).
-    Rows billed before digests existed (content_digest None) are replayed without comparing inputs."""
-    if record.content_digest is not None and record.content_digest != digest:
+    Rows billed before digests existed (content_digest None) are replayed without comparing inputs. With
+    `accept_billed` (a resumed run's re-send) other inputs are replayed too when the batch has the same `images`."""
+    if record.content_digest is not None and record.content_digest != digest and not (
+            accept_billed and record.images == images):
         raise reused_error(record.request_id)
     if payload is None:
         raise ReplayExpiredError(f"request_id {record.request_id[:80]!r} was billed before, but its answer is no "
@@ -161,21 +164,26 @@ class InferenceService:
         digest = await self._digest(request, served.name)
         token = (key.id, request.request_id)
         while (entry := self._inflight.get(token)) is not None:
-            if entry[0] != digest:
+            if entry[0] != digest and not request.accept_billed_answer:
                 raise reused_error(request.request_id)
             try:
-                return replace(await asyncio.shield(entry[1]), replayed=True)
+                original = await asyncio.shield(entry[1])
             except _RetryYourself:
                 continue
+            if entry[0] != digest and original.usage.images != prepared.images:
+                raise reused_error(request.request_id)
+            return replace(original, replayed=True)
         mine: asyncio.Future[InferOutcome] = asyncio.get_running_loop().create_future()
         self._inflight[token] = (digest, mine)
         try:
-            stored = await asyncio.to_thread(self._find_stored, key, request.request_id, digest)
+            stored = await asyncio.to_thread(self._find_stored, key, request.request_id, digest,
+                                             request.accept_billed_answer, prepared.images)
             if stored is not None:
                 outcome = stored
             else:
                 outcome = await self._run(key, served, prepared, usage, request.request_id, replayable=True,
-                                          received_at=received_at, digest=digest, purpose=request.purpose)
+                                          received_at=received_at, digest=digest, purpose=request.purpose,
+                                          accept_billed=request.accept_billed_answer)
             mine.set_result(outcome)
             return outcome
         except BaseException as exc:
@@ -204,7 +212,7 @@ class InferenceService:
 
     async def _run(self, key: KeyInfo, served: ServedModel, prepared: PreparedInput, usage: Usage, request_id: str,
                    *, replayable: bool, received_at: float, digest: str | None = None,
-                   purpose: str = "") -> InferOutcome:
+                   purpose: str = "", accept_billed: bool = False) -> InferOutcome:
         hold: Hold | None = None
         state: LimitState | None = None
         if key.limits.limited:
@@ -212,7 +220,8 @@ class InferenceService:
             if hold is None:
                 raise quota_exceeded(key=key, needed_gflops=usage.gflops, state=state)
         try:
-            billing = _Billing(key, request_id, replayable, served.name, usage, received_at, digest, hold, purpose)
+            billing = _Billing(key, request_id, replayable, served.name, usage, received_at, digest, hold, purpose,
+                               accept_billed)
             result = await served.batcher.submit(prepared, billing)
             if isinstance(result.finalized, Exception):
                 raise result.finalized
@@ -231,12 +240,13 @@ class InferenceService:
 
     # ------------------------------------------------------------------------------------------- worker side
 
-    def _find_stored(self, key: KeyInfo, request_id: str, digest: str) -> InferOutcome | None:
+    def _find_stored(self, key: KeyInfo, request_id: str, digest: str, accept_billed: bool,
+                     images: int) -> InferOutcome | None:
         with unavailable_on_transient_errors(), self._sessions() as session:
             found = ledger_billing.find_billed(session, api_key_id=key.id, request_id=request_id)
             if found is None:
                 return None
-            outcome = outcome_from_stored(*found, digest)
+            outcome = outcome_from_stored(*found, digest, accept_billed=accept_billed, images=images)
             if key.limits.limited:
                 outcome = replace(outcome, limits=ledger_billing.limit_state(session, api_key_id=key.id,
                                                                              limits=key.limits))
@@ -292,6 +302,7 @@ class InferenceService:
         """One job's problem must not fail the rest of its (committed) batch."""
         found = ledger_billing.find_billed(session, api_key_id=record.api_key_id, request_id=record.request_id)
         try:
-            return outcome_from_stored(record, found[1] if found else None, b.digest or "")
+            return outcome_from_stored(record, found[1] if found else None, b.digest or "",
+                                       accept_billed=b.accept_billed, images=b.usage.images)
         except ServiceError as exc:
             return exc

@@ -43,8 +43,11 @@ class ServerSettings(BaseSettings):
         "auto", description="auto: bfloat16 where the device computes it natively and faster (CUDA >= 8.0; CPU "
         "avx512_bf16/AMX with a start-up matmul measuring bf16 >= 1.25x fp32; "
         "maskedkd/precision.py), else float32")
-    min_dtype_agreement: float = Field(0.98, ge=0, description="refuse to start when the dtype's top-1 agreement "
-                                       "with float32 on a fixed batch is below this")
+    min_dtype_agreement: float = Field(0.98, ge=0, le=1, description="the served dtype's least top-1 agreement "
+                                       "with float32 on the decisive images of a fixed batch (fidelity.py); below "
+                                       "it auto serves float32 and an explicit dtype refuses to start")
+    max_dtype_kl: float = Field(0.01, ge=0, description="the most KL(float32 || served dtype) in nats per image on "
+                                "the fixed batch; above it auto serves float32 and an explicit dtype refuses to start")
     compile: Literal["off", "static"] = Field("off", description="static: torch.compile the forward, one inductor "
                                               "graph per batch shape (~20 s each on 2 CPU cores; faster steady "
                                               "state; compiled.py)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import dtype_marks
 import pytest
 import torch
 
@@ -12,9 +13,6 @@ CIFAR_SUBSET = REPO / "data" / "cifar10-subset"
 
 # Two cores: keep torch from oversubscribing when Ray or gRPC threads run beside it.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-# `--dtype auto` / `--precision auto` pick bf16 on a CPU with native bf16; the suite compares against float32
-# references, so it runs as on a CPU without (also in the servers it starts). Tests of the choice force both answers.
-os.environ.setdefault("MASKEDKD_FORCE_CPU_BF16", "0")
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +27,27 @@ def tiny_vit_kwargs(**overrides: object) -> dict[str, object]:
     return {"img_size": 32, "patch_size": 4, "num_classes": 10, **overrides}
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Slow modules first (a stable sort keeps each module's order): under `make test`'s two workers the long
-    end-to-end runs then overlap each other and the quick tests fill the gaps, instead of one worker ending alone."""
+def pytest_addoption(parser: pytest.Parser) -> None:
+    dtype_marks.add_option(parser)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    dtype_marks.configure(config)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return dtype_marks.header(config)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test states its dtype and device (dtype_marks.py); then slow modules first (a stable sort keeps each
+    module's order): under `make test`'s two workers the long end-to-end runs then overlap each other and the quick
+    tests fill the gaps, instead of one worker ending alone."""
+    dtype_marks.select(config, items)
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Before the test's fixtures (module-scoped servers too) start: the precision its dtype mark asks for."""
+    dtype_marks.apply(item)

@@ -61,7 +61,7 @@ class ModelInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., image_height: _Optional[int] = ..., image_width: _Optional[int] = ..., patch_size: _Optional[int] = ..., grid_height: _Optional[int] = ..., grid_width: _Optional[int] = ..., num_prefix_tokens: _Optional[int] = ..., num_classes: _Optional[int] = ..., in_chans: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., full_gflops: _Optional[float] = ..., price_per_gflop: _Optional[float] = ..., currency: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., max_batch_images: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("request_id", "model", "images", "patches", "keep_indices", "keep_counts", "purpose")
+    __slots__ = ("request_id", "model", "images", "patches", "keep_indices", "keep_counts", "purpose", "accept_billed_answer")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class InferRequest(_message.Message):
     KEEP_INDICES_FIELD_NUMBER: _ClassVar[int]
     KEEP_COUNTS_FIELD_NUMBER: _ClassVar[int]
     PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_BILLED_ANSWER_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     images: Tensor
@@ -76,7 +77,8 @@ class InferRequest(_message.Message):
     keep_indices: Tensor
     keep_counts: Tensor
     purpose: str
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., patches: _Optional[_Union[Tensor, _Mapping]] = ..., keep_indices: _Optional[_Union[Tensor, _Mapping]] = ..., keep_counts: _Optional[_Union[Tensor, _Mapping]] = ..., purpose: _Optional[str] = ...) -> None: ...
+    accept_billed_answer: bool
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., patches: _Optional[_Union[Tensor, _Mapping]] = ..., keep_indices: _Optional[_Union[Tensor, _Mapping]] = ..., keep_counts: _Optional[_Union[Tensor, _Mapping]] = ..., purpose: _Optional[str] = ..., accept_billed_answer: _Optional[bool] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("images", "tokens", "gflops", "full_gflops", "cost", "replayed")

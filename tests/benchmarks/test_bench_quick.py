@@ -15,7 +15,8 @@ from benchmarks.config import KEEPS, QUICK
 from benchmarks.gpu import NOT_RUN, run_gpu_section, spec_peak_tflops
 from benchmarks.report import render
 
-pytestmark = pytest.mark.slow  # Ray / subprocess end-to-end: `make test` starts slow modules first
+# Ray / subprocess end-to-end: `make test` starts slow modules first
+pytestmark = [pytest.mark.dtype("float32"), pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

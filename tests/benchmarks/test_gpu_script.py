@@ -9,6 +9,8 @@ import torch
 from benchmarks.cli import main
 from benchmarks.gpu_script import CUDA_TEST_FILES
 
+pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
+
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -17,6 +17,8 @@ import jsonschema
 import pytest
 import yaml
 
+pytestmark = pytest.mark.dtype("none")  # no model numerics
+
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"

@@ -18,6 +18,8 @@ from teacher_server.server import SERVICE_NAME
 from teacher_server.settings import ServerSettings
 from teacher_server.testing import running_server
 
+pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
+
 SCRIPT = DEPLOY / "make-dev-certs.sh"
 TINY = {"img_size": 32, "patch_size": 4, "num_classes": 10}
 

@@ -21,6 +21,8 @@ from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
 from teacher_server.settings import ServerSettings
 from teacher_server.testing import running_server
 
+pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
+
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 GRAFANA_JSON = DEPLOY / "grafana" / "dashboards" / "maskedkd.json"
 DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"

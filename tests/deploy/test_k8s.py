@@ -25,6 +25,8 @@ from student_client.channel import HEALTH_SERVICE, grpc_target
 from teacher_server.metrics import ServerMetrics
 from teacher_server.server import SERVICE_NAME
 
+pytestmark = pytest.mark.dtype("none")  # no model numerics
+
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
 OVERLAYS = ("cpu", "gpu")

@@ -3,6 +3,8 @@ kubernetes.io/tls Secret mounted as files; its probes (exec: `teacher-server hea
 it with the CA of another Secret; tokens, keys and passwords reach pods only from Secrets, never a command line."""
 from __future__ import annotations
 
+import pytest
+
 import copy
 import re
 import shlex
@@ -11,6 +13,8 @@ from typing import Any
 
 from test_compose import parse_cli, student_parser, teacher_parser
 from test_k8s import container, pod_specs, probe_command, rendered, secret_templates  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
 
 def mounted_secret(spec: dict[str, Any], container_: dict[str, Any], path: str) -> tuple[str, str]:
     """(Secret name, key) of the file `path` as mounted into `container_`: a secret volume's mount directory."""

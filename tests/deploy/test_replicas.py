@@ -30,6 +30,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from dtype_marks import child_env
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "teacher_server"))  # the Postgres and service testkits
 from postgres_testkit import PostgresServer, pg_rows, postgres_server  # noqa: E402,F401 (fixture)
 from service_testkit import MODEL, TINY, random_images, random_keep, settings, tiny_vit  # noqa: E402
@@ -46,7 +47,8 @@ from teacher_server.child_process import stop_gracefully  # noqa: E402
 from teacher_server.server import SERVICE_NAME  # noqa: E402
 from teacher_server.testing import RunningServer, running_server  # noqa: E402
 
-pytestmark = [pytest.mark.timeout(360), pytest.mark.slow]  # `make test` starts slow modules first
+# `make test` starts slow modules first
+pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(360), pytest.mark.slow]
 
 _SCRIPT = Path(sys.executable).parent / "teacher-server"
 CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "teacher_server.cli"]
@@ -88,7 +90,7 @@ def start_replica(checkpoint: Path, db: str, log: Path) -> Replica:
     port, metrics_port = free_port(), free_port()
     argv = [*CLI, "serve", "--checkpoint", str(checkpoint), "--host", "127.0.0.1", "--port", str(port), "--db", db,
             "--device", "cpu", "--metrics-port", str(metrics_port), "--max-delay-ms", "30", "--grace-s", "2"]
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MASKEDKD_")}, "OMP_NUM_THREADS": "1"}
+    env = child_env(OMP_NUM_THREADS="1")
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
     return Replica(proc, port, metrics_port, log)

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from markdown_testkit import REPO, Link, anchors, links
 
+pytestmark = pytest.mark.dtype("none")  # no model numerics
+
 DOCUMENTS = sorted({REPO / "README.md", *(REPO / "docs").glob("*.md"), *REPO.glob("*/README.md")})
 EXTERNAL = ("http://", "https://", "mailto:")
 

@@ -22,13 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from dtype_marks import child_env
 from markdown_testkit import REPO, FencedBlock, command_blocks, runnable_text, shell_commands
 
 README = REPO / "README.md"
 ALL_RAN = "=== every README block ran"
 WRITTEN_BY_THE_README = {"runs", "maskedkd-ledger.db", "tls.key", "tls.crt"}  # not linked in from the checkout
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(900)]
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ def user_env() -> dict[str, str]:
     """The test's environment as a fresh shell has it: no venv on PATH, no MASKEDKD_* settings (but the suite's
     float32 rule for CPUs without native bf16, see tests/conftest.py)."""
     venv_bin = str(Path(sys.prefix) / "bin")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MASKEDKD_") and k != "VIRTUAL_ENV"}
+    env = {k: v for k, v in child_env().items() if k != "VIRTUAL_ENV"}
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p and p != venv_bin)
     env["MASKEDKD_FORCE_CPU_BF16"] = os.environ.get("MASKEDKD_FORCE_CPU_BF16", "0")
     env["OMP_NUM_THREADS"] = "1"

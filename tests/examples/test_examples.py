@@ -13,6 +13,9 @@ import pytest
 import timm
 import torch
 
+pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
+
+from dtype_marks import child_env
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "student_client"))  # the student testkit
 from student_testkit import ledger_rows, make_subset, teacher_server, tiny_teacher  # noqa: E402
 
@@ -32,7 +35,7 @@ def env(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-de
 def run_example(script: str, env: dict, run_id: str, *, key: str) -> tuple[dict, str, Path]:
     """`python examples/<script>` with the key in MASKEDKD_API_KEY: (the JSON line it printed, stdout, saved student)."""
     saved = env["root"] / f"{run_id}.pt"
-    proc_env = {k: v for k, v in os.environ.items() if not k.startswith("MASKEDKD_")}
+    proc_env = child_env()
     proc_env.update(MASKEDKD_API_KEY=key, OMP_NUM_THREADS="1",
                     PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "protos"), proc_env.get("PYTHONPATH", "")]))
     cmd = [sys.executable, str(REPO / "examples" / script), "--teacher", env["srv"].address, "--data",

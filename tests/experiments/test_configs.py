@@ -9,6 +9,8 @@ import pytest
 from experiments.configs import CONFIGS
 from maskedkd.checkpoints import load_model, read_checkpoint_meta
 
+pytestmark = pytest.mark.dtype("none")  # no model numerics
+
 REPO = Path(__file__).resolve().parents[2]
 COMMITTED = sorted({c.teacher_checkpoint for c in CONFIGS.values() if c.teacher_checkpoint})
 

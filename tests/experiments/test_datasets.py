@@ -10,6 +10,8 @@ import pytest
 from experiments.datasets import DataError, extract_tarball, make_subset, prepare_data
 from experiments.doc_sections import read_section, update_section
 
+pytestmark = pytest.mark.dtype("none")  # no model numerics
+
 
 def _tarball(path: Path, per_class: int = 3) -> Path:
     with tarfile.open(path, "w:gz") as tar:

@@ -14,6 +14,8 @@ from experiments.doc_sections import read_section, update_section
 from experiments.fidelity_probe import KEEPS, STRATEGIES, main, probe
 from maskedkd.checkpoints import save_model_checkpoint
 
+pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
+
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "data" / "cifar10-subset"
 IMAGES = 30

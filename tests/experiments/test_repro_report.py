@@ -2,11 +2,15 @@
 shows its billed GFLOPs and ratio to full KD like every other row."""
 from __future__ import annotations
 
+import pytest
+
 from pathlib import Path
 from typing import Any
 
 from experiments.configs import SMOKE
 from experiments.repro_report import aggregate, results_markdown
+
+pytestmark = pytest.mark.dtype("none")  # no model numerics
 
 
 def result(method: str, seed: int, gflops: float, kept: float | None) -> dict[str, Any]:

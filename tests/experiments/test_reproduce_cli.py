@@ -10,6 +10,8 @@ import pytest
 from experiments.configs import CIFAR10
 from experiments.reproduce import main, recorded_args, retire_runs, thread_counts
 
+pytestmark = pytest.mark.dtype("none")  # no model numerics
+
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--parallel", "0"], "--parallel must be at least 1, got 0"),

@@ -15,6 +15,8 @@ from experiments.doc_sections import read_section
 from maskedkd.checkpoints import load_model
 from maskedkd.flops import ViTShape, masked_forward_flops
 
+pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
+
 REPO = Path(__file__).resolve().parents[2]
 SECRET = re.compile(r"mkd_[A-Za-z0-9_-]{43}")
 

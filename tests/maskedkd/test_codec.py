@@ -8,6 +8,8 @@ import torch
 from maskedkd.codec import WIRE_DTYPES, TensorDecodeError, proto_to_tensor, tensor_to_proto
 from maskedkd.v1 import teacher_pb2 as pb
 
+pytestmark = pytest.mark.dtype("none")  # no model numerics
+
 NUMPY_LE = {"uint8": "<u1", "int16": "<i2", "int32": "<i4", "int64": "<i8", "float16": "<f2", "float32": "<f4"}
 
 

@@ -13,6 +13,8 @@ from grpc_tools import protoc
 
 from maskedkd.v1 import teacher_pb2, teacher_pb2_grpc
 
+pytestmark = pytest.mark.dtype("none")  # no model numerics
+
 REPO = Path(__file__).resolve().parents[2]
 PROTO_ROOT = REPO / "protos"  # the contract source; its stubs are generated into REPO/maskedkd/v1
 PROTO = "maskedkd/v1/teacher.proto"

@@ -9,6 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from maskedkd.flops import ViTShape, masked_forward_flops
 from maskedkd.masked_teacher import MaskedTeacher
 
+pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
+
 TINY = {"img_size": 32, "patch_size": 4, "num_classes": 10, "depth": 2}  # 64 patches
 MODELS: dict[str, tuple[str, dict[str, object]]] = {
     "vit_tiny": ("vit_tiny_patch16_224", TINY),

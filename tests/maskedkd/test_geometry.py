@@ -7,6 +7,8 @@ import timm
 from maskedkd.geometry import TeacherGeometry
 from maskedkd.v1 import teacher_pb2 as pb
 
+pytestmark = pytest.mark.dtype("none")  # no model numerics
+
 
 def test_from_model_reads_timm() -> None:
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=(32, 48), patch_size=4,

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.dtype("none")  # no model numerics
+
 REPO = Path(__file__).resolve().parents[2]
 FORBIDDEN = {"maskedkd": {"teacher_server", "student_client"}, "student_client": {"teacher_server"}}
 

@@ -9,6 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from maskedkd.masked_teacher import MaskedTeacher, UnsupportedModelError
 
+pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
+
 TINY = {"img_size": 32, "patch_size": 4, "num_classes": 10, "depth": 2}  # 8x8 grid, 64 patches
 SMALL = {"embed_dim": 96, "num_heads": 3}
 N = 64
@@ -185,6 +187,7 @@ def test_bfloat16_weights_take_float32_inputs() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.dtype("float32", device="cuda")  # float16 on the GPU against the float32 CPU forward
 @torch.inference_mode()
 def test_cuda_half_ragged_matches_cpu() -> None:
     model = make("registers_dinov2")

@@ -7,6 +7,8 @@ from torch import Tensor
 
 from maskedkd.patches import gather_patches, images_to_patches
 
+pytestmark = pytest.mark.dtype("none")  # no model numerics
+
 
 def cut_by_slicing(images: Tensor, keep: Tensor, p: int) -> Tensor:
     """[B, K, C, P, P]: patch n of the row-major grid is images[..., row*P:(row+1)*P, col*P:(col+1)*P]."""

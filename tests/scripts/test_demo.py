@@ -15,6 +15,8 @@ import pytest
 from maskedkd.checkpoints import load_model
 from maskedkd.flops import ViTShape, masked_forward_flops
 
+pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
+
 REPO = Path(__file__).resolve().parents[2]
 TEACHER = REPO / "models" / "cifar10-vit-teacher.safetensors"
 ROW = re.compile(r"^\s+(student, .+?|teacher \(.+?\))\s{2,}([0-9.]+)%(?:\s+([0-9.]+)\s+([0-9.na]+)\s+([0-9.]+) USD)?$",

@@ -3,7 +3,6 @@ them, the request log a run writes (`--request-log`), and the SQLite ledger read
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
@@ -16,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
+from dtype_marks import child_env
 from student_testkit import STUDENT, STUDENT_KWARGS
 
 from teacher_server.auth import create_api_key
@@ -34,10 +34,9 @@ TEACHER_CLI = tool("teacher-server", "teacher_server.cli")
 SERVING = re.compile(r"teacher-server: serving \S+ on (\S+)")
 
 
-def clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MASKEDKD_")}
-    env["OMP_NUM_THREADS"] = "1"
-    return env
+def clean_env(**extra: str) -> dict[str, str]:
+    """A child's environment (dtype_marks.child_env) on one OpenMP thread unless `extra` says otherwise."""
+    return child_env(**{"OMP_NUM_THREADS": "1", **extra})
 
 
 def free_port() -> int:

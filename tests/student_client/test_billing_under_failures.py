@@ -22,7 +22,8 @@ from maskedkd.checkpoints import save_model_checkpoint
 from maskedkd.masked_teacher import MaskedTeacher
 from student_client.cli import main
 
-pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]  # `make test` starts slow modules first
+# `make test` starts slow modules first
+pytestmark = [pytest.mark.dtype("auto"), pytest.mark.timeout(240), pytest.mark.slow]
 
 
 def run_id_of(out: Path) -> str:
@@ -122,3 +123,75 @@ def test_teacher_killed_and_restarted_three_times_the_run_completes_billed_once(
     assert summary_of(out)["teacher_gflops"] == pytest.approx(billed, rel=1e-9)
     sent = digests_by_id(request_log(out), run_id)
     assert all(len(d) == 1 for d in sent.values())  # whatever was re-sent went with the same bytes
+
+
+def _kill_at(cmd: list[str], out: Path, steps: int, **env: str) -> None:
+    """Run `cmd` and SIGKILL it once `out`'s metrics show `steps` steps done."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env(**env))
+    try:
+        wait_for(lambda: step_rows(out) >= steps or proc.poll() is not None, 180, f"{steps} steps")
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL, "the run ended before it could be killed"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.dtype("bfloat16")  # a bf16 student, on any CPU (forced where bf16 is not native)
+def test_bf16_run_resumed_with_other_threads_then_other_numerics_bills_the_uninterrupted_run(tmp_path: Path) -> None:
+    """Killed at 60% and resumed with 2 threads instead of 1 (bf16 kept: the run's precision is pinned): the same
+    bytes. Killed again at 80% and resumed in fp32 with random patches, so every re-sent step sends other patches:
+    each re-sent id is answered with what was billed under it (`accept_billed_answer`), never billed again."""
+    data = make_subset(tmp_path / "data", train_per_class=4, test_per_class=1)  # 5 steps of 8 per epoch, 2 epochs
+    with teacher_server(tmp_path, tiny_teacher()) as srv:
+        straight, killed = tmp_path / "straight", tmp_path / "killed"
+        done = subprocess.run(train_cmd(data, straight, srv.address, srv.create_key("straight"), "--precision",
+                                        "bf16"), capture_output=True, text=True, timeout=180, env=clean_env())
+        assert done.returncode == 0, done.stderr
+        key = srv.create_key("killed")
+        _kill_at(train_cmd(data, killed, srv.address, key, "--precision", "bf16"), killed, 6)
+        # resumed from epoch 1's checkpoint (step 5) on two threads, killed again at step 8 (80%)
+        _kill_at(train_cmd(data, killed, srv.address, key, "--resume", "--threads-per-worker", "2"), killed, 8,
+                 OMP_NUM_THREADS="2")
+        numerics = subprocess.run(train_cmd(data, killed, srv.address, key, "--resume", "--precision", "fp32",
+                                            "--strategy", "random"), capture_output=True, text=True, timeout=180,
+                                  env=clean_env())
+        assert numerics.returncode == 0, numerics.stderr
+        rows_straight, rows_killed = ledger_rows(srv, "straight"), ledger_rows(srv, "killed")
+
+    run_id, straight_id = run_id_of(killed), run_id_of(straight)
+    assert sorted(str(r["request_id"]).removeprefix(run_id) for r in rows_killed) == \
+        sorted(str(r["request_id"]).removeprefix(straight_id) for r in rows_straight)
+    billed = sum(float(r["gflops"]) for r in rows_killed)  # type: ignore[arg-type]
+    assert billed == pytest.approx(sum(float(r["gflops"]) for r in rows_straight), rel=1e-12)  # type: ignore[arg-type]
+    summary = summary_of(killed)
+    assert summary["teacher_gflops"] == pytest.approx(billed, rel=1e-9) and summary["teacher_rebilled_requests"] == 0
+    log = request_log(killed)
+    by_attempt = [digests_by_id([e for e in log if e["pid"] == pid], run_id) for pid in dict.fromkeys(
+        e["pid"] for e in log)]
+    assert len(by_attempt) == 3
+    # bf16 on two threads re-sent steps 5 and 6 (7 was in flight at the kill) with the bytes of the first attempt
+    first, threads, fp32 = by_attempt
+    assert [rid for rid in threads if rid in first] and all(threads[rid] == first[rid] for rid in threads
+                                                            if rid in first)
+    # fp32 + random re-sent steps 5..7 with other kept patches: each answered with what was billed, nothing billed
+    resent = [rid for rid in fp32 if rid in threads]
+    assert len(resent) >= 4 and all(fp32[rid] != threads[rid] for rid in resent)
+    assert summary["teacher_mismatched_requests"] == len(resent)
+    assert "answered with what was billed" in numerics.stdout
+
+
+def test_resume_with_another_seed_is_refused_in_one_line(tmp_path: Path) -> None:
+    """Another --seed would put other images under the run's request ids (and take the answers billed for the old
+    ones): refused before any request."""
+    data = make_subset(tmp_path / "data", train_per_class=2, test_per_class=1)
+    with teacher_server(tmp_path, tiny_teacher()) as srv:
+        key, out = srv.create_key("seed"), tmp_path / "run"
+        assert main(train_cmd(data, out, srv.address, key, epochs=1)[len(STUDENT_CLI):]) == 0
+        rows = len(ledger_rows(srv, "seed"))
+        again = subprocess.run(train_cmd(data, out, srv.address, key, "--resume", "--epochs", "2", "--seed", "7"),
+                               capture_output=True, text=True, timeout=180, env=clean_env())
+        assert len(ledger_rows(srv, "seed")) == rows  # nothing sent
+    assert again.returncode != 0 and "Traceback" not in again.stderr
+    errors = [line for line in again.stderr.splitlines() if "--seed 0, not 7" in line]
+    assert len(errors) == 1 and "new --out" in errors[0], again.stderr

@@ -19,6 +19,8 @@ from student_client.cli import build_parser, main, resume_command
 from student_client.config import TrainConfig
 from student_client.settings_cli import given
 
+pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
+
 CLI = [sys.executable, "-m", "student_client.cli"]
 
 

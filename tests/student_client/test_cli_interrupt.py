@@ -15,7 +15,8 @@ import pytest
 from process_testkit import STUDENT_CLI, clean_env, step_rows, wait_for
 from student_testkit import STUDENT, STUDENT_KWARGS, make_subset
 
-pytestmark = pytest.mark.slow  # Ray / subprocess end-to-end: `make test` starts slow modules first
+# Ray / subprocess end-to-end: `make test` starts slow modules first
+pytestmark = [pytest.mark.dtype("float32"), pytest.mark.slow]
 
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 STEPS_PER_EPOCH, EPOCHS = 5, 3  # 40 training images, batch 8

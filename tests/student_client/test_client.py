@@ -25,6 +25,8 @@ from student_client.tls import channel_credentials
 from student_client.wire import wire_pixels
 from teacher_server.testing_tls import make_pki
 
+pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]

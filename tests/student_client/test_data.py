@@ -8,6 +8,8 @@ from PIL import Image, ImageOps
 
 from student_client.data import rand_augment, train_transform
 
+pytestmark = pytest.mark.dtype("none")  # no model numerics
+
 
 def _image(seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)

@@ -15,6 +15,8 @@ from student_client.data_archive import CACHE_ENV, local_data_root
 from student_client.evaluate import evaluate_checkpoint
 from student_client.train_loop import run_training
 
+pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
+
 
 def test_an_archive_is_extracted_once_per_node_and_trained_from(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,6 +18,8 @@ from student_client.errors import TeacherAuthError
 from maskedkd.flops import ViTShape, masked_forward_flops
 from maskedkd.masked_teacher import MaskedTeacher
 
+pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
+
 BATCH = 8
 
 

@@ -20,6 +20,8 @@ from student_client.train_loop import run_training
 from teacher_server import ledger
 from teacher_server.ledger_reports import usage_by_purpose
 
+pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
+
 
 def reference_kl(full: torch.Tensor, masked: torch.Tensor, tau: float) -> float:
     """Mean KL(full || masked) per image with torch's own kl_div."""

@@ -21,6 +21,8 @@ from student_client.context import LocalContext
 from student_client.sips import select_by_mass, select_patches
 from student_client.train_loop import run_training
 
+pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
+
 
 def reference(scores: torch.Tensor, mass: float, k_max: int) -> list[list[int]]:
     """Per row: walk the scores from the largest, adding them up in python floats, until their share reaches mass."""

@@ -8,6 +8,8 @@ import torch
 
 from student_client.losses import DistillationLoss, kd_kl_loss
 
+pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
+
 
 def softmax_rows(logits: list[list[float]], tau: float) -> list[list[float]]:
     out = []

@@ -1,6 +1,8 @@
 """App. E pipelining: teacher calls overlap the following micro-batches, and the measured overlap says so."""
 from __future__ import annotations
 
+import pytest
+
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -8,6 +10,8 @@ import torch
 
 from student_client.pipeline import OverlapStats, TeacherRequest, pipelined_forward
 from student_client.wire import Usage
+
+pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
 
 STUDENT_S = 0.06  # per micro-batch
 TEACHER_S = 0.06  # per request, one at a time (a single teacher device)

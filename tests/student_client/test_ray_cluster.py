@@ -18,7 +18,8 @@ from student_testkit import STUDENT, STUDENT_KWARGS, ledger_rows_at, make_archiv
 
 from student_client.data_archive import CACHE_ENV
 
-pytestmark = pytest.mark.slow  # Ray / subprocess end-to-end: `make test` starts slow modules first
+# Ray / subprocess end-to-end: `make test` starts slow modules first
+pytestmark = [pytest.mark.dtype("float32"), pytest.mark.slow]
 
 
 def test_two_nodes_train_with_shared_storage_and_reported_progress(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
-"""MaskedKD training on a real local Ray (2 CPU workers, DDP) against a real teacher: a worker process killed mid-run
-is recovered from the Ray checkpoint, the re-sent requests replay under the same ids, and the teacher's ledger holds
+"""MaskedKD training on a real local Ray (2 CPU workers, DDP) against a real teacher: a worker process of a bf16 student
+killed mid-run is recovered from the Ray checkpoint, the re-sent requests replay under the same ids, and the teacher's ledger holds
 exactly the rows of an uninterrupted run, each what the FLOP model predicts for the kept counts.
 
 One Ray run covers it all: Ray's worker start-up dominates (~20 s per worker group on 2 cores).
@@ -23,7 +23,8 @@ from maskedkd.masked_teacher import MaskedTeacher
 from student_client.config import TrainConfig
 from student_client.ray_runner import TrainingError, run_with_ray
 
-pytestmark = pytest.mark.slow  # Ray / subprocess end-to-end: `make test` starts slow modules first
+# Ray / subprocess end-to-end: `make test` starts slow modules first
+pytestmark = [pytest.mark.dtype("float32"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,7 @@ def local_ray():  # type: ignore[no-untyped-def]
     ray.shutdown()
 
 
+@pytest.mark.dtype("bfloat16")  # a bf16 student (precision="bf16": emulated where the CPU has no bf16)
 def test_two_workers_keep_half_survive_a_killed_worker_and_bill_exactly_an_uninterrupted_run(
     local_ray: None, tmp_path: Path,
 ) -> None:
@@ -44,7 +46,7 @@ def test_two_workers_keep_half_survive_a_killed_worker_and_bill_exactly_an_unint
         cfg = TrainConfig(
             data=str(data), out=str(out), teacher=srv.address, api_key=key, student=STUDENT,
             student_kwargs=STUDENT_KWARGS, workers=2, batch_size=16, epochs=2, keep=0.5, strategy="sips",
-            micro_batches=2, max_failures=1, request_log=str(out / "requests.jsonl"),
+            micro_batches=2, max_failures=1, request_log=str(out / "requests.jsonl"), precision="bf16",
         )
         killed: list[int] = []
 
@@ -83,6 +85,7 @@ def test_two_workers_keep_half_survive_a_killed_worker_and_bill_exactly_an_unint
     assert summary["teacher_gflops"] == pytest.approx(80 * per_image, rel=1e-9)
     assert summary["teacher_saving"] == pytest.approx(1 - per_image / MaskedTeacher(teacher).gflops(64), rel=1e-6)
     assert 0.0 <= summary["overlap"] <= 1.0
+    assert summary["precision"] == "bf16" and summary["teacher_rebilled_requests"] == 0
 
     # the teacher server can load the trained student with no extra flags
     student, meta = load_model(checkpoint=out / "model.safetensors")

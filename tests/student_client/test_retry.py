@@ -1,5 +1,6 @@
 """The retry policy every transport shares: an unreachable teacher is waited for within the patience (one line when the
-waiting starts), and an id the teacher billed before for other content is re-sent under a derived id, counted."""
+waiting starts), and an id the teacher billed before for other content is re-sent under a derived id, counted, or
+with `reuse_billed_answers` answered with what was billed."""
 from __future__ import annotations
 
 import socket
@@ -12,6 +13,8 @@ from student_testkit import ledger_rows, teacher_server, tiny_teacher
 
 from student_client.client import TeacherClient
 from student_client.errors import TeacherUnavailableError
+
+pytestmark = pytest.mark.dtype("none")  # no model numerics
 
 
 def pixels(b: int, seed: int) -> torch.Tensor:
@@ -48,6 +51,28 @@ def test_an_id_billed_for_other_content_is_resent_under_a_derived_id_and_counted
         rows = ledger_rows(srv, "mismatch")
     assert [r["request_id"] for r in rows] == ["run-e0-w0-s0-m0", "run-e0-w0-s0-m0.r1", "run-e0-w0-s0-m0.r2"]
     assert not torch.equal(other, first)
-    assert client.mismatched_requests == 2
+    assert client.mismatched_requests == client.rebilled_requests == 2
     warnings = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
     assert len(warnings) == 1 and "run-e0-w0-s0-m0" in warnings[0]  # said once
+
+
+@pytest.mark.dtype("float32")
+def test_with_reuse_billed_answers_a_changed_resend_takes_the_billed_answer_unbilled(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """What a resumed training run does (student_client/resend.py): the same images with other kept patches under
+    an id billed before come back with the billed answer; another batch size is billed again under a derived id."""
+    images = pixels(2, seed=1)
+    with teacher_server(tmp_path, tiny_teacher()) as srv:
+        client = TeacherClient(srv.address, srv.create_key("resume"), reuse_billed_answers=True)
+        keep = torch.tensor([[0, 5, 9], [1, 2, 3]])
+        first, billed = client.infer(images=images, keep_indices=keep, request_id="run-e1-w0-s5-m0")
+        other, usage = client.infer(images=images, keep_indices=keep.flip(0), request_id="run-e1-w0-s5-m0")
+        assert usage.replayed and torch.equal(other, first) and usage.gflops == billed.gflops
+        fewer, usage = client.infer(images=images[:1], keep_indices=keep[:1], request_id="run-e1-w0-s5-m0")
+        assert not usage.replayed and fewer.shape[0] == 1
+        rows = ledger_rows(srv, "resume")
+    assert [r["request_id"] for r in rows] == ["run-e1-w0-s5-m0", "run-e1-w0-s5-m0.r1"]
+    assert (client.mismatched_requests, client.rebilled_requests) == (2, 1)
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert len(warnings) == 1 and "taking the answer it billed" in warnings[0]

@@ -13,6 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from student_client import SIPSCapture, SIPSUnsupportedModelError, select_patches, sips_overhead_flops
 
+pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
+
 # name -> (timm architecture, extra kwargs, expected prefix tokens)
 STUDENTS: dict[str, tuple[str, dict[str, object], int]] = {
     "plain": ("vit_tiny_patch16_224", {}, 1),

@@ -20,7 +20,7 @@ from student_client.client import TeacherClient
 from student_client.errors import TeacherInputError, TeacherUnavailableError
 from student_client.stream import TeacherStream
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(120)]
 
 
 def test_a_refused_request_fails_only_its_own_future(tmp_path) -> None:  # type: ignore[no-untyped-def]

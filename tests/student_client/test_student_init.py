@@ -18,6 +18,8 @@ from student_client.context import LocalContext
 from student_client.student_init import StudentInitError, init_student
 from student_client.train_loop import run_training
 
+pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
+
 KWARGS = {**STUDENT_KWARGS, "num_classes": 10}
 
 

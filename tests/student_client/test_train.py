@@ -24,6 +24,8 @@ from student_client.student import create_student, describe_student, student_kwa
 from student_client.train_loop import run_training
 from student_client.train_step import PatchSelector, StepRunner
 
+pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
+
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]

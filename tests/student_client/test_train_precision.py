@@ -18,6 +18,8 @@ from student_client.sips import SIPSCapture
 from student_client.student import create_student, describe_student, student_kwargs_for
 from student_client.train_step import PatchSelector, StepRunner
 
+pytestmark = pytest.mark.dtype("both")  # forces bf16 and float32 itself
+
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
@@ -60,6 +62,7 @@ def test_one_maskedkd_step_in_each_precision(env: dict[str, Any], monkeypatch: p
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.dtype("auto", device="cuda")  # auto on the GPU: bf16 from compute capability 8.0
 def test_cuda_maskedkd_step_runs_the_student_in_bf16(env: dict[str, Any]) -> None:
     """On a GPU, auto resolves to bf16 (compute capability >= 8), SIPS and the loss stay fp32 on the device, and the
     teacher's answer (served on the CPU here) comes back onto the student's device."""

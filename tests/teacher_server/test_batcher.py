@@ -13,7 +13,7 @@ from teacher_server.batcher import TokenBudgetBatcher, run_bucketed, run_padded
 from teacher_server.errors import ServiceUnavailableError
 from teacher_server.preprocess import PreparedInput
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(60)]
 
 
 class RecordingForward:

@@ -15,6 +15,8 @@ from teacher_server.cli import SERVE_FIELDS, build_parser, main
 from teacher_server.cli_settings import SECRET_FIELDS, flag_of, settings_from_flags
 from teacher_server.settings import ServerSettings
 
+pytestmark = pytest.mark.dtype("none")  # no model numerics
+
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,7 +17,7 @@ from test_batcher import RecordingForward, make, prepared
 from teacher_server.ledger import UsageRecord
 from teacher_server.testing import running_server
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(120)]
 
 COMMIT_S = 0.4
 

@@ -8,6 +8,8 @@ from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server.decoding import UndecodableRequest, decoded, request_id_of, tolerant
 from teacher_server.errors import InvalidRequestError
 
+pytestmark = pytest.mark.dtype("none")  # no model numerics
+
 deserialize = tolerant(pb.InferRequest.FromString, pb.InferRequest.DESCRIPTOR)
 VALID = pb.InferRequest(request_id="r-1", model="vit", images=pb.Tensor(dtype="uint8", shape=[1, 3, 2, 2],
                                                                           data=bytes(12))).SerializeToString()

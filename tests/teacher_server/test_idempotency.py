@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 import torch
+from dtype_marks import child_env
 from service_testkit import (
     auth, image_request, patch_request, patches_of, random_images, random_keep, settings, stub, tiny_vit,
 )
@@ -21,7 +22,7 @@ from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server.content_digest import content_digest
 from teacher_server.testing import running_server
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(180)]
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,31 @@ def test_same_id_same_content_replays_and_other_content_is_refused_unbilled(tmp_
         other_key = srv.create_key("jo")  # ids are per key: another key's "step-1" is its own request
         assert not teacher.Infer(other_batch, metadata=auth(other_key)).usage.replayed
         channel.close()
+
+
+def test_accept_billed_answer_replays_what_was_billed_for_a_batch_of_the_same_size(tmp_path, model) -> None:
+    """A resumed run's re-send with other kept patches takes the billed answer (unbilled); another batch size, an
+    unbilled id, or no flag behave as before."""
+    with running_server(settings(tmp_path), model=model) as srv:
+        secret = srv.create_key("ada")
+        channel, teacher = stub(srv.address)
+        images = random_images(3, 1)
+        first = teacher.Infer(image_request(images, random_keep(3, 20, 1), request_id="s-1"), metadata=auth(secret))
+        resent = image_request(images, random_keep(3, 20, 2), request_id="s-1")  # other patches, same images
+        assert refusal(teacher, resent, secret).code() == grpc.StatusCode.ALREADY_EXISTS  # without the flag
+        resent.accept_billed_answer = True
+        again = teacher.Infer(resent, metadata=auth(secret))
+        assert again.usage.replayed and again.logits.data == first.logits.data
+        assert (again.usage.gflops, again.usage.cost) == (first.usage.gflops, first.usage.cost)
+        other_size = image_request(images[:2], random_keep(2, 20, 2), request_id="s-1")
+        other_size.accept_billed_answer = True
+        assert refusal(teacher, other_size, secret).code() == grpc.StatusCode.ALREADY_EXISTS
+        new = image_request(images, random_keep(3, 20, 3), request_id="s-2")
+        new.accept_billed_answer = True  # never billed: served and billed as usual
+        assert not teacher.Infer(new, metadata=auth(secret)).usage.replayed
+        channel.close()
+        assert sql(srv.settings.db, "SELECT request_id, gflops FROM usage ORDER BY id") == [
+            ("s-1", first.usage.gflops), ("s-2", first.usage.gflops)]
 
 
 def test_a_retry_under_another_purpose_replays_what_was_billed_under_the_first(tmp_path, model) -> None:
@@ -135,7 +161,7 @@ def test_an_id_whose_replay_payload_expired_is_refused_and_never_billed_twice(tm
         time.sleep(1.2)
         err = refusal(teacher, request, secret)
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "no longer kept" in err.details()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MASKEDKD_")}
+        env = child_env()
         purged = subprocess.run([sys.executable, "-m", "teacher_server.cli", "ledger", "purge", "--db", db],
                                 capture_output=True, text=True, timeout=60, env=env)
         assert purged.returncode == 0 and purged.stdout.startswith("purged 1 replay payloads"), purged.stderr
@@ -153,7 +179,7 @@ def test_ledger_purge_older_than_keeps_billing_rows(tmp_path, model) -> None:
             teacher.Infer(image_request(random_images(1, i), request_id=f"r{i}"), metadata=auth(secret))
         channel.close()
     db = srv.settings.db
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MASKEDKD_")}
+    env = child_env()
     cli = [sys.executable, "-m", "teacher_server.cli", "ledger", "purge", "--db", db]
     kept = subprocess.run([*cli, "--older-than", "1h"], capture_output=True, text=True, timeout=60, env=env)
     assert kept.returncode == 0 and kept.stdout.startswith("purged 0 replay payloads")

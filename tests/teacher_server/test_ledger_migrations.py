@@ -15,6 +15,7 @@ import pytest
 import torch
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from dtype_marks import child_env
 from postgres_testkit import pg_rows, postgres_server, postgres_url  # noqa: F401 (fixtures)
 from service_testkit import auth, image_request, logits_of, random_images, random_keep, settings, stub, tiny_vit
 
@@ -22,7 +23,7 @@ from teacher_server import ledger
 from teacher_server.ledger_migrate import alembic_config, head_revision
 from teacher_server.testing import running_server
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.dtype("none"), pytest.mark.timeout(180)]
 
 PRE_ALEMBIC = Path(__file__).parent / "data" / "ledger-pre-alembic.db"
 CLI = [sys.executable, "-m", "teacher_server.cli"]
@@ -84,7 +85,7 @@ def test_a_ledger_of_main_before_migrations_upgrades_in_place_and_keeps_billing(
 def test_cli_ledger_upgrade_migrates_once_and_then_says_it_is_current(tmp_path) -> None:
     db = tmp_path / "ledger.db"
     shutil.copy(PRE_ALEMBIC, db)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MASKEDKD_")}
+    env = child_env()
     first = subprocess.run([*CLI, "ledger", "upgrade", "--db", f"sqlite:///{db}"], capture_output=True, text=True,
                            timeout=60, env=env, cwd=tmp_path)  # no alembic.ini in the working directory
     assert first.returncode == 0, first.stderr
@@ -125,7 +126,7 @@ def test_a_postgres_ledger_of_main_before_migrations_upgrades_in_place(postgres_
 def test_processes_upgrading_one_sqlite_ledger_together_migrate_it_once(tmp_path) -> None:
     db = tmp_path / "ledger.db"
     shutil.copy(PRE_ALEMBIC, db)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MASKEDKD_")}
+    env = child_env()
     procs = [subprocess.Popen([*CLI, "ledger", "upgrade", "--db", f"sqlite:///{db}"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env) for _ in range(4)]
     outs = [p.communicate(timeout=120) for p in procs]

@@ -21,6 +21,7 @@ import grpc
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from dtype_marks import child_env
 from postgres_testkit import pg_rows, postgres_server, postgres_url  # noqa: F401 (fixtures)
 from service_testkit import MODEL, TINY, auth, image_request, random_images, random_keep, stub, tiny_vit
 
@@ -31,7 +32,7 @@ from teacher_server.dashboard import create_app
 from teacher_server.settings import ServerSettings
 from teacher_server.testing import running_server
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(120)]
 
 _SCRIPT = Path(sys.executable).parent / "teacher-server"
 CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "teacher_server.cli"]
@@ -61,7 +62,7 @@ def usage_rows(url: str) -> list[dict[str, Any]]:
 
 
 def run_cli(*args: str, db: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MASKEDKD_")}
+    env = child_env()
     return subprocess.run([*CLI, *args, "--db", db], capture_output=True, text=True, timeout=60, env=env)
 
 

@@ -23,12 +23,13 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from dtype_marks import child_env
 from postgres_testkit import pg_rows, postgres_server, postgres_url  # noqa: F401 (fixtures)
 from service_testkit import auth, image_request, random_images, random_keep, settings, stub, tiny_vit
 
 from teacher_server.testing import running_server
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(240)]
 
 CLI = [sys.executable, "-m", "teacher_server.cli"]
 SERVED_PRICE, SERVED_CURRENCY = 5e-6, "EUR"
@@ -54,7 +55,7 @@ def sql(url: str, query: str) -> list[tuple[Any, ...]]:
 
 
 def reader_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MASKEDKD_")}
+    env = child_env()
     return {**env, **OTHER_ENV, "MASKEDKD_VIEWER_TOKEN": VIEWER_TOKEN}
 
 

@@ -15,7 +15,7 @@ from service_testkit import auth, image_request, random_images, random_keep, set
 from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server.testing import running_server
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(180)]
 MESSAGE = "ledger unavailable, not billed, retry"
 
 

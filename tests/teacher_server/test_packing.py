@@ -8,6 +8,8 @@ import torch
 from maskedkd.masked_teacher import MaskedTeacher
 from teacher_server.packing import run_packed
 
+pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
+
 
 @pytest.mark.parametrize("extra", [{}, {"reg_tokens": 2}])
 def test_packed_rows_equal_each_row_alone(extra: dict[str, int]) -> None:

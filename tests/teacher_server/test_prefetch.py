@@ -18,7 +18,7 @@ from teacher_server.prefetch import Prefetcher
 from teacher_server.preprocess import PreparedInput
 from teacher_server.registry import make_forward
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(60)]
 
 
 class SlowSumForward:
@@ -89,6 +89,7 @@ async def test_a_caller_gone_after_staging_is_not_run() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.dtype("float32", device="cuda")
 @torch.inference_mode()
 def test_cuda_rows_staged_on_the_device_run_through_the_served_forward() -> None:
     """Under load the prefetcher hands the forward rows already on the GPU (the forward used to pin them: pinning a

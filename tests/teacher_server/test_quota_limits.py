@@ -16,12 +16,13 @@ import pytest
 import torch
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from dtype_marks import child_env
 from postgres_testkit import pg_rows, postgres_server, postgres_url  # noqa: F401 (fixtures)
 from service_testkit import auth, image_request, random_images, random_keep, settings, stub, tiny_vit
 
 from teacher_server.testing import running_server
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(180)]
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +123,7 @@ def test_rate_limit_per_minute_with_metadata_and_retry_info(tmp_path, model) -> 
 
 def test_cli_keys_quota_sets_window_and_rate_limit(tmp_path) -> None:
     db = f"sqlite:///{tmp_path / 'l.db'}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MASKEDKD_")}
+    env = child_env()
     cli = [sys.executable, "-m", "teacher_server.cli"]
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -18,7 +18,7 @@ from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server import ledger, ledger_billing
 from teacher_server.testing import running_server
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(120)]
 
 
 @pytest.fixture(scope="module")

@@ -14,20 +14,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from dtype_marks import child_env
 from service_testkit import (
-    CLOSE, MODEL, TINY, Reference, auth, image_request, logits_of, random_images, random_keep, stub, tiny_vit,
+    MODEL, SERVED_CLOSE, TINY, Reference, auth, image_request, logits_of, random_images, random_keep, stub, tiny_vit,
 )
 
 from maskedkd.checkpoints import save_model_checkpoint
+from maskedkd.precision import dtype_name, resolve_dtype
+from maskedkd.v1 import teacher_pb2 as pb
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(180)]
 
 _SCRIPT = Path(sys.executable).parent / "teacher-server"  # the console script a user runs
 CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "teacher_server.cli"]
 
 
 def run_cli(*args: str, db: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MASKEDKD_")}
+    env = child_env()
     return subprocess.run([*CLI, *args, "--db", db], capture_output=True, text=True, timeout=60, env=env)
 
 
@@ -65,12 +68,13 @@ def test_keys_and_usage_commands(tmp_path: Path) -> None:
     assert bad_flag.returncode == 2 and bad_flag.stderr.count("\n") == 1 and "--quota-gflops" in bad_flag.stderr
 
 
+@pytest.mark.dtype("auto")  # default flags: the dtype auto picks here, compared at that dtype's tolerance
 def test_serve_from_a_checkpoint_answers_a_call_and_stops_on_sigterm(tmp_path: Path) -> None:
     model = tiny_vit(seed=3)
     ckpt = save_model_checkpoint(tmp_path / "teacher.safetensors", model, model_name=MODEL, model_kwargs=TINY)
     db = f"sqlite:///{tmp_path / 'ledger.db'}"
     secret = run_cli("keys", "create", "--name", "heidi", db=db).stdout.strip()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MASKEDKD_")}
+    env = child_env()
     proc = subprocess.Popen(
         [*CLI, "serve", "--checkpoint", str(ckpt), "--port", "0", "--metrics-port", "0", "--db", db,
          "--max-delay-ms", "1"], stderr=subprocess.PIPE, text=True, env=env)
@@ -92,8 +96,10 @@ def test_serve_from_a_checkpoint_answers_a_call_and_stops_on_sigterm(tmp_path: P
         channel, teacher = stub(address)
         images, keep = random_images(2, 8), random_keep(2, 16, 8)
         response = teacher.Infer(image_request(images, keep, request_id="cli-1"), metadata=auth(secret))
+        served_dtype = teacher.GetModelInfo(pb.ModelInfoRequest()).dtype
+        assert served_dtype == dtype_name(resolve_dtype("auto", "cpu")[0])  # what auto resolves to in this test
         ref = Reference(model)
-        torch.testing.assert_close(logits_of(response), ref.logits(images, keep), **CLOSE)
+        torch.testing.assert_close(logits_of(response), ref.logits(images, keep), **SERVED_CLOSE[served_dtype])
         assert response.usage.gflops == ref.gflops([16, 16])
         assert "maskedkd_gflops_used_total" in urllib.request.urlopen(metrics, timeout=10).read().decode()
         channel.close()

@@ -10,7 +10,7 @@ from maskedkd.masked_teacher import MaskedTeacher
 from teacher_server.compiled import forward_patches_fn
 from teacher_server.testing import running_server
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(300)]
 
 
 def test_unknown_compile_mode_is_refused() -> None:

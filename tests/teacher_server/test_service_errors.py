@@ -18,7 +18,7 @@ from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server import ledger
 from teacher_server.testing import running_server
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(120)]
 
 IMAGES = random_images(2, 11)     # [2, 3, 32, 32] uint8
 KEEP = random_keep(2, 8, 11)      # [2, 8]

@@ -15,7 +15,7 @@ from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server.interceptor import CUT_MARK
 from teacher_server.testing import running_server
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(300)]
 
 SEED, CASES = 9, 2500
 UNARY_SHARE = 0.6            # the rest goes through streams of STREAM_MESSAGES messages each

@@ -18,6 +18,8 @@ from teacher_server.server import SERVICE_NAME
 from teacher_server.testing import RunningServer, running_server
 from teacher_server.testing_tls import Pki, make_pki
 
+pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
+
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:

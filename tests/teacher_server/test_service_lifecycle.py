@@ -17,7 +17,7 @@ from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
 from teacher_server.testing import RunningServer, running_server
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(120)]
 
 
 def test_graceful_shutdown_finishes_in_flight_requests(tmp_path) -> None:

@@ -22,7 +22,7 @@ from teacher_server.auth_guard import FailedAuthLimiter, peer_host
 from teacher_server.settings import ServerSettings
 from teacher_server.testing import RunningServer, running_server
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(180)]
 
 
 def _guess() -> str:

@@ -20,7 +20,7 @@ from maskedkd.codec import proto_to_tensor
 from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server.testing import RunningServer, running_server
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(120)]
 
 STREAM = "/maskedkd.v1.TeacherService/InferStream"
 

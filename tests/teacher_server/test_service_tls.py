@@ -21,6 +21,8 @@ from student_client.errors import TeacherUnavailableError
 from teacher_server.testing import RunningServer, running_server
 from teacher_server.testing_tls import Pki, make_pki
 
+pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
+
 ADMIN_TOKEN = "tls-test-admin-token"
 
 

@@ -9,6 +9,8 @@ from seed_ledger import ADMIN_TOKEN, VIEWER_TOKEN, SeededLedger
 from teacher_server.dashboard import create_app
 from teacher_server.dashboard.access import COOKIE
 
+pytestmark = pytest.mark.dtype("none")  # no model numerics
+
 READ_VIEWS = ("/api/usage/keys", "/api/usage/timeseries", "/api/usage/latency")
 
 

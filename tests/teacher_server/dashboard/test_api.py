@@ -31,6 +31,8 @@ from teacher_server.dashboard import create_app
 from teacher_server.settings import ServerSettings
 from teacher_server.testing import running_server
 
+pytestmark = pytest.mark.dtype("none")  # no model numerics
+
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 VIEWER = {"Authorization": f"Bearer {VIEWER_TOKEN}"}
 REL = 1e-9  # float sums in SQL and in Python may differ in the last bits only

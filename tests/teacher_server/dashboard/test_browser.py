@@ -18,6 +18,8 @@ from seed_ledger import VIEWER_TOKEN, SeededLedger
 
 from teacher_server.dashboard.server import RunningDashboard
 
+pytestmark = pytest.mark.dtype("none")  # no model numerics
+
 CHROMIUM = Path("/usr/bin/chromium")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
