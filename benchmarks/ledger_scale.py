@@ -21,7 +21,7 @@ from typing import Any
 
 from sqlalchemy import func, select, text
 
-from teacher_server import ledger, ledger_billing
+from teacher_server.ledger import billing, database, keys, models
 
 FULL_ROWS = (10_000, 1_000_000, 10_000_000)
 QUICK_ROWS = (1_000, 10_000)
@@ -72,25 +72,25 @@ def _load(sessions: Any, rows: int, already: int) -> None:
         raw.close()
 
 
-def _bill_once(sessions: Any, key_id: int, limits: ledger_billing.KeyLimits, rid: str) -> float:
+def _bill_once(sessions: Any, key_id: int, limits: billing.KeyLimits, rid: str) -> float:
     payload = (os.urandom(4 * CLASSES * IMAGES_PER_REQUEST), f"{IMAGES_PER_REQUEST},{CLASSES}")  # incompressible
-    row = ledger.NewUsage(api_key_id=key_id, request_id=rid, model="bench", images=IMAGES_PER_REQUEST, tokens=520,
+    row = models.NewUsage(api_key_id=key_id, request_id=rid, model="bench", images=IMAGES_PER_REQUEST, tokens=520,
                           gflops=1.0, full_gflops=2.0, cost=1e-6, latency_ms=1.0, queue_ms=0.1,
                           batch_images=IMAGES_PER_REQUEST, content_digest="0" * 64)
     t0 = time.perf_counter()
     with sessions() as s:
-        assert ledger_billing.find_billed(s, api_key_id=key_id, request_id=rid) is None
-        hold, _ = ledger_billing.reserve(s, api_key_id=key_id, gflops=1.0, limits=limits)
+        assert billing.find_billed(s, api_key_id=key_id, request_id=rid) is None
+        hold, _ = billing.reserve(s, api_key_id=key_id, gflops=1.0, limits=limits)
         assert hold is not None
-        ledger_billing.bill(s, items=[ledger_billing.Billable(row, "lifetime", payload, hold)], replay_ttl_s=3600)
+        billing.bill(s, items=[billing.Billable(row, "lifetime", payload, hold)], replay_ttl_s=3600)
     return time.perf_counter() - t0
 
 
 def _old_quota_query(sessions: Any, key_id: int) -> float:
     t0 = time.perf_counter()
     with sessions() as s:
-        s.scalar(select(func.coalesce(func.sum(ledger.UsageRecord.gflops), 0.0))
-                 .where(ledger.UsageRecord.api_key_id == key_id))
+        s.scalar(select(func.coalesce(func.sum(models.UsageRecord.gflops), 0.0))
+                 .where(models.UsageRecord.api_key_id == key_id))
     return time.perf_counter() - t0
 
 
@@ -113,21 +113,21 @@ def _bytes_per_image(sessions: Any) -> dict[str, float]:
 
 
 def _measure_backend(url: str, sizes: tuple[int, ...], requests: int) -> dict[str, Any]:
-    sessions = ledger.open_ledger(url)
+    sessions = database.open_ledger(url)
     with sessions() as s:
-        keys = [ledger.add_api_key(s, name=f"k{i}", key_prefix="mkd_bench", key_hash=f"{i:064d}").id
-                for i in range(KEYS)]
-    limits = ledger_billing.KeyLimits(quota_gflops=1e18, quota_window="lifetime", rate_limit_gflops_per_min=None)
+        key_ids = [keys.add_api_key(s, name=f"k{i}", key_prefix="mkd_bench", key_hash=f"{i:064d}").id
+                   for i in range(KEYS)]
+    limits = billing.KeyLimits(quota_gflops=1e18, quota_window="lifetime", rate_limit_gflops_per_min=None)
     rows_out, loaded = [], 0
     for n in sizes:
         _load(sessions, n, loaded)
         loaded = n
-        times = [_bill_once(sessions, keys[0], limits, f"r{n}-{i}") for i in range(requests)]
+        times = [_bill_once(sessions, key_ids[0], limits, f"r{n}-{i}") for i in range(requests)]
         loaded += requests
         rows_out.append({
             "usage_rows": n, "bill_ms_median": 1000 * statistics.median(times),
             "bill_ms_mean": 1000 * statistics.fmean(times),
-            "old_quota_sum_ms": 1000 * statistics.median(_old_quota_query(sessions, keys[0]) for _ in range(5)),
+            "old_quota_sum_ms": 1000 * statistics.median(_old_quota_query(sessions, key_ids[0]) for _ in range(5)),
             **_bytes_per_image(sessions),
         })
     sessions.kw["bind"].dispose()

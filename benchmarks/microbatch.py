@@ -55,7 +55,8 @@ def _run_clients(server: Any, clients: int, requests_each: int, tb: TeacherBatch
 
 def _batch_sizes(server: Any, tag: str) -> dict[str, float]:
     """Mean and max micro-batch (images) that the requests tagged `tag` ran in, from the server's ledger."""
-    from teacher_server.ledger import UsageRecord, open_ledger
+    from teacher_server.ledger.database import open_ledger
+    from teacher_server.ledger.models import UsageRecord
 
     sessions = open_ledger(server.settings["db"])
     try:

@@ -18,15 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.timing import REPO
-from teacher_server.child_process import stop_gracefully
+from teacher_server.launcher import stop_gracefully
 
 
 class ServerProcess:
     """Start with `start()`, then `wait_ready()`; `address`, `api_key`; `stop()` (idempotent)."""
 
     def __init__(self, name: str, settings: dict[str, Any], workdir: Path, *, threads: int) -> None:
-        from teacher_server.auth import create_api_key
-        from teacher_server.ledger import open_ledger
+        from teacher_server.ledger.database import open_ledger
+        from teacher_server.ledger.keys import create_api_key
 
         self.name = name
         self.workdir = workdir
@@ -112,7 +112,7 @@ class ServerPool:
 # ---------------------------------------------------------------------------------------------------- child side
 
 async def _serve(settings: Any) -> None:
-    from teacher_server.server import TeacherServer
+    from teacher_server.service.server import TeacherServer
 
     server = TeacherServer(settings)
     await server.start()

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="serving-gap-") as tmp:
         if args.same_process:
             from teacher_server.settings import ServerSettings
-            from teacher_server.testing import running_server
+            from teacher_server.testing.server import running_server
 
             served = [0.0]
             original = MaskedTeacher.forward_patches

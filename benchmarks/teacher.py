@@ -11,11 +11,10 @@ twice), so the server's micro-batch is exactly the client's batch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import statistics
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import timm
 import torch
@@ -23,8 +22,8 @@ import torch
 from benchmarks.config import KEEPS, BenchConfig, ModelCase, num_kept
 from benchmarks.timing import Timing, measure
 from maskedkd.masked_teacher import MaskedTeacher
-from teacher_server.batcher import ForwardFn
-from teacher_server.compiled import compiled_forward_patches
+from teacher_server.engine.batcher import ForwardFn
+from teacher_server.engine.compiled import compiled_forward_patches
 
 
 @dataclass

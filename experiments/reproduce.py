@@ -37,8 +37,8 @@ if __package__ in (None, ""):  # run as a file: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments import committed_runs
-from experiments.datasets import DataError, default_cache, default_tarball, prepare_data
 from experiments.configs import CONFIGS, METHODS_BY_KEY, Method, ReproConfig
+from experiments.datasets import DataError, default_cache, default_tarball, prepare_data
 from experiments.doc_sections import update_section
 from experiments.services import TeacherService, ToolError, train, train_command
 

@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from teacher_server.child_process import stop_gracefully
+from teacher_server.launcher import stop_gracefully
 
 KEY_FILE = "api_key.json"  # a run's API key, kept across its attempts (TeacherService.run_key)
 SERVING = re.compile(r"teacher-server: serving .* on (\S+):(\d+)")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from maskedkd.checkpoints import read_checkpoint_meta
-from teacher_server.child_process import stop_gracefully
+from teacher_server.launcher import stop_gracefully
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

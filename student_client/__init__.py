@@ -9,20 +9,28 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 from student_client.sips import (
-    SIPSCapture, SIPSUnsupportedModelError, select_by_mass, select_patches, sips_overhead_flops,
+    SIPSCapture,
+    SIPSUnsupportedModelError,
+    select_by_mass,
+    select_patches,
+    sips_overhead_flops,
 )
 
 if TYPE_CHECKING:
     from student_client.aio_client import AsyncTeacherClient
-    from student_client.client import TeacherClient
     from student_client.api import train
+    from student_client.client import TeacherClient
     from student_client.config import TrainConfig
-    from student_client.kd import KDStep, MaskedKD
-    from student_client.ray_runner import TrainingError
     from student_client.errors import (
-        TeacherAuthError, TeacherError, TeacherInputError, TeacherQuotaError, TeacherUnavailableError,
+        TeacherAuthError,
+        TeacherError,
+        TeacherInputError,
+        TeacherQuotaError,
+        TeacherUnavailableError,
     )
+    from student_client.kd import KDStep, MaskedKD
     from student_client.losses import DistillationLoss, kd_kl_loss
+    from student_client.ray_runner import TrainingError
     from student_client.stream import TeacherStream
     from student_client.wire import ModelInfo, Usage
 

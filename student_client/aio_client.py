@@ -20,7 +20,13 @@ from student_client.resend import CountsRefusedReplays, RefusedReplays, ResendPl
 from student_client.retry import DEFAULT_PATIENCE_S, RetryPolicy
 from student_client.tls import channel_credentials
 from student_client.wire import (
-    ModelInfo, Usage, batch_size_of, build_request, decode_response, new_request_id, split_rows,
+    ModelInfo,
+    Usage,
+    batch_size_of,
+    build_request,
+    decode_response,
+    new_request_id,
+    split_rows,
 )
 
 

@@ -17,7 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from maskedkd.checkpoints import CheckpointError, load_state_dict, read_checkpoint_meta, save_model_checkpoint
+from maskedkd.checkpoints import (
+    CheckpointError,
+    load_state_dict,
+    read_checkpoint_meta,
+    save_model_checkpoint,
+)
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"

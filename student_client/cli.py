@@ -18,7 +18,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from student_client.config import ENV_PREFIX, TrainConfig
 from student_client.settings_cli import (
-    EXIT_USAGE, OneLineParser, add_model_arguments, describe_validation_error, given,
+    EXIT_USAGE,
+    OneLineParser,
+    add_model_arguments,
+    describe_validation_error,
+    given,
 )
 
 EXIT_ERROR = 1
@@ -143,7 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)  # a bad flag: one line, exit 2
     from maskedkd.checkpoints import CheckpointError
-
     from student_client.errors import TeacherError
     from student_client.preflight import UsageError
     from student_client.ray_runner import TrainingError

@@ -22,9 +22,9 @@ import hashlib
 import json
 import os
 import threading
-from pathlib import Path
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -38,7 +38,13 @@ from student_client.resend import CountsRefusedReplays, RefusedReplays, ResendPl
 from student_client.retry import DEFAULT_PATIENCE_S, RetryPolicy
 from student_client.tls import channel_credentials
 from student_client.wire import (
-    ModelInfo, Usage, batch_size_of, build_request, decode_response, new_request_id, split_rows,
+    ModelInfo,
+    Usage,
+    batch_size_of,
+    build_request,
+    decode_response,
+    new_request_id,
+    split_rows,
 )
 
 T = TypeVar("T")

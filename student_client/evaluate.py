@@ -8,7 +8,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from student_client.data import EVAL_SPLITS, Normalizer, eval_transform, find_split, image_folder
+from student_client.data import (
+    EVAL_SPLITS,
+    Normalizer,
+    eval_transform,
+    find_split,
+    image_folder,
+)
 from student_client.losses import merged_logits
 
 
@@ -75,7 +81,6 @@ def evaluate_checkpoint(
 ) -> Accuracy:
     """Load a student checkpoint (ours: no flags needed) and measure top-1 / top-5 on the split."""
     from maskedkd.checkpoints import load_model
-
     from student_client.checkpointing import resolve_model_file
     from student_client.student import describe_student
 

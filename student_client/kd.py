@@ -40,12 +40,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from student_client.client import InferResult, TeacherClient
 from student_client import keep_auto
+from student_client.client import InferResult, TeacherClient
 from student_client.data import Normalizer
+from student_client.determinism import step_seed
 from student_client.errors import TeacherInputError
 from student_client.keep_probe import KeepProber, ProcessGroup, probe_and_decide
-from student_client.determinism import step_seed
 from student_client.losses import DistillationLoss
 from student_client.pipeline import OverlapStats
 from student_client.sips import STRATEGIES, SIPSCapture, _num_keep, _unwrap

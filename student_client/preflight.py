@@ -77,8 +77,8 @@ def build_meta_student(cfg: TrainConfig, num_classes: int) -> nn.Module:
 
 def check_resume(cfg: TrainConfig, model: nn.Module) -> Path | None:
     """With --resume: the newest checkpoint in --out fits the student (the whole mismatch, in one line)."""
-    from student_client.checkpointing import MODEL_FILE, latest_checkpoint
     from maskedkd.checkpoints import CheckpointError, load_state_dict
+    from student_client.checkpointing import MODEL_FILE, latest_checkpoint
 
     checkpoint = latest_checkpoint(cfg.out) if cfg.resume else None
     if checkpoint is None:

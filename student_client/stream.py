@@ -26,8 +26,8 @@ import torch
 
 from maskedkd.v1 import teacher_pb2 as pb
 from student_client.client import InferResult, TeacherClient
-from student_client.resend import REPLAY_REFUSED
 from student_client.errors import TeacherError, TeacherInputError
+from student_client.resend import REPLAY_REFUSED
 from student_client.retry import Attempts
 from student_client.wire import build_request, decode_response, new_request_id
 

@@ -20,23 +20,42 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from maskedkd.precision import resolve_precision
 from student_client.checkpointing import (
-    TrainState, latest_checkpoint, load_training_checkpoint, prune_checkpoints, save_training_checkpoint,
+    TrainState,
+    latest_checkpoint,
+    load_training_checkpoint,
+    prune_checkpoints,
+    save_training_checkpoint,
 )
 from student_client.client import TeacherClient
 from student_client.config import TrainConfig
 from student_client.context import LocalContext, RayContext
 from student_client.data import Normalizer, build_datasets, build_mixup, class_names_of
 from student_client.data_archive import is_archive, local_data_root
-from student_client.determinism import SeededSamples, run_id_for, seed_everything, step_seed
+from student_client.determinism import (
+    SeededSamples,
+    run_id_for,
+    seed_everything,
+    step_seed,
+)
 from student_client.errors import FATAL_ERRORS, TeacherInputError
 from student_client.evaluate import Accuracy, count_correct, shard
-from student_client.keep_probe import KeepProber, apply_decision, decision_line, probe_and_decide
+from student_client.keep_probe import (
+    KeepProber,
+    apply_decision,
+    decision_line,
+    probe_and_decide,
+)
 from student_client.losses import DistillationLoss
 from student_client.metrics import MetricsWriter, Progress, epoch_line
 from student_client.sips import SIPSCapture
 from student_client.stream import TeacherStream
 from student_client.student import (
-    MaskedStudent, create_student, describe_student, freeze_all_but_head, student_kwargs_for, unwrap,
+    MaskedStudent,
+    create_student,
+    describe_student,
+    freeze_all_but_head,
+    student_kwargs_for,
+    unwrap,
 )
 from student_client.student_init import init_student
 from student_client.tls import teacher_tls_kwargs

@@ -13,8 +13,8 @@ ranks in fp32 (sips.py leaves autocast for its softmax), and the loss is compute
 from __future__ import annotations
 
 import contextlib
-from concurrent.futures import Future
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -24,7 +24,12 @@ from torch import nn
 from maskedkd.precision import resolve_precision
 from student_client.data import Normalizer
 from student_client.losses import DistillationLoss, LossParts
-from student_client.pipeline import OverlapStats, Submit, TeacherRequest, pipelined_forward
+from student_client.pipeline import (
+    OverlapStats,
+    Submit,
+    TeacherRequest,
+    pipelined_forward,
+)
 from student_client.sips import SIPSCapture, select_by_mass, select_patches
 from student_client.wire import Usage
 

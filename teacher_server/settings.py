@@ -6,7 +6,6 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-
 DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 
 
@@ -29,7 +28,7 @@ class ServerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="MASKEDKD_", extra="forbid", validate_assignment=True)
 
-    # Each field's description is also its CLI flag's help (teacher_server/cli.py derives the flags from here).
+    # Each field's description is also its CLI flag's help (teacher_server/cli/main.py derives the flags from here).
     # --- the teacher ---
     model: str | None = Field(None, description="timm architecture name (optional when the checkpoint carries it)")
     checkpoint: str | None = Field(None, description="weights: .safetensors (ours or foreign) or a torch file")
@@ -86,7 +85,7 @@ class ServerSettings(BaseSettings):
     ledger_busy_timeout_s: float = Field(30.0, gt=0, description="SQLite: seconds to wait for the write lock "
                                                                  "before answering UNAVAILABLE")
 
-    # --- security (see teacher_server/auth_guard.py and tls.py); tokens from the environment or a file only ---
+    # --- security (see teacher_server/service/auth_guard.py and tls.py); tokens from the environment or a file only ---
     admin_token_file: str | None = Field(None, description="file holding the admin token of the dashboard's admin "
                                          "API (or env MASKEDKD_ADMIN_TOKEN)")
     viewer_token: str | None = Field(None, description="token of the dashboard's read views; from the environment "

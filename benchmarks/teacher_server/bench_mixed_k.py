@@ -1,5 +1,5 @@
-"""Mixed keep counts in one micro-batch: bucketing by count vs padding with masks (teacher_server.batcher) vs
-packing every row's tokens without padding (teacher_server/packing.py, `--mixed-k pack`).
+"""Mixed keep counts in one micro-batch: bucketing by count vs padding with masks (teacher_server.engine.batcher) vs
+packing every row's tokens without padding (teacher_server/engine/packing.py, `--mixed-k pack`).
 
     .venv/bin/python benchmarks/teacher_server/bench_mixed_k.py [--reps 5] [--quick]
 
@@ -15,8 +15,8 @@ import timm
 import torch
 
 from maskedkd.masked_teacher import MaskedTeacher
-from teacher_server.batcher import run_bucketed, run_padded
-from teacher_server.packing import run_packed
+from teacher_server.engine.batcher import run_bucketed, run_padded
+from teacher_server.engine.packing import run_packed
 
 CASES = [  # (label, model kwargs, images, counts to draw from)
     ("vit_tiny 32px/4px", dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=4, num_classes=10),

@@ -6,7 +6,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from teacher_server.cli import main as cli_main
+    from teacher_server.cli.main import main as cli_main
 
     return cli_main(["dashboard", *(sys.argv[1:] if argv is None else argv)])
 

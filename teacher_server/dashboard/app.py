@@ -15,11 +15,11 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from teacher_server import ledger
 from teacher_server.dashboard import access
 from teacher_server.dashboard.api import keys, usage
 from teacher_server.dashboard.deps import SessionDep
 from teacher_server.dashboard.schemas import ErrorMessage, Health
+from teacher_server.ledger import database
 from teacher_server.settings import ServerSettings
 
 HERE = Path(__file__).resolve().parent
@@ -65,7 +65,7 @@ def create_app(settings: ServerSettings, *, sessions: sessionmaker[Session] | No
                   redoc_url=None, responses={422: {"description": "invalid parameters"}})
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.state.settings = settings
-    app.state.sessions = sessions if sessions is not None else ledger.open_ledger(settings.db)
+    app.state.sessions = sessions if sessions is not None else database.open_ledger(settings.db)
     app.include_router(usage.router)
     app.include_router(keys.router)
     app.include_router(access.router)

@@ -12,8 +12,8 @@ from datetime import datetime
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from teacher_server.ledger import ApiKey, UsageRecord, usage_window
-from teacher_server.ledger_reports import bucket_start_epoch
+from teacher_server.ledger.models import ApiKey, UsageRecord
+from teacher_server.ledger.reports import bucket_start_epoch, usage_window
 
 
 @dataclass(frozen=True)

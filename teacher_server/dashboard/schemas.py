@@ -7,8 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from teacher_server.ledger import as_utc
-
+from teacher_server.ledger.models import as_utc
 
 UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]  # naive values from SQLite are UTC
 

@@ -25,7 +25,7 @@ DASHBOARD_FLAGS = {"dashboard_host": "--host", "dashboard_port": "--port"}
 
 def add_dashboard_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `teacher-server dashboard`, derived from ServerSettings (flags override the MASKEDKD_* env)."""
-    from teacher_server.cli_settings import add_setting_flags
+    from teacher_server.cli.settings_flags import add_setting_flags
 
     add_setting_flags(parser, DASHBOARD_FIELDS, flags=DASHBOARD_FLAGS, aliases={"dashboard_public": ("--public",)},
                       helps={"dashboard_port": f"port to listen on (unset: {DEFAULT_PORT})"})
@@ -59,7 +59,7 @@ def warn_if_public(settings: ServerSettings) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     """ServerSettings from the environment, overridden by the flags that were given (SettingsError: one line)."""
-    from teacher_server.cli_settings import settings_from_flags
+    from teacher_server.cli.settings_flags import settings_from_flags
 
     return settings_from_flags(args, DASHBOARD_FIELDS, flags=DASHBOARD_FLAGS)
 
@@ -78,7 +78,7 @@ def run_dashboard_command(args: argparse.Namespace) -> int:
     """`teacher-server dashboard ...`: serve until Ctrl-C. Returns the exit status."""
     import uvicorn
 
-    from teacher_server.cli_settings import SettingsError
+    from teacher_server.cli.settings_flags import SettingsError
     from teacher_server.dashboard.app import create_app
 
     refusal = secret_on_command_line(args)
@@ -91,14 +91,14 @@ def run_dashboard_command(args: argparse.Namespace) -> int:
         print(f"teacher-server dashboard: error: {exc}", file=sys.stderr)
         return 2
     port = DEFAULT_PORT if settings.dashboard_port is None else settings.dashboard_port
-    from teacher_server.tls import TlsConfigError, load_tls_files
+    from teacher_server.service.tls import TlsConfigError, load_tls_files
 
     try:
         load_tls_files(settings)
     except TlsConfigError as exc:
         print(f"teacher-server dashboard: error: {exc}", file=sys.stderr)
         return 2
-    from teacher_server.ledger import missing_sqlite_file
+    from teacher_server.ledger.database import missing_sqlite_file
 
     missing = missing_sqlite_file(settings.db)
     if missing is not None:  # the standalone dashboard reads a ledger; a typo must not create an empty one

@@ -124,7 +124,7 @@ def parse_cli(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Name
 
 
 def teacher_parser() -> argparse.ArgumentParser:
-    from teacher_server.cli import build_parser
+    from teacher_server.cli.main import build_parser
 
     return build_parser()
 

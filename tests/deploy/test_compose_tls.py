@@ -11,12 +11,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_compose import (COMPOSE, DEPLOY, REPO, commands, compose, health_check_command,  # noqa: F401 (fixtures)
-                          load_compose, parse_cli, parsed_commands, services, student_parser)
+from test_compose import (  # noqa: F401 (fixtures)
+    COMPOSE,
+    DEPLOY,
+    REPO,
+    commands,
+    compose,
+    health_check_command,
+    load_compose,
+    parse_cli,
+    parsed_commands,
+    services,
+    student_parser,
+)
 
-from teacher_server.server import SERVICE_NAME
+from teacher_server.service.server import SERVICE_NAME
 from teacher_server.settings import ServerSettings
-from teacher_server.testing import running_server
+from teacher_server.testing.server import running_server
 
 pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
 

@@ -19,7 +19,7 @@ from maskedkd.codec import tensor_to_proto
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
 from teacher_server.settings import ServerSettings
-from teacher_server.testing import running_server
+from teacher_server.testing.server import running_server
 
 pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
 

@@ -18,12 +18,12 @@ import pytest
 import referencing
 import yaml
 from kubernetes_validate.utils import schema_contents
+from kustomize_lite import KustomizeError, build, json_patch, load_documents
 from test_compose import parse_cli, student_parser, teacher_parser
 
-from kustomize_lite import KustomizeError, build, json_patch, load_documents
 from student_client.channel import HEALTH_SERVICE, grpc_target
 from teacher_server.metrics import ServerMetrics
-from teacher_server.server import SERVICE_NAME
+from teacher_server.service.server import SERVICE_NAME
 
 pytestmark = pytest.mark.dtype("none")  # no model numerics
 

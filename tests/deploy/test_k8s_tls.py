@@ -3,14 +3,13 @@ kubernetes.io/tls Secret mounted as files; its probes (exec: `teacher-server hea
 it with the CA of another Secret; tokens, keys and passwords reach pods only from Secrets, never a command line."""
 from __future__ import annotations
 
-import pytest
-
 import copy
 import re
 import shlex
 from pathlib import Path
 from typing import Any
 
+import pytest
 from test_compose import parse_cli, student_parser, teacher_parser
 from test_k8s import container, pod_specs, probe_command, rendered, secret_templates  # noqa: F401 (fixture)
 

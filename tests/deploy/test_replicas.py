@@ -27,25 +27,25 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from dtype_marks import child_env
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from dtype_marks import child_env
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "teacher_server"))  # the Postgres and service testkits
 from postgres_testkit import PostgresServer, pg_rows, postgres_server  # noqa: E402,F401 (fixture)
 from service_testkit import MODEL, TINY, random_images, random_keep, settings, tiny_vit  # noqa: E402
 
+from maskedkd.checkpoints import save_model_checkpoint  # noqa: E402
 from student_client.aio_client import AsyncTeacherClient  # noqa: E402
 from student_client.channel import HEALTH_SERVICE, grpc_target  # noqa: E402
 from student_client.client import TeacherClient  # noqa: E402
 from student_client.errors import TeacherQuotaError  # noqa: E402
 from student_client.wire import Usage  # noqa: E402
-from teacher_server import ledger  # noqa: E402
-from teacher_server.auth import create_api_key  # noqa: E402
-from maskedkd.checkpoints import save_model_checkpoint  # noqa: E402
-from teacher_server.child_process import stop_gracefully  # noqa: E402
-from teacher_server.server import SERVICE_NAME  # noqa: E402
-from teacher_server.testing import RunningServer, running_server  # noqa: E402
+from teacher_server.launcher import stop_gracefully  # noqa: E402
+from teacher_server.ledger import database  # noqa: E402
+from teacher_server.ledger.keys import create_api_key  # noqa: E402
+from teacher_server.service.server import SERVICE_NAME  # noqa: E402
+from teacher_server.testing.server import RunningServer, running_server  # noqa: E402
 
 # `make test` starts slow modules first
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(360), pytest.mark.slow]
@@ -118,7 +118,7 @@ def cluster(postgres_server: PostgresServer,  # noqa: F811 (the imported fixture
     checkpoint = save_model_checkpoint(root / "teacher.safetensors", tiny_vit(seed=3), model_name=MODEL,
                                        model_kwargs=TINY)  # every replica serves the same weights
     db = postgres_server.create_database("replicas")
-    ledger.open_ledger(db)  # tables exist before three servers race to create them
+    database.open_ledger(db)  # tables exist before three servers race to create them
     replicas = [start_replica(checkpoint, db, root / f"replica{i}.log") for i in range(REPLICAS)]
     try:
         deadline = time.monotonic() + 240  # three torch imports on two busy cores
@@ -133,7 +133,7 @@ def cluster(postgres_server: PostgresServer,  # noqa: F811 (the imported fixture
 
 
 def new_key(db: str, name: str, quota_gflops: float | None = None) -> str:
-    secret, _ = create_api_key(ledger.open_ledger(db), name=name, quota_gflops=quota_gflops)
+    secret, _ = create_api_key(database.open_ledger(db), name=name, quota_gflops=quota_gflops)
     return secret
 
 

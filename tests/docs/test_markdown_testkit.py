@@ -2,11 +2,15 @@
 continuation lines, and keeps only the `$ ` lines of a console block."""
 from __future__ import annotations
 
-import pytest
-
 from pathlib import Path
 
-from markdown_testkit import command_blocks, fenced_blocks, runnable_text, shell_commands
+import pytest
+from markdown_testkit import (
+    command_blocks,
+    fenced_blocks,
+    runnable_text,
+    shell_commands,
+)
 
 pytestmark = pytest.mark.dtype("none")  # no model numerics
 

@@ -16,6 +16,7 @@ import torch
 pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
 
 from dtype_marks import child_env
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "student_client"))  # the student testkit
 from student_testkit import ledger_rows, make_subset, teacher_server, tiny_teacher  # noqa: E402
 

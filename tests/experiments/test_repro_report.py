@@ -2,10 +2,10 @@
 shows its billed GFLOPs and ratio to full KD like every other row."""
 from __future__ import annotations
 
-import pytest
-
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from experiments.configs import SMOKE
 from experiments.repro_report import aggregate, results_markdown

@@ -57,7 +57,7 @@ def test_redone_runs_are_moved_aside_with_the_probe_of_their_student(tmp_path: P
 
 def test_a_method_with_its_own_tau_trains_at_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from experiments import reproduce
-    from experiments.configs import MNIST, METHODS_BY_KEY
+    from experiments.configs import METHODS_BY_KEY, MNIST
 
     sent: list[list[str]] = []
     monkeypatch.setattr(reproduce, "train", lambda cmd, log, api_key=None: sent.append(cmd) or 0.0)

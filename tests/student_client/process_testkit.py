@@ -6,7 +6,6 @@ import json
 import re
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -18,8 +17,8 @@ from pathlib import Path
 from dtype_marks import child_env
 from student_testkit import STUDENT, STUDENT_KWARGS
 
-from teacher_server.auth import create_api_key
-from teacher_server.ledger import open_ledger
+from teacher_server.ledger.database import open_ledger
+from teacher_server.ledger.keys import create_api_key
 
 _BIN = Path(sys.executable).parent
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from teacher_server.settings import ServerSettings
-from teacher_server.testing import RunningServer, running_server
+from teacher_server.testing.server import RunningServer, running_server
 
 REPO = Path(__file__).resolve().parents[2]
 CIFAR = REPO / "data" / "cifar10-subset"

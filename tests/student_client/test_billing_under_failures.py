@@ -13,10 +13,24 @@ from pathlib import Path
 
 import pytest
 from process_testkit import (
-    STUDENT_CLI, TeacherProcess, clean_env, create_key, digests_by_id, free_port, request_log,
-    step_rows, train_cmd, wait_for,
+    STUDENT_CLI,
+    TeacherProcess,
+    clean_env,
+    create_key,
+    digests_by_id,
+    free_port,
+    request_log,
+    step_rows,
+    train_cmd,
+    wait_for,
 )
-from student_testkit import ledger_rows, ledger_rows_at, make_subset, teacher_server, tiny_teacher
+from student_testkit import (
+    ledger_rows,
+    ledger_rows_at,
+    make_subset,
+    teacher_server,
+    tiny_teacher,
+)
 
 from maskedkd.checkpoints import save_model_checkpoint
 from maskedkd.masked_teacher import MaskedTeacher

@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from student_testkit import STUDENT, STUDENT_KWARGS, make_subset, teacher_server, tiny_teacher
+from student_testkit import (
+    STUDENT,
+    STUDENT_KWARGS,
+    make_subset,
+    teacher_server,
+    tiny_teacher,
+)
 from torchvision import datasets, transforms
 
 from maskedkd.checkpoints import load_model

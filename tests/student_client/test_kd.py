@@ -10,13 +10,19 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from student_testkit import STUDENT, STUDENT_KWARGS, ledger_rows, teacher_server, tiny_teacher
+from student_testkit import (
+    STUDENT,
+    STUDENT_KWARGS,
+    ledger_rows,
+    teacher_server,
+    tiny_teacher,
+)
 
+from maskedkd.flops import ViTShape, masked_forward_flops
+from maskedkd.masked_teacher import MaskedTeacher
 from student_client import MaskedKD, SIPSUnsupportedModelError
 from student_client.client import TeacherClient
 from student_client.errors import TeacherAuthError
-from maskedkd.flops import ViTShape, masked_forward_flops
-from maskedkd.masked_teacher import MaskedTeacher
 
 pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
 

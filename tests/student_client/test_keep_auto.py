@@ -11,14 +11,29 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from student_testkit import STUDENT, STUDENT_KWARGS, ledger_rows, make_subset, teacher_server, tiny_teacher
+from student_testkit import (
+    STUDENT,
+    STUDENT_KWARGS,
+    ledger_rows,
+    make_subset,
+    teacher_server,
+    tiny_teacher,
+)
 
 from student_client.config import TrainConfig
 from student_client.context import LocalContext
-from student_client.keep_auto import LADDER, STAY_AGREEMENT_SLACK, STAY_KL_FACTOR, Rung, choose, ladder, rung_sums
+from student_client.keep_auto import (
+    LADDER,
+    STAY_AGREEMENT_SLACK,
+    STAY_KL_FACTOR,
+    Rung,
+    choose,
+    ladder,
+    rung_sums,
+)
 from student_client.train_loop import run_training
-from teacher_server import ledger
-from teacher_server.ledger_reports import usage_by_purpose
+from teacher_server.ledger import database
+from teacher_server.ledger.reports import usage_by_purpose
 
 pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
 
@@ -112,7 +127,7 @@ def test_a_keep_auto_run_bills_its_probes_once_and_logs_each_decision(
         summary = run_training(cfg.replace(max_steps=3, resume=True), LocalContext())  # step 1 keeps step 0's keep
         rows = ledger_rows(srv, "auto")
         err = capsys.readouterr().err
-        with ledger.open_ledger(srv.settings.db)() as session:  # what `teacher-server usage` and the dashboard show
+        with database.open_ledger(srv.settings.db)() as session:  # what `teacher-server usage` and the dashboard show
             reported = {p.purpose: p for p in usage_by_purpose(session, key_name="auto")}
 
         # a rerun of the same steps under the same run id sends the same bytes: all replayed, nothing billed

@@ -11,10 +11,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
-from student_testkit import STUDENT, STUDENT_KWARGS, ledger_rows, make_subset, teacher_server, tiny_teacher
+from student_testkit import (
+    STUDENT,
+    STUDENT_KWARGS,
+    ledger_rows,
+    make_subset,
+    teacher_server,
+    tiny_teacher,
+)
 
 import student_client.train_step as train_step
-import teacher_server.inference as inference
+import teacher_server.service.inference as inference
 from maskedkd.flops import ViTShape, masked_forward_flops
 from student_client.config import TrainConfig
 from student_client.context import LocalContext

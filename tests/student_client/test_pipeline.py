@@ -1,11 +1,10 @@
 """App. E pipelining: teacher calls overlap the following micro-batches, and the measured overlap says so."""
 from __future__ import annotations
 
-import pytest
-
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import pytest
 import torch
 
 from student_client.pipeline import OverlapStats, TeacherRequest, pipelined_forward

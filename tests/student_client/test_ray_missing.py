@@ -1,12 +1,12 @@
 """Without Ray (a client-only install), Ray training fails in one line that names the `train` extra."""
 from __future__ import annotations
 
-import pytest
-
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 pytestmark = pytest.mark.dtype("none")  # no model numerics
 

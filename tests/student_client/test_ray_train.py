@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 import ray
 from process_testkit import digests_by_id, request_log, step_rows, wait_for
-from student_testkit import STUDENT, STUDENT_KWARGS, ledger_rows, make_subset, teacher_server, tiny_teacher
+from student_testkit import (
+    STUDENT,
+    STUDENT_KWARGS,
+    ledger_rows,
+    make_subset,
+    teacher_server,
+    tiny_teacher,
+)
 
 from maskedkd.checkpoints import load_model
 from maskedkd.masked_teacher import MaskedTeacher

@@ -8,7 +8,14 @@ from typing import Any
 
 import pytest
 import torch
-from student_testkit import STUDENT, STUDENT_KWARGS, ledger_rows, make_subset, teacher_server, tiny_teacher
+from student_testkit import (
+    STUDENT,
+    STUDENT_KWARGS,
+    ledger_rows,
+    make_subset,
+    teacher_server,
+    tiny_teacher,
+)
 from torch.utils.data import DataLoader
 
 from maskedkd.checkpoints import load_state_dict

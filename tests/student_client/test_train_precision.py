@@ -7,7 +7,13 @@ from typing import Any
 
 import pytest
 import torch
-from student_testkit import STUDENT, STUDENT_KWARGS, make_subset, teacher_server, tiny_teacher
+from student_testkit import (
+    STUDENT,
+    STUDENT_KWARGS,
+    make_subset,
+    teacher_server,
+    tiny_teacher,
+)
 
 from maskedkd.precision import FORCE_CPU_BF16_ENV
 from student_client.client import TeacherClient

@@ -9,9 +9,9 @@ import torch
 from service_testkit import MODEL, TINY, random_keep
 
 from maskedkd.masked_teacher import MaskedTeacher
-from teacher_server.batcher import TokenBudgetBatcher, run_bucketed, run_padded
+from teacher_server.engine.batcher import TokenBudgetBatcher, run_bucketed, run_padded
+from teacher_server.engine.preprocess import PreparedInput
 from teacher_server.errors import ServiceUnavailableError
-from teacher_server.preprocess import PreparedInput
 
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(60)]
 

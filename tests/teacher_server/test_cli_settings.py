@@ -11,8 +11,12 @@ from typing import Any, Literal
 
 import pytest
 
-from teacher_server.cli import SERVE_FIELDS, build_parser, main
-from teacher_server.cli_settings import SECRET_FIELDS, flag_of, settings_from_flags
+from teacher_server.cli.main import SERVE_FIELDS, build_parser, main
+from teacher_server.cli.settings_flags import (
+    SECRET_FIELDS,
+    flag_of,
+    settings_from_flags,
+)
 from teacher_server.settings import ServerSettings
 
 pytestmark = pytest.mark.dtype("none")  # no model numerics

@@ -10,12 +10,20 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from service_testkit import auth, image_request, random_images, random_keep, settings, stub, tiny_vit
+from service_testkit import (
+    auth,
+    image_request,
+    random_images,
+    random_keep,
+    settings,
+    stub,
+    tiny_vit,
+)
 from sqlalchemy import event
 from test_batcher import RecordingForward, make, prepared
 
-from teacher_server.ledger import UsageRecord
-from teacher_server.testing import running_server
+from teacher_server.ledger.models import UsageRecord
+from teacher_server.testing.server import running_server
 
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(120)]
 

@@ -3,7 +3,6 @@ was billed for (ALREADY_EXISTS otherwise, also in flight), and an id whose repla
 FAILED_PRECONDITION, never billed twice. The ledger is read back with SQL."""
 from __future__ import annotations
 
-import os
 import sqlite3
 import subprocess
 import sys
@@ -15,12 +14,20 @@ import pytest
 import torch
 from dtype_marks import child_env
 from service_testkit import (
-    auth, image_request, patch_request, patches_of, random_images, random_keep, settings, stub, tiny_vit,
+    auth,
+    image_request,
+    patch_request,
+    patches_of,
+    random_images,
+    random_keep,
+    settings,
+    stub,
+    tiny_vit,
 )
 
 from maskedkd.v1 import teacher_pb2 as pb
-from teacher_server.content_digest import content_digest
-from teacher_server.testing import running_server
+from teacher_server.service.content_digest import content_digest
+from teacher_server.testing.server import running_server
 
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(180)]
 

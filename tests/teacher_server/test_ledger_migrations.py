@@ -4,7 +4,6 @@ totals and replays survive, and billing goes on. The migrated schema equals the 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import sqlite3
 import subprocess
@@ -17,11 +16,20 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from dtype_marks import child_env
 from postgres_testkit import pg_rows, postgres_server, postgres_url  # noqa: F401 (fixtures)
-from service_testkit import auth, image_request, logits_of, random_images, random_keep, settings, stub, tiny_vit
+from service_testkit import (
+    auth,
+    image_request,
+    logits_of,
+    random_images,
+    random_keep,
+    settings,
+    stub,
+    tiny_vit,
+)
 
-from teacher_server import ledger
-from teacher_server.ledger_migrate import alembic_config, head_revision
-from teacher_server.testing import running_server
+from teacher_server.ledger import database, models
+from teacher_server.ledger.migrate import alembic_config, head_revision
+from teacher_server.testing.server import running_server
 
 pytestmark = [pytest.mark.dtype("none"), pytest.mark.timeout(180)]
 
@@ -42,9 +50,9 @@ def test_a_ledger_of_main_before_migrations_upgrades_in_place_and_keeps_billing(
     before_logits = dict(rows(db, "SELECT id, logits FROM usage WHERE logits IS NOT NULL"))
     before_keys = rows(db, "SELECT id, name, key_hash, quota_gflops, price_per_gflop FROM api_keys ORDER BY id")
     assert len(before_usage) == 6 and len(before_logits) == 5
-    with caplog.at_level(logging.INFO, logger="teacher_server.ledger_migrate"):
-        sessions = ledger.open_ledger(f"sqlite:///{db}")
-    assert [r.getMessage() for r in caplog.records if r.name == "teacher_server.ledger_migrate"] == [
+    with caplog.at_level(logging.INFO, logger="teacher_server.ledger.migrate"):
+        sessions = database.open_ledger(f"sqlite:///{db}")
+    assert [r.getMessage() for r in caplog.records if r.name == "teacher_server.ledger.migrate"] == [
         f"ledger: upgraded schema from 0001 to {head_revision()}"]
     assert rows(db, "SELECT version_num FROM alembic_version") == [(head_revision(),)]
     assert rows(db, "SELECT id, api_key_id, request_id, images, tokens, gflops, full_gflops, cost, created_at "
@@ -62,7 +70,7 @@ def test_a_ledger_of_main_before_migrations_upgrades_in_place_and_keeps_billing(
     totals = rows(db, "SELECT api_key_id, COUNT(*), SUM(images), SUM(tokens), SUM(gflops) FROM usage GROUP BY 1")
     assert rows(db, "SELECT api_key_id, requests, images, tokens, gflops FROM key_counters ORDER BY 1") == totals
     with sessions.kw["bind"].connect() as conn:  # the migrated schema is exactly what the models declare
-        assert compare_metadata(MigrationContext.configure(conn), ledger.Base.metadata) == []
+        assert compare_metadata(MigrationContext.configure(conn), models.Base.metadata) == []
     sessions.kw["bind"].dispose()
 
     legacy_logits = torch.frombuffer(bytearray(before_logits[1]), dtype=torch.float32).reshape(2, 10)
@@ -100,7 +108,7 @@ def test_a_postgres_ledger_of_main_before_migrations_upgrades_in_place(postgres_
     from alembic import command
     from sqlalchemy import text
 
-    engine = ledger.make_engine(postgres_url)
+    engine = database.make_engine(postgres_url)
     with engine.begin() as conn:  # main's schema as create_all made it (revision 0001), without alembic_version
         command.upgrade(alembic_config(conn), "0001")
         conn.execute(text("DROP TABLE alembic_version"))
@@ -111,9 +119,9 @@ def test_a_postgres_ledger_of_main_before_migrations_upgrades_in_place(postgres_
                           "VALUES (1, 'r1', 'm', 1, 5, 2.5, 4.0, 0.1, 1, 1, 1, now(), :l, '1,1')"),
                      {"l": b"\x00\x00\x80\x3f"})
     engine.dispose()
-    sessions = ledger.open_ledger(postgres_url)
+    sessions = database.open_ledger(postgres_url)
     with sessions.kw["bind"].connect() as conn:
-        assert compare_metadata(MigrationContext.configure(conn), ledger.Base.metadata) == []
+        assert compare_metadata(MigrationContext.configure(conn), models.Base.metadata) == []
     sessions.kw["bind"].dispose()
     assert pg_rows(postgres_url, "SELECT version_num FROM alembic_version") == [(head_revision(),)]
     assert pg_rows(postgres_url, "SELECT request_id, gflops FROM usage") == [("r1", 2.5)]
@@ -142,7 +150,7 @@ def test_a_failing_migration_leaves_the_ledger_as_it_was(tmp_path) -> None:
     with sqlite3.connect(db) as conn:  # a table in the way of revision 0002, after its first steps ran
         conn.execute("CREATE TABLE replay_payloads (unrelated INTEGER)")
     with pytest.raises(Exception, match="replay_payloads"):
-        ledger.open_ledger(f"sqlite:///{db}")
+        database.open_ledger(f"sqlite:///{db}")
     assert [r[1] for r in rows(db, "PRAGMA table_info(api_keys)")] == [
         "id", "name", "key_prefix", "key_hash", "created_at", "disabled", "quota_gflops", "price_per_gflop"]
     assert "logits" in {r[1] for r in rows(db, "PRAGMA table_info(usage)")}
@@ -154,7 +162,7 @@ def test_revision_0001_is_the_schema_main_created(tmp_path) -> None:
     """The tables, columns, types, keys and indexes of revision 0001 equal those of the ledger main wrote."""
     from alembic import command
 
-    engine = ledger.make_engine(f"sqlite:///{tmp_path / 'r1.db'}")
+    engine = database.make_engine(f"sqlite:///{tmp_path / 'r1.db'}")
     with engine.begin() as conn:
         command.upgrade(alembic_config(conn), "0001")
     engine.dispose()
@@ -181,7 +189,7 @@ def test_revision_0004_reads_rows_billed_before_it_as_training_targets(tmp_path,
     from sqlalchemy import text
 
     url = f"sqlite:///{tmp_path / 'r3.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
-    engine = ledger.make_engine(url)
+    engine = database.make_engine(url)
     with engine.begin() as conn:
         command.upgrade(alembic_config(conn), "0003")
         for name in ("a", "b"):
@@ -197,10 +205,10 @@ def test_revision_0004_reads_rows_billed_before_it_as_training_targets(tmp_path,
         before = [tuple(r) for r in conn.execute(text(query))]
     engine.dispose()
 
-    sessions = ledger.open_ledger(url)
+    sessions = database.open_ledger(url)
     engine = sessions.kw["bind"]
     with engine.begin() as conn:
-        assert compare_metadata(MigrationContext.configure(conn), ledger.Base.metadata) == []
+        assert compare_metadata(MigrationContext.configure(conn), models.Base.metadata) == []
         assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == head_revision()
         assert [tuple(r) for r in conn.execute(text(query))] == before
         assert [tuple(r) for r in conn.execute(text("SELECT request_id, purpose FROM usage ORDER BY id"))] == [

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import threading
@@ -20,17 +19,26 @@ from typing import Any
 import grpc
 import pytest
 import torch
-from fastapi.testclient import TestClient
 from dtype_marks import child_env
+from fastapi.testclient import TestClient
 from postgres_testkit import pg_rows, postgres_server, postgres_url  # noqa: F401 (fixtures)
-from service_testkit import MODEL, TINY, auth, image_request, random_images, random_keep, stub, tiny_vit
+from service_testkit import (
+    MODEL,
+    TINY,
+    auth,
+    image_request,
+    random_images,
+    random_keep,
+    stub,
+    tiny_vit,
+)
 
 from maskedkd.v1 import teacher_pb2 as pb
-from teacher_server import ledger, ledger_billing
-from teacher_server.ledger_migrate import head_revision
 from teacher_server.dashboard import create_app
+from teacher_server.ledger import billing, database, keys, models, reports
+from teacher_server.ledger.migrate import head_revision
 from teacher_server.settings import ServerSettings
-from teacher_server.testing import running_server
+from teacher_server.testing.server import running_server
 
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(120)]
 
@@ -97,7 +105,7 @@ def test_totals_equal_the_sum_of_responses_under_concurrent_clients(postgres_url
             for f in futures:
                 f.result()
         with srv.server.sessions() as session:
-            totals = {t.name: t for t in ledger.usage_totals(session)}
+            totals = {t.name: t for t in reports.usage_totals(session)}
         channel.close()
     finished = time.time()
 
@@ -165,22 +173,22 @@ def test_retry_replays_across_a_restart_and_between_two_servers(postgres_url: st
 
 
 def test_insert_usage_rows_settles_duplicates_with_savepoints(postgres_url: str) -> None:
-    sessions = ledger.open_ledger(postgres_url)
+    sessions = database.open_ledger(postgres_url)
     with sessions() as s:
-        key = ledger.add_api_key(s, name="k", key_prefix="mkd_x", key_hash="h" * 64)
-        with pytest.raises(ledger.DuplicateKeyNameError):
-            ledger.add_api_key(s, name="k", key_prefix="mkd_y", key_hash="g" * 64)
+        key = keys.add_api_key(s, name="k", key_prefix="mkd_x", key_hash="h" * 64)
+        with pytest.raises(models.DuplicateKeyNameError):
+            keys.add_api_key(s, name="k", key_prefix="mkd_y", key_hash="g" * 64)
 
-    def item(rid: str, gflops: float) -> ledger_billing.Billable:
-        row = ledger.NewUsage(api_key_id=key.id, request_id=rid, model="m", images=1, tokens=2, gflops=gflops,
+    def item(rid: str, gflops: float) -> billing.Billable:
+        row = models.NewUsage(api_key_id=key.id, request_id=rid, model="m", images=1, tokens=2, gflops=gflops,
                               full_gflops=2.0, cost=gflops, latency_ms=1.0, queue_ms=0.5, batch_images=1,
                               content_digest=rid * 64)
-        return ledger_billing.Billable(row, "lifetime", payload=(b"\x01\x02\x03\x04", "1,1"))
+        return billing.Billable(row, "lifetime", payload=(b"\x01\x02\x03\x04", "1,1"))
 
     with sessions() as s:
-        assert ledger_billing.bill(s, items=[item("a", 1.0)], replay_ttl_s=60) == [None]
+        assert billing.bill(s, items=[item("a", 1.0)], replay_ttl_s=60) == [None]
     with sessions() as s:
-        outcome = ledger_billing.bill(s, items=[item("b", 1.5), item("a", 9.0), item("c", 0.5)], replay_ttl_s=60)
+        outcome = billing.bill(s, items=[item("b", 1.5), item("a", 9.0), item("c", 0.5)], replay_ttl_s=60)
     assert outcome[0] is None and outcome[2] is None
     assert outcome[1] is not None and outcome[1].gflops == 1.0 and outcome[1].content_digest == "a" * 64
     assert pg_rows(postgres_url, "SELECT request_id, gflops FROM usage ORDER BY request_id") == [
@@ -188,7 +196,7 @@ def test_insert_usage_rows_settles_duplicates_with_savepoints(postgres_url: str)
     assert pg_rows(postgres_url, "SELECT COUNT(*), MIN(length(logits)) FROM replay_payloads") == [(3, 4)]
     assert pg_rows(postgres_url, "SELECT requests, gflops FROM key_counters") == [(3, 3.0)]
     with sessions() as s:
-        assert ledger.used_gflops(s, api_key_id=key.id) == 3.0
+        assert reports.used_gflops(s, api_key_id=key.id) == 3.0
     sessions.kw["bind"].dispose()
 
 
@@ -290,7 +298,7 @@ def test_servers_opening_a_fresh_database_together_create_the_schema_once(postgr
 
     def open_it(_: int) -> str:
         barrier.wait()  # all CREATE TABLEs at once, each on its own engine (as separate processes would)
-        sessions = ledger.open_ledger(postgres_url)
+        sessions = database.open_ledger(postgres_url)
         sessions.kw["bind"].dispose()
         return "ok"
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -25,9 +24,17 @@ import httpx
 import pytest
 from dtype_marks import child_env
 from postgres_testkit import pg_rows, postgres_server, postgres_url  # noqa: F401 (fixtures)
-from service_testkit import auth, image_request, random_images, random_keep, settings, stub, tiny_vit
+from service_testkit import (
+    auth,
+    image_request,
+    random_images,
+    random_keep,
+    settings,
+    stub,
+    tiny_vit,
+)
 
-from teacher_server.testing import running_server
+from teacher_server.testing.server import running_server
 
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(240)]
 

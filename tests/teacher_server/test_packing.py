@@ -6,7 +6,7 @@ import timm
 import torch
 
 from maskedkd.masked_teacher import MaskedTeacher
-from teacher_server.packing import run_packed
+from teacher_server.engine.packing import run_packed
 
 pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
 
@@ -30,10 +30,19 @@ def test_packed_rows_equal_each_row_alone(extra: dict[str, int]) -> None:
 
 
 def test_pack_server_answers_ragged_rows_like_each_row_alone_and_bills_the_same(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from service_testkit import Reference, auth, image_request, logits_of, random_images, random_keep, settings, \
-        stub, tiny_vit
+    from service_testkit import (
+        Reference,
+        auth,
+        image_request,
+        logits_of,
+        random_images,
+        random_keep,
+        settings,
+        stub,
+        tiny_vit,
+    )
 
-    from teacher_server.testing import running_server
+    from teacher_server.testing.server import running_server
 
     model = tiny_vit()
     ref = Reference(model)
@@ -52,8 +61,8 @@ def test_pack_server_answers_ragged_rows_like_each_row_alone_and_bills_the_same(
 def test_a_teacher_packing_cannot_cover_falls_back_to_bucketing(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from service_testkit import settings
 
-    from teacher_server.packing import supports_packing
-    from teacher_server.registry import build_served_model
+    from teacher_server.engine.packing import supports_packing
+    from teacher_server.engine.registry import build_served_model
 
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, num_classes=10,
                               depth=1, global_pool="avg", class_token=False).eval()

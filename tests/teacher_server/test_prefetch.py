@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-
 from types import SimpleNamespace
 
 import pytest
@@ -13,10 +12,15 @@ import torch
 from service_testkit import random_keep
 
 from maskedkd.masked_teacher import MaskedTeacher
-from teacher_server.batcher import TokenBudgetBatcher, concat_jobs, run_bucketed, run_padded
-from teacher_server.prefetch import Prefetcher
-from teacher_server.preprocess import PreparedInput
-from teacher_server.registry import make_forward
+from teacher_server.engine.batcher import (
+    TokenBudgetBatcher,
+    concat_jobs,
+    run_bucketed,
+    run_padded,
+)
+from teacher_server.engine.prefetch import Prefetcher
+from teacher_server.engine.preprocess import PreparedInput
+from teacher_server.engine.registry import make_forward
 
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(60)]
 

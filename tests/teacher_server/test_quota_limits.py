@@ -3,7 +3,6 @@ google.rpc QuotaFailure and RetryInfo details of RESOURCE_EXHAUSTED, windows tha
 and two servers on one Postgres that never overshoot a quota together (the ledger read back with SQL)."""
 from __future__ import annotations
 
-import os
 import sqlite3
 import subprocess
 import sys
@@ -14,13 +13,21 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 import torch
+from dtype_marks import child_env
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from dtype_marks import child_env
 from postgres_testkit import pg_rows, postgres_server, postgres_url  # noqa: F401 (fixtures)
-from service_testkit import auth, image_request, random_images, random_keep, settings, stub, tiny_vit
+from service_testkit import (
+    auth,
+    image_request,
+    random_images,
+    random_keep,
+    settings,
+    stub,
+    tiny_vit,
+)
 
-from teacher_server.testing import running_server
+from teacher_server.testing.server import running_server
 
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(180)]
 

@@ -11,12 +11,20 @@ import grpc
 import pytest
 import torch
 from service_testkit import (
-    auth, image_request, ledger_rows, logits_of, random_images, random_keep, settings, stub, tiny_vit,
+    auth,
+    image_request,
+    ledger_rows,
+    logits_of,
+    random_images,
+    random_keep,
+    settings,
+    stub,
+    tiny_vit,
 )
 
 from maskedkd.v1 import teacher_pb2 as pb
-from teacher_server import ledger, ledger_billing
-from teacher_server.testing import running_server
+from teacher_server.ledger import billing, database, keys, models, reports
+from teacher_server.testing.server import running_server
 
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(120)]
 
@@ -70,7 +78,7 @@ def test_ledger_totals_equal_the_sum_of_responses_under_concurrent_clients_and_s
             assert resp.usage.cost == pytest.approx(resp.usage.gflops * 0.003, rel=1e-12)
         assert max(r["batch_images"] for r in rows) > 3  # requests of different clients shared micro-batches
         with srv.server.sessions() as session:
-            totals = {t.name: t for t in ledger.usage_totals(session)}
+            totals = {t.name: t for t in reports.usage_totals(session)}
         for name in keys:
             mine = [resp.usage for n, resp in responses if n == name]
             t = totals[name]
@@ -179,24 +187,24 @@ def test_a_key_price_overrides_the_server_default(tmp_path, model) -> None:
 def test_ledger_insert_settles_a_duplicate_written_elsewhere(tmp_path) -> None:
     """Two servers on one database: the unique (key, request_id) lets only one row in; the other gets it back, and
     the running totals count the stored rows only."""
-    sessions = ledger.open_ledger(f"sqlite:///{tmp_path / 'l.db'}")
+    sessions = database.open_ledger(f"sqlite:///{tmp_path / 'l.db'}")
     with sessions() as s:
-        key = ledger.add_api_key(s, name="k", key_prefix="mkd_x", key_hash="h" * 64)
+        key = keys.add_api_key(s, name="k", key_prefix="mkd_x", key_hash="h" * 64)
 
-    def item(rid: str, gflops: float) -> ledger_billing.Billable:
-        row = ledger.NewUsage(api_key_id=key.id, request_id=rid, model="m", images=1, tokens=2, gflops=gflops,
+    def item(rid: str, gflops: float) -> billing.Billable:
+        row = models.NewUsage(api_key_id=key.id, request_id=rid, model="m", images=1, tokens=2, gflops=gflops,
                               full_gflops=2.0, cost=gflops, latency_ms=1.0, queue_ms=0.5, batch_images=1,
                               content_digest="d" * 64)
-        return ledger_billing.Billable(row, "lifetime", payload=(b"\0" * 8, "1,2"))
+        return billing.Billable(row, "lifetime", payload=(b"\0" * 8, "1,2"))
 
     with sessions() as s:
-        assert ledger_billing.bill(s, items=[item("a", 1.0)], replay_ttl_s=60) == [None]
+        assert billing.bill(s, items=[item("a", 1.0)], replay_ttl_s=60) == [None]
     with sessions() as s:
-        outcome = ledger_billing.bill(s, items=[item("b", 1.5), item("a", 9.0), item("c", 0.5)], replay_ttl_s=60)
+        outcome = billing.bill(s, items=[item("b", 1.5), item("a", 9.0), item("c", 0.5)], replay_ttl_s=60)
     assert outcome[0] is None and outcome[2] is None
     assert outcome[1] is not None and outcome[1].gflops == 1.0  # the stored one, not the new numbers
     with sessions() as s:
-        assert ledger.used_gflops(s, api_key_id=key.id) == 3.0
+        assert reports.used_gflops(s, api_key_id=key.id) == 3.0
     with sqlite3.connect(tmp_path / "l.db") as conn:
         assert conn.execute("SELECT requests, gflops, window_gflops FROM key_counters").fetchall() == [(3, 3.0, 3.0)]
         assert conn.execute("SELECT COUNT(*) FROM replay_payloads").fetchone() == (3,)

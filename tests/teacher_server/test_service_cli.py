@@ -3,7 +3,6 @@ written by save_model_checkpoint, answering a call from this process, stopped by
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -16,7 +15,17 @@ import pytest
 import torch
 from dtype_marks import child_env
 from service_testkit import (
-    MODEL, SERVED_CLOSE, TINY, Reference, auth, image_request, logits_of, random_images, random_keep, stub, tiny_vit,
+    MODEL,
+    SERVED_CLOSE,
+    TINY,
+    Reference,
+    auth,
+    image_request,
+    logits_of,
+    random_images,
+    random_keep,
+    stub,
+    tiny_vit,
 )
 
 from maskedkd.checkpoints import save_model_checkpoint

@@ -3,12 +3,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from service_testkit import Reference, auth, logits_of, patch_request, patches_of, random_images, random_keep
-from service_testkit import settings, stub, tiny_vit
+from service_testkit import (
+    Reference,
+    auth,
+    logits_of,
+    patch_request,
+    patches_of,
+    random_images,
+    random_keep,
+    settings,
+    stub,
+    tiny_vit,
+)
 
 from maskedkd.masked_teacher import MaskedTeacher
-from teacher_server.compiled import forward_patches_fn
-from teacher_server.testing import running_server
+from teacher_server.engine.compiled import forward_patches_fn
+from teacher_server.testing.server import running_server
 
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(300)]
 
@@ -39,9 +49,8 @@ def test_compiled_server_answers_like_the_eager_teacher_and_bills_the_flop_model
 @pytest.mark.slow
 def test_compile_shapes_are_compiled_at_start_up_and_no_request_compiles(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """`--compile-shapes 2:12`: the shape's graphs compiled before the server answers; a request of it adds none."""
-    from torch._dynamo.utils import counters
-
     import timm
+    from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, num_classes=10,
@@ -61,8 +70,8 @@ def test_compile_shapes_are_compiled_at_start_up_and_no_request_compiles(tmp_pat
 
 
 def test_compile_shape_beyond_the_grid_is_a_load_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from teacher_server.registry import ModelLoadError
-    from teacher_server.server import TeacherServer
+    from teacher_server.engine.registry import ModelLoadError
+    from teacher_server.service.server import TeacherServer
 
     with pytest.raises(ModelLoadError, match="more patches than the teacher has"):
         TeacherServer(settings(tmp_path, compile="static", compile_shapes="2:65"), model=tiny_vit())

@@ -8,17 +8,33 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from service_testkit import auth, ledger_rows, logits_of, patch_request, patches_of, random_images, random_keep, \
-    settings, stub, tiny_vit
+from service_testkit import (
+    auth,
+    ledger_rows,
+    logits_of,
+    patch_request,
+    patches_of,
+    random_images,
+    random_keep,
+    settings,
+    stub,
+    tiny_vit,
+)
 
-from maskedkd.precision import CPU_BF16_MIN_SPEEDUP, FORCE_CPU_BF16_ENV, cpu_bf16_support, \
-    measured_cpu_bf16_speedup, resolve_dtype, resolve_precision
+from maskedkd.precision import (
+    CPU_BF16_MIN_SPEEDUP,
+    FORCE_CPU_BF16_ENV,
+    cpu_bf16_support,
+    measured_cpu_bf16_speedup,
+    resolve_dtype,
+    resolve_precision,
+)
 from maskedkd.v1 import teacher_pb2 as pb
-from teacher_server.cli import main as teacher_cli
-from teacher_server.fidelity import FIDELITY_IMAGES, TIE_MARGIN, compare_logits
-from teacher_server.registry import load_teacher
+from teacher_server.cli.main import main as teacher_cli
+from teacher_server.engine.fidelity import FIDELITY_IMAGES, TIE_MARGIN, compare_logits
+from teacher_server.engine.registry import load_teacher
 from teacher_server.settings import ServerSettings
-from teacher_server.testing import running_server
+from teacher_server.testing.server import running_server
 
 pytestmark = pytest.mark.dtype("both")  # forces bf16 and float32 itself
 

@@ -8,15 +8,24 @@ from collections.abc import Callable
 import grpc
 import pytest
 import torch
-from sqlalchemy import delete
 from service_testkit import (
-    auth, image_request, ledger_rows, patch_request, patches_of, random_images, random_keep, settings, stub, tiny_vit,
+    auth,
+    image_request,
+    ledger_rows,
+    patch_request,
+    patches_of,
+    random_images,
+    random_keep,
+    settings,
+    stub,
+    tiny_vit,
 )
+from sqlalchemy import delete
 
 from maskedkd.codec import tensor_to_proto
 from maskedkd.v1 import teacher_pb2 as pb
-from teacher_server import ledger
-from teacher_server.testing import running_server
+from teacher_server.ledger import keys, models
+from teacher_server.testing.server import running_server
 
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(120)]
 
@@ -182,7 +191,7 @@ def test_echoed_input_is_clipped(served) -> None:
 def _forget_usage(srv) -> None:  # type: ignore[no-untyped-def]
     """Empty the usage table so the next test of this module can assert that nothing was billed."""
     with srv.server.sessions() as s:
-        s.execute(delete(ledger.UsageRecord))
+        s.execute(delete(models.UsageRecord))
         s.commit()
 
 
@@ -193,7 +202,7 @@ def test_missing_malformed_unknown_and_disabled_keys_are_unauthenticated(served)
     victim = srv.create_key("trudy")
     assert teacher.Infer(request, metadata=auth(victim)).usage.images == 2  # works (and is now cached)
     with srv.server.sessions() as s:  # as `teacher-server keys disable` would, from another process
-        ledger.set_api_key_disabled(s, name="trudy")
+        keys.set_api_key_disabled(s, name="trudy")
     _forget_usage(srv)
     time.sleep(0.4)  # auth_cache_s=0.3: the cached "enabled" expires
     cases = {

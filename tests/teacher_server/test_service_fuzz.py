@@ -9,11 +9,20 @@ import grpc
 import pytest
 import timm
 from fuzz_cases import fuzz_cases
-from service_testkit import MODEL, TINY, auth, image_request, ledger_rows, random_images, random_keep, settings
+from service_testkit import (
+    MODEL,
+    TINY,
+    auth,
+    image_request,
+    ledger_rows,
+    random_images,
+    random_keep,
+    settings,
+)
 
 from maskedkd.v1 import teacher_pb2 as pb
-from teacher_server.interceptor import CUT_MARK
-from teacher_server.testing import running_server
+from teacher_server.service.error_interceptor import CUT_MARK
+from teacher_server.testing.server import running_server
 
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(300)]
 

@@ -14,9 +14,9 @@ import pytest
 from grpc_health.v1 import health_pb2
 from service_testkit import settings
 
-from teacher_server.server import SERVICE_NAME
-from teacher_server.testing import RunningServer, running_server
-from teacher_server.testing_tls import Pki, make_pki
+from teacher_server.service.server import SERVICE_NAME
+from teacher_server.testing.server import RunningServer, running_server
+from teacher_server.testing.tls import Pki, make_pki
 
 pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
 

@@ -11,12 +11,25 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from service_testkit import (
-    CLOSE, GRID_PATCHES, MODEL, Reference, auth, image_request, ledger_rows, logits_of, patch_request, patches_of,
-    random_images, random_keep, settings, stub, tiny_vit,
+    CLOSE,
+    GRID_PATCHES,
+    MODEL,
+    Reference,
+    auth,
+    image_request,
+    ledger_rows,
+    logits_of,
+    patch_request,
+    patches_of,
+    random_images,
+    random_keep,
+    settings,
+    stub,
+    tiny_vit,
 )
 
 from maskedkd.v1 import teacher_pb2 as pb
-from teacher_server.testing import running_server
+from teacher_server.testing.server import running_server
 
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(120)]
 

@@ -11,11 +11,20 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from service_testkit import auth, image_request, ledger_rows, random_images, random_keep, settings, stub, tiny_vit
+from service_testkit import (
+    auth,
+    image_request,
+    ledger_rows,
+    random_images,
+    random_keep,
+    settings,
+    stub,
+    tiny_vit,
+)
 
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
-from teacher_server.testing import RunningServer, running_server
+from teacher_server.testing.server import RunningServer, running_server
 
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(120)]
 

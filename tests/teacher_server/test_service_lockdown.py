@@ -14,13 +14,21 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from service_testkit import auth, image_request, ledger_rows, random_images, random_keep, settings, stub
+from service_testkit import (
+    auth,
+    image_request,
+    ledger_rows,
+    random_images,
+    random_keep,
+    settings,
+    stub,
+)
 from sqlalchemy import event
 
 from maskedkd.v1 import teacher_pb2 as pb
-from teacher_server.auth_guard import FailedAuthLimiter, peer_host
+from teacher_server.service.auth_guard import FailedAuthLimiter, peer_host
 from teacher_server.settings import ServerSettings
-from teacher_server.testing import RunningServer, running_server
+from teacher_server.testing.server import RunningServer, running_server
 
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(180)]
 

@@ -12,13 +12,22 @@ import grpc
 import pytest
 import torch
 from service_testkit import (
-    CLOSE, Reference, auth, image_request, ledger_rows, patch_request, patches_of, random_images, random_keep, settings,
+    CLOSE,
+    Reference,
+    auth,
+    image_request,
+    ledger_rows,
+    patch_request,
+    patches_of,
+    random_images,
+    random_keep,
+    settings,
     tiny_vit,
 )
 
 from maskedkd.codec import proto_to_tensor
 from maskedkd.v1 import teacher_pb2 as pb
-from teacher_server.testing import RunningServer, running_server
+from teacher_server.testing.server import RunningServer, running_server
 
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(120)]
 

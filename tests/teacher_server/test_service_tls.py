@@ -18,8 +18,8 @@ from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
 from student_client.client import TeacherClient
 from student_client.errors import TeacherUnavailableError
-from teacher_server.testing import RunningServer, running_server
-from teacher_server.testing_tls import Pki, make_pki
+from teacher_server.testing.server import RunningServer, running_server
+from teacher_server.testing.tls import Pki, make_pki
 
 pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
 

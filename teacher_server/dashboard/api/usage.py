@@ -16,19 +16,37 @@ from maskedkd.purpose import PROBE
 from teacher_server.dashboard import queries
 from teacher_server.dashboard.access import require_viewer
 from teacher_server.dashboard.deps import SessionDep
-from teacher_server import ledger_reports
 from teacher_server.dashboard.schemas import (
-    BilledPrice, Bucket, CurrencyCost, DailyUsage, DayRefusals, DayUsage, ErrorMessage, KeySeries, KeyUsage,
-    LatencyFigures, PurposeCost, RecentLatency, UsageByKey, UsageSeries, UsageTotals,
+    BilledPrice,
+    Bucket,
+    CurrencyCost,
+    DailyUsage,
+    DayRefusals,
+    DayUsage,
+    ErrorMessage,
+    KeySeries,
+    KeyUsage,
+    LatencyFigures,
+    PurposeCost,
+    RecentLatency,
+    UsageByKey,
+    UsageSeries,
+    UsageTotals,
 )
-from teacher_server.ledger import as_utc, find_api_key_by_name, saving_pct, usage_totals
-from teacher_server.ledger_reports import currency_name
+from teacher_server.ledger import reports
+from teacher_server.ledger.keys import find_api_key_by_name
+from teacher_server.ledger.reports import (
+    as_utc,
+    currency_name,
+    saving_pct,
+    usage_totals,
+)
 
 router = APIRouter(prefix="/api/usage", tags=["usage"], dependencies=[Depends(require_viewer)],
                    responses={401: {"model": ErrorMessage, "description": "missing or wrong viewer token"},
                               403: {"model": ErrorMessage, "description": "read views locked (no token configured)"}})
 
-BUCKET_SECONDS = {Bucket.minute: 60, Bucket.hour: 3600, Bucket.day: ledger_reports.DAY_S}
+BUCKET_SECONDS = {Bucket.minute: 60, Bucket.hour: 3600, Bucket.day: reports.DAY_S}
 DEFAULT_WINDOW = {Bucket.minute: timedelta(hours=6), Bucket.hour: timedelta(days=7), Bucket.day: timedelta(days=90)}
 MAX_BUCKETS = 2000  # per series response; more asks for a coarser bucket or a shorter window
 
@@ -63,16 +81,16 @@ def usage_by_key(session: SessionDep, since: SinceQuery = None, until: UntilQuer
     _unknown_key(session, key)
     rows = usage_totals(session, since=since, until=until, key_name=key)
     billed: dict[str, list[BilledPrice]] = defaultdict(list)
-    for b in ledger_reports.billed_prices(session, since=since, until=until, key_name=key):
+    for b in reports.billed_prices(session, since=since, until=until, key_name=key):
         billed[b.key].append(BilledPrice(price_per_gflop=b.price_per_gflop, currency=currency_name(b.currency),
                                          requests=b.requests, gflops=b.gflops, cost=b.cost))
     purposes: dict[str, list[PurposeCost]] = defaultdict(list)
-    for p in ledger_reports.usage_by_purpose(session, since=since, until=until, key_name=key):
+    for p in reports.usage_by_purpose(session, since=since, until=until, key_name=key):
         purposes[p.key].append(PurposeCost(purpose=p.purpose, currency=currency_name(p.currency),
                                            requests=p.requests, images=p.images, tokens=p.tokens, gflops=p.gflops,
                                            full_gflops=p.full_gflops, cost=p.cost))
     refused: dict[str | None, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for r in ledger_reports.refusals_by_day(session, since=since, until=until):
+    for r in reports.refusals_by_day(session, since=since, until=until):
         refused[r.key][r.reason] += r.count
     lifetime = {r.name: r.gflops for r in rows}
     if since is not None or until is not None:
@@ -151,7 +169,7 @@ def usage_timeseries(session: SessionDep, bucket: Bucket = Bucket.minute,
         i = index[c.start_epoch]
         s.requests[i], s.images[i], s.gflops[i], s.full_gflops[i], s.cost[i] = (
             c.requests, c.images, c.gflops, c.full_gflops, c.cost)
-    currencies = {currency_name(b.currency) for b in ledger_reports.billed_prices(session, since=start, until=end,
+    currencies = {currency_name(b.currency) for b in reports.billed_prices(session, since=start, until=end,
                                                                                 key_name=key)}
     return UsageSeries(bucket=bucket, bucket_seconds=width, currency=_one_currency(currencies), since=start, until=end,
                        timestamps=timestamps, series=[by_key[k] for k in sorted(by_key)])
@@ -169,9 +187,9 @@ def usage_daily(session: SessionDep, since: SinceQuery = None, until: UntilQuery
                      requests=d.requests, images=d.images, tokens=d.tokens, gflops=d.gflops,
                      full_gflops=d.full_gflops, cost=d.cost, probe_requests=d.probe_requests,
                      probe_gflops=d.probe_gflops, probe_cost=d.probe_cost)
-            for d in ledger_reports.usage_by_day(session, since=since, until=until, key_name=key)]
+            for d in reports.usage_by_day(session, since=since, until=until, key_name=key)]
     refusals = [DayRefusals(day=r.day, key=r.key, reason=r.reason, count=r.count)
-                for r in ledger_reports.refusals_by_day(session, since=since, until=until, key_name=key)]
+                for r in reports.refusals_by_day(session, since=since, until=until, key_name=key)]
     return DailyUsage(since=since and as_utc(since), until=until and as_utc(until), days=days, refusals=refusals)
 
 
@@ -186,7 +204,7 @@ def usage_daily_csv(session: SessionDep, since: SinceQuery = None, until: UntilQ
     _check_window(since, until)
     _unknown_key(session, key)
     out = io.StringIO()
-    ledger_reports.write_usage_csv(ledger_reports.usage_by_day(session, since=since, until=until, key_name=key), out)
+    reports.write_usage_csv(reports.usage_by_day(session, since=since, until=until, key_name=key), out)
     return Response(out.getvalue(), media_type="text/csv; charset=utf-8",
                     headers={"Content-Disposition": 'attachment; filename="maskedkd-usage-daily.csv"'})
 

@@ -5,11 +5,17 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 
 import pytest
-from seed_ledger import ADMIN_TOKEN, DEFAULT_PRICE, VIEWER_TOKEN, SeededLedger, seed_usage
+from seed_ledger import (
+    ADMIN_TOKEN,
+    DEFAULT_PRICE,
+    VIEWER_TOKEN,
+    SeededLedger,
+    seed_usage,
+)
 
-from teacher_server import ledger
 from teacher_server.dashboard import create_app
 from teacher_server.dashboard.server import RunningDashboard, start_dashboard_thread
+from teacher_server.ledger import database
 from teacher_server.settings import ServerSettings
 
 
@@ -17,7 +23,7 @@ from teacher_server.settings import ServerSettings
 def seeded(tmp_path_factory: pytest.TempPathFactory) -> SeededLedger:
     path = tmp_path_factory.mktemp("ledger") / "ledger.db"
     url = f"sqlite:///{path}"
-    sessions = ledger.open_ledger(url)
+    sessions = database.open_ledger(url)
     now = datetime.now(timezone.utc)
     seed_usage(sessions, now=now)
     settings = ServerSettings(db=url, admin_token=ADMIN_TOKEN, viewer_token=VIEWER_TOKEN, price_per_gflop=DEFAULT_PRICE,

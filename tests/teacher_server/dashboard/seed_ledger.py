@@ -11,8 +11,8 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 
 from maskedkd.flops import ViTShape, masked_forward_flops
-from teacher_server import auth, ledger
-from teacher_server.refusals import NO_KEY, add_refusals
+from teacher_server.ledger import keys, models
+from teacher_server.ledger.refusals import NO_KEY, add_refusals
 from teacher_server.settings import ServerSettings
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
@@ -66,7 +66,7 @@ def seed_usage(sessions: sessionmaker[Session], *, now: datetime, seed: int = 0)
     rng = random.Random(seed)
     full_per_image = masked_forward_flops(DEIT_S, DEIT_S.num_patches).total / 1e9
     for plan in PLANS:
-        _, key = auth.create_api_key(sessions, name=plan.name, quota_gflops=plan.quota_gflops,
+        _, key = keys.create_api_key(sessions, name=plan.name, quota_gflops=plan.quota_gflops,
                                      price_per_gflop=plan.price_per_gflop)
         price = DEFAULT_PRICE if plan.price_per_gflop is None else plan.price_per_gflop
         kept = round(plan.keep * DEIT_S.num_patches)
@@ -79,7 +79,7 @@ def seed_usage(sessions: sessionmaker[Session], *, now: datetime, seed: int = 0)
             batch_images = min(1024, images * rng.choice((1, 1, 2, 3)))
             queue_ms = rng.uniform(0.3, 4.0)
             created = now - timedelta(minutes=minute, seconds=rng.uniform(0, 5))
-            rows.append(ledger.UsageRecord(
+            rows.append(models.UsageRecord(
                 api_key_id=key.id, request_id=f"{plan.name}-{n}", model="deit_small_patch16_224", images=images,
                 tokens=images * (kept + DEIT_S.num_prefix_tokens), gflops=images * per_image,
                 full_gflops=images * full_per_image, cost=images * per_image * price, price_per_gflop=price,
@@ -95,10 +95,10 @@ def seed_usage(sessions: sessionmaker[Session], *, now: datetime, seed: int = 0)
             session.commit()
         if plan.disabled:
             with sessions() as session:
-                ledger.set_api_key_disabled(session, name=plan.name, disabled=True)
+                keys.set_api_key_disabled(session, name=plan.name, disabled=True)
     day = int(now.timestamp()) // 86400 * 86400
     with sessions() as session:
-        ids = {k.name: k.id for k in ledger.list_api_keys(session)}
+        ids = {k.name: k.id for k in keys.list_api_keys(session)}
         add_refusals(session, counts={(day, ids[name] if name else NO_KEY, reason): n
                                       for (name, reason), n in REFUSALS.items()})
         session.commit()

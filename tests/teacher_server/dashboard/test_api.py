@@ -21,15 +21,15 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from seed_ledger import ADMIN_TOKEN, DEFAULT_PRICE, PLANS, VIEWER_TOKEN, SeededLedger
 from fastapi.testclient import TestClient
+from seed_ledger import ADMIN_TOKEN, DEFAULT_PRICE, PLANS, VIEWER_TOKEN, SeededLedger
 
 from maskedkd.codec import tensor_to_proto
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
 from teacher_server.dashboard import create_app
 from teacher_server.settings import ServerSettings
-from teacher_server.testing import running_server
+from teacher_server.testing.server import running_server
 
 pytestmark = pytest.mark.dtype("none")  # no model numerics
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from maskedkd.masked_teacher import MaskedTeacher
-from teacher_server.batcher import ForwardFn
+from teacher_server.engine.batcher import ForwardFn
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 
-from teacher_server.auth import KeyInfo
 from teacher_server.errors import QuotaExceededError
-from teacher_server.ledger_billing import LimitState
+from teacher_server.ledger.billing import LimitState
+from teacher_server.service.auth import KeyInfo
 
 
 def _seconds(value: float) -> str:

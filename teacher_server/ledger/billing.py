@@ -16,16 +16,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import ColumnElement, case, delete, func, select, update
+from sqlalchemy import ColumnElement, case, delete, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
 
 from teacher_server.errors import LedgerUnavailableError
-
-from teacher_server.ledger import (
-    KeyCounter, NewUsage, QuotaHold, ReplayPayload, UnknownKeyNameError, UsageRecord, as_utc, find_api_key_by_name,
-    usage_record, utcnow, window_start,
+from teacher_server.ledger.models import (
+    KeyCounter,
+    NewUsage,
+    QuotaHold,
+    ReplayPayload,
+    UsageRecord,
+    as_utc,
+    usage_record,
+    utcnow,
+    window_start,
 )
 
 HOLD_TTL_S = 900.0   # a hold older than this belongs to a dead request (a crashed server); the purge releases it
@@ -147,13 +153,13 @@ def reserve(session: Session, *, api_key_id: int, gflops: float, limits: KeyLimi
             return Hold(hold.id, api_key_id, gflops, hold.rate_start), state
         if session.get(KeyCounter, api_key_id) is not None:
             break
-        _ensure_counter(session, api_key_id=api_key_id, ws=ws)
+        ensure_counter(session, api_key_id=api_key_id, ws=ws)
     state = limit_state(session, api_key_id=api_key_id, limits=limits, now=now)
     session.commit()
     return None, state
 
 
-def _ensure_counter(session: Session, *, api_key_id: int, ws: int) -> None:
+def ensure_counter(session: Session, *, api_key_id: int, ws: int) -> None:
     """A key without a counter row (created by an older server while this one ran): start one."""
     try:
         with session.begin_nested():
@@ -210,7 +216,7 @@ def _settle(session: Session, items: list[Billable], records: list[UsageRecord],
         )
         if session.execute(update(KeyCounter.__table__).where(_C.api_key_id == key_id).values(**values)).rowcount:
             continue
-        _ensure_counter(session, api_key_id=key_id, ws=ws)
+        ensure_counter(session, api_key_id=key_id, ws=ws)
         session.execute(update(KeyCounter.__table__).where(_C.api_key_id == key_id).values(**values))
 
 
@@ -286,27 +292,6 @@ def purge(session: Session, *, older_than: timedelta | None = None, now: float |
     _give_back(session, holds)
     session.commit()
     return Purged(payloads=int(payloads or 0), holds=len(holds))
-
-
-def set_key_limits(session: Session, *, name: str, quota_gflops: float | None, quota_window: str,
-                   rate_limit_gflops_per_min: float | None) -> None:
-    """Set a key's quota (GFLOPs per window) and rate limit (GFLOPs per minute) and commit. A changed window starts
-    from what the key was billed in the new window so far (one sum over its rows; an admin operation)."""
-    key = find_api_key_by_name(session, name=name)
-    if key is None:
-        raise UnknownKeyNameError(f"no API key named {name!r}")
-    if key.quota_window != quota_window:
-        ws = window_start(quota_window, utcnow())
-        since = datetime.fromtimestamp(ws, timezone.utc)
-        billed = session.scalar(select(func.coalesce(func.sum(UsageRecord.gflops), 0.0)).where(
-            UsageRecord.api_key_id == key.id, UsageRecord.created_at >= since))
-        _ensure_counter(session, api_key_id=key.id, ws=ws)
-        session.execute(update(KeyCounter.__table__).where(_C.api_key_id == key.id).values(
-            window_start=ws, window_gflops=float(billed or 0.0)))
-    key.quota_gflops = quota_gflops
-    key.quota_window = quota_window
-    key.rate_limit_gflops_per_min = rate_limit_gflops_per_min
-    session.commit()
 
 
 @contextmanager

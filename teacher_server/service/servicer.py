@@ -13,14 +13,20 @@ from grpc import aio
 from maskedkd.codec import tensor_to_proto
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
-from teacher_server.auth import KeyAuthenticator, KeyInfo, bearer_secret
-from teacher_server.decoding import decoded, request_id_of
 from teacher_server.errors import AuthenticationError, ServiceUnavailableError
-from teacher_server.inference import CURRENT_LABELS, CallLabels, InferenceService, InferOutcome, current_labels
-from teacher_server.interceptor import mark_counted, status_of
+from teacher_server.ledger.refusals import RefusalCounter
 from teacher_server.metrics import ServerMetrics
-from teacher_server.quota_status import limit_metadata
-from teacher_server.refusals import RefusalCounter
+from teacher_server.service.auth import KeyAuthenticator, KeyInfo, bearer_secret
+from teacher_server.service.decoding import decoded, request_id_of
+from teacher_server.service.error_interceptor import mark_counted, status_of
+from teacher_server.service.inference import (
+    CURRENT_LABELS,
+    CallLabels,
+    InferenceService,
+    InferOutcome,
+    current_labels,
+)
+from teacher_server.service.quota_status import limit_metadata
 from teacher_server.settings import ServerSettings
 
 STREAM_WINDOW = 64  # requests of one stream in flight at once (back-pressure on a fast sender)

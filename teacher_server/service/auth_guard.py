@@ -20,11 +20,12 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from teacher_server.auth import KeyAuthenticator, bearer_secret, hash_secret
 from teacher_server.errors import AuthenticationError
-from teacher_server.interceptor import SERVICE_PREFIX, status_of
+from teacher_server.ledger.keys import hash_secret
+from teacher_server.ledger.refusals import RefusalCounter
 from teacher_server.metrics import ServerMetrics
-from teacher_server.refusals import RefusalCounter
+from teacher_server.service.auth import KeyAuthenticator, bearer_secret
+from teacher_server.service.error_interceptor import SERVICE_PREFIX, status_of
 
 KEYED_METHODS = ("Infer", "InferStream", "GetModelInfo")  # GetModelInfo: the key is optional, a wrong one refused
 ACCEPTED_TTL_S = 600.0     # how long a key that passed skips the failure buckets

@@ -4,7 +4,7 @@ Exactly-once, bound to content: a request with a client `request_id` carries a c
 When (key, request_id) is stored in the ledger (also after a restart) or in flight, the same digest is replayed
 (unbilled, `replayed=true`) and another digest is refused with ALREADY_EXISTS; a stored request whose replay payload
 expired is refused with FAILED_PRECONDITION. The unique ledger constraint settles anything else (another server).
-Quota and rate limit: admitted by one conditional UPDATE in the ledger before the forward (ledger_billing.reserve),
+Quota and rate limit: admitted by one conditional UPDATE in the ledger before the forward (billing.reserve),
 held until the usage row commits, so requests on any number of servers never overshoot together.
 """
 from __future__ import annotations
@@ -22,17 +22,26 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from maskedkd.purpose import purpose_problem
 from maskedkd.v1 import teacher_pb2 as pb
-from teacher_server import ledger, ledger_billing
-from teacher_server.auth import KeyInfo
-from teacher_server.batcher import BatchJob, BatchStats
-from teacher_server.content_digest import content_digest
-from teacher_server.errors import InvalidRequestError, ReplayExpiredError, RequestIdReusedError, ServiceError
-from teacher_server.ledger_billing import Hold, LimitState, unavailable_on_transient_errors
-from teacher_server.quota_status import quota_exceeded
-from teacher_server.metering import Usage
+from teacher_server.engine.batcher import BatchJob, BatchStats
+from teacher_server.engine.metering import Usage
+from teacher_server.engine.preprocess import PreparedInput, prepare_input
+from teacher_server.engine.registry import ModelRegistry, ServedModel
+from teacher_server.errors import (
+    InvalidRequestError,
+    ReplayExpiredError,
+    RequestIdReusedError,
+    ServiceError,
+)
+from teacher_server.ledger import billing, models
+from teacher_server.ledger.billing import (
+    Hold,
+    LimitState,
+    unavailable_on_transient_errors,
+)
 from teacher_server.metrics import ServerMetrics
-from teacher_server.preprocess import PreparedInput, prepare_input
-from teacher_server.registry import ModelRegistry, ServedModel
+from teacher_server.service.auth import KeyInfo
+from teacher_server.service.content_digest import content_digest
+from teacher_server.service.quota_status import quota_exceeded
 
 OFFLOAD_BYTES = 1 << 20          # decode payloads above this size off the event loop
 MAX_REQUEST_ID_CHARS = 200       # the ledger column's width
@@ -101,7 +110,7 @@ def reused_error(request_id: str) -> RequestIdReusedError:
                                 "nothing billed")
 
 
-def outcome_from_stored(record: ledger.UsageRecord, payload: ledger.ReplayPayload | None,
+def outcome_from_stored(record: models.UsageRecord, payload: models.ReplayPayload | None,
                         digest: str, *, accept_billed: bool = False, images: int = 0) -> InferOutcome:
     """The replay of a stored request, or the refusal: other inputs (ALREADY_EXISTS), answer gone (FAILED_PRECONDITION).
     Rows billed before digests existed (content_digest None) are replayed without comparing inputs. With
@@ -243,23 +252,23 @@ class InferenceService:
     def _find_stored(self, key: KeyInfo, request_id: str, digest: str, accept_billed: bool,
                      images: int) -> InferOutcome | None:
         with unavailable_on_transient_errors(), self._sessions() as session:
-            found = ledger_billing.find_billed(session, api_key_id=key.id, request_id=request_id)
+            found = billing.find_billed(session, api_key_id=key.id, request_id=request_id)
             if found is None:
                 return None
             outcome = outcome_from_stored(*found, digest, accept_billed=accept_billed, images=images)
             if key.limits.limited:
-                outcome = replace(outcome, limits=ledger_billing.limit_state(session, api_key_id=key.id,
+                outcome = replace(outcome, limits=billing.limit_state(session, api_key_id=key.id,
                                                                              limits=key.limits))
             return outcome
 
     def _reserve(self, key: KeyInfo, gflops: float) -> tuple[Hold | None, LimitState]:
         with unavailable_on_transient_errors(), self._sessions() as session:
-            return ledger_billing.reserve(session, api_key_id=key.id, gflops=gflops, limits=key.limits)
+            return billing.reserve(session, api_key_id=key.id, gflops=gflops, limits=key.limits)
 
     def _release(self, hold: Hold) -> None:
         try:
             with unavailable_on_transient_errors(), self._sessions() as session:
-                ledger_billing.release(session, holds=[hold])
+                billing.release(session, holds=[hold])
         except Exception:  # the hold expires and the periodic purge gives it back
             log.warning("could not release quota hold %d now; the purge will", hold.id, exc_info=True)
 
@@ -270,7 +279,7 @@ class InferenceService:
 
         def read() -> LimitState:
             with unavailable_on_transient_errors(), self._sessions() as session:
-                return ledger_billing.limit_state(session, api_key_id=key.id, limits=key.limits)
+                return billing.limit_state(session, api_key_id=key.id, limits=key.limits)
 
         return await asyncio.to_thread(read)
 
@@ -282,7 +291,7 @@ class InferenceService:
         items = []
         for job, out in zip(jobs, logits):
             b: _Billing = job.context
-            row = ledger.NewUsage(
+            row = models.NewUsage(
                 api_key_id=b.key.id, request_id=b.request_id, model=b.model, images=b.usage.images,
                 tokens=b.usage.tokens, gflops=b.usage.gflops, full_gflops=b.usage.full_gflops, cost=b.usage.cost,
                 latency_ms=(now - b.received_at) * 1000.0,
@@ -290,17 +299,17 @@ class InferenceService:
                 batch_images=stats.images, content_digest=b.digest,
                 price_per_gflop=self._price_of(b.key), currency=self._currency, purpose=b.purpose,
             )
-            items.append(ledger_billing.Billable(row, b.key.quota_window, logits_to_bytes(out) if b.replayable
+            items.append(billing.Billable(row, b.key.quota_window, logits_to_bytes(out) if b.replayable
                                                  else None, b.hold))
         with unavailable_on_transient_errors(), self._sessions() as session:
-            stored = ledger_billing.bill(session, items=items, replay_ttl_s=self._replay_ttl_s)
+            stored = billing.bill(session, items=items, replay_ttl_s=self._replay_ttl_s)
             return [None if record is None else self._replay_or_error(session, record, job.context)
                     for record, job in zip(stored, jobs)]
 
     @staticmethod
-    def _replay_or_error(session: Session, record: ledger.UsageRecord, b: _Billing) -> InferOutcome | ServiceError:
+    def _replay_or_error(session: Session, record: models.UsageRecord, b: _Billing) -> InferOutcome | ServiceError:
         """One job's problem must not fail the rest of its (committed) batch."""
-        found = ledger_billing.find_billed(session, api_key_id=record.api_key_id, request_id=record.request_id)
+        found = billing.find_billed(session, api_key_id=record.api_key_id, request_id=record.request_id)
         try:
             return outcome_from_stored(record, found[1] if found else None, b.digest or "",
                                        accept_billed=b.accept_billed, images=b.usage.images)

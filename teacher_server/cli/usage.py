@@ -1,6 +1,6 @@
 """`teacher-server usage`: totals per key as a table or as JSON, with the prices billed, what each purpose cost
 (the client's `probe` requests beside the training targets) and the calls refused. The CSV is
-ledger_reports.write_usage_csv (the same bytes as the dashboard's /api/usage/daily.csv)."""
+reports.write_usage_csv (the same bytes as the dashboard's /api/usage/daily.csv)."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -10,13 +10,13 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from maskedkd.purpose import PROBE
-from teacher_server import ledger, ledger_reports
-from teacher_server.ledger_reports import BilledPrice, PurposeUsage, currency_name
+from teacher_server.ledger import reports
+from teacher_server.ledger.reports import BilledPrice, PurposeUsage, currency_name
 
 
 @dataclass
 class KeyReport:
-    totals: ledger.KeyTotals
+    totals: reports.KeyTotals
     billed: list[BilledPrice] = field(default_factory=list)
     purposes: list[PurposeUsage] = field(default_factory=list)   # per (purpose, currency); '' = training targets
     refused: dict[str, int] = field(default_factory=dict)         # per reason
@@ -30,13 +30,13 @@ class UsageReport:
 
 def read_usage_report(session: Session, *, key_name: str | None = None) -> UsageReport:
     """Every key (or only `key_name`; UnknownKeyNameError when none has it) with its totals over all time."""
-    keys = {t.name: KeyReport(t) for t in ledger.usage_totals(session, key_name=key_name)}
-    for b in ledger_reports.billed_prices(session, key_name=key_name):
+    keys = {t.name: KeyReport(t) for t in reports.usage_totals(session, key_name=key_name)}
+    for b in reports.billed_prices(session, key_name=key_name):
         keys[b.key].billed.append(b)
-    for p in ledger_reports.usage_by_purpose(session, key_name=key_name):
+    for p in reports.usage_by_purpose(session, key_name=key_name):
         keys[p.key].purposes.append(p)
     refused: dict[str | None, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for r in ledger_reports.refusals_by_day(session, key_name=key_name):
+    for r in reports.refusals_by_day(session, key_name=key_name):
         refused[r.key][r.reason] += r.count
     for name, counts in refused.items():
         if name in keys:

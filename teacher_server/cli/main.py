@@ -12,7 +12,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from teacher_server.cli_settings import SECRET_FIELDS, SettingsError, add_setting_flags, settings_from_flags
+from teacher_server.cli.settings_flags import (
+    SECRET_FIELDS,
+    SettingsError,
+    add_setting_flags,
+    settings_from_flags,
+)
 from teacher_server.settings import ServerSettings
 
 EXIT_USAGE = 2
@@ -57,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve a teacher over gRPC")
     add_setting_flags(serve, SERVE_FIELDS)
     serve.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
-    from teacher_server.dashboard.server import add_dashboard_arguments, add_secret_refusals  # light: no FastAPI
+    from teacher_server.dashboard.server import (  # light: no FastAPI
+        add_dashboard_arguments,
+        add_secret_refusals,
+    )
 
     add_secret_refusals(serve)
 
@@ -131,7 +139,7 @@ def _settings(args: argparse.Namespace | None = None, names: tuple[str, ...] = (
 def _sessions(db: str | None, *, must_exist: bool = False) -> Any:
     from sqlalchemy.exc import SQLAlchemyError
 
-    from teacher_server.ledger import missing_sqlite_file, open_ledger
+    from teacher_server.ledger.database import missing_sqlite_file, open_ledger
 
     url = _settings(db=db).db
     missing = missing_sqlite_file(url) if must_exist else None
@@ -163,7 +171,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args, SERVE_FIELDS)
     if not settings.model and not settings.checkpoint:  # before importing torch: a quick answer
         raise CliError("no teacher given: pass --model NAME and/or --checkpoint PATH")
-    from teacher_server.tls import TlsConfigError, load_tls_files
+    from teacher_server.service.tls import TlsConfigError, load_tls_files
 
     try:
         load_tls_files(settings)  # a bad path or key: one line now, not after loading the model
@@ -176,8 +184,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from sqlalchemy.exc import SQLAlchemyError
 
-    from teacher_server.registry import ModelLoadError
-    from teacher_server.server import ServerStartError, TeacherServer, serve_until_signalled
+    from teacher_server.engine.registry import ModelLoadError
+    from teacher_server.service.server import (
+        ServerStartError,
+        TeacherServer,
+        serve_until_signalled,
+    )
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -193,8 +205,8 @@ def _fmt_num(value: float | None, unit: str = "") -> str:
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
-    from teacher_server import ledger
-    from teacher_server.auth import create_api_key
+    from teacher_server.ledger import keys, models
+    from teacher_server.ledger.keys import create_api_key
 
     sessions = _sessions(args.db)
     if args.keys_command == "create":
@@ -202,7 +214,7 @@ def _cmd_keys(args: argparse.Namespace) -> int:
             secret, row = create_api_key(sessions, name=args.name, quota_gflops=args.quota_gflops,
                                          price_per_gflop=args.price_per_gflop, quota_window=args.quota_window,
                                          rate_limit_gflops_per_min=args.rate_limit_gflops_per_min)
-        except (ValueError, ledger.LedgerError) as exc:
+        except (ValueError, models.LedgerError) as exc:
             raise CliError(str(exc)) from exc
         print(secret)
         print(f"created key {row.name!r} ({row.key_prefix}...); the secret above is shown only once", file=sys.stderr)
@@ -213,19 +225,19 @@ def _cmd_keys(args: argparse.Namespace) -> int:
             raise CliError("keys disable needs a key name (NAME or --name NAME)")
         with sessions() as session:
             try:
-                ledger.set_api_key_disabled(session, name=name)
-            except ledger.LedgerError as exc:
+                keys.set_api_key_disabled(session, name=name)
+            except models.LedgerError as exc:
                 raise CliError(str(exc)) from exc
         print(f"disabled key {name!r}")
         return 0
     if args.keys_command == "quota":
         return _set_quota(sessions, args)
     with sessions() as session:
-        keys = ledger.list_api_keys(session)
+        listed = keys.list_api_keys(session)
     rows = [{"name": k.name, "prefix": k.key_prefix, "created_at": k.created_at.isoformat(),
              "disabled": bool(k.disabled), "quota_gflops": k.quota_gflops, "price_per_gflop": k.price_per_gflop,
              "quota_window": k.quota_window, "rate_limit_gflops_per_min": k.rate_limit_gflops_per_min}
-            for k in keys]
+            for k in listed]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -238,18 +250,18 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
 
 def _set_quota(sessions: Any, args: argparse.Namespace) -> int:
-    from teacher_server import ledger, ledger_billing
-    from teacher_server.auth import validate_limits
+    from teacher_server.ledger import keys, models
+    from teacher_server.ledger.keys import validate_limits
 
     if args.quota_gflops is not None and args.quota_gflops < 0:
         raise CliError("--quota-gflops must be >= 0")
     try:
         validate_limits(quota_window=args.quota_window, rate_limit_gflops_per_min=args.rate_limit_gflops_per_min)
         with sessions() as session:
-            ledger_billing.set_key_limits(session, name=args.name_pos, quota_gflops=args.quota_gflops,
+            keys.set_key_limits(session, name=args.name_pos, quota_gflops=args.quota_gflops,
                                           quota_window=args.quota_window,
                                           rate_limit_gflops_per_min=args.rate_limit_gflops_per_min)
-    except (ValueError, ledger.LedgerError) as exc:
+    except (ValueError, models.LedgerError) as exc:
         raise CliError(str(exc)) from exc
     print(f"key {args.name_pos!r}: quota {_fmt_num(args.quota_gflops)} GFLOPs per {args.quota_window}, rate limit "
           f"{_fmt_num(args.rate_limit_gflops_per_min)} GFLOPs/min (servers apply it within their auth cache TTL)")
@@ -261,9 +273,9 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
 
     from sqlalchemy.exc import SQLAlchemyError
 
-    from teacher_server.ledger import make_engine
-    from teacher_server.ledger_billing import purge
-    from teacher_server.ledger_migrate import head_revision, upgrade_to_head
+    from teacher_server.ledger.billing import purge
+    from teacher_server.ledger.database import make_engine
+    from teacher_server.ledger.migrate import head_revision, upgrade_to_head
     from teacher_server.settings import parse_duration
 
     url = _settings(db=args.db).db
@@ -292,19 +304,19 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
 
 
 def _cmd_usage(args: argparse.Namespace) -> int:
-    from teacher_server import ledger, ledger_reports
-    from teacher_server.cli_usage import read_usage_report, report_json, report_lines
+    from teacher_server.cli.usage import read_usage_report, report_json, report_lines
+    from teacher_server.ledger import keys, models, reports
 
     sessions = _sessions(args.db, must_exist=True)
     with sessions() as session:
         if args.csv:
-            if args.key is not None and ledger.find_api_key_by_name(session, name=args.key) is None:
+            if args.key is not None and keys.find_api_key_by_name(session, name=args.key) is None:
                 raise CliError(f"no API key named {args.key!r}")
-            ledger_reports.write_usage_csv(ledger_reports.usage_by_day(session, key_name=args.key), sys.stdout)
+            reports.write_usage_csv(reports.usage_by_day(session, key_name=args.key), sys.stdout)
             return 0
         try:
             report = read_usage_report(session, key_name=args.key)
-        except ledger.LedgerError as exc:
+        except models.LedgerError as exc:
             raise CliError(str(exc)) from exc
     if args.json:
         print(json.dumps(report_json(report), indent=2))
@@ -317,7 +329,7 @@ def _cmd_health(args: argparse.Namespace) -> int:
     import os
 
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC core's handshake logs would break the one-line answer
-    from teacher_server.healthcheck import HealthTarget, check_health
+    from teacher_server.cli.health import HealthTarget, check_health
 
     result = check_health(HealthTarget(target=args.target, service=args.service, ca_file=args.ca,
                                        client_cert=args.client_cert, client_key=args.client_key,

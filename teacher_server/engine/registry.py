@@ -12,12 +12,12 @@ from maskedkd.checkpoints import load_model
 from maskedkd.masked_teacher import MaskedTeacher
 from maskedkd.precision import DTYPES, dtype_name, resolve_dtype
 from maskedkd.text import clip
-from teacher_server.batcher import ForwardFn, TokenBudgetBatcher
-from teacher_server.compiled import forward_patches_fn, warm_up_shapes
+from teacher_server.engine.batcher import ForwardFn, TokenBudgetBatcher
+from teacher_server.engine.compiled import forward_patches_fn, warm_up_shapes
+from teacher_server.engine.fidelity import FLOAT32_ITSELF, DtypeFidelity, measure
+from teacher_server.engine.metering import Meter
+from teacher_server.engine.packing import run_packed, supports_packing
 from teacher_server.errors import ModelNotFoundError
-from teacher_server.fidelity import FLOAT32_ITSELF, DtypeFidelity, measure
-from teacher_server.metering import Meter
-from teacher_server.packing import run_packed, supports_packing
 from teacher_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)

@@ -30,11 +30,11 @@ from typing import Any, Literal
 
 import torch
 
-from teacher_server.commit_stage import CommitStage, Forwarded, commit_results
+from teacher_server.engine.commit_stage import CommitStage, Forwarded, commit_results
+from teacher_server.engine.prefetch import Prefetcher
+from teacher_server.engine.preprocess import PreparedInput
 from teacher_server.errors import ServiceUnavailableError
 from teacher_server.metrics import ServerMetrics
-from teacher_server.prefetch import Prefetcher
-from teacher_server.preprocess import PreparedInput
 
 # forward(patches [G,K,C,P,P], keep_indices [G,K], keep_counts [G] | None) -> logits [G, classes] float32 CPU
 ForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]

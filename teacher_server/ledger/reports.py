@@ -9,18 +9,110 @@ All functions take a `Session` and keyword-only arguments and work on SQLite and
 from __future__ import annotations
 
 import csv
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from typing import Any, TextIO
 
-from sqlalchemy import BigInteger, case, func, select
+from sqlalchemy import BigInteger, ColumnElement, and_, case, func, select
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import FunctionElement
 
 from maskedkd.purpose import PROBE
-from teacher_server.ledger import ApiKey, Refusal, UsageRecord, as_utc, usage_window
+from teacher_server.ledger.keys import find_api_key_by_name
+from teacher_server.ledger.models import (
+    ApiKey,
+    KeyCounter,
+    Refusal,
+    UnknownKeyNameError,
+    UsageRecord,
+    as_utc,
+)
+
+
+def used_gflops(session: Session, *, api_key_id: int) -> float:
+    """GFLOPs billed to a key so far (its running total: one primary-key read)."""
+    total = session.scalar(select(KeyCounter.gflops).where(KeyCounter.api_key_id == api_key_id))
+    return float(total or 0.0)
+
+
+def usage_window(*, since: datetime | None, until: datetime | None) -> list[ColumnElement[bool]]:
+    """Conditions selecting usage rows in [since, until) (either end open when None)."""
+    conditions: list[ColumnElement[bool]] = []
+    if since is not None:
+        conditions.append(UsageRecord.created_at >= as_utc(since))
+    if until is not None:
+        conditions.append(UsageRecord.created_at < as_utc(until))
+    return conditions
+
+
+def saving_pct(gflops: float, full_gflops: float) -> float:
+    """Share of the full teacher's GFLOPs the masked forwards saved, in percent (0 without usage)."""
+    if full_gflops <= 0 or math.isnan(full_gflops):
+        return 0.0
+    return 100.0 * (1.0 - gflops / full_gflops)
+
+
+@dataclass(frozen=True)
+class KeyTotals:
+    """One key with the totals of its usage rows (in a time window when one was asked for)."""
+
+    name: str
+    key_prefix: str
+    disabled: bool
+    created_at: datetime
+    quota_gflops: float | None
+    price_per_gflop: float | None
+    requests: int
+    images: int
+    tokens: int
+    gflops: float
+    full_gflops: float
+    cost: float
+    last_used_at: datetime | None
+
+    @property
+    def saving_pct(self) -> float:
+        return saving_pct(self.gflops, self.full_gflops)
+
+
+def usage_totals(
+    session: Session, *, key_name: str | None = None, since: datetime | None = None, until: datetime | None = None,
+) -> list[KeyTotals]:
+    """Every key (also those without usage) with the totals of its rows in [since, until), ordered by name;
+    only `key_name` when given (UnknownKeyNameError when no key has that name)."""
+    stmt = (
+        select(
+            ApiKey.name, ApiKey.key_prefix, ApiKey.disabled, ApiKey.created_at, ApiKey.quota_gflops,
+            ApiKey.price_per_gflop, func.count(UsageRecord.id), func.coalesce(func.sum(UsageRecord.images), 0),
+            func.coalesce(func.sum(UsageRecord.tokens), 0), func.coalesce(func.sum(UsageRecord.gflops), 0.0),
+            func.coalesce(func.sum(UsageRecord.full_gflops), 0.0), func.coalesce(func.sum(UsageRecord.cost), 0.0),
+            func.max(UsageRecord.created_at),
+        )
+        .select_from(ApiKey)
+        .outerjoin(UsageRecord, and_(UsageRecord.api_key_id == ApiKey.id, *usage_window(since=since, until=until)))
+        .group_by(ApiKey.id, ApiKey.name, ApiKey.key_prefix, ApiKey.disabled, ApiKey.created_at,
+                  ApiKey.quota_gflops, ApiKey.price_per_gflop)
+        .order_by(ApiKey.name)
+    )
+    if key_name is not None:
+        if find_api_key_by_name(session, name=key_name) is None:
+            raise UnknownKeyNameError(f"no API key named {key_name!r}")
+        stmt = stmt.where(ApiKey.name == key_name)
+    totals = []
+    for r in session.execute(stmt):
+        last_used = r[12]
+        if isinstance(last_used, str):  # SQLite returns max() of a DATETIME column as its stored text
+            last_used = datetime.fromisoformat(last_used)
+        totals.append(KeyTotals(
+            name=r[0], key_prefix=r[1], disabled=bool(r[2]), created_at=as_utc(r[3]), quota_gflops=r[4],
+            price_per_gflop=r[5], requests=int(r[6]), images=int(r[7]), tokens=int(r[8]), gflops=float(r[9]),
+            full_gflops=float(r[10]), cost=float(r[11]), last_used_at=as_utc(last_used) if last_used else None,
+        ))
+    return totals
+
 
 DAY_S = 86400
 UNKNOWN_CURRENCY = "unknown"  # how reports name the currency of rows billed before it was recorded

@@ -18,9 +18,13 @@ from collections import Counter
 from sqlalchemy.orm import Session, sessionmaker
 
 from teacher_server.errors import (
-    AuthenticationError, InvalidRequestError, ModelNotFoundError, QuotaExceededError, RequestIdReusedError,
+    AuthenticationError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    QuotaExceededError,
+    RequestIdReusedError,
 )
-from teacher_server.ledger import Refusal
+from teacher_server.ledger.models import Refusal
 
 REASONS = ("auth", "quota", "rate_limit", "invalid")
 NO_KEY = 0             # api_key_id of refusals made before a key was known

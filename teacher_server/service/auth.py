@@ -1,61 +1,16 @@
-"""API keys: `mkd_<43 url-safe chars>` secrets, stored only as sha256 hashes, looked up through a short TTL cache."""
+"""Who is calling: the `authorization: Bearer <key>` secret looked up (by its sha256) through a short TTL cache."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from teacher_server import ledger
 from teacher_server.errors import AuthenticationError
-from teacher_server.ledger_billing import KeyLimits, unavailable_on_transient_errors
-
-SECRET_PREFIX = "mkd_"
-DISPLAY_PREFIX_CHARS = 12  # stored in clear for display: "mkd_" + 8 random chars
-MAX_NAME_CHARS = 200       # the width of api_keys.name
-
-
-def generate_secret() -> str:
-    return SECRET_PREFIX + secrets.token_urlsafe(32)  # 32 random bytes -> 43 url-safe chars
-
-
-def hash_secret(secret: str) -> str:
-    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
-
-
-def create_api_key(
-    sessions: sessionmaker[Session], *, name: str, quota_gflops: float | None = None,
-    price_per_gflop: float | None = None, quota_window: str = "lifetime",
-    rate_limit_gflops_per_min: float | None = None,
-) -> tuple[str, ledger.ApiKey]:
-    """Create and store a key; returns (secret, row). The secret exists only in this return value."""
-    if not name or not name.strip():
-        raise ValueError("a key needs a non-empty name")
-    if len(name.strip()) > MAX_NAME_CHARS or "\x00" in name:  # the ledger's column; Postgres enforces both
-        raise ValueError(f"a key name has at most {MAX_NAME_CHARS} characters and no NUL character")
-    if quota_gflops is not None and quota_gflops < 0:
-        raise ValueError("quota_gflops must be >= 0")
-    if price_per_gflop is not None and price_per_gflop < 0:
-        raise ValueError("price_per_gflop must be >= 0")
-    validate_limits(quota_window=quota_window, rate_limit_gflops_per_min=rate_limit_gflops_per_min)
-    secret = generate_secret()
-    with sessions() as session:
-        row = ledger.add_api_key(session, name=name.strip(), key_prefix=secret[:DISPLAY_PREFIX_CHARS],
-                                 key_hash=hash_secret(secret), quota_gflops=quota_gflops,
-                                 price_per_gflop=price_per_gflop, quota_window=quota_window,
-                                 rate_limit_gflops_per_min=rate_limit_gflops_per_min)
-    return secret, row
-
-
-def validate_limits(*, quota_window: str, rate_limit_gflops_per_min: float | None) -> None:
-    if quota_window not in ledger.QUOTA_WINDOWS:
-        raise ValueError(f"quota window must be one of {', '.join(ledger.QUOTA_WINDOWS)}, not {quota_window!r}")
-    if rate_limit_gflops_per_min is not None and not rate_limit_gflops_per_min > 0:
-        raise ValueError("rate_limit_gflops_per_min must be > 0")
+from teacher_server.ledger import keys
+from teacher_server.ledger.billing import KeyLimits, unavailable_on_transient_errors
 
 
 @dataclass(frozen=True)
@@ -103,7 +58,7 @@ class KeyAuthenticator:
 
     def _load(self, key_hash: str) -> KeyInfo | None:
         with unavailable_on_transient_errors(), self._sessions() as session:
-            row = ledger.find_api_key_by_hash(session, key_hash=key_hash)
+            row = keys.find_api_key_by_hash(session, key_hash=key_hash)
             if row is None:
                 return None
             return KeyInfo(row.id, row.name, bool(row.disabled), row.quota_gflops, row.price_per_gflop,
@@ -111,9 +66,9 @@ class KeyAuthenticator:
 
     async def authenticate(self, secret: str) -> KeyInfo:
         """The enabled key behind `secret`; `AuthenticationError` for unknown or disabled keys."""
-        if not secret.startswith(SECRET_PREFIX):
+        if not secret.startswith(keys.SECRET_PREFIX):
             raise AuthenticationError("unknown API key")
-        key_hash = hash_secret(secret)
+        key_hash = keys.hash_secret(secret)
         now = time.monotonic()
         cached = self._cache.get(key_hash)
         if cached is not None and cached[0] > now:

@@ -16,17 +16,25 @@ from torch import nn
 
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
-from teacher_server import ledger
-from teacher_server.auth import KeyAuthenticator
-from teacher_server.auth_guard import AuthFirstInterceptor, FailedAuthLimiter
-from teacher_server.inference import InferenceService
-from teacher_server.interceptor import ErrorInterceptor
+from teacher_server.engine.registry import (
+    ModelRegistry,
+    build_served_model,
+    load_teacher,
+)
+from teacher_server.ledger import database
+from teacher_server.ledger.refusals import FLUSH_INTERVAL_S, RefusalCounter
 from teacher_server.metrics import ServerMetrics
-from teacher_server.refusals import FLUSH_INTERVAL_S, RefusalCounter
-from teacher_server.registry import ModelRegistry, build_served_model, load_teacher
-from teacher_server.servicer import TeacherServicer
+from teacher_server.service.auth import KeyAuthenticator
+from teacher_server.service.auth_guard import AuthFirstInterceptor, FailedAuthLimiter
+from teacher_server.service.error_interceptor import ErrorInterceptor
+from teacher_server.service.inference import InferenceService
+from teacher_server.service.servicer import TeacherServicer
+from teacher_server.service.tls import (
+    TlsConfigError,
+    load_tls_files,
+    server_credentials,
+)
 from teacher_server.settings import ServerSettings
-from teacher_server.tls import TlsConfigError, load_tls_files, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +52,7 @@ class TeacherServer:
     def __init__(self, settings: ServerSettings, *, model: nn.Module | None = None) -> None:
         self.settings = settings
         self.metrics = ServerMetrics(key_labels=settings.metrics_key_labels)
-        self.sessions = ledger.open_ledger(settings.db, busy_timeout_s=settings.ledger_busy_timeout_s)
+        self.sessions = database.open_ledger(settings.db, busy_timeout_s=settings.ledger_busy_timeout_s)
         self.auth = KeyAuthenticator(self.sessions, ttl_s=settings.auth_cache_s)
         self.registry = ModelRegistry()
         self.service = InferenceService(registry=self.registry, sessions=self.sessions, metrics=self.metrics,
@@ -175,7 +183,7 @@ class TeacherServer:
 
     async def _purge_periodically(self) -> None:
         """Delete expired replay payloads and give back quota holds of dead requests, every purge interval."""
-        from teacher_server.ledger_billing import purge
+        from teacher_server.ledger.billing import purge
 
         def purge_once() -> None:
             with self.sessions() as session:
@@ -213,7 +221,10 @@ class TeacherServer:
     def _start_dashboard(self) -> None:
         try:  # lazy: another area, optional at runtime
             from teacher_server.dashboard import create_app
-            from teacher_server.dashboard.server import start_dashboard_thread, warn_if_public
+            from teacher_server.dashboard.server import (
+                start_dashboard_thread,
+                warn_if_public,
+            )
         except ImportError as exc:
             raise ServerStartError(f"--dashboard-port given, but the dashboard is not available: {exc}") from exc
         warn_if_public(self.settings)

@@ -1,5 +1,5 @@
 """Ledger schema migrations with Alembic: bring any ledger (empty, written by main before migrations existed, or an
-older revision) to the newest revision. The scripts ship inside the package (teacher_server/migrations), so no
+older revision) to the newest revision. The scripts ship inside the package (teacher_server/ledger/migrations), so no
 alembic.ini is needed in the working directory."""
 from __future__ import annotations
 

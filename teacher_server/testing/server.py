@@ -15,8 +15,8 @@ from typing import Any
 
 from torch import nn
 
-from teacher_server.auth import create_api_key
-from teacher_server.server import TeacherServer
+from teacher_server.ledger.keys import create_api_key
+from teacher_server.service.server import TeacherServer
 from teacher_server.settings import ServerSettings
 
 

@@ -15,11 +15,11 @@ import grpc
 from grpc import aio
 
 from maskedkd.v1 import teacher_pb2 as pb
-from teacher_server.decoding import decoded, tolerant
 from teacher_server.errors import ServiceError
-from teacher_server.inference import CURRENT_LABELS, CallLabels
+from teacher_server.ledger.refusals import RefusalCounter
 from teacher_server.metrics import ServerMetrics
-from teacher_server.refusals import RefusalCounter
+from teacher_server.service.decoding import decoded, tolerant
+from teacher_server.service.inference import CURRENT_LABELS, CallLabels
 
 log = logging.getLogger(__name__)
 

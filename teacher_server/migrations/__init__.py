@@ -1,1 +1,0 @@
-"""Alembic migrations of the billing ledger (run through teacher_server.ledger_migrate; no alembic.ini needed)."""
