@@ -14,7 +14,8 @@ from typing import Any
 
 import timm
 import torch
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 CHECKPOINT_FORMAT = "maskedkd-checkpoint-v1"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 
@@ -28,27 +29,27 @@ class ViTShape:
     @classmethod
     def from_model(cls, model: nn.Module) -> ViTShape:
         """Read the shape of a timm VisionTransformer(-Distilled) from its modules."""
-        try:
-            proj = model.patch_embed.proj
-            block = model.blocks[0]
-            qkv: nn.Linear = block.attn.qkv
-            fc1: nn.Linear = block.mlp.fc1
-            head = model.head
-            head_dist = getattr(model, "head_dist", None)
-            num_classes = head.out_features if isinstance(head, nn.Linear) else 0
-            return cls(
-                num_patches=int(model.patch_embed.num_patches),
-                patch_dim=int(proj.weight[0].numel()),
-                embed_dim=int(proj.out_channels),
-                depth=len(model.blocks),
-                attn_dim=int(qkv.out_features) // 3,
-                mlp_hidden=int(fc1.out_features),
-                num_prefix_tokens=int(model.num_prefix_tokens),
-                num_classes=int(num_classes),
-                num_heads_out=2 if isinstance(head_dist, nn.Linear) else 1,
-            )
-        except (AttributeError, IndexError, TypeError) as exc:
-            raise TypeError(f"cannot read a ViT shape from {type(model).__name__}: {exc}") from exc
+        if not isinstance(model, VisionTransformer):
+            raise TypeError(f"cannot read a ViT shape from {type(model).__name__}: not a timm VisionTransformer")
+        proj = model.patch_embed.proj
+        first = model.blocks[0]
+        attn, mlp = getattr(first, "attn", None), getattr(first, "mlp", None)
+        qkv, fc1 = getattr(attn, "qkv", None), getattr(mlp, "fc1", None)
+        if not (isinstance(proj, nn.Conv2d) and isinstance(qkv, nn.Linear) and isinstance(fc1, nn.Linear)):
+            raise TypeError(f"cannot read a ViT shape from {type(model).__name__}: no conv patch projection, linear "
+                            "qkv and MLP")
+        head, head_dist = model.head, getattr(model, "head_dist", None)
+        return cls(
+            num_patches=int(model.patch_embed.num_patches),
+            patch_dim=int(proj.weight[0].numel()),
+            embed_dim=int(proj.out_channels),
+            depth=len(model.blocks),
+            attn_dim=int(qkv.out_features) // 3,
+            mlp_hidden=int(fc1.out_features),
+            num_prefix_tokens=int(model.num_prefix_tokens),
+            num_classes=int(head.out_features) if isinstance(head, nn.Linear) else 0,
+            num_heads_out=2 if isinstance(head_dist, nn.Linear) else 1,
+        )
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from maskedkd.v1 import teacher_pb2 as pb
@@ -39,12 +40,15 @@ class TeacherGeometry:
         return self.grid_size[0] * self.grid_size[1]
 
     @classmethod
-    def from_model(cls, model: nn.Module) -> TeacherGeometry:
+    def from_model(cls, model: VisionTransformer) -> TeacherGeometry:
         """The geometry of a timm ViT (a non-overlapping square-patch PatchEmbed; MaskedTeacher checks the rest)."""
         pe = model.patch_embed
+        proj = pe.proj
+        if pe.img_size is None or not isinstance(proj, nn.Conv2d):
+            raise TypeError(f"{type(model).__name__} has no fixed image size and conv patch projection")
         cfg = getattr(model, "pretrained_cfg", None) or {}  # timm's ImageNet mean/std where the model names none
         return cls(image_size=(int(pe.img_size[0]), int(pe.img_size[1])), patch_size=int(pe.patch_size[0]),
-                   in_chans=int(pe.proj.in_channels), num_prefix_tokens=int(model.num_prefix_tokens),
+                   in_chans=int(proj.in_channels), num_prefix_tokens=int(model.num_prefix_tokens),
                    num_classes=int(model.num_classes),
                    mean=tuple(float(v) for v in cfg.get("mean", IMAGENET_DEFAULT_MEAN)),
                    std=tuple(float(v) for v in cfg.get("std", IMAGENET_DEFAULT_STD)))

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention, Mlp, PatchEmbed
+from timm.layers.attention import Attention
+from timm.layers.mlp import Mlp
+from timm.layers.patch_embed import PatchEmbed
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
@@ -85,7 +87,13 @@ class MaskedTeacher(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         check_supported(model)
+        assert isinstance(model, VisionTransformer)  # check_supported raised otherwise
         self.model = model
+        self._patch_embed: PatchEmbed = model.patch_embed
+        proj = self._patch_embed.proj
+        assert isinstance(proj, nn.Conv2d) and model.pos_embed is not None
+        self._proj = proj
+        self._pos_embed: Tensor = model.pos_embed  # [1, embed_len, D]
         self.geometry = TeacherGeometry.from_model(model)
         self.embed_dim: int = int(model.embed_dim)
         self.shape = ViTShape.from_model(model)
@@ -109,7 +117,7 @@ class MaskedTeacher(nn.Module):
         if images.dim() != 4 or images.shape[1] != g.in_chans or tuple(images.shape[2:]) != g.image_size:
             raise ValueError(f"images must be [B, {g.in_chans}, {g.image_size[0]}, {g.image_size[1]}], "
                              f"got {list(images.shape)}")
-        weight = self.model.patch_embed.proj.weight
+        weight = self._proj.weight
         x = images.to(device=weight.device, dtype=weight.dtype)
         if keep_indices is None:
             if keep_counts is not None:
@@ -131,7 +139,7 @@ class MaskedTeacher(nn.Module):
         if patches.dim() != 5 or tuple(patches.shape[1:]) != (k, c, p, p):
             raise ValueError(f"patches must be [B, {k}, {c}, {p}, {p}] to match keep_indices, "
                              f"got {list(patches.shape)}")
-        weight = self.model.patch_embed.proj.weight
+        weight = self._proj.weight
         return patches.to(device=weight.device, dtype=weight.dtype)
 
     def _resolve_keep(self, keep_indices: Tensor, keep_counts: Tensor | None,
@@ -142,7 +150,7 @@ class MaskedTeacher(nn.Module):
             raise ValueError(f"keep_indices must be [B={batch}, K>=1], got {list(keep_indices.shape)}")
         if keep_indices.dtype.is_floating_point or keep_indices.dtype.is_complex or keep_indices.dtype == torch.bool:
             raise ValueError(f"keep_indices must be an integer tensor, got {keep_indices.dtype}")
-        device = self.model.patch_embed.proj.weight.device
+        device = self._proj.weight.device
         idx = keep_indices.to(device=device, dtype=torch.long)
         if keep_counts is None:
             return idx, None
@@ -155,7 +163,7 @@ class MaskedTeacher(nn.Module):
 
     def _patch_pos_embed(self) -> Tensor:
         """Position embedding of the N grid positions, [N,D]."""
-        pos = self.model.pos_embed[0]
+        pos = self._pos_embed[0]
         return pos if self.model.no_embed_class else pos[self.geometry.num_prefix_tokens:]
 
     def _prefix_tokens(self) -> Tensor | None:
@@ -165,7 +173,7 @@ class MaskedTeacher(nn.Module):
         if not parts:
             return None
         prefix = torch.cat(parts, dim=1)
-        return prefix if m.no_embed_class else prefix + m.pos_embed[:, : self.geometry.num_prefix_tokens]
+        return prefix if m.no_embed_class else prefix + self._pos_embed[:, : self.geometry.num_prefix_tokens]
 
     def _embed(self, patches: Tensor, idx: Tensor | None) -> Tensor:
         """The patch conv as a matmul over flattened patches, then the gathered pos embed: [B,K,D]."""
@@ -175,7 +183,8 @@ class MaskedTeacher(nn.Module):
         x = F.linear(patches.reshape(B, K, -1), weight.reshape(weight.shape[0], -1), pe.proj.bias)  # [B,K,D]
         x = pe.norm(x)
         pos = self._patch_pos_embed()  # [N,D]
-        return x + (pos if idx is None else pos[idx])
+        embedded: Tensor = x + (pos if idx is None else pos[idx])
+        return embedded
 
     def _forward_kept(self, patches: Tensor, idx: Tensor, valid: Tensor | None) -> Tensor:
         tokens = self._embed(patches, idx)
@@ -217,4 +226,5 @@ class MaskedTeacher(nn.Module):
         else:
             peak = x.masked_fill(~keep[..., None], float("-inf")).amax(dim=1)  # [B,D]
             pooled = peak if m.global_pool == "max" else 0.5 * (peak + avg)
-        return m.head(m.head_drop(m.fc_norm(pooled)))
+        logits: Tensor = m.head(m.head_drop(m.fc_norm(pooled)))
+        return logits
