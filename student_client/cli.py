@@ -13,17 +13,11 @@ import shlex
 import sys
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from maskedkd.settings_cli import EXIT_USAGE, FlagError, OneLineParser, add_settings_flags, settings_from_flags
 from student_client.config import ENV_PREFIX, TrainConfig
-from student_client.settings_cli import (
-    EXIT_USAGE,
-    OneLineParser,
-    add_model_arguments,
-    describe_validation_error,
-    given,
-)
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
@@ -46,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a timm student (MaskedKD against a teacher, or plain with --mode none)",
                        description="Every flag also reads env MASKEDKD_STUDENT_<FLAG>; a flag given wins.")
-    add_model_arguments(t, TrainConfig)
-    add_model_arguments(t, LaunchOptions)
+    add_settings_flags(t, TrainConfig)
+    add_settings_flags(t, LaunchOptions)
 
     e = sub.add_parser("eval", help="top-1 / top-5 of a checkpoint on an ImageFolder split")
     e.add_argument("--checkpoint", required=True, help=".safetensors file, checkpoint dir, or a training --out dir")
@@ -62,12 +56,9 @@ def _settings(args: argparse.Namespace) -> tuple[TrainConfig, LaunchOptions]:
     """The validated TrainConfig and LaunchOptions of the given flags (env and defaults fill the rest)."""
     import torch
 
-    launch = LaunchOptions(**given(args, LaunchOptions))
-    flags = given(args, TrainConfig)
+    launch = settings_from_flags(LaunchOptions, args)
     use_gpu = launch.device == "cuda" or (launch.device == "auto" and torch.cuda.is_available())
-    if launch.local:
-        flags["workers"] = 1
-    return TrainConfig(**flags, use_gpu=use_gpu), launch
+    return settings_from_flags(TrainConfig, args, use_gpu=use_gpu, workers=1 if launch.local else None), launch
 
 
 def resume_command(argv: list[str]) -> str:
@@ -145,7 +136,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)  # a bad flag: one line, exit 2
+    try:
+        args = build_parser().parse_args(argv)
+    except FlagError as err:  # a bad flag: one line, exit 2
+        return _error(str(err), EXIT_USAGE)
     from maskedkd.checkpoints import CheckpointError
     from student_client.errors import TeacherError
     from student_client.preflight import UsageError
@@ -153,10 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _train(args) if args.command == "train" else _eval(args)
-    except ValidationError as err:
-        model = LaunchOptions if err.title == LaunchOptions.__name__ else TrainConfig
-        return _error(describe_validation_error(err, model), EXIT_USAGE)
-    except UsageError as err:
+    except (FlagError, UsageError) as err:
         return _error(str(err), EXIT_USAGE)
     except (TeacherError, TrainingError, CheckpointError, ValueError, FileNotFoundError, OSError) as err:
         return _error(str(err) or type(err).__name__, EXIT_ERROR)

@@ -1,5 +1,5 @@
 """TrainConfig: everything one training run needs, validated once. The `student-client train` flags are derived from
-its fields (`student_client.settings_cli`); every field also reads env `MASKEDKD_STUDENT_<FIELD>` (the teacher
+its fields (`maskedkd.settings_cli`); every field also reads env `MASKEDKD_STUDENT_<FIELD>` (the teacher
 address, API key and TLS files also their older names, e.g. `MASKEDKD_API_KEY`). Every Ray worker receives it as a
 dict (`to_dict` / `from_dict`); relative paths are made absolute here, because Ray workers run in another directory.
 """

@@ -10,13 +10,15 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any
 
+from maskedkd.settings_cli import FlagError, OneLineParser, settings_from_flags
+from teacher_server.cli.dashboard import add_dashboard_arguments
 from teacher_server.cli.settings_flags import (
     SECRET_FIELDS,
-    SettingsError,
-    add_setting_flags,
-    settings_from_flags,
+    add_secret_refusals,
+    add_server_flags,
+    secret_on_command_line,
 )
 from teacher_server.settings import ServerSettings
 
@@ -29,13 +31,11 @@ class CliError(Exception):
     """A user-facing failure: printed as one line, exit code 2."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, not usage + message
-        raise CliError(f"{message} (see {self.prog} --help)")
+_Parser = OneLineParser  # errors: one line (FlagError), not usage + message
 
 
 def _add_db(p: argparse.ArgumentParser) -> None:
-    add_setting_flags(p, ["db"])
+    add_server_flags(p, ["db"])
 
 
 def _optional_float(text: str) -> float | None:
@@ -60,13 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     serve = sub.add_parser("serve", help="serve a teacher over gRPC")
-    add_setting_flags(serve, SERVE_FIELDS)
+    add_server_flags(serve, SERVE_FIELDS)
     serve.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
-    from teacher_server.dashboard.server import (  # light: no FastAPI
-        add_dashboard_arguments,
-        add_secret_refusals,
-    )
-
     add_secret_refusals(serve)
 
     keys = sub.add_parser("keys", help="manage API keys")
@@ -129,11 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace | None = None, names: tuple[str, ...] = (), **values: Any) -> ServerSettings:
-    """ServerSettings from the environment and the given flags; a bad value is a CliError naming its flag."""
-    try:
-        return settings_from_flags(args or argparse.Namespace(), names, **values)
-    except SettingsError as exc:
-        raise CliError(str(exc)) from exc
+    """ServerSettings from the environment and the given flags; a bad value is a FlagError naming its flag."""
+    return settings_from_flags(ServerSettings, args or argparse.Namespace(), names, **values)
 
 
 def _sessions(db: str | None, *, must_exist: bool = False) -> Any:
@@ -152,19 +144,12 @@ def _sessions(db: str | None, *, must_exist: bool = False) -> Any:
 
 
 def _without_password(url: str) -> str:
-    """The URL as shown to the user: a Postgres password never reaches the terminal or a log."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
+    from teacher_server.ledger.database import url_without_password  # sqlalchemy: not for `--help`
 
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return repr(url)
+    return url_without_password(url)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from teacher_server.dashboard.server import secret_on_command_line
-
     refusal = secret_on_command_line(args)
     if refusal:
         raise CliError(refusal)
@@ -350,11 +335,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "health":
             return _cmd_health(args)
         if args.command == "dashboard":
-            from teacher_server.dashboard.server import run_dashboard_command
+            from teacher_server.cli.dashboard import run_dashboard_command
 
             return run_dashboard_command(args)
         return _cmd_usage(args)
-    except CliError as exc:
+    except (CliError, FlagError) as exc:
         print(f"teacher-server: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -1,7 +1,7 @@
-"""Running the dashboard: in the foreground (`teacher-server dashboard`) or in a background thread (tests, demo)."""
+"""Running the dashboard in a background thread (`teacher-server serve --dashboard-port`, tests, demo); the
+foreground `teacher-server dashboard` command is teacher_server/cli/dashboard.py."""
 from __future__ import annotations
 
-import argparse
 import sys
 import threading
 import time
@@ -14,40 +14,6 @@ if TYPE_CHECKING:  # heavy imports stay out of `teacher-server --help`
 
     from teacher_server.settings import ServerSettings
 
-DEFAULT_PORT = 8080
-
-
-# the settings `teacher-server dashboard` reads, and the flags whose names differ from the fields'
-DASHBOARD_FIELDS = ("db", "dashboard_host", "dashboard_port", "admin_token_file", "viewer_token_file",
-                    "dashboard_public", "tls_cert", "tls_key")
-DASHBOARD_FLAGS = {"dashboard_host": "--host", "dashboard_port": "--port"}
-
-
-def add_dashboard_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `teacher-server dashboard`, derived from ServerSettings (flags override the MASKEDKD_* env)."""
-    from teacher_server.cli.settings_flags import add_setting_flags
-
-    add_setting_flags(parser, DASHBOARD_FIELDS, flags=DASHBOARD_FLAGS, aliases={"dashboard_public": ("--public",)},
-                      helps={"dashboard_port": f"port to listen on (unset: {DEFAULT_PORT})"})
-    add_secret_refusals(parser)
-
-
-def add_secret_refusals(parser: argparse.ArgumentParser) -> None:
-    """`--admin-token VALUE` / `--viewer-token VALUE` stay known, to be refused with a pointer to the environment
-    and file options (a value on the command line shows in `ps`)."""
-    parser.add_argument("--admin-token", help=argparse.SUPPRESS)
-    parser.add_argument("--viewer-token", help=argparse.SUPPRESS)
-
-
-def secret_on_command_line(args: argparse.Namespace) -> str | None:
-    """The one-line refusal when a token was given as a command-line value, else None."""
-    for flag, env in (("admin_token", "MASKEDKD_ADMIN_TOKEN"), ("viewer_token", "MASKEDKD_VIEWER_TOKEN")):
-        if getattr(args, flag, None) is not None:
-            dashed = "--" + flag.replace("_", "-")
-            return (f"{dashed} VALUE is not accepted (command lines show in `ps`): set {env} or pass "
-                    f"{dashed}-file FILE")
-    return None
-
 
 def warn_if_public(settings: ServerSettings) -> None:
     """Public read views are meant for a loopback-only address; elsewhere say so on stderr (not refused: behind a
@@ -55,73 +21,6 @@ def warn_if_public(settings: ServerSettings) -> None:
     if settings.dashboard_public and settings.dashboard_host not in ("127.0.0.1", "::1", "localhost"):
         print(f"teacher-server: warning: dashboard read views are public on {settings.dashboard_host}: whoever "
               "reaches the port reads key names and costs", file=sys.stderr, flush=True)
-
-
-def settings_from_args(args: argparse.Namespace) -> ServerSettings:
-    """ServerSettings from the environment, overridden by the flags that were given (SettingsError: one line)."""
-    from teacher_server.cli.settings_flags import settings_from_flags
-
-    return settings_from_flags(args, DASHBOARD_FIELDS, flags=DASHBOARD_FLAGS)
-
-
-def _without_password(url: str) -> str:
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return repr(url)
-
-
-def run_dashboard_command(args: argparse.Namespace) -> int:
-    """`teacher-server dashboard ...`: serve until Ctrl-C. Returns the exit status."""
-    import uvicorn
-
-    from teacher_server.cli.settings_flags import SettingsError
-    from teacher_server.dashboard.app import create_app
-
-    refusal = secret_on_command_line(args)
-    if refusal:
-        print(f"teacher-server dashboard: error: {refusal}", file=sys.stderr)
-        return 2
-    try:
-        settings = settings_from_args(args)
-    except SettingsError as exc:
-        print(f"teacher-server dashboard: error: {exc}", file=sys.stderr)
-        return 2
-    port = DEFAULT_PORT if settings.dashboard_port is None else settings.dashboard_port
-    from teacher_server.service.tls import TlsConfigError, load_tls_files
-
-    try:
-        load_tls_files(settings)
-    except TlsConfigError as exc:
-        print(f"teacher-server dashboard: error: {exc}", file=sys.stderr)
-        return 2
-    from teacher_server.ledger.database import missing_sqlite_file
-
-    missing = missing_sqlite_file(settings.db)
-    if missing is not None:  # the standalone dashboard reads a ledger; a typo must not create an empty one
-        print(f"teacher-server dashboard: error: no ledger at {missing} (check --db or MASKEDKD_DB; "
-              "`teacher-server serve` creates one)", file=sys.stderr)
-        return 2
-    warn_if_public(settings)
-    try:
-        app = create_app(settings)
-    except Exception as exc:  # a bad URL or an unreachable database: one line, not a trace
-        reason = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
-        print(f"teacher-server dashboard: error: cannot open the ledger {_without_password(settings.db)}: {reason}",
-              file=sys.stderr)
-        return 2
-    admin = "on" if settings.admin_token else "off (set MASKEDKD_ADMIN_TOKEN or --admin-token-file)"
-    views = ("public" if settings.dashboard_public else "viewer or admin token" if settings.viewer_token
-             or settings.admin_token else "locked (set MASKEDKD_VIEWER_TOKEN, or --public)")
-    scheme = "https" if settings.tls_cert else "http"
-    print(f"dashboard: {scheme}://{settings.dashboard_host}:{port}/  (API docs at /docs; admin API {admin}; "
-          f"read views {views})", flush=True)
-    uvicorn.run(app, host=settings.dashboard_host, port=port, log_level="warning",
-                ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key)
-    return 0
 
 
 @dataclass

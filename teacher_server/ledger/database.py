@@ -48,6 +48,17 @@ def missing_sqlite_file(url: str) -> Path | None:
     return None if path.exists() else path
 
 
+def url_without_password(url: str) -> str:
+    """A ledger URL as shown to the user: a Postgres password never reaches the terminal or a log."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return repr(url)
+
+
 def open_ledger(url: str, *, busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S) -> sessionmaker[Session]:
     """Engine + schema (created or upgraded to the newest Alembic revision) + a session factory, in one call."""
     from teacher_server.ledger.migrate import upgrade_to_head

@@ -118,7 +118,7 @@ def parse_cli(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Name
     try:
         with contextlib.redirect_stderr(stderr):
             return parser.parse_args(argv)
-    except (SystemExit, Exception) as exc:  # argparse exits; teacher-server's parser raises its CliError
+    except (SystemExit, Exception) as exc:  # both CLIs' parsers raise maskedkd.settings_cli.FlagError
         message = stderr.getvalue().strip() or str(exc)
         raise AssertionError(f"{parser.prog} {' '.join(argv)}: {message}") from None
 

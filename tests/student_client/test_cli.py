@@ -21,9 +21,9 @@ from student_testkit import (
 from torchvision import datasets, transforms
 
 from maskedkd.checkpoints import load_model
+from maskedkd.settings_cli import settings_from_flags
 from student_client.cli import build_parser, main, resume_command
 from student_client.config import TrainConfig
-from student_client.settings_cli import given
 
 pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
 
@@ -118,7 +118,7 @@ def test_train_flags_are_derived_from_train_config_and_env_fills_what_is_not_giv
     monkeypatch.chdir(tmp_path)
     parser = build_parser()
     args = parser.parse_args(["train", "--data", "d", "--out", "o", "--mode", "none"])
-    cfg = TrainConfig(**given(args, TrainConfig))
+    cfg = settings_from_flags(TrainConfig, args)
     defaults = TrainConfig(data="d", out="o", mode="none")
     assert cfg == defaults and cfg.epochs == 1 and cfg.eval and cfg.student_kwargs == {}
     assert cfg.data == str(tmp_path / "d") and cfg.out == str(tmp_path / "o")  # absolute before Ray sees them
@@ -141,12 +141,21 @@ def test_train_flags_are_derived_from_train_config_and_env_fills_what_is_not_giv
     monkeypatch.setenv("MASKEDKD_TEACHER", "127.0.0.1:50051")
     args = parser.parse_args(["train", "--data", "d", "--out", "o", "--lambda", "0.5", "--no-eval",
                               "--storage", "s3://bucket/runs", "--teacher-ca", "ca.pem"])
-    cfg = TrainConfig(**given(args, TrainConfig))
+    cfg = settings_from_flags(TrainConfig, args)
     assert (cfg.epochs, cfg.student_kwargs, cfg.lambda_kd, cfg.eval) == (3, {"img_size": 32}, 0.5, False)
     assert cfg.teacher == "127.0.0.1:50051" and cfg.api_key == "mkd_secret_value"
     assert cfg.storage == "s3://bucket/runs" and cfg.teacher_ca == str(tmp_path / "ca.pem")
-    assert TrainConfig(**given(parser.parse_args(["train", "--data", "d", "--out", "o", "--epochs", "2"]),
-                               TrainConfig)).epochs == 2
+    assert settings_from_flags(TrainConfig, parser.parse_args(["train", "--data", "d", "--out", "o", "--epochs",
+                                                               "2"])).epochs == 2
+    # a bool set in the environment is turned off by its --no-x flag; not given, the environment holds
+    monkeypatch.setenv("MASKEDKD_STUDENT_HARD", "true")
+    monkeypatch.setenv("MASKEDKD_STUDENT_TRAIN_HEAD_ONLY", "1")
+    monkeypatch.setenv("MASKEDKD_STUDENT_EVAL", "false")
+    kept = settings_from_flags(TrainConfig, parser.parse_args(["train", "--data", "d", "--out", "o"]))
+    assert (kept.hard, kept.train_head_only, kept.eval) == (True, True, False)
+    flipped = settings_from_flags(TrainConfig, parser.parse_args(["train", "--data", "d", "--out", "o", "--no-hard",
+                                                                  "--no-train-head-only", "--eval"]))
+    assert (flipped.hard, flipped.train_head_only, flipped.eval) == (False, False, True)
 
     # a Ray worker gets it as a dict and rebuilds the same config; the key never shows in repr or config.json
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg and cfg.to_dict()["api_key"] == "mkd_secret_value"
@@ -196,18 +205,16 @@ def test_bad_values_are_one_line_exit_2_before_ray_starts(
 
 
 @pytest.mark.parametrize("flags,needle", [
-    (["--epochs", "x"], "--epochs: Input should be a valid integer"),
+    (["--epochs", "x"], "--epochs: invalid int value: 'x'"),
+    (["--epochs", "0"], "--epochs: Input should be greater than or equal to 1 (got 0)"),
     (["--mode", "bogus"], "--mode: invalid choice: 'bogus'"),
-    (["--bogus"], "unrecognized arguments: --bogus"), ([], "required: --data"),
+    (["--bogus"], "unrecognized arguments: --bogus"), ([], "--data is required (or env MASKEDKD_STUDENT_DATA)"),
 ])
 def test_bad_flags_are_one_line_exit_2_without_the_usage(
     capsys: pytest.CaptureFixture[str], flags: list[str], needle: str,
 ) -> None:
     args = ["train", *(["--data", "d"] if flags else []), "--out", "o", "--mode", "none", *flags]
-    try:
-        code = main(args)
-    except SystemExit as exc:  # argparse's own checks
-        code = exc.code  # type: ignore[assignment]
+    code = main(args)
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "usage" not in err
     assert err.startswith("student-client: error: ") and needle in err, err
