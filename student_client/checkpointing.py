@@ -23,6 +23,7 @@ from maskedkd.checkpoints import (
     read_checkpoint_meta,
     save_model_checkpoint,
 )
+from student_client.errors import one_line
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
@@ -121,7 +122,7 @@ def load_training_checkpoint(
     try:
         model.load_state_dict(load_state_dict(weights), strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {weights} does not fit the student: {' '.join(str(exc).split())}") from exc
+        raise CheckpointError(f"checkpoint {weights} does not fit the student: {one_line(exc)}") from exc
     blob = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=False)
     if optimizer is not None:
         optimizer.load_state_dict(blob["optimizer"])

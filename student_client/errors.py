@@ -37,15 +37,25 @@ FATAL_ERRORS: tuple[type[TeacherError], ...] = (TeacherAuthError, TeacherQuotaEr
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
-def _one_line(text: str) -> str:
-    lines = [line.strip() for line in (text or "").strip().splitlines() if line.strip()]
-    return lines[0] if lines else ""
+def one_line(text: object, limit: int | None = None) -> str:
+    """`text` (e.g. an exception; None: "") with every run of whitespace, newlines too, made one space, clipped to
+    `limit` characters."""
+    return " ".join(_text(text).split())[:limit]
+
+
+def first_line(text: object, limit: int | None = None) -> str:
+    """The first non-blank line of `text` (e.g. an exception; None: ""), stripped, clipped to `limit` characters."""
+    return next((line.strip() for line in _text(text).splitlines() if line.strip()), "")[:limit]
+
+
+def _text(text: object) -> str:
+    return "" if text is None else str(text)
 
 
 def error_from_rpc(err: grpc.RpcError, target: str, *, attempts: int = 1) -> TeacherError:
     """The typed error for a failed call; the message names the teacher and the server's reason."""
     code: grpc.StatusCode = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
-    details = _one_line(err.details() if hasattr(err, "details") else str(err)) or code.name.lower()
+    details = first_line(err.details() if hasattr(err, "details") else err) or code.name.lower()
     name = code.name if code is not None else "UNKNOWN"
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         return TeacherAuthError(f"teacher at {target} refused the API key: {details}", code=name)

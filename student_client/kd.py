@@ -42,16 +42,16 @@ from torch import nn
 
 from student_client import keep_auto
 from student_client.client import InferResult, TeacherClient
+from student_client.collective import TorchDistCollective
 from student_client.data import Normalizer
 from student_client.determinism import step_seed
 from student_client.errors import TeacherInputError
-from student_client.keep_probe import KeepProber, ProcessGroup, probe_and_decide
+from student_client.kd_step import build_kd_step
 from student_client.losses import DistillationLoss
 from student_client.pipeline import OverlapStats
-from student_client.sips import STRATEGIES, SIPSCapture, _num_keep, _unwrap
+from student_client.sips import STRATEGIES, _num_keep, _unwrap
 from student_client.stream import TeacherStream
 from student_client.student import describe_student
-from student_client.train_step import PatchSelector, StepRunner
 from student_client.wire import ModelInfo, Usage
 
 PRECISIONS = ("fp32", "bf16", "auto")
@@ -127,8 +127,6 @@ class MaskedKD:
             _num_keep(keep, self.info.num_patches)  # type: ignore[arg-type]  # ValueError naming the range
         elif keep_every < 1 or keep_probes < 1:
             raise ValueError(f"keep_every and keep_probes must be >= 1, got {keep_every}, {keep_probes}")
-        needs_scores = strategy in ("sips", "bottom") or (auto and spec.grid_size is not None)
-        capture = SIPSCapture(student) if needs_scores else None  # SIPSUnsupportedModelError names what works
         if spec.distilled:
             raw.set_distilled_training(True)  # type: ignore[operator]
 
@@ -143,21 +141,18 @@ class MaskedKD:
         self.last = KDStep()
         self.total_usage = Usage()             # every answer since construction (replays included)
         self.total_billed = Usage()            # what the teacher billed since construction: equals the ledger
-        self._capture = capture
-        self._stream = TeacherStream(teacher) if transport == "stream" else None
+        self._stream: TeacherStream | None = None
         self._futures: list[Future[InferResult]] = []
-        device = next(raw.parameters()).device
         self.criterion = DistillationLoss(lambda_kd, tau, hard, label_smoothing)
-        self._selector = PatchSelector(self.settings, capture, spec.grid_size, self.info.grid_size,
-                                       torch.Generator())
-        normalize = Normalizer(mean or spec.mean, std or spec.std, device)
-        self._runner = StepRunner(self.settings, student, raw, normalize, self.criterion, self._selector,
-                                  self._submit, request_id_prefix=self.run_id)
-        # keep="auto": probes and decisions (keep_probe), agreed over torch.distributed ranks when initialized
-        self._prober = None if not auto else KeepProber(
-            raw_model=raw, normalize=normalize, selector=self._selector, submit=self._submit, probes=keep_probes,
-            tau=tau, timeout_s=self.settings.teacher_wait_s)
-        self._keep_target = (keep_every, keep_max_kl, keep_min_agreement)
+        normalize = Normalizer(mean or spec.mean, std or spec.std, next(raw.parameters()).device)
+        auto_settings = keep_auto.KeepAutoSettings(every=keep_every, probes=keep_probes, max_kl=keep_max_kl,
+                                                   min_agreement=keep_min_agreement) if auto else None
+        # the step `student-client train --mode kd` runs (kd_step); SIPSUnsupportedModelError names what works
+        self._step = build_kd_step(
+            self.settings, model=student, raw_model=raw, spec=spec, normalize=normalize, criterion=self.criterion,
+            submit=self._submit, teacher_grid=self.info.grid_size, request_id_prefix=self.run_id,
+            keep_auto=auto_settings)
+        self._stream = TeacherStream(teacher) if transport == "stream" else None
         self.keep_decisions: list[dict[str, Any]] = []  # keep="auto": one record per decision (keep_probe)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, *, step: int | None = None) -> torch.Tensor:
@@ -166,18 +161,18 @@ class MaskedKD:
         request ids; the same step with the same inputs is answered from the teacher's ledger, unbilled."""
         x = images.float().div_(255.0) if images.dtype == torch.uint8 else images  # [B, C, H, W] in [0, 1]
         step = self.step if step is None else step
-        self._selector.generator.manual_seed(step_seed(self.seed, 0, step, 0, "select"))
+        self._step.seed_selection(step_seed(self.seed, 0, step, 0, "select"))
         self._futures = []
         known, probe_usage = None, Usage()
-        every, max_kl, min_agreement = self._keep_target
-        if self._prober is not None and (step % every == 0 or not self.keep_decisions):
-            decided = probe_and_decide(self._prober, ProcessGroup(), x, step=step, prefix=self.run_id,
-                                       max_kl=max_kl, min_agreement=min_agreement)
+        # keep="auto": agreed over the torch.distributed ranks when a process group is initialized
+        decided = self._step.decide_keep_if_due(TorchDistCollective(), x, step=step, prefix=self.run_id,
+                                                decided_before=bool(self.keep_decisions))
+        if decided is not None:
             if decided.error is not None:
                 raise decided.raised or TeacherInputError(decided.error)
             known, probe_usage = decided.known, decided.usage
             self.keep_decisions.append(decided.record)
-        result = self._runner(x, labels, step, known=known)
+        result = self._step.runner(x, labels, step, known=known)
         answers = [fut.result()[1] for fut in self._futures]  # all done: the runner gathered every one
         billed = sum((u for u in answers if not u.replayed), Usage())
         self.last = KDStep(step=step, loss=float(result.loss.total.detach()), ce=float(result.loss.ce),
@@ -200,8 +195,7 @@ class MaskedKD:
 
     def close(self) -> None:
         """Remove the SIPS hook and close the stream (the TeacherClient stays open: it is the caller's)."""
-        if self._capture is not None:
-            self._capture.remove()
+        self._step.close()
         if self._stream is not None:
             self._stream.close(timeout_s=5.0)
             self._stream = None

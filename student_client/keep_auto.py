@@ -38,6 +38,16 @@ STAY_KL_FACTOR, STAY_AGREEMENT_SLACK = 1.2, 0.05
 
 
 @dataclass(frozen=True)
+class KeepAutoSettings:
+    """When and against what target `--keep auto` decides (TrainConfig's --keep-* flags, MaskedKD's keep_*)."""
+
+    every: int = EVERY                   # probe and decide again every N steps
+    probes: int = PROBES                 # images per worker sent as probes at a decision
+    max_kl: float = MAX_KL               # largest mean KL(full || masked) of the teacher's softened outputs
+    min_agreement: float = MIN_AGREEMENT  # smallest top-1 agreement with the full image
+
+
+@dataclass(frozen=True)
 class Rung:
     strategy: str   # sips | random
     keep: float     # fraction of the teacher's patches

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from maskedkd.purpose import PROBE
+from student_client.collective import Collective, first_error
 from student_client.data import Normalizer
 from student_client.errors import FATAL_ERRORS, TeacherError, TeacherUnavailableError
 from student_client.keep_auto import Rung, choose, ladder, rung_sums
@@ -82,13 +82,6 @@ class KeepProber:
         return ProbeOutcome(rung_sums(full, [lg for lg, _ in answers[1:]], self.tau), full, usage)
 
 
-class Collective(Protocol):
-    """What a decision needs of the worker context (LocalContext / RayContext)."""
-
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor: ...
-    def all_gather_object(self, obj: Any) -> list[Any]: ...
-
-
 @dataclass
 class KeepDecision:
     known: torch.Tensor | None   # [P, classes] full-image logits of this worker's probe images (their KD target)
@@ -119,7 +112,7 @@ def probe_and_decide(prober: KeepProber, ctx: Collective, images: torch.Tensor, 
         local[-1] = 1.0
     total = ctx.all_reduce(local)
     if float(total[-1]) > 0:
-        message = next((m for m in ctx.all_gather_object(error) if m), "fatal teacher error in a probe")
+        message = first_error(ctx, error, "fatal teacher error in a probe")
         return KeepDecision(None, Usage(), {}, message, raised)
     assert outcome is not None
     decision = choose(prober.rungs, total[:3 * r].view(r, 3), max_kl=max_kl, min_agreement=min_agreement,
@@ -129,24 +122,6 @@ def probe_and_decide(prober: KeepProber, ctx: Collective, images: torch.Tensor, 
               "agreement": decision.agreement, "probe_gflops": float(total[3 * r]),
               "probe_cost": float(total[3 * r + 1])}
     return KeepDecision(outcome.full_logits, outcome.usage, record)
-
-
-class ProcessGroup:
-    """The default torch.distributed group when one is initialized (the library under DDP), else this process."""
-
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return tensor
-        moved = tensor.to(torch.device("cpu") if dist.get_backend() == "gloo" else tensor.device).clone()
-        dist.all_reduce(moved)
-        return moved.to(tensor.device)
-
-    def all_gather_object(self, obj: Any) -> list[Any]:
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return [obj]
-        out: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
 
 
 def apply_decision(selector: PatchSelector, record: dict[str, Any]) -> None:

@@ -15,15 +15,11 @@ import torch
 from torch import nn
 
 from student_client.config import TrainConfig
+from student_client.errors import one_line
 
 
 class UsageError(ValueError):
     """A flag's value cannot work; str(err) is one line that names the flag."""
-
-
-def one_line(text: object) -> str:
-    """`text` with every run of whitespace (newlines too) made one space."""
-    return " ".join(str(text).split())
 
 
 def check_data(cfg: TrainConfig) -> list[str]:

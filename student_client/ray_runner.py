@@ -23,16 +23,11 @@ from typing import Any
 
 from student_client.config import TrainConfig
 from student_client.determinism import run_id_for
-from student_client.errors import TeacherError
+from student_client.errors import TeacherError, first_line
 
 
 class TrainingError(RuntimeError):
     """Training stopped; str(err) is one line that says why."""
-
-
-def _first_line(text: str) -> str:
-    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
-    return lines[0] if lines else ""
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -60,7 +55,7 @@ def describe_failure(err: BaseException) -> str:
     root = _root_cause(err)
     if isinstance(root, TeacherError):
         return str(root)
-    message = _first_line(str(root))
+    message = first_line(root)
     # RayTaskError strings start with the task name; keep the user's exception line when it is there.
     for line in str(root).splitlines()[::-1]:
         if line.strip() and not line.startswith(" ") and ":" in line:

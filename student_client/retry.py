@@ -22,7 +22,7 @@ from typing import TextIO
 
 import grpc
 
-from student_client.errors import RETRYABLE_CODES, error_from_rpc
+from student_client.errors import RETRYABLE_CODES, error_from_rpc, first_line
 
 DEFAULT_PATIENCE_S = 120.0  # longer than a teacher restart (model load, ~5-30 s) with room for a slow host
 
@@ -88,7 +88,7 @@ class RetryPolicy:
             if self._waiting_since is not None:
                 return
             self._waiting_since = time.monotonic()
-        detail = next(iter((err.details() or "").splitlines()), "")[:200] if hasattr(err, "details") else ""
+        detail = first_line(err.details(), 200) if hasattr(err, "details") else ""
         self._say(f"teacher at {self.target} unavailable ({err.code().name}: {detail}); waiting up to "
                   f"{self.patience_s:g}s, retrying under the same request ids")
 

@@ -10,6 +10,8 @@ import torch
 from timm.data import resolve_data_config
 from torch import nn
 
+from student_client.errors import first_line
+
 
 @dataclass(frozen=True)
 class StudentSpec:
@@ -29,7 +31,7 @@ def create_student(name: str, kwargs: dict[str, Any]) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=False, **kwargs)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"cannot build student {name!r} with {kwargs}: {str(exc).splitlines()[0]}") from exc
+        raise ValueError(f"cannot build student {name!r} with {kwargs}: {first_line(exc)}") from exc
 
 
 def describe_student(model: nn.Module) -> StudentSpec:

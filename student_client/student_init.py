@@ -16,7 +16,7 @@ import torch
 from timm.models import load_state_dict
 from torch import nn
 
-from student_client.preflight import one_line
+from student_client.errors import one_line
 from student_client.student import classifier_modules
 
 
@@ -39,8 +39,8 @@ def init_student(model: nn.Module, path: str | Path, *, assign: bool = False) ->
     try:
         state: dict[str, torch.Tensor] = load_state_dict(str(path), use_ema=False)
     except Exception as err:  # safetensors, torch.load and pickle raise many kinds for a file that is not a state dict
-        reason = one_line(err) or type(err).__name__
-        raise StudentInitError(f"--init: {path} is not a state dict (.safetensors or .pth): {reason[:160]}") from err
+        reason = one_line(err, 160) or type(err).__name__
+        raise StudentInitError(f"--init: {path} is not a state dict (.safetensors or .pth): {reason}") from err
     filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:
         try:

@@ -67,11 +67,20 @@ def student_autocast(precision: str, device: torch.device) -> contextlib.Abstrac
 class StepSettings(Protocol):
     """What a step reads from its config: a TrainConfig, or `student_client.kd.KDSettings` for MaskedKD."""
 
-    mode: str                 # kd | none | mask-student
-    strategy: str             # sips | random | bottom | all
-    micro_batches: int        # App. E pipelining: teacher on micro-batch i while the student computes i+1
-    precision: str            # auto | bf16 | fp32 (student forward autocast)
-    keep_mass: float | None   # per-image K: each image's fewest top-SIPS patches holding this share (sips only)
+    @property
+    def mode(self) -> str: ...                # kd | none | mask-student
+
+    @property
+    def strategy(self) -> str: ...            # sips | random | bottom | all
+
+    @property
+    def micro_batches(self) -> int: ...       # App. E pipelining: teacher on micro-batch i while the student on i+1
+
+    @property
+    def precision(self) -> str: ...           # auto | bf16 | fp32 (student forward autocast)
+
+    @property
+    def keep_mass(self) -> float | None: ...  # per-image K: each image's fewest top-SIPS patches holding this share
 
     @property
     def keep_value(self) -> float | int: ...  # what select_patches takes: a fraction or an int count

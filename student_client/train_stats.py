@@ -1,0 +1,68 @@
+"""The numbers of one training step, by name: this worker's sums (loss x images, images, teacher usage, a fatal-error
+flag, ...), summed over every worker in one all-reduce, then added into the run's TrainState and the epoch's sums.
+Sums, not means, travel, so the totals of all workers come out of one reduction."""
+from __future__ import annotations
+
+from student_client.checkpointing import TrainState
+from student_client.collective import Collective, sum_over_workers
+from student_client.train_step import StepResult
+from student_client.wire import Usage
+
+StepStats = dict[str, float]
+STEP_STATS = (
+    "loss", "ce", "kd",                       # loss parts x images (means come from dividing by `images`)
+    "images", "gflops", "full_gflops", "cost", "requests",  # teacher usage, the probes' included
+    "fatal",                                  # workers that hit a fatal teacher error this step
+    "wait_s", "teacher_s",                    # time the student waited for the teacher, and the teacher's time
+    "mismatched", "rebilled",                 # re-sent requests the teacher could not replay as sent (resend.py)
+    "probe_gflops", "probe_cost",             # --keep auto's probes
+    "kept",                                   # sum over images of the share of the teacher's patches answered from
+)
+
+
+def empty_stats() -> StepStats:
+    """Every STEP_STATS number at 0 (an epoch's sums before its first step)."""
+    return dict.fromkeys(STEP_STATS, 0.0)
+
+
+def step_stats(result: StepResult | None, probe_usage: Usage, *, failed: bool, mismatched: int,
+               rebilled: int) -> StepStats:
+    """This worker's numbers of one step (`result` None: the step failed)."""
+    stats: StepStats = {"fatal": 1.0 if failed else 0.0, "mismatched": float(mismatched), "rebilled": float(rebilled)}
+    if result is None:
+        return stats
+    images, usage = result.images, result.usage + probe_usage
+    return stats | {
+        "loss": float(result.loss.total.detach()) * images, "ce": float(result.loss.ce) * images,
+        "kd": float(result.loss.kd) * images, "images": float(images), "gflops": usage.gflops,
+        "full_gflops": usage.full_gflops, "cost": usage.cost, "requests": float(usage.requests),
+        "wait_s": result.stats.wait_s, "teacher_s": result.stats.teacher_s, "probe_gflops": probe_usage.gflops,
+        "probe_cost": probe_usage.cost, "kept": result.kept,
+    }
+
+
+def sum_step_over_workers(ctx: Collective, stats: StepStats) -> StepStats:
+    """Every STEP_STATS number summed over the workers (one all-reduce). A collective."""
+    return sum_over_workers(ctx, stats, STEP_STATS)
+
+
+def add_stats(total: StepStats, stats: StepStats) -> None:
+    """Add one step's numbers into `total` (an epoch's)."""
+    for name, value in stats.items():
+        total[name] = total.get(name, 0.0) + value
+
+
+def account_step(state: TrainState, stats: StepStats, batches_into_epoch: int) -> None:
+    """One optimizer step done: its numbers (summed over the workers) into the run's counters."""
+    state.global_step += 1
+    state.batches_into_epoch = batches_into_epoch
+    state.images_seen += int(stats["images"])
+    state.teacher_gflops += stats["gflops"]
+    state.teacher_full_gflops += stats["full_gflops"]
+    state.teacher_cost += stats["cost"]
+    state.teacher_requests += int(stats["requests"])
+    state.teacher_mismatched_requests += int(stats["mismatched"])
+    state.teacher_rebilled_requests += int(stats["rebilled"])
+    state.probe_gflops += stats["probe_gflops"]
+    state.probe_cost += stats["probe_cost"]
+    state.kept += stats["kept"]
