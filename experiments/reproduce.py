@@ -40,7 +40,7 @@ from experiments import committed_runs
 from experiments.configs import CONFIGS, METHODS_BY_KEY, Method, ReproConfig
 from experiments.datasets import DataError, default_cache, default_tarball, prepare_data
 from experiments.doc_sections import update_section
-from experiments.services import TeacherService, ToolError, train, train_command
+from experiments.services import ReproductionServer, ToolError, train, train_command
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT = committed_runs.RESULT
@@ -119,21 +119,21 @@ def evaluate(run_dir: Path, data: Path, cfg: ReproConfig) -> dict[str, Any]:
 
 
 def _train(cfg: ReproConfig, recipe: Any, method: Method, seed: int, run_dir: Path, data: Path, threads: int,
-           service: TeacherService | None) -> float:
+           server: ReproductionServer | None) -> float:
     # Any earlier attempt, even one stopped before its first checkpoint, is resumed: --resume keeps its run id, so the
     # requests it already paid for are re-sent under the same ids and replayed by the server, not billed again.
     from student_client.determinism import RUN_ID_FILE
 
     resume = (run_dir / "checkpoints").is_dir() or (run_dir / RUN_ID_FILE).is_file()
     kd = method.mode != "none"
-    assert not kd or service is not None
+    assert not kd or server is not None
     cmd = train_command(data=data, out=run_dir, recipe=recipe, mode=method.mode, keep=method.keep,
                         strategy=method.strategy, seed=seed, device=cfg.device, threads=threads,
                         micro_batches=cfg.micro_batches, lambda_kd=cfg.lambda_kd,
                         tau=cfg.tau if method.tau is None else method.tau,
-                        teacher=service.address if kd and service else None, resume=resume,
+                        teacher=server.address if kd and server else None, resume=resume,
                         keep_mass=method.keep_mass)
-    key = service.run_key(run_dir) if kd and service else None
+    key = server.run_key(run_dir) if kd and server else None
     return train(cmd, run_dir / "train.log", api_key=key)
 
 
@@ -176,14 +176,14 @@ def thread_counts(cfg: ReproConfig) -> tuple[int, int]:
 
 
 def run_student(cfg: ReproConfig, method: Method, seed: int, data: Path, out: Path,
-                service: TeacherService | None) -> dict[str, Any]:
+                server: ReproductionServer | None) -> dict[str, Any]:
     run_dir = out / "runs" / f"{method.key}-s{seed}"
     alone, beside = thread_counts(cfg)
     threads = alone if method.mode == "none" else beside
-    wall = _train(cfg, cfg.student, method, seed, run_dir, data, threads, service)
+    wall = _train(cfg, cfg.student, method, seed, run_dir, data, threads, server)
     summary = json.loads((run_dir / "summary.json").read_text())
     zero = {"requests": 0.0, "images": 0.0, "gflops": 0.0, "full_gflops": 0.0, "cost": 0.0}
-    ledger = service.run_usage(run_dir) if service is not None and method.mode != "none" else zero
+    ledger = server.run_usage(run_dir) if server is not None and method.mode != "none" else zero
     result = {"method": method.key, "seed": seed, **evaluate(run_dir, data, cfg), "ledger": ledger,
               "client_gflops": summary.get("teacher_gflops", 0.0), "steps": summary.get("global_step"),
               "train_wall_s": wall, "probe_gflops": summary.get("probe_gflops", 0.0),
@@ -294,7 +294,7 @@ def reproduce(cfg: ReproConfig, *, out: Path, data: Path, teacher_data: Path, do
     print(f"[repro] {len(todo)} student runs to do (of {len(cfg.methods) * len(cfg.seeds)})", flush=True)
     failures: list[str] = []
     report(failures)
-    service: TeacherService | None = None
+    server: ReproductionServer | None = None
     started = time.perf_counter()
     running: dict[Future[dict[str, Any]], tuple[Method, int]] = {}
     finished = 0
@@ -306,13 +306,13 @@ def reproduce(cfg: ReproConfig, *, out: Path, data: Path, teacher_data: Path, do
             while queue or running:
                 while queue and len(running) < cfg.parallel:
                     method, seed = queue.pop(0)
-                    if method.mode != "none" and (service is None or not service.alive):
-                        if service is not None:  # it died: the runs using it fail and are retried next time
-                            service.stop()
-                        service = TeacherService(teacher_checkpoint(cfg, out), out / "ledger.db",
-                                                 out / "teacher-server.log", device=cfg.device,
-                                                 threads=cfg.server_threads).start()
-                    running[pool.submit(run_student, cfg, method, seed, data, out, service)] = (method, seed)
+                    if method.mode != "none" and (server is None or not server.alive):
+                        if server is not None:  # it died: the runs using it fail and are retried next time
+                            server.stop()
+                        server = ReproductionServer(teacher_checkpoint(cfg, out), out / "ledger.db",
+                                                    out / "teacher-server.log", device=cfg.device,
+                                                    threads=cfg.server_threads).start()
+                    running[pool.submit(run_student, cfg, method, seed, data, out, server)] = (method, seed)
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
                     method, seed = running.pop(future)
@@ -332,8 +332,8 @@ def reproduce(cfg: ReproConfig, *, out: Path, data: Path, teacher_data: Path, do
                           f"teacher {r['ledger']['gflops']:.1f} GFLOPs, {r['train_wall_s'] / 60:.1f} min; "
                           f"ETA {eta / 60:.0f} min", flush=True)
     finally:
-        if service is not None:
-            service.stop()
+        if server is not None:
+            server.stop()
     probe_result = run_probe(cfg, out, data, doc)
     write_report(cfg, command, out, data, doc, teacher, probe_result, failures)
     print(f"[repro] wrote {doc}" + (f"; {len(failures)} run(s) failed: {', '.join(failures)}" if failures else ""))

@@ -4,33 +4,25 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 import subprocess
-import sys
-import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from teacher_server.launcher import stop_gracefully
+from student_client.command import train_argv
+from teacher_server.launcher import (
+    LaunchError,
+    ServerProcess,
+    serve_argv,
+    teacher_server_command,
+)
 
-KEY_FILE = "api_key.json"  # a run's API key, kept across its attempts (TeacherService.run_key)
-SERVING = re.compile(r"teacher-server: serving .* on (\S+):(\d+)")
+KEY_FILE = "api_key.json"  # a run's API key, kept across its attempts (ReproductionServer.run_key)
 
 
 class ToolError(RuntimeError):
     """A tool exited non-zero; the message carries the tail of its log."""
-
-
-def tool(name: str) -> list[str]:
-    """The console script beside this interpreter (the venv's), else the one on PATH."""
-    local = Path(sys.executable).with_name(name)
-    found = str(local) if local.exists() else shutil.which(name)
-    if not found:
-        raise ToolError(f"{name} not found: install the project (pip install -e .)")
-    return [found]
 
 
 def _tail(path: Path, chars: int = 1500) -> str:
@@ -52,53 +44,34 @@ def run_tool(cmd: list[str], log: Path, *, timeout_s: float | None = None, log_s
     return proc.stdout
 
 
-class TeacherService:
-    """`teacher-server serve` on a checkpoint, on a free loopback port, with its own SQLite ledger."""
+class ReproductionServer:
+    """The reproduction's teacher: `teacher-server serve` on a checkpoint, on a free loopback port, with its own
+    SQLite ledger; it makes each run's API key and reads back what the ledger billed it."""
 
     def __init__(self, checkpoint: Path, db: Path, log: Path, *, device: str = "cpu", threads: int = 0) -> None:
-        self.checkpoint = checkpoint
-        self.threads = threads          # torch threads of the server (OMP_NUM_THREADS); 0: torch's default
         self.db_url = f"sqlite:///{db}"
-        self.log = log
-        self.device = device
-        self.address: str | None = None
-        self._proc: subprocess.Popen[str] | None = None
-        self._pump: threading.Thread | None = None
-
-    def start(self, timeout_s: float = 300.0) -> TeacherService:
-        cmd = tool("teacher-server") + ["serve", "--checkpoint", str(self.checkpoint), "--host", "127.0.0.1",
-                                        "--port", "0", "--db", self.db_url, "--device", self.device, "--no-metrics"]
-        self.log.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
-        if self.threads > 0:
-            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
-        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-        ready = threading.Event()
+        if threads > 0:  # torch threads of the server; 0: torch's default
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+        self.log = log
+        self.process = ServerProcess(serve_argv("--checkpoint", str(checkpoint), "--host", "127.0.0.1", "--port", "0",
+                                                "--db", self.db_url, "--device", device, "--no-metrics"),
+                                     log=log, env=env, stop_timeout_s=60)
 
-        def pump() -> None:  # keep draining stderr into the log, or the server blocks on a full pipe
-            assert self._proc is not None and self._proc.stderr is not None
-            with self.log.open("a") as f:
-                f.write(f"$ {' '.join(cmd)}\n")
-                for line in self._proc.stderr:
-                    f.write(line)
-                    f.flush()
-                    match = SERVING.search(line)
-                    if match and not ready.is_set():
-                        self.address = f"{match.group(1)}:{match.group(2)}"
-                        ready.set()
-            ready.set()
-
-        self._pump = threading.Thread(target=pump, daemon=True)
-        self._pump.start()
-        ready.wait(timeout_s)
-        if self.address is None:
-            self.stop()
-            raise ToolError(f"teacher-server did not start: {_tail(self.log)}")
+    def start(self, timeout_s: float = 300.0) -> ReproductionServer:
+        try:
+            self.process.start(timeout_s)
+        except LaunchError as exc:
+            raise ToolError(str(exc)) from exc
         return self
 
     @property
+    def address(self) -> str:
+        return self.process.address
+
+    @property
     def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self.process.alive
 
     def run_key(self, run_dir: Path) -> str:
         """The run's key, made on its first attempt and kept in `run_dir/api_key.json` (owner-only): a resumed run
@@ -120,35 +93,33 @@ class TeacherService:
         return secret
 
     def _new_key(self, name: str) -> str:
-        out = run_tool(tool("teacher-server") + ["keys", "create", "--name", name, "--db", self.db_url], self.log,
-                       log_stdout=False)
+        out = self._teacher_server("keys", "create", "--name", name, log_stdout=False)
         secret = out.strip().splitlines()[-1] if out.strip() else ""
         if not secret.startswith("mkd_"):
             raise ToolError(f"teacher-server keys create printed no secret: {out!r}")
         return secret
 
     def _key_names(self) -> set[str]:
-        rows = json.loads(run_tool(tool("teacher-server") + ["keys", "list", "--json", "--db", self.db_url], self.log))
+        rows = json.loads(self._teacher_server("keys", "list", "--json"))
         return {str(r["name"]) for r in rows if not r["disabled"]}
 
     def run_usage(self, run_dir: Path) -> dict[str, float]:
         """Ledger totals of one run's key (`teacher-server usage --json`), the one in `run_dir/api_key.json`: a run
         redone in the same ledger (`reproduce --redo`) is billed under a new key, and the old one's bill stays out."""
         name = json.loads((run_dir / KEY_FILE).read_text())["name"]
-        rows = json.loads(run_tool(tool("teacher-server") + ["usage", "--json", "--db", self.db_url], self.log))
+        rows = json.loads(self._teacher_server("usage", "--json"))
         mine = [r for r in rows if str(r["key"]) == name]
         return {field: float(sum(r[field] for r in mine))
                 for field in ("requests", "images", "gflops", "full_gflops", "cost")}
 
-    def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        stop_gracefully(proc, timeout_s=60)
-        if self._pump is not None:
-            self._pump.join(timeout=10)
+    def _teacher_server(self, *args: str, log_stdout: bool = True) -> str:
+        """`teacher-server ARGS --db LEDGER`: its stdout."""
+        return run_tool([*teacher_server_command(), *args, "--db", self.db_url], self.log, log_stdout=log_stdout)
 
-    def __enter__(self) -> TeacherService:
+    def stop(self) -> None:
+        self.process.stop()
+
+    def __enter__(self) -> ReproductionServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -159,24 +130,12 @@ def train_command(*, data: Path, out: Path, recipe: Any, mode: str, keep: float,
                   device: str, threads: int, micro_batches: int, lambda_kd: float, tau: float,
                   teacher: str | None = None, resume: bool = False, keep_mass: float | None = None) -> list[str]:
     """`student-client train ...` for one run (in-process, one worker: `--local`)."""
-    cmd = tool("student-client") + [
-        "train", "--local", "--data", str(data), "--out", str(out), "--student", recipe.arch,
-        "--student-kwargs", json.dumps(recipe.kwargs), "--epochs", str(recipe.epochs),
-        "--batch-size", str(recipe.batch_size), "--lr", str(recipe.lr), "--weight-decay", str(recipe.weight_decay),
-        "--warmup-epochs", str(recipe.warmup_epochs), "--augment", recipe.augment, "--mode", mode,
-        "--keep", str(keep), "--strategy", strategy, "--seed", str(seed), "--device", device,
-        "--threads-per-worker", str(threads), "--micro-batches", str(micro_batches), "--lambda", str(lambda_kd),
-        "--tau", str(tau), "--no-eval", "--no-progress",
-    ]
-    if recipe.max_steps is not None:
-        cmd += ["--max-steps", str(recipe.max_steps)]
-    if keep_mass is not None:
-        cmd += ["--keep-mass", str(keep_mass)]
-    if teacher is not None:
-        cmd += ["--teacher", teacher]
-    if resume:
-        cmd.append("--resume")
-    return cmd
+    return train_argv(local=True, data=data, out=out, student=recipe.arch, student_kwargs=recipe.kwargs,
+                      epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr,
+                      weight_decay=recipe.weight_decay, warmup_epochs=recipe.warmup_epochs, augment=recipe.augment,
+                      mode=mode, keep=keep, strategy=strategy, seed=seed, device=device, threads_per_worker=threads,
+                      micro_batches=micro_batches, lambda_kd=lambda_kd, tau=tau, eval=False, progress=False,
+                      max_steps=recipe.max_steps, keep_mass=keep_mass, teacher=teacher, resume=resume)
 
 
 def train(cmd: list[str], log: Path, *, api_key: str | None = None) -> float:

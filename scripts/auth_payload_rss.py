@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -19,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+
+from teacher_server.launcher import LaunchError, Ready, ServerProcess
 
 INFER = "/maskedkd.v1.TeacherService/Infer"
 
@@ -39,20 +40,15 @@ def _request_bytes(mib: int) -> bytes:
     return pb.InferRequest(request_id="anon", images=tensor).SerializeToString()
 
 
-def _start_server(workdir: str) -> tuple[subprocess.Popen[str], str]:
-    cmd = [sys.executable, "-m", "teacher_server.cli", "serve", "--model", "vit_tiny_patch16_224", "--model-kwargs",
-           '{"img_size": 32, "patch_size": 4, "num_classes": 10}', "--port", "0", "--no-metrics",
-           "--db", f"sqlite:///{workdir}/ledger.db"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    deadline = time.monotonic() + 120
-    for line in proc.stderr:
-        if match := re.search(r"serving \S+ on (\S+?)[;\s]", line + " "):
-            return proc, match.group(1)
-        if time.monotonic() > deadline:
-            break
-    proc.kill()
-    raise SystemExit("teacher-server did not start")
+def _start_server(workdir: str) -> tuple[ServerProcess, Ready]:
+    argv = [sys.executable, "-m", "teacher_server.cli", "serve", "--model", "vit_tiny_patch16_224", "--model-kwargs",
+            '{"img_size": 32, "patch_size": 4, "num_classes": 10}', "--port", "0", "--no-metrics",
+            "--db", f"sqlite:///{workdir}/ledger.db"]
+    server = ServerProcess(argv, log=Path(workdir) / "teacher-server.log")
+    try:
+        return server, server.start(timeout_s=120)
+    except LaunchError as err:
+        raise SystemExit(f"teacher-server did not start: {err}") from None
 
 
 def main() -> int:
@@ -62,10 +58,11 @@ def main() -> int:
     args = parser.parse_args()
     payload = _request_bytes(args.mib)
     with tempfile.TemporaryDirectory() as workdir:
-        proc, address = _start_server(workdir)
+        server, ready = _start_server(workdir)
+        pid, address = ready.pid, ready.address
         try:
             time.sleep(1.0)
-            before_hwm, before_rss = _status_kib(proc.pid, "VmHWM"), _status_kib(proc.pid, "VmRSS")
+            before_hwm, before_rss = _status_kib(pid, "VmHWM"), _status_kib(pid, "VmRSS")
             limit = 300 * 1024 * 1024
             with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", limit)]) as channel:
                 call = channel.unary_unary(INFER)  # bytes in, bytes out: the payload is serialized once
@@ -81,10 +78,9 @@ def main() -> int:
                 with ThreadPoolExecutor(args.messages) as pool:
                     results = list(pool.map(anonymous, range(args.messages)))
             time.sleep(0.5)
-            after_hwm = _status_kib(proc.pid, "VmHWM")
+            after_hwm = _status_kib(pid, "VmHWM")
         finally:
-            proc.terminate()
-            proc.wait(30)
+            server.stop()
     codes = sorted({code for code, _ in results})
     slowest = max(seconds for _, seconds in results)
     print(f"server {os.environ.get('PYTHONPATH', '').split(':')[0] or '.'}: {args.messages} x {args.mib} MiB "

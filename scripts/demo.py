@@ -15,13 +15,13 @@ import secrets
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from maskedkd.checkpoints import read_checkpoint_meta
-from teacher_server.launcher import stop_gracefully
+from student_client.command import train_argv
+from teacher_server.launcher import LaunchError, Ready, ServerProcess, serve_argv
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -93,44 +93,33 @@ def _run(cmd: list[str], *, env: dict[str, str] | None = None, capture: bool = T
     return proc.stdout if capture else ""
 
 
-def start_teacher(cfg: DemoConfig, db_url: str, admin_token: str) -> tuple[subprocess.Popen, str, str]:
-    """Start `teacher-server serve` and wait for its announcement line; returns (process, address, dashboard)."""
+def start_teacher(cfg: DemoConfig, db_url: str, admin_token: str) -> tuple[ServerProcess, Ready]:
+    """Start `teacher-server serve` and wait until it serves; returns the process and what it announced."""
     log_path = cfg.workdir / "teacher-server.log"
-    cmd = [str(BIN / "teacher-server"), "serve", "--checkpoint", str(TEACHER_CHECKPOINT), "--db", db_url,
-           "--port", "0", "--metrics-port", "0", "--dashboard-port", str(cfg.dashboard_port),
-           "--price-per-gflop", str(PRICE_PER_GFLOP)]
+    cmd = serve_argv("--checkpoint", str(TEACHER_CHECKPOINT), "--db", db_url, "--port", "0", "--metrics-port", "0",
+                     "--dashboard-port", str(cfg.dashboard_port), "--price-per-gflop", str(PRICE_PER_GFLOP))
     print(f"$ MASKEDKD_ADMIN_TOKEN=... {' '.join(cmd).replace(str(BIN) + '/', '')}  (log: {log_path})", flush=True)
-    log = open(log_path, "w")
     env = {**os.environ, "MASKEDKD_ADMIN_TOKEN": admin_token}  # never on the command line: it would show in `ps`
     if not cfg.ray:  # one torch thread beside the three single-threaded students: no oversubscribed OpenMP barriers
         env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True, env=env)
-    deadline = time.monotonic() + 120
-    pattern = re.compile(r"serving \S+ on (\S+?);.*dashboard (\S+)")
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise DemoError(f"teacher-server exited with {proc.returncode}: {log_path.read_text().strip()[-300:]}")
-        match = pattern.search(log_path.read_text())
-        if match:
-            return proc, match.group(1), match.group(2)
-        time.sleep(0.3)
-    proc.terminate()
-    raise DemoError("teacher-server did not start within 120 s")
+    # its own session: a Ctrl-C in the terminal reaches only the demo, which then stops the server gracefully
+    server = ServerProcess(cmd, log=log_path, env=env, cwd=REPO, new_session=True)
+    try:
+        return server, server.start(timeout_s=120)
+    except LaunchError as err:
+        raise DemoError(f"{err.reason}: {' '.join(err.tail[-1:])} (log: {log_path})") from err
+    except KeyboardInterrupt:  # while the model loads: the server is in its own session, so stop it here
+        server.stop()
+        raise
 
 
 def student_command(cfg: DemoConfig, student: Student, teacher: str) -> list[str]:
-    out = cfg.workdir / student.name
-    cmd = [str(BIN / "student-client"), "train", "--mode", student.mode, "--student", "vit_tiny_patch16_224",
-           "--student-kwargs", json.dumps(STUDENT_KWARGS), "--data", str(cfg.data), "--out", str(out),
-           "--epochs", str(cfg.epochs), "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr),
-           "--warmup-epochs", str(cfg.warmup_epochs), "--seed", "0",
-           *(["--workers", str(cfg.workers)] if cfg.ray else
-             ["--local", "--threads-per-worker", "1", "--no-progress"])]
-    if student.mode != "none":
-        cmd += ["--teacher", teacher, "--keep", str(student.keep), "--strategy", student.strategy]
-    if cfg.max_steps:
-        cmd += ["--max-steps", str(cfg.max_steps)]
-    return cmd
+    launch = {"workers": cfg.workers} if cfg.ray else {"local": True, "threads_per_worker": 1, "progress": False}
+    kd = {"teacher": teacher, "keep": student.keep, "strategy": student.strategy} if student.mode != "none" else {}
+    return train_argv(mode=student.mode, student="vit_tiny_patch16_224", student_kwargs=STUDENT_KWARGS,
+                      data=cfg.data, out=cfg.workdir / student.name, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                      lr=cfg.lr, warmup_epochs=cfg.warmup_epochs, seed=0, max_steps=cfg.max_steps or None,
+                      **launch, **kd)
 
 
 def read_summaries(workdir: Path, roster: list[Student]) -> dict[str, dict]:
@@ -251,7 +240,8 @@ def run_demo(cfg: DemoConfig) -> int:
     steps = 3 + (len(roster) if cfg.ray else 1)
 
     print(f"== 1/{steps} teacher server on the committed CIFAR-10 teacher", flush=True)
-    server, address, dashboard = start_teacher(cfg, db_url, admin_token)
+    server, ready = start_teacher(cfg, db_url, admin_token)
+    address, dashboard = ready.address, ready.dashboard_url or ""
     teacher_eval: list[TeacherEval] = []  # started once a core is free (after the no-KD student)
     try:
         print(f"== 2/{steps} an API key per KD student (each is billed separately)", flush=True)
@@ -281,7 +271,7 @@ def run_demo(cfg: DemoConfig) -> int:
     finally:
         for running in teacher_eval:
             running.stop()
-        stop_gracefully(server, timeout_s=30, process_group=True)
+        server.stop(timeout_s=30)
 
 
 def print_report(teacher_top1: float, results: list[StudentResult], dashboard: str, data: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -21,6 +22,7 @@ from teacher_server.engine.registry import (
     build_served_model,
     load_teacher,
 )
+from teacher_server.launcher import Ready, TlsMode
 from teacher_server.ledger import database
 from teacher_server.ledger.refusals import FLUSH_INTERVAL_S, RefusalCounter
 from teacher_server.metrics import ServerMetrics
@@ -244,23 +246,44 @@ class TeacherServer:
 
 
 async def serve_until_signalled(server: TeacherServer) -> None:
-    """Start, announce the addresses on stderr, stop gracefully on SIGTERM/SIGINT."""
+    """Start, announce it (a line for people on stderr, then one JSON line for programs on stdout: launcher.Ready),
+    stop gracefully on SIGTERM/SIGINT."""
     await server.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    s = server.settings
-    parts = [f"teacher-server: serving {', '.join(server.registry.names)} on {server.address}"]
-    if server.metrics_port is not None:
-        parts.append(f"metrics http://{s.metrics_host}:{server.metrics_port}/metrics")
-    if server.dashboard_port is not None:
-        scheme = "https" if s.tls_cert else "http"
-        parts.append(f"dashboard {scheme}://{s.dashboard_host}:{server.dashboard_port}/")
-    if s.tls_cert:
-        parts.append("mutual TLS (client certificates required)" if s.tls_client_ca else "TLS")
-    print("; ".join(parts), file=sys.stderr, flush=True)
+    ready = announcement(server)
+    print(human_announcement(ready), file=sys.stderr, flush=True)
+    try:
+        print(ready.to_line(), flush=True)
+    except OSError:  # stdout closed by whoever started it: nobody reads the line, and the server serves all the same
+        pass
     await stop.wait()
     print("teacher-server: shutting down (finishing in-flight requests)", file=sys.stderr, flush=True)
     await server.stop()
     print("teacher-server: stopped", file=sys.stderr, flush=True)
+
+
+def announcement(server: TeacherServer) -> Ready:
+    """What a started server serves, and where."""
+    s = server.settings
+    metrics = f"http://{s.metrics_host}:{server.metrics_port}/metrics" if server.metrics_port is not None else None
+    dashboard = None
+    if server.dashboard_port is not None:
+        dashboard = f"{'https' if s.tls_cert else 'http'}://{s.dashboard_host}:{server.dashboard_port}/"
+    tls: TlsMode = "off" if not s.tls_cert else "mtls" if s.tls_client_ca else "tls"
+    return Ready(address=server.address, models=tuple(server.registry.names), metrics_url=metrics,
+                 dashboard_url=dashboard, tls=tls, pid=os.getpid())
+
+
+def human_announcement(ready: Ready) -> str:
+    """teacher-server: serving MODEL on HOST:PORT; metrics URL; dashboard URL; TLS."""
+    parts = [f"teacher-server: serving {', '.join(ready.models)} on {ready.address}"]
+    if ready.metrics_url is not None:
+        parts.append(f"metrics {ready.metrics_url}")
+    if ready.dashboard_url is not None:
+        parts.append(f"dashboard {ready.dashboard_url}")
+    if ready.tls != "off":
+        parts.append("mutual TLS (client certificates required)" if ready.tls == "mtls" else "TLS")
+    return "; ".join(parts)

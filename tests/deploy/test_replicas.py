@@ -11,10 +11,7 @@ The replicas are shared by the module; the failover test kills them, so it runs 
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -24,11 +21,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 import torch
 from dtype_marks import child_env
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "teacher_server"))  # the Postgres and service testkits
@@ -37,11 +33,11 @@ from service_testkit import MODEL, TINY, random_images, random_keep, settings, t
 
 from maskedkd.checkpoints import save_model_checkpoint  # noqa: E402
 from student_client.aio_client import AsyncTeacherClient  # noqa: E402
-from student_client.channel import HEALTH_SERVICE, grpc_target  # noqa: E402
+from student_client.channel import grpc_target  # noqa: E402
 from student_client.client import TeacherClient  # noqa: E402
 from student_client.errors import TeacherQuotaError  # noqa: E402
 from student_client.wire import Usage  # noqa: E402
-from teacher_server.launcher import stop_gracefully  # noqa: E402
+from teacher_server.launcher import ServerProcess, serve_argv  # noqa: E402
 from teacher_server.ledger import database  # noqa: E402
 from teacher_server.ledger.keys import create_api_key  # noqa: E402
 from teacher_server.service.server import SERVICE_NAME  # noqa: E402
@@ -50,35 +46,15 @@ from teacher_server.testing.server import RunningServer, running_server  # noqa:
 # `make test` starts slow modules first
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(360), pytest.mark.slow]
 
-_SCRIPT = Path(sys.executable).parent / "teacher-server"
-CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "teacher_server.cli"]
 REPLICAS = 3
 CLIENTS = 48
 REQUESTS_PER_CLIENT = 5
 REL = 1e-9
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Replica:
-    proc: subprocess.Popen
-    port: int
-    metrics_port: int
-    log: Path
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-
 @dataclass
 class Cluster:
-    replicas: list[Replica]
+    replicas: list[ServerProcess]
     db: str
 
     @property
@@ -86,29 +62,11 @@ class Cluster:
         return ",".join(r.address for r in self.replicas)
 
 
-def start_replica(checkpoint: Path, db: str, log: Path) -> Replica:
-    port, metrics_port = free_port(), free_port()
-    argv = [*CLI, "serve", "--checkpoint", str(checkpoint), "--host", "127.0.0.1", "--port", str(port), "--db", db,
-            "--device", "cpu", "--metrics-port", str(metrics_port), "--max-delay-ms", "30", "--grace-s", "2"]
-    env = child_env(OMP_NUM_THREADS="1")
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-    return Replica(proc, port, metrics_port, log)
-
-
-def wait_serving(replica: Replica, deadline: float) -> None:
-    with grpc.insecure_channel(replica.address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            assert replica.proc.poll() is None, f"replica exited:\n{replica.log.read_text()[-2000:]}"
-            try:
-                status = health.Check(health_pb2.HealthCheckRequest(service=HEALTH_SERVICE), timeout=1).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise AssertionError(f"replica on {replica.address} not serving in time:\n{replica.log.read_text()[-2000:]}")
+def replica_process(checkpoint: Path, db: str, log: Path) -> ServerProcess:
+    """`teacher-server serve` on free ports (announced once it serves)."""
+    argv = serve_argv("--checkpoint", str(checkpoint), "--host", "127.0.0.1", "--port", "0", "--db", db,
+                      "--device", "cpu", "--metrics-port", "0", "--max-delay-ms", "30", "--grace-s", "2")
+    return ServerProcess(argv, log=log, env=child_env(OMP_NUM_THREADS="1"), stop_timeout_s=10)
 
 
 @pytest.fixture(scope="module")
@@ -119,17 +77,17 @@ def cluster(postgres_server: PostgresServer,  # noqa: F811 (the imported fixture
                                        model_kwargs=TINY)  # every replica serves the same weights
     db = postgres_server.create_database("replicas")
     database.open_ledger(db)  # tables exist before three servers race to create them
-    replicas = [start_replica(checkpoint, db, root / f"replica{i}.log") for i in range(REPLICAS)]
+    replicas = [replica_process(checkpoint, db, root / f"replica{i}.log").launch() for i in range(REPLICAS)]
     try:
         deadline = time.monotonic() + 240  # three torch imports on two busy cores
-        for replica in replicas:
-            wait_serving(replica, deadline)
+        for server in replicas:
+            server.wait_ready(max(1.0, deadline - time.monotonic()))
         yield Cluster(replicas, db)
     finally:
-        for replica in replicas:
-            if replica.proc.poll() is None:
-                os.kill(replica.proc.pid, signal.SIGCONT)
-                stop_gracefully(replica.proc, timeout_s=10)
+        for server in replicas:
+            if server.alive:
+                server.send_signal(signal.SIGCONT)
+                server.stop()
 
 
 def new_key(db: str, name: str, quota_gflops: float | None = None) -> str:
@@ -199,12 +157,13 @@ def test_a_quota_race_across_replicas_never_overshoots(cluster: Cluster) -> None
     assert billed <= quota, f"billed {billed:.6g} GFLOPs over a quota of {quota:.6g} ({len(accepted)} accepted)"
 
 
-def images_served(replica: Replica | RunningServer) -> float:
+def images_served(replica: ServerProcess | RunningServer) -> float:
     """Images this replica billed, from its own /metrics (summed over keys and models)."""
     if isinstance(replica, RunningServer):
         url = replica.metrics_url
     else:
-        url = f"http://127.0.0.1:{replica.metrics_port}/metrics"
+        assert replica.ready is not None and replica.ready.metrics_url is not None
+        url = replica.ready.metrics_url
     with urllib.request.urlopen(url, timeout=10) as answer:
         text = answer.read().decode()
     return sum(sample.value for family in text_string_to_metric_families(text) if family.name == "maskedkd_images"
@@ -291,21 +250,21 @@ def test_failover_loses_nothing_and_bills_once_when_replicas_die(cluster: Cluste
         time.sleep(0.05)
     answered_at_kill = len(answers)
     served_by_killed = images_served(killed)
-    killed.proc.send_signal(signal.SIGKILL)
+    killed.send_signal(signal.SIGKILL)
     time.sleep(0.4)
-    stopped.proc.send_signal(signal.SIGSTOP)
+    stopped.send_signal(signal.SIGSTOP)
     time.sleep(3.5)  # longer than a call's deadline: calls to it time out and are retried elsewhere
-    stopped.proc.send_signal(signal.SIGCONT)
+    stopped.send_signal(signal.SIGCONT)
     for t in threads:
         t.join(timeout=90)
     assert not errors, errors[:3]
     total = CLIENTS * REQUESTS_PER_CLIENT
     assert 0 < answered_at_kill < total, "the replica died mid-load"
     assert served_by_killed > 0 and images_served(stopped) > 0, "both failed replicas had taken part of the load"
-    assert killed.proc.wait(timeout=5) == -signal.SIGKILL
+    assert killed.wait(timeout_s=5) == -signal.SIGKILL
     # the survivors flush the ledger on a graceful stop; late commits of the cut-off replica land before we read
-    for replica in cluster.replicas[1:]:
-        stop_gracefully(replica.proc, timeout_s=15)
+    for survivor in cluster.replicas[1:]:
+        survivor.stop(timeout_s=15)
     rows = ledger_rows(cluster.db, "load")
     assert len(answers) == total, "every request answered"
     assert set(rows) == set(answers), "one ledger entry per request id, nothing else"

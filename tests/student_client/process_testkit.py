@@ -3,34 +3,22 @@ them, the request log a run writes (`--request-log`), and the SQLite ledger read
 from __future__ import annotations
 
 import json
-import re
-import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from typing import Self
 
 from dtype_marks import child_env
 from student_testkit import STUDENT, STUDENT_KWARGS
 
+from student_client.command import student_client_command
+from teacher_server.launcher import ServerProcess, serve_argv
 from teacher_server.ledger.database import open_ledger
 from teacher_server.ledger.keys import create_api_key
 
-_BIN = Path(sys.executable).parent
-
-
-def tool(name: str, module: str) -> list[str]:
-    script = _BIN / name
-    return [str(script)] if script.exists() else [sys.executable, "-m", module]
-
-
-STUDENT_CLI = tool("student-client", "student_client.cli")
-TEACHER_CLI = tool("teacher-server", "teacher_server.cli")
-SERVING = re.compile(r"teacher-server: serving \S+ on (\S+)")
+STUDENT_CLI = student_client_command()
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -94,50 +82,17 @@ def create_key(db: Path, name: str) -> str:
     return secret
 
 
-class TeacherProcess:
-    """`teacher-server serve --checkpoint` on a fixed loopback port with a SQLite ledger; killable and restartable."""
+class TeacherProcess(ServerProcess):
+    """`teacher-server serve --checkpoint` on a fixed loopback port with a SQLite ledger; killable and restartable
+    (`kill()`, then `start()` again on the same port and ledger). `starts` counts the launches."""
 
     def __init__(self, checkpoint: Path, db: Path, port: int, log: Path) -> None:
-        self.checkpoint, self.db, self.port, self.log = checkpoint, db, port, log
-        self.proc: subprocess.Popen[str] | None = None
+        super().__init__(serve_argv("--checkpoint", str(checkpoint), "--host", "127.0.0.1", "--port", str(port),
+                                    "--db", f"sqlite:///{db}", "--no-metrics", "--max-delay-ms", "1"),
+                         log=log, env=clean_env())
+        self.db = db
         self.starts = 0
 
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self, timeout_s: float = 120.0) -> None:
-        cmd = [*TEACHER_CLI, "serve", "--checkpoint", str(self.checkpoint), "--host", "127.0.0.1",
-               "--port", str(self.port), "--db", f"sqlite:///{self.db}", "--no-metrics", "--max-delay-ms", "1"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                     env=clean_env())
+    def launch(self) -> Self:
         self.starts += 1
-        ready = threading.Event()
-
-        def pump(proc: subprocess.Popen[str]) -> None:  # drain stderr into the log (a full pipe blocks the server)
-            assert proc.stderr is not None
-            with self.log.open("a") as f:
-                for line in proc.stderr:
-                    f.write(line)
-                    f.flush()
-                    if SERVING.search(line):
-                        ready.set()
-            ready.set()
-
-        threading.Thread(target=pump, args=(self.proc,), daemon=True).start()
-        ready.wait(timeout_s)
-        assert self.proc.poll() is None, f"teacher-server did not start: {self.log.read_text()[-2000:]}"
-
-    def kill(self) -> None:
-        """SIGKILL: no drain, no graceful shutdown."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        return super().launch()

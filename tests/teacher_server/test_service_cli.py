@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -31,11 +28,11 @@ from service_testkit import (
 from maskedkd.checkpoints import save_model_checkpoint
 from maskedkd.precision import dtype_name, resolve_dtype
 from maskedkd.v1 import teacher_pb2 as pb
+from teacher_server.launcher import ServerProcess, serve_argv, teacher_server_command
 
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(180)]
 
-_SCRIPT = Path(sys.executable).parent / "teacher-server"  # the console script a user runs
-CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "teacher_server.cli"]
+CLI = teacher_server_command()  # the console script a user runs
 
 
 def run_cli(*args: str, db: str) -> subprocess.CompletedProcess[str]:
@@ -83,26 +80,11 @@ def test_serve_from_a_checkpoint_answers_a_call_and_stops_on_sigterm(tmp_path: P
     ckpt = save_model_checkpoint(tmp_path / "teacher.safetensors", model, model_name=MODEL, model_kwargs=TINY)
     db = f"sqlite:///{tmp_path / 'ledger.db'}"
     secret = run_cli("keys", "create", "--name", "heidi", db=db).stdout.strip()
-    env = child_env()
-    proc = subprocess.Popen(
-        [*CLI, "serve", "--checkpoint", str(ckpt), "--port", "0", "--metrics-port", "0", "--db", db,
-         "--max-delay-ms", "1"], stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        assert proc.stderr is not None
-        address = metrics = None
-        deadline = time.monotonic() + 120
-        seen = []
-        while address is None and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if not line:
-                break
-            seen.append(line)
-            if m := re.search(r"serving (\S+) on (\S+); metrics (\S+)", line):
-                assert m.group(1) == MODEL  # rebuilt from the checkpoint's metadata alone
-                address, metrics = m.group(2), m.group(3)
-        assert address is not None, "".join(seen)
-
-        channel, teacher = stub(address)
+    server = ServerProcess(serve_argv("--checkpoint", str(ckpt), "--port", "0", "--metrics-port", "0", "--db", db,
+                                      "--max-delay-ms", "1"), log=tmp_path / "serve.log", env=child_env())
+    with server:
+        assert server.ready is not None and server.ready.models == (MODEL,)  # from the checkpoint's metadata alone
+        channel, teacher = stub(server.address)
         images, keep = random_images(2, 8), random_keep(2, 16, 8)
         response = teacher.Infer(image_request(images, keep, request_id="cli-1"), metadata=auth(secret))
         served_dtype = teacher.GetModelInfo(pb.ModelInfoRequest()).dtype
@@ -110,17 +92,12 @@ def test_serve_from_a_checkpoint_answers_a_call_and_stops_on_sigterm(tmp_path: P
         ref = Reference(model)
         torch.testing.assert_close(logits_of(response), ref.logits(images, keep), **SERVED_CLOSE[served_dtype])
         assert response.usage.gflops == ref.gflops([16, 16])
-        assert "maskedkd_gflops_used_total" in urllib.request.urlopen(metrics, timeout=10).read().decode()
+        metrics = urllib.request.urlopen(server.ready.metrics_url, timeout=10).read().decode()
+        assert "maskedkd_gflops_used_total" in metrics
         channel.close()
-
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
-        tail = proc.stderr.read()
-        assert "stopped" in tail and "Traceback" not in tail
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        assert server.stop() == 0  # SIGTERM: a graceful stop
+    log = (tmp_path / "serve.log").read_text()
+    assert "teacher-server: stopped" in log and "Traceback" not in log
 
     (totals,) = json.loads(run_cli("usage", "--key", "heidi", "--json", db=db).stdout)
     assert (totals["requests"], totals["images"], totals["gflops"], totals["cost"]) == (
