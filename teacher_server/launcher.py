@@ -80,27 +80,29 @@ def serve_argv(*flags: str) -> list[str]:
 
 def settings_flags(settings: Mapping[str, Any]) -> list[str]:
     """`serve` flags for ServerSettings field values, e.g. {"port": 0, "model_kwargs": {...}, "metrics_port": None}
-    -> ["--port", "0", "--model-kwargs", "{...}", "--no-metrics"]. None and False leave a setting at its default;
-    secrets are no flags (pass them in the environment)."""
-    from teacher_server.cli.settings_flags import SECRET_FIELDS, flag_of
+    -> ["--port", "0", "--model-kwargs", "{...}", "--no-metrics"]. None leaves a setting at its default (or the
+    environment's), a bool is `--x` or `--no-x`; secrets are no flags (pass them in the environment)."""
+    from maskedkd.settings_cli import flag_of
+    from teacher_server.cli.settings_flags import SECRET_FIELDS
     from teacher_server.settings import ServerSettings
 
     flags: list[str] = []
     for name, value in settings.items():
         if name not in ServerSettings.model_fields or name in SECRET_FIELDS:
             raise ValueError(f"{name!r} is not a `teacher-server serve` flag")
+        flag = flag_of(ServerSettings, name)
         if name == "metrics_port" and value is None:
             flags.append("--no-metrics")
-        elif value is True:
-            flags.append(flag_of(name))
-        elif value is not None and value is not False:
+        elif isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag.removeprefix("--"))
+        elif value is not None:
             if isinstance(value, dict):
                 text = json.dumps(value)
             elif name == "compile_shapes":
                 text = ",".join(f"{images}:{kept}" for images, kept in value)
             else:
                 text = str(value)
-            flags += [flag_of(name), text]
+            flags += [flag, text]
     return flags
 
 

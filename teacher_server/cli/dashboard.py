@@ -6,7 +6,11 @@ import argparse
 import sys
 
 from maskedkd.settings_cli import FlagError, settings_from_flags
-from teacher_server.cli.settings_flags import add_secret_refusals, add_server_flags, secret_on_command_line
+from teacher_server.cli.settings_flags import (
+    add_secret_refusals,
+    add_server_flags,
+    secret_on_command_line,
+)
 from teacher_server.settings import ServerSettings
 
 DEFAULT_PORT = 8080

@@ -144,7 +144,9 @@ def _sessions(db: str | None, *, must_exist: bool = False) -> Any:
 
 
 def _without_password(url: str) -> str:
-    from teacher_server.ledger.database import url_without_password  # sqlalchemy: not for `--help`
+    from teacher_server.ledger.database import (
+        url_without_password,  # sqlalchemy: not for `--help`
+    )
 
     return url_without_password(url)
 
@@ -169,7 +171,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from sqlalchemy.exc import SQLAlchemyError
 
-    from teacher_server.engine.registry import ModelLoadError
+    from teacher_server.engine.teacher_loader import ModelLoadError
     from teacher_server.service.server import (
         ServerStartError,
         TeacherServer,

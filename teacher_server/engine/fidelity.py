@@ -11,7 +11,7 @@ The check runs the teacher on a fixed, seeded batch twice (float32, then the ser
 
 The batch is 64 images of seeded noise at several scales (smooth blobs to pixel noise), the same on every start
 and machine, with every patch kept, so its answers spread over more than one class. `--dtype auto` serves float32
-when the check fails; an explicit dtype refuses to start (registry.py).
+when the check fails; an explicit dtype refuses to start (teacher_loader.py).
 """
 from __future__ import annotations
 

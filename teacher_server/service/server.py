@@ -17,17 +17,15 @@ from torch import nn
 
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
-from teacher_server.engine.registry import (
-    ModelRegistry,
-    build_served_model,
-    load_teacher,
-)
+from teacher_server.engine.served_model import build_served_model
+from teacher_server.engine.teacher_loader import load_teacher
 from teacher_server.launcher import Ready, TlsMode
 from teacher_server.ledger import database
 from teacher_server.ledger.refusals import FLUSH_INTERVAL_S, RefusalCounter
 from teacher_server.metrics import ServerMetrics
 from teacher_server.service.auth import KeyAuthenticator
 from teacher_server.service.auth_guard import AuthFirstInterceptor, FailedAuthLimiter
+from teacher_server.service.biller import Biller
 from teacher_server.service.error_interceptor import ErrorInterceptor
 from teacher_server.service.inference import InferenceService
 from teacher_server.service.servicer import TeacherServicer
@@ -56,17 +54,15 @@ class TeacherServer:
         self.metrics = ServerMetrics(key_labels=settings.metrics_key_labels)
         self.sessions = database.open_ledger(settings.db, busy_timeout_s=settings.ledger_busy_timeout_s)
         self.auth = KeyAuthenticator(self.sessions, ttl_s=settings.auth_cache_s)
-        self.registry = ModelRegistry()
-        self.service = InferenceService(registry=self.registry, sessions=self.sessions, metrics=self.metrics,
-                                        default_price_per_gflop=settings.price_per_gflop,
-                                        currency=settings.currency,
-                                        max_message_bytes=settings.max_message_bytes,
-                                        replay_ttl_s=settings.replay_ttl)
+        biller = Biller(sessions=self.sessions, default_price_per_gflop=settings.price_per_gflop,
+                        currency=settings.currency, replay_ttl_s=settings.replay_ttl)
         name, teacher, fidelity = load_teacher(settings, model)
         self.metrics.dtype_agreement.labels(model=name, dtype=fidelity.dtype).set(fidelity.agreement)
         self.metrics.dtype_kl.labels(model=name, dtype=fidelity.dtype).set(fidelity.kl)
-        self.registry.add(build_served_model(name, teacher, settings, fidelity=fidelity,
-                                             finalize=self.service.finalize, metrics=self.metrics))
+        self.served = build_served_model(name, teacher, settings, fidelity=fidelity, finalize=biller.finalize,
+                                         metrics=self.metrics)
+        self.service = InferenceService(served=self.served, biller=biller, metrics=self.metrics,
+                                        max_message_bytes=settings.max_message_bytes)
         self.health = HealthServicer()
         self.refusals = RefusalCounter()  # refused calls per day, key and reason; written by _flush_refusals
         self._interceptor = ErrorInterceptor(self.metrics, self.refusals)
@@ -93,8 +89,7 @@ class TeacherServer:
             tls = load_tls_files(s)
         except TlsConfigError as exc:
             raise ServerStartError(str(exc)) from exc
-        for served in self.registry:
-            await served.batcher.start()
+        await self.served.batcher.start()
         limit = s.max_message_bytes
         options: list[tuple[str, int]] = [("grpc.max_send_message_length", limit),
                                           ("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", 0)]
@@ -121,8 +116,7 @@ class TeacherServer:
         except RuntimeError as exc:  # grpc raises on a failed bind (older versions returned 0)
             self.port, reason = 0, str(exc).split(";")[0]
         if not self.port:
-            for served in self.registry:
-                await served.batcher.close()
+            await self.served.batcher.close()
             raise ServerStartError(f"cannot listen on {s.host}:{s.port}: {reason}")
         await server.start()
         self._server = server
@@ -169,8 +163,7 @@ class TeacherServer:
             await self._interceptor.wait_idle(grace)
             await self._server.stop(0)
             await stopping
-        for served in self.registry:
-            await served.batcher.close()
+        await self.served.batcher.close()
         self._stop_dashboard()
         self.metrics.stop_http()
         if self._refusal_writer is not None:
@@ -273,7 +266,7 @@ def announcement(server: TeacherServer) -> Ready:
     if server.dashboard_port is not None:
         dashboard = f"{'https' if s.tls_cert else 'http'}://{s.dashboard_host}:{server.dashboard_port}/"
     tls: TlsMode = "off" if not s.tls_cert else "mtls" if s.tls_client_ca else "tls"
-    return Ready(address=server.address, models=tuple(server.registry.names), metrics_url=metrics,
+    return Ready(address=server.address, models=(server.served.name,), metrics_url=metrics,
                  dashboard_url=dashboard, tls=tls, pid=os.getpid())
 
 

@@ -17,13 +17,13 @@ from teacher_server.errors import AuthenticationError, ServiceUnavailableError
 from teacher_server.ledger.refusals import RefusalCounter
 from teacher_server.metrics import ServerMetrics
 from teacher_server.service.auth import KeyAuthenticator, KeyInfo, bearer_secret
+from teacher_server.service.biller import InferOutcome
 from teacher_server.service.decoding import decoded, request_id_of
 from teacher_server.service.error_interceptor import mark_counted, status_of
 from teacher_server.service.inference import (
     CURRENT_LABELS,
     CallLabels,
     InferenceService,
-    InferOutcome,
     current_labels,
 )
 from teacher_server.service.quota_status import limit_metadata
@@ -87,7 +87,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         return key
 
     async def GetModelInfo(self, request: pb.ModelInfoRequest, context: aio.ServicerContext) -> pb.ModelInfo:
-        served = self._service.registry.get(request.model)
+        served = self._service.served.named(request.model)
         price = self._settings.price_per_gflop
         try:  # a key is optional here; with one, the price shown is the key's own
             key = await self._key(context)
@@ -97,7 +97,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         return pb.ModelInfo(
             model=served.name, **served.teacher.geometry.proto_fields(),
             full_gflops=served.meter.full_image_gflops, price_per_gflop=price, currency=self._settings.currency,
-            models=self._service.registry.names, max_batch_images=served.batcher.max_batch_images,
+            models=[served.name], max_batch_images=served.batcher.max_batch_images,
             dtype=served.dtype_name,
         )
 

@@ -68,8 +68,7 @@ class RunningServer:
 
     @property
     def model_name(self) -> str:
-        assert self.server.registry.default is not None
-        return self.server.registry.default
+        return self.server.served.name
 
     def create_key(self, name: str, quota_gflops: float | None = None,
                    price_per_gflop: float | None = None, *, quota_window: str = "lifetime",

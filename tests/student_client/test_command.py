@@ -3,11 +3,11 @@ CLI's own parser into the same values; a keyword the CLI has no flag for is refu
 from __future__ import annotations
 
 import pytest
+from student_client.settings_cli import given
 
 from student_client.cli import LaunchOptions, build_parser
 from student_client.command import student_client_command, train_argv
 from student_client.config import TrainConfig
-from student_client.settings_cli import given
 
 pytestmark = pytest.mark.dtype("none")  # no model numerics
 

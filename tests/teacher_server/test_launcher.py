@@ -16,10 +16,10 @@ import pytest
 from dtype_marks import child_env
 from service_testkit import MODEL, TINY
 
+from maskedkd.settings_cli import settings_from_flags
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
 from teacher_server.cli.main import SERVE_FIELDS, build_parser
-from teacher_server.cli.settings_flags import settings_from_flags
 from teacher_server.launcher import (
     LaunchError,
     Ready,
@@ -28,6 +28,7 @@ from teacher_server.launcher import (
     settings_flags,
 )
 from teacher_server.service.server import human_announcement
+from teacher_server.settings import ServerSettings
 from teacher_server.testing.tls import make_pki
 
 pytestmark = [pytest.mark.dtype("none"), pytest.mark.timeout(240)]  # model numerics: not looked at
@@ -140,7 +141,7 @@ def test_settings_become_serve_flags_that_the_cli_reads_back_as_the_same_setting
     flags = settings_flags(settings)
     assert "--no-metrics" in flags and "--dashboard-port" not in flags
     args = build_parser().parse_args(["serve", *flags])
-    parsed = settings_from_flags(args, SERVE_FIELDS)
+    parsed = settings_from_flags(ServerSettings, args, SERVE_FIELDS)
     parsed.metrics_port = None if args.no_metrics else parsed.metrics_port
     assert {name: getattr(parsed, name) for name in settings} == settings
     for refused in ({"admin_token": "s3cret"}, {"no_such_setting": 1}):

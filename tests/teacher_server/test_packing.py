@@ -62,7 +62,7 @@ def test_a_teacher_packing_cannot_cover_falls_back_to_bucketing(tmp_path) -> Non
     from service_testkit import settings
 
     from teacher_server.engine.packing import supports_packing
-    from teacher_server.engine.registry import build_served_model
+    from teacher_server.engine.served_model import build_served_model
 
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, num_classes=10,
                               depth=1, global_pool="avg", class_token=False).eval()

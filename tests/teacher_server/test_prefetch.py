@@ -20,7 +20,7 @@ from teacher_server.engine.batcher import (
 )
 from teacher_server.engine.prefetch import Prefetcher
 from teacher_server.engine.preprocess import PreparedInput
-from teacher_server.engine.registry import make_forward
+from teacher_server.engine.served_model import make_forward
 
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(60)]
 

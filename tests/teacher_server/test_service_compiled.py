@@ -70,7 +70,7 @@ def test_compile_shapes_are_compiled_at_start_up_and_no_request_compiles(tmp_pat
 
 
 def test_compile_shape_beyond_the_grid_is_a_load_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from teacher_server.engine.registry import ModelLoadError
+    from teacher_server.engine.teacher_loader import ModelLoadError
     from teacher_server.service.server import TeacherServer
 
     with pytest.raises(ModelLoadError, match="more patches than the teacher has"):

@@ -32,7 +32,7 @@ from maskedkd.precision import (
 from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server.cli.main import main as teacher_cli
 from teacher_server.engine.fidelity import FIDELITY_IMAGES, TIE_MARGIN, compare_logits
-from teacher_server.engine.registry import load_teacher
+from teacher_server.engine.teacher_loader import load_teacher
 from teacher_server.settings import ServerSettings
 from teacher_server.testing.server import running_server
 
@@ -83,7 +83,7 @@ def test_dtype_is_resolved_reported_exported_and_never_billed(tmp_path: Path,
                 r = client.Infer(patch_request(patches_of(images, keep), keep, request_id="same"),
                                  metadata=auth(key))
             usage[name], logits[name] = r.usage, logits_of(r)
-            weight = next(srv.server.registry.get("").teacher.parameters())
+            weight = next(srv.server.served.teacher.parameters())
             assert weight.dtype == getattr(torch, name)
             metric[name] = srv.server.metrics.render().decode()
         rows = ledger_rows(f"sqlite:///{db / 'ledger.db'}")
@@ -120,7 +120,7 @@ def test_auto_serves_float32_when_the_check_fails_and_says_why(tmp_path: Path,
         channel, client = stub(srv.address)
         with channel:
             assert client.GetModelInfo(pb.ModelInfoRequest()).dtype == "float32"
-        served = srv.server.registry.get("")
+        served = srv.server.served
         assert next(served.teacher.parameters()).dtype == torch.float32
         assert served.fidelity is not None and served.fidelity.dtype == "bfloat16" and served.fidelity.kl > 0
         metrics = srv.server.metrics.render().decode()
@@ -183,4 +183,4 @@ def test_cuda_auto_dtype_follows_compute_capability(tmp_path: Path) -> None:
         channel, client = stub(srv.address)
         with channel:
             assert client.GetModelInfo(pb.ModelInfoRequest()).dtype == expected
-        assert srv.server.registry.get("").fidelity.agreement >= 0.98
+        assert srv.server.served.fidelity.agreement >= 0.98
