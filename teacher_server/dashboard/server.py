@@ -64,16 +64,6 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     return settings_from_flags(args, DASHBOARD_FIELDS, flags=DASHBOARD_FLAGS)
 
 
-def _without_password(url: str) -> str:
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return repr(url)
-
-
 def run_dashboard_command(args: argparse.Namespace) -> int:
     """`teacher-server dashboard ...`: serve until Ctrl-C. Returns the exit status."""
     import uvicorn
@@ -98,19 +88,19 @@ def run_dashboard_command(args: argparse.Namespace) -> int:
     except TlsConfigError as exc:
         print(f"teacher-server dashboard: error: {exc}", file=sys.stderr)
         return 2
-    from teacher_server.ledger.database import missing_sqlite_file
+    from teacher_server.ledger.database import MissingLedgerError, require_existing_ledger, without_password
 
-    missing = missing_sqlite_file(settings.db)
-    if missing is not None:  # the standalone dashboard reads a ledger; a typo must not create an empty one
-        print(f"teacher-server dashboard: error: no ledger at {missing} (check --db or MASKEDKD_DB; "
-              "`teacher-server serve` creates one)", file=sys.stderr)
+    try:
+        require_existing_ledger(settings.db)  # the standalone dashboard only reads a ledger
+    except MissingLedgerError as exc:
+        print(f"teacher-server dashboard: error: {exc}", file=sys.stderr)
         return 2
     warn_if_public(settings)
     try:
         app = create_app(settings)
     except Exception as exc:  # a bad URL or an unreachable database: one line, not a trace
         reason = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
-        print(f"teacher-server dashboard: error: cannot open the ledger {_without_password(settings.db)}: {reason}",
+        print(f"teacher-server dashboard: error: cannot open the ledger {without_password(settings.db)}: {reason}",
               file=sys.stderr)
         return 2
     admin = "on" if settings.admin_token else "off (set MASKEDKD_ADMIN_TOKEN or --admin-token-file)"
