@@ -16,7 +16,13 @@ from typing import Any, Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from maskedkd.settings_cli import EXIT_USAGE, FlagError, OneLineParser, add_settings_flags, settings_from_flags
+from maskedkd.settings_cli import (
+    EXIT_USAGE,
+    FlagError,
+    OneLineParser,
+    add_settings_flags,
+    settings_from_flags,
+)
 from student_client.config import ENV_PREFIX, TrainConfig
 
 EXIT_ERROR = 1

@@ -43,7 +43,11 @@ def run_dashboard_command(args: argparse.Namespace) -> int:
 
     from teacher_server.dashboard.app import create_app
     from teacher_server.dashboard.server import warn_if_public
-    from teacher_server.ledger.database import missing_sqlite_file, url_without_password
+    from teacher_server.ledger.database import (
+        MissingLedgerError,
+        require_existing_ledger,
+        without_password,
+    )
     from teacher_server.service.tls import TlsConfigError, load_tls_files
 
     refusal = secret_on_command_line(args)
@@ -55,15 +59,16 @@ def run_dashboard_command(args: argparse.Namespace) -> int:
     except (FlagError, TlsConfigError) as exc:
         return _refuse(str(exc))
     port = DEFAULT_PORT if settings.dashboard_port is None else settings.dashboard_port
-    missing = missing_sqlite_file(settings.db)
-    if missing is not None:  # the standalone dashboard reads a ledger; a typo must not create an empty one
-        return _refuse(f"no ledger at {missing} (check --db or MASKEDKD_DB; `teacher-server serve` creates one)")
+    try:
+        require_existing_ledger(settings.db)  # the standalone dashboard only reads a ledger
+    except MissingLedgerError as exc:
+        return _refuse(str(exc))
     warn_if_public(settings)
     try:
         app = create_app(settings)
     except Exception as exc:  # a bad URL or an unreachable database: one line, not a trace
         reason = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
-        return _refuse(f"cannot open the ledger {url_without_password(settings.db)}: {reason}")
+        return _refuse(f"cannot open the ledger {without_password(settings.db)}: {reason}")
     admin = "on" if settings.admin_token else "off (set MASKEDKD_ADMIN_TOKEN or --admin-token-file)"
     views = ("public" if settings.dashboard_public else "viewer or admin token" if settings.viewer_token
              or settings.admin_token else "locked (set MASKEDKD_VIEWER_TOKEN, or --public)")

@@ -1,5 +1,5 @@
-"""`teacher-server`: serve | keys create | keys list | keys disable | keys quota | usage | ledger upgrade |
-ledger purge | dashboard | health.
+"""`teacher-server`: serve | keys create | keys list | keys disable | keys enable | keys quota | keys price | usage |
+ledger upgrade | ledger purge | dashboard | health.
 
 Flags override `MASKEDKD_*` environment variables. Errors are one line on stderr and exit code 2; `keys` and
 `usage` only touch the ledger (no torch import), so they are quick.
@@ -20,6 +20,7 @@ from teacher_server.cli.settings_flags import (
     add_server_flags,
     secret_on_command_line,
 )
+from teacher_server.ledger.quota_windows import QUOTA_WINDOWS
 from teacher_server.settings import ServerSettings
 
 EXIT_USAGE = 2
@@ -47,8 +48,27 @@ def _optional_float(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"expected a number or 'none', not {text!r}") from None
 
 
+def _price(text: str) -> float | None:
+    if text.strip().lower() == "default":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'default', not {text!r}") from None
+
+
+def _key_command(keys_sub: Any, command: str, text: str, *, name_flag: bool = False) -> argparse.ArgumentParser:
+    """The parser of `keys COMMAND NAME ... [--db URL]` (NAME or --name NAME with name_flag)."""
+    p = keys_sub.add_parser(command, help=text)
+    p.add_argument("name_pos", nargs="?" if name_flag else None, metavar="NAME")
+    if name_flag:
+        p.add_argument("--name")
+    _add_db(p)
+    return p
+
+
 def _add_limit_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quota-window", choices=["lifetime", "month", "day"], default="lifetime",
+    p.add_argument("--quota-window", choices=QUOTA_WINDOWS, default="lifetime",
                    help="what the quota counts: all usage, or the current UTC calendar month or day")
     p.add_argument("--rate-limit-gflops-per-min", type=_optional_float,
                    help="GFLOPs the key may be admitted per minute (default: no rate limit)")
@@ -65,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_secret_refusals(serve)
 
     keys = sub.add_parser("keys", help="manage API keys")
-    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="{create,list,disable,quota}",
-                                   parser_class=_Parser)
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True,
+                                   metavar="{create,list,disable,enable,quota,price}", parser_class=_Parser)
     create = keys_sub.add_parser("create", help="create a key and print its secret (shown once)")
     create.add_argument("--name", required=True)
     create.add_argument("--quota-gflops", type=float, help="GFLOPs the key may use in total (default unlimited)")
@@ -76,16 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     listing = keys_sub.add_parser("list", help="list keys (never their secrets)")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     _add_db(listing)
-    quota = keys_sub.add_parser("quota", help="set a key's quota (GFLOPs per window) and rate limit (GFLOPs/min)")
-    quota.add_argument("name_pos", metavar="NAME")
+    quota = _key_command(keys_sub, "quota", "set a key's quota (GFLOPs per window) and rate limit (GFLOPs/min)")
     quota.add_argument("--quota-gflops", type=_optional_float, required=True,
                        help="GFLOPs per quota window; 'none': unlimited")
     _add_limit_arguments(quota)
-    _add_db(quota)
-    disable = keys_sub.add_parser("disable", help="disable a key (takes effect within seconds)")
-    disable.add_argument("name_pos", nargs="?", metavar="NAME")
-    disable.add_argument("--name")
-    _add_db(disable)
+    _key_command(keys_sub, "disable", "disable a key (takes effect within seconds)", name_flag=True)
+    _key_command(keys_sub, "enable", "re-enable a disabled key", name_flag=True)
+    price = _key_command(keys_sub, "price", "set the price a key's new requests are billed at")
+    price.add_argument("--price-per-gflop", type=_price, required=True, metavar="X",
+                       help="price per GFLOP; 'default': the serving server's --price-per-gflop")
 
     usage = sub.add_parser("usage", help="totals per key: GFLOPs used, full GFLOPs, saving %%, cost and price as "
                                          "billed, what probe requests cost, refused calls")
@@ -131,24 +150,22 @@ def _settings(args: argparse.Namespace | None = None, names: tuple[str, ...] = (
 def _sessions(db: str | None, *, must_exist: bool = False) -> Any:
     from sqlalchemy.exc import SQLAlchemyError
 
-    from teacher_server.ledger.database import missing_sqlite_file, open_ledger
-
-    url = _settings(db=db).db
-    missing = missing_sqlite_file(url) if must_exist else None
-    if missing is not None:  # a typo must not read as an empty ledger (nor leave a new file behind)
-        raise CliError(f"no ledger at {missing} (check --db or MASKEDKD_DB; `teacher-server serve` creates one)")
-    try:
-        return open_ledger(url)
-    except (SQLAlchemyError, OSError) as exc:
-        raise CliError(f"cannot open ledger {_without_password(url)}: {str(exc).splitlines()[0]}") from exc
-
-
-def _without_password(url: str) -> str:
     from teacher_server.ledger.database import (
-        url_without_password,  # sqlalchemy: not for `--help`
+        MissingLedgerError,
+        open_ledger,
+        require_existing_ledger,
+        without_password,
     )
 
-    return url_without_password(url)
+    url = _settings(db=db).db
+    try:
+        if must_exist:
+            require_existing_ledger(url)
+        return open_ledger(url)
+    except MissingLedgerError as exc:
+        raise CliError(str(exc)) from exc
+    except (SQLAlchemyError, OSError) as exc:
+        raise CliError(f"cannot open ledger {without_password(url)}: {str(exc).splitlines()[0]}") from exc
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -187,71 +204,75 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fmt_num(value: float | None, unit: str = "") -> str:
-    return "-" if value is None else f"{value:.6g}{unit}"
-
-
 def _cmd_keys(args: argparse.Namespace) -> int:
-    from teacher_server.ledger import keys, models
-    from teacher_server.ledger.keys import create_api_key
+    from teacher_server.ledger import models
 
     sessions = _sessions(args.db)
-    if args.keys_command == "create":
-        try:
-            secret, row = create_api_key(sessions, name=args.name, quota_gflops=args.quota_gflops,
-                                         price_per_gflop=args.price_per_gflop, quota_window=args.quota_window,
-                                         rate_limit_gflops_per_min=args.rate_limit_gflops_per_min)
-        except (ValueError, models.LedgerError) as exc:
-            raise CliError(str(exc)) from exc
-        print(secret)
-        print(f"created key {row.name!r} ({row.key_prefix}...); the secret above is shown only once", file=sys.stderr)
-        return 0
-    if args.keys_command == "disable":
-        name = args.name or args.name_pos
-        if not name:
-            raise CliError("keys disable needs a key name (NAME or --name NAME)")
-        with sessions() as session:
-            try:
-                keys.set_api_key_disabled(session, name=name)
-            except models.LedgerError as exc:
-                raise CliError(str(exc)) from exc
-        print(f"disabled key {name!r}")
-        return 0
-    if args.keys_command == "quota":
-        return _set_quota(sessions, args)
+    try:
+        if args.keys_command == "create":
+            return _create_key(sessions, args)
+        if args.keys_command == "list":
+            return _list_keys(sessions, args)
+        return _change_key(sessions, args)
+    except (ValueError, models.LedgerError) as exc:
+        raise CliError(str(exc)) from exc
+
+
+def _create_key(sessions: Any, args: argparse.Namespace) -> int:
+    from teacher_server.ledger.keys import create_api_key
+
+    secret, row = create_api_key(sessions, name=args.name, quota_gflops=args.quota_gflops,
+                                 price_per_gflop=args.price_per_gflop, quota_window=args.quota_window,
+                                 rate_limit_gflops_per_min=args.rate_limit_gflops_per_min)
+    print(secret)
+    print(f"created key {row.name!r} ({row.key_prefix}...); the secret above is shown only once", file=sys.stderr)
+    return 0
+
+
+def _list_keys(sessions: Any, args: argparse.Namespace) -> int:
+    from teacher_server.cli.usage import fmt_num
+    from teacher_server.ledger.keys import list_api_keys
+
     with sessions() as session:
-        listed = keys.list_api_keys(session)
-    rows = [{"name": k.name, "prefix": k.key_prefix, "created_at": k.created_at.isoformat(),
-             "disabled": bool(k.disabled), "quota_gflops": k.quota_gflops, "price_per_gflop": k.price_per_gflop,
-             "quota_window": k.quota_window, "rate_limit_gflops_per_min": k.rate_limit_gflops_per_min}
-            for k in listed]
+        listed = list_api_keys(session)
+    rows: list[dict[str, Any]] = [
+        {"name": k.name, "prefix": k.key_prefix, "created_at": k.created_at.isoformat(), "disabled": bool(k.disabled),
+         "quota_gflops": k.quota_gflops, "price_per_gflop": k.price_per_gflop, "quota_window": k.quota_window,
+         "rate_limit_gflops_per_min": k.rate_limit_gflops_per_min} for k in listed]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     print(f"{'NAME':24} {'PREFIX':14} {'STATUS':9} {'QUOTA_GFLOPS':>14} {'PRICE/GFLOP':>12}  CREATED")
     for r in rows:
         status = "disabled" if r["disabled"] else "active"
-        print(f"{r['name']:24} {r['prefix']:14} {status:9} {_fmt_num(r['quota_gflops']):>14} "
-              f"{_fmt_num(r['price_per_gflop']):>12}  {r['created_at']}")
+        print(f"{r['name']:24} {r['prefix']:14} {status:9} {fmt_num(r['quota_gflops']):>14} "
+              f"{fmt_num(r['price_per_gflop']):>12}  {r['created_at']}")
     return 0
 
 
-def _set_quota(sessions: Any, args: argparse.Namespace) -> int:
-    from teacher_server.ledger import keys, models
-    from teacher_server.ledger.keys import validate_limits
+def _change_key(sessions: Any, args: argparse.Namespace) -> int:
+    """keys disable | enable | quota | price: one call of the key service, one line saying what changed."""
+    from teacher_server.cli.usage import fmt_num
+    from teacher_server.ledger import keys
 
-    if args.quota_gflops is not None and args.quota_gflops < 0:
-        raise CliError("--quota-gflops must be >= 0")
-    try:
-        validate_limits(quota_window=args.quota_window, rate_limit_gflops_per_min=args.rate_limit_gflops_per_min)
-        with sessions() as session:
-            keys.set_key_limits(session, name=args.name_pos, quota_gflops=args.quota_gflops,
-                                          quota_window=args.quota_window,
-                                          rate_limit_gflops_per_min=args.rate_limit_gflops_per_min)
-    except (ValueError, models.LedgerError) as exc:
-        raise CliError(str(exc)) from exc
-    print(f"key {args.name_pos!r}: quota {_fmt_num(args.quota_gflops)} GFLOPs per {args.quota_window}, rate limit "
-          f"{_fmt_num(args.rate_limit_gflops_per_min)} GFLOPs/min (servers apply it within their auth cache TTL)")
+    name = getattr(args, "name", None) or args.name_pos
+    if not name:
+        raise CliError(f"keys {args.keys_command} needs a key name (NAME or --name NAME)")
+    later = "servers apply it within their auth cache TTL"
+    with sessions() as session:
+        if args.keys_command in ("disable", "enable"):
+            keys.set_api_key_disabled(session, name=name, disabled=args.keys_command == "disable")
+            print(f"{args.keys_command}d key {name!r}")
+        elif args.keys_command == "quota":
+            keys.set_api_key_limits(session, name=name, quota_gflops=args.quota_gflops,
+                                    quota_window=args.quota_window,
+                                    rate_limit_gflops_per_min=args.rate_limit_gflops_per_min)
+            print(f"key {name!r}: quota {fmt_num(args.quota_gflops)} GFLOPs per {args.quota_window}, rate limit "
+                  f"{fmt_num(args.rate_limit_gflops_per_min)} GFLOPs/min ({later})")
+        else:
+            keys.set_api_key_price(session, name=name, price_per_gflop=args.price_per_gflop)
+            shown = "the server default" if args.price_per_gflop is None else f"{args.price_per_gflop:.6g} per GFLOP"
+            print(f"key {name!r}: new requests billed at {shown} (rows billed before keep their price; {later})")
     return 0
 
 
@@ -261,7 +282,7 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
     from teacher_server.ledger.billing import purge
-    from teacher_server.ledger.database import make_engine
+    from teacher_server.ledger.database import make_engine, without_password
     from teacher_server.ledger.migrate import head_revision, upgrade_to_head
     from teacher_server.settings import parse_duration
 
@@ -272,9 +293,9 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
             migrated = upgrade_to_head(engine)
             engine.dispose()
             if migrated is None:
-                print(f"ledger {_without_password(url)} is at the newest schema ({head_revision()})")
+                print(f"ledger {without_password(url)} is at the newest schema ({head_revision()})")
             else:
-                print(f"ledger {_without_password(url)}: upgraded schema from {migrated[0] or 'empty'} to "
+                print(f"ledger {without_password(url)}: upgraded schema from {migrated[0] or 'empty'} to "
                       f"{migrated[1]}")
             return 0
         try:
@@ -287,22 +308,21 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
         print(f"purged {purged.payloads} replay payloads; released {purged.holds} stale quota holds")
         return 0
     except SQLAlchemyError as exc:
-        raise CliError(f"ledger {_without_password(url)}: {str(exc).splitlines()[0]}") from exc
+        raise CliError(f"ledger {without_password(url)}: {str(exc).splitlines()[0]}") from exc
 
 
 def _cmd_usage(args: argparse.Namespace) -> int:
-    from teacher_server.cli.usage import read_usage_report, report_json, report_lines
-    from teacher_server.ledger import keys, models, reports
+    from teacher_server.cli.usage import report_json, report_lines
+    from teacher_server.ledger import models, reports, usage_report
 
     sessions = _sessions(args.db, must_exist=True)
     with sessions() as session:
-        if args.csv:
-            if args.key is not None and keys.find_api_key_by_name(session, name=args.key) is None:
-                raise CliError(f"no API key named {args.key!r}")
-            reports.write_usage_csv(reports.usage_by_day(session, key_name=args.key), sys.stdout)
-            return 0
         try:
-            report = read_usage_report(session, key_name=args.key)
+            if args.csv:
+                reports.check_key_exists(session, key_name=args.key)
+                usage_report.write_usage_csv(reports.usage_by_day(session, key_name=args.key), sys.stdout)
+                return 0
+            report = usage_report.usage_by_key(session, key_name=args.key)
         except models.LedgerError as exc:
             raise CliError(str(exc)) from exc
     if args.json:

@@ -31,6 +31,10 @@ from teacher_server.ledger.models import (
     as_utc,
     usage_record,
     utcnow,
+)
+from teacher_server.ledger.quota_windows import (
+    QuotaWindow,
+    next_window_start,
     window_start,
 )
 
@@ -42,7 +46,7 @@ _C = KeyCounter.__table__.c
 @dataclass(frozen=True)
 class KeyLimits:
     quota_gflops: float | None       # None: unlimited
-    quota_window: str                # lifetime | month | day
+    quota_window: QuotaWindow
     rate_limit_gflops_per_min: float | None
 
     @property
@@ -65,7 +69,7 @@ class LimitState:
     """A key's quota and rate-limit state as its responses report it (None fields: no such limit)."""
 
     quota_gflops: float | None
-    quota_window: str
+    quota_window: QuotaWindow
     quota_remaining_gflops: float | None
     quota_reset_s: float | None          # seconds until the quota window starts over; None: lifetime
     rate_limit_gflops: float | None      # per minute
@@ -78,18 +82,9 @@ class Billable:
     """One usage row to commit, with its replay payload and the hold it settles."""
 
     row: NewUsage
-    quota_window: str
+    quota_window: QuotaWindow
     payload: tuple[bytes, str] | None = None   # (float32 logits, "B,C"); None: not replayable
     hold: Hold | None = None
-
-
-def _next_window(quota_window: str, start: int) -> int | None:
-    begun = datetime.fromtimestamp(start, timezone.utc)
-    if quota_window == "day":
-        return int((begun + timedelta(days=1)).timestamp())
-    if quota_window == "month":
-        return int((begun.replace(day=28) + timedelta(days=4)).replace(day=1).timestamp())
-    return None
 
 
 def _windows(limits: KeyLimits, now: float) -> tuple[int, int]:
@@ -112,7 +107,7 @@ def limit_state(session: Session, *, api_key_id: int, limits: KeyLimits, now: fl
     window_used = 0.0 if counter is None or counter.window_start < ws else counter.window_gflops
     reserved = 0.0 if counter is None else max(0.0, counter.reserved_gflops)
     rate_used = 0.0 if counter is None or counter.rate_start < rs else counter.rate_gflops
-    next_window = _next_window(limits.quota_window, ws)
+    next_window = next_window_start(limits.quota_window, ws)
     rate = limits.rate_limit_gflops_per_min
     return LimitState(
         quota_gflops=limits.quota_gflops, quota_window=limits.quota_window,

@@ -7,6 +7,8 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+from teacher_server.ledger.models import LedgerError
+
 SQLITE_BUSY_TIMEOUT_S = 30.0  # writers wait this long for the SQLite write lock instead of failing at once
 
 
@@ -33,7 +35,7 @@ def make_engine(url: str, *, busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S) -> E
 
 def missing_sqlite_file(url: str) -> Path | None:
     """The file of a SQLite URL when that file does not exist; None when it exists or the URL names no file (memory,
-    `file:` URIs, other databases). Commands that only read a ledger refuse a missing one instead of creating it."""
+    `file:` URIs, other databases)."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
@@ -42,14 +44,27 @@ def missing_sqlite_file(url: str) -> Path | None:
     except ArgumentError:
         return None
     database = parsed.database or ""
-    if not parsed.get_backend_name() == "sqlite" or database in ("", ":memory:") or database.startswith("file:"):
+    if parsed.get_backend_name() != "sqlite" or database in ("", ":memory:") or database.startswith("file:"):
         return None
     path = Path(database).expanduser()
     return None if path.exists() else path
 
 
-def url_without_password(url: str) -> str:
-    """A ledger URL as shown to the user: a Postgres password never reaches the terminal or a log."""
+class MissingLedgerError(LedgerError):
+    """A command that only reads a ledger was pointed at a SQLite file that does not exist."""
+
+
+def require_existing_ledger(url: str) -> None:
+    """MissingLedgerError when `url` names a SQLite file that does not exist: a read-only command refuses it instead
+    of creating an empty ledger (a typo must not read as one, nor leave a new file behind)."""
+    missing = missing_sqlite_file(url)
+    if missing is not None:
+        raise MissingLedgerError(f"no ledger at {missing} (check --db or MASKEDKD_DB; `teacher-server serve` "
+                                 "creates one)")
+
+
+def without_password(url: str) -> str:
+    """The URL as shown to the user: a Postgres password never reaches the terminal or a log."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 

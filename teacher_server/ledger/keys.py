@@ -1,9 +1,17 @@
-"""API keys in the ledger: `mkd_<43 url-safe chars>` secrets stored only as sha256 hashes; creating, finding,
-disabling and limiting keys."""
+"""The key service: API keys in the ledger and every change to them (create, disable, enable, limits, price), for the
+CLI (`teacher-server keys ...`) and the dashboard's admin API alike. Every value is checked here (`check_change`,
+`checked_name`) before anything is written, and every call is one transaction: a change with one invalid part changes
+nothing. Servers pick a change up within their auth cache TTL.
+
+Secrets are `mkd_<43 url-safe chars>`, stored only as sha256 hashes.
+"""
 from __future__ import annotations
 
+import enum
 import hashlib
+import math
 import secrets
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 
 from sqlalchemy import func, select, update
@@ -12,23 +20,69 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from teacher_server.ledger.billing import ensure_counter
 from teacher_server.ledger.models import (
-    QUOTA_WINDOWS,
     ApiKey,
     DuplicateKeyNameError,
     KeyCounter,
     UnknownKeyNameError,
     UsageRecord,
     utcnow,
-    window_start,
 )
+from teacher_server.ledger.quota_windows import QUOTA_WINDOWS, QuotaWindow, window_start
 
 SECRET_PREFIX = "mkd_"
-
-
 DISPLAY_PREFIX_CHARS = 12  # stored in clear for display: "mkd_" + 8 random chars
-
-
 MAX_NAME_CHARS = 200       # the width of api_keys.name
+
+
+class Unchanged(enum.Enum):
+    """The value of a KeyChange field that is to stay as it is (None means something: unlimited, server default)."""
+
+    UNCHANGED = "unchanged"
+
+
+UNCHANGED = Unchanged.UNCHANGED
+
+
+@dataclass(frozen=True)
+class KeyChange:
+    """What to change on a key; the fields left UNCHANGED keep their value. The names are ApiKey's columns."""
+
+    disabled: bool | Unchanged = UNCHANGED
+    quota_gflops: float | None | Unchanged = UNCHANGED                # GFLOPs per quota window; None: unlimited
+    quota_window: QuotaWindow | Unchanged = UNCHANGED
+    rate_limit_gflops_per_min: float | None | Unchanged = UNCHANGED   # None: no rate limit
+    price_per_gflop: float | None | Unchanged = UNCHANGED             # None: the serving server's default
+
+
+def _check_number(field: str, value: object, *, above_zero: bool = False) -> None:
+    if value is UNCHANGED or value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{field} must be a finite number, not {value!r}")
+    if above_zero and not value > 0:
+        raise ValueError(f"{field} must be > 0")
+    if value < 0:
+        raise ValueError(f"{field} must be >= 0")
+
+
+def check_change(change: KeyChange) -> None:
+    """ValueError naming the first invalid value of `change`."""
+    if change.disabled is not UNCHANGED and not isinstance(change.disabled, bool):
+        raise ValueError(f"disabled must be true or false, not {change.disabled!r}")
+    if change.quota_window is not UNCHANGED and change.quota_window not in QUOTA_WINDOWS:
+        raise ValueError(f"quota window must be one of {', '.join(QUOTA_WINDOWS)}, not {change.quota_window!r}")
+    _check_number("quota_gflops", change.quota_gflops)
+    _check_number("rate_limit_gflops_per_min", change.rate_limit_gflops_per_min, above_zero=True)
+    _check_number("price_per_gflop", change.price_per_gflop)
+
+
+def checked_name(name: str) -> str:
+    """The name a key is stored under (stripped); ValueError when it cannot be one."""
+    if not name or not name.strip():
+        raise ValueError("a key needs a non-empty name")
+    if len(name.strip()) > MAX_NAME_CHARS or "\x00" in name:  # the ledger's column; Postgres enforces both
+        raise ValueError(f"a key name has at most {MAX_NAME_CHARS} characters and no NUL character")
+    return name.strip()
 
 
 def generate_secret() -> str:
@@ -41,41 +95,28 @@ def hash_secret(secret: str) -> str:
 
 def create_api_key(
     sessions: sessionmaker[Session], *, name: str, quota_gflops: float | None = None,
-    price_per_gflop: float | None = None, quota_window: str = "lifetime",
+    price_per_gflop: float | None = None, quota_window: QuotaWindow = "lifetime",
     rate_limit_gflops_per_min: float | None = None,
 ) -> tuple[str, ApiKey]:
     """Create and store a key; returns (secret, row). The secret exists only in this return value."""
-    if not name or not name.strip():
-        raise ValueError("a key needs a non-empty name")
-    if len(name.strip()) > MAX_NAME_CHARS or "\x00" in name:  # the ledger's column; Postgres enforces both
-        raise ValueError(f"a key name has at most {MAX_NAME_CHARS} characters and no NUL character")
-    if quota_gflops is not None and quota_gflops < 0:
-        raise ValueError("quota_gflops must be >= 0")
-    if price_per_gflop is not None and price_per_gflop < 0:
-        raise ValueError("price_per_gflop must be >= 0")
-    validate_limits(quota_window=quota_window, rate_limit_gflops_per_min=rate_limit_gflops_per_min)
     secret = generate_secret()
     with sessions() as session:
-        row = add_api_key(session, name=name.strip(), key_prefix=secret[:DISPLAY_PREFIX_CHARS],
-                                 key_hash=hash_secret(secret), quota_gflops=quota_gflops,
-                                 price_per_gflop=price_per_gflop, quota_window=quota_window,
-                                 rate_limit_gflops_per_min=rate_limit_gflops_per_min)
+        row = add_api_key(session, name=name, key_prefix=secret[:DISPLAY_PREFIX_CHARS], key_hash=hash_secret(secret),
+                          quota_gflops=quota_gflops, price_per_gflop=price_per_gflop, quota_window=quota_window,
+                          rate_limit_gflops_per_min=rate_limit_gflops_per_min)
     return secret, row
-
-
-def validate_limits(*, quota_window: str, rate_limit_gflops_per_min: float | None) -> None:
-    if quota_window not in QUOTA_WINDOWS:
-        raise ValueError(f"quota window must be one of {', '.join(QUOTA_WINDOWS)}, not {quota_window!r}")
-    if rate_limit_gflops_per_min is not None and not rate_limit_gflops_per_min > 0:
-        raise ValueError("rate_limit_gflops_per_min must be > 0")
 
 
 def add_api_key(
     session: Session, *, name: str, key_prefix: str, key_hash: str, quota_gflops: float | None = None,
-    price_per_gflop: float | None = None, quota_window: str = "lifetime",
+    price_per_gflop: float | None = None, quota_window: QuotaWindow = "lifetime",
     rate_limit_gflops_per_min: float | None = None,
 ) -> ApiKey:
-    """Insert a key (and its zeroed counters) and commit; `DuplicateKeyNameError` when the name is taken."""
+    """Insert a key (and its zeroed counters) and commit; ValueError for an invalid value, `DuplicateKeyNameError`
+    when the name is taken."""
+    name = checked_name(name)
+    check_change(KeyChange(quota_gflops=quota_gflops, quota_window=quota_window,
+                           rate_limit_gflops_per_min=rate_limit_gflops_per_min, price_per_gflop=price_per_gflop))
     if find_api_key_by_name(session, name=name) is not None:
         raise DuplicateKeyNameError(f"an API key named {name!r} already exists")
     key = ApiKey(name=name, key_prefix=key_prefix, key_hash=key_hash, quota_gflops=quota_gflops,
@@ -104,45 +145,53 @@ def list_api_keys(session: Session) -> list[ApiKey]:
     return list(session.scalars(select(ApiKey).order_by(ApiKey.id)))
 
 
+def update_api_key(session: Session, *, name: str, change: KeyChange) -> ApiKey:
+    """Apply `change` to the key named `name` and commit, in one transaction: all of it, or nothing when a value is
+    invalid (ValueError) or no key has that name (UnknownKeyNameError)."""
+    check_change(change)
+    try:
+        key = find_api_key_by_name(session, name=name)
+        if key is None:
+            raise UnknownKeyNameError(f"no API key named {name!r}")
+        if change.quota_window is not UNCHANGED and change.quota_window != key.quota_window:
+            _restart_quota_window(session, key=key, quota_window=change.quota_window)
+        for field in fields(change):
+            value = getattr(change, field.name)
+            if value is not UNCHANGED:
+                setattr(key, field.name, value)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    return key
+
+
+def _restart_quota_window(session: Session, *, key: ApiKey, quota_window: QuotaWindow) -> None:
+    """A key's new quota window starts from what the key was billed in it so far (one sum over its rows; an admin
+    operation), in the caller's transaction."""
+    ws = window_start(quota_window, utcnow())
+    since = datetime.fromtimestamp(ws, timezone.utc)
+    billed = session.scalar(select(func.coalesce(func.sum(UsageRecord.gflops), 0.0)).where(
+        UsageRecord.api_key_id == key.id, UsageRecord.created_at >= since))
+    ensure_counter(session, api_key_id=key.id, ws=ws)
+    session.execute(update(KeyCounter).where(KeyCounter.api_key_id == key.id).values(
+        window_start=ws, window_gflops=float(billed or 0.0)))
+
+
 def set_api_key_disabled(session: Session, *, name: str, disabled: bool = True) -> ApiKey:
-    """Disable (or re-enable) a key by name and commit; `UnknownKeyNameError` when there is none."""
-    key = find_api_key_by_name(session, name=name)
-    if key is None:
-        raise UnknownKeyNameError(f"no API key named {name!r}")
-    key.disabled = disabled
-    session.commit()
-    return key
+    """Disable (or, with disabled=False, re-enable) a key and commit."""
+    return update_api_key(session, name=name, change=KeyChange(disabled=disabled))
 
 
-def set_api_key_limits(
-    session: Session, *, name: str, quota_gflops: float | None, price_per_gflop: float | None,
-) -> ApiKey:
-    """Replace a key's quota and price (None: unlimited / server default) and commit."""
-    key = find_api_key_by_name(session, name=name)
-    if key is None:
-        raise UnknownKeyNameError(f"no API key named {name!r}")
-    key.quota_gflops = quota_gflops
-    key.price_per_gflop = price_per_gflop
-    session.commit()
-    return key
+def set_api_key_limits(session: Session, *, name: str, quota_gflops: float | None, quota_window: QuotaWindow,
+                       rate_limit_gflops_per_min: float | None) -> ApiKey:
+    """Replace a key's quota (GFLOPs per window; None: unlimited), its window and its rate limit (GFLOPs per minute;
+    None: none) and commit."""
+    return update_api_key(session, name=name, change=KeyChange(
+        quota_gflops=quota_gflops, quota_window=quota_window, rate_limit_gflops_per_min=rate_limit_gflops_per_min))
 
 
-def set_key_limits(session: Session, *, name: str, quota_gflops: float | None, quota_window: str,
-                   rate_limit_gflops_per_min: float | None) -> None:
-    """Set a key's quota (GFLOPs per window) and rate limit (GFLOPs per minute) and commit. A changed window starts
-    from what the key was billed in the new window so far (one sum over its rows; an admin operation)."""
-    key = find_api_key_by_name(session, name=name)
-    if key is None:
-        raise UnknownKeyNameError(f"no API key named {name!r}")
-    if key.quota_window != quota_window:
-        ws = window_start(quota_window, utcnow())
-        since = datetime.fromtimestamp(ws, timezone.utc)
-        billed = session.scalar(select(func.coalesce(func.sum(UsageRecord.gflops), 0.0)).where(
-            UsageRecord.api_key_id == key.id, UsageRecord.created_at >= since))
-        ensure_counter(session, api_key_id=key.id, ws=ws)
-        session.execute(update(KeyCounter.__table__).where(KeyCounter.__table__.c.api_key_id == key.id).values(
-            window_start=ws, window_gflops=float(billed or 0.0)))
-    key.quota_gflops = quota_gflops
-    key.quota_window = quota_window
-    key.rate_limit_gflops_per_min = rate_limit_gflops_per_min
-    session.commit()
+def set_api_key_price(session: Session, *, name: str, price_per_gflop: float | None) -> ApiKey:
+    """Set the price a key's new requests are billed at (None: the serving server's default) and commit; rows
+    billed before keep their price."""
+    return update_api_key(session, name=name, change=KeyChange(price_per_gflop=price_per_gflop))

@@ -26,7 +26,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-QUOTA_WINDOWS = ("lifetime", "month", "day")
+from teacher_server.ledger.quota_windows import QuotaWindow
 
 
 def utcnow() -> datetime:
@@ -60,7 +60,7 @@ class ApiKey(Base):
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     quota_gflops: Mapped[float | None] = mapped_column(Double, nullable=True)     # None: unlimited
     price_per_gflop: Mapped[float | None] = mapped_column(Double, nullable=True)  # None: server default
-    quota_window: Mapped[str] = mapped_column(String(16), default="lifetime", server_default="lifetime")
+    quota_window: Mapped[QuotaWindow] = mapped_column(String(16), default="lifetime", server_default="lifetime")
     rate_limit_gflops_per_min: Mapped[float | None] = mapped_column(Double, nullable=True)  # None: no rate limit
 
     usage: Mapped[list[UsageRecord]] = relationship(back_populates="api_key", lazy="noload")
@@ -184,16 +184,6 @@ def usage_record(row: NewUsage, created_at: datetime) -> UsageRecord:
         content_digest=row.content_digest, price_per_gflop=row.price_per_gflop, currency=row.currency,
         purpose=row.purpose,
     )
-
-
-def window_start(quota_window: str, now: datetime) -> int:
-    """Epoch seconds where the quota window holding `now` began (UTC calendar day or month; 0 for lifetime)."""
-    now = now.astimezone(timezone.utc)
-    if quota_window == "day":
-        return int(now.replace(hour=0, minute=0, second=0, microsecond=0).timestamp())
-    if quota_window == "month":
-        return int(now.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp())
-    return 0
 
 
 def as_utc(moment: datetime) -> datetime:

@@ -1,27 +1,26 @@
-"""Read-side reports of the ledger shared by `teacher-server usage` and the dashboard: what each key was billed at
-(price and currency as stored with its rows), what each purpose cost (training targets '' and the client's `probe`
-requests apart), usage per UTC day with its probe share, refused calls per day, and the CSV export.
+"""Every read query of the ledger's usage, one function per question, each returning rows of its own dataclass:
+totals per key, the prices and currencies each key was billed at, usage per purpose (training targets '' and the
+client's `probe` requests apart), per UTC day with its probe share, per time bucket, refused calls per day, and the
+most recent requests. usage_report.py assembles them into the reports `teacher-server usage` and the dashboard show.
 
 Money is reported as billed: the price and currency come from the usage rows, never from the server's current
-settings; rows billed before revision 0003 have no recorded currency (None, shown as "unknown").
-All functions take a `Session` and keyword-only arguments and work on SQLite and Postgres.
+settings; rows billed before revision 0003 have no recorded currency and are reported as UNKNOWN_CURRENCY.
+Columns are read by label, never by position. All functions take a `Session` and keyword-only arguments and work on
+SQLite and Postgres. The dataclasses that appear in the dashboard's JSON document their fields with attribute
+docstrings, which pydantic turns into the API's field descriptions.
 """
 from __future__ import annotations
 
-import csv
-import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
-from typing import Any, TextIO
+from typing import Any, TypeVar
 
-from sqlalchemy import BigInteger, ColumnElement, and_, case, func, select
+from sqlalchemy import BigInteger, ColumnElement, Select, and_, case, func, select
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import FunctionElement
 
 from maskedkd.purpose import PROBE
-from teacher_server.ledger.keys import find_api_key_by_name
 from teacher_server.ledger.models import (
     ApiKey,
     KeyCounter,
@@ -30,6 +29,11 @@ from teacher_server.ledger.models import (
     UsageRecord,
     as_utc,
 )
+
+DAY_S = 86400
+UNKNOWN_CURRENCY = "unknown"  # how reports name the currency of rows billed before it was recorded
+DOCUMENTED = {"use_attribute_docstrings": True}  # pydantic: a field's docstring is its description in the API
+AnySelect = TypeVar("AnySelect", bound=Select[*tuple[Any, ...]])
 
 
 def used_gflops(session: Session, *, api_key_id: int) -> float:
@@ -48,74 +52,28 @@ def usage_window(*, since: datetime | None, until: datetime | None) -> list[Colu
     return conditions
 
 
-def saving_pct(gflops: float, full_gflops: float) -> float:
-    """Share of the full teacher's GFLOPs the masked forwards saved, in percent (0 without usage)."""
-    if full_gflops <= 0 or math.isnan(full_gflops):
-        return 0.0
-    return 100.0 * (1.0 - gflops / full_gflops)
+def check_key_exists(session: Session, *, key_name: str | None) -> None:
+    """UnknownKeyNameError when `key_name` is given and no key has it (a report of such a key would read as empty)."""
+    if key_name is not None and session.scalar(select(ApiKey.id).where(ApiKey.name == key_name)) is None:
+        raise UnknownKeyNameError(f"no API key named {key_name!r}")
 
 
-@dataclass(frozen=True)
-class KeyTotals:
-    """One key with the totals of its usage rows (in a time window when one was asked for)."""
-
-    name: str
-    key_prefix: str
-    disabled: bool
-    created_at: datetime
-    quota_gflops: float | None
-    price_per_gflop: float | None
-    requests: int
-    images: int
-    tokens: int
-    gflops: float
-    full_gflops: float
-    cost: float
-    last_used_at: datetime | None
-
-    @property
-    def saving_pct(self) -> float:
-        return saving_pct(self.gflops, self.full_gflops)
+def _of_key(stmt: AnySelect, key_name: str | None) -> AnySelect:
+    return stmt if key_name is None else stmt.where(ApiKey.name == key_name)
 
 
-def usage_totals(
-    session: Session, *, key_name: str | None = None, since: datetime | None = None, until: datetime | None = None,
-) -> list[KeyTotals]:
-    """Every key (also those without usage) with the totals of its rows in [since, until), ordered by name;
-    only `key_name` when given (UnknownKeyNameError when no key has that name)."""
-    stmt = (
-        select(
-            ApiKey.name, ApiKey.key_prefix, ApiKey.disabled, ApiKey.created_at, ApiKey.quota_gflops,
-            ApiKey.price_per_gflop, func.count(UsageRecord.id), func.coalesce(func.sum(UsageRecord.images), 0),
-            func.coalesce(func.sum(UsageRecord.tokens), 0), func.coalesce(func.sum(UsageRecord.gflops), 0.0),
-            func.coalesce(func.sum(UsageRecord.full_gflops), 0.0), func.coalesce(func.sum(UsageRecord.cost), 0.0),
-            func.max(UsageRecord.created_at),
-        )
-        .select_from(ApiKey)
-        .outerjoin(UsageRecord, and_(UsageRecord.api_key_id == ApiKey.id, *usage_window(since=since, until=until)))
-        .group_by(ApiKey.id, ApiKey.name, ApiKey.key_prefix, ApiKey.disabled, ApiKey.created_at,
-                  ApiKey.quota_gflops, ApiKey.price_per_gflop)
-        .order_by(ApiKey.name)
-    )
-    if key_name is not None:
-        if find_api_key_by_name(session, name=key_name) is None:
-            raise UnknownKeyNameError(f"no API key named {key_name!r}")
-        stmt = stmt.where(ApiKey.name == key_name)
-    totals = []
-    for r in session.execute(stmt):
-        last_used = r[12]
-        if isinstance(last_used, str):  # SQLite returns max() of a DATETIME column as its stored text
-            last_used = datetime.fromisoformat(last_used)
-        totals.append(KeyTotals(
-            name=r[0], key_prefix=r[1], disabled=bool(r[2]), created_at=as_utc(r[3]), quota_gflops=r[4],
-            price_per_gflop=r[5], requests=int(r[6]), images=int(r[7]), tokens=int(r[8]), gflops=float(r[9]),
-            full_gflops=float(r[10]), cost=float(r[11]), last_used_at=as_utc(last_used) if last_used else None,
-        ))
-    return totals
+def _usage_of_keys(*columns: Any, since: datetime | None, until: datetime | None) -> Select[*tuple[Any, ...]]:
+    """SELECT columns FROM usage rows in [since, until) joined with their keys."""
+    return (select(*columns).select_from(UsageRecord).join(ApiKey, ApiKey.id == UsageRecord.api_key_id)
+            .where(*usage_window(since=since, until=until)))
 
 
-DAY_S = 86400
-UNKNOWN_CURRENCY = "unknown"  # how reports name the currency of rows billed before it was recorded
+def currency_name(currency: str | None) -> str:
+    return UNKNOWN_CURRENCY if currency is None else currency
+
+
+def _utc_day(epoch_s: Any) -> date:
+    return datetime.fromtimestamp(int(epoch_s), timezone.utc).date()
 
 
 class bucket_start_epoch(FunctionElement[int]):  # noqa: N801 (SQL function style)
@@ -145,17 +103,74 @@ def _bucket_default(element: bucket_start_epoch, compiler: Any, **kw: Any) -> st
     return f"CAST(FLOOR(EXTRACT(EPOCH FROM {column}) / {width}) * {width} AS BIGINT)"
 
 
-def currency_name(currency: str | None) -> str:
-    return UNKNOWN_CURRENCY if currency is None else currency
+@dataclass(frozen=True)
+class KeyTotals:
+    """One key with the totals of its usage rows (in a time window when one was asked for)."""
+
+    name: str
+    key_prefix: str
+    disabled: bool
+    created_at: datetime
+    quota_gflops: float | None
+    price_per_gflop: float | None
+    requests: int
+    images: int
+    tokens: int
+    gflops: float
+    full_gflops: float
+    cost: float
+    last_used_at: datetime | None
+
+
+def usage_totals(
+    session: Session, *, key_name: str | None = None, since: datetime | None = None, until: datetime | None = None,
+) -> list[KeyTotals]:
+    """Every key (also those without usage) with the totals of its rows in [since, until), ordered by name;
+    only `key_name` when given (UnknownKeyNameError when no key has that name)."""
+    check_key_exists(session, key_name=key_name)
+    stmt = (
+        select(
+            ApiKey.name, ApiKey.key_prefix, ApiKey.disabled, ApiKey.created_at, ApiKey.quota_gflops,
+            ApiKey.price_per_gflop, func.count(UsageRecord.id).label("requests"),
+            func.coalesce(func.sum(UsageRecord.images), 0).label("images"),
+            func.coalesce(func.sum(UsageRecord.tokens), 0).label("tokens"),
+            func.coalesce(func.sum(UsageRecord.gflops), 0.0).label("gflops"),
+            func.coalesce(func.sum(UsageRecord.full_gflops), 0.0).label("full_gflops"),
+            func.coalesce(func.sum(UsageRecord.cost), 0.0).label("cost"),
+            func.max(UsageRecord.created_at).label("last_used_at"),
+        )
+        .select_from(ApiKey)
+        .outerjoin(UsageRecord, and_(UsageRecord.api_key_id == ApiKey.id, *usage_window(since=since, until=until)))
+        .group_by(ApiKey.id, ApiKey.name, ApiKey.key_prefix, ApiKey.disabled, ApiKey.created_at,
+                  ApiKey.quota_gflops, ApiKey.price_per_gflop)
+        .order_by(ApiKey.name)
+    )
+    totals = []
+    for r in session.execute(_of_key(stmt, key_name)):
+        last_used = r.last_used_at
+        if isinstance(last_used, str):  # SQLite returns max() of a DATETIME column as its stored text
+            last_used = datetime.fromisoformat(last_used)
+        totals.append(KeyTotals(
+            name=r.name, key_prefix=r.key_prefix, disabled=bool(r.disabled), created_at=as_utc(r.created_at),
+            quota_gflops=r.quota_gflops, price_per_gflop=r.price_per_gflop, requests=int(r.requests),
+            images=int(r.images), tokens=int(r.tokens), gflops=float(r.gflops), full_gflops=float(r.full_gflops),
+            cost=float(r.cost), last_used_at=as_utc(last_used) if last_used else None,
+        ))
+    return totals
 
 
 @dataclass(frozen=True)
 class BilledPrice:
-    """The rows of one key billed at one price in one currency."""
+    """The rows of one key billed at one price in one currency (as stored with each row, not the server's
+    settings)."""
+
+    __pydantic_config__ = DOCUMENTED
 
     key: str
-    price_per_gflop: float | None   # None: not recoverable (a row without GFLOPs from before revision 0003)
-    currency: str | None            # None: billed before the currency was recorded
+    price_per_gflop: float | None
+    """null: not recoverable (rows from before revision 0003 without GFLOPs)"""
+    currency: str
+    """'unknown' for rows billed before the currency was recorded (revision 0003)"""
     requests: int
     gflops: float
     cost: float
@@ -165,26 +180,29 @@ def billed_prices(session: Session, *, since: datetime | None = None, until: dat
                   key_name: str | None = None) -> list[BilledPrice]:
     """Per key, the distinct (price, currency) its rows in [since, until) were billed at, ordered by key."""
     stmt = (
-        select(ApiKey.name, UsageRecord.price_per_gflop, UsageRecord.currency, func.count(UsageRecord.id),
-               func.sum(UsageRecord.gflops), func.sum(UsageRecord.cost))
-        .select_from(UsageRecord).join(ApiKey, ApiKey.id == UsageRecord.api_key_id)
-        .where(*usage_window(since=since, until=until))
+        _usage_of_keys(ApiKey.name.label("key"), UsageRecord.price_per_gflop, UsageRecord.currency,
+                       func.count(UsageRecord.id).label("requests"), func.sum(UsageRecord.gflops).label("gflops"),
+                       func.sum(UsageRecord.cost).label("cost"), since=since, until=until)
         .group_by(ApiKey.name, UsageRecord.price_per_gflop, UsageRecord.currency)
         .order_by(ApiKey.name, UsageRecord.currency, UsageRecord.price_per_gflop)
     )
-    if key_name is not None:
-        stmt = stmt.where(ApiKey.name == key_name)
-    return [BilledPrice(key=r[0], price_per_gflop=r[1], currency=r[2], requests=int(r[3]), gflops=float(r[4] or 0),
-                        cost=float(r[5] or 0)) for r in session.execute(stmt)]
+    return [BilledPrice(key=r.key, price_per_gflop=r.price_per_gflop, currency=currency_name(r.currency),
+                        requests=int(r.requests), gflops=float(r.gflops or 0), cost=float(r.cost or 0))
+            for r in session.execute(_of_key(stmt, key_name))]
 
 
 @dataclass(frozen=True)
 class PurposeUsage:
-    """The rows of one key requested for one purpose ('' = training targets), billed in one currency."""
+    """The rows of one key requested for one purpose, billed in one currency."""
+
+    __pydantic_config__ = DOCUMENTED
 
     key: str
     purpose: str
-    currency: str | None
+    """InferRequest.purpose: '' for training targets, 'probe' for `--keep auto` probes, or another label the client
+    chose"""
+    currency: str
+    """'unknown' for rows billed before the currency was recorded"""
     requests: int
     images: int
     tokens: int
@@ -197,28 +215,31 @@ def usage_by_purpose(session: Session, *, since: datetime | None = None, until: 
                      key_name: str | None = None) -> list[PurposeUsage]:
     """Per key, the totals of its rows in [since, until) per (purpose, currency), ordered by key and purpose."""
     stmt = (
-        select(ApiKey.name, UsageRecord.purpose, UsageRecord.currency, func.count(UsageRecord.id),
-               func.sum(UsageRecord.images), func.sum(UsageRecord.tokens), func.sum(UsageRecord.gflops),
-               func.sum(UsageRecord.full_gflops), func.sum(UsageRecord.cost))
-        .select_from(UsageRecord).join(ApiKey, ApiKey.id == UsageRecord.api_key_id)
-        .where(*usage_window(since=since, until=until))
+        _usage_of_keys(ApiKey.name.label("key"), UsageRecord.purpose, UsageRecord.currency,
+                       func.count(UsageRecord.id).label("requests"), func.sum(UsageRecord.images).label("images"),
+                       func.sum(UsageRecord.tokens).label("tokens"), func.sum(UsageRecord.gflops).label("gflops"),
+                       func.sum(UsageRecord.full_gflops).label("full_gflops"),
+                       func.sum(UsageRecord.cost).label("cost"), since=since, until=until)
         .group_by(ApiKey.name, UsageRecord.purpose, UsageRecord.currency)
         .order_by(ApiKey.name, UsageRecord.purpose, UsageRecord.currency)
     )
-    if key_name is not None:
-        stmt = stmt.where(ApiKey.name == key_name)
-    return [PurposeUsage(key=r[0], purpose=r[1], currency=r[2], requests=int(r[3]), images=int(r[4] or 0),
-                         tokens=int(r[5] or 0), gflops=float(r[6] or 0), full_gflops=float(r[7] or 0),
-                         cost=float(r[8] or 0)) for r in session.execute(stmt)]
+    return [PurposeUsage(key=r.key, purpose=r.purpose, currency=currency_name(r.currency), requests=int(r.requests),
+                         images=int(r.images or 0), tokens=int(r.tokens or 0), gflops=float(r.gflops or 0),
+                         full_gflops=float(r.full_gflops or 0), cost=float(r.cost or 0))
+            for r in session.execute(_of_key(stmt, key_name))]
 
 
 @dataclass(frozen=True)
 class DayUsage:
-    """Usage of one key on one UTC day at one price and currency."""
+    """One key's usage on one UTC day at one price and currency (as billed); probe_* are the part of its requests,
+    GFLOPs and cost sent with purpose 'probe'."""
+
+    __pydantic_config__ = DOCUMENTED
 
     day: date
     key: str
-    currency: str | None
+    currency: str
+    """'unknown' for rows billed before the currency was recorded"""
     price_per_gflop: float | None
     requests: int
     images: int
@@ -226,9 +247,9 @@ class DayUsage:
     gflops: float
     full_gflops: float
     cost: float
-    probe_requests: int = 0     # the part of the above requested with purpose 'probe'
-    probe_gflops: float = 0.0
-    probe_cost: float = 0.0
+    probe_requests: int
+    probe_gflops: float
+    probe_cost: float
 
 
 def _probe_sum(column: Any) -> Any:
@@ -240,61 +261,101 @@ def usage_by_day(session: Session, *, since: datetime | None = None, until: date
     """Non-empty (UTC day, key, currency, price) cells of the rows in [since, until), ordered by day and key."""
     day = bucket_start_epoch(UsageRecord.created_at, DAY_S).label("day")
     stmt = (
-        select(day, ApiKey.name, UsageRecord.currency, UsageRecord.price_per_gflop, func.count(UsageRecord.id),
-               func.sum(UsageRecord.images), func.sum(UsageRecord.tokens), func.sum(UsageRecord.gflops),
-               func.sum(UsageRecord.full_gflops), func.sum(UsageRecord.cost), _probe_sum(1),
-               _probe_sum(UsageRecord.gflops), _probe_sum(UsageRecord.cost))
-        .select_from(UsageRecord).join(ApiKey, ApiKey.id == UsageRecord.api_key_id)
-        .where(*usage_window(since=since, until=until))
+        _usage_of_keys(day, ApiKey.name.label("key"), UsageRecord.currency, UsageRecord.price_per_gflop,
+                       func.count(UsageRecord.id).label("requests"), func.sum(UsageRecord.images).label("images"),
+                       func.sum(UsageRecord.tokens).label("tokens"), func.sum(UsageRecord.gflops).label("gflops"),
+                       func.sum(UsageRecord.full_gflops).label("full_gflops"),
+                       func.sum(UsageRecord.cost).label("cost"), _probe_sum(1).label("probe_requests"),
+                       _probe_sum(UsageRecord.gflops).label("probe_gflops"),
+                       _probe_sum(UsageRecord.cost).label("probe_cost"), since=since, until=until)
         .group_by(day, ApiKey.name, UsageRecord.currency, UsageRecord.price_per_gflop)
         .order_by(day, ApiKey.name, UsageRecord.currency, UsageRecord.price_per_gflop)
     )
-    if key_name is not None:
-        stmt = stmt.where(ApiKey.name == key_name)
-    return [DayUsage(day=datetime.fromtimestamp(int(r[0]), timezone.utc).date(), key=r[1], currency=r[2],
-                     price_per_gflop=r[3], requests=int(r[4]), images=int(r[5] or 0), tokens=int(r[6] or 0),
-                     gflops=float(r[7] or 0), full_gflops=float(r[8] or 0), cost=float(r[9] or 0),
-                     probe_requests=int(r[10] or 0), probe_gflops=float(r[11] or 0), probe_cost=float(r[12] or 0))
-            for r in session.execute(stmt)]
+    return [DayUsage(day=_utc_day(r.day), key=r.key, currency=currency_name(r.currency),
+                     price_per_gflop=r.price_per_gflop, requests=int(r.requests), images=int(r.images or 0),
+                     tokens=int(r.tokens or 0), gflops=float(r.gflops or 0), full_gflops=float(r.full_gflops or 0),
+                     cost=float(r.cost or 0), probe_requests=int(r.probe_requests or 0),
+                     probe_gflops=float(r.probe_gflops or 0), probe_cost=float(r.probe_cost or 0))
+            for r in session.execute(_of_key(stmt, key_name))]
 
 
 @dataclass(frozen=True)
 class DayRefusals:
-    """Calls refused on one UTC day for one reason, for one key (key None: no key known)."""
+    """Calls refused on one UTC day for one reason, for one key."""
+
+    __pydantic_config__ = DOCUMENTED
 
     day: date
     key: str | None
+    """null: refused before a key was known"""
     reason: str
+    """auth, quota, rate_limit or invalid"""
     count: int
 
 
 def refusals_by_day(session: Session, *, since: datetime | None = None, until: datetime | None = None,
                     key_name: str | None = None) -> list[DayRefusals]:
     """Refusal counters of the days that overlap [since, until), ordered by day, key and reason."""
-    stmt = (select(Refusal.day_start, ApiKey.name, Refusal.reason, Refusal.count)
+    stmt = (select(Refusal.day_start, ApiKey.name.label("key"), Refusal.reason, Refusal.count.label("calls"))
             .select_from(Refusal).outerjoin(ApiKey, ApiKey.id == Refusal.api_key_id)
             .order_by(Refusal.day_start, ApiKey.name, Refusal.reason))
     if since is not None:
         stmt = stmt.where(Refusal.day_start > int(as_utc(since).timestamp()) - DAY_S)
     if until is not None:
         stmt = stmt.where(Refusal.day_start < int(as_utc(until).timestamp()))
-    if key_name is not None:
-        stmt = stmt.where(ApiKey.name == key_name)
-    return [DayRefusals(day=datetime.fromtimestamp(int(r[0]), timezone.utc).date(), key=r[1], reason=r[2],
-                        count=int(r[3])) for r in session.execute(stmt)]
+    return [DayRefusals(day=_utc_day(r.day_start), key=r.key, reason=r.reason, count=int(r.calls))
+            for r in session.execute(_of_key(stmt, key_name))]
 
 
-CSV_COLUMNS = ("day", "key", "currency", "price_per_gflop", "requests", "images", "tokens", "gflops",
-               "full_gflops", "cost", "probe_requests", "probe_gflops", "probe_cost")
+@dataclass(frozen=True)
+class UsageBucket:
+    """Usage of one key in one time bucket."""
+
+    key: str
+    start_epoch: int     # UTC epoch seconds of the bucket start
+    requests: int
+    images: int
+    gflops: float
+    full_gflops: float
+    cost: float
 
 
-def write_usage_csv(rows: Iterable[DayUsage], out: TextIO) -> None:
-    """One line per (UTC day, key, currency, price); floats in repr form, so the sums read back exactly. The probe_*
-    columns are the part of the line's requests, GFLOPs and cost requested with purpose 'probe'."""
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for r in rows:
-        writer.writerow([r.day.isoformat(), r.key, currency_name(r.currency),
-                         "" if r.price_per_gflop is None else repr(r.price_per_gflop), r.requests, r.images,
-                         r.tokens, repr(r.gflops), repr(r.full_gflops), repr(r.cost), r.probe_requests,
-                         repr(r.probe_gflops), repr(r.probe_cost)])
+def usage_by_bucket(
+    session: Session, *, width_s: int, since: datetime | None = None, until: datetime | None = None,
+    key_name: str | None = None,
+) -> list[UsageBucket]:
+    """Non-empty (key, bucket) cells in [since, until), ordered by bucket then key."""
+    bucket = bucket_start_epoch(UsageRecord.created_at, width_s).label("start_epoch")
+    stmt = (
+        _usage_of_keys(ApiKey.name.label("key"), bucket, func.count(UsageRecord.id).label("requests"),
+                       func.sum(UsageRecord.images).label("images"), func.sum(UsageRecord.gflops).label("gflops"),
+                       func.sum(UsageRecord.full_gflops).label("full_gflops"),
+                       func.sum(UsageRecord.cost).label("cost"), since=since, until=until)
+        .group_by(ApiKey.name, bucket)
+        .order_by(bucket, ApiKey.name)
+    )
+    return [UsageBucket(key=r.key, start_epoch=int(r.start_epoch), requests=int(r.requests),
+                        images=int(r.images or 0), gflops=float(r.gflops or 0.0),
+                        full_gflops=float(r.full_gflops or 0.0), cost=float(r.cost or 0.0))
+            for r in session.execute(_of_key(stmt, key_name))]
+
+
+@dataclass(frozen=True)
+class RecentRequest:
+    key: str
+    latency_ms: float
+    queue_ms: float
+    images: int
+    batch_images: int
+
+
+def recent_requests(
+    session: Session, *, limit: int, since: datetime | None = None, key_name: str | None = None,
+) -> list[RecentRequest]:
+    """The last `limit` usage rows (newest first), optionally only after `since` and of one key."""
+    stmt = (_usage_of_keys(ApiKey.name.label("key"), UsageRecord.latency_ms, UsageRecord.queue_ms,
+                           UsageRecord.images, UsageRecord.batch_images, since=since, until=None)
+            .order_by(UsageRecord.id.desc()))
+    return [RecentRequest(key=r.key, latency_ms=float(r.latency_ms), queue_ms=float(r.queue_ms),
+                          images=int(r.images), batch_images=int(r.batch_images))
+            for r in session.execute(_of_key(stmt, key_name).limit(limit))]

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from teacher_server.errors import AuthenticationError
 from teacher_server.ledger import keys
 from teacher_server.ledger.billing import KeyLimits, unavailable_on_transient_errors
+from teacher_server.ledger.quota_windows import QuotaWindow
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ class KeyInfo:
     disabled: bool
     quota_gflops: float | None
     price_per_gflop: float | None
-    quota_window: str = "lifetime"
+    quota_window: QuotaWindow = "lifetime"
     rate_limit_gflops_per_min: float | None = None
 
     @property

@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from teacher_server.ledger.keys import create_api_key
+from teacher_server.ledger.quota_windows import QuotaWindow
 from teacher_server.service.server import TeacherServer
 from teacher_server.settings import ServerSettings
 
@@ -71,7 +72,7 @@ class RunningServer:
         return self.server.served.name
 
     def create_key(self, name: str, quota_gflops: float | None = None,
-                   price_per_gflop: float | None = None, *, quota_window: str = "lifetime",
+                   price_per_gflop: float | None = None, *, quota_window: QuotaWindow = "lifetime",
                    rate_limit_gflops_per_min: float | None = None) -> str:
         """Store a new API key in the server's ledger; returns the secret (`mkd_...`)."""
         secret, _ = create_api_key(self.server.sessions, name=name, quota_gflops=quota_gflops,

@@ -333,9 +333,9 @@ def test_dashboard_usage_equals_raw_sql_on_postgres(postgres_url: str, model) ->
         return {r[0]: r[1:] for r in pg_rows(postgres_url, query, params)}
 
     def check(body: dict[str, Any], expected: dict[str, tuple[Any, ...]]) -> None:
-        assert [k["name"] for k in body["keys"]] == sorted(expected)
+        assert [k["key"] for k in body["keys"]] == sorted(expected)
         for k in body["keys"]:
-            requests, images, tokens, gflops, full, cost = expected[k["name"]]
+            requests, images, tokens, gflops, full, cost = expected[k["key"]]
             assert (k["requests"], k["images"], k["tokens"]) == (requests, images, tokens)
             assert k["gflops"] == pytest.approx(gflops, rel=REL) and k["cost"] == pytest.approx(cost, rel=REL)
             assert k["full_gflops"] == pytest.approx(full, rel=REL)
@@ -352,7 +352,7 @@ def test_dashboard_usage_equals_raw_sql_on_postgres(postgres_url: str, model) ->
     last = dict(pg_rows(postgres_url, "SELECT k.name, MAX(u.created_at) FROM usage u JOIN api_keys k "
                                       "ON k.id = u.api_key_id GROUP BY k.name"))
     for k in body["keys"]:
-        want = last.get(k["name"])
+        want = last.get(k["key"])
         got = k["last_used_at"] and datetime.fromisoformat(k["last_used_at"])
         assert got == want  # aware datetimes: equal instants, whatever zone each side is in
 

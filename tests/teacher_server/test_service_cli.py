@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -65,13 +66,50 @@ def test_keys_and_usage_commands(tmp_path: Path) -> None:
     missing = run_cli("keys", "disable", "nobody", db=db)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "nobody" in missing.stderr
 
-    usage = run_cli("usage", "--json", db=db)
-    assert json.loads(usage.stdout) == [{"key": "grace", "requests": 0, "images": 0, "tokens": 0, "gflops": 0.0,
-                                         "full_gflops": 0.0, "saving_pct": 0.0, "cost": 0.0}]
+    (unused,) = json.loads(run_cli("usage", "--json", db=db).stdout)
+    assert {k: unused[k] for k in ("key", "requests", "images", "tokens", "gflops", "full_gflops", "saving_pct",
+                                   "cost", "billed", "by_purpose", "refused", "disabled", "price_per_gflop")} == {
+        "key": "grace", "requests": 0, "images": 0, "tokens": 0, "gflops": 0.0, "full_gflops": 0.0, "saving_pct": 0.0,
+        "cost": 0.0, "billed": [], "by_purpose": [], "refused": {}, "disabled": True, "price_per_gflop": 0.2}
     unknown = run_cli("usage", "--key", "nobody", db=db)
     assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
     bad_flag = run_cli("keys", "create", "--name", "x", "--quota-gflops", "lots", db=db)
     assert bad_flag.returncode == 2 and bad_flag.stderr.count("\n") == 1 and "--quota-gflops" in bad_flag.stderr
+
+
+def sql(db: str, query: str) -> list[tuple[object, ...]]:
+    with sqlite3.connect(db.removeprefix("sqlite:///")) as conn:
+        return conn.execute(query).fetchall()
+
+
+def test_keys_price_and_enable_change_the_ledger(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    assert run_cli("keys", "create", "--name", "ivan", "--price-per-gflop", "3e-6", db=db).returncode == 0
+    key_row = "SELECT price_per_gflop, disabled, quota_gflops FROM api_keys WHERE name = 'ivan'"
+
+    priced = run_cli("keys", "price", "ivan", "--price-per-gflop", "7.5e-6", db=db)
+    assert priced.returncode == 0 and "7.5e-06" in priced.stdout, priced.stderr
+    assert sql(db, key_row) == [(7.5e-6, 0, None)]
+    assert run_cli("keys", "price", "ivan", "--price-per-gflop", "default", db=db).returncode == 0
+    assert sql(db, key_row) == [(None, 0, None)]  # back to the serving server's price
+
+    assert run_cli("keys", "disable", "ivan", db=db).returncode == 0
+    assert sql(db, key_row) == [(None, 1, None)]
+    enabled = run_cli("keys", "enable", "ivan", db=db)
+    assert enabled.returncode == 0 and enabled.stdout.strip() == "enabled key 'ivan'", enabled.stderr
+    assert sql(db, key_row) == [(None, 0, None)]
+
+    before = sql(db, "SELECT * FROM api_keys")
+    for bad, says in ((("keys", "price", "ivan", "--price-per-gflop", "-1"), "price_per_gflop must be >= 0"),
+                      (("keys", "price", "ivan", "--price-per-gflop", "nan"), "finite"),
+                      (("keys", "price", "ivan", "--price-per-gflop", "cheap"), "--price-per-gflop"),
+                      (("keys", "price", "nobody", "--price-per-gflop", "1"), "no API key named 'nobody'"),
+                      (("keys", "enable", "nobody"), "no API key named 'nobody'"),
+                      (("keys", "enable",), "needs a key name")):
+        refused = run_cli(*bad, db=db)
+        assert refused.returncode == 2 and refused.stdout == "", bad
+        assert refused.stderr.count("\n") == 1 and says in refused.stderr and "Traceback" not in refused.stderr, bad
+    assert sql(db, "SELECT * FROM api_keys") == before
 
 
 @pytest.mark.dtype("auto")  # default flags: the dtype auto picks here, compared at that dtype's tolerance

@@ -159,7 +159,7 @@ def test_standalone_dashboard_serves_https(pki: Pki, tls_server: RunningServer) 
             except httpx.TransportError:
                 assert process.poll() is None and time.monotonic() < deadline, process.stdout and process.stdout.read()
                 time.sleep(0.2)
-        assert response.status_code == 200 and "tls-dashboard" in {k["name"] for k in response.json()["keys"]}
+        assert response.status_code == 200 and "tls-dashboard" in {k["key"] for k in response.json()["keys"]}
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{port}/api/usage/keys", timeout=5)
     finally:

@@ -89,9 +89,9 @@ function renderUsage(usage) {
   const body = document.querySelector("#keys tbody");
   body.replaceChildren();
   for (const k of usage.keys) {
-    const row = el("tr", { "data-key": k.name });
+    const row = el("tr", { "data-key": k.key });
     const name = el("td", { "data-field": "name" });
-    name.append(el("span", { class: "swatch", style: `background:${colorOf(k.name)}` }), k.name);
+    name.append(el("span", { class: "swatch", style: `background:${colorOf(k.key)}` }), k.key);
     row.append(name, el("td", { "data-field": "key_prefix" }, k.key_prefix + "…"));
     const status = el("td", { "data-field": "status" });
     status.append(el("span", { class: k.disabled ? "badge off" : "badge" }, k.disabled ? "disabled" : "active"));
@@ -225,7 +225,7 @@ async function refresh() {
     const [usage, ts, lat, daily] = await Promise.all([
       getJSON("api/usage/keys"), getJSON(`api/usage/timeseries?bucket=${encodeURIComponent(state.bucket)}`),
       getJSON("api/usage/latency?limit=1000"), getJSON(`api/usage/daily?since=${encodeURIComponent(dailySince())}`)]);
-    for (const k of usage.keys) colorOf(k.name);  // colors follow the table's (name) order
+    for (const k of usage.keys) colorOf(k.key);  // colors follow the table's (name) order
     renderUsage(usage);
     renderSeries(ts);
     renderDaily(daily);

@@ -81,10 +81,10 @@ def assert_key_numbers(api_key: dict[str, Any], expected: tuple[Any, ...]) -> No
 def test_usage_by_key_equals_sql_sums(client: TestClient, seeded: SeededLedger) -> None:
     body = client.get("/api/usage/keys").json()
     expected = sql_totals_by_key(seeded.path)
-    assert [k["name"] for k in body["keys"]] == sorted(expected)  # every key, also those without usage
+    assert [k["key"] for k in body["keys"]] == sorted(expected)  # every key, also those without usage
     assert len(expected) == len(PLANS)
     for key in body["keys"]:
-        assert_key_numbers(key, expected[key["name"]])
+        assert_key_numbers(key, expected[key["key"]])
     columns = list(zip(*expected.values()))
     assert_key_numbers(body["total"], tuple(sum(c) for c in columns))
     assert body["currency"] == "USD" and "default_price_per_gflop" not in body
@@ -100,12 +100,12 @@ def test_usage_by_key_equals_sql_sums(client: TestClient, seeded: SeededLedger) 
     settings = {r[0]: r[1:] for r in rows(seeded.path, "SELECT name, price_per_gflop, quota_gflops, disabled, "
                                                        "key_prefix FROM api_keys")}
     for key in body["keys"]:
-        price, quota, disabled, prefix = settings[key["name"]]
+        price, quota, disabled, prefix = settings[key["key"]]
         assert [(b["price_per_gflop"], b["currency"], b["requests"], b["cost"]) for b in key["billed"]] == \
-            billed[key["name"]]
-        assert key["price_per_gflop"] == price and key["currency"] == ("USD" if billed[key["name"]] else None)
+            billed[key["key"]]
+        assert key["price_per_gflop"] == price and key["currency"] == ("USD" if billed[key["key"]] else None)
         assert key["disabled"] == bool(disabled) and key["key_prefix"] == prefix
-        used = expected[key["name"]][3]
+        used = expected[key["key"]][3]
         assert key["quota_used_pct"] == (None if quota is None else pytest.approx(100 * used / quota, rel=REL))
     assert any(k["disabled"] for k in body["keys"]) and any(k["requests"] == 0 for k in body["keys"])
 
@@ -123,8 +123,8 @@ def test_probe_costs_per_key_and_per_day_equal_sql_sums(client: TestClient, seed
     assert sum(1 for n, _, _ in probes.values() if n) == 2  # the seed has probes on two keys, not on the others
     for key in body["keys"]:
         assert [(p["purpose"], p["currency"], p["requests"], p["gflops"], p["cost"]) for p in key["by_purpose"]] == \
-            per_purpose[key["name"]]
-        n, gflops, cost = probes[key["name"]]
+            per_purpose[key["key"]]
+        n, gflops, cost = probes[key["key"]]
         assert key["probe_requests"] == n
         assert key["probe_gflops"] == pytest.approx(gflops, rel=REL, abs=0.0)
         assert key["probe_cost"] == pytest.approx(cost, rel=REL, abs=0.0)
@@ -155,9 +155,9 @@ def test_usage_window_equals_sql(client: TestClient, seeded: SeededLedger) -> No
     everything = sql_totals_by_key(seeded.path)
     assert any(expected[k][0] != everything[k][0] for k in expected)  # the window really cuts
     for key in body["keys"]:
-        assert_key_numbers(key, expected[key["name"]])
+        assert_key_numbers(key, expected[key["key"]])
     one = client.get("/api/usage/keys", params={"key": "robotics-lab"}).json()
-    assert [k["name"] for k in one["keys"]] == ["robotics-lab"]
+    assert [k["key"] for k in one["keys"]] == ["robotics-lab"]
     assert_key_numbers(one["total"], everything["robotics-lab"])
 
 
@@ -279,6 +279,34 @@ def test_admin_sets_quota_window_and_rate_limit(seeded: SeededLedger, tmp_path: 
     assert rows(db, "SELECT quota_window FROM api_keys") == [("day",)]
 
 
+def test_a_patch_is_all_or_nothing(seeded: SeededLedger, tmp_path: Path) -> None:
+    db = tmp_path / "atomic.db"
+    client = TestClient(create_app(seeded.settings.model_copy(update={"db": f"sqlite:///{db}"})),
+                        raise_server_exceptions=False)
+    assert client.post("/api/keys", json={"name": "team", "quota_gflops": 10.0, "quota_window": "month",
+                                          "price_per_gflop": 1e-6}, headers=ADMIN).status_code == 201
+    key_row = "SELECT disabled, quota_gflops, quota_window, rate_limit_gflops_per_min, price_per_gflop FROM api_keys"
+    counters = "SELECT window_start, window_gflops FROM key_counters"
+    before = rows(db, key_row), rows(db, counters)
+    # each body is valid up to its last field: the fields before it, the window change included, must not stick
+    for body in ({"disabled": True, "quota_gflops": 99.0, "quota_window": "day", "rate_limit_gflops_per_min": 0},
+                 {"price_per_gflop": 5e-6, "disabled": True, "quota_window": None},
+                 {"quota_window": "day", "disabled": None},
+                 {"quota_gflops": 1.0, "price_per_gflop": -1e-6}):
+        response = client.patch("/api/keys/team", json=body, headers=ADMIN)
+        assert response.status_code == 400 and response.json()["detail"], (body, response.text)
+        assert (rows(db, key_row), rows(db, counters)) == before, body
+    assert before[0] == [(0, 10.0, "month", None, 1e-6)]
+
+    changed = client.patch("/api/keys/team", json={"disabled": True, "quota_gflops": 99.0, "quota_window": "day",
+                                                   "rate_limit_gflops_per_min": 3.0, "price_per_gflop": None},
+                           headers=ADMIN)
+    assert changed.status_code == 200, changed.text
+    assert rows(db, key_row) == [(1, 99.0, "day", 3.0, None)]
+    today = int(time.time()) // 86400 * 86400
+    assert rows(db, counters) == [(today, 0.0)]  # the new window starts today, with nothing billed in it yet
+
+
 @pytest.mark.parametrize("method,path,kwargs,status", [
     ("GET", "/api/usage/keys", {"params": {"since": "yesterday"}}, 422),
     ("GET", "/api/usage/keys", {"params": {"since": "2026-01-02T00:00:00", "until": "2026-01-01T00:00:00"}}, 400),
@@ -292,16 +320,19 @@ def test_admin_sets_quota_window_and_rate_limit(seeded: SeededLedger, tmp_path: 
     ("GET", "/api/usage/latency", {"params": {"limit": 10**12}}, 422),
     ("POST", "/api/keys", {"json": {}}, 422),
     ("POST", "/api/keys", {"json": {"name": "has space"}}, 422),
-    ("POST", "/api/keys", {"json": {"name": "x" * 201}}, 422),
-    ("POST", "/api/keys", {"json": {"name": "ok", "quota_gflops": -1}}, 422),
+    ("POST", "/api/keys", {"json": {"name": "x" * 201}}, 400),
+    ("POST", "/api/keys", {"json": {"name": "ok", "quota_gflops": -1}}, 400),
+    ("POST", "/api/keys", {"json": {"name": "ok", "rate_limit_gflops_per_min": 0}}, 400),
+    ("POST", "/api/keys", {"json": {"name": "ok", "quota_window": "week"}}, 422),
     ("POST", "/api/keys", {"json": {"name": "ok", "price_per_gflop": "cheap"}}, 422),
     ("POST", "/api/keys", {"json": {"name": "ok", "secret": "mkd_chosen"}}, 422),
     ("POST", "/api/keys", {"content": b"{not json", "headers": {"Content-Type": "application/json"}}, 422),
     ("POST", "/api/keys", {"content": b'{"name": "ok", "quota_gflops": NaN}',
-                           "headers": {"Content-Type": "application/json"}}, 422),
+                           "headers": {"Content-Type": "application/json"}}, 400),
     ("PATCH", "/api/keys/nobody", {"json": {"disabled": True}}, 404),
     ("PATCH", "/api/keys/vision-team", {"json": {"disabled": None}}, 400),
-    ("PATCH", "/api/keys/vision-team", {"json": {"quota_gflops": -5}}, 422),
+    ("PATCH", "/api/keys/vision-team", {"json": {"quota_gflops": -5}}, 400),
+    ("PATCH", "/api/keys/vision-team", {"json": {"price_per_gflop": "cheap"}}, 422),
     ("POST", "/api/keys/nobody/disable", {}, 404),
 ])
 def test_bad_input_is_a_clear_4xx(client: TestClient, seeded: SeededLedger, method: str, path: str,
@@ -365,8 +396,8 @@ def test_through_the_real_server_billing_equals_responses_and_admin_takes_effect
             body = client.get("/api/usage/keys").json()
             expected = sql_totals_by_key(db)
             for key in body["keys"]:
-                usages = billed[key["name"]]
-                assert_key_numbers(key, expected[key["name"]])
+                usages = billed[key["key"]]
+                assert_key_numbers(key, expected[key["key"]])
                 assert key["requests"] == len(usages) and key["images"] == sum(u.images for u in usages)
                 assert key["gflops"] == pytest.approx(sum(u.gflops for u in usages), rel=1e-6)
                 assert key["full_gflops"] == pytest.approx(sum(u.full_gflops for u in usages), rel=1e-6)
@@ -421,7 +452,7 @@ def test_dashboard_command_serves_the_ledger(seeded: SeededLedger, tmp_path: Pat
 
 
 def test_percentile_matches_numpy() -> None:
-    from teacher_server.dashboard.queries import percentile
+    from teacher_server.dashboard.api.usage import percentile
 
     values = [float(v) for v in np.random.default_rng(0).exponential(10, size=37)]
     for q in (0, 5, 50, 95, 100):
