@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic.fields import FieldInfo
+from pydantic import BaseModel
 
+from maskedkd.settings_cli import cli_fields, flag_of
 from student_client.cli import LaunchOptions
 from student_client.config import TrainConfig
-from student_client.settings_cli import flag_of
 
 
 def student_client_command() -> list[str]:
@@ -21,12 +21,10 @@ def student_client_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "student_client.cli"]
 
 
-def _flag_field(name: str) -> FieldInfo:
+def _settings_with_flag(name: str) -> type[BaseModel]:
     for model in (TrainConfig, LaunchOptions):
-        info = model.model_fields.get(name)
-        extra = info.json_schema_extra if info is not None else None
-        if info is not None and not (isinstance(extra, dict) and extra.get("cli") is False):
-            return info
+        if name in cli_fields(model):
+            return model
     raise ValueError(f"`student-client train` has no flag for {name!r}")
 
 
@@ -35,7 +33,7 @@ def train_argv(**fields: Any) -> list[str]:
     `--no-eval`, `student_kwargs={...}` -> JSON. A keyword that is None is left out (the CLI's default applies)."""
     argv = [*student_client_command(), "train"]
     for name, value in fields.items():
-        flag = flag_of(name, _flag_field(name))
+        flag = flag_of(_settings_with_flag(name), name)
         if value is None:
             continue
         if isinstance(value, bool):
