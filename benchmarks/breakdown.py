@@ -4,6 +4,7 @@ fused attention, norms, activations, data movement and the rest, with the FLOP r
 This is the evidence behind the compute-efficiency target: the FLOP model counts only matrix products, so time spent
 outside them (norms, GELU, softmax, copies) is what keeps the forward below the machine's matmul rate.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -21,8 +22,29 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (  # first match wins
     ("layer_norm", ("layer_norm",)),
     ("gelu", ("gelu",)),
     ("softmax", ("softmax",)),
-    ("data_movement", ("copy", "index", "gather", "cat", "clone", "contiguous", "permute", "transpose", "expand",
-                       "reshape", "view", "empty", "_to_copy", "unbind", "split", "select", "slice", "stack")),
+    (
+        "data_movement",
+        (
+            "copy",
+            "index",
+            "gather",
+            "cat",
+            "clone",
+            "contiguous",
+            "permute",
+            "transpose",
+            "expand",
+            "reshape",
+            "view",
+            "empty",
+            "_to_copy",
+            "unbind",
+            "split",
+            "select",
+            "slice",
+            "stack",
+        ),
+    ),
     ("elementwise", ("add", "mul", "div", "sub", "masked_fill", "fill")),
 )
 
@@ -55,12 +77,19 @@ def run_breakdown_section(cfg: BenchConfig, matmul_gflops_per_s: float) -> dict[
         groups = {g: {"seconds": s, "share": s / total} for g, s in sorted(seconds.items(), key=lambda kv: -kv[1])}
         matmul_s = seconds.get("matmul", 0.0)
         attention_s = seconds.get("attention", 0.0)
-        models.append({
-            "model": case.key, "label": case.label, "keep": cfg.profile_keep, "kept": kept, "batch": cfg.batch,
-            "profiled_s": total, "groups": groups,
-            "matmul_gflops_per_s": gemm_flops / matmul_s / 1e9 if matmul_s else None,
-            "matmul_vs_machine": gemm_flops / matmul_s / 1e9 / matmul_gflops_per_s if matmul_s else None,
-            "attention_gflops_per_s": flops.attention * cfg.batch / attention_s / 1e9 if attention_s else None,
-            "non_product_share": 1.0 - (matmul_s + attention_s) / total if total else None,
-        })
+        models.append(
+            {
+                "model": case.key,
+                "label": case.label,
+                "keep": cfg.profile_keep,
+                "kept": kept,
+                "batch": cfg.batch,
+                "profiled_s": total,
+                "groups": groups,
+                "matmul_gflops_per_s": gemm_flops / matmul_s / 1e9 if matmul_s else None,
+                "matmul_vs_machine": gemm_flops / matmul_s / 1e9 / matmul_gflops_per_s if matmul_s else None,
+                "attention_gflops_per_s": flops.attention * cfg.batch / attention_s / 1e9 if attention_s else None,
+                "non_product_share": 1.0 - (matmul_s + attention_s) / total if total else None,
+            }
+        )
     return {"models": models, "note": "self CPU time of each op under torch.profiler (adds some overhead)"}

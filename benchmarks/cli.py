@@ -14,6 +14,7 @@ Sections (all ratios measured in this run, on this machine):
               MaskedKD-50 training step with the student in fp32 against bf16; bf16 targets are N/A without native bf16
 Writes OUT/benchmarks.json, OUT/benchmarks.md and OUT/bench_*.png. Teacher servers run as separate processes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,7 @@ from benchmarks.timing import load_average, machine_info, matmul_rate, usable_cp
 from benchmarks.training import compiled_key
 from maskedkd.precision import DTYPES
 
-SECTIONS = ("matmul", "teacher", "wire", "microbatch", "training", "flops", "breakdown", "gpu", "precision",
-            "ledger")
+SECTIONS = ("matmul", "teacher", "wire", "microbatch", "training", "flops", "breakdown", "gpu", "precision", "ledger")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,11 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (tests): the numbers mean nothing")
     parser.add_argument("--out", default=None, help="output directory (default: docs, or out/bench-quick with --quick)")
     parser.add_argument("--only", default=None, help=f"comma-separated subset of: {','.join(SECTIONS)}")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per process (default: every CPU this process may use; 1 with --quick)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per process (default: every CPU this process may use; 1 with --quick)",
+    )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    parser.add_argument("--gpu", action="store_true", help="the prepared one-GPU run (benchmarks/gpu_script.py): "
-                        "CUDA tests, bf16 masked forward of DeiT-S/DeiT-B/ViT-L, gRPC with 8 clients, the training step "
-                        "-> docs/gpu.md")
+    parser.add_argument(
+        "--gpu",
+        action="store_true",
+        help="the prepared one-GPU run (benchmarks/gpu_script.py): "
+        "CUDA tests, bf16 masked forward of DeiT-S/DeiT-B/ViT-L, gRPC with 8 clients, the training step "
+        "-> docs/gpu.md",
+    )
     parser.add_argument("--dry-run", action="store_true", help="with --gpu: the same code on the CPU, tiny models")
     return parser
 
@@ -62,8 +71,11 @@ def _servers_needed(cfg: BenchConfig, sections: tuple[str, ...]) -> dict[str, di
                 needed[case.key] = {"model": case.timm_name, "model_kwargs": case.kwargs, "device": "cpu"}
     if "training" in sections:
         for pair in cfg.train_pairs:
-            needed[pair.teacher.key] = {"model": pair.teacher.timm_name, "model_kwargs": pair.teacher.kwargs,
-                                        "device": "cpu"}
+            needed[pair.teacher.key] = {
+                "model": pair.teacher.timm_name,
+                "model_kwargs": pair.teacher.kwargs,
+                "device": "cpu",
+            }
             if pair.key in cfg.train_compiled_pairs:
                 needed[compiled_key(pair.teacher.key)] = {**needed[pair.teacher.key], "compile": "static"}
     if "precision" in sections:
@@ -71,8 +83,9 @@ def _servers_needed(cfg: BenchConfig, sections: tuple[str, ...]) -> dict[str, di
         from maskedkd.precision import native_bf16
 
         pair = cfg.train_pairs[0]
-        needed.setdefault(pair.teacher.key, {"model": pair.teacher.timm_name, "model_kwargs": pair.teacher.kwargs,
-                                             "device": "cpu"})
+        needed.setdefault(
+            pair.teacher.key, {"model": pair.teacher.timm_name, "model_kwargs": pair.teacher.kwargs, "device": "cpu"}
+        )
         deit = next((c for c in cfg.models if c.key == "deit_s_224"), None)
         if native_bf16("cpu")[0] and deit is not None:  # the default serves bf16: compare with an fp32 server
             base = {"model": deit.timm_name, "model_kwargs": deit.kwargs, "device": "cpu"}
@@ -80,8 +93,12 @@ def _servers_needed(cfg: BenchConfig, sections: tuple[str, ...]) -> dict[str, di
             needed[deit.key + FP32_SERVER_SUFFIX] = {**base, "dtype": "float32"}
     if "gpu" in sections and torch.cuda.is_available():
         for case in cfg.gpu_models:
-            needed[f"gpu-{case.key}"] = {"model": case.timm_name, "model_kwargs": case.kwargs, "device": "cuda",
-                                         "dtype": "bfloat16"}
+            needed[f"gpu-{case.key}"] = {
+                "model": case.timm_name,
+                "model_kwargs": case.kwargs,
+                "device": "cuda",
+                "dtype": "bfloat16",
+            }
     return needed
 
 
@@ -91,7 +108,7 @@ def _run(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     try:
         out = fn()
         out.setdefault("status", "ok")
-    except Exception as exc:  # one broken section must not lose the others; the report shows the error
+    except Exception as exc:  # noqa: BLE001 - one broken section must not lose the others; the report shows the error
         traceback.print_exc()
         out = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
     out["section_s"] = round(time.perf_counter() - t0, 2)
@@ -99,8 +116,9 @@ def _run(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run_bench(cfg: BenchConfig, sections: tuple[str, ...], *, threads: int, command: str,
-              workdir: Path) -> dict[str, Any]:
+def run_bench(
+    cfg: BenchConfig, sections: tuple[str, ...], *, threads: int, command: str, workdir: Path
+) -> dict[str, Any]:
     from benchmarks.breakdown import run_breakdown_section
     from benchmarks.flopcheck import run_flops_section
     from benchmarks.gpu import run_gpu_section
@@ -114,8 +132,12 @@ def run_bench(cfg: BenchConfig, sections: tuple[str, ...], *, threads: int, comm
     torch.set_num_threads(threads)
     started = time.perf_counter()
     results: dict[str, Any] = {
-        "command": command, "mode": cfg.mode, "started_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": machine_info(), "config": asdict(cfg), "sections": {},
+        "command": command,
+        "mode": cfg.mode,
+        "started_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "config": asdict(cfg),
+        "sections": {},
     }
     s = results["sections"]
     with ServerPool(workdir / "servers", threads=threads) as pool:
@@ -128,8 +150,10 @@ def run_bench(cfg: BenchConfig, sections: tuple[str, ...], *, threads: int, comm
         # Quick mode times nothing that matters: the sections without a server run while the servers load.
         matmul_gflops = 0.0
         if "matmul" in sections or "teacher" in sections or "breakdown" in sections:
-            s["matmul"] = _run("matmul", lambda: {"start": matmul_rate(cfg.matmul_size, warmup=cfg.warmup + 1,
-                                                                       repeats=max(3, cfg.repeats))})
+            s["matmul"] = _run(
+                "matmul",
+                lambda: {"start": matmul_rate(cfg.matmul_size, warmup=cfg.warmup + 1, repeats=max(3, cfg.repeats))},
+            )
             matmul_gflops = s["matmul"].get("start", {}).get("gflops_per_s", 0.0)
         rates: dict[str, Any] = {}
         if "precision" in sections or "teacher" in sections:
@@ -143,18 +167,26 @@ def run_bench(cfg: BenchConfig, sections: tuple[str, ...], *, threads: int, comm
         if "breakdown" in sections:
             s["breakdown"] = _run("breakdown", lambda: run_breakdown_section(cfg, matmul_gflops))
         if "teacher" in sections:
-            s["teacher"] = _run("teacher", lambda: run_teacher_section(
-                cfg, pool, rates["served_gflops_per_s"] if served_ok else matmul_gflops,
-                dtype=DTYPES[rates["served_dtype"]] if served_ok else torch.float32,
-                limit_gflops_per_s=rates["limit_gflops_per_s"] if served_ok else None))
+            s["teacher"] = _run(
+                "teacher",
+                lambda: run_teacher_section(
+                    cfg,
+                    pool,
+                    rates["served_gflops_per_s"] if served_ok else matmul_gflops,
+                    dtype=DTYPES[rates["served_dtype"]] if served_ok else torch.float32,
+                    limit_gflops_per_s=rates["limit_gflops_per_s"] if served_ok else None,
+                ),
+            )
         if "microbatch" in sections:
             s["microbatch"] = _run("microbatch", lambda: run_microbatch_section(cfg, pool))
         if "training" in sections:
             s["training"] = _run("training", lambda: run_training_section(cfg, pool, workdir / "train", threads))
         if "precision" in sections:
             if served_ok:
-                more = _run("precision (training step fp32 vs bf16)", lambda: run_precision_training(
-                    cfg, pool, workdir / "precision", threads, rates["native_bf16"]))
+                more = _run(
+                    "precision (training step fp32 vs bf16)",
+                    lambda: run_precision_training(cfg, pool, workdir / "precision", threads, rates["native_bf16"]),
+                )
                 rates = {**rates, **more, "section_s": rates["section_s"] + more["section_s"]}
             s["precision"] = rates
         if "gpu" in sections:
@@ -186,8 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     sections = SECTIONS if not args.only else tuple(x.strip() for x in args.only.split(",") if x.strip())
     unknown = [x for x in sections if x not in SECTIONS]
     if unknown:
-        print(f"benchmarks: error: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}",
-              file=sys.stderr)
+        print(
+            f"benchmarks: error: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}",
+            file=sys.stderr,
+        )
         return 2
     out = Path(args.out or ("out/bench-quick" if args.quick else "docs"))
     # Quick mode times nothing that matters; one thread per process keeps it quick when the machine is busy.
@@ -209,8 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         plots = write_plots(results, out)
     write_report(results, out / "benchmarks.md", plots)
     for t in results["targets"]:
-        print(f"{t['result']}  {t['name']} [{t['scope']}]: {t['value']:.3f} {t['op']} {t['threshold']}  "
-              f"({t['detail']})")
+        print(
+            f"{t['result']}  {t['name']} [{t['scope']}]: {t['value']:.3f} {t['op']} {t['threshold']}  ({t['detail']})"
+        )
     print(f"wrote {out / 'benchmarks.md'}, {out / 'benchmarks.json'} and {len(plots)} plots in {results['total_s']}s")
     failed = [n for n, sec in results["sections"].items() if sec.get("status") == "error"]
     if failed:

@@ -1,5 +1,6 @@
 """The analytic FLOP model (what the server bills) against `torch.utils.flop_counter.FlopCounterMode` on the real
 masked forward, for every model and keep of the run."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -35,7 +36,16 @@ def run_flops_section(cfg: BenchConfig, extra: tuple[ModelCase, ...] = ()) -> di
             kept = num_kept(keep, teacher.geometry.num_patches)
             model = masked_forward_flops(teacher.shape, kept)
             counted = counted_flops(teacher, kept)
-            rows.append({"model": case.key, "label": case.label, "keep": keep, "kept": kept,
-                         "flop_model": model.total, "flop_counter": counted, "ratio": model.total / counted,
-                         "attention_share": model.attention / model.total})
+            rows.append(
+                {
+                    "model": case.key,
+                    "label": case.label,
+                    "keep": keep,
+                    "kept": kept,
+                    "flop_model": model.total,
+                    "flop_counter": counted,
+                    "ratio": model.total / counted,
+                    "attention_share": model.attention / model.total,
+                }
+            )
     return {"rows": rows, "max_abs_deviation": max(abs(r["ratio"] - 1.0) for r in rows)}

@@ -4,6 +4,7 @@ Peak is the vendor's dense bf16 tensor-core figure when the card is in the table
 `torch.matmul` rate measured in the same run (8192 x 8192), which is what the card reaches in practice. Through the
 server: the same model served in bf16 on the GPU by a real server process, one client, the same batch.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -16,8 +17,16 @@ from benchmarks.timing import matmul_rate, measure
 
 # Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, from NVIDIA datasheets; first substring match wins.
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200", 989.4), ("H100", 989.4), ("GH200", 989.4),
-    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H200", 989.4),
+    ("H100", 989.4),
+    ("GH200", 989.4),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10", 125.0),
 )
 NOT_RUN = "not run: no GPU"
 
@@ -29,8 +38,9 @@ def spec_peak_tflops(device_name: str) -> float | None:
     return None
 
 
-def run_gpu_section(cfg: BenchConfig, pool: Any = None, *, device: str = "cuda",
-                    keeps: tuple[float, ...] = KEEPS) -> dict[str, Any]:
+def run_gpu_section(
+    cfg: BenchConfig, pool: Any = None, *, device: str = "cuda", keeps: tuple[float, ...] = KEEPS
+) -> dict[str, Any]:
     """`device="cpu"` exercises the same code on the CPU (tests only); `pool` None skips the gRPC measurement."""
     if device == "cuda" and not torch.cuda.is_available():
         return {"status": NOT_RUN}
@@ -38,8 +48,9 @@ def run_gpu_section(cfg: BenchConfig, pool: Any = None, *, device: str = "cuda",
     sync = torch.cuda.synchronize if on_gpu else None
     name = torch.cuda.get_device_name(0) if on_gpu else "cpu (test run of the GPU section)"
     peak = spec_peak_tflops(name) if on_gpu else None
-    mm = matmul_rate(8192 if cfg.mode == "full" else 256, warmup=cfg.warmup, repeats=cfg.repeats,
-                     device=device, dtype=torch.bfloat16)
+    mm = matmul_rate(
+        8192 if cfg.mode == "full" else 256, warmup=cfg.warmup, repeats=cfg.repeats, device=device, dtype=torch.bfloat16
+    )
     models = []
     for case in cfg.gpu_models:
         teacher = build_teacher(case, device=device, dtype=torch.bfloat16)
@@ -67,13 +78,18 @@ def run_gpu_section(cfg: BenchConfig, pool: Any = None, *, device: str = "cuda",
                 ips = cfg.calls_per_repeat * cfg.gpu_batch / t.median_s
                 tflops = ips * teacher.gflops(kept) / 1e3
                 row: dict[str, Any] = {
-                    "keep": keep, "kept": kept, "images_per_s": ips, "tflops_per_s": tflops,
+                    "keep": keep,
+                    "kept": kept,
+                    "images_per_s": ips,
+                    "tflops_per_s": tflops,
                     "billed_gflops_per_image": teacher.gflops(kept),
                     "flop_speedup": full_gflops / teacher.gflops(kept),
                     "of_spec_peak": tflops / peak if peak else None,
-                    "of_matmul": tflops * 1e3 / mm["gflops_per_s"], "timing": t.to_dict(),
+                    "of_matmul": tflops * 1e3 / mm["gflops_per_s"],
+                    "timing": t.to_dict(),
                 }
                 if client is not None:
+
                     def remote() -> None:
                         for _ in range(cfg.calls_per_repeat):
                             client.infer(patches=tb.pixels, keep_indices=tb.indices)
@@ -88,8 +104,14 @@ def run_gpu_section(cfg: BenchConfig, pool: Any = None, *, device: str = "cuda",
         for row in rows:
             row["speedup"] = row["images_per_s"] / rows[0]["images_per_s"]
         models.append({"model": case.key, "label": case.label, "batch": cfg.gpu_batch, "rows": rows})
-        del teacher
+        teacher, x, idx = None, None, None  # type: ignore[assignment]  # the next model needs the memory
         if on_gpu:
             torch.cuda.empty_cache()
-    return {"status": "ok", "device": name, "dtype": "bfloat16", "spec_peak_tflops": peak,
-            "matmul_bf16": mm, "models": models}
+    return {
+        "status": "ok",
+        "device": name,
+        "dtype": "bfloat16",
+        "spec_peak_tflops": peak,
+        "matmul_bf16": mm,
+        "models": models,
+    }

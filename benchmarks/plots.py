@@ -1,4 +1,5 @@
 """PNG plots of one run; each carries the command that made it and the machine in its footer."""
+
 from __future__ import annotations
 
 import textwrap
@@ -16,8 +17,10 @@ def _figure(results: dict[str, Any], ncols: int, title: str) -> tuple[Any, Any]:
     m = results["machine"]
     mode = " [quick mode: not measurements]" if results["mode"] == "quick" else ""
     fig.suptitle(title + mode)
-    footer = (f"{results['command']} | {m['cpu_model']}, {m['usable_cpus']} cores, {m['torch_threads']} threads, "
-              f"torch {m['torch']} | {results['started_utc']}")
+    footer = (
+        f"{results['command']} | {m['cpu_model']}, {m['usable_cpus']} cores, {m['torch_threads']} threads, "
+        f"torch {m['torch']} | {results['started_utc']}"
+    )
     fig.text(0.01, 0.005, textwrap.fill(footer, width=95 * ncols), fontsize=6.5, color="gray", va="bottom")
     return fig, axes[0]
 
@@ -36,7 +39,7 @@ def plot_teacher(results: dict[str, Any], out: Path) -> str | None:
     if s.get("status") != "ok":
         return None
     fig, axes = _figure(results, len(s["models"]), "Teacher throughput speedup over the full teacher")
-    for ax, m in zip(axes, s["models"]):
+    for ax, m in zip(axes, s["models"], strict=True):
         keeps = [100 * r["keep"] for r in m["rows"]]
         ax.plot(keeps, [r["flop_speedup"] for r in m["rows"]], "k--", label="FLOP ratio")
         ax.plot(keeps, [r["inprocess_speedup"] for r in m["rows"]], "o-", label="in-process")
@@ -53,7 +56,7 @@ def plot_wire(results: dict[str, Any], out: Path) -> str | None:
     if s.get("status") != "ok":
         return None
     fig, axes = _figure(results, len(s["models"]), "Bytes on the wire per image")
-    for ax, m in zip(axes, s["models"]):
+    for ax, m in zip(axes, s["models"], strict=True):
         keeps = [100 * r["keep"] for r in m["rows"]]
         ax.plot(keeps, [r["bytes_per_image"] for r in m["rows"]], "o-", label="InferRequest / image")
         ax.plot(keeps, [r["kept_uint8_bytes"] for r in m["rows"]], "k--", label="kept pixels as uint8")
@@ -70,15 +73,25 @@ def plot_microbatch(results: dict[str, Any], out: Path) -> str | None:
     if s.get("status") != "ok" or not s["models"]:
         return None
     fig, axes = _figure(results, len(s["models"]), "Micro-batching: concurrent clients")
-    for ax, m in zip(axes, s["models"]):
+    for ax, m in zip(axes, s["models"], strict=True):
         clients = [r["clients"] for r in m["rows"]]
-        ax.plot(clients, [r["images_per_s"] for r in m["rows"]], "o-",
-                label=f"N clients x batch {m['rows'][0]['batch_per_client']}")
+        ax.plot(
+            clients,
+            [r["images_per_s"] for r in m["rows"]],
+            "o-",
+            label=f"N clients x batch {m['rows'][0]['batch_per_client']}",
+        )
         ref = m["reference"]
         ax.axhline(ref["images_per_s"], color="k", ls="--", label=f"1 client x batch {ref['batch_per_client']}")
         ax.axhline(0.9 * ref["images_per_s"], color="gray", ls=":", label="90% of reference")
-        ax.set(title=m["model"], xlabel="concurrent clients", ylabel="images / s", xscale="log", xticks=clients,
-               xticklabels=[str(c) for c in clients])
+        ax.set(
+            title=m["model"],
+            xlabel="concurrent clients",
+            ylabel="images / s",
+            xscale="log",
+            xticks=clients,
+            xticklabels=[str(c) for c in clients],
+        )
         ax.grid(alpha=0.3)
         ax.legend()
     return _save(fig, out / "bench_microbatch.png")
@@ -89,12 +102,16 @@ def plot_training(results: dict[str, Any], out: Path) -> str | None:
     if s.get("status") != "ok" or not s["pairs"]:
         return None
     fig, axes = _figure(results, len(s["pairs"]), "Training step speedup over full KD")
-    for ax, p in zip(axes, s["pairs"]):
+    for ax, p in zip(axes, s["pairs"], strict=True):
         names = list(p["modes"])
         x = range(len(names))
         ax.bar([i - 0.2 for i in x], [p["modes"][n]["speedup_vs_full_kd"] for n in names], 0.4, label="measured")
-        ax.bar([i + 0.2 for i in x], [p["modes"][n]["predicted_speedup_vs_full_kd"] for n in names], 0.4,
-               label="FLOP model")
+        ax.bar(
+            [i + 0.2 for i in x],
+            [p["modes"][n]["predicted_speedup_vs_full_kd"] for n in names],
+            0.4,
+            label="FLOP model",
+        )
         ax.set(title=p["pair"], ylabel="speedup vs full KD (x)", xticks=list(x), xticklabels=names)
         ax.tick_params(axis="x", labelrotation=30)
         ax.grid(alpha=0.3, axis="y")

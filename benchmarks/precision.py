@@ -5,6 +5,7 @@ On a CPU without native bf16 (no avx512_bf16 / AMX, e.g. an AVX2-only EPYC) bf16
 fp32, so auto picks fp32 and the bf16 targets are reported as not applicable, with what was measured. There the bf16
 matmul is timed at a smaller n (`bf16_emulated_n`): at 2048 one product would take most of a minute.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -18,7 +19,7 @@ from benchmarks.config import BenchConfig, num_kept
 from benchmarks.timing import matmul_rate
 from maskedkd.precision import dtype_name, native_bf16, resolve_dtype
 
-FP32_SERVER_SUFFIX = "-fp32"   # pool key of the float32 server beside the default one (native-bf16 machines only)
+FP32_SERVER_SUFFIX = "-fp32"  # pool key of the float32 server beside the default one (native-bf16 machines only)
 
 
 def dtype_rates(cfg: BenchConfig, device: str = "cpu") -> dict[str, Any]:
@@ -31,10 +32,17 @@ def dtype_rates(cfg: BenchConfig, device: str = "cpu") -> dict[str, Any]:
     bf16 = matmul_rate(bf16_n, warmup=1, repeats=3, device=device, dtype=torch.bfloat16)
     rates = {"float32": fp32["gflops_per_s"], "bfloat16": bf16["gflops_per_s"]}
     limit = max(rates, key=lambda k: rates[k])
-    return {"native_bf16": native, "why": why, "served_dtype": dtype_name(served), "rates": rates,
-            "matmul": {"float32": fp32, "bfloat16": bf16}, "bf16_vs_fp32": rates["bfloat16"] / rates["float32"],
-            "limit_dtype": limit, "limit_gflops_per_s": rates[limit],
-            "served_gflops_per_s": rates[dtype_name(served)]}
+    return {
+        "native_bf16": native,
+        "why": why,
+        "served_dtype": dtype_name(served),
+        "rates": rates,
+        "matmul": {"float32": fp32, "bfloat16": bf16},
+        "bf16_vs_fp32": rates["bfloat16"] / rates["float32"],
+        "limit_dtype": limit,
+        "limit_gflops_per_s": rates[limit],
+        "served_gflops_per_s": rates[dtype_name(served)],
+    }
 
 
 def training_precision_pair(cfg: BenchConfig, pool: Any, workdir: Path, threads: int) -> dict[str, Any]:
@@ -51,12 +59,24 @@ def training_precision_pair(cfg: BenchConfig, pool: Any, workdir: Path, threads:
         for precision in ("fp32", "bf16"):
             out = workdir / precision
             train_cfg = TrainConfig(
-                data=str(Path(__file__).resolve().parents[1] / "data" / "cifar10-subset"), out=str(out),
-                student=pair.student, student_kwargs=dict(pair.student_kwargs), teacher=server.address,
-                api_key=server.api_key, batch_size=cfg.precision_train_batch,
-                max_steps=cfg.precision_train_warmup + cfg.precision_train_steps, threads_per_worker=threads,
-                eval=False, progress=False, seed=0, micro_batches=1, mode="kd", strategy="sips", keep=0.5,
-                precision=precision)
+                data=str(Path(__file__).resolve().parents[1] / "data" / "cifar10-subset"),
+                out=str(out),
+                student=pair.student,
+                student_kwargs=dict(pair.student_kwargs),
+                teacher=server.address,
+                api_key=server.api_key,
+                batch_size=cfg.precision_train_batch,
+                max_steps=cfg.precision_train_warmup + cfg.precision_train_steps,
+                threads_per_worker=threads,
+                eval=False,
+                progress=False,
+                seed=0,
+                micro_batches=1,
+                mode="kd",
+                strategy="sips",
+                keep=0.5,
+                precision=precision,
+            )
             summary = run_training(train_cfg, LocalContext(torch.device("cpu")))
             if summary.get("fatal_error"):
                 raise RuntimeError(f"{precision} training run failed: {summary['fatal_error']}")
@@ -64,8 +84,13 @@ def training_precision_pair(cfg: BenchConfig, pool: Any, workdir: Path, threads:
             steps[precision] = {"step_s": statistics.median(times), "steps_timed": len(times)}
     finally:
         torch.set_num_threads(threads)  # run_training sets the process-wide thread count
-    return {"pair": pair.key, "student": pair.student, "batch_size": cfg.precision_train_batch, "steps": steps,
-            "bf16_speedup": steps["fp32"]["step_s"] / steps["bf16"]["step_s"]}
+    return {
+        "pair": pair.key,
+        "student": pair.student,
+        "batch_size": cfg.precision_train_batch,
+        "steps": steps,
+        "bf16_speedup": steps["fp32"]["step_s"] / steps["bf16"]["step_s"],
+    }
 
 
 def default_vs_fp32_server(cfg: BenchConfig, pool: Any) -> dict[str, Any]:
@@ -79,8 +104,11 @@ def default_vs_fp32_server(cfg: BenchConfig, pool: Any) -> dict[str, Any]:
     kept = num_kept(0.5, teacher.geometry.num_patches)
     tb = make_batch(teacher, cfg.batch, kept)
     default, fp32 = pool.get(case.key), pool.get(case.key + FP32_SERVER_SUFFIX)
-    with TeacherClient(default.address, default.api_key, timeout_s=600.0) as a, \
-            TeacherClient(fp32.address, fp32.api_key, timeout_s=600.0) as b:
+    with (
+        TeacherClient(default.address, default.api_key, timeout_s=600.0) as a,
+        TeacherClient(fp32.address, fp32.api_key, timeout_s=600.0) as b,
+    ):
+
         def timed(client: Any) -> float:
             t0 = time.perf_counter()
             client.infer(patches=tb.pixels, keep_indices=tb.indices)
@@ -89,14 +117,17 @@ def default_vs_fp32_server(cfg: BenchConfig, pool: Any) -> dict[str, Any]:
         for _ in range(cfg.warmup):
             timed(a), timed(b)
         rounds = [(timed(a), timed(b)) for _ in range(max(1, cfg.repeats))]
-    return {"keep": 0.5, "batch": cfg.batch, "rounds": len(rounds),
-            "default_images_per_s": cfg.batch / statistics.median(t for t, _ in rounds),
-            "fp32_images_per_s": cfg.batch / statistics.median(t for _, t in rounds),
-            "ratio": statistics.median(f / d for d, f in rounds)}
+    return {
+        "keep": 0.5,
+        "batch": cfg.batch,
+        "rounds": len(rounds),
+        "default_images_per_s": cfg.batch / statistics.median(t for t, _ in rounds),
+        "fp32_images_per_s": cfg.batch / statistics.median(t for _, t in rounds),
+        "ratio": statistics.median(f / d for d, f in rounds),
+    }
 
 
-def run_precision_training(cfg: BenchConfig, pool: Any, workdir: Path, threads: int,
-                           native: bool) -> dict[str, Any]:
+def run_precision_training(cfg: BenchConfig, pool: Any, workdir: Path, threads: int, native: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"training": training_precision_pair(cfg, pool, workdir, threads)}
     if native and any(c.key == "deit_s_224" for c in cfg.models):
         out["default_vs_fp32_server"] = default_vs_fp32_server(cfg, pool)

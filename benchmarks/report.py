@@ -1,4 +1,5 @@
 """docs/benchmarks.md from the results of one run (the JSON beside it holds every number)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -8,8 +9,10 @@ from typing import Any
 from benchmarks.ledger_scale import render_ledger
 
 Section = dict[str, Any]
-MAKE_TARGETS = {"python -m benchmarks --out docs": " (`make bench`)",
-                "python -m benchmarks --quick --out out/bench-quick": " (`make bench-quick`)"}
+MAKE_TARGETS = {
+    "python -m benchmarks --out docs": " (`make bench`)",
+    "python -m benchmarks --quick --out out/bench-quick": " (`make bench-quick`)",
+}
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -29,18 +32,28 @@ def keep(k: float) -> str:
 def _machine(r: dict[str, Any]) -> str:
     m = r["machine"]
     mm = r["sections"].get("matmul", {})
-    rows = [("CPU", m["cpu_model"]), ("cores (logical / usable)", f"{m['logical_cpus']} / {m['usable_cpus']}"),
-            ("torch threads", m["torch_threads"]), ("torch / timm / grpcio", f"{m['torch']} / {m['timm']} / "
-                                                                            f"{m['grpcio']}"),
-            ("python", m["python"]), ("platform", m["platform"]), ("git", m["git"]),
-            ("load average at start / end", f"{m['load_average_at_start']} / {m.get('load_average_at_end')}")]
+    rows = [
+        ("CPU", m["cpu_model"]),
+        ("cores (logical / usable)", f"{m['logical_cpus']} / {m['usable_cpus']}"),
+        ("torch threads", m["torch_threads"]),
+        ("torch / timm / grpcio", f"{m['torch']} / {m['timm']} / {m['grpcio']}"),
+        ("python", m["python"]),
+        ("platform", m["platform"]),
+        ("git", m["git"]),
+        ("load average at start / end", f"{m['load_average_at_start']} / {m.get('load_average_at_end')}"),
+    ]
     if m.get("gpu"):
         rows.append(("GPU", m["gpu"]))
     if mm.get("status") == "ok":
         start, end = mm["start"], mm.get("end")
-        rows.append((f"fp32 matmul {start['n']}x{start['n']} (start / end)",
-                     f"{start['gflops_per_s']:.1f} / {end['gflops_per_s']:.1f} GFLOP/s (drift {mm['drift']:.2f})"
-                     if end else f"{start['gflops_per_s']:.1f} GFLOP/s"))
+        rows.append(
+            (
+                f"fp32 matmul {start['n']}x{start['n']} (start / end)",
+                f"{start['gflops_per_s']:.1f} / {end['gflops_per_s']:.1f} GFLOP/s (drift {mm['drift']:.2f})"
+                if end
+                else f"{start['gflops_per_s']:.1f} GFLOP/s",
+            )
+        )
     return table(("", ""), rows)
 
 
@@ -50,29 +63,66 @@ def _targets(r: dict[str, Any]) -> str:
         return "No target could be evaluated (see the sections' errors)."
     passed = sum(t["result"] == "PASS" for t in ts)
     na = sum(t["result"] == "N/A" for t in ts)
-    rows = [(f"**{t['result']}**", t["name"], t["scope"], f"{t['value']:.3f}", f"{t['op']} {t['threshold']}",
-             t["detail"]) for t in ts]
-    return f"{passed} of {len(ts) - na} pass ({na} not applicable on this machine).\n\n" + table(("result", "target", "scope", "measured", "needs", "numbers"),
-                                                       rows)
+    rows = [
+        (f"**{t['result']}**", t["name"], t["scope"], f"{t['value']:.3f}", f"{t['op']} {t['threshold']}", t["detail"])
+        for t in ts
+    ]
+    return f"{passed} of {len(ts) - na} pass ({na} not applicable on this machine).\n\n" + table(
+        ("result", "target", "scope", "measured", "needs", "numbers"), rows
+    )
 
 
 def _teacher(s: Section) -> str:
-    parts = [f"Batch {s['batch']}; calls per timed repeat: {s['calls_per_repeat']}; median of the repeats. gRPC: "
-             "one `TeacherClient`, kept patches as uint8, one request in flight, server in its own process."]
+    parts = [
+        f"Batch {s['batch']}; calls per timed repeat: {s['calls_per_repeat']}; median of the repeats. gRPC: "
+        "one `TeacherClient`, kept patches as uint8, one request in flight, server in its own process."
+    ]
     for m in s["models"]:
-        rows = [(keep(x["keep"]), x["kept"], f"{x['gflops_per_image']:.3f}", f"{x['flop_speedup']:.2f}x",
-                 f"{x['inprocess']['images_per_s']:.1f}", f"{x['inprocess_speedup']:.2f}x",
-                 f"{x['grpc']['images_per_s']:.1f}", f"{x['grpc_speedup']:.2f}x") for x in m["rows"]]
-        parts.append(f"**{m['label']}** (`{m['timm_name']}` {m['kwargs']}, {m['num_patches']} patches)\n\n" + table(
-            ("keep", "patches", "GFLOPs/img", "FLOP-ratio speedup", "in-process img/s", "in-process speedup",
-             "gRPC img/s", "gRPC speedup"), rows))
+        rows = [
+            (
+                keep(x["keep"]),
+                x["kept"],
+                f"{x['gflops_per_image']:.3f}",
+                f"{x['flop_speedup']:.2f}x",
+                f"{x['inprocess']['images_per_s']:.1f}",
+                f"{x['inprocess_speedup']:.2f}x",
+                f"{x['grpc']['images_per_s']:.1f}",
+                f"{x['grpc_speedup']:.2f}x",
+            )
+            for x in m["rows"]
+        ]
+        parts.append(
+            f"**{m['label']}** (`{m['timm_name']}` {m['kwargs']}, {m['num_patches']} patches)\n\n"
+            + table(
+                (
+                    "keep",
+                    "patches",
+                    "GFLOPs/img",
+                    "FLOP-ratio speedup",
+                    "in-process img/s",
+                    "in-process speedup",
+                    "gRPC img/s",
+                    "gRPC speedup",
+                ),
+                rows,
+            )
+        )
     return "\n\n".join(parts)
 
 
 def _server_eff(s: Section) -> str:
-    rows = [(m["model"], keep(x["keep"]), f"{x['grpc']['images_per_s']:.1f}", f"{x['inprocess']['images_per_s']:.1f}",
-             pct(x["server_efficiency"]), "yes" if x["billing_matches_flop_model"] else "NO")
-            for m in s["models"] for x in m["rows"]]
+    rows = [
+        (
+            m["model"],
+            keep(x["keep"]),
+            f"{x['grpc']['images_per_s']:.1f}",
+            f"{x['inprocess']['images_per_s']:.1f}",
+            pct(x["server_efficiency"]),
+            "yes" if x["billing_matches_flop_model"] else "NO",
+        )
+        for m in s["models"]
+        for x in m["rows"]
+    ]
     return table(("model", "keep", "gRPC img/s", "in-process img/s", "gRPC / in-process", "billed = FLOP model"), rows)
 
 
@@ -81,137 +131,273 @@ def _compute_eff(s: Section) -> str:
     for m in s["models"]:
         for x in m["rows"]:
             c = x.get("compiled")
-            rows.append((m["model"], keep(x["keep"]), f"{x['achieved_gflops_per_s']:.1f}", pct(x["compute_efficiency"]),
-                         "-" if c is None else f"{c['achieved_gflops_per_s']:.1f}",
-                         "-" if c is None else pct(c["compute_efficiency"]),
-                         "-" if c is None else f"{c['vs_eager']:.2f}x",
-                         "-" if c is None else f"{c['first_call_s']:.1f}"))
-    return ("FLOP rate of the in-process masked forward, counting FLOPs with the FLOP model (matrix products only), "
-            f"over this machine's `torch.matmul` rate in the dtype served ({s.get('dtype', 'float32')}, "
-            f"{s['matmul_gflops_per_s']:.1f} GFLOP/s). Eager is what "
-            "`teacher-server serve` runs by default; compiled is `--compile static` (inductor with frozen weights, one "
-            "graph per batch shape; the first call of a shape pays the compile).\n\n"
-            + table(("model", "keep", "eager GFLOP/s", "eager share", "compiled GFLOP/s", "compiled share",
-                     "compiled / eager", "compile s (first call)"), rows))
+            rows.append(
+                (
+                    m["model"],
+                    keep(x["keep"]),
+                    f"{x['achieved_gflops_per_s']:.1f}",
+                    pct(x["compute_efficiency"]),
+                    "-" if c is None else f"{c['achieved_gflops_per_s']:.1f}",
+                    "-" if c is None else pct(c["compute_efficiency"]),
+                    "-" if c is None else f"{c['vs_eager']:.2f}x",
+                    "-" if c is None else f"{c['first_call_s']:.1f}",
+                )
+            )
+    return (
+        "FLOP rate of the in-process masked forward, counting FLOPs with the FLOP model (matrix products only), "
+        f"over this machine's `torch.matmul` rate in the dtype served ({s.get('dtype', 'float32')}, "
+        f"{s['matmul_gflops_per_s']:.1f} GFLOP/s). Eager is what "
+        "`teacher-server serve` runs by default; compiled is `--compile static` (inductor with frozen weights, one "
+        "graph per batch shape; the first call of a shape pays the compile).\n\n"
+        + table(
+            (
+                "model",
+                "keep",
+                "eager GFLOP/s",
+                "eager share",
+                "compiled GFLOP/s",
+                "compiled share",
+                "compiled / eager",
+                "compile s (first call)",
+            ),
+            rows,
+        )
+    )
 
 
 def _masking(s: Section) -> str:
     rows = []
     for m in s["models"]:
         for x in m["rows"][1:]:
-            rows.append((m["model"], keep(x["keep"]), f"{x['inprocess_speedup']:.2f}x", f"{x['flop_speedup']:.2f}x",
-                         f"{x['inprocess_speedup'] / x['flop_speedup']:.2f}"))
+            rows.append(
+                (
+                    m["model"],
+                    keep(x["keep"]),
+                    f"{x['inprocess_speedup']:.2f}x",
+                    f"{x['flop_speedup']:.2f}x",
+                    f"{x['inprocess_speedup'] / x['flop_speedup']:.2f}",
+                )
+            )
     return table(("model", "keep", "in-process speedup", "FLOP-ratio speedup", "measured / FLOP ratio"), rows)
 
 
 def _wire(s: Section) -> str:
     parts = []
     for m in s["models"]:
-        rows = [(keep(x["keep"]), x["payload"], x["pixel_dtype"], f"{x['bytes_per_image']:.0f}",
-                 f"{x['kept_uint8_bytes']:.0f}", f"{x['vs_kept_uint8']:.3f}", pct(x["vs_float32_image"]))
-                for x in m["rows"]]
-        parts.append(f"**{m['label']}**: image {m['image']} = {m['raw_uint8_bytes']} B as uint8, "
-                     f"{m['float32_image_bytes']} B as float32; batch {m['batch']}\n\n" + table(
-                         ("keep", "sent as", "pixels", "bytes/image", "kept uint8 bytes", "vs kept uint8",
-                          "vs float32 image"), rows))
-    return "Serialized `InferRequest` size / images, built by the product's client from un-normalized images.\n\n" + \
-        "\n\n".join(parts)
+        rows = [
+            (
+                keep(x["keep"]),
+                x["payload"],
+                x["pixel_dtype"],
+                f"{x['bytes_per_image']:.0f}",
+                f"{x['kept_uint8_bytes']:.0f}",
+                f"{x['vs_kept_uint8']:.3f}",
+                pct(x["vs_float32_image"]),
+            )
+            for x in m["rows"]
+        ]
+        parts.append(
+            f"**{m['label']}**: image {m['image']} = {m['raw_uint8_bytes']} B as uint8, "
+            f"{m['float32_image_bytes']} B as float32; batch {m['batch']}\n\n"
+            + table(
+                ("keep", "sent as", "pixels", "bytes/image", "kept uint8 bytes", "vs kept uint8", "vs float32 image"),
+                rows,
+            )
+        )
+    return (
+        "Serialized `InferRequest` size / images, built by the product's client from un-normalized images.\n\n"
+        + "\n\n".join(parts)
+    )
 
 
 def _microbatch(s: Section) -> str:
     cfgs = s["server_settings"]
-    parts = [f"Server settings: {cfgs}. Each client its own `TeacherClient`, requests back to back; keep "
-             f"{keep(s['models'][0]['keep']) if s['models'] else '-'}; micro-batch sizes from the server's ledger."]
+    parts = [
+        f"Server settings: {cfgs}. Each client its own `TeacherClient`, requests back to back; keep "
+        f"{keep(s['models'][0]['keep']) if s['models'] else '-'}; micro-batch sizes from the server's ledger."
+    ]
     for m in s["models"]:
         ref = m["reference"]
-        rows = [(f"1 x batch {ref['batch_per_client']} (reference)", ref["images"], f"{ref['images_per_s']:.1f}",
-                 "1.00", f"{ref['mean_batch_images']:.1f}", ref["max_batch_images"])]
-        rows += [(f"{x['clients']} x batch {x['batch_per_client']}", x["images"], f"{x['images_per_s']:.1f}",
-                  f"{x['vs_reference']:.2f}", f"{x['mean_batch_images']:.1f}", x["max_batch_images"])
-                 for x in m["rows"]]
-        parts.append(f"**{m['label']}**\n\n" + table(
-            ("clients", "images", "img/s", "vs reference", "mean micro-batch", "max micro-batch"), rows))
+        rows = [
+            (
+                f"1 x batch {ref['batch_per_client']} (reference)",
+                ref["images"],
+                f"{ref['images_per_s']:.1f}",
+                "1.00",
+                f"{ref['mean_batch_images']:.1f}",
+                ref["max_batch_images"],
+            )
+        ]
+        rows += [
+            (
+                f"{x['clients']} x batch {x['batch_per_client']}",
+                x["images"],
+                f"{x['images_per_s']:.1f}",
+                f"{x['vs_reference']:.2f}",
+                f"{x['mean_batch_images']:.1f}",
+                x["max_batch_images"],
+            )
+            for x in m["rows"]
+        ]
+        parts.append(
+            f"**{m['label']}**\n\n"
+            + table(("clients", "images", "img/s", "vs reference", "mean micro-batch", "max micro-batch"), rows)
+        )
     return "\n\n".join(parts)
 
 
 def _training(s: Section) -> str:
     pipelined = s["micro_batches"] > 1
-    parts = [f"`run_training` in this process (one worker, torch threads: {s['threads']}, data `{s['data']}`, "
-             f"{s['micro_batches']} micro-batch(es) per step), teacher server in its own process on loopback with as "
-             f"many threads. Predicted FLOPs per image: {s['flops_per_training_image']}. "
-             + ("Pipelined as in App. E: student and teacher overlap on the same cores." if pipelined else
-                "Student and teacher share the cores, so they take turns (no pipelining), which is what the FLOP "
-                "sum assumes.")]
+    parts = [
+        f"`run_training` in this process (one worker, torch threads: {s['threads']}, data `{s['data']}`, "
+        f"{s['micro_batches']} micro-batch(es) per step), teacher server in its own process on loopback with as "
+        f"many threads. Predicted FLOPs per image: {s['flops_per_training_image']}. "
+        + (
+            "Pipelined as in App. E: student and teacher overlap on the same cores."
+            if pipelined
+            else "Student and teacher share the cores, so they take turns (no pipelining), which is what the FLOP "
+            "sum assumes."
+        )
+    ]
     for p in s["pairs"]:
         for label, modes in (("", p["modes"]), (" — teacher served with `--compile static`", p.get("compiled_modes"))):
             if not modes:
                 continue
-            rows = [(name, f"{m['step_s'] * 1e3:.0f}", f"{m['predicted_gflops_per_image']:.3f}",
-                     f"{m['speedup_vs_full_kd']:.2f}x", f"{m['predicted_speedup_vs_full_kd']:.2f}x",
-                     f"{m['of_predicted']:.2f}") + ((pct(m["overlap"]) if m.get("overlap") is not None else "",)
-                                                     if pipelined else ())
-                    for name, m in modes.items()]
-            parts.append(f"**{p['label']}**{label}: batch {p['batch_size']}, median of {p['timed_steps']} steps after "
-                         f"{p['warmup_steps']} warm-up\n\n" + table(
-                             ("mode", "ms/step", "GFLOPs/img (model)", "speedup vs full KD", "predicted",
-                              "measured / predicted") + (("teacher overlap",) if pipelined else ()), rows))
+            rows = [
+                (
+                    name,
+                    f"{m['step_s'] * 1e3:.0f}",
+                    f"{m['predicted_gflops_per_image']:.3f}",
+                    f"{m['speedup_vs_full_kd']:.2f}x",
+                    f"{m['predicted_speedup_vs_full_kd']:.2f}x",
+                    f"{m['of_predicted']:.2f}",
+                )
+                + ((pct(m["overlap"]) if m.get("overlap") is not None else "",) if pipelined else ())
+                for name, m in modes.items()
+            ]
+            parts.append(
+                f"**{p['label']}**{label}: batch {p['batch_size']}, median of {p['timed_steps']} steps after "
+                f"{p['warmup_steps']} warm-up\n\n"
+                + table(
+                    ("mode", "ms/step", "GFLOPs/img (model)", "speedup vs full KD", "predicted", "measured / predicted")
+                    + (("teacher overlap",) if pipelined else ()),
+                    rows,
+                )
+            )
     return "\n\n".join(parts)
 
 
 def _flops(s: Section) -> str:
-    rows = [(x["model"], keep(x["keep"]), x["kept"], f"{x['flop_model'] / 1e9:.4f}", f"{x['flop_counter'] / 1e9:.4f}",
-             f"{x['ratio']:.4f}", pct(x["attention_share"])) for x in s["rows"]]
-    return (f"GFLOPs of one image's masked forward. Largest deviation: {100 * s['max_abs_deviation']:.3f}%.\n\n"
-            + table(("model", "keep", "patches", "FLOP model", "FlopCounterMode", "ratio", "attention share"), rows))
+    rows = [
+        (
+            x["model"],
+            keep(x["keep"]),
+            x["kept"],
+            f"{x['flop_model'] / 1e9:.4f}",
+            f"{x['flop_counter'] / 1e9:.4f}",
+            f"{x['ratio']:.4f}",
+            pct(x["attention_share"]),
+        )
+        for x in s["rows"]
+    ]
+    return f"GFLOPs of one image's masked forward. Largest deviation: {100 * s['max_abs_deviation']:.3f}%.\n\n" + table(
+        ("model", "keep", "patches", "FLOP model", "FlopCounterMode", "ratio", "attention share"), rows
+    )
 
 
 def _breakdown(s: Section) -> str:
     parts = [s["note"] + "."]
     for m in s["models"]:
         groups = ", ".join(f"{g} {pct(v['share'])}" for g, v in m["groups"].items())
-        mm = "n/a" if m["matmul_gflops_per_s"] is None else (
-            f"{m['matmul_gflops_per_s']:.1f} GFLOP/s ({pct(m['matmul_vs_machine'])} of the machine's matmul)")
+        mm = (
+            "n/a"
+            if m["matmul_gflops_per_s"] is None
+            else (f"{m['matmul_gflops_per_s']:.1f} GFLOP/s ({pct(m['matmul_vs_machine'])} of the machine's matmul)")
+        )
         att = "n/a" if m["attention_gflops_per_s"] is None else f"{m['attention_gflops_per_s']:.1f} GFLOP/s"
-        parts.append(f"- **{m['model']}** keep {keep(m['keep'])}, batch {m['batch']}: {groups}. Matrix products "
-                     f"reach {mm}; fused attention {att}; time outside products and attention: "
-                     f"{pct(m['non_product_share'])}.")
+        parts.append(
+            f"- **{m['model']}** keep {keep(m['keep'])}, batch {m['batch']}: {groups}. Matrix products "
+            f"reach {mm}; fused attention {att}; time outside products and attention: "
+            f"{pct(m['non_product_share'])}."
+        )
     return "\n".join(parts)
 
 
 def _gpu(s: Section) -> str:
     mm = s["matmul_bf16"]
-    parts = [f"{s['device']}, {s['dtype']}; spec peak {s['spec_peak_tflops'] or 'unknown'} TFLOP/s; measured bf16 "
-             f"matmul {mm['n']}x{mm['n']}: {mm['gflops_per_s'] / 1e3:.1f} TFLOP/s."]
+    parts = [
+        f"{s['device']}, {s['dtype']}; spec peak {s['spec_peak_tflops'] or 'unknown'} TFLOP/s; measured bf16 "
+        f"matmul {mm['n']}x{mm['n']}: {mm['gflops_per_s'] / 1e3:.1f} TFLOP/s."
+    ]
     for m in s["models"]:
-        rows = [(keep(x["keep"]), f"{x['images_per_s']:.0f}", f"{x['speedup']:.2f}x", f"{x['flop_speedup']:.2f}x",
-                 f"{x['tflops_per_s']:.1f}", pct(x["of_spec_peak"]), pct(x["of_matmul"]),
-                 pct(x.get("server_efficiency"))) for x in m["rows"]]
-        parts.append(f"**{m['label']}**, batch {m['batch']}\n\n" + table(
-            ("keep", "img/s", "speedup", "FLOP ratio", "TFLOP/s", "of spec peak", "of bf16 matmul",
-             "gRPC / in-process"), rows))
+        rows = [
+            (
+                keep(x["keep"]),
+                f"{x['images_per_s']:.0f}",
+                f"{x['speedup']:.2f}x",
+                f"{x['flop_speedup']:.2f}x",
+                f"{x['tflops_per_s']:.1f}",
+                pct(x["of_spec_peak"]),
+                pct(x["of_matmul"]),
+                pct(x.get("server_efficiency")),
+            )
+            for x in m["rows"]
+        ]
+        parts.append(
+            f"**{m['label']}**, batch {m['batch']}\n\n"
+            + table(
+                (
+                    "keep",
+                    "img/s",
+                    "speedup",
+                    "FLOP ratio",
+                    "TFLOP/s",
+                    "of spec peak",
+                    "of bf16 matmul",
+                    "gRPC / in-process",
+                ),
+                rows,
+            )
+        )
     return "\n\n".join(parts)
 
 
 def _precision(s: Section) -> str:
     mm = s["matmul"]
-    rows = [(d, f"{mm[d]['n']}", f"{s['rates'][d]:.2f}", "yes" if d == s["limit_dtype"] else "",
-             "yes" if d == s["served_dtype"] else "") for d in ("float32", "bfloat16")]
-    text = (f"Native bf16, faster than fp32: **{'yes' if s['native_bf16'] else 'no'}** ({s['why']}). "
-            f"`--dtype auto` serves **{s['served_dtype']}**; the machine's limit is the {s['limit_dtype']} matmul rate "
-            f"({s['limit_gflops_per_s']:.1f} GFLOP/s); bf16 runs at {s['bf16_vs_fp32']:.3f}x the fp32 rate.\n\n"
-            + table(("dtype", "matmul n", "GFLOP/s", "machine limit", "served by auto"), rows))
+    rows = [
+        (
+            d,
+            f"{mm[d]['n']}",
+            f"{s['rates'][d]:.2f}",
+            "yes" if d == s["limit_dtype"] else "",
+            "yes" if d == s["served_dtype"] else "",
+        )
+        for d in ("float32", "bfloat16")
+    ]
+    text = (
+        f"Native bf16, faster than fp32: **{'yes' if s['native_bf16'] else 'no'}** ({s['why']}). "
+        f"`--dtype auto` serves **{s['served_dtype']}**; the machine's limit is the {s['limit_dtype']} matmul rate "
+        f"({s['limit_gflops_per_s']:.1f} GFLOP/s); bf16 runs at {s['bf16_vs_fp32']:.3f}x the fp32 rate.\n\n"
+        + table(("dtype", "matmul n", "GFLOP/s", "machine limit", "served by auto"), rows)
+    )
     train = s.get("training")
     if train:
         st = train["steps"]
-        text += ("\n\nMaskedKD-50 (SIPS) training step, student forward in fp32 vs bf16 autocast (SIPS and the loss "
-                 f"in fp32), `{train['student']}`, batch {train['batch_size']}:\n\n"
-                 + table(("precision", "ms / step", "steps timed"),
-                         [(p, f"{st[p]['step_s'] * 1e3:.0f}", st[p]["steps_timed"]) for p in ("fp32", "bf16")])
-                 + f"\n\nfp32 step / bf16 step: {train['bf16_speedup']:.3f}x.")
+        text += (
+            "\n\nMaskedKD-50 (SIPS) training step, student forward in fp32 vs bf16 autocast (SIPS and the loss "
+            f"in fp32), `{train['student']}`, batch {train['batch_size']}:\n\n"
+            + table(
+                ("precision", "ms / step", "steps timed"),
+                [(p, f"{st[p]['step_s'] * 1e3:.0f}", st[p]["steps_timed"]) for p in ("fp32", "bf16")],
+            )
+            + f"\n\nfp32 step / bf16 step: {train['bf16_speedup']:.3f}x."
+        )
     pair = s.get("default_vs_fp32_server")
     if pair:
-        text += (f"\n\nDefault server vs fp32 server, keep 50%, median of {pair['rounds']} interleaved rounds: "
-                 f"{pair['default_images_per_s']:.1f} vs {pair['fp32_images_per_s']:.1f} img/s ({pair['ratio']:.2f}x).")
+        text += (
+            f"\n\nDefault server vs fp32 server, keep 50%, median of {pair['rounds']} interleaved rounds: "
+            f"{pair['default_images_per_s']:.1f} vs {pair['fp32_images_per_s']:.1f} img/s ({pair['ratio']:.2f}x)."
+        )
     return text
 
 
@@ -236,25 +422,35 @@ def render(results: dict[str, Any], plots: Sequence[str] = ()) -> str:
     head = [
         "# Benchmarks",
         "",
-        f"Made by `{results['command']}`" + MAKE_TARGETS.get(results["command"], "")
+        f"Made by `{results['command']}`"
+        + MAKE_TARGETS.get(results["command"], "")
         + f" on {results['started_utc']}, in {results['total_s']} s. Every number below comes from this one run on "
         "this one machine; targets are ratios within the run. Full data: `benchmarks.json` beside this file. "
         "Why the misses miss, with measurements: [performance-notes.md](performance-notes.md).",
         "",
     ]
     if quick:
-        head += ["> **Quick mode**: tiny stand-in models and one repeat, to check that the suite works. The numbers "
-                 "are not measurements.", ""]
+        head += [
+            "> **Quick mode**: tiny stand-in models and one repeat, to check that the suite works. The numbers "
+            "are not measurements.",
+            "",
+        ]
     load = results["machine"].get("load_average_at_start")
     cpus = results["machine"].get("usable_cpus") or 1
     if load and load[0] > 0.5 * cpus:
-        head += [f"> **Warning**: the 1-minute load average was {load[0]} on {cpus} CPUs when the run started: other "
-                 "work was running, so the timings are not trustworthy.", ""]
+        head += [
+            f"> **Warning**: the 1-minute load average was {load[0]} on {cpus} CPUs when the run started: other "
+            "work was running, so the timings are not trustworthy.",
+            "",
+        ]
     drift = results["sections"].get("matmul", {}).get("drift")
     if drift is not None and not 0.9 <= drift <= 1.1:
-        head += [f"> **Warning**: the matmul rate changed by {100 * (drift - 1):+.0f}% between the start and the end "
-                 "of the run: the machine was not quiet, so the ratios are unreliable.", ""]
-    out = head + ["## Machine", "", _machine(results), "", "## Targets", "", _targets(results), ""]
+        head += [
+            f"> **Warning**: the matmul rate changed by {100 * (drift - 1):+.0f}% between the start and the end "
+            "of the run: the machine was not quiet, so the ratios are unreliable.",
+            "",
+        ]
+    out = [*head, "## Machine", "", _machine(results), "", "## Targets", "", _targets(results), ""]
     for i, (key, title, fn) in enumerate(RENDER, start=1):
         sec = results["sections"].get(key)
         out += [f"## {i}. {title}", ""]

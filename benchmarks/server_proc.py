@@ -4,6 +4,7 @@
 fields of `teacher_server.settings.ServerSettings`) and torch thread count through `teacher_server.launcher`;
 `ServerPool` starts one per teacher model, all at once, so they load in parallel.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,12 +29,21 @@ class BenchServer:
         self.api_key, _ = create_api_key(sessions, name=f"bench-{name}")
         sessions.kw["bind"].dispose()
         self.settings = {"host": "127.0.0.1", "port": 0, "metrics_port": None, "db": db, "grace_s": 2.0, **settings}
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(  # the child runs this checkout's code
-            [str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+        env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join(  # the child runs this checkout's code
+                [str(REPO), os.environ.get("PYTHONPATH", "")]
+            ).rstrip(os.pathsep),
+        )
         if threads > 0:  # torch intra-op threads of the server; 0: torch's default
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-        self.process = ServerProcess(serve_argv(*settings_flags(self.settings)), log=workdir / "server.log", env=env,
-                                     cwd=REPO, name=f"teacher server {name!r}")
+        self.process = ServerProcess(
+            serve_argv(*settings_flags(self.settings)),
+            log=workdir / "server.log",
+            env=env,
+            cwd=REPO,
+            name=f"teacher server {name!r}",
+        )
 
     def start(self) -> BenchServer:
         self.process.launch()

@@ -7,6 +7,7 @@ not part of `make bench`.
     python -m benchmarks.serving_gap --threads-only  # the forward on the main thread against a worker thread
     python -m benchmarks.serving_gap --device cuda --batch 128 --keep 0.5   # on a GPU: server and direct in bf16
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,6 +42,7 @@ def _direct(teacher: MaskedTeacher, tb: TeacherBatch, device: str, dtype: torch.
     def run() -> object:
         with torch.inference_mode():
             return teacher.forward_patches(x, idx).float().cpu()  # the answer reaches the host, as a served one does
+
     return run
 
 
@@ -106,8 +108,11 @@ def main(argv: list[str] | None = None) -> int:
                             before = served[0]
                             wall = _per_call(call, args.calls)
                             compute = (served[0] - before) / args.calls
-                            print(f"gRPC call {wall:.3f} s  served forward {compute:.3f} s  "
-                                  f"direct forward {_per_call(direct, args.calls):.3f} s", flush=True)
+                            print(
+                                f"gRPC call {wall:.3f} s  served forward {compute:.3f} s  "
+                                f"direct forward {_per_call(direct, args.calls):.3f} s",
+                                flush=True,
+                            )
             finally:
                 MaskedTeacher.forward_patches = original  # type: ignore[method-assign]
             return 0
@@ -115,8 +120,16 @@ def main(argv: list[str] | None = None) -> int:
 
         port = 9777
         with ServerPool(Path(tmp), threads=args.threads) as pool:
-            pool.launch("gap", {"model": case.timm_name, "model_kwargs": case.kwargs, "device": args.device,
-                                "metrics_port": port, "max_batch_images": max(256, args.batch)})
+            pool.launch(
+                "gap",
+                {
+                    "model": case.timm_name,
+                    "model_kwargs": case.kwargs,
+                    "device": args.device,
+                    "metrics_port": port,
+                    "max_batch_images": max(256, args.batch),
+                },
+            )
             srv = pool.get("gap")
             with TeacherClient(srv.address, srv.api_key, timeout_s=600) as client:
                 call = lambda: client.infer(patches=tb.pixels, keep_indices=tb.indices)  # noqa: E731
@@ -127,8 +140,11 @@ def main(argv: list[str] | None = None) -> int:
                     wall = _per_call(call, args.calls)
                     compute = (_metric(port, "maskedkd_compute_seconds_sum") - c0) / args.calls
                     latency = (_metric(port, "maskedkd_request_latency_seconds_sum") - l0) / args.calls
-                    print(f"gRPC call {wall:.3f} s  server latency {latency:.3f} s  server compute {compute:.3f} s  "
-                          f"direct forward in this process {_per_call(direct, args.calls):.3f} s", flush=True)
+                    print(
+                        f"gRPC call {wall:.3f} s  server latency {latency:.3f} s  server compute {compute:.3f} s  "
+                        f"direct forward in this process {_per_call(direct, args.calls):.3f} s",
+                        flush=True,
+                    )
     return 0
 
 

@@ -1,4 +1,5 @@
 """Timing (warm-up, repeats, median), the machine's matmul rate, and a description of the machine."""
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,7 @@ class Timing:
         return asdict(self)
 
 
-def measure(fn: Callable[[], object], *, warmup: int, repeats: int,
-            sync: Callable[[], None] | None = None) -> Timing:
+def measure(fn: Callable[[], object], *, warmup: int, repeats: int, sync: Callable[[], None] | None = None) -> Timing:
     """Run `fn` `warmup` times untimed, then `repeats` times timed; `sync` (e.g. cuda.synchronize) closes a timing."""
     for _ in range(warmup):
         fn()
@@ -46,8 +46,9 @@ def measure(fn: Callable[[], object], *, warmup: int, repeats: int,
     return Timing(statistics.median(samples), min(samples), max(samples), len(samples))
 
 
-def matmul_rate(n: int, *, warmup: int, repeats: int, device: str = "cpu",
-                dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+def matmul_rate(
+    n: int, *, warmup: int, repeats: int, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> dict[str, Any]:
     """FLOP/s of `torch.matmul` on two n x n matrices (2 n^3 FLOPs per product)."""
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, generator=gen, device=device).to(dtype)
@@ -61,9 +62,14 @@ def matmul_rate(n: int, *, warmup: int, repeats: int, device: str = "cpu",
             torch.matmul(a, b, out=out)
 
     t = measure(run, warmup=warmup, repeats=repeats, sync=sync)
-    flops = 2.0 * n ** 3 * calls
-    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "device": device,
-            "gflops_per_s": flops / t.median_s / 1e9, "timing": t.to_dict()}
+    flops = 2.0 * n**3 * calls
+    return {
+        "n": n,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": device,
+        "gflops_per_s": flops / t.median_s / 1e9,
+        "timing": t.to_dict(),
+    }
 
 
 def cpu_model() -> str:
@@ -93,10 +99,12 @@ def load_average() -> list[float] | None:
 def git_revision() -> str:
     """HEAD's short hash, with "+dirty" when the working tree has changes (read-only git calls)."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (head or "unknown") + ("+dirty" if dirty else "")

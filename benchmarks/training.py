@@ -6,6 +6,7 @@ median over the steps after warm-up. The FLOP model predicts each mode's step fr
 3 x the student's forward (forward + backward) plus the teacher's masked forward; student and teacher share this
 machine's cores, so their FLOPs add up.
 """
+
 from __future__ import annotations
 
 import csv
@@ -54,25 +55,42 @@ def _step_times(out: Path, skip: int) -> list[float]:
     return times[skip:] or times
 
 
-def run_mode(pair: TrainPair, server: Any, opts: dict[str, Any], cfg: BenchConfig, out: Path,
-             threads: int, device: str = "cpu") -> dict[str, Any]:
+def run_mode(
+    pair: TrainPair, server: Any, opts: dict[str, Any], cfg: BenchConfig, out: Path, threads: int, device: str = "cpu"
+) -> dict[str, Any]:
     from student_client.config import TrainConfig
     from student_client.context import LocalContext
     from student_client.train_loop import run_training
 
     kd = opts["mode"] != "none"
     train_cfg = TrainConfig(
-        data=str(DATA), out=str(out), student=pair.student, student_kwargs=dict(pair.student_kwargs),
-        teacher=server.address if kd else None, api_key=server.api_key if kd else None, batch_size=pair.batch_size,
-        max_steps=cfg.train_warmup_steps + cfg.train_steps, threads_per_worker=threads, eval=False, progress=False,
-        seed=0, micro_batches=cfg.train_micro_batches, **opts)
+        data=str(DATA),
+        out=str(out),
+        student=pair.student,
+        student_kwargs=dict(pair.student_kwargs),
+        teacher=server.address if kd else None,
+        api_key=server.api_key if kd else None,
+        batch_size=pair.batch_size,
+        max_steps=cfg.train_warmup_steps + cfg.train_steps,
+        threads_per_worker=threads,
+        eval=False,
+        progress=False,
+        seed=0,
+        micro_batches=cfg.train_micro_batches,
+        **opts,
+    )
     summary = run_training(train_cfg, LocalContext(torch.device(device)))
     if summary.get("fatal_error"):
         raise RuntimeError(f"training run failed: {summary['fatal_error']}")
     times = _step_times(out, cfg.train_warmup_steps)
-    return {"step_s": statistics.median(times), "steps_timed": len(times), "min_step_s": min(times),
-            "max_step_s": max(times), "teacher_gflops": summary.get("teacher_gflops", 0.0),
-            "overlap": summary.get("overlap")}
+    return {
+        "step_s": statistics.median(times),
+        "steps_timed": len(times),
+        "min_step_s": min(times),
+        "max_step_s": max(times),
+        "teacher_gflops": summary.get("teacher_gflops", 0.0),
+        "overlap": summary.get("overlap"),
+    }
 
 
 def compiled_key(teacher_key: str) -> str:
@@ -80,8 +98,16 @@ def compiled_key(teacher_key: str) -> str:
     return f"{teacher_key}-compiled"
 
 
-def run_modes(pair: TrainPair, server: Any, names: tuple[str, ...], cfg: BenchConfig, workdir: Path,
-              threads: int, predicted: dict[str, float], device: str = "cpu") -> dict[str, Any]:
+def run_modes(
+    pair: TrainPair,
+    server: Any,
+    names: tuple[str, ...],
+    cfg: BenchConfig,
+    workdir: Path,
+    threads: int,
+    predicted: dict[str, float],
+    device: str = "cpu",
+) -> dict[str, Any]:
     """`names` (full_kd among them) trained in turn on `device`; each mode's step time against full KD's, and the
     FLOP model's prediction of that ratio."""
     modes: dict[str, Any] = {}
@@ -104,17 +130,45 @@ def run_training_section(cfg: BenchConfig, pool: Any, workdir: Path, threads: in
     pairs = []
     for pair in cfg.train_pairs:
         predicted = predicted_gflops(pair, num_classes=10)
-        modes = run_modes(pair, pool.get(pair.teacher.key), tuple(name for name, _ in MODES), cfg,
-                           workdir / pair.key, threads, predicted)
+        modes = run_modes(
+            pair,
+            pool.get(pair.teacher.key),
+            tuple(name for name, _ in MODES),
+            cfg,
+            workdir / pair.key,
+            threads,
+            predicted,
+        )
         compiled = None
         if pair.key in cfg.train_compiled_pairs:
-            compiled = run_modes(pair, pool.get(compiled_key(pair.teacher.key)), cfg.train_compiled_modes, cfg,
-                                  workdir / f"{pair.key}-compiled", threads, predicted)
-        pairs.append({"pair": pair.key, "label": pair.label, "student": pair.student,
-                      "student_kwargs": pair.student_kwargs, "teacher": pair.teacher.timm_name,
-                      "teacher_kwargs": pair.teacher.kwargs, "batch_size": pair.batch_size,
-                      "warmup_steps": cfg.train_warmup_steps, "timed_steps": cfg.train_steps, "modes": modes,
-                      "compiled_modes": compiled})
-    return {"pairs": pairs, "data": str(DATA.relative_to(REPO)), "threads": threads,
-            "micro_batches": cfg.train_micro_batches,
-            "flops_per_training_image": "3 x student forward + teacher masked forward (FLOP model)"}
+            compiled = run_modes(
+                pair,
+                pool.get(compiled_key(pair.teacher.key)),
+                cfg.train_compiled_modes,
+                cfg,
+                workdir / f"{pair.key}-compiled",
+                threads,
+                predicted,
+            )
+        pairs.append(
+            {
+                "pair": pair.key,
+                "label": pair.label,
+                "student": pair.student,
+                "student_kwargs": pair.student_kwargs,
+                "teacher": pair.teacher.timm_name,
+                "teacher_kwargs": pair.teacher.kwargs,
+                "batch_size": pair.batch_size,
+                "warmup_steps": cfg.train_warmup_steps,
+                "timed_steps": cfg.train_steps,
+                "modes": modes,
+                "compiled_modes": compiled,
+            }
+        )
+    return {
+        "pairs": pairs,
+        "data": str(DATA.relative_to(REPO)),
+        "threads": threads,
+        "micro_batches": cfg.train_micro_batches,
+        "flops_per_training_image": "3 x student forward + teacher masked forward (FLOP model)",
+    }

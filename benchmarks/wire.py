@@ -5,6 +5,7 @@ them (pixels that are k/255 travel as uint8; only the kept patches go, with int1
 client sends the whole image and no positions. References: the kept share of the raw uint8 image
 (keep x C*H*W bytes) and the full image as float32 (4*C*H*W bytes).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -19,8 +20,14 @@ from student_client.wire import ModelInfo, build_request, new_request_id
 
 def model_info_of(teacher: Any, name: str) -> ModelInfo:
     """The ModelInfo a server would announce for this teacher (no server needed to size a request)."""
-    return ModelInfo(**asdict(teacher.geometry), model=name, full_gflops=teacher.gflops(teacher.geometry.num_patches),
-                     price_per_gflop=0.0, currency="USD", max_batch_images=0)
+    return ModelInfo(
+        **asdict(teacher.geometry),
+        model=name,
+        full_gflops=teacher.gflops(teacher.geometry.num_patches),
+        price_per_gflop=0.0,
+        currency="USD",
+        max_batch_images=0,
+    )
 
 
 def run_wire_section(cfg: BenchConfig) -> dict[str, Any]:
@@ -43,12 +50,27 @@ def run_wire_section(cfg: BenchConfig) -> dict[str, Any]:
             request = build_request(info, images=images, keep_indices=keep_indices, request_id=new_request_id())
             per_image = request.ByteSize() / b
             kept_raw = raw_uint8 * kept / teacher.geometry.num_patches
-            rows.append({
-                "keep": keep, "kept": kept, "payload": request.WhichOneof("input"),
-                "pixel_dtype": getattr(request, request.WhichOneof("input")).dtype,
-                "bytes_per_image": per_image, "kept_uint8_bytes": kept_raw,
-                "vs_kept_uint8": per_image / kept_raw, "vs_float32_image": per_image / (4 * raw_uint8),
-            })
-        models.append({"model": case.key, "label": case.label, "image": [c, h, w], "batch": b,
-                       "raw_uint8_bytes": raw_uint8, "float32_image_bytes": 4 * raw_uint8, "rows": rows})
+            rows.append(
+                {
+                    "keep": keep,
+                    "kept": kept,
+                    "payload": request.WhichOneof("input"),
+                    "pixel_dtype": getattr(request, request.WhichOneof("input")).dtype,
+                    "bytes_per_image": per_image,
+                    "kept_uint8_bytes": kept_raw,
+                    "vs_kept_uint8": per_image / kept_raw,
+                    "vs_float32_image": per_image / (4 * raw_uint8),
+                }
+            )
+        models.append(
+            {
+                "model": case.key,
+                "label": case.label,
+                "image": [c, h, w],
+                "batch": b,
+                "raw_uint8_bytes": raw_uint8,
+                "float32_image_bytes": 4 * raw_uint8,
+                "rows": rows,
+            }
+        )
     return {"models": models}

@@ -1,4 +1,5 @@
 """What both examples share: the command line, the data (un-normalized pixels in [0, 1]), the student, the bill."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,13 +18,20 @@ from student_client.data import build_datasets, class_names_of
 
 def parse_args(description: str) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--teacher", default=os.environ.get("MASKEDKD_TEACHER", "127.0.0.1:50051"),
-                   help="HOST:PORT of the teacher server (env MASKEDKD_TEACHER)")
+    p.add_argument(
+        "--teacher",
+        default=os.environ.get("MASKEDKD_TEACHER", "127.0.0.1:50051"),
+        help="HOST:PORT of the teacher server (env MASKEDKD_TEACHER)",
+    )
     p.add_argument("--api-key", default=os.environ.get("MASKEDKD_API_KEY"), help="API key (env MASKEDKD_API_KEY)")
     p.add_argument("--data", default="data/cifar10-subset", help="ImageFolder root with train/")
     p.add_argument("--student", default="vit_tiny_patch16_224", help="timm architecture")
-    p.add_argument("--student-kwargs", type=json.loads, default={"img_size": 32, "patch_size": 4},
-                   help="JSON kwargs for timm.create_model (num_classes comes from the data)")
+    p.add_argument(
+        "--student-kwargs",
+        type=json.loads,
+        default={"img_size": 32, "patch_size": 4},
+        help="JSON kwargs for timm.create_model (num_classes comes from the data)",
+    )
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--keep", type=float, default=0.5, help="fraction of the teacher's patches sent")
@@ -62,14 +70,22 @@ def batches(loader: DataLoader, steps: int) -> Iterator[tuple[torch.Tensor, torc
 def bill(kd: MaskedKD) -> dict[str, Any]:
     """What the teacher billed this run (kd.total_billed: the ledger's rows of these requests)."""
     b = kd.total_billed
-    return {"teacher_gflops": b.gflops, "teacher_full_gflops": b.full_gflops, "teacher_cost": b.cost,
-            "teacher_requests": b.requests, "teacher_images": b.images, "currency": kd.info.currency}
+    return {
+        "teacher_gflops": b.gflops,
+        "teacher_full_gflops": b.full_gflops,
+        "teacher_cost": b.cost,
+        "teacher_requests": b.requests,
+        "teacher_images": b.images,
+        "currency": kd.info.currency,
+    }
 
 
 def report(kd: MaskedKD, losses: list[float], args: argparse.Namespace) -> None:
     b = bill(kd)
-    print(f"teacher bill: {b['teacher_gflops']:.4f} GFLOPs of {b['teacher_full_gflops']:.4f} for the full teacher "
-          f"({100 * (1 - kd.total_billed.saving):.1f}%), {b['teacher_requests']} requests, "
-          f"cost {b['teacher_cost']:.6g} {b['currency']}".rstrip())
+    print(
+        f"teacher bill: {b['teacher_gflops']:.4f} GFLOPs of {b['teacher_full_gflops']:.4f} for the full teacher "
+        f"({100 * (1 - kd.total_billed.saving):.1f}%), {b['teacher_requests']} requests, "
+        f"cost {b['teacher_cost']:.6g} {b['currency']}".rstrip()
+    )
     if args.json:
         print(json.dumps({"losses": losses, **b}))

@@ -5,6 +5,7 @@
 The MaskedKD is made in `on_fit_start`, when the student is already on its device; its request ids carry Lightning's
 `global_step`, so a run resumed from a Lightning checkpoint re-sends the same ids and is not billed twice.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,15 +28,19 @@ class MaskedKDModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.teacher = TeacherClient(self.args.teacher, self.args.api_key)
-        self.kd = MaskedKD(self.student, self.teacher, keep=self.args.keep, run_id=self.args.run_id,
-                           seed=self.args.seed)
+        self.kd = MaskedKD(
+            self.student, self.teacher, keep=self.args.keep, run_id=self.args.run_id, seed=self.args.seed
+        )
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         assert self.kd is not None
         images, labels = batch
         loss = self.kd(images, labels, step=self.global_step)
-        self.log_dict({"ce": self.kd.last.ce, "kd": self.kd.last.kd, "teacher_gflops": self.kd.last.billed.gflops},
-                      on_step=True, batch_size=images.shape[0])
+        self.log_dict(
+            {"ce": self.kd.last.ce, "kd": self.kd.last.kd, "teacher_gflops": self.kd.last.billed.gflops},
+            on_step=True,
+            batch_size=images.shape[0],
+        )
         self.losses.append(loss.item())
         return loss
 
@@ -52,8 +57,15 @@ def main() -> None:
     args = parse_args("MaskedKD in a PyTorch Lightning module")
     student, loader = student_and_loader(args)
     module = MaskedKDModule(student, args)
-    trainer = L.Trainer(max_steps=args.steps, accelerator="auto", devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_steps=args.steps,
+        accelerator="auto",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, train_dataloaders=loader)
     assert module.kd is not None
     report(module.kd, module.losses, args)

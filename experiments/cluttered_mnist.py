@@ -12,6 +12,7 @@ and any subset can be rebuilt; it is written once into the cache as an ImageFold
     python -m experiments.cluttered_mnist                       # ~/.cache/maskedkd/cluttered-mnist
     python -m experiments.cluttered_mnist --out DIR --per-class 100
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,11 +26,11 @@ from PIL import Image
 
 from experiments.datasets import CACHE_ROOT, SPLITS, default_cache, default_tarball, extract_tarball
 
-CANVAS = 64         # pixels per side: an 8x8 grid of 8x8 patches
-DIGIT = 28          # MNIST digits are 28x28
-FRAGMENTS = 8       # clutter pieces per image
-FRAGMENT = 8        # pixels per side of a piece
-SEED = 20151       # the STN paper's year and section, as a fixed base seed
+CANVAS = 64  # pixels per side: an 8x8 grid of 8x8 patches
+DIGIT = 28  # MNIST digits are 28x28
+FRAGMENTS = 8  # clutter pieces per image
+FRAGMENT = 8  # pixels per side of a piece
+SEED = 20151  # the STN paper's year and section, as a fixed base seed
 DEFAULT_OUT = CACHE_ROOT / "cluttered-mnist"
 _COMPLETE = ".complete"
 
@@ -40,7 +41,7 @@ class Digits:
 
     images: np.ndarray
     labels: np.ndarray
-    names: list[str]        # source file of each digit (class/file.png), for the record
+    names: list[str]  # source file of each digit (class/file.png), for the record
 
 
 def load_split(root: Path, split: str) -> Digits:
@@ -67,7 +68,7 @@ def _fragment(digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     cx = int(xs[pick]) if len(xs) else DIGIT // 2
     y = min(max(cy - FRAGMENT // 2, 0), DIGIT - FRAGMENT)
     x = min(max(cx - FRAGMENT // 2, 0), DIGIT - FRAGMENT)
-    return digit[y:y + FRAGMENT, x:x + FRAGMENT]
+    return digit[y : y + FRAGMENT, x : x + FRAGMENT]
 
 
 def compose(digits: Digits, split: str, index: int) -> tuple[np.ndarray, int, tuple[int, int]]:
@@ -79,9 +80,9 @@ def compose(digits: Digits, split: str, index: int) -> tuple[np.ndarray, int, tu
         other += other >= index  # never a piece of the digit itself
         piece = _fragment(digits.images[other], rng)
         y, x = (int(v) for v in rng.integers(0, CANVAS - FRAGMENT + 1, size=2))
-        np.maximum(canvas[y:y + FRAGMENT, x:x + FRAGMENT], piece, out=canvas[y:y + FRAGMENT, x:x + FRAGMENT])
+        np.maximum(canvas[y : y + FRAGMENT, x : x + FRAGMENT], piece, out=canvas[y : y + FRAGMENT, x : x + FRAGMENT])
     top, left = (int(v) for v in rng.integers(0, CANVAS - DIGIT + 1, size=2))
-    region = canvas[top:top + DIGIT, left:left + DIGIT]
+    region = canvas[top : top + DIGIT, left : left + DIGIT]
     np.maximum(region, digits.images[index], out=region)
     return canvas, int(digits.labels[index]), (top, left)
 

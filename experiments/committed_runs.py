@@ -4,8 +4,10 @@ over several sessions or machines continues from a clean clone: runs recorded th
 into OUT and not trained (or billed) again, provided the teacher is the same file (its SHA-256 is recorded: a config
 whose teacher is trained by the run restores nothing until that teacher is committed). Each run records the machine
 and precision it ran on."""
+
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -21,8 +23,17 @@ from experiments.configs import ReproConfig
 RESULT = "result.json"
 # What makes two runs comparable. Not the scheduling (threads, --parallel), the seeds or methods chosen, or where the
 # teacher lies (a trained teacher is committed later under models/ without changing what it is).
-SIZE_FIELDS = ("dataset", "teacher", "student", "train_per_class", "test_per_class", "teacher_train_per_class",
-               "lambda_kd", "tau", "micro_batches")
+SIZE_FIELDS = (
+    "dataset",
+    "teacher",
+    "student",
+    "train_per_class",
+    "test_per_class",
+    "teacher_train_per_class",
+    "lambda_kd",
+    "tau",
+    "micro_batches",
+)
 
 
 def runs_path(doc: Path, cfg: ReproConfig) -> Path:
@@ -43,23 +54,42 @@ def machine() -> dict[str, Any]:
     from maskedkd.precision import cpu_bf16_support, resolve_precision
 
     cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cpus": os.cpu_count(), "torch": torch.__version__,
-            "precision": resolve_precision("auto", "cpu"), "precision_why": cpu_bf16_support()[1]}
+    with contextlib.suppress(OSError, StopIteration):
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "precision": resolve_precision("auto", "cpu"),
+        "precision_why": cpu_bf16_support()[1],
+    }
 
 
 def sha256(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
-def save(path: Path, cfg: ReproConfig, *, checkpoint: Path, teacher: dict[str, Any] | None,
-         runs: list[dict[str, Any]], fidelity: dict[str, Any] | None) -> None:
-    state = {"config": cfg.name, "sizes": sizes(cfg), "teacher_sha256": sha256(checkpoint), "teacher": teacher,
-             "fidelity": fidelity, "runs": sorted(runs, key=lambda r: (r["method"], r["seed"]))}
+def save(
+    path: Path,
+    cfg: ReproConfig,
+    *,
+    checkpoint: Path,
+    teacher: dict[str, Any] | None,
+    runs: list[dict[str, Any]],
+    fidelity: dict[str, Any] | None,
+) -> None:
+    state = {
+        "config": cfg.name,
+        "sizes": sizes(cfg),
+        "teacher_sha256": sha256(checkpoint),
+        "teacher": teacher,
+        "fidelity": fidelity,
+        "runs": sorted(runs, key=lambda r: (r["method"], r["seed"])),
+    }
     path.write_text(json.dumps(state, indent=1, default=str) + "\n")
 
 

@@ -1,5 +1,6 @@
 """Sizes of the reproduction: `cifar10` and `mnist` (committed teachers, 3 seeds, every method),
 `cpu` (the first, small CIFAR-10 run), `gpu` (a larger run for a GPU machine), `smoke` (tests)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,13 +9,13 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Method:
-    key: str            # run directory and ledger key prefix
-    label: str          # row label in the results table
-    mode: str           # student-client --mode
-    keep: float | str   # --keep: a fraction, or "auto" (the client decides from probes)
-    strategy: str       # --strategy (with keep auto: the strategy until the first decision)
+    key: str  # run directory and ledger key prefix
+    label: str  # row label in the results table
+    mode: str  # student-client --mode
+    keep: float | str  # --keep: a fraction, or "auto" (the client decides from probes)
+    strategy: str  # --strategy (with keep auto: the strategy until the first decision)
     keep_mass: float | None = None  # --keep-mass: per-image K holding this share of SIPS, at most `keep` patches
-    tau: float | None = None        # --tau of this method's runs (None: the config's)
+    tau: float | None = None  # --tau of this method's runs (None: the config's)
 
 
 METHODS: tuple[Method, ...] = (
@@ -40,51 +41,61 @@ METHODS_BY_KEY = {m.key: m for m in METHODS}
 class ModelRecipe:
     """One `student-client train` recipe (the teacher is trained with it too, with --mode none)."""
 
-    arch: str                                           # timm name
-    kwargs: dict[str, Any]                              # --student-kwargs
+    arch: str  # timm name
+    kwargs: dict[str, Any]  # --student-kwargs
     epochs: int
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
-    augment: str = "simple"                             # simple | heavy
-    max_steps: int | None = None                        # smoke runs stop early
+    augment: str = "simple"  # simple | heavy
+    max_steps: int | None = None  # smoke runs stop early
 
 
 @dataclass(frozen=True)
 class ReproConfig:
     name: str
-    teacher: ModelRecipe               # how the teacher is trained (or how the committed one was)
+    teacher: ModelRecipe  # how the teacher is trained (or how the committed one was)
     student: ModelRecipe
-    train_per_class: int | None        # student training images per class (None: the whole train split)
-    test_per_class: int | None         # test images per class for evaluation (None: the whole test split)
-    dataset: str = "cifar10"           # experiments.datasets.TARBALLS key
+    train_per_class: int | None  # student training images per class (None: the whole train split)
+    test_per_class: int | None  # test images per class for evaluation (None: the whole test split)
+    dataset: str = "cifar10"  # experiments.datasets.TARBALLS key
     teacher_checkpoint: str | None = None  # a committed teacher (repo-relative); None: train `teacher` here
     teacher_train_per_class: int | None = -1  # teacher training images per class (None: all; -1: as the students)
     seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = tuple(m.key for m in METHODS if m.key not in ("keep_auto", "mass_90"))
-    device: str = "cpu"                # student-client --device and teacher-server --device
-    threads: int = 0                   # torch threads of runs with no teacher beside them (teacher, no KD); 0: all CPUs
-    server_threads: int = 0            # the teacher server's torch threads (OMP_NUM_THREADS); 0: torch's default
-    kd_threads: int = 0                # student threads while the server computes beside it; 0: CPUs - server_threads
-    parallel: int = 1                  # student runs at once sharing the server (--parallel); CPUs split
-    probe_images: int | None = 2000    # test images for the fidelity probe (None: the whole eval split)
+    device: str = "cpu"  # student-client --device and teacher-server --device
+    threads: int = 0  # torch threads of runs with no teacher beside them (teacher, no KD); 0: all CPUs
+    server_threads: int = 0  # the teacher server's torch threads (OMP_NUM_THREADS); 0: torch's default
+    kd_threads: int = 0  # student threads while the server computes beside it; 0: CPUs - server_threads
+    parallel: int = 1  # student runs at once sharing the server (--parallel); CPUs split
+    probe_images: int | None = 2000  # test images for the fidelity probe (None: the whole eval split)
     lambda_kd: float = 1.0
     tau: float = 1.0
     micro_batches: int = 2
-    size_note: str = ""                # what the sizes add up to (dropped when the command line resizes the run)
+    size_note: str = ""  # what the sizes add up to (dropped when the command line resizes the run)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
 # 32px CIFAR ViTs with 4x4 patches (8x8 grid, 64 patches + class token).
 CPU = ReproConfig(
     name="cpu",
-    teacher=ModelRecipe("vit_small_patch16_224",
-                        {"img_size": 32, "patch_size": 4, "embed_dim": 192, "depth": 6, "num_heads": 3},
-                        epochs=8, batch_size=64, lr=1e-3, warmup_epochs=1.0),
-    student=ModelRecipe("vit_tiny_patch16_224",
-                        {"img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3},
-                        epochs=2, batch_size=64, lr=1e-3, warmup_epochs=0.5),
+    teacher=ModelRecipe(
+        "vit_small_patch16_224",
+        {"img_size": 32, "patch_size": 4, "embed_dim": 192, "depth": 6, "num_heads": 3},
+        epochs=8,
+        batch_size=64,
+        lr=1e-3,
+        warmup_epochs=1.0,
+    ),
+    student=ModelRecipe(
+        "vit_tiny_patch16_224",
+        {"img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3},
+        epochs=2,
+        batch_size=64,
+        lr=1e-3,
+        warmup_epochs=0.5,
+    ),
     train_per_class=2000,
     test_per_class=500,
     server_threads=1,
@@ -93,7 +104,8 @@ CPU = ReproConfig(
         "Sized for about two hours on 2 CPU cores: a 20,000-image class-balanced subset of CIFAR-10 train "
         "(the first 2,000 files per class), a 5,000-image class-balanced subset of the test set (first 500 per "
         "class), a 6-block D=192 ViT teacher trained 8 epochs and a 4-block D=96 ViT student trained 2 epochs "
-        "(batch 64)."),
+        "(batch 64)."
+    ),
     notes=(
         "During KD runs the teacher server and the student get one core each (OMP_NUM_THREADS=1 for the server, "
         "--threads-per-worker 1): two processes with two OpenMP threads each on two cores stall each other at "
@@ -105,24 +117,52 @@ CPU = ReproConfig(
 
 GPU = ReproConfig(
     name="gpu",
-    teacher=ModelRecipe("vit_small_patch16_224", {"img_size": 32, "patch_size": 4, "num_classes": 10},
-                        epochs=100, batch_size=256, lr=1e-3, warmup_epochs=5.0, augment="heavy"),
-    student=ModelRecipe("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 4, "num_classes": 10},
-                        epochs=50, batch_size=256, lr=1e-3, warmup_epochs=5.0, augment="heavy"),
+    teacher=ModelRecipe(
+        "vit_small_patch16_224",
+        {"img_size": 32, "patch_size": 4, "num_classes": 10},
+        epochs=100,
+        batch_size=256,
+        lr=1e-3,
+        warmup_epochs=5.0,
+        augment="heavy",
+    ),
+    student=ModelRecipe(
+        "vit_tiny_patch16_224",
+        {"img_size": 32, "patch_size": 4, "num_classes": 10},
+        epochs=50,
+        batch_size=256,
+        lr=1e-3,
+        warmup_epochs=5.0,
+        augment="heavy",
+    ),
     train_per_class=None,
     test_per_class=None,
     device="auto",
     probe_images=None,
-    size_note=("Full CIFAR-10 (50,000 train, 10,000 test), ViT-S/4 teacher (100 epochs) and ViT-Ti/4 student "
-               "(50 epochs), RandAugment + mixup/cutmix, one GPU shared by the teacher server and the student."),
+    size_note=(
+        "Full CIFAR-10 (50,000 train, 10,000 test), ViT-S/4 teacher (100 epochs) and ViT-Ti/4 student "
+        "(50 epochs), RandAugment + mixup/cutmix, one GPU shared by the teacher server and the student."
+    ),
 )
 
 SMOKE = ReproConfig(
     name="smoke",
-    teacher=ModelRecipe("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2},
-                        epochs=1, batch_size=16, warmup_epochs=0.0, max_steps=2),
-    student=ModelRecipe("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 1},
-                        epochs=1, batch_size=16, warmup_epochs=0.0, max_steps=2),
+    teacher=ModelRecipe(
+        "vit_tiny_patch16_224",
+        {"img_size": 32, "patch_size": 8, "depth": 2},
+        epochs=1,
+        batch_size=16,
+        warmup_epochs=0.0,
+        max_steps=2,
+    ),
+    student=ModelRecipe(
+        "vit_tiny_patch16_224",
+        {"img_size": 32, "patch_size": 8, "depth": 1},
+        epochs=1,
+        batch_size=16,
+        warmup_epochs=0.0,
+        max_steps=2,
+    ),
     train_per_class=8,
     test_per_class=4,
     seeds=(0,),
@@ -139,18 +179,34 @@ SMOKE = ReproConfig(
 _STUDENT_96 = {"embed_dim": 96, "depth": 4, "num_heads": 3, "patch_size": 4, "num_classes": 10}
 # The issue's headline rows first (no KD, full KD, MaskedKD-50, --keep auto), then the ablations: a reproduction that
 # spans sessions (experiments/committed_runs.py) shows the comparison that matters first.
-HEADLINE_FIRST = ("no_kd", "full_kd", "maskedkd_50", "keep_auto", "random_50", "maskedkd_75", "maskedkd_25",
-                  "bottom_50", "mask_student_50", "mass_90")
+HEADLINE_FIRST = (
+    "no_kd",
+    "full_kd",
+    "maskedkd_50",
+    "keep_auto",
+    "random_50",
+    "maskedkd_75",
+    "maskedkd_25",
+    "bottom_50",
+    "mask_student_50",
+    "mass_90",
+)
 
 CIFAR10 = ReproConfig(
     name="cifar10",
     dataset="cifar10",
     teacher_checkpoint="models/cifar10-vit-teacher.safetensors",
-    teacher=ModelRecipe("vit_tiny_patch16_224",
-                        {"img_size": 32, "patch_size": 4, "num_classes": 10, "depth": 6},
-                        epochs=30, batch_size=128, lr=1e-3, warmup_epochs=2.0),  # phases: models/train-cifar10-teacher.sh
-    student=ModelRecipe("vit_tiny_patch16_224", {"img_size": 32, **_STUDENT_96},
-                        epochs=4, batch_size=128, lr=2e-3, warmup_epochs=0.5),
+    teacher=ModelRecipe(
+        "vit_tiny_patch16_224",
+        {"img_size": 32, "patch_size": 4, "num_classes": 10, "depth": 6},
+        epochs=30,
+        batch_size=128,
+        lr=1e-3,
+        warmup_epochs=2.0,
+    ),  # phases: models/train-cifar10-teacher.sh
+    student=ModelRecipe(
+        "vit_tiny_patch16_224", {"img_size": 32, **_STUDENT_96}, epochs=4, batch_size=128, lr=2e-3, warmup_epochs=0.5
+    ),
     train_per_class=2000,
     test_per_class=None,
     methods=HEADLINE_FIRST,
@@ -159,7 +215,8 @@ CIFAR10 = ReproConfig(
     size_note=(
         "The committed CIFAR-10 teacher (models/README.md: 6 blocks, D=192, trained on all 50,000 training images); "
         "students (4 blocks, D=96, a fifth of the teacher's compute) trained 4 epochs on a 20,000-image "
-        "class-balanced subset of the training images, evaluated on all 10,000 test images."),
+        "class-balanced subset of the training images, evaluated on all 10,000 test images."
+    ),
     notes=CPU.notes,
 )
 
@@ -171,14 +228,34 @@ MNIST = ReproConfig(
     teacher_checkpoint="models/mnist-vit-teacher.safetensors",
     # Patch dropout 0.5 (training only; serving is unchanged): trained on whole digits only, the teacher answers a
     # masked digit badly (SIPS-kept 75%: KL(full || masked) 0.61 nats, 80% agreement), so MaskedKD could not work.
-    teacher=ModelRecipe("vit_tiny_patch16_224",
-                        {"img_size": 28, "patch_size": 4, "num_classes": 10, "embed_dim": 128, "depth": 6,
-                         "num_heads": 4, "patch_drop_rate": 0.5},
-                        epochs=5, batch_size=128, lr=1e-3, warmup_epochs=0.5, augment="crop"),
+    teacher=ModelRecipe(
+        "vit_tiny_patch16_224",
+        {
+            "img_size": 28,
+            "patch_size": 4,
+            "num_classes": 10,
+            "embed_dim": 128,
+            "depth": 6,
+            "num_heads": 4,
+            "patch_drop_rate": 0.5,
+        },
+        epochs=5,
+        batch_size=128,
+        lr=1e-3,
+        warmup_epochs=0.5,
+        augment="crop",
+    ),
     # lr 1e-3 at batch 64: a 3-epoch recipe at 2e-3 and batch 128 (237 steps) sat at chance for ~50 steps and ended
     # near 50%; this one (940 steps) climbs after ~2 epochs (8 epochs: 91.2% with no teacher).
-    student=ModelRecipe("vit_tiny_patch16_224", {"img_size": 28, **_STUDENT_96},
-                        epochs=6, batch_size=64, lr=1e-3, warmup_epochs=1.0, augment="crop"),
+    student=ModelRecipe(
+        "vit_tiny_patch16_224",
+        {"img_size": 28, **_STUDENT_96},
+        epochs=6,
+        batch_size=64,
+        lr=1e-3,
+        warmup_epochs=1.0,
+        augment="crop",
+    ),
     train_per_class=1000,
     test_per_class=None,
     teacher_train_per_class=None,
@@ -187,9 +264,11 @@ MNIST = ReproConfig(
     probe_images=2000,
     size_note=(
         "MNIST (28x28 digits, another domain: mostly empty background): the committed 6-block D=128 ViT teacher on "
-        "4x4 patches (49 patches) trained 5 epochs on all 60,000 training images with patch dropout 0.5; students (4 blocks, "
-        "D=96) trained 6 epochs (batch 64) on a 10,000-image class-balanced subset, evaluated on all 10,000 test images. Augmentation: "
-        "pad-crop only (a flipped digit is another digit, or none)."),
+        "4x4 patches (49 patches) trained 5 epochs on all 60,000 training images with patch dropout 0.5; students "
+        "(4 blocks, D=96) trained 6 epochs (batch 64) on a 10,000-image class-balanced subset, evaluated on all "
+        "10,000 test images. Augmentation: "
+        "pad-crop only (a flipped digit is another digit, or none)."
+    ),
     notes=CPU.notes[:1],
 )
 

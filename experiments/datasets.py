@@ -1,6 +1,7 @@
 """The shared datasets (CIFAR-10, MNIST) from their tarballs: extracted once into a cache outside the repo, then
 class-balanced subsets made of symlinks (the first N files of each class, in file-name order, so every run sees the
 same images)."""
+
 from __future__ import annotations
 
 import shutil
@@ -19,6 +20,8 @@ def default_tarball(dataset: str) -> Path:
 
 def default_cache(dataset: str) -> Path:
     return CACHE_ROOT / dataset
+
+
 SPLITS = ("train", "test")
 _COMPLETE = ".complete"
 
@@ -79,8 +82,9 @@ def make_subset(source: Path, dest: Path, *, train_per_class: int | None, test_p
     return dest
 
 
-def prepare_data(*, data: Path | None, tarball: Path, cache: Path, train_per_class: int | None,
-                 test_per_class: int | None) -> Path:
+def prepare_data(
+    *, data: Path | None, tarball: Path, cache: Path, train_per_class: int | None, test_per_class: int | None
+) -> Path:
     """The ImageFolder root a run trains on: `data` (or the extracted tarball), cut to the configured subset."""
     source = data if data is not None else extract_tarball(tarball, cache)
     if not source.is_dir():

@@ -1,12 +1,14 @@
 """docs/reproduction.md is written by two scripts (the reproduction and the fidelity probe); each owns one section
 between markers and leaves the rest of the file alone."""
+
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-HEADER = ("# Reproduction of MaskedKD on CIFAR-10 and MNIST\n\n"
-          "Written by the scripts in `experiments/` (see its README).\n")
+HEADER = (
+    "# Reproduction of MaskedKD on CIFAR-10 and MNIST\n\nWritten by the scripts in `experiments/` (see its README).\n"
+)
 
 
 def _markers(name: str) -> tuple[str, str]:

@@ -9,6 +9,7 @@ the masked teacher agrees with the student. The teacher sees the student's image
     python -m experiments.fidelity_probe --teacher T.safetensors --student S.safetensors --data DIR \\
         [--split test] [--max-images 2000] [--json out.json] [--doc docs/reproduction.md]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,9 +38,19 @@ def _normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...])
 
 
 @torch.inference_mode()
-def probe(teacher_ckpt: Path, student_ckpt: Path, data: Path, *, split: str | None = None,
-          max_images: int | None = None, batch_size: int = 100, seed: int = 0, device: str = "cpu",
-          keeps: tuple[float, ...] = KEEPS, strategies: tuple[str, ...] = STRATEGIES) -> dict[str, Any]:
+def probe(
+    teacher_ckpt: Path,
+    student_ckpt: Path,
+    data: Path,
+    *,
+    split: str | None = None,
+    max_images: int | None = None,
+    batch_size: int = 100,
+    seed: int = 0,
+    device: str = "cpu",
+    keeps: tuple[float, ...] = KEEPS,
+    strategies: tuple[str, ...] = STRATEGIES,
+) -> dict[str, Any]:
     from maskedkd.checkpoints import load_model
     from maskedkd.masked_teacher import MaskedTeacher
     from student_client.checkpointing import resolve_model_file
@@ -64,7 +75,9 @@ def probe(teacher_ckpt: Path, student_ckpt: Path, data: Path, *, split: str | No
     gen = torch.Generator().manual_seed(seed)
     sums: dict[tuple[str, float], dict[str, float]] = {
         (s, k): {"kl": 0.0, "agree": 0.0, "correct": 0.0, "agree_student": 0.0, "entropy": 0.0}
-        for s in strategies for k in keeps}
+        for s in strategies
+        for k in keeps
+    }
     full_correct = student_correct = full_agree_student = images = 0
     full_entropy = 0.0
     with SIPSCapture(student) as capture:
@@ -85,8 +98,14 @@ def probe(teacher_ckpt: Path, student_ckpt: Path, data: Path, *, split: str | No
             images += int(y.numel())
             for strategy in strategies:
                 for keep in keeps:
-                    idx = select_patches(scores, keep, strategy, teacher_grid=teacher.geometry.grid_size,
-                                         student_grid=spec.grid_size, generator=gen)  # [B,K]
+                    idx = select_patches(
+                        scores,
+                        keep,
+                        strategy,
+                        teacher_grid=teacher.geometry.grid_size,
+                        student_grid=spec.grid_size,
+                        generator=gen,
+                    )  # [B,K]
                     masked = teacher(xt, idx)  # [B,classes]
                     log_q = F.log_softmax(masked.float(), dim=1)
                     acc = sums[(strategy, keep)]
@@ -98,35 +117,58 @@ def probe(teacher_ckpt: Path, student_ckpt: Path, data: Path, *, split: str | No
                     acc["agree_student"] += int((m_top == s_top).sum())
     if images == 0:
         raise ValueError(f"no images in {data}")
-    rows = [{"strategy": s, "keep": k, "kept": max(1, int(k * teacher.geometry.num_patches + 1e-9)),
-             "kl": v["kl"] / images, "top1_agreement": v["agree"] / images, "teacher_top1": 100 * v["correct"] / images,
-             "agreement_with_student": v["agree_student"] / images, "entropy": v["entropy"] / images}
-            for (s, k), v in sums.items()]
-    return {"teacher": str(teacher_ckpt), "student": str(student_ckpt), "data": str(data), "images": images,
-            "teacher_num_patches": teacher.geometry.num_patches, "teacher_full_top1": 100 * full_correct / images,
-            "student_top1": 100 * student_correct / images,
-            "teacher_full_agreement_with_student": full_agree_student / images,
-            "teacher_full_entropy": full_entropy / images, "rows": rows}
+    rows = [
+        {
+            "strategy": s,
+            "keep": k,
+            "kept": max(1, int(k * teacher.geometry.num_patches + 1e-9)),
+            "kl": v["kl"] / images,
+            "top1_agreement": v["agree"] / images,
+            "teacher_top1": 100 * v["correct"] / images,
+            "agreement_with_student": v["agree_student"] / images,
+            "entropy": v["entropy"] / images,
+        }
+        for (s, k), v in sums.items()
+    ]
+    return {
+        "teacher": str(teacher_ckpt),
+        "student": str(student_ckpt),
+        "data": str(data),
+        "images": images,
+        "teacher_num_patches": teacher.geometry.num_patches,
+        "teacher_full_top1": 100 * full_correct / images,
+        "student_top1": 100 * student_correct / images,
+        "teacher_full_agreement_with_student": full_agree_student / images,
+        "teacher_full_entropy": full_entropy / images,
+        "rows": rows,
+    }
 
 
 def markdown(result: dict[str, Any], command: str, title: str = "Teacher fidelity under masking") -> str:
     lines = [
-        f"## {title}", "",
+        f"## {title}",
+        "",
         f"Made by `{command}`: no training; teacher `{result['teacher']}`, student `{result['student']}`, "
         f"{result['images']} test images. Full teacher top-1 {result['teacher_full_top1']:.2f}%, student top-1 "
         f"{result['student_top1']:.2f}%, full teacher agrees with the student on "
-        f"{100 * result['teacher_full_agreement_with_student']:.1f}% of images.", "",
+        f"{100 * result['teacher_full_agreement_with_student']:.1f}% of images.",
+        "",
         "KL is KL(teacher full || teacher masked) in nats, mean over images; agreement is top-1 agreement with the "
         "full teacher; entropy is the masked teacher's answer's (softmax at tau 1, nats, mean over images: how soft "
-        f"the KD target is; the full teacher's: {_nats(result.get('teacher_full_entropy'))}).", "",
+        f"the KD target is; the full teacher's: {_nats(result.get('teacher_full_entropy'))}).",
+        "",
         "| strategy | keep | patches | KL | top-1 agreement | masked teacher top-1 | agrees with student | entropy |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(result["rows"], key=lambda r: (STRATEGIES.index(r["strategy"]) if r["strategy"] in STRATEGIES
-                                                   else 9, -r["keep"])):
-        lines.append(f"| {r['strategy']} | {100 * r['keep']:g}% | {r['kept']} | {r['kl']:.4f} | "
-                     f"{100 * r['top1_agreement']:.1f}% | {r['teacher_top1']:.2f}% | "
-                     f"{100 * r['agreement_with_student']:.1f}% | {_nats(r.get('entropy'))} |")
+    for r in sorted(
+        result["rows"],
+        key=lambda r: (STRATEGIES.index(r["strategy"]) if r["strategy"] in STRATEGIES else 9, -r["keep"]),
+    ):
+        lines.append(
+            f"| {r['strategy']} | {100 * r['keep']:g}% | {r['kept']} | {r['kl']:.4f} | "
+            f"{100 * r['top1_agreement']:.1f}% | {r['teacher_top1']:.2f}% | "
+            f"{100 * r['agreement_with_student']:.1f}% | {_nats(r.get('entropy'))} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -134,8 +176,15 @@ def _nats(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"  # n/a: a probe recorded before entropies were
 
 
-def write_outputs(result: dict[str, Any], command: str, *, json_path: Path | None, doc: Path | None,
-                  section: str = SECTION, title: str = "Teacher fidelity under masking") -> None:
+def write_outputs(
+    result: dict[str, Any],
+    command: str,
+    *,
+    json_path: Path | None,
+    doc: Path | None,
+    section: str = SECTION,
+    title: str = "Teacher fidelity under masking",
+) -> None:
     from experiments.doc_sections import update_section
 
     if json_path is not None:
@@ -162,8 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--section", default=SECTION, help="name of the section it owns in --doc")
     args = parser.parse_args(argv)
     try:
-        result = probe(args.teacher, args.student, args.data, split=args.split, max_images=args.max_images,
-                       seed=args.seed, device=args.device)
+        result = probe(
+            args.teacher,
+            args.student,
+            args.data,
+            split=args.split,
+            max_images=args.max_images,
+            seed=args.seed,
+            device=args.device,
+        )
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"fidelity_probe: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1

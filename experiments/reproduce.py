@@ -20,6 +20,7 @@ of every step, so on 2 CPU cores two runs at once each step about as fast as one
     python -m experiments.reproduce --config cpu         # the first, small CIFAR-10 run (~2 h on 2 cores)
     python -m experiments.reproduce --smoke --out /tmp/s # a few steps, 1 seed, 3 methods (tests)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,25 +54,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="runs, checkpoints, logs, ledger (default runs/repro-CONFIG)")
     p.add_argument("--data", type=Path, default=None, help="ImageFolder root instead of the shared tarball")
     p.add_argument("--tarball", type=Path, default=None, help="the dataset's tarball (default: ../shared/data/...)")
-    p.add_argument("--cache", type=Path, default=None,
-                   help="where the tarball is extracted (outside the repo; default ~/.cache/maskedkd/DATASET)")
-    p.add_argument("--doc", type=Path, default=None,
-                   help="markdown report (default docs/reproduction.md; OUT/reproduction.md for --smoke); the run "
-                        "owns its config's sections in it")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="where the tarball is extracted (outside the repo; default ~/.cache/maskedkd/DATASET)",
+    )
+    p.add_argument(
+        "--doc",
+        type=Path,
+        default=None,
+        help="markdown report (default docs/reproduction.md; OUT/reproduction.md for --smoke); the run "
+        "owns its config's sections in it",
+    )
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the config's)")
     p.add_argument("--methods", default=None, help=f"comma-separated subset of: {','.join(METHODS_BY_KEY)}")
     p.add_argument("--threads", type=int, default=0, help="torch threads of runs without a teacher (default: all)")
-    p.add_argument("--parallel", type=int, default=1,
-                   help="student runs at once, sharing the teacher server (default 1). A KD student waits for the "
-                        "teacher for part of every step: on 2 CPU cores two KD runs at once each step as fast as "
-                        "one alone. The CPUs are split between the runs")
-    p.add_argument("--redo", default="",
-                   help="comma-separated methods to train again (e.g. after a change to --keep auto): their finished "
-                        "runs are moved to OUT/runs/replaced/ and dropped from the committed results; the new runs "
-                        "get new API keys, so the old bills stay out of theirs")
-    p.add_argument("--report-only", action="store_true",
-                   help="write the doc sections and the committed results from the runs finished so far; train "
-                        "nothing (e.g. while the reproduction runs elsewhere, or to commit a partial one)")
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        help="student runs at once, sharing the teacher server (default 1). A KD student waits for the "
+        "teacher for part of every step: on 2 CPU cores two KD runs at once each step as fast as "
+        "one alone. The CPUs are split between the runs",
+    )
+    p.add_argument(
+        "--redo",
+        default="",
+        help="comma-separated methods to train again (e.g. after a change to --keep auto): their finished "
+        "runs are moved to OUT/runs/replaced/ and dropped from the committed results; the new runs "
+        "get new API keys, so the old bills stay out of theirs",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the doc sections and the committed results from the runs finished so far; train "
+        "nothing (e.g. while the reproduction runs elsewhere, or to commit a partial one)",
+    )
     p.add_argument("--train-per-class", type=int, default=None, help="override the config's training subset")
     p.add_argument("--teacher-epochs", type=int, default=None, help="override the config's teacher epochs")
     p.add_argument("--student-epochs", type=int, default=None, help="override the config's student epochs")
@@ -118,8 +137,16 @@ def evaluate(run_dir: Path, data: Path, cfg: ReproConfig) -> dict[str, Any]:
     return {"top1": acc.top1, "top5": acc.top5, "images": acc.images}
 
 
-def _train(cfg: ReproConfig, recipe: Any, method: Method, seed: int, run_dir: Path, data: Path, threads: int,
-           server: ReproductionServer | None) -> float:
+def _train(
+    cfg: ReproConfig,
+    recipe: Any,
+    method: Method,
+    seed: int,
+    run_dir: Path,
+    data: Path,
+    threads: int,
+    server: ReproductionServer | None,
+) -> float:
     # Any earlier attempt, even one stopped before its first checkpoint, is resumed: --resume keeps its run id, so the
     # requests it already paid for are re-sent under the same ids and replayed by the server, not billed again.
     from student_client.determinism import RUN_ID_FILE
@@ -127,12 +154,23 @@ def _train(cfg: ReproConfig, recipe: Any, method: Method, seed: int, run_dir: Pa
     resume = (run_dir / "checkpoints").is_dir() or (run_dir / RUN_ID_FILE).is_file()
     kd = method.mode != "none"
     assert not kd or server is not None
-    cmd = train_command(data=data, out=run_dir, recipe=recipe, mode=method.mode, keep=method.keep,
-                        strategy=method.strategy, seed=seed, device=cfg.device, threads=threads,
-                        micro_batches=cfg.micro_batches, lambda_kd=cfg.lambda_kd,
-                        tau=cfg.tau if method.tau is None else method.tau,
-                        teacher=server.address if kd and server else None, resume=resume,
-                        keep_mass=method.keep_mass)
+    cmd = train_command(
+        data=data,
+        out=run_dir,
+        recipe=recipe,
+        mode=method.mode,
+        keep=method.keep,
+        strategy=method.strategy,
+        seed=seed,
+        device=cfg.device,
+        threads=threads,
+        micro_batches=cfg.micro_batches,
+        lambda_kd=cfg.lambda_kd,
+        tau=cfg.tau if method.tau is None else method.tau,
+        teacher=server.address if kd and server else None,
+        resume=resume,
+        keep_mass=method.keep_mass,
+    )
     key = server.run_key(run_dir) if kd and server else None
     return train(cmd, run_dir / "train.log", api_key=key)
 
@@ -155,12 +193,18 @@ def ensure_teacher(cfg: ReproConfig, data: Path, teacher_data: Path, out: Path, 
         (teacher_dir / RESULT).write_text(json.dumps(result, indent=2))
         print(f"[repro] teacher {path.name}: top-1 {result['top1']:.2f}% on the test split", flush=True)
         return result
-    print(f"[repro] training the teacher ({cfg.teacher.arch} {cfg.teacher.kwargs}, {cfg.teacher.epochs} epochs)",
-          flush=True)
+    print(
+        f"[repro] training the teacher ({cfg.teacher.arch} {cfg.teacher.kwargs}, {cfg.teacher.epochs} epochs)",
+        flush=True,
+    )
     plain = Method("teacher", "teacher", "none", 1.0, "all")
     wall = _train(cfg, cfg.teacher, plain, 0, teacher_dir, teacher_data, threads, None)
-    result = {"method": "teacher", **evaluate(teacher_dir, data, cfg), "train_wall_s": wall,
-              "checkpoint": str(teacher_dir / "model.safetensors")}
+    result = {
+        "method": "teacher",
+        **evaluate(teacher_dir, data, cfg),
+        "train_wall_s": wall,
+        "checkpoint": str(teacher_dir / "model.safetensors"),
+    }
     (teacher_dir / RESULT).write_text(json.dumps(result, indent=2))
     print(f"[repro] teacher: top-1 {result['top1']:.2f}% in {wall / 60:.1f} min", flush=True)
     return result
@@ -175,8 +219,9 @@ def thread_counts(cfg: ReproConfig) -> tuple[int, int]:
     return alone, beside
 
 
-def run_student(cfg: ReproConfig, method: Method, seed: int, data: Path, out: Path,
-                server: ReproductionServer | None) -> dict[str, Any]:
+def run_student(
+    cfg: ReproConfig, method: Method, seed: int, data: Path, out: Path, server: ReproductionServer | None
+) -> dict[str, Any]:
     run_dir = out / "runs" / f"{method.key}-s{seed}"
     alone, beside = thread_counts(cfg)
     threads = alone if method.mode == "none" else beside
@@ -184,11 +229,20 @@ def run_student(cfg: ReproConfig, method: Method, seed: int, data: Path, out: Pa
     summary = json.loads((run_dir / "summary.json").read_text())
     zero = {"requests": 0.0, "images": 0.0, "gflops": 0.0, "full_gflops": 0.0, "cost": 0.0}
     ledger = server.run_usage(run_dir) if server is not None and method.mode != "none" else zero
-    result = {"method": method.key, "seed": seed, **evaluate(run_dir, data, cfg), "ledger": ledger,
-              "client_gflops": summary.get("teacher_gflops", 0.0), "steps": summary.get("global_step"),
-              "train_wall_s": wall, "probe_gflops": summary.get("probe_gflops", 0.0),
-              "keep_decisions": summary.get("keep_decisions", []), "kept_fraction": summary.get("kept_fraction"),
-              "machine": committed_runs.machine(), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    result = {
+        "method": method.key,
+        "seed": seed,
+        **evaluate(run_dir, data, cfg),
+        "ledger": ledger,
+        "client_gflops": summary.get("teacher_gflops", 0.0),
+        "steps": summary.get("global_step"),
+        "train_wall_s": wall,
+        "probe_gflops": summary.get("probe_gflops", 0.0),
+        "keep_decisions": summary.get("keep_decisions", []),
+        "kept_fraction": summary.get("kept_fraction"),
+        "machine": committed_runs.machine(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     (run_dir / RESULT).write_text(json.dumps(result, indent=2))
     return result
 
@@ -214,34 +268,90 @@ def run_probe(cfg: ReproConfig, out: Path, data: Path, doc: Path, *, fallback: b
         return None
     teacher = teacher_checkpoint(cfg, out)
     device = _eval_device(cfg)
-    result = probe(teacher, student / "model.safetensors", data, split="test", max_images=cfg.probe_images,
-                   device=device)
-    command = shlex.join(["python", "-m", "experiments.fidelity_probe", "--teacher", str(teacher), "--student",
-                          str(student / "model.safetensors"), "--data", str(data), "--split", "test"]
-                         + (["--max-images", str(cfg.probe_images)] if cfg.probe_images else [])
-                         + (["--device", device] if device != "cpu" else [])
-                         + ["--doc", str(doc), "--section", f"fidelity-{cfg.name}"])
-    write_outputs(result, command, json_path=path, doc=doc, section=f"fidelity-{cfg.name}",
-                  title=f"Teacher fidelity under masking (config `{cfg.name}`)")
+    result = probe(
+        teacher, student / "model.safetensors", data, split="test", max_images=cfg.probe_images, device=device
+    )
+    command = shlex.join(
+        [
+            "python",
+            "-m",
+            "experiments.fidelity_probe",
+            "--teacher",
+            str(teacher),
+            "--student",
+            str(student / "model.safetensors"),
+            "--data",
+            str(data),
+            "--split",
+            "test",
+        ]
+        + (["--max-images", str(cfg.probe_images)] if cfg.probe_images else [])
+        + (["--device", device] if device != "cpu" else [])
+        + ["--doc", str(doc), "--section", f"fidelity-{cfg.name}"]
+    )
+    write_outputs(
+        result,
+        command,
+        json_path=path,
+        doc=doc,
+        section=f"fidelity-{cfg.name}",
+        title=f"Teacher fidelity under masking (config `{cfg.name}`)",
+    )
     return result
 
 
-def write_report(cfg: ReproConfig, command: str, out: Path, data: Path, doc: Path, teacher: dict[str, Any] | None,
-                 probe_result: dict[str, Any] | None, failures: list[str]) -> None:
+def write_report(
+    cfg: ReproConfig,
+    command: str,
+    out: Path,
+    data: Path,
+    doc: Path,
+    teacher: dict[str, Any] | None,
+    probe_result: dict[str, Any] | None,
+    failures: list[str],
+) -> None:
     from experiments.repro_report import aggregate, plot_fig2, results_markdown
 
     results = [r for r in collect(out) if r["method"] in cfg.methods and r["seed"] in cfg.seeds]
     rows = aggregate(results, cfg.methods)
     figure = plot_fig2(rows, probe_result, doc.with_name(f"{doc.stem}_{cfg.name}_fig2.png"), command)
     total = len(cfg.methods) * len(cfg.seeds)
-    body = results_markdown(cfg, command, rows, teacher, data=str(data), figure=figure, doc=doc,
-                            failures=failures, pending=total - len(results), total_runs=total)
+    body = results_markdown(
+        cfg,
+        command,
+        rows,
+        teacher,
+        data=str(data),
+        figure=figure,
+        doc=doc,
+        failures=failures,
+        pending=total - len(results),
+        total_runs=total,
+    )
     update_section(doc, f"results-{cfg.name}", body)
-    committed_runs.save(committed_runs.runs_path(doc, cfg), cfg, checkpoint=teacher_checkpoint(cfg, out),
-                        teacher=teacher, runs=results, fidelity=probe_result)
-    (out / "results.json").write_text(json.dumps({"command": command, "config": dataclasses.asdict(cfg),
-                                                  "teacher": teacher, "rows": rows, "runs": results,
-                                                  "failures": failures}, indent=2, default=str) + "\n")
+    committed_runs.save(
+        committed_runs.runs_path(doc, cfg),
+        cfg,
+        checkpoint=teacher_checkpoint(cfg, out),
+        teacher=teacher,
+        runs=results,
+        fidelity=probe_result,
+    )
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "command": command,
+                "config": dataclasses.asdict(cfg),
+                "teacher": teacher,
+                "rows": rows,
+                "runs": results,
+                "failures": failures,
+            },
+            indent=2,
+            default=str,
+        )
+        + "\n"
+    )
 
 
 def retire_runs(out: Path, methods: tuple[str, ...], seeds: tuple[int, ...]) -> list[str]:
@@ -262,8 +372,17 @@ def retire_runs(out: Path, methods: tuple[str, ...], seeds: tuple[int, ...]) -> 
     return moved
 
 
-def reproduce(cfg: ReproConfig, *, out: Path, data: Path, teacher_data: Path, doc: Path, command: str,
-              report_only: bool = False, redo: tuple[str, ...] = ()) -> int:
+def reproduce(
+    cfg: ReproConfig,
+    *,
+    out: Path,
+    data: Path,
+    teacher_data: Path,
+    doc: Path,
+    command: str,
+    report_only: bool = False,
+    redo: tuple[str, ...] = (),
+) -> int:
     import torch
 
     threads = cfg.threads or os.cpu_count() or 1  # the teacher trains, and the runs are evaluated, alone
@@ -271,15 +390,24 @@ def reproduce(cfg: ReproConfig, *, out: Path, data: Path, teacher_data: Path, do
     out.mkdir(parents=True, exist_ok=True)
     if redo:
         moved = retire_runs(out, redo, cfg.seeds)
-        print(f"[repro] --redo {','.join(redo)}: {len(moved)} run dir(s) moved to {out / 'runs' / 'replaced'}",
-              flush=True)
-    committed_runs.restore(committed_runs.runs_path(doc, cfg), cfg, out, checkpoint=teacher_checkpoint(cfg, out),
-                           skip=redo)
+        print(
+            f"[repro] --redo {','.join(redo)}: {len(moved)} run dir(s) moved to {out / 'runs' / 'replaced'}", flush=True
+        )
+    committed_runs.restore(
+        committed_runs.runs_path(doc, cfg), cfg, out, checkpoint=teacher_checkpoint(cfg, out), skip=redo
+    )
     if report_only:
         teacher_file, fidelity_file = out / "teacher" / RESULT, out / "fidelity.json"
-        write_report(cfg, command, out, data, doc,
-                     json.loads(teacher_file.read_text()) if teacher_file.exists() else None,
-                     json.loads(fidelity_file.read_text()) if fidelity_file.exists() else None, [])
+        write_report(
+            cfg,
+            command,
+            out,
+            data,
+            doc,
+            json.loads(teacher_file.read_text()) if teacher_file.exists() else None,
+            json.loads(fidelity_file.read_text()) if fidelity_file.exists() else None,
+            [],
+        )
         print(f"[repro] {len(collect(out))} finished run(s) reported in {doc}", flush=True)
         return 0
     teacher = ensure_teacher(cfg, data, teacher_data, out, threads)
@@ -289,8 +417,12 @@ def reproduce(cfg: ReproConfig, *, out: Path, data: Path, teacher_data: Path, do
         probe_result = json.loads(fidelity.read_text()) if fidelity.exists() else None
         write_report(cfg, command, out, data, doc, teacher, probe_result, failures)
 
-    todo = [(METHODS_BY_KEY[m], s) for m in cfg.methods for s in cfg.seeds
-            if not (out / "runs" / f"{m}-s{s}" / RESULT).exists()]
+    todo = [
+        (METHODS_BY_KEY[m], s)
+        for m in cfg.methods
+        for s in cfg.seeds
+        if not (out / "runs" / f"{m}-s{s}" / RESULT).exists()
+    ]
     print(f"[repro] {len(todo)} student runs to do (of {len(cfg.methods) * len(cfg.seeds)})", flush=True)
     failures: list[str] = []
     report(failures)
@@ -309,9 +441,13 @@ def reproduce(cfg: ReproConfig, *, out: Path, data: Path, teacher_data: Path, do
                     if method.mode != "none" and (server is None or not server.alive):
                         if server is not None:  # it died: the runs using it fail and are retried next time
                             server.stop()
-                        server = ReproductionServer(teacher_checkpoint(cfg, out), out / "ledger.db",
-                                                    out / "teacher-server.log", device=cfg.device,
-                                                    threads=cfg.server_threads).start()
+                        server = ReproductionServer(
+                            teacher_checkpoint(cfg, out),
+                            out / "ledger.db",
+                            out / "teacher-server.log",
+                            device=cfg.device,
+                            threads=cfg.server_threads,
+                        ).start()
                     running[pool.submit(run_student, cfg, method, seed, data, out, server)] = (method, seed)
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
@@ -321,16 +457,20 @@ def reproduce(cfg: ReproConfig, *, out: Path, data: Path, teacher_data: Path, do
                         r = future.result()
                     except (ToolError, OSError, ValueError) as exc:
                         failures.append(f"{method.key}-s{seed}")
-                        print(f"[repro] FAILED {method.key} seed {seed}: {' '.join(str(exc).split())[:600]}",
-                              flush=True)
+                        print(
+                            f"[repro] FAILED {method.key} seed {seed}: {' '.join(str(exc).split())[:600]}", flush=True
+                        )
                         continue
                     if method.key == committed_runs.PROBE_STUDENT and seed == cfg.seeds[0]:  # probe now, not hours
-                        run_probe(cfg, out, data, doc, fallback=False)                  # later at the end
+                        run_probe(cfg, out, data, doc, fallback=False)  # later at the end
                     report(failures)
                     eta = (time.perf_counter() - started) / finished * (len(todo) - finished)
-                    print(f"[repro] [{finished}/{len(todo)}] {method.key} seed {seed}: top-1 {r['top1']:.2f}%, "
-                          f"teacher {r['ledger']['gflops']:.1f} GFLOPs, {r['train_wall_s'] / 60:.1f} min; "
-                          f"ETA {eta / 60:.0f} min", flush=True)
+                    print(
+                        f"[repro] [{finished}/{len(todo)}] {method.key} seed {seed}: top-1 {r['top1']:.2f}%, "
+                        f"teacher {r['ledger']['gflops']:.1f} GFLOPs, {r['train_wall_s'] / 60:.1f} min; "
+                        f"ETA {eta / 60:.0f} min",
+                        flush=True,
+                    )
     finally:
         if server is not None:
             server.stop()
@@ -364,21 +504,40 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--redo trains again; it does not go with --report-only")
         unknown = [m for m in redo if m not in cfg.methods]
         if unknown:
-            raise ValueError(f"--redo: {', '.join(unknown)} not among config {cfg.name}'s methods "
-                             f"({', '.join(cfg.methods)})")
+            raise ValueError(
+                f"--redo: {', '.join(unknown)} not among config {cfg.name}'s methods ({', '.join(cfg.methods)})"
+            )
         out = args.out or REPO / "runs" / f"repro-{cfg.name}"
         tarball = args.tarball or default_tarball(cfg.dataset)
         cache = args.cache or default_cache(cfg.dataset)
-        data = prepare_data(data=args.data, tarball=tarball, cache=cache,
-                            train_per_class=cfg.train_per_class, test_per_class=cfg.test_per_class)
+        data = prepare_data(
+            data=args.data,
+            tarball=tarball,
+            cache=cache,
+            train_per_class=cfg.train_per_class,
+            test_per_class=cfg.test_per_class,
+        )
         teacher_per_class = cfg.train_per_class if cfg.teacher_train_per_class == -1 else cfg.teacher_train_per_class
-        teacher_data = prepare_data(data=args.data, tarball=tarball, cache=cache,
-                                    train_per_class=teacher_per_class, test_per_class=cfg.test_per_class)
+        teacher_data = prepare_data(
+            data=args.data,
+            tarball=tarball,
+            cache=cache,
+            train_per_class=teacher_per_class,
+            test_per_class=cfg.test_per_class,
+        )
         # the command that trains (a --report-only rerun reports what that command made)
         command = shlex.join(["python", "-m", "experiments.reproduce", *recorded_args(argv)])
         doc = args.doc or (out / "reproduction.md" if cfg.name == "smoke" else REPO / "docs" / "reproduction.md")
-        return reproduce(cfg, out=out, data=data, teacher_data=teacher_data, doc=doc, command=command,
-                         report_only=args.report_only, redo=redo)
+        return reproduce(
+            cfg,
+            out=out,
+            data=data,
+            teacher_data=teacher_data,
+            doc=doc,
+            command=command,
+            report_only=args.report_only,
+            redo=redo,
+        )
     except (DataError, ToolError, ValueError, OSError) as exc:
         print(f"reproduce: error: {' '.join(str(exc).split())[:1000]}", file=sys.stderr)
         return 1

@@ -1,5 +1,6 @@
 """The real command-line tools, as a user runs them: `teacher-server serve`, `teacher-server keys create`,
 `teacher-server usage`, `student-client train`. Each runs as its own process; output goes to log files."""
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,7 @@ def run_tool(cmd: list[str], log: Path, *, timeout_s: float | None = None, log_s
         if log_stdout:
             f.write(proc.stdout)
     if proc.returncode != 0:
-        raise ToolError(f"{Path(cmd[0]).name} {cmd[1] if len(cmd) > 1 else ''} exited {proc.returncode}: "
-                        f"{_tail(log)}")
+        raise ToolError(f"{Path(cmd[0]).name} {cmd[1] if len(cmd) > 1 else ''} exited {proc.returncode}: {_tail(log)}")
     return proc.stdout
 
 
@@ -54,9 +54,24 @@ class ReproductionServer:
         if threads > 0:  # torch threads of the server; 0: torch's default
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
         self.log = log
-        self.process = ServerProcess(serve_argv("--checkpoint", str(checkpoint), "--host", "127.0.0.1", "--port", "0",
-                                                "--db", self.db_url, "--device", device, "--no-metrics"),
-                                     log=log, env=env, stop_timeout_s=60)
+        self.process = ServerProcess(
+            serve_argv(
+                "--checkpoint",
+                str(checkpoint),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--db",
+                self.db_url,
+                "--device",
+                device,
+                "--no-metrics",
+            ),
+            log=log,
+            env=env,
+            stop_timeout_s=60,
+        )
 
     def start(self, timeout_s: float = 300.0) -> ReproductionServer:
         try:
@@ -109,8 +124,10 @@ class ReproductionServer:
         name = json.loads((run_dir / KEY_FILE).read_text())["name"]
         rows = json.loads(self._teacher_server("usage", "--json"))
         mine = [r for r in rows if str(r["key"]) == name]
-        return {field: float(sum(r[field] for r in mine))
-                for field in ("requests", "images", "gflops", "full_gflops", "cost")}
+        return {
+            field: float(sum(r[field] for r in mine))
+            for field in ("requests", "images", "gflops", "full_gflops", "cost")
+        }
 
     def _teacher_server(self, *args: str, log_stdout: bool = True) -> str:
         """`teacher-server ARGS --db LEDGER`: its stdout."""
@@ -126,16 +143,53 @@ class ReproductionServer:
         self.stop()
 
 
-def train_command(*, data: Path, out: Path, recipe: Any, mode: str, keep: float, strategy: str, seed: int,
-                  device: str, threads: int, micro_batches: int, lambda_kd: float, tau: float,
-                  teacher: str | None = None, resume: bool = False, keep_mass: float | None = None) -> list[str]:
+def train_command(
+    *,
+    data: Path,
+    out: Path,
+    recipe: Any,
+    mode: str,
+    keep: float,
+    strategy: str,
+    seed: int,
+    device: str,
+    threads: int,
+    micro_batches: int,
+    lambda_kd: float,
+    tau: float,
+    teacher: str | None = None,
+    resume: bool = False,
+    keep_mass: float | None = None,
+) -> list[str]:
     """`student-client train ...` for one run (in-process, one worker: `--local`)."""
-    return train_argv(local=True, data=data, out=out, student=recipe.arch, student_kwargs=recipe.kwargs,
-                      epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr,
-                      weight_decay=recipe.weight_decay, warmup_epochs=recipe.warmup_epochs, augment=recipe.augment,
-                      mode=mode, keep=keep, strategy=strategy, seed=seed, device=device, threads_per_worker=threads,
-                      micro_batches=micro_batches, lambda_kd=lambda_kd, tau=tau, eval=False, progress=False,
-                      max_steps=recipe.max_steps, keep_mass=keep_mass, teacher=teacher, resume=resume)
+    return train_argv(
+        local=True,
+        data=data,
+        out=out,
+        student=recipe.arch,
+        student_kwargs=recipe.kwargs,
+        epochs=recipe.epochs,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        weight_decay=recipe.weight_decay,
+        warmup_epochs=recipe.warmup_epochs,
+        augment=recipe.augment,
+        mode=mode,
+        keep=keep,
+        strategy=strategy,
+        seed=seed,
+        device=device,
+        threads_per_worker=threads,
+        micro_batches=micro_batches,
+        lambda_kd=lambda_kd,
+        tau=tau,
+        eval=False,
+        progress=False,
+        max_steps=recipe.max_steps,
+        keep_mass=keep_mass,
+        teacher=teacher,
+        resume=resume,
+    )
 
 
 def train(cmd: list[str], log: Path, *, api_key: str | None = None) -> float:

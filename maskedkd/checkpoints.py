@@ -5,6 +5,7 @@ the keyword arguments it was built with, so `load_model(checkpoint=path)` needs 
 (`.pt`/`.pth`, a state dict or a dict holding one under `model`/`state_dict`) and foreign safetensors files load too,
 given the model name and kwargs.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,13 +27,17 @@ class CheckpointError(ValueError):
 
 @dataclass
 class CheckpointMeta:
-    model_name: str                                          # timm architecture name
+    model_name: str  # timm architecture name
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # kwargs passed to timm.create_model
-    extra: dict[str, Any] = field(default_factory=dict)      # anything else (class names, epoch, metrics)
+    extra: dict[str, Any] = field(default_factory=dict)  # anything else (class names, epoch, metrics)
 
 
 def save_model_checkpoint(
-    path: str | Path, model: torch.nn.Module, *, model_name: str, model_kwargs: dict[str, Any],
+    path: str | Path,
+    model: torch.nn.Module,
+    *,
+    model_name: str,
+    model_kwargs: dict[str, Any],
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write the model's weights and rebuild metadata to `path` (a .safetensors file), atomically."""
@@ -86,8 +91,11 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(
-    model_name: str | None = None, *, checkpoint: str | Path | None = None,
-    model_kwargs: dict[str, Any] | None = None, pretrained: bool = False,
+    model_name: str | None = None,
+    *,
+    checkpoint: str | Path | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    pretrained: bool = False,
 ) -> tuple[torch.nn.Module, CheckpointMeta]:
     """Build a timm model in eval mode, from our checkpoint, a foreign checkpoint plus name/kwargs, or the hub.
 

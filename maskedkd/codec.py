@@ -1,4 +1,5 @@
 """Conversion between `maskedkd.v1.Tensor` messages and torch tensors (row-major, little-endian raw bytes)."""
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,8 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
 }
 _TORCH_TO_WIRE = {v: k for k, v in WIRE_DTYPES.items()}
 _BIG_ENDIAN = sys.byteorder == "big"
-MAX_DIMS = 16                # far above the contract's 5, below numpy's 64
-MAX_EXTENT = 1 << 40         # bound on prod(max(dim, 1)) when the caller gives no max_elements
+MAX_DIMS = 16  # far above the contract's 5, below numpy's 64
+MAX_EXTENT = 1 << 40  # bound on prod(max(dim, 1)) when the caller gives no max_elements
 
 
 class TensorDecodeError(ValueError):
@@ -57,8 +58,9 @@ def proto_to_tensor(msg: pb.Tensor, *, name: str = "tensor", max_elements: int |
         raise TensorDecodeError(f"{name}: {clip(numel, 24)} elements exceed the limit of {limit}")
     # A zero-size tensor may still name huge dimensions, which numpy refuses: bound them as if each were >= 1.
     if math.prod(max(s, 1) for s in shape) > limit:
-        raise TensorDecodeError(f"{name}: zero-size shape {clip(list(shape))} names dimensions beyond the limit of "
-                                f"{limit} elements")
+        raise TensorDecodeError(
+            f"{name}: zero-size shape {clip(list(shape))} names dimensions beyond the limit of {limit} elements"
+        )
     dtype = WIRE_DTYPES[msg.dtype]
     itemsize = torch.empty((), dtype=dtype).element_size()
     if len(msg.data) != numel * itemsize:

@@ -4,6 +4,7 @@ Only the matrix products are counted: the patch embedding of the kept patches, p
 the two n^2 attention products (QK^T and AV), the output projection and the MLP, and the classifier head(s).
 Norms, activations, softmax, residual adds and pooling are elementwise and left out (well under 1% of a ViT).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,15 +17,15 @@ from torch import nn
 class ViTShape:
     """The sizes of a ViT that determine its FLOPs."""
 
-    num_patches: int          # N, patches on the full grid
-    patch_dim: int            # C * P * P, inputs of the patch embedding per patch
-    embed_dim: int            # D, token width
-    depth: int                # number of transformer blocks
-    attn_dim: int             # num_heads * head_dim (width of q, k and v; usually D)
-    mlp_hidden: int           # hidden width of the block MLP (fc1.out_features)
-    num_prefix_tokens: int    # class + distillation + register tokens
-    num_classes: int          # logits per head (0 when the head is an Identity)
-    num_heads_out: int = 1    # classifier heads: 2 for DeiT distilled (head and head_dist)
+    num_patches: int  # N, patches on the full grid
+    patch_dim: int  # C * P * P, inputs of the patch embedding per patch
+    embed_dim: int  # D, token width
+    depth: int  # number of transformer blocks
+    attn_dim: int  # num_heads * head_dim (width of q, k and v; usually D)
+    mlp_hidden: int  # hidden width of the block MLP (fc1.out_features)
+    num_prefix_tokens: int  # class + distillation + register tokens
+    num_classes: int  # logits per head (0 when the head is an Identity)
+    num_heads_out: int = 1  # classifier heads: 2 for DeiT distilled (head and head_dist)
 
     @classmethod
     def from_model(cls, model: nn.Module) -> ViTShape:
@@ -36,8 +37,9 @@ class ViTShape:
         attn, mlp = getattr(first, "attn", None), getattr(first, "mlp", None)
         qkv, fc1 = getattr(attn, "qkv", None), getattr(mlp, "fc1", None)
         if not (isinstance(proj, nn.Conv2d) and isinstance(qkv, nn.Linear) and isinstance(fc1, nn.Linear)):
-            raise TypeError(f"cannot read a ViT shape from {type(model).__name__}: no conv patch projection, linear "
-                            "qkv and MLP")
+            raise TypeError(
+                f"cannot read a ViT shape from {type(model).__name__}: no conv patch projection, linear qkv and MLP"
+            )
         head, head_dist = model.head, getattr(model, "head_dist", None)
         return cls(
             num_patches=int(model.patch_embed.num_patches),
@@ -56,13 +58,13 @@ class ViTShape:
 class FlopBreakdown:
     """FLOPs of one image's masked forward, by part (all blocks summed)."""
 
-    patch_embed: int   # kept patches through the patch projection
-    qkv: int           # q, k, v projections
-    attention: int     # QK^T and AV, the n^2 terms
-    proj: int          # attention output projection
-    mlp: int           # fc1 + fc2
-    head: int          # classifier head(s)
-    total: int         # sum of the above
+    patch_embed: int  # kept patches through the patch projection
+    qkv: int  # q, k, v projections
+    attention: int  # QK^T and AV, the n^2 terms
+    proj: int  # attention output projection
+    mlp: int  # fc1 + fc2
+    head: int  # classifier head(s)
+    total: int  # sum of the above
 
     @property
     def gflops(self) -> float:
@@ -77,7 +79,7 @@ def masked_forward_flops(shape: ViTShape, num_kept: int) -> FlopBreakdown:
     d, a, h = shape.embed_dim, shape.attn_dim, shape.mlp_hidden
     patch_embed = 2 * num_kept * shape.patch_dim * d
     qkv = shape.depth * 2 * n * d * 3 * a
-    attention = shape.depth * 2 * (2 * n * n * a)   # QK^T: n x n x a; AV: n x n x a
+    attention = shape.depth * 2 * (2 * n * n * a)  # QK^T: n x n x a; AV: n x n x a
     proj = shape.depth * 2 * n * a * d
     mlp = shape.depth * 2 * (n * d * h + n * h * d)
     head = 2 * d * shape.num_classes * shape.num_heads_out

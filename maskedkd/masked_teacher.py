@@ -10,6 +10,7 @@ The forward checks shapes and dtypes only, never values: it makes no host sync. 
 validated once where they enter (`maskedkd.keep.check_keep`: the server's preprocess, the client's request
 building); a duplicated position acts as an extra token, an out-of-range one fails in the gather.
 """
+
 from __future__ import annotations
 
 import torch
@@ -53,9 +54,14 @@ def check_supported(model: nn.Module) -> None:
         raise UnsupportedModelError(f"{name}.patch_embed is {type(pe).__name__} (hybrid/custom stem), not PatchEmbed")
     proj = pe.proj
     if not (
-        isinstance(proj, nn.Conv2d) and proj.kernel_size == proj.stride == pe.patch_size
-        and proj.padding == (0, 0) and proj.dilation == (1, 1) and proj.groups == 1
-        and pe.patch_size[0] == pe.patch_size[1] and pe.flatten and not pe.dynamic_img_pad
+        isinstance(proj, nn.Conv2d)
+        and proj.kernel_size == proj.stride == pe.patch_size
+        and proj.padding == (0, 0)
+        and proj.dilation == (1, 1)
+        and proj.groups == 1
+        and pe.patch_size[0] == pe.patch_size[1]
+        and pe.flatten
+        and not pe.dynamic_img_pad
     ):
         raise UnsupportedModelError(f"{name}.patch_embed is not a plain non-overlapping square-patch conv")
     if model.pos_embed is None:
@@ -70,11 +76,16 @@ def check_supported(model: nn.Module) -> None:
     for i, blk in enumerate(model.blocks):
         attn, mlp = getattr(blk, "attn", None), getattr(blk, "mlp", None)
         if not (
-            type(blk) is Block and type(attn) is Attention and getattr(attn, "gate", None) is None
-            and type(mlp) is Mlp and isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear)
+            type(blk) is Block
+            and type(attn) is Attention
+            and getattr(attn, "gate", None) is None
+            and type(mlp) is Mlp
+            and isinstance(mlp.fc1, nn.Linear)
+            and isinstance(mlp.fc2, nn.Linear)
         ):
             raise UnsupportedModelError(
-                f"{name}.blocks[{i}] is {type(blk).__name__}/{type(attn).__name__}/{type(mlp).__name__}")
+                f"{name}.blocks[{i}] is {type(blk).__name__}/{type(attn).__name__}/{type(mlp).__name__}"
+            )
 
 
 class MaskedTeacher(nn.Module):
@@ -110,13 +121,13 @@ class MaskedTeacher(nn.Module):
         idx, _ = self._resolve_keep(keep_indices, None, patches.shape[0])
         return self._embed(self._check_patches(patches, idx.shape[1]), idx)
 
-    def forward(self, images: Tensor, keep_indices: Tensor | None = None,
-                keep_counts: Tensor | None = None) -> Tensor:
+    def forward(self, images: Tensor, keep_indices: Tensor | None = None, keep_counts: Tensor | None = None) -> Tensor:
         """images [B,C,H,W] normalized; keep_indices [B,K] row-major grid positions (None: all) -> logits."""
         g = self.geometry
         if images.dim() != 4 or images.shape[1] != g.in_chans or tuple(images.shape[2:]) != g.image_size:
-            raise ValueError(f"images must be [B, {g.in_chans}, {g.image_size[0]}, {g.image_size[1]}], "
-                             f"got {list(images.shape)}")
+            raise ValueError(
+                f"images must be [B, {g.in_chans}, {g.image_size[0]}, {g.image_size[1]}], got {list(images.shape)}"
+            )
         weight = self._proj.weight
         x = images.to(device=weight.device, dtype=weight.dtype)
         if keep_indices is None:
@@ -127,8 +138,7 @@ class MaskedTeacher(nn.Module):
         idx, valid = self._resolve_keep(keep_indices, keep_counts, x.shape[0])
         return self._forward_kept(gather_patches(x, idx, g.patch_size), idx, valid)  # [B,K,C,P,P] kept
 
-    def forward_patches(self, patches: Tensor, keep_indices: Tensor,
-                        keep_counts: Tensor | None = None) -> Tensor:
+    def forward_patches(self, patches: Tensor, keep_indices: Tensor, keep_counts: Tensor | None = None) -> Tensor:
         """patches [B,K,C,P,P] normalized, only the kept ones, at positions keep_indices [B,K] -> logits."""
         idx, valid = self._resolve_keep(keep_indices, keep_counts, patches.shape[0])
         return self._forward_kept(self._check_patches(patches, idx.shape[1]), idx, valid)
@@ -137,13 +147,15 @@ class MaskedTeacher(nn.Module):
     def _check_patches(self, patches: Tensor, k: int) -> Tensor:
         c, p = self.geometry.in_chans, self.geometry.patch_size
         if patches.dim() != 5 or tuple(patches.shape[1:]) != (k, c, p, p):
-            raise ValueError(f"patches must be [B, {k}, {c}, {p}, {p}] to match keep_indices, "
-                             f"got {list(patches.shape)}")
+            raise ValueError(
+                f"patches must be [B, {k}, {c}, {p}, {p}] to match keep_indices, got {list(patches.shape)}"
+            )
         weight = self._proj.weight
         return patches.to(device=weight.device, dtype=weight.dtype)
 
-    def _resolve_keep(self, keep_indices: Tensor, keep_counts: Tensor | None,
-                      batch: int) -> tuple[Tensor, Tensor | None]:
+    def _resolve_keep(
+        self, keep_indices: Tensor, keep_counts: Tensor | None, batch: int
+    ) -> tuple[Tensor, Tensor | None]:
         """Shapes and dtypes only (values are trusted, see the module doc): indices [B,K] on the weights' device
         with padding zeroed, and valid [B,K] (None: every entry is real)."""
         if keep_indices.dim() != 2 or keep_indices.shape[0] != batch or keep_indices.shape[1] < 1:
@@ -155,8 +167,9 @@ class MaskedTeacher(nn.Module):
         if keep_counts is None:
             return idx, None
         if keep_counts.shape != (batch,) or keep_counts.dtype.is_floating_point or keep_counts.dtype == torch.bool:
-            raise ValueError(f"keep_counts must be an integer tensor [B={batch}], got {keep_counts.dtype} "
-                             f"{list(keep_counts.shape)}")
+            raise ValueError(
+                f"keep_counts must be an integer tensor [B={batch}], got {keep_counts.dtype} {list(keep_counts.shape)}"
+            )
         counts = keep_counts.to(device=device, dtype=torch.long)
         valid = torch.arange(idx.shape[1], device=device) < counts[:, None]  # [B,K]
         return idx.masked_fill(~valid, 0), valid
@@ -164,7 +177,7 @@ class MaskedTeacher(nn.Module):
     def _patch_pos_embed(self) -> Tensor:
         """Position embedding of the N grid positions, [N,D]."""
         pos = self._pos_embed[0]
-        return pos if self.model.no_embed_class else pos[self.geometry.num_prefix_tokens:]
+        return pos if self.model.no_embed_class else pos[self.geometry.num_prefix_tokens :]
 
     def _prefix_tokens(self) -> Tensor | None:
         """cls/dist/reg tokens with their position embedding where the model has one, [1,prefix,D]."""
@@ -218,7 +231,7 @@ class MaskedTeacher(nn.Module):
         if m.pool_include_prefix:
             keep = F.pad(valid, (self.geometry.num_prefix_tokens, 0), value=True)  # [B,n]
         else:
-            x, keep = x[:, self.geometry.num_prefix_tokens:], valid  # [B,K,D], [B,K]
+            x, keep = x[:, self.geometry.num_prefix_tokens :], valid  # [B,K,D], [B,K]
         w = keep[..., None].to(x.dtype)
         avg = (x * w).sum(dim=1) / w.sum(dim=1)  # [B,D]
         if m.global_pool == "avg":

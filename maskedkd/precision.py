@@ -8,6 +8,7 @@ not enough: an AVX512-BF16 EPYC ran bf16 4x faster than fp32, an AVX512-BF16 Xeo
 cores). Without the flags bf16 is emulated (an AVX2-only EPYC: ~50x slower than fp32) and nothing is measured.
 `MASKEDKD_FORCE_CPU_BF16=1|0` overrides the CPU detection (tests cover both answers on any CPU).
 """
+
 from __future__ import annotations
 
 import os
@@ -44,7 +45,7 @@ def measured_cpu_bf16_speedup(n: int = 1024, rounds: int = 4) -> float:
     a16, b16 = a32.bfloat16(), b32.bfloat16()
     best = {torch.float32: float("inf"), torch.bfloat16: float("inf")}
     pairs = ((torch.float32, a32, b32), (torch.bfloat16, a16, b16))
-    for dtype, a, b in pairs:  # warm-up: the first product of each dtype pays for kernel selection
+    for _dtype, a, b in pairs:  # warm-up: the first product of each dtype pays for kernel selection
         torch.mm(a, b)
     for _ in range(rounds):
         for dtype, a, b in pairs:
@@ -62,8 +63,9 @@ def _detected_cpu_bf16() -> tuple[bool, str]:
         return False, why
     speedup = measured_cpu_bf16_speedup()
     verdict = "bf16" if speedup >= CPU_BF16_MIN_SPEEDUP else "fp32"
-    return speedup >= CPU_BF16_MIN_SPEEDUP, (f"{why}; measured bf16 matmul {speedup:.2f}x fp32 "
-                                             f"(needs {CPU_BF16_MIN_SPEEDUP}x): {verdict}")
+    return speedup >= CPU_BF16_MIN_SPEEDUP, (
+        f"{why}; measured bf16 matmul {speedup:.2f}x fp32 (needs {CPU_BF16_MIN_SPEEDUP}x): {verdict}"
+    )
 
 
 def cpu_bf16_support() -> tuple[bool, str]:

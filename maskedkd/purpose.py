@@ -1,13 +1,14 @@
 """The purpose label of an InferRequest (what the client asks for, for cost attribution): empty for training targets,
 or 1-32 characters of [a-z0-9_-] such as "probe". Checked where it enters: the server (a request) and the client's
 request building (its public API). It never changes the answer or the bill; reports total each purpose apart."""
+
 from __future__ import annotations
 
 import re
 
 MAX_PURPOSE_CHARS = 32
 PROBE = "probe"  # what student_client labels the fidelity probes of `--keep auto` with
-_PURPOSE = re.compile(r"[a-z0-9_-]{1,%d}" % MAX_PURPOSE_CHARS)
+_PURPOSE = re.compile(rf"[a-z0-9_-]{{1,{MAX_PURPOSE_CHARS}}}")
 
 
 def purpose_problem(purpose: str) -> str | None:

@@ -13,6 +13,7 @@ The rules, the same for every settings class:
 
 The only module of the core that imports pydantic: a base install has none, both CLIs depend on it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,8 +82,10 @@ def _plain(annotation: Any) -> Any:
 
 def _parses_text(model: type[BaseModel], name: str) -> bool:
     """Whether a field turns text into its value itself (a mode="before" validator: durations, JSON, B:K pairs)."""
-    return any(name in d.info.fields and d.info.mode == "before"
-               for d in model.__pydantic_decorators__.field_validators.values())
+    return any(
+        name in d.info.fields and d.info.mode == "before"
+        for d in model.__pydantic_decorators__.field_validators.values()
+    )
 
 
 def _default_text(value: Any) -> str | None:
@@ -107,15 +110,25 @@ def _metavar(kind: Any, flag: str) -> str:
     return {int: "N", float: "X"}.get(kind) or flag.lstrip("-").split("-")[-1].upper()
 
 
-def add_settings_flags(parser: argparse.ArgumentParser, model: type[BaseModel], names: Iterable[str] | None = None, *,
-                       flags: Mapping[str, str] | None = None, aliases: Mapping[str, tuple[str, ...]] | None = None,
-                       helps: Mapping[str, str] | None = None, metavars: Mapping[str, str] | None = None) -> None:
+def add_settings_flags(
+    parser: argparse.ArgumentParser,
+    model: type[BaseModel],
+    names: Iterable[str] | None = None,
+    *,
+    flags: Mapping[str, str] | None = None,
+    aliases: Mapping[str, tuple[str, ...]] | None = None,
+    helps: Mapping[str, str] | None = None,
+    metavars: Mapping[str, str] | None = None,
+) -> None:
     """One flag per field of `names` (default: `cli_fields(model)`), by the rules of the module docstring."""
     for name in cli_fields(model) if names is None else names:
         flag = flag_of(model, name, flags)
         kind = _plain(model.model_fields[name].annotation)
-        kwargs: dict[str, Any] = {"dest": dest_of(flag), "default": None,
-                                  "help": _help(model, name, (helps or {}).get(name))}
+        kwargs: dict[str, Any] = {
+            "dest": dest_of(flag),
+            "default": None,
+            "help": _help(model, name, (helps or {}).get(name)),
+        }
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif get_origin(kind) is Literal:
@@ -127,16 +140,29 @@ def add_settings_flags(parser: argparse.ArgumentParser, model: type[BaseModel], 
         parser.add_argument(flag, *(aliases or {}).get(name, ()), **kwargs)
 
 
-def given_flags(args: argparse.Namespace, model: type[BaseModel], names: Iterable[str] | None = None, *,
-                flags: Mapping[str, str] | None = None) -> dict[str, Any]:
+def given_flags(
+    args: argparse.Namespace,
+    model: type[BaseModel],
+    names: Iterable[str] | None = None,
+    *,
+    flags: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
     """The fields of `names` whose flag was given, by field name."""
-    values = {name: getattr(args, dest_of(flag_of(model, name, flags)), None)
-              for name in (cli_fields(model) if names is None else names)}
+    values = {
+        name: getattr(args, dest_of(flag_of(model, name, flags)), None)
+        for name in (cli_fields(model) if names is None else names)
+    }
     return {name: value for name, value in values.items() if value is not None}
 
 
-def settings_from_flags(model: type[Settings], args: argparse.Namespace, names: Iterable[str] | None = None, *,
-                        flags: Mapping[str, str] | None = None, **values: Any) -> Settings:
+def settings_from_flags(
+    model: type[Settings],
+    args: argparse.Namespace,
+    names: Iterable[str] | None = None,
+    *,
+    flags: Mapping[str, str] | None = None,
+    **values: Any,
+) -> Settings:
     """`model` from the flags of `names` given, then `values` (None: left out), the environment, the defaults.
     FlagError: one line naming the flag or the environment variable of each bad value."""
     given = given_flags(args, model, names, flags=flags)
@@ -158,8 +184,9 @@ def _field_of(model: type[BaseModel], loc: str) -> str | None:
     return next((name for name in model.model_fields if loc in env_names(model, name)), None)
 
 
-def describe_validation_error(err: ValidationError, model: type[BaseModel], *, given: Iterable[str] = (),
-                              flags: Mapping[str, str] | None = None) -> str:
+def describe_validation_error(
+    err: ValidationError, model: type[BaseModel], *, given: Iterable[str] = (), flags: Mapping[str, str] | None = None
+) -> str:
     """One line: `--epochs: Input should be ... (got 0)` per bad field; a value that came from the environment (its
     flag not in `given`) is named by its variable, a check across fields by its own message."""
     parts = []

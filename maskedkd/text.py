@@ -1,4 +1,5 @@
 """Bounded text for error messages: whatever the client sent is named, never echoed whole."""
+
 from __future__ import annotations
 
 ECHO_CHARS = 60  # how much of a client-sent value an error message repeats

@@ -6,6 +6,7 @@ server's peak resident memory (VmHWM) before and after, and what the calls got b
 
 Run it with PYTHONPATH pointing at another checkout to compare versions of the server.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,21 @@ def _request_bytes(mib: int) -> bytes:
 
 
 def _start_server(workdir: str) -> tuple[ServerProcess, Ready]:
-    argv = [sys.executable, "-m", "teacher_server.cli", "serve", "--model", "vit_tiny_patch16_224", "--model-kwargs",
-            '{"img_size": 32, "patch_size": 4, "num_classes": 10}', "--port", "0", "--no-metrics",
-            "--db", f"sqlite:///{workdir}/ledger.db"]
+    argv = [
+        sys.executable,
+        "-m",
+        "teacher_server.cli",
+        "serve",
+        "--model",
+        "vit_tiny_patch16_224",
+        "--model-kwargs",
+        '{"img_size": 32, "patch_size": 4, "num_classes": 10}',
+        "--port",
+        "0",
+        "--no-metrics",
+        "--db",
+        f"sqlite:///{workdir}/ledger.db",
+    ]
     server = ServerProcess(argv, log=Path(workdir) / "teacher-server.log")
     try:
         return server, server.start(timeout_s=120)
@@ -83,10 +96,12 @@ def main() -> int:
             server.stop()
     codes = sorted({code for code, _ in results})
     slowest = max(seconds for _, seconds in results)
-    print(f"server {os.environ.get('PYTHONPATH', '').split(':')[0] or '.'}: {args.messages} x {args.mib} MiB "
-          f"without a key -> {', '.join(codes)} (slowest answer {slowest:.2f} s); server RSS {before_rss / 1024:.0f} "
-          f"MiB, peak RSS {before_hwm / 1024:.0f} -> {after_hwm / 1024:.0f} MiB "
-          f"(+{(after_hwm - before_hwm) / 1024:.0f} MiB)")
+    print(
+        f"server {os.environ.get('PYTHONPATH', '').split(':')[0] or '.'}: {args.messages} x {args.mib} MiB "
+        f"without a key -> {', '.join(codes)} (slowest answer {slowest:.2f} s); server RSS {before_rss / 1024:.0f} "
+        f"MiB, peak RSS {before_hwm / 1024:.0f} -> {after_hwm / 1024:.0f} MiB "
+        f"(+{(after_hwm - before_hwm) / 1024:.0f} MiB)"
+    )
     return 0
 
 

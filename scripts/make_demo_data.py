@@ -8,6 +8,7 @@ the same sha256 as the committed one:
 
 Gzip compresses the shared JPEG headers across files: 30,000 JPEGs of about 900 bytes make about 10 MB.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,9 @@ SHARED_TARBALL = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 ROOT = "cifar10-demo"  # the archive's top folder; `--data` finds train/ and test/ below it
 
 
-def selected_members(tar: tarfile.TarFile, train_per_class: int | None,
-                     test_per_class: int | None) -> list[tarfile.TarInfo]:
+def selected_members(
+    tar: tarfile.TarFile, train_per_class: int | None, test_per_class: int | None
+) -> list[tarfile.TarInfo]:
     """The image files kept: per split and class, the first `per_class` in name order (None: all)."""
     limits = {"train": train_per_class, "test": test_per_class}
     by_class: dict[tuple[str, str], list[tarfile.TarInfo]] = {}
@@ -37,8 +39,9 @@ def selected_members(tar: tarfile.TarFile, train_per_class: int | None,
         members.sort(key=lambda m: m.name)
         limit = limits[split]
         if limit is not None and len(members) < limit:
-            raise SystemExit(f"make_demo_data: {members[0].name.rsplit('/', 1)[0]} has {len(members)} images, "
-                             f"fewer than {limit}")
+            raise SystemExit(
+                f"make_demo_data: {members[0].name.rsplit('/', 1)[0]} has {len(members)} images, fewer than {limit}"
+            )
         chosen += members if limit is None else members[:limit]
     return chosen
 
@@ -57,9 +60,11 @@ def build(tarball: Path, out: Path, train_per_class: int | None, test_per_class:
         members = selected_members(source, train_per_class, test_per_class)
         raw = io.BytesIO()
         with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            folders = sorted({str(PurePosixPath(m.name).parent) for m in members}
-                             | {str(PurePosixPath(m.name).parts[0]) for m in members})
-            for folder in [""] + folders:
+            folders = sorted(
+                {str(PurePosixPath(m.name).parent) for m in members}
+                | {str(PurePosixPath(m.name).parts[0]) for m in members}
+            )
+            for folder in ["", *folders]:
                 info = tarfile.TarInfo(f"{ROOT}/{folder}".rstrip("/"))
                 info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 0
                 tar.addfile(info)

@@ -1,8 +1,10 @@
 """MaskedKD student side: SIPS capture and patch selection, the TeacherClient, KD losses and Ray training.
 
-In one's own loop: `MaskedKD(student, TeacherClient(target, api_key), keep=0.5)`; a whole run: `train(TrainConfig(...))`.
-The client and training names are imported lazily, so `import student_client` for SIPS does not load grpc or Ray.
+In one's own loop: `MaskedKD(student, TeacherClient(target, api_key), keep=0.5)`; a whole run:
+`train(TrainConfig(...))`. The client and training names are imported lazily, so `import student_client` for SIPS does
+not load grpc or Ray.
 """
+
 from __future__ import annotations
 
 from importlib import import_module
@@ -54,8 +56,30 @@ _LAZY = {
     "TrainingError": "student_client.ray_runner",
 }
 
-__all__ = ["SIPSCapture", "SIPSUnsupportedModelError", "select_by_mass", "select_patches", "sips_overhead_flops",
-           *_LAZY]
+__all__ = [  # listed, not derived from _LAZY, so tools see what the package exports
+    "AsyncTeacherClient",
+    "DistillationLoss",
+    "KDStep",
+    "MaskedKD",
+    "ModelInfo",
+    "SIPSCapture",
+    "SIPSUnsupportedModelError",
+    "TeacherAuthError",
+    "TeacherClient",
+    "TeacherError",
+    "TeacherInputError",
+    "TeacherQuotaError",
+    "TeacherStream",
+    "TeacherUnavailableError",
+    "TrainConfig",
+    "TrainingError",
+    "Usage",
+    "kd_kl_loss",
+    "select_by_mass",
+    "select_patches",
+    "sips_overhead_flops",
+    "train",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -3,6 +3,7 @@
 >>> async with AsyncTeacherClient("127.0.0.1:50051", key) as client:
 ...     logits, usage = await client.infer(images=x, keep_indices=keep)
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -34,10 +35,21 @@ class AsyncTeacherClient(CountsRefusedReplays):
     """Create inside a running event loop; close with `await client.close()` or `async with`."""
 
     def __init__(
-        self, target: str, api_key: str, *, timeout_s: float = 60.0, max_retries: int = 4, backoff: float = 0.25,
-        max_message_mb: float = 64.0, model: str | None = None, tls: bool = False,
-        root_certificates: bytes | None = None, patience_s: float = DEFAULT_PATIENCE_S,
-        ca_file: str | None = None, client_cert: str | None = None, client_key: str | None = None,
+        self,
+        target: str,
+        api_key: str,
+        *,
+        timeout_s: float = 60.0,
+        max_retries: int = 4,
+        backoff: float = 0.25,
+        max_message_mb: float = 64.0,
+        model: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        patience_s: float = DEFAULT_PATIENCE_S,
+        ca_file: str | None = None,
+        client_cert: str | None = None,
+        client_key: str | None = None,
         reuse_billed_answers: bool = False,
     ) -> None:
         self.target = target
@@ -46,12 +58,18 @@ class AsyncTeacherClient(CountsRefusedReplays):
         self.backoff = backoff
         self.refused_replays = RefusedReplays()  # re-sent ids the teacher could not replay (resend.py)
         self.reuse_billed_answers = reuse_billed_answers  # see student_client/resend.py
-        self.retry = RetryPolicy(target, timeout_s=timeout_s, patience_s=patience_s, min_retries=max_retries,
-                                 backoff_s=backoff)
+        self.retry = RetryPolicy(
+            target, timeout_s=timeout_s, patience_s=patience_s, min_retries=max_retries, backoff_s=backoff
+        )
         self.model = model
         self._metadata = (("authorization", f"Bearer {api_key}"),)
-        creds = channel_credentials(tls=tls, ca_file=ca_file, client_cert=client_cert, client_key=client_key,
-                                    root_certificates=root_certificates)
+        creds = channel_credentials(
+            tls=tls,
+            ca_file=ca_file,
+            client_cert=client_cert,
+            client_key=client_key,
+            root_certificates=root_certificates,
+        )
         self.channel = open_channel(target, max_message_mb=max_message_mb, credentials=creds, aio=True)
         self.stub = pb_grpc.TeacherServiceStub(self.channel)
         self._info: ModelInfo | None = None
@@ -65,9 +83,15 @@ class AsyncTeacherClient(CountsRefusedReplays):
             return self._info
 
     async def infer(
-        self, images: torch.Tensor | None = None, patches: torch.Tensor | None = None,
-        keep_indices: torch.Tensor | None = None, keep_counts: torch.Tensor | None = None,
-        request_id: str | None = None, *, send_patches: bool = True, purpose: str = "",
+        self,
+        images: torch.Tensor | None = None,
+        patches: torch.Tensor | None = None,
+        keep_indices: torch.Tensor | None = None,
+        keep_counts: torch.Tensor | None = None,
+        request_id: str | None = None,
+        *,
+        send_patches: bool = True,
+        purpose: str = "",
     ) -> InferResult:
         """Same contract as `TeacherClient.infer`; parts of a split batch run concurrently."""
         info = await self.info()
@@ -75,9 +99,14 @@ class AsyncTeacherClient(CountsRefusedReplays):
         parts = split_rows(batch_size_of(images, patches), info.max_batch_images)
         requests = [
             build_request(
-                info, images=slice_rows(images, rows), patches=slice_rows(patches, rows),
-                keep_indices=slice_rows(keep_indices, rows), keep_counts=slice_rows(keep_counts, rows),
-                request_id=rid if len(parts) == 1 else f"{rid}.{i}", model=self.model, send_patches=send_patches,
+                info,
+                images=slice_rows(images, rows),
+                patches=slice_rows(patches, rows),
+                keep_indices=slice_rows(keep_indices, rows),
+                keep_counts=slice_rows(keep_counts, rows),
+                request_id=rid if len(parts) == 1 else f"{rid}.{i}",
+                model=self.model,
+                send_patches=send_patches,
                 purpose=purpose,
             )
             for i, rows in enumerate(parts)
@@ -105,8 +134,9 @@ class AsyncTeacherClient(CountsRefusedReplays):
         attempts = self.retry.start()
         while True:
             try:
-                result = await method(request, timeout=attempts.timeout(), metadata=self._metadata,
-                                      wait_for_ready=attempts.waiting)
+                result = await method(
+                    request, timeout=attempts.timeout(), metadata=self._metadata, wait_for_ready=attempts.waiting
+                )
             except grpc.aio.AioRpcError as err:
                 await asyncio.sleep(attempts.failed(err))
                 continue

@@ -8,6 +8,7 @@
 It returns the run's summary (also written to `<out>/summary.json`) and raises `TrainingError` (one line) when the run
 stopped: a fatal teacher error (bad key, quota, bad input) or a failed worker group.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -16,8 +17,14 @@ from student_client.config import TrainConfig
 from student_client.ray_runner import TrainingError
 
 
-def train(cfg: TrainConfig, *, local: bool = False, ray_address: str | None = None,
-          worker_logs: bool = False, check: bool = True) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig,
+    *,
+    local: bool = False,
+    ray_address: str | None = None,
+    worker_logs: bool = False,
+    check: bool = True,
+) -> dict[str, Any]:
     """Train per `cfg` on Ray Train (`cfg.workers` workers; a local Ray unless `ray_address`) or, with `local`, in
     this process as one worker without Ray. Returns the summary dict (steps, images, val_top1/5, teacher_gflops,
     teacher_full_gflops, teacher_saving, teacher_cost, teacher_requests, overlap, out, ...).
@@ -41,4 +48,4 @@ def train(cfg: TrainConfig, *, local: bool = False, ray_address: str | None = No
     return run_with_ray(cfg, ray_address=ray_address, worker_logs=worker_logs)
 
 
-__all__ = ["train", "TrainingError"]
+__all__ = ["TrainingError", "train"]

@@ -12,6 +12,7 @@ Every channel balances round-robin over the resolved addresses and watches each 
 that fails with UNAVAILABLE is retried by the client under the same request id, so it lands on another replica
 and the ledger bills it once.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -21,25 +22,29 @@ from typing import Any
 
 import grpc
 
-HEALTH_SERVICE = "maskedkd.v1.TeacherService"   # the name the server marks SERVING / NOT_SERVING
+HEALTH_SERVICE = "maskedkd.v1.TeacherService"  # the name the server marks SERVING / NOT_SERVING
 _SCHEME_PREFIXES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")
 
 
 def service_config() -> str:
     """Round-robin over every address, each gated by its health status."""
-    return json.dumps({
-        "loadBalancingConfig": [{"round_robin": {}}],
-        "healthCheckConfig": {"serviceName": HEALTH_SERVICE},
-    })
+    return json.dumps(
+        {
+            "loadBalancingConfig": [{"round_robin": {}}],
+            "healthCheckConfig": {"serviceName": HEALTH_SERVICE},
+        }
+    )
 
 
 def channel_options(max_message_mb: float) -> list[tuple[str, Any]]:
     limit = int(max_message_mb * 1024 * 1024)
     return [
-        ("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", limit),
         ("grpc.service_config", service_config()),
         # reconnect within ~2 s of a restarted teacher coming back (gRPC's default backoff grows to 120 s)
-        ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000),
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", 2000),
     ]
 
 
@@ -62,8 +67,9 @@ def require_ports(target: str) -> None:
         try:
             _split_host_port(address)
         except ValueError:
-            raise ValueError(f"teacher address {address.strip()!r} has no port: give HOST:PORT "
-                             "(e.g. 127.0.0.1:50051)") from None
+            raise ValueError(
+                f"teacher address {address.strip()!r} has no port: give HOST:PORT (e.g. 127.0.0.1:50051)"
+            ) from None
 
 
 def _literal_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -98,8 +104,9 @@ def grpc_target(target: str) -> str:
     raise ValueError(f"teacher address list {target!r} mixes IPv4 and IPv6 addresses")
 
 
-def open_channel(target: str, *, max_message_mb: float, credentials: grpc.ChannelCredentials | None = None,
-                 aio: bool = False) -> Any:
+def open_channel(
+    target: str, *, max_message_mb: float, credentials: grpc.ChannelCredentials | None = None, aio: bool = False
+) -> Any:
     """A blocking (or, with `aio`, an asyncio) channel to `target`, balanced and health-checked; TLS when
     `credentials` are given (student_client/tls.py builds them)."""
     uri, options = grpc_target(target), channel_options(max_message_mb)

@@ -7,6 +7,7 @@
 Layout under `--out`: `checkpoints/epoch_0003/`, `checkpoints/step_000120/` (a run stopped mid-epoch), and
 `model.safetensors`, a copy of the newest weights.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -31,21 +32,21 @@ STATE_FILE = "train_state.pt"
 
 @dataclass
 class TrainState:
-    epochs_done: int = 0                 # completed epochs
-    global_step: int = 0                 # optimizer steps so far
-    batches_into_epoch: int = 0          # steps already done in epoch `epochs_done` (a run stopped mid-epoch)
+    epochs_done: int = 0  # completed epochs
+    global_step: int = 0  # optimizer steps so far
+    batches_into_epoch: int = 0  # steps already done in epoch `epochs_done` (a run stopped mid-epoch)
     images_seen: int = 0
-    teacher_gflops: float = 0.0          # billed so far, summed over workers
-    teacher_full_gflops: float = 0.0     # what the full teacher would have cost
+    teacher_gflops: float = 0.0  # billed so far, summed over workers
+    teacher_full_gflops: float = 0.0  # what the full teacher would have cost
     teacher_cost: float = 0.0
     teacher_requests: int = 0
     teacher_mismatched_requests: int = 0  # re-sent requests the teacher could not replay as sent (resend.py)
-    teacher_rebilled_requests: int = 0    # of those, billed again under a derived id
-    precision: str = ""                  # bf16 | fp32, resolved at the run's start and kept by --resume
+    teacher_rebilled_requests: int = 0  # of those, billed again under a derived id
+    precision: str = ""  # bf16 | fp32, resolved at the run's start and kept by --resume
     best_top1: float | None = None
-    probe_gflops: float = 0.0            # --keep auto: what the probes cost (part of teacher_gflops / _cost)
+    probe_gflops: float = 0.0  # --keep auto: what the probes cost (part of teacher_gflops / _cost)
     probe_cost: float = 0.0
-    kept: float = 0.0                    # sum over images of the share of the teacher's patches each was answered from
+    kept: float = 0.0  # sum over images of the share of the teacher's patches each was answered from
     keep_decisions: list[dict[str, Any]] = field(default_factory=list)  # --keep auto: one per decision, in order
     history: list[dict[str, Any]] = field(default_factory=list)  # per-epoch metrics
 
@@ -57,8 +58,15 @@ def checkpoint_name(state: TrainState) -> str:
 
 
 def save_training_checkpoint(
-    out_dir: str | Path, *, model: nn.Module, model_name: str, model_kwargs: dict[str, Any],
-    optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState, extra: dict[str, Any] | None = None,
+    out_dir: str | Path,
+    *,
+    model: nn.Module,
+    model_name: str,
+    model_kwargs: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: TrainState,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write `out_dir/checkpoints/<name>/` and refresh `out_dir/model.safetensors`; returns the checkpoint dir."""
     out_dir = Path(out_dir)
@@ -68,8 +76,14 @@ def save_training_checkpoint(
     tmp.mkdir(parents=True)
     meta = {"epochs_done": state.epochs_done, "global_step": state.global_step, **(extra or {})}
     save_model_checkpoint(tmp / MODEL_FILE, model, model_name=model_name, model_kwargs=model_kwargs, extra=meta)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
-                "state": asdict(state)}, tmp / STATE_FILE)
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler else None,
+            "state": asdict(state),
+        },
+        tmp / STATE_FILE,
+    )
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     tmp.replace(ckpt_dir)
     latest = out_dir / MODEL_FILE
@@ -91,8 +105,11 @@ def _checkpoint_dirs(root: Path) -> list[Path]:
     """Complete checkpoint directories under `root`, oldest first."""
     if not root.is_dir():
         return []
-    dirs = [p for p in root.iterdir()
-            if p.is_dir() and not p.name.endswith(".tmp") and (p / MODEL_FILE).is_file() and (p / STATE_FILE).is_file()]
+    dirs = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and not p.name.endswith(".tmp") and (p / MODEL_FILE).is_file() and (p / STATE_FILE).is_file()
+    ]
     return sorted(dirs, key=lambda p: (_step_of(p), p.stat().st_mtime))
 
 
@@ -111,7 +128,10 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 
 def load_training_checkpoint(
-    ckpt_dir: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+    ckpt_dir: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
 ) -> TrainState:
     """Load weights into `model` (strict), and optimizer/scheduler state when given; returns the TrainState."""

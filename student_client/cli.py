@@ -6,6 +6,7 @@
 
 Errors are one line on stderr and a non-zero exit status, never a traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="student-client", description="MaskedKD student: train and evaluate.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
-    t = sub.add_parser("train", help="train a timm student (MaskedKD against a teacher, or plain with --mode none)",
-                       description="Every flag also reads env MASKEDKD_STUDENT_<FLAG>; a flag given wins.")
+    t = sub.add_parser(
+        "train",
+        help="train a timm student (MaskedKD against a teacher, or plain with --mode none)",
+        description="Every flag also reads env MASKEDKD_STUDENT_<FLAG>; a flag given wins.",
+    )
     add_settings_flags(t, TrainConfig)
     add_settings_flags(t, LaunchOptions)
 
@@ -85,22 +89,30 @@ def _print_summary(s: dict[str, Any], currency: str) -> None:
     epochs = f"{s.get('epochs_done')} epochs"
     if partial := s.get("steps_into_epoch"):
         epochs += f" + {partial} steps of epoch {int(s['epochs_done']) + 1} (stopped by --max-steps)"
-    print(f"done: {epochs}, {s.get('global_step')} steps, {s.get('images_seen')} images "
-          f"({float(s.get('wall_s', 0)):.0f}s training)")
+    print(
+        f"done: {epochs}, {s.get('global_step')} steps, {s.get('images_seen')} images "
+        f"({float(s.get('wall_s', 0)):.0f}s training)"
+    )
     if s.get("val_top1") is not None:
-        print(f"student: top-1 {s['val_top1']:.2f}%  top-5 {s['val_top5']:.2f}% on {s.get('val_images')} images"
-              f"  -> {s.get('out')}/model.safetensors")
+        print(
+            f"student: top-1 {s['val_top1']:.2f}%  top-5 {s['val_top5']:.2f}% on {s.get('val_images')} images"
+            f"  -> {s.get('out')}/model.safetensors"
+        )
     if s.get("teacher_full_gflops"):
-        print(f"teacher: {s['teacher_gflops']:.4g} GFLOPs used vs {s['teacher_full_gflops']:.4g} for the full teacher:"
-              f" saved {s['teacher_saved_gflops']:.4g} GFLOPs ({100 * s['teacher_saving']:.1f}%),"
-              f" cost {s['teacher_cost']:.6g} {currency}".rstrip())
+        print(
+            f"teacher: {s['teacher_gflops']:.4g} GFLOPs used vs {s['teacher_full_gflops']:.4g} for the full teacher:"
+            f" saved {s['teacher_saved_gflops']:.4g} GFLOPs ({100 * s['teacher_saving']:.1f}%),"
+            f" cost {s['teacher_cost']:.6g} {currency}".rstrip()
+        )
     if s.get("teacher_full_gflops") and s.get("kept_fraction") is not None:
         print(f"teacher input: {100 * s['kept_fraction']:.1f}% of the patches per image on average")
     if s.get("teacher_mismatched_requests"):
         rebilled = s.get("teacher_rebilled_requests", 0)
-        print(f"teacher: {s['teacher_mismatched_requests']} re-sent requests no longer matched what was billed under "
-              f"their ids: {s['teacher_mismatched_requests'] - rebilled} answered with what was billed, {rebilled} "
-              "billed again under derived ids")
+        print(
+            f"teacher: {s['teacher_mismatched_requests']} re-sent requests no longer matched what was billed under "
+            f"their ids: {s['teacher_mismatched_requests'] - rebilled} answered with what was billed, {rebilled} "
+            "billed again under derived ids"
+        )
     if s.get("overlap") is not None:
         print(f"pipeline: {100 * s['overlap']:.0f}% of teacher time hidden behind student compute")
 
@@ -121,12 +133,14 @@ def _train(args: argparse.Namespace) -> int:
     elif cfg.resume and existing is not None:
         print(f"student-client: resuming from {existing}", file=sys.stderr)
     elif existing is not None:
-        print(f"student-client: {cfg.out} holds checkpoints; starting over (pass --resume to continue)",
-              file=sys.stderr)
+        print(
+            f"student-client: {cfg.out} holds checkpoints; starting over (pass --resume to continue)", file=sys.stderr
+        )
     from student_client.api import train
 
-    summary = train(cfg, local=launch.local, ray_address=launch.ray_address, worker_logs=launch.ray_logs,
-                    check=False)  # preflight ran above, before the resume messages
+    summary = train(
+        cfg, local=launch.local, ray_address=launch.ray_address, worker_logs=launch.ray_logs, check=False
+    )  # preflight ran above, before the resume messages
     _print_summary(summary, currency)
     return 0
 
@@ -134,8 +148,9 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from student_client.evaluate import evaluate_checkpoint
 
-    acc = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size,
-                              device=args.device)
+    acc = evaluate_checkpoint(
+        args.checkpoint, args.data, split=args.split, batch_size=args.batch_size, device=args.device
+    )
     print(f"top-1 {acc.top1:.2f}%  top-5 {acc.top5:.2f}%  ({acc.images} images)")
     return 0
 

@@ -16,6 +16,7 @@ answered with what the teacher billed under that id, unbilled; otherwise the req
 (then `.r2`, ...), billed as new work. Both are warned about once and counted (`mismatched_requests`,
 `rebilled_requests`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,8 +52,6 @@ T = TypeVar("T")
 InferResult = tuple[torch.Tensor, Usage]
 
 
-
-
 def slice_rows(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
     return None if t is None else t[rows]
 
@@ -61,30 +60,48 @@ class TeacherClient(CountsRefusedReplays):
     """Blocking client for `maskedkd.v1.TeacherService`; thread-safe (one channel, shared by threads)."""
 
     def __init__(
-        self, target: str, api_key: str, *, timeout_s: float = 60.0, max_retries: int = 4, backoff: float = 0.25,
-        max_message_mb: float = 64.0, model: str | None = None, tls: bool = False,
-        root_certificates: bytes | None = None, interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (),
-        patience_s: float = DEFAULT_PATIENCE_S, request_log: str | Path | None = None,
-        ca_file: str | None = None, client_cert: str | None = None, client_key: str | None = None,
+        self,
+        target: str,
+        api_key: str,
+        *,
+        timeout_s: float = 60.0,
+        max_retries: int = 4,
+        backoff: float = 0.25,
+        max_message_mb: float = 64.0,
+        model: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (),
+        patience_s: float = DEFAULT_PATIENCE_S,
+        request_log: str | Path | None = None,
+        ca_file: str | None = None,
+        client_cert: str | None = None,
+        client_key: str | None = None,
         reuse_billed_answers: bool = False,
     ) -> None:
         self.target = target
-        self.timeout_s = timeout_s      # deadline of one attempt
+        self.timeout_s = timeout_s  # deadline of one attempt
         self.max_retries = max_retries  # retries after UNAVAILABLE / DEADLINE_EXCEEDED, at least (see patience_s)
-        self.backoff = backoff          # first retry waits ~backoff seconds, then doubles
-        self.patience_s = patience_s    # keep retrying a transient failure (teacher restarting) this long
-        self.retry = RetryPolicy(target, timeout_s=timeout_s, patience_s=patience_s, min_retries=max_retries,
-                                 backoff_s=backoff)
+        self.backoff = backoff  # first retry waits ~backoff seconds, then doubles
+        self.patience_s = patience_s  # keep retrying a transient failure (teacher restarting) this long
+        self.retry = RetryPolicy(
+            target, timeout_s=timeout_s, patience_s=patience_s, min_retries=max_retries, backoff_s=backoff
+        )
         self.request_log = Path(request_log) if request_log else None  # debug: sha256 of every request sent
         self.refused_replays = RefusedReplays()  # re-sent ids the teacher could not replay (resend.py)
         self.reuse_billed_answers = reuse_billed_answers  # see student_client/resend.py
         self.max_message_mb = max_message_mb
-        self.model = model              # None: the server's default model
+        self.model = model  # None: the server's default model
         self._metadata = (("authorization", f"Bearer {api_key}"),)
         # one channel over one or many replicas (round-robin, health-checked): see student_client/channel.py
         # TLS when asked for or when any TLS file is given (ca_file None: the system's root certificates)
-        creds = channel_credentials(tls=tls, ca_file=ca_file, client_cert=client_cert, client_key=client_key,
-                                    root_certificates=root_certificates)
+        creds = channel_credentials(
+            tls=tls,
+            ca_file=ca_file,
+            client_cert=client_cert,
+            client_key=client_key,
+            root_certificates=root_certificates,
+        )
         channel = open_channel(target, max_message_mb=max_message_mb, credentials=creds)
         self._raw_channel = channel
         self.channel = grpc.intercept_channel(channel, *interceptors) if interceptors else channel
@@ -104,9 +121,15 @@ class TeacherClient(CountsRefusedReplays):
             return self._info
 
     def infer(
-        self, images: torch.Tensor | None = None, patches: torch.Tensor | None = None,
-        keep_indices: torch.Tensor | None = None, keep_counts: torch.Tensor | None = None,
-        request_id: str | None = None, *, send_patches: bool = True, purpose: str = "",
+        self,
+        images: torch.Tensor | None = None,
+        patches: torch.Tensor | None = None,
+        keep_indices: torch.Tensor | None = None,
+        keep_counts: torch.Tensor | None = None,
+        request_id: str | None = None,
+        *,
+        send_patches: bool = True,
+        purpose: str = "",
     ) -> InferResult:
         """Teacher logits [B, num_classes] float32 and the Usage billed.
 
@@ -125,9 +148,14 @@ class TeacherClient(CountsRefusedReplays):
         usage = Usage()
         for i, rows in enumerate(parts):
             req = build_request(
-                info, images=slice_rows(images, rows), patches=slice_rows(patches, rows),
-                keep_indices=slice_rows(keep_indices, rows), keep_counts=slice_rows(keep_counts, rows),
-                request_id=rid if len(parts) == 1 else f"{rid}.{i}", model=self.model, send_patches=send_patches,
+                info,
+                images=slice_rows(images, rows),
+                patches=slice_rows(patches, rows),
+                keep_indices=slice_rows(keep_indices, rows),
+                keep_counts=slice_rows(keep_counts, rows),
+                request_id=rid if len(parts) == 1 else f"{rid}.{i}",
+                model=self.model,
+                send_patches=send_patches,
                 purpose=purpose,
             )
             part_logits, part_usage = decode_response(self.infer_request(req))
@@ -163,6 +191,7 @@ class TeacherClient(CountsRefusedReplays):
     def check_key(self) -> None:
         """Raise TeacherAuthError unless the server accepts the API key. Free: opens an InferStream with no
         requests (the server checks the key before reading any), so nothing runs and nothing is billed."""
+
         def drain_empty_stream(_request: None, **call: Any) -> None:
             for _ in self.stub.InferStream(iter(()), **call):
                 pass
@@ -192,8 +221,9 @@ class TeacherClient(CountsRefusedReplays):
         attempts = self.retry.start()
         while True:
             try:
-                result = method(request, timeout=attempts.timeout(), metadata=self._metadata,
-                                wait_for_ready=attempts.waiting)
+                result = method(
+                    request, timeout=attempts.timeout(), metadata=self._metadata, wait_for_ready=attempts.waiting
+                )
             except grpc.RpcError as err:
                 attempts.sleep(attempts.failed(err))
                 continue
@@ -213,4 +243,4 @@ class TeacherClient(CountsRefusedReplays):
         self.close()
 
 
-__all__ = ["TeacherClient", "TeacherError", "InferResult", "ModelInfo", "Usage"]
+__all__ = ["InferResult", "ModelInfo", "TeacherClient", "TeacherError", "Usage"]

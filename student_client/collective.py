@@ -1,6 +1,7 @@
 """What the workers of a run do together: the Collective interface (a worker context, or torch.distributed for the
 library under DDP), named numbers summed over every worker in one all-reduce, and agreement on a fatal error, so
 that every worker stops at the same step with the same message."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -44,7 +45,7 @@ def sum_over_workers(ctx: Collective, values: Mapping[str, float], names: Sequen
     if unknown:
         raise KeyError(f"{unknown} not among the summed names {tuple(names)}")
     local = torch.tensor([float(values.get(name, 0.0)) for name in names], dtype=torch.float64)
-    return dict(zip(names, ctx.all_reduce(local).tolist()))
+    return dict(zip(names, ctx.all_reduce(local).tolist(), strict=True))
 
 
 def first_error(ctx: Collective, message: str | None, default: str = FATAL_TEACHER_ERROR) -> str:

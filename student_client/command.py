@@ -1,6 +1,7 @@
 """The `student-client train` command line other programs run (the demo, the reproduction harness): one keyword per
 flag, named like the field the flag sets (TrainConfig's or LaunchOptions'), so a command cannot name a flag the CLI
 does not have."""
+
 from __future__ import annotations
 
 import json

@@ -3,6 +3,7 @@ its fields (`maskedkd.settings_cli`); every field also reads env `MASKEDKD_STUDE
 address, API key and TLS files also their older names, e.g. `MASKEDKD_API_KEY`). Every Ray worker receives it as a
 dict (`to_dict` / `from_dict`); relative paths are made absolute here, because Ray workers run in another directory.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,16 @@ Augment = Literal["simple", "crop", "heavy"]
 MODES, STRATEGIES, TRANSPORTS, PRECISIONS = get_args(Mode), get_args(Strategy), get_args(Transport), get_args(Precision)
 
 ENV_PREFIX = "MASKEDKD_STUDENT_"
-PATH_FIELDS = ("data", "out", "storage", "student_init", "teacher_ca", "teacher_client_cert", "teacher_client_key",
-               "request_log")
+PATH_FIELDS = (
+    "data",
+    "out",
+    "storage",
+    "student_init",
+    "teacher_ca",
+    "teacher_client_cert",
+    "teacher_client_key",
+    "request_log",
+)
 
 
 def _env(name: str, *older: str) -> AliasChoices:
@@ -57,56 +66,96 @@ class TrainConfig(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_by_name=True)
 
-    data: str = Field(description="ImageFolder root with train/ and val/ or test/, or a .tar/.tar.gz of one (each "
-                      "node extracts it once into $MASKEDKD_DATA_CACHE, default ~/.cache/maskedkd/data)")
+    data: str = Field(
+        description="ImageFolder root with train/ and val/ or test/, or a .tar/.tar.gz of one (each "
+        "node extracts it once into $MASKEDKD_DATA_CACHE, default ~/.cache/maskedkd/data)"
+    )
     out: str = Field(description="output directory: checkpoints, metrics CSVs, summary.json")
-    storage: str | None = Field(None, description="Ray Train checkpoint storage: a path every node shares (NFS) or "
-                                "a URI (s3://, gs://); default <out>/ray (one machine only)")
+    storage: str | None = Field(
+        None,
+        description="Ray Train checkpoint storage: a path every node shares (NFS) or "
+        "a URI (s3://, gs://); default <out>/ray (one machine only)",
+    )
     # --- student ---
     student: str = Field("vit_tiny_patch16_224", description="timm architecture name")
     student_kwargs: Annotated[dict[str, Any], NoDecode] = Field(
-        default_factory=dict, description="JSON kwargs for timm.create_model (num_classes: from the data)")
+        default_factory=dict, description="JSON kwargs for timm.create_model (num_classes: from the data)"
+    )
     student_init: str | None = Field(
-        None, json_schema_extra={"flag": "--init"},
+        None,
+        json_schema_extra={"flag": "--init"},
         description="start the student from these weights (.safetensors or .pth state dict, e.g. a model.safetensors "
-                    "of an earlier run); a head of another class count starts fresh; optimizer and schedule start "
-                    "fresh (unlike --resume)")
+        "of an earlier run); a head of another class count starts fresh; optimizer and schedule start "
+        "fresh (unlike --resume)",
+    )
     # --- teacher ---
-    teacher: str | None = Field(None, validation_alias=_env("teacher", "MASKEDKD_TEACHER"),
-                                description="HOST:PORT; replicas: HOST:PORT,HOST:PORT,... or dns:///NAME:PORT")
-    api_key: str | None = Field(None, repr=False, validation_alias=_env("api_key", "MASKEDKD_API_KEY"),
-                                description="API key of the teacher service")
+    teacher: str | None = Field(
+        None,
+        validation_alias=_env("teacher", "MASKEDKD_TEACHER"),
+        description="HOST:PORT; replicas: HOST:PORT,HOST:PORT,... or dns:///NAME:PORT",
+    )
+    api_key: str | None = Field(
+        None,
+        repr=False,
+        validation_alias=_env("api_key", "MASKEDKD_API_KEY"),
+        description="API key of the teacher service",
+    )
     teacher_model: str | None = Field(None, description="served model name (default: the server's default)")
-    teacher_timeout_s: float = Field(120.0, gt=0, description="deadline of one teacher call, seconds",
-                                     json_schema_extra={"flag": "--teacher-timeout"})
+    teacher_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="deadline of one teacher call, seconds",
+        json_schema_extra={"flag": "--teacher-timeout"},
+    )
     teacher_retries: int = Field(4, ge=0, description="retries on UNAVAILABLE / DEADLINE_EXCEEDED (same request id)")
     teacher_patience_s: float = Field(
-        120.0, ge=0, json_schema_extra={"flag": "--teacher-patience"},
-        description="seconds to keep retrying an unreachable or restarting teacher (same request ids)")
-    teacher_ca: str | None = Field(None, validation_alias=_env("teacher_ca", "MASKEDKD_TEACHER_CA"),
-                                   description="PEM CA file of the teacher's TLS certificate: connect with TLS")
+        120.0,
+        ge=0,
+        json_schema_extra={"flag": "--teacher-patience"},
+        description="seconds to keep retrying an unreachable or restarting teacher (same request ids)",
+    )
+    teacher_ca: str | None = Field(
+        None,
+        validation_alias=_env("teacher_ca", "MASKEDKD_TEACHER_CA"),
+        description="PEM CA file of the teacher's TLS certificate: connect with TLS",
+    )
     teacher_client_cert: str | None = Field(
-        None, validation_alias=_env("teacher_client_cert", "MASKEDKD_TEACHER_CLIENT_CERT"),
-        description="PEM client certificate for a teacher with mutual TLS")
+        None,
+        validation_alias=_env("teacher_client_cert", "MASKEDKD_TEACHER_CLIENT_CERT"),
+        description="PEM client certificate for a teacher with mutual TLS",
+    )
     teacher_client_key: str | None = Field(
-        None, validation_alias=_env("teacher_client_key", "MASKEDKD_TEACHER_CLIENT_KEY"),
-        description="private key of --teacher-client-cert")
+        None,
+        validation_alias=_env("teacher_client_key", "MASKEDKD_TEACHER_CLIENT_KEY"),
+        description="private key of --teacher-client-cert",
+    )
     transport: Transport = Field("stream", description="InferStream (one stream per worker) or unary Infer calls")
     # --- method ---
     mode: Mode = Field("kd", description="kd: MaskedKD; none: no teacher; mask-student: the paper's ablation")
     strategy: Strategy = Field("sips", description="which teacher patches are kept")
     keep: float | Literal["auto"] = Field(
-        0.5, description="fraction in (0, 1] (or a whole count) of teacher patches kept; auto: the smallest of "
-        "0.75/0.5/0.375/0.25 (sips or random) that meets --keep-max-kl and --keep-min-agreement on probes")
+        0.5,
+        description="fraction in (0, 1] (or a whole count) of teacher patches kept; auto: the smallest of "
+        "0.75/0.5/0.375/0.25 (sips or random) that meets --keep-max-kl and --keep-min-agreement on probes",
+    )
     keep_every: int = Field(keep_auto.EVERY, ge=1, description="--keep auto: probe and decide again every N steps")
     keep_probes: int = Field(keep_auto.PROBES, ge=1, description="--keep auto: images per worker probed at a decision")
-    keep_max_kl: float = Field(keep_auto.MAX_KL, gt=0, description="--keep auto: largest mean KL(full || masked) of the "
-                               "teacher's outputs at --tau")
-    keep_min_agreement: float = Field(keep_auto.MIN_AGREEMENT, ge=0, le=1, description="--keep auto: smallest top-1 agreement with the "
-                                      "full image")
-    keep_mass: float | None = Field(None, gt=0, le=1, description="per-image K (--mode kd --strategy sips): keep "
-                                    "each image's fewest top-SIPS patches holding this share of its SIPS, at most "
-                                    "--keep of them (default: off, every image keeps --keep)")
+    keep_max_kl: float = Field(
+        keep_auto.MAX_KL,
+        gt=0,
+        description="--keep auto: largest mean KL(full || masked) of the teacher's outputs at --tau",
+    )
+    keep_min_agreement: float = Field(
+        keep_auto.MIN_AGREEMENT, ge=0, le=1, description="--keep auto: smallest top-1 agreement with the full image"
+    )
+    keep_mass: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="per-image K (--mode kd --strategy sips): keep "
+        "each image's fewest top-SIPS patches holding this share of its SIPS, at most "
+        "--keep of them (default: off, every image keeps --keep)",
+    )
     lambda_kd: float = Field(1.0, ge=0, description="weight of the KD term", json_schema_extra={"flag": "--lambda"})
     tau: float = Field(1.0, gt=0, description="KD temperature")
     hard: bool = Field(False, description="hard distillation: CE on the teacher's argmax")
@@ -116,15 +165,21 @@ class TrainConfig(BaseSettings):
     lr: float = Field(5e-4, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay")
     warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up before the cosine schedule")
-    augment: Augment = Field("simple", description="simple: crop + flip; crop: crop only (digits, text: a mirror "
-                             "image is another class); heavy: RandAugment + mixup/cutmix")
+    augment: Augment = Field(
+        "simple",
+        description="simple: crop + flip; crop: crop only (digits, text: a mirror "
+        "image is another class); heavy: RandAugment + mixup/cutmix",
+    )
     train_head_only: bool = Field(False, description="freeze all but the classifier head(s) (paper App. C)")
     # --- runtime ---
     workers: int = Field(1, ge=1, description="Ray Train workers (DDP)")
     use_gpu: bool = Field(False, description="a GPU per worker", json_schema_extra={"cli": False})  # from --device
     micro_batches: int = Field(2, ge=1, description="pipelining: the teacher works on i while the student on i+1")
-    precision: Precision = Field("auto", description="student forward precision (autocast; SIPS and the loss stay "
-                                 "fp32). auto: bf16 where the device computes it natively and faster, else fp32")
+    precision: Precision = Field(
+        "auto",
+        description="student forward precision (autocast; SIPS and the loss stay "
+        "fp32). auto: bf16 where the device computes it natively and faster, else fp32",
+    )
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (quick runs)")
     seed: int = Field(0, description="seed of data order, augmentation and patch choice")
     resume: bool = Field(False, description="continue from the newest checkpoint in --out")
@@ -133,16 +188,21 @@ class TrainConfig(BaseSettings):
     threads_per_worker: int = Field(1, ge=1, description="torch intra-op threads per worker")
     loader_workers: int = Field(0, ge=0, description="DataLoader processes per worker")
     log_every: int = Field(1, ge=1, description="write a step row to metrics_steps.csv every N steps")
-    progress_every: int = Field(20, ge=1, description="Ray runs: send the driver a progress row every N steps (each is a "
-                                "sync of all workers, ~1 s on a loaded 2-core machine; epoch ends always report)")
+    progress_every: int = Field(
+        20,
+        ge=1,
+        description="Ray runs: send the driver a progress row every N steps (each is a "
+        "sync of all workers, ~1 s on a loaded 2-core machine; epoch ends always report)",
+    )
     eval: bool = Field(True, description="evaluate on val/ or test/ after each epoch")
     progress: bool = Field(True, description="progress bar")
     # fault injection for recovery tests: rank 0 raises once at this step
     fail_at_step: int | None = Field(None, json_schema_extra={"cli": False})
     # request-id prefix; None: out/run_id (kept by --resume, else new)
     run_id: str | None = Field(None, json_schema_extra={"cli": False})
-    request_log: str | None = Field(None, description="debug: append the request id and sha256 of every teacher "
-                                    "request to this file")
+    request_log: str | None = Field(
+        None, description="debug: append the request id and sha256 of every teacher request to this file"
+    )
 
     @field_validator("student_kwargs", mode="before")
     @classmethod
@@ -180,8 +240,9 @@ class TrainConfig(BaseSettings):
         if self.keep == "auto" and self.mode != "kd":
             raise ValueError(f"--keep auto needs --mode kd, not {self.mode}")
         if self.keep_mass is not None and (self.mode, self.strategy) != ("kd", "sips"):
-            raise ValueError(f"--keep-mass needs --mode kd --strategy sips, not --mode {self.mode} "
-                             f"--strategy {self.strategy}")
+            raise ValueError(
+                f"--keep-mass needs --mode kd --strategy sips, not --mode {self.mode} --strategy {self.strategy}"
+            )
         if self.keep_mass is not None and self.keep == "auto":
             raise ValueError("--keep-mass needs a numeric --keep (the most one image keeps), not auto")
         if self.batch_size < self.workers:

@@ -1,11 +1,13 @@
 """Where the per-worker loop runs: inside a Ray Train worker (DDP, reports, Ray checkpoints) or in-process (tests,
 debugging: one worker, no Ray). The training loop only talks to this interface."""
+
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist

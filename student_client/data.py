@@ -3,6 +3,7 @@
 The teacher must see exactly the pixels the student saw (after crop, flip, RandAugment, mixup/cutmix), so the
 augmented batch is sent to the teacher as is, and only the student's copy is normalized with the student's mean/std.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ RAND_AUGMENT = "rand-m9-mstd0.5-inc1"  # DeiT's recipe
 
 @dataclass(frozen=True)
 class HeavyAugmentConfig:
-    mixup_alpha: float = 0.8      # DeiT defaults
+    mixup_alpha: float = 0.8  # DeiT defaults
     cutmix_alpha: float = 1.0
     label_smoothing: float = 0.1
 
@@ -88,7 +89,9 @@ def image_folder(path: Path, transform: transforms.Compose) -> datasets.ImageFol
 
 
 def build_datasets(
-    root: str | Path, image_size: tuple[int, int], augment: str,
+    root: str | Path,
+    image_size: tuple[int, int],
+    augment: str,
 ) -> tuple[datasets.ImageFolder, datasets.ImageFolder | None, list[str]]:
     """(train set, eval set or None, class names). `root` holds train/ and val/ or test/, or is itself the train set."""
     root = Path(root)
@@ -115,8 +118,12 @@ def build_mixup(num_classes: int, augment: str, cfg: HeavyAugmentConfig | None =
     if augment != "heavy":
         return None
     cfg = cfg or HeavyAugmentConfig()
-    return Mixup(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, label_smoothing=cfg.label_smoothing,
-                 num_classes=num_classes)
+    return Mixup(
+        mixup_alpha=cfg.mixup_alpha,
+        cutmix_alpha=cfg.cutmix_alpha,
+        label_smoothing=cfg.label_smoothing,
+        num_classes=num_classes,
+    )
 
 
 class Normalizer:

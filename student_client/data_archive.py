@@ -3,6 +3,7 @@ cache (`$MASKEDKD_DATA_CACHE`, default `~/.cache/maskedkd/data`) and trains from
 the image tree. The cache entry is keyed by the archive's path, size and mtime, so a changed archive is extracted
 again; workers sharing a node take a file lock, one extracts and the others reuse it.
 """
+
 from __future__ import annotations
 
 import fcntl

@@ -7,6 +7,7 @@ that the teacher replays them from its ledger instead of billing them again.
   each sample's augmentation runs under RNGs seeded from (seed, epoch, dataset index) (`SeededSamples`), and each
   step seeds the global RNGs (mixup/cutmix, dropout) and the patch selector's generator from (seed, epoch, step, rank).
 """
+
 from __future__ import annotations
 
 import hashlib

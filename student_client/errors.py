@@ -1,4 +1,5 @@
 """Typed client errors with one-line messages, mapped from gRPC status codes."""
+
 from __future__ import annotations
 
 import grpc
@@ -67,8 +68,12 @@ def error_from_rpc(err: grpc.RpcError, target: str, *, attempts: int = 1) -> Tea
                 code=name,
             )
         return TeacherQuotaError(f"teacher at {target}: quota exhausted: {details}", code=name)
-    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE,
-                grpc.StatusCode.FAILED_PRECONDITION):
+    if code in (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.FAILED_PRECONDITION,
+    ):
         return TeacherInputError(f"teacher at {target} rejected the request: {details}", code=name)
     if code in RETRYABLE_CODES:
         tries = f" after {attempts} attempts" if attempts > 1 else ""

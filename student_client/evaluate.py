@@ -1,4 +1,5 @@
 """Top-1 / top-5 accuracy of a student on an ImageFolder split (used after each epoch and by `student-client eval`)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,7 +36,10 @@ class Accuracy:
 
 @torch.no_grad()
 def count_correct(
-    model: nn.Module, loader: DataLoader, normalize: Normalizer, device: torch.device,
+    model: nn.Module,
+    loader: DataLoader,
+    normalize: Normalizer,
+    device: torch.device,
 ) -> Accuracy:
     """Counts over every batch of `loader` (images in [0, 1]); the model is put in eval mode and restored."""
     was_training = model.training
@@ -76,8 +80,13 @@ def eval_split_dir(data: str | Path, split: str | None = None) -> Path:
 
 
 def evaluate_checkpoint(
-    checkpoint: str | Path, data: str | Path, *, split: str | None = None, batch_size: int = 128,
-    device: str = "cpu", loader_workers: int = 0,
+    checkpoint: str | Path,
+    data: str | Path,
+    *,
+    split: str | None = None,
+    batch_size: int = 128,
+    device: str = "cpu",
+    loader_workers: int = 0,
 ) -> Accuracy:
     """Load a student checkpoint (ours: no flags needed) and measure top-1 / top-5 on the split."""
     from maskedkd.checkpoints import load_model
@@ -91,7 +100,9 @@ def evaluate_checkpoint(
     dataset = image_folder(eval_split_dir(data, split), eval_transform(spec.image_size))
     trained_on = meta.extra.get("class_names")
     if trained_on and list(trained_on) != list(dataset.classes):
-        raise ValueError(f"the checkpoint was trained on classes {trained_on[:5]}..., the data has "
-                         f"{dataset.classes[:5]}...: class folders differ")
+        raise ValueError(
+            f"the checkpoint was trained on classes {trained_on[:5]}..., the data has "
+            f"{dataset.classes[:5]}...: class folders differ"
+        )
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=loader_workers)
     return count_correct(model, loader, Normalizer(spec.mean, spec.std, dev), dev)

@@ -10,8 +10,8 @@ One call runs the same step as `student-client train --mode kd` (`train_step.Ste
 the full image (SIPS captured by a hook on its last block), the kept patches picked on the teacher's grid, only those
 patches sent (uint8 when the pixels are exactly k/255), and the loss from the teacher's logits.
 
-Everything that can be wrong with the pairing (the API key, classes, channels, geometry, SIPS support, keep, strategy) is
-checked once, at construction, against the teacher's `GetModelInfo`; a call trusts it.
+Everything that can be wrong with the pairing (the API key, classes, channels, geometry, SIPS support, keep, strategy)
+is checked once, at construction, against the teacher's `GetModelInfo`; a call trusts it.
 
 Pipelining (paper App. E): with `micro_batches=M` (default 2) the batch is cut into M parts; the teacher request of
 part i goes out as soon as the student's forward of part i is done, and runs while the student computes parts
@@ -30,6 +30,7 @@ under it, unbilled (student_client/resend.py; `student-client train` does this).
 Build it after the student is on its device (the normalization constants are put there once); in Lightning, in
 `on_fit_start` (examples/lightning_loop.py).
 """
+
 from __future__ import annotations
 
 import uuid
@@ -75,13 +76,13 @@ class KDSettings:
 class KDStep:
     """What one call did: its loss parts and what the teacher answered and billed."""
 
-    step: int = -1                                    # the step number its request ids carry
-    loss: float = float("nan")                        # CE + lambda * KD
+    step: int = -1  # the step number its request ids carry
+    loss: float = float("nan")  # CE + lambda * KD
     ce: float = float("nan")
-    kd: float = float("nan")                          # tau^2 * KL (or the hard-label CE with hard=True)
-    usage: Usage = field(default_factory=Usage)       # every answer, replayed ones included
-    billed: Usage = field(default_factory=Usage)      # the answers billed now (replays excluded): what it cost
-    overlap: float = 1.0                              # fraction of the teacher's wall time hidden behind the student
+    kd: float = float("nan")  # tau^2 * KL (or the hard-label CE with hard=True)
+    usage: Usage = field(default_factory=Usage)  # every answer, replayed ones included
+    billed: Usage = field(default_factory=Usage)  # the answers billed now (replays excluded): what it cost
+    overlap: float = 1.0  # fraction of the teacher's wall time hidden behind the student
     stats: OverlapStats = field(default_factory=OverlapStats)
 
 
@@ -94,21 +95,37 @@ class MaskedKD:
     teacher's patches, or "auto": every `keep_every` steps the first `keep_probes` images go to the teacher whole
     and at 75/50/37.5/25% (sips and random), and the smallest keep meeting `keep_max_kl` / `keep_min_agreement` is
     used until the next decision (`keep_auto`; the probes are billed, in `last.usage`, and the full-image answers
-    are their images' KD targets; `kd.keep_decisions` lists the decisions). strategy: sips | random | bottom | all. lambda_kd, tau, hard, label_smoothing: the loss
-    (`losses.DistillationLoss`). micro_batches: pipelining (module docstring). transport: unary calls on the
-    client's threads, or one InferStream. run_id, seed: request ids and the random strategy's draws per step.
-    mean/std: the student's input normalization (default: its timm pretrained config). precision: the student
-    forward's autocast (fp32: none; bf16; auto: bf16 where native). allow_resize: a student whose image size or
-    patch grid differs from the teacher's (images resized bilinearly, scores interpolated, paper App. B).
+    are their images' KD targets; `kd.keep_decisions` lists the decisions). strategy: sips | random | bottom | all.
+    lambda_kd, tau, hard, label_smoothing: the loss (`losses.DistillationLoss`). micro_batches: pipelining (module
+    docstring). transport: unary calls on the client's threads, or one InferStream. run_id, seed: request ids and the
+    random strategy's draws per step. mean/std: the student's input normalization (default: its timm pretrained config).
+    precision: the student forward's autocast (fp32: none; bf16; auto: bf16 where native). allow_resize: a student whose
+    image size or patch grid differs from the teacher's (images resized bilinearly, scores interpolated, paper App. B).
     """
 
     def __init__(
-        self, student: nn.Module, teacher: TeacherClient, *, keep: float | int | str = 0.5, strategy: str = "sips",
-        lambda_kd: float = 1.0, tau: float = 1.0, hard: bool = False, label_smoothing: float = 0.0,
-        micro_batches: int = 2, transport: str = "unary", run_id: str | None = None, seed: int = 0,
-        mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None, precision: str = "fp32",
-        allow_resize: bool = True, keep_every: int = keep_auto.EVERY, keep_probes: int = keep_auto.PROBES,
-        keep_max_kl: float = keep_auto.MAX_KL, keep_min_agreement: float = keep_auto.MIN_AGREEMENT,
+        self,
+        student: nn.Module,
+        teacher: TeacherClient,
+        *,
+        keep: float | int | str = 0.5,
+        strategy: str = "sips",
+        lambda_kd: float = 1.0,
+        tau: float = 1.0,
+        hard: bool = False,
+        label_smoothing: float = 0.0,
+        micro_batches: int = 2,
+        transport: str = "unary",
+        run_id: str | None = None,
+        seed: int = 0,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+        precision: str = "fp32",
+        allow_resize: bool = True,
+        keep_every: int = keep_auto.EVERY,
+        keep_probes: int = keep_auto.PROBES,
+        keep_max_kl: float = keep_auto.MAX_KL,
+        keep_min_agreement: float = keep_auto.MIN_AGREEMENT,
     ) -> None:
         _check_choice("strategy", strategy, STRATEGIES)
         _check_choice("transport", transport, TRANSPORTS)
@@ -132,26 +149,43 @@ class MaskedKD:
 
         self.student = student
         self.client = teacher
-        self.settings = KDSettings(strategy=strategy, keep_value=1.0 if auto else keep,  # type: ignore[arg-type]
-                                   micro_batches=micro_batches,
-                                   precision=precision, teacher_wait_s=_teacher_wait_s(teacher))
+        self.settings = KDSettings(
+            strategy=strategy,
+            keep_value=1.0 if auto else keep,  # type: ignore[arg-type]
+            micro_batches=micro_batches,
+            precision=precision,
+            teacher_wait_s=_teacher_wait_s(teacher),
+        )
         self.run_id = run_id or uuid.uuid4().hex[:16]
         self.seed = seed
-        self.step = 0                          # the next call's step when none is passed
+        self.step = 0  # the next call's step when none is passed
         self.last = KDStep()
-        self.total_usage = Usage()             # every answer since construction (replays included)
-        self.total_billed = Usage()            # what the teacher billed since construction: equals the ledger
+        self.total_usage = Usage()  # every answer since construction (replays included)
+        self.total_billed = Usage()  # what the teacher billed since construction: equals the ledger
         self._stream: TeacherStream | None = None
         self._futures: list[Future[InferResult]] = []
         self.criterion = DistillationLoss(lambda_kd, tau, hard, label_smoothing)
         normalize = Normalizer(mean or spec.mean, std or spec.std, next(raw.parameters()).device)
-        auto_settings = keep_auto.KeepAutoSettings(every=keep_every, probes=keep_probes, max_kl=keep_max_kl,
-                                                   min_agreement=keep_min_agreement) if auto else None
+        auto_settings = (
+            keep_auto.KeepAutoSettings(
+                every=keep_every, probes=keep_probes, max_kl=keep_max_kl, min_agreement=keep_min_agreement
+            )
+            if auto
+            else None
+        )
         # the step `student-client train --mode kd` runs (kd_step); SIPSUnsupportedModelError names what works
         self._step = build_kd_step(
-            self.settings, model=student, raw_model=raw, spec=spec, normalize=normalize, criterion=self.criterion,
-            submit=self._submit, teacher_grid=self.info.grid_size, request_id_prefix=self.run_id,
-            keep_auto=auto_settings)
+            self.settings,
+            model=student,
+            raw_model=raw,
+            spec=spec,
+            normalize=normalize,
+            criterion=self.criterion,
+            submit=self._submit,
+            teacher_grid=self.info.grid_size,
+            request_id_prefix=self.run_id,
+            keep_auto=auto_settings,
+        )
         self._stream = TeacherStream(teacher) if transport == "stream" else None
         self.keep_decisions: list[dict[str, Any]] = []  # keep="auto": one record per decision (keep_probe)
 
@@ -165,8 +199,9 @@ class MaskedKD:
         self._futures = []
         known, probe_usage = None, Usage()
         # keep="auto": agreed over the torch.distributed ranks when a process group is initialized
-        decided = self._step.decide_keep_if_due(TorchDistCollective(), x, step=step, prefix=self.run_id,
-                                                decided_before=bool(self.keep_decisions))
+        decided = self._step.decide_keep_if_due(
+            TorchDistCollective(), x, step=step, prefix=self.run_id, decided_before=bool(self.keep_decisions)
+        )
         if decided is not None:
             if decided.error is not None:
                 raise decided.raised or TeacherInputError(decided.error)
@@ -175,9 +210,16 @@ class MaskedKD:
         result = self._step.runner(x, labels, step, known=known)
         answers = [fut.result()[1] for fut in self._futures]  # all done: the runner gathered every one
         billed = sum((u for u in answers if not u.replayed), Usage())
-        self.last = KDStep(step=step, loss=float(result.loss.total.detach()), ce=float(result.loss.ce),
-                           kd=float(result.loss.kd), usage=result.usage + probe_usage, billed=billed,
-                           overlap=result.stats.overlap, stats=result.stats)
+        self.last = KDStep(
+            step=step,
+            loss=float(result.loss.total.detach()),
+            ce=float(result.loss.ce),
+            kd=float(result.loss.kd),
+            usage=result.usage + probe_usage,
+            billed=billed,
+            overlap=result.stats.overlap,
+            stats=result.stats,
+        )
         self.total_usage = self.total_usage + result.usage + probe_usage
         self.total_billed = self.total_billed + billed
         self.step = step + 1
@@ -217,8 +259,14 @@ def _teacher_wait_s(client: TeacherClient) -> float:
     return client.timeout_s * (client.max_retries + 1) + client.patience_s
 
 
-def _check_pairing(raw: nn.Module, image_size: tuple[int, int], grid: tuple[int, int] | None, info: ModelInfo,
-                   strategy: str, allow_resize: bool) -> None:
+def _check_pairing(
+    raw: nn.Module,
+    image_size: tuple[int, int],
+    grid: tuple[int, int] | None,
+    info: ModelInfo,
+    strategy: str,
+    allow_resize: bool,
+) -> None:
     """The student against the teacher's GetModelInfo; one ValueError per mismatch."""
     classes = getattr(raw, "num_classes", None)
     if classes != info.num_classes:
@@ -228,9 +276,13 @@ def _check_pairing(raw: nn.Module, image_size: tuple[int, int], grid: tuple[int,
     if chans is not None and chans != info.in_chans:
         raise ValueError(f"the teacher {info.model} takes {info.in_chans} channels, the student {chans}")
     if grid is None and strategy in ("sips", "bottom"):
-        raise ValueError(f"strategy {strategy!r} needs a ViT student with a patch grid; {type(raw).__name__} has "
-                         "none (use strategy 'random' or 'all')")
+        raise ValueError(
+            f"strategy {strategy!r} needs a ViT student with a patch grid; {type(raw).__name__} has "
+            "none (use strategy 'random' or 'all')"
+        )
     if not allow_resize and (tuple(image_size) != tuple(info.image_size) or grid != tuple(info.grid_size)):
-        raise ValueError(f"the student takes {image_size[0]}x{image_size[1]} images on a {grid} patch grid, the "
-                         f"teacher {info.model} {info.image_size[0]}x{info.image_size[1]} on {info.grid_size} "
-                         f"(patch size {info.patch_size}); pass allow_resize=True to resize (paper App. B)")
+        raise ValueError(
+            f"the student takes {image_size[0]}x{image_size[1]} images on a {grid} patch grid, the "
+            f"teacher {info.model} {info.image_size[0]}x{info.image_size[1]} on {info.grid_size} "
+            f"(patch size {info.patch_size}); pass allow_resize=True to resize (paper App. B)"
+        )

@@ -9,6 +9,7 @@ while it stays near the target (hysteresis), so probe noise does not flip the de
 Everything here is a pure function on tensors. Per-rung sums (not means) travel, so workers all-reduce them and every
 rank derives the same decision from the same numbers.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -17,8 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-LADDER = (0.75, 0.5, 0.375, 0.25)   # fractions of the teacher's patches tried, largest first
-FULL = ("all", 1.0)                  # the decision when no rung meets the target
+LADDER = (0.75, 0.5, 0.375, 0.25)  # fractions of the teacher's patches tried, largest first
+FULL = ("all", 1.0)  # the decision when no rung meets the target
 # defaults of TrainConfig's --keep-* flags and MaskedKD's keep_* arguments
 # 64 probe images per worker: the mean of a few images is noisy. Random-50 on CIFAR-10 (mean KL 0.10 nats over 640
 # test images), 10th-90th percentile of the mean over n images: n=4 0.03-0.19, n=16 0.07-0.13, n=32 0.08-0.12; top-1
@@ -41,16 +42,16 @@ STAY_KL_FACTOR, STAY_AGREEMENT_SLACK = 1.2, 0.05
 class KeepAutoSettings:
     """When and against what target `--keep auto` decides (TrainConfig's --keep-* flags, MaskedKD's keep_*)."""
 
-    every: int = EVERY                   # probe and decide again every N steps
-    probes: int = PROBES                 # images per worker sent as probes at a decision
-    max_kl: float = MAX_KL               # largest mean KL(full || masked) of the teacher's softened outputs
+    every: int = EVERY  # probe and decide again every N steps
+    probes: int = PROBES  # images per worker sent as probes at a decision
+    max_kl: float = MAX_KL  # largest mean KL(full || masked) of the teacher's softened outputs
     min_agreement: float = MIN_AGREEMENT  # smallest top-1 agreement with the full image
 
 
 @dataclass(frozen=True)
 class Rung:
-    strategy: str   # sips | random
-    keep: float     # fraction of the teacher's patches
+    strategy: str  # sips | random
+    keep: float  # fraction of the teacher's patches
 
     @property
     def name(self) -> str:
@@ -62,8 +63,8 @@ class Rung:
 class Decision:
     strategy: str
     keep: float
-    kl: float          # mean KL(full || masked) of the chosen rung (0 for the full image)
-    agreement: float   # its top-1 agreement with the full image (1 for the full image)
+    kl: float  # mean KL(full || masked) of the chosen rung (0 for the full image)
+    agreement: float  # its top-1 agreement with the full image (1 for the full image)
 
 
 def ladder(strategies: Sequence[str], keeps: Sequence[float] = LADDER) -> list[Rung]:
@@ -73,26 +74,27 @@ def ladder(strategies: Sequence[str], keeps: Sequence[float] = LADDER) -> list[R
 
 def rung_sums(full: torch.Tensor, masked: Sequence[torch.Tensor], tau: float) -> torch.Tensor:
     """full [P, C] and one [P, C] per rung -> [R, 3] float64: (sum of KL(full || rung), sum of top-1 agreements, P)."""
-    log_p = F.log_softmax(full.double() / tau, dim=-1)                      # [P, C]
-    top1 = full.argmax(dim=-1)                                              # [P]
+    log_p = F.log_softmax(full.double() / tau, dim=-1)  # [P, C]
+    top1 = full.argmax(dim=-1)  # [P]
     rows = []
     for m in masked:
-        log_q = F.log_softmax(m.double() / tau, dim=-1)                     # [P, C]
-        kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)                    # [P]
-        agree = (m.argmax(dim=-1) == top1).double()                         # [P]
+        log_q = F.log_softmax(m.double() / tau, dim=-1)  # [P, C]
+        kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)  # [P]
+        agree = (m.argmax(dim=-1) == top1).double()  # [P]
         rows.append(torch.stack([kl.sum(), agree.sum(), torch.tensor(float(full.shape[0]), dtype=torch.float64)]))
     return torch.stack(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)
 
 
-def choose(rungs: Sequence[Rung], sums: torch.Tensor, *, max_kl: float, min_agreement: float,
-           current: Rung | None = None) -> Decision:
+def choose(
+    rungs: Sequence[Rung], sums: torch.Tensor, *, max_kl: float, min_agreement: float, current: Rung | None = None
+) -> Decision:
     """The smallest keep whose mean KL <= max_kl and agreement >= min_agreement (ties: the lower KL); else FULL.
 
     `current` (the rung decided last, if any) stays chosen over a larger keep while it is within the hysteresis band
     (STAY_KL_FACTOR, STAY_AGREEMENT_SLACK); a smaller keep that meets the plain target still replaces it."""
     best: Decision | None = None
     measured: dict[Rung, Decision] = {}
-    for rung, (kl_sum, agree_sum, n) in zip(rungs, sums.tolist()):
+    for rung, (kl_sum, agree_sum, n) in zip(rungs, sums.tolist(), strict=True):
         if n <= 0:
             continue
         kl, agreement = kl_sum / n, agree_sum / n
@@ -103,7 +105,11 @@ def choose(rungs: Sequence[Rung], sums: torch.Tensor, *, max_kl: float, min_agre
             best = measured[rung]
     decision = best or Decision(FULL[0], FULL[1], 0.0, 1.0)
     stay = measured.get(current) if current is not None else None
-    if stay is not None and stay.keep < decision.keep and stay.kl <= max_kl * STAY_KL_FACTOR \
-            and stay.agreement >= min_agreement - STAY_AGREEMENT_SLACK:
+    if (
+        stay is not None
+        and stay.keep < decision.keep
+        and stay.kl <= max_kl * STAY_KL_FACTOR
+        and stay.agreement >= min_agreement - STAY_AGREEMENT_SLACK
+    ):
         return stay
     return decision

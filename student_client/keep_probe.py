@@ -6,6 +6,7 @@ teacher's usage reports and dashboard show what they cost beside the training ta
 The full-image answer becomes the KD target of the probe images in that step (`StepRunner(..., known=...)`), so the
 probes' images need no other request.
 """
+
 from __future__ import annotations
 
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -28,16 +29,25 @@ from student_client.wire import Usage
 
 @dataclass
 class ProbeOutcome:
-    sums: torch.Tensor         # [R, 3] keep_auto.rung_sums of this worker's probes
+    sums: torch.Tensor  # [R, 3] keep_auto.rung_sums of this worker's probes
     full_logits: torch.Tensor  # [P, classes] the teacher on the full probe images: their KD target this step
-    usage: Usage               # what the probes cost (full + every rung)
+    usage: Usage  # what the probes cost (full + every rung)
 
 
 class KeepProber:
     """Probes one worker's images; the caller all-reduces `sums` and runs keep_auto.choose on them."""
 
-    def __init__(self, *, raw_model: nn.Module, normalize: Normalizer, selector: PatchSelector, submit: Submit,
-                 probes: int, tau: float, timeout_s: float) -> None:
+    def __init__(
+        self,
+        *,
+        raw_model: nn.Module,
+        normalize: Normalizer,
+        selector: PatchSelector,
+        submit: Submit,
+        probes: int,
+        tau: float,
+        timeout_s: float,
+    ) -> None:
         self.raw_model = raw_model
         self.normalize = normalize
         self.selector = selector
@@ -60,17 +70,25 @@ class KeepProber:
             scores = torch.zeros(images.shape[0], grid[0] * grid[1], device=images.device)
         assert scores is not None
         pixels = images.detach()
-        futures = [self.submit(images=pixels, keep_indices=None, request_id=f"{prefix}-s{step}-probe-full",
-                               purpose=PROBE)]
+        futures = [
+            self.submit(images=pixels, keep_indices=None, request_id=f"{prefix}-s{step}-probe-full", purpose=PROBE)
+        ]
         for rung in self.rungs:
             if rung.strategy == "sips":
                 score_map, score_grid = scores, grid
             else:  # random needs no scores, only the teacher grid's shape
                 score_map, score_grid = torch.zeros(images.shape[0], tg[0] * tg[1], device=images.device), tg
-            keep = select_patches(score_map, rung.keep, rung.strategy, teacher_grid=tg, student_grid=score_grid,
-                                  generator=sel.generator)
-            futures.append(self.submit(images=pixels, keep_indices=keep.cpu(),
-                                       request_id=f"{prefix}-s{step}-probe-{rung.name}", purpose=PROBE))
+            keep = select_patches(
+                score_map, rung.keep, rung.strategy, teacher_grid=tg, student_grid=score_grid, generator=sel.generator
+            )
+            futures.append(
+                self.submit(
+                    images=pixels,
+                    keep_indices=keep.cpu(),
+                    request_id=f"{prefix}-s{step}-probe-{rung.name}",
+                    purpose=PROBE,
+                )
+            )
         try:
             answers = [f.result(timeout=self.timeout_s) for f in futures]
         except FutureTimeout:
@@ -84,15 +102,23 @@ class KeepProber:
 
 @dataclass
 class KeepDecision:
-    known: torch.Tensor | None   # [P, classes] full-image logits of this worker's probe images (their KD target)
-    usage: Usage                 # this worker's probe cost
-    record: dict[str, Any]       # the decision, summed over workers: step, strategy, keep, kl, agreement, probe cost
-    error: str | None = None     # a fatal teacher error on any worker (then nothing else is set)
+    known: torch.Tensor | None  # [P, classes] full-image logits of this worker's probe images (their KD target)
+    usage: Usage  # this worker's probe cost
+    record: dict[str, Any]  # the decision, summed over workers: step, strategy, keep, kl, agreement, probe cost
+    error: str | None = None  # a fatal teacher error on any worker (then nothing else is set)
     raised: TeacherError | None = None  # this worker's own, to re-raise where there is no fatal-error protocol
 
 
-def probe_and_decide(prober: KeepProber, ctx: Collective, images: torch.Tensor, *, step: int, prefix: str,
-                     max_kl: float, min_agreement: float) -> KeepDecision:
+def probe_and_decide(
+    prober: KeepProber,
+    ctx: Collective,
+    images: torch.Tensor,
+    *,
+    step: int,
+    prefix: str,
+    max_kl: float,
+    min_agreement: float,
+) -> KeepDecision:
     """Probe this worker's first images, all-reduce every worker's sums, decide, and set the selector to it.
     The selector holds the previous decision, which the decision's hysteresis keeps near (before the first one it
     holds the full image, keep 1.0: no rung of the ladder, so nothing is held).
@@ -100,14 +126,14 @@ def probe_and_decide(prober: KeepProber, ctx: Collective, images: torch.Tensor, 
     A collective: every worker calls it at the same step and gets the same decision (or the same error)."""
     outcome, error, raised = None, None, None
     try:
-        outcome = prober.probe(images[:prober.probes], step=step, prefix=prefix)
+        outcome = prober.probe(images[: prober.probes], step=step, prefix=prefix)
     except FATAL_ERRORS as err:
         error, raised = str(err), err
     r = len(prober.rungs)
     local = torch.zeros(3 * r + 3, dtype=torch.float64)  # rung sums, probe GFLOPs, probe cost, error flag
     if outcome is not None:
-        local[:3 * r] = outcome.sums.flatten()
-        local[3 * r:3 * r + 2] = torch.tensor([outcome.usage.gflops, outcome.usage.cost], dtype=torch.float64)
+        local[: 3 * r] = outcome.sums.flatten()
+        local[3 * r : 3 * r + 2] = torch.tensor([outcome.usage.gflops, outcome.usage.cost], dtype=torch.float64)
     else:
         local[-1] = 1.0
     total = ctx.all_reduce(local)
@@ -115,12 +141,23 @@ def probe_and_decide(prober: KeepProber, ctx: Collective, images: torch.Tensor, 
         message = first_error(ctx, error, "fatal teacher error in a probe")
         return KeepDecision(None, Usage(), {}, message, raised)
     assert outcome is not None
-    decision = choose(prober.rungs, total[:3 * r].view(r, 3), max_kl=max_kl, min_agreement=min_agreement,
-                      current=Rung(prober.selector.strategy, float(prober.selector.keep)))
+    decision = choose(
+        prober.rungs,
+        total[: 3 * r].view(r, 3),
+        max_kl=max_kl,
+        min_agreement=min_agreement,
+        current=Rung(prober.selector.strategy, float(prober.selector.keep)),
+    )
     prober.selector.strategy, prober.selector.keep = decision.strategy, decision.keep
-    record = {"step": step, "strategy": decision.strategy, "keep": decision.keep, "kl": decision.kl,
-              "agreement": decision.agreement, "probe_gflops": float(total[3 * r]),
-              "probe_cost": float(total[3 * r + 1])}
+    record = {
+        "step": step,
+        "strategy": decision.strategy,
+        "keep": decision.keep,
+        "kl": decision.kl,
+        "agreement": decision.agreement,
+        "probe_gflops": float(total[3 * r]),
+        "probe_cost": float(total[3 * r + 1]),
+    }
     return KeepDecision(outcome.full_logits, outcome.usage, record)
 
 
@@ -131,6 +168,8 @@ def apply_decision(selector: PatchSelector, record: dict[str, Any]) -> None:
 
 def decision_line(record: dict[str, Any]) -> str:
     """The stderr line of one decision."""
-    return (f"keep auto @ step {record['step']}: {record['strategy']} {record['keep']:g} "
-            f"(KL {record['kl']:.4f}, top-1 agreement {record['agreement']:.2f}; "
-            f"probes {record['probe_gflops']:.3f} GFLOPs, cost {record['probe_cost']:.6g})")
+    return (
+        f"keep auto @ step {record['step']}: {record['strategy']} {record['keep']:g} "
+        f"(KL {record['kl']:.4f}, top-1 agreement {record['agreement']:.2f}; "
+        f"probes {record['probe_gflops']:.3f} GFLOPs, cost {record['probe_cost']:.6g})"
+    )

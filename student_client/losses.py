@@ -5,6 +5,7 @@ CE against the teacher's argmax (DeiT's hard distillation). Mixup/cutmix targets
 A student with a distillation token returns (cls_logits, dist_logits) in training: CE goes on the class head and KD
 on the distillation head, as DeiT does.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,8 +21,10 @@ StudentOutput = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 def kd_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
     """[B, C], [B, C] -> scalar: KL(p_t || p_s) at temperature tau, batchmean, times tau^2."""
     return F.kl_div(
-        F.log_softmax(student_logits / tau, dim=1), F.log_softmax(teacher_logits.float() / tau, dim=1),
-        reduction="batchmean", log_target=True,
+        F.log_softmax(student_logits / tau, dim=1),
+        F.log_softmax(teacher_logits.float() / tau, dim=1),
+        reduction="batchmean",
+        log_target=True,
     ) * (tau * tau)
 
 
@@ -54,9 +57,9 @@ def merged_logits(output: StudentOutput) -> torch.Tensor:
 
 @dataclass
 class LossParts:
-    total: torch.Tensor       # what backward runs on
-    ce: torch.Tensor          # detached
-    kd: torch.Tensor          # detached; 0 without a teacher
+    total: torch.Tensor  # what backward runs on
+    ce: torch.Tensor  # detached
+    kd: torch.Tensor  # detached; 0 without a teacher
 
 
 class DistillationLoss(nn.Module):
@@ -72,7 +75,10 @@ class DistillationLoss(nn.Module):
         self.label_smoothing = label_smoothing
 
     def forward(
-        self, output: StudentOutput, targets: torch.Tensor, teacher_logits: torch.Tensor | None = None,
+        self,
+        output: StudentOutput,
+        targets: torch.Tensor,
+        teacher_logits: torch.Tensor | None = None,
     ) -> LossParts:
         if teacher_logits is None:
             ce = classification_loss(merged_logits(output), targets, self.label_smoothing)

@@ -1,27 +1,60 @@
 """Per-step and per-epoch metrics to CSV (and TensorBoard when installed), and the rank-0 progress bar of in-process
 runs (a Ray run's driver draws its bar from the reports: `ray_progress`)."""
+
 from __future__ import annotations
 
 import csv
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 STEP_COLUMNS = (
-    "step", "epoch", "loss", "ce", "kd", "lr", "images", "img_per_s", "step_s",
-    "teacher_gflops", "teacher_full_gflops", "teacher_cost", "total_teacher_gflops", "total_saved_gflops",
-    "overlap", "teacher_wait_s", "keep_strategy", "keep", "probe_gflops", "probe_cost", "kept_fraction", "time",
+    "step",
+    "epoch",
+    "loss",
+    "ce",
+    "kd",
+    "lr",
+    "images",
+    "img_per_s",
+    "step_s",
+    "teacher_gflops",
+    "teacher_full_gflops",
+    "teacher_cost",
+    "total_teacher_gflops",
+    "total_saved_gflops",
+    "overlap",
+    "teacher_wait_s",
+    "keep_strategy",
+    "keep",
+    "probe_gflops",
+    "probe_cost",
+    "kept_fraction",
+    "time",
 )
 EPOCH_COLUMNS = (
-    "epoch", "step", "train_loss", "train_ce", "train_kd", "val_top1", "val_top5", "images", "epoch_s",
-    "teacher_gflops", "teacher_full_gflops", "teacher_cost", "teacher_saving", "overlap", "time",
+    "epoch",
+    "step",
+    "train_loss",
+    "train_ce",
+    "train_kd",
+    "val_top1",
+    "val_top5",
+    "images",
+    "epoch_s",
+    "teacher_gflops",
+    "teacher_full_gflops",
+    "teacher_cost",
+    "teacher_saving",
+    "overlap",
+    "time",
 )
 
 
 def utc_now_iso() -> str:
     """The time as ISO 8601 in UTC with milliseconds: 2026-11-29T15:31:02.123Z."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class _CsvLog:
@@ -76,7 +109,7 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(out / "tensorboard"))
-        except Exception:  # tensorboard not installed: CSV only
+        except Exception:  # noqa: BLE001 - tensorboard not installed: CSV only
             self._tb = None
 
     def log_step(self, row: dict[str, Any]) -> None:
@@ -131,14 +164,21 @@ class Progress:
 
 def epoch_line(row: dict[str, Any], node: str | None = None) -> str:
     """One line per finished epoch: its step, train loss, validation accuracy and teacher GFLOPs."""
-    val = (f", val top-1 {float(row['val_top1']):.2f}% top-5 {float(row['val_top5']):.2f}%"
-           if row.get("val_top1") not in (None, "") else "")
+    val = (
+        f", val top-1 {float(row['val_top1']):.2f}% top-5 {float(row['val_top5']):.2f}%"
+        if row.get("val_top1") not in (None, "")
+        else ""
+    )
     where = f" (reported by rank 0 on node {node[:12]})" if node else ""
-    return (f"epoch {int(row['epoch']) + 1}: step {row['step']}, train loss {float(row['train_loss']):.4f}{val}, "
-            f"teacher {float(row.get('teacher_gflops') or 0):.4g} GFLOPs, {float(row.get('epoch_s') or 0):.1f}s"
-            f"{where}")
+    return (
+        f"epoch {int(row['epoch']) + 1}: step {row['step']}, train loss {float(row['train_loss']):.4f}{val}, "
+        f"teacher {float(row.get('teacher_gflops') or 0):.4g} GFLOPs, {float(row.get('epoch_s') or 0):.1f}s"
+        f"{where}"
+    )
 
 
 def progress_text(info: dict[str, Any]) -> str:
-    return (f"loss {float(info['loss']):.3f} | {float(info['img_per_s']):.0f} img/s | teacher "
-            f"{float(info['gflops']):.4g} GF used, {float(info['saved']):.4g} GF saved")
+    return (
+        f"loss {float(info['loss']):.3f} | {float(info['img_per_s']):.0f} img/s | teacher "
+        f"{float(info['gflops']):.4g} GF used, {float(info['saved']):.4g} GF saved"
+    )

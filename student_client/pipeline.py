@@ -8,6 +8,7 @@ One backward runs on the whole batch afterwards (one DDP gradient sync per step)
 Overlap achieved = the fraction of the teacher's wall time (union of [submit, answered] intervals) during which the
 student was not blocked waiting for it.
 """
+
 from __future__ import annotations
 
 import threading
@@ -29,16 +30,16 @@ Submit = Callable[..., InferFuture]  # submit(images=..., keep_indices=..., requ
 
 @dataclass
 class TeacherRequest:
-    images: torch.Tensor                 # [b, C, H, W] un-normalized, exactly what the student saw
-    keep_indices: torch.Tensor | None    # [b, K] on the teacher's grid; None: the full image
+    images: torch.Tensor  # [b, C, H, W] un-normalized, exactly what the student saw
+    keep_indices: torch.Tensor | None  # [b, K] on the teacher's grid; None: the full image
     keep_counts: torch.Tensor | None = None  # [b] ragged rows (`--keep-mass`): row i uses its first counts[i]
 
 
 @dataclass
 class OverlapStats:
-    teacher_s: float = 0.0   # wall time the teacher had work outstanding (union of request intervals)
-    wait_s: float = 0.0      # time the student sat blocked on teacher answers
-    student_s: float = 0.0   # student forward + selection time inside the pipeline
+    teacher_s: float = 0.0  # wall time the teacher had work outstanding (union of request intervals)
+    wait_s: float = 0.0  # time the student sat blocked on teacher answers
+    student_s: float = 0.0  # student forward + selection time inside the pipeline
     requests: int = 0
 
     @property
@@ -49,14 +50,18 @@ class OverlapStats:
         return min(1.0, max(0.0, 1.0 - self.wait_s / self.teacher_s))
 
     def __add__(self, other: OverlapStats) -> OverlapStats:
-        return OverlapStats(self.teacher_s + other.teacher_s, self.wait_s + other.wait_s,
-                            self.student_s + other.student_s, self.requests + other.requests)
+        return OverlapStats(
+            self.teacher_s + other.teacher_s,
+            self.wait_s + other.wait_s,
+            self.student_s + other.student_s,
+            self.requests + other.requests,
+        )
 
 
 @dataclass
 class PipelineResult:
-    outputs: list[Any]                          # student outputs per micro-batch
-    teacher_logits: list[torch.Tensor] | None   # per micro-batch; None without a teacher
+    outputs: list[Any]  # student outputs per micro-batch
+    teacher_logits: list[torch.Tensor] | None  # per micro-batch; None without a teacher
     usage: Usage = field(default_factory=Usage)
     stats: OverlapStats = field(default_factory=OverlapStats)
 

@@ -4,6 +4,7 @@ weights and of a --resume checkpoint to that student, and the teacher (reachable
 
 `UsageError` is a bad value the user gave (the CLI exits 2); other errors (an unreachable teacher) exit 1.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -35,8 +36,9 @@ def check_data(cfg: TrainConfig) -> list[str]:
         what = "archive file" if is_archive(cfg.data) else "directory"
         raise UsageError(f"--data: no {what} {cfg.data}")
     if not (root / "train").is_dir():
-        raise UsageError(f"--data: {cfg.data} has no train/ folder (an ImageFolder tree: train/<class>/*.png, "
-                         "val/ or test/)")
+        raise UsageError(
+            f"--data: {cfg.data} has no train/ folder (an ImageFolder tree: train/<class>/*.png, val/ or test/)"
+        )
     classes = class_names_of(root)
     if not classes:
         raise UsageError(f"--data: {cfg.data}/train has no class folders")
@@ -59,8 +61,9 @@ def build_meta_student(cfg: TrainConfig, num_classes: int) -> nn.Module:
         with torch.device("meta"):
             model = timm.create_model(cfg.student, pretrained=False, **kwargs)
     except Exception as err:  # timm raises TypeError, ValueError, AssertionError, RuntimeError for bad kwargs
-        raise UsageError(f"--student-kwargs: cannot build {cfg.student} with {kwargs}: "
-                         f"{one_line(err) or type(err).__name__}") from err
+        raise UsageError(
+            f"--student-kwargs: cannot build {cfg.student} with {kwargs}: {one_line(err) or type(err).__name__}"
+        ) from err
     if cfg.mode != "none" and cfg.strategy in ("sips", "bottom"):
         if describe_student(model).grid_size is None:
             raise UsageError(f"--strategy {cfg.strategy} needs a ViT student; {cfg.student} has no patch grid")
@@ -82,8 +85,10 @@ def check_resume(cfg: TrainConfig, model: nn.Module) -> Path | None:
     try:
         model.load_state_dict(load_state_dict(checkpoint / MODEL_FILE), strict=True, assign=True)
     except (RuntimeError, CheckpointError) as err:
-        raise UsageError(f"--resume: checkpoint {checkpoint} does not fit --student {cfg.student} "
-                         f"{cfg.student_kwargs}: {one_line(err)}") from err
+        raise UsageError(
+            f"--resume: checkpoint {checkpoint} does not fit --student {cfg.student} "
+            f"{cfg.student_kwargs}: {one_line(err)}"
+        ) from err
     return checkpoint
 
 
@@ -105,13 +110,21 @@ def check_teacher(cfg: TrainConfig, num_classes: int) -> str:
 
     if cfg.mode == "none":
         return ""
-    with TeacherClient(cfg.teacher or "", cfg.api_key or "", timeout_s=10.0, max_retries=1, patience_s=0,
-                       model=cfg.teacher_model, **teacher_tls_kwargs(cfg)) as client:
+    with TeacherClient(
+        cfg.teacher or "",
+        cfg.api_key or "",
+        timeout_s=10.0,
+        max_retries=1,
+        patience_s=0,
+        model=cfg.teacher_model,
+        **teacher_tls_kwargs(cfg),
+    ) as client:
         info = client.info()
         client.check_key()
     if info.num_classes != int(cfg.student_kwargs.get("num_classes", num_classes)):
-        raise ValueError(f"teacher {info.model} predicts {info.num_classes} classes but {cfg.data} has "
-                         f"{num_classes} class folders")
+        raise ValueError(
+            f"teacher {info.model} predicts {info.num_classes} classes but {cfg.data} has {num_classes} class folders"
+        )
     return info.currency
 
 

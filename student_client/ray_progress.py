@@ -6,8 +6,10 @@ checkpoint) and a "final" summary. Ray Train calls `ForwardReports.after_report`
 driver's node) with all workers' rows; it forwards rank 0's row, plus the node of every rank, to a Ray queue that
 `ReportedProgress` drains on the driver: the progress bar, one line per epoch, and the final summary.
 """
+
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
@@ -62,10 +64,8 @@ class ReportedProgress:
         self._drain()  # rows that arrived after the thread's last poll
         if self._bar is not None:
             self._bar.close()
-        try:
+        with contextlib.suppress(Exception):  # the cluster is already gone
             self.queue.shutdown()
-        except Exception:  # the cluster is already gone
-            pass
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -73,7 +73,7 @@ class ReportedProgress:
                 row = self.queue.get(block=True, timeout=self.poll_s)
             except Empty:
                 continue
-            except Exception:  # the queue actor died with the cluster: nothing more to show
+            except Exception:  # noqa: BLE001 - the queue actor died with the cluster: nothing more to show
                 return
             self._handle(row)
 
@@ -81,7 +81,7 @@ class ReportedProgress:
         while True:
             try:
                 row = self.queue.get_nowait()
-            except Exception:  # Empty, or the queue actor is gone
+            except Exception:  # noqa: BLE001 - Empty, or the queue actor is gone
                 return
             self._handle(row)
 
@@ -94,19 +94,30 @@ class ReportedProgress:
             self._started = True
             workers, nodes = len(self.nodes), len(set(self.nodes))
             where = "" if nodes == 1 else f"; rank 0 on node {self.nodes[0][:12]} writes the metrics CSVs there"
-            self._print(f"ray: {workers} worker{'s' if workers > 1 else ''} on {nodes} node{'s' if nodes > 1 else ''} "
-                        f"training after {time.monotonic() - self.started_at:.1f}s{where}")
+            self._print(
+                f"ray: {workers} worker{'s' if workers > 1 else ''} on {nodes} node{'s' if nodes > 1 else ''} "
+                f"training after {time.monotonic() - self.started_at:.1f}s{where}"
+            )
             self.steps_seen = int(row["initial"])
             if self.enabled:
                 from tqdm import tqdm
 
-                self._bar = tqdm(total=int(row["total"]), initial=int(row["initial"]), desc="train", unit="step",
-                                 dynamic_ncols=True)
+                self._bar = tqdm(
+                    total=int(row["total"]), initial=int(row["initial"]), desc="train", unit="step", dynamic_ncols=True
+                )
         elif kind == "step":
             if self._bar is not None and int(row["step"]) > self.steps_seen:
-                self._bar.set_postfix_str(progress_text({
-                    "loss": row["loss"], "img_per_s": row["img_per_s"], "gflops": row["total_teacher_gflops"],
-                    "saved": row["total_saved_gflops"]}), refresh=False)
+                self._bar.set_postfix_str(
+                    progress_text(
+                        {
+                            "loss": row["loss"],
+                            "img_per_s": row["img_per_s"],
+                            "gflops": row["total_teacher_gflops"],
+                            "saved": row["total_saved_gflops"],
+                        }
+                    ),
+                    refresh=False,
+                )
             self._advance(int(row["step"]))
         elif kind == "epoch":
             self._advance(int(row["global_step"]))  # the steps since the last progress row
@@ -122,4 +133,3 @@ class ReportedProgress:
             self._bar.write(line, file=sys.stderr)
         else:
             print(line, file=sys.stderr, flush=True)
-

@@ -9,6 +9,7 @@ Train finds that directory again and hands its newest checkpoint to every worker
 bar, epoch lines and final summary come from `ray.train.report` (`ray_progress`); when rank 0 ran on another node,
 the driver also writes `summary.json` and copies the newest `model.safetensors` from the storage into its `--out`.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,8 +65,10 @@ def describe_failure(err: BaseException) -> str:
     return message if message.startswith(type(root).__name__) else f"{type(root).__name__}: {message}"
 
 
-TRAIN_EXTRA_HINT = "Ray is not installed; `student-client train` without --local needs the train extra: " \
-                   "pip install 'maskedkd-service[train]'"
+TRAIN_EXTRA_HINT = (
+    "Ray is not installed; `student-client train` without --local needs the train extra: "
+    "pip install 'maskedkd-service[train]'"
+)
 
 
 def require_ray() -> None:
@@ -90,8 +93,12 @@ def init_ray(address: str | None, workers: int, *, worker_logs: bool = False) ->
     if address:
         ray.init(address=address, logging_level=level, log_to_driver=worker_logs)
     else:
-        ray.init(num_cpus=max(workers, os.cpu_count() or 1), include_dashboard=False, logging_level=level,
-                 log_to_driver=worker_logs)
+        ray.init(
+            num_cpus=max(workers, os.cpu_count() or 1),
+            include_dashboard=False,
+            logging_level=level,
+            log_to_driver=worker_logs,
+        )
     return True
 
 
@@ -119,10 +126,11 @@ def stored_run(cfg: TrainConfig) -> str | None:
     try:
         import pyarrow.fs
 
-        fs, path = pyarrow.fs.FileSystem.from_uri(run_dir) if "://" in run_dir else (pyarrow.fs.LocalFileSystem(),
-                                                                                    run_dir)
+        fs, path = (
+            pyarrow.fs.FileSystem.from_uri(run_dir) if "://" in run_dir else (pyarrow.fs.LocalFileSystem(), run_dir)
+        )
         found = fs.get_file_info(f"{path}/{RUN_SNAPSHOT}").type != pyarrow.fs.FileType.NotFound
-    except Exception:  # unreachable or unknown storage: Ray Train reports it when it starts
+    except Exception:  # noqa: BLE001 - unreachable or unknown storage: Ray Train reports it when it starts
         return None
     return run_dir if found else None
 
@@ -140,8 +148,12 @@ def run_with_ray(cfg: TrainConfig, *, ray_address: str | None = None, worker_log
     launched = time.monotonic()
     started = init_ray(ray_address, cfg.workers, worker_logs=worker_logs)
     how = "started a local Ray" if started else f"connected to Ray at {ray_address or 'the running cluster'}"
-    print(f"ray: {how} in {time.monotonic() - launched:.1f}s; starting {cfg.workers} worker"
-          f"{'s' if cfg.workers > 1 else ''}", file=sys.stderr, flush=True)
+    print(
+        f"ray: {how} in {time.monotonic() - launched:.1f}s; starting {cfg.workers} worker"
+        f"{'s' if cfg.workers > 1 else ''}",
+        file=sys.stderr,
+        flush=True,
+    )
     out = Path(cfg.out).resolve()
     cfg.out = str(out)
     cfg.run_id = cfg.run_id or run_id_for(out, resume=cfg.resume)  # every worker, and every restart, uses this one
@@ -200,7 +212,7 @@ def fit_interruptibly(trainer: Any) -> Any:
     def fit() -> None:
         try:
             outcome["result"] = trainer.fit()
-        except BaseException as err:  # handed to the main thread
+        except BaseException as err:  # noqa: BLE001 - handed to the main thread
             outcome["error"] = err
 
     thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)

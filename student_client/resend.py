@@ -6,6 +6,7 @@ count); with `reuse_billed` the request goes again under the same id with `accep
 answers what it billed (nothing billed again). FAILED_PRECONDITION (the stored answer expired), or an ALREADY_EXISTS
 that reuse cannot settle: the request goes again under `<id>.r1`, `.r2`, ... and is billed as new work.
 """
+
 from __future__ import annotations
 
 import sys
@@ -24,9 +25,9 @@ REPLAY_REFUSED = frozenset({"ALREADY_EXISTS", "FAILED_PRECONDITION"})
 @dataclass
 class ResendPlan:
     request: pb.InferRequest  # what to send next (changed in place)
-    reuse_billed: bool        # may an ALREADY_EXISTS take the answer billed under this id
-    resends: int = 0          # derived ids used so far, each billed as new work
-    refusals: int = 0         # refused replays so far
+    reuse_billed: bool  # may an ALREADY_EXISTS take the answer billed under this id
+    resends: int = 0  # derived ids used so far, each billed as new work
+    refusals: int = 0  # refused replays so far
 
     def __post_init__(self) -> None:
         self.original = self.request.request_id
@@ -50,8 +51,8 @@ class ResendPlan:
 class RefusedReplays:
     """A client's counts of refused replays, thread-safe; warns once per client on stderr."""
 
-    mismatched: int = 0   # requests whose replay was refused (content changed, or the answer expired)
-    rebilled: int = 0     # of those, sent again under a derived id and billed again
+    mismatched: int = 0  # requests whose replay was refused (content changed, or the answer expired)
+    rebilled: int = 0  # of those, sent again under a derived id and billed again
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def note(self, plan: ResendPlan, step: str, reason: str) -> None:
@@ -60,10 +61,16 @@ class RefusedReplays:
             self.mismatched += plan.refusals == 1
             self.rebilled += step == "resend" and plan.resends == 1
         if first:
-            what = ("taking the answer it billed under that id (not billed again)" if step == "reuse" else
-                    "re-sending under a derived id (billed again; counted as teacher_rebilled_requests)")
-            print(f"student-client: warning: the teacher cannot replay request id {plan.original} ({reason}); "
-                  f"{what}", file=sys.stderr, flush=True)
+            what = (
+                "taking the answer it billed under that id (not billed again)"
+                if step == "reuse"
+                else "re-sending under a derived id (billed again; counted as teacher_rebilled_requests)"
+            )
+            print(
+                f"student-client: warning: the teacher cannot replay request id {plan.original} ({reason}); {what}",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 class CountsRefusedReplays:

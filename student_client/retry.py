@@ -11,6 +11,7 @@ unbilled), so waiting never pays twice.
 Per outage (across all calls sharing the policy), one line on stderr when the waiting starts and one when the teacher
 answers again.
 """
+
 from __future__ import annotations
 
 import random
@@ -35,7 +36,7 @@ def tls_refused(err: grpc.RpcError) -> bool:
 
 def backoff_delay(attempt: int, backoff_s: float, max_backoff_s: float = float("inf")) -> float:
     """Exponential backoff with +-25% jitter so that many workers do not retry in lockstep."""
-    return min(max_backoff_s, backoff_s * (2 ** attempt)) * random.uniform(0.75, 1.25)
+    return min(max_backoff_s, backoff_s * (2**attempt)) * random.uniform(0.75, 1.25)
 
 
 def retry_after_s(err: grpc.RpcError) -> float | None:
@@ -63,13 +64,13 @@ def retry_after_s(err: grpc.RpcError) -> float | None:
 class RetryPolicy:
     """Shared by every call of one client; thread-safe. `Attempts` carries the state of one call."""
 
-    target: str                         # HOST:PORT, for messages
-    timeout_s: float = 60.0             # deadline of one attempt
+    target: str  # HOST:PORT, for messages
+    timeout_s: float = 60.0  # deadline of one attempt
     patience_s: float = DEFAULT_PATIENCE_S  # keep retrying a transient failure this long
-    min_retries: int = 4                # ... and at least this many times
-    backoff_s: float = 0.25             # first retry waits ~backoff_s, then doubles
-    max_backoff_s: float = 5.0          # ... up to this
-    log: TextIO | None = None           # where the waiting/back lines go (None: sys.stderr at the time)
+    min_retries: int = 4  # ... and at least this many times
+    backoff_s: float = 0.25  # first retry waits ~backoff_s, then doubles
+    max_backoff_s: float = 5.0  # ... up to this
+    log: TextIO | None = None  # where the waiting/back lines go (None: sys.stderr at the time)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _waiting_since: float | None = field(default=None, init=False, repr=False)
 
@@ -89,8 +90,10 @@ class RetryPolicy:
                 return
             self._waiting_since = time.monotonic()
         detail = first_line(err.details(), 200) if hasattr(err, "details") else ""
-        self._say(f"teacher at {self.target} unavailable ({err.code().name}: {detail}); waiting up to "
-                  f"{self.patience_s:g}s, retrying under the same request ids")
+        self._say(
+            f"teacher at {self.target} unavailable ({err.code().name}: {detail}); waiting up to "
+            f"{self.patience_s:g}s, retrying under the same request ids"
+        )
 
     def note_answered(self) -> None:
         if self._waiting_since is None:  # the common case, without the lock
@@ -106,7 +109,7 @@ class Attempts:
 
     def __init__(self, policy: RetryPolicy) -> None:
         self.policy = policy
-        self.count = 0                        # failed attempts so far
+        self.count = 0  # failed attempts so far
         self.first_failure: float | None = None
 
     @property

@@ -6,6 +6,7 @@ only the one [CLS] query row (q_cls against every key), so fused attention (SDPA
 extra cost is one [1 x N] score row per head: 2*N*D FLOPs per image against ~24*N*D^2*depth for the forward
 (see `sips_overhead_flops`).
 """
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,14 @@ import torch.nn.functional as F
 from timm.layers.attention import Attention
 from torch import nn
 
-__all__ = ["SIPSCapture", "SIPSUnsupportedModelError", "select_by_mass", "select_patches", "sips_overhead_flops",
-           "STRATEGIES"]
+__all__ = [
+    "STRATEGIES",
+    "SIPSCapture",
+    "SIPSUnsupportedModelError",
+    "select_by_mass",
+    "select_patches",
+    "sips_overhead_flops",
+]
 
 STRATEGIES = ("sips", "random", "bottom", "all")
 
@@ -153,8 +160,9 @@ def _num_keep(keep: float | int, total: int) -> int:
     return max(1, math.floor(keep * total + 1e-9))  # 1e-9: 0.29 * 100 must give 29, not 28
 
 
-def _grids(scores: torch.Tensor, teacher_grid: int | Sequence[int] | None,
-           student_grid: int | Sequence[int] | None) -> tuple[tuple[int, int], tuple[int, int]]:
+def _grids(
+    scores: torch.Tensor, teacher_grid: int | Sequence[int] | None, student_grid: int | Sequence[int] | None
+) -> tuple[tuple[int, int], tuple[int, int]]:
     """(student grid, teacher grid) of scores [B, N], checked; the student grid defaults to a square sqrt(N)^2."""
     if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or scores.shape[1] == 0:
         shape = list(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
@@ -211,7 +219,9 @@ def select_patches(
     if strategy == "all":
         return torch.arange(total, device=scores.device).expand(B, total).clone()
     if strategy == "random":
-        noise = torch.rand(B, total, generator=generator, device=generator.device if generator is not None else scores.device)
+        noise = torch.rand(
+            B, total, generator=generator, device=generator.device if generator is not None else scores.device
+        )
         return noise.to(scores.device).argsort(dim=1)[:, :k].sort(dim=1).values
 
     scores = _on_teacher_grid(scores, s_grid, t_grid).float()  # [B, h_t * w_t]

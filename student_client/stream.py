@@ -13,6 +13,7 @@ same request_id, per the same policy, when the status is transient); the stream 
 ALREADY_EXISTS or FAILED_PRECONDITION (an id the teacher cannot replay: billed before for other content, or its stored
 answer expired) goes as a unary call, which re-sends it under a derived id (`TeacherClient.infer_request`).
 """
+
 from __future__ import annotations
 
 import queue
@@ -74,24 +75,41 @@ class TeacherStream:
         self._retries: dict[str, Attempts] = {}  # request_id -> retry state after a transient per-message error
 
     def submit(
-        self, images: torch.Tensor | None = None, patches: torch.Tensor | None = None,
-        keep_indices: torch.Tensor | None = None, keep_counts: torch.Tensor | None = None,
-        request_id: str | None = None, *, send_patches: bool = True, purpose: str = "",
+        self,
+        images: torch.Tensor | None = None,
+        patches: torch.Tensor | None = None,
+        keep_indices: torch.Tensor | None = None,
+        keep_counts: torch.Tensor | None = None,
+        request_id: str | None = None,
+        *,
+        send_patches: bool = True,
+        purpose: str = "",
     ) -> Future[InferResult]:
         """Queue one batch (same arguments as `TeacherClient.infer`); the Future gives (logits, usage)."""
         fut: Future[InferResult] = Future()
         info = self.info
         n = int((images if images is not None else patches).shape[0])  # type: ignore[union-attr]
         if info.max_batch_images and n > info.max_batch_images:
-            fut.set_exception(TeacherInputError(
-                f"batch of {n} images exceeds the teacher's max_batch_images={info.max_batch_images}; "
-                "split it or use TeacherClient.infer"))
+            fut.set_exception(
+                TeacherInputError(
+                    f"batch of {n} images exceeds the teacher's max_batch_images={info.max_batch_images}; "
+                    "split it or use TeacherClient.infer"
+                )
+            )
             return fut
         rid = request_id or new_request_id()
         try:
-            req = build_request(info, images=images, patches=patches, keep_indices=keep_indices,
-                                keep_counts=keep_counts, request_id=rid, model=self.client.model,
-                                send_patches=send_patches, purpose=purpose)
+            req = build_request(
+                info,
+                images=images,
+                patches=patches,
+                keep_indices=keep_indices,
+                keep_counts=keep_counts,
+                request_id=rid,
+                model=self.client.model,
+                send_patches=send_patches,
+                purpose=purpose,
+            )
         except TeacherError as err:
             fut.set_exception(err)
             return fut
@@ -121,8 +139,9 @@ class TeacherStream:
             self._outbox.put(req)
         outbox = self._outbox
         call = self.client.stub.InferStream(self._requests(outbox), metadata=self.client.metadata)
-        self._reader = threading.Thread(target=self._read, args=(call, outbox), daemon=True,
-                                        name="teacher-stream-reader")
+        self._reader = threading.Thread(
+            target=self._read, args=(call, outbox), daemon=True, name="teacher-stream-reader"
+        )
         self._reader.start()
 
     @staticmethod
@@ -151,11 +170,12 @@ class TeacherStream:
             self._on_stream_end(None, outbox)
         except grpc.RpcError as err:
             self._on_stream_end(err, outbox)
-        except Exception as err:  # a decode error: fail everything in flight with it
+        except Exception as err:  # noqa: BLE001 - a decode error: fail everything in flight with it
             self._fail_all(TeacherError(f"teacher at {self.client.target} sent a bad response: {err}"))
 
-    def _on_message_error(self, resp: pb.InferResponse, req: pb.InferRequest, fut: Future[InferResult], *,
-                          resent: Attempts | None) -> None:
+    def _on_message_error(
+        self, resp: pb.InferResponse, req: pb.InferRequest, fut: Future[InferResult], *, resent: Attempts | None
+    ) -> None:
         """Resend a request refused with a transient status (same request_id, per the retry policy), else fail it."""
         err = _MessageError(resp)
         if err.code().name in REPLAY_REFUSED:
@@ -184,7 +204,7 @@ class TeacherStream:
 
     def _on_stream_end(self, err: grpc.RpcError | None, outbox: queue.Queue[Any]) -> None:
         with self._lock:
-            if not self._pending or self._closed and err is None:
+            if not self._pending or (self._closed and err is None):
                 return
             if self._attempts is None:
                 self._attempts = self.client.retry.start()
@@ -201,8 +221,13 @@ class TeacherStream:
             self._fail_all(error)
             return
         except grpc.FutureTimeoutError:
-            self._fail_all(TeacherError(f"teacher at {self.client.target} is unavailable: it did not come back "
-                                        f"within {self.client.patience_s:.0f}s", code="UNAVAILABLE"))
+            self._fail_all(
+                TeacherError(
+                    f"teacher at {self.client.target} is unavailable: it did not come back "
+                    f"within {self.client.patience_s:.0f}s",
+                    code="UNAVAILABLE",
+                )
+            )
             return
         with self._lock:
             outbox.put(_CLOSE)
@@ -222,6 +247,7 @@ class TeacherStream:
 
     def _resolve_unary(self, req: pb.InferRequest, fut: Future[InferResult]) -> None:
         """Answer one request with a unary call on its own thread (a refused id goes again under a derived id)."""
+
         def resolve() -> None:
             try:
                 fut.set_result(decode_response(self.client.infer_request(req)))

@@ -1,5 +1,6 @@
 """Building the timm student: kwargs, input size, normalization, head-only freezing, and the masked-student wrapper
 for the paper's `mask-student` ablation (Sec 4.2: the student, not the teacher, sees the masked image)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,11 +16,11 @@ from student_client.errors import first_line
 
 @dataclass(frozen=True)
 class StudentSpec:
-    image_size: tuple[int, int]              # (H, W) the student takes
-    grid_size: tuple[int, int] | None        # patch grid for SIPS; None for a non-ViT student
+    image_size: tuple[int, int]  # (H, W) the student takes
+    grid_size: tuple[int, int] | None  # patch grid for SIPS; None for a non-ViT student
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    distilled: bool                          # has a distillation token / head (DeiT distilled)
+    distilled: bool  # has a distillation token / head (DeiT distilled)
 
 
 def student_kwargs_for(kwargs: dict[str, Any], num_classes: int) -> dict[str, Any]:
@@ -43,8 +44,13 @@ def describe_student(model: nn.Module) -> StudentSpec:
     else:
         image_size = (int(data_cfg["input_size"][1]), int(data_cfg["input_size"][2]))
         grid = None
-    return StudentSpec(image_size=image_size, grid_size=grid, mean=tuple(data_cfg["mean"]),
-                       std=tuple(data_cfg["std"]), distilled=hasattr(model, "set_distilled_training"))
+    return StudentSpec(
+        image_size=image_size,
+        grid_size=grid,
+        mean=tuple(data_cfg["mean"]),
+        std=tuple(data_cfg["std"]),
+        distilled=hasattr(model, "set_distilled_training"),
+    )
 
 
 def classifier_modules(model: nn.Module) -> list[nn.Module]:

@@ -7,6 +7,7 @@ Adapted, as timm adapts its own pretrained weights: a position embedding of anot
 patch embedding of another patch size resized (the model family's `checkpoint_filter_fn`), and a classifier head of
 another number of classes is left at its fresh initialization. Any other mismatch is an error naming the tensor.
 """
+
 from __future__ import annotations
 
 import sys
@@ -26,8 +27,12 @@ class StudentInitError(ValueError):
 
 def _head_parameter_names(model: nn.Module) -> set[str]:
     heads = {id(h) for h in classifier_modules(model)}
-    return {f"{name}.{p}" if name else p for name, module in model.named_modules() if id(module) in heads
-            for p, _ in module.named_parameters(recurse=True)}
+    return {
+        f"{name}.{p}" if name else p
+        for name, module in model.named_modules()
+        if id(module) in heads
+        for p, _ in module.named_parameters(recurse=True)
+    }
 
 
 def init_student(model: nn.Module, path: str | Path, *, assign: bool = False) -> list[str]:
@@ -52,16 +57,21 @@ def init_student(model: nn.Module, path: str | Path, *, assign: bool = False) ->
     fresh = sorted(k for k in heads if k in state and k in own and state[k].shape != own[k].shape)
     for key in fresh:
         del state[key]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
-             if k in own and state[k].shape != own[k].shape]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in state
+        if k in own and state[k].shape != own[k].shape
+    ]
     if wrong:
-        raise StudentInitError(f"--init: {path} does not fit the student: {len(wrong)} tensor(s) of another shape, "
-                               f"e.g. {wrong[0]}")
+        raise StudentInitError(
+            f"--init: {path} does not fit the student: {len(wrong)} tensor(s) of another shape, e.g. {wrong[0]}"
+        )
     missing, unexpected = model.load_state_dict(state, strict=False, assign=assign)
     missing = [k for k in missing if k not in fresh]
     if missing or unexpected:
-        what = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
-                f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else ""]
-        raise StudentInitError(f"--init: {path} does not fit the student: "
-                               f"{', '.join(w for w in what if w)} tensor(s)")
+        what = [
+            f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+            f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
+        ]
+        raise StudentInitError(f"--init: {path} does not fit the student: {', '.join(w for w in what if w)} tensor(s)")
     return fresh

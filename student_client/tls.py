@@ -1,5 +1,6 @@
 """Channel credentials for a teacher behind TLS: the CA that signed its certificate (None: the system's roots) and,
 for mutual TLS, this client's certificate and key. The same credentials serve grpc and grpc.aio channels."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -19,14 +20,20 @@ def _read(path: str, what: str) -> bytes:
 
 
 def channel_credentials(
-    *, tls: bool = False, ca_file: str | None = None, client_cert: str | None = None, client_key: str | None = None,
+    *,
+    tls: bool = False,
+    ca_file: str | None = None,
+    client_cert: str | None = None,
+    client_key: str | None = None,
     root_certificates: bytes | None = None,
 ) -> grpc.ChannelCredentials | None:
     """TLS credentials, or None for a plain-text channel. Any of the files (or `root_certificates`) implies TLS;
     ValueError (one line) for an unreadable file or a certificate without its key."""
     if bool(client_cert) != bool(client_key):
-        raise ValueError("a client certificate needs its key, and a key its certificate "
-                         "(--teacher-client-cert FILE --teacher-client-key FILE)")
+        raise ValueError(
+            "a client certificate needs its key, and a key its certificate "
+            "(--teacher-client-cert FILE --teacher-client-key FILE)"
+        )
     if not (tls or ca_file or client_cert or root_certificates):
         return None
     roots = _read(ca_file, "teacher CA file") if ca_file else root_certificates

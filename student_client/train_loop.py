@@ -7,6 +7,7 @@ named numbers (loss, images, teacher usage, a fatal-error flag: train_stats) in 
 the cost figures cover all workers, and a fatal teacher error (bad key, quota, bad input) stops every worker at the
 same step, cleanly, instead of being retried by Ray's FailureConfig like a crash would be.
 """
+
 from __future__ import annotations
 
 import time
@@ -25,7 +26,7 @@ from student_client.evaluate import Accuracy, count_correct
 from student_client.keep_probe import decision_line
 from student_client.student import unwrap
 from student_client.train_report import RunLog, epoch_row, finish_run, step_row
-from student_client.train_run import RunRefused, TrainingRun, build_training_run
+from student_client.train_run import RunRefusedError, TrainingRun, build_training_run
 from student_client.train_stats import (
     StepStats,
     account_step,
@@ -52,7 +53,7 @@ def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         run = build_training_run(cfg, ctx)
-    except RunRefused as refused:
+    except RunRefusedError as refused:
         return finish_run(cfg, ctx, refused.state, fatal_error=refused.message, started=started)
     state = run.state
     fatal: str | None = None
@@ -88,8 +89,9 @@ def _train_epoch(run: TrainingRun, log: RunLog, epoch: int, sums: StepStats) -> 
     return None
 
 
-def _train_step(run: TrainingRun, log: RunLog, epoch: int, index: int, images: torch.Tensor, targets: torch.Tensor,
-                sums: StepStats) -> str | None:
+def _train_step(
+    run: TrainingRun, log: RunLog, epoch: int, index: int, images: torch.Tensor, targets: torch.Tensor, sums: StepStats
+) -> str | None:
     """One optimizer step on batch `index` of `epoch`, its numbers (summed over the workers) added into `sums`.
     Returns the fatal error every worker stops on (then nothing was stepped), or None."""
     cfg, ctx, state, kd = run.cfg, run.ctx, run.state, run.kd
@@ -101,8 +103,9 @@ def _train_step(run: TrainingRun, log: RunLog, epoch: int, index: int, images: t
     mismatched_before, rebilled_before = run.refused_requests()
     if run.mixup is not None:
         images, targets = run.mixup(images, targets)
-    decided = kd.decide_keep_if_due(ctx, images, step=state.global_step, prefix=kd.runner.prefix,
-                                    decided_before=bool(state.keep_decisions))
+    decided = kd.decide_keep_if_due(
+        ctx, images, step=state.global_step, prefix=kd.runner.prefix, decided_before=bool(state.keep_decisions)
+    )
     if decided is not None and decided.error is not None:
         return decided.error  # agreed by every worker in the decision
     if decided is not None:
@@ -114,9 +117,16 @@ def _train_step(run: TrainingRun, log: RunLog, epoch: int, index: int, images: t
     except FATAL_ERRORS as err:
         error = str(err)
     mismatched, rebilled = run.refused_requests()
-    stats = sum_step_over_workers(ctx, step_stats(
-        result, Usage() if decided is None else decided.usage, failed=error is not None,
-        mismatched=mismatched - mismatched_before, rebilled=rebilled - rebilled_before))
+    stats = sum_step_over_workers(
+        ctx,
+        step_stats(
+            result,
+            Usage() if decided is None else decided.usage,
+            failed=error is not None,
+            mismatched=mismatched - mismatched_before,
+            rebilled=rebilled - rebilled_before,
+        ),
+    )
     if stats["fatal"] > 0:
         return first_error(ctx, error)
     assert result is not None

@@ -4,8 +4,9 @@ teacher connection and the KD step (built by kd_step, as MaskedKD builds it).
 
 What every worker must agree on is checked here, each check a collective: --data on every node, the same restored
 checkpoint on every worker, a --resume that keeps the images under each request id, the teacher's classes. A refusal
-raises RunRefused on every worker alike, before anything trains.
+raises RunRefusedError on every worker alike, before anything trains.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,7 +66,7 @@ Context = LocalContext | RayContext
 IMAGE_SETTINGS = ("data", "seed", "batch_size", "workers", "augment")
 
 
-class RunRefused(Exception):
+class RunRefusedError(Exception):
     """Every worker agreed not to train: `message` says why (one line), `state` is what was restored so far."""
 
     def __init__(self, message: str, state: TrainState) -> None:
@@ -78,10 +79,10 @@ class RunRefused(Exception):
 class TrainData:
     """This worker's share of the training data and of the evaluation data."""
 
-    train_set: SeededSamples            # augmentation drawn from (seed, epoch, index), not process history
+    train_set: SeededSamples  # augmentation drawn from (seed, epoch, index), not process history
     sampler: DistributedSampler[Any]
     loader: DataLoader
-    eval_loader: DataLoader | None      # None: no val/ or test/, or --no-eval
+    eval_loader: DataLoader | None  # None: no val/ or test/, or --no-eval
     class_names: list[str]
 
 
@@ -111,17 +112,17 @@ class TrainingRun:
     cfg: TrainConfig
     ctx: Context
     data: TrainData
-    raw_model: nn.Module                # the timm student: checkpoints, SIPS
-    model: nn.Module                    # what the training forward goes through (Ray's DDP, MaskedStudent)
-    model_kwargs: dict[str, Any]        # timm.create_model kwargs, stored in every checkpoint
+    raw_model: nn.Module  # the timm student: checkpoints, SIPS
+    model: nn.Module  # what the training forward goes through (Ray's DDP, MaskedStudent)
+    model_kwargs: dict[str, Any]  # timm.create_model kwargs, stored in every checkpoint
     normalize: Normalizer
-    mixup: Mixup | None                 # --augment heavy
+    mixup: Mixup | None  # --augment heavy
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    state: TrainState                   # restored, or fresh
+    state: TrainState  # restored, or fresh
     resumed: bool
-    run_id: str                         # request ids <run_id>-e<epoch>-w<rank>-s<step>-m<micro>
-    teacher: TeacherConnection | None   # None in mode none
+    run_id: str  # request ids <run_id>-e<epoch>-w<rank>-s<step>-m<micro>
+    teacher: TeacherConnection | None  # None in mode none
     kd: KDStepParts
 
     @property
@@ -146,10 +147,21 @@ class TrainingRun:
         """The checkpoint after an epoch (or a --max-steps stop) with its metrics `row`; prunes old ones (rank 0)."""
         cfg = self.cfg
         checkpoint = save_training_checkpoint(
-            cfg.out, model=self.raw_model, model_name=cfg.student, model_kwargs=self.model_kwargs,
-            optimizer=self.optimizer, scheduler=self.scheduler, state=self.state,
-            extra={"class_names": self.data.class_names, "val_top1": row["val_top1"], "val_top5": row["val_top5"],
-                   "mode": cfg.mode, "strategy": cfg.strategy, "keep": cfg.keep},
+            cfg.out,
+            model=self.raw_model,
+            model_name=cfg.student,
+            model_kwargs=self.model_kwargs,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            state=self.state,
+            extra={
+                "class_names": self.data.class_names,
+                "val_top1": row["val_top1"],
+                "val_top5": row["val_top5"],
+                "mode": cfg.mode,
+                "strategy": cfg.strategy,
+                "keep": cfg.keep,
+            },
         )
         prune_checkpoints(cfg.out, cfg.keep_checkpoints)
         return checkpoint
@@ -161,10 +173,10 @@ class TrainingRun:
 
 
 def build_training_run(cfg: TrainConfig, ctx: Context) -> TrainingRun:
-    """This worker's run per `cfg` (collectives: every worker calls it); raises RunRefused on every worker alike."""
+    """This worker's run per `cfg` (collectives: every worker calls it); RunRefusedError on every worker alike."""
     data_root, data_error = _local_data(cfg, ctx)
     if (refusal := agree_on_error(ctx, data_error)) is not None:  # every node must see --data
-        raise RunRefused(refusal, TrainState())
+        raise RunRefusedError(refusal, TrainState())
     raw, spec, model_kwargs = _student(cfg, len(class_names_of(data_root)))
     data = _train_data(cfg, ctx, data_root, spec)
     steps_per_epoch = len(data.loader)
@@ -174,41 +186,76 @@ def build_training_run(cfg: TrainConfig, ctx: Context) -> TrainingRun:
     raw.to(ctx.device)
     optimizer = create_optimizer_v2(raw, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)))
+        optimizer, warmup_cosine(cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch))
+    )
     state = _restore(cfg, ctx, raw, optimizer, scheduler)
     resumed = state.global_step > 0
     problem = _resume_mismatch(ctx, state) or (
-        _resume_changes_images(cfg, Path(cfg.out)) if resumed and ctx.rank == 0 else None)
+        _resume_changes_images(cfg, Path(cfg.out)) if resumed and ctx.rank == 0 else None
+    )
     if (refusal := agree_on_error(ctx, problem)) is not None:
-        raise RunRefused(refusal, state)
+        raise RunRefusedError(refusal, state)
     model = ctx.prepare_model(MaskedStudent(raw) if cfg.mode == "mask-student" else raw)
     normalize = Normalizer(spec.mean, spec.std, ctx.device)
     mixup = build_mixup(len(data.class_names), cfg.augment)
 
     if cfg.mode != "none" and cfg.strategy in ("sips", "bottom") and cfg.keep != "auto" and spec.grid_size is None:
         raise ValueError(f"--strategy {cfg.strategy} needs a ViT student; {cfg.student} has no patch grid")
-    teacher = None if cfg.mode == "none" else _connect_teacher(cfg, ctx, model_kwargs["num_classes"],
-                                                               len(data.class_names), state)
+    teacher = (
+        None
+        if cfg.mode == "none"
+        else _connect_teacher(cfg, ctx, model_kwargs["num_classes"], len(data.class_names), state)
+    )
     try:
         # The run id is the driver's (Ray) or out/run_id's: a resume or a restarted worker re-sends under the same ids
         run_id = cfg.run_id or run_id_for(cfg.out, resume=cfg.resume)
         state.precision = _run_precision(cfg, ctx, state)
-        auto = KeepAutoSettings(every=cfg.keep_every, probes=cfg.keep_probes, max_kl=cfg.keep_max_kl,
-                                min_agreement=cfg.keep_min_agreement) if cfg.keep == "auto" else None
-        kd = build_kd_step(cfg, model=model, raw_model=raw, spec=spec, normalize=normalize,
-                           criterion=DistillationLoss(cfg.lambda_kd, cfg.tau, cfg.hard),
-                           submit=None if teacher is None else teacher.submit,
-                           teacher_grid=None if teacher is None else teacher.info.grid_size,
-                           request_id_prefix=run_id, precision=state.precision, keep_auto=auto)
+        auto = (
+            KeepAutoSettings(
+                every=cfg.keep_every,
+                probes=cfg.keep_probes,
+                max_kl=cfg.keep_max_kl,
+                min_agreement=cfg.keep_min_agreement,
+            )
+            if cfg.keep == "auto"
+            else None
+        )
+        kd = build_kd_step(
+            cfg,
+            model=model,
+            raw_model=raw,
+            spec=spec,
+            normalize=normalize,
+            criterion=DistillationLoss(cfg.lambda_kd, cfg.tau, cfg.hard),
+            submit=None if teacher is None else teacher.submit,
+            teacher_grid=None if teacher is None else teacher.info.grid_size,
+            request_id_prefix=run_id,
+            precision=state.precision,
+            keep_auto=auto,
+        )
     except BaseException:
         if teacher is not None:
             teacher.close()
         raise
     if kd.selector is not None and kd.prober is not None and state.keep_decisions:
         apply_decision(kd.selector, state.keep_decisions[-1])  # resumed: continue with the keep chosen last
-    return TrainingRun(cfg=cfg, ctx=ctx, data=data, raw_model=raw, model=model, model_kwargs=model_kwargs,
-                       normalize=normalize, mixup=mixup, optimizer=optimizer, scheduler=scheduler, state=state,
-                       resumed=resumed, run_id=run_id, teacher=teacher, kd=kd)
+    return TrainingRun(
+        cfg=cfg,
+        ctx=ctx,
+        data=data,
+        raw_model=raw,
+        model=model,
+        model_kwargs=model_kwargs,
+        normalize=normalize,
+        mixup=mixup,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        state=state,
+        resumed=resumed,
+        run_id=run_id,
+        teacher=teacher,
+        kd=kd,
+    )
 
 
 def _student(cfg: TrainConfig, class_folders: int) -> tuple[nn.Module, StudentSpec, dict[str, Any]]:
@@ -227,11 +274,13 @@ def _student(cfg: TrainConfig, class_folders: int) -> tuple[nn.Module, StudentSp
 
 def warmup_cosine(total_steps: int, warmup_steps: int, floor: float = 0.01) -> Callable[[int], float]:
     """The learning-rate factor of a step: linear warm-up, then cosine down to `floor`."""
+
     def factor(step: int) -> float:
         if warmup_steps and step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
     return factor
 
 
@@ -245,24 +294,44 @@ def _local_data(cfg: TrainConfig, ctx: Context) -> tuple[str, str | None]:
     if Path(root).is_dir():
         return root, None
     what = "an archive file" if is_archive(cfg.data) else "a directory"
-    return root, (f"--data {cfg.data} is not {what} on {ctx.node} (rank {ctx.rank}): on a Ray cluster it must "
-                  "exist on every node (a shared or copied path)")
+    return root, (
+        f"--data {cfg.data} is not {what} on {ctx.node} (rank {ctx.rank}): on a Ray cluster it must "
+        "exist on every node (a shared or copied path)"
+    )
 
 
 def _train_data(cfg: TrainConfig, ctx: Context, data_root: str, spec: StudentSpec) -> TrainData:
     train_set, eval_set, class_names = build_datasets(data_root, spec.image_size, cfg.augment)
     seeded = SeededSamples(train_set, cfg.seed)
-    sampler: DistributedSampler[Any] = DistributedSampler(seeded, num_replicas=ctx.world_size, rank=ctx.rank,
-                                                          shuffle=True, seed=cfg.seed)
-    loader = ctx.prepare_loader(DataLoader(seeded, batch_size=cfg.per_worker_batch, sampler=sampler,
-                                           num_workers=cfg.loader_workers, drop_last=cfg.augment == "heavy"))
-    eval_loader = None if eval_set is None or not cfg.eval else DataLoader(
-        shard(eval_set, ctx.rank, ctx.world_size), batch_size=max(cfg.per_worker_batch, 32), shuffle=False)
+    sampler: DistributedSampler[Any] = DistributedSampler(
+        seeded, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed
+    )
+    loader = ctx.prepare_loader(
+        DataLoader(
+            seeded,
+            batch_size=cfg.per_worker_batch,
+            sampler=sampler,
+            num_workers=cfg.loader_workers,
+            drop_last=cfg.augment == "heavy",
+        )
+    )
+    eval_loader = (
+        None
+        if eval_set is None or not cfg.eval
+        else DataLoader(
+            shard(eval_set, ctx.rank, ctx.world_size), batch_size=max(cfg.per_worker_batch, 32), shuffle=False
+        )
+    )
     return TrainData(seeded, sampler, loader, eval_loader, class_names)
 
 
-def _restore(cfg: TrainConfig, ctx: Context, raw: nn.Module, optimizer: torch.optim.Optimizer,
-             scheduler: torch.optim.lr_scheduler.LambdaLR) -> TrainState:
+def _restore(
+    cfg: TrainConfig,
+    ctx: Context,
+    raw: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+) -> TrainState:
     """The checkpoint Ray restored after a worker failure, else with --resume the newest in --out, loaded into the
     student, optimizer and scheduler; a fresh TrainState without one."""
     with ctx.restored_checkpoint() as ray_checkpoint:
@@ -272,20 +341,30 @@ def _restore(cfg: TrainConfig, ctx: Context, raw: nn.Module, optimizer: torch.op
         return load_training_checkpoint(source, model=raw, optimizer=optimizer, scheduler=scheduler)
 
 
-def _connect_teacher(cfg: TrainConfig, ctx: Context, num_classes: int, class_folders: int,
-                     state: TrainState) -> TeacherConnection:
+def _connect_teacher(
+    cfg: TrainConfig, ctx: Context, num_classes: int, class_folders: int, state: TrainState
+) -> TeacherConnection:
     """The teacher, its classes checked against the student's; a fatal teacher error on any worker (a bad key, other
     classes) refuses the run on every worker."""
-    client = TeacherClient(cfg.teacher or "", cfg.api_key or "", timeout_s=cfg.teacher_timeout_s,
-                           max_retries=cfg.teacher_retries, patience_s=cfg.teacher_patience_s,
-                           model=cfg.teacher_model, request_log=cfg.request_log,
-                           reuse_billed_answers=True, **teacher_tls_kwargs(cfg))
+    client = TeacherClient(
+        cfg.teacher or "",
+        cfg.api_key or "",
+        timeout_s=cfg.teacher_timeout_s,
+        max_retries=cfg.teacher_retries,
+        patience_s=cfg.teacher_patience_s,
+        model=cfg.teacher_model,
+        request_log=cfg.request_log,
+        reuse_billed_answers=True,
+        **teacher_tls_kwargs(cfg),
+    )
     info, error = None, None
     try:
         info = client.info()
         if info.num_classes != num_classes:
-            raise TeacherInputError(f"teacher {info.model} predicts {info.num_classes} classes, the student "
-                                    f"{num_classes} ({class_folders} class folders in data)")
+            raise TeacherInputError(
+                f"teacher {info.model} predicts {info.num_classes} classes, the student "
+                f"{num_classes} ({class_folders} class folders in data)"
+            )
     except FATAL_ERRORS as err:
         error = str(err)
     except BaseException:
@@ -293,7 +372,7 @@ def _connect_teacher(cfg: TrainConfig, ctx: Context, num_classes: int, class_fol
         raise
     if (refusal := agree_on_error(ctx, error)) is not None:
         client.close()
-        raise RunRefused(refusal, state)
+        raise RunRefusedError(refusal, state)
     assert info is not None
     return TeacherConnection(client, TeacherStream(client) if cfg.transport == "stream" else None, info)
 
@@ -319,8 +398,10 @@ def _resume_changes_images(cfg: TrainConfig, out: Path) -> str | None:
             before, after = Path(str(before)).name, Path(str(after)).name
         if before is not None and before != after:
             flag = "--" + name.replace("_", "-")
-            return (f"--resume: this run was started with {flag} {before}, not {after}; its re-sent requests would "
-                    f"carry other images under the same ids: resume with {flag} {before}, or train into a new --out")
+            return (
+                f"--resume: this run was started with {flag} {before}, not {after}; its re-sent requests would "
+                f"carry other images under the same ids: resume with {flag} {before}, or train into a new --out"
+            )
     return None
 
 
@@ -329,5 +410,7 @@ def _resume_mismatch(ctx: Context, state: TrainState) -> str | None:
     steps = ctx.all_gather_object(state.global_step)
     if len(set(steps)) <= 1:
         return None
-    return (f"workers restored different checkpoints (global step by rank: {steps}): resume from --storage, or "
-            "make --out a path shared by every node")
+    return (
+        f"workers restored different checkpoints (global step by rank: {steps}): resume from --storage, or "
+        "make --out a path shared by every node"
+    )

@@ -1,6 +1,7 @@
 """The numbers of one training step, by name: this worker's sums (loss x images, images, teacher usage, a fatal-error
 flag, ...), summed over every worker in one all-reduce, then added into the run's TrainState and the epoch's sums.
 Sums, not means, travel, so the totals of all workers come out of one reduction."""
+
 from __future__ import annotations
 
 from student_client.checkpointing import TrainState
@@ -10,13 +11,22 @@ from student_client.wire import Usage
 
 StepStats = dict[str, float]
 STEP_STATS = (
-    "loss", "ce", "kd",                       # loss parts x images (means come from dividing by `images`)
-    "images", "gflops", "full_gflops", "cost", "requests",  # teacher usage, the probes' included
-    "fatal",                                  # workers that hit a fatal teacher error this step
-    "wait_s", "teacher_s",                    # time the student waited for the teacher, and the teacher's time
-    "mismatched", "rebilled",                 # re-sent requests the teacher could not replay as sent (resend.py)
-    "probe_gflops", "probe_cost",             # --keep auto's probes
-    "kept",                                   # sum over images of the share of the teacher's patches answered from
+    "loss",
+    "ce",
+    "kd",  # loss parts x images (means come from dividing by `images`)
+    "images",
+    "gflops",
+    "full_gflops",
+    "cost",
+    "requests",  # teacher usage, the probes' included
+    "fatal",  # workers that hit a fatal teacher error this step
+    "wait_s",
+    "teacher_s",  # time the student waited for the teacher, and the teacher's time
+    "mismatched",
+    "rebilled",  # re-sent requests the teacher could not replay as sent (resend.py)
+    "probe_gflops",
+    "probe_cost",  # --keep auto's probes
+    "kept",  # sum over images of the share of the teacher's patches answered from
 )
 
 
@@ -25,19 +35,28 @@ def empty_stats() -> StepStats:
     return dict.fromkeys(STEP_STATS, 0.0)
 
 
-def step_stats(result: StepResult | None, probe_usage: Usage, *, failed: bool, mismatched: int,
-               rebilled: int) -> StepStats:
+def step_stats(
+    result: StepResult | None, probe_usage: Usage, *, failed: bool, mismatched: int, rebilled: int
+) -> StepStats:
     """This worker's numbers of one step (`result` None: the step failed)."""
     stats: StepStats = {"fatal": 1.0 if failed else 0.0, "mismatched": float(mismatched), "rebilled": float(rebilled)}
     if result is None:
         return stats
     images, usage = result.images, result.usage + probe_usage
     return stats | {
-        "loss": float(result.loss.total.detach()) * images, "ce": float(result.loss.ce) * images,
-        "kd": float(result.loss.kd) * images, "images": float(images), "gflops": usage.gflops,
-        "full_gflops": usage.full_gflops, "cost": usage.cost, "requests": float(usage.requests),
-        "wait_s": result.stats.wait_s, "teacher_s": result.stats.teacher_s, "probe_gflops": probe_usage.gflops,
-        "probe_cost": probe_usage.cost, "kept": result.kept,
+        "loss": float(result.loss.total.detach()) * images,
+        "ce": float(result.loss.ce) * images,
+        "kd": float(result.loss.kd) * images,
+        "images": float(images),
+        "gflops": usage.gflops,
+        "full_gflops": usage.full_gflops,
+        "cost": usage.cost,
+        "requests": float(usage.requests),
+        "wait_s": result.stats.wait_s,
+        "teacher_s": result.stats.teacher_s,
+        "probe_gflops": probe_usage.gflops,
+        "probe_cost": probe_usage.cost,
+        "kept": result.kept,
     }
 
 

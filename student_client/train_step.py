@@ -10,6 +10,7 @@ Precision (`--precision`): the student's forwards run under bf16 autocast when t
 (`maskedkd.precision.resolve_precision`: auto means bf16 only where the device computes it natively). SIPS
 ranks in fp32 (sips.py leaves autocast for its softmax), and the loss is computed outside autocast on fp32 logits.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,13 +41,13 @@ class StepResult:
     images: int
     usage: Usage = field(default_factory=Usage)
     stats: OverlapStats = field(default_factory=OverlapStats)
-    kept: float = 0.0   # sum over the images of the share of the teacher's patches each was answered from
+    kept: float = 0.0  # sum over the images of the share of the teacher's patches each was answered from
 
 
 def concat_outputs(outputs: list[Any]) -> Any:
     """Per-micro-batch student outputs -> one float32 batch (tuples of heads concatenated head by head)."""
     if isinstance(outputs[0], (tuple, list)):
-        return tuple(torch.cat(parts).float() for parts in zip(*outputs))
+        return tuple(torch.cat(parts).float() for parts in zip(*outputs, strict=True))
     return torch.cat(outputs).float()
 
 
@@ -68,16 +69,16 @@ class StepSettings(Protocol):
     """What a step reads from its config: a TrainConfig, or `student_client.kd.KDSettings` for MaskedKD."""
 
     @property
-    def mode(self) -> str: ...                # kd | none | mask-student
+    def mode(self) -> str: ...  # kd | none | mask-student
 
     @property
-    def strategy(self) -> str: ...            # sips | random | bottom | all
+    def strategy(self) -> str: ...  # sips | random | bottom | all
 
     @property
-    def micro_batches(self) -> int: ...       # App. E pipelining: teacher on micro-batch i while the student on i+1
+    def micro_batches(self) -> int: ...  # App. E pipelining: teacher on micro-batch i while the student on i+1
 
     @property
-    def precision(self) -> str: ...           # auto | bf16 | fp32 (student forward autocast)
+    def precision(self) -> str: ...  # auto | bf16 | fp32 (student forward autocast)
 
     @property
     def keep_mass(self) -> float | None: ...  # per-image K: each image's fewest top-SIPS patches holding this share
@@ -86,20 +87,26 @@ class StepSettings(Protocol):
     def keep_value(self) -> float | int: ...  # what select_patches takes: a fraction or an int count
 
     @property
-    def teacher_wait_s(self) -> float: ...    # longest wait for one teacher answer
+    def teacher_wait_s(self) -> float: ...  # longest wait for one teacher answer
 
 
 class PatchSelector:
     """Kept positions for one micro-batch: SIPS (top/bottom-k), random, or all, mapped to the target grid."""
 
-    def __init__(self, cfg: StepSettings, capture: SIPSCapture | None, student_grid: tuple[int, int] | None,
-                 target_grid: tuple[int, int], generator: torch.Generator) -> None:
+    def __init__(
+        self,
+        cfg: StepSettings,
+        capture: SIPSCapture | None,
+        student_grid: tuple[int, int] | None,
+        target_grid: tuple[int, int],
+        generator: torch.Generator,
+    ) -> None:
         self.cfg = cfg
         self.capture = capture
         self.student_grid = student_grid
         self.target_grid = target_grid
         self.generator = generator
-        self.strategy: str = cfg.strategy      # `--keep auto` changes both at each decision
+        self.strategy: str = cfg.strategy  # `--keep auto` changes both at each decision
         self.keep: float | int = cfg.keep_value  # with `mass`: the most one image keeps
         self.mass: float | None = cfg.keep_mass
 
@@ -125,8 +132,9 @@ class PatchSelector:
             scores = torch.zeros(batch, grid[0] * grid[1], device=device)
         if self.mass is not None and self.strategy == "sips":
             return select_by_mass(scores, self.mass, self.keep, teacher_grid=self.target_grid, student_grid=grid)
-        return select_patches(scores, self.keep, self.strategy, teacher_grid=self.target_grid,
-                              student_grid=grid, generator=self.generator), None
+        return select_patches(
+            scores, self.keep, self.strategy, teacher_grid=self.target_grid, student_grid=grid, generator=self.generator
+        ), None
 
     def kept_share(self, request: TeacherRequest) -> float:
         """Sum over the request's images of the share of the target grid's patches each sends (1 for a full image)."""
@@ -142,13 +150,20 @@ class StepRunner:
     """Forward (pipelined with the teacher) and loss for one batch; the caller runs backward and the optimizer."""
 
     def __init__(
-        self, cfg: StepSettings, model: nn.Module, raw_model: nn.Module, normalize: Normalizer,
-        criterion: DistillationLoss, selector: PatchSelector | None, submit: Submit | None,
-        request_id_prefix: str, precision: str | None = None,
+        self,
+        cfg: StepSettings,
+        model: nn.Module,
+        raw_model: nn.Module,
+        normalize: Normalizer,
+        criterion: DistillationLoss,
+        selector: PatchSelector | None,
+        submit: Submit | None,
+        request_id_prefix: str,
+        precision: str | None = None,
     ) -> None:
         self.cfg = cfg
-        self.model = model            # what the training forward goes through (DDP / MaskedStudent wrapper)
-        self.raw_model = raw_model    # the timm student (scores-only forwards in mask-student)
+        self.model = model  # what the training forward goes through (DDP / MaskedStudent wrapper)
+        self.raw_model = raw_model  # the timm student (scores-only forwards in mask-student)
         self.normalize = normalize
         self.criterion = criterion
         self.selector = selector
@@ -161,8 +176,9 @@ class StepRunner:
         self._autocast = lambda: student_autocast(self.precision, device)  # noqa: E731
         self._kept: list[float] = []  # this step's micro-batches, in order: `PatchSelector.kept_share` of each
 
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor, step: int,
-                 known: torch.Tensor | None = None) -> StepResult:
+    def __call__(
+        self, images: torch.Tensor, targets: torch.Tensor, step: int, known: torch.Tensor | None = None
+    ) -> StepResult:
         """images [B, C, H, W] in [0, 1] (after mixup), targets [B] or soft [B, classes]. known [P, classes]: teacher
         logits already paid for the first P images (`--keep auto`'s full-image probe answers, kd mode): those rows
         form a micro-batch of their own that sends no request."""
@@ -177,8 +193,8 @@ class StepRunner:
         submit = self.submit
         if known is not None:
             assert cfg.mode == "kd" and submit is not None
-            rest = images[known.shape[0]:]
-            micro = [images[:known.shape[0]]]
+            rest = images[known.shape[0] :]
+            micro = [images[: known.shape[0]]]
             micro += list(rest.tensor_split(min(cfg.micro_batches, rest.shape[0]))) if rest.shape[0] else []
             request_id = lambda i: _KNOWN if i == 0 else f"{self.prefix}-s{step}-m{i - 1}"  # noqa: E731
             submit = _answering_known(submit, known)
@@ -186,17 +202,29 @@ class StepRunner:
             # random / all: the kept patches do not depend on the student, so every request goes out before the
             # first student forward and the teacher's whole time can hide behind the student's (same ids, bytes)
             early = [self._teacher_request(x) for x in micro]
-            result = pipelined_forward(micro, self._student_forward, submit, request_id=request_id,
-                                       early_requests=early, timeout_s=cfg.teacher_wait_s)
+            result = pipelined_forward(
+                micro,
+                self._student_forward,
+                submit,
+                request_id=request_id,
+                early_requests=early,
+                timeout_s=cfg.teacher_wait_s,
+            )
         elif cfg.mode == "kd":
-            result = pipelined_forward(micro, self._kd_student_step, submit, request_id=request_id,
-                                       timeout_s=cfg.teacher_wait_s)
+            result = pipelined_forward(
+                micro, self._kd_student_step, submit, request_id=request_id, timeout_s=cfg.teacher_wait_s
+            )
         else:
             early = [TeacherRequest(x, None) for x in micro]
             self._kept = [float(x.shape[0]) for x in micro]
-            result = pipelined_forward(micro, self._masked_student_step, submit, request_id=request_id,
-                                       early_requests=early,
-                                       timeout_s=cfg.teacher_wait_s)
+            result = pipelined_forward(
+                micro,
+                self._masked_student_step,
+                submit,
+                request_id=request_id,
+                early_requests=early,
+                timeout_s=cfg.teacher_wait_s,
+            )
         assert result.teacher_logits is not None
         output = concat_outputs(result.outputs)
         teacher_logits = torch.cat(result.teacher_logits).to(images.device)  # [B, classes]
@@ -217,8 +245,9 @@ class StepRunner:
         """The kept positions of micro-batch x (after its forward for SIPS / bottom) and its pixels."""
         assert self.selector is not None
         keep, counts = self.selector.select(x.shape[0], x.device)
-        request = TeacherRequest(x.detach(), None if keep is None else keep.cpu(),
-                                 None if counts is None else counts.cpu())
+        request = TeacherRequest(
+            x.detach(), None if keep is None else keep.cpu(), None if counts is None else counts.cpu()
+        )
         self._kept.append(self.selector.kept_share(request))
         return request
 
@@ -238,10 +267,12 @@ _KNOWN = "known-answer"  # the request id StepRunner gives the micro-batch whose
 
 def _answering_known(submit: Submit, known: torch.Tensor) -> Submit:
     """`submit`, except that the request named _KNOWN is answered with `known` at no cost and not sent."""
+
     def wrapped(**kwargs: Any) -> Future[Any]:
         if kwargs.get("request_id") != _KNOWN:
             return submit(**kwargs)
         done: Future[Any] = Future()
         done.set_result((known, Usage()))
         return done
+
     return wrapped

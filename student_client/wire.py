@@ -2,6 +2,7 @@
 
 Shared by the blocking client, the asyncio client and the streaming session, so all three send the same bytes.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,20 +26,25 @@ class ModelInfo(TeacherGeometry):
     """A served teacher, as `GetModelInfo` describes it: its geometry (image/patch size, grid, classes, mean/std)
     and what the service says about it."""
 
-    model: str                      # name the server serves it under
-    full_gflops: float              # one full, unmasked image
+    model: str  # name the server serves it under
+    full_gflops: float  # one full, unmasked image
     price_per_gflop: float
     currency: str
-    models: tuple[str, ...] = ()    # every model the server serves
-    max_batch_images: int = 0       # 0: the server did not say
+    models: tuple[str, ...] = ()  # every model the server serves
+    max_batch_images: int = 0  # 0: the server did not say
     dtype: str = "float32"
 
     @classmethod
     def from_proto(cls, msg: pb.ModelInfo) -> ModelInfo:
         return cls(
-            **asdict(TeacherGeometry.from_proto(msg)), model=msg.model, full_gflops=float(msg.full_gflops),
-            price_per_gflop=float(msg.price_per_gflop), currency=msg.currency, models=tuple(msg.models),
-            max_batch_images=int(msg.max_batch_images), dtype=msg.dtype or "float32",
+            **asdict(TeacherGeometry.from_proto(msg)),
+            model=msg.model,
+            full_gflops=float(msg.full_gflops),
+            price_per_gflop=float(msg.price_per_gflop),
+            currency=msg.currency,
+            models=tuple(msg.models),
+            max_batch_images=int(msg.max_batch_images),
+            dtype=msg.dtype or "float32",
         )
 
 
@@ -65,8 +71,15 @@ class Usage:
 
     @classmethod
     def from_proto(cls, msg: pb.Usage) -> Usage:
-        return cls(images=int(msg.images), tokens=int(msg.tokens), gflops=float(msg.gflops),
-                   full_gflops=float(msg.full_gflops), cost=float(msg.cost), replayed=bool(msg.replayed), requests=1)
+        return cls(
+            images=int(msg.images),
+            tokens=int(msg.tokens),
+            gflops=float(msg.gflops),
+            full_gflops=float(msg.full_gflops),
+            cost=float(msg.cost),
+            replayed=bool(msg.replayed),
+            requests=1,
+        )
 
     def __add__(self, other: Usage) -> Usage:
         if self.requests == 0:
@@ -74,9 +87,13 @@ class Usage:
         if other.requests == 0:
             return self
         return Usage(
-            images=self.images + other.images, tokens=self.tokens + other.tokens, gflops=self.gflops + other.gflops,
-            full_gflops=self.full_gflops + other.full_gflops, cost=self.cost + other.cost,
-            replayed=self.replayed and other.replayed, requests=self.requests + other.requests,
+            images=self.images + other.images,
+            tokens=self.tokens + other.tokens,
+            gflops=self.gflops + other.gflops,
+            full_gflops=self.full_gflops + other.full_gflops,
+            cost=self.cost + other.cost,
+            replayed=self.replayed and other.replayed,
+            requests=self.requests + other.requests,
         )
 
 
@@ -113,9 +130,16 @@ def _index_dtype(num_patches: int) -> torch.dtype:
 
 
 def build_request(
-    info: ModelInfo, *, images: torch.Tensor | None = None, patches: torch.Tensor | None = None,
-    keep_indices: torch.Tensor | None = None, keep_counts: torch.Tensor | None = None,
-    request_id: str, model: str | None = None, send_patches: bool = True, purpose: str = "",
+    info: ModelInfo,
+    *,
+    images: torch.Tensor | None = None,
+    patches: torch.Tensor | None = None,
+    keep_indices: torch.Tensor | None = None,
+    keep_counts: torch.Tensor | None = None,
+    request_id: str,
+    model: str | None = None,
+    send_patches: bool = True,
+    purpose: str = "",
 ) -> pb.InferRequest:
     """The InferRequest for one batch. With images + keep_indices and `send_patches`, only the kept patches go.
     `purpose` labels it for the teacher's cost reports ('' = training targets, "probe", ...)."""
@@ -127,8 +151,9 @@ def build_request(
     batch = batch_size_of(images, patches)
     if keep_indices is not None:  # checked here, at the client's boundary (the server checks its own again)
         try:
-            keep_indices, checked_counts = check_keep(keep_indices, keep_counts, batch=batch,
-                                                      num_patches=info.num_patches)  # padding set to 0
+            keep_indices, checked_counts = check_keep(
+                keep_indices, keep_counts, batch=batch, num_patches=info.num_patches
+            )  # padding set to 0
         except KeepIndicesError as exc:
             raise TeacherInputError(str(exc)) from exc
         keep_counts = checked_counts if keep_counts is not None else None

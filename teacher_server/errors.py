@@ -1,4 +1,5 @@
 """Typed errors the service raises; the interceptor maps each to its gRPC status (message passed on verbatim)."""
+
 from __future__ import annotations
 
 
@@ -26,8 +27,9 @@ class QuotaExceededError(ServiceError):
 
     status = "RESOURCE_EXHAUSTED"
 
-    def __init__(self, message: str, *, details: tuple[object, ...] = (),
-                 trailing_metadata: tuple[tuple[str, str], ...] = ()) -> None:
+    def __init__(
+        self, message: str, *, details: tuple[object, ...] = (), trailing_metadata: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         super().__init__(message)
         self.details = details
         self.trailing_metadata = trailing_metadata

@@ -6,6 +6,7 @@ is the machine's channel because nothing else is printed there: the logs, and th
 ("teacher-server: serving MODEL on HOST:PORT; ..."), go to stderr. `ServerProcess` waits for that line and drains
 both streams into one log file, so a full pipe never blocks the server.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,12 +30,12 @@ TlsMode = Literal["off", "tls", "mtls"]
 class Ready:
     """What `teacher-server serve` announces, as one JSON line on stdout, once it serves."""
 
-    address: str                 # HOST:PORT of the gRPC service (the port it listens on, also after --port 0)
-    models: tuple[str, ...]      # the served model names
-    metrics_url: str | None      # Prometheus /metrics; None with --no-metrics
-    dashboard_url: str | None    # None without --dashboard-port
-    tls: TlsMode                 # mtls: clients need a certificate of --tls-client-ca
-    pid: int                     # the server's process id
+    address: str  # HOST:PORT of the gRPC service (the port it listens on, also after --port 0)
+    models: tuple[str, ...]  # the served model names
+    metrics_url: str | None  # Prometheus /metrics; None with --no-metrics
+    dashboard_url: str | None  # None without --dashboard-port
+    tls: TlsMode  # mtls: clients need a certificate of --tls-client-ca
+    pid: int  # the server's process id
 
     @property
     def port(self) -> int:
@@ -50,9 +51,14 @@ class Ready:
             data = json.loads(line)
             if not isinstance(data, dict) or data.get("event") != READY_EVENT:
                 return None
-            return cls(address=str(data["address"]), models=tuple(str(m) for m in data["models"]),
-                       metrics_url=data["metrics_url"], dashboard_url=data["dashboard_url"], tls=data["tls"],
-                       pid=int(data["pid"]))
+            return cls(
+                address=str(data["address"]),
+                models=tuple(str(m) for m in data["models"]),
+                metrics_url=data["metrics_url"],
+                dashboard_url=data["dashboard_url"],
+                tls=data["tls"],
+                pid=int(data["pid"]),
+            )
         except (ValueError, KeyError, TypeError):
             return None
 
@@ -143,15 +149,24 @@ class ServerProcess:
     `stop()` stops it gracefully, `kill()` at once, `restart()` both ways round; `with ServerProcess(...) as server`
     starts and stops it. `launch()` + `wait_ready()` start several at once. Every launch appends to `log`."""
 
-    def __init__(self, argv: Sequence[str], *, log: Path, env: Mapping[str, str] | None = None,
-                 cwd: Path | None = None, new_session: bool = False, name: str = "teacher-server",
-                 start_timeout_s: float = 300.0, stop_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        log: Path,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        new_session: bool = False,
+        name: str = "teacher-server",
+        start_timeout_s: float = 300.0,
+        stop_timeout_s: float = 30.0,
+    ) -> None:
         self.argv = list(argv)
-        self.name = name                  # in error messages
+        self.name = name  # in error messages
         self.log = log
-        self.env = dict(env) if env is not None else None      # None: this process's environment
+        self.env = dict(env) if env is not None else None  # None: this process's environment
         self.cwd = cwd
-        self.new_session = new_session    # own process group: a Ctrl-C meant for the parent does not reach it
+        self.new_session = new_session  # own process group: a Ctrl-C meant for the parent does not reach it
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.proc: subprocess.Popen[str] | None = None
@@ -169,11 +184,20 @@ class ServerProcess:
             log.write(f"$ {shlex.join(self.argv)}\n")
         announcement = self._announcement = _Announcement()
         with self.log.open("ab") as stderr:  # append mode: the child's stderr and the drained stdout interleave whole
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
-                                         text=True, errors="replace", env=self.env, cwd=self.cwd,
-                                         start_new_session=self.new_session)
-        self._drain = threading.Thread(target=self._drain_stdout, args=(self.proc, announcement), daemon=True,
-                                       name=f"drain-{self.proc.pid}")
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                errors="replace",
+                env=self.env,
+                cwd=self.cwd,
+                start_new_session=self.new_session,
+            )
+        self._drain = threading.Thread(
+            target=self._drain_stdout, args=(self.proc, announcement), daemon=True, name=f"drain-{self.proc.pid}"
+        )
         self._drain.start()
         return self
 
@@ -185,8 +209,9 @@ class ServerProcess:
         timeout_s = self.start_timeout_s if timeout_s is None else timeout_s
         if not self._announcement.done.wait(timeout_s):
             self.stop()
-            raise LaunchError(f"{self.name} did not announce that it serves within {timeout_s:.0f} s", self.log,
-                              self.log_tail())
+            raise LaunchError(
+                f"{self.name} did not announce that it serves within {timeout_s:.0f} s", self.log, self.log_tail()
+            )
         if self._announcement.ready is None:  # stdout closed before the line: the child is exiting
             try:
                 code: int | str = self.proc.wait(timeout=30)
@@ -211,8 +236,9 @@ class ServerProcess:
         """SIGTERM, then SIGKILL after `timeout_s` (default stop_timeout_s); the exit status (None: never started)."""
         if self.proc is None:
             return None
-        stop_gracefully(self.proc, timeout_s=self.stop_timeout_s if timeout_s is None else timeout_s,
-                        process_group=self.new_session)
+        stop_gracefully(
+            self.proc, timeout_s=self.stop_timeout_s if timeout_s is None else timeout_s, process_group=self.new_session
+        )
         self._join_drain()
         return self.proc.returncode
 

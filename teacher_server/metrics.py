@@ -2,9 +2,10 @@
 
 Names are agreed with the Grafana dashboards (docs/ARCHITECTURE.md). Label `key` is the API key's name ("" when the
 caller could not be identified) when `key_labels` is on (`--metrics-key-labels`); by default it is "-" for every
-series, so an unauthenticated scrape does not list the customers. `code` the gRPC status name (OK, INVALID_ARGUMENT, ...). One inference request is
-one Infer call or one message of an InferStream.
+series, so an unauthenticated scrape does not list the customers. `code` the gRPC status name (OK, INVALID_ARGUMENT,
+...). One inference request is one Infer call or one message of an InferStream.
 """
+
 from __future__ import annotations
 
 import threading
@@ -32,32 +33,52 @@ class ServerMetrics:
         self.key_labels = key_labels
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.requests = Counter("maskedkd_requests_total", "Inference requests by final status code",
-                                ["model", "key", "code"], registry=r)
-        self.images = Counter("maskedkd_images_total", "Images served (billed requests)", ["model", "key"],
-                              registry=r)
-        self.gflops_used = Counter("maskedkd_gflops_used_total", "GFLOPs of the masked forwards billed",
-                                   ["model", "key"], registry=r)
-        self.gflops_full = Counter("maskedkd_gflops_full_total", "GFLOPs the full teacher would have used",
-                                   ["model", "key"], registry=r)
-        self.gflops_saved = Counter("maskedkd_gflops_saved_total", "GFLOPs saved by masking (full - used)",
-                                    ["model", "key"], registry=r)
+        self.requests = Counter(
+            "maskedkd_requests_total", "Inference requests by final status code", ["model", "key", "code"], registry=r
+        )
+        self.images = Counter("maskedkd_images_total", "Images served (billed requests)", ["model", "key"], registry=r)
+        self.gflops_used = Counter(
+            "maskedkd_gflops_used_total", "GFLOPs of the masked forwards billed", ["model", "key"], registry=r
+        )
+        self.gflops_full = Counter(
+            "maskedkd_gflops_full_total", "GFLOPs the full teacher would have used", ["model", "key"], registry=r
+        )
+        self.gflops_saved = Counter(
+            "maskedkd_gflops_saved_total", "GFLOPs saved by masking (full - used)", ["model", "key"], registry=r
+        )
         self.cost = Counter("maskedkd_cost_total", "Amount billed, in the server's currency", ["key"], registry=r)
-        self.batch_images = Histogram("maskedkd_batch_images", "Images per micro-batch", buckets=_IMAGE_BUCKETS,
-                                      registry=r)
-        self.batch_tokens = Histogram("maskedkd_batch_tokens", "Teacher tokens per micro-batch",
-                                      buckets=_TOKEN_BUCKETS, registry=r)
-        self.queue_seconds = Histogram("maskedkd_queue_seconds", "Time a request waited for its micro-batch",
-                                       buckets=_SECONDS_BUCKETS, registry=r)
-        self.compute_seconds = Histogram("maskedkd_compute_seconds", "Teacher forward time per micro-batch",
-                                         buckets=_SECONDS_BUCKETS, registry=r)
-        self.request_latency = Histogram("maskedkd_request_latency_seconds", "Server-side latency of a request",
-                                         ["model"], buckets=_SECONDS_BUCKETS, registry=r)
+        self.batch_images = Histogram(
+            "maskedkd_batch_images", "Images per micro-batch", buckets=_IMAGE_BUCKETS, registry=r
+        )
+        self.batch_tokens = Histogram(
+            "maskedkd_batch_tokens", "Teacher tokens per micro-batch", buckets=_TOKEN_BUCKETS, registry=r
+        )
+        self.queue_seconds = Histogram(
+            "maskedkd_queue_seconds", "Time a request waited for its micro-batch", buckets=_SECONDS_BUCKETS, registry=r
+        )
+        self.compute_seconds = Histogram(
+            "maskedkd_compute_seconds", "Teacher forward time per micro-batch", buckets=_SECONDS_BUCKETS, registry=r
+        )
+        self.request_latency = Histogram(
+            "maskedkd_request_latency_seconds",
+            "Server-side latency of a request",
+            ["model"],
+            buckets=_SECONDS_BUCKETS,
+            registry=r,
+        )
         self.queue_depth = Gauge("maskedkd_queue_depth", "Requests waiting for a micro-batch", registry=r)
-        self.dtype_agreement = Gauge("maskedkd_dtype_top1_agreement", "Start-up check: top-1 agreement of the "
-                                     "served dtype with float32 on a fixed batch", ["model", "dtype"], registry=r)
-        self.dtype_kl = Gauge("maskedkd_dtype_kl_nats", "Start-up check: mean KL(float32 || served dtype) on a "
-                              "fixed batch", ["model", "dtype"], registry=r)
+        self.dtype_agreement = Gauge(
+            "maskedkd_dtype_top1_agreement",
+            "Start-up check: top-1 agreement of the served dtype with float32 on a fixed batch",
+            ["model", "dtype"],
+            registry=r,
+        )
+        self.dtype_kl = Gauge(
+            "maskedkd_dtype_kl_nats",
+            "Start-up check: mean KL(float32 || served dtype) on a fixed batch",
+            ["model", "dtype"],
+            registry=r,
+        )
         self._http: WSGIServer | None = None
         self._http_thread: threading.Thread | None = None
 
@@ -68,8 +89,9 @@ class ServerMetrics:
         key = self._key(key)
         self.requests.labels(model=model, key=key, code=code).inc()
 
-    def count_billed(self, *, model: str, key: str, images: int, gflops: float, full_gflops: float,
-                     cost: float) -> None:
+    def count_billed(
+        self, *, model: str, key: str, images: int, gflops: float, full_gflops: float, cost: float
+    ) -> None:
         key = self._key(key)
         self.images.labels(model=model, key=key).inc(images)
         self.gflops_used.labels(model=model, key=key).inc(gflops)

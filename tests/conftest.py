@@ -1,4 +1,5 @@
 """Fixtures shared by every test area: tiny timm models and the committed CIFAR-10 subset."""
+
 from __future__ import annotations
 
 import os

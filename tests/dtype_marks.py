@@ -12,6 +12,7 @@
 
 `device="cuda"` tests are skipped where torch sees no CUDA device. A test without a mark fails collection.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,14 +28,21 @@ _MACHINE_ENV = os.environ.get(FORCE_CPU_BF16_ENV)  # what the caller set, kept f
 
 
 def add_option(parser: pytest.Parser) -> None:
-    parser.addoption("--force-dtype", choices=(*FORCED, "other"), default=None,
-                     help="run only the tests marked dtype('auto'), with auto precision forced to this dtype "
-                          "(other: the one auto does not pick on this machine)")
+    parser.addoption(
+        "--force-dtype",
+        choices=(*FORCED, "other"),
+        default=None,
+        help="run only the tests marked dtype('auto'), with auto precision forced to this dtype "
+        "(other: the one auto does not pick on this machine)",
+    )
 
 
 def configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "dtype(name, device='cpu'): the dtype (float32|bfloat16|auto|both|none) and "
-                                       "device (cpu|cuda) the test checks; see tests/dtype_marks.py")
+    config.addinivalue_line(
+        "markers",
+        "dtype(name, device='cpu'): the dtype (float32|bfloat16|auto|both|none) and "
+        "device (cpu|cuda) the test checks; see tests/dtype_marks.py",
+    )
 
 
 def machine_dtype() -> tuple[str, str]:
@@ -67,8 +75,9 @@ def mark_of(item: pytest.Item) -> tuple[str, str]:
     name = mark.args[0] if mark.args else ""
     device = mark.kwargs.get("device", "cpu")
     if name not in DTYPES or device not in DEVICES:
-        raise pytest.UsageError(f"{item.nodeid}: dtype mark {mark.args} {mark.kwargs} is not one of {DTYPES} on "
-                                f"{DEVICES}")
+        raise pytest.UsageError(
+            f"{item.nodeid}: dtype mark {mark.args} {mark.kwargs} is not one of {DTYPES} on {DEVICES}"
+        )
     return name, device
 
 
@@ -88,6 +97,7 @@ def apply(item: pytest.Item) -> None:
     name, device = mark_of(item)
     if device == "cuda":
         import torch
+
         if not torch.cuda.is_available():
             pytest.skip("no CUDA device")
     forced = forced_dtype(item.config)

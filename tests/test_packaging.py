@@ -3,6 +3,7 @@
 The closure is resolved offline from the installed distributions' own metadata (their Requires-Dist with markers and
 extras), starting from the requirements pyproject.toml names for an extra.
 """
+
 from __future__ import annotations
 
 import importlib.metadata as md
@@ -85,13 +86,15 @@ def test_every_named_dependency_is_pinned_within_its_range(extra: str) -> None:
     for req in project_requirements({extra}):
         name = canonicalize_name(req.name)
         assert name in pins, f"{req} ({extra}) has no pin in constraints.txt"
-        assert req.specifier.contains(pins[name], prereleases=True), f"constraints.txt {name}=={pins[name]} " \
-                                                                       f"is outside pyproject's {req}"
+        assert req.specifier.contains(pins[name], prereleases=True), (
+            f"constraints.txt {name}=={pins[name]} is outside pyproject's {req}"
+        )
         assert str(req.specifier), f"{req}: pyproject.toml gives a version range for every dependency"
 
 
 def test_the_pins_are_what_is_installed_here() -> None:
     """constraints.txt holds versions seen working: this environment's (the suite runs on them)."""
-    drift = {name: (version, md.version(name)) for name, version in _constraints().items()
-             if md.version(name) != version}
+    drift = {
+        name: (version, md.version(name)) for name, version in _constraints().items() if md.version(name) != version
+    }
     assert not drift, f"constraints.txt differs from the installed versions (pinned, installed): {drift}"

@@ -6,6 +6,7 @@ packing every row's tokens without padding (teacher_server/engine/packing.py, `-
 Prints the best-of-reps wall time and CPU time (all threads; steadier on a shared machine) of each strategy for a
 few batch shapes (random weights, float32, CPU).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,12 @@ from teacher_server.engine.batcher import run_bucketed, run_padded
 from teacher_server.engine.packing import run_packed
 
 CASES = [  # (label, model kwargs, images, counts to draw from)
-    ("vit_tiny 32px/4px", dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=4, num_classes=10),
-     64, (16, 32, 48, 64)),
+    (
+        "vit_tiny 32px/4px",
+        dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=4, num_classes=10),
+        64,
+        (16, 32, 48, 64),
+    ),
     ("vit_small 224px", dict(model_name="vit_small_patch16_224", num_classes=1000), 16, (98, 147, 196)),
 ]
 
@@ -38,12 +43,14 @@ def main() -> None:
         n, c, p = teacher.geometry.num_patches, teacher.geometry.in_chans, teacher.geometry.patch_size
         k = max(choices)
         counts = torch.tensor(choices)[torch.randint(len(choices), (images,), generator=gen)]  # [B]
-        patches = torch.randn(images, k, c, p, p, generator=gen)                                # [B,K,C,P,P]
-        indices = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(images)])    # [B,K]
+        patches = torch.randn(images, k, c, p, p, generator=gen)  # [B,K,C,P,P]
+        indices = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(images)])  # [B,K]
         best = {"bucket": float("inf"), "pad": float("inf"), "packed": float("inf")}
-        strategies = (("bucket", lambda: run_bucketed(teacher.forward_patches, patches, indices, counts)),
-                      ("pad", lambda: run_padded(teacher.forward_patches, patches, indices, counts)),
-                      ("packed", lambda: run_packed(teacher, patches, indices, counts)))
+        strategies = (
+            ("bucket", lambda: run_bucketed(teacher.forward_patches, patches, indices, counts)),
+            ("pad", lambda: run_padded(teacher.forward_patches, patches, indices, counts)),
+            ("packed", lambda: run_packed(teacher, patches, indices, counts)),
+        )
         cpu = dict(best)
         with torch.inference_mode():
             for _ in range(args.reps):
@@ -52,14 +59,31 @@ def main() -> None:
                     run()
                     best[name] = min(best[name], time.perf_counter() - t0)
                     cpu[name] = min(cpu[name], time.process_time() - c0)
-            diff = (run_bucketed(teacher.forward_patches, patches, indices, counts)
-                    - run_padded(teacher.forward_patches, patches, indices, counts)).abs().max().item()
-            packed_diff = (run_bucketed(teacher.forward_patches, patches, indices, counts)
-                           - run_packed(teacher, patches, indices, counts)).abs().max().item()
-        print(f"{label}: {images} images, counts from {choices}: wall bucket {best['bucket'] * 1e3:.0f} ms, "
-              f"pad {best['pad'] * 1e3:.0f} ms, packed {best['packed'] * 1e3:.0f} ms; cpu bucket "
-              f"{cpu['bucket'] * 1e3:.0f} ms, pad {cpu['pad'] * 1e3:.0f} ms, packed {cpu['packed'] * 1e3:.0f} ms "
-              f"(max |diff| vs bucket: pad {diff:.2e}, packed {packed_diff:.2e})", flush=True)
+            diff = (
+                (
+                    run_bucketed(teacher.forward_patches, patches, indices, counts)
+                    - run_padded(teacher.forward_patches, patches, indices, counts)
+                )
+                .abs()
+                .max()
+                .item()
+            )
+            packed_diff = (
+                (
+                    run_bucketed(teacher.forward_patches, patches, indices, counts)
+                    - run_packed(teacher, patches, indices, counts)
+                )
+                .abs()
+                .max()
+                .item()
+            )
+        print(
+            f"{label}: {images} images, counts from {choices}: wall bucket {best['bucket'] * 1e3:.0f} ms, "
+            f"pad {best['pad'] * 1e3:.0f} ms, packed {best['packed'] * 1e3:.0f} ms; cpu bucket "
+            f"{cpu['bucket'] * 1e3:.0f} ms, pad {cpu['pad'] * 1e3:.0f} ms, packed {cpu['packed'] * 1e3:.0f} ms "
+            f"(max |diff| vs bucket: pad {diff:.2e}, packed {packed_diff:.2e})",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """`teacher-server dashboard` (and `python -m teacher_server.dashboard`): its flags, derived from ServerSettings, and
 serving the dashboard of a ledger in the foreground until Ctrl-C."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,15 +16,28 @@ from teacher_server.settings import ServerSettings
 
 DEFAULT_PORT = 8080
 # the settings `teacher-server dashboard` reads, and the flags whose names differ from the fields'
-DASHBOARD_FIELDS = ("db", "dashboard_host", "dashboard_port", "admin_token_file", "viewer_token_file",
-                    "dashboard_public", "tls_cert", "tls_key")
+DASHBOARD_FIELDS = (
+    "db",
+    "dashboard_host",
+    "dashboard_port",
+    "admin_token_file",
+    "viewer_token_file",
+    "dashboard_public",
+    "tls_cert",
+    "tls_key",
+)
 DASHBOARD_FLAGS = {"dashboard_host": "--host", "dashboard_port": "--port"}
 
 
 def add_dashboard_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `teacher-server dashboard` (flags override the MASKEDKD_* environment)."""
-    add_server_flags(parser, DASHBOARD_FIELDS, flags=DASHBOARD_FLAGS, aliases={"dashboard_public": ("--public",)},
-                     helps={"dashboard_port": f"port to listen on (unset: {DEFAULT_PORT})"})
+    add_server_flags(
+        parser,
+        DASHBOARD_FIELDS,
+        flags=DASHBOARD_FLAGS,
+        aliases={"dashboard_public": ("--public",)},
+        helps={"dashboard_port": f"port to listen on (unset: {DEFAULT_PORT})"},
+    )
     add_secret_refusals(parser)
 
 
@@ -66,15 +80,29 @@ def run_dashboard_command(args: argparse.Namespace) -> int:
     warn_if_public(settings)
     try:
         app = create_app(settings)
-    except Exception as exc:  # a bad URL or an unreachable database: one line, not a trace
+    except Exception as exc:  # noqa: BLE001 - a bad URL or an unreachable database: one line, not a trace
         reason = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
         return _refuse(f"cannot open the ledger {without_password(settings.db)}: {reason}")
     admin = "on" if settings.admin_token else "off (set MASKEDKD_ADMIN_TOKEN or --admin-token-file)"
-    views = ("public" if settings.dashboard_public else "viewer or admin token" if settings.viewer_token
-             or settings.admin_token else "locked (set MASKEDKD_VIEWER_TOKEN, or --public)")
+    views = (
+        "public"
+        if settings.dashboard_public
+        else "viewer or admin token"
+        if settings.viewer_token or settings.admin_token
+        else "locked (set MASKEDKD_VIEWER_TOKEN, or --public)"
+    )
     scheme = "https" if settings.tls_cert else "http"
-    print(f"dashboard: {scheme}://{settings.dashboard_host}:{port}/  (API docs at /docs; admin API {admin}; "
-          f"read views {views})", flush=True)
-    uvicorn.run(app, host=settings.dashboard_host, port=port, log_level="warning",
-                ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key)
+    print(
+        f"dashboard: {scheme}://{settings.dashboard_host}:{port}/  (API docs at /docs; admin API {admin}; "
+        f"read views {views})",
+        flush=True,
+    )
+    uvicorn.run(
+        app,
+        host=settings.dashboard_host,
+        port=port,
+        log_level="warning",
+        ssl_certfile=settings.tls_cert,
+        ssl_keyfile=settings.tls_key,
+    )
     return 0

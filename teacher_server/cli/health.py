@@ -2,6 +2,7 @@
 health checks and Kubernetes exec probes (the kubelet's own `grpc:` probe speaks plain text only). One line out;
 exit 0 when the service is SERVING, 1 for anything else (NOT_SERVING, unknown service, unreachable, TLS refused,
 unreadable files). Imports grpc only, so a probe starts in well under a second."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,19 +13,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 @dataclass(frozen=True)
 class HealthTarget:
-    target: str                       # host:port the probe dials, e.g. 127.0.0.1:50051
-    service: str = ""                 # "" = the server as a whole; maskedkd.v1.TeacherService turns NOT_SERVING first
-    ca_file: str | None = None        # PEM CA: check over TLS, verifying the server's certificate with it
-    client_cert: str | None = None    # for a server with mutual TLS (--tls-client-ca)
+    target: str  # host:port the probe dials, e.g. 127.0.0.1:50051
+    service: str = ""  # "" = the server as a whole; maskedkd.v1.TeacherService turns NOT_SERVING first
+    ca_file: str | None = None  # PEM CA: check over TLS, verifying the server's certificate with it
+    client_cert: str | None = None  # for a server with mutual TLS (--tls-client-ca)
     client_key: str | None = None
-    server_name: str | None = None    # the name the certificate must carry, when it is not the target's host
+    server_name: str | None = None  # the name the certificate must carry, when it is not the target's host
     timeout_s: float = 2.0
 
 
 @dataclass(frozen=True)
 class HealthResult:
     serving: bool
-    line: str                         # what the probe prints: "<target> <service>: SERVING" or why not
+    line: str  # what the probe prints: "<target> <service>: SERVING" or why not
 
 
 def _read(path: str, what: str) -> bytes:
@@ -43,7 +44,8 @@ def _channel(probe: HealthTarget) -> grpc.Channel:
     creds = grpc.ssl_channel_credentials(
         root_certificates=_read(probe.ca_file, "--ca") if probe.ca_file else None,
         private_key=_read(probe.client_key, "--client-key") if probe.client_key else None,
-        certificate_chain=_read(probe.client_cert, "--client-cert") if probe.client_cert else None)
+        certificate_chain=_read(probe.client_cert, "--client-cert") if probe.client_cert else None,
+    )
     options = [("grpc.ssl_target_name_override", probe.server_name)] if probe.server_name else []
     return grpc.secure_channel(probe.target, creds, options=options)
 

@@ -4,6 +4,7 @@ ledger upgrade | ledger purge | dashboard | health.
 Flags override `MASKEDKD_*` environment variables. Errors are one line on stderr and exit code 2; `keys` and
 `usage` only touch the ledger (no torch import), so they are quick.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,15 +69,24 @@ def _key_command(keys_sub: Any, command: str, text: str, *, name_flag: bool = Fa
 
 
 def _add_limit_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quota-window", choices=QUOTA_WINDOWS, default="lifetime",
-                   help="what the quota counts: all usage, or the current UTC calendar month or day")
-    p.add_argument("--rate-limit-gflops-per-min", type=_optional_float,
-                   help="GFLOPs the key may be admitted per minute (default: no rate limit)")
+    p.add_argument(
+        "--quota-window",
+        choices=QUOTA_WINDOWS,
+        default="lifetime",
+        help="what the quota counts: all usage, or the current UTC calendar month or day",
+    )
+    p.add_argument(
+        "--rate-limit-gflops-per-min",
+        type=_optional_float,
+        help="GFLOPs the key may be admitted per minute (default: no rate limit)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="teacher-server", description="MaskedKD teacher service: serve a masked ViT teacher, "
-                     "manage API keys, read usage.")
+    parser = _Parser(
+        prog="teacher-server",
+        description="MaskedKD teacher service: serve a masked ViT teacher, manage API keys, read usage.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     serve = sub.add_parser("serve", help="serve a teacher over gRPC")
@@ -85,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_secret_refusals(serve)
 
     keys = sub.add_parser("keys", help="manage API keys")
-    keys_sub = keys.add_subparsers(dest="keys_command", required=True,
-                                   metavar="{create,list,disable,enable,quota,price}", parser_class=_Parser)
+    keys_sub = keys.add_subparsers(
+        dest="keys_command", required=True, metavar="{create,list,disable,enable,quota,price}", parser_class=_Parser
+    )
     create = keys_sub.add_parser("create", help="create a key and print its secret (shown once)")
     create.add_argument("--name", required=True)
     create.add_argument("--quota-gflops", type=float, help="GFLOPs the key may use in total (default unlimited)")
@@ -97,47 +108,75 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     _add_db(listing)
     quota = _key_command(keys_sub, "quota", "set a key's quota (GFLOPs per window) and rate limit (GFLOPs/min)")
-    quota.add_argument("--quota-gflops", type=_optional_float, required=True,
-                       help="GFLOPs per quota window; 'none': unlimited")
+    quota.add_argument(
+        "--quota-gflops", type=_optional_float, required=True, help="GFLOPs per quota window; 'none': unlimited"
+    )
     _add_limit_arguments(quota)
     _key_command(keys_sub, "disable", "disable a key (takes effect within seconds)", name_flag=True)
     _key_command(keys_sub, "enable", "re-enable a disabled key", name_flag=True)
     price = _key_command(keys_sub, "price", "set the price a key's new requests are billed at")
-    price.add_argument("--price-per-gflop", type=_price, required=True, metavar="X",
-                       help="price per GFLOP; 'default': the serving server's --price-per-gflop")
+    price.add_argument(
+        "--price-per-gflop",
+        type=_price,
+        required=True,
+        metavar="X",
+        help="price per GFLOP; 'default': the serving server's --price-per-gflop",
+    )
 
-    usage = sub.add_parser("usage", help="totals per key: GFLOPs used, full GFLOPs, saving %%, cost and price as "
-                                         "billed, what probe requests cost, refused calls")
+    usage = sub.add_parser(
+        "usage",
+        help="totals per key: GFLOPs used, full GFLOPs, saving %%, cost and price as "
+        "billed, what probe requests cost, refused calls",
+    )
     usage.add_argument("--key", help="only this key (by name)")
     output = usage.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="machine-readable output")
-    output.add_argument("--csv", action="store_true", help="usage per UTC day, key, currency and price as CSV "
-                                                           "(the dashboard's /api/usage/daily.csv)")
+    output.add_argument(
+        "--csv",
+        action="store_true",
+        help="usage per UTC day, key, currency and price as CSV (the dashboard's /api/usage/daily.csv)",
+    )
     _add_db(usage)
 
     ledger_cmd = sub.add_parser("ledger", help="ledger maintenance: schema upgrade, replay payload purge")
-    ledger_sub = ledger_cmd.add_subparsers(dest="ledger_command", required=True, metavar="{upgrade,purge}",
-                                           parser_class=_Parser)
+    ledger_sub = ledger_cmd.add_subparsers(
+        dest="ledger_command", required=True, metavar="{upgrade,purge}", parser_class=_Parser
+    )
     _add_db(ledger_sub.add_parser("upgrade", help="migrate the ledger's schema to the newest revision"))
     purge = ledger_sub.add_parser("purge", help="delete expired replay payloads (billing rows are kept)")
-    purge.add_argument("--older-than", help="also delete the payloads of requests billed longer ago than this "
-                       "(seconds or 30m, 12h, 7d)")
+    purge.add_argument(
+        "--older-than",
+        help="also delete the payloads of requests billed longer ago than this (seconds or 30m, 12h, 7d)",
+    )
     _add_db(purge)
 
-    add_dashboard_arguments(sub.add_parser("dashboard", help="serve the usage and billing dashboard of a ledger "
-                                                              "on its own (no teacher needed)"))
+    add_dashboard_arguments(
+        sub.add_parser(
+            "dashboard", help="serve the usage and billing dashboard of a ledger on its own (no teacher needed)"
+        )
+    )
 
-    health = sub.add_parser("health", help="one gRPC health check of a teacher (container and Kubernetes exec "
-                                           "probes): exit 0 when SERVING, 1 otherwise")
+    health = sub.add_parser(
+        "health",
+        help="one gRPC health check of a teacher (container and Kubernetes exec "
+        "probes): exit 0 when SERVING, 1 otherwise",
+    )
     target = f"{ServerSettings.model_fields['host'].default}:{ServerSettings.model_fields['port'].default}"
     health.add_argument("--target", default=target, help=f"HOST:PORT (default {target})")
-    health.add_argument("--service", default="", help="service to ask about (default: the server as a whole; "
-                                                      "maskedkd.v1.TeacherService turns NOT_SERVING while draining)")
+    health.add_argument(
+        "--service",
+        default="",
+        help="service to ask about (default: the server as a whole; "
+        "maskedkd.v1.TeacherService turns NOT_SERVING while draining)",
+    )
     health.add_argument("--ca", help="PEM CA file: check over TLS and verify the server's certificate with it")
     health.add_argument("--client-cert", help="PEM client certificate, for a server with mutual TLS")
     health.add_argument("--client-key", help="PEM private key of --client-cert")
-    health.add_argument("--server-name", help="name the server's certificate must carry (default: the target's "
-                                              "host), e.g. the Service name clients dial")
+    health.add_argument(
+        "--server-name",
+        help="name the server's certificate must carry (default: the target's "
+        "host), e.g. the Service name clients dial",
+    )
     health.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
     return parser
 
@@ -221,9 +260,14 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 def _create_key(sessions: Any, args: argparse.Namespace) -> int:
     from teacher_server.ledger.keys import create_api_key
 
-    secret, row = create_api_key(sessions, name=args.name, quota_gflops=args.quota_gflops,
-                                 price_per_gflop=args.price_per_gflop, quota_window=args.quota_window,
-                                 rate_limit_gflops_per_min=args.rate_limit_gflops_per_min)
+    secret, row = create_api_key(
+        sessions,
+        name=args.name,
+        quota_gflops=args.quota_gflops,
+        price_per_gflop=args.price_per_gflop,
+        quota_window=args.quota_window,
+        rate_limit_gflops_per_min=args.rate_limit_gflops_per_min,
+    )
     print(secret)
     print(f"created key {row.name!r} ({row.key_prefix}...); the secret above is shown only once", file=sys.stderr)
     return 0
@@ -236,17 +280,28 @@ def _list_keys(sessions: Any, args: argparse.Namespace) -> int:
     with sessions() as session:
         listed = list_api_keys(session)
     rows: list[dict[str, Any]] = [
-        {"name": k.name, "prefix": k.key_prefix, "created_at": k.created_at.isoformat(), "disabled": bool(k.disabled),
-         "quota_gflops": k.quota_gflops, "price_per_gflop": k.price_per_gflop, "quota_window": k.quota_window,
-         "rate_limit_gflops_per_min": k.rate_limit_gflops_per_min} for k in listed]
+        {
+            "name": k.name,
+            "prefix": k.key_prefix,
+            "created_at": k.created_at.isoformat(),
+            "disabled": bool(k.disabled),
+            "quota_gflops": k.quota_gflops,
+            "price_per_gflop": k.price_per_gflop,
+            "quota_window": k.quota_window,
+            "rate_limit_gflops_per_min": k.rate_limit_gflops_per_min,
+        }
+        for k in listed
+    ]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     print(f"{'NAME':24} {'PREFIX':14} {'STATUS':9} {'QUOTA_GFLOPS':>14} {'PRICE/GFLOP':>12}  CREATED")
     for r in rows:
         status = "disabled" if r["disabled"] else "active"
-        print(f"{r['name']:24} {r['prefix']:14} {status:9} {fmt_num(r['quota_gflops']):>14} "
-              f"{fmt_num(r['price_per_gflop']):>12}  {r['created_at']}")
+        print(
+            f"{r['name']:24} {r['prefix']:14} {status:9} {fmt_num(r['quota_gflops']):>14} "
+            f"{fmt_num(r['price_per_gflop']):>12}  {r['created_at']}"
+        )
     return 0
 
 
@@ -264,11 +319,17 @@ def _change_key(sessions: Any, args: argparse.Namespace) -> int:
             keys.set_api_key_disabled(session, name=name, disabled=args.keys_command == "disable")
             print(f"{args.keys_command}d key {name!r}")
         elif args.keys_command == "quota":
-            keys.set_api_key_limits(session, name=name, quota_gflops=args.quota_gflops,
-                                    quota_window=args.quota_window,
-                                    rate_limit_gflops_per_min=args.rate_limit_gflops_per_min)
-            print(f"key {name!r}: quota {fmt_num(args.quota_gflops)} GFLOPs per {args.quota_window}, rate limit "
-                  f"{fmt_num(args.rate_limit_gflops_per_min)} GFLOPs/min ({later})")
+            keys.set_api_key_limits(
+                session,
+                name=name,
+                quota_gflops=args.quota_gflops,
+                quota_window=args.quota_window,
+                rate_limit_gflops_per_min=args.rate_limit_gflops_per_min,
+            )
+            print(
+                f"key {name!r}: quota {fmt_num(args.quota_gflops)} GFLOPs per {args.quota_window}, rate limit "
+                f"{fmt_num(args.rate_limit_gflops_per_min)} GFLOPs/min ({later})"
+            )
         else:
             keys.set_api_key_price(session, name=name, price_per_gflop=args.price_per_gflop)
             shown = "the server default" if args.price_per_gflop is None else f"{args.price_per_gflop:.6g} per GFLOP"
@@ -295,8 +356,7 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
             if migrated is None:
                 print(f"ledger {without_password(url)} is at the newest schema ({head_revision()})")
             else:
-                print(f"ledger {without_password(url)}: upgraded schema from {migrated[0] or 'empty'} to "
-                      f"{migrated[1]}")
+                print(f"ledger {without_password(url)}: upgraded schema from {migrated[0] or 'empty'} to {migrated[1]}")
             return 0
         try:
             older = None if args.older_than is None else timedelta(seconds=parse_duration(args.older_than))
@@ -338,9 +398,17 @@ def _cmd_health(args: argparse.Namespace) -> int:
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC core's handshake logs would break the one-line answer
     from teacher_server.cli.health import HealthTarget, check_health
 
-    result = check_health(HealthTarget(target=args.target, service=args.service, ca_file=args.ca,
-                                       client_cert=args.client_cert, client_key=args.client_key,
-                                       server_name=args.server_name, timeout_s=args.timeout))
+    result = check_health(
+        HealthTarget(
+            target=args.target,
+            service=args.service,
+            ca_file=args.ca,
+            client_cert=args.client_cert,
+            client_key=args.client_key,
+            server_name=args.server_name,
+            timeout_s=args.timeout,
+        )
+    )
     print(result.line, file=sys.stdout if result.serving else sys.stderr)
     return 0 if result.serving else 1
 
@@ -366,9 +434,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # never a traceback for the user; the message is still specific
-        print(f"teacher-server: error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-              file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - never a traceback for the user; the message is still specific
+        print(
+            f"teacher-server: error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
 
 

@@ -3,6 +3,7 @@ secrets on the command line. `maskedkd.settings_cli` derives the flags and build
 
 Secrets (`admin_token`, `viewer_token`) are never flags: a command line shows in `ps`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,13 +14,26 @@ from teacher_server.settings import ServerSettings
 
 SECRET_FIELDS = frozenset({"admin_token", "viewer_token"})
 # metavars that say more than the flag name's last word
-METAVARS = {"db": "URL", "replay_ttl": "DURATION", "compile_shapes": "B:K,...", "checkpoint": "PATH",
-            "tls_cert": "PEM", "tls_key": "PEM", "tls_client_ca": "PEM", "model": "NAME"}
+METAVARS = {
+    "db": "URL",
+    "replay_ttl": "DURATION",
+    "compile_shapes": "B:K,...",
+    "checkpoint": "PATH",
+    "tls_cert": "PEM",
+    "tls_key": "PEM",
+    "tls_client_ca": "PEM",
+    "model": "NAME",
+}
 
 
-def add_server_flags(parser: argparse.ArgumentParser, names: Iterable[str], *, flags: Mapping[str, str] | None = None,
-                     aliases: Mapping[str, tuple[str, ...]] | None = None,
-                     helps: Mapping[str, str] | None = None) -> None:
+def add_server_flags(
+    parser: argparse.ArgumentParser,
+    names: Iterable[str],
+    *,
+    flags: Mapping[str, str] | None = None,
+    aliases: Mapping[str, tuple[str, ...]] | None = None,
+    helps: Mapping[str, str] | None = None,
+) -> None:
     """One flag per ServerSettings field in `names` (maskedkd.settings_cli's rules); a secret is refused."""
     names = tuple(names)
     if secrets := SECRET_FIELDS.intersection(names):

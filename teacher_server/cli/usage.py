@@ -2,6 +2,7 @@
 billed, what each purpose cost (the client's `probe` requests beside the training targets) and the calls refused.
 The JSON entries are the dashboard's /api/usage/keys `keys`, field for field; the CSV is usage_report.write_usage_csv
 (the same bytes as the dashboard's /api/usage/daily.csv)."""
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -45,22 +46,30 @@ def _probes(k: KeyUsage) -> tuple[str, str]:
 
 def report_lines(report: UsageByKey) -> list[str]:
     """The table: one line per key (and one for calls refused before a key was known)."""
-    lines = [(f"{'KEY':24} {'REQUESTS':>9} {'IMAGES':>9} {'GFLOPS':>14} {'FULL_GFLOPS':>14} {'SAVING':>8} "
-              f"{'COST (AS BILLED)':>20} {'PROBE_GFLOPS (SHARE)':>22} {'PROBE_COST':>20}  {'PRICE/GFLOP':12} REFUSED")]
+    lines = [
+        (
+            f"{'KEY':24} {'REQUESTS':>9} {'IMAGES':>9} {'GFLOPS':>14} {'FULL_GFLOPS':>14} {'SAVING':>8} "
+            f"{'COST (AS BILLED)':>20} {'PROBE_GFLOPS (SHARE)':>22} {'PROBE_COST':>20}  {'PRICE/GFLOP':12} REFUSED"
+        )
+    ]
     for k in report.keys:
         prices = ", ".join(sorted({f"{fmt_num(b.price_per_gflop)} {b.currency}" for b in k.billed})) or "-"
         probe_gflops, probe_cost = _probes(k)
-        lines.append(f"{k.key:24} {k.requests:>9} {k.images:>9} {k.gflops:>14.6f} {k.full_gflops:>14.6f} "
-                     f"{k.saving_pct:>7.2f}% {_costs(k.billed):>20} {probe_gflops:>22} {probe_cost:>20}  "
-                     f"{prices:12} {refused_text(k.refused)}")
+        lines.append(
+            f"{k.key:24} {k.requests:>9} {k.images:>9} {k.gflops:>14.6f} {k.full_gflops:>14.6f} "
+            f"{k.saving_pct:>7.2f}% {_costs(k.billed):>20} {probe_gflops:>22} {probe_cost:>20}  "
+            f"{prices:12} {refused_text(k.refused)}"
+        )
     if report.refused_without_key:
-        lines.append(f"{'(no key known)':24} {'':>9} {'':>9} {'':>14} {'':>14} {'':>8} {'':>20} {'':>22} {'':>20}  "
-                     f"{'':12} {refused_text(report.refused_without_key)}")
+        lines.append(
+            f"{'(no key known)':24} {'':>9} {'':>9} {'':>14} {'':>14} {'':>8} {'':>20} {'':>22} {'':>20}  "
+            f"{'':12} {refused_text(report.refused_without_key)}"
+        )
     return lines
 
 
 def refused_text(counts: dict[str, int]) -> str:
-    """"3 (auth 2, quota 1)", or "0"."""
+    """ "3 (auth 2, quota 1)", or "0"."""
     if not counts:
         return "0"
     return f"{sum(counts.values())} ({', '.join(f'{r} {n}' for r, n in sorted(counts.items()))})"

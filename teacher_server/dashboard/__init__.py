@@ -2,6 +2,7 @@
 
 `create_app` is imported lazily, so that the CLI can add the dashboard's flags without loading FastAPI.
 """
+
 from __future__ import annotations
 
 from importlib import import_module

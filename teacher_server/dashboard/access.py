@@ -4,6 +4,7 @@ deployments); with neither token configured and not public, the read views are l
 
 The cookie holds an HMAC of the token, not the token: it opens the read views only, never the admin API.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,8 +21,10 @@ from teacher_server.dashboard.deps import get_settings
 from teacher_server.settings import ServerSettings
 
 COOKIE = "maskedkd_view"
-LOCKED_MESSAGE = ("dashboard read views locked: no viewer or admin token configured; set MASKEDKD_VIEWER_TOKEN "
-                  "(or --viewer-token-file FILE), or start with --dashboard-public on a loopback-only address")
+LOCKED_MESSAGE = (
+    "dashboard read views locked: no viewer or admin token configured; set MASKEDKD_VIEWER_TOKEN "
+    "(or --viewer-token-file FILE), or start with --dashboard-public on a loopback-only address"
+)
 _bearer = HTTPBearer(auto_error=False, description="the viewer token or the admin token")
 
 
@@ -44,15 +47,19 @@ def _matches(given: str, settings: ServerSettings, *, as_cookie: bool = False) -
 def may_view(request: Request, settings: ServerSettings, credentials: HTTPAuthorizationCredentials | None) -> bool:
     if settings.dashboard_public:
         return True
-    if credentials is not None and credentials.scheme.lower() == "bearer" and _matches(credentials.credentials,
-                                                                                        settings):
+    if (
+        credentials is not None
+        and credentials.scheme.lower() == "bearer"
+        and _matches(credentials.credentials, settings)
+    ):
         return True
     cookie = request.cookies.get(COOKIE)
     return cookie is not None and _matches(cookie, settings, as_cookie=True)
 
 
 def require_viewer(
-    request: Request, settings: Annotated[ServerSettings, Depends(get_settings)],
+    request: Request,
+    settings: Annotated[ServerSettings, Depends(get_settings)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
     """401 without a valid viewer/admin token (header or cookie), 403 when the read views are locked."""
@@ -60,25 +67,32 @@ def require_viewer(
         return
     if not _tokens(settings):
         raise HTTPException(status.HTTP_403_FORBIDDEN, LOCKED_MESSAGE)
-    raise HTTPException(status.HTTP_401_UNAUTHORIZED, "viewer token required: send 'Authorization: Bearer <viewer "
-                        "or admin token>', or open the page with ?token=...", headers={"WWW-Authenticate": "Bearer"})
+    raise HTTPException(
+        status.HTTP_401_UNAUTHORIZED,
+        "viewer token required: send 'Authorization: Bearer <viewer or admin token>', or open the page with ?token=...",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
 
 
 def _login_page(message: str, code: int) -> HTMLResponse:
-    return HTMLResponse(f"""<!doctype html>
+    return HTMLResponse(
+        f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>MaskedKD teacher · sign in</title>
 <link rel="icon" href="data:,"><link rel="stylesheet" href="static/dashboard.css"></head>
 <body><main><h1>MaskedKD teacher</h1><p class="error">{escape(message)}</p>
 <form method="post" action="login"><label>viewer or admin token
 <input type="password" name="token" autocomplete="current-password" required></label>
 <button type="submit">open the dashboard</button></form></main></body></html>""",
-                        status_code=code, headers={"Cache-Control": "no-store"})
+        status_code=code,
+        headers={"Cache-Control": "no-store"},
+    )
 
 
 def _signed_in(request: Request, token: str, target: str) -> Response:
     response = RedirectResponse(target, status_code=status.HTTP_303_SEE_OTHER)
-    response.set_cookie(COOKIE, cookie_value(token), httponly=True, samesite="strict", path="/",
-                        secure=request.url.scheme == "https")
+    response.set_cookie(
+        COOKIE, cookie_value(token), httponly=True, samesite="strict", path="/", secure=request.url.scheme == "https"
+    )
     return response
 
 
@@ -106,6 +120,8 @@ async def login(request: Request, settings: Annotated[ServerSettings, Depends(ge
     body = (await request.body())[:4096].decode("utf-8", "replace")
     token = (parse_qs(body).get("token") or [""])[0]
     if not token or not _matches(token, settings):
-        return _login_page("wrong token" if _tokens(settings) else LOCKED_MESSAGE,
-                           status.HTTP_401_UNAUTHORIZED if _tokens(settings) else status.HTTP_403_FORBIDDEN)
+        return _login_page(
+            "wrong token" if _tokens(settings) else LOCKED_MESSAGE,
+            status.HTTP_401_UNAUTHORIZED if _tokens(settings) else status.HTTP_403_FORBIDDEN,
+        )
     return _signed_in(request, token, "./")

@@ -1,4 +1,5 @@
 """The dashboard application: JSON API under /api, the page at /, vendored static files at /static."""
+
 from __future__ import annotations
 
 import math
@@ -54,15 +55,22 @@ def _finite(value: Any) -> Any:
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     """FastAPI's 422, but also when the rejected input holds NaN (`{"quota_gflops": NaN}` would otherwise be a 500)."""
     assert isinstance(exc, RequestValidationError)
-    return JSONResponse({"detail": _finite(jsonable_encoder(exc.errors()))},
-                        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+    return JSONResponse(
+        {"detail": _finite(jsonable_encoder(exc.errors()))}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT
+    )
 
 
 def create_app(settings: ServerSettings, *, sessions: sessionmaker[Session] | None = None) -> FastAPI:
     """The dashboard for the ledger at `settings.db` (or the given session factory, e.g. the server's own)."""
     # docs_url/redoc_url off: FastAPI's own pages load their scripts from a CDN; /docs below uses vendored ones
-    app = FastAPI(title="MaskedKD teacher dashboard", version="1", description=DESCRIPTION, docs_url=None,
-                  redoc_url=None, responses={422: {"description": "invalid parameters"}})
+    app = FastAPI(
+        title="MaskedKD teacher dashboard",
+        version="1",
+        description=DESCRIPTION,
+        docs_url=None,
+        redoc_url=None,
+        responses={422: {"description": "invalid parameters"}},
+    )
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.state.settings = settings
     app.state.sessions = sessions if sessions is not None else database.open_ledger(settings.db)
@@ -79,17 +87,28 @@ def create_app(settings: ServerSettings, *, sessions: sessionmaker[Session] | No
     @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
     def api_docs() -> Response:
         """Swagger UI from /static (works offline); relative URLs, as the page's, for a reverse proxy's prefix."""
-        return get_swagger_ui_html(openapi_url="openapi.json", title="MaskedKD teacher dashboard: API",
-                                   swagger_js_url="static/swagger-ui-bundle.js",
-                                   swagger_css_url="static/swagger-ui.css", swagger_favicon_url="data:,")
+        return get_swagger_ui_html(
+            openapi_url="openapi.json",
+            title="MaskedKD teacher dashboard: API",
+            swagger_js_url="static/swagger-ui-bundle.js",
+            swagger_css_url="static/swagger-ui.css",
+            swagger_favicon_url="data:,",
+        )
 
-    @app.get("/healthz", response_model=Health, tags=["health"], responses={503: {"model": ErrorMessage}},
-             summary="Liveness and ledger reachability")
+    @app.get(
+        "/healthz",
+        response_model=Health,
+        tags=["health"],
+        responses={503: {"model": ErrorMessage}},
+        summary="Liveness and ledger reachability",
+    )
     def healthz(session: SessionDep) -> Health:
         try:
             session.execute(text("SELECT 1"))
         except SQLAlchemyError as exc:
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"ledger unreachable: {exc.__class__.__name__}")
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE, f"ledger unreachable: {exc.__class__.__name__}"
+            ) from exc
         return Health(status="ok", database=session.get_bind().dialect.name)
 
     return app

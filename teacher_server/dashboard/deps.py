@@ -1,4 +1,5 @@
 """FastAPI dependencies shared by the routers: settings, a ledger session, the admin check."""
+
 from __future__ import annotations
 
 import hmac
@@ -41,8 +42,11 @@ def require_admin(
     if not expected:
         raise HTTPException(status.HTTP_403_FORBIDDEN, ADMIN_DISABLED_MESSAGE)
     if credentials is None or credentials.scheme.lower() != "bearer":
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "admin token required: send 'Authorization: Bearer <token>'",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "admin token required: send 'Authorization: Bearer <token>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     if not hmac.compare_digest(credentials.credentials.encode("utf-8"), expected.encode("utf-8")):
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "wrong admin token", headers={"WWW-Authenticate": "Bearer"})
 

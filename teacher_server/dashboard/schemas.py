@@ -4,10 +4,11 @@ documents): time series, latency figures, keys and the admin requests. The usage
 
 The admin requests declare types only: the key service (ledger/keys.py) checks the values, in one place for the CLI
 and the API (an invalid value is a 400 naming it)."""
+
 from __future__ import annotations
 
 from datetime import datetime
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -18,7 +19,7 @@ from teacher_server.ledger.quota_windows import QuotaWindow
 UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]  # naive values from SQLite are UTC
 
 
-class Bucket(str, Enum):
+class Bucket(StrEnum):
     minute = "minute"
     hour = "hour"
     day = "day"
@@ -41,8 +42,10 @@ class UsageSeries(BaseModel):
     currency: str | None = Field(description="the one currency of the rows in the window; null: none, or several")
     since: UtcDatetime = Field(description="start of the window asked for (UTC)")
     until: UtcDatetime = Field(description="end of the window (UTC, exclusive)")
-    timestamps: list[int] = Field(description="UTC epoch seconds of each bucket's start, from the first bucket "
-                                              "with usage in the window to the bucket holding `until`")
+    timestamps: list[int] = Field(
+        description="UTC epoch seconds of each bucket's start, from the first bucket "
+        "with usage in the window to the bucket holding `until`"
+    )
     series: list[KeySeries]
 
 
@@ -89,12 +92,15 @@ class CreateKeyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # the name is also a URL path segment (/api/keys/{name}): the API takes only names that need no escaping
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]*$",
-                      description="unique name of at most 200 characters: letters, digits and . _ @ -")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]*$",
+        description="unique name of at most 200 characters: letters, digits and . _ @ -",
+    )
     quota_gflops: float | None = Field(None, description="GFLOPs per quota window, >= 0; null: unlimited")
     price_per_gflop: float | None = Field(None, description=">= 0; null: the server default")
-    quota_window: QuotaWindow = Field("lifetime", description="what quota_gflops counts: all usage, or the "
-                                      "current UTC calendar month or day")
+    quota_window: QuotaWindow = Field(
+        "lifetime", description="what quota_gflops counts: all usage, or the current UTC calendar month or day"
+    )
     rate_limit_gflops_per_min: float | None = Field(None, description="> 0; null: none")
 
 

@@ -1,5 +1,6 @@
 """Running the dashboard in a background thread (`teacher-server serve --dashboard-port`, tests, demo); the
 foreground `teacher-server dashboard` command is teacher_server/cli/dashboard.py."""
+
 from __future__ import annotations
 
 import sys
@@ -19,13 +20,17 @@ def warn_if_public(settings: ServerSettings) -> None:
     """Public read views are meant for a loopback-only address; elsewhere say so on stderr (not refused: behind a
     container's port mapping 0.0.0.0 may still be reachable from the host's loopback only)."""
     if settings.dashboard_public and settings.dashboard_host not in ("127.0.0.1", "::1", "localhost"):
-        print(f"teacher-server: warning: dashboard read views are public on {settings.dashboard_host}: whoever "
-              "reaches the port reads key names and costs", file=sys.stderr, flush=True)
+        print(
+            f"teacher-server: warning: dashboard read views are public on {settings.dashboard_host}: whoever "
+            "reaches the port reads key names and costs",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 @dataclass
 class RunningDashboard:
-    url: str            # "http://host:port" without a trailing slash
+    url: str  # "http://host:port" without a trailing slash
     server: uvicorn.Server
     thread: threading.Thread
 
@@ -34,14 +39,24 @@ class RunningDashboard:
         self.thread.join(timeout_s)
 
 
-def start_dashboard_thread(app: FastAPI, *, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 30.0,
-                           tls_cert: str | None = None, tls_key: str | None = None) -> RunningDashboard:
+def start_dashboard_thread(
+    app: FastAPI,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    timeout_s: float = 30.0,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+) -> RunningDashboard:
     """Serve `app` with uvicorn in a daemon thread (HTTPS with `tls_cert`/`tls_key`); port 0 picks a free port.
     Returns once it accepts connections."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
-                                           ssl_certfile=tls_cert, ssl_keyfile=tls_key))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host=host, port=port, log_level="warning", lifespan="off", ssl_certfile=tls_cert, ssl_keyfile=tls_key
+        )
+    )
     thread = threading.Thread(target=server.run, name="maskedkd-dashboard", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout_s

@@ -19,6 +19,7 @@ it keeps every row's computation the same as when its request runs alone, so it 
 CPU BLAS picks GEMM kernels by matrix size, so a row's logits can differ from a lone run in the last float bits
 (max |diff| ~1e-7 on the tiny ViT); values are otherwise identical.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -42,10 +43,10 @@ ForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Te
 
 @dataclass
 class BatchStats:
-    images: int          # images in the micro-batch
-    tokens: int          # teacher tokens in the micro-batch
-    compute_s: float     # forward time
-    started_at: float    # time.monotonic() when the forward began
+    images: int  # images in the micro-batch
+    tokens: int  # teacher tokens in the micro-batch
+    compute_s: float  # forward time
+    started_at: float  # time.monotonic() when the forward began
 
 
 @dataclass
@@ -53,8 +54,8 @@ class BatchJob:
     """One request waiting in the queue."""
 
     prepared: PreparedInput
-    tokens: int                        # sum over rows of keep_count + prefix tokens
-    context: Any                       # opaque to the batcher; handed to `finalize`
+    tokens: int  # sum over rows of keep_count + prefix tokens
+    context: Any  # opaque to the batcher; handed to `finalize`
     future: asyncio.Future[JobResult]
     enqueued_at: float = field(default_factory=time.monotonic)
 
@@ -65,18 +66,19 @@ class BatchJob:
 
 @dataclass
 class JobResult:
-    logits: torch.Tensor   # [B, classes] float32 CPU
+    logits: torch.Tensor  # [B, classes] float32 CPU
     queue_s: float
     stats: BatchStats
-    finalized: Any         # what `finalize` returned for this job
+    finalized: Any  # what `finalize` returned for this job
 
 
 # finalize(jobs, logits per job, stats) -> one value per job; runs in the worker thread after the forward.
 FinalizeFn = Callable[[Sequence[BatchJob], Sequence[torch.Tensor], BatchStats], Sequence[Any]]
 
 
-def run_bucketed(forward: ForwardFn, patches: torch.Tensor, indices: torch.Tensor,
-                 counts: torch.Tensor) -> torch.Tensor:
+def run_bucketed(
+    forward: ForwardFn, patches: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor
+) -> torch.Tensor:
     """One forward per distinct keep count, rows trimmed to their count: no padding at all."""
     counts_list = counts.tolist()
     out: torch.Tensor | None = None
@@ -90,8 +92,7 @@ def run_bucketed(forward: ForwardFn, patches: torch.Tensor, indices: torch.Tenso
     return out
 
 
-def run_padded(forward: ForwardFn, patches: torch.Tensor, indices: torch.Tensor,
-               counts: torch.Tensor) -> torch.Tensor:
+def run_padded(forward: ForwardFn, patches: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """One forward over all rows padded to the longest count, padding masked out."""
     k = int(counts.max())
     uniform = bool((counts == k).all())
@@ -102,8 +103,11 @@ def concat_jobs(jobs: Sequence[BatchJob]) -> tuple[torch.Tensor, torch.Tensor, t
     """Rows of all jobs as one batch, padded along K to the widest job (counts say what is real)."""
     k_max = max(int(j.prepared.keep_indices.shape[1]) for j in jobs)
     if all(int(j.prepared.keep_indices.shape[1]) == k_max for j in jobs):
-        return (torch.cat([j.prepared.patches for j in jobs]), torch.cat([j.prepared.keep_indices for j in jobs]),
-                torch.cat([j.prepared.keep_counts for j in jobs]))
+        return (
+            torch.cat([j.prepared.patches for j in jobs]),
+            torch.cat([j.prepared.keep_indices for j in jobs]),
+            torch.cat([j.prepared.keep_counts for j in jobs]),
+        )
     patches, indices = [], []
     for j in jobs:
         pad = k_max - int(j.prepared.keep_indices.shape[1])
@@ -119,9 +123,18 @@ class TokenBudgetBatcher:
     """Async queue in front of one teacher. `submit` from the event loop; `start`/`close` around its life."""
 
     def __init__(
-        self, forward: ForwardFn, *, num_prefix_tokens: int, token_budget: int, max_batch_images: int,
-        max_delay_s: float, mixed_k: Literal["bucket", "pad", "pack"] = "bucket", finalize: FinalizeFn | None = None,
-        metrics: ServerMetrics | None = None, name: str = "teacher", prefetch_device: torch.device | None = None,
+        self,
+        forward: ForwardFn,
+        *,
+        num_prefix_tokens: int,
+        token_budget: int,
+        max_batch_images: int,
+        max_delay_s: float,
+        mixed_k: Literal["bucket", "pad", "pack"] = "bucket",
+        finalize: FinalizeFn | None = None,
+        metrics: ServerMetrics | None = None,
+        name: str = "teacher",
+        prefetch_device: torch.device | None = None,
     ) -> None:
         self._forward = forward
         self._prefetch = Prefetcher(concat_jobs, prefetch_device, name)  # next batch staged during the forward
@@ -249,12 +262,16 @@ class TokenBudgetBatcher:
             started = time.monotonic()
             patches, indices, counts = self._prefetch.take(staged, live) or concat_jobs(live)
             with torch.inference_mode():
-                logits = self._run_rows(self._forward, patches, indices, counts)   # [sum B, classes]
+                logits = self._run_rows(self._forward, patches, indices, counts)  # [sum B, classes]
             compute_s = time.monotonic() - started
-            stats = BatchStats(images=int(patches.shape[0]), tokens=sum(j.tokens for j in live),
-                               compute_s=compute_s, started_at=started)
+            stats = BatchStats(
+                images=int(patches.shape[0]),
+                tokens=sum(j.tokens for j in live),
+                compute_s=compute_s,
+                started_at=started,
+            )
             per_job = [t.clone() for t in torch.split(logits, [j.images for j in live])]
-        except Exception as exc:  # delivered to every caller of the batch; nothing was committed
+        except Exception as exc:  # noqa: BLE001 - delivered to every caller of the batch; nothing was committed
             return exc
         if self._metrics:
             self._metrics.batch_images.observe(stats.images)
@@ -266,10 +283,10 @@ class TokenBudgetBatcher:
         """Commit thread: finalize (the ledger commit), then (job, result) per job."""
         try:
             finalized = commit_results(batch, self._finalize)
-        except Exception as exc:  # delivered to every caller of the batch; nothing was committed
+        except Exception as exc:  # noqa: BLE001 - delivered to every caller of the batch; nothing was committed
             return exc
         out = []
-        for job, job_logits, fin in zip(batch.jobs, batch.logits, finalized):
+        for job, job_logits, fin in zip(batch.jobs, batch.logits, finalized, strict=True):
             queue_s = max(0.0, batch.stats.started_at - job.enqueued_at)
             if self._metrics:
                 self._metrics.queue_seconds.observe(queue_s)
@@ -288,8 +305,11 @@ class TokenBudgetBatcher:
     @staticmethod
     def _deliver(jobs: list[BatchJob], fut: asyncio.Future[Any]) -> None:
         """Event loop: hand each caller its result (or the batch's error)."""
-        outcome: Any = fut.exception() or fut.result() if not fut.cancelled() else ServiceUnavailableError(
-            "the forward was cancelled")
+        outcome: Any = (
+            fut.exception() or fut.result()
+            if not fut.cancelled()
+            else ServiceUnavailableError("the forward was cancelled")
+        )
         if isinstance(outcome, BaseException):
             for job in jobs:
                 if not job.future.done():

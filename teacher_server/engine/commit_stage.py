@@ -6,6 +6,7 @@ its commit returned (nothing is answered before its usage row is committed). At 
 the commit stage (`wait_for_room`), so a ledger slower than the teacher slows the forwards instead of piling up
 uncommitted answers in memory.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -24,9 +25,9 @@ MAX_WAITING_COMMITS = 1  # finished forwards queued behind the running commit
 class Forwarded:
     """A batch whose forward is done, on its way to the commit."""
 
-    jobs: list[Any]                # BatchJob, the live ones
-    logits: list[torch.Tensor]     # per job [B_j, classes]
-    stats: Any                     # BatchStats
+    jobs: list[Any]  # BatchJob, the live ones
+    logits: list[torch.Tensor]  # per job [B_j, classes]
+    stats: Any  # BatchStats
 
 
 class CommitStage:
@@ -55,8 +56,9 @@ class CommitStage:
         self._executor.shutdown(wait=True)
 
 
-def commit_results(batch: Forwarded, finalize: Callable[[Sequence[Any], Sequence[torch.Tensor], Any], Sequence[Any]]
-                   | None) -> list[Any]:
+def commit_results(
+    batch: Forwarded, finalize: Callable[[Sequence[Any], Sequence[torch.Tensor], Any], Sequence[Any]] | None
+) -> list[Any]:
     """Commit thread: what `finalize` says per job (None per job without a finalize hook)."""
     if finalize is None:
         return [None] * len(batch.jobs)

@@ -8,6 +8,7 @@ own graph: ~20 s on 2 CPU cores, paid by the first request of that shape unless 
 it at start-up (`warm_up_shapes`). Up to `max_shapes` graphs are kept; shapes
 beyond that run eager. It pays off for steady traffic (fixed student batch and keep), not for ragged one-off calls.
 """
+
 from __future__ import annotations
 
 import logging
@@ -64,7 +65,7 @@ def warm_up_shapes(forward: ForwardFn, teacher: MaskedTeacher, shapes: Sequence[
         started = time.perf_counter()
         # Inputs made under inference mode, like the batcher's bucketed rows: the graph guards on tensor kind.
         with torch.inference_mode():
-            patches = torch.zeros(b, k, c, p, p)                              # [B,K,C,P,P]
+            patches = torch.zeros(b, k, c, p, p)  # [B,K,C,P,P]
             indices = torch.arange(k).unsqueeze(0).expand(b, k).contiguous()  # [B,K]
             forward(patches, indices, None)
         seconds.append(time.perf_counter() - started)

@@ -4,6 +4,7 @@ gflops = sum over images of FLOPs(K_i) / 1e9; full_gflops = images * FLOPs(num_p
 cost = gflops * price_per_gflop; tokens = sum over images of (K_i + num_prefix_tokens).
 FLOPs are summed as integers and divided once, so the numbers do not depend on summation order.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -16,10 +17,10 @@ from maskedkd.flops import ViTShape, masked_forward_flops
 class Usage:
     images: int
     tokens: int
-    flops: int          # exact FLOPs of the masked forward (2 per multiply-add)
-    gflops: float       # flops / 1e9
+    flops: int  # exact FLOPs of the masked forward (2 per multiply-add)
+    gflops: float  # flops / 1e9
     full_gflops: float  # the unmasked forward of the same images
-    cost: float         # gflops * price_per_gflop
+    cost: float  # gflops * price_per_gflop
 
 
 class Meter:

@@ -5,6 +5,7 @@ Decoding already runs off the forward thread (the servicer decodes each request 
 queued). The batcher seals a batch while the forward is busy when the batch fills up (token budget or image cap),
 which is when serving is at its limit; that batch is staged at once instead of after the running forward.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -14,22 +15,23 @@ from typing import Any
 
 import torch
 
-Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]   # patches [B,K,C,P,P], keep_indices [B,K], keep_counts [B]
+Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # patches [B,K,C,P,P], keep_indices [B,K], keep_counts [B]
 
 
 @dataclass
 class StagedBatch:
-    jobs: tuple[Any, ...]              # the jobs whose rows were staged, in order
-    rows: Rows                         # on the forward's device when it is CUDA, else on the CPU
-    ready: torch.cuda.Event | None     # recorded on the side stream after the copies (CUDA only)
+    jobs: tuple[Any, ...]  # the jobs whose rows were staged, in order
+    rows: Rows  # on the forward's device when it is CUDA, else on the CPU
+    ready: torch.cuda.Event | None  # recorded on the side stream after the copies (CUDA only)
 
 
 class Prefetcher:
     """`start(jobs)` stages in its own thread; `take(future, live)` hands the rows to the forward thread when the
     jobs still alive are exactly the staged ones (else None, and the caller concatenates again)."""
 
-    def __init__(self, concat: Callable[[Sequence[Any]], Rows], device: torch.device | None = None,
-                 name: str = "teacher") -> None:
+    def __init__(
+        self, concat: Callable[[Sequence[Any]], Rows], device: torch.device | None = None, name: str = "teacher"
+    ) -> None:
         self._concat = concat
         self._device = device if device is not None and device.type == "cuda" else None
         self._stream = torch.cuda.Stream(self._device) if self._device is not None else None
@@ -53,9 +55,9 @@ class Prefetcher:
             return None
         try:
             batch = staged.result()
-        except Exception:  # staging failed: the forward thread concatenates itself and reports any real error
+        except Exception:  # noqa: BLE001 - staging failed: the forward thread concatenates itself and reports any real error
             return None
-        if len(batch.jobs) != len(live) or any(a is not b for a, b in zip(batch.jobs, live)):
+        if len(batch.jobs) != len(live) or any(a is not b for a, b in zip(batch.jobs, live, strict=True)):
             return None  # a caller went away before the forward: its rows must not run (nor be billed)
         if batch.ready is not None:
             stream = torch.cuda.current_stream(self._device)

@@ -4,6 +4,7 @@ Every problem raises `InvalidRequestError` whose message names the field and the
 Both inputs end up as patches [B, K, C, P, P]: full images are cut on the teacher's grid and the kept positions
 gathered, so requests of either kind batch together.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,9 +25,9 @@ INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
 
 @dataclass
 class PreparedInput:
-    patches: torch.Tensor       # [B, K, C, P, P] float32, normalized; row b valid up to keep_counts[b]
+    patches: torch.Tensor  # [B, K, C, P, P] float32, normalized; row b valid up to keep_counts[b]
     keep_indices: torch.Tensor  # [B, K] int64, positions on the teacher grid; padded entries set to 0
-    keep_counts: torch.Tensor   # [B] int64 in 1..K
+    keep_counts: torch.Tensor  # [B] int64 in 1..K
 
     @property
     def images(self) -> int:
@@ -49,7 +50,8 @@ def _pixels_to_unit_float(x: torch.Tensor, name: str) -> torch.Tensor:
     if x.dtype not in PIXEL_DTYPES:
         raise InvalidRequestError(
             f"{name}: dtype {str(x.dtype).removeprefix('torch.')} is not a pixel type; "
-            "send uint8 (0..255) or float16/bfloat16/float32 (0..1)")
+            "send uint8 (0..255) or float16/bfloat16/float32 (0..1)"
+        )
     if x.dtype == torch.uint8:
         return x.to(torch.float32).div_(255.0)
     x = x.to(torch.float32)
@@ -60,7 +62,8 @@ def _pixels_to_unit_float(x: torch.Tensor, name: str) -> torch.Tensor:
         if lo < 0.0 or hi > 1.0:
             raise InvalidRequestError(
                 f"{name}: float pixels must be un-normalized in [0, 1], got values in [{lo:.4g}, {hi:.4g}] "
-                "(the server applies the teacher's mean/std itself)")
+                "(the server applies the teacher's mean/std itself)"
+            )
     return x
 
 
@@ -75,13 +78,15 @@ def _decode_index_tensor(request: pb.InferRequest, field: str, max_elements: int
     """keep_indices / keep_counts as sent, in one of the contract's integer dtypes."""
     x = _decode(getattr(request, field), field, max_elements)
     if x.dtype not in INDEX_DTYPES:
-        raise InvalidRequestError(f"{field}: dtype {str(x.dtype).removeprefix('torch.')} is not an integer type; "
-                                  "send int16, int32 or int64")
+        raise InvalidRequestError(
+            f"{field}: dtype {str(x.dtype).removeprefix('torch.')} is not an integer type; send int16, int32 or int64"
+        )
     return x
 
 
-def _checked_keep(request: pb.InferRequest, batch: int, geometry: TeacherGeometry, max_elements: int,
-                  k_expected: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _checked_keep(
+    request: pb.InferRequest, batch: int, geometry: TeacherGeometry, max_elements: int, k_expected: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(keep_indices [B, K] int64 with padding zeroed, keep_counts [B] int64), checked once (`maskedkd.keep`)."""
     indices = _decode_index_tensor(request, "keep_indices", max_elements)
     counts = _decode_index_tensor(request, "keep_counts", max_elements) if request.HasField("keep_counts") else None
@@ -90,8 +95,9 @@ def _checked_keep(request: pb.InferRequest, batch: int, geometry: TeacherGeometr
     except KeepIndicesError as exc:
         raise InvalidRequestError(str(exc)) from exc
     if k_expected is not None and indices.shape[1] != k_expected:
-        raise InvalidRequestError(f"keep_indices: K = {indices.shape[1]} disagrees with patches, which carry "
-                                  f"K = {k_expected}")
+        raise InvalidRequestError(
+            f"keep_indices: K = {indices.shape[1]} disagrees with patches, which carry K = {k_expected}"
+        )
     return indices, counts
 
 
@@ -102,8 +108,9 @@ def _normalize(patches: torch.Tensor, geometry: TeacherGeometry) -> torch.Tensor
     return patches.sub_(mean).div_(std)
 
 
-def prepare_input(request: pb.InferRequest, geometry: TeacherGeometry, *, max_images: int,
-                  max_elements: int = 1 << 31) -> PreparedInput:
+def prepare_input(
+    request: pb.InferRequest, geometry: TeacherGeometry, *, max_images: int, max_elements: int = 1 << 31
+) -> PreparedInput:
     """Validate `request` against the teacher's `geometry`; returns normalized kept patches or raises
     InvalidRequestError. The forward trusts what this returned (it checks nothing again)."""
     which = request.WhichOneof("input")
@@ -126,11 +133,12 @@ def prepare_input(request: pb.InferRequest, geometry: TeacherGeometry, *, max_im
             indices, counts = _checked_keep(request, batch, geometry, max_elements, None)
         else:
             if request.HasField("keep_counts"):
-                raise InvalidRequestError("keep_counts needs keep_indices: without them every image keeps all "
-                                          f"{geometry.num_patches} patches")
+                raise InvalidRequestError(
+                    f"keep_counts needs keep_indices: without them every image keeps all {geometry.num_patches} patches"
+                )
             indices = torch.arange(geometry.num_patches).unsqueeze(0).expand(batch, -1).clone()
             counts = torch.full((batch,), geometry.num_patches, dtype=torch.int64)
-        patches = gather_patches(pixels, indices, p)               # [B, K, C, P, P]
+        patches = gather_patches(pixels, indices, p)  # [B, K, C, P, P]
     else:
         raw = _decode(request.patches, "patches", max_elements)
         if raw.dim() != 5:
@@ -140,11 +148,11 @@ def prepare_input(request: pb.InferRequest, geometry: TeacherGeometry, *, max_im
         if raw.shape[2] != c:
             raise InvalidRequestError(f"patches: {raw.shape[2]} channels, the teacher expects {c}")
         if tuple(raw.shape[3:]) != (p, p):
-            raise InvalidRequestError(f"patches: patch size {raw.shape[3]}x{raw.shape[4]}, the teacher's patches are "
-                                      f"{p}x{p}")
+            raise InvalidRequestError(
+                f"patches: patch size {raw.shape[3]}x{raw.shape[4]}, the teacher's patches are {p}x{p}"
+            )
         if not request.HasField("keep_indices"):
             raise InvalidRequestError("keep_indices are required with patches: where on the grid does each patch go?")
         indices, counts = _checked_keep(request, batch, geometry, max_elements, k)
         patches = _pixels_to_unit_float(raw, "patches")
-    return PreparedInput(patches=_normalize(patches.contiguous(), geometry), keep_indices=indices,
-                         keep_counts=counts)
+    return PreparedInput(patches=_normalize(patches.contiguous(), geometry), keep_indices=indices, keep_counts=counts)

@@ -1,4 +1,5 @@
 """The served model: the loaded teacher with its forward, meter and micro-batcher, under the name clients use."""
+
 from __future__ import annotations
 
 import logging
@@ -21,8 +22,9 @@ from teacher_server.settings import ServerSettings
 log = logging.getLogger(__name__)
 
 
-def make_forward(teacher: MaskedTeacher, device: torch.device, dtype: torch.dtype, compile_mode: str = "off",
-                 *, pack: bool = False) -> ForwardFn:
+def make_forward(
+    teacher: MaskedTeacher, device: torch.device, dtype: torch.dtype, compile_mode: str = "off", *, pack: bool = False
+) -> ForwardFn:
     """The batcher's forward: CPU inputs (or, on CUDA, rows the prefetcher already staged there) in, CPU float32
     logits out, compute on `device` in `dtype`.
 
@@ -34,9 +36,9 @@ def make_forward(teacher: MaskedTeacher, device: torch.device, dtype: torch.dtyp
     def forward(patches: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
         if on_cuda and not patches.is_cuda:  # rows the prefetcher staged are on the device already (not pinnable)
             patches, indices = patches.pin_memory(), indices.pin_memory()
-        x = patches.to(device=device, dtype=dtype, non_blocking=on_cuda)          # [G,K,C,P,P]
-        idx = indices.to(device, non_blocking=on_cuda)                            # [G,K]
-        cnt = counts.to(device) if counts is not None else None                   # [G]
+        x = patches.to(device=device, dtype=dtype, non_blocking=on_cuda)  # [G,K,C,P,P]
+        idx = indices.to(device, non_blocking=on_cuda)  # [G,K]
+        cnt = counts.to(device) if counts is not None else None  # [G]
         if pack and cnt is not None:  # ragged rows (`--mixed-k pack`): all tokens in one sequence, no padding
             return run_packed(teacher, x, idx, cnt).float().cpu()  # [G,classes]
         return forward_patches(x, idx, cnt).float().cpu()  # [G,classes]
@@ -47,11 +49,11 @@ def make_forward(teacher: MaskedTeacher, device: torch.device, dtype: torch.dtyp
 @dataclass
 class ServedModel:
     name: str
-    teacher: MaskedTeacher                # its `geometry` is what requests are checked against
+    teacher: MaskedTeacher  # its `geometry` is what requests are checked against
     meter: Meter
     batcher: TokenBudgetBatcher
     device: torch.device
-    dtype_name: str                       # the resolved dtype ("auto" never reaches here)
+    dtype_name: str  # the resolved dtype ("auto" never reaches here)
     fidelity: DtypeFidelity | None = None  # the start-up check against float32
 
     def named(self, name: str) -> ServedModel:
@@ -62,7 +64,11 @@ class ServedModel:
 
 
 def build_served_model(
-    name: str, teacher: MaskedTeacher, settings: ServerSettings, *, fidelity: DtypeFidelity | None = None,
+    name: str,
+    teacher: MaskedTeacher,
+    settings: ServerSettings,
+    *,
+    fidelity: DtypeFidelity | None = None,
     **batcher_kwargs: object,
 ) -> ServedModel:
     """Meter and batcher around a loaded teacher; `batcher_kwargs` go to TokenBudgetBatcher (finalize, metrics)."""
@@ -77,12 +83,22 @@ def build_served_model(
         except ValueError as exc:
             raise ModelLoadError(str(exc)) from exc
     batcher = TokenBudgetBatcher(
-        forward, num_prefix_tokens=teacher.geometry.num_prefix_tokens,
-        token_budget=settings.token_budget, max_batch_images=settings.max_batch_images,
-        max_delay_s=settings.max_delay_ms / 1000.0, mixed_k=settings.mixed_k if pack or settings.mixed_k != "pack"
-        else "bucket", name=name,
-        prefetch_device=weight.device, **batcher_kwargs,  # type: ignore[arg-type]
+        forward,
+        num_prefix_tokens=teacher.geometry.num_prefix_tokens,
+        token_budget=settings.token_budget,
+        max_batch_images=settings.max_batch_images,
+        max_delay_s=settings.max_delay_ms / 1000.0,
+        mixed_k=settings.mixed_k if pack or settings.mixed_k != "pack" else "bucket",
+        name=name,
+        prefetch_device=weight.device,
+        **batcher_kwargs,  # type: ignore[arg-type]
     )
-    return ServedModel(name=name, teacher=teacher, meter=Meter(teacher.shape),
-                       batcher=batcher, device=weight.device, dtype_name=dtype_name(weight.dtype),
-                       fidelity=fidelity)
+    return ServedModel(
+        name=name,
+        teacher=teacher,
+        meter=Meter(teacher.shape),
+        batcher=batcher,
+        device=weight.device,
+        dtype_name=dtype_name(weight.dtype),
+        fidelity=fidelity,
+    )

@@ -1,5 +1,6 @@
 """Loading the teacher: the timm model from a name or checkpoint, on the configured device, in the dtype `--dtype`
 resolves to and the start-up fidelity check passes (fidelity.py)."""
+
 from __future__ import annotations
 
 import copy
@@ -29,8 +30,10 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_teacher(settings: ServerSettings, model: nn.Module | None = None,
-                 ) -> tuple[str, MaskedTeacher, DtypeFidelity]:
+def load_teacher(
+    settings: ServerSettings,
+    model: nn.Module | None = None,
+) -> tuple[str, MaskedTeacher, DtypeFidelity]:
     """(served name, teacher on the configured device and resolved dtype, its fidelity against float32).
 
     Raises ModelLoadError, with the numbers in one line, when an explicitly asked dtype fails the fidelity check
@@ -43,8 +46,12 @@ def load_teacher(settings: ServerSettings, model: nn.Module | None = None,
         if not settings.model and not settings.checkpoint:
             raise ModelLoadError("no teacher given: pass --model NAME and/or --checkpoint PATH")
         try:
-            model, meta = load_model(settings.model, checkpoint=settings.checkpoint,
-                                     model_kwargs=settings.model_kwargs or None, pretrained=settings.pretrained)
+            model, meta = load_model(
+                settings.model,
+                checkpoint=settings.checkpoint,
+                model_kwargs=settings.model_kwargs or None,
+                pretrained=settings.pretrained,
+            )
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(str(exc).splitlines()[0]) from exc
         arch = meta.model_name
@@ -64,8 +71,11 @@ def load_teacher(settings: ServerSettings, model: nn.Module | None = None,
     return settings.served_name or arch, teacher, fidelity
 
 
-def _in_checked_dtype(teacher: MaskedTeacher, dtype: torch.dtype, settings: ServerSettings,
-                      ) -> tuple[MaskedTeacher, DtypeFidelity]:
+def _in_checked_dtype(
+    teacher: MaskedTeacher,
+    dtype: torch.dtype,
+    settings: ServerSettings,
+) -> tuple[MaskedTeacher, DtypeFidelity]:
     """The float32 `teacher` in `dtype` when the fidelity check passes. When it fails, `--dtype auto` serves float32
     (one log line says why); an explicit dtype raises ModelLoadError with the numbers."""
     if dtype == torch.float32:  # the reference itself
@@ -78,6 +88,12 @@ def _in_checked_dtype(teacher: MaskedTeacher, dtype: torch.dtype, settings: Serv
     limits = f"--min-dtype-agreement {settings.min_dtype_agreement}, --max-dtype-kl {settings.max_dtype_kl}"
     if settings.dtype != "auto":
         raise ModelLoadError(f"refusing to serve {dtype_name(dtype)}: {fidelity.line()} is outside {limits}")
-    log.warning("dtype float32: auto chose %s, but its answers moved too far from float32 (%s; agreement %.4f, "
-                "KL %.3g nats); serving float32", dtype_name(dtype), limits, fidelity.agreement, fidelity.kl)
+    log.warning(
+        "dtype float32: auto chose %s, but its answers moved too far from float32 (%s; agreement %.4f, "
+        "KL %.3g nats); serving float32",
+        dtype_name(dtype),
+        limits,
+        fidelity.agreement,
+        fidelity.kl,
+    )
     return teacher, fidelity

@@ -6,6 +6,7 @@ which the database serializes per row, so two servers can never admit more than 
 held (`reserved_gflops`, one `quota_holds` row per request) until the usage row commits or the request fails. A hold
 left by a crashed server expires and the purge gives its GFLOPs back. Keys are updated in id order (no deadlocks).
 """
+
 from __future__ import annotations
 
 import math
@@ -14,7 +15,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import ColumnElement, case, delete, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
@@ -38,14 +39,14 @@ from teacher_server.ledger.quota_windows import (
     window_start,
 )
 
-HOLD_TTL_S = 900.0   # a hold older than this belongs to a dead request (a crashed server); the purge releases it
-RATE_WINDOW_S = 60   # the rate limit counts GFLOPs admitted per minute (fixed windows, UTC)
+HOLD_TTL_S = 900.0  # a hold older than this belongs to a dead request (a crashed server); the purge releases it
+RATE_WINDOW_S = 60  # the rate limit counts GFLOPs admitted per minute (fixed windows, UTC)
 _C = KeyCounter.__table__.c
 
 
 @dataclass(frozen=True)
 class KeyLimits:
-    quota_gflops: float | None       # None: unlimited
+    quota_gflops: float | None  # None: unlimited
     quota_window: QuotaWindow
     rate_limit_gflops_per_min: float | None
 
@@ -71,10 +72,10 @@ class LimitState:
     quota_gflops: float | None
     quota_window: QuotaWindow
     quota_remaining_gflops: float | None
-    quota_reset_s: float | None          # seconds until the quota window starts over; None: lifetime
-    rate_limit_gflops: float | None      # per minute
+    quota_reset_s: float | None  # seconds until the quota window starts over; None: lifetime
+    rate_limit_gflops: float | None  # per minute
     rate_remaining_gflops: float | None
-    rate_reset_s: float | None           # seconds until the rate-limit minute starts over
+    rate_reset_s: float | None  # seconds until the rate-limit minute starts over
 
 
 @dataclass(frozen=True)
@@ -83,12 +84,12 @@ class Billable:
 
     row: NewUsage
     quota_window: QuotaWindow
-    payload: tuple[bytes, str] | None = None   # (float32 logits, "B,C"); None: not replayable
+    payload: tuple[bytes, str] | None = None  # (float32 logits, "B,C"); None: not replayable
     hold: Hold | None = None
 
 
 def _windows(limits: KeyLimits, now: float) -> tuple[int, int]:
-    return window_start(limits.quota_window, datetime.fromtimestamp(now, timezone.utc)), int(now // 60 * 60)
+    return window_start(limits.quota_window, datetime.fromtimestamp(now, UTC)), int(now // 60 * 60)
 
 
 def _window_used(ws: int) -> ColumnElement[float]:
@@ -110,17 +111,21 @@ def limit_state(session: Session, *, api_key_id: int, limits: KeyLimits, now: fl
     next_window = next_window_start(limits.quota_window, ws)
     rate = limits.rate_limit_gflops_per_min
     return LimitState(
-        quota_gflops=limits.quota_gflops, quota_window=limits.quota_window,
-        quota_remaining_gflops=None if limits.quota_gflops is None else max(
-            0.0, limits.quota_gflops - window_used - reserved),
+        quota_gflops=limits.quota_gflops,
+        quota_window=limits.quota_window,
+        quota_remaining_gflops=None
+        if limits.quota_gflops is None
+        else max(0.0, limits.quota_gflops - window_used - reserved),
         quota_reset_s=None if next_window is None else max(0.0, next_window - now),
-        rate_limit_gflops=rate, rate_remaining_gflops=None if rate is None else max(0.0, rate - rate_used),
+        rate_limit_gflops=rate,
+        rate_remaining_gflops=None if rate is None else max(0.0, rate - rate_used),
         rate_reset_s=None if rate is None else max(0.0, rs + RATE_WINDOW_S - now),
     )
 
 
-def reserve(session: Session, *, api_key_id: int, gflops: float, limits: KeyLimits,
-            now: float | None = None) -> tuple[Hold | None, LimitState]:
+def reserve(
+    session: Session, *, api_key_id: int, gflops: float, limits: KeyLimits, now: float | None = None
+) -> tuple[Hold | None, LimitState]:
     """Admit `gflops` for a key if its quota window and rate limit have room (one conditional UPDATE) and record the
     hold; commits. Returns (hold, state after); hold None when refused (nothing changed)."""
     now = time.time() if now is None else now
@@ -131,16 +136,26 @@ def reserve(session: Session, *, api_key_id: int, gflops: float, limits: KeyLimi
         conditions.append(window_used + _C.reserved_gflops + gflops <= limits.quota_gflops)
     if limits.rate_limit_gflops_per_min is not None:
         conditions.append(rate_used + gflops <= limits.rate_limit_gflops_per_min)
-    admit = update(KeyCounter.__table__).where(*conditions).values(
-        window_gflops=window_used, window_start=case((_C.window_start < ws, ws), else_=_C.window_start),
-        rate_gflops=rate_used + gflops, rate_start=case((_C.rate_start < rs, rs), else_=_C.rate_start),
-        reserved_gflops=_C.reserved_gflops + gflops,
+    admit = (
+        update(KeyCounter.__table__)
+        .where(*conditions)
+        .values(
+            window_gflops=window_used,
+            window_start=case((_C.window_start < ws, ws), else_=_C.window_start),
+            rate_gflops=rate_used + gflops,
+            rate_start=case((_C.rate_start < rs, rs), else_=_C.rate_start),
+            reserved_gflops=_C.reserved_gflops + gflops,
+        )
     )
     for _ in range(2):
         if session.execute(admit).rowcount == 1:
             counter_rate_start = session.scalar(select(_C.rate_start).where(_C.api_key_id == api_key_id))
-            hold = QuotaHold(api_key_id=api_key_id, gflops=gflops, rate_start=int(counter_rate_start),
-                             expires_at=int(now + HOLD_TTL_S))
+            hold = QuotaHold(
+                api_key_id=api_key_id,
+                gflops=gflops,
+                rate_start=int(counter_rate_start),
+                expires_at=int(now + HOLD_TTL_S),
+            )
             session.add(hold)
             session.flush()
             state = limit_state(session, api_key_id=api_key_id, limits=limits, now=now)
@@ -172,11 +187,16 @@ def _give_back(session: Session, holds: list[Hold]) -> None:
     """Return the GFLOPs of refused or failed requests: reservation and rate-limit minute alike."""
     for hold in sorted(holds, key=lambda h: (h.api_key_id, h.id)):
         if _drop_hold(session, hold):
-            session.execute(update(KeyCounter.__table__).where(_C.api_key_id == hold.api_key_id).values(
-                reserved_gflops=_C.reserved_gflops - hold.gflops,
-                rate_gflops=case((_C.rate_start == hold.rate_start, _C.rate_gflops - hold.gflops),
-                                 else_=_C.rate_gflops),
-            ))
+            session.execute(
+                update(KeyCounter.__table__)
+                .where(_C.api_key_id == hold.api_key_id)
+                .values(
+                    reserved_gflops=_C.reserved_gflops - hold.gflops,
+                    rate_gflops=case(
+                        (_C.rate_start == hold.rate_start, _C.rate_gflops - hold.gflops), else_=_C.rate_gflops
+                    ),
+                )
+            )
 
 
 def release(session: Session, *, holds: list[Hold]) -> None:
@@ -185,13 +205,18 @@ def release(session: Session, *, holds: list[Hold]) -> None:
     session.commit()
 
 
-def _settle(session: Session, items: list[Billable], records: list[UsageRecord], replay_ttl_s: float,
-            now: float) -> None:
+def _settle(
+    session: Session, items: list[Billable], records: list[UsageRecord], replay_ttl_s: float, now: float
+) -> None:
     """Payloads, running totals and held GFLOPs of the rows just inserted (same transaction)."""
     expires = utcnow() + timedelta(seconds=replay_ttl_s)
-    session.add_all([ReplayPayload(usage_id=rec.id, logits=item.payload[0], logits_shape=item.payload[1],
-                                   expires_at=expires)
-                     for item, rec in zip(items, records) if item.payload is not None])
+    session.add_all(
+        [
+            ReplayPayload(usage_id=rec.id, logits=item.payload[0], logits_shape=item.payload[1], expires_at=expires)
+            for item, rec in zip(items, records, strict=True)
+            if item.payload is not None
+        ]
+    )
     per_key: dict[int, list[Billable]] = defaultdict(list)
     for item in items:
         per_key[item.row.api_key_id].append(item)
@@ -199,10 +224,12 @@ def _settle(session: Session, items: list[Billable], records: list[UsageRecord],
         mine = per_key[key_id]
         held = math.fsum(i.hold.gflops for i in mine if i.hold is not None and _drop_hold(session, i.hold))
         gflops = math.fsum(i.row.gflops for i in mine)
-        ws = window_start(mine[0].quota_window, datetime.fromtimestamp(now, timezone.utc))
+        ws = window_start(mine[0].quota_window, datetime.fromtimestamp(now, UTC))
         values = dict(
-            requests=_C.requests + len(mine), images=_C.images + sum(i.row.images for i in mine),
-            tokens=_C.tokens + sum(i.row.tokens for i in mine), gflops=_C.gflops + gflops,
+            requests=_C.requests + len(mine),
+            images=_C.images + sum(i.row.images for i in mine),
+            tokens=_C.tokens + sum(i.row.tokens for i in mine),
+            gflops=_C.gflops + gflops,
             full_gflops=_C.full_gflops + math.fsum(i.row.full_gflops for i in mine),
             cost=_C.cost + math.fsum(i.row.cost for i in mine),
             window_gflops=_window_used(ws) + gflops,
@@ -215,8 +242,9 @@ def _settle(session: Session, items: list[Billable], records: list[UsageRecord],
         session.execute(update(KeyCounter.__table__).where(_C.api_key_id == key_id).values(**values))
 
 
-def bill(session: Session, *, items: list[Billable], replay_ttl_s: float,
-         now: float | None = None) -> list[UsageRecord | None]:
+def bill(
+    session: Session, *, items: list[Billable], replay_ttl_s: float, now: float | None = None
+) -> list[UsageRecord | None]:
     """Insert and commit the usage rows of `items` in one transaction, with their replay payloads, the running totals
     and the settlement of their holds. Returns, per item, None when billed now or the row already stored under the
     same (api_key_id, request_id) (billed before: its hold is given back; the caller replays or refuses)."""
@@ -245,20 +273,24 @@ def bill(session: Session, *, items: list[Billable], replay_ttl_s: float,
                 session.add(record)
             inserted.append((items[i], record))
         except IntegrityError:
-            outcome[i] = session.scalars(select(UsageRecord).where(
-                UsageRecord.api_key_id == items[i].row.api_key_id,
-                UsageRecord.request_id == items[i].row.request_id)).one()
+            outcome[i] = session.scalars(
+                select(UsageRecord).where(
+                    UsageRecord.api_key_id == items[i].row.api_key_id, UsageRecord.request_id == items[i].row.request_id
+                )
+            ).one()
     _settle(session, [b for b, _ in inserted], [r for _, r in inserted], replay_ttl_s, now)
     _give_back(session, [items[i].hold for i in order if outcome[i] is not None and items[i].hold is not None])
     session.commit()
     return outcome
 
 
-def find_billed(session: Session, *, api_key_id: int,
-                request_id: str) -> tuple[UsageRecord, ReplayPayload | None] | None:
+def find_billed(
+    session: Session, *, api_key_id: int, request_id: str
+) -> tuple[UsageRecord, ReplayPayload | None] | None:
     """The usage row of (key, request_id) with its replay payload (None when expired or never kept)."""
-    record = session.scalars(select(UsageRecord).where(UsageRecord.api_key_id == api_key_id,
-                                                       UsageRecord.request_id == request_id)).one_or_none()
+    record = session.scalars(
+        select(UsageRecord).where(UsageRecord.api_key_id == api_key_id, UsageRecord.request_id == request_id)
+    ).one_or_none()
     if record is None:
         return None
     payload = session.get(ReplayPayload, record.id)
@@ -269,8 +301,8 @@ def find_billed(session: Session, *, api_key_id: int,
 
 @dataclass(frozen=True)
 class Purged:
-    payloads: int     # replay payloads deleted
-    holds: int        # expired quota holds given back
+    payloads: int  # replay payloads deleted
+    holds: int  # expired quota holds given back
 
 
 def purge(session: Session, *, older_than: timedelta | None = None, now: float | None = None) -> Purged:

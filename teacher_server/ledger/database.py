@@ -1,5 +1,6 @@
 """Opening a ledger: the engine (SQLite with WAL and a busy timeout, or Postgres) and its schema, migrated to the
 newest revision."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -59,8 +60,9 @@ def require_existing_ledger(url: str) -> None:
     of creating an empty ledger (a typo must not read as one, nor leave a new file behind)."""
     missing = missing_sqlite_file(url)
     if missing is not None:
-        raise MissingLedgerError(f"no ledger at {missing} (check --db or MASKEDKD_DB; `teacher-server serve` "
-                                 "creates one)")
+        raise MissingLedgerError(
+            f"no ledger at {missing} (check --db or MASKEDKD_DB; `teacher-server serve` creates one)"
+        )
 
 
 def without_password(url: str) -> str:

@@ -5,6 +5,7 @@ nothing. Servers pick a change up within their auth cache TTL.
 
 Secrets are `mkd_<43 url-safe chars>`, stored only as sha256 hashes.
 """
+
 from __future__ import annotations
 
 import enum
@@ -12,7 +13,7 @@ import hashlib
 import math
 import secrets
 from dataclasses import dataclass, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -31,7 +32,7 @@ from teacher_server.ledger.quota_windows import QUOTA_WINDOWS, QuotaWindow, wind
 
 SECRET_PREFIX = "mkd_"
 DISPLAY_PREFIX_CHARS = 12  # stored in clear for display: "mkd_" + 8 random chars
-MAX_NAME_CHARS = 200       # the width of api_keys.name
+MAX_NAME_CHARS = 200  # the width of api_keys.name
 
 
 class Unchanged(enum.Enum):
@@ -48,10 +49,10 @@ class KeyChange:
     """What to change on a key; the fields left UNCHANGED keep their value. The names are ApiKey's columns."""
 
     disabled: bool | Unchanged = UNCHANGED
-    quota_gflops: float | None | Unchanged = UNCHANGED                # GFLOPs per quota window; None: unlimited
+    quota_gflops: float | Unchanged | None = UNCHANGED  # GFLOPs per quota window; None: unlimited
     quota_window: QuotaWindow | Unchanged = UNCHANGED
-    rate_limit_gflops_per_min: float | None | Unchanged = UNCHANGED   # None: no rate limit
-    price_per_gflop: float | None | Unchanged = UNCHANGED             # None: the serving server's default
+    rate_limit_gflops_per_min: float | Unchanged | None = UNCHANGED  # None: no rate limit
+    price_per_gflop: float | Unchanged | None = UNCHANGED  # None: the serving server's default
 
 
 def _check_number(field: str, value: object, *, above_zero: bool = False) -> None:
@@ -94,34 +95,65 @@ def hash_secret(secret: str) -> str:
 
 
 def create_api_key(
-    sessions: sessionmaker[Session], *, name: str, quota_gflops: float | None = None,
-    price_per_gflop: float | None = None, quota_window: QuotaWindow = "lifetime",
+    sessions: sessionmaker[Session],
+    *,
+    name: str,
+    quota_gflops: float | None = None,
+    price_per_gflop: float | None = None,
+    quota_window: QuotaWindow = "lifetime",
     rate_limit_gflops_per_min: float | None = None,
 ) -> tuple[str, ApiKey]:
     """Create and store a key; returns (secret, row). The secret exists only in this return value."""
     secret = generate_secret()
     with sessions() as session:
-        row = add_api_key(session, name=name, key_prefix=secret[:DISPLAY_PREFIX_CHARS], key_hash=hash_secret(secret),
-                          quota_gflops=quota_gflops, price_per_gflop=price_per_gflop, quota_window=quota_window,
-                          rate_limit_gflops_per_min=rate_limit_gflops_per_min)
+        row = add_api_key(
+            session,
+            name=name,
+            key_prefix=secret[:DISPLAY_PREFIX_CHARS],
+            key_hash=hash_secret(secret),
+            quota_gflops=quota_gflops,
+            price_per_gflop=price_per_gflop,
+            quota_window=quota_window,
+            rate_limit_gflops_per_min=rate_limit_gflops_per_min,
+        )
     return secret, row
 
 
 def add_api_key(
-    session: Session, *, name: str, key_prefix: str, key_hash: str, quota_gflops: float | None = None,
-    price_per_gflop: float | None = None, quota_window: QuotaWindow = "lifetime",
+    session: Session,
+    *,
+    name: str,
+    key_prefix: str,
+    key_hash: str,
+    quota_gflops: float | None = None,
+    price_per_gflop: float | None = None,
+    quota_window: QuotaWindow = "lifetime",
     rate_limit_gflops_per_min: float | None = None,
 ) -> ApiKey:
     """Insert a key (and its zeroed counters) and commit; ValueError for an invalid value, `DuplicateKeyNameError`
     when the name is taken."""
     name = checked_name(name)
-    check_change(KeyChange(quota_gflops=quota_gflops, quota_window=quota_window,
-                           rate_limit_gflops_per_min=rate_limit_gflops_per_min, price_per_gflop=price_per_gflop))
+    check_change(
+        KeyChange(
+            quota_gflops=quota_gflops,
+            quota_window=quota_window,
+            rate_limit_gflops_per_min=rate_limit_gflops_per_min,
+            price_per_gflop=price_per_gflop,
+        )
+    )
     if find_api_key_by_name(session, name=name) is not None:
         raise DuplicateKeyNameError(f"an API key named {name!r} already exists")
-    key = ApiKey(name=name, key_prefix=key_prefix, key_hash=key_hash, quota_gflops=quota_gflops,
-                 price_per_gflop=price_per_gflop, disabled=False, created_at=utcnow(), quota_window=quota_window,
-                 rate_limit_gflops_per_min=rate_limit_gflops_per_min)
+    key = ApiKey(
+        name=name,
+        key_prefix=key_prefix,
+        key_hash=key_hash,
+        quota_gflops=quota_gflops,
+        price_per_gflop=price_per_gflop,
+        disabled=False,
+        created_at=utcnow(),
+        quota_window=quota_window,
+        rate_limit_gflops_per_min=rate_limit_gflops_per_min,
+    )
     session.add(key)
     try:
         session.flush()
@@ -170,12 +202,18 @@ def _restart_quota_window(session: Session, *, key: ApiKey, quota_window: QuotaW
     """A key's new quota window starts from what the key was billed in it so far (one sum over its rows; an admin
     operation), in the caller's transaction."""
     ws = window_start(quota_window, utcnow())
-    since = datetime.fromtimestamp(ws, timezone.utc)
-    billed = session.scalar(select(func.coalesce(func.sum(UsageRecord.gflops), 0.0)).where(
-        UsageRecord.api_key_id == key.id, UsageRecord.created_at >= since))
+    since = datetime.fromtimestamp(ws, UTC)
+    billed = session.scalar(
+        select(func.coalesce(func.sum(UsageRecord.gflops), 0.0)).where(
+            UsageRecord.api_key_id == key.id, UsageRecord.created_at >= since
+        )
+    )
     ensure_counter(session, api_key_id=key.id, ws=ws)
-    session.execute(update(KeyCounter).where(KeyCounter.api_key_id == key.id).values(
-        window_start=ws, window_gflops=float(billed or 0.0)))
+    session.execute(
+        update(KeyCounter)
+        .where(KeyCounter.api_key_id == key.id)
+        .values(window_start=ws, window_gflops=float(billed or 0.0))
+    )
 
 
 def set_api_key_disabled(session: Session, *, name: str, disabled: bool = True) -> ApiKey:
@@ -183,12 +221,23 @@ def set_api_key_disabled(session: Session, *, name: str, disabled: bool = True) 
     return update_api_key(session, name=name, change=KeyChange(disabled=disabled))
 
 
-def set_api_key_limits(session: Session, *, name: str, quota_gflops: float | None, quota_window: QuotaWindow,
-                       rate_limit_gflops_per_min: float | None) -> ApiKey:
+def set_api_key_limits(
+    session: Session,
+    *,
+    name: str,
+    quota_gflops: float | None,
+    quota_window: QuotaWindow,
+    rate_limit_gflops_per_min: float | None,
+) -> ApiKey:
     """Replace a key's quota (GFLOPs per window; None: unlimited), its window and its rate limit (GFLOPs per minute;
     None: none) and commit."""
-    return update_api_key(session, name=name, change=KeyChange(
-        quota_gflops=quota_gflops, quota_window=quota_window, rate_limit_gflops_per_min=rate_limit_gflops_per_min))
+    return update_api_key(
+        session,
+        name=name,
+        change=KeyChange(
+            quota_gflops=quota_gflops, quota_window=quota_window, rate_limit_gflops_per_min=rate_limit_gflops_per_min
+        ),
+    )
 
 
 def set_api_key_price(session: Session, *, name: str, price_per_gflop: float | None) -> ApiKey:

@@ -1,6 +1,7 @@
 """Ledger schema migrations with Alembic: bring any ledger (empty, written by main before migrations existed, or an
 older revision) to the newest revision. The scripts ship inside the package (teacher_server/ledger/migrations), so no
 alembic.ini is needed in the working directory."""
+
 from __future__ import annotations
 
 import logging
@@ -18,9 +19,9 @@ from sqlalchemy import Connection, Engine, inspect, text
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
-PRE_ALEMBIC_REVISION = "0001"      # the schema main created with create_all before migrations existed
+PRE_ALEMBIC_REVISION = "0001"  # the schema main created with create_all before migrations existed
 SCHEMA_LOCK_ID = 0x6D6B645F6C6467  # Postgres advisory lock key ("mkd_ldg") serializing migrations
-_IN_PROCESS = threading.Lock()     # alembic's `context` is process-global: one migration at a time per process
+_IN_PROCESS = threading.Lock()  # alembic's `context` is process-global: one migration at a time per process
 
 
 def alembic_config(connection: Connection | None = None) -> Config:

@@ -7,10 +7,11 @@ quota/rate-limit counters live in `key_counters` (billing.py); the schema is mig
 migrations/). The dashboard reads these same tables. The data-access modules beside this one take a `Session` and
 keyword-only arguments; the caller owns the transaction unless a function says it commits.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import (
     BigInteger,
@@ -30,7 +31,7 @@ from teacher_server.ledger.quota_windows import QuotaWindow
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class LedgerError(RuntimeError):
@@ -54,11 +55,11 @@ class ApiKey(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
-    key_prefix: Mapped[str] = mapped_column(String(12))                  # first 12 chars of the secret, for display
-    key_hash: Mapped[str] = mapped_column(String(64), unique=True)       # sha256 hex of the secret
+    key_prefix: Mapped[str] = mapped_column(String(12))  # first 12 chars of the secret, for display
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex of the secret
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
-    quota_gflops: Mapped[float | None] = mapped_column(Double, nullable=True)     # None: unlimited
+    quota_gflops: Mapped[float | None] = mapped_column(Double, nullable=True)  # None: unlimited
     price_per_gflop: Mapped[float | None] = mapped_column(Double, nullable=True)  # None: server default
     quota_window: Mapped[QuotaWindow] = mapped_column(String(16), default="lifetime", server_default="lifetime")
     rate_limit_gflops_per_min: Mapped[float | None] = mapped_column(Double, nullable=True)  # None: no rate limit
@@ -87,7 +88,7 @@ class UsageRecord(Base):
     currency: Mapped[str | None] = mapped_column(String(16), nullable=True)  # None: billed before revision 0003
     latency_ms: Mapped[float] = mapped_column(Double)
     queue_ms: Mapped[float] = mapped_column(Double)
-    batch_images: Mapped[int] = mapped_column(Integer)                   # images in the micro-batch it ran in
+    batch_images: Mapped[int] = mapped_column(Integer)  # images in the micro-batch it ran in
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     # sha256 hex of what determines the answer (inference.content_digest); None: billed before digests existed
     content_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -104,8 +105,8 @@ class ReplayPayload(Base):
     __table_args__ = (Index("ix_replay_payloads_expires_at", "expires_at"),)
 
     usage_id: Mapped[int] = mapped_column(ForeignKey("usage.id", ondelete="CASCADE"), primary_key=True)
-    logits: Mapped[bytes] = mapped_column(LargeBinary)                   # float32 little-endian, row-major
-    logits_shape: Mapped[str] = mapped_column(String(64))                # "B,C"
+    logits: Mapped[bytes] = mapped_column(LargeBinary)  # float32 little-endian, row-major
+    logits_shape: Mapped[str] = mapped_column(String(64))  # "B,C"
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
@@ -123,10 +124,10 @@ class KeyCounter(Base):
     full_gflops: Mapped[float] = mapped_column(Double, default=0.0, server_default="0")
     cost: Mapped[float] = mapped_column(Double, default=0.0, server_default="0")
     reserved_gflops: Mapped[float] = mapped_column(Double, default=0.0, server_default="0")  # open quota holds
-    window_start: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")     # epoch s; 0: lifetime
-    window_gflops: Mapped[float] = mapped_column(Double, default=0.0, server_default="0")    # billed in the window
-    rate_start: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")       # epoch s of the minute
-    rate_gflops: Mapped[float] = mapped_column(Double, default=0.0, server_default="0")      # admitted this minute
+    window_start: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # epoch s; 0: lifetime
+    window_gflops: Mapped[float] = mapped_column(Double, default=0.0, server_default="0")  # billed in the window
+    rate_start: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # epoch s of the minute
+    rate_gflops: Mapped[float] = mapped_column(Double, default=0.0, server_default="0")  # admitted this minute
 
 
 class Refusal(Base):
@@ -135,9 +136,9 @@ class Refusal(Base):
 
     __tablename__ = "refusals"
 
-    day_start: Mapped[int] = mapped_column(BigInteger, primary_key=True)    # epoch s of the UTC day
-    api_key_id: Mapped[int] = mapped_column(Integer, primary_key=True)      # 0: no key known (bad or missing key)
-    reason: Mapped[str] = mapped_column(String(32), primary_key=True)       # refusals.REASONS
+    day_start: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # epoch s of the UTC day
+    api_key_id: Mapped[int] = mapped_column(Integer, primary_key=True)  # 0: no key known (bad or missing key)
+    reason: Mapped[str] = mapped_column(String(32), primary_key=True)  # refusals.REASONS
     count: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
@@ -151,8 +152,8 @@ class QuotaHold(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     api_key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
     gflops: Mapped[float] = mapped_column(Double)
-    rate_start: Mapped[int] = mapped_column(BigInteger)   # the rate-limit minute the GFLOPs were admitted in
-    expires_at: Mapped[int] = mapped_column(BigInteger)   # epoch s
+    rate_start: Mapped[int] = mapped_column(BigInteger)  # the rate-limit minute the GFLOPs were admitted in
+    expires_at: Mapped[int] = mapped_column(BigInteger)  # epoch s
 
 
 @dataclass(frozen=True)
@@ -178,14 +179,25 @@ class NewUsage:
 
 def usage_record(row: NewUsage, created_at: datetime) -> UsageRecord:
     return UsageRecord(
-        api_key_id=row.api_key_id, request_id=row.request_id, model=row.model, images=row.images, tokens=row.tokens,
-        gflops=row.gflops, full_gflops=row.full_gflops, cost=row.cost, latency_ms=row.latency_ms,
-        queue_ms=row.queue_ms, batch_images=row.batch_images, created_at=created_at,
-        content_digest=row.content_digest, price_per_gflop=row.price_per_gflop, currency=row.currency,
+        api_key_id=row.api_key_id,
+        request_id=row.request_id,
+        model=row.model,
+        images=row.images,
+        tokens=row.tokens,
+        gflops=row.gflops,
+        full_gflops=row.full_gflops,
+        cost=row.cost,
+        latency_ms=row.latency_ms,
+        queue_ms=row.queue_ms,
+        batch_images=row.batch_images,
+        created_at=created_at,
+        content_digest=row.content_digest,
+        price_per_gflop=row.price_per_gflop,
+        currency=row.currency,
         purpose=row.purpose,
     )
 
 
 def as_utc(moment: datetime) -> datetime:
     """Aware UTC datetime; naive values (SQLite gives those back) are taken to be UTC already."""
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)

@@ -9,6 +9,7 @@ Reasons: `auth` (missing, wrong or disabled key, or too many failed key checks),
 `rate_limit` (GFLOPs per minute reached), `invalid` (bad input: INVALID_ARGUMENT, an unknown model, a request_id
 reused for other inputs).
 """
+
 from __future__ import annotations
 
 import threading
@@ -27,7 +28,7 @@ from teacher_server.errors import (
 from teacher_server.ledger.models import Refusal
 
 REASONS = ("auth", "quota", "rate_limit", "invalid")
-NO_KEY = 0             # api_key_id of refusals made before a key was known
+NO_KEY = 0  # api_key_id of refusals made before a key was known
 FLUSH_INTERVAL_S = 1.0
 DAY_S = 86400
 
@@ -95,6 +96,8 @@ def add_refusals(session: Session, *, counts: dict[Cell, int]) -> None:
     table = Refusal.__table__
     for (day, key_id, reason), n in sorted(counts.items()):
         stmt = upsert(table).values(day_start=day, api_key_id=key_id, reason=reason, count=n)
-        session.execute(stmt.on_conflict_do_update(index_elements=["day_start", "api_key_id", "reason"],
-                                                   set_={"count": table.c.count + n}))
-
+        session.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["day_start", "api_key_id", "reason"], set_={"count": table.c.count + n}
+            )
+        )

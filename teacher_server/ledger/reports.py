@@ -9,10 +9,11 @@ Columns are read by label, never by position. All functions take a `Session` and
 SQLite and Postgres. The dataclasses that appear in the dashboard's JSON document their fields with attribute
 docstrings, which pydantic turns into the API's field descriptions.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import BigInteger, ColumnElement, Select, and_, case, func, select
@@ -64,8 +65,12 @@ def _of_key(stmt: AnySelect, key_name: str | None) -> AnySelect:
 
 def _usage_of_keys(*columns: Any, since: datetime | None, until: datetime | None) -> Select[*tuple[Any, ...]]:
     """SELECT columns FROM usage rows in [since, until) joined with their keys."""
-    return (select(*columns).select_from(UsageRecord).join(ApiKey, ApiKey.id == UsageRecord.api_key_id)
-            .where(*usage_window(since=since, until=until)))
+    return (
+        select(*columns)
+        .select_from(UsageRecord)
+        .join(ApiKey, ApiKey.id == UsageRecord.api_key_id)
+        .where(*usage_window(since=since, until=until))
+    )
 
 
 def currency_name(currency: str | None) -> str:
@@ -73,7 +78,7 @@ def currency_name(currency: str | None) -> str:
 
 
 def _utc_day(epoch_s: Any) -> date:
-    return datetime.fromtimestamp(int(epoch_s), timezone.utc).date()
+    return datetime.fromtimestamp(int(epoch_s), UTC).date()
 
 
 class bucket_start_epoch(FunctionElement[int]):  # noqa: N801 (SQL function style)
@@ -123,15 +128,24 @@ class KeyTotals:
 
 
 def usage_totals(
-    session: Session, *, key_name: str | None = None, since: datetime | None = None, until: datetime | None = None,
+    session: Session,
+    *,
+    key_name: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
 ) -> list[KeyTotals]:
     """Every key (also those without usage) with the totals of its rows in [since, until), ordered by name;
     only `key_name` when given (UnknownKeyNameError when no key has that name)."""
     check_key_exists(session, key_name=key_name)
     stmt = (
         select(
-            ApiKey.name, ApiKey.key_prefix, ApiKey.disabled, ApiKey.created_at, ApiKey.quota_gflops,
-            ApiKey.price_per_gflop, func.count(UsageRecord.id).label("requests"),
+            ApiKey.name,
+            ApiKey.key_prefix,
+            ApiKey.disabled,
+            ApiKey.created_at,
+            ApiKey.quota_gflops,
+            ApiKey.price_per_gflop,
+            func.count(UsageRecord.id).label("requests"),
             func.coalesce(func.sum(UsageRecord.images), 0).label("images"),
             func.coalesce(func.sum(UsageRecord.tokens), 0).label("tokens"),
             func.coalesce(func.sum(UsageRecord.gflops), 0.0).label("gflops"),
@@ -141,8 +155,15 @@ def usage_totals(
         )
         .select_from(ApiKey)
         .outerjoin(UsageRecord, and_(UsageRecord.api_key_id == ApiKey.id, *usage_window(since=since, until=until)))
-        .group_by(ApiKey.id, ApiKey.name, ApiKey.key_prefix, ApiKey.disabled, ApiKey.created_at,
-                  ApiKey.quota_gflops, ApiKey.price_per_gflop)
+        .group_by(
+            ApiKey.id,
+            ApiKey.name,
+            ApiKey.key_prefix,
+            ApiKey.disabled,
+            ApiKey.created_at,
+            ApiKey.quota_gflops,
+            ApiKey.price_per_gflop,
+        )
         .order_by(ApiKey.name)
     )
     totals = []
@@ -150,12 +171,23 @@ def usage_totals(
         last_used = r.last_used_at
         if isinstance(last_used, str):  # SQLite returns max() of a DATETIME column as its stored text
             last_used = datetime.fromisoformat(last_used)
-        totals.append(KeyTotals(
-            name=r.name, key_prefix=r.key_prefix, disabled=bool(r.disabled), created_at=as_utc(r.created_at),
-            quota_gflops=r.quota_gflops, price_per_gflop=r.price_per_gflop, requests=int(r.requests),
-            images=int(r.images), tokens=int(r.tokens), gflops=float(r.gflops), full_gflops=float(r.full_gflops),
-            cost=float(r.cost), last_used_at=as_utc(last_used) if last_used else None,
-        ))
+        totals.append(
+            KeyTotals(
+                name=r.name,
+                key_prefix=r.key_prefix,
+                disabled=bool(r.disabled),
+                created_at=as_utc(r.created_at),
+                quota_gflops=r.quota_gflops,
+                price_per_gflop=r.price_per_gflop,
+                requests=int(r.requests),
+                images=int(r.images),
+                tokens=int(r.tokens),
+                gflops=float(r.gflops),
+                full_gflops=float(r.full_gflops),
+                cost=float(r.cost),
+                last_used_at=as_utc(last_used) if last_used else None,
+            )
+        )
     return totals
 
 
@@ -176,19 +208,35 @@ class BilledPrice:
     cost: float
 
 
-def billed_prices(session: Session, *, since: datetime | None = None, until: datetime | None = None,
-                  key_name: str | None = None) -> list[BilledPrice]:
+def billed_prices(
+    session: Session, *, since: datetime | None = None, until: datetime | None = None, key_name: str | None = None
+) -> list[BilledPrice]:
     """Per key, the distinct (price, currency) its rows in [since, until) were billed at, ordered by key."""
     stmt = (
-        _usage_of_keys(ApiKey.name.label("key"), UsageRecord.price_per_gflop, UsageRecord.currency,
-                       func.count(UsageRecord.id).label("requests"), func.sum(UsageRecord.gflops).label("gflops"),
-                       func.sum(UsageRecord.cost).label("cost"), since=since, until=until)
+        _usage_of_keys(
+            ApiKey.name.label("key"),
+            UsageRecord.price_per_gflop,
+            UsageRecord.currency,
+            func.count(UsageRecord.id).label("requests"),
+            func.sum(UsageRecord.gflops).label("gflops"),
+            func.sum(UsageRecord.cost).label("cost"),
+            since=since,
+            until=until,
+        )
         .group_by(ApiKey.name, UsageRecord.price_per_gflop, UsageRecord.currency)
         .order_by(ApiKey.name, UsageRecord.currency, UsageRecord.price_per_gflop)
     )
-    return [BilledPrice(key=r.key, price_per_gflop=r.price_per_gflop, currency=currency_name(r.currency),
-                        requests=int(r.requests), gflops=float(r.gflops or 0), cost=float(r.cost or 0))
-            for r in session.execute(_of_key(stmt, key_name))]
+    return [
+        BilledPrice(
+            key=r.key,
+            price_per_gflop=r.price_per_gflop,
+            currency=currency_name(r.currency),
+            requests=int(r.requests),
+            gflops=float(r.gflops or 0),
+            cost=float(r.cost or 0),
+        )
+        for r in session.execute(_of_key(stmt, key_name))
+    ]
 
 
 @dataclass(frozen=True)
@@ -211,22 +259,41 @@ class PurposeUsage:
     cost: float
 
 
-def usage_by_purpose(session: Session, *, since: datetime | None = None, until: datetime | None = None,
-                     key_name: str | None = None) -> list[PurposeUsage]:
+def usage_by_purpose(
+    session: Session, *, since: datetime | None = None, until: datetime | None = None, key_name: str | None = None
+) -> list[PurposeUsage]:
     """Per key, the totals of its rows in [since, until) per (purpose, currency), ordered by key and purpose."""
     stmt = (
-        _usage_of_keys(ApiKey.name.label("key"), UsageRecord.purpose, UsageRecord.currency,
-                       func.count(UsageRecord.id).label("requests"), func.sum(UsageRecord.images).label("images"),
-                       func.sum(UsageRecord.tokens).label("tokens"), func.sum(UsageRecord.gflops).label("gflops"),
-                       func.sum(UsageRecord.full_gflops).label("full_gflops"),
-                       func.sum(UsageRecord.cost).label("cost"), since=since, until=until)
+        _usage_of_keys(
+            ApiKey.name.label("key"),
+            UsageRecord.purpose,
+            UsageRecord.currency,
+            func.count(UsageRecord.id).label("requests"),
+            func.sum(UsageRecord.images).label("images"),
+            func.sum(UsageRecord.tokens).label("tokens"),
+            func.sum(UsageRecord.gflops).label("gflops"),
+            func.sum(UsageRecord.full_gflops).label("full_gflops"),
+            func.sum(UsageRecord.cost).label("cost"),
+            since=since,
+            until=until,
+        )
         .group_by(ApiKey.name, UsageRecord.purpose, UsageRecord.currency)
         .order_by(ApiKey.name, UsageRecord.purpose, UsageRecord.currency)
     )
-    return [PurposeUsage(key=r.key, purpose=r.purpose, currency=currency_name(r.currency), requests=int(r.requests),
-                         images=int(r.images or 0), tokens=int(r.tokens or 0), gflops=float(r.gflops or 0),
-                         full_gflops=float(r.full_gflops or 0), cost=float(r.cost or 0))
-            for r in session.execute(_of_key(stmt, key_name))]
+    return [
+        PurposeUsage(
+            key=r.key,
+            purpose=r.purpose,
+            currency=currency_name(r.currency),
+            requests=int(r.requests),
+            images=int(r.images or 0),
+            tokens=int(r.tokens or 0),
+            gflops=float(r.gflops or 0),
+            full_gflops=float(r.full_gflops or 0),
+            cost=float(r.cost or 0),
+        )
+        for r in session.execute(_of_key(stmt, key_name))
+    ]
 
 
 @dataclass(frozen=True)
@@ -256,27 +323,50 @@ def _probe_sum(column: Any) -> Any:
     return func.sum(case((UsageRecord.purpose == PROBE, column), else_=0))
 
 
-def usage_by_day(session: Session, *, since: datetime | None = None, until: datetime | None = None,
-                 key_name: str | None = None) -> list[DayUsage]:
+def usage_by_day(
+    session: Session, *, since: datetime | None = None, until: datetime | None = None, key_name: str | None = None
+) -> list[DayUsage]:
     """Non-empty (UTC day, key, currency, price) cells of the rows in [since, until), ordered by day and key."""
     day = bucket_start_epoch(UsageRecord.created_at, DAY_S).label("day")
     stmt = (
-        _usage_of_keys(day, ApiKey.name.label("key"), UsageRecord.currency, UsageRecord.price_per_gflop,
-                       func.count(UsageRecord.id).label("requests"), func.sum(UsageRecord.images).label("images"),
-                       func.sum(UsageRecord.tokens).label("tokens"), func.sum(UsageRecord.gflops).label("gflops"),
-                       func.sum(UsageRecord.full_gflops).label("full_gflops"),
-                       func.sum(UsageRecord.cost).label("cost"), _probe_sum(1).label("probe_requests"),
-                       _probe_sum(UsageRecord.gflops).label("probe_gflops"),
-                       _probe_sum(UsageRecord.cost).label("probe_cost"), since=since, until=until)
+        _usage_of_keys(
+            day,
+            ApiKey.name.label("key"),
+            UsageRecord.currency,
+            UsageRecord.price_per_gflop,
+            func.count(UsageRecord.id).label("requests"),
+            func.sum(UsageRecord.images).label("images"),
+            func.sum(UsageRecord.tokens).label("tokens"),
+            func.sum(UsageRecord.gflops).label("gflops"),
+            func.sum(UsageRecord.full_gflops).label("full_gflops"),
+            func.sum(UsageRecord.cost).label("cost"),
+            _probe_sum(1).label("probe_requests"),
+            _probe_sum(UsageRecord.gflops).label("probe_gflops"),
+            _probe_sum(UsageRecord.cost).label("probe_cost"),
+            since=since,
+            until=until,
+        )
         .group_by(day, ApiKey.name, UsageRecord.currency, UsageRecord.price_per_gflop)
         .order_by(day, ApiKey.name, UsageRecord.currency, UsageRecord.price_per_gflop)
     )
-    return [DayUsage(day=_utc_day(r.day), key=r.key, currency=currency_name(r.currency),
-                     price_per_gflop=r.price_per_gflop, requests=int(r.requests), images=int(r.images or 0),
-                     tokens=int(r.tokens or 0), gflops=float(r.gflops or 0), full_gflops=float(r.full_gflops or 0),
-                     cost=float(r.cost or 0), probe_requests=int(r.probe_requests or 0),
-                     probe_gflops=float(r.probe_gflops or 0), probe_cost=float(r.probe_cost or 0))
-            for r in session.execute(_of_key(stmt, key_name))]
+    return [
+        DayUsage(
+            day=_utc_day(r.day),
+            key=r.key,
+            currency=currency_name(r.currency),
+            price_per_gflop=r.price_per_gflop,
+            requests=int(r.requests),
+            images=int(r.images or 0),
+            tokens=int(r.tokens or 0),
+            gflops=float(r.gflops or 0),
+            full_gflops=float(r.full_gflops or 0),
+            cost=float(r.cost or 0),
+            probe_requests=int(r.probe_requests or 0),
+            probe_gflops=float(r.probe_gflops or 0),
+            probe_cost=float(r.probe_cost or 0),
+        )
+        for r in session.execute(_of_key(stmt, key_name))
+    ]
 
 
 @dataclass(frozen=True)
@@ -293,18 +383,24 @@ class DayRefusals:
     count: int
 
 
-def refusals_by_day(session: Session, *, since: datetime | None = None, until: datetime | None = None,
-                    key_name: str | None = None) -> list[DayRefusals]:
+def refusals_by_day(
+    session: Session, *, since: datetime | None = None, until: datetime | None = None, key_name: str | None = None
+) -> list[DayRefusals]:
     """Refusal counters of the days that overlap [since, until), ordered by day, key and reason."""
-    stmt = (select(Refusal.day_start, ApiKey.name.label("key"), Refusal.reason, Refusal.count.label("calls"))
-            .select_from(Refusal).outerjoin(ApiKey, ApiKey.id == Refusal.api_key_id)
-            .order_by(Refusal.day_start, ApiKey.name, Refusal.reason))
+    stmt = (
+        select(Refusal.day_start, ApiKey.name.label("key"), Refusal.reason, Refusal.count.label("calls"))
+        .select_from(Refusal)
+        .outerjoin(ApiKey, ApiKey.id == Refusal.api_key_id)
+        .order_by(Refusal.day_start, ApiKey.name, Refusal.reason)
+    )
     if since is not None:
         stmt = stmt.where(Refusal.day_start > int(as_utc(since).timestamp()) - DAY_S)
     if until is not None:
         stmt = stmt.where(Refusal.day_start < int(as_utc(until).timestamp()))
-    return [DayRefusals(day=_utc_day(r.day_start), key=r.key, reason=r.reason, count=int(r.calls))
-            for r in session.execute(_of_key(stmt, key_name))]
+    return [
+        DayRefusals(day=_utc_day(r.day_start), key=r.key, reason=r.reason, count=int(r.calls))
+        for r in session.execute(_of_key(stmt, key_name))
+    ]
 
 
 @dataclass(frozen=True)
@@ -312,7 +408,7 @@ class UsageBucket:
     """Usage of one key in one time bucket."""
 
     key: str
-    start_epoch: int     # UTC epoch seconds of the bucket start
+    start_epoch: int  # UTC epoch seconds of the bucket start
     requests: int
     images: int
     gflops: float
@@ -321,23 +417,42 @@ class UsageBucket:
 
 
 def usage_by_bucket(
-    session: Session, *, width_s: int, since: datetime | None = None, until: datetime | None = None,
+    session: Session,
+    *,
+    width_s: int,
+    since: datetime | None = None,
+    until: datetime | None = None,
     key_name: str | None = None,
 ) -> list[UsageBucket]:
     """Non-empty (key, bucket) cells in [since, until), ordered by bucket then key."""
     bucket = bucket_start_epoch(UsageRecord.created_at, width_s).label("start_epoch")
     stmt = (
-        _usage_of_keys(ApiKey.name.label("key"), bucket, func.count(UsageRecord.id).label("requests"),
-                       func.sum(UsageRecord.images).label("images"), func.sum(UsageRecord.gflops).label("gflops"),
-                       func.sum(UsageRecord.full_gflops).label("full_gflops"),
-                       func.sum(UsageRecord.cost).label("cost"), since=since, until=until)
+        _usage_of_keys(
+            ApiKey.name.label("key"),
+            bucket,
+            func.count(UsageRecord.id).label("requests"),
+            func.sum(UsageRecord.images).label("images"),
+            func.sum(UsageRecord.gflops).label("gflops"),
+            func.sum(UsageRecord.full_gflops).label("full_gflops"),
+            func.sum(UsageRecord.cost).label("cost"),
+            since=since,
+            until=until,
+        )
         .group_by(ApiKey.name, bucket)
         .order_by(bucket, ApiKey.name)
     )
-    return [UsageBucket(key=r.key, start_epoch=int(r.start_epoch), requests=int(r.requests),
-                        images=int(r.images or 0), gflops=float(r.gflops or 0.0),
-                        full_gflops=float(r.full_gflops or 0.0), cost=float(r.cost or 0.0))
-            for r in session.execute(_of_key(stmt, key_name))]
+    return [
+        UsageBucket(
+            key=r.key,
+            start_epoch=int(r.start_epoch),
+            requests=int(r.requests),
+            images=int(r.images or 0),
+            gflops=float(r.gflops or 0.0),
+            full_gflops=float(r.full_gflops or 0.0),
+            cost=float(r.cost or 0.0),
+        )
+        for r in session.execute(_of_key(stmt, key_name))
+    ]
 
 
 @dataclass(frozen=True)
@@ -350,12 +465,29 @@ class RecentRequest:
 
 
 def recent_requests(
-    session: Session, *, limit: int, since: datetime | None = None, key_name: str | None = None,
+    session: Session,
+    *,
+    limit: int,
+    since: datetime | None = None,
+    key_name: str | None = None,
 ) -> list[RecentRequest]:
     """The last `limit` usage rows (newest first), optionally only after `since` and of one key."""
-    stmt = (_usage_of_keys(ApiKey.name.label("key"), UsageRecord.latency_ms, UsageRecord.queue_ms,
-                           UsageRecord.images, UsageRecord.batch_images, since=since, until=None)
-            .order_by(UsageRecord.id.desc()))
-    return [RecentRequest(key=r.key, latency_ms=float(r.latency_ms), queue_ms=float(r.queue_ms),
-                          images=int(r.images), batch_images=int(r.batch_images))
-            for r in session.execute(_of_key(stmt, key_name).limit(limit))]
+    stmt = _usage_of_keys(
+        ApiKey.name.label("key"),
+        UsageRecord.latency_ms,
+        UsageRecord.queue_ms,
+        UsageRecord.images,
+        UsageRecord.batch_images,
+        since=since,
+        until=None,
+    ).order_by(UsageRecord.id.desc())
+    return [
+        RecentRequest(
+            key=r.key,
+            latency_ms=float(r.latency_ms),
+            queue_ms=float(r.queue_ms),
+            images=int(r.images),
+            batch_images=int(r.batch_images),
+        )
+        for r in session.execute(_of_key(stmt, key_name).limit(limit))
+    ]

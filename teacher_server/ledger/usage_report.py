@@ -5,6 +5,7 @@ One set of types for every reader: `teacher-server usage --json` prints the `key
 /api/usage/keys answers the whole of it, both serialized by pydantic from these dataclasses, so the two agree field
 for field on the same ledger; the page reads the same JSON.
 """
+
 from __future__ import annotations
 
 import csv
@@ -131,18 +132,27 @@ def one_currency(currencies: Iterable[str]) -> str | None:
 
 def _probe_part(purposes: list[PurposeUsage]) -> dict[str, Any]:
     probes = [p for p in purposes if p.purpose == PROBE]
-    return {"probe_requests": sum(p.requests for p in probes), "probe_gflops": math.fsum(p.gflops for p in probes),
-            "probe_cost": math.fsum(p.cost for p in probes)}
+    return {
+        "probe_requests": sum(p.requests for p in probes),
+        "probe_gflops": math.fsum(p.gflops for p in probes),
+        "probe_cost": math.fsum(p.cost for p in probes),
+    }
 
 
 def _total(keys: list[KeyUsage]) -> UsageTotals:
     gflops, full = math.fsum(k.gflops for k in keys), math.fsum(k.full_gflops for k in keys)
     return UsageTotals(
-        requests=sum(k.requests for k in keys), images=sum(k.images for k in keys),
-        tokens=sum(k.tokens for k in keys), gflops=gflops, full_gflops=full, saved_gflops=full - gflops,
+        requests=sum(k.requests for k in keys),
+        images=sum(k.images for k in keys),
+        tokens=sum(k.tokens for k in keys),
+        gflops=gflops,
+        full_gflops=full,
+        saved_gflops=full - gflops,
         saving_pct=saving_pct(gflops, full),
-        cost=math.fsum(k.cost for k in keys), probe_requests=sum(k.probe_requests for k in keys),
-        probe_gflops=math.fsum(k.probe_gflops for k in keys), probe_cost=math.fsum(k.probe_cost for k in keys),
+        cost=math.fsum(k.cost for k in keys),
+        probe_requests=sum(k.probe_requests for k in keys),
+        probe_gflops=math.fsum(k.probe_gflops for k in keys),
+        probe_cost=math.fsum(k.probe_cost for k in keys),
     )
 
 
@@ -150,12 +160,15 @@ def _cost_by_currency(billed: Iterable[BilledPrice]) -> list[CurrencyCost]:
     per_currency: dict[str, list[BilledPrice]] = defaultdict(list)
     for b in billed:
         per_currency[b.currency].append(b)
-    return [CurrencyCost(currency=c, requests=sum(b.requests for b in bs), cost=math.fsum(b.cost for b in bs))
-            for c, bs in sorted(per_currency.items())]
+    return [
+        CurrencyCost(currency=c, requests=sum(b.requests for b in bs), cost=math.fsum(b.cost for b in bs))
+        for c, bs in sorted(per_currency.items())
+    ]
 
 
-def usage_by_key(session: Session, *, since: datetime | None = None, until: datetime | None = None,
-                 key_name: str | None = None) -> UsageByKey:
+def usage_by_key(
+    session: Session, *, since: datetime | None = None, until: datetime | None = None, key_name: str | None = None
+) -> UsageByKey:
     """Every key (or only `key_name`; UnknownKeyNameError when no key has it) with its totals in [since, until),
     the prices billed, the totals per purpose and the calls refused; and the total over the keys."""
     totals = usage_totals(session, since=since, until=until, key_name=key_name)
@@ -176,20 +189,41 @@ def usage_by_key(session: Session, *, since: datetime | None = None, until: date
         quota_pct: float | None = None
         if t.quota_gflops is not None:  # a zero quota is spent from the start
             quota_pct = 100.0 * lifetime[t.name] / t.quota_gflops if t.quota_gflops > 0 else 100.0
-        keys.append(KeyUsage(
-            key=t.name, key_prefix=t.key_prefix, disabled=t.disabled, created_at=t.created_at,
-            quota_gflops=t.quota_gflops, price_per_gflop=t.price_per_gflop,
-            currency=one_currency(b.currency for b in billed[t.name]), billed=billed[t.name],
-            by_purpose=purposes[t.name], refused=dict(refused.get(t.name, {})), quota_used_pct=quota_pct,
-            last_used_at=t.last_used_at, requests=t.requests, images=t.images, tokens=t.tokens, gflops=t.gflops,
-            full_gflops=t.full_gflops, saved_gflops=t.full_gflops - t.gflops,
-            saving_pct=saving_pct(t.gflops, t.full_gflops), cost=t.cost,
-            **_probe_part(purposes[t.name]),
-        ))
+        keys.append(
+            KeyUsage(
+                key=t.name,
+                key_prefix=t.key_prefix,
+                disabled=t.disabled,
+                created_at=t.created_at,
+                quota_gflops=t.quota_gflops,
+                price_per_gflop=t.price_per_gflop,
+                currency=one_currency(b.currency for b in billed[t.name]),
+                billed=billed[t.name],
+                by_purpose=purposes[t.name],
+                refused=dict(refused.get(t.name, {})),
+                quota_used_pct=quota_pct,
+                last_used_at=t.last_used_at,
+                requests=t.requests,
+                images=t.images,
+                tokens=t.tokens,
+                gflops=t.gflops,
+                full_gflops=t.full_gflops,
+                saved_gflops=t.full_gflops - t.gflops,
+                saving_pct=saving_pct(t.gflops, t.full_gflops),
+                cost=t.cost,
+                **_probe_part(purposes[t.name]),
+            )
+        )
     costs = _cost_by_currency(b for prices in billed.values() for b in prices)
-    return UsageByKey(currency=one_currency(c.currency for c in costs), cost_by_currency=costs,
-                      since=since and as_utc(since), until=until and as_utc(until), keys=keys, total=_total(keys),
-                      refused_without_key=dict(refused.get(None, {})))
+    return UsageByKey(
+        currency=one_currency(c.currency for c in costs),
+        cost_by_currency=costs,
+        since=since and as_utc(since),
+        until=until and as_utc(until),
+        keys=keys,
+        total=_total(keys),
+        refused_without_key=dict(refused.get(None, {})),
+    )
 
 
 @dataclass(frozen=True)
@@ -200,18 +234,35 @@ class DailyUsage:
     refusals: list[DayRefusals]
 
 
-def daily_usage(session: Session, *, since: datetime | None = None, until: datetime | None = None,
-                key_name: str | None = None) -> DailyUsage:
+def daily_usage(
+    session: Session, *, since: datetime | None = None, until: datetime | None = None, key_name: str | None = None
+) -> DailyUsage:
     """The rows in [since, until) summed per UTC day, key, currency and price, and the refusal counters of the days
     the window touches (only `key_name`'s when given; UnknownKeyNameError when no key has it)."""
     check_key_exists(session, key_name=key_name)
-    return DailyUsage(since=since and as_utc(since), until=until and as_utc(until),
-                      days=usage_by_day(session, since=since, until=until, key_name=key_name),
-                      refusals=refusals_by_day(session, since=since, until=until, key_name=key_name))
+    return DailyUsage(
+        since=since and as_utc(since),
+        until=until and as_utc(until),
+        days=usage_by_day(session, since=since, until=until, key_name=key_name),
+        refusals=refusals_by_day(session, since=since, until=until, key_name=key_name),
+    )
 
 
-CSV_COLUMNS = ("day", "key", "currency", "price_per_gflop", "requests", "images", "tokens", "gflops",
-               "full_gflops", "cost", "probe_requests", "probe_gflops", "probe_cost")
+CSV_COLUMNS = (
+    "day",
+    "key",
+    "currency",
+    "price_per_gflop",
+    "requests",
+    "images",
+    "tokens",
+    "gflops",
+    "full_gflops",
+    "cost",
+    "probe_requests",
+    "probe_gflops",
+    "probe_cost",
+)
 
 
 def write_usage_csv(rows: Iterable[DayUsage], out: TextIO) -> None:
@@ -220,7 +271,20 @@ def write_usage_csv(rows: Iterable[DayUsage], out: TextIO) -> None:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for r in rows:
-        writer.writerow([r.day.isoformat(), r.key, r.currency,
-                         "" if r.price_per_gflop is None else repr(r.price_per_gflop), r.requests, r.images,
-                         r.tokens, repr(r.gflops), repr(r.full_gflops), repr(r.cost), r.probe_requests,
-                         repr(r.probe_gflops), repr(r.probe_cost)])
+        writer.writerow(
+            [
+                r.day.isoformat(),
+                r.key,
+                r.currency,
+                "" if r.price_per_gflop is None else repr(r.price_per_gflop),
+                r.requests,
+                r.images,
+                r.tokens,
+                repr(r.gflops),
+                repr(r.full_gflops),
+                repr(r.cost),
+                r.probe_requests,
+                repr(r.probe_gflops),
+                repr(r.probe_cost),
+            ]
+        )

@@ -1,4 +1,5 @@
 """Who is calling: the `authorization: Bearer <key>` secret looked up (by its sha256) through a short TTL cache."""
+
 from __future__ import annotations
 
 import asyncio
@@ -62,8 +63,15 @@ class KeyAuthenticator:
             row = keys.find_api_key_by_hash(session, key_hash=key_hash)
             if row is None:
                 return None
-            return KeyInfo(row.id, row.name, bool(row.disabled), row.quota_gflops, row.price_per_gflop,
-                           row.quota_window, row.rate_limit_gflops_per_min)
+            return KeyInfo(
+                row.id,
+                row.name,
+                bool(row.disabled),
+                row.quota_gflops,
+                row.price_per_gflop,
+                row.quota_window,
+                row.rate_limit_gflops_per_min,
+            )
 
     async def authenticate(self, secret: str) -> KeyInfo:
         """The enabled key behind `secret`; `AuthenticationError` for unknown or disabled keys."""

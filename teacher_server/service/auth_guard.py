@@ -10,6 +10,7 @@ Every unknown key costs a ledger query, so failed checks draw from token buckets
 all peers: an empty bucket refuses further unknown keys at once, without a query. Keys that passed recently skip the
 buckets (the authenticator's own TTL cache still re-reads them, so a disabled key stops working as before).
 """
+
 from __future__ import annotations
 
 import time
@@ -28,16 +29,16 @@ from teacher_server.service.auth import KeyAuthenticator, bearer_secret
 from teacher_server.service.error_interceptor import SERVICE_PREFIX, status_of
 
 KEYED_METHODS = ("Infer", "InferStream", "GetModelInfo")  # GetModelInfo: the key is optional, a wrong one refused
-ACCEPTED_TTL_S = 600.0     # how long a key that passed skips the failure buckets
-MAX_TRACKED = 10_000       # peers and accepted keys remembered at most (memory bound)
+ACCEPTED_TTL_S = 600.0  # how long a key that passed skips the failure buckets
+MAX_TRACKED = 10_000  # peers and accepted keys remembered at most (memory bound)
 
 
 @dataclass
 class TokenBucket:
-    rate: float          # tokens refilled per second
-    burst: float         # capacity
+    rate: float  # tokens refilled per second
+    burst: float  # capacity
     tokens: float
-    updated: float       # time.monotonic() of the last refill
+    updated: float  # time.monotonic() of the last refill
 
     def refill(self, now: float) -> None:
         self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
@@ -51,8 +52,9 @@ class TokenBucket:
 class FailedAuthLimiter:
     """Token buckets of failed key checks, per peer address and over all peers."""
 
-    def __init__(self, *, per_peer_per_s: float, per_peer_burst: int, global_per_s: float,
-                 global_burst: float | None = None) -> None:
+    def __init__(
+        self, *, per_peer_per_s: float, per_peer_burst: int, global_per_s: float, global_burst: float | None = None
+    ) -> None:
         self._peer_rate, self._peer_burst = per_peer_per_s, float(per_peer_burst)
         burst = 2.0 * global_per_s if global_burst is None else float(global_burst)  # default: 2 s worth
         self._global = TokenBucket(global_per_s, burst, burst, time.monotonic())
@@ -109,8 +111,13 @@ def peer_host(peer: str) -> str:
 class AuthFirstInterceptor(aio.ServerInterceptor):
     """Checks the key of TeacherService calls before their message is read; goes first in the interceptor list."""
 
-    def __init__(self, auth: KeyAuthenticator, limiter: FailedAuthLimiter, metrics: ServerMetrics,
-                 refusals: RefusalCounter | None = None) -> None:
+    def __init__(
+        self,
+        auth: KeyAuthenticator,
+        limiter: FailedAuthLimiter,
+        metrics: ServerMetrics,
+        refusals: RefusalCounter | None = None,
+    ) -> None:
         self._auth = auth
         self._refusals = refusals or RefusalCounter()
         self._limiter = limiter
@@ -126,8 +133,9 @@ class AuthFirstInterceptor(aio.ServerInterceptor):
             host = peer_host(peer)
             wait = self._limiter.take(host)
             if wait > 0:
-                raise AuthenticationError(f"too many failed API key checks from {host}; "
-                                          f"try again in {max(wait, 0.1):.1f} s")
+                raise AuthenticationError(
+                    f"too many failed API key checks from {host}; try again in {max(wait, 0.1):.1f} s"
+                )
             try:
                 await self._auth.authenticate(secret)  # a failure keeps the reserved token spent
             except AuthenticationError:
@@ -148,7 +156,7 @@ class AuthFirstInterceptor(aio.ServerInterceptor):
             return
         try:
             await self.check(metadata, context.peer())
-        except Exception as exc:  # AuthenticationError, or a ledger failure mapped like everywhere else
+        except Exception as exc:  # noqa: BLE001 - AuthenticationError, or a ledger failure mapped like everywhere else
             code, message = status_of(exc)
             if method != "GetModelInfo":
                 self._metrics.count_request(model="", key="", code=code.name)
@@ -156,22 +164,26 @@ class AuthFirstInterceptor(aio.ServerInterceptor):
             await context.abort(code, message)
 
     async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method.removeprefix(SERVICE_PREFIX)
-        if handler is None or not handler_call_details.method.startswith(SERVICE_PREFIX) \
-                or method not in KEYED_METHODS:
+        if handler is None or not handler_call_details.method.startswith(SERVICE_PREFIX) or method not in KEYED_METHODS:
             return handler
         if handler.unary_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                self._guard_unary(method, handler.unary_unary), request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+                self._guard_unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
                 self._guard_stream(method, handler.stream_stream),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
         return handler
 
     def _guard_unary(self, method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -184,8 +196,9 @@ class AuthFirstInterceptor(aio.ServerInterceptor):
 
         return unary
 
-    def _guard_stream(self, method: str,
-                      behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    def _guard_stream(
+        self, method: str, behavior: Callable[..., AsyncIterator[Any]]
+    ) -> Callable[..., AsyncIterator[Any]]:
         async def stream(request_iterator: AsyncIterator[Any], context: aio.ServicerContext) -> AsyncIterator[Any]:
             await self._refuse_or_pass(method, context)
             async for response in behavior(request_iterator, context):

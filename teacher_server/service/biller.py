@@ -2,6 +2,7 @@
 and commit a micro-batch's usage rows with their replay payloads (one transaction per batch, before any answer
 leaves). `InferenceService` (inference.py) calls it from the event loop; the batcher's commit stage calls
 `finalize`."""
+
 from __future__ import annotations
 
 import logging
@@ -32,10 +33,10 @@ log = logging.getLogger(__name__)
 class InferOutcome:
     request_id: str
     model: str
-    logits: torch.Tensor   # [B, classes] float32
+    logits: torch.Tensor  # [B, classes] float32
     usage: Usage
     replayed: bool
-    limits: LimitState | None = None   # the key's quota/rate-limit state, for the response metadata
+    limits: LimitState | None = None  # the key's quota/rate-limit state, for the response metadata
 
 
 @dataclass(frozen=True)
@@ -48,10 +49,10 @@ class BillingContext:
     model: str
     usage: Usage
     received_at: float
-    digest: str | None = None     # None for server-assigned ids
-    hold: Hold | None = None      # GFLOPs reserved against the key's quota/rate limit
-    purpose: str = ""             # InferRequest.purpose, stored with the row
-    accept_billed: bool = False   # InferRequest.accept_billed_answer: a stored answer of another digest will do
+    digest: str | None = None  # None for server-assigned ids
+    hold: Hold | None = None  # GFLOPs reserved against the key's quota/rate limit
+    purpose: str = ""  # InferRequest.purpose, stored with the row
+    accept_billed: bool = False  # InferRequest.accept_billed_answer: a stored answer of another digest will do
 
 
 def logits_to_bytes(logits: torch.Tensor) -> tuple[bytes, str]:
@@ -60,34 +61,58 @@ def logits_to_bytes(logits: torch.Tensor) -> tuple[bytes, str]:
 
 
 def reused_error(request_id: str) -> RequestIdReusedError:
-    return RequestIdReusedError(f"request_id {request_id[:80]!r} was already used with different inputs; "
-                                "nothing billed")
+    return RequestIdReusedError(
+        f"request_id {request_id[:80]!r} was already used with different inputs; nothing billed"
+    )
 
 
-def outcome_from_stored(record: models.UsageRecord, payload: models.ReplayPayload | None,
-                        digest: str, *, accept_billed: bool = False, images: int = 0) -> InferOutcome:
+def outcome_from_stored(
+    record: models.UsageRecord,
+    payload: models.ReplayPayload | None,
+    digest: str,
+    *,
+    accept_billed: bool = False,
+    images: int = 0,
+) -> InferOutcome:
     """The replay of a stored request, or the refusal: other inputs (ALREADY_EXISTS), answer gone (FAILED_PRECONDITION).
     Rows billed before digests existed (content_digest None) are replayed without comparing inputs. With
     `accept_billed` (a resumed run's re-send) other inputs are replayed too when the batch has the same `images`."""
-    if record.content_digest is not None and record.content_digest != digest and not (
-            accept_billed and record.images == images):
+    if (
+        record.content_digest is not None
+        and record.content_digest != digest
+        and not (accept_billed and record.images == images)
+    ):
         raise reused_error(record.request_id)
     if payload is None:
-        raise ReplayExpiredError(f"request_id {record.request_id[:80]!r} was billed before, but its answer is no "
-                                 "longer kept (replay retention expired, or the id was server-assigned); nothing "
-                                 "billed; send the request under a new request_id")
+        raise ReplayExpiredError(
+            f"request_id {record.request_id[:80]!r} was billed before, but its answer is no "
+            "longer kept (replay retention expired, or the id was server-assigned); nothing "
+            "billed; send the request under a new request_id"
+        )
     shape = [int(s) for s in payload.logits_shape.split(",")]
     flat = torch.frombuffer(bytearray(payload.logits), dtype=torch.float32)  # little-endian hosts only, as the codec
-    usage = Usage(images=record.images, tokens=record.tokens, flops=round(record.gflops * 1e9),
-                  gflops=record.gflops, full_gflops=record.full_gflops, cost=record.cost)
+    usage = Usage(
+        images=record.images,
+        tokens=record.tokens,
+        flops=round(record.gflops * 1e9),
+        gflops=record.gflops,
+        full_gflops=record.full_gflops,
+        cost=record.cost,
+    )
     return InferOutcome(record.request_id, record.model, flat.reshape(shape).clone(), usage, replayed=True)
 
 
 class Biller:
     """Ledger reads and writes of the serving path; every call opens its own session (worker threads only)."""
 
-    def __init__(self, *, sessions: sessionmaker[Session], default_price_per_gflop: float, currency: str,
-                 replay_ttl_s: float = DEFAULT_REPLAY_TTL_S) -> None:
+    def __init__(
+        self,
+        *,
+        sessions: sessionmaker[Session],
+        default_price_per_gflop: float,
+        currency: str,
+        replay_ttl_s: float = DEFAULT_REPLAY_TTL_S,
+    ) -> None:
         self._sessions = sessions
         self._default_price = default_price_per_gflop
         self._currency = currency  # stored with every usage row: reports show what was billed, not today's flags
@@ -96,16 +121,16 @@ class Biller:
     def price_of(self, key: KeyInfo) -> float:
         return key.price_per_gflop if key.price_per_gflop is not None else self._default_price
 
-    def find_stored(self, key: KeyInfo, request_id: str, digest: str, accept_billed: bool,
-                     images: int) -> InferOutcome | None:
+    def find_stored(
+        self, key: KeyInfo, request_id: str, digest: str, accept_billed: bool, images: int
+    ) -> InferOutcome | None:
         with unavailable_on_transient_errors(), self._sessions() as session:
             found = billing.find_billed(session, api_key_id=key.id, request_id=request_id)
             if found is None:
                 return None
             outcome = outcome_from_stored(*found, digest, accept_billed=accept_billed, images=images)
             if key.limits.limited:
-                outcome = replace(outcome, limits=billing.limit_state(session, api_key_id=key.id,
-                                                                             limits=key.limits))
+                outcome = replace(outcome, limits=billing.limit_state(session, api_key_id=key.id, limits=key.limits))
             return outcome
 
     def reserve(self, key: KeyInfo, gflops: float) -> tuple[Hold | None, LimitState]:
@@ -119,36 +144,56 @@ class Biller:
         except Exception:  # the hold expires and the periodic purge gives it back
             log.warning("could not release quota hold %d now; the purge will", hold.id, exc_info=True)
 
-    def finalize(self, jobs: Sequence[BatchJob], logits: Sequence[torch.Tensor],
-                 stats: BatchStats) -> list[InferOutcome | ServiceError | None]:
+    def finalize(
+        self, jobs: Sequence[BatchJob], logits: Sequence[torch.Tensor], stats: BatchStats
+    ) -> list[InferOutcome | ServiceError | None]:
         """Commit one usage row (and replay payload) per job in one transaction (before any response leaves).
         Returns per job None (billed now), or for a (key, request_id) billed before: its replay or the refusal."""
         now = time.monotonic()
         items = []
-        for job, out in zip(jobs, logits):
+        for job, out in zip(jobs, logits, strict=True):
             b: BillingContext = job.context
             row = models.NewUsage(
-                api_key_id=b.key.id, request_id=b.request_id, model=b.model, images=b.usage.images,
-                tokens=b.usage.tokens, gflops=b.usage.gflops, full_gflops=b.usage.full_gflops, cost=b.usage.cost,
+                api_key_id=b.key.id,
+                request_id=b.request_id,
+                model=b.model,
+                images=b.usage.images,
+                tokens=b.usage.tokens,
+                gflops=b.usage.gflops,
+                full_gflops=b.usage.full_gflops,
+                cost=b.usage.cost,
                 latency_ms=(now - b.received_at) * 1000.0,
                 queue_ms=max(0.0, stats.started_at - job.enqueued_at) * 1000.0,
-                batch_images=stats.images, content_digest=b.digest,
-                price_per_gflop=self.price_of(b.key), currency=self._currency, purpose=b.purpose,
+                batch_images=stats.images,
+                content_digest=b.digest,
+                price_per_gflop=self.price_of(b.key),
+                currency=self._currency,
+                purpose=b.purpose,
             )
-            items.append(billing.Billable(row, b.key.quota_window, logits_to_bytes(out) if b.replayable
-                                                 else None, b.hold))
+            items.append(
+                billing.Billable(row, b.key.quota_window, logits_to_bytes(out) if b.replayable else None, b.hold)
+            )
         with unavailable_on_transient_errors(), self._sessions() as session:
             stored = billing.bill(session, items=items, replay_ttl_s=self._replay_ttl_s)
-            return [None if record is None else self._replay_or_error(session, record, job.context)
-                    for record, job in zip(stored, jobs)]
+            return [
+                None if record is None else self._replay_or_error(session, record, job.context)
+                for record, job in zip(stored, jobs, strict=True)
+            ]
 
     @staticmethod
-    def _replay_or_error(session: Session, record: models.UsageRecord, b: BillingContext) -> InferOutcome | ServiceError:
+    def _replay_or_error(
+        session: Session, record: models.UsageRecord, b: BillingContext
+    ) -> InferOutcome | ServiceError:
         """One job's problem must not fail the rest of its (committed) batch."""
         found = billing.find_billed(session, api_key_id=record.api_key_id, request_id=record.request_id)
         try:
-            return outcome_from_stored(record, found[1] if found else None, b.digest or "",
-                                       accept_billed=b.accept_billed, images=b.usage.images)
+            return outcome_from_stored(
+                record,
+                found[1] if found else None,
+                b.digest or "",
+                accept_billed=b.accept_billed,
+                images=b.usage.images,
+            )
         except ServiceError as exc:
             return exc
 

@@ -4,6 +4,7 @@ fields as sent, before any decoding, so it is cheap (hashlib over the bytes) and
 
 `purpose` is left out on purpose: it does not change the answer, so a retry under another label is a replay of what
 was billed (and stays counted under the label it was billed with), not a refusal."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,9 +12,10 @@ import hashlib
 from maskedkd.v1 import teacher_pb2 as pb
 
 
-def _tensor(h: "hashlib._Hash", name: str, present: bool, tensor: pb.Tensor) -> None:
-    h.update(f"{name}:{int(present)}:{tensor.dtype}:{','.join(str(d) for d in tensor.shape)}:{len(tensor.data)}:"
-             .encode("utf-8"))
+def _tensor(h: hashlib._Hash, name: str, present: bool, tensor: pb.Tensor) -> None:
+    h.update(
+        f"{name}:{int(present)}:{tensor.dtype}:{','.join(str(d) for d in tensor.shape)}:{len(tensor.data)}:".encode()
+    )
     h.update(tensor.data)
 
 
@@ -21,7 +23,7 @@ def content_digest(request: pb.InferRequest, *, model: str) -> str:
     """sha256 hex of (served model name, images|patches, input tensor, keep_indices, keep_counts)."""
     kind = request.WhichOneof("input") or ""
     h = hashlib.sha256()
-    h.update(f"maskedkd-v1:{len(model)}:{model}:{kind}:".encode("utf-8"))
+    h.update(f"maskedkd-v1:{len(model)}:{model}:{kind}:".encode())
     _tensor(h, "input", bool(kind), getattr(request, kind) if kind else pb.Tensor())
     _tensor(h, "keep_indices", request.HasField("keep_indices"), request.keep_indices)
     _tensor(h, "keep_counts", request.HasField("keep_counts"), request.keep_counts)

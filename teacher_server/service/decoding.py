@@ -2,6 +2,7 @@
 whole stream; instead a tolerant deserializer turns them into an `UndecodableRequest` marker, which `decoded` (the
 one check, for unary calls and stream messages alike) refuses with INVALID_ARGUMENT naming the problem. A stream
 answers the marker keyed by the request_id read back from the raw bytes, when that part of them is intact."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -14,18 +15,27 @@ from teacher_server.errors import InvalidRequestError
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 SCAN_FIELDS = 10_000  # fields the scan reads before giving up (it runs in Python, on the event loop)
-_VARINT_TYPES = frozenset({FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT32,
-                           FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_SINT64,
-                           FieldDescriptor.TYPE_BOOL, FieldDescriptor.TYPE_ENUM})
+_VARINT_TYPES = frozenset(
+    {
+        FieldDescriptor.TYPE_INT32,
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT32,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT32,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_BOOL,
+        FieldDescriptor.TYPE_ENUM,
+    }
+)
 
 
 @dataclass(frozen=True)
 class UndecodableRequest:
     """What the deserializer hands on for bytes that are not a valid message."""
 
-    message_type: str   # e.g. "maskedkd.v1.InferRequest"
-    problem: str        # one bounded line: which field, which byte
-    request_id: str     # read from the raw bytes where possible, else ""
+    message_type: str  # e.g. "maskedkd.v1.InferRequest"
+    problem: str  # one bounded line: which field, which byte
+    request_id: str  # read from the raw bytes where possible, else ""
 
     def error(self) -> InvalidRequestError:
         return InvalidRequestError(f"the request is not a valid {self.message_type}: {self.problem}")
@@ -49,14 +59,14 @@ def tolerant(deserializer: Callable[[bytes], Any], descriptor: Descriptor) -> Ca
     def deserialize(raw: bytes) -> Any:
         try:
             return deserializer(raw)
-        except Exception as exc:  # DecodeError, and whatever else a parser raises on hostile bytes
+        except Exception as exc:  # noqa: BLE001 - DecodeError, and whatever else a parser raises on hostile bytes
             scan = _Scan()
             try:
                 _scan(raw, 0, len(raw), descriptor, "", scan)
                 problem = _parser_says(exc)  # the scan found nothing: say what the parser said
-            except _Corrupt as corrupt:
+            except _CorruptWireError as corrupt:
                 problem = str(corrupt)
-            except _GiveUp:
+            except _ScanGaveUpError:
                 problem = _parser_says(exc)
             return UndecodableRequest(descriptor.full_name, problem, scan.request_id)
 
@@ -68,17 +78,17 @@ def _parser_says(exc: Exception) -> str:
     return str(exc).split(": ")[-1][:120] or type(exc).__name__
 
 
-class _Corrupt(Exception):
+class _CorruptWireError(Exception):
     """The first problem found in the wire format, as a bounded message."""
 
 
-class _GiveUp(Exception):
+class _ScanGaveUpError(Exception):
     """The scan read SCAN_FIELDS fields without finding the problem."""
 
 
 @dataclass
 class _Scan:
-    request_id: str = ""             # the top-level request_id, once read
+    request_id: str = ""  # the top-level request_id, once read
     fields_left: int = SCAN_FIELDS
 
 
@@ -86,7 +96,7 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
     result = shift = 0
     while True:
         if pos >= len(buf):
-            raise _Corrupt(f"truncated at byte {pos} (inside a varint)")
+            raise _CorruptWireError(f"truncated at byte {pos} (inside a varint)")
         byte = buf[pos]
         pos += 1
         result |= (byte & 0x7F) << shift
@@ -94,23 +104,23 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
             return result, pos
         shift += 7
         if shift >= 70:
-            raise _Corrupt(f"varint longer than 10 bytes ending at byte {pos}")
+            raise _CorruptWireError(f"varint longer than 10 bytes ending at byte {pos}")
 
 
 def _scan(buf: bytes, pos: int, end: int, descriptor: Descriptor, path: str, scan: _Scan) -> None:
-    """Walk the fields of `buf[pos:end]` as `descriptor`, raising `_Corrupt` at the first problem; records the
+    """Walk the fields of `buf[pos:end]` as `descriptor`, raising `_CorruptWireError` at the first problem; records the
     top-level request_id on the way."""
     while pos < end:
         scan.fields_left -= 1
         if scan.fields_left < 0:
-            raise _GiveUp
+            raise _ScanGaveUpError
         at = pos
         tag, pos = _varint(buf, pos)
         number, wire = tag >> 3, tag & 7
         field = descriptor.fields_by_number.get(number)
         name = path + (field.name if field is not None else f"field {number}")
         if number == 0:
-            raise _Corrupt(f"field number 0 at byte {at}")
+            raise _CorruptWireError(f"field number 0 at byte {at}")
         if wire == _VARINT:
             _, pos = _varint(buf, pos)
         elif wire in (_I64, _I32):
@@ -118,24 +128,23 @@ def _scan(buf: bytes, pos: int, end: int, descriptor: Descriptor, path: str, sca
         elif wire == _LEN:
             size, pos = _varint(buf, pos)
             if pos + size > end:
-                raise _Corrupt(f"{name}: {size} bytes announced at byte {at}, only {end - pos} left")
+                raise _CorruptWireError(f"{name}: {size} bytes announced at byte {at}, only {end - pos} left")
             if field is not None:
                 _check_value(buf, pos, pos + size, field, name, scan, top=not path)
             pos += size
         else:
             what = "a group, which this contract does not use" if wire in (3, 4) else "no such wire type"
-            raise _Corrupt(f"{name}: wire type {wire} at byte {at} ({what})")
+            raise _CorruptWireError(f"{name}: wire type {wire} at byte {at} ({what})")
         if pos > end:
-            raise _Corrupt(f"{name}: truncated at byte {end}")
+            raise _CorruptWireError(f"{name}: truncated at byte {end}")
 
 
-def _check_value(buf: bytes, pos: int, end: int, field: FieldDescriptor, name: str, scan: _Scan, *,
-                 top: bool) -> None:
+def _check_value(buf: bytes, pos: int, end: int, field: FieldDescriptor, name: str, scan: _Scan, *, top: bool) -> None:
     if field.type == FieldDescriptor.TYPE_STRING:
         try:
             text = buf[pos:end].decode("utf-8")
         except UnicodeDecodeError:
-            raise _Corrupt(f"{name} is not valid UTF-8") from None
+            raise _CorruptWireError(f"{name} is not valid UTF-8") from None
         if top and field.name == "request_id":
             scan.request_id = text
     elif field.type == FieldDescriptor.TYPE_MESSAGE:
@@ -144,10 +153,10 @@ def _check_value(buf: bytes, pos: int, end: int, field: FieldDescriptor, name: s
         while pos < end:
             scan.fields_left -= 1
             if scan.fields_left < 0:
-                raise _GiveUp
+                raise _ScanGaveUpError
             try:
                 _, pos = _varint(buf, pos)
-            except _Corrupt:
-                raise _Corrupt(f"{name}: packed values run past their length") from None
+            except _CorruptWireError:
+                raise _CorruptWireError(f"{name}: packed values run past their length") from None
         if pos > end:
-            raise _Corrupt(f"{name}: packed values run past their length")
+            raise _CorruptWireError(f"{name}: packed values run past their length")

@@ -3,6 +3,7 @@ INTERNAL with a reference id (the trace goes to the server log, never to the cli
 requests that end in an error (`maskedkd_requests_total{code}`); successes are counted where they complete.
 Request bytes that do not parse reach the service as `UndecodableRequest` markers (INVALID_ARGUMENT), not as
 grpc's UNKNOWN."""
+
 from __future__ import annotations
 
 import asyncio
@@ -36,15 +37,16 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         message = str(exc)
         if len(message) > MAX_MESSAGE_CHARS:
             log.warning("status message of %d characters cut: %s", len(message), message[:1000])
-            message = message[:MAX_MESSAGE_CHARS - len(CUT_MARK)] + CUT_MARK
+            message = message[: MAX_MESSAGE_CHARS - len(CUT_MARK)] + CUT_MARK
         return grpc.StatusCode[exc.status], message
     ref = uuid.uuid4().hex[:12]
     log.error("internal error (ref %s)", ref, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal server error (ref {ref}); the request was not billed"
 
 
-def rich_trailing_metadata(exc: BaseException, code: grpc.StatusCode,
-                           message: str) -> tuple[tuple[str, str | bytes], ...]:
+def rich_trailing_metadata(
+    exc: BaseException, code: grpc.StatusCode, message: str
+) -> tuple[tuple[str, str | bytes], ...]:
     """Trailing metadata of an error: the google.rpc Status with the error's `details` (QuotaFailure, RetryInfo)
     when it has some, and its own `trailing_metadata` (the x-ratelimit-* / x-quota-* state)."""
     metadata: list[tuple[str, str | bytes]] = list(getattr(exc, "trailing_metadata", ()))
@@ -103,7 +105,8 @@ class ErrorInterceptor(aio.ServerInterceptor):
             return False
 
     async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
@@ -117,12 +120,16 @@ class ErrorInterceptor(aio.ServerInterceptor):
             deserializer = tolerant(deserializer, _METHODS[name].input_type)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, counts), request_deserializer=deserializer,
-                response_serializer=handler.response_serializer)
+                self._wrap_unary(handler.unary_unary, counts),
+                request_deserializer=deserializer,
+                response_serializer=handler.response_serializer,
+            )
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
-                self._wrap_stream(handler.stream_stream, counts), request_deserializer=deserializer,
-                response_serializer=handler.response_serializer)
+                self._wrap_stream(handler.stream_stream, counts),
+                request_deserializer=deserializer,
+                response_serializer=handler.response_serializer,
+            )
         return handler
 
     async def _fail(self, exc: Exception, context: aio.ServicerContext, labels: CallLabels, counts: bool) -> None:
@@ -152,8 +159,9 @@ class ErrorInterceptor(aio.ServerInterceptor):
 
         return unary
 
-    def _wrap_stream(self, behavior: Callable[..., AsyncIterator[Any]],
-                     counts: bool) -> Callable[..., AsyncIterator[Any]]:
+    def _wrap_stream(
+        self, behavior: Callable[..., AsyncIterator[Any]], counts: bool
+    ) -> Callable[..., AsyncIterator[Any]]:
         async def stream(request_iterator: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
             labels = CallLabels()
             CURRENT_LABELS.set(labels)

@@ -7,6 +7,7 @@ expired is refused with FAILED_PRECONDITION. The unique ledger constraint settle
 Quota and rate limit: admitted by one conditional UPDATE in the ledger before the forward (billing.reserve),
 held until the usage row commits, so requests on any number of servers never overshoot together.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -41,8 +42,8 @@ from teacher_server.service.biller import (
 from teacher_server.service.content_digest import content_digest
 from teacher_server.service.quota_status import quota_exceeded
 
-OFFLOAD_BYTES = 1 << 20          # decode payloads above this size off the event loop
-MAX_REQUEST_ID_CHARS = 200       # the ledger column's width
+OFFLOAD_BYTES = 1 << 20  # decode payloads above this size off the event loop
+MAX_REQUEST_ID_CHARS = 200  # the ledger column's width
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def current_labels() -> CallLabels:
     return labels
 
 
-class _RetryYourself(Exception):
+class _OriginalFailedError(Exception):
     """The original of a duplicate failed without billing: the duplicate must run on its own."""
 
 
@@ -91,11 +92,13 @@ class InferenceService:
         self._metrics.request_latency.labels(model=served.name).observe(time.monotonic() - received_at)
         return outcome
 
-    async def _infer(self, key: KeyInfo, request: pb.InferRequest, served: ServedModel,
-                     received_at: float) -> InferOutcome:
+    async def _infer(
+        self, key: KeyInfo, request: pb.InferRequest, served: ServedModel, received_at: float
+    ) -> InferOutcome:
         if len(request.request_id) > MAX_REQUEST_ID_CHARS:
-            raise InvalidRequestError(f"request_id is {len(request.request_id)} characters; at most "
-                                      f"{MAX_REQUEST_ID_CHARS} allowed")
+            raise InvalidRequestError(
+                f"request_id is {len(request.request_id)} characters; at most {MAX_REQUEST_ID_CHARS} allowed"
+            )
         if "\x00" in request.request_id:  # Postgres text cannot store NUL; refuse it on every backend alike
             raise InvalidRequestError("request_id contains a NUL (\\x00) character, which is not allowed")
         if (problem := purpose_problem(request.purpose)) is not None:
@@ -104,8 +107,9 @@ class InferenceService:
         usage = served.meter.usage(prepared.counts, price_per_gflop=self._biller.price_of(key))
         if not request.request_id:
             rid = f"auto-{uuid.uuid4().hex}"
-            return await self._run(key, served, prepared, usage, rid, replayable=False, received_at=received_at,
-                                   purpose=request.purpose)
+            return await self._run(
+                key, served, prepared, usage, rid, replayable=False, received_at=received_at, purpose=request.purpose
+            )
 
         digest = await self._digest(request, served.name)
         token = (key.id, request.request_id)
@@ -114,7 +118,7 @@ class InferenceService:
                 raise reused_error(request.request_id)
             try:
                 original = await asyncio.shield(entry[1])
-            except _RetryYourself:
+            except _OriginalFailedError:
                 continue
             if entry[0] != digest and original.usage.images != prepared.images:
                 raise reused_error(request.request_id)
@@ -122,20 +126,30 @@ class InferenceService:
         mine: asyncio.Future[InferOutcome] = asyncio.get_running_loop().create_future()
         self._inflight[token] = (digest, mine)
         try:
-            stored = await asyncio.to_thread(self._biller.find_stored, key, request.request_id, digest,
-                                             request.accept_billed_answer, prepared.images)
+            stored = await asyncio.to_thread(
+                self._biller.find_stored, key, request.request_id, digest, request.accept_billed_answer, prepared.images
+            )
             if stored is not None:
                 outcome = stored
             else:
-                outcome = await self._run(key, served, prepared, usage, request.request_id, replayable=True,
-                                          received_at=received_at, digest=digest, purpose=request.purpose,
-                                          accept_billed=request.accept_billed_answer)
+                outcome = await self._run(
+                    key,
+                    served,
+                    prepared,
+                    usage,
+                    request.request_id,
+                    replayable=True,
+                    received_at=received_at,
+                    digest=digest,
+                    purpose=request.purpose,
+                    accept_billed=request.accept_billed_answer,
+                )
             mine.set_result(outcome)
             return outcome
         except BaseException as exc:
             # A refusal decided by the ledger holds for the duplicates too; anything else: they run on their own.
             final = isinstance(exc, (RequestIdReusedError, ReplayExpiredError))
-            mine.set_exception(exc if final else _RetryYourself())
+            mine.set_exception(exc if final else _OriginalFailedError())
             mine.exception()  # mark retrieved: nobody may be waiting
             raise
         finally:
@@ -152,13 +166,25 @@ class InferenceService:
         payload = request.images if request.WhichOneof("input") == "images" else request.patches
         max_images = served.batcher.max_batch_images
         if len(payload.data) > OFFLOAD_BYTES:
-            return await asyncio.to_thread(prepare_input, request, served.teacher.geometry, max_images=max_images,
-                                           max_elements=self._max_elements)
+            return await asyncio.to_thread(
+                prepare_input, request, served.teacher.geometry, max_images=max_images, max_elements=self._max_elements
+            )
         return prepare_input(request, served.teacher.geometry, max_images=max_images, max_elements=self._max_elements)
 
-    async def _run(self, key: KeyInfo, served: ServedModel, prepared: PreparedInput, usage: Usage, request_id: str,
-                   *, replayable: bool, received_at: float, digest: str | None = None,
-                   purpose: str = "", accept_billed: bool = False) -> InferOutcome:
+    async def _run(
+        self,
+        key: KeyInfo,
+        served: ServedModel,
+        prepared: PreparedInput,
+        usage: Usage,
+        request_id: str,
+        *,
+        replayable: bool,
+        received_at: float,
+        digest: str | None = None,
+        purpose: str = "",
+        accept_billed: bool = False,
+    ) -> InferOutcome:
         hold: Hold | None = None
         state: LimitState | None = None
         if key.limits.limited:
@@ -166,8 +192,9 @@ class InferenceService:
             if hold is None:
                 raise quota_exceeded(key=key, needed_gflops=usage.gflops, state=state)
         try:
-            context = BillingContext(key, request_id, replayable, served.name, usage, received_at, digest, hold, purpose,
-                               accept_billed)
+            context = BillingContext(
+                key, request_id, replayable, served.name, usage, received_at, digest, hold, purpose, accept_billed
+            )
             result = await served.batcher.submit(prepared, context)
             if isinstance(result.finalized, Exception):
                 raise result.finalized
@@ -177,8 +204,14 @@ class InferenceService:
             raise
         if result.finalized is not None:  # the ledger already held this request: replay what it stored
             return result.finalized
-        self._metrics.count_billed(model=served.name, key=key.name, images=usage.images, gflops=usage.gflops,
-                                   full_gflops=usage.full_gflops, cost=usage.cost)
+        self._metrics.count_billed(
+            model=served.name,
+            key=key.name,
+            images=usage.images,
+            gflops=usage.gflops,
+            full_gflops=usage.full_gflops,
+            cost=usage.cost,
+        )
         return InferOutcome(request_id, served.name, result.logits, usage, replayed=False, limits=state)
 
     async def limit_metadata(self, key: KeyInfo) -> LimitState | None:

@@ -10,6 +10,7 @@ Metadata (only for the limits a key has; a key without limits gets none):
   x-quota-window                 lifetime | month | day (UTC calendar)
   x-quota-reset                  time until the window starts over, e.g. "3600s" (absent for lifetime)
 """
+
 from __future__ import annotations
 
 from google.protobuf import duration_pb2
@@ -29,13 +30,17 @@ def limit_metadata(state: LimitState | None) -> tuple[tuple[str, str], ...]:
         return ()
     md: list[tuple[str, str]] = []
     if state.rate_limit_gflops is not None:
-        md += [("x-ratelimit-limit-gflops", f"{state.rate_limit_gflops:.9g}"),
-               ("x-ratelimit-remaining-gflops", f"{state.rate_remaining_gflops or 0.0:.9g}"),
-               ("x-ratelimit-reset-gflops", _seconds(state.rate_reset_s or 0.0))]
+        md += [
+            ("x-ratelimit-limit-gflops", f"{state.rate_limit_gflops:.9g}"),
+            ("x-ratelimit-remaining-gflops", f"{state.rate_remaining_gflops or 0.0:.9g}"),
+            ("x-ratelimit-reset-gflops", _seconds(state.rate_reset_s or 0.0)),
+        ]
     if state.quota_gflops is not None:
-        md += [("x-quota-limit-gflops", f"{state.quota_gflops:.9g}"),
-               ("x-quota-remaining-gflops", f"{state.quota_remaining_gflops or 0.0:.9g}"),
-               ("x-quota-window", state.quota_window)]
+        md += [
+            ("x-quota-limit-gflops", f"{state.quota_gflops:.9g}"),
+            ("x-quota-remaining-gflops", f"{state.quota_remaining_gflops or 0.0:.9g}"),
+            ("x-quota-window", state.quota_window),
+        ]
         if state.quota_reset_s is not None:
             md.append(("x-quota-reset", _seconds(state.quota_reset_s)))
     return tuple(md)
@@ -49,19 +54,31 @@ def quota_exceeded(*, key: KeyInfo, needed_gflops: float, state: LimitState) -> 
     quota_short = state.quota_remaining_gflops is not None and needed_gflops > state.quota_remaining_gflops
     if quota_short:
         assert state.quota_gflops is not None
-        violations.append(error_details_pb2.QuotaFailure.Violation(
-            subject=f"api_key:{key.name}", description=f"{state.quota_window} quota of {state.quota_gflops:.6g} "
-            f"GFLOPs: {state.quota_remaining_gflops:.6g} left, {needed_gflops:.6g} needed"))
-        messages.append(f"{state.quota_window} quota exceeded: {state.quota_remaining_gflops:.6g} of "
-                        f"{state.quota_gflops:.6g} GFLOPs left, this request needs {needed_gflops:.6g}")
+        violations.append(
+            error_details_pb2.QuotaFailure.Violation(
+                subject=f"api_key:{key.name}",
+                description=f"{state.quota_window} quota of {state.quota_gflops:.6g} "
+                f"GFLOPs: {state.quota_remaining_gflops:.6g} left, {needed_gflops:.6g} needed",
+            )
+        )
+        messages.append(
+            f"{state.quota_window} quota exceeded: {state.quota_remaining_gflops:.6g} of "
+            f"{state.quota_gflops:.6g} GFLOPs left, this request needs {needed_gflops:.6g}"
+        )
         retry_s = state.quota_reset_s
     if state.rate_remaining_gflops is not None and needed_gflops > state.rate_remaining_gflops:
         assert state.rate_limit_gflops is not None
-        violations.append(error_details_pb2.QuotaFailure.Violation(
-            subject=f"api_key:{key.name}", description=f"rate limit of {state.rate_limit_gflops:.6g} GFLOPs per "
-            f"minute: {state.rate_remaining_gflops:.6g} left, {needed_gflops:.6g} needed"))
-        messages.append(f"rate limit of {state.rate_limit_gflops:.6g} GFLOPs/min reached "
-                        f"({state.rate_remaining_gflops:.6g} left, this request needs {needed_gflops:.6g})")
+        violations.append(
+            error_details_pb2.QuotaFailure.Violation(
+                subject=f"api_key:{key.name}",
+                description=f"rate limit of {state.rate_limit_gflops:.6g} GFLOPs per "
+                f"minute: {state.rate_remaining_gflops:.6g} left, {needed_gflops:.6g} needed",
+            )
+        )
+        messages.append(
+            f"rate limit of {state.rate_limit_gflops:.6g} GFLOPs/min reached "
+            f"({state.rate_remaining_gflops:.6g} left, this request needs {needed_gflops:.6g})"
+        )
         if not quota_short or retry_s is not None:
             retry_s = max(retry_s or 0.0, state.rate_reset_s or 0.0)
     if not violations:  # lost a race between the check and the read: the room went to another request
@@ -69,9 +86,15 @@ def quota_exceeded(*, key: KeyInfo, needed_gflops: float, state: LimitState) -> 
         retry_s = 1.0
     details: list[object] = [error_details_pb2.QuotaFailure(violations=violations)]
     if retry_s is not None:
-        details.append(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(
-            seconds=int(retry_s), nanos=int((retry_s % 1) * 1e9))))
-    error = QuotaExceededError(f"API key {key.name!r}: {'; '.join(messages)}; nothing was billed",
-                               details=tuple(details), trailing_metadata=limit_metadata(state))
+        details.append(
+            error_details_pb2.RetryInfo(
+                retry_delay=duration_pb2.Duration(seconds=int(retry_s), nanos=int((retry_s % 1) * 1e9))
+            )
+        )
+    error = QuotaExceededError(
+        f"API key {key.name!r}: {'; '.join(messages)}; nothing was billed",
+        details=tuple(details),
+        trailing_metadata=limit_metadata(state),
+    )
     error.limit = "quota" if quota_short or len(violations) != 1 else "rate_limit"  # refusal counters' reason
     return error

@@ -1,8 +1,10 @@
 """The teacher server's lifecycle: load the teacher, wire service + health + reflection + metrics (+ dashboard),
 serve, and shut down gracefully (health NOT_SERVING first, in-flight requests finish, ledger flushed)."""
+
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -54,21 +56,34 @@ class TeacherServer:
         self.metrics = ServerMetrics(key_labels=settings.metrics_key_labels)
         self.sessions = database.open_ledger(settings.db, busy_timeout_s=settings.ledger_busy_timeout_s)
         self.auth = KeyAuthenticator(self.sessions, ttl_s=settings.auth_cache_s)
-        biller = Biller(sessions=self.sessions, default_price_per_gflop=settings.price_per_gflop,
-                        currency=settings.currency, replay_ttl_s=settings.replay_ttl)
+        biller = Biller(
+            sessions=self.sessions,
+            default_price_per_gflop=settings.price_per_gflop,
+            currency=settings.currency,
+            replay_ttl_s=settings.replay_ttl,
+        )
         name, teacher, fidelity = load_teacher(settings, model)
         self.metrics.dtype_agreement.labels(model=name, dtype=fidelity.dtype).set(fidelity.agreement)
         self.metrics.dtype_kl.labels(model=name, dtype=fidelity.dtype).set(fidelity.kl)
-        self.served = build_served_model(name, teacher, settings, fidelity=fidelity, finalize=biller.finalize,
-                                         metrics=self.metrics)
-        self.service = InferenceService(served=self.served, biller=biller, metrics=self.metrics,
-                                        max_message_bytes=settings.max_message_bytes)
+        self.served = build_served_model(
+            name, teacher, settings, fidelity=fidelity, finalize=biller.finalize, metrics=self.metrics
+        )
+        self.service = InferenceService(
+            served=self.served, biller=biller, metrics=self.metrics, max_message_bytes=settings.max_message_bytes
+        )
         self.health = HealthServicer()
         self.refusals = RefusalCounter()  # refused calls per day, key and reason; written by _flush_refusals
         self._interceptor = ErrorInterceptor(self.metrics, self.refusals)
-        self.auth_guard = AuthFirstInterceptor(self.auth, FailedAuthLimiter(
-            per_peer_per_s=settings.auth_failures_per_s, per_peer_burst=settings.auth_failures_burst,
-            global_per_s=settings.auth_failures_global_per_s), self.metrics, self.refusals)
+        self.auth_guard = AuthFirstInterceptor(
+            self.auth,
+            FailedAuthLimiter(
+                per_peer_per_s=settings.auth_failures_per_s,
+                per_peer_burst=settings.auth_failures_burst,
+                global_per_s=settings.auth_failures_global_per_s,
+            ),
+            self.metrics,
+            self.refusals,
+        )
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.dashboard_port: int | None = None
@@ -91,22 +106,28 @@ class TeacherServer:
             raise ServerStartError(str(exc)) from exc
         await self.served.batcher.start()
         limit = s.max_message_bytes
-        options: list[tuple[str, int]] = [("grpc.max_send_message_length", limit),
-                                          ("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", 0)]
+        options: list[tuple[str, int]] = [
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ]
         if s.max_connection_age_s is not None:  # GOAWAY after the age; calls in flight get the shutdown grace
-            options += [("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
-                        ("grpc.max_connection_age_grace_ms", int(s.grace_s * 1000))]
+            options += [
+                ("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(s.grace_s * 1000)),
+            ]
         server = aio.server(
             interceptors=[self.auth_guard, self._interceptor],  # the key is checked before a message is read
             options=options,
         )
-        self._servicer = TeacherServicer(service=self.service, auth=self.auth, settings=s, metrics=self.metrics,
-                                         refusals=self.refusals)
+        self._servicer = TeacherServicer(
+            service=self.service, auth=self.auth, settings=s, metrics=self.metrics, refusals=self.refusals
+        )
         pb_grpc.add_TeacherServiceServicer_to_server(self._servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            server)
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        )
         reason = "address in use?"
         try:
             if tls is None:
@@ -172,8 +193,9 @@ class TeacherServer:
         try:
             await asyncio.to_thread(self.refusals.flush, self.sessions)
         except Exception:
-            log.warning("could not write %d refusal counts at shutdown", sum(self.refusals.pending().values()),
-                        exc_info=True)
+            log.warning(
+                "could not write %d refusal counts at shutdown", sum(self.refusals.pending().values()), exc_info=True
+            )
         await asyncio.to_thread(self._flush_ledger)
 
     async def _purge_periodically(self) -> None:
@@ -184,15 +206,19 @@ class TeacherServer:
             with self.sessions() as session:
                 purged = purge(session)
             if purged.payloads or purged.holds:
-                log.info("ledger: purged %d expired replay payloads, released %d stale quota holds",
-                         purged.payloads, purged.holds)
+                log.info(
+                    "ledger: purged %d expired replay payloads, released %d stale quota holds",
+                    purged.payloads,
+                    purged.holds,
+                )
 
         while True:
             try:
                 await asyncio.to_thread(purge_once)
             except Exception:  # a busy or unreachable ledger: try again next round
-                log.warning("ledger purge failed; retrying in %.0f s", self.settings.replay_purge_interval_s,
-                            exc_info=True)
+                log.warning(
+                    "ledger purge failed; retrying in %.0f s", self.settings.replay_purge_interval_s, exc_info=True
+                )
             await asyncio.sleep(self.settings.replay_purge_interval_s)
 
     async def _write_refusals_periodically(self) -> None:
@@ -224,12 +250,17 @@ class TeacherServer:
             raise ServerStartError(f"--dashboard-port given, but the dashboard is not available: {exc}") from exc
         warn_if_public(self.settings)
         try:
-            self._dashboard = start_dashboard_thread(create_app(self.settings), host=self.settings.dashboard_host,
-                                                     port=self.settings.dashboard_port or 0,
-                                                     tls_cert=self.settings.tls_cert, tls_key=self.settings.tls_key)
+            self._dashboard = start_dashboard_thread(
+                create_app(self.settings),
+                host=self.settings.dashboard_host,
+                port=self.settings.dashboard_port or 0,
+                tls_cert=self.settings.tls_cert,
+                tls_key=self.settings.tls_key,
+            )
         except Exception as exc:
-            raise ServerStartError(f"cannot start the dashboard on {self.settings.dashboard_host}:"
-                                   f"{self.settings.dashboard_port}: {exc}") from exc
+            raise ServerStartError(
+                f"cannot start the dashboard on {self.settings.dashboard_host}:{self.settings.dashboard_port}: {exc}"
+            ) from exc
         self.dashboard_port = int(self._dashboard.url.rsplit(":", 1)[1])
 
     def _stop_dashboard(self) -> None:
@@ -248,10 +279,8 @@ async def serve_until_signalled(server: TeacherServer) -> None:
         loop.add_signal_handler(sig, stop.set)
     ready = announcement(server)
     print(human_announcement(ready), file=sys.stderr, flush=True)
-    try:
+    with contextlib.suppress(OSError):  # stdout closed by whoever started us: nobody reads the line; serve anyway
         print(ready.to_line(), flush=True)
-    except OSError:  # stdout closed by whoever started it: nobody reads the line, and the server serves all the same
-        pass
     await stop.wait()
     print("teacher-server: shutting down (finishing in-flight requests)", file=sys.stderr, flush=True)
     await server.stop()
@@ -266,8 +295,14 @@ def announcement(server: TeacherServer) -> Ready:
     if server.dashboard_port is not None:
         dashboard = f"{'https' if s.tls_cert else 'http'}://{s.dashboard_host}:{server.dashboard_port}/"
     tls: TlsMode = "off" if not s.tls_cert else "mtls" if s.tls_client_ca else "tls"
-    return Ready(address=server.address, models=(server.served.name,), metrics_url=metrics,
-                 dashboard_url=dashboard, tls=tls, pid=os.getpid())
+    return Ready(
+        address=server.address,
+        models=(server.served.name,),
+        metrics_url=metrics,
+        dashboard_url=dashboard,
+        tls=tls,
+        pid=os.getpid(),
+    )
 
 
 def human_announcement(ready: Ready) -> str:

@@ -1,6 +1,7 @@
 """TeacherService over gRPC: authenticate, hand the request to InferenceService, encode the answer. Errors are
 raised as typed exceptions and mapped to statuses by the interceptor; in InferStream the same mapping makes a failed
 message's own error answer."""
+
 from __future__ import annotations
 
 import asyncio
@@ -46,29 +47,48 @@ async def _next_request(messages: AsyncIterator[Any], closing: asyncio.Future[An
     await asyncio.wait({incoming, closing}, return_when=asyncio.FIRST_COMPLETED)
     if not incoming.done():
         incoming.cancel()
-        return _StreamEnd(mark_counted(ServiceUnavailableError(
-            "the server is shutting down; requests not answered on this stream were not run: send them again "
-            "(same request_id)")))
+        return _StreamEnd(
+            mark_counted(
+                ServiceUnavailableError(
+                    "the server is shutting down; requests not answered on this stream were not run: send them again "
+                    "(same request_id)"
+                )
+            )
+        )
     try:
         return incoming.result()
     except StopAsyncIteration:
         return _StreamEnd(None)
-    except Exception as exc:  # the client's side of the stream broke
+    except Exception as exc:  # noqa: BLE001 - the client's side of the stream broke
         return _StreamEnd(mark_counted(exc))
 
 
 def to_response(outcome: InferOutcome) -> pb.InferResponse:
     u = outcome.usage
     return pb.InferResponse(
-        request_id=outcome.request_id, logits=tensor_to_proto(outcome.logits),
-        usage=pb.Usage(images=u.images, tokens=u.tokens, gflops=u.gflops, full_gflops=u.full_gflops, cost=u.cost,
-                       replayed=outcome.replayed),
+        request_id=outcome.request_id,
+        logits=tensor_to_proto(outcome.logits),
+        usage=pb.Usage(
+            images=u.images,
+            tokens=u.tokens,
+            gflops=u.gflops,
+            full_gflops=u.full_gflops,
+            cost=u.cost,
+            replayed=outcome.replayed,
+        ),
     )
 
 
 class TeacherServicer(pb_grpc.TeacherServiceServicer):
-    def __init__(self, *, service: InferenceService, auth: KeyAuthenticator, settings: ServerSettings,
-                 metrics: ServerMetrics, refusals: RefusalCounter | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        service: InferenceService,
+        auth: KeyAuthenticator,
+        settings: ServerSettings,
+        metrics: ServerMetrics,
+        refusals: RefusalCounter | None = None,
+    ) -> None:
         self._service = service
         self._refusals = refusals or RefusalCounter()
         self._auth = auth
@@ -95,9 +115,13 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         except AuthenticationError:
             pass
         return pb.ModelInfo(
-            model=served.name, **served.teacher.geometry.proto_fields(),
-            full_gflops=served.meter.full_image_gflops, price_per_gflop=price, currency=self._settings.currency,
-            models=[served.name], max_batch_images=served.batcher.max_batch_images,
+            model=served.name,
+            **served.teacher.geometry.proto_fields(),
+            full_gflops=served.meter.full_image_gflops,
+            price_per_gflop=price,
+            currency=self._settings.currency,
+            models=[served.name],
+            max_batch_images=served.batcher.max_batch_images,
             dtype=served.dtype_name,
         )
 
@@ -108,8 +132,9 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             await context.send_initial_metadata(metadata)
         return to_response(outcome)
 
-    async def InferStream(self, request_iterator: AsyncIterator[Any],
-                          context: aio.ServicerContext) -> AsyncIterator[pb.InferResponse]:
+    async def InferStream(
+        self, request_iterator: AsyncIterator[Any], context: aio.ServicerContext
+    ) -> AsyncIterator[pb.InferResponse]:
         # One answer per message, an error answer for a failed one (keyed by its request_id); the stream goes on.
         # Where it must end (server shutting down, the client's side broke), it ends only after every message
         # already started was answered: nothing billed is left unsent.
@@ -172,11 +197,12 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             response = to_response(await self._service.infer(key, decoded(request)))
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - this message alone fails: its own error answer, the stream goes on
             code, message = status_of(exc)
             self._metrics.count_request(model=labels.model, key=labels.key, code=code.name)
             self._refusals.count(exc, key_id=labels.key_id)
-            return pb.InferResponse(request_id=request_id_of(request),
-                                    error=pb.Status(code=code.value[0], message=message))
+            return pb.InferResponse(
+                request_id=request_id_of(request), error=pb.Status(code=code.value[0], message=message)
+            )
         self._metrics.count_request(model=labels.model, key=labels.key, code="OK")
         return response

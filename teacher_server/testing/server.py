@@ -5,6 +5,7 @@ port. Any test area may use it:
         secret = srv.create_key("alice")
         channel = grpc.insecure_channel(srv.address)
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -46,7 +47,7 @@ class RunningServer:
 
     @property
     def address(self) -> str:
-        """"127.0.0.1:PORT" of the gRPC server."""
+        """ "127.0.0.1:PORT" of the gRPC server."""
         return f"127.0.0.1:{self.server.port}"
 
     @property
@@ -71,13 +72,24 @@ class RunningServer:
     def model_name(self) -> str:
         return self.server.served.name
 
-    def create_key(self, name: str, quota_gflops: float | None = None,
-                   price_per_gflop: float | None = None, *, quota_window: QuotaWindow = "lifetime",
-                   rate_limit_gflops_per_min: float | None = None) -> str:
+    def create_key(
+        self,
+        name: str,
+        quota_gflops: float | None = None,
+        price_per_gflop: float | None = None,
+        *,
+        quota_window: QuotaWindow = "lifetime",
+        rate_limit_gflops_per_min: float | None = None,
+    ) -> str:
         """Store a new API key in the server's ledger; returns the secret (`mkd_...`)."""
-        secret, _ = create_api_key(self.server.sessions, name=name, quota_gflops=quota_gflops,
-                                   price_per_gflop=price_per_gflop, quota_window=quota_window,
-                                   rate_limit_gflops_per_min=rate_limit_gflops_per_min)
+        secret, _ = create_api_key(
+            self.server.sessions,
+            name=name,
+            quota_gflops=quota_gflops,
+            price_per_gflop=price_per_gflop,
+            quota_window=quota_window,
+            rate_limit_gflops_per_min=rate_limit_gflops_per_min,
+        )
         return secret
 
     def invalidate_key_cache(self) -> None:

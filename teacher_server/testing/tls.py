@@ -3,6 +3,7 @@ certificates, written as PEM files. Needs `cryptography` (the `test` extra).
 
     pki = make_pki(tmp_path)   # pki.ca, pki.server_cert, pki.server_key, pki.client_cert, pki.client_key, ...
 """
+
 from __future__ import annotations
 
 import datetime
@@ -13,13 +14,13 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Pki:
-    ca: str                   # PEM CA certificate that signed everything below
-    server_cert: str          # for 127.0.0.1, ::1 and localhost (subjectAltName)
+    ca: str  # PEM CA certificate that signed everything below
+    server_cert: str  # for 127.0.0.1, ::1 and localhost (subjectAltName)
     server_key: str
-    client_cert: str          # a client certificate signed by `ca`
+    client_cert: str  # a client certificate signed by `ca`
     client_key: str
-    other_ca: str             # a second, unrelated CA
-    other_client_cert: str    # a client certificate signed by `other_ca`
+    other_ca: str  # a second, unrelated CA
+    other_client_cert: str  # a client certificate signed by `other_ca`
     other_client_key: str
 
 
@@ -34,8 +35,11 @@ def _write(path: Path, cert, key=None) -> str:  # type: ignore[no-untyped-def]
 
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     if key is not None:
-        path.with_suffix(".key").write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        path.with_suffix(".key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
     return str(path)
 
 
@@ -44,24 +48,47 @@ def _cert(subject: str, key, issuer_name, issuer_key, *, ca: bool, server: bool 
     from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer_name or name)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=2))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer_name or name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
     if ca:
-        builder = builder.add_extension(x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
-            key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False),
-            critical=True)
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
     else:
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
         builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     if server:
-        builder = builder.add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-            x509.IPAddress(ipaddress.ip_address("::1"))]), critical=False)
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    x509.IPAddress(ipaddress.ip_address("::1")),
+                ]
+            ),
+            critical=False,
+        )
     return builder.sign(issuer_key or key, hashes.SHA256())
 
 

@@ -1,5 +1,6 @@
 """`python -m benchmarks --quick` end to end (real server processes, real gRPC, the real student loop). Timings in
 quick mode mean nothing, so nothing here asserts on speed: only that every section ran and reported what it must."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,13 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str]:
     out = tmp_path_factory.mktemp("bench")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, json.loads((out / "benchmarks.json").read_text()), (out / "benchmarks.md").read_text()
 
@@ -78,17 +84,33 @@ def test_targets_and_report(quick_run: tuple[Path, dict, str]) -> None:
     assert p["served_dtype"] == ("bfloat16" if p["native_bf16"] else "float32")
     assert results["sections"]["teacher"]["dtype"] == p["served_dtype"]  # efficiency is in the dtype served
     bf16 = [t for t in results["targets"] if t["name"].startswith("bf16:")]
-    assert {t["name"] for t in bf16} >= {"bf16: default server / fp32 server throughput",
-                                         "bf16: MaskedKD-50 training step, fp32 step / bf16 step"}
+    assert {t["name"] for t in bf16} >= {
+        "bf16: default server / fp32 server throughput",
+        "bf16: MaskedKD-50 training step, fp32 step / bf16 step",
+    }
     if not p["native_bf16"]:  # no pass/fail claims on a CPU that emulates bf16, but the numbers measured
-        assert all(t["result"] == "N/A" and "not applicable on this CPU (bf16 not native, or not faster)" in t["detail"]
-                   and "GFLOP/s" in t["detail"] for t in bf16)
+        assert all(
+            t["result"] == "N/A"
+            and "not applicable on this CPU (bf16 not native, or not faster)" in t["detail"]
+            and "GFLOP/s" in t["detail"]
+            for t in bf16
+        )
     assert set(p["training"]["steps"]) == {"fp32", "bf16"} and p["training"]["bf16_speedup"] > 0
     assert f"python -m benchmarks --quick --out {out}" in md and results["command"] in md
     assert "torch threads" in md and "Quick mode" in md
     assert torch.cuda.is_available() or "not run: no GPU" in md
-    for title in ("Teacher throughput", "Server efficiency", "Compute efficiency", "Masking speedup", "wire",
-                  "Micro-batching", "training step", "FlopCounterMode", "Precision", "Native bf16"):
+    for title in (
+        "Teacher throughput",
+        "Server efficiency",
+        "Compute efficiency",
+        "Masking speedup",
+        "wire",
+        "Micro-batching",
+        "training step",
+        "FlopCounterMode",
+        "Precision",
+        "Native bf16",
+    ):
         assert title in md, title
     pngs = sorted(out.glob("bench_*.png"))
     assert len(pngs) == 4 and all(p.read_bytes()[:8] == PNG_MAGIC for p in pngs)
@@ -107,10 +129,27 @@ def test_gpu_section_code_path_on_cpu() -> None:
     rows = section["models"][0]["rows"]
     assert [r["keep"] for r in rows] == list(KEEPS) and all(r["images_per_s"] > 0 for r in rows)
     assert rows[0]["speedup"] == 1.0 and rows[0]["of_spec_peak"] is None
-    results = {"command": "x", "mode": "quick", "started_utc": "t", "total_s": 0, "targets": [],
-               "machine": {"cpu_model": "c", "logical_cpus": 1, "usable_cpus": 1, "torch_threads": 1, "torch": "t",
-                           "timm": "t", "grpcio": "g", "python": "p", "platform": "p", "git": "g",
-                           "load_average_at_start": None}, "sections": {"gpu": section}}
+    results = {
+        "command": "x",
+        "mode": "quick",
+        "started_utc": "t",
+        "total_s": 0,
+        "targets": [],
+        "machine": {
+            "cpu_model": "c",
+            "logical_cpus": 1,
+            "usable_cpus": 1,
+            "torch_threads": 1,
+            "torch": "t",
+            "timm": "t",
+            "grpcio": "g",
+            "python": "p",
+            "platform": "p",
+            "git": "g",
+            "load_average_at_start": None,
+        },
+        "sections": {"gpu": section},
+    }
     assert "of spec peak" in render(results)
 
 

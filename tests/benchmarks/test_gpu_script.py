@@ -1,4 +1,5 @@
 """`python -m benchmarks --gpu`: refuses in one line without CUDA; its dry run executes every step on the CPU."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,6 +37,9 @@ def test_dry_run_writes_the_report_from_every_step(tmp_path: Path) -> None:
 
 
 def test_the_cuda_test_list_names_every_file_with_a_cuda_only_test() -> None:
-    needs_cuda = {str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("test_*.py")
-                  if p != Path(__file__).resolve() and "skipif(not torch.cuda.is_available()" in p.read_text()}
+    needs_cuda = {
+        str(p.relative_to(REPO))
+        for p in (REPO / "tests").rglob("test_*.py")
+        if p != Path(__file__).resolve() and "skipif(not torch.cuda.is_available()" in p.read_text()
+    }
     assert needs_cuda and needs_cuda == set(CUDA_TEST_FILES)

@@ -5,6 +5,7 @@ in a kustomization.yaml is an error, so a manifest never relies on a feature thi
 
 Not a test module: tests/deploy/test_k8s.py imports it.
 """
+
 from __future__ import annotations
 
 import copy
@@ -14,8 +15,15 @@ from typing import Any
 import yaml
 
 SUPPORTED_KEYS = {"apiVersion", "kind", "namespace", "resources", "configMapGenerator", "generatorOptions", "patches"}
-CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass",
-                  "CustomResourceDefinition", "PriorityClass"}
+CLUSTER_SCOPED = {
+    "Namespace",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "PersistentVolume",
+    "StorageClass",
+    "CustomResourceDefinition",
+    "PriorityClass",
+}
 
 
 class KustomizeError(ValueError):
@@ -100,8 +108,12 @@ def _apply_patch(objects: list[dict[str, Any]], patch: dict[str, Any], directory
     if set(patch) != {"target", "patch"} or set(patch["target"]) - {"kind", "name"}:
         raise KustomizeError(f"{directory}: only inline JSON 6902 patches with a kind/name target are supported")
     target = patch["target"]
-    matches = [o for o in objects if o["kind"] == target.get("kind", o["kind"])
-               and o["metadata"]["name"] == target.get("name", o["metadata"]["name"])]
+    matches = [
+        o
+        for o in objects
+        if o["kind"] == target.get("kind", o["kind"])
+        and o["metadata"]["name"] == target.get("name", o["metadata"]["name"])
+    ]
     if not matches:
         raise KustomizeError(f"{directory}: patch target {target} matches nothing")
     operations = yaml.safe_load(patch["patch"])

@@ -1,6 +1,7 @@
 """deploy/: what can be checked without Docker. The compose files validate against the compose specification's schema;
 every command is accepted by the CLI it runs (our argparse parsers, Ray's click commands); ports, hosts, URLs and
 paths agree across services and config files. (The Grafana dashboard is checked in test_grafana.py.)"""
+
 from __future__ import annotations
 
 import argparse
@@ -77,8 +78,10 @@ def test_compose_files_validate_against_the_compose_spec() -> None:
     validator.check_schema(schema)
     for path in (COMPOSE, COMPOSE_GPU):
         for env in ({}, {"MASKEDKD_API_KEY": "mkd_x", "POSTGRES_PASSWORD": "s3cret"}):
-            errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
-                      for e in validator.iter_errors(load_compose(path, env))]
+            errors = [
+                f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+                for e in validator.iter_errors(load_compose(path, env))
+            ]
             assert errors == [], f"{path.name}: {errors}"
     # the validator really checks: a misspelt key and a wrong type are errors
     broken = load_compose(COMPOSE)
@@ -118,7 +121,7 @@ def parse_cli(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Name
     try:
         with contextlib.redirect_stderr(stderr):
             return parser.parse_args(argv)
-    except (SystemExit, Exception) as exc:  # both CLIs' parsers raise maskedkd.settings_cli.FlagError
+    except (SystemExit, Exception) as exc:  # noqa: BLE001 - both CLIs' parsers raise maskedkd.settings_cli.FlagError
         message = stderr.getvalue().strip() or str(exc)
         raise AssertionError(f"{parser.prog} {' '.join(argv)}: {message}") from None
 
@@ -147,7 +150,7 @@ def ray_command(path: list[str]) -> Any:
 def ray_params(argv: list[str]) -> dict[str, Any]:
     """Parse `ray ...` argv with Ray's own click commands (an unknown option raises)."""
     path = argv[:1] if argv[0] == "start" else argv[:2]
-    return ray_command(path).make_context("ray " + " ".join(path), list(argv[len(path):])).params
+    return ray_command(path).make_context("ray " + " ".join(path), list(argv[len(path) :])).params
 
 
 def parsed_commands(services: dict[str, Any]) -> dict[str, tuple[str, Any]]:
@@ -173,8 +176,9 @@ def commands(services: dict[str, Any]) -> dict[str, tuple[str, Any]]:
     return parsed_commands(services)
 
 
-def test_every_service_command_exists_in_our_clis(services: dict[str, Any],
-                                                  commands: dict[str, tuple[str, Any]]) -> None:
+def test_every_service_command_exists_in_our_clis(
+    services: dict[str, Any], commands: dict[str, tuple[str, Any]]
+) -> None:
     assert commands["teacher"][1].command == "serve"
     assert commands["dashboard"][1].command == "dashboard"
     assert {"ray-head", "ray-worker", "student"} <= set(commands)
@@ -199,7 +203,7 @@ def test_bad_flags_are_caught() -> None:
         parse_cli(teacher_parser(), ["serve", "--metric-port", "9464"])
     with pytest.raises(AssertionError, match="--port"):
         parse_cli(teacher_parser(), ["dashboard", "--port", "eighty"])
-    with pytest.raises(Exception, match="no_such|No such option"):
+    with pytest.raises(Exception, match=r"no_such|No such option"):
         ray_params(["start", "--no-such-flag"])
 
 
@@ -261,14 +265,20 @@ def test_ports_hosts_and_urls_agree(services: dict[str, Any], commands: dict[str
     # dashboard: published port = --port, health check on it, same ledger as the teacher
     assert dashboard.host == "0.0.0.0" and dashboard.port in _container_ports(services["dashboard"])
     assert urlsplit(_healthcheck_url(services["dashboard"])).port == dashboard.port
-    ledger_urls = {teacher.db, dashboard.db,
-                   *(services[s]["environment"]["MASKEDKD_DB"] for s in ("teacher", "dashboard"))}
+    ledger_urls = {
+        teacher.db,
+        dashboard.db,
+        *(services[s]["environment"]["MASKEDKD_DB"] for s in ("teacher", "dashboard")),
+    }
     assert len(ledger_urls) == 1
     db = urlsplit(teacher.db)
     pg = services["postgres"]["environment"]
     assert db.scheme == "postgresql+psycopg2" and db.hostname == "postgres" and (db.port or 5432) == 5432
-    assert (db.username, db.password, db.path.lstrip("/")) == (pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"],
-                                                               pg["POSTGRES_DB"])
+    assert (db.username, db.password, db.path.lstrip("/")) == (
+        pg["POSTGRES_USER"],
+        pg["POSTGRES_PASSWORD"],
+        pg["POSTGRES_DB"],
+    )
     # student -> teacher, ray workers and job -> head
     job = commands["student"][1]
     student = parse_cli(student_parser(), list(job["entrypoint"][1:]))
@@ -322,8 +332,9 @@ def test_the_teacher_scales_out(services: dict[str, Any], commands: dict[str, tu
     assert moved == ["6000-6003:50051"]
 
 
-def test_references_and_paths_exist(compose: dict[str, Any], services: dict[str, Any],
-                                    commands: dict[str, tuple[str, Any]]) -> None:
+def test_references_and_paths_exist(
+    compose: dict[str, Any], services: dict[str, Any], commands: dict[str, tuple[str, Any]]
+) -> None:
     for name, service in services.items():
         for dep in service.get("depends_on", []):
             assert dep in services, f"{name} depends on unknown {dep}"

@@ -2,6 +2,7 @@
 makes (git-ignored, mounted file by file), its health check and the student verify them with the CA, and the
 dashboard's tokens come from the environment only. The script's certificates are served by a real teacher server and
 checked with the compose health check's own command."""
+
 from __future__ import annotations
 
 import shutil
@@ -50,8 +51,10 @@ def student_args(commands: dict[str, tuple[str, Any]]) -> Any:  # noqa: F811
     return parse_cli(student_parser(), list(commands["student"][1]["entrypoint"][1:]))
 
 
-def test_teacher_serves_tls_and_every_client_verifies_it(services: dict[str, Any],  # noqa: F811
-                                                         commands: dict[str, tuple[str, Any]]) -> None:  # noqa: F811
+def test_teacher_serves_tls_and_every_client_verifies_it(
+    services: dict[str, Any],  # noqa: F811
+    commands: dict[str, tuple[str, Any]],
+) -> None:  # noqa: F811
     teacher = commands["teacher"][1]
     mounts = tls_sources(services["teacher"])
     assert mounts[teacher.tls_cert] == "./tls/server.crt" and mounts[teacher.tls_key] == "./tls/server.key"
@@ -89,13 +92,16 @@ def test_tokens_come_from_the_environment_never_a_command_line() -> None:
 
 
 def _health(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "teacher_server.cli", "health", *args], capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "teacher_server.cli", "health", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="make-dev-certs.sh needs openssl")
-def test_dev_certificates_are_served_and_pass_the_compose_health_check(services: dict[str, Any],  # noqa: F811
-                                                                     tmp_path: Path) -> None:
+def test_dev_certificates_are_served_and_pass_the_compose_health_check(
+    services: dict[str, Any],  # noqa: F811
+    tmp_path: Path,
+) -> None:
     tls = tmp_path / "tls"
     made = subprocess.run(["sh", str(SCRIPT), str(tls)], capture_output=True, text=True, timeout=120)
     assert made.returncode == 0, made.stderr
@@ -105,8 +111,14 @@ def test_dev_certificates_are_served_and_pass_the_compose_health_check(services:
     assert subprocess.run(["sh", str(SCRIPT), str(tls)], capture_output=True, timeout=120).returncode == 0
     assert (tls / "ca.crt").read_bytes() == ca_before, "a second run keeps the CA clients already trust"
     probe = [str(a) for a in services["teacher"]["healthcheck"]["test"][3:]]  # after CMD teacher-server health
-    settings = ServerSettings(model="vit_tiny_patch16_224", model_kwargs=TINY, db=f"sqlite:///{tmp_path / 'l.db'}",
-                              metrics_port=None, tls_cert=str(tls / "server.crt"), tls_key=str(tls / "server.key"))
+    settings = ServerSettings(
+        model="vit_tiny_patch16_224",
+        model_kwargs=TINY,
+        db=f"sqlite:///{tmp_path / 'l.db'}",
+        metrics_port=None,
+        tls_cert=str(tls / "server.crt"),
+        tls_key=str(tls / "server.key"),
+    )
     with running_server(settings) as srv:
         argv = [srv.address if a.startswith("127.0.0.1:") else a for a in probe]
         argv = [str(tls / Path(a).name) if a.startswith("/tls/") else a for a in argv]

@@ -1,5 +1,6 @@
 """deploy/grafana: the provisioned dashboard is valid, uses the provisioned datasource, and its PromQL names only
 metrics (and labels) that a real teacher server exports at /metrics after serving a real request."""
+
 from __future__ import annotations
 
 import json
@@ -32,17 +33,23 @@ DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.
 def scraped(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
     """sample name -> label names, scraped from a real teacher server's /metrics after one real request."""
     db = tmp_path_factory.mktemp("metrics") / "ledger.db"
-    settings = ServerSettings(model="vit_tiny_patch16_224",
-                              model_kwargs={"img_size": 32, "patch_size": 4, "num_classes": 10},
-                              db=f"sqlite:///{db}", max_delay_ms=0.0)
+    settings = ServerSettings(
+        model="vit_tiny_patch16_224",
+        model_kwargs={"img_size": 32, "patch_size": 4, "num_classes": 10},
+        db=f"sqlite:///{db}",
+        max_delay_ms=0.0,
+    )
     with running_server(settings) as server:
         secret = server.create_key("grafana-check")
-        request = pb.InferRequest(request_id="r1",
-                                  images=tensor_to_proto(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)),
-                                  keep_indices=tensor_to_proto(torch.arange(32).repeat(2, 1)))
+        request = pb.InferRequest(
+            request_id="r1",
+            images=tensor_to_proto(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)),
+            keep_indices=tensor_to_proto(torch.arange(32).repeat(2, 1)),
+        )
         with grpc.insecure_channel(server.address) as channel:
-            pb_grpc.TeacherServiceStub(channel).Infer(request, metadata=[("authorization", f"Bearer {secret}")],
-                                                      timeout=60)
+            pb_grpc.TeacherServiceStub(channel).Infer(
+                request, metadata=[("authorization", f"Bearer {secret}")], timeout=60
+            )
         assert server.metrics_url is not None and server.metrics_url.endswith("/metrics")
         text = httpx.get(server.metrics_url, timeout=10).text
     samples: dict[str, set[str]] = {}
@@ -62,8 +69,29 @@ def dashboard_queries(dashboard: dict[str, Any]) -> Iterator[str]:
 
 
 _FUNCTIONS_AND_KEYWORDS = {
-    "sum", "rate", "increase", "histogram_quantile", "by", "without", "label_values", "avg", "max", "min", "count",
-    "irate", "le", "key", "code", "model", "on", "ignoring", "group_left", "group_right", "and", "or", "unless",
+    "sum",
+    "rate",
+    "increase",
+    "histogram_quantile",
+    "by",
+    "without",
+    "label_values",
+    "avg",
+    "max",
+    "min",
+    "count",
+    "irate",
+    "le",
+    "key",
+    "code",
+    "model",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "and",
+    "or",
+    "unless",
 }
 
 
@@ -87,8 +115,11 @@ def test_grafana_dashboard_queries_name_only_exported_metrics(scraped: dict[str,
             assert var in variables or var.startswith("__"), f"{expr}: undefined variable ${var}"
         cleaned = re.sub(r'"[^"]*"', '""', expr)  # label values and legend text are not names
         cleaned = re.sub(r"\[[^\]]*\]", "", cleaned)  # range durations
-        names = {n for n in re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", cleaned)
-                 if n not in _FUNCTIONS_AND_KEYWORDS and not n.startswith("__")}
+        names = {
+            n
+            for n in re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", cleaned)
+            if n not in _FUNCTIONS_AND_KEYWORDS and not n.startswith("__")
+        }
         metrics = {n for n in names if n.startswith("maskedkd_")}
         assert names - metrics <= variables, f"{expr}: unexpected names {sorted(names - metrics - variables)}"
         missing = metrics - set(scraped)
@@ -104,8 +135,14 @@ def test_grafana_dashboard_queries_name_only_exported_metrics(scraped: dict[str,
         available = set().union(*(scraped[m] for m in metrics)) if metrics else set()
         assert labels <= available, f"{expr}: labels {sorted(labels - available)} not on {sorted(metrics)}"
     # the dashboard shows throughput, latency, GFLOPs used and saved per key
-    for needed in ("maskedkd_requests_total", "maskedkd_images_total", "maskedkd_request_latency_seconds_bucket",
-                   "maskedkd_gflops_used_total", "maskedkd_gflops_saved_total", "maskedkd_cost_total"):
+    for needed in (
+        "maskedkd_requests_total",
+        "maskedkd_images_total",
+        "maskedkd_request_latency_seconds_bucket",
+        "maskedkd_gflops_used_total",
+        "maskedkd_gflops_saved_total",
+        "maskedkd_cost_total",
+    ):
         assert needed in used_metrics
     assert any("by (key) (rate(maskedkd_gflops_used_total" in q for q in queries)
     assert any("by (key) (rate(maskedkd_gflops_saved_total" in q for q in queries)

@@ -3,6 +3,7 @@ kustomize the manifests use) and every object is validated against the Kubernete
 fields are errors) shipped by `kubernetes-validate`; the RayJob against KubeRay's RayJob schema (tests/deploy/kuberay).
 Commands parse with our CLIs, and names, ports, labels, secrets, volumes and metrics agree across objects and with
 the code they run."""
+
 from __future__ import annotations
 
 import copy
@@ -52,8 +53,9 @@ def k8s_errors(obj: dict[str, Any]) -> list[str]:
 @functools.cache
 def rayjob_validator() -> jsonschema.Draft202012Validator:
     schema = yaml.safe_load(KUBERAY_SCHEMA.read_text())
-    definitions = schema_contents(f"kubernetes-json-schema/v{K8S_VERSION}.0-local-strict/_definitions.json",
-                                  K8S_VERSION)
+    definitions = schema_contents(
+        f"kubernetes-json-schema/v{K8S_VERSION}.0-local-strict/_definitions.json", K8S_VERSION
+    )
     registry = referencing.Resource.from_contents(definitions) @ referencing.Registry()
     jsonschema.Draft202012Validator.check_schema(schema)
     return jsonschema.Draft202012Validator(schema, registry=registry)
@@ -68,8 +70,10 @@ def pod_specs(obj: dict[str, Any]) -> list[dict[str, Any]]:
         return [obj["spec"]["template"]["spec"]]
     if obj["kind"] == "RayJob":
         cluster = obj["spec"]["rayClusterSpec"]
-        return [cluster["headGroupSpec"]["template"]["spec"],
-                *(g["template"]["spec"] for g in cluster.get("workerGroupSpecs", []))]
+        return [
+            cluster["headGroupSpec"]["template"]["spec"],
+            *(g["template"]["spec"] for g in cluster.get("workerGroupSpecs", [])),
+        ]
     return []
 
 
@@ -103,8 +107,16 @@ def test_every_object_validates_against_the_kubernetes_and_kuberay_schemas(rende
         errors += k8s_errors(secret)
     assert errors == []
     kinds = {kind for kind, _ in rendered}
-    assert {"Deployment", "Service", "StatefulSet", "PodDisruptionBudget", "HorizontalPodAutoscaler", "ConfigMap",
-            "PersistentVolumeClaim", "RayJob"} <= kinds
+    assert {
+        "Deployment",
+        "Service",
+        "StatefulSet",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+        "ConfigMap",
+        "PersistentVolumeClaim",
+        "RayJob",
+    } <= kinds
 
 
 def test_broken_manifests_are_rejected(rendered) -> None:
@@ -128,7 +140,8 @@ def test_broken_manifests_are_rejected(rendered) -> None:
         lambda j: j["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].update(replica=2),
         lambda j: j["spec"].update(shutdownAfterJobFinishes="yes"),
         lambda j: j["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0].update(
-            imagePullPolicy=1),
+            imagePullPolicy=1
+        ),
         lambda j: j["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"].update(volumez=[]),
     ):
         broken = copy.deepcopy(job)
@@ -203,15 +216,21 @@ def test_autoscaling_and_scraping_use_metrics_the_server_exports(rendered) -> No
     deployment = rendered[("Deployment", "teacher")]
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     args = parse_cli(teacher_parser(), container(deployment)["command"][1:])
-    assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": str(args.metrics_port),
-                           "prometheus.io/path": "/metrics"}
+    assert annotations == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(args.metrics_port),
+        "prometheus.io/path": "/metrics",
+    }
     assert {e["name"]: e.get("value") for e in container(deployment)["env"]}["MASKEDKD_METRICS_HOST"] == "0.0.0.0"
     config = yaml.safe_load(rendered[("ConfigMap", "prometheus-config")]["data"]["prometheus.yml"])
     job = config["scrape_configs"][0]
     assert job["kubernetes_sd_configs"][0]["role"] == "pod"
     keep = job["relabel_configs"][0]
-    assert keep == {"source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_scrape"], "action": "keep",
-                    "regex": "true"}
+    assert keep == {
+        "source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_scrape"],
+        "action": "keep",
+        "regex": "true",
+    }
     prometheus = rendered[("Deployment", "prometheus")]["spec"]["template"]["spec"]
     role = rendered[("Role", "prometheus-discovery")]
     assert prometheus["serviceAccountName"] == "prometheus" and "pods" in role["rules"][0]["resources"]
@@ -229,8 +248,13 @@ def test_gpu_overlay_asks_for_a_gpu_and_cpu_overlay_does_not() -> None:
         resources = container(objects[("Deployment", "teacher")])["resources"]
         assert resources["limits"].get("nvidia.com/gpu") == gpus, overlay
         assert resources["requests"].get("nvidia.com/gpu") == gpus, overlay
-        others = [c for o in objects.values() for spec in pod_specs(o) for c in spec["containers"]
-                  if o["metadata"]["name"] != "teacher"]
+        others = [
+            c
+            for o in objects.values()
+            for spec in pod_specs(o)
+            for c in spec["containers"]
+            if o["metadata"]["name"] != "teacher"
+        ]
         assert all("nvidia.com/gpu" not in (c.get("resources") or {}).get("limits", {}) for c in others)
 
 
@@ -265,8 +289,11 @@ def test_volumes_config_maps_and_services_resolve(rendered) -> None:
     claims = {name: o for (kind, name), o in rendered.items() if kind == "PersistentVolumeClaim"}
     for name in ("maskedkd-models", "maskedkd-data", "maskedkd-runs"):
         assert claims[name]["spec"]["accessModes"] == ["ReadWriteMany"], name  # shared by pods on many nodes
-    pod_labels = [o["spec"]["template"]["metadata"]["labels"] for o in rendered.values()
-                  if o["kind"] in {"Deployment", "StatefulSet"}]
+    pod_labels = [
+        o["spec"]["template"]["metadata"]["labels"]
+        for o in rendered.values()
+        if o["kind"] in {"Deployment", "StatefulSet"}
+    ]
     for (kind, name), obj in rendered.items():
         for spec in pod_specs(obj):
             for volume in spec.get("volumes", []):
@@ -277,7 +304,8 @@ def test_volumes_config_maps_and_services_resolve(rendered) -> None:
             for c in spec["containers"]:
                 mounted = {m["name"] for m in c.get("volumeMounts", [])}
                 assert mounted <= {v["name"] for v in spec.get("volumes", [])} | {
-                    t["metadata"]["name"] for t in obj["spec"].get("volumeClaimTemplates", [])}, (name, mounted)
+                    t["metadata"]["name"] for t in obj["spec"].get("volumeClaimTemplates", [])
+                }, (name, mounted)
         if kind == "Service":
             selector = obj["spec"]["selector"]
             assert any(selector.items() <= labels.items() for labels in pod_labels), f"Service {name} selects nothing"
@@ -336,8 +364,11 @@ def test_rayjob_trains_against_the_headless_service_with_shared_storage(rendered
     assert args.data.startswith("/data/") and args.out.startswith("/runs/")
     assert (REPO / "data" / args.data.removeprefix("/data/") / "train").is_dir()
     # the Ray the student image installs: pinned in constraints.txt
-    ray_pin = next(line.split("==")[1].strip() for line in (REPO / "constraints.txt").read_text().splitlines()
-                   if line.startswith("ray=="))
+    ray_pin = next(
+        line.split("==")[1].strip()
+        for line in (REPO / "constraints.txt").read_text().splitlines()
+        if line.startswith("ray==")
+    )
     assert job["spec"]["rayClusterSpec"]["rayVersion"] == ray_pin
     workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert workers["minReplicas"] <= workers["replicas"] <= workers["maxReplicas"]

@@ -1,6 +1,7 @@
 """deploy/k8s, TLS and tokens: the teacher serves gRPC over TLS only, with the certificate and key of a
 kubernetes.io/tls Secret mounted as files; its probes (exec: `teacher-server health`) and the RayJob's student verify
 it with the CA of another Secret; tokens, keys and passwords reach pods only from Secrets, never a command line."""
+
 from __future__ import annotations
 
 import copy
@@ -14,6 +15,7 @@ from test_compose import parse_cli, student_parser, teacher_parser
 from test_k8s import container, pod_specs, probe_command, rendered, secret_templates  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
+
 
 def mounted_secret(spec: dict[str, Any], container_: dict[str, Any], path: str) -> tuple[str, str]:
     """(Secret name, key) of the file `path` as mounted into `container_`: a secret volume's mount directory."""
@@ -69,14 +71,20 @@ def secrets_outside_secret_refs(obj: dict[str, Any]) -> list[str]:
     for spec in pod_specs(obj):
         for c in spec.get("initContainers", []) + spec["containers"]:
             commands += [c.get("command", []) + c.get("args", [])]
-            commands += [c[p]["exec"]["command"] for p in ("startupProbe", "readinessProbe", "livenessProbe")
-                         if "exec" in c.get(p, {})]
+            commands += [
+                c[p]["exec"]["command"]
+                for p in ("startupProbe", "readinessProbe", "livenessProbe")
+                if "exec" in c.get(p, {})
+            ]
             for env in c.get("env", []):
                 if SECRET_ENV.search(env["name"]) and "secretKeyRef" not in env.get("valueFrom", {}):
                     found.append(f"{c['name']}: env {env['name']} is not from a Secret")
     for argv in commands:
-        found += [f"{obj['metadata']['name']}: {a}" for a in argv
-                  if a.split("=")[0] in SECRET_FLAGS or a.startswith("--runtime-env-json")]
+        found += [
+            f"{obj['metadata']['name']}: {a}"
+            for a in argv
+            if a.split("=")[0] in SECRET_FLAGS or a.startswith("--runtime-env-json")
+        ]
     return found
 
 

@@ -8,6 +8,7 @@ the replicas must not overshoot.
 
 The replicas are shared by the module; the failover test kills them, so it runs last (file order).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -64,17 +65,36 @@ class Cluster:
 
 def replica_process(checkpoint: Path, db: str, log: Path) -> ServerProcess:
     """`teacher-server serve` on free ports (announced once it serves)."""
-    argv = serve_argv("--checkpoint", str(checkpoint), "--host", "127.0.0.1", "--port", "0", "--db", db,
-                      "--device", "cpu", "--metrics-port", "0", "--max-delay-ms", "30", "--grace-s", "2")
+    argv = serve_argv(
+        "--checkpoint",
+        str(checkpoint),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--db",
+        db,
+        "--device",
+        "cpu",
+        "--metrics-port",
+        "0",
+        "--max-delay-ms",
+        "30",
+        "--grace-s",
+        "2",
+    )
     return ServerProcess(argv, log=log, env=child_env(OMP_NUM_THREADS="1"), stop_timeout_s=10)
 
 
 @pytest.fixture(scope="module")
-def cluster(postgres_server: PostgresServer,  # noqa: F811 (the imported fixture)
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(
+    postgres_server: PostgresServer,  # noqa: F811 (the imported fixture)
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("replicas")
-    checkpoint = save_model_checkpoint(root / "teacher.safetensors", tiny_vit(seed=3), model_name=MODEL,
-                                       model_kwargs=TINY)  # every replica serves the same weights
+    checkpoint = save_model_checkpoint(
+        root / "teacher.safetensors", tiny_vit(seed=3), model_name=MODEL, model_kwargs=TINY
+    )  # every replica serves the same weights
     db = postgres_server.create_database("replicas")
     database.open_ledger(db)  # tables exist before three servers race to create them
     replicas = [replica_process(checkpoint, db, root / f"replica{i}.log").launch() for i in range(REPLICAS)]
@@ -97,8 +117,12 @@ def new_key(db: str, name: str, quota_gflops: float | None = None) -> str:
 
 def ledger_rows(db: str, key: str) -> dict[str, tuple[float, float, int]]:
     """request_id -> (gflops, cost, rows with that id) for one key, through psycopg2 alone."""
-    rows = pg_rows(db, "SELECT u.request_id, SUM(u.gflops), SUM(u.cost), COUNT(*) FROM usage u "
-                       "JOIN api_keys k ON k.id = u.api_key_id WHERE k.name = %s GROUP BY u.request_id", (key,))
+    rows = pg_rows(
+        db,
+        "SELECT u.request_id, SUM(u.gflops), SUM(u.cost), COUNT(*) FROM usage u "
+        "JOIN api_keys k ON k.id = u.api_key_id WHERE k.name = %s GROUP BY u.request_id",
+        (key,),
+    )
     return {rid: (float(g), float(c), int(n)) for rid, g, c, n in rows}
 
 
@@ -166,16 +190,23 @@ def images_served(replica: ServerProcess | RunningServer) -> float:
         url = replica.ready.metrics_url
     with urllib.request.urlopen(url, timeout=10) as answer:
         text = answer.read().decode()
-    return sum(sample.value for family in text_string_to_metric_families(text) if family.name == "maskedkd_images"
-               for sample in family.samples if sample.name == "maskedkd_images_total")
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "maskedkd_images"
+        for sample in family.samples
+        if sample.name == "maskedkd_images_total"
+    )
 
 
 def test_a_replica_that_is_not_serving_gets_no_calls(tmp_path: Path) -> None:
     """Client-side health checking: a replica whose health says NOT_SERVING (draining) is skipped, and used again
     once it is SERVING. Two in-process servers on one SQLite ledger."""
     model = tiny_vit(seed=3)
-    with running_server(settings(tmp_path, metrics_port=0), model=model) as a, \
-            running_server(settings(tmp_path, metrics_port=0), model=model) as b:
+    with (
+        running_server(settings(tmp_path, metrics_port=0), model=model) as a,
+        running_server(settings(tmp_path, metrics_port=0), model=model) as b,
+    ):
         secret = a.create_key("health")
 
         def set_health(status: int) -> None:  # what the server does itself when it starts draining
@@ -208,11 +239,12 @@ def test_calls_spread_round_robin_over_every_replica(cluster: Cluster) -> None:
 
     async def async_calls() -> int:
         async with AsyncTeacherClient(cluster.target, secret) as client:
-            return sum([(await client.infer(**request(i), request_id=f"spread-async-{i}"))[1].images
-                        for i in range(12)])
+            return sum(
+                [(await client.infer(**request(i), request_id=f"spread-async-{i}"))[1].images for i in range(12)]
+            )
 
     sent += asyncio.run(async_calls())
-    per_replica = [after - b for after, b in zip([images_served(r) for r in cluster.replicas], before)]
+    per_replica = [after - b for after, b in zip([images_served(r) for r in cluster.replicas], before, strict=True)]
     assert sum(per_replica) == sent == sum(request(i)["images"].shape[0] for i in range(12)) * 2
     assert min(per_replica) >= sent / REPLICAS / 3, f"not spread over the replicas: {per_replica}"
     assert len(ledger_rows(cluster.db, "spread")) == 24
@@ -236,7 +268,7 @@ def test_failover_loses_nothing_and_bills_once_when_replicas_die(cluster: Cluste
                     with lock:
                         answers[rid] = usage
                     time.sleep(0.2)
-        except BaseException as exc:  # reported below with the request counts
+        except BaseException as exc:  # noqa: BLE001 - reported below with the request counts
             with lock:
                 errors.append(exc)
 

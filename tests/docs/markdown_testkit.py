@@ -1,5 +1,6 @@
 """Reads Markdown the way a reader of the repository meets it: fenced code blocks (with the heading they sit under),
 headings as GitHub anchors, and links outside code."""
+
 from __future__ import annotations
 
 import re
@@ -20,10 +21,10 @@ _REFERENCE_DEF = re.compile(r"^ {0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s+.*)?$")
 @dataclass(frozen=True)
 class FencedBlock:
     path: Path
-    line: int            # 1-based line of the opening fence
-    lang: str            # first word of the info string, lower case ("" when none)
-    text: str            # the block's contents, without the fences
-    section: str         # the nearest heading above it
+    line: int  # 1-based line of the opening fence
+    lang: str  # first word of the info string, lower case ("" when none)
+    text: str  # the block's contents, without the fences
+    section: str  # the nearest heading above it
 
     @property
     def where(self) -> str:
@@ -47,8 +48,12 @@ def _scan(path: Path) -> tuple[list[FencedBlock], list[tuple[int, str]], list[tu
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if open_fence is not None:
             closing = _FENCE.match(line)
-            if (closing and closing["fence"][0] == open_fence["fence"][0]
-                    and len(closing["fence"]) >= len(open_fence["fence"]) and not closing["info"].strip()):
+            if (
+                closing
+                and closing["fence"][0] == open_fence["fence"][0]
+                and len(closing["fence"]) >= len(open_fence["fence"])
+                and not closing["info"].strip()
+            ):
                 info = open_fence["info"].strip().split()
                 blocks.append(FencedBlock(path, start, info[0].lower() if info else "", "\n".join(body), section))
                 open_fence = None
@@ -78,7 +83,7 @@ def command_blocks(path: Path) -> list[FencedBlock]:
 
 def anchor_of(heading: str) -> str:
     """GitHub's anchor for a heading: markup and punctuation dropped, lower case, spaces to hyphens."""
-    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)       # a link in a heading keeps its text
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link in a heading keeps its text
     text = re.sub(r"<[^>]+>", "", text).lower()
     return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
 

@@ -1,5 +1,6 @@
 """Every relative link in the README, docs/*.md and the other READMEs reaches a file of the repository, and every
 `#anchor` a heading of its target (GitHub's anchors)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,8 +34,11 @@ def broken(link: Link, root: Path = REPO) -> str | None:
 
 @pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: str(p.relative_to(REPO)))
 def test_relative_links_resolve(document: Path) -> None:
-    problems = [f"{link.path.relative_to(REPO)}:{link.line}: {why}"
-                for link in links(document) if (why := broken(link)) is not None]
+    problems = [
+        f"{link.path.relative_to(REPO)}:{link.line}: {why}"
+        for link in links(document)
+        if (why := broken(link)) is not None
+    ]
     assert not problems, "\n".join(problems)
 
 
@@ -46,12 +50,20 @@ def test_the_link_checker_catches_what_it_should(tmp_path: Path) -> None:
     (root / "docs" / "dashboard.png").write_bytes(b"")
     (tmp_path / "outside.md").write_text("# Outside\n")
     doc = root / "docs" / "guide.md"
-    doc.write_text("# A heading, with `code`!\n\n## Twice\n\n## Twice\n\n"
-                   "[ok](../README.md) [ok](#a-heading-with-code) [ok](#twice-1) [ok](https://example.com/x)\n"
-                   "![ok](dashboard.png) [ok](../README.md#training-a-student)\n"
-                   "[bad](missing.md) [bad](#nowhere) [bad](../README.md#no-such-section) [bad](../../outside.md)\n"
-                   "`[not a link](missing-in-code.md)`\n[ref]: missing-ref.md\n\n```bash\n[not a link](missing-in-a-block.md)\n```\n")
+    doc.write_text(
+        "# A heading, with `code`!\n\n## Twice\n\n## Twice\n\n"
+        "[ok](../README.md) [ok](#a-heading-with-code) [ok](#twice-1) [ok](https://example.com/x)\n"
+        "![ok](dashboard.png) [ok](../README.md#training-a-student)\n"
+        "[bad](missing.md) [bad](#nowhere) [bad](../README.md#no-such-section) [bad](../../outside.md)\n"
+        "`[not a link](missing-in-code.md)`\n[ref]: missing-ref.md\n\n"
+        "```bash\n[not a link](missing-in-a-block.md)\n```\n"
+    )
     found = links(doc)
     assert len(found) == 11
     assert [link.target for link in found if broken(link, root)] == [
-        "missing.md", "#nowhere", "../README.md#no-such-section", "../../outside.md", "missing-ref.md"]
+        "missing.md",
+        "#nowhere",
+        "../README.md#no-such-section",
+        "../../outside.md",
+        "missing-ref.md",
+    ]

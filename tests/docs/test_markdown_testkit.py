@@ -1,5 +1,6 @@
 """The README test's extractor finds every shell fence (bash, sh, shell, console) and nothing else, joins
 continuation lines, and keeps only the `$ ` lines of a console block."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -59,8 +60,12 @@ def test_every_shell_fence_is_found_with_its_section(tmp_path: Path) -> None:
     assert [b.lang for b in fenced_blocks(doc)] == ["bash", "sh", "console", "shell", "python", "", "bash"]
     blocks = command_blocks(doc)
     assert [(b.lang, b.section, b.line) for b in blocks] == [
-        ("bash", "Title", 3), ("sh", "Second", 12), ("console", "Second", 16), ("shell", "Second", 21),
-        ("bash", "Second", 33)]
+        ("bash", "Title", 3),
+        ("sh", "Second", 12),
+        ("console", "Second", 16),
+        ("shell", "Second", 21),
+        ("bash", "Second", 33),
+    ]
     assert shell_commands(blocks[0]) == ["make demo # a comment", "teacher-server serve --a 1 --b 2 &"]
     assert shell_commands(blocks[2]) == ["echo console"]
     assert runnable_text(blocks[2]) == "echo console"

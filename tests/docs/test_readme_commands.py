@@ -9,6 +9,7 @@ so neither table goes stale silently.
 The "repository root" is a scratch directory holding a symlink to each top-level entry of this checkout and `.venv`
 pointing at the running interpreter's venv, so what the commands write (runs/, the ledger, tls.*) stays out of the
 checkout and parallel runs do not meet."""
+
 from __future__ import annotations
 
 import json
@@ -40,54 +41,82 @@ pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(900)]
 
 @dataclass(frozen=True)
 class Substitution:
-    old: str            # exact text in a block that runs; must occur at least once
-    new: str            # {plain_port} / {tls_port} are filled with free ports
+    old: str  # exact text in a block that runs; must occur at least once
+    new: str  # {plain_port} / {tls_port} are filled with free ports
     reason: str
 
 
 @dataclass(frozen=True)
 class NotRun:
-    command: str        # a command of the README starts with this (continuation lines joined, spaces collapsed)
-    covered_by: str     # the test that runs it instead
+    command: str  # a command of the README starts with this (continuation lines joined, spaces collapsed)
+    covered_by: str  # the test that runs it instead
     reason: str
 
 
 _PORTS = "the defaults 50051/50443 and metrics 9464/9465 may be taken by other servers on this machine"
 SUBSTITUTIONS = (
-    Substitution("--db sqlite:///maskedkd-ledger.db &", "--db sqlite:///maskedkd-ledger.db --port {plain_port} "
-                 "--metrics-port 0 &", _PORTS),
+    Substitution(
+        "--db sqlite:///maskedkd-ledger.db &",
+        "--db sqlite:///maskedkd-ledger.db --port {plain_port} --metrics-port 0 &",
+        _PORTS,
+    ),
     Substitution("127.0.0.1:50051", "127.0.0.1:{plain_port}", _PORTS),
     Substitution("--port 50443 --metrics-port 9465", "--port {tls_port} --metrics-port 0", _PORTS),
     Substitution("localhost:50443", "localhost:{tls_port}", _PORTS),
-    Substitution("--workers 2", "--local", "Ray Train's start-up (25 s on a quiet 2-core machine, minutes under "
-                 "load) is over this test's budget: 2 Ray workers run in tests/scripts/test_demo.py and "
-                 "tests/student_client/test_ray_train.py; --local is the same training loop in-process"),
+    Substitution(
+        "--workers 2",
+        "--local",
+        "Ray Train's start-up (25 s on a quiet 2-core machine, minutes under "
+        "load) is over this test's budget: 2 Ray workers run in tests/scripts/test_demo.py and "
+        "tests/student_client/test_ray_train.py; --local is the same training loop in-process",
+    ),
     Substitution("--epochs 3", "--epochs 1", "training is shortened: one epoch ..."),
-    Substitution("--keep 0.5 --out runs/tiny", "--keep 0.5 --out runs/tiny --max-steps 2 --no-progress",
-                 "... of two steps (the seconds budget of a test; the full run is `make demo`); no progress bar in a "
-                 "captured log"),
+    Substitution(
+        "--keep 0.5 --out runs/tiny",
+        "--keep 0.5 --out runs/tiny --max-steps 2 --no-progress",
+        "... of two steps (the seconds budget of a test; the full run is `make demo`); no progress bar in a "
+        "captured log",
+    ),
 )
 
 # The README trains on data/cifar10-subset (committed, 6,000 images). In the scratch root that path holds the first
 # images of each class of the committed subset instead (links to the same files), so the scan and the evaluations
 # read a few hundred images, not 6,000.
-SMALL_SUBSET = {"train": 16, "test": 10}   # images per class: 2 steps of 64 need 128 training images
+SMALL_SUBSET = {"train": 16, "test": 10}  # images per class: 2 steps of 64 need 128 training images
 
 NOT_RUN = (
     NotRun("make demo", "tests/scripts/test_demo.py", "the demo with --max-steps 8, its printed numbers checked"),
     NotRun("make test", "the suite itself", "this test is part of it"),
-    NotRun("student-client train --ray-address HEAD:6379", "tests/student_client/test_ray_cluster.py",
-           "needs a Ray cluster and shared storage; the test starts two `ray start` nodes on loopback"),
-    NotRun("teacher-server serve --checkpoint teacher.safetensors --db \"$LEDGER\"", "tests/deploy/test_replicas.py",
-           "replicas on several hosts sharing one Postgres ledger; the test runs 3 on loopback"),
-    NotRun("student-client train --teacher 10.0.0.5:50051,10.0.0.6:50051", "tests/deploy/test_replicas.py",
-           "an address list of replicas on other hosts"),
-    NotRun("student-client train --teacher dns:///teacher.example:50051", "tests/deploy/test_replicas.py",
-           "a DNS name with several A records"),
-    NotRun("docker compose -f deploy/docker-compose.yml up", "tests/deploy/test_compose.py",
-           "needs Docker; the test validates the compose files and every command in them against our CLIs"),
-    NotRun("kubectl apply -k deploy/k8s/overlays/gpu", "tests/deploy/test_k8s.py",
-           "needs a Kubernetes cluster; the test renders the overlays and validates them against the schemas"),
+    NotRun(
+        "student-client train --ray-address HEAD:6379",
+        "tests/student_client/test_ray_cluster.py",
+        "needs a Ray cluster and shared storage; the test starts two `ray start` nodes on loopback",
+    ),
+    NotRun(
+        'teacher-server serve --checkpoint teacher.safetensors --db "$LEDGER"',
+        "tests/deploy/test_replicas.py",
+        "replicas on several hosts sharing one Postgres ledger; the test runs 3 on loopback",
+    ),
+    NotRun(
+        "student-client train --teacher 10.0.0.5:50051,10.0.0.6:50051",
+        "tests/deploy/test_replicas.py",
+        "an address list of replicas on other hosts",
+    ),
+    NotRun(
+        "student-client train --teacher dns:///teacher.example:50051",
+        "tests/deploy/test_replicas.py",
+        "a DNS name with several A records",
+    ),
+    NotRun(
+        "docker compose -f deploy/docker-compose.yml up",
+        "tests/deploy/test_compose.py",
+        "needs Docker; the test validates the compose files and every command in them against our CLIs",
+    ),
+    NotRun(
+        "kubectl apply -k deploy/k8s/overlays/gpu",
+        "tests/deploy/test_k8s.py",
+        "needs a Kubernetes cluster; the test renders the overlays and validates them against the schemas",
+    ),
 )
 
 
@@ -104,9 +133,11 @@ def split_blocks(blocks: list[FencedBlock]) -> tuple[list[FencedBlock], set[NotR
         if entries and all(entries):
             used.update(e for e in entries if e is not None)
         elif any(entries):
-            missing = [c for c, e in zip(shell_commands(block), entries) if e is None]
-            raise AssertionError(f"{block.where} mixes commands that run with ones in NOT_RUN; split the block or "
-                                 f"list these too: {missing}")
+            missing = [c for c, e in zip(shell_commands(block), entries, strict=True) if e is None]
+            raise AssertionError(
+                f"{block.where} mixes commands that run with ones in NOT_RUN; split the block or "
+                f"list these too: {missing}"
+            )
         else:
             to_run.append(block)
     return to_run, used
@@ -114,10 +145,9 @@ def split_blocks(blocks: list[FencedBlock]) -> tuple[list[FencedBlock], set[NotR
 
 def script_for(blocks: list[FencedBlock], ports: dict[str, int]) -> str:
     """One bash script: the blocks in README order, each announced, with every substitution applied."""
-    parts = ["set -euo pipefail",
-             "trap 'echo \"README command failed (exit $?): $BASH_COMMAND\" >&2' ERR"]
+    parts = ["set -euo pipefail", "trap 'echo \"README command failed (exit $?): $BASH_COMMAND\" >&2' ERR"]
     for block in blocks:
-        parts += [f"echo \"=== $(date +%T) {block.where}\" >&2", runnable_text(block)]
+        parts += [f'echo "=== $(date +%T) {block.where}" >&2', runnable_text(block)]
     parts.append(f"echo '{ALL_RAN}' >&2")
     script = "\n".join(parts) + "\n"
     for sub in SUBSTITUTIONS:
@@ -175,8 +205,14 @@ def run_script(script: str, cwd: Path, timeout_s: float) -> tuple[int, str]:
     drain, then SIGKILL)."""
     log = cwd / "readme-run.log"
     with log.open("w") as out:
-        proc = subprocess.Popen(["bash", "-c", script], cwd=cwd, env=user_env(), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            ["bash", "-c", script],
+            cwd=cwd,
+            env=user_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             code = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -216,8 +252,7 @@ def test_readme_command_blocks_run_as_written(tmp_path: Path) -> None:
     root = repository_view(tmp_path / "repo")
     script = script_for(to_run, {"plain_port": free_port(), "tls_port": free_port()})
     code, log = run_script(script, root, timeout_s=600)
-    assert code == 0 and ALL_RAN in log, \
-        f"README commands failed (exit {code}); the log from the end:\n{log[-6000:]}"
+    assert code == 0 and ALL_RAN in log, f"README commands failed (exit {code}); the log from the end:\n{log[-6000:]}"
     # The training block really trained against the teacher, and the ledger billed it.
     summary = json.loads((root / "runs" / "tiny" / "summary.json").read_text())
     assert summary["teacher_gflops"] > 0, summary

@@ -1,6 +1,7 @@
 """examples/plain_loop.py and examples/lightning_loop.py run as a user runs them (a subprocess, key in the environment)
 against a real teacher server: the bill they print is the ledger's, read back with SQL; the loss is finite and the
 student's weights moved away from their seeded start."""
+
 from __future__ import annotations
 
 import json
@@ -12,10 +13,9 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from dtype_marks import child_env
 
 pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
-
-from dtype_marks import child_env
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "student_client"))  # the student testkit
 from student_testkit import ledger_rows, make_subset, teacher_server, tiny_teacher  # noqa: E402
@@ -34,14 +34,34 @@ def env(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-de
 
 
 def run_example(script: str, env: dict, run_id: str, *, key: str) -> tuple[dict, str, Path]:
-    """`python examples/<script>` with the key in MASKEDKD_API_KEY: (the JSON line it printed, stdout, saved student)."""
+    """`python examples/<script>` with the key in MASKEDKD_API_KEY: (the JSON line it printed, stdout, saved
+    student)."""
     saved = env["root"] / f"{run_id}.pt"
     proc_env = child_env()
-    proc_env.update(MASKEDKD_API_KEY=key, OMP_NUM_THREADS="1",
-                    PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "protos"), proc_env.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, str(REPO / "examples" / script), "--teacher", env["srv"].address, "--data",
-           str(env["data"]), "--student-kwargs", json.dumps(STUDENT_KWARGS), "--steps", str(STEPS),
-           "--batch-size", "8", "--run-id", run_id, "--save", str(saved), "--json"]
+    proc_env.update(
+        MASKEDKD_API_KEY=key,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "protos"), proc_env.get("PYTHONPATH", "")]),
+    )
+    cmd = [
+        sys.executable,
+        str(REPO / "examples" / script),
+        "--teacher",
+        env["srv"].address,
+        "--data",
+        str(env["data"]),
+        "--student-kwargs",
+        json.dumps(STUDENT_KWARGS),
+        "--steps",
+        str(STEPS),
+        "--batch-size",
+        "8",
+        "--run-id",
+        run_id,
+        "--save",
+        str(saved),
+        "--json",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=proc_env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()

@@ -1,5 +1,6 @@
 """The committed reproduction state: restored only under the same sizes and the same teacher file, never over a
 result that is already there."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,14 @@ def state(tmp_path: Path) -> tuple[Path, Path]:
     teacher = tmp_path / "teacher.safetensors"
     teacher.write_bytes(b"weights")
     path = tmp_path / "reproduction_smoke_runs.json"
-    committed_runs.save(path, SMOKE, checkpoint=teacher, teacher={"top1": 50.0}, fidelity=None,
-                        runs=[_run("no_kd", 0, 10.0), _run("maskedkd_50", 0, 12.5)])
+    committed_runs.save(
+        path,
+        SMOKE,
+        checkpoint=teacher,
+        teacher={"top1": 50.0},
+        fidelity=None,
+        runs=[_run("no_kd", 0, 10.0), _run("maskedkd_50", 0, 12.5)],
+    )
     return path, teacher
 
 
@@ -40,8 +47,9 @@ def test_same_sizes_and_teacher_restore_what_is_missing(state: tuple[Path, Path]
     assert not (out / "fidelity.json").exists()  # none was recorded
 
 
-def test_other_sizes_or_another_teacher_restore_nothing(state: tuple[Path, Path], tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_other_sizes_or_another_teacher_restore_nothing(
+    state: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path, teacher = state
     longer = dataclasses.replace(SMOKE, student=dataclasses.replace(SMOKE.student, epochs=2))
     assert committed_runs.restore(path, longer, tmp_path / "a", checkpoint=teacher) == []
@@ -58,6 +66,8 @@ def test_other_sizes_or_another_teacher_restore_nothing(state: tuple[Path, Path]
 def test_methods_being_redone_are_not_restored(state: tuple[Path, Path], tmp_path: Path) -> None:
     path, teacher = state
     out = tmp_path / "out"
-    assert sorted(committed_runs.restore(path, SMOKE, out, checkpoint=teacher, skip=("maskedkd_50",))) == \
-        ["no_kd-s0", "teacher"]
+    assert sorted(committed_runs.restore(path, SMOKE, out, checkpoint=teacher, skip=("maskedkd_50",))) == [
+        "no_kd-s0",
+        "teacher",
+    ]
     assert not (out / "runs" / "maskedkd_50-s0").exists()

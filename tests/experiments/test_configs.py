@@ -1,5 +1,6 @@
 """The committed teachers the reproduction configs name: present, small enough to commit, and the architecture their
 recipe says (the safetensors header names it), loadable as a timm model."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Dataset preparation (extract once, class-balanced symlinked subsets) and the shared doc's sections."""
+
 from __future__ import annotations
 
 import io

@@ -1,5 +1,6 @@
 """The teacher-fidelity probe on tiny random models (no training), with a teacher at a higher resolution than the
 student (paper App. B: images resized, SIPS interpolated to the teacher's grid)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,8 +20,8 @@ pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, o
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "data" / "cifar10-subset"
 IMAGES = 30
-TEACHER_KW = {"img_size": 64, "patch_size": 8, "depth": 2, "num_classes": 10}   # 8x8 grid
-STUDENT_KW = {"img_size": 32, "patch_size": 8, "depth": 1, "num_classes": 10}   # 4x4 grid
+TEACHER_KW = {"img_size": 64, "patch_size": 8, "depth": 2, "num_classes": 10}  # 8x8 grid
+STUDENT_KW = {"img_size": 32, "patch_size": 8, "depth": 1, "num_classes": 10}  # 4x4 grid
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -39,8 +40,9 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     paths = []
     for name, kw in (("teacher", TEACHER_KW), ("student", STUDENT_KW)):
         model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw)
-        paths.append(save_model_checkpoint(d / f"{name}.safetensors", model, model_name="vit_tiny_patch16_224",
-                                           model_kwargs=kw))
+        paths.append(
+            save_model_checkpoint(d / f"{name}.safetensors", model, model_name="vit_tiny_patch16_224", model_kwargs=kw)
+        )
     return paths[0], paths[1]
 
 
@@ -68,7 +70,7 @@ def test_full_teacher_accuracy_matches_an_independent_forward(checkpoints: tuple
     teacher, _ = load_model(checkpoint=checkpoints[0])
     ds = datasets.ImageFolder(str(DATA / "test"), transform=transforms.ToTensor())
     step = len(ds) / IMAGES
-    xs, ys = zip(*(ds[int(i * step)] for i in range(IMAGES)))
+    xs, ys = zip(*(ds[int(i * step)] for i in range(IMAGES)), strict=True)
     x = F.interpolate(torch.stack(xs), size=(64, 64), mode="bilinear", align_corners=False).clamp(0, 1)
     mean = torch.tensor(teacher.pretrained_cfg["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(teacher.pretrained_cfg["std"]).view(1, -1, 1, 1)
@@ -87,8 +89,22 @@ def test_full_teacher_accuracy_matches_an_independent_forward(checkpoints: tuple
 def test_cli_writes_json_and_its_own_doc_section(checkpoints: tuple[Path, Path], tmp_path: Path) -> None:
     doc = tmp_path / "reproduction.md"
     update_section(doc, "results", "## Results\n\nkept as is\n")
-    rc = main(["--teacher", str(checkpoints[0]), "--student", str(checkpoints[1]), "--data", str(DATA),
-               "--max-images", "10", "--json", str(tmp_path / "f.json"), "--doc", str(doc)])
+    rc = main(
+        [
+            "--teacher",
+            str(checkpoints[0]),
+            "--student",
+            str(checkpoints[1]),
+            "--data",
+            str(DATA),
+            "--max-images",
+            "10",
+            "--json",
+            str(tmp_path / "f.json"),
+            "--doc",
+            str(doc),
+        ]
+    )
     assert rc == 0
     assert read_section(doc, "results") == "## Results\n\nkept as is\n"
     section = read_section(doc, "fidelity")
@@ -97,7 +113,15 @@ def test_cli_writes_json_and_its_own_doc_section(checkpoints: tuple[Path, Path],
 
 
 def test_cli_bad_checkpoint_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["--teacher", str(tmp_path / "missing.safetensors"), "--student", str(tmp_path / "x.safetensors"),
-               "--data", str(DATA)])
+    rc = main(
+        [
+            "--teacher",
+            str(tmp_path / "missing.safetensors"),
+            "--student",
+            str(tmp_path / "x.safetensors"),
+            "--data",
+            str(DATA),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1 and err.startswith("fidelity_probe: error:") and err.count("\n") == 1

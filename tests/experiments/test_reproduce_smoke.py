@@ -1,5 +1,6 @@
 """`python -m experiments.reproduce --smoke` end to end: the real `student-client train` and
 `teacher-server serve/keys/usage` processes, a real SQLite ledger, the committed CIFAR-10 subset."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,19 @@ SECRET = re.compile(r"mkd_[A-Za-z0-9_-]{43}")
 
 
 def _reproduce(tmp: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "experiments.reproduce", "--smoke", "--out", str(tmp / "out"),
-           "--data", str(REPO / "data" / "cifar10-subset"), "--cache", str(tmp / "cache" / "cifar10"), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.reproduce",
+        "--smoke",
+        "--out",
+        str(tmp / "out"),
+        "--data",
+        str(REPO / "data" / "cifar10-subset"),
+        "--cache",
+        str(tmp / "cache" / "cifar10"),
+        *extra,
+    ]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
@@ -76,7 +88,8 @@ def test_smoke_reproduction_end_to_end_and_resume(tmp_path: Path) -> None:
         assert not SECRET.search(log.read_text()), log
 
     # Resumable: a rerun trains only what has no result. Here one run stopped after its requests but before its
-    # first checkpoint (a session ending): the resumed attempt sends the same requests under the run's kept key, the server
+    # first checkpoint (a session ending): the resumed attempt sends the same requests under the run's kept key, the
+    # server
     # replays them, and the ledger still bills the run once. The other runs are left as they were.
     stamp = (out / "runs" / "no_kd-s0" / "result.json").stat().st_mtime_ns
     run = out / "runs" / "maskedkd_50-s0"
@@ -94,7 +107,7 @@ def test_smoke_reproduction_end_to_end_and_resume(tmp_path: Path) -> None:
     assert (out / "runs" / "no_kd-s0" / "result.json").stat().st_mtime_ns == stamp
     again = {r["method"]: r for r in json.loads((out / "results.json").read_text())["runs"]}["maskedkd_50"]
     assert again["client_gflops"] == pytest.approx(ledger["gflops"])  # the attempt asked for every step again
-    assert again["ledger"] == ledger                                   # and paid for none of them
+    assert again["ledger"] == ledger  # and paid for none of them
     assert json.loads(key_file.read_text())["secret"] not in (out / "ledger.db").read_bytes().decode(errors="replace")
 
     # --redo: the method trains again under a new key in the same ledger; the old run (and the probe of its student)
@@ -105,8 +118,10 @@ def test_smoke_reproduction_end_to_end_and_resume(tmp_path: Path) -> None:
     assert {p.name.split("-2")[0] for p in (out / "runs" / "replaced").iterdir()} == {"maskedkd_50-s0", "fidelity"}
     redone = {r["method"]: r for r in json.loads((out / "results.json").read_text())["runs"]}["maskedkd_50"]
     assert redone["ledger"] == ledger and (out / "fidelity.json").exists()
-    assert json.loads(key_file.read_text())["name"] != json.loads(
-        next((out / "runs" / "replaced").glob("maskedkd_50-s0-*/api_key.json")).read_text())["name"]
+    assert (
+        json.loads(key_file.read_text())["name"]
+        != json.loads(next((out / "runs" / "replaced").glob("maskedkd_50-s0-*/api_key.json")).read_text())["name"]
+    )
     assert "--redo" not in read_section(doc, "results-smoke")
 
     # A clean clone of a reproduction spread over sessions: OUT is gone, the committed teacher and the results file
@@ -119,12 +134,29 @@ def test_smoke_reproduction_end_to_end_and_resume(tmp_path: Path) -> None:
     (clone / "teacher").mkdir(parents=True)
     shutil.copy(out / "teacher" / "model.safetensors", clone / "teacher" / "model.safetensors")
     third = subprocess.run(
-        [sys.executable, "-m", "experiments.reproduce", "--smoke", "--out", str(clone), "--doc", str(doc),
-         "--data", str(REPO / "data" / "cifar10-subset"), "--cache", str(tmp_path / "cache" / "cifar10")],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "experiments.reproduce",
+            "--smoke",
+            "--out",
+            str(clone),
+            "--doc",
+            str(doc),
+            "--data",
+            str(REPO / "data" / "cifar10-subset"),
+            "--cache",
+            str(tmp_path / "cache" / "cifar10"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     assert "restored 6 finished result(s)" in third.stdout and "0 student runs to do" in third.stdout
     assert not (clone / "ledger.db").exists()
+
     def numbers(results: Path) -> dict[str, tuple[float, dict]]:
         return {r["method"]: (r["top1"], r["ledger"]) for r in json.loads(results.read_text())["runs"]}
 
@@ -134,10 +166,26 @@ def test_smoke_reproduction_end_to_end_and_resume(tmp_path: Path) -> None:
     (clone / "reproduction.md").unlink(missing_ok=True)
     report = tmp_path / "report" / "reproduction.md"
     only = subprocess.run(
-        [sys.executable, "-m", "experiments.reproduce", "--smoke", "--out", str(clone), "--doc", str(report),
-         "--report-only", "--data", str(REPO / "data" / "cifar10-subset"),
-         "--cache", str(tmp_path / "cache" / "cifar10")],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "experiments.reproduce",
+            "--smoke",
+            "--out",
+            str(clone),
+            "--doc",
+            str(report),
+            "--report-only",
+            "--data",
+            str(REPO / "data" / "cifar10-subset"),
+            "--cache",
+            str(tmp_path / "cache" / "cifar10"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert only.returncode == 0, only.stdout[-3000:] + only.stderr[-3000:]
     assert "4 finished run(s) reported" in only.stdout and "student runs to do" not in only.stdout
     section = read_section(report, "results-smoke")

@@ -1,4 +1,5 @@
 """`maskedkd.codec`: Tensor message <-> torch, checked against numpy's explicit little-endian encoding."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -74,7 +75,7 @@ def test_bfloat16_bytes_are_the_high_half_of_float32() -> None:
     # bfloat16 is float32 with the low 16 mantissa bits dropped; these values are exact in both.
     values = [1.0, -2.5, 3.140625, 0.0, -0.0, 65280.0, 2.0**-20]
     f32 = np.array(values, dtype="<f4").tobytes()
-    expected = b"".join(f32[i + 2: i + 4] for i in range(0, len(f32), 4))
+    expected = b"".join(f32[i + 2 : i + 4] for i in range(0, len(f32), 4))
     msg = tensor_to_proto(torch.tensor(values, dtype=torch.bfloat16))
     assert msg.data == expected
     decoded = proto_to_tensor(pb.Tensor(dtype="bfloat16", shape=[len(values)], data=expected))
@@ -135,8 +136,11 @@ def test_unsupported_torch_dtype_is_refused_on_encode() -> None:
 
 @pytest.mark.parametrize(
     ("shape", "words"),
-    [([1] * 65, "65 dimensions; at most 16"), ([0] + [1 << 40] * 3, "zero-size shape"),
-     ([1 << 62] * 16, "elements exceed the limit")],
+    [
+        ([1] * 65, "65 dimensions; at most 16"),
+        ([0] + [1 << 40] * 3, "zero-size shape"),
+        ([1 << 62] * 16, "elements exceed the limit"),
+    ],
     ids=["65_dims", "zero_size_huge", "huge"],
 )
 def test_hostile_shapes_are_refused_before_numpy_sees_them(shape: list[int], words: str) -> None:

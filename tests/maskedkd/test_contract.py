@@ -1,4 +1,5 @@
 """The public gRPC contract: stubs in sync with teacher.proto, and the names outside clients code against."""
+
 from __future__ import annotations
 
 import importlib.resources
@@ -76,8 +77,9 @@ def _fields(message: descriptor_pb2.DescriptorProto) -> dict[str, descriptor_pb2
     return {f.name: f for f in message.field}
 
 
-def _check(message: descriptor_pb2.DescriptorProto, name: str, kind: int, *, repeated: bool = False,
-           type_name: str = "") -> None:
+def _check(
+    message: descriptor_pb2.DescriptorProto, name: str, kind: int, *, repeated: bool = False, type_name: str = ""
+) -> None:
     field = _fields(message).get(name)
     assert field is not None, f"{message.name}.{name} is missing"
     assert field.type == kind, f"{message.name}.{name} has type {FD.Type.Name(field.type)}"
@@ -129,14 +131,28 @@ def test_contract_names(compiled) -> None:
     _check(messages["Status"], "message", FD.TYPE_STRING)
 
     usage = messages["Usage"]
-    for name, kind in [("images", FD.TYPE_INT64), ("tokens", FD.TYPE_INT64), ("gflops", FD.TYPE_DOUBLE),
-                       ("full_gflops", FD.TYPE_DOUBLE), ("cost", FD.TYPE_DOUBLE), ("replayed", FD.TYPE_BOOL)]:
+    for name, kind in [
+        ("images", FD.TYPE_INT64),
+        ("tokens", FD.TYPE_INT64),
+        ("gflops", FD.TYPE_DOUBLE),
+        ("full_gflops", FD.TYPE_DOUBLE),
+        ("cost", FD.TYPE_DOUBLE),
+        ("replayed", FD.TYPE_BOOL),
+    ]:
         _check(usage, name, kind)
 
     info = messages["ModelInfo"]
     _check(info, "model", FD.TYPE_STRING)
-    for name in ("image_height", "image_width", "patch_size", "grid_height", "grid_width", "num_prefix_tokens",
-                 "num_classes", "in_chans"):
+    for name in (
+        "image_height",
+        "image_width",
+        "patch_size",
+        "grid_height",
+        "grid_width",
+        "num_prefix_tokens",
+        "num_classes",
+        "in_chans",
+    ):
         _check(info, name, FD.TYPE_INT64)
     _check(info, "mean", FD.TYPE_FLOAT, repeated=True)
     _check(info, "std", FD.TYPE_FLOAT, repeated=True)
@@ -148,15 +164,18 @@ def test_contract_names(compiled) -> None:
 class _EchoTeacher(teacher_pb2_grpc.TeacherServiceServicer):
     """Answers from the request alone, so the client sees that each method's (de)serializers are wired right."""
 
-    def GetModelInfo(self, request: teacher_pb2.ModelInfoRequest, context: grpc.ServicerContext) -> teacher_pb2.ModelInfo:
+    def GetModelInfo(
+        self, request: teacher_pb2.ModelInfoRequest, context: grpc.ServicerContext
+    ) -> teacher_pb2.ModelInfo:
         return teacher_pb2.ModelInfo(model=request.model or "default", patch_size=16)
 
     def Infer(self, request: teacher_pb2.InferRequest, context: grpc.ServicerContext) -> teacher_pb2.InferResponse:
         images = request.images.shape[0] if request.WhichOneof("input") == "images" else request.patches.shape[0]
         return teacher_pb2.InferResponse(request_id=request.request_id, usage=teacher_pb2.Usage(images=images))
 
-    def InferStream(self, requests: Iterator[teacher_pb2.InferRequest],
-                    context: grpc.ServicerContext) -> Iterator[teacher_pb2.InferResponse]:
+    def InferStream(
+        self, requests: Iterator[teacher_pb2.InferRequest], context: grpc.ServicerContext
+    ) -> Iterator[teacher_pb2.InferResponse]:
         for request in requests:
             yield self.Infer(request, context)
 
@@ -174,11 +193,14 @@ def test_stub_methods_round_trip_over_a_real_server() -> None:
             assert isinstance(stub.InferStream, grpc.StreamStreamMultiCallable)
             info = stub.GetModelInfo(teacher_pb2.ModelInfoRequest(model="vit"), timeout=10)
             assert (info.model, info.patch_size) == ("vit", 16)
-            one = stub.Infer(teacher_pb2.InferRequest(request_id="r1", images=teacher_pb2.Tensor(shape=[3, 3, 8, 8])),
-                             timeout=10)
+            one = stub.Infer(
+                teacher_pb2.InferRequest(request_id="r1", images=teacher_pb2.Tensor(shape=[3, 3, 8, 8])), timeout=10
+            )
             assert (one.request_id, one.usage.images) == ("r1", 3)
-            requests = [teacher_pb2.InferRequest(request_id=f"s{i}", patches=teacher_pb2.Tensor(shape=[i + 1, 4]))
-                        for i in range(3)]
+            requests = [
+                teacher_pb2.InferRequest(request_id=f"s{i}", patches=teacher_pb2.Tensor(shape=[i + 1, 4]))
+                for i in range(3)
+            ]
             answers = list(stub.InferStream(iter(requests), timeout=10))
             assert [(a.request_id, a.usage.images) for a in answers] == [("s0", 1), ("s1", 2), ("s2", 3)]
     finally:

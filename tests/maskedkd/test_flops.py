@@ -1,4 +1,5 @@
 """The analytic FLOP model against torch's FlopCounterMode running the real masked forward."""
+
 from __future__ import annotations
 
 import pytest
@@ -70,7 +71,12 @@ def test_deit_small_matches_paper_convention() -> None:
     with torch.device("meta"):  # shapes only, no weights to initialise
         shape = ViTShape.from_model(timm.create_model("deit_small_patch16_224", pretrained=False))
     assert (shape.num_patches, shape.embed_dim, shape.depth, shape.mlp_hidden, shape.num_prefix_tokens) == (
-        196, 384, 12, 1536, 1)
+        196,
+        384,
+        12,
+        1536,
+        1,
+    )
     assert masked_forward_flops(shape, 196).gflops == pytest.approx(9.2, abs=0.05)
     assert masked_forward_flops(shape, 98).gflops == pytest.approx(4.5, abs=0.1)
 

@@ -1,4 +1,5 @@
 """keep_indices / keep_counts checked once, at a boundary: each problem named, padding zeroed, valid rows kept."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,20 +19,27 @@ def test_valid_rows_pass_and_padding_is_zeroed() -> None:
     assert out.tolist() == [[5, 3, 9]] and counts.tolist() == [3]
 
 
-@pytest.mark.parametrize(("indices", "counts", "message"), [
-    ([[0, 64]], None, r"keep_indices\[0, 1\] = 64 is out of range: the teacher grid has positions 0..63"),
-    ([[-1, 2]], None, r"keep_indices\[0, 0\] = -1 is out of range"),
-    ([[4, 4, 1]], None, "keep_indices row 0 repeats position 4"),
-    ([[1, 2, 3]], [4], r"keep_counts\[0\] = 4 disagrees with K = 3"),
-    ([[1, 2, 3]], [0], r"keep_counts\[0\] = 0"),
-    ([[1, 2, 3]], [3, 3], r"keep_counts: shape \[2\] must be \[B\] = \[1\]"),
-    ([[1, 2], [3, 4]], None, r"keep_indices: shape \[2, 2\] must be \[B, K\] with B = 1"),
-    ([[]], None, "K = 0; keep at least one patch"),
-    ([list(range(65))], None, "K = 65 exceeds the 64 patches"),
-    ([[1.0, 2.0]], None, "dtype float32 is not an integer type"),
-])
+@pytest.mark.parametrize(
+    ("indices", "counts", "message"),
+    [
+        ([[0, 64]], None, r"keep_indices\[0, 1\] = 64 is out of range: the teacher grid has positions 0..63"),
+        ([[-1, 2]], None, r"keep_indices\[0, 0\] = -1 is out of range"),
+        ([[4, 4, 1]], None, "keep_indices row 0 repeats position 4"),
+        ([[1, 2, 3]], [4], r"keep_counts\[0\] = 4 disagrees with K = 3"),
+        ([[1, 2, 3]], [0], r"keep_counts\[0\] = 0"),
+        ([[1, 2, 3]], [3, 3], r"keep_counts: shape \[2\] must be \[B\] = \[1\]"),
+        ([[1, 2], [3, 4]], None, r"keep_indices: shape \[2, 2\] must be \[B, K\] with B = 1"),
+        ([[]], None, "K = 0; keep at least one patch"),
+        ([list(range(65))], None, "K = 65 exceeds the 64 patches"),
+        ([[1.0, 2.0]], None, "dtype float32 is not an integer type"),
+    ],
+)
 def test_each_problem_is_named(indices: list, counts: list | None, message: str) -> None:
     dtype = torch.float32 if indices and indices[0] and isinstance(indices[0][0], float) else torch.int64
     with pytest.raises(KeepIndicesError, match=message):
-        check_keep(torch.tensor(indices, dtype=dtype), None if counts is None else torch.tensor(counts),
-                   batch=1, num_patches=64)
+        check_keep(
+            torch.tensor(indices, dtype=dtype),
+            None if counts is None else torch.tensor(counts),
+            batch=1,
+            num_patches=64,
+        )

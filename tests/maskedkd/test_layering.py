@@ -3,6 +3,7 @@
 Read twice: statically (every import statement in the source, also the lazy ones inside functions) and at run time
 (a fresh interpreter imports every module of the package and reports which top-level packages got loaded).
 """
+
 from __future__ import annotations
 
 import ast
@@ -69,8 +70,9 @@ def test_importing_every_module_loads_no_higher_layer(package: str) -> None:
     modules = _modules(package)
     assert len(modules) > 3
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", _PROBE, *modules], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, *modules], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     loaded = set(json.loads(out.stdout.strip().splitlines()[-1]))
     assert package in loaded

@@ -1,4 +1,5 @@
 """MaskedTeacher against timm itself and against the paper's App. G procedure, for every supported ViT family."""
+
 from __future__ import annotations
 
 import pytest
@@ -80,9 +81,14 @@ def patches_by_hand(x: Tensor, keep: Tensor, p: int = 4, grid_w: int = 8) -> Ten
     """[B,K,C,P,P] cut out with explicit slicing, row-major grid positions."""
     rows = []
     for b in range(x.shape[0]):
-        rows.append(torch.stack([
-            x[b, :, (i // grid_w) * p:(i // grid_w + 1) * p, (i % grid_w) * p:(i % grid_w + 1) * p]
-            for i in keep[b].tolist()]))
+        rows.append(
+            torch.stack(
+                [
+                    x[b, :, (i // grid_w) * p : (i // grid_w + 1) * p, (i % grid_w) * p : (i % grid_w + 1) * p]
+                    for i in keep[b].tolist()
+                ]
+            )
+        )
     return torch.stack(rows)
 
 
@@ -117,7 +123,7 @@ def test_forward_patches_and_embed_patches(family: tuple[nn.Module, MaskedTeache
     x, keep = images(2), random_keep(2, 23)
     patches = patches_by_hand(x, keep)
     torch.testing.assert_close(teacher.forward_patches(patches, keep), teacher(x, keep), atol=ATOL, rtol=0)
-    full = model._pos_embed(model.patch_embed(x))[:, model.num_prefix_tokens:]  # [B,N,D]
+    full = model._pos_embed(model.patch_embed(x))[:, model.num_prefix_tokens :]  # [B,N,D]
     gathered = torch.gather(full, 1, keep[..., None].expand(-1, -1, full.shape[-1]))
     torch.testing.assert_close(teacher.embed_patches(patches, keep), gathered, atol=ATOL, rtol=0)
 
@@ -130,7 +136,7 @@ def test_ragged_batch_equals_per_image_runs(family: tuple[nn.Module, MaskedTeach
     padded = keep.clone()
     for b, c in enumerate(counts.tolist()):
         padded[b, c:] = 10**6  # padding is never read, not even for range checks
-    alone = torch.cat([teacher(x[b:b + 1], keep[b:b + 1, :c]) for b, c in enumerate(counts.tolist())])
+    alone = torch.cat([teacher(x[b : b + 1], keep[b : b + 1, :c]) for b, c in enumerate(counts.tolist())])
     torch.testing.assert_close(teacher(x, padded, counts), alone, atol=ATOL, rtol=0)
     patches = patches_by_hand(x, keep)
     for b, c in enumerate(counts.tolist()):
@@ -153,7 +159,8 @@ def test_only_ragged_batches_pass_an_attention_mask() -> None:
     teacher = MaskedTeacher(make("vit_cls_token"))
     masks: list[Tensor | None] = []
     teacher.model.blocks[0].register_forward_pre_hook(
-        lambda _m, _args, kwargs: masks.append(kwargs.get("attn_mask")), with_kwargs=True)
+        lambda _m, _args, kwargs: masks.append(kwargs.get("attn_mask")), with_kwargs=True
+    )
     x, keep = images(2), random_keep(2, 12)
     rectangular = teacher(x, keep[:, :7])
     assert masks.pop() is None
@@ -199,14 +206,18 @@ def test_cuda_half_ragged_matches_cpu() -> None:
     torch.testing.assert_close(out.float().cpu(), expected, atol=0.05, rtol=0.05)
 
 
-@pytest.mark.parametrize("build", [
-    lambda: timm.create_model("resnet18", pretrained=False, num_classes=10),
-    lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, global_pool="map", **TINY),
-    lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, dynamic_img_size=True, **TINY),
-    lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, pos_embed="none", **TINY),
-    lambda: timm.create_model("vit_tiny_r_s16_p8_224", pretrained=False, img_size=32, num_classes=10, depth=1),
-    lambda: timm.create_model("eva02_tiny_patch14_224", pretrained=False, **TINY),
-], ids=["resnet18", "vit_map_pool", "dynamic_img_size", "no_pos_embed", "hybrid_resnet_stem", "eva_rope"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: timm.create_model("resnet18", pretrained=False, num_classes=10),
+        lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, global_pool="map", **TINY),
+        lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, dynamic_img_size=True, **TINY),
+        lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, pos_embed="none", **TINY),
+        lambda: timm.create_model("vit_tiny_r_s16_p8_224", pretrained=False, img_size=32, num_classes=10, depth=1),
+        lambda: timm.create_model("eva02_tiny_patch14_224", pretrained=False, **TINY),
+    ],
+    ids=["resnet18", "vit_map_pool", "dynamic_img_size", "no_pos_embed", "hybrid_resnet_stem", "eva_rope"],
+)
 def test_unsupported_models_are_named(build: object) -> None:
     model = build()  # type: ignore[operator]
     with pytest.raises(UnsupportedModelError, match="Supported: timm VisionTransformer") as err:

@@ -1,4 +1,5 @@
 """The one image<->patches cut against a reference cut by explicit slicing, patch by patch."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,10 +14,17 @@ pytestmark = pytest.mark.dtype("none")  # no model numerics
 def cut_by_slicing(images: Tensor, keep: Tensor, p: int) -> Tensor:
     """[B, K, C, P, P]: patch n of the row-major grid is images[..., row*P:(row+1)*P, col*P:(col+1)*P]."""
     grid_w = images.shape[3] // p
-    return torch.stack([
-        torch.stack([images[b, :, (n // grid_w) * p:(n // grid_w + 1) * p, (n % grid_w) * p:(n % grid_w + 1) * p]
-                     for n in keep[b].tolist()])
-        for b in range(images.shape[0])])
+    return torch.stack(
+        [
+            torch.stack(
+                [
+                    images[b, :, (n // grid_w) * p : (n // grid_w + 1) * p, (n % grid_w) * p : (n % grid_w + 1) * p]
+                    for n in keep[b].tolist()
+                ]
+            )
+            for b in range(images.shape[0])
+        ]
+    )
 
 
 @pytest.mark.parametrize(("h", "w", "p"), [(32, 32, 4), (24, 40, 8), (35, 30, 8)])  # square, oblong, remainder

@@ -1,5 +1,6 @@
 """Real processes for the billing-under-failure tests: `student-client train` and `teacher-server serve` as users run
 them, the request log a run writes (`--request-log`), and the SQLite ledger read back with SQL."""
+
 from __future__ import annotations
 
 import json
@@ -32,13 +33,36 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def train_cmd(data: Path, out: Path, teacher: str, key: str, *extra: str, epochs: int = 2,
-              batch_size: int = 8) -> list[str]:
+def train_cmd(
+    data: Path, out: Path, teacher: str, key: str, *extra: str, epochs: int = 2, batch_size: int = 8
+) -> list[str]:
     """`student-client train --local` on the tiny student, all flags at their defaults unless given."""
-    return [*STUDENT_CLI, "train", "--local", "--data", str(data), "--out", str(out), "--teacher", teacher,
-            "--api-key", key, "--student", STUDENT, "--student-kwargs", json.dumps(STUDENT_KWARGS),
-            "--epochs", str(epochs), "--batch-size", str(batch_size), "--no-eval", "--no-progress",
-            "--request-log", str(out / "requests.jsonl"), *extra]
+    return [
+        *STUDENT_CLI,
+        "train",
+        "--local",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--teacher",
+        teacher,
+        "--api-key",
+        key,
+        "--student",
+        STUDENT,
+        "--student-kwargs",
+        json.dumps(STUDENT_KWARGS),
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        str(batch_size),
+        "--no-eval",
+        "--no-progress",
+        "--request-log",
+        str(out / "requests.jsonl"),
+        *extra,
+    ]
 
 
 def step_rows(out: Path) -> int:
@@ -87,9 +111,23 @@ class TeacherProcess(ServerProcess):
     (`kill()`, then `start()` again on the same port and ledger). `starts` counts the launches."""
 
     def __init__(self, checkpoint: Path, db: Path, port: int, log: Path) -> None:
-        super().__init__(serve_argv("--checkpoint", str(checkpoint), "--host", "127.0.0.1", "--port", str(port),
-                                    "--db", f"sqlite:///{db}", "--no-metrics", "--max-delay-ms", "1"),
-                         log=log, env=clean_env())
+        super().__init__(
+            serve_argv(
+                "--checkpoint",
+                str(checkpoint),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--db",
+                f"sqlite:///{db}",
+                "--no-metrics",
+                "--max-delay-ms",
+                "1",
+            ),
+            log=log,
+            env=clean_env(),
+        )
         self.db = db
         self.starts = 0
 

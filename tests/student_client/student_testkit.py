@@ -3,6 +3,7 @@
 Not a conftest.py: `tests/conftest.py` is imported as `conftest` by other test files, and a second conftest module
 here would shadow it.
 """
+
 from __future__ import annotations
 
 import os
@@ -56,8 +57,9 @@ def tiny_teacher(seed: int = 0, **overrides: object) -> nn.Module:
 @contextmanager
 def teacher_server(tmp: Path, model: nn.Module, **settings: object) -> Iterator[RunningServer]:
     """A real gRPC teacher on 127.0.0.1 with a real SQLite ledger in `tmp`."""
-    cfg = ServerSettings(model="vit_tiny_patch16_224", db=f"sqlite:///{tmp / 'ledger.db'}", metrics_port=None,
-                         **settings)
+    cfg = ServerSettings(
+        model="vit_tiny_patch16_224", db=f"sqlite:///{tmp / 'ledger.db'}", metrics_port=None, **settings
+    )
     with running_server(cfg, model=model) as srv:
         yield srv
 
@@ -68,7 +70,9 @@ def ledger_rows_at(db: Path | str, key_name: str) -> list[dict[str, object]]:
         conn.row_factory = sqlite3.Row
         rows = conn.execute(
             "SELECT u.request_id, u.images, u.tokens, u.gflops, u.full_gflops, u.cost, u.purpose FROM usage u "
-            "JOIN api_keys k ON k.id = u.api_key_id WHERE k.name = ? ORDER BY u.id", (key_name,)).fetchall()
+            "JOIN api_keys k ON k.id = u.api_key_id WHERE k.name = ? ORDER BY u.id",
+            (key_name,),
+        ).fetchall()
     return [dict(r) for r in rows]
 
 

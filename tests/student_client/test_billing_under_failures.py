@@ -2,6 +2,7 @@
 three times during a run, end with exactly the ledger rows of an uninterrupted run (read back with SQL), every
 re-sent request byte-identical to the first send (sha256 from the run's --request-log), and summary.json equal to
 what the ledger billed."""
+
 from __future__ import annotations
 
 import csv
@@ -54,11 +55,12 @@ def test_kill_9_mid_epoch_then_resume_bills_exactly_the_uninterrupted_run(tmp_pa
     with teacher_server(tmp_path, tiny_teacher()) as srv:
         straight, killed = tmp_path / "straight", tmp_path / "killed"
         # the uninterrupted run: the same command line, through the same main() in this process
-        assert main(train_cmd(data, straight, srv.address, srv.create_key("straight"))[len(STUDENT_CLI):]) == 0
+        assert main(train_cmd(data, straight, srv.address, srv.create_key("straight"))[len(STUDENT_CLI) :]) == 0
 
         key = srv.create_key("killed")
-        proc = subprocess.Popen(train_cmd(data, killed, srv.address, key), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env=env)
+        proc = subprocess.Popen(
+            train_cmd(data, killed, srv.address, key), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+        )
         try:
             wait_for(lambda: step_rows(killed) >= 7 or proc.poll() is not None, 180, "7 steps")  # into epoch 2
             proc.send_signal(signal.SIGKILL)
@@ -67,8 +69,9 @@ def test_kill_9_mid_epoch_then_resume_bills_exactly_the_uninterrupted_run(tmp_pa
             if proc.poll() is None:
                 proc.kill()
         run_id = run_id_of(killed)
-        resumed = subprocess.run(train_cmd(data, killed, srv.address, key, "--resume"),
-                                 capture_output=True, text=True, timeout=180, env=env)
+        resumed = subprocess.run(
+            train_cmd(data, killed, srv.address, key, "--resume"), capture_output=True, text=True, timeout=180, env=env
+        )
         assert resumed.returncode == 0, resumed.stderr
         assert "resuming from" in resumed.stderr
         assert run_id_of(killed) == run_id  # --resume kept the run id
@@ -101,15 +104,24 @@ def test_kill_9_mid_epoch_then_resume_bills_exactly_the_uninterrupted_run(tmp_pa
 def test_teacher_killed_and_restarted_three_times_the_run_completes_billed_once(tmp_path: Path) -> None:
     data = make_subset(tmp_path / "data", train_per_class=4, test_per_class=1)
     teacher = tiny_teacher()
-    ckpt = save_model_checkpoint(tmp_path / "teacher.safetensors", teacher, model_name="vit_tiny_patch16_224",
-                                 model_kwargs={"img_size": 32, "patch_size": 4, "num_classes": 10, "depth": 2})
+    ckpt = save_model_checkpoint(
+        tmp_path / "teacher.safetensors",
+        teacher,
+        model_name="vit_tiny_patch16_224",
+        model_kwargs={"img_size": 32, "patch_size": 4, "num_classes": 10, "depth": 2},
+    )
     db = tmp_path / "ledger.db"
     server = TeacherProcess(ckpt, db, free_port(), tmp_path / "teacher.log")
     server.start()
     key = create_key(db, "restarts")
     out = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(data, out, server.address, key, epochs=2), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=clean_env())
+    proc = subprocess.Popen(
+        train_cmd(data, out, server.address, key, epochs=2),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+    )
     try:
         for rows in (2, 4, 6):  # kill it three times while steps are in flight, and start it again at once
             wait_for(lambda: step_rows(out) >= rows or proc.poll() is not None, 180, f"{rows} steps")
@@ -159,35 +171,51 @@ def test_bf16_run_resumed_with_other_threads_then_other_numerics_bills_the_unint
     data = make_subset(tmp_path / "data", train_per_class=4, test_per_class=1)  # 5 steps of 8 per epoch, 2 epochs
     with teacher_server(tmp_path, tiny_teacher()) as srv:
         straight, killed = tmp_path / "straight", tmp_path / "killed"
-        done = subprocess.run(train_cmd(data, straight, srv.address, srv.create_key("straight"), "--precision",
-                                        "bf16"), capture_output=True, text=True, timeout=180, env=clean_env())
+        done = subprocess.run(
+            train_cmd(data, straight, srv.address, srv.create_key("straight"), "--precision", "bf16"),
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env=clean_env(),
+        )
         assert done.returncode == 0, done.stderr
         key = srv.create_key("killed")
         _kill_at(train_cmd(data, killed, srv.address, key, "--precision", "bf16"), killed, 6)
         # resumed from epoch 1's checkpoint (step 5) on two threads, killed again at step 8 (80%)
-        _kill_at(train_cmd(data, killed, srv.address, key, "--resume", "--threads-per-worker", "2"), killed, 8,
-                 OMP_NUM_THREADS="2")
-        numerics = subprocess.run(train_cmd(data, killed, srv.address, key, "--resume", "--precision", "fp32",
-                                            "--strategy", "random"), capture_output=True, text=True, timeout=180,
-                                  env=clean_env())
+        _kill_at(
+            train_cmd(data, killed, srv.address, key, "--resume", "--threads-per-worker", "2"),
+            killed,
+            8,
+            OMP_NUM_THREADS="2",
+        )
+        numerics = subprocess.run(
+            train_cmd(data, killed, srv.address, key, "--resume", "--precision", "fp32", "--strategy", "random"),
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env=clean_env(),
+        )
         assert numerics.returncode == 0, numerics.stderr
         rows_straight, rows_killed = ledger_rows(srv, "straight"), ledger_rows(srv, "killed")
 
     run_id, straight_id = run_id_of(killed), run_id_of(straight)
-    assert sorted(str(r["request_id"]).removeprefix(run_id) for r in rows_killed) == \
-        sorted(str(r["request_id"]).removeprefix(straight_id) for r in rows_straight)
+    assert sorted(str(r["request_id"]).removeprefix(run_id) for r in rows_killed) == sorted(
+        str(r["request_id"]).removeprefix(straight_id) for r in rows_straight
+    )
     billed = sum(float(r["gflops"]) for r in rows_killed)  # type: ignore[arg-type]
     assert billed == pytest.approx(sum(float(r["gflops"]) for r in rows_straight), rel=1e-12)  # type: ignore[arg-type]
     summary = summary_of(killed)
     assert summary["teacher_gflops"] == pytest.approx(billed, rel=1e-9) and summary["teacher_rebilled_requests"] == 0
     log = request_log(killed)
-    by_attempt = [digests_by_id([e for e in log if e["pid"] == pid], run_id) for pid in dict.fromkeys(
-        e["pid"] for e in log)]
+    by_attempt = [
+        digests_by_id([e for e in log if e["pid"] == pid], run_id) for pid in dict.fromkeys(e["pid"] for e in log)
+    ]
     assert len(by_attempt) == 3
     # bf16 on two threads re-sent steps 5 and 6 (7 was in flight at the kill) with the bytes of the first attempt
     first, threads, fp32 = by_attempt
-    assert [rid for rid in threads if rid in first] and all(threads[rid] == first[rid] for rid in threads
-                                                            if rid in first)
+    assert [rid for rid in threads if rid in first] and all(
+        threads[rid] == first[rid] for rid in threads if rid in first
+    )
     # fp32 + random re-sent steps 5..7 with other kept patches: each answered with what was billed, nothing billed
     resent = [rid for rid in fp32 if rid in threads]
     assert len(resent) >= 4 and all(fp32[rid] != threads[rid] for rid in resent)
@@ -201,10 +229,15 @@ def test_resume_with_another_seed_is_refused_in_one_line(tmp_path: Path) -> None
     data = make_subset(tmp_path / "data", train_per_class=2, test_per_class=1)
     with teacher_server(tmp_path, tiny_teacher()) as srv:
         key, out = srv.create_key("seed"), tmp_path / "run"
-        assert main(train_cmd(data, out, srv.address, key, epochs=1)[len(STUDENT_CLI):]) == 0
+        assert main(train_cmd(data, out, srv.address, key, epochs=1)[len(STUDENT_CLI) :]) == 0
         rows = len(ledger_rows(srv, "seed"))
-        again = subprocess.run(train_cmd(data, out, srv.address, key, "--resume", "--epochs", "2", "--seed", "7"),
-                               capture_output=True, text=True, timeout=180, env=clean_env())
+        again = subprocess.run(
+            train_cmd(data, out, srv.address, key, "--resume", "--epochs", "2", "--seed", "7"),
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env=clean_env(),
+        )
         assert len(ledger_rows(srv, "seed")) == rows  # nothing sent
     assert again.returncode != 0 and "Traceback" not in again.stderr
     errors = [line for line in again.stderr.splitlines() if "--seed 0, not 7" in line]

@@ -1,4 +1,5 @@
 """`student-client` as a user runs it (subprocesses): one-line errors, a plain run, and eval."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,7 @@ CLI = [sys.executable, "-m", "student_client.cli"]
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=180,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=180, env={**os.environ, **(env or {})})
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,24 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--student", STUDENT, "--student-kwargs", json.dumps(STUDENT_KWARGS), "--data", str(data),
-            "--out", str(out), "--batch-size", "8", "--epochs", "1", "--local", "--no-progress", *extra]
+    return [
+        "train",
+        "--student",
+        STUDENT,
+        "--student-kwargs",
+        json.dumps(STUDENT_KWARGS),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--batch-size",
+        "8",
+        "--epochs",
+        "1",
+        "--local",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -62,8 +78,9 @@ def test_unreachable_teacher_and_bad_key_give_one_line_errors(data: Path, tmp_pa
     assert_one_line_error(proc, dead, "unavailable")
 
     with teacher_server(tmp_path, tiny_teacher()) as srv:
-        proc = run_cli(*train_args(data, tmp_path / "b", "--teacher", srv.address),
-                       env={"MASKEDKD_API_KEY": "mkd_" + "z" * 43})
+        proc = run_cli(
+            *train_args(data, tmp_path / "b", "--teacher", srv.address), env={"MASKEDKD_API_KEY": "mkd_" + "z" * 43}
+        )
     assert_one_line_error(proc, "API key")
     assert not (tmp_path / "b" / "checkpoints").exists()
 
@@ -76,7 +93,10 @@ def in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str
 
 
 def test_mode_none_trains_without_a_teacher_and_eval_prints_top1_top5(
-    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    data: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("MASKEDKD_API_KEY", raising=False)
     code, _, err = in_process(capsys, *train_args(data, tmp_path / "c", "--teacher", "127.0.0.1:1"))
@@ -111,7 +131,8 @@ def test_mode_none_trains_without_a_teacher_and_eval_prints_top1_top5(
 
 
 def test_train_flags_are_derived_from_train_config_and_env_fills_what_is_not_given(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     for name in [k for k in os.environ if k.startswith("MASKEDKD_")]:
         monkeypatch.delenv(name)
@@ -130,8 +151,19 @@ def test_train_flags_are_derived_from_train_config_and_env_fills_what_is_not_giv
             assert "--" + name.replace("_", "-") not in help_text
             continue
         assert " ".join(str(info.description).split()) in help_text, name
-    for old_flag in ("--lambda", "--teacher-timeout", "--teacher-patience", "--no-eval", "--no-progress", "--hard",
-                     "--train-head-only", "--resume", "--local", "--ray-address", "--device"):
+    for old_flag in (
+        "--lambda",
+        "--teacher-timeout",
+        "--teacher-patience",
+        "--no-eval",
+        "--no-progress",
+        "--hard",
+        "--train-head-only",
+        "--resume",
+        "--local",
+        "--ray-address",
+        "--device",
+    ):
         assert old_flag in help_text
 
     # env fills a flag not given; a flag given wins; older env names still work
@@ -139,22 +171,42 @@ def test_train_flags_are_derived_from_train_config_and_env_fills_what_is_not_giv
     monkeypatch.setenv("MASKEDKD_STUDENT_STUDENT_KWARGS", '{"img_size": 32}')
     monkeypatch.setenv("MASKEDKD_API_KEY", "mkd_secret_value")
     monkeypatch.setenv("MASKEDKD_TEACHER", "127.0.0.1:50051")
-    args = parser.parse_args(["train", "--data", "d", "--out", "o", "--lambda", "0.5", "--no-eval",
-                              "--storage", "s3://bucket/runs", "--teacher-ca", "ca.pem"])
+    args = parser.parse_args(
+        [
+            "train",
+            "--data",
+            "d",
+            "--out",
+            "o",
+            "--lambda",
+            "0.5",
+            "--no-eval",
+            "--storage",
+            "s3://bucket/runs",
+            "--teacher-ca",
+            "ca.pem",
+        ]
+    )
     cfg = settings_from_flags(TrainConfig, args)
     assert (cfg.epochs, cfg.student_kwargs, cfg.lambda_kd, cfg.eval) == (3, {"img_size": 32}, 0.5, False)
     assert cfg.teacher == "127.0.0.1:50051" and cfg.api_key == "mkd_secret_value"
     assert cfg.storage == "s3://bucket/runs" and cfg.teacher_ca == str(tmp_path / "ca.pem")
-    assert settings_from_flags(TrainConfig, parser.parse_args(["train", "--data", "d", "--out", "o", "--epochs",
-                                                               "2"])).epochs == 2
+    assert (
+        settings_from_flags(
+            TrainConfig, parser.parse_args(["train", "--data", "d", "--out", "o", "--epochs", "2"])
+        ).epochs
+        == 2
+    )
     # a bool set in the environment is turned off by its --no-x flag; not given, the environment holds
     monkeypatch.setenv("MASKEDKD_STUDENT_HARD", "true")
     monkeypatch.setenv("MASKEDKD_STUDENT_TRAIN_HEAD_ONLY", "1")
     monkeypatch.setenv("MASKEDKD_STUDENT_EVAL", "false")
     kept = settings_from_flags(TrainConfig, parser.parse_args(["train", "--data", "d", "--out", "o"]))
     assert (kept.hard, kept.train_head_only, kept.eval) == (True, True, False)
-    flipped = settings_from_flags(TrainConfig, parser.parse_args(["train", "--data", "d", "--out", "o", "--no-hard",
-                                                                  "--no-train-head-only", "--eval"]))
+    flipped = settings_from_flags(
+        TrainConfig,
+        parser.parse_args(["train", "--data", "d", "--out", "o", "--no-hard", "--no-train-head-only", "--eval"]),
+    )
     assert (flipped.hard, flipped.train_head_only, flipped.eval) == (False, False, True)
 
     # a Ray worker gets it as a dict and rebuilds the same config; the key never shows in repr or config.json
@@ -173,45 +225,83 @@ def _mismatched_checkpoint(out: Path) -> None:
     kwargs = {**STUDENT_KWARGS, "depth": 3, "num_classes": 10}
     model = create_student(STUDENT, kwargs)
     optimizer = torch.optim.AdamW(model.parameters())
-    save_training_checkpoint(out, model=model, model_name=STUDENT, model_kwargs=kwargs, optimizer=optimizer,
-                             scheduler=None, state=TrainState(epochs_done=1, global_step=3))
+    save_training_checkpoint(
+        out,
+        model=model,
+        model_name=STUDENT,
+        model_kwargs=kwargs,
+        optimizer=optimizer,
+        scheduler=None,
+        state=TrainState(epochs_done=1, global_step=3),
+    )
 
 
-@pytest.mark.parametrize("flags,needles", [
-    (["--student-kwargs", "{img_size: 32}"], ["--student-kwargs: not JSON: Expecting property name"]),
-    (["--teacher", "localhost", "--api-key", "mkd_x", "--mode", "kd"], ["--teacher:", "'localhost'", "HOST:PORT"]),
-    (["--student", "vit_tiny_patch16_24"], ["--student: 'vit_tiny_patch16_24' is not a timm model",
-                                            "did you mean vit_tiny_patch16_224"]),
-    (["--student-kwargs", '{"img_sizee": 32}'], ["--student-kwargs: cannot build", "img_sizee"]),
-    (["--data", "no/such/dir"], ["--data: no directory", "no/such/dir"]),
-    (["--resume"], ["--resume: checkpoint", "does not fit", "Unexpected key(s) in state_dict",
-                    '"blocks.2.mlp.fc2.bias"']),
-    (["--keep", "1.5"], ["--keep: must be a fraction"]),
-    (["--keep-mass", "0.9"], ["--keep-mass needs --mode kd --strategy sips, not --mode none"]),
-    (["--keep-mass", "1.2"], ["--keep-mass: Input should be less than or equal to 1"]),
-])
+@pytest.mark.parametrize(
+    "flags,needles",
+    [
+        (["--student-kwargs", "{img_size: 32}"], ["--student-kwargs: not JSON: Expecting property name"]),
+        (["--teacher", "localhost", "--api-key", "mkd_x", "--mode", "kd"], ["--teacher:", "'localhost'", "HOST:PORT"]),
+        (
+            ["--student", "vit_tiny_patch16_24"],
+            ["--student: 'vit_tiny_patch16_24' is not a timm model", "did you mean vit_tiny_patch16_224"],
+        ),
+        (["--student-kwargs", '{"img_sizee": 32}'], ["--student-kwargs: cannot build", "img_sizee"]),
+        (["--data", "no/such/dir"], ["--data: no directory", "no/such/dir"]),
+        (
+            ["--resume"],
+            ["--resume: checkpoint", "does not fit", "Unexpected key(s) in state_dict", '"blocks.2.mlp.fc2.bias"'],
+        ),
+        (["--keep", "1.5"], ["--keep: must be a fraction"]),
+        (["--keep-mass", "0.9"], ["--keep-mass needs --mode kd --strategy sips, not --mode none"]),
+        (["--keep-mass", "1.2"], ["--keep-mass: Input should be less than or equal to 1"]),
+    ],
+)
 def test_bad_values_are_one_line_exit_2_before_ray_starts(
-    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
-    flags: list[str], needles: list[str],
+    data: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    flags: list[str],
+    needles: list[str],
 ) -> None:
     monkeypatch.chdir(tmp_path)
     _mismatched_checkpoint(tmp_path / "out")
-    args = ["train", "--mode", "none", "--student", STUDENT, "--student-kwargs", json.dumps(STUDENT_KWARGS),
-            "--data", str(data), "--out", "out", "--workers", "1", *flags]  # no --local: Ray would be next
+    args = [
+        "train",
+        "--mode",
+        "none",
+        "--student",
+        STUDENT,
+        "--student-kwargs",
+        json.dumps(STUDENT_KWARGS),
+        "--data",
+        str(data),
+        "--out",
+        "out",
+        "--workers",
+        "1",
+        *flags,
+    ]  # no --local: Ray would be next
     code, stdout, err = in_process(capsys, *args)
     assert code == 2 and stdout == ""
     assert_one_line_error(subprocess.CompletedProcess(args, code, stdout, err), *needles)
     assert "ray:" not in err  # the line Ray prints when it started
 
 
-@pytest.mark.parametrize("flags,needle", [
-    (["--epochs", "x"], "--epochs: invalid int value: 'x'"),
-    (["--epochs", "0"], "--epochs: Input should be greater than or equal to 1 (got 0)"),
-    (["--mode", "bogus"], "--mode: invalid choice: 'bogus'"),
-    (["--bogus"], "unrecognized arguments: --bogus"), ([], "--data is required (or env MASKEDKD_STUDENT_DATA)"),
-])
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--epochs", "x"], "--epochs: invalid int value: 'x'"),
+        (["--epochs", "0"], "--epochs: Input should be greater than or equal to 1 (got 0)"),
+        (["--mode", "bogus"], "--mode: invalid choice: 'bogus'"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        ([], "--data is required (or env MASKEDKD_STUDENT_DATA)"),
+    ],
+)
 def test_bad_flags_are_one_line_exit_2_without_the_usage(
-    capsys: pytest.CaptureFixture[str], flags: list[str], needle: str,
+    capsys: pytest.CaptureFixture[str],
+    flags: list[str],
+    needle: str,
 ) -> None:
     args = ["train", *(["--data", "d"] if flags else []), "--out", "o", "--mode", "none", *flags]
     code = main(args)
@@ -222,7 +312,10 @@ def test_bad_flags_are_one_line_exit_2_without_the_usage(
 
 def test_the_resume_command_repeats_the_flags_but_not_the_api_key() -> None:
     argv = ["train", "--data", "my data", "--api-key", "mkd_secret", "--out", "o"]
-    assert resume_command(argv) == ("student-client train --data 'my data' --api-key \"$MASKEDKD_API_KEY\" --out o "
-                                    "--resume")
-    assert resume_command(["train", "--api-key=mkd_secret", "--resume"]) == \
-        'student-client train --api-key="$MASKEDKD_API_KEY" --resume'
+    assert resume_command(argv) == (
+        "student-client train --data 'my data' --api-key \"$MASKEDKD_API_KEY\" --out o --resume"
+    )
+    assert (
+        resume_command(["train", "--api-key=mkd_secret", "--resume"])
+        == 'student-client train --api-key="$MASKEDKD_API_KEY" --resume'
+    )

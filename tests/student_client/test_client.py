@@ -1,4 +1,5 @@
 """TeacherClient, AsyncTeacherClient and TeacherStream against a real teacher server on 127.0.0.1."""
+
 from __future__ import annotations
 
 import asyncio
@@ -90,12 +91,23 @@ class LostResponse(grpc.RpcError, grpc.Call):  # type: ignore[misc]
     def details(self) -> str:
         return "connection reset while reading the response"
 
-    def initial_metadata(self): return ()  # type: ignore[no-untyped-def]  # noqa: E704
-    def trailing_metadata(self): return ()  # type: ignore[no-untyped-def]  # noqa: E704
-    def is_active(self): return False  # type: ignore[no-untyped-def]  # noqa: E704
-    def time_remaining(self): return None  # type: ignore[no-untyped-def]  # noqa: E704
-    def cancel(self): return False  # type: ignore[no-untyped-def]  # noqa: E704
-    def add_callback(self, cb): return False  # type: ignore[no-untyped-def]  # noqa: E704
+    def initial_metadata(self):
+        return ()  # type: ignore[no-untyped-def]
+
+    def trailing_metadata(self):
+        return ()  # type: ignore[no-untyped-def]
+
+    def is_active(self):
+        return False  # type: ignore[no-untyped-def]
+
+    def time_remaining(self):
+        return None  # type: ignore[no-untyped-def]
+
+    def cancel(self):
+        return False  # type: ignore[no-untyped-def]
+
+    def add_callback(self, cb):
+        return False  # type: ignore[no-untyped-def]
 
 
 def test_infer_sends_only_kept_patches_as_uint8_and_matches_in_process_teacher(server) -> None:  # type: ignore[no-untyped-def]
@@ -105,7 +117,7 @@ def test_infer_sends_only_kept_patches_as_uint8_and_matches_in_process_teacher(s
     logits, usage = client.infer(images=x, keep_indices=keep)
     torch.testing.assert_close(logits, reference_logits(server, x, keep), rtol=1e-5, atol=1e-5)
 
-    req = [r for r in rec.sent if isinstance(r, pb.InferRequest)][0]
+    req = next(r for r in rec.sent if isinstance(r, pb.InferRequest))
     assert req.WhichOneof("input") == "patches"
     assert req.patches.dtype == "uint8" and list(req.patches.shape) == [3, 16, 3, 4, 4]
     assert len(req.patches.data) == 3 * 16 * 3 * 4 * 4  # a quarter of the full image's 3*3*32*32 bytes
@@ -123,7 +135,7 @@ def test_float_pixels_travel_as_float16_and_full_images_when_no_keep(server) -> 
     x = pixels(2) * 0.7 + 0.1  # no longer k/255, like mixup output
     assert wire_pixels(x).dtype == torch.float16 and wire_pixels(pixels(2)).dtype == torch.uint8
     logits, usage = client.infer(images=x)
-    req = [r for r in rec.sent if isinstance(r, pb.InferRequest)][0]
+    req = next(r for r in rec.sent if isinstance(r, pb.InferRequest))
     assert req.WhichOneof("input") == "images" and req.images.dtype == "float16"
     torch.testing.assert_close(logits, reference_logits(server, x.half().float(), None), rtol=1e-4, atol=1e-4)
     assert usage.gflops == pytest.approx(usage.full_gflops)
@@ -134,7 +146,7 @@ def test_ragged_keep_counts_and_split_batches(server) -> None:  # type: ignore[n
     x, keep = pixels(10, seed=3), random_keep(10, 20, seed=3)
     counts = torch.tensor([20, 12, 5, 20, 1, 7, 20, 3, 9, 11])
     logits, usage = client.infer(images=x, keep_indices=keep, keep_counts=counts, request_id="split-1")
-    expected = torch.cat([reference_logits(server, x[i:i + 1], keep[i:i + 1, : counts[i]]) for i in range(10)])
+    expected = torch.cat([reference_logits(server, x[i : i + 1], keep[i : i + 1, : counts[i]]) for i in range(10)])
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
     assert usage.requests == 2  # 10 images over max_batch_images=8
     ids = sorted(r["request_id"] for r in ledger_rows(server, "ragged"))
@@ -206,7 +218,7 @@ def test_stream_matches_unary_and_fails_cleanly_on_a_bad_key(server) -> None:  #
     with TeacherStream(client) as stream:
         futures = [stream.submit(images=x, keep_indices=k, request_id=f"s{i}") for i, (x, k) in enumerate(batches)]
         results = [f.result(timeout=30) for f in futures]
-    for (x, k), (logits, usage) in zip(batches, results):
+    for (x, k), (logits, usage) in zip(batches, results, strict=True):
         torch.testing.assert_close(logits, reference_logits(server, x, k), rtol=1e-5, atol=1e-5)
         assert usage.gflops == pytest.approx(2 * server.reference.gflops(k.shape[1]), rel=1e-9)
     assert sorted(r["request_id"] for r in ledger_rows(server, "stream")) == ["s0", "s1", "s2", "s3"]
@@ -219,8 +231,10 @@ async def test_async_client_matches_the_in_process_teacher(server) -> None:  # t
     key = server.create_key("aio")
     x, keep = pixels(3, seed=9), random_keep(3, 24, seed=9)
     async with AsyncTeacherClient(server.address, key) as client:
-        (a, ua), (b, ub) = await asyncio.gather(client.infer(images=x, keep_indices=keep, request_id="a1"),
-                                                client.infer(images=x, keep_indices=keep, request_id="a1"))
+        (a, _ua), (b, _ub) = await asyncio.gather(
+            client.infer(images=x, keep_indices=keep, request_id="a1"),
+            client.infer(images=x, keep_indices=keep, request_id="a1"),
+        )
         with pytest.raises(TeacherInputError):
             await client.infer(images=x, keep_indices=torch.tensor([[0, 0, 70]] * 3))
     torch.testing.assert_close(a, reference_logits(server, x, keep), rtol=1e-5, atol=1e-5)
@@ -249,21 +263,27 @@ async def test_purpose_labels_every_clients_rows_and_a_bad_label_never_leaves(se
     assert len(rec.sent) == sent  # refused by the client: nothing went out
     assert [r.purpose for r in rec.sent if isinstance(r, pb.InferRequest)] == ["", "eval"]
     assert {r["request_id"]: r["purpose"] for r in ledger_rows(server, "purposes")} == {
-        "plain": "", "eval": "eval", "streamed": "probe", "aio": "probe"}
+        "plain": "",
+        "eval": "eval",
+        "streamed": "probe",
+        "aio": "probe",
+    }
 
 
 async def test_async_client_and_stream_over_mutual_tls(tmp_path: Path) -> None:
     pki = make_pki(tmp_path / "pki")
-    with teacher_server(tmp_path, tiny_teacher(), tls_cert=pki.server_cert, tls_key=pki.server_key,
-                        tls_client_ca=pki.ca) as srv:
+    with teacher_server(
+        tmp_path, tiny_teacher(), tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca
+    ) as srv:
         key = srv.create_key("mtls")
         tls = {"ca_file": pki.ca, "client_cert": pki.client_cert, "client_key": pki.client_key}
         async with AsyncTeacherClient(srv.address, key, **tls) as client:
             _, usage = await client.infer(images=pixels(2), request_id="aio-tls")
         with TeacherStream(TeacherClient(srv.address, key, **tls)) as stream:
             _, streamed = stream.submit(images=pixels(1), request_id="stream-tls").result(timeout=60)
-        async with AsyncTeacherClient(srv.address, key, ca_file=pki.ca, max_retries=0, timeout_s=5,
-                                      patience_s=0) as no_cert:
+        async with AsyncTeacherClient(
+            srv.address, key, ca_file=pki.ca, max_retries=0, timeout_s=5, patience_s=0
+        ) as no_cert:
             with pytest.raises(TeacherUnavailableError):
                 await no_cert.infer(images=pixels(1))
         rows = ledger_rows(srv, "mtls")
@@ -271,19 +291,37 @@ async def test_async_client_and_stream_over_mutual_tls(tmp_path: Path) -> None:
     assert [r["cost"] for r in rows] == pytest.approx([usage.cost, streamed.cost], rel=1e-12)
 
 
-def test_student_cli_trains_against_a_mutual_tls_teacher(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_student_cli_trains_against_a_mutual_tls_teacher(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     pki = make_pki(tmp_path / "pki")
     data = make_subset(tmp_path / "data", train_per_class=1, test_per_class=1)
     monkeypatch.delenv("MASKEDKD_API_KEY", raising=False)
-    with teacher_server(tmp_path, tiny_teacher(), tls_cert=pki.server_cert, tls_key=pki.server_key,
-                        tls_client_ca=pki.ca) as srv:
+    with teacher_server(
+        tmp_path, tiny_teacher(), tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca
+    ) as srv:
         key = srv.create_key("cli-tls")
-        common = ["train", "--teacher", srv.address, "--api-key", key, "--student", STUDENT, "--student-kwargs",
-                  json.dumps(STUDENT_KWARGS), "--data", str(data), "--batch-size", "4", "--max-steps", "1",
-                  "--local", "--no-progress", "--no-eval"]
-        tls = ["--teacher-ca", pki.ca, "--teacher-client-cert", pki.client_cert, "--teacher-client-key",
-               pki.client_key]
+        common = [
+            "train",
+            "--teacher",
+            srv.address,
+            "--api-key",
+            key,
+            "--student",
+            STUDENT,
+            "--student-kwargs",
+            json.dumps(STUDENT_KWARGS),
+            "--data",
+            str(data),
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "1",
+            "--local",
+            "--no-progress",
+            "--no-eval",
+        ]
+        tls = ["--teacher-ca", pki.ca, "--teacher-client-cert", pki.client_cert, "--teacher-client-key", pki.client_key]
         assert student_cli([*common, "--out", str(tmp_path / "ok"), *tls]) == 0, capsys.readouterr().err
         billed = len(ledger_rows(srv, "cli-tls"))
         printed = capsys.readouterr()

@@ -1,6 +1,7 @@
 """What workers do together (student_client/collective.py), on a real two-process torch.distributed (gloo) group:
 named sums in one all-reduce whatever names each worker gave, and one fatal-error message agreed by both. Plus the
 one-line helpers of error messages (student_client/errors.py)."""
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,17 @@ def test_two_workers_sum_by_name_and_agree_on_the_failing_workers_message() -> N
     port = str(free_port())
     env = clean_env()
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])  # this checkout's student_client
-    workers = [subprocess.Popen([sys.executable, "-c", _WORKER, str(rank), port], cwd=REPO, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, str(rank), port],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     answers = []
     for worker in workers:
         out, err = worker.communicate(timeout=120)

@@ -1,4 +1,5 @@
 """`--data` as an archive on shared storage: extracted once per node into the cache, then trained from like a folder."""
+
 from __future__ import annotations
 
 import threading
@@ -18,8 +19,9 @@ from student_client.train_loop import run_training
 pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
 
 
-def test_an_archive_is_extracted_once_per_node_and_trained_from(tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_archive_is_extracted_once_per_node_and_trained_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     archive = make_archive(tmp_path)
     roots: list[str] = []
@@ -30,12 +32,22 @@ def test_an_archive_is_extracted_once_per_node_and_trained_from(tmp_path: Path,
         t.join()
     assert len(set(roots)) == 1 and Path(roots[0]).is_relative_to(tmp_path / "cache")
     assert sorted(p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")) == [
-        Path(roots[0]).parent.name]  # one extraction, whatever the concurrency
+        Path(roots[0]).parent.name
+    ]  # one extraction, whatever the concurrency
     assert class_names_of(roots[0]) == class_names_of(tmp_path / "cifar-small")
     assert len(list(Path(roots[0]).glob("train/*/*.jpg"))) == 10
 
-    cfg = TrainConfig(data=str(archive), out=str(tmp_path / "run"), mode="none", student=STUDENT,
-                      student_kwargs=STUDENT_KWARGS, batch_size=4, max_steps=1, eval=False, progress=False)
+    cfg = TrainConfig(
+        data=str(archive),
+        out=str(tmp_path / "run"),
+        mode="none",
+        student=STUDENT,
+        student_kwargs=STUDENT_KWARGS,
+        batch_size=4,
+        max_steps=1,
+        eval=False,
+        progress=False,
+    )
     summary = run_training(cfg, LocalContext())
     assert summary["global_step"] == 1 and summary["images_seen"] == 4 and not summary["fatal_error"]
 
@@ -43,12 +55,15 @@ def test_an_archive_is_extracted_once_per_node_and_trained_from(tmp_path: Path,
     from_archive = evaluate_checkpoint(tmp_path / "run", archive)
     from_folder = evaluate_checkpoint(tmp_path / "run", roots[0])
     assert from_archive.images == from_folder.images > 0
-    assert (from_archive.top1_correct, from_archive.top5_correct) == (from_folder.top1_correct,
-                                                                      from_folder.top5_correct)
+    assert (from_archive.top1_correct, from_archive.top5_correct) == (
+        from_folder.top1_correct,
+        from_folder.top5_correct,
+    )
 
 
-def test_a_missing_or_corrupt_archive_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_missing_or_corrupt_archive_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     bad = tmp_path / "bad.tar.gz"
     bad.write_bytes(b"not a tar file")

@@ -1,6 +1,7 @@
 """MaskedKD (student_client/kd.py) against a real teacher server: the loss against an independent reference (SIPS,
 teacher and KL computed here from timm's modules), the bill against the FLOP model and the ledger read with SQL,
 uint8 = float inputs, a retried step replayed unbilled, and one clear error per bad pairing."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -63,13 +64,23 @@ def independent_sips_top_k(student: torch.nn.Module, x: torch.Tensor, k: int, la
     attn, tokens = last.attn, last.norm1(seen["x"])  # [B, 1 + N, D]
     B, n, _ = tokens.shape
     q, key, _v = attn.qkv(tokens).reshape(B, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    probs = ((q @ key.transpose(-2, -1)) * attn.head_dim ** -0.5).softmax(dim=-1)  # [B, H, n, n]
+    probs = ((q @ key.transpose(-2, -1)) * attn.head_dim**-0.5).softmax(dim=-1)  # [B, H, n, n]
     scores = probs[:, :, 0, 1:].sum(dim=1)  # [B, N]
     return scores.topk(k, dim=1, largest=largest).indices.sort(dim=1).values
 
 
-def reference_loss(student: torch.nn.Module, teacher: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                   *, keep: int, lam: float, tau: float, strategy: str, hard: bool) -> torch.Tensor:
+def reference_loss(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    keep: int,
+    lam: float,
+    tau: float,
+    strategy: str,
+    hard: bool,
+) -> torch.Tensor:
     x = images.float() / 255
     mean = torch.tensor(student.pretrained_cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(student.pretrained_cfg["std"]).view(1, 3, 1, 1)
@@ -80,7 +91,10 @@ def reference_loss(student: torch.nn.Module, teacher: torch.nn.Module, images: t
         kept = independent_sips_top_k(student, xs, keep, largest=strategy == "sips")
     masked = MaskedTeacher(teacher)
     with torch.no_grad():
-        t_mean, t_std = torch.tensor(masked.geometry.mean).view(1, 3, 1, 1), torch.tensor(masked.geometry.std).view(1, 3, 1, 1)
+        t_mean, t_std = (
+            torch.tensor(masked.geometry.mean).view(1, 3, 1, 1),
+            torch.tensor(masked.geometry.std).view(1, 3, 1, 1),
+        )
         t_logits = masked((x - t_mean) / t_std, kept)  # [B, classes]
         s_logits = student(xs)
     if hard:  # DeiT's hard distillation: CE against the teacher's top-1
@@ -90,22 +104,41 @@ def reference_loss(student: torch.nn.Module, teacher: torch.nn.Module, images: t
     return F.cross_entropy(s_logits, labels) + lam * tau * tau * kl
 
 
-@pytest.mark.parametrize("micro_batches,transport,strategy,hard", [
-    (1, "unary", "sips", False), (2, "stream", "sips", False), (2, "unary", "bottom", False),
-    (2, "unary", "all", True),
-])
-def test_loss_is_ce_plus_lambda_tau2_kl_of_the_masked_teacher(env: dict[str, Any], micro_batches: int,
-                                                              transport: str, strategy: str, hard: bool) -> None:
+@pytest.mark.parametrize(
+    "micro_batches,transport,strategy,hard",
+    [
+        (1, "unary", "sips", False),
+        (2, "stream", "sips", False),
+        (2, "unary", "bottom", False),
+        (2, "unary", "all", True),
+    ],
+)
+def test_loss_is_ce_plus_lambda_tau2_kl_of_the_masked_teacher(
+    env: dict[str, Any], micro_batches: int, transport: str, strategy: str, hard: bool
+) -> None:
     student = make_student()
     images, labels = batch()
     name = f"loss-{micro_batches}-{transport}-{strategy}"
-    with client_for(env, name) as client, MaskedKD(student, client, keep=0.5, lambda_kd=0.7, tau=2.0, hard=hard,
-                                                   strategy=strategy, micro_batches=micro_batches,
-                                                   transport=transport, run_id=name) as kd:
+    with (
+        client_for(env, name) as client,
+        MaskedKD(
+            student,
+            client,
+            keep=0.5,
+            lambda_kd=0.7,
+            tau=2.0,
+            hard=hard,
+            strategy=strategy,
+            micro_batches=micro_batches,
+            transport=transport,
+            run_id=name,
+        ) as kd,
+    ):
         loss = kd(images.float() / 255, labels)
         loss.backward()
-    expected = reference_loss(student, env["teacher"], images, labels, keep=32, lam=0.7, tau=2.0,
-                              strategy=strategy, hard=hard)
+    expected = reference_loss(
+        student, env["teacher"], images, labels, keep=32, lam=0.7, tau=2.0, strategy=strategy, hard=hard
+    )
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-5)
     assert kd.last.loss == pytest.approx(kd.last.ce + 0.7 * kd.last.kd, rel=1e-6)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
@@ -145,35 +178,38 @@ def test_uint8_and_float_give_the_same_loss_and_a_retried_step_is_not_billed_aga
     assert sorted(r["request_id"] for r in ledger_rows(env["srv"], "retry")) == ["retry-s7-m0", "retry-s7-m1"]
 
 
-@pytest.mark.parametrize("student_kwargs,kd_kwargs,error,message", [
-    ({"num_classes": 5}, {}, ValueError, "predicts 10 classes, the student 5"),
-    ({}, {"keep": 65}, ValueError, r"keep count 65 is outside \[1, 64\]"),
-    ({}, {"keep": 1.5}, ValueError, r"keep fraction 1.5 is outside \(0, 1\]"),
-    ({}, {"strategy": "topk"}, ValueError, "strategy must be one of sips, random, bottom, all, got 'topk'"),
-    ({}, {"micro_batches": 0}, ValueError, "micro_batches must be an int >= 1"),
-    ({"patch_size": 8}, {"allow_resize": False}, ValueError, r"4x4 grid|\(4, 4\) patch grid"),
-    ({"class_token": False, "global_pool": "avg"}, {}, SIPSUnsupportedModelError, "no class token"),
-])
-def test_construction_errors_are_clear(env: dict[str, Any], student_kwargs: dict[str, Any], kd_kwargs: dict[str, Any],
-                                       error: type[Exception], message: str) -> None:
+@pytest.mark.parametrize(
+    "student_kwargs,kd_kwargs,error,message",
+    [
+        ({"num_classes": 5}, {}, ValueError, "predicts 10 classes, the student 5"),
+        ({}, {"keep": 65}, ValueError, r"keep count 65 is outside \[1, 64\]"),
+        ({}, {"keep": 1.5}, ValueError, r"keep fraction 1.5 is outside \(0, 1\]"),
+        ({}, {"strategy": "topk"}, ValueError, "strategy must be one of sips, random, bottom, all, got 'topk'"),
+        ({}, {"micro_batches": 0}, ValueError, "micro_batches must be an int >= 1"),
+        ({"patch_size": 8}, {"allow_resize": False}, ValueError, r"4x4 grid|\(4, 4\) patch grid"),
+        ({"class_token": False, "global_pool": "avg"}, {}, SIPSUnsupportedModelError, "no class token"),
+    ],
+)
+def test_construction_errors_are_clear(
+    env: dict[str, Any], student_kwargs: dict[str, Any], kd_kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
     name = f"bad-{sorted(student_kwargs.items())}-{sorted(kd_kwargs.items())}"
-    with client_for(env, name) as client:
-        with pytest.raises(error, match=message):
-            MaskedKD(make_student(**student_kwargs), client, **kd_kwargs)
+    with client_for(env, name) as client, pytest.raises(error, match=message):
+        MaskedKD(make_student(**student_kwargs), client, **kd_kwargs)
     assert not ledger_rows(env["srv"], name)
 
 
 def test_a_bad_key_fails_at_construction(env: dict[str, Any]) -> None:
-    with TeacherClient(env["srv"].address, "mkd_not-a-key", patience_s=0) as client:
-        with pytest.raises(TeacherAuthError):
-            MaskedKD(make_student(), client)
+    with TeacherClient(env["srv"].address, "mkd_not-a-key", patience_s=0) as client, pytest.raises(TeacherAuthError):
+        MaskedKD(make_student(), client)
 
 
 def test_random_strategy_without_sips_support_and_the_other_grid_is_resized(env: dict[str, Any]) -> None:
     """A student SIPS cannot hook trains with strategy random; a student on a 4x4 grid keeps 32 teacher patches."""
     with client_for(env, "random") as client:
-        kd = MaskedKD(make_student(class_token=False, global_pool="avg"), client, keep=0.5, strategy="random",
-                      run_id="random")
+        kd = MaskedKD(
+            make_student(class_token=False, global_pool="avg"), client, keep=0.5, strategy="random", run_id="random"
+        )
         assert torch.isfinite(kd(*batch())).all()
         coarse = MaskedKD(make_student(patch_size=8), client, keep=0.5, run_id="coarse")
         assert torch.isfinite(coarse(*batch())).all()
@@ -181,25 +217,34 @@ def test_random_strategy_without_sips_support_and_the_other_grid_is_resized(env:
 
 
 def test_train_returns_the_summary_and_raises_one_line_on_a_bad_key(tmp_path: Path) -> None:
-    """student_client.train(cfg) in-process: the summary's bill is the ledger's; a bad key is one line (TeacherAuthError)
-    before training starts, and a TrainingError when the checks are skipped (what a worker meets)."""
+    """student_client.train(cfg) in-process: the summary's bill is the ledger's; a bad key is one line
+    (TeacherAuthError) before training starts, and a TrainingError when the checks are skipped (what a worker meets)."""
     from student_testkit import make_subset
 
     from student_client import TrainConfig, TrainingError, train
 
     data = make_subset(tmp_path / "data", train_per_class=1, test_per_class=1)
     with teacher_server(tmp_path, tiny_teacher()) as srv:
-        base = dict(data=str(data), teacher=srv.address, student=STUDENT, student_kwargs=STUDENT_KWARGS,
-                    batch_size=8, max_steps=1, progress=False, eval=False, teacher_patience_s=0)
+        base = dict(
+            data=str(data),
+            teacher=srv.address,
+            student=STUDENT,
+            student_kwargs=STUDENT_KWARGS,
+            batch_size=8,
+            max_steps=1,
+            progress=False,
+            eval=False,
+            teacher_patience_s=0,
+        )
         summary = train(TrainConfig(out=str(tmp_path / "ok"), api_key=srv.create_key("ok"), **base), local=True)
         rows = ledger_rows(srv, "ok")
         assert summary["global_step"] == 1 and len(rows) == 2
         assert summary["teacher_gflops"] == pytest.approx(sum(r["gflops"] for r in rows), rel=1e-12)
         bad = TrainConfig(out=str(tmp_path / "bad"), api_key="mkd_wrong", **base)
-        with pytest.raises(TeacherAuthError, match="(?i)key") as refused:
+        with pytest.raises(TeacherAuthError, match=r"(?i)key") as refused:
             train(bad, local=True)
         assert "\n" not in str(refused.value)
-        with pytest.raises(TrainingError, match="(?i)key"):
+        with pytest.raises(TrainingError, match=r"(?i)key"):
             train(bad, local=True, check=False)
 
 
@@ -215,11 +260,14 @@ class RecordingClient(TeacherClient):
         return super().submit(images, **kwargs)
 
 
-@pytest.mark.parametrize("strategy,schedule", [
-    ("sips", ["forward", "send m0", "forward", "send m1", "forward", "send m2"]),      # App. E: i's answer hides
-    ("random", ["send m0", "send m1", "send m2", "forward", "forward", "forward"]),    # behind i+1's forward
-    ("all", ["send m0", "send m1", "send m2", "forward", "forward", "forward"]),
-])
+@pytest.mark.parametrize(
+    "strategy,schedule",
+    [
+        ("sips", ["forward", "send m0", "forward", "send m1", "forward", "send m2"]),  # App. E: i's answer hides
+        ("random", ["send m0", "send m1", "send m2", "forward", "forward", "forward"]),  # behind i+1's forward
+        ("all", ["send m0", "send m1", "send m2", "forward", "forward", "forward"]),
+    ],
+)
 def test_pipelining_schedule(env: dict[str, Any], strategy: str, schedule: list[str]) -> None:
     """micro_batches=3: with SIPS each request leaves right after its micro-batch's forward; random and all need no
     student, so every request leaves before the first forward. The loss is the same as unpipelined."""
@@ -229,9 +277,11 @@ def test_pipelining_schedule(env: dict[str, Any], strategy: str, schedule: list[
     images, labels = batch()
     with RecordingClient(env["srv"].address, env["srv"].create_key(f"sched-{strategy}"), events=events) as client:
         piped = MaskedKD(student, client, strategy=strategy, micro_batches=3, run_id=f"sched-{strategy}")(
-            images, labels)
+            images, labels
+        )
         assert events == schedule
         events.clear()
         whole = MaskedKD(student, client, strategy=strategy, micro_batches=1, run_id=f"whole-{strategy}")(
-            images, labels)
+            images, labels
+        )
     torch.testing.assert_close(piped, whole, rtol=1e-5, atol=1e-6)

@@ -1,6 +1,7 @@
 """`--keep auto`: the decision rule on constructed logits, and a real run against a real teacher whose ledger, read
 back with SQL, holds exactly the probes (labelled purpose 'probe') and steps the summary reports; a rerun of the same
 steps bills nothing new."""
+
 from __future__ import annotations
 
 import csv
@@ -41,8 +42,9 @@ pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, o
 def reference_kl(full: torch.Tensor, masked: torch.Tensor, tau: float) -> float:
     """Mean KL(full || masked) per image with torch's own kl_div."""
     full, masked = full.double(), masked.double()
-    return float(F.kl_div(F.log_softmax(masked / tau, -1), F.log_softmax(full / tau, -1), log_target=True,
-                          reduction="batchmean"))
+    return float(
+        F.kl_div(F.log_softmax(masked / tau, -1), F.log_softmax(full / tau, -1), log_target=True, reduction="batchmean")
+    )
 
 
 @pytest.fixture
@@ -61,7 +63,7 @@ def test_rung_sums_match_torch_kl_div_and_count_agreement(logits: Any) -> None:
     full, masked = logits
     sums = rung_sums(full, masked, tau=2.0)
     assert sums.shape == (4, 3) and sums[:, 2].tolist() == [16.0] * 4
-    for row, m in zip(sums, masked):
+    for row, m in zip(sums, masked, strict=True):
         assert float(row[0]) / 16 == pytest.approx(reference_kl(full, m, 2.0), rel=1e-9)
         assert float(row[1]) == float((m.argmax(-1) == full.argmax(-1)).sum())
 
@@ -101,7 +103,7 @@ def test_the_last_keep_stays_while_it_is_near_the_target_and_goes_on_a_clear_mis
 
     target = {"max_kl": 0.15, "min_agreement": 0.75}
     just_over = sums(0.16, 0.85)  # 50% misses the plain target by probe noise
-    assert choose(rungs, just_over, **target).keep == 0.75                      # no previous keep: plain rule
+    assert choose(rungs, just_over, **target).keep == 0.75  # no previous keep: plain rule
     assert choose(rungs, just_over, **target, current=Rung("random", 0.5)).keep == 0.5  # stays at 50%
     edge_kl, edge_agree = 0.15 * STAY_KL_FACTOR, 0.75 - STAY_AGREEMENT_SLACK
     assert choose(rungs, sums(edge_kl * 1.01, 0.85), **target, current=Rung("random", 0.5)).keep == 0.75
@@ -114,15 +116,29 @@ def test_the_last_keep_stays_while_it_is_near_the_target_and_goes_on_a_clear_mis
 
 
 def test_a_keep_auto_run_bills_its_probes_once_and_logs_each_decision(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     data = make_subset(tmp_path / "data", train_per_class=2, test_per_class=1)  # 20 train images: 3 steps of 8
     with teacher_server(tmp_path, tiny_teacher()) as srv:
         key = srv.create_key("auto")
         cfg = TrainConfig(
-            data=str(data), out=str(tmp_path / "run"), teacher=srv.address, api_key=key, student=STUDENT,
-            student_kwargs=STUDENT_KWARGS, batch_size=8, max_steps=1, progress=False, eval=False, keep="auto",
-            keep_every=2, keep_probes=2, keep_max_kl=10.0, keep_min_agreement=0.0)  # any rung passes: 25% wins
+            data=str(data),
+            out=str(tmp_path / "run"),
+            teacher=srv.address,
+            api_key=key,
+            student=STUDENT,
+            student_kwargs=STUDENT_KWARGS,
+            batch_size=8,
+            max_steps=1,
+            progress=False,
+            eval=False,
+            keep="auto",
+            keep_every=2,
+            keep_probes=2,
+            keep_max_kl=10.0,
+            keep_min_agreement=0.0,
+        )  # any rung passes: 25% wins
         assert run_training(cfg, LocalContext())["global_step"] == 1
         summary = run_training(cfg.replace(max_steps=3, resume=True), LocalContext())  # step 1 keeps step 0's keep
         rows = ledger_rows(srv, "auto")
@@ -150,8 +166,7 @@ def test_a_keep_auto_run_bills_its_probes_once_and_logs_each_decision(
     # every probe, and nothing else, carries purpose 'probe': the teacher's reports attribute them exactly
     assert [r["request_id"] for r in rows if r["purpose"] == "probe"] == [r["request_id"] for r in probes]
     assert {r["purpose"] for r in rows if r not in probes} == {""}
-    assert summary["probe_gflops"] == pytest.approx(sum(r["gflops"] for r in rows if r["purpose"] == "probe"),
-                                                    rel=1e-9)
+    assert summary["probe_gflops"] == pytest.approx(sum(r["gflops"] for r in rows if r["purpose"] == "probe"), rel=1e-9)
     assert sorted(reported) == ["", "probe"] and reported["probe"].requests == len(probes)
     assert reported["probe"].gflops == pytest.approx(summary["probe_gflops"], rel=1e-9)
     assert reported["probe"].cost == pytest.approx(summary["probe_cost"], rel=1e-9)
@@ -176,15 +191,26 @@ def test_masked_kd_keep_auto_decides_on_probes_and_bills_them_in_its_usage(tmp_p
         key = srv.create_key("lib-auto")
         student = create_student(STUDENT, {**STUDENT_KWARGS, "num_classes": 10})
         images, labels = torch.rand(6, 3, 32, 32), torch.arange(6)
-        with TeacherClient(srv.address, key) as client, MaskedKD(
-                student, client, keep="auto", run_id="lib", keep_every=2, keep_probes=2, keep_max_kl=10.0,
-                keep_min_agreement=0.0) as kd:
+        with (
+            TeacherClient(srv.address, key) as client,
+            MaskedKD(
+                student,
+                client,
+                keep="auto",
+                run_id="lib",
+                keep_every=2,
+                keep_probes=2,
+                keep_max_kl=10.0,
+                keep_min_agreement=0.0,
+            ) as kd,
+        ):
             for _ in range(3):
                 kd(images, labels).backward()
             rows = ledger_rows(srv, "lib-auto")
     assert [(d["step"], d["keep"]) for d in kd.keep_decisions] == [(0, 0.25), (2, 0.25)]
     assert kd.total_billed.gflops == pytest.approx(sum(r["gflops"] for r in rows), rel=1e-9)
     assert sorted(r["request_id"] for r in rows if r["purpose"] == "probe") == sorted(
-        f"lib-s{s}-probe-{n}" for s in (0, 2) for n in ["full"] + [r.name for r in ladder(["sips", "random"])])
+        f"lib-s{s}-probe-{n}" for s in (0, 2) for n in ["full"] + [r.name for r in ladder(["sips", "random"])]
+    )
     # steps 0 and 2 send their 4 unprobed images, step 1 all 6; two decisions of 9 probe requests of 2 images
     assert sum(int(r["images"]) for r in rows) == 4 + 6 + 4 + 2 * 9 * 2

@@ -1,5 +1,6 @@
 """`--keep-mass`: select_by_mass's per-image K against a plain python loop over each row's sorted scores; the
 config's refusals; a real run whose ragged requests the server bills per image at each image's own K."""
+
 from __future__ import annotations
 
 import csv
@@ -43,12 +44,12 @@ def reference(scores: torch.Tensor, mass: float, k_max: int) -> list[list[int]]:
                 break
             kept.append(j)
             acc += row[j]
-        rows.append(sorted(kept[:max(1, min(k_max, len(kept)))]))
+        rows.append(sorted(kept[: max(1, min(k_max, len(kept)))]))
     return rows
 
 
 def as_rows(positions: torch.Tensor, counts: torch.Tensor) -> list[list[int]]:
-    return [positions[b, :int(c)].tolist() for b, c in enumerate(counts)]
+    return [positions[b, : int(c)].tolist() for b, c in enumerate(counts)]
 
 
 @pytest.mark.parametrize("mass", [0.1, 0.5, 0.9, 0.99, 1.0])
@@ -73,8 +74,7 @@ def test_k_is_clipped_by_keep_and_at_least_one() -> None:
     scores = torch.tensor([[10.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
     positions, counts = select_by_mass(scores, 0.9, keep=0.5)  # K_max = 2
     assert counts.tolist() == [1, 2, 2]  # a zero row keeps K_max
-    assert positions[0].tolist() == [0, 0] and positions[1].tolist() in ([0, 1], [0, 2], [0, 3], [1, 2], [1, 3],
-                                                                         [2, 3])
+    assert positions[0].tolist() == [0, 0] and positions[1].tolist() in ([0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3])
     assert select_by_mass(scores, 0.9, keep=3)[1].tolist() == [1, 3, 3]
 
 
@@ -82,7 +82,7 @@ def test_the_top_counts_b_patches_are_what_select_patches_keeps_at_that_k() -> N
     scores = torch.rand(5, 64, generator=torch.Generator().manual_seed(2))
     positions, counts = select_by_mass(scores, 0.6)
     for b, c in enumerate(counts.tolist()):
-        assert positions[b, :c].tolist() == select_patches(scores[b:b + 1], c)[0].tolist()
+        assert positions[b, :c].tolist() == select_patches(scores[b : b + 1], c)[0].tolist()
 
 
 def test_scores_are_resized_to_the_teacher_grid_first() -> None:
@@ -93,26 +93,35 @@ def test_scores_are_resized_to_the_teacher_grid_first() -> None:
     assert as_rows(positions, counts) == expected and int(positions.max()) < 64
 
 
-@pytest.mark.parametrize("kwargs,fragment", [
-    ({"mass": 0.0}, "mass must be a share in (0, 1]"), ({"mass": 1.5}, "mass must be"),
-    ({"mass": 0.5, "keep": 2.0}, "keep fraction"),
-    ({"mass": 0.5, "scores": -torch.ones(2, 4)}, "scores must be >= 0"),
-    ({"mass": 0.5, "scores": torch.ones(2, 4, dtype=torch.int64)}, "floating point"),
-])
+@pytest.mark.parametrize(
+    "kwargs,fragment",
+    [
+        ({"mass": 0.0}, "mass must be a share in (0, 1]"),
+        ({"mass": 1.5}, "mass must be"),
+        ({"mass": 0.5, "keep": 2.0}, "keep fraction"),
+        ({"mass": 0.5, "scores": -torch.ones(2, 4)}, "scores must be >= 0"),
+        ({"mass": 0.5, "scores": torch.ones(2, 4, dtype=torch.int64)}, "floating point"),
+    ],
+)
 def test_bad_arguments_raise_value_errors(kwargs: dict[str, object], fragment: str) -> None:
     call = {"scores": torch.ones(2, 4), **kwargs}
     with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
         select_by_mass(**call)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("overrides,fragment", [
-    ({"strategy": "random"}, "--keep-mass needs --mode kd --strategy sips, not --mode kd --strategy random"),
-    ({"mode": "mask-student"}, "--keep-mass needs --mode kd --strategy sips"),
-    ({"keep": "auto"}, "--keep-mass needs a numeric --keep"),
-    ({"keep_mass": 0.0}, "greater than 0"), ({"keep_mass": 1.5}, "less than or equal to 1"),
-])
+@pytest.mark.parametrize(
+    "overrides,fragment",
+    [
+        ({"strategy": "random"}, "--keep-mass needs --mode kd --strategy sips, not --mode kd --strategy random"),
+        ({"mode": "mask-student"}, "--keep-mass needs --mode kd --strategy sips"),
+        ({"keep": "auto"}, "--keep-mass needs a numeric --keep"),
+        ({"keep_mass": 0.0}, "greater than 0"),
+        ({"keep_mass": 1.5}, "less than or equal to 1"),
+    ],
+)
 def test_the_config_refuses_keep_mass_outside_kd_sips_with_a_numeric_keep(
-    overrides: dict[str, Any], fragment: str,
+    overrides: dict[str, Any],
+    fragment: str,
 ) -> None:
     base = {"data": "d", "out": "o", "teacher": "127.0.0.1:1", "api_key": "k", "keep_mass": 0.9}
     with pytest.raises(ValidationError, match=fragment):
@@ -121,10 +130,11 @@ def test_the_config_refuses_keep_mass_outside_kd_sips_with_a_numeric_keep(
 
 
 def test_a_keep_mass_run_is_billed_per_image_at_each_images_own_k(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    scored: list[torch.Tensor] = []   # the SIPS each selection ranked, in request order
-    seen: dict[str, list[int]] = {}   # request id -> the per-row counts the server decoded
+    scored: list[torch.Tensor] = []  # the SIPS each selection ranked, in request order
+    seen: dict[str, list[int]] = {}  # request id -> the per-row counts the server decoded
     real_prepare = inference.prepare_input
 
     def spy_select(scores: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -142,9 +152,21 @@ def test_a_keep_mass_run_is_billed_per_image_at_each_images_own_k(
     teacher = tiny_teacher()
     with teacher_server(tmp_path, teacher) as srv:
         key = srv.create_key("mass")
-        cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), teacher=srv.address, api_key=key,
-                          student=STUDENT, student_kwargs=STUDENT_KWARGS, batch_size=8, max_steps=2, progress=False,
-                          eval=False, micro_batches=2, keep=0.75, keep_mass=0.6)
+        cfg = TrainConfig(
+            data=str(data),
+            out=str(tmp_path / "run"),
+            teacher=srv.address,
+            api_key=key,
+            student=STUDENT,
+            student_kwargs=STUDENT_KWARGS,
+            batch_size=8,
+            max_steps=2,
+            progress=False,
+            eval=False,
+            micro_batches=2,
+            keep=0.75,
+            keep_mass=0.6,
+        )
         summary = run_training(cfg, LocalContext())
         rows = ledger_rows(srv, "mass")
 
@@ -153,7 +175,7 @@ def test_a_keep_mass_run_is_billed_per_image_at_each_images_own_k(
     assert len(rows) == 4 and sorted(ids) == sorted(seen) and len(scored) == 4
     # K per image, recomputed from the scores the student ranked by the python loop, is what the server saw
     ordered = sorted(ids, key=lambda rid: (int(rid.split("-s")[-1].split("-m")[0]), rid.rsplit("-m", 1)[1]))
-    for rid, scores in zip(ordered, scored):
+    for rid, scores in zip(ordered, scored, strict=True):
         assert seen[rid] == [len(r) for r in reference(scores.double(), 0.6, math.floor(0.75 * 64))]
     counts = [k for rid in ids for k in seen[rid]]
     assert len(counts) == 16 and len(set(counts)) > 1 and max(counts) <= 48  # ragged, capped by --keep

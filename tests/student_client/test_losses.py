@@ -1,4 +1,5 @@
 """The MaskedKD loss against sums written out by hand."""
+
 from __future__ import annotations
 
 import math
@@ -23,7 +24,9 @@ def softmax_rows(logits: list[list[float]], tau: float) -> list[list[float]]:
 def hand_kd(student: list[list[float]], teacher: list[list[float]], tau: float) -> float:
     """KL(p_t || p_s) summed over classes, averaged over the batch, times tau^2."""
     ps, pt = softmax_rows(student, tau), softmax_rows(teacher, tau)
-    kl = [sum(t * (math.log(t) - math.log(s)) for s, t in zip(rs, rt)) for rs, rt in zip(ps, pt)]
+    kl = [
+        sum(t * (math.log(t) - math.log(s)) for s, t in zip(rs, rt, strict=True)) for rs, rt in zip(ps, pt, strict=True)
+    ]
     return sum(kl) / len(kl) * tau * tau
 
 
@@ -61,7 +64,9 @@ def test_soft_targets_and_distillation_head() -> None:
     soft = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.0, 0.0, 1.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
     s = torch.tensor(S)
     p = softmax_rows(S, 1.0)
-    expected_ce = -sum(sum(q * math.log(pc) for q, pc in zip(soft[i].tolist(), p[i])) for i in range(3)) / 3
+    expected_ce = (
+        -sum(sum(q * math.log(pc) for q, pc in zip(soft[i].tolist(), p[i], strict=True)) for i in range(3)) / 3
+    )
     none_mode = DistillationLoss()(s, soft, None)
     assert float(none_mode.total) == pytest.approx(expected_ce, rel=1e-5) and float(none_mode.kd) == 0
 

@@ -1,4 +1,5 @@
 """App. E pipelining: teacher calls overlap the following micro-batches, and the measured overlap says so."""
+
 from __future__ import annotations
 
 import time
@@ -18,6 +19,7 @@ TEACHER_S = 0.06  # per request, one at a time (a single teacher device)
 
 def slow_teacher(pool: ThreadPoolExecutor, calls: list[tuple[float, str]]):  # type: ignore[no-untyped-def]
     """Stands in for the remote teacher (timing only): answers after TEACHER_S, one request at a time."""
+
     def run(images: torch.Tensor, keep_indices: torch.Tensor | None) -> tuple[torch.Tensor, Usage]:
         time.sleep(TEACHER_S)
         return images.mean(dim=(1, 2, 3))[:, None].repeat(1, 10), Usage(images=len(images), gflops=1.0, requests=1)
@@ -25,6 +27,7 @@ def slow_teacher(pool: ThreadPoolExecutor, calls: list[tuple[float, str]]):  # t
     def submit(images: torch.Tensor, keep_indices: torch.Tensor | None = None, request_id: str = "") -> Future:
         calls.append((time.perf_counter(), request_id))
         return pool.submit(run, images, keep_indices)
+
     return submit
 
 
@@ -37,8 +40,9 @@ def run(micro: int) -> tuple[OverlapStats, list[tuple[float, str]], list[torch.T
     x = torch.rand(8, 3, 4, 4)
     calls: list[tuple[float, str]] = []
     with ThreadPoolExecutor(max_workers=1) as pool:
-        result = pipelined_forward(list(x.tensor_split(micro)), student_step, slow_teacher(pool, calls),
-                                   request_id=lambda i: f"m{i}")
+        result = pipelined_forward(
+            list(x.tensor_split(micro)), student_step, slow_teacher(pool, calls), request_id=lambda i: f"m{i}"
+        )
     assert result.teacher_logits is not None and result.usage.images == 8 and result.usage.requests == micro
     return result.stats, calls, result.teacher_logits, x
 

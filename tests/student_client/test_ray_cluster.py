@@ -4,6 +4,7 @@ per node; checkpoints land in --storage, the driver's progress and
 epoch lines come from Ray Train's reports, `--resume` continues from the storage alone (the --out checkpoints
 deleted, as when rank 0 wrote them on another machine), and the ledger holds exactly the run's request ids.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,11 +41,42 @@ def test_two_nodes_train_with_shared_storage_and_reported_progress(tmp_path: Pat
 
         def train(epochs: int, *extra: str) -> subprocess.CompletedProcess[str]:
             return subprocess.run(
-                [*STUDENT_CLI, "train", "--ray-address", cluster.address, "--workers", "2", "--data", str(data),
-                 "--out", str(out), "--storage", str(storage), "--teacher", srv.address, "--api-key", key,
-                 "--student", STUDENT, "--student-kwargs", json.dumps(STUDENT_KWARGS), "--epochs", str(epochs),
-                 "--batch-size", "8", "--keep", "0.5", "--max-failures", "0", *extra],
-                env=cluster.env | {CACHE_ENV: str(tmp_path / "cache-driver")}, capture_output=True, text=True, timeout=300)
+                [
+                    *STUDENT_CLI,
+                    "train",
+                    "--ray-address",
+                    cluster.address,
+                    "--workers",
+                    "2",
+                    "--data",
+                    str(data),
+                    "--out",
+                    str(out),
+                    "--storage",
+                    str(storage),
+                    "--teacher",
+                    srv.address,
+                    "--api-key",
+                    key,
+                    "--student",
+                    STUDENT,
+                    "--student-kwargs",
+                    json.dumps(STUDENT_KWARGS),
+                    "--epochs",
+                    str(epochs),
+                    "--batch-size",
+                    "8",
+                    "--keep",
+                    "0.5",
+                    "--max-failures",
+                    "0",
+                    *extra,
+                ],
+                env=cluster.env | {CACHE_ENV: str(tmp_path / "cache-driver")},
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
 
         proc = train(1)
         assert proc.returncode == 0, proc.stderr[-3000:]

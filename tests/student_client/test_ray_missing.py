@@ -1,4 +1,5 @@
 """Without Ray (a client-only install), Ray training fails in one line that names the `train` extra."""
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,7 @@ except TrainingError as err:
 
 def test_ray_training_without_ray_names_the_train_extra() -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", _PROBE], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run([sys.executable, "-c", _PROBE], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("TrainingError: Ray is not installed"), out.stdout

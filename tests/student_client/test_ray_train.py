@@ -1,9 +1,10 @@
 """MaskedKD training on a real local Ray (2 CPU workers, DDP) against a real teacher: a worker process of a bf16 student
-killed mid-run is recovered from the Ray checkpoint, the re-sent requests replay under the same ids, and the teacher's ledger holds
-exactly the rows of an uninterrupted run, each what the FLOP model predicts for the kept counts.
+killed mid-run is recovered from the Ray checkpoint, the re-sent requests replay under the same ids, and the teacher's
+ledger holds exactly the rows of an uninterrupted run, each what the FLOP model predicts for the kept counts.
 
 One Ray run covers it all: Ray's worker start-up dominates (~20 s per worker group on 2 cores).
 """
+
 from __future__ import annotations
 
 import csv
@@ -43,7 +44,8 @@ def local_ray():  # type: ignore[no-untyped-def]
 
 @pytest.mark.dtype("bfloat16")  # a bf16 student (precision="bf16": emulated where the CPU has no bf16)
 def test_two_workers_keep_half_survive_a_killed_worker_and_bill_exactly_an_uninterrupted_run(
-    local_ray: None, tmp_path: Path,
+    local_ray: None,
+    tmp_path: Path,
 ) -> None:
     data = make_subset(tmp_path / "data", train_per_class=4, test_per_class=1)  # 40 train / 10 test images
     teacher = tiny_teacher()
@@ -51,9 +53,21 @@ def test_two_workers_keep_half_survive_a_killed_worker_and_bill_exactly_an_unint
         key = srv.create_key("ray-student")
         out = tmp_path / "run"
         cfg = TrainConfig(
-            data=str(data), out=str(out), teacher=srv.address, api_key=key, student=STUDENT,
-            student_kwargs=STUDENT_KWARGS, workers=2, batch_size=16, epochs=2, keep=0.5, strategy="sips",
-            micro_batches=2, max_failures=1, request_log=str(out / "requests.jsonl"), precision="bf16",
+            data=str(data),
+            out=str(out),
+            teacher=srv.address,
+            api_key=key,
+            student=STUDENT,
+            student_kwargs=STUDENT_KWARGS,
+            workers=2,
+            batch_size=16,
+            epochs=2,
+            keep=0.5,
+            strategy="sips",
+            micro_batches=2,
+            max_failures=1,
+            request_log=str(out / "requests.jsonl"),
+            precision="bf16",
         )
         killed: list[int] = []
 
@@ -95,16 +109,25 @@ def test_two_workers_keep_half_survive_a_killed_worker_and_bill_exactly_an_unint
     assert summary["precision"] == "bf16" and summary["teacher_rebilled_requests"] == 0
 
     # the teacher server can load the trained student with no extra flags
-    student, meta = load_model(checkpoint=out / "model.safetensors")
+    _student, meta = load_model(checkpoint=out / "model.safetensors")
     assert meta.model_name == STUDENT and meta.model_kwargs["num_classes"] == 10
     assert meta.extra["epochs_done"] == 2
 
 
 def test_a_worker_crash_without_retries_left_is_one_line(local_ray: None, tmp_path: Path) -> None:
     data = make_subset(tmp_path / "data", train_per_class=1, test_per_class=1)
-    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), mode="none", student=STUDENT,
-                      student_kwargs=STUDENT_KWARGS, workers=2, batch_size=4, max_failures=0, fail_at_step=0,
-                      progress=False)
+    cfg = TrainConfig(
+        data=str(data),
+        out=str(tmp_path / "run"),
+        mode="none",
+        student=STUDENT,
+        student_kwargs=STUDENT_KWARGS,
+        workers=2,
+        batch_size=4,
+        max_failures=0,
+        fail_at_step=0,
+        progress=False,
+    )
     with pytest.raises(TrainingError) as err:
         run_with_ray(cfg)
     assert str(err.value) == "RuntimeError: injected failure at step 0"
@@ -112,8 +135,17 @@ def test_a_worker_crash_without_retries_left_is_one_line(local_ray: None, tmp_pa
 
 def test_data_missing_on_a_worker_node_is_one_line_naming_the_node(local_ray: None, tmp_path: Path) -> None:
     missing = tmp_path / "not-on-this-node"  # the driver's preflight is skipped: only the workers look
-    cfg = TrainConfig(data=str(missing), out=str(tmp_path / "run"), mode="none", student=STUDENT,
-                      student_kwargs=STUDENT_KWARGS, workers=2, batch_size=4, max_failures=1, progress=False)
+    cfg = TrainConfig(
+        data=str(missing),
+        out=str(tmp_path / "run"),
+        mode="none",
+        student=STUDENT,
+        student_kwargs=STUDENT_KWARGS,
+        workers=2,
+        batch_size=4,
+        max_failures=1,
+        progress=False,
+    )
     with pytest.raises(TrainingError) as err:
         run_with_ray(cfg)
     node_id = ray.get_runtime_context().get_node_id()
@@ -123,7 +155,8 @@ def test_data_missing_on_a_worker_node_is_one_line_naming_the_node(local_ray: No
 
 
 def test_keep_auto_on_two_workers_decides_once_for_both_and_bills_every_probe(
-    local_ray: None, tmp_path: Path,
+    local_ray: None,
+    tmp_path: Path,
 ) -> None:
     """Each worker probes its own images; the all-reduced numbers give both the same keep, so every step's requests
     from both ranks cost what the FLOP model says for that one keep."""
@@ -132,9 +165,21 @@ def test_keep_auto_on_two_workers_decides_once_for_both_and_bills_every_probe(
     with teacher_server(tmp_path, teacher) as srv:
         key = srv.create_key("ray-auto")
         cfg = TrainConfig(
-            data=str(data), out=str(tmp_path / "run"), teacher=srv.address, api_key=key, student=STUDENT,
-            student_kwargs=STUDENT_KWARGS, workers=2, batch_size=8, max_steps=3, keep="auto", keep_every=2,
-            keep_probes=2, progress=False, eval=False)
+            data=str(data),
+            out=str(tmp_path / "run"),
+            teacher=srv.address,
+            api_key=key,
+            student=STUDENT,
+            student_kwargs=STUDENT_KWARGS,
+            workers=2,
+            batch_size=8,
+            max_steps=3,
+            keep="auto",
+            keep_every=2,
+            keep_probes=2,
+            progress=False,
+            eval=False,
+        )
         summary = run_with_ray(cfg)
         rows = ledger_rows(srv, "ray-auto")
     assert summary["fatal_error"] == "" and summary["global_step"] == 3

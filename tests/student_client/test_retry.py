@@ -1,6 +1,7 @@
 """The retry policy every transport shares: an unreachable teacher is waited for within the patience (one line when the
 waiting starts), and an id the teacher billed before for other content is re-sent under a derived id, counted, or
 with `reuse_billed_answers` answered with what was billed."""
+
 from __future__ import annotations
 
 import socket
@@ -37,7 +38,8 @@ def test_an_unreachable_teacher_is_waited_for_until_the_patience_runs_out(capsys
 
 
 def test_an_id_billed_for_other_content_is_resent_under_a_derived_id_and_counted(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     with teacher_server(tmp_path, tiny_teacher()) as srv:
         client = TeacherClient(srv.address, srv.create_key("mismatch"))
@@ -58,7 +60,8 @@ def test_an_id_billed_for_other_content_is_resent_under_a_derived_id_and_counted
 
 @pytest.mark.dtype("float32")
 def test_with_reuse_billed_answers_a_changed_resend_takes_the_billed_answer_unbilled(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """What a resumed training run does (student_client/resend.py): the same images with other kept patches under
     an id billed before come back with the billed answer; another batch size is billed again under a derived id."""

@@ -1,4 +1,5 @@
 """SIPS capture against timm's own explicit attention, and patch selection (strategies, keep, grids, errors)."""
+
 from __future__ import annotations
 
 import copy
@@ -163,11 +164,18 @@ def test_wrapped_model_is_unwrapped(images: torch.Tensor) -> None:
 @pytest.mark.parametrize(
     "build, fragment",
     [
-        (lambda: timm.create_model("vit_tiny_patch16_224", **tiny_vit_kwargs(depth=1, class_token=False,
-                                                                              global_pool="avg")), "class token"),
-        (lambda: timm.create_model("vit_relpos_small_patch16_224", **tiny_vit_kwargs(depth=1, class_token=True,
-                                                                                      global_pool="token")),
-         "RelPosAttention"),
+        (
+            lambda: timm.create_model(
+                "vit_tiny_patch16_224", **tiny_vit_kwargs(depth=1, class_token=False, global_pool="avg")
+            ),
+            "class token",
+        ),
+        (
+            lambda: timm.create_model(
+                "vit_relpos_small_patch16_224", **tiny_vit_kwargs(depth=1, class_token=True, global_pool="token")
+            ),
+            "RelPosAttention",
+        ),
         (lambda: nn.Sequential(nn.Linear(4, 4)), "no `blocks`"),
     ],
     ids=["no_cls_token", "relpos_attention", "not_a_vit"],
@@ -199,6 +207,7 @@ def test_overhead_flops_match_flop_counter_and_are_tiny(images: torch.Tensor) ->
 
 # ---------------------------------------------------------------- select_patches
 
+
 def _rows_sorted_distinct(idx: torch.Tensor, total: int) -> bool:
     return bool((idx[:, 1:] > idx[:, :-1]).all() and idx.min() >= 0 and idx.max() < total)
 
@@ -211,7 +220,7 @@ def test_sips_and_bottom_match_a_full_sort() -> None:
         bottom = select_patches(scores, k, "bottom")
         assert top.dtype == torch.int64 and top.shape == (5, k) and bottom.shape == (5, k)
         assert torch.equal(top, order[:, :k].sort(dim=1).values)
-        assert torch.equal(bottom, order[:, 64 - k:].sort(dim=1).values)
+        assert torch.equal(bottom, order[:, 64 - k :].sort(dim=1).values)
         assert _rows_sorted_distinct(top, 64) and _rows_sorted_distinct(bottom, 64)
 
 
@@ -235,8 +244,17 @@ def test_all_returns_every_position() -> None:
 
 @pytest.mark.parametrize(
     "keep, grid, expected_k",
-    [(0.25, None, 16), (16, None, 16), (0.3, None, 19), (1.0, None, 64), (1e-4, None, 1), (64, None, 64),
-     (0.25, (16, 16), 64), (100, (16, 16), 100), (0.29, (10, 10), 29)],
+    [
+        (0.25, None, 16),
+        (16, None, 16),
+        (0.3, None, 19),
+        (1.0, None, 64),
+        (1e-4, None, 1),
+        (64, None, 64),
+        (0.25, (16, 16), 64),
+        (100, (16, 16), 100),
+        (0.29, (10, 10), 29),
+    ],
 )
 def test_keep_fraction_or_count(keep: float | int, grid: tuple[int, int] | None, expected_k: int) -> None:
     out = select_patches(torch.rand(2, 64), keep, teacher_grid=grid)

@@ -1,6 +1,7 @@
 """TeacherStream and per-message error answers: a request the teacher refuses fails its own future with the mapped
 TeacherError while the others are answered and billed as usual (a real teacher), and a transient per-message status
 is resent under the same request_id (a scripted TeacherService on a real gRPC server)."""
+
 from __future__ import annotations
 
 import threading
@@ -35,9 +36,15 @@ def test_a_refused_request_fails_only_its_own_future(tmp_path) -> None:  # type:
     with teacher_server(tmp_path, tiny_teacher()) as srv:
         client = TeacherClient(srv.address, srv.create_key("streamer"))
         with TeacherStream(client) as stream:
-            futures = {rid: stream.submit(images=x, keep_indices=k, request_id=rid)
-                       for rid, x, k in [("a", images, keep), ("bad", too_bright, keep), ("local", images, repeats),
-                                         ("b", images.flip(0), keep.flip(0))]}
+            futures = {
+                rid: stream.submit(images=x, keep_indices=k, request_id=rid)
+                for rid, x, k in [
+                    ("a", images, keep),
+                    ("bad", too_bright, keep),
+                    ("local", images, repeats),
+                    ("b", images.flip(0), keep.flip(0)),
+                ]
+            }
             with pytest.raises(TeacherInputError) as err:
                 futures["bad"].result(timeout=30)
             with pytest.raises(TeacherInputError, match="keep_indices row 1 repeats position") as local:
@@ -58,24 +65,36 @@ class _ScriptedTeacher(pb_grpc.TeacherServiceServicer):
         self._lock = threading.Lock()
 
     def GetModelInfo(self, request: pb.ModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
-        return pb.ModelInfo(model="scripted", image_height=32, image_width=32, patch_size=4, grid_height=8,
-                            grid_width=8, num_classes=10, in_chans=3, mean=[0.5] * 3, std=[0.5] * 3,
-                            max_batch_images=8)
+        return pb.ModelInfo(
+            model="scripted",
+            image_height=32,
+            image_width=32,
+            patch_size=4,
+            grid_height=8,
+            grid_width=8,
+            num_classes=10,
+            in_chans=3,
+            mean=[0.5] * 3,
+            std=[0.5] * 3,
+            max_batch_images=8,
+        )
 
-    def InferStream(self, requests: Iterator[pb.InferRequest],
-                    context: grpc.ServicerContext) -> Iterator[pb.InferResponse]:
+    def InferStream(
+        self, requests: Iterator[pb.InferRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.InferResponse]:
         for request in requests:
             rid = request.request_id
             with self._lock:
                 self.attempts[rid] += 1
                 first = self.attempts[rid] == 1
-            if rid.startswith("down") or rid.startswith("flaky") and first:
+            if rid.startswith("down") or (rid.startswith("flaky") and first):
                 code, message = grpc.StatusCode.UNAVAILABLE, "ledger busy; not billed, retry"
             elif rid.startswith("bad"):
                 code, message = grpc.StatusCode.INVALID_ARGUMENT, "keep_indices row 0 repeats position 3"
             else:
-                yield pb.InferResponse(request_id=rid, logits=tensor_to_proto(torch.full((2, 10), 7.0)),
-                                       usage=pb.Usage(images=2))
+                yield pb.InferResponse(
+                    request_id=rid, logits=tensor_to_proto(torch.full((2, 10), 7.0)), usage=pb.Usage(images=2)
+                )
                 continue
             yield pb.InferResponse(request_id=rid, error=pb.Status(code=code.value[0], message=message))
 
@@ -87,12 +106,13 @@ def test_transient_message_errors_are_resent_under_the_same_id() -> None:
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        client = TeacherClient(f"127.0.0.1:{port}", "mkd_" + "s" * 43, max_retries=2, backoff=0.01,
-                               patience_s=0)
+        client = TeacherClient(f"127.0.0.1:{port}", "mkd_" + "s" * 43, max_retries=2, backoff=0.01, patience_s=0)
         images, keep = torch.zeros(2, 3, 32, 32), torch.arange(8).repeat(2, 1)  # [B, C, H, W], [B, K]
         with TeacherStream(client) as stream:
-            got = {rid: stream.submit(images=images, keep_indices=keep, request_id=rid)
-                   for rid in ("flaky-1", "down-1", "bad-1", "ok-1")}
+            got = {
+                rid: stream.submit(images=images, keep_indices=keep, request_id=rid)
+                for rid in ("flaky-1", "down-1", "bad-1", "ok-1")
+            }
             logits, usage = got["flaky-1"].result(timeout=30)
             with pytest.raises(TeacherUnavailableError, match="request_id 'down-1': ledger busy"):
                 got["down-1"].result(timeout=30)

@@ -1,5 +1,6 @@
 """`--init`: the student starts from given weights, adapted as timm adapts pretrained ones, checked against the saved
 tensors themselves, a fresh model of the same seed (the head) and timm's own position-embedding resampling."""
+
 from __future__ import annotations
 
 import subprocess
@@ -70,10 +71,13 @@ def test_another_image_size_resamples_the_position_embedding_as_timm_does(weight
     torch.testing.assert_close(model.pos_embed, expected)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    ({"depth": 1}, "does not fit the student: 12 unexpected (e.g. blocks.1."),
-    ({"embed_dim": 96}, "tensor(s) of another shape, e.g. "),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"depth": 1}, "does not fit the student: 12 unexpected (e.g. blocks.1."),
+        ({"embed_dim": 96}, "tensor(s) of another shape, e.g. "),
+    ],
+)
 def test_another_architecture_is_one_line_naming_a_tensor(weights: Path, overrides: dict, message: str) -> None:
     with pytest.raises(StudentInitError) as err:
         init_student(build(seed=2, **overrides), weights)
@@ -82,8 +86,19 @@ def test_another_architecture_is_one_line_naming_a_tensor(weights: Path, overrid
 
 def test_training_starts_from_the_weights(weights: Path, tmp_path: Path) -> None:
     data = make_subset(tmp_path / "data", train_per_class=2, test_per_class=1)
-    common = dict(data=str(data), mode="none", student=STUDENT, student_kwargs=STUDENT_KWARGS, epochs=1,
-                  batch_size=8, max_steps=1, progress=False, eval=False, lr=1e-9, warmup_epochs=0)
+    common = dict(
+        data=str(data),
+        mode="none",
+        student=STUDENT,
+        student_kwargs=STUDENT_KWARGS,
+        epochs=1,
+        batch_size=8,
+        max_steps=1,
+        progress=False,
+        eval=False,
+        lr=1e-9,
+        warmup_epochs=0,
+    )
     run_training(TrainConfig(out=str(tmp_path / "init"), student_init=str(weights), **common), LocalContext())
     run_training(TrainConfig(out=str(tmp_path / "fresh"), **common), LocalContext())
     saved = load_file(str(weights))
@@ -94,16 +109,35 @@ def test_training_starts_from_the_weights(weights: Path, tmp_path: Path) -> None
         assert (unrelated[key] - saved[key]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("init,message", [
-    ("missing.safetensors", "student-client: error: --init: no file "),
-    ("notes.txt", "is not a state dict (.safetensors or .pth)"),
-])
+@pytest.mark.parametrize(
+    "init,message",
+    [
+        ("missing.safetensors", "student-client: error: --init: no file "),
+        ("notes.txt", "is not a state dict (.safetensors or .pth)"),
+    ],
+)
 def test_cli_bad_init_is_one_line_and_exit_2(tmp_path: Path, init: str, message: str) -> None:
     data = make_subset(tmp_path / "data", train_per_class=1, test_per_class=1)
     (tmp_path / "notes.txt").write_text("not weights\n")
-    proc = subprocess.run([*STUDENT_CLI, "train", "--local", "--mode", "none", "--data", str(data), "--out",
-                           str(tmp_path / "run"), "--init", str(tmp_path / init)], capture_output=True, text=True,
-                          env=clean_env(), timeout=180)
+    proc = subprocess.run(
+        [
+            *STUDENT_CLI,
+            "train",
+            "--local",
+            "--mode",
+            "none",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "run"),
+            "--init",
+            str(tmp_path / init),
+        ],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=180,
+    )
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -1,5 +1,6 @@
 """The per-worker training loop in-process (no Ray) against a real teacher server: every mode and strategy, the
 ledger against the FLOP model, what the teacher sees, head-only training, checkpoint and resume."""
+
 from __future__ import annotations
 
 import json
@@ -46,23 +47,38 @@ def env(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-de
 def config(env: dict[str, Any], name: str, **overrides: Any) -> TrainConfig:
     key = env["srv"].create_key(name) if overrides.get("mode", "kd") != "none" else None
     base: dict[str, Any] = dict(
-        data=str(env["data"]), out=str(env["root"] / name), teacher=env["srv"].address, api_key=key,
-        student=STUDENT, student_kwargs=STUDENT_KWARGS, epochs=1, batch_size=8, max_steps=2, progress=False,
+        data=str(env["data"]),
+        out=str(env["root"] / name),
+        teacher=env["srv"].address,
+        api_key=key,
+        student=STUDENT,
+        student_kwargs=STUDENT_KWARGS,
+        epochs=1,
+        batch_size=8,
+        max_steps=2,
+        progress=False,
         micro_batches=2,
     )
     return TrainConfig(**{**base, **overrides})
 
 
-@pytest.mark.parametrize("mode,strategy,extra,kept", [
-    ("kd", "sips", {}, 32),
-    ("kd", "random", {"transport": "unary"}, 32),
-    ("kd", "bottom", {"keep": 0.25}, 16),
-    ("kd", "all", {}, 64),
-    ("kd", "sips", {"student": "deit_tiny_distilled_patch16_224", "augment": "heavy", "hard": True}, 32),
-    ("mask-student", "sips", {}, 64),  # the teacher sees full images; the student is masked
-])
+@pytest.mark.parametrize(
+    "mode,strategy,extra,kept",
+    [
+        ("kd", "sips", {}, 32),
+        ("kd", "random", {"transport": "unary"}, 32),
+        ("kd", "bottom", {"keep": 0.25}, 16),
+        ("kd", "all", {}, 64),
+        ("kd", "sips", {"student": "deit_tiny_distilled_patch16_224", "augment": "heavy", "hard": True}, 32),
+        ("mask-student", "sips", {}, 64),  # the teacher sees full images; the student is masked
+    ],
+)
 def test_every_strategy_trains_and_the_ledger_matches_the_flop_model(
-    env: dict[str, Any], mode: str, strategy: str, extra: dict[str, Any], kept: int,
+    env: dict[str, Any],
+    mode: str,
+    strategy: str,
+    extra: dict[str, Any],
+    kept: int,
 ) -> None:
     name = f"{mode}-{strategy}-{len(extra)}"
     cfg = config(env, name, mode=mode, strategy=strategy, **extra)
@@ -158,8 +174,12 @@ def test_checkpoint_and_resume_restore_optimizer_scheduler_and_epoch(env: dict[s
     # the second run started from the saved weights, not from a fresh init
     assert not torch.equal(saved["head.weight"], load_state_dict(mid / "model.safetensors")["head.weight"])
 
-    third = run_training(config(env, "resume-3", out=cfg.out, api_key=cfg.api_key, epochs=2, max_steps=None,
-                                resume=True, keep_checkpoints=2), LocalContext())
+    third = run_training(
+        config(
+            env, "resume-3", out=cfg.out, api_key=cfg.api_key, epochs=2, max_steps=None, resume=True, keep_checkpoints=2
+        ),
+        LocalContext(),
+    )
     assert third["epochs_done"] == 2 and third["global_step"] == 6  # finished epoch 2: one batch left
     assert third["steps_into_epoch"] == 0
     assert sorted(p.name for p in (Path(cfg.out) / "checkpoints").iterdir()) == ["epoch_0002", "step_000005"]

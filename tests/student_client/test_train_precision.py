@@ -1,5 +1,6 @@
 """`--precision auto|bf16|fp32`: the student's forward runs in the resolved precision, SIPS and the loss stay fp32,
 and one MaskedKD step against a real teacher server trains (finite loss, gradients) in each."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,16 +36,32 @@ def env(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-de
         yield {"root": root, "data": data, "srv": srv}
 
 
-@pytest.mark.parametrize("precision,forced,resolved", [
-    ("fp32", "1", "fp32"), ("bf16", "0", "bf16"), ("auto", "1", "bf16"), ("auto", "0", "fp32"),
-])
-def test_one_maskedkd_step_in_each_precision(env: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
-                                             precision: str, forced: str, resolved: str) -> None:
+@pytest.mark.parametrize(
+    "precision,forced,resolved",
+    [
+        ("fp32", "1", "fp32"),
+        ("bf16", "0", "bf16"),
+        ("auto", "1", "bf16"),
+        ("auto", "0", "fp32"),
+    ],
+)
+def test_one_maskedkd_step_in_each_precision(
+    env: dict[str, Any], monkeypatch: pytest.MonkeyPatch, precision: str, forced: str, resolved: str
+) -> None:
     monkeypatch.setenv(FORCE_CPU_BF16_ENV, forced)
     srv = env["srv"]
-    cfg = TrainConfig(data=str(env["data"]), out=str(env["root"] / precision), teacher=srv.address,
-                      api_key=srv.create_key(f"{precision}-{forced}"), student=STUDENT, student_kwargs=STUDENT_KWARGS,
-                      batch_size=4, micro_batches=1, precision=precision, progress=False)
+    cfg = TrainConfig(
+        data=str(env["data"]),
+        out=str(env["root"] / precision),
+        teacher=srv.address,
+        api_key=srv.create_key(f"{precision}-{forced}"),
+        student=STUDENT,
+        student_kwargs=STUDENT_KWARGS,
+        batch_size=4,
+        micro_batches=1,
+        precision=precision,
+        progress=False,
+    )
     torch.manual_seed(0)
     student = create_student(STUDENT, student_kwargs_for(STUDENT_KWARGS, 10))
     spec = describe_student(student)
@@ -53,8 +70,16 @@ def test_one_maskedkd_step_in_each_precision(env: dict[str, Any], monkeypatch: p
     capture = SIPSCapture(student)
     client = TeacherClient(srv.address, cfg.api_key or "")
     selector = PatchSelector(cfg, capture, spec.grid_size, (8, 8), torch.Generator().manual_seed(0))
-    runner = StepRunner(cfg, student, student, Normalizer(spec.mean, spec.std, torch.device("cpu")),
-                        DistillationLoss(cfg.lambda_kd, cfg.tau), selector, client.submit, f"p-{precision}-{forced}")
+    runner = StepRunner(
+        cfg,
+        student,
+        student,
+        Normalizer(spec.mean, spec.std, torch.device("cpu")),
+        DistillationLoss(cfg.lambda_kd, cfg.tau),
+        selector,
+        client.submit,
+        f"p-{precision}-{forced}",
+    )
     assert runner.precision == resolved
     images, targets = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     result = runner(images, targets, 0)
@@ -73,17 +98,34 @@ def test_cuda_maskedkd_step_runs_the_student_in_bf16(env: dict[str, Any]) -> Non
     """On a GPU, auto resolves to bf16 (compute capability >= 8), SIPS and the loss stay fp32 on the device, and the
     teacher's answer (served on the CPU here) comes back onto the student's device."""
     srv, device = env["srv"], torch.device("cuda")
-    cfg = TrainConfig(data=str(env["data"]), out=str(env["root"] / "cuda"), teacher=srv.address,
-                      api_key=srv.create_key("cuda"), student=STUDENT, student_kwargs=STUDENT_KWARGS, batch_size=4,
-                      micro_batches=1, precision="auto", progress=False)
+    cfg = TrainConfig(
+        data=str(env["data"]),
+        out=str(env["root"] / "cuda"),
+        teacher=srv.address,
+        api_key=srv.create_key("cuda"),
+        student=STUDENT,
+        student_kwargs=STUDENT_KWARGS,
+        batch_size=4,
+        micro_batches=1,
+        precision="auto",
+        progress=False,
+    )
     torch.manual_seed(0)
     student = create_student(STUDENT, student_kwargs_for(STUDENT_KWARGS, 10)).to(device)
     spec = describe_student(student)
     capture = SIPSCapture(student)
     client = TeacherClient(srv.address, cfg.api_key or "")
     selector = PatchSelector(cfg, capture, spec.grid_size, (8, 8), torch.Generator().manual_seed(0))
-    runner = StepRunner(cfg, student, student, Normalizer(spec.mean, spec.std, device), DistillationLoss(cfg.lambda_kd,
-                        cfg.tau), selector, client.submit, "p-cuda")
+    runner = StepRunner(
+        cfg,
+        student,
+        student,
+        Normalizer(spec.mean, spec.std, device),
+        DistillationLoss(cfg.lambda_kd, cfg.tau),
+        selector,
+        client.submit,
+        "p-cuda",
+    )
     expected = "bf16" if torch.cuda.get_device_capability(0)[0] >= 8 else "fp32"
     assert runner.precision == expected
     result = runner(torch.rand(4, 3, 32, 32, device=device), torch.tensor([0, 1, 2, 3], device=device), 0)

@@ -2,6 +2,7 @@
 dtypes, shapes, dimensions, indices, counts, strings) and byte by byte (bit flips, cuts, insertions, invalid UTF-8),
 plus raw garbage. Small tensors (patches of a few positions), so most cases are refused before any forward.
 """
+
 from __future__ import annotations
 
 import random
@@ -14,8 +15,21 @@ from maskedkd.v1 import teacher_pb2 as pb
 
 GRID, CHANNELS, PATCH, SIZE = 64, 3, 4, 32  # the tiny teacher of service_testkit: 8x8 grid of 4x4 patches
 DIMS = [0, 1, 2, 3, 4, 8, 32, 64, -1, -(1 << 63), (1 << 31), (1 << 40), (1 << 62), (1 << 63) - 1]
-DTYPES = ["uint8", "int16", "int32", "int64", "float16", "bfloat16", "float32", "float64", "", "UINT8", "int8",
-          "float32\x00", "ü"]
+DTYPES = [
+    "uint8",
+    "int16",
+    "int32",
+    "int64",
+    "float16",
+    "bfloat16",
+    "float32",
+    "float64",
+    "",
+    "UINT8",
+    "int8",
+    "float32\x00",
+    "ü",
+]
 INDEX_DTYPES = {"int16": torch.int16, "int32": torch.int32, "int64": torch.int64}
 
 
@@ -31,8 +45,9 @@ def _valid(rng: random.Random, request_id: str) -> pb.InferRequest:
         patches = torch.randint(0, 256, (batch, k, CHANNELS, PATCH, PATCH), dtype=torch.uint8, generator=g)
         req.patches.CopyFrom(tensor_to_proto(patches if rng.random() < 0.7 else patches.float() / 255))
     else:
-        req.images.CopyFrom(tensor_to_proto(torch.randint(0, 256, (batch, CHANNELS, SIZE, SIZE), dtype=torch.uint8,
-                                                          generator=g)))
+        req.images.CopyFrom(
+            tensor_to_proto(torch.randint(0, 256, (batch, CHANNELS, SIZE, SIZE), dtype=torch.uint8, generator=g))
+        )
     if rng.random() < 0.3:
         req.keep_counts.CopyFrom(tensor_to_proto(torch.tensor([rng.randint(1, k) for _ in range(batch)])))
     return req
@@ -54,7 +69,7 @@ def _mutate_field(req: pb.InferRequest, rng: random.Random) -> None:
     t = _tensor(req, rng)
     kind = rng.randrange(12)
     if kind == 0:
-        t.dtype = rng.choice(DTYPES + [_text(rng)])
+        t.dtype = rng.choice([*DTYPES, _text(rng)])
     elif kind == 1:
         del t.shape[:]
         t.shape.extend(rng.choice(DIMS) for _ in range(rng.choice([0, 1, 2, 5, 16, 17, 65, 100])))
@@ -77,8 +92,11 @@ def _mutate_field(req: pb.InferRequest, rng: random.Random) -> None:
     elif kind == 7:
         req.model = _text(rng)
     elif kind == 8:  # float pixels outside [0, 1] or not finite
-        req.patches.CopyFrom(tensor_to_proto(torch.full((1, 1, CHANNELS, PATCH, PATCH), rng.choice(
-            [float("nan"), float("inf"), -0.5, 2.0]))))
+        req.patches.CopyFrom(
+            tensor_to_proto(
+                torch.full((1, 1, CHANNELS, PATCH, PATCH), rng.choice([float("nan"), float("inf"), -0.5, 2.0]))
+            )
+        )
         req.keep_indices.CopyFrom(tensor_to_proto(torch.tensor([[0]])))
     elif kind == 9:
         req.ClearField("images")

@@ -9,6 +9,7 @@ Not a conftest.py (`tests/conftest.py` is the one conftest module). Import the f
 When the binaries are missing the tests skip with the reason, except in CI (env CI=true), where they fail:
 `make test` installs the package when it runs as root, so CI always runs them.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -26,10 +27,10 @@ from typing import Any
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
-BIN_GLOB = "/usr/lib/postgresql/*/bin"       # Debian's layout: one directory per major version
-SERVER_TIMEZONE = "Asia/Kolkata"             # UTC+05:30: the ledger must not depend on the server's zone
+BIN_GLOB = "/usr/lib/postgresql/*/bin"  # Debian's layout: one directory per major version
+SERVER_TIMEZONE = "Asia/Kolkata"  # UTC+05:30: the ledger must not depend on the server's zone
 SUPERUSER = "postgres"
-START_ATTEMPTS = 3                           # a free port can be taken between probing and binding
+START_ATTEMPTS = 3  # a free port can be taken between probing and binding
 
 
 def find_bin_dir() -> Path | None:
@@ -51,8 +52,11 @@ def _major(text: str) -> int:
 def _unavailable(reason: str) -> None:
     """Fail in CI (the tests must run there), skip elsewhere."""
     if IN_CI:
-        pytest.fail(f"{reason}; CI must run the Postgres tests: `make test` installs Debian's postgresql "
-                    "(apt-get install -y postgresql) when it runs as root", pytrace=False)
+        pytest.fail(
+            f"{reason}; CI must run the Postgres tests: `make test` installs Debian's postgresql "
+            "(apt-get install -y postgresql) when it runs as root",
+            pytrace=False,
+        )
     pytest.skip(f"{reason} (apt-get install -y postgresql); CI installs it and runs these tests")
 
 
@@ -67,9 +71,9 @@ class PostgresServer:
     """A running throw-away cluster; trust authentication on 127.0.0.1 only."""
 
     bin_dir: Path
-    root: Path              # owned by the server's OS user: data/, the socket and the log
+    root: Path  # owned by the server's OS user: data/, the socket and the log
     port: int
-    run_as: str | None      # OS user the binaries run as (None: the current user, when not root)
+    run_as: str | None  # OS user the binaries run as (None: the current user, when not root)
     _databases: itertools.count[int]
 
     @property
@@ -87,8 +91,7 @@ class PostgresServer:
         """A raw psycopg2 connection (no SQLAlchemy): the tests' independent view of the database."""
         import psycopg2
 
-        return psycopg2.connect(host="127.0.0.1", port=self.port, user=SUPERUSER, dbname=database,
-                                connect_timeout=10)
+        return psycopg2.connect(host="127.0.0.1", port=self.port, user=SUPERUSER, dbname=database, connect_timeout=10)
 
     def create_database(self, prefix: str = "ledger") -> str:
         """A new empty database; returns its SQLAlchemy URL."""
@@ -103,8 +106,9 @@ class PostgresServer:
         return self.url(name)
 
     def stop(self) -> None:
-        _run(self, [str(self.bin_dir / "pg_ctl"), "stop", "-D", str(self.data_dir), "-m", "immediate", "-w"],
-             check=False)
+        _run(
+            self, [str(self.bin_dir / "pg_ctl"), "stop", "-D", str(self.data_dir), "-m", "immediate", "-w"], check=False
+        )
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -131,15 +135,45 @@ def start_postgres(bin_dir: Path, *, run_as: str | None) -> PostgresServer:
         if run_as:
             entry = pwd.getpwnam(run_as)
             os.chown(root, entry.pw_uid, entry.pw_gid)
-        _run(server, [str(bin_dir / "initdb"), "-D", str(server.data_dir), "-U", SUPERUSER, "--auth=trust",
-                      "-E", "UTF8", "--locale=C", "--no-sync"])
+        _run(
+            server,
+            [
+                str(bin_dir / "initdb"),
+                "-D",
+                str(server.data_dir),
+                "-U",
+                SUPERUSER,
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ],
+        )
         for attempt in range(START_ATTEMPTS):
             server.port = _free_port()
-            options = (f"-c listen_addresses=127.0.0.1 -c port={server.port} -c unix_socket_directories={root} "
-                       f"-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=100 "
-                       f"-c timezone={SERVER_TIMEZONE}")
-            started = _run(server, [str(bin_dir / "pg_ctl"), "start", "-D", str(server.data_dir), "-w", "-t", "60",
-                                    "-l", str(server.log_file), "-o", options], check=False)
+            options = (
+                f"-c listen_addresses=127.0.0.1 -c port={server.port} -c unix_socket_directories={root} "
+                f"-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=100 "
+                f"-c timezone={SERVER_TIMEZONE}"
+            )
+            started = _run(
+                server,
+                [
+                    str(bin_dir / "pg_ctl"),
+                    "start",
+                    "-D",
+                    str(server.data_dir),
+                    "-w",
+                    "-t",
+                    "60",
+                    "-l",
+                    str(server.log_file),
+                    "-o",
+                    options,
+                ],
+                check=False,
+            )
             if started.returncode == 0:
                 return server
             if attempt == START_ATTEMPTS - 1:
@@ -190,8 +224,9 @@ def pg_rows(url: str, query: str, params: Sequence[Any] = (), *, commit: bool = 
     from sqlalchemy.engine import make_url
 
     parsed = make_url(url)
-    conn = psycopg2.connect(host=parsed.host, port=parsed.port, user=parsed.username, dbname=parsed.database,
-                            connect_timeout=10)
+    conn = psycopg2.connect(
+        host=parsed.host, port=parsed.port, user=parsed.username, dbname=parsed.database, connect_timeout=10
+    )
     try:
         with conn.cursor() as cur:
             cur.execute(query, tuple(params) or None)  # no params: a literal % stays a %

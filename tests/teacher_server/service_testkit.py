@@ -3,6 +3,7 @@ an independent in-process reference (MaskedTeacher + the FLOP model) and ledger 
 
 Not a conftest.py: `tests/conftest.py` is the one conftest module; a second would shadow it.
 """
+
 from __future__ import annotations
 
 import sqlite3
@@ -22,7 +23,7 @@ from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
 from teacher_server.settings import ServerSettings
 
 MODEL = "vit_tiny_patch16_224"
-TINY = {"img_size": 32, "patch_size": 4, "num_classes": 10}   # 8x8 grid of 4x4 patches
+TINY = {"img_size": 32, "patch_size": 4, "num_classes": 10}  # 8x8 grid of 4x4 patches
 GRID_PATCHES = 64
 CLOSE = {"rtol": 1e-5, "atol": 1e-6}  # float32 GEMMs of different batch shapes differ in the last bits only
 # Served logits against the float32 reference, by the dtype GetModelInfo reports: bf16 keeps 8 bits of mantissa, so
@@ -42,8 +43,13 @@ def tiny_vit(seed: int = 0) -> nn.Module:
 
 
 def settings(tmp_path: Path, **overrides: Any) -> ServerSettings:
-    base: dict[str, Any] = {"model": MODEL, "model_kwargs": TINY, "db": f"sqlite:///{tmp_path / 'ledger.db'}",
-                            "metrics_port": None, "max_delay_ms": 2.0}
+    base: dict[str, Any] = {
+        "model": MODEL,
+        "model_kwargs": TINY,
+        "db": f"sqlite:///{tmp_path / 'ledger.db'}",
+        "metrics_port": None,
+        "max_delay_ms": 2.0,
+    }
     return ServerSettings(**{**base, **overrides})
 
 
@@ -72,12 +78,18 @@ def patches_of(images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     for b in range(keep.shape[0]):
         for j, pos in enumerate(keep[b].tolist()):
             r, c = divmod(pos, 8)
-            out[b, j] = images[b, :, r * 4:(r + 1) * 4, c * 4:(c + 1) * 4]
+            out[b, j] = images[b, :, r * 4 : (r + 1) * 4, c * 4 : (c + 1) * 4]
     return out
 
 
-def image_request(images: torch.Tensor, keep: torch.Tensor | None = None, *, request_id: str = "",
-                  counts: torch.Tensor | None = None, model: str = "") -> pb.InferRequest:
+def image_request(
+    images: torch.Tensor,
+    keep: torch.Tensor | None = None,
+    *,
+    request_id: str = "",
+    counts: torch.Tensor | None = None,
+    model: str = "",
+) -> pb.InferRequest:
     req = pb.InferRequest(request_id=request_id, model=model, images=tensor_to_proto(images))
     if keep is not None:
         req.keep_indices.CopyFrom(tensor_to_proto(keep))
@@ -86,10 +98,10 @@ def image_request(images: torch.Tensor, keep: torch.Tensor | None = None, *, req
     return req
 
 
-def patch_request(patches: torch.Tensor, keep: torch.Tensor, *, request_id: str = "",
-                  counts: torch.Tensor | None = None) -> pb.InferRequest:
-    req = pb.InferRequest(request_id=request_id, patches=tensor_to_proto(patches),
-                          keep_indices=tensor_to_proto(keep))
+def patch_request(
+    patches: torch.Tensor, keep: torch.Tensor, *, request_id: str = "", counts: torch.Tensor | None = None
+) -> pb.InferRequest:
+    req = pb.InferRequest(request_id=request_id, patches=tensor_to_proto(patches), keep_indices=tensor_to_proto(keep))
     if counts is not None:
         req.keep_counts.CopyFrom(tensor_to_proto(counts))
     return req
@@ -107,8 +119,9 @@ class Reference:
         self.mean = torch.tensor(self.teacher.geometry.mean).view(1, 3, 1, 1)
         self.std = torch.tensor(self.teacher.geometry.std).view(1, 3, 1, 1)
 
-    def logits(self, images: torch.Tensor, keep: torch.Tensor | None = None,
-               counts: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(
+        self, images: torch.Tensor, keep: torch.Tensor | None = None, counts: torch.Tensor | None = None
+    ) -> torch.Tensor:
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         with torch.inference_mode():
             return self.teacher((x - self.mean) / self.std, keep, counts)
@@ -124,6 +137,7 @@ def ledger_rows(db_url: str) -> list[dict[str, Any]]:
     """All usage rows with their key's name, read straight from the SQLite file (the documented schema)."""
     with sqlite3.connect(db_url.removeprefix("sqlite:///")) as conn:
         conn.row_factory = sqlite3.Row
-        rows = conn.execute("SELECT k.name AS key, u.* FROM usage u JOIN api_keys k ON k.id = u.api_key_id "
-                            "ORDER BY u.id").fetchall()
+        rows = conn.execute(
+            "SELECT k.name AS key, u.* FROM usage u JOIN api_keys k ON k.id = u.api_key_id ORDER BY u.id"
+        ).fetchall()
     return [dict(r) for r in rows]

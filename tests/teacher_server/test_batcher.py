@@ -1,4 +1,5 @@
 """TokenBudgetBatcher on its own: when batches are sealed, how rows of different keep counts run, errors, close."""
+
 from __future__ import annotations
 
 import asyncio
@@ -33,14 +34,21 @@ class RecordingForward:
 
 
 def prepared(batch: int, k: int, fill: float = 1.0, counts: list[int] | None = None) -> PreparedInput:
-    return PreparedInput(patches=torch.full((batch, k, 1, 2, 2), fill),
-                         keep_indices=random_keep(batch, k, seed=batch * 100 + k),
-                         keep_counts=torch.tensor(counts if counts is not None else [k] * batch))
+    return PreparedInput(
+        patches=torch.full((batch, k, 1, 2, 2), fill),
+        keep_indices=random_keep(batch, k, seed=batch * 100 + k),
+        keep_counts=torch.tensor(counts if counts is not None else [k] * batch),
+    )
 
 
 def make(forward: RecordingForward, **kw: object) -> TokenBudgetBatcher:
-    args: dict[str, object] = {"num_prefix_tokens": 1, "token_budget": 10_000, "max_batch_images": 64,
-                               "max_delay_s": 0.2, **kw}
+    args: dict[str, object] = {
+        "num_prefix_tokens": 1,
+        "token_budget": 10_000,
+        "max_batch_images": 64,
+        "max_delay_s": 0.2,
+        **kw,
+    }
     return TokenBudgetBatcher(forward, **args)  # type: ignore[arg-type]
 
 
@@ -51,7 +59,7 @@ async def test_same_k_requests_concatenate_into_one_unpadded_forward() -> None:
     results = await asyncio.gather(*(b.submit(prepared(n, 6, fill=n)) for n in (1, 2, 3)))
     await b.close()
     assert fwd.calls == [(6, 6, False)]
-    for n, r in zip((1, 2, 3), results):
+    for n, r in zip((1, 2, 3), results, strict=True):
         assert r.stats.images == 6 and r.stats.tokens == 6 * 7
         assert torch.equal(r.logits, torch.full((n, 1), n * 6 * 4.0))
 
@@ -108,8 +116,12 @@ def test_bucketing_and_padding_match_each_request_alone_on_a_real_teacher() -> N
     keep = random_keep(6, 20, seed=5)
     counts = torch.tensor([20, 5, 12, 20, 5, 9])
     with torch.inference_mode():
-        alone = torch.cat([teacher.forward_patches(patches[i:i + 1, :c], keep[i:i + 1, :c])
-                           for i, c in enumerate(counts.tolist())])
+        alone = torch.cat(
+            [
+                teacher.forward_patches(patches[i : i + 1, :c], keep[i : i + 1, :c])
+                for i, c in enumerate(counts.tolist())
+            ]
+        )
         bucketed = run_bucketed(teacher.forward_patches, patches, keep, counts)
         padded = run_padded(teacher.forward_patches, patches, keep, counts)
     torch.testing.assert_close(bucketed, alone, rtol=1e-5, atol=1e-6)
@@ -120,8 +132,9 @@ async def test_a_failing_batch_fails_its_requests_only_and_close_drains_the_queu
     fwd = RecordingForward(fail_on=-1.0)
     b = make(fwd, max_delay_s=0.05)
     await b.start()
-    bad, good = await asyncio.gather(b.submit(prepared(1, 4, fill=-1.0)), b.submit(prepared(1, 4)),
-                                     return_exceptions=True)
+    bad, good = await asyncio.gather(
+        b.submit(prepared(1, 4, fill=-1.0)), b.submit(prepared(1, 4)), return_exceptions=True
+    )
     assert isinstance(bad, RuntimeError) and isinstance(good, RuntimeError)  # same micro-batch, same fate
     later = await b.submit(prepared(1, 4))
     assert later.logits.item() == 16.0  # the batcher survived

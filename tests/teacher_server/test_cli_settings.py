@@ -3,6 +3,7 @@ tests/maskedkd/test_settings_cli.py): every setting but the secrets is a `serve`
 description with its default, each flag's value reaches the settings, a bool set in the environment can be turned off
 with `--no-x`, and every bad flag or value (on the command line or in the environment) is one line on stderr with exit
 status 2."""
+
 from __future__ import annotations
 
 import argparse
@@ -45,7 +46,7 @@ def test_every_setting_but_the_secrets_is_a_serve_flag_with_its_description_and_
     serve = _subparser("serve")
     actions = {a.option_strings[0]: a for a in serve._actions if a.option_strings}
     assert set(SERVE_FIELDS) == set(ServerSettings.model_fields) - SECRET_FIELDS
-    assert SECRET_FIELDS == {"admin_token", "viewer_token"}
+    assert {"admin_token", "viewer_token"} == SECRET_FIELDS
     for name in SERVE_FIELDS:
         field = ServerSettings.model_fields[name]
         action = actions[flag_of(name)]
@@ -112,28 +113,31 @@ def test_every_flag_reaches_the_settings(tmp_path: Path) -> None:
     assert settings.admin_token == "secret-of-admin_token_file"
 
 
-@pytest.mark.parametrize("argv,env,says", [
-    (["serve", "--port", "eighty"], {}, "--port"),
-    (["serve", "--model", "m", "--port", "70000"], {}, "--port: Input should be less than or equal to 65535"),
-    (["serve", "--model", "m", "--replay-ttl", "soon"], {}, "--replay-ttl: 'soon' is not a duration"),
-    (["serve", "--model", "m", "--max-batch-images", "0"], {}, "--max-batch-images"),
-    (["serve", "--model", "m", "--model-kwargs", "{img_size: 32}"], {}, "--model-kwargs"),
-    (["serve", "--model", "m", "--compile-shapes", "8:4"], {}, "compile=static"),
-    (["serve", "--device", "tpu"], {}, "--device"),
-    (["serve", "--model", "m", "--admin-token", "s3cret"], {}, "MASKEDKD_ADMIN_TOKEN"),
-    (["serve", "--bogus"], {}, "--bogus"),
-    (["serve"], {}, "--model"),
-    (["dashboard", "--port", "99999"], {}, "--port: Input should be less than or equal to 65535 (got 99999)"),
-    (["usage", "--db"], {}, "--db"),
-    (["keys"], {}, "required"),
-    ([], {}, "COMMAND"),
-    (["usage"], {"MASKEDKD_PORT": "abc"}, "MASKEDKD_PORT: Input should be a valid integer"),
-    (["serve", "--model", "m"], {"MASKEDKD_MODEL_KWARGS": "[1"}, "MASKEDKD_MODEL_KWARGS"),
-    (["serve", "--model", "m"], {"MASKEDKD_DTYPE": "int8"}, "MASKEDKD_DTYPE"),
-])
-def test_bad_flags_and_values_are_one_line_and_exit_2(argv: list[str], env: dict[str, str], says: str,
-                                                      capsys: pytest.CaptureFixture[str],
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "argv,env,says",
+    [
+        (["serve", "--port", "eighty"], {}, "--port"),
+        (["serve", "--model", "m", "--port", "70000"], {}, "--port: Input should be less than or equal to 65535"),
+        (["serve", "--model", "m", "--replay-ttl", "soon"], {}, "--replay-ttl: 'soon' is not a duration"),
+        (["serve", "--model", "m", "--max-batch-images", "0"], {}, "--max-batch-images"),
+        (["serve", "--model", "m", "--model-kwargs", "{img_size: 32}"], {}, "--model-kwargs"),
+        (["serve", "--model", "m", "--compile-shapes", "8:4"], {}, "compile=static"),
+        (["serve", "--device", "tpu"], {}, "--device"),
+        (["serve", "--model", "m", "--admin-token", "s3cret"], {}, "MASKEDKD_ADMIN_TOKEN"),
+        (["serve", "--bogus"], {}, "--bogus"),
+        (["serve"], {}, "--model"),
+        (["dashboard", "--port", "99999"], {}, "--port: Input should be less than or equal to 65535 (got 99999)"),
+        (["usage", "--db"], {}, "--db"),
+        (["keys"], {}, "required"),
+        ([], {}, "COMMAND"),
+        (["usage"], {"MASKEDKD_PORT": "abc"}, "MASKEDKD_PORT: Input should be a valid integer"),
+        (["serve", "--model", "m"], {"MASKEDKD_MODEL_KWARGS": "[1"}, "MASKEDKD_MODEL_KWARGS"),
+        (["serve", "--model", "m"], {"MASKEDKD_DTYPE": "int8"}, "MASKEDKD_DTYPE"),
+    ],
+)
+def test_bad_flags_and_values_are_one_line_and_exit_2(
+    argv: list[str], env: dict[str, str], says: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert main(argv) == 2
@@ -142,13 +146,17 @@ def test_bad_flags_and_values_are_one_line_and_exit_2(argv: list[str], env: dict
     assert says in err and "Traceback" not in err and "usage:" not in err
 
 
-@pytest.mark.parametrize("command,flags", [
-    ("serve", ["--no-dashboard-public", "--no-metrics-key-labels", "--no-pretrained"]),
-    ("dashboard", ["--no-public"]),
-    ("dashboard", ["--no-dashboard-public"]),
-])
-def test_a_bool_set_in_the_environment_is_turned_off_by_its_no_flag(command: str, flags: list[str],
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "command,flags",
+    [
+        ("serve", ["--no-dashboard-public", "--no-metrics-key-labels", "--no-pretrained"]),
+        ("dashboard", ["--no-public"]),
+        ("dashboard", ["--no-dashboard-public"]),
+    ],
+)
+def test_a_bool_set_in_the_environment_is_turned_off_by_its_no_flag(
+    command: str, flags: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     bools = ("dashboard_public", "metrics_key_labels", "pretrained") if command == "serve" else ("dashboard_public",)
     for name in bools:
         monkeypatch.setenv(f"MASKEDKD_{name.upper()}", "true")
@@ -156,8 +164,9 @@ def test_a_bool_set_in_the_environment_is_turned_off_by_its_no_flag(command: str
 
     def settings(*argv: str) -> ServerSettings:
         args = parser.parse_args([command, *argv])
-        return settings_from_flags(ServerSettings, args, SERVE_FIELDS) if command == "serve" else \
-            settings_from_args(args)
+        return (
+            settings_from_flags(ServerSettings, args, SERVE_FIELDS) if command == "serve" else settings_from_args(args)
+        )
 
     assert all(getattr(settings(), name) is True for name in bools)  # no flag: the environment holds
     off = settings(*flags)

@@ -1,6 +1,7 @@
 """The commit leaves the forward thread: batch i+1's forward runs while batch i commits, and no caller gets its
 result before its batch's commit returned (the batcher alone, then a real server whose ledger commits slowly: every
 answer's row is already visible to an independent SQL reader when the answer arrives)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -59,9 +60,9 @@ async def test_the_next_forward_overlaps_the_commit_and_results_wait_for_their_c
     second = asyncio.create_task(call(2))
     assert await first == "committed-1" and await second == "committed-2"
     await b.close()
-    assert [c[2] for c in commits] == [1, 2]                           # commits in forward order
-    assert commits[0][0] < forward_starts[1] < commits[0][1]           # forward 2 ran during commit 1
-    assert commits[1][0] >= commits[0][1]                              # one commit at a time
+    assert [c[2] for c in commits] == [1, 2]  # commits in forward order
+    assert commits[0][0] < forward_starts[1] < commits[0][1]  # forward 2 ran during commit 1
+    assert commits[1][0] >= commits[0][1]  # one commit at a time
     assert arrived[1] >= commits[0][1] and arrived[2] >= commits[1][1]  # no result before its commit
 
 
@@ -83,8 +84,9 @@ def test_a_slow_ledger_commit_never_lets_an_answer_out_before_its_row(tmp_path) 
 
         def call(i: int) -> None:
             rid = f"c{i}"
-            teacher.Infer(image_request(random_images(1, i), random_keep(1, 8 + i, i), request_id=rid),
-                          metadata=auth(secret))
+            teacher.Infer(
+                image_request(random_images(1, i), random_keep(1, 8 + i, i), request_id=rid), metadata=auth(secret)
+            )
             with sqlite3.connect(db) as conn:  # the moment the answer is here, its row must be committed
                 count = conn.execute("SELECT COUNT(*) FROM usage WHERE request_id = ?", (rid,)).fetchone()[0]
             with lock:

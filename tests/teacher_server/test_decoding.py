@@ -1,5 +1,6 @@
 """The tolerant deserializer: bytes upb refuses become an `UndecodableRequest` naming the field, with the request_id
 read back where that part is intact; valid bytes decode as usual."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,8 +17,9 @@ from teacher_server.service.decoding import (
 pytestmark = pytest.mark.dtype("none")  # no model numerics
 
 deserialize = tolerant(pb.InferRequest.FromString, pb.InferRequest.DESCRIPTOR)
-VALID = pb.InferRequest(request_id="r-1", model="vit", images=pb.Tensor(dtype="uint8", shape=[1, 3, 2, 2],
-                                                                          data=bytes(12))).SerializeToString()
+VALID = pb.InferRequest(
+    request_id="r-1", model="vit", images=pb.Tensor(dtype="uint8", shape=[1, 3, 2, 2], data=bytes(12))
+).SerializeToString()
 
 
 @pytest.mark.parametrize(
@@ -37,7 +39,7 @@ def test_undecodable_bytes_name_their_problem(raw: bytes, problem: str, request_
     marker = deserialize(raw)
     assert isinstance(marker, UndecodableRequest)
     assert (marker.problem, marker.request_id, request_id_of(marker)) == (problem, request_id, request_id)
-    with pytest.raises(InvalidRequestError, match="not a valid maskedkd.v1.InferRequest: "):
+    with pytest.raises(InvalidRequestError, match=r"not a valid maskedkd\.v1\.InferRequest: "):
         decoded(marker)
 
 

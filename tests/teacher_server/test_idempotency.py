@@ -1,6 +1,7 @@
 """Idempotency bound to content over real gRPC and a real SQLite ledger: a request_id replays only the inputs it
 was billed for (ALREADY_EXISTS otherwise, also in flight), and an id whose replay payload expired is refused with
 FAILED_PRECONDITION, never billed twice. The ledger is read back with SQL."""
+
 from __future__ import annotations
 
 import sqlite3
@@ -62,9 +63,9 @@ def test_same_id_same_content_replays_and_other_content_is_refused_unbilled(tmp_
         stored = sql(db, "SELECT request_id, images, gflops, content_digest FROM usage")
         assert stored == [("step-1", 3, first.usage.gflops, content_digest(original, model=srv.model_name))]
 
-        other_batch = image_request(images[:1], keep[:1], request_id="step-1")           # 1 image, not 3
-        other_bytes = image_request(images.flip(0), keep, request_id="step-1")           # same shape, other pixels
-        other_keep = image_request(images, random_keep(3, 20, 2), request_id="step-1")   # other kept patches
+        other_batch = image_request(images[:1], keep[:1], request_id="step-1")  # 1 image, not 3
+        other_bytes = image_request(images.flip(0), keep, request_id="step-1")  # same shape, other pixels
+        other_keep = image_request(images, random_keep(3, 20, 2), request_id="step-1")  # other kept patches
         other_counts = image_request(images, keep, request_id="step-1", counts=torch.tensor([20, 10, 5]))
         as_patches = patch_request(patches_of(images, keep), keep, request_id="step-1")  # same pixels, other kind
         for request in (other_batch, other_bytes, other_keep, other_counts, as_patches):
@@ -72,8 +73,10 @@ def test_same_id_same_content_replays_and_other_content_is_refused_unbilled(tmp_
             assert err.code() == grpc.StatusCode.ALREADY_EXISTS
             assert err.details() == "request_id 'step-1' was already used with different inputs; nothing billed"
         assert sql(db, "SELECT COUNT(*), SUM(gflops) FROM usage") == [(1, first.usage.gflops)]
-        assert sql(db, "SELECT requests, gflops FROM key_counters k JOIN api_keys a ON a.id = k.api_key_id "
-                       "WHERE a.name = 'ivy'") == [(1, first.usage.gflops)]
+        assert sql(
+            db,
+            "SELECT requests, gflops FROM key_counters k JOIN api_keys a ON a.id = k.api_key_id WHERE a.name = 'ivy'",
+        ) == [(1, first.usage.gflops)]
         assert teacher.Infer(original, metadata=auth(secret)).usage.replayed  # the original still replays
         other_key = srv.create_key("jo")  # ids are per key: another key's "step-1" is its own request
         assert not teacher.Infer(other_batch, metadata=auth(other_key)).usage.replayed
@@ -102,7 +105,9 @@ def test_accept_billed_answer_replays_what_was_billed_for_a_batch_of_the_same_si
         assert not teacher.Infer(new, metadata=auth(secret)).usage.replayed
         channel.close()
         assert sql(srv.settings.db, "SELECT request_id, gflops FROM usage ORDER BY id") == [
-            ("s-1", first.usage.gflops), ("s-2", first.usage.gflops)]
+            ("s-1", first.usage.gflops),
+            ("s-2", first.usage.gflops),
+        ]
 
 
 def test_a_retry_under_another_purpose_replays_what_was_billed_under_the_first(tmp_path, model) -> None:
@@ -124,15 +129,18 @@ def test_a_retry_under_another_purpose_replays_what_was_billed_under_the_first(t
         assert (again.usage.gflops, again.usage.cost) == (first.usage.gflops, first.usage.cost)
         assert content_digest(probe, model=srv.model_name) == content_digest(unlabelled, model=srv.model_name)
         assert sql(srv.settings.db, "SELECT request_id, purpose, gflops, cost FROM usage") == [
-            ("s0-probe-full", "probe", first.usage.gflops, first.usage.cost)]
+            ("s0-probe-full", "probe", first.usage.gflops, first.usage.cost)
+        ]
 
 
 def test_concurrent_duplicates_with_different_content_bill_one_and_refuse_the_others(tmp_path, model) -> None:
     with running_server(settings(tmp_path, max_delay_ms=100.0), model=model) as srv:
         secret = srv.create_key("kim")
         channel, teacher = stub(srv.address)
-        requests = [image_request(random_images(1 + i % 2, 10 + i), random_keep(1 + i % 2, 12, i), request_id="dup")
-                    for i in range(4)] * 3  # 4 different contents, each sent 3 times, all at once
+        requests = [
+            image_request(random_images(1 + i % 2, 10 + i), random_keep(1 + i % 2, 12, i), request_id="dup")
+            for i in range(4)
+        ] * 3  # 4 different contents, each sent 3 times, all at once
 
         def call(request: pb.InferRequest) -> tuple[grpc.StatusCode, pb.InferResponse | None]:
             try:
@@ -142,10 +150,10 @@ def test_concurrent_duplicates_with_different_content_bill_one_and_refuse_the_ot
 
         with ThreadPoolExecutor(max_workers=12) as pool:
             results = list(pool.map(call, requests))
-        (digest, images, gflops), = sql(srv.settings.db, "SELECT content_digest, images, gflops FROM usage")
+        ((digest, images, gflops),) = sql(srv.settings.db, "SELECT content_digest, images, gflops FROM usage")
         winner = [r for r in requests if content_digest(r, model=srv.model_name) == digest]
         assert len(winner) == 3  # the billed row is one of the contents sent
-        for request, (code, response) in zip(requests, results):
+        for request, (code, response) in zip(requests, results, strict=True):
             if request in winner:
                 assert code == grpc.StatusCode.OK and response is not None
                 assert response.usage.gflops == gflops and response.usage.images == images
@@ -169,8 +177,13 @@ def test_an_id_whose_replay_payload_expired_is_refused_and_never_billed_twice(tm
         err = refusal(teacher, request, secret)
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "no longer kept" in err.details()
         env = child_env()
-        purged = subprocess.run([sys.executable, "-m", "teacher_server.cli", "ledger", "purge", "--db", db],
-                                capture_output=True, text=True, timeout=60, env=env)
+        purged = subprocess.run(
+            [sys.executable, "-m", "teacher_server.cli", "ledger", "purge", "--db", db],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
         assert purged.returncode == 0 and purged.stdout.startswith("purged 1 replay payloads"), purged.stderr
         assert sql(db, "SELECT COUNT(*) FROM replay_payloads") == [(0,)]
         assert refusal(teacher, request, secret).code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -1,6 +1,7 @@
 """teacher_server.launcher: real `teacher-server serve` children. The JSON ready line says what the server really
 serves (called over gRPC at the announced address, its metrics and dashboard URLs fetched); a child that cannot start
 is one LaunchError carrying its log's last lines; kill, restart and the graceful stop."""
+
 from __future__ import annotations
 
 import json
@@ -43,14 +44,30 @@ def served_models(channel: grpc.Channel) -> tuple[str, ...]:
 
 def test_the_ready_line_says_what_the_server_serves_and_kill_restart_stop_work(tmp_path: Path) -> None:
     log = tmp_path / "serve.log"
-    server = ServerProcess(serve_argv(*TINY_FLAGS, "--served-name", "tiny-teacher", "--port", "0",
-                                      "--metrics-port", "0", "--db", f"sqlite:///{tmp_path / 'ledger.db'}"),
-                           log=log, env=child_env())
+    server = ServerProcess(
+        serve_argv(
+            *TINY_FLAGS,
+            "--served-name",
+            "tiny-teacher",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--db",
+            f"sqlite:///{tmp_path / 'ledger.db'}",
+        ),
+        log=log,
+        env=child_env(),
+    )
     with server:
         ready = server.ready
         assert ready is not None and ready.pid == server.pid and ready.port > 0
         assert (ready.address, ready.models, ready.tls, ready.dashboard_url) == (
-            f"127.0.0.1:{ready.port}", ("tiny-teacher",), "off", None)
+            f"127.0.0.1:{ready.port}",
+            ("tiny-teacher",),
+            "off",
+            None,
+        )
         with grpc.insecure_channel(ready.address) as channel:
             assert served_models(channel) == ready.models
         assert ready.metrics_url is not None
@@ -70,20 +87,36 @@ def test_the_ready_line_says_what_the_server_serves_and_kill_restart_stop_work(t
 
 def test_the_ready_line_of_a_mutual_tls_server_with_its_dashboard(tmp_path: Path) -> None:
     pki = make_pki(tmp_path / "pki")
-    argv = serve_argv(*TINY_FLAGS, "--port", "0", "--no-metrics", "--dashboard-port", "0", "--tls-cert",
-                      pki.server_cert, "--tls-key", pki.server_key, "--tls-client-ca", pki.ca,
-                      "--db", f"sqlite:///{tmp_path / 'ledger.db'}")
+    argv = serve_argv(
+        *TINY_FLAGS,
+        "--port",
+        "0",
+        "--no-metrics",
+        "--dashboard-port",
+        "0",
+        "--tls-cert",
+        pki.server_cert,
+        "--tls-key",
+        pki.server_key,
+        "--tls-client-ca",
+        pki.ca,
+        "--db",
+        f"sqlite:///{tmp_path / 'ledger.db'}",
+    )
     with ServerProcess(argv, log=tmp_path / "serve.log", env=child_env()) as server:
         ready = server.ready
         assert ready is not None and (ready.tls, ready.metrics_url) == ("mtls", None)
-        credentials = grpc.ssl_channel_credentials(root_certificates=Path(pki.ca).read_bytes(),
-                                                   private_key=Path(pki.client_key).read_bytes(),
-                                                   certificate_chain=Path(pki.client_cert).read_bytes())
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=Path(pki.ca).read_bytes(),
+            private_key=Path(pki.client_key).read_bytes(),
+            certificate_chain=Path(pki.client_cert).read_bytes(),
+        )
         with grpc.secure_channel(ready.address, credentials) as channel:
             assert served_models(channel) == (MODEL,)
         assert ready.dashboard_url is not None and ready.dashboard_url.startswith("https://127.0.0.1:")
-        health = urllib.request.urlopen(ready.dashboard_url + "healthz", timeout=10,
-                                        context=ssl.create_default_context(cafile=pki.ca))
+        health = urllib.request.urlopen(
+            ready.dashboard_url + "healthz", timeout=10, context=ssl.create_default_context(cafile=pki.ca)
+        )
         assert health.status == 200
 
 
@@ -102,9 +135,11 @@ def test_a_port_in_use_is_one_error_with_the_child_log_tail(tmp_path: Path) -> N
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        server = ServerProcess(serve_argv(*TINY_FLAGS, "--port", str(port), "--no-metrics",
-                                          "--db", f"sqlite:///{tmp_path / 'ledger.db'}"),
-                               log=tmp_path / "serve.log", env=child_env())
+        server = ServerProcess(
+            serve_argv(*TINY_FLAGS, "--port", str(port), "--no-metrics", "--db", f"sqlite:///{tmp_path / 'ledger.db'}"),
+            log=tmp_path / "serve.log",
+            env=child_env(),
+        )
         with pytest.raises(LaunchError) as caught:
             server.start(timeout_s=120)
     assert caught.value.reason == "teacher-server exited with status 2 before serving"
@@ -113,8 +148,11 @@ def test_a_port_in_use_is_one_error_with_the_child_log_tail(tmp_path: Path) -> N
 
 
 def test_a_child_that_never_announces_is_stopped_when_the_time_runs_out(tmp_path: Path) -> None:
-    silent = [sys.executable, "-c", "import sys, time; print('loading...', file=sys.stderr, flush=True); "
-                                    "time.sleep(120)"]
+    silent = [
+        sys.executable,
+        "-c",
+        "import sys, time; print('loading...', file=sys.stderr, flush=True); time.sleep(120)",
+    ]
     server = ServerProcess(silent, log=tmp_path / "child.log", name="silent child")
     with pytest.raises(LaunchError) as caught:
         server.start(timeout_s=2)
@@ -124,20 +162,41 @@ def test_a_child_that_never_announces_is_stopped_when_the_time_runs_out(tmp_path
 
 
 def test_a_ready_line_reads_back_and_other_lines_are_not_one() -> None:
-    ready = Ready(address="127.0.0.1:50051", models=("a", "b"), metrics_url="http://127.0.0.1:9464/metrics",
-                  dashboard_url=None, tls="tls", pid=42)
+    ready = Ready(
+        address="127.0.0.1:50051",
+        models=("a", "b"),
+        metrics_url="http://127.0.0.1:9464/metrics",
+        dashboard_url=None,
+        tls="tls",
+        pid=42,
+    )
     line = ready.to_line()
-    assert json.loads(line) == {"event": "ready", "address": "127.0.0.1:50051", "models": ["a", "b"],
-                                "metrics_url": "http://127.0.0.1:9464/metrics", "dashboard_url": None, "tls": "tls",
-                                "pid": 42}
+    assert json.loads(line) == {
+        "event": "ready",
+        "address": "127.0.0.1:50051",
+        "models": ["a", "b"],
+        "metrics_url": "http://127.0.0.1:9464/metrics",
+        "dashboard_url": None,
+        "tls": "tls",
+        "pid": 42,
+    }
     assert Ready.from_line(line + "\n") == ready and ready.port == 50051
     for other in ("teacher-server: serving a on 127.0.0.1:50051", '{"event": "stopped"}', '{"event": "ready"}', "[]"):
         assert Ready.from_line(other) is None
 
 
 def test_settings_become_serve_flags_that_the_cli_reads_back_as_the_same_settings() -> None:
-    settings = {"model": MODEL, "model_kwargs": TINY, "port": 0, "metrics_port": None, "compile": "static",
-                "compile_shapes": ((8, 4), (16, 8)), "pretrained": True, "max_delay_ms": 2.5, "dashboard_port": None}
+    settings = {
+        "model": MODEL,
+        "model_kwargs": TINY,
+        "port": 0,
+        "metrics_port": None,
+        "compile": "static",
+        "compile_shapes": ((8, 4), (16, 8)),
+        "pretrained": True,
+        "max_delay_ms": 2.5,
+        "dashboard_port": None,
+    }
     flags = settings_flags(settings)
     assert "--no-metrics" in flags and "--dashboard-port" not in flags
     args = build_parser().parse_args(["serve", *flags])

@@ -2,6 +2,7 @@
 bills exactly under concurrency, replays exactly once (retry, restart, two servers on one database), refuses over
 quota without billing; `teacher-server keys/usage --db postgresql+psycopg2://...` and the dashboard API agree with
 raw SQL run through psycopg2 alone. The server's time zone is not UTC, so time handling is checked too."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -53,20 +54,32 @@ def model() -> torch.nn.Module:
 
 
 def pg_settings(url: str, **overrides: Any) -> ServerSettings:
-    base: dict[str, Any] = {"model": MODEL, "model_kwargs": TINY, "db": url, "metrics_port": None,
-                            "max_delay_ms": 2.0}
+    base: dict[str, Any] = {"model": MODEL, "model_kwargs": TINY, "db": url, "metrics_port": None, "max_delay_ms": 2.0}
     return ServerSettings(**{**base, **overrides})
 
 
 def usage_rows(url: str) -> list[dict[str, Any]]:
     """Every usage row with its key's name, through psycopg2 (the documented schema, not the ORM)."""
-    names = ["key", "request_id", "images", "tokens", "gflops", "full_gflops", "cost", "batch_images", "epoch",
-             "logits", "logits_shape"]  # the replay payload, from its own table
-    query = ("SELECT k.name, u.request_id, u.images, u.tokens, u.gflops, u.full_gflops, u.cost, u.batch_images, "
-             "EXTRACT(EPOCH FROM u.created_at)::float8, p.logits, p.logits_shape "
-             "FROM usage u JOIN api_keys k ON k.id = u.api_key_id LEFT JOIN replay_payloads p ON p.usage_id = u.id "
-             "ORDER BY u.id")
-    return [dict(zip(names, r)) for r in pg_rows(url, query)]
+    names = [
+        "key",
+        "request_id",
+        "images",
+        "tokens",
+        "gflops",
+        "full_gflops",
+        "cost",
+        "batch_images",
+        "epoch",
+        "logits",
+        "logits_shape",
+    ]  # the replay payload, from its own table
+    query = (
+        "SELECT k.name, u.request_id, u.images, u.tokens, u.gflops, u.full_gflops, u.cost, u.batch_images, "
+        "EXTRACT(EPOCH FROM u.created_at)::float8, p.logits, p.logits_shape "
+        "FROM usage u JOIN api_keys k ON k.id = u.api_key_id LEFT JOIN replay_payloads p ON p.usage_id = u.id "
+        "ORDER BY u.id"
+    )
+    return [dict(zip(names, r, strict=True)) for r in pg_rows(url, query)]
 
 
 def run_cli(*args: str, db: str) -> subprocess.CompletedProcess[str]:
@@ -85,23 +98,29 @@ def test_totals_equal_the_sum_of_responses_under_concurrent_clients(postgres_url
         def unary_client(c: int) -> None:
             for i in range(4):
                 batch, k = 1 + (c + i) % 3, 4 + (7 * c + 3 * i) % 60
-                req = image_request(random_images(batch, c * 10 + i), random_keep(batch, k, i),
-                                    request_id=f"u{c}-{i}" if i % 2 == 0 else "")  # also server-assigned ids
+                req = image_request(
+                    random_images(batch, c * 10 + i),
+                    random_keep(batch, k, i),
+                    request_id=f"u{c}-{i}" if i % 2 == 0 else "",
+                )  # also server-assigned ids
                 resp = teacher.Infer(req, metadata=auth(keys[f"k{c % 3}"]))
                 with lock:
                     responses.append((f"k{c % 3}", resp))
 
         def stream_client(c: int) -> None:
-            reqs = [image_request(random_images(2, 500 + c * 10 + i), random_keep(2, 5 + i * 6, i),
-                                  request_id=f"s{c}-{i}") for i in range(6)]
+            reqs = [
+                image_request(random_images(2, 500 + c * 10 + i), random_keep(2, 5 + i * 6, i), request_id=f"s{c}-{i}")
+                for i in range(6)
+            ]
             got = list(teacher.InferStream(iter(reqs), metadata=auth(keys[f"k{c % 3}"])))
             assert sorted(r.request_id for r in got) == sorted(r.request_id for r in reqs)
             with lock:
                 responses.extend((f"k{c % 3}", r) for r in got)
 
         with ThreadPoolExecutor(max_workers=8) as pool:
-            futures = [pool.submit(unary_client, c) for c in range(6)] + [pool.submit(stream_client, c)
-                                                                           for c in range(2)]
+            futures = [pool.submit(unary_client, c) for c in range(6)] + [
+                pool.submit(stream_client, c) for c in range(2)
+            ]
             for f in futures:
                 f.result()
         with srv.server.sessions() as session:
@@ -117,19 +136,23 @@ def test_totals_equal_the_sum_of_responses_under_concurrent_clients(postgres_url
         row = by_id[resp.request_id]
         assert row["key"] == name and not resp.usage.replayed
         assert (row["images"], row["tokens"], row["gflops"], row["full_gflops"], row["cost"]) == (
-            resp.usage.images, resp.usage.tokens, resp.usage.gflops, resp.usage.full_gflops, resp.usage.cost)
+            resp.usage.images,
+            resp.usage.tokens,
+            resp.usage.gflops,
+            resp.usage.full_gflops,
+            resp.usage.cost,
+        )
         assert started - 1 <= row["epoch"] <= finished + 1  # true UTC instants, whatever the server's zone
         assert (row["logits"] is None) == resp.request_id.startswith("auto-")  # only client ids are replayable
     assert max(r["batch_images"] for r in rows) > 3  # requests of different clients shared micro-batches
     for name in keys:
         mine = [resp.usage for n, resp in responses if n == name]
         t = totals[name]
-        assert (t.requests, t.images, t.tokens) == (len(mine), sum(u.images for u in mine),
-                                                    sum(u.tokens for u in mine))
+        assert (t.requests, t.images, t.tokens) == (len(mine), sum(u.images for u in mine), sum(u.tokens for u in mine))
         for field in ("gflops", "full_gflops", "cost"):
             exact = math.fsum(getattr(u, field) for u in mine)
             assert math.fsum(r[field] for r in rows if r["key"] == name) == exact  # row by row, exactly
-            assert getattr(t, field) == pytest.approx(exact, rel=REL)            # SQL SUM, any order
+            assert getattr(t, field) == pytest.approx(exact, rel=REL)  # SQL SUM, any order
 
 
 def test_retry_replays_across_a_restart_and_between_two_servers(postgres_url: str, model) -> None:
@@ -143,7 +166,10 @@ def test_retry_replays_across_a_restart_and_between_two_servers(postgres_url: st
         assert not first.usage.replayed and retry.usage.replayed
         assert retry.logits.data == first.logits.data  # the stored logits, bit for bit
         assert (retry.usage.gflops, retry.usage.cost, retry.usage.tokens) == (
-            first.usage.gflops, first.usage.cost, first.usage.tokens)
+            first.usage.gflops,
+            first.usage.cost,
+            first.usage.tokens,
+        )
         channel.close()
     assert [r["request_id"] for r in usage_rows(postgres_url)] == ["job-1"]
 
@@ -180,9 +206,20 @@ def test_insert_usage_rows_settles_duplicates_with_savepoints(postgres_url: str)
             keys.add_api_key(s, name="k", key_prefix="mkd_y", key_hash="g" * 64)
 
     def item(rid: str, gflops: float) -> billing.Billable:
-        row = models.NewUsage(api_key_id=key.id, request_id=rid, model="m", images=1, tokens=2, gflops=gflops,
-                              full_gflops=2.0, cost=gflops, latency_ms=1.0, queue_ms=0.5, batch_images=1,
-                              content_digest=rid * 64)
+        row = models.NewUsage(
+            api_key_id=key.id,
+            request_id=rid,
+            model="m",
+            images=1,
+            tokens=2,
+            gflops=gflops,
+            full_gflops=2.0,
+            cost=gflops,
+            latency_ms=1.0,
+            queue_ms=0.5,
+            batch_images=1,
+            content_digest=rid * 64,
+        )
         return billing.Billable(row, "lifetime", payload=(b"\x01\x02\x03\x04", "1,1"))
 
     with sessions() as s:
@@ -192,7 +229,10 @@ def test_insert_usage_rows_settles_duplicates_with_savepoints(postgres_url: str)
     assert outcome[0] is None and outcome[2] is None
     assert outcome[1] is not None and outcome[1].gflops == 1.0 and outcome[1].content_digest == "a" * 64
     assert pg_rows(postgres_url, "SELECT request_id, gflops FROM usage ORDER BY request_id") == [
-        ("a", 1.0), ("b", 1.5), ("c", 0.5)]
+        ("a", 1.0),
+        ("b", 1.5),
+        ("c", 0.5),
+    ]
     assert pg_rows(postgres_url, "SELECT COUNT(*), MIN(length(logits)) FROM replay_payloads") == [(3, 4)]
     assert pg_rows(postgres_url, "SELECT requests, gflops FROM key_counters") == [(3, 3.0)]
     with sessions() as s:
@@ -224,8 +264,11 @@ def test_quota_refuses_with_resource_exhausted_and_bills_nothing(postgres_url: s
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         channel.close()
     ok_ids = sorted(f"q{i}" for i, c in enumerate(codes) if c == grpc.StatusCode.OK)
-    assert pg_rows(postgres_url, "SELECT u.request_id, u.gflops FROM usage u JOIN api_keys k ON k.id = u.api_key_id "
-                                 "WHERE k.name = 'erin' ORDER BY u.request_id") == [(i, cost) for i in ok_ids]
+    assert pg_rows(
+        postgres_url,
+        "SELECT u.request_id, u.gflops FROM usage u JOIN api_keys k ON k.id = u.api_key_id "
+        "WHERE k.name = 'erin' ORDER BY u.request_id",
+    ) == [(i, cost) for i in ok_ids]
 
 
 def test_request_id_with_a_nul_character_is_invalid_and_not_billed(postgres_url: str, model) -> None:
@@ -237,8 +280,9 @@ def test_request_id_with_a_nul_character_is_invalid_and_not_billed(postgres_url:
         with pytest.raises(grpc.RpcError) as err:
             teacher.Infer(request, metadata=auth(key))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "NUL" in err.value.details()
-        ok = teacher.Infer(image_request(random_images(1, 1), random_keep(1, 8, 1), request_id="job-1"),
-                           metadata=auth(key))
+        ok = teacher.Infer(
+            image_request(random_images(1, 1), random_keep(1, 8, 1), request_id="job-1"), metadata=auth(key)
+        )
         assert not ok.usage.replayed
         channel.close()
     assert [r["request_id"] for r in usage_rows(postgres_url)] == ["job-1"]
@@ -252,18 +296,25 @@ def test_cli_keys_and_usage_against_postgres(postgres_url: str, model) -> None:
     # on a fresh database: the processes race to create the schema, and all must succeed
     created, made_other, too_long = cli_together(
         ("keys", "create", "--name", "grace", "--quota-gflops", "1000", "--price-per-gflop", "0.2"),
-        ("keys", "create", "--name", "heidi"), ("keys", "create", "--name", "x" * 201))
+        ("keys", "create", "--name", "heidi"),
+        ("keys", "create", "--name", "x" * 201),
+    )
     assert created.returncode == made_other.returncode == 0, created.stderr + made_other.stderr
     secret, other = created.stdout.strip(), made_other.stdout.strip()
     assert too_long.returncode == 2 and too_long.stderr.count("\n") == 1 and "200 characters" in too_long.stderr
-    assert pg_rows(postgres_url, "SELECT name, key_prefix, quota_gflops, price_per_gflop, disabled FROM api_keys "
-                                 "ORDER BY name") == [("grace", secret[:12], 1000.0, 0.2, False),
-                                                      ("heidi", other[:12], None, None, False)]
+    assert pg_rows(
+        postgres_url, "SELECT name, key_prefix, quota_gflops, price_per_gflop, disabled FROM api_keys ORDER BY name"
+    ) == [("grace", secret[:12], 1000.0, 0.2, False), ("heidi", other[:12], None, None, False)]
 
     with running_server(pg_settings(postgres_url), model=model) as srv:  # keys made by another process work
         channel, teacher = stub(srv.address)
-        served = [teacher.Infer(image_request(random_images(1 + i, i), random_keep(1 + i, 10 + 5 * i, i),
-                                              request_id=f"c{i}"), metadata=auth(secret)).usage for i in range(3)]
+        served = [
+            teacher.Infer(
+                image_request(random_images(1 + i, i), random_keep(1 + i, 10 + 5 * i, i), request_id=f"c{i}"),
+                metadata=auth(secret),
+            ).usage
+            for i in range(3)
+        ]
         teacher.Infer(image_request(random_images(1, 9), random_keep(1, 8, 9)), metadata=auth(other))
         disabled = run_cli("keys", "disable", "heidi", db=postgres_url)
         assert disabled.returncode == 0, disabled.stderr
@@ -280,11 +331,15 @@ def test_cli_keys_and_usage_against_postgres(postgres_url: str, model) -> None:
     assert secret not in listing.stdout and listed["grace"]["prefix"] == secret[:12]
     (totals,) = json.loads(usage.stdout)
     assert (totals["requests"], totals["images"], totals["tokens"]) == (
-        3, sum(u.images for u in served), sum(u.tokens for u in served))
+        3,
+        sum(u.images for u in served),
+        sum(u.tokens for u in served),
+    )
     for field in ("gflops", "full_gflops", "cost"):
         assert totals[field] == pytest.approx(math.fsum(getattr(u, field) for u in served), rel=REL)
-    (sql_gflops,), = pg_rows(postgres_url, "SELECT SUM(u.gflops) FROM usage u JOIN api_keys k "
-                                           "ON k.id = u.api_key_id WHERE k.name = 'grace'")
+    ((sql_gflops,),) = pg_rows(
+        postgres_url, "SELECT SUM(u.gflops) FROM usage u JOIN api_keys k ON k.id = u.api_key_id WHERE k.name = 'grace'"
+    )
     assert totals["gflops"] == sql_gflops
     assert table.returncode == 0 and "grace" in table.stdout and "heidi" in table.stdout and "%" in table.stdout
 
@@ -304,10 +359,19 @@ def test_servers_opening_a_fresh_database_together_create_the_schema_once(postgr
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         assert list(pool.map(open_it, range(4))) == ["ok"] * 4
-    tables = pg_rows(postgres_url, "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' "
-                                   "ORDER BY table_name")
-    assert tables == [("alembic_version",), ("api_keys",), ("key_counters",), ("quota_holds",), ("refusals",),
-                      ("replay_payloads",), ("usage",)]
+    tables = pg_rows(
+        postgres_url,
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY table_name",
+    )
+    assert tables == [
+        ("alembic_version",),
+        ("api_keys",),
+        ("key_counters",),
+        ("quota_holds",),
+        ("refusals",),
+        ("replay_payloads",),
+        ("usage",),
+    ]
     assert pg_rows(postgres_url, "SELECT version_num FROM alembic_version") == [(head_revision(),)]
 
 
@@ -318,18 +382,24 @@ def test_dashboard_usage_equals_raw_sql_on_postgres(postgres_url: str, model) ->
         channel, teacher = stub(srv.address)
         for i in range(10):
             name = "alpha" if i % 3 else "beta"
-            teacher.Infer(image_request(random_images(1 + i % 2, i), random_keep(1 + i % 2, 6 + 5 * i, i)),
-                          metadata=auth(keys[name]))
+            teacher.Infer(
+                image_request(random_images(1 + i % 2, i), random_keep(1 + i % 2, 6 + 5 * i, i)),
+                metadata=auth(keys[name]),
+            )
         channel.close()
     # spread the rows over the last hours (raw SQL), so time windows and buckets have something to cut
-    pg_rows(postgres_url, "UPDATE usage SET created_at = created_at - make_interval(mins => (id * 37) % 300)",
-            commit=True)
-    sums = ("COUNT(u.id), COALESCE(SUM(u.images), 0), COALESCE(SUM(u.tokens), 0), COALESCE(SUM(u.gflops), 0), "
-            "COALESCE(SUM(u.full_gflops), 0), COALESCE(SUM(u.cost), 0)")
+    pg_rows(
+        postgres_url, "UPDATE usage SET created_at = created_at - make_interval(mins => (id * 37) % 300)", commit=True
+    )
+    sums = (
+        "COUNT(u.id), COALESCE(SUM(u.images), 0), COALESCE(SUM(u.tokens), 0), COALESCE(SUM(u.gflops), 0), "
+        "COALESCE(SUM(u.full_gflops), 0), COALESCE(SUM(u.cost), 0)"
+    )
 
     def sql_totals(where: str = "", params: tuple[Any, ...] = ()) -> dict[str, tuple[Any, ...]]:
-        query = (f"SELECT k.name, {sums} FROM api_keys k LEFT JOIN usage u ON u.api_key_id = k.id {where} "
-                 "GROUP BY k.name")
+        query = (
+            f"SELECT k.name, {sums} FROM api_keys k LEFT JOIN usage u ON u.api_key_id = k.id {where} GROUP BY k.name"
+        )
         return {r[0]: r[1:] for r in pg_rows(postgres_url, query, params)}
 
     def check(body: dict[str, Any], expected: dict[str, tuple[Any, ...]]) -> None:
@@ -341,22 +411,29 @@ def test_dashboard_usage_equals_raw_sql_on_postgres(postgres_url: str, model) ->
             assert k["full_gflops"] == pytest.approx(full, rel=REL)
 
     viewer = "pg-viewer-token"  # the read views need a token since the lock-down
-    client = TestClient(create_app(pg_settings(postgres_url, viewer_token=viewer)), raise_server_exceptions=False,
-                        headers={"Authorization": f"Bearer {viewer}"})
+    client = TestClient(
+        create_app(pg_settings(postgres_url, viewer_token=viewer)),
+        raise_server_exceptions=False,
+        headers={"Authorization": f"Bearer {viewer}"},
+    )
     body = client.get("/api/usage/keys").json()
     expected = sql_totals()
     for path in ("/api/usage/keys", "/api/usage/timeseries", "/api/usage/latency"):  # Postgres text holds no NUL
         assert client.get(path, params={"key": "alpha\x00"}).status_code == 422
     check(body, expected)
     assert expected["idle"][0] == 0 and all(expected[k][0] > 0 for k in keys)
-    last = dict(pg_rows(postgres_url, "SELECT k.name, MAX(u.created_at) FROM usage u JOIN api_keys k "
-                                      "ON k.id = u.api_key_id GROUP BY k.name"))
+    last = dict(
+        pg_rows(
+            postgres_url,
+            "SELECT k.name, MAX(u.created_at) FROM usage u JOIN api_keys k ON k.id = u.api_key_id GROUP BY k.name",
+        )
+    )
     for k in body["keys"]:
         want = last.get(k["key"])
         got = k["last_used_at"] and datetime.fromisoformat(k["last_used_at"])
         assert got == want  # aware datetimes: equal instants, whatever zone each side is in
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     since, until = now - timedelta(minutes=200), now - timedelta(minutes=60)
     window = client.get("/api/usage/keys", params={"since": since.isoformat(), "until": until.isoformat()}).json()
     cut = sql_totals("AND u.created_at >= %s AND u.created_at < %s", (since, until))
@@ -365,13 +442,18 @@ def test_dashboard_usage_equals_raw_sql_on_postgres(postgres_url: str, model) ->
 
     series = client.get("/api/usage/timeseries", params={"bucket": "minute"}).json()
     cells: dict[tuple[str, int], list[float]] = defaultdict(lambda: [0, 0.0])
-    for name, created, gflops in pg_rows(postgres_url, "SELECT k.name, u.created_at, u.gflops FROM usage u "
-                                                       "JOIN api_keys k ON k.id = u.api_key_id"):
+    for name, created, gflops in pg_rows(
+        postgres_url, "SELECT k.name, u.created_at, u.gflops FROM usage u JOIN api_keys k ON k.id = u.api_key_id"
+    ):
         cell = cells[(name, int(created.timestamp()) // 60 * 60)]  # bucketing in Python, on true UTC instants
         cell[0] += 1
         cell[1] += gflops
-    got = {(s["key"], t): [s["requests"][i], s["gflops"][i]] for s in series["series"]
-           for i, t in enumerate(series["timestamps"]) if s["requests"][i]}
+    got = {
+        (s["key"], t): [s["requests"][i], s["gflops"][i]]
+        for s in series["series"]
+        for i, t in enumerate(series["timestamps"])
+        if s["requests"][i]
+    }
     assert got.keys() == cells.keys()
     for cell, (requests, gflops) in cells.items():
         assert got[cell][0] == requests and got[cell][1] == pytest.approx(gflops, rel=REL)

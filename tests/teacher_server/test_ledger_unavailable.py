@@ -2,6 +2,7 @@
 under the same request_id, once the ledger is back, is billed exactly once. SQLite: another connection holds the
 write lock beyond the (short) busy timeout; the file is full (SQLite's page limit). Postgres: the server is stopped and
 started again."""
+
 from __future__ import annotations
 
 import sqlite3
@@ -43,8 +44,10 @@ def test_sqlite_write_lock_held_too_long_is_unavailable_and_a_retry_bills_once(t
         plain, limited = srv.create_key("plain"), srv.create_key("limited", quota_gflops=1e9)
         channel, teacher = stub(srv.address)
         db = srv.settings.db.removeprefix("sqlite:///")
-        requests = {secret: image_request(random_images(2, i), random_keep(2, 12, i), request_id=f"locked-{i}")
-                    for i, secret in enumerate((plain, limited))}
+        requests = {
+            secret: image_request(random_images(2, i), random_keep(2, 12, i), request_id=f"locked-{i}")
+            for i, secret in enumerate((plain, limited))
+        }
         holder = sqlite3.connect(db, isolation_level=None)
         holder.execute("BEGIN IMMEDIATE")  # the write lock, held by someone else
         try:
@@ -63,7 +66,9 @@ def test_sqlite_write_lock_held_too_long_is_unavailable_and_a_retry_bills_once(t
             assert teacher.Infer(request, metadata=auth(secret)).usage.replayed
         with sqlite3.connect(db) as conn:
             assert conn.execute("SELECT request_id FROM usage ORDER BY request_id").fetchall() == [
-                ("locked-0",), ("locked-1",)]
+                ("locked-0",),
+                ("locked-1",),
+            ]
             assert conn.execute("SELECT COUNT(*) FROM quota_holds").fetchone() == (0,)
         channel.close()
 
@@ -113,11 +118,27 @@ def test_sqlite_full_is_unavailable_and_a_retry_bills_once(tmp_path, model) -> N
 
 def _restart(server) -> None:  # type: ignore[no-untyped-def]
     """pg_ctl start on the same data directory and port (what a database restart looks like to the clients)."""
-    options = (f"-c listen_addresses=127.0.0.1 -c port={server.port} -c unix_socket_directories={server.root} "
-               f"-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=100 "
-               f"-c timezone={SERVER_TIMEZONE}")
-    _run(server, [str(server.bin_dir / "pg_ctl"), "start", "-D", str(server.data_dir), "-w", "-t", "60",
-                  "-l", str(server.log_file), "-o", options])
+    options = (
+        f"-c listen_addresses=127.0.0.1 -c port={server.port} -c unix_socket_directories={server.root} "
+        f"-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=100 "
+        f"-c timezone={SERVER_TIMEZONE}"
+    )
+    _run(
+        server,
+        [
+            str(server.bin_dir / "pg_ctl"),
+            "start",
+            "-D",
+            str(server.data_dir),
+            "-w",
+            "-t",
+            "60",
+            "-l",
+            str(server.log_file),
+            "-o",
+            options,
+        ],
+    )
 
 
 def test_postgres_restart_is_unavailable_then_billed_once(postgres_server, postgres_url: str, model) -> None:
@@ -131,8 +152,10 @@ def test_postgres_restart_is_unavailable_then_billed_once(postgres_server, postg
         request = image_request(random_images(1, 2), random_keep(1, 10, 2), request_id="during")
         # A clean shutdown: the testkit's own stop is immediate, and with its synchronous_commit=off that would lose
         # the last commits (an artifact of the throw-away server's settings, not of the ledger).
-        _run(postgres_server, [str(postgres_server.bin_dir / "pg_ctl"), "stop", "-D", str(postgres_server.data_dir),
-                               "-m", "fast", "-w"])
+        _run(
+            postgres_server,
+            [str(postgres_server.bin_dir / "pg_ctl"), "stop", "-D", str(postgres_server.data_dir), "-m", "fast", "-w"],
+        )
         try:
             with pytest.raises(grpc.RpcError) as err:
                 teacher.Infer(request, metadata=auth(secret))

@@ -1,4 +1,5 @@
 """The packed ragged forward measured in bench_mixed_k.py computes what each row computes alone."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,17 +15,22 @@ pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, o
 @pytest.mark.parametrize("extra", [{}, {"reg_tokens": 2}])
 def test_packed_rows_equal_each_row_alone(extra: dict[str, int]) -> None:
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, num_classes=10,
-                              depth=2, **extra).eval()
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, num_classes=10, depth=2, **extra
+    ).eval()
     teacher = MaskedTeacher(model)
     gen = torch.Generator().manual_seed(1)
-    counts = torch.tensor([16, 48, 16, 64, 32, 48])                                   # [B]
-    patches = torch.randn(6, 64, 3, 4, 4, generator=gen)                              # [B,K,C,P,P]
-    indices = torch.stack([torch.randperm(64, generator=gen) for _ in range(6)])      # [B,K]
+    counts = torch.tensor([16, 48, 16, 64, 32, 48])  # [B]
+    patches = torch.randn(6, 64, 3, 4, 4, generator=gen)  # [B,K,C,P,P]
+    indices = torch.stack([torch.randperm(64, generator=gen) for _ in range(6)])  # [B,K]
     with torch.inference_mode():
         packed = run_packed(teacher, patches, indices, counts)
-        alone = torch.cat([teacher.forward_patches(patches[i:i + 1, :c], indices[i:i + 1, :c])
-                           for i, c in enumerate(counts.tolist())])
+        alone = torch.cat(
+            [
+                teacher.forward_patches(patches[i : i + 1, :c], indices[i : i + 1, :c])
+                for i, c in enumerate(counts.tolist())
+            ]
+        )
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(alone[0], alone[2], atol=1e-3)  # rows differ: a mixed-up order would be caught
 
@@ -51,9 +57,10 @@ def test_pack_server_answers_ragged_rows_like_each_row_alone_and_bills_the_same(
     with running_server(settings(tmp_path, mixed_k="pack"), model=model) as srv:
         channel, teacher = stub(srv.address)
         with channel:
-            r = teacher.Infer(image_request(images, keep, counts=counts, request_id="ragged"),
-                              metadata=auth(srv.create_key("p")))
-    alone = torch.cat([ref.logits(images[i:i + 1], keep[i:i + 1, :c]) for i, c in enumerate(counts.tolist())])
+            r = teacher.Infer(
+                image_request(images, keep, counts=counts, request_id="ragged"), metadata=auth(srv.create_key("p"))
+            )
+    alone = torch.cat([ref.logits(images[i : i + 1], keep[i : i + 1, :c]) for i, c in enumerate(counts.tolist())])
     torch.testing.assert_close(logits_of(r), alone, rtol=1e-5, atol=1e-5)
     assert r.usage.gflops == pytest.approx(ref.gflops(counts.tolist()), rel=1e-12)
 
@@ -64,8 +71,16 @@ def test_a_teacher_packing_cannot_cover_falls_back_to_bucketing(tmp_path) -> Non
     from teacher_server.engine.packing import supports_packing
     from teacher_server.engine.served_model import build_served_model
 
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, num_classes=10,
-                              depth=1, global_pool="avg", class_token=False).eval()
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=4,
+        num_classes=10,
+        depth=1,
+        global_pool="avg",
+        class_token=False,
+    ).eval()
     teacher = MaskedTeacher(model)
     assert not supports_packing(teacher)
     served = build_served_model("avg", teacher, settings(tmp_path, mixed_k="pack"))

@@ -1,4 +1,5 @@
 """The next micro-batch is staged while the current forward runs; a caller that leaves after staging is not run."""
+
 from __future__ import annotations
 
 import asyncio
@@ -40,8 +41,11 @@ class SlowSumForward:
 
 
 def rows(batch: int, fill: float) -> PreparedInput:
-    return PreparedInput(patches=torch.full((batch, 4, 1, 2, 2), fill), keep_indices=random_keep(batch, 4, seed=1),
-                         keep_counts=torch.tensor([4] * batch))
+    return PreparedInput(
+        patches=torch.full((batch, 4, 1, 2, 2), fill),
+        keep_indices=random_keep(batch, 4, seed=1),
+        keep_counts=torch.tensor([4] * batch),
+    )
 
 
 def batcher(fwd: SlowSumForward) -> tuple[TokenBudgetBatcher, list[float]]:
@@ -70,7 +74,7 @@ async def test_a_full_batch_is_staged_during_the_running_forward() -> None:
     (s1, e1, n1), (_, _, n2) = fwd.calls
     assert (n1, n2) == (4, 4)
     assert len(staged_at) == 1 and s1 < staged_at[0] < e1  # staged while the first forward was running
-    for r, fill, n in zip(results, (1.0, 2.0, 3.0), (4, 2, 2)):
+    for r, fill, n in zip(results, (1.0, 2.0, 3.0), (4, 2, 2), strict=True):
         assert torch.equal(r.logits, torch.full((n, 1), fill * 16))
 
 
@@ -103,10 +107,16 @@ def test_cuda_rows_staged_on_the_device_run_through_the_served_forward() -> None
     teacher = MaskedTeacher(model.to("cuda").eval())
     forward = make_forward(teacher, torch.device("cuda"), torch.float32)
     g = torch.Generator().manual_seed(0)
-    jobs = [SimpleNamespace(prepared=PreparedInput(patches=torch.randn(b, k, 3, 4, 4, generator=g),
-                                                   keep_indices=random_keep(b, k, seed=k),
-                                                   keep_counts=torch.full((b,), k)))
-            for b, k in ((3, 32), (2, 16), (4, 32))]
+    jobs = [
+        SimpleNamespace(
+            prepared=PreparedInput(
+                patches=torch.randn(b, k, 3, 4, 4, generator=g),
+                keep_indices=random_keep(b, k, seed=k),
+                keep_counts=torch.full((b,), k),
+            )
+        )
+        for b, k in ((3, 32), (2, 16), (4, 32))
+    ]
     prefetcher = Prefetcher(concat_jobs, torch.device("cuda"))
     staged = prefetcher.take(prefetcher.start(jobs), jobs)
     prefetcher.close()

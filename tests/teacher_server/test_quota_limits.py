@@ -1,6 +1,7 @@
 """Quota windows and rate limits over real gRPC: the x-ratelimit-* / x-quota-* metadata of every answer, the
 google.rpc QuotaFailure and RetryInfo details of RESOURCE_EXHAUSTED, windows that start over, the `keys quota` CLI,
 and two servers on one Postgres that never overshoot a quota together (the ledger read back with SQL)."""
+
 from __future__ import annotations
 
 import sqlite3
@@ -73,8 +74,10 @@ def test_quota_window_metadata_details_and_a_new_window(tmp_path, model) -> None
         for i in range(2):
             _, call = teacher.Infer.with_call(image_request(images, keep, request_id=f"d{i}"), metadata=auth(secret))
             md = dict(call.initial_metadata())
-            used = sql(srv.settings.db, "SELECT SUM(u.gflops) FROM usage u JOIN api_keys k ON k.id = u.api_key_id "
-                                        "WHERE k.name = 'day-key'")[0][0]
+            used = sql(
+                srv.settings.db,
+                "SELECT SUM(u.gflops) FROM usage u JOIN api_keys k ON k.id = u.api_key_id WHERE k.name = 'day-key'",
+            )[0][0]
             assert float(md["x-quota-limit-gflops"]) == pytest.approx(quota, rel=1e-8)
             assert float(md["x-quota-remaining-gflops"]) == pytest.approx(quota - used, rel=1e-8)
             assert md["x-quota-window"] == "day" and 0 < float(md["x-quota-reset"].rstrip("s")) <= 86400
@@ -87,16 +90,22 @@ def test_quota_window_metadata_details_and_a_new_window(tmp_path, model) -> None
         assert retry is not None and 0 < retry.retry_delay.seconds <= 86400  # when the next UTC day starts
         trailing = dict(err.value.trailing_metadata())
         assert float(trailing["x-quota-remaining-gflops"]) == pytest.approx(quota - 2 * cost, rel=1e-8)
-        assert sql(srv.settings.db, "SELECT COUNT(*) FROM usage u JOIN api_keys k ON k.id = u.api_key_id "
-                                    "WHERE k.name = 'day-key'") == [(2,)]
+        assert sql(
+            srv.settings.db,
+            "SELECT COUNT(*) FROM usage u JOIN api_keys k ON k.id = u.api_key_id WHERE k.name = 'day-key'",
+        ) == [(2,)]
         # The window's day is over (moved back in the ledger, as the next day would find it): room again.
         with sqlite3.connect(srv.settings.db.removeprefix("sqlite:///")) as conn:
-            conn.execute("UPDATE key_counters SET window_start = window_start - 86400 WHERE api_key_id = "
-                         "(SELECT id FROM api_keys WHERE name = 'day-key')")
+            conn.execute(
+                "UPDATE key_counters SET window_start = window_start - 86400 WHERE api_key_id = "
+                "(SELECT id FROM api_keys WHERE name = 'day-key')"
+            )
         assert not teacher.Infer(image_request(images, keep, request_id="d2"), metadata=auth(secret)).usage.replayed
-        assert sql(srv.settings.db, "SELECT requests, window_gflops, reserved_gflops FROM key_counters c JOIN "
-                                    "api_keys k ON k.id = c.api_key_id WHERE k.name = 'day-key'") == [
-            (3, pytest.approx(cost, rel=1e-12), pytest.approx(0.0, abs=1e-12))]
+        assert sql(
+            srv.settings.db,
+            "SELECT requests, window_gflops, reserved_gflops FROM key_counters c JOIN "
+            "api_keys k ON k.id = c.api_key_id WHERE k.name = 'day-key'",
+        ) == [(3, pytest.approx(cost, rel=1e-12), pytest.approx(0.0, abs=1e-12))]
         channel.close()
 
 
@@ -123,8 +132,9 @@ def test_rate_limit_per_minute_with_metadata_and_retry_info(tmp_path, model) -> 
         assert retry is not None and retry.retry_delay.seconds <= 60
         replay = teacher.Infer(image_request(images, keep, request_id="r0"), metadata=auth(secret))
         assert replay.usage.replayed  # a replay is not new usage: never rate limited
-        assert sql(srv.settings.db, "SELECT COUNT(*) FROM usage u JOIN api_keys k ON k.id = u.api_key_id "
-                                    "WHERE k.name = 'rl'") == [(2,)]
+        assert sql(
+            srv.settings.db, "SELECT COUNT(*) FROM usage u JOIN api_keys k ON k.id = u.api_key_id WHERE k.name = 'rl'"
+        ) == [(2,)]
         channel.close()
 
 
@@ -137,12 +147,17 @@ def test_cli_keys_quota_sets_window_and_rate_limit(tmp_path) -> None:
         return subprocess.run([*cli, *args, "--db", db], capture_output=True, text=True, timeout=60, env=env)
 
     assert run("keys", "create", "--name", "team", "--quota-gflops", "50", "--quota-window", "month").returncode == 0
-    assert run("keys", "quota", "team", "--quota-gflops", "10", "--quota-window", "day",
-               "--rate-limit-gflops-per-min", "2").returncode == 0
+    assert (
+        run(
+            "keys", "quota", "team", "--quota-gflops", "10", "--quota-window", "day", "--rate-limit-gflops-per-min", "2"
+        ).returncode
+        == 0
+    )
     assert sql(db, "SELECT quota_gflops, quota_window, rate_limit_gflops_per_min FROM api_keys") == [(10.0, "day", 2.0)]
     assert run("keys", "quota", "team", "--quota-gflops", "none").returncode == 0
     assert sql(db, "SELECT quota_gflops, quota_window, rate_limit_gflops_per_min FROM api_keys") == [
-        (None, "lifetime", None)]
+        (None, "lifetime", None)
+    ]
     bad = run("keys", "quota", "team", "--quota-gflops", "5", "--quota-window", "week")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
     missing = run("keys", "quota", "nobody", "--quota-gflops", "5")
@@ -152,8 +167,10 @@ def test_cli_keys_quota_sets_window_and_rate_limit(tmp_path) -> None:
 def test_two_servers_on_one_postgres_never_overshoot_a_quota_together(postgres_url: str, model) -> None:
     from test_ledger_postgres import pg_settings
 
-    with running_server(pg_settings(postgres_url, max_delay_ms=30.0), model=model) as a, \
-            running_server(pg_settings(postgres_url, max_delay_ms=30.0), model=model) as b:
+    with (
+        running_server(pg_settings(postgres_url, max_delay_ms=30.0), model=model) as a,
+        running_server(pg_settings(postgres_url, max_delay_ms=30.0), model=model) as b,
+    ):
         ca, ta = stub(a.address)
         cb, tb = stub(b.address)
         images, keep = random_images(1, 5), random_keep(1, 20, 5)
@@ -175,16 +192,22 @@ def test_two_servers_on_one_postgres_never_overshoot_a_quota_together(postgres_u
 
         with ThreadPoolExecutor(max_workers=16) as pool:
             list(pool.map(call, range(16)))
-        billed = pg_rows(postgres_url, "SELECT COUNT(*), COALESCE(SUM(u.gflops), 0) FROM usage u "
-                                       "JOIN api_keys k ON k.id = u.api_key_id WHERE k.name = 'shared'")[0]
+        billed = pg_rows(
+            postgres_url,
+            "SELECT COUNT(*), COALESCE(SUM(u.gflops), 0) FROM usage u "
+            "JOIN api_keys k ON k.id = u.api_key_id WHERE k.name = 'shared'",
+        )[0]
         assert codes.count(grpc.StatusCode.OK) == billed[0] == 5
         assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 11
         assert billed[1] <= quota
-        assert pg_rows(postgres_url, "SELECT c.requests, c.gflops, c.window_gflops, c.reserved_gflops FROM "
-                                     "key_counters c JOIN api_keys k ON k.id = c.api_key_id "
-                                     "WHERE k.name = 'shared'") == [
-            (5, pytest.approx(billed[1], rel=1e-12), pytest.approx(billed[1], rel=1e-12),
-             pytest.approx(0.0, abs=1e-9))]
+        assert pg_rows(
+            postgres_url,
+            "SELECT c.requests, c.gflops, c.window_gflops, c.reserved_gflops FROM "
+            "key_counters c JOIN api_keys k ON k.id = c.api_key_id "
+            "WHERE k.name = 'shared'",
+        ) == [
+            (5, pytest.approx(billed[1], rel=1e-12), pytest.approx(billed[1], rel=1e-12), pytest.approx(0.0, abs=1e-9))
+        ]
         assert pg_rows(postgres_url, "SELECT COUNT(*) FROM quota_holds") == [(0,)]
         ca.close()
         cb.close()

@@ -1,5 +1,6 @@
 """Metering and billing over real gRPC with a real SQLite ledger: totals under concurrency, exactly-once replay
 (retry, concurrent duplicate, restart), quotas without overshoot, per-key prices."""
+
 from __future__ import annotations
 
 import math
@@ -46,24 +47,30 @@ def test_ledger_totals_equal_the_sum_of_responses_under_concurrent_clients_and_s
             name = f"k{c % 3}"
             for i in range(5):
                 k = 4 + (7 * c + 3 * i) % 60
-                req = image_request(random_images(1 + (c + i) % 3, c * 10 + i), random_keep(1 + (c + i) % 3, k, i),
-                                    request_id=f"u{c}-{i}" if i % 2 == 0 else "")  # also server-assigned ids
+                req = image_request(
+                    random_images(1 + (c + i) % 3, c * 10 + i),
+                    random_keep(1 + (c + i) % 3, k, i),
+                    request_id=f"u{c}-{i}" if i % 2 == 0 else "",
+                )  # also server-assigned ids
                 resp = teacher.Infer(req, metadata=auth(keys[name]))
                 with lock:
                     responses.append((name, resp))
 
         def stream_client(c: int) -> None:
             name = f"k{c % 3}"
-            reqs = [image_request(random_images(2, 500 + c * 10 + i), random_keep(2, 5 + i * 6, i),
-                                  request_id=f"s{c}-{i}") for i in range(8)]
+            reqs = [
+                image_request(random_images(2, 500 + c * 10 + i), random_keep(2, 5 + i * 6, i), request_id=f"s{c}-{i}")
+                for i in range(8)
+            ]
             got = list(teacher.InferStream(iter(reqs), metadata=auth(keys[name])))
             assert sorted(r.request_id for r in got) == sorted(r.request_id for r in reqs)
             with lock:
                 responses.extend((name, r) for r in got)
 
         with ThreadPoolExecutor(max_workers=10) as pool:
-            futures = [pool.submit(unary_client, c) for c in range(8)] + [pool.submit(stream_client, c)
-                                                                           for c in range(2)]
+            futures = [pool.submit(unary_client, c) for c in range(8)] + [
+                pool.submit(stream_client, c) for c in range(2)
+            ]
             for f in futures:
                 f.result()
         rows = ledger_rows(srv.settings.db)
@@ -74,7 +81,12 @@ def test_ledger_totals_equal_the_sum_of_responses_under_concurrent_clients_and_s
             row = by_id[resp.request_id]
             assert row["key"] == name and not resp.usage.replayed
             assert (row["images"], row["tokens"], row["gflops"], row["full_gflops"], row["cost"]) == (
-                resp.usage.images, resp.usage.tokens, resp.usage.gflops, resp.usage.full_gflops, resp.usage.cost)
+                resp.usage.images,
+                resp.usage.tokens,
+                resp.usage.gflops,
+                resp.usage.full_gflops,
+                resp.usage.cost,
+            )
             assert resp.usage.cost == pytest.approx(resp.usage.gflops * 0.003, rel=1e-12)
         assert max(r["batch_images"] for r in rows) > 3  # requests of different clients shared micro-batches
         with srv.server.sessions() as session:
@@ -83,11 +95,14 @@ def test_ledger_totals_equal_the_sum_of_responses_under_concurrent_clients_and_s
             mine = [resp.usage for n, resp in responses if n == name]
             t = totals[name]
             assert (t.requests, t.images, t.tokens) == (
-                len(mine), sum(u.images for u in mine), sum(u.tokens for u in mine))
+                len(mine),
+                sum(u.images for u in mine),
+                sum(u.tokens for u in mine),
+            )
             for field in ("gflops", "full_gflops", "cost"):
                 exact = math.fsum(getattr(u, field) for u in mine)
                 assert math.fsum(r[field] for r in rows if r["key"] == name) == exact  # row by row, exactly
-                assert getattr(t, field) == pytest.approx(exact, rel=1e-12)           # SQL SUM, any order
+                assert getattr(t, field) == pytest.approx(exact, rel=1e-12)  # SQL SUM, any order
         channel.close()
 
 
@@ -102,7 +117,10 @@ def test_retry_replays_and_restart_keeps_exactly_once(tmp_path, model) -> None:
         assert not first.usage.replayed and retry.usage.replayed
         assert retry.logits.data == first.logits.data  # the stored logits, bit for bit
         assert (retry.usage.gflops, retry.usage.cost, retry.usage.tokens) == (
-            first.usage.gflops, first.usage.cost, first.usage.tokens)
+            first.usage.gflops,
+            first.usage.cost,
+            first.usage.tokens,
+        )
         channel.close()
     assert len(ledger_rows(cfg.db)) == 1
 
@@ -179,8 +197,7 @@ def test_a_key_price_overrides_the_server_default(tmp_path, model) -> None:
         assert own.cost == pytest.approx(own.gflops * 0.25, rel=1e-12) and own.gflops == default.gflops
         info = teacher.GetModelInfo(pb.ModelInfoRequest(), metadata=auth(special))
         assert info.price_per_gflop == 0.25
-        assert {r["key"]: r["cost"] for r in ledger_rows(srv.settings.db)} == {"std": default.cost,
-                                                                                 "vip": own.cost}
+        assert {r["key"]: r["cost"] for r in ledger_rows(srv.settings.db)} == {"std": default.cost, "vip": own.cost}
         channel.close()
 
 
@@ -192,9 +209,20 @@ def test_ledger_insert_settles_a_duplicate_written_elsewhere(tmp_path) -> None:
         key = keys.add_api_key(s, name="k", key_prefix="mkd_x", key_hash="h" * 64)
 
     def item(rid: str, gflops: float) -> billing.Billable:
-        row = models.NewUsage(api_key_id=key.id, request_id=rid, model="m", images=1, tokens=2, gflops=gflops,
-                              full_gflops=2.0, cost=gflops, latency_ms=1.0, queue_ms=0.5, batch_images=1,
-                              content_digest="d" * 64)
+        row = models.NewUsage(
+            api_key_id=key.id,
+            request_id=rid,
+            model="m",
+            images=1,
+            tokens=2,
+            gflops=gflops,
+            full_gflops=2.0,
+            cost=gflops,
+            latency_ms=1.0,
+            queue_ms=0.5,
+            batch_images=1,
+            content_digest="d" * 64,
+        )
         return billing.Billable(row, "lifetime", payload=(b"\0" * 8, "1,2"))
 
     with sessions() as s:

@@ -1,5 +1,6 @@
 """`teacher-server` as a user runs it, in subprocesses: keys create/list/disable, usage, and serve from a checkpoint
 written by save_model_checkpoint, answering a call from this process, stopped by SIGTERM."""
+
 from __future__ import annotations
 
 import json
@@ -53,7 +54,12 @@ def test_keys_and_usage_commands(tmp_path: Path) -> None:
     assert listed.returncode == 0 and secret not in listed.stdout
     (entry,) = json.loads(listed.stdout)
     assert (entry["name"], entry["prefix"], entry["disabled"], entry["quota_gflops"], entry["price_per_gflop"]) == (
-        "grace", secret[:12], False, 12.5, 0.2)
+        "grace",
+        secret[:12],
+        False,
+        12.5,
+        0.2,
+    )
     table = run_cli("keys", "list", db=db)
     assert "grace" in table.stdout and secret not in table.stdout and "active" in table.stdout
 
@@ -67,10 +73,38 @@ def test_keys_and_usage_commands(tmp_path: Path) -> None:
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "nobody" in missing.stderr
 
     (unused,) = json.loads(run_cli("usage", "--json", db=db).stdout)
-    assert {k: unused[k] for k in ("key", "requests", "images", "tokens", "gflops", "full_gflops", "saving_pct",
-                                   "cost", "billed", "by_purpose", "refused", "disabled", "price_per_gflop")} == {
-        "key": "grace", "requests": 0, "images": 0, "tokens": 0, "gflops": 0.0, "full_gflops": 0.0, "saving_pct": 0.0,
-        "cost": 0.0, "billed": [], "by_purpose": [], "refused": {}, "disabled": True, "price_per_gflop": 0.2}
+    assert {
+        k: unused[k]
+        for k in (
+            "key",
+            "requests",
+            "images",
+            "tokens",
+            "gflops",
+            "full_gflops",
+            "saving_pct",
+            "cost",
+            "billed",
+            "by_purpose",
+            "refused",
+            "disabled",
+            "price_per_gflop",
+        )
+    } == {
+        "key": "grace",
+        "requests": 0,
+        "images": 0,
+        "tokens": 0,
+        "gflops": 0.0,
+        "full_gflops": 0.0,
+        "saving_pct": 0.0,
+        "cost": 0.0,
+        "billed": [],
+        "by_purpose": [],
+        "refused": {},
+        "disabled": True,
+        "price_per_gflop": 0.2,
+    }
     unknown = run_cli("usage", "--key", "nobody", db=db)
     assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
     bad_flag = run_cli("keys", "create", "--name", "x", "--quota-gflops", "lots", db=db)
@@ -100,12 +134,20 @@ def test_keys_price_and_enable_change_the_ledger(tmp_path: Path) -> None:
     assert sql(db, key_row) == [(None, 0, None)]
 
     before = sql(db, "SELECT * FROM api_keys")
-    for bad, says in ((("keys", "price", "ivan", "--price-per-gflop", "-1"), "price_per_gflop must be >= 0"),
-                      (("keys", "price", "ivan", "--price-per-gflop", "nan"), "finite"),
-                      (("keys", "price", "ivan", "--price-per-gflop", "cheap"), "--price-per-gflop"),
-                      (("keys", "price", "nobody", "--price-per-gflop", "1"), "no API key named 'nobody'"),
-                      (("keys", "enable", "nobody"), "no API key named 'nobody'"),
-                      (("keys", "enable",), "needs a key name")):
+    for bad, says in (
+        (("keys", "price", "ivan", "--price-per-gflop", "-1"), "price_per_gflop must be >= 0"),
+        (("keys", "price", "ivan", "--price-per-gflop", "nan"), "finite"),
+        (("keys", "price", "ivan", "--price-per-gflop", "cheap"), "--price-per-gflop"),
+        (("keys", "price", "nobody", "--price-per-gflop", "1"), "no API key named 'nobody'"),
+        (("keys", "enable", "nobody"), "no API key named 'nobody'"),
+        (
+            (
+                "keys",
+                "enable",
+            ),
+            "needs a key name",
+        ),
+    ):
         refused = run_cli(*bad, db=db)
         assert refused.returncode == 2 and refused.stdout == "", bad
         assert refused.stderr.count("\n") == 1 and says in refused.stderr and "Traceback" not in refused.stderr, bad
@@ -118,8 +160,11 @@ def test_serve_from_a_checkpoint_answers_a_call_and_stops_on_sigterm(tmp_path: P
     ckpt = save_model_checkpoint(tmp_path / "teacher.safetensors", model, model_name=MODEL, model_kwargs=TINY)
     db = f"sqlite:///{tmp_path / 'ledger.db'}"
     secret = run_cli("keys", "create", "--name", "heidi", db=db).stdout.strip()
-    server = ServerProcess(serve_argv("--checkpoint", str(ckpt), "--port", "0", "--metrics-port", "0", "--db", db,
-                                      "--max-delay-ms", "1"), log=tmp_path / "serve.log", env=child_env())
+    server = ServerProcess(
+        serve_argv("--checkpoint", str(ckpt), "--port", "0", "--metrics-port", "0", "--db", db, "--max-delay-ms", "1"),
+        log=tmp_path / "serve.log",
+        env=child_env(),
+    )
     with server:
         assert server.ready is not None and server.ready.models == (MODEL,)  # from the checkpoint's metadata alone
         channel, teacher = stub(server.address)
@@ -139,7 +184,11 @@ def test_serve_from_a_checkpoint_answers_a_call_and_stops_on_sigterm(tmp_path: P
 
     (totals,) = json.loads(run_cli("usage", "--key", "heidi", "--json", db=db).stdout)
     assert (totals["requests"], totals["images"], totals["gflops"], totals["cost"]) == (
-        1, 2, response.usage.gflops, response.usage.cost)
+        1,
+        2,
+        response.usage.gflops,
+        response.usage.cost,
+    )
     assert totals["saving_pct"] == pytest.approx(100 * (1 - response.usage.gflops / response.usage.full_gflops))
     text = run_cli("usage", db=db).stdout
     assert "heidi" in text and "%" in text

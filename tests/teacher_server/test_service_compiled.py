@@ -1,4 +1,6 @@
-"""`--compile static`: the compiled forward, served over real gRPC, answers like the eager forward (proven against timm elsewhere) and bills the same."""
+"""`--compile static`: the compiled forward, served over real gRPC, answers like the eager forward (proven against timm
+elsewhere) and bills the same."""
+
 from __future__ import annotations
 
 import pytest
@@ -39,8 +41,9 @@ def test_compiled_server_answers_like_the_eager_teacher_and_bills_the_flop_model
         _, teacher = stub(srv.address)
         images, keep = random_images(4, seed=3), random_keep(4, 12, seed=4)
         for i in range(2):  # the first call compiles this shape, the second reuses the graph
-            response = teacher.Infer(patch_request(patches_of(images, keep), keep, request_id=f"c{i}"),
-                                     metadata=auth(key), timeout=240)
+            response = teacher.Infer(
+                patch_request(patches_of(images, keep), keep, request_id=f"c{i}"), metadata=auth(key), timeout=240
+            )
             torch.testing.assert_close(logits_of(response), ref.logits(images, keep), rtol=1e-4, atol=1e-5)
             assert response.usage.gflops == pytest.approx(4 * MaskedTeacher(model).gflops(12), rel=1e-9)
         assert counters["stats"]["unique_graphs"] > graphs_before  # the server really ran a compiled graph
@@ -53,8 +56,9 @@ def test_compile_shapes_are_compiled_at_start_up_and_no_request_compiles(tmp_pat
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, num_classes=10,
-                              depth=1).eval()  # one block: the compile of the shape stays short
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, num_classes=10, depth=1
+    ).eval()  # one block: the compile of the shape stays short
     ref = Reference(model)
     graphs_before = counters["stats"]["unique_graphs"]
     with running_server(settings(tmp_path, compile="static", compile_shapes="2:12"), model=model) as srv:
@@ -63,8 +67,9 @@ def test_compile_shapes_are_compiled_at_start_up_and_no_request_compiles(tmp_pat
         key = srv.create_key("warm")
         _, teacher = stub(srv.address)
         images, keep = random_images(2, seed=3), random_keep(2, 12, seed=4)
-        response = teacher.Infer(patch_request(patches_of(images, keep), keep, request_id="w"),
-                                 metadata=auth(key), timeout=240)
+        response = teacher.Infer(
+            patch_request(patches_of(images, keep), keep, request_id="w"), metadata=auth(key), timeout=240
+        )
         torch.testing.assert_close(logits_of(response), ref.logits(images, keep), rtol=1e-4, atol=1e-5)
         assert counters["stats"]["unique_graphs"] == graphs_at_start  # served by the warmed graph
 

@@ -1,5 +1,7 @@
 """`--dtype auto` and the start-up fidelity check: the choice forced both ways, GetModelInfo's dtype, the metric,
-auto's fall-back to float32 and an explicit dtype's refusal when the check fails, the check's near-tie rule, and a bill that does not depend on the dtype (ledger read back with SQL)."""
+auto's fall-back to float32 and an explicit dtype's refusal when the check fails, the check's near-tie rule, and a bill
+that does not depend on the dtype (ledger read back with SQL)."""
+
 from __future__ import annotations
 
 import logging
@@ -45,8 +47,9 @@ def _cpuinfo_has_bf16() -> bool:
 
 
 @pytest.mark.parametrize("forced,expected", [("1", torch.bfloat16), ("0", torch.float32)])
-def test_auto_follows_the_forced_cpu_answer(monkeypatch: pytest.MonkeyPatch, forced: str,
-                                            expected: torch.dtype) -> None:
+def test_auto_follows_the_forced_cpu_answer(
+    monkeypatch: pytest.MonkeyPatch, forced: str, expected: torch.dtype
+) -> None:
     monkeypatch.setenv(FORCE_CPU_BF16_ENV, forced)
     assert resolve_dtype("auto", "cpu")[0] == expected
     assert resolve_precision("auto", "cpu") == ("bf16" if forced == "1" else "fp32")
@@ -66,8 +69,7 @@ def test_detection_reads_the_cpu_flags_then_measures(monkeypatch: pytest.MonkeyP
     assert ServerSettings().dtype == "auto"
 
 
-def test_dtype_is_resolved_reported_exported_and_never_billed(tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dtype_is_resolved_reported_exported_and_never_billed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_vit()
     images, keep = random_images(4, seed=3), random_keep(4, 24, seed=4)
     usage, logits, info, metric = {}, {}, {}, {}
@@ -80,8 +82,7 @@ def test_dtype_is_resolved_reported_exported_and_never_billed(tmp_path: Path,
             channel, client = stub(srv.address)
             with channel:
                 info[name] = client.GetModelInfo(pb.ModelInfoRequest()).dtype
-                r = client.Infer(patch_request(patches_of(images, keep), keep, request_id="same"),
-                                 metadata=auth(key))
+                r = client.Infer(patch_request(patches_of(images, keep), keep, request_id="same"), metadata=auth(key))
             usage[name], logits[name] = r.usage, logits_of(r)
             weight = next(srv.server.served.teacher.parameters())
             assert weight.dtype == getattr(torch, name)
@@ -93,18 +94,38 @@ def test_dtype_is_resolved_reported_exported_and_never_billed(tmp_path: Path,
     assert 'maskedkd_dtype_top1_agreement{dtype="bfloat16"' in metric["bfloat16"]
     assert 'maskedkd_dtype_top1_agreement{dtype="float32"' in metric["float32"]
     fp32, bf16 = usage["float32"], usage["bfloat16"]
-    assert (fp32.images, fp32.tokens, fp32.gflops, fp32.full_gflops, fp32.cost) == \
-        (bf16.images, bf16.tokens, bf16.gflops, bf16.full_gflops, bf16.cost)
+    assert (fp32.images, fp32.tokens, fp32.gflops, fp32.full_gflops, fp32.cost) == (
+        bf16.images,
+        bf16.tokens,
+        bf16.gflops,
+        bf16.full_gflops,
+        bf16.cost,
+    )
     assert not torch.equal(logits["float32"], logits["bfloat16"])  # it really was served in another dtype
     torch.testing.assert_close(logits["bfloat16"], logits["float32"], rtol=0.1, atol=0.1)
 
 
-def test_an_explicit_dtype_that_fails_the_check_refuses_to_start(tmp_path: Path,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    code = teacher_cli(["serve", "--model", "vit_tiny_patch16_224", "--model-kwargs",
-                        '{"img_size": 32, "patch_size": 8, "num_classes": 10, "depth": 2}', "--dtype", "bfloat16",
-                        "--max-dtype-kl", "0", "--port", "0", "--no-metrics",
-                        "--db", f"sqlite:///{tmp_path / 'l.db'}"])  # bf16 always moves the answers a little
+def test_an_explicit_dtype_that_fails_the_check_refuses_to_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = teacher_cli(
+        [
+            "serve",
+            "--model",
+            "vit_tiny_patch16_224",
+            "--model-kwargs",
+            '{"img_size": 32, "patch_size": 8, "num_classes": 10, "depth": 2}',
+            "--dtype",
+            "bfloat16",
+            "--max-dtype-kl",
+            "0",
+            "--port",
+            "0",
+            "--no-metrics",
+            "--db",
+            f"sqlite:///{tmp_path / 'l.db'}",
+        ]
+    )  # bf16 always moves the answers a little
     err = capsys.readouterr().err
     assert code != 0 and "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("teacher-server: error:")]
@@ -114,8 +135,9 @@ def test_an_explicit_dtype_that_fails_the_check_refuses_to_start(tmp_path: Path,
 
 
 @pytest.mark.dtype("bfloat16")  # auto picks bf16 (forced where not native), then the check sends it back
-def test_auto_serves_float32_when_the_check_fails_and_says_why(tmp_path: Path,
-                                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_auto_serves_float32_when_the_check_fails_and_says_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.INFO), running_server(settings(tmp_path, max_dtype_kl=0.0), model=tiny_vit()) as srv:
         channel, client = stub(srv.address)
         with channel:
@@ -150,8 +172,8 @@ def test_agreement_counts_decisive_images_and_kl_is_the_textbook_sum() -> None:
     ref = torch.randn(40, 10, generator=gen) * 3
     ref[:10] = torch.linspace(0, 1e-4, 10)  # near-uniform rows: top-1 leads by ~1e-6 of probability
     served = ref + torch.randn(40, 10, generator=gen) * 0.05
-    served[:10, 0] += 1e-3                  # flips every near-tie row to class 0
-    served[12] = -ref[12]                   # flips one decisive row
+    served[:10, 0] += 1e-3  # flips every near-tie row to class 0
+    served[12] = -ref[12]  # flips one decisive row
     agreement, kl, decisive, flips = compare_logits(ref, served)
     p, q = ref.softmax(-1).double(), served.softmax(-1).double()
     expected_kl = float(sum((p[i] * (p[i] / q[i]).log()).sum() for i in range(40)) / 40)
@@ -160,7 +182,7 @@ def test_agreement_counts_decisive_images_and_kl_is_the_textbook_sum() -> None:
     same = [int(ref[i].argmax()) == int(served[i].argmax()) for i in range(40)]
     assert decisive == sum(is_decisive) and not any(is_decisive[:10])
     assert flips == same.count(False) >= 11
-    assert agreement == pytest.approx(sum(s for s, d in zip(same, is_decisive) if d) / sum(is_decisive))
+    assert agreement == pytest.approx(sum(s for s, d in zip(same, is_decisive, strict=True) if d) / sum(is_decisive))
     assert agreement < 1.0 and kl == pytest.approx(expected_kl, rel=1e-4)
 
 

@@ -1,5 +1,6 @@
 """Bad input and bad keys over real gRPC: the right status, a message naming the problem, nothing billed, and the
 server keeps serving."""
+
 from __future__ import annotations
 
 import time
@@ -29,8 +30,8 @@ from teacher_server.testing.server import running_server
 
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(120)]
 
-IMAGES = random_images(2, 11)     # [2, 3, 32, 32] uint8
-KEEP = random_keep(2, 8, 11)      # [2, 8]
+IMAGES = random_images(2, 11)  # [2, 3, 32, 32] uint8
+KEEP = random_keep(2, 8, 11)  # [2, 8]
 PATCHES = patches_of(IMAGES, KEEP)
 
 
@@ -101,8 +102,7 @@ BAD_INPUTS: dict[str, tuple[Callable[[], pb.InferRequest], str]] = {  # case -> 
     "zero count": (lambda: image_request(IMAGES, KEEP, counts=torch.tensor([0, 8])), "keep_counts[0] = 0"),
     "counts shape": (lambda: image_request(IMAGES, KEEP, counts=torch.tensor([8])), "keep_counts: shape [1]"),
     "counts without indices": (lambda: image_request(IMAGES, counts=torch.tensor([8, 8])), "keep_counts needs"),
-    "patches without indices": (lambda: pb.InferRequest(patches=tensor_to_proto(PATCHES)), "keep_indices are "
-                                "required"),
+    "patches without indices": (lambda: pb.InferRequest(patches=tensor_to_proto(PATCHES)), "keep_indices are required"),
     "patch shape": (lambda: patch_request(PATCHES[0], KEEP), "must be [B, K, C, P, P]"),
     "patch size": (lambda: patch_request(PATCHES[..., :3, :3].contiguous(), KEEP), "patch size 3x3"),
     "request_id too long": (lambda: image_request(IMAGES, KEEP, request_id="x" * 201), "request_id is 201"),
@@ -143,10 +143,14 @@ def _raw(request: pb.InferRequest) -> bytes:
 
 UNDECODABLE: dict[str, tuple[bytes, str]] = {  # case -> (raw request bytes, words the message needs)
     "truncated message": (_raw(image_request(IMAGES, KEEP))[:-5], "keep_indices: 142 bytes announced"),
-    "invalid UTF-8 request_id": (_raw(image_request(IMAGES, KEEP, request_id="rid")).replace(b"rid", b"r\xffd"),
-                                 "request_id is not valid UTF-8"),
-    "invalid UTF-8 model": (_raw(image_request(IMAGES, KEEP, model="vit")).replace(b"vit", b"v\xc3("),
-                            "model is not valid UTF-8"),
+    "invalid UTF-8 request_id": (
+        _raw(image_request(IMAGES, KEEP, request_id="rid")).replace(b"rid", b"r\xffd"),
+        "request_id is not valid UTF-8",
+    ),
+    "invalid UTF-8 model": (
+        _raw(image_request(IMAGES, KEEP, model="vit")).replace(b"vit", b"v\xc3("),
+        "model is not valid UTF-8",
+    ),
     "garbage": (bytes(range(256)) * 4, "not a valid maskedkd.v1.InferRequest"),
     "unterminated group": (b"\x0b", "wire type 3"),
 }
@@ -156,9 +160,8 @@ UNDECODABLE: dict[str, tuple[bytes, str]] = {  # case -> (raw request bytes, wor
 def test_undecodable_bytes_are_invalid_argument_naming_the_problem(served, case: str) -> None:
     srv, key = served
     raw, words = UNDECODABLE[case]
-    with grpc.insecure_channel(srv.address) as channel:
-        with pytest.raises(grpc.RpcError) as err:
-            channel.unary_unary("/maskedkd.v1.TeacherService/Infer")(raw, metadata=auth(key), timeout=30)
+    with grpc.insecure_channel(srv.address) as channel, pytest.raises(grpc.RpcError) as err:
+        channel.unary_unary("/maskedkd.v1.TeacherService/Infer")(raw, metadata=auth(key), timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
     assert words in err.value.details() and len(err.value.details()) <= 300, err.value.details()
     assert ledger_rows(srv.settings.db) == []
@@ -166,9 +169,8 @@ def test_undecodable_bytes_are_invalid_argument_naming_the_problem(served, case:
 
 def test_an_undecodable_model_info_request_is_invalid_argument(served) -> None:
     srv, _ = served
-    with grpc.insecure_channel(srv.address) as channel:
-        with pytest.raises(grpc.RpcError) as err:
-            channel.unary_unary("/maskedkd.v1.TeacherService/GetModelInfo")(b"\x0a\x02\xff\xfe", timeout=30)
+    with grpc.insecure_channel(srv.address) as channel, pytest.raises(grpc.RpcError) as err:
+        channel.unary_unary("/maskedkd.v1.TeacherService/GetModelInfo")(b"\x0a\x02\xff\xfe", timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details() == "the request is not a valid maskedkd.v1.ModelInfoRequest: model is not valid UTF-8"
 
@@ -212,8 +214,10 @@ def test_missing_malformed_unknown_and_disabled_keys_are_unauthenticated(served)
         "'trudy' is disabled": auth(victim),
     }
     for words, metadata in cases.items():
-        for call in (lambda: teacher.Infer(request, metadata=metadata),
-                     lambda: list(teacher.InferStream(iter([request]), metadata=metadata))):
+        for call in (
+            lambda: teacher.Infer(request, metadata=metadata),
+            lambda: list(teacher.InferStream(iter([request]), metadata=metadata)),
+        ):
             with pytest.raises(grpc.RpcError) as err:
                 call()
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, words

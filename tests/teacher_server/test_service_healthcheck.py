@@ -2,6 +2,7 @@
 text, TLS and mutual TLS with a CA the test makes. SERVING is exit 0 and one line on stdout; NOT_SERVING, an unknown
 service, an unreachable port, an untrusted or misnamed certificate and unreadable files are exit 1 and one line on
 stderr, never a traceback."""
+
 from __future__ import annotations
 
 import socket
@@ -34,22 +35,30 @@ def plain_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSe
 
 @pytest.fixture(scope="module")
 def tls_server(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    with running_server(settings(tmp_path_factory.mktemp("tls"), tls_cert=pki.server_cert,
-                                 tls_key=pki.server_key)) as srv:
+    with running_server(
+        settings(tmp_path_factory.mktemp("tls"), tls_cert=pki.server_cert, tls_key=pki.server_key)
+    ) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
 def mtls_server(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    with running_server(settings(tmp_path_factory.mktemp("mtls"), tls_cert=pki.server_cert, tls_key=pki.server_key,
-                                 tls_client_ca=pki.ca)) as srv:
+    with running_server(
+        settings(
+            tmp_path_factory.mktemp("mtls"), tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca
+        )
+    ) as srv:
         yield srv
 
 
 def health(*args: str) -> tuple[int, str]:
     """Run the console command; returns (exit code, its one line) and checks the line is alone on its stream."""
-    result = subprocess.run([sys.executable, "-m", "teacher_server.cli", "health", "--timeout", "5", *args],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "teacher_server.cli", "health", "--timeout", "5", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     out, err = result.stdout.strip().splitlines(), result.stderr.strip().splitlines()
     assert "Traceback" not in result.stderr
     if result.returncode == 0:
@@ -76,7 +85,9 @@ def test_plain_text_serving_not_serving_and_unknown_service(plain_server: Runnin
     plain_server._call(plain_server.server.health.set(SERVICE_NAME, not_serving))
     try:
         assert health("--target", plain_server.address, "--service", SERVICE_NAME) == (
-            1, f"{plain_server.address} {SERVICE_NAME}: NOT_SERVING")
+            1,
+            f"{plain_server.address} {SERVICE_NAME}: NOT_SERVING",
+        )
         assert health("--target", plain_server.address)[0] == 0  # the process as a whole still lives
     finally:
         plain_server._call(plain_server.server.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING))
@@ -107,8 +118,10 @@ def test_tls_checks_verify_the_certificate(tls_server: RunningServer, pki: Pki) 
 
 def test_mutual_tls_needs_the_client_certificate(mtls_server: RunningServer, pki: Pki) -> None:
     address = mtls_server.address
-    assert health("--target", address, "--ca", pki.ca, "--client-cert", pki.client_cert,
-                  "--client-key", pki.client_key)[0] == 0
+    assert (
+        health("--target", address, "--ca", pki.ca, "--client-cert", pki.client_cert, "--client-key", pki.client_key)[0]
+        == 0
+    )
     assert health("--target", address, "--ca", pki.ca)[0] == 1
     code, line = health("--target", address, "--ca", pki.ca, "--client-cert", pki.client_cert)
     assert code == 1 and "go together" in line

@@ -1,5 +1,6 @@
 """The served forward over real gRPC on 127.0.0.1: logits equal the in-process MaskedTeacher, usage equals the FLOP
 model, batching does not change results, streams answer every request_id, model info, health, reflection, metrics."""
+
 from __future__ import annotations
 
 import threading
@@ -63,8 +64,11 @@ def test_logits_and_usage_equal_the_in_process_teacher_and_flop_model(served, re
         (image_request(images), ref.logits(images), [GRID_PATCHES] * 3),
         (image_request(float_images, keep, counts=counts), ref.logits(float_images, keep, counts), [20, 7, 13]),
         (patch_request(patches_of(images, keep), keep), ref.logits(images, keep), [20, 20, 20]),
-        (patch_request(patches_of(images, keep).float() / 255.0, keep.to(torch.int16), counts=counts.int()),
-         ref.logits(images, keep, counts), [20, 7, 13]),
+        (
+            patch_request(patches_of(images, keep).float() / 255.0, keep.to(torch.int16), counts=counts.int()),
+            ref.logits(images, keep, counts),
+            [20, 7, 13],
+        ),
     ]
     for i, (request, expected, kept) in enumerate(cases):
         request.request_id = f"case-{i}"
@@ -91,12 +95,20 @@ def test_model_info_describes_the_teacher(served, ref: Reference) -> None:
     info = teacher.GetModelInfo(pb.ModelInfoRequest())
     assert (info.model, info.image_height, info.image_width, info.patch_size) == (MODEL, 32, 32, 4)
     assert (info.grid_height, info.grid_width, info.num_prefix_tokens, info.num_classes, info.in_chans) == (
-        8, 8, 1, 10, 3)
+        8,
+        8,
+        1,
+        10,
+        3,
+    )
     g = ref.teacher.geometry
     assert list(info.mean) == pytest.approx(g.mean) and list(info.std) == pytest.approx(g.std)
     assert info.full_gflops == ref.full_gflops(1)
     assert (info.price_per_gflop, info.currency, list(info.models)) == (
-        srv.settings.price_per_gflop, srv.settings.currency, [MODEL])
+        srv.settings.price_per_gflop,
+        srv.settings.currency,
+        [MODEL],
+    )
     assert (info.max_batch_images, info.dtype) == (srv.settings.max_batch_images, "float32")
     with pytest.raises(grpc.RpcError) as err:
         teacher.GetModelInfo(pb.ModelInfoRequest(model="vit_giant_nonexistent"), metadata=auth(key))
@@ -138,10 +150,16 @@ def test_health_reflection_and_metrics_answer(served) -> None:
         status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
         assert status == health_pb2.HealthCheckResponse.SERVING
     reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
-    answers = list(reflect.ServerReflectionInfo(iter([
-        reflection_pb2.ServerReflectionRequest(list_services=""),
-        reflection_pb2.ServerReflectionRequest(file_containing_symbol="maskedkd.v1.TeacherService"),
-    ])))
+    answers = list(
+        reflect.ServerReflectionInfo(
+            iter(
+                [
+                    reflection_pb2.ServerReflectionRequest(list_services=""),
+                    reflection_pb2.ServerReflectionRequest(file_containing_symbol="maskedkd.v1.TeacherService"),
+                ]
+            )
+        )
+    )
     names = {s.name for s in answers[0].list_services_response.service}
     assert {"maskedkd.v1.TeacherService", "grpc.health.v1.Health"} <= names
     assert answers[1].file_descriptor_response.file_descriptor_proto  # the .proto travels for grpcurl & co.
@@ -151,10 +169,20 @@ def test_health_reflection_and_metrics_answer(served) -> None:
         teacher.Infer(image_request(random_images(1, 5)[:, :1]), metadata=auth(key))
     assert srv.metrics_url is not None
     text = urllib.request.urlopen(srv.metrics_url, timeout=10).read().decode()
-    for name in ("maskedkd_requests_total", "maskedkd_images_total", "maskedkd_gflops_used_total",
-                 "maskedkd_gflops_full_total", "maskedkd_gflops_saved_total", "maskedkd_cost_total",
-                 "maskedkd_batch_images", "maskedkd_batch_tokens", "maskedkd_queue_seconds",
-                 "maskedkd_compute_seconds", "maskedkd_request_latency_seconds", "maskedkd_queue_depth"):
+    for name in (
+        "maskedkd_requests_total",
+        "maskedkd_images_total",
+        "maskedkd_gflops_used_total",
+        "maskedkd_gflops_full_total",
+        "maskedkd_gflops_saved_total",
+        "maskedkd_cost_total",
+        "maskedkd_batch_images",
+        "maskedkd_batch_tokens",
+        "maskedkd_queue_seconds",
+        "maskedkd_compute_seconds",
+        "maskedkd_request_latency_seconds",
+        "maskedkd_queue_depth",
+    ):
         assert f"# TYPE {name}" in text, name
     # key names only with --metrics-key-labels (test_service_lockdown.py); by default every series has key="-"
     assert f'maskedkd_requests_total{{code="INVALID_ARGUMENT",key="-",model="{MODEL}"}}' in text
@@ -168,8 +196,10 @@ def test_a_request_batched_with_others_gets_the_same_logits_as_alone(tmp_path, m
         channel, teacher = stub(srv.address)
         images, keep = random_images(2, 7), random_keep(2, 24, 7)
         alone = logits_of(teacher.Infer(image_request(images, keep, request_id="alone"), metadata=auth(key)))
-        other_inputs = {f"other-{i}": (random_images(3, 50 + i), random_keep(3, k, 60 + i))
-                        for i, k in enumerate([24, 24, 10, 40, 64])}
+        other_inputs = {
+            f"other-{i}": (random_images(3, 50 + i), random_keep(3, k, 60 + i))
+            for i, k in enumerate([24, 24, 10, 40, 64])
+        }
         others = [image_request(img, kp, request_id=rid) for rid, (img, kp) in other_inputs.items()]
         mine = image_request(images, keep, request_id="batched")
         results: dict[str, torch.Tensor] = {}

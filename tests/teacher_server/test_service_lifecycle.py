@@ -1,6 +1,7 @@
 """Graceful shutdown of a real server: health says NOT_SERVING first, an in-flight request still finishes and is
 billed, new calls are refused afterwards, and the ledger file is complete once stop() returns. A connection age ends
 connections so that clients re-resolve the teacher's DNS name."""
+
 from __future__ import annotations
 
 import threading
@@ -50,8 +51,9 @@ def test_graceful_shutdown_finishes_in_flight_requests(tmp_path) -> None:
 
     def in_flight() -> None:
         try:
-            outcome["response"] = teacher.Infer(image_request(random_images(1, 1), random_keep(1, 10, 1),
-                                                              request_id="last-one"), metadata=auth(key))
+            outcome["response"] = teacher.Infer(
+                image_request(random_images(1, 1), random_keep(1, 10, 1), request_id="last-one"), metadata=auth(key)
+            )
         except grpc.RpcError as err:  # pragma: no cover - reported by the assertion below
             outcome["error"] = err
 
@@ -97,7 +99,12 @@ def test_settings_come_from_the_environment_and_flags_win(monkeypatch) -> None:
     monkeypatch.setenv("MASKEDKD_MAX_DELAY_MS", "7.5")
     s = ServerSettings(model="vit_tiny_patch16_224", max_delay_ms=1.0)
     assert (s.db, s.model_kwargs, s.max_delay_ms, s.port, s.host) == (
-        "sqlite:///from-env.db", {"img_size": 32}, 1.0, 50051, "127.0.0.1")
+        "sqlite:///from-env.db",
+        {"img_size": 32},
+        1.0,
+        50051,
+        "127.0.0.1",
+    )
     with pytest.raises(ValueError, match="dtype"):
         ServerSettings(dtype="float64")
 

@@ -1,6 +1,7 @@
 """Lock-down of the teacher server over real gRPC: the key is checked before a request message is read, failed key
 checks are rate-limited (per peer address and overall) without ledger queries once the bucket is empty, key names on
 /metrics only when enabled, tokens never from the command line."""
+
 from __future__ import annotations
 
 import secrets
@@ -133,13 +134,16 @@ def test_limiter_buckets_are_per_peer_and_global() -> None:
         limiter.refund("10.0.0.1")
     for _ in range(3):
         assert limiter.take("10.0.0.1") == 0  # reserved before the lookup, kept when the key was wrong
-    assert limiter.wait_s("10.0.0.1") > 100       # this peer waits ...
-    assert limiter.wait_s("10.0.0.2") == 0        # ... another one does not
+    assert limiter.wait_s("10.0.0.1") > 100  # this peer waits ...
+    assert limiter.wait_s("10.0.0.2") == 0  # ... another one does not
     limiter.record_failure("10.0.0.2")
     limiter.record_failure("10.0.0.3")
-    assert limiter.wait_s("10.0.0.4") > 100       # all peers together used the global burst
+    assert limiter.wait_s("10.0.0.4") > 100  # all peers together used the global burst
     assert [peer_host(p) for p in ("ipv4:127.0.0.1:5555", "ipv6:[::1]:80", "unix:/tmp/s")] == [
-        "127.0.0.1", "::1", "unix:/tmp/s"]
+        "127.0.0.1",
+        "::1",
+        "unix:/tmp/s",
+    ]
 
 
 def test_key_names_on_metrics_only_when_enabled(tmp_path: Path) -> None:
@@ -147,8 +151,10 @@ def test_key_names_on_metrics_only_when_enabled(tmp_path: Path) -> None:
         cfg = settings(tmp_path / str(enabled), metrics_port=0, metrics_key_labels=enabled)
         with running_server(cfg) as srv:
             channel, teacher = stub(srv.address)
-            teacher.Infer(image_request(random_images(1, 2), random_keep(1, 8, 2)), metadata=auth(
-                srv.create_key("customer-alice")))
+            teacher.Infer(
+                image_request(random_images(1, 2), random_keep(1, 8, 2)),
+                metadata=auth(srv.create_key("customer-alice")),
+            )
             channel.close()
             assert srv.metrics_url is not None
             text = urllib.request.urlopen(srv.metrics_url, timeout=10).read().decode()
@@ -157,14 +163,21 @@ def test_key_names_on_metrics_only_when_enabled(tmp_path: Path) -> None:
         assert ("customer-alice" in text) == enabled
 
 
-@pytest.mark.parametrize("argv,env", [
-    (["serve", "--model", "vit_tiny_patch16_224", "--admin-token"], "MASKEDKD_ADMIN_TOKEN"),
-    (["serve", "--model", "vit_tiny_patch16_224", "--viewer-token"], "MASKEDKD_VIEWER_TOKEN"),
-    (["dashboard", "--admin-token"], "MASKEDKD_ADMIN_TOKEN"),
-])
+@pytest.mark.parametrize(
+    "argv,env",
+    [
+        (["serve", "--model", "vit_tiny_patch16_224", "--admin-token"], "MASKEDKD_ADMIN_TOKEN"),
+        (["serve", "--model", "vit_tiny_patch16_224", "--viewer-token"], "MASKEDKD_VIEWER_TOKEN"),
+        (["dashboard", "--admin-token"], "MASKEDKD_ADMIN_TOKEN"),
+    ],
+)
 def test_tokens_on_the_command_line_are_refused(tmp_path: Path, argv: list[str], env: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "teacher_server.cli", *argv, "s3cret-value", "--db",
-                             f"sqlite:///{tmp_path / 'l.db'}"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "teacher_server.cli", *argv, "s3cret-value", "--db", f"sqlite:///{tmp_path / 'l.db'}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     flag = argv[-1]
@@ -181,8 +194,20 @@ def test_tokens_come_from_the_environment_or_a_file(tmp_path: Path, monkeypatch:
     monkeypatch.delenv("MASKEDKD_VIEWER_TOKEN_FILE")
     monkeypatch.setenv("MASKEDKD_ADMIN_TOKEN", "admin-from-env")
     assert ServerSettings().admin_token == "admin-from-env"
-    result = subprocess.run([sys.executable, "-m", "teacher_server.cli", "serve", "--model", "vit_tiny_patch16_224",
-                             "--admin-token-file", str(tmp_path / "missing")], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "teacher_server.cli",
+            "serve",
+            "--model",
+            "vit_tiny_patch16_224",
+            "--admin-token-file",
+            str(tmp_path / "missing"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "cannot read admin_token_file" in result.stderr and "missing" in result.stderr

@@ -1,6 +1,7 @@
 """InferStream answers per message over real gRPC: a failed message gets its own error answer keyed by its request_id
 and the stream goes on; a stream that must end (server shutdown) ends only after every billed answer was sent. The
 ledger is read back with SQL."""
+
 from __future__ import annotations
 
 import threading
@@ -85,11 +86,16 @@ def test_each_message_gets_its_own_answer_and_only_good_ones_are_billed(served) 
     for request, _, _ in goods[4:]:
         request.purpose = "probe"  # per message: the others stay training targets
     bads = _bad_messages()
-    messages = [g[0].SerializeToString() for g in goods[:3]] + [b[0] for b in bads[:3]] + \
-        [g[0].SerializeToString() for g in goods[3:]] + [b[0] for b in bads[3:]]
+    messages = (
+        [g[0].SerializeToString() for g in goods[:3]]
+        + [b[0] for b in bads[:3]]
+        + [g[0].SerializeToString() for g in goods[3:]]
+        + [b[0] for b in bads[3:]]
+    )
     with grpc.insecure_channel(srv.address) as channel:
-        answers = [pb.InferResponse.FromString(r) for r in _raw_stream(channel)(iter(messages), metadata=auth(key),
-                                                                               timeout=60)]
+        answers = [
+            pb.InferResponse.FromString(r) for r in _raw_stream(channel)(iter(messages), metadata=auth(key), timeout=60)
+        ]
     assert len(answers) == len(messages)  # one answer per message; the stream ended OK after the last
     by_id = {a.request_id: a for a in answers}
     assert len(by_id) == len(answers)
@@ -131,8 +137,11 @@ def test_shutdown_ends_a_stream_only_after_every_billed_answer_was_sent(tmp_path
 
     try:
         with grpc.insecure_channel(srv.address) as channel:
-            call = channel.stream_stream(STREAM, request_serializer=pb.InferRequest.SerializeToString,
-                                         response_deserializer=pb.InferResponse.FromString)
+            call = channel.stream_stream(
+                STREAM,
+                request_serializer=pb.InferRequest.SerializeToString,
+                response_deserializer=pb.InferResponse.FromString,
+            )
             with pytest.raises(grpc.RpcError) as err:
                 for answer in call(requests(), metadata=auth(key), timeout=60):
                     assert not answer.HasField("error"), answer.error
@@ -154,8 +163,9 @@ def test_shutdown_ends_a_stream_only_after_every_billed_answer_was_sent(tmp_path
 def test_after_a_client_cancel_a_resend_replays_what_was_billed(served) -> None:
     srv, _ = served
     key = srv.create_key("canceller")
-    requests = [image_request(random_images(2, 50 + i), random_keep(2, 12, 50 + i), request_id=f"c-{i}")
-                for i in range(12)]
+    requests = [
+        image_request(random_images(2, 50 + i), random_keep(2, 12, 50 + i), request_id=f"c-{i}") for i in range(12)
+    ]
     release = threading.Event()
 
     def first_try() -> Iterator[pb.InferRequest]:
@@ -164,8 +174,11 @@ def test_after_a_client_cancel_a_resend_replays_what_was_billed(served) -> None:
 
     first: dict[str, pb.InferResponse] = {}
     with grpc.insecure_channel(srv.address) as channel:
-        call = channel.stream_stream(STREAM, request_serializer=pb.InferRequest.SerializeToString,
-                                     response_deserializer=pb.InferResponse.FromString)
+        call = channel.stream_stream(
+            STREAM,
+            request_serializer=pb.InferRequest.SerializeToString,
+            response_deserializer=pb.InferResponse.FromString,
+        )
         answers = call(first_try(), metadata=auth(key), timeout=60)
         for answer in answers:
             first[answer.request_id] = answer

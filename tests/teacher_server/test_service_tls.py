@@ -1,6 +1,7 @@
 """TLS and mutual TLS on the gRPC port, with a CA the test makes: calls over TLS work and are billed exactly; a
 plain-text client, a client that does not trust the CA, and (with mutual TLS) a client without a certificate or with
 one from another CA are refused before anything is billed. Bad TLS files are a one-line CLI error."""
+
 from __future__ import annotations
 
 import subprocess
@@ -33,16 +34,22 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @pytest.fixture(scope="module")
 def tls_server(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    cfg = settings(tmp_path_factory.mktemp("tls"), tls_cert=pki.server_cert, tls_key=pki.server_key,
-                   dashboard_port=0, admin_token=ADMIN_TOKEN)
+    cfg = settings(
+        tmp_path_factory.mktemp("tls"),
+        tls_cert=pki.server_cert,
+        tls_key=pki.server_key,
+        dashboard_port=0,
+        admin_token=ADMIN_TOKEN,
+    )
     with running_server(cfg) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
 def mtls_server(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    cfg = settings(tmp_path_factory.mktemp("mtls"), tls_cert=pki.server_cert, tls_key=pki.server_key,
-                   tls_client_ca=pki.ca)
+    cfg = settings(
+        tmp_path_factory.mktemp("mtls"), tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca
+    )
     with running_server(cfg) as srv:
         yield srv
 
@@ -72,28 +79,27 @@ def test_tls_call_works_and_billing_equals_the_ledger(tls_server: RunningServer,
 
 
 @pytest.mark.timeout(60)  # far below the default 120 s patience: a failed handshake is not waited out
-def test_an_untrusted_certificate_fails_at_once_with_the_default_patience(tls_server: RunningServer,
-                                                                          pki: Pki) -> None:
-    with TeacherClient(tls_server.address, tls_server.create_key("tls-impatient"), ca_file=pki.other_ca) as client:
-        with pytest.raises(TeacherUnavailableError, match="(?i)handshake failed"):
-            client.infer(images=_pixels(1))
+def test_an_untrusted_certificate_fails_at_once_with_the_default_patience(tls_server: RunningServer, pki: Pki) -> None:
+    with (
+        TeacherClient(tls_server.address, tls_server.create_key("tls-impatient"), ca_file=pki.other_ca) as client,
+        pytest.raises(TeacherUnavailableError, match=r"(?i)handshake failed"),
+    ):
+        client.infer(images=_pixels(1))
 
 
 def test_plain_text_and_untrusting_clients_are_refused_unbilled(tls_server: RunningServer, pki: Pki) -> None:
     key = tls_server.create_key("tls-refused")
     once = {"max_retries": 0, "timeout_s": 5, "patience_s": 0}  # a refused handshake is not a teacher restart
-    _refused(TeacherClient(tls_server.address, key, **once))                        # plain text
-    _refused(TeacherClient(tls_server.address, key, tls=True, **once))              # system roots only
+    _refused(TeacherClient(tls_server.address, key, **once))  # plain text
+    _refused(TeacherClient(tls_server.address, key, tls=True, **once))  # system roots only
     _refused(TeacherClient(tls_server.address, key, ca_file=pki.other_ca, **once))
-    with grpc.insecure_channel(tls_server.address) as channel:
-        with pytest.raises(grpc.RpcError) as err:
-            pb_grpc.TeacherServiceStub(channel).GetModelInfo(pb.ModelInfoRequest(), timeout=5)
+    with grpc.insecure_channel(tls_server.address) as channel, pytest.raises(grpc.RpcError) as err:
+        pb_grpc.TeacherServiceStub(channel).GetModelInfo(pb.ModelInfoRequest(), timeout=5)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert [r for r in ledger_rows(tls_server.settings.db) if r["key"] == "tls-refused"] == []
 
 
-def test_dashboard_of_a_tls_server_speaks_https_with_the_same_certificate(tls_server: RunningServer,
-                                                                          pki: Pki) -> None:
+def test_dashboard_of_a_tls_server_speaks_https_with_the_same_certificate(tls_server: RunningServer, pki: Pki) -> None:
     url = tls_server.dashboard_url
     assert url is not None and url.startswith("https://")
     headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -104,34 +110,64 @@ def test_dashboard_of_a_tls_server_speaks_https_with_the_same_certificate(tls_se
 
 def test_mutual_tls_needs_a_client_certificate_from_the_ca(mtls_server: RunningServer, pki: Pki) -> None:
     key = mtls_server.create_key("mtls-bob")
-    with TeacherClient(mtls_server.address, key, ca_file=pki.ca, client_cert=pki.client_cert,
-                       client_key=pki.client_key) as client:
+    with TeacherClient(
+        mtls_server.address, key, ca_file=pki.ca, client_cert=pki.client_cert, client_key=pki.client_key
+    ) as client:
         _, usage = client.infer(images=_pixels(2), request_id="m1")
     once = {"max_retries": 0, "timeout_s": 5, "patience_s": 0}  # a refused handshake is not a teacher restart
     _refused(TeacherClient(mtls_server.address, key, ca_file=pki.ca, **once))
-    _refused(TeacherClient(mtls_server.address, key, ca_file=pki.ca, client_cert=pki.other_client_cert,
-                           client_key=pki.other_client_key, **once))
+    _refused(
+        TeacherClient(
+            mtls_server.address,
+            key,
+            ca_file=pki.ca,
+            client_cert=pki.other_client_cert,
+            client_key=pki.other_client_key,
+            **once,
+        )
+    )
     rows = [r for r in ledger_rows(mtls_server.settings.db) if r["key"] == "mtls-bob"]
     assert [r["request_id"] for r in rows] == ["m1"] and rows[0]["cost"] == pytest.approx(usage.cost, rel=1e-12)
 
 
 def _serve(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "teacher_server.cli", "serve", "--model", "vit_tiny_patch16_224",
-                           "--port", "0", "--no-metrics", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "teacher_server.cli",
+            "serve",
+            "--model",
+            "vit_tiny_patch16_224",
+            "--port",
+            "0",
+            "--no-metrics",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.mark.parametrize("case", ["missing-cert", "key-of-another-cert", "not-pem-ca", "cert-without-key"])
 def test_bad_tls_files_are_a_one_line_cli_error(pki: Pki, tmp_path: Path, case: str) -> None:
-    args = {"missing-cert": ["--tls-cert", str(tmp_path / "nope.pem"), "--tls-key", pki.server_key],
-            "key-of-another-cert": ["--tls-cert", pki.server_cert, "--tls-key", pki.client_key],
-            "not-pem-ca": ["--tls-cert", pki.server_cert, "--tls-key", pki.server_key, "--tls-client-ca", __file__],
-            "cert-without-key": ["--tls-cert", pki.server_cert]}[case]
+    args = {
+        "missing-cert": ["--tls-cert", str(tmp_path / "nope.pem"), "--tls-key", pki.server_key],
+        "key-of-another-cert": ["--tls-cert", pki.server_cert, "--tls-key", pki.client_key],
+        "not-pem-ca": ["--tls-cert", pki.server_cert, "--tls-key", pki.server_key, "--tls-client-ca", __file__],
+        "cert-without-key": ["--tls-cert", pki.server_cert],
+    }[case]
     result = _serve("--db", f"sqlite:///{tmp_path / 'l.db'}", *args)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("teacher-server: error:") and "Traceback" not in result.stderr
-    assert {"missing-cert": "nope.pem", "key-of-another-cert": "do not form", "not-pem-ca": "not a PEM file",
-            "cert-without-key": "both tls_cert and tls_key"}[case] in lines[0]
+    assert {
+        "missing-cert": "nope.pem",
+        "key-of-another-cert": "do not form",
+        "not-pem-ca": "not a PEM file",
+        "cert-without-key": "both tls_cert and tls_key",
+    }[case] in lines[0]
     assert not (tmp_path / "l.db").exists()  # refused before anything was opened
 
 
@@ -146,15 +182,35 @@ def test_standalone_dashboard_serves_https(pki: Pki, tls_server: RunningServer) 
         port = s.getsockname()[1]
     tls_server.create_key("tls-dashboard")
     env = {**os.environ, "MASKEDKD_VIEWER_TOKEN": "tls-viewer"}
-    process = subprocess.Popen([sys.executable, "-m", "teacher_server.dashboard", "--db", tls_server.settings.db,
-                                "--port", str(port), "--tls-cert", pki.server_cert, "--tls-key", pki.server_key],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "teacher_server.dashboard",
+            "--db",
+            tls_server.settings.db,
+            "--port",
+            str(port),
+            "--tls-cert",
+            pki.server_cert,
+            "--tls-key",
+            pki.server_key,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
             try:
-                response = httpx.get(f"https://127.0.0.1:{port}/api/usage/keys", verify=pki.ca, timeout=2,
-                                     headers={"Authorization": "Bearer tls-viewer"})
+                response = httpx.get(
+                    f"https://127.0.0.1:{port}/api/usage/keys",
+                    verify=pki.ca,
+                    timeout=2,
+                    headers={"Authorization": "Bearer tls-viewer"},
+                )
                 break
             except httpx.TransportError:
                 assert process.poll() is None and time.monotonic() < deadline, process.stdout and process.stdout.read()

@@ -1,6 +1,7 @@
 """/api/keys: the admin API (list, create, disable/enable, set quota, window, rate limit and price), behind the admin
 bearer token. Every change goes through the key service (ledger/keys.py), which checks the values and makes each call
 one transaction: a PATCH with one invalid field changes nothing."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -24,11 +25,19 @@ _AUTH_ERRORS: dict[int | str, dict[str, object]] = {
     401: {"model": ErrorMessage, "description": "missing or wrong admin token"},
     403: {"model": ErrorMessage, "description": "no admin token configured on the server"},
 }
-router = APIRouter(prefix="/api/keys", tags=["admin: keys"], dependencies=[Depends(require_admin)],
-                   responses=_AUTH_ERRORS)
+router = APIRouter(
+    prefix="/api/keys", tags=["admin: keys"], dependencies=[Depends(require_admin)], responses=_AUTH_ERRORS
+)
 
-NamePath = Annotated[str, Path(min_length=1, max_length=200, pattern=r"^[^\x00]*$",  # Postgres text holds no NUL
-                               description="the key's name")]
+NamePath = Annotated[
+    str,
+    Path(
+        min_length=1,
+        max_length=200,
+        pattern=r"^[^\x00]*$",  # Postgres text holds no NUL
+        description="the key's name",
+    ),
+]
 _CHANGE_ERRORS: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorMessage, "description": "an invalid value (nothing changed)"},
     404: {"model": ErrorMessage, "description": "no such key"},
@@ -53,36 +62,53 @@ def list_keys(session: SessionDep) -> list[KeyInfo]:
     return [KeyInfo.model_validate(k) for k in keys.list_api_keys(session)]
 
 
-@router.post("", response_model=CreatedKey, status_code=status.HTTP_201_CREATED,
-             responses={400: _CHANGE_ERRORS[400], 409: {"model": ErrorMessage, "description": "name taken"}},
-             summary="Create an API key; the secret is in this response only")
-def create_key(body: CreateKeyRequest,
-               sessions: Annotated[sessionmaker[Session], Depends(get_sessions)]) -> CreatedKey:
+@router.post(
+    "",
+    response_model=CreatedKey,
+    status_code=status.HTTP_201_CREATED,
+    responses={400: _CHANGE_ERRORS[400], 409: {"model": ErrorMessage, "description": "name taken"}},
+    summary="Create an API key; the secret is in this response only",
+)
+def create_key(body: CreateKeyRequest, sessions: Annotated[sessionmaker[Session], Depends(get_sessions)]) -> CreatedKey:
     with _as_http_errors():
-        secret, row = keys.create_api_key(sessions, name=body.name, quota_gflops=body.quota_gflops,
-                                          price_per_gflop=body.price_per_gflop, quota_window=body.quota_window,
-                                          rate_limit_gflops_per_min=body.rate_limit_gflops_per_min)
+        secret, row = keys.create_api_key(
+            sessions,
+            name=body.name,
+            quota_gflops=body.quota_gflops,
+            price_per_gflop=body.price_per_gflop,
+            quota_window=body.quota_window,
+            rate_limit_gflops_per_min=body.rate_limit_gflops_per_min,
+        )
     return CreatedKey(secret=secret, **KeyInfo.model_validate(row).model_dump())
 
 
-@router.patch("/{name}", response_model=KeyInfo, responses=_CHANGE_ERRORS,
-              summary="Change a key: disabled, quota_gflops, price_per_gflop, quota_window, "
-                      "rate_limit_gflops_per_min (only the fields sent, all or nothing)")
+@router.patch(
+    "/{name}",
+    response_model=KeyInfo,
+    responses=_CHANGE_ERRORS,
+    summary="Change a key: disabled, quota_gflops, price_per_gflop, quota_window, "
+    "rate_limit_gflops_per_min (only the fields sent, all or nothing)",
+)
 def update_key(name: NamePath, body: UpdateKeyRequest, session: SessionDep) -> KeyInfo:
     with _as_http_errors():
         key = keys.update_api_key(session, name=name, change=keys.KeyChange(**body.model_dump(exclude_unset=True)))
     return KeyInfo.model_validate(key)
 
 
-@router.post("/{name}/disable", response_model=KeyInfo, responses={404: _CHANGE_ERRORS[404]},
-             summary="Disable a key (its requests are refused within the server's auth cache TTL)")
+@router.post(
+    "/{name}/disable",
+    response_model=KeyInfo,
+    responses={404: _CHANGE_ERRORS[404]},
+    summary="Disable a key (its requests are refused within the server's auth cache TTL)",
+)
 def disable_key(name: NamePath, session: SessionDep) -> KeyInfo:
     with _as_http_errors():
         return KeyInfo.model_validate(keys.set_api_key_disabled(session, name=name, disabled=True))
 
 
-@router.post("/{name}/enable", response_model=KeyInfo, responses={404: _CHANGE_ERRORS[404]},
-             summary="Re-enable a disabled key")
+@router.post(
+    "/{name}/enable", response_model=KeyInfo, responses={404: _CHANGE_ERRORS[404]}, summary="Re-enable a disabled key"
+)
 def enable_key(name: NamePath, session: SessionDep) -> KeyInfo:
     with _as_http_errors():
         return KeyInfo.model_validate(keys.set_api_key_disabled(session, name=name, disabled=False))

@@ -1,11 +1,12 @@
 """GET /api/usage/...: totals per key (with what probe requests cost), time series per key and bucket, usage and
 refusals per day (JSON and CSV), recent latency and batch sizes (read-only). Prices and currencies are those stored
 with the usage rows."""
+
 from __future__ import annotations
 
 import io
 import math
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
@@ -25,9 +26,15 @@ from teacher_server.ledger import reports, usage_report
 from teacher_server.ledger.models import UnknownKeyNameError, as_utc
 from teacher_server.ledger.usage_report import DailyUsage, UsageByKey, one_currency
 
-router = APIRouter(prefix="/api/usage", tags=["usage"], dependencies=[Depends(require_viewer)],
-                   responses={401: {"model": ErrorMessage, "description": "missing or wrong viewer token"},
-                              403: {"model": ErrorMessage, "description": "read views locked (no token configured)"}})
+router = APIRouter(
+    prefix="/api/usage",
+    tags=["usage"],
+    dependencies=[Depends(require_viewer)],
+    responses={
+        401: {"model": ErrorMessage, "description": "missing or wrong viewer token"},
+        403: {"model": ErrorMessage, "description": "read views locked (no token configured)"},
+    },
+)
 
 BUCKET_SECONDS = {Bucket.minute: 60, Bucket.hour: 3600, Bucket.day: reports.DAY_S}
 DEFAULT_WINDOW = {Bucket.minute: timedelta(hours=6), Bucket.hour: timedelta(days=7), Bucket.day: timedelta(days=90)}
@@ -36,8 +43,9 @@ MAX_BUCKETS = 2000  # per series response; more asks for a coarser bucket or a s
 SinceQuery = Annotated[datetime | None, Query(description="ISO 8601 start (inclusive); naive means UTC")]
 UntilQuery = Annotated[datetime | None, Query(description="ISO 8601 end (exclusive); naive means UTC")]
 # no NUL: Postgres text cannot hold it, so such a name can match no key (422, not a database error)
-KeyQuery = Annotated[str | None, Query(max_length=200, pattern=r"^[^\x00]*$",
-                                       description="only this API key (by name)")]
+KeyQuery = Annotated[
+    str | None, Query(max_length=200, pattern=r"^[^\x00]*$", description="only this API key (by name)")
+]
 
 
 def _check_window(since: datetime | None, until: datetime | None) -> None:
@@ -52,10 +60,15 @@ def _unknown_key(session: SessionDep, key: str | None) -> None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
 
 
-@router.get("/keys", response_model=UsageByKey, responses={400: {"model": ErrorMessage}, 404: {"model": ErrorMessage}},
-            summary="Usage totals per API key")
-def usage_by_key(session: SessionDep, since: SinceQuery = None, until: UntilQuery = None,
-                 key: KeyQuery = None) -> UsageByKey:
+@router.get(
+    "/keys",
+    response_model=UsageByKey,
+    responses={400: {"model": ErrorMessage}, 404: {"model": ErrorMessage}},
+    summary="Usage totals per API key",
+)
+def usage_by_key(
+    session: SessionDep, since: SinceQuery = None, until: UntilQuery = None, key: KeyQuery = None
+) -> UsageByKey:
     """Requests, images, GFLOPs used, GFLOPs a full teacher would have used, saving, cost and the prices billed per
     key, in a window (default: all time), plus the total over all keys and the calls refused."""
     _check_window(since, until)
@@ -63,18 +76,26 @@ def usage_by_key(session: SessionDep, since: SinceQuery = None, until: UntilQuer
     return usage_report.usage_by_key(session, since=since, until=until, key_name=key)
 
 
-@router.get("/timeseries", response_model=UsageSeries,
-            responses={400: {"model": ErrorMessage}, 404: {"model": ErrorMessage}},
-            summary="GFLOPs, cost, requests and images per key and time bucket")
-def usage_timeseries(session: SessionDep, bucket: Bucket = Bucket.minute,
-                     since: SinceQuery = None, until: UntilQuery = None, key: KeyQuery = None) -> UsageSeries:
+@router.get(
+    "/timeseries",
+    response_model=UsageSeries,
+    responses={400: {"model": ErrorMessage}, 404: {"model": ErrorMessage}},
+    summary="GFLOPs, cost, requests and images per key and time bucket",
+)
+def usage_timeseries(
+    session: SessionDep,
+    bucket: Bucket = Bucket.minute,
+    since: SinceQuery = None,
+    until: UntilQuery = None,
+    key: KeyQuery = None,
+) -> UsageSeries:
     """Per key, the usage in each `bucket` (minute, hour or day, UTC) of [since, until). Default window: the last 6
     hours by minute, the last 7 days by hour, the last 90 days by day. Buckets before the first usage in the window
     are left out; later empty buckets are zeros."""
     _check_window(since, until)
     _unknown_key(session, key)
     width = BUCKET_SECONDS[bucket]
-    end = as_utc(until) if until is not None else datetime.now(timezone.utc)
+    end = as_utc(until) if until is not None else datetime.now(UTC)
     start = as_utc(since) if since is not None else end - DEFAULT_WINDOW[bucket]
     if start >= end:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "`since` must be before `until`")
@@ -85,9 +106,11 @@ def usage_timeseries(session: SessionDep, bucket: Bucket = Bucket.minute,
         last = max(max(c.start_epoch for c in cells), math.ceil(end.timestamp()) - 1) // width * width
         count = (last - first) // width + 1
         if count > MAX_BUCKETS:
-            raise HTTPException(status.HTTP_400_BAD_REQUEST,
-                                f"the window holds {count} {bucket.value} buckets, more than {MAX_BUCKETS}: "
-                                "shorten it (since/until) or use a coarser bucket")
+            raise HTTPException(
+                status.HTTP_400_BAD_REQUEST,
+                f"the window holds {count} {bucket.value} buckets, more than {MAX_BUCKETS}: "
+                "shorten it (since/until) or use a coarser bucket",
+            )
         timestamps = list(range(first, last + 1, width))
     index = {t: i for i, t in enumerate(timestamps)}
     by_key: dict[str, KeySeries] = {}
@@ -95,20 +118,38 @@ def usage_timeseries(session: SessionDep, bucket: Bucket = Bucket.minute,
         s = by_key.get(c.key)
         if s is None:
             n = len(timestamps)
-            s = by_key[c.key] = KeySeries(key=c.key, requests=[0] * n, images=[0] * n, gflops=[0.0] * n,
-                                          full_gflops=[0.0] * n, cost=[0.0] * n)
+            s = by_key[c.key] = KeySeries(
+                key=c.key, requests=[0] * n, images=[0] * n, gflops=[0.0] * n, full_gflops=[0.0] * n, cost=[0.0] * n
+            )
         i = index[c.start_epoch]
         s.requests[i], s.images[i], s.gflops[i], s.full_gflops[i], s.cost[i] = (
-            c.requests, c.images, c.gflops, c.full_gflops, c.cost)
+            c.requests,
+            c.images,
+            c.gflops,
+            c.full_gflops,
+            c.cost,
+        )
     currencies = (b.currency for b in reports.billed_prices(session, since=start, until=end, key_name=key))
-    return UsageSeries(bucket=bucket, bucket_seconds=width, currency=one_currency(currencies), since=start, until=end,
-                       timestamps=timestamps, series=[by_key[k] for k in sorted(by_key)])
+    return UsageSeries(
+        bucket=bucket,
+        bucket_seconds=width,
+        currency=one_currency(currencies),
+        since=start,
+        until=end,
+        timestamps=timestamps,
+        series=[by_key[k] for k in sorted(by_key)],
+    )
 
 
-@router.get("/daily", response_model=DailyUsage, responses={400: {"model": ErrorMessage}, 404: {"model": ErrorMessage}},
-            summary="Usage per UTC day, key, currency and price; refused calls per day, key and reason")
-def usage_daily(session: SessionDep, since: SinceQuery = None, until: UntilQuery = None,
-                key: KeyQuery = None) -> DailyUsage:
+@router.get(
+    "/daily",
+    response_model=DailyUsage,
+    responses={400: {"model": ErrorMessage}, 404: {"model": ErrorMessage}},
+    summary="Usage per UTC day, key, currency and price; refused calls per day, key and reason",
+)
+def usage_daily(
+    session: SessionDep, since: SinceQuery = None, until: UntilQuery = None, key: KeyQuery = None
+) -> DailyUsage:
     """The ledger's rows in [since, until) (default: all time) summed per UTC day, key and the price and currency
     they were billed at; and the refusal counters of the days the window touches."""
     _check_window(since, until)
@@ -116,11 +157,19 @@ def usage_daily(session: SessionDep, since: SinceQuery = None, until: UntilQuery
     return usage_report.daily_usage(session, since=since, until=until, key_name=key)
 
 
-@router.get("/daily.csv", response_class=Response, responses={
-    200: {"content": {"text/csv": {}}, "description": "one line per UTC day, key, currency and price"},
-    400: {"model": ErrorMessage}, 404: {"model": ErrorMessage}}, summary="Usage per UTC day as CSV")
-def usage_daily_csv(session: SessionDep, since: SinceQuery = None, until: UntilQuery = None,
-                    key: KeyQuery = None) -> Response:
+@router.get(
+    "/daily.csv",
+    response_class=Response,
+    responses={
+        200: {"content": {"text/csv": {}}, "description": "one line per UTC day, key, currency and price"},
+        400: {"model": ErrorMessage},
+        404: {"model": ErrorMessage},
+    },
+    summary="Usage per UTC day as CSV",
+)
+def usage_daily_csv(
+    session: SessionDep, since: SinceQuery = None, until: UntilQuery = None, key: KeyQuery = None
+) -> Response:
     """The rows of /api/usage/daily as CSV with a header: day, key, currency, price_per_gflop, requests, images,
     tokens, gflops, full_gflops, cost, probe_requests, probe_gflops, probe_cost (floats written exactly;
     `teacher-server usage --csv` writes the same)."""
@@ -128,8 +177,11 @@ def usage_daily_csv(session: SessionDep, since: SinceQuery = None, until: UntilQ
     _unknown_key(session, key)
     out = io.StringIO()
     usage_report.write_usage_csv(reports.usage_by_day(session, since=since, until=until, key_name=key), out)
-    return Response(out.getvalue(), media_type="text/csv; charset=utf-8",
-                    headers={"Content-Disposition": 'attachment; filename="maskedkd-usage-daily.csv"'})
+    return Response(
+        out.getvalue(),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": 'attachment; filename="maskedkd-usage-daily.csv"'},
+    )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -145,30 +197,58 @@ def percentile(values: list[float], q: float) -> float:
 
 def _figures(key: str, rows: list[reports.RecentRequest]) -> LatencyFigures:
     if not rows:
-        return LatencyFigures(key=key, requests=0, latency_ms_p50=None, latency_ms_p95=None, latency_ms_max=None,
-                              queue_ms_p50=None, queue_ms_p95=None, images_per_request_mean=None,
-                              batch_images_mean=None, batch_images_p50=None, batch_images_max=None)
+        return LatencyFigures(
+            key=key,
+            requests=0,
+            latency_ms_p50=None,
+            latency_ms_p95=None,
+            latency_ms_max=None,
+            queue_ms_p50=None,
+            queue_ms_p95=None,
+            images_per_request_mean=None,
+            batch_images_mean=None,
+            batch_images_p50=None,
+            batch_images_max=None,
+        )
     latency = [r.latency_ms for r in rows]
     queue = [r.queue_ms for r in rows]
     batch = [float(r.batch_images) for r in rows]
     return LatencyFigures(
-        key=key, requests=len(rows), latency_ms_p50=percentile(latency, 50),
-        latency_ms_p95=percentile(latency, 95), latency_ms_max=max(latency),
-        queue_ms_p50=percentile(queue, 50), queue_ms_p95=percentile(queue, 95),
-        images_per_request_mean=sum(r.images for r in rows) / len(rows), batch_images_mean=sum(batch) / len(batch),
-        batch_images_p50=percentile(batch, 50), batch_images_max=max(r.batch_images for r in rows),
+        key=key,
+        requests=len(rows),
+        latency_ms_p50=percentile(latency, 50),
+        latency_ms_p95=percentile(latency, 95),
+        latency_ms_max=max(latency),
+        queue_ms_p50=percentile(queue, 50),
+        queue_ms_p95=percentile(queue, 95),
+        images_per_request_mean=sum(r.images for r in rows) / len(rows),
+        batch_images_mean=sum(batch) / len(batch),
+        batch_images_p50=percentile(batch, 50),
+        batch_images_max=max(r.batch_images for r in rows),
     )
 
 
-@router.get("/latency", response_model=RecentLatency, responses={404: {"model": ErrorMessage}},
-            summary="Latency, queueing and micro-batch sizes of the most recent requests")
-def recent_latency(session: SessionDep, limit: Annotated[int, Query(ge=1, le=100_000)] = 1000,
-                   since: SinceQuery = None, key: KeyQuery = None) -> RecentLatency:
+@router.get(
+    "/latency",
+    response_model=RecentLatency,
+    responses={404: {"model": ErrorMessage}},
+    summary="Latency, queueing and micro-batch sizes of the most recent requests",
+)
+def recent_latency(
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=100_000)] = 1000,
+    since: SinceQuery = None,
+    key: KeyQuery = None,
+) -> RecentLatency:
     """Percentiles (linear interpolation) over the last `limit` requests, overall and per key."""
     _unknown_key(session, key)
     rows = reports.recent_requests(session, limit=limit, since=since, key_name=key)
     per_key: dict[str, list[reports.RecentRequest]] = {}
     for r in rows:
         per_key.setdefault(r.key, []).append(r)
-    return RecentLatency(window_requests=limit, since=since and as_utc(since), overall=_figures("*", rows),
-                         keys=[_figures(k, per_key[k]) for k in sorted(per_key)])
+    return RecentLatency(
+        window_requests=limit,
+        since=since and as_utc(since),
+        overall=_figures("*", rows),
+        keys=[_figures(k, per_key[k]) for k in sorted(per_key)],
+    )

@@ -1,4 +1,5 @@
 """Alembic environment: runs on the connection handed over by teacher_server.ledger.migrate (online only)."""
+
 from __future__ import annotations
 
 from alembic import context

@@ -1,8 +1,9 @@
 """Fixtures of the dashboard tests: the seeded SQLite ledger and the dashboard serving it on 127.0.0.1."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from seed_ledger import (
@@ -24,10 +25,16 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> SeededLedger:
     path = tmp_path_factory.mktemp("ledger") / "ledger.db"
     url = f"sqlite:///{path}"
     sessions = database.open_ledger(url)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     seed_usage(sessions, now=now)
-    settings = ServerSettings(db=url, admin_token=ADMIN_TOKEN, viewer_token=VIEWER_TOKEN, price_per_gflop=DEFAULT_PRICE,
-                              currency="USD", metrics_port=None)
+    settings = ServerSettings(
+        db=url,
+        admin_token=ADMIN_TOKEN,
+        viewer_token=VIEWER_TOKEN,
+        price_per_gflop=DEFAULT_PRICE,
+        currency="USD",
+        metrics_port=None,
+    )
     return SeededLedger(url=url, path=path, sessions=sessions, settings=settings, now=now)
 
 

@@ -1,5 +1,6 @@
 """Who may read the dashboard: the viewer or the admin token (Bearer header, or in a browser the cookie set by
 `/?token=` or the login form); locked without tokens unless public. The cookie never opens the admin API."""
+
 from __future__ import annotations
 
 import pytest
@@ -51,8 +52,8 @@ def test_browser_sign_in_by_link_sets_an_http_only_cookie(app) -> None:  # type:
     assert "httponly" in set_cookie and "samesite=strict" in set_cookie
     assert client.cookies[COOKIE] and VIEWER_TOKEN not in client.cookies[COOKIE]
     assert client.get("/").status_code == 200 and "body data-state" in client.get("/").text
-    assert client.get("/api/usage/keys").status_code == 200           # the page's own fetches carry the cookie
-    assert client.get("/api/keys").status_code == 401                 # ... which is no admin credential
+    assert client.get("/api/usage/keys").status_code == 200  # the page's own fetches carry the cookie
+    assert client.get("/api/keys").status_code == 401  # ... which is no admin credential
     client.cookies.clear()
     client.cookies.set(COOKIE, "0" * 64)
     assert client.get("/api/usage/keys").status_code == 401

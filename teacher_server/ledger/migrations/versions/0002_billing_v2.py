@@ -8,9 +8,10 @@ filled from the usage rows (every key had a lifetime quota window then).
 Revision ID: 0002
 Revises: 0001
 """
+
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 from alembic import op
@@ -38,12 +39,13 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["usage_id"], ["usage.id"], ondelete="CASCADE"),
     )
     op.create_index("ix_replay_payloads_expires_at", "replay_payloads", ["expires_at"])
-    expires = datetime.now(timezone.utc) + KEPT_REPLAYS
+    expires = datetime.now(UTC) + KEPT_REPLAYS
     op.get_bind().execute(
-        sa.text("INSERT INTO replay_payloads (usage_id, logits, logits_shape, expires_at) "
-                "SELECT id, logits, logits_shape, :expires FROM usage "
-                "WHERE logits IS NOT NULL AND logits_shape IS NOT NULL")
-        .bindparams(sa.bindparam("expires", type_=sa.DateTime(timezone=True))),
+        sa.text(
+            "INSERT INTO replay_payloads (usage_id, logits, logits_shape, expires_at) "
+            "SELECT id, logits, logits_shape, :expires FROM usage "
+            "WHERE logits IS NOT NULL AND logits_shape IS NOT NULL"
+        ).bindparams(sa.bindparam("expires", type_=sa.DateTime(timezone=True))),
         {"expires": expires},
     )
     op.drop_column("usage", "logits")  # native ALTER TABLE ... DROP COLUMN (SQLite >= 3.35): no table copy
@@ -53,10 +55,14 @@ def upgrade() -> None:
     op.create_table(
         "key_counters",
         sa.Column("api_key_id", sa.Integer(), nullable=False),
-        *[sa.Column(name, sa.BigInteger(), nullable=False, server_default=zero)
-          for name in ("requests", "images", "tokens")],
-        *[sa.Column(name, sa.Double(), nullable=False, server_default=zero)
-          for name in ("gflops", "full_gflops", "cost", "reserved_gflops")],
+        *[
+            sa.Column(name, sa.BigInteger(), nullable=False, server_default=zero)
+            for name in ("requests", "images", "tokens")
+        ],
+        *[
+            sa.Column(name, sa.Double(), nullable=False, server_default=zero)
+            for name in ("gflops", "full_gflops", "cost", "reserved_gflops")
+        ],
         sa.Column("window_start", sa.BigInteger(), nullable=False, server_default=zero),
         sa.Column("window_gflops", sa.Double(), nullable=False, server_default=zero),
         sa.Column("rate_start", sa.BigInteger(), nullable=False, server_default=zero),
@@ -90,8 +96,10 @@ def downgrade() -> None:
     op.drop_table("key_counters")
     op.add_column("usage", sa.Column("logits", sa.LargeBinary(), nullable=True))
     op.add_column("usage", sa.Column("logits_shape", sa.String(64), nullable=True))
-    op.execute("UPDATE usage SET logits = (SELECT p.logits FROM replay_payloads p WHERE p.usage_id = usage.id), "
-               "logits_shape = (SELECT p.logits_shape FROM replay_payloads p WHERE p.usage_id = usage.id)")
+    op.execute(
+        "UPDATE usage SET logits = (SELECT p.logits FROM replay_payloads p WHERE p.usage_id = usage.id), "
+        "logits_shape = (SELECT p.logits_shape FROM replay_payloads p WHERE p.usage_id = usage.id)"
+    )
     op.drop_index("ix_replay_payloads_expires_at", table_name="replay_payloads")
     op.drop_table("replay_payloads")
     op.drop_column("usage", "content_digest")

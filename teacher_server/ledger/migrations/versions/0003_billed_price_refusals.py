@@ -9,6 +9,7 @@ guessing from today's --currency.
 Revision ID: 0003
 Revises: 0002
 """
+
 from __future__ import annotations
 
 import sqlalchemy as sa
@@ -24,9 +25,11 @@ def upgrade() -> None:
     op.add_column("usage", sa.Column("price_per_gflop", sa.Double(), nullable=True))
     op.add_column("usage", sa.Column("currency", sa.String(16), nullable=True))
     key_price = "(SELECT k.price_per_gflop FROM api_keys k WHERE k.id = usage.api_key_id)"
-    op.execute(f"UPDATE usage SET price_per_gflop = CASE "
-               f"WHEN {key_price} IS NOT NULL AND cost = gflops * {key_price} THEN {key_price} "
-               f"WHEN gflops > 0 THEN cost / gflops ELSE NULL END")
+    op.execute(
+        f"UPDATE usage SET price_per_gflop = CASE "
+        f"WHEN {key_price} IS NOT NULL AND cost = gflops * {key_price} THEN {key_price} "
+        f"WHEN gflops > 0 THEN cost / gflops ELSE NULL END"
+    )
     op.create_table(
         "refusals",
         sa.Column("day_start", sa.BigInteger(), nullable=False),

@@ -7,6 +7,7 @@ the ALTER fills them in one statement, on SQLite and Postgres alike.
 Revision ID: 0004
 Revises: 0003
 """
+
 from __future__ import annotations
 
 import sqlalchemy as sa
