@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser postgres test test-fast demo bench bench-quick protos clean
+.PHONY: install browser postgres lint test test-fast demo bench bench-quick protos clean
 
 # The extras `make demo` and `make test` need (pyproject.toml), at the versions pinned in constraints.txt.
 EXTRAS := client,train,server,dashboard,postgres,test
@@ -27,6 +27,12 @@ postgres:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || { apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; } \
 		|| echo "warning: could not install postgresql: the Postgres ledger tests fail in CI, skip elsewhere"
+
+## Style and types: ruff's lint and format check over the repository, mypy on the three packages (strict on the core).
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 ## The whole suite (CPU only, tiny models). Two pytest workers, since most slow tests wait on Ray and server
 ## subprocesses; whole modules per worker (module fixtures start once), slow modules first (tests/conftest.py).

@@ -74,23 +74,6 @@ def inprocess_rate(forward: ForwardFn, tb: TeacherBatch, cfg: BenchConfig) -> di
     }
 
 
-def grpc_rate(client: Any, tb: TeacherBatch, cfg: BenchConfig) -> dict[str, Any]:
-    calls = cfg.calls_per_repeat
-    usage_gflops: list[float] = []
-
-    def run() -> None:
-        for _ in range(calls):
-            _, usage = client.infer(patches=tb.pixels, keep_indices=tb.indices)
-            usage_gflops.append(usage.gflops)
-
-    t = measure(run, warmup=cfg.warmup, repeats=cfg.repeats)
-    return {
-        "images_per_s": calls * tb.indices.shape[0] / t.median_s,
-        "timing": t.to_dict(),
-        "billed_gflops_per_call": usage_gflops[-1],
-    }
-
-
 def _timing(samples: list[float]) -> Timing:
     return Timing(statistics.median(samples), min(samples), max(samples), len(samples))
 

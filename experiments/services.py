@@ -12,12 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from student_client.command import train_argv
-from teacher_server.launcher import (
-    LaunchError,
-    ServerProcess,
-    serve_argv,
-    teacher_server_command,
-)
+from teacher_server.launcher import LaunchError, ServerProcess, serve_argv, teacher_server_command
 
 KEY_FILE = "api_key.json"  # a run's API key, kept across its attempts (ReproductionServer.run_key)
 

@@ -18,6 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from maskedkd.text import first_line
+
 CHECKPOINT_FORMAT = "maskedkd-checkpoint-v1"
 
 
@@ -117,7 +119,6 @@ def load_model(
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise CheckpointError(f"checkpoint {checkpoint} does not fit {name} {kwargs}: {first}") from exc
+            raise CheckpointError(f"checkpoint {checkpoint} does not fit {name} {kwargs}: {first_line(exc)}") from exc
     model.eval()
     return model, meta or CheckpointMeta(name, kwargs)

@@ -66,7 +66,7 @@ def env_names(model: type[BaseModel], name: str) -> list[str]:
     """The environment variables a field reads, in order (pydantic-settings: env_prefix + name, or its aliases)."""
     alias = model.model_fields[name].validation_alias
     if getattr(alias, "choices", None):
-        return [str(choice) for choice in alias.choices]  # type: ignore[union-attr]
+        return [str(choice) for choice in alias.choices]  # type: ignore[union-attr]  # an argparse action with choices
     if isinstance(alias, str):
         return [alias]
     return [(str(model.model_config.get("env_prefix", "")) + name).upper()]

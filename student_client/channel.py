@@ -29,10 +29,7 @@ _SCHEME_PREFIXES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:
 def service_config() -> str:
     """Round-robin over every address, each gated by its health status."""
     return json.dumps(
-        {
-            "loadBalancingConfig": [{"round_robin": {}}],
-            "healthCheckConfig": {"serviceName": HEALTH_SERVICE},
-        }
+        {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": HEALTH_SERVICE}}
     )
 
 

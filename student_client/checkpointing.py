@@ -18,13 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from maskedkd.checkpoints import (
-    CheckpointError,
-    load_state_dict,
-    read_checkpoint_meta,
-    save_model_checkpoint,
-)
-from student_client.errors import one_line
+from maskedkd.checkpoints import CheckpointError, load_state_dict, read_checkpoint_meta, save_model_checkpoint
+from maskedkd.text import one_line
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
@@ -128,11 +123,7 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 
 def load_training_checkpoint(
-    ckpt_dir: str | Path,
-    *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any = None,
+    ckpt_dir: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None
 ) -> TrainState:
     """Load weights into `model` (strict), and optimizer/scheduler state when given; returns the TrainState."""
     ckpt_dir = Path(ckpt_dir)
@@ -159,8 +150,3 @@ def resolve_model_file(path: str | Path) -> Path:
     if (path / MODEL_FILE).is_file():
         return path / MODEL_FILE
     raise CheckpointError(f"no checkpoint at {path} (expected a weights file or a directory with {MODEL_FILE})")
-
-
-def checkpoint_meta(path: str | Path) -> dict[str, Any]:
-    meta = read_checkpoint_meta(resolve_model_file(path))
-    return {} if meta is None else {"model_name": meta.model_name, "model_kwargs": meta.model_kwargs, **meta.extra}

@@ -12,18 +12,13 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from maskedkd.settings_cli import (
-    EXIT_USAGE,
-    FlagError,
-    OneLineParser,
-    add_settings_flags,
-    settings_from_flags,
-)
+from maskedkd.settings_cli import EXIT_USAGE, FlagError, OneLineParser, add_settings_flags, settings_from_flags
 from student_client.config import ENV_PREFIX, TrainConfig
 
 EXIT_ERROR = 1
@@ -123,7 +118,7 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg, launch = _settings(args)
     currency = preflight(cfg)
-    existing = latest_checkpoint(cfg.out)
+    existing: Path | str | None = latest_checkpoint(cfg.out)
     if existing is None and not launch.local:
         from student_client.ray_runner import stored_run
 

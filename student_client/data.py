@@ -89,9 +89,7 @@ def image_folder(path: Path, transform: transforms.Compose) -> datasets.ImageFol
 
 
 def build_datasets(
-    root: str | Path,
-    image_size: tuple[int, int],
-    augment: str,
+    root: str | Path, image_size: tuple[int, int], augment: str
 ) -> tuple[datasets.ImageFolder, datasets.ImageFolder | None, list[str]]:
     """(train set, eval set or None, class names). `root` holds train/ and val/ or test/, or is itself the train set."""
     root = Path(root)

@@ -82,7 +82,7 @@ class SeededSamples(Dataset):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+        return len(self.dataset)  # type: ignore[arg-type]  # a map-style dataset has a length
 
     def __getitem__(self, index: int) -> Any:
         with seeded_rngs(derive_seed(self.seed, "sample", self.epoch, index)):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import grpc
 
+from maskedkd.text import first_line
+
 
 class TeacherError(RuntimeError):
     """Any failed teacher call. `code` is the gRPC status name; str(err) is one line that names the problem."""
@@ -36,21 +38,6 @@ class TeacherUnavailableError(TeacherError):
 # Errors that a retry or a restart cannot fix: training should stop with the message, not retry.
 FATAL_ERRORS: tuple[type[TeacherError], ...] = (TeacherAuthError, TeacherQuotaError, TeacherInputError)
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-
-
-def one_line(text: object, limit: int | None = None) -> str:
-    """`text` (e.g. an exception; None: "") with every run of whitespace, newlines too, made one space, clipped to
-    `limit` characters."""
-    return " ".join(_text(text).split())[:limit]
-
-
-def first_line(text: object, limit: int | None = None) -> str:
-    """The first non-blank line of `text` (e.g. an exception; None: ""), stripped, clipped to `limit` characters."""
-    return next((line.strip() for line in _text(text).splitlines() if line.strip()), "")[:limit]
-
-
-def _text(text: object) -> str:
-    return "" if text is None else str(text)
 
 
 def error_from_rpc(err: grpc.RpcError, target: str, *, attempts: int = 1) -> TeacherError:

@@ -9,13 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from student_client.data import (
-    EVAL_SPLITS,
-    Normalizer,
-    eval_transform,
-    find_split,
-    image_folder,
-)
+from student_client.data import EVAL_SPLITS, Normalizer, eval_transform, find_split, image_folder
 from student_client.losses import merged_logits
 
 
@@ -35,12 +29,7 @@ class Accuracy:
 
 
 @torch.no_grad()
-def count_correct(
-    model: nn.Module,
-    loader: DataLoader,
-    normalize: Normalizer,
-    device: torch.device,
-) -> Accuracy:
+def count_correct(model: nn.Module, loader: DataLoader, normalize: Normalizer, device: torch.device) -> Accuracy:
     """Counts over every batch of `loader` (images in [0, 1]); the model is put in eval mode and restored."""
     was_training = model.training
     model.eval()
@@ -62,7 +51,7 @@ def count_correct(
 
 def shard(dataset: Dataset, rank: int, world_size: int) -> Dataset:
     """Every world_size-th item from `rank`: disjoint shards that cover the set exactly once (no padding)."""
-    return Subset(dataset, range(rank, len(dataset), world_size))  # type: ignore[arg-type]
+    return Subset(dataset, range(rank, len(dataset), world_size))  # type: ignore[arg-type]  # a map-style dataset has a length
 
 
 def eval_split_dir(data: str | Path, split: str | None = None) -> Path:

@@ -145,13 +145,13 @@ class MaskedKD:
         elif keep_every < 1 or keep_probes < 1:
             raise ValueError(f"keep_every and keep_probes must be >= 1, got {keep_every}, {keep_probes}")
         if spec.distilled:
-            raw.set_distilled_training(True)  # type: ignore[operator]
+            raw.set_distilled_training(True)  # type: ignore[operator]  # timm's distilled models have it (checked above)
 
         self.student = student
         self.client = teacher
         self.settings = KDSettings(
             strategy=strategy,
-            keep_value=1.0 if auto else keep,  # type: ignore[arg-type]
+            keep_value=1.0 if auto else keep,  # type: ignore[arg-type]  # auto resolves to a float keep here
             micro_batches=micro_batches,
             precision=precision,
             teacher_wait_s=_teacher_wait_s(teacher),

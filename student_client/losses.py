@@ -75,10 +75,7 @@ class DistillationLoss(nn.Module):
         self.label_smoothing = label_smoothing
 
     def forward(
-        self,
-        output: StudentOutput,
-        targets: torch.Tensor,
-        teacher_logits: torch.Tensor | None = None,
+        self, output: StudentOutput, targets: torch.Tensor, teacher_logits: torch.Tensor | None = None
     ) -> LossParts:
         if teacher_logits is None:
             ce = classification_loss(merged_logits(output), targets, self.label_smoothing)

@@ -128,8 +128,8 @@ def pipelined_forward(
         timed[i] = _Timed(submit(**kwargs))
 
     if early_requests is not None and submit is not None:
-        for i, req in enumerate(early_requests):
-            send(i, req)
+        for i, early in enumerate(early_requests):
+            send(i, early)
     outputs: list[Any] = []
     for i, x in enumerate(micro_batches):
         t0 = time.perf_counter()

@@ -15,8 +15,8 @@ import timm
 import torch
 from torch import nn
 
+from maskedkd.text import one_line
 from student_client.config import TrainConfig
-from student_client.errors import one_line
 
 
 class UsageError(ValueError):

@@ -22,9 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from maskedkd.text import first_line
 from student_client.config import TrainConfig
 from student_client.determinism import run_id_for
-from student_client.errors import TeacherError, first_line
+from student_client.errors import TeacherError
 
 
 class TrainingError(RuntimeError):
@@ -74,8 +75,8 @@ TRAIN_EXTRA_HINT = (
 def require_ray() -> None:
     """Raise TrainingError (one line naming the `train` extra) when Ray is not importable."""
     try:
-        import ray  # noqa: F401
-        import ray.train  # noqa: F401
+        import ray  # noqa: F401 - is Ray installed
+        import ray.train  # noqa: F401 - is Ray Train installed
     except ImportError as err:
         raise TrainingError(TRAIN_EXTRA_HINT) from err
 
@@ -168,7 +169,7 @@ def run_with_ray(cfg: TrainConfig, *, ray_address: str | None = None, worker_log
         run_config=RunConfig(
             name=ray_run_name(cfg.run_id),  # same run id (--resume): Ray Train restores its newest checkpoint
             storage_path=cfg.storage,
-            callbacks=[reports.callback],
+            callbacks=[reports.callback],  # type: ignore[list-item]  # Ray Train takes its UserCallback here too
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),

@@ -23,7 +23,8 @@ from typing import TextIO
 
 import grpc
 
-from student_client.errors import RETRYABLE_CODES, error_from_rpc, first_line
+from maskedkd.text import first_line
+from student_client.errors import RETRYABLE_CODES, error_from_rpc
 
 DEFAULT_PATIENCE_S = 120.0  # longer than a teacher restart (model load, ~5-30 s) with room for a slow host
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers.attention import Attention
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 __all__ = [
     "STRATEGIES",
@@ -101,7 +102,7 @@ class SIPSCapture:
         self.model = model
         self._attn, self.num_prefix_tokens = _last_attention(_unwrap(model))
         self.scores: torch.Tensor | None = None  # [B, N] float32, detached; refreshed by each forward
-        self._handle = self._attn.qkv.register_forward_hook(self._hook)
+        self._handle: RemovableHandle | None = self._attn.qkv.register_forward_hook(self._hook)
 
     def _hook(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
         self.scores = _cls_patch_attention(self._attn, output, self.num_prefix_tokens)
@@ -130,7 +131,7 @@ def sips_overhead_flops(model: nn.Module, num_tokens: int | None = None) -> int:
     inner = _unwrap(model)
     attn, num_prefix = _last_attention(inner)
     if num_tokens is None:
-        num_tokens = int(inner.patch_embed.num_patches) + num_prefix
+        num_tokens = int(getattr(inner.patch_embed, "num_patches")) + num_prefix  # noqa: B009 - a Module attribute
     return 2 * attn.num_heads * attn.head_dim * num_tokens
 
 
@@ -142,7 +143,7 @@ def _grid(value: int | Sequence[int], what: str) -> tuple[int, int]:
         pair = tuple(value)
     else:
         raise ValueError(f"{what} must be (height, width), got {value!r}")
-    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in pair):
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and int(v) >= 1 for v in pair):
         raise ValueError(f"{what} must be two positive ints, got {value!r}")
     return int(pair[0]), int(pair[1])
 
@@ -152,7 +153,7 @@ def _num_keep(keep: float | int, total: int) -> int:
     if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
         raise ValueError(f"keep must be a fraction in (0, 1] or an int count, got {keep!r}")
     if isinstance(keep, numbers.Integral):
-        if not 1 <= keep <= total:
+        if not 1 <= int(keep) <= total:
             raise ValueError(f"keep count {keep} is outside [1, {total}] (patches on the target grid)")
         return int(keep)
     if not 0.0 < keep <= 1.0:

@@ -88,7 +88,7 @@ class TeacherStream:
         """Queue one batch (same arguments as `TeacherClient.infer`); the Future gives (logits, usage)."""
         fut: Future[InferResult] = Future()
         info = self.info
-        n = int((images if images is not None else patches).shape[0])  # type: ignore[union-attr]
+        n = int((images if images is not None else patches).shape[0])  # type: ignore[union-attr]  # one of the two is given (checked by the caller)
         if info.max_batch_images and n > info.max_batch_images:
             fut.set_exception(
                 TeacherInputError(
@@ -145,7 +145,7 @@ class TeacherStream:
         self._reader.start()
 
     @staticmethod
-    def _requests(outbox: queue.Queue[Any]):  # type: ignore[no-untyped-def]
+    def _requests(outbox: queue.Queue[Any]):
         while True:
             item = outbox.get()
             if item is _CLOSE:

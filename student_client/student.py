@@ -11,7 +11,7 @@ import torch
 from timm.data import resolve_data_config
 from torch import nn
 
-from student_client.errors import first_line
+from maskedkd.text import first_line
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,8 @@ def describe_student(model: nn.Module) -> StudentSpec:
 
 
 def classifier_modules(model: nn.Module) -> list[nn.Module]:
-    head = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "head", None)
+    get_classifier = getattr(model, "get_classifier", None)
+    head = get_classifier() if callable(get_classifier) else getattr(model, "head", None)
     heads = list(head) if isinstance(head, (tuple, list)) else [head]
     return [h for h in heads if isinstance(h, nn.Module)]
 
@@ -101,7 +102,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, MaskedStudent):
             model = model.model
-        elif isinstance(getattr(model, "module", None), nn.Module):
-            model = model.module
+        elif isinstance(inner := getattr(model, "module", None), nn.Module):
+            model = inner
         else:
             return model

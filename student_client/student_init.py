@@ -17,7 +17,7 @@ import torch
 from timm.models import load_state_dict
 from torch import nn
 
-from student_client.errors import one_line
+from maskedkd.text import one_line
 from student_client.student import classifier_modules
 
 

@@ -3,7 +3,7 @@ for mutual TLS, this client's certificate and key. The same credentials serve gr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 import grpc
 
@@ -42,6 +42,14 @@ def channel_credentials(
     return grpc.ssl_channel_credentials(root_certificates=roots, private_key=key, certificate_chain=chain)
 
 
-def teacher_tls_kwargs(cfg: TrainConfig) -> dict[str, str | None]:
+class TeacherTls(TypedDict):
+    """The TLS arguments of TeacherClient."""
+
+    ca_file: str | None
+    client_cert: str | None
+    client_key: str | None
+
+
+def teacher_tls_kwargs(cfg: TrainConfig) -> TeacherTls:
     """The TLS arguments of TeacherClient from a TrainConfig."""
     return {"ca_file": cfg.teacher_ca, "client_cert": cfg.teacher_client_cert, "client_key": cfg.teacher_client_key}

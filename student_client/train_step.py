@@ -25,12 +25,7 @@ from torch import nn
 from maskedkd.precision import resolve_precision
 from student_client.data import Normalizer
 from student_client.losses import DistillationLoss, LossParts
-from student_client.pipeline import (
-    OverlapStats,
-    Submit,
-    TeacherRequest,
-    pipelined_forward,
-)
+from student_client.pipeline import OverlapStats, Submit, TeacherRequest, pipelined_forward
 from student_client.sips import SIPSCapture, select_by_mass, select_patches
 from student_client.wire import Usage
 
@@ -173,7 +168,7 @@ class StepRunner:
         device = param.device if param is not None else torch.device("cpu")
         # "bf16" or "fp32": as given (a run's own, kept across resumes), else resolved from the settings
         self.precision = precision or resolve_precision(cfg.precision, device)
-        self._autocast = lambda: student_autocast(self.precision, device)  # noqa: E731
+        self._autocast = lambda: student_autocast(self.precision, device)  # noqa: E731 - a one-line context factory
         self._kept: list[float] = []  # this step's micro-batches, in order: `PatchSelector.kept_share` of each
 
     def __call__(
@@ -189,14 +184,14 @@ class StepRunner:
             return StepResult(self.criterion(as_float32(output), targets, None), images.shape[0])
         self._kept = []
         micro = list(images.tensor_split(min(cfg.micro_batches, images.shape[0])))
-        request_id: Callable[[int], str] = lambda i: f"{self.prefix}-s{step}-m{i}"  # noqa: E731
+        request_id: Callable[[int], str] = lambda i: f"{self.prefix}-s{step}-m{i}"  # noqa: E731 - a one-line id rule
         submit = self.submit
         if known is not None:
             assert cfg.mode == "kd" and submit is not None
             rest = images[known.shape[0] :]
             micro = [images[: known.shape[0]]]
             micro += list(rest.tensor_split(min(cfg.micro_batches, rest.shape[0]))) if rest.shape[0] else []
-            request_id = lambda i: _KNOWN if i == 0 else f"{self.prefix}-s{step}-m{i - 1}"  # noqa: E731
+            request_id = lambda i: _KNOWN if i == 0 else f"{self.prefix}-s{step}-m{i - 1}"  # noqa: E731 - a one-line id rule
             submit = _answering_known(submit, known)
         if cfg.mode == "kd" and self.selector is not None and not self.selector.needs_scores:
             # random / all: the kept patches do not depend on the student, so every request goes out before the

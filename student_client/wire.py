@@ -185,7 +185,7 @@ def build_request(
 
 
 def batch_size_of(images: torch.Tensor | None, patches: torch.Tensor | None) -> int:
-    return int((images if images is not None else patches).shape[0])  # type: ignore[union-attr]
+    return int((images if images is not None else patches).shape[0])  # type: ignore[union-attr]  # one of the two is given (checked by the caller)
 
 
 def split_rows(n: int, max_rows: int) -> list[slice]:

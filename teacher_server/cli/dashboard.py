@@ -7,11 +7,8 @@ import argparse
 import sys
 
 from maskedkd.settings_cli import FlagError, settings_from_flags
-from teacher_server.cli.settings_flags import (
-    add_secret_refusals,
-    add_server_flags,
-    secret_on_command_line,
-)
+from maskedkd.text import first_line
+from teacher_server.cli.settings_flags import add_secret_refusals, add_server_flags, secret_on_command_line
 from teacher_server.settings import ServerSettings
 
 DEFAULT_PORT = 8080
@@ -57,11 +54,7 @@ def run_dashboard_command(args: argparse.Namespace) -> int:
 
     from teacher_server.dashboard.app import create_app
     from teacher_server.dashboard.server import warn_if_public
-    from teacher_server.ledger.database import (
-        MissingLedgerError,
-        require_existing_ledger,
-        without_password,
-    )
+    from teacher_server.ledger.database import MissingLedgerError, require_existing_ledger, without_password
     from teacher_server.service.tls import TlsConfigError, load_tls_files
 
     refusal = secret_on_command_line(args)
@@ -81,7 +74,7 @@ def run_dashboard_command(args: argparse.Namespace) -> int:
     try:
         app = create_app(settings)
     except Exception as exc:  # noqa: BLE001 - a bad URL or an unreachable database: one line, not a trace
-        reason = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
+        reason = first_line(f"{exc.__class__.__name__}: {exc}")
         return _refuse(f"cannot open the ledger {without_password(settings.db)}: {reason}")
     admin = "on" if settings.admin_token else "off (set MASKEDKD_ADMIN_TOKEN or --admin-token-file)"
     views = (

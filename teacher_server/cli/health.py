@@ -62,8 +62,8 @@ def check_health(probe: HealthTarget) -> HealthResult:
         stub = health_pb2_grpc.HealthStub(channel)
         response = stub.Check(health_pb2.HealthCheckRequest(service=probe.service), timeout=probe.timeout_s)
     except grpc.RpcError as exc:
-        code = exc.code().name if exc.code() else "ERROR"  # type: ignore[attr-defined]
-        details = " ".join((exc.details() or "").split())[:200]  # type: ignore[attr-defined]
+        code = exc.code().name if exc.code() else "ERROR"
+        details = " ".join((exc.details() or "").split())[:200]
         return HealthResult(False, f"{what}: {code}" + (f" ({details})" if details else ""))
     finally:
         channel.close()

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from maskedkd.settings_cli import FlagError, OneLineParser, settings_from_flags
+from maskedkd.text import first_line
 from teacher_server.cli.dashboard import add_dashboard_arguments
 from teacher_server.cli.settings_flags import (
     SECRET_FIELDS,
@@ -204,7 +205,7 @@ def _sessions(db: str | None, *, must_exist: bool = False) -> Any:
     except MissingLedgerError as exc:
         raise CliError(str(exc)) from exc
     except (SQLAlchemyError, OSError) as exc:
-        raise CliError(f"cannot open ledger {without_password(url)}: {str(exc).splitlines()[0]}") from exc
+        raise CliError(f"cannot open ledger {without_password(url)}: {first_line(exc)}") from exc
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -228,18 +229,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
     from teacher_server.engine.teacher_loader import ModelLoadError
-    from teacher_server.service.server import (
-        ServerStartError,
-        TeacherServer,
-        serve_until_signalled,
-    )
+    from teacher_server.service.server import ServerStartError, TeacherServer, serve_until_signalled
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         server = TeacherServer(settings)
         asyncio.run(serve_until_signalled(server))
     except (ModelLoadError, ServerStartError, SQLAlchemyError) as exc:
-        raise CliError(str(exc).splitlines()[0]) from exc
+        raise CliError(first_line(exc)) from exc
     return 0
 
 
@@ -368,7 +365,7 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
         print(f"purged {purged.payloads} replay payloads; released {purged.holds} stale quota holds")
         return 0
     except SQLAlchemyError as exc:
-        raise CliError(f"ledger {without_password(url)}: {str(exc).splitlines()[0]}") from exc
+        raise CliError(f"ledger {without_password(url)}: {first_line(exc)}") from exc
 
 
 def _cmd_usage(args: argparse.Namespace) -> int:
@@ -435,10 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - never a traceback for the user; the message is still specific
-        print(
-            f"teacher-server: error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-            file=sys.stderr,
-        )
+        print(f"teacher-server: error: {type(exc).__name__}: {first_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
 
 

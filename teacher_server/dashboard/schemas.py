@@ -70,7 +70,7 @@ class RecentLatency(BaseModel):
     keys: list[LatencyFigures]
 
 
-class KeyInfo(BaseModel):
+class ApiKeyView(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: int
@@ -84,7 +84,7 @@ class KeyInfo(BaseModel):
     rate_limit_gflops_per_min: float | None = None
 
 
-class CreatedKey(KeyInfo):
+class CreatedKey(ApiKeyView):
     secret: str = Field(description="the API key itself; shown only in this response, only its hash is stored")
 
 

@@ -23,6 +23,7 @@ CPU BLAS picks GEMM kernels by matrix size, so a row's logits can differ from a 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -249,7 +250,7 @@ class TokenBudgetBatcher:
                 self._metrics.queue_depth.dec(len(batch))
             assert self._executor is not None
             self._busy = loop.run_in_executor(self._executor, self._run, batch, staged)
-            self._busy.add_done_callback(lambda fut, jobs=batch: self._forwarded(jobs, fut))
+            self._busy.add_done_callback(functools.partial(self._forwarded, batch))
         if carry is not None and carry is not _STOP:  # cannot happen after _STOP, but never strand a client
             carry.future.set_exception(ServiceUnavailableError("the server is shutting down"))
 

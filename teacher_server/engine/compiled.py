@@ -36,7 +36,7 @@ def compiled_forward_patches(teacher: MaskedTeacher, *, max_shapes: int = 8) -> 
 
     inductor_config.freezing = True
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, max_shapes)
-    return torch.compile(teacher.forward_patches, dynamic=False)  # type: ignore[return-value]
+    return torch.compile(teacher.forward_patches, dynamic=False)
 
 
 def forward_patches_fn(teacher: MaskedTeacher, mode: str) -> ForwardFn:

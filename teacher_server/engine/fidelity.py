@@ -79,10 +79,7 @@ def fixed_images(teacher: MaskedTeacher, *, images: int = FIDELITY_IMAGES, seed:
 
 
 def compare_logits(
-    reference: torch.Tensor,
-    served: torch.Tensor,
-    *,
-    tie_margin: float = TIE_MARGIN,
+    reference: torch.Tensor, served: torch.Tensor, *, tie_margin: float = TIE_MARGIN
 ) -> tuple[float, float, int, int]:
     """(top-1 agreement on decisive images, mean KL(reference || served), decisive images, flips) of two
     [B, classes] logit tensors, computed in float32."""

@@ -14,7 +14,7 @@ from maskedkd.flops import ViTShape, masked_forward_flops
 
 
 @dataclass(frozen=True)
-class Usage:
+class MeteredUsage:
     images: int
     tokens: int
     flops: int  # exact FLOPs of the masked forward (2 per multiply-add)
@@ -24,7 +24,7 @@ class Usage:
 
 
 class Meter:
-    """Usage of one served teacher; FLOPs per keep count are tabulated once."""
+    """Metering of one served teacher; FLOPs per keep count are tabulated once."""
 
     def __init__(self, shape: ViTShape) -> None:
         self.num_patches = shape.num_patches
@@ -35,12 +35,12 @@ class Meter:
     def full_image_gflops(self) -> float:
         return self._flops_by_kept[self.num_patches] / 1e9
 
-    def usage(self, keep_counts: Sequence[int], *, price_per_gflop: float) -> Usage:
-        """Usage of one request whose image i kept `keep_counts[i]` patches."""
+    def usage(self, keep_counts: Sequence[int], *, price_per_gflop: float) -> MeteredUsage:
+        """What one request costs whose image i kept `keep_counts[i]` patches."""
         flops = sum(self._flops_by_kept[k] for k in keep_counts)
         images = len(keep_counts)
         gflops = flops / 1e9
-        return Usage(
+        return MeteredUsage(
             images=images,
             tokens=sum(keep_counts) + images * self.num_prefix_tokens,
             flops=flops,

@@ -32,7 +32,7 @@ def supports_packing(teacher: MaskedTeacher) -> bool:
     return m.global_pool == "token" and all(type(b) is Block and type(b.attn) is Attention for b in m.blocks)
 
 
-def _packed_attention(attn: torch.nn.Module, x: torch.Tensor, groups: list[tuple[int, int]]) -> torch.Tensor:
+def _packed_attention(attn: Attention, x: torch.Tensor, groups: list[tuple[int, int]]) -> torch.Tensor:
     """x [T, D] packed tokens; groups: (rows, tokens per row) in order -> attention output [T, D]."""
     qkv = attn.qkv(x)  # [T, 3D]
     H, d = attn.num_heads, attn.head_dim
@@ -74,6 +74,7 @@ def run_packed(
         row += rows
     x = m.norm_pre(torch.cat(seqs))  # [T, D]
     for blk in m.blocks:
+        assert isinstance(blk, Block) and isinstance(blk.attn, Attention)  # supports_packing checked the types
         x = x + blk.ls1(_packed_attention(blk.attn, blk.norm1(x), groups))
         x = x + blk.ls2(blk.mlp(blk.norm2(x)))
     x = m.norm(x)

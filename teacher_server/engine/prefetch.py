@@ -48,7 +48,7 @@ class Prefetcher:
             moved = tuple(t.pin_memory().to(self._device, non_blocking=True) for t in rows)
             ready = torch.cuda.Event()
             ready.record(self._stream)
-        return StagedBatch(jobs, moved, ready)  # type: ignore[arg-type]
+        return StagedBatch(jobs, moved, ready)  # type: ignore[arg-type]  # the rows moved to the device keep their tuple shape
 
     def take(self, staged: Future[StagedBatch] | None, live: Sequence[Any]) -> Rows | None:
         if staged is None:

@@ -91,7 +91,7 @@ def build_served_model(
         mixed_k=settings.mixed_k if pack or settings.mixed_k != "pack" else "bucket",
         name=name,
         prefetch_device=weight.device,
-        **batcher_kwargs,  # type: ignore[arg-type]
+        **batcher_kwargs,  # type: ignore[arg-type]  # the batcher's keyword arguments, passed through
     )
     return ServedModel(
         name=name,

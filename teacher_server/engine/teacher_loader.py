@@ -12,6 +12,7 @@ from torch import nn
 from maskedkd.checkpoints import load_model
 from maskedkd.masked_teacher import MaskedTeacher
 from maskedkd.precision import dtype_name, resolve_dtype
+from maskedkd.text import first_line
 from teacher_server.engine.fidelity import FLOAT32_ITSELF, DtypeFidelity, measure
 from teacher_server.settings import ServerSettings
 
@@ -30,10 +31,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_teacher(
-    settings: ServerSettings,
-    model: nn.Module | None = None,
-) -> tuple[str, MaskedTeacher, DtypeFidelity]:
+def load_teacher(settings: ServerSettings, model: nn.Module | None = None) -> tuple[str, MaskedTeacher, DtypeFidelity]:
     """(served name, teacher on the configured device and resolved dtype, its fidelity against float32).
 
     Raises ModelLoadError, with the numbers in one line, when an explicitly asked dtype fails the fidelity check
@@ -53,7 +51,7 @@ def load_teacher(
                 pretrained=settings.pretrained,
             )
         except (ValueError, RuntimeError, OSError) as exc:
-            raise ModelLoadError(str(exc).splitlines()[0]) from exc
+            raise ModelLoadError(first_line(exc)) from exc
         arch = meta.model_name
     else:
         if isinstance(model, MaskedTeacher):
@@ -72,9 +70,7 @@ def load_teacher(
 
 
 def _in_checked_dtype(
-    teacher: MaskedTeacher,
-    dtype: torch.dtype,
-    settings: ServerSettings,
+    teacher: MaskedTeacher, dtype: torch.dtype, settings: ServerSettings
 ) -> tuple[MaskedTeacher, DtypeFidelity]:
     """The float32 `teacher` in `dtype` when the fidelity check passes. When it fails, `--dtype auto` serves float32
     (one log line says why); an explicit dtype raises ModelLoadError with the numbers."""

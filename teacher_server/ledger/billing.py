@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import ColumnElement, case, delete, select, update
+from sqlalchemy import ColumnElement, CursorResult, Executable, Table, case, delete, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
@@ -33,15 +33,18 @@ from teacher_server.ledger.models import (
     usage_record,
     utcnow,
 )
-from teacher_server.ledger.quota_windows import (
-    QuotaWindow,
-    next_window_start,
-    window_start,
-)
+from teacher_server.ledger.quota_windows import QuotaWindow, next_window_start, window_start
 
 HOLD_TTL_S = 900.0  # a hold older than this belongs to a dead request (a crashed server); the purge releases it
 RATE_WINDOW_S = 60  # the rate limit counts GFLOPs admitted per minute (fixed windows, UTC)
-_C = KeyCounter.__table__.c
+_COUNTERS: Table = KeyCounter.__table__  # type: ignore[assignment]  # a declarative model's table is a Table
+_C = _COUNTERS.c
+
+
+def rows_changed(session: Session, statement: Executable) -> int:
+    """Execute an UPDATE or DELETE and return how many rows it changed."""
+    result: CursorResult[object] = session.execute(statement)  # type: ignore[assignment]  # DML gives a cursor result
+    return int(result.rowcount)
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,7 @@ def reserve(
     if limits.rate_limit_gflops_per_min is not None:
         conditions.append(rate_used + gflops <= limits.rate_limit_gflops_per_min)
     admit = (
-        update(KeyCounter.__table__)
+        update(_COUNTERS)
         .where(*conditions)
         .values(
             window_gflops=window_used,
@@ -148,12 +151,12 @@ def reserve(
         )
     )
     for _ in range(2):
-        if session.execute(admit).rowcount == 1:
+        if rows_changed(session, admit) == 1:
             counter_rate_start = session.scalar(select(_C.rate_start).where(_C.api_key_id == api_key_id))
             hold = QuotaHold(
                 api_key_id=api_key_id,
                 gflops=gflops,
-                rate_start=int(counter_rate_start),
+                rate_start=int(counter_rate_start or 0),  # the UPDATE just matched the row: never None
                 expires_at=int(now + HOLD_TTL_S),
             )
             session.add(hold)
@@ -180,7 +183,7 @@ def ensure_counter(session: Session, *, api_key_id: int, ws: int) -> None:
 
 def _drop_hold(session: Session, hold: Hold) -> bool:
     """Delete the hold; False when it was gone already (released, settled or purged: its GFLOPs were given back)."""
-    return session.execute(delete(QuotaHold).where(QuotaHold.id == hold.id)).rowcount == 1
+    return rows_changed(session, delete(QuotaHold).where(QuotaHold.id == hold.id)) == 1
 
 
 def _give_back(session: Session, holds: list[Hold]) -> None:
@@ -188,7 +191,7 @@ def _give_back(session: Session, holds: list[Hold]) -> None:
     for hold in sorted(holds, key=lambda h: (h.api_key_id, h.id)):
         if _drop_hold(session, hold):
             session.execute(
-                update(KeyCounter.__table__)
+                update(_COUNTERS)
                 .where(_C.api_key_id == hold.api_key_id)
                 .values(
                     reserved_gflops=_C.reserved_gflops - hold.gflops,
@@ -236,10 +239,10 @@ def _settle(
             window_start=case((_C.window_start < ws, ws), else_=_C.window_start),
             reserved_gflops=_C.reserved_gflops - held,
         )
-        if session.execute(update(KeyCounter.__table__).where(_C.api_key_id == key_id).values(**values)).rowcount:
+        if rows_changed(session, update(_COUNTERS).where(_C.api_key_id == key_id).values(**values)):
             continue
         ensure_counter(session, api_key_id=key_id, ws=ws)
-        session.execute(update(KeyCounter.__table__).where(_C.api_key_id == key_id).values(**values))
+        session.execute(update(_COUNTERS).where(_C.api_key_id == key_id).values(**values))
 
 
 def bill(
@@ -279,7 +282,7 @@ def bill(
                 )
             ).one()
     _settle(session, [b for b, _ in inserted], [r for _, r in inserted], replay_ttl_s, now)
-    _give_back(session, [items[i].hold for i in order if outcome[i] is not None and items[i].hold is not None])
+    _give_back(session, [hold for i in order if outcome[i] is not None and (hold := items[i].hold) is not None])
     session.commit()
     return outcome
 
@@ -313,7 +316,7 @@ def purge(session: Session, *, older_than: timedelta | None = None, now: float |
     if older_than is not None:
         cutoff = utcnow() - older_than
         stale = stale | ReplayPayload.usage_id.in_(select(UsageRecord.id).where(UsageRecord.created_at < cutoff))
-    payloads = session.execute(delete(ReplayPayload).where(stale)).rowcount
+    payloads = rows_changed(session, delete(ReplayPayload).where(stale))
     expired = session.execute(select(QuotaHold).where(QuotaHold.expires_at <= int(now))).scalars().all()
     holds = [Hold(h.id, h.api_key_id, h.gflops, h.rate_start) for h in expired]
     _give_back(session, holds)

@@ -10,6 +10,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+# Alembic logs its plugins and each step at INFO: noise in a server's start-up log; the ledger says in one line
+# of its own what a migration did.
+logging.getLogger("alembic").setLevel(logging.WARNING)
+
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -46,18 +50,6 @@ def current_revision(connection: Connection) -> str | None:
 
 
 @contextmanager
-def _quiet_alembic() -> Iterator[None]:
-    """Alembic logs each step at INFO; the ledger says what happened in one line of its own."""
-    logger = logging.getLogger("alembic")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-@contextmanager
 def _locked_transaction(engine: Engine) -> Iterator[Connection]:
     """One transaction around the whole migration, DDL included, that processes starting together take in turn:
     Postgres by an advisory lock held to the commit; SQLite by BEGIN IMMEDIATE (its write lock; the driver's own
@@ -71,8 +63,8 @@ def _locked_transaction(engine: Engine) -> Iterator[Connection]:
     with engine.connect() as conn:
         dbapi = conn.connection.dbapi_connection
         assert dbapi is not None
-        level = dbapi.isolation_level  # type: ignore[attr-defined]
-        dbapi.isolation_level = None  # type: ignore[attr-defined]
+        level = dbapi.isolation_level
+        dbapi.isolation_level = None
         try:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
             try:
@@ -82,7 +74,7 @@ def _locked_transaction(engine: Engine) -> Iterator[Connection]:
                 raise
             conn.exec_driver_sql("COMMIT")
         finally:
-            dbapi.isolation_level = level  # type: ignore[attr-defined]
+            dbapi.isolation_level = level
 
 
 def upgrade_to_head(engine: Engine) -> tuple[str | None, str] | None:
@@ -90,7 +82,7 @@ def upgrade_to_head(engine: Engine) -> tuple[str | None, str] | None:
     it already was there. Processes starting together (server replicas, dashboard, CLI) migrate in turn: the first
     migrates, the others then find the newest revision."""
     head = head_revision()
-    with _IN_PROCESS, _quiet_alembic(), _locked_transaction(engine) as conn:
+    with _IN_PROCESS, _locked_transaction(engine) as conn:
         before = current_revision(conn)
         if before == head:
             return None

@@ -15,7 +15,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from typing import Any
 
+from sqlalchemy import Table
 from sqlalchemy.orm import Session, sessionmaker
 
 from teacher_server.errors import (
@@ -86,18 +88,19 @@ class RefusalCounter:
 def add_refusals(session: Session, *, counts: dict[Cell, int]) -> None:
     """Add `counts` to the counter rows (created when missing): one INSERT ... ON CONFLICT DO UPDATE per cell, in
     a fixed order (two servers on one Postgres cannot deadlock). The caller commits."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
     dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as upsert
-    elif dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as upsert
-    else:  # pragma: no cover - the ledger supports SQLite and Postgres
+    if dialect not in ("postgresql", "sqlite"):  # pragma: no cover - the ledger supports SQLite and Postgres
         raise NotImplementedError(f"refusal counters on {dialect}")
-    table = Refusal.__table__
+    table: Table = Refusal.__table__  # type: ignore[assignment]  # a declarative model's table is a Table
     for (day, key_id, reason), n in sorted(counts.items()):
-        stmt = upsert(table).values(day_start=day, api_key_id=key_id, reason=reason, count=n)
-        session.execute(
-            stmt.on_conflict_do_update(
-                index_elements=["day_start", "api_key_id", "reason"], set_={"count": table.c.count + n}
-            )
-        )
+        row = {"day_start": day, "api_key_id": key_id, "reason": reason, "count": n}
+        on_conflict: dict[str, Any] = {
+            "index_elements": ["day_start", "api_key_id", "reason"],
+            "set_": {"count": table.c.count + n},
+        }
+        if dialect == "postgresql":
+            session.execute(postgresql.insert(table).values(row).on_conflict_do_update(**on_conflict))
+        else:
+            session.execute(sqlite.insert(table).values(row).on_conflict_do_update(**on_conflict))

@@ -22,14 +22,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import FunctionElement
 
 from maskedkd.purpose import PROBE
-from teacher_server.ledger.models import (
-    ApiKey,
-    KeyCounter,
-    Refusal,
-    UnknownKeyNameError,
-    UsageRecord,
-    as_utc,
-)
+from teacher_server.ledger.models import ApiKey, KeyCounter, Refusal, UnknownKeyNameError, UsageRecord, as_utc
 
 DAY_S = 86400
 UNKNOWN_CURRENCY = "unknown"  # how reports name the currency of rows billed before it was recorded
@@ -81,7 +74,7 @@ def _utc_day(epoch_s: Any) -> date:
     return datetime.fromtimestamp(int(epoch_s), UTC).date()
 
 
-class bucket_start_epoch(FunctionElement[int]):  # noqa: N801 (SQL function style)
+class bucket_start_epoch(FunctionElement[int]):  # noqa: N801 - named like the SQL function it compiles to
     """Epoch seconds of the start of the `width_s`-second bucket holding a timestamp column (UTC)."""
 
     type = BigInteger()
@@ -128,11 +121,7 @@ class KeyTotals:
 
 
 def usage_totals(
-    session: Session,
-    *,
-    key_name: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
+    session: Session, *, key_name: str | None = None, since: datetime | None = None, until: datetime | None = None
 ) -> list[KeyTotals]:
     """Every key (also those without usage) with the totals of its rows in [since, until), ordered by name;
     only `key_name` when given (UnknownKeyNameError when no key has that name)."""
@@ -465,11 +454,7 @@ class RecentRequest:
 
 
 def recent_requests(
-    session: Session,
-    *,
-    limit: int,
-    since: datetime | None = None,
-    key_name: str | None = None,
+    session: Session, *, limit: int, since: datetime | None = None, key_name: str | None = None
 ) -> list[RecentRequest]:
     """The last `limit` usage rows (newest first), optionally only after `since` and of one key."""
     stmt = _usage_of_keys(

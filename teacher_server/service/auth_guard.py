@@ -64,8 +64,10 @@ class FailedAuthLimiter:
         bucket = self._peers.get(peer)
         if bucket is None:
             if len(self._peers) >= MAX_TRACKED:  # forget the peers whose buckets are full again
-                for name in [p for p, b in self._peers.items() if (b.refill(now), b.tokens >= b.burst)[1]]:
-                    del self._peers[name]
+                for name, old in list(self._peers.items()):
+                    old.refill(now)
+                    if old.tokens >= old.burst:
+                        del self._peers[name]
             bucket = self._peers[peer] = TokenBucket(self._peer_rate, self._peer_burst, self._peer_burst, now)
         bucket.refill(now)
         return bucket

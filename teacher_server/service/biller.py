@@ -14,14 +14,10 @@ import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from teacher_server.engine.batcher import BatchJob, BatchStats
-from teacher_server.engine.metering import Usage
+from teacher_server.engine.metering import MeteredUsage
 from teacher_server.errors import ReplayExpiredError, RequestIdReusedError, ServiceError
 from teacher_server.ledger import billing, models
-from teacher_server.ledger.billing import (
-    Hold,
-    LimitState,
-    unavailable_on_transient_errors,
-)
+from teacher_server.ledger.billing import Hold, LimitState, unavailable_on_transient_errors
 from teacher_server.service.auth import KeyInfo
 
 DEFAULT_REPLAY_TTL_S = 7 * 86400.0
@@ -34,7 +30,7 @@ class InferOutcome:
     request_id: str
     model: str
     logits: torch.Tensor  # [B, classes] float32
-    usage: Usage
+    usage: MeteredUsage
     replayed: bool
     limits: LimitState | None = None  # the key's quota/rate-limit state, for the response metadata
 
@@ -47,7 +43,7 @@ class BillingContext:
     request_id: str
     replayable: bool
     model: str
-    usage: Usage
+    usage: MeteredUsage
     received_at: float
     digest: str | None = None  # None for server-assigned ids
     hold: Hold | None = None  # GFLOPs reserved against the key's quota/rate limit
@@ -91,7 +87,7 @@ def outcome_from_stored(
         )
     shape = [int(s) for s in payload.logits_shape.split(",")]
     flat = torch.frombuffer(bytearray(payload.logits), dtype=torch.float32)  # little-endian hosts only, as the codec
-    usage = Usage(
+    usage = MeteredUsage(
         images=record.images,
         tokens=record.tokens,
         flops=round(record.gflops * 1e9),

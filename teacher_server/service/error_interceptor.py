@@ -67,7 +67,7 @@ def rich_trailing_metadata(
 
 def mark_counted(exc: BaseException) -> BaseException:
     """Tell the interceptor not to count this error as a request (a stream's end: its messages count apart)."""
-    exc.maskedkd_counted = True  # type: ignore[attr-defined]
+    exc.maskedkd_counted = True  # type: ignore[attr-defined]  # a marker on the exception object itself
     return exc
 
 

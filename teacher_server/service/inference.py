@@ -19,26 +19,14 @@ from dataclasses import dataclass, replace
 
 from maskedkd.purpose import purpose_problem
 from maskedkd.v1 import teacher_pb2 as pb
-from teacher_server.engine.metering import Usage
+from teacher_server.engine.metering import MeteredUsage
 from teacher_server.engine.preprocess import PreparedInput, prepare_input
 from teacher_server.engine.served_model import ServedModel
-from teacher_server.errors import (
-    InvalidRequestError,
-    ReplayExpiredError,
-    RequestIdReusedError,
-)
-from teacher_server.ledger.billing import (
-    Hold,
-    LimitState,
-)
+from teacher_server.errors import InvalidRequestError, ReplayExpiredError, RequestIdReusedError
+from teacher_server.ledger.billing import Hold, LimitState
 from teacher_server.metrics import ServerMetrics
 from teacher_server.service.auth import KeyInfo
-from teacher_server.service.biller import (
-    Biller,
-    BillingContext,
-    InferOutcome,
-    reused_error,
-)
+from teacher_server.service.biller import Biller, BillingContext, InferOutcome, reused_error
 from teacher_server.service.content_digest import content_digest
 from teacher_server.service.quota_status import quota_exceeded
 
@@ -176,7 +164,7 @@ class InferenceService:
         key: KeyInfo,
         served: ServedModel,
         prepared: PreparedInput,
-        usage: Usage,
+        usage: MeteredUsage,
         request_id: str,
         *,
         replayable: bool,
@@ -188,9 +176,10 @@ class InferenceService:
         hold: Hold | None = None
         state: LimitState | None = None
         if key.limits.limited:
-            hold, state = await asyncio.to_thread(self._biller.reserve, key, usage.gflops)
+            hold, limit = await asyncio.to_thread(self._biller.reserve, key, usage.gflops)
             if hold is None:
-                raise quota_exceeded(key=key, needed_gflops=usage.gflops, state=state)
+                raise quota_exceeded(key=key, needed_gflops=usage.gflops, state=limit)
+            state = limit
         try:
             context = BillingContext(
                 key, request_id, replayable, served.name, usage, received_at, digest, hold, purpose, accept_billed

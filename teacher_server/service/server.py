@@ -31,11 +31,7 @@ from teacher_server.service.biller import Biller
 from teacher_server.service.error_interceptor import ErrorInterceptor
 from teacher_server.service.inference import InferenceService
 from teacher_server.service.servicer import TeacherServicer
-from teacher_server.service.tls import (
-    TlsConfigError,
-    load_tls_files,
-    server_credentials,
-)
+from teacher_server.service.tls import TlsConfigError, load_tls_files, server_credentials
 from teacher_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -242,10 +238,7 @@ class TeacherServer:
     def _start_dashboard(self) -> None:
         try:  # lazy: another area, optional at runtime
             from teacher_server.dashboard import create_app
-            from teacher_server.dashboard.server import (
-                start_dashboard_thread,
-                warn_if_public,
-            )
+            from teacher_server.dashboard.server import start_dashboard_thread, warn_if_public
         except ImportError as exc:
             raise ServerStartError(f"--dashboard-port given, but the dashboard is not available: {exc}") from exc
         warn_if_public(self.settings)

@@ -21,12 +21,7 @@ from teacher_server.service.auth import KeyAuthenticator, KeyInfo, bearer_secret
 from teacher_server.service.biller import InferOutcome
 from teacher_server.service.decoding import decoded, request_id_of
 from teacher_server.service.error_interceptor import mark_counted, status_of
-from teacher_server.service.inference import (
-    CURRENT_LABELS,
-    CallLabels,
-    InferenceService,
-    current_labels,
-)
+from teacher_server.service.inference import CURRENT_LABELS, CallLabels, InferenceService, current_labels
 from teacher_server.service.quota_status import limit_metadata
 from teacher_server.settings import ServerSettings
 

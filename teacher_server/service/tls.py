@@ -61,7 +61,5 @@ def load_tls_files(settings: ServerSettings) -> TlsFiles | None:
 def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
     """TLS for the gRPC port; with a client CA, a client without a certificate signed by it is refused."""
     return grpc.ssl_server_credentials(
-        [(files.key, files.cert)],
-        root_certificates=files.client_ca,
-        require_client_auth=files.client_ca is not None,
+        [(files.key, files.cert)], root_certificates=files.client_ca, require_client_auth=files.client_ca is not None
     )

@@ -24,13 +24,13 @@ class Pki:
     other_client_key: str
 
 
-def _key():  # type: ignore[no-untyped-def]
+def _key():
     from cryptography.hazmat.primitives.asymmetric import ec
 
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _write(path: Path, cert, key=None) -> str:  # type: ignore[no-untyped-def]
+def _write(path: Path, cert, key=None) -> str:
     from cryptography.hazmat.primitives import serialization
 
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -43,7 +43,7 @@ def _write(path: Path, cert, key=None) -> str:  # type: ignore[no-untyped-def]
     return str(path)
 
 
-def _cert(subject: str, key, issuer_name, issuer_key, *, ca: bool, server: bool = False):  # type: ignore[no-untyped-def]
+def _cert(subject: str, key, issuer_name, issuer_key, *, ca: bool, server: bool = False):
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID

@@ -6,12 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from markdown_testkit import (
-    command_blocks,
-    fenced_blocks,
-    runnable_text,
-    shell_commands,
-)
+from markdown_testkit import command_blocks, fenced_blocks, runnable_text, shell_commands
 
 pytestmark = pytest.mark.dtype("none")  # no model numerics
 

@@ -24,13 +24,7 @@ from pathlib import Path
 
 import pytest
 from dtype_marks import child_env
-from markdown_testkit import (
-    REPO,
-    FencedBlock,
-    command_blocks,
-    runnable_text,
-    shell_commands,
-)
+from markdown_testkit import REPO, FencedBlock, command_blocks, runnable_text, shell_commands
 
 README = REPO / "README.md"
 ALL_RAN = "=== every README block ran"

@@ -6,12 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from maskedkd.codec import (
-    WIRE_DTYPES,
-    TensorDecodeError,
-    proto_to_tensor,
-    tensor_to_proto,
-)
+from maskedkd.codec import WIRE_DTYPES, TensorDecodeError, proto_to_tensor, tensor_to_proto
 from maskedkd.v1 import teacher_pb2 as pb
 
 pytestmark = pytest.mark.dtype("none")  # no model numerics

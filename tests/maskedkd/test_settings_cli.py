@@ -14,12 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from test_layering import imported_packages
 
-from maskedkd.settings_cli import (
-    FlagError,
-    OneLineParser,
-    add_settings_flags,
-    settings_from_flags,
-)
+from maskedkd.settings_cli import FlagError, OneLineParser, add_settings_flags, settings_from_flags
 
 pytestmark = pytest.mark.dtype("none")  # no model numerics
 

@@ -25,13 +25,7 @@ from process_testkit import (
     train_cmd,
     wait_for,
 )
-from student_testkit import (
-    ledger_rows,
-    ledger_rows_at,
-    make_subset,
-    teacher_server,
-    tiny_teacher,
-)
+from student_testkit import ledger_rows, ledger_rows_at, make_subset, teacher_server, tiny_teacher
 
 from maskedkd.checkpoints import save_model_checkpoint
 from maskedkd.masked_teacher import MaskedTeacher

@@ -12,13 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from student_testkit import (
-    STUDENT,
-    STUDENT_KWARGS,
-    make_subset,
-    teacher_server,
-    tiny_teacher,
-)
+from student_testkit import STUDENT, STUDENT_KWARGS, make_subset, teacher_server, tiny_teacher
 from torchvision import datasets, transforms
 
 from maskedkd.checkpoints import load_model
@@ -93,10 +87,7 @@ def in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str
 
 
 def test_mode_none_trains_without_a_teacher_and_eval_prints_top1_top5(
-    data: Path,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("MASKEDKD_API_KEY", raising=False)
     code, _, err = in_process(capsys, *train_args(data, tmp_path / "c", "--teacher", "127.0.0.1:1"))
@@ -131,8 +122,7 @@ def test_mode_none_trains_without_a_teacher_and_eval_prints_top1_top5(
 
 
 def test_train_flags_are_derived_from_train_config_and_env_fills_what_is_not_given(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for name in [k for k in os.environ if k.startswith("MASKEDKD_")]:
         monkeypatch.delenv(name)
@@ -299,9 +289,7 @@ def test_bad_values_are_one_line_exit_2_before_ray_starts(
     ],
 )
 def test_bad_flags_are_one_line_exit_2_without_the_usage(
-    capsys: pytest.CaptureFixture[str],
-    flags: list[str],
-    needle: str,
+    capsys: pytest.CaptureFixture[str], flags: list[str], needle: str
 ) -> None:
     args = ["train", *(["--data", "d"] if flags else []), "--out", "o", "--mode", "none", *flags]
     code = main(args)

@@ -56,8 +56,7 @@ def run_until_interrupted(cmd: list[str], cwd: Path, out: Path, steps: int) -> s
 
 @pytest.mark.parametrize("runner", [["--local"], ["--workers", "1"]], ids=["in-process", "ray"])
 def test_ctrl_c_prints_the_resume_command_exits_130_and_it_finishes_with_every_step_once(
-    tmp_path: Path,
-    runner: list[str],
+    tmp_path: Path, runner: list[str]
 ) -> None:
     make_subset(tmp_path / "data", train_per_class=4, test_per_class=1)
     args = [

@@ -11,26 +11,14 @@ import grpc
 import pytest
 import torch
 import torch.nn.functional as F
-from student_testkit import (
-    STUDENT,
-    STUDENT_KWARGS,
-    ledger_rows,
-    make_subset,
-    teacher_server,
-    tiny_teacher,
-)
+from student_testkit import STUDENT, STUDENT_KWARGS, ledger_rows, make_subset, teacher_server, tiny_teacher
 
 from maskedkd.masked_teacher import MaskedTeacher
 from maskedkd.v1 import teacher_pb2 as pb
 from student_client.aio_client import AsyncTeacherClient
 from student_client.cli import main as student_cli
 from student_client.client import TeacherClient
-from student_client.errors import (
-    TeacherAuthError,
-    TeacherInputError,
-    TeacherQuotaError,
-    TeacherUnavailableError,
-)
+from student_client.errors import TeacherAuthError, TeacherInputError, TeacherQuotaError, TeacherUnavailableError
 from student_client.stream import TeacherStream
 from student_client.tls import channel_credentials
 from student_client.wire import wire_pixels

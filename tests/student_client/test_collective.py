@@ -13,9 +13,9 @@ import pytest
 from process_testkit import clean_env, free_port
 from student_testkit import REPO
 
+from maskedkd.text import first_line, one_line
 from student_client.collective import sum_over_workers
 from student_client.context import LocalContext
-from student_client.errors import first_line, one_line
 
 pytestmark = pytest.mark.dtype("none")  # sums of counts, messages: no model numerics
 

@@ -11,13 +11,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from student_testkit import (
-    STUDENT,
-    STUDENT_KWARGS,
-    ledger_rows,
-    teacher_server,
-    tiny_teacher,
-)
+from student_testkit import STUDENT, STUDENT_KWARGS, ledger_rows, teacher_server, tiny_teacher
 
 from maskedkd.flops import ViTShape, masked_forward_flops
 from maskedkd.masked_teacher import MaskedTeacher

@@ -12,26 +12,11 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from student_testkit import (
-    STUDENT,
-    STUDENT_KWARGS,
-    ledger_rows,
-    make_subset,
-    teacher_server,
-    tiny_teacher,
-)
+from student_testkit import STUDENT, STUDENT_KWARGS, ledger_rows, make_subset, teacher_server, tiny_teacher
 
 from student_client.config import TrainConfig
 from student_client.context import LocalContext
-from student_client.keep_auto import (
-    LADDER,
-    STAY_AGREEMENT_SLACK,
-    STAY_KL_FACTOR,
-    Rung,
-    choose,
-    ladder,
-    rung_sums,
-)
+from student_client.keep_auto import LADDER, STAY_AGREEMENT_SLACK, STAY_KL_FACTOR, Rung, choose, ladder, rung_sums
 from student_client.train_loop import run_training
 from teacher_server.ledger import database
 from teacher_server.ledger.reports import usage_by_purpose
@@ -116,8 +101,7 @@ def test_the_last_keep_stays_while_it_is_near_the_target_and_goes_on_a_clear_mis
 
 
 def test_a_keep_auto_run_bills_its_probes_once_and_logs_each_decision(
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = make_subset(tmp_path / "data", train_per_class=2, test_per_class=1)  # 20 train images: 3 steps of 8
     with teacher_server(tmp_path, tiny_teacher()) as srv:

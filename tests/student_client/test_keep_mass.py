@@ -12,14 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
-from student_testkit import (
-    STUDENT,
-    STUDENT_KWARGS,
-    ledger_rows,
-    make_subset,
-    teacher_server,
-    tiny_teacher,
-)
+from student_testkit import STUDENT, STUDENT_KWARGS, ledger_rows, make_subset, teacher_server, tiny_teacher
 
 import student_client.train_step as train_step
 import teacher_server.service.inference as inference
@@ -120,8 +113,7 @@ def test_bad_arguments_raise_value_errors(kwargs: dict[str, object], fragment: s
     ],
 )
 def test_the_config_refuses_keep_mass_outside_kd_sips_with_a_numeric_keep(
-    overrides: dict[str, Any],
-    fragment: str,
+    overrides: dict[str, Any], fragment: str
 ) -> None:
     base = {"data": "d", "out": "o", "teacher": "127.0.0.1:1", "api_key": "k", "keep_mass": 0.9}
     with pytest.raises(ValidationError, match=fragment):
@@ -130,8 +122,7 @@ def test_the_config_refuses_keep_mass_outside_kd_sips_with_a_numeric_keep(
 
 
 def test_a_keep_mass_run_is_billed_per_image_at_each_images_own_k(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     scored: list[torch.Tensor] = []  # the SIPS each selection ranked, in request order
     seen: dict[str, list[int]] = {}  # request id -> the per-row counts the server decoded

@@ -15,14 +15,7 @@ from pathlib import Path
 import pytest
 from process_testkit import STUDENT_CLI
 from ray_cluster_testkit import two_node_cluster
-from student_testkit import (
-    STUDENT,
-    STUDENT_KWARGS,
-    ledger_rows_at,
-    make_archive,
-    teacher_server,
-    tiny_teacher,
-)
+from student_testkit import STUDENT, STUDENT_KWARGS, ledger_rows_at, make_archive, teacher_server, tiny_teacher
 
 from student_client.data_archive import CACHE_ENV
 

@@ -17,14 +17,7 @@ from pathlib import Path
 import pytest
 import ray
 from process_testkit import digests_by_id, request_log, step_rows, wait_for
-from student_testkit import (
-    STUDENT,
-    STUDENT_KWARGS,
-    ledger_rows,
-    make_subset,
-    teacher_server,
-    tiny_teacher,
-)
+from student_testkit import STUDENT, STUDENT_KWARGS, ledger_rows, make_subset, teacher_server, tiny_teacher
 
 from maskedkd.checkpoints import load_model
 from maskedkd.masked_teacher import MaskedTeacher
@@ -44,8 +37,7 @@ def local_ray():  # type: ignore[no-untyped-def]
 
 @pytest.mark.dtype("bfloat16")  # a bf16 student (precision="bf16": emulated where the CPU has no bf16)
 def test_two_workers_keep_half_survive_a_killed_worker_and_bill_exactly_an_uninterrupted_run(
-    local_ray: None,
-    tmp_path: Path,
+    local_ray: None, tmp_path: Path
 ) -> None:
     data = make_subset(tmp_path / "data", train_per_class=4, test_per_class=1)  # 40 train / 10 test images
     teacher = tiny_teacher()
@@ -154,10 +146,7 @@ def test_data_missing_on_a_worker_node_is_one_line_naming_the_node(local_ray: No
     assert "\n" not in str(err.value)
 
 
-def test_keep_auto_on_two_workers_decides_once_for_both_and_bills_every_probe(
-    local_ray: None,
-    tmp_path: Path,
-) -> None:
+def test_keep_auto_on_two_workers_decides_once_for_both_and_bills_every_probe(local_ray: None, tmp_path: Path) -> None:
     """Each worker probes its own images; the all-reduced numbers give both the same keep, so every step's requests
     from both ranks cost what the FLOP model says for that one keep."""
     data = make_subset(tmp_path / "data", train_per_class=2, test_per_class=1)  # 20 train images: 10 per worker

@@ -38,8 +38,7 @@ def test_an_unreachable_teacher_is_waited_for_until_the_patience_runs_out(capsys
 
 
 def test_an_id_billed_for_other_content_is_resent_under_a_derived_id_and_counted(
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with teacher_server(tmp_path, tiny_teacher()) as srv:
         client = TeacherClient(srv.address, srv.create_key("mismatch"))
@@ -60,8 +59,7 @@ def test_an_id_billed_for_other_content_is_resent_under_a_derived_id_and_counted
 
 @pytest.mark.dtype("float32")
 def test_with_reuse_billed_answers_a_changed_resend_takes_the_billed_answer_unbilled(
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """What a resumed training run does (student_client/resend.py): the same images with other kept patches under
     an id billed before come back with the billed answer; another batch size is billed again under a derived id."""

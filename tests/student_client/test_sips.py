@@ -12,12 +12,7 @@ from conftest import tiny_vit_kwargs
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from student_client import (
-    SIPSCapture,
-    SIPSUnsupportedModelError,
-    select_patches,
-    sips_overhead_flops,
-)
+from student_client import SIPSCapture, SIPSUnsupportedModelError, select_patches, sips_overhead_flops
 
 pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
 

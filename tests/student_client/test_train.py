@@ -9,14 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from student_testkit import (
-    STUDENT,
-    STUDENT_KWARGS,
-    ledger_rows,
-    make_subset,
-    teacher_server,
-    tiny_teacher,
-)
+from student_testkit import STUDENT, STUDENT_KWARGS, ledger_rows, make_subset, teacher_server, tiny_teacher
 from torch.utils.data import DataLoader
 
 from maskedkd.checkpoints import load_state_dict
@@ -74,11 +67,7 @@ def config(env: dict[str, Any], name: str, **overrides: Any) -> TrainConfig:
     ],
 )
 def test_every_strategy_trains_and_the_ledger_matches_the_flop_model(
-    env: dict[str, Any],
-    mode: str,
-    strategy: str,
-    extra: dict[str, Any],
-    kept: int,
+    env: dict[str, Any], mode: str, strategy: str, extra: dict[str, Any], kept: int
 ) -> None:
     name = f"{mode}-{strategy}-{len(extra)}"
     cfg = config(env, name, mode=mode, strategy=strategy, **extra)

@@ -8,13 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from student_testkit import (
-    STUDENT,
-    STUDENT_KWARGS,
-    make_subset,
-    teacher_server,
-    tiny_teacher,
-)
+from student_testkit import STUDENT, STUDENT_KWARGS, make_subset, teacher_server, tiny_teacher
 
 from maskedkd.precision import FORCE_CPU_BF16_ENV
 from student_client.client import TeacherClient
@@ -38,12 +32,7 @@ def env(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-de
 
 @pytest.mark.parametrize(
     "precision,forced,resolved",
-    [
-        ("fp32", "1", "fp32"),
-        ("bf16", "0", "bf16"),
-        ("auto", "1", "bf16"),
-        ("auto", "0", "fp32"),
-    ],
+    [("fp32", "1", "fp32"), ("bf16", "0", "bf16"), ("auto", "1", "bf16"), ("auto", "0", "fp32")],
 )
 def test_one_maskedkd_step_in_each_precision(
     env: dict[str, Any], monkeypatch: pytest.MonkeyPatch, precision: str, forced: str, resolved: str

@@ -11,15 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from service_testkit import (
-    auth,
-    image_request,
-    random_images,
-    random_keep,
-    settings,
-    stub,
-    tiny_vit,
-)
+from service_testkit import auth, image_request, random_images, random_keep, settings, stub, tiny_vit
 from sqlalchemy import event
 from test_batcher import RecordingForward, make, prepared
 

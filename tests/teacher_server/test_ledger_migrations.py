@@ -17,16 +17,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from dtype_marks import child_env
 from postgres_testkit import pg_rows, postgres_server, postgres_url  # noqa: F401 (fixtures)
-from service_testkit import (
-    auth,
-    image_request,
-    logits_of,
-    random_images,
-    random_keep,
-    settings,
-    stub,
-    tiny_vit,
-)
+from service_testkit import auth, image_request, logits_of, random_images, random_keep, settings, stub, tiny_vit
 
 from teacher_server.ledger import database, models
 from teacher_server.ledger.migrate import alembic_config, head_revision

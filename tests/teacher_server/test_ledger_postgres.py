@@ -23,16 +23,7 @@ import torch
 from dtype_marks import child_env
 from fastapi.testclient import TestClient
 from postgres_testkit import pg_rows, postgres_server, postgres_url  # noqa: F401 (fixtures)
-from service_testkit import (
-    MODEL,
-    TINY,
-    auth,
-    image_request,
-    random_images,
-    random_keep,
-    stub,
-    tiny_vit,
-)
+from service_testkit import MODEL, TINY, auth, image_request, random_images, random_keep, stub, tiny_vit
 
 from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server.dashboard import create_app

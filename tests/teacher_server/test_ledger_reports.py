@@ -25,15 +25,7 @@ import httpx
 import pytest
 from dtype_marks import child_env
 from postgres_testkit import pg_rows, postgres_server, postgres_url  # noqa: F401 (fixtures)
-from service_testkit import (
-    auth,
-    image_request,
-    random_images,
-    random_keep,
-    settings,
-    stub,
-    tiny_vit,
-)
+from service_testkit import auth, image_request, random_images, random_keep, settings, stub, tiny_vit
 
 from teacher_server.testing.server import running_server
 

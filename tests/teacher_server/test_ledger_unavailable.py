@@ -10,22 +10,8 @@ import sqlite3
 import grpc
 import pytest
 import torch
-from postgres_testkit import (  # noqa: F401
-    SERVER_TIMEZONE,
-    _run,
-    pg_rows,
-    postgres_server,
-    postgres_url,
-)
-from service_testkit import (
-    auth,
-    image_request,
-    random_images,
-    random_keep,
-    settings,
-    stub,
-    tiny_vit,
-)
+from postgres_testkit import SERVER_TIMEZONE, _run, pg_rows, postgres_server, postgres_url  # noqa: F401
+from service_testkit import auth, image_request, random_images, random_keep, settings, stub, tiny_vit
 
 from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server.testing.server import running_server

@@ -13,12 +13,7 @@ import torch
 from service_testkit import random_keep
 
 from maskedkd.masked_teacher import MaskedTeacher
-from teacher_server.engine.batcher import (
-    TokenBudgetBatcher,
-    concat_jobs,
-    run_bucketed,
-    run_padded,
-)
+from teacher_server.engine.batcher import TokenBudgetBatcher, concat_jobs, run_bucketed, run_padded
 from teacher_server.engine.prefetch import Prefetcher
 from teacher_server.engine.preprocess import PreparedInput
 from teacher_server.engine.served_model import make_forward

@@ -140,13 +140,7 @@ def test_keys_price_and_enable_change_the_ledger(tmp_path: Path) -> None:
         (("keys", "price", "ivan", "--price-per-gflop", "cheap"), "--price-per-gflop"),
         (("keys", "price", "nobody", "--price-per-gflop", "1"), "no API key named 'nobody'"),
         (("keys", "enable", "nobody"), "no API key named 'nobody'"),
-        (
-            (
-                "keys",
-                "enable",
-            ),
-            "needs a key name",
-        ),
+        (("keys", "enable"), "needs a key name"),
     ):
         refused = run_cli(*bad, db=db)
         assert refused.returncode == 2 and refused.stdout == "", bad

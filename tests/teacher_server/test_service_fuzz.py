@@ -10,16 +10,7 @@ import grpc
 import pytest
 import timm
 from fuzz_cases import fuzz_cases
-from service_testkit import (
-    MODEL,
-    TINY,
-    auth,
-    image_request,
-    ledger_rows,
-    random_images,
-    random_keep,
-    settings,
-)
+from service_testkit import MODEL, TINY, auth, image_request, ledger_rows, random_images, random_keep, settings
 
 from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server.service.error_interceptor import CUT_MARK

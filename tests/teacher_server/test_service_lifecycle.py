@@ -12,16 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from service_testkit import (
-    auth,
-    image_request,
-    ledger_rows,
-    random_images,
-    random_keep,
-    settings,
-    stub,
-    tiny_vit,
-)
+from service_testkit import auth, image_request, ledger_rows, random_images, random_keep, settings, stub, tiny_vit
 
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc

@@ -15,15 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from service_testkit import (
-    auth,
-    image_request,
-    ledger_rows,
-    random_images,
-    random_keep,
-    settings,
-    stub,
-)
+from service_testkit import auth, image_request, ledger_rows, random_images, random_keep, settings, stub
 from sqlalchemy import event
 
 from maskedkd.v1 import teacher_pb2 as pb

@@ -12,13 +12,7 @@ from fastapi import APIRouter, Depends, HTTPException, Path, status
 from sqlalchemy.orm import Session, sessionmaker
 
 from teacher_server.dashboard.deps import SessionDep, get_sessions, require_admin
-from teacher_server.dashboard.schemas import (
-    CreatedKey,
-    CreateKeyRequest,
-    ErrorMessage,
-    KeyInfo,
-    UpdateKeyRequest,
-)
+from teacher_server.dashboard.schemas import ApiKeyView, CreatedKey, CreateKeyRequest, ErrorMessage, UpdateKeyRequest
 from teacher_server.ledger import keys, models
 
 _AUTH_ERRORS: dict[int | str, dict[str, object]] = {
@@ -57,9 +51,9 @@ def _as_http_errors() -> Iterator[None]:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from exc
 
 
-@router.get("", response_model=list[KeyInfo], summary="List API keys (never their secrets)")
-def list_keys(session: SessionDep) -> list[KeyInfo]:
-    return [KeyInfo.model_validate(k) for k in keys.list_api_keys(session)]
+@router.get("", response_model=list[ApiKeyView], summary="List API keys (never their secrets)")
+def list_keys(session: SessionDep) -> list[ApiKeyView]:
+    return [ApiKeyView.model_validate(k) for k in keys.list_api_keys(session)]
 
 
 @router.post(
@@ -79,36 +73,39 @@ def create_key(body: CreateKeyRequest, sessions: Annotated[sessionmaker[Session]
             quota_window=body.quota_window,
             rate_limit_gflops_per_min=body.rate_limit_gflops_per_min,
         )
-    return CreatedKey(secret=secret, **KeyInfo.model_validate(row).model_dump())
+    return CreatedKey(secret=secret, **ApiKeyView.model_validate(row).model_dump())
 
 
 @router.patch(
     "/{name}",
-    response_model=KeyInfo,
+    response_model=ApiKeyView,
     responses=_CHANGE_ERRORS,
     summary="Change a key: disabled, quota_gflops, price_per_gflop, quota_window, "
     "rate_limit_gflops_per_min (only the fields sent, all or nothing)",
 )
-def update_key(name: NamePath, body: UpdateKeyRequest, session: SessionDep) -> KeyInfo:
+def update_key(name: NamePath, body: UpdateKeyRequest, session: SessionDep) -> ApiKeyView:
     with _as_http_errors():
         key = keys.update_api_key(session, name=name, change=keys.KeyChange(**body.model_dump(exclude_unset=True)))
-    return KeyInfo.model_validate(key)
+    return ApiKeyView.model_validate(key)
 
 
 @router.post(
     "/{name}/disable",
-    response_model=KeyInfo,
+    response_model=ApiKeyView,
     responses={404: _CHANGE_ERRORS[404]},
     summary="Disable a key (its requests are refused within the server's auth cache TTL)",
 )
-def disable_key(name: NamePath, session: SessionDep) -> KeyInfo:
+def disable_key(name: NamePath, session: SessionDep) -> ApiKeyView:
     with _as_http_errors():
-        return KeyInfo.model_validate(keys.set_api_key_disabled(session, name=name, disabled=True))
+        return ApiKeyView.model_validate(keys.set_api_key_disabled(session, name=name, disabled=True))
 
 
 @router.post(
-    "/{name}/enable", response_model=KeyInfo, responses={404: _CHANGE_ERRORS[404]}, summary="Re-enable a disabled key"
+    "/{name}/enable",
+    response_model=ApiKeyView,
+    responses={404: _CHANGE_ERRORS[404]},
+    summary="Re-enable a disabled key",
 )
-def enable_key(name: NamePath, session: SessionDep) -> KeyInfo:
+def enable_key(name: NamePath, session: SessionDep) -> ApiKeyView:
     with _as_http_errors():
-        return KeyInfo.model_validate(keys.set_api_key_disabled(session, name=name, disabled=False))
+        return ApiKeyView.model_validate(keys.set_api_key_disabled(session, name=name, disabled=False))

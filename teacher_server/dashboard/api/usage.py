@@ -14,14 +14,7 @@ from fastapi.responses import Response
 
 from teacher_server.dashboard.access import require_viewer
 from teacher_server.dashboard.deps import SessionDep
-from teacher_server.dashboard.schemas import (
-    Bucket,
-    ErrorMessage,
-    KeySeries,
-    LatencyFigures,
-    RecentLatency,
-    UsageSeries,
-)
+from teacher_server.dashboard.schemas import Bucket, ErrorMessage, KeySeries, LatencyFigures, RecentLatency, UsageSeries
 from teacher_server.ledger import reports, usage_report
 from teacher_server.ledger.models import UnknownKeyNameError, as_utc
 from teacher_server.ledger.usage_report import DailyUsage, UsageByKey, one_currency

@@ -6,13 +6,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
-from seed_ledger import (
-    ADMIN_TOKEN,
-    DEFAULT_PRICE,
-    VIEWER_TOKEN,
-    SeededLedger,
-    seed_usage,
-)
+from seed_ledger import ADMIN_TOKEN, DEFAULT_PRICE, VIEWER_TOKEN, SeededLedger, seed_usage
 
 from teacher_server.dashboard import create_app
 from teacher_server.dashboard.server import RunningDashboard, start_dashboard_thread
