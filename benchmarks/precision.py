@@ -47,40 +47,24 @@ def dtype_rates(cfg: BenchConfig, device: str = "cpu") -> dict[str, Any]:
 
 def training_precision_pair(cfg: BenchConfig, pool: Any, workdir: Path, threads: int) -> dict[str, Any]:
     """MaskedKD-50 (SIPS) step time with the student in fp32 and in bf16 (autocast), same teacher server."""
-    from benchmarks.training import _step_times
-    from student_client.config import TrainConfig
-    from student_client.context import LocalContext
-    from student_client.train_loop import run_training
+    from benchmarks.training import timed_run
 
     pair = cfg.train_pairs[0]
     server = pool.get(pair.teacher.key)
     steps: dict[str, Any] = {}
     try:
         for precision in ("fp32", "bf16"):
-            out = workdir / precision
-            train_cfg = TrainConfig(
-                data=str(Path(__file__).resolve().parents[1] / "data" / "cifar10-subset"),
-                out=str(out),
-                student=pair.student,
-                student_kwargs=dict(pair.student_kwargs),
-                teacher=server.address,
-                api_key=server.api_key,
+            opts = {"mode": "kd", "strategy": "sips", "keep": 0.5, "precision": precision, "micro_batches": 1}
+            times, _ = timed_run(
+                pair,
+                server,
+                opts,
+                workdir / precision,
+                steps=(cfg.precision_train_warmup, cfg.precision_train_steps),
                 batch_size=cfg.precision_train_batch,
-                max_steps=cfg.precision_train_warmup + cfg.precision_train_steps,
-                threads_per_worker=threads,
-                eval=False,
-                progress=False,
-                seed=0,
-                micro_batches=1,
-                mode="kd",
-                strategy="sips",
-                keep=0.5,
-                precision=precision,
+                threads=threads,
+                what=f"{precision} training run",
             )
-            summary = run_training(train_cfg, LocalContext(torch.device("cpu")))
-            if summary.get("fatal_error"):
-                raise RuntimeError(f"{precision} training run failed: {summary['fatal_error']}")
-            times = _step_times(out, cfg.precision_train_warmup)
             steps[precision] = {"step_s": statistics.median(times), "steps_timed": len(times)}
     finally:
         torch.set_num_threads(threads)  # run_training sets the process-wide thread count

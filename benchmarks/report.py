@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +21,28 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+Column = tuple[str, Callable[[Any], Any]]  # a table column: its header, and its cell for one item
+
+
+def columns_table(columns: Sequence[Column], items: Iterable[Any]) -> str:
+    """A table with the headers of `columns` and a row per item: the cells of `columns` for it."""
+    return table([header for header, _ in columns], [[cell(x) for _, cell in columns] for x in items])
+
+
+def model_tables(s: Section, columns: Sequence[Column], caption: Callable[[Section], str]) -> list[str]:
+    """A table per model of section `s`: its caption, then a row per item of its "rows"."""
+    return [f"{caption(m)}\n\n" + columns_table(columns, m["rows"]) for m in s["models"]]
+
+
 def pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
 def keep(k: float) -> str:
     return f"{100 * k:.0f}%"
+
+
+KEEP: Column = ("keep", lambda x: keep(x["keep"]))  # the column of most tables
 
 
 def _machine(r: dict[str, Any]) -> str:
@@ -72,41 +88,26 @@ def _targets(r: dict[str, Any]) -> str:
     )
 
 
+_TEACHER: tuple[Column, ...] = (
+    KEEP,
+    ("patches", lambda x: x["kept"]),
+    ("GFLOPs/img", lambda x: f"{x['gflops_per_image']:.3f}"),
+    ("FLOP-ratio speedup", lambda x: f"{x['flop_speedup']:.2f}x"),
+    ("in-process img/s", lambda x: f"{x['inprocess']['images_per_s']:.1f}"),
+    ("in-process speedup", lambda x: f"{x['inprocess_speedup']:.2f}x"),
+    ("gRPC img/s", lambda x: f"{x['grpc']['images_per_s']:.1f}"),
+    ("gRPC speedup", lambda x: f"{x['grpc_speedup']:.2f}x"),
+)
+
+
 def _teacher(s: Section) -> str:
     parts = [
         f"Batch {s['batch']}; calls per timed repeat: {s['calls_per_repeat']}; median of the repeats. gRPC: "
         "one `TeacherClient`, kept patches as uint8, one request in flight, server in its own process."
     ]
-    for m in s["models"]:
-        rows = [
-            (
-                keep(x["keep"]),
-                x["kept"],
-                f"{x['gflops_per_image']:.3f}",
-                f"{x['flop_speedup']:.2f}x",
-                f"{x['inprocess']['images_per_s']:.1f}",
-                f"{x['inprocess_speedup']:.2f}x",
-                f"{x['grpc']['images_per_s']:.1f}",
-                f"{x['grpc_speedup']:.2f}x",
-            )
-            for x in m["rows"]
-        ]
-        parts.append(
-            f"**{m['label']}** (`{m['timm_name']}` {m['kwargs']}, {m['num_patches']} patches)\n\n"
-            + table(
-                (
-                    "keep",
-                    "patches",
-                    "GFLOPs/img",
-                    "FLOP-ratio speedup",
-                    "in-process img/s",
-                    "in-process speedup",
-                    "gRPC img/s",
-                    "gRPC speedup",
-                ),
-                rows,
-            )
-        )
+    parts += model_tables(
+        s, _TEACHER, lambda m: f"**{m['label']}** (`{m['timm_name']}` {m['kwargs']}, {m['num_patches']} patches)"
+    )
     return "\n\n".join(parts)
 
 
@@ -181,33 +182,43 @@ def _masking(s: Section) -> str:
     return table(("model", "keep", "in-process speedup", "FLOP-ratio speedup", "measured / FLOP ratio"), rows)
 
 
+_WIRE: tuple[Column, ...] = (
+    KEEP,
+    ("sent as", lambda x: x["payload"]),
+    ("pixels", lambda x: x["pixel_dtype"]),
+    ("bytes/image", lambda x: f"{x['bytes_per_image']:.0f}"),
+    ("kept uint8 bytes", lambda x: f"{x['kept_uint8_bytes']:.0f}"),
+    ("vs kept uint8", lambda x: f"{x['vs_kept_uint8']:.3f}"),
+    ("vs float32 image", lambda x: pct(x["vs_float32_image"])),
+)
+
+
 def _wire(s: Section) -> str:
-    parts = []
-    for m in s["models"]:
-        rows = [
-            (
-                keep(x["keep"]),
-                x["payload"],
-                x["pixel_dtype"],
-                f"{x['bytes_per_image']:.0f}",
-                f"{x['kept_uint8_bytes']:.0f}",
-                f"{x['vs_kept_uint8']:.3f}",
-                pct(x["vs_float32_image"]),
-            )
-            for x in m["rows"]
-        ]
-        parts.append(
+    parts = model_tables(
+        s,
+        _WIRE,
+        lambda m: (
             f"**{m['label']}**: image {m['image']} = {m['raw_uint8_bytes']} B as uint8, "
-            f"{m['float32_image_bytes']} B as float32; batch {m['batch']}\n\n"
-            + table(
-                ("keep", "sent as", "pixels", "bytes/image", "kept uint8 bytes", "vs kept uint8", "vs float32 image"),
-                rows,
-            )
-        )
+            f"{m['float32_image_bytes']} B as float32; batch {m['batch']}"
+        ),
+    )
     return (
         "Serialized `InferRequest` size / images, built by the product's client from un-normalized images.\n\n"
         + "\n\n".join(parts)
     )
+
+
+_MICROBATCH: tuple[Column, ...] = (
+    (
+        "clients",
+        lambda x: f"{x['clients']} x batch {x['batch_per_client']}" + (" (reference)" if x.get("reference") else ""),
+    ),
+    ("images", lambda x: x["images"]),
+    ("img/s", lambda x: f"{x['images_per_s']:.1f}"),
+    ("vs reference", lambda x: f"{x['vs_reference']:.2f}"),
+    ("mean micro-batch", lambda x: f"{x['mean_batch_images']:.1f}"),
+    ("max micro-batch", lambda x: x["max_batch_images"]),
+)
 
 
 def _microbatch(s: Section) -> str:
@@ -217,32 +228,8 @@ def _microbatch(s: Section) -> str:
         f"{keep(s['models'][0]['keep']) if s['models'] else '-'}; micro-batch sizes from the server's ledger."
     ]
     for m in s["models"]:
-        ref = m["reference"]
-        rows = [
-            (
-                f"1 x batch {ref['batch_per_client']} (reference)",
-                ref["images"],
-                f"{ref['images_per_s']:.1f}",
-                "1.00",
-                f"{ref['mean_batch_images']:.1f}",
-                ref["max_batch_images"],
-            )
-        ]
-        rows += [
-            (
-                f"{x['clients']} x batch {x['batch_per_client']}",
-                x["images"],
-                f"{x['images_per_s']:.1f}",
-                f"{x['vs_reference']:.2f}",
-                f"{x['mean_batch_images']:.1f}",
-                x["max_batch_images"],
-            )
-            for x in m["rows"]
-        ]
-        parts.append(
-            f"**{m['label']}**\n\n"
-            + table(("clients", "images", "img/s", "vs reference", "mean micro-batch", "max micro-batch"), rows)
-        )
+        reference = {**m["reference"], "clients": 1, "vs_reference": 1.0, "reference": True}  # one client
+        parts.append(f"**{m['label']}**\n\n" + columns_table(_MICROBATCH, [reference, *m["rows"]]))
     return "\n\n".join(parts)
 
 
@@ -287,21 +274,21 @@ def _training(s: Section) -> str:
     return "\n\n".join(parts)
 
 
+_FLOPS: tuple[Column, ...] = (
+    ("model", lambda x: x["model"]),
+    KEEP,
+    ("patches", lambda x: x["kept"]),
+    ("FLOP model", lambda x: f"{x['flop_model'] / 1e9:.4f}"),
+    ("FlopCounterMode", lambda x: f"{x['flop_counter'] / 1e9:.4f}"),
+    ("ratio", lambda x: f"{x['ratio']:.4f}"),
+    ("attention share", lambda x: pct(x["attention_share"])),
+)
+
+
 def _flops(s: Section) -> str:
-    rows = [
-        (
-            x["model"],
-            keep(x["keep"]),
-            x["kept"],
-            f"{x['flop_model'] / 1e9:.4f}",
-            f"{x['flop_counter'] / 1e9:.4f}",
-            f"{x['ratio']:.4f}",
-            pct(x["attention_share"]),
-        )
-        for x in s["rows"]
-    ]
-    return f"GFLOPs of one image's masked forward. Largest deviation: {100 * s['max_abs_deviation']:.3f}%.\n\n" + table(
-        ("model", "keep", "patches", "FLOP model", "FlopCounterMode", "ratio", "attention share"), rows
+    return (
+        f"GFLOPs of one image's masked forward. Largest deviation: {100 * s['max_abs_deviation']:.3f}%.\n\n"
+        + columns_table(_FLOPS, s["rows"])
     )
 
 
@@ -323,42 +310,25 @@ def _breakdown(s: Section) -> str:
     return "\n".join(parts)
 
 
+_GPU: tuple[Column, ...] = (
+    KEEP,
+    ("img/s", lambda x: f"{x['images_per_s']:.0f}"),
+    ("speedup", lambda x: f"{x['speedup']:.2f}x"),
+    ("FLOP ratio", lambda x: f"{x['flop_speedup']:.2f}x"),
+    ("TFLOP/s", lambda x: f"{x['tflops_per_s']:.1f}"),
+    ("of spec peak", lambda x: pct(x["of_spec_peak"])),
+    ("of bf16 matmul", lambda x: pct(x["of_matmul"])),
+    ("gRPC / in-process", lambda x: pct(x.get("server_efficiency"))),
+)
+
+
 def _gpu(s: Section) -> str:
     mm = s["matmul_bf16"]
     parts = [
         f"{s['device']}, {s['dtype']}; spec peak {s['spec_peak_tflops'] or 'unknown'} TFLOP/s; measured bf16 "
         f"matmul {mm['n']}x{mm['n']}: {mm['gflops_per_s'] / 1e3:.1f} TFLOP/s."
     ]
-    for m in s["models"]:
-        rows = [
-            (
-                keep(x["keep"]),
-                f"{x['images_per_s']:.0f}",
-                f"{x['speedup']:.2f}x",
-                f"{x['flop_speedup']:.2f}x",
-                f"{x['tflops_per_s']:.1f}",
-                pct(x["of_spec_peak"]),
-                pct(x["of_matmul"]),
-                pct(x.get("server_efficiency")),
-            )
-            for x in m["rows"]
-        ]
-        parts.append(
-            f"**{m['label']}**, batch {m['batch']}\n\n"
-            + table(
-                (
-                    "keep",
-                    "img/s",
-                    "speedup",
-                    "FLOP ratio",
-                    "TFLOP/s",
-                    "of spec peak",
-                    "of bf16 matmul",
-                    "gRPC / in-process",
-                ),
-                rows,
-            )
-        )
+    parts += model_tables(s, _GPU, lambda m: f"**{m['label']}**, batch {m['batch']}")
     return "\n\n".join(parts)
 
 

@@ -55,9 +55,22 @@ def _step_times(out: Path, skip: int) -> list[float]:
     return times[skip:] or times
 
 
-def run_mode(
-    pair: TrainPair, server: Any, opts: dict[str, Any], cfg: BenchConfig, out: Path, threads: int, device: str = "cpu"
-) -> dict[str, Any]:
+def timed_run(
+    pair: TrainPair,
+    server: Any,
+    opts: dict[str, Any],
+    out: Path,
+    *,
+    steps: tuple[int, int],
+    batch_size: int,
+    threads: int,
+    device: str = "cpu",
+    what: str = "training run",
+) -> tuple[list[float], dict[str, Any]]:
+    """One run of `pair`'s student in this process (`run_training`, one worker, seed 0, no evaluation) with the
+    settings `opts` (mode, strategy, keep, micro_batches, ...) against `server` (unless mode none), for `steps` =
+    (warm-up, timed) steps: the step times after the warm-up and the run's summary. RuntimeError "<what> failed"
+    when it failed."""
     from student_client.config import TrainConfig
     from student_client.context import LocalContext
     from student_client.train_loop import run_training
@@ -70,19 +83,28 @@ def run_mode(
         student_kwargs=dict(pair.student_kwargs),
         teacher=server.address if kd else None,
         api_key=server.api_key if kd else None,
-        batch_size=pair.batch_size,
-        max_steps=cfg.train_warmup_steps + cfg.train_steps,
+        batch_size=batch_size,
+        max_steps=sum(steps),
         threads_per_worker=threads,
         eval=False,
         progress=False,
         seed=0,
-        micro_batches=cfg.train_micro_batches,
         **opts,
     )
     summary = run_training(train_cfg, LocalContext(torch.device(device)))
     if summary.get("fatal_error"):
-        raise RuntimeError(f"training run failed: {summary['fatal_error']}")
-    times = _step_times(out, cfg.train_warmup_steps)
+        raise RuntimeError(f"{what} failed: {summary['fatal_error']}")
+    return _step_times(out, steps[0]), summary
+
+
+def run_mode(
+    pair: TrainPair, server: Any, opts: dict[str, Any], cfg: BenchConfig, out: Path, threads: int, device: str = "cpu"
+) -> dict[str, Any]:
+    steps = (cfg.train_warmup_steps, cfg.train_steps)
+    run_opts = {**opts, "micro_batches": cfg.train_micro_batches}
+    times, summary = timed_run(
+        pair, server, run_opts, out, steps=steps, batch_size=pair.batch_size, threads=threads, device=device
+    )
     return {
         "step_s": statistics.median(times),
         "steps_timed": len(times),

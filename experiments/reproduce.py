@@ -41,7 +41,10 @@ from experiments import committed_runs
 from experiments.configs import CONFIGS, METHODS_BY_KEY, Method, ReproConfig
 from experiments.datasets import DataError, default_cache, default_tarball, prepare_data
 from experiments.doc_sections import update_section
-from experiments.services import ReproductionServer, ToolError, train, train_command
+from experiments.services import ReproductionServer, ToolError, train
+from maskedkd.command_exit import exit_status
+from maskedkd.text import one_line
+from student_client.command import train_argv
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT = committed_runs.RESULT
@@ -154,22 +157,33 @@ def _train(
     resume = (run_dir / "checkpoints").is_dir() or (run_dir / RUN_ID_FILE).is_file()
     kd = method.mode != "none"
     assert not kd or server is not None
-    cmd = train_command(
+    cmd = train_argv(  # `student-client train ...` for one run (in-process, one worker: `--local`)
+        local=True,
         data=data,
         out=run_dir,
-        recipe=recipe,
+        student=recipe.arch,
+        student_kwargs=recipe.kwargs,
+        epochs=recipe.epochs,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        weight_decay=recipe.weight_decay,
+        warmup_epochs=recipe.warmup_epochs,
+        augment=recipe.augment,
         mode=method.mode,
         keep=method.keep,
         strategy=method.strategy,
         seed=seed,
         device=cfg.device,
-        threads=threads,
+        threads_per_worker=threads,
         micro_batches=cfg.micro_batches,
         lambda_kd=cfg.lambda_kd,
         tau=cfg.tau if method.tau is None else method.tau,
+        eval=False,
+        progress=False,
+        max_steps=recipe.max_steps,
+        keep_mass=method.keep_mass,
         teacher=server.address if kd and server else None,
         resume=resume,
-        keep_mass=method.keep_mass,
     )
     key = server.run_key(run_dir) if kd and server else None
     return train(cmd, run_dir / "train.log", api_key=key)
@@ -497,53 +511,48 @@ def recorded_args(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    try:
-        cfg = _config(args)
-        redo = tuple(m for m in args.redo.split(",") if m)
-        if redo and args.report_only:
-            raise ValueError("--redo trains again; it does not go with --report-only")
-        unknown = [m for m in redo if m not in cfg.methods]
-        if unknown:
-            raise ValueError(
-                f"--redo: {', '.join(unknown)} not among config {cfg.name}'s methods ({', '.join(cfg.methods)})"
-            )
-        out = args.out or REPO / "runs" / f"repro-{cfg.name}"
-        tarball = args.tarball or default_tarball(cfg.dataset)
-        cache = args.cache or default_cache(cfg.dataset)
-        data = prepare_data(
-            data=args.data,
-            tarball=tarball,
-            cache=cache,
-            train_per_class=cfg.train_per_class,
-            test_per_class=cfg.test_per_class,
+    return exit_status(
+        "reproduce",
+        lambda: _run(args, argv),
+        (DataError, ToolError, ValueError, OSError),
+        describe=lambda exc: one_line(exc, 1000),
+        interrupted="interrupted; rerun the same command to resume",
+    )
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    cfg = _config(args)
+    redo = tuple(m for m in args.redo.split(",") if m)
+    if redo and args.report_only:
+        raise ValueError("--redo trains again; it does not go with --report-only")
+    unknown = [m for m in redo if m not in cfg.methods]
+    if unknown:
+        raise ValueError(
+            f"--redo: {', '.join(unknown)} not among config {cfg.name}'s methods ({', '.join(cfg.methods)})"
         )
-        teacher_per_class = cfg.train_per_class if cfg.teacher_train_per_class == -1 else cfg.teacher_train_per_class
-        teacher_data = prepare_data(
-            data=args.data,
-            tarball=tarball,
-            cache=cache,
-            train_per_class=teacher_per_class,
-            test_per_class=cfg.test_per_class,
+    out = args.out or REPO / "runs" / f"repro-{cfg.name}"
+    tarball = args.tarball or default_tarball(cfg.dataset)
+    cache = args.cache or default_cache(cfg.dataset)
+    teacher_per_class = cfg.train_per_class if cfg.teacher_train_per_class == -1 else cfg.teacher_train_per_class
+    data, teacher_data = (  # the students' data, then the teacher's
+        prepare_data(
+            data=args.data, tarball=tarball, cache=cache, train_per_class=per_class, test_per_class=cfg.test_per_class
         )
-        # the command that trains (a --report-only rerun reports what that command made)
-        command = shlex.join(["python", "-m", "experiments.reproduce", *recorded_args(argv)])
-        doc = args.doc or (out / "reproduction.md" if cfg.name == "smoke" else REPO / "docs" / "reproduction.md")
-        return reproduce(
-            cfg,
-            out=out,
-            data=data,
-            teacher_data=teacher_data,
-            doc=doc,
-            command=command,
-            report_only=args.report_only,
-            redo=redo,
-        )
-    except (DataError, ToolError, ValueError, OSError) as exc:
-        print(f"reproduce: error: {' '.join(str(exc).split())[:1000]}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("reproduce: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        for per_class in (cfg.train_per_class, teacher_per_class)
+    )
+    # the command that trains (a --report-only rerun reports what that command made)
+    command = shlex.join(["python", "-m", "experiments.reproduce", *recorded_args(argv)])
+    doc = args.doc or (out / "reproduction.md" if cfg.name == "smoke" else REPO / "docs" / "reproduction.md")
+    return reproduce(
+        cfg,
+        out=out,
+        data=data,
+        teacher_data=teacher_data,
+        doc=doc,
+        command=command,
+        report_only=args.report_only,
+        redo=redo,
+    )
 
 
 if __name__ == "__main__":

@@ -9,9 +9,7 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
-from student_client.command import train_argv
 from teacher_server.launcher import LaunchError, ServerProcess, serve_argv, teacher_server_command
 
 KEY_FILE = "api_key.json"  # a run's API key, kept across its attempts (ReproductionServer.run_key)
@@ -136,55 +134,6 @@ class ReproductionServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def train_command(
-    *,
-    data: Path,
-    out: Path,
-    recipe: Any,
-    mode: str,
-    keep: float,
-    strategy: str,
-    seed: int,
-    device: str,
-    threads: int,
-    micro_batches: int,
-    lambda_kd: float,
-    tau: float,
-    teacher: str | None = None,
-    resume: bool = False,
-    keep_mass: float | None = None,
-) -> list[str]:
-    """`student-client train ...` for one run (in-process, one worker: `--local`)."""
-    return train_argv(
-        local=True,
-        data=data,
-        out=out,
-        student=recipe.arch,
-        student_kwargs=recipe.kwargs,
-        epochs=recipe.epochs,
-        batch_size=recipe.batch_size,
-        lr=recipe.lr,
-        weight_decay=recipe.weight_decay,
-        warmup_epochs=recipe.warmup_epochs,
-        augment=recipe.augment,
-        mode=mode,
-        keep=keep,
-        strategy=strategy,
-        seed=seed,
-        device=device,
-        threads_per_worker=threads,
-        micro_batches=micro_batches,
-        lambda_kd=lambda_kd,
-        tau=tau,
-        eval=False,
-        progress=False,
-        max_steps=recipe.max_steps,
-        keep_mass=keep_mass,
-        teacher=teacher,
-        resume=resume,
-    )
 
 
 def train(cmd: list[str], log: Path, *, api_key: str | None = None) -> float:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from maskedkd.checkpoints import read_checkpoint_meta
+from maskedkd.command_exit import exit_status
 from student_client.command import train_argv
 from teacher_server.launcher import LaunchError, Ready, ServerProcess, serve_argv
 
@@ -398,14 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not 0 < args.keep < 1:
         p.error("--keep must be between 0 and 1 (exclusive): the full-KD student already shows keep 1")
-    try:
-        return run_demo(DemoConfig(**vars(args)))
-    except DemoError as err:
-        print(f"demo: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("demo: interrupted", file=sys.stderr)
-        return 130
+    return exit_status("demo", lambda: run_demo(DemoConfig(**vars(args))), (DemoError,))
 
 
 if __name__ == "__main__":

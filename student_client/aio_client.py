@@ -7,72 +7,26 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Unpack
 
 import grpc
 import torch
 
 from maskedkd.v1 import teacher_pb2 as pb
-from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
-from student_client.channel import open_channel
-from student_client.client import InferResult, slice_rows
+from student_client.client import ClientCore, ClientSettings, InferResult
 from student_client.errors import TeacherError
-from student_client.resend import CountsRefusedReplays, RefusedReplays, ResendPlan
-from student_client.retry import DEFAULT_PATIENCE_S, RetryPolicy
-from student_client.tls import channel_credentials
-from student_client.wire import (
-    ModelInfo,
-    Usage,
-    batch_size_of,
-    build_request,
-    decode_response,
-    new_request_id,
-    split_rows,
-)
+from student_client.resend import ResendPlan
+from student_client.wire import Batch, ModelInfo, Usage, arguments_of, decode_response
 
 
-class AsyncTeacherClient(CountsRefusedReplays):
-    """Create inside a running event loop; close with `await client.close()` or `async with`."""
+class AsyncTeacherClient(ClientCore):
+    """Create inside a running event loop; close with `await client.close()` or `async with`. Takes the settings
+    of `ClientCore`."""
 
-    def __init__(
-        self,
-        target: str,
-        api_key: str,
-        *,
-        timeout_s: float = 60.0,
-        max_retries: int = 4,
-        backoff: float = 0.25,
-        max_message_mb: float = 64.0,
-        model: str | None = None,
-        tls: bool = False,
-        root_certificates: bytes | None = None,
-        patience_s: float = DEFAULT_PATIENCE_S,
-        ca_file: str | None = None,
-        client_cert: str | None = None,
-        client_key: str | None = None,
-        reuse_billed_answers: bool = False,
-    ) -> None:
-        self.target = target
-        self.timeout_s = timeout_s
-        self.max_retries = max_retries
-        self.backoff = backoff
-        self.refused_replays = RefusedReplays()  # re-sent ids the teacher could not replay (resend.py)
-        self.reuse_billed_answers = reuse_billed_answers  # see student_client/resend.py
-        self.retry = RetryPolicy(
-            target, timeout_s=timeout_s, patience_s=patience_s, min_retries=max_retries, backoff_s=backoff
-        )
-        self.model = model
-        self._metadata = (("authorization", f"Bearer {api_key}"),)
-        creds = channel_credentials(
-            tls=tls,
-            ca_file=ca_file,
-            client_cert=client_cert,
-            client_key=client_key,
-            root_certificates=root_certificates,
-        )
-        self.channel = open_channel(target, max_message_mb=max_message_mb, credentials=creds, aio=True)
-        self.stub = pb_grpc.TeacherServiceStub(self.channel)
-        self._info: ModelInfo | None = None
+    aio = True
+
+    def __init__(self, target: str, api_key: str, **settings: Unpack[ClientSettings]) -> None:
+        super().__init__(target, api_key, **settings)
         self._info_lock = asyncio.Lock()
 
     async def info(self, *, refresh: bool = False) -> ModelInfo:
@@ -82,35 +36,10 @@ class AsyncTeacherClient(CountsRefusedReplays):
                 self._info = ModelInfo.from_proto(msg)
             return self._info
 
-    async def infer(
-        self,
-        images: torch.Tensor | None = None,
-        patches: torch.Tensor | None = None,
-        keep_indices: torch.Tensor | None = None,
-        keep_counts: torch.Tensor | None = None,
-        request_id: str | None = None,
-        *,
-        send_patches: bool = True,
-        purpose: str = "",
-    ) -> InferResult:
+    @arguments_of(Batch)
+    async def infer(self, batch: Batch) -> InferResult:
         """Same contract as `TeacherClient.infer`; parts of a split batch run concurrently."""
-        info = await self.info()
-        rid = request_id or new_request_id()
-        parts = split_rows(batch_size_of(images, patches), info.max_batch_images)
-        requests = [
-            build_request(
-                info,
-                images=slice_rows(images, rows),
-                patches=slice_rows(patches, rows),
-                keep_indices=slice_rows(keep_indices, rows),
-                keep_counts=slice_rows(keep_counts, rows),
-                request_id=rid if len(parts) == 1 else f"{rid}.{i}",
-                model=self.model,
-                send_patches=send_patches,
-                purpose=purpose,
-            )
-            for i, rows in enumerate(parts)
-        ]
+        requests = list(batch.requests(await self.info(), self.model))
         responses = await asyncio.gather(*(self._infer_request(req) for req in requests))
         decoded = [decode_response(r) for r in responses]
         usage = Usage()

@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar, Unpack
 
 import grpc
 import torch
@@ -38,26 +38,34 @@ from student_client.errors import TeacherError
 from student_client.resend import CountsRefusedReplays, RefusedReplays, ResendPlan
 from student_client.retry import DEFAULT_PATIENCE_S, RetryPolicy
 from student_client.tls import channel_credentials
-from student_client.wire import (
-    ModelInfo,
-    Usage,
-    batch_size_of,
-    build_request,
-    decode_response,
-    new_request_id,
-    split_rows,
-)
+from student_client.wire import Batch, ModelInfo, Usage, arguments_of, decode_response
 
 T = TypeVar("T")
 InferResult = tuple[torch.Tensor, Usage]
 
 
-def slice_rows(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
-    return None if t is None else t[rows]
+class ClientSettings(TypedDict, total=False):
+    """The keyword settings of `ClientCore` (what they mean and their defaults: its `__init__`), as a client that
+    adds its own passes them on."""
+
+    timeout_s: float
+    max_retries: int
+    backoff: float
+    max_message_mb: float
+    model: str | None
+    tls: bool
+    root_certificates: bytes | None
+    patience_s: float
+    ca_file: str | None
+    client_cert: str | None
+    client_key: str | None
+    reuse_billed_answers: bool
 
 
-class TeacherClient(CountsRefusedReplays):
-    """Blocking client for `maskedkd.v1.TeacherService`; thread-safe (one channel, shared by threads)."""
+class ClientCore(CountsRefusedReplays):
+    """What the blocking and the asyncio client share: settings, retry policy, API key, channel and stub."""
+
+    aio = False  # an asyncio channel (grpc.aio) instead of a blocking one
 
     def __init__(
         self,
@@ -71,9 +79,7 @@ class TeacherClient(CountsRefusedReplays):
         model: str | None = None,
         tls: bool = False,
         root_certificates: bytes | None = None,
-        interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (),
         patience_s: float = DEFAULT_PATIENCE_S,
-        request_log: str | Path | None = None,
         ca_file: str | None = None,
         client_cert: str | None = None,
         client_key: str | None = None,
@@ -87,7 +93,6 @@ class TeacherClient(CountsRefusedReplays):
         self.retry = RetryPolicy(
             target, timeout_s=timeout_s, patience_s=patience_s, min_retries=max_retries, backoff_s=backoff
         )
-        self.request_log = Path(request_log) if request_log else None  # debug: sha256 of every request sent
         self.refused_replays = RefusedReplays()  # re-sent ids the teacher could not replay (resend.py)
         self.reuse_billed_answers = reuse_billed_answers  # see student_client/resend.py
         self.max_message_mb = max_message_mb
@@ -102,14 +107,40 @@ class TeacherClient(CountsRefusedReplays):
             client_key=client_key,
             root_certificates=root_certificates,
         )
-        channel = open_channel(target, max_message_mb=max_message_mb, credentials=creds)
-        self._raw_channel = channel
-        self.channel = grpc.intercept_channel(channel, *interceptors) if interceptors else channel
+        self._raw_channel = open_channel(target, max_message_mb=max_message_mb, credentials=creds, aio=self.aio)
+        self.channel = self._intercepted(self._raw_channel)
         self.stub = pb_grpc.TeacherServiceStub(self.channel)
         self._info: ModelInfo | None = None
+
+    def _intercepted(self, channel: Any) -> Any:
+        """The channel the stub calls through (a client with interceptors wraps `channel` in them)."""
+        return channel
+
+
+class TeacherClient(ClientCore):
+    """Blocking client for `maskedkd.v1.TeacherService`; thread-safe (one channel, shared by threads).
+
+    Besides `ClientCore`'s settings: `interceptors` wrap every call; `request_log` (debug) appends the sha256 of
+    every request sent to that file (`log_request`)."""
+
+    def __init__(
+        self,
+        target: str,
+        api_key: str,
+        *,
+        interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (),
+        request_log: str | Path | None = None,
+        **settings: Unpack[ClientSettings],
+    ) -> None:
+        self._interceptors = tuple(interceptors)
+        self.request_log = Path(request_log) if request_log else None  # debug: sha256 of every request sent
+        super().__init__(target, api_key, **settings)
         self._lock = threading.Lock()
         self._log_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
+
+    def _intercepted(self, channel: grpc.Channel) -> grpc.Channel:
+        return grpc.intercept_channel(channel, *self._interceptors) if self._interceptors else channel
 
     # ---- calls ----------------------------------------------------------------------------------------------
     def info(self, *, refresh: bool = False) -> ModelInfo:
@@ -120,17 +151,8 @@ class TeacherClient(CountsRefusedReplays):
                 self._info = ModelInfo.from_proto(msg)
             return self._info
 
-    def infer(
-        self,
-        images: torch.Tensor | None = None,
-        patches: torch.Tensor | None = None,
-        keep_indices: torch.Tensor | None = None,
-        keep_counts: torch.Tensor | None = None,
-        request_id: str | None = None,
-        *,
-        send_patches: bool = True,
-        purpose: str = "",
-    ) -> InferResult:
+    @arguments_of(Batch)
+    def infer(self, batch: Batch) -> InferResult:
         """Teacher logits [B, num_classes] float32 and the Usage billed.
 
         images: [B, C, H, W] un-normalized (uint8 or float 0..1), resized bilinearly to the teacher's resolution
@@ -140,24 +162,9 @@ class TeacherClient(CountsRefusedReplays):
         for, as the teacher's usage reports total them apart: '' (training targets) or 1-32 characters of [a-z0-9_-]
         such as "probe"; billed the same either way.
         """
-        info = self.info()
-        rid = request_id or new_request_id()
-        n = batch_size_of(images, patches)
-        parts = split_rows(n, info.max_batch_images)
         logits: list[torch.Tensor] = []
         usage = Usage()
-        for i, rows in enumerate(parts):
-            req = build_request(
-                info,
-                images=slice_rows(images, rows),
-                patches=slice_rows(patches, rows),
-                keep_indices=slice_rows(keep_indices, rows),
-                keep_counts=slice_rows(keep_counts, rows),
-                request_id=rid if len(parts) == 1 else f"{rid}.{i}",
-                model=self.model,
-                send_patches=send_patches,
-                purpose=purpose,
-            )
+        for req in batch.requests(self.info(), self.model):
             part_logits, part_usage = decode_response(self.infer_request(req))
             logits.append(part_logits)
             usage = usage + part_usage

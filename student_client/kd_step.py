@@ -76,26 +76,16 @@ def build_kd_step(
     """The parts of a step of `settings.mode` for the timm student `raw_model` (`model`: what the training forward
     goes through, e.g. DDP). `submit` None: no teacher (mode none). `keep_auto`: the keep is decided on probes, from
     the full image (settings.keep_value 1.0) until the first decision. `precision`: the run's (else from settings)."""
-    if submit is None:
-        runner = StepRunner(
-            settings,
-            model,
-            raw_model,
-            normalize,
-            criterion,
-            None,
-            None,
-            request_id_prefix=request_id_prefix,
-            precision=precision,
-        )
-        return KDStepParts(runner)
-    assert teacher_grid is not None, "a step with a teacher needs the teacher's patch grid"
-    ranks_by_sips = settings.strategy in ("sips", "bottom") and keep_auto is None
-    probes_sips = keep_auto is not None and spec.grid_size is not None  # keep auto tries sips on a ViT student
-    capture = SIPSCapture(raw_model) if ranks_by_sips or probes_sips else None
-    # kd masks the teacher's input (its grid); mask-student the student's (the teacher sees the full image)
-    target_grid = teacher_grid if settings.mode == "kd" else (spec.grid_size or teacher_grid)
-    selector = PatchSelector(settings, capture, spec.grid_size, target_grid, torch.Generator())
+    selector: PatchSelector | None = None
+    capture: SIPSCapture | None = None
+    if submit is not None:
+        assert teacher_grid is not None, "a step with a teacher needs the teacher's patch grid"
+        ranks_by_sips = settings.strategy in ("sips", "bottom") and keep_auto is None
+        probes_sips = keep_auto is not None and spec.grid_size is not None  # keep auto tries sips on a ViT student
+        capture = SIPSCapture(raw_model) if ranks_by_sips or probes_sips else None
+        # kd masks the teacher's input (its grid); mask-student the student's (the teacher sees the full image)
+        target_grid = teacher_grid if settings.mode == "kd" else (spec.grid_size or teacher_grid)
+        selector = PatchSelector(settings, capture, spec.grid_size, target_grid, torch.Generator())
     runner = StepRunner(
         settings,
         model,
@@ -107,6 +97,8 @@ def build_kd_step(
         request_id_prefix=request_id_prefix,
         precision=precision,
     )
+    if submit is None or selector is None:  # no teacher (mode none): the runner alone
+        return KDStepParts(runner)
     prober = (
         None
         if keep_auto is None

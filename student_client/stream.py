@@ -23,14 +23,13 @@ from concurrent.futures import Future
 from typing import Any
 
 import grpc
-import torch
 
 from maskedkd.v1 import teacher_pb2 as pb
 from student_client.client import InferResult, TeacherClient
 from student_client.errors import TeacherError, TeacherInputError
 from student_client.resend import REPLAY_REFUSED
 from student_client.retry import Attempts
-from student_client.wire import build_request, decode_response, new_request_id
+from student_client.wire import Batch, arguments_of, batch_size_of, decode_response
 
 _CLOSE = object()  # ends the request iterator of one stream
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -74,21 +73,12 @@ class TeacherStream:
         self._attempts: Attempts | None = None  # retry state while the stream keeps breaking without answers
         self._retries: dict[str, Attempts] = {}  # request_id -> retry state after a transient per-message error
 
-    def submit(
-        self,
-        images: torch.Tensor | None = None,
-        patches: torch.Tensor | None = None,
-        keep_indices: torch.Tensor | None = None,
-        keep_counts: torch.Tensor | None = None,
-        request_id: str | None = None,
-        *,
-        send_patches: bool = True,
-        purpose: str = "",
-    ) -> Future[InferResult]:
+    @arguments_of(Batch)
+    def submit(self, batch: Batch) -> Future[InferResult]:
         """Queue one batch (same arguments as `TeacherClient.infer`); the Future gives (logits, usage)."""
         fut: Future[InferResult] = Future()
         info = self.info
-        n = int((images if images is not None else patches).shape[0])  # type: ignore[union-attr]  # one of the two is given (checked by the caller)
+        n = batch_size_of(batch.images, batch.patches)
         if info.max_batch_images and n > info.max_batch_images:
             fut.set_exception(
                 TeacherInputError(
@@ -97,22 +87,12 @@ class TeacherStream:
                 )
             )
             return fut
-        rid = request_id or new_request_id()
         try:
-            req = build_request(
-                info,
-                images=images,
-                patches=patches,
-                keep_indices=keep_indices,
-                keep_counts=keep_counts,
-                request_id=rid,
-                model=self.client.model,
-                send_patches=send_patches,
-                purpose=purpose,
-            )
+            req = next(batch.requests(info, self.client.model))  # one request: the batch fits
         except TeacherError as err:
             fut.set_exception(err)
             return fut
+        rid = req.request_id
         with self._lock:
             if self._closed:
                 raise RuntimeError("TeacherStream is closed")

@@ -5,9 +5,13 @@ Shared by the blocking client, the asyncio client and the streaming session, so 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Iterator
+from dataclasses import KW_ONLY, asdict, dataclass, field, fields
+from typing import Concatenate, ParamSpec, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +23,11 @@ from maskedkd.patches import gather_patches
 from maskedkd.purpose import purpose_problem
 from maskedkd.v1 import teacher_pb2 as pb
 from student_client.errors import TeacherInputError
+
+P = ParamSpec("P")
+A = TypeVar("A")
+S = TypeVar("S")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -193,6 +202,62 @@ def split_rows(n: int, max_rows: int) -> list[slice]:
     if max_rows <= 0 or n <= max_rows:
         return [slice(0, n)]
     return [slice(i * max_rows, min(n, (i + 1) * max_rows)) for i in range(math.ceil(n / max_rows))]
+
+
+def slice_rows(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return None if t is None else t[rows]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch for the teacher: the arguments of `TeacherClient.infer`, `AsyncTeacherClient.infer` and
+    `TeacherStream.submit` (see `TeacherClient.infer`)."""
+
+    images: torch.Tensor | None = None
+    patches: torch.Tensor | None = None
+    keep_indices: torch.Tensor | None = None
+    keep_counts: torch.Tensor | None = None
+    request_id: str | None = None
+    _: KW_ONLY
+    send_patches: bool = True
+    purpose: str = ""
+
+    def requests(self, info: ModelInfo, model: str | None) -> Iterator[pb.InferRequest]:
+        """Its InferRequests, built one at a time: one per part of at most `info.max_batch_images` rows, under
+        `request_id` (a new one when None), or `<request_id>.<i>` when the batch is split."""
+        rid = self.request_id or new_request_id()
+        parts = split_rows(batch_size_of(self.images, self.patches), info.max_batch_images)
+        for i, rows in enumerate(parts):
+            yield build_request(
+                info,
+                images=slice_rows(self.images, rows),
+                patches=slice_rows(self.patches, rows),
+                keep_indices=slice_rows(self.keep_indices, rows),
+                keep_counts=slice_rows(self.keep_counts, rows),
+                request_id=rid if len(parts) == 1 else f"{rid}.{i}",
+                model=model,
+                send_patches=self.send_patches,
+                purpose=self.purpose,
+            )
+
+
+def arguments_of(spec: Callable[P, A]) -> Callable[[Callable[[S, A], R]], Callable[Concatenate[S, P], R]]:
+    """Makes a method that takes one `spec(...)` value take `spec`'s arguments instead, and builds the value from
+    them: `@arguments_of(Batch)` gives the methods that take a batch one signature (for callers, help() and mypy)."""
+
+    def decorate(method: Callable[[S, A], R]) -> Callable[Concatenate[S, P], R]:
+        @functools.wraps(method)
+        def call(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
+            return method(self, spec(*args, **kwargs))
+
+        own = inspect.signature(method)
+        receiver = next(iter(own.parameters.values()))
+        call.__signature__ = own.replace(  # type: ignore[attr-defined]
+            parameters=[receiver, *inspect.signature(spec).parameters.values()]
+        )
+        return call
+
+    return decorate
 
 
 def decode_response(resp: pb.InferResponse) -> tuple[torch.Tensor, Usage]:

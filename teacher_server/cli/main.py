@@ -255,16 +255,9 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
 
 def _create_key(sessions: Any, args: argparse.Namespace) -> int:
-    from teacher_server.ledger.keys import create_api_key
+    from teacher_server.ledger.keys import create_api_key_from
 
-    secret, row = create_api_key(
-        sessions,
-        name=args.name,
-        quota_gflops=args.quota_gflops,
-        price_per_gflop=args.price_per_gflop,
-        quota_window=args.quota_window,
-        rate_limit_gflops_per_min=args.rate_limit_gflops_per_min,
-    )
+    secret, row = create_api_key_from(sessions, args)
     print(secret)
     print(f"created key {row.name!r} ({row.key_prefix}...); the secret above is shown only once", file=sys.stderr)
     return 0

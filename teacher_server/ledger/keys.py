@@ -119,6 +119,15 @@ def create_api_key(
     return secret, row
 
 
+NEW_KEY_ARGUMENTS = ("name", "quota_gflops", "price_per_gflop", "quota_window", "rate_limit_gflops_per_min")
+
+
+def create_api_key_from(sessions: sessionmaker[Session], request: object) -> tuple[str, ApiKey]:
+    """`create_api_key` with its arguments read from the attributes of those names (NEW_KEY_ARGUMENTS) of `request`:
+    the CLI's parsed `keys create` arguments, the admin API's request body."""
+    return create_api_key(sessions, **{name: getattr(request, name) for name in NEW_KEY_ARGUMENTS})
+
+
 def add_api_key(
     session: Session,
     *,

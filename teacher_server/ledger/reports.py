@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import BigInteger, ColumnElement, Select, and_, case, func, select
+from sqlalchemy import BigInteger, ColumnElement, Result, Select, and_, case, func, select
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import FunctionElement
@@ -64,6 +64,43 @@ def _usage_of_keys(*columns: Any, since: datetime | None, until: datetime | None
         .join(ApiKey, ApiKey.id == UsageRecord.api_key_id)
         .where(*usage_window(since=since, until=until))
     )
+
+
+_USAGE_SUMS = ("images", "tokens", "gflops", "full_gflops", "cost")  # what each usage row adds up
+_INT_SUMS = frozenset({"requests", "images", "tokens", "probe_requests"})  # the other sums are floats
+
+
+def _sums(*columns: str, zero_when_empty: bool = False) -> list[Any]:
+    """The row count labelled "requests", then the sum of each named UsageRecord column labelled with its name
+    (0 instead of NULL for a group without usage rows when `zero_when_empty`)."""
+    sums: list[Any] = [func.count(UsageRecord.id).label("requests")]
+    for name in columns:
+        total: Any = func.sum(getattr(UsageRecord, name))
+        if zero_when_empty:
+            total = func.coalesce(total, 0 if name in _INT_SUMS else 0.0)
+        sums.append(total.label(name))
+    return sums
+
+
+def _sum_values(row: Any, *labels: str) -> dict[str, Any]:
+    """The labelled sums of a result row as ints (counts, images, tokens) or floats (GFLOPs, cost), None as 0."""
+    return {label: (int if label in _INT_SUMS else float)(getattr(row, label) or 0) for label in labels}
+
+
+def _usage_groups(
+    session: Session,
+    groups: tuple[Any, ...],
+    sums: list[Any],
+    order_by: tuple[Any, ...],
+    *,
+    since: datetime | None,
+    until: datetime | None,
+    key_name: str | None,
+) -> Result[Any]:
+    """The usage rows in [since, until) (of the key `key_name` when given) grouped by the columns `groups`, in the
+    order `order_by`: per group the `groups` columns, then the `sums` (aggregate columns, such as `_sums`)."""
+    stmt = _usage_of_keys(*groups, *sums, since=since, until=until).group_by(*groups).order_by(*order_by)
+    return session.execute(_of_key(stmt, key_name))
 
 
 def currency_name(currency: str | None) -> str:
@@ -134,12 +171,7 @@ def usage_totals(
             ApiKey.created_at,
             ApiKey.quota_gflops,
             ApiKey.price_per_gflop,
-            func.count(UsageRecord.id).label("requests"),
-            func.coalesce(func.sum(UsageRecord.images), 0).label("images"),
-            func.coalesce(func.sum(UsageRecord.tokens), 0).label("tokens"),
-            func.coalesce(func.sum(UsageRecord.gflops), 0.0).label("gflops"),
-            func.coalesce(func.sum(UsageRecord.full_gflops), 0.0).label("full_gflops"),
-            func.coalesce(func.sum(UsageRecord.cost), 0.0).label("cost"),
+            *_sums(*_USAGE_SUMS, zero_when_empty=True),
             func.max(UsageRecord.created_at).label("last_used_at"),
         )
         .select_from(ApiKey)
@@ -168,12 +200,7 @@ def usage_totals(
                 created_at=as_utc(r.created_at),
                 quota_gflops=r.quota_gflops,
                 price_per_gflop=r.price_per_gflop,
-                requests=int(r.requests),
-                images=int(r.images),
-                tokens=int(r.tokens),
-                gflops=float(r.gflops),
-                full_gflops=float(r.full_gflops),
-                cost=float(r.cost),
+                **_sum_values(r, "requests", *_USAGE_SUMS),
                 last_used_at=as_utc(last_used) if last_used else None,
             )
         )
@@ -201,30 +228,17 @@ def billed_prices(
     session: Session, *, since: datetime | None = None, until: datetime | None = None, key_name: str | None = None
 ) -> list[BilledPrice]:
     """Per key, the distinct (price, currency) its rows in [since, until) were billed at, ordered by key."""
-    stmt = (
-        _usage_of_keys(
-            ApiKey.name.label("key"),
-            UsageRecord.price_per_gflop,
-            UsageRecord.currency,
-            func.count(UsageRecord.id).label("requests"),
-            func.sum(UsageRecord.gflops).label("gflops"),
-            func.sum(UsageRecord.cost).label("cost"),
-            since=since,
-            until=until,
-        )
-        .group_by(ApiKey.name, UsageRecord.price_per_gflop, UsageRecord.currency)
-        .order_by(ApiKey.name, UsageRecord.currency, UsageRecord.price_per_gflop)
-    )
+    prices = (ApiKey.name.label("key"), UsageRecord.price_per_gflop, UsageRecord.currency)
+    order = (ApiKey.name, UsageRecord.currency, UsageRecord.price_per_gflop)
+    rows = _usage_groups(session, prices, _sums("gflops", "cost"), order, since=since, until=until, key_name=key_name)
     return [
         BilledPrice(
             key=r.key,
             price_per_gflop=r.price_per_gflop,
             currency=currency_name(r.currency),
-            requests=int(r.requests),
-            gflops=float(r.gflops or 0),
-            cost=float(r.cost or 0),
+            **_sum_values(r, "requests", "gflops", "cost"),
         )
-        for r in session.execute(_of_key(stmt, key_name))
+        for r in rows
     ]
 
 
@@ -252,36 +266,14 @@ def usage_by_purpose(
     session: Session, *, since: datetime | None = None, until: datetime | None = None, key_name: str | None = None
 ) -> list[PurposeUsage]:
     """Per key, the totals of its rows in [since, until) per (purpose, currency), ordered by key and purpose."""
-    stmt = (
-        _usage_of_keys(
-            ApiKey.name.label("key"),
-            UsageRecord.purpose,
-            UsageRecord.currency,
-            func.count(UsageRecord.id).label("requests"),
-            func.sum(UsageRecord.images).label("images"),
-            func.sum(UsageRecord.tokens).label("tokens"),
-            func.sum(UsageRecord.gflops).label("gflops"),
-            func.sum(UsageRecord.full_gflops).label("full_gflops"),
-            func.sum(UsageRecord.cost).label("cost"),
-            since=since,
-            until=until,
-        )
-        .group_by(ApiKey.name, UsageRecord.purpose, UsageRecord.currency)
-        .order_by(ApiKey.name, UsageRecord.purpose, UsageRecord.currency)
-    )
+    purposes = (ApiKey.name.label("key"), UsageRecord.purpose, UsageRecord.currency)
+    order = (ApiKey.name, UsageRecord.purpose, UsageRecord.currency)
+    rows = _usage_groups(session, purposes, _sums(*_USAGE_SUMS), order, since=since, until=until, key_name=key_name)
     return [
         PurposeUsage(
-            key=r.key,
-            purpose=r.purpose,
-            currency=currency_name(r.currency),
-            requests=int(r.requests),
-            images=int(r.images or 0),
-            tokens=int(r.tokens or 0),
-            gflops=float(r.gflops or 0),
-            full_gflops=float(r.full_gflops or 0),
-            cost=float(r.cost or 0),
+            key=r.key, purpose=r.purpose, currency=currency_name(r.currency), **_sum_values(r, "requests", *_USAGE_SUMS)
         )
-        for r in session.execute(_of_key(stmt, key_name))
+        for r in rows
     ]
 
 
@@ -317,44 +309,25 @@ def usage_by_day(
 ) -> list[DayUsage]:
     """Non-empty (UTC day, key, currency, price) cells of the rows in [since, until), ordered by day and key."""
     day = bucket_start_epoch(UsageRecord.created_at, DAY_S).label("day")
-    stmt = (
-        _usage_of_keys(
-            day,
-            ApiKey.name.label("key"),
-            UsageRecord.currency,
-            UsageRecord.price_per_gflop,
-            func.count(UsageRecord.id).label("requests"),
-            func.sum(UsageRecord.images).label("images"),
-            func.sum(UsageRecord.tokens).label("tokens"),
-            func.sum(UsageRecord.gflops).label("gflops"),
-            func.sum(UsageRecord.full_gflops).label("full_gflops"),
-            func.sum(UsageRecord.cost).label("cost"),
-            _probe_sum(1).label("probe_requests"),
-            _probe_sum(UsageRecord.gflops).label("probe_gflops"),
-            _probe_sum(UsageRecord.cost).label("probe_cost"),
-            since=since,
-            until=until,
-        )
-        .group_by(day, ApiKey.name, UsageRecord.currency, UsageRecord.price_per_gflop)
-        .order_by(day, ApiKey.name, UsageRecord.currency, UsageRecord.price_per_gflop)
-    )
+    days = (day, ApiKey.name.label("key"), UsageRecord.currency, UsageRecord.price_per_gflop)
+    sums = [
+        *_sums(*_USAGE_SUMS),
+        _probe_sum(1).label("probe_requests"),
+        _probe_sum(UsageRecord.gflops).label("probe_gflops"),
+        _probe_sum(UsageRecord.cost).label("probe_cost"),
+    ]
+    order = (day, ApiKey.name, UsageRecord.currency, UsageRecord.price_per_gflop)
+    rows = _usage_groups(session, days, sums, order, since=since, until=until, key_name=key_name)
     return [
         DayUsage(
             day=_utc_day(r.day),
             key=r.key,
             currency=currency_name(r.currency),
             price_per_gflop=r.price_per_gflop,
-            requests=int(r.requests),
-            images=int(r.images or 0),
-            tokens=int(r.tokens or 0),
-            gflops=float(r.gflops or 0),
-            full_gflops=float(r.full_gflops or 0),
-            cost=float(r.cost or 0),
-            probe_requests=int(r.probe_requests or 0),
-            probe_gflops=float(r.probe_gflops or 0),
-            probe_cost=float(r.probe_cost or 0),
+            **_sum_values(r, "requests", *_USAGE_SUMS),
+            **_sum_values(r, "probe_requests", "probe_gflops", "probe_cost"),
         )
-        for r in session.execute(_of_key(stmt, key_name))
+        for r in rows
     ]
 
 
@@ -415,33 +388,10 @@ def usage_by_bucket(
 ) -> list[UsageBucket]:
     """Non-empty (key, bucket) cells in [since, until), ordered by bucket then key."""
     bucket = bucket_start_epoch(UsageRecord.created_at, width_s).label("start_epoch")
-    stmt = (
-        _usage_of_keys(
-            ApiKey.name.label("key"),
-            bucket,
-            func.count(UsageRecord.id).label("requests"),
-            func.sum(UsageRecord.images).label("images"),
-            func.sum(UsageRecord.gflops).label("gflops"),
-            func.sum(UsageRecord.full_gflops).label("full_gflops"),
-            func.sum(UsageRecord.cost).label("cost"),
-            since=since,
-            until=until,
-        )
-        .group_by(ApiKey.name, bucket)
-        .order_by(bucket, ApiKey.name)
-    )
-    return [
-        UsageBucket(
-            key=r.key,
-            start_epoch=int(r.start_epoch),
-            requests=int(r.requests),
-            images=int(r.images or 0),
-            gflops=float(r.gflops or 0.0),
-            full_gflops=float(r.full_gflops or 0.0),
-            cost=float(r.cost or 0.0),
-        )
-        for r in session.execute(_of_key(stmt, key_name))
-    ]
+    summed = ("images", "gflops", "full_gflops", "cost")
+    cells, order = (ApiKey.name.label("key"), bucket), (bucket, ApiKey.name)
+    rows = _usage_groups(session, cells, _sums(*summed), order, since=since, until=until, key_name=key_name)
+    return [UsageBucket(key=r.key, start_epoch=int(r.start_epoch), **_sum_values(r, "requests", *summed)) for r in rows]
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from teacher_server.ledger.keys import hash_secret
 from teacher_server.ledger.refusals import RefusalCounter
 from teacher_server.metrics import ServerMetrics
 from teacher_server.service.auth import KeyAuthenticator, bearer_secret
-from teacher_server.service.error_interceptor import SERVICE_PREFIX, status_of
+from teacher_server.service.error_interceptor import ServiceInterceptor, status_of
 
 KEYED_METHODS = ("Infer", "InferStream", "GetModelInfo")  # GetModelInfo: the key is optional, a wrong one refused
 ACCEPTED_TTL_S = 600.0  # how long a key that passed skips the failure buckets
@@ -110,7 +110,7 @@ def peer_host(peer: str) -> str:
     return peer
 
 
-class AuthFirstInterceptor(aio.ServerInterceptor):
+class AuthFirstInterceptor(ServiceInterceptor):
     """Checks the key of TeacherService calls before their message is read; goes first in the interceptor list."""
 
     def __init__(
@@ -165,14 +165,8 @@ class AuthFirstInterceptor(aio.ServerInterceptor):
                 self._refusals.count(exc)  # no key known: it is the key that was refused
             await context.abort(code, message)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method.removeprefix(SERVICE_PREFIX)
-        if handler is None or not handler_call_details.method.startswith(SERVICE_PREFIX) or method not in KEYED_METHODS:
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if method not in KEYED_METHODS:
             return handler
         if handler.unary_unary is not None:
             return grpc.stream_unary_rpc_method_handler(

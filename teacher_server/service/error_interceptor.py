@@ -71,7 +71,27 @@ def mark_counted(exc: BaseException) -> BaseException:
     return exc
 
 
-class ErrorInterceptor(aio.ServerInterceptor):
+class ServiceInterceptor(aio.ServerInterceptor):
+    """An interceptor of TeacherService's calls only: their handlers go through `wrap`; health, reflection and the
+    calls of other services pass untouched."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or not method.startswith(SERVICE_PREFIX):
+            return handler
+        return self.wrap(method.removeprefix(SERVICE_PREFIX), handler)
+
+    def wrap(self, name: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """The handler to call for the TeacherService method `name` (e.g. "Infer") instead of `handler`."""
+        raise NotImplementedError
+
+
+class ErrorInterceptor(ServiceInterceptor):
     """Also tracks the TeacherService calls in flight, so shutdown can wait for exactly those (not for health
     watchers or reflection streams)."""
 
@@ -104,16 +124,7 @@ class ErrorInterceptor(aio.ServerInterceptor):
         except TimeoutError:
             return False
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or not method.startswith(SERVICE_PREFIX):
-            return handler
-        name = method.removeprefix(SERVICE_PREFIX)
+    def wrap(self, name: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         counts = name in INFERENCE_METHODS
         deserializer = handler.request_deserializer
         if name in _METHODS and deserializer is not None:

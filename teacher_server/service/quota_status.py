@@ -46,41 +46,41 @@ def limit_metadata(state: LimitState | None) -> tuple[tuple[str, str], ...]:
     return tuple(md)
 
 
+# Per limit: the QuotaFailure violation's description and the error message when a request does not fit in it
+_SHORT_OF = {
+    "quota": (
+        "{window} quota of {limit:.6g} GFLOPs: {left:.6g} left, {needed:.6g} needed",
+        "{window} quota exceeded: {left:.6g} of {limit:.6g} GFLOPs left, this request needs {needed:.6g}",
+    ),
+    "rate_limit": (
+        "rate limit of {limit:.6g} GFLOPs per minute: {left:.6g} left, {needed:.6g} needed",
+        "rate limit of {limit:.6g} GFLOPs/min reached ({left:.6g} left, this request needs {needed:.6g})",
+    ),
+}
+
+
 def quota_exceeded(*, key: KeyInfo, needed_gflops: float, state: LimitState) -> QuotaExceededError:
     """The refusal of a request the key's quota window or rate limit has no room for (nothing billed): says which
     limit, how much is left, and when to retry (no RetryInfo for a lifetime quota: waiting does not help)."""
+    limits = {  # (limit, left) of each
+        "quota": (state.quota_gflops, state.quota_remaining_gflops),
+        "rate_limit": (state.rate_limit_gflops, state.rate_remaining_gflops),
+    }
+    short = [name for name, (_, left) in limits.items() if left is not None and needed_gflops > left]
     violations, messages = [], []
-    retry_s: float | None = None
-    quota_short = state.quota_remaining_gflops is not None and needed_gflops > state.quota_remaining_gflops
-    if quota_short:
-        assert state.quota_gflops is not None
+    for name in short:
+        limit, left = limits[name]
+        assert limit is not None
+        values = {"window": state.quota_window, "limit": limit, "left": left, "needed": needed_gflops}
+        description, message = (text.format(**values) for text in _SHORT_OF[name])
         violations.append(
-            error_details_pb2.QuotaFailure.Violation(
-                subject=f"api_key:{key.name}",
-                description=f"{state.quota_window} quota of {state.quota_gflops:.6g} "
-                f"GFLOPs: {state.quota_remaining_gflops:.6g} left, {needed_gflops:.6g} needed",
-            )
+            error_details_pb2.QuotaFailure.Violation(subject=f"api_key:{key.name}", description=description)
         )
-        messages.append(
-            f"{state.quota_window} quota exceeded: {state.quota_remaining_gflops:.6g} of "
-            f"{state.quota_gflops:.6g} GFLOPs left, this request needs {needed_gflops:.6g}"
-        )
-        retry_s = state.quota_reset_s
-    if state.rate_remaining_gflops is not None and needed_gflops > state.rate_remaining_gflops:
-        assert state.rate_limit_gflops is not None
-        violations.append(
-            error_details_pb2.QuotaFailure.Violation(
-                subject=f"api_key:{key.name}",
-                description=f"rate limit of {state.rate_limit_gflops:.6g} GFLOPs per "
-                f"minute: {state.rate_remaining_gflops:.6g} left, {needed_gflops:.6g} needed",
-            )
-        )
-        messages.append(
-            f"rate limit of {state.rate_limit_gflops:.6g} GFLOPs/min reached "
-            f"({state.rate_remaining_gflops:.6g} left, this request needs {needed_gflops:.6g})"
-        )
-        if not quota_short or retry_s is not None:
-            retry_s = max(retry_s or 0.0, state.rate_reset_s or 0.0)
+        messages.append(message)
+    quota_short = "quota" in short
+    retry_s = state.quota_reset_s if quota_short else None
+    if "rate_limit" in short and (not quota_short or retry_s is not None):
+        retry_s = max(retry_s or 0.0, state.rate_reset_s or 0.0)
     if not violations:  # lost a race between the check and the read: the room went to another request
         messages.append("no room left right now")
         retry_s = 1.0

@@ -4,7 +4,7 @@ one transaction: a PATCH with one invalid field changes nothing."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated
 
@@ -65,14 +65,7 @@ def list_keys(session: SessionDep) -> list[ApiKeyView]:
 )
 def create_key(body: CreateKeyRequest, sessions: Annotated[sessionmaker[Session], Depends(get_sessions)]) -> CreatedKey:
     with _as_http_errors():
-        secret, row = keys.create_api_key(
-            sessions,
-            name=body.name,
-            quota_gflops=body.quota_gflops,
-            price_per_gflop=body.price_per_gflop,
-            quota_window=body.quota_window,
-            rate_limit_gflops_per_min=body.rate_limit_gflops_per_min,
-        )
+        secret, row = keys.create_api_key_from(sessions, body)
     return CreatedKey(secret=secret, **ApiKeyView.model_validate(row).model_dump())
 
 
@@ -89,23 +82,23 @@ def update_key(name: NamePath, body: UpdateKeyRequest, session: SessionDep) -> A
     return ApiKeyView.model_validate(key)
 
 
-@router.post(
-    "/{name}/disable",
-    response_model=ApiKeyView,
-    responses={404: _CHANGE_ERRORS[404]},
-    summary="Disable a key (its requests are refused within the server's auth cache TTL)",
-)
+def _switch(action: str, summary: str) -> Callable[[Callable[..., ApiKeyView]], Callable[..., ApiKeyView]]:
+    """The route POST /{name}/<action> of disable and enable: the key as it is now, or 404."""
+    return router.post(
+        f"/{{name}}/{action}", response_model=ApiKeyView, responses={404: _CHANGE_ERRORS[404]}, summary=summary
+    )
+
+
+def _set_disabled(session: Session, name: str, *, disabled: bool) -> ApiKeyView:
+    with _as_http_errors():
+        return ApiKeyView.model_validate(keys.set_api_key_disabled(session, name=name, disabled=disabled))
+
+
+@_switch("disable", "Disable a key (its requests are refused within the server's auth cache TTL)")
 def disable_key(name: NamePath, session: SessionDep) -> ApiKeyView:
-    with _as_http_errors():
-        return ApiKeyView.model_validate(keys.set_api_key_disabled(session, name=name, disabled=True))
+    return _set_disabled(session, name, disabled=True)
 
 
-@router.post(
-    "/{name}/enable",
-    response_model=ApiKeyView,
-    responses={404: _CHANGE_ERRORS[404]},
-    summary="Re-enable a disabled key",
-)
+@_switch("enable", "Re-enable a disabled key")
 def enable_key(name: NamePath, session: SessionDep) -> ApiKeyView:
-    with _as_http_errors():
-        return ApiKeyView.model_validate(keys.set_api_key_disabled(session, name=name, disabled=False))
+    return _set_disabled(session, name, disabled=False)

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
 from fastapi.responses import Response
@@ -39,11 +40,23 @@ UntilQuery = Annotated[datetime | None, Query(description="ISO 8601 end (exclusi
 KeyQuery = Annotated[
     str | None, Query(max_length=200, pattern=r"^[^\x00]*$", description="only this API key (by name)")
 ]
+_QUERY_ERRORS: dict[int | str, dict[str, Any]] = {400: {"model": ErrorMessage}, 404: {"model": ErrorMessage}}
+
+
+def _usage_route(path: str, model: type, summary: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """GET `path`, answering `model`: usage in a window [since, until), of one key or all (400, 404: `_check_query`)."""
+    return router.get(path, response_model=model, responses=_QUERY_ERRORS, summary=summary)
 
 
 def _check_window(since: datetime | None, until: datetime | None) -> None:
     if since is not None and until is not None and as_utc(since) >= as_utc(until):
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "`since` must be before `until`")
+
+
+def _check_query(session: SessionDep, since: datetime | None, until: datetime | None, key: str | None) -> None:
+    """400 for a window that ends before it starts, 404 for a key name no key has."""
+    _check_window(since, until)
+    _unknown_key(session, key)
 
 
 def _unknown_key(session: SessionDep, key: str | None) -> None:
@@ -53,28 +66,17 @@ def _unknown_key(session: SessionDep, key: str | None) -> None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
 
 
-@router.get(
-    "/keys",
-    response_model=UsageByKey,
-    responses={400: {"model": ErrorMessage}, 404: {"model": ErrorMessage}},
-    summary="Usage totals per API key",
-)
+@_usage_route("/keys", UsageByKey, "Usage totals per API key")
 def usage_by_key(
     session: SessionDep, since: SinceQuery = None, until: UntilQuery = None, key: KeyQuery = None
 ) -> UsageByKey:
     """Requests, images, GFLOPs used, GFLOPs a full teacher would have used, saving, cost and the prices billed per
     key, in a window (default: all time), plus the total over all keys and the calls refused."""
-    _check_window(since, until)
-    _unknown_key(session, key)
+    _check_query(session, since, until, key)
     return usage_report.usage_by_key(session, since=since, until=until, key_name=key)
 
 
-@router.get(
-    "/timeseries",
-    response_model=UsageSeries,
-    responses={400: {"model": ErrorMessage}, 404: {"model": ErrorMessage}},
-    summary="GFLOPs, cost, requests and images per key and time bucket",
-)
+@_usage_route("/timeseries", UsageSeries, "GFLOPs, cost, requests and images per key and time bucket")
 def usage_timeseries(
     session: SessionDep,
     bucket: Bucket = Bucket.minute,
@@ -85,8 +87,7 @@ def usage_timeseries(
     """Per key, the usage in each `bucket` (minute, hour or day, UTC) of [since, until). Default window: the last 6
     hours by minute, the last 7 days by hour, the last 90 days by day. Buckets before the first usage in the window
     are left out; later empty buckets are zeros."""
-    _check_window(since, until)
-    _unknown_key(session, key)
+    _check_query(session, since, until, key)
     width = BUCKET_SECONDS[bucket]
     end = as_utc(until) if until is not None else datetime.now(UTC)
     start = as_utc(since) if since is not None else end - DEFAULT_WINDOW[bucket]
@@ -134,19 +135,13 @@ def usage_timeseries(
     )
 
 
-@router.get(
-    "/daily",
-    response_model=DailyUsage,
-    responses={400: {"model": ErrorMessage}, 404: {"model": ErrorMessage}},
-    summary="Usage per UTC day, key, currency and price; refused calls per day, key and reason",
-)
+@_usage_route("/daily", DailyUsage, "Usage per UTC day, key, currency and price; refused calls per day, key and reason")
 def usage_daily(
     session: SessionDep, since: SinceQuery = None, until: UntilQuery = None, key: KeyQuery = None
 ) -> DailyUsage:
     """The ledger's rows in [since, until) (default: all time) summed per UTC day, key and the price and currency
     they were billed at; and the refusal counters of the days the window touches."""
-    _check_window(since, until)
-    _unknown_key(session, key)
+    _check_query(session, since, until, key)
     return usage_report.daily_usage(session, since=since, until=until, key_name=key)
 
 
@@ -155,8 +150,7 @@ def usage_daily(
     response_class=Response,
     responses={
         200: {"content": {"text/csv": {}}, "description": "one line per UTC day, key, currency and price"},
-        400: {"model": ErrorMessage},
-        404: {"model": ErrorMessage},
+        **_QUERY_ERRORS,
     },
     summary="Usage per UTC day as CSV",
 )
@@ -166,8 +160,7 @@ def usage_daily_csv(
     """The rows of /api/usage/daily as CSV with a header: day, key, currency, price_per_gflop, requests, images,
     tokens, gflops, full_gflops, cost, probe_requests, probe_gflops, probe_cost (floats written exactly;
     `teacher-server usage --csv` writes the same)."""
-    _check_window(since, until)
-    _unknown_key(session, key)
+    _check_query(session, since, until, key)
     out = io.StringIO()
     usage_report.write_usage_csv(reports.usage_by_day(session, since=since, until=until, key_name=key), out)
     return Response(
