@@ -38,7 +38,7 @@ from student_client.channel import grpc_target  # noqa: E402
 from student_client.client import TeacherClient  # noqa: E402
 from student_client.errors import TeacherQuotaError  # noqa: E402
 from student_client.wire import Usage  # noqa: E402
-from teacher_server.launcher import ServerProcess, serve_argv  # noqa: E402
+from teacher_server.launcher import ServerProcess, serve_argv, settings_flags  # noqa: E402
 from teacher_server.ledger import database  # noqa: E402
 from teacher_server.ledger.keys import create_api_key  # noqa: E402
 from teacher_server.service.server import SERVICE_NAME  # noqa: E402
@@ -65,24 +65,8 @@ class Cluster:
 
 def replica_process(checkpoint: Path, db: str, log: Path) -> ServerProcess:
     """`teacher-server serve` on free ports (announced once it serves)."""
-    argv = serve_argv(
-        "--checkpoint",
-        str(checkpoint),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--db",
-        db,
-        "--device",
-        "cpu",
-        "--metrics-port",
-        "0",
-        "--max-delay-ms",
-        "30",
-        "--grace-s",
-        "2",
-    )
+    served = {"checkpoint": checkpoint, "host": "127.0.0.1", "port": 0, "db": db, "device": "cpu", "metrics_port": 0}
+    argv = serve_argv(*settings_flags({**served, "max_delay_ms": 30, "grace_s": 2}))
     return ServerProcess(argv, log=log, env=child_env(OMP_NUM_THREADS="1"), stop_timeout_s=10)
 
 

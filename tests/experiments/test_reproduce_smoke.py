@@ -22,14 +22,15 @@ REPO = Path(__file__).resolve().parents[2]
 SECRET = re.compile(r"mkd_[A-Za-z0-9_-]{43}")
 
 
-def _reproduce(tmp: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def _reproduce(tmp: Path, *extra: str, out: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m experiments.reproduce --smoke` into `out` (default `tmp/out`), its CIFAR cache under `tmp`."""
     cmd = [
         sys.executable,
         "-m",
         "experiments.reproduce",
         "--smoke",
         "--out",
-        str(tmp / "out"),
+        str(out or tmp / "out"),
         "--data",
         str(REPO / "data" / "cifar10-subset"),
         "--cache",
@@ -133,26 +134,7 @@ def test_smoke_reproduction_end_to_end_and_resume(tmp_path: Path) -> None:
     clone = tmp_path / "clone"
     (clone / "teacher").mkdir(parents=True)
     shutil.copy(out / "teacher" / "model.safetensors", clone / "teacher" / "model.safetensors")
-    third = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.reproduce",
-            "--smoke",
-            "--out",
-            str(clone),
-            "--doc",
-            str(doc),
-            "--data",
-            str(REPO / "data" / "cifar10-subset"),
-            "--cache",
-            str(tmp_path / "cache" / "cifar10"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    third = _reproduce(tmp_path, "--doc", str(doc), out=clone)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     assert "restored 6 finished result(s)" in third.stdout and "0 student runs to do" in third.stdout
     assert not (clone / "ledger.db").exists()
@@ -165,27 +147,7 @@ def test_smoke_reproduction_end_to_end_and_resume(tmp_path: Path) -> None:
     # --report-only: the doc and the committed results from what is finished, nothing trained or started
     (clone / "reproduction.md").unlink(missing_ok=True)
     report = tmp_path / "report" / "reproduction.md"
-    only = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.reproduce",
-            "--smoke",
-            "--out",
-            str(clone),
-            "--doc",
-            str(report),
-            "--report-only",
-            "--data",
-            str(REPO / "data" / "cifar10-subset"),
-            "--cache",
-            str(tmp_path / "cache" / "cifar10"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    only = _reproduce(tmp_path, "--doc", str(report), "--report-only", out=clone)
     assert only.returncode == 0, only.stdout[-3000:] + only.stderr[-3000:]
     assert "4 finished run(s) reported" in only.stdout and "student runs to do" not in only.stdout
     section = read_section(report, "results-smoke")

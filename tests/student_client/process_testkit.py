@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Self
 
 from dtype_marks import child_env
-from student_testkit import STUDENT, STUDENT_KWARGS
+from student_testkit import train_flags
 
 from student_client.command import student_client_command
-from teacher_server.launcher import ServerProcess, serve_argv
+from teacher_server.launcher import ServerProcess, serve_argv, settings_flags
 from teacher_server.ledger.database import open_ledger
 from teacher_server.ledger.keys import create_api_key
 
@@ -37,32 +37,9 @@ def train_cmd(
     data: Path, out: Path, teacher: str, key: str, *extra: str, epochs: int = 2, batch_size: int = 8
 ) -> list[str]:
     """`student-client train --local` on the tiny student, all flags at their defaults unless given."""
-    return [
-        *STUDENT_CLI,
-        "train",
-        "--local",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--teacher",
-        teacher,
-        "--api-key",
-        key,
-        "--student",
-        STUDENT,
-        "--student-kwargs",
-        json.dumps(STUDENT_KWARGS),
-        "--epochs",
-        str(epochs),
-        "--batch-size",
-        str(batch_size),
-        "--no-eval",
-        "--no-progress",
-        "--request-log",
-        str(out / "requests.jsonl"),
-        *extra,
-    ]
+    log = out / "requests.jsonl"
+    run = {"epochs": epochs, "batch_size": batch_size, "eval": False, "progress": False, "request_log": log}
+    return [*STUDENT_CLI, *train_flags(local=True, data=data, out=out, teacher=teacher, api_key=key, **run), *extra]
 
 
 def step_rows(out: Path) -> int:
@@ -111,23 +88,9 @@ class TeacherProcess(ServerProcess):
     (`kill()`, then `start()` again on the same port and ledger). `starts` counts the launches."""
 
     def __init__(self, checkpoint: Path, db: Path, port: int, log: Path) -> None:
-        super().__init__(
-            serve_argv(
-                "--checkpoint",
-                str(checkpoint),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--db",
-                f"sqlite:///{db}",
-                "--no-metrics",
-                "--max-delay-ms",
-                "1",
-            ),
-            log=log,
-            env=clean_env(),
-        )
+        served = {"checkpoint": checkpoint, "host": "127.0.0.1", "port": port, "db": f"sqlite:///{db}"}
+        served |= {"metrics_port": None, "max_delay_ms": 1}
+        super().__init__(serve_argv(*settings_flags(served)), log=log, env=clean_env())
         self.db = db
         self.starts = 0
 

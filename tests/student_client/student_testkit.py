@@ -1,4 +1,5 @@
-"""Shared pieces of the student_client tests: a small real-image subset, a tiny teacher, a real server, the ledger.
+"""Shared pieces of the student_client tests: a small real-image subset, a tiny teacher, a real server, the ledger,
+and a run of the tiny student as a TrainConfig or as `student-client train` flags.
 
 Not a conftest.py: `tests/conftest.py` is imported as `conftest` by other test files, and a second conftest module
 here would shadow it.
@@ -12,11 +13,14 @@ import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
 from torch import nn
 
+from student_client.command import student_client_command, train_argv
+from student_client.config import TrainConfig
 from teacher_server.settings import ServerSettings
 from teacher_server.testing.server import RunningServer, running_server
 
@@ -79,3 +83,20 @@ def ledger_rows_at(db: Path | str, key_name: str) -> list[dict[str, object]]:
 def ledger_rows(srv: RunningServer, key_name: str) -> list[dict[str, object]]:
     """Usage rows of one key of a running test server's SQLite ledger."""
     return ledger_rows_at(srv.settings.db.removeprefix("sqlite:///"), key_name)
+
+
+def tiny_config(
+    data: Path | str, out: Path | str, srv: RunningServer | None = None, key: str | None = None, **fields: Any
+) -> TrainConfig:
+    """A run of the tiny student (STUDENT, STUDENT_KWARGS, unless `fields` name another) on `data`, writing to `out`;
+    with `srv`, distilled from that teacher under the API key `key`; no progress bar unless `progress=True`."""
+    served = {"teacher": srv.address, "api_key": key} if srv is not None else {}
+    base = {"student": STUDENT, "student_kwargs": STUDENT_KWARGS, "progress": False}
+    return TrainConfig(**{"data": str(data), "out": str(out), **served, **base, **fields})
+
+
+def train_flags(**fields: Any) -> list[str]:
+    """`train` and a flag per field, what follows `student-client` on a user's command line (student_client.command's
+    train_argv without the command): the tiny student unless `fields` name another."""
+    argv = train_argv(**{"student": STUDENT, "student_kwargs": STUDENT_KWARGS, **fields})
+    return argv[len(student_client_command()) :]

@@ -12,19 +12,9 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
+import process_testkit as kit
 import pytest
-from process_testkit import (
-    STUDENT_CLI,
-    TeacherProcess,
-    clean_env,
-    create_key,
-    digests_by_id,
-    free_port,
-    request_log,
-    step_rows,
-    train_cmd,
-    wait_for,
-)
+from process_testkit import STUDENT_CLI, clean_env, step_rows, train_cmd, wait_for
 from student_testkit import ledger_rows, ledger_rows_at, make_subset, teacher_server, tiny_teacher
 
 from maskedkd.checkpoints import save_model_checkpoint
@@ -43,29 +33,34 @@ def summary_of(out: Path) -> dict[str, float]:
     return json.loads((out / "summary.json").read_text())
 
 
+def _kill_at(cmd: list[str], out: Path, steps: int, **env: str) -> None:
+    """Run `cmd` and SIGKILL it once `out`'s metrics show `steps` steps done."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env(**env))
+    try:
+        wait_for(lambda: step_rows(out) >= steps or proc.poll() is not None, 180, f"{steps} steps")
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL, "the run ended before it could be killed"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run `cmd` to its end (at most 3 minutes), its output captured."""
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=clean_env())
+
+
 def test_kill_9_mid_epoch_then_resume_bills_exactly_the_uninterrupted_run(tmp_path: Path) -> None:
     data = make_subset(tmp_path / "data", train_per_class=4, test_per_class=1)  # 40 images: 5 steps of 8 per epoch
-    env = clean_env()
     with teacher_server(tmp_path, tiny_teacher()) as srv:
         straight, killed = tmp_path / "straight", tmp_path / "killed"
         # the uninterrupted run: the same command line, through the same main() in this process
         assert main(train_cmd(data, straight, srv.address, srv.create_key("straight"))[len(STUDENT_CLI) :]) == 0
 
         key = srv.create_key("killed")
-        proc = subprocess.Popen(
-            train_cmd(data, killed, srv.address, key), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
-        )
-        try:
-            wait_for(lambda: step_rows(killed) >= 7 or proc.poll() is not None, 180, "7 steps")  # into epoch 2
-            proc.send_signal(signal.SIGKILL)
-            assert proc.wait(timeout=30) == -signal.SIGKILL, "the run ended before it could be killed"
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        _kill_at(train_cmd(data, killed, srv.address, key), killed, 7)  # into epoch 2
         run_id = run_id_of(killed)
-        resumed = subprocess.run(
-            train_cmd(data, killed, srv.address, key, "--resume"), capture_output=True, text=True, timeout=180, env=env
-        )
+        resumed = _run(train_cmd(data, killed, srv.address, key, "--resume"))
         assert resumed.returncode == 0, resumed.stderr
         assert "resuming from" in resumed.stderr
         assert run_id_of(killed) == run_id  # --resume kept the run id
@@ -86,13 +81,13 @@ def test_kill_9_mid_epoch_then_resume_bills_exactly_the_uninterrupted_run(tmp_pa
 
     # byte identity, proven on the client side: the killed run re-sent epoch 2's first steps under the same ids,
     # with the same bytes as its first attempt and as the uninterrupted run
-    log = request_log(killed)
+    log = kit.request_log(killed)
     assert len({e["pid"] for e in log}) == 2
-    sent = digests_by_id(log, run_id)
+    sent = kit.digests_by_id(log, run_id)
     resent = [rid for rid, n in Counter(str(e["request_id"]) for e in log).items() if n > 1]
     assert len(resent) >= 4, "the kill came too late to re-send anything"
     assert all(len(d) == 1 for d in sent.values()), {k: v for k, v in sent.items() if len(v) > 1}
-    assert sent == digests_by_id(request_log(straight), run_id_of(straight))
+    assert sent == kit.digests_by_id(kit.request_log(straight), run_id_of(straight))
 
 
 def test_teacher_killed_and_restarted_three_times_the_run_completes_billed_once(tmp_path: Path) -> None:
@@ -105,9 +100,9 @@ def test_teacher_killed_and_restarted_three_times_the_run_completes_billed_once(
         model_kwargs={"img_size": 32, "patch_size": 4, "num_classes": 10, "depth": 2},
     )
     db = tmp_path / "ledger.db"
-    server = TeacherProcess(ckpt, db, free_port(), tmp_path / "teacher.log")
+    server = kit.TeacherProcess(ckpt, db, kit.free_port(), tmp_path / "teacher.log")
     server.start()
-    key = create_key(db, "restarts")
+    key = kit.create_key(db, "restarts")
     out = tmp_path / "run"
     proc = subprocess.Popen(
         train_cmd(data, out, server.address, key, epochs=2),
@@ -141,20 +136,8 @@ def test_teacher_killed_and_restarted_three_times_the_run_completes_billed_once(
     billed = sum(float(r["gflops"]) for r in rows)  # type: ignore[arg-type]
     assert billed == pytest.approx(80 * per_image, rel=1e-9)  # what an uninterrupted run bills: 2 epochs x 40
     assert summary_of(out)["teacher_gflops"] == pytest.approx(billed, rel=1e-9)
-    sent = digests_by_id(request_log(out), run_id)
+    sent = kit.digests_by_id(kit.request_log(out), run_id)
     assert all(len(d) == 1 for d in sent.values())  # whatever was re-sent went with the same bytes
-
-
-def _kill_at(cmd: list[str], out: Path, steps: int, **env: str) -> None:
-    """Run `cmd` and SIGKILL it once `out`'s metrics show `steps` steps done."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env(**env))
-    try:
-        wait_for(lambda: step_rows(out) >= steps or proc.poll() is not None, 180, f"{steps} steps")
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL, "the run ended before it could be killed"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
 
 
 @pytest.mark.dtype("bfloat16")  # a bf16 student, on any CPU (forced where bf16 is not native)
@@ -165,13 +148,7 @@ def test_bf16_run_resumed_with_other_threads_then_other_numerics_bills_the_unint
     data = make_subset(tmp_path / "data", train_per_class=4, test_per_class=1)  # 5 steps of 8 per epoch, 2 epochs
     with teacher_server(tmp_path, tiny_teacher()) as srv:
         straight, killed = tmp_path / "straight", tmp_path / "killed"
-        done = subprocess.run(
-            train_cmd(data, straight, srv.address, srv.create_key("straight"), "--precision", "bf16"),
-            capture_output=True,
-            text=True,
-            timeout=180,
-            env=clean_env(),
-        )
+        done = _run(train_cmd(data, straight, srv.address, srv.create_key("straight"), "--precision", "bf16"))
         assert done.returncode == 0, done.stderr
         key = srv.create_key("killed")
         _kill_at(train_cmd(data, killed, srv.address, key, "--precision", "bf16"), killed, 6)
@@ -182,12 +159,8 @@ def test_bf16_run_resumed_with_other_threads_then_other_numerics_bills_the_unint
             8,
             OMP_NUM_THREADS="2",
         )
-        numerics = subprocess.run(
-            train_cmd(data, killed, srv.address, key, "--resume", "--precision", "fp32", "--strategy", "random"),
-            capture_output=True,
-            text=True,
-            timeout=180,
-            env=clean_env(),
+        numerics = _run(
+            train_cmd(data, killed, srv.address, key, "--resume", "--precision", "fp32", "--strategy", "random")
         )
         assert numerics.returncode == 0, numerics.stderr
         rows_straight, rows_killed = ledger_rows(srv, "straight"), ledger_rows(srv, "killed")
@@ -200,9 +173,9 @@ def test_bf16_run_resumed_with_other_threads_then_other_numerics_bills_the_unint
     assert billed == pytest.approx(sum(float(r["gflops"]) for r in rows_straight), rel=1e-12)  # type: ignore[arg-type]
     summary = summary_of(killed)
     assert summary["teacher_gflops"] == pytest.approx(billed, rel=1e-9) and summary["teacher_rebilled_requests"] == 0
-    log = request_log(killed)
+    log = kit.request_log(killed)
     by_attempt = [
-        digests_by_id([e for e in log if e["pid"] == pid], run_id) for pid in dict.fromkeys(e["pid"] for e in log)
+        kit.digests_by_id([e for e in log if e["pid"] == pid], run_id) for pid in dict.fromkeys(e["pid"] for e in log)
     ]
     assert len(by_attempt) == 3
     # bf16 on two threads re-sent steps 5 and 6 (7 was in flight at the kill) with the bytes of the first attempt
@@ -225,13 +198,7 @@ def test_resume_with_another_seed_is_refused_in_one_line(tmp_path: Path) -> None
         key, out = srv.create_key("seed"), tmp_path / "run"
         assert main(train_cmd(data, out, srv.address, key, epochs=1)[len(STUDENT_CLI) :]) == 0
         rows = len(ledger_rows(srv, "seed"))
-        again = subprocess.run(
-            train_cmd(data, out, srv.address, key, "--resume", "--epochs", "2", "--seed", "7"),
-            capture_output=True,
-            text=True,
-            timeout=180,
-            env=clean_env(),
-        )
+        again = _run(train_cmd(data, out, srv.address, key, "--resume", "--epochs", "2", "--seed", "7"))
         assert len(ledger_rows(srv, "seed")) == rows  # nothing sent
     assert again.returncode != 0 and "Traceback" not in again.stderr
     errors = [line for line in again.stderr.splitlines() if "--seed 0, not 7" in line]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from student_testkit import STUDENT, STUDENT_KWARGS, make_subset, teacher_server, tiny_teacher
+from student_testkit import STUDENT, STUDENT_KWARGS, make_subset, teacher_server, tiny_teacher, train_flags
 from torchvision import datasets, transforms
 
 from maskedkd.checkpoints import load_model
@@ -35,24 +34,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--student",
-        STUDENT,
-        "--student-kwargs",
-        json.dumps(STUDENT_KWARGS),
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--batch-size",
-        "8",
-        "--epochs",
-        "1",
-        "--local",
-        "--no-progress",
-        *extra,
-    ]
+    return [*train_flags(data=data, out=out, batch_size=8, epochs=1, local=True, progress=False), *extra]
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -256,22 +238,7 @@ def test_bad_values_are_one_line_exit_2_before_ray_starts(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     _mismatched_checkpoint(tmp_path / "out")
-    args = [
-        "train",
-        "--mode",
-        "none",
-        "--student",
-        STUDENT,
-        "--student-kwargs",
-        json.dumps(STUDENT_KWARGS),
-        "--data",
-        str(data),
-        "--out",
-        "out",
-        "--workers",
-        "1",
-        *flags,
-    ]  # no --local: Ray would be next
+    args = [*train_flags(mode="none", data=data, out="out", workers=1), *flags]  # no --local: Ray would be next
     code, stdout, err = in_process(capsys, *args)
     assert code == 2 and stdout == ""
     assert_one_line_error(subprocess.CompletedProcess(args, code, stdout, err), *needles)

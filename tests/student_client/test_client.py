@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import grpc
 import pytest
 import torch
 import torch.nn.functional as F
-from student_testkit import STUDENT, STUDENT_KWARGS, ledger_rows, make_subset, teacher_server, tiny_teacher
+from student_testkit import ledger_rows, make_subset, teacher_server, tiny_teacher, train_flags
 
 from maskedkd.masked_teacher import MaskedTeacher
 from maskedkd.v1 import teacher_pb2 as pb
@@ -289,26 +288,8 @@ def test_student_cli_trains_against_a_mutual_tls_teacher(
         tmp_path, tiny_teacher(), tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca
     ) as srv:
         key = srv.create_key("cli-tls")
-        common = [
-            "train",
-            "--teacher",
-            srv.address,
-            "--api-key",
-            key,
-            "--student",
-            STUDENT,
-            "--student-kwargs",
-            json.dumps(STUDENT_KWARGS),
-            "--data",
-            str(data),
-            "--batch-size",
-            "4",
-            "--max-steps",
-            "1",
-            "--local",
-            "--no-progress",
-            "--no-eval",
-        ]
+        run = {"batch_size": 4, "max_steps": 1, "local": True, "progress": False, "eval": False}
+        common = train_flags(teacher=srv.address, api_key=key, data=data, **run)
         tls = ["--teacher-ca", pki.ca, "--teacher-client-cert", pki.client_cert, "--teacher-client-key", pki.client_key]
         assert student_cli([*common, "--out", str(tmp_path / "ok"), *tls]) == 0, capsys.readouterr().err
         billed = len(ledger_rows(srv, "cli-tls"))

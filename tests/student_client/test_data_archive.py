@@ -6,10 +6,9 @@ import threading
 from pathlib import Path
 
 import pytest
-from student_testkit import STUDENT, STUDENT_KWARGS, make_archive
+from student_testkit import make_archive, tiny_config
 
 from student_client.cli import main
-from student_client.config import TrainConfig
 from student_client.context import LocalContext
 from student_client.data import class_names_of
 from student_client.data_archive import CACHE_ENV, local_data_root
@@ -37,17 +36,7 @@ def test_an_archive_is_extracted_once_per_node_and_trained_from(
     assert class_names_of(roots[0]) == class_names_of(tmp_path / "cifar-small")
     assert len(list(Path(roots[0]).glob("train/*/*.jpg"))) == 10
 
-    cfg = TrainConfig(
-        data=str(archive),
-        out=str(tmp_path / "run"),
-        mode="none",
-        student=STUDENT,
-        student_kwargs=STUDENT_KWARGS,
-        batch_size=4,
-        max_steps=1,
-        eval=False,
-        progress=False,
-    )
+    cfg = tiny_config(archive, tmp_path / "run", mode="none", batch_size=4, max_steps=1, eval=False)
     summary = run_training(cfg, LocalContext())
     assert summary["global_step"] == 1 and summary["images_seen"] == 4 and not summary["fatal_error"]
 

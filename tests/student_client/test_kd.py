@@ -213,28 +213,20 @@ def test_random_strategy_without_sips_support_and_the_other_grid_is_resized(env:
 def test_train_returns_the_summary_and_raises_one_line_on_a_bad_key(tmp_path: Path) -> None:
     """student_client.train(cfg) in-process: the summary's bill is the ledger's; a bad key is one line
     (TeacherAuthError) before training starts, and a TrainingError when the checks are skipped (what a worker meets)."""
-    from student_testkit import make_subset
+    from student_testkit import make_subset, tiny_config
 
     from student_client import TrainConfig, TrainingError, train
 
     data = make_subset(tmp_path / "data", train_per_class=1, test_per_class=1)
     with teacher_server(tmp_path, tiny_teacher()) as srv:
-        base = dict(
-            data=str(data),
-            teacher=srv.address,
-            student=STUDENT,
-            student_kwargs=STUDENT_KWARGS,
-            batch_size=8,
-            max_steps=1,
-            progress=False,
-            eval=False,
-            teacher_patience_s=0,
-        )
-        summary = train(TrainConfig(out=str(tmp_path / "ok"), api_key=srv.create_key("ok"), **base), local=True)
+        base = {"batch_size": 8, "max_steps": 1, "eval": False, "teacher_patience_s": 0}
+        ok = tiny_config(data, tmp_path / "ok", srv, srv.create_key("ok"), **base)
+        assert type(ok) is TrainConfig  # the package's lazily exported name is the config class
+        summary = train(ok, local=True)
         rows = ledger_rows(srv, "ok")
         assert summary["global_step"] == 1 and len(rows) == 2
         assert summary["teacher_gflops"] == pytest.approx(sum(r["gflops"] for r in rows), rel=1e-12)
-        bad = TrainConfig(out=str(tmp_path / "bad"), api_key="mkd_wrong", **base)
+        bad = tiny_config(data, tmp_path / "bad", srv, "mkd_wrong", **base)
         with pytest.raises(TeacherAuthError, match=r"(?i)key") as refused:
             train(bad, local=True)
         assert "\n" not in str(refused.value)

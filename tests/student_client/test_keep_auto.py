@@ -12,9 +12,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from student_testkit import STUDENT, STUDENT_KWARGS, ledger_rows, make_subset, teacher_server, tiny_teacher
+from student_testkit import STUDENT, STUDENT_KWARGS, ledger_rows, make_subset, teacher_server, tiny_config, tiny_teacher
 
-from student_client.config import TrainConfig
 from student_client.context import LocalContext
 from student_client.keep_auto import LADDER, STAY_AGREEMENT_SLACK, STAY_KL_FACTOR, Rung, choose, ladder, rung_sums
 from student_client.train_loop import run_training
@@ -106,23 +105,9 @@ def test_a_keep_auto_run_bills_its_probes_once_and_logs_each_decision(
     data = make_subset(tmp_path / "data", train_per_class=2, test_per_class=1)  # 20 train images: 3 steps of 8
     with teacher_server(tmp_path, tiny_teacher()) as srv:
         key = srv.create_key("auto")
-        cfg = TrainConfig(
-            data=str(data),
-            out=str(tmp_path / "run"),
-            teacher=srv.address,
-            api_key=key,
-            student=STUDENT,
-            student_kwargs=STUDENT_KWARGS,
-            batch_size=8,
-            max_steps=1,
-            progress=False,
-            eval=False,
-            keep="auto",
-            keep_every=2,
-            keep_probes=2,
-            keep_max_kl=10.0,
-            keep_min_agreement=0.0,
-        )  # any rung passes: 25% wins
+        # any rung passes: 25% wins
+        probes = {"keep": "auto", "keep_every": 2, "keep_probes": 2, "keep_max_kl": 10.0, "keep_min_agreement": 0.0}
+        cfg = tiny_config(data, tmp_path / "run", srv, key, batch_size=8, max_steps=1, eval=False, **probes)
         assert run_training(cfg, LocalContext())["global_step"] == 1
         summary = run_training(cfg.replace(max_steps=3, resume=True), LocalContext())  # step 1 keeps step 0's keep
         rows = ledger_rows(srv, "auto")

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
-from student_testkit import STUDENT, STUDENT_KWARGS, ledger_rows, make_subset, teacher_server, tiny_teacher
+from student_testkit import ledger_rows, make_subset, teacher_server, tiny_config, tiny_teacher
 
 import student_client.train_step as train_step
 import teacher_server.service.inference as inference
@@ -143,21 +143,8 @@ def test_a_keep_mass_run_is_billed_per_image_at_each_images_own_k(
     teacher = tiny_teacher()
     with teacher_server(tmp_path, teacher) as srv:
         key = srv.create_key("mass")
-        cfg = TrainConfig(
-            data=str(data),
-            out=str(tmp_path / "run"),
-            teacher=srv.address,
-            api_key=key,
-            student=STUDENT,
-            student_kwargs=STUDENT_KWARGS,
-            batch_size=8,
-            max_steps=2,
-            progress=False,
-            eval=False,
-            micro_batches=2,
-            keep=0.75,
-            keep_mass=0.6,
-        )
+        run = {"batch_size": 8, "max_steps": 2, "eval": False, "micro_batches": 2}
+        cfg = tiny_config(data, tmp_path / "run", srv, key, keep=0.75, keep_mass=0.6, **run)
         summary = run_training(cfg, LocalContext())
         rows = ledger_rows(srv, "mass")
 

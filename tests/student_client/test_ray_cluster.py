@@ -7,7 +7,6 @@ deleted, as when rank 0 wrote them on another machine), and the ledger holds exa
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 from process_testkit import STUDENT_CLI
 from ray_cluster_testkit import two_node_cluster
-from student_testkit import STUDENT, STUDENT_KWARGS, ledger_rows_at, make_archive, teacher_server, tiny_teacher
+from student_testkit import ledger_rows_at, make_archive, teacher_server, tiny_teacher, train_flags
 
 from student_client.data_archive import CACHE_ENV
 
@@ -33,38 +32,10 @@ def test_two_nodes_train_with_shared_storage_and_reported_progress(tmp_path: Pat
         nodes = cluster.alive_nodes()
 
         def train(epochs: int, *extra: str) -> subprocess.CompletedProcess[str]:
+            where = {"ray_address": cluster.address, "workers": 2, "storage": storage, "teacher": srv.address}
+            run = {"api_key": key, "epochs": epochs, "batch_size": 8, "keep": 0.5, "max_failures": 0}
             return subprocess.run(
-                [
-                    *STUDENT_CLI,
-                    "train",
-                    "--ray-address",
-                    cluster.address,
-                    "--workers",
-                    "2",
-                    "--data",
-                    str(data),
-                    "--out",
-                    str(out),
-                    "--storage",
-                    str(storage),
-                    "--teacher",
-                    srv.address,
-                    "--api-key",
-                    key,
-                    "--student",
-                    STUDENT,
-                    "--student-kwargs",
-                    json.dumps(STUDENT_KWARGS),
-                    "--epochs",
-                    str(epochs),
-                    "--batch-size",
-                    "8",
-                    "--keep",
-                    "0.5",
-                    "--max-failures",
-                    "0",
-                    *extra,
-                ],
+                [*STUDENT_CLI, *train_flags(data=data, out=out, **where, **run), *extra],
                 env=cluster.env | {CACHE_ENV: str(tmp_path / "cache-driver")},
                 capture_output=True,
                 text=True,

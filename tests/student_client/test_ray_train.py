@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 import ray
 from process_testkit import digests_by_id, request_log, step_rows, wait_for
-from student_testkit import STUDENT, STUDENT_KWARGS, ledger_rows, make_subset, teacher_server, tiny_teacher
+from student_testkit import STUDENT, ledger_rows, make_subset, teacher_server, tiny_config, tiny_teacher
 
 from maskedkd.checkpoints import load_model
 from maskedkd.masked_teacher import MaskedTeacher
-from student_client.config import TrainConfig
 from student_client.ray_runner import TrainingError, run_with_ray
 
 # Ray / subprocess end-to-end: `make test` starts slow modules first
@@ -44,23 +43,10 @@ def test_two_workers_keep_half_survive_a_killed_worker_and_bill_exactly_an_unint
     with teacher_server(tmp_path, teacher) as srv:
         key = srv.create_key("ray-student")
         out = tmp_path / "run"
-        cfg = TrainConfig(
-            data=str(data),
-            out=str(out),
-            teacher=srv.address,
-            api_key=key,
-            student=STUDENT,
-            student_kwargs=STUDENT_KWARGS,
-            workers=2,
-            batch_size=16,
-            epochs=2,
-            keep=0.5,
-            strategy="sips",
-            micro_batches=2,
-            max_failures=1,
-            request_log=str(out / "requests.jsonl"),
-            precision="bf16",
-        )
+        # with the progress bar a user sees (tiny_config turns it off unless asked)
+        run = {"workers": 2, "batch_size": 16, "epochs": 2, "micro_batches": 2, "max_failures": 1, "progress": True}
+        log = str(out / "requests.jsonl")
+        cfg = tiny_config(data, out, srv, key, keep=0.5, strategy="sips", request_log=log, precision="bf16", **run)
         killed: list[int] = []
 
         def kill_rank0_in_epoch_2() -> None:  # after epoch 1's checkpoint was reported, while steps are in flight
@@ -106,44 +92,27 @@ def test_two_workers_keep_half_survive_a_killed_worker_and_bill_exactly_an_unint
     assert meta.extra["epochs_done"] == 2
 
 
-def test_a_worker_crash_without_retries_left_is_one_line(local_ray: None, tmp_path: Path) -> None:
-    data = make_subset(tmp_path / "data", train_per_class=1, test_per_class=1)
-    cfg = TrainConfig(
-        data=str(data),
-        out=str(tmp_path / "run"),
-        mode="none",
-        student=STUDENT,
-        student_kwargs=STUDENT_KWARGS,
-        workers=2,
-        batch_size=4,
-        max_failures=0,
-        fail_at_step=0,
-        progress=False,
-    )
+def ray_failure(data: Path, out: Path, **fields: object) -> str:
+    """The TrainingError of a plain run (no teacher) on two Ray workers that fails, as the one line it prints."""
+    cfg = tiny_config(data, out, mode="none", workers=2, batch_size=4, **fields)
     with pytest.raises(TrainingError) as err:
         run_with_ray(cfg)
-    assert str(err.value) == "RuntimeError: injected failure at step 0"
+    return str(err.value)
+
+
+def test_a_worker_crash_without_retries_left_is_one_line(local_ray: None, tmp_path: Path) -> None:
+    data = make_subset(tmp_path / "data", train_per_class=1, test_per_class=1)
+    error = ray_failure(data, tmp_path / "run", max_failures=0, fail_at_step=0)
+    assert error == "RuntimeError: injected failure at step 0"
 
 
 def test_data_missing_on_a_worker_node_is_one_line_naming_the_node(local_ray: None, tmp_path: Path) -> None:
     missing = tmp_path / "not-on-this-node"  # the driver's preflight is skipped: only the workers look
-    cfg = TrainConfig(
-        data=str(missing),
-        out=str(tmp_path / "run"),
-        mode="none",
-        student=STUDENT,
-        student_kwargs=STUDENT_KWARGS,
-        workers=2,
-        batch_size=4,
-        max_failures=1,
-        progress=False,
-    )
-    with pytest.raises(TrainingError) as err:
-        run_with_ray(cfg)
+    error = ray_failure(missing, tmp_path / "run", max_failures=1)
     node_id = ray.get_runtime_context().get_node_id()
-    assert str(err.value).startswith(f"--data {missing} is not a directory on "), str(err.value)
-    assert f"(Ray node {node_id[:12]}) (rank 0)" in str(err.value)
-    assert "\n" not in str(err.value)
+    assert error.startswith(f"--data {missing} is not a directory on "), error
+    assert f"(Ray node {node_id[:12]}) (rank 0)" in error
+    assert "\n" not in error
 
 
 def test_keep_auto_on_two_workers_decides_once_for_both_and_bills_every_probe(local_ray: None, tmp_path: Path) -> None:
@@ -153,22 +122,8 @@ def test_keep_auto_on_two_workers_decides_once_for_both_and_bills_every_probe(lo
     teacher = tiny_teacher()
     with teacher_server(tmp_path, teacher) as srv:
         key = srv.create_key("ray-auto")
-        cfg = TrainConfig(
-            data=str(data),
-            out=str(tmp_path / "run"),
-            teacher=srv.address,
-            api_key=key,
-            student=STUDENT,
-            student_kwargs=STUDENT_KWARGS,
-            workers=2,
-            batch_size=8,
-            max_steps=3,
-            keep="auto",
-            keep_every=2,
-            keep_probes=2,
-            progress=False,
-            eval=False,
-        )
+        probes = {"keep": "auto", "keep_every": 2, "keep_probes": 2}
+        cfg = tiny_config(data, tmp_path / "run", srv, key, workers=2, batch_size=8, max_steps=3, eval=False, **probes)
         summary = run_with_ray(cfg)
         rows = ledger_rows(srv, "ray-auto")
     assert summary["fatal_error"] == "" and summary["global_step"] == 3

@@ -15,6 +15,7 @@ import torch
 from student_testkit import ledger_rows, teacher_server, tiny_teacher
 
 from maskedkd.codec import tensor_to_proto
+from maskedkd.geometry import TeacherGeometry
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
 from student_client.client import TeacherClient
@@ -22,6 +23,10 @@ from student_client.errors import TeacherInputError, TeacherUnavailableError
 from student_client.stream import TeacherStream
 
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(120)]
+
+GRAY = (0.5, 0.5, 0.5)
+# the scripted teacher's: 32x32 images of 4x4 patches (an 8x8 grid), 10 classes, no prefix tokens
+SCRIPTED = TeacherGeometry((32, 32), patch_size=4, in_chans=3, num_prefix_tokens=0, num_classes=10, mean=GRAY, std=GRAY)
 
 
 def test_a_refused_request_fails_only_its_own_future(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -65,19 +70,7 @@ class _ScriptedTeacher(pb_grpc.TeacherServiceServicer):
         self._lock = threading.Lock()
 
     def GetModelInfo(self, request: pb.ModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
-        return pb.ModelInfo(
-            model="scripted",
-            image_height=32,
-            image_width=32,
-            patch_size=4,
-            grid_height=8,
-            grid_width=8,
-            num_classes=10,
-            in_chans=3,
-            mean=[0.5] * 3,
-            std=[0.5] * 3,
-            max_batch_images=8,
-        )
+        return pb.ModelInfo(model="scripted", max_batch_images=8, **SCRIPTED.proto_fields())
 
     def InferStream(
         self, requests: Iterator[pb.InferRequest], context: grpc.ServicerContext

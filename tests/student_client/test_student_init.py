@@ -11,10 +11,9 @@ import timm
 import torch
 from process_testkit import STUDENT_CLI, clean_env
 from safetensors.torch import load_file, save_file
-from student_testkit import STUDENT, STUDENT_KWARGS, make_subset
+from student_testkit import STUDENT, STUDENT_KWARGS, make_subset, tiny_config
 from timm.layers import resample_abs_pos_embed
 
-from student_client.config import TrainConfig
 from student_client.context import LocalContext
 from student_client.student_init import StudentInitError, init_student
 from student_client.train_loop import run_training
@@ -86,21 +85,10 @@ def test_another_architecture_is_one_line_naming_a_tensor(weights: Path, overrid
 
 def test_training_starts_from_the_weights(weights: Path, tmp_path: Path) -> None:
     data = make_subset(tmp_path / "data", train_per_class=2, test_per_class=1)
-    common = dict(
-        data=str(data),
-        mode="none",
-        student=STUDENT,
-        student_kwargs=STUDENT_KWARGS,
-        epochs=1,
-        batch_size=8,
-        max_steps=1,
-        progress=False,
-        eval=False,
-        lr=1e-9,
-        warmup_epochs=0,
-    )
-    run_training(TrainConfig(out=str(tmp_path / "init"), student_init=str(weights), **common), LocalContext())
-    run_training(TrainConfig(out=str(tmp_path / "fresh"), **common), LocalContext())
+    common = {"epochs": 1, "batch_size": 8, "max_steps": 1, "eval": False, "lr": 1e-9, "warmup_epochs": 0}
+    init = tiny_config(data, tmp_path / "init", mode="none", student_init=str(weights), **common)
+    run_training(init, LocalContext())
+    run_training(tiny_config(data, tmp_path / "fresh", mode="none", **common), LocalContext())
     saved = load_file(str(weights))
     started = load_file(str(tmp_path / "init" / "model.safetensors"))
     unrelated = load_file(str(tmp_path / "fresh" / "model.safetensors"))

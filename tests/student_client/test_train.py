@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from student_testkit import STUDENT, STUDENT_KWARGS, ledger_rows, make_subset, teacher_server, tiny_teacher
+from student_testkit import STUDENT, STUDENT_KWARGS, ledger_rows, make_subset, teacher_server, tiny_config, tiny_teacher
 from torch.utils.data import DataLoader
 
 from maskedkd.checkpoints import load_state_dict
@@ -39,20 +39,9 @@ def env(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-de
 
 def config(env: dict[str, Any], name: str, **overrides: Any) -> TrainConfig:
     key = env["srv"].create_key(name) if overrides.get("mode", "kd") != "none" else None
-    base: dict[str, Any] = dict(
-        data=str(env["data"]),
-        out=str(env["root"] / name),
-        teacher=env["srv"].address,
-        api_key=key,
-        student=STUDENT,
-        student_kwargs=STUDENT_KWARGS,
-        epochs=1,
-        batch_size=8,
-        max_steps=2,
-        progress=False,
-        micro_batches=2,
-    )
-    return TrainConfig(**{**base, **overrides})
+    teacher = {"teacher": env["srv"].address, "api_key": key}
+    fields = {**teacher, "epochs": 1, "batch_size": 8, "max_steps": 2, "micro_batches": 2, **overrides}
+    return tiny_config(env["data"], fields.pop("out", env["root"] / name), **fields)
 
 
 @pytest.mark.parametrize(

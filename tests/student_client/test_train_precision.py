@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 import torch
-from student_testkit import STUDENT, STUDENT_KWARGS, make_subset, teacher_server, tiny_teacher
+from student_testkit import STUDENT, STUDENT_KWARGS, make_subset, teacher_server, tiny_config, tiny_teacher
+from torch import nn
 
 from maskedkd.precision import FORCE_CPU_BF16_ENV
 from student_client.client import TeacherClient
@@ -30,6 +31,33 @@ def env(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-de
         yield {"root": root, "data": data, "srv": srv}
 
 
+def config_and_student(
+    env: dict[str, Any], key: str, precision: str, device: torch.device, out: str | None = None
+) -> tuple[TrainConfig, nn.Module]:
+    """A one-step MaskedKD run of the tiny student under a new key `key` (its --out named `out`, else `key`), and the
+    student built from seed 0 on `device`."""
+    srv, run = env["srv"], {"batch_size": 4, "micro_batches": 1, "precision": precision}
+    cfg = tiny_config(env["data"], env["root"] / (out or key), srv, srv.create_key(key), **run)
+    torch.manual_seed(0)
+    return cfg, create_student(STUDENT, student_kwargs_for(STUDENT_KWARGS, 10)).to(device)
+
+
+def step_runner(
+    env: dict[str, Any], cfg: TrainConfig, student: nn.Module, device: torch.device, run_id: str
+) -> tuple[StepRunner, SIPSCapture, TeacherClient]:
+    """One training step's runner for `student` on `device` against the env's teacher (SIPS selection, KD loss),
+    with its SIPS capture and its client (the caller closes it)."""
+    spec = describe_student(student)
+    capture = SIPSCapture(student)
+    client = TeacherClient(env["srv"].address, cfg.api_key or "")
+    selector = PatchSelector(cfg, capture, spec.grid_size, (8, 8), torch.Generator().manual_seed(0))
+    loss = DistillationLoss(cfg.lambda_kd, cfg.tau)
+    runner = StepRunner(
+        cfg, student, student, Normalizer(spec.mean, spec.std, device), loss, selector, client.submit, run_id
+    )
+    return runner, capture, client
+
+
 @pytest.mark.parametrize(
     "precision,forced,resolved",
     [("fp32", "1", "fp32"), ("bf16", "0", "bf16"), ("auto", "1", "bf16"), ("auto", "0", "fp32")],
@@ -38,37 +66,11 @@ def test_one_maskedkd_step_in_each_precision(
     env: dict[str, Any], monkeypatch: pytest.MonkeyPatch, precision: str, forced: str, resolved: str
 ) -> None:
     monkeypatch.setenv(FORCE_CPU_BF16_ENV, forced)
-    srv = env["srv"]
-    cfg = TrainConfig(
-        data=str(env["data"]),
-        out=str(env["root"] / precision),
-        teacher=srv.address,
-        api_key=srv.create_key(f"{precision}-{forced}"),
-        student=STUDENT,
-        student_kwargs=STUDENT_KWARGS,
-        batch_size=4,
-        micro_batches=1,
-        precision=precision,
-        progress=False,
-    )
-    torch.manual_seed(0)
-    student = create_student(STUDENT, student_kwargs_for(STUDENT_KWARGS, 10))
-    spec = describe_student(student)
+    cpu = torch.device("cpu")
+    cfg, student = config_and_student(env, f"{precision}-{forced}", precision, cpu, out=precision)
     block_out: list[torch.dtype] = []
     student.blocks[0].mlp.fc1.register_forward_hook(lambda m, a, out: block_out.append(out.dtype))
-    capture = SIPSCapture(student)
-    client = TeacherClient(srv.address, cfg.api_key or "")
-    selector = PatchSelector(cfg, capture, spec.grid_size, (8, 8), torch.Generator().manual_seed(0))
-    runner = StepRunner(
-        cfg,
-        student,
-        student,
-        Normalizer(spec.mean, spec.std, torch.device("cpu")),
-        DistillationLoss(cfg.lambda_kd, cfg.tau),
-        selector,
-        client.submit,
-        f"p-{precision}-{forced}",
-    )
+    runner, capture, client = step_runner(env, cfg, student, cpu, f"p-{precision}-{forced}")
     assert runner.precision == resolved
     images, targets = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     result = runner(images, targets, 0)
@@ -86,35 +88,9 @@ def test_one_maskedkd_step_in_each_precision(
 def test_cuda_maskedkd_step_runs_the_student_in_bf16(env: dict[str, Any]) -> None:
     """On a GPU, auto resolves to bf16 (compute capability >= 8), SIPS and the loss stay fp32 on the device, and the
     teacher's answer (served on the CPU here) comes back onto the student's device."""
-    srv, device = env["srv"], torch.device("cuda")
-    cfg = TrainConfig(
-        data=str(env["data"]),
-        out=str(env["root"] / "cuda"),
-        teacher=srv.address,
-        api_key=srv.create_key("cuda"),
-        student=STUDENT,
-        student_kwargs=STUDENT_KWARGS,
-        batch_size=4,
-        micro_batches=1,
-        precision="auto",
-        progress=False,
-    )
-    torch.manual_seed(0)
-    student = create_student(STUDENT, student_kwargs_for(STUDENT_KWARGS, 10)).to(device)
-    spec = describe_student(student)
-    capture = SIPSCapture(student)
-    client = TeacherClient(srv.address, cfg.api_key or "")
-    selector = PatchSelector(cfg, capture, spec.grid_size, (8, 8), torch.Generator().manual_seed(0))
-    runner = StepRunner(
-        cfg,
-        student,
-        student,
-        Normalizer(spec.mean, spec.std, device),
-        DistillationLoss(cfg.lambda_kd, cfg.tau),
-        selector,
-        client.submit,
-        "p-cuda",
-    )
+    device = torch.device("cuda")
+    cfg, student = config_and_student(env, "cuda", "auto", device)
+    runner, capture, client = step_runner(env, cfg, student, device, "p-cuda")
     expected = "bf16" if torch.cuda.get_device_capability(0)[0] >= 8 else "fp32"
     assert runner.precision == expected
     result = runner(torch.rand(4, 3, 32, 32, device=device), torch.tensor([0, 1, 2, 3], device=device), 0)

@@ -105,10 +105,21 @@ class PostgresServer:
             conn.close()
         return self.url(name)
 
-    def stop(self) -> None:
-        _run(
-            self, [str(self.bin_dir / "pg_ctl"), "stop", "-D", str(self.data_dir), "-m", "immediate", "-w"], check=False
+    def start(self, *, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """pg_ctl start on the data directory and `port` (again after `stop`: what a database restart looks like to
+        the clients)."""
+        options = (
+            f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.root} "
+            f"-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=100 "
+            f"-c timezone={SERVER_TIMEZONE}"
         )
+        argv = ["start", "-D", str(self.data_dir), "-w", "-t", "60", "-l", str(self.log_file), "-o", options]
+        return _run(self, [str(self.bin_dir / "pg_ctl"), *argv], check=check)
+
+    def stop(self, mode: str = "immediate", *, check: bool = False) -> None:
+        """pg_ctl stop: `immediate` by default (with synchronous_commit=off it may lose the last commits; `fast` shuts
+        down cleanly)."""
+        _run(self, [str(self.bin_dir / "pg_ctl"), "stop", "-D", str(self.data_dir), "-m", mode, "-w"], check=check)
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -152,28 +163,7 @@ def start_postgres(bin_dir: Path, *, run_as: str | None) -> PostgresServer:
         )
         for attempt in range(START_ATTEMPTS):
             server.port = _free_port()
-            options = (
-                f"-c listen_addresses=127.0.0.1 -c port={server.port} -c unix_socket_directories={root} "
-                f"-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=100 "
-                f"-c timezone={SERVER_TIMEZONE}"
-            )
-            started = _run(
-                server,
-                [
-                    str(bin_dir / "pg_ctl"),
-                    "start",
-                    "-D",
-                    str(server.data_dir),
-                    "-w",
-                    "-t",
-                    "60",
-                    "-l",
-                    str(server.log_file),
-                    "-o",
-                    options,
-                ],
-                check=False,
-            )
+            started = server.start(check=False)
             if started.returncode == 0:
                 return server
             if attempt == START_ATTEMPTS - 1:

@@ -12,19 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+import service_testkit as kit
 import torch
 from dtype_marks import child_env
-from service_testkit import (
-    auth,
-    image_request,
-    patch_request,
-    patches_of,
-    random_images,
-    random_keep,
-    settings,
-    stub,
-    tiny_vit,
-)
+from service_testkit import auth, image_request, random_images, random_keep, settings, stub
 
 from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server.service.content_digest import content_digest
@@ -33,9 +24,7 @@ from teacher_server.testing.server import running_server
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(180)]
 
 
-@pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    return tiny_vit(seed=7)
+model = kit.model_fixture(seed=7)
 
 
 def sql(db_url: str, query: str, params: tuple = ()) -> list[tuple]:
@@ -67,7 +56,8 @@ def test_same_id_same_content_replays_and_other_content_is_refused_unbilled(tmp_
         other_bytes = image_request(images.flip(0), keep, request_id="step-1")  # same shape, other pixels
         other_keep = image_request(images, random_keep(3, 20, 2), request_id="step-1")  # other kept patches
         other_counts = image_request(images, keep, request_id="step-1", counts=torch.tensor([20, 10, 5]))
-        as_patches = patch_request(patches_of(images, keep), keep, request_id="step-1")  # same pixels, other kind
+        # same pixels, other kind
+        as_patches = kit.patch_request(kit.patches_of(images, keep), keep, request_id="step-1")
         for request in (other_batch, other_bytes, other_keep, other_counts, as_patches):
             err = refusal(teacher, request, secret)
             assert err.code() == grpc.StatusCode.ALREADY_EXISTS

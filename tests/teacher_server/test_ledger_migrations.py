@@ -103,24 +103,15 @@ def test_cli_ledger_upgrade_migrates_once_and_then_says_it_is_current(tmp_path) 
     db = tmp_path / "ledger.db"
     shutil.copy(PRE_ALEMBIC, db)
     env = child_env()
-    first = subprocess.run(
-        [*CLI, "ledger", "upgrade", "--db", f"sqlite:///{db}"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        cwd=tmp_path,
-    )  # no alembic.ini in the working directory
+
+    def upgrade() -> subprocess.CompletedProcess[str]:  # no alembic.ini in the working directory
+        argv = [*CLI, "ledger", "upgrade", "--db", f"sqlite:///{db}"]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+
+    first = upgrade()
     assert first.returncode == 0, first.stderr
     assert first.stdout.strip() == f"ledger sqlite:///{db}: upgraded schema from 0001 to {head_revision()}"
-    again = subprocess.run(
-        [*CLI, "ledger", "upgrade", "--db", f"sqlite:///{db}"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        cwd=tmp_path,
-    )
+    again = upgrade()
     assert again.returncode == 0 and "is at the newest schema" in again.stdout
     assert rows(db, "SELECT COUNT(*) FROM usage") == [(6,)]
 

@@ -19,11 +19,11 @@ from typing import Any
 
 import grpc
 import pytest
-import torch
+import service_testkit as kit
 from dtype_marks import child_env
 from fastapi.testclient import TestClient
 from postgres_testkit import pg_rows, postgres_server, postgres_url  # noqa: F401 (fixtures)
-from service_testkit import MODEL, TINY, auth, image_request, random_images, random_keep, stub, tiny_vit
+from service_testkit import MODEL, TINY, auth, image_request, random_images, random_keep, stub
 
 from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server.dashboard import create_app
@@ -39,9 +39,7 @@ CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "teacher_se
 REL = 1e-12  # SQL SUM of doubles may add in another order than Python
 
 
-@pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    return tiny_vit(seed=5)
+model = kit.model_fixture(seed=5)
 
 
 def pg_settings(url: str, **overrides: Any) -> ServerSettings:
@@ -83,37 +81,7 @@ def test_totals_equal_the_sum_of_responses_under_concurrent_clients(postgres_url
     with running_server(pg_settings(postgres_url, max_delay_ms=20.0, price_per_gflop=0.003), model=model) as srv:
         keys = {name: srv.create_key(name) for name in ("k0", "k1", "k2")}
         channel, teacher = stub(srv.address)
-        responses: list[tuple[str, pb.InferResponse]] = []
-        lock = threading.Lock()
-
-        def unary_client(c: int) -> None:
-            for i in range(4):
-                batch, k = 1 + (c + i) % 3, 4 + (7 * c + 3 * i) % 60
-                req = image_request(
-                    random_images(batch, c * 10 + i),
-                    random_keep(batch, k, i),
-                    request_id=f"u{c}-{i}" if i % 2 == 0 else "",
-                )  # also server-assigned ids
-                resp = teacher.Infer(req, metadata=auth(keys[f"k{c % 3}"]))
-                with lock:
-                    responses.append((f"k{c % 3}", resp))
-
-        def stream_client(c: int) -> None:
-            reqs = [
-                image_request(random_images(2, 500 + c * 10 + i), random_keep(2, 5 + i * 6, i), request_id=f"s{c}-{i}")
-                for i in range(6)
-            ]
-            got = list(teacher.InferStream(iter(reqs), metadata=auth(keys[f"k{c % 3}"])))
-            assert sorted(r.request_id for r in got) == sorted(r.request_id for r in reqs)
-            with lock:
-                responses.extend((f"k{c % 3}", r) for r in got)
-
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            futures = [pool.submit(unary_client, c) for c in range(6)] + [
-                pool.submit(stream_client, c) for c in range(2)
-            ]
-            for f in futures:
-                f.result()
+        responses = kit.concurrent_clients(teacher, keys, unary=(6, 4), streams=(2, 6))
         with srv.server.sessions() as session:
             totals = {t.name: t for t in reports.usage_totals(session)}
         channel.close()
@@ -121,29 +89,13 @@ def test_totals_equal_the_sum_of_responses_under_concurrent_clients(postgres_url
 
     rows = usage_rows(postgres_url)
     assert len(rows) == len(responses) == 6 * 4 + 2 * 6
-    by_id = {r["request_id"]: r for r in rows}
-    assert len(by_id) == len(rows)
-    for name, resp in responses:  # every response is exactly its row
+    by_id = kit.assert_rows_are_the_responses(rows, responses)
+    for _, resp in responses:
         row = by_id[resp.request_id]
-        assert row["key"] == name and not resp.usage.replayed
-        assert (row["images"], row["tokens"], row["gflops"], row["full_gflops"], row["cost"]) == (
-            resp.usage.images,
-            resp.usage.tokens,
-            resp.usage.gflops,
-            resp.usage.full_gflops,
-            resp.usage.cost,
-        )
         assert started - 1 <= row["epoch"] <= finished + 1  # true UTC instants, whatever the server's zone
         assert (row["logits"] is None) == resp.request_id.startswith("auto-")  # only client ids are replayable
     assert max(r["batch_images"] for r in rows) > 3  # requests of different clients shared micro-batches
-    for name in keys:
-        mine = [resp.usage for n, resp in responses if n == name]
-        t = totals[name]
-        assert (t.requests, t.images, t.tokens) == (len(mine), sum(u.images for u in mine), sum(u.tokens for u in mine))
-        for field in ("gflops", "full_gflops", "cost"):
-            exact = math.fsum(getattr(u, field) for u in mine)
-            assert math.fsum(r[field] for r in rows if r["key"] == name) == exact  # row by row, exactly
-            assert getattr(t, field) == pytest.approx(exact, rel=REL)  # SQL SUM, any order
+    kit.assert_totals_add_up(totals, rows, responses, keys)
 
 
 def test_retry_replays_across_a_restart_and_between_two_servers(postgres_url: str, model) -> None:
@@ -152,15 +104,7 @@ def test_retry_replays_across_a_restart_and_between_two_servers(postgres_url: st
     with running_server(cfg, model=model) as srv:
         key = srv.create_key("carol")
         channel, teacher = stub(srv.address)
-        first = teacher.Infer(image_request(images, keep, request_id="job-1"), metadata=auth(key))
-        retry = teacher.Infer(image_request(images, keep, request_id="job-1"), metadata=auth(key))
-        assert not first.usage.replayed and retry.usage.replayed
-        assert retry.logits.data == first.logits.data  # the stored logits, bit for bit
-        assert (retry.usage.gflops, retry.usage.cost, retry.usage.tokens) == (
-            first.usage.gflops,
-            first.usage.cost,
-            first.usage.tokens,
-        )
+        first = kit.assert_retry_replays(teacher, images, keep, key)
         channel.close()
     assert [r["request_id"] for r in usage_rows(postgres_url)] == ["job-1"]
 
@@ -197,21 +141,7 @@ def test_insert_usage_rows_settles_duplicates_with_savepoints(postgres_url: str)
             keys.add_api_key(s, name="k", key_prefix="mkd_y", key_hash="g" * 64)
 
     def item(rid: str, gflops: float) -> billing.Billable:
-        row = models.NewUsage(
-            api_key_id=key.id,
-            request_id=rid,
-            model="m",
-            images=1,
-            tokens=2,
-            gflops=gflops,
-            full_gflops=2.0,
-            cost=gflops,
-            latency_ms=1.0,
-            queue_ms=0.5,
-            batch_images=1,
-            content_digest=rid * 64,
-        )
-        return billing.Billable(row, "lifetime", payload=(b"\x01\x02\x03\x04", "1,1"))
+        return kit.billable(key.id, rid, gflops, digest=rid * 64, payload=(b"\x01\x02\x03\x04", "1,1"))
 
     with sessions() as s:
         assert billing.bill(s, items=[item("a", 1.0)], replay_ttl_s=60) == [None]
@@ -234,20 +164,9 @@ def test_insert_usage_rows_settles_duplicates_with_savepoints(postgres_url: str)
 def test_quota_refuses_with_resource_exhausted_and_bills_nothing(postgres_url: str, model) -> None:
     with running_server(pg_settings(postgres_url, max_delay_ms=200.0), model=model) as srv:
         channel, teacher = stub(srv.address)
-        images, keep = random_images(1, 4), random_keep(1, 16, 4)
-        cost = teacher.Infer(image_request(images, keep), metadata=auth(srv.create_key("probe"))).usage.gflops
-        key = srv.create_key("erin", quota_gflops=2.5 * cost)
-
-        def call(i: int) -> grpc.StatusCode:
-            try:
-                teacher.Infer(image_request(images, keep, request_id=f"q{i}"), metadata=auth(key))
-                return grpc.StatusCode.OK
-            except grpc.RpcError as err:
-                assert "quota" in err.details() and "erin" in err.details() and "nothing was billed" in err.details()
-                return err.code()
-
-        with ThreadPoolExecutor(max_workers=5) as pool:  # all at once, in one micro-batch
-            codes = list(pool.map(call, range(5)))
+        key, images, keep, cost, codes = kit.quota_race(
+            srv, teacher, quota=2.5, calls=5, needles=("nothing was billed",)
+        )
         assert codes.count(grpc.StatusCode.OK) == 2
         assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 3
         with pytest.raises(grpc.RpcError) as err:

@@ -9,9 +9,8 @@ import sqlite3
 
 import grpc
 import pytest
-import torch
-from postgres_testkit import SERVER_TIMEZONE, _run, pg_rows, postgres_server, postgres_url  # noqa: F401
-from service_testkit import auth, image_request, random_images, random_keep, settings, stub, tiny_vit
+from postgres_testkit import pg_rows, postgres_server, postgres_url  # noqa: F401 (fixtures)
+from service_testkit import auth, image_request, model_fixture, random_images, random_keep, settings, stub
 
 from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server.testing.server import running_server
@@ -20,9 +19,7 @@ pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(180)]
 MESSAGE = "ledger unavailable, not billed, retry"
 
 
-@pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    return tiny_vit(seed=11)
+model = model_fixture(seed=11)
 
 
 def test_sqlite_write_lock_held_too_long_is_unavailable_and_a_retry_bills_once(tmp_path, model) -> None:
@@ -102,31 +99,6 @@ def test_sqlite_full_is_unavailable_and_a_retry_bills_once(tmp_path, model) -> N
         channel.close()
 
 
-def _restart(server) -> None:  # type: ignore[no-untyped-def]
-    """pg_ctl start on the same data directory and port (what a database restart looks like to the clients)."""
-    options = (
-        f"-c listen_addresses=127.0.0.1 -c port={server.port} -c unix_socket_directories={server.root} "
-        f"-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=100 "
-        f"-c timezone={SERVER_TIMEZONE}"
-    )
-    _run(
-        server,
-        [
-            str(server.bin_dir / "pg_ctl"),
-            "start",
-            "-D",
-            str(server.data_dir),
-            "-w",
-            "-t",
-            "60",
-            "-l",
-            str(server.log_file),
-            "-o",
-            options,
-        ],
-    )
-
-
 def test_postgres_restart_is_unavailable_then_billed_once(postgres_server, postgres_url: str, model) -> None:
     from test_ledger_postgres import pg_settings
 
@@ -138,16 +110,13 @@ def test_postgres_restart_is_unavailable_then_billed_once(postgres_server, postg
         request = image_request(random_images(1, 2), random_keep(1, 10, 2), request_id="during")
         # A clean shutdown: the testkit's own stop is immediate, and with its synchronous_commit=off that would lose
         # the last commits (an artifact of the throw-away server's settings, not of the ledger).
-        _run(
-            postgres_server,
-            [str(postgres_server.bin_dir / "pg_ctl"), "stop", "-D", str(postgres_server.data_dir), "-m", "fast", "-w"],
-        )
+        postgres_server.stop("fast", check=True)
         try:
             with pytest.raises(grpc.RpcError) as err:
                 teacher.Infer(request, metadata=auth(secret))
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE and err.value.details().startswith(MESSAGE)
         finally:
-            _restart(postgres_server)
+            postgres_server.start()
         assert not teacher.Infer(request, metadata=auth(secret)).usage.replayed
         assert teacher.Infer(request, metadata=auth(secret)).usage.replayed
         assert pg_rows(postgres_url, "SELECT request_id FROM usage ORDER BY id") == [("before",), ("during",)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import service_testkit as kit
 import timm
 import torch
 
@@ -15,9 +16,7 @@ pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, o
 @pytest.mark.parametrize("extra", [{}, {"reg_tokens": 2}])
 def test_packed_rows_equal_each_row_alone(extra: dict[str, int]) -> None:
     torch.manual_seed(0)
-    model = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, num_classes=10, depth=2, **extra
-    ).eval()
+    model = timm.create_model(kit.MODEL, pretrained=False, **kit.TINY, depth=2, **extra).eval()
     teacher = MaskedTeacher(model)
     gen = torch.Generator().manual_seed(1)
     counts = torch.tensor([16, 48, 16, 64, 32, 48])  # [B]
@@ -36,52 +35,29 @@ def test_packed_rows_equal_each_row_alone(extra: dict[str, int]) -> None:
 
 
 def test_pack_server_answers_ragged_rows_like_each_row_alone_and_bills_the_same(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from service_testkit import (
-        Reference,
-        auth,
-        image_request,
-        logits_of,
-        random_images,
-        random_keep,
-        settings,
-        stub,
-        tiny_vit,
-    )
-
     from teacher_server.testing.server import running_server
 
-    model = tiny_vit()
-    ref = Reference(model)
-    images, keep = random_images(4, seed=5), random_keep(4, 40, seed=6)
+    model = kit.tiny_vit()
+    ref = kit.Reference(model)
+    images, keep = kit.random_images(4, seed=5), kit.random_keep(4, 40, seed=6)
     counts = torch.tensor([40, 12, 25, 12])
-    with running_server(settings(tmp_path, mixed_k="pack"), model=model) as srv:
-        channel, teacher = stub(srv.address)
+    with running_server(kit.settings(tmp_path, mixed_k="pack"), model=model) as srv:
+        channel, teacher = kit.stub(srv.address)
         with channel:
-            r = teacher.Infer(
-                image_request(images, keep, counts=counts, request_id="ragged"), metadata=auth(srv.create_key("p"))
-            )
+            request = kit.image_request(images, keep, counts=counts, request_id="ragged")
+            r = teacher.Infer(request, metadata=kit.auth(srv.create_key("p")))
     alone = torch.cat([ref.logits(images[i : i + 1], keep[i : i + 1, :c]) for i, c in enumerate(counts.tolist())])
-    torch.testing.assert_close(logits_of(r), alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kit.logits_of(r), alone, rtol=1e-5, atol=1e-5)
     assert r.usage.gflops == pytest.approx(ref.gflops(counts.tolist()), rel=1e-12)
 
 
 def test_a_teacher_packing_cannot_cover_falls_back_to_bucketing(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from service_testkit import settings
-
     from teacher_server.engine.packing import supports_packing
     from teacher_server.engine.served_model import build_served_model
 
-    model = timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=32,
-        patch_size=4,
-        num_classes=10,
-        depth=1,
-        global_pool="avg",
-        class_token=False,
-    ).eval()
+    model = timm.create_model(kit.MODEL, pretrained=False, **kit.TINY, depth=1, global_pool="avg", class_token=False)
+    model.eval()
     teacher = MaskedTeacher(model)
     assert not supports_packing(teacher)
-    served = build_served_model("avg", teacher, settings(tmp_path, mixed_k="pack"))
+    served = build_served_model("avg", teacher, kit.settings(tmp_path, mixed_k="pack"))
     assert served.batcher._run_rows.__name__ == "run_bucketed"

@@ -11,21 +11,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import service_testkit as kit
 import torch
 from dtype_marks import child_env
-from service_testkit import (
-    MODEL,
-    SERVED_CLOSE,
-    TINY,
-    Reference,
-    auth,
-    image_request,
-    logits_of,
-    random_images,
-    random_keep,
-    stub,
-    tiny_vit,
-)
 
 from maskedkd.checkpoints import save_model_checkpoint
 from maskedkd.precision import dtype_name, resolve_dtype
@@ -73,24 +61,7 @@ def test_keys_and_usage_commands(tmp_path: Path) -> None:
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "nobody" in missing.stderr
 
     (unused,) = json.loads(run_cli("usage", "--json", db=db).stdout)
-    assert {
-        k: unused[k]
-        for k in (
-            "key",
-            "requests",
-            "images",
-            "tokens",
-            "gflops",
-            "full_gflops",
-            "saving_pct",
-            "cost",
-            "billed",
-            "by_purpose",
-            "refused",
-            "disabled",
-            "price_per_gflop",
-        )
-    } == {
+    expected = {
         "key": "grace",
         "requests": 0,
         "images": 0,
@@ -105,6 +76,7 @@ def test_keys_and_usage_commands(tmp_path: Path) -> None:
         "disabled": True,
         "price_per_gflop": 0.2,
     }
+    assert {k: unused[k] for k in expected} == expected
     unknown = run_cli("usage", "--key", "nobody", db=db)
     assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
     bad_flag = run_cli("keys", "create", "--name", "x", "--quota-gflops", "lots", db=db)
@@ -150,8 +122,8 @@ def test_keys_price_and_enable_change_the_ledger(tmp_path: Path) -> None:
 
 @pytest.mark.dtype("auto")  # default flags: the dtype auto picks here, compared at that dtype's tolerance
 def test_serve_from_a_checkpoint_answers_a_call_and_stops_on_sigterm(tmp_path: Path) -> None:
-    model = tiny_vit(seed=3)
-    ckpt = save_model_checkpoint(tmp_path / "teacher.safetensors", model, model_name=MODEL, model_kwargs=TINY)
+    model = kit.tiny_vit(seed=3)
+    ckpt = save_model_checkpoint(tmp_path / "teacher.safetensors", model, model_name=kit.MODEL, model_kwargs=kit.TINY)
     db = f"sqlite:///{tmp_path / 'ledger.db'}"
     secret = run_cli("keys", "create", "--name", "heidi", db=db).stdout.strip()
     server = ServerProcess(
@@ -160,14 +132,14 @@ def test_serve_from_a_checkpoint_answers_a_call_and_stops_on_sigterm(tmp_path: P
         env=child_env(),
     )
     with server:
-        assert server.ready is not None and server.ready.models == (MODEL,)  # from the checkpoint's metadata alone
-        channel, teacher = stub(server.address)
-        images, keep = random_images(2, 8), random_keep(2, 16, 8)
-        response = teacher.Infer(image_request(images, keep, request_id="cli-1"), metadata=auth(secret))
+        assert server.ready is not None and server.ready.models == (kit.MODEL,)  # from the checkpoint's metadata alone
+        channel, teacher = kit.stub(server.address)
+        images, keep = kit.random_images(2, 8), kit.random_keep(2, 16, 8)
+        response = teacher.Infer(kit.image_request(images, keep, request_id="cli-1"), metadata=kit.auth(secret))
         served_dtype = teacher.GetModelInfo(pb.ModelInfoRequest()).dtype
         assert served_dtype == dtype_name(resolve_dtype("auto", "cpu")[0])  # what auto resolves to in this test
-        ref = Reference(model)
-        torch.testing.assert_close(logits_of(response), ref.logits(images, keep), **SERVED_CLOSE[served_dtype])
+        ref = kit.Reference(model)
+        torch.testing.assert_close(kit.logits_of(response), ref.logits(images, keep), **kit.SERVED_CLOSE[served_dtype])
         assert response.usage.gflops == ref.gflops([16, 16])
         metrics = urllib.request.urlopen(server.ready.metrics_url, timeout=10).read().decode()
         assert "maskedkd_gflops_used_total" in metrics
@@ -192,5 +164,5 @@ def test_serve_errors_are_one_line(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'ledger.db'}"
     no_model = run_cli("serve", "--port", "0", db=db)
     assert no_model.returncode == 2 and no_model.stderr.count("\n") == 1 and "--model" in no_model.stderr
-    bad_json = run_cli("serve", "--model", MODEL, "--model-kwargs", "{img_size: 32}", db=db)
+    bad_json = run_cli("serve", "--model", kit.MODEL, "--model-kwargs", "{img_size: 32}", db=db)
     assert bad_json.returncode == 2 and "--model-kwargs" in bad_json.stderr and "Traceback" not in bad_json.stderr

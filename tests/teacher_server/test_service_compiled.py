@@ -4,19 +4,8 @@ elsewhere) and bills the same."""
 from __future__ import annotations
 
 import pytest
+import service_testkit as kit
 import torch
-from service_testkit import (
-    Reference,
-    auth,
-    logits_of,
-    patch_request,
-    patches_of,
-    random_images,
-    random_keep,
-    settings,
-    stub,
-    tiny_vit,
-)
 
 from maskedkd.masked_teacher import MaskedTeacher
 from teacher_server.engine.compiled import forward_patches_fn
@@ -27,24 +16,26 @@ pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(300)]
 
 def test_unknown_compile_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="compile mode"):
-        forward_patches_fn(MaskedTeacher(tiny_vit()), "dynamic")
+        forward_patches_fn(MaskedTeacher(kit.tiny_vit()), "dynamic")
 
 
 def test_compiled_server_answers_like_the_eager_teacher_and_bills_the_flop_model(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from torch._dynamo.utils import counters
 
-    model = tiny_vit()
-    ref = Reference(model)
+    model = kit.tiny_vit()
+    ref = kit.Reference(model)
     graphs_before = counters["stats"]["unique_graphs"]
-    with running_server(settings(tmp_path, compile="static"), model=model) as srv:
+    with running_server(kit.settings(tmp_path, compile="static"), model=model) as srv:
         key = srv.create_key("compiled")
-        _, teacher = stub(srv.address)
-        images, keep = random_images(4, seed=3), random_keep(4, 12, seed=4)
+        _, teacher = kit.stub(srv.address)
+        images, keep = kit.random_images(4, seed=3), kit.random_keep(4, 12, seed=4)
         for i in range(2):  # the first call compiles this shape, the second reuses the graph
             response = teacher.Infer(
-                patch_request(patches_of(images, keep), keep, request_id=f"c{i}"), metadata=auth(key), timeout=240
+                kit.patch_request(kit.patches_of(images, keep), keep, request_id=f"c{i}"),
+                metadata=kit.auth(key),
+                timeout=240,
             )
-            torch.testing.assert_close(logits_of(response), ref.logits(images, keep), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(kit.logits_of(response), ref.logits(images, keep), rtol=1e-4, atol=1e-5)
             assert response.usage.gflops == pytest.approx(4 * MaskedTeacher(model).gflops(12), rel=1e-9)
         assert counters["stats"]["unique_graphs"] > graphs_before  # the server really ran a compiled graph
 
@@ -59,18 +50,18 @@ def test_compile_shapes_are_compiled_at_start_up_and_no_request_compiles(tmp_pat
     model = timm.create_model(
         "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, num_classes=10, depth=1
     ).eval()  # one block: the compile of the shape stays short
-    ref = Reference(model)
+    ref = kit.Reference(model)
     graphs_before = counters["stats"]["unique_graphs"]
-    with running_server(settings(tmp_path, compile="static", compile_shapes="2:12"), model=model) as srv:
+    with running_server(kit.settings(tmp_path, compile="static", compile_shapes="2:12"), model=model) as srv:
         graphs_at_start = counters["stats"]["unique_graphs"]
         assert graphs_at_start > graphs_before
         key = srv.create_key("warm")
-        _, teacher = stub(srv.address)
-        images, keep = random_images(2, seed=3), random_keep(2, 12, seed=4)
+        _, teacher = kit.stub(srv.address)
+        images, keep = kit.random_images(2, seed=3), kit.random_keep(2, 12, seed=4)
         response = teacher.Infer(
-            patch_request(patches_of(images, keep), keep, request_id="w"), metadata=auth(key), timeout=240
+            kit.patch_request(kit.patches_of(images, keep), keep, request_id="w"), metadata=kit.auth(key), timeout=240
         )
-        torch.testing.assert_close(logits_of(response), ref.logits(images, keep), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(kit.logits_of(response), ref.logits(images, keep), rtol=1e-4, atol=1e-5)
         assert counters["stats"]["unique_graphs"] == graphs_at_start  # served by the warmed graph
 
 
@@ -79,4 +70,4 @@ def test_compile_shape_beyond_the_grid_is_a_load_error(tmp_path) -> None:  # typ
     from teacher_server.service.server import TeacherServer
 
     with pytest.raises(ModelLoadError, match="more patches than the teacher has"):
-        TeacherServer(settings(tmp_path, compile="static", compile_shapes="2:65"), model=tiny_vit())
+        TeacherServer(kit.settings(tmp_path, compile="static", compile_shapes="2:65"), model=kit.tiny_vit())

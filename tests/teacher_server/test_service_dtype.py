@@ -8,20 +8,9 @@ import logging
 from pathlib import Path
 
 import pytest
+import service_testkit as kit
 import timm
 import torch
-from service_testkit import (
-    auth,
-    ledger_rows,
-    logits_of,
-    patch_request,
-    patches_of,
-    random_images,
-    random_keep,
-    settings,
-    stub,
-    tiny_vit,
-)
 
 from maskedkd.precision import (
     CPU_BF16_MIN_SPEEDUP,
@@ -70,24 +59,26 @@ def test_detection_reads_the_cpu_flags_then_measures(monkeypatch: pytest.MonkeyP
 
 
 def test_dtype_is_resolved_reported_exported_and_never_billed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    model = tiny_vit()
-    images, keep = random_images(4, seed=3), random_keep(4, 24, seed=4)
+    model = kit.tiny_vit()
+    images, keep = kit.random_images(4, seed=3), kit.random_keep(4, 24, seed=4)
     usage, logits, info, metric = {}, {}, {}, {}
     for forced, name in (("0", "float32"), ("1", "bfloat16")):
         monkeypatch.setenv(FORCE_CPU_BF16_ENV, forced)
         db = tmp_path / name
         db.mkdir()
-        with running_server(settings(db, dtype="auto"), model=model) as srv:
+        with running_server(kit.settings(db, dtype="auto"), model=model) as srv:
             key = srv.create_key("k")
-            channel, client = stub(srv.address)
+            channel, client = kit.stub(srv.address)
             with channel:
                 info[name] = client.GetModelInfo(pb.ModelInfoRequest()).dtype
-                r = client.Infer(patch_request(patches_of(images, keep), keep, request_id="same"), metadata=auth(key))
-            usage[name], logits[name] = r.usage, logits_of(r)
+                r = client.Infer(
+                    kit.patch_request(kit.patches_of(images, keep), keep, request_id="same"), metadata=kit.auth(key)
+                )
+            usage[name], logits[name] = r.usage, kit.logits_of(r)
             weight = next(srv.server.served.teacher.parameters())
             assert weight.dtype == getattr(torch, name)
             metric[name] = srv.server.metrics.render().decode()
-        rows = ledger_rows(f"sqlite:///{db / 'ledger.db'}")
+        rows = kit.ledger_rows(f"sqlite:///{db / 'ledger.db'}")
         assert len(rows) == 1
         assert rows[0]["gflops"] == pytest.approx(usage[name].gflops, rel=1e-12)
     assert info == {"float32": "float32", "bfloat16": "bfloat16"}
@@ -138,8 +129,11 @@ def test_an_explicit_dtype_that_fails_the_check_refuses_to_start(
 def test_auto_serves_float32_when_the_check_fails_and_says_why(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO), running_server(settings(tmp_path, max_dtype_kl=0.0), model=tiny_vit()) as srv:
-        channel, client = stub(srv.address)
+    with (
+        caplog.at_level(logging.INFO),
+        running_server(kit.settings(tmp_path, max_dtype_kl=0.0), model=kit.tiny_vit()) as srv,
+    ):
+        channel, client = kit.stub(srv.address)
         with channel:
             assert client.GetModelInfo(pb.ModelInfoRequest()).dtype == "float32"
         served = srv.server.served
@@ -158,7 +152,7 @@ def test_default_flags_serve_random_weight_teachers_in_bf16(tmp_path: Path, seed
     16-image agreement check): the decisive images and the KL decide now."""
     torch.manual_seed(seed)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, num_classes=10)
-    _, teacher, fidelity = load_teacher(settings(tmp_path), model)
+    _, teacher, fidelity = load_teacher(kit.settings(tmp_path), model)
     assert next(teacher.parameters()).dtype == torch.bfloat16
     assert fidelity.images == FIDELITY_IMAGES and fidelity.agreement >= 0.98 and fidelity.kl < 1e-3
     assert fidelity.classes >= 2  # the fixed batch is not one answer repeated
@@ -201,8 +195,8 @@ def test_cuda_auto_dtype_follows_compute_capability(tmp_path: Path) -> None:
     major, _ = torch.cuda.get_device_capability(0)
     expected = "bfloat16" if major >= 8 else "float32"
     assert resolve_dtype("auto", "cuda")[0] == getattr(torch, expected)
-    with running_server(settings(tmp_path, device="cuda"), model=tiny_vit()) as srv:
-        channel, client = stub(srv.address)
+    with running_server(kit.settings(tmp_path, device="cuda"), model=kit.tiny_vit()) as srv:
+        channel, client = kit.stub(srv.address)
         with channel:
             assert client.GetModelInfo(pb.ModelInfoRequest()).dtype == expected
         assert srv.server.served.fidelity.agreement >= 0.98

@@ -8,19 +8,9 @@ from collections.abc import Callable
 
 import grpc
 import pytest
+import service_testkit as kit
 import torch
-from service_testkit import (
-    auth,
-    image_request,
-    ledger_rows,
-    patch_request,
-    patches_of,
-    random_images,
-    random_keep,
-    settings,
-    stub,
-    tiny_vit,
-)
+from service_testkit import auth, image_request, ledger_rows, patch_request, stub
 from sqlalchemy import delete
 
 from maskedkd.codec import tensor_to_proto
@@ -30,9 +20,9 @@ from teacher_server.testing.server import running_server
 
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(120)]
 
-IMAGES = random_images(2, 11)  # [2, 3, 32, 32] uint8
-KEEP = random_keep(2, 8, 11)  # [2, 8]
-PATCHES = patches_of(IMAGES, KEEP)
+IMAGES = kit.random_images(2, 11)  # [2, 3, 32, 32] uint8
+KEEP = kit.random_keep(2, 8, 11)  # [2, 8]
+PATCHES = kit.patches_of(IMAGES, KEEP)
 
 
 def _truncated() -> pb.InferRequest:
@@ -87,7 +77,7 @@ BAD_INPUTS: dict[str, tuple[Callable[[], pb.InferRequest], str]] = {  # case -> 
     "image shape": (lambda: image_request(IMAGES[0], KEEP), "must be [B, C, H, W]"),
     "image size": (lambda: image_request(IMAGES[:, :, :28, :28].contiguous(), KEEP), "size 28x28"),
     "channel count": (lambda: image_request(IMAGES[:, :1].contiguous(), KEEP), "1 channels"),
-    "too many images": (lambda: image_request(random_images(5, 0)), "max_batch_images=4"),
+    "too many images": (lambda: image_request(kit.random_images(5, 0)), "max_batch_images=4"),
     "empty batch": (lambda: image_request(IMAGES[:0]), "empty batch"),
     "float pixels out of [0,1]": (lambda: image_request(IMAGES.float(), KEEP), "[0, 1]"),
     "nan pixels": (_nan, "finite"),
@@ -118,8 +108,8 @@ BAD_INPUTS: dict[str, tuple[Callable[[], pb.InferRequest], str]] = {  # case -> 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    cfg = settings(tmp_path_factory.mktemp("errors"), max_batch_images=4, auth_cache_s=0.3)
-    with running_server(cfg, model=tiny_vit(seed=2)) as srv:
+    cfg = kit.settings(tmp_path_factory.mktemp("errors"), max_batch_images=4, auth_cache_s=0.3)
+    with running_server(cfg, model=kit.tiny_vit(seed=2)) as srv:
         yield srv, srv.create_key("mallory")
 
 

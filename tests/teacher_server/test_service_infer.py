@@ -8,26 +8,11 @@ import urllib.request
 
 import grpc
 import pytest
+import service_testkit as kit
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from service_testkit import (
-    CLOSE,
-    GRID_PATCHES,
-    MODEL,
-    Reference,
-    auth,
-    image_request,
-    ledger_rows,
-    logits_of,
-    patch_request,
-    patches_of,
-    random_images,
-    random_keep,
-    settings,
-    stub,
-    tiny_vit,
-)
+from service_testkit import MODEL, Reference, auth, image_request, random_images, random_keep, stub
 
 from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server.testing.server import running_server
@@ -35,9 +20,7 @@ from teacher_server.testing.server import running_server
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(120)]
 
 
-@pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    return tiny_vit()
+model = kit.model_fixture()
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +30,7 @@ def ref(model: torch.nn.Module) -> Reference:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, model: torch.nn.Module):  # type: ignore[no-untyped-def]
-    cfg = settings(tmp_path_factory.mktemp("infer"), metrics_port=0)
+    cfg = kit.settings(tmp_path_factory.mktemp("infer"), metrics_port=0)
     with running_server(cfg, model=model) as srv:
         yield srv, srv.create_key("alice")
 
@@ -61,11 +44,11 @@ def test_logits_and_usage_equal_the_in_process_teacher_and_flop_model(served, re
     float_images = images.float() / 255.0
     cases = [  # (request, reference logits, kept counts)
         (image_request(images, keep), ref.logits(images, keep), [20, 20, 20]),
-        (image_request(images), ref.logits(images), [GRID_PATCHES] * 3),
+        (image_request(images), ref.logits(images), [kit.GRID_PATCHES] * 3),
         (image_request(float_images, keep, counts=counts), ref.logits(float_images, keep, counts), [20, 7, 13]),
-        (patch_request(patches_of(images, keep), keep), ref.logits(images, keep), [20, 20, 20]),
+        (kit.patch_request(kit.patches_of(images, keep), keep), ref.logits(images, keep), [20, 20, 20]),
         (
-            patch_request(patches_of(images, keep).float() / 255.0, keep.to(torch.int16), counts=counts.int()),
+            kit.patch_request(kit.patches_of(images, keep).float() / 255.0, keep.to(torch.int16), counts=counts.int()),
             ref.logits(images, keep, counts),
             [20, 7, 13],
         ),
@@ -74,16 +57,16 @@ def test_logits_and_usage_equal_the_in_process_teacher_and_flop_model(served, re
         request.request_id = f"case-{i}"
         response = teacher.Infer(request, metadata=auth(key))
         assert response.request_id == f"case-{i}"
-        got = logits_of(response)
+        got = kit.logits_of(response)
         assert got.dtype == torch.float32 and got.shape == (3, 10)
-        torch.testing.assert_close(got, expected, **CLOSE)
+        torch.testing.assert_close(got, expected, **kit.CLOSE)
         u = response.usage
         assert (u.images, u.tokens, u.replayed) == (3, sum(kept) + 3, False)
         assert u.gflops == ref.gflops(kept)
         assert u.full_gflops == ref.full_gflops(3)
         assert u.cost == pytest.approx(u.gflops * srv.settings.price_per_gflop, rel=1e-12)
     # the masked forward really is cheaper, and the usage of the unmasked request is exactly the full cost
-    rows = {r["request_id"]: r for r in ledger_rows(srv.settings.db)}
+    rows = {r["request_id"]: r for r in kit.ledger_rows(srv.settings.db)}
     assert rows["case-1"]["gflops"] == rows["case-1"]["full_gflops"]
     assert rows["case-0"]["gflops"] < 0.5 * rows["case-0"]["full_gflops"]
     channel.close()
@@ -119,12 +102,12 @@ def test_model_info_describes_the_teacher(served, ref: Reference) -> None:
 def test_unknown_model_is_not_found_and_not_billed(served) -> None:
     srv, key = served
     channel, teacher = stub(srv.address)
-    before = len(ledger_rows(srv.settings.db))
+    before = len(kit.ledger_rows(srv.settings.db))
     with pytest.raises(grpc.RpcError) as err:
         teacher.Infer(image_request(random_images(1, 0), model="deit_nonexistent"), metadata=auth(key))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert "deit_nonexistent" in err.value.details() and MODEL in err.value.details()
-    assert len(ledger_rows(srv.settings.db)) == before
+    assert len(kit.ledger_rows(srv.settings.db)) == before
     channel.close()
 
 
@@ -137,7 +120,7 @@ def test_stream_answers_every_request_id(served, ref: Reference) -> None:
     assert sorted(r.request_id for r in responses) == sorted(inputs)
     for r in responses:
         images, keep = inputs[r.request_id]
-        torch.testing.assert_close(logits_of(r), ref.logits(images, keep), **CLOSE)
+        torch.testing.assert_close(kit.logits_of(r), ref.logits(images, keep), **kit.CLOSE)
         assert r.usage.gflops == ref.gflops([keep.shape[1]] * 2)
     channel.close()
 
@@ -191,11 +174,11 @@ def test_health_reflection_and_metrics_answer(served) -> None:
 
 
 def test_a_request_batched_with_others_gets_the_same_logits_as_alone(tmp_path, model, ref: Reference) -> None:
-    with running_server(settings(tmp_path, max_delay_ms=400.0), model=model) as srv:
+    with running_server(kit.settings(tmp_path, max_delay_ms=400.0), model=model) as srv:
         key = srv.create_key("bob")
         channel, teacher = stub(srv.address)
         images, keep = random_images(2, 7), random_keep(2, 24, 7)
-        alone = logits_of(teacher.Infer(image_request(images, keep, request_id="alone"), metadata=auth(key)))
+        alone = kit.logits_of(teacher.Infer(image_request(images, keep, request_id="alone"), metadata=auth(key)))
         other_inputs = {
             f"other-{i}": (random_images(3, 50 + i), random_keep(3, k, 60 + i))
             for i, k in enumerate([24, 24, 10, 40, 64])
@@ -207,30 +190,30 @@ def test_a_request_batched_with_others_gets_the_same_logits_as_alone(tmp_path, m
 
         def call(request: pb.InferRequest) -> None:
             barrier.wait()
-            results[request.request_id] = logits_of(teacher.Infer(request, metadata=auth(key)))
+            results[request.request_id] = kit.logits_of(teacher.Infer(request, metadata=auth(key)))
 
         threads = [threading.Thread(target=call, args=(r,)) for r in [mine, *others]]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        rows = {r["request_id"]: r for r in ledger_rows(srv.settings.db)}
+        rows = {r["request_id"]: r for r in kit.ledger_rows(srv.settings.db)}
         assert rows["alone"]["batch_images"] == 2
         assert rows["batched"]["batch_images"] == 2 + 3 * len(others)  # really ran together, mixed K included
         torch.testing.assert_close(results["batched"], alone, rtol=0, atol=1e-6)
-        torch.testing.assert_close(alone, ref.logits(images, keep), **CLOSE)
+        torch.testing.assert_close(alone, ref.logits(images, keep), **kit.CLOSE)
         for rid, (img, kp) in other_inputs.items():
-            torch.testing.assert_close(results[rid], ref.logits(img, kp), **CLOSE)
+            torch.testing.assert_close(results[rid], ref.logits(img, kp), **kit.CLOSE)
         channel.close()
 
 
 def test_bfloat16_serving_leaves_the_given_model_alone(tmp_path, model, ref: Reference) -> None:
-    with running_server(settings(tmp_path, dtype="bfloat16"), model=model) as srv:
+    with running_server(kit.settings(tmp_path, dtype="bfloat16"), model=model) as srv:
         channel, teacher = stub(srv.address)
         assert teacher.GetModelInfo(pb.ModelInfoRequest()).dtype == "bfloat16"
         images, keep = random_images(2, 21), random_keep(2, 32, 21)
         response = teacher.Infer(image_request(images, keep), metadata=auth(srv.create_key("bf")))
-        got = logits_of(response)
+        got = kit.logits_of(response)
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, ref.logits(images, keep), rtol=0.1, atol=0.15)  # bf16 has 8 mantissa bits
         assert response.usage.gflops == ref.gflops([32, 32])  # the FLOP count does not depend on the dtype

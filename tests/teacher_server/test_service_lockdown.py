@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from service_testkit import auth, image_request, ledger_rows, random_images, random_keep, settings, stub
+from service_testkit import auth, image_request, ledger_rows, random_images, random_keep, serve_cli, settings, stub
 from sqlalchemy import event
 
 from maskedkd.v1 import teacher_pb2 as pb
@@ -186,20 +186,6 @@ def test_tokens_come_from_the_environment_or_a_file(tmp_path: Path, monkeypatch:
     monkeypatch.delenv("MASKEDKD_VIEWER_TOKEN_FILE")
     monkeypatch.setenv("MASKEDKD_ADMIN_TOKEN", "admin-from-env")
     assert ServerSettings().admin_token == "admin-from-env"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "teacher_server.cli",
-            "serve",
-            "--model",
-            "vit_tiny_patch16_224",
-            "--admin-token-file",
-            str(tmp_path / "missing"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = serve_cli("--admin-token-file", str(tmp_path / "missing"))
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "cannot read admin_token_file" in result.stderr and "missing" in result.stderr

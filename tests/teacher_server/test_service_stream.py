@@ -11,20 +11,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+import service_testkit as kit
 import torch
-from service_testkit import (
-    CLOSE,
-    Reference,
-    auth,
-    image_request,
-    ledger_rows,
-    patch_request,
-    patches_of,
-    random_images,
-    random_keep,
-    settings,
-    tiny_vit,
-)
+from service_testkit import auth, image_request, ledger_rows, random_images, random_keep
 
 from maskedkd.codec import proto_to_tensor
 from maskedkd.v1 import teacher_pb2 as pb
@@ -43,7 +32,7 @@ def _raw_stream(channel: grpc.Channel) -> grpc.StreamStreamMultiCallable:
 def _good(i: int) -> tuple[pb.InferRequest, torch.Tensor, torch.Tensor]:
     images, keep = random_images(2, 100 + i), random_keep(2, 8 + 4 * i, 100 + i)
     if i % 2:
-        return patch_request(patches_of(images, keep), keep, request_id=f"good-{i}"), images, keep
+        return kit.patch_request(kit.patches_of(images, keep), keep, request_id=f"good-{i}"), images, keep
     return image_request(images, keep, request_id=f"good-{i}"), images, keep
 
 
@@ -74,9 +63,9 @@ def _bad_messages() -> list[tuple[bytes, str, grpc.StatusCode, str]]:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    model = tiny_vit(seed=4)
-    with running_server(settings(tmp_path_factory.mktemp("stream")), model=model) as srv:
-        yield srv, Reference(model)
+    model = kit.tiny_vit(seed=4)
+    with running_server(kit.settings(tmp_path_factory.mktemp("stream")), model=model) as srv:
+        yield srv, kit.Reference(model)
 
 
 def test_each_message_gets_its_own_answer_and_only_good_ones_are_billed(served) -> None:
@@ -102,7 +91,7 @@ def test_each_message_gets_its_own_answer_and_only_good_ones_are_billed(served) 
     for request, images, keep in goods:
         answer = by_id[request.request_id]
         assert not answer.HasField("error")
-        torch.testing.assert_close(proto_to_tensor(answer.logits), reference.logits(images, keep), **CLOSE)
+        torch.testing.assert_close(proto_to_tensor(answer.logits), reference.logits(images, keep), **kit.CLOSE)
         assert answer.usage.images == 2 and not answer.usage.replayed
     for _, request_id, code, words in bads:
         answer = by_id[request_id]
@@ -120,7 +109,7 @@ def test_each_message_gets_its_own_answer_and_only_good_ones_are_billed(served) 
 def test_shutdown_ends_a_stream_only_after_every_billed_answer_was_sent(tmp_path: Path) -> None:
     # The client never half-closes: it keeps sending while the server shuts down. Before per-message answers the
     # server kept serving the stream for the grace period, then cut it with answers billed but unsent.
-    srv = RunningServer(settings(tmp_path, max_delay_ms=20.0, grace_s=5.0), model=tiny_vit(seed=5))
+    srv = RunningServer(kit.settings(tmp_path, max_delay_ms=20.0, grace_s=5.0), model=kit.tiny_vit(seed=5))
     key = srv.create_key("shutdown")
     sent: list[str] = []
     answered: list[str] = []

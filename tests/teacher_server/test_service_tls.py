@@ -4,8 +4,6 @@ one from another CA are refused before anything is billed. Bad TLS files are a o
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +11,8 @@ import grpc
 import httpx
 import pytest
 import torch
-from service_testkit import ledger_rows, settings
+from dashboard_process import dashboard_process, first_answer
+from service_testkit import ledger_rows, serve_cli, settings
 
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
@@ -130,26 +129,6 @@ def test_mutual_tls_needs_a_client_certificate_from_the_ca(mtls_server: RunningS
     assert [r["request_id"] for r in rows] == ["m1"] and rows[0]["cost"] == pytest.approx(usage.cost, rel=1e-12)
 
 
-def _serve(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "teacher_server.cli",
-            "serve",
-            "--model",
-            "vit_tiny_patch16_224",
-            "--port",
-            "0",
-            "--no-metrics",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 @pytest.mark.parametrize("case", ["missing-cert", "key-of-another-cert", "not-pem-ca", "cert-without-key"])
 def test_bad_tls_files_are_a_one_line_cli_error(pki: Pki, tmp_path: Path, case: str) -> None:
     args = {
@@ -158,7 +137,7 @@ def test_bad_tls_files_are_a_one_line_cli_error(pki: Pki, tmp_path: Path, case: 
         "not-pem-ca": ["--tls-cert", pki.server_cert, "--tls-key", pki.server_key, "--tls-client-ca", __file__],
         "cert-without-key": ["--tls-cert", pki.server_cert],
     }[case]
-    result = _serve("--db", f"sqlite:///{tmp_path / 'l.db'}", *args)
+    result = serve_cli("--port", "0", "--no-metrics", "--db", f"sqlite:///{tmp_path / 'l.db'}", *args)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("teacher-server: error:") and "Traceback" not in result.stderr
@@ -174,50 +153,21 @@ def test_bad_tls_files_are_a_one_line_cli_error(pki: Pki, tmp_path: Path, case: 
 def test_standalone_dashboard_serves_https(pki: Pki, tls_server: RunningServer) -> None:
     """`teacher-server dashboard --tls-cert --tls-key` on the TLS server's ledger, as a real process."""
     import os
-    import socket
-    import time
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     tls_server.create_key("tls-dashboard")
     env = {**os.environ, "MASKEDKD_VIEWER_TOKEN": "tls-viewer"}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "teacher_server.dashboard",
-            "--db",
-            tls_server.settings.db,
-            "--port",
-            str(port),
-            "--tls-cert",
-            pki.server_cert,
-            "--tls-key",
-            pki.server_key,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                response = httpx.get(
-                    f"https://127.0.0.1:{port}/api/usage/keys",
-                    verify=pki.ca,
-                    timeout=2,
-                    headers={"Authorization": "Bearer tls-viewer"},
-                )
-                break
-            except httpx.TransportError:
-                assert process.poll() is None and time.monotonic() < deadline, process.stdout and process.stdout.read()
-                time.sleep(0.2)
+    flags = ("--db", tls_server.settings.db, "--tls-cert", pki.server_cert, "--tls-key", pki.server_key)
+    with dashboard_process(*flags, env=env) as (process, port):
+        response = first_answer(
+            process,
+            lambda: httpx.get(
+                f"https://127.0.0.1:{port}/api/usage/keys",
+                verify=pki.ca,
+                timeout=2,
+                headers={"Authorization": "Bearer tls-viewer"},
+            ),
+            retry_on=httpx.TransportError,
+        )
         assert response.status_code == 200 and "tls-dashboard" in {k["key"] for k in response.json()["keys"]}
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{port}/api/usage/keys", timeout=5)
-    finally:
-        process.terminate()
-        process.wait(10)

@@ -23,6 +23,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from dashboard_process import dashboard_process, first_answer
 from fastapi.testclient import TestClient
 from seed_ledger import ADMIN_TOKEN, DEFAULT_PRICE, PLANS, VIEWER_TOKEN, SeededLedger
 
@@ -518,35 +519,17 @@ def test_through_the_real_server_billing_equals_responses_and_admin_takes_effect
 
 def test_dashboard_command_serves_the_ledger(seeded: SeededLedger, tmp_path: Path) -> None:
     """`python -m teacher_server.dashboard` (what `teacher-server dashboard` runs) as a real process."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**os.environ, "MASKEDKD_VIEWER_TOKEN": VIEWER_TOKEN}
     env.pop("MASKEDKD_ADMIN_TOKEN", None)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "teacher_server.dashboard", "--db", seeded.url, "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                body = httpx.get(f"http://127.0.0.1:{port}/api/usage/keys", headers=VIEWER, timeout=2).json()
-                break
-            except httpx.HTTPError:
-                assert process.poll() is None and time.monotonic() < deadline, process.stdout and process.stdout.read()
-                time.sleep(0.2)
+    with dashboard_process("--db", seeded.url, env=env) as (process, port):
+        body = first_answer(
+            process,
+            lambda: httpx.get(f"http://127.0.0.1:{port}/api/usage/keys", headers=VIEWER, timeout=2).json(),
+            retry_on=httpx.HTTPError,
+        )
         assert body["total"]["requests"] == rows(seeded.path, "SELECT COUNT(*) FROM usage")[0][0]
         assert httpx.get(f"http://127.0.0.1:{port}/api/usage/keys", timeout=2).status_code == 401
         assert httpx.post(f"http://127.0.0.1:{port}/api/keys", json={"name": "x"}).status_code == 403
-    finally:
-        process.terminate()
-        process.wait(10)
 
     bad = subprocess.run(
         [sys.executable, "-m", "teacher_server.dashboard", "--db", "nosuchdialect://x", "--port", str(port)],
