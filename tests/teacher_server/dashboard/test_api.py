@@ -434,7 +434,7 @@ def test_openapi_documents_the_api(client: TestClient) -> None:
         ("/api/usage/timeseries", "get", "UsageSeries"),
         ("/api/usage/latency", "get", "RecentLatency"),
         ("/api/keys", "post", "CreatedKey"),
-        ("/api/keys/{name}", "patch", "KeyInfo"),
+        ("/api/keys/{name}", "patch", "ApiKeyView"),
         ("/healthz", "get", "Health"),
     ]:
         ok = next(c for c in ("200", "201") if c in paths[path][method]["responses"])
