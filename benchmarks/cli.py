@@ -10,6 +10,10 @@ Sections (all ratios measured in this run, on this machine):
   breakdown   where the masked forward's time goes (torch.profiler)
   gpu         bf16 on the GPU, % of peak (only with CUDA)
   ledger      per-request billing time at growing ledger sizes (SQLite, Postgres), ledger bytes per billed image
+  serving     the serving path's own cost: server CPU-us per image above the in-process forward (a negligible
+              teacher of DeiT-S geometry, keep 50%), per stage, and img/s through the server
+  tenants     a light key's p50/p99 alone and under a greedy key's 16-client flood; the flood's goodput, refusals
+              and billed-but-undelivered requests (ledger read back with SQL)
   precision   matmul rate per dtype (the best is the machine's limit), the dtype `--dtype auto` serves, and a
               MaskedKD-50 training step with the student in fp32 against bf16; bf16 targets are N/A without native bf16
 Writes OUT/benchmarks.json, OUT/benchmarks.md and OUT/bench_*.png. Teacher servers run as separate processes.
@@ -37,7 +41,20 @@ from benchmarks.timing import load_average, machine_info, matmul_rate, usable_cp
 from benchmarks.training import compiled_key
 from maskedkd.precision import DTYPES
 
-SECTIONS = ("matmul", "teacher", "wire", "microbatch", "training", "flops", "breakdown", "gpu", "precision", "ledger")
+SECTIONS = (
+    "matmul",
+    "teacher",
+    "wire",
+    "microbatch",
+    "training",
+    "flops",
+    "breakdown",
+    "gpu",
+    "precision",
+    "ledger",
+    "serving",
+    "tenants",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,6 +212,14 @@ def run_bench(
             from benchmarks.ledger_scale import run_ledger_section
 
             s["ledger"] = _run("ledger", lambda: run_ledger_section(cfg))
+        if "serving" in sections:
+            from benchmarks.serving import run_serving_section
+
+            s["serving"] = _run("serving", lambda: run_serving_section(calls=cfg.serving_calls))
+        if "tenants" in sections:
+            from benchmarks.tenants import run_tenants
+
+            s["tenants"] = _run("tenants", lambda: run_tenants(cfg.tenants_seconds, threads=threads))
         if "matmul" in s and s["matmul"]["status"] == "ok":
             end = matmul_rate(cfg.matmul_size, warmup=cfg.warmup, repeats=max(3, cfg.repeats))
             s["matmul"]["end"] = end

@@ -73,6 +73,8 @@ class BenchConfig:
     gpu_models: tuple[ModelCase, ...] = ()
     gpu_batch: int = 256
     threads: int = 0  # torch intra-op threads (0: one per CPU this process may use)
+    serving_calls: int = 40  # calls per client in the serving section (2 x 64 and 8 x 32 images per call)
+    tenants_seconds: float = 10.0  # each phase of the tenants section (light alone, light under the flood)
 
 
 FULL_MODELS = (
@@ -160,4 +162,6 @@ QUICK = BenchConfig(
     train_compiled_pairs=(),
     gpu_models=(ModelCase("vit_b_224", "ViT-Ti 64px (quick mode)", "vit_tiny_patch16_224", {"img_size": 64}),),
     gpu_batch=8,
+    serving_calls=2,
+    tenants_seconds=2.0,
 )

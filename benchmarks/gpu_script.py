@@ -3,7 +3,9 @@
 1. the tests that need CUDA (`pytest -k cuda`; they skip on a CPU machine),
 2. the masked forward in bf16 at keep 100/50/25% for DeiT-S, DeiT-B and ViT-L (random weights): img/s, TFLOP/s,
    share of the card's bf16 peak (datasheet, and the bf16 matmul measured in the same run), billed GFLOPs per image,
-3. a real server process (`--device cuda`, `--dtype auto`) through gRPC with 8 concurrent clients,
+3. per model, a real server process (`--device cuda`, `--dtype auto`) through gRPC with 8 and 32 concurrent clients at
+   keep 50%: img/s against the in-process rate, GB/s ingested, the forward's busy share; then the 12-client load with
+   ragged keep counts (0 INTERNAL, the ledger equal to the answers),
 4. the product's training loop on the GPU (DeiT-Ti student, DeiT-S teacher server on the same card): step time of
    no KD, full KD and MaskedKD 50/25%,
 then writes docs/gpu.md. Without CUDA it prints one line and exits 2. `--dry-run` runs the same code on the CPU with
@@ -15,11 +17,13 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import re
+import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +31,11 @@ import torch
 
 from benchmarks.config import FULL, QUICK, BenchConfig, ModelCase, TrainPair, num_kept
 from benchmarks.gpu import run_gpu_section
+from benchmarks.grpc_load import client_load
 from benchmarks.report import pct, table
 from benchmarks.timing import REPO, machine_info
+from maskedkd.codec import tensor_to_proto
+from maskedkd.v1 import teacher_pb2 as pb
 
 GPU_KEEPS = (1.0, 0.5, 0.25)
 GPU_MODELS = (
@@ -44,7 +51,7 @@ DRY_MODELS = (
         {"img_size": 32, "patch_size": 4, "depth": 2, "num_classes": 10},
     ),
 )
-CLIENTS = 8
+SERVER_CLIENTS = (8, 32)  # concurrent clients against each served model
 # the product's loop on the GPU: student and teacher server on the same card, bf16 (`--precision auto`, `--dtype auto`)
 GPU_TRAIN_PAIR = TrainPair(
     "deit",
@@ -57,7 +64,7 @@ GPU_TRAIN_PAIR = TrainPair(
 GPU_TRAIN_MODES = ("no_kd", "full_kd", "maskedkd_50", "maskedkd_25")
 CUDA_TEST_FILES = (
     "tests/maskedkd/test_masked_teacher.py",
-    "tests/teacher_server/test_prefetch.py",
+    "tests/teacher_server/test_batcher.py",
     "tests/teacher_server/test_service_dtype.py",
     "tests/student_client/test_train_precision.py",
 )
@@ -90,65 +97,137 @@ def run_cuda_tests(timeout_s: float) -> dict[str, Any]:
         }
 
 
-def concurrent_clients(
-    cfg: BenchConfig, case: ModelCase, device: str, workdir: Path, *, batch: int, requests: int
-) -> dict[str, Any]:
-    """A real server process (`--dtype auto`) and CLIENTS threads, each sending `requests` calls of `batch` images
-    at keep 50%: total img/s, the dtype the server reports, and the bill against the FLOP model."""
-    from benchmarks.server_proc import ServerPool
-    from benchmarks.teacher import build_teacher, make_batch
-    from student_client.client import TeacherClient
+def _busy_s(metrics_url: str | None) -> float:
+    """Seconds the server's forward has run so far (its `maskedkd_compute_seconds` histogram's sum)."""
+    if not metrics_url:
+        return 0.0
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    found = re.search(r"^maskedkd_compute_seconds_sum ([0-9.e+-]+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
 
-    teacher = build_teacher(case)
-    kept = num_kept(0.5, teacher.geometry.num_patches)
-    tb = make_batch(teacher, batch, kept)
-    with ServerPool(workdir, threads=torch.get_num_threads()) as pool:
-        pool.launch(
-            case.key,
+
+def _requests(teacher: Any, batch: int, count: int, seed: int, *, ragged: bool = False) -> list[pb.InferRequest]:
+    """`count` requests of `batch` images of uint8 kept patches at keep 50% (`ragged`: each row keeps a random
+    25-100% of the patches, padded and counted with keep_counts), under distinct ids."""
+    g = torch.Generator().manual_seed(seed)
+    n, c, p = teacher.geometry.num_patches, teacher.geometry.in_chans, teacher.geometry.patch_size
+    out = []
+    for i in range(count):
+        counts = (
+            torch.randint(n // 4, n + 1, (batch,), generator=g) if ragged else torch.full((batch,), num_kept(0.5, n))
+        )
+        k = int(counts.max())
+        keep = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(batch)])  # [B,K]
+        pixels = torch.randint(0, 256, (batch, k, c, p, p), dtype=torch.uint8, generator=g)  # [B,K,C,P,P]
+        request = pb.InferRequest(
+            request_id=f"g{seed}-{i}", patches=tensor_to_proto(pixels), keep_indices=tensor_to_proto(keep)
+        )
+        if ragged:
+            request.keep_counts.CopyFrom(tensor_to_proto(counts))
+        out.append(request)
+    return out
+
+
+def server_vs_inprocess(
+    cfg: BenchConfig, device: str, workdir: Path, forward: dict[str, Any], *, batch: int, requests: int
+) -> dict[str, Any]:
+    """Per model, a real server process (`--dtype auto`) with 8 and then 32 clients sending `batch` images at keep 50%:
+    img/s against the in-process rate of the forward step, GB/s of requests ingested, the forward's busy share of the
+    wall time, and the bill against the FLOP model."""
+    from benchmarks.server_proc import BenchServer
+    from benchmarks.teacher import build_teacher
+
+    inprocess = {
+        m["model"]: next((r["images_per_s"] for r in m["rows"] if r["keep"] == 0.5), None)
+        for m in forward.get("models", [])
+    }
+    rows = []
+    for case in cfg.gpu_models:
+        teacher = build_teacher(case)
+        kept = num_kept(0.5, teacher.geometry.num_patches)
+        server = BenchServer(
+            f"serve-{case.key}",
             {
                 "model": case.timm_name,
                 "model_kwargs": case.kwargs,
                 "device": device,
-                "max_batch_images": max(256, batch * CLIENTS),
+                "metrics_port": 0,
+                "max_batch_images": max(256, batch * 8),
             },
+            workdir / case.key,
+            threads=torch.get_num_threads(),
         )
-        server = pool.get(case.key)
-        billed: list[float] = []
-        errors: list[str] = []
-        with TeacherClient(server.address, server.api_key, timeout_s=600.0) as probe:
-            served_dtype = probe.info().dtype
-            for _ in range(cfg.warmup):
-                probe.infer(patches=tb.pixels, keep_indices=tb.indices)
+        server.start().wait_ready(600)
+        try:
+            metrics = server.process.ready.metrics_url if server.process.ready else None
+            client_load(server.address, server.api_key, [_requests(teacher, batch, cfg.warmup, seed=99)])
+            for clients in SERVER_CLIENTS:
+                load = [_requests(teacher, batch, requests, seed=1000 * clients + c) for c in range(clients)]
+                nbytes = sum(r.ByteSize() for mine in load for r in mine)
+                busy0 = _busy_s(metrics)
+                seconds, answers, errors = client_load(server.address, server.api_key, load)
+                busy = _busy_s(metrics) - busy0
+                expected = batch * teacher.gflops(kept)
+                rate = batch * len(answers) / seconds
+                rows.append(
+                    {
+                        "model": case.key,
+                        "label": case.label,
+                        "clients": clients,
+                        "batch_per_request": batch,
+                        "requests_per_client": requests,
+                        "kept": kept,
+                        "images_per_s": rate,
+                        "inprocess_images_per_s": inprocess.get(case.key),
+                        "of_inprocess": rate / inprocess[case.key] if inprocess.get(case.key) else None,
+                        "ingest_gb_per_s": nbytes / seconds / 1e9,
+                        "busy_share": busy / seconds,
+                        "errors": errors[:3],
+                        "error_count": len(errors),
+                        "billing_matches_flop_model": bool(answers)
+                        and max(abs(a.usage.gflops - expected) for a in answers) <= 1e-6 * expected,
+                    }
+                )
+        finally:
+            server.stop()
+    return {"rows": rows, "errors": [e for r in rows for e in r["errors"]]}
 
-        def client_loop() -> None:
-            try:
-                with TeacherClient(server.address, server.api_key, timeout_s=600.0) as client:
-                    for _ in range(requests):
-                        billed.append(client.infer(patches=tb.pixels, keep_indices=tb.indices)[1].gflops)
-            except Exception as exc:  # noqa: BLE001 - reported, not raised: the rest of the report still gets written
-                errors.append(f"{type(exc).__name__}: {exc}")
 
-        threads = [threading.Thread(target=client_loop) for _ in range(CLIENTS)]
-        started = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        seconds = time.perf_counter() - started
-    images = batch * len(billed)
-    expected = batch * teacher.gflops(kept)
+def mixed_keep_load(
+    cfg: BenchConfig, device: str, workdir: Path, *, batch: int, requests: int, clients: int = 12
+) -> dict[str, Any]:
+    """The load that found the prefetch bug: `clients` clients, ragged keep counts in every request, against one
+    server; every answer must be OK and the ledger (read back with SQL) must hold exactly the answers' bills."""
+    from benchmarks.server_proc import BenchServer
+    from benchmarks.teacher import build_teacher
+
+    case = cfg.gpu_models[0]
+    teacher = build_teacher(case)
+    server = BenchServer(
+        f"mixed-{case.key}",
+        {"model": case.timm_name, "model_kwargs": case.kwargs, "device": device, "max_batch_images": 256},
+        workdir / f"mixed-{case.key}",
+        threads=torch.get_num_threads(),
+    )
+    server.start().wait_ready(600)
+    try:
+        load = [_requests(teacher, batch, requests, seed=500 + c, ragged=True) for c in range(clients)]
+        seconds, answers, errors = client_load(server.address, server.api_key, load)
+    finally:
+        server.stop()
+    with sqlite3.connect(server.settings["db"].removeprefix("sqlite:///")) as conn:
+        ledger = dict(conn.execute("SELECT request_id, gflops FROM usage").fetchall())
+    answered = {a.request_id: a.usage.gflops for a in answers}
     return {
         "model": case.key,
-        "clients": CLIENTS,
-        "batch_per_request": batch,
-        "requests_per_client": requests,
-        "keep": 0.5,
-        "kept": kept,
-        "served_dtype": served_dtype,
-        "images_per_s": images / seconds,
-        "seconds": seconds,
-        "errors": errors,
-        "billing_matches_flop_model": bool(billed) and max(abs(g - expected) for g in billed) <= 1e-6 * expected,
+        "clients": clients,
+        "requests": clients * requests,
+        "answered": len(answers),
+        "internal": sum(e.startswith("INTERNAL") for e in errors),
+        "errors": errors[:3],
+        "error_count": len(errors),
+        "ledger_equals_answers": ledger == answered,
+        "images_per_s": batch * len(answers) / seconds,
     }
 
 
@@ -258,15 +337,58 @@ def _forward_md(g: dict[str, Any]) -> list[str]:
 
 
 def _server_md(c: dict[str, Any], device: str) -> list[str]:
+    title = "## Through the server at keep 50%, against the in-process forward"
     if "error" in c:
-        return [f"## Server through gRPC, {CLIENTS} concurrent clients", "", f"failed: {c['error']}"]
+        return [title, "", f"failed: {c['error']}"]
+    rows = [
+        (
+            r["label"],
+            r["clients"],
+            f"{r['images_per_s']:.0f}",
+            f"{r['inprocess_images_per_s']:.0f}" if r["inprocess_images_per_s"] else "-",
+            pct(r["of_inprocess"]) if r["of_inprocess"] is not None else "-",
+            f"{r['ingest_gb_per_s']:.2f}",
+            pct(r["busy_share"]),
+            "yes" if r["billing_matches_flop_model"] else "NO",
+            r["error_count"],
+        )
+        for r in c["rows"]
+    ]
+    first = c["rows"][0] if c["rows"] else {"batch_per_request": 0, "requests_per_client": 0}
     return [
-        f"## Server through gRPC, {c['clients']} concurrent clients",
+        title,
         "",
-        f"{c['model']} served with `--device {device} --dtype auto` (resolved: {c['served_dtype']}), "
-        f"{c['clients']} clients x {c['requests_per_client']} requests of {c['batch_per_request']} images at keep "
-        f"50%: **{c['images_per_s']:.0f} img/s**; billed = FLOP model: "
-        f"{'yes' if c['billing_matches_flop_model'] else 'NO'}; errors: {c['errors'] or 'none'}.",
+        f"`teacher-server serve --device {device} --dtype auto`, each client sends {first['requests_per_client']} "
+        f"requests of {first['batch_per_request']} images of uint8 kept patches, one call at a time. Busy: the "
+        "forward's share of the wall time (`maskedkd_compute_seconds`).",
+        "",
+        table(
+            (
+                "model",
+                "clients",
+                "img/s",
+                "in-process img/s",
+                "of in-process",
+                "GB/s in",
+                "busy",
+                "billed = FLOPs",
+                "errors",
+            ),
+            rows,
+        ),
+    ]
+
+
+def _mixed_md(m: dict[str, Any]) -> list[str]:
+    title = "## Mixed-keep load (ragged keep counts in every request)"
+    if "error" in m:
+        return [title, "", f"failed: {m['error']}"]
+    return [
+        title,
+        "",
+        f"{m['model']}, {m['clients']} clients, {m['requests']} requests: {m['answered']} answered, "
+        f"{m['internal']} INTERNAL, {m['error_count']} errors {m['errors'] or ''}; ledger = answers: "
+        f"{'yes' if m['ledger_equals_answers'] else 'NO'}; {m['images_per_s']:.0f} img/s.",
     ]
 
 
@@ -285,6 +407,8 @@ def render(result: dict[str, Any]) -> str:
         *_forward_md(result["forward"]),
         "",
         *_server_md(result["server"], result["device"]),
+        "",
+        *_mixed_md(result["mixed_keep"]),
         "",
         *_training_md(result["training"]),
         "",
@@ -329,9 +453,20 @@ def main(*, dry_run: bool, out: str | None, command: str) -> int:
     result["forward"] = _step("masked forward", lambda: run_gpu_section(cfg, None, device=device, keeps=GPU_KEEPS))
     with tempfile.TemporaryDirectory(prefix="maskedkd-gpu-") as tmp:
         result["server"] = _step(
-            f"server with {CLIENTS} clients",
-            lambda: concurrent_clients(
-                cfg, cfg.gpu_models[0], device, Path(tmp), batch=2 if dry_run else 32, requests=2 if dry_run else 8
+            f"server with {' and '.join(map(str, SERVER_CLIENTS))} clients",
+            lambda: server_vs_inprocess(
+                cfg,
+                device,
+                Path(tmp) / "serve",
+                result["forward"],
+                batch=2 if dry_run else 64,
+                requests=2 if dry_run else 6,
+            ),
+        )
+        result["mixed_keep"] = _step(
+            "12-client mixed-keep load",
+            lambda: mixed_keep_load(
+                cfg, device, Path(tmp) / "mixed", batch=2 if dry_run else 32, requests=2 if dry_run else 8
             ),
         )
         result["training"] = _step(
@@ -344,5 +479,11 @@ def main(*, dry_run: bool, out: str | None, command: str) -> int:
     path.write_text(render(result))
     (path.with_suffix(".json")).write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"wrote {path} in {result['total_s']:.0f} s", file=sys.stderr)
-    failed = any("error" in result[k] for k in ("forward", "server", "training")) or result["server"]["errors"]
+    mixed = result["mixed_keep"]
+    failed = (
+        any("error" in result[k] for k in ("forward", "server", "mixed_keep", "training"))
+        or bool(result["server"]["errors"])
+        or mixed.get("error_count", 1) > 0
+        or not mixed.get("ledger_equals_answers", False)
+    )
     return 0 if result["tests"]["returncode"] in (0, 5) and not failed else 1

@@ -371,6 +371,18 @@ def _precision(s: Section) -> str:
     return text
 
 
+def _serving(section: dict[str, Any]) -> str:
+    from benchmarks.serving import table
+
+    return "CPU microseconds per image served (server process, every thread), by stage:\n\n" + table(section["rows"])
+
+
+def _tenants(section: dict[str, Any]) -> str:
+    from benchmarks.tenants import table
+
+    return table(section)
+
+
 RENDER: tuple[tuple[str, str, Callable[[Section], str]], ...] = (
     ("teacher", "Teacher throughput by keep", _teacher),
     ("teacher", "Server efficiency (gRPC / in-process, same batch and dtype, interleaved rounds)", _server_eff),
@@ -384,6 +396,8 @@ RENDER: tuple[tuple[str, str, Callable[[Section], str]], ...] = (
     ("gpu", "GPU (bf16)", _gpu),
     ("ledger", "Ledger at scale", render_ledger),
     ("precision", "Precision: matmul rate per dtype, the served dtype, training step fp32 vs bf16", _precision),
+    ("serving", "The serving path's own cost (negligible teacher, DeiT-S geometry, keep 50%)", _serving),
+    ("tenants", "Two tenants on one teacher: a light key under a greedy key's flood", _tenants),
 )
 
 

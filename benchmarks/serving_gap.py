@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             from teacher_server.testing.server import running_server
 
             served = [0.0]
-            original = MaskedTeacher.forward_patches
+            original = MaskedTeacher.forward_pixels
 
             def timed(self: MaskedTeacher, *a: object, **k: object) -> torch.Tensor:
                 started = time.perf_counter()
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                     served[0] += time.perf_counter() - started
                 return out
 
-            MaskedTeacher.forward_patches = timed  # type: ignore[method-assign]
+            MaskedTeacher.forward_pixels = timed  # type: ignore[method-assign]
             settings = ServerSettings(model=case.timm_name, db=f"sqlite:///{tmp}/ledger.db", port=0, metrics_port=None)
             try:
                 with running_server(settings, model=teacher.model) as srv:
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                                 flush=True,
                             )
             finally:
-                MaskedTeacher.forward_patches = original  # type: ignore[method-assign]
+                MaskedTeacher.forward_pixels = original  # type: ignore[method-assign]
             return 0
         from benchmarks.server_proc import ServerPool
 

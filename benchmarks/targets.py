@@ -233,6 +233,47 @@ def precision_targets(precision: dict[str, Any], teacher: dict[str, Any] | None)
     return out
 
 
+def serving_targets(section: dict[str, Any]) -> list[Target]:
+    """Server CPU above the in-process forward, per image, with a negligible teacher of DeiT-S geometry."""
+    return [
+        Target(
+            "serving overhead: server CPU-us per image above the in-process forward",
+            f"{r['clients']} clients x {r['batch']} images, keep 50%",
+            r["overhead_us"],
+            "<=",
+            60.0,
+            f"server {r['server_cpu_us']:.0f} us/img, forward {r['forward_cpu_us']:.0f} us/img, "
+            f"{r['images_per_s']:.0f} img/s through the server",
+        )
+        for r in section["rows"]
+    ]
+
+
+def tenants_targets(section: dict[str, Any]) -> list[Target]:
+    light, greedy = section["light"], section["greedy"]
+    errors = sum(light["flood"]["errors"].values())
+    return [
+        Target(
+            "tenant isolation: light key's p99 under a 16-client flood / alone",
+            "tiny 32 px teacher",
+            light["p99_ratio"],
+            "<=",
+            2.0,
+            f"p99 {light['flood']['p99_ms']:.0f} ms under the flood vs {light['alone']['p99_ms']:.0f} ms alone; "
+            f"{errors} light errors under the flood",
+        ),
+        Target(
+            "billed but undelivered: greedy requests answered after their client gave up / billed",
+            "1 s deadline, no retries",
+            greedy["billed_undelivered"] / max(greedy["billed"], 1),
+            "<=",
+            0.01,
+            f"{greedy['billed_undelivered']} of {greedy['billed']} billed; {greedy['answered']} answered of "
+            f"{greedy['sent']} sent",
+        ),
+    ]
+
+
 def all_targets(results: dict[str, Any]) -> list[Target]:
     sections = results["sections"]
     ok = lambda name: sections.get(name, {}).get("status") == "ok"  # noqa: E731
@@ -247,6 +288,10 @@ def all_targets(results: dict[str, Any]) -> list[Target]:
         out += training_targets(sections["training"])
     if ok("gpu"):
         out += gpu_targets(sections["gpu"])
+    if ok("serving"):
+        out += serving_targets(sections["serving"])
+    if ok("tenants"):
+        out += tenants_targets(sections["tenants"])
     if ok("precision"):
         out += precision_targets(sections["precision"], sections["teacher"] if ok("teacher") else None)
     return out

@@ -24,7 +24,7 @@ from benchmarks.config import KEEPS, BenchConfig, ModelCase, num_kept
 from benchmarks.timing import Timing, measure
 from maskedkd.masked_teacher import MaskedTeacher
 from teacher_server.engine.batcher import ForwardFn
-from teacher_server.engine.compiled import compiled_forward_patches
+from teacher_server.engine.compiled import compiled_forward_pixels
 
 
 @dataclass
@@ -54,17 +54,18 @@ def make_batch(teacher: MaskedTeacher, batch: int, kept: int, seed: int = 0) -> 
 
 
 def inprocess_rate(forward: ForwardFn, tb: TeacherBatch, cfg: BenchConfig) -> dict[str, Any]:
-    """Images/s of `forward` (eager `forward_patches` or its compiled form); `compile_s`: its first call's time."""
+    """Images/s of `forward` (the compiled `forward_pixels` the server runs with --compile static, on the uint8
+    pixels); `first_call_s`: its first call's time (the compile)."""
     calls = cfg.calls_per_repeat
     started = time.perf_counter()
     with torch.inference_mode():
-        forward(tb.normalized, tb.indices, None)  # compiles this shape when `forward` is compiled
+        forward(tb.pixels, tb.indices, None)  # compiles this shape
     first_call_s = time.perf_counter() - started
 
     def run() -> None:
         with torch.inference_mode():
             for _ in range(calls):
-                forward(tb.normalized, tb.indices, None)
+                forward(tb.pixels, tb.indices, None)
 
     t = measure(run, warmup=cfg.warmup, repeats=cfg.repeats)
     return {
@@ -134,7 +135,7 @@ def run_teacher_section(
     models = []
     for case in cfg.models:
         teacher = build_teacher(case, dtype=dtype)
-        compiled = compiled_forward_patches(teacher) if cfg.compiled else None
+        compiled = compiled_forward_pixels(teacher) if cfg.compiled else None
         server = pool.get(case.key)
         full_gflops = teacher.gflops(teacher.geometry.num_patches)
         rows = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -44,7 +45,34 @@ def tensor_to_proto(tensor: torch.Tensor) -> pb.Tensor:
 
 
 def proto_to_tensor(msg: pb.Tensor, *, name: str = "tensor", max_elements: int | None = None) -> torch.Tensor:
-    """Decode a `Tensor` message; raises `TensorDecodeError` naming `name` on any inconsistency."""
+    """Decode a `Tensor` message into a tensor of its own (writable); raises `TensorDecodeError` naming `name` on any
+    inconsistency."""
+    return tensor_view(msg, name=name, max_elements=max_elements).clone()
+
+
+def tensor_view(
+    msg: pb.Tensor, data: bytes | None = None, *, name: str = "tensor", max_elements: int | None = None
+) -> torch.Tensor:
+    """A read-only tensor over the message's bytes, without copying them (it keeps them alive); the same checks as
+    `proto_to_tensor`. `data`: `msg.data` when the caller read it already (every read of the field copies it)."""
+    data = msg.data if data is None else data
+    shape, dtype = _checked_layout(msg, len(data), name=name, max_elements=max_elements)
+    if math.prod(shape) == 0:
+        return torch.empty(shape, dtype=dtype)
+    if _BIG_ENDIAN:  # the wire is little-endian: a big-endian host swaps, in a copy
+        np_dtype = np.dtype("int16" if dtype == torch.bfloat16 else msg.dtype)
+        arr = np.frombuffer(data, dtype=np_dtype.newbyteorder("<")).reshape(shape)
+        t = torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="), copy=True))
+        return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+    with warnings.catch_warnings():  # read-only bytes: callers that write get proto_to_tensor's copy instead
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return torch.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def _checked_layout(
+    msg: pb.Tensor, nbytes: int, *, name: str, max_elements: int | None
+) -> tuple[tuple[int, ...], torch.dtype]:
+    """(shape, dtype) of a `Tensor` message whose data has `nbytes` bytes; TensorDecodeError when they disagree."""
     if msg.dtype not in WIRE_DTYPES:
         raise TensorDecodeError(f"{name}: unsupported dtype {clip(msg.dtype)}; expected one of {sorted(WIRE_DTYPES)}")
     if len(msg.shape) > MAX_DIMS:
@@ -63,11 +91,8 @@ def proto_to_tensor(msg: pb.Tensor, *, name: str = "tensor", max_elements: int |
         )
     dtype = WIRE_DTYPES[msg.dtype]
     itemsize = torch.empty((), dtype=dtype).element_size()
-    if len(msg.data) != numel * itemsize:
+    if nbytes != numel * itemsize:
         raise TensorDecodeError(
-            f"{name}: shape {clip(list(shape))} of {msg.dtype} needs {numel * itemsize} bytes, got {len(msg.data)}"
+            f"{name}: shape {clip(list(shape))} of {msg.dtype} needs {numel * itemsize} bytes, got {nbytes}"
         )
-    np_dtype = np.dtype("int16" if dtype == torch.bfloat16 else msg.dtype)
-    arr = np.frombuffer(msg.data, dtype=np_dtype.newbyteorder("<")).reshape(shape)
-    t = torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="), copy=True))
-    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+    return shape, dtype

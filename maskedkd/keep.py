@@ -1,5 +1,5 @@
 """The one check of keep_indices / keep_counts against the teacher's grid, run where they enter: the server's
-preprocess (a request) and the client's request building (its public API). Inside, the masked forward trusts them.
+decode (a request) and the client's request building (its public API). Inside, the masked forward trusts them.
 """
 
 from __future__ import annotations

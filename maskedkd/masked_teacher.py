@@ -7,7 +7,7 @@ the result is the same). The order of keep_indices does not matter: every kept t
 embedding and attention and pooling are permutation invariant, so logits only depend on the kept set.
 
 The forward checks shapes and dtypes only, never values: it makes no host sync. keep_indices / keep_counts are
-validated once where they enter (`maskedkd.keep.check_keep`: the server's preprocess, the client's request
+validated once where they enter (`maskedkd.keep.check_keep`: the server's decode, the client's request
 building); a duplicated position acts as an extra token, an out-of-range one fails in the gather.
 """
 
@@ -109,6 +109,11 @@ class MaskedTeacher(nn.Module):
         self.embed_dim: int = int(model.embed_dim)
         self.shape = ViTShape.from_model(model)
         self._pooled_head = model.global_pool != "token" and not isinstance(model, VisionTransformerDistilled)
+        raw_weight, raw_bias = _pixels_projection(proj, self.geometry.mean, self.geometry.std)
+        self._raw_weight: Tensor  # [D, C*P*P]; buffers follow the module's device and dtype
+        self._raw_bias: Tensor  # [D]
+        self.register_buffer("_raw_weight", raw_weight, persistent=False)
+        self.register_buffer("_raw_bias", raw_bias, persistent=False)
         self.eval()
 
     # ---------------------------------------------------------------- public API
@@ -116,10 +121,11 @@ class MaskedTeacher(nn.Module):
         """Analytic GFLOPs (2 per multiply-add) of one image with `num_kept` patches."""
         return masked_forward_flops(self.shape, num_kept).total / 1e9
 
-    def embed_patches(self, patches: Tensor, keep_indices: Tensor) -> Tensor:
-        """[B,K,C,P,P] normalized patches at positions keep_indices [B,K] -> tokens [B,K,D] incl. pos embed."""
+    def embed_patches(self, patches: Tensor, keep_indices: Tensor, *, raw: bool = False) -> Tensor:
+        """[B,K,C,P,P] normalized patches (`raw`: un-normalized 0..255 pixels, as `forward_pixels` takes them) at
+        positions keep_indices [B,K] -> tokens [B,K,D] incl. pos embed."""
         idx, _ = self._resolve_keep(keep_indices, None, patches.shape[0])
-        return self._embed(self._check_patches(patches, idx.shape[1]), idx)
+        return self._embed(self._check_patches(patches, idx.shape[1]), idx, raw=raw)
 
     def forward(self, images: Tensor, keep_indices: Tensor | None = None, keep_counts: Tensor | None = None) -> Tensor:
         """images [B,C,H,W] normalized; keep_indices [B,K] row-major grid positions (None: all) -> logits."""
@@ -142,6 +148,13 @@ class MaskedTeacher(nn.Module):
         """patches [B,K,C,P,P] normalized, only the kept ones, at positions keep_indices [B,K] -> logits."""
         idx, valid = self._resolve_keep(keep_indices, keep_counts, patches.shape[0])
         return self._forward_kept(self._check_patches(patches, idx.shape[1]), idx, valid)
+
+    def forward_pixels(self, pixels: Tensor, keep_indices: Tensor, keep_counts: Tensor | None = None) -> Tensor:
+        """pixels [B,K,C,P,P] as sent, un-normalized on the 0..255 scale (uint8, or float), only the kept ones, at
+        positions keep_indices [B,K] -> logits. The teacher's mean/std are folded into its patch projection, so the
+        pixels are only cast (on the device), never normalized in a pass of their own."""
+        idx, valid = self._resolve_keep(keep_indices, keep_counts, pixels.shape[0])
+        return self._forward_kept(self._check_patches(pixels, idx.shape[1]), idx, valid, raw=True)
 
     # ---------------------------------------------------------------- internals
     def _check_patches(self, patches: Tensor, k: int) -> Tensor:
@@ -188,19 +201,26 @@ class MaskedTeacher(nn.Module):
         prefix = torch.cat(parts, dim=1)
         return prefix if m.no_embed_class else prefix + self._pos_embed[:, : self.geometry.num_prefix_tokens]
 
-    def _embed(self, patches: Tensor, idx: Tensor | None) -> Tensor:
-        """The patch conv as a matmul over flattened patches, then the gathered pos embed: [B,K,D]."""
+    def _embed(self, patches: Tensor, idx: Tensor | None, *, raw: bool = False) -> Tensor:
+        """The patch conv as a matmul over flattened patches, then the gathered pos embed: [B,K,D]. `raw`: the
+        patches are un-normalized 0..255 pixels, projected with the normalization folded in."""
         pe = self.model.patch_embed
         B, K = patches.shape[:2]
+        if raw:
+            x = F.linear(patches.reshape(B, K, -1), self._raw_weight, self._raw_bias)  # [B,K,D]
+            return self._add_pos_embed(pe.norm(x), idx)
         weight = pe.proj.weight  # [D,C,P,P]; flattening matches a [C,P,P] patch
         x = F.linear(patches.reshape(B, K, -1), weight.reshape(weight.shape[0], -1), pe.proj.bias)  # [B,K,D]
-        x = pe.norm(x)
+        return self._add_pos_embed(pe.norm(x), idx)
+
+    def _add_pos_embed(self, x: Tensor, idx: Tensor | None) -> Tensor:
+        """x [B,K,D] + the position embedding of each token's grid position (all N in order when idx is None)."""
         pos = self._patch_pos_embed()  # [N,D]
         embedded: Tensor = x + (pos if idx is None else pos[idx])
         return embedded
 
-    def _forward_kept(self, patches: Tensor, idx: Tensor, valid: Tensor | None) -> Tensor:
-        tokens = self._embed(patches, idx)
+    def _forward_kept(self, patches: Tensor, idx: Tensor, valid: Tensor | None, *, raw: bool = False) -> Tensor:
+        tokens = self._embed(patches, idx, raw=raw)
         if valid is not None:  # padding may hold anything (even NaN); zero it so masked keys stay finite
             tokens = tokens.masked_fill(~valid[..., None], 0.0)
         return self._encode(tokens, valid)
@@ -241,3 +261,16 @@ class MaskedTeacher(nn.Module):
             pooled = peak if m.global_pool == "max" else 0.5 * (peak + avg)
         logits: Tensor = m.head(m.head_drop(m.fc_norm(pooled)))
         return logits
+
+
+def _pixels_projection(proj: nn.Conv2d, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[Tensor, Tensor]:
+    """(weight [D, C*P*P], bias [D]) of the patch projection taking raw 0..255 pixels instead of normalized ones:
+    W ((x / 255 - mean) / std) + b = (W / (255 std)) x + (b - W mean / std), per input channel. Computed in float32 on
+    the weights' device; the buffers then follow the module's `.to()`."""
+    weight = proj.weight.detach().float()  # [D, C, P, P]
+    m = torch.tensor(mean, device=weight.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=weight.device).view(1, -1, 1, 1)
+    bias = proj.bias.detach().float() if proj.bias is not None else torch.zeros(weight.shape[0], device=weight.device)
+    raw_weight = (weight / (255.0 * s)).reshape(weight.shape[0], -1)  # [D, C*P*P]
+    raw_bias = bias - (weight * (m / s)).sum(dim=(1, 2, 3))  # [D]
+    return raw_weight.to(proj.weight.dtype), raw_bias.to(proj.weight.dtype)

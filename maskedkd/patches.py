@@ -1,6 +1,6 @@
 """The one cut between images and patches, on the teacher's row-major grid (position n = row * grid_w + col).
 
-Used by the client's wire encoding (send only the kept patches), the server's preprocess (cut full images) and the
+Used by the client's wire encoding (send only the kept patches), the server's staging (cut full images) and the
 masked forward. A remainder of H or W past the last whole patch is cropped, as timm's stride-P patch conv does.
 """
 

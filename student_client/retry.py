@@ -40,8 +40,14 @@ def backoff_delay(attempt: int, backoff_s: float, max_backoff_s: float = float("
     return min(max_backoff_s, backoff_s * (2**attempt)) * random.uniform(0.75, 1.25)
 
 
+def retry_info_delay(retry_after: float, patience_left: float) -> float:
+    """The wait before retrying a call the server refused with a RetryInfo: at least what it asked, spread over up to
+    1.5x of it so that the many workers it refused at once do not all come back in the same instant."""
+    return min(retry_after * random.uniform(1.0, 1.5), max(retry_after, patience_left))
+
+
 def retry_after_s(err: grpc.RpcError) -> float | None:
-    """The google.rpc.RetryInfo delay a RESOURCE_EXHAUSTED status carries (a rate limit), or None."""
+    """The google.rpc.RetryInfo delay a RESOURCE_EXHAUSTED status carries (a rate limit, a full queue), or None."""
     try:
         from google.rpc import error_details_pb2, status_pb2
     except ImportError:  # googleapis-common-protos not installed: no details to read
@@ -132,12 +138,12 @@ class Attempts:
     def failed(self, err: grpc.RpcError) -> float:
         """The delay before the next attempt, or raises the typed TeacherError when the call must not be retried."""
         code = err.code() if hasattr(err, "code") else None
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # a rate limit says when to come back; a quota does not
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # a rate limit or a full queue says when to come back
             delay = retry_after_s(err)
-            if delay is None or delay > self.patience_left():
+            if delay is None or delay > self.patience_left():  # a quota does not
                 raise error_from_rpc(err, self.policy.target, attempts=self.count + 1)
             self.count += 1
-            return delay
+            return retry_info_delay(delay, self.patience_left())
         if code not in RETRYABLE_CODES or tls_refused(err):
             raise error_from_rpc(err, self.policy.target, attempts=self.count + 1)
         now = time.monotonic()

@@ -21,11 +21,11 @@ class ModelNotFoundError(ServiceError, LookupError):
     status = "NOT_FOUND"
 
 
-class QuotaExceededError(ServiceError):
-    """`details`: google.rpc messages (QuotaFailure, RetryInfo) the interceptor packs into the status;
-    `trailing_metadata`: the key's x-ratelimit-* / x-quota-* state (quota_status.py)."""
+class RefusalWithDetailsError(ServiceError):
+    """A refusal whose status carries google.rpc `details` (QuotaFailure, RetryInfo), packed by the interceptor, and
+    `trailing_metadata`; `reason` is what the refusal counters file it under (ledger/refusals.py)."""
 
-    status = "RESOURCE_EXHAUSTED"
+    reason = "invalid"
 
     def __init__(
         self, message: str, *, details: tuple[object, ...] = (), trailing_metadata: tuple[tuple[str, str], ...] = ()
@@ -33,7 +33,27 @@ class QuotaExceededError(ServiceError):
         super().__init__(message)
         self.details = details
         self.trailing_metadata = trailing_metadata
-        self.limit = "quota"  # or "rate_limit": which limit refused (counted per reason, refusals.py)
+
+
+class QuotaExceededError(RefusalWithDetailsError):
+    """The key's quota window or rate limit has no room (`reason` says which; quota_status.py)."""
+
+    status = "RESOURCE_EXHAUSTED"
+    reason = "quota"  # or "rate_limit"
+
+
+class OverloadedError(RefusalWithDetailsError):
+    """The queue of the key or of the server is full: refused before the request was decoded, with a RetryInfo."""
+
+    status = "RESOURCE_EXHAUSTED"
+    reason = "overload"
+
+
+class DeadlineUnmetError(RefusalWithDetailsError):
+    """The request's deadline would pass before its answer could: refused or dropped unrun, nothing billed."""
+
+    status = "DEADLINE_EXCEEDED"
+    reason = "deadline"
 
 
 class ServiceUnavailableError(ServiceError):

@@ -9,9 +9,21 @@ series, so an unauthenticated scrape does not list the customers. `code` the gRP
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+    start_http_server,
+)
 
 _IMAGE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 _TOKEN_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
@@ -19,6 +31,10 @@ _SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 
 
 HIDDEN_KEY = "-"  # the `key` label without --metrics-key-labels
+# Where a request's CPU time goes on the server (maskedkd_stage_cpu_seconds_total{stage}); what the process spends
+# beyond their sum (process_cpu_seconds_total) is gRPC's own threads, the event loop and Python's scheduling.
+STAGES = ("receive", "decode", "digest", "ledger_lookup", "queue", "stage", "forward", "commit", "encode")
+T = TypeVar("T")
 
 
 class ServerMetrics:
@@ -72,25 +88,71 @@ class ServerMetrics:
             ["model", "dtype"],
             registry=r,
         )
+        self.key_queue_seconds = Histogram(
+            "maskedkd_key_queue_seconds",
+            "Time a request waited for its micro-batch, per key",
+            ["key"],
+            buckets=_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.key_queue_depth = Gauge("maskedkd_key_queue_depth", "Requests queued, per key", ["key"], registry=r)
+        self.shed = Counter(
+            "maskedkd_shed_total",
+            "Requests refused or dropped unrun to protect the queue: reason overload (queue full), deadline (refused: "
+            "it could not finish in time), deadline_queue (dropped: its deadline came while it was queued)",
+            ["key", "reason"],
+            registry=r,
+        )
+        self.stage_cpu = Counter(
+            "maskedkd_stage_cpu_seconds_total", "CPU seconds the serving path spent, by stage", ["stage"], registry=r
+        )
+        for stage in STAGES:  # every stage exported from the start, at 0
+            self.stage_cpu.labels(stage=stage)
+        ProcessCollector(registry=r)  # process_cpu_seconds_total: the stages' sum plus what no stage counts
         self._http: WSGIServer | None = None
         self._http_thread: threading.Thread | None = None
 
-    def _key(self, key: str) -> str:
+    def key_label(self, key: str) -> str:
         return key if self.key_labels else HIDDEN_KEY
 
     def count_request(self, *, model: str, key: str, code: str) -> None:
-        key = self._key(key)
+        key = self.key_label(key)
         self.requests.labels(model=model, key=key, code=code).inc()
 
     def count_billed(
         self, *, model: str, key: str, images: int, gflops: float, full_gflops: float, cost: float
     ) -> None:
-        key = self._key(key)
+        key = self.key_label(key)
         self.images.labels(model=model, key=key).inc(images)
         self.gflops_used.labels(model=model, key=key).inc(gflops)
         self.gflops_full.labels(model=model, key=key).inc(full_gflops)
         self.gflops_saved.labels(model=model, key=key).inc(max(0.0, full_gflops - gflops))
         self.cost.labels(key=key).inc(cost)
+
+    def observe_queue_wait(self, seconds: float, *, key: str) -> None:
+        self.queue_seconds.observe(seconds)
+        self.key_queue_seconds.labels(key=self.key_label(key)).observe(seconds)
+
+    def count_shed(self, *, reason: str, key: str = "") -> None:
+        self.shed.labels(key=self.key_label(key), reason=reason).inc()
+
+    @contextmanager
+    def stage(self, stage: str) -> Iterator[None]:
+        """Count the calling thread's CPU time inside the block to `stage` (one of STAGES)."""
+        started = time.thread_time()
+        try:
+            yield
+        finally:
+            self.stage_cpu.labels(stage=stage).inc(time.thread_time() - started)
+
+    def timed(self, stage: str, fn: Callable[..., T]) -> Callable[..., T]:
+        """`fn` with its CPU time counted to `stage`."""
+
+        def run(*args: object, **kwargs: object) -> T:
+            with self.stage(stage):
+                return fn(*args, **kwargs)
+
+        return run
 
     def render(self) -> bytes:
         """The text exposition format, as /metrics serves it."""

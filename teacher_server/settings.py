@@ -157,6 +157,19 @@ class ServerSettings(BaseSettings):
         description="rows with different keep counts: bucket, pad, or pack without padding (batcher.py, packing.py)",
     )
 
+    # --- queues and overload (engine/scheduler.py): past a bound a request is refused before it is decoded ---
+    max_queued_images_per_key: int = Field(4096, ge=0, description="images one API key may have queued (0: no bound)")
+    max_queued_mb_per_key: float = Field(
+        256.0, ge=0, description="MiB of requests one API key may have queued or being decoded (0: no bound)"
+    )
+    max_queued_images: int = Field(16384, ge=0, description="images queued over all keys (0: no bound)")
+    max_queued_mb: float = Field(
+        1024.0, ge=0, description="MiB of requests queued or being decoded over all keys (0: no bound)"
+    )
+    idle_trim_s: float = Field(
+        2.0, ge=0, description="give freed memory back to the OS after this many idle seconds (0: never)"
+    )
+
     # --- lifecycle ---
     grace_s: float = Field(10.0, ge=0, description="seconds in-flight requests get to finish on shutdown")
     drain_s: float = Field(0.0, ge=0, description="seconds NOT_SERVING is announced before calls are refused")

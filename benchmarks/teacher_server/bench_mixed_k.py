@@ -18,6 +18,7 @@ import torch
 from maskedkd.masked_teacher import MaskedTeacher
 from teacher_server.engine.batcher import run_bucketed, run_padded
 from teacher_server.engine.packing import run_packed
+from teacher_server.engine.staging import StagedRows
 
 CASES = [  # (label, model kwargs, images, counts to draw from)
     (
@@ -43,12 +44,13 @@ def main() -> None:
         n, c, p = teacher.geometry.num_patches, teacher.geometry.in_chans, teacher.geometry.patch_size
         k = max(choices)
         counts = torch.tensor(choices)[torch.randint(len(choices), (images,), generator=gen)]  # [B]
-        patches = torch.randn(images, k, c, p, p, generator=gen)  # [B,K,C,P,P]
+        patches = torch.randint(0, 256, (images, k, c, p, p), dtype=torch.uint8, generator=gen)  # [B,K,C,P,P]
         indices = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(images)])  # [B,K]
+        rows = StagedRows(patches, indices, counts, uniform=False, slot=0)  # as the batcher stages them
         best = {"bucket": float("inf"), "pad": float("inf"), "packed": float("inf")}
         strategies = (
-            ("bucket", lambda: run_bucketed(teacher.forward_patches, patches, indices, counts)),
-            ("pad", lambda: run_padded(teacher.forward_patches, patches, indices, counts)),
+            ("bucket", lambda: run_bucketed(teacher.forward_pixels, rows)),
+            ("pad", lambda: run_padded(teacher.forward_pixels, rows)),
             ("packed", lambda: run_packed(teacher, patches, indices, counts)),
         )
         cpu = dict(best)
@@ -60,19 +62,13 @@ def main() -> None:
                     best[name] = min(best[name], time.perf_counter() - t0)
                     cpu[name] = min(cpu[name], time.process_time() - c0)
             diff = (
-                (
-                    run_bucketed(teacher.forward_patches, patches, indices, counts)
-                    - run_padded(teacher.forward_patches, patches, indices, counts)
-                )
+                (run_bucketed(teacher.forward_pixels, rows) - run_padded(teacher.forward_pixels, rows))
                 .abs()
                 .max()
                 .item()
             )
             packed_diff = (
-                (
-                    run_bucketed(teacher.forward_patches, patches, indices, counts)
-                    - run_packed(teacher, patches, indices, counts)
-                )
+                (run_bucketed(teacher.forward_pixels, rows) - run_packed(teacher, patches, indices, counts))
                 .abs()
                 .max()
                 .item()

@@ -23,6 +23,7 @@ from teacher_server.cli.settings_flags import (
     secret_on_command_line,
 )
 from teacher_server.ledger.quota_windows import QUOTA_WINDOWS
+from teacher_server.priorities import PRIORITIES
 from teacher_server.settings import ServerSettings
 
 EXIT_USAGE = 2
@@ -48,6 +49,16 @@ def _optional_float(text: str) -> float | None:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or 'none', not {text!r}") from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, not {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, not {text!r}")
+    return value
 
 
 def _price(text: str) -> float | None:
@@ -83,6 +94,23 @@ def _add_limit_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_share_arguments(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument(
+        "--weight",
+        type=_positive_float,
+        required=required,
+        default=None if required else 1.0,
+        help="the key's share of the teacher against other keys with queued work (default 1: equal shares)",
+    )
+    p.add_argument(
+        "--priority",
+        choices=PRIORITIES,
+        required=required,
+        default=None if required else "standard",
+        help="interactive keys are served before standard ones, standard before batch (default standard)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="teacher-server",
@@ -97,13 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(
-        dest="keys_command", required=True, metavar="{create,list,disable,enable,quota,price}", parser_class=_Parser
+        dest="keys_command",
+        required=True,
+        metavar="{create,list,disable,enable,quota,share,price}",
+        parser_class=_Parser,
     )
     create = keys_sub.add_parser("create", help="create a key and print its secret (shown once)")
     create.add_argument("--name", required=True)
     create.add_argument("--quota-gflops", type=float, help="GFLOPs the key may use in total (default unlimited)")
     create.add_argument("--price-per-gflop", type=float, help="the key's own price (default: the server's)")
     _add_limit_arguments(create)
+    _add_share_arguments(create, required=False)
     _add_db(create)
     listing = keys_sub.add_parser("list", help="list keys (never their secrets)")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
@@ -113,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--quota-gflops", type=_optional_float, required=True, help="GFLOPs per quota window; 'none': unlimited"
     )
     _add_limit_arguments(quota)
+    share = _key_command(keys_sub, "share", "set a key's fair-share weight and priority class")
+    _add_share_arguments(share, required=True)
     _key_command(keys_sub, "disable", "disable a key (takes effect within seconds)", name_flag=True)
     _key_command(keys_sub, "enable", "re-enable a disabled key", name_flag=True)
     price = _key_command(keys_sub, "price", "set the price a key's new requests are billed at")
@@ -279,6 +313,8 @@ def _list_keys(sessions: Any, args: argparse.Namespace) -> int:
             "price_per_gflop": k.price_per_gflop,
             "quota_window": k.quota_window,
             "rate_limit_gflops_per_min": k.rate_limit_gflops_per_min,
+            "weight": k.weight,
+            "priority": k.priority,
         }
         for k in listed
     ]
@@ -296,7 +332,7 @@ def _list_keys(sessions: Any, args: argparse.Namespace) -> int:
 
 
 def _change_key(sessions: Any, args: argparse.Namespace) -> int:
-    """keys disable | enable | quota | price: one call of the key service, one line saying what changed."""
+    """keys disable | enable | quota | share | price: one call of the key service, one line saying what changed."""
     from teacher_server.cli.usage import fmt_num
     from teacher_server.ledger import keys
 
@@ -320,6 +356,9 @@ def _change_key(sessions: Any, args: argparse.Namespace) -> int:
                 f"key {name!r}: quota {fmt_num(args.quota_gflops)} GFLOPs per {args.quota_window}, rate limit "
                 f"{fmt_num(args.rate_limit_gflops_per_min)} GFLOPs/min ({later})"
             )
+        elif args.keys_command == "share":
+            keys.set_api_key_share(session, name=name, weight=args.weight, priority=args.priority)
+            print(f"key {name!r}: weight {args.weight:g}, priority {args.priority} ({later})")
         else:
             keys.set_api_key_price(session, name=name, price_per_gflop=args.price_per_gflop)
             shown = "the server default" if args.price_per_gflop is None else f"{args.price_per_gflop:.6g} per GFLOP"

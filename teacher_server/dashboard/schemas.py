@@ -15,6 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from teacher_server.ledger.models import as_utc
 from teacher_server.ledger.quota_windows import QuotaWindow
+from teacher_server.priorities import Priority
 
 UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]  # naive values from SQLite are UTC
 
@@ -82,6 +83,8 @@ class ApiKeyView(BaseModel):
     price_per_gflop: float | None
     quota_window: QuotaWindow = "lifetime"
     rate_limit_gflops_per_min: float | None = None
+    weight: float = 1.0
+    priority: Priority = "standard"
 
 
 class CreatedKey(ApiKeyView):
@@ -102,6 +105,10 @@ class CreateKeyRequest(BaseModel):
         "lifetime", description="what quota_gflops counts: all usage, or the current UTC calendar month or day"
     )
     rate_limit_gflops_per_min: float | None = Field(None, description="> 0; null: none")
+    weight: float = Field(1.0, description="> 0: the key's share of the teacher against keys with queued work")
+    priority: Priority = Field(
+        "standard", description="interactive keys are served before standard, standard before batch"
+    )
 
 
 class UpdateKeyRequest(BaseModel):
@@ -115,6 +122,8 @@ class UpdateKeyRequest(BaseModel):
     price_per_gflop: float | None = None
     quota_window: QuotaWindow | None = None
     rate_limit_gflops_per_min: float | None = None
+    weight: float | None = None
+    priority: Priority | None = None
 
 
 class Health(BaseModel):

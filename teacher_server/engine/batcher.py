@@ -1,28 +1,24 @@
-"""Token-budget micro-batching: requests from many clients are queued and run through the teacher together.
+"""The micro-batcher: requests of many clients queued fairly per API key, then staged, run and committed together.
 
-A batch is sealed when its teacher tokens reach `token_budget`, its images reach `max_batch_images`, or the first
-request has waited `max_delay_s` and the worker is free (while the worker is busy, the open batch keeps filling).
-The forward runs in a worker thread and the `finalize` hook (the ledger commit) in the commit stage's own thread
-(commit_stage.py), so batch i+1's forward overlaps batch i's commit; the event loop stays free and every result is
-committed before it is handed back.
+A request is `submit`ted (event loop) into the fair queue (scheduler.py). A batch is formed when it is full (token
+budget or image cap) or when its first request has waited `max_delay_s` and no other batch waits for the forward;
+requests whose deadline cannot be met are dropped unrun there (DEADLINE_EXCEEDED, nothing billed). Then three
+threads work like a pipeline, so batch k+1 is staged while batch k runs its forward and batch k-1 commits:
 
-Rows with different keep counts: `bucket` groups rows by count and runs each group unpadded (rows with the same
-count, from any request, concatenate); `pad` pads to the longest row and masks (MaskedTeacher's keep_counts).
-Measured on this project's 2-core CPU (benchmarks/teacher_server/bench_mixed_k.py: float32, 2 threads, best of 7,
-random weights; the machine was shared, so CPU time is the steadier figure):
-  vit_tiny 32px/4px (64 patches), 64 images, counts from {16, 32, 48, 64}: bucket 1112 ms wall / 744 ms CPU,
-                                                                          pad    1560 ms wall / 1027 ms CPU
-  vit_small 224px (196 patches), 16 images, counts from {98, 147, 196}:    bucket  444 ms wall / 885 ms CPU,
-                                                                          pad     720 ms wall / 1418 ms CPU
-Bucketing wins (padding pays attention and MLP for padded tokens; the masked path also loses fused attention), and
-it keeps every row's computation the same as when its request runs alone, so it is the default.
-CPU BLAS picks GEMM kernels by matrix size, so a row's logits can differ from a lone run in the last float bits
-(max |diff| ~1e-7 on the tiny ViT); values are otherwise identical.
+- stage: the requests' bytes copied once into a reused buffer set (staging.py; on CUDA pinned, one copy to the device);
+- forward: the teacher on those rows (ragged rows: `bucket` runs each keep count unpadded, `pad` pads and masks,
+  `pack` packs them without padding), logits back to the host;
+- commit: the ledger rows of the batch in one transaction (commit_stage.py); only then does each caller get its
+  answer. A failure before the commit is handed to every caller of the batch, and nothing of it is billed.
+
+Bucketing keeps every row's computation the same as when its request runs alone; CPU BLAS picks GEMM kernels by matrix
+size, so a row's logits can differ from a lone run in the last float bits (max |diff| ~1e-7 on the tiny ViT).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections.abc import Callable, Sequence
@@ -33,13 +29,16 @@ from typing import Any, Literal
 import torch
 
 from teacher_server.engine.commit_stage import CommitStage, Forwarded, commit_results
-from teacher_server.engine.prefetch import Prefetcher
-from teacher_server.engine.preprocess import PreparedInput
-from teacher_server.errors import ServiceUnavailableError
+from teacher_server.engine.decode import DecodedInput
+from teacher_server.engine.scheduler import ComputeEstimate, FairQueue, QueueLimits
+from teacher_server.engine.staging import StagedRows, Stager
+from teacher_server.errors import DeadlineUnmetError, ServiceUnavailableError
 from teacher_server.metrics import ServerMetrics
+from teacher_server.priorities import DEFAULT_PRIORITY
 
-# forward(patches [G,K,C,P,P], keep_indices [G,K], keep_counts [G] | None) -> logits [G, classes] float32 CPU
+# forward(pixels [G,K,C,P,P] raw, keep_indices [G,K], keep_counts [G] | None) -> logits [G, classes] float32 CPU
 ForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+COMMIT_S_MARGIN = 0.05  # seconds a batch's commit and answer take after its forward, at most, for deadline checks
 
 
 @dataclass
@@ -54,15 +53,23 @@ class BatchStats:
 class BatchJob:
     """One request waiting in the queue."""
 
-    prepared: PreparedInput
+    input: DecodedInput
     tokens: int  # sum over rows of keep_count + prefix tokens
     context: Any  # opaque to the batcher; handed to `finalize`
     future: asyncio.Future[JobResult]
+    key_id: int = 0
+    key_name: str = ""  # for the per-key metrics
+    weight: float = 1.0
+    priority: str = DEFAULT_PRIORITY
+    deadline: float | None = None  # monotonic time the caller gives up
+    nbytes: int = 0
     enqueued_at: float = field(default_factory=time.monotonic)
+    start_tag: float = 0.0  # fair-queuing tags (scheduler.py)
+    finish_tag: float = 0.0
 
     @property
     def images(self) -> int:
-        return self.prepared.images
+        return self.input.images
 
 
 @dataclass
@@ -73,60 +80,39 @@ class JobResult:
     finalized: Any  # what `finalize` returned for this job
 
 
-# finalize(jobs, logits per job, stats) -> one value per job; runs in the worker thread after the forward.
+# finalize(jobs, logits per job, stats) -> one value per job; runs in the commit thread after the forward.
 FinalizeFn = Callable[[Sequence[BatchJob], Sequence[torch.Tensor], BatchStats], Sequence[Any]]
 
 
-def run_bucketed(
-    forward: ForwardFn, patches: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor
-) -> torch.Tensor:
+def run_bucketed(forward: ForwardFn, rows: StagedRows) -> torch.Tensor:
     """One forward per distinct keep count, rows trimmed to their count: no padding at all."""
-    counts_list = counts.tolist()
+    if rows.uniform:
+        return forward(rows.pixels, rows.indices, None)
+    counts_list = rows.counts.tolist()
     out: torch.Tensor | None = None
     for k in sorted(set(counts_list)):
-        rows = torch.tensor([i for i, c in enumerate(counts_list) if c == k])
-        logits = forward(patches[rows, :k], indices[rows, :k], None)  # [G, classes]
+        select = torch.tensor([i for i, c in enumerate(counts_list) if c == k], device=rows.pixels.device)
+        logits = forward(rows.pixels[select, :k], rows.indices[select, :k], None)  # [G, classes]
         if out is None:
             out = torch.empty(len(counts_list), logits.shape[1], dtype=logits.dtype)
-        out[rows] = logits
+        out[select.cpu()] = logits
     assert out is not None
     return out
 
 
-def run_padded(forward: ForwardFn, patches: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def run_padded(forward: ForwardFn, rows: StagedRows) -> torch.Tensor:
     """One forward over all rows padded to the longest count, padding masked out."""
-    k = int(counts.max())
-    uniform = bool((counts == k).all())
-    return forward(patches[:, :k], indices[:, :k], None if uniform else counts)
-
-
-def concat_jobs(jobs: Sequence[BatchJob]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows of all jobs as one batch, padded along K to the widest job (counts say what is real)."""
-    k_max = max(int(j.prepared.keep_indices.shape[1]) for j in jobs)
-    if all(int(j.prepared.keep_indices.shape[1]) == k_max for j in jobs):
-        return (
-            torch.cat([j.prepared.patches for j in jobs]),
-            torch.cat([j.prepared.keep_indices for j in jobs]),
-            torch.cat([j.prepared.keep_counts for j in jobs]),
-        )
-    patches, indices = [], []
-    for j in jobs:
-        pad = k_max - int(j.prepared.keep_indices.shape[1])
-        patches.append(torch.nn.functional.pad(j.prepared.patches, (0, 0, 0, 0, 0, 0, 0, pad)))
-        indices.append(torch.nn.functional.pad(j.prepared.keep_indices, (0, pad)))
-    return torch.cat(patches), torch.cat(indices), torch.cat([j.prepared.keep_counts for j in jobs])
-
-
-_STOP = object()
+    return forward(rows.pixels, rows.indices, None if rows.uniform else rows.counts.to(rows.pixels.device))
 
 
 class TokenBudgetBatcher:
-    """Async queue in front of one teacher. `submit` from the event loop; `start`/`close` around its life."""
+    """Queue in front of one teacher. `submit` from the event loop; `start`/`close` around its life."""
 
     def __init__(
         self,
         forward: ForwardFn,
         *,
+        stager: Stager,
         num_prefix_tokens: int,
         token_budget: int,
         max_batch_images: int,
@@ -135,150 +121,288 @@ class TokenBudgetBatcher:
         finalize: FinalizeFn | None = None,
         metrics: ServerMetrics | None = None,
         name: str = "teacher",
-        prefetch_device: torch.device | None = None,
+        limits: QueueLimits | None = None,
     ) -> None:
         self._forward = forward
-        self._prefetch = Prefetcher(concat_jobs, prefetch_device, name)  # next batch staged during the forward
+        self._stager = stager
         self._prefix = num_prefix_tokens
         self._token_budget = token_budget
         self._max_images = max_batch_images
         self._max_delay_s = max_delay_s
-        self._run_rows = run_bucketed if mixed_k == "bucket" else run_padded  # pack: the forward packs ragged rows
+        self._run_rows = run_padded if mixed_k in ("pad", "pack") else run_bucketed  # pack: the forward packs
         self._finalize = finalize
         self._metrics = metrics
         self._name = name
-        self._queue: asyncio.Queue[Any] | None = None
+        self.queue: FairQueue[BatchJob] = FairQueue(limits)
+        self.compute = ComputeEstimate()
+        self._changed: asyncio.Event | None = None
         self._collector: asyncio.Task[None] | None = None
-        self._executor: ThreadPoolExecutor | None = None
-        self._busy: asyncio.Future[Any] | None = None
+        self._stage_pool: ThreadPoolExecutor | None = None
+        self._forward_pool: ThreadPoolExecutor | None = None
         self._commits: CommitStage | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._waiting_forward: set[object] = set()  # batches formed whose forward has not started
+        self._forward_busy_until = 0.0  # monotonic estimate of when the forward in progress ends
+        self._in_flight: set[asyncio.Future[Any]] = set()
+        self.batches_started = 0  # micro-batches taken from the queue so far (the server's idle trim reads it)
         self._closing = False
 
     @property
     def max_batch_images(self) -> int:
         return self._max_images
 
-    def tokens_of(self, prepared: PreparedInput) -> int:
-        return int(prepared.keep_counts.sum()) + self._prefix * prepared.images
+    def tokens_of(self, decoded: DecodedInput) -> int:
+        return int(decoded.keep_counts.sum()) + self._prefix * decoded.images
+
+    def _stage_clock(self, stage: str) -> contextlib.AbstractContextManager[None]:
+        return self._metrics.stage(stage) if self._metrics else contextlib.nullcontext()
 
     async def start(self) -> None:
-        self._queue = asyncio.Queue()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{self._name}")
+        self._changed = asyncio.Event()
+        self._slots = asyncio.Semaphore(self._stager.slots)
+        self._stage_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage-{self._name}")
+        self._forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{self._name}")
         self._commits = CommitStage(self._commit, name=self._name)
         self._collector = asyncio.create_task(self._collect(), name=f"batcher-{self._name}")
 
-    async def submit(self, prepared: PreparedInput, context: Any = None) -> JobResult:
-        """Queue one request and wait for its logits (committed by `finalize` before this returns)."""
-        if self._queue is None or self._closing:
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no batch staged, running or committing."""
+        return not self._in_flight and len(self.queue) == 0
+
+    # ---- admission and waiting
+    def expected_wait_s(self, key_id: int, priority: str, tokens: int, weight: float) -> float:
+        """How long a request of `key_id` with `tokens` would wait before its forward ends, queued now."""
+        now = time.monotonic()
+        ahead = self.queue.tokens_ahead(key_id, priority, tokens, weight)
+        busy = max(0.0, self._forward_busy_until - now)
+        return busy + self.compute.seconds(ahead + tokens) + COMMIT_S_MARGIN
+
+    async def submit(
+        self,
+        decoded: DecodedInput,
+        context: Any = None,
+        *,
+        key_id: int = 0,
+        key_name: str = "",
+        weight: float = 1.0,
+        priority: str = DEFAULT_PRIORITY,
+        deadline: float | None = None,
+    ) -> JobResult:
+        """Queue one request of API key `key_id` and wait for its logits (committed by `finalize` before this
+        returns). `weight` and `priority`: the key's share (scheduler.py); `deadline`: when the caller gives up."""
+        if self._changed is None or self._closing:
             raise ServiceUnavailableError("the server is shutting down; retry on another instance")
-        job = BatchJob(prepared, self.tokens_of(prepared), context, asyncio.get_running_loop().create_future())
-        self._queue.put_nowait(job)
-        if self._metrics:
-            self._metrics.queue_depth.inc()
+        job = BatchJob(
+            decoded,
+            self.tokens_of(decoded),
+            context,
+            asyncio.get_running_loop().create_future(),
+            key_id=key_id,
+            key_name=key_name,
+            weight=weight,
+            priority=priority,
+            deadline=deadline,
+            nbytes=len(decoded.payload),
+        )
+        self.queue.push(job)
+        self._count_queued(job, 1)
+        self._changed.set()
         return await job.future
 
     async def close(self) -> None:
-        """Stop taking requests, run everything already queued, then stop the worker."""
-        if self._queue is None or self._closing:
+        """Stop taking requests, run everything already queued, then stop the threads."""
+        if self._changed is None or self._closing:
             return
         self._closing = True
-        self._queue.put_nowait(_STOP)
+        self._changed.set()
         if self._collector is not None:
             await self._collector
-        if self._busy is not None:
-            await asyncio.gather(self._busy, return_exceptions=True)
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
+        while self._in_flight:
+            await asyncio.gather(*list(self._in_flight), return_exceptions=True)
         if self._commits is not None:
             await self._commits.close()
-        self._prefetch.close()
+        for pool in (self._stage_pool, self._forward_pool):
+            if pool is not None:
+                pool.shutdown(wait=True)
 
-    # ------------------------------------------------------------------------------------------------------------
+    def _count_queued(self, job: BatchJob, change: int) -> None:
+        if self._metrics:
+            self._metrics.queue_depth.inc(change)
+            self._metrics.key_queue_depth.labels(key=self._metrics.key_label(job.key_name)).inc(change)
 
-    async def _next_item(self, deadline: float) -> Any:
-        """The next queued item; None when the deadline passed and the worker is free (time to dispatch)."""
-        assert self._queue is not None
-        loop = asyncio.get_running_loop()
-        timeout = deadline - loop.time()
-        if timeout > 0:
-            try:
-                return await asyncio.wait_for(self._queue.get(), timeout)
-            except TimeoutError:
-                pass
-        if self._busy is None or self._busy.done():
-            return None if self._queue.empty() else self._queue.get_nowait()
-        # Worker still busy with the previous batch: keep filling this one until it is free.
-        getter = asyncio.ensure_future(self._queue.get())
-        await asyncio.wait({getter, self._busy}, return_when=asyncio.FIRST_COMPLETED)
-        if getter.done():
-            return getter.result()
-        getter.cancel()
-        return None if self._queue.empty() else self._queue.get_nowait()
+    # ---- forming batches (event loop)
+    def _full(self) -> bool:
+        return self.queue.images >= self._max_images or self.queue.tokens >= self._token_budget
+
+    async def _wait_changed(self, timeout: float | None) -> None:
+        assert self._changed is not None
+        self._changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
 
     async def _collect(self) -> None:
-        assert self._queue is not None
-        loop = asyncio.get_running_loop()
-        carry: Any = None
-        stopping = False
-        while not stopping:
-            first = carry if carry is not None else await self._queue.get()
-            carry = None
-            if first is _STOP:
-                break
-            batch = [first]
-            images, tokens = first.images, first.tokens
-            deadline = loop.time() + self._max_delay_s
-            while images < self._max_images and tokens < self._token_budget:
-                item = await self._next_item(deadline)
-                if item is None:
-                    break
-                if item is _STOP:
-                    stopping = True
-                    break
-                if images + item.images > self._max_images or tokens + item.tokens > self._token_budget:
-                    carry = item
-                    break
-                batch.append(item)
-                images += item.images
-                tokens += item.tokens
-            staged = self._prefetch.start(batch) if self._busy is not None and not self._busy.done() else None
-            if self._busy is not None:
-                await asyncio.gather(self._busy, return_exceptions=True)
-            assert self._commits is not None
-            await self._commits.wait_for_room()
-            if self._metrics:
-                self._metrics.queue_depth.dec(len(batch))
-            assert self._executor is not None
-            self._busy = loop.run_in_executor(self._executor, self._run, batch, staged)
-            self._busy.add_done_callback(functools.partial(self._forwarded, batch))
-        if carry is not None and carry is not _STOP:  # cannot happen after _STOP, but never strand a client
-            carry.future.set_exception(ServiceUnavailableError("the server is shutting down"))
+        assert self._slots is not None
+        while True:
+            if not len(self.queue):
+                if self._closing:
+                    return
+                await self._wait_changed(None)
+                continue
+            due = self.queue.oldest_enqueued() + self._max_delay_s
+            idle = not self._waiting_forward
+            # A batch forms when full, or when its first request waited long enough and the forward has nothing
+            # waiting for it (else it keeps filling while the forward is busy). Closing: everything goes now.
+            if not (self._closing or self._full() or (time.monotonic() >= due and idle)):
+                await self._wait_changed(max(0.0, due - time.monotonic()) if idle else None)
+                continue
+            await self._slots.acquire()
+            batch, dropped = self._next_batch()
+            self._refuse_late(dropped)
+            if not batch:
+                self._slots.release()
+                continue
+            for job in batch:
+                self._count_queued(job, -1)
+            ticket = object()
+            self._waiting_forward.add(ticket)
+            run = asyncio.ensure_future(self._run_batch(batch, ticket))
+            self._in_flight.add(run)
+            self.batches_started += 1
+            run.add_done_callback(self._in_flight.discard)
 
-    def _run(self, jobs: list[BatchJob], staged: Any = None) -> Forwarded | list[Any] | BaseException:
-        """Worker thread: forward the live jobs; the commit stage commits them."""
-        live = [j for j in jobs if not j.future.done()]  # callers that went away before the forward: not billed
-        if not live:
-            return []
+    def _next_batch(self) -> tuple[list[BatchJob], list[BatchJob]]:
+        now = time.monotonic()
+        start_delay = max(0.0, self._forward_busy_until - now)
+        gone: list[BatchJob] = []  # callers that went away while queued: dropped silently
+
+        def live(job: BatchJob) -> bool:
+            if job.future.done():
+                gone.append(job)
+                return False
+            return True
+
+        batch, dropped = self.queue.next_batch(
+            max_images=self._max_images,
+            token_budget=self._token_budget,
+            now=now,
+            finish_s=lambda tokens: start_delay + self.compute.seconds(tokens) + COMMIT_S_MARGIN,
+            live=live,
+        )
+        for job in gone:
+            self._count_queued(job, -1)
+        return batch, dropped
+
+    def _refuse_late(self, dropped: Sequence[BatchJob], *, queued: bool = True) -> None:
+        for job in dropped:
+            if queued:
+                self._count_queued(job, -1)
+            if not job.future.done():
+                job.future.set_exception(
+                    DeadlineUnmetError(
+                        "the request's deadline would pass before its forward ends; not run, nothing "
+                        "billed: retry with a later deadline or after a while"
+                    )
+                )
+                if self._metrics:
+                    self._metrics.count_shed(reason="deadline_queue", key=job.key_name)
+
+    # ---- the pipeline: stage -> forward -> commit
+    async def _run_batch(self, batch: list[BatchJob], ticket: object) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._slots is not None and self._stage_pool and self._forward_pool and self._commits
+        slot = None
+        live = [j for j in batch if not j.future.done()]  # callers that went away before staging: not run, not billed
+        try:
+            if not live:
+                return
+            slot = self._stager.acquire()  # free: the slot semaphore admitted this batch
+            rows = await loop.run_in_executor(self._stage_pool, self._stage, live, slot)
+            hook = functools.partial(loop.call_soon_threadsafe, self._forward_started, ticket)
+            refuse = functools.partial(loop.call_soon_threadsafe, functools.partial(self._refuse_late, queued=False))
+            # From the forward's start the batch runs and is billed, also for a caller leaving then: its answer waits
+            # for a replay.
+            forwarded = await loop.run_in_executor(self._forward_pool, self._run, live, rows, hook, refuse)
+            await self._commits.wait_for_room()  # a ledger slower than the teacher holds the slot: back-pressure
+        except Exception as exc:  # noqa: BLE001 - delivered to every caller of the batch; nothing was committed
+            self._deliver_error(live, exc)
+            return
+        finally:
+            self._forward_started(ticket)
+            if slot is not None:
+                self._stager.release(slot)
+            self._slots.release()
+        if forwarded is None:
+            return
+        if isinstance(forwarded, BaseException):
+            self._deliver_error(live, forwarded)
+            return
+        done = self._commits.submit(forwarded)
+        done.add_done_callback(functools.partial(self._deliver, forwarded.jobs))
+        await asyncio.gather(done, return_exceptions=True)
+
+    def _stage(self, jobs: list[BatchJob], slot: int) -> StagedRows:
+        with self._stage_clock("stage"):
+            return self._stager.stage([j.input for j in jobs], slot)
+
+    def _forward_started(self, ticket: object) -> None:
+        """Event loop: the batch of `ticket` no longer waits for the forward (it started, or will not run)."""
+        if ticket in self._waiting_forward:
+            self._waiting_forward.discard(ticket)
+            assert self._changed is not None
+            self._changed.set()
+
+    def _still_wanted(
+        self, jobs: list[BatchJob], rows: StagedRows, now: float
+    ) -> tuple[list[BatchJob], list[BatchJob], StagedRows]:
+        """(the jobs to run, those whose deadline now cannot be met, the rows to run) as the forward starts: a caller
+        gone since staging, or one whose answer could no longer reach it, is not run and not billed."""
+        compute_s = self.compute.seconds(sum(j.tokens for j in jobs)) + COMMIT_S_MARGIN
+        keep: list[BatchJob] = []
+        late: list[BatchJob] = []
+        for job in jobs:
+            if job.future.done():  # the caller went away (a read of a flag set on the event loop)
+                continue
+            (late if job.deadline is not None and job.deadline < now + compute_s else keep).append(job)
+        if len(keep) == len(jobs):
+            return keep, late, rows
+        starts = [0]
+        for job in jobs:
+            starts.append(starts[-1] + job.images)
+        chosen = {id(j) for j in keep}
+        picked = [r for i, job in enumerate(jobs) if id(job) in chosen for r in range(starts[i], starts[i + 1])]
+        return keep, late, rows.select(picked)
+
+    def _run(
+        self, jobs: list[BatchJob], rows: StagedRows, started_hook: Callable[[], object], refuse: Callable[..., object]
+    ) -> Forwarded | BaseException | None:
+        """Forward thread: the teacher on the staged rows; the commit stage commits them. None: nobody to run for."""
         try:
             started = time.monotonic()
-            patches, indices, counts = self._prefetch.take(staged, live) or concat_jobs(live)
-            with torch.inference_mode():
-                logits = self._run_rows(self._forward, patches, indices, counts)  # [sum B, classes]
+            if rows.ready is not None:  # the rows' copy to the device, queued on the staging stream
+                torch.cuda.current_stream(rows.pixels.device).wait_event(rows.ready)
+            jobs, late, rows = self._still_wanted(jobs, rows, started)
+            if late:
+                refuse(late)
+            if not jobs:
+                started_hook()
+                return None
+            tokens = sum(j.tokens for j in jobs)
+            self._forward_busy_until = started + self.compute.seconds(tokens)
+            started_hook()
+            with torch.inference_mode(), self._stage_clock("forward"):
+                logits = self._run_rows(self._forward, rows)  # [sum B, classes] float32 CPU
             compute_s = time.monotonic() - started
-            stats = BatchStats(
-                images=int(patches.shape[0]),
-                tokens=sum(j.tokens for j in live),
-                compute_s=compute_s,
-                started_at=started,
-            )
-            per_job = [t.clone() for t in torch.split(logits, [j.images for j in live])]
+            self.compute.observe(tokens, compute_s)
+            stats = BatchStats(images=rows.images, tokens=tokens, compute_s=compute_s, started_at=started)
+            per_job = list(torch.split(logits, [j.images for j in jobs]))
         except Exception as exc:  # noqa: BLE001 - delivered to every caller of the batch; nothing was committed
             return exc
         if self._metrics:
             self._metrics.batch_images.observe(stats.images)
             self._metrics.batch_tokens.observe(stats.tokens)
             self._metrics.compute_seconds.observe(compute_s)
-        return Forwarded(live, per_job, stats)
+        return Forwarded(jobs, per_job, stats)
 
     def _commit(self, batch: Forwarded) -> list[tuple[BatchJob, JobResult]] | BaseException:
         """Commit thread: finalize (the ledger commit), then (job, result) per job."""
@@ -290,31 +414,25 @@ class TokenBudgetBatcher:
         for job, job_logits, fin in zip(batch.jobs, batch.logits, finalized, strict=True):
             queue_s = max(0.0, batch.stats.started_at - job.enqueued_at)
             if self._metrics:
-                self._metrics.queue_seconds.observe(queue_s)
+                self._metrics.observe_queue_wait(queue_s, key=job.key_name)
             out.append((job, JobResult(job_logits, queue_s, batch.stats, fin)))
         return out
 
-    def _forwarded(self, jobs: list[BatchJob], fut: asyncio.Future[Any]) -> None:
-        """Event loop: a forward finished; hand it to the commit stage (or its error to the callers)."""
-        if not fut.cancelled() and fut.exception() is None and isinstance(fut.result(), Forwarded):
-            assert self._commits is not None
-            batch: Forwarded = fut.result()
-            self._commits.submit(batch).add_done_callback(lambda done: self._deliver(batch.jobs, done))
-            return
-        self._deliver(jobs, fut)
+    @staticmethod
+    def _deliver_error(jobs: Sequence[BatchJob], error: BaseException) -> None:
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(error)
 
     @staticmethod
     def _deliver(jobs: list[BatchJob], fut: asyncio.Future[Any]) -> None:
         """Event loop: hand each caller its result (or the batch's error)."""
-        outcome: Any = (
-            fut.exception() or fut.result()
-            if not fut.cancelled()
-            else ServiceUnavailableError("the forward was cancelled")
-        )
+        if fut.cancelled():
+            outcome: Any = ServiceUnavailableError("the commit was cancelled")
+        else:
+            outcome = fut.exception() or fut.result()
         if isinstance(outcome, BaseException):
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(outcome)
+            TokenBudgetBatcher._deliver_error(jobs, outcome)
             return
         for job, result in outcome:
             if not job.future.done():

@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 COMPILE_MODES = ("off", "static")
 
 
-def compiled_forward_patches(teacher: MaskedTeacher, *, max_shapes: int = 8) -> ForwardFn:
-    """`teacher.forward_patches` compiled by inductor with frozen weights, one graph per input shape.
+def compiled_forward_pixels(teacher: MaskedTeacher, *, max_shapes: int = 8) -> ForwardFn:
+    """`teacher.forward_pixels` compiled by inductor with frozen weights, one graph per input shape.
 
     Call it under `torch.inference_mode()` (the batcher does): freezing treats the weights as constants, so a
     teacher served this way must not be trained or have its weights swapped afterwards.
@@ -36,14 +36,14 @@ def compiled_forward_patches(teacher: MaskedTeacher, *, max_shapes: int = 8) -> 
 
     inductor_config.freezing = True
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, max_shapes)
-    return torch.compile(teacher.forward_patches, dynamic=False)
+    return torch.compile(teacher.forward_pixels, dynamic=False)
 
 
-def forward_patches_fn(teacher: MaskedTeacher, mode: str) -> ForwardFn:
-    """The teacher's patch forward for a `--compile` mode: "off" is eager, "static" is `compiled_forward_patches`."""
+def forward_pixels_fn(teacher: MaskedTeacher, mode: str) -> ForwardFn:
+    """The teacher's raw-pixel forward for a `--compile` mode: "off" is eager, "static" `compiled_forward_pixels`."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
-    return compiled_forward_patches(teacher) if mode == "static" else teacher.forward_patches
+    return compiled_forward_pixels(teacher) if mode == "static" else teacher.forward_pixels
 
 
 def warm_up_shapes(forward: ForwardFn, teacher: MaskedTeacher, shapes: Sequence[tuple[int, int]]) -> list[float]:
@@ -63,10 +63,11 @@ def warm_up_shapes(forward: ForwardFn, teacher: MaskedTeacher, shapes: Sequence[
         if k > g.num_patches:
             raise ValueError(f"compile shape {b}:{k} keeps more patches than the teacher has ({g.num_patches})")
         started = time.perf_counter()
-        # Inputs made under inference mode, like the batcher's bucketed rows: the graph guards on tensor kind.
+        # Inputs laid out as the stager's rows are (views of flat uint8 / int64 buffers made outside inference
+        # mode), run under inference mode as the batcher runs them: the graph guards on both.
+        patches = torch.zeros(b * k * c * p * p, dtype=torch.uint8).view(b, k, c, p, p)  # [B,K,C,P,P]
+        indices = torch.arange(k).repeat(b).view(b, k)  # [B,K]
         with torch.inference_mode():
-            patches = torch.zeros(b, k, c, p, p)  # [B,K,C,P,P]
-            indices = torch.arange(k).unsqueeze(0).expand(b, k).contiguous()  # [B,K]
             forward(patches, indices, None)
         seconds.append(time.perf_counter() - started)
         log.info("compiled shape %d:%d in %.1f s", b, k, seconds[-1])

@@ -47,9 +47,9 @@ def _packed_attention(attn: Attention, x: torch.Tensor, groups: list[tuple[int, 
 
 
 def run_packed(
-    teacher: MaskedTeacher, patches: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor
+    teacher: MaskedTeacher, pixels: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor
 ) -> torch.Tensor:
-    """Logits [B, classes] of rows with `counts` kept patches each, packed without padding."""
+    """Logits [B, classes] of rows of raw 0..255 pixels (staged rows) with `counts` kept patches each, packed."""
     m = teacher.model
     if m.global_pool != "token":
         raise ValueError("run_packed covers class-token heads only")
@@ -67,7 +67,7 @@ def run_packed(
     for rows, n in groups:
         k = n - teacher.geometry.num_prefix_tokens
         sel = order[row : row + rows]
-        tokens = teacher.embed_patches(patches[sel, :k], indices[sel, :k])  # [G, k, D]
+        tokens = teacher.embed_patches(pixels[sel, :k], indices[sel, :k], raw=True)  # [G, k, D]
         if prefix is not None:
             tokens = torch.cat([prefix.expand(rows, -1, -1), tokens], dim=1)  # [G, n, D]
         seqs.append(tokens.reshape(rows * n, -1))

@@ -11,10 +11,12 @@ from maskedkd.masked_teacher import MaskedTeacher
 from maskedkd.precision import dtype_name
 from maskedkd.text import clip
 from teacher_server.engine.batcher import ForwardFn, TokenBudgetBatcher
-from teacher_server.engine.compiled import forward_patches_fn, warm_up_shapes
+from teacher_server.engine.compiled import forward_pixels_fn, warm_up_shapes
 from teacher_server.engine.fidelity import DtypeFidelity
 from teacher_server.engine.metering import Meter
 from teacher_server.engine.packing import run_packed, supports_packing
+from teacher_server.engine.scheduler import QueueLimits
+from teacher_server.engine.staging import Stager
 from teacher_server.engine.teacher_loader import ModelLoadError
 from teacher_server.errors import ModelNotFoundError
 from teacher_server.settings import ServerSettings
@@ -25,23 +27,14 @@ log = logging.getLogger(__name__)
 def make_forward(
     teacher: MaskedTeacher, device: torch.device, dtype: torch.dtype, compile_mode: str = "off", *, pack: bool = False
 ) -> ForwardFn:
-    """The batcher's forward: CPU inputs (or, on CUDA, rows the prefetcher already staged there) in, CPU float32
-    logits out, compute on `device` in `dtype`.
+    """The batcher's forward: staged rows (raw pixels, on the teacher's device: staging.py) in, CPU float32 logits
+    out; the teacher casts the pixels to its dtype and normalizes them in its patch projection."""
+    forward_pixels = forward_pixels_fn(teacher, compile_mode)
 
-    On CUDA the inputs are copied from pinned host memory without blocking the host (the copy is queued on the
-    stream ahead of the forward that reads it)."""
-    forward_patches = forward_patches_fn(teacher, compile_mode)
-    on_cuda = device.type == "cuda"
-
-    def forward(patches: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
-        if on_cuda and not patches.is_cuda:  # rows the prefetcher staged are on the device already (not pinnable)
-            patches, indices = patches.pin_memory(), indices.pin_memory()
-        x = patches.to(device=device, dtype=dtype, non_blocking=on_cuda)  # [G,K,C,P,P]
-        idx = indices.to(device, non_blocking=on_cuda)  # [G,K]
-        cnt = counts.to(device) if counts is not None else None  # [G]
-        if pack and cnt is not None:  # ragged rows (`--mixed-k pack`): all tokens in one sequence, no padding
-            return run_packed(teacher, x, idx, cnt).float().cpu()  # [G,classes]
-        return forward_patches(x, idx, cnt).float().cpu()  # [G,classes]
+    def forward(pixels: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
+        if pack and counts is not None:  # ragged rows (`--mixed-k pack`): all tokens in one sequence, no padding
+            return run_packed(teacher, pixels, indices, counts).float().cpu()  # [G,classes]
+        return forward_pixels(pixels, indices, counts).float().cpu()  # [G,classes]
 
     return forward
 
@@ -61,6 +54,16 @@ class ServedModel:
         if name and name != self.name:
             raise ModelNotFoundError(f"unknown model {clip(name)}; this server serves: {self.name}")
         return self
+
+
+def queue_limits(settings: ServerSettings) -> QueueLimits:
+    """What may wait in the queue at once, per key and in all, from the server's settings."""
+    return QueueLimits(
+        key_images=settings.max_queued_images_per_key,
+        key_bytes=int(settings.max_queued_mb_per_key * 2**20),
+        total_images=settings.max_queued_images,
+        total_bytes=int(settings.max_queued_mb * 2**20),
+    )
 
 
 def build_served_model(
@@ -90,7 +93,8 @@ def build_served_model(
         max_delay_s=settings.max_delay_ms / 1000.0,
         mixed_k=settings.mixed_k if pack or settings.mixed_k != "pack" else "bucket",
         name=name,
-        prefetch_device=weight.device,
+        stager=Stager(teacher.geometry, max_images=settings.max_batch_images, device=weight.device),
+        limits=queue_limits(settings),
         **batcher_kwargs,  # type: ignore[arg-type]  # the batcher's keyword arguments, passed through
     )
     return ServedModel(

@@ -29,6 +29,7 @@ from teacher_server.ledger.models import (
     utcnow,
 )
 from teacher_server.ledger.quota_windows import QUOTA_WINDOWS, QuotaWindow, window_start
+from teacher_server.priorities import PRIORITIES
 
 SECRET_PREFIX = "mkd_"
 DISPLAY_PREFIX_CHARS = 12  # stored in clear for display: "mkd_" + 8 random chars
@@ -53,6 +54,8 @@ class KeyChange:
     quota_window: QuotaWindow | Unchanged = UNCHANGED
     rate_limit_gflops_per_min: float | Unchanged | None = UNCHANGED  # None: no rate limit
     price_per_gflop: float | Unchanged | None = UNCHANGED  # None: the serving server's default
+    weight: float | Unchanged = UNCHANGED  # share of the teacher against keys with queued work (> 0; default 1)
+    priority: str | Unchanged = UNCHANGED  # interactive | standard | batch: served in this order
 
 
 def _check_number(field: str, value: object, *, above_zero: bool = False) -> None:
@@ -75,6 +78,12 @@ def check_change(change: KeyChange) -> None:
     _check_number("quota_gflops", change.quota_gflops)
     _check_number("rate_limit_gflops_per_min", change.rate_limit_gflops_per_min, above_zero=True)
     _check_number("price_per_gflop", change.price_per_gflop)
+    if change.weight is not UNCHANGED:
+        if change.weight is None:
+            raise ValueError("weight must be a number > 0 (1 is every key's default share)")
+        _check_number("weight", change.weight, above_zero=True)
+    if change.priority is not UNCHANGED and change.priority not in PRIORITIES:
+        raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}, not {change.priority!r}")
 
 
 def checked_name(name: str) -> str:
@@ -102,6 +111,8 @@ def create_api_key(
     price_per_gflop: float | None = None,
     quota_window: QuotaWindow = "lifetime",
     rate_limit_gflops_per_min: float | None = None,
+    weight: float = 1.0,
+    priority: str = "standard",
 ) -> tuple[str, ApiKey]:
     """Create and store a key; returns (secret, row). The secret exists only in this return value."""
     secret = generate_secret()
@@ -115,11 +126,21 @@ def create_api_key(
             price_per_gflop=price_per_gflop,
             quota_window=quota_window,
             rate_limit_gflops_per_min=rate_limit_gflops_per_min,
+            weight=weight,
+            priority=priority,
         )
     return secret, row
 
 
-NEW_KEY_ARGUMENTS = ("name", "quota_gflops", "price_per_gflop", "quota_window", "rate_limit_gflops_per_min")
+NEW_KEY_ARGUMENTS = (
+    "name",
+    "quota_gflops",
+    "price_per_gflop",
+    "quota_window",
+    "rate_limit_gflops_per_min",
+    "weight",
+    "priority",
+)
 
 
 def create_api_key_from(sessions: sessionmaker[Session], request: object) -> tuple[str, ApiKey]:
@@ -138,6 +159,8 @@ def add_api_key(
     price_per_gflop: float | None = None,
     quota_window: QuotaWindow = "lifetime",
     rate_limit_gflops_per_min: float | None = None,
+    weight: float = 1.0,
+    priority: str = "standard",
 ) -> ApiKey:
     """Insert a key (and its zeroed counters) and commit; ValueError for an invalid value, `DuplicateKeyNameError`
     when the name is taken."""
@@ -148,6 +171,8 @@ def add_api_key(
             quota_window=quota_window,
             rate_limit_gflops_per_min=rate_limit_gflops_per_min,
             price_per_gflop=price_per_gflop,
+            weight=weight,
+            priority=priority,
         )
     )
     if find_api_key_by_name(session, name=name) is not None:
@@ -162,6 +187,8 @@ def add_api_key(
         created_at=utcnow(),
         quota_window=quota_window,
         rate_limit_gflops_per_min=rate_limit_gflops_per_min,
+        weight=weight,
+        priority=priority,
     )
     session.add(key)
     try:
@@ -247,6 +274,11 @@ def set_api_key_limits(
             quota_gflops=quota_gflops, quota_window=quota_window, rate_limit_gflops_per_min=rate_limit_gflops_per_min
         ),
     )
+
+
+def set_api_key_share(session: Session, *, name: str, weight: float, priority: str) -> ApiKey:
+    """Set a key's fair-share weight and priority class and commit; servers apply it within their auth cache TTL."""
+    return update_api_key(session, name=name, change=KeyChange(weight=weight, priority=priority))
 
 
 def set_api_key_price(session: Session, *, name: str, price_per_gflop: float | None) -> ApiKey:

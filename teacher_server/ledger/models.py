@@ -63,6 +63,9 @@ class ApiKey(Base):
     price_per_gflop: Mapped[float | None] = mapped_column(Double, nullable=True)  # None: server default
     quota_window: Mapped[QuotaWindow] = mapped_column(String(16), default="lifetime", server_default="lifetime")
     rate_limit_gflops_per_min: Mapped[float | None] = mapped_column(Double, nullable=True)  # None: no rate limit
+    # the key's share of the teacher against keys with queued work, and its priority class (engine/scheduler.py; 0005)
+    weight: Mapped[float] = mapped_column(Double, default=1.0, server_default="1")
+    priority: Mapped[str] = mapped_column(String(16), default="standard", server_default="standard")
 
     usage: Mapped[list[UsageRecord]] = relationship(back_populates="api_key", lazy="noload")
 
@@ -90,7 +93,8 @@ class UsageRecord(Base):
     queue_ms: Mapped[float] = mapped_column(Double)
     batch_images: Mapped[int] = mapped_column(Integer)  # images in the micro-batch it ran in
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    # sha256 hex of what determines the answer (inference.content_digest); None: billed before digests existed
+    # "blake3:<base64url>" (or, billed before 0005, bare sha256 hex) of what determines the answer (content_digest.py);
+    # None: billed before digests existed
     content_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # the client's InferRequest.purpose ('' = training targets, 'probe', ...): reports total each apart (0004)
     purpose: Mapped[str] = mapped_column(String(32), default="", server_default="")
@@ -171,7 +175,7 @@ class NewUsage:
     latency_ms: float
     queue_ms: float
     batch_images: int
-    content_digest: str | None = None  # sha256 hex of the inputs; None for server-assigned ids
+    content_digest: str | None = None  # "blake3:<base64url>" of the inputs; None for server-assigned ids
     price_per_gflop: float | None = None  # the price `cost` was computed with (the server always gives it)
     currency: str | None = None
     purpose: str = ""  # InferRequest.purpose, validated at the boundary

@@ -24,12 +24,12 @@ from teacher_server.errors import (
     AuthenticationError,
     InvalidRequestError,
     ModelNotFoundError,
-    QuotaExceededError,
+    RefusalWithDetailsError,
     RequestIdReusedError,
 )
 from teacher_server.ledger.models import Refusal
 
-REASONS = ("auth", "quota", "rate_limit", "invalid")
+REASONS = ("auth", "quota", "rate_limit", "invalid", "overload", "deadline")
 NO_KEY = 0  # api_key_id of refusals made before a key was known
 FLUSH_INTERVAL_S = 1.0
 DAY_S = 86400
@@ -41,8 +41,8 @@ def reason_of(exc: BaseException) -> str | None:
     """The refusal reason of a service error; None for errors that are not a refusal of the caller's call."""
     if isinstance(exc, AuthenticationError):
         return "auth"
-    if isinstance(exc, QuotaExceededError):
-        return "rate_limit" if exc.limit == "rate_limit" else "quota"
+    if isinstance(exc, RefusalWithDetailsError):
+        return exc.reason
     if isinstance(exc, (InvalidRequestError, ModelNotFoundError, RequestIdReusedError)):
         return "invalid"
     return None

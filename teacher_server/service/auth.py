@@ -26,6 +26,8 @@ class KeyInfo:
     price_per_gflop: float | None
     quota_window: QuotaWindow = "lifetime"
     rate_limit_gflops_per_min: float | None = None
+    weight: float = 1.0  # fair share against other keys with queued work
+    priority: str = "standard"  # interactive | standard | batch
 
     @property
     def limits(self) -> KeyLimits:
@@ -71,6 +73,8 @@ class KeyAuthenticator:
                 row.price_per_gflop,
                 row.quota_window,
                 row.rate_limit_gflops_per_min,
+                row.weight,
+                row.priority,
             )
 
     async def authenticate(self, secret: str) -> KeyInfo:

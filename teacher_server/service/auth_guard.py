@@ -4,7 +4,10 @@ grpc.aio reads (and deserializes) a unary request before it calls the method's b
 could make the server hold a near-limit message per call before its key is looked at. `AuthFirstInterceptor` serves
 the keyed methods through request-*streaming* handlers instead: the behaviour starts with no message read, checks
 the `authorization` metadata, refuses with UNAUTHENTICATED (the transport then resets the stream, so the client stops
-sending), and only then reads the one request and runs the method as before. On the wire nothing changes.
+sending), and only then reads the one request and runs the method as before. On the wire nothing changes. A valid
+key whose queue is full (`admit`, inference.py) is refused the same way, before its message is read: RESOURCE_EXHAUSTED
+with a RetryInfo, nothing billed; so is a call whose deadline the work queued ahead of it already outlasts
+(DEADLINE_EXCEEDED with a RetryInfo).
 
 Every unknown key costs a ledger query, so failed checks draw from token buckets, one per peer address and one for
 all peers: an empty bucket refuses further unknown keys at once, without a query. Keys that passed recently skip the
@@ -25,8 +28,8 @@ from teacher_server.errors import AuthenticationError
 from teacher_server.ledger.keys import hash_secret
 from teacher_server.ledger.refusals import RefusalCounter
 from teacher_server.metrics import ServerMetrics
-from teacher_server.service.auth import KeyAuthenticator, bearer_secret
-from teacher_server.service.error_interceptor import ServiceInterceptor, status_of
+from teacher_server.service.auth import KeyAuthenticator, KeyInfo, bearer_secret
+from teacher_server.service.error_interceptor import ServiceInterceptor, rich_trailing_metadata, status_of
 
 KEYED_METHODS = ("Infer", "InferStream", "GetModelInfo")  # GetModelInfo: the key is optional, a wrong one refused
 ACCEPTED_TTL_S = 600.0  # how long a key that passed skips the failure buckets
@@ -119,15 +122,17 @@ class AuthFirstInterceptor(ServiceInterceptor):
         limiter: FailedAuthLimiter,
         metrics: ServerMetrics,
         refusals: RefusalCounter | None = None,
+        admit: Callable[[KeyInfo, float | None], None] | None = None,
     ) -> None:
         self._auth = auth
+        self._admit = admit  # (key, seconds left): raises when the key may not queue more or cannot be served in time
         self._refusals = refusals or RefusalCounter()
         self._limiter = limiter
         self._metrics = metrics
         self._accepted: dict[str, float] = {}  # key hash -> until when it skips the buckets
 
-    async def check(self, metadata: Any, peer: str) -> None:
-        """Raise AuthenticationError unless the call's key is valid (GetModelInfo: or absent)."""
+    async def check(self, metadata: Any, peer: str) -> KeyInfo:
+        """The call's key; AuthenticationError unless it is valid."""
         secret = bearer_secret(metadata)
         key_hash = hash_secret(secret)
         now = time.monotonic()
@@ -139,7 +144,7 @@ class AuthFirstInterceptor(ServiceInterceptor):
                     f"too many failed API key checks from {host}; try again in {max(wait, 0.1):.1f} s"
                 )
             try:
-                await self._auth.authenticate(secret)  # a failure keeps the reserved token spent
+                key = await self._auth.authenticate(secret)  # a failure keeps the reserved token spent
             except AuthenticationError:
                 raise
             except BaseException:  # e.g. the ledger is unreachable: not the caller's failure
@@ -149,21 +154,30 @@ class AuthFirstInterceptor(ServiceInterceptor):
             if len(self._accepted) >= MAX_TRACKED:
                 self._accepted.clear()
             self._accepted[key_hash] = now + ACCEPTED_TTL_S
-            return
-        await self._auth.authenticate(secret)  # cached: no ledger query; still refuses a disabled key
+            return key
+        return await self._auth.authenticate(secret)  # cached: no ledger query; still refuses a disabled key
 
     async def _refuse_or_pass(self, method: str, context: aio.ServicerContext) -> None:
         metadata = context.invocation_metadata()
         if method == "GetModelInfo" and not any(k.lower() == "authorization" for k, _ in metadata or ()):
             return
         try:
-            await self.check(metadata, context.peer())
+            key = await self.check(metadata, context.peer())
         except Exception as exc:  # noqa: BLE001 - AuthenticationError, or a ledger failure mapped like everywhere else
             code, message = status_of(exc)
             if method != "GetModelInfo":
                 self._metrics.count_request(model="", key="", code=code.name)
                 self._refusals.count(exc)  # no key known: it is the key that was refused
             await context.abort(code, message)
+            return
+        if method == "Infer" and self._admit is not None:
+            try:
+                self._admit(key, context.time_remaining())
+            except Exception as exc:  # noqa: BLE001 - Overloaded/DeadlineUnmetError: refused before it is read
+                code, message = status_of(exc)
+                self._metrics.count_request(model="", key=key.name, code=code.name)
+                self._refusals.count(exc, key_id=key.id)
+                await context.abort(code, message, trailing_metadata=rich_trailing_metadata(exc, code, message))
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if method not in KEYED_METHODS:

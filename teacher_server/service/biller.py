@@ -19,6 +19,7 @@ from teacher_server.errors import ReplayExpiredError, RequestIdReusedError, Serv
 from teacher_server.ledger import billing, models
 from teacher_server.ledger.billing import Hold, LimitState, unavailable_on_transient_errors
 from teacher_server.service.auth import KeyInfo
+from teacher_server.service.content_digest import RequestDigest
 
 DEFAULT_REPLAY_TTL_S = 7 * 86400.0
 
@@ -45,7 +46,7 @@ class BillingContext:
     model: str
     usage: MeteredUsage
     received_at: float
-    digest: str | None = None  # None for server-assigned ids
+    digest: RequestDigest | None = None  # None for server-assigned ids
     hold: Hold | None = None  # GFLOPs reserved against the key's quota/rate limit
     purpose: str = ""  # InferRequest.purpose, stored with the row
     accept_billed: bool = False  # InferRequest.accept_billed_answer: a stored answer of another digest will do
@@ -65,7 +66,7 @@ def reused_error(request_id: str) -> RequestIdReusedError:
 def outcome_from_stored(
     record: models.UsageRecord,
     payload: models.ReplayPayload | None,
-    digest: str,
+    digest: RequestDigest | None,
     *,
     accept_billed: bool = False,
     images: int = 0,
@@ -75,7 +76,7 @@ def outcome_from_stored(
     `accept_billed` (a resumed run's re-send) other inputs are replayed too when the batch has the same `images`."""
     if (
         record.content_digest is not None
-        and record.content_digest != digest
+        and not (digest is not None and digest.matches(record.content_digest))
         and not (accept_billed and record.images == images)
     ):
         raise reused_error(record.request_id)
@@ -118,7 +119,7 @@ class Biller:
         return key.price_per_gflop if key.price_per_gflop is not None else self._default_price
 
     def find_stored(
-        self, key: KeyInfo, request_id: str, digest: str, accept_billed: bool, images: int
+        self, key: KeyInfo, request_id: str, digest: RequestDigest, accept_billed: bool, images: int
     ) -> InferOutcome | None:
         with unavailable_on_transient_errors(), self._sessions() as session:
             found = billing.find_billed(session, api_key_id=key.id, request_id=request_id)
@@ -161,7 +162,7 @@ class Biller:
                 latency_ms=(now - b.received_at) * 1000.0,
                 queue_ms=max(0.0, stats.started_at - job.enqueued_at) * 1000.0,
                 batch_images=stats.images,
-                content_digest=b.digest,
+                content_digest=b.digest.value if b.digest else None,
                 price_per_gflop=self.price_of(b.key),
                 currency=self._currency,
                 purpose=b.purpose,
@@ -184,11 +185,7 @@ class Biller:
         found = billing.find_billed(session, api_key_id=record.api_key_id, request_id=record.request_id)
         try:
             return outcome_from_stored(
-                record,
-                found[1] if found else None,
-                b.digest or "",
-                accept_billed=b.accept_billed,
-                images=b.usage.images,
+                record, found[1] if found else None, b.digest, accept_billed=b.accept_billed, images=b.usage.images
             )
         except ServiceError as exc:
             return exc

@@ -128,7 +128,7 @@ class ErrorInterceptor(ServiceInterceptor):
         counts = name in INFERENCE_METHODS
         deserializer = handler.request_deserializer
         if name in _METHODS and deserializer is not None:
-            deserializer = tolerant(deserializer, _METHODS[name].input_type)
+            deserializer = self._metrics.timed("receive", tolerant(deserializer, _METHODS[name].input_type))
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary, counts),

@@ -6,6 +6,12 @@ When (key, request_id) is stored in the ledger (also after a restart) or in flig
 expired is refused with FAILED_PRECONDITION. The unique ledger constraint settles anything else (another server).
 Quota and rate limit: admitted by one conditional UPDATE in the ledger before the forward (billing.reserve),
 held until the usage row commits, so requests on any number of servers never overshoot together.
+
+Overload and deadlines, cheapest refusal first (each unbilled, counted as a refusal): a key whose queue is full is
+refused before its message is read (auth_guard.py asks `admit`); then a message whose bytes do not fit in the key's or
+the server's bound (`_reserve_bytes`, before decoding); then, decoded, one whose images do not fit, or whose deadline
+leaves less time than the expected queue wait and compute (`_check_deadline`). A queued request whose deadline
+passes is dropped by the batcher unrun; one whose forward started is billed and its answer kept for a replay.
 """
 
 from __future__ import annotations
@@ -15,22 +21,26 @@ import contextvars
 import logging
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, replace
 
 from maskedkd.purpose import purpose_problem
 from maskedkd.v1 import teacher_pb2 as pb
+from teacher_server.engine.decode import DecodedInput, decode_input
 from teacher_server.engine.metering import MeteredUsage
-from teacher_server.engine.preprocess import PreparedInput, prepare_input
 from teacher_server.engine.served_model import ServedModel
 from teacher_server.errors import InvalidRequestError, ReplayExpiredError, RequestIdReusedError
 from teacher_server.ledger.billing import Hold, LimitState
 from teacher_server.metrics import ServerMetrics
 from teacher_server.service.auth import KeyInfo
 from teacher_server.service.biller import Biller, BillingContext, InferOutcome, reused_error
-from teacher_server.service.content_digest import content_digest
-from teacher_server.service.quota_status import quota_exceeded
+from teacher_server.service.content_digest import RequestDigest, content_digest
+from teacher_server.service.quota_status import deadline_unmet, overloaded, quota_exceeded
 
-OFFLOAD_BYTES = 1 << 20  # decode payloads above this size off the event loop
+OFFLOAD_BYTES = 16 << 20  # digest and check float payloads above this size off the event loop (a thread hop costs)
+MIN_RETRY_S = 0.05  # the shortest RetryInfo of an overload refusal
+RECENT_REQUESTS = 8  # per key, the requests whose sizes admission remembers
+RECENT_S = 10.0  # for this long
 MAX_REQUEST_ID_CHARS = 200  # the ledger column's width
 
 log = logging.getLogger(__name__)
@@ -56,6 +66,17 @@ def current_labels() -> CallLabels:
     return labels
 
 
+@dataclass(frozen=True)
+class Submission:
+    """A decoded request on its way to the batcher."""
+
+    input: DecodedInput
+    usage: MeteredUsage  # what it will be billed
+    received_at: float  # time.monotonic()
+    deadline: float | None  # time.monotonic() the caller gives up
+    purpose: str
+
+
 class _OriginalFailedError(Exception):
     """The original of a duplicate failed without billing: the duplicate must run on its own."""
 
@@ -68,20 +89,82 @@ class InferenceService:
         self._max_elements = max_message_bytes  # a tensor cannot hold more elements than the message has bytes
         # (key id, request_id) -> (content digest, the original's outcome) of requests in flight
         self._inflight: dict[tuple[int, str], tuple[str, asyncio.Future[InferOutcome]]] = {}
+        self._recent_tokens: dict[int, deque[tuple[float, int]]] = {}  # key id -> (when, tokens) of its requests
 
     # ---------------------------------------------------------------------------------------- event loop side
 
-    async def infer(self, key: KeyInfo, request: pb.InferRequest) -> InferOutcome:
-        """Answer one request (billing it unless it is a replay); raises ServiceError subclasses on refusal."""
+    def admit(self, key: KeyInfo, time_left_s: float | None = None) -> None:
+        """Before a message of `key` is read: OverloadedError when its queue (or the server's) is full already,
+        DeadlineUnmetError when the work queued ahead of it alone outlasts the call's `time_left_s`."""
+        batcher = self.served.batcher
+        if (why := batcher.queue.room_for(key.id)) is not None:
+            self._metrics.count_shed(key=key.name, reason="overload")
+            raise overloaded(why, retry_s=self._retry_s(key))
+        if time_left_s is not None:
+            wait = batcher.expected_wait_s(key.id, key.priority, self._smallest_recent(key.id), key.weight)
+            if wait > time_left_s:
+                self._metrics.count_shed(key=key.name, reason="deadline_admission")
+                raise deadline_unmet(wait_s=wait, time_left_s=time_left_s)
+
+    def _smallest_recent(self, key_id: int) -> int:
+        """Tokens of the smallest request the key sent in the last RECENT_S seconds (0: none). A key sending only
+        requests too big for their deadline is so refused before their bytes are read; a key mixing sizes is not
+        refused on a guess, and a key refused this way has one request read again every RECENT_S seconds."""
+        recent = self._recent_tokens.get(key_id)
+        if not recent:
+            return 0
+        since = time.monotonic() - RECENT_S
+        while recent and recent[0][0] < since:
+            recent.popleft()
+        return min((tokens for _, tokens in recent), default=0)
+
+    def _retry_s(self, key: KeyInfo) -> float:
+        """When a refused request of `key` might find room: the time its queued work takes to run."""
+        batcher = self.served.batcher
+        return max(MIN_RETRY_S, batcher.compute.seconds(batcher.queue.key_tokens(key.id)))
+
+    async def infer(self, key: KeyInfo, request: pb.InferRequest, *, deadline: float | None = None) -> InferOutcome:
+        """Answer one request (billing it unless it is a replay); raises ServiceError subclasses on refusal.
+        `deadline`: the time.monotonic() at which the caller gives up (None: never)."""
         received_at = time.monotonic()
         served = self.served.named(request.model)
         current_labels().model = served.name
-        outcome = await self._infer(key, request, served, received_at)
+        nbytes = self._reserve_bytes(key, request)
+        try:
+            outcome = await self._infer(key, request, served, received_at, deadline)
+        finally:
+            served.batcher.queue.release_bytes(key.id, nbytes)
         self._metrics.request_latency.labels(model=served.name).observe(time.monotonic() - received_at)
         return outcome
 
+    def _reserve_bytes(self, key: KeyInfo, request: pb.InferRequest) -> int:
+        """Count the message's size against the key's and the server's bound, or refuse it before decoding."""
+        nbytes = request.ByteSize()
+        queue = self.served.batcher.queue
+        if (why := queue.room_for(key.id, nbytes=nbytes)) is not None:
+            self._metrics.count_shed(key=key.name, reason="overload")
+            raise overloaded(why, retry_s=self._retry_s(key))
+        queue.reserve_bytes(key.id, nbytes)
+        return nbytes
+
+    def _check_room(self, key: KeyInfo, decoded: DecodedInput) -> None:
+        if (why := self.served.batcher.queue.room_for(key.id, images=decoded.images)) is not None:
+            self._metrics.count_shed(key=key.name, reason="overload")
+            raise overloaded(why, retry_s=self._retry_s(key))
+
+    def _check_deadline(self, key: KeyInfo, decoded: DecodedInput, deadline: float | None) -> None:
+        """DeadlineUnmetError when the answer cannot be back before `deadline` (queue wait + compute estimated)."""
+        if deadline is None:
+            return
+        batcher = self.served.batcher
+        wait = batcher.expected_wait_s(key.id, key.priority, batcher.tokens_of(decoded), key.weight)
+        left = deadline - time.monotonic()
+        if wait > left:
+            self._metrics.count_shed(key=key.name, reason="deadline_admission")
+            raise deadline_unmet(wait_s=wait, time_left_s=left)
+
     async def _infer(
-        self, key: KeyInfo, request: pb.InferRequest, served: ServedModel, received_at: float
+        self, key: KeyInfo, request: pb.InferRequest, served: ServedModel, received_at: float, deadline: float | None
     ) -> InferOutcome:
         if len(request.request_id) > MAX_REQUEST_ID_CHARS:
             raise InvalidRequestError(
@@ -91,31 +174,37 @@ class InferenceService:
             raise InvalidRequestError("request_id contains a NUL (\\x00) character, which is not allowed")
         if (problem := purpose_problem(request.purpose)) is not None:
             raise InvalidRequestError(problem)
-        prepared = await self._prepare(request, served)
-        usage = served.meter.usage(prepared.counts, price_per_gflop=self._biller.price_of(key))
+        decoded = await self._decode(request, served)
+        recent = self._recent_tokens.setdefault(key.id, deque(maxlen=RECENT_REQUESTS))
+        recent.append((time.monotonic(), served.batcher.tokens_of(decoded)))
+        self._check_room(key, decoded)
+        usage = served.meter.usage(decoded.counts, price_per_gflop=self._biller.price_of(key))
+        run = Submission(decoded, usage, received_at, deadline, request.purpose)
         if not request.request_id:
-            rid = f"auto-{uuid.uuid4().hex}"
-            return await self._run(
-                key, served, prepared, usage, rid, replayable=False, received_at=received_at, purpose=request.purpose
-            )
+            return await self._run(key, served, run, f"auto-{uuid.uuid4().hex}", replayable=False)
 
-        digest = await self._digest(request, served.name)
+        digest = await self._digest(request, served.name, decoded.payload)
         token = (key.id, request.request_id)
         while (entry := self._inflight.get(token)) is not None:
-            if entry[0] != digest and not request.accept_billed_answer:
+            if entry[0] != digest.value and not request.accept_billed_answer:
                 raise reused_error(request.request_id)
             try:
                 original = await asyncio.shield(entry[1])
             except _OriginalFailedError:
                 continue
-            if entry[0] != digest and original.usage.images != prepared.images:
+            if entry[0] != digest.value and original.usage.images != decoded.images:
                 raise reused_error(request.request_id)
             return replace(original, replayed=True)
         mine: asyncio.Future[InferOutcome] = asyncio.get_running_loop().create_future()
-        self._inflight[token] = (digest, mine)
+        self._inflight[token] = (digest.value, mine)
         try:
             stored = await asyncio.to_thread(
-                self._biller.find_stored, key, request.request_id, digest, request.accept_billed_answer, prepared.images
+                self._metrics.timed("ledger_lookup", self._biller.find_stored),
+                key,
+                request.request_id,
+                digest,
+                request.accept_billed_answer,
+                decoded.images,
             )
             if stored is not None:
                 outcome = stored
@@ -123,13 +212,10 @@ class InferenceService:
                 outcome = await self._run(
                     key,
                     served,
-                    prepared,
-                    usage,
+                    run,
                     request.request_id,
                     replayable=True,
-                    received_at=received_at,
                     digest=digest,
-                    purpose=request.purpose,
                     accept_billed=request.accept_billed_answer,
                 )
             mine.set_result(outcome)
@@ -144,35 +230,40 @@ class InferenceService:
             if self._inflight.get(token, (None, None))[1] is mine:
                 del self._inflight[token]
 
-    async def _digest(self, request: pb.InferRequest, model: str) -> str:
-        payload = request.images if request.WhichOneof("input") == "images" else request.patches
-        if len(payload.data) > OFFLOAD_BYTES:
-            return await asyncio.to_thread(content_digest, request, model=model)
-        return content_digest(request, model=model)
+    async def _digest(self, request: pb.InferRequest, model: str, payload: bytes) -> RequestDigest:
+        digest = self._metrics.timed("digest", content_digest)
+        if len(payload) > OFFLOAD_BYTES:
+            return await asyncio.to_thread(digest, request, model=model, payload=payload)
+        return digest(request, model=model, payload=payload)
 
-    async def _prepare(self, request: pb.InferRequest, served: ServedModel) -> PreparedInput:
-        payload = request.images if request.WhichOneof("input") == "images" else request.patches
-        max_images = served.batcher.max_batch_images
-        if len(payload.data) > OFFLOAD_BYTES:
+    async def _decode(self, request: pb.InferRequest, served: ServedModel) -> DecodedInput:
+        """Check the request and view its pixels (no copy; float pixels get one range check, off the loop when big)."""
+        decode = self._metrics.timed("decode", decode_input)
+        geometry, max_images = served.teacher.geometry, served.batcher.max_batch_images
+        if request.ByteSize() > OFFLOAD_BYTES and not self._uint8_input(request):
             return await asyncio.to_thread(
-                prepare_input, request, served.teacher.geometry, max_images=max_images, max_elements=self._max_elements
+                decode, request, geometry, max_images=max_images, max_elements=self._max_elements
             )
-        return prepare_input(request, served.teacher.geometry, max_images=max_images, max_elements=self._max_elements)
+        return decode(request, geometry, max_images=max_images, max_elements=self._max_elements)
+
+    @staticmethod
+    def _uint8_input(request: pb.InferRequest) -> bool:
+        kind = request.WhichOneof("input")
+        return kind is not None and getattr(request, kind).dtype == "uint8"
 
     async def _run(
         self,
         key: KeyInfo,
         served: ServedModel,
-        prepared: PreparedInput,
-        usage: MeteredUsage,
+        run: Submission,
         request_id: str,
         *,
         replayable: bool,
-        received_at: float,
-        digest: str | None = None,
-        purpose: str = "",
+        digest: RequestDigest | None = None,
         accept_billed: bool = False,
     ) -> InferOutcome:
+        self._check_deadline(key, run.input, run.deadline)
+        usage = run.usage
         hold: Hold | None = None
         state: LimitState | None = None
         if key.limits.limited:
@@ -182,9 +273,26 @@ class InferenceService:
             state = limit
         try:
             context = BillingContext(
-                key, request_id, replayable, served.name, usage, received_at, digest, hold, purpose, accept_billed
+                key,
+                request_id,
+                replayable,
+                served.name,
+                usage,
+                run.received_at,
+                digest,
+                hold,
+                run.purpose,
+                accept_billed,
             )
-            result = await served.batcher.submit(prepared, context)
+            result = await served.batcher.submit(
+                run.input,
+                context,
+                key_id=key.id,
+                key_name=key.name,
+                weight=key.weight,
+                priority=key.priority,
+                deadline=run.deadline,
+            )
             if isinstance(result.finalized, Exception):
                 raise result.finalized
         except BaseException:

@@ -1,5 +1,6 @@
-"""A key's quota and rate-limit state on the wire: response metadata in the style of the `x-ratelimit-*` headers of
-the big model APIs, and the google.rpc QuotaFailure / RetryInfo details of a RESOURCE_EXHAUSTED status.
+"""A key's quota and rate-limit state, and a busy server's refusals, on the wire: response metadata in the style of
+the `x-ratelimit-*` headers of the big model APIs, and the google.rpc QuotaFailure / RetryInfo details of a
+RESOURCE_EXHAUSTED (or DEADLINE_EXCEEDED) status.
 
 Metadata (only for the limits a key has; a key without limits gets none):
   x-ratelimit-limit-gflops       GFLOPs the key may be admitted per minute
@@ -16,7 +17,7 @@ from __future__ import annotations
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 
-from teacher_server.errors import QuotaExceededError
+from teacher_server.errors import DeadlineUnmetError, OverloadedError, QuotaExceededError
 from teacher_server.ledger.billing import LimitState
 from teacher_server.service.auth import KeyInfo
 
@@ -86,15 +87,34 @@ def quota_exceeded(*, key: KeyInfo, needed_gflops: float, state: LimitState) -> 
         retry_s = 1.0
     details: list[object] = [error_details_pb2.QuotaFailure(violations=violations)]
     if retry_s is not None:
-        details.append(
-            error_details_pb2.RetryInfo(
-                retry_delay=duration_pb2.Duration(seconds=int(retry_s), nanos=int((retry_s % 1) * 1e9))
-            )
-        )
+        details.append(retry_info(retry_s))
     error = QuotaExceededError(
         f"API key {key.name!r}: {'; '.join(messages)}; nothing was billed",
         details=tuple(details),
         trailing_metadata=limit_metadata(state),
     )
-    error.limit = "quota" if quota_short or len(violations) != 1 else "rate_limit"  # refusal counters' reason
+    error.reason = "quota" if quota_short or len(violations) != 1 else "rate_limit"  # refusal counters' reason
     return error
+
+
+def retry_info(seconds: float) -> error_details_pb2.RetryInfo:
+    seconds = max(0.0, seconds)
+    return error_details_pb2.RetryInfo(
+        retry_delay=duration_pb2.Duration(seconds=int(seconds), nanos=int((seconds % 1) * 1e9))
+    )
+
+
+def overloaded(why: str, *, retry_s: float) -> OverloadedError:
+    """The refusal of a request the queues have no room for, before it is decoded: nothing billed, retry later."""
+    return OverloadedError(
+        f"server busy: {why}; nothing was billed: retry in {retry_s:.2g} s or later", details=(retry_info(retry_s),)
+    )
+
+
+def deadline_unmet(*, wait_s: float, time_left_s: float) -> DeadlineUnmetError:
+    """The refusal of a request whose deadline would pass before its answer could be sent: refused at once, unbilled."""
+    return DeadlineUnmetError(
+        f"the answer would take about {wait_s:.3g} s (queue and compute), the request's deadline leaves "
+        f"{max(time_left_s, 0.0):.3g} s; not run, nothing billed: retry with a later deadline or after a while",
+        details=(retry_info(wait_s),),
+    )

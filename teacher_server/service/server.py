@@ -19,6 +19,7 @@ from torch import nn
 
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
+from teacher_server.engine.host_memory import give_back, tune_allocator
 from teacher_server.engine.served_model import build_served_model
 from teacher_server.engine.teacher_loader import load_teacher
 from teacher_server.launcher import Ready, TlsMode
@@ -62,7 +63,12 @@ class TeacherServer:
         self.metrics.dtype_agreement.labels(model=name, dtype=fidelity.dtype).set(fidelity.agreement)
         self.metrics.dtype_kl.labels(model=name, dtype=fidelity.dtype).set(fidelity.kl)
         self.served = build_served_model(
-            name, teacher, settings, fidelity=fidelity, finalize=biller.finalize, metrics=self.metrics
+            name,
+            teacher,
+            settings,
+            fidelity=fidelity,
+            finalize=self.metrics.timed("commit", biller.finalize),
+            metrics=self.metrics,
         )
         self.service = InferenceService(
             served=self.served, biller=biller, metrics=self.metrics, max_message_bytes=settings.max_message_bytes
@@ -79,6 +85,7 @@ class TeacherServer:
             ),
             self.metrics,
             self.refusals,
+            admit=self.service.admit,
         )
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -88,6 +95,7 @@ class TeacherServer:
         self._dashboard: Any = None
         self._purger: asyncio.Task[None] | None = None
         self._refusal_writer: asyncio.Task[None] | None = None
+        self._trimmer: asyncio.Task[None] | None = None
         self._stopped = False
 
     @property
@@ -100,6 +108,8 @@ class TeacherServer:
             tls = load_tls_files(s)
         except TlsConfigError as exc:
             raise ServerStartError(str(exc)) from exc
+        if tune_allocator():
+            log.debug("glibc malloc tuned for large request buffers (engine/host_memory.py)")
         await self.served.batcher.start()
         limit = s.max_message_bytes
         options: list[tuple[str, int]] = [
@@ -139,6 +149,8 @@ class TeacherServer:
         self._server = server
         self._purger = asyncio.create_task(self._purge_periodically(), name="ledger-purge")
         self._refusal_writer = asyncio.create_task(self._write_refusals_periodically(), name="refusal-counts")
+        if s.idle_trim_s > 0:
+            self._trimmer = asyncio.create_task(self._trim_when_idle(s.idle_trim_s), name="idle-trim")
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if s.metrics_port is not None:
@@ -164,9 +176,10 @@ class TeacherServer:
         if self._stopped:
             return
         self._stopped = True
-        if self._purger is not None:
-            self._purger.cancel()
-            await asyncio.gather(self._purger, return_exceptions=True)
+        for task in (self._purger, self._trimmer):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         grace = self.settings.grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
         if self.settings.drain_s > 0 and self._server is not None:
@@ -216,6 +229,19 @@ class TeacherServer:
                     "ledger purge failed; retrying in %.0f s", self.settings.replay_purge_interval_s, exc_info=True
                 )
             await asyncio.sleep(self.settings.replay_purge_interval_s)
+
+    async def _trim_when_idle(self, idle_s: float) -> None:
+        """Give freed heap back to the OS once the teacher has been idle for `idle_s` after serving something."""
+        batcher = self.served.batcher
+        trimmed_at = batcher.batches_started
+        seen = (batcher.batches_started, batcher.idle)
+        while True:
+            await asyncio.sleep(idle_s)
+            now = (batcher.batches_started, batcher.idle)
+            if now == seen and batcher.idle and batcher.batches_started != trimmed_at:  # idle for a whole period
+                await asyncio.to_thread(give_back)
+                trimmed_at = batcher.batches_started
+            seen = now
 
     async def _write_refusals_periodically(self) -> None:
         """Add the refused calls counted in memory to the ledger's counters, once per interval (off the hot path)."""

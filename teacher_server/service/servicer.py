@@ -5,6 +5,7 @@ message's own error answer."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
 from teacher_server.errors import AuthenticationError, ServiceUnavailableError
 from teacher_server.ledger.refusals import RefusalCounter
 from teacher_server.metrics import ServerMetrics
+from teacher_server.priorities import DEFAULT_PRIORITY
 from teacher_server.service.auth import KeyAuthenticator, KeyInfo, bearer_secret
 from teacher_server.service.biller import InferOutcome
 from teacher_server.service.decoding import decoded, request_id_of
@@ -56,6 +58,12 @@ async def _next_request(messages: AsyncIterator[Any], closing: asyncio.Future[An
         return _StreamEnd(None)
     except Exception as exc:  # noqa: BLE001 - the client's side of the stream broke
         return _StreamEnd(mark_counted(exc))
+
+
+def deadline_of(context: aio.ServicerContext) -> float | None:
+    """The call's gRPC deadline as a time.monotonic() (None: the client set none)."""
+    left = context.time_remaining()
+    return None if left is None else time.monotonic() + left
 
 
 def to_response(outcome: InferOutcome) -> pb.InferResponse:
@@ -104,11 +112,13 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
     async def GetModelInfo(self, request: pb.ModelInfoRequest, context: aio.ServicerContext) -> pb.ModelInfo:
         served = self._service.served.named(request.model)
         price = self._settings.price_per_gflop
-        try:  # a key is optional here; with one, the price shown is the key's own
+        key: KeyInfo | None = None
+        try:  # a key is optional here; with one, the price shown and the queue wait are the key's own
             key = await self._key(context)
             price = key.price_per_gflop if key.price_per_gflop is not None else price
         except AuthenticationError:
             pass
+        await context.send_initial_metadata(self._queue_wait(key))
         return pb.ModelInfo(
             model=served.name,
             **served.teacher.geometry.proto_fields(),
@@ -122,10 +132,21 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
 
     async def Infer(self, request: pb.InferRequest, context: aio.ServicerContext) -> pb.InferResponse:
         key = await self._key(context)
-        outcome = await self._service.infer(key, request)
-        if metadata := limit_metadata(outcome.limits):  # x-ratelimit-* / x-quota-*: quota_status.py
-            await context.send_initial_metadata(metadata)
-        return to_response(outcome)
+        outcome = await self._service.infer(key, request, deadline=deadline_of(context))
+        # x-ratelimit-* / x-quota-* (quota_status.py), and the wait a next request of the key would have now
+        await context.send_initial_metadata((*limit_metadata(outcome.limits), *self._queue_wait(key)))
+        with self._metrics.stage("encode"):
+            return to_response(outcome)
+
+    def _queue_wait(self, key: KeyInfo | None) -> tuple[tuple[str, str], ...]:
+        """`x-queue-wait-s`: the server's estimate, in seconds, of how long a request of `key` (None: an anonymous
+        standard-priority one) sent now would take before its answer: work queued ahead of it, plus its forward."""
+        batcher = self._service.served.batcher
+        if key is None:
+            wait = batcher.expected_wait_s(-1, DEFAULT_PRIORITY, 0, 1.0)
+        else:
+            wait = batcher.expected_wait_s(key.id, key.priority, 0, key.weight)
+        return (("x-queue-wait-s", f"{wait:.3f}"),)
 
     async def InferStream(
         self, request_iterator: AsyncIterator[Any], context: aio.ServicerContext
@@ -189,7 +210,9 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         CURRENT_LABELS.set(labels)  # this task's own copy of the context
         try:
             key = await self._key(context)  # cached; a key disabled mid-stream stops being served
-            response = to_response(await self._service.infer(key, decoded(request)))
+            outcome = await self._service.infer(key, decoded(request), deadline=deadline_of(context))
+            with self._metrics.stage("encode"):
+                response = to_response(outcome)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - this message alone fails: its own error answer, the stream goes on

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -29,10 +30,25 @@ def test_dry_run_writes_the_report_from_every_step(tmp_path: Path) -> None:
     assert main(["--gpu", "--dry-run", "--out", str(out)]) == 0
     md = out.read_text()
     assert "DRY RUN on the CPU" in md
-    for title in ("Tests that need CUDA", "Masked forward, bfloat16", "8 concurrent clients", "Training step"):
+    titles = (
+        "Tests that need CUDA",
+        "Masked forward, bfloat16",
+        "Through the server",
+        "Mixed-keep load",
+        "Training step",
+    )
+    for title in titles:
         assert title in md, title
-    assert "billed = FLOP model: yes" in md and "errors: none" in md
-    assert md.count("| ViT-Ti 32px") == 3  # keep 100/50/25%
+    served = json.loads(out.with_suffix(".json").read_text())
+    assert [(r["clients"], r["error_count"], r["billing_matches_flop_model"]) for r in served["server"]["rows"]] == [
+        (8, 0, True),
+        (32, 0, True),
+    ]
+    assert served["server"]["rows"][0]["of_inprocess"] > 0
+    mixed = served["mixed_keep"]
+    assert (mixed["internal"], mixed["error_count"], mixed["ledger_equals_answers"]) == (0, 0, True)
+    assert mixed["answered"] == mixed["requests"] > 0
+    assert md.count("| ViT-Ti 32px") == 3 + 2  # forward at keep 100/50/25%, server with 8 and 32 clients
     assert all(f"| {mode} |" in md for mode in ("no_kd", "full_kd", "maskedkd_50", "maskedkd_25"))
 
 

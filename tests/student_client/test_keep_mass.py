@@ -126,19 +126,19 @@ def test_a_keep_mass_run_is_billed_per_image_at_each_images_own_k(
 ) -> None:
     scored: list[torch.Tensor] = []  # the SIPS each selection ranked, in request order
     seen: dict[str, list[int]] = {}  # request id -> the per-row counts the server decoded
-    real_prepare = inference.prepare_input
+    real_decode = inference.decode_input
 
     def spy_select(scores: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         scored.append(scores.detach().clone())
         return select_by_mass(scores, *args, **kwargs)
 
-    def spy_prepare(request: Any, *args: Any, **kwargs: Any) -> Any:
-        prepared = real_prepare(request, *args, **kwargs)
-        seen[request.request_id] = prepared.counts
-        return prepared
+    def spy_decode(request: Any, *args: Any, **kwargs: Any) -> Any:
+        decoded = real_decode(request, *args, **kwargs)
+        seen[request.request_id] = decoded.counts
+        return decoded
 
     monkeypatch.setattr(train_step, "select_by_mass", spy_select)
-    monkeypatch.setattr(inference, "prepare_input", spy_prepare)
+    monkeypatch.setattr(inference, "decode_input", spy_decode)
     data = make_subset(tmp_path / "data", train_per_class=2, test_per_class=1)
     teacher = tiny_teacher()
     with teacher_server(tmp_path, teacher) as srv:

@@ -37,7 +37,9 @@ from teacher_server.testing.server import RunningServer
 MODEL = "vit_tiny_patch16_224"
 TINY = {"img_size": 32, "patch_size": 4, "num_classes": 10}  # 8x8 grid of 4x4 patches
 GRID_PATCHES = 64
-CLOSE = {"rtol": 1e-5, "atol": 1e-6}  # float32 GEMMs of different batch shapes differ in the last bits only
+# float32: the server takes uint8 pixels and folds the normalization into the patch projection (forward_pixels), so
+# its sums run in another order than the reference's normalize-then-project; logits (|x| ~ 1) differ by ~5e-6.
+CLOSE = {"rtol": 1e-4, "atol": 2e-5}
 # Served logits against the float32 reference, by the dtype GetModelInfo reports: bf16 keeps 8 bits of mantissa, so
 # a 2-block tiny ViT's logits (|x| ~ 1) move by up to ~0.12 (measured on an avx512_bf16 EPYC).
 SERVED_CLOSE = {"float32": CLOSE, "bfloat16": {"rtol": 0.1, "atol": 0.1}, "float16": {"rtol": 1e-2, "atol": 1e-2}}

@@ -1,44 +1,59 @@
-"""TokenBudgetBatcher on its own: when batches are sealed, how rows of different keep counts run, errors, close."""
+"""TokenBudgetBatcher on its own: when batches are sealed, how rows of different keep counts run, the stage/forward/
+commit pipeline, deadlines, errors, close. Rows are staged as uint8 pixels, as a server stages them."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import pytest
 import timm
 import torch
 from service_testkit import MODEL, TINY, random_keep
 
+from maskedkd.geometry import TeacherGeometry
 from maskedkd.masked_teacher import MaskedTeacher
 from teacher_server.engine.batcher import TokenBudgetBatcher, run_bucketed, run_padded
-from teacher_server.engine.preprocess import PreparedInput
-from teacher_server.errors import ServiceUnavailableError
+from teacher_server.engine.decode import DecodedInput
+from teacher_server.engine.staging import StagedRows, Stager
+from teacher_server.errors import DeadlineUnmetError, ServiceUnavailableError
 
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(60)]
 
+# 1-channel 2x2 patches on a 8x8 grid: small rows whose sums are easy to check
+GEOMETRY = TeacherGeometry((16, 16), 2, 1, num_prefix_tokens=1, num_classes=1, mean=(0.5,), std=(0.5,))
+POISON = 255  # a pixel value RecordingForward fails on
+
 
 class RecordingForward:
-    """A real (if simple) teacher: logit = sum of the kept patch values of each row; records every call's shape."""
+    """A real (if simple) teacher: logit = sum of the kept pixel values of each row; records every call's shape,
+    thread and time; optionally slow."""
 
-    def __init__(self, fail_on: float | None = None) -> None:
+    def __init__(self, seconds: float = 0.0) -> None:
         self.calls: list[tuple[int, int, bool]] = []  # (rows, K, with counts)
-        self.fail_on = fail_on
+        self.spans: list[tuple[float, float]] = []  # (start, end) of each call
+        self.threads: set[str] = set()
+        self.seconds = seconds
 
-    def __call__(self, patches: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
-        self.calls.append((patches.shape[0], patches.shape[1], counts is not None))
-        if self.fail_on is not None and bool((patches == self.fail_on).any()):
+    def __call__(self, pixels: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
+        start = time.monotonic()
+        self.threads.add(threading.current_thread().name)
+        self.calls.append((pixels.shape[0], pixels.shape[1], counts is not None))
+        k = pixels.shape[1]
+        valid = torch.ones(pixels.shape[:2]) if counts is None else (torch.arange(k) < counts[:, None]).float()
+        if bool((pixels.flatten(2).float() * valid[..., None] == POISON).any()):  # padding may hold anything
             raise RuntimeError("poisoned input")
-        k = patches.shape[1]
-        valid = torch.ones(patches.shape[:2]) if counts is None else (torch.arange(k) < counts[:, None]).float()
-        return (patches.flatten(2).sum(-1) * valid).sum(1, keepdim=True)  # [G, 1]
+        time.sleep(self.seconds)
+        self.spans.append((start, time.monotonic()))
+        return (pixels.flatten(2).float().sum(-1) * valid).sum(1, keepdim=True)  # [G, 1]
 
 
-def prepared(batch: int, k: int, fill: float = 1.0, counts: list[int] | None = None) -> PreparedInput:
-    return PreparedInput(
-        patches=torch.full((batch, k, 1, 2, 2), fill),
-        keep_indices=random_keep(batch, k, seed=batch * 100 + k),
-        keep_counts=torch.tensor(counts if counts is not None else [k] * batch),
-    )
+def decoded(batch: int, k: int, fill: int = 1, counts: list[int] | None = None) -> DecodedInput:
+    pixels = torch.full((batch, k, 1, 2, 2), fill, dtype=torch.uint8)  # [B, K, C, P, P]
+    keep = random_keep(batch, k, seed=batch * 100 + k)  # on a grid of 64, as GEOMETRY's
+    counts_t = torch.tensor(counts if counts is not None else [k] * batch)
+    return DecodedInput("patches", pixels, keep, counts_t, bytes(pixels.numel()))
 
 
 def make(forward: RecordingForward, **kw: object) -> TokenBudgetBatcher:
@@ -49,16 +64,18 @@ def make(forward: RecordingForward, **kw: object) -> TokenBudgetBatcher:
         "max_delay_s": 0.2,
         **kw,
     }
-    return TokenBudgetBatcher(forward, **args)  # type: ignore[arg-type]
+    stager = Stager(GEOMETRY, max_images=int(args["max_batch_images"]), device=torch.device("cpu"))  # type: ignore[call-overload]
+    return TokenBudgetBatcher(forward, stager=stager, **args)  # type: ignore[arg-type]
 
 
 async def test_same_k_requests_concatenate_into_one_unpadded_forward() -> None:
     fwd = RecordingForward()
     b = make(fwd)
     await b.start()
-    results = await asyncio.gather(*(b.submit(prepared(n, 6, fill=n)) for n in (1, 2, 3)))
+    results = await asyncio.gather(*(b.submit(decoded(n, 6, fill=n)) for n in (1, 2, 3)))
     await b.close()
     assert fwd.calls == [(6, 6, False)]
+    assert fwd.threads == {"forward-teacher_0"}  # the forward runs on its own thread, not the event loop's
     for n, r in zip((1, 2, 3), results, strict=True):
         assert r.stats.images == 6 and r.stats.tokens == 6 * 7
         assert torch.equal(r.logits, torch.full((n, 1), n * 6 * 4.0))
@@ -68,14 +85,14 @@ async def test_token_budget_and_image_cap_seal_batches() -> None:
     fwd = RecordingForward()
     b = make(fwd, token_budget=2 * 9 * 2)  # two 2-image requests of K=8 (+1 prefix) fill it
     await b.start()
-    await asyncio.gather(*(b.submit(prepared(2, 8)) for _ in range(5)))
+    await asyncio.gather(*(b.submit(decoded(2, 8)) for _ in range(5)))
     await b.close()
     assert [rows for rows, _, _ in fwd.calls] == [4, 4, 2]
 
     fwd = RecordingForward()
     b = make(fwd, max_batch_images=3)
     await b.start()
-    await asyncio.gather(*(b.submit(prepared(1, 4)) for _ in range(7)))
+    await asyncio.gather(*(b.submit(decoded(1, 4)) for _ in range(7)))
     await b.close()
     assert [rows for rows, _, _ in fwd.calls] == [3, 3, 1]
 
@@ -84,21 +101,21 @@ async def test_max_delay_gathers_late_arrivals_and_bounds_the_wait_of_a_lone_req
     fwd = RecordingForward()
     b = make(fwd, max_delay_s=0.3)
     await b.start()
-    first = asyncio.create_task(b.submit(prepared(1, 4)))
+    first = asyncio.create_task(b.submit(decoded(1, 4)))
     await asyncio.sleep(0.1)  # well inside the delay: joins the open batch
-    second = asyncio.create_task(b.submit(prepared(1, 4)))
+    second = asyncio.create_task(b.submit(decoded(1, 4)))
     await asyncio.gather(first, second)
     assert fwd.calls == [(2, 4, False)]
     loop = asyncio.get_running_loop()
     started = loop.time()
-    await b.submit(prepared(1, 4))
+    await b.submit(decoded(1, 4))
     waited = loop.time() - started
     await b.close()
     assert fwd.calls[1] == (1, 4, False) and 0.25 < waited < 5
 
 
 async def test_mixed_keep_counts_bucket_or_pad() -> None:
-    mixed = [prepared(2, 8, counts=[8, 3]), prepared(1, 5), prepared(2, 3)]
+    mixed = [decoded(2, 8, counts=[8, 3]), decoded(1, 5), decoded(2, 3)]
     for strategy, expected in (("bucket", [(3, 3, False), (1, 5, False), (1, 8, False)]), ("pad", [(5, 8, True)])):
         fwd = RecordingForward()
         b = make(fwd, mixed_k=strategy)
@@ -109,38 +126,139 @@ async def test_mixed_keep_counts_bucket_or_pad() -> None:
         assert [r.logits.flatten().tolist() for r in results] == [[32.0, 12.0], [20.0], [12.0, 12.0]]
 
 
-def test_bucketing_and_padding_match_each_request_alone_on_a_real_teacher() -> None:
+def test_bucketing_and_padding_of_staged_pixels_match_each_request_alone_on_a_real_teacher() -> None:
+    """uint8 rows (raw 0..255 pixels, normalized inside the patch projection) against timm-normalized float32 patches
+    run one request at a time through `forward_patches`."""
     teacher = MaskedTeacher(timm.create_model(MODEL, pretrained=False, depth=3, **TINY).eval())
     g = torch.Generator().manual_seed(0)
-    patches = torch.randn(6, 20, 3, 4, 4, generator=g)  # [B, K, C, P, P]
+    pixels = torch.randint(0, 256, (6, 20, 3, 4, 4), dtype=torch.uint8, generator=g)  # [B, K, C, P, P]
+    mean, std = (torch.tensor(v).view(1, 1, 3, 1, 1) for v in (teacher.geometry.mean, teacher.geometry.std))
+    normalized = (pixels.float() / 255.0 - mean) / std
     keep = random_keep(6, 20, seed=5)
     counts = torch.tensor([20, 5, 12, 20, 5, 9])
+    rows = StagedRows(pixels, keep, counts, uniform=False, slot=0)
     with torch.inference_mode():
         alone = torch.cat(
             [
-                teacher.forward_patches(patches[i : i + 1, :c], keep[i : i + 1, :c])
+                teacher.forward_patches(normalized[i : i + 1, :c], keep[i : i + 1, :c])
                 for i, c in enumerate(counts.tolist())
             ]
         )
-        bucketed = run_bucketed(teacher.forward_patches, patches, keep, counts)
-        padded = run_padded(teacher.forward_patches, patches, keep, counts)
-    torch.testing.assert_close(bucketed, alone, rtol=1e-5, atol=1e-6)
+        bucketed = run_bucketed(teacher.forward_pixels, rows)
+        padded = run_padded(teacher.forward_pixels, rows)
+    torch.testing.assert_close(bucketed, alone, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(padded, alone, rtol=1e-4, atol=1e-5)
 
 
+async def test_the_next_batch_is_staged_while_the_current_forward_runs() -> None:
+    fwd = RecordingForward(seconds=0.5)
+    b = make(fwd, max_batch_images=4, max_delay_s=0.05)
+    staged_at: list[float] = []
+    stage = b._stage
+
+    def spy(jobs, slot):  # type: ignore[no-untyped-def]
+        staged_at.append(time.monotonic())
+        assert threading.current_thread().name.startswith("stage-")
+        return stage(jobs, slot)
+
+    b._stage = spy  # type: ignore[method-assign]
+    await b.start()
+    first = asyncio.ensure_future(b.submit(decoded(4, 4, fill=1)))  # fills the cap: sealed at once
+    await asyncio.sleep(0.1)
+    second = [asyncio.ensure_future(b.submit(decoded(2, 4, fill=v))) for v in (2, 3)]  # fill it while the first runs
+    results = await asyncio.gather(first, *second)
+    await b.close()
+    (s1, e1), _ = fwd.spans
+    assert [n for n, _, _ in fwd.calls] == [4, 4]
+    assert len(staged_at) == 2 and s1 < staged_at[1] < e1  # the second batch was staged during the first forward
+    for r, fill, n in zip(results, (1, 2, 3), (4, 2, 2), strict=True):
+        assert torch.equal(r.logits, torch.full((n, 1), fill * 16.0))
+
+
+async def test_a_caller_gone_before_its_forward_is_not_run() -> None:
+    fwd = RecordingForward(seconds=0.5)
+    b = make(fwd, max_batch_images=4, max_delay_s=0.05)
+    await b.start()
+    first = asyncio.ensure_future(b.submit(decoded(4, 4, fill=1)))
+    await asyncio.sleep(0.1)
+    leaving = asyncio.ensure_future(b.submit(decoded(2, 4, fill=2)))
+    staying = asyncio.ensure_future(b.submit(decoded(2, 4, fill=3)))
+    await asyncio.sleep(0.1)
+    leaving.cancel()
+    await first
+    result = await staying
+    await b.close()
+    assert [n for n, _, _ in fwd.calls] == [4, 2]  # only the caller still there ran
+    assert torch.equal(result.logits, torch.full((2, 1), 3 * 16.0))
+
+
+async def test_a_request_whose_deadline_passes_in_the_queue_is_dropped_unrun() -> None:
+    fwd = RecordingForward(seconds=0.4)
+    b = make(fwd, max_batch_images=4, max_delay_s=0.01)
+    await b.start()
+    busy = asyncio.ensure_future(b.submit(decoded(4, 4)))  # occupies the forward for 0.4 s
+    await asyncio.sleep(0.05)
+    late = asyncio.ensure_future(b.submit(decoded(1, 4, fill=7), deadline=time.monotonic() + 0.2))
+    patient = asyncio.ensure_future(b.submit(decoded(1, 4, fill=5), deadline=time.monotonic() + 30))
+    with pytest.raises(DeadlineUnmetError):
+        await late
+    assert (await patient).logits.item() == 5 * 16.0
+    await busy
+    await b.close()
+    assert [n for n, _, _ in fwd.calls] == [4, 1]  # the late request never reached the forward
+
+
 async def test_a_failing_batch_fails_its_requests_only_and_close_drains_the_queue() -> None:
-    fwd = RecordingForward(fail_on=-1.0)
+    fwd = RecordingForward()
     b = make(fwd, max_delay_s=0.05)
     await b.start()
     bad, good = await asyncio.gather(
-        b.submit(prepared(1, 4, fill=-1.0)), b.submit(prepared(1, 4)), return_exceptions=True
+        b.submit(decoded(1, 4, fill=POISON)), b.submit(decoded(1, 4)), return_exceptions=True
     )
     assert isinstance(bad, RuntimeError) and isinstance(good, RuntimeError)  # same micro-batch, same fate
-    later = await b.submit(prepared(1, 4))
+    later = await b.submit(decoded(1, 4))
     assert later.logits.item() == 16.0  # the batcher survived
-    queued = [asyncio.create_task(b.submit(prepared(1, 4))) for _ in range(3)]
+    queued = [asyncio.create_task(b.submit(decoded(1, 4))) for _ in range(3)]
     await asyncio.sleep(0)
     await b.close()
     assert all(t.done() and t.result().logits.item() == 16.0 for t in queued)
     with pytest.raises(ServiceUnavailableError):
-        await b.submit(prepared(1, 4))
+        await b.submit(decoded(1, 4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.dtype("float32", device="cuda")
+@torch.inference_mode()
+def test_cuda_rows_staged_from_pinned_uint8_run_through_the_served_forward() -> None:
+    """Rows staged into pinned host buffers and copied to the device as uint8 on a side stream give the logits of
+    the same rows run on the host teacher."""
+    from teacher_server.engine.served_model import make_forward
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, num_classes=10)
+    host = MaskedTeacher(model.eval())
+    device_teacher = MaskedTeacher(
+        timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, num_classes=10).eval()
+    )
+    device_teacher.load_state_dict(host.state_dict())
+    device_teacher.to("cuda")
+    g = torch.Generator().manual_seed(0)
+    inputs = [
+        DecodedInput(
+            "patches",
+            torch.randint(0, 256, (b, k, 3, 4, 4), dtype=torch.uint8, generator=g),
+            random_keep(b, k, seed=k),
+            torch.full((b,), k),
+            b"",
+        )
+        for b, k in ((3, 32), (2, 16), (4, 32))
+    ]
+    stager = Stager(host.geometry, max_images=16, device=torch.device("cuda"))
+    rows = stager.stage(inputs, stager.acquire())
+    assert rows.pixels.is_cuda and rows.pixels.dtype == torch.uint8
+    torch.cuda.current_stream().wait_event(rows.ready)
+    host_rows = Stager(host.geometry, max_images=16, device=torch.device("cpu"))
+    cpu_rows = host_rows.stage(inputs, host_rows.acquire())
+    forward = make_forward(device_teacher, torch.device("cuda"), torch.float32)
+    for run in (run_bucketed, run_padded):
+        expected = run(host.forward_pixels, cpu_rows)
+        torch.testing.assert_close(run(forward, rows), expected, atol=1e-4, rtol=1e-4)

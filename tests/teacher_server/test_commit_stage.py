@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from service_testkit import auth, image_request, random_images, random_keep, settings, stub, tiny_vit
 from sqlalchemy import event
-from test_batcher import RecordingForward, make, prepared
+from test_batcher import RecordingForward, decoded, make
 
 from teacher_server.ledger.models import UsageRecord
 from teacher_server.testing.server import running_server
@@ -43,7 +43,7 @@ async def test_the_next_forward_overlaps_the_commit_and_results_wait_for_their_c
     arrived: dict[int, float] = {}
 
     async def call(images: int) -> str:
-        result = await b.submit(prepared(images, 4))
+        result = await b.submit(decoded(images, 4))
         arrived[images] = time.monotonic()
         return str(result.finalized)
 

@@ -50,7 +50,7 @@ def test_same_id_same_content_replays_and_other_content_is_refused_unbilled(tmp_
         assert again.logits.data == first.logits.data and again.usage.gflops == first.usage.gflops
         db = srv.settings.db
         stored = sql(db, "SELECT request_id, images, gflops, content_digest FROM usage")
-        assert stored == [("step-1", 3, first.usage.gflops, content_digest(original, model=srv.model_name))]
+        assert stored == [("step-1", 3, first.usage.gflops, content_digest(original, model=srv.model_name).value)]
 
         other_batch = image_request(images[:1], keep[:1], request_id="step-1")  # 1 image, not 3
         other_bytes = image_request(images.flip(0), keep, request_id="step-1")  # same shape, other pixels
@@ -117,7 +117,9 @@ def test_a_retry_under_another_purpose_replays_what_was_billed_under_the_first(t
         assert not first.usage.replayed and again.usage.replayed
         assert again.logits.data == first.logits.data
         assert (again.usage.gflops, again.usage.cost) == (first.usage.gflops, first.usage.cost)
-        assert content_digest(probe, model=srv.model_name) == content_digest(unlabelled, model=srv.model_name)
+        assert (
+            content_digest(probe, model=srv.model_name).value == content_digest(unlabelled, model=srv.model_name).value
+        )
         assert sql(srv.settings.db, "SELECT request_id, purpose, gflops, cost FROM usage") == [
             ("s0-probe-full", "probe", first.usage.gflops, first.usage.cost)
         ]
@@ -141,7 +143,7 @@ def test_concurrent_duplicates_with_different_content_bill_one_and_refuse_the_ot
         with ThreadPoolExecutor(max_workers=12) as pool:
             results = list(pool.map(call, requests))
         ((digest, images, gflops),) = sql(srv.settings.db, "SELECT content_digest, images, gflops FROM usage")
-        winner = [r for r in requests if content_digest(r, model=srv.model_name) == digest]
+        winner = [r for r in requests if content_digest(r, model=srv.model_name).value == digest]
         assert len(winner) == 3  # the billed row is one of the contents sent
         for request, (code, response) in zip(requests, results, strict=True):
             if request in winner:
@@ -214,3 +216,27 @@ def test_the_server_purges_expired_replay_payloads_by_itself(tmp_path, model) ->
             time.sleep(0.2)
         assert sql(db, "SELECT COUNT(*) FROM replay_payloads") == [(0,)]
         assert sql(db, "SELECT request_id FROM usage") == [("soon-gone",)]  # the billing row stays
+
+
+def test_a_row_billed_with_the_sha256_digest_before_revision_0005_still_replays(tmp_path, model) -> None:
+    """Rows billed before BLAKE3 digests hold a bare sha256 hex: a retry of such a row (after an upgrade, on a
+    restarted server) is replayed, not refused or billed again; other content under its id is still refused."""
+    from teacher_server.service.content_digest import sha256_digest
+
+    images, keep = random_images(2, 5), random_keep(2, 16, 5)
+    original = image_request(images, keep, request_id="old-step")
+    with running_server(settings(tmp_path), model=model) as srv:
+        secret = srv.create_key("legacy")
+        first = stub(srv.address)[1].Infer(original, metadata=auth(secret))
+        db, name = srv.settings.db, srv.model_name
+    legacy = sha256_digest(original, model=name)
+    assert len(legacy) == 64 and not legacy.startswith("blake3:")
+    with sqlite3.connect(db.removeprefix("sqlite:///")) as conn:
+        conn.execute("UPDATE usage SET content_digest = ? WHERE request_id = 'old-step'", (legacy,))
+    with running_server(settings(tmp_path), model=model) as srv:
+        _, teacher = stub(srv.address)
+        again = teacher.Infer(original, metadata=auth(secret))
+        assert again.usage.replayed and again.logits.data == first.logits.data
+        other = refusal(teacher, image_request(images.flip(0), keep, request_id="old-step"), secret)
+        assert other.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert sql(db, "SELECT request_id, content_digest FROM usage") == [("old-step", legacy)]  # billed once

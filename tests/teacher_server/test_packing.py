@@ -20,13 +20,15 @@ def test_packed_rows_equal_each_row_alone(extra: dict[str, int]) -> None:
     teacher = MaskedTeacher(model)
     gen = torch.Generator().manual_seed(1)
     counts = torch.tensor([16, 48, 16, 64, 32, 48])  # [B]
-    patches = torch.randn(6, 64, 3, 4, 4, generator=gen)  # [B,K,C,P,P]
+    pixels = torch.randint(0, 256, (6, 64, 3, 4, 4), dtype=torch.uint8, generator=gen)  # [B,K,C,P,P] as staged
     indices = torch.stack([torch.randperm(64, generator=gen) for _ in range(6)])  # [B,K]
+    mean, std = (torch.tensor(v).view(1, 1, 3, 1, 1) for v in (teacher.geometry.mean, teacher.geometry.std))
+    normalized = (pixels.float() / 255.0 - mean) / std  # the reference takes normalized patches
     with torch.inference_mode():
-        packed = run_packed(teacher, patches, indices, counts)
+        packed = run_packed(teacher, pixels, indices, counts)
         alone = torch.cat(
             [
-                teacher.forward_patches(patches[i : i + 1, :c], indices[i : i + 1, :c])
+                teacher.forward_patches(normalized[i : i + 1, :c], indices[i : i + 1, :c])
                 for i, c in enumerate(counts.tolist())
             ]
         )

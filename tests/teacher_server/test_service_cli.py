@@ -120,6 +120,31 @@ def test_keys_price_and_enable_change_the_ledger(tmp_path: Path) -> None:
     assert sql(db, "SELECT * FROM api_keys") == before
 
 
+def test_keys_share_sets_weight_and_priority_and_refuses_bad_values(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    created = run_cli("keys", "create", "--name", "ops", "--weight", "3", "--priority", "interactive", db=db)
+    assert created.returncode == 0, created.stderr
+    assert run_cli("keys", "create", "--name", "etl", db=db).returncode == 0
+    share_row = "SELECT name, weight, priority FROM api_keys ORDER BY name"
+    assert sql(db, share_row) == [("etl", 1.0, "standard"), ("ops", 3.0, "interactive")]
+
+    shared = run_cli("keys", "share", "etl", "--weight", "0.5", "--priority", "batch", db=db)
+    assert shared.returncode == 0 and "weight 0.5, priority batch" in shared.stdout, shared.stderr
+    assert sql(db, share_row) == [("etl", 0.5, "batch"), ("ops", 3.0, "interactive")]
+    listed = {k["name"]: k for k in json.loads(run_cli("keys", "list", "--json", db=db).stdout)}
+    assert (listed["etl"]["weight"], listed["etl"]["priority"]) == (0.5, "batch")
+
+    for bad, says in (
+        (("keys", "share", "etl", "--weight", "0", "--priority", "batch"), "--weight"),
+        (("keys", "share", "etl", "--weight", "1", "--priority", "urgent"), "--priority"),
+        (("keys", "share", "nobody", "--weight", "1", "--priority", "batch"), "no API key named 'nobody'"),
+    ):
+        refused = run_cli(*bad, db=db)
+        assert refused.returncode == 2 and refused.stdout == "", bad
+        assert refused.stderr.count("\n") == 1 and says in refused.stderr and "Traceback" not in refused.stderr, bad
+    assert sql(db, share_row) == [("etl", 0.5, "batch"), ("ops", 3.0, "interactive")]
+
+
 @pytest.mark.dtype("auto")  # default flags: the dtype auto picks here, compared at that dtype's tolerance
 def test_serve_from_a_checkpoint_answers_a_call_and_stops_on_sigterm(tmp_path: Path) -> None:
     model = kit.tiny_vit(seed=3)

@@ -8,7 +8,7 @@ import service_testkit as kit
 import torch
 
 from maskedkd.masked_teacher import MaskedTeacher
-from teacher_server.engine.compiled import forward_patches_fn
+from teacher_server.engine.compiled import forward_pixels_fn
 from teacher_server.testing.server import running_server
 
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(300)]
@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(300)]
 
 def test_unknown_compile_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="compile mode"):
-        forward_patches_fn(MaskedTeacher(kit.tiny_vit()), "dynamic")
+        forward_pixels_fn(MaskedTeacher(kit.tiny_vit()), "dynamic")
 
 
 def test_compiled_server_answers_like_the_eager_teacher_and_bills_the_flop_model(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,41 @@
+"""Clients against a teacher server, each a thread with a channel of its own, sending its requests one call at a
+time: the load of the serving benchmarks (`benchmarks/serving.py`, `benchmarks/gpu_script.py`)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+import grpc
+
+from maskedkd.v1 import teacher_pb2 as pb
+from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
+
+OPTIONS = [("grpc.max_send_message_length", 1 << 30), ("grpc.max_receive_message_length", 1 << 30)]
+
+
+def client_load(
+    address: str, api_key: str, per_client: Sequence[Sequence[pb.InferRequest]], *, timeout_s: float = 600.0
+) -> tuple[float, list[pb.InferResponse], list[str]]:
+    """Every client sends its requests, clients at once: (wall seconds, the answers, "CODE: details" of failures)."""
+    metadata = (("authorization", f"Bearer {api_key}"),)
+    answers: list[pb.InferResponse] = []
+    errors: list[str] = []
+
+    def client(mine: Sequence[pb.InferRequest]) -> None:
+        with grpc.insecure_channel(address, options=OPTIONS) as channel:
+            stub = pb_grpc.TeacherServiceStub(channel)
+            for request in mine:
+                try:
+                    answers.append(stub.Infer(request, metadata=metadata, timeout=timeout_s))
+                except grpc.RpcError as err:
+                    errors.append(f"{err.code().name}: {err.details()}")
+
+    threads = [threading.Thread(target=client, args=(mine,)) for mine in per_client]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - started, answers, errors

@@ -1,0 +1,222 @@
+"""The serving path's own cost: server CPU per image above the in-process forward, where the forward is negligible.
+
+A teacher of DeiT-S geometry (224 px, 16 px patches, 1,000 classes) whose body is one narrow block, so the forward
+costs little and what the server spends around it shows: receive, decode, digest, ledger, staging, commit, encode.
+Each configuration (clients x images per call, keep 50%: 98 patches, 75 KB of uint8 an image) runs against a server
+child on one torch thread, clients sending pre-built requests from this process. Measured from the server's own
+counters before and after the load: the process's CPU time from /proc (every thread) and
+`maskedkd_stage_cpu_seconds_total{stage}` (the stages' CPU), per image served. The in-process forward is the same
+model's raw-pixel forward (`forward_pixels`, what the server runs) on one thread in this process, on uint8 rows.
+
+    python -m benchmarks.serving                   # the configurations of `make bench`, a table on stdout
+    python -m benchmarks.serving --clients 2 --batch 64 --calls 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import tempfile
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+
+from benchmarks.grpc_load import client_load
+from benchmarks.server_proc import BenchServer
+from maskedkd.codec import tensor_to_proto
+from maskedkd.masked_teacher import MaskedTeacher
+from maskedkd.v1 import teacher_pb2 as pb
+
+# DeiT-S geometry, one narrow block: the forward is a small part of a served image's cost
+NEGLIGIBLE_TEACHER = {
+    "img_size": 224,
+    "patch_size": 16,
+    "num_classes": 1000,
+    "embed_dim": 64,
+    "depth": 1,
+    "num_heads": 1,
+}
+ARCH = "vit_tiny_patch16_224"
+KEEP = 98  # of 196 patches: keep 50%
+CONFIGS = ((2, 64), (8, 32))  # (clients, images per call), as docs/performance-notes.md measured them
+STAGE_RE = re.compile(r'^maskedkd_stage_cpu_seconds_total\{stage="(\w+)"\} ([0-9.e+-]+)$', re.M)
+IMAGES_RE = re.compile(r"^maskedkd_images_total\{[^}]*\} ([0-9.e+-]+)$", re.M)
+
+
+@dataclass(frozen=True)
+class ServingResult:
+    clients: int
+    batch: int
+    images: int
+    images_per_s: float  # through the server, wall clock of the whole load
+    server_cpu_us: float  # per image, every thread of the server process
+    forward_cpu_us: float  # per image, the same forward in-process on one thread
+    overhead_us: float  # server_cpu_us - forward_cpu_us
+    stages_us: dict[str, float]  # per image, the serving path's stages (forward included)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _counters(metrics_url: str, pid: int) -> tuple[float, dict[str, float], float]:
+    """(process CPU seconds, CPU seconds per stage, images served): the CPU of every thread of the server process
+    from /proc (the kernel's count, whatever the server exports), the rest from its /metrics."""
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    return (
+        _process_cpu_s(pid),
+        {stage: float(value) for stage, value in STAGE_RE.findall(text)},
+        sum(float(v) for v in IMAGES_RE.findall(text)),
+    )
+
+
+def _process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid`, all its threads (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _requests(batch: int, count: int, seed: int) -> list[pb.InferRequest]:
+    """Requests of `batch` images of uint8 kept patches (keep 50%) at random positions, under distinct ids."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(count):
+        pixels = torch.randint(0, 256, (batch, KEEP, 3, 16, 16), dtype=torch.uint8, generator=g)
+        keep = torch.stack([torch.randperm(196, generator=g)[:KEEP].sort().values for _ in range(batch)])
+        out.append(
+            pb.InferRequest(
+                request_id=f"s{seed}-{i}",
+                patches=tensor_to_proto(pixels),
+                keep_indices=tensor_to_proto(keep.to(torch.int16)),
+            )
+        )
+    return out
+
+
+def _load(address: str, api_key: str, per_client: Sequence[Sequence[pb.InferRequest]]) -> float:
+    """Send every client's requests, one call at a time per client, clients at once; returns the wall seconds."""
+    seconds, _, errors = client_load(address, api_key, per_client, timeout_s=300)
+    if errors:
+        raise RuntimeError(f"{len(errors)} calls failed, the first: {errors[0]}")
+    return seconds
+
+
+def forward_cpu_us(batch: int, *, repeats: int = 10) -> float:
+    """CPU microseconds per image of the negligible teacher's forward in this process, on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        teacher = MaskedTeacher(timm.create_model(ARCH, pretrained=False, **NEGLIGIBLE_TEACHER))
+        x = torch.randint(0, 256, (batch, KEEP, 3, 16, 16), dtype=torch.uint8)  # [B,K,C,P,P] as the server stages it
+        idx = torch.stack([torch.randperm(196)[:KEEP].sort().values for _ in range(batch)])
+        with torch.inference_mode():
+            teacher.forward_pixels(x, idx)
+            started = time.thread_time()
+            for _ in range(repeats):
+                teacher.forward_pixels(x, idx)
+            return (time.thread_time() - started) / repeats / batch * 1e6
+    finally:
+        torch.set_num_threads(threads)
+
+
+def measure(
+    clients: int, batch: int, calls: int, workdir: Path, *, settings: dict[str, Any] | None = None
+) -> ServingResult:
+    """One configuration against a fresh server child (one torch thread, metrics on, float32)."""
+    server = (
+        BenchServer(
+            f"serving-{clients}x{batch}",
+            {
+                "model": ARCH,
+                "model_kwargs": NEGLIGIBLE_TEACHER,
+                "metrics_port": 0,
+                "dtype": "float32",
+                "max_batch_images": 256,
+                "token_budget": 256 * (KEEP + 1),
+                "max_delay_ms": 2.0,
+                **(settings or {}),
+            },
+            workdir / f"{clients}x{batch}",
+            threads=1,
+        )
+        .start()
+        .wait_ready()
+    )
+    try:
+        metrics = server.process.ready.metrics_url if server.process.ready else None
+        assert metrics, "the server exported no metrics"
+        per_client = [_requests(batch, calls, seed=c) for c in range(clients)]
+        _load(server.address, server.api_key, [_requests(batch, 2, seed=1000 + c) for c in range(clients)])  # warm
+        pid = server.process.pid
+        assert pid is not None
+        cpu0, stages0, images0 = _counters(metrics, pid)
+        wall = _load(server.address, server.api_key, per_client)
+        cpu1, stages1, images1 = _counters(metrics, pid)
+    finally:
+        server.stop()
+    images = int(images1 - images0)
+    forward = forward_cpu_us(batch)
+    server_us = (cpu1 - cpu0) / images * 1e6
+    return ServingResult(
+        clients=clients,
+        batch=batch,
+        images=images,
+        images_per_s=images / wall,
+        server_cpu_us=server_us,
+        forward_cpu_us=forward,
+        overhead_us=server_us - forward,
+        stages_us={s: (stages1.get(s, 0.0) - stages0.get(s, 0.0)) / images * 1e6 for s in stages1},
+    )
+
+
+def run_serving_section(
+    configs: Sequence[tuple[int, int]] = CONFIGS, *, calls: int = 40, workdir: Path | None = None
+) -> dict[str, Any]:
+    """`make bench`'s serving section: every configuration, one after the other."""
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
+        rows = [measure(c, b, calls, workdir or Path(tmp)).to_dict() for c, b in configs]
+    return {"status": "ok", "teacher": {"arch": ARCH, **NEGLIGIBLE_TEACHER}, "keep_patches": KEEP, "rows": rows}
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    stages = sorted({s for r in rows for s in r["stages_us"]})
+    head = ["clients x batch", "img/s", "server CPU us/img", "forward us/img", "overhead us/img", *stages]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [
+            f"{r['clients']} x {r['batch']}",
+            f"{r['images_per_s']:.0f}",
+            f"{r['server_cpu_us']:.0f}",
+            f"{r['forward_cpu_us']:.0f}",
+            f"{r['overhead_us']:.0f}",
+            *(f"{r['stages_us'].get(s, 0.0):.1f}" for s in stages),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--calls", type=int, default=40, help="calls per client")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = parser.parse_args(argv)
+    configs = [(args.clients, args.batch)] if args.clients and args.batch else list(CONFIGS)
+    result = run_serving_section(configs, calls=args.calls)
+    print(table(result["rows"]))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,229 @@
+"""Two tenants on one teacher: a light key's latency alone and under a greedy key's flood, and what the flood gets.
+
+The scenario a platform team meets (the tiny 32 px teacher, a server child with default queueing settings):
+- light: one client of its own key sends 8 images every 0.2 s with a 5 s deadline (far below capacity); its
+  latencies are taken alone, then while the flood runs.
+- greedy: 16 clients of another key send 256 images back to back with a 1 s deadline, no retries; a refused call's
+  RetryInfo is waited out before the next one, as the product's client library does. They run in a child process
+  (`--greedy`), so their threads do not share this process's interpreter lock with the light client's clock (they
+  do share the machine's cores: on a small machine the flood's own CPU shows in the light tenant's latency).
+After the load, the ledger is read back with SQL: which request ids each key was billed for. A greedy request billed
+but never received (its answer came after the client gave up) is "billed-undelivered"; a refused one (shed) must
+not be billed at all.
+
+    python -m benchmarks.tenants                  # 10 s alone, 10 s flood; a table on stdout
+    python -m benchmarks.tenants --seconds 4 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+import grpc
+import torch
+
+from benchmarks.server_proc import BenchServer
+from benchmarks.timing import REPO
+from maskedkd.codec import tensor_to_proto
+from maskedkd.v1 import teacher_pb2 as pb
+from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
+from student_client.retry import retry_after_s
+
+ARCH = "vit_tiny_patch16_224"
+TINY = {"img_size": 32, "patch_size": 4, "num_classes": 10}
+LIGHT = {"images": 8, "every_s": 0.2, "deadline_s": 5.0}
+GREEDY = {"clients": 16, "images": 256, "deadline_s": 1.0}
+OPTIONS = [("grpc.max_send_message_length", 1 << 28), ("grpc.max_receive_message_length", 1 << 28)]
+
+
+def _request(images: int, request_id: str, seed: int) -> pb.InferRequest:
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=g)  # [B,C,H,W] uint8
+    keep = torch.stack([torch.randperm(64, generator=g)[:32].sort().values for _ in range(images)])  # keep 50%
+    return pb.InferRequest(
+        request_id=request_id, images=tensor_to_proto(pixels), keep_indices=tensor_to_proto(keep.to(torch.int16))
+    )
+
+
+def _p(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def light_load(address: str, api_key: str, seconds: float, tag: str) -> dict[str, Any]:
+    """The light tenant for `seconds`: latencies (ms) of its answers, and its errors by status code."""
+    metadata = (("authorization", f"Bearer {api_key}"),)
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    with grpc.insecure_channel(address, options=OPTIONS) as channel:
+        stub = pb_grpc.TeacherServiceStub(channel)
+        end = time.monotonic() + seconds
+        i = 0
+        next_at = time.monotonic()
+        while next_at < end:
+            time.sleep(max(0.0, next_at - time.monotonic()))
+            request = _request(LIGHT["images"], f"light-{tag}-{i}", seed=i)
+            started = time.perf_counter()
+            try:
+                stub.Infer(request, metadata=metadata, timeout=LIGHT["deadline_s"])
+                latencies.append((time.perf_counter() - started) * 1e3)
+            except grpc.RpcError as err:
+                errors[err.code().name] += 1
+            i += 1
+            next_at += LIGHT["every_s"]
+    return {
+        "sent": i,
+        "answered": len(latencies),
+        "p50_ms": median(latencies) if latencies else float("nan"),
+        "p99_ms": _p(latencies, 0.99),
+        "errors": dict(errors),
+    }
+
+
+def greedy_load(address: str, api_key: str, seconds: float, images: int) -> dict[str, Any]:
+    """The greedy tenant (the child process's body): every client sends back to back until `seconds` pass."""
+    metadata = (("authorization", f"Bearer {api_key}"),)
+    lock = threading.Lock()
+    received: list[str] = []
+    codes: Counter[str] = Counter()
+    sent = [0]
+    base = _request(images, "", seed=7)
+    end = time.monotonic() + seconds
+
+    def client(c: int) -> None:
+        with grpc.insecure_channel(address, options=OPTIONS) as channel:
+            stub = pb_grpc.TeacherServiceStub(channel)
+            i = 0
+            while time.monotonic() < end:
+                request = pb.InferRequest()
+                request.CopyFrom(base)
+                request.request_id = f"greedy-{c}-{i}"
+                i += 1
+                wait = 0.0
+                try:
+                    stub.Infer(request, metadata=metadata, timeout=GREEDY["deadline_s"])
+                    code = "OK"
+                except grpc.RpcError as err:
+                    code = err.code().name
+                    wait = retry_after_s(err) or 0.0
+                with lock:
+                    sent[0] += 1
+                    codes[code] += 1
+                    if code == "OK":
+                        received.append(request.request_id)
+                time.sleep(min(wait, max(0.0, end - time.monotonic())))  # a refusal's RetryInfo, as the library does
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(GREEDY["clients"])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"sent": sent[0], "codes": dict(codes), "received": received}
+
+
+def billed_ids(db_url: str, key: str) -> set[str]:
+    with sqlite3.connect(db_url.removeprefix("sqlite:///")) as conn:
+        rows = conn.execute(
+            "SELECT u.request_id FROM usage u JOIN api_keys k ON k.id = u.api_key_id WHERE k.name = ?", (key,)
+        ).fetchall()
+    return {r[0] for r in rows}
+
+
+def run_tenants(
+    seconds: float = 10.0, *, greedy_images: int = GREEDY["images"], workdir: Path | None = None, threads: int = 0
+) -> dict[str, Any]:
+    """The scenario against a fresh server child; the figures of `make bench`'s tenants section."""
+    from teacher_server.ledger.database import open_ledger
+    from teacher_server.ledger.keys import create_api_key
+
+    with tempfile.TemporaryDirectory(prefix="bench-tenants-") as tmp:
+        work = workdir or Path(tmp)
+        server = BenchServer(
+            "tenants", {"model": ARCH, "model_kwargs": TINY, "dtype": "float32"}, work, threads=threads
+        )
+        sessions = open_ledger(server.settings["db"])
+        light_key, _ = create_api_key(sessions, name="light")
+        sessions.kw["bind"].dispose()
+        server.start().wait_ready()
+        try:
+            light_load(server.address, light_key, 1.0, "warm")
+            alone = light_load(server.address, light_key, seconds, "alone")
+            out = work / "greedy.json"
+            child = ["--greedy", server.address, server.api_key, "--seconds", str(seconds + 2.0), "--json", str(out)]
+            child += ["--greedy-images", str(greedy_images)]
+            greedy_proc = subprocess.Popen([sys.executable, "-m", "benchmarks.tenants", *child], cwd=REPO)
+            time.sleep(1.0)  # the flood is on before the light tenant measures
+            flood = light_load(server.address, light_key, seconds, "flood")
+            greedy_proc.wait(timeout=seconds + 120)
+            greedy = json.loads(out.read_text())
+        finally:
+            server.stop()
+        billed = billed_ids(server.settings["db"], "bench-tenants")
+    received = set(greedy.pop("received"))
+    undelivered = billed - received
+    return {
+        "status": "ok",
+        "seconds": seconds,
+        "light": {"alone": alone, "flood": flood, "p99_ratio": flood["p99_ms"] / alone["p99_ms"], **LIGHT},
+        "greedy": {
+            **greedy,
+            **GREEDY,
+            "images": greedy_images,
+            "answered": len(received),
+            "billed": len(billed),
+            "billed_undelivered": len(undelivered),
+        },
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    light, greedy = result["light"], result["greedy"]
+    codes = ", ".join(f"{k} {v}" for k, v in sorted(greedy["codes"].items()))
+    return "\n".join(
+        [
+            "| | p50 ms | p99 ms | errors |",
+            "|---|---|---|---|",
+            f"| light alone | {light['alone']['p50_ms']:.0f} | {light['alone']['p99_ms']:.0f} | "
+            f"{sum(light['alone']['errors'].values())} |",
+            f"| light under flood | {light['flood']['p50_ms']:.0f} | {light['flood']['p99_ms']:.0f} | "
+            f"{sum(light['flood']['errors'].values())} |",
+            "",
+            f"light p99 under flood / alone: {light['p99_ratio']:.2f}x",
+            f"greedy: {greedy['sent']} sent ({codes}); {greedy['billed']} billed, "
+            f"{greedy['billed_undelivered']} billed but not received",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tenants", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="of each phase (alone, flood)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--greedy-images", type=int, default=GREEDY["images"], help="images per greedy call")
+    parser.add_argument("--greedy", nargs=2, metavar=("ADDRESS", "KEY"), help=argparse.SUPPRESS)  # the child
+    args = parser.parse_args(argv)
+    if args.greedy:
+        result = greedy_load(*args.greedy, args.seconds, args.greedy_images)
+        assert args.json is not None
+        args.json.write_text(json.dumps(result))
+        return 0
+    result = run_tenants(args.seconds, greedy_images=args.greedy_images)
+    print(table(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

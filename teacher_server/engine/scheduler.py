@@ -1,0 +1,274 @@
+"""Which queued requests form the next micro-batch: fair shares across API keys, priorities, deadlines and bounds.
+
+- **Fair share.** Every key has its own queue. Within a priority class, queues are served by start-time fair queuing
+  (Goyal et al., 1997) on teacher tokens: a request's start tag is max(virtual time, its key's last finish tag) and its
+  finish tag start + tokens / weight; the batch takes queue heads in start-tag order. A key with little traffic so
+  waits about as long as it would alone, whatever another key sends, and requests of several keys still share a
+  batch. A key's weight is part of its limits (`teacher-server keys share NAME --weight W`, default 1).
+- **Priorities.** `interactive` keys are served before `standard` ones, `standard` before `batch`; fair queuing
+  applies within a class.
+- **Deadlines.** A request whose deadline cannot be met when its batch forms (its time left is below the batch's
+  expected compute) is dropped unrun; the batcher answers DEADLINE_EXCEEDED, nothing billed.
+- **Bounds.** Queued images, tokens and bytes are bounded per key and in all (`QueueLimits`); `room_for` says, before
+  a request is read, whether a key may queue more, and `expected_wait_s` how long a request would wait.
+
+All of it runs on the event loop (no locks). Times are `time.monotonic()`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+from teacher_server.priorities import rank_of
+
+
+class Queued(Protocol):
+    """What the scheduler reads of a queued request."""
+
+    key_id: int
+    weight: float
+    priority: str
+    tokens: int
+    nbytes: int
+    deadline: float | None  # monotonic time the caller gives up; None: no deadline
+    enqueued_at: float  # monotonic time it was queued
+    start_tag: float
+    finish_tag: float
+
+    @property
+    def images(self) -> int: ...
+
+
+J = TypeVar("J", bound=Queued)
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    """What may wait at once, per key and in all (0: no bound)."""
+
+    key_images: int = 0
+    key_bytes: int = 0
+    total_images: int = 0
+    total_bytes: int = 0
+
+
+@dataclass
+class _KeyQueue(Generic[J]):
+    jobs: deque[J] = field(default_factory=deque)
+    last_finish: float = 0.0  # finish tag of the key's latest request
+    images: int = 0
+    tokens: int = 0
+    nbytes: int = 0  # of queued requests, and of requests admitted but not yet queued (being read)
+
+
+class FairQueue(Generic[J]):
+    """Per-key queues, strict priority classes, start-time fair queuing within a class."""
+
+    def __init__(self, limits: QueueLimits | None = None) -> None:
+        self.limits = limits or QueueLimits()
+        self._keys: dict[int, _KeyQueue[J]] = {}
+        self._virtual = 0.0  # the start tag of the request served last
+        self.images = 0
+        self.tokens = 0
+        self.nbytes = 0
+
+    # ---- bounds
+    def room_for(self, key_id: int, nbytes: int = 0, images: int = 0) -> str | None:
+        """None when `key_id` may queue a request of this size now, else why not (one line, for the refusal)."""
+        lim, q = self.limits, self._keys.get(key_id)
+        key_images, key_bytes = (q.images, q.nbytes) if q else (0, 0)
+        if lim.key_images and key_images + images > lim.key_images and key_images:
+            return f"this key has {key_images} images queued (at most {lim.key_images})"
+        if lim.key_bytes and key_bytes + nbytes > lim.key_bytes and key_bytes:
+            return f"this key has {key_bytes / 2**20:.0f} MiB queued (at most {lim.key_bytes / 2**20:.0f} MiB)"
+        if lim.total_images and self.images + images > lim.total_images and self.images:
+            return f"the server has {self.images} images queued (at most {lim.total_images})"
+        if lim.total_bytes and self.nbytes + nbytes > lim.total_bytes and self.nbytes:
+            return f"the server has {self.nbytes / 2**20:.0f} MiB queued (at most {lim.total_bytes / 2**20:.0f} MiB)"
+        return None
+
+    def reserve_bytes(self, key_id: int, nbytes: int) -> None:
+        """Count `nbytes` against the key and the server before the request is read (`release_bytes` after)."""
+        q = self._keys.setdefault(key_id, _KeyQueue())
+        q.nbytes += nbytes
+        self.nbytes += nbytes
+
+    def release_bytes(self, key_id: int, nbytes: int) -> None:
+        q = self._keys.get(key_id)
+        if q is not None:
+            q.nbytes -= nbytes
+            self.nbytes -= nbytes
+            self._forget_if_idle(key_id, q)
+
+    # ---- queueing
+    def push(self, job: J) -> None:
+        """Queue `job`, tagging it with its start and finish tags."""
+        q = self._keys.setdefault(job.key_id, _KeyQueue())
+        job.start_tag = max(self._virtual, q.last_finish)
+        job.finish_tag = job.start_tag + job.tokens / max(job.weight, 1e-9)
+        q.last_finish = job.finish_tag
+        q.jobs.append(job)
+        q.images += job.images
+        q.tokens += job.tokens
+        self.images += job.images
+        self.tokens += job.tokens
+
+    def __len__(self) -> int:
+        return sum(len(q.jobs) for q in self._keys.values())
+
+    def key_tokens(self, key_id: int) -> int:
+        """Teacher tokens queued for a key."""
+        q = self._keys.get(key_id)
+        return q.tokens if q else 0
+
+    def key_depth(self, key_id: int) -> tuple[int, int]:
+        """(requests, images) queued for a key."""
+        q = self._keys.get(key_id)
+        return (len(q.jobs), q.images) if q else (0, 0)
+
+    def _head(self) -> J | None:
+        """The next request to serve: the smallest start tag among queue heads of the highest non-empty class."""
+        best: J | None = None
+        for q in self._keys.values():
+            if not q.jobs:
+                continue
+            job = q.jobs[0]
+            if best is None or (_rank(job), job.start_tag) < (_rank(best), best.start_tag):
+                best = job
+        return best
+
+    def _pop(self, job: J) -> None:
+        q = self._keys[job.key_id]
+        q.jobs.popleft()
+        q.images -= job.images
+        q.tokens -= job.tokens
+        self.images -= job.images
+        self.tokens -= job.tokens
+        self._forget_if_idle(job.key_id, q)
+
+    def _forget_if_idle(self, key_id: int, q: _KeyQueue[J]) -> None:
+        if not q.jobs and q.nbytes <= 0 and q.last_finish <= self._virtual:
+            del self._keys[key_id]
+
+    def oldest_enqueued(self) -> float:
+        """When the longest-waiting queued request was queued (inf when none is)."""
+        return min((q.jobs[0].enqueued_at for q in self._keys.values() if q.jobs), default=float("inf"))
+
+    def next_batch(
+        self,
+        *,
+        max_images: int,
+        token_budget: int,
+        now: float,
+        finish_s: Callable[[int], float],
+        live: Callable[[J], bool],
+    ) -> tuple[list[J], list[J]]:
+        """(the next micro-batch, the requests dropped because their deadline cannot be met). Takes queue heads in
+        fair order while they fit; a request that would miss its deadline even in the batch formed so far (done
+        `finish_s(tokens)` seconds from `now`) is dropped instead of run, one whose caller went away (not `live`) is
+        dropped silently. The first request always fits (a request is never larger than a batch)."""
+        batch: list[J] = []
+        dropped: list[J] = []
+        images = tokens = 0
+        while (job := self._head()) is not None:
+            if not live(job):
+                self._pop(job)
+                continue
+            if job.deadline is not None and job.deadline < now + finish_s(tokens + job.tokens):
+                self._pop(job)
+                dropped.append(job)
+                continue
+            if batch and (images + job.images > max_images or tokens + job.tokens > token_budget):
+                break
+            self._pop(job)
+            self._virtual = max(self._virtual, job.start_tag)
+            batch.append(job)
+            images += job.images
+            tokens += job.tokens
+        if not any(q.jobs for q in self._keys.values()):
+            self._end_busy_period()
+        return batch, dropped
+
+    def _end_busy_period(self) -> None:
+        """Nothing queued: virtual time moves to the latest finish tag (SFQ's idle rule), so a key that sent the most
+        in the period just ended starts level with the others, not behind them."""
+        self._virtual = max([self._virtual, *(q.last_finish for q in self._keys.values())])
+        for key_id, q in list(self._keys.items()):
+            self._forget_if_idle(key_id, q)
+
+    # ---- estimates
+    def tokens_ahead(self, key_id: int, priority: str, tokens: int, weight: float) -> int:
+        """Teacher tokens served before a request of `key_id` with `tokens` queued now would be: what higher classes
+        hold, and what same-class keys hold with start tags before its finish tag (fair queuing)."""
+        q = self._keys.get(key_id)
+        start = max(self._virtual, q.last_finish if q else 0.0)
+        finish = start + tokens / max(weight, 1e-9)
+        rank = rank_of(priority)
+        ahead = 0
+        for other in self._keys.values():
+            for job in other.jobs:
+                r = _rank(job)
+                if r < rank or (r == rank and job.start_tag < finish):
+                    ahead += job.tokens
+        return ahead
+
+
+def _rank(job: Queued) -> int:
+    return rank_of(job.priority)
+
+
+@dataclass
+class ComputeEstimate:
+    """Running estimate of the forward's cost, seconds = fixed + per_token * tokens, fitted by least squares over the
+    observed batches with exponentially decaying weights (recent batches count most), for deadlines and wait
+    estimates. A fit, not a ratio: small batches' fixed cost would otherwise inflate the per-token rate and drop
+    requests that a full batch serves in time. The first batch is not counted (it carries the one-time set-up of the
+    allocator and kernels), and one observation far above the estimate moves it by at most `max_step` x."""
+
+    decay: float = 0.9  # weight kept by past batches at each new one (~10 batches remembered)
+    max_step: float = 4.0
+    _first_seen: bool = False
+    _w: float = 0.0  # decayed sums: weight, tokens, seconds, tokens^2, tokens*seconds
+    _t: float = 0.0
+    _s: float = 0.0
+    _tt: float = 0.0
+    _ts: float = 0.0
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        if tokens <= 0 or seconds <= 0:
+            return
+        if not self._first_seen:
+            self._first_seen = True
+            return
+        if self._w > 0:
+            seconds = min(seconds, self.max_step * max(self.seconds(tokens), 1e-6))
+        d = self.decay
+        self._w = d * self._w + 1.0
+        self._t = d * self._t + tokens
+        self._s = d * self._s + seconds
+        self._tt = d * self._tt + tokens * tokens
+        self._ts = d * self._ts + tokens * seconds
+
+    @property
+    def observed(self) -> bool:
+        return self._w > 0
+
+    def _fit(self) -> tuple[float, float]:
+        """(fixed_s, per_token_s); through the origin while the batches seen are all of one size."""
+        if self._w == 0:
+            return 0.0, 0.0
+        mean_t, mean_s = self._t / self._w, self._s / self._w
+        var_t = self._tt / self._w - mean_t * mean_t
+        if var_t <= 1e-9 * max(mean_t * mean_t, 1.0):
+            return 0.0, mean_s / mean_t
+        slope = (self._ts / self._w - mean_t * mean_s) / var_t
+        if slope <= 0:  # noise on near-equal sizes: no trustworthy slope
+            return 0.0, mean_s / mean_t
+        return max(0.0, mean_s - slope * mean_t), slope
+
+    def seconds(self, tokens: int) -> float:
+        fixed, per_token = self._fit()
+        return fixed + per_token * tokens

@@ -1,0 +1,123 @@
+"""The micro-batcher's scheduler on its own (engine/scheduler.py): fair shares across keys by weight, priority classes,
+deadlines at batch formation, queue bounds, and the running compute estimate. Pure Python: no dtype, no device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from teacher_server.engine.scheduler import ComputeEstimate, FairQueue, QueueLimits
+
+pytestmark = pytest.mark.dtype("none")
+
+
+@dataclass
+class Job:
+    key_id: int
+    images: int = 1
+    tokens: int = 10
+    weight: float = 1.0
+    priority: str = "standard"
+    nbytes: int = 100
+    deadline: float | None = None
+    enqueued_at: float = 0.0
+    start_tag: float = 0.0
+    finish_tag: float = 0.0
+
+
+def drain(queue: FairQueue[Job], *, per_batch: int = 1, now: float = 0.0) -> list[Job]:
+    """Every job in the order the batches take them (batches of `per_batch` images)."""
+    served: list[Job] = []
+    while len(queue):
+        batch, dropped = queue.next_batch(
+            max_images=per_batch, token_budget=10**9, now=now, finish_s=lambda tokens: 0.0, live=lambda j: True
+        )
+        assert not dropped
+        served += batch
+    return served
+
+
+def test_a_key_arriving_behind_another_keys_backlog_is_served_next() -> None:
+    queue: FairQueue[Job] = FairQueue()
+    for _ in range(50):
+        queue.push(Job(key_id=1))
+    queue.next_batch(max_images=1, token_budget=10**9, now=0.0, finish_s=lambda t: 0.0, live=lambda j: True)
+    queue.push(Job(key_id=2))  # the light key's one request, after 49 of the greedy key's
+    order = [j.key_id for j in drain(queue)]
+    assert order.index(2) <= 1  # FIFO would serve it 50th
+
+
+def test_backlogged_keys_share_the_teacher_by_weight_and_batches_mix_keys() -> None:
+    queue: FairQueue[Job] = FairQueue()
+    for _ in range(60):
+        queue.push(Job(key_id=1, weight=3.0))
+        queue.push(Job(key_id=2, weight=1.0))
+    first_40 = [j.key_id for j in drain(queue)[:40]]
+    assert first_40.count(1) == pytest.approx(30, abs=1) and first_40.count(2) == pytest.approx(10, abs=1)
+
+    for _ in range(4):
+        queue.push(Job(key_id=1))
+        queue.push(Job(key_id=2))
+    batch, _ = queue.next_batch(max_images=4, token_budget=10**9, now=0.0, finish_s=lambda t: 0.0, live=lambda j: True)
+    assert sorted(j.key_id for j in batch) == [1, 1, 2, 2]  # one batch holds both keys' requests
+
+
+def test_interactive_before_standard_before_batch_whatever_arrived_first() -> None:
+    queue: FairQueue[Job] = FairQueue()
+    for key_id, priority in [(1, "batch"), (2, "standard"), (3, "interactive"), (1, "batch"), (3, "interactive")]:
+        queue.push(Job(key_id=key_id, priority=priority))
+    assert [j.priority for j in drain(queue)] == ["interactive", "interactive", "standard", "batch", "batch"]
+
+
+def test_a_request_that_cannot_finish_before_its_deadline_is_dropped_and_a_gone_caller_silently() -> None:
+    queue: FairQueue[Job] = FairQueue()
+    late, gone, on_time = Job(key_id=1, deadline=10.5), Job(key_id=1, deadline=None), Job(key_id=2, deadline=12.0)
+    for job in (late, gone, on_time):
+        queue.push(job)
+    batch, dropped = queue.next_batch(
+        max_images=8,
+        token_budget=10**9,
+        now=10.0,
+        finish_s=lambda tokens: 0.1 * tokens,  # 10 tokens: 1 s, so 10.5 is missed and 12.0 is met
+        live=lambda j: j is not gone,
+    )
+    assert batch == [on_time] and dropped == [late] and len(queue) == 0
+
+
+def test_queue_bounds_per_key_and_in_all_refuse_with_a_reason_but_always_admit_a_keys_first_request() -> None:
+    queue: FairQueue[Job] = FairQueue(QueueLimits(key_images=4, key_bytes=1000, total_images=6, total_bytes=0))
+    assert queue.room_for(1, images=64) is None  # an idle key may always queue one request, however big
+    queue.push(Job(key_id=1, images=3))
+    assert queue.room_for(1, images=1) is None
+    assert queue.room_for(1, images=2) == "this key has 3 images queued (at most 4)"
+    assert queue.room_for(2, images=2) is None  # another key is not held back by the first one's queue
+    queue.push(Job(key_id=2, images=2))
+    assert queue.room_for(3, images=2) == "the server has 5 images queued (at most 6)"
+    queue.reserve_bytes(2, 900)  # being read: counts against the key's bytes before it is queued
+    assert queue.room_for(2, nbytes=200) == "this key has 0 MiB queued (at most 0 MiB)"
+    queue.release_bytes(2, 900)
+    assert queue.room_for(2, nbytes=200) is None
+
+
+def test_tokens_ahead_counts_higher_classes_and_earlier_fair_tags_only() -> None:
+    queue: FairQueue[Job] = FairQueue()
+    for _ in range(10):
+        queue.push(Job(key_id=1, tokens=100))  # greedy standard key: 1,000 tokens queued
+    queue.push(Job(key_id=3, tokens=50, priority="interactive"))
+    # A new standard key's request of 10 tokens finishes (fair tags) after 1 greedy request and the interactive one.
+    assert queue.tokens_ahead(2, "standard", 10, 1.0) == 100 + 50
+    assert queue.tokens_ahead(2, "interactive", 10, 1.0) == 50
+    assert queue.tokens_ahead(2, "batch", 10, 1.0) == 1050
+
+
+def test_compute_estimate_fits_a_fixed_cost_and_a_per_token_cost_and_ignores_set_up() -> None:
+    estimate = ComputeEstimate()
+    estimate.observe(100, 30.0)  # the first batch: one-time set-up, not counted
+    assert estimate.seconds(1000) == 0.0
+    for tokens in [100, 400, 1600, 100, 800, 1600] * 3:
+        estimate.observe(tokens, 0.002 + 1e-5 * tokens)  # 2 ms launch + 10 us per token
+    assert estimate.seconds(100) == pytest.approx(0.003, rel=1e-6)
+    assert estimate.seconds(10_000) == pytest.approx(0.102, rel=1e-6)
+    estimate.observe(100, 5.0)  # a stall: moves the estimate by at most 4x, not 1,600x
+    assert estimate.seconds(100) < 4 * 0.003 * 1.01

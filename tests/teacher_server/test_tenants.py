@@ -1,0 +1,130 @@
+"""Many keys on one teacher, through real gRPC (a server on 127.0.0.1, its SQLite ledger read back with SQL): a full
+key queue is refused before its request is read and unbilled, with a RetryInfo; another key is not held back by it;
+a request whose deadline passes in the queue is dropped unrun and unbilled; one whose forward started is billed and
+its answer replayed to the retry. The forward is held on a gate so the queue states are exact, not raced.
+
+Checks float32 logits on the CPU (the test pins float32: the gate needs an eager forward)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from typing import Any
+
+import grpc
+import pytest
+import service_testkit as kit
+import torch
+from torch import nn
+
+from maskedkd.v1 import teacher_pb2 as pb
+from student_client.retry import retry_after_s
+from teacher_server.testing.server import running_server
+
+pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(180)]
+
+
+class Gate:
+    """Holds the teacher mid-forward: the first block's MLP waits for `opened` (and says it `entered`)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.opened = threading.Event()
+        self.entered = threading.Event()
+        mlp = model.blocks[0].mlp
+        run = mlp.forward
+
+        def gated(x: torch.Tensor) -> torch.Tensor:
+            self.entered.set()
+            assert self.opened.wait(timeout=60), "the test never opened the gate"
+            return run(x)
+
+        mlp.forward = gated  # the instance's forward: the model's classes stay timm's
+
+
+def gated_vit() -> tuple[nn.Module, Gate]:
+    model = kit.tiny_vit(seed=11)
+    return model, Gate(model)
+
+
+def wait_until(condition: Any, timeout_s: float = 20.0) -> None:
+    end = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.01)
+
+
+def billed_ids(srv: Any) -> set[str]:
+    return {r["request_id"] for r in kit.ledger_rows(srv.settings.db)}
+
+
+def sql(db_url: str, query: str) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(db_url.removeprefix("sqlite:///")) as conn:
+        return conn.execute(query).fetchall()
+
+
+def test_a_full_key_queue_is_refused_unread_and_unbilled_and_other_keys_go_on(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model, gated = gated_vit()
+    settings = kit.settings(tmp_path, dtype="float32", max_queued_images_per_key=4, max_batch_images=2)
+    with running_server(settings, model=model) as srv:
+        greedy, light = srv.create_key("greedy"), srv.create_key("light")
+        _, teacher = kit.stub(srv.address)
+        queue = srv.server.served.batcher.queue
+        images, keep = kit.random_images(2, seed=1), kit.random_keep(2, 20, seed=2)
+
+        def send(rid: str, key: str, timeout: float = 60) -> Any:
+            request = kit.image_request(images, keep, request_id=rid)
+            return teacher.Infer.future(request, metadata=kit.auth(key), timeout=timeout)
+
+        running = send("g0", greedy)  # in the forward, held at the gate
+        assert gated.entered.wait(20)
+        # g1 is staged as the next batch (the pipeline holds one batch ahead of the forward); g2 and g3 queue:
+        # 4 images, the key's bound.
+        queued = [send("g1", greedy), send("g2", greedy), send("g3", greedy)]
+        wait_until(lambda: queue.images == 4)
+        with pytest.raises(grpc.RpcError) as refused:
+            send("g4", greedy).result(timeout=10)  # answered while the teacher is still held: refused unread
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "images queued (at most 4)" in refused.value.details()
+        assert (retry_after_s(refused.value) or 0) > 0  # a RetryInfo the client library waits on
+
+        light_ok = send("l0", light)  # another key's queue has room
+        wait_until(lambda: queue.images == 6)
+        gated.opened.set()
+        for call in [running, *queued, light_ok]:
+            assert call.result(timeout=60).usage.images == 2
+    assert billed_ids(srv) == {"g0", "g1", "g2", "g3", "l0"}  # the refused g4 is not in the ledger
+    refusals = sql(
+        settings.db, "SELECT k.name, r.reason, r.count FROM refusals r JOIN api_keys k ON k.id = r.api_key_id"
+    )
+    assert refusals == [("greedy", "overload", 1)]
+
+
+def test_a_deadline_passing_in_the_queue_is_not_billed_and_a_started_forward_is_billed_and_replayed(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model, gated = gated_vit()
+    settings = kit.settings(tmp_path, dtype="float32", max_batch_images=2)
+    with running_server(settings, model=model) as srv:
+        key = srv.create_key("tenant")
+        _, teacher = kit.stub(srv.address)
+        queue = srv.server.served.batcher.queue
+        images, keep = kit.random_images(2, seed=3), kit.random_keep(2, 20, seed=4)
+        started = teacher.Infer.future(
+            kit.image_request(images, keep, request_id="started"), metadata=kit.auth(key), timeout=1.0
+        )
+        assert gated.entered.wait(20)  # its forward started: from here it is billed, whatever the caller does
+        late = teacher.Infer.future(
+            kit.image_request(images, keep, request_id="late"), metadata=kit.auth(key), timeout=1.0
+        )
+        time.sleep(0.3)  # "late" is staged behind the held batch or queued: either way it waits
+        for call in (started, late):
+            with pytest.raises(grpc.RpcError) as gave_up:
+                call.result(timeout=10)
+            assert gave_up.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        gated.opened.set()
+        wait_until(lambda: "started" in billed_ids(srv) and queue.images == 0)
+        retry = teacher.Infer(kit.image_request(images, keep, request_id="started"), metadata=kit.auth(key), timeout=60)
+        assert retry.usage.replayed  # the answer paid for is not lost: the retry gets it, billed once
+        _, call = teacher.GetModelInfo.with_call(pb.ModelInfoRequest(), metadata=kit.auth(key), timeout=10)
+        assert float(dict(call.initial_metadata())["x-queue-wait-s"]) >= 0  # the key's wait estimate, in seconds
+        torch.testing.assert_close(kit.logits_of(retry), kit.Reference(model).logits(images, keep), **kit.CLOSE)
+    assert billed_ids(srv) == {"started"}  # "late" waited in the queue past its deadline: dropped unrun, unbilled
