@@ -152,6 +152,12 @@ class ServerSettings(BaseSettings):
     max_batch_images: int = Field(256, ge=1, description="images per micro-batch, and the most one request may carry")
     token_budget: int = Field(65536, ge=1, description="teacher tokens (kept patches + prefix) per micro-batch")
     max_delay_ms: float = Field(2.0, ge=0, description="how long the first request of a batch waits for company, in ms")
+    max_batch_ms: float = Field(
+        100.0,
+        ge=0,
+        description="a micro-batch's expected forward at most this long, in ms, so no key holds the teacher longer "
+        "(0: only --token-budget and --max-batch-images bound it)",
+    )
     mixed_k: Literal["bucket", "pad", "pack"] = Field(
         "bucket",
         description="rows with different keep counts: bucket, pad, or pack without padding (batcher.py, packing.py)",

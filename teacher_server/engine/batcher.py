@@ -38,6 +38,7 @@ from teacher_server.priorities import DEFAULT_PRIORITY
 
 # forward(pixels [G,K,C,P,P] raw, keep_indices [G,K], keep_counts [G] | None) -> logits [G, classes] float32 CPU
 ForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+STAGE_LEAD_S = 0.002  # beyond twice the staging time, how early the next batch forms before the forward is free
 COMMIT_S_MARGIN = 0.05  # seconds a batch's commit and answer take after its forward, at most, for deadline checks
 
 
@@ -122,11 +123,14 @@ class TokenBudgetBatcher:
         metrics: ServerMetrics | None = None,
         name: str = "teacher",
         limits: QueueLimits | None = None,
+        max_batch_s: float = 0.0,
     ) -> None:
         self._forward = forward
         self._stager = stager
         self._prefix = num_prefix_tokens
         self._token_budget = token_budget
+        self._max_batch_s = max_batch_s  # a batch's expected forward at most this long (0: no bound)
+        self._stage_s = 0.0  # running average of staging a batch: the next batch forms this long before it is due
         self._max_images = max_batch_images
         self._max_delay_s = max_delay_s
         self._run_rows = run_padded if mixed_k in ("pad", "pack") else run_bucketed  # pack: the forward packs
@@ -143,6 +147,7 @@ class TokenBudgetBatcher:
         self._slots: asyncio.Semaphore | None = None
         self._waiting_forward: set[object] = set()  # batches formed whose forward has not started
         self._forward_busy_until = 0.0  # monotonic estimate of when the forward in progress ends
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._in_flight: set[asyncio.Future[Any]] = set()
         self.batches_started = 0  # micro-batches taken from the queue so far (the server's idle trim reads it)
         self._closing = False
@@ -158,6 +163,7 @@ class TokenBudgetBatcher:
         return self._metrics.stage(stage) if self._metrics else contextlib.nullcontext()
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._changed = asyncio.Event()
         self._slots = asyncio.Semaphore(self._stager.slots)
         self._stage_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage-{self._name}")
@@ -233,7 +239,7 @@ class TokenBudgetBatcher:
 
     # ---- forming batches (event loop)
     def _full(self) -> bool:
-        return self.queue.images >= self._max_images or self.queue.tokens >= self._token_budget
+        return self.queue.images >= self._max_images or self.queue.tokens >= self._batch_tokens()
 
     async def _wait_changed(self, timeout: float | None) -> None:
         assert self._changed is not None
@@ -248,6 +254,14 @@ class TokenBudgetBatcher:
                 if self._closing:
                     return
                 await self._wait_changed(None)
+                continue
+            # The next batch forms only as the forward is about to be free (its expected end minus the time staging
+            # takes): a request arriving meanwhile, of any key, can still be in it, so a light key waits behind at
+            # most the batch running, not also one staged ahead of it.
+            lead = 2 * self._stage_s + STAGE_LEAD_S
+            busy_left = self._forward_busy_until - time.monotonic()
+            if not self._closing and busy_left > lead:
+                await self._wait_changed(busy_left - lead)
                 continue
             due = self.queue.oldest_enqueued() + self._max_delay_s
             idle = not self._waiting_forward
@@ -284,7 +298,7 @@ class TokenBudgetBatcher:
 
         batch, dropped = self.queue.next_batch(
             max_images=self._max_images,
-            token_budget=self._token_budget,
+            token_budget=self._batch_tokens(),
             now=now,
             finish_s=lambda tokens: start_delay + self.compute.seconds(tokens) + COMMIT_S_MARGIN,
             live=live,
@@ -292,6 +306,13 @@ class TokenBudgetBatcher:
         for job in gone:
             self._count_queued(job, -1)
         return batch, dropped
+
+    def _batch_tokens(self) -> int:
+        """The token budget, cut to what the forward runs in `max_batch_s` by the running estimate: a batch never
+        holds the teacher so long that another key's request waits for more than about that."""
+        if self._max_batch_s <= 0:
+            return self._token_budget
+        return max(1, min(self._token_budget, self.compute.tokens_within(self._max_batch_s)))
 
     def _refuse_late(self, dropped: Sequence[BatchJob], *, queued: bool = True) -> None:
         for job in dropped:
@@ -342,8 +363,11 @@ class TokenBudgetBatcher:
         await asyncio.gather(done, return_exceptions=True)
 
     def _stage(self, jobs: list[BatchJob], slot: int) -> StagedRows:
+        started = time.monotonic()
         with self._stage_clock("stage"):
-            return self._stager.stage([j.input for j in jobs], slot)
+            rows = self._stager.stage([j.input for j in jobs], slot)
+        self._stage_s = 0.8 * self._stage_s + 0.2 * (time.monotonic() - started)
+        return rows
 
     def _forward_started(self, ticket: object) -> None:
         """Event loop: the batch of `ticket` no longer waits for the forward (it started, or will not run)."""
@@ -388,10 +412,14 @@ class TokenBudgetBatcher:
                 started_hook()
                 return None
             tokens = sum(j.tokens for j in jobs)
-            self._forward_busy_until = started + self.compute.seconds(tokens)
+            busy_until = started + self.compute.seconds(tokens)
+            self._forward_busy_until = busy_until
             started_hook()
-            with torch.inference_mode(), self._stage_clock("forward"):
-                logits = self._run_rows(self._forward, rows)  # [sum B, classes] float32 CPU
+            try:
+                with torch.inference_mode(), self._stage_clock("forward"):
+                    logits = self._run_rows(self._forward, rows)  # [sum B, classes] float32 CPU
+            finally:
+                self._forward_done(busy_until)
             compute_s = time.monotonic() - started
             self.compute.observe(tokens, compute_s)
             stats = BatchStats(images=rows.images, tokens=tokens, compute_s=compute_s, started_at=started)
@@ -403,6 +431,15 @@ class TokenBudgetBatcher:
             self._metrics.batch_tokens.observe(stats.tokens)
             self._metrics.compute_seconds.observe(compute_s)
         return Forwarded(jobs, per_job, stats)
+
+    def _forward_done(self, busy_until: float) -> None:
+        """Forward thread: the forward that was to end at `busy_until` ended; the next batch may form now, also when
+        the estimate said later (unless another forward started meanwhile)."""
+        if self._forward_busy_until == busy_until:
+            self._forward_busy_until = time.monotonic()
+        if self._loop is not None and self._changed is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: the server is gone, nobody forms batches
+                self._loop.call_soon_threadsafe(self._changed.set)
 
     def _commit(self, batch: Forwarded) -> list[tuple[BatchJob, JobResult]] | BaseException:
         """Commit thread: finalize (the ledger commit), then (job, result) per job."""

@@ -272,3 +272,10 @@ class ComputeEstimate:
     def seconds(self, tokens: int) -> float:
         fixed, per_token = self._fit()
         return fixed + per_token * tokens
+
+    def tokens_within(self, seconds: float) -> int:
+        """The most tokens a forward runs in `seconds` (a very large number while nothing was observed)."""
+        fixed, per_token = self._fit()
+        if per_token <= 0:
+            return 2**62
+        return max(0, int((seconds - fixed) / per_token))

@@ -95,6 +95,7 @@ def build_served_model(
         name=name,
         stager=Stager(teacher.geometry, max_images=settings.max_batch_images, device=weight.device),
         limits=queue_limits(settings),
+        max_batch_s=settings.max_batch_ms / 1000.0,
         **batcher_kwargs,  # type: ignore[arg-type]  # the batcher's keyword arguments, passed through
     )
     return ServedModel(

@@ -262,3 +262,21 @@ def test_cuda_rows_staged_from_pinned_uint8_run_through_the_served_forward() -> 
     for run in (run_bucketed, run_padded):
         expected = run(host.forward_pixels, cpu_rows)
         torch.testing.assert_close(run(forward, rows), expected, atol=1e-4, rtol=1e-4)
+
+
+async def test_a_batch_holds_the_teacher_about_max_batch_s_at_most() -> None:
+    """Every forward takes 50 ms (RecordingForward sleeps), so once the running estimate has seen it, `max_batch_s`
+    = 30 ms caps each batch at the one request it starts with: four requests sent together run as four batches
+    (without the cap, the three queued behind the first would share one)."""
+    fwd = RecordingForward(seconds=0.05)
+    b = make(fwd, max_delay_s=0.0, max_batch_s=0.03, token_budget=10_000)
+    await b.start()
+    for _ in range(3):  # teach the estimate: 50 ms per 7-token batch (the first one is not counted)
+        await b.submit(decoded(1, 6))
+    assert b.compute.seconds(7) == pytest.approx(0.05, rel=0.3)
+    sizes_before = len(fwd.calls)
+    # The estimate says a batch of any size over 7 tokens takes > 30 ms: every batch holds the one request it starts
+    # with, however many are queued.
+    await asyncio.gather(*(b.submit(decoded(1, 6)) for _ in range(4)))
+    assert [rows for rows, _, _ in fwd.calls[sizes_before:]] == [1, 1, 1, 1]
+    await b.close()

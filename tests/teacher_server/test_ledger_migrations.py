@@ -278,3 +278,62 @@ def test_revision_0004_reads_rows_billed_before_it_as_training_targets(tmp_path,
         )
         assert conn.execute(text("SELECT purpose FROM usage WHERE request_id = 'raw'")).scalar() == ""
     engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_revision_0005_gives_existing_keys_an_equal_share_and_keeps_every_replay(
+    tmp_path, request, backend: str
+) -> None:
+    """A ledger at 0004 with keys, rows and replay payloads upgrades to 0005: every key gets weight 1 and priority
+    'standard', a key inserted without them too, and no usage row or replay payload is lost (a table rebuild on
+    SQLite would cascade into replay_payloads)."""
+    from alembic import command
+    from sqlalchemy import text
+
+    url = f"sqlite:///{tmp_path / 'r4.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    engine = database.make_engine(url)
+    with engine.begin() as conn:
+        command.upgrade(alembic_config(conn), "0004")
+        conn.execute(
+            text(
+                "INSERT INTO api_keys (name, key_prefix, key_hash, created_at, disabled) "
+                "VALUES ('a', 'mkd_x', :h, CURRENT_TIMESTAMP, false)"
+            ),
+            {"h": "a" * 64},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO usage (api_key_id, request_id, model, images, tokens, gflops, full_gflops, cost, "
+                "latency_ms, queue_ms, batch_images, created_at, content_digest) "
+                "VALUES (1, 'old', 'm', 1, 5, 1.0, 2.0, 0.0, 1, 1, 1, CURRENT_TIMESTAMP, :d)"
+            ),
+            {"d": "f" * 64},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO replay_payloads (usage_id, logits, logits_shape, expires_at) "
+                "VALUES (1, :b, '1,1', CURRENT_TIMESTAMP)"
+            ),
+            {"b": b"\x00\x00\x80\x3f"},
+        )
+    engine.dispose()
+    sessions = database.open_ledger(url)
+    engine = sessions.kw["bind"]
+    with engine.begin() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), models.Base.metadata) == []
+        assert [tuple(r) for r in conn.execute(text("SELECT name, weight, priority FROM api_keys"))] == [
+            ("a", 1.0, "standard")
+        ]
+        conn.execute(
+            text(
+                "INSERT INTO api_keys (name, key_prefix, key_hash, created_at, disabled) "
+                "VALUES ('b', 'mkd_y', :h, CURRENT_TIMESTAMP, false)"
+            ),
+            {"h": "b" * 64},
+        )
+        assert conn.execute(text("SELECT weight, priority FROM api_keys WHERE name = 'b'")).one() == (1.0, "standard")
+        assert [tuple(r) for r in conn.execute(text("SELECT request_id, content_digest FROM usage"))] == [
+            ("old", "f" * 64)
+        ]
+        assert conn.execute(text("SELECT COUNT(*) FROM replay_payloads")).scalar() == 1
+    engine.dispose()

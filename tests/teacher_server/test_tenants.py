@@ -3,7 +3,8 @@ key queue is refused before its request is read and unbilled, with a RetryInfo; 
 a request whose deadline passes in the queue is dropped unrun and unbilled; one whose forward started is billed and
 its answer replayed to the retry. The forward is held on a gate so the queue states are exact, not raced.
 
-Checks float32 logits on the CPU (the test pins float32: the gate needs an eager forward)."""
+The last test runs two replicas on one Postgres ledger. Checks float32 logits on the CPU (pinned: the gate needs an
+eager forward)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ import grpc
 import pytest
 import service_testkit as kit
 import torch
+from postgres_testkit import pg_rows, postgres_server, postgres_url  # noqa: F401 (fixtures)
 from torch import nn
 
 from maskedkd.v1 import teacher_pb2 as pb
 from student_client.retry import retry_after_s
+from teacher_server.settings import ServerSettings
 from teacher_server.testing.server import running_server
 
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(180)]
@@ -128,3 +131,53 @@ def test_a_deadline_passing_in_the_queue_is_not_billed_and_a_started_forward_is_
         assert float(dict(call.initial_metadata())["x-queue-wait-s"]) >= 0  # the key's wait estimate, in seconds
         torch.testing.assert_close(kit.logits_of(retry), kit.Reference(model).logits(images, keep), **kit.CLOSE)
     assert billed_ids(srv) == {"started"}  # "late" waited in the queue past its deadline: dropped unrun, unbilled
+
+
+def test_two_replicas_on_postgres_shed_and_late_requests_unbilled_and_a_started_one_replayed_by_the_other(
+    postgres_url: str,
+) -> None:
+    """Two servers sharing one Postgres ledger, each with its own queue: a full queue on one is refused unbilled, a
+    request late in the other's queue is dropped unbilled, and the answer of a forward that started on one (its
+    caller gone) is replayed by the other to the retry, billed once. Rows and refusals read back with psycopg2."""
+    first_model, first_gate = gated_vit()
+    second_model, second_gate = gated_vit()
+    base = {"model": kit.MODEL, "model_kwargs": kit.TINY, "db": postgres_url, "metrics_port": None}
+    limits = {"dtype": "float32", "max_batch_images": 2, "max_queued_images_per_key": 2, "max_delay_ms": 2.0}
+    images, keep = kit.random_images(2, seed=5), kit.random_keep(2, 20, seed=6)
+    with (
+        running_server(ServerSettings(**base, **limits), model=first_model) as one,
+        running_server(ServerSettings(**base, **limits), model=second_model) as two,
+    ):
+        key = one.create_key("tenant")
+        _, first = kit.stub(one.address)
+        _, second = kit.stub(two.address)
+
+        def send(teacher: Any, rid: str, timeout: float = 60) -> Any:
+            request = kit.image_request(images, keep, request_id=rid)
+            return teacher.Infer.future(request, metadata=kit.auth(key), timeout=timeout)
+
+        held = [send(first, "a0")]
+        assert first_gate.entered.wait(20)
+        held += [send(first, "a1"), send(first, "a2")]  # a1 staged behind the held forward, a2 queued: full
+        wait_until(lambda: one.server.served.batcher.queue.images == 2)
+        with pytest.raises(grpc.RpcError) as refused:
+            send(first, "a3").result(timeout=10)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        started = send(second, "b0", timeout=1.0)
+        assert second_gate.entered.wait(20)
+        late = send(second, "b1", timeout=1.0)
+        for call in (started, late):
+            with pytest.raises(grpc.RpcError) as gave_up:
+                call.result(timeout=10)
+            assert gave_up.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        first_gate.opened.set()
+        second_gate.opened.set()
+        assert [call.result(timeout=60).usage.images for call in held] == [2, 2, 2]
+        wait_until(lambda: ("b0",) in pg_rows(postgres_url, "SELECT request_id FROM usage"))
+        retry = first.Infer(kit.image_request(images, keep, request_id="b0"), metadata=kit.auth(key), timeout=60)
+        assert retry.usage.replayed  # billed by the second replica, answered again by the first
+    billed = sorted(r[0] for r in pg_rows(postgres_url, "SELECT request_id FROM usage"))
+    assert billed == ["a0", "a1", "a2", "b0"]  # a3 refused, b1 dropped late: neither billed
+    refusals = pg_rows(postgres_url, "SELECT reason, SUM(count) FROM refusals GROUP BY reason")
+    assert [(reason, int(n)) for reason, n in refusals] == [("overload", 1)]

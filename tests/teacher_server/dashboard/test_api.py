@@ -331,6 +331,22 @@ def test_admin_sets_quota_window_and_rate_limit(seeded: SeededLedger, tmp_path: 
     assert rows(db, "SELECT quota_window FROM api_keys") == [("day",)]
 
 
+def test_admin_sets_a_keys_fair_share_weight_and_priority(seeded: SeededLedger, tmp_path: Path) -> None:
+    db = tmp_path / "share.db"
+    client = TestClient(
+        create_app(seeded.settings.model_copy(update={"db": f"sqlite:///{db}"})), raise_server_exceptions=False
+    )
+    created = client.post("/api/keys", json={"name": "ops", "weight": 2.5, "priority": "interactive"}, headers=ADMIN)
+    assert created.status_code == 201, created.text
+    assert (created.json()["weight"], created.json()["priority"]) == (2.5, "interactive")
+    changed = client.patch("/api/keys/ops", json={"priority": "batch"}, headers=ADMIN)
+    assert changed.status_code == 200 and (changed.json()["weight"], changed.json()["priority"]) == (2.5, "batch")
+    assert rows(db, "SELECT weight, priority FROM api_keys") == [(2.5, "batch")]
+    for body in ({"weight": 0}, {"weight": None}, {"priority": "urgent"}):
+        assert client.patch("/api/keys/ops", json=body, headers=ADMIN).status_code in (400, 422), body
+    assert rows(db, "SELECT weight, priority FROM api_keys") == [(2.5, "batch")]
+
+
 def test_a_patch_is_all_or_nothing(seeded: SeededLedger, tmp_path: Path) -> None:
     db = tmp_path / "atomic.db"
     client = TestClient(
