@@ -124,11 +124,6 @@ class FairQueue(Generic[J]):
         q = self._keys.get(key_id)
         return q.tokens if q else 0
 
-    def key_depth(self, key_id: int) -> tuple[int, int]:
-        """(requests, images) queued for a key."""
-        q = self._keys.get(key_id)
-        return (len(q.jobs), q.images) if q else (0, 0)
-
     def _head(self) -> J | None:
         """The next request to serve: the smallest start tag among queue heads of the highest non-empty class."""
         best: J | None = None
@@ -251,10 +246,6 @@ class ComputeEstimate:
         self._s = d * self._s + seconds
         self._tt = d * self._tt + tokens * tokens
         self._ts = d * self._ts + tokens * seconds
-
-    @property
-    def observed(self) -> bool:
-        return self._w > 0
 
     def _fit(self) -> tuple[float, float]:
         """(fixed_s, per_token_s); through the origin while the batches seen are all of one size."""

@@ -9,8 +9,8 @@ held until the usage row commits, so requests on any number of servers never ove
 
 Overload and deadlines, cheapest refusal first (each unbilled, counted as a refusal): a key whose queue is full is
 refused before its message is read (auth_guard.py asks `admit`); then a message whose bytes do not fit in the key's or
-the server's bound (`_reserve_bytes`, before decoding); then, decoded, one whose images do not fit, or whose deadline
-leaves less time than the expected queue wait and compute (`_check_deadline`). A queued request whose deadline
+the server's bound (before decoding); then, decoded, one whose images do not fit (`_refuse_if_full`), or whose
+deadline leaves less time than the expected queue wait and compute (`_refuse_if_late`). A queued request whose deadline
 passes is dropped by the batcher unrun; one whose forward started is billed and its answer kept for a replay.
 """
 
@@ -96,15 +96,22 @@ class InferenceService:
     def admit(self, key: KeyInfo, time_left_s: float | None = None) -> None:
         """Before a message of `key` is read: OverloadedError when its queue (or the server's) is full already,
         DeadlineUnmetError when the work queued ahead of it alone outlasts the call's `time_left_s`."""
-        batcher = self.served.batcher
-        if (why := batcher.queue.room_for(key.id)) is not None:
+        self._refuse_if_full(key)
+        if time_left_s is not None:
+            self._refuse_if_late(key, self._smallest_recent(key.id), time_left_s)
+
+    def _refuse_if_full(self, key: KeyInfo, *, nbytes: int = 0, images: int = 0) -> None:
+        """OverloadedError (counted) when the key's queue or the server's has no room for this much more."""
+        if (why := self.served.batcher.queue.room_for(key.id, nbytes=nbytes, images=images)) is not None:
             self._metrics.count_shed(key=key.name, reason="overload")
             raise overloaded(why, retry_s=self._retry_s(key))
-        if time_left_s is not None:
-            wait = batcher.expected_wait_s(key.id, key.priority, self._smallest_recent(key.id), key.weight)
-            if wait > time_left_s:
-                self._metrics.count_shed(key=key.name, reason="deadline_admission")
-                raise deadline_unmet(wait_s=wait, time_left_s=time_left_s)
+
+    def _refuse_if_late(self, key: KeyInfo, tokens: int, time_left_s: float) -> None:
+        """DeadlineUnmetError (counted) when a request of `tokens` queued now would answer after `time_left_s`."""
+        wait = self.served.batcher.expected_wait_s(key.id, key.priority, tokens, key.weight)
+        if wait > time_left_s:
+            self._metrics.count_shed(key=key.name, reason="deadline_admission")
+            raise deadline_unmet(wait_s=wait, time_left_s=time_left_s)
 
     def _smallest_recent(self, key_id: int) -> int:
         """Tokens of the smallest request the key sent in the last RECENT_S seconds (0: none). A key sending only
@@ -129,42 +136,24 @@ class InferenceService:
         received_at = time.monotonic()
         served = self.served.named(request.model)
         current_labels().model = served.name
-        nbytes = self._reserve_bytes(key, request)
+        nbytes = request.ByteSize()  # upb encodes the message to size it: once per request
+        self._refuse_if_full(key, nbytes=nbytes)  # before decoding
+        served.batcher.queue.reserve_bytes(key.id, nbytes)
         try:
-            outcome = await self._infer(key, request, served, received_at, deadline)
+            outcome = await self._infer(key, request, served, received_at, deadline, nbytes)
         finally:
             served.batcher.queue.release_bytes(key.id, nbytes)
         self._metrics.request_latency.labels(model=served.name).observe(time.monotonic() - received_at)
         return outcome
 
-    def _reserve_bytes(self, key: KeyInfo, request: pb.InferRequest) -> int:
-        """Count the message's size against the key's and the server's bound, or refuse it before decoding."""
-        nbytes = request.ByteSize()
-        queue = self.served.batcher.queue
-        if (why := queue.room_for(key.id, nbytes=nbytes)) is not None:
-            self._metrics.count_shed(key=key.name, reason="overload")
-            raise overloaded(why, retry_s=self._retry_s(key))
-        queue.reserve_bytes(key.id, nbytes)
-        return nbytes
-
-    def _check_room(self, key: KeyInfo, decoded: DecodedInput) -> None:
-        if (why := self.served.batcher.queue.room_for(key.id, images=decoded.images)) is not None:
-            self._metrics.count_shed(key=key.name, reason="overload")
-            raise overloaded(why, retry_s=self._retry_s(key))
-
-    def _check_deadline(self, key: KeyInfo, decoded: DecodedInput, deadline: float | None) -> None:
-        """DeadlineUnmetError when the answer cannot be back before `deadline` (queue wait + compute estimated)."""
-        if deadline is None:
-            return
-        batcher = self.served.batcher
-        wait = batcher.expected_wait_s(key.id, key.priority, batcher.tokens_of(decoded), key.weight)
-        left = deadline - time.monotonic()
-        if wait > left:
-            self._metrics.count_shed(key=key.name, reason="deadline_admission")
-            raise deadline_unmet(wait_s=wait, time_left_s=left)
-
     async def _infer(
-        self, key: KeyInfo, request: pb.InferRequest, served: ServedModel, received_at: float, deadline: float | None
+        self,
+        key: KeyInfo,
+        request: pb.InferRequest,
+        served: ServedModel,
+        received_at: float,
+        deadline: float | None,
+        nbytes: int,
     ) -> InferOutcome:
         if len(request.request_id) > MAX_REQUEST_ID_CHARS:
             raise InvalidRequestError(
@@ -174,10 +163,10 @@ class InferenceService:
             raise InvalidRequestError("request_id contains a NUL (\\x00) character, which is not allowed")
         if (problem := purpose_problem(request.purpose)) is not None:
             raise InvalidRequestError(problem)
-        decoded = await self._decode(request, served)
+        decoded = await self._decode(request, served, nbytes)
         recent = self._recent_tokens.setdefault(key.id, deque(maxlen=RECENT_REQUESTS))
         recent.append((time.monotonic(), served.batcher.tokens_of(decoded)))
-        self._check_room(key, decoded)
+        self._refuse_if_full(key, images=decoded.images)
         usage = served.meter.usage(decoded.counts, price_per_gflop=self._biller.price_of(key))
         run = Submission(decoded, usage, received_at, deadline, request.purpose)
         if not request.request_id:
@@ -236,11 +225,11 @@ class InferenceService:
             return await asyncio.to_thread(digest, request, model=model, payload=payload)
         return digest(request, model=model, payload=payload)
 
-    async def _decode(self, request: pb.InferRequest, served: ServedModel) -> DecodedInput:
+    async def _decode(self, request: pb.InferRequest, served: ServedModel, nbytes: int) -> DecodedInput:
         """Check the request and view its pixels (no copy; float pixels get one range check, off the loop when big)."""
         decode = self._metrics.timed("decode", decode_input)
         geometry, max_images = served.teacher.geometry, served.batcher.max_batch_images
-        if request.ByteSize() > OFFLOAD_BYTES and not self._uint8_input(request):
+        if nbytes > OFFLOAD_BYTES and not self._uint8_input(request):
             return await asyncio.to_thread(
                 decode, request, geometry, max_images=max_images, max_elements=self._max_elements
             )
@@ -262,7 +251,9 @@ class InferenceService:
         digest: RequestDigest | None = None,
         accept_billed: bool = False,
     ) -> InferOutcome:
-        self._check_deadline(key, run.input, run.deadline)
+        if run.deadline is not None:
+            tokens = served.batcher.tokens_of(run.input)
+            self._refuse_if_late(key, tokens, run.deadline - time.monotonic())
         usage = run.usage
         hold: Hold | None = None
         state: LimitState | None = None
