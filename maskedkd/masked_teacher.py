@@ -248,6 +248,12 @@ class MaskedTeacher(nn.Module):
     def _masked_pool_head(self, x: Tensor, valid: Tensor) -> Tensor:
         """timm's avg/max pooling over real tokens only (padding excluded), then fc_norm and head."""
         m = self.model
+        logits: Tensor = m.head(m.head_drop(self._masked_pool(x, valid)))
+        return logits
+
+    def _masked_pool(self, x: Tensor, valid: Tensor) -> Tensor:
+        """x [B,n,D] -> the pooled feature after fc_norm [B,D], pooling over real tokens only."""
+        m = self.model
         if m.pool_include_prefix:
             keep = F.pad(valid, (self.geometry.num_prefix_tokens, 0), value=True)  # [B,n]
         else:
@@ -259,8 +265,8 @@ class MaskedTeacher(nn.Module):
         else:
             peak = x.masked_fill(~keep[..., None], float("-inf")).amax(dim=1)  # [B,D]
             pooled = peak if m.global_pool == "max" else 0.5 * (peak + avg)
-        logits: Tensor = m.head(m.head_drop(m.fc_norm(pooled)))
-        return logits
+        feature: Tensor = m.fc_norm(pooled)
+        return feature
 
 
 def _pixels_projection(proj: nn.Conv2d, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[Tensor, Tensor]:

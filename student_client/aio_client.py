@@ -10,13 +10,12 @@ import asyncio
 from typing import Any, Unpack
 
 import grpc
-import torch
 
 from maskedkd.v1 import teacher_pb2 as pb
 from student_client.client import ClientCore, ClientSettings, InferResult
 from student_client.errors import TeacherError
 from student_client.resend import ResendPlan
-from student_client.wire import Batch, ModelInfo, Usage, arguments_of, decode_response
+from student_client.wire import Batch, ModelInfo, arguments_of, decode_response, join_results
 
 
 class AsyncTeacherClient(ClientCore):
@@ -41,12 +40,7 @@ class AsyncTeacherClient(ClientCore):
         """Same contract as `TeacherClient.infer`; parts of a split batch run concurrently."""
         requests = list(batch.requests(await self.info(), self.model))
         responses = await asyncio.gather(*(self._infer_request(req) for req in requests))
-        decoded = [decode_response(r) for r in responses]
-        usage = Usage()
-        for _, u in decoded:
-            usage = usage + u
-        logits = decoded[0][0] if len(decoded) == 1 else torch.cat([lg for lg, _ in decoded])
-        return logits, usage
+        return join_results([decode_response(r) for r in responses])
 
     async def _infer_request(self, req: pb.InferRequest) -> pb.InferResponse:
         """As `TeacherClient.infer_request`: a refused replay goes on as `student_client.resend` says."""

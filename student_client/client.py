@@ -38,10 +38,9 @@ from student_client.errors import TeacherError
 from student_client.resend import CountsRefusedReplays, RefusedReplays, ResendPlan
 from student_client.retry import DEFAULT_PATIENCE_S, RetryPolicy
 from student_client.tls import channel_credentials
-from student_client.wire import Batch, ModelInfo, Usage, arguments_of, decode_response
+from student_client.wire import Batch, InferResult, ModelInfo, Usage, arguments_of, decode_response, join_results
 
 T = TypeVar("T")
-InferResult = tuple[torch.Tensor, Usage]
 
 
 class ClientSettings(TypedDict, total=False):
@@ -160,15 +159,11 @@ class TeacherClient(ClientCore):
         row-major on the teacher's grid (None: all patches). keep_counts: [B] for ragged rows. A batch larger than
         the server's max_batch_images is split into requests `<request_id>.<i>`. purpose: what the requests are
         for, as the teacher's usage reports total them apart: '' (training targets) or 1-32 characters of [a-z0-9_-]
-        such as "probe"; billed the same either way.
+        such as "probe"; billed the same either way. outputs: extra outputs of the kept patches besides logits
+        (`ModelInfo.outputs` lists what the teacher offers), returned in `result.outputs`; billed the same FLOPs.
         """
-        logits: list[torch.Tensor] = []
-        usage = Usage()
-        for req in batch.requests(self.info(), self.model):
-            part_logits, part_usage = decode_response(self.infer_request(req))
-            logits.append(part_logits)
-            usage = usage + part_usage
-        return (logits[0] if len(logits) == 1 else torch.cat(logits)), usage
+        parts = batch.requests(self.info(), self.model)
+        return join_results([decode_response(self.infer_request(req)) for req in parts])
 
     def infer_request(self, req: pb.InferRequest) -> pb.InferResponse:
         """Send one built request (retried per the policy); a refused replay goes on as `student_client.resend` says."""

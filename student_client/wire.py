@@ -21,6 +21,7 @@ from maskedkd.geometry import TeacherGeometry
 from maskedkd.keep import KeepIndicesError, check_keep
 from maskedkd.patches import gather_patches
 from maskedkd.purpose import purpose_problem
+from maskedkd.teacher_outputs import OUTPUT_NAMES
 from maskedkd.v1 import teacher_pb2 as pb
 from student_client.errors import TeacherInputError
 
@@ -42,6 +43,8 @@ class ModelInfo(TeacherGeometry):
     models: tuple[str, ...] = ()  # every model the server serves
     max_batch_images: int = 0  # 0: the server did not say
     dtype: str = "float32"
+    outputs: tuple[str, ...] = ()  # the extra outputs it can answer (`Batch.outputs`)
+    tome_r: int = 0  # > 0: the teacher merges this many tokens per block (ToMe) instead of masking
 
     @classmethod
     def from_proto(cls, msg: pb.ModelInfo) -> ModelInfo:
@@ -54,6 +57,8 @@ class ModelInfo(TeacherGeometry):
             models=tuple(msg.models),
             max_batch_images=int(msg.max_batch_images),
             dtype=msg.dtype or "float32",
+            outputs=tuple(msg.outputs),
+            tome_r=int(msg.tome_r),
         )
 
 
@@ -68,6 +73,7 @@ class Usage:
     cost: float = 0.0
     replayed: bool = False
     requests: int = field(default=0, compare=False)  # how many responses this sums
+    output_bytes: int = 0  # bytes of the tensors answered (logits and extra outputs)
 
     @property
     def saved_gflops(self) -> float:
@@ -88,6 +94,7 @@ class Usage:
             cost=float(msg.cost),
             replayed=bool(msg.replayed),
             requests=1,
+            output_bytes=int(msg.output_bytes),
         )
 
     def __add__(self, other: Usage) -> Usage:
@@ -103,6 +110,7 @@ class Usage:
             cost=self.cost + other.cost,
             replayed=self.replayed and other.replayed,
             requests=self.requests + other.requests,
+            output_bytes=self.output_bytes + other.output_bytes,
         )
 
 
@@ -149,14 +157,20 @@ def build_request(
     model: str | None = None,
     send_patches: bool = True,
     purpose: str = "",
+    outputs: tuple[str, ...] = (),
+    outputs_dtype: str = "",
 ) -> pb.InferRequest:
     """The InferRequest for one batch. With images + keep_indices and `send_patches`, only the kept patches go.
-    `purpose` labels it for the teacher's cost reports ('' = training targets, "probe", ...)."""
+    `purpose` labels it for the teacher's cost reports ('' = training targets, "probe", ...); `outputs` asks for
+    extra outputs (`Batch.outputs`)."""
     if (images is None) == (patches is None):
         raise TeacherInputError("pass exactly one of images or patches")
     if (problem := purpose_problem(purpose)) is not None:
         raise TeacherInputError(problem)
-    req = pb.InferRequest(request_id=request_id, model=model or "", purpose=purpose)
+    check_outputs(info, outputs, outputs_dtype)
+    req = pb.InferRequest(
+        request_id=request_id, model=model or "", purpose=purpose, outputs=list(outputs), outputs_dtype=outputs_dtype
+    )
     batch = batch_size_of(images, patches)
     if keep_indices is not None:  # checked here, at the client's boundary (the server checks its own again)
         try:
@@ -193,6 +207,19 @@ def build_request(
     return req
 
 
+def check_outputs(info: ModelInfo, outputs: tuple[str, ...], outputs_dtype: str) -> None:
+    """TeacherInputError unless the served model can answer `outputs` in `outputs_dtype`."""
+    if isinstance(outputs, str):
+        raise TeacherInputError(f"outputs must be a sequence of names, got the string {outputs!r}")
+    if unknown := [o for o in outputs if o not in OUTPUT_NAMES]:
+        raise TeacherInputError(f"unknown outputs {unknown}; choose from {', '.join(OUTPUT_NAMES)}")
+    if missing := [o for o in outputs if o not in info.outputs]:
+        offered = ", ".join(info.outputs) or "none"
+        raise TeacherInputError(f"the teacher {info.model!r} cannot give {missing}; it offers: {offered}")
+    if outputs_dtype not in ("", "float32", "served"):
+        raise TeacherInputError(f"outputs_dtype must be 'float32' or 'served', got {outputs_dtype!r}")
+
+
 def batch_size_of(images: torch.Tensor | None, patches: torch.Tensor | None) -> int:
     return int((images if images is not None else patches).shape[0])  # type: ignore[union-attr]  # one of the two is given (checked by the caller)
 
@@ -221,6 +248,8 @@ class Batch:
     _: KW_ONLY
     send_patches: bool = True
     purpose: str = ""
+    outputs: tuple[str, ...] = ()  # extra outputs: pre_logits, patch_tokens, cls_attention, cls_attention_heads
+    outputs_dtype: str = ""  # "" / "float32", or "served" (the teacher's compute dtype)
 
     def requests(self, info: ModelInfo, model: str | None) -> Iterator[pb.InferRequest]:
         """Its InferRequests, built one at a time: one per part of at most `info.max_batch_images` rows, under
@@ -238,6 +267,8 @@ class Batch:
                 model=model,
                 send_patches=self.send_patches,
                 purpose=self.purpose,
+                outputs=tuple(self.outputs),
+                outputs_dtype=self.outputs_dtype,
             )
 
 
@@ -260,7 +291,43 @@ def arguments_of(spec: Callable[P, A]) -> Callable[[Callable[[S, A], R]], Callab
     return decorate
 
 
-def decode_response(resp: pb.InferResponse) -> tuple[torch.Tensor, Usage]:
-    """(logits [B, num_classes] float32, Usage)."""
+class InferResult(tuple[torch.Tensor, Usage]):
+    """(logits [B, num_classes] float32, Usage), unpacked as before; `outputs` holds the extra outputs asked for
+    (`Batch.outputs`: name -> tensor, in the dtype asked for; empty when none were)."""
+
+    outputs: dict[str, torch.Tensor]
+
+    def __new__(cls, logits: torch.Tensor, usage: Usage, outputs: dict[str, torch.Tensor] | None = None) -> InferResult:
+        result = super().__new__(cls, (logits, usage))
+        result.outputs = outputs or {}
+        return result
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self[0]
+
+    @property
+    def usage(self) -> Usage:
+        return self[1]
+
+
+def decode_response(resp: pb.InferResponse) -> InferResult:
+    """(logits [B, num_classes] float32, Usage) with the extra outputs the response carries."""
     logits = proto_to_tensor(resp.logits, name="logits").float()
-    return logits, Usage.from_proto(resp.usage)
+    outputs = {
+        name: proto_to_tensor(getattr(resp.outputs, name), name=name)
+        for name in ("pre_logits", "patch_tokens", "cls_attention")
+        if resp.HasField("outputs") and resp.outputs.HasField(name)
+    }
+    return InferResult(logits, Usage.from_proto(resp.usage), outputs)
+
+
+def join_results(parts: list[InferResult]) -> InferResult:
+    """The answer of a batch sent in parts (rows in order)."""
+    if len(parts) == 1:
+        return parts[0]
+    usage = Usage()
+    for part in parts:
+        usage = usage + part.usage
+    outputs = {name: torch.cat([p.outputs[name] for p in parts]) for name in parts[0].outputs}
+    return InferResult(torch.cat([p.logits for p in parts]), usage, outputs)

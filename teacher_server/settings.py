@@ -40,6 +40,12 @@ class ServerSettings(BaseSettings):
     pretrained: bool = Field(False, description="download hub weights (only without a checkpoint)")
     served_name: str | None = Field(None, description="name clients use for the model (default: the architecture name)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the teacher runs")
+    tome_r: int = Field(
+        0,
+        ge=0,
+        description="merge this many tokens per block (ToMe, Bolya et al. 2023) on top of the kept patches: the "
+        "paper's Figure 3 baseline; billed by its own FLOPs (0: off)",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="auto: bfloat16 where the device computes it natively and faster (CUDA >= 8.0; CPU "

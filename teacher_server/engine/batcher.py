@@ -28,6 +28,8 @@ from typing import Any, Literal
 
 import torch
 
+from maskedkd.teacher_outputs import ForwardOutputs, OutputChoice
+from teacher_server.engine.answers import Answer, batch_choice, job_outputs
 from teacher_server.engine.commit_stage import CommitStage, Forwarded, commit_results
 from teacher_server.engine.decode import DecodedInput
 from teacher_server.engine.scheduler import ComputeEstimate, FairQueue, QueueLimits
@@ -38,6 +40,8 @@ from teacher_server.priorities import DEFAULT_PRIORITY
 
 # forward(pixels [G,K,C,P,P] raw, keep_indices [G,K], keep_counts [G] | None) -> logits [G, classes] float32 CPU
 ForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# the same with extra outputs (answers.py): ragged rows padded and masked, one call per batch
+OutputsForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, OutputChoice], ForwardOutputs]
 STAGE_LEAD_S = 0.002  # beyond twice the staging time, how early the next batch forms before the forward is free
 COMMIT_S_MARGIN = 0.05  # seconds a batch's commit and answer take after its forward, at most, for deadline checks
 
@@ -79,10 +83,11 @@ class JobResult:
     queue_s: float
     stats: BatchStats
     finalized: Any  # what `finalize` returned for this job
+    outputs: Any = None  # pb.Outputs: the extra outputs the request asked for (None: logits only)
 
 
-# finalize(jobs, logits per job, stats) -> one value per job; runs in the commit thread after the forward.
-FinalizeFn = Callable[[Sequence[BatchJob], Sequence[torch.Tensor], BatchStats], Sequence[Any]]
+# finalize(jobs, answer per job, stats) -> one value per job; runs in the commit thread after the forward.
+FinalizeFn = Callable[[Sequence[BatchJob], Sequence[Answer], BatchStats], Sequence[Any]]
 
 
 def run_bucketed(forward: ForwardFn, rows: StagedRows) -> torch.Tensor:
@@ -124,8 +129,12 @@ class TokenBudgetBatcher:
         name: str = "teacher",
         limits: QueueLimits | None = None,
         max_batch_s: float = 0.0,
+        forward_outputs: OutputsForwardFn | None = None,
+        served_dtype: torch.dtype = torch.float32,
     ) -> None:
         self._forward = forward
+        self._forward_outputs = forward_outputs  # None: requests asking for outputs were refused at decode
+        self._served_dtype = served_dtype
         self._stager = stager
         self._prefix = num_prefix_tokens
         self._token_budget = token_budget
@@ -417,13 +426,12 @@ class TokenBudgetBatcher:
             started_hook()
             try:
                 with torch.inference_mode(), self._stage_clock("forward"):
-                    logits = self._run_rows(self._forward, rows)  # [sum B, classes] float32 CPU
+                    per_job = self._answers(jobs, rows)
             finally:
                 self._forward_done(busy_until)
             compute_s = time.monotonic() - started
             self.compute.observe(tokens, compute_s)
             stats = BatchStats(images=rows.images, tokens=tokens, compute_s=compute_s, started_at=started)
-            per_job = list(torch.split(logits, [j.images for j in jobs]))
         except Exception as exc:  # noqa: BLE001 - delivered to every caller of the batch; nothing was committed
             return exc
         if self._metrics:
@@ -431,6 +439,25 @@ class TokenBudgetBatcher:
             self._metrics.batch_tokens.observe(stats.tokens)
             self._metrics.compute_seconds.observe(compute_s)
         return Forwarded(jobs, per_job, stats)
+
+    def _answers(self, jobs: list[BatchJob], rows: StagedRows) -> list[Answer]:
+        """Forward thread: each job's answer. Logits only: the configured fast path (bucketed, padded or packed);
+        when any job asks for extra outputs, one padded forward computing everything the batch asks for."""
+        choice = batch_choice([j.input.outputs for j in jobs])
+        if not choice.any:
+            logits = self._run_rows(self._forward, rows)  # [sum B, classes] float32 CPU
+            return [Answer(x) for x in torch.split(logits, [j.images for j in jobs])]
+        assert self._forward_outputs is not None  # decode refuses outputs the served model cannot give
+        counts = None if rows.uniform else rows.counts.to(rows.pixels.device)
+        out = self._forward_outputs(rows.pixels, rows.indices, counts, choice)
+        logits = out.logits.float().cpu()  # [sum B, classes]
+        answers, start = [], 0
+        for job in jobs:
+            part = slice(start, start + job.images)
+            extra = job_outputs(out, part, job.input.k, job.input.outputs, self._served_dtype)
+            answers.append(Answer(logits[part], extra))
+            start += job.images
+        return answers
 
     def _forward_done(self, busy_until: float) -> None:
         """Forward thread: the forward that was to end at `busy_until` ended; the next batch may form now, also when
@@ -448,11 +475,11 @@ class TokenBudgetBatcher:
         except Exception as exc:  # noqa: BLE001 - delivered to every caller of the batch; nothing was committed
             return exc
         out = []
-        for job, job_logits, fin in zip(batch.jobs, batch.logits, finalized, strict=True):
+        for job, answer, fin in zip(batch.jobs, batch.answers, finalized, strict=True):
             queue_s = max(0.0, batch.stats.started_at - job.enqueued_at)
             if self._metrics:
                 self._metrics.observe_queue_wait(queue_s, key=job.key_name)
-            out.append((job, JobResult(job_logits, queue_s, batch.stats, fin)))
+            out.append((job, JobResult(answer.logits, queue_s, batch.stats, fin, answer.outputs)))
         return out
 
     @staticmethod

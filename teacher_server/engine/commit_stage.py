@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+from teacher_server.engine.answers import Answer
 
 MAX_WAITING_COMMITS = 1  # finished forwards queued behind the running commit
 
@@ -26,7 +26,7 @@ class Forwarded:
     """A batch whose forward is done, on its way to the commit."""
 
     jobs: list[Any]  # BatchJob, the live ones
-    logits: list[torch.Tensor]  # per job [B_j, classes]
+    answers: list[Answer]  # per job: logits [B_j, classes] and the outputs it asked for
     stats: Any  # BatchStats
 
 
@@ -57,9 +57,9 @@ class CommitStage:
 
 
 def commit_results(
-    batch: Forwarded, finalize: Callable[[Sequence[Any], Sequence[torch.Tensor], Any], Sequence[Any]] | None
+    batch: Forwarded, finalize: Callable[[Sequence[Any], Sequence[Answer], Any], Sequence[Any]] | None
 ) -> list[Any]:
     """Commit thread: what `finalize` says per job (None per job without a finalize hook)."""
     if finalize is None:
         return [None] * len(batch.jobs)
-    return list(finalize(batch.jobs, batch.logits, batch.stats))
+    return list(finalize(batch.jobs, batch.answers, batch.stats))

@@ -22,6 +22,7 @@ from maskedkd.geometry import TeacherGeometry
 from maskedkd.keep import KeepIndicesError, check_keep
 from maskedkd.text import clip
 from maskedkd.v1 import teacher_pb2 as pb
+from teacher_server.engine.answers import NO_OUTPUTS, OutputsRequest
 from teacher_server.errors import InvalidRequestError
 
 PIXEL_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)
@@ -37,6 +38,7 @@ class DecodedInput:
     keep_indices: torch.Tensor  # [B, K] int64 positions on the teacher grid; padded entries 0
     keep_counts: torch.Tensor  # [B] int64 in 1..K: row b uses its first keep_counts[b] positions
     payload: bytes  # the pixel bytes of the request (the digest reads them; `pixels` views them)
+    outputs: OutputsRequest = NO_OUTPUTS  # extra outputs asked for (answers.decode_outputs)
 
     @property
     def images(self) -> int:

@@ -29,6 +29,8 @@ from maskedkd.masked_teacher import MaskedTeacher
 def supports_packing(teacher: MaskedTeacher) -> bool:
     """Plain timm ViT blocks and a class-token head: what `run_packed` computes exactly."""
     m = teacher.model
+    if type(teacher)._encode is not MaskedTeacher._encode:  # a teacher with its own blocks (ToMe) runs them itself
+        return False
     return m.global_pool == "token" and all(type(b) is Block and type(b.attn) is Attention for b in m.blocks)
 
 

@@ -9,8 +9,10 @@ import torch
 
 from maskedkd.masked_teacher import MaskedTeacher
 from maskedkd.precision import dtype_name
+from maskedkd.teacher_outputs import ForwardOutputs, OutputChoice, available_outputs, forward_with_outputs
 from maskedkd.text import clip
-from teacher_server.engine.batcher import ForwardFn, TokenBudgetBatcher
+from maskedkd.tome import ToMeTeacher
+from teacher_server.engine.batcher import ForwardFn, OutputsForwardFn, TokenBudgetBatcher
 from teacher_server.engine.compiled import forward_pixels_fn, warm_up_shapes
 from teacher_server.engine.fidelity import DtypeFidelity
 from teacher_server.engine.metering import Meter
@@ -35,6 +37,19 @@ def make_forward(
         if pack and counts is not None:  # ragged rows (`--mixed-k pack`): all tokens in one sequence, no padding
             return run_packed(teacher, pixels, indices, counts).float().cpu()  # [G,classes]
         return forward_pixels(pixels, indices, counts).float().cpu()  # [G,classes]
+
+    return forward
+
+
+def make_outputs_forward(teacher: MaskedTeacher) -> OutputsForwardFn | None:
+    """The batcher's forward for batches asking for extra outputs (eager, padded); None when the teacher gives none."""
+    if not available_outputs(teacher):
+        return None
+
+    def forward(
+        pixels: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor | None, choice: OutputChoice
+    ) -> ForwardOutputs:
+        return forward_with_outputs(teacher, pixels, indices, counts, choice, raw=True)
 
     return forward
 
@@ -79,6 +94,10 @@ def build_served_model(
     pack = settings.mixed_k == "pack" and supports_packing(teacher)
     if settings.mixed_k == "pack" and not pack:
         log.info("--mixed-k pack: %s is not a plain class-token ViT; ragged rows are bucketed instead", name)
+    mixed_k = settings.mixed_k if pack or settings.mixed_k != "pack" else "bucket"
+    if isinstance(teacher, ToMeTeacher) and mixed_k != "bucket":  # merging needs every row of a forward equally long
+        log.info("--tome-r: ragged rows are bucketed (--mixed-k %s does not apply)", settings.mixed_k)
+        mixed_k = "bucket"
     forward = make_forward(teacher, weight.device, weight.dtype, settings.compile, pack=pack)
     if settings.compile_shapes:
         try:
@@ -91,17 +110,19 @@ def build_served_model(
         token_budget=settings.token_budget,
         max_batch_images=settings.max_batch_images,
         max_delay_s=settings.max_delay_ms / 1000.0,
-        mixed_k=settings.mixed_k if pack or settings.mixed_k != "pack" else "bucket",
+        mixed_k=mixed_k,
         name=name,
         stager=Stager(teacher.geometry, max_images=settings.max_batch_images, device=weight.device),
         limits=queue_limits(settings),
         max_batch_s=settings.max_batch_ms / 1000.0,
+        forward_outputs=make_outputs_forward(teacher),
+        served_dtype=weight.dtype,
         **batcher_kwargs,  # type: ignore[arg-type]  # the batcher's keyword arguments, passed through
     )
     return ServedModel(
         name=name,
         teacher=teacher,
-        meter=Meter(teacher.shape),
+        meter=Meter.of(teacher),
         batcher=batcher,
         device=weight.device,
         dtype_name=dtype_name(weight.dtype),

@@ -13,6 +13,7 @@ from maskedkd.checkpoints import load_model
 from maskedkd.masked_teacher import MaskedTeacher
 from maskedkd.precision import dtype_name, resolve_dtype
 from maskedkd.text import first_line
+from maskedkd.tome import ToMeTeacher
 from teacher_server.engine.fidelity import FLOAT32_ITSELF, DtypeFidelity, measure
 from teacher_server.settings import ServerSettings
 
@@ -62,8 +63,9 @@ def load_teacher(settings: ServerSettings, model: nn.Module | None = None) -> tu
         if weight.device != device or weight.dtype != dtype:
             model = copy.deepcopy(model)  # never convert the caller's module in place
     try:
-        teacher = MaskedTeacher(model.to(device=device, dtype=torch.float32).eval())
-    except TypeError as exc:
+        model = model.to(device=device, dtype=torch.float32).eval()
+        teacher = ToMeTeacher(model, settings.tome_r) if settings.tome_r else MaskedTeacher(model)
+    except (TypeError, ValueError) as exc:
         raise ModelLoadError(str(exc)) from exc
     teacher, fidelity = _in_checked_dtype(teacher, dtype, settings)
     return settings.served_name or arch, teacher, fidelity

@@ -89,6 +89,7 @@ class Billable:
     quota_window: QuotaWindow
     payload: tuple[bytes, str] | None = None  # (float32 logits, "B,C"); None: not replayable
     hold: Hold | None = None
+    outputs: bytes | None = None  # the serialized maskedkd.v1.Outputs asked for, kept with the payload
 
 
 def _windows(limits: KeyLimits, now: float) -> tuple[int, int]:
@@ -215,7 +216,13 @@ def _settle(
     expires = utcnow() + timedelta(seconds=replay_ttl_s)
     session.add_all(
         [
-            ReplayPayload(usage_id=rec.id, logits=item.payload[0], logits_shape=item.payload[1], expires_at=expires)
+            ReplayPayload(
+                usage_id=rec.id,
+                logits=item.payload[0],
+                logits_shape=item.payload[1],
+                outputs=item.outputs,
+                expires_at=expires,
+            )
             for item, rec in zip(items, records, strict=True)
             if item.payload is not None
         ]

@@ -111,6 +111,7 @@ class ReplayPayload(Base):
     usage_id: Mapped[int] = mapped_column(ForeignKey("usage.id", ondelete="CASCADE"), primary_key=True)
     logits: Mapped[bytes] = mapped_column(LargeBinary)  # float32 little-endian, row-major
     logits_shape: Mapped[str] = mapped_column(String(64))  # "B,C"
+    outputs: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # serialized maskedkd.v1.Outputs
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 

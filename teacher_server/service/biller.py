@@ -13,6 +13,8 @@ from dataclasses import dataclass, replace
 import torch
 from sqlalchemy.orm import Session, sessionmaker
 
+from maskedkd.v1 import teacher_pb2 as pb
+from teacher_server.engine.answers import Answer
 from teacher_server.engine.batcher import BatchJob, BatchStats
 from teacher_server.engine.metering import MeteredUsage
 from teacher_server.errors import ReplayExpiredError, RequestIdReusedError, ServiceError
@@ -34,6 +36,7 @@ class InferOutcome:
     usage: MeteredUsage
     replayed: bool
     limits: LimitState | None = None  # the key's quota/rate-limit state, for the response metadata
+    outputs: pb.Outputs | None = None  # the extra outputs asked for (None: logits only)
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,7 @@ def outcome_from_stored(
         )
     shape = [int(s) for s in payload.logits_shape.split(",")]
     flat = torch.frombuffer(bytearray(payload.logits), dtype=torch.float32)  # little-endian hosts only, as the codec
+    outputs = pb.Outputs.FromString(payload.outputs) if payload.outputs is not None else None
     usage = MeteredUsage(
         images=record.images,
         tokens=record.tokens,
@@ -96,7 +100,9 @@ def outcome_from_stored(
         full_gflops=record.full_gflops,
         cost=record.cost,
     )
-    return InferOutcome(record.request_id, record.model, flat.reshape(shape).clone(), usage, replayed=True)
+    return InferOutcome(
+        record.request_id, record.model, flat.reshape(shape).clone(), usage, replayed=True, outputs=outputs
+    )
 
 
 class Biller:
@@ -142,13 +148,13 @@ class Biller:
             log.warning("could not release quota hold %d now; the purge will", hold.id, exc_info=True)
 
     def finalize(
-        self, jobs: Sequence[BatchJob], logits: Sequence[torch.Tensor], stats: BatchStats
+        self, jobs: Sequence[BatchJob], answers: Sequence[Answer], stats: BatchStats
     ) -> list[InferOutcome | ServiceError | None]:
         """Commit one usage row (and replay payload) per job in one transaction (before any response leaves).
         Returns per job None (billed now), or for a (key, request_id) billed before: its replay or the refusal."""
         now = time.monotonic()
         items = []
-        for job, out in zip(jobs, logits, strict=True):
+        for job, answer in zip(jobs, answers, strict=True):
             b: BillingContext = job.context
             row = models.NewUsage(
                 api_key_id=b.key.id,
@@ -167,8 +173,15 @@ class Biller:
                 currency=self._currency,
                 purpose=b.purpose,
             )
+            kept = b.replayable
             items.append(
-                billing.Billable(row, b.key.quota_window, logits_to_bytes(out) if b.replayable else None, b.hold)
+                billing.Billable(
+                    row,
+                    b.key.quota_window,
+                    logits_to_bytes(answer.logits) if kept else None,
+                    b.hold,
+                    answer.outputs.SerializeToString() if kept and answer.outputs is not None else None,
+                )
             )
         with unavailable_on_transient_errors(), self._sessions() as session:
             stored = billing.bill(session, items=items, replay_ttl_s=self._replay_ttl_s)

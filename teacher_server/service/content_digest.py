@@ -7,6 +7,10 @@ BLAKE3 reads ~9.6 GB/s on one core against sha256's ~2 GB/s: 8 us instead of 38 
 at keep 50%. Rows billed before revision 0005 hold a bare sha256 hex of the same framing; `RequestDigest.matches`
 recomputes sha256 only when it meets one, so a retry of a request billed before the upgrade is replayed, not refused.
 
+Extra outputs (`outputs`, `outputs_dtype`) are framed only when a request sets them, so a logits-only request hashes
+as it always did; a retry asking for other outputs is another request (ALREADY_EXISTS), since the stored answer
+holds only what was asked.
+
 `purpose` is left out on purpose: it does not change the answer, so a retry under another label is a replay of what
 was billed (and stays counted under the label it was billed with), not a refusal."""
 
@@ -40,6 +44,8 @@ def _framed(h: _Hasher, request: pb.InferRequest, model: str, payload: bytes | N
     _tensor(h, "input", bool(kind), getattr(request, kind) if kind else pb.Tensor(), payload if kind else None)
     _tensor(h, "keep_indices", request.HasField("keep_indices"), request.keep_indices)
     _tensor(h, "keep_counts", request.HasField("keep_counts"), request.keep_counts)
+    if request.outputs or request.outputs_dtype:  # framed only when set: logits-only digests are unchanged
+        h.update(f"outputs:{','.join(request.outputs)}:{request.outputs_dtype}:".encode())
 
 
 def sha256_digest(request: pb.InferRequest, *, model: str, payload: bytes | None = None) -> str:

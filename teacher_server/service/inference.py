@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 
 from maskedkd.purpose import purpose_problem
 from maskedkd.v1 import teacher_pb2 as pb
+from teacher_server.engine.answers import NO_OUTPUTS, decode_outputs
 from teacher_server.engine.decode import DecodedInput, decode_input
 from teacher_server.engine.metering import MeteredUsage
 from teacher_server.engine.served_model import ServedModel
@@ -229,11 +230,14 @@ class InferenceService:
         """Check the request and view its pixels (no copy; float pixels get one range check, off the loop when big)."""
         decode = self._metrics.timed("decode", decode_input)
         geometry, max_images = served.teacher.geometry, served.batcher.max_batch_images
+        outputs = decode_outputs(request, served.teacher)
         if nbytes > OFFLOAD_BYTES and not self._uint8_input(request):
-            return await asyncio.to_thread(
+            decoded = await asyncio.to_thread(
                 decode, request, geometry, max_images=max_images, max_elements=self._max_elements
             )
-        return decode(request, geometry, max_images=max_images, max_elements=self._max_elements)
+        else:
+            decoded = decode(request, geometry, max_images=max_images, max_elements=self._max_elements)
+        return decoded if outputs is NO_OUTPUTS else replace(decoded, outputs=outputs)
 
     @staticmethod
     def _uint8_input(request: pb.InferRequest) -> bool:
@@ -300,7 +304,9 @@ class InferenceService:
             full_gflops=usage.full_gflops,
             cost=usage.cost,
         )
-        return InferOutcome(request_id, served.name, result.logits, usage, replayed=False, limits=state)
+        return InferOutcome(
+            request_id, served.name, result.logits, usage, replayed=False, limits=state, outputs=result.outputs
+        )
 
     async def limit_metadata(self, key: KeyInfo) -> LimitState | None:
         """The key's quota/rate-limit state now (None for a key without limits)."""

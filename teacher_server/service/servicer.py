@@ -13,8 +13,10 @@ from typing import Any
 from grpc import aio
 
 from maskedkd.codec import tensor_to_proto
+from maskedkd.teacher_outputs import available_outputs
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
+from teacher_server.engine.answers import outputs_nbytes
 from teacher_server.errors import AuthenticationError, ServiceUnavailableError
 from teacher_server.ledger.refusals import RefusalCounter
 from teacher_server.metrics import ServerMetrics
@@ -78,7 +80,9 @@ def to_response(outcome: InferOutcome) -> pb.InferResponse:
             full_gflops=u.full_gflops,
             cost=u.cost,
             replayed=outcome.replayed,
+            output_bytes=outcome.logits.numel() * 4 + outputs_nbytes(outcome.outputs),
         ),
+        outputs=outcome.outputs,
     )
 
 
@@ -128,6 +132,8 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             models=[served.name],
             max_batch_images=served.batcher.max_batch_images,
             dtype=served.dtype_name,
+            outputs=available_outputs(served.teacher),
+            tome_r=getattr(served.teacher, "r", 0),
         )
 
     async def Infer(self, request: pb.InferRequest, context: aio.ServicerContext) -> pb.InferResponse:
