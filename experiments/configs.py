@@ -16,6 +16,9 @@ class Method:
     strategy: str  # --strategy (with keep auto: the strategy until the first decision)
     keep_mass: float | None = None  # --keep-mass: per-image K holding this share of SIPS, at most `keep` patches
     tau: float | None = None  # --tau of this method's runs (None: the config's)
+    kd: str = "logit"  # --kd: logit, or also manifold / attention (paper section 4.1, Table 2)
+    tome_keep: float | None = None  # ToMe on the teacher instead of masking, r set so that a full image costs about
+    # what this share of the patches costs masked (paper Fig. 3: the two at equal teacher GFLOPs)
 
 
 METHODS: tuple[Method, ...] = (
@@ -33,7 +36,16 @@ METHODS: tuple[Method, ...] = (
     Method("mass_90", "MaskedKD per-image K (90% of SIPS mass)", "kd", 1.0, "sips", keep_mass=0.9),
     # a control for a near-certain teacher (MNIST): are masked answers better targets only because they are softer?
     Method("full_kd_tau2", "Full KD at tau 2 (softer targets; control)", "kd", 1.0, "all", tau=2.0),
+    # Table 2: MaskedKD on other base methods (both add their term to logit KD, as the papers do)
+    Method("manifold_full", "Manifold KD (teacher sees every patch)", "kd", 1.0, "all", kd="manifold"),
+    Method("manifold_50", "Manifold KD + MaskedKD 50% (SIPS)", "kd", 0.5, "sips", kd="manifold"),
+    Method("attention_full", "Attention KD (teacher sees every patch)", "kd", 1.0, "all", kd="attention"),
+    Method("attention_50", "Attention KD + MaskedKD 50% (SIPS)", "kd", 0.5, "sips", kd="attention"),
+    # Fig. 3: token merging on the teacher at about MaskedKD-50's and -25's teacher GFLOPs
+    Method("tome_50", "ToMe on the teacher (GFLOPs of MaskedKD 50%)", "kd", 1.0, "all", tome_keep=0.5),
+    Method("tome_25", "ToMe on the teacher (GFLOPs of MaskedKD 25%)", "kd", 1.0, "all", tome_keep=0.25),
 )
+PAPER_METHODS = ("manifold_full", "manifold_50", "attention_full", "attention_50", "tome_50", "tome_25")
 METHODS_BY_KEY = {m.key: m for m in METHODS}
 
 
@@ -166,11 +178,11 @@ SMOKE = ReproConfig(
     train_per_class=8,
     test_per_class=4,
     seeds=(0,),
-    methods=("no_kd", "maskedkd_50", "keep_auto", "mass_90"),
+    methods=("no_kd", "maskedkd_50", "keep_auto", "mass_90", "manifold_50", "tome_50"),
     threads=1,
     server_threads=1,
     probe_images=40,
-    notes=("Smoke run: tiny models, a few steps, one seed, four methods; the numbers mean nothing.",),
+    notes=("Smoke run: tiny models, a few steps, one seed, six methods; the numbers mean nothing.",),
 )
 
 # The issue-11 reproduction: the strong committed teacher (models/README.md), students long enough to learn from it,
@@ -209,7 +221,7 @@ CIFAR10 = ReproConfig(
     ),
     train_per_class=2000,
     test_per_class=None,
-    methods=HEADLINE_FIRST,
+    methods=(*HEADLINE_FIRST, *PAPER_METHODS),  # the new rows last: the runs already committed stay complete
     server_threads=1,
     probe_images=2000,
     size_note=(

@@ -41,7 +41,7 @@ from experiments import committed_runs
 from experiments.configs import CONFIGS, METHODS_BY_KEY, Method, ReproConfig
 from experiments.datasets import DataError, default_cache, default_tarball, prepare_data
 from experiments.doc_sections import update_section
-from experiments.services import ReproductionServer, ToolError, train
+from experiments.services import ReproductionServer, ToolError, tome_r_for, train
 from maskedkd.command_exit import exit_status
 from maskedkd.text import one_line
 from student_client.command import train_argv
@@ -182,6 +182,7 @@ def _train(
         progress=False,
         max_steps=recipe.max_steps,
         keep_mass=method.keep_mass,
+        kd=None if method.kd == "logit" else method.kd,
         teacher=server.address if kd and server else None,
         resume=resume,
     )
@@ -440,8 +441,26 @@ def reproduce(
     print(f"[repro] {len(todo)} student runs to do (of {len(cfg.methods) * len(cfg.seeds)})", flush=True)
     failures: list[str] = []
     report(failures)
-    server: ReproductionServer | None = None
+    servers: dict[int, ReproductionServer] = {}  # by ToMe r (0: the plain masked teacher)
     started = time.perf_counter()
+
+    def server_for(method: Method) -> ReproductionServer:
+        """The running server of the method's teacher (ToMe: r from its GFLOPs target), started when missing."""
+        r = 0 if method.tome_keep is None else tome_r_for(teacher_checkpoint(cfg, out), method.tome_keep)
+        server = servers.get(r)
+        if server is None or not server.alive:
+            if server is not None:  # it died: the runs using it fail and are retried next time
+                server.stop()
+            server = servers[r] = ReproductionServer(
+                teacher_checkpoint(cfg, out),
+                out / ("ledger.db" if r == 0 else f"ledger-tome{r}.db"),
+                out / ("teacher-server.log" if r == 0 else f"teacher-server-tome{r}.log"),
+                device=cfg.device,
+                threads=cfg.server_threads,
+                tome_r=r,
+            ).start()
+        return server
+
     running: dict[Future[dict[str, Any]], tuple[Method, int]] = {}
     finished = 0
     try:
@@ -452,16 +471,7 @@ def reproduce(
             while queue or running:
                 while queue and len(running) < cfg.parallel:
                     method, seed = queue.pop(0)
-                    if method.mode != "none" and (server is None or not server.alive):
-                        if server is not None:  # it died: the runs using it fail and are retried next time
-                            server.stop()
-                        server = ReproductionServer(
-                            teacher_checkpoint(cfg, out),
-                            out / "ledger.db",
-                            out / "teacher-server.log",
-                            device=cfg.device,
-                            threads=cfg.server_threads,
-                        ).start()
+                    server = server_for(method) if method.mode != "none" else None
                     running[pool.submit(run_student, cfg, method, seed, data, out, server)] = (method, seed)
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
@@ -486,7 +496,7 @@ def reproduce(
                         flush=True,
                     )
     finally:
-        if server is not None:
+        for server in servers.values():
             server.stop()
     probe_result = run_probe(cfg, out, data, doc)
     write_report(cfg, command, out, data, doc, teacher, probe_result, failures)

@@ -15,6 +15,19 @@ from teacher_server.launcher import LaunchError, ServerProcess, serve_argv, teac
 KEY_FILE = "api_key.json"  # a run's API key, kept across its attempts (ReproductionServer.run_key)
 
 
+def tome_r_for(checkpoint: Path, keep: float) -> int:
+    """The ToMe r at which the checkpoint's teacher costs, on a whole image, about what `keep` of its patches cost
+    masked (`maskedkd.tome.r_at_masked_cost`)."""
+    from maskedkd.checkpoints import load_model
+    from maskedkd.masked_teacher import MaskedTeacher
+    from maskedkd.tome import r_at_masked_cost
+
+    model, _ = load_model(checkpoint=checkpoint)
+    teacher = MaskedTeacher(model)
+    kept = max(1, int(keep * teacher.geometry.num_patches + 1e-9))
+    return r_at_masked_cost(teacher.shape, kept, head_dim=int(model.blocks[0].attn.head_dim))
+
+
 class ToolError(RuntimeError):
     """A tool exited non-zero; the message carries the tail of its log."""
 
@@ -41,8 +54,11 @@ class ReproductionServer:
     """The reproduction's teacher: `teacher-server serve` on a checkpoint, on a free loopback port, with its own
     SQLite ledger; it makes each run's API key and reads back what the ledger billed it."""
 
-    def __init__(self, checkpoint: Path, db: Path, log: Path, *, device: str = "cpu", threads: int = 0) -> None:
+    def __init__(
+        self, checkpoint: Path, db: Path, log: Path, *, device: str = "cpu", threads: int = 0, tome_r: int = 0
+    ) -> None:
         self.db_url = f"sqlite:///{db}"
+        self.tome_r = tome_r  # > 0: the teacher merges tokens (ToMe) instead of only masking
         env = dict(os.environ)
         if threads > 0:  # torch threads of the server; 0: torch's default
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
@@ -60,6 +76,7 @@ class ReproductionServer:
                 "--device",
                 device,
                 "--no-metrics",
+                *(("--tome-r", str(tome_r)) if tome_r else ()),
             ),
             log=log,
             env=env,

@@ -159,6 +159,13 @@ class TrainConfig(BaseSettings):
     lambda_kd: float = Field(1.0, ge=0, description="weight of the KD term", json_schema_extra={"flag": "--lambda"})
     tau: float = Field(1.0, gt=0, description="KD temperature")
     hard: bool = Field(False, description="hard distillation: CE on the teacher's argmax")
+    kd: Literal["logit", "manifold", "attention"] = Field(
+        "logit",
+        description="what is distilled besides logits (with --lambda 0: instead of them): manifold: the kept "
+        "patches' final tokens (Manifold distillation); attention: every block's class attention over the kept "
+        "patches (Attention distillation); the teacher answers them for the kept patches at no extra FLOPs",
+    )
+    feature_weight: float = Field(1.0, ge=0, description="weight of the --kd manifold|attention term")
     # --- optimization ---
     epochs: int = Field(1, ge=1, description="training epochs")
     batch_size: int = Field(64, ge=1, description="global batch, split evenly over workers")
@@ -243,6 +250,8 @@ class TrainConfig(BaseSettings):
             raise ValueError(
                 f"--keep-mass needs --mode kd --strategy sips, not --mode {self.mode} --strategy {self.strategy}"
             )
+        if self.kd != "logit" and self.mode != "kd":
+            raise ValueError(f"--kd {self.kd} needs --mode kd, not --mode {self.mode}")
         if self.keep_mass is not None and self.keep == "auto":
             raise ValueError("--keep-mass needs a numeric --keep (the most one image keeps), not auto")
         if self.batch_size < self.workers:

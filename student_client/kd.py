@@ -47,9 +47,11 @@ from student_client.collective import TorchDistCollective
 from student_client.data import Normalizer
 from student_client.determinism import step_seed
 from student_client.errors import TeacherInputError
+from student_client.feature_step import KD_KINDS
 from student_client.kd_step import build_kd_step
 from student_client.losses import DistillationLoss
 from student_client.pipeline import OverlapStats
+from student_client.preflight import check_teacher_outputs
 from student_client.sips import STRATEGIES, _num_keep, _unwrap
 from student_client.stream import TeacherStream
 from student_client.student import describe_student
@@ -70,6 +72,8 @@ class KDSettings:
     teacher_wait_s: float
     mode: str = "kd"
     keep_mass: float | None = None  # per-image K (TrainConfig.keep_mass); the library keeps a fixed K
+    kd: str = "logit"  # logit | manifold | attention (feature_step.py)
+    feature_weight: float = 1.0  # weight of the manifold/attention term
 
 
 @dataclass
@@ -80,6 +84,7 @@ class KDStep:
     loss: float = float("nan")  # CE + lambda * KD
     ce: float = float("nan")
     kd: float = float("nan")  # tau^2 * KL (or the hard-label CE with hard=True)
+    feature: float = float("nan")  # the Manifold/Attention term (kd="manifold"|"attention"), weighted
     usage: Usage = field(default_factory=Usage)  # every answer, replayed ones included
     billed: Usage = field(default_factory=Usage)  # the answers billed now (replays excluded): what it cost
     overlap: float = 1.0  # fraction of the teacher's wall time hidden behind the student
@@ -101,6 +106,9 @@ class MaskedKD:
     random strategy's draws per step. mean/std: the student's input normalization (default: its timm pretrained config).
     precision: the student forward's autocast (fp32: none; bf16; auto: bf16 where native). allow_resize: a student whose
     image size or patch grid differs from the teacher's (images resized bilinearly, scores interpolated, paper App. B).
+    kd: "logit", or also distil the teacher's kept patches' final tokens ("manifold": Manifold distillation) or every
+    block's class attention over them ("attention"), weighted by `feature_weight` (feature_step.py; `last.feature`);
+    the teacher answers them at no extra FLOPs. lambda_kd=0 distils the features alone.
     """
 
     def __init__(
@@ -126,8 +134,11 @@ class MaskedKD:
         keep_probes: int = keep_auto.PROBES,
         keep_max_kl: float = keep_auto.MAX_KL,
         keep_min_agreement: float = keep_auto.MIN_AGREEMENT,
+        kd: str = "logit",
+        feature_weight: float = 1.0,
     ) -> None:
         _check_choice("strategy", strategy, STRATEGIES)
+        _check_choice("kd", kd, KD_KINDS)
         _check_choice("transport", transport, TRANSPORTS)
         _check_choice("precision", precision, PRECISIONS)
         if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
@@ -139,6 +150,7 @@ class MaskedKD:
         self.info: ModelInfo = teacher.info()  # one GetModelInfo: an unreachable teacher fails here
         teacher.check_key()  # TeacherAuthError for a bad or disabled key (free: nothing runs, nothing is billed)
         _check_pairing(raw, spec.image_size, spec.grid_size, self.info, strategy, allow_resize)
+        check_teacher_outputs(kd, self.info.outputs, self.info.model)
         auto = keep == "auto"
         if not auto:
             _num_keep(keep, self.info.num_patches)  # type: ignore[arg-type]  # ValueError naming the range
@@ -155,6 +167,8 @@ class MaskedKD:
             micro_batches=micro_batches,
             precision=precision,
             teacher_wait_s=_teacher_wait_s(teacher),
+            kd=kd,
+            feature_weight=feature_weight,
         )
         self.run_id = run_id or uuid.uuid4().hex[:16]
         self.seed = seed
@@ -215,6 +229,7 @@ class MaskedKD:
             loss=float(result.loss.total.detach()),
             ce=float(result.loss.ce),
             kd=float(result.loss.kd),
+            feature=float("nan") if result.loss.feature is None else float(result.loss.feature),
             usage=result.usage + probe_usage,
             billed=billed,
             overlap=result.stats.overlap,

@@ -11,6 +11,7 @@ from torch import nn
 
 from student_client.collective import Collective
 from student_client.data import Normalizer
+from student_client.feature_step import FeatureDistiller
 from student_client.keep_auto import KeepAutoSettings
 from student_client.keep_probe import KeepDecision, KeepProber, probe_and_decide
 from student_client.losses import DistillationLoss
@@ -29,11 +30,14 @@ class KDStepParts:
     capture: SIPSCapture | None = None  # SIPS of every student forward, when a strategy (or a probe) ranks by it
     prober: KeepProber | None = None  # keep auto
     keep_auto: KeepAutoSettings | None = None
+    distiller: FeatureDistiller | None = None  # --kd manifold|attention
 
     def seed_selection(self, seed: int) -> None:
-        """Reseed the random strategy's draws (every step, from the step's own seed)."""
+        """Reseed the random strategy's draws and the manifold's sampling (every step, from the step's own seed)."""
         if self.selector is not None:
             self.selector.generator.manual_seed(seed)
+        if self.distiller is not None:
+            self.distiller.generator.manual_seed(seed)
 
     def decide_keep_if_due(
         self, ctx: Collective, images: torch.Tensor, *, step: int, prefix: str, decided_before: bool
@@ -54,9 +58,11 @@ class KDStepParts:
         )
 
     def close(self) -> None:
-        """Remove the SIPS hook from the student."""
+        """Remove the SIPS and feature hooks from the student."""
         if self.capture is not None:
             self.capture.remove()
+        if self.distiller is not None:
+            self.distiller.close()
 
 
 def build_kd_step(
@@ -86,6 +92,12 @@ def build_kd_step(
         # kd masks the teacher's input (its grid); mask-student the student's (the teacher sees the full image)
         target_grid = teacher_grid if settings.mode == "kd" else (spec.grid_size or teacher_grid)
         selector = PatchSelector(settings, capture, spec.grid_size, target_grid, torch.Generator())
+    distiller = None
+    if submit is not None and settings.mode == "kd" and settings.kd != "logit":
+        assert teacher_grid is not None
+        distiller = FeatureDistiller(
+            settings.kd, settings.feature_weight, raw_model, student_grid=spec.grid_size, teacher_grid=teacher_grid
+        )
     runner = StepRunner(
         settings,
         model,
@@ -96,6 +108,7 @@ def build_kd_step(
         submit,
         request_id_prefix=request_id_prefix,
         precision=precision,
+        distiller=distiller,
     )
     if submit is None or selector is None:  # no teacher (mode none): the runner alone
         return KDStepParts(runner)
@@ -112,4 +125,4 @@ def build_kd_step(
             timeout_s=settings.teacher_wait_s,
         )
     )
-    return KDStepParts(runner, selector, capture, prober, keep_auto)
+    return KDStepParts(runner, selector, capture, prober, keep_auto, distiller)

@@ -60,6 +60,7 @@ class LossParts:
     total: torch.Tensor  # what backward runs on
     ce: torch.Tensor  # detached
     kd: torch.Tensor  # detached; 0 without a teacher
+    feature: torch.Tensor | None = None  # detached; the Manifold/Attention term (`--kd manifold|attention`)
 
 
 class DistillationLoss(nn.Module):

@@ -33,6 +33,7 @@ class TeacherRequest:
     images: torch.Tensor  # [b, C, H, W] un-normalized, exactly what the student saw
     keep_indices: torch.Tensor | None  # [b, K] on the teacher's grid; None: the full image
     keep_counts: torch.Tensor | None = None  # [b] ragged rows (`--keep-mass`): row i uses its first counts[i]
+    outputs: tuple[str, ...] = ()  # extra teacher outputs asked for (`--kd manifold|attention`)
 
 
 @dataclass
@@ -64,6 +65,7 @@ class PipelineResult:
     teacher_logits: list[torch.Tensor] | None  # per micro-batch; None without a teacher
     usage: Usage = field(default_factory=Usage)
     stats: OverlapStats = field(default_factory=OverlapStats)
+    teacher_outputs: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per micro-batch, extra outputs
 
 
 def _union_length(intervals: list[tuple[float, float]]) -> float:
@@ -123,6 +125,8 @@ def pipelined_forward(
         kwargs: dict[str, Any] = {"images": req.images, "keep_indices": req.keep_indices}
         if req.keep_counts is not None:
             kwargs["keep_counts"] = req.keep_counts
+        if req.outputs:
+            kwargs["outputs"] = req.outputs
         if request_id is not None:
             kwargs["request_id"] = request_id(i)
         timed[i] = _Timed(submit(**kwargs))
@@ -142,14 +146,17 @@ def pipelined_forward(
         return PipelineResult(outputs, None, Usage(), stats)
 
     logits: list[torch.Tensor] = []
+    extras: list[dict[str, torch.Tensor]] = []
     usage = Usage()
     for t in timed:
         if t is None:
             raise RuntimeError("every micro-batch needs a teacher request once one has one")
-        (lg, u), waited = t.result(timeout_s)
+        answer, waited = t.result(timeout_s)
+        lg, u = answer
         stats.wait_s += waited
         logits.append(lg)
+        extras.append(getattr(answer, "outputs", {}))  # an InferResult carries them; a known answer has none
         usage = usage + u
     stats.requests = len(timed)
     stats.teacher_s = _union_length([(t.start, t.end if t.end is not None else t.start) for t in timed if t])
-    return PipelineResult(outputs, logits, usage, stats)
+    return PipelineResult(outputs, logits, usage, stats, extras)

@@ -125,7 +125,21 @@ def check_teacher(cfg: TrainConfig, num_classes: int) -> str:
         raise ValueError(
             f"teacher {info.model} predicts {info.num_classes} classes but {cfg.data} has {num_classes} class folders"
         )
+    check_teacher_outputs(cfg.kd, info.outputs, info.model)
     return info.currency
+
+
+def check_teacher_outputs(kd: str, offered: tuple[str, ...], model: str) -> None:
+    """--kd manifold|attention: the teacher must answer the kept patches' tokens / class attention."""
+    from student_client.feature_step import TEACHER_OUTPUT
+
+    needed = TEACHER_OUTPUT.get(kd)
+    if needed is not None and needed not in offered:
+        raise ValueError(
+            f"--kd {kd} needs the teacher's {needed}, which {model} does not offer "
+            f"(it offers: {', '.join(offered) or 'logits only'}; a teacher server older than outputs, "
+            "or one merging tokens with --tome-r)"
+        )
 
 
 def preflight(cfg: TrainConfig) -> str:

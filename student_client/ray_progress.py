@@ -119,6 +119,8 @@ class ReportedProgress:
                     refresh=False,
                 )
             self._advance(int(row["step"]))
+        elif kind == "line":  # a line rank 0 has to say, e.g. a --keep auto decision
+            self._print(str(row["text"]))
         elif kind == "epoch":
             self._advance(int(row["global_step"]))  # the steps since the last progress row
             self._print(epoch_line(row, row.get("node") if len(set(self.nodes)) > 1 else None))

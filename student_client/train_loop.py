@@ -109,7 +109,7 @@ def _train_step(
     if decided is not None and decided.error is not None:
         return decided.error  # agreed by every worker in the decision
     if decided is not None:
-        log.line(decision_line(decided.record))
+        log.decision(decision_line(decided.record))
     result: StepResult | None = None
     error: str | None = None
     try:

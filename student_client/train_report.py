@@ -33,6 +33,7 @@ def step_row(state: TrainState, stats: StepStats, epoch: int, step_s: float, lr:
         "loss": stats["loss"] / n,
         "ce": stats["ce"] / n,
         "kd": stats["kd"] / n,
+        "feature": stats["feature"] / n,
         "lr": lr,
         "images": int(stats["images"]),
         "img_per_s": stats["images"] / max(step_s, 1e-9),
@@ -61,6 +62,7 @@ def epoch_row(
         "train_loss": sums["loss"] / n,
         "train_ce": sums["ce"] / n,
         "train_kd": sums["kd"] / n,
+        "train_feature": sums["feature"] / n,
         "val_top1": accuracy.top1 if accuracy else "",
         "val_top5": accuracy.top5 if accuracy else "",
         "images": int(sums["images"]),
@@ -98,6 +100,14 @@ class RunLog:
         """A line on stderr, above the bar (rank 0)."""
         if self.is_main:
             self.progress.write(text)
+
+    def decision(self, text: str) -> None:
+        """A `--keep auto` decision's line: in-process on stderr (rank 0); under Ray reported by every worker (a
+        decision is taken by all of them at the same step, and a report is a collective) and printed by the driver."""
+        if self.ctx.under_ray:
+            self.ctx.report({"kind": "line", "text": text})
+        else:
+            self.line(text)
 
     def step(self, state: TrainState, row: dict[str, Any]) -> None:
         """A step done: its CSV row every --log-every steps and the bar (rank 0); the driver's progress row every

@@ -14,6 +14,7 @@ STEP_STATS = (
     "loss",
     "ce",
     "kd",  # loss parts x images (means come from dividing by `images`)
+    "feature",  # the --kd manifold|attention term x images
     "images",
     "gflops",
     "full_gflops",
@@ -47,6 +48,7 @@ def step_stats(
         "loss": float(result.loss.total.detach()) * images,
         "ce": float(result.loss.ce) * images,
         "kd": float(result.loss.kd) * images,
+        "feature": 0.0 if result.loss.feature is None else float(result.loss.feature) * images,
         "images": float(images),
         "gflops": usage.gflops,
         "full_gflops": usage.full_gflops,

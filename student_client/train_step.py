@@ -24,6 +24,7 @@ from torch import nn
 
 from maskedkd.precision import resolve_precision
 from student_client.data import Normalizer
+from student_client.feature_step import FeatureDistiller
 from student_client.losses import DistillationLoss, LossParts
 from student_client.pipeline import OverlapStats, Submit, TeacherRequest, pipelined_forward
 from student_client.sips import SIPSCapture, select_by_mass, select_patches
@@ -83,6 +84,12 @@ class StepSettings(Protocol):
 
     @property
     def teacher_wait_s(self) -> float: ...  # longest wait for one teacher answer
+
+    @property
+    def kd(self) -> str: ...  # logit | manifold | attention: what is distilled besides the logits
+
+    @property
+    def feature_weight(self) -> float: ...  # weight of the manifold/attention term
 
 
 class PatchSelector:
@@ -155,8 +162,10 @@ class StepRunner:
         submit: Submit | None,
         request_id_prefix: str,
         precision: str | None = None,
+        distiller: FeatureDistiller | None = None,
     ) -> None:
         self.cfg = cfg
+        self.distiller = distiller  # --kd manifold|attention: the feature term on the kept patches
         self.model = model  # what the training forward goes through (DDP / MaskedStudent wrapper)
         self.raw_model = raw_model  # the timm student (scores-only forwards in mask-student)
         self.normalize = normalize
@@ -170,6 +179,7 @@ class StepRunner:
         self.precision = precision or resolve_precision(cfg.precision, device)
         self._autocast = lambda: student_autocast(self.precision, device)  # noqa: E731 - a one-line context factory
         self._kept: list[float] = []  # this step's micro-batches, in order: `PatchSelector.kept_share` of each
+        self._requests: list[TeacherRequest] = []  # this step's teacher requests, in micro-batch order
 
     def __call__(
         self, images: torch.Tensor, targets: torch.Tensor, step: int, known: torch.Tensor | None = None
@@ -183,6 +193,9 @@ class StepRunner:
                 output = self.model(self.normalize(images))
             return StepResult(self.criterion(as_float32(output), targets, None), images.shape[0])
         self._kept = []
+        self._requests = []
+        if self.distiller is not None:
+            self.distiller.begin_step()
         micro = list(images.tensor_split(min(cfg.micro_batches, images.shape[0])))
         request_id: Callable[[int], str] = lambda i: f"{self.prefix}-s{step}-m{i}"  # noqa: E731 - a one-line id rule
         submit = self.submit
@@ -224,6 +237,9 @@ class StepRunner:
         output = concat_outputs(result.outputs)
         teacher_logits = torch.cat(result.teacher_logits).to(images.device)  # [B, classes]
         loss = self.criterion(output, targets, teacher_logits)
+        if self.distiller is not None:
+            feature = self.distiller.loss(self._requests, result.teacher_outputs)
+            loss = LossParts(loss.total + feature, loss.ce, loss.kd, feature.detach())
         if known is not None:  # answered from the full-image probe
             self._kept[0] = float(known.shape[0])
         return StepResult(loss, images.shape[0], result.usage, result.stats, kept=sum(self._kept))
@@ -234,15 +250,22 @@ class StepRunner:
 
     def _student_forward(self, i: int, x: torch.Tensor) -> tuple[Any, None]:
         with self._autocast():
-            return self.model(self.normalize(x)), None
+            output = self.model(self.normalize(x))
+        if self.distiller is not None:
+            self.distiller.after_forward()
+        return output, None
 
     def _teacher_request(self, x: torch.Tensor) -> TeacherRequest:
         """The kept positions of micro-batch x (after its forward for SIPS / bottom) and its pixels."""
         assert self.selector is not None
         keep, counts = self.selector.select(x.shape[0], x.device)
         request = TeacherRequest(
-            x.detach(), None if keep is None else keep.cpu(), None if counts is None else counts.cpu()
+            x.detach(),
+            None if keep is None else keep.cpu(),
+            None if counts is None else counts.cpu(),
+            outputs=(self.distiller.output,) if self.distiller is not None else (),
         )
+        self._requests.append(request)
         self._kept.append(self.selector.kept_share(request))
         return request
 

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 from experiments.doc_sections import read_section
+from experiments.services import tome_r_for
 from maskedkd.checkpoints import load_model
 from maskedkd.flops import ViTShape, masked_forward_flops
+from maskedkd.tome import tome_forward_flops
 
 pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
 
@@ -49,7 +51,8 @@ def test_smoke_reproduction_end_to_end_and_resume(tmp_path: Path) -> None:
     doc = out / "reproduction.md"  # a smoke run never writes into the repo's docs/
     results = json.loads((out / "results.json").read_text())
     runs = {r["method"]: r for r in results["runs"]}
-    assert set(runs) == {"no_kd", "maskedkd_50", "keep_auto", "mass_90"} and not results["failures"]
+    assert set(runs) == {"no_kd", "maskedkd_50", "keep_auto", "mass_90", "manifold_50", "tome_50"}
+    assert not results["failures"]
 
     # The ledger billed what the FLOP model says for the kept patches (K = floor(0.5 * 16) = 8 per image), and
     # the student's own account of its usage agrees with the server's ledger.
@@ -71,6 +74,16 @@ def test_smoke_reproduction_end_to_end_and_resume(tmp_path: Path) -> None:
     assert 1 / 16 <= mass["kept_fraction"] <= 1
     lo, hi = (masked_forward_flops(shape, k).total / 1e9 for k in (1, 16))
     assert 32 * lo <= mass["ledger"]["gflops"] <= 32 * hi
+    # Manifold KD + MaskedKD-50: the teacher's kept tokens come with the masked forward, billed as MaskedKD-50
+    assert runs["manifold_50"]["ledger"]["gflops"] == pytest.approx(ledger["gflops"])
+    # ToMe on the teacher (its own server, --tome-r at MaskedKD-50's GFLOPs): billed by ToMe's FLOP model, which
+    # tests/maskedkd/test_tome.py holds to FlopCounterMode, on whole images
+    r = tome_r_for(out / "teacher" / "model.safetensors", 0.5)
+    tome = runs["tome_50"]["ledger"]
+    per_image = tome_forward_flops(shape, 16, r, head_dim=teacher.blocks[0].attn.head_dim) / 1e9
+    assert r > 0 and tome["gflops"] == pytest.approx(tome["images"] * per_image)
+    assert tome["full_gflops"] == pytest.approx(ledger["full_gflops"])
+    assert abs(per_image - masked_forward_flops(shape, 8).total / 1e9) < 0.1 * per_image
     assert all(0 <= r["top1"] <= 100 and r["images"] == 40 for r in runs.values())  # 4 test images per class
 
     results_md = read_section(doc, "results-smoke")
@@ -136,7 +149,8 @@ def test_smoke_reproduction_end_to_end_and_resume(tmp_path: Path) -> None:
     shutil.copy(out / "teacher" / "model.safetensors", clone / "teacher" / "model.safetensors")
     third = _reproduce(tmp_path, "--doc", str(doc), out=clone)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
-    assert "restored 6 finished result(s)" in third.stdout and "0 student runs to do" in third.stdout
+    restored = len(runs) + 2  # the student runs, the teacher, the fidelity probe
+    assert f"restored {restored} finished result(s)" in third.stdout and "0 student runs to do" in third.stdout
     assert not (clone / "ledger.db").exists()
 
     def numbers(results: Path) -> dict[str, tuple[float, dict]]:
@@ -149,8 +163,9 @@ def test_smoke_reproduction_end_to_end_and_resume(tmp_path: Path) -> None:
     report = tmp_path / "report" / "reproduction.md"
     only = _reproduce(tmp_path, "--doc", str(report), "--report-only", out=clone)
     assert only.returncode == 0, only.stdout[-3000:] + only.stderr[-3000:]
-    assert "4 finished run(s) reported" in only.stdout and "student runs to do" not in only.stdout
+    assert f"{len(runs)} finished run(s) reported" in only.stdout and "student runs to do" not in only.stdout
     section = read_section(report, "results-smoke")
-    assert section is not None and "4 of 4 student runs done" in section and "--report-only" not in section
+    assert section is not None and "--report-only" not in section
+    assert f"{len(runs)} of {len(runs)} student runs done" in section
     assert numbers(clone / "results.json") == numbers(out / "results.json")
     assert json.loads((report.parent / "reproduction_smoke_runs.json").read_text())["runs"] == state["runs"]

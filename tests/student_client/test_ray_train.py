@@ -115,9 +115,11 @@ def test_data_missing_on_a_worker_node_is_one_line_naming_the_node(local_ray: No
     assert "\n" not in error
 
 
-def test_keep_auto_on_two_workers_decides_once_for_both_and_bills_every_probe(local_ray: None, tmp_path: Path) -> None:
+def test_keep_auto_on_two_workers_decides_once_for_both_and_bills_every_probe(
+    local_ray: None, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     """Each worker probes its own images; the all-reduced numbers give both the same keep, so every step's requests
-    from both ranks cost what the FLOP model says for that one keep."""
+    from both ranks cost what the FLOP model says for that one keep; the driver prints each decision once."""
     data = make_subset(tmp_path / "data", train_per_class=2, test_per_class=1)  # 20 train images: 10 per worker
     teacher = tiny_teacher()
     with teacher_server(tmp_path, teacher) as srv:
@@ -129,6 +131,9 @@ def test_keep_auto_on_two_workers_decides_once_for_both_and_bills_every_probe(lo
     assert summary["fatal_error"] == "" and summary["global_step"] == 3
     decisions = summary["keep_decisions"]
     assert [d["step"] for d in decisions] == [0, 2]
+    printed = [line for line in capfd.readouterr().err.splitlines() if line.startswith("keep auto @ step")]
+    assert [line.split(":")[0] for line in printed] == ["keep auto @ step 0", "keep auto @ step 2"]
+    assert f"{decisions[1]['strategy']} {decisions[1]['keep']:g}" in printed[1]
     probes = [r for r in rows if "-probe-" in str(r["request_id"])]
     assert len(probes) == 2 * 2 * (1 + 2 * 4)  # 2 decisions x 2 ranks x (full + sips and random x 4 keeps)
     assert {str(r["request_id"]).split("-probe-")[0].rsplit("-", 2)[1] for r in probes} == {"w0", "w1"}

@@ -1,0 +1,90 @@
+"""The feature term of a distillation step (`--kd manifold|attention`, paper section 4.1): the student's final patch
+tokens or every block's class attention, captured with their graph during the normal training forward, against what
+the teacher answers for the kept patches only (`outputs`: `patch_tokens` or `cls_attention`), added to CE + lambda KD.
+
+The teacher computes these for the kept patches alone, so they cost nothing beyond the masked forward already billed
+(the bill is the logits-only request's), and only the kept patches' features travel back. The loss runs per
+micro-batch (App. E pipelining sends one request each) and is averaged over the micro-batches by their size; the
+manifold's inter-image and random relations are therefore taken within a micro-batch. A micro-batch answered without
+features (`--keep auto`'s probe answers, which are full-image logits) adds no feature term.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from student_client.feature_capture import StudentFeatureCapture
+from student_client.feature_losses import FeatureKD, feature_kd_loss
+from student_client.pipeline import TeacherRequest
+
+KD_KINDS = ("logit", "manifold", "attention")
+TEACHER_OUTPUT = {"manifold": "patch_tokens", "attention": "cls_attention"}
+
+
+class FeatureDistiller:
+    """Captures the student's features per micro-batch and turns the teacher's into the feature loss of a step."""
+
+    def __init__(
+        self,
+        kind: str,
+        weight: float,
+        raw_model: nn.Module,
+        *,
+        student_grid: tuple[int, int] | None,
+        teacher_grid: tuple[int, int],
+    ) -> None:
+        self.config = FeatureKD(kind=kind, weight=weight)  # ValueError for an unknown kind or a bad weight
+        self.capture = StudentFeatureCapture(raw_model, tokens=kind == "manifold", attention=kind == "attention")
+        self.output = TEACHER_OUTPUT[kind]  # what each teacher request asks for besides logits
+        self.student_grid = student_grid
+        self.teacher_grid = teacher_grid
+        self.generator = torch.Generator()  # the manifold's random sampling, reseeded every step
+        self._student: list[torch.Tensor] = []
+
+    def begin_step(self) -> None:
+        self._student = []
+
+    def after_forward(self) -> None:
+        """Keep what the training forward of the next micro-batch captured (with its graph)."""
+        manifold = self.config.kind == "manifold"
+        self._student.append(self.capture.tokens if manifold else self.capture.attention)
+
+    def loss(self, requests: Sequence[TeacherRequest], answers: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """The size-weighted mean over the micro-batches of `FeatureKD.weight x` the feature loss on the kept patches;
+        requests/answers: per micro-batch, what was sent and the teacher's extra outputs."""
+        if len(self._student) != len(requests) or len(requests) != len(answers):
+            raise RuntimeError(
+                f"feature KD: {len(self._student)} student forwards, {len(requests)} requests, {len(answers)} answers"
+            )
+        total: torch.Tensor | None = None
+        images = 0
+        for student, request, answer in zip(self._student, requests, answers, strict=True):
+            if self.output not in answer:  # answered without features (keep auto's probe answers)
+                continue
+            teacher = answer[self.output].to(device=student.device, dtype=torch.float32)
+            b = student.shape[0]
+            keep = request.keep_indices
+            if keep is None:  # the full image: every patch, in grid order
+                keep = torch.arange(self.teacher_grid[0] * self.teacher_grid[1]).expand(b, -1)
+            part = feature_kd_loss(
+                self.config,
+                student.float(),
+                teacher,
+                keep.to(student.device),
+                None if request.keep_counts is None else request.keep_counts.to(student.device),
+                student_grid=self.student_grid,
+                teacher_grid=self.teacher_grid,
+                generator=self.generator,
+            )
+            total = part * b if total is None else total + part * b
+            images += b
+        if total is None:
+            device = self._student[0].device if self._student else torch.device("cpu")
+            return torch.zeros((), device=device)
+        return total / images
+
+    def close(self) -> None:
+        self.capture.remove()
