@@ -257,3 +257,22 @@ def test_a_bfloat16_teacher_sends_outputs_in_its_dtype_when_asked(
     assert half.usage.output_bytes - len(half.logits.flatten()) * 4 == expected.numel() * 2
     torch.testing.assert_close(full.outputs["patch_tokens"], expected, rtol=0.1, atol=0.15)
     torch.testing.assert_close(half.outputs["patch_tokens"].float(), full.outputs["patch_tokens"], rtol=0.01, atol=0.02)
+
+
+def test_a_stream_answers_each_message_with_the_outputs_it_asked_for(served: tuple[RunningServer, str]) -> None:
+    srv, key = served
+    channel, teacher = stub(srv.address)
+    images = random_images(2, seed=60)
+    keep = random_keep(2, 12, seed=61)
+    requests = [image_request(images, keep, request_id=f"stream-{i}") for i in range(3)]
+    requests[1].outputs.append("patch_tokens")
+    requests[2].outputs.extend(["pre_logits", "cls_attention"])
+    answers = {r.request_id: r for r in teacher.InferStream(iter(requests), metadata=auth(key))}
+    assert sorted(answers) == ["stream-0", "stream-1", "stream-2"]
+    assert not answers["stream-0"].HasField("outputs")
+    assert sorted(_outputs(answers["stream-1"])) == ["patch_tokens"]
+    assert sorted(_outputs(answers["stream-2"])) == ["cls_attention", "pre_logits"]
+    assert _outputs(answers["stream-1"])["patch_tokens"].shape == (2, 12, 192)
+    gflops = {r.usage.gflops for r in answers.values()}
+    assert len(gflops) == 1  # the same bill whatever was asked for
+    channel.close()
