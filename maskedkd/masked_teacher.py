@@ -235,14 +235,22 @@ class MaskedTeacher(nn.Module):
         if valid is None:
             x = m.blocks(x)
         else:
-            keys = F.pad(valid, (self.geometry.num_prefix_tokens, 0), value=True)  # [B,n]
-            attn_mask = torch.zeros(keys.shape, dtype=x.dtype, device=x.device).masked_fill_(~keys, float("-inf"))
-            attn_mask = attn_mask[:, None, None, :]  # [B,1,1,n]: every query ignores padded keys
+            attn_mask = self._padding_mask(valid, x)
             for blk in m.blocks:
                 x = blk(x, attn_mask=attn_mask)
-        x = m.norm(x)
+        return self._head(m.norm(x), valid)
+
+    def _padding_mask(self, valid: Tensor, x: Tensor) -> Tensor:
+        """valid [B,K] -> additive attention mask [B,1,1,n] in x's dtype: every query ignores padded keys."""
+        keys = F.pad(valid, (self.geometry.num_prefix_tokens, 0), value=True)  # [B,n]
+        attn_mask = torch.zeros(keys.shape, dtype=x.dtype, device=x.device).masked_fill_(~keys, float("-inf"))
+        return attn_mask[:, None, None, :]
+
+    def _head(self, x: Tensor, valid: Tensor | None) -> Tensor:
+        """Normed tokens [B,n,D] -> logits; pooling heads pool over real tokens only."""
         if valid is None or not self._pooled_head:
-            return m.forward_head(x)  # token heads read prefix tokens only, so padding cannot leak in
+            logits: Tensor = self.model.forward_head(x)  # token heads read prefix tokens only: padding cannot leak in
+            return logits
         return self._masked_pool_head(x, valid)
 
     def _masked_pool_head(self, x: Tensor, valid: Tensor) -> Tensor:

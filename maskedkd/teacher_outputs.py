@@ -102,11 +102,7 @@ def forward_with_outputs(
     prefix = teacher._prefix_tokens()
     x = tokens if prefix is None else torch.cat([prefix.expand(B, -1, -1), tokens], dim=1)  # [B,n,D]
     x = m.norm_pre(m.pos_drop(x))
-    attn_mask = None
-    if valid is not None:
-        keys = F.pad(valid, (prefix_n, 0), value=True)  # [B,n]
-        attn_mask = torch.zeros(keys.shape, dtype=x.dtype, device=x.device).masked_fill_(~keys, float("-inf"))
-        attn_mask = attn_mask[:, None, None, :]  # [B,1,1,n]
+    attn_mask = None if valid is None else teacher._padding_mask(valid, x)  # [B,1,1,n]
     maps: list[Tensor] = []
     for blk in m.blocks:
         assert type(blk) is Block and type(blk.attn) is Attention  # check_supported at construction
@@ -114,7 +110,7 @@ def forward_with_outputs(
         if cls_row is not None:
             maps.append(cls_row[..., prefix_n:])  # [B,H,K]
     x = m.norm(x)  # [B,n,D]
-    out = ForwardOutputs(logits=_logits(teacher, x, valid))
+    out = ForwardOutputs(logits=teacher._head(x, valid))
     if choice.pre_logits:
         out.pre_logits = _pre_logits(teacher, x, valid)
     if choice.patch_tokens:
@@ -151,13 +147,6 @@ def _block(blk: Block, x: Tensor, attn_mask: Tensor | None, *, with_cls_row: boo
     if attn_mask is not None:
         scores = scores + attn_mask.float()
     return x, scores.softmax(dim=-1)[:, :, 0]  # [B,H,n]
-
-
-def _logits(teacher: MaskedTeacher, x: Tensor, valid: Tensor | None) -> Tensor:
-    if valid is None or not teacher._pooled_head:
-        logits: Tensor = teacher.model.forward_head(x)
-        return logits
-    return teacher._masked_pool_head(x, valid)
 
 
 def _pre_logits(teacher: MaskedTeacher, x: Tensor, valid: Tensor | None) -> Tensor:

@@ -43,16 +43,15 @@ class Answer:
     logits: torch.Tensor  # [B, classes] float32 CPU
     outputs: pb.Outputs | None = None  # the extra outputs asked for, encoded; None: logits only
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the tensors answered (Usage.output_bytes)."""
-        return self.logits.numel() * 4 + outputs_nbytes(self.outputs)
 
-
-def outputs_nbytes(outputs: pb.Outputs | None) -> int:
-    if outputs is None:
-        return 0
-    return sum(len(getattr(outputs, name).data) for name in ("pre_logits", "patch_tokens", "cls_attention"))
+def answered_bytes(logits: torch.Tensor, outputs: pb.Outputs | None) -> int:
+    """Bytes of the tensors answered (Usage.output_bytes): float32 logits plus the extra outputs."""
+    extra = (
+        0
+        if outputs is None
+        else sum(len(getattr(outputs, n).data) for n in ("pre_logits", "patch_tokens", "cls_attention"))
+    )
+    return logits.numel() * 4 + extra
 
 
 def decode_outputs(request: pb.InferRequest, teacher: MaskedTeacher) -> OutputsRequest:
