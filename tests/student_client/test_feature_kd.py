@@ -14,6 +14,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from student_testkit import STUDENT, STUDENT_KWARGS, ledger_rows, make_subset, teacher_server, tiny_config, tiny_teacher
+from timm_attention import timm_blocks_with_attention
 
 from maskedkd.masked_teacher import MaskedTeacher
 from student_client import MaskedKD
@@ -36,21 +37,8 @@ def env(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-de
 
 
 def _attention_rows(model: torch.nn.Module, tokens: torch.Tensor) -> list[torch.Tensor]:
-    """Each block's class-token attention row [B, H, n] of timm's own blocks on tokens [B, n, D] (unfused attention,
-    probabilities read off `attn_drop`)."""
-    rows: list[torch.Tensor] = []
-    hooks = []
-    for blk in model.blocks:
-        blk.attn.fused_attn = False
-        hooks.append(blk.attn.attn_drop.register_forward_hook(lambda _m, _a, out: rows.append(out[:, :, 0].detach())))
-    try:
-        with torch.no_grad():
-            model.blocks(tokens)
-    finally:
-        for blk, h in zip(model.blocks, hooks, strict=True):
-            h.remove()
-            blk.attn.fused_attn = True
-    return rows
+    """Each block's class-token attention row [B, H, n] of timm's own blocks on tokens [B, n, D]."""
+    return [p[:, :, 0] for p in timm_blocks_with_attention(model, tokens)[1]]
 
 
 def _normalized(model: torch.nn.Module, x: torch.Tensor, cfg: dict[str, Any]) -> torch.Tensor:

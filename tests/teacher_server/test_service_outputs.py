@@ -14,6 +14,7 @@ import pytest
 import service_testkit as kit
 import torch
 from service_testkit import Reference, auth, image_request, random_images, random_keep, stub
+from timm_attention import timm_blocks_with_attention
 from torch import nn
 
 from maskedkd.codec import proto_to_tensor
@@ -37,20 +38,9 @@ def served(tmp_path_factory: pytest.TempPathFactory, model: nn.Module) -> Iterat
 
 
 def _attention_probs(model: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """timm's own blocks on tokens [1,n,D] with its unfused attention, whose probabilities are read off `attn_drop`:
-    (final normed tokens [1,n,D], per block probabilities [1,H,n,n])."""
-    probs: list[torch.Tensor] = []
-    hooks = []
-    for blk in model.blocks:
-        blk.attn.fused_attn = False
-        hooks.append(blk.attn.attn_drop.register_forward_hook(lambda _m, _a, out: probs.append(out.detach())))
-    try:
-        x = model.norm(model.blocks(tokens))
-    finally:
-        for blk, h in zip(model.blocks, hooks, strict=True):
-            h.remove()
-            blk.attn.fused_attn = True
-    return x, probs
+    """timm's own blocks on tokens [1,n,D]: (final normed tokens [1,n,D], per block probabilities [1,H,n,n])."""
+    x, probs = timm_blocks_with_attention(model, tokens)
+    return model.norm(x), probs
 
 
 def _masked_reference(model: nn.Module, images: torch.Tensor, keep: torch.Tensor, counts: list[int]) -> dict[str, Any]:
