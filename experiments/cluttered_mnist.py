@@ -117,6 +117,11 @@ def build(mnist_root: Path, out: Path, *, per_class: int | None = None) -> Path:
     return out
 
 
+def prepare(mnist_tarball: Path, out: Path = DEFAULT_OUT, *, per_class: int | None = None) -> Path:
+    """The cluttered ImageFolder at `out`, built from the MNIST tarball (extracted once into its own cache)."""
+    return build(extract_tarball(mnist_tarball, default_cache("mnist")), out, per_class=per_class)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.cluttered_mnist", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tarball", type=Path, default=default_tarball("mnist"), help="the MNIST ImageFolder tarball")
@@ -124,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-class", type=int, default=None, help="only the first N digits of each class per split")
     args = parser.parse_args(argv)
     try:
-        root = extract_tarball(args.tarball, default_cache("mnist"))
-        out = build(root, args.out, per_class=args.per_class)
+        out = prepare(args.tarball, args.out, per_class=args.per_class)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"cluttered_mnist: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 1

@@ -12,10 +12,12 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CACHE_ROOT = Path("~/.cache/maskedkd").expanduser()
 # dataset name -> its tarball in ../shared/data (ImageFolder layout: train/<class>/..., test/<class>/...)
 TARBALLS = {"cifar10": "cifar10-jpg.tar.gz", "mnist": "mnist-png.tar.gz"}
+# datasets a script in this repository builds from another's tarball -> that dataset (experiments/cluttered_mnist.py)
+BUILT_FROM = {"cluttered-mnist": "mnist"}
 
 
 def default_tarball(dataset: str) -> Path:
-    return SHARED_DATA / TARBALLS[dataset]
+    return SHARED_DATA / TARBALLS[BUILT_FROM.get(dataset, dataset)]
 
 
 def default_cache(dataset: str) -> Path:

@@ -1,4 +1,4 @@
-"""Reproduce MaskedKD's claims on CIFAR-10 and MNIST through the real service.
+"""Reproduce MaskedKD's claims on CIFAR-10, MNIST and cluttered MNIST through the real service.
 
 1. The teacher: the committed one (configs `cifar10`, `mnist`), or trained here with `student-client train --mode none`.
 2. Serve it: `teacher-server serve --checkpoint teacher/model.safetensors` on a free loopback port.
@@ -17,6 +17,7 @@ of every step, so on 2 CPU cores two runs at once each step about as fast as one
 
     python -m experiments.reproduce --config cifar10 --parallel 2  # the committed teacher, 3 seeds x 10 methods
     python -m experiments.reproduce --config mnist       # another domain, its committed teacher
+    python -m experiments.reproduce --config cluttered --parallel 2  # small digits in clutter: SIPS vs random/bottom
     python -m experiments.reproduce --config cpu         # the first, small CIFAR-10 run (~2 h on 2 cores)
     python -m experiments.reproduce --smoke --out /tmp/s # a few steps, 1 seed, 3 methods (tests)
 """
@@ -37,9 +38,9 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments import committed_runs
+from experiments import cluttered_mnist, committed_runs
 from experiments.configs import CONFIGS, METHODS_BY_KEY, Method, ReproConfig
-from experiments.datasets import DataError, default_cache, default_tarball, prepare_data
+from experiments.datasets import BUILT_FROM, DataError, default_cache, default_tarball, prepare_data
 from experiments.doc_sections import update_section
 from experiments.services import ReproductionServer, ToolError, tome_r_for, train
 from maskedkd.command_exit import exit_status
@@ -543,10 +544,13 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     out = args.out or REPO / "runs" / f"repro-{cfg.name}"
     tarball = args.tarball or default_tarball(cfg.dataset)
     cache = args.cache or default_cache(cfg.dataset)
+    source = args.data
+    if source is None and cfg.dataset in BUILT_FROM:  # built here from its source's tarball, once, into the cache
+        source = cluttered_mnist.prepare(tarball, cache)
     teacher_per_class = cfg.train_per_class if cfg.teacher_train_per_class == -1 else cfg.teacher_train_per_class
     data, teacher_data = (  # the students' data, then the teacher's
         prepare_data(
-            data=args.data, tarball=tarball, cache=cache, train_per_class=per_class, test_per_class=cfg.test_per_class
+            data=source, tarball=tarball, cache=cache, train_per_class=per_class, test_per_class=cfg.test_per_class
         )
         for per_class in (cfg.train_per_class, teacher_per_class)
     )
