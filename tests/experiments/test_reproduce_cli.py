@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from experiments.configs import CIFAR10
-from experiments.reproduce import main, recorded_args, retire_runs, thread_counts
+from experiments.repro_training import thread_counts
+from experiments.reproduce import main, recorded_args, retire_runs
 
 pytestmark = pytest.mark.dtype("none")  # no model numerics
 
@@ -63,11 +64,11 @@ def test_redone_runs_are_moved_aside_with_the_probe_of_their_student(tmp_path: P
 
 
 def test_a_method_with_its_own_tau_trains_at_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from experiments import reproduce
+    from experiments import repro_training
     from experiments.configs import METHODS_BY_KEY, MNIST
 
     sent: list[list[str]] = []
-    monkeypatch.setattr(reproduce, "train", lambda cmd, log, api_key=None: sent.append(cmd) or 0.0)
+    monkeypatch.setattr(repro_training, "train", lambda cmd, log, api_key=None: sent.append(cmd) or 0.0)
 
     class Service:  # the address and key a KD run asks for; no server is needed to build the command
         address = "127.0.0.1:1"
@@ -76,7 +77,7 @@ def test_a_method_with_its_own_tau_trains_at_it(monkeypatch: pytest.MonkeyPatch,
             return "mkd_test"
 
     for key in ("full_kd", "full_kd_tau2"):
-        reproduce._train(MNIST, MNIST.student, METHODS_BY_KEY[key], 0, tmp_path / key, tmp_path, 1, Service())
+        repro_training.train_run(MNIST, MNIST.student, METHODS_BY_KEY[key], 0, tmp_path / key, tmp_path, 1, Service())
     taus = [cmd[cmd.index("--tau") + 1] for cmd in sent]
     assert taus == [str(MNIST.tau), "2.0"] and "full_kd_tau2" in MNIST.methods
 
