@@ -25,6 +25,17 @@ def default_cache(dataset: str) -> Path:
 
 
 SPLITS = ("train", "test")
+
+
+def evenly_spaced(count: int, limit: int | None) -> list[int]:
+    """Indices of `limit` items spread evenly over `count` (every k-th; over a class-sorted folder a class-balanced
+    pick), or all of them when `limit` is None or not smaller."""
+    if limit is None or limit >= count:
+        return list(range(count))
+    step = count / limit
+    return [int(i * step) for i in range(limit)]
+
+
 _COMPLETE = ".complete"
 
 

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from experiments.cluttered_mnist import DEFAULT_OUT, DIGIT
-from experiments.datasets import default_cache
+from experiments.datasets import default_cache, evenly_spaced
 
 KEEPS = (0.5, 0.25)
 STRATEGIES = ("sips", "random", "bottom", "oracle")
@@ -47,15 +47,10 @@ def digit_ink(canvas_size: int, source: np.ndarray, top: int, left: int) -> np.n
     return ink
 
 
-def _placements(data: Path, split: str, mnist: Path) -> dict[str, tuple[int, int, np.ndarray]]:
-    """file (label/name.png) -> (top, left, source digit [28, 28] uint8), from the split's CSV."""
-    out = {}
+def _placements(data: Path, split: str) -> dict[str, tuple[int, int, str]]:
+    """file (label/name.png) -> (top, left, its source digit's file in the MNIST split), from the split's CSV."""
     with (data / f"{split}.csv").open() as f:
-        for row in csv.DictReader(f):
-            with Image.open(mnist / split / row["source"]) as im:
-                source = np.asarray(im.convert("L"))
-            out[row["file"]] = (int(row["top"]), int(row["left"]), source)
-    return out
+        return {row["file"]: (int(row["top"]), int(row["left"]), row["source"]) for row in csv.DictReader(f)}
 
 
 @torch.inference_mode()
@@ -85,10 +80,9 @@ def coverage(
     grid = spec.grid_size[0]
     if spec.image_size[0] != spec.image_size[1] or spec.grid_size[0] != spec.grid_size[1] or size % grid:
         raise ValueError(f"a square student whose patches tile the canvas is needed, got {spec.image_size} / {grid}")
-    placements = _placements(data, split, mnist or default_cache("mnist"))
-    picks = list(range(len(dataset)))
-    if max_images is not None and max_images < len(picks):  # a class-balanced prefix: every k-th image
-        picks = [int(i * len(picks) / max_images) for i in range(max_images)]
+    placements = _placements(data, split)
+    sources = (mnist or default_cache("mnist")) / split
+    picks = evenly_spaced(len(dataset), max_images)
     mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
     std = torch.tensor(spec.std).view(1, -1, 1, 1)
     gen = torch.Generator().manual_seed(seed)
@@ -99,7 +93,7 @@ def coverage(
             chunk = picks[start : start + batch_size]
             x = torch.stack([dataset[i][0] for i in chunk])  # [B, C, size, size] in [0, 1]
             ink = np.stack(  # [B, N] ink pixels per patch of each image's digit
-                [ink_per_patch(_ink(dataset, placements, data / split, size, i), size // grid) for i in chunk]
+                [ink_per_patch(_ink(dataset, placements, data / split, sources, size, i), size // grid) for i in chunk]
             )
             student((x - mean) / std)  # fills capture.scores [B, N]
             scores = capture.scores
@@ -138,10 +132,13 @@ def coverage(
     }
 
 
-def _ink(dataset: Any, placements: dict[str, tuple[int, int, np.ndarray]], root: Path, size: int, i: int) -> np.ndarray:
-    """Image i's digit ink [size, size] bool, placed where the split's CSV says."""
+def _ink(
+    dataset: Any, placements: dict[str, tuple[int, int, str]], root: Path, sources: Path, size: int, i: int
+) -> np.ndarray:
+    """Image i's digit ink [size, size] bool: its source digit read from `sources`, placed where the CSV says."""
     top, left, source = placements[Path(dataset.samples[i][0]).relative_to(root).as_posix()]
-    return digit_ink(size, source, top, left)
+    with Image.open(sources / source) as im:
+        return digit_ink(size, np.asarray(im.convert("L")), top, left)
 
 
 def markdown(result: dict[str, Any], command: str, title: str = "How much of the digit the teacher sees") -> str:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
+from experiments.datasets import evenly_spaced
 from student_client.keep_auto import LADDER
 
 KEEPS = (1.0, *LADDER)  # every rung `--keep auto` tries, and the full image
@@ -68,9 +69,8 @@ def probe(
     if spec.grid_size is None:
         raise ValueError("the student has no patch grid: SIPS needs a ViT student")
     dataset = image_folder(eval_split_dir(data, split), eval_transform(spec.image_size))
-    if max_images is not None and max_images < len(dataset):  # a class-balanced prefix: every k-th image
-        step = len(dataset) / max_images
-        dataset = Subset(dataset, [int(i * step) for i in range(max_images)])  # type: ignore[assignment]
+    if max_images is not None and max_images < len(dataset):
+        dataset = Subset(dataset, evenly_spaced(len(dataset), max_images))  # type: ignore[assignment]
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     gen = torch.Generator().manual_seed(seed)
     sums: dict[tuple[str, float], dict[str, float]] = {
