@@ -6,7 +6,7 @@ Each configuration (clients x images per call, keep 50%: 98 patches, 75 KB of ui
 child on one torch thread, clients sending pre-built requests from this process. Measured from the server's own
 counters before and after the load: the process's CPU time from /proc (every thread) and
 `maskedkd_stage_cpu_seconds_total{stage}` (the stages' CPU), per image served. The in-process forward is the same
-model's raw-pixel forward (`forward_pixels`, what the server runs) on one thread in this process, on uint8 rows.
+model's raw-pixel forward (`make_forward`, what the server runs) on one thread in this process, on uint8 rows.
 
     python -m benchmarks.serving                   # the configurations of `make bench`, a table on stdout
     python -m benchmarks.serving --clients 2 --batch 64 --calls 40
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
+import statistics
 import tempfile
 import time
 import urllib.request
@@ -29,11 +29,14 @@ from typing import Any
 import timm
 import torch
 
+from benchmarks.grpc_floor import floor_cpu_us
 from benchmarks.grpc_load import client_load
 from benchmarks.server_proc import BenchServer
+from benchmarks.timing import process_cpu_s
 from maskedkd.codec import tensor_to_proto
 from maskedkd.masked_teacher import MaskedTeacher
 from maskedkd.v1 import teacher_pb2 as pb
+from teacher_server.engine.served_model import make_forward
 
 # DeiT-S geometry, one narrow block: the forward is a small part of a served image's cost
 NEGLIGIBLE_TEACHER = {
@@ -61,6 +64,7 @@ class ServingResult:
     forward_cpu_us: float  # per image, the same forward in-process on one thread
     overhead_us: float  # server_cpu_us - forward_cpu_us
     stages_us: dict[str, float]  # per image, the serving path's stages (forward included)
+    floor_us: float  # per image, a bare gRPC server answering the same calls (benchmarks/grpc_floor.py)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,19 +75,13 @@ def _counters(metrics_url: str, pid: int) -> tuple[float, dict[str, float], floa
     from /proc (the kernel's count, whatever the server exports), the rest from its /metrics."""
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
     return (
-        _process_cpu_s(pid),
+        process_cpu_s(pid),
         {stage: float(value) for stage, value in STAGE_RE.findall(text)},
         sum(float(v) for v in IMAGES_RE.findall(text)),
     )
 
 
-def _process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process `pid`, all its threads (/proc/PID/stat fields 14 and 15)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _requests(batch: int, count: int, seed: int) -> list[pb.InferRequest]:
+def requests_for(batch: int, count: int, seed: int) -> list[pb.InferRequest]:
     """Requests of `batch` images of uint8 kept patches (keep 50%) at random positions, under distinct ids."""
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -108,21 +106,27 @@ def _load(address: str, api_key: str, per_client: Sequence[Sequence[pb.InferRequ
     return seconds
 
 
-def forward_cpu_us(batch: int, *, repeats: int = 10) -> float:
-    """CPU microseconds per image of the negligible teacher's forward in this process, on one thread."""
+def forward_cpu_us(batch: int, *, repeats: int = 10, rounds: int = 3) -> float:
+    """CPU microseconds per image of the negligible teacher's forward in this process, on one thread: the forward the
+    server runs (`make_forward`: raw pixels in, in cache-sized chunks on a CPU), on uint8 rows of `batch` images; the
+    median of `rounds` timings of `repeats` calls each."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
         teacher = MaskedTeacher(timm.create_model(ARCH, pretrained=False, **NEGLIGIBLE_TEACHER))
+        forward = make_forward(teacher, torch.device("cpu"), torch.float32)
         x = torch.randint(0, 256, (batch, KEEP, 3, 16, 16), dtype=torch.uint8)  # [B,K,C,P,P] as the server stages it
         idx = torch.stack([torch.randperm(196)[:KEEP].sort().values for _ in range(batch)])
+        timings = []
         with torch.inference_mode():
-            teacher.forward_pixels(x, idx)
-            started = time.thread_time()
-            for _ in range(repeats):
-                teacher.forward_pixels(x, idx)
-            return (time.thread_time() - started) / repeats / batch * 1e6
+            forward(x, idx, None)
+            for _ in range(rounds):
+                started = time.thread_time()
+                for _ in range(repeats):
+                    forward(x, idx, None)
+                timings.append((time.thread_time() - started) / repeats / batch * 1e6)
+        return statistics.median(timings)
     finally:
         torch.set_num_threads(threads)
 
@@ -153,8 +157,9 @@ def measure(
     try:
         metrics = server.process.ready.metrics_url if server.process.ready else None
         assert metrics, "the server exported no metrics"
-        per_client = [_requests(batch, calls, seed=c) for c in range(clients)]
-        _load(server.address, server.api_key, [_requests(batch, 2, seed=1000 + c) for c in range(clients)])  # warm
+        per_client = [requests_for(batch, calls, seed=c) for c in range(clients)]
+        warm = [requests_for(batch, 2, seed=1000 + c) for c in range(clients)]
+        _load(server.address, server.api_key, warm)
         pid = server.process.pid
         assert pid is not None
         cpu0, stages0, images0 = _counters(metrics, pid)
@@ -163,6 +168,7 @@ def measure(
     finally:
         server.stop()
     images = int(images1 - images0)
+    floor = floor_cpu_us(per_client, warm)  # the same calls, after the teacher server stopped
     forward = forward_cpu_us(batch)
     server_us = (cpu1 - cpu0) / images * 1e6
     return ServingResult(
@@ -174,6 +180,7 @@ def measure(
         forward_cpu_us=forward,
         overhead_us=server_us - forward,
         stages_us={s: (stages1.get(s, 0.0) - stages0.get(s, 0.0)) / images * 1e6 for s in stages1},
+        floor_us=floor,
     )
 
 
@@ -188,7 +195,8 @@ def run_serving_section(
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
     stages = sorted({s for r in rows for s in r["stages_us"]})
-    head = ["clients x batch", "img/s", "server CPU us/img", "forward us/img", "overhead us/img", *stages]
+    head = ["clients x batch", "img/s", "server CPU us/img", "forward us/img", "overhead us/img", "gRPC floor us/img"]
+    head += stages
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
@@ -197,6 +205,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
             f"{r['server_cpu_us']:.0f}",
             f"{r['forward_cpu_us']:.0f}",
             f"{r['overhead_us']:.0f}",
+            f"{r['floor_us']:.0f}" if "floor_us" in r else "",
             *(f"{r['stages_us'].get(s, 0.0):.1f}" for s in stages),
         ]
         lines.append("| " + " | ".join(cells) + " |")

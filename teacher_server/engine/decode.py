@@ -11,13 +11,14 @@ are cut on the teacher's grid when they are staged, so requests of either kind b
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from maskedkd.codec import TensorDecodeError, tensor_view
+from maskedkd.codec import WIRE_DTYPES, TensorDecodeError, tensor_view
 from maskedkd.geometry import TeacherGeometry
 from maskedkd.keep import KeepIndicesError, check_keep
 from maskedkd.text import clip
@@ -121,6 +122,17 @@ def _checked_keep(
             f"keep_indices: K = {indices.shape[1]} disagrees with patches, which carry K = {k_expected}"
         )
     return indices, counts
+
+
+def declared_bytes(request: pb.InferRequest) -> int:
+    """The pixel bytes the request's input declares (its shape times its dtype's size), read without touching the
+    bytes; 0 when it has no input or names no known dtype (decode_input refuses those)."""
+    which = request.WhichOneof("input")
+    if which is None:
+        return 0
+    msg = getattr(request, which)
+    dtype = WIRE_DTYPES.get(msg.dtype)
+    return 0 if dtype is None else math.prod(msg.shape) * dtype.itemsize
 
 
 def decode_input(

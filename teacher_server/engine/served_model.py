@@ -25,6 +25,8 @@ from teacher_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
+CPU_CHUNK_TOKENS = 2048  # tokens per forward call on a CPU teacher (20 rows of 99 tokens)
+
 
 def make_forward(
     teacher: MaskedTeacher, device: torch.device, dtype: torch.dtype, compile_mode: str = "off", *, pack: bool = False
@@ -32,13 +34,39 @@ def make_forward(
     """The batcher's forward: staged rows (raw pixels, on the teacher's device: staging.py) in, CPU float32 logits
     out; the teacher casts the pixels to its dtype and normalizes them in its patch projection."""
     forward_pixels = forward_pixels_fn(teacher, compile_mode)
+    chunked = device.type == "cpu" and compile_mode == "off"  # a compiled forward keeps the shapes it was built for
 
     def forward(pixels: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
         if pack and counts is not None:  # ragged rows (`--mixed-k pack`): all tokens in one sequence, no padding
             return run_packed(teacher, pixels, indices, counts).float().cpu()  # [G,classes]
+        if chunked:
+            return in_cache_chunks(forward_pixels, pixels, indices, counts, teacher.geometry.num_prefix_tokens)
         return forward_pixels(pixels, indices, counts).float().cpu()  # [G,classes]
 
     return forward
+
+
+def in_cache_chunks(
+    forward_pixels: ForwardFn,
+    pixels: torch.Tensor,
+    indices: torch.Tensor,
+    counts: torch.Tensor | None,
+    prefix_tokens: int,
+    *,
+    chunk_tokens: int = CPU_CHUNK_TOKENS,
+) -> torch.Tensor:
+    """A CPU forward over the rows in chunks of about `chunk_tokens` tokens, so each chunk's activations stay in the
+    core's cache (measured on one thread: 256 DeiT-S-geometry rows at keep 50% ran 426 us an image in one call,
+    327-355 us in chunks of 16-64 rows; the tiny 12-block ViT gained ~2%)."""
+    g = pixels.shape[0]
+    rows = max(1, chunk_tokens // (pixels.shape[1] + prefix_tokens))
+    if g <= rows:
+        return forward_pixels(pixels, indices, counts).float()  # [G,classes]
+    parts = [
+        forward_pixels(pixels[i : i + rows], indices[i : i + rows], None if counts is None else counts[i : i + rows])
+        for i in range(0, g, rows)
+    ]
+    return torch.cat(parts).float()  # [G,classes]
 
 
 def make_outputs_forward(teacher: MaskedTeacher) -> OutputsForwardFn | None:

@@ -14,10 +14,10 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import ColumnElement, CursorResult, Executable, Table, case, delete, select, update
+from sqlalchemy import ColumnElement, CursorResult, Executable, Table, bindparam, case, delete, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
@@ -38,6 +38,12 @@ from teacher_server.ledger.quota_windows import QuotaWindow, next_window_start, 
 HOLD_TTL_S = 900.0  # a hold older than this belongs to a dead request (a crashed server); the purge releases it
 RATE_WINDOW_S = 60  # the rate limit counts GFLOPs admitted per minute (fixed windows, UTC)
 _COUNTERS: Table = KeyCounter.__table__  # type: ignore[assignment]  # a declarative model's table is a Table
+_USAGE: Table = UsageRecord.__table__  # type: ignore[assignment]
+_PAYLOADS: Table = ReplayPayload.__table__  # type: ignore[assignment]
+# built once: constructing the expression per request costs more than running it
+_BILLED_PROBE = select(_USAGE.c.id).where(
+    _USAGE.c.api_key_id == bindparam("key"), _USAGE.c.request_id == bindparam("rid")
+)
 _C = _COUNTERS.c
 
 
@@ -209,24 +215,22 @@ def release(session: Session, *, holds: list[Hold]) -> None:
     session.commit()
 
 
-def _settle(
-    session: Session, items: list[Billable], records: list[UsageRecord], replay_ttl_s: float, now: float
-) -> None:
+def _settle(session: Session, items: list[Billable], usage_ids: list[int], replay_ttl_s: float, now: float) -> None:
     """Payloads, running totals and held GFLOPs of the rows just inserted (same transaction)."""
     expires = utcnow() + timedelta(seconds=replay_ttl_s)
-    session.add_all(
-        [
-            ReplayPayload(
-                usage_id=rec.id,
-                logits=item.payload[0],
-                logits_shape=item.payload[1],
-                outputs=item.outputs,
-                expires_at=expires,
-            )
-            for item, rec in zip(items, records, strict=True)
-            if item.payload is not None
-        ]
-    )
+    payloads = [
+        {
+            "usage_id": usage_id,
+            "logits": item.payload[0],
+            "logits_shape": item.payload[1],
+            "outputs": item.outputs,
+            "expires_at": expires,
+        }
+        for item, usage_id in zip(items, usage_ids, strict=True)
+        if item.payload is not None
+    ]
+    if payloads:  # one executemany: the ORM's unit of work costs more than the SQL on the serving path
+        session.execute(insert(_PAYLOADS), payloads)
     per_key: dict[int, list[Billable]] = defaultdict(list)
     for item in items:
         per_key[item.row.api_key_id].append(item)
@@ -252,6 +256,13 @@ def _settle(
         session.execute(update(_COUNTERS).where(_C.api_key_id == key_id).values(**values))
 
 
+def _insert_usage(session: Session, rows: list[NewUsage], created: datetime) -> list[int]:
+    """Insert the usage rows in one statement (Core, not the ORM's unit of work); their ids in the order given."""
+    values = [{**asdict(row), "created_at": created} for row in rows]
+    statement = insert(_USAGE).returning(_USAGE.c.id, sort_by_parameter_order=True)
+    return [int(usage_id) for usage_id in session.execute(statement, values).scalars()]
+
+
 def bill(
     session: Session, *, items: list[Billable], replay_ttl_s: float, now: float | None = None
 ) -> list[UsageRecord | None]:
@@ -265,10 +276,8 @@ def bill(
     # One global insertion order, so two servers billing overlapping request_ids cannot deadlock on Postgres.
     order = sorted(range(len(items)), key=lambda i: (items[i].row.api_key_id, items[i].row.request_id))
     try:
-        records = [usage_record(items[i].row, created) for i in order]
-        session.add_all(records)
-        session.flush()
-        _settle(session, [items[i] for i in order], records, replay_ttl_s, now)
+        usage_ids = _insert_usage(session, [items[i].row for i in order], created)
+        _settle(session, [items[i] for i in order], usage_ids, replay_ttl_s, now)
         session.commit()
         return [None] * len(items)
     except IntegrityError:
@@ -288,7 +297,8 @@ def bill(
                     UsageRecord.api_key_id == items[i].row.api_key_id, UsageRecord.request_id == items[i].row.request_id
                 )
             ).one()
-    _settle(session, [b for b, _ in inserted], [r for _, r in inserted], replay_ttl_s, now)
+    session.flush()
+    _settle(session, [b for b, _ in inserted], [r.id for _, r in inserted], replay_ttl_s, now)
     _give_back(session, [hold for i in order if outcome[i] is not None and (hold := items[i].hold) is not None])
     session.commit()
     return outcome
@@ -297,7 +307,10 @@ def bill(
 def find_billed(
     session: Session, *, api_key_id: int, request_id: str
 ) -> tuple[UsageRecord, ReplayPayload | None] | None:
-    """The usage row of (key, request_id) with its replay payload (None when expired or never kept)."""
+    """The usage row of (key, request_id) with its replay payload (None when expired or never kept). A request not
+    billed before (nearly every one) costs one indexed read of one column, no ORM objects."""
+    if session.execute(_BILLED_PROBE, {"key": api_key_id, "rid": request_id}).first() is None:
+        return None
     record = session.scalars(
         select(UsageRecord).where(UsageRecord.api_key_id == api_key_id, UsageRecord.request_id == request_id)
     ).one_or_none()

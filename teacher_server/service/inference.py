@@ -8,8 +8,9 @@ Quota and rate limit: admitted by one conditional UPDATE in the ledger before th
 held until the usage row commits, so requests on any number of servers never overshoot together.
 
 Overload and deadlines, cheapest refusal first (each unbilled, counted as a refusal): a key whose queue is full is
-refused before its message is read (auth_guard.py asks `admit`); then a message whose bytes do not fit in the key's or
-the server's bound (before decoding); then, decoded, one whose images do not fit (`_refuse_if_full`), or whose
+refused before its message is read (auth_guard.py asks `admit`); then, decoded (a uint8 request's decode is a view
+and a check of its indices), one whose pixel bytes or images do not fit the key's or the server's bound
+(`_refuse_if_full`), or whose
 deadline leaves less time than the expected queue wait and compute (`_refuse_if_late`). A queued request whose deadline
 passes is dropped by the batcher unrun; one whose forward started is billed and its answer kept for a replay.
 """
@@ -27,7 +28,7 @@ from dataclasses import dataclass, replace
 from maskedkd.purpose import purpose_problem
 from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server.engine.answers import NO_OUTPUTS, decode_outputs
-from teacher_server.engine.decode import DecodedInput, decode_input
+from teacher_server.engine.decode import DecodedInput, declared_bytes, decode_input
 from teacher_server.engine.metering import MeteredUsage
 from teacher_server.engine.served_model import ServedModel
 from teacher_server.errors import InvalidRequestError, ReplayExpiredError, RequestIdReusedError
@@ -76,6 +77,18 @@ class Submission:
     received_at: float  # time.monotonic()
     deadline: float | None  # time.monotonic() the caller gives up
     purpose: str
+
+
+def _check_fields(request: pb.InferRequest) -> None:
+    """request_id and purpose, before anything is decoded."""
+    if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidRequestError(
+            f"request_id is {len(request.request_id)} characters; at most {MAX_REQUEST_ID_CHARS} allowed"
+        )
+    if "\x00" in request.request_id:  # Postgres text cannot store NUL; refuse it on every backend alike
+        raise InvalidRequestError("request_id contains a NUL (\\x00) character, which is not allowed")
+    if (problem := purpose_problem(request.purpose)) is not None:
+        raise InvalidRequestError(problem)
 
 
 class _OriginalFailedError(Exception):
@@ -137,11 +150,15 @@ class InferenceService:
         received_at = time.monotonic()
         served = self.served.named(request.model)
         current_labels().model = served.name
-        nbytes = request.ByteSize()  # upb encodes the message to size it: once per request
-        self._refuse_if_full(key, nbytes=nbytes)  # before decoding
+        _check_fields(request)
+        decoded = await self._decode(request, served)
+        # The pixel bytes count against the queue bounds from here (a view of the message: what it holds in memory);
+        # sizing the whole message instead would encode it again (upb keeps no size), ~10 us an image.
+        nbytes = len(decoded.payload)
+        self._refuse_if_full(key, nbytes=nbytes, images=decoded.images)
         served.batcher.queue.reserve_bytes(key.id, nbytes)
         try:
-            outcome = await self._infer(key, request, served, received_at, deadline, nbytes)
+            outcome = await self._infer(key, request, served, decoded, received_at, deadline)
         finally:
             served.batcher.queue.release_bytes(key.id, nbytes)
         self._metrics.request_latency.labels(model=served.name).observe(time.monotonic() - received_at)
@@ -152,22 +169,12 @@ class InferenceService:
         key: KeyInfo,
         request: pb.InferRequest,
         served: ServedModel,
+        decoded: DecodedInput,
         received_at: float,
         deadline: float | None,
-        nbytes: int,
     ) -> InferOutcome:
-        if len(request.request_id) > MAX_REQUEST_ID_CHARS:
-            raise InvalidRequestError(
-                f"request_id is {len(request.request_id)} characters; at most {MAX_REQUEST_ID_CHARS} allowed"
-            )
-        if "\x00" in request.request_id:  # Postgres text cannot store NUL; refuse it on every backend alike
-            raise InvalidRequestError("request_id contains a NUL (\\x00) character, which is not allowed")
-        if (problem := purpose_problem(request.purpose)) is not None:
-            raise InvalidRequestError(problem)
-        decoded = await self._decode(request, served, nbytes)
         recent = self._recent_tokens.setdefault(key.id, deque(maxlen=RECENT_REQUESTS))
         recent.append((time.monotonic(), served.batcher.tokens_of(decoded)))
-        self._refuse_if_full(key, images=decoded.images)
         usage = served.meter.usage(decoded.counts, price_per_gflop=self._biller.price_of(key))
         run = Submission(decoded, usage, received_at, deadline, request.purpose)
         if not request.request_id:
@@ -226,12 +233,12 @@ class InferenceService:
             return await asyncio.to_thread(digest, request, model=model, payload=payload)
         return digest(request, model=model, payload=payload)
 
-    async def _decode(self, request: pb.InferRequest, served: ServedModel, nbytes: int) -> DecodedInput:
+    async def _decode(self, request: pb.InferRequest, served: ServedModel) -> DecodedInput:
         """Check the request and view its pixels (no copy; float pixels get one range check, off the loop when big)."""
         decode = self._metrics.timed("decode", decode_input)
         geometry, max_images = served.teacher.geometry, served.batcher.max_batch_images
         outputs = decode_outputs(request, served.teacher)
-        if nbytes > OFFLOAD_BYTES and not self._uint8_input(request):
+        if not self._uint8_input(request) and declared_bytes(request) > OFFLOAD_BYTES:
             decoded = await asyncio.to_thread(
                 decode, request, geometry, max_images=max_images, max_elements=self._max_elements
             )
