@@ -213,9 +213,11 @@ def run_bench(
 
             s["ledger"] = _run("ledger", lambda: run_ledger_section(cfg))
         if "serving" in sections:
-            from benchmarks.serving import run_serving_section
+            from benchmarks.serving import CONFIGS, run_serving_section
 
-            s["serving"] = _run("serving", lambda: run_serving_section(calls=cfg.serving_calls))
+            s["serving"] = _run(
+                "serving", lambda: run_serving_section(cfg.serving_configs or CONFIGS, calls=cfg.serving_calls)
+            )
         if "tenants" in sections:
             from benchmarks.tenants import run_tenants
 

@@ -74,6 +74,8 @@ class BenchConfig:
     gpu_batch: int = 256
     threads: int = 0  # torch intra-op threads (0: one per CPU this process may use)
     serving_calls: int = 40  # calls per client in the serving section (2 x 64 and 8 x 32 images per call)
+    # (clients, images per call, pixels in shared memory) of the serving section; () = benchmarks.serving.CONFIGS
+    serving_configs: tuple[tuple[int, int, bool], ...] = ()
     tenants_seconds: float = 10.0  # each phase of the tenants section (light alone, light under the flood)
 
 
@@ -163,5 +165,6 @@ QUICK = BenchConfig(
     gpu_models=(ModelCase("vit_b_224", "ViT-Ti 64px (quick mode)", "vit_tiny_patch16_224", {"img_size": 64}),),
     gpu_batch=8,
     serving_calls=2,
+    serving_configs=((2, 8, False), (2, 8, True)),
     tenants_seconds=2.0,
 )

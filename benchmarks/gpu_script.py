@@ -51,7 +51,8 @@ DRY_MODELS = (
         {"img_size": 32, "patch_size": 4, "depth": 2, "num_classes": 10},
     ),
 )
-SERVER_CLIENTS = (8, 32)  # concurrent clients against each served model
+# (concurrent clients, pixels through shared memory) against each served model: the same host, so both ways apply
+SERVER_LOADS = ((8, False), (32, False), (8, True), (32, True))
 # the product's loop on the GPU: student and teacher server on the same card, bf16 (`--precision auto`, `--dtype auto`)
 GPU_TRAIN_PAIR = TrainPair(
     "deit",
@@ -61,7 +62,7 @@ GPU_TRAIN_PAIR = TrainPair(
     {},
     batch_size=128,
 )
-GPU_TRAIN_MODES = ("no_kd", "full_kd", "maskedkd_50", "maskedkd_25")
+GPU_TRAIN_MODES = ("no_kd", "full_kd", "maskedkd_50", "maskedkd_25", "maskedkd_50_shm")
 CUDA_TEST_FILES = (
     "tests/maskedkd/test_masked_teacher.py",
     "tests/teacher_server/test_batcher.py",
@@ -153,6 +154,7 @@ def server_vs_inprocess(
                 "device": device,
                 "metrics_port": 0,
                 "max_batch_images": max(256, batch * 8),
+                "shared_memory": True,
             },
             workdir / case.key,
             threads=torch.get_num_threads(),
@@ -161,11 +163,12 @@ def server_vs_inprocess(
         try:
             metrics = server.process.ready.metrics_url if server.process.ready else None
             client_load(server.address, server.api_key, [_requests(teacher, batch, cfg.warmup, seed=99)])
-            for clients in SERVER_CLIENTS:
-                load = [_requests(teacher, batch, requests, seed=1000 * clients + c) for c in range(clients)]
+            for clients, shared in SERVER_LOADS:
+                seed = 1000 * clients + (500 if shared else 0)  # ids of their own: none is a replay of another load's
+                load = [_requests(teacher, batch, requests, seed=seed + c) for c in range(clients)]
                 nbytes = sum(r.ByteSize() for mine in load for r in mine)
                 busy0 = _busy_s(metrics)
-                seconds, answers, errors = client_load(server.address, server.api_key, load)
+                seconds, answers, errors = client_load(server.address, server.api_key, load, shared_memory=shared)
                 busy = _busy_s(metrics) - busy0
                 expected = batch * teacher.gflops(kept)
                 rate = batch * len(answers) / seconds
@@ -174,6 +177,7 @@ def server_vs_inprocess(
                         "model": case.key,
                         "label": case.label,
                         "clients": clients,
+                        "shared_memory": shared,
                         "batch_per_request": batch,
                         "requests_per_client": requests,
                         "kept": kept,
@@ -246,6 +250,7 @@ def gpu_training(cfg: BenchConfig, pair: TrainPair, device: str, workdir: Path) 
                 "model_kwargs": pair.teacher.kwargs,
                 "device": device,
                 "max_batch_images": max(256, pair.batch_size),
+                "shared_memory": True,  # for maskedkd_50_shm; the other modes send their pixels in the messages
             },
         )
         modes = run_modes(
@@ -344,6 +349,7 @@ def _server_md(c: dict[str, Any], device: str) -> list[str]:
         (
             r["label"],
             r["clients"],
+            "shared memory" if r.get("shared_memory") else "messages",
             f"{r['images_per_s']:.0f}",
             f"{r['inprocess_images_per_s']:.0f}" if r["inprocess_images_per_s"] else "-",
             pct(r["of_inprocess"]) if r["of_inprocess"] is not None else "-",
@@ -359,13 +365,15 @@ def _server_md(c: dict[str, Any], device: str) -> list[str]:
         title,
         "",
         f"`teacher-server serve --device {device} --dtype auto`, each client sends {first['requests_per_client']} "
-        f"requests of {first['batch_per_request']} images of uint8 kept patches, one call at a time. Busy: the "
+        f"requests of {first['batch_per_request']} images of uint8 kept patches, one call at a time, in the messages "
+        "or through shared memory (`--shared-memory`; GB/s in then counts the bytes the regions carried). Busy: the "
         "forward's share of the wall time (`maskedkd_compute_seconds`).",
         "",
         table(
             (
                 "model",
                 "clients",
+                "pixels in",
                 "img/s",
                 "in-process img/s",
                 "of in-process",
@@ -453,7 +461,7 @@ def main(*, dry_run: bool, out: str | None, command: str) -> int:
     result["forward"] = _step("masked forward", lambda: run_gpu_section(cfg, None, device=device, keeps=GPU_KEEPS))
     with tempfile.TemporaryDirectory(prefix="maskedkd-gpu-") as tmp:
         result["server"] = _step(
-            f"server with {' and '.join(map(str, SERVER_CLIENTS))} clients",
+            "server with " + ", ".join(f"{c} clients{' (shared memory)' if m else ''}" for c, m in SERVER_LOADS),
             lambda: server_vs_inprocess(
                 cfg,
                 device,

@@ -9,7 +9,7 @@ counters before and after the load: the process's CPU time from /proc (every thr
 model's raw-pixel forward (`make_forward`, what the server runs) on one thread in this process, on uint8 rows.
 
     python -m benchmarks.serving                   # the configurations of `make bench`, a table on stdout
-    python -m benchmarks.serving --clients 2 --batch 64 --calls 40
+    python -m benchmarks.serving --clients 2 --batch 64 --calls 40 [--shared-memory]
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ NEGLIGIBLE_TEACHER = {
 }
 ARCH = "vit_tiny_patch16_224"
 KEEP = 98  # of 196 patches: keep 50%
-CONFIGS = ((2, 64), (8, 32))  # (clients, images per call), as docs/performance-notes.md measured them
+# (clients, images per call, pixels through shared memory), as docs/performance-notes.md measured them
+CONFIGS = ((2, 64, False), (8, 32, False), (2, 64, True), (8, 32, True))
 STAGE_RE = re.compile(r'^maskedkd_stage_cpu_seconds_total\{stage="(\w+)"\} ([0-9.e+-]+)$', re.M)
 IMAGES_RE = re.compile(r"^maskedkd_images_total\{[^}]*\} ([0-9.e+-]+)$", re.M)
 
@@ -58,13 +59,15 @@ IMAGES_RE = re.compile(r"^maskedkd_images_total\{[^}]*\} ([0-9.e+-]+)$", re.M)
 class ServingResult:
     clients: int
     batch: int
+    shared_memory: bool  # the pixels in shared memory regions of the clients (same host), not in the messages
     images: int
     images_per_s: float  # through the server, wall clock of the whole load
     server_cpu_us: float  # per image, every thread of the server process
     forward_cpu_us: float  # per image, the same forward in-process on one thread
     overhead_us: float  # server_cpu_us - forward_cpu_us
     stages_us: dict[str, float]  # per image, the serving path's stages (forward included)
-    floor_us: float  # per image, a bare gRPC server answering the same calls (benchmarks/grpc_floor.py)
+    above_forward_us: float  # server_cpu_us minus the server's own forward stage: the serving path's CPU alone
+    floor_us: float | None  # per image, a bare gRPC server answering the same calls (benchmarks/grpc_floor.py)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,9 +101,11 @@ def requests_for(batch: int, count: int, seed: int) -> list[pb.InferRequest]:
     return out
 
 
-def _load(address: str, api_key: str, per_client: Sequence[Sequence[pb.InferRequest]]) -> float:
+def _load(
+    address: str, api_key: str, per_client: Sequence[Sequence[pb.InferRequest]], *, shared_memory: bool = False
+) -> float:
     """Send every client's requests, one call at a time per client, clients at once; returns the wall seconds."""
-    seconds, _, errors = client_load(address, api_key, per_client, timeout_s=300)
+    seconds, _, errors = client_load(address, api_key, per_client, timeout_s=300, shared_memory=shared_memory)
     if errors:
         raise RuntimeError(f"{len(errors)} calls failed, the first: {errors[0]}")
     return seconds
@@ -132,9 +137,16 @@ def forward_cpu_us(batch: int, *, repeats: int = 10, rounds: int = 3) -> float:
 
 
 def measure(
-    clients: int, batch: int, calls: int, workdir: Path, *, settings: dict[str, Any] | None = None
+    clients: int,
+    batch: int,
+    calls: int,
+    workdir: Path,
+    *,
+    shared_memory: bool = False,
+    settings: dict[str, Any] | None = None,
 ) -> ServingResult:
-    """One configuration against a fresh server child (one torch thread, metrics on, float32)."""
+    """One configuration against a fresh server child (one torch thread, metrics on, float32). `shared_memory`: the
+    clients pass the pixels through shared memory (the server started with it); no floor is measured then."""
     server = (
         BenchServer(
             f"serving-{clients}x{batch}",
@@ -146,9 +158,10 @@ def measure(
                 "max_batch_images": 256,
                 "token_budget": 256 * (KEEP + 1),
                 "max_delay_ms": 2.0,
+                "shared_memory": shared_memory,
                 **(settings or {}),
             },
-            workdir / f"{clients}x{batch}",
+            workdir / f"{clients}x{batch}{'-shm' if shared_memory else ''}",
             threads=1,
         )
         .start()
@@ -159,53 +172,58 @@ def measure(
         assert metrics, "the server exported no metrics"
         per_client = [requests_for(batch, calls, seed=c) for c in range(clients)]
         warm = [requests_for(batch, 2, seed=1000 + c) for c in range(clients)]
-        _load(server.address, server.api_key, warm)
+        _load(server.address, server.api_key, warm, shared_memory=shared_memory)
         pid = server.process.pid
         assert pid is not None
         cpu0, stages0, images0 = _counters(metrics, pid)
-        wall = _load(server.address, server.api_key, per_client)
+        wall = _load(server.address, server.api_key, per_client, shared_memory=shared_memory)
         cpu1, stages1, images1 = _counters(metrics, pid)
     finally:
         server.stop()
     images = int(images1 - images0)
-    floor = floor_cpu_us(per_client, warm)  # the same calls, after the teacher server stopped
+    floor = None if shared_memory else floor_cpu_us(per_client, warm)  # the same calls, the teacher server stopped
     forward = forward_cpu_us(batch)
     server_us = (cpu1 - cpu0) / images * 1e6
+    stages = {s: (stages1.get(s, 0.0) - stages0.get(s, 0.0)) / images * 1e6 for s in stages1}
     return ServingResult(
         clients=clients,
         batch=batch,
+        shared_memory=shared_memory,
         images=images,
         images_per_s=images / wall,
         server_cpu_us=server_us,
         forward_cpu_us=forward,
         overhead_us=server_us - forward,
-        stages_us={s: (stages1.get(s, 0.0) - stages0.get(s, 0.0)) / images * 1e6 for s in stages1},
+        stages_us=stages,
+        above_forward_us=server_us - stages.get("forward", 0.0),
         floor_us=floor,
     )
 
 
 def run_serving_section(
-    configs: Sequence[tuple[int, int]] = CONFIGS, *, calls: int = 40, workdir: Path | None = None
+    configs: Sequence[tuple[int, int, bool]] = CONFIGS, *, calls: int = 40, workdir: Path | None = None
 ) -> dict[str, Any]:
     """`make bench`'s serving section: every configuration, one after the other."""
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
-        rows = [measure(c, b, calls, workdir or Path(tmp)).to_dict() for c, b in configs]
+        rows = [measure(c, b, calls, workdir or Path(tmp), shared_memory=shm).to_dict() for c, b, shm in configs]
     return {"status": "ok", "teacher": {"arch": ARCH, **NEGLIGIBLE_TEACHER}, "keep_patches": KEEP, "rows": rows}
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
     stages = sorted({s for r in rows for s in r["stages_us"]})
-    head = ["clients x batch", "img/s", "server CPU us/img", "forward us/img", "overhead us/img", "gRPC floor us/img"]
-    head += stages
+    head = ["clients x batch", "pixels in", "img/s", "server CPU us/img", "forward us/img", "overhead us/img"]
+    head += ["above its own forward us/img", "gRPC floor us/img", *stages]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
             f"{r['clients']} x {r['batch']}",
+            "shared memory" if r.get("shared_memory") else "messages",
             f"{r['images_per_s']:.0f}",
             f"{r['server_cpu_us']:.0f}",
             f"{r['forward_cpu_us']:.0f}",
             f"{r['overhead_us']:.0f}",
-            f"{r['floor_us']:.0f}" if "floor_us" in r else "",
+            f"{r['above_forward_us']:.0f}" if "above_forward_us" in r else "",
+            f"{r['floor_us']:.0f}" if r.get("floor_us") is not None else "",
             *(f"{r['stages_us'].get(s, 0.0):.1f}" for s in stages),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -217,9 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--calls", type=int, default=40, help="calls per client")
+    parser.add_argument("--shared-memory", action="store_true", help="with --clients/--batch: pixels in shared memory")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
-    configs = [(args.clients, args.batch)] if args.clients and args.batch else list(CONFIGS)
+    chosen = (args.clients, args.batch, args.shared_memory)
+    configs = [chosen] if args.clients and args.batch else list(CONFIGS)
     result = run_serving_section(configs, calls=args.calls)
     print(table(result["rows"]))
     if args.json:

@@ -238,12 +238,18 @@ def serving_targets(section: dict[str, Any]) -> list[Target]:
     return [
         Target(
             "serving overhead: server CPU-us per image above the in-process forward",
-            f"{r['clients']} clients x {r['batch']} images, keep 50%",
+            f"{r['clients']} clients x {r['batch']} images, keep 50%"
+            + (", pixels in shared memory" if r.get("shared_memory") else ""),
             r["overhead_us"],
             "<=",
             60.0,
             f"server {r['server_cpu_us']:.0f} us/img, forward {r['forward_cpu_us']:.0f} us/img, "
-            f"{r['images_per_s']:.0f} img/s through the server",
+            f"{r['images_per_s']:.0f} img/s through the server"
+            + (
+                f"; a bare gRPC server answering the same calls: {r['floor_us']:.0f} us/img"
+                if r.get("floor_us")
+                else ""
+            ),
         )
         for r in section["rows"]
     ]

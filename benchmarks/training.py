@@ -28,6 +28,8 @@ MODES: tuple[tuple[str, dict[str, Any]], ...] = (
     ("maskedkd_75", {"mode": "kd", "strategy": "sips", "keep": 0.75}),
     ("maskedkd_50", {"mode": "kd", "strategy": "sips", "keep": 0.5}),
     ("maskedkd_25", {"mode": "kd", "strategy": "sips", "keep": 0.25}),
+    # the pixels through shared memory (the teacher on this host, started with --shared-memory): GPU script only
+    ("maskedkd_50_shm", {"mode": "kd", "strategy": "sips", "keep": 0.5, "teacher_shared_memory": True}),
 )
 TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward (two products per forward product)
 
@@ -155,7 +157,7 @@ def run_training_section(cfg: BenchConfig, pool: Any, workdir: Path, threads: in
         modes = run_modes(
             pair,
             pool.get(pair.teacher.key),
-            tuple(name for name, _ in MODES),
+            tuple(name for name, opts in MODES if not opts.get("teacher_shared_memory")),
             cfg,
             workdir / pair.key,
             threads,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,6 +38,7 @@ from student_client.channel import open_channel
 from student_client.errors import TeacherError
 from student_client.resend import CountsRefusedReplays, RefusedReplays, ResendPlan
 from student_client.retry import DEFAULT_PATIENCE_S, RetryPolicy
+from student_client.shared_pixels import SharedPixels, on_this_host
 from student_client.tls import channel_credentials
 from student_client.wire import Batch, InferResult, ModelInfo, Usage, arguments_of, decode_response, join_results
 
@@ -129,9 +131,15 @@ class TeacherClient(ClientCore):
         *,
         interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (),
         request_log: str | Path | None = None,
+        shared_memory: bool = False,
         **settings: Unpack[ClientSettings],
     ) -> None:
         self._interceptors = tuple(interceptors)
+        # pixels through shared memory (student_client/shared_pixels.py) when the teacher is on this host and reads
+        # them (ModelInfo.shared_memory); else, with a warning, in the message as usual
+        self.shared_memory = shared_memory
+        self._shared: SharedPixels | None = None
+        self._shared_checked = False
         self.request_log = Path(request_log) if request_log else None  # debug: sha256 of every request sent
         super().__init__(target, api_key, **settings)
         self._lock = threading.Lock()
@@ -168,14 +176,46 @@ class TeacherClient(ClientCore):
     def infer_request(self, req: pb.InferRequest) -> pb.InferResponse:
         """Send one built request (retried per the policy); a refused replay goes on as `student_client.resend` says."""
         plan = ResendPlan(req, self.reuse_billed_answers)
-        while True:
-            self.log_request(req)
-            try:
-                return self._call(self.stub.Infer, req)
-            except TeacherError as err:
-                if (step := plan.after(err)) is None:
-                    raise
-                self.refused_replays.note(plan, step, str(err))
+        sent, release = self.shared_request(req)
+        try:
+            while True:
+                self.log_request(req)
+                sent.request_id, sent.accept_billed_answer = req.request_id, req.accept_billed_answer  # plan's changes
+                try:
+                    return self._call(self.stub.Infer, sent)
+                except TeacherError as err:
+                    if (step := plan.after(err)) is None:
+                        raise
+                    self.refused_replays.note(plan, step, str(err))
+        finally:
+            release()
+
+    def shared_request(self, req: pb.InferRequest) -> tuple[pb.InferRequest, Callable[[], None]]:
+        """`req` as it is sent, and what to call once its answer is in: with `shared_memory` (and a teacher on this
+        host that reads it) its pixels in a region of this client's until then; else `req` itself."""
+        if not self._use_shared_memory():
+            return req, _nothing
+        assert self._shared is not None
+        return self._shared.place(req)
+
+    def _use_shared_memory(self) -> bool:
+        if not self.shared_memory:
+            return False
+        with self._lock:
+            checked = self._shared_checked
+        if not checked:
+            why = None
+            if not on_this_host(self.target):
+                why = f"{self.target} is not on this host (a loopback address, localhost or a unix: socket)"
+            elif not self.info().shared_memory:
+                why = "the teacher does not read shared memory (start it with --shared-memory)"
+            if why is not None:
+                print(f"student-client: warning: pixels go in the messages: {why}", file=sys.stderr)
+            with self._lock:
+                if not self._shared_checked:
+                    self._shared = SharedPixels() if why is None else None
+                    self._shared_checked = True
+        return self._shared is not None
 
     def log_request(self, req: pb.InferRequest) -> None:
         """With `request_log`: append {request_id, content_sha256, pid} as one JSON line, where content_sha256 is the
@@ -236,6 +276,8 @@ class TeacherClient(ClientCore):
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+        if self._shared is not None:
+            self._shared.close()
         self._raw_channel.close()
 
     def __enter__(self) -> TeacherClient:
@@ -243,6 +285,10 @@ class TeacherClient(ClientCore):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _nothing() -> None:
+    pass
 
 
 __all__ = ["InferResult", "ModelInfo", "TeacherClient", "TeacherError", "Usage"]

@@ -130,6 +130,11 @@ class TrainConfig(BaseSettings):
         description="private key of --teacher-client-cert",
     )
     transport: Transport = Field("stream", description="InferStream (one stream per worker) or unary Infer calls")
+    teacher_shared_memory: bool = Field(
+        False,
+        description="pass the kept pixels to a teacher on this host through shared memory instead of the messages "
+        "(the teacher must run with --shared-memory, as the same user; otherwise a warning and the messages)",
+    )
     # --- method ---
     mode: Mode = Field("kd", description="kd: MaskedKD; none: no teacher; mask-student: the paper's ablation")
     strategy: Strategy = Field("sips", description="which teacher patches are kept")

@@ -98,11 +98,13 @@ class TeacherStream:
                 raise RuntimeError("TeacherStream is closed")
             if rid in self._pending:
                 raise ValueError(f"request_id {rid!r} is already in flight on this stream")
-            self._pending[rid] = (req, fut)
             self.client.log_request(req)
+            sent, release = self.client.shared_request(req)  # pixels in shared memory until the answer is in
+            fut.add_done_callback(lambda _: release())
+            self._pending[rid] = (sent, fut)
             self._ensure_open_locked()
             assert self._outbox is not None
-            self._outbox.put(req)
+            self._outbox.put(sent)
         return fut
 
     @property

@@ -354,6 +354,7 @@ def _connect_teacher(
         patience_s=cfg.teacher_patience_s,
         model=cfg.teacher_model,
         request_log=cfg.request_log,
+        shared_memory=cfg.teacher_shared_memory,
         reuse_billed_answers=True,
         **teacher_tls_kwargs(cfg),
     )

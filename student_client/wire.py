@@ -45,6 +45,7 @@ class ModelInfo(TeacherGeometry):
     dtype: str = "float32"
     outputs: tuple[str, ...] = ()  # the extra outputs it can answer (`Batch.outputs`)
     tome_r: int = 0  # > 0: the teacher merges this many tokens per block (ToMe) instead of masking
+    shared_memory: bool = False  # it reads pixels from shared memory of callers on its host (shared_pixels.py)
 
     @classmethod
     def from_proto(cls, msg: pb.ModelInfo) -> ModelInfo:
@@ -59,6 +60,7 @@ class ModelInfo(TeacherGeometry):
             dtype=msg.dtype or "float32",
             outputs=tuple(msg.outputs),
             tome_r=int(msg.tome_r),
+            shared_memory=bool(msg.shared_memory),
         )
 
 

@@ -17,6 +17,10 @@ class AuthenticationError(ServiceError):
     status = "UNAUTHENTICATED"
 
 
+class PermissionDeniedError(ServiceError):
+    status = "PERMISSION_DENIED"
+
+
 class ModelNotFoundError(ServiceError, LookupError):
     status = "NOT_FOUND"
 

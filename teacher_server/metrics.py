@@ -106,6 +106,11 @@ class ServerMetrics:
         self.stage_cpu = Counter(
             "maskedkd_stage_cpu_seconds_total", "CPU seconds the serving path spent, by stage", ["stage"], registry=r
         )
+        self.shared_memory_bytes = Counter(
+            "maskedkd_shared_memory_bytes_total",
+            "Pixel bytes read from callers' shared memory regions (--shared-memory) instead of the messages",
+            registry=r,
+        )
         for stage in STAGES:  # every stage exported from the start, at 0
             self.stage_cpu.labels(stage=stage)
         ProcessCollector(registry=r)  # process_cpu_seconds_total: the stages' sum plus what no stage counts

@@ -84,6 +84,12 @@ class ServerSettings(BaseSettings):
     max_message_mb: float = Field(
         256.0, gt=0, description="gRPC message size limit in MiB (fits 256 float32 224 px images)"
     )
+    shared_memory: bool = Field(
+        False,
+        description="also read a request's pixels from a POSIX shared memory region (Tensor.shm) written by a caller "
+        "on this host, as the same user: the message then carries only the region's name (callers elsewhere are "
+        "refused; off: such requests are INVALID_ARGUMENT)",
+    )
     metrics_port: int | None = Field(
         9464, ge=0, le=65535, description="Prometheus /metrics port (0: any free port; --no-metrics: off)"
     )

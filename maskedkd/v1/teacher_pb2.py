@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19maskedkd/v1/teacher.proto\x12\x0bmaskedkd.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"!\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xf9\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0cimage_height\x18\x02 \x01(\x03\x12\x13\n\x0bimage_width\x18\x03 \x01(\x03\x12\x12\n\npatch_size\x18\x04 \x01(\x03\x12\x13\n\x0bgrid_height\x18\x05 \x01(\x03\x12\x12\n\ngrid_width\x18\x06 \x01(\x03\x12\x19\n\x11num_prefix_tokens\x18\x07 \x01(\x03\x12\x13\n\x0bnum_classes\x18\x08 \x01(\x03\x12\x10\n\x08in_chans\x18\t \x01(\x03\x12\x0c\n\x04mean\x18\n \x03(\x02\x12\x0b\n\x03std\x18\x0b \x03(\x02\x12\x13\n\x0b\x66ull_gflops\x18\x0c \x01(\x01\x12\x17\n\x0fprice_per_gflop\x18\r \x01(\x01\x12\x10\n\x08\x63urrency\x18\x0e \x01(\t\x12\x0e\n\x06models\x18\x0f \x03(\t\x12\x18\n\x10max_batch_images\x18\x10 \x01(\x03\x12\r\n\x05\x64type\x18\x11 \x01(\t\x12\x0f\n\x07outputs\x18\x12 \x03(\t\x12\x0e\n\x06tome_r\x18\x13 \x01(\x03\"\xb5\x02\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12%\n\x06images\x18\x03 \x01(\x0b\x32\x13.maskedkd.v1.TensorH\x00\x12&\n\x07patches\x18\x04 \x01(\x0b\x32\x13.maskedkd.v1.TensorH\x00\x12)\n\x0ckeep_indices\x18\x05 \x01(\x0b\x32\x13.maskedkd.v1.Tensor\x12(\n\x0bkeep_counts\x18\x06 \x01(\x0b\x32\x13.maskedkd.v1.Tensor\x12\x0f\n\x07purpose\x18\x07 \x01(\t\x12\x1c\n\x14\x61\x63\x63\x65pt_billed_answer\x18\x08 \x01(\x08\x12\x0f\n\x07outputs\x18\t \x03(\t\x12\x15\n\routputs_dtype\x18\n \x01(\tB\x07\n\x05input\"\x82\x01\n\x05Usage\x12\x0e\n\x06images\x18\x01 \x01(\x03\x12\x0e\n\x06tokens\x18\x02 \x01(\x03\x12\x0e\n\x06gflops\x18\x03 \x01(\x01\x12\x13\n\x0b\x66ull_gflops\x18\x04 \x01(\x01\x12\x0c\n\x04\x63ost\x18\x05 \x01(\x01\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x12\x14\n\x0coutput_bytes\x18\x07 \x01(\x03\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xb6\x01\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x06logits\x18\x02 \x01(\x0b\x32\x13.maskedkd.v1.Tensor\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.maskedkd.v1.Usage\x12\"\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x13.maskedkd.v1.Status\x12%\n\x07outputs\x18\x05 \x01(\x0b\x32\x14.maskedkd.v1.Outputs\"\x89\x01\n\x07Outputs\x12\'\n\npre_logits\x18\x01 \x01(\x0b\x32\x13.maskedkd.v1.Tensor\x12)\n\x0cpatch_tokens\x18\x02 \x01(\x0b\x32\x13.maskedkd.v1.Tensor\x12*\n\rcls_attention\x18\x03 \x01(\x0b\x32\x13.maskedkd.v1.Tensor2\xe1\x01\n\x0eTeacherService\x12\x45\n\x0cGetModelInfo\x12\x1d.maskedkd.v1.ModelInfoRequest\x1a\x16.maskedkd.v1.ModelInfo\x12>\n\x05Infer\x12\x19.maskedkd.v1.InferRequest\x1a\x1a.maskedkd.v1.InferResponse\x12H\n\x0bInferStream\x12\x19.maskedkd.v1.InferRequest\x1a\x1a.maskedkd.v1.InferResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19maskedkd/v1/teacher.proto\x12\x0bmaskedkd.v1\"\\\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12&\n\x03shm\x18\x04 \x01(\x0b\x32\x19.maskedkd.v1.SharedMemory\",\n\x0cSharedMemory\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"!\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x90\x03\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0cimage_height\x18\x02 \x01(\x03\x12\x13\n\x0bimage_width\x18\x03 \x01(\x03\x12\x12\n\npatch_size\x18\x04 \x01(\x03\x12\x13\n\x0bgrid_height\x18\x05 \x01(\x03\x12\x12\n\ngrid_width\x18\x06 \x01(\x03\x12\x19\n\x11num_prefix_tokens\x18\x07 \x01(\x03\x12\x13\n\x0bnum_classes\x18\x08 \x01(\x03\x12\x10\n\x08in_chans\x18\t \x01(\x03\x12\x0c\n\x04mean\x18\n \x03(\x02\x12\x0b\n\x03std\x18\x0b \x03(\x02\x12\x13\n\x0b\x66ull_gflops\x18\x0c \x01(\x01\x12\x17\n\x0fprice_per_gflop\x18\r \x01(\x01\x12\x10\n\x08\x63urrency\x18\x0e \x01(\t\x12\x0e\n\x06models\x18\x0f \x03(\t\x12\x18\n\x10max_batch_images\x18\x10 \x01(\x03\x12\r\n\x05\x64type\x18\x11 \x01(\t\x12\x0f\n\x07outputs\x18\x12 \x03(\t\x12\x0e\n\x06tome_r\x18\x13 \x01(\x03\x12\x15\n\rshared_memory\x18\x14 \x01(\x08\"\xb5\x02\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12%\n\x06images\x18\x03 \x01(\x0b\x32\x13.maskedkd.v1.TensorH\x00\x12&\n\x07patches\x18\x04 \x01(\x0b\x32\x13.maskedkd.v1.TensorH\x00\x12)\n\x0ckeep_indices\x18\x05 \x01(\x0b\x32\x13.maskedkd.v1.Tensor\x12(\n\x0bkeep_counts\x18\x06 \x01(\x0b\x32\x13.maskedkd.v1.Tensor\x12\x0f\n\x07purpose\x18\x07 \x01(\t\x12\x1c\n\x14\x61\x63\x63\x65pt_billed_answer\x18\x08 \x01(\x08\x12\x0f\n\x07outputs\x18\t \x03(\t\x12\x15\n\routputs_dtype\x18\n \x01(\tB\x07\n\x05input\"\x82\x01\n\x05Usage\x12\x0e\n\x06images\x18\x01 \x01(\x03\x12\x0e\n\x06tokens\x18\x02 \x01(\x03\x12\x0e\n\x06gflops\x18\x03 \x01(\x01\x12\x13\n\x0b\x66ull_gflops\x18\x04 \x01(\x01\x12\x0c\n\x04\x63ost\x18\x05 \x01(\x01\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x12\x14\n\x0coutput_bytes\x18\x07 \x01(\x03\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xb6\x01\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x06logits\x18\x02 \x01(\x0b\x32\x13.maskedkd.v1.Tensor\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.maskedkd.v1.Usage\x12\"\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x13.maskedkd.v1.Status\x12%\n\x07outputs\x18\x05 \x01(\x0b\x32\x14.maskedkd.v1.Outputs\"\x89\x01\n\x07Outputs\x12\'\n\npre_logits\x18\x01 \x01(\x0b\x32\x13.maskedkd.v1.Tensor\x12)\n\x0cpatch_tokens\x18\x02 \x01(\x0b\x32\x13.maskedkd.v1.Tensor\x12*\n\rcls_attention\x18\x03 \x01(\x0b\x32\x13.maskedkd.v1.Tensor2\xe1\x01\n\x0eTeacherService\x12\x45\n\x0cGetModelInfo\x12\x1d.maskedkd.v1.ModelInfoRequest\x1a\x16.maskedkd.v1.ModelInfo\x12>\n\x05Infer\x12\x19.maskedkd.v1.InferRequest\x1a\x1a.maskedkd.v1.InferResponse\x12H\n\x0bInferStream\x12\x19.maskedkd.v1.InferRequest\x1a\x1a.maskedkd.v1.InferResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,21 +32,23 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'maskedkd.v1.teacher_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TENSOR']._serialized_start=42
-  _globals['_TENSOR']._serialized_end=94
-  _globals['_MODELINFOREQUEST']._serialized_start=96
-  _globals['_MODELINFOREQUEST']._serialized_end=129
-  _globals['_MODELINFO']._serialized_start=132
-  _globals['_MODELINFO']._serialized_end=509
-  _globals['_INFERREQUEST']._serialized_start=512
-  _globals['_INFERREQUEST']._serialized_end=821
-  _globals['_USAGE']._serialized_start=824
-  _globals['_USAGE']._serialized_end=954
-  _globals['_STATUS']._serialized_start=956
-  _globals['_STATUS']._serialized_end=995
-  _globals['_INFERRESPONSE']._serialized_start=998
-  _globals['_INFERRESPONSE']._serialized_end=1180
-  _globals['_OUTPUTS']._serialized_start=1183
-  _globals['_OUTPUTS']._serialized_end=1320
-  _globals['_TEACHERSERVICE']._serialized_start=1323
-  _globals['_TEACHERSERVICE']._serialized_end=1548
+  _globals['_TENSOR']._serialized_end=134
+  _globals['_SHAREDMEMORY']._serialized_start=136
+  _globals['_SHAREDMEMORY']._serialized_end=180
+  _globals['_MODELINFOREQUEST']._serialized_start=182
+  _globals['_MODELINFOREQUEST']._serialized_end=215
+  _globals['_MODELINFO']._serialized_start=218
+  _globals['_MODELINFO']._serialized_end=618
+  _globals['_INFERREQUEST']._serialized_start=621
+  _globals['_INFERREQUEST']._serialized_end=930
+  _globals['_USAGE']._serialized_start=933
+  _globals['_USAGE']._serialized_end=1063
+  _globals['_STATUS']._serialized_start=1065
+  _globals['_STATUS']._serialized_end=1104
+  _globals['_INFERRESPONSE']._serialized_start=1107
+  _globals['_INFERRESPONSE']._serialized_end=1289
+  _globals['_OUTPUTS']._serialized_start=1292
+  _globals['_OUTPUTS']._serialized_end=1429
+  _globals['_TEACHERSERVICE']._serialized_start=1432
+  _globals['_TEACHERSERVICE']._serialized_end=1657
 # @@protoc_insertion_point(module_scope)

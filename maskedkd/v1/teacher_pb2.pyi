@@ -7,14 +7,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data")
+    __slots__ = ("dtype", "shape", "data", "shm")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    SHM_FIELD_NUMBER: _ClassVar[int]
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    shm: SharedMemory
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., shm: _Optional[_Union[SharedMemory, _Mapping]] = ...) -> None: ...
+
+class SharedMemory(_message.Message):
+    __slots__ = ("name", "offset")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    offset: int
+    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class ModelInfoRequest(_message.Message):
     __slots__ = ("model",)
@@ -23,7 +33,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "image_height", "image_width", "patch_size", "grid_height", "grid_width", "num_prefix_tokens", "num_classes", "in_chans", "mean", "std", "full_gflops", "price_per_gflop", "currency", "models", "max_batch_images", "dtype", "outputs", "tome_r")
+    __slots__ = ("model", "image_height", "image_width", "patch_size", "grid_height", "grid_width", "num_prefix_tokens", "num_classes", "in_chans", "mean", "std", "full_gflops", "price_per_gflop", "currency", "models", "max_batch_images", "dtype", "outputs", "tome_r", "shared_memory")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGE_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     IMAGE_WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +53,7 @@ class ModelInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     TOME_R_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     model: str
     image_height: int
     image_width: int
@@ -62,7 +73,8 @@ class ModelInfo(_message.Message):
     dtype: str
     outputs: _containers.RepeatedScalarFieldContainer[str]
     tome_r: int
-    def __init__(self, model: _Optional[str] = ..., image_height: _Optional[int] = ..., image_width: _Optional[int] = ..., patch_size: _Optional[int] = ..., grid_height: _Optional[int] = ..., grid_width: _Optional[int] = ..., num_prefix_tokens: _Optional[int] = ..., num_classes: _Optional[int] = ..., in_chans: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., full_gflops: _Optional[float] = ..., price_per_gflop: _Optional[float] = ..., currency: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., max_batch_images: _Optional[int] = ..., dtype: _Optional[str] = ..., outputs: _Optional[_Iterable[str]] = ..., tome_r: _Optional[int] = ...) -> None: ...
+    shared_memory: bool
+    def __init__(self, model: _Optional[str] = ..., image_height: _Optional[int] = ..., image_width: _Optional[int] = ..., patch_size: _Optional[int] = ..., grid_height: _Optional[int] = ..., grid_width: _Optional[int] = ..., num_prefix_tokens: _Optional[int] = ..., num_classes: _Optional[int] = ..., in_chans: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., full_gflops: _Optional[float] = ..., price_per_gflop: _Optional[float] = ..., currency: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., max_batch_images: _Optional[int] = ..., dtype: _Optional[str] = ..., outputs: _Optional[_Iterable[str]] = ..., tome_r: _Optional[int] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
 
 class InferRequest(_message.Message):
     __slots__ = ("request_id", "model", "images", "patches", "keep_indices", "keep_counts", "purpose", "accept_billed_answer", "outputs", "outputs_dtype")

@@ -60,9 +60,13 @@ class DecodedInput:
         return self.pixels.dtype == torch.uint8
 
 
-def _view(msg: pb.Tensor, name: str, max_elements: int) -> tuple[torch.Tensor, bytes]:
-    """(the tensor viewing the message's bytes, those bytes); InvalidRequestError naming `name` when they are bad."""
-    data = msg.data  # one read of the field: every access copies it out of the message
+def _view(msg: pb.Tensor, name: str, max_elements: int, data: bytes | None = None) -> tuple[torch.Tensor, bytes]:
+    """(the tensor viewing the message's bytes, or `data` read from its shared memory region, those bytes);
+    InvalidRequestError naming `name` when they are bad."""
+    if data is None:
+        if msg.HasField("shm"):
+            raise InvalidRequestError(f"{name}: shared memory (shm) carries only the pixels; send {name}.data")
+        data = msg.data  # one read of the field: every access copies it out of the message
     try:
         with warnings.catch_warnings():  # read-only bytes: nothing here writes into them
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
@@ -136,16 +140,22 @@ def declared_bytes(request: pb.InferRequest) -> int:
 
 
 def decode_input(
-    request: pb.InferRequest, geometry: TeacherGeometry, *, max_images: int, max_elements: int = 1 << 31
+    request: pb.InferRequest,
+    geometry: TeacherGeometry,
+    *,
+    max_images: int,
+    max_elements: int = 1 << 31,
+    pixel_bytes: bytes | None = None,
 ) -> DecodedInput:
     """Check `request` against the teacher's `geometry` and view its pixels; InvalidRequestError names what is wrong.
+    `pixel_bytes`: the pixels read from the shared memory region the input names (service/shared_memory.py).
     What this returns is trusted from here on (the forward checks nothing again)."""
     which = request.WhichOneof("input")
     p, c = geometry.patch_size, geometry.in_chans
     if which is None:
         raise InvalidRequestError("request carries no input: set `images` [B, C, H, W] or `patches` [B, K, C, P, P]")
     if which == "images":
-        images, payload = _view(request.images, "images", max_elements)
+        images, payload = _view(request.images, "images", max_elements, pixel_bytes)
         if images.dim() != 4:
             raise InvalidRequestError(f"images: shape {clip(list(images.shape))} must be [B, C, H, W] (4 dimensions)")
         batch = int(images.shape[0])
@@ -166,7 +176,7 @@ def decode_input(
             indices = torch.arange(geometry.num_patches).unsqueeze(0).expand(batch, -1)
             counts = torch.full((batch,), geometry.num_patches, dtype=torch.int64)
         return DecodedInput("images", images, indices, counts, payload)
-    patches, payload = _view(request.patches, "patches", max_elements)
+    patches, payload = _view(request.patches, "patches", max_elements, pixel_bytes)
     if patches.dim() != 5:
         raise InvalidRequestError(f"patches: shape {clip(list(patches.shape))} must be [B, K, C, P, P] (5 dimensions)")
     batch, k = int(patches.shape[0]), int(patches.shape[1])

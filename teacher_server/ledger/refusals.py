@@ -24,6 +24,7 @@ from teacher_server.errors import (
     AuthenticationError,
     InvalidRequestError,
     ModelNotFoundError,
+    PermissionDeniedError,
     RefusalWithDetailsError,
     RequestIdReusedError,
 )
@@ -43,7 +44,7 @@ def reason_of(exc: BaseException) -> str | None:
         return "auth"
     if isinstance(exc, RefusalWithDetailsError):
         return exc.reason
-    if isinstance(exc, (InvalidRequestError, ModelNotFoundError, RequestIdReusedError)):
+    if isinstance(exc, (InvalidRequestError, ModelNotFoundError, PermissionDeniedError, RequestIdReusedError)):
         return "invalid"
     return None
 

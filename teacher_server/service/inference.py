@@ -38,6 +38,7 @@ from teacher_server.service.auth import KeyInfo
 from teacher_server.service.biller import Biller, BillingContext, InferOutcome, reused_error
 from teacher_server.service.content_digest import RequestDigest, content_digest
 from teacher_server.service.quota_status import deadline_unmet, overloaded, quota_exceeded
+from teacher_server.service.shared_memory import read_shared_pixels, shared_input
 
 OFFLOAD_BYTES = 16 << 20  # digest and check float payloads above this size off the event loop (a thread hop costs)
 MIN_RETRY_S = 0.05  # the shortest RetryInfo of an overload refusal
@@ -96,8 +97,17 @@ class _OriginalFailedError(Exception):
 
 
 class InferenceService:
-    def __init__(self, *, served: ServedModel, biller: Biller, metrics: ServerMetrics, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        *,
+        served: ServedModel,
+        biller: Biller,
+        metrics: ServerMetrics,
+        max_message_bytes: int,
+        shared_memory: bool = False,
+    ) -> None:
         self.served = served
+        self._shared_memory = shared_memory  # read pixels from shared memory regions of local callers
         self._biller = biller
         self._metrics = metrics
         self._max_elements = max_message_bytes  # a tensor cannot hold more elements than the message has bytes
@@ -144,14 +154,17 @@ class InferenceService:
         batcher = self.served.batcher
         return max(MIN_RETRY_S, batcher.compute.seconds(batcher.queue.key_tokens(key.id)))
 
-    async def infer(self, key: KeyInfo, request: pb.InferRequest, *, deadline: float | None = None) -> InferOutcome:
+    async def infer(
+        self, key: KeyInfo, request: pb.InferRequest, *, deadline: float | None = None, local_peer: bool = False
+    ) -> InferOutcome:
         """Answer one request (billing it unless it is a replay); raises ServiceError subclasses on refusal.
-        `deadline`: the time.monotonic() at which the caller gives up (None: never)."""
+        `deadline`: the time.monotonic() at which the caller gives up (None: never). `local_peer`: the call comes
+        from this host (its pixels may then be in shared memory: shared_memory.py)."""
         received_at = time.monotonic()
         served = self.served.named(request.model)
         current_labels().model = served.name
         _check_fields(request)
-        decoded = await self._decode(request, served)
+        decoded = await self._decode(request, served, self._shared_pixels(request, local_peer))
         # The pixel bytes count against the queue bounds from here (a view of the message: what it holds in memory);
         # sizing the whole message instead would encode it again (upb keeps no size), ~10 us an image.
         nbytes = len(decoded.payload)
@@ -233,17 +246,32 @@ class InferenceService:
             return await asyncio.to_thread(digest, request, model=model, payload=payload)
         return digest(request, model=model, payload=payload)
 
-    async def _decode(self, request: pb.InferRequest, served: ServedModel) -> DecodedInput:
-        """Check the request and view its pixels (no copy; float pixels get one range check, off the loop when big)."""
+    def _shared_pixels(self, request: pb.InferRequest, local_peer: bool) -> bytes | None:
+        """The pixel bytes of a request whose input names a shared memory region (None: they are in the message)."""
+        if shared_input(request) is None:
+            return None
+        nbytes = declared_bytes(request)
+        if nbytes > self._max_elements:
+            raise InvalidRequestError(
+                f"the pixels in shared memory declare {nbytes} bytes, more than a message may carry "
+                f"({self._max_elements})"
+            )
+        with self._metrics.stage("receive"):
+            pixels = read_shared_pixels(request, nbytes, enabled=self._shared_memory, local=local_peer)
+        self._metrics.shared_memory_bytes.inc(len(pixels))
+        return pixels
+
+    async def _decode(self, request: pb.InferRequest, served: ServedModel, pixels: bytes | None) -> DecodedInput:
+        """Check the request and view its pixels (no copy; float pixels get one range check, off the loop when big).
+        `pixels`: the bytes read from its shared memory region."""
         decode = self._metrics.timed("decode", decode_input)
         geometry, max_images = served.teacher.geometry, served.batcher.max_batch_images
         outputs = decode_outputs(request, served.teacher)
+        limits = {"max_images": max_images, "max_elements": self._max_elements, "pixel_bytes": pixels}
         if not self._uint8_input(request) and declared_bytes(request) > OFFLOAD_BYTES:
-            decoded = await asyncio.to_thread(
-                decode, request, geometry, max_images=max_images, max_elements=self._max_elements
-            )
+            decoded = await asyncio.to_thread(decode, request, geometry, **limits)
         else:
-            decoded = decode(request, geometry, max_images=max_images, max_elements=self._max_elements)
+            decoded = decode(request, geometry, **limits)
         return decoded if outputs is NO_OUTPUTS else replace(decoded, outputs=outputs)
 
     @staticmethod

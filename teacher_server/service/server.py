@@ -71,7 +71,11 @@ class TeacherServer:
             metrics=self.metrics,
         )
         self.service = InferenceService(
-            served=self.served, biller=biller, metrics=self.metrics, max_message_bytes=settings.max_message_bytes
+            served=self.served,
+            biller=biller,
+            metrics=self.metrics,
+            max_message_bytes=settings.max_message_bytes,
+            shared_memory=settings.shared_memory,
         )
         self.health = HealthServicer()
         self.refusals = RefusalCounter()  # refused calls per day, key and reason; written by _flush_refusals
