@@ -188,6 +188,7 @@ def server_vs_inprocess(
                         "busy_share": busy / seconds,
                         "errors": errors[:3],
                         "error_count": len(errors),
+                        "replayed": sum(a.usage.replayed for a in answers),  # 0: every call ran its forward
                         "billing_matches_flop_model": bool(answers)
                         and max(abs(a.usage.gflops - expected) for a in answers) <= 1e-6 * expected,
                     }

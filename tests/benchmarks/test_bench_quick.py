@@ -68,6 +68,9 @@ def test_sections_hold_their_measurements(quick_run: tuple[Path, dict, str]) -> 
         assert set(pair["modes"]) == {"no_kd", "full_kd", "maskedkd_75", "maskedkd_50", "maskedkd_25"}
         assert pair["modes"]["no_kd"]["teacher_gflops"] == 0
         assert 0 < pair["modes"]["maskedkd_50"]["teacher_gflops"] < pair["modes"]["full_kd"]["teacher_gflops"]
+    serving = s["serving"]["rows"]  # the messages and the shared-memory path, and the bare gRPC server's floor
+    assert [r["shared_memory"] for r in serving] == [False, True]
+    assert all(r["images"] > 0 and r["server_cpu_us"] > 0 for r in serving) and serving[0]["floor_us"] > 0
     # FlopCounterMode is the independent reference for the FLOP model the server bills with
     assert all(abs(r["ratio"] - 1.0) < 0.01 for r in s["flops"]["rows"])
     assert all(m["groups"] for m in s["breakdown"]["models"])

@@ -158,8 +158,12 @@ def test_two_replicas_on_postgres_shed_and_late_requests_unbilled_and_a_started_
 
         held = [send(first, "a0")]
         assert first_gate.entered.wait(20)
-        held += [send(first, "a1"), send(first, "a2")]  # a1 staged behind the held forward, a2 queued: full
-        wait_until(lambda: one.server.served.batcher.queue.images == 2)
+        batcher = one.server.served.batcher
+        formed = batcher.batches_started
+        held.append(send(first, "a1"))  # staged behind the held forward: out of the queue before a2 comes
+        wait_until(lambda: batcher.batches_started == formed + 1)
+        held.append(send(first, "a2"))  # queued: the key's queue (2 images) is full
+        wait_until(lambda: batcher.queue.images == 2)
         with pytest.raises(grpc.RpcError) as refused:
             send(first, "a3").result(timeout=10)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
