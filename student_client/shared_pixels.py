@@ -46,15 +46,16 @@ class SharedPixels:
         which = request.WhichOneof("input")
         if which is None or getattr(request, which).HasField("shm"):
             return request, _nothing
-        data = getattr(request, which).data
+        pixels = getattr(request, which)
+        data = pixels.data  # the one read of the bytes out of the message
         region = self._take(len(data))
         try:
             assert region.buf is not None  # open until unlinked
             region.buf[: len(data)] = data
-            sent = pb.InferRequest()
-            sent.CopyFrom(request)
+            sent = _without(request, which)  # every other field as it is, the pixels' bytes left behind
             tensor = getattr(sent, which)
-            tensor.ClearField("data")
+            tensor.dtype = pixels.dtype
+            tensor.shape.extend(pixels.shape)
             tensor.shm.name, tensor.shm.offset = region.name, 0
         except BaseException:
             self._give(region)
@@ -115,6 +116,21 @@ class SharedPixels:
 
 def _nothing() -> None:
     pass
+
+
+def _without(request: pb.InferRequest, field: str) -> pb.InferRequest:
+    """A copy of `request` without `field` (CopyFrom would copy the pixels' bytes once more only to drop them)."""
+    out = pb.InferRequest()
+    for descriptor, value in request.ListFields():
+        if descriptor.name == field:
+            continue
+        if descriptor.is_repeated:
+            getattr(out, descriptor.name).extend(value)
+        elif descriptor.type == descriptor.TYPE_MESSAGE:
+            getattr(out, descriptor.name).CopyFrom(value)
+        else:
+            setattr(out, descriptor.name, value)
+    return out
 
 
 def on_this_host(target: str) -> bool:

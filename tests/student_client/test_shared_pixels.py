@@ -12,10 +12,11 @@ import pytest
 import torch
 from student_testkit import ledger_rows, make_subset, teacher_server, tiny_config, tiny_teacher
 
+from maskedkd.codec import tensor_to_proto
 from maskedkd.v1 import teacher_pb2 as pb
 from student_client.client import TeacherClient
 from student_client.context import LocalContext
-from student_client.shared_pixels import on_this_host
+from student_client.shared_pixels import SharedPixels, on_this_host
 from student_client.stream import TeacherStream
 from student_client.train_loop import run_training
 
@@ -148,3 +149,31 @@ def test_a_training_run_with_teacher_shared_memory_bills_what_it_ran(  # type: i
 def test_only_targets_on_this_host_use_shared_memory(target: str, local: bool) -> None:
     """No tensors: client target strings."""
     assert on_this_host(target) is local
+
+
+def test_a_placed_request_keeps_every_other_field_and_its_bytes_are_in_the_region() -> None:
+    """uint8 patches, no server: the request as sent equals the one built, but for where the pixel bytes are."""
+    patches = torch.arange(2 * 3 * 3 * 4 * 4, dtype=torch.int64).remainder(256).to(torch.uint8).view(2, 3, 3, 4, 4)
+    built = pb.InferRequest(
+        request_id="r-1",
+        model="m",
+        patches=tensor_to_proto(patches),
+        keep_indices=tensor_to_proto(torch.tensor([[0, 5, 9], [1, 2, 3]], dtype=torch.int16)),
+        keep_counts=tensor_to_proto(torch.tensor([3, 2], dtype=torch.int32)),
+        purpose="probe",
+        accept_billed_answer=True,
+        outputs=["pre_logits"],
+        outputs_dtype="served",
+    )
+    regions = SharedPixels()
+    with regions.placed(built) as sent:
+        (name,) = regions.names
+        assert sent.patches.shm.name == name and sent.patches.shm.offset == 0 and not sent.patches.data
+        assert bytes(Path("/dev/shm", name).read_bytes()[: patches.numel()]) == patches.numpy().tobytes()
+        back = pb.InferRequest()
+        back.CopyFrom(sent)
+        back.patches.ClearField("shm")
+        back.patches.data = built.patches.data
+        assert back == built
+    regions.close()
+    assert regions.names == [] and not Path("/dev/shm", name).exists()
