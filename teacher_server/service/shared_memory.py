@@ -26,7 +26,16 @@ from teacher_server.errors import InvalidRequestError, PermissionDeniedError
 
 REGION_DIR = Path("/dev/shm")  # where Linux keeps POSIX shared memory (shm_open) regions
 NAME_RE = re.compile(r"maskedkd-[A-Za-z0-9_-]{1,64}")
-_LOCAL_PEERS = ("unix:", "unix-abstract:", "ipv4:127.", "ipv6:[::1]:", "ipv6:%5B::1%5D:")
+# a Unix socket, IPv4 loopback, IPv6 loopback, and IPv4 loopback seen by a dual-stack (::) listener
+_LOCAL_PEERS = (
+    "unix:",
+    "unix-abstract:",
+    "ipv4:127.",
+    "ipv6:[::1]:",
+    "ipv6:%5B::1%5D:",
+    "ipv6:[::ffff:127.",
+    "ipv6:%5B::ffff:127.",
+)
 
 
 def is_local_peer(peer: str) -> bool:
