@@ -216,7 +216,10 @@ def run_bench(
             from benchmarks.serving import CONFIGS, run_serving_section
 
             s["serving"] = _run(
-                "serving", lambda: run_serving_section(cfg.serving_configs or CONFIGS, calls=cfg.serving_calls)
+                "serving",
+                lambda: run_serving_section(
+                    cfg.serving_configs or CONFIGS, calls=cfg.serving_calls, rounds=cfg.serving_rounds
+                ),
             )
         if "tenants" in sections:
             from benchmarks.tenants import run_tenants

@@ -76,6 +76,7 @@ class BenchConfig:
     serving_calls: int = 40  # calls per client in the serving section (2 x 64 and 8 x 32 images per call)
     # (clients, images per call, pixels in shared memory) of the serving section; () = benchmarks.serving.CONFIGS
     serving_configs: tuple[tuple[int, int, bool], ...] = ()
+    serving_rounds: int = 3  # interleaved rounds of every serving configuration (the section reports medians)
     tenants_seconds: float = 10.0  # each phase of the tenants section (light alone, light under the flood)
 
 
@@ -166,5 +167,6 @@ QUICK = BenchConfig(
     gpu_batch=8,
     serving_calls=2,
     serving_configs=((2, 8, False), (2, 8, True)),
+    serving_rounds=1,
     tenants_seconds=2.0,
 )

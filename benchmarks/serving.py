@@ -8,7 +8,7 @@ counters before and after the load: the process's CPU time from /proc (every thr
 `maskedkd_stage_cpu_seconds_total{stage}` (the stages' CPU), per image served. The in-process forward is the same
 model's raw-pixel forward (`make_forward`, what the server runs) on one thread in this process, on uint8 rows.
 
-    python -m benchmarks.serving                   # the configurations of `make bench`, a table on stdout
+    python -m benchmarks.serving                   # the configurations of `make bench` (3 interleaved rounds)
     python -m benchmarks.serving --clients 2 --batch 64 --calls 40 [--shared-memory]
 """
 
@@ -201,12 +201,46 @@ def measure(
 
 
 def run_serving_section(
-    configs: Sequence[tuple[int, int, bool]] = CONFIGS, *, calls: int = 40, workdir: Path | None = None
+    configs: Sequence[tuple[int, int, bool]] = CONFIGS, *, calls: int = 40, rounds: int = 3, workdir: Path | None = None
 ) -> dict[str, Any]:
-    """`make bench`'s serving section: every configuration, one after the other."""
+    """`make bench`'s serving section: `rounds` rounds, each measuring every configuration once (interleaved, so a
+    slow spell of a shared machine touches them all); per configuration the median of the rounds, and each round."""
+    runs: list[list[ServingResult]] = [[] for _ in configs]
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
-        rows = [measure(c, b, calls, workdir or Path(tmp), shared_memory=shm).to_dict() for c, b, shm in configs]
-    return {"status": "ok", "teacher": {"arch": ARCH, **NEGLIGIBLE_TEACHER}, "keep_patches": KEEP, "rows": rows}
+        for r in range(rounds):
+            for i, (c, b, shm) in enumerate(configs):
+                runs[i].append(measure(c, b, calls, (workdir or Path(tmp)) / f"round{r}", shared_memory=shm))
+    rows = [_median_row(results) for results in runs]
+    return {
+        "status": "ok",
+        "teacher": {"arch": ARCH, **NEGLIGIBLE_TEACHER},
+        "keep_patches": KEEP,
+        "rounds": rounds,
+        "rows": rows,
+    }
+
+
+def _median_row(results: Sequence[ServingResult]) -> dict[str, Any]:
+    """One configuration's rounds as one row: every figure the median of the rounds, `rounds` each round's own."""
+    row = results[0].to_dict()
+    for key in ("images_per_s", "server_cpu_us", "forward_cpu_us", "overhead_us", "above_forward_us"):
+        row[key] = statistics.median(getattr(r, key) for r in results)
+    floors = [r.floor_us for r in results if r.floor_us is not None]
+    row["floor_us"] = statistics.median(floors) if floors else None
+    row["stages_us"] = {s: statistics.median(r.stages_us.get(s, 0.0) for r in results) for s in row["stages_us"]}
+    row["images"] = sum(r.images for r in results)
+    row["rounds"] = [
+        {"images_per_s": r.images_per_s, "overhead_us": r.overhead_us, "above_forward_us": r.above_forward_us}
+        for r in results
+    ]
+    return row
+
+
+def _spread(row: dict[str, Any], key: str) -> str:
+    """The row's median of `key`, with the rounds' range when there were several."""
+    values = [r[key] for r in row.get("rounds", [])]
+    text = f"{row[key]:.0f}"
+    return f"{text} ({min(values):.0f}-{max(values):.0f})" if len(values) > 1 else text
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
@@ -218,11 +252,11 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
         cells = [
             f"{r['clients']} x {r['batch']}",
             "shared memory" if r.get("shared_memory") else "messages",
-            f"{r['images_per_s']:.0f}",
+            _spread(r, "images_per_s"),
             f"{r['server_cpu_us']:.0f}",
             f"{r['forward_cpu_us']:.0f}",
-            f"{r['overhead_us']:.0f}",
-            f"{r['above_forward_us']:.0f}" if "above_forward_us" in r else "",
+            _spread(r, "overhead_us"),
+            _spread(r, "above_forward_us"),
             f"{r['floor_us']:.0f}" if r.get("floor_us") is not None else "",
             *(f"{r['stages_us'].get(s, 0.0):.1f}" for s in stages),
         ]
@@ -235,12 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--calls", type=int, default=40, help="calls per client")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every configuration (medians)")
     parser.add_argument("--shared-memory", action="store_true", help="with --clients/--batch: pixels in shared memory")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
     chosen = (args.clients, args.batch, args.shared_memory)
     configs = [chosen] if args.clients and args.batch else list(CONFIGS)
-    result = run_serving_section(configs, calls=args.calls)
+    result = run_serving_section(configs, calls=args.calls, rounds=args.rounds)
     print(table(result["rows"]))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
