@@ -250,14 +250,10 @@ class InferenceService:
         """The pixel bytes of a request whose input names a shared memory region (None: they are in the message)."""
         if shared_input(request) is None:
             return None
-        nbytes = declared_bytes(request)
-        if nbytes > self._max_elements:
-            raise InvalidRequestError(
-                f"the pixels in shared memory declare {nbytes} bytes, more than a message may carry "
-                f"({self._max_elements})"
-            )
         with self._metrics.stage("receive"):
-            pixels = read_shared_pixels(request, nbytes, enabled=self._shared_memory, local=local_peer)
+            pixels = read_shared_pixels(
+                request, enabled=self._shared_memory, local=local_peer, max_bytes=self._max_elements
+            )
         self._metrics.shared_memory_bytes.inc(len(pixels))
         return pixels
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from maskedkd.text import clip
 from maskedkd.v1 import teacher_pb2 as pb
+from teacher_server.engine.decode import declared_bytes
 from teacher_server.errors import InvalidRequestError, PermissionDeniedError
 
 REGION_DIR = Path("/dev/shm")  # where Linux keeps POSIX shared memory (shm_open) regions
@@ -53,9 +54,10 @@ def shared_input(request: pb.InferRequest) -> pb.SharedMemory | None:
     return tensor.shm if tensor.HasField("shm") else None
 
 
-def read_shared_pixels(request: pb.InferRequest, nbytes: int, *, enabled: bool, local: bool) -> bytes:
-    """The `nbytes` pixel bytes of a request whose input names a shared memory region (`shared_input`), copied out of
-    the region once; PermissionDeniedError or InvalidRequestError (nothing read) when the server may not read it."""
+def read_shared_pixels(request: pb.InferRequest, *, enabled: bool, local: bool, max_bytes: int) -> bytes:
+    """The pixel bytes of a request whose input names a shared memory region (`shared_input`), as many as its shape
+    and dtype declare (at most `max_bytes`, what a message may carry), copied out of the region once;
+    PermissionDeniedError or InvalidRequestError (nothing read) when the server may not read them."""
     which = request.WhichOneof("input")
     region = shared_input(request)
     assert which is not None and region is not None
@@ -76,7 +78,12 @@ def read_shared_pixels(request: pb.InferRequest, nbytes: int, *, enabled: bool, 
             f"{which}.shm.name {clip(region.name)} is not a region name this server reads: 'maskedkd-' and then "
             "1-64 characters of [A-Za-z0-9_-]"
         )
-    return _read(REGION_DIR / region.name, region.offset, nbytes, f"{which}.shm")
+    nbytes = declared_bytes(request)  # a bad shape or dtype is then refused by decode_input, as for data
+    if nbytes > max_bytes:
+        raise InvalidRequestError(
+            f"{which}: its shape declares {nbytes} bytes in shared memory, more than a message may carry ({max_bytes})"
+        )
+    return _read(REGION_DIR / region.name, region.offset, max(nbytes, 0), f"{which}.shm")
 
 
 def _read(path: Path, offset: int, nbytes: int, field: str) -> bytes:

@@ -99,6 +99,14 @@ def test_shared_memory_a_server_may_not_read_is_refused_and_nothing_billed(tmp_p
         both.patches.data = request.patches.data
         on_index = in_region(request, shm)
         on_index.keep_indices.shm.name = shm.name
+        huge = in_region(request, shm)
+        huge.patches.shape[0] = 1 << 20  # declares ~48 GiB: refused before anything is read
+        with running_server(kit.settings(tmp_path / "off-huge"), model=model) as srv:
+            channel, teacher = kit.stub(srv.address)
+            with pytest.raises(grpc.RpcError) as off_first:  # off says off, whatever the request declares
+                teacher.Infer(huge, metadata=kit.auth(srv.create_key("k")))
+            assert "--shared-memory" in off_first.value.details()
+            channel.close()
         refusals = [
             ("is not a region name", _named(in_region(request, shm), "maskedkd-../../etc/passwd")),
             ("is not a region name", _named(in_region(request, foreign), foreign.name)),
@@ -106,6 +114,7 @@ def test_shared_memory_a_server_may_not_read_is_refused_and_nothing_billed(tmp_p
             ("which holds", _shrunk(request, small)),
             ("either data or shm", both),
             ("carries only the pixels", on_index),
+            ("more than a message may carry", huge),
         ]
         with running_server(kit.settings(tmp_path / "on", shared_memory=True), model=model) as srv:
             channel, teacher = kit.stub(srv.address)
