@@ -70,7 +70,9 @@ def test_sections_hold_their_measurements(quick_run: tuple[Path, dict, str]) -> 
         assert 0 < pair["modes"]["maskedkd_50"]["teacher_gflops"] < pair["modes"]["full_kd"]["teacher_gflops"]
     serving = s["serving"]["rows"]  # the messages and the shared-memory path, and the bare gRPC server's floor
     assert [r["shared_memory"] for r in serving] == [False, True]
-    assert all(r["images"] > 0 and r["server_cpu_us"] > 0 for r in serving) and serving[0]["floor_us"] > 0
+    # quick mode's few calls may cost less than one /proc clock tick (10 ms): present and not negative is all it says
+    assert all(r["images"] > 0 and r["server_cpu_us"] >= 0 for r in serving)
+    assert serving[0]["floor_us"] is not None and serving[0]["floor_us"] >= 0 and serving[1]["floor_us"] is None
     # FlopCounterMode is the independent reference for the FLOP model the server bills with
     assert all(abs(r["ratio"] - 1.0) < 0.01 for r in s["flops"]["rows"])
     assert all(m["groups"] for m in s["breakdown"]["models"])
