@@ -52,6 +52,30 @@ def _split_host_port(address: str) -> tuple[str, str]:
     return host.strip("[]"), port
 
 
+def on_this_host(target: str) -> bool:
+    """True when every address of `target` is this machine: a Unix socket, `localhost` or a loopback address (the
+    teacher then may read the pixels from shared memory: shared_pixels.py). A name other than localhost is not
+    resolved: it counts as another host."""
+    target = target.strip()
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    for address in target.removeprefix("ipv4:").removeprefix("ipv6:").removeprefix("dns:///").split(","):
+        if not address.strip():
+            continue
+        try:
+            host, _ = _split_host_port(address)
+        except ValueError:
+            return False
+        if host == "localhost":
+            continue
+        try:
+            if not ipaddress.ip_address(host).is_loopback:
+                return False
+        except ValueError:
+            return False
+    return True
+
+
 def require_ports(target: str) -> None:
     """ValueError unless every address of `target` names its port (gRPC would silently use 443 otherwise)."""
     target = target.strip()

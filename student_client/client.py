@@ -34,11 +34,11 @@ import torch
 
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
-from student_client.channel import open_channel
+from student_client.channel import on_this_host, open_channel
 from student_client.errors import TeacherError
 from student_client.resend import CountsRefusedReplays, RefusedReplays, ResendPlan
 from student_client.retry import DEFAULT_PATIENCE_S, RetryPolicy
-from student_client.shared_pixels import SharedPixels, on_this_host
+from student_client.shared_pixels import SharedPixels, nothing_to_release
 from student_client.tls import channel_credentials
 from student_client.wire import Batch, InferResult, ModelInfo, Usage, arguments_of, decode_response, join_results
 
@@ -194,7 +194,7 @@ class TeacherClient(ClientCore):
         """`req` as it is sent, and what to call once its answer is in: with `shared_memory` (and a teacher on this
         host that reads it) its pixels in a region of this client's until then; else `req` itself."""
         if not self._use_shared_memory():
-            return req, _nothing
+            return req, nothing_to_release
         assert self._shared is not None
         return self._shared.place(req)
 
@@ -285,10 +285,6 @@ class TeacherClient(ClientCore):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _nothing() -> None:
-    pass
 
 
 __all__ = ["InferResult", "ModelInfo", "TeacherClient", "TeacherError", "Usage"]

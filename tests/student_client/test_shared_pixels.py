@@ -14,9 +14,10 @@ from student_testkit import ledger_rows, make_subset, teacher_server, tiny_confi
 
 from maskedkd.codec import tensor_to_proto
 from maskedkd.v1 import teacher_pb2 as pb
+from student_client.channel import on_this_host
 from student_client.client import TeacherClient
 from student_client.context import LocalContext
-from student_client.shared_pixels import SharedPixels, on_this_host
+from student_client.shared_pixels import SharedPixels
 from student_client.stream import TeacherStream
 from student_client.train_loop import run_training
 
