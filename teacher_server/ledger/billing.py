@@ -14,7 +14,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import ColumnElement, CursorResult, Executable, Table, bindparam, case, delete, insert, select, update
@@ -31,6 +31,7 @@ from teacher_server.ledger.models import (
     UsageRecord,
     as_utc,
     usage_record,
+    usage_values,
     utcnow,
 )
 from teacher_server.ledger.quota_windows import QuotaWindow, next_window_start, window_start
@@ -258,7 +259,7 @@ def _settle(session: Session, items: list[Billable], usage_ids: list[int], repla
 
 def _insert_usage(session: Session, rows: list[NewUsage], created: datetime) -> list[int]:
     """Insert the usage rows in one statement (Core, not the ORM's unit of work); their ids in the order given."""
-    values = [{**asdict(row), "created_at": created} for row in rows]
+    values = [usage_values(row, created) for row in rows]
     statement = insert(_USAGE).returning(_USAGE.c.id, sort_by_parameter_order=True)
     return [int(usage_id) for usage_id in session.execute(statement, values).scalars()]
 

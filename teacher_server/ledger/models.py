@@ -10,8 +10,9 @@ keyword-only arguments; the caller owns the transaction unless a function says i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -182,25 +183,13 @@ class NewUsage:
     purpose: str = ""  # InferRequest.purpose, validated at the boundary
 
 
+def usage_values(row: NewUsage, created_at: datetime) -> dict[str, Any]:
+    """The column values of `row`'s usage record (a Core insert takes them; `usage_record` builds the ORM object)."""
+    return {**asdict(row), "created_at": created_at}
+
+
 def usage_record(row: NewUsage, created_at: datetime) -> UsageRecord:
-    return UsageRecord(
-        api_key_id=row.api_key_id,
-        request_id=row.request_id,
-        model=row.model,
-        images=row.images,
-        tokens=row.tokens,
-        gflops=row.gflops,
-        full_gflops=row.full_gflops,
-        cost=row.cost,
-        latency_ms=row.latency_ms,
-        queue_ms=row.queue_ms,
-        batch_images=row.batch_images,
-        created_at=created_at,
-        content_digest=row.content_digest,
-        price_per_gflop=row.price_per_gflop,
-        currency=row.currency,
-        purpose=row.purpose,
-    )
+    return UsageRecord(**usage_values(row, created_at))
 
 
 def as_utc(moment: datetime) -> datetime:
