@@ -28,6 +28,17 @@ MAX_DIMS = 16  # far above the contract's 5, below numpy's 64
 MAX_EXTENT = 1 << 40  # bound on prod(max(dim, 1)) when the caller gives no max_elements
 
 
+def _spend_read_only_warning() -> None:
+    """torch.frombuffer warns once per process that a read-only buffer makes a tensor torch cannot protect (nothing
+    here writes into one): spend that one warning here, silently, rather than a catch_warnings (~5 us) per view."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        torch.frombuffer(b"\0", dtype=torch.uint8)
+
+
+_spend_read_only_warning()
+
+
 class TensorDecodeError(ValueError):
     """A Tensor message that does not describe a valid tensor (bad dtype, shape or byte count)."""
 
@@ -64,9 +75,8 @@ def tensor_view(
         arr = np.frombuffer(data, dtype=np_dtype.newbyteorder("<")).reshape(shape)
         t = torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="), copy=True))
         return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
-    with warnings.catch_warnings():  # read-only bytes: callers that write get proto_to_tensor's copy instead
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        return torch.frombuffer(data, dtype=dtype).reshape(shape)
+    # read-only bytes (the warning was spent at import): callers that write get proto_to_tensor's copy instead
+    return torch.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def _checked_layout(

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -35,6 +34,22 @@ HIDDEN_KEY = "-"  # the `key` label without --metrics-key-labels
 # beyond their sum (process_cpu_seconds_total) is gRPC's own threads, the event loop and Python's scheduling.
 STAGES = ("receive", "decode", "digest", "ledger_lookup", "queue", "stage", "forward", "commit", "encode")
 T = TypeVar("T")
+
+
+class StageClock:
+    """The `with` block of `ServerMetrics.stage` (a class: a generator context manager costs ~3 us more a use)."""
+
+    __slots__ = ("_counter", "_started")
+
+    def __init__(self, counter: Any) -> None:
+        self._counter = counter
+        self._started = 0.0
+
+    def __enter__(self) -> None:
+        self._started = time.thread_time()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._counter.inc(time.thread_time() - self._started)
 
 
 class ServerMetrics:
@@ -111,8 +126,8 @@ class ServerMetrics:
             "Pixel bytes read from callers' shared memory regions (--shared-memory) instead of the messages",
             registry=r,
         )
-        for stage in STAGES:  # every stage exported from the start, at 0
-            self.stage_cpu.labels(stage=stage)
+        # every stage exported from the start, at 0; its child looked up once (labels() costs ~3 us a call)
+        self._stage_counters = {stage: self.stage_cpu.labels(stage=stage) for stage in STAGES}
         ProcessCollector(registry=r)  # process_cpu_seconds_total: the stages' sum plus what no stage counts
         self._http: WSGIServer | None = None
         self._http_thread: threading.Thread | None = None
@@ -141,14 +156,10 @@ class ServerMetrics:
     def count_shed(self, *, reason: str, key: str = "") -> None:
         self.shed.labels(key=self.key_label(key), reason=reason).inc()
 
-    @contextmanager
-    def stage(self, stage: str) -> Iterator[None]:
-        """Count the calling thread's CPU time inside the block to `stage` (one of STAGES)."""
-        started = time.thread_time()
-        try:
-            yield
-        finally:
-            self.stage_cpu.labels(stage=stage).inc(time.thread_time() - started)
+    def stage(self, stage: str) -> StageClock:
+        """Count the calling thread's CPU time inside the `with` block to `stage` (one of STAGES)."""
+        counter = self._stage_counters.get(stage)
+        return StageClock(self.stage_cpu.labels(stage=stage) if counter is None else counter)
 
     def timed(self, stage: str, fn: Callable[..., T]) -> Callable[..., T]:
         """`fn` with its CPU time counted to `stage`."""

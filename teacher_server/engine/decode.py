@@ -12,7 +12,6 @@ are cut on the teacher's grid when they are staged, so requests of either kind b
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -67,10 +66,8 @@ def _view(msg: pb.Tensor, name: str, max_elements: int, data: bytes | None = Non
         if msg.HasField("shm"):
             raise InvalidRequestError(f"{name}: shared memory (shm) carries only the pixels; send {name}.data")
         data = msg.data  # one read of the field: every access copies it out of the message
-    try:
-        with warnings.catch_warnings():  # read-only bytes: nothing here writes into them
-            warnings.filterwarnings("ignore", message="The given buffer is not writable")
-            return tensor_view(msg, data, name=name, max_elements=max_elements), data
+    try:  # read-only bytes: nothing here writes into them
+        return tensor_view(msg, data, name=name, max_elements=max_elements), data
     except TensorDecodeError as exc:
         raise InvalidRequestError(str(exc)) from exc
 

@@ -12,12 +12,25 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import ColumnElement, CursorResult, Executable, Table, bindparam, case, delete, insert, select, update
+from sqlalchemy import (
+    ColumnElement,
+    CursorResult,
+    Executable,
+    Float,
+    Integer,
+    Table,
+    bindparam,
+    case,
+    delete,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
@@ -46,11 +59,30 @@ _BILLED_PROBE = select(_USAGE.c.id).where(
     _USAGE.c.api_key_id == bindparam("key"), _USAGE.c.request_id == bindparam("rid")
 )
 _C = _COUNTERS.c
+_INSERT_USAGE = insert(_USAGE).returning(_USAGE.c.id, sort_by_parameter_order=True)  # ids in the order given
+_INSERT_PAYLOADS = insert(_PAYLOADS)
+# A batch's running totals of one key: the quota window restarts when `ws` is past the stored start.
+_WS, _ADDED = bindparam("b_ws", type_=Integer), bindparam("b_gflops", type_=Float)
+_ADD_BILLED = (
+    update(_COUNTERS)
+    .where(_C.api_key_id == bindparam("b_key"))
+    .values(
+        requests=_C.requests + bindparam("b_requests"),
+        images=_C.images + bindparam("b_images"),
+        tokens=_C.tokens + bindparam("b_tokens"),
+        gflops=_C.gflops + _ADDED,
+        full_gflops=_C.full_gflops + bindparam("b_full_gflops"),
+        cost=_C.cost + bindparam("b_cost"),
+        window_gflops=case((_C.window_start < _WS, 0.0), else_=_C.window_gflops) + _ADDED,
+        window_start=case((_C.window_start < _WS, _WS), else_=_C.window_start),
+        reserved_gflops=_C.reserved_gflops - bindparam("b_held"),
+    )
+)
 
 
-def rows_changed(session: Session, statement: Executable) -> int:
-    """Execute an UPDATE or DELETE and return how many rows it changed."""
-    result: CursorResult[object] = session.execute(statement)  # type: ignore[assignment]  # DML gives a cursor result
+def rows_changed(session: Session, statement: Executable, params: Mapping[str, object] | None = None) -> int:
+    """Execute an UPDATE or DELETE (with `params` for its bound parameters) and return how many rows it changed."""
+    result: CursorResult[object] = session.execute(statement, params)  # type: ignore[assignment]  # DML: a cursor
     return int(result.rowcount)
 
 
@@ -231,7 +263,7 @@ def _settle(session: Session, items: list[Billable], usage_ids: list[int], repla
         if item.payload is not None
     ]
     if payloads:  # one executemany: the ORM's unit of work costs more than the SQL on the serving path
-        session.execute(insert(_PAYLOADS), payloads)
+        session.execute(_INSERT_PAYLOADS, payloads)
     per_key: dict[int, list[Billable]] = defaultdict(list)
     for item in items:
         per_key[item.row.api_key_id].append(item)
@@ -240,28 +272,27 @@ def _settle(session: Session, items: list[Billable], usage_ids: list[int], repla
         held = math.fsum(i.hold.gflops for i in mine if i.hold is not None and _drop_hold(session, i.hold))
         gflops = math.fsum(i.row.gflops for i in mine)
         ws = window_start(mine[0].quota_window, datetime.fromtimestamp(now, UTC))
-        values = dict(
-            requests=_C.requests + len(mine),
-            images=_C.images + sum(i.row.images for i in mine),
-            tokens=_C.tokens + sum(i.row.tokens for i in mine),
-            gflops=_C.gflops + gflops,
-            full_gflops=_C.full_gflops + math.fsum(i.row.full_gflops for i in mine),
-            cost=_C.cost + math.fsum(i.row.cost for i in mine),
-            window_gflops=_window_used(ws) + gflops,
-            window_start=case((_C.window_start < ws, ws), else_=_C.window_start),
-            reserved_gflops=_C.reserved_gflops - held,
-        )
-        if rows_changed(session, update(_COUNTERS).where(_C.api_key_id == key_id).values(**values)):
+        totals = {
+            "b_key": key_id,
+            "b_requests": len(mine),
+            "b_images": sum(i.row.images for i in mine),
+            "b_tokens": sum(i.row.tokens for i in mine),
+            "b_gflops": gflops,
+            "b_full_gflops": math.fsum(i.row.full_gflops for i in mine),
+            "b_cost": math.fsum(i.row.cost for i in mine),
+            "b_ws": ws,
+            "b_held": held,
+        }
+        if rows_changed(session, _ADD_BILLED, totals):
             continue
         ensure_counter(session, api_key_id=key_id, ws=ws)
-        session.execute(update(_COUNTERS).where(_C.api_key_id == key_id).values(**values))
+        session.execute(_ADD_BILLED, totals)
 
 
 def _insert_usage(session: Session, rows: list[NewUsage], created: datetime) -> list[int]:
     """Insert the usage rows in one statement (Core, not the ORM's unit of work); their ids in the order given."""
     values = [usage_values(row, created) for row in rows]
-    statement = insert(_USAGE).returning(_USAGE.c.id, sort_by_parameter_order=True)
-    return [int(usage_id) for usage_id in session.execute(statement, values).scalars()]
+    return [int(usage_id) for usage_id in session.execute(_INSERT_USAGE, values).scalars()]
 
 
 def bill(

@@ -10,7 +10,7 @@ keyword-only arguments; the caller owns the transaction unless a function says i
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -185,7 +185,7 @@ class NewUsage:
 
 def usage_values(row: NewUsage, created_at: datetime) -> dict[str, Any]:
     """The column values of `row`'s usage record (a Core insert takes them; `usage_record` builds the ORM object)."""
-    return {**asdict(row), "created_at": created_at}
+    return {**vars(row), "created_at": created_at}  # a flat dataclass: asdict's deep copy costs ~20 us a row
 
 
 def usage_record(row: NewUsage, created_at: datetime) -> UsageRecord:

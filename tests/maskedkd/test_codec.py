@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
-from maskedkd.codec import WIRE_DTYPES, TensorDecodeError, proto_to_tensor, tensor_to_proto
+from maskedkd.codec import WIRE_DTYPES, TensorDecodeError, proto_to_tensor, tensor_to_proto, tensor_view
 from maskedkd.v1 import teacher_pb2 as pb
 
 pytestmark = pytest.mark.dtype("none")  # no model numerics
@@ -40,6 +42,17 @@ def test_round_trip_is_bit_exact(name: str, shape: tuple[int, ...]) -> None:
     assert decoded.dtype == original.dtype and decoded.shape == original.shape
     bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[original.element_size()]
     assert torch.equal(decoded.view(bits), original.view(bits))  # bitwise: -0.0 and inf survive
+
+
+def test_views_of_read_only_bytes_warn_nothing() -> None:
+    # The views of request bytes run with no catch_warnings around them: torch's one warning was spent at import.
+    data = tensor_to_proto(_sample(torch.int16)).data  # bytes: read-only
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            view = tensor_view(pb.Tensor(dtype="int16", shape=[2, 3, 4], data=data))
+    assert [str(w.message) for w in caught] == []
+    assert torch.equal(view, _sample(torch.int16))
 
 
 def test_nan_survives() -> None:

@@ -43,3 +43,25 @@ def test_each_problem_is_named(indices: list, counts: list | None, message: str)
             batch=1,
             num_patches=64,
         )
+
+
+def test_random_rows_against_a_plain_python_reference() -> None:
+    # Accepts exactly the batches whose used entries are on the grid and distinct per row; padding never matters.
+    g = torch.Generator().manual_seed(0)
+    n = 8
+    for case in range(400):
+        batch, k = int(torch.randint(1, 5, (1,), generator=g)), int(torch.randint(1, 7, (1,), generator=g))
+        indices = torch.randint(-1, n + 2, (batch, k), generator=g)
+        if case % 2:  # half of them valid: a permutation's first k positions, padding left as garbage
+            indices = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(batch)])
+        counts = None if case % 3 == 0 else torch.randint(1, k + 1, (batch,), generator=g)
+        used = [k if counts is None else int(c) for c in (counts if counts is not None else [k] * batch)]
+        rows = [[int(v) for v in row[:u]] for row, u in zip(indices.tolist(), used, strict=True)]
+        valid = all(0 <= v < n for row in rows for v in row) and all(len(set(row)) == len(row) for row in rows)
+        if not valid:
+            with pytest.raises(KeepIndicesError):
+                check_keep(indices.to(torch.int16), counts, batch=batch, num_patches=n)
+            continue
+        out, out_counts = check_keep(indices.to(torch.int16), counts, batch=batch, num_patches=n)
+        assert out.tolist() == [row + [0] * (k - len(row)) for row in rows]
+        assert out_counts.tolist() == used
