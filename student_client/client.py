@@ -206,7 +206,9 @@ class TeacherClient(ClientCore):
         if not checked:
             why = None
             if not on_this_host(self.target):
-                why = f"{self.target} is not on this host (a loopback address, localhost or a unix: socket)"
+                why = f"{self.target} is not on this host (a loopback address or localhost)"
+            elif self.target.strip().startswith(("unix:", "unix-abstract:")):
+                why = "over a unix: socket the teacher cannot tell which user calls (it reads only its owner's regions)"
             elif not self.info().shared_memory:
                 why = "the teacher does not read shared memory (start it with --shared-memory)"
             if why is not None:

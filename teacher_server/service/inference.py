@@ -155,16 +155,16 @@ class InferenceService:
         return max(MIN_RETRY_S, batcher.compute.seconds(batcher.queue.key_tokens(key.id)))
 
     async def infer(
-        self, key: KeyInfo, request: pb.InferRequest, *, deadline: float | None = None, local_peer: bool = False
+        self, key: KeyInfo, request: pb.InferRequest, *, deadline: float | None = None, peer: str = ""
     ) -> InferOutcome:
         """Answer one request (billing it unless it is a replay); raises ServiceError subclasses on refusal.
-        `deadline`: the time.monotonic() at which the caller gives up (None: never). `local_peer`: the call comes
-        from this host (its pixels may then be in shared memory: shared_memory.py)."""
+        `deadline`: the time.monotonic() at which the caller gives up (None: never). `peer`: gRPC's name of the
+        caller's end of the connection (`context.peer()`: who may pass pixels in shared memory, shared_memory.py)."""
         received_at = time.monotonic()
         served = self.served.named(request.model)
         current_labels().model = served.name
         _check_fields(request)
-        decoded = await self._decode(request, served, self._shared_pixels(request, local_peer))
+        decoded = await self._decode(request, served, self._shared_pixels(request, peer))
         # The pixel bytes count against the queue bounds from here (a view of the message: what it holds in memory);
         # sizing the whole message instead would encode it again (upb keeps no size), ~10 us an image.
         nbytes = len(decoded.payload)
@@ -246,14 +246,12 @@ class InferenceService:
             return await asyncio.to_thread(digest, request, model=model, payload=payload)
         return digest(request, model=model, payload=payload)
 
-    def _shared_pixels(self, request: pb.InferRequest, local_peer: bool) -> bytes | None:
+    def _shared_pixels(self, request: pb.InferRequest, peer: str) -> bytes | None:
         """The pixel bytes of a request whose input names a shared memory region (None: they are in the message)."""
         if shared_input(request) is None:
             return None
         with self._metrics.stage("receive"):
-            pixels = read_shared_pixels(
-                request, enabled=self._shared_memory, local=local_peer, max_bytes=self._max_elements
-            )
+            pixels = read_shared_pixels(request, enabled=self._shared_memory, peer=peer, max_bytes=self._max_elements)
         self._metrics.shared_memory_bytes.inc(len(pixels))
         return pixels
 

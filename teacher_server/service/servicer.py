@@ -27,7 +27,6 @@ from teacher_server.service.decoding import decoded, request_id_of
 from teacher_server.service.error_interceptor import mark_counted, status_of
 from teacher_server.service.inference import CURRENT_LABELS, CallLabels, InferenceService, current_labels
 from teacher_server.service.quota_status import limit_metadata
-from teacher_server.service.shared_memory import is_local_peer
 from teacher_server.settings import ServerSettings
 
 STREAM_WINDOW = 64  # requests of one stream in flight at once (back-pressure on a fast sender)
@@ -140,9 +139,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
 
     async def Infer(self, request: pb.InferRequest, context: aio.ServicerContext) -> pb.InferResponse:
         key = await self._key(context)
-        outcome = await self._service.infer(
-            key, request, deadline=deadline_of(context), local_peer=is_local_peer(context.peer())
-        )
+        outcome = await self._service.infer(key, request, deadline=deadline_of(context), peer=context.peer())
         # x-ratelimit-* / x-quota-* (quota_status.py), and the wait a next request of the key would have now
         await context.send_initial_metadata((*limit_metadata(outcome.limits), *self._queue_wait(key)))
         with self._metrics.stage("encode"):
@@ -221,7 +218,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         try:
             key = await self._key(context)  # cached; a key disabled mid-stream stops being served
             outcome = await self._service.infer(
-                key, decoded(request), deadline=deadline_of(context), local_peer=is_local_peer(context.peer())
+                key, decoded(request), deadline=deadline_of(context), peer=context.peer()
             )
             with self._metrics.stage("encode"):
                 response = to_response(outcome)

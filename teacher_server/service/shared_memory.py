@@ -4,8 +4,10 @@
 Off unless the server is started with `--shared-memory`. Then a region is read only for a caller whose connection
 comes from this host (a Unix socket or a loopback address), only under names the contract reserves ("maskedkd-"
 and 1-64 of [A-Za-z0-9_-], so no other program's region can be named), never following a link, only a regular file
-of /dev/shm, only as far as the region holds, and only as the server's own user may (a region made by the caller's
-user with mode 0600 is readable when both run as one user). The bytes are copied out of the region once, where the
+of /dev/shm, only as far as the region holds, only a region owned by the user the caller's connection runs as
+(peer_user.py: the kernel's socket tables say who owns the caller's end of a loopback connection; another user's
+region is refused even where the server could read it), and only as the server's own user may (a region made with
+mode 0600 is readable when caller and server run as one user). The bytes are copied out of the region once, where the
 bytes path reads the message's field once: from there a shared-memory request is the same request as one carrying
 the same bytes in `data` (decoded, checked, digested, billed, replayed alike), and the caller may change the region
 as soon as it has its answer. The copy is `os.pread`, not a mapping: a caller shrinking its region while the server
@@ -24,6 +26,7 @@ from maskedkd.text import clip
 from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server.engine.decode import declared_bytes
 from teacher_server.errors import InvalidRequestError, PermissionDeniedError
+from teacher_server.service.peer_user import peer_uid
 
 REGION_DIR = Path("/dev/shm")  # where Linux keeps POSIX shared memory (shm_open) regions
 NAME_RE = re.compile(r"maskedkd-[A-Za-z0-9_-]{1,64}")
@@ -54,10 +57,11 @@ def shared_input(request: pb.InferRequest) -> pb.SharedMemory | None:
     return tensor.shm if tensor.HasField("shm") else None
 
 
-def read_shared_pixels(request: pb.InferRequest, *, enabled: bool, local: bool, max_bytes: int) -> bytes:
+def read_shared_pixels(request: pb.InferRequest, *, enabled: bool, peer: str, max_bytes: int) -> bytes:
     """The pixel bytes of a request whose input names a shared memory region (`shared_input`), as many as its shape
     and dtype declare (at most `max_bytes`, what a message may carry), copied out of the region once;
-    PermissionDeniedError or InvalidRequestError (nothing read) when the server may not read them."""
+    PermissionDeniedError or InvalidRequestError (nothing read) when the server may not read them for `peer` (the
+    caller's end of the connection, as `context.peer()` names it)."""
     which = request.WhichOneof("input")
     region = shared_input(request)
     assert which is not None and region is not None
@@ -66,7 +70,7 @@ def read_shared_pixels(request: pb.InferRequest, *, enabled: bool, local: bool, 
             f"{which}.shm: this server does not read shared memory (ModelInfo.shared_memory is false; start it with "
             f"--shared-memory); send the pixels in {which}.data"
         )
-    if not local:
+    if not is_local_peer(peer):
         raise PermissionDeniedError(
             f"{which}.shm: shared memory is read only for callers on the server's own host; send the pixels in "
             f"{which}.data"
@@ -83,10 +87,17 @@ def read_shared_pixels(request: pb.InferRequest, *, enabled: bool, local: bool, 
         raise InvalidRequestError(
             f"{which}: its shape declares {nbytes} bytes in shared memory, more than a message may carry ({max_bytes})"
         )
-    return _read(REGION_DIR / region.name, region.offset, max(nbytes, 0), f"{which}.shm")
+    caller = peer_uid(peer)
+    if caller is None:
+        raise PermissionDeniedError(
+            f"{which}.shm: the server cannot tell which user this connection runs as (shared memory is read for "
+            f"callers over loopback TCP on Linux); send the pixels in {which}.data"
+        )
+    return _read(REGION_DIR / region.name, region.offset, max(nbytes, 0), f"{which}.shm", caller)
 
 
-def _read(path: Path, offset: int, nbytes: int, field: str) -> bytes:
+def _read(path: Path, offset: int, nbytes: int, field: str, caller: int) -> bytes:
+    """The bytes, from a regular file owned by the `caller` uid (checked on the open file: no swap after a check)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -101,6 +112,11 @@ def _read(path: Path, offset: int, nbytes: int, field: str) -> bytes:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise InvalidRequestError(f"{field}: {path.name!r} is not a shared memory region")
+        if info.st_uid != caller:  # before anything about its size is told
+            raise PermissionDeniedError(
+                f"{field}: region {path.name!r} belongs to another user than this connection's; a region is read "
+                "only for the user that owns it"
+            )
         if offset + nbytes > info.st_size:
             raise InvalidRequestError(
                 f"{field}: the tensor needs bytes {offset}..{offset + nbytes} of region {path.name!r}, which holds "

@@ -103,6 +103,13 @@ def test_without_a_reading_teacher_the_pixels_go_in_the_messages(tmp_path, capsy
     assert "does not read shared memory" in capsys.readouterr().err
 
 
+def test_a_unix_socket_target_sends_the_pixels_in_the_messages(capsys) -> None:  # type: ignore[no-untyped-def]
+    """No tensors: over a unix: socket the teacher cannot tell the caller's user, so it would refuse every region."""
+    with TeacherClient("unix:/tmp/maskedkd-no-teacher.sock", "k", shared_memory=True) as client:
+        assert not client._use_shared_memory()
+    assert "unix: socket the teacher cannot tell which user calls" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("transport", ["stream", "unary"])
 def test_a_training_run_with_teacher_shared_memory_bills_what_it_ran(  # type: ignore[no-untyped-def]
     server, tmp_path, capsys, transport: str

@@ -1,10 +1,12 @@
 """The same-host fast path against a real server on 127.0.0.1: pixels passed in a POSIX shared memory region are
 answered, billed and replayed exactly as the same bytes in the message; a server without --shared-memory, a bad
 name, a missing or short region, shm on an index tensor, or both data and shm are refused unbilled (ledger read back
-with SQL); callers from another host are refused (the peer rule, on gRPC's peer strings)."""
+with SQL); callers from another host are refused (the peer rule, on gRPC's peer strings), and so is a region that
+belongs to another user than the caller's, even one the server could read."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import uuid
 from collections.abc import Iterator
@@ -186,3 +188,29 @@ def test_a_stream_message_may_carry_its_pixels_in_shared_memory(tmp_path, model)
         assert not answer.HasField("error") and torch.equal(kit.logits_of(answer), kit.logits_of(unary))
         channel.close()
     assert billed_ids(srv.settings.db) == ["s1", "u1"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a region to another user needs root")
+def test_a_region_of_another_user_is_refused_though_the_server_could_read_it(tmp_path, model) -> None:
+    """uint8 patches: the caller (this process, root) names a region owned by uid 65534; the server, root too, could
+    read it, but a region is read only for its owner: PERMISSION_DENIED, nothing billed, the refusal counted."""
+    images, keep = kit.random_images(2, seed=8), kit.random_keep(2, 16, seed=9)
+    request = kit.patch_request(kit.patches_of((images * 255).round().to(torch.uint8), keep), keep)
+    with (
+        region(len(request.patches.data)) as mine,
+        region(len(request.patches.data)) as theirs,
+        running_server(kit.settings(tmp_path, shared_memory=True), model=model) as srv,
+    ):
+        os.chown(f"/dev/shm/{theirs.name}", 65534, 65534)
+        channel, teacher = kit.stub(srv.address)
+        metadata = kit.auth(srv.create_key("k"))
+        with pytest.raises(grpc.RpcError) as refused:
+            teacher.Infer(in_region(request, theirs), metadata=metadata)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "belongs to another user" in refused.value.details() and "holds" not in refused.value.details()
+        ok = teacher.Infer(in_region(request, mine), metadata=metadata)  # the caller's own region: read
+        assert ok.usage.images == 2
+        channel.close()
+    with sqlite3.connect(srv.settings.db.removeprefix("sqlite:///")) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM usage").fetchone() == (1,)
+        assert conn.execute("SELECT SUM(count) FROM refusals").fetchone() == (1,)
