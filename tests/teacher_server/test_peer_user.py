@@ -104,3 +104,17 @@ def test_no_connection_from_that_port_is_nobody() -> None:
         free_port = srv.getsockname()[1]  # listening, not connected from
     assert peer_uid(f"ipv4:127.0.0.1:{free_port}") is None
     assert peer_address("ipv6:%5B::1%5D:5678") == (peer_address("ipv6:[::1]:5678") or (None, 0))
+
+
+def test_a_table_is_read_for_the_connected_socket_only(tmp_path) -> None:
+    """A table written here: a closing socket (TIME_WAIT) on the same address is not the caller; the connected one,
+    on the table's last line without a newline, is; IPv4-mapped in tcp6 counts for an IPv4 peer."""
+    header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+    row = "   {n}: {local} 0100007F:C350 {st} 00000000:00000000 00:00000000 00000000  {uid}        0 {n}0 1\n"
+    tcp, tcp6 = tmp_path / "tcp", tmp_path / "tcp6"
+    tcp.write_text(header + row.format(n=0, local="0100007F:D431", st="06", uid=1000))
+    mapped = "0000000000000000FFFF00000100007F:D431"
+    tcp6.write_text((header + row.format(n=1, local=mapped, st="01", uid=1234)).rstrip("\n"))
+    assert peer_uid("ipv4:127.0.0.1:54321", tables=(tcp, tcp6)) == 1234
+    assert peer_uid("ipv4:127.0.0.1:54321", tables=(tcp,)) is None  # only the closing socket there
+    assert peer_uid("ipv4:127.0.0.2:54321", tables=(tcp, tcp6)) is None
