@@ -108,6 +108,7 @@ class InferenceService:
     ) -> None:
         self.served = served
         self._shared_memory = shared_memory  # read pixels from shared memory regions of local callers
+        self.listening: tuple[str, int] = ("", 0)  # the server's host and port once bound (who calls: peer_user.py)
         self._biller = biller
         self._metrics = metrics
         self._max_elements = max_message_bytes  # a tensor cannot hold more elements than the message has bytes
@@ -251,7 +252,9 @@ class InferenceService:
         if shared_input(request) is None:
             return None
         with self._metrics.stage("receive"):
-            pixels = read_shared_pixels(request, enabled=self._shared_memory, peer=peer, max_bytes=self._max_elements)
+            pixels = read_shared_pixels(
+                request, enabled=self._shared_memory, peer=peer, listening=self.listening, max_bytes=self._max_elements
+            )
         self._metrics.shared_memory_bytes.inc(len(pixels))
         return pixels
 

@@ -149,6 +149,7 @@ class TeacherServer:
         if not self.port:
             await self.served.batcher.close()
             raise ServerStartError(f"cannot listen on {s.host}:{s.port}: {reason}")
+        self.service.listening = (s.host, self.port)
         await server.start()
         self._server = server
         self._purger = asyncio.create_task(self._purge_periodically(), name="ledger-purge")

@@ -5,8 +5,8 @@ Off unless the server is started with `--shared-memory`. Then a region is read o
 comes from this host (a Unix socket or a loopback address), only under names the contract reserves ("maskedkd-"
 and 1-64 of [A-Za-z0-9_-], so no other program's region can be named), never following a link, only a regular file
 of /dev/shm, only as far as the region holds, only a region owned by the user the caller's connection runs as
-(peer_user.py: the kernel's socket tables say who owns the caller's end of a loopback connection; another user's
-region is refused even where the server could read it), and only as the server's own user may (a region made with
+(peer_user.py: the kernel's socket diagnostics say who owns the caller's end of a loopback connection; another
+user's region is refused even where the server could read it), and only as the server's own user may (a region made with
 mode 0600 is readable when caller and server run as one user). The bytes are copied out of the region once, where the
 bytes path reads the message's field once: from there a shared-memory request is the same request as one carrying
 the same bytes in `data` (decoded, checked, digested, billed, replayed alike), and the caller may change the region
@@ -57,11 +57,13 @@ def shared_input(request: pb.InferRequest) -> pb.SharedMemory | None:
     return tensor.shm if tensor.HasField("shm") else None
 
 
-def read_shared_pixels(request: pb.InferRequest, *, enabled: bool, peer: str, max_bytes: int) -> bytes:
+def read_shared_pixels(
+    request: pb.InferRequest, *, enabled: bool, peer: str, listening: tuple[str, int], max_bytes: int
+) -> bytes:
     """The pixel bytes of a request whose input names a shared memory region (`shared_input`), as many as its shape
     and dtype declare (at most `max_bytes`, what a message may carry), copied out of the region once;
     PermissionDeniedError or InvalidRequestError (nothing read) when the server may not read them for `peer` (the
-    caller's end of the connection, as `context.peer()` names it)."""
+    caller's end of the connection, as `context.peer()` names it; `listening`: the server's host and port)."""
     which = request.WhichOneof("input")
     region = shared_input(request)
     assert which is not None and region is not None
@@ -87,7 +89,7 @@ def read_shared_pixels(request: pb.InferRequest, *, enabled: bool, peer: str, ma
         raise InvalidRequestError(
             f"{which}: its shape declares {nbytes} bytes in shared memory, more than a message may carry ({max_bytes})"
         )
-    caller = peer_uid(peer)
+    caller = peer_uid(peer, server_host=listening[0], server_port=listening[1])
     if caller is None:
         raise PermissionDeniedError(
             f"{which}.shm: the server cannot tell which user this connection runs as (shared memory is read for "
