@@ -38,7 +38,6 @@ def check_keep(indices: Tensor, counts: Tensor | None, *, batch: int, num_patche
     # numpy from here: a request's [B, K] is small, and numpy's per-call cost is ~10x below torch's (~70 -> ~15 us)
     indices = indices.detach().to("cpu", torch.int64)
     grid = indices.numpy()  # [B, K], a view: only read
-    counts_given = counts
     if counts is None:
         counts = torch.full((batch,), k, dtype=torch.int64)
     else:
@@ -49,15 +48,16 @@ def check_keep(indices: Tensor, counts: Tensor | None, *, batch: int, num_patche
                 f"keep_counts: dtype {str(counts.dtype).removeprefix('torch.')} is not an integer type"
             )
         counts = counts.detach().to("cpu", torch.int64)
-        bad = np.flatnonzero((counts.numpy() < 1) | (counts.numpy() > k))
+        bad = np.flatnonzero((counts.numpy() < 1) | (counts.numpy() > k))  # counts.numpy(): a view, no copy
         if len(bad):
             b = int(bad[0])
             raise KeepIndicesError(
                 f"keep_counts[{b}] = {int(counts[b])} disagrees with K = {k} of keep_indices; "
                 f"each count must be in 1..{k}"
             )
-    uniform = counts_given is None or bool((counts.numpy() == k).all())  # every entry used: no mask needed
-    used = True if uniform else np.arange(k)[None, :] < counts.numpy()[:, None]  # [B, K] (or all)
+    per_row = counts.numpy()  # [B]
+    uniform = bool((per_row == k).all())  # every entry used: no mask needed
+    used = True if uniform else np.arange(k)[None, :] < per_row[:, None]  # [B, K] (or all)
     out_of_range = used & ((grid < 0) | (grid >= num_patches))
     if out_of_range.any():
         b, j = (int(v) for v in np.argwhere(out_of_range)[0])

@@ -52,12 +52,17 @@ def _split_host_port(address: str) -> tuple[str, str]:
     return host.strip("[]"), port
 
 
+def is_unix_socket(target: str) -> bool:
+    """True for a `unix:` or `unix-abstract:` target."""
+    return target.strip().startswith(("unix:", "unix-abstract:"))
+
+
 def on_this_host(target: str) -> bool:
     """True when every address of `target` is this machine: a Unix socket, `localhost` or a loopback address (the
     teacher then may read the pixels from shared memory: shared_pixels.py). A name other than localhost is not
     resolved: it counts as another host."""
     target = target.strip()
-    if target.startswith(("unix:", "unix-abstract:")):
+    if is_unix_socket(target):
         return True
     for address in target.removeprefix("ipv4:").removeprefix("ipv6:").removeprefix("dns:///").split(","):
         if not address.strip():

@@ -34,7 +34,7 @@ import torch
 
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
-from student_client.channel import on_this_host, open_channel
+from student_client.channel import is_unix_socket, on_this_host, open_channel
 from student_client.errors import TeacherError
 from student_client.resend import CountsRefusedReplays, RefusedReplays, ResendPlan
 from student_client.retry import DEFAULT_PATIENCE_S, RetryPolicy
@@ -207,7 +207,7 @@ class TeacherClient(ClientCore):
             why = None
             if not on_this_host(self.target):
                 why = f"{self.target} is not on this host (a loopback address or localhost)"
-            elif self.target.strip().startswith(("unix:", "unix-abstract:")):
+            elif is_unix_socket(self.target):
                 why = "over a unix: socket the teacher cannot tell which user calls (it reads only its owner's regions)"
             elif not self.info().shared_memory:
                 why = "the teacher does not read shared memory (start it with --shared-memory)"

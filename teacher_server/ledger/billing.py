@@ -61,6 +61,18 @@ _BILLED_PROBE = select(_USAGE.c.id).where(
 _C = _COUNTERS.c
 _INSERT_USAGE = insert(_USAGE).returning(_USAGE.c.id, sort_by_parameter_order=True)  # ids in the order given
 _INSERT_PAYLOADS = insert(_PAYLOADS)
+
+
+def _window_used(ws: int | ColumnElement[int]) -> ColumnElement[float]:
+    """The GFLOPs of the quota window starting at `ws`: the stored ones, or 0 when the stored window is older."""
+    return case((_C.window_start < ws, 0.0), else_=_C.window_gflops)
+
+
+def _window_from(ws: int | ColumnElement[int]) -> ColumnElement[int]:
+    """The stored window start, moved to `ws` when that is later."""
+    return case((_C.window_start < ws, ws), else_=_C.window_start)
+
+
 # A batch's running totals of one key: the quota window restarts when `ws` is past the stored start.
 _WS, _ADDED = bindparam("b_ws", type_=Integer), bindparam("b_gflops", type_=Float)
 _ADD_BILLED = (
@@ -73,8 +85,8 @@ _ADD_BILLED = (
         gflops=_C.gflops + _ADDED,
         full_gflops=_C.full_gflops + bindparam("b_full_gflops"),
         cost=_C.cost + bindparam("b_cost"),
-        window_gflops=case((_C.window_start < _WS, 0.0), else_=_C.window_gflops) + _ADDED,
-        window_start=case((_C.window_start < _WS, _WS), else_=_C.window_start),
+        window_gflops=_window_used(_WS) + _ADDED,
+        window_start=_window_from(_WS),
         reserved_gflops=_C.reserved_gflops - bindparam("b_held"),
     )
 )
@@ -135,10 +147,6 @@ def _windows(limits: KeyLimits, now: float) -> tuple[int, int]:
     return window_start(limits.quota_window, datetime.fromtimestamp(now, UTC)), int(now // 60 * 60)
 
 
-def _window_used(ws: int) -> ColumnElement[float]:
-    return case((_C.window_start < ws, 0.0), else_=_C.window_gflops)
-
-
 def _rate_used(rs: int) -> ColumnElement[float]:
     return case((_C.rate_start < rs, 0.0), else_=_C.rate_gflops)
 
@@ -184,7 +192,7 @@ def reserve(
         .where(*conditions)
         .values(
             window_gflops=window_used,
-            window_start=case((_C.window_start < ws, ws), else_=_C.window_start),
+            window_start=_window_from(ws),
             rate_gflops=rate_used + gflops,
             rate_start=case((_C.rate_start < rs, rs), else_=_C.rate_start),
             reserved_gflops=_C.reserved_gflops + gflops,

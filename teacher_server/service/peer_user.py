@@ -53,7 +53,7 @@ def _candidates(ip: IpAddress, server_host: str) -> Iterator[tuple[int, IpAddres
     servers = [a for a in listening if not a.is_unspecified]
     v4 = ip if isinstance(ip, ipaddress.IPv4Address) else ip.ipv4_mapped
     if v4 is None:
-        for server in [*servers, ipaddress.IPv6Address("::1")]:
+        for server in dict.fromkeys([*servers, ipaddress.IPv6Address("::1")]):  # each address asked once
             if isinstance(server, ipaddress.IPv6Address):
                 yield socket.AF_INET6, ip, server
         return

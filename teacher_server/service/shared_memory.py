@@ -2,17 +2,18 @@
 (`Tensor.shm`) and the gRPC message carries only the region's name and offset.
 
 Off unless the server is started with `--shared-memory`. Then a region is read only for a caller whose connection
-comes from this host (a Unix socket or a loopback address), only under names the contract reserves ("maskedkd-"
-and 1-64 of [A-Za-z0-9_-], so no other program's region can be named), never following a link, only a regular file
-of /dev/shm, only as far as the region holds, only a region owned by the user the caller's connection runs as
-(peer_user.py: the kernel's socket diagnostics say who owns the caller's end of a loopback connection; another
-user's region is refused even where the server could read it), and only as the server's own user may (a region made with
-mode 0600 is readable when caller and server run as one user). The bytes are copied out of the region once, where the
-bytes path reads the message's field once: from there a shared-memory request is the same request as one carrying
-the same bytes in `data` (decoded, checked, digested, billed, replayed alike), and the caller may change the region
-as soon as it has its answer. The copy is `os.pread`, not a mapping: a caller shrinking its region while the server
-read a mapping of it would fault the server. Measured with `python -m benchmarks.serving` (docs/performance-notes.md
-section 8): ~30 us of server CPU an image less than the same bytes in the message, the gRPC transport of 75 KB.
+comes from this host over loopback TCP (where the server can tell the caller's user), only under names the contract
+reserves ("maskedkd-" and 1-64 of [A-Za-z0-9_-], so no other program's region can be named), never following a link,
+only a regular file of /dev/shm, only as far as the region holds, only a region owned by the user the caller's
+connection runs as (peer_user.py: the kernel's socket diagnostics say who owns the caller's end of a loopback
+connection; another user's region is refused even where the server could read it), and only as the server's own user
+may (a region made with mode 0600 is readable when caller and server run as one user). The bytes are copied out of
+the region once, where the bytes path reads the message's field once: from there a shared-memory request is the same
+request as one carrying the same bytes in `data` (decoded, checked, digested, billed, replayed alike), and the caller
+may change the region as soon as it has its answer. The copy is `os.pread`, not a mapping: a caller shrinking its
+region while the server read a mapping of it would fault the server. Measured with `python -m benchmarks.serving`
+(docs/performance-notes.md section 8): ~30 us of server CPU an image less than the same bytes in the message, the
+gRPC transport of 75 KB.
 """
 
 from __future__ import annotations
