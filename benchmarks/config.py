@@ -74,8 +74,8 @@ class BenchConfig:
     gpu_batch: int = 256
     threads: int = 0  # torch intra-op threads (0: one per CPU this process may use)
     serving_calls: int = 40  # calls per client in the serving section (2 x 64 and 8 x 32 images per call)
-    # (clients, images per call, pixels in shared memory) of the serving section; () = benchmarks.serving.CONFIGS
-    serving_configs: tuple[tuple[int, int, bool], ...] = ()
+    # (clients, images per call, pixels in shared memory, ingest workers) of the serving section; () = its CONFIGS
+    serving_configs: tuple[tuple[int, int, bool, int], ...] = ()
     serving_rounds: int = 3  # interleaved rounds of every serving configuration (the section reports medians)
     tenants_seconds: float = 10.0  # each phase of the tenants section (light alone, light under the flood)
 
@@ -166,7 +166,7 @@ QUICK = BenchConfig(
     gpu_models=(ModelCase("vit_b_224", "ViT-Ti 64px (quick mode)", "vit_tiny_patch16_224", {"img_size": 64}),),
     gpu_batch=8,
     serving_calls=2,
-    serving_configs=((2, 8, False), (2, 8, True)),
+    serving_configs=((2, 8, False, 0), (2, 8, True, 0), (2, 8, False, 2)),
     serving_rounds=1,
     tenants_seconds=2.0,
 )

@@ -53,6 +53,9 @@ DRY_MODELS = (
 )
 # (concurrent clients, pixels through shared memory) against each served model: the same host, so both ways apply
 SERVER_LOADS = ((8, False), (32, False), (8, True), (32, True))
+# then the 32 clients again, pixels in the messages, against `serve --ingest-workers N` (N processes ingest)
+INGEST_WORKERS = 4
+INGEST_LOADS = ((32, False),)
 # the product's loop on the GPU: student and teacher server on the same card, bf16 (`--precision auto`, `--dtype auto`)
 GPU_TRAIN_PAIR = TrainPair(
     "deit",
@@ -145,57 +148,73 @@ def server_vs_inprocess(
     rows = []
     for case in cfg.gpu_models:
         teacher = build_teacher(case)
-        kept = num_kept(0.5, teacher.geometry.num_patches)
-        server = BenchServer(
-            f"serve-{case.key}",
-            {
-                "model": case.timm_name,
-                "model_kwargs": case.kwargs,
-                "device": device,
-                "metrics_port": 0,
-                "max_batch_images": max(256, batch * 8),
-                "shared_memory": True,
-            },
-            workdir / case.key,
-            threads=torch.get_num_threads(),
-        )
-        server.start().wait_ready(600)
-        try:
-            metrics = server.process.ready.metrics_url if server.process.ready else None
-            client_load(server.address, server.api_key, [_requests(teacher, batch, cfg.warmup, seed=99)])
-            for clients, shared in SERVER_LOADS:
-                seed = 1000 * clients + (500 if shared else 0)  # ids of their own: none is a replay of another load's
-                load = [_requests(teacher, batch, requests, seed=seed + c) for c in range(clients)]
-                nbytes = sum(r.ByteSize() for mine in load for r in mine)
-                busy0 = _busy_s(metrics)
-                seconds, answers, errors = client_load(server.address, server.api_key, load, shared_memory=shared)
-                busy = _busy_s(metrics) - busy0
-                expected = batch * teacher.gflops(kept)
-                rate = batch * len(answers) / seconds
-                rows.append(
-                    {
-                        "model": case.key,
-                        "label": case.label,
-                        "clients": clients,
-                        "shared_memory": shared,
-                        "batch_per_request": batch,
-                        "requests_per_client": requests,
-                        "kept": kept,
-                        "images_per_s": rate,
-                        "inprocess_images_per_s": inprocess.get(case.key),
-                        "of_inprocess": rate / inprocess[case.key] if inprocess.get(case.key) else None,
-                        "ingest_gb_per_s": nbytes / seconds / 1e9,
-                        "busy_share": busy / seconds,
-                        "errors": errors[:3],
-                        "error_count": len(errors),
-                        "replayed": sum(a.usage.replayed for a in answers),  # 0: every call ran its forward
-                        "billing_matches_flop_model": bool(answers)
-                        and max(abs(a.usage.gflops - expected) for a in answers) <= 1e-6 * expected,
-                    }
-                )
-        finally:
-            server.stop()
+        for workers, loads in ((0, SERVER_LOADS), (INGEST_WORKERS, INGEST_LOADS)):
+            server = BenchServer(
+                f"serve-{case.key}-w{workers}",
+                {
+                    "model": case.timm_name,
+                    "model_kwargs": case.kwargs,
+                    "device": device,
+                    "metrics_port": 0,
+                    "max_batch_images": max(256, batch * 8),
+                    "shared_memory": True,
+                    "ingest_workers": workers,
+                },
+                workdir / f"{case.key}-w{workers}",
+                threads=torch.get_num_threads(),
+            )
+            server.start().wait_ready(600)
+            try:
+                metrics = server.process.ready.metrics_url if server.process.ready else None
+                client_load(server.address, server.api_key, [_requests(teacher, batch, cfg.warmup, seed=99)])
+                for clients, shared in loads:
+                    row = _server_row(server, metrics, teacher, case, inprocess, clients, shared, batch, requests)
+                    rows.append({**row, "ingest_workers": workers})
+            finally:
+                server.stop()
     return {"rows": rows, "errors": [e for r in rows for e in r["errors"]]}
+
+
+def _server_row(
+    server: Any,
+    metrics: str | None,
+    teacher: Any,
+    case: ModelCase,
+    inprocess: dict[str, Any],
+    clients: int,
+    shared: bool,
+    batch: int,
+    requests: int,
+) -> dict[str, Any]:
+    """`clients` clients sending `requests` calls of `batch` images each at keep 50%, against `server`."""
+    kept = num_kept(0.5, teacher.geometry.num_patches)
+    seed = 1000 * clients + (500 if shared else 0)  # ids of their own: none is a replay of another load's
+    load = [_requests(teacher, batch, requests, seed=seed + c) for c in range(clients)]
+    nbytes = sum(r.ByteSize() for mine in load for r in mine)
+    busy0 = _busy_s(metrics)
+    seconds, answers, errors = client_load(server.address, server.api_key, load, shared_memory=shared)
+    busy = _busy_s(metrics) - busy0
+    expected = batch * teacher.gflops(kept)
+    rate = batch * len(answers) / seconds
+    return {
+        "model": case.key,
+        "label": case.label,
+        "clients": clients,
+        "shared_memory": shared,
+        "batch_per_request": batch,
+        "requests_per_client": requests,
+        "kept": kept,
+        "images_per_s": rate,
+        "inprocess_images_per_s": inprocess.get(case.key),
+        "of_inprocess": rate / inprocess[case.key] if inprocess.get(case.key) else None,
+        "ingest_gb_per_s": nbytes / seconds / 1e9,
+        "busy_share": busy / seconds,
+        "errors": errors[:3],
+        "error_count": len(errors),
+        "replayed": sum(a.usage.replayed for a in answers),  # 0: every call ran its forward
+        "billing_matches_flop_model": bool(answers)
+        and max(abs(a.usage.gflops - expected) for a in answers) <= 1e-6 * expected,
+    }
 
 
 def mixed_keep_load(
@@ -351,6 +370,7 @@ def _server_md(c: dict[str, Any], device: str) -> list[str]:
             r["label"],
             r["clients"],
             "shared memory" if r.get("shared_memory") else "messages",
+            f"{r['ingest_workers']} ingest + device" if r.get("ingest_workers") else "one",
             f"{r['images_per_s']:.0f}",
             f"{r['inprocess_images_per_s']:.0f}" if r["inprocess_images_per_s"] else "-",
             pct(r["of_inprocess"]) if r["of_inprocess"] is not None else "-",
@@ -368,13 +388,16 @@ def _server_md(c: dict[str, Any], device: str) -> list[str]:
         f"`teacher-server serve --device {device} --dtype auto`, each client sends {first['requests_per_client']} "
         f"requests of {first['batch_per_request']} images of uint8 kept patches, one call at a time, in the messages "
         "or through shared memory (`--shared-memory`; GB/s in then counts the bytes the regions carried). Busy: the "
-        "forward's share of the wall time (`maskedkd_compute_seconds`).",
+        "forward's share of the wall time (`maskedkd_compute_seconds`). The last row per model: the same 32 clients "
+        f"against `--ingest-workers {INGEST_WORKERS}` (that many processes receive, check and bill; one runs the "
+        "teacher).",
         "",
         table(
             (
                 "model",
                 "clients",
                 "pixels in",
+                "server processes",
                 "img/s",
                 "in-process img/s",
                 "of in-process",
@@ -462,7 +485,9 @@ def main(*, dry_run: bool, out: str | None, command: str) -> int:
     result["forward"] = _step("masked forward", lambda: run_gpu_section(cfg, None, device=device, keeps=GPU_KEEPS))
     with tempfile.TemporaryDirectory(prefix="maskedkd-gpu-") as tmp:
         result["server"] = _step(
-            "server with " + ", ".join(f"{c} clients{' (shared memory)' if m else ''}" for c, m in SERVER_LOADS),
+            "server with "
+            + ", ".join(f"{c} clients{' (shared memory)' if m else ''}" for c, m in SERVER_LOADS)
+            + f"; 32 clients against {INGEST_WORKERS} ingest workers",
             lambda: server_vs_inprocess(
                 cfg,
                 device,

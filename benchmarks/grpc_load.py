@@ -1,5 +1,5 @@
-"""Clients against a teacher server, each a thread with a channel of its own, sending its requests one call at a
-time: the load of the serving benchmarks (`benchmarks/serving.py`, `benchmarks/gpu_script.py`)."""
+"""Clients against a teacher server, each a thread with a channel (and connection) of its own, sending its requests
+one call at a time: the load of the serving benchmarks (`benchmarks/serving.py`, `benchmarks/gpu_script.py`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,13 @@ from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
 from student_client.shared_pixels import SharedPixels
 
-OPTIONS = [("grpc.max_send_message_length", 1 << 30), ("grpc.max_receive_message_length", 1 << 30)]
+OPTIONS = [
+    ("grpc.max_send_message_length", 1 << 30),
+    ("grpc.max_receive_message_length", 1 << 30),
+    # a connection of its own (grpc otherwise shares one between channels to the same target): N clients are N
+    # connections, as N trainers are, and a server's ingest workers each get some
+    ("grpc.use_local_subchannel_pool", 1),
+]
 
 
 def client_load(

@@ -9,7 +9,7 @@ counters before and after the load: the process's CPU time from /proc (every thr
 model's raw-pixel forward (`make_forward`, what the server runs) on one thread in this process, on uint8 rows.
 
     python -m benchmarks.serving                   # the configurations of `make bench` (3 interleaved rounds)
-    python -m benchmarks.serving --clients 2 --batch 64 --calls 40 [--shared-memory]
+    python -m benchmarks.serving --clients 2 --batch 64 --calls 40 [--shared-memory] [--ingest-workers 2]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 from benchmarks.grpc_floor import floor_cpu_us
 from benchmarks.grpc_load import client_load
 from benchmarks.server_proc import BenchServer
-from benchmarks.timing import process_cpu_s
+from benchmarks.timing import tree_cpu_s
 from maskedkd.codec import tensor_to_proto
 from maskedkd.masked_teacher import MaskedTeacher
 from maskedkd.v1 import teacher_pb2 as pb
@@ -49,10 +49,11 @@ NEGLIGIBLE_TEACHER = {
 }
 ARCH = "vit_tiny_patch16_224"
 KEEP = 98  # of 196 patches: keep 50%
-# (clients, images per call, pixels through shared memory), as docs/performance-notes.md measured them
-CONFIGS = ((2, 64, False), (8, 32, False), (2, 64, True), (8, 32, True))
+# (clients, images per call, pixels through shared memory, ingest workers), as docs/performance-notes.md measured them
+CONFIGS = ((2, 64, False, 0), (8, 32, False, 0), (2, 64, True, 0), (8, 32, True, 0), (8, 32, False, 2))
 STAGE_RE = re.compile(r'^maskedkd_stage_cpu_seconds_total\{stage="(\w+)"\} ([0-9.e+-]+)$', re.M)
 IMAGES_RE = re.compile(r"^maskedkd_images_total\{[^}]*\} ([0-9.e+-]+)$", re.M)
+INGESTED_RE = re.compile(r'^maskedkd_ingested_bytes_total\{process="(\w+)"\} ([0-9.e+-]+)$', re.M)
 
 
 @dataclass(frozen=True)
@@ -68,19 +69,30 @@ class ServingResult:
     stages_us: dict[str, float]  # per image, the serving path's stages (forward included)
     above_forward_us: float  # server_cpu_us minus the server's own forward stage: the serving path's CPU alone
     floor_us: float | None  # per image, a bare gRPC server answering the same calls (benchmarks/grpc_floor.py)
+    ingest_workers: int = 0  # 0: one server process; N: N ingest processes and a device process (all counted)
+    ingest_gb_s: dict[str, float] | None = None  # pixel GB/s each ingest process received during the load
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _counters(metrics_url: str, pid: int) -> tuple[float, dict[str, float], float]:
-    """(process CPU seconds, CPU seconds per stage, images served): the CPU of every thread of the server process
-    from /proc (the kernel's count, whatever the server exports), the rest from its /metrics."""
+@dataclass(frozen=True)
+class Counters:
+    cpu_s: float  # every thread of the server process and of the processes below it (ingest workers, device)
+    stages_s: dict[str, float]  # CPU seconds per stage
+    images: float  # images served
+    ingested: dict[str, float]  # pixel bytes received, per ingest process
+
+
+def _counters(metrics_url: str, pid: int) -> Counters:
+    """The server's counters now: CPU from /proc (the kernel's count, whatever the server exports), the rest from its
+    /metrics."""
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    return (
-        process_cpu_s(pid),
+    return Counters(
+        tree_cpu_s(pid),
         {stage: float(value) for stage, value in STAGE_RE.findall(text)},
         sum(float(v) for v in IMAGES_RE.findall(text)),
+        {process: float(value) for process, value in INGESTED_RE.findall(text)},
     )
 
 
@@ -143,10 +155,12 @@ def measure(
     workdir: Path,
     *,
     shared_memory: bool = False,
+    ingest_workers: int = 0,
     settings: dict[str, Any] | None = None,
 ) -> ServingResult:
     """One configuration against a fresh server child (one torch thread, metrics on, float32). `shared_memory`: the
-    clients pass the pixels through shared memory (the server started with it); no floor is measured then."""
+    clients pass the pixels through shared memory (the server started with it); no floor is measured then.
+    `ingest_workers`: the server runs that many ingest processes and a device process (its CPU counts them all)."""
     server = (
         BenchServer(
             f"serving-{clients}x{batch}",
@@ -159,9 +173,10 @@ def measure(
                 "token_budget": 256 * (KEEP + 1),
                 "max_delay_ms": 2.0,
                 "shared_memory": shared_memory,
+                "ingest_workers": ingest_workers,
                 **(settings or {}),
             },
-            workdir / f"{clients}x{batch}{'-shm' if shared_memory else ''}",
+            workdir / f"{clients}x{batch}{'-shm' if shared_memory else ''}-w{ingest_workers}",
             threads=1,
         )
         .start()
@@ -175,16 +190,17 @@ def measure(
         _load(server.address, server.api_key, warm, shared_memory=shared_memory)
         pid = server.process.pid
         assert pid is not None
-        cpu0, stages0, images0 = _counters(metrics, pid)
+        before = _counters(metrics, pid)
         wall = _load(server.address, server.api_key, per_client, shared_memory=shared_memory)
-        cpu1, stages1, images1 = _counters(metrics, pid)
+        after = _counters(metrics, pid)
     finally:
         server.stop()
-    images = int(images1 - images0)
-    floor = None if shared_memory else floor_cpu_us(per_client, warm)  # the same calls, the teacher server stopped
+    images = int(after.images - before.images)
+    floor = None if shared_memory or ingest_workers else floor_cpu_us(per_client, warm)  # same calls, bare server
     forward = forward_cpu_us(batch)
-    server_us = (cpu1 - cpu0) / images * 1e6
-    stages = {s: (stages1.get(s, 0.0) - stages0.get(s, 0.0)) / images * 1e6 for s in stages1}
+    server_us = (after.cpu_s - before.cpu_s) / images * 1e6
+    stages = {s: (after.stages_s.get(s, 0.0) - before.stages_s.get(s, 0.0)) / images * 1e6 for s in after.stages_s}
+    gb_s = {p: (after.ingested[p] - before.ingested.get(p, 0.0)) / wall / 1e9 for p in after.ingested}
     return ServingResult(
         clients=clients,
         batch=batch,
@@ -197,19 +213,26 @@ def measure(
         stages_us=stages,
         above_forward_us=server_us - stages.get("forward", 0.0),
         floor_us=floor,
+        ingest_workers=ingest_workers,
+        ingest_gb_s=gb_s,
     )
 
 
 def run_serving_section(
-    configs: Sequence[tuple[int, int, bool]] = CONFIGS, *, calls: int = 40, rounds: int = 3, workdir: Path | None = None
+    configs: Sequence[tuple[int, int, bool, int]] = CONFIGS,
+    *,
+    calls: int = 40,
+    rounds: int = 3,
+    workdir: Path | None = None,
 ) -> dict[str, Any]:
     """`make bench`'s serving section: `rounds` rounds, each measuring every configuration once (interleaved, so a
     slow spell of a shared machine touches them all); per configuration the median of the rounds, and each round."""
     runs: list[list[ServingResult]] = [[] for _ in configs]
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         for r in range(rounds):
-            for i, (c, b, shm) in enumerate(configs):
-                runs[i].append(measure(c, b, calls, (workdir or Path(tmp)) / f"round{r}", shared_memory=shm))
+            for i, (c, b, shm, workers) in enumerate(configs):
+                where = (workdir or Path(tmp)) / f"round{r}"
+                runs[i].append(measure(c, b, calls, where, shared_memory=shm, ingest_workers=workers))
     rows = [_median_row(results) for results in runs]
     return {
         "status": "ok",
@@ -229,6 +252,10 @@ def _median_row(results: Sequence[ServingResult]) -> dict[str, Any]:
     row["floor_us"] = statistics.median(floors) if floors else None
     row["stages_us"] = {s: statistics.median(r.stages_us.get(s, 0.0) for r in results) for s in row["stages_us"]}
     row["images"] = sum(r.images for r in results)
+    gb_s = [r.ingest_gb_s or {} for r in results]
+    row["ingest_gb_s"] = {
+        p: statistics.median(g.get(p, 0.0) for g in gb_s) for p in sorted({p for g in gb_s for p in g})
+    }
     row["rounds"] = [
         {"images_per_s": r.images_per_s, "overhead_us": r.overhead_us, "above_forward_us": r.above_forward_us}
         for r in results
@@ -243,16 +270,30 @@ def _spread(row: dict[str, Any], key: str) -> str:
     return f"{text} ({min(values):.0f}-{max(values):.0f})" if len(values) > 1 else text
 
 
+def _processes(workers: int) -> str:
+    return "one" if not workers else f"{workers} ingest + device"
+
+
+def _gb_s(per_process: dict[str, float]) -> str:
+    total = sum(per_process.values())
+    if len(per_process) < 2:
+        return f"{total:.2f}"
+    return f"{total:.2f} ({' + '.join(f'{v:.2f}' for v in per_process.values())})"
+
+
 def table(rows: Sequence[dict[str, Any]]) -> str:
     stages = sorted({s for r in rows for s in r["stages_us"]})
-    head = ["clients x batch", "pixels in", "img/s", "server CPU us/img", "forward us/img", "overhead us/img"]
+    head = ["clients x batch", "pixels in", "processes", "img/s", "GB/s ingested (per process)"]
+    head += ["server CPU us/img", "forward us/img", "overhead us/img"]
     head += ["above its own forward us/img", "gRPC floor us/img", *stages]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
             f"{r['clients']} x {r['batch']}",
             "shared memory" if r.get("shared_memory") else "messages",
+            _processes(r.get("ingest_workers", 0)),
             _spread(r, "images_per_s"),
+            _gb_s(r.get("ingest_gb_s") or {}),
             f"{r['server_cpu_us']:.0f}",
             f"{r['forward_cpu_us']:.0f}",
             _spread(r, "overhead_us"),
@@ -271,9 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=40, help="calls per client")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every configuration (medians)")
     parser.add_argument("--shared-memory", action="store_true", help="with --clients/--batch: pixels in shared memory")
+    parser.add_argument(
+        "--ingest-workers", type=int, default=0, help="with --clients/--batch: serve with N ingest workers"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
-    chosen = (args.clients, args.batch, args.shared_memory)
+    chosen = (args.clients, args.batch, args.shared_memory, args.ingest_workers)
     configs = [chosen] if args.clients and args.batch else list(CONFIGS)
     result = run_serving_section(configs, calls=args.calls, rounds=args.rounds)
     print(table(result["rows"]))

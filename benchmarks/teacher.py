@@ -23,8 +23,8 @@ import torch
 from benchmarks.config import KEEPS, BenchConfig, ModelCase, num_kept
 from benchmarks.timing import Timing, measure
 from maskedkd.masked_teacher import MaskedTeacher
-from teacher_server.engine.batcher import ForwardFn
 from teacher_server.engine.compiled import compiled_forward_pixels
+from teacher_server.engine.rows_runner import ForwardFn
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
@@ -131,6 +132,29 @@ def machine_info() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid` (children, their children, ...), as the kernel lists them now."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                kids = [int(k) for k in task.read_text().split()]
+                out += kids
+                todo += kids
+    return out
+
+
+def tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of `pid` and every process below it (a server with ingest workers)."""
+    total = 0.0
+    for p in (pid, *descendants(pid)):
+        with contextlib.suppress(OSError):
+            total += process_cpu_s(p)
+    return total
 
 
 def process_cpu_s(pid: int) -> float:

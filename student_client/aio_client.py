@@ -67,7 +67,8 @@ class AsyncTeacherClient(ClientCore):
             return result
 
     async def close(self) -> None:
-        await self.channel.close()
+        for channel in self.channels:
+            await channel.close()
 
     async def __aenter__(self) -> AsyncTeacherClient:
         return self

@@ -131,11 +131,19 @@ def grpc_target(target: str) -> str:
 
 
 def open_channel(
-    target: str, *, max_message_mb: float, credentials: grpc.ChannelCredentials | None = None, aio: bool = False
+    target: str,
+    *,
+    max_message_mb: float,
+    credentials: grpc.ChannelCredentials | None = None,
+    aio: bool = False,
+    own_connection: bool = False,
 ) -> Any:
     """A blocking (or, with `aio`, an asyncio) channel to `target`, balanced and health-checked; TLS when
-    `credentials` are given (student_client/tls.py builds them)."""
+    `credentials` are given (student_client/tls.py builds them). `own_connection`: connections of its own (gRPC
+    otherwise shares one among the channels of a process to the same target with the same options)."""
     uri, options = grpc_target(target), channel_options(max_message_mb)
+    if own_connection:
+        options.append(("grpc.use_local_subchannel_pool", 1))
     module: Any = grpc.aio if aio else grpc
     if credentials is not None:
         return module.secure_channel(uri, credentials, options=options)

@@ -20,6 +20,7 @@ answered with what the teacher billed under that id, unbilled; otherwise the req
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -61,6 +62,7 @@ class ClientSettings(TypedDict, total=False):
     client_cert: str | None
     client_key: str | None
     reuse_billed_answers: bool
+    connections: int
 
 
 class ClientCore(CountsRefusedReplays):
@@ -85,7 +87,10 @@ class ClientCore(CountsRefusedReplays):
         client_cert: str | None = None,
         client_key: str | None = None,
         reuse_billed_answers: bool = False,
+        connections: int = 1,
     ) -> None:
+        if not isinstance(connections, int) or connections < 1:
+            raise ValueError(f"connections must be a whole number >= 1, got {connections!r}")
         self.target = target
         self.timeout_s = timeout_s  # deadline of one attempt
         self.max_retries = max_retries  # retries after UNAVAILABLE / DEADLINE_EXCEEDED, at least (see patience_s)
@@ -108,10 +113,25 @@ class ClientCore(CountsRefusedReplays):
             client_key=client_key,
             root_certificates=root_certificates,
         )
-        self._raw_channel = open_channel(target, max_message_mb=max_message_mb, credentials=creds, aio=self.aio)
-        self.channel = self._intercepted(self._raw_channel)
-        self.stub = pb_grpc.TeacherServiceStub(self.channel)
+        # `connections` > 1: that many connections, calls taking turns over them (one connection carries every call
+        # of a channel, and a teacher with --ingest-workers gives each connection to one of its processes)
+        self._raw_channels = [
+            open_channel(
+                target, max_message_mb=max_message_mb, credentials=creds, aio=self.aio, own_connection=connections > 1
+            )
+            for _ in range(connections)
+        ]
+        self._raw_channel = self._raw_channels[0]
+        self.channels = [self._intercepted(c) for c in self._raw_channels]
+        self.channel = self.channels[0]
+        self._stubs = [pb_grpc.TeacherServiceStub(c) for c in self.channels]
+        self._turn = itertools.count()
         self._info: ModelInfo | None = None
+
+    @property
+    def stub(self) -> pb_grpc.TeacherServiceStub:
+        """The stub of the connection whose turn it is (round-robin over `connections`)."""
+        return self._stubs[next(self._turn) % len(self._stubs)]
 
     def _intercepted(self, channel: Any) -> Any:
         """The channel the stub calls through (a client with interceptors wraps `channel` in them)."""
@@ -280,7 +300,8 @@ class TeacherClient(ClientCore):
             self._pool = None
         if self._shared is not None:
             self._shared.close()
-        self._raw_channel.close()
+        for channel in self._raw_channels:
+            channel.close()
 
     def __enter__(self) -> TeacherClient:
         return self

@@ -130,6 +130,13 @@ class TrainConfig(BaseSettings):
         description="private key of --teacher-client-cert",
     )
     transport: Transport = Field("stream", description="InferStream (one stream per worker) or unary Infer calls")
+    teacher_connections: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="connections to the teacher, calls taking turns over them (--transport unary); a teacher "
+        "serving with --ingest-workers N gives each connection to one of its N processes",
+    )
     teacher_shared_memory: bool = Field(
         False,
         description="pass the kept pixels to a teacher on this host through shared memory instead of the messages "

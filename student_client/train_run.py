@@ -356,6 +356,7 @@ def _connect_teacher(
         request_log=cfg.request_log,
         shared_memory=cfg.teacher_shared_memory,
         reuse_billed_answers=True,
+        connections=cfg.teacher_connections,
         **teacher_tls_kwargs(cfg),
     )
     info, error = None, None

@@ -32,7 +32,8 @@ _SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 HIDDEN_KEY = "-"  # the `key` label without --metrics-key-labels
 # Where a request's CPU time goes on the server (maskedkd_stage_cpu_seconds_total{stage}); what the process spends
 # beyond their sum (process_cpu_seconds_total) is gRPC's own threads, the event loop and Python's scheduling.
-STAGES = ("receive", "decode", "digest", "ledger_lookup", "queue", "stage", "forward", "commit", "encode")
+# "handoff": an ingest worker's CPU for a batch's round trip to the device process (its forward counts there).
+STAGES = ("receive", "decode", "digest", "ledger_lookup", "queue", "stage", "handoff", "forward", "commit", "encode")
 T = TypeVar("T")
 
 
@@ -53,7 +54,12 @@ class StageClock:
 
 
 class ServerMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None, *, key_labels: bool = False) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, key_labels: bool = False, process: str = "0"
+    ) -> None:
+        """`process`: this process's label on the ingested bytes (an ingest worker's number; "0" for a lone
+        server). With ingest workers every process writes its samples to the supervisor's multiprocess directory
+        (ingest/supervisor.py), which serves them summed: gauges say how they sum there."""
         self.key_labels = key_labels
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
@@ -90,18 +96,22 @@ class ServerMetrics:
             buckets=_SECONDS_BUCKETS,
             registry=r,
         )
-        self.queue_depth = Gauge("maskedkd_queue_depth", "Requests waiting for a micro-batch", registry=r)
+        self.queue_depth = Gauge(
+            "maskedkd_queue_depth", "Requests waiting for a micro-batch", registry=r, multiprocess_mode="livesum"
+        )
         self.dtype_agreement = Gauge(
             "maskedkd_dtype_top1_agreement",
             "Start-up check: top-1 agreement of the served dtype with float32 on a fixed batch",
             ["model", "dtype"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.dtype_kl = Gauge(
             "maskedkd_dtype_kl_nats",
             "Start-up check: mean KL(float32 || served dtype) on a fixed batch",
             ["model", "dtype"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.key_queue_seconds = Histogram(
             "maskedkd_key_queue_seconds",
@@ -110,7 +120,9 @@ class ServerMetrics:
             buckets=_SECONDS_BUCKETS,
             registry=r,
         )
-        self.key_queue_depth = Gauge("maskedkd_key_queue_depth", "Requests queued, per key", ["key"], registry=r)
+        self.key_queue_depth = Gauge(
+            "maskedkd_key_queue_depth", "Requests queued, per key", ["key"], registry=r, multiprocess_mode="livesum"
+        )
         self.shed = Counter(
             "maskedkd_shed_total",
             "Requests refused or dropped unrun to protect the queue: reason overload (queue full), deadline (refused: "
@@ -126,6 +138,13 @@ class ServerMetrics:
             "Pixel bytes read from callers' shared memory regions (--shared-memory) instead of the messages",
             registry=r,
         )
+        self.ingested_bytes = Counter(
+            "maskedkd_ingested_bytes_total",
+            "Pixel bytes received (in the messages or from shared memory), per ingest process",
+            ["process"],
+            registry=r,
+        )
+        self.ingested = self.ingested_bytes.labels(process=process)
         # every stage exported from the start, at 0; its child looked up once (labels() costs ~3 us a call)
         self._stage_counters = {stage: self.stage_cpu.labels(stage=stage) for stage in STAGES}
         ProcessCollector(registry=r)  # process_cpu_seconds_total: the stages' sum plus what no stage counts

@@ -90,6 +90,14 @@ class ServerSettings(BaseSettings):
         "on this host, as the same user: the message then carries only the region's name (callers elsewhere are "
         "refused; off: such requests are INVALID_ARGUMENT)",
     )
+    ingest_workers: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="receive, check, bill and answer requests in this many processes sharing the port, all feeding "
+        "the one teacher in a device process (0: one process does everything); for a teacher faster than one "
+        "process can ingest. The queue bounds are shared out among them",
+    )
     metrics_port: int | None = Field(
         9464, ge=0, le=65535, description="Prometheus /metrics port (0: any free port; --no-metrics: off)"
     )

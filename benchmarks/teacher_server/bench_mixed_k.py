@@ -16,8 +16,8 @@ import timm
 import torch
 
 from maskedkd.masked_teacher import MaskedTeacher
-from teacher_server.engine.batcher import run_bucketed, run_padded
 from teacher_server.engine.packing import run_packed
+from teacher_server.engine.rows_runner import run_bucketed, run_padded
 from teacher_server.engine.staging import StagedRows
 
 CASES = [  # (label, model kwargs, images, counts to draw from)

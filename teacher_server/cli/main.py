@@ -266,6 +266,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from teacher_server.service.server import ServerStartError, TeacherServer, serve_until_signalled
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if settings.ingest_workers:
+        from teacher_server.ingest.supervisor import IngestStartError, serve_with_ingest_workers
+
+        try:
+            return serve_with_ingest_workers(settings)
+        except (IngestStartError, SQLAlchemyError) as exc:
+            raise CliError(first_line(exc)) from exc
     try:
         server = TeacherServer(settings)
         asyncio.run(serve_until_signalled(server))

@@ -6,8 +6,8 @@ requests whose deadline cannot be met are dropped unrun there (DEADLINE_EXCEEDED
 threads work like a pipeline, so batch k+1 is staged while batch k runs its forward and batch k-1 commits:
 
 - stage: the requests' bytes copied once into a reused buffer set (staging.py; on CUDA pinned, one copy to the device);
-- forward: the teacher on those rows (ragged rows: `bucket` runs each keep count unpadded, `pad` pads and masks,
-  `pack` packs them without padding), logits back to the host;
+- forward: the teacher on those rows (rows_runner.py; with ingest workers, in the device process: ingest/), logits
+  back to the host;
 - commit: the ledger rows of the batch in one transaction (commit_stage.py); only then does each caller get its
   answer. A failure before the commit is handed to every caller of the batch, and nothing of it is billed.
 
@@ -24,24 +24,20 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from maskedkd.teacher_outputs import ForwardOutputs, OutputChoice
-from teacher_server.engine.answers import Answer, batch_choice, job_outputs
+from teacher_server.engine.answers import Answer
 from teacher_server.engine.commit_stage import CommitStage, Forwarded, commit_results
 from teacher_server.engine.decode import DecodedInput
+from teacher_server.engine.rows_runner import AnswersFn, JobShape
 from teacher_server.engine.scheduler import ComputeEstimate, FairQueue, QueueLimits
 from teacher_server.engine.staging import StagedRows, Stager
 from teacher_server.errors import DeadlineUnmetError, ServiceUnavailableError
 from teacher_server.metrics import ServerMetrics
 from teacher_server.priorities import DEFAULT_PRIORITY
 
-# forward(pixels [G,K,C,P,P] raw, keep_indices [G,K], keep_counts [G] | None) -> logits [G, classes] float32 CPU
-ForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
-# the same with extra outputs (answers.py): ragged rows padded and masked, one call per batch
-OutputsForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, OutputChoice], ForwardOutputs]
 STAGE_LEAD_S = 0.002  # beyond twice the staging time, how early the next batch forms before the forward is free
 COMMIT_S_MARGIN = 0.05  # seconds a batch's commit and answer take after its forward, at most, for deadline checks
 
@@ -90,51 +86,25 @@ class JobResult:
 FinalizeFn = Callable[[Sequence[BatchJob], Sequence[Answer], BatchStats], Sequence[Any]]
 
 
-def run_bucketed(forward: ForwardFn, rows: StagedRows) -> torch.Tensor:
-    """One forward per distinct keep count, rows trimmed to their count: no padding at all."""
-    if rows.uniform:
-        return forward(rows.pixels, rows.indices, None)
-    counts_list = rows.counts.tolist()
-    out: torch.Tensor | None = None
-    for k in sorted(set(counts_list)):
-        select = torch.tensor([i for i, c in enumerate(counts_list) if c == k], device=rows.pixels.device)
-        logits = forward(rows.pixels[select, :k], rows.indices[select, :k], None)  # [G, classes]
-        if out is None:
-            out = torch.empty(len(counts_list), logits.shape[1], dtype=logits.dtype)
-        out[select.cpu()] = logits
-    assert out is not None
-    return out
-
-
-def run_padded(forward: ForwardFn, rows: StagedRows) -> torch.Tensor:
-    """One forward over all rows padded to the longest count, padding masked out."""
-    return forward(rows.pixels, rows.indices, None if rows.uniform else rows.counts.to(rows.pixels.device))
-
-
 class TokenBudgetBatcher:
     """Queue in front of one teacher. `submit` from the event loop; `start`/`close` around its life."""
 
     def __init__(
         self,
-        forward: ForwardFn,
+        runner: AnswersFn,
         *,
         stager: Stager,
         num_prefix_tokens: int,
         token_budget: int,
         max_batch_images: int,
         max_delay_s: float,
-        mixed_k: Literal["bucket", "pad", "pack"] = "bucket",
         finalize: FinalizeFn | None = None,
         metrics: ServerMetrics | None = None,
         name: str = "teacher",
         limits: QueueLimits | None = None,
         max_batch_s: float = 0.0,
-        forward_outputs: OutputsForwardFn | None = None,
-        served_dtype: torch.dtype = torch.float32,
     ) -> None:
-        self._forward = forward
-        self._forward_outputs = forward_outputs  # None: requests asking for outputs were refused at decode
-        self._served_dtype = served_dtype
+        self.runner = runner  # runs a staged batch: here (rows_runner.py) or in the device process (ingest/)
         self._stager = stager
         self._prefix = num_prefix_tokens
         self._token_budget = token_budget
@@ -142,7 +112,6 @@ class TokenBudgetBatcher:
         self._stage_s = 0.0  # running average of staging a batch: the next batch forms this long before it is due
         self._max_images = max_batch_images
         self._max_delay_s = max_delay_s
-        self._run_rows = run_padded if mixed_k in ("pad", "pack") else run_bucketed  # pack: the forward packs
         self._finalize = finalize
         self._metrics = metrics
         self._name = name
@@ -425,8 +394,9 @@ class TokenBudgetBatcher:
             self._forward_busy_until = busy_until
             started_hook()
             try:
-                with torch.inference_mode(), self._stage_clock("forward"):
-                    per_job = self._answers(jobs, rows)
+                shapes = [JobShape(j.images, j.input.k, j.input.outputs) for j in jobs]
+                with torch.inference_mode(), self._stage_clock(self.runner.stage):
+                    per_job = self.runner.answers(rows, shapes)
             finally:
                 self._forward_done(busy_until)
             compute_s = time.monotonic() - started
@@ -434,30 +404,11 @@ class TokenBudgetBatcher:
             stats = BatchStats(images=rows.images, tokens=tokens, compute_s=compute_s, started_at=started)
         except Exception as exc:  # noqa: BLE001 - delivered to every caller of the batch; nothing was committed
             return exc
-        if self._metrics:
+        if self._metrics and self.runner.runs_here:  # else the device process observes its batches
             self._metrics.batch_images.observe(stats.images)
             self._metrics.batch_tokens.observe(stats.tokens)
             self._metrics.compute_seconds.observe(compute_s)
         return Forwarded(jobs, per_job, stats)
-
-    def _answers(self, jobs: list[BatchJob], rows: StagedRows) -> list[Answer]:
-        """Forward thread: each job's answer. Logits only: the configured fast path (bucketed, padded or packed);
-        when any job asks for extra outputs, one padded forward computing everything the batch asks for."""
-        choice = batch_choice([j.input.outputs for j in jobs])
-        if not choice.any:
-            logits = self._run_rows(self._forward, rows)  # [sum B, classes] float32 CPU
-            return [Answer(x) for x in torch.split(logits, [j.images for j in jobs])]
-        assert self._forward_outputs is not None  # decode refuses outputs the served model cannot give
-        counts = None if rows.uniform else rows.counts.to(rows.pixels.device)
-        out = self._forward_outputs(rows.pixels, rows.indices, counts, choice)
-        logits = out.logits.float().cpu()  # [sum B, classes]
-        answers, start = [], 0
-        for job in jobs:
-            part = slice(start, start + job.images)
-            extra = job_outputs(out, part, job.input.k, job.input.outputs, self._served_dtype)
-            answers.append(Answer(logits[part], extra))
-            start += job.images
-        return answers
 
     def _forward_done(self, busy_until: float) -> None:
         """Forward thread: the forward that was to end at `busy_until` ended; the next batch may form now, also when

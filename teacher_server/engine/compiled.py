@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from maskedkd.masked_teacher import MaskedTeacher
-from teacher_server.engine.batcher import ForwardFn
+from teacher_server.engine.rows_runner import ForwardFn
 
 log = logging.getLogger(__name__)
 

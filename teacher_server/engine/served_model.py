@@ -12,12 +12,14 @@ from maskedkd.precision import dtype_name
 from maskedkd.teacher_outputs import ForwardOutputs, OutputChoice, available_outputs, forward_with_outputs
 from maskedkd.text import clip
 from maskedkd.tome import ToMeTeacher
-from teacher_server.engine.batcher import ForwardFn, OutputsForwardFn, TokenBudgetBatcher
+from teacher_server.engine.batcher import TokenBudgetBatcher
 from teacher_server.engine.compiled import forward_pixels_fn, warm_up_shapes
 from teacher_server.engine.fidelity import DtypeFidelity
 from teacher_server.engine.metering import Meter
 from teacher_server.engine.packing import run_packed, supports_packing
+from teacher_server.engine.rows_runner import AnswersFn, ForwardFn, MixedK, OutputsForwardFn, RowsRunner
 from teacher_server.engine.scheduler import QueueLimits
+from teacher_server.engine.shared_host import shared_host_tensor
 from teacher_server.engine.staging import Stager
 from teacher_server.engine.teacher_loader import ModelLoadError
 from teacher_server.errors import ModelNotFoundError
@@ -109,16 +111,8 @@ def queue_limits(settings: ServerSettings) -> QueueLimits:
     )
 
 
-def build_served_model(
-    name: str,
-    teacher: MaskedTeacher,
-    settings: ServerSettings,
-    *,
-    fidelity: DtypeFidelity | None = None,
-    **batcher_kwargs: object,
-) -> ServedModel:
-    """Meter and batcher around a loaded teacher; `batcher_kwargs` go to TokenBudgetBatcher (finalize, metrics)."""
-    weight = next(teacher.parameters())
+def mixed_k_of(name: str, teacher: MaskedTeacher, settings: ServerSettings) -> MixedK:
+    """How ragged rows run on this teacher: `--mixed-k`, unless the teacher cannot do it (then `bucket`)."""
     pack = settings.mixed_k == "pack" and supports_packing(teacher)
     if settings.mixed_k == "pack" and not pack:
         log.info("--mixed-k pack: %s is not a plain class-token ViT; ragged rows are bucketed instead", name)
@@ -126,25 +120,54 @@ def build_served_model(
     if isinstance(teacher, ToMeTeacher) and mixed_k != "bucket":  # merging needs every row of a forward equally long
         log.info("--tome-r: ragged rows are bucketed (--mixed-k %s does not apply)", settings.mixed_k)
         mixed_k = "bucket"
-    forward = make_forward(teacher, weight.device, weight.dtype, settings.compile, pack=pack)
+    return mixed_k
+
+
+def rows_runner_for(name: str, teacher: MaskedTeacher, settings: ServerSettings) -> RowsRunner:
+    """The teacher's forward for staged batches (compiled shapes warmed up): what runs on the device."""
+    weight = next(teacher.parameters())
+    mixed_k = mixed_k_of(name, teacher, settings)
+    forward = make_forward(teacher, weight.device, weight.dtype, settings.compile, pack=mixed_k == "pack")
     if settings.compile_shapes:
         try:
             warm_up_shapes(forward, teacher, settings.compile_shapes)
         except ValueError as exc:
             raise ModelLoadError(str(exc)) from exc
+    return RowsRunner(
+        forward, mixed_k=mixed_k, forward_outputs=make_outputs_forward(teacher), served_dtype=weight.dtype
+    )
+
+
+def build_served_model(
+    name: str,
+    teacher: MaskedTeacher,
+    settings: ServerSettings,
+    *,
+    fidelity: DtypeFidelity | None = None,
+    runner: AnswersFn | None = None,
+    **batcher_kwargs: object,
+) -> ServedModel:
+    """Meter and batcher around a loaded teacher; `batcher_kwargs` go to TokenBudgetBatcher (finalize, metrics).
+    `runner`: where staged batches run (default: this teacher, here; an ingest worker passes the device process's,
+    and its `teacher` is then a weightless copy on the meta device, for the geometry, meter and outputs)."""
+    weight = next(teacher.parameters())
+    remote = runner is not None
+    stage_on = torch.device("cpu") if remote else weight.device  # a worker stages into shared host memory
     batcher = TokenBudgetBatcher(
-        forward,
+        runner or rows_runner_for(name, teacher, settings),
         num_prefix_tokens=teacher.geometry.num_prefix_tokens,
         token_budget=settings.token_budget,
         max_batch_images=settings.max_batch_images,
         max_delay_s=settings.max_delay_ms / 1000.0,
-        mixed_k=mixed_k,
         name=name,
-        stager=Stager(teacher.geometry, max_images=settings.max_batch_images, device=weight.device),
+        stager=Stager(
+            teacher.geometry,
+            max_images=settings.max_batch_images,
+            device=stage_on,
+            allocate=shared_host_tensor if remote else None,
+        ),
         limits=queue_limits(settings),
         max_batch_s=settings.max_batch_ms / 1000.0,
-        forward_outputs=make_outputs_forward(teacher),
-        served_dtype=weight.dtype,
         **batcher_kwargs,  # type: ignore[arg-type]  # the batcher's keyword arguments, passed through
     )
     return ServedModel(

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import math
 import queue
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from maskedkd.geometry import TeacherGeometry
 from teacher_server.engine.decode import DecodedInput
+
+Allocate = Callable[[int, torch.dtype], torch.Tensor]  # (elements, dtype) -> a 1-D host tensor
 
 
 @dataclass
@@ -49,13 +51,16 @@ class _Slot:
     contiguous whatever its size and K (a compiled forward sees the layout it was compiled for); on CUDA also their
     device twins."""
 
-    def __init__(self, geometry: TeacherGeometry, max_images: int, device: torch.device) -> None:
+    def __init__(
+        self, geometry: TeacherGeometry, max_images: int, device: torch.device, allocate: Allocate | None = None
+    ) -> None:
         self.patch = (geometry.in_chans, geometry.patch_size, geometry.patch_size)
         self.capacity = max_images * geometry.num_patches  # patches one batch holds at most
         self.pin = device.type == "cuda"
         self.device = device
-        self.raw = torch.empty(self.capacity * math.prod(self.patch), dtype=torch.uint8, pin_memory=self.pin)
-        self.indices = torch.zeros(self.capacity, dtype=torch.int64, pin_memory=self.pin)
+        self.allocate: Allocate = allocate or (lambda n, dtype: torch.empty(n, dtype=dtype, pin_memory=self.pin))
+        self.raw = self.allocate(self.capacity * math.prod(self.patch), torch.uint8)
+        self.indices = self.allocate(self.capacity, torch.int64).zero_()
         self.counts = torch.zeros(max_images, dtype=torch.int64)
         self.scaled: torch.Tensor | None = None  # float32 twin of `raw`, made when a float request first comes
         self.on_device: dict[str, torch.Tensor] = {}
@@ -63,7 +68,7 @@ class _Slot:
     def views(self, g: int, k: int, float_rows: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(pixels [g, k, C, P, P], indices [g, k], counts [g]) over the start of the buffers."""
         if float_rows and self.scaled is None:
-            self.scaled = torch.empty(self.raw.shape, dtype=torch.float32, pin_memory=self.pin)
+            self.scaled = self.allocate(self.raw.numel(), torch.float32)
         flat = self.scaled if float_rows else self.raw
         assert flat is not None
         pixels = flat[: g * k * math.prod(self.patch)].view(g, k, *self.patch)
@@ -83,11 +88,21 @@ class Stager:
     """`acquire()` a free slot, `stage(inputs, slot)` fills it, `release(slot)` after the forward read it. The
     caller admits at most `slots` batches at once (the batcher's semaphore), so a free slot is always there."""
 
-    def __init__(self, geometry: TeacherGeometry, *, max_images: int, device: torch.device, slots: int = 2) -> None:
+    def __init__(
+        self,
+        geometry: TeacherGeometry,
+        *,
+        max_images: int,
+        device: torch.device,
+        slots: int = 2,
+        allocate: Allocate | None = None,
+    ) -> None:
+        """`allocate`: where the host buffers live (default: this process's memory, pinned on CUDA; an ingest worker
+        passes shared_host.shared_host_tensor, so the device process reads the rows where they were staged)."""
         self.geometry = geometry
         self.device = device
         self.slots = slots
-        self._buffers = [_Slot(geometry, max_images, device) for _ in range(slots)]
+        self._buffers = [_Slot(geometry, max_images, device, allocate) for _ in range(slots)]
         self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
         for i in range(slots):
             self._free.put(i)

@@ -22,6 +22,7 @@ from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
 from teacher_server.engine.host_memory import give_back, tune_allocator
 from teacher_server.engine.served_model import build_served_model
 from teacher_server.engine.teacher_loader import load_teacher
+from teacher_server.ingest.remote_rows import RemoteTeacher
 from teacher_server.launcher import Ready, TlsMode
 from teacher_server.ledger import database
 from teacher_server.ledger.refusals import FLUSH_INTERVAL_S, RefusalCounter
@@ -48,9 +49,16 @@ class TeacherServer:
     """One server instance. Construct (loads the model, opens the ledger), then `await start()` / `await stop()`
     on one event loop."""
 
-    def __init__(self, settings: ServerSettings, *, model: nn.Module | None = None) -> None:
+    def __init__(
+        self, settings: ServerSettings, *, model: nn.Module | None = None, remote: RemoteTeacher | None = None
+    ) -> None:
+        """`model`: serve this module instead of loading one; `remote`: an ingest worker's server, whose batches
+        run in the device process (ingest/)."""
         self.settings = settings
-        self.metrics = ServerMetrics(key_labels=settings.metrics_key_labels)
+        self.remote = remote
+        self.metrics = ServerMetrics(
+            key_labels=settings.metrics_key_labels, process=str(remote.index) if remote is not None else "0"
+        )
         self.sessions = database.open_ledger(settings.db, busy_timeout_s=settings.ledger_busy_timeout_s)
         self.auth = KeyAuthenticator(self.sessions, ttl_s=settings.auth_cache_s)
         biller = Biller(
@@ -59,7 +67,10 @@ class TeacherServer:
             currency=settings.currency,
             replay_ttl_s=settings.replay_ttl,
         )
-        name, teacher, fidelity = load_teacher(settings, model)
+        if remote is None:
+            name, teacher, fidelity = load_teacher(settings, model)
+        else:
+            name, teacher, fidelity = remote.name, remote.teacher, remote.fidelity
         self.metrics.dtype_agreement.labels(model=name, dtype=fidelity.dtype).set(fidelity.agreement)
         self.metrics.dtype_kl.labels(model=name, dtype=fidelity.dtype).set(fidelity.kl)
         self.served = build_served_model(
@@ -67,6 +78,7 @@ class TeacherServer:
             teacher,
             settings,
             fidelity=fidelity,
+            runner=remote.runner if remote is not None else None,
             finalize=self.metrics.timed("commit", biller.finalize),
             metrics=self.metrics,
         )
@@ -119,7 +131,7 @@ class TeacherServer:
         options: list[tuple[str, int]] = [
             ("grpc.max_send_message_length", limit),
             ("grpc.max_receive_message_length", limit),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", int(self.remote is not None)),  # ingest workers share the supervisor's port
         ]
         if s.max_connection_age_s is not None:  # GOAWAY after the age; calls in flight get the shutdown grace
             options += [
@@ -152,7 +164,8 @@ class TeacherServer:
         self.service.listening = (s.host, self.port)
         await server.start()
         self._server = server
-        self._purger = asyncio.create_task(self._purge_periodically(), name="ledger-purge")
+        if self.remote is None or self.remote.index == 0:  # one purger per ledger writer group is enough
+            self._purger = asyncio.create_task(self._purge_periodically(), name="ledger-purge")
         self._refusal_writer = asyncio.create_task(self._write_refusals_periodically(), name="refusal-counts")
         if s.idle_trim_s > 0:
             self._trimmer = asyncio.create_task(self._trim_when_idle(s.idle_trim_s), name="idle-trim")
@@ -313,15 +326,20 @@ async def serve_until_signalled(server: TeacherServer) -> None:
 
 def announcement(server: TeacherServer) -> Ready:
     """What a started server serves, and where."""
-    s = server.settings
-    metrics = f"http://{s.metrics_host}:{server.metrics_port}/metrics" if server.metrics_port is not None else None
+    assert server.port is not None
+    return ready_line(server.settings, server.served.name, server.port, server.metrics_port, server.dashboard_port)
+
+
+def ready_line(s: ServerSettings, model: str, port: int, metrics_port: int | None, dashboard_port: int | None) -> Ready:
+    """The announcement of a server of `model` listening on `port` (also the supervisor's, ingest/supervisor.py)."""
+    metrics = f"http://{s.metrics_host}:{metrics_port}/metrics" if metrics_port is not None else None
     dashboard = None
-    if server.dashboard_port is not None:
-        dashboard = f"{'https' if s.tls_cert else 'http'}://{s.dashboard_host}:{server.dashboard_port}/"
+    if dashboard_port is not None:
+        dashboard = f"{'https' if s.tls_cert else 'http'}://{s.dashboard_host}:{dashboard_port}/"
     tls: TlsMode = "off" if not s.tls_cert else "mtls" if s.tls_client_ca else "tls"
     return Ready(
-        address=server.address,
-        models=(server.served.name,),
+        address=f"{s.host}:{port}",
+        models=(model,),
         metrics_url=metrics,
         dashboard_url=dashboard,
         tls=tls,

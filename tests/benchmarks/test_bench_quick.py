@@ -68,11 +68,13 @@ def test_sections_hold_their_measurements(quick_run: tuple[Path, dict, str]) -> 
         assert set(pair["modes"]) == {"no_kd", "full_kd", "maskedkd_75", "maskedkd_50", "maskedkd_25"}
         assert pair["modes"]["no_kd"]["teacher_gflops"] == 0
         assert 0 < pair["modes"]["maskedkd_50"]["teacher_gflops"] < pair["modes"]["full_kd"]["teacher_gflops"]
-    serving = s["serving"]["rows"]  # the messages and the shared-memory path, and the bare gRPC server's floor
-    assert [r["shared_memory"] for r in serving] == [False, True]
+    serving = s["serving"]["rows"]  # messages, shared memory, two ingest workers; the bare gRPC server's floor
+    assert [(r["shared_memory"], r["ingest_workers"]) for r in serving] == [(False, 0), (True, 0), (False, 2)]
+    assert sum(serving[2]["ingest_gb_s"].values()) > 0  # pixel bytes counted by the ingest processes
     # quick mode's few calls may cost less than one /proc clock tick (10 ms): present and not negative is all it says
     assert all(r["images"] > 0 and r["server_cpu_us"] >= 0 for r in serving)
     assert serving[0]["floor_us"] is not None and serving[0]["floor_us"] >= 0 and serving[1]["floor_us"] is None
+    assert serving[2]["floor_us"] is None
     # FlopCounterMode is the independent reference for the FLOP model the server bills with
     assert all(abs(r["ratio"] - 1.0) < 0.01 for r in s["flops"]["rows"])
     assert all(m["groups"] for m in s["breakdown"]["models"])

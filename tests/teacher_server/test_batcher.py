@@ -14,8 +14,9 @@ from service_testkit import MODEL, TINY, random_keep
 
 from maskedkd.geometry import TeacherGeometry
 from maskedkd.masked_teacher import MaskedTeacher
-from teacher_server.engine.batcher import TokenBudgetBatcher, run_bucketed, run_padded
+from teacher_server.engine.batcher import TokenBudgetBatcher
 from teacher_server.engine.decode import DecodedInput
+from teacher_server.engine.rows_runner import RowsRunner, run_bucketed, run_padded
 from teacher_server.engine.staging import StagedRows, Stager
 from teacher_server.errors import DeadlineUnmetError, ServiceUnavailableError
 
@@ -65,7 +66,8 @@ def make(forward: RecordingForward, **kw: object) -> TokenBudgetBatcher:
         **kw,
     }
     stager = Stager(GEOMETRY, max_images=int(args["max_batch_images"]), device=torch.device("cpu"))  # type: ignore[call-overload]
-    return TokenBudgetBatcher(forward, stager=stager, **args)  # type: ignore[arg-type]
+    runner = RowsRunner(forward, mixed_k=args.pop("mixed_k", "bucket"))  # type: ignore[arg-type]
+    return TokenBudgetBatcher(runner, stager=stager, **args)  # type: ignore[arg-type]
 
 
 async def test_same_k_requests_concatenate_into_one_unpadded_forward() -> None:

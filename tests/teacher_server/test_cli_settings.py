@@ -73,6 +73,7 @@ def _value_for(name: str, tmp_path: Path) -> tuple[list[str], Any]:
         "replay_ttl": (["90m"], 5400.0),
         "currency": (["EUR"], "EUR"),
         "db": (["sqlite:///elsewhere.db"], "sqlite:///elsewhere.db"),
+        "ingest_workers": (["4"], 4),  # at most 64
     }
     if name in special:
         return special[name]

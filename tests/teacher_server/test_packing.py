@@ -55,6 +55,7 @@ def test_pack_server_answers_ragged_rows_like_each_row_alone_and_bills_the_same(
 
 def test_a_teacher_packing_cannot_cover_falls_back_to_bucketing(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from teacher_server.engine.packing import supports_packing
+    from teacher_server.engine.rows_runner import RowsRunner
     from teacher_server.engine.served_model import build_served_model
 
     model = timm.create_model(kit.MODEL, pretrained=False, **kit.TINY, depth=1, global_pool="avg", class_token=False)
@@ -62,4 +63,5 @@ def test_a_teacher_packing_cannot_cover_falls_back_to_bucketing(tmp_path) -> Non
     teacher = MaskedTeacher(model)
     assert not supports_packing(teacher)
     served = build_served_model("avg", teacher, kit.settings(tmp_path, mixed_k="pack"))
-    assert served.batcher._run_rows.__name__ == "run_bucketed"
+    assert isinstance(served.batcher.runner, RowsRunner)
+    assert served.batcher.runner.run_rows.__name__ == "run_bucketed"

@@ -1,0 +1,115 @@
+"""A worker's batch run by the device loop (ingest/): the same answers as the teacher run here, rows read from the
+worker's shared memory, also when the rows were cut down to a copy and when extra outputs are asked for.
+
+The device loop runs in a thread of this process on the other end of a real socket pair (descriptors are passed as
+between processes); the process boundary itself is tested in test_ingest_workers.py."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+from collections.abc import Iterator
+
+import pytest
+import service_testkit as kit
+import torch
+
+from maskedkd.masked_teacher import MaskedTeacher
+from maskedkd.teacher_outputs import OutputChoice
+from teacher_server.engine.answers import OutputsRequest
+from teacher_server.engine.decode import DecodedInput
+from teacher_server.engine.rows_runner import JobShape, RowsRunner
+from teacher_server.engine.served_model import make_outputs_forward
+from teacher_server.engine.shared_host import region_of, shared_host_tensor
+from teacher_server.engine.staging import Stager
+from teacher_server.errors import ServiceUnavailableError
+from teacher_server.ingest.device_process import DeviceLoop
+from teacher_server.ingest.remote_rows import DeviceForwardError, RemoteRows
+from teacher_server.metrics import ServerMetrics
+
+pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(120)]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def teacher() -> MaskedTeacher:
+    return MaskedTeacher(kit.tiny_vit(seed=5))
+
+
+@pytest.fixture
+def remote(teacher: MaskedTeacher) -> Iterator[RemoteRows]:
+    here, there = multiprocessing.Pipe(duplex=True)
+    runner = RowsRunner(teacher.forward_pixels, forward_outputs=make_outputs_forward(teacher))
+    loop = threading.Thread(target=DeviceLoop(runner, CPU, ServerMetrics()).serve, args=([there],), daemon=True)
+    loop.start()
+    yield RemoteRows(here, os.getpid())
+    here.close()
+    loop.join(10)
+    assert not loop.is_alive()  # the loop ends when its worker closes the socket
+
+
+def request(batch: int, k: int, seed: int, counts: list[int] | None = None) -> DecodedInput:
+    images, keep = kit.random_images(batch, seed), kit.random_keep(batch, k, seed)
+    patches = kit.patches_of(images, keep)  # [B, K, 3, 4, 4] uint8
+    counts_t = torch.tensor(counts if counts is not None else [k] * batch)
+    return DecodedInput("patches", patches, keep, counts_t, patches.numpy().tobytes())
+
+
+def test_shared_staging_runs_remotely_as_here(teacher: MaskedTeacher, remote: RemoteRows) -> None:
+    stager = Stager(teacher.geometry, max_images=16, device=CPU, allocate=shared_host_tensor)
+    inputs = [request(2, 12, 1), request(3, 12, 2, counts=[12, 7, 3]), request(1, 5, 3)]
+    rows = stager.stage(inputs, stager.acquire())
+    assert region_of(rows.pixels) is not None and region_of(rows.indices) is not None  # staged in shared memory
+    jobs = [JobShape(x.images, x.k) for x in inputs]
+    local = RowsRunner(teacher.forward_pixels).answers(rows, jobs)
+    got = remote.answers(rows, jobs)
+    assert [a.logits.shape for a in got] == [(2, 10), (3, 10), (1, 10)]
+    for mine, theirs in zip(got, local, strict=True):
+        assert torch.equal(mine.logits, theirs.logits)  # the same forward on the same bytes
+    again = remote.answers(rows, jobs)  # regions are handed over once; the second call reuses them
+    assert all(torch.equal(a.logits, b.logits) for a, b in zip(again, got, strict=True))
+
+    cut = rows.select([0, 1, 5])  # callers that left: a copy outside shared memory, spilled into it to cross
+    assert region_of(cut.pixels) is None
+    cut_jobs = [JobShape(2, 12), JobShape(1, 5)]
+    here = RowsRunner(teacher.forward_pixels).answers(cut, cut_jobs)
+    for mine, theirs in zip(remote.answers(cut, cut_jobs), here, strict=True):
+        assert torch.equal(mine.logits, theirs.logits)
+
+
+def test_extra_outputs_cross_encoded(teacher: MaskedTeacher, remote: RemoteRows) -> None:
+    stager = Stager(teacher.geometry, max_images=16, device=CPU, allocate=shared_host_tensor)
+    inputs = [request(2, 10, 4), request(2, 6, 5)]
+    rows = stager.stage(inputs, stager.acquire())
+    asked = OutputsRequest(OutputChoice(pre_logits=True, patch_tokens=True, attention="mean"))
+    jobs = [JobShape(2, 10, asked), JobShape(2, 6)]
+    local = RowsRunner(teacher.forward_pixels, forward_outputs=make_outputs_forward(teacher)).answers(rows, jobs)
+    got = remote.answers(rows, jobs)
+    assert got[1].outputs is None and got[0].outputs is not None and local[0].outputs is not None
+    assert got[0].outputs.SerializeToString() == local[0].outputs.SerializeToString()
+    assert all(torch.equal(a.logits, b.logits) for a, b in zip(got, local, strict=True))
+
+
+def test_a_failed_forward_is_an_error_for_the_batch(teacher: MaskedTeacher) -> None:
+    here, there = multiprocessing.Pipe(duplex=True)
+
+    def broken(pixels: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
+        raise RuntimeError("out of device memory\nsecond line")
+
+    loop = threading.Thread(target=DeviceLoop(RowsRunner(broken), CPU, ServerMetrics()).serve, args=([there],))
+    loop.start()
+    stager = Stager(teacher.geometry, max_images=4, device=CPU, allocate=shared_host_tensor)
+    x = request(1, 4, 6)
+    with pytest.raises(DeviceForwardError, match=r"^the teacher's forward failed: out of device memory$"):
+        RemoteRows(here, os.getpid()).answers(stager.stage([x], stager.acquire()), [JobShape(1, 4)])
+    here.close()
+    loop.join(10)
+
+
+def test_a_gone_device_process_is_unavailable(teacher: MaskedTeacher) -> None:
+    here, there = multiprocessing.Pipe(duplex=True)
+    there.close()  # the device process died
+    stager = Stager(teacher.geometry, max_images=4, device=CPU, allocate=shared_host_tensor)
+    with pytest.raises(ServiceUnavailableError, match="device process is gone; nothing was billed"):
+        RemoteRows(here, os.getpid()).answers(stager.stage([request(1, 4, 7)], stager.acquire()), [JobShape(1, 4)])
