@@ -69,6 +69,7 @@ GPU_TRAIN_MODES = ("no_kd", "full_kd", "maskedkd_50", "maskedkd_25", "maskedkd_5
 CUDA_TEST_FILES = (
     "tests/maskedkd/test_masked_teacher.py",
     "tests/teacher_server/test_batcher.py",
+    "tests/teacher_server/test_ingest_rows.py",
     "tests/teacher_server/test_service_dtype.py",
     "tests/student_client/test_train_precision.py",
 )

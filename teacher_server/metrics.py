@@ -144,7 +144,8 @@ class ServerMetrics:
             ["process"],
             registry=r,
         )
-        self.ingested = self.ingested_bytes.labels(process=process)
+        self._process = process
+        self._ingested: Any = None  # its series, made on the first bytes (a device process exports none)
         # every stage exported from the start, at 0; its child looked up once (labels() costs ~3 us a call)
         self._stage_counters = {stage: self.stage_cpu.labels(stage=stage) for stage in STAGES}
         ProcessCollector(registry=r)  # process_cpu_seconds_total: the stages' sum plus what no stage counts
@@ -171,6 +172,12 @@ class ServerMetrics:
     def observe_queue_wait(self, seconds: float, *, key: str) -> None:
         self.queue_seconds.observe(seconds)
         self.key_queue_seconds.labels(key=self.key_label(key)).observe(seconds)
+
+    def count_ingested(self, nbytes: int) -> None:
+        """Pixel bytes this process received for one request."""
+        if self._ingested is None:
+            self._ingested = self.ingested_bytes.labels(process=self._process)
+        self._ingested.inc(nbytes)
 
     def count_shed(self, *, reason: str, key: str = "") -> None:
         self.shed.labels(key=self.key_label(key), reason=reason).inc()

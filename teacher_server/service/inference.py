@@ -169,7 +169,7 @@ class InferenceService:
         # The pixel bytes count against the queue bounds from here (a view of the message: what it holds in memory);
         # sizing the whole message instead would encode it again (upb keeps no size), ~10 us an image.
         nbytes = len(decoded.payload)
-        self._metrics.ingested.inc(nbytes)
+        self._metrics.count_ingested(nbytes)
         self._refuse_if_full(key, nbytes=nbytes, images=decoded.images)
         served.batcher.queue.reserve_bytes(key.id, nbytes)
         try:

@@ -113,3 +113,30 @@ def test_a_gone_device_process_is_unavailable(teacher: MaskedTeacher) -> None:
     stager = Stager(teacher.geometry, max_images=4, device=CPU, allocate=shared_host_tensor)
     with pytest.raises(ServiceUnavailableError, match="device process is gone; nothing was billed"):
         RemoteRows(here, os.getpid()).answers(stager.stage([request(1, 4, 7)], stager.acquire()), [JobShape(1, 4)])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.dtype("float32", device="cuda")
+def test_a_cuda_device_loop_reads_the_shared_rows(teacher: MaskedTeacher) -> None:
+    """The device loop on CUDA (shared regions registered as pinned, one copy to the device) answers what the host
+    teacher answers on the same staged rows."""
+    import copy
+
+    from teacher_server.engine.served_model import make_forward
+
+    on_cuda = copy.deepcopy(teacher).to("cuda")
+    here, there = multiprocessing.Pipe(duplex=True)
+    runner = RowsRunner(make_forward(on_cuda, torch.device("cuda"), torch.float32))
+    loop = threading.Thread(
+        target=DeviceLoop(runner, torch.device("cuda"), ServerMetrics()).serve, args=([there],), daemon=True
+    )
+    loop.start()
+    stager = Stager(teacher.geometry, max_images=16, device=CPU, allocate=shared_host_tensor)
+    inputs = [request(3, 32, 8), request(2, 16, 9, counts=[16, 9])]
+    rows = stager.stage(inputs, stager.acquire())
+    jobs = [JobShape(x.images, x.k) for x in inputs]
+    got = RemoteRows(here, os.getpid()).answers(rows, jobs)
+    for mine, theirs in zip(got, RowsRunner(teacher.forward_pixels).answers(rows, jobs), strict=True):
+        torch.testing.assert_close(mine.logits, theirs.logits, atol=1e-4, rtol=1e-4)
+    here.close()
+    loop.join(10)
