@@ -81,13 +81,18 @@ def reserve_port(host: str, port: int) -> socket.socket:
     there, so the port stays ours between their starts and restarts."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, kind, proto, _, address = infos[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind(address)
-    except OSError as exc:
-        sock.close()
-        raise IngestStartError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    for shared in (False, True):  # first alone: a port another server shares by SO_REUSEPORT is taken, not joined
+        if shared is False and port == 0:
+            continue
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, int(shared))
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            sock.close()
+            raise IngestStartError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+        if not shared:
+            sock.close()
     return sock
 
 

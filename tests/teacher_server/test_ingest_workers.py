@@ -85,6 +85,9 @@ def test_two_ingest_workers_answer_bill_and_replay_as_one_server(tmp_path: Path)
         assert server.ready is not None and server.ready.metrics_url is not None
         workers, device = pids_of(tmp_path / "serve.log")
         assert len(workers) == 2 and device not in workers and server.pid not in (device, *workers)
+        # a second server on the same port is refused, not let into the first one's SO_REUSEPORT group
+        again = kit.serve_cli("--ingest-workers", "2", "--port", str(server.ready.port), "--db", db, "--no-metrics")
+        assert again.returncode == 2 and again.stderr.count("\n") == 1 and "cannot listen" in again.stderr
         with ThreadPoolExecutor(CHANNELS) as pool:
             first = [r for rs in pool.map(client, range(CHANNELS)) for r in rs]
         for resp in first:
