@@ -15,6 +15,7 @@ from typing import Literal, Protocol
 import torch
 
 from maskedkd.teacher_outputs import ForwardOutputs, OutputChoice
+from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server.engine.answers import NO_OUTPUTS, Answer, OutputsRequest, batch_choice, job_outputs
 from teacher_server.engine.staging import StagedRows
 
@@ -84,17 +85,25 @@ class RowsRunner:
         self.run_rows = run_padded if mixed_k in ("pad", "pack") else run_bucketed  # pack: the forward packs
 
     def answers(self, rows: StagedRows, jobs: Sequence[JobShape]) -> list[Answer]:
+        return split_answers(*self.run(rows, jobs), jobs)
+
+    def run(self, rows: StagedRows, jobs: Sequence[JobShape]) -> tuple[torch.Tensor, list[pb.Outputs | None]]:
+        """(the batch's logits [sum B, classes] float32 CPU, each request's extra outputs or None)."""
         choice = batch_choice([j.outputs for j in jobs])
         if not choice.any:
-            logits = self.run_rows(self.forward, rows)  # [sum B, classes] float32 CPU
-            return [Answer(x) for x in torch.split(logits, [j.images for j in jobs])]
+            return self.run_rows(self.forward, rows), [None] * len(jobs)
         assert self.forward_outputs is not None  # decode refuses outputs the served model cannot give
         counts = None if rows.uniform else rows.counts.to(rows.pixels.device)
         out = self.forward_outputs(rows.pixels, rows.indices, counts, choice)
-        logits = out.logits.float().cpu()  # [sum B, classes]
-        answers, start = [], 0
+        extras, start = [], 0
         for job in jobs:
             part = slice(start, start + job.images)
-            answers.append(Answer(logits[part], job_outputs(out, part, job.k, job.outputs, self.served_dtype)))
+            extras.append(job_outputs(out, part, job.k, job.outputs, self.served_dtype))
             start += job.images
-        return answers
+        return out.logits.float().cpu(), extras
+
+
+def split_answers(logits: torch.Tensor, outputs: Sequence[pb.Outputs | None], jobs: Sequence[JobShape]) -> list[Answer]:
+    """Each request's answer: its rows of the batch's logits [sum B, classes] (views) and its extra outputs."""
+    parts = torch.split(logits, [j.images for j in jobs])
+    return [Answer(part, extra) for part, extra in zip(parts, outputs, strict=True)]

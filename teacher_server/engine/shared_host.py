@@ -35,7 +35,7 @@ _regions: list[SharedRegion] = []
 
 def shared_host_tensor(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """A 1-D tensor of `numel` elements over a new shared memory region (zeroed)."""
-    nbytes = max(1, numel * torch.empty((), dtype=dtype).element_size())
+    nbytes = max(1, numel * dtype.itemsize)
     region_id = next(_ids)
     fd = os.memfd_create(f"maskedkd-stage-{region_id}", os.MFD_CLOEXEC)
     os.ftruncate(fd, nbytes)
@@ -61,5 +61,5 @@ def region_of(tensor: torch.Tensor) -> tuple[SharedRegion, int] | None:
 
 def view_region(mapping: mmap.mmap, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """A tensor of `shape` over a mapped region, from byte `offset` (no copy)."""
-    count = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    count = math.prod(shape) * dtype.itemsize
     return torch.frombuffer(mapping, dtype=torch.uint8, count=count, offset=offset).view(dtype).view(shape)

@@ -123,8 +123,7 @@ class DeviceLoop:
             )
             with self._forward_lock, torch.inference_mode(), self._metrics.stage("forward"):
                 started = time.monotonic()
-                answers = self._runner.answers(rows, call.jobs)
-                logits = torch.cat([a.logits for a in answers]).float().contiguous()  # [G, classes] CPU
+                logits, outputs = self._runner.run(rows, call.jobs)  # [G, classes] float32 CPU
                 self._metrics.compute_seconds.observe(time.monotonic() - started)
             self._metrics.batch_images.observe(len(call.counts))
             self._metrics.batch_tokens.observe(sum(call.counts) + self._prefix * len(call.counts))
@@ -132,9 +131,9 @@ class DeviceLoop:
             log.exception("forward failed")
             return BatchReply(bytearray(), 0, (), error=f"the teacher's forward failed: {first_line(exc)}")
         return BatchReply(
-            bytearray(logits.numpy().tobytes()),
+            bytearray(logits.contiguous().numpy().tobytes()),
             int(logits.shape[1]),
-            tuple(None if a.outputs is None else a.outputs.SerializeToString() for a in answers),
+            tuple(None if extra is None else extra.SerializeToString() for extra in outputs),
         )
 
     def _tensor(self, ref: TensorRef, regions: dict[int, mmap.mmap]) -> torch.Tensor:
@@ -163,8 +162,6 @@ def device_main(settings: ServerSettings, conns: list[Connection], ready: Connec
     metrics = ServerMetrics(process="device")  # it ingests nothing; its forward, batches and dtype check count
     metrics.dtype_agreement.labels(model=name, dtype=fidelity.dtype).set(fidelity.agreement)
     metrics.dtype_kl.labels(model=name, dtype=fidelity.dtype).set(fidelity.kl)
-    ready.send(
-        DeviceReady(name, meta_copy(teacher), str(weight.dtype).removeprefix("torch."), weight.device.type, fidelity)
-    )
+    ready.send(DeviceReady(name, meta_copy(teacher), fidelity))
     ready.close()
     DeviceLoop(runner, weight.device, metrics, prefix=teacher.geometry.num_prefix_tokens).serve(conns)

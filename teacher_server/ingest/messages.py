@@ -61,9 +61,8 @@ class DeviceReady:
     """What the device process tells the supervisor once its teacher is loaded and checked."""
 
     name: str  # the served model name
-    meta_teacher: bytes  # torch.save of the teacher on the meta device (geometry, meter, outputs; no weights)
-    dtype: str  # the served dtype's name
-    device: str  # where the teacher runs ("cuda", "cpu")
+    meta_teacher: bytes  # torch.save of the teacher on the meta device, in the served dtype (geometry, meter,
+    # outputs; no weights)
     fidelity: DtypeFidelity
 
 

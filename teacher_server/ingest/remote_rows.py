@@ -19,7 +19,7 @@ from maskedkd.masked_teacher import MaskedTeacher
 from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server.engine.answers import Answer
 from teacher_server.engine.fidelity import DtypeFidelity
-from teacher_server.engine.rows_runner import JobShape
+from teacher_server.engine.rows_runner import JobShape, split_answers
 from teacher_server.engine.shared_host import SharedRegion, region_of, shared_host_tensor
 from teacher_server.engine.staging import StagedRows
 from teacher_server.errors import ServiceUnavailableError
@@ -62,12 +62,8 @@ class RemoteRows:
         if reply.error:
             raise DeviceForwardError(reply.error)
         logits = torch.frombuffer(reply.logits, dtype=torch.float32).view(-1, reply.classes)  # [G, classes]
-        answers, start = [], 0
-        for job, encoded in zip(jobs, reply.outputs, strict=True):
-            outputs = None if encoded is None else pb.Outputs.FromString(encoded)
-            answers.append(Answer(logits[start : start + job.images], outputs))
-            start += job.images
-        return answers
+        outputs = [None if encoded is None else pb.Outputs.FromString(encoded) for encoded in reply.outputs]
+        return split_answers(logits, outputs, jobs)
 
     def _shared(self, tensor: torch.Tensor, name: str) -> TensorRef:
         """Where `tensor` lies in shared memory (copied into the spill buffer `name` first when it does not)."""

@@ -36,6 +36,7 @@ from teacher_server.ingest.device_process import device_main
 from teacher_server.ingest.messages import DeviceFailed, DeviceReady
 from teacher_server.ingest.worker import WorkerFailed, WorkerReady, worker_main
 from teacher_server.launcher import Ready
+from teacher_server.ledger import database
 from teacher_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -45,14 +46,6 @@ EXIT_MARGIN_S = 30.0  # beyond drain + grace, how long a stopping worker may tak
 
 class IngestStartError(RuntimeError):
     """The device process or a worker could not start (message: why, one line)."""
-
-
-def in_memory_ledger(url: str) -> bool:
-    from sqlalchemy.engine import make_url
-
-    parsed = make_url(url)
-    database = parsed.database or ""
-    return parsed.get_backend_name() == "sqlite" and (database in ("", ":memory:") or "mode=memory" in database)
 
 
 def worker_settings(settings: ServerSettings, index: int, port: int) -> ServerSettings:
@@ -79,11 +72,11 @@ def worker_settings(settings: ServerSettings, index: int, port: int) -> ServerSe
 def reserve_port(host: str, port: int) -> socket.socket:
     """A bound, not listening, SO_REUSEPORT socket on host:port (port 0: a free one), held while the workers serve
     there, so the port stays ours between their starts and restarts."""
-    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, kind, proto, _, address = infos[0]
-    for shared in (False, True):  # first alone: a port another server shares by SO_REUSEPORT is taken, not joined
-        if shared is False and port == 0:
-            continue
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+
+    def bind(shared: bool) -> socket.socket:
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, int(shared))
         try:
@@ -91,16 +84,18 @@ def reserve_port(host: str, port: int) -> socket.socket:
         except OSError as exc:
             sock.close()
             raise IngestStartError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
-        if not shared:
-            sock.close()
-    return sock
+        return sock
+
+    if port != 0:  # first alone: a port another server shares by SO_REUSEPORT is taken, not joined
+        bind(shared=False).close()
+    return bind(shared=True)
 
 
 class Supervisor:
     def __init__(self, settings: ServerSettings) -> None:
         if settings.ingest_workers < 1:
             raise ValueError("the supervisor needs ingest_workers >= 1")
-        if in_memory_ledger(settings.db):
+        if database.in_memory_sqlite(settings.db):
             raise IngestStartError(
                 "--ingest-workers needs a ledger the processes share: a SQLite file or Postgres, not an in-memory one"
             )
@@ -119,8 +114,6 @@ class Supervisor:
 
     # ---- start
     def start(self) -> None:
-        from teacher_server.ledger import database
-
         s = self.settings
         sessions = database.open_ledger(s.db, busy_timeout_s=s.ledger_busy_timeout_s)  # migrated once, here
         sessions.kw["bind"].dispose()

@@ -55,6 +55,15 @@ def missing_sqlite_file(url: str) -> Path | None:
     return None if path.exists() else path
 
 
+def in_memory_sqlite(url: str) -> bool:
+    """True for a SQLite URL whose database lives in one process's memory (nothing another process can open)."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    database = parsed.database or ""
+    return parsed.get_backend_name() == "sqlite" and (database in ("", ":memory:") or "mode=memory" in database)
+
+
 class MissingLedgerError(LedgerError):
     """A command that only reads a ledger was pointed at a SQLite file that does not exist."""
 
