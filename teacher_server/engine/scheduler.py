@@ -258,7 +258,13 @@ class ComputeEstimate:
         slope = (self._ts / self._w - mean_t * mean_s) / var_t
         if slope <= 0:  # noise on near-equal sizes: no trustworthy slope
             return 0.0, mean_s / mean_t
-        return max(0.0, mean_s - slope * mean_t), slope
+        fixed = mean_s - slope * mean_t
+        if fixed < 0:
+            # The least-squares fit with fixed >= 0 is the one through the origin. Keeping the steeper free slope
+            # instead (fixed clipped to 0) overstates every batch: one slow larger batch among many small ones
+            # then caps the budget below two requests, and with only small batches run the fit never recovers.
+            return 0.0, self._ts / self._tt
+        return fixed, slope
 
     def seconds(self, tokens: int) -> float:
         fixed, per_token = self._fit()

@@ -121,3 +121,20 @@ def test_compute_estimate_fits_a_fixed_cost_and_a_per_token_cost_and_ignores_set
     assert estimate.seconds(10_000) == pytest.approx(0.102, rel=1e-6)
     estimate.observe(100, 5.0)  # a stall: moves the estimate by at most 4x, not 1,600x
     assert estimate.seconds(100) < 4 * 0.003 * 1.01
+
+
+def test_compute_estimate_a_slow_larger_batch_among_small_ones_does_not_steepen_the_rate() -> None:
+    """A free fit through (264 tokens, 43 ms) x 20 and (528, 100 ms) has a negative fixed cost; the fit with fixed >= 0
+    is the one through the origin (sum t*s / sum t*t), which still admits two requests into a 100 ms batch."""
+    estimate = ComputeEstimate()
+    estimate.observe(264, 1.0)  # set-up, not counted
+    points = [(264, 0.043)] * 20 + [(528, 0.100)]
+    for tokens, seconds in points:
+        estimate.observe(tokens, seconds)
+    weights = [estimate.decay ** (len(points) - 1 - i) for i in range(len(points))]
+    through_origin = sum(w * t * s for w, (t, s) in zip(weights, points, strict=True)) / sum(
+        w * t * t for w, (t, _) in zip(weights, points, strict=True)
+    )
+    assert estimate.seconds(0) == 0.0
+    assert estimate.seconds(1000) == pytest.approx(1000 * through_origin, rel=1e-9)
+    assert estimate.tokens_within(0.100) >= 2 * 264
