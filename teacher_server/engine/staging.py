@@ -46,6 +46,27 @@ class StagedRows:
         return StagedRows(self.pixels[on_device], self.indices[on_device], counts, uniform, self.slot, self.ready)
 
 
+def join_rows(parts: Sequence[StagedRows]) -> StagedRows:
+    """Several batches' rows as one batch, in order (copies): as wide as the widest, padding zeros. For rows already
+    on the forward's device (`ready` unset); the pixels must share a dtype."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0].pixels
+    width = max(int(p.pixels.shape[1]) for p in parts)
+    total = sum(p.images for p in parts)
+    pixels = first.new_zeros((total, width, *first.shape[2:]))  # [sum G, K_max, C, P, P]
+    indices = parts[0].indices.new_zeros((total, width))  # [sum G, K_max]
+    start = 0
+    for part in parts:
+        rows, k = int(part.pixels.shape[0]), int(part.pixels.shape[1])
+        pixels[start : start + rows, :k] = part.pixels
+        indices[start : start + rows, :k] = part.indices
+        start += rows
+    counts = torch.cat([p.counts for p in parts])
+    uniform = bool((counts == width).all())
+    return StagedRows(pixels, indices, counts, uniform, slot=0)
+
+
 class _Slot:
     """One buffer set: flat host buffers (pinned on CUDA), viewed as [G, K, ...] for each batch, so a batch's rows are
     contiguous whatever its size and K (a compiled forward sees the layout it was compiled for); on CUDA also their

@@ -1,5 +1,5 @@
 """The device process of `serve --ingest-workers N`: the one teacher, running the sealed micro-batches of every
-ingest worker, one at a time, in the order they come.
+ingest worker in the order they come (on a GPU, those that queued up during a forward together).
 
 It loads and checks the teacher as a lone server does (teacher_loader.py), tells the supervisor what it serves (with
 a weightless copy of the teacher on the meta device, for the workers' checks and meters), then answers each worker's
@@ -10,15 +10,18 @@ and the worker bills nothing of it. It ends when every worker has closed its soc
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import io
 import logging
 import mmap
 import os
+import queue
 import signal
 import threading
 import time
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle
 
@@ -26,9 +29,10 @@ import torch
 
 from maskedkd.masked_teacher import MaskedTeacher
 from maskedkd.text import first_line
+from teacher_server.engine.answers import batch_choice
 from teacher_server.engine.rows_runner import RowsRunner
 from teacher_server.engine.shared_host import view_region
-from teacher_server.engine.staging import StagedRows
+from teacher_server.engine.staging import StagedRows, join_rows
 from teacher_server.ingest.children import die_with_parent
 from teacher_server.ingest.messages import BatchCall, BatchReply, DeviceFailed, DeviceReady, NewRegion, TensorRef
 from teacher_server.metrics import ServerMetrics
@@ -69,17 +73,59 @@ def unpin_for_cuda(mapping: mmap.mmap) -> None:
         torch.cuda.cudart().cudaHostUnregister(torch.frombuffer(mapping, dtype=torch.uint8).data_ptr())
 
 
-class DeviceLoop:
-    """Runs each worker's calls (a thread per worker socket); one forward at a time."""
+@dataclass(eq=False)
+class _Pending:
+    """A worker's call, its rows read (on the forward's device), waiting for the forward thread's reply."""
 
-    def __init__(self, runner: RowsRunner, device: torch.device, metrics: ServerMetrics, *, prefix: int = 1) -> None:
+    call: BatchCall
+    rows: StagedRows
+    reply: BatchReply | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.call.counts)
+
+    @property
+    def logits_only(self) -> bool:
+        return not batch_choice([j.outputs for j in self.call.jobs]).any
+
+
+class DeviceLoop:
+    """Runs the workers' calls: a thread per worker socket reads its calls' rows (on CUDA: copies them to the card);
+    one forward thread runs them in arrival order. With `merge`, the logits-only calls that queued up while a forward
+    ran go into the next forward together (up to `max_images` images and `token_budget` tokens): N workers' small
+    batches become one, as a lone server's micro-batcher would have made them. Off on a CPU teacher, whose forward
+    costs the same per image in small batches and where joining copies the rows (on CUDA the join is a copy on the
+    card)."""
+
+    def __init__(
+        self,
+        runner: RowsRunner,
+        device: torch.device,
+        metrics: ServerMetrics,
+        *,
+        prefix: int = 1,
+        merge: bool | None = None,
+        max_images: int = 256,
+        token_budget: int = 65536,
+    ) -> None:
         self._runner = runner
         self._prefix = prefix  # prefix tokens per row (the batch's token count)
         self._device = device
         self._metrics = metrics
-        self._forward_lock = threading.Lock()
+        self._merge = device.type != "cpu" if merge is None else merge
+        self._max_images = max_images
+        self._token_budget = token_budget
+        self._calls: queue.Queue[_Pending | None] = queue.Queue()  # None: every worker is gone
+
+    def queued(self) -> int:
+        """Calls waiting for the forward thread (the one running excluded)."""
+        return self._calls.qsize()
 
     def serve(self, conns: list[Connection]) -> None:
+        forward = threading.Thread(target=self._forward_loop, name="device-forward", daemon=True)
+        forward.start()
         threads = [
             threading.Thread(target=self._serve_worker, args=(i, conn), name=f"device-worker-{i}", daemon=True)
             for i, conn in enumerate(conns)
@@ -88,6 +134,8 @@ class DeviceLoop:
             t.start()
         for t in threads:
             t.join()
+        self._calls.put(None)
+        forward.join()
 
     def _serve_worker(self, index: int, conn: Connection) -> None:
         regions: dict[int, mmap.mmap] = {}
@@ -103,8 +151,7 @@ class DeviceLoop:
                     if self._device.type == "cuda":
                         pin_for_cuda(regions[message.id])
                     continue
-                reply = self._run(message, regions)
-                conn.send(reply)
+                conn.send(self._answer(message, regions))
             except (EOFError, OSError):  # the worker closed its socket (stopped, or died): nothing more to run
                 log.info("ingest worker %d disconnected", index)
                 if self._device.type == "cuda":
@@ -112,7 +159,8 @@ class DeviceLoop:
                         unpin_for_cuda(mapping)
                 return
 
-    def _run(self, call: BatchCall, regions: dict[int, mmap.mmap]) -> BatchReply:
+    def _answer(self, call: BatchCall, regions: dict[int, mmap.mmap]) -> BatchReply:
+        """Worker thread: the call's rows read, then its reply from the forward thread."""
         try:
             rows = StagedRows(
                 self._tensor(call.pixels, regions),
@@ -121,20 +169,83 @@ class DeviceLoop:
                 call.uniform,
                 slot=0,
             )
-            with self._forward_lock, torch.inference_mode(), self._metrics.stage("forward"):
+        except Exception as exc:  # noqa: BLE001 - answered to the worker, which bills nothing of the batch
+            log.exception("could not read a batch's rows")
+            return _failed(exc)
+        pending = _Pending(call, rows)
+        self._calls.put(pending)
+        pending.done.wait()
+        assert pending.reply is not None
+        return pending.reply
+
+    def _forward_loop(self) -> None:
+        held: collections.deque[_Pending | None] = collections.deque()  # taken from the queue, not joined: run next
+        while True:
+            first = held.popleft() if held else self._calls.get()
+            if first is None:
+                return
+            group = [first]
+            if self._merge and first.logits_only:
+                group += self._joining(first, held)
+            try:
+                self._run(group)
+            finally:
+                for pending in group:
+                    pending.done.set()
+
+    def _joining(self, first: _Pending, held: collections.deque[_Pending | None]) -> list[_Pending]:
+        """The calls waiting now that fit into `first`'s forward; the others are kept in `held`, in order."""
+        waiting = list(held)
+        held.clear()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                waiting.append(self._calls.get_nowait())
+        joined: list[_Pending] = []
+        images, tokens = first.rows.images, first.tokens + self._prefix * first.rows.images
+        for pending in waiting:
+            if pending is None:  # every worker is gone: stop after the calls before it
+                held.append(pending)
+                continue
+            more = (
+                pending.logits_only
+                and pending.rows.pixels.dtype == first.rows.pixels.dtype
+                and images + pending.rows.images <= self._max_images
+                and tokens + pending.tokens + self._prefix * pending.rows.images <= self._token_budget
+            )
+            if more:
+                joined.append(pending)
+                images += pending.rows.images
+                tokens += pending.tokens + self._prefix * pending.rows.images
+            else:
+                held.append(pending)
+        return joined
+
+    def _run(self, group: list[_Pending]) -> None:
+        """Forward thread: one forward for the group; each call's reply is its rows of the result."""
+        try:
+            rows = join_rows([p.rows for p in group])
+            jobs = [job for p in group for job in p.call.jobs]
+            with torch.inference_mode(), self._metrics.stage("forward"):
                 started = time.monotonic()
-                logits, outputs = self._runner.run(rows, call.jobs)  # [G, classes] float32 CPU
+                logits, outputs = self._runner.run(rows, jobs)  # [sum G, classes] float32 CPU
                 self._metrics.compute_seconds.observe(time.monotonic() - started)
-            self._metrics.batch_images.observe(len(call.counts))
-            self._metrics.batch_tokens.observe(sum(call.counts) + self._prefix * len(call.counts))
-        except Exception as exc:  # noqa: BLE001 - the worker hands it to every caller of the batch, unbilled
+            self._metrics.batch_images.observe(rows.images)
+            self._metrics.batch_tokens.observe(sum(rows.counts.tolist()) + self._prefix * rows.images)
+        except Exception as exc:  # noqa: BLE001 - the workers hand it to every caller of the batch, unbilled
             log.exception("forward failed")
-            return BatchReply(bytearray(), 0, (), error=f"the teacher's forward failed: {first_line(exc)}")
-        return BatchReply(
-            bytearray(logits.contiguous().numpy().tobytes()),
-            int(logits.shape[1]),
-            tuple(None if extra is None else extra.SerializeToString() for extra in outputs),
-        )
+            for pending in group:
+                pending.reply = _failed(exc, "the teacher's forward failed: ")
+            return
+        parts = torch.split(logits, [p.rows.images for p in group])
+        start = 0
+        for pending, part in zip(group, parts, strict=True):
+            mine = outputs[start : start + len(pending.call.jobs)]
+            start += len(pending.call.jobs)
+            pending.reply = BatchReply(
+                bytearray(part.contiguous().numpy().tobytes()),
+                int(logits.shape[1]),
+                tuple(None if extra is None else extra.SerializeToString() for extra in mine),
+            )
 
     def _tensor(self, ref: TensorRef, regions: dict[int, mmap.mmap]) -> torch.Tensor:
         mapping = regions.get(ref.region)
@@ -142,6 +253,10 @@ class DeviceLoop:
             raise ValueError(f"region {ref.region} was never handed over")
         host = view_region(mapping, ref.offset, ref.torch_dtype, ref.shape)
         return host if self._device.type == "cpu" else host.to(self._device)
+
+
+def _failed(exc: BaseException, prefix: str = "") -> BatchReply:
+    return BatchReply(bytearray(), 0, (), error=f"{prefix}{first_line(exc)}")
 
 
 def device_main(settings: ServerSettings, conns: list[Connection], ready: Connection) -> None:
@@ -164,4 +279,11 @@ def device_main(settings: ServerSettings, conns: list[Connection], ready: Connec
     metrics.dtype_kl.labels(model=name, dtype=fidelity.dtype).set(fidelity.kl)
     ready.send(DeviceReady(name, meta_copy(teacher), fidelity))
     ready.close()
-    DeviceLoop(runner, weight.device, metrics, prefix=teacher.geometry.num_prefix_tokens).serve(conns)
+    DeviceLoop(
+        runner,
+        weight.device,
+        metrics,
+        prefix=teacher.geometry.num_prefix_tokens,
+        max_images=settings.max_batch_images,
+        token_budget=settings.token_budget,
+    ).serve(conns)

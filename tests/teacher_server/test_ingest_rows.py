@@ -17,9 +17,9 @@ import torch
 
 from maskedkd.masked_teacher import MaskedTeacher
 from maskedkd.teacher_outputs import OutputChoice
-from teacher_server.engine.answers import OutputsRequest
+from teacher_server.engine.answers import NO_OUTPUTS, Answer, OutputsRequest
 from teacher_server.engine.decode import DecodedInput
-from teacher_server.engine.rows_runner import JobShape, RowsRunner
+from teacher_server.engine.rows_runner import JobShape, MixedK, RowsRunner
 from teacher_server.engine.served_model import make_outputs_forward
 from teacher_server.engine.shared_host import region_of, shared_host_tensor
 from teacher_server.engine.staging import Stager
@@ -140,3 +140,87 @@ def test_a_cuda_device_loop_reads_the_shared_rows(teacher: MaskedTeacher) -> Non
         torch.testing.assert_close(mine.logits, theirs.logits, atol=1e-4, rtol=1e-4)
     here.close()
     loop.join(10)
+
+
+CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.mark.parametrize(
+    ("device_type", "mixed_k"),
+    [
+        ("cpu", "pad"),
+        ("cpu", "bucket"),
+        pytest.param("cuda", "bucket", marks=[CUDA_ONLY, pytest.mark.dtype("float32", device="cuda")], id="cuda"),
+    ],
+)
+def test_calls_queued_during_a_forward_share_the_next_one_up_to_the_batch_bounds(
+    teacher: MaskedTeacher, device_type: str, mixed_k: MixedK
+) -> None:
+    """With merging (on by default on a GPU; asked for here on the CPU), the logits-only calls of several workers that
+    queue up while a forward runs go into the next forward together, up to `max_images`; a call asking for extra
+    outputs runs alone. Each worker gets the answers the teacher gives its rows alone (float32; on CUDA against the
+    host teacher)."""
+    import copy
+
+    from teacher_server.engine.served_model import make_forward
+
+    gate = threading.Event()
+    forwards: list[int] = []  # rows of each logits forward, in order
+    device_of = torch.device(device_type)
+    served = copy.deepcopy(teacher).to(device_of)
+    forward = teacher.forward_pixels if device_type == "cpu" else make_forward(served, device_of, torch.float32)
+
+    def gated(pixels: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
+        forwards.append(int(pixels.shape[0]))
+        gate.wait(30)
+        return forward(pixels, indices, counts)
+
+    runner = RowsRunner(gated, mixed_k=mixed_k, forward_outputs=make_outputs_forward(served))
+    metrics = ServerMetrics()
+    device = DeviceLoop(runner, device_of, metrics, merge=True if device_type == "cpu" else None, max_images=4)
+    pipes = [multiprocessing.Pipe(duplex=True) for _ in range(5)]
+    loop = threading.Thread(target=device.serve, args=([there for _, there in pipes],), daemon=True)
+    loop.start()
+    asked = OutputsRequest(OutputChoice(pre_logits=True))
+    calls = [  # (inputs, outputs asked): A runs first and holds the forward while the others queue
+        ([request(2, 12, 11)], NO_OUTPUTS),
+        ([request(2, 8, 12, counts=[8, 3])], asked),
+        ([request(2, 12, 13, counts=[12, 5])], NO_OUTPUTS),
+        ([request(1, 5, 14), request(1, 12, 15)], NO_OUTPUTS),
+        ([request(2, 6, 16)], NO_OUTPUTS),
+    ]
+    stagers = [Stager(teacher.geometry, max_images=4, device=CPU, allocate=shared_host_tensor) for _ in calls]
+    staged = [s.stage(inputs, s.acquire()) for s, (inputs, _) in zip(stagers, calls, strict=True)]  # a worker each
+    jobs = [[JobShape(x.images, x.k, outputs) for x in inputs] for inputs, outputs in calls]
+    answers: dict[int, list[Answer]] = {}
+
+    def send(i: int) -> None:
+        answers[i] = RemoteRows(pipes[i][0], os.getpid()).answers(staged[i], jobs[i])
+
+    senders = [threading.Thread(target=send, args=(0,))]
+    senders[0].start()
+    while not forwards:  # A's forward started (and waits at the gate)
+        threading.Event().wait(0.005)
+    for i in range(1, 5):
+        senders.append(threading.Thread(target=send, args=(i,)))
+        senders[i].start()
+        while device.queued() < i:  # queued in this order
+            threading.Event().wait(0.005)
+    gate.set()
+    for t in senders:
+        t.join(30)
+    # A alone; B (outputs) alone; C (2) + D (2) fill max_images 4; E (2) next
+    assert metrics.registry.get_sample_value("maskedkd_batch_images_count") == 4
+    assert metrics.registry.get_sample_value("maskedkd_batch_images_sum") == 10
+    if mixed_k == "pad":  # one logits forward a batch (bucket: one per keep count)
+        assert forwards == [2, 4, 2]
+    for i, (rows, shape) in enumerate(zip(staged, jobs, strict=True)):
+        alone = RowsRunner(teacher.forward_pixels, forward_outputs=make_outputs_forward(teacher)).answers(rows, shape)
+        for mine, theirs in zip(answers[i], alone, strict=True):
+            tolerance = {} if device_type == "cpu" else {"atol": 1e-4, "rtol": 1e-4}  # CPU: batch composition only
+            torch.testing.assert_close(mine.logits, theirs.logits, **tolerance)
+            assert (mine.outputs is None) == (theirs.outputs is None)
+    for here, _ in pipes:
+        here.close()
+    loop.join(10)
+    assert not loop.is_alive()
