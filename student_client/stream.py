@@ -5,6 +5,10 @@
 ...     ...                                                # the student keeps computing
 ...     logits, usage = fut.result()
 
+`TeacherStreams(client)` keeps one such stream on each of the client's connections (`TeacherClient(connections=N)`)
+and gives each batch to the one with the fewest answers outstanding: one connection is served by one process of a
+teacher with `--ingest-workers`, so one stream would cap a trainer at what one process ingests.
+
 When the stream breaks with UNAVAILABLE / DEADLINE_EXCEEDED, it is reopened under the client's retry policy (backoff,
 then waiting for the channel to connect, for up to the client's patience) and every unanswered request is sent again
 with the same request_id: the server answers those it already ran from its ledger, unbilled.
@@ -16,6 +20,7 @@ answer expired) goes as a unary call, which re-sends it under a derived id (`Tea
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
@@ -60,10 +65,14 @@ class _ClosedEarly(grpc.RpcError):
 
 
 class TeacherStream:
-    """One bidirectional stream per session; thread-safe `submit`. Uses the client's channel, key and settings."""
+    """One bidirectional stream per session, on one of the client's connections (reopened on the same one);
+    thread-safe `submit`. Uses the client's channel, key and settings."""
 
-    def __init__(self, client: TeacherClient) -> None:
+    def __init__(self, client: TeacherClient, *, connection: int = 0) -> None:
+        if not 0 <= connection < client.connections:
+            raise ValueError(f"connection must be in 0..{client.connections - 1}, got {connection}")
         self.client = client
+        self.connection = connection
         self.info = client.info()
         self._lock = threading.Lock()
         self._pending: dict[str, tuple[pb.InferRequest, Future[InferResult]]] = {}
@@ -76,6 +85,10 @@ class TeacherStream:
     @arguments_of(Batch)
     def submit(self, batch: Batch) -> Future[InferResult]:
         """Queue one batch (same arguments as `TeacherClient.infer`); the Future gives (logits, usage)."""
+        return self.submit_batch(batch)
+
+    def submit_batch(self, batch: Batch) -> Future[InferResult]:
+        """`submit` of a built `Batch`."""
         fut: Future[InferResult] = Future()
         info = self.info
         n = batch_size_of(batch.images, batch.patches)
@@ -101,8 +114,8 @@ class TeacherStream:
             self.client.log_request(req)
             sent, release = self.client.shared_request(req)  # pixels in shared memory until the answer is in
             fut.add_done_callback(lambda _: release())
+            self._ensure_open_locked()  # (re)opening sends what is pending; this request goes once, below
             self._pending[rid] = (sent, fut)
-            self._ensure_open_locked()
             assert self._outbox is not None
             self._outbox.put(sent)
         return fut
@@ -120,7 +133,7 @@ class TeacherStream:
         for req, _ in self._pending.values():  # resend what was never answered (same request_ids: no double bill)
             self._outbox.put(req)
         outbox = self._outbox
-        call = self.client.stub.InferStream(self._requests(outbox), metadata=self.client.metadata)
+        call = self.client.stub_at(self.connection).InferStream(self._requests(outbox), metadata=self.client.metadata)
         self._reader = threading.Thread(
             target=self._read, args=(call, outbox), daemon=True, name="teacher-stream-reader"
         )
@@ -198,7 +211,8 @@ class TeacherStream:
             delay = attempts.failed(err if err is not None else _ClosedEarly())
             attempts.sleep(delay)
             # wait for the teacher to accept connections again, within the patience left
-            grpc.channel_ready_future(self.client.raw_channel).result(timeout=max(attempts.patience_left(), 0.1))
+            ready = grpc.channel_ready_future(self.client.raw_channel_at(self.connection))
+            ready.result(timeout=max(attempts.patience_left(), 0.1))
         except TeacherError as error:
             self._fail_all(error)
             return
@@ -265,6 +279,41 @@ class TeacherStream:
             self._fail_all(TeacherError("stream closed with requests unanswered"))
 
     def __enter__(self) -> TeacherStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class TeacherStreams:
+    """A `TeacherStream` on each of the client's connections; `submit` goes to the one with the fewest answers
+    outstanding (taking turns among equals). A request stays on its stream: its resends keep its request_id there."""
+
+    def __init__(self, client: TeacherClient) -> None:
+        self.client = client
+        self.info = client.info()
+        self.streams = [TeacherStream(client, connection=i) for i in range(client.connections)]
+        self._turn = itertools.count()
+
+    @arguments_of(Batch)
+    def submit(self, batch: Batch) -> Future[InferResult]:
+        """Queue one batch (same arguments as `TeacherClient.infer`); the Future gives (logits, usage)."""
+        start = next(self._turn) % len(self.streams)
+        order = self.streams[start:] + self.streams[:start]
+        stream = min(order, key=lambda s: s.in_flight)  # min keeps the first of equals
+        return stream.submit_batch(batch)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(s.in_flight for s in self.streams)
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Wait up to `timeout_s` in all for answers in flight, then end every stream."""
+        deadline = time.monotonic() + (self.client.timeout_s if timeout_s is None else timeout_s)
+        for stream in self.streams:
+            stream.close(timeout_s=max(0.0, deadline - time.monotonic()))
+
+    def __enter__(self) -> TeacherStreams:
         return self
 
     def __exit__(self, *exc: object) -> None:

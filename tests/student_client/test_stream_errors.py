@@ -1,9 +1,11 @@
 """TeacherStream and per-message error answers: a request the teacher refuses fails its own future with the mapped
 TeacherError while the others are answered and billed as usual (a real teacher), and a transient per-message status
-is resent under the same request_id (a scripted TeacherService on a real gRPC server)."""
+is resent under the same request_id (a scripted TeacherService on a real gRPC server); TeacherStreams spreads batches
+over the client's connections, each sent once."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -20,7 +22,7 @@ from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
 from student_client.client import TeacherClient
 from student_client.errors import TeacherInputError, TeacherUnavailableError
-from student_client.stream import TeacherStream
+from student_client.stream import TeacherStream, TeacherStreams
 
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(120)]
 
@@ -92,14 +94,23 @@ class _ScriptedTeacher(pb_grpc.TeacherServiceServicer):
             yield pb.InferResponse(request_id=rid, error=pb.Status(code=code.value[0], message=message))
 
 
-def test_transient_message_errors_are_resent_under_the_same_id() -> None:
-    teacher = _ScriptedTeacher()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+@contextlib.contextmanager
+def scripted_server(teacher: pb_grpc.TeacherServiceServicer) -> Iterator[str]:
+    """A real gRPC server on 127.0.0.1 answering with `teacher`; yields its address."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     pb_grpc.add_TeacherServiceServicer_to_server(teacher, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        client = TeacherClient(f"127.0.0.1:{port}", "mkd_" + "s" * 43, max_retries=2, backoff=0.01, patience_s=0)
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(grace=None)
+
+
+def test_transient_message_errors_are_resent_under_the_same_id() -> None:
+    teacher = _ScriptedTeacher()
+    with scripted_server(teacher) as address:
+        client = TeacherClient(address, "mkd_" + "s" * 43, max_retries=2, backoff=0.01, patience_s=0)
         images, keep = torch.zeros(2, 3, 32, 32), torch.arange(8).repeat(2, 1)  # [B, C, H, W], [B, K]
         with TeacherStream(client) as stream:
             got = {
@@ -114,5 +125,42 @@ def test_transient_message_errors_are_resent_under_the_same_id() -> None:
             assert got["ok-1"].result(timeout=30)[1].images == 2
         assert torch.equal(logits, torch.full((2, 10), 7.0)) and usage.images == 2
         assert teacher.attempts == {"flaky-1": 2, "down-1": 3, "bad-1": 1, "ok-1": 1}  # max_retries=2 resends
-    finally:
-        server.stop(grace=None)
+
+
+class _PeerRecorder(_ScriptedTeacher):
+    """Answers every request with logits once `release` is set; records which connection (peer) each came on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.peers: dict[str, str] = {}
+
+    def InferStream(
+        self, requests: Iterator[pb.InferRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.InferResponse]:
+        for request in requests:
+            with self._lock:
+                self.peers[request.request_id] = context.peer()
+                self.attempts[request.request_id] += 1
+            self.release.wait(30)
+            yield pb.InferResponse(
+                request_id=request.request_id, logits=tensor_to_proto(torch.zeros(2, 10)), usage=pb.Usage(images=2)
+            )
+
+
+def test_streams_over_several_connections_share_the_batches() -> None:
+    """`TeacherStreams` on a client of 3 connections: a stream on each (3 peers seen by a real gRPC server), each batch
+    to the stream with the fewest answers outstanding, so 6 batches in flight go 2 to each; all answered."""
+    teacher = _PeerRecorder()
+    with scripted_server(teacher) as address:
+        client = TeacherClient(address, "mkd_" + "s" * 43, connections=3)
+        images, keep = torch.zeros(2, 3, 32, 32), torch.arange(8).repeat(2, 1)  # [B, C, H, W], [B, K]
+        with TeacherStreams(client) as streams:
+            got = [streams.submit(images=images, keep_indices=keep, request_id=f"r{i}") for i in range(6)]
+            assert streams.in_flight == 6 and [s.in_flight for s in streams.streams] == [2, 2, 2]
+            teacher.release.set()
+            assert all(f.result(timeout=30)[1].images == 2 for f in got)
+        assert teacher.attempts == {f"r{i}": 1 for i in range(6)}  # sent once each (opening a stream sent its first
+        # request twice: once as pending at the opening, once as new)
+        assert sorted(Counter(teacher.peers.values()).values()) == [2, 2, 2]  # three connections, two batches each
+        client.close()
