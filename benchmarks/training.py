@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,7 @@ def run_mode(
     pair: TrainPair, server: Any, opts: dict[str, Any], cfg: BenchConfig, out: Path, threads: int, device: str = "cpu"
 ) -> dict[str, Any]:
     steps = (cfg.train_warmup_steps, cfg.train_steps)
-    run_opts = {**opts, "micro_batches": cfg.train_micro_batches}
+    run_opts = {"micro_batches": cfg.train_micro_batches, **opts}  # a mode may pipeline its own way
     times, summary = timed_run(
         pair, server, run_opts, out, steps=steps, batch_size=pair.batch_size, threads=threads, device=device
     )
@@ -131,14 +132,17 @@ def run_modes(
     threads: int,
     predicted: dict[str, float],
     device: str = "cpu",
+    *,
+    more: Sequence[tuple[str, dict[str, Any], Any]] = (),
 ) -> dict[str, Any]:
-    """`names` (full_kd among them) trained in turn on `device`; each mode's step time against full KD's, and the
-    FLOP model's prediction of that ratio."""
+    """`names` (full_kd among them) trained in turn on `device`, then the `more` modes (name, settings, their own
+    server); each mode's step time against full KD's, and the FLOP model's prediction of that ratio (`predicted`
+    names every mode)."""
     modes: dict[str, Any] = {}
+    runs = [(name, opts, server) for name, opts in MODES if name in names] + list(more)
     try:
-        for name, opts in MODES:
-            if name in names:
-                modes[name] = run_mode(pair, server, opts, cfg, workdir / name, threads, device)
+        for name, opts, served_by in runs:
+            modes[name] = run_mode(pair, served_by, opts, cfg, workdir / name, threads, device)
     finally:
         torch.set_num_threads(threads)  # run_training sets the process-wide thread count
     full = modes["full_kd"]["step_s"]

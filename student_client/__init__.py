@@ -33,13 +33,14 @@ if TYPE_CHECKING:
     from student_client.kd import KDStep, MaskedKD
     from student_client.losses import DistillationLoss, kd_kl_loss
     from student_client.ray_runner import TrainingError
-    from student_client.stream import TeacherStream
+    from student_client.stream import TeacherStream, TeacherStreams
     from student_client.wire import ModelInfo, Usage
 
 _LAZY = {
     "TeacherClient": "student_client.client",
     "AsyncTeacherClient": "student_client.aio_client",
     "TeacherStream": "student_client.stream",
+    "TeacherStreams": "student_client.stream",
     "ModelInfo": "student_client.wire",
     "Usage": "student_client.wire",
     "TeacherError": "student_client.errors",
@@ -70,6 +71,7 @@ __all__ = [  # listed, not derived from _LAZY, so tools see what the package exp
     "TeacherInputError",
     "TeacherQuotaError",
     "TeacherStream",
+    "TeacherStreams",
     "TeacherUnavailableError",
     "TrainConfig",
     "TrainingError",

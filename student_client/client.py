@@ -133,6 +133,18 @@ class ClientCore(CountsRefusedReplays):
         """The stub of the connection whose turn it is (round-robin over `connections`)."""
         return self._stubs[next(self._turn) % len(self._stubs)]
 
+    @property
+    def connections(self) -> int:
+        return len(self._stubs)
+
+    def stub_at(self, connection: int) -> pb_grpc.TeacherServiceStub:
+        """The stub of one connection (0 .. connections - 1), e.g. for a stream kept on it."""
+        return self._stubs[connection]
+
+    def raw_channel_at(self, connection: int) -> Any:
+        """One connection's channel without interceptors (for connectivity checks)."""
+        return self._raw_channels[connection]
+
     def _intercepted(self, channel: Any) -> Any:
         """The channel the stub calls through (a client with interceptors wraps `channel` in them)."""
         return channel

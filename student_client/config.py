@@ -129,13 +129,15 @@ class TrainConfig(BaseSettings):
         validation_alias=_env("teacher_client_key", "MASKEDKD_TEACHER_CLIENT_KEY"),
         description="private key of --teacher-client-cert",
     )
-    transport: Transport = Field("stream", description="InferStream (one stream per worker) or unary Infer calls")
+    transport: Transport = Field(
+        "stream", description="InferStream (a stream per worker and connection) or unary Infer calls"
+    )
     teacher_connections: int = Field(
         1,
         ge=1,
         le=64,
-        description="connections to the teacher, calls taking turns over them (--transport unary); a teacher "
-        "serving with --ingest-workers N gives each connection to one of its N processes",
+        description="connections to the teacher: a stream on each (--transport stream) or calls taking turns over "
+        "them (unary); a teacher serving with --ingest-workers N gives each connection to one of its N processes",
     )
     teacher_shared_memory: bool = Field(
         False,

@@ -53,7 +53,7 @@ from student_client.losses import DistillationLoss
 from student_client.pipeline import OverlapStats
 from student_client.preflight import check_teacher_outputs
 from student_client.sips import STRATEGIES, _num_keep, _unwrap
-from student_client.stream import TeacherStream
+from student_client.stream import TeacherStreams
 from student_client.student import describe_student
 from student_client.wire import ModelInfo, Usage
 
@@ -176,7 +176,7 @@ class MaskedKD:
         self.last = KDStep()
         self.total_usage = Usage()  # every answer since construction (replays included)
         self.total_billed = Usage()  # what the teacher billed since construction: equals the ledger
-        self._stream: TeacherStream | None = None
+        self._stream: TeacherStreams | None = None
         self._futures: list[Future[InferResult]] = []
         self.criterion = DistillationLoss(lambda_kd, tau, hard, label_smoothing)
         normalize = Normalizer(mean or spec.mean, std or spec.std, next(raw.parameters()).device)
@@ -200,7 +200,7 @@ class MaskedKD:
             request_id_prefix=self.run_id,
             keep_auto=auto_settings,
         )
-        self._stream = TeacherStream(teacher) if transport == "stream" else None
+        self._stream = TeacherStreams(teacher) if transport == "stream" else None
         self.keep_decisions: list[dict[str, Any]] = []  # keep="auto": one record per decision (keep_probe)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, *, step: int | None = None) -> torch.Tensor:

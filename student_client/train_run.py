@@ -45,7 +45,7 @@ from student_client.keep_auto import KeepAutoSettings
 from student_client.keep_probe import apply_decision
 from student_client.losses import DistillationLoss
 from student_client.pipeline import InferFuture
-from student_client.stream import TeacherStream
+from student_client.stream import TeacherStreams
 from student_client.student import (
     MaskedStudent,
     StudentSpec,
@@ -89,10 +89,10 @@ class TrainData:
 @dataclass
 class TeacherConnection:
     """The training client of this worker (it re-sends ids of a resumed run and takes the answers billed under them)
-    and, with --transport stream, its one InferStream."""
+    and, with --transport stream, its InferStreams (one per connection)."""
 
     client: TeacherClient
-    stream: TeacherStream | None
+    stream: TeacherStreams | None
     info: ModelInfo
 
     def submit(self, **request: Any) -> InferFuture:
@@ -376,7 +376,7 @@ def _connect_teacher(
         client.close()
         raise RunRefusedError(refusal, state)
     assert info is not None
-    return TeacherConnection(client, TeacherStream(client) if cfg.transport == "stream" else None, info)
+    return TeacherConnection(client, TeacherStreams(client) if cfg.transport == "stream" else None, info)
 
 
 def _run_precision(cfg: TrainConfig, ctx: Context, state: TrainState) -> str:

@@ -55,7 +55,10 @@ def test_dry_run_writes_the_report_from_every_step(tmp_path: Path) -> None:
     assert mixed["answered"] == mixed["requests"] > 0
     # forward at keep 100/50/25%, server with 8 and 32 clients both ways, 32 clients against the ingest workers
     assert md.count("| ViT-Ti 32px") == 3 + 5
-    assert all(f"| {mode} |" in md for mode in ("no_kd", "full_kd", "maskedkd_50", "maskedkd_25", "maskedkd_50_shm"))
+    modes = ("no_kd", "full_kd", "maskedkd_50", "maskedkd_25", "maskedkd_50_shm", "maskedkd_50_workers")
+    assert all(f"| {mode} |" in md for mode in modes)
+    trained = served["training"]["modes"]
+    assert trained["maskedkd_50_workers"]["teacher_gflops"] == trained["maskedkd_50"]["teacher_gflops"] > 0  # same bill
 
 
 def test_the_cuda_test_list_names_every_file_with_a_cuda_only_test() -> None:

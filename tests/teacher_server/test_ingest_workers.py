@@ -1,7 +1,8 @@
 """`teacher-server serve --ingest-workers 2` as a user runs it: two processes share the port, one device process runs
 the teacher. Answers equal the in-process reference, every request is billed once by whichever worker took it (read
 back with SQL), a retry on another connection replays, both workers ingest (their byte counters add up to the bytes
-sent), SIGTERM drains; a dead device process fails calls UNAVAILABLE, unbilled, and stops the server."""
+sent; also from one client's connections, by unary calls and by streams), SIGTERM drains; a dead device process
+fails calls UNAVAILABLE, unbilled, and stops the server."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from maskedkd.checkpoints import save_model_checkpoint
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
 from student_client.client import TeacherClient
+from student_client.stream import TeacherStreams
 from teacher_server.launcher import ServerProcess, serve_argv, teacher_server_command
 
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(240)]
@@ -116,6 +118,24 @@ def test_two_ingest_workers_answer_bill_and_replay_as_one_server(tmp_path: Path)
                 answered[f"student-{i}"] = pb.InferResponse(usage=pb.Usage(gflops=usage.gflops))
         grew = {p: ingested(server.ready.metrics_url)[p] - seen[p] for p in seen}
         assert min(grew.values()) > 0 and sum(grew.values()) == CHANNELS * 20 * 3 * 4 * 4  # the kept patches
+
+        # the default stream transport: a stream on each connection, so a trainer's batches reach every worker too
+        seen = ingested(server.ready.metrics_url)
+        with (
+            TeacherClient(server.address, keys["ada"], connections=CHANNELS) as student,
+            TeacherStreams(student) as streams,
+        ):
+            futures = {}
+            for i in range(CHANNELS):
+                images, keep = kit.random_images(1, 950 + i), kit.random_keep(1, 20, 50 + i)
+                futures[f"stream-{i}"] = streams.submit(images=images, keep_indices=keep, request_id=f"stream-{i}")
+                sent[f"stream-{i}"] = ("ada", images, keep)
+            for rid, future in futures.items():
+                logits, usage = future.result(timeout=60)
+                torch.testing.assert_close(logits, ref.logits(*sent[rid][1:]), **kit.CLOSE)
+                answered[rid] = pb.InferResponse(usage=pb.Usage(gflops=usage.gflops))
+        grew = {p: ingested(server.ready.metrics_url)[p] - seen[p] for p in seen}
+        assert min(grew.values()) > 0 and sum(grew.values()) == CHANNELS * 20 * 3 * 4 * 4
         assert server.stop() == 0  # SIGTERM: workers drain, then the device process ends
     log = (tmp_path / "serve.log").read_text()
     assert "teacher-server: stopped" in log and "Traceback" not in log
