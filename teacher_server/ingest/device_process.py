@@ -175,8 +175,7 @@ class DeviceLoop:
         pending = _Pending(call, rows)
         self._calls.put(pending)
         pending.done.wait()
-        assert pending.reply is not None
-        return pending.reply
+        return pending.reply or _failed(RuntimeError("the device's forward thread stopped"))
 
     def _forward_loop(self) -> None:
         held: collections.deque[_Pending | None] = collections.deque()  # taken from the queue, not joined: run next
@@ -189,6 +188,10 @@ class DeviceLoop:
                 group += self._joining(first, held)
             try:
                 self._run(group)
+            except Exception as exc:  # noqa: BLE001 - the workers hand it to every caller of the batch, unbilled
+                log.exception("forward failed")
+                for pending in group:
+                    pending.reply = _failed(exc, "the teacher's forward failed: ")
             finally:
                 for pending in group:
                     pending.done.set()
@@ -222,30 +225,29 @@ class DeviceLoop:
 
     def _run(self, group: list[_Pending]) -> None:
         """Forward thread: one forward for the group; each call's reply is its rows of the result."""
-        try:
-            rows = join_rows([p.rows for p in group])
-            jobs = [job for p in group for job in p.call.jobs]
-            with torch.inference_mode(), self._metrics.stage("forward"):
-                started = time.monotonic()
-                logits, outputs = self._runner.run(rows, jobs)  # [sum G, classes] float32 CPU
-                self._metrics.compute_seconds.observe(time.monotonic() - started)
-            self._metrics.batch_images.observe(rows.images)
-            self._metrics.batch_tokens.observe(sum(rows.counts.tolist()) + self._prefix * rows.images)
-        except Exception as exc:  # noqa: BLE001 - the workers hand it to every caller of the batch, unbilled
-            log.exception("forward failed")
-            for pending in group:
-                pending.reply = _failed(exc, "the teacher's forward failed: ")
-            return
+        rows = join_rows([p.rows for p in group])
+        jobs = [job for p in group for job in p.call.jobs]
+        with torch.inference_mode(), self._metrics.stage("forward"):
+            started = time.monotonic()
+            logits, outputs = self._runner.run(rows, jobs)  # [sum G, classes] float32 CPU
+            self._metrics.compute_seconds.observe(time.monotonic() - started)
+        self._metrics.batch_images.observe(rows.images)
+        self._metrics.batch_tokens.observe(sum(rows.counts.tolist()) + self._prefix * rows.images)
+        replies = []
         parts = torch.split(logits, [p.rows.images for p in group])
         start = 0
         for pending, part in zip(group, parts, strict=True):
             mine = outputs[start : start + len(pending.call.jobs)]
             start += len(pending.call.jobs)
-            pending.reply = BatchReply(
-                bytearray(part.contiguous().numpy().tobytes()),
-                int(logits.shape[1]),
-                tuple(None if extra is None else extra.SerializeToString() for extra in mine),
+            replies.append(
+                BatchReply(
+                    bytearray(part.contiguous().numpy().tobytes()),
+                    int(logits.shape[1]),
+                    tuple(None if extra is None else extra.SerializeToString() for extra in mine),
+                )
             )
+        for pending, reply in zip(group, replies, strict=True):  # all or none: a failure above answers each with it
+            pending.reply = reply
 
     def _tensor(self, ref: TensorRef, regions: dict[int, mmap.mmap]) -> torch.Tensor:
         mapping = regions.get(ref.region)

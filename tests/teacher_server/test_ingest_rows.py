@@ -224,3 +224,54 @@ def test_calls_queued_during_a_forward_share_the_next_one_up_to_the_batch_bounds
         here.close()
     loop.join(10)
     assert not loop.is_alive()
+
+
+def test_a_failed_joined_forward_fails_each_of_its_calls_and_the_loop_goes_on(teacher: MaskedTeacher) -> None:
+    """A joined forward that raises answers each of its calls with the reason (their workers bill nothing); the
+    forward thread lives on and runs the next call (float32, CPU)."""
+    gate = threading.Event()
+    started = threading.Event()
+
+    def fails_when_joined(pixels: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
+        started.set()
+        gate.wait(30)
+        if pixels.shape[0] > 2:
+            raise RuntimeError("out of device memory")
+        return teacher.forward_pixels(pixels, indices, counts)
+
+    device = DeviceLoop(RowsRunner(fails_when_joined), CPU, ServerMetrics(), merge=True)
+    pipes = [multiprocessing.Pipe(duplex=True) for _ in range(3)]
+    loop = threading.Thread(target=device.serve, args=([there for _, there in pipes],), daemon=True)
+    loop.start()
+    stagers = [Stager(teacher.geometry, max_images=4, device=CPU, allocate=shared_host_tensor) for _ in pipes]
+    staged = [s.stage([request(2, 8, 20 + i)], s.acquire()) for i, s in enumerate(stagers)]
+    outcome: dict[int, object] = {}
+
+    def send(i: int) -> None:
+        try:
+            outcome[i] = RemoteRows(pipes[i][0], os.getpid()).answers(staged[i], [JobShape(2, 8)])
+        except DeviceForwardError as exc:
+            outcome[i] = exc
+
+    first = threading.Thread(target=send, args=(0,))
+    first.start()
+    started.wait(30)
+    joined = [threading.Thread(target=send, args=(i,)) for i in (1, 2)]
+    for i, t in enumerate(joined, start=1):
+        t.start()
+        while device.queued() < i:
+            threading.Event().wait(0.005)
+    gate.set()
+    for t in (first, *joined):
+        t.join(30)
+    assert isinstance(outcome[0], list)  # ran alone, before the others queued
+    for i in (1, 2):
+        assert isinstance(outcome[i], DeviceForwardError)
+        assert str(outcome[i]) == "the teacher's forward failed: out of device memory"
+    again = RemoteRows(pipes[1][0], os.getpid()).answers(staged[1], [JobShape(2, 8)])  # the loop still runs
+    expected = RowsRunner(teacher.forward_pixels).answers(staged[1], [JobShape(2, 8)])
+    assert torch.equal(again[0].logits, expected[0].logits)
+    for here, _ in pipes:
+        here.close()
+    loop.join(10)
+    assert not loop.is_alive()
