@@ -92,12 +92,12 @@ class _Pending:
 
 
 class DeviceLoop:
-    """Runs the workers' calls: a thread per worker socket reads its calls' rows (on CUDA: copies them to the card);
-    one forward thread runs them in arrival order. With `merge`, the logits-only calls that queued up while a forward
-    ran go into the next forward together (up to `max_images` images and `token_budget` tokens): N workers' small
-    batches become one, as a lone server's micro-batcher would have made them. Off on a CPU teacher, whose forward
-    costs the same per image in small batches and where joining copies the rows (on CUDA the join is a copy on the
-    card)."""
+    """Runs the workers' calls: a thread per worker socket reads its calls' rows (on CUDA: copies them to the card on
+    a stream of its own, while the forward in progress runs); one forward thread runs them in arrival order. With
+    `merge`, the logits-only calls that queued up while a forward ran go into the next forward together (up to
+    `max_images` images and `token_budget` tokens): N workers' small batches become one, as a lone server's
+    micro-batcher would have made them. Off on a CPU teacher, whose forward costs the same per image in small
+    batches and where joining copies the rows (on CUDA the join is a copy on the card)."""
 
     def __init__(
         self,
@@ -139,6 +139,9 @@ class DeviceLoop:
 
     def _serve_worker(self, index: int, conn: Connection) -> None:
         regions: dict[int, mmap.mmap] = {}
+        # CUDA: this worker's rows are copied on a stream of its own, overlapping the forward in progress (a copy on
+        # the default stream would wait for it)
+        copies = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
         while True:
             try:
                 message = conn.recv()
@@ -151,7 +154,7 @@ class DeviceLoop:
                     if self._device.type == "cuda":
                         pin_for_cuda(regions[message.id])
                     continue
-                conn.send(self._answer(message, regions))
+                conn.send(self._answer(message, regions, copies))
             except (EOFError, OSError):  # the worker closed its socket (stopped, or died): nothing more to run
                 log.info("ingest worker %d disconnected", index)
                 if self._device.type == "cuda":
@@ -159,16 +162,19 @@ class DeviceLoop:
                         unpin_for_cuda(mapping)
                 return
 
-    def _answer(self, call: BatchCall, regions: dict[int, mmap.mmap]) -> BatchReply:
-        """Worker thread: the call's rows read, then its reply from the forward thread."""
+    def _answer(self, call: BatchCall, regions: dict[int, mmap.mmap], copies: torch.cuda.Stream | None) -> BatchReply:
+        """Worker thread: the call's rows read (on CUDA: copied on `copies`), then its reply from the forward thread."""
         try:
-            rows = StagedRows(
-                self._tensor(call.pixels, regions),
-                self._tensor(call.indices, regions),
-                torch.tensor(call.counts, dtype=torch.int64),
-                call.uniform,
-                slot=0,
-            )
+            counts = torch.tensor(call.counts, dtype=torch.int64)
+            host = (self._host_tensor(call.pixels, regions), self._host_tensor(call.indices, regions))
+            if copies is None:
+                rows = StagedRows(*host, counts, call.uniform, slot=0)
+            else:
+                with torch.cuda.stream(copies):  # pinned regions: asynchronous; the forward waits for `ready`
+                    moved = [t.to(self._device, non_blocking=True) for t in host]
+                    ready = torch.cuda.Event()
+                    ready.record(copies)
+                rows = StagedRows(moved[0], moved[1], counts, call.uniform, slot=0, ready=ready)
         except Exception as exc:  # noqa: BLE001 - answered to the worker, which bills nothing of the batch
             log.exception("could not read a batch's rows")
             return _failed(exc)
@@ -225,6 +231,12 @@ class DeviceLoop:
 
     def _run(self, group: list[_Pending]) -> None:
         """Forward thread: one forward for the group; each call's reply is its rows of the result."""
+        for pending in group:
+            if pending.rows.ready is not None:  # copied on its worker's stream: the forward's stream waits for it
+                current = torch.cuda.current_stream(self._device)
+                current.wait_event(pending.rows.ready)
+                pending.rows.pixels.record_stream(current)  # freed memory is reused only once the forward is done
+                pending.rows.indices.record_stream(current)
         rows = join_rows([p.rows for p in group])
         jobs = [job for p in group for job in p.call.jobs]
         with torch.inference_mode(), self._metrics.stage("forward"):
@@ -249,12 +261,12 @@ class DeviceLoop:
         for pending, reply in zip(group, replies, strict=True):  # all or none: a failure above answers each with it
             pending.reply = reply
 
-    def _tensor(self, ref: TensorRef, regions: dict[int, mmap.mmap]) -> torch.Tensor:
+    @staticmethod
+    def _host_tensor(ref: TensorRef, regions: dict[int, mmap.mmap]) -> torch.Tensor:
         mapping = regions.get(ref.region)
         if mapping is None:
             raise ValueError(f"region {ref.region} was never handed over")
-        host = view_region(mapping, ref.offset, ref.torch_dtype, ref.shape)
-        return host if self._device.type == "cpu" else host.to(self._device)
+        return view_region(mapping, ref.offset, ref.torch_dtype, ref.shape)
 
 
 def _failed(exc: BaseException, prefix: str = "") -> BatchReply:
