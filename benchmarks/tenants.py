@@ -3,16 +3,18 @@
 The scenario a platform team meets (the tiny 32 px teacher, a server child with default queueing settings):
 - light: one client of its own key sends 8 images every 0.2 s with a 5 s deadline (far below capacity); its
   latencies are taken alone, then while the flood runs.
-- greedy: 16 clients of another key send 256 images back to back with a 1 s deadline, no retries; a refused call's
-  RetryInfo is waited out before the next one, as the product's client library does. They run in a child process
-  (`--greedy`), so their threads do not share this process's interpreter lock with the light client's clock (they
-  do share the machine's cores: on a small machine the flood's own CPU shows in the light tenant's latency).
+- greedy: 16 clients (a connection each) of another key send 256 images back to back with a 1 s deadline, no
+  retries; a refused call's RetryInfo is waited out before the next one, as the product's client library does. They
+  run in a child process (`--greedy`), so their threads do not share this process's interpreter lock with the light
+  client's clock (they do share the machine's cores: on a small machine the flood's own CPU shows in the light
+  tenant's latency).
 After the load, the ledger is read back with SQL: which request ids each key was billed for. A greedy request billed
 but never received (its answer came after the client gave up) is "billed-undelivered"; a refused one (shed) must
 not be billed at all.
 
     python -m benchmarks.tenants                  # 10 s alone, 10 s flood; a table on stdout
     python -m benchmarks.tenants --seconds 4 --json out.json
+    python -m benchmarks.tenants --ingest-workers 2  # the same against `serve --ingest-workers 2`
 """
 
 from __future__ import annotations
@@ -44,7 +46,11 @@ ARCH = "vit_tiny_patch16_224"
 TINY = {"img_size": 32, "patch_size": 4, "num_classes": 10}
 LIGHT = {"images": 8, "every_s": 0.2, "deadline_s": 5.0}
 GREEDY = {"clients": 16, "images": 256, "deadline_s": 1.0}
-OPTIONS = [("grpc.max_send_message_length", 1 << 28), ("grpc.max_receive_message_length", 1 << 28)]
+OPTIONS = [
+    ("grpc.max_send_message_length", 1 << 28),
+    ("grpc.max_receive_message_length", 1 << 28),
+    ("grpc.use_local_subchannel_pool", 1),  # each client a connection of its own, as separate trainers have
+]
 
 
 def _request(images: int, request_id: str, seed: int) -> pb.InferRequest:
@@ -141,16 +147,25 @@ def billed_ids(db_url: str, key: str) -> set[str]:
 
 
 def run_tenants(
-    seconds: float = 10.0, *, greedy_images: int = GREEDY["images"], workdir: Path | None = None, threads: int = 0
+    seconds: float = 10.0,
+    *,
+    greedy_images: int = GREEDY["images"],
+    workdir: Path | None = None,
+    threads: int = 0,
+    ingest_workers: int = 0,
 ) -> dict[str, Any]:
-    """The scenario against a fresh server child; the figures of `make bench`'s tenants section."""
+    """The scenario against a fresh server child; the figures of `make bench`'s tenants section. `ingest_workers`:
+    the server runs that many ingest processes (fair shares hold within each)."""
     from teacher_server.ledger.database import open_ledger
     from teacher_server.ledger.keys import create_api_key
 
     with tempfile.TemporaryDirectory(prefix="bench-tenants-") as tmp:
         work = workdir or Path(tmp)
         server = BenchServer(
-            "tenants", {"model": ARCH, "model_kwargs": TINY, "dtype": "float32"}, work, threads=threads
+            "tenants",
+            {"model": ARCH, "model_kwargs": TINY, "dtype": "float32", "ingest_workers": ingest_workers},
+            work,
+            threads=threads,
         )
         sessions = open_ledger(server.settings["db"])
         light_key, _ = create_api_key(sessions, name="light")
@@ -175,6 +190,7 @@ def run_tenants(
     return {
         "status": "ok",
         "seconds": seconds,
+        "ingest_workers": ingest_workers,
         "light": {"alone": alone, "flood": flood, "p99_ratio": flood["p99_ms"] / alone["p99_ms"], **LIGHT},
         "greedy": {
             **greedy,
@@ -211,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="of each phase (alone, flood)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--greedy-images", type=int, default=GREEDY["images"], help="images per greedy call")
+    parser.add_argument("--ingest-workers", type=int, default=0, help="serve with that many ingest processes")
     parser.add_argument("--greedy", nargs=2, metavar=("ADDRESS", "KEY"), help=argparse.SUPPRESS)  # the child
     args = parser.parse_args(argv)
     if args.greedy:
@@ -218,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         assert args.json is not None
         args.json.write_text(json.dumps(result))
         return 0
-    result = run_tenants(args.seconds, greedy_images=args.greedy_images)
+    result = run_tenants(args.seconds, greedy_images=args.greedy_images, ingest_workers=args.ingest_workers)
     print(table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
