@@ -37,6 +37,7 @@ from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
 from student_client.channel import is_unix_socket, on_this_host, open_channel
 from student_client.errors import TeacherError
+from student_client.off_thread import DeviceMark, after, mark_after_caller
 from student_client.resend import CountsRefusedReplays, RefusedReplays, ResendPlan
 from student_client.retry import DEFAULT_PATIENCE_S, RetryPolicy
 from student_client.shared_pixels import SharedPixels, nothing_to_release
@@ -275,12 +276,18 @@ class TeacherClient(ClientCore):
         self._call(drain_empty_stream, None)
 
     def submit(self, images: torch.Tensor | None = None, **kwargs: Any) -> Future[InferResult]:
-        """`infer` on a background thread; the Future resolves to (logits, usage) or raises a TeacherError."""
+        """`infer` on a background thread (on CUDA, its device work right after the caller's work queued so far:
+        off_thread.py); the Future resolves to (logits, usage) or raises a TeacherError."""
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="teacher-client")
             pool = self._pool
-        return pool.submit(self.infer, images, **kwargs)
+        mark = mark_after_caller(images, kwargs.get("patches"), kwargs.get("keep_indices"))
+        return pool.submit(self._infer_after, mark, images, **kwargs)
+
+    def _infer_after(self, mark: DeviceMark | None, images: torch.Tensor | None, **kwargs: Any) -> InferResult:
+        with after(mark):
+            return self.infer(images, **kwargs)
 
     # ---- plumbing -------------------------------------------------------------------------------------------
     @property

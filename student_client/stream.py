@@ -24,7 +24,7 @@ import itertools
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -32,6 +32,7 @@ import grpc
 from maskedkd.v1 import teacher_pb2 as pb
 from student_client.client import InferResult, TeacherClient
 from student_client.errors import TeacherError, TeacherInputError
+from student_client.off_thread import DeviceMark, after, mark_after_caller
 from student_client.resend import REPLAY_REFUSED
 from student_client.retry import Attempts
 from student_client.wire import Batch, arguments_of, batch_size_of, decode_response
@@ -81,6 +82,8 @@ class TeacherStream:
         self._closed = False
         self._attempts: Attempts | None = None  # retry state while the stream keeps breaking without answers
         self._retries: dict[str, Attempts] = {}  # request_id -> retry state after a transient per-message error
+        self._encoder: ThreadPoolExecutor | None = None  # builds and queues the submitted batches, in order
+        self._building: dict[int, str | None] = {}  # id(future) -> the caller's request_id, while being built
 
     @arguments_of(Batch)
     def submit(self, batch: Batch) -> Future[InferResult]:
@@ -88,7 +91,8 @@ class TeacherStream:
         return self.submit_batch(batch)
 
     def submit_batch(self, batch: Batch) -> Future[InferResult]:
-        """`submit` of a built `Batch`."""
+        """`submit` of a built `Batch`: checked here, built and sent by this stream's encoder thread (off the
+        caller's thread; on CUDA right after the caller's work queued so far, off_thread.py)."""
         fut: Future[InferResult] = Future()
         info = self.info
         n = batch_size_of(batch.images, batch.patches)
@@ -100,30 +104,49 @@ class TeacherStream:
                 )
             )
             return fut
-        try:
-            req = next(batch.requests(info, self.client.model))  # one request: the batch fits
-        except TeacherError as err:
-            fut.set_exception(err)
-            return fut
-        rid = req.request_id
+        rid = batch.request_id
         with self._lock:
             if self._closed:
                 raise RuntimeError("TeacherStream is closed")
-            if rid in self._pending:
+            if rid is not None and (rid in self._pending or rid in self._building.values()):
                 raise ValueError(f"request_id {rid!r} is already in flight on this stream")
-            self.client.log_request(req)
-            sent, release = self.client.shared_request(req)  # pixels in shared memory until the answer is in
-            fut.add_done_callback(lambda _: release())
-            self._ensure_open_locked()  # (re)opening sends what is pending; this request goes once, below
-            self._pending[rid] = (sent, fut)
-            assert self._outbox is not None
-            self._outbox.put(sent)
+            self._building[id(fut)] = rid
+            if self._encoder is None:
+                self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-stream-encode")
+            encoder = self._encoder
+        mark = mark_after_caller(batch.images, batch.patches, batch.keep_indices)
+        encoder.submit(self._build_and_send, batch, fut, mark)
         return fut
+
+    def _build_and_send(self, batch: Batch, fut: Future[InferResult], mark: DeviceMark | None) -> None:
+        """Encoder thread: the batch's request built and queued on the stream (or its error on `fut`)."""
+        try:
+            with after(mark):
+                req = next(batch.requests(self.info, self.client.model))  # one request: the batch fits
+            rid = req.request_id
+            with self._lock:
+                if self._closed:
+                    raise RuntimeError("TeacherStream is closed")
+                if rid in self._pending:  # an id made here cannot repeat; one the caller gave was checked
+                    raise ValueError(f"request_id {rid!r} is already in flight on this stream")
+                self.client.log_request(req)
+                sent, release = self.client.shared_request(req)  # pixels in shared memory until the answer is in
+                fut.add_done_callback(lambda _: release())
+                self._ensure_open_locked()  # (re)opening sends what is pending; this request goes once, below
+                self._pending[rid] = (sent, fut)
+                assert self._outbox is not None
+                self._outbox.put(sent)
+        except Exception as err:  # noqa: BLE001 - the caller's future carries it (TeacherError for bad input)
+            fut.set_exception(err)
+        finally:
+            with self._lock:
+                self._building.pop(id(fut), None)
 
     @property
     def in_flight(self) -> int:
+        """Requests submitted and not answered yet (those still being built included)."""
         with self._lock:
-            return len(self._pending)
+            return len(self._pending) + len(self._building)
 
     # ---- stream lifecycle -----------------------------------------------------------------------------------
     def _ensure_open_locked(self) -> None:
@@ -273,6 +296,9 @@ class TeacherStream:
             if self._outbox is not None:
                 self._outbox.put(_CLOSE)
             reader = self._reader
+            encoder, self._encoder = self._encoder, None
+        if encoder is not None:  # batches still being built fail with "closed"
+            encoder.shutdown(wait=True)
         if reader is not None:
             reader.join(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
         if self.in_flight:

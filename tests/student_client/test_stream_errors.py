@@ -10,6 +10,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from concurrent import futures
+from typing import Any
 
 import grpc
 import pytest
@@ -130,6 +131,12 @@ def test_transient_message_errors_are_resent_under_the_same_id() -> None:
 class _PeerRecorder(_ScriptedTeacher):
     """Answers every request with logits once `release` is set; records which connection (peer) each came on."""
 
+    def Infer(self, request: pb.InferRequest, context: grpc.ServicerContext) -> pb.InferResponse:
+        self.release.wait(30)
+        return pb.InferResponse(
+            request_id=request.request_id, logits=tensor_to_proto(torch.zeros(2, 10)), usage=pb.Usage(images=2)
+        )
+
     def __init__(self) -> None:
         super().__init__()
         self.release = threading.Event()
@@ -164,3 +171,32 @@ def test_streams_over_several_connections_share_the_batches() -> None:
         # request twice: once as pending at the opening, once as new)
         assert sorted(Counter(teacher.peers.values()).values()) == [2, 2, 2]  # three connections, two batches each
         client.close()
+
+
+def test_requests_are_built_off_the_callers_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A submitted batch's request (kept patches gathered, checked, encoded) is built on the stream's encoder thread,
+    or the client's pool for unary calls, not on the caller's (training) thread; a request id still in flight is
+    refused at once (float32 pixels, CPU)."""
+    import student_client.wire as wire
+
+    built_on: list[str] = []
+    build = wire.build_request
+
+    def observed(*args: Any, **kwargs: Any) -> pb.InferRequest:
+        built_on.append(threading.current_thread().name)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(wire, "build_request", observed)
+    teacher = _PeerRecorder()
+    images, keep = torch.zeros(2, 3, 32, 32), torch.arange(8).repeat(2, 1)  # [B, C, H, W], [B, K]
+    with scripted_server(teacher) as address:
+        client = TeacherClient(address, "mkd_" + "s" * 43)
+        with TeacherStream(client) as stream:
+            first = stream.submit(images=images, keep_indices=keep, request_id="s")
+            with pytest.raises(ValueError, match="request_id 's' is already in flight"):
+                stream.submit(images=images, keep_indices=keep, request_id="s")
+            teacher.release.set()
+            assert first.result(timeout=30)[1].images == 2
+        assert client.submit(images=images, keep_indices=keep, request_id="u").result(timeout=30)[1].images == 2
+        client.close()
+    assert [name.rsplit("_", 1)[0] for name in built_on] == ["teacher-stream-encode", "teacher-client"]
