@@ -133,11 +133,13 @@ class TeacherStream:
                 sent, release = self.client.shared_request(req)  # pixels in shared memory until the answer is in
                 fut.add_done_callback(lambda _: release())
                 self._ensure_open_locked()  # (re)opening sends what is pending; this request goes once, below
+                self._building.pop(id(fut), None)  # counted once in in_flight: pending from here
                 self._pending[rid] = (sent, fut)
                 assert self._outbox is not None
                 self._outbox.put(sent)
         except Exception as err:  # noqa: BLE001 - the caller's future carries it (TeacherError for bad input)
-            fut.set_exception(err)
+            if not fut.done():  # unless the caller cancelled it meanwhile
+                fut.set_exception(err)
         finally:
             with self._lock:
                 self._building.pop(id(fut), None)
