@@ -83,7 +83,7 @@ class TeacherStream:
         self._attempts: Attempts | None = None  # retry state while the stream keeps breaking without answers
         self._retries: dict[str, Attempts] = {}  # request_id -> retry state after a transient per-message error
         self._encoder: ThreadPoolExecutor | None = None  # builds and queues the submitted batches, in order
-        self._building: dict[int, str | None] = {}  # id(future) -> the caller's request_id, while being built
+        self._building: dict[Future[InferResult], str | None] = {}  # future -> the caller's request_id, while built
 
     @arguments_of(Batch)
     def submit(self, batch: Batch) -> Future[InferResult]:
@@ -110,7 +110,7 @@ class TeacherStream:
                 raise RuntimeError("TeacherStream is closed")
             if rid is not None and (rid in self._pending or rid in self._building.values()):
                 raise ValueError(f"request_id {rid!r} is already in flight on this stream")
-            self._building[id(fut)] = rid
+            self._building[fut] = rid
             if self._encoder is None:
                 self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-stream-encode")
             encoder = self._encoder
@@ -133,7 +133,7 @@ class TeacherStream:
                 sent, release = self.client.shared_request(req)  # pixels in shared memory until the answer is in
                 fut.add_done_callback(lambda _: release())
                 self._ensure_open_locked()  # (re)opening sends what is pending; this request goes once, below
-                self._building.pop(id(fut), None)  # counted once in in_flight: pending from here
+                self._building.pop(fut, None)  # counted once in in_flight: pending from here
                 self._pending[rid] = (sent, fut)
                 assert self._outbox is not None
                 self._outbox.put(sent)
@@ -142,7 +142,7 @@ class TeacherStream:
                 fut.set_exception(err)
         finally:
             with self._lock:
-                self._building.pop(id(fut), None)
+                self._building.pop(fut, None)
 
     @property
     def in_flight(self) -> int:

@@ -79,12 +79,9 @@ class _Pending:
 
     call: BatchCall
     rows: StagedRows
+    tokens: int  # the teacher tokens of its rows: kept patches plus each row's prefix tokens
     reply: BatchReply | None = None
     done: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def tokens(self) -> int:
-        return sum(self.call.counts)
 
     @property
     def logits_only(self) -> bool:
@@ -177,11 +174,11 @@ class DeviceLoop:
                 rows = StagedRows(moved[0], moved[1], counts, call.uniform, slot=0, ready=ready)
         except Exception as exc:  # noqa: BLE001 - answered to the worker, which bills nothing of the batch
             log.exception("could not read a batch's rows")
-            return _failed(exc)
-        pending = _Pending(call, rows)
+            return _failed(first_line(exc))
+        pending = _Pending(call, rows, tokens=sum(call.counts) + self._prefix * len(call.counts))
         self._calls.put(pending)
         pending.done.wait()
-        return pending.reply or _failed(RuntimeError("the device's forward thread stopped"))
+        return pending.reply or _failed("the device's forward thread stopped")
 
     def _forward_loop(self) -> None:
         held: collections.deque[_Pending | None] = collections.deque()  # taken from the queue, not joined: run next
@@ -197,7 +194,7 @@ class DeviceLoop:
             except Exception as exc:  # noqa: BLE001 - the workers hand it to every caller of the batch, unbilled
                 log.exception("forward failed")
                 for pending in group:
-                    pending.reply = _failed(exc, "the teacher's forward failed: ")
+                    pending.reply = _failed(f"the teacher's forward failed: {first_line(exc)}")
             finally:
                 for pending in group:
                     pending.done.set()
@@ -210,7 +207,7 @@ class DeviceLoop:
             while True:
                 waiting.append(self._calls.get_nowait())
         joined: list[_Pending] = []
-        images, tokens = first.rows.images, first.tokens + self._prefix * first.rows.images
+        images, tokens = first.rows.images, first.tokens
         for pending in waiting:
             if pending is None:  # every worker is gone: stop after the calls before it
                 held.append(pending)
@@ -219,12 +216,12 @@ class DeviceLoop:
                 pending.logits_only
                 and pending.rows.pixels.dtype == first.rows.pixels.dtype
                 and images + pending.rows.images <= self._max_images
-                and tokens + pending.tokens + self._prefix * pending.rows.images <= self._token_budget
+                and tokens + pending.tokens <= self._token_budget
             )
             if more:
                 joined.append(pending)
                 images += pending.rows.images
-                tokens += pending.tokens + self._prefix * pending.rows.images
+                tokens += pending.tokens
             else:
                 held.append(pending)
         return joined
@@ -244,7 +241,7 @@ class DeviceLoop:
             logits, outputs = self._runner.run(rows, jobs)  # [sum G, classes] float32 CPU
             self._metrics.compute_seconds.observe(time.monotonic() - started)
         self._metrics.batch_images.observe(rows.images)
-        self._metrics.batch_tokens.observe(sum(rows.counts.tolist()) + self._prefix * rows.images)
+        self._metrics.batch_tokens.observe(sum(p.tokens for p in group))
         replies = []
         parts = torch.split(logits, [p.rows.images for p in group])
         start = 0
@@ -269,8 +266,8 @@ class DeviceLoop:
         return view_region(mapping, ref.offset, ref.torch_dtype, ref.shape)
 
 
-def _failed(exc: BaseException, prefix: str = "") -> BatchReply:
-    return BatchReply(bytearray(), 0, (), error=f"{prefix}{first_line(exc)}")
+def _failed(reason: str) -> BatchReply:
+    return BatchReply(bytearray(), 0, (), error=reason)
 
 
 def device_main(settings: ServerSettings, conns: list[Connection], ready: Connection) -> None:

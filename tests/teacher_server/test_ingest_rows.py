@@ -6,10 +6,13 @@ between processes); the process boundary itself is tested in test_ingest_workers
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import multiprocessing
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
 
 import pytest
 import service_testkit as kit
@@ -37,16 +40,40 @@ def teacher() -> MaskedTeacher:
     return MaskedTeacher(kit.tiny_vit(seed=5))
 
 
+@contextlib.contextmanager
+def serving(device: DeviceLoop, workers: int = 1) -> Iterator[list[Connection]]:
+    """`device` serving `workers` socket pairs in a thread of this process; yields the workers' ends, and checks
+    that the loop ends once they are closed."""
+    pipes = [multiprocessing.Pipe(duplex=True) for _ in range(workers)]
+    loop = threading.Thread(target=device.serve, args=([there for _, there in pipes],), daemon=True)
+    loop.start()
+    yield [here for here, _ in pipes]
+    for here, _ in pipes:
+        here.close()
+    loop.join(10)
+    assert not loop.is_alive()  # the loop ends when its workers close their sockets
+
+
+def queue_behind_a_held_forward(
+    device: DeviceLoop, started: threading.Event, sends: list[Callable[[], None]]
+) -> list[threading.Thread]:
+    """Start `sends[0]` and wait until its forward has started (the test holds it), then each other send in turn,
+    once the one before it is queued on the device, so they queue in this order. Returns the senders' threads."""
+    senders = [threading.Thread(target=send) for send in sends]
+    senders[0].start()
+    started.wait(30)
+    for i, sender in enumerate(senders[1:], start=1):
+        sender.start()
+        while device.queued() < i:
+            threading.Event().wait(0.005)
+    return senders
+
+
 @pytest.fixture
 def remote(teacher: MaskedTeacher) -> Iterator[RemoteRows]:
-    here, there = multiprocessing.Pipe(duplex=True)
     runner = RowsRunner(teacher.forward_pixels, forward_outputs=make_outputs_forward(teacher))
-    loop = threading.Thread(target=DeviceLoop(runner, CPU, ServerMetrics()).serve, args=([there],), daemon=True)
-    loop.start()
-    yield RemoteRows(here, os.getpid())
-    here.close()
-    loop.join(10)
-    assert not loop.is_alive()  # the loop ends when its worker closes the socket
+    with serving(DeviceLoop(runner, CPU, ServerMetrics())) as (here,):
+        yield RemoteRows(here, os.getpid())
 
 
 def request(batch: int, k: int, seed: int, counts: list[int] | None = None) -> DecodedInput:
@@ -92,19 +119,17 @@ def test_extra_outputs_cross_encoded(teacher: MaskedTeacher, remote: RemoteRows)
 
 
 def test_a_failed_forward_is_an_error_for_the_batch(teacher: MaskedTeacher) -> None:
-    here, there = multiprocessing.Pipe(duplex=True)
 
     def broken(pixels: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
         raise RuntimeError("out of device memory\nsecond line")
 
-    loop = threading.Thread(target=DeviceLoop(RowsRunner(broken), CPU, ServerMetrics()).serve, args=([there],))
-    loop.start()
     stager = Stager(teacher.geometry, max_images=4, device=CPU, allocate=shared_host_tensor)
     x = request(1, 4, 6)
-    with pytest.raises(DeviceForwardError, match=r"^the teacher's forward failed: out of device memory$"):
+    with (
+        serving(DeviceLoop(RowsRunner(broken), CPU, ServerMetrics())) as (here,),
+        pytest.raises(DeviceForwardError, match=r"^the teacher's forward failed: out of device memory$"),
+    ):
         RemoteRows(here, os.getpid()).answers(stager.stage([x], stager.acquire()), [JobShape(1, 4)])
-    here.close()
-    loop.join(10)
 
 
 def test_a_gone_device_process_is_unavailable(teacher: MaskedTeacher) -> None:
@@ -125,21 +150,15 @@ def test_a_cuda_device_loop_reads_the_shared_rows(teacher: MaskedTeacher) -> Non
     from teacher_server.engine.served_model import make_forward
 
     on_cuda = copy.deepcopy(teacher).to("cuda")
-    here, there = multiprocessing.Pipe(duplex=True)
     runner = RowsRunner(make_forward(on_cuda, torch.device("cuda"), torch.float32))
-    loop = threading.Thread(
-        target=DeviceLoop(runner, torch.device("cuda"), ServerMetrics()).serve, args=([there],), daemon=True
-    )
-    loop.start()
     stager = Stager(teacher.geometry, max_images=16, device=CPU, allocate=shared_host_tensor)
     inputs = [request(3, 32, 8), request(2, 16, 9, counts=[16, 9])]
     rows = stager.stage(inputs, stager.acquire())
     jobs = [JobShape(x.images, x.k) for x in inputs]
-    got = RemoteRows(here, os.getpid()).answers(rows, jobs)
+    with serving(DeviceLoop(runner, torch.device("cuda"), ServerMetrics())) as (here,):
+        got = RemoteRows(here, os.getpid()).answers(rows, jobs)
     for mine, theirs in zip(got, RowsRunner(teacher.forward_pixels).answers(rows, jobs), strict=True):
         torch.testing.assert_close(mine.logits, theirs.logits, atol=1e-4, rtol=1e-4)
-    here.close()
-    loop.join(10)
 
 
 CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -164,7 +183,7 @@ def test_calls_queued_during_a_forward_share_the_next_one_up_to_the_batch_bounds
 
     from teacher_server.engine.served_model import make_forward
 
-    gate = threading.Event()
+    gate, started = threading.Event(), threading.Event()
     forwards: list[int] = []  # rows of each logits forward, in order
     device_of = torch.device(device_type)
     served = copy.deepcopy(teacher).to(device_of)
@@ -172,15 +191,13 @@ def test_calls_queued_during_a_forward_share_the_next_one_up_to_the_batch_bounds
 
     def gated(pixels: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
         forwards.append(int(pixels.shape[0]))
+        started.set()
         gate.wait(30)
         return forward(pixels, indices, counts)
 
     runner = RowsRunner(gated, mixed_k=mixed_k, forward_outputs=make_outputs_forward(served))
     metrics = ServerMetrics()
     device = DeviceLoop(runner, device_of, metrics, merge=True if device_type == "cpu" else None, max_images=4)
-    pipes = [multiprocessing.Pipe(duplex=True) for _ in range(5)]
-    loop = threading.Thread(target=device.serve, args=([there for _, there in pipes],), daemon=True)
-    loop.start()
     asked = OutputsRequest(OutputChoice(pre_logits=True))
     calls = [  # (inputs, outputs asked): A runs first and holds the forward while the others queue
         ([request(2, 12, 11)], NO_OUTPUTS),
@@ -193,22 +210,15 @@ def test_calls_queued_during_a_forward_share_the_next_one_up_to_the_batch_bounds
     staged = [s.stage(inputs, s.acquire()) for s, (inputs, _) in zip(stagers, calls, strict=True)]  # a worker each
     jobs = [[JobShape(x.images, x.k, outputs) for x in inputs] for inputs, outputs in calls]
     answers: dict[int, list[Answer]] = {}
+    with serving(device, len(calls)) as workers:
 
-    def send(i: int) -> None:
-        answers[i] = RemoteRows(pipes[i][0], os.getpid()).answers(staged[i], jobs[i])
+        def send(i: int) -> None:
+            answers[i] = RemoteRows(workers[i], os.getpid()).answers(staged[i], jobs[i])
 
-    senders = [threading.Thread(target=send, args=(0,))]
-    senders[0].start()
-    while not forwards:  # A's forward started (and waits at the gate)
-        threading.Event().wait(0.005)
-    for i in range(1, 5):
-        senders.append(threading.Thread(target=send, args=(i,)))
-        senders[i].start()
-        while device.queued() < i:  # queued in this order
-            threading.Event().wait(0.005)
-    gate.set()
-    for t in senders:
-        t.join(30)
+        senders = queue_behind_a_held_forward(device, started, [functools.partial(send, i) for i in range(len(calls))])
+        gate.set()
+        for sender in senders:
+            sender.join(30)
     # A alone; B (outputs) alone; C (2) + D (2) fill max_images 4; E (2) next
     assert metrics.registry.get_sample_value("maskedkd_batch_images_count") == 4
     assert metrics.registry.get_sample_value("maskedkd_batch_images_sum") == 10
@@ -220,10 +230,6 @@ def test_calls_queued_during_a_forward_share_the_next_one_up_to_the_batch_bounds
             tolerance = {} if device_type == "cpu" else {"atol": 1e-4, "rtol": 1e-4}  # CPU: batch composition only
             torch.testing.assert_close(mine.logits, theirs.logits, **tolerance)
             assert (mine.outputs is None) == (theirs.outputs is None)
-    for here, _ in pipes:
-        here.close()
-    loop.join(10)
-    assert not loop.is_alive()
 
 
 def test_a_failed_joined_forward_fails_each_of_its_calls_and_the_loop_goes_on(teacher: MaskedTeacher) -> None:
@@ -240,38 +246,25 @@ def test_a_failed_joined_forward_fails_each_of_its_calls_and_the_loop_goes_on(te
         return teacher.forward_pixels(pixels, indices, counts)
 
     device = DeviceLoop(RowsRunner(fails_when_joined), CPU, ServerMetrics(), merge=True)
-    pipes = [multiprocessing.Pipe(duplex=True) for _ in range(3)]
-    loop = threading.Thread(target=device.serve, args=([there for _, there in pipes],), daemon=True)
-    loop.start()
-    stagers = [Stager(teacher.geometry, max_images=4, device=CPU, allocate=shared_host_tensor) for _ in pipes]
+    stagers = [Stager(teacher.geometry, max_images=4, device=CPU, allocate=shared_host_tensor) for _ in range(3)]
     staged = [s.stage([request(2, 8, 20 + i)], s.acquire()) for i, s in enumerate(stagers)]
     outcome: dict[int, object] = {}
+    with serving(device, 3) as workers:
 
-    def send(i: int) -> None:
-        try:
-            outcome[i] = RemoteRows(pipes[i][0], os.getpid()).answers(staged[i], [JobShape(2, 8)])
-        except DeviceForwardError as exc:
-            outcome[i] = exc
+        def send(i: int) -> None:
+            try:
+                outcome[i] = RemoteRows(workers[i], os.getpid()).answers(staged[i], [JobShape(2, 8)])
+            except DeviceForwardError as exc:
+                outcome[i] = exc
 
-    first = threading.Thread(target=send, args=(0,))
-    first.start()
-    started.wait(30)
-    joined = [threading.Thread(target=send, args=(i,)) for i in (1, 2)]
-    for i, t in enumerate(joined, start=1):
-        t.start()
-        while device.queued() < i:
-            threading.Event().wait(0.005)
-    gate.set()
-    for t in (first, *joined):
-        t.join(30)
-    assert isinstance(outcome[0], list)  # ran alone, before the others queued
-    for i in (1, 2):
-        assert isinstance(outcome[i], DeviceForwardError)
-        assert str(outcome[i]) == "the teacher's forward failed: out of device memory"
-    again = RemoteRows(pipes[1][0], os.getpid()).answers(staged[1], [JobShape(2, 8)])  # the loop still runs
+        senders = queue_behind_a_held_forward(device, started, [functools.partial(send, i) for i in range(3)])
+        gate.set()
+        for sender in senders:
+            sender.join(30)
+        assert isinstance(outcome[0], list)  # ran alone, before the others queued
+        for i in (1, 2):
+            assert isinstance(outcome[i], DeviceForwardError)
+            assert str(outcome[i]) == "the teacher's forward failed: out of device memory"
+        again = RemoteRows(workers[1], os.getpid()).answers(staged[1], [JobShape(2, 8)])  # the loop still runs
     expected = RowsRunner(teacher.forward_pixels).answers(staged[1], [JobShape(2, 8)])
     assert torch.equal(again[0].logits, expected[0].logits)
-    for here, _ in pipes:
-        here.close()
-    loop.join(10)
-    assert not loop.is_alive()
