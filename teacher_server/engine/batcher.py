@@ -31,6 +31,7 @@ import torch
 from teacher_server.engine.answers import Answer
 from teacher_server.engine.commit_stage import CommitStage, Forwarded, commit_results
 from teacher_server.engine.decode import DecodedInput
+from teacher_server.engine.fair_clock import Clock
 from teacher_server.engine.rows_runner import AnswersFn, JobShape
 from teacher_server.engine.scheduler import ComputeEstimate, FairQueue, QueueLimits
 from teacher_server.engine.staging import StagedRows, Stager
@@ -65,8 +66,6 @@ class BatchJob:
     deadline: float | None = None  # monotonic time the caller gives up
     nbytes: int = 0
     enqueued_at: float = field(default_factory=time.monotonic)
-    start_tag: float = 0.0  # fair-queuing tags (scheduler.py)
-    finish_tag: float = 0.0
 
     @property
     def images(self) -> int:
@@ -102,6 +101,7 @@ class TokenBudgetBatcher:
         metrics: ServerMetrics | None = None,
         name: str = "teacher",
         limits: QueueLimits | None = None,
+        clock: Clock | None = None,
         max_batch_s: float = 0.0,
     ) -> None:
         self.runner = runner  # runs a staged batch: here (rows_runner.py) or in the device process (ingest/)
@@ -115,7 +115,7 @@ class TokenBudgetBatcher:
         self._finalize = finalize
         self._metrics = metrics
         self._name = name
-        self.queue: FairQueue[BatchJob] = FairQueue(limits)
+        self.queue: FairQueue[BatchJob] = FairQueue(limits, clock)  # clock: shared by ingest workers
         self.compute = ComputeEstimate()
         self._changed: asyncio.Event | None = None
         self._collector: asyncio.Task[None] | None = None

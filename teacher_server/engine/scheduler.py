@@ -1,8 +1,10 @@
 """Which queued requests form the next micro-batch: fair shares across API keys, priorities, deadlines and bounds.
 
 - **Fair share.** Every key has its own queue. Within a priority class, queues are served by start-time fair queuing
-  (Goyal et al., 1997) on teacher tokens: a request's start tag is max(virtual time, its key's last finish tag) and its
-  finish tag start + tokens / weight; the batch takes queue heads in start-tag order. A key with little traffic so
+  (Goyal et al., 1997) on teacher tokens: a key's head starts at the key's service so far (tokens / weight of the
+  requests taken), lifted to the virtual time when the key had nothing queued; the batch takes queue heads in
+  start-tag order. The tags are read from a clock (fair_clock.py) that the ingest workers share, so service on one
+  worker counts on all of them. A key with little traffic so
   waits about as long as it would alone, whatever another key sends, and requests of several keys still share a
   batch. A key's weight is part of its limits (`teacher-server keys share NAME --weight W`, default 1).
 - **Priorities.** `interactive` keys are served before `standard` ones, `standard` before `batch`; fair queuing
@@ -22,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
+from teacher_server.engine.fair_clock import Clock, FairClock
 from teacher_server.priorities import rank_of
 
 
@@ -35,8 +38,6 @@ class Queued(Protocol):
     nbytes: int
     deadline: float | None  # monotonic time the caller gives up; None: no deadline
     enqueued_at: float  # monotonic time it was queued
-    start_tag: float
-    finish_tag: float
 
     @property
     def images(self) -> int: ...
@@ -58,7 +59,6 @@ class QueueLimits:
 @dataclass
 class _KeyQueue(Generic[J]):
     jobs: deque[J] = field(default_factory=deque)
-    last_finish: float = 0.0  # finish tag of the key's latest request
     images: int = 0
     tokens: int = 0
     nbytes: int = 0  # of queued requests, and of requests admitted but not yet queued (being read)
@@ -67,10 +67,10 @@ class _KeyQueue(Generic[J]):
 class FairQueue(Generic[J]):
     """Per-key queues, strict priority classes, start-time fair queuing within a class."""
 
-    def __init__(self, limits: QueueLimits | None = None) -> None:
+    def __init__(self, limits: QueueLimits | None = None, clock: Clock | None = None) -> None:
         self.limits = limits or QueueLimits()
         self._keys: dict[int, _KeyQueue[J]] = {}
-        self._virtual = 0.0  # the start tag of the request served last
+        self._clock = clock or FairClock()
         self.images = 0
         self.tokens = 0
         self.nbytes = 0
@@ -105,11 +105,9 @@ class FairQueue(Generic[J]):
 
     # ---- queueing
     def push(self, job: J) -> None:
-        """Queue `job`, tagging it with its start and finish tags."""
+        """Queue `job` behind its key's earlier requests."""
         q = self._keys.setdefault(job.key_id, _KeyQueue())
-        job.start_tag = max(self._virtual, q.last_finish)
-        job.finish_tag = job.start_tag + job.tokens / max(job.weight, 1e-9)
-        q.last_finish = job.finish_tag
+        self._clock.queued(job.key_id)
         q.jobs.append(job)
         q.images += job.images
         q.tokens += job.tokens
@@ -127,15 +125,22 @@ class FairQueue(Generic[J]):
     def _head(self) -> J | None:
         """The next request to serve: the smallest start tag among queue heads of the highest non-empty class."""
         best: J | None = None
-        for q in self._keys.values():
+        best_order = (0, 0.0)
+        for key_id, q in self._keys.items():
             if not q.jobs:
                 continue
             job = q.jobs[0]
-            if best is None or (_rank(job), job.start_tag) < (_rank(best), best.start_tag):
-                best = job
+            order = (_rank(job), self._clock.start_tag(key_id))
+            if best is None or order < best_order:
+                best, best_order = job, order
         return best
 
-    def _pop(self, job: J) -> None:
+    def _pop(self, job: J, *, taken: bool) -> None:
+        """Take the key's head out of the queue, into a batch (`taken`) or not: charged to the key either way."""
+        if taken:
+            self._clock.take(job.key_id, cost(job))
+        else:
+            self._clock.drop(job.key_id, cost(job))
         q = self._keys[job.key_id]
         q.jobs.popleft()
         q.images -= job.images
@@ -145,7 +150,7 @@ class FairQueue(Generic[J]):
         self._forget_if_idle(job.key_id, q)
 
     def _forget_if_idle(self, key_id: int, q: _KeyQueue[J]) -> None:
-        if not q.jobs and q.nbytes <= 0 and q.last_finish <= self._virtual:
+        if not q.jobs and q.nbytes <= 0:
             del self._keys[key_id]
 
     def oldest_enqueued(self) -> float:
@@ -170,49 +175,51 @@ class FairQueue(Generic[J]):
         images = tokens = 0
         while (job := self._head()) is not None:
             if not live(job):
-                self._pop(job)
+                self._pop(job, taken=False)
                 continue
             if job.deadline is not None and job.deadline < now + finish_s(tokens + job.tokens):
-                self._pop(job)
+                self._pop(job, taken=False)
                 dropped.append(job)
                 continue
             if batch and (images + job.images > max_images or tokens + job.tokens > token_budget):
                 break
-            self._pop(job)
-            self._virtual = max(self._virtual, job.start_tag)
+            self._pop(job, taken=True)
             batch.append(job)
             images += job.images
             tokens += job.tokens
         if not any(q.jobs for q in self._keys.values()):
-            self._end_busy_period()
+            self._clock.end_busy_period()
         return batch, dropped
-
-    def _end_busy_period(self) -> None:
-        """Nothing queued: virtual time moves to the latest finish tag (SFQ's idle rule), so a key that sent the most
-        in the period just ended starts level with the others, not behind them."""
-        self._virtual = max([self._virtual, *(q.last_finish for q in self._keys.values())])
-        for key_id, q in list(self._keys.items()):
-            self._forget_if_idle(key_id, q)
 
     # ---- estimates
     def tokens_ahead(self, key_id: int, priority: str, tokens: int, weight: float) -> int:
         """Teacher tokens served before a request of `key_id` with `tokens` queued now would be: what higher classes
         hold, and what same-class keys hold with start tags before its finish tag (fair queuing)."""
         q = self._keys.get(key_id)
-        start = max(self._virtual, q.last_finish if q else 0.0)
+        if q is not None and q.jobs:
+            start = self._clock.start_tag(key_id) + sum(cost(job) for job in q.jobs)
+        else:
+            start = self._clock.next_start(key_id)
         finish = start + tokens / max(weight, 1e-9)
         rank = rank_of(priority)
         ahead = 0
-        for other in self._keys.values():
+        for other_id, other in self._keys.items():
+            tag = self._clock.start_tag(other_id) if other.jobs else 0.0
             for job in other.jobs:
                 r = _rank(job)
-                if r < rank or (r == rank and job.start_tag < finish):
+                if r < rank or (r == rank and tag < finish):
                     ahead += job.tokens
+                tag += cost(job)
         return ahead
 
 
 def _rank(job: Queued) -> int:
     return rank_of(job.priority)
+
+
+def cost(job: Queued) -> float:
+    """What a request adds to its key's service: its teacher tokens per unit of the key's weight."""
+    return job.tokens / max(job.weight, 1e-9)
 
 
 @dataclass

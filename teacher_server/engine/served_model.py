@@ -14,6 +14,7 @@ from maskedkd.text import clip
 from maskedkd.tome import ToMeTeacher
 from teacher_server.engine.batcher import TokenBudgetBatcher
 from teacher_server.engine.compiled import forward_pixels_fn, warm_up_shapes
+from teacher_server.engine.fair_clock import Clock
 from teacher_server.engine.fidelity import DtypeFidelity
 from teacher_server.engine.metering import Meter
 from teacher_server.engine.packing import run_packed, supports_packing
@@ -145,11 +146,13 @@ def build_served_model(
     *,
     fidelity: DtypeFidelity | None = None,
     runner: AnswersFn | None = None,
+    clock: Clock | None = None,
     **batcher_kwargs: object,
 ) -> ServedModel:
     """Meter and batcher around a loaded teacher; `batcher_kwargs` go to TokenBudgetBatcher (finalize, metrics).
     `runner`: where staged batches run (default: this teacher, here; an ingest worker passes the device process's,
-    and its `teacher` is then a weightless copy on the meta device, for the geometry, meter and outputs)."""
+    and its `teacher` is then a weightless copy on the meta device, for the geometry, meter and outputs); `clock`:
+    the fair-share clock (default: this process's own; ingest workers share one)."""
     weight = next(teacher.parameters())
     remote = runner is not None
     stage_on = torch.device("cpu") if remote else weight.device  # a worker stages into shared host memory
@@ -167,6 +170,7 @@ def build_served_model(
             allocate=shared_host_tensor if remote else None,
         ),
         limits=queue_limits(settings),
+        clock=clock,
         max_batch_s=settings.max_batch_ms / 1000.0,
         **batcher_kwargs,  # type: ignore[arg-type]  # the batcher's keyword arguments, passed through
     )

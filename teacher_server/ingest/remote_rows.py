@@ -18,6 +18,7 @@ import torch
 from maskedkd.masked_teacher import MaskedTeacher
 from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server.engine.answers import Answer
+from teacher_server.engine.fair_clock import SharedFairClock
 from teacher_server.engine.fidelity import DtypeFidelity
 from teacher_server.engine.rows_runner import JobShape, split_answers
 from teacher_server.engine.shared_host import SharedRegion, region_of, shared_host_tensor
@@ -96,3 +97,4 @@ class RemoteTeacher:
     fidelity: DtypeFidelity
     runner: RemoteRows
     index: int  # this worker's number (0..N-1); worker 0 also runs the ledger's housekeeping and the dashboard
+    clock: SharedFairClock  # the fair-share clock of all workers: a key's service on one counts on every one

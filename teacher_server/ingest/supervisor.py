@@ -7,7 +7,8 @@ thousands of images a second. So with N > 0:
 - the device process loads and checks the teacher and runs every micro-batch (ingest/device_process.py);
 - N ingest workers listen on the same port (SO_REUSEPORT: the kernel spreads connections over them), each a whole
   server (TLS, keys, checks, digests, dedupe, quota, fair queue, ledger, answers) whose sealed micro-batches are staged
-  in shared memory and run by the device process (ingest/remote_rows.py);
+  in shared memory and run by the device process (ingest/remote_rows.py); their fair queues read one clock in shared
+  memory (engine/fair_clock.py), so a key's share of the teacher does not grow with the workers its connections reach;
 - this supervisor reserves the port, starts them, serves /metrics summed over all of them (Prometheus multiprocess
   files), announces readiness once all serve, forwards SIGTERM/SIGINT (workers drain and bill what they ran, then the
   device process exits), and stops everything, exiting 1, when any of them dies unexpectedly.
@@ -32,6 +33,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from teacher_server.engine.fair_clock import SharedFairClock
 from teacher_server.ingest.device_process import device_main
 from teacher_server.ingest.messages import DeviceFailed, DeviceReady
 from teacher_server.ingest.worker import WorkerFailed, WorkerReady, worker_main
@@ -134,11 +136,12 @@ class Supervisor:
         assert isinstance(info, DeviceReady)
         self.served_name = info.name
         statuses = []
+        clock = SharedFairClock(self._ctx)  # one fair share across the workers
         for i, (_, w) in enumerate(pairs):
             status_r, status_w = self._ctx.Pipe(duplex=False)
             proc = self._ctx.Process(
                 target=worker_main,
-                args=(worker_settings(s, i, self.port), i, w, self.device.pid, info, status_w),
+                args=(worker_settings(s, i, self.port), i, w, self.device.pid, info, status_w, clock),
                 name=f"ingest-worker-{i}",
             )
             proc.start()

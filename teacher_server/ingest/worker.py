@@ -1,5 +1,6 @@
 """An ingest worker of `serve --ingest-workers N`: a whole teacher server on the shared port (TLS, keys, checks,
-digests, dedupe, quota, fair queue, ledger, answers) whose micro-batches run in the device process."""
+digests, dedupe, quota, fair queue, ledger, answers) whose micro-batches run in the device process, and whose fair
+queue reads the clock all workers share."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
+from teacher_server.engine.fair_clock import SharedFairClock
 from teacher_server.ingest.children import die_with_parent
 from teacher_server.ingest.messages import DeviceReady, load_meta_teacher
 from teacher_server.settings import ServerSettings
@@ -32,7 +34,13 @@ class WorkerFailed:
 
 
 def worker_main(
-    settings: ServerSettings, index: int, device: Connection, device_pid: int, info: DeviceReady, status: Connection
+    settings: ServerSettings,
+    index: int,
+    device: Connection,
+    device_pid: int,
+    info: DeviceReady,
+    status: Connection,
+    clock: SharedFairClock,
 ) -> None:
     """Entry of ingest worker `index` (multiprocessing, spawn): serve until SIGTERM (or SIGINT), then drain."""
     die_with_parent()
@@ -45,7 +53,7 @@ def worker_main(
 
     try:
         remote = RemoteTeacher(
-            info.name, load_meta_teacher(info.meta_teacher), info.fidelity, RemoteRows(device, device_pid), index
+            info.name, load_meta_teacher(info.meta_teacher), info.fidelity, RemoteRows(device, device_pid), index, clock
         )
         server = TeacherServer(settings, remote=remote)
         asyncio.run(_serve(server, status))

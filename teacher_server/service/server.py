@@ -79,6 +79,7 @@ class TeacherServer:
             settings,
             fidelity=fidelity,
             runner=remote.runner if remote is not None else None,
+            clock=remote.clock if remote is not None else None,
             finalize=self.metrics.timed("commit", biller.finalize),
             metrics=self.metrics,
         )

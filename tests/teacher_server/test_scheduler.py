@@ -1,12 +1,16 @@
 """The micro-batcher's scheduler on its own (engine/scheduler.py): fair shares across keys by weight, priority classes,
-deadlines at batch formation, queue bounds, and the running compute estimate. Pure Python: no dtype, no device."""
+deadlines at batch formation, queue bounds, and the running compute estimate; fair shares across queues that read one
+clock, in one process and in shared memory between processes (engine/fair_clock.py). Pure Python: no dtype, no
+device."""
 
 from __future__ import annotations
 
+import multiprocessing
 from dataclasses import dataclass
 
 import pytest
 
+from teacher_server.engine.fair_clock import Clock, FairClock, SharedFairClock
 from teacher_server.engine.scheduler import ComputeEstimate, FairQueue, QueueLimits
 
 pytestmark = pytest.mark.dtype("none")
@@ -22,8 +26,6 @@ class Job:
     nbytes: int = 100
     deadline: float | None = None
     enqueued_at: float = 0.0
-    start_tag: float = 0.0
-    finish_tag: float = 0.0
 
 
 def drain(queue: FairQueue[Job], *, per_batch: int = 1, now: float = 0.0) -> list[Job]:
@@ -109,6 +111,62 @@ def test_tokens_ahead_counts_higher_classes_and_earlier_fair_tags_only() -> None
     assert queue.tokens_ahead(2, "standard", 10, 1.0) == 100 + 50
     assert queue.tokens_ahead(2, "interactive", 10, 1.0) == 50
     assert queue.tokens_ahead(2, "batch", 10, 1.0) == 1050
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["one-process-clock", "shared-memory-clock"])
+def test_queues_on_one_clock_share_the_teacher_by_key_not_by_queue(shared: bool) -> None:
+    """Two ingest workers' queues, taking turns at the teacher: key 1 reaches both, key 2 only the first."""
+
+    def narrow_share(clocks: tuple[Clock, Clock]) -> float:
+        first, second = FairQueue[Job](clock=clocks[0]), FairQueue[Job](clock=clocks[1])
+        for _ in range(200):  # both keys backlogged on the first worker, key 1 alone on the second
+            first.push(Job(key_id=1))
+            first.push(Job(key_id=2))
+            second.push(Job(key_id=1))
+        taken: list[int] = []
+        for _ in range(100):
+            for queue in (first, second):
+                batch, _ = queue.next_batch(
+                    max_images=1, token_budget=10**9, now=0.0, finish_s=lambda t: 0.0, live=lambda j: True
+                )
+                taken += [j.key_id for j in batch]
+        return taken.count(2) / len(taken)
+
+    one = SharedFairClock(multiprocessing.get_context("spawn")) if shared else FairClock()
+    assert narrow_share((one, one)) == pytest.approx(0.5, abs=0.02)
+    assert narrow_share((FairClock(), FairClock())) == pytest.approx(0.25, abs=0.02)  # a clock each: per worker
+
+
+def _serve_key_7(clock: SharedFairClock) -> None:
+    clock.queued(7)
+    clock.take(7, 100.0)
+
+
+def test_the_shared_clock_is_one_clock_across_processes_and_a_key_without_service_frees_its_slot(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    context = multiprocessing.get_context("spawn")
+    clock = SharedFairClock(context, slots=2)
+    child = context.Process(target=_serve_key_7, args=(clock,))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert clock.next_start(7) == 100.0  # the child's service of key 7, read here
+    clock.queued(8)
+    clock.take(8, 40.0)
+    clock.queued(7)
+    clock.take(7, 10.0)  # the virtual time moves to this request's start tag: 100
+    assert clock.next_start(8) == 100.0  # key 8 left unused turns: it comes back at the virtual time
+    clock.queued(9)  # key 8 is as good as absent, so key 9 takes its slot
+    assert clock.start_tag(9) == 100.0
+    clock.queued(10)  # both slots hold keys with work or service: key 10 is served as a newcomer each time
+    assert clock.start_tag(10) == 100.0 and "more keys queued at once" in caplog.text
+    clock.take(10, 5.0)
+    assert clock.next_start(10) == 100.0
+    clock.drop(9, 20.0)  # charged: key 9 starts at 120 while anything is queued
+    assert clock.next_start(9) == 120.0
+    clock.end_busy_period()  # nothing queued anywhere: everyone starts level with the latest finish tag
+    assert clock.next_start(7) == clock.next_start(9) == clock.next_start(11) == 120.0
 
 
 def test_compute_estimate_fits_a_fixed_cost_and_a_per_token_cost_and_ignores_set_up() -> None:

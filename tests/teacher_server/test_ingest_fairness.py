@@ -1,0 +1,104 @@
+"""Fair shares across `serve --ingest-workers 2`, as a platform team sees them: a key whose connections reach both
+workers does not get more of the teacher than a key with one connection. Both keys keep the teacher busy for a
+while; each one's share is read back from the ledger with SQL (images billed while both were sending). Checks float32
+logits on the CPU (pinned: the share is a count of batches, the same in any dtype)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+import pytest
+import service_testkit as kit
+from dtype_marks import child_env
+from test_ingest_workers import create_key, ingested
+
+from maskedkd.checkpoints import save_model_checkpoint
+from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
+from teacher_server.launcher import ServerProcess, serve_argv
+
+pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(240)]
+WIDE_CONNECTIONS = 12  # the wide key's connections: the kernel spreads them over both workers (1 in 2**11: not)
+NARROW_CALLS = 4  # the narrow key's calls in flight at once, all on its one connection
+IMAGES = 8  # per request, and per micro-batch (--max-batch-images): every batch is one key's request
+SECONDS = 10.0  # both keys sending; the first and last 2 s are not counted
+
+
+def serve(tmp_path: Path, db: str) -> ServerProcess:
+    model = kit.tiny_vit(seed=11)
+    ckpt = save_model_checkpoint(tmp_path / "teacher.safetensors", model, model_name=kit.MODEL, model_kwargs=kit.TINY)
+    argv = serve_argv(
+        "--checkpoint", str(ckpt), "--dtype", "float32", "--port", "0", "--metrics-port", "0", "--db", db,
+        "--max-delay-ms", "2", "--ingest-workers", "2", "--max-batch-images", str(IMAGES),
+    )  # fmt: skip
+    return ServerProcess(argv, log=tmp_path / "serve.log", env=child_env())
+
+
+def shares(db: str, since: float, until: float) -> dict[str, int]:
+    """Images billed per key name between two wall-clock times (the ledger's own timestamps, UTC)."""
+    with sqlite3.connect(db.removeprefix("sqlite:///")) as conn:
+        rows = conn.execute(
+            "SELECT k.name, u.images, u.created_at FROM usage u JOIN api_keys k ON k.id = u.api_key_id"
+        ).fetchall()
+    served: dict[str, int] = {}
+    for name, images, created_at in rows:
+        at = datetime.fromisoformat(created_at).replace(tzinfo=UTC).timestamp()
+        if since <= at < until:
+            served[name] = served.get(name, 0) + images
+    return served
+
+
+def test_a_key_on_every_worker_gets_no_more_of_the_teacher_than_a_key_on_one(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    keys = {name: create_key(db, name) for name in ("wide", "narrow")}
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def sender(teacher: pb_grpc.TeacherServiceStub, key: str, tag: str) -> None:
+        images, keep = kit.random_images(IMAGES, seed=1), kit.random_keep(IMAGES, 40, seed=2)
+        i = 0
+        try:
+            while not stop.is_set():
+                request = kit.image_request(images, keep, request_id=f"{tag}-{i}")
+                teacher.Infer(request, metadata=kit.auth(key), timeout=60)
+                i += 1
+        except BaseException as exc:  # noqa: BLE001 (reported below, in the test's thread)
+            errors.append(exc)
+
+    def own_connection(address: str) -> grpc.Channel:
+        return grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+
+    with serve(tmp_path, db) as server:
+        assert server.ready is not None and server.ready.metrics_url is not None
+        wide = [own_connection(server.address) for _ in range(WIDE_CONNECTIONS)]
+        narrow = own_connection(server.address)
+        threads = [
+            threading.Thread(target=sender, args=(pb_grpc.TeacherServiceStub(ch), keys["wide"], f"w{c}"))
+            for c, ch in enumerate(wide)
+        ] + [
+            threading.Thread(target=sender, args=(pb_grpc.TeacherServiceStub(narrow), keys["narrow"], f"n{c}"))
+            for c in range(NARROW_CALLS)
+        ]
+        begun = time.time()
+        for t in threads:
+            t.start()
+        time.sleep(SECONDS)
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors, errors
+        by_process = ingested(server.ready.metrics_url)
+        assert set(by_process) == {"0", "1"} and min(by_process.values()) > 0  # both workers took connections
+        for ch in [*wide, narrow]:
+            ch.close()
+        assert server.stop() == 0
+    served = shares(db, begun + 2.0, begun + SECONDS - 2.0)
+    narrow_share = served.get("narrow", 0) / sum(served.values())
+    print(f"images billed while both sent: {served}; the narrow key's share {narrow_share:.2f}")
+    # Two keys of weight 1, both wanting all of it: half each. Per-worker fairness alone gives the narrow key
+    # half of its worker's turns, a quarter of the teacher.
+    assert narrow_share >= 0.4, served
