@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2
+
 
 class ServiceError(Exception):
     """Base: `status` is the name of the grpc.StatusCode the client gets; the message must name the problem."""
@@ -51,6 +54,17 @@ class OverloadedError(RefusalWithDetailsError):
 
     status = "RESOURCE_EXHAUSTED"
     reason = "overload"
+
+
+MIN_RETRY_S = 0.05  # the shortest RetryInfo of a refusal for load (overload, deadline)
+
+
+def retry_info(seconds: float) -> error_details_pb2.RetryInfo:
+    """The google.rpc detail telling a refused caller when to try again (the client library waits that long)."""
+    seconds = max(0.0, seconds)
+    return error_details_pb2.RetryInfo(
+        retry_delay=duration_pb2.Duration(seconds=int(seconds), nanos=int((seconds % 1) * 1e9))
+    )
 
 
 class DeadlineUnmetError(RefusalWithDetailsError):

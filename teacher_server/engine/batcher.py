@@ -32,10 +32,10 @@ from teacher_server.engine.answers import Answer
 from teacher_server.engine.commit_stage import CommitStage, Forwarded, commit_results
 from teacher_server.engine.decode import DecodedInput
 from teacher_server.engine.fair_clock import Clock
-from teacher_server.engine.rows_runner import AnswersFn, JobShape
+from teacher_server.engine.rows_runner import AnswersFn, JobShape, Late
 from teacher_server.engine.scheduler import ComputeEstimate, FairQueue, QueueLimits
 from teacher_server.engine.staging import StagedRows, Stager
-from teacher_server.errors import DeadlineUnmetError, ServiceUnavailableError
+from teacher_server.errors import MIN_RETRY_S, DeadlineUnmetError, ServiceUnavailableError, retry_info
 from teacher_server.metrics import ServerMetrics
 from teacher_server.priorities import DEFAULT_PRIORITY
 
@@ -297,10 +297,12 @@ class TokenBudgetBatcher:
             if queued:
                 self._count_queued(job, -1)
             if not job.future.done():
+                retry_s = max(MIN_RETRY_S, self.compute.seconds(self.queue.key_tokens(job.key_id) + job.tokens))
                 job.future.set_exception(
                     DeadlineUnmetError(
                         "the request's deadline would pass before its forward ends; not run, nothing "
-                        "billed: retry with a later deadline or after a while"
+                        "billed: retry with a later deadline or after a while",
+                        details=(retry_info(retry_s),),
                     )
                 )
                 if self._metrics:
@@ -394,13 +396,23 @@ class TokenBudgetBatcher:
             self._forward_busy_until = busy_until
             started_hook()
             try:
-                shapes = [JobShape(j.images, j.input.k, j.input.outputs) for j in jobs]
+                shapes = [JobShape(j.images, j.input.k, j.input.outputs, j.deadline) for j in jobs]
                 with torch.inference_mode(), self._stage_clock(self.runner.stage):
-                    per_job = self.runner.answers(rows, shapes)
+                    answered = self.runner.answers(rows, shapes)
             finally:
                 self._forward_done(busy_until)
             compute_s = time.monotonic() - started
-            self.compute.observe(tokens, compute_s)
+            cut = [(job, answer) for job, answer in zip(jobs, answered, strict=True) if isinstance(answer, Late)]
+            if len(cut) == len(jobs):  # nothing ran: the device's estimate of the forward is what there is to learn
+                self.compute.observe(tokens, max(compute_s, max(answer.forward_s for _, answer in cut)))
+            else:
+                self.compute.observe(tokens, compute_s)
+            if cut:  # found late where the forward runs: not run, not billed
+                refuse([job for job, _ in cut])
+                if len(cut) == len(jobs):
+                    return None
+            jobs = [job for job, answer in zip(jobs, answered, strict=True) if isinstance(answer, Answer)]
+            per_job = [answer for answer in answered if isinstance(answer, Answer)]
             stats = BatchStats(images=rows.images, tokens=tokens, compute_s=compute_s, started_at=started)
         except Exception as exc:  # noqa: BLE001 - delivered to every caller of the batch; nothing was committed
             return exc

@@ -33,6 +33,14 @@ class JobShape:
     images: int
     k: int  # its keep width (the batch is as wide as its widest request)
     outputs: OutputsRequest = NO_OUTPUTS
+    deadline: float | None = None  # time.monotonic() its caller gives up (one clock for every process of the host)
+
+
+@dataclass(frozen=True)
+class Late:
+    """A request not run: its caller would have given up before the forward ended (found where the forward runs)."""
+
+    forward_s: float  # that forward's expected length, by the estimate of the process that runs it
 
 
 class AnswersFn(Protocol):
@@ -41,7 +49,10 @@ class AnswersFn(Protocol):
     stage: str  # the metrics stage its CPU time counts to in the calling process
     runs_here: bool  # the teacher runs in this process (it observes the batch metrics: size, tokens, seconds)
 
-    def answers(self, rows: StagedRows, jobs: Sequence[JobShape]) -> list[Answer]: ...
+    def answers(self, rows: StagedRows, jobs: Sequence[JobShape]) -> Sequence[Answer | Late]:
+        """Each request's answer, in order, or `Late` (the device process checks the deadlines again as its forward
+        starts, after waiting for other workers' batches)."""
+        ...
 
 
 def run_bucketed(forward: ForwardFn, rows: StagedRows) -> torch.Tensor:

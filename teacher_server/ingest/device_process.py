@@ -30,7 +30,9 @@ import torch
 from maskedkd.masked_teacher import MaskedTeacher
 from maskedkd.text import first_line
 from teacher_server.engine.answers import batch_choice
-from teacher_server.engine.rows_runner import RowsRunner
+from teacher_server.engine.batcher import COMMIT_S_MARGIN
+from teacher_server.engine.rows_runner import JobShape, RowsRunner
+from teacher_server.engine.scheduler import ComputeEstimate
 from teacher_server.engine.shared_host import view_region
 from teacher_server.engine.staging import StagedRows, join_rows
 from teacher_server.ingest.children import die_with_parent
@@ -82,10 +84,35 @@ class _Pending:
     tokens: int  # the teacher tokens of its rows: kept patches plus each row's prefix tokens
     reply: BatchReply | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    late: tuple[int, ...] = ()  # its requests found too late as the forward started: their rows were cut out
+    forward_s: float = 0.0  # the estimate of that forward they were too late for
 
     @property
     def logits_only(self) -> bool:
         return not batch_choice([j.outputs for j in self.call.jobs]).any
+
+    @property
+    def jobs_run(self) -> list[JobShape]:
+        return [job for i, job in enumerate(self.call.jobs) if i not in self.late]
+
+    def cut_late(self, now: float, forward_s: float, prefix: int) -> bool:
+        """Cut out the rows of the requests whose callers give up before a forward of `forward_s` starting `now`
+        (monotonic) ends and is answered; False: none is left."""
+        jobs, finish = self.call.jobs, now + forward_s + COMMIT_S_MARGIN
+        self.late = tuple(i for i, job in enumerate(jobs) if job.deadline is not None and job.deadline < finish)
+        self.forward_s = forward_s
+        if not self.late:
+            return True
+        if len(self.late) == len(jobs):
+            self.reply = BatchReply(bytearray(), 0, (), late=self.late, forward_s=forward_s)
+            return False
+        starts = [0]
+        for job in jobs:
+            starts.append(starts[-1] + job.images)
+        picked = [r for i in range(len(jobs)) if i not in self.late for r in range(starts[i], starts[i + 1])]
+        self.rows = self.rows.select(picked)
+        self.tokens = int(self.rows.counts.sum()) + prefix * self.rows.images
+        return True
 
 
 class DeviceLoop:
@@ -115,6 +142,7 @@ class DeviceLoop:
         self._max_images = max_images
         self._token_budget = token_budget
         self._calls: queue.Queue[_Pending | None] = queue.Queue()  # None: every worker is gone
+        self.compute = ComputeEstimate()  # of this teacher's forward alone (a worker's includes the wait here)
 
     def queued(self) -> int:
         """Calls waiting for the forward thread (the one running excluded)."""
@@ -234,25 +262,38 @@ class DeviceLoop:
                 current.wait_event(pending.rows.ready)
                 pending.rows.pixels.record_stream(current)  # freed memory is reused only once the forward is done
                 pending.rows.indices.record_stream(current)
+        # A worker checked its requests' deadlines when it sent the batch; it may have waited here since, behind
+        # other workers' batches. A request whose caller gives up before this forward would end is not run (its
+        # worker refuses it, unbilled), as a lone server's forward thread does (batcher.py, _still_wanted).
+        forward_s = self.compute.seconds(sum(p.tokens for p in group))
+        group = [p for p in group if p.cut_late(time.monotonic(), forward_s, self._prefix)]
+        if not group:
+            return
         rows = join_rows([p.rows for p in group])
-        jobs = [job for p in group for job in p.call.jobs]
+        jobs = [job for p in group for job in p.jobs_run]
+        tokens = sum(p.tokens for p in group)
         with torch.inference_mode(), self._metrics.stage("forward"):
             started = time.monotonic()
             logits, outputs = self._runner.run(rows, jobs)  # [sum G, classes] float32 CPU
-            self._metrics.compute_seconds.observe(time.monotonic() - started)
+            seconds = time.monotonic() - started
+        self._metrics.compute_seconds.observe(seconds)
+        self.compute.observe(tokens, seconds)
         self._metrics.batch_images.observe(rows.images)
-        self._metrics.batch_tokens.observe(sum(p.tokens for p in group))
+        self._metrics.batch_tokens.observe(tokens)
         replies = []
         parts = torch.split(logits, [p.rows.images for p in group])
         start = 0
         for pending, part in zip(group, parts, strict=True):
-            mine = outputs[start : start + len(pending.call.jobs)]
-            start += len(pending.call.jobs)
+            run = len(pending.jobs_run)
+            mine = outputs[start : start + run]
+            start += run
             replies.append(
                 BatchReply(
                     bytearray(part.contiguous().numpy().tobytes()),
                     int(logits.shape[1]),
                     tuple(None if extra is None else extra.SerializeToString() for extra in mine),
+                    late=pending.late,
+                    forward_s=pending.forward_s,
                 )
             )
         for pending, reply in zip(group, replies, strict=True):  # all or none: a failure above answers each with it

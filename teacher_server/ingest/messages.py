@@ -1,8 +1,9 @@
 """What an ingest worker and the device process say to each other over their socket (pickled dataclasses).
 
-Per micro-batch one `BatchCall` (where its staged rows lie in shared memory, what each request asked for) and one
-`BatchReply` (the logits, each request's extra outputs encoded, or why the forward failed). A region the device has
-not mapped yet is announced first by a `NewRegion`, followed by its file descriptor.
+Per micro-batch one `BatchCall` (where its staged rows lie in shared memory, what each request asked for and until
+when its caller waits) and one `BatchReply` (the logits, each request's extra outputs encoded, which requests were
+too late to run, or why the forward failed). A region the device has not mapped yet is announced first by a
+`NewRegion`, followed by its file descriptor.
 """
 
 from __future__ import annotations
@@ -50,10 +51,12 @@ class BatchCall:
 
 @dataclass(frozen=True)
 class BatchReply:
-    logits: bytearray  # [G, classes] float32, native byte order
+    logits: bytearray  # [G, classes] float32, native byte order: the rows of the requests run
     classes: int
-    outputs: tuple[bytes | None, ...]  # per request: pb.Outputs encoded, or None
+    outputs: tuple[bytes | None, ...]  # per request run: pb.Outputs encoded, or None
     error: str = ""  # not empty: the forward failed (nothing else is set)
+    late: tuple[int, ...] = ()  # the requests not run: their deadline would have passed before the forward ended
+    forward_s: float = 0.0  # with `late`: the device's estimate of the forward they were too late for
 
 
 @dataclass(frozen=True)

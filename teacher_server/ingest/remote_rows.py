@@ -20,7 +20,7 @@ from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server.engine.answers import Answer
 from teacher_server.engine.fair_clock import SharedFairClock
 from teacher_server.engine.fidelity import DtypeFidelity
-from teacher_server.engine.rows_runner import JobShape, split_answers
+from teacher_server.engine.rows_runner import JobShape, Late, split_answers
 from teacher_server.engine.shared_host import SharedRegion, region_of, shared_host_tensor
 from teacher_server.engine.staging import StagedRows
 from teacher_server.errors import ServiceUnavailableError
@@ -44,7 +44,7 @@ class RemoteRows:
         self._spill: dict[str, torch.Tensor] = {}  # per name: a shared buffer for rows that were not staged there
         self._lock = threading.Lock()
 
-    def answers(self, rows: StagedRows, jobs: Sequence[JobShape]) -> list[Answer]:
+    def answers(self, rows: StagedRows, jobs: Sequence[JobShape]) -> list[Answer | Late]:
         with self._lock:
             try:
                 call = BatchCall(
@@ -62,9 +62,14 @@ class RemoteRows:
                 ) from exc
         if reply.error:
             raise DeviceForwardError(reply.error)
-        logits = torch.frombuffer(reply.logits, dtype=torch.float32).view(-1, reply.classes)  # [G, classes]
+        late, too_late = set(reply.late), Late(reply.forward_s)
+        run = [job for i, job in enumerate(jobs) if i not in late]
+        if not run:
+            return [too_late] * len(jobs)
+        logits = torch.frombuffer(reply.logits, dtype=torch.float32).view(-1, reply.classes)  # [G run, classes]
         outputs = [None if encoded is None else pb.Outputs.FromString(encoded) for encoded in reply.outputs]
-        return split_answers(logits, outputs, jobs)
+        answered = iter(split_answers(logits, outputs, run))
+        return [too_late if i in late else next(answered) for i in range(len(jobs))]
 
     def _shared(self, tensor: torch.Tensor, name: str) -> TensorRef:
         """Where `tensor` lies in shared memory (copied into the spill buffer `name` first when it does not)."""

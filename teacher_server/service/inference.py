@@ -31,7 +31,7 @@ from teacher_server.engine.answers import NO_OUTPUTS, decode_outputs
 from teacher_server.engine.decode import DecodedInput, declared_bytes, decode_input
 from teacher_server.engine.metering import MeteredUsage
 from teacher_server.engine.served_model import ServedModel
-from teacher_server.errors import InvalidRequestError, ReplayExpiredError, RequestIdReusedError
+from teacher_server.errors import MIN_RETRY_S, InvalidRequestError, ReplayExpiredError, RequestIdReusedError
 from teacher_server.ledger.billing import Hold, LimitState
 from teacher_server.metrics import ServerMetrics
 from teacher_server.service.auth import KeyInfo
@@ -41,7 +41,6 @@ from teacher_server.service.quota_status import deadline_unmet, overloaded, quot
 from teacher_server.service.shared_memory import read_shared_pixels, shared_input
 
 OFFLOAD_BYTES = 16 << 20  # digest and check float payloads above this size off the event loop (a thread hop costs)
-MIN_RETRY_S = 0.05  # the shortest RetryInfo of an overload refusal
 RECENT_REQUESTS = 8  # per key, the requests whose sizes admission remembers
 RECENT_S = 10.0  # for this long
 MAX_REQUEST_ID_CHARS = 200  # the ledger column's width

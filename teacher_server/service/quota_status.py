@@ -14,10 +14,9 @@ Metadata (only for the limits a key has; a key without limits gets none):
 
 from __future__ import annotations
 
-from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 
-from teacher_server.errors import DeadlineUnmetError, OverloadedError, QuotaExceededError
+from teacher_server.errors import DeadlineUnmetError, OverloadedError, QuotaExceededError, retry_info
 from teacher_server.ledger.billing import LimitState
 from teacher_server.service.auth import KeyInfo
 
@@ -95,13 +94,6 @@ def quota_exceeded(*, key: KeyInfo, needed_gflops: float, state: LimitState) -> 
     )
     error.reason = "quota" if quota_short or len(violations) != 1 else "rate_limit"  # refusal counters' reason
     return error
-
-
-def retry_info(seconds: float) -> error_details_pb2.RetryInfo:
-    seconds = max(0.0, seconds)
-    return error_details_pb2.RetryInfo(
-        retry_delay=duration_pb2.Duration(seconds=int(seconds), nanos=int((seconds % 1) * 1e9))
-    )
 
 
 def overloaded(why: str, *, retry_s: float) -> OverloadedError:

@@ -10,6 +10,7 @@ import time
 import pytest
 import timm
 import torch
+from google.rpc.error_details_pb2 import RetryInfo
 from service_testkit import MODEL, TINY, random_keep
 
 from maskedkd.geometry import TeacherGeometry
@@ -202,8 +203,10 @@ async def test_a_request_whose_deadline_passes_in_the_queue_is_dropped_unrun() -
     await asyncio.sleep(0.05)
     late = asyncio.ensure_future(b.submit(decoded(1, 4, fill=7), deadline=time.monotonic() + 0.2))
     patient = asyncio.ensure_future(b.submit(decoded(1, 4, fill=5), deadline=time.monotonic() + 30))
-    with pytest.raises(DeadlineUnmetError):
+    with pytest.raises(DeadlineUnmetError) as refused:
         await late
+    (retry,) = refused.value.details  # when to try again, as a refusal at admission says it
+    assert isinstance(retry, RetryInfo) and retry.retry_delay.ToTimedelta().total_seconds() > 0
     assert (await patient).logits.item() == 5 * 16.0
     await busy
     await b.close()

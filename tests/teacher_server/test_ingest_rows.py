@@ -1,16 +1,19 @@
 """A worker's batch run by the device loop (ingest/): the same answers as the teacher run here, rows read from the
-worker's shared memory, also when the rows were cut down to a copy and when extra outputs are asked for.
+worker's shared memory, also when the rows were cut down to a copy and when extra outputs are asked for; requests
+whose callers gave up while the batch waited at the device are not run and not billed.
 
 The device loop runs in a thread of this process on the other end of a real socket pair (descriptors are passed as
 between processes); the process boundary itself is tested in test_ingest_workers.py."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import multiprocessing
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 
@@ -21,12 +24,13 @@ import torch
 from maskedkd.masked_teacher import MaskedTeacher
 from maskedkd.teacher_outputs import OutputChoice
 from teacher_server.engine.answers import NO_OUTPUTS, Answer, OutputsRequest
+from teacher_server.engine.batcher import TokenBudgetBatcher
 from teacher_server.engine.decode import DecodedInput
-from teacher_server.engine.rows_runner import JobShape, MixedK, RowsRunner
+from teacher_server.engine.rows_runner import JobShape, Late, MixedK, RowsRunner
 from teacher_server.engine.served_model import make_outputs_forward
 from teacher_server.engine.shared_host import region_of, shared_host_tensor
 from teacher_server.engine.staging import Stager
-from teacher_server.errors import ServiceUnavailableError
+from teacher_server.errors import DeadlineUnmetError, ServiceUnavailableError
 from teacher_server.ingest.device_process import DeviceLoop
 from teacher_server.ingest.remote_rows import DeviceForwardError, RemoteRows
 from teacher_server.metrics import ServerMetrics
@@ -268,3 +272,99 @@ def test_a_failed_joined_forward_fails_each_of_its_calls_and_the_loop_goes_on(te
         again = RemoteRows(workers[1], os.getpid()).answers(staged[1], [JobShape(2, 8)])  # the loop still runs
     expected = RowsRunner(teacher.forward_pixels).answers(staged[1], [JobShape(2, 8)])
     assert torch.equal(again[0].logits, expected[0].logits)
+
+
+def held_device(teacher: MaskedTeacher) -> tuple[DeviceLoop, threading.Event, threading.Event, list[int]]:
+    """A CPU device loop whose forwards wait for `gate` (after setting `started`), recording each forward's rows."""
+    gate, started = threading.Event(), threading.Event()
+    forwards: list[int] = []
+
+    def gated(pixels: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
+        forwards.append(int(pixels.shape[0]))
+        started.set()
+        gate.wait(30)
+        return teacher.forward_pixels(pixels, indices, counts)
+
+    return DeviceLoop(RowsRunner(gated), CPU, ServerMetrics()), gate, started, forwards
+
+
+def test_requests_whose_callers_gave_up_while_queued_at_the_device_are_cut_out(teacher: MaskedTeacher) -> None:
+    """A worker checks its requests' deadlines as it sends a batch; the device checks again as the forward starts,
+    after waiting behind another worker's: a request whose caller has given up by then is not run, and a batch with
+    none left runs no forward (float32, CPU; the rest answered as the teacher answers those rows alone)."""
+    device, gate, started, forwards = held_device(teacher)
+    soon = time.monotonic() + 0.2
+    inputs = [[request(2, 8, 30)], [request(1, 8, 31), request(2, 8, 32)], [request(1, 8, 33)]]
+    calls = [  # A holds the forward; B's first request and C's only one are late by the time they could run
+        [JobShape(2, 8)],
+        [JobShape(1, 8, deadline=soon), JobShape(2, 8, deadline=soon + 60)],
+        [JobShape(1, 8, deadline=soon)],
+    ]
+    stagers = [Stager(teacher.geometry, max_images=4, device=CPU, allocate=shared_host_tensor) for _ in calls]
+    staged = [s.stage(x, s.acquire()) for s, x in zip(stagers, inputs, strict=True)]
+    answers: dict[int, list[Answer | Late]] = {}
+    with serving(device, len(calls)) as workers:
+
+        def send(i: int) -> None:
+            answers[i] = RemoteRows(workers[i], os.getpid()).answers(staged[i], calls[i])
+
+        senders = queue_behind_a_held_forward(device, started, [functools.partial(send, i) for i in range(3)])
+        while time.monotonic() < soon:
+            time.sleep(0.01)
+        gate.set()
+        for sender in senders:
+            sender.join(30)
+    assert forwards == [2, 2]  # A; then B's second request alone; C none
+    assert isinstance(answers[2][0], Late) and isinstance(answers[1][0], Late)
+    b_run = answers[1][1]
+    assert isinstance(b_run, Answer)
+    alone = RowsRunner(teacher.forward_pixels).answers(staged[1].select([1, 2]), [JobShape(2, 8)])
+    assert torch.equal(b_run.logits, alone[0].logits)
+
+
+def test_a_worker_refuses_unbilled_what_the_device_found_too_late_and_learns_its_estimate(
+    teacher: MaskedTeacher,
+) -> None:
+    """A worker that never ran a forward knows nothing of its cost and sends every request; the device, whose forward
+    is slow, finds it too late: the caller gets DEADLINE_EXCEEDED, nothing reaches the forward or the commit, and the
+    worker takes the device's estimate for its own, so its refusals say when to retry and admission can refuse the
+    next such request before reading it (float32, CPU)."""
+    device, gate, _, forwards = held_device(teacher)
+    gate.set()
+    device.compute.observe(100, 1.0)  # the first batch is taken for set-up and not counted
+    device.compute.observe(100, 20.0)  # this device's forward: 0.2 s a token
+    committed: list[object] = []
+
+    def finalize(jobs: object, answers: object, stats: object) -> list[None]:
+        committed.append(jobs)
+        return [None] * len(jobs)  # type: ignore[arg-type]
+
+    async def worker(here: Connection) -> tuple[list[DeadlineUnmetError], float, float]:
+        stager = Stager(teacher.geometry, max_images=4, device=CPU, allocate=shared_host_tensor)
+        batcher = TokenBudgetBatcher(
+            RemoteRows(here, os.getpid()),
+            stager=stager,
+            num_prefix_tokens=1,
+            token_budget=10_000,
+            max_batch_images=4,
+            max_delay_s=0.001,
+            finalize=finalize,
+        )
+        await batcher.start()
+        x = request(1, 8, 40)
+        refusals = []
+        try:
+            for _ in range(2):  # the worker's first observation is its set-up, as the device's was
+                with pytest.raises(DeadlineUnmetError) as refused:
+                    await batcher.submit(x, deadline=time.monotonic() + 1.0)
+                refusals.append(refused.value)
+            return refusals, batcher.compute.seconds(batcher.tokens_of(x)), device.compute.seconds(9)
+        finally:
+            await batcher.close()
+
+    with serving(device, 1) as (here,):
+        refusals, learned, device_s = asyncio.run(worker(here))
+    assert forwards == [] and committed == []  # nothing ran, nothing was committed
+    assert device_s == pytest.approx(1.8) and learned >= device_s  # 9 tokens: 8 kept patches and the class token
+    (retry,) = refusals[-1].details
+    assert retry.retry_delay.ToTimedelta().total_seconds() >= device_s
