@@ -59,9 +59,7 @@ class QueueLimits:
 @dataclass
 class _KeyQueue(Generic[J]):
     jobs: deque[J] = field(default_factory=deque)
-    images: int = 0
     tokens: int = 0
-    nbytes: int = 0  # of queued requests, and of requests admitted but not yet queued (being read)
 
 
 class FairQueue(Generic[J]):
@@ -71,45 +69,36 @@ class FairQueue(Generic[J]):
         self.limits = limits or QueueLimits()
         self._keys: dict[int, _KeyQueue[J]] = {}
         self._clock = clock or FairClock()
-        self.images = 0
+        self.images = 0  # queued here (the bounds read the clock's counts, which ingest workers share)
         self.tokens = 0
-        self.nbytes = 0
 
     # ---- bounds
     def room_for(self, key_id: int, nbytes: int = 0, images: int = 0) -> str | None:
         """None when `key_id` may queue a request of this size now, else why not (one line, for the refusal)."""
-        lim, q = self.limits, self._keys.get(key_id)
-        key_images, key_bytes = (q.images, q.nbytes) if q else (0, 0)
-        if lim.key_images and key_images + images > lim.key_images and key_images:
-            return f"this key has {key_images} images queued (at most {lim.key_images})"
-        if lim.key_bytes and key_bytes + nbytes > lim.key_bytes and key_bytes:
-            return f"this key has {key_bytes / 2**20:.0f} MiB queued (at most {lim.key_bytes / 2**20:.0f} MiB)"
-        if lim.total_images and self.images + images > lim.total_images and self.images:
-            return f"the server has {self.images} images queued (at most {lim.total_images})"
-        if lim.total_bytes and self.nbytes + nbytes > lim.total_bytes and self.nbytes:
-            return f"the server has {self.nbytes / 2**20:.0f} MiB queued (at most {lim.total_bytes / 2**20:.0f} MiB)"
+        lim, now = self.limits, self._clock.load(key_id)
+        if lim.key_images and now.key_images + images > lim.key_images and now.key_images:
+            return f"this key has {now.key_images} images queued (at most {lim.key_images})"
+        if lim.key_bytes and now.key_bytes + nbytes > lim.key_bytes and now.key_bytes:
+            return f"this key has {now.key_bytes / 2**20:.0f} MiB queued (at most {lim.key_bytes / 2**20:.0f} MiB)"
+        if lim.total_images and now.images + images > lim.total_images and now.images:
+            return f"the server has {now.images} images queued (at most {lim.total_images})"
+        if lim.total_bytes and now.nbytes + nbytes > lim.total_bytes and now.nbytes:
+            return f"the server has {now.nbytes / 2**20:.0f} MiB queued (at most {lim.total_bytes / 2**20:.0f} MiB)"
         return None
 
     def reserve_bytes(self, key_id: int, nbytes: int) -> None:
         """Count `nbytes` against the key and the server before the request is read (`release_bytes` after)."""
-        q = self._keys.setdefault(key_id, _KeyQueue())
-        q.nbytes += nbytes
-        self.nbytes += nbytes
+        self._clock.reserve(key_id, nbytes)
 
     def release_bytes(self, key_id: int, nbytes: int) -> None:
-        q = self._keys.get(key_id)
-        if q is not None:
-            q.nbytes -= nbytes
-            self.nbytes -= nbytes
-            self._forget_if_idle(key_id, q)
+        self._clock.release(key_id, nbytes)
 
     # ---- queueing
     def push(self, job: J) -> None:
         """Queue `job` behind its key's earlier requests."""
         q = self._keys.setdefault(job.key_id, _KeyQueue())
-        self._clock.queued(job.key_id)
+        self._clock.queued(job.key_id, job.images)
         q.jobs.append(job)
-        q.images += job.images
         q.tokens += job.tokens
         self.images += job.images
         self.tokens += job.tokens
@@ -138,20 +127,16 @@ class FairQueue(Generic[J]):
     def _pop(self, job: J, *, taken: bool) -> None:
         """Take the key's head out of the queue, into a batch (`taken`) or not: charged to the key either way."""
         if taken:
-            self._clock.take(job.key_id, cost(job))
+            self._clock.take(job.key_id, cost(job), job.images)
         else:
-            self._clock.drop(job.key_id, cost(job))
+            self._clock.drop(job.key_id, cost(job), job.images)
         q = self._keys[job.key_id]
         q.jobs.popleft()
-        q.images -= job.images
         q.tokens -= job.tokens
         self.images -= job.images
         self.tokens -= job.tokens
-        self._forget_if_idle(job.key_id, q)
-
-    def _forget_if_idle(self, key_id: int, q: _KeyQueue[J]) -> None:
-        if not q.jobs and q.nbytes <= 0:
-            del self._keys[key_id]
+        if not q.jobs:
+            del self._keys[job.key_id]
 
     def oldest_enqueued(self) -> float:
         """When the longest-waiting queued request was queued (inf when none is)."""

@@ -8,7 +8,8 @@ thousands of images a second. So with N > 0:
 - N ingest workers listen on the same port (SO_REUSEPORT: the kernel spreads connections over them), each a whole
   server (TLS, keys, checks, digests, dedupe, quota, fair queue, ledger, answers) whose sealed micro-batches are staged
   in shared memory and run by the device process (ingest/remote_rows.py); their fair queues read one clock in shared
-  memory (engine/fair_clock.py), so a key's share of the teacher does not grow with the workers its connections reach;
+  memory (engine/fair_clock.py), so a key's share of the teacher does not grow with the workers its connections reach
+  and the queue bounds hold for all of them together;
 - this supervisor reserves the port, starts them, serves /metrics summed over all of them (Prometheus multiprocess
   files), announces readiness once all serve, forwards SIGTERM/SIGINT (workers drain and bill what they ran, then the
   device process exits), and stops everything, exiting 1, when any of them dies unexpectedly.
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import multiprocessing
 import os
 import shutil
@@ -51,23 +51,11 @@ class IngestStartError(RuntimeError):
 
 
 def worker_settings(settings: ServerSettings, index: int, port: int) -> ServerSettings:
-    """Worker `index`'s settings: the shared port, no /metrics of its own (the supervisor serves all), the dashboard
-    on worker 0 only, and its share of the queue bounds."""
-    n = settings.ingest_workers
-
-    def share_images(limit: int) -> int:
-        return 0 if limit == 0 else max(1, math.ceil(limit / n))
-
+    """Worker `index`'s settings: the shared port, no /metrics of its own (the supervisor serves all) and the
+    dashboard on worker 0 only. The queue bounds stay whole: the workers count against them together, in the fair
+    queues' shared clock."""
     return settings.model_copy(
-        update={
-            "port": port,
-            "metrics_port": None,
-            "dashboard_port": settings.dashboard_port if index == 0 else None,
-            "max_queued_images_per_key": share_images(settings.max_queued_images_per_key),
-            "max_queued_images": share_images(settings.max_queued_images),
-            "max_queued_mb_per_key": settings.max_queued_mb_per_key / n,
-            "max_queued_mb": settings.max_queued_mb / n,
-        }
+        update={"port": port, "metrics_port": None, "dashboard_port": settings.dashboard_port if index == 0 else None}
     )
 
 

@@ -138,8 +138,8 @@ def test_queues_on_one_clock_share_the_teacher_by_key_not_by_queue(shared: bool)
 
 
 def _serve_key_7(clock: SharedFairClock) -> None:
-    clock.queued(7)
-    clock.take(7, 100.0)
+    clock.queued(7, images=4)
+    clock.take(7, 100.0, images=4)
 
 
 def test_the_shared_clock_is_one_clock_across_processes_and_a_key_without_service_frees_its_slot(
@@ -152,21 +152,40 @@ def test_the_shared_clock_is_one_clock_across_processes_and_a_key_without_servic
     child.join(timeout=60)
     assert child.exitcode == 0
     assert clock.next_start(7) == 100.0  # the child's service of key 7, read here
-    clock.queued(8)
-    clock.take(8, 40.0)
-    clock.queued(7)
-    clock.take(7, 10.0)  # the virtual time moves to this request's start tag: 100
+    clock.queued(8, 1)
+    clock.take(8, 40.0, 1)
+    clock.queued(7, 1)
+    clock.take(7, 10.0, 1)  # the virtual time moves to this request's start tag: 100
     assert clock.next_start(8) == 100.0  # key 8 left unused turns: it comes back at the virtual time
-    clock.queued(9)  # key 8 is as good as absent, so key 9 takes its slot
+    clock.queued(9, 1)  # key 8 is as good as absent, so key 9 takes its slot
     assert clock.start_tag(9) == 100.0
-    clock.queued(10)  # both slots hold keys with work or service: key 10 is served as a newcomer each time
-    assert clock.start_tag(10) == 100.0 and "more keys queued at once" in caplog.text
-    clock.take(10, 5.0)
+    clock.queued(10, 1)  # both slots hold keys with work or service: key 10 is served as a newcomer each time
+    assert clock.start_tag(10) == 100.0 and "more keys with work at once" in caplog.text
+    assert clock.load(10).key_images == 0 and clock.load(10).images == 2  # and only the bounds in all count it
+    clock.take(10, 5.0, 1)
     assert clock.next_start(10) == 100.0
-    clock.drop(9, 20.0)  # charged: key 9 starts at 120 while anything is queued
+    clock.drop(9, 20.0, 1)  # charged: key 9 starts at 120 while anything is queued
     assert clock.next_start(9) == 120.0
     clock.end_busy_period()  # nothing queued anywhere: everyone starts level with the latest finish tag
     assert clock.next_start(7) == clock.next_start(9) == clock.next_start(11) == 120.0
+
+
+def test_queue_bounds_hold_for_the_queues_on_one_shared_clock_together() -> None:
+    """Two ingest workers' queues: a key's images and bytes, and the server's, count on both."""
+    clock = SharedFairClock(multiprocessing.get_context("spawn"))
+    limits = QueueLimits(key_images=4, key_bytes=1000, total_images=6, total_bytes=0)
+    first, second = FairQueue[Job](limits, clock), FairQueue[Job](limits, clock)
+    first.push(Job(key_id=1, images=3))
+    assert second.room_for(1, images=2) == "this key has 3 images queued (at most 4)"
+    assert second.room_for(2, images=2) is None
+    second.push(Job(key_id=2, images=2))
+    assert first.room_for(3, images=2) == "the server has 5 images queued (at most 6)"
+    first.reserve_bytes(2, 900)  # key 2's next request, being read by the first worker
+    assert second.room_for(2, nbytes=200) == "this key has 0 MiB queued (at most 0 MiB)"
+    first.release_bytes(2, 900)
+    assert second.room_for(2, nbytes=200) is None
+    drain(first)  # key 1's images leave the queue: room again on the other worker
+    assert second.room_for(1, images=4) is None
 
 
 def test_compute_estimate_fits_a_fixed_cost_and_a_per_token_cost_and_ignores_set_up() -> None:
