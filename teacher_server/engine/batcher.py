@@ -370,12 +370,8 @@ class TokenBudgetBatcher:
             (late if job.deadline is not None and job.deadline < now + compute_s else keep).append(job)
         if len(keep) == len(jobs):
             return keep, late, rows
-        starts = [0]
-        for job in jobs:
-            starts.append(starts[-1] + job.images)
         chosen = {id(j) for j in keep}
-        picked = [r for i, job in enumerate(jobs) if id(job) in chosen for r in range(starts[i], starts[i + 1])]
-        return keep, late, rows.select(picked)
+        return keep, late, rows.select_requests([j.images for j in jobs], [id(j) in chosen for j in jobs])
 
     def _run(
         self, jobs: list[BatchJob], rows: StagedRows, started_hook: Callable[[], object], refuse: Callable[..., object]
@@ -402,17 +398,15 @@ class TokenBudgetBatcher:
             finally:
                 self._forward_done(busy_until)
             compute_s = time.monotonic() - started
+            ran = [(job, answer) for job, answer in zip(jobs, answered, strict=True) if isinstance(answer, Answer)]
             cut = [(job, answer) for job, answer in zip(jobs, answered, strict=True) if isinstance(answer, Late)]
-            if len(cut) == len(jobs):  # nothing ran: the device's estimate of the forward is what there is to learn
-                self.compute.observe(tokens, max(compute_s, max(answer.forward_s for _, answer in cut)))
-            else:
-                self.compute.observe(tokens, compute_s)
+            # nothing ran: the device's estimate of the forward it refused is what there is to learn
+            self.compute.observe(tokens, compute_s if ran else max(compute_s, *(late.forward_s for _, late in cut)))
             if cut:  # found late where the forward runs: not run, not billed
                 refuse([job for job, _ in cut])
-                if len(cut) == len(jobs):
-                    return None
-            jobs = [job for job, answer in zip(jobs, answered, strict=True) if isinstance(answer, Answer)]
-            per_job = [answer for answer in answered if isinstance(answer, Answer)]
+            if not ran:
+                return None
+            jobs, per_job = [job for job, _ in ran], [answer for _, answer in ran]
             stats = BatchStats(images=rows.images, tokens=tokens, compute_s=compute_s, started_at=started)
         except Exception as exc:  # noqa: BLE001 - delivered to every caller of the batch; nothing was committed
             return exc

@@ -45,6 +45,13 @@ class StagedRows:
         uniform = bool((counts == self.pixels.shape[1]).all())
         return StagedRows(self.pixels[on_device], self.indices[on_device], counts, uniform, self.slot, self.ready)
 
+    def select_requests(self, images: Sequence[int], kept: Sequence[bool]) -> StagedRows:
+        """The rows of the `kept` requests only (copies); request i holds the next `images[i]` rows."""
+        starts = [0]
+        for n in images:
+            starts.append(starts[-1] + n)
+        return self.select([r for i, keep in enumerate(kept) if keep for r in range(starts[i], starts[i + 1])])
+
 
 def join_rows(parts: Sequence[StagedRows]) -> StagedRows:
     """Several batches' rows as one batch, in order (copies): as wide as the widest, padding zeros. For rows already

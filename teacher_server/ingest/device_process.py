@@ -106,11 +106,9 @@ class _Pending:
         if len(self.late) == len(jobs):
             self.reply = BatchReply(bytearray(), 0, (), late=self.late, forward_s=forward_s)
             return False
-        starts = [0]
-        for job in jobs:
-            starts.append(starts[-1] + job.images)
-        picked = [r for i in range(len(jobs)) if i not in self.late for r in range(starts[i], starts[i + 1])]
-        self.rows = self.rows.select(picked)
+        self.rows = self.rows.select_requests(
+            [job.images for job in jobs], [i not in self.late for i in range(len(jobs))]
+        )
         self.tokens = int(self.rows.counts.sum()) + prefix * self.rows.images
         return True
 
