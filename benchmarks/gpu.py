@@ -38,6 +38,32 @@ def spec_peak_tflops(device_name: str) -> float | None:
     return None
 
 
+def graphed_rate(teacher: Any, tb: Any, kept: int, cfg: BenchConfig, sync: Any) -> dict[str, Any]:
+    """img/s of the uint8-pixel forward eager and as `serve --compile graphs` replays it (this batch's shape captured),
+    the pixels already on the card: what CUDA graphs save on a launch-bound forward."""
+    from teacher_server.engine.cuda_graphs import graphed_forward
+
+    pixels, idx = tb.pixels.cuda(), tb.indices.cuda()
+    rates = {}
+    for name, forward in (
+        ("eager", teacher.forward_pixels),
+        ("graphed", graphed_forward(teacher, [(cfg.gpu_batch, kept)])),
+    ):
+
+        def run(forward: Any = forward) -> None:
+            with torch.inference_mode():
+                for _ in range(cfg.calls_per_repeat):
+                    forward(pixels, idx, None)
+
+        t = measure(run, warmup=cfg.warmup, repeats=cfg.repeats, sync=sync)
+        rates[name] = cfg.calls_per_repeat * cfg.gpu_batch / t.median_s
+    return {
+        "eager_images_per_s": rates["eager"],
+        "images_per_s": rates["graphed"],
+        "of_eager": rates["graphed"] / rates["eager"],
+    }
+
+
 def run_gpu_section(
     cfg: BenchConfig, pool: Any = None, *, device: str = "cuda", keeps: tuple[float, ...] = KEEPS
 ) -> dict[str, Any]:
@@ -88,6 +114,8 @@ def run_gpu_section(
                     "of_matmul": tflops * 1e3 / mm["gflops_per_s"],
                     "timing": t.to_dict(),
                 }
+                if on_gpu:
+                    row["graphed"] = graphed_rate(teacher, tb, kept, cfg, sync)
                 if client is not None:
 
                     def remote() -> None:

@@ -56,6 +56,10 @@ SERVER_LOADS = ((8, False), (32, False), (8, True), (32, True))
 # then the 32 clients again, pixels in the messages, against `serve --ingest-workers N` (N processes ingest)
 INGEST_WORKERS = 4
 INGEST_LOADS = ((32, False),)
+# then, for the first model only, the 32 clients against one process replaying CUDA graphs (`--compile graphs`) of the
+# micro-batch sizes its 64-image requests make (the dry run on the CPU compiles the same shapes: `--compile static`)
+GRAPHED_LOADS = ((32, False),)
+GRAPHED_REQUESTS = (1, 2, 3, 4, 6, 8)  # micro-batches of this many requests get a shape (5 and 7 pad up)
 # the product's loop on the GPU: student and teacher server on the same card, bf16 (`--precision auto`, `--dtype auto`)
 GPU_TRAIN_PAIR = TrainPair(
     "deit",
@@ -82,6 +86,7 @@ CUDA_TEST_FILES = (
     "tests/maskedkd/test_masked_teacher.py",
     "tests/teacher_server/test_batcher.py",
     "tests/teacher_server/test_ingest_rows.py",
+    "tests/teacher_server/test_shape_buckets.py",
     "tests/teacher_server/test_service_dtype.py",
     "tests/student_client/test_train_precision.py",
     "tests/student_client/test_off_thread.py",
@@ -160,11 +165,21 @@ def server_vs_inprocess(
         for m in forward.get("models", [])
     }
     rows = []
-    for case in cfg.gpu_models:
+    for n, case in enumerate(cfg.gpu_models):
         teacher = build_teacher(case)
-        for workers, loads in ((0, SERVER_LOADS), (INGEST_WORKERS, INGEST_LOADS)):
+        kept = num_kept(0.5, teacher.geometry.num_patches)
+        on_gpu = device == "cuda"
+        graphs = {
+            "compile": "graphs" if on_gpu else "static",
+            "compile_shapes": tuple((batch * r, kept) for r in GRAPHED_REQUESTS[: None if on_gpu else 2]),
+        }
+        configs = [(0, SERVER_LOADS, {}), (INGEST_WORKERS, INGEST_LOADS, {})] + (
+            [(0, GRAPHED_LOADS, graphs)] * (n == 0)
+        )
+        for workers, loads, compiled in configs:
+            tag = f"{case.key}-w{workers}{'-' + compiled['compile'] if compiled else ''}"
             server = BenchServer(
-                f"serve-{case.key}-w{workers}",
+                f"serve-{tag}",
                 {
                     "model": case.timm_name,
                     "model_kwargs": case.kwargs,
@@ -173,8 +188,9 @@ def server_vs_inprocess(
                     "max_batch_images": max(256, batch * 8),
                     "shared_memory": True,
                     "ingest_workers": workers,
+                    **compiled,
                 },
-                workdir / f"{case.key}-w{workers}",
+                workdir / tag,
                 threads=torch.get_num_threads(),
             )
             server.start().wait_ready(600)
@@ -183,7 +199,7 @@ def server_vs_inprocess(
                 client_load(server.address, server.api_key, [_requests(teacher, batch, cfg.warmup, seed=99)])
                 for clients, shared in loads:
                     row = _server_row(server, metrics, teacher, case, inprocess, clients, shared, batch, requests)
-                    rows.append({**row, "ingest_workers": workers})
+                    rows.append({**row, "ingest_workers": workers, "compile": compiled.get("compile", "off")})
             finally:
                 server.stop()
     return {"rows": rows, "errors": [e for r in rows for e in r["errors"]]}
@@ -356,6 +372,9 @@ def _forward_md(g: dict[str, Any]) -> list[str]:
             f"{r['billed_gflops_per_image']:.2f}",
             f"{r['speedup']:.2f}x",
             f"{r['flop_speedup']:.2f}x",
+            f"{r['graphed']['eager_images_per_s']:.0f}" if r.get("graphed") else "-",
+            f"{r['graphed']['images_per_s']:.0f}" if r.get("graphed") else "-",
+            f"{r['graphed']['of_eager']:.2f}x" if r.get("graphed") else "-",
         )
         for mod in g["models"]
         for r in mod["rows"]
@@ -364,7 +383,9 @@ def _forward_md(g: dict[str, Any]) -> list[str]:
         f"## Masked forward, {g['dtype']}, batch {g['models'][0]['batch']} (random weights)",
         "",
         f"{g['device']}; datasheet bf16 peak {g['spec_peak_tflops'] or 'unknown'} TFLOP/s; bf16 matmul measured "
-        f"{g['matmul_bf16']['gflops_per_s'] / 1e3:.1f} TFLOP/s (n={g['matmul_bf16']['n']}).",
+        f"{g['matmul_bf16']['gflops_per_s'] / 1e3:.1f} TFLOP/s (n={g['matmul_bf16']['n']}). The last three "
+        "columns: the uint8-pixel forward the server runs, eager and as `serve --compile graphs` replays it (CUDA "
+        "graphs of this shape; the other columns are the eager forward on normalized bf16 patches).",
         "",
         table(
             (
@@ -378,6 +399,9 @@ def _forward_md(g: dict[str, Any]) -> list[str]:
                 "billed GFLOPs/img",
                 "speedup vs keep 100%",
                 "FLOP ratio",
+                "uint8 eager img/s",
+                "CUDA graphs img/s",
+                "graphs / eager",
             ),
             rows,
         ),
@@ -393,7 +417,9 @@ def _server_md(c: dict[str, Any], device: str) -> list[str]:
             r["label"],
             r["clients"],
             "shared memory" if r.get("shared_memory") else "messages",
-            f"{r['ingest_workers']} ingest + device" if r.get("ingest_workers") else "one",
+            f"{r['ingest_workers']} ingest + device"
+            if r.get("ingest_workers")
+            else "one" + (f", `--compile {r['compile']}`" if r.get("compile", "off") != "off" else ""),
             f"{r['images_per_s']:.0f}",
             f"{r['inprocess_images_per_s']:.0f}" if r["inprocess_images_per_s"] else "-",
             pct(r["of_inprocess"]) if r["of_inprocess"] is not None else "-",
@@ -411,9 +437,10 @@ def _server_md(c: dict[str, Any], device: str) -> list[str]:
         f"`teacher-server serve --device {device} --dtype auto`, each client sends {first['requests_per_client']} "
         f"requests of {first['batch_per_request']} images of uint8 kept patches, one call at a time, in the messages "
         "or through shared memory (`--shared-memory`; GB/s in then counts the bytes the regions carried). Busy: the "
-        "forward's share of the wall time (`maskedkd_compute_seconds`). The last row per model: the same 32 clients "
+        "forward's share of the wall time (`maskedkd_compute_seconds`). Then per model: the same 32 clients "
         f"against `--ingest-workers {INGEST_WORKERS}` (that many processes receive, check and bill; one runs the "
-        "teacher).",
+        "teacher); for the first model also against one process replaying CUDA graphs (`--compile graphs "
+        "--compile-shapes` of the micro-batch sizes 1-8 requests make; `static` in a dry run on the CPU).",
         "",
         table(
             (

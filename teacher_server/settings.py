@@ -66,16 +66,18 @@ class ServerSettings(BaseSettings):
         description="the most KL(float32 || served dtype) in nats per image on "
         "the fixed batch; above it auto serves float32 and an explicit dtype refuses to start",
     )
-    compile: Literal["off", "static"] = Field(
+    compile: Literal["off", "static", "graphs"] = Field(
         "off",
         description="static: torch.compile the forward, one inductor "
         "graph per batch shape (~20 s each on 2 CPU cores; faster steady "
-        "state; compiled.py)",
+        "state; compiled.py); graphs: a CUDA teacher's forward captured as CUDA graphs of the compile_shapes, for a "
+        "launch-bound teacher (cuda_graphs.py)",
     )
     compile_shapes: Annotated[tuple[tuple[int, int], ...], NoDecode] = Field(
         (),
-        description="with compile static: (micro-batch images, kept patches) shapes compiled at start-up so no "
-        "request waits for a compile, as B:K,B:K (e.g. 64:32,64:16)",
+        description="with compile static or graphs: (micro-batch images, kept patches) shapes prepared at start-up, "
+        "as B:K,B:K (e.g. 64:98,16:98); each micro-batch of a listed K runs in them, padded up to the next listed B, "
+        "so no request waits for a compile",
     )
 
     # --- network ---
@@ -96,7 +98,7 @@ class ServerSettings(BaseSettings):
         le=64,
         description="receive, check, bill and answer requests in this many processes sharing the port, all feeding "
         "the one teacher in a device process (0: one process does everything); for a teacher faster than one "
-        "process can ingest. The queue bounds are shared out among them",
+        "process can ingest. Fair shares and the queue bounds hold for all of them together",
     )
     metrics_port: int | None = Field(
         9464, ge=0, le=65535, description="Prometheus /metrics port (0: any free port; --no-metrics: off)"
@@ -240,8 +242,12 @@ class ServerSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _shapes_need_compile(self) -> ServerSettings:
-        if self.compile_shapes and self.compile != "static":
-            raise ValueError("compile_shapes needs compile=static (there is nothing to warm up in eager mode)")
+        if self.compile_shapes and self.compile == "off":
+            raise ValueError(
+                "compile_shapes needs compile=static or graphs (there is nothing to prepare in eager mode)"
+            )
+        if self.compile == "graphs" and not self.compile_shapes:
+            raise ValueError("compile=graphs needs compile_shapes (the B:K shapes to capture as CUDA graphs)")
         return self
 
     @model_validator(mode="before")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,11 +33,18 @@ CPU_CHUNK_TOKENS = 2048  # tokens per forward call on a CPU teacher (20 rows of 
 
 
 def make_forward(
-    teacher: MaskedTeacher, device: torch.device, dtype: torch.dtype, compile_mode: str = "off", *, pack: bool = False
+    teacher: MaskedTeacher,
+    device: torch.device,
+    dtype: torch.dtype,
+    compile_mode: str = "off",
+    *,
+    pack: bool = False,
+    shapes: Sequence[tuple[int, int]] = (),
 ) -> ForwardFn:
     """The batcher's forward: staged rows (raw pixels, on the teacher's device: staging.py) in, CPU float32 logits
-    out; the teacher casts the pixels to its dtype and normalizes them in its patch projection."""
-    forward_pixels = forward_pixels_fn(teacher, compile_mode)
+    out; the teacher casts the pixels to its dtype and normalizes them in its patch projection. `shapes`: the
+    (B, K) shapes `--compile` prepares (compiled.py)."""
+    forward_pixels = forward_pixels_fn(teacher, compile_mode, shapes)
     chunked = device.type == "cpu" and compile_mode == "off"  # a compiled forward keeps the shapes it was built for
 
     def forward(pixels: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
@@ -128,12 +136,15 @@ def rows_runner_for(name: str, teacher: MaskedTeacher, settings: ServerSettings)
     """The teacher's forward for staged batches (compiled shapes warmed up): what runs on the device."""
     weight = next(teacher.parameters())
     mixed_k = mixed_k_of(name, teacher, settings)
-    forward = make_forward(teacher, weight.device, weight.dtype, settings.compile, pack=mixed_k == "pack")
-    if settings.compile_shapes:
-        try:
-            warm_up_shapes(forward, teacher, settings.compile_shapes)
-        except ValueError as exc:
-            raise ModelLoadError(str(exc)) from exc
+    shapes = settings.compile_shapes
+    try:
+        forward = make_forward(
+            teacher, weight.device, weight.dtype, settings.compile, pack=mixed_k == "pack", shapes=shapes
+        )
+        if shapes and settings.compile == "static":  # graphs are captured as they are made
+            warm_up_shapes(forward, teacher, shapes)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from exc
     return RowsRunner(
         forward, mixed_k=mixed_k, forward_outputs=make_outputs_forward(teacher), served_dtype=weight.dtype
     )

@@ -41,20 +41,23 @@ def test_dry_run_writes_the_report_from_every_step(tmp_path: Path) -> None:
         assert title in md, title
     served = json.loads(out.with_suffix(".json").read_text())
     rows = served["server"]["rows"]
-    assert [(r["clients"], r["shared_memory"], r["ingest_workers"], r["error_count"], r["replayed"]) for r in rows] == [
-        (8, False, 0, 0, 0),
-        (32, False, 0, 0, 0),
-        (8, True, 0, 0, 0),
-        (32, True, 0, 0, 0),
-        (32, False, 4, 0, 0),
+    keys = ("clients", "shared_memory", "ingest_workers", "compile", "error_count", "replayed")
+    assert [tuple(r[k] for k in keys) for r in rows] == [
+        (8, False, 0, "off", 0, 0),
+        (32, False, 0, "off", 0, 0),
+        (8, True, 0, "off", 0, 0),
+        (32, True, 0, "off", 0, 0),
+        (32, False, 4, "off", 0, 0),
+        (32, False, 0, "static", 0, 0),  # `--compile graphs` on a GPU; compiled shapes on the CPU
     ]
     assert all(r["billing_matches_flop_model"] for r in rows)
     assert served["server"]["rows"][0]["of_inprocess"] > 0
     mixed = served["mixed_keep"]
     assert (mixed["internal"], mixed["error_count"], mixed["ledger_equals_answers"]) == (0, 0, True)
     assert mixed["answered"] == mixed["requests"] > 0
-    # forward at keep 100/50/25%, server with 8 and 32 clients both ways, 32 clients against the ingest workers
-    assert md.count("| ViT-Ti 32px") == 3 + 5
+    # forward at keep 100/50/25%, server with 8 and 32 clients both ways, 32 clients against the ingest workers and
+    # against prepared shapes
+    assert md.count("| ViT-Ti 32px") == 3 + 6
     modes = ("no_kd", "full_kd", "maskedkd_50", "maskedkd_25", "maskedkd_50_shm", "maskedkd_50_workers")
     assert all(f"| {mode} |" in md for mode in modes)
     trained = served["training"]["modes"]
