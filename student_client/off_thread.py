@@ -5,7 +5,9 @@ training thread would make training wait on bytes. On CUDA a builder thread on t
 for the GPU: copying the patches to the host synchronizes the stream, and by then the student's next micro-batch is
 queued on it, so request i would leave only after the student's forward i + 1. The caller therefore marks its
 stream (`mark_after_caller`: a CUDA event after the work queued so far) and the builder does the device work on a
-stream of its own that waits for that mark only (`after`).
+stream of its own that waits for that mark only (`after`). The kept patches then leave the card in one copy into a
+pinned host buffer the builder thread reuses (`to_host`): a copy from pageable memory goes through the driver's own
+staging buffer at about half the speed, and pinning a new buffer per batch costs more than the copy.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-_local = threading.local()  # per builder thread: {device index: its side stream}
+_local = threading.local()  # per builder thread: {device index: its side stream}, its pinned buffer
 
 
 @dataclass(frozen=True)
@@ -51,3 +53,20 @@ def after(mark: DeviceMark | None) -> Iterator[None]:
     stream.wait_event(mark.event)
     with torch.cuda.stream(stream):
         yield
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A CUDA tensor copied into this thread's reused pinned buffer (one non-blocking copy on the current stream,
+    which is then waited for); a CPU tensor as it is. The result is a view of the buffer, valid until this thread's
+    next call: encode it (the request's bytes are a copy) before asking again."""
+    if not tensor.is_cuda:
+        return tensor
+    nbytes = tensor.numel() * tensor.element_size()
+    buffer: torch.Tensor | None = getattr(_local, "pinned", None)
+    if buffer is None or buffer.numel() < nbytes:
+        size = 1 << max(20, (nbytes - 1).bit_length())  # grown in powers of two: steady traffic allocates it once
+        buffer = _local.pinned = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+    host = buffer[:nbytes].view(tensor.dtype).view(tensor.shape)
+    host.copy_(tensor, non_blocking=True)
+    torch.cuda.current_stream(tensor.device).synchronize()
+    return host

@@ -24,6 +24,7 @@ from maskedkd.purpose import purpose_problem
 from maskedkd.teacher_outputs import OUTPUT_NAMES
 from maskedkd.v1 import teacher_pb2 as pb
 from student_client.errors import TeacherInputError
+from student_client.off_thread import to_host
 
 P = ParamSpec("P")
 A = TypeVar("A")
@@ -192,16 +193,16 @@ def build_request(
         images = to_teacher_resolution(images, info.image_size)  # [B, C, H_t, W_t]
         if keep_indices is not None and send_patches:
             patches = gather_patches(images, keep_indices, info.patch_size)  # [B, K, C, P, P]
-            req.patches.CopyFrom(tensor_to_proto(wire_pixels(patches)))
+            req.patches.CopyFrom(tensor_to_proto(to_host(wire_pixels(patches))))
         else:
-            req.images.CopyFrom(tensor_to_proto(wire_pixels(images)))
+            req.images.CopyFrom(tensor_to_proto(to_host(wire_pixels(images))))
     else:
         assert patches is not None
         if keep_indices is None:
             raise TeacherInputError("keep_indices are required with patches")
         if patches.dim() != 5:
             raise TeacherInputError(f"patches must be [B, K, C, P, P], got {list(patches.shape)}")
-        req.patches.CopyFrom(tensor_to_proto(wire_pixels(patches)))
+        req.patches.CopyFrom(tensor_to_proto(to_host(wire_pixels(patches))))
     if keep_indices is not None:
         req.keep_indices.CopyFrom(tensor_to_proto(keep_indices.to(_index_dtype(info.num_patches))))
     if keep_counts is not None:
