@@ -64,7 +64,6 @@ class BatchJob:
     weight: float = 1.0
     priority: str = DEFAULT_PRIORITY
     deadline: float | None = None  # monotonic time the caller gives up
-    nbytes: int = 0
     enqueued_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -187,7 +186,6 @@ class TokenBudgetBatcher:
             weight=weight,
             priority=priority,
             deadline=deadline,
-            nbytes=len(decoded.payload),
         )
         self.queue.push(job)
         self._count_queued(job, 1)

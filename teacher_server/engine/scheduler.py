@@ -35,7 +35,6 @@ class Queued(Protocol):
     weight: float
     priority: str
     tokens: int
-    nbytes: int
     deadline: float | None  # monotonic time the caller gives up; None: no deadline
     enqueued_at: float  # monotonic time it was queued
 

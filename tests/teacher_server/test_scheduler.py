@@ -23,7 +23,6 @@ class Job:
     tokens: int = 10
     weight: float = 1.0
     priority: str = "standard"
-    nbytes: int = 100
     deadline: float | None = None
     enqueued_at: float = 0.0
 
