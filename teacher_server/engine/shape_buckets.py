@@ -10,11 +10,14 @@ shape, ragged rows with counts and float pixels run the fallback forward.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import torch
 
 from maskedkd.geometry import TeacherGeometry
+
+log = logging.getLogger(__name__)
 
 # one prepared shape's forward: uint8 pixels [g,K,C,P,P] and indices [g,K] with g <= its B -> logits [g,classes],
 # valid until that shape runs again
@@ -46,8 +49,16 @@ class ShapeBuckets:
         if not sizes:
             return None
         plan = self._plans.get((rows, k))
-        if plan is None:
+        if plan is None:  # once per batch size: how the listed shapes fit the traffic, for whoever chooses them
             plan = self._plans[(rows, k)] = least_padding(rows, sizes)
+            padding = sum(plan) - rows
+            log.info(
+                "micro-batches of %d images at K=%d run as %s (%d padding rows)",
+                rows,
+                k,
+                "+".join(map(str, plan)),
+                padding,
+            )
         out, start = [], 0
         for b in plan:
             out.append((start, min(rows, start + b), b))

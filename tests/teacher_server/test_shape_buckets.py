@@ -43,8 +43,10 @@ def test_pieces_cover_the_rows_with_the_least_padding(sizes: tuple[int, ...]) ->
     assert buckets.pieces(5, K + 1) is None
 
 
-def test_every_batch_size_runs_in_the_listed_shapes_with_each_rows_own_answer() -> None:
-    """float32, CPU: batches of 1-9 rows through shapes 2:K and 4:K give timm's own logits for each row."""
+def test_every_batch_size_runs_in_the_listed_shapes_with_each_rows_own_answer(caplog: pytest.LogCaptureFixture) -> None:
+    """float32, CPU: batches of 1-9 rows through shapes 2:K and 4:K give timm's own logits for each row; how each
+    size was cut is logged once."""
+    caplog.set_level("INFO", logger="teacher_server.engine.shape_buckets")
     model = kit.tiny_vit()
     teacher, ref = MaskedTeacher(model), kit.Reference(model)
     seen: list[tuple[int, int]] = []
@@ -62,6 +64,8 @@ def test_every_batch_size_runs_in_the_listed_shapes_with_each_rows_own_answer() 
         torch.testing.assert_close(got, ref.logits(x, keep), **kit.CLOSE)
     assert set(seen) == {(2, K), (4, K)}
     assert sum(forward.pieces_run.values()) == len(seen)
+    assert f"micro-batches of 7 images at K={K} run as 4+4 (1 padding rows)" in caplog.messages
+    assert len(caplog.messages) == 9  # one line per size
 
 
 def test_rows_without_a_listed_shape_run_the_fallback_unpadded() -> None:
