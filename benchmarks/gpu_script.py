@@ -173,9 +173,12 @@ def server_vs_inprocess(
             "compile": "graphs" if on_gpu else "static",
             "compile_shapes": tuple((batch * r, kept) for r in GRAPHED_REQUESTS[: None if on_gpu else 2]),
         }
-        configs = [(0, SERVER_LOADS, {}), (INGEST_WORKERS, INGEST_LOADS, {})] + (
-            [(0, GRAPHED_LOADS, graphs)] * (n == 0)
-        )
+        configs: list[tuple[int, tuple[tuple[int, bool], ...], dict[str, Any]]] = [
+            (0, SERVER_LOADS, {}),
+            (INGEST_WORKERS, INGEST_LOADS, {}),
+        ]
+        if n == 0:  # the launch-bound model: its forward replayed as CUDA graphs
+            configs.append((0, GRAPHED_LOADS, graphs))
         for workers, loads, compiled in configs:
             tag = f"{case.key}-w{workers}{'-' + compiled['compile'] if compiled else ''}"
             server = BenchServer(

@@ -5,9 +5,9 @@ GELU and residual adds around the matrix products. Measured on the 2-core CPU (`
 it lifts the fp32 masked forward from ~55-70% to ~75-80% of the machine's matmul rate. The gain needs static
 shapes (with `dynamic=True` it was gone in our measurement), so every new (micro-batch size, K) shape compiles its
 own graph: ~20 s on 2 CPU cores, paid by the first request of that shape unless `--compile-shapes B:K,...` compiled
-it at start-up (`warm_up_shapes`). With shapes listed, every micro-batch of a listed K runs in those shapes, padded
-up to them (shape_buckets.py), so no request of that K compiles; other shapes compile their own graph, up to
-`max_shapes`, beyond that they run eager. It pays off for steady traffic (fixed student batch and keep).
+it at start-up (`warm_up_shapes`). With shapes listed, every micro-batch of a listed K runs in pieces of those
+shapes, the last one padded (shape_buckets.py), so no request of that K compiles; other shapes compile their own
+graph, up to `max_shapes`, beyond that they run eager. It pays off for steady traffic (fixed student batch and keep).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def compiled_forward_pixels(teacher: MaskedTeacher, *, max_shapes: int = 8) -> F
 
 def forward_pixels_fn(teacher: MaskedTeacher, mode: str, shapes: Sequence[tuple[int, int]] = ()) -> ForwardFn:
     """The teacher's raw-pixel forward for a `--compile` mode: "off" is eager, "static" `compiled_forward_pixels`
-    (padded up to `shapes` where listed), "graphs" CUDA graphs of `shapes` (cuda_graphs.py)."""
+    (run in pieces of `shapes` where listed), "graphs" CUDA graphs of `shapes` (cuda_graphs.py)."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
     if mode == "graphs":
