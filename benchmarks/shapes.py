@@ -20,6 +20,7 @@ from typing import Any
 
 import timm
 import torch
+from pydantic import ValidationError
 
 from maskedkd.masked_teacher import MaskedTeacher
 from teacher_server.engine.compiled import warm_up_shapes
@@ -116,9 +117,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         shapes = ServerSettings.model_validate({"compile": "static", "compile_shapes": args.shapes}).compile_shapes
+    except ValidationError as exc:
+        parser.error(exc.errors()[0]["msg"])
+    try:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    except ValueError as exc:
-        parser.error(str(exc).splitlines()[-1] if "\n" in str(exc) else str(exc))
+    except ValueError:
+        parser.error(f"--sizes wants comma-separated positive integers, got {args.sizes!r}")
     if any(k != KEEP for _, k in shapes) or not sizes or min(sizes) < 1:
         parser.error(f"shapes must keep {KEEP} patches and sizes be positive")
     result = run(shapes, sizes, args.rounds, args.repeats)
