@@ -57,6 +57,8 @@ class QueueLimits:
 
 @dataclass
 class _KeyQueue(Generic[J]):
+    """A key's queued requests; the queue is dropped when its last request leaves (the clock keeps the key's tags)."""
+
     jobs: deque[J] = field(default_factory=deque)
     tokens: int = 0
 
@@ -115,8 +117,6 @@ class FairQueue(Generic[J]):
         best: J | None = None
         best_order = (0, 0.0)
         for key_id, q in self._keys.items():
-            if not q.jobs:
-                continue
             job = q.jobs[0]
             order = (_rank(job), self._clock.start_tag(key_id))
             if best is None or order < best_order:
@@ -139,7 +139,7 @@ class FairQueue(Generic[J]):
 
     def oldest_enqueued(self) -> float:
         """When the longest-waiting queued request was queued (inf when none is)."""
-        return min((q.jobs[0].enqueued_at for q in self._keys.values() if q.jobs), default=float("inf"))
+        return min((q.jobs[0].enqueued_at for q in self._keys.values()), default=float("inf"))
 
     def next_batch(
         self,
@@ -171,7 +171,7 @@ class FairQueue(Generic[J]):
             batch.append(job)
             images += job.images
             tokens += job.tokens
-        if not any(q.jobs for q in self._keys.values()):
+        if not self._keys:
             self._clock.end_busy_period()
         return batch, dropped
 
@@ -180,7 +180,7 @@ class FairQueue(Generic[J]):
         """Teacher tokens served before a request of `key_id` with `tokens` queued now would be: what higher classes
         hold, and what same-class keys hold with start tags before its finish tag (fair queuing)."""
         q = self._keys.get(key_id)
-        if q is not None and q.jobs:
+        if q is not None:
             start = self._clock.start_tag(key_id) + sum(cost(job) for job in q.jobs)
         else:
             start = self._clock.next_start(key_id)
@@ -188,7 +188,7 @@ class FairQueue(Generic[J]):
         rank = rank_of(priority)
         ahead = 0
         for other_id, other in self._keys.items():
-            tag = self._clock.start_tag(other_id) if other.jobs else 0.0
+            tag = self._clock.start_tag(other_id)
             for job in other.jobs:
                 r = _rank(job)
                 if r < rank or (r == rank and tag < finish):
