@@ -34,8 +34,8 @@ class Clock(Protocol):
     def take(self, key_id: int, cost: float, images: int) -> None: ...
     def drop(self, key_id: int, cost: float, images: int) -> None: ...
     def end_busy_period(self) -> None: ...
-    def reserve(self, key_id: int, nbytes: int) -> None: ...
-    def release(self, key_id: int, nbytes: int) -> None: ...
+    def reserve(self, key_id: int, nbytes: int) -> bool: ...
+    def release(self, key_id: int, nbytes: int, *, counted: bool) -> None: ...
     def load(self, key_id: int) -> Load: ...
 
 
@@ -106,12 +106,14 @@ class FairClock:
             for key_id, k in list(self._keys.items()):
                 self._forget_if_idle(key_id, k)
 
-    def reserve(self, key_id: int, nbytes: int) -> None:
-        """`nbytes` of a request of `key_id` are in memory (being read, then queued) until `release`."""
+    def reserve(self, key_id: int, nbytes: int) -> bool:
+        """`nbytes` of a request of `key_id` are in memory (being read, then queued) until `release`; True: counted
+        for the key too (always, here), which `release` is told."""
         self._keys.setdefault(key_id, _Key()).nbytes += nbytes
         self._nbytes += nbytes
+        return True
 
-    def release(self, key_id: int, nbytes: int) -> None:
+    def release(self, key_id: int, nbytes: int, *, counted: bool) -> None:
         k = self._keys.get(key_id)
         if k is not None:
             k.nbytes -= nbytes
@@ -161,10 +163,14 @@ class SharedFairClock:
 
     def _init_local(self) -> None:
         self._where: dict[int, int] = {}  # key id -> its slot, as this process last found it
+        # key id -> this process's requests of it queued while the table was full: they were counted in all only,
+        # and leave before the key's later ones (a key's queue is first in, first out), also once it has a slot
+        self._unslotted: dict[int, int] = {}
         self._warned = False
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in vars(self).items() if k not in ("_where", "_warned")}
+        local = ("_where", "_unslotted", "_warned")
+        return {k: v for k, v in vars(self).items() if k not in local}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         vars(self).update(state)
@@ -199,6 +205,17 @@ class SharedFairClock:
         self._where[key_id] = free
         return free
 
+    def _left_unslotted(self, key_id: int) -> bool:
+        """A request of `key_id` leaves the queue: True when it was queued without a slot (counted in all only)."""
+        held = self._unslotted.get(key_id, 0)
+        if held == 0:
+            return False
+        if held == 1:
+            del self._unslotted[key_id]
+        else:
+            self._unslotted[key_id] = held - 1
+        return True
+
     def _idle(self, i: int) -> bool:
         return self._counts[i] == 0 and self._nbytes[i] <= 0 and self._served[i] <= self._scalars[_VIRTUAL]
 
@@ -211,6 +228,8 @@ class SharedFairClock:
                     self._served[i] = max(self._served[i], self._scalars[_VIRTUAL])
                 self._counts[i] += 1
                 self._images[i] += images
+            else:
+                self._unslotted[key_id] = self._unslotted.get(key_id, 0) + 1
             self._scalars[_QUEUED] += 1
             self._scalars[_IMAGES] += images
 
@@ -234,7 +253,7 @@ class SharedFairClock:
 
     def _charge(self, key_id: int, cost: float, images: int, *, taken: bool) -> None:
         with self._lock:
-            i = self._slot(key_id, claim=False)
+            i = -1 if self._left_unslotted(key_id) else self._slot(key_id, claim=False)
             if i >= 0:
                 if taken:
                     self._scalars[_VIRTUAL] = max(self._scalars[_VIRTUAL], self._served[i])
@@ -250,16 +269,17 @@ class SharedFairClock:
             if self._scalars[_QUEUED] == 0:  # nothing queued on any worker
                 self._scalars[_VIRTUAL] = max(self._scalars[_VIRTUAL], self._scalars[_LATEST])
 
-    def reserve(self, key_id: int, nbytes: int) -> None:
+    def reserve(self, key_id: int, nbytes: int) -> bool:
         with self._lock:
             i = self._slot(key_id, claim=True)
             if i >= 0:
                 self._nbytes[i] += nbytes
             self._scalars[_BYTES] += nbytes
+            return i >= 0
 
-    def release(self, key_id: int, nbytes: int) -> None:
+    def release(self, key_id: int, nbytes: int, *, counted: bool) -> None:
         with self._lock:
-            i = self._slot(key_id, claim=False)
+            i = self._slot(key_id, claim=False) if counted else -1
             if i >= 0:
                 self._nbytes[i] -= nbytes
             self._scalars[_BYTES] -= nbytes

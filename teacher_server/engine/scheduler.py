@@ -87,12 +87,13 @@ class FairQueue(Generic[J]):
             return f"the server has {now.nbytes / 2**20:.0f} MiB queued (at most {lim.total_bytes / 2**20:.0f} MiB)"
         return None
 
-    def reserve_bytes(self, key_id: int, nbytes: int) -> None:
-        """Count `nbytes` against the key and the server before the request is read (`release_bytes` after)."""
-        self._clock.reserve(key_id, nbytes)
+    def reserve_bytes(self, key_id: int, nbytes: int) -> bool:
+        """Count `nbytes` against the key and the server before the request is read; pass what it returns to
+        `release_bytes` after (whether the key's count holds them)."""
+        return self._clock.reserve(key_id, nbytes)
 
-    def release_bytes(self, key_id: int, nbytes: int) -> None:
-        self._clock.release(key_id, nbytes)
+    def release_bytes(self, key_id: int, nbytes: int, *, counted: bool) -> None:
+        self._clock.release(key_id, nbytes, counted=counted)
 
     # ---- queueing
     def push(self, job: J) -> None:

@@ -170,11 +170,11 @@ class InferenceService:
         nbytes = len(decoded.payload)
         self._metrics.count_ingested(nbytes)
         self._refuse_if_full(key, nbytes=nbytes, images=decoded.images)
-        served.batcher.queue.reserve_bytes(key.id, nbytes)
+        counted = served.batcher.queue.reserve_bytes(key.id, nbytes)
         try:
             outcome = await self._infer(key, request, served, decoded, received_at, deadline)
         finally:
-            served.batcher.queue.release_bytes(key.id, nbytes)
+            served.batcher.queue.release_bytes(key.id, nbytes, counted=counted)
         self._metrics.request_latency.labels(model=served.name).observe(time.monotonic() - received_at)
         return outcome
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from teacher_server.engine.fair_clock import Clock, FairClock, SharedFairClock
+from teacher_server.engine.fair_clock import Clock, FairClock, Load, SharedFairClock
 from teacher_server.engine.scheduler import ComputeEstimate, FairQueue, QueueLimits
 
 pytestmark = pytest.mark.dtype("none")
@@ -95,9 +95,9 @@ def test_queue_bounds_per_key_and_in_all_refuse_with_a_reason_but_always_admit_a
     assert queue.room_for(2, images=2) is None  # another key is not held back by the first one's queue
     queue.push(Job(key_id=2, images=2))
     assert queue.room_for(3, images=2) == "the server has 5 images queued (at most 6)"
-    queue.reserve_bytes(2, 900)  # being read: counts against the key's bytes before it is queued
+    counted = queue.reserve_bytes(2, 900)  # being read: counts against the key's bytes before it is queued
     assert queue.room_for(2, nbytes=200) == "this key has 0 MiB queued (at most 0 MiB)"
-    queue.release_bytes(2, 900)
+    queue.release_bytes(2, 900, counted=counted)
     assert queue.room_for(2, nbytes=200) is None
 
 
@@ -169,6 +169,30 @@ def test_the_shared_clock_is_one_clock_across_processes_and_a_key_without_servic
     assert clock.next_start(7) == clock.next_start(9) == clock.next_start(11) == 120.0
 
 
+def test_a_key_queued_while_the_table_was_full_is_counted_right_once_it_has_a_slot() -> None:
+    """Key 3's first request and bytes are counted in all only (both slots taken); its next ones get the slot key 1
+    freed. What leaves later is taken off the count it was added to: key 3's own counts stay exact."""
+    clock = SharedFairClock(multiprocessing.get_context("spawn"), slots=2)
+    clock.queued(1, 1)
+    clock.queued(2, 1)
+    clock.queued(3, 5)  # the table is full: counted in all only
+    first_bytes = clock.reserve(3, 500)
+    clock.take(1, 10.0, 1)
+    clock.take(2, 10.0, 1)
+    clock.queued(2, 1)
+    clock.take(2, 10.0, 1)  # the virtual time reaches key 1's service: its slot is free
+    clock.queued(3, 7)  # key 3 takes it
+    second_bytes = clock.reserve(3, 300)
+    assert (first_bytes, second_bytes) == (False, True)
+    assert clock.load(3) == Load(key_images=7, key_bytes=300, images=12, nbytes=800)
+    clock.release(3, 500, counted=first_bytes)
+    clock.take(3, 5.0, 5)  # the request queued without a slot leaves first
+    assert clock.load(3) == Load(key_images=7, key_bytes=300, images=7, nbytes=300)
+    clock.release(3, 300, counted=second_bytes)
+    clock.take(3, 7.0, 7)
+    assert clock.load(3) == Load(key_images=0, key_bytes=0, images=0, nbytes=0)
+
+
 def test_queue_bounds_hold_for_the_queues_on_one_shared_clock_together() -> None:
     """Two ingest workers' queues: a key's images and bytes, and the server's, count on both."""
     clock = SharedFairClock(multiprocessing.get_context("spawn"))
@@ -179,9 +203,9 @@ def test_queue_bounds_hold_for_the_queues_on_one_shared_clock_together() -> None
     assert second.room_for(2, images=2) is None
     second.push(Job(key_id=2, images=2))
     assert first.room_for(3, images=2) == "the server has 5 images queued (at most 6)"
-    first.reserve_bytes(2, 900)  # key 2's next request, being read by the first worker
+    counted = first.reserve_bytes(2, 900)  # key 2's next request, being read by the first worker
     assert second.room_for(2, nbytes=200) == "this key has 0 MiB queued (at most 0 MiB)"
-    first.release_bytes(2, 900)
+    first.release_bytes(2, 900, counted=counted)
     assert second.room_for(2, nbytes=200) is None
     drain(first)  # key 1's images leave the queue: room again on the other worker
     assert second.room_for(1, images=4) is None
