@@ -129,6 +129,19 @@ def _busy_s(metrics_url: str | None) -> float:
     return float(found.group(1)) if found else 0.0
 
 
+def _shape_rows(metrics_url: str | None) -> tuple[float, float]:
+    """(served, padding) rows the server's prepared `--compile-shapes` shapes have run so far (0, 0 without any)."""
+    if not metrics_url:
+        return 0.0, 0.0
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    rows = {"served": 0.0, "padding": 0.0}
+    for kind, value in re.findall(
+        r'^maskedkd_shape_rows_total\{[^}]*rows="(served|padding)"[^}]*\} (\S+)$', text, re.M
+    ):
+        rows[kind] += float(value)
+    return rows["served"], rows["padding"]
+
+
 def _requests(teacher: Any, batch: int, count: int, seed: int, *, ragged: bool = False) -> list[pb.InferRequest]:
     """`count` requests of `batch` images of uint8 kept patches at keep 50% (`ragged`: each row keeps a random
     25-100% of the patches, padded and counted with keep_counts), under distinct ids."""
@@ -224,9 +237,10 @@ def _server_row(
     seed = 1000 * clients + (500 if shared else 0)  # ids of their own: none is a replay of another load's
     load = [_requests(teacher, batch, requests, seed=seed + c) for c in range(clients)]
     nbytes = sum(r.ByteSize() for mine in load for r in mine)
-    busy0 = _busy_s(metrics)
+    busy0, shaped0 = _busy_s(metrics), _shape_rows(metrics)
     seconds, answers, errors = client_load(server.address, server.api_key, load, shared_memory=shared)
     busy = _busy_s(metrics) - busy0
+    served, padding = (after - before for after, before in zip(_shape_rows(metrics), shaped0, strict=True))
     expected = batch * teacher.gflops(kept)
     rate = batch * len(answers) / seconds
     return {
@@ -242,6 +256,7 @@ def _server_row(
         "of_inprocess": rate / inprocess[case.key] if inprocess.get(case.key) else None,
         "ingest_gb_per_s": nbytes / seconds / 1e9,
         "busy_share": busy / seconds,
+        "padding_share": padding / (served + padding) if served + padding else None,  # rows of the prepared shapes
         "errors": errors[:3],
         "error_count": len(errors),
         "replayed": sum(a.usage.replayed for a in answers),  # 0: every call ran its forward
@@ -428,6 +443,7 @@ def _server_md(c: dict[str, Any], device: str) -> list[str]:
             pct(r["of_inprocess"]) if r["of_inprocess"] is not None else "-",
             f"{r['ingest_gb_per_s']:.2f}",
             pct(r["busy_share"]),
+            pct(r["padding_share"]) if r.get("padding_share") is not None else "-",
             "yes" if r["billing_matches_flop_model"] else "NO",
             r["error_count"],
         )
@@ -440,7 +456,8 @@ def _server_md(c: dict[str, Any], device: str) -> list[str]:
         f"`teacher-server serve --device {device} --dtype auto`, each client sends {first['requests_per_client']} "
         f"requests of {first['batch_per_request']} images of uint8 kept patches, one call at a time, in the messages "
         "or through shared memory (`--shared-memory`; GB/s in then counts the bytes the regions carried). Busy: the "
-        "forward's share of the wall time (`maskedkd_compute_seconds`). Then per model: the same 32 clients "
+        "forward's share of the wall time (`maskedkd_compute_seconds`). Padding: the share of the rows run in "
+        "prepared shapes that were padding (`maskedkd_shape_rows_total`). Then per model: the same 32 clients "
         f"against `--ingest-workers {INGEST_WORKERS}` (that many processes receive, check and bill; one runs the "
         "teacher); for the first model also against one process replaying CUDA graphs (`--compile graphs "
         "--compile-shapes` of the micro-batch sizes 1-8 requests make; `static` in a dry run on the CPU).",
@@ -456,6 +473,7 @@ def _server_md(c: dict[str, Any], device: str) -> list[str]:
                 "of in-process",
                 "GB/s in",
                 "busy",
+                "padding",
                 "billed = FLOPs",
                 "errors",
             ),

@@ -147,6 +147,18 @@ class ServerMetrics:
         self._process = process
         self._ingested: Any = None  # its series, made on the first bytes (a device process exports none)
         # every stage exported from the start, at 0; its child looked up once (labels() costs ~3 us a call)
+        self.shape_rows = Counter(
+            "maskedkd_shape_rows_total",
+            "Rows run in each prepared --compile-shapes shape B:K: requests' rows (served) and padding rows (padding)",
+            ["model", "shape", "rows"],
+            registry=r,
+        )
+        self.unprepared_rows = Counter(
+            "maskedkd_unprepared_rows_total",
+            "Rows no prepared --compile-shapes shape fits (a keep width not listed, ragged rows, float pixels)",
+            ["model"],
+            registry=r,
+        )
         self._stage_counters = {stage: self.stage_cpu.labels(stage=stage) for stage in STAGES}
         ProcessCollector(registry=r)  # process_cpu_seconds_total: the stages' sum plus what no stage counts
         self._http: WSGIServer | None = None
@@ -187,6 +199,10 @@ class ServerMetrics:
         counter = self._stage_counters.get(stage)
         return StageClock(self.stage_cpu.labels(stage=stage) if counter is None else counter)
 
+    def shape_use(self, model: str) -> ShapeUseCounters:
+        """Where `model`'s forward ran each batch's rows, counted here (engine/shape_buckets.py's `ShapeUse`)."""
+        return ShapeUseCounters(self, model)
+
     def timed(self, stage: str, fn: Callable[..., T]) -> Callable[..., T]:
         """`fn` with its CPU time counted to `stage`."""
 
@@ -210,3 +226,32 @@ class ServerMetrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class ShapeUseCounters:
+    """`ShapeUse` on the metrics: served and padding rows per prepared shape, rows of the fallback forward."""
+
+    def __init__(self, metrics: ServerMetrics, model: str) -> None:
+        self._metrics = metrics
+        self._model = model
+        self._pieces: dict[tuple[int, int], tuple[Any, Any]] = {}  # (B, K) -> its served and padding counters
+        self._fallback = metrics.unprepared_rows.labels(model=model)
+        self.counting = True  # off while the server warms the shapes up: those rows are no request's
+
+    def piece(self, shape: tuple[int, int], rows: int) -> None:
+        if not self.counting:
+            return
+        counters = self._pieces.get(shape)
+        if counters is None:
+            labels = {"model": self._model, "shape": f"{shape[0]}:{shape[1]}"}
+            rows_of = self._metrics.shape_rows
+            counters = self._pieces[shape] = (
+                rows_of.labels(rows="served", **labels),
+                rows_of.labels(rows="padding", **labels),
+            )
+        counters[0].inc(rows)
+        counters[1].inc(shape[0] - rows)
+
+    def fallback(self, rows: int) -> None:
+        if self.counting:
+            self._fallback.inc(rows)

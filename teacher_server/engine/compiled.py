@@ -20,7 +20,7 @@ import torch
 
 from maskedkd.masked_teacher import MaskedTeacher
 from teacher_server.engine.rows_runner import ForwardFn
-from teacher_server.engine.shape_buckets import BucketedForward, PaddedShape, ShapeFn
+from teacher_server.engine.shape_buckets import BucketedForward, PaddedShape, ShapeFn, ShapeUse
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +41,18 @@ def compiled_forward_pixels(teacher: MaskedTeacher, *, max_shapes: int = 8) -> F
     return torch.compile(teacher.forward_pixels, dynamic=False)
 
 
-def forward_pixels_fn(teacher: MaskedTeacher, mode: str, shapes: Sequence[tuple[int, int]] = ()) -> ForwardFn:
+def forward_pixels_fn(
+    teacher: MaskedTeacher, mode: str, shapes: Sequence[tuple[int, int]] = (), use: ShapeUse | None = None
+) -> ForwardFn:
     """The teacher's raw-pixel forward for a `--compile` mode: "off" is eager, "static" `compiled_forward_pixels`
-    (run in pieces of `shapes` where listed), "graphs" CUDA graphs of `shapes` (cuda_graphs.py)."""
+    (run in pieces of `shapes` where listed), "graphs" CUDA graphs of `shapes` (cuda_graphs.py). `use`: told where
+    each batch's rows ran, with shapes listed."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
     if mode == "graphs":
         from teacher_server.engine.cuda_graphs import graphed_forward
 
-        return graphed_forward(teacher, shapes)
+        return graphed_forward(teacher, shapes, use)
     if mode == "off":
         return teacher.forward_pixels
     compiled = compiled_forward_pixels(teacher, max_shapes=max(8, len(shapes)))
@@ -60,7 +63,7 @@ def forward_pixels_fn(teacher: MaskedTeacher, mode: str, shapes: Sequence[tuple[
     padded: dict[tuple[int, int], ShapeFn] = {
         (b, k): PaddedShape(compiled, b, k, teacher.geometry, device) for b, k in set(shapes)
     }
-    return BucketedForward(padded, compiled)
+    return BucketedForward(padded, compiled, use=use)
 
 
 def check_shapes(teacher: MaskedTeacher, shapes: Sequence[tuple[int, int]]) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from maskedkd.masked_teacher import MaskedTeacher
-from teacher_server.engine.shape_buckets import BucketedForward, PaddedShape, ShapeFn
+from teacher_server.engine.shape_buckets import BucketedForward, PaddedShape, ShapeFn, ShapeUse
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,11 @@ class GraphedShape:
         return self.logits[:g]  # [g,classes]: overwritten by this shape's next replay
 
 
-def graphed_forward(teacher: MaskedTeacher, shapes: Sequence[tuple[int, int]]) -> BucketedForward:
-    """The teacher's raw-pixel forward with each listed shape captured (rows padded up to them), eager otherwise."""
+def graphed_forward(
+    teacher: MaskedTeacher, shapes: Sequence[tuple[int, int]], use: ShapeUse | None = None
+) -> BucketedForward:
+    """The teacher's raw-pixel forward with each listed shape captured (rows padded up to them), eager otherwise;
+    `use` is told where each batch's rows ran."""
     device = next(teacher.parameters()).device
     if device.type != "cuda":
         raise ValueError(f"--compile graphs captures CUDA graphs; this teacher is on {device.type}")
@@ -64,4 +67,4 @@ def graphed_forward(teacher: MaskedTeacher, shapes: Sequence[tuple[int, int]]) -
         started = time.perf_counter()
         captured[(b, k)] = GraphedShape(teacher, b, k, pool)
         log.info("captured shape %d:%d as a CUDA graph in %.2f s", b, k, time.perf_counter() - started)
-    return BucketedForward(captured, teacher.forward_pixels)
+    return BucketedForward(captured, teacher.forward_pixels, use=use)

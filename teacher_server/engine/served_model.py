@@ -21,10 +21,12 @@ from teacher_server.engine.metering import Meter
 from teacher_server.engine.packing import run_packed, supports_packing
 from teacher_server.engine.rows_runner import AnswersFn, ForwardFn, MixedK, OutputsForwardFn, RowsRunner
 from teacher_server.engine.scheduler import QueueLimits
+from teacher_server.engine.shape_buckets import ShapeUse
 from teacher_server.engine.shared_host import shared_host_tensor
 from teacher_server.engine.staging import Stager
 from teacher_server.engine.teacher_loader import ModelLoadError
 from teacher_server.errors import ModelNotFoundError
+from teacher_server.metrics import ServerMetrics
 from teacher_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -40,11 +42,12 @@ def make_forward(
     *,
     pack: bool = False,
     shapes: Sequence[tuple[int, int]] = (),
+    shape_use: ShapeUse | None = None,
 ) -> ForwardFn:
     """The batcher's forward: staged rows (raw pixels, on the teacher's device: staging.py) in, CPU float32 logits
     out; the teacher casts the pixels to its dtype and normalizes them in its patch projection. `shapes`: the
-    (B, K) shapes `--compile` prepares (compiled.py)."""
-    forward_pixels = forward_pixels_fn(teacher, compile_mode, shapes)
+    (B, K) shapes `--compile` prepares (compiled.py); `shape_use`: told where each batch's rows ran in them."""
+    forward_pixels = forward_pixels_fn(teacher, compile_mode, shapes, shape_use)
     chunked = device.type == "cpu" and compile_mode == "off"  # a compiled forward keeps the shapes it was built for
 
     def forward(pixels: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
@@ -132,17 +135,25 @@ def mixed_k_of(name: str, teacher: MaskedTeacher, settings: ServerSettings) -> M
     return mixed_k
 
 
-def rows_runner_for(name: str, teacher: MaskedTeacher, settings: ServerSettings) -> RowsRunner:
-    """The teacher's forward for staged batches (compiled shapes warmed up): what runs on the device."""
+def rows_runner_for(
+    name: str, teacher: MaskedTeacher, settings: ServerSettings, metrics: ServerMetrics | None = None
+) -> RowsRunner:
+    """The teacher's forward for staged batches (compiled shapes warmed up): what runs on the device. `metrics`:
+    where the rows of the prepared `--compile-shapes` are counted."""
     weight = next(teacher.parameters())
     mixed_k = mixed_k_of(name, teacher, settings)
     shapes = settings.compile_shapes
+    use = metrics.shape_use(name) if metrics is not None and shapes else None
     try:
         forward = make_forward(
-            teacher, weight.device, weight.dtype, settings.compile, pack=mixed_k == "pack", shapes=shapes
+            teacher, weight.device, weight.dtype, settings.compile, pack=mixed_k == "pack", shapes=shapes, shape_use=use
         )
         if shapes and settings.compile == "static":  # graphs are captured as they are made
+            if use is not None:
+                use.counting = False
             warm_up_shapes(forward, teacher, shapes)
+            if use is not None:
+                use.counting = True
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from exc
     return RowsRunner(
@@ -158,9 +169,10 @@ def build_served_model(
     fidelity: DtypeFidelity | None = None,
     runner: AnswersFn | None = None,
     clock: Clock | None = None,
+    metrics: ServerMetrics | None = None,
     **batcher_kwargs: object,
 ) -> ServedModel:
-    """Meter and batcher around a loaded teacher; `batcher_kwargs` go to TokenBudgetBatcher (finalize, metrics).
+    """Meter and batcher around a loaded teacher; `batcher_kwargs` go to TokenBudgetBatcher (finalize).
     `runner`: where staged batches run (default: this teacher, here; an ingest worker passes the device process's,
     and its `teacher` is then a weightless copy on the meta device, for the geometry, meter and outputs); `clock`:
     the fair-share clock (default: this process's own; ingest workers share one)."""
@@ -168,7 +180,7 @@ def build_served_model(
     remote = runner is not None
     stage_on = torch.device("cpu") if remote else weight.device  # a worker stages into shared host memory
     batcher = TokenBudgetBatcher(
-        runner or rows_runner_for(name, teacher, settings),
+        runner or rows_runner_for(name, teacher, settings, metrics),
         num_prefix_tokens=teacher.geometry.num_prefix_tokens,
         token_budget=settings.token_budget,
         max_batch_images=settings.max_batch_images,
@@ -183,6 +195,7 @@ def build_served_model(
         limits=queue_limits(settings),
         clock=clock,
         max_batch_s=settings.max_batch_ms / 1000.0,
+        metrics=metrics,
         **batcher_kwargs,  # type: ignore[arg-type]  # the batcher's keyword arguments, passed through
     )
     return ServedModel(

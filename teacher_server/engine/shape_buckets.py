@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 
@@ -24,6 +25,16 @@ log = logging.getLogger(__name__)
 ShapeFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # the teacher's raw-pixel forward (`MaskedTeacher.forward_pixels`): pixels, indices, counts | None -> logits
 PixelsForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+class ShapeUse(Protocol):
+    """Where the rows of each forward ran (metrics.py's `ShapeUseCounters`): what `--compile-shapes` is worth."""
+
+    def piece(self, shape: tuple[int, int], rows: int) -> None:
+        """`rows` requests' rows ran in the prepared shape (B, K); its other B - rows rows were padding."""
+
+    def fallback(self, rows: int) -> None:
+        """`rows` rows ran outside the prepared shapes (a K not listed, ragged rows, float pixels)."""
 
 
 class ShapeBuckets:
@@ -111,18 +122,24 @@ class PaddedShape:
 
 class BucketedForward:
     """A `PixelsForward` running uint8 rows of a prepared width in the prepared shapes (`shapes[(B, K)]`), anything
-    else in `fallback`. `pieces_run` counts the pieces by shape (tests, metrics)."""
+    else in `fallback`. `pieces_run` counts the pieces by shape; `use` is told each piece's rows and each batch
+    the fallback ran."""
 
-    def __init__(self, shapes: dict[tuple[int, int], ShapeFn], fallback: PixelsForward) -> None:
+    def __init__(
+        self, shapes: dict[tuple[int, int], ShapeFn], fallback: PixelsForward, *, use: ShapeUse | None = None
+    ) -> None:
         self.shapes = shapes
         self.buckets = ShapeBuckets.of(list(shapes))
         self.fallback = fallback
+        self.use = use
         self.pieces_run: dict[tuple[int, int], int] = {}
 
     def __call__(self, pixels: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
         g, k = indices.shape
         pieces = self.buckets.pieces(g, k) if counts is None and pixels.dtype == torch.uint8 else None
         if pieces is None:
+            if self.use is not None:
+                self.use.fallback(g)
             return self.fallback(pixels, indices, counts)
         out: torch.Tensor | None = None
         for start, end, b in pieces:
@@ -131,5 +148,7 @@ class BucketedForward:
                 out = logits.new_empty((g, logits.shape[1]))  # [G,classes], outside any graph's memory
             out[start:end] = logits
             self.pieces_run[(b, k)] = self.pieces_run.get((b, k), 0) + 1
+            if self.use is not None:
+                self.use.piece((b, k), end - start)
         assert out is not None
         return out

@@ -317,14 +317,14 @@ def device_main(settings: ServerSettings, conns: list[Connection], ready: Connec
     from teacher_server.engine.served_model import rows_runner_for
     from teacher_server.engine.teacher_loader import ModelLoadError, load_teacher
 
+    metrics = ServerMetrics(process="device")  # it ingests nothing; its forward, batches and dtype check count
     try:
         name, teacher, fidelity = load_teacher(settings)
-        runner = rows_runner_for(name, teacher, settings)
+        runner = rows_runner_for(name, teacher, settings, metrics)
     except ModelLoadError as exc:
         ready.send(DeviceFailed(first_line(exc)))
         return
     weight = next(teacher.parameters())
-    metrics = ServerMetrics(process="device")  # it ingests nothing; its forward, batches and dtype check count
     metrics.dtype_agreement.labels(model=name, dtype=fidelity.dtype).set(fidelity.agreement)
     metrics.dtype_kl.labels(model=name, dtype=fidelity.dtype).set(fidelity.kl)
     ready.send(DeviceReady(name, meta_copy(teacher), fidelity))

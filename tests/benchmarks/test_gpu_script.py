@@ -51,6 +51,8 @@ def test_dry_run_writes_the_report_from_every_step(tmp_path: Path) -> None:
         (32, False, 0, "static", 0, 0),  # `--compile graphs` on a GPU; compiled shapes on the CPU
     ]
     assert all(r["billing_matches_flop_model"] for r in rows)
+    # requests of one size, shapes of 1 and 2 requests: the prepared shapes ran rows, none of them padding
+    assert [r["padding_share"] for r in rows] == [None] * 5 + [0.0]
     assert served["server"]["rows"][0]["of_inprocess"] > 0
     mixed = served["mixed_keep"]
     assert (mixed["internal"], mixed["error_count"], mixed["ledger_equals_answers"]) == (0, 0, True)

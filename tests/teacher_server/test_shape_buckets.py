@@ -4,10 +4,13 @@ without compiling again; on CUDA, `--compile graphs` replays captured graphs wit
 
 from __future__ import annotations
 
+import urllib.request
+
 import pytest
 import service_testkit as kit
 import timm
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from maskedkd.masked_teacher import MaskedTeacher
 from teacher_server.engine.served_model import make_forward
@@ -34,18 +37,38 @@ def test_pieces_cover_the_rows_with_the_least_padding(sizes: tuple[int, ...]) ->
         assert [p[0] for p in pieces] == [0, *[p[1] for p in pieces[:-1]]] and pieces[-1][1] == rows  # consecutive
         assert all(b in sizes and 0 < end - start <= b for start, end, b in pieces)
         assert all(end - start == b for start, end, b in pieces[:-1])  # only the last piece is padded
-        # the least padding: the smallest sum of prepared sizes >= rows, found by listing every reachable sum
-        reachable, frontier = set(), {0}
-        while frontier:
-            reachable |= frontier
-            frontier = {s + b for s in frontier for b in sizes if s < rows} - reachable
-        assert sum(b for _, _, b in pieces) == min(s for s in reachable if s >= rows)
+        assert sum(b for _, _, b in pieces) == least_total(rows, sizes)
     assert buckets.pieces(5, K + 1) is None
+
+
+def least_total(rows: int, sizes: tuple[int, ...]) -> int:
+    """The smallest sum of prepared sizes >= rows, found by listing every reachable sum."""
+    reachable, frontier = set(), {0}
+    while frontier:
+        reachable |= frontier
+        frontier = {s + b for s in frontier for b in sizes if s < rows} - reachable
+    return min(s for s in reachable if s >= rows)
+
+
+class RecordedUse:
+    """A `ShapeUse` that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.served: dict[tuple[int, int], int] = {}
+        self.padding: dict[tuple[int, int], int] = {}
+        self.fallback_rows = 0
+
+    def piece(self, shape: tuple[int, int], rows: int) -> None:
+        self.served[shape] = self.served.get(shape, 0) + rows
+        self.padding[shape] = self.padding.get(shape, 0) + shape[0] - rows
+
+    def fallback(self, rows: int) -> None:
+        self.fallback_rows += rows
 
 
 def test_every_batch_size_runs_in_the_listed_shapes_with_each_rows_own_answer(caplog: pytest.LogCaptureFixture) -> None:
     """float32, CPU: batches of 1-9 rows through shapes 2:K and 4:K give timm's own logits for each row; how each
-    size was cut is logged once."""
+    size was cut is logged once; the rows told to `use` are the batches' rows, the padding the least there is."""
     caplog.set_level("INFO", logger="teacher_server.engine.shape_buckets")
     model = kit.tiny_vit()
     teacher, ref = MaskedTeacher(model), kit.Reference(model)
@@ -56,7 +79,8 @@ def test_every_batch_size_runs_in_the_listed_shapes_with_each_rows_own_answer(ca
         return teacher.forward_pixels(pixels, indices, counts)
 
     shapes = {(b, K): PaddedShape(recording, b, K, teacher.geometry, torch.device("cpu")) for b in (2, 4)}
-    forward = BucketedForward(shapes, recording)  # type: ignore[arg-type]  # PaddedShape is a ShapeFn
+    use = RecordedUse()
+    forward = BucketedForward(shapes, recording, use=use)  # type: ignore[arg-type]  # PaddedShape is a ShapeFn
     for images in range(1, 10):
         x, keep, pixels = _rows(teacher, images, seed=images)
         with torch.inference_mode():
@@ -64,6 +88,8 @@ def test_every_batch_size_runs_in_the_listed_shapes_with_each_rows_own_answer(ca
         torch.testing.assert_close(got, ref.logits(x, keep), **kit.CLOSE)
     assert set(seen) == {(2, K), (4, K)}
     assert sum(forward.pieces_run.values()) == len(seen)
+    assert sum(use.served.values()) == sum(range(1, 10)) and use.fallback_rows == 0
+    assert sum(use.padding.values()) == sum(least_total(images, (2, 4)) - images for images in range(1, 10))
     assert f"micro-batches of 7 images at K={K} run as 4+4 (1 padding rows)" in caplog.messages
     assert len(caplog.messages) == 9  # one line per size
 
@@ -77,8 +103,9 @@ def test_rows_without_a_listed_shape_run_the_fallback_unpadded() -> None:
         seen.append(tuple(pixels.shape[:2]))
         return teacher.forward_pixels(pixels, indices, counts)
 
+    use = RecordedUse()
     forward = BucketedForward(
-        {(4, K): PaddedShape(teacher.forward_pixels, 4, K, teacher.geometry, torch.device("cpu"))}, fallback
+        {(4, K): PaddedShape(teacher.forward_pixels, 4, K, teacher.geometry, torch.device("cpu"))}, fallback, use=use
     )
     _, keep, pixels = _rows(teacher, 3, seed=5)
     with torch.inference_mode():
@@ -86,13 +113,15 @@ def test_rows_without_a_listed_shape_run_the_fallback_unpadded() -> None:
         forward(pixels, keep, torch.tensor([K, 9, 5]))  # ragged
         forward(pixels.float(), keep, None)  # float pixels: the shapes were prepared for uint8
     assert seen == [(3, 8), (3, K), (3, K)]
-    assert forward.pieces_run == {}
+    assert forward.pieces_run == {} and use.served == {}
+    assert use.fallback_rows == 9
 
 
 @pytest.mark.slow
 def test_compiled_shapes_serve_any_request_size_without_compiling_again(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """float32, CPU, `--compile static --compile-shapes 2:12,4:12`: requests of 1, 3 and 6 images (pieces 2, 4 and
-    4+2) add no graph after start-up, answer timm's logits and are billed their own images only."""
+    4+2) add no graph after start-up, answer timm's logits and are billed their own images only; the metrics count
+    the rows each shape served and padded (not the start-up warm-up's)."""
     from torch._dynamo.utils import counters
 
     from teacher_server.testing.server import running_server
@@ -102,7 +131,8 @@ def test_compiled_shapes_serve_any_request_size_without_compiling_again(tmp_path
         "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, num_classes=10, depth=1
     ).eval()  # one block: the compiles stay short
     ref = kit.Reference(model)
-    with running_server(kit.settings(tmp_path, compile="static", compile_shapes="2:12,4:12"), model=model) as srv:
+    settings = kit.settings(tmp_path, compile="static", compile_shapes="2:12,4:12", metrics_port=0)
+    with running_server(settings, model=model) as srv:
         graphs_at_start = counters["stats"]["unique_graphs"]
         key = srv.create_key("buckets")
         _, stub = kit.stub(srv.address)
@@ -116,6 +146,18 @@ def test_compiled_shapes_serve_any_request_size_without_compiling_again(tmp_path
             torch.testing.assert_close(kit.logits_of(response), ref.logits(x, keep), **kit.CLOSE)
             assert response.usage.gflops == pytest.approx(images * MaskedTeacher(model).gflops(K), rel=1e-9)
         assert counters["stats"]["unique_graphs"] == graphs_at_start  # every piece ran a graph compiled at start-up
+        assert srv.metrics_url is not None
+        text = urllib.request.urlopen(srv.metrics_url, timeout=10).read().decode()
+    rows = {
+        (sample.labels["shape"], sample.labels["rows"]): sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "maskedkd_shape_rows"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    }
+    # 1 -> 2 (1 padding), 3 -> 4 (1 padding), 6 -> 4 + 2
+    assert rows == {("2:12", "served"): 3, ("2:12", "padding"): 1, ("4:12", "served"): 7, ("4:12", "padding"): 1}
+    assert f'maskedkd_unprepared_rows_total{{model="{srv.settings.served_name or srv.settings.model}"}} 0.0' in text
 
 
 @pytest.mark.dtype("none")
