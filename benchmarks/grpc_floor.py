@@ -1,18 +1,20 @@
 """The floor of the transport: server CPU per image of a bare gRPC server answering the serving benchmark's calls.
 
 The same `Infer` messages as `benchmarks/serving.py`, sent by the same clients, to a grpc.aio server in its own
-process that does only what any Python gRPC server must: receive and parse each request, read its pixel bytes once,
-and answer float32 logits of the right shape (zeros) through the generated serializer. No auth, digest, ledger,
-queue or forward. Its CPU per image is what the serving path's overhead cannot go below while the pixels travel
+process that does only what any Python gRPC server must: receive and parse each request, read its pixel bytes once
+(from the message, or with `--shared-memory` out of the caller's region with one `os.pread`, as the teacher server
+reads them), and answer float32 logits of the right shape (zeros) through the generated serializer. No auth, digest,
+ledger, queue or forward. Its CPU per image is what the serving path's overhead cannot go below while requests go
 through Python gRPC on this machine; `make bench` prints it next to the teacher server's figures.
 
-    python -m benchmarks.grpc_floor --clients 2 --batch 64 --calls 40
+    python -m benchmarks.grpc_floor --clients 2 --batch 64 --calls 40 [--shared-memory]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import subprocess
 import sys
@@ -29,12 +31,21 @@ from maskedkd.v1 import teacher_pb2 as pb
 
 SERVICE = "maskedkd.v1.TeacherService"
 CLASSES = 1000  # the negligible teacher's head
+ITEM_BYTES = {"uint8": 1, "float16": 2, "bfloat16": 2, "float32": 4}  # pixel dtypes on the wire (no torch here)
 
 
 def _answer(request: pb.InferRequest) -> pb.InferResponse:
     kind = request.WhichOneof("input") or "patches"
     tensor = getattr(request, kind)
-    _ = tensor.data  # the one read of the pixel bytes every server makes
+    if tensor.HasField("shm"):  # the one read of the pixel bytes every server makes: out of the region
+        nbytes = math.prod(tensor.shape) * ITEM_BYTES[tensor.dtype]
+        fd = os.open(f"/dev/shm/{tensor.shm.name}", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            _ = os.pread(fd, nbytes, tensor.shm.offset)
+        finally:
+            os.close(fd)
+    else:
+        _ = tensor.data  # or out of the message
     images = int(tensor.shape[0]) if tensor.shape else 0
     return pb.InferResponse(
         request_id=request.request_id,
@@ -62,8 +73,14 @@ async def _serve(port_file: Path) -> None:
     await server.wait_for_termination()
 
 
-def floor_cpu_us(per_client: Sequence[Sequence[pb.InferRequest]], warm: Sequence[Sequence[pb.InferRequest]]) -> float:
-    """Server CPU microseconds per image of the bare server (one torch-free process) answering `per_client`."""
+def floor_cpu_us(
+    per_client: Sequence[Sequence[pb.InferRequest]],
+    warm: Sequence[Sequence[pb.InferRequest]],
+    *,
+    shared_memory: bool = False,
+) -> float:
+    """Server CPU microseconds per image of the bare server (one torch-free process) answering `per_client`
+    (`shared_memory`: the clients pass the pixels through regions, as `benchmarks/grpc_load.py` does)."""
     with tempfile.TemporaryDirectory(prefix="grpc-floor-") as tmp:
         port_file = Path(tmp) / "port"
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
@@ -77,9 +94,9 @@ def floor_cpu_us(per_client: Sequence[Sequence[pb.InferRequest]], warm: Sequence
                     raise RuntimeError("the bare gRPC server did not start")
                 time.sleep(0.05)
             address = f"127.0.0.1:{port_file.read_text()}"
-            client_load(address, "", warm)
+            client_load(address, "", warm, shared_memory=shared_memory)
             before = process_cpu_s(child.pid)
-            _, answers, errors = client_load(address, "", per_client)
+            _, answers, errors = client_load(address, "", per_client, shared_memory=shared_memory)
             spent = process_cpu_s(child.pid) - before
         finally:
             child.kill()
@@ -95,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--calls", type=int, default=40, help="calls per client")
+    parser.add_argument("--shared-memory", action="store_true", help="pixels in shared memory regions")
     args = parser.parse_args(argv)
     if args.serve is not None:
         asyncio.run(_serve(args.serve))
@@ -103,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
 
     per_client = [requests_for(args.batch, args.calls, seed=c) for c in range(args.clients)]
     warm = [requests_for(args.batch, 2, seed=1000 + c) for c in range(args.clients)]
-    print(f"{args.clients} x {args.batch}: {floor_cpu_us(per_client, warm):.1f} server CPU-us per image")
+    floor = floor_cpu_us(per_client, warm, shared_memory=args.shared_memory)
+    print(f"{args.clients} x {args.batch}: {floor:.1f} server CPU-us per image")
     return 0
 
 

@@ -159,7 +159,7 @@ def measure(
     settings: dict[str, Any] | None = None,
 ) -> ServingResult:
     """One configuration against a fresh server child (one torch thread, metrics on, float32). `shared_memory`: the
-    clients pass the pixels through shared memory (the server started with it); no floor is measured then.
+    clients pass the pixels through shared memory (the server started with it; the bare server reads them from there).
     `ingest_workers`: the server runs that many ingest processes and a device process (its CPU counts them all)."""
     server = (
         BenchServer(
@@ -196,7 +196,7 @@ def measure(
     finally:
         server.stop()
     images = int(after.images - before.images)
-    floor = None if shared_memory or ingest_workers else floor_cpu_us(per_client, warm)  # same calls, bare server
+    floor = None if ingest_workers else floor_cpu_us(per_client, warm, shared_memory=shared_memory)  # bare server
     forward = forward_cpu_us(batch)
     server_us = (after.cpu_s - before.cpu_s) / images * 1e6
     stages = {s: (after.stages_s.get(s, 0.0) - before.stages_s.get(s, 0.0)) / images * 1e6 for s in after.stages_s}

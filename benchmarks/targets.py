@@ -239,7 +239,8 @@ def serving_targets(section: dict[str, Any]) -> list[Target]:
         Target(
             "serving overhead: server CPU-us per image above the in-process forward",
             f"{r['clients']} clients x {r['batch']} images, keep 50%"
-            + (", pixels in shared memory" if r.get("shared_memory") else ""),
+            + (", pixels in shared memory" if r.get("shared_memory") else "")
+            + (f", {r['ingest_workers']} ingest workers" if r.get("ingest_workers") else ""),
             r["overhead_us"],
             "<=",
             60.0,
