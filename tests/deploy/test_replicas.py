@@ -36,7 +36,7 @@ from maskedkd.checkpoints import save_model_checkpoint  # noqa: E402
 from student_client.aio_client import AsyncTeacherClient  # noqa: E402
 from student_client.channel import grpc_target  # noqa: E402
 from student_client.client import TeacherClient  # noqa: E402
-from student_client.errors import TeacherQuotaError  # noqa: E402
+from student_client.errors import TeacherQuotaError, TeacherUnavailableError  # noqa: E402
 from student_client.wire import Usage  # noqa: E402
 from teacher_server.launcher import ServerProcess, serve_argv, settings_flags  # noqa: E402
 from teacher_server.ledger import database  # noqa: E402
@@ -244,7 +244,14 @@ def test_failover_loses_nothing_and_bills_once_when_replicas_die(cluster: Cluste
     def client_loop(c: int) -> None:
         try:
             with TeacherClient(cluster.target, secret, timeout_s=3.0, max_retries=8, backoff=0.05) as client:
-                client.info()
+                warm_until = time.monotonic() + 60  # the replicas may answer slowly on a busy machine: not the subject
+                while True:
+                    try:
+                        client.info()
+                        break
+                    except TeacherUnavailableError:
+                        if time.monotonic() > warm_until:
+                            raise
                 started.wait()
                 for i in range(REQUESTS_PER_CLIENT):
                     rid = f"load-{c}-{i}"
@@ -255,12 +262,17 @@ def test_failover_loses_nothing_and_bills_once_when_replicas_die(cluster: Cluste
         except BaseException as exc:  # noqa: BLE001 - reported below with the request counts
             with lock:
                 errors.append(exc)
+            started.abort()  # a client that never got going: the load does not start (no effect once it has)
 
     killed, stopped = cluster.replicas[0], cluster.replicas[1]
     threads = [threading.Thread(target=client_loop, args=(c,), daemon=True) for c in range(CLIENTS)]
     for t in threads:
         t.start()
-    started.wait()
+    try:
+        started.wait(timeout=120)
+    except threading.BrokenBarrierError:
+        first = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)][:3]
+        pytest.fail(f"not every client could start: {first}")
     deadline = time.monotonic() + 60
     while len(answers) < CLIENTS and time.monotonic() < deadline:  # under way: about one answer per client
         time.sleep(0.05)
