@@ -191,6 +191,7 @@ def build_served_model(
             max_images=settings.max_batch_images,
             device=stage_on,
             allocate=shared_host_tensor if remote else None,
+            in_place=not remote and stage_on.type == "cpu" and settings.compile == "off",
         ),
         limits=queue_limits(settings),
         clock=clock,

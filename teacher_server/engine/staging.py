@@ -5,6 +5,10 @@ its patch projection (`MaskedTeacher.forward_pixels`). Float pixels (0..1) are s
 the projection takes; a batch with any float request stages every row that way. Full images are cut to their kept
 patches while they are copied. Each `Stager` has `slots` buffer sets (two by default), so batch k+1 is staged while
 batch k runs; on CUDA the host buffers are pinned and one non-blocking copy per batch moves the rows to the device.
+
+A micro-batch of one request of uint8 patches for an eager CPU forward is not copied at all: its rows are read where
+they lie, in the request's bytes (the forward casts them to its dtype chunk by chunk anyway; a copy would only
+stream its ~75 KB an image through memory once more).
 """
 
 from __future__ import annotations
@@ -124,12 +128,18 @@ class Stager:
         device: torch.device,
         slots: int = 2,
         allocate: Allocate | None = None,
+        in_place: bool = False,
     ) -> None:
         """`allocate`: where the host buffers live (default: this process's memory, pinned on CUDA; an ingest worker
-        passes shared_host.shared_host_tensor, so the device process reads the rows where they were staged)."""
+        passes shared_host.shared_host_tensor, so the device process reads the rows where they were staged).
+        `in_place`: a lone request of uint8 patches is handed over as its own rows, uncopied (for an eager forward in
+        this process on the CPU: nothing else reads the rows from the buffers, and no compiled graph guards on them)."""
+        if in_place and (device.type != "cpu" or allocate is not None):
+            raise ValueError("rows read in place are for a forward in this process on the CPU")
         self.geometry = geometry
         self.device = device
         self.slots = slots
+        self.in_place = in_place
         self._buffers = [_Slot(geometry, max_images, device, allocate) for _ in range(slots)]
         self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
         for i in range(slots):
@@ -144,6 +154,9 @@ class Stager:
 
     def stage(self, inputs: Sequence[DecodedInput], slot: int) -> StagedRows:
         """Copy the inputs' rows into `slot` (padded to the widest K) and, on CUDA, to the device."""
+        if self.in_place and len(inputs) == 1 and inputs[0].kind == "patches" and inputs[0].raw_scale:
+            x = inputs[0]  # the same rows a copy would hold: decode zeroed the padded positions already
+            return StagedRows(x.pixels, x.keep_indices, x.keep_counts, bool((x.keep_counts == x.k).all()), slot)
         s = self._buffers[slot]
         g = sum(x.images for x in inputs)
         k = max(x.k for x in inputs)

@@ -153,6 +153,33 @@ def test_bucketing_and_padding_of_staged_pixels_match_each_request_alone_on_a_re
     torch.testing.assert_close(padded, alone, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.dtype("none")
+def test_a_lone_uint8_request_is_read_in_place_and_equals_its_copy() -> None:
+    """uint8, CPU: `in_place`, a batch of one request of patches (uniform or ragged) is its own rows, not a copy, and
+    equal to what a copying stager stages; a batch of two requests and float pixels are copied as before; in place is
+    refused where another process or device reads the rows."""
+    cpu = torch.device("cpu")
+    in_place = Stager(GEOMETRY, max_images=8, device=cpu, in_place=True)
+    copying = Stager(GEOMETRY, max_images=8, device=cpu)
+    pixels = torch.randint(0, 256, (3, 6, 1, 2, 2), dtype=torch.uint8)  # [B, K, C, P, P]
+    for counts in ([6, 6, 6], [6, 2, 4]):
+        lone = DecodedInput("patches", pixels, random_keep(3, 6, seed=1), torch.tensor(counts), b"")
+        rows, copied = in_place.stage([lone], in_place.acquire()), copying.stage([lone], copying.acquire())
+        assert rows.pixels.data_ptr() == pixels.data_ptr() and copied.pixels.data_ptr() != pixels.data_ptr()
+        for got, want in ((rows.pixels, copied.pixels), (rows.indices, copied.indices), (rows.counts, copied.counts)):
+            assert torch.equal(got, want)
+        assert rows.uniform == copied.uniform == (counts == [6, 6, 6])
+        in_place.release(rows.slot)
+        copying.release(copied.slot)
+    two = in_place.stage([decoded(2, 6), decoded(1, 6, fill=3)], in_place.acquire())
+    assert two.pixels.data_ptr() != pixels.data_ptr() and two.pixels[2].eq(3).all()
+    floats = DecodedInput("patches", pixels.float() / 255, random_keep(3, 6, seed=1), torch.tensor([6] * 3), b"")
+    staged = in_place.stage([floats], in_place.acquire())
+    assert staged.pixels.dtype == torch.float32 and torch.allclose(staged.pixels, pixels.float())  # 0..255 scale
+    with pytest.raises(ValueError, match="in this process on the CPU"):
+        Stager(GEOMETRY, max_images=8, device=cpu, in_place=True, allocate=lambda n, d: torch.empty(n, dtype=d))
+
+
 async def test_the_next_batch_is_staged_while_the_current_forward_runs() -> None:
     fwd = RecordingForward(seconds=0.5)
     b = make(fwd, max_batch_images=4, max_delay_s=0.05)
