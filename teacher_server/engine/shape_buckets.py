@@ -122,8 +122,7 @@ class PaddedShape:
 
 class BucketedForward:
     """A `PixelsForward` running uint8 rows of a prepared width in the prepared shapes (`shapes[(B, K)]`), anything
-    else in `fallback`. `pieces_run` counts the pieces by shape; `use` is told each piece's rows and each batch
-    the fallback ran."""
+    else in `fallback`; `use` is told each piece's rows and each batch the fallback ran."""
 
     def __init__(
         self, shapes: dict[tuple[int, int], ShapeFn], fallback: PixelsForward, *, use: ShapeUse | None = None
@@ -132,7 +131,6 @@ class BucketedForward:
         self.buckets = ShapeBuckets.of(list(shapes))
         self.fallback = fallback
         self.use = use
-        self.pieces_run: dict[tuple[int, int], int] = {}
 
     def __call__(self, pixels: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
         g, k = indices.shape
@@ -147,7 +145,6 @@ class BucketedForward:
             if out is None:
                 out = logits.new_empty((g, logits.shape[1]))  # [G,classes], outside any graph's memory
             out[start:end] = logits
-            self.pieces_run[(b, k)] = self.pieces_run.get((b, k), 0) + 1
             if self.use is not None:
                 self.use.piece((b, k), end - start)
         assert out is not None

@@ -54,11 +54,13 @@ class RecordedUse:
     """A `ShapeUse` that keeps what it is told."""
 
     def __init__(self) -> None:
+        self.pieces: dict[tuple[int, int], int] = {}
         self.served: dict[tuple[int, int], int] = {}
         self.padding: dict[tuple[int, int], int] = {}
         self.fallback_rows = 0
 
     def piece(self, shape: tuple[int, int], rows: int) -> None:
+        self.pieces[shape] = self.pieces.get(shape, 0) + 1
         self.served[shape] = self.served.get(shape, 0) + rows
         self.padding[shape] = self.padding.get(shape, 0) + shape[0] - rows
 
@@ -87,7 +89,7 @@ def test_every_batch_size_runs_in_the_listed_shapes_with_each_rows_own_answer(ca
             got = forward(pixels, keep, None)
         torch.testing.assert_close(got, ref.logits(x, keep), **kit.CLOSE)
     assert set(seen) == {(2, K), (4, K)}
-    assert sum(forward.pieces_run.values()) == len(seen)
+    assert sum(use.pieces.values()) == len(seen)
     assert sum(use.served.values()) == sum(range(1, 10)) and use.fallback_rows == 0
     assert sum(use.padding.values()) == sum(least_total(images, (2, 4)) - images for images in range(1, 10))
     assert f"micro-batches of 7 images at K={K} run as 4+4 (1 padding rows)" in caplog.messages
@@ -113,7 +115,7 @@ def test_rows_without_a_listed_shape_run_the_fallback_unpadded() -> None:
         forward(pixels, keep, torch.tensor([K, 9, 5]))  # ragged
         forward(pixels.float(), keep, None)  # float pixels: the shapes were prepared for uint8
     assert seen == [(3, 8), (3, K), (3, K)]
-    assert forward.pieces_run == {} and use.served == {}
+    assert use.pieces == {} and use.served == {}
     assert use.fallback_rows == 9
 
 
