@@ -120,26 +120,20 @@ def run_cuda_tests(timeout_s: float) -> dict[str, Any]:
         }
 
 
-def _busy_s(metrics_url: str | None) -> float:
-    """Seconds the server's forward has run so far (its `maskedkd_compute_seconds` histogram's sum)."""
+def _counters(metrics_url: str | None) -> tuple[float, float, float]:
+    """From one read of the server's /metrics, what it has run so far: (seconds of forward, the sum of
+    `maskedkd_compute_seconds`; served rows and padding rows in its prepared `--compile-shapes` shapes); zeros
+    without metrics."""
     if not metrics_url:
-        return 0.0
+        return 0.0, 0.0, 0.0
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
     found = re.search(r"^maskedkd_compute_seconds_sum ([0-9.e+-]+)$", text, re.M)
-    return float(found.group(1)) if found else 0.0
-
-
-def _shape_rows(metrics_url: str | None) -> tuple[float, float]:
-    """(served, padding) rows the server's prepared `--compile-shapes` shapes have run so far (0, 0 without any)."""
-    if not metrics_url:
-        return 0.0, 0.0
-    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
     rows = {"served": 0.0, "padding": 0.0}
     for kind, value in re.findall(
         r'^maskedkd_shape_rows_total\{[^}]*rows="(served|padding)"[^}]*\} (\S+)$', text, re.M
     ):
         rows[kind] += float(value)
-    return rows["served"], rows["padding"]
+    return float(found.group(1)) if found else 0.0, rows["served"], rows["padding"]
 
 
 def _requests(teacher: Any, batch: int, count: int, seed: int, *, ragged: bool = False) -> list[pb.InferRequest]:
@@ -237,10 +231,9 @@ def _server_row(
     seed = 1000 * clients + (500 if shared else 0)  # ids of their own: none is a replay of another load's
     load = [_requests(teacher, batch, requests, seed=seed + c) for c in range(clients)]
     nbytes = sum(r.ByteSize() for mine in load for r in mine)
-    busy0, shaped0 = _busy_s(metrics), _shape_rows(metrics)
+    before = _counters(metrics)
     seconds, answers, errors = client_load(server.address, server.api_key, load, shared_memory=shared)
-    busy = _busy_s(metrics) - busy0
-    served, padding = (after - before for after, before in zip(_shape_rows(metrics), shaped0, strict=True))
+    busy, served, padding = (a - b for a, b in zip(_counters(metrics), before, strict=True))
     expected = batch * teacher.gflops(kept)
     rate = batch * len(answers) / seconds
     return {
