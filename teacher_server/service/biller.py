@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from maskedkd.v1 import teacher_pb2 as pb
@@ -117,6 +118,7 @@ class Biller:
         replay_ttl_s: float = DEFAULT_REPLAY_TTL_S,
     ) -> None:
         self._sessions = sessions
+        self._engine: Engine = sessions.kw["bind"]
         self._default_price = default_price_per_gflop
         self._currency = currency  # stored with every usage row: reports show what was billed, not today's flags
         self._replay_ttl_s = replay_ttl_s
@@ -127,6 +129,9 @@ class Biller:
     def find_stored(
         self, key: KeyInfo, request_id: str, digest: RequestDigest, accept_billed: bool, images: int
     ) -> InferOutcome | None:
+        with unavailable_on_transient_errors(), self._engine.connect() as connection:
+            if not billing.billed_before(connection, api_key_id=key.id, request_id=request_id):
+                return None  # nearly every request: never billed, one read
         with unavailable_on_transient_errors(), self._sessions() as session:
             found = billing.find_billed(session, api_key_id=key.id, request_id=request_id)
             if found is None:
