@@ -81,9 +81,14 @@ def test_a_full_key_queue_is_refused_unread_and_unbilled_and_other_keys_go_on(tm
 
         running = send("g0", greedy)  # in the forward, held at the gate
         assert gated.entered.wait(20)
-        # g1 is staged as the next batch (the pipeline holds one batch ahead of the forward); g2 and g3 queue:
-        # 4 images, the key's bound.
-        queued = [send("g1", greedy), send("g2", greedy), send("g3", greedy)]
+        batcher = srv.server.served.batcher
+        formed = batcher.batches_started
+        # g1 is staged as the next batch (the pipeline holds one batch ahead of the forward), out of the queue before
+        # g2 comes (sent at once, all three could meet in the queue on a busy machine: 6 images, g3 refused); g2 and
+        # g3 queue: 4 images, the key's bound.
+        queued = [send("g1", greedy)]
+        wait_until(lambda: batcher.batches_started == formed + 1)
+        queued += [send("g2", greedy), send("g3", greedy)]
         wait_until(lambda: queue.images == 4)
         with pytest.raises(grpc.RpcError) as refused:
             send("g4", greedy).result(timeout=10)  # answered while the teacher is still held: refused unread
