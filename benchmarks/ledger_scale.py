@@ -93,7 +93,7 @@ def _load(sessions: Any, rows: int, already: int) -> None:
 
 
 def _bill_once(sessions: Any, key_id: int, limits: billing.KeyLimits, rid: str) -> float:
-    payload = (os.urandom(4 * CLASSES * IMAGES_PER_REQUEST), f"{IMAGES_PER_REQUEST},{CLASSES}")  # incompressible
+    payload = billing.StoredLogits(os.urandom(4 * CLASSES * IMAGES_PER_REQUEST), f"{IMAGES_PER_REQUEST},{CLASSES}")
     row = models.NewUsage(
         api_key_id=key_id,
         request_id=rid,

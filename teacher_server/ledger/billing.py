@@ -134,12 +134,21 @@ class LimitState:
 
 
 @dataclass(frozen=True)
+class StoredLogits:
+    """A replay payload's logits as the ledger keeps them (service/replay_logits.py writes and reads them)."""
+
+    data: bytes  # little-endian, row-major
+    shape: str  # "B,C"
+    dtype: str | None = None  # None: float32; "bfloat16": the high halves of float32 values whose low halves are 0
+
+
+@dataclass(frozen=True)
 class Billable:
     """One usage row to commit, with its replay payload and the hold it settles."""
 
     row: NewUsage
     quota_window: QuotaWindow
-    payload: tuple[bytes, str] | None = None  # (float32 logits, "B,C"); None: not replayable
+    payload: StoredLogits | None = None  # None: not replayable
     hold: Hold | None = None
     outputs: bytes | None = None  # the serialized maskedkd.v1.Outputs asked for, kept with the payload
 
@@ -263,8 +272,9 @@ def _settle(session: Session, items: list[Billable], usage_ids: list[int], repla
     payloads = [
         {
             "usage_id": usage_id,
-            "logits": item.payload[0],
-            "logits_shape": item.payload[1],
+            "logits": item.payload.data,
+            "logits_shape": item.payload.shape,
+            "logits_dtype": item.payload.dtype,
             "outputs": item.outputs,
             "expires_at": expires,
         }

@@ -110,8 +110,10 @@ class ReplayPayload(Base):
     __table_args__ = (Index("ix_replay_payloads_expires_at", "expires_at"),)
 
     usage_id: Mapped[int] = mapped_column(ForeignKey("usage.id", ondelete="CASCADE"), primary_key=True)
-    logits: Mapped[bytes] = mapped_column(LargeBinary)  # float32 little-endian, row-major
+    logits: Mapped[bytes] = mapped_column(LargeBinary)  # little-endian, row-major, in `logits_dtype`
     logits_shape: Mapped[str] = mapped_column(String(64))  # "B,C"
+    # None: float32; "bfloat16": the high halves of float32 values whose low halves are 0 (0007)
+    logits_dtype: Mapped[str | None] = mapped_column(String(16), nullable=True)
     outputs: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # serialized maskedkd.v1.Outputs
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 

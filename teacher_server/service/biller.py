@@ -23,6 +23,7 @@ from teacher_server.ledger import billing, models
 from teacher_server.ledger.billing import Hold, LimitState, unavailable_on_transient_errors
 from teacher_server.service.auth import KeyInfo
 from teacher_server.service.content_digest import RequestDigest
+from teacher_server.service.replay_logits import logits_of, stored_logits
 
 DEFAULT_REPLAY_TTL_S = 7 * 86400.0
 
@@ -56,11 +57,6 @@ class BillingContext:
     accept_billed: bool = False  # InferRequest.accept_billed_answer: a stored answer of another digest will do
 
 
-def logits_to_bytes(logits: torch.Tensor) -> tuple[bytes, str]:
-    arr = logits.detach().to(torch.float32).contiguous().cpu().numpy().astype("<f4", copy=False)
-    return arr.tobytes(), ",".join(str(s) for s in arr.shape)
-
-
 def reused_error(request_id: str) -> RequestIdReusedError:
     return RequestIdReusedError(
         f"request_id {request_id[:80]!r} was already used with different inputs; nothing billed"
@@ -90,8 +86,7 @@ def outcome_from_stored(
             "longer kept (replay retention expired, or the id was server-assigned); nothing "
             "billed; send the request under a new request_id"
         )
-    shape = [int(s) for s in payload.logits_shape.split(",")]
-    flat = torch.frombuffer(bytearray(payload.logits), dtype=torch.float32)  # little-endian hosts only, as the codec
+    logits = logits_of(payload.logits, payload.logits_shape, payload.logits_dtype)
     outputs = pb.Outputs.FromString(payload.outputs) if payload.outputs is not None else None
     usage = MeteredUsage(
         images=record.images,
@@ -101,9 +96,7 @@ def outcome_from_stored(
         full_gflops=record.full_gflops,
         cost=record.cost,
     )
-    return InferOutcome(
-        record.request_id, record.model, flat.reshape(shape).clone(), usage, replayed=True, outputs=outputs
-    )
+    return InferOutcome(record.request_id, record.model, logits, usage, replayed=True, outputs=outputs)
 
 
 class Biller:
@@ -183,7 +176,7 @@ class Biller:
                 billing.Billable(
                     row,
                     b.key.quota_window,
-                    logits_to_bytes(answer.logits) if kept else None,
+                    stored_logits(answer.logits) if kept else None,
                     b.hold,
                     answer.outputs.SerializeToString() if kept and answer.outputs is not None else None,
                 )

@@ -269,7 +269,8 @@ def serve_cli(*flags: str) -> subprocess.CompletedProcess[str]:
 def billable(
     api_key_id: int, request_id: str, gflops: float, *, digest: str, payload: tuple[bytes, str]
 ) -> billing.Billable:
-    """What the server hands `billing.bill` for one request: 1 image, `gflops` (also its cost) of 2.0 full."""
+    """What the server hands `billing.bill` for one request: 1 image, `gflops` (also its cost) of 2.0 full; `payload`:
+    (float32 logits' bytes, "B,C")."""
     row = models.NewUsage(
         api_key_id=api_key_id,
         request_id=request_id,
@@ -284,7 +285,7 @@ def billable(
         batch_images=1,
         content_digest=digest,
     )
-    return billing.Billable(row, "lifetime", payload=payload)
+    return billing.Billable(row, "lifetime", payload=billing.StoredLogits(*payload))
 
 
 class QuotaRace(NamedTuple):
