@@ -138,15 +138,6 @@ class ServerMetrics:
             "Pixel bytes read from callers' shared memory regions (--shared-memory) instead of the messages",
             registry=r,
         )
-        self.ingested_bytes = Counter(
-            "maskedkd_ingested_bytes_total",
-            "Pixel bytes received (in the messages or from shared memory), per ingest process",
-            ["process"],
-            registry=r,
-        )
-        self._process = process
-        self._ingested: Any = None  # its series, made on the first bytes (a device process exports none)
-        # every stage exported from the start, at 0; its child looked up once (labels() costs ~3 us a call)
         self.shape_rows = Counter(
             "maskedkd_shape_rows_total",
             "Rows run in each prepared --compile-shapes shape B:K: requests' rows (served) and padding rows (padding)",
@@ -159,6 +150,15 @@ class ServerMetrics:
             ["model"],
             registry=r,
         )
+        self.ingested_bytes = Counter(
+            "maskedkd_ingested_bytes_total",
+            "Pixel bytes received (in the messages or from shared memory), per ingest process",
+            ["process"],
+            registry=r,
+        )
+        self._process = process
+        self._ingested: Any = None  # its series, made on the first bytes (a device process exports none)
+        # every stage exported from the start, at 0; its child looked up once (labels() costs ~3 us a call)
         self._stage_counters = {stage: self.stage_cpu.labels(stage=stage) for stage in STAGES}
         ProcessCollector(registry=r)  # process_cpu_seconds_total: the stages' sum plus what no stage counts
         self._http: WSGIServer | None = None
