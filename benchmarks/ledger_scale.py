@@ -110,7 +110,7 @@ def _bill_once(sessions: Any, key_id: int, limits: billing.KeyLimits, rid: str) 
     )
     t0 = time.perf_counter()
     with sessions() as s:
-        assert billing.find_billed(s, api_key_id=key_id, request_id=rid) is None
+        assert not billing.billed_before(s, api_key_id=key_id, request_id=rid)  # the serving path's lookup
         hold, _ = billing.reserve(s, api_key_id=key_id, gflops=1.0, limits=limits)
         assert hold is not None
         billing.bill(s, items=[billing.Billable(row, "lifetime", payload, hold)], replay_ttl_s=3600)

@@ -364,10 +364,9 @@ def billed_before(db: Connection | Session, *, api_key_id: int, request_id: str)
 def find_billed(
     session: Session, *, api_key_id: int, request_id: str
 ) -> tuple[UsageRecord, ReplayPayload | None] | None:
-    """The usage row of (key, request_id) with its replay payload (None when expired or never kept). A request not
-    billed before (nearly every one) costs one indexed read of one column, no ORM objects."""
-    if not billed_before(session, api_key_id=api_key_id, request_id=request_id):
-        return None
+    """The usage row of (key, request_id) with its replay payload (None when expired or never kept); None when the id
+    was never billed. For an id known billed: asking whether it was (nearly every request's answer is no) is
+    `billed_before`'s one indexed read, no ORM objects."""
     record = session.scalars(
         select(UsageRecord).where(UsageRecord.api_key_id == api_key_id, UsageRecord.request_id == request_id)
     ).one_or_none()
