@@ -14,7 +14,7 @@ ranks in fp32 (sips.py leaves autocast for its softmax), and the loss is compute
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -59,6 +59,34 @@ def student_autocast(precision: str, device: torch.device) -> contextlib.Abstrac
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def unfused_attention_modules(model: nn.Module, precision: str, device: torch.device) -> list[nn.Module]:
+    """The student's attention modules to run unfused during its training forwards: every module with timm's
+    `fused_attn` switch when training in bf16 on a CPU, else none.
+
+    Why: torch's CPU flash-attention backward is slow in bf16. On a 2-core AMX Xeon (torch 2.15) it took 9.0 ms a
+    call against 1.5 in fp32 at ViT-Ti/4's 65 tokens, so a bf16 step was barely faster than an fp32 one (ViT-Ti/4,
+    32 px, batch 64: 677 against 731 ms); with the explicit q @ k^T, softmax, @ v it took 348 ms (DeiT-Ti 224 px,
+    batch 32: 749 -> 510 ms). The gradients' error against fp32 is the same either way (1.0%). A GPU keeps the fused
+    kernel, and so does an fp32 CPU run (fused is the faster there)."""
+    if precision != "bf16" or device.type != "cpu":
+        return []
+    return [m for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+
+
+@contextlib.contextmanager
+def attention_unfused(modules: list[nn.Module]) -> Iterator[None]:
+    """Inside: each of `modules` computes its attention explicitly (timm's `fused_attn = False`), which also decides
+    the backward of the graph recorded here. Each module's own setting comes back on exit."""
+    before = [bool(m.fused_attn) for m in modules]
+    for m in modules:
+        setattr(m, "fused_attn", False)  # noqa: B010 - nn.Module's typed __setattr__ takes no bool
+    try:
+        yield
+    finally:
+        for m, fused in zip(modules, before, strict=True):
+            setattr(m, "fused_attn", fused)  # noqa: B010
 
 
 class StepSettings(Protocol):
@@ -175,11 +203,20 @@ class StepRunner:
         self.prefix = request_id_prefix
         param = next(raw_model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
+        self._device = device
         # "bf16" or "fp32": as given (a run's own, kept across resumes), else resolved from the settings
         self.precision = precision or resolve_precision(cfg.precision, device)
-        self._autocast = lambda: student_autocast(self.precision, device)  # noqa: E731 - a one-line context factory
+        self._unfused = unfused_attention_modules(raw_model, self.precision, device)
+        self._autocast = self._forward_context
         self._kept: list[float] = []  # this step's micro-batches, in order: `PatchSelector.kept_share` of each
         self._requests: list[TeacherRequest] = []  # this step's teacher requests, in micro-batch order
+
+    @contextlib.contextmanager
+    def _forward_context(self) -> Iterator[None]:
+        """What every student forward of a step runs in: its precision's autocast, and on a CPU in bf16 its attention
+        unfused (see `unfused_attention_modules`)."""
+        with student_autocast(self.precision, self._device), attention_unfused(self._unfused):
+            yield
 
     def __call__(
         self, images: torch.Tensor, targets: torch.Tensor, step: int, known: torch.Tensor | None = None

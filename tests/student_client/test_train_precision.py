@@ -10,6 +10,7 @@ import pytest
 import torch
 from student_testkit import STUDENT, STUDENT_KWARGS, make_subset, teacher_server, tiny_config, tiny_teacher
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from maskedkd.precision import FORCE_CPU_BF16_ENV
 from student_client.client import TeacherClient
@@ -18,7 +19,7 @@ from student_client.data import Normalizer
 from student_client.losses import DistillationLoss
 from student_client.sips import SIPSCapture
 from student_client.student import create_student, describe_student, student_kwargs_for
-from student_client.train_step import PatchSelector, StepRunner
+from student_client.train_step import PatchSelector, StepRunner, unfused_attention_modules
 
 pytestmark = pytest.mark.dtype("both")  # forces bf16 and float32 itself
 
@@ -81,6 +82,49 @@ def test_one_maskedkd_step_in_each_precision(
     assert result.loss.total.dtype == torch.float32 and torch.isfinite(result.loss.total)
     assert student.head.weight.grad is not None and torch.isfinite(student.head.weight.grad).all()
     assert result.usage.images == 4 and result.usage.gflops > 0
+
+
+class OpsRun(TorchDispatchMode):
+    """The names of the aten ops that ran inside (after autocast chose their dtypes), forward and backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_cpu_bf16_step_runs_attention_unfused_with_the_gradients_of_fp32(env: dict[str, Any]) -> None:
+    """On the CPU in bf16 the student's attention runs as q @ k^T, softmax, @ v, not torch's fused flash kernel (whose
+    bf16 backward is the slow part of a CPU bf16 step); in fp32 it keeps the fused kernel. The gradients of one
+    supervised step in bf16 agree with fp32's within bf16's precision, and the attention modules are fused again
+    after the step (evaluation and other callers see the model as built)."""
+    cpu = torch.device("cpu")
+    images, targets = torch.rand(8, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    grads, ops = {}, {}
+    for precision in ("fp32", "bf16"):
+        cfg, student = config_and_student(env, f"none-{precision}", precision, cpu)
+        cfg = cfg.model_copy(update={"mode": "none", "teacher": None, "api_key": None})
+        attn = [m for m in student.modules() if hasattr(m, "fused_attn")]
+        assert len(attn) == 2 and all(m.fused_attn for m in attn)  # timm's default on a current torch
+        assert len(unfused_attention_modules(student, precision, cpu)) == (2 if precision == "bf16" else 0)
+        spec = describe_student(student)
+        loss = DistillationLoss(cfg.lambda_kd, cfg.tau)
+        runner = StepRunner(cfg, student, student, Normalizer(spec.mean, spec.std, cpu), loss, None, None, "p")
+        with OpsRun() as seen:
+            runner(images, targets, 0).loss.total.backward()
+        assert all(m.fused_attn for m in attn)
+        ops[precision] = seen.names
+        grads[precision] = torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
+    flash = {n for n in ops["fp32"] if "flash_attention" in n}
+    assert flash, ops["fp32"]  # fp32: the fused kernel, forward and backward
+    assert not any("flash_attention" in n or "scaled_dot_product" in n for n in ops["bf16"]), ops["bf16"]
+    assert "_softmax" in ops["bf16"] and "_softmax_backward_data" in ops["bf16"]
+    assert grads["bf16"].shape == grads["fp32"].shape
+    relative = (grads["bf16"] - grads["fp32"]).norm() / grads["fp32"].norm()
+    assert relative < 0.05, relative  # bf16 activations: ~1% here
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
