@@ -147,6 +147,7 @@ def test_checkpoint_and_resume_restore_optimizer_scheduler_and_epoch(env: dict[s
     state = torch.load(mid / "train_state.pt", weights_only=False)
     # AdamW's step counter only reaches 5 if the optimizer state of the first run was restored
     assert {float(s["step"]) for s in state["optimizer"]["state"].values()} == {5.0}
+    assert all(g["fused"] for g in state["optimizer"]["param_groups"])  # torch's fused AdamW on the CPU, resumed
     assert state["scheduler"]["last_epoch"] == 5 and state["state"]["batches_into_epoch"] == 2
     assert [h["epoch"] for h in state["state"]["history"]] == [0, 1]
     # the second run started from the saved weights, not from a fresh init
