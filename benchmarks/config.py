@@ -50,7 +50,7 @@ class BenchConfig:
     bf16_emulated_n: int = 512  # bf16 matmul n on a CPU without native bf16 (~50x slower than fp32)
     precision_train_batch: int = 16  # MaskedKD-50 step, student fp32 vs bf16 (first train pair)
     precision_train_warmup: int = 1
-    precision_train_steps: int = 3
+    precision_train_steps: int = 6
     wire_batch: int = 32  # images per request in the wire section
     microbatch_model: tuple[str, ...] = ("cifar_vit", "deit_s_224")
     microbatch_clients: tuple[int, ...] = (1, 4, 8, 16)

@@ -46,26 +46,32 @@ def dtype_rates(cfg: BenchConfig, device: str = "cpu") -> dict[str, Any]:
 
 
 def training_precision_pair(cfg: BenchConfig, pool: Any, workdir: Path, threads: int) -> dict[str, Any]:
-    """MaskedKD-50 (SIPS) step time with the student in fp32 and in bf16 (autocast), same teacher server."""
+    """MaskedKD-50 (SIPS) step time with the student in fp32 and in bf16 (autocast), same teacher server; and the
+    student's step alone (no KD) in each, which shows the student's own speedup apart from the teacher's time (the
+    teacher serves in the same dtype in both runs, on the same cores)."""
     from benchmarks.training import timed_run
 
     pair = cfg.train_pairs[0]
     server = pool.get(pair.teacher.key)
     steps: dict[str, Any] = {}
+    alone: dict[str, Any] = {}
     try:
-        for precision in ("fp32", "bf16"):
-            opts = {"mode": "kd", "strategy": "sips", "keep": 0.5, "precision": precision, "micro_batches": 1}
-            times, _ = timed_run(
-                pair,
-                server,
-                opts,
-                workdir / precision,
-                steps=(cfg.precision_train_warmup, cfg.precision_train_steps),
-                batch_size=cfg.precision_train_batch,
-                threads=threads,
-                what=f"{precision} training run",
-            )
-            steps[precision] = {"step_s": statistics.median(times), "steps_timed": len(times)}
+        for mode, into in (("kd", steps), ("none", alone)):
+            for precision in ("fp32", "bf16"):
+                opts = {"mode": mode, "precision": precision, "micro_batches": 1}
+                if mode == "kd":
+                    opts |= {"strategy": "sips", "keep": 0.5}
+                times, _ = timed_run(
+                    pair,
+                    server,
+                    opts,
+                    workdir / f"{mode}-{precision}",
+                    steps=(cfg.precision_train_warmup, cfg.precision_train_steps),
+                    batch_size=cfg.precision_train_batch,
+                    threads=threads,
+                    what=f"{precision} {'MaskedKD' if mode == 'kd' else 'no-KD'} training run",
+                )
+                into[precision] = {"step_s": statistics.median(times), "steps_timed": len(times)}
     finally:
         torch.set_num_threads(threads)  # run_training sets the process-wide thread count
     return {
@@ -74,6 +80,8 @@ def training_precision_pair(cfg: BenchConfig, pool: Any, workdir: Path, threads:
         "batch_size": cfg.precision_train_batch,
         "steps": steps,
         "bf16_speedup": steps["fp32"]["step_s"] / steps["bf16"]["step_s"],
+        "student_alone": alone,
+        "student_alone_bf16_speedup": alone["fp32"]["step_s"] / alone["bf16"]["step_s"],
     }
 
 

@@ -332,6 +332,11 @@ def _gpu(s: Section) -> str:
     return "\n\n".join(parts)
 
 
+def _alone_ms(train: dict[str, Any], precision: str) -> str:
+    alone = train.get("student_alone", {}).get(precision)  # runs before 2026-12-06 did not time it
+    return f"{alone['step_s'] * 1e3:.0f}" if alone else ""
+
+
 def _precision(s: Section) -> str:
     mm = s["matmul"]
     rows = [
@@ -357,10 +362,19 @@ def _precision(s: Section) -> str:
             "\n\nMaskedKD-50 (SIPS) training step, student forward in fp32 vs bf16 autocast (SIPS and the loss "
             f"in fp32), `{train['student']}`, batch {train['batch_size']}:\n\n"
             + table(
-                ("precision", "ms / step", "steps timed"),
-                [(p, f"{st[p]['step_s'] * 1e3:.0f}", st[p]["steps_timed"]) for p in ("fp32", "bf16")],
+                ("precision", "ms / step", "steps timed", "student alone (no KD), ms / step"),
+                [
+                    (p, f"{st[p]['step_s'] * 1e3:.0f}", st[p]["steps_timed"], _alone_ms(train, p))
+                    for p in ("fp32", "bf16")
+                ],
             )
-            + f"\n\nfp32 step / bf16 step: {train['bf16_speedup']:.3f}x."
+            + f"\n\nfp32 step / bf16 step: {train['bf16_speedup']:.3f}x"
+            + (
+                f"; the student alone: {train['student_alone_bf16_speedup']:.3f}x (the teacher's time, the same in "
+                "both, is the rest)."
+                if "student_alone" in train
+                else "."
+            )
         )
     pair = s.get("default_vs_fp32_server")
     if pair:

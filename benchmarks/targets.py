@@ -226,11 +226,22 @@ def precision_targets(precision: dict[str, Any], teacher: dict[str, Any] | None)
                 ">=",
                 2.0,
                 f"{na}fp32 {st['fp32']['step_s'] * 1e3:.0f} ms vs bf16 {st['bf16']['step_s'] * 1e3:.0f} ms "
-                f"per step, batch {train['batch_size']}; {machine}",
+                f"per step, batch {train['batch_size']}{_alone(train)}; {machine}",
                 applicable=native,
             )
         )
     return out
+
+
+def _alone(train: dict[str, Any]) -> str:
+    """The student's own step in each precision (no KD), where the run timed it."""
+    alone = train.get("student_alone")
+    if not alone:
+        return ""
+    return (
+        f" (the student alone: fp32 {alone['fp32']['step_s'] * 1e3:.0f} vs bf16 "
+        f"{alone['bf16']['step_s'] * 1e3:.0f} ms, {train['student_alone_bf16_speedup']:.2f}x)"
+    )
 
 
 def serving_targets(section: dict[str, Any]) -> list[Target]:

@@ -103,6 +103,9 @@ def test_targets_and_report(quick_run: tuple[Path, dict, str]) -> None:
             for t in bf16
         )
     assert set(p["training"]["steps"]) == {"fp32", "bf16"} and p["training"]["bf16_speedup"] > 0
+    alone = p["training"]["student_alone"]  # the student's own step, no teacher: apart from the teacher's time
+    assert set(alone) == {"fp32", "bf16"} and all(alone[k]["step_s"] > 0 for k in alone)
+    assert "student alone (no KD)" in md and "(the student alone: fp32" in md
     assert f"python -m benchmarks --quick --out {out}" in md and results["command"] in md
     assert "torch threads" in md and "Quick mode" in md
     assert torch.cuda.is_available() or "not run: no GPU" in md
