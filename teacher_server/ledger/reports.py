@@ -126,8 +126,10 @@ class bucket_start_epoch(FunctionElement[int]):  # noqa: N801 - named like the S
 def _bucket_sqlite(element: bucket_start_epoch, compiler: Any, **kw: Any) -> str:
     column = compiler.process(element.clauses, **kw)
     width = element.width_s
-    # strftime('%s') reads SQLAlchemy's stored 'YYYY-MM-DD HH:MM:SS.ffffff' (UTC) as whole epoch seconds
-    return f"((CAST(strftime('%s', {column}) AS INTEGER) / {width}) * {width})"
+    # strftime('%s') of SQLAlchemy's stored 'YYYY-MM-DD HH:MM:SS.ffffff' (UTC) rounds to the nearest millisecond
+    # first, so 23:59:59.9996 would land in the next second, minute, hour and day; its first 19 characters are the
+    # whole seconds, floored as Postgres and Python floor them
+    return f"((CAST(strftime('%s', substr({column}, 1, 19)) AS INTEGER) / {width}) * {width})"
 
 
 @compiles(bucket_start_epoch)
