@@ -11,11 +11,15 @@ with a RetryInfo, nothing billed; so is a call whose deadline the work queued ah
 
 Every unknown key costs a ledger query, so failed checks draw from token buckets, one per peer address and one for
 all peers: an empty bucket refuses further unknown keys at once, without a query. Keys that passed recently skip the
-buckets (the authenticator's own TTL cache still re-reads them, so a disabled key stops working as before).
+buckets (the authenticator's own TTL cache still re-reads them, so a disabled key stops working as before). Calls
+that arrive with the same key while its first check is under way wait for that check's answer: one query and one
+token, however many workers of a training run connect with a new key at once (each reserving its own token had
+refused a burst of more than `per_peer_burst` valid first calls from one host while the ledger was slow).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -103,6 +107,10 @@ class FailedAuthLimiter:
         bucket.tokens = min(bucket.burst, bucket.tokens + tokens)
 
 
+class _CheckAbandonedError(Exception):
+    """A key's first check ended without an answer about the key; the calls that waited for it check anew."""
+
+
 def peer_host(peer: str) -> str:
     """'ipv4:1.2.3.4:5678' -> '1.2.3.4', 'ipv6:[::1]:5678' -> '::1'; other forms (unix:...) are kept whole."""
     kind, _, rest = peer.partition(":")
@@ -130,32 +138,49 @@ class AuthFirstInterceptor(ServiceInterceptor):
         self._limiter = limiter
         self._metrics = metrics
         self._accepted: dict[str, float] = {}  # key hash -> until when it skips the buckets
+        self._checking: dict[str, asyncio.Future[KeyInfo]] = {}  # key hash -> its first check, while under way
 
     async def check(self, metadata: Any, peer: str) -> KeyInfo:
         """The call's key; AuthenticationError unless it is valid."""
         secret = bearer_secret(metadata)
         key_hash = hash_secret(secret)
-        now = time.monotonic()
-        if self._accepted.get(key_hash, 0.0) < now:
-            host = peer_host(peer)
-            wait = self._limiter.take(host)
-            if wait > 0:
-                raise AuthenticationError(
-                    f"too many failed API key checks from {host}; try again in {max(wait, 0.1):.1f} s"
-                )
+        while self._accepted.get(key_hash, 0.0) < time.monotonic():
+            pending = self._checking.get(key_hash)
+            if pending is None:
+                return await self._first_check(secret, key_hash, peer_host(peer))
             try:
-                key = await self._auth.authenticate(secret)  # a failure keeps the reserved token spent
-            except AuthenticationError:
-                raise
-            except BaseException:  # e.g. the ledger is unreachable: not the caller's failure
-                self._limiter.refund(host)
-                raise
-            self._limiter.refund(host)
-            if len(self._accepted) >= MAX_TRACKED:
-                self._accepted.clear()
-            self._accepted[key_hash] = now + ACCEPTED_TTL_S
-            return key
+                return await asyncio.shield(pending)  # the same key's check under way: its answer, no token
+            except _CheckAbandonedError:
+                continue  # that call went away, or the ledger failed it: check anew
         return await self._auth.authenticate(secret)  # cached: no ledger query; still refuses a disabled key
+
+    async def _first_check(self, secret: str, key_hash: str, host: str) -> KeyInfo:
+        wait = self._limiter.take(host)
+        if wait > 0:
+            raise AuthenticationError(
+                f"too many failed API key checks from {host}; try again in {max(wait, 0.1):.1f} s"
+            )
+        answer: asyncio.Future[KeyInfo] = asyncio.get_running_loop().create_future()
+        self._checking[key_hash] = answer
+        try:
+            key = await self._auth.authenticate(secret)  # a failure keeps the reserved token spent
+        except AuthenticationError as exc:
+            answer.set_exception(exc)
+            raise
+        except BaseException:  # e.g. the ledger is unreachable, or the call was cancelled: not the caller's failure
+            self._limiter.refund(host)
+            answer.set_exception(_CheckAbandonedError())
+            raise
+        finally:
+            del self._checking[key_hash]
+            if answer.done() and not answer.cancelled():
+                answer.exception()  # retrieved: nobody may be waiting
+        self._limiter.refund(host)
+        answer.set_result(key)
+        if len(self._accepted) >= MAX_TRACKED:
+            self._accepted.clear()
+        self._accepted[key_hash] = time.monotonic() + ACCEPTED_TTL_S
+        return key
 
     async def _refuse_or_pass(self, method: str, context: aio.ServicerContext) -> None:
         metadata = context.invocation_metadata()

@@ -4,6 +4,7 @@ checks are rate-limited (per peer address and overall) without ledger queries on
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import subprocess
 import sys
@@ -19,7 +20,11 @@ from service_testkit import auth, image_request, ledger_rows, random_images, ran
 from sqlalchemy import event
 
 from maskedkd.v1 import teacher_pb2 as pb
-from teacher_server.service.auth_guard import FailedAuthLimiter, peer_host
+from teacher_server.errors import AuthenticationError
+from teacher_server.ledger import database, keys
+from teacher_server.metrics import ServerMetrics
+from teacher_server.service.auth import KeyAuthenticator
+from teacher_server.service.auth_guard import AuthFirstInterceptor, FailedAuthLimiter, peer_host
 from teacher_server.settings import ServerSettings
 from teacher_server.testing.server import RunningServer, running_server
 
@@ -97,6 +102,75 @@ def test_failed_key_checks_are_rate_limited_without_ledger_queries(limited: Runn
     assert srv.metrics_url is not None
     text = urllib.request.urlopen(srv.metrics_url, timeout=10).read().decode()
     assert 'maskedkd_requests_total{code="UNAUTHENTICATED",key="-",model=""} 26.0' in text  # 20 + 5 + fresh
+
+
+def test_a_burst_of_first_calls_with_one_new_key_is_one_check(limited: RunningServer) -> None:
+    """16 calls at once with a key the server has not seen, burst 5: the calls that arrive while its first check is
+    under way wait for that check, so none is refused as a guess and the ledger is asked once (each call reserving
+    its own token refused the 6th on: a training run's workers starting together)."""
+    srv = limited
+    fresh = srv.create_key("many-workers")
+    channel, teacher = stub(srv.address)
+    queries = LedgerQueries(srv)
+    try:
+        calls = [teacher.GetModelInfo.future(pb.ModelInfoRequest(), metadata=auth(fresh)) for _ in range(16)]
+        assert [c.result(timeout=30).num_classes for c in calls] == [10] * 16
+        assert queries.count == 1
+        for _ in range(4):  # the failure bucket is untouched: a burst of 5 guesses is still looked up
+            code, details = _code_and_details(teacher.GetModelInfo, pb.ModelInfoRequest(), metadata=auth(_guess()))
+            assert (code, details) == (grpc.StatusCode.UNAUTHENTICATED, "unknown API key")
+    finally:
+        queries.close()
+        channel.close()
+
+
+def test_concurrent_checks_of_one_key_share_one_lookup_and_one_token(tmp_path: Path) -> None:
+    """The guard itself on a real SQLite ledger, 30 checks started together in one event loop (each reaches its
+    ledger lookup before any lookup returns): a valid key passes 30 times on one query; one wrong key is refused 30
+    times on one query and one token; a check whose lookup failed (cancelled) leaves the next to check anew."""
+    sessions = database.open_ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    secret, _ = keys.create_api_key(sessions, name="k")
+    limiter = FailedAuthLimiter(per_peer_per_s=1e-3, per_peer_burst=5, global_per_s=1e-3, global_burst=50)
+    guard = AuthFirstInterceptor(KeyAuthenticator(sessions), limiter, ServerMetrics())
+    loads = 0
+    engine = sessions.kw["bind"]
+
+    def seen(_conn, _cursor, statement: str, *_args) -> None:  # type: ignore[no-untyped-def]
+        nonlocal loads
+        loads += "api_keys" in statement
+
+    event.listen(engine, "before_cursor_execute", seen)
+    peer = "ipv4:127.0.0.1:4242"
+
+    async def checks(secret_: str) -> list[object]:
+        metadata = (("authorization", f"Bearer {secret_}"),)
+        return await asyncio.gather(*(guard.check(metadata, peer) for _ in range(30)), return_exceptions=True)
+
+    async def cancelled_then_checked(secret_: str) -> object:
+        metadata = (("authorization", f"Bearer {secret_}"),)
+        first = asyncio.ensure_future(guard.check(metadata, peer))
+        waiter = asyncio.ensure_future(guard.check(metadata, peer))
+        await asyncio.sleep(0)  # both started: the first holds the lookup, the second waits for it
+        first.cancel()
+        return await waiter
+
+    try:
+        answers = asyncio.run(checks(secret))
+        assert [getattr(a, "name", a) for a in answers] == ["k"] * 30 and loads == 1
+        wrong = "mkd_" + secrets.token_urlsafe(32)
+        answers = asyncio.run(checks(wrong))
+        assert all(isinstance(a, AuthenticationError) and str(a) == "unknown API key" for a in answers)
+        assert loads == 2 and limiter.wait_s("127.0.0.1") == 0  # 4 of the 5 tokens left
+        other, _ = keys.create_api_key(sessions, name="other")
+        before = loads
+        assert asyncio.run(cancelled_then_checked(other)).name == "other"  # type: ignore[attr-defined]
+        assert loads - before == 2  # the cancelled call's lookup (its thread runs on), then the waiter's own
+        for _ in range(4):
+            assert limiter.take("127.0.0.1") == 0
+        assert limiter.take("127.0.0.1") > 0
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+        engine.dispose()
 
 
 def test_the_key_is_checked_before_the_message_is_read(limited: RunningServer) -> None:
