@@ -207,7 +207,6 @@ class StepRunner:
         # "bf16" or "fp32": as given (a run's own, kept across resumes), else resolved from the settings
         self.precision = precision or resolve_precision(cfg.precision, device)
         self._unfused = unfused_attention_modules(raw_model, self.precision, device)
-        self._autocast = self._forward_context
         self._kept: list[float] = []  # this step's micro-batches, in order: `PatchSelector.kept_share` of each
         self._requests: list[TeacherRequest] = []  # this step's teacher requests, in micro-batch order
 
@@ -226,7 +225,7 @@ class StepRunner:
         form a micro-batch of their own that sends no request."""
         cfg = self.cfg
         if cfg.mode == "none":
-            with self._autocast():
+            with self._forward_context():
                 output = self.model(self.normalize(images))
             return StepResult(self.criterion(as_float32(output), targets, None), images.shape[0])
         self._kept = []
@@ -286,7 +285,7 @@ class StepRunner:
         return output, self._teacher_request(x)
 
     def _student_forward(self, i: int, x: torch.Tensor) -> tuple[Any, None]:
-        with self._autocast():
+        with self._forward_context():
             output = self.model(self.normalize(x))
         if self.distiller is not None:
             self.distiller.after_forward()
@@ -310,10 +309,10 @@ class StepRunner:
         xn = self.normalize(x)
         assert self.selector is not None
         if self.selector.needs_scores:  # the student's own attention on the full image, without grad
-            with torch.no_grad(), self._autocast():
+            with torch.no_grad(), self._forward_context():
                 self.raw_model(xn)
         keep = self.selector(x.shape[0], x.device)
-        with self._autocast():
+        with self._forward_context():
             return self.model(xn, keep_indices=keep), None
 
 
