@@ -11,6 +11,7 @@ backward, AdamW) and an inference forward of the same model, each variant in tur
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -21,13 +22,9 @@ import timm
 import torch
 from torch import nn
 
+from student_client.train_step import attention_modules, attention_unfused
+
 VARIANTS = (("fp32", True), ("fp32", False), ("bf16", True), ("bf16", False))  # (precision, fused attention)
-
-
-def _set_fused(model: nn.Module, fused: bool) -> None:
-    for module in model.modules():
-        if isinstance(getattr(module, "fused_attn", None), bool):
-            setattr(module, "fused_attn", fused)  # noqa: B010 - nn.Module's typed __setattr__ takes no bool
 
 
 def _autocast(precision: str) -> Any:
@@ -55,26 +52,30 @@ def measure(model_name: str, img: int, patch: int, batch: int, rounds: int) -> l
 
     rows = []
     for what, run in (("training step", step), ("inference", infer)):
-        times = _interleaved(model, run, rounds)
+        times = _interleaved(attention_modules(model), run, rounds)
         for (precision, fused), ts in zip(VARIANTS, times, strict=True):
             rows.append(
                 {"what": what, "precision": precision, "fused": fused, "ms": statistics.median(ts) * 1e3, "n": len(ts)}
             )
-    _set_fused(model, True)
     return rows
 
 
-def _interleaved(model: nn.Module, run: Callable[[str], None], rounds: int) -> list[list[float]]:
+def _interleaved(attention: list[nn.Module], run: Callable[[str], None], rounds: int) -> list[list[float]]:
+    """Each variant's times; unfused ones run inside the student's own switch (`train_step.attention_unfused`)."""
+
+    def switch(fused: bool) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext() if fused else attention_unfused(attention)
+
     for precision, fused in VARIANTS:  # warm-up: the first call of each pays for kernel selection
-        _set_fused(model, fused)
-        run(precision)
+        with switch(fused):
+            run(precision)
     times: list[list[float]] = [[] for _ in VARIANTS]
     for _ in range(rounds):
         for i, (precision, fused) in enumerate(VARIANTS):
-            _set_fused(model, fused)
-            start = time.perf_counter()
-            run(precision)
-            times[i].append(time.perf_counter() - start)
+            with switch(fused):
+                start = time.perf_counter()
+                run(precision)
+                times[i].append(time.perf_counter() - start)
     return times
 
 

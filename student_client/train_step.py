@@ -72,6 +72,11 @@ def unfused_attention_modules(model: nn.Module, precision: str, device: torch.de
     kernel, and so does an fp32 CPU run (fused is the faster there)."""
     if precision != "bf16" or device.type != "cpu":
         return []
+    return attention_modules(model)
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Every module of `model` with timm's `fused_attn` switch (its attention layers)."""
     return [m for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
 
 

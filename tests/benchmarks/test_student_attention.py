@@ -7,7 +7,8 @@ import pytest
 import timm
 import torch
 
-from benchmarks.student_attention import VARIANTS, _set_fused, main, measure
+from benchmarks.student_attention import VARIANTS, main, measure
+from student_client.train_step import attention_modules, attention_unfused
 
 pytestmark = pytest.mark.dtype("both")  # runs fp32 and bf16 autocast itself, on the CPU
 
@@ -27,13 +28,14 @@ def test_the_switch_reaches_every_attention_module_and_both_kernels_agree() -> N
     """float32 on the CPU: the unfused attention is the same function as the fused kernel."""
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=3).eval()
     attn = [m for m in model.modules() if hasattr(m, "fused_attn")]
-    assert len(attn) == 3 and all(m.fused_attn for m in attn)
+    assert len(attn) == 3 and all(m.fused_attn for m in attn) and attention_modules(model) == attn
     images = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         fused = model(images)
-        _set_fused(model, False)
-        assert not any(m.fused_attn for m in attn)
-        unfused = model(images)
+        with attention_unfused(attention_modules(model)):
+            assert not any(m.fused_attn for m in attn)
+            unfused = model(images)
+    assert all(m.fused_attn for m in attn)
     torch.testing.assert_close(unfused, fused, rtol=1e-4, atol=1e-5)
 
 
