@@ -173,8 +173,8 @@ class AuthFirstInterceptor(ServiceInterceptor):
             raise
         finally:
             del self._checking[key_hash]
-            if answer.done() and not answer.cancelled():
-                answer.exception()  # retrieved: nobody may be waiting
+            if answer.done():  # failed (it is never cancelled): retrieved, as nobody may be waiting
+                answer.exception()
         self._limiter.refund(host)
         answer.set_result(key)
         if len(self._accepted) >= MAX_TRACKED:
