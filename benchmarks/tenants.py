@@ -15,6 +15,7 @@ not be billed at all.
     python -m benchmarks.tenants                  # 10 s alone, 10 s flood; a table on stdout
     python -m benchmarks.tenants --seconds 4 --json out.json
     python -m benchmarks.tenants --ingest-workers 2  # the same against `serve --ingest-workers 2`
+    python -m benchmarks.tenants --light-priority interactive  # the light key in a better class than the flood's
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from maskedkd.codec import tensor_to_proto
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
 from student_client.retry import retry_after_s
+from teacher_server.priorities import DEFAULT_PRIORITY, PRIORITIES
 
 ARCH = "vit_tiny_patch16_224"
 TINY = {"img_size": 32, "patch_size": 4, "num_classes": 10}
@@ -153,9 +155,11 @@ def run_tenants(
     workdir: Path | None = None,
     threads: int = 0,
     ingest_workers: int = 0,
+    light_priority: str = DEFAULT_PRIORITY,
 ) -> dict[str, Any]:
     """The scenario against a fresh server child; the figures of `make bench`'s tenants section. `ingest_workers`:
-    the server runs that many ingest processes (fair shares hold within each)."""
+    the server runs that many ingest processes; `light_priority`: the light key's class (the greedy key's is
+    standard)."""
     from teacher_server.ledger.database import open_ledger
     from teacher_server.ledger.keys import create_api_key
 
@@ -168,7 +172,7 @@ def run_tenants(
             threads=threads,
         )
         sessions = open_ledger(server.settings["db"])
-        light_key, _ = create_api_key(sessions, name="light")
+        light_key, _ = create_api_key(sessions, name="light", priority=light_priority)
         sessions.kw["bind"].dispose()
         server.start().wait_ready()
         try:
@@ -191,6 +195,7 @@ def run_tenants(
         "status": "ok",
         "seconds": seconds,
         "ingest_workers": ingest_workers,
+        "light_priority": light_priority,
         "light": {"alone": alone, "flood": flood, "p99_ratio": flood["p99_ms"] / alone["p99_ms"], **LIGHT},
         "greedy": {
             **greedy,
@@ -228,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--greedy-images", type=int, default=GREEDY["images"], help="images per greedy call")
     parser.add_argument("--ingest-workers", type=int, default=0, help="serve with that many ingest processes")
+    parser.add_argument(
+        "--light-priority", choices=PRIORITIES, default=DEFAULT_PRIORITY, help="the light key's priority class"
+    )
     parser.add_argument("--greedy", nargs=2, metavar=("ADDRESS", "KEY"), help=argparse.SUPPRESS)  # the child
     args = parser.parse_args(argv)
     if args.greedy:
@@ -235,7 +243,12 @@ def main(argv: list[str] | None = None) -> int:
         assert args.json is not None
         args.json.write_text(json.dumps(result))
         return 0
-    result = run_tenants(args.seconds, greedy_images=args.greedy_images, ingest_workers=args.ingest_workers)
+    result = run_tenants(
+        args.seconds,
+        greedy_images=args.greedy_images,
+        ingest_workers=args.ingest_workers,
+        light_priority=args.light_priority,
+    )
     print(table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -33,11 +33,11 @@ from teacher_server.engine.commit_stage import CommitStage, Forwarded, commit_re
 from teacher_server.engine.decode import DecodedInput
 from teacher_server.engine.fair_clock import Clock
 from teacher_server.engine.rows_runner import AnswersFn, JobShape, Late
-from teacher_server.engine.scheduler import ComputeEstimate, FairQueue, QueueLimits
+from teacher_server.engine.scheduler import Backlog, ComputeEstimate, FairQueue, QueueLimits
 from teacher_server.engine.staging import StagedRows, Stager
 from teacher_server.errors import MIN_RETRY_S, DeadlineUnmetError, ServiceUnavailableError, retry_info
 from teacher_server.metrics import ServerMetrics
-from teacher_server.priorities import DEFAULT_PRIORITY
+from teacher_server.priorities import DEFAULT_PRIORITY, rank_of
 
 STAGE_LEAD_S = 0.002  # beyond twice the staging time, how early the next batch forms before the forward is free
 COMMIT_S_MARGIN = 0.05  # seconds a batch's commit and answer take after its forward, at most, for deadline checks
@@ -102,6 +102,7 @@ class TokenBudgetBatcher:
         limits: QueueLimits | None = None,
         clock: Clock | None = None,
         max_batch_s: float = 0.0,
+        backlog: Backlog | None = None,
     ) -> None:
         self.runner = runner  # runs a staged batch: here (rows_runner.py) or in the device process (ingest/)
         self._stager = stager
@@ -115,6 +116,7 @@ class TokenBudgetBatcher:
         self._metrics = metrics
         self._name = name
         self.queue: FairQueue[BatchJob] = FairQueue(limits, clock)  # clock: shared by ingest workers
+        self._backlog = backlog  # an ingest worker's: what it holds per class, for the device's choice of batch
         self.compute = ComputeEstimate()
         self._changed: asyncio.Event | None = None
         self._collector: asyncio.Task[None] | None = None
@@ -189,6 +191,8 @@ class TokenBudgetBatcher:
         )
         self.queue.push(job)
         self._count_queued(job, 1)
+        if self._backlog is not None:
+            self._backlog.taken(rank_of(priority))
         self._changed.set()
         return await job.future
 
@@ -207,6 +211,11 @@ class TokenBudgetBatcher:
         for pool in (self._stage_pool, self._forward_pool):
             if pool is not None:
                 pool.shutdown(wait=True)
+
+    def _let_go(self, jobs: Sequence[BatchJob]) -> None:
+        """Tell the backlog that these requests leave unrun (dropped, or their caller gone)."""
+        if self._backlog is not None and jobs:
+            self._backlog.let_go([rank_of(job.priority) for job in jobs])
 
     def _count_queued(self, job: BatchJob, change: int) -> None:
         if self._metrics:
@@ -281,6 +290,7 @@ class TokenBudgetBatcher:
         )
         for job in gone:
             self._count_queued(job, -1)
+        self._let_go(gone)
         return batch, dropped
 
     def _batch_tokens(self) -> int:
@@ -294,6 +304,7 @@ class TokenBudgetBatcher:
         for job in dropped:
             if queued:
                 self._count_queued(job, -1)
+                self._let_go([job])
             if not job.future.done():
                 retry_s = max(MIN_RETRY_S, self.compute.seconds(self.queue.key_tokens(job.key_id) + job.tokens))
                 job.future.set_exception(
@@ -312,6 +323,7 @@ class TokenBudgetBatcher:
         assert self._slots is not None and self._stage_pool and self._forward_pool and self._commits
         slot = None
         live = [j for j in batch if not j.future.done()]  # callers that went away before staging: not run, not billed
+        settled: list[BatchJob] = []  # handed to the teacher, or let go, by the forward thread
         try:
             if not live:
                 return
@@ -321,13 +333,15 @@ class TokenBudgetBatcher:
             refuse = functools.partial(loop.call_soon_threadsafe, functools.partial(self._refuse_late, queued=False))
             # From the forward's start the batch runs and is billed, also for a caller leaving then: its answer waits
             # for a replay.
-            forwarded = await loop.run_in_executor(self._forward_pool, self._run, live, rows, hook, refuse)
+            forwarded = await loop.run_in_executor(self._forward_pool, self._run, live, rows, hook, refuse, settled)
             await self._commits.wait_for_room()  # a ledger slower than the teacher holds the slot: back-pressure
         except Exception as exc:  # noqa: BLE001 - delivered to every caller of the batch; nothing was committed
             self._deliver_error(live, exc)
             return
         finally:
             self._forward_started(ticket)
+            handled = {id(j) for j in settled}
+            self._let_go([j for j in batch if id(j) not in handled])
             if slot is not None:
                 self._stager.release(slot)
             self._slots.release()
@@ -372,14 +386,24 @@ class TokenBudgetBatcher:
         return keep, late, rows.select_requests([j.images for j in jobs], [id(j) in chosen for j in jobs])
 
     def _run(
-        self, jobs: list[BatchJob], rows: StagedRows, started_hook: Callable[[], object], refuse: Callable[..., object]
+        self,
+        jobs: list[BatchJob],
+        rows: StagedRows,
+        started_hook: Callable[[], object],
+        refuse: Callable[..., object],
+        settled: list[BatchJob],
     ) -> Forwarded | BaseException | None:
-        """Forward thread: the teacher on the staged rows; the commit stage commits them. None: nobody to run for."""
+        """Forward thread: the teacher on the staged rows; the commit stage commits them. None: nobody to run for.
+        `settled` gets the jobs handed to the teacher and those not run (which it tells the backlog of)."""
         try:
             started = time.monotonic()
             if rows.ready is not None:  # the rows' copy to the device, queued on the staging stream
                 torch.cuda.current_stream(rows.pixels.device).wait_event(rows.ready)
-            jobs, late, rows = self._still_wanted(jobs, rows, started)
+            wanted, late, rows = self._still_wanted(jobs, rows, started)
+            kept = {id(j) for j in wanted}
+            self._let_go([j for j in jobs if id(j) not in kept])
+            settled.extend(jobs)
+            jobs = wanted
             if late:
                 refuse(late)
             if not jobs:
@@ -390,7 +414,7 @@ class TokenBudgetBatcher:
             self._forward_busy_until = busy_until
             started_hook()
             try:
-                shapes = [JobShape(j.images, j.input.k, j.input.outputs, j.deadline) for j in jobs]
+                shapes = [JobShape(j.images, j.input.k, j.input.outputs, j.deadline, rank_of(j.priority)) for j in jobs]
                 with torch.inference_mode(), self._stage_clock(self.runner.stage):
                     answered = self.runner.answers(rows, shapes)
             finally:

@@ -18,12 +18,15 @@ from maskedkd.teacher_outputs import ForwardOutputs, OutputChoice
 from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server.engine.answers import NO_OUTPUTS, Answer, OutputsRequest, batch_choice, job_outputs
 from teacher_server.engine.staging import StagedRows
+from teacher_server.priorities import DEFAULT_PRIORITY, rank_of
 
 # forward(pixels [G,K,C,P,P] raw, keep_indices [G,K], keep_counts [G] | None) -> logits [G, classes] float32 CPU
 ForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 # the same with extra outputs (answers.py): ragged rows padded and masked, one call per batch
 OutputsForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, OutputChoice], ForwardOutputs]
 MixedK = Literal["bucket", "pad", "pack"]
+
+DEFAULT_RANK = rank_of(DEFAULT_PRIORITY)
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class JobShape:
     k: int  # its keep width (the batch is as wide as its widest request)
     outputs: OutputsRequest = NO_OUTPUTS
     deadline: float | None = None  # time.monotonic() its caller gives up (one clock for every process of the host)
+    rank: int = DEFAULT_RANK  # its key's priority class (priorities.rank_of): the device process runs better first
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ All of it runs on the event loop (no locks). Times are `time.monotonic()`.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
@@ -43,6 +43,14 @@ class Queued(Protocol):
 
 
 J = TypeVar("J", bound=Queued)
+
+
+class Backlog(Protocol):
+    """Told of the requests of each priority class (`rank_of`) a batcher takes in, and of those it lets go unrun: an
+    ingest worker's counters (ingest/class_backlog.py), which the device process reads to run the best class first."""
+
+    def taken(self, rank: int) -> None: ...
+    def let_go(self, ranks: Iterable[int]) -> None: ...
 
 
 @dataclass(frozen=True)

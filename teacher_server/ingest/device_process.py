@@ -1,5 +1,6 @@
 """The device process of `serve --ingest-workers N`: the one teacher, running the sealed micro-batches of every
-ingest worker in the order they come (on a GPU, those that queued up during a forward together).
+ingest worker, the best priority class first and in the order they come within a class (on a GPU, those that queued
+up during a forward together).
 
 It loads and checks the teacher as a lone server does (teacher_loader.py), tells the supervisor what it serves (with
 a weightless copy of the teacher on the meta device, for the workers' checks and meters), then answers each worker's
@@ -10,10 +11,10 @@ and the worker bills nothing of it. It ends when every worker has closed its soc
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import copy
 import io
+import itertools
 import logging
 import mmap
 import os
@@ -21,7 +22,6 @@ import queue
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle
 
@@ -29,18 +29,23 @@ import torch
 
 from maskedkd.masked_teacher import MaskedTeacher
 from maskedkd.text import first_line
-from teacher_server.engine.answers import batch_choice
-from teacher_server.engine.batcher import COMMIT_S_MARGIN
-from teacher_server.engine.rows_runner import JobShape, RowsRunner
+from teacher_server.engine.rows_runner import RowsRunner
 from teacher_server.engine.scheduler import ComputeEstimate
 from teacher_server.engine.shared_host import view_region
 from teacher_server.engine.staging import StagedRows, join_rows
 from teacher_server.ingest.children import die_with_parent
+from teacher_server.ingest.class_backlog import ClassBacklog, DeviceBacklog
 from teacher_server.ingest.messages import BatchCall, BatchReply, DeviceFailed, DeviceReady, NewRegion, TensorRef
+from teacher_server.ingest.pending_call import PendingCall
 from teacher_server.metrics import ServerMetrics
 from teacher_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
+
+# A call held back for a better class another worker holds waits at most this long (that worker's next call comes
+# within a few ms of its last reply; longer means it is stuck behind its own ledger, and the teacher should not idle)
+HOLD_FOR_BETTER_CLASS_S = 0.02
+HOLD_POLL_S = 0.001  # while holding, the backlog is read again this often
 
 
 def meta_copy(teacher: MaskedTeacher) -> bytes:
@@ -75,47 +80,12 @@ def unpin_for_cuda(mapping: mmap.mmap) -> None:
         torch.cuda.cudart().cudaHostUnregister(torch.frombuffer(mapping, dtype=torch.uint8).data_ptr())
 
 
-@dataclass(eq=False)
-class _Pending:
-    """A worker's call, its rows read (on the forward's device), waiting for the forward thread's reply."""
-
-    call: BatchCall
-    rows: StagedRows
-    tokens: int  # the teacher tokens of its rows: kept patches plus each row's prefix tokens
-    reply: BatchReply | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-    late: tuple[int, ...] = ()  # its requests found too late as the forward started: their rows were cut out
-    forward_s: float = 0.0  # the estimate of that forward they were too late for
-
-    @property
-    def logits_only(self) -> bool:
-        return not batch_choice([j.outputs for j in self.call.jobs]).any
-
-    @property
-    def jobs_run(self) -> list[JobShape]:
-        return [job for i, job in enumerate(self.call.jobs) if i not in self.late]
-
-    def cut_late(self, now: float, forward_s: float, prefix: int) -> bool:
-        """Cut out the rows of the requests whose callers give up before a forward of `forward_s` starting `now`
-        (monotonic) ends and is answered; False: none is left."""
-        jobs, finish = self.call.jobs, now + forward_s + COMMIT_S_MARGIN
-        self.late = tuple(i for i, job in enumerate(jobs) if job.deadline is not None and job.deadline < finish)
-        self.forward_s = forward_s
-        if not self.late:
-            return True
-        if len(self.late) == len(jobs):
-            self.reply = BatchReply(bytearray(), 0, (), late=self.late, forward_s=forward_s)
-            return False
-        self.rows = self.rows.select_requests(
-            [job.images for job in jobs], [i not in self.late for i in range(len(jobs))]
-        )
-        self.tokens = int(self.rows.counts.sum()) + prefix * self.rows.images
-        return True
-
-
 class DeviceLoop:
     """Runs the workers' calls: a thread per worker socket reads its calls' rows (on CUDA: copies them to the card on
-    a stream of its own, while the forward in progress runs); one forward thread runs them in arrival order. With
+    a stream of its own, while the forward in progress runs); one forward thread runs them, the best priority class
+    first, in arrival order within a class. With `backlog` (what each worker holds per class: class_backlog.py), a
+    call is held back, for at most `hold_s`, while a worker with no call here holds requests of a better class: its
+    call is on its way (a worker has one call here at a time, and forms the next while it runs). With
     `merge`, the logits-only calls that queued up while a forward ran go into the next forward together (up to
     `max_images` images and `token_budget` tokens): N workers' small batches become one, as a lone server's
     micro-batcher would have made them. Off on a CPU teacher, whose forward costs the same per image in small
@@ -131,6 +101,8 @@ class DeviceLoop:
         merge: bool | None = None,
         max_images: int = 256,
         token_budget: int = 65536,
+        backlog: ClassBacklog | None = None,
+        hold_s: float = HOLD_FOR_BETTER_CLASS_S,
     ) -> None:
         self._runner = runner
         self._prefix = prefix  # prefix tokens per row (the batch's token count)
@@ -139,14 +111,24 @@ class DeviceLoop:
         self._merge = device.type != "cpu" if merge is None else merge
         self._max_images = max_images
         self._token_budget = token_budget
-        self._calls: queue.Queue[_Pending | None] = queue.Queue()  # None: every worker is gone
+        self._backlog: DeviceBacklog | None = backlog.reader() if backlog is not None else None
+        self._hold_s = hold_s
+        self._calls: queue.Queue[PendingCall | None] = queue.Queue()  # None: every worker is gone
+        self._waiting: list[PendingCall] = []  # taken from `_calls` by the forward thread, not run yet
+        self._connected: set[int] = set()  # the workers whose socket is open
+        self._arrivals = itertools.count()
         self.compute = ComputeEstimate()  # of this teacher's forward alone (a worker's includes the wait here)
 
     def queued(self) -> int:
         """Calls waiting for the forward thread (the one running excluded)."""
-        return self._calls.qsize()
+        return self._calls.qsize() + len(self._waiting)
+
+    def connected(self) -> set[int]:
+        """The workers whose socket is open."""
+        return set(self._connected)
 
     def serve(self, conns: list[Connection]) -> None:
+        self._connected.update(range(len(conns)))
         forward = threading.Thread(target=self._forward_loop, name="device-forward", daemon=True)
         forward.start()
         threads = [
@@ -161,6 +143,12 @@ class DeviceLoop:
         forward.join()
 
     def _serve_worker(self, index: int, conn: Connection) -> None:
+        try:
+            self._serve_calls(index, conn)
+        finally:
+            self._connected.discard(index)
+
+    def _serve_calls(self, index: int, conn: Connection) -> None:
         regions: dict[int, mmap.mmap] = {}
         # CUDA: this worker's rows are copied on a stream of its own, overlapping the forward in progress (a copy on
         # the default stream would wait for it)
@@ -177,7 +165,7 @@ class DeviceLoop:
                     if self._device.type == "cuda":
                         pin_for_cuda(regions[message.id])
                     continue
-                conn.send(self._answer(message, regions, copies))
+                conn.send(self._answer(index, message, regions, copies))
             except (EOFError, OSError):  # the worker closed its socket (stopped, or died): nothing more to run
                 log.info("ingest worker %d disconnected", index)
                 if self._device.type == "cuda":
@@ -185,7 +173,9 @@ class DeviceLoop:
                         unpin_for_cuda(mapping)
                 return
 
-    def _answer(self, call: BatchCall, regions: dict[int, mmap.mmap], copies: torch.cuda.Stream | None) -> BatchReply:
+    def _answer(
+        self, worker: int, call: BatchCall, regions: dict[int, mmap.mmap], copies: torch.cuda.Stream | None
+    ) -> BatchReply:
         """Worker thread: the call's rows read (on CUDA: copied on `copies`), then its reply from the forward thread."""
         try:
             counts = torch.tensor(call.counts, dtype=torch.int64)
@@ -200,21 +190,41 @@ class DeviceLoop:
                 rows = StagedRows(moved[0], moved[1], counts, call.uniform, slot=0, ready=ready)
         except Exception as exc:  # noqa: BLE001 - answered to the worker, which bills nothing of the batch
             log.exception("could not read a batch's rows")
+            self._received(worker, call)
             return _failed(first_line(exc))
-        pending = _Pending(call, rows, tokens=sum(call.counts) + self._prefix * len(call.counts))
+        tokens = sum(call.counts) + self._prefix * len(call.counts)
+        pending = PendingCall(call, rows, tokens, worker=worker, seq=next(self._arrivals))
         self._calls.put(pending)
+        self._received(worker, call)  # after the put: the forward thread finds the call queued, or still held
         pending.done.wait()
         return pending.reply or _failed("the device's forward thread stopped")
 
+    def _received(self, worker: int, call: BatchCall) -> None:
+        if self._backlog is not None:
+            self._backlog.received(worker, [job.rank for job in call.jobs])
+
     def _forward_loop(self) -> None:
-        held: collections.deque[_Pending | None] = collections.deque()  # taken from the queue, not joined: run next
+        waiting = self._waiting
+        ending = False  # every worker is gone: run what waits, then stop
         while True:
-            first = held.popleft() if held else self._calls.get()
-            if first is None:
-                return
+            if not waiting:
+                if ending:
+                    return
+                ending = self._receive(None)
+                continue
+            received = self._backlog.snapshot() if self._backlog is not None else []  # before the calls are read
+            ending = self._receive(0.0) or ending
+            first = min(waiting, key=lambda p: p.order)
+            hold = 0.0 if ending else self._hold_for_better_class(first, received)
+            if hold > 0:
+                ending = self._receive(min(hold, HOLD_POLL_S))  # a new call ends the wait; the backlog is read again
+                continue
+            waiting.remove(first)
+            for pending in waiting:  # a hold bounds one wait of the teacher: the next one starts anew
+                pending.held_until = None
             group = [first]
             if self._merge and first.logits_only:
-                group += self._joining(first, held)
+                group += self._joining(first)
             try:
                 self._run(group)
             except Exception as exc:  # noqa: BLE001 - the workers hand it to every caller of the batch, unbilled
@@ -225,19 +235,48 @@ class DeviceLoop:
                 for pending in group:
                     pending.done.set()
 
-    def _joining(self, first: _Pending, held: collections.deque[_Pending | None]) -> list[_Pending]:
-        """The calls waiting now that fit into `first`'s forward; the others are kept in `held`, in order."""
-        waiting = list(held)
-        held.clear()
-        with contextlib.suppress(queue.Empty):
-            while True:
-                waiting.append(self._calls.get_nowait())
-        joined: list[_Pending] = []
+    def _receive(self, timeout: float | None) -> bool:
+        """Forward thread: the calls queued now (waiting up to `timeout` for the first; None: until one comes) into
+        `_waiting`; True when every worker is gone."""
+        try:
+            item = self._calls.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        ended = False
+        while True:
+            if item is None:
+                ended = True
+            else:
+                self._waiting.append(item)
+            try:
+                item = self._calls.get_nowait()
+            except queue.Empty:
+                return ended
+
+    def _hold_for_better_class(self, first: PendingCall, received: list[tuple[int, ...]]) -> float:
+        """How much longer to hold `first` (the best call waiting) back: while a connected worker with no call here
+        holds requests of a better class, up to `hold_s` from when that was first seen; 0: run it."""
+        if self._backlog is None or first.rank == 0:
+            return 0.0
+        here = {p.worker for p in self._waiting}
+        better = False
+        for worker in list(self._connected):
+            best = self._backlog.best_rank(worker, received)
+            if worker not in here and best is not None and best < first.rank:
+                better = True
+                break
+        if not better:
+            return 0.0
+        now = time.monotonic()
+        if first.held_until is None:
+            first.held_until = now + self._hold_s
+        return max(0.0, first.held_until - now)
+
+    def _joining(self, first: PendingCall) -> list[PendingCall]:
+        """The calls waiting now that fit into `first`'s forward (best class first); the others keep waiting."""
+        joined: list[PendingCall] = []
         images, tokens = first.rows.images, first.tokens
-        for pending in waiting:
-            if pending is None:  # every worker is gone: stop after the calls before it
-                held.append(pending)
-                continue
+        for pending in sorted(self._waiting, key=lambda p: p.order):
             more = (
                 pending.logits_only
                 and pending.rows.pixels.dtype == first.rows.pixels.dtype
@@ -248,11 +287,11 @@ class DeviceLoop:
                 joined.append(pending)
                 images += pending.rows.images
                 tokens += pending.tokens
-            else:
-                held.append(pending)
+        for pending in joined:
+            self._waiting.remove(pending)
         return joined
 
-    def _run(self, group: list[_Pending]) -> None:
+    def _run(self, group: list[PendingCall]) -> None:
         """Forward thread: one forward for the group; each call's reply is its rows of the result."""
         for pending in group:
             if pending.rows.ready is not None:  # copied on its worker's stream: the forward's stream waits for it
@@ -309,7 +348,7 @@ def _failed(reason: str) -> BatchReply:
     return BatchReply(bytearray(), 0, (), error=reason)
 
 
-def device_main(settings: ServerSettings, conns: list[Connection], ready: Connection) -> None:
+def device_main(settings: ServerSettings, conns: list[Connection], ready: Connection, backlog: ClassBacklog) -> None:
     """Entry of the device process (multiprocessing, spawn)."""
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C: the supervisor stops the workers, then us
@@ -336,4 +375,5 @@ def device_main(settings: ServerSettings, conns: list[Connection], ready: Connec
         prefix=teacher.geometry.num_prefix_tokens,
         max_images=settings.max_batch_images,
         token_budget=settings.token_budget,
+        backlog=backlog,
     ).serve(conns)

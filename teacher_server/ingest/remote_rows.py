@@ -24,6 +24,7 @@ from teacher_server.engine.rows_runner import JobShape, Late, split_answers
 from teacher_server.engine.shared_host import SharedRegion, region_of, shared_host_tensor
 from teacher_server.engine.staging import StagedRows
 from teacher_server.errors import ServiceUnavailableError
+from teacher_server.ingest.class_backlog import WorkerBacklog
 from teacher_server.ingest.messages import BatchCall, BatchReply, NewRegion, TensorRef
 
 
@@ -37,9 +38,10 @@ class RemoteRows:
     stage = "handoff"  # the worker's CPU for a batch's round trip; the forward's own counts in the device process
     runs_here = False
 
-    def __init__(self, conn: Connection, device_pid: int) -> None:
+    def __init__(self, conn: Connection, device_pid: int, backlog: WorkerBacklog | None = None) -> None:
         self._conn = conn
         self._device_pid = device_pid
+        self._backlog = backlog  # told of requests whose call could not be sent: the device never counts them
         self._known: set[int] = set()  # regions the device has mapped
         self._spill: dict[str, torch.Tensor] = {}  # per name: a shared buffer for rows that were not staged there
         self._lock = threading.Lock()
@@ -47,14 +49,7 @@ class RemoteRows:
     def answers(self, rows: StagedRows, jobs: Sequence[JobShape]) -> list[Answer | Late]:
         with self._lock:
             try:
-                call = BatchCall(
-                    pixels=self._shared(rows.pixels, "pixels"),
-                    indices=self._shared(rows.indices, "indices"),
-                    counts=tuple(rows.counts.tolist()),
-                    uniform=rows.uniform,
-                    jobs=tuple(jobs),
-                )
-                self._conn.send(call)
+                self._send(rows, jobs)
                 reply: BatchReply = self._conn.recv()
             except (EOFError, OSError) as exc:
                 raise ServiceUnavailableError(
@@ -70,6 +65,21 @@ class RemoteRows:
         outputs = [None if encoded is None else pb.Outputs.FromString(encoded) for encoded in reply.outputs]
         answered = iter(split_answers(logits, outputs, run))
         return [too_late if i in late else next(answered) for i in range(len(jobs))]
+
+    def _send(self, rows: StagedRows, jobs: Sequence[JobShape]) -> None:
+        try:
+            call = BatchCall(
+                pixels=self._shared(rows.pixels, "pixels"),
+                indices=self._shared(rows.indices, "indices"),
+                counts=tuple(rows.counts.tolist()),
+                uniform=rows.uniform,
+                jobs=tuple(jobs),
+            )
+            self._conn.send(call)
+        except BaseException:
+            if self._backlog is not None:
+                self._backlog.let_go(job.rank for job in jobs)
+            raise
 
     def _shared(self, tensor: torch.Tensor, name: str) -> TensorRef:
         """Where `tensor` lies in shared memory (copied into the spill buffer `name` first when it does not)."""
@@ -103,3 +113,4 @@ class RemoteTeacher:
     runner: RemoteRows
     index: int  # this worker's number (0..N-1); worker 0 also runs the ledger's housekeeping and the dashboard
     clock: SharedFairClock  # the fair-share clock of all workers: a key's service on one counts on every one
+    backlog: WorkerBacklog  # this worker's requests per priority class, read by the device to run better first

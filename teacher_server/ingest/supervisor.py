@@ -34,6 +34,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from teacher_server.engine.fair_clock import SharedFairClock
+from teacher_server.ingest.class_backlog import ClassBacklog
 from teacher_server.ingest.device_process import device_main
 from teacher_server.ingest.messages import DeviceFailed, DeviceReady
 from teacher_server.ingest.worker import WorkerFailed, WorkerReady, worker_main
@@ -111,8 +112,9 @@ class Supervisor:
         self.port = int(self._reserved.getsockname()[1])
         pairs = [self._ctx.Pipe(duplex=True) for _ in range(s.ingest_workers)]  # (device end, worker end)
         ready_r, ready_w = self._ctx.Pipe(duplex=False)
+        backlog = ClassBacklog(self._ctx, s.ingest_workers)  # what each worker holds per class, read by the device
         self.device = self._ctx.Process(
-            target=device_main, args=(s, [d for d, _ in pairs], ready_w), name="teacher-device", daemon=False
+            target=device_main, args=(s, [d for d, _ in pairs], ready_w, backlog), name="teacher-device", daemon=False
         )
         self.device.start()
         ready_w.close()
@@ -129,7 +131,7 @@ class Supervisor:
             status_r, status_w = self._ctx.Pipe(duplex=False)
             proc = self._ctx.Process(
                 target=worker_main,
-                args=(worker_settings(s, i, self.port), i, w, self.device.pid, info, status_w, clock),
+                args=(worker_settings(s, i, self.port), i, w, self.device.pid, info, status_w, clock, backlog),
                 name=f"ingest-worker-{i}",
             )
             proc.start()

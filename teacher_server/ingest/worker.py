@@ -1,6 +1,6 @@
 """An ingest worker of `serve --ingest-workers N`: a whole teacher server on the shared port (TLS, keys, checks,
 digests, dedupe, quota, fair queue, ledger, answers) whose micro-batches run in the device process, and whose fair
-queue reads the clock all workers share."""
+queue reads the clock all workers share; what it holds per priority class it counts where the device reads it."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from teacher_server.engine.fair_clock import SharedFairClock
 from teacher_server.ingest.children import die_with_parent
+from teacher_server.ingest.class_backlog import ClassBacklog
 from teacher_server.ingest.messages import DeviceReady, load_meta_teacher
 from teacher_server.settings import ServerSettings
 
@@ -41,6 +42,7 @@ def worker_main(
     info: DeviceReady,
     status: Connection,
     clock: SharedFairClock,
+    backlog: ClassBacklog,
 ) -> None:
     """Entry of ingest worker `index` (multiprocessing, spawn): serve until SIGTERM (or SIGINT), then drain."""
     die_with_parent()
@@ -52,8 +54,15 @@ def worker_main(
     from teacher_server.service.server import ServerStartError, TeacherServer
 
     try:
+        held = backlog.writer(index)
         remote = RemoteTeacher(
-            info.name, load_meta_teacher(info.meta_teacher), info.fidelity, RemoteRows(device, device_pid), index, clock
+            info.name,
+            load_meta_teacher(info.meta_teacher),
+            info.fidelity,
+            RemoteRows(device, device_pid, held),
+            index,
+            clock,
+            held,
         )
         server = TeacherServer(settings, remote=remote)
         asyncio.run(_serve(server, status))

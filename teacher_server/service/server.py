@@ -80,6 +80,7 @@ class TeacherServer:
             fidelity=fidelity,
             runner=remote.runner if remote is not None else None,
             clock=remote.clock if remote is not None else None,
+            backlog=remote.backlog if remote is not None else None,
             finalize=self.metrics.timed("commit", biller.finalize),
             metrics=self.metrics,
         )

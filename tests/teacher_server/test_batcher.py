@@ -4,6 +4,7 @@ commit pipeline, deadlines, errors, close. Rows are staged as uint8 pixels, as a
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import threading
 import time
 
@@ -20,6 +21,7 @@ from teacher_server.engine.decode import DecodedInput
 from teacher_server.engine.rows_runner import RowsRunner, run_bucketed, run_padded
 from teacher_server.engine.staging import StagedRows, Stager
 from teacher_server.errors import DeadlineUnmetError, ServiceUnavailableError
+from teacher_server.ingest.class_backlog import ClassBacklog
 
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(60)]
 
@@ -312,3 +314,28 @@ async def test_a_batch_holds_the_teacher_about_max_batch_s_at_most() -> None:
     await asyncio.gather(*(b.submit(decoded(1, 6)) for _ in range(4)))
     assert [rows for rows, _, _ in fwd.calls[sizes_before:]] == [1, 1, 1, 1]
     await b.close()
+
+
+async def test_a_worker_counts_per_class_what_it_takes_in_and_what_it_lets_go_unrun() -> None:
+    """An ingest worker's batcher counts, per priority class, the requests it takes in and those it lets go unrun
+    (dropped for their deadline, their caller gone): what it took in and kept is what it handed to the forward
+    (float32, CPU)."""
+    backlog = ClassBacklog(multiprocessing.get_context("spawn"), 1)
+    fwd = RecordingForward(seconds=0.4)
+    b = make(fwd, max_batch_images=4, max_delay_s=0.01, backlog=backlog.writer(0))
+    await b.start()
+    running = asyncio.ensure_future(b.submit(decoded(4, 4), priority="batch"))  # runs at once, for 0.4 s
+    await asyncio.sleep(0.1)
+    nxt = asyncio.ensure_future(b.submit(decoded(4, 4, fill=2), priority="interactive"))
+    late = asyncio.ensure_future(b.submit(decoded(1, 4), priority="standard", deadline=time.monotonic() + 0.1))
+    gone = asyncio.ensure_future(b.submit(decoded(1, 4), priority="batch"))
+    await asyncio.sleep(0.05)
+    assert backlog.kept(0) == (1, 1, 2)  # interactive, standard, batch
+    gone.cancel()
+    await running
+    with pytest.raises(DeadlineUnmetError):
+        await late
+    assert (await nxt).logits[0].item() == 2 * 16.0
+    await b.close()
+    assert [n for n, _, _ in fwd.calls] == [4, 4]  # the batch request, then the interactive one
+    assert backlog.kept(0) == (1, 0, 1)

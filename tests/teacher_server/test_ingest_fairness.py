@@ -6,6 +6,7 @@ logits on the CPU (pinned: the share is a count of batches, the same in any dtyp
 from __future__ import annotations
 
 import sqlite3
+import subprocess
 import threading
 import time
 from datetime import UTC, datetime
@@ -15,11 +16,11 @@ import grpc
 import pytest
 import service_testkit as kit
 from dtype_marks import child_env
-from test_ingest_workers import create_key, ingested
+from test_ingest_workers import ingested
 
 from maskedkd.checkpoints import save_model_checkpoint
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
-from teacher_server.launcher import ServerProcess, serve_argv
+from teacher_server.launcher import ServerProcess, serve_argv, teacher_server_command
 
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(240)]
 WIDE_CONNECTIONS = 12  # the wide key's connections: the kernel spreads them over both workers (1 in 2**11: not)
@@ -52,9 +53,15 @@ def shares(db: str, since: float, until: float) -> dict[str, int]:
     return served
 
 
-def test_a_key_on_every_worker_gets_no_more_of_the_teacher_than_a_key_on_one(tmp_path: Path) -> None:
-    db = f"sqlite:///{tmp_path / 'ledger.db'}"
-    keys = {name: create_key(db, name) for name in ("wide", "narrow")}
+def create_key(db: str, name: str, priority: str | None = None) -> str:
+    argv = [*teacher_server_command(), "keys", "create", "--name", name, "--db", db]
+    argv += ["--priority", priority] if priority else []
+    return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+
+
+def shares_under_load(tmp_path: Path, db: str, keys: dict[str, str]) -> dict[str, int]:
+    """The "wide" key sending on WIDE_CONNECTIONS connections (both workers), the "narrow" key NARROW_CALLS calls at
+    a time on one connection, for SECONDS: images billed per key while both sent (from the ledger)."""
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -96,9 +103,28 @@ def test_a_key_on_every_worker_gets_no_more_of_the_teacher_than_a_key_on_one(tmp
         for ch in [*wide, narrow]:
             ch.close()
         assert server.stop() == 0
-    served = shares(db, begun + 2.0, begun + SECONDS - 2.0)
+    return shares(db, begun + 2.0, begun + SECONDS - 2.0)
+
+
+def test_a_key_on_every_worker_gets_no_more_of_the_teacher_than_a_key_on_one(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    keys = {name: create_key(db, name) for name in ("wide", "narrow")}
+    served = shares_under_load(tmp_path, db, keys)
     narrow_share = served.get("narrow", 0) / sum(served.values())
     print(f"images billed while both sent: {served}; the narrow key's share {narrow_share:.2f}")
     # Two keys of weight 1, both wanting all of it: half each. Per-worker fairness alone gives the narrow key
     # half of its worker's turns, a quarter of the teacher.
     assert narrow_share >= 0.4, served
+
+
+def test_an_interactive_key_on_one_worker_goes_before_a_batch_key_on_every_worker(tmp_path: Path) -> None:
+    """Priority classes hold across the workers: the interactive key's calls run before the batch key's, also
+    those that came in on the other worker. Its calls keep the teacher busy only with the next call formed while
+    one runs, so the batch key still gets the gaps; when the device took the workers' calls in turn, the
+    interactive key got at most half."""
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    keys = {"wide": create_key(db, "wide", "batch"), "narrow": create_key(db, "narrow", "interactive")}
+    served = shares_under_load(tmp_path, db, keys)
+    narrow_share = served.get("narrow", 0) / sum(served.values())
+    print(f"images billed while both sent: {served}; the interactive key's share {narrow_share:.2f}")
+    assert narrow_share >= 0.9, served

@@ -31,6 +31,7 @@ from teacher_server.engine.served_model import make_outputs_forward
 from teacher_server.engine.shared_host import region_of, shared_host_tensor
 from teacher_server.engine.staging import Stager
 from teacher_server.errors import DeadlineUnmetError, ServiceUnavailableError
+from teacher_server.ingest.class_backlog import ClassBacklog
 from teacher_server.ingest.device_process import DeviceLoop
 from teacher_server.ingest.remote_rows import DeviceForwardError, RemoteRows
 from teacher_server.metrics import ServerMetrics
@@ -274,7 +275,9 @@ def test_a_failed_joined_forward_fails_each_of_its_calls_and_the_loop_goes_on(te
     assert torch.equal(again[0].logits, expected[0].logits)
 
 
-def held_device(teacher: MaskedTeacher) -> tuple[DeviceLoop, threading.Event, threading.Event, list[int]]:
+def held_device(
+    teacher: MaskedTeacher, **loop: object
+) -> tuple[DeviceLoop, threading.Event, threading.Event, list[int]]:
     """A CPU device loop whose forwards wait for `gate` (after setting `started`), recording each forward's rows."""
     gate, started = threading.Event(), threading.Event()
     forwards: list[int] = []
@@ -285,7 +288,7 @@ def held_device(teacher: MaskedTeacher) -> tuple[DeviceLoop, threading.Event, th
         gate.wait(30)
         return teacher.forward_pixels(pixels, indices, counts)
 
-    return DeviceLoop(RowsRunner(gated), CPU, ServerMetrics()), gate, started, forwards
+    return DeviceLoop(RowsRunner(gated), CPU, ServerMetrics(), **loop), gate, started, forwards  # type: ignore[arg-type]
 
 
 def test_requests_whose_callers_gave_up_while_queued_at_the_device_are_cut_out(teacher: MaskedTeacher) -> None:
@@ -368,3 +371,58 @@ def test_a_worker_refuses_unbilled_what_the_device_found_too_late_and_learns_its
     assert device_s == pytest.approx(1.8) and learned >= device_s  # 9 tokens: 8 kept patches and the class token
     (retry,) = refusals[-1].details
     assert retry.retry_delay.ToTimedelta().total_seconds() >= device_s
+
+
+def test_the_device_runs_the_best_class_first_and_waits_for_a_better_class_on_its_way(teacher: MaskedTeacher) -> None:
+    """Priority classes across workers (float32, CPU). Calls waiting at the device run best class first, not in
+    arrival order; and a call is held back while a worker with no call there holds requests of a better class, until
+    that worker's call comes."""
+    backlog = ClassBacklog(multiprocessing.get_context("spawn"), 4)
+    device, gate, started, forwards = held_device(teacher, backlog=backlog, hold_s=60.0)
+    sizes = [1, 2, 3, 4]  # worker i's call has sizes[i] images: the order of the forwards tells whose ran
+    ranks = [1, 2, 0, 0]  # standard, batch, interactive, interactive
+    stagers = [Stager(teacher.geometry, max_images=4, device=CPU, allocate=shared_host_tensor) for _ in sizes]
+    staged = [s.stage([request(n, 8, 40 + n)], s.acquire()) for s, n in zip(stagers, sizes, strict=True)]
+    with serving(device, 4) as workers:
+
+        def send(i: int, take: bool = True) -> None:  # a worker takes its request in, then sends it
+            if take:
+                backlog.writer(i).taken(ranks[i])
+            RemoteRows(workers[i], os.getpid()).answers(staged[i], [JobShape(sizes[i], 8, rank=ranks[i])])
+
+        # worker 0's call holds the forward; worker 1's (batch) and worker 2's (interactive) queue behind it
+        senders = queue_behind_a_held_forward(device, started, [functools.partial(send, i) for i in range(3)])
+        backlog.writer(3).taken(0)  # worker 3 takes in an interactive request; its call is not sent yet
+        gate.set()
+        senders[2].join(30)  # the interactive call ran next, before the batch call that came first
+        time.sleep(0.3)
+        assert forwards == [1, 3]  # worker 1's batch call is held for worker 3's
+        last = threading.Thread(target=send, args=(3, False))  # worker 3's interactive call, taken in above
+        last.start()
+        for sender in [*senders, last]:
+            sender.join(30)
+    assert forwards == [1, 3, 4, 2]
+
+
+@pytest.mark.parametrize("closed", [False, True])
+def test_a_held_call_runs_after_the_hold_or_at_once_when_the_better_worker_is_gone(
+    teacher: MaskedTeacher, closed: bool
+) -> None:
+    """A worker may hold a better class and not send it (stuck behind its own ledger): the teacher idles at most
+    `hold_s` for it, and not at all for a worker whose socket has closed (float32, CPU)."""
+    runner = RowsRunner(teacher.forward_pixels)
+    backlog = ClassBacklog(multiprocessing.get_context("spawn"), 2)
+    device = DeviceLoop(runner, CPU, ServerMetrics(), backlog=backlog, hold_s=60.0 if closed else 0.5)
+    stager = Stager(teacher.geometry, max_images=4, device=CPU, allocate=shared_host_tensor)
+    rows = stager.stage([request(2, 8, 50)], stager.acquire())
+    backlog.writer(1).taken(0)  # worker 1 holds an interactive request
+    with serving(device, 2) as (mine, theirs):
+        if closed:
+            theirs.close()
+            while device.connected() != {0}:
+                time.sleep(0.01)
+        begun = time.monotonic()
+        (answer,) = RemoteRows(mine, os.getpid()).answers(rows, [JobShape(2, 8, rank=2)])
+        waited = time.monotonic() - begun
+    assert isinstance(answer, Answer)
+    assert (waited < 5.0) if closed else (0.5 <= waited < 5.0), waited
