@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server.engine.answers import Answer
-from teacher_server.engine.batcher import BatchJob, BatchStats
+from teacher_server.engine.batch_job import BatchJob, BatchStats
 from teacher_server.engine.metering import MeteredUsage
 from teacher_server.errors import ReplayExpiredError, RequestIdReusedError, ServiceError
 from teacher_server.ledger import billing, models

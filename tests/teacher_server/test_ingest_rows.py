@@ -138,11 +138,17 @@ def test_a_failed_forward_is_an_error_for_the_batch(teacher: MaskedTeacher) -> N
 
 
 def test_a_gone_device_process_is_unavailable(teacher: MaskedTeacher) -> None:
+    """A call that cannot be sent is refused UNAVAILABLE, and its request is let go in the worker's counts per class
+    (the device, which counts what it receives, never will) (float32, CPU)."""
     here, there = multiprocessing.Pipe(duplex=True)
     there.close()  # the device process died
+    backlog = ClassBacklog(multiprocessing.get_context("spawn"), 1)
+    backlog.writer(0).taken(0)
     stager = Stager(teacher.geometry, max_images=4, device=CPU, allocate=shared_host_tensor)
+    rows = stager.stage([request(1, 4, 7)], stager.acquire())
     with pytest.raises(ServiceUnavailableError, match="device process is gone; nothing was billed"):
-        RemoteRows(here, os.getpid()).answers(stager.stage([request(1, 4, 7)], stager.acquire()), [JobShape(1, 4)])
+        RemoteRows(here, os.getpid(), backlog.writer(0)).answers(rows, [JobShape(1, 4, rank=0)])
+    assert backlog.kept(0) == (0, 0, 0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
