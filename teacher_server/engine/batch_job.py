@@ -38,6 +38,7 @@ class BatchJob:
     priority: str = DEFAULT_PRIORITY
     deadline: float | None = None  # monotonic time the caller gives up
     enqueued_at: float = field(default_factory=time.monotonic)
+    start_tag: float = 0.0  # its fair-queuing start tag, set as it is taken into a batch
 
     @property
     def images(self) -> int:

@@ -23,6 +23,7 @@ import functools
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -41,6 +42,21 @@ from teacher_server.priorities import DEFAULT_PRIORITY, rank_of
 
 STAGE_LEAD_S = 0.002  # beyond twice the staging time, how early the next batch forms before the forward is free
 COMMIT_S_MARGIN = 0.05  # seconds a batch's commit and answer take after its forward, at most, for deadline checks
+
+
+@dataclass
+class Handoff:
+    """What the forward thread did with a batch's requests, for an ingest worker's backlog."""
+
+    settled: list[BatchJob] = field(default_factory=list)  # handed to the teacher, or let go there
+    sent: bool = False  # handed to the teacher (for a worker: its call sent, or the send failed and RemoteRows said)
+
+
+def batch_order(jobs: Sequence[BatchJob]) -> tuple[int, float]:
+    """Where a batch stands among the workers' batches at the device: its best priority class, and the smallest start
+    tag among its requests of that class."""
+    rank = min(rank_of(j.priority) for j in jobs)
+    return rank, min(j.start_tag for j in jobs if rank_of(j.priority) == rank)
 
 
 class TokenBudgetBatcher:
@@ -222,6 +238,8 @@ class TokenBudgetBatcher:
                 continue
             for job in batch:
                 self._count_queued(job, -1)
+            if self._backlog is not None:
+                self._backlog.formed(*batch_order(batch))
             ticket = object()
             self._waiting_forward.add(ticket)
             run = asyncio.ensure_future(self._run_batch(batch, ticket))
@@ -282,7 +300,7 @@ class TokenBudgetBatcher:
         assert self._slots is not None and self._stage_pool and self._forward_pool and self._commits
         slot = None
         live = [j for j in batch if not j.future.done()]  # callers that went away before staging: not run, not billed
-        settled: list[BatchJob] = []  # handed to the teacher, or let go, by the forward thread
+        handoff = Handoff()
         try:
             if not live:
                 return
@@ -292,15 +310,17 @@ class TokenBudgetBatcher:
             refuse = functools.partial(loop.call_soon_threadsafe, functools.partial(self._refuse_late, queued=False))
             # From the forward's start the batch runs and is billed, also for a caller leaving then: its answer waits
             # for a replay.
-            forwarded = await loop.run_in_executor(self._forward_pool, self._run, live, rows, hook, refuse, settled)
+            forwarded = await loop.run_in_executor(self._forward_pool, self._run, live, rows, hook, refuse, handoff)
             await self._commits.wait_for_room()  # a ledger slower than the teacher holds the slot: back-pressure
         except Exception as exc:  # noqa: BLE001 - delivered to every caller of the batch; nothing was committed
             self._deliver_error(live, exc)
             return
         finally:
             self._forward_started(ticket)
-            handled = {id(j) for j in settled}
+            handled = {id(j) for j in handoff.settled}
             self._let_go([j for j in batch if id(j) not in handled])
+            if self._backlog is not None and not handoff.sent:
+                self._backlog.abandoned()
             if slot is not None:
                 self._stager.release(slot)
             self._slots.release()
@@ -350,10 +370,10 @@ class TokenBudgetBatcher:
         rows: StagedRows,
         started_hook: Callable[[], object],
         refuse: Callable[..., object],
-        settled: list[BatchJob],
+        handoff: Handoff,
     ) -> Forwarded | BaseException | None:
         """Forward thread: the teacher on the staged rows; the commit stage commits them. None: nobody to run for.
-        `settled` gets the jobs handed to the teacher and those not run (which it tells the backlog of)."""
+        `handoff` gets the jobs handed to the teacher and those not run (which it tells the backlog of)."""
         try:
             started = time.monotonic()
             if rows.ready is not None:  # the rows' copy to the device, queued on the staging stream
@@ -361,7 +381,7 @@ class TokenBudgetBatcher:
             wanted, late, rows = self._still_wanted(jobs, rows, started)
             kept = {id(j) for j in wanted}
             self._let_go([j for j in jobs if id(j) not in kept])
-            settled.extend(jobs)
+            handoff.settled.extend(jobs)
             jobs = wanted
             if late:
                 refuse(late)
@@ -373,7 +393,11 @@ class TokenBudgetBatcher:
             self._forward_busy_until = busy_until
             started_hook()
             try:
-                shapes = [JobShape(j.images, j.input.k, j.input.outputs, j.deadline, rank_of(j.priority)) for j in jobs]
+                shapes = [
+                    JobShape(j.images, j.input.k, j.input.outputs, j.deadline, rank_of(j.priority), j.start_tag)
+                    for j in jobs
+                ]
+                handoff.sent = True
                 with torch.inference_mode(), self._stage_clock(self.runner.stage):
                     answered = self.runner.answers(rows, shapes)
             finally:

@@ -38,6 +38,7 @@ class JobShape:
     outputs: OutputsRequest = NO_OUTPUTS
     deadline: float | None = None  # time.monotonic() its caller gives up (one clock for every process of the host)
     rank: int = DEFAULT_RANK  # its key's priority class (priorities.rank_of): the device process runs better first
+    tag: float = 0.0  # its fair-queuing start tag (the clock ingest workers share): then smaller first
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ class Queued(Protocol):
     tokens: int
     deadline: float | None  # monotonic time the caller gives up; None: no deadline
     enqueued_at: float  # monotonic time it was queued
+    start_tag: float  # set as it is taken into a batch: its start tag, on the clock (shared by ingest workers)
 
     @property
     def images(self) -> int: ...
@@ -46,11 +47,15 @@ J = TypeVar("J", bound=Queued)
 
 
 class Backlog(Protocol):
-    """Told of the requests of each priority class (`rank_of`) a batcher takes in, and of those it lets go unrun: an
-    ingest worker's counters (ingest/class_backlog.py), which the device process reads to run the best class first."""
+    """Told of the requests of each priority class (`rank_of`) a batcher takes in and of those it lets go unrun, and
+    of each batch it forms (its best class and that class's smallest start tag) and of those it never sends: an
+    ingest worker's counters (ingest/class_backlog.py), which the device process reads to run the workers' calls in
+    the order one fair queue would."""
 
     def taken(self, rank: int) -> None: ...
     def let_go(self, ranks: Iterable[int]) -> None: ...
+    def formed(self, rank: int, tag: float) -> None: ...
+    def abandoned(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,7 @@ class FairQueue(Generic[J]):
     def _pop(self, job: J, *, taken: bool) -> None:
         """Take the key's head out of the queue, into a batch (`taken`) or not: charged to the key either way."""
         if taken:
+            job.start_tag = self._clock.start_tag(job.key_id)
             self._clock.take(job.key_id, cost(job), job.images)
         else:
             self._clock.drop(job.key_id, cost(job), job.images)

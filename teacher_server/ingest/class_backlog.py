@@ -1,19 +1,22 @@
-"""What each ingest worker holds for the teacher, per priority class, where the device process can read it.
+"""What each ingest worker holds for the teacher, where the device process can read it.
 
-A worker's fair queue serves its priority classes strictly (engine/scheduler.py), but a worker has one call at the
-device at a time. Were the device to run the calls in arrival order, one worker's `batch`-class call would run while
-another worker's `interactive` requests wait, and a key's class would hold only on the worker its connection
-reached. So the device runs the best class first among the calls waiting there, and holds a call back for a short
-while when a worker with no call at the device holds requests of a better class (device_process.py): that worker's
-next call comes within a few milliseconds of its last reply.
+A worker's fair queue serves its priority classes strictly and its keys by start-time fair queuing on the clock all
+workers share (engine/scheduler.py, engine/fair_clock.py), but a worker has one call at the device at a time. Were
+the device to run the calls in arrival order, the workers would take turns: one worker's `batch`-class call would
+run while another worker's `interactive` requests wait, and a key alone on one worker would get that worker's turns
+whatever its share. So the device runs the calls waiting there as one fair queue would (best class, then smallest
+start tag), and holds a call back for a short while when a worker with no call at the device holds requests of a
+better class, or has formed a batch that goes first (device_process.py): that worker's next call comes within a few
+milliseconds of its last reply.
 
-Counted with counters that only grow, so that no moment reads wrong: per worker and class, the requests the worker
-took in and those it let go without sending them to the device (dropped in its queue, their caller gone, cut as their
-forward started, or a send that failed), both written by the worker; and the requests the device received, counted by
-the device after it queued their call. What the worker holds (queued, or in a batch formed but not yet sent: a worker
-forms its next batch while its current one runs) is the first less the other two. A request in flight from the worker
-to the device is held until the device has its call, never neither. One aligned 64-bit word per counter: a read sees
-the value before or after a write.
+Counted with counters that only grow, so that no moment reads wrong. Per worker, written by the worker: per class,
+the requests it took in and those it let go without sending them to the device (dropped in its queue, their caller
+gone, cut as their forward started, or a send that failed); and the batches it formed and those it abandoned (never
+sent), with the class and smallest start tag of the last one formed. Counted by the device after it queued a call:
+the requests (per class) and calls it received. What the worker holds (queued, or in a batch formed but not yet
+sent: a worker forms its next batch while its current one runs) is the first less the other two. A request or call
+in flight from the worker to the device is held until the device has its call, never neither. One aligned 64-bit
+word per counter: a read sees the value before or after a write.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ class ClassBacklog:
     def __init__(self, context: BaseContext, workers: int) -> None:
         self._taken: Any = context.RawArray("q", workers * CLASSES)  # [worker * CLASSES + rank]
         self._let_go: Any = context.RawArray("q", workers * CLASSES)
+        self._formed: Any = context.RawArray("q", workers)  # batches formed, per worker
+        self._abandoned: Any = context.RawArray("q", workers)  # of those, never sent to the device
+        self._formed_rank: Any = context.RawArray("q", workers)  # the last batch formed: its best class
+        self._formed_tag: Any = context.RawArray("d", workers)  # and that class's smallest start tag
         self.workers = workers
 
     def writer(self, worker: int) -> WorkerBacklog:
@@ -54,12 +61,18 @@ class ClassBacklog:
         let_go = [self._let_go[base + r] for r in range(CLASSES)]  # first: a take read later only adds
         return tuple(self._taken[base + r] - let_go[r] for r in range(CLASSES))
 
+    def formed(self, worker: int) -> tuple[int, int, float]:
+        """(batches worker `worker` formed and did not abandon, the last one's best class, its smallest start tag)."""
+        count = self._formed[worker] - self._abandoned[worker]  # first: a batch formed later has its order written
+        return count, self._formed_rank[worker], self._formed_tag[worker]
+
 
 class WorkerBacklog:
     """One worker's counters. Its event loop and its forward thread both write them (the lock); nothing else does."""
 
     def __init__(self, backlog: ClassBacklog, worker: int) -> None:
         self._backlog = backlog
+        self._worker = worker
         self._base = worker * CLASSES
         self._lock = threading.Lock()
 
@@ -74,6 +87,18 @@ class WorkerBacklog:
             for rank in ranks:
                 self._backlog._let_go[self._base + rank] += 1
 
+    def formed(self, rank: int, tag: float) -> None:
+        """A batch was formed: its best class, and that class's smallest start tag."""
+        with self._lock:
+            self._backlog._formed_rank[self._worker] = rank
+            self._backlog._formed_tag[self._worker] = tag
+            self._backlog._formed[self._worker] += 1  # last: a reader that sees the count sees the order
+
+    def abandoned(self) -> None:
+        """A batch formed will not be sent (its callers left, or the send failed)."""
+        with self._lock:
+            self._backlog._abandoned[self._worker] += 1
+
 
 class DeviceBacklog:
     """The device process's view. `received` from each worker's socket thread, after its call is queued at the
@@ -82,15 +107,18 @@ class DeviceBacklog:
 
     def __init__(self, backlog: ClassBacklog) -> None:
         self._backlog = backlog
-        self._received = [[0] * CLASSES for _ in range(backlog.workers)]  # per worker: written by its thread only
+        # per worker, written by its socket thread only: requests received per class, then calls received
+        self._received = [[0] * (CLASSES + 1) for _ in range(backlog.workers)]
 
     def received(self, worker: int, ranks: Iterable[int]) -> None:
+        """A call of requests of these classes came from `worker`."""
         counts = self._received[worker]
         for rank in ranks:
             counts[rank] += 1
+        counts[CLASSES] += 1
 
     def snapshot(self) -> list[tuple[int, ...]]:
-        """What the device has received so far, per worker and class."""
+        """What the device has received so far, per worker: requests per class, then calls."""
         return [tuple(counts) for counts in self._received]
 
     def best_rank(self, worker: int, received: list[tuple[int, ...]]) -> int | None:
@@ -98,3 +126,9 @@ class DeviceBacklog:
         None when it holds none."""
         kept = self._backlog.kept(worker)
         return next((rank for rank in range(CLASSES) if kept[rank] - received[worker][rank] > 0), None)
+
+    def next_call(self, worker: int, received: list[tuple[int, ...]]) -> tuple[int, float] | None:
+        """(best class, smallest start tag) of the batch worker `worker` formed and has not sent yet, beyond
+        `received` (a snapshot); None when there is none."""
+        count, rank, tag = self._backlog.formed(worker)
+        return (rank, tag) if count - received[worker][CLASSES] > 0 else None

@@ -1,6 +1,6 @@
 """The device process of `serve --ingest-workers N`: the one teacher, running the sealed micro-batches of every
-ingest worker, the best priority class first and in the order they come within a class (on a GPU, those that queued
-up during a forward together).
+ingest worker in the order one fair queue would run them: the best priority class first, then the smallest start tag
+on the workers' shared clock (on a GPU, those that queued up during a forward together).
 
 It loads and checks the teacher as a lone server does (teacher_loader.py), tells the supervisor what it serves (with
 a weightless copy of the teacher on the meta device, for the workers' checks and meters), then answers each worker's
@@ -82,10 +82,11 @@ def unpin_for_cuda(mapping: mmap.mmap) -> None:
 
 class DeviceLoop:
     """Runs the workers' calls: a thread per worker socket reads its calls' rows (on CUDA: copies them to the card on
-    a stream of its own, while the forward in progress runs); one forward thread runs them, the best priority class
-    first, in arrival order within a class. With `backlog` (what each worker holds per class: class_backlog.py), a
-    call is held back, for at most `hold_s`, while a worker with no call here holds requests of a better class: its
-    call is on its way (a worker has one call here at a time, and forms the next while it runs). With
+    a stream of its own, while the forward in progress runs); one forward thread runs them by `PendingCall.order`:
+    best priority class, smallest start tag, arrival. With `backlog` (what each worker holds: class_backlog.py), a
+    call is held back, for at most `hold_s`, while a worker with no call here holds requests of a better class or has
+    formed a batch that goes first: its call is on its way (a worker has one call here at a time, and forms the next
+    while it runs). With
     `merge`, the logits-only calls that queued up while a forward ran go into the next forward together (up to
     `max_images` images and `token_budget` tokens): N workers' small batches become one, as a lone server's
     micro-batcher would have made them. Off on a CPU teacher, whose forward costs the same per image in small
@@ -215,7 +216,7 @@ class DeviceLoop:
             received = self._backlog.snapshot() if self._backlog is not None else []  # before the calls are read
             ending = self._receive(0.0) or ending
             first = min(waiting, key=lambda p: p.order)
-            hold = 0.0 if ending else self._hold_for_better_class(first, received)
+            hold = 0.0 if ending else self._hold_for_better_call(first, received)
             if hold > 0:
                 ending = self._receive(min(hold, HOLD_POLL_S))  # a new call ends the wait; the backlog is read again
                 continue
@@ -253,24 +254,29 @@ class DeviceLoop:
             except queue.Empty:
                 return ended
 
-    def _hold_for_better_class(self, first: PendingCall, received: list[tuple[int, ...]]) -> float:
+    def _hold_for_better_call(self, first: PendingCall, received: list[tuple[int, ...]]) -> float:
         """How much longer to hold `first` (the best call waiting) back: while a connected worker with no call here
-        holds requests of a better class, up to `hold_s` from when that was first seen; 0: run it."""
-        if self._backlog is None or first.rank == 0:
+        holds requests of a better class, or has formed a batch that goes before `first` (same class, smaller start
+        tag), up to `hold_s` from when that was first seen; 0: run it."""
+        if self._backlog is None:
             return 0.0
         here = {p.worker for p in self._waiting}
-        better = False
-        for worker in list(self._connected):
-            best = self._backlog.best_rank(worker, received)
-            if worker not in here and best is not None and best < first.rank:
-                better = True
-                break
-        if not better:
+        if not any(self._goes_before(first, w, received) for w in list(self._connected) if w not in here):
             return 0.0
         now = time.monotonic()
         if first.held_until is None:
             first.held_until = now + self._hold_s
         return max(0.0, first.held_until - now)
+
+    def _goes_before(self, first: PendingCall, worker: int, received: list[tuple[int, ...]]) -> bool:
+        """Whether `worker` holds what goes before `first`: requests of a better class, or a formed batch of a smaller
+        (class, start tag)."""
+        assert self._backlog is not None
+        best = self._backlog.best_rank(worker, received)
+        if best is not None and best < first.rank:
+            return True
+        formed = self._backlog.next_call(worker, received)
+        return formed is not None and formed < (first.rank, first.tag)
 
     def _joining(self, first: PendingCall) -> list[PendingCall]:
         """The calls waiting now that fit into `first`'s forward (best class first); the others keep waiting."""

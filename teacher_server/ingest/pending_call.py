@@ -34,8 +34,15 @@ class PendingCall:
         return min(job.rank for job in self.call.jobs)
 
     @property
-    def order(self) -> tuple[int, int]:
-        return self.rank, self.seq
+    def tag(self) -> float:
+        """The smallest fair-queuing start tag among its requests of its best class (the clock all workers share)."""
+        rank = self.rank
+        return min(job.tag for job in self.call.jobs if job.rank == rank)
+
+    @property
+    def order(self) -> tuple[int, float, int]:
+        """Calls run in this order: best class, then smallest start tag (as one fair queue would), then arrival."""
+        return self.rank, self.tag, self.seq
 
     @property
     def logits_only(self) -> bool:

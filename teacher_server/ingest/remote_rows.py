@@ -79,6 +79,7 @@ class RemoteRows:
         except BaseException:
             if self._backlog is not None:
                 self._backlog.let_go(job.rank for job in jobs)
+                self._backlog.abandoned()
             raise
 
     def _shared(self, tensor: torch.Tensor, name: str) -> TensorRef:

@@ -339,3 +339,33 @@ async def test_a_worker_counts_per_class_what_it_takes_in_and_what_it_lets_go_un
     await b.close()
     assert [n for n, _, _ in fwd.calls] == [4, 4]  # the batch request, then the interactive one
     assert backlog.kept(0) == (1, 0, 1)
+
+
+async def test_a_worker_tells_each_batch_it_forms_and_each_it_never_sends() -> None:
+    """An ingest worker's batcher tells its backlog each batch it forms (its best class and that class's smallest
+    start tag) and each formed batch it never hands to the teacher (its callers all left before the forward), so
+    the device does not wait for a call that will not come (float32, CPU)."""
+    backlog = ClassBacklog(multiprocessing.get_context("spawn"), 1)
+    gate = threading.Event()
+    fwd = RecordingForward()
+
+    def gated(pixels: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
+        gate.wait(30)
+        return fwd(pixels, idx, counts)
+
+    b = make(fwd, max_batch_images=4, max_delay_s=0.01, backlog=backlog.writer(0))
+    b.runner = RowsRunner(gated)
+    await b.start()
+    running = asyncio.ensure_future(b.submit(decoded(4, 4), priority="batch", key_id=1))  # held at the gate
+    await asyncio.sleep(0.1)
+    leaving = asyncio.ensure_future(b.submit(decoded(2, 4), priority="interactive", key_id=2))
+    await asyncio.sleep(0.1)  # formed behind the held forward
+    count, rank, tag = backlog.formed(0)
+    # key 2 starts at the virtual time: key 1's service, 4 images x (4 kept patches + the class token) = 20 tokens
+    assert (count, rank, tag) == (2, 0, 20.0)
+    leaving.cancel()
+    gate.set()
+    await running
+    await b.close()
+    assert [n for n, _, _ in fwd.calls] == [4]  # the second batch never ran
+    assert backlog.formed(0)[0] == 1  # two formed, one of them never sent

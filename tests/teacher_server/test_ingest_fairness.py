@@ -1,7 +1,9 @@
-"""Fair shares across `serve --ingest-workers 2`, as a platform team sees them: a key whose connections reach both
-workers does not get more of the teacher than a key with one connection. Both keys keep the teacher busy for a
-while; each one's share is read back from the ledger with SQL (images billed while both were sending). Checks float32
-logits on the CPU (pinned: the share is a count of batches, the same in any dtype)."""
+"""Fair shares and priority classes across `serve --ingest-workers 2`, as a platform team sees them: a key whose
+connections reach both workers does not get more of the teacher than a key with one connection, keys spread unevenly
+over the workers share as one fair queue would share them, and an interactive key goes first wherever it is. The
+keys keep the teacher busy for a while; each one's share is read back from the ledger with SQL (images billed while
+all were sending). Checks float32 logits on the CPU (pinned: the share is a count of batches, the same in any
+dtype)."""
 
 from __future__ import annotations
 
@@ -60,8 +62,8 @@ def create_key(db: str, name: str, priority: str | None = None) -> str:
 
 
 def shares_under_load(tmp_path: Path, db: str, keys: dict[str, str]) -> dict[str, int]:
-    """The "wide" key sending on WIDE_CONNECTIONS connections (both workers), the "narrow" key NARROW_CALLS calls at
-    a time on one connection, for SECONDS: images billed per key while both sent (from the ledger)."""
+    """The "wide" key sending on WIDE_CONNECTIONS connections (both workers), every other key NARROW_CALLS calls at a
+    time, all on one connection (one worker), for SECONDS: images billed per key while all sent (from the ledger)."""
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -87,7 +89,9 @@ def shares_under_load(tmp_path: Path, db: str, keys: dict[str, str]) -> dict[str
             threading.Thread(target=sender, args=(pb_grpc.TeacherServiceStub(ch), keys["wide"], f"w{c}"))
             for c, ch in enumerate(wide)
         ] + [
-            threading.Thread(target=sender, args=(pb_grpc.TeacherServiceStub(narrow), keys["narrow"], f"n{c}"))
+            threading.Thread(target=sender, args=(pb_grpc.TeacherServiceStub(narrow), key, f"{name}{c}"))
+            for name, key in keys.items()
+            if name != "wide"
             for c in range(NARROW_CALLS)
         ]
         begun = time.time()
@@ -128,3 +132,17 @@ def test_an_interactive_key_on_one_worker_goes_before_a_batch_key_on_every_worke
     narrow_share = served.get("narrow", 0) / sum(served.values())
     print(f"images billed while both sent: {served}; the interactive key's share {narrow_share:.2f}")
     assert narrow_share >= 0.9, served
+
+
+def test_two_keys_on_one_worker_and_a_key_on_every_worker_get_a_third_each(tmp_path: Path) -> None:
+    """Fair shares hold across the workers also where the keys are spread unevenly: two keys on one worker and one
+    on both get a third of the teacher each, as one fair queue would give them. The device runs, within a class,
+    the smaller start tag first and waits for a worker's formed batch that goes first; when it took the workers'
+    calls in turn, the key on both workers got half (its worker alone gave it every turn)."""
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    keys = {name: create_key(db, name) for name in ("wide", "left", "right")}
+    served = shares_under_load(tmp_path, db, keys)
+    wide_share = served.get("wide", 0) / sum(served.values())
+    print(f"images billed while all sent: {served}; the key on both workers' share {wide_share:.2f}")
+    assert wide_share <= 0.42, served
+    assert min(served.get("left", 0), served.get("right", 0)) / sum(served.values()) >= 0.25, served

@@ -432,3 +432,37 @@ def test_a_held_call_runs_after_the_hold_or_at_once_when_the_better_worker_is_go
         waited = time.monotonic() - begun
     assert isinstance(answer, Answer)
     assert (waited < 5.0) if closed else (0.5 <= waited < 5.0), waited
+
+
+def test_within_a_class_the_device_runs_the_smaller_start_tag_first_and_waits_for_a_formed_batch_before_it(
+    teacher: MaskedTeacher,
+) -> None:
+    """Fair queuing across workers (float32, CPU): calls of one class run by their start tags on the workers' shared
+    clock, not in arrival order; and a call is held back while a worker with no call here has formed a batch of a
+    smaller tag, until that call comes, but not for a batch of a larger tag."""
+    backlog = ClassBacklog(multiprocessing.get_context("spawn"), 4)
+    device, gate, started, forwards = held_device(teacher, backlog=backlog, hold_s=60.0)
+    sizes, tags = [1, 2, 3, 4], [0.0, 9.0, 5.0, 1.0]
+    stagers = [Stager(teacher.geometry, max_images=4, device=CPU, allocate=shared_host_tensor) for _ in sizes]
+    staged = [s.stage([request(n, 8, 60 + n)], s.acquire()) for s, n in zip(stagers, sizes, strict=True)]
+    with serving(device, 4) as workers:
+
+        def send(i: int) -> None:  # a worker forms a batch of one standard request, then sends it
+            backlog.writer(i).taken(1)
+            backlog.writer(i).formed(1, tags[i])
+            RemoteRows(workers[i], os.getpid()).answers(staged[i], [JobShape(sizes[i], 8, tag=tags[i])])
+
+        senders = queue_behind_a_held_forward(device, started, [functools.partial(send, i) for i in range(3)])
+        backlog.writer(3).taken(1)
+        backlog.writer(3).formed(1, 7.0)  # worker 3's batch (tag 7) goes before worker 1's (tag 9), not worker 2's
+        gate.set()
+        senders[2].join(30)
+        time.sleep(0.3)
+        assert forwards == [1, 3]  # worker 2's (tag 5) before worker 1's (tag 9), which now waits for worker 3's
+        last = threading.Thread(
+            target=RemoteRows(workers[3], os.getpid()).answers, args=(staged[3], [JobShape(4, 8, tag=7.0)])
+        )
+        last.start()
+        for sender in [*senders, last]:
+            sender.join(30)
+    assert forwards == [1, 3, 4, 2]
