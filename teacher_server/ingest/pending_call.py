@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from teacher_server.engine.answers import batch_choice
 from teacher_server.engine.batcher import COMMIT_S_MARGIN
-from teacher_server.engine.rows_runner import JobShape
+from teacher_server.engine.rows_runner import DEFAULT_RANK, JobShape
 from teacher_server.engine.staging import StagedRows
 from teacher_server.ingest.messages import BatchCall, BatchReply
 
@@ -31,13 +31,13 @@ class PendingCall:
     @property
     def rank(self) -> int:
         """Its best priority class (priorities.rank_of): calls of better classes run first."""
-        return min(job.rank for job in self.call.jobs)
+        return min((job.rank for job in self.call.jobs), default=DEFAULT_RANK)
 
     @property
     def tag(self) -> float:
         """The smallest fair-queuing start tag among its requests of its best class (the clock all workers share)."""
         rank = self.rank
-        return min(job.tag for job in self.call.jobs if job.rank == rank)
+        return min((job.tag for job in self.call.jobs if job.rank == rank), default=0.0)
 
     @property
     def order(self) -> tuple[int, float, int]:
