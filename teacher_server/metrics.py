@@ -156,6 +156,16 @@ class ServerMetrics:
             ["process"],
             registry=r,
         )
+        self.device_holds = Counter(
+            "maskedkd_device_holds_total",
+            "Times the device process held the teacher back for an ingest worker's call that goes first, by how the "
+            "wait ended: the call came (ended) or the wait reached its limit (ran_out)",
+            ["outcome"],
+            registry=r,
+        )
+        self.device_hold_seconds = Counter(
+            "maskedkd_device_hold_seconds_total", "Seconds the teacher waited in those holds", registry=r
+        )
         self._process = process
         self._ingested: Any = None  # its series, made on the first bytes (a device process exports none)
         # every stage exported from the start, at 0; its child looked up once (labels() costs ~3 us a call)

@@ -118,6 +118,7 @@ class DeviceLoop:
         self._waiting: list[PendingCall] = []  # taken from `_calls` by the forward thread, not run yet
         self._connected: set[int] = set()  # the workers whose socket is open
         self._arrivals = itertools.count()
+        self._hold_started: float | None = None  # monotonic: when the teacher began to wait in a hold
         self.compute = ComputeEstimate()  # of this teacher's forward alone (a worker's includes the wait here)
 
     def queued(self) -> int:
@@ -218,8 +219,11 @@ class DeviceLoop:
             first = min(waiting, key=lambda p: p.order)
             hold = 0.0 if ending else self._hold_for_better_call(first, received)
             if hold > 0:
+                if self._hold_started is None:
+                    self._hold_started = time.monotonic()
                 ending = self._receive(min(hold, HOLD_POLL_S))  # a new call ends the wait; the backlog is read again
                 continue
+            self._hold_ended(first)
             waiting.remove(first)
             for pending in waiting:  # a hold bounds one wait of the teacher: the next one starts anew
                 pending.held_until = None
@@ -235,6 +239,16 @@ class DeviceLoop:
             finally:
                 for pending in group:
                     pending.done.set()
+
+    def _hold_ended(self, first: PendingCall) -> None:
+        """Count the hold that ends as `first` runs: it ran out when `first` is the call held and its limit passed."""
+        if self._hold_started is None:
+            return
+        now = time.monotonic()
+        ran_out = first.held_until is not None and now >= first.held_until
+        self._metrics.device_holds.labels(outcome="ran_out" if ran_out else "ended").inc()
+        self._metrics.device_hold_seconds.inc(now - self._hold_started)
+        self._hold_started = None
 
     def _receive(self, timeout: float | None) -> bool:
         """Forward thread: the calls queued now (waiting up to `timeout` for the first; None: until one comes) into

@@ -7,10 +7,12 @@ dtype)."""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import subprocess
 import threading
 import time
+import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -61,9 +63,10 @@ def create_key(db: str, name: str, priority: str | None = None) -> str:
     return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=60).stdout.strip()
 
 
-def shares_under_load(tmp_path: Path, db: str, keys: dict[str, str]) -> dict[str, int]:
+def shares_under_load(tmp_path: Path, db: str, keys: dict[str, str]) -> tuple[dict[str, int], dict[str, float]]:
     """The "wide" key sending on WIDE_CONNECTIONS connections (both workers), every other key NARROW_CALLS calls at a
-    time, all on one connection (one worker), for SECONDS: images billed per key while all sent (from the ledger)."""
+    time, all on one connection (one worker), for SECONDS: (images billed per key while all sent, from the ledger;
+    the device's holds by outcome, from /metrics)."""
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -104,16 +107,18 @@ def shares_under_load(tmp_path: Path, db: str, keys: dict[str, str]) -> dict[str
         assert not errors, errors
         by_process = ingested(server.ready.metrics_url)
         assert set(by_process) == {"0", "1"} and min(by_process.values()) > 0  # both workers took connections
+        text = urllib.request.urlopen(server.ready.metrics_url, timeout=10).read().decode()
+        holds = {m[0]: float(m[1]) for m in re.findall(r'maskedkd_device_holds_total\{outcome="(\w+)"\} (\S+)', text)}
         for ch in [*wide, narrow]:
             ch.close()
         assert server.stop() == 0
-    return shares(db, begun + 2.0, begun + SECONDS - 2.0)
+    return shares(db, begun + 2.0, begun + SECONDS - 2.0), holds
 
 
 def test_a_key_on_every_worker_gets_no_more_of_the_teacher_than_a_key_on_one(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'ledger.db'}"
     keys = {name: create_key(db, name) for name in ("wide", "narrow")}
-    served = shares_under_load(tmp_path, db, keys)
+    served, _ = shares_under_load(tmp_path, db, keys)
     narrow_share = served.get("narrow", 0) / sum(served.values())
     print(f"images billed while both sent: {served}; the narrow key's share {narrow_share:.2f}")
     # Two keys of weight 1, both wanting all of it: half each. Per-worker fairness alone gives the narrow key
@@ -128,10 +133,11 @@ def test_an_interactive_key_on_one_worker_goes_before_a_batch_key_on_every_worke
     interactive key got at most half."""
     db = f"sqlite:///{tmp_path / 'ledger.db'}"
     keys = {"wide": create_key(db, "wide", "batch"), "narrow": create_key(db, "narrow", "interactive")}
-    served = shares_under_load(tmp_path, db, keys)
+    served, holds = shares_under_load(tmp_path, db, keys)
     narrow_share = served.get("narrow", 0) / sum(served.values())
-    print(f"images billed while both sent: {served}; the interactive key's share {narrow_share:.2f}")
+    print(f"images billed while both sent: {served}; the interactive key's share {narrow_share:.2f}; holds {holds}")
     assert narrow_share >= 0.9, served
+    assert holds.get("ended", 0) > 0  # the device waited for the interactive worker's next call, and it came
 
 
 def test_two_keys_on_one_worker_and_a_key_on_every_worker_get_a_third_each(tmp_path: Path) -> None:
@@ -141,8 +147,8 @@ def test_two_keys_on_one_worker_and_a_key_on_every_worker_get_a_third_each(tmp_p
     calls in turn, the key on both workers got half (its worker alone gave it every turn)."""
     db = f"sqlite:///{tmp_path / 'ledger.db'}"
     keys = {name: create_key(db, name) for name in ("wide", "left", "right")}
-    served = shares_under_load(tmp_path, db, keys)
+    served, holds = shares_under_load(tmp_path, db, keys)
     wide_share = served.get("wide", 0) / sum(served.values())
-    print(f"images billed while all sent: {served}; the key on both workers' share {wide_share:.2f}")
+    print(f"images billed while all sent: {served}; the key on both workers' share {wide_share:.2f}; holds {holds}")
     assert wide_share <= 0.42, served
     assert min(served.get("left", 0), served.get("right", 0)) / sum(served.values()) >= 0.25, served

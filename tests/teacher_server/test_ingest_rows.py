@@ -282,7 +282,7 @@ def test_a_failed_joined_forward_fails_each_of_its_calls_and_the_loop_goes_on(te
 
 
 def held_device(
-    teacher: MaskedTeacher, **loop: object
+    teacher: MaskedTeacher, metrics: ServerMetrics | None = None, **loop: object
 ) -> tuple[DeviceLoop, threading.Event, threading.Event, list[int]]:
     """A CPU device loop whose forwards wait for `gate` (after setting `started`), recording each forward's rows."""
     gate, started = threading.Event(), threading.Event()
@@ -294,7 +294,8 @@ def held_device(
         gate.wait(30)
         return teacher.forward_pixels(pixels, indices, counts)
 
-    return DeviceLoop(RowsRunner(gated), CPU, ServerMetrics(), **loop), gate, started, forwards  # type: ignore[arg-type]
+    device = DeviceLoop(RowsRunner(gated), CPU, metrics or ServerMetrics(), **loop)  # type: ignore[arg-type]
+    return device, gate, started, forwards
 
 
 def test_requests_whose_callers_gave_up_while_queued_at_the_device_are_cut_out(teacher: MaskedTeacher) -> None:
@@ -384,7 +385,8 @@ def test_the_device_runs_the_best_class_first_and_waits_for_a_better_class_on_it
     arrival order; and a call is held back while a worker with no call there holds requests of a better class, until
     that worker's call comes."""
     backlog = ClassBacklog(multiprocessing.get_context("spawn"), 4)
-    device, gate, started, forwards = held_device(teacher, backlog=backlog, hold_s=60.0)
+    metrics = ServerMetrics()
+    device, gate, started, forwards = held_device(teacher, metrics, backlog=backlog, hold_s=60.0)
     sizes = [1, 2, 3, 4]  # worker i's call has sizes[i] images: the order of the forwards tells whose ran
     ranks = [1, 2, 0, 0]  # standard, batch, interactive, interactive
     stagers = [Stager(teacher.geometry, max_images=4, device=CPU, allocate=shared_host_tensor) for _ in sizes]
@@ -408,6 +410,10 @@ def test_the_device_runs_the_best_class_first_and_waits_for_a_better_class_on_it
         for sender in [*senders, last]:
             sender.join(30)
     assert forwards == [1, 3, 4, 2]
+    sample = metrics.registry.get_sample_value
+    assert sample("maskedkd_device_holds_total", {"outcome": "ended"}) == 1  # worker 1's call, until worker 3's came
+    assert sample("maskedkd_device_holds_total", {"outcome": "ran_out"}) is None
+    assert 0.3 <= sample("maskedkd_device_hold_seconds_total") < 30
 
 
 @pytest.mark.parametrize("closed", [False, True])
@@ -418,7 +424,8 @@ def test_a_held_call_runs_after_the_hold_or_at_once_when_the_better_worker_is_go
     `hold_s` for it, and not at all for a worker whose socket has closed (float32, CPU)."""
     runner = RowsRunner(teacher.forward_pixels)
     backlog = ClassBacklog(multiprocessing.get_context("spawn"), 2)
-    device = DeviceLoop(runner, CPU, ServerMetrics(), backlog=backlog, hold_s=60.0 if closed else 0.5)
+    metrics = ServerMetrics()
+    device = DeviceLoop(runner, CPU, metrics, backlog=backlog, hold_s=60.0 if closed else 0.5)
     stager = Stager(teacher.geometry, max_images=4, device=CPU, allocate=shared_host_tensor)
     rows = stager.stage([request(2, 8, 50)], stager.acquire())
     backlog.writer(1).taken(0)  # worker 1 holds an interactive request
@@ -432,6 +439,8 @@ def test_a_held_call_runs_after_the_hold_or_at_once_when_the_better_worker_is_go
         waited = time.monotonic() - begun
     assert isinstance(answer, Answer)
     assert (waited < 5.0) if closed else (0.5 <= waited < 5.0), waited
+    holds = metrics.registry.get_sample_value("maskedkd_device_holds_total", {"outcome": "ran_out"})
+    assert holds == (None if closed else 1)  # the teacher's wait for worker 1, counted as having run out
 
 
 def test_within_a_class_the_device_runs_the_smaller_start_tag_first_and_waits_for_a_formed_batch_before_it(
