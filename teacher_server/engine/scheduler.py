@@ -126,8 +126,9 @@ class FairQueue(Generic[J]):
         q = self._keys.get(key_id)
         return q.tokens if q else 0
 
-    def _head(self) -> J | None:
-        """The next request to serve: the smallest start tag among queue heads of the highest non-empty class."""
+    def _head(self) -> tuple[J, float] | None:
+        """The next request to serve and its start tag: the smallest start tag among queue heads of the highest
+        non-empty class."""
         best: J | None = None
         best_order = (0, 0.0)
         for key_id, q in self._keys.items():
@@ -135,12 +136,11 @@ class FairQueue(Generic[J]):
             order = (_rank(job), self._clock.start_tag(key_id))
             if best is None or order < best_order:
                 best, best_order = job, order
-        return best
+        return None if best is None else (best, best_order[1])
 
     def _pop(self, job: J, *, taken: bool) -> None:
         """Take the key's head out of the queue, into a batch (`taken`) or not: charged to the key either way."""
         if taken:
-            job.start_tag = self._clock.start_tag(job.key_id)
             self._clock.take(job.key_id, cost(job), job.images)
         else:
             self._clock.drop(job.key_id, cost(job), job.images)
@@ -172,7 +172,8 @@ class FairQueue(Generic[J]):
         batch: list[J] = []
         dropped: list[J] = []
         images = tokens = 0
-        while (job := self._head()) is not None:
+        while (head := self._head()) is not None:
+            job, start_tag = head
             if not live(job):
                 self._pop(job, taken=False)
                 continue
@@ -182,6 +183,7 @@ class FairQueue(Generic[J]):
                 continue
             if batch and (images + job.images > max_images or tokens + job.tokens > token_budget):
                 break
+            job.start_tag = start_tag
             self._pop(job, taken=True)
             batch.append(job)
             images += job.images
