@@ -32,9 +32,9 @@ CLASSES = len(PRIORITIES)
 
 
 class ClassBacklog:
-    """Per ingest worker and priority class: the requests taken in and let go by the worker. Made by the supervisor
-    (pass it to the processes as an argument); the workers write through `writer`, the device reads through
-    `reader`."""
+    """Per ingest worker: the requests taken in and let go per priority class, and the batches formed and abandoned
+    (with the last one's order). Made by the supervisor (pass it to the processes as an argument); the workers write
+    through `writer`, the device reads through `reader`."""
 
     def __init__(self, context: BaseContext, workers: int) -> None:
         self._taken: Any = context.RawArray("q", workers * CLASSES)  # [worker * CLASSES + rank]
