@@ -58,6 +58,14 @@ def tiny_teacher(seed: int = 0, **overrides: object) -> nn.Module:
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs).eval()
 
 
+def unjoined(request_images: int) -> dict[str, object]:
+    """Teacher settings under which each request of `request_images` images runs as a forward of its own. A CPU
+    teacher's logits move with the rows batched beside them (the tiny teacher: 4 + 4 rows against 8 differ in 1
+    batch of 5 in bf16, 8 against 16 in every batch in float32), and a student trains on those logits, so runs whose
+    sent bytes a test compares must not let timing decide which requests share a forward."""
+    return {"max_batch_images": request_images}
+
+
 @contextmanager
 def teacher_server(tmp: Path, model: nn.Module, **settings: object) -> Iterator[RunningServer]:
     """A real gRPC teacher on 127.0.0.1 with a real SQLite ledger in `tmp`."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import process_testkit as kit
 import pytest
 from process_testkit import STUDENT_CLI, clean_env, step_rows, train_cmd, wait_for
-from student_testkit import ledger_rows, ledger_rows_at, make_subset, teacher_server, tiny_teacher
+from student_testkit import ledger_rows, ledger_rows_at, make_subset, teacher_server, tiny_teacher, unjoined
 
 from maskedkd.checkpoints import save_model_checkpoint
 from maskedkd.masked_teacher import MaskedTeacher
@@ -52,7 +52,7 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
 
 def test_kill_9_mid_epoch_then_resume_bills_exactly_the_uninterrupted_run(tmp_path: Path) -> None:
     data = make_subset(tmp_path / "data", train_per_class=4, test_per_class=1)  # 40 images: 5 steps of 8 per epoch
-    with teacher_server(tmp_path, tiny_teacher()) as srv:
+    with teacher_server(tmp_path, tiny_teacher(), **unjoined(4)) as srv:  # 2 micro-batches of 4 a step
         straight, killed = tmp_path / "straight", tmp_path / "killed"
         # the uninterrupted run: the same command line, through the same main() in this process
         assert main(train_cmd(data, straight, srv.address, srv.create_key("straight"))[len(STUDENT_CLI) :]) == 0
@@ -146,7 +146,7 @@ def test_bf16_run_resumed_with_other_threads_then_other_numerics_bills_the_unint
     bytes. Killed again at 80% and resumed in fp32 with random patches, so every re-sent step sends other patches:
     each re-sent id is answered with what was billed under it (`accept_billed_answer`), never billed again."""
     data = make_subset(tmp_path / "data", train_per_class=4, test_per_class=1)  # 5 steps of 8 per epoch, 2 epochs
-    with teacher_server(tmp_path, tiny_teacher()) as srv:
+    with teacher_server(tmp_path, tiny_teacher(), **unjoined(4)) as srv:  # 2 micro-batches of 4 a step
         straight, killed = tmp_path / "straight", tmp_path / "killed"
         done = _run(train_cmd(data, straight, srv.address, srv.create_key("straight"), "--precision", "bf16"))
         assert done.returncode == 0, done.stderr

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import ray
 from process_testkit import digests_by_id, request_log, step_rows, wait_for
-from student_testkit import STUDENT, ledger_rows, make_subset, teacher_server, tiny_config, tiny_teacher
+from student_testkit import STUDENT, ledger_rows, make_subset, teacher_server, tiny_config, tiny_teacher, unjoined
 
 from maskedkd.checkpoints import load_model
 from maskedkd.masked_teacher import MaskedTeacher
@@ -40,7 +40,7 @@ def test_two_workers_keep_half_survive_a_killed_worker_and_bill_exactly_an_unint
 ) -> None:
     data = make_subset(tmp_path / "data", train_per_class=4, test_per_class=1)  # 40 train / 10 test images
     teacher = tiny_teacher()
-    with teacher_server(tmp_path, teacher) as srv:
+    with teacher_server(tmp_path, teacher, **unjoined(4)) as srv:  # 2 workers x 2 micro-batches of 4 a step
         key = srv.create_key("ray-student")
         out = tmp_path / "run"
         # with the progress bar a user sees (tiny_config turns it off unless asked)
