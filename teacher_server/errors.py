@@ -73,6 +73,15 @@ class DeadlineUnmetError(RefusalWithDetailsError):
     status = "DEADLINE_EXCEEDED"
     reason = "deadline"
 
+    @classmethod
+    def dropped_unrun(cls, retry_s: float) -> DeadlineUnmetError:
+        """A queued request dropped as its batch formed or its forward started: its deadline would pass first."""
+        return cls(
+            "the request's deadline would pass before its forward ends; not run, nothing billed: retry with a later "
+            "deadline or after a while",
+            details=(retry_info(max(MIN_RETRY_S, retry_s)),),
+        )
+
 
 class ServiceUnavailableError(ServiceError):
     status = "UNAVAILABLE"

@@ -1,5 +1,6 @@
 """What the micro-batcher (batcher.py) queues and hands back: a request waiting for the teacher, its result, the
-figures of the batch it ran in, and the commit hook's signature."""
+figures of the batch it ran in, the commit hook's signature, and what the forward thread tells an ingest worker's
+backlog."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 
 from teacher_server.engine.answers import Answer
 from teacher_server.engine.decode import DecodedInput
-from teacher_server.priorities import DEFAULT_PRIORITY
+from teacher_server.engine.rows_runner import JobShape
+from teacher_server.priorities import DEFAULT_PRIORITY, rank_of
 
 
 @dataclass
@@ -44,6 +46,12 @@ class BatchJob:
     def images(self) -> int:
         return self.input.images
 
+    @property
+    def shape(self) -> JobShape:
+        """What the forward needs to know of it (rows_runner.py)."""
+        i = self.input
+        return JobShape(i.images, i.k, i.outputs, self.deadline, rank_of(self.priority), self.start_tag)
+
 
 @dataclass
 class JobResult:
@@ -56,3 +64,29 @@ class JobResult:
 
 # finalize(jobs, answer per job, stats) -> one value per job; runs in the commit thread after the forward.
 FinalizeFn = Callable[[Sequence[BatchJob], Sequence[Answer], BatchStats], Sequence[Any]]
+
+
+@dataclass
+class Handoff:
+    """What the forward thread did with a batch's requests, for an ingest worker's backlog."""
+
+    settled: list[BatchJob] = field(default_factory=list)  # handed to the teacher, or let go there
+    sent: bool = False  # handed to the teacher (for a worker: its call sent, or the send failed and RemoteRows said)
+
+
+def batch_order(jobs: Sequence[BatchJob]) -> tuple[int, float]:
+    """Where a batch stands among the workers' batches at the device: its best priority class, and the smallest start
+    tag among its requests of that class."""
+    rank = min(rank_of(j.priority) for j in jobs)
+    return rank, min(j.start_tag for j in jobs if rank_of(j.priority) == rank)
+
+
+def still_wanted(jobs: Sequence[BatchJob], answer_by: float) -> tuple[list[BatchJob], list[BatchJob]]:
+    """(the jobs to run, those whose deadline passes before `answer_by`) as the forward starts; a job whose caller
+    went away (its future done: a flag set on the event loop) is in neither."""
+    keep: list[BatchJob] = []
+    late: list[BatchJob] = []
+    for job in jobs:
+        if not job.future.done():
+            (late if job.deadline is not None and job.deadline < answer_by else keep).append(job)
+    return keep, late

@@ -11,8 +11,8 @@ threads work like a pipeline, so batch k+1 is staged while batch k runs its forw
 - commit: the ledger rows of the batch in one transaction (commit_stage.py); only then does each caller get its
   answer. A failure before the commit is handed to every caller of the batch, and nothing of it is billed.
 
-Bucketing keeps every row's computation the same as when its request runs alone; CPU BLAS picks GEMM kernels by matrix
-size, so a row's logits can differ from a lone run in the last float bits (max |diff| ~1e-7 on the tiny ViT).
+Bucketing keeps every row's computation the same as when its request runs alone, but CPU GEMM kernels are picked by
+matrix size, so a row's logits move with the rows beside it (float32: ~1e-7 on the tiny ViT; bf16: a last bit at times).
 """
 
 from __future__ import annotations
@@ -23,40 +23,32 @@ import functools
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from teacher_server.engine.answers import Answer
-from teacher_server.engine.batch_job import BatchJob, BatchStats, FinalizeFn, JobResult
-from teacher_server.engine.commit_stage import CommitStage, Forwarded, commit_results
+from teacher_server.engine.batch_job import (
+    BatchJob,
+    BatchStats,
+    FinalizeFn,
+    Handoff,
+    JobResult,
+    batch_order,
+    still_wanted,
+)
+from teacher_server.engine.commit_stage import CommitStage, Forwarded, commit_batch, deliver, deliver_error
 from teacher_server.engine.decode import DecodedInput
 from teacher_server.engine.fair_clock import Clock
-from teacher_server.engine.rows_runner import AnswersFn, JobShape, Late
+from teacher_server.engine.rows_runner import AnswersFn, Late
 from teacher_server.engine.scheduler import Backlog, ComputeEstimate, FairQueue, QueueLimits
 from teacher_server.engine.staging import StagedRows, Stager
-from teacher_server.errors import MIN_RETRY_S, DeadlineUnmetError, ServiceUnavailableError, retry_info
+from teacher_server.errors import DeadlineUnmetError, ServiceUnavailableError
 from teacher_server.metrics import ServerMetrics
 from teacher_server.priorities import DEFAULT_PRIORITY, rank_of
 
 STAGE_LEAD_S = 0.002  # beyond twice the staging time, how early the next batch forms before the forward is free
 COMMIT_S_MARGIN = 0.05  # seconds a batch's commit and answer take after its forward, at most, for deadline checks
-
-
-@dataclass
-class Handoff:
-    """What the forward thread did with a batch's requests, for an ingest worker's backlog."""
-
-    settled: list[BatchJob] = field(default_factory=list)  # handed to the teacher, or let go there
-    sent: bool = False  # handed to the teacher (for a worker: its call sent, or the send failed and RemoteRows said)
-
-
-def batch_order(jobs: Sequence[BatchJob]) -> tuple[int, float]:
-    """Where a batch stands among the workers' batches at the device: its best priority class, and the smallest start
-    tag among its requests of that class."""
-    rank = min(rank_of(j.priority) for j in jobs)
-    return rank, min(j.start_tag for j in jobs if rank_of(j.priority) == rank)
 
 
 class TokenBudgetBatcher:
@@ -122,7 +114,8 @@ class TokenBudgetBatcher:
         self._slots = asyncio.Semaphore(self._stager.slots)
         self._stage_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage-{self._name}")
         self._forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{self._name}")
-        self._commits = CommitStage(self._commit, name=self._name)
+        commit = functools.partial(commit_batch, finalize=self._finalize, metrics=self._metrics)
+        self._commits = CommitStage(commit, name=self._name)
         self._collector = asyncio.create_task(self._collect(), name=f"batcher-{self._name}")
 
     @property
@@ -283,14 +276,8 @@ class TokenBudgetBatcher:
                 self._count_queued(job, -1)
                 self._let_go([job])
             if not job.future.done():
-                retry_s = max(MIN_RETRY_S, self.compute.seconds(self.queue.key_tokens(job.key_id) + job.tokens))
-                job.future.set_exception(
-                    DeadlineUnmetError(
-                        "the request's deadline would pass before its forward ends; not run, nothing "
-                        "billed: retry with a later deadline or after a while",
-                        details=(retry_info(retry_s),),
-                    )
-                )
+                retry_s = self.compute.seconds(self.queue.key_tokens(job.key_id) + job.tokens)
+                job.future.set_exception(DeadlineUnmetError.dropped_unrun(retry_s))
                 if self._metrics:
                     self._metrics.count_shed(reason="deadline_queue", key=job.key_name)
 
@@ -313,7 +300,7 @@ class TokenBudgetBatcher:
             forwarded = await loop.run_in_executor(self._forward_pool, self._run, live, rows, hook, refuse, handoff)
             await self._commits.wait_for_room()  # a ledger slower than the teacher holds the slot: back-pressure
         except Exception as exc:  # noqa: BLE001 - delivered to every caller of the batch; nothing was committed
-            self._deliver_error(live, exc)
+            deliver_error(live, exc)
             return
         finally:
             self._forward_started(ticket)
@@ -327,10 +314,10 @@ class TokenBudgetBatcher:
         if forwarded is None:
             return
         if isinstance(forwarded, BaseException):
-            self._deliver_error(live, forwarded)
+            deliver_error(live, forwarded)
             return
         done = self._commits.submit(forwarded)
-        done.add_done_callback(functools.partial(self._deliver, forwarded.jobs))
+        done.add_done_callback(functools.partial(deliver, forwarded.jobs))
         await asyncio.gather(done, return_exceptions=True)
 
     def _stage(self, jobs: list[BatchJob], slot: int) -> StagedRows:
@@ -347,23 +334,6 @@ class TokenBudgetBatcher:
             assert self._changed is not None
             self._changed.set()
 
-    def _still_wanted(
-        self, jobs: list[BatchJob], rows: StagedRows, now: float
-    ) -> tuple[list[BatchJob], list[BatchJob], StagedRows]:
-        """(the jobs to run, those whose deadline now cannot be met, the rows to run) as the forward starts: a caller
-        gone since staging, or one whose answer could no longer reach it, is not run and not billed."""
-        compute_s = self.compute.seconds(sum(j.tokens for j in jobs)) + COMMIT_S_MARGIN
-        keep: list[BatchJob] = []
-        late: list[BatchJob] = []
-        for job in jobs:
-            if job.future.done():  # the caller went away (a read of a flag set on the event loop)
-                continue
-            (late if job.deadline is not None and job.deadline < now + compute_s else keep).append(job)
-        if len(keep) == len(jobs):
-            return keep, late, rows
-        chosen = {id(j) for j in keep}
-        return keep, late, rows.select_requests([j.images for j in jobs], [id(j) in chosen for j in jobs])
-
     def _run(
         self,
         jobs: list[BatchJob],
@@ -378,8 +348,13 @@ class TokenBudgetBatcher:
             started = time.monotonic()
             if rows.ready is not None:  # the rows' copy to the device, queued on the staging stream
                 torch.cuda.current_stream(rows.pixels.device).wait_event(rows.ready)
-            wanted, late, rows = self._still_wanted(jobs, rows, started)
+            # a caller gone since staging, or one whose answer could no longer reach it: not run, not billed
+            wanted, late = still_wanted(
+                jobs, started + self.compute.seconds(sum(j.tokens for j in jobs)) + COMMIT_S_MARGIN
+            )
             kept = {id(j) for j in wanted}
+            if len(wanted) < len(jobs):
+                rows = rows.select_requests([j.images for j in jobs], [id(j) in kept for j in jobs])
             self._let_go([j for j in jobs if id(j) not in kept])
             handoff.settled.extend(jobs)
             jobs = wanted
@@ -393,10 +368,7 @@ class TokenBudgetBatcher:
             self._forward_busy_until = busy_until
             started_hook()
             try:
-                shapes = [
-                    JobShape(j.images, j.input.k, j.input.outputs, j.deadline, rank_of(j.priority), j.start_tag)
-                    for j in jobs
-                ]
+                shapes = [j.shape for j in jobs]
                 handoff.sent = True
                 with torch.inference_mode(), self._stage_clock(self.runner.stage):
                     answered = self.runner.answers(rows, shapes)
@@ -429,37 +401,3 @@ class TokenBudgetBatcher:
         if self._loop is not None and self._changed is not None:
             with contextlib.suppress(RuntimeError):  # the loop closed: the server is gone, nobody forms batches
                 self._loop.call_soon_threadsafe(self._changed.set)
-
-    def _commit(self, batch: Forwarded) -> list[tuple[BatchJob, JobResult]] | BaseException:
-        """Commit thread: finalize (the ledger commit), then (job, result) per job."""
-        try:
-            finalized = commit_results(batch, self._finalize)
-        except Exception as exc:  # noqa: BLE001 - delivered to every caller of the batch; nothing was committed
-            return exc
-        out = []
-        for job, answer, fin in zip(batch.jobs, batch.answers, finalized, strict=True):
-            queue_s = max(0.0, batch.stats.started_at - job.enqueued_at)
-            if self._metrics:
-                self._metrics.observe_queue_wait(queue_s, key=job.key_name)
-            out.append((job, JobResult(answer.logits, queue_s, batch.stats, fin, answer.outputs)))
-        return out
-
-    @staticmethod
-    def _deliver_error(jobs: Sequence[BatchJob], error: BaseException) -> None:
-        for job in jobs:
-            if not job.future.done():
-                job.future.set_exception(error)
-
-    @staticmethod
-    def _deliver(jobs: list[BatchJob], fut: asyncio.Future[Any]) -> None:
-        """Event loop: hand each caller its result (or the batch's error)."""
-        if fut.cancelled():
-            outcome: Any = ServiceUnavailableError("the commit was cancelled")
-        else:
-            outcome = fut.exception() or fut.result()
-        if isinstance(outcome, BaseException):
-            TokenBudgetBatcher._deliver_error(jobs, outcome)
-            return
-        for job, result in outcome:
-            if not job.future.done():
-                job.future.set_result(result)

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from teacher_server.engine.answers import Answer
+from teacher_server.engine.batch_job import BatchJob, BatchStats, FinalizeFn, JobResult
+from teacher_server.errors import ServiceUnavailableError
+from teacher_server.metrics import ServerMetrics
 
 MAX_WAITING_COMMITS = 1  # finished forwards queued behind the running commit
 
@@ -25,9 +28,9 @@ MAX_WAITING_COMMITS = 1  # finished forwards queued behind the running commit
 class Forwarded:
     """A batch whose forward is done, on its way to the commit."""
 
-    jobs: list[Any]  # BatchJob, the live ones
+    jobs: list[BatchJob]  # the live ones
     answers: list[Answer]  # per job: logits [B_j, classes] and the outputs it asked for
-    stats: Any  # BatchStats
+    stats: BatchStats
 
 
 class CommitStage:
@@ -56,10 +59,41 @@ class CommitStage:
         self._executor.shutdown(wait=True)
 
 
-def commit_results(
-    batch: Forwarded, finalize: Callable[[Sequence[Any], Sequence[Answer], Any], Sequence[Any]] | None
-) -> list[Any]:
-    """Commit thread: what `finalize` says per job (None per job without a finalize hook)."""
-    if finalize is None:
-        return [None] * len(batch.jobs)
-    return list(finalize(batch.jobs, batch.answers, batch.stats))
+def commit_batch(
+    batch: Forwarded, *, finalize: FinalizeFn | None, metrics: ServerMetrics | None
+) -> list[tuple[BatchJob, JobResult]] | BaseException:
+    """Commit thread: `finalize` (the ledger commit), then (job, result) per job; the error instead if it failed."""
+    try:
+        finalized = (
+            [None] * len(batch.jobs) if finalize is None else list(finalize(batch.jobs, batch.answers, batch.stats))
+        )
+    except Exception as exc:  # noqa: BLE001 - delivered to every caller of the batch; nothing was committed
+        return exc
+    out = []
+    for job, answer, fin in zip(batch.jobs, batch.answers, finalized, strict=True):
+        queue_s = max(0.0, batch.stats.started_at - job.enqueued_at)
+        if metrics:
+            metrics.observe_queue_wait(queue_s, key=job.key_name)
+        out.append((job, JobResult(answer.logits, queue_s, batch.stats, fin, answer.outputs)))
+    return out
+
+
+def deliver_error(jobs: Sequence[BatchJob], error: BaseException) -> None:
+    """Event loop: hand `error` to every caller of `jobs` still waiting."""
+    for job in jobs:
+        if not job.future.done():
+            job.future.set_exception(error)
+
+
+def deliver(jobs: list[BatchJob], fut: asyncio.Future[Any]) -> None:
+    """Event loop: hand each caller its result from the commit's future `fut` (or the batch's error)."""
+    if fut.cancelled():
+        outcome: Any = ServiceUnavailableError("the commit was cancelled")
+    else:
+        outcome = fut.exception() or fut.result()
+    if isinstance(outcome, BaseException):
+        deliver_error(jobs, outcome)
+        return
+    for job, result in outcome:
+        if not job.future.done():
+            job.future.set_result(result)

@@ -321,7 +321,7 @@ class DeviceLoop:
                 pending.rows.indices.record_stream(current)
         # A worker checked its requests' deadlines when it sent the batch; it may have waited here since, behind
         # other workers' batches. A request whose caller gives up before this forward would end is not run (its
-        # worker refuses it, unbilled), as a lone server's forward thread does (batcher.py, _still_wanted).
+        # worker refuses it, unbilled), as a lone server's forward thread does (batch_job.still_wanted).
         forward_s = self.compute.seconds(sum(p.tokens for p in group))
         group = [p for p in group if p.cut_late(time.monotonic(), forward_s, self._prefix)]
         if not group:
