@@ -8,7 +8,9 @@ processes exit, however they exit.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import logging
 import math
 import mmap
 import os
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+log = logging.getLogger(__name__)
 _ids = itertools.count(1)
 _lock = threading.Lock()
 
@@ -63,3 +66,22 @@ def view_region(mapping: mmap.mmap, offset: int, dtype: torch.dtype, shape: tupl
     """A tensor of `shape` over a mapped region, from byte `offset` (no copy)."""
     count = math.prod(shape) * dtype.itemsize
     return torch.frombuffer(mapping, dtype=torch.uint8, count=count, offset=offset).view(dtype).view(shape)
+
+
+def pin_for_cuda(mapping: mmap.mmap) -> bool:
+    """Register a mapped region as pinned host memory, so its copies to the GPU run at full speed (as the lone
+    server's pinned staging buffers do). False (and pageable copies, still correct) when CUDA refuses."""
+    view = torch.frombuffer(mapping, dtype=torch.uint8)
+    try:
+        error = torch.cuda.cudart().cudaHostRegister(view.data_ptr(), view.numel(), 0)
+    except (RuntimeError, AttributeError):
+        return False
+    if int(getattr(error, "value", error)) != 0:
+        log.warning("could not pin a shared staging region (%s); its copies to the GPU will be slower", error)
+        return False
+    return True
+
+
+def unpin_for_cuda(mapping: mmap.mmap) -> None:
+    with contextlib.suppress(RuntimeError, AttributeError):
+        torch.cuda.cudart().cudaHostUnregister(torch.frombuffer(mapping, dtype=torch.uint8).data_ptr())

@@ -11,7 +11,6 @@ and the worker bills nothing of it. It ends when every worker has closed its soc
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 import itertools
@@ -31,7 +30,7 @@ from maskedkd.masked_teacher import MaskedTeacher
 from maskedkd.text import first_line
 from teacher_server.engine.rows_runner import RowsRunner
 from teacher_server.engine.scheduler import ComputeEstimate
-from teacher_server.engine.shared_host import view_region
+from teacher_server.engine.shared_host import pin_for_cuda, unpin_for_cuda, view_region
 from teacher_server.engine.staging import StagedRows, join_rows
 from teacher_server.ingest.children import die_with_parent
 from teacher_server.ingest.class_backlog import ClassBacklog, DeviceBacklog
@@ -61,32 +60,14 @@ def meta_copy(teacher: MaskedTeacher) -> bytes:
     return out.getvalue()
 
 
-def pin_for_cuda(mapping: mmap.mmap) -> bool:
-    """Register a mapped region as pinned host memory, so its copies to the GPU run at full speed (as the lone
-    server's pinned staging buffers do). False (and pageable copies, still correct) when CUDA refuses."""
-    view = torch.frombuffer(mapping, dtype=torch.uint8)
-    try:
-        error = torch.cuda.cudart().cudaHostRegister(view.data_ptr(), view.numel(), 0)
-    except (RuntimeError, AttributeError):
-        return False
-    if int(getattr(error, "value", error)) != 0:
-        log.warning("could not pin a shared staging region (%s); its copies to the GPU will be slower", error)
-        return False
-    return True
-
-
-def unpin_for_cuda(mapping: mmap.mmap) -> None:
-    with contextlib.suppress(RuntimeError, AttributeError):
-        torch.cuda.cudart().cudaHostUnregister(torch.frombuffer(mapping, dtype=torch.uint8).data_ptr())
-
-
 class DeviceLoop:
     """Runs the workers' calls: a thread per worker socket reads its calls' rows (on CUDA: copies them to the card on
     a stream of its own, while the forward in progress runs); one forward thread runs them by `PendingCall.order`:
     best priority class, smallest start tag, arrival. With `backlog` (what each worker holds: class_backlog.py), a
     call is held back, for at most `hold_s`, while a worker with no call here holds requests of a better class or has
     formed a batch that goes first: its call is on its way (a worker has one call here at a time, and forms the next
-    while it runs). With
+    while it runs). A worker a hold ran out for is not waited for again until a call of its own arrives: it holds
+    work it cannot send (behind its own slow ledger, say), and every later choice would idle the teacher as long. With
     `merge`, the logits-only calls that queued up while a forward ran go into the next forward together (up to
     `max_images` images and `token_budget` tokens): N workers' small batches become one, as a lone server's
     micro-batcher would have made them. Off on a CPU teacher, whose forward costs the same per image in small
@@ -119,6 +100,8 @@ class DeviceLoop:
         self._connected: set[int] = set()  # the workers whose socket is open
         self._arrivals = itertools.count()
         self._hold_started: float | None = None  # monotonic: when the teacher began to wait in a hold
+        self._held_for: set[int] = set()  # the workers the hold in progress waits for
+        self._not_waited_for: set[int] = set()  # workers a hold ran out for, until a call of theirs arrives
         self.compute = ComputeEstimate()  # of this teacher's forward alone (a worker's includes the wait here)
 
     def queued(self) -> int:
@@ -246,9 +229,12 @@ class DeviceLoop:
             return
         now = time.monotonic()
         ran_out = first.held_until is not None and now >= first.held_until
+        if ran_out:
+            self._not_waited_for |= self._held_for
         self._metrics.device_holds.labels(outcome="ran_out" if ran_out else "ended").inc()
         self._metrics.device_hold_seconds.inc(now - self._hold_started)
         self._hold_started = None
+        self._held_for = set()
 
     def _receive(self, timeout: float | None) -> bool:
         """Forward thread: the calls queued now (waiting up to `timeout` for the first; None: until one comes) into
@@ -263,6 +249,7 @@ class DeviceLoop:
                 ended = True
             else:
                 self._waiting.append(item)
+                self._not_waited_for.discard(item.worker)  # it sends again: worth a wait from here on
             try:
                 item = self._calls.get_nowait()
             except queue.Empty:
@@ -274,8 +261,9 @@ class DeviceLoop:
         tag), up to `hold_s` from when that was first seen; 0: run it."""
         if self._backlog is None:
             return 0.0
-        here = {p.worker for p in self._waiting}
-        if not any(self._goes_before(first, w, received) for w in list(self._connected) if w not in here):
+        here = {p.worker for p in self._waiting} | self._not_waited_for
+        self._held_for = {w for w in list(self._connected) if w not in here and self._goes_before(first, w, received)}
+        if not self._held_for:
             return 0.0
         now = time.monotonic()
         if first.held_until is None:

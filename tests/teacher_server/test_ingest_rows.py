@@ -443,6 +443,37 @@ def test_a_held_call_runs_after_the_hold_or_at_once_when_the_better_worker_is_go
     assert holds == (None if closed else 1)  # the teacher's wait for worker 1, counted as having run out
 
 
+def test_a_worker_a_hold_ran_out_for_is_waited_for_again_only_once_it_sends(teacher: MaskedTeacher) -> None:
+    """Worker 1 holds an interactive request it does not send: the teacher waits `hold_s` for it once, then runs
+    worker 0's calls at once; when worker 1's call has come and it holds better work again, the wait is back (float32,
+    CPU)."""
+    runner = RowsRunner(teacher.forward_pixels)
+    backlog = ClassBacklog(multiprocessing.get_context("spawn"), 2)
+    metrics = ServerMetrics()
+    device = DeviceLoop(runner, CPU, metrics, backlog=backlog, hold_s=0.5)
+    stager = Stager(teacher.geometry, max_images=4, device=CPU, allocate=shared_host_tensor)
+    rows = stager.stage([request(2, 8, 51)], stager.acquire())
+    waits: list[float] = []
+    backlog.writer(1).taken(0)  # worker 1 holds an interactive request
+    with serving(device, 2) as (mine, theirs):
+        worker0, worker1 = RemoteRows(mine, os.getpid()), RemoteRows(theirs, os.getpid())
+
+        def batch_call() -> None:
+            begun = time.monotonic()
+            (answer,) = worker0.answers(rows, [JobShape(2, 8, rank=2)])
+            assert isinstance(answer, Answer)
+            waits.append(time.monotonic() - begun)
+
+        batch_call()  # held for worker 1 until the hold ran out
+        batch_call()  # worker 1 still sends nothing: not waited for
+        (answer,) = worker1.answers(rows, [JobShape(2, 8, rank=0)])  # its call comes: received, and run
+        assert isinstance(answer, Answer)
+        backlog.writer(1).taken(0)  # and it holds another one
+        batch_call()  # waited for again
+    assert 0.5 <= waits[0] < 5.0 and waits[1] < 0.4 and 0.5 <= waits[2] < 5.0, waits
+    assert metrics.registry.get_sample_value("maskedkd_device_holds_total", {"outcome": "ran_out"}) == 2
+
+
 def test_within_a_class_the_device_runs_the_smaller_start_tag_first_and_waits_for_a_formed_batch_before_it(
     teacher: MaskedTeacher,
 ) -> None:
