@@ -10,14 +10,17 @@ model's raw-pixel forward (`make_forward`, what the server runs) on one thread i
 
     python -m benchmarks.serving                   # the configurations of `make bench` (3 interleaved rounds)
     python -m benchmarks.serving --clients 2 --batch 64 --calls 40 [--shared-memory] [--ingest-workers 2]
+    python -m benchmarks.serving --clients 2 --batch 64 --shared-memory --rounds 1 --profile-loop OUT  # loop_profile.py
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
+import sys
 import tempfile
 import time
 import urllib.request
@@ -31,6 +34,7 @@ import torch
 
 from benchmarks.grpc_floor import floor_cpu_us
 from benchmarks.grpc_load import client_load
+from benchmarks.loop_profile import START, STOP
 from benchmarks.server_proc import BenchServer
 from benchmarks.timing import tree_cpu_s
 from maskedkd.codec import tensor_to_proto
@@ -157,31 +161,39 @@ def measure(
     shared_memory: bool = False,
     ingest_workers: int = 0,
     settings: dict[str, Any] | None = None,
+    profile_loop: Path | None = None,
 ) -> ServingResult:
     """One configuration against a fresh server child (one torch thread, metrics on, float32). `shared_memory`: the
     clients pass the pixels through shared memory (the server started with it; the bare server reads them from there).
-    `ingest_workers`: the server runs that many ingest processes and a device process (its CPU counts them all)."""
-    server = (
-        BenchServer(
-            f"serving-{clients}x{batch}",
-            {
-                "model": ARCH,
-                "model_kwargs": NEGLIGIBLE_TEACHER,
-                "metrics_port": 0,
-                "dtype": "float32",
-                "max_batch_images": 256,
-                "token_budget": 256 * (KEEP + 1),
-                "max_delay_ms": 2.0,
-                "shared_memory": shared_memory,
-                "ingest_workers": ingest_workers,
-                **(settings or {}),
-            },
-            workdir / f"{clients}x{batch}{'-shm' if shared_memory else ''}-w{ingest_workers}",
-            threads=1,
-        )
-        .start()
-        .wait_ready()
+    `ingest_workers`: the server runs that many ingest processes and a device process (its CPU counts them all).
+    `profile_loop`: the server's event loop is profiled during the measured load, into that pstats file."""
+    server = BenchServer(
+        f"serving-{clients}x{batch}",
+        {
+            "model": ARCH,
+            "model_kwargs": NEGLIGIBLE_TEACHER,
+            "metrics_port": 0,
+            "dtype": "float32",
+            "max_batch_images": 256,
+            "token_budget": 256 * (KEEP + 1),
+            "max_delay_ms": 2.0,
+            "shared_memory": shared_memory,
+            "ingest_workers": ingest_workers,
+            **(settings or {}),
+        },
+        workdir / f"{clients}x{batch}{'-shm' if shared_memory else ''}-w{ingest_workers}",
+        threads=1,
     )
+    if profile_loop is not None:  # the same server, started through loop_profile.py
+        argv = server.process.argv
+        server.process.argv = [
+            sys.executable,
+            "-m",
+            "benchmarks.loop_profile",
+            str(profile_loop),
+            *argv[argv.index("serve") :],
+        ]
+    server.start().wait_ready()
     try:
         metrics = server.process.ready.metrics_url if server.process.ready else None
         assert metrics, "the server exported no metrics"
@@ -191,8 +203,12 @@ def measure(
         pid = server.process.pid
         assert pid is not None
         before = _counters(metrics, pid)
+        if profile_loop is not None:
+            os.kill(pid, START)
         wall = _load(server.address, server.api_key, per_client, shared_memory=shared_memory)
         after = _counters(metrics, pid)
+        if profile_loop is not None:
+            _write_profile(pid, profile_loop)
     finally:
         server.stop()
     images = int(after.images - before.images)
@@ -218,12 +234,24 @@ def measure(
     )
 
 
+def _write_profile(pid: int, out: Path, timeout_s: float = 30.0) -> None:
+    """Stop the server's loop profile and wait until it has written `out`."""
+    out.unlink(missing_ok=True)
+    os.kill(pid, STOP)
+    deadline = time.monotonic() + timeout_s
+    while not out.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server wrote no loop profile to {out} within {timeout_s:.0f} s")
+        time.sleep(0.05)
+
+
 def run_serving_section(
     configs: Sequence[tuple[int, int, bool, int]] = CONFIGS,
     *,
     calls: int = 40,
     rounds: int = 3,
     workdir: Path | None = None,
+    profile_loop: Path | None = None,
 ) -> dict[str, Any]:
     """`make bench`'s serving section: `rounds` rounds, each measuring every configuration once (interleaved, so a
     slow spell of a shared machine touches them all); per configuration the median of the rounds, and each round."""
@@ -232,7 +260,10 @@ def run_serving_section(
         for r in range(rounds):
             for i, (c, b, shm, workers) in enumerate(configs):
                 where = (workdir or Path(tmp)) / f"round{r}"
-                runs[i].append(measure(c, b, calls, where, shared_memory=shm, ingest_workers=workers))
+                result = measure(
+                    c, b, calls, where, shared_memory=shm, ingest_workers=workers, profile_loop=profile_loop
+                )
+                runs[i].append(result)
     rows = [_median_row(results) for results in runs]
     return {
         "status": "ok",
@@ -316,10 +347,19 @@ def main(argv: list[str] | None = None) -> int:
         "--ingest-workers", type=int, default=0, help="with --clients/--batch: serve with N ingest workers"
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument(
+        "--profile-loop",
+        type=Path,
+        default=None,
+        help="with --clients/--batch, one round, no ingest workers: the server's event loop profiled during the "
+        "measured load, into this pstats file (benchmarks/loop_profile.py)",
+    )
     args = parser.parse_args(argv)
     chosen = (args.clients, args.batch, args.shared_memory, args.ingest_workers)
     configs = [chosen] if args.clients and args.batch else list(CONFIGS)
-    result = run_serving_section(configs, calls=args.calls, rounds=args.rounds)
+    if args.profile_loop and (len(configs) != 1 or args.rounds != 1 or args.ingest_workers):
+        parser.error("--profile-loop profiles one server: give --clients and --batch, --rounds 1, no ingest workers")
+    result = run_serving_section(configs, calls=args.calls, rounds=args.rounds, profile_loop=args.profile_loop)
     print(table(result["rows"]))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
