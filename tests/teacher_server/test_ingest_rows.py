@@ -416,6 +416,41 @@ def test_the_device_runs_the_best_class_first_and_waits_for_a_better_class_on_it
     assert 0.3 <= sample("maskedkd_device_hold_seconds_total") < 30
 
 
+def test_with_merging_a_held_call_joins_the_better_call_it_waited_for(teacher: MaskedTeacher) -> None:
+    """Holds and merging together, as on a GPU (merging asked for here on the CPU; float32): a batch call held back
+    for an interactive call on its way runs in the same forward as that call once it comes, and each worker gets the
+    answers the teacher gives its rows alone."""
+    backlog = ClassBacklog(multiprocessing.get_context("spawn"), 3)
+    metrics = ServerMetrics()
+    device, gate, started, forwards = held_device(teacher, metrics, backlog=backlog, hold_s=60.0, merge=True)
+    sizes, ranks = [1, 2, 2], [1, 2, 0]  # standard (holds the forward), batch, interactive
+    stagers = [Stager(teacher.geometry, max_images=4, device=CPU, allocate=shared_host_tensor) for _ in sizes]
+    staged = [
+        s.stage([request(n, 8, 60 + i)], s.acquire()) for i, (s, n) in enumerate(zip(stagers, sizes, strict=True))
+    ]
+    jobs = [[JobShape(n, 8, rank=r)] for n, r in zip(sizes, ranks, strict=True)]
+    answers: dict[int, list[Answer]] = {}
+    with serving(device, 3) as workers:
+
+        def send(i: int) -> None:
+            answers[i] = RemoteRows(workers[i], os.getpid()).answers(staged[i], jobs[i])
+
+        senders = queue_behind_a_held_forward(device, started, [functools.partial(send, i) for i in range(2)])
+        backlog.writer(2).taken(0)  # worker 2 takes in an interactive request; its call is not sent yet
+        gate.set()
+        time.sleep(0.3)
+        assert forwards == [1]  # worker 1's batch call is held for worker 2's
+        senders.append(threading.Thread(target=send, args=(2,)))
+        senders[-1].start()
+        for sender in senders:
+            sender.join(30)
+    assert forwards == [1, 4]  # worker 2's rows and worker 1's in one forward
+    assert metrics.registry.get_sample_value("maskedkd_device_holds_total", {"outcome": "ended"}) == 1
+    for i in range(3):
+        (alone,) = RowsRunner(teacher.forward_pixels).answers(staged[i], jobs[i])
+        torch.testing.assert_close(answers[i][0].logits, alone.logits)  # CPU: batch composition only
+
+
 @pytest.mark.parametrize("closed", [False, True])
 def test_a_held_call_runs_after_the_hold_or_at_once_when_the_better_worker_is_gone(
     teacher: MaskedTeacher, closed: bool
