@@ -62,7 +62,7 @@ def proto_to_tensor(msg: pb.Tensor, *, name: str = "tensor", max_elements: int |
 
 
 def tensor_view(
-    msg: pb.Tensor, data: bytes | None = None, *, name: str = "tensor", max_elements: int | None = None
+    msg: pb.Tensor, data: bytes | memoryview | None = None, *, name: str = "tensor", max_elements: int | None = None
 ) -> torch.Tensor:
     """A read-only tensor over the message's bytes, without copying them (it keeps them alive); the same checks as
     `proto_to_tensor`. `data`: `msg.data` when the caller read it already (every read of the field copies it)."""

@@ -26,6 +26,7 @@ from teacher_server.engine.answers import NO_OUTPUTS, OutputsRequest
 from teacher_server.errors import InvalidRequestError
 
 PIXEL_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)
+Pixels = bytes | memoryview  # a request's pixel bytes: its own, read out of a region, or viewed where they arrived
 INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
 
 
@@ -37,7 +38,7 @@ class DecodedInput:
     pixels: torch.Tensor  # patches [B, K, C, P, P] or images [B, C, H, W], a view of the request's bytes as sent
     keep_indices: torch.Tensor  # [B, K] int64 positions on the teacher grid; padded entries 0
     keep_counts: torch.Tensor  # [B] int64 in 1..K: row b uses its first keep_counts[b] positions
-    payload: bytes  # the pixel bytes of the request (the digest reads them; `pixels` views them)
+    payload: Pixels  # the pixel bytes of the request (the digest reads them; `pixels` views them)
     outputs: OutputsRequest = NO_OUTPUTS  # extra outputs asked for (answers.decode_outputs)
 
     @property
@@ -59,7 +60,7 @@ class DecodedInput:
         return self.pixels.dtype == torch.uint8
 
 
-def _view(msg: pb.Tensor, name: str, max_elements: int, data: bytes | None = None) -> tuple[torch.Tensor, bytes]:
+def _view(msg: pb.Tensor, name: str, max_elements: int, data: Pixels | None = None) -> tuple[torch.Tensor, Pixels]:
     """(the tensor viewing the message's bytes, or `data` read from its shared memory region, those bytes);
     InvalidRequestError naming `name` when they are bad."""
     if data is None:
@@ -142,10 +143,11 @@ def decode_input(
     *,
     max_images: int,
     max_elements: int = 1 << 31,
-    pixel_bytes: bytes | None = None,
+    pixel_bytes: Pixels | None = None,
 ) -> DecodedInput:
     """Check `request` against the teacher's `geometry` and view its pixels; InvalidRequestError names what is wrong.
-    `pixel_bytes`: the pixels read from the shared memory region the input names (service/shared_memory.py).
+    `pixel_bytes`: the pixels read from the shared memory region the input names (service/shared_memory.py), or
+    viewed where the message arrived, parsed without them (service/pixels_in_place.py).
     What this returns is trusted from here on (the forward checks nothing again)."""
     which = request.WhichOneof("input")
     p, c = geometry.patch_size, geometry.in_chans

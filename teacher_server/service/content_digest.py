@@ -24,21 +24,22 @@ from typing import Protocol
 from blake3 import blake3
 
 from maskedkd.v1 import teacher_pb2 as pb
+from teacher_server.engine.decode import Pixels
 
 PREFIX = "blake3:"
 
 
 class _Hasher(Protocol):
-    def update(self, data: bytes, /) -> object: ...
+    def update(self, data: Pixels, /) -> object: ...
 
 
-def _tensor(h: _Hasher, name: str, present: bool, tensor: pb.Tensor, data: bytes | None = None) -> None:
+def _tensor(h: _Hasher, name: str, present: bool, tensor: pb.Tensor, data: Pixels | None = None) -> None:
     data = tensor.data if data is None else data  # each read of the field copies it: read it once
     h.update(f"{name}:{int(present)}:{tensor.dtype}:{','.join(str(d) for d in tensor.shape)}:{len(data)}:".encode())
     h.update(data)
 
 
-def _framed(h: _Hasher, request: pb.InferRequest, model: str, payload: bytes | None) -> None:
+def _framed(h: _Hasher, request: pb.InferRequest, model: str, payload: Pixels | None) -> None:
     kind = request.WhichOneof("input") or ""
     h.update(f"maskedkd-v1:{len(model)}:{model}:{kind}:".encode())
     _tensor(h, "input", bool(kind), getattr(request, kind) if kind else pb.Tensor(), payload if kind else None)
@@ -48,7 +49,7 @@ def _framed(h: _Hasher, request: pb.InferRequest, model: str, payload: bytes | N
         h.update(f"outputs:{','.join(request.outputs)}:{request.outputs_dtype}:".encode())
 
 
-def sha256_digest(request: pb.InferRequest, *, model: str, payload: bytes | None = None) -> str:
+def sha256_digest(request: pb.InferRequest, *, model: str, payload: Pixels | None = None) -> str:
     """The digest rows billed before revision 0005 store: sha256 hex of the framing."""
     h = hashlib.sha256()
     _framed(h, request, model, payload)
@@ -62,7 +63,7 @@ class RequestDigest:
     value: str
     request: pb.InferRequest
     model: str
-    payload: bytes | None = None
+    payload: Pixels | None = None
 
     def matches(self, stored: str) -> bool:
         if stored.startswith(PREFIX):
@@ -70,7 +71,7 @@ class RequestDigest:
         return stored == sha256_digest(self.request, model=self.model, payload=self.payload)
 
 
-def content_digest(request: pb.InferRequest, *, model: str, payload: bytes | None = None) -> RequestDigest:
+def content_digest(request: pb.InferRequest, *, model: str, payload: Pixels | None = None) -> RequestDigest:
     """BLAKE3 of (served model name, images|patches, input tensor, keep_indices, keep_counts). `payload`: the input
     tensor's bytes when the caller read them already (saves a copy of the field)."""
     h = blake3(max_threads=1)

@@ -12,8 +12,8 @@ from typing import Any
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from teacher_server.errors import InvalidRequestError
+from teacher_server.service.wire_format import I32, I64, LEN, VARINT, WireFormatError, read_varint
 
-_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 SCAN_FIELDS = 10_000  # fields the scan reads before giving up (it runs in Python, on the event loop)
 _VARINT_TYPES = frozenset(
     {
@@ -93,18 +93,10 @@ class _Scan:
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise _CorruptWireError(f"truncated at byte {pos} (inside a varint)")
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-        if shift >= 70:
-            raise _CorruptWireError(f"varint longer than 10 bytes ending at byte {pos}")
+    try:
+        return read_varint(buf, pos, len(buf))
+    except WireFormatError as exc:
+        raise _CorruptWireError(str(exc)) from None
 
 
 def _scan(buf: bytes, pos: int, end: int, descriptor: Descriptor, path: str, scan: _Scan) -> None:
@@ -121,11 +113,11 @@ def _scan(buf: bytes, pos: int, end: int, descriptor: Descriptor, path: str, sca
         name = path + (field.name if field is not None else f"field {number}")
         if number == 0:
             raise _CorruptWireError(f"field number 0 at byte {at}")
-        if wire == _VARINT:
+        if wire == VARINT:
             _, pos = _varint(buf, pos)
-        elif wire in (_I64, _I32):
-            pos += 8 if wire == _I64 else 4
-        elif wire == _LEN:
+        elif wire in (I64, I32):
+            pos += 8 if wire == I64 else 4
+        elif wire == LEN:
             size, pos = _varint(buf, pos)
             if pos + size > end:
                 raise _CorruptWireError(f"{name}: {size} bytes announced at byte {at}, only {end - pos} left")

@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from maskedkd.purpose import purpose_problem
 from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server.engine.answers import NO_OUTPUTS, decode_outputs
-from teacher_server.engine.decode import DecodedInput, declared_bytes, decode_input
+from teacher_server.engine.decode import DecodedInput, Pixels, declared_bytes, decode_input
 from teacher_server.engine.metering import MeteredUsage
 from teacher_server.engine.served_model import ServedModel
 from teacher_server.errors import MIN_RETRY_S, InvalidRequestError, ReplayExpiredError, RequestIdReusedError
@@ -37,6 +37,7 @@ from teacher_server.metrics import ServerMetrics
 from teacher_server.service.auth import KeyInfo
 from teacher_server.service.biller import Biller, BillingContext, InferOutcome, reused_error
 from teacher_server.service.content_digest import RequestDigest, content_digest
+from teacher_server.service.pixels_in_place import InferWithPixels
 from teacher_server.service.quota_status import deadline_unmet, overloaded, quota_exceeded
 from teacher_server.service.shared_memory import read_shared_pixels, shared_input
 
@@ -155,16 +156,26 @@ class InferenceService:
         return max(MIN_RETRY_S, batcher.compute.seconds(batcher.queue.key_tokens(key.id)))
 
     async def infer(
-        self, key: KeyInfo, request: pb.InferRequest, *, deadline: float | None = None, peer: str = ""
+        self,
+        key: KeyInfo,
+        received: pb.InferRequest | InferWithPixels,
+        *,
+        deadline: float | None = None,
+        peer: str = "",
     ) -> InferOutcome:
         """Answer one request (billing it unless it is a replay); raises ServiceError subclasses on refusal.
-        `deadline`: the time.monotonic() at which the caller gives up (None: never). `peer`: gRPC's name of the
-        caller's end of the connection (`context.peer()`: who may pass pixels in shared memory, shared_memory.py)."""
+        `received`: the request, or the request and its pixels where they arrived (pixels_in_place.py). `deadline`:
+        the time.monotonic() at which the caller gives up (None: never). `peer`: gRPC's name of the caller's end of
+        the connection (`context.peer()`: who may pass pixels in shared memory, shared_memory.py)."""
         received_at = time.monotonic()
+        if isinstance(received, InferWithPixels):
+            request, pixels = received.message, received.pixels
+        else:
+            request, pixels = received, self._shared_pixels(received, peer)
         served = self.served.named(request.model)
         current_labels().model = served.name
         _check_fields(request)
-        decoded = await self._decode(request, served, self._shared_pixels(request, peer))
+        decoded = await self._decode(request, served, pixels)
         # The pixel bytes count against the queue bounds from here (a view of the message: what it holds in memory);
         # sizing the whole message instead would encode it again (upb keeps no size), ~10 us an image.
         nbytes = len(decoded.payload)
@@ -241,7 +252,7 @@ class InferenceService:
             if self._inflight.get(token, (None, None))[1] is mine:
                 del self._inflight[token]
 
-    async def _digest(self, request: pb.InferRequest, model: str, payload: bytes) -> RequestDigest:
+    async def _digest(self, request: pb.InferRequest, model: str, payload: Pixels) -> RequestDigest:
         digest = self._metrics.timed("digest", content_digest)
         if len(payload) > OFFLOAD_BYTES:
             return await asyncio.to_thread(digest, request, model=model, payload=payload)
@@ -258,9 +269,9 @@ class InferenceService:
         self._metrics.shared_memory_bytes.inc(len(pixels))
         return pixels
 
-    async def _decode(self, request: pb.InferRequest, served: ServedModel, pixels: bytes | None) -> DecodedInput:
+    async def _decode(self, request: pb.InferRequest, served: ServedModel, pixels: Pixels | None) -> DecodedInput:
         """Check the request and view its pixels (no copy; float pixels get one range check, off the loop when big).
-        `pixels`: the bytes read from its shared memory region."""
+        `pixels`: the bytes read from its shared memory region, or viewed in the message as received."""
         decode = self._metrics.timed("decode", decode_input)
         geometry, max_images = served.teacher.geometry, served.batcher.max_batch_images
         outputs = decode_outputs(request, served.teacher)

@@ -26,6 +26,7 @@ from teacher_server.service.biller import InferOutcome
 from teacher_server.service.decoding import decoded, request_id_of
 from teacher_server.service.error_interceptor import mark_counted, status_of
 from teacher_server.service.inference import CURRENT_LABELS, CallLabels, InferenceService, current_labels
+from teacher_server.service.pixels_in_place import InferWithPixels
 from teacher_server.service.quota_status import limit_metadata
 from teacher_server.settings import ServerSettings
 
@@ -137,7 +138,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             shared_memory=self._settings.shared_memory,
         )
 
-    async def Infer(self, request: pb.InferRequest, context: aio.ServicerContext) -> pb.InferResponse:
+    async def Infer(self, request: pb.InferRequest | InferWithPixels, context: aio.ServicerContext) -> pb.InferResponse:
         key = await self._key(context)
         outcome = await self._service.infer(key, request, deadline=deadline_of(context), peer=context.peer())
         # x-ratelimit-* / x-quota-* (quota_status.py), and the wait a next request of the key would have now

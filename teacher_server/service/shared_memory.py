@@ -8,12 +8,12 @@ only a regular file of /dev/shm, only as far as the region holds, only a region 
 connection runs as (peer_user.py: the kernel's socket diagnostics say who owns the caller's end of a loopback
 connection; another user's region is refused even where the server could read it), and only as the server's own user
 may (a region made with mode 0600 is readable when caller and server run as one user). The bytes are copied out of
-the region once, where the bytes path reads the message's field once: from there a shared-memory request is the same
-request as one carrying the same bytes in `data` (decoded, checked, digested, billed, replayed alike), and the caller
-may change the region as soon as it has its answer. The copy is `os.pread`, not a mapping: a caller shrinking its
-region while the server read a mapping of it would fault the server. Measured with `python -m benchmarks.serving`
-(docs/performance-notes.md section 8): ~30 us of server CPU an image less than the same bytes in the message, the
-gRPC transport of 75 KB.
+the region once, where the bytes path views them in the message (pixels_in_place.py): from there a shared-memory
+request is the same request as one carrying the same bytes in `data` (decoded, checked, digested, billed, replayed
+alike), and the caller may change the region as soon as it has its answer. The copy is `os.pread`, not a mapping: a
+caller shrinking its region while the server read a mapping of it would fault the server. Measured with `python -m
+benchmarks.serving` (docs/performance-notes.md section 8): ~30 us of server CPU an image less than the same bytes in
+the message, the gRPC transport of 75 KB (before the message's pixels were viewed in place; section 19).
 """
 
 from __future__ import annotations
