@@ -59,6 +59,8 @@ def _fields(buf: bytes, pos: int, end: int) -> list[_Field]:
             raise _UnusualLayoutError
         start = pos
         tag, pos = read_varint(buf, pos, end)
+        if tag >> 32:  # no field number protobuf reads the same way: let it judge the message
+            raise _UnusualLayoutError
         wire = tag & 7
         value = pos
         if wire == VARINT:

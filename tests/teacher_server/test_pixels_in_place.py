@@ -139,6 +139,7 @@ OTHER_LAYOUTS = {
     "data of another wire type": lambda: b"\x22\x09\x0a\x05uint8\x18\x05",  # patches { dtype: "uint8", data: 5 }
     "no pixels": lambda: pb.InferRequest(request_id="x", purpose="probe").SerializeToString(),
     "a group": lambda: with_extra(patches_request(), b"\x5b\x5c"),  # field 11, start and end group
+    "a tag past 32 bits": lambda: with_extra(patches_request(), b"\x9a\x80\x80\x80\x10\x01\x07"),  # 2**32 + data
     "too many fields": lambda: patches_request(outputs=["pre_logits"] * MAX_FIELDS).SerializeToString(),
     "truncated": lambda: patches_request().SerializeToString()[:-3],
 }
