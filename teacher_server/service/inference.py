@@ -168,13 +168,13 @@ class InferenceService:
         the time.monotonic() at which the caller gives up (None: never). `peer`: gRPC's name of the caller's end of
         the connection (`context.peer()`: who may pass pixels in shared memory, shared_memory.py)."""
         received_at = time.monotonic()
-        if isinstance(received, InferWithPixels):
-            request, pixels = received.message, received.pixels
-        else:
-            request, pixels = received, self._shared_pixels(received, peer)
+        request, in_message = (
+            (received.message, received.pixels) if isinstance(received, InferWithPixels) else (received, None)
+        )
         served = self.served.named(request.model)
         current_labels().model = served.name
-        _check_fields(request)
+        _check_fields(request)  # before a shared memory region is read
+        pixels = in_message if in_message is not None else self._shared_pixels(request, peer)
         decoded = await self._decode(request, served, pixels)
         # The pixel bytes count against the queue bounds from here (a view of the message: what it holds in memory);
         # sizing the whole message instead would encode it again (upb keeps no size), ~10 us an image.

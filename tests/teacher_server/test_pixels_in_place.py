@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import grpc
 import pytest
 import service_testkit as kit
 import torch
@@ -205,3 +206,26 @@ def test_a_served_request_arrives_split_and_is_answered_and_billed_as_before(tmp
     torch.testing.assert_close(kit.logits_of(first), ref.logits(kit.random_images(3, 11), keep), **kit.CLOSE)
     assert again.usage.replayed and torch.equal(kit.logits_of(again), kit.logits_of(first))
     assert len(rows) == 1 and rows[0]["gflops"] == pytest.approx(ref.gflops([7, 7, 7]))
+
+
+def test_the_model_and_fields_are_checked_before_any_region_is_read(tmp_path: Any, model: Any) -> None:
+    """A request naming another model, or a bad request_id, is refused for that, before its `shm` region is looked at
+    (the server reads no shared memory here, which would be the other refusal)."""
+    request = patches_request()
+    request.patches.ClearField("data")
+    request.patches.shm.name = "maskedkd-nothing-here"
+    with running_server(kit.settings(tmp_path), model=model) as srv:
+        channel, stub = kit.stub(srv.address)
+        with channel:
+            secret = srv.create_key("alice")
+            codes = []
+            for change in ({"model": "another-model"}, {"request_id": "x" * 1000}):
+                bad = pb.InferRequest()
+                bad.CopyFrom(request)
+                for field, value in change.items():
+                    setattr(bad, field, value)
+                with pytest.raises(grpc.RpcError) as refused:
+                    stub.Infer(bad, metadata=kit.auth(secret))
+                codes.append((refused.value.code(), refused.value.details()))
+    assert codes[0][0] == grpc.StatusCode.NOT_FOUND and "another-model" in codes[0][1]
+    assert codes[1][0] == grpc.StatusCode.INVALID_ARGUMENT and "request_id" in codes[1][1]
