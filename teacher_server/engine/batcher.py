@@ -271,10 +271,11 @@ class TokenBudgetBatcher:
         return max(1, min(self._token_budget, self.compute.tokens_within(self._max_batch_s)))
 
     def _refuse_late(self, dropped: Sequence[BatchJob], *, queued: bool = True) -> None:
+        if queued:
+            self._let_go(dropped)
         for job in dropped:
             if queued:
                 self._count_queued(job, -1)
-                self._let_go([job])
             if not job.future.done():
                 retry_s = self.compute.seconds(self.queue.key_tokens(job.key_id) + job.tokens)
                 job.future.set_exception(DeadlineUnmetError.dropped_unrun(retry_s))

@@ -94,9 +94,9 @@ def split_pixels(raw: bytes) -> tuple[bytes, memoryview] | None:
     try:
         top = _fields(raw, 0, len(raw))
         inputs = [f for f in top if f.number in _INPUT]
-        if len(inputs) != 1:
+        if len(inputs) != 1 or inputs[0].wire != LEN:
             raise _UnusualLayoutError
-        tensor = _the_one(inputs, inputs[0].number)
+        tensor = inputs[0]
         inner = _fields(raw, tensor.value, tensor.end)
         dtype, data = _the_one(inner, _DTYPE), _the_one(inner, _DATA)
         if any(f.number == _SHM for f in inner) or raw[dtype.value : dtype.end] != b"uint8":
