@@ -114,6 +114,8 @@ class MaskedTeacher(nn.Module):
         self._raw_bias: Tensor  # [D]
         self.register_buffer("_raw_weight", raw_weight, persistent=False)
         self.register_buffer("_raw_bias", raw_bias, persistent=False)
+        # weights loaded later (into the teacher, its timm model or the projection itself) are folded again
+        proj.register_load_state_dict_post_hook(self._refold_projection)  # type: ignore[no-untyped-call]  # torch leaves it untyped
         self.eval()
 
     # ---------------------------------------------------------------- public API
@@ -157,6 +159,18 @@ class MaskedTeacher(nn.Module):
         return self._forward_kept(self._check_patches(pixels, idx.shape[1]), idx, valid, raw=True)
 
     # ---------------------------------------------------------------- internals
+    def _refold_projection(self, _module: nn.Module, _incompatible_keys: object) -> None:
+        """After a load into the patch projection: the raw-pixel projection of its new weights, written into the
+        buffers in place where they keep their shape, dtype and device (a captured CUDA graph reads them there)."""
+        raw_weight, raw_bias = _pixels_projection(self._proj, self.geometry.mean, self.geometry.std)
+        for name, value in (("_raw_weight", raw_weight), ("_raw_bias", raw_bias)):
+            buffer: Tensor = getattr(self, name)
+            if (buffer.shape, buffer.dtype, buffer.device) == (value.shape, value.dtype, value.device):
+                with torch.no_grad():
+                    buffer.copy_(value)
+            else:  # a load with `assign=True` brought weights of another dtype or device
+                setattr(self, name, value)
+
     def _check_patches(self, patches: Tensor, k: int) -> Tensor:
         c, p = self.geometry.in_chans, self.geometry.patch_size
         if patches.dim() != 5 or tuple(patches.shape[1:]) != (k, c, p, p):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -150,6 +152,37 @@ def test_kept_order_does_not_matter(family: tuple[nn.Module, MaskedTeacher]) -> 
     x, keep = images(2), random_keep(2, 20)
     shuffled = keep[:, torch.randperm(20, generator=torch.Generator().manual_seed(5))]
     torch.testing.assert_close(teacher(x, shuffled), teacher(x, keep.sort(dim=1).values), atol=ATOL, rtol=0)
+
+
+def test_weights_loaded_later_reach_the_raw_pixel_forward() -> None:
+    """`forward_pixels` (what the server runs) takes raw 0..255 pixels through a projection folded from the patch
+    projection's weights at construction. Weights loaded later, into the teacher or into its timm model, fold again;
+    a copy made before the load keeps its own. Checked against `forward_patches` on the same pixels normalized by
+    hand (float32, CPU)."""
+    name, _ = FAMILIES["vit_cls_token"]
+    g = torch.Generator().manual_seed(3)
+    pixels = torch.randint(0, 256, (2, 40, 3, 4, 4), dtype=torch.uint8, generator=g)  # [B,K,C,P,P] as sent
+    keep = random_keep(2, 40)
+
+    def by_hand(teacher: MaskedTeacher) -> Tensor:
+        mean = torch.tensor(teacher.geometry.mean).view(1, 1, 3, 1, 1)
+        std = torch.tensor(teacher.geometry.std).view(1, 1, 3, 1, 1)
+        return teacher.forward_patches((pixels.float() / 255 - mean) / std, keep)
+
+    source = make("vit_cls_token")  # the weights to load
+    loads = {
+        "into the teacher": lambda t: t.load_state_dict(MaskedTeacher(source).state_dict()),
+        "into its timm model": lambda t: t.model.load_state_dict(source.state_dict()),
+    }
+    for where, load in loads.items():
+        teacher = MaskedTeacher(randomized(timm.create_model(name, pretrained=False, **{**TINY, **SMALL}), seed=1))
+        before = copy.deepcopy(teacher)
+        load(teacher)
+        with torch.inference_mode():
+            expected = by_hand(teacher)
+            assert not torch.allclose(expected, by_hand(before), atol=1e-2)  # the load changed the answers
+            torch.testing.assert_close(teacher.forward_pixels(pixels, keep), expected, atol=ATOL, rtol=0, msg=where)
+            torch.testing.assert_close(before.forward_pixels(pixels, keep), by_hand(before), atol=ATOL, rtol=0)
 
 
 @torch.inference_mode()
