@@ -86,6 +86,7 @@ CUDA_TEST_FILES = (
     "tests/maskedkd/test_masked_teacher.py",
     "tests/teacher_server/test_batcher.py",
     "tests/teacher_server/test_ingest_rows.py",
+    "tests/teacher_server/test_packing.py",
     "tests/teacher_server/test_shape_buckets.py",
     "tests/teacher_server/test_service_dtype.py",
     "tests/student_client/test_train_precision.py",

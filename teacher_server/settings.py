@@ -180,9 +180,11 @@ class ServerSettings(BaseSettings):
         description="a micro-batch's expected forward at most this long, in ms, so no key holds the teacher longer "
         "(0: only --token-budget and --max-batch-images bound it)",
     )
-    mixed_k: Literal["bucket", "pad", "pack"] = Field(
-        "bucket",
-        description="rows with different keep counts: bucket, pad, or pack without padding (batcher.py, packing.py)",
+    mixed_k: Literal["auto", "bucket", "pad", "pack"] = Field(
+        "auto",
+        description="rows with different keep counts: bucket (a forward per count), pad (one forward, padding masked), "
+        "pack without padding (rows_runner.py, packing.py), or auto: bucket on a CPU, pad on a GPU (where a forward "
+        "per count would be launch-bound and wait on the host each time)",
     )
 
     # --- queues and overload (engine/scheduler.py): past a bound a request is refused before it is decoded ---

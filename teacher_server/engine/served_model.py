@@ -123,12 +123,21 @@ def queue_limits(settings: ServerSettings) -> QueueLimits:
     )
 
 
+def auto_mixed_k(device: torch.device) -> MixedK:
+    """`--mixed-k auto`: on a GPU one padded forward, since a forward per keep count is launch-bound and copies each
+    count's logits to the host before the next (a batch of per-image K can hold dozens of counts); on a CPU a forward
+    per count, which computes no padding."""
+    return "pad" if device.type == "cuda" else "bucket"
+
+
 def mixed_k_of(name: str, teacher: MaskedTeacher, settings: ServerSettings) -> MixedK:
-    """How ragged rows run on this teacher: `--mixed-k`, unless the teacher cannot do it (then `bucket`)."""
-    pack = settings.mixed_k == "pack" and supports_packing(teacher)
-    if settings.mixed_k == "pack" and not pack:
+    """How ragged rows run on this teacher: `--mixed-k` (auto: by its device), unless the teacher cannot do it (then
+    `bucket`)."""
+    asked = auto_mixed_k(next(teacher.parameters()).device) if settings.mixed_k == "auto" else settings.mixed_k
+    pack = asked == "pack" and supports_packing(teacher)
+    if asked == "pack" and not pack:
         log.info("--mixed-k pack: %s is not a plain class-token ViT; ragged rows are bucketed instead", name)
-    mixed_k = settings.mixed_k if pack or settings.mixed_k != "pack" else "bucket"
+    mixed_k: MixedK = asked if pack or asked != "pack" else "bucket"
     if isinstance(teacher, ToMeTeacher) and mixed_k != "bucket":  # merging needs every row of a forward equally long
         log.info("--tome-r: ragged rows are bucketed (--mixed-k %s does not apply)", settings.mixed_k)
         mixed_k = "bucket"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import service_testkit as kit
 import timm
@@ -9,6 +11,8 @@ import torch
 
 from maskedkd.masked_teacher import MaskedTeacher
 from teacher_server.engine.packing import run_packed
+from teacher_server.engine.rows_runner import RowsRunner
+from teacher_server.engine.served_model import auto_mixed_k, build_served_model, mixed_k_of
 
 pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
 
@@ -65,3 +69,24 @@ def test_a_teacher_packing_cannot_cover_falls_back_to_bucketing(tmp_path) -> Non
     served = build_served_model("avg", teacher, kit.settings(tmp_path, mixed_k="pack"))
     assert isinstance(served.batcher.runner, RowsRunner)
     assert served.batcher.runner.run_rows.__name__ == "run_bucketed"
+
+
+def test_mixed_k_auto_buckets_ragged_rows_on_a_cpu(tmp_path: Path) -> None:
+    """`--mixed-k auto` (the default) runs a forward per keep count on a CPU (no padding computed) and one padded
+    forward on a GPU (a forward per count there is launch-bound and waits on the host each time)."""
+    teacher = MaskedTeacher(timm.create_model(kit.MODEL, pretrained=False, **kit.TINY, depth=1).eval())
+    settings = kit.settings(tmp_path)
+    assert settings.mixed_k == "auto"
+    assert mixed_k_of("tiny", teacher, settings) == auto_mixed_k(torch.device("cpu")) == "bucket"
+    assert auto_mixed_k(torch.device("cuda", 0)) == "pad"
+    runner = build_served_model("tiny", teacher, settings).batcher.runner
+    assert isinstance(runner, RowsRunner) and runner.run_rows.__name__ == "run_bucketed"
+    assert mixed_k_of("tiny", teacher, kit.settings(tmp_path, mixed_k="pad")) == "pad"  # asked for, on a CPU too
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.dtype("float32", device="cuda")
+def test_mixed_k_auto_pads_ragged_rows_on_a_gpu(tmp_path: Path) -> None:
+    teacher = MaskedTeacher(timm.create_model(kit.MODEL, pretrained=False, **kit.TINY, depth=1).eval()).to("cuda")
+    runner = build_served_model("tiny", teacher, kit.settings(tmp_path)).batcher.runner
+    assert isinstance(runner, RowsRunner) and runner.run_rows.__name__ == "run_padded"
