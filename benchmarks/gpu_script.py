@@ -8,7 +8,9 @@
    ragged keep counts (0 INTERNAL, the ledger equal to the answers),
 4. the product's training loop on the GPU (DeiT-Ti student, DeiT-S teacher server on the same card): step time of
    no KD, full KD and MaskedKD 50/25%,
-then writes docs/gpu.md. Without CUDA it prints one line and exits 2. `--dry-run` runs the same code on the CPU with
+into docs/gpu.md (and its JSON), written again after every step, so a run killed at a time limit leaves the steps
+it finished (`--out DIR/gpu.md` writes them where a lent machine's files come back from). Without CUDA it prints one
+line and exits 2. `--dry-run` runs the same code on the CPU with
 tiny models and writes out/gpu-dry-run/gpu.md instead (to check the script on a machine without a GPU).
 """
 
@@ -489,28 +491,46 @@ def _mixed_md(m: dict[str, Any]) -> list[str]:
     ]
 
 
+SECTIONS = (("forward", "Masked forward"), ("server", "Through the server"), ("mixed_keep", "Mixed-keep load"))
+SECTIONS += (("training", "Training step"),)
+
+
 def render(result: dict[str, Any]) -> str:
-    m, t = result["machine"], result["tests"]
+    """The report of `result`; a run that stopped early (killed at its time limit) shows the steps it finished."""
+    m, t = result["machine"], result.get("tests")
+    done = "total_s" in result
+    seconds = result["total_s"] if done else result.get("elapsed_s", 0.0)
     lines = [
         "# GPU figures" + (" (DRY RUN on the CPU: not GPU figures)" if result["dry_run"] else ""),
         "",
-        f"Made by `{result['command']}` on {result['started_utc']} in {result['total_s']:.0f} s. "
-        f"GPU: {m.get('gpu', 'none')}; torch {m['torch']}, timm {m['timm']}, git {m['git']}.",
+        f"Made by `{result['command']}` on {result['started_utc']} in {seconds:.0f} s"
+        + ("" if done else " (STOPPED EARLY: the steps marked so did not run)")
+        + f". GPU: {m.get('gpu', 'none')}; torch {m['torch']}, timm {m['timm']}, git {m['git']}.",
         "",
         "## Tests that need CUDA",
         "",
-        f"`{t['command']}`: {t['summary']} (exit {t['returncode']}).",
-        "",
-        *_forward_md(result["forward"]),
-        "",
-        *_server_md(result["server"], result["device"]),
-        "",
-        *_mixed_md(result["mixed_keep"]),
-        "",
-        *_training_md(result["training"]),
+        f"`{t['command']}`: {t['summary']} (exit {t['returncode']})." if t else "not run",
         "",
     ]
+    for key, title in SECTIONS:
+        if key not in result:
+            lines += [f"## {title}", "", "not run: the run stopped before this step", ""]
+        elif key == "forward":
+            lines += [*_forward_md(result[key]), ""]
+        elif key == "server":
+            lines += [*_server_md(result[key], result["device"]), ""]
+        elif key == "mixed_keep":
+            lines += [*_mixed_md(result[key]), ""]
+        else:
+            lines += [*_training_md(result[key]), ""]
     return "\n".join(lines)
+
+
+def save(result: dict[str, Any], path: Path) -> None:
+    """The report and its JSON, written again after every step: a run killed at its time limit leaves what it did."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render(result))
+    path.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
 
 
 def _step(name: str, fn: Any) -> dict[str, Any]:
@@ -545,38 +565,52 @@ def main(*, dry_run: bool, out: str | None, command: str) -> int:
         "machine": machine_info(),
         "started_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
-    result["tests"] = run_cuda_tests(timeout_s=180)
+    path = Path(out) if out else REPO / ("out/gpu-dry-run/gpu.md" if dry_run else "docs/gpu.md")
+
+    def record(key: str, value: dict[str, Any]) -> None:
+        result[key] = value
+        result["elapsed_s"] = time.perf_counter() - started
+        save(result, path)
+
+    save(result, path)  # every step "not run" until it has
+    record("tests", run_cuda_tests(timeout_s=180))
     print(f"[gpu] CUDA tests: {result['tests']['summary']}", file=sys.stderr, flush=True)
-    result["forward"] = _step("masked forward", lambda: run_gpu_section(cfg, None, device=device, keeps=GPU_KEEPS))
+    record("forward", _step("masked forward", lambda: run_gpu_section(cfg, None, device=device, keeps=GPU_KEEPS)))
     with tempfile.TemporaryDirectory(prefix="maskedkd-gpu-") as tmp:
-        result["server"] = _step(
-            "server with "
-            + ", ".join(f"{c} clients{' (shared memory)' if m else ''}" for c, m in SERVER_LOADS)
-            + f"; 32 clients against {INGEST_WORKERS} ingest workers",
-            lambda: server_vs_inprocess(
-                cfg,
-                device,
-                Path(tmp) / "serve",
-                result["forward"],
-                batch=2 if dry_run else 64,
-                requests=2 if dry_run else 6,
+        record(
+            "server",
+            _step(
+                "server with "
+                + ", ".join(f"{c} clients{' (shared memory)' if m else ''}" for c, m in SERVER_LOADS)
+                + f"; 32 clients against {INGEST_WORKERS} ingest workers",
+                lambda: server_vs_inprocess(
+                    cfg,
+                    device,
+                    Path(tmp) / "serve",
+                    result["forward"],
+                    batch=2 if dry_run else 64,
+                    requests=2 if dry_run else 6,
+                ),
             ),
         )
-        result["mixed_keep"] = _step(
-            "12-client mixed-keep load",
-            lambda: mixed_keep_load(
-                cfg, device, Path(tmp) / "mixed", batch=2 if dry_run else 32, requests=2 if dry_run else 8
+        record(
+            "mixed_keep",
+            _step(
+                "12-client mixed-keep load",
+                lambda: mixed_keep_load(
+                    cfg, device, Path(tmp) / "mixed", batch=2 if dry_run else 32, requests=2 if dry_run else 8
+                ),
             ),
         )
-        result["training"] = _step(
-            "training step",
-            lambda: gpu_training(cfg, QUICK.train_pairs[0] if dry_run else GPU_TRAIN_PAIR, device, Path(tmp)),
+        record(
+            "training",
+            _step(
+                "training step",
+                lambda: gpu_training(cfg, QUICK.train_pairs[0] if dry_run else GPU_TRAIN_PAIR, device, Path(tmp)),
+            ),
         )
     result["total_s"] = time.perf_counter() - started
-    path = Path(out) if out else REPO / ("out/gpu-dry-run/gpu.md" if dry_run else "docs/gpu.md")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(result))
-    (path.with_suffix(".json")).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    save(result, path)
     print(f"wrote {path} in {result['total_s']:.0f} s", file=sys.stderr)
     mixed = result["mixed_keep"]
     failed = (

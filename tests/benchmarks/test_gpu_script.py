@@ -66,6 +66,34 @@ def test_dry_run_writes_the_report_from_every_step(tmp_path: Path) -> None:
     assert trained["maskedkd_50_workers"]["teacher_gflops"] == trained["maskedkd_50"]["teacher_gflops"] > 0  # same bill
 
 
+def test_a_run_killed_after_a_step_leaves_the_report_of_the_steps_it_finished(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A lent GPU machine kills a command at its time limit: the report and its JSON are written after every step, so
+    what ran comes back. The run is stopped as the server step starts (a KeyboardInterrupt: a signal, not an error the
+    step would record); the CUDA tests step is left out (the dry run above runs it)."""
+    from benchmarks import gpu_script
+
+    def killed(*_args: object, **_kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    skipped = {"command": "pytest -k cuda", "returncode": 5, "summary": "left out by this test", "seconds": 0.0}
+    monkeypatch.setattr(gpu_script, "run_cuda_tests", lambda timeout_s: skipped)
+    monkeypatch.setattr(gpu_script, "server_vs_inprocess", killed)
+    out = tmp_path / "gpu.md"
+    with pytest.raises(KeyboardInterrupt):
+        gpu_script.main(dry_run=True, out=str(out), command="python -m benchmarks --gpu --dry-run")
+    md = out.read_text()
+    assert "STOPPED EARLY" in md and "left out by this test" in md
+    assert md.count("| ViT-Ti 32px") == 3  # the forward at keep 100/50/25%
+    for title in ("Through the server", "Mixed-keep load", "Training step"):
+        section = md.split(f"## {title}", 1)[1].split("##", 1)[0]
+        assert "not run: the run stopped before this step" in section, title
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert "forward" in saved and "server" not in saved and "total_s" not in saved
+    assert saved["forward"]["models"] and "error" not in saved["forward"]
+
+
 def test_the_cuda_test_list_names_every_file_with_a_cuda_only_test() -> None:
     needs_cuda = {
         str(p.relative_to(REPO))
