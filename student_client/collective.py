@@ -26,9 +26,7 @@ class TorchDistCollective:
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return tensor
-        moved = tensor.to(torch.device("cpu") if dist.get_backend() == "gloo" else tensor.device).clone()
-        dist.all_reduce(moved)
-        return moved.to(tensor.device)
+        return summed_over_group(tensor)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -36,6 +34,17 @@ class TorchDistCollective:
         out: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(out, obj)
         return out
+
+
+def summed_over_group(tensor: torch.Tensor, gpu: torch.device | None = None) -> torch.Tensor:
+    """`tensor` summed over the default process group, on the caller's device. Reduced in a copy on the device the
+    backend reduces on: the host under gloo, the worker's GPU (`gpu`, else the current one) under nccl, which reduces
+    nothing else (the tensors summed here are small float64 counters made on the host)."""
+    on_host = "gloo" in str(dist.get_backend())  # gloo alone, or beside nccl ("cpu:gloo,cuda:nccl")
+    device = torch.device("cpu") if on_host else gpu or torch.device("cuda", torch.cuda.current_device())
+    moved = tensor.to(device, copy=True)
+    dist.all_reduce(moved)
+    return moved.to(tensor.device)
 
 
 def sum_over_workers(ctx: Collective, values: Mapping[str, float], names: Sequence[str]) -> dict[str, float]:

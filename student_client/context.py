@@ -14,6 +14,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
+from student_client.collective import summed_over_group
+
 
 class LocalContext:
     """One process, no Ray: rank 0 of 1."""
@@ -74,10 +76,7 @@ class RayContext:
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1 and dist.is_initialized():
-            backend_device = torch.device("cpu") if dist.get_backend() == "gloo" else self.device
-            moved = t.to(backend_device)
-            dist.all_reduce(moved)
-            return moved.to(t.device)
+            return summed_over_group(t, self.device)
         return t
 
     def all_gather_object(self, obj: Any) -> list[Any]:

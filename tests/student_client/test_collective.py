@@ -21,6 +21,7 @@ pytestmark = pytest.mark.dtype("none")  # sums of counts, messages: no model num
 
 _WORKER = """
 import json, sys
+import torch
 import torch.distributed as dist
 from student_client.collective import TorchDistCollective, agree_on_error, sum_over_workers
 
@@ -31,7 +32,10 @@ own = {"images": 8.0, "loss": 1.5} if rank == 0 else {"images": 4.0, "cost": 0.2
 sums = sum_over_workers(group, own, ("loss", "images", "cost", "fatal"))
 none_failed = agree_on_error(group, None)
 one_failed = agree_on_error(group, "teacher refused the API key" if rank == 1 else None)
-print(json.dumps({"sums": sums, "none_failed": none_failed, "one_failed": one_failed}))
+counts = torch.full((2,), float(rank + 1), dtype=torch.float64)
+total = group.all_reduce(counts)  # reduced in a copy: the caller's tensor keeps its value
+reduced = {"total": total.tolist(), "own": counts.tolist()}
+print(json.dumps({"sums": sums, "none_failed": none_failed, "one_failed": one_failed, "reduced": reduced}))
 dist.destroy_process_group()
 """
 
@@ -56,8 +60,9 @@ def test_two_workers_sum_by_name_and_agree_on_the_failing_workers_message() -> N
         out, err = worker.communicate(timeout=120)
         assert worker.returncode == 0, err[-2000:]
         answers.append(json.loads(out.strip().splitlines()[-1]))
-    for answer in answers:  # both workers get the same totals and the same decision
+    for rank, answer in enumerate(answers):  # both workers get the same totals and the same decision
         assert answer["sums"] == {"loss": 1.5, "images": 12.0, "cost": 0.25, "fatal": 0.0}
+        assert answer["reduced"] == {"total": [3.0, 3.0], "own": [float(rank + 1)] * 2}
         assert answer["none_failed"] is None
         assert answer["one_failed"] == "teacher refused the API key"
 
