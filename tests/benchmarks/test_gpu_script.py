@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from benchmarks.cli import main
-from benchmarks.gpu_script import CUDA_TEST_FILES
+from benchmarks.gpu_plan import CUDA_TEST_FILES
 
 pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
 
