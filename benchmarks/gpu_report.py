@@ -167,8 +167,13 @@ def _mixed_md(m: dict[str, Any]) -> list[str]:
     ]
 
 
-SECTIONS = (("forward", "Masked forward"), ("server", "Through the server"), ("mixed_keep", "Mixed-keep load"))
-SECTIONS += (("training", "Training step"),)
+SECTIONS = {  # the result's steps after the CUDA tests, in order: the title a step not reached is shown under
+    "forward": "Masked forward",
+    "server": "Through the server",
+    "mixed_keep": "Mixed-keep load",
+    "training": "Training step",
+}
+NOT_RUN = "not run: the run stopped before this step"
 
 
 def render(result: dict[str, Any]) -> str:
@@ -185,20 +190,17 @@ def render(result: dict[str, Any]) -> str:
         "",
         "## Tests that need CUDA",
         "",
-        f"`{t['command']}`: {t['summary']} (exit {t['returncode']})." if t else "not run",
+        f"`{t['command']}`: {t['summary']} (exit {t['returncode']})." if t else NOT_RUN,
         "",
     ]
-    for key, title in SECTIONS:
-        if key not in result:
-            lines += [f"## {title}", "", "not run: the run stopped before this step", ""]
-        elif key == "forward":
-            lines += [*_forward_md(result[key]), ""]
-        elif key == "server":
-            lines += [*_server_md(result[key], result["device"]), ""]
-        elif key == "mixed_keep":
-            lines += [*_mixed_md(result[key]), ""]
-        else:
-            lines += [*_training_md(result[key]), ""]
+    sections = {
+        "forward": _forward_md,
+        "server": lambda step: _server_md(step, result["device"]),
+        "mixed_keep": _mixed_md,
+        "training": _training_md,
+    }
+    for key, title in SECTIONS.items():
+        lines += [*(sections[key](result[key]) if key in result else [f"## {title}", "", NOT_RUN]), ""]
     return "\n".join(lines)
 
 
