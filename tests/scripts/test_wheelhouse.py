@@ -30,7 +30,8 @@ IMPORTS = (
 )
 
 
-OPTIONAL = {"grpcio-tools"}  # `import grpc` tries it and goes on without it
+# imported when present, not needed: `import grpc` tries grpc_tools, pytest loads the xdist plugin
+OPTIONAL = {"grpcio-tools", "pytest-xdist", "execnet"}
 
 
 def requirements_of(names: set[str]) -> set[str]:
@@ -62,15 +63,20 @@ def listed(*args: str) -> dict[str, str]:
 
 
 def imported_distributions(modules: tuple[str, ...]) -> set[str]:
-    """The distributions whose top-level modules a fresh interpreter holds after importing `modules`."""
+    """The distributions whose top-level modules a fresh interpreter holds after importing `modules` and collecting
+    the GPU run's CUDA tests (its conftest and test kits included)."""
     code = (
-        "import importlib, importlib.metadata as md, sys\n"
+        "import importlib, importlib.metadata as md, sys, pytest\n"
+        "from benchmarks.gpu_plan import CUDA_TEST_FILES\n"
         f"for module in {modules!r}: importlib.import_module(module)\n"
+        "pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', '-k', 'cuda', *CUDA_TEST_FILES])\n"
         "dists = md.packages_distributions()\n"
-        "print(' '.join(sorted({d for m in list(sys.modules) for d in dists.get(m.split('.')[0], [])})))\n"
+        "print('DISTS', *sorted({d for m in list(sys.modules) for d in dists.get(m.split('.')[0], [])}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    return {canonicalize_name(d) for d in out.split()}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    last = done.stdout.strip().splitlines()[-1].split()
+    assert last[0] == "DISTS", done.stdout[-2000:]
+    return {canonicalize_name(d) for d in last[1:]}
 
 
 def test_the_wheels_cover_every_distribution_the_server_and_the_client_import() -> None:
