@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from benchmarks.config import FULL, QUICK, BenchConfig
+from benchmarks.gpu_plan import STEPS as GPU_STEPS
 from benchmarks.timing import load_average, machine_info, matmul_rate, usable_cpus
 from benchmarks.training import compiled_key
 from maskedkd.precision import DTYPES
@@ -61,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (tests): the numbers mean nothing")
     parser.add_argument("--out", default=None, help="output directory (default: docs, or out/bench-quick with --quick)")
-    parser.add_argument("--only", default=None, help=f"comma-separated subset of: {','.join(SECTIONS)}")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help=f"comma-separated subset of: {','.join(SECTIONS)}; with --gpu, of its steps: {','.join(GPU_STEPS)}",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -243,7 +248,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         from benchmarks.gpu_script import main as gpu_main
 
-        return gpu_main(dry_run=args.dry_run, out=args.out, command=shlex.join(["python", "-m", "benchmarks", *argv]))
+        steps = GPU_STEPS if not args.only else tuple(x.strip() for x in args.only.split(",") if x.strip())
+        if unknown := [x for x in steps if x not in GPU_STEPS]:
+            print(
+                f"benchmarks: error: unknown --gpu step(s) {', '.join(unknown)}; choose from {', '.join(GPU_STEPS)}",
+                file=sys.stderr,
+            )
+            return 2
+        command = shlex.join(["python", "-m", "benchmarks", *argv])
+        return gpu_main(dry_run=args.dry_run, out=args.out, command=command, steps=steps)
     cfg = QUICK if args.quick else FULL
     sections = SECTIONS if not args.only else tuple(x.strip() for x in args.only.split(",") if x.strip())
     unknown = [x for x in sections if x not in SECTIONS]

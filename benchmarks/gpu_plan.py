@@ -64,3 +64,5 @@ NO_CUDA = (
     "benchmarks --gpu: error: torch sees no CUDA device (torch {torch}, CUDA build {cuda}); nothing was run "
     "(python -m benchmarks --gpu --dry-run checks the script on the CPU)"
 )
+# the run's steps, in order (`python -m benchmarks --gpu --only STEP,...` runs some of them)
+STEPS = ("tests", "forward", "server", "mixed_keep", "training")

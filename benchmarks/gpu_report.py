@@ -174,11 +174,13 @@ SECTIONS = {  # the result's steps after the CUDA tests, in order: the title a s
     "training": "Training step",
 }
 NOT_RUN = "not run: the run stopped before this step"
+NOT_ASKED = "not run: not asked for (`--only`)"
 
 
 def render(result: dict[str, Any]) -> str:
     """The report of `result`; a run that stopped early (killed at its time limit) shows the steps it finished."""
     m, t = result["machine"], result.get("tests")
+    skipped = set(result.get("skipped", ()))
     done = "total_s" in result
     seconds = result["total_s"] if done else result.get("elapsed_s", 0.0)
     lines = [
@@ -190,7 +192,11 @@ def render(result: dict[str, Any]) -> str:
         "",
         "## Tests that need CUDA",
         "",
-        f"`{t['command']}`: {t['summary']} (exit {t['returncode']})." if t else NOT_RUN,
+        f"`{t['command']}`: {t['summary']} (exit {t['returncode']})."
+        if t
+        else NOT_ASKED
+        if "tests" in skipped
+        else NOT_RUN,
         "",
     ]
     sections = {
@@ -200,7 +206,10 @@ def render(result: dict[str, Any]) -> str:
         "training": _training_md,
     }
     for key, title in SECTIONS.items():
-        lines += [*(sections[key](result[key]) if key in result else [f"## {title}", "", NOT_RUN]), ""]
+        if key in result:
+            lines += [*sections[key](result[key]), ""]
+        else:
+            lines += [f"## {title}", "", NOT_ASKED if key in skipped else NOT_RUN, ""]
     return "\n".join(lines)
 
 

@@ -9,8 +9,9 @@
 4. the product's training loop on the GPU (DeiT-Ti student, DeiT-S teacher server on the same card): step time of
    no KD, full KD and MaskedKD 50/25%,
 into docs/gpu.md (and its JSON), written again after every step, so a run killed at a time limit leaves the steps
-it finished (`--out DIR/gpu.md` writes them where a lent machine's files come back from). Without CUDA it prints one
-line and exits 2. `--dry-run` runs the same code on the CPU with
+it finished (`--out DIR/gpu.md` writes them where a lent machine's files come back from). `--only STEP,...` runs some
+of the steps (tests, forward, server, mixed_keep, training), so a run can be split over calls of a bounded length.
+Without CUDA it prints one line and exits 2. `--dry-run` runs the same code on the CPU with
 tiny models and writes out/gpu-dry-run/gpu.md instead (to check the script on a machine without a GPU).
 """
 
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,7 @@ from benchmarks.gpu_plan import (
     INGEST_WORKERS,
     NO_CUDA,
     SERVER_LOADS,
+    STEPS,
     WORKERS_TRAIN_MODE,
 )
 from benchmarks.gpu_report import save
@@ -305,7 +308,8 @@ def _step(name: str, fn: Any) -> dict[str, Any]:
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
 
 
-def main(*, dry_run: bool, out: str | None, command: str) -> int:
+def main(*, dry_run: bool, out: str | None, command: str, steps: Sequence[str] = STEPS) -> int:
+    """The run (`steps`: those of STEPS to run, in their order; the others are reported as not asked for)."""
     if not dry_run and not torch.cuda.is_available():
         print(NO_CUDA.format(torch=torch.__version__, cuda=torch.version.cuda), file=sys.stderr)
         return 2
@@ -328,14 +332,15 @@ def main(*, dry_run: bool, out: str | None, command: str) -> int:
         result["elapsed_s"] = time.perf_counter() - started
         save(result, path)
 
+    result["skipped"] = [step for step in STEPS if step not in steps]
     save(result, path)  # every step "not run" until it has
-    record("tests", run_cuda_tests(timeout_s=180))
-    print(f"[gpu] CUDA tests: {result['tests']['summary']}", file=sys.stderr, flush=True)
-    record("forward", _step("masked forward", lambda: run_gpu_section(cfg, None, device=device, keeps=GPU_KEEPS)))
+    if "tests" in steps:
+        record("tests", run_cuda_tests(timeout_s=180))
+        print(f"[gpu] CUDA tests: {result['tests']['summary']}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="maskedkd-gpu-") as tmp:
-        record(
-            "server",
-            _step(
+        runs = {
+            "forward": ("masked forward", lambda: run_gpu_section(cfg, None, device=device, keeps=GPU_KEEPS)),
+            "server": (
                 "server with "
                 + ", ".join(f"{c} clients{' (shared memory)' if m else ''}" for c, m in SERVER_LOADS)
                 + f"; 32 clients against {INGEST_WORKERS} ingest workers",
@@ -343,36 +348,42 @@ def main(*, dry_run: bool, out: str | None, command: str) -> int:
                     cfg,
                     device,
                     Path(tmp) / "serve",
-                    result["forward"],
+                    result.get("forward", {}),  # without the forward step: no in-process rates to compare with
                     batch=2 if dry_run else 64,
                     requests=2 if dry_run else 6,
                 ),
             ),
-        )
-        record(
-            "mixed_keep",
-            _step(
+            "mixed_keep": (
                 "12-client mixed-keep load",
                 lambda: mixed_keep_load(
                     cfg, device, Path(tmp) / "mixed", batch=2 if dry_run else 32, requests=2 if dry_run else 8
                 ),
             ),
-        )
-        record(
-            "training",
-            _step(
+            "training": (
                 "training step",
                 lambda: gpu_training(cfg, QUICK.train_pairs[0] if dry_run else GPU_TRAIN_PAIR, device, Path(tmp)),
             ),
-        )
+        }
+        for key, (name, run) in runs.items():
+            if key in steps:
+                record(key, _step(name, run))
     result["total_s"] = time.perf_counter() - started
     save(result, path)
     print(f"wrote {path} in {result['total_s']:.0f} s", file=sys.stderr)
-    mixed = result["mixed_keep"]
-    failed = (
-        any("error" in result[k] for k in ("forward", "server", "mixed_keep", "training"))
-        or bool(result["server"]["errors"])
-        or mixed.get("error_count", 1) > 0
-        or not mixed.get("ledger_equals_answers", False)
-    )
-    return 0 if result["tests"]["returncode"] in (0, 5) and not failed else 1
+    return 1 if failures(result) else 0
+
+
+def failures(result: dict[str, Any]) -> list[str]:
+    """What went wrong in the steps that ran: a step that raised, a failing CUDA test, a server call in error, the
+    mixed-keep load's errors or a ledger that differs from its answers."""
+    found = [f"{key}: {result[key]['error']}" for key in STEPS if "error" in result.get(key, {})]
+    if "tests" in result and result["tests"]["returncode"] not in (0, 5):  # 5: none collected (no CUDA here)
+        found.append(f"tests: {result['tests']['summary']}")
+    server = result.get("server", {})
+    found += [f"server: {e}" for e in server.get("errors", [])]
+    mixed = result.get("mixed_keep", {})
+    if mixed and "error" not in mixed and (mixed["error_count"] > 0 or not mixed["ledger_equals_answers"]):
+        found.append(
+            f"mixed-keep load: {mixed['error_count']} errors, ledger = answers: {mixed['ledger_equals_answers']}"
+        )
+    return found

@@ -94,6 +94,25 @@ def test_a_run_killed_after_a_step_leaves_the_report_of_the_steps_it_finished(
     assert saved["forward"]["models"] and "error" not in saved["forward"]
 
 
+def test_only_runs_the_steps_asked_for_and_reports_the_others_as_not_asked(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`--only` splits the run over calls of a bounded length: the steps asked for run (here the forward), the others
+    are reported as not asked for, not as a run stopped early; an unknown step is one line and exit 2."""
+    out = tmp_path / "gpu.md"
+    assert main(["--gpu", "--dry-run", "--only", "forward,bogus", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown --gpu step(s) bogus" in err[0] and not out.exists()
+    assert main(["--gpu", "--dry-run", "--only", "forward", "--out", str(out)]) == 0
+    md = out.read_text()
+    assert "STOPPED EARLY" not in md and md.count("| ViT-Ti 32px") == 3
+    for title in ("Tests that need CUDA", "Through the server", "Mixed-keep load", "Training step"):
+        section = md.split(f"## {title}", 1)[1].split("##", 1)[0]
+        assert "not run: not asked for (`--only`)" in section, title
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["skipped"] == ["tests", "server", "mixed_keep", "training"] and "total_s" in saved
+
+
 def test_the_cuda_test_list_names_every_file_with_a_cuda_only_test() -> None:
     needs_cuda = {
         str(p.relative_to(REPO))
