@@ -239,6 +239,17 @@ def run_bench(
     return results
 
 
+def chosen(only: str | None, allowed: tuple[str, ...], what: str) -> tuple[str, ...] | None:
+    """The names `--only` lists (all of `allowed` without it); None, after a one-line error, when one is unknown."""
+    names = allowed if not only else tuple(x.strip() for x in only.split(",") if x.strip())
+    if unknown := [x for x in names if x not in allowed]:
+        print(
+            f"benchmarks: error: unknown {what} {', '.join(unknown)}; choose from {', '.join(allowed)}", file=sys.stderr
+        )
+        return None
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -248,23 +259,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         from benchmarks.gpu_script import main as gpu_main
 
-        steps = GPU_STEPS if not args.only else tuple(x.strip() for x in args.only.split(",") if x.strip())
-        if unknown := [x for x in steps if x not in GPU_STEPS]:
-            print(
-                f"benchmarks: error: unknown --gpu step(s) {', '.join(unknown)}; choose from {', '.join(GPU_STEPS)}",
-                file=sys.stderr,
-            )
+        steps = chosen(args.only, GPU_STEPS, "--gpu step(s)")
+        if steps is None:
             return 2
         command = shlex.join(["python", "-m", "benchmarks", *argv])
         return gpu_main(dry_run=args.dry_run, out=args.out, command=command, steps=steps)
     cfg = QUICK if args.quick else FULL
-    sections = SECTIONS if not args.only else tuple(x.strip() for x in args.only.split(",") if x.strip())
-    unknown = [x for x in sections if x not in SECTIONS]
-    if unknown:
-        print(
-            f"benchmarks: error: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}",
-            file=sys.stderr,
-        )
+    sections = chosen(args.only, SECTIONS, "section(s)")
+    if sections is None:
         return 2
     out = Path(args.out or ("out/bench-quick" if args.quick else "docs"))
     # Quick mode times nothing that matters; one thread per process keeps it quick when the machine is busy.

@@ -167,12 +167,6 @@ def _mixed_md(m: dict[str, Any]) -> list[str]:
     ]
 
 
-SECTIONS = {  # the result's steps after the CUDA tests, in order: the title a step not reached is shown under
-    "forward": "Masked forward",
-    "server": "Through the server",
-    "mixed_keep": "Mixed-keep load",
-    "training": "Training step",
-}
 NOT_RUN = "not run: the run stopped before this step"
 NOT_ASKED = "not run: not asked for (`--only`)"
 
@@ -199,15 +193,15 @@ def render(result: dict[str, Any]) -> str:
         else NOT_RUN,
         "",
     ]
-    sections = {
-        "forward": _forward_md,
-        "server": lambda step: _server_md(step, result["device"]),
-        "mixed_keep": _mixed_md,
-        "training": _training_md,
-    }
-    for key, title in SECTIONS.items():
+    sections = (  # the steps after the CUDA tests, in order: (key, the title shown when it did not run, its renderer)
+        ("forward", "Masked forward", _forward_md),
+        ("server", "Through the server", lambda step: _server_md(step, result["device"])),
+        ("mixed_keep", "Mixed-keep load", _mixed_md),
+        ("training", "Training step", _training_md),
+    )
+    for key, title, rendered in sections:
         if key in result:
-            lines += [*sections[key](result[key]), ""]
+            lines += [*rendered(result[key]), ""]
         else:
             lines += [f"## {title}", "", NOT_ASKED if key in skipped else NOT_RUN, ""]
     return "\n".join(lines)
