@@ -7,6 +7,7 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.flopcheck import flop_counter
 from maskedkd.flops import ViTShape, masked_forward_flops
 from maskedkd.masked_teacher import MaskedTeacher
 
@@ -25,7 +26,7 @@ MODELS: dict[str, tuple[str, dict[str, object]]] = {
 
 def counted_flops(teacher: MaskedTeacher, keep: torch.Tensor | None, batch: int) -> FlopCounterMode:
     x = torch.randn(batch, 3, *teacher.geometry.image_size)
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+    with torch.inference_mode(), flop_counter() as counter:
         teacher(x, keep)
     return counter
 

@@ -6,8 +6,8 @@ import pytest
 import timm
 import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.flopcheck import flop_counter
 from maskedkd.masked_teacher import MaskedTeacher, UnsupportedModelError
 from maskedkd.tome import ToMeTeacher, merge_schedule, tome_forward_flops
 
@@ -148,7 +148,7 @@ def test_tokens_per_block_shrink_by_the_clamped_r(r: int, num_kept: int) -> None
 
 
 def _counted(tome: ToMeTeacher, keep: Tensor | None, batch: int) -> int:
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+    with torch.inference_mode(), flop_counter() as counter:
         tome(images(batch), keep)
     return int(counter.get_total_flops())
 

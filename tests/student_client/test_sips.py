@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_vit_kwargs
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.flopcheck import flop_counter
 from student_client import SIPSCapture, SIPSUnsupportedModelError, select_patches, sips_overhead_flops
 
 pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
@@ -186,7 +186,7 @@ def test_overhead_flops_match_flop_counter_and_are_tiny(images: torch.Tensor) ->
     model = make_student("registers").eval()
 
     def counted() -> int:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), flop_counter() as counter:
             model(images)
         return counter.get_total_flops()
 

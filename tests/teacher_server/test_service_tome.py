@@ -12,8 +12,8 @@ import service_testkit as kit
 import torch
 from service_testkit import Reference, auth, image_request, random_images, random_keep, stub
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.flopcheck import flop_counter
 from maskedkd.tome import ToMeTeacher
 from teacher_server.testing.server import RunningServer, running_server
 
@@ -32,7 +32,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, model: nn.Module) -> Iterat
 
 def _counted_gflops(teacher: ToMeTeacher, x: torch.Tensor, keep: torch.Tensor | None) -> float:
     """GFLOPs of one image's forward, counted by torch's FlopCounterMode (independent of the FLOP model)."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), flop_counter() as counter:
         teacher(x, keep)
     return counter.get_total_flops() / 1e9
 
