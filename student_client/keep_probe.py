@@ -83,10 +83,7 @@ class KeepProber:
             )
             futures.append(
                 self.submit(
-                    images=pixels,
-                    keep_indices=keep.cpu(),
-                    request_id=f"{prefix}-s{step}-probe-{rung.name}",
-                    purpose=PROBE,
+                    images=pixels, keep_indices=keep, request_id=f"{prefix}-s{step}-probe-{rung.name}", purpose=PROBE
                 )
             )
         try:

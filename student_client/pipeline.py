@@ -31,7 +31,7 @@ Submit = Callable[..., InferFuture]  # submit(images=..., keep_indices=..., requ
 @dataclass
 class TeacherRequest:
     images: torch.Tensor  # [b, C, H, W] un-normalized, exactly what the student saw
-    keep_indices: torch.Tensor | None  # [b, K] on the teacher's grid; None: the full image
+    keep_indices: torch.Tensor | None  # [b, K] on the teacher's grid, where the student made them; None: the full image
     keep_counts: torch.Tensor | None = None  # [b] ragged rows (`--keep-mass`): row i uses its first counts[i]
     outputs: tuple[str, ...] = ()  # extra teacher outputs asked for (`--kd manifold|attention`)
 

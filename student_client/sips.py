@@ -183,9 +183,11 @@ def _grids(
     return s_grid, (s_grid if teacher_grid is None else _grid(teacher_grid, "teacher_grid"))
 
 
-def _on_teacher_grid(scores: torch.Tensor, s_grid: tuple[int, int], t_grid: tuple[int, int]) -> torch.Tensor:
+def _on_teacher_grid(
+    scores: torch.Tensor, s_grid: tuple[int, int], t_grid: tuple[int, int], *, check_finite: bool = True
+) -> torch.Tensor:
     """scores [B, h_s * w_s] -> [B, h_t * w_t], detached, bilinearly resized when the grids differ (App. B)."""
-    if not bool(torch.isfinite(scores).all()):
+    if check_finite and not bool(torch.isfinite(scores).all()):
         raise ValueError("scores contain NaN or inf")
     if t_grid == s_grid:
         return scores.detach()
@@ -202,6 +204,8 @@ def select_patches(
     teacher_grid: int | Sequence[int] | None = None,
     student_grid: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
+    *,
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """Positions to keep, [B, K] int64 sorted ascending, row-major on the teacher's patch grid.
 
@@ -210,6 +214,9 @@ def select_patches(
     teacher's patches. keep: a fraction in (0, 1] (K = floor(keep * N), at least 1) or an int count >= 1.
     strategy: `sips` (top-K scores; of equal scores the lower position first), `bottom` (bottom-K, likewise),
     `random` (uniform, from `generator`), `all` (every patch; `keep` is still validated but ignored).
+    check_finite=False skips the check that the scores hold no NaN or inf, which waits for the device: for scores
+    the caller made itself on a GPU (a training step's own SIPS), so that ranking them never stalls the training
+    thread. A NaN then ranks above every number (the order of torch's sort), and the positions are still valid.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
@@ -225,7 +232,7 @@ def select_patches(
         )
         return noise.to(scores.device).argsort(dim=1)[:, :k].sort(dim=1).values
 
-    scores = _on_teacher_grid(scores, s_grid, t_grid).float()  # [B, h_t * w_t]
+    scores = _on_teacher_grid(scores, s_grid, t_grid, check_finite=check_finite).float()  # [B, h_t * w_t]
     # A stable sort breaks ties by position (topk's order among equal scores is the kernel's), so the same scores
     # always keep the same patches, on any CPU and thread count.
     order = scores.sort(dim=1, descending=strategy == "sips", stable=True).indices  # [B, h_t * w_t]

@@ -167,9 +167,18 @@ class PatchSelector:
             scores = torch.zeros(batch, grid[0] * grid[1], device=device)
         if self.mass is not None and self.strategy == "sips":
             return select_by_mass(scores, self.mass, self.keep, teacher_grid=self.target_grid, student_grid=grid)
-        return select_patches(
-            scores, self.keep, self.strategy, teacher_grid=self.target_grid, student_grid=grid, generator=self.generator
-        ), None
+        # the student's own scores: a NaN check would make the training thread wait for its forward (a diverged
+        # student's loss says so anyway)
+        positions = select_patches(
+            scores,
+            self.keep,
+            self.strategy,
+            teacher_grid=self.target_grid,
+            student_grid=grid,
+            generator=self.generator,
+            check_finite=False,
+        )
+        return positions, None
 
     def kept_share(self, request: TeacherRequest) -> float:
         """Sum over the request's images of the share of the target grid's patches each sends (1 for a full image)."""
@@ -297,14 +306,13 @@ class StepRunner:
         return output, None
 
     def _teacher_request(self, x: torch.Tensor) -> TeacherRequest:
-        """The kept positions of micro-batch x (after its forward for SIPS / bottom) and its pixels."""
+        """The kept positions of micro-batch x (after its forward for SIPS / bottom) and its pixels. The positions stay
+        on the student's device: the client gathers and copies them off this thread (off_thread.py), where a copy to
+        the host here would make the training thread wait for the device."""
         assert self.selector is not None
         keep, counts = self.selector.select(x.shape[0], x.device)
         request = TeacherRequest(
-            x.detach(),
-            None if keep is None else keep.cpu(),
-            None if counts is None else counts.cpu(),
-            outputs=(self.distiller.output,) if self.distiller is not None else (),
+            x.detach(), keep, counts, outputs=(self.distiller.output,) if self.distiller is not None else ()
         )
         self._requests.append(request)
         self._kept.append(self.selector.kept_share(request))

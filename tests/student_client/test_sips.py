@@ -322,3 +322,14 @@ def test_bad_arguments_raise_one_line_value_errors(kwargs: dict[str, object], fr
     with pytest.raises(ValueError) as err:
         select_patches(**args)
     assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unchecked_scores_rank_a_nan_first_and_still_give_valid_positions() -> None:
+    """check_finite=False (a training step's own scores, never waited for): no error, and a NaN ranks as a score above
+    every number, as `sort` orders it."""
+    scores = torch.rand(2, 64)
+    scores[0, 3] = scores[1, 40] = float("nan")
+    positions = select_patches(scores, 16, check_finite=False)
+    as_largest = select_patches(torch.nan_to_num(scores, nan=2.0), 16)  # scores are in [0, 1)
+    assert torch.equal(positions, as_largest)
+    assert 3 in positions[0] and 40 in positions[1]

@@ -155,3 +155,29 @@ def test_unknown_precision_is_refused(tmp_path: Path, capsys: pytest.CaptureFixt
     code = main(["train", "--data", str(tmp_path), "--out", str(tmp_path), "--mode", "none", "--precision", "fp8"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--precision" in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.dtype("auto", device="cuda")  # the student as auto resolves it on the GPU; positions are int64
+def test_cuda_sips_request_is_made_without_waiting_for_the_device(env: dict[str, Any]) -> None:
+    """On a GPU the training thread ranks the patches and makes the micro-batch's teacher request without a host
+    sync: the kept positions stay on the card, and the client's builder thread copies them (off_thread.py). A copy
+    to the host here would make the training thread wait for the student's forward queued before it."""
+    device = torch.device("cuda")
+    cfg, student = config_and_student(env, "cuda-nosync", "auto", device)
+    runner, _, client = step_runner(env, cfg, student, device, "p-cuda-nosync")
+    x = torch.rand(4, 3, 32, 32, device=device)
+    runner._student_forward(0, x)  # fills the SIPS scores the selection ranks
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host sync in the block raises
+    try:
+        request = runner._teacher_request(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert request.keep_indices is not None and request.keep_indices.device == x.device
+    # one after the other, so that each is a forward of its own (logits move with the rows batched beside them)
+    card_logits, card_usage = client.submit(images=x, keep_indices=request.keep_indices, request_id="card").result(60)
+    host = client.submit(images=x.cpu(), keep_indices=request.keep_indices.cpu(), request_id="host").result(60)
+    client.close()
+    assert card_usage.gflops == host.usage.gflops and card_usage.images == 4
+    torch.testing.assert_close(card_logits, host.logits, rtol=0, atol=0)  # the same bytes sent
