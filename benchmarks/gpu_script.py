@@ -370,7 +370,10 @@ def main(*, dry_run: bool, out: str | None, command: str, steps: Sequence[str] =
     result["total_s"] = time.perf_counter() - started
     save(result, path)
     print(f"wrote {path} in {result['total_s']:.0f} s", file=sys.stderr)
-    return 1 if failures(result) else 0
+    problems = failures(result)
+    for problem in problems:  # the report has them too; the log says why the exit status is 1
+        print(f"[gpu] failed: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def failures(result: dict[str, Any]) -> list[str]:
