@@ -8,6 +8,8 @@ stream (`mark_after_caller`: a CUDA event after the work queued so far) and the 
 stream of its own that waits for that mark only (`after`). The kept patches then leave the card in one copy into a
 pinned host buffer the builder thread reuses (`to_host`): a copy from pageable memory goes through the driver's own
 staging buffer at about half the speed, and pinning a new buffer per batch costs more than the copy.
+
+The answers go the other way without a wait either: `to_device` stages them in pinned memory before the copy.
 """
 
 from __future__ import annotations
@@ -70,3 +72,13 @@ def to_host(tensor: torch.Tensor) -> torch.Tensor:
     host.copy_(tensor, non_blocking=True)
     torch.cuda.current_stream(tensor.device).synchronize()
     return host
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor (a teacher's answer) on `device` without the host waiting for the work queued there: a copy from
+    pageable memory makes the host wait for the stream first, so on CUDA it is staged in pinned memory from torch's
+    caching host allocator (which keeps the block until the copy is done) and copied non-blocking. Elsewhere, or for
+    a tensor already on a device, `tensor.to(device)`."""
+    if device.type != "cuda" or tensor.is_cuda:
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

@@ -26,6 +26,7 @@ from maskedkd.precision import resolve_precision
 from student_client.data import Normalizer
 from student_client.feature_step import FeatureDistiller
 from student_client.losses import DistillationLoss, LossParts
+from student_client.off_thread import to_device
 from student_client.pipeline import OverlapStats, Submit, TeacherRequest, pipelined_forward
 from student_client.sips import SIPSCapture, select_by_mass, select_patches
 from student_client.wire import Usage
@@ -285,7 +286,7 @@ class StepRunner:
             )
         assert result.teacher_logits is not None
         output = concat_outputs(result.outputs)
-        teacher_logits = torch.cat(result.teacher_logits).to(images.device)  # [B, classes]
+        teacher_logits = to_device(torch.cat(result.teacher_logits), images.device)  # [B, classes]
         loss = self.criterion(output, targets, teacher_logits)
         if self.distiller is not None:
             feature = self.distiller.loss(self._requests, result.teacher_outputs)

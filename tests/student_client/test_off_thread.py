@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from student_client.off_thread import after, mark_after_caller, to_host
+from student_client.off_thread import after, mark_after_caller, to_device, to_host
 
 
 @pytest.mark.dtype("float32")
@@ -84,3 +84,28 @@ def test_cuda_requests_leave_through_one_reused_pinned_buffer() -> None:
         assert copied.is_pinned() and torch.equal(copied, patches)
         pointers.add(copied.untyped_storage().data_ptr())
     assert len(pointers) == 1
+
+
+@pytest.mark.dtype("float32")
+def test_answers_for_a_cpu_student_stay_as_they_are() -> None:
+    logits = torch.randn(4, 10)  # [B, classes] float32, CPU
+    assert to_device(logits, torch.device("cpu")) is logits
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.dtype("float32", device="cuda")
+def test_cuda_answers_reach_the_card_without_a_host_sync() -> None:
+    """A host tensor copied as `.to(device)` makes the host wait for the stream (torch flags it in its sync debug
+    mode); `to_device` stages it in pinned memory and copies it without that wait, and the values arrive."""
+    logits = torch.randn(64, 1000)  # [B, classes] float32, pageable host memory
+    a = torch.randn(4096, 4096, device="cuda")
+    busy = (a @ a).tanh()  # work queued on the stream when the answer arrives
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError):
+            logits.to("cuda")  # the check itself: a copy from pageable memory waits
+        on_card = to_device(logits, torch.device("cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert on_card.is_cuda and torch.equal(on_card.cpu(), logits) and bool(torch.isfinite(busy).all())
