@@ -175,6 +175,10 @@ def render(result: dict[str, Any]) -> str:
     """The report of `result`; a run that stopped early (killed at its time limit) shows the steps it finished."""
     m, t = result["machine"], result.get("tests")
     skipped = set(result.get("skipped", ()))
+
+    def not_run(key: str) -> str:
+        return NOT_ASKED if key in skipped else NOT_RUN
+
     done = "total_s" in result
     seconds = result["total_s"] if done else result.get("elapsed_s", 0.0)
     lines = [
@@ -186,11 +190,7 @@ def render(result: dict[str, Any]) -> str:
         "",
         "## Tests that need CUDA",
         "",
-        f"`{t['command']}`: {t['summary']} (exit {t['returncode']})."
-        if t
-        else NOT_ASKED
-        if "tests" in skipped
-        else NOT_RUN,
+        f"`{t['command']}`: {t['summary']} (exit {t['returncode']})." if t else not_run("tests"),
         "",
     ]
     sections = (  # the steps after the CUDA tests, in order: (key, the title shown when it did not run, its renderer)
@@ -203,7 +203,7 @@ def render(result: dict[str, Any]) -> str:
         if key in result:
             lines += [*rendered(result[key]), ""]
         else:
-            lines += [f"## {title}", "", NOT_ASKED if key in skipped else NOT_RUN, ""]
+            lines += [f"## {title}", "", not_run(key), ""]
     return "\n".join(lines)
 
 
