@@ -9,6 +9,7 @@ The MaskedKD is made in `on_fit_start`, when the student is already on its devic
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import lightning as L
 import torch
@@ -35,14 +36,17 @@ class MaskedKDModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         assert self.kd is not None
         images, labels = batch
-        loss = self.kd(images, labels, step=self.global_step)
+        return self.kd(images, labels, step=self.global_step)
+
+    def on_train_batch_end(self, outputs: Any, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        # After the backward: reading the loss parts sooner would hold the backward behind the forward on a GPU.
+        assert self.kd is not None
         self.log_dict(
             {"ce": self.kd.last.ce, "kd": self.kd.last.kd, "teacher_gflops": self.kd.last.billed.gflops},
             on_step=True,
-            batch_size=images.shape[0],
+            batch_size=batch[0].shape[0],
         )
-        self.losses.append(loss.item())
-        return loss
+        self.losses.append(self.kd.last.loss)
 
     def on_fit_end(self) -> None:
         assert self.kd is not None and self.teacher is not None

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import uuid
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -49,7 +49,7 @@ from student_client.determinism import step_seed
 from student_client.errors import TeacherInputError
 from student_client.feature_step import KD_KINDS
 from student_client.kd_step import build_kd_step
-from student_client.losses import DistillationLoss
+from student_client.losses import DistillationLoss, LossParts
 from student_client.pipeline import OverlapStats
 from student_client.preflight import check_teacher_outputs
 from student_client.sips import STRATEGIES, _num_keep, _unwrap
@@ -78,17 +78,36 @@ class KDSettings:
 
 @dataclass
 class KDStep:
-    """What one call did: its loss parts and what the teacher answered and billed."""
+    """What one call did: its loss parts and what the teacher answered and billed.
+
+    The loss parts stay tensors on the student's device until read (`kd.last.loss`, ...): a read is a host sync on a
+    GPU, so reading them after `loss.backward()` lets the backward be queued behind the forward without waiting."""
 
     step: int = -1  # the step number its request ids carry
-    loss: float = float("nan")  # CE + lambda * KD
-    ce: float = float("nan")
-    kd: float = float("nan")  # tau^2 * KL (or the hard-label CE with hard=True)
-    feature: float = float("nan")  # the Manifold/Attention term (kd="manifold"|"attention"), weighted
+    parts: LossParts | None = None  # detached; None before the first call
     usage: Usage = field(default_factory=Usage)  # every answer, replayed ones included
     billed: Usage = field(default_factory=Usage)  # the answers billed now (replays excluded): what it cost
     overlap: float = 1.0  # fraction of the teacher's wall time hidden behind the student
     stats: OverlapStats = field(default_factory=OverlapStats)
+
+    @property
+    def loss(self) -> float:
+        """CE + lambda * KD (+ the feature term)."""
+        return float("nan") if self.parts is None else float(self.parts.total)
+
+    @property
+    def ce(self) -> float:
+        return float("nan") if self.parts is None else float(self.parts.ce)
+
+    @property
+    def kd(self) -> float:
+        """tau^2 * KL (or the hard-label CE with hard=True)."""
+        return float("nan") if self.parts is None else float(self.parts.kd)
+
+    @property
+    def feature(self) -> float:
+        """The Manifold/Attention term (kd="manifold"|"attention"), weighted; NaN without one."""
+        return float("nan") if self.parts is None or self.parts.feature is None else float(self.parts.feature)
 
 
 class MaskedKD:
@@ -226,10 +245,7 @@ class MaskedKD:
         billed = sum((u for u in answers if not u.replayed), Usage())
         self.last = KDStep(
             step=step,
-            loss=float(result.loss.total.detach()),
-            ce=float(result.loss.ce),
-            kd=float(result.loss.kd),
-            feature=float("nan") if result.loss.feature is None else float(result.loss.feature),
+            parts=replace(result.loss, total=result.loss.total.detach()),
             usage=result.usage + probe_usage,
             billed=billed,
             overlap=result.stats.overlap,

@@ -2,10 +2,11 @@
 (`run_training(cfg, LocalContext())`). Model, data and the TeacherClient are built inside the worker (train_run).
 
 A run is: build it (train_run.build_training_run), then epochs of train steps, each epoch ended by an evaluation, its
-metrics row and a checkpoint, then the summary (train_report.finish_run). Every step all workers sum one small set of
-named numbers (loss, images, teacher usage, a fatal-error flag: train_stats) in one all-reduce, so the progress bar and
-the cost figures cover all workers, and a fatal teacher error (bad key, quota, bad input) stops every worker at the
-same step, cleanly, instead of being retried by Ray's FailureConfig like a crash would be.
+metrics row and a checkpoint, then the summary (train_report.finish_run). Every step all workers first agree whether
+any hit a fatal teacher error (bad key, quota, bad input), which stops every worker at the same step, cleanly, instead
+of being retried by Ray's FailureConfig like a crash would be; after the optimizer step they sum one small set of named
+numbers (loss, images, teacher usage: train_stats) in one all-reduce, so the progress bar and the cost figures cover
+all workers.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 from student_client.checkpointing import TrainState
-from student_client.collective import first_error, sum_over_workers
+from student_client.collective import agree_on_error, sum_over_workers
 from student_client.config import TrainConfig
 from student_client.context import LocalContext, RayContext
 from student_client.determinism import seed_everything, step_seed
@@ -117,23 +118,24 @@ def _train_step(
     except FATAL_ERRORS as err:
         error = str(err)
     mismatched, rebilled = run.refused_requests()
-    stats = sum_step_over_workers(
-        ctx,
-        step_stats(
-            result,
-            Usage() if decided is None else decided.usage,
-            failed=error is not None,
-            mismatched=mismatched - mismatched_before,
-            rebilled=rebilled - rebilled_before,
-        ),
-    )
-    if stats["fatal"] > 0:
-        return first_error(ctx, error)
+    if (fatal := agree_on_error(ctx, error)) is not None:  # before the backward: DDP's is a collective
+        return fatal
     assert result is not None
     run.optimizer.zero_grad(set_to_none=True)
     result.loss.total.backward()
     run.optimizer.step()
     run.scheduler.step()
+    # Read after the optimizer step: reading the loss sooner would hold the backward's launch behind the forward on
+    # a GPU (a host sync), where it now waits only at the end of the step.
+    stats = sum_step_over_workers(
+        ctx,
+        step_stats(
+            result,
+            Usage() if decided is None else decided.usage,
+            mismatched=mismatched - mismatched_before,
+            rebilled=rebilled - rebilled_before,
+        ),
+    )
     add_stats(sums, stats)
     account_step(state, stats, index + 1 if index + 1 < run.steps_per_epoch else 0)
     if decided is not None:

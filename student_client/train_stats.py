@@ -1,6 +1,6 @@
-"""The numbers of one training step, by name: this worker's sums (loss x images, images, teacher usage, a fatal-error
-flag, ...), summed over every worker in one all-reduce, then added into the run's TrainState and the epoch's sums.
-Sums, not means, travel, so the totals of all workers come out of one reduction."""
+"""The numbers of one training step, by name: this worker's sums (loss x images, images, teacher usage, ...) of a step
+every worker finished, summed over every worker in one all-reduce after the optimizer step, then added into the run's
+TrainState and the epoch's sums. Sums, not means, travel, so the totals of all workers come out of one reduction."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ STEP_STATS = (
     "full_gflops",
     "cost",
     "requests",  # teacher usage, the probes' included
-    "fatal",  # workers that hit a fatal teacher error this step
     "wait_s",
     "teacher_s",  # time the student waited for the teacher, and the teacher's time
     "mismatched",
@@ -36,15 +35,12 @@ def empty_stats() -> StepStats:
     return dict.fromkeys(STEP_STATS, 0.0)
 
 
-def step_stats(
-    result: StepResult | None, probe_usage: Usage, *, failed: bool, mismatched: int, rebilled: int
-) -> StepStats:
-    """This worker's numbers of one step (`result` None: the step failed)."""
-    stats: StepStats = {"fatal": 1.0 if failed else 0.0, "mismatched": float(mismatched), "rebilled": float(rebilled)}
-    if result is None:
-        return stats
+def step_stats(result: StepResult, probe_usage: Usage, *, mismatched: int, rebilled: int) -> StepStats:
+    """This worker's numbers of one step that every worker finished."""
     images, usage = result.images, result.usage + probe_usage
-    return stats | {
+    return {
+        "mismatched": float(mismatched),
+        "rebilled": float(rebilled),
         "loss": float(result.loss.total.detach()) * images,
         "ce": float(result.loss.ce) * images,
         "kd": float(result.loss.kd) * images,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import tarfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +18,11 @@ from typing import Any
 
 import timm
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torch.nn.modules.module import register_module_forward_hook
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.hooks import RemovableHandle
 
 from student_client.command import student_client_command, train_argv
 from student_client.config import TrainConfig
@@ -108,3 +113,48 @@ def train_flags(**fields: Any) -> list[str]:
     train_argv without the command): the tiny student unless `fields` name another."""
     argv = train_argv(**{"student": STUDENT, "student_kwargs": STUDENT_KWARGS, **fields})
     return argv[len(student_client_command()) :]
+
+
+class ScalarReads(TorchDispatchMode):
+    """While entered, on this thread, in order: the student's forwards (a timm VisionTransformer's), the first op of
+    each backward, and every scalar read (`float(tensor)`, `.item()`: `aten._local_scalar_dense` on any device, a
+    host sync on a GPU). The teacher server's forwards run on its own threads and are not seen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[str] = []
+        self.thread = threading.get_ident()
+        self._hook: RemovableHandle | None = None
+
+    def __enter__(self) -> ScalarReads:
+        self._hook = register_module_forward_hook(self._student_forward)
+        return super().__enter__()  # type: ignore[no-any-return]
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        if self._hook is not None:
+            self._hook.remove()
+
+    def _student_forward(self, module: nn.Module, *_: Any) -> None:
+        if isinstance(module, VisionTransformer) and threading.get_ident() == self.thread:
+            self.events.append("forward")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.events.append("read")
+        elif torch._C._current_autograd_node() is not None and self.events[-1:] != ["backward"]:
+            self.events.append("backward")
+        return func(*args, **(kwargs or {}))
+
+    def between_forward_and_backward(self) -> list[int]:
+        """For each backward that follows a student forward (a step's), the scalar reads after that forward."""
+        counts, reads, after_forward = [], 0, False
+        for event in self.events:
+            if event == "forward":
+                reads, after_forward = 0, True
+            elif event == "read":
+                reads += 1
+            elif after_forward:
+                counts.append(reads)
+                after_forward = False
+        return counts

@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from student_testkit import STUDENT, STUDENT_KWARGS, ledger_rows, teacher_server, tiny_teacher
+from student_testkit import STUDENT, STUDENT_KWARGS, ScalarReads, ledger_rows, teacher_server, tiny_teacher
 
 from maskedkd.flops import ViTShape, masked_forward_flops
 from maskedkd.masked_teacher import MaskedTeacher
@@ -139,6 +139,26 @@ def test_loss_is_ce_plus_lambda_tau2_kl_of_the_masked_teacher(
     rows = ledger_rows(env["srv"], name)
     assert sorted(r["request_id"] for r in rows) == [f"{name}-s0-m{i}" for i in range(micro_batches)]
     assert kd.step == 1 and kd.last.usage.requests == micro_batches and 0.0 <= kd.last.overlap <= 1.0
+
+
+def test_a_call_reads_no_number_before_the_backward_and_last_reads_them_after(env: dict[str, Any]) -> None:
+    """`kd.last` keeps the loss parts as tensors: reading them in the call would make the host wait for the student's
+    forward before the caller's backward could be queued on a GPU. On the CPU, float32: no scalar read between the
+    student's forward and the backward, and the parts read afterwards add up to the loss returned."""
+    student = make_student()
+    images, labels = batch()
+    reads = ScalarReads()
+    with (
+        client_for(env, "no-read") as client,
+        MaskedKD(student, client, keep=0.5, lambda_kd=0.7, run_id="nr") as kd,
+        reads,
+    ):
+        loss = kd(images, labels)
+        loss.backward()
+    assert reads.between_forward_and_backward() == [0]
+    assert kd.last.loss == pytest.approx(float(loss.detach()), rel=1e-6)
+    assert kd.last.loss == pytest.approx(kd.last.ce + 0.7 * kd.last.kd, rel=1e-6)
+    assert kd.last.kd > 0 and kd.last.feature != kd.last.feature  # NaN: logit KD has no feature term
 
 
 def test_keep_half_bills_the_flop_model_and_the_ledger(env: dict[str, Any]) -> None:

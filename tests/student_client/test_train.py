@@ -9,7 +9,16 @@ from typing import Any
 
 import pytest
 import torch
-from student_testkit import STUDENT, STUDENT_KWARGS, ledger_rows, make_subset, teacher_server, tiny_config, tiny_teacher
+from student_testkit import (
+    STUDENT,
+    STUDENT_KWARGS,
+    ScalarReads,
+    ledger_rows,
+    make_subset,
+    teacher_server,
+    tiny_config,
+    tiny_teacher,
+)
 from torch.utils.data import DataLoader
 
 from maskedkd.checkpoints import load_state_dict
@@ -174,6 +183,20 @@ def test_a_higher_resolution_teacher_gets_resized_images_and_sips_on_its_grid(en
     assert summary["fatal_error"] == "" and sum(r["images"] for r in rows) == 8
     per_image = MaskedTeacher(teacher).gflops(18)  # floor(0.5 * 36)
     assert all(r["gflops"] == pytest.approx(r["images"] * per_image, rel=1e-9) for r in rows)
+
+
+@pytest.mark.parametrize("mode", ["none", "kd"])
+def test_a_step_reads_no_number_between_its_forward_and_its_backward(env: dict[str, Any], mode: str) -> None:
+    """The step's numbers (loss, ...) are read after the optimizer step: a read between the forward and the backward
+    would make the host wait for the forward before queuing the backward on a GPU. Checked on the CPU, float32, by
+    the order of the reads (`aten._local_scalar_dense`, what such a read runs on any device)."""
+    overrides: dict[str, Any] = {"mode": "none", "teacher": None} if mode == "none" else {}
+    cfg = config(env, f"no-read-{mode}", max_steps=2, micro_batches=1, eval=False, **overrides)
+    recorder = ScalarReads()
+    with recorder:
+        summary = run_training(cfg, LocalContext())
+    assert summary["global_step"] == 2
+    assert recorder.between_forward_and_backward() == [0, 0]
 
 
 def test_quota_exhausted_mid_run_stops_cleanly_with_the_reason(env: dict[str, Any]) -> None:
