@@ -20,6 +20,8 @@ from timm.layers.attention import Attention
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from student_client.off_thread import to_device
+
 __all__ = [
     "STRATEGIES",
     "SIPSCapture",
@@ -230,7 +232,7 @@ def select_patches(
         noise = torch.rand(
             B, total, generator=generator, device=generator.device if generator is not None else scores.device
         )
-        return noise.to(scores.device).argsort(dim=1)[:, :k].sort(dim=1).values
+        return to_device(noise, scores.device).argsort(dim=1)[:, :k].sort(dim=1).values  # no host wait on CUDA
 
     scores = _on_teacher_grid(scores, s_grid, t_grid, check_finite=check_finite).float()  # [B, h_t * w_t]
     # A stable sort breaks ties by position (topk's order among equal scores is the kernel's), so the same scores

@@ -159,13 +159,15 @@ def test_unknown_precision_is_refused(tmp_path: Path, capsys: pytest.CaptureFixt
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.dtype("auto", device="cuda")  # the student as auto resolves it on the GPU; positions are int64
-def test_cuda_sips_request_is_made_without_waiting_for_the_device(env: dict[str, Any]) -> None:
-    """On a GPU the training thread ranks the patches and makes the micro-batch's teacher request without a host
+@pytest.mark.parametrize("strategy", ["sips", "random"])
+def test_cuda_request_is_made_without_waiting_for_the_device(env: dict[str, Any], strategy: str) -> None:
+    """On a GPU the training thread picks the patches and makes the micro-batch's teacher request without a host
     sync: the kept positions stay on the card, and the client's builder thread copies them (off_thread.py). A copy
-    to the host here would make the training thread wait for the student's forward queued before it."""
+    to the host here would make the training thread wait for the student's forward queued before it; so would the
+    random strategy's noise (drawn on the host, for the same patches on any device) copied from pageable memory."""
     device = torch.device("cuda")
-    cfg, student = config_and_student(env, "cuda-nosync", "auto", device)
-    runner, _, client = step_runner(env, cfg, student, device, "p-cuda-nosync")
+    cfg, student = config_and_student(env, f"cuda-nosync-{strategy}", "auto", device)
+    runner, _, client = step_runner(env, cfg.replace(strategy=strategy), student, device, f"p-nosync-{strategy}")
     x = torch.rand(4, 3, 32, 32, device=device)
     runner._student_forward(0, x)  # fills the SIPS scores the selection ranks
     torch.cuda.synchronize()
