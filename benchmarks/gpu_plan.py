@@ -59,6 +59,7 @@ CUDA_TEST_FILES = (
     "tests/teacher_server/test_service_dtype.py",
     "tests/student_client/test_train_precision.py",
     "tests/student_client/test_off_thread.py",
+    "tests/student_client/test_feature_kd.py",
 )
 NO_CUDA = (
     "benchmarks --gpu: error: torch sees no CUDA device (torch {torch}, CUDA build {cuda}); nothing was run "

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from student_client.client import TeacherClient
     from student_client.config import TrainConfig
     from student_client.errors import (
+        TeacherAnswerError,
         TeacherAuthError,
         TeacherError,
         TeacherInputError,
@@ -44,6 +45,7 @@ _LAZY = {
     "ModelInfo": "student_client.wire",
     "Usage": "student_client.wire",
     "TeacherError": "student_client.errors",
+    "TeacherAnswerError": "student_client.errors",
     "TeacherAuthError": "student_client.errors",
     "TeacherQuotaError": "student_client.errors",
     "TeacherInputError": "student_client.errors",
@@ -65,6 +67,7 @@ __all__ = [  # listed, not derived from _LAZY, so tools see what the package exp
     "ModelInfo",
     "SIPSCapture",
     "SIPSUnsupportedModelError",
+    "TeacherAnswerError",
     "TeacherAuthError",
     "TeacherClient",
     "TeacherError",

@@ -31,12 +31,25 @@ class TeacherInputError(TeacherError):
         super().__init__(message, code=code)
 
 
+class TeacherAnswerError(TeacherError):
+    """The teacher answered, but with what cannot be distilled (features of another shape, NaN or inf); a retry would
+    get the same answer."""
+
+    def __init__(self, message: str, *, code: str = "DATA_LOSS") -> None:
+        super().__init__(message, code=code)
+
+
 class TeacherUnavailableError(TeacherError):
     """The teacher could not be reached or did not answer in time, after all retries."""
 
 
 # Errors that a retry or a restart cannot fix: training should stop with the message, not retry.
-FATAL_ERRORS: tuple[type[TeacherError], ...] = (TeacherAuthError, TeacherQuotaError, TeacherInputError)
+FATAL_ERRORS: tuple[type[TeacherError], ...] = (
+    TeacherAuthError,
+    TeacherQuotaError,
+    TeacherInputError,
+    TeacherAnswerError,
+)
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 

@@ -208,6 +208,11 @@ def gather_kept(x: torch.Tensor, keep_indices: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"keep_indices must be a non-empty int64/int32 tensor, got {keep_indices.dtype}")
     if bool((keep_indices < 0).any()) or bool((keep_indices >= x.shape[1]).any()):
         raise ValueError(f"keep_indices must lie in [0, {x.shape[1]}) (patches on the teacher grid)")
+    return gather_kept_unchecked(x, keep_indices)
+
+
+def gather_kept_unchecked(x: torch.Tensor, keep_indices: torch.Tensor) -> torch.Tensor:
+    """`gather_kept` for positions the caller vouches for: reads no value (on a GPU, waits for nothing)."""
     index = keep_indices.to(device=x.device, dtype=torch.int64)  # [B, K]
     index = index.reshape(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])  # [B, K, ...]
     return x.gather(1, index)  # [B, K, ...]

@@ -33,29 +33,20 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .feature_capture import attention_on_teacher_grid, gather_kept, student_on_teacher_grid
+from .off_thread import to_device
 
-__all__ = [
-    "INTER_PAIRINGS",
-    "KINDS",
-    "FeatureKD",
-    "attention_kd_loss",
-    "default_layer_map",
-    "feature_kd_loss",
-    "manifold_loss",
-]
+__all__ = ["INTER_PAIRINGS", "KINDS", "attention_kd_loss", "default_layer_map", "manifold_loss"]
 
 KINDS = ("manifold", "attention")
 INTER_PAIRINGS = ("slot", "position")
 _EPS = 1e-12
 
 
-def _shape(x: object) -> object:
+def shape_of(x: object) -> object:
     return list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
 
 
@@ -84,42 +75,59 @@ def _intra(fs: torch.Tensor, ft: torch.Tensor, valid: torch.Tensor) -> torch.Ten
     return _masked_mse(fs @ fs.transpose(1, 2), ft @ ft.transpose(1, 2), pairs)
 
 
-def _inter(fs: torch.Tensor, ft: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-    """Per slot (positions None) or grid position, the B×B relation of the images valid there."""
-    if positions is not None:  # scatter each row's kept tokens onto the grid: [B, P, D], P = 1 + largest position
-        b, k = valid.nonzero(as_tuple=True)
-        pos = positions.to(fs.device, torch.int64)[b, k]
-        P = int(pos.max()) + 1
-        fs = fs.new_zeros(fs.shape[0], P, fs.shape[2]).index_put((b, pos), fs[b, k])  # [B, P, D_s]
-        ft = ft.new_zeros(ft.shape[0], P, ft.shape[2]).index_put((b, pos), ft[b, k])  # [B, P, D_t]
-        valid = torch.zeros(fs.shape[0], P, dtype=torch.bool, device=fs.device).index_put((b, pos), valid[b, k])
+def _inter(
+    fs: torch.Tensor, ft: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor | None, grid_patches: int
+) -> torch.Tensor:
+    """Per slot (positions None) or grid position (of `grid_patches`), the B×B relation of the images valid there."""
+    if positions is not None:  # each row's kept tokens onto the grid, padding onto a spare column P: [B, P, D]
+        P = grid_patches
+        dest = torch.where(valid, positions.to(fs.device, torch.int64), P)  # [B, K]
+        fs = _on_grid(fs, dest, P)  # [B, P, D_s]
+        ft = _on_grid(ft, dest, P)  # [B, P, D_t]
+        valid = valid.new_zeros(valid.shape[0], P + 1).scatter(1, dest, valid)[:, :P]  # [B, P]
     ms = torch.einsum("bpd,cpd->pbc", fs, fs)  # [P, B, B]
     mt = torch.einsum("bpd,cpd->pbc", ft, ft)  # [P, B, B]
     at = valid.t()  # [P, B]
     return _masked_mse(ms, mt, at[:, :, None] & at[:, None, :])
 
 
+def _on_grid(x: torch.Tensor, dest: torch.Tensor, grid_patches: int) -> torch.Tensor:
+    """x [B, K, D] written at columns dest [B, K] of a zero [B, P + 1, D], the spare column P dropped: [B, P, D]."""
+    B, _, D = x.shape
+    index = dest[..., None].expand(-1, -1, D)  # [B, K, D]
+    return x.new_zeros(B, grid_patches + 1, D).scatter(1, index, x)[:, :grid_patches]
+
+
 def _random(
     fs: torch.Tensor, ft: torch.Tensor, valid: torch.Tensor, num_samples: int, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """`num_samples` valid tokens (row-major order, then torch.randperm(n, generator)[:s]), the s×s relation."""
-    flat_s, flat_t = fs[valid], ft[valid]  # [n, D_s], [n, D_t] in row-major (image, slot) order
+    """`num_samples` valid tokens drawn without replacement (all of them when fewer), the s×s relation over them.
+
+    The draw is `torch.randperm(B·K, generator)` over the row-major (image, slot) tokens, its first `num_samples`
+    valid ones; at fixed shapes, so nothing waits for the count of valid tokens on a GPU. With no padding it is
+    the official `randperm(n)[:s]`."""
+    n = valid.numel()
     device = generator.device if generator is not None else torch.device("cpu")
-    pick = torch.randperm(flat_s.shape[0], generator=generator, device=device)[:num_samples].to(fs.device)  # [s]
-    xs, xt = flat_s[pick], flat_t[pick]  # [s, D_s], [s, D_t]
-    return (xs @ xs.t() - xt @ xt.t()).square().mean()
+    order = to_device(torch.randperm(n, generator=generator, device=device), fs.device)  # [n]
+    drawn_valid = valid.reshape(n)[order]  # [n] in draw order
+    first = torch.sort((~drawn_valid).to(torch.uint8), stable=True).indices[:num_samples]  # [s] valid draws first
+    pick, picked = order[first], drawn_valid[first]  # [s] token index, [s] whether it is valid
+    xs, xt = fs.reshape(n, -1)[pick], ft.reshape(n, -1)[pick]  # [s, D_s], [s, D_t]
+    return _masked_mse(xs @ xs.t(), xt @ xt.t(), picked[:, None] & picked[None, :])
 
 
-def _manifold(
+def manifold_term(
     student: torch.Tensor,
     teacher: torch.Tensor,
     valid: torch.Tensor,
     weights: tuple[float, float, float],
     num_samples: int,
     positions: torch.Tensor | None,
+    grid_patches: int,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """Unchecked core of manifold_loss; student [B, K, D_s], teacher [B, K, D_t], valid [B, K]."""
+    """Unchecked core of manifold_loss; student [B, K, D_s], teacher [B, K, D_t], valid [B, K], positions [B, K]
+    below grid_patches where valid (or None)."""
     intra_w, inter_w, random_w = weights
     with torch.autocast(device_type=student.device.type, enabled=False):  # relations in fp32 under autocast
         fs = F.normalize(student.float(), dim=-1)  # [B, K, D_s]
@@ -128,36 +136,38 @@ def _manifold(
         if intra_w:
             loss = loss + intra_w * _intra(fs, ft, valid)
         if inter_w:
-            loss = loss + inter_w * _inter(fs, ft, valid, positions)
+            loss = loss + inter_w * _inter(fs, ft, valid, positions, grid_patches)
         if random_w:
             loss = loss + random_w * _random(fs, ft, valid, num_samples, generator)
     return loss
 
 
-def _check_weight(value: object, what: str) -> float:
+def check_weight(value: object, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
     return float(value)
 
 
-def _check_samples(value: object) -> int:
+def check_samples(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
         raise ValueError(f"num_samples must be an int >= 1, got {value!r}")
     return int(value)
 
 
-def _check_positions(positions: torch.Tensor | None, valid: torch.Tensor) -> None:
-    """positions [B, K] ints >= 0, distinct within each row's valid entries."""
+def check_positions(positions: torch.Tensor | None, valid: torch.Tensor) -> int:
+    """positions [B, K] ints >= 0, distinct within each row's valid entries; returns 1 + the largest valid one (the
+    grid the inter-image term scatters onto; 0 without positions)."""
     if positions is None:
-        return
+        return 0
     if not isinstance(positions, torch.Tensor) or positions.shape != valid.shape or positions.is_floating_point():
-        raise ValueError(f"positions must be an int [B, K] tensor like the tokens, got {_shape(positions)}")
+        raise ValueError(f"positions must be an int [B, K] tensor like the tokens, got {shape_of(positions)}")
     pos = torch.where(valid, positions.to(valid.device, torch.int64), -1)  # [B, K]; invalid entries -> -1
     if bool((pos[valid] < 0).any()):
         raise ValueError("positions must be >= 0")
     ranked = pos.sort(dim=1).values  # [B, K]
     if bool(((ranked[:, 1:] == ranked[:, :-1]) & (ranked[:, 1:] >= 0)).any()):
         raise ValueError("positions repeat within a row; each kept patch appears once")
+    return int(ranked[:, -1].max()) + 1
 
 
 def manifold_loss(
@@ -180,9 +190,9 @@ def manifold_loss(
     random draw (None: torch's global CPU RNG). A term with weight 0 is skipped (and draws nothing).
     """
     if not isinstance(student_tokens, torch.Tensor) or student_tokens.dim() != 3:
-        raise ValueError(f"student_tokens must be [B, K, D_s], got {_shape(student_tokens)}")
+        raise ValueError(f"student_tokens must be [B, K, D_s], got {shape_of(student_tokens)}")
     if not isinstance(teacher_tokens, torch.Tensor) or teacher_tokens.dim() != 3:
-        raise ValueError(f"teacher_tokens must be [B, K, D_t], got {_shape(teacher_tokens)}")
+        raise ValueError(f"teacher_tokens must be [B, K, D_t], got {shape_of(teacher_tokens)}")
     B, K, _ = student_tokens.shape
     if teacher_tokens.shape[:2] != student_tokens.shape[:2]:
         raise ValueError(
@@ -192,16 +202,16 @@ def manifold_loss(
     if not student_tokens.is_floating_point() or not teacher_tokens.is_floating_point():
         raise ValueError("tokens must be floating point")
     weights = (
-        _check_weight(intra_weight, "intra_weight"),
-        _check_weight(inter_weight, "inter_weight"),
-        _check_weight(random_weight, "random_weight"),
+        check_weight(intra_weight, "intra_weight"),
+        check_weight(inter_weight, "inter_weight"),
+        check_weight(random_weight, "random_weight"),
     )
-    samples = _check_samples(num_samples)
+    samples = check_samples(num_samples)
     mask = _check_valid(valid, (B, K), student_tokens.device)
-    _check_positions(positions, mask)
+    grid_patches = check_positions(positions, mask)
     if not bool(torch.isfinite(teacher_tokens).all()):
         raise ValueError("teacher_tokens contain NaN or inf")
-    return _manifold(student_tokens, teacher_tokens, mask, weights, samples, positions, generator)
+    return manifold_term(student_tokens, teacher_tokens, mask, weights, samples, positions, grid_patches, generator)
 
 
 def default_layer_map(student_layers: int, teacher_layers: int) -> tuple[int, ...]:
@@ -219,7 +229,7 @@ def _renormalized(a: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return a / a.sum(dim=-1, keepdim=True).clamp_min(_EPS)
 
 
-def _attention_kd(
+def attention_term(
     student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor, layer_map: Sequence[int]
 ) -> torch.Tensor:
     """Unchecked core of attention_kd_loss."""
@@ -235,7 +245,7 @@ def _attention_kd(
         return kl.sum(dim=-1).mean()
 
 
-def _check_layer_map(layer_map: Sequence[int] | None, student_layers: int, teacher_layers: int) -> tuple[int, ...]:
+def check_layer_map(layer_map: Sequence[int] | None, student_layers: int, teacher_layers: int) -> tuple[int, ...]:
     L_s, L_t = student_layers, teacher_layers
     if layer_map is None:
         return default_layer_map(L_s, L_t)
@@ -263,9 +273,9 @@ def attention_kd_loss(
     dropped patches, so only the shape of the distribution over the kept patches is comparable.
     """
     if not isinstance(student_attn, torch.Tensor) or student_attn.dim() != 4:
-        raise ValueError(f"student_attn must be [B, L_s, H_s, K], got {_shape(student_attn)}")
+        raise ValueError(f"student_attn must be [B, L_s, H_s, K], got {shape_of(student_attn)}")
     if not isinstance(teacher_attn, torch.Tensor) or teacher_attn.dim() not in (3, 4):
-        raise ValueError(f"teacher_attn must be [B, L_t, K] or [B, L_t, H_t, K], got {_shape(teacher_attn)}")
+        raise ValueError(f"teacher_attn must be [B, L_t, K] or [B, L_t, H_t, K], got {shape_of(teacher_attn)}")
     B, L_s, _, K = student_attn.shape
     if teacher_attn.shape[0] != B or teacher_attn.shape[-1] != K:
         raise ValueError(
@@ -276,121 +286,5 @@ def attention_kd_loss(
     mask = _check_valid(valid, (B, K), student_attn.device)
     if not bool(torch.isfinite(teacher_attn).all()) or bool((teacher_attn < 0).any()):
         raise ValueError("teacher_attn must be finite and >= 0 (softmax probabilities)")
-    layers = _check_layer_map(layer_map, L_s, teacher_attn.shape[1])
-    return _attention_kd(student_attn, teacher_attn, mask, layers)
-
-
-@dataclass(frozen=True)
-class FeatureKD:
-    """The feature loss MaskedKD adds to CE + λ·KD (paper 4.1), validated on construction.
-
-    kind: "manifold" (student final tokens vs the teacher's kept `patch_tokens`) or "attention" (every student block's
-    class attention vs the teacher's kept `cls_attention`). weight: the factor on the whole term (the official
-    --distillation-beta, 1). The manifold fields are manifold_loss's (official DeiT-Ti recipe); layer_map is
-    attention_kd_loss's (None: `default_layer_map`).
-    """
-
-    kind: str = "manifold"
-    weight: float = 1.0
-    intra_weight: float = 4.0
-    inter_weight: float = 0.1
-    random_weight: float = 0.2
-    num_samples: int = 192
-    inter_pairing: str = "slot"
-    layer_map: tuple[int, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown feature KD kind {self.kind!r}; expected one of {', '.join(KINDS)}")
-        if self.inter_pairing not in INTER_PAIRINGS:
-            raise ValueError(f"inter_pairing must be one of {', '.join(INTER_PAIRINGS)}, got {self.inter_pairing!r}")
-        for name in ("weight", "intra_weight", "inter_weight", "random_weight"):
-            object.__setattr__(self, name, _check_weight(getattr(self, name), name))
-        object.__setattr__(self, "num_samples", _check_samples(self.num_samples))
-        if self.layer_map is not None:
-            entries = self.layer_map
-            if isinstance(entries, (str, bytes)) or not isinstance(entries, Sequence) or not entries:
-                raise ValueError(f"layer_map must be a sequence of teacher block indices, got {entries!r}")
-            if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or int(t) < 0 for t in entries):
-                raise ValueError(f"layer_map entries must be ints >= 0, got {entries!r}")
-            object.__setattr__(self, "layer_map", tuple(int(t) for t in entries))
-
-
-def _student_grid(n: int, student_grid: int | Sequence[int] | None) -> int | Sequence[int]:
-    if student_grid is not None:
-        return student_grid
-    side = math.isqrt(n)
-    if side * side != n:
-        raise ValueError(f"{n} student patches are not a square grid; pass student_grid=(h, w)")
-    return side
-
-
-def _keep_valid(keep_indices: torch.Tensor, keep_counts: torch.Tensor | None, batch: int) -> torch.Tensor:
-    """valid [B, K] from keep_counts [B] (None: every slot), checked against keep_indices [B, K]."""
-    B = batch
-    if not isinstance(keep_indices, torch.Tensor) or keep_indices.dim() != 2 or keep_indices.shape[0] != B:
-        raise ValueError(f"keep_indices must be [B={B}, K], got {_shape(keep_indices)}")
-    K = keep_indices.shape[1]
-    if keep_counts is None:
-        return torch.ones(B, K, dtype=torch.bool, device=keep_indices.device)
-    if not isinstance(keep_counts, torch.Tensor) or tuple(keep_counts.shape) != (B,) or keep_counts.is_floating_point():
-        raise ValueError(f"keep_counts must be an int [B={B}] tensor, got {_shape(keep_counts)}")
-    if bool((keep_counts < 1).any()) or bool((keep_counts > K).any()):
-        raise ValueError(f"keep_counts must lie in [1, K={K}]")
-    counts = keep_counts.to(keep_indices.device)
-    return torch.arange(K, device=keep_indices.device) < counts[:, None]  # [B, K]
-
-
-def feature_kd_loss(
-    config: FeatureKD,
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    keep_indices: torch.Tensor,
-    keep_counts: torch.Tensor | None = None,
-    *,
-    student_grid: int | Sequence[int] | None = None,
-    teacher_grid: int | Sequence[int] | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """config.weight × the configured feature loss, a float32 scalar; all inputs are validated here, once.
-
-    student: the capture's full-grid features, `tokens` [B, N_s, D_s] (manifold) or `attention` [B, L_s, H_s, N_s]
-    (attention). teacher: the reply's `patch_tokens` [B, K, D_t] or `cls_attention` [B, L_t, (H_t,) K].
-    keep_indices [B, K] on the teacher grid, keep_counts [B] (None: every row keeps K). student_grid defaults to a
-    square; teacher_grid to the student's. The student is put on the teacher grid (feature_capture) and gathered at
-    keep_indices, so slot k on both sides is the same patch.
-    """
-    if not isinstance(config, FeatureKD):
-        raise ValueError(f"config must be a FeatureKD, got {type(config).__name__}")
-    manifold = config.kind == "manifold"
-    if not isinstance(student, torch.Tensor) or student.dim() != (3 if manifold else 4):
-        want = "tokens [B, N_s, D_s]" if manifold else "attention [B, L_s, H_s, N_s]"
-        raise ValueError(f"{config.kind}: student must be the capture's {want}, got {_shape(student)}")
-    B = student.shape[0]
-    valid = _keep_valid(keep_indices, keep_counts, B).to(student.device)
-    K = keep_indices.shape[1]
-    s_grid = _student_grid(student.shape[1] if manifold else student.shape[-1], student_grid)
-    t_grid = s_grid if teacher_grid is None else teacher_grid
-    if not isinstance(teacher, torch.Tensor) or not teacher.is_floating_point() or not student.is_floating_point():
-        raise ValueError("student and teacher must be floating point tensors")
-    if not bool(torch.isfinite(teacher).all()):
-        raise ValueError(f"teacher {'patch_tokens' if manifold else 'cls_attention'} contain NaN or inf")
-
-    if manifold:
-        if teacher.dim() != 3 or tuple(teacher.shape[:2]) != (B, K):
-            raise ValueError(f"teacher patch_tokens must be [B={B}, K={K}, D_t], got {list(teacher.shape)}")
-        kept = gather_kept(student_on_teacher_grid(student, s_grid, t_grid), keep_indices)  # [B, K, D_s]
-        positions = keep_indices if config.inter_pairing == "position" else None
-        _check_positions(positions, valid)
-        weights = (config.intra_weight, config.inter_weight, config.random_weight)
-        loss = _manifold(kept, teacher, valid, weights, config.num_samples, positions, generator)
-    else:
-        if teacher.dim() not in (3, 4) or teacher.shape[0] != B or teacher.shape[-1] != K:
-            raise ValueError(f"teacher cls_attention must be [B={B}, L_t, (H_t,) K={K}], got {list(teacher.shape)}")
-        if bool((teacher < 0).any()):
-            raise ValueError("teacher cls_attention must be >= 0 (softmax probabilities)")
-        on_grid = attention_on_teacher_grid(student, s_grid, t_grid)  # [B, L_s, H_s, N_t]
-        kept = gather_kept(on_grid.movedim(-1, 1), keep_indices).movedim(1, -1)  # [B, L_s, H_s, K]
-        layers = _check_layer_map(config.layer_map, student.shape[1], teacher.shape[1])
-        loss = _attention_kd(kept, teacher, valid, layers)
-    return config.weight * loss
+    layers = check_layer_map(layer_map, L_s, teacher_attn.shape[1])
+    return attention_term(student_attn, teacher_attn, mask, layers)

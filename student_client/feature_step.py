@@ -12,13 +12,17 @@ features (`--keep auto`'s probe answers, which are full-image logits) adds no fe
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import Any
 
 import torch
 from torch import nn
 
+from student_client.errors import TeacherAnswerError
 from student_client.feature_capture import StudentFeatureCapture
-from student_client.feature_losses import FeatureKD, feature_kd_loss
-from student_client.pipeline import TeacherRequest
+from student_client.feature_kd import FeatureKD, check_teacher_features, feature_kd_term
+from student_client.off_thread import to_device
+from student_client.pipeline import Submit, TeacherRequest
 
 KD_KINDS = ("logit", "manifold", "attention")
 TEACHER_OUTPUT = {"manifold": "patch_tokens", "attention": "cls_attention"}
@@ -52,9 +56,43 @@ class FeatureDistiller:
         manifold = self.config.kind == "manifold"
         self._student.append(self.capture.tokens if manifold else self.capture.attention)
 
+    def checked(self, submit: Submit) -> Submit:
+        """`submit`, whose futures fail with TeacherAnswerError when the features answered cannot be used (another
+        shape than the request's, NaN or inf, negative attention): checked on the thread the answer arrives on, so
+        the training thread reads none of their values between its forward and its backward."""
+
+        def checked_submit(**kwargs: Any) -> Future[Any]:
+            answered: Future[Any] = Future()
+            sent = submit(**kwargs)
+            sent.add_done_callback(lambda done: self._relay(done, answered, kwargs.get("keep_indices")))
+            return answered
+
+        return checked_submit
+
+    def _relay(self, done: Future[Any], answered: Future[Any], keep: torch.Tensor | None) -> None:
+        """Client thread: `done`'s outcome to `answered`, a TeacherAnswerError instead of unusable features."""
+        if done.cancelled():
+            answered.cancel()
+            return
+        error = done.exception()
+        if error is not None:
+            answered.set_exception(error)
+            return
+        answer = done.result()  # InferResult: (logits [b, classes], usage) and .outputs
+        features = getattr(answer, "outputs", {}).get(self.output)
+        if features is not None:
+            kept = self.teacher_grid[0] * self.teacher_grid[1] if keep is None else keep.shape[1]
+            try:
+                check_teacher_features(self.config.kind, features, batch=answer[0].shape[0], kept=kept)
+            except ValueError as bad:
+                answered.set_exception(TeacherAnswerError(f"the teacher's answer cannot be distilled: {bad}"))
+                return
+        answered.set_result(answer)
+
     def loss(self, requests: Sequence[TeacherRequest], answers: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
         """The size-weighted mean over the micro-batches of `FeatureKD.weight x` the feature loss on the kept patches;
-        requests/answers: per micro-batch, what was sent and the teacher's extra outputs."""
+        requests/answers: per micro-batch, what was sent and the teacher's extra outputs (checked on arrival:
+        `checked`). Reads no value, so on a GPU the backward is queued without waiting for the forward."""
         if len(self._student) != len(requests) or len(requests) != len(answers):
             raise RuntimeError(
                 f"feature KD: {len(self._student)} student forwards, {len(requests)} requests, {len(answers)} answers"
@@ -64,17 +102,17 @@ class FeatureDistiller:
         for student, request, answer in zip(self._student, requests, answers, strict=True):
             if self.output not in answer:  # answered without features (keep auto's probe answers)
                 continue
-            teacher = answer[self.output].to(device=student.device, dtype=torch.float32)
+            teacher = to_device(answer[self.output], student.device)  # [b, K, D_t] or [b, L_t, (H_t,) K]
             b = student.shape[0]
-            keep = request.keep_indices
+            keep = request.keep_indices  # [b, K] on the student's device
             if keep is None:  # the full image: every patch, in grid order
-                keep = torch.arange(self.teacher_grid[0] * self.teacher_grid[1]).expand(b, -1)
-            part = feature_kd_loss(
+                keep = torch.arange(self.teacher_grid[0] * self.teacher_grid[1], device=student.device).expand(b, -1)
+            part = feature_kd_term(
                 self.config,
                 student.float(),
-                teacher,
-                keep.to(student.device),
-                None if request.keep_counts is None else request.keep_counts.to(student.device),
+                teacher.float(),
+                keep,
+                request.keep_counts,
                 student_grid=self.student_grid,
                 teacher_grid=self.teacher_grid,
                 generator=self.generator,

@@ -92,12 +92,13 @@ def build_kd_step(
         # kd masks the teacher's input (its grid); mask-student the student's (the teacher sees the full image)
         target_grid = teacher_grid if settings.mode == "kd" else (spec.grid_size or teacher_grid)
         selector = PatchSelector(settings, capture, spec.grid_size, target_grid, torch.Generator())
-    distiller = None
+    distiller, step_submit = None, submit
     if submit is not None and settings.mode == "kd" and settings.kd != "logit":
         assert teacher_grid is not None
         distiller = FeatureDistiller(
             settings.kd, settings.feature_weight, raw_model, student_grid=spec.grid_size, teacher_grid=teacher_grid
         )
+        step_submit = distiller.checked(submit)  # the features checked as they arrive, off the training thread
     runner = StepRunner(
         settings,
         model,
@@ -105,7 +106,7 @@ def build_kd_step(
         normalize,
         criterion,
         selector,
-        submit,
+        step_submit,
         request_id_prefix=request_id_prefix,
         precision=precision,
         distiller=distiller,

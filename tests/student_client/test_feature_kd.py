@@ -13,13 +13,25 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from student_testkit import STUDENT, STUDENT_KWARGS, ledger_rows, make_subset, teacher_server, tiny_config, tiny_teacher
+from student_testkit import (
+    STUDENT,
+    STUDENT_KWARGS,
+    ScalarReads,
+    ledger_rows,
+    make_subset,
+    teacher_server,
+    tiny_config,
+    tiny_teacher,
+)
 from timm_attention import timm_blocks_with_attention
 
 from maskedkd.masked_teacher import MaskedTeacher
 from student_client import MaskedKD
 from student_client.client import TeacherClient
 from student_client.context import LocalContext
+from student_client.feature_kd import feature_kd_loss
+from student_client.feature_step import FeatureDistiller
+from student_client.pipeline import TeacherRequest
 from student_client.train_loop import run_training
 
 pytestmark = pytest.mark.dtype("float32", device="cpu")  # compared with float32 references
@@ -138,3 +150,95 @@ def test_a_teacher_that_cannot_answer_features_is_refused_at_construction(env: d
             pytest.raises(ValueError, match="needs the teacher's patch_tokens"),
         ):
             MaskedKD(student, client, kd="manifold")
+
+
+@pytest.mark.parametrize("kind", ["manifold", "attention"])
+def test_a_feature_kd_step_reads_no_number_between_its_forward_and_its_backward(env: dict[str, Any], kind: str) -> None:
+    """The feature term checks the teacher's features where they arrive (the client's thread) and draws its masks and
+    samples at fixed shapes, so the training thread reads no value between the student's forward and its backward:
+    on a GPU each such read waits for the forward before the backward can be queued. Checked on the CPU, float32, by
+    the order of the reads (`aten._local_scalar_dense`, what such a read runs on any device)."""
+    name = f"no-read-{kind}"
+    cfg = tiny_config(
+        env["data"], Path(env["root"]) / name, env["srv"], env["srv"].create_key(name), kd=kind, keep=0.5,
+        batch_size=8, max_steps=2, micro_batches=2, eval=False,
+    )  # fmt: skip
+    recorder = ScalarReads()
+    with recorder:
+        summary = run_training(cfg, LocalContext())
+    assert summary["fatal_error"] == "" and summary["global_step"] == 2
+    assert recorder.between_forward_and_backward() == [0, 0]
+
+
+def test_a_teacher_answering_nan_features_stops_training_with_one_line(env: dict[str, Any]) -> None:
+    """Features that cannot be distilled (here NaN patch tokens from a teacher whose final norm is broken) are refused
+    where the answer arrives: the run stops with a one-line reason before any optimizer step, float32 on the CPU."""
+    root = Path(env["root"]) / "nan-teacher"
+    root.mkdir()
+    broken = tiny_teacher()
+    with torch.no_grad():
+        broken.norm.weight[0] = float("nan")  # the final norm: patch_tokens (and logits) carry NaN
+    with teacher_server(root, broken) as srv:
+        cfg = tiny_config(env["data"], root / "run", srv, srv.create_key("nan"), kd="manifold", keep=0.5, max_steps=2)
+        summary = run_training(cfg, LocalContext())
+    error = summary["fatal_error"]
+    assert "cannot be distilled" in error and "NaN" in error and "\n" not in error
+    assert summary["global_step"] == 0
+
+
+CUDA = pytest.param(
+    "cuda",
+    marks=[
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+        pytest.mark.dtype("float32", device="cuda"),
+    ],
+)
+
+
+@pytest.mark.parametrize("device_type", ["cpu", CUDA])
+@pytest.mark.parametrize("kind", ["manifold", "attention"])
+def test_the_step_feature_term_equals_the_checked_loss_without_waiting_for_the_device(
+    env: dict[str, Any], kind: str, device_type: str
+) -> None:
+    """The training step's feature term (`FeatureDistiller.loss`) of ragged rows (`--keep-mass`) against a real
+    answer equals the checked `feature_kd_loss` on the CPU; on a GPU it is queued under
+    `torch.cuda.set_sync_debug_mode("error")`: no host sync between the student's forward and its backward."""
+    device = torch.device(device_type)
+    torch.manual_seed(2)
+    student = timm.create_model(STUDENT, pretrained=False, **{**STUDENT_KWARGS, "num_classes": 10}).to(device)
+    grid = (8, 8)  # 32 px, 4 px patches: the student's grid and the teacher's
+    distiller = FeatureDistiller(kind, 1.5, student, student_grid=grid, teacher_grid=grid)
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(4, 3, 32, 32, generator=g)  # [B, C, H, W]
+    keep = torch.stack([torch.randperm(64, generator=g)[:32].sort().values for _ in range(4)])  # [B, 32]
+    counts = torch.tensor([32, 20, 7, 32])  # [B] ragged rows
+    with TeacherClient(env["srv"].address, env["srv"].create_key(f"term-{kind}-{device_type}")) as client:
+        answer = client.submit(images=x, keep_indices=keep, keep_counts=counts, outputs=(distiller.output,)).result(60)
+    distiller.begin_step()
+    student(x.to(device))  # the capture keeps the student's features with their graph
+    distiller.after_forward()
+    request = TeacherRequest(x.to(device), keep.to(device), counts.to(device), outputs=(distiller.output,))
+    distiller.generator.manual_seed(4)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any host sync in the block raises
+    try:
+        term = distiller.loss([request], [answer.outputs])
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    term.backward()
+    captured = distiller.capture.tokens if kind == "manifold" else distiller.capture.attention
+    checked = feature_kd_loss(
+        distiller.config,
+        captured.detach().cpu().float(),
+        answer.outputs[distiller.output],
+        keep,
+        counts,
+        student_grid=grid,
+        teacher_grid=grid,
+        generator=torch.Generator().manual_seed(4),
+    )
+    torch.testing.assert_close(term.detach().cpu(), checked, rtol=1e-5, atol=1e-6)
+    assert float(checked) > 0 and all(p.grad is None or torch.isfinite(p.grad).all() for p in student.parameters())
+    distiller.close()

@@ -20,13 +20,8 @@ from student_client.feature_capture import (
     gather_kept,
     student_on_teacher_grid,
 )
-from student_client.feature_losses import (
-    FeatureKD,
-    attention_kd_loss,
-    default_layer_map,
-    feature_kd_loss,
-    manifold_loss,
-)
+from student_client.feature_kd import FeatureKD, feature_kd_loss
+from student_client.feature_losses import attention_kd_loss, default_layer_map, manifold_loss
 from student_client.sips import select_patches
 
 pytestmark = pytest.mark.dtype("float32", device="cpu")  # compared with float32/float64 references, on the CPU
@@ -92,9 +87,10 @@ def reference_manifold(
         grid = {int(positions[b, k]) for b in range(B) for k in range(K) if valid[b, k]}
         groups = [[(b, k) for b in range(B) for k in range(K) if valid[b, k] and positions[b, k] == p] for p in grid]
     inter = [_rel_err([s[b, k] for b, k in g], [t[b, k] for b, k in g]) for g in groups]
-    tokens = [(b, k) for b in range(B) for k in range(K) if valid[b, k]]  # row-major
-    pick = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed))[:samples].tolist()
-    rand_sum, rand_n = _rel_err([s[tokens[i]] for i in pick], [t[tokens[i]] for i in pick])
+    slots = [(b, k) for b in range(B) for k in range(K)]  # row-major; the draw: a permutation of all, valid first
+    order = torch.randperm(len(slots), generator=torch.Generator().manual_seed(seed)).tolist()
+    pick = [slots[i] for i in order if valid[slots[i]]][:samples]
+    rand_sum, rand_n = _rel_err([s[bk] for bk in pick], [t[bk] for bk in pick])
     mean = [sum(e for e, _ in parts) / sum(n for _, n in parts) for parts in (intra, inter)]
     return w[0] * mean[0] + w[1] * mean[1] + w[2] * rand_sum / rand_n
 
