@@ -235,7 +235,8 @@ def attention_term(
     """Unchecked core of attention_kd_loss."""
     with torch.autocast(device_type=student.device.type, enabled=False):
         s = student.float()  # [B, L_s, H_s, K]
-        t = teacher.detach().to(student.device, torch.float32)[:, list(layer_map)]  # [B, L_s, (H_t,) K]
+        t = teacher.detach().to(student.device, torch.float32)  # [B, L_t, (H_t,) K]
+        t = torch.stack([t[:, layer] for layer in layer_map], dim=1)  # [B, L_s, (H_t,) K]; views, no index tensor
         if t.dim() != 4 or t.shape[2] != s.shape[2]:  # heads are only comparable one to one when counts match
             s = s.mean(dim=2)  # [B, L_s, K]
             t = t.mean(dim=2) if t.dim() == 4 else t  # [B, L_s, K]
