@@ -70,23 +70,23 @@ class FeatureDistiller:
         return checked_submit
 
     def _relay(self, done: Future[Any], answered: Future[Any], keep: torch.Tensor | None) -> None:
-        """Client thread: `done`'s outcome to `answered`, a TeacherAnswerError instead of unusable features."""
+        """Client thread: `done`'s outcome to `answered`, a TeacherAnswerError instead of unusable features. Whatever
+        happens here reaches `answered`: a callback's own exception would be logged and leave the step waiting."""
         if done.cancelled():
             answered.cancel()
             return
-        error = done.exception()
-        if error is not None:
+        try:
+            answer = done.result()  # InferResult: (logits [b, classes], usage) and .outputs
+            features = getattr(answer, "outputs", {}).get(self.output)
+            if features is not None:
+                kept = self.teacher_grid[0] * self.teacher_grid[1] if keep is None else keep.shape[1]
+                try:
+                    check_teacher_features(self.config.kind, features, batch=answer[0].shape[0], kept=kept)
+                except ValueError as bad:
+                    raise TeacherAnswerError(f"the teacher's answer cannot be distilled: {bad}") from None
+        except BaseException as error:  # noqa: BLE001 - the teacher's error, or the check's, goes to the step
             answered.set_exception(error)
             return
-        answer = done.result()  # InferResult: (logits [b, classes], usage) and .outputs
-        features = getattr(answer, "outputs", {}).get(self.output)
-        if features is not None:
-            kept = self.teacher_grid[0] * self.teacher_grid[1] if keep is None else keep.shape[1]
-            try:
-                check_teacher_features(self.config.kind, features, batch=answer[0].shape[0], kept=kept)
-            except ValueError as bad:
-                answered.set_exception(TeacherAnswerError(f"the teacher's answer cannot be distilled: {bad}"))
-                return
         answered.set_result(answer)
 
     def loss(self, requests: Sequence[TeacherRequest], answers: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
