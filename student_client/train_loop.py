@@ -98,7 +98,7 @@ def _train_step(
     cfg, ctx, state, kd = run.cfg, run.ctx, run.state, run.kd
     _maybe_inject_failure(cfg, ctx, state)
     step_started = time.perf_counter()
-    images, targets = images.to(ctx.device), targets.to(ctx.device)
+    images, targets = images.to(ctx.device, non_blocking=True), targets.to(ctx.device, non_blocking=True)  # pinned
     seed_everything(step_seed(cfg.seed, epoch, state.global_step, ctx.rank, "global"))  # mixup, dropout
     kd.seed_selection(step_seed(cfg.seed, epoch, state.global_step, ctx.rank, "select"))
     mismatched_before, rebilled_before = run.refused_requests()

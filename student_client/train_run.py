@@ -309,6 +309,7 @@ def _train_data(cfg: TrainConfig, ctx: Context, data_root: str, spec: StudentSpe
     sampler: DistributedSampler[Any] = DistributedSampler(
         seeded, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed
     )
+    pinned = ctx.device.type == "cuda"  # batches in pinned memory: their copies to the card are non-blocking
     loader = ctx.prepare_loader(
         DataLoader(
             seeded,
@@ -316,13 +317,17 @@ def _train_data(cfg: TrainConfig, ctx: Context, data_root: str, spec: StudentSpe
             sampler=sampler,
             num_workers=cfg.loader_workers,
             drop_last=cfg.augment == "heavy",
+            pin_memory=pinned,
         )
     )
     eval_loader = (
         None
         if eval_set is None or not cfg.eval
         else DataLoader(
-            shard(eval_set, ctx.rank, ctx.world_size), batch_size=max(cfg.per_worker_batch, 32), shuffle=False
+            shard(eval_set, ctx.rank, ctx.world_size),
+            batch_size=max(cfg.per_worker_batch, 32),
+            shuffle=False,
+            pin_memory=pinned,
         )
     )
     return TrainData(seeded, sampler, loader, eval_loader, class_names)

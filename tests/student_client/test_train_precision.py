@@ -15,10 +15,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from maskedkd.precision import FORCE_CPU_BF16_ENV
 from student_client.client import TeacherClient
 from student_client.config import TrainConfig
+from student_client.context import LocalContext
 from student_client.data import Normalizer
 from student_client.losses import DistillationLoss
 from student_client.sips import SIPSCapture
 from student_client.student import create_student, describe_student, student_kwargs_for
+from student_client.train_run import build_training_run
 from student_client.train_step import PatchSelector, StepRunner, unfused_attention_modules
 
 pytestmark = pytest.mark.dtype("both")  # forces bf16 and float32 itself
@@ -183,3 +185,25 @@ def test_cuda_request_is_made_without_waiting_for_the_device(env: dict[str, Any]
     client.close()
     assert card_usage.gflops == host.usage.gflops and card_usage.images == 4
     torch.testing.assert_close(card_logits, host.logits, rtol=0, atol=0)  # the same bytes sent
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.dtype("float32", device="cuda")  # pixels in [0, 1] compared exactly after the copy
+def test_cuda_batches_arrive_pinned_and_reach_the_card_without_a_sync(env: dict[str, Any]) -> None:
+    """On a GPU the training and evaluation loaders hand out batches in pinned memory, so a step's copy of its batch
+    to the card is non-blocking: from pageable memory the host would wait for the work queued there first."""
+    cfg = tiny_config(env["data"], env["root"] / "pinned", env["srv"], env["srv"].create_key("pinned"), batch_size=4)
+    run = build_training_run(cfg, LocalContext(torch.device("cuda")))
+    try:
+        images, targets = next(iter(run.data.loader))
+        assert images.is_pinned() and targets.is_pinned()
+        assert run.data.eval_loader is not None and next(iter(run.data.eval_loader))[0].is_pinned()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any host sync in the block raises
+        try:
+            on_card = images.to(run.ctx.device, non_blocking=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.testing.assert_close(on_card.cpu(), images, rtol=0, atol=0)
+    finally:
+        run.close()
