@@ -1,4 +1,6 @@
-"""ImageFolder data for training and eval. Loaders yield UN-normalized pixels in [0, 1]; the worker normalizes.
+"""ImageFolder data for training and eval. Loaders yield UN-normalized pixels: float in [0, 1], or (`uint8=True`, the
+training run's) the same pixels as uint8, a quarter of the bytes to collate, pin and copy to the card, made float by
+`unit_pixels` on the device; the worker normalizes.
 
 The teacher must see exactly the pixels the student saw (after crop, flip, RandAugment, mixup/cutmix), so the
 augmented batch is sent to the teacher as is, and only the student's copy is normalized with the student's mean/std.
@@ -35,9 +37,9 @@ def find_split(root: Path, names: tuple[str, ...]) -> Path | None:
     return None
 
 
-def train_transform(image_size: tuple[int, int], augment: str) -> transforms.Compose:
-    """PIL -> [C, H, W] float in [0, 1]. simple: pad-crop + flip; crop: pad-crop only; heavy: simple plus RandAugment
-    (pixels stay k/255)."""
+def train_transform(image_size: tuple[int, int], augment: str, *, uint8: bool = False) -> transforms.Compose:
+    """PIL -> [C, H, W] float in [0, 1] (uint8: the same pixels 0..255). simple: pad-crop + flip; crop: pad-crop only;
+    heavy: simple plus RandAugment (pixels stay k/255)."""
     if augment not in AUGMENTS:
         raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
     steps: list[object] = [
@@ -48,8 +50,18 @@ def train_transform(image_size: tuple[int, int], augment: str) -> transforms.Com
         steps.append(transforms.RandomHorizontalFlip())
     if augment == "heavy":
         steps.append(rand_augment(image_size))
-    steps.append(transforms.ToTensor())
+    steps.append(_to_tensor(uint8))
     return transforms.Compose(steps)
+
+
+def _to_tensor(uint8: bool) -> object:
+    return transforms.PILToTensor() if uint8 else transforms.ToTensor()
+
+
+def unit_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Pixels as float in [0, 1]: uint8 ones divided by 255 (exactly the values ToTensor gives), float ones as they
+    are."""
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images
 
 
 def rand_augment(image_size: tuple[int, int]) -> object:
@@ -75,8 +87,9 @@ def _posterize(img: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
     return ImageOps.posterize(img, bits_to_keep)
 
 
-def eval_transform(image_size: tuple[int, int]) -> transforms.Compose:
-    return transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor()])
+def eval_transform(image_size: tuple[int, int], *, uint8: bool = False) -> transforms.Compose:
+    """PIL -> [C, H, W] float in [0, 1] (uint8: the same pixels 0..255): resized and center-cropped."""
+    return transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size), _to_tensor(uint8)])
 
 
 def _rgb(path: str) -> object:
@@ -89,16 +102,17 @@ def image_folder(path: Path, transform: transforms.Compose) -> datasets.ImageFol
 
 
 def build_datasets(
-    root: str | Path, image_size: tuple[int, int], augment: str
+    root: str | Path, image_size: tuple[int, int], augment: str, *, uint8: bool = False
 ) -> tuple[datasets.ImageFolder, datasets.ImageFolder | None, list[str]]:
-    """(train set, eval set or None, class names). `root` holds train/ and val/ or test/, or is itself the train set."""
+    """(train set, eval set or None, class names). `root` holds train/ and val/ or test/, or is itself the train set.
+    Pixels float in [0, 1], or uint8 (`unit_pixels` turns them into the same floats)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data directory not found: {root}")
     train_dir = find_split(root, TRAIN_SPLITS) or root
     eval_dir = find_split(root, EVAL_SPLITS)
-    train = image_folder(train_dir, train_transform(image_size, augment))
-    evals = image_folder(eval_dir, eval_transform(image_size)) if eval_dir else None
+    train = image_folder(train_dir, train_transform(image_size, augment, uint8=uint8))
+    evals = image_folder(eval_dir, eval_transform(image_size, uint8=uint8)) if eval_dir else None
     if evals is not None and evals.classes != train.classes:
         raise ValueError(f"class folders of {eval_dir} differ from those of {train_dir}")
     return train, evals, list(train.classes)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from student_client.data import EVAL_SPLITS, Normalizer, eval_transform, find_split, image_folder
+from student_client.data import EVAL_SPLITS, Normalizer, eval_transform, find_split, image_folder, unit_pixels
 from student_client.losses import merged_logits
 
 
@@ -30,9 +30,9 @@ class Accuracy:
 
 @torch.no_grad()
 def count_correct(model: nn.Module, loader: DataLoader, normalize: Normalizer, device: torch.device) -> Accuracy:
-    """Counts over every batch of `loader` (images in [0, 1]); the model is put in eval mode and restored. The
-    counts add up on the device and are read once at the end: a read per batch would make the host wait for each
-    batch's forward on a GPU before queuing the next (a pinned loader's copies are then non-blocking too)."""
+    """Counts over every batch of `loader` (images float in [0, 1] or uint8); the model is put in eval mode and
+    restored. The counts add up on the device and are read once at the end: a read per batch would make the host wait
+    for each batch's forward on a GPU before queuing the next (a pinned loader's copies are then non-blocking too)."""
     was_training = model.training
     model.eval()
     hits_sum = torch.zeros(2, dtype=torch.int64, device=device)  # [top-1, top-5] hits
@@ -40,6 +40,7 @@ def count_correct(model: nn.Module, loader: DataLoader, normalize: Normalizer, d
     try:
         for images, targets in loader:
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            images = unit_pixels(images)  # [B, C, H, W] float in [0, 1]
             logits = merged_logits(model(normalize(images)))  # [B, C]
             k = min(5, logits.shape[1])
             top = logits.topk(k, dim=1).indices  # [B, k]
@@ -89,7 +90,7 @@ def evaluate_checkpoint(
     spec = describe_student(model)
     dev = torch.device(device)
     model.to(dev)
-    dataset = image_folder(eval_split_dir(data, split), eval_transform(spec.image_size))
+    dataset = image_folder(eval_split_dir(data, split), eval_transform(spec.image_size, uint8=True))
     trained_on = meta.extra.get("class_names")
     if trained_on and list(trained_on) != list(dataset.classes):
         raise ValueError(

@@ -44,7 +44,7 @@ from torch import nn
 from student_client import keep_auto
 from student_client.client import InferResult, TeacherClient
 from student_client.collective import TorchDistCollective
-from student_client.data import Normalizer
+from student_client.data import Normalizer, unit_pixels
 from student_client.determinism import step_seed
 from student_client.errors import TeacherInputError
 from student_client.feature_step import KD_KINDS
@@ -226,7 +226,7 @@ class MaskedKD:
         """images [B, C, H, W] un-normalized (float in [0, 1] or uint8) on the student's device; labels [B] class
         indices or [B, classes] soft targets -> the scalar loss to backward. `step` (default `self.step`) names the
         request ids; the same step with the same inputs is answered from the teacher's ledger, unbilled."""
-        x = images.float().div_(255.0) if images.dtype == torch.uint8 else images  # [B, C, H, W] in [0, 1]
+        x = unit_pixels(images)  # [B, C, H, W] in [0, 1]
         step = self.step if step is None else step
         self._step.seed_selection(step_seed(self.seed, 0, step, 0, "select"))
         self._futures = []

@@ -21,6 +21,7 @@ from student_client.checkpointing import TrainState
 from student_client.collective import agree_on_error, sum_over_workers
 from student_client.config import TrainConfig
 from student_client.context import LocalContext, RayContext
+from student_client.data import unit_pixels
 from student_client.determinism import seed_everything, step_seed
 from student_client.errors import FATAL_ERRORS
 from student_client.evaluate import Accuracy, count_correct
@@ -99,6 +100,7 @@ def _train_step(
     _maybe_inject_failure(cfg, ctx, state)
     step_started = time.perf_counter()
     images, targets = images.to(ctx.device, non_blocking=True), targets.to(ctx.device, non_blocking=True)  # pinned
+    images = unit_pixels(images)  # [B, C, H, W] float in [0, 1], made on the device from the loader's uint8
     seed_everything(step_seed(cfg.seed, epoch, state.global_step, ctx.rank, "global"))  # mixup, dropout
     kd.seed_selection(step_seed(cfg.seed, epoch, state.global_step, ctx.rank, "select"))
     mismatched_before, rebilled_before = run.refused_requests()

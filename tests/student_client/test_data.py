@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
 
-from student_client.data import rand_augment, train_transform
+from student_client.data import eval_transform, rand_augment, train_transform, unit_pixels
 
 pytestmark = pytest.mark.dtype("none")  # no model numerics
 
@@ -54,3 +56,27 @@ def test_crop_augment_never_mirrors_while_simple_does() -> None:
 
     assert mirrored("crop") == 0
     assert 10 < mirrored("simple") < 54
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@pytest.mark.parametrize("augment", ["simple", "crop", "heavy"])
+def test_uint8_batches_become_exactly_the_float_pixels(augment: str) -> None:
+    """The training run's loaders hand out uint8 (a quarter of the bytes to collate, pin and copy) and the step makes
+    them float on its device: the same draws give exactly ToTensor's values, so the student and the teacher see the
+    pixels they saw before (the request bytes and ids of a resumed run do not change). Float32 on the CPU."""
+    for seed in range(20):
+        image = _image(seed).resize((40, 36))  # resized to 32x32 by the transforms, as a real dataset's images are
+        seed_all(seed)  # torchvision draws from torch, timm's RandAugment from `random`
+        want = train_transform((32, 32), augment)(image)
+        seed_all(seed)
+        got = train_transform((32, 32), augment, uint8=True)(image)
+        assert got.dtype == torch.uint8 and want.dtype == torch.float32
+        assert torch.equal(unit_pixels(got), want)
+        assert torch.equal(unit_pixels(eval_transform((32, 32), uint8=True)(image)), eval_transform((32, 32))(image))
+    floats = torch.rand(2, 3, 4, 4)
+    assert unit_pixels(floats) is floats  # float pixels pass as they are
