@@ -188,7 +188,7 @@ def test_cuda_request_is_made_without_waiting_for_the_device(env: dict[str, Any]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.dtype("float32", device="cuda")  # pixels in [0, 1] compared exactly after the copy
+@pytest.mark.dtype("float32", device="cuda")  # no model numerics: the uint8 batch compared exactly after the copy
 def test_cuda_batches_arrive_pinned_and_reach_the_card_without_a_sync(env: dict[str, Any]) -> None:
     """On a GPU the training and evaluation loaders hand out batches in pinned memory, so a step's copy of its batch
     to the card is non-blocking: from pageable memory the host would wait for the work queued there first."""
