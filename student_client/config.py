@@ -207,7 +207,13 @@ class TrainConfig(BaseSettings):
     keep_checkpoints: int = Field(3, ge=0, description="newest checkpoints kept in --out (0: all)")
     max_failures: int = Field(2, ge=0, description="Ray Train restarts after a worker failure")
     threads_per_worker: int = Field(1, ge=1, description="torch intra-op threads per worker")
-    loader_workers: int = Field(0, ge=0, description="DataLoader processes per worker")
+    loader_workers: int | None = Field(
+        None,
+        ge=0,
+        description="DataLoader processes per worker (default: none on a CPU, where they would take the training's "
+        "cores; on a GPU, 4, or one fewer than the host's cores, so the card does not wait on the training thread's "
+        "decoding and augmentation)",
+    )
     log_every: int = Field(1, ge=1, description="write a step row to metrics_steps.csv every N steps")
     progress_every: int = Field(
         20,

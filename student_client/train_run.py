@@ -35,7 +35,7 @@ from student_client.client import TeacherClient
 from student_client.collective import agree_on_error
 from student_client.config import TrainConfig
 from student_client.context import LocalContext, RayContext
-from student_client.data import Normalizer, build_datasets, build_mixup, class_names_of
+from student_client.data import Normalizer, build_datasets, build_mixup, class_names_of, loader_workers_for
 from student_client.data_archive import is_archive, local_data_root
 from student_client.determinism import SeededSamples, run_id_for
 from student_client.errors import FATAL_ERRORS, TeacherInputError
@@ -316,7 +316,7 @@ def _train_data(cfg: TrainConfig, ctx: Context, data_root: str, spec: StudentSpe
             seeded,
             batch_size=cfg.per_worker_batch,
             sampler=sampler,
-            num_workers=cfg.loader_workers,
+            num_workers=loader_workers_for(cfg.loader_workers, ctx.device),
             drop_last=cfg.augment == "heavy",
             pin_memory=pinned,
         )

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from student_client.data import eval_transform, rand_augment, train_transform, unit_pixels
+from student_client.data import eval_transform, loader_workers_for, rand_augment, train_transform, unit_pixels
 
 pytestmark = pytest.mark.dtype("none")  # no model numerics
 
@@ -80,3 +80,12 @@ def test_uint8_batches_become_exactly_the_float_pixels(augment: str) -> None:
         assert torch.equal(unit_pixels(eval_transform((32, 32), uint8=True)(image)), eval_transform((32, 32))(image))
     floats = torch.rand(2, 3, 4, 4)
     assert unit_pixels(floats) is floats  # float pixels pass as they are
+
+
+def test_loader_workers_default_to_none_on_a_cpu_and_to_a_few_on_a_gpu() -> None:
+    """A GPU run decodes and augments in DataLoader processes by default: on the training thread a batch of 128 at
+    224 px takes longer than a GPU's step. A CPU run keeps them on its own cores. Asked for, a count is kept."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")  # no CUDA needed: only the kind of device is read
+    assert loader_workers_for(None, cpu, cpus=64) == 0
+    assert [loader_workers_for(None, gpu, cpus=n) for n in (1, 2, 3, 8, 64)] == [0, 1, 2, 4, 4]
+    assert loader_workers_for(3, cpu, cpus=2) == 3 and loader_workers_for(0, gpu, cpus=64) == 0
