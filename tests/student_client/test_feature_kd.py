@@ -201,8 +201,9 @@ def test_the_step_feature_term_equals_the_checked_loss_without_waiting_for_the_d
     env: dict[str, Any], kind: str, device_type: str
 ) -> None:
     """The training step's feature term (`FeatureDistiller.loss`) of ragged rows (`--keep-mass`) against a real
-    answer equals the checked `feature_kd_loss` on the CPU; on a GPU it is queued under
-    `torch.cuda.set_sync_debug_mode("error")`: no host sync between the student's forward and its backward."""
+    answer equals the checked `feature_kd_loss` on the CPU; on a GPU the answer's features arrive pinned and the term
+    is queued under `torch.cuda.set_sync_debug_mode("error")`: no host sync between the student's forward and its
+    backward, and no host copy of the features on the training thread."""
     device = torch.device(device_type)
     torch.manual_seed(2)
     student = timm.create_model(STUDENT, pretrained=False, **{**STUDENT_KWARGS, "num_classes": 10}).to(device)
@@ -213,7 +214,10 @@ def test_the_step_feature_term_equals_the_checked_loss_without_waiting_for_the_d
     keep = torch.stack([torch.randperm(64, generator=g)[:32].sort().values for _ in range(4)])  # [B, 32]
     counts = torch.tensor([32, 20, 7, 32])  # [B] ragged rows
     with TeacherClient(env["srv"].address, env["srv"].create_key(f"term-{kind}-{device_type}")) as client:
-        answer = client.submit(images=x, keep_indices=keep, keep_counts=counts, outputs=(distiller.output,)).result(60)
+        submit = distiller.checked(client.submit)  # as the step sends: checked (and pinned for a GPU) on arrival
+        on_device = {"images": x.to(device), "keep_indices": keep.to(device), "keep_counts": counts.to(device)}
+        answer = submit(**on_device, outputs=(distiller.output,)).result(60)
+    assert answer.outputs[distiller.output].is_pinned() == (device.type == "cuda")
     distiller.begin_step()
     student(x.to(device))  # the capture keeps the student's features with their graph
     distiller.after_forward()
