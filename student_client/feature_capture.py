@@ -201,14 +201,19 @@ def gather_kept(x: torch.Tensor, keep_indices: torch.Tensor) -> torch.Tensor:
     """
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         raise ValueError(f"x must be a [B, N_t, ...] tensor, got {getattr(x, 'shape', type(x).__name__)}")
-    if not isinstance(keep_indices, torch.Tensor) or keep_indices.dim() != 2 or keep_indices.shape[0] != x.shape[0]:
+    check_kept_positions(keep_indices, batch=x.shape[0], grid_patches=x.shape[1])
+    return gather_kept_unchecked(x, keep_indices)
+
+
+def check_kept_positions(keep_indices: object, *, batch: int, grid_patches: int) -> None:
+    """keep_indices: a non-empty int64/int32 [B, K] tensor of positions in [0, grid_patches) on the teacher grid."""
+    if not isinstance(keep_indices, torch.Tensor) or keep_indices.dim() != 2 or keep_indices.shape[0] != batch:
         got = list(keep_indices.shape) if isinstance(keep_indices, torch.Tensor) else type(keep_indices).__name__
-        raise ValueError(f"keep_indices must be [B={x.shape[0]}, K], got {got}")
+        raise ValueError(f"keep_indices must be [B={batch}, K], got {got}")
     if keep_indices.dtype not in (torch.int64, torch.int32) or keep_indices.numel() == 0:
         raise ValueError(f"keep_indices must be a non-empty int64/int32 tensor, got {keep_indices.dtype}")
-    if bool((keep_indices < 0).any()) or bool((keep_indices >= x.shape[1]).any()):
-        raise ValueError(f"keep_indices must lie in [0, {x.shape[1]}) (patches on the teacher grid)")
-    return gather_kept_unchecked(x, keep_indices)
+    if bool((keep_indices < 0).any()) or bool((keep_indices >= grid_patches).any()):
+        raise ValueError(f"keep_indices must lie in [0, {grid_patches}) (patches on the teacher grid)")
 
 
 def gather_kept_unchecked(x: torch.Tensor, keep_indices: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .feature_capture import attention_on_teacher_grid, gather_kept_unchecked, student_on_teacher_grid
+from .feature_capture import (
+    attention_on_teacher_grid,
+    check_kept_positions,
+    gather_kept_unchecked,
+    student_on_teacher_grid,
+)
 from .feature_losses import (
     INTER_PAIRINGS,
     KINDS,
@@ -76,15 +81,10 @@ def _student_grid(n: int, student_grid: int | Sequence[int] | None) -> int | Seq
     return side
 
 
-def _check_keep(keep_indices: object, keep_counts: object, batch: int, grid_patches: int) -> None:
+def _check_keep(keep_indices: torch.Tensor, keep_counts: object, batch: int, grid_patches: int) -> None:
     """keep_indices [B, K] ints in [0, grid_patches); keep_counts [B] ints in [1, K] (or None)."""
     B = batch
-    if not isinstance(keep_indices, torch.Tensor) or keep_indices.dim() != 2 or keep_indices.shape[0] != B:
-        raise ValueError(f"keep_indices must be [B={B}, K], got {shape_of(keep_indices)}")
-    if keep_indices.dtype not in (torch.int64, torch.int32) or keep_indices.numel() == 0:
-        raise ValueError(f"keep_indices must be a non-empty int64/int32 tensor, got {keep_indices.dtype}")
-    if bool((keep_indices < 0).any()) or bool((keep_indices >= grid_patches).any()):
-        raise ValueError(f"keep_indices must lie in [0, {grid_patches}) (patches on the teacher grid)")
+    check_kept_positions(keep_indices, batch=B, grid_patches=grid_patches)
     K = keep_indices.shape[1]
     if keep_counts is None:
         return
