@@ -55,7 +55,7 @@ def _answer(request: pb.InferRequest) -> pb.InferResponse:
 
 
 async def _serve(port_file: Path) -> None:
-    from teacher_server.engine.host_memory import tune_allocator
+    from maskedkd.host_memory import tune_allocator
 
     tune_allocator()  # as the teacher server does at start: the comparison is of serving code, not of malloc
     server = grpc.aio.server(options=OPTIONS)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import grpc
 
 from maskedkd.v1 import teacher_pb2 as pb
-from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
+from student_client.outgoing import TeacherStub
 from student_client.shared_pixels import SharedPixels
 
 OPTIONS = [
@@ -39,7 +39,7 @@ def client_load(
     def client(mine: Sequence[pb.InferRequest]) -> None:
         regions = SharedPixels() if shared_memory else None
         with grpc.insecure_channel(address, options=OPTIONS) as channel:
-            stub = pb_grpc.TeacherServiceStub(channel)
+            stub = TeacherStub(channel)  # the client library's: a request placed in shared memory is an OutgoingRequest
             for request in mine:
                 sent, release = regions.place(request) if regions is not None else (request, None)
                 try:

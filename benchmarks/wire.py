@@ -48,14 +48,14 @@ def run_wire_section(cfg: BenchConfig) -> dict[str, Any]:
                 noise = torch.rand(b, teacher.geometry.num_patches, generator=gen)
                 keep_indices = noise.argsort(dim=1)[:, :kept].sort(dim=1).values  # [B,K]
             request = build_request(info, images=images, keep_indices=keep_indices, request_id=new_request_id())
-            per_image = request.ByteSize() / b
+            per_image = len(request.serialize()) / b
             kept_raw = raw_uint8 * kept / teacher.geometry.num_patches
             rows.append(
                 {
                     "keep": keep,
                     "kept": kept,
-                    "payload": request.WhichOneof("input"),
-                    "pixel_dtype": getattr(request, request.WhichOneof("input")).dtype,
+                    "payload": request.message.WhichOneof("input"),
+                    "pixel_dtype": getattr(request.message, request.message.WhichOneof("input")).dtype,
                     "bytes_per_image": per_image,
                     "kept_uint8_bytes": kept_raw,
                     "vs_kept_uint8": per_image / kept_raw,

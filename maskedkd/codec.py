@@ -45,6 +45,20 @@ class TensorDecodeError(ValueError):
 
 def tensor_to_proto(tensor: torch.Tensor) -> pb.Tensor:
     """Encode a CPU or GPU tensor as a `Tensor` message."""
+    msg = tensor_header(tensor)
+    msg.data = tensor_bytes(tensor)
+    return msg
+
+
+def tensor_header(tensor: torch.Tensor) -> pb.Tensor:
+    """The `Tensor` message of `tensor` without its bytes: dtype and shape (`tensor_bytes` gives the bytes)."""
+    if tensor.dtype not in _TORCH_TO_WIRE:
+        raise TypeError(f"dtype {tensor.dtype} cannot travel; use one of {sorted(WIRE_DTYPES)}")
+    return pb.Tensor(dtype=_TORCH_TO_WIRE[tensor.dtype], shape=list(tensor.shape))
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """The bytes of `Tensor.data` for `tensor` (row-major, little-endian), in one copy from host memory."""
     if tensor.dtype not in _TORCH_TO_WIRE:
         raise TypeError(f"dtype {tensor.dtype} cannot travel; use one of {sorted(WIRE_DTYPES)}")
     t = tensor.detach().contiguous().cpu()
@@ -52,7 +66,7 @@ def tensor_to_proto(tensor: torch.Tensor) -> pb.Tensor:
     arr = raw.numpy()
     if _BIG_ENDIAN:
         arr = arr.byteswap()
-    return pb.Tensor(dtype=_TORCH_TO_WIRE[t.dtype], shape=list(t.shape), data=arr.tobytes())
+    return arr.tobytes()
 
 
 def proto_to_tensor(msg: pb.Tensor, *, name: str = "tensor", max_elements: int | None = None) -> torch.Tensor:

@@ -14,6 +14,7 @@ import grpc
 from maskedkd.v1 import teacher_pb2 as pb
 from student_client.client import ClientCore, ClientSettings, InferResult
 from student_client.errors import TeacherError
+from student_client.outgoing import OutgoingRequest
 from student_client.resend import ResendPlan
 from student_client.wire import Batch, ModelInfo, arguments_of, decode_response, join_results
 
@@ -42,7 +43,7 @@ class AsyncTeacherClient(ClientCore):
         responses = await asyncio.gather(*(self._infer_request(req) for req in requests))
         return join_results([decode_response(r) for r in responses])
 
-    async def _infer_request(self, req: pb.InferRequest) -> pb.InferResponse:
+    async def _infer_request(self, req: OutgoingRequest) -> pb.InferResponse:
         """As `TeacherClient.infer_request`: a refused replay goes on as `student_client.resend` says."""
         plan = ResendPlan(req, self.reuse_billed_answers)
         while True:

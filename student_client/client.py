@@ -34,10 +34,10 @@ import grpc
 import torch
 
 from maskedkd.v1 import teacher_pb2 as pb
-from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
 from student_client.channel import is_unix_socket, on_this_host, open_channel
 from student_client.errors import TeacherError
 from student_client.off_thread import DeviceMark, after, mark_after_caller
+from student_client.outgoing import OutgoingRequest, TeacherStub
 from student_client.resend import CountsRefusedReplays, RefusedReplays, ResendPlan
 from student_client.retry import DEFAULT_PATIENCE_S, RetryPolicy
 from student_client.shared_pixels import SharedPixels, nothing_to_release
@@ -125,12 +125,12 @@ class ClientCore(CountsRefusedReplays):
         self._raw_channel = self._raw_channels[0]
         self.channels = [self._intercepted(c) for c in self._raw_channels]
         self.channel = self.channels[0]
-        self._stubs = [pb_grpc.TeacherServiceStub(c) for c in self.channels]
+        self._stubs = [TeacherStub(c) for c in self.channels]
         self._turn = itertools.count()
         self._info: ModelInfo | None = None
 
     @property
-    def stub(self) -> pb_grpc.TeacherServiceStub:
+    def stub(self) -> TeacherStub:
         """The stub of the connection whose turn it is (round-robin over `connections`)."""
         return self._stubs[next(self._turn) % len(self._stubs)]
 
@@ -138,7 +138,7 @@ class ClientCore(CountsRefusedReplays):
     def connections(self) -> int:
         return len(self._stubs)
 
-    def stub_at(self, connection: int) -> pb_grpc.TeacherServiceStub:
+    def stub_at(self, connection: int) -> TeacherStub:
         """The stub of one connection (0 .. connections - 1), e.g. for a stream kept on it."""
         return self._stubs[connection]
 
@@ -206,14 +206,17 @@ class TeacherClient(ClientCore):
         parts = batch.requests(self.info(), self.model)
         return join_results([decode_response(self.infer_request(req)) for req in parts])
 
-    def infer_request(self, req: pb.InferRequest) -> pb.InferResponse:
+    def infer_request(self, request: OutgoingRequest | pb.InferRequest) -> pb.InferResponse:
         """Send one built request (retried per the policy); a refused replay goes on as `student_client.resend` says."""
+        req = OutgoingRequest.of(request)
         plan = ResendPlan(req, self.reuse_billed_answers)
         sent, release = self.shared_request(req)
         try:
             while True:
                 self.log_request(req)
-                sent.request_id, sent.accept_billed_answer = req.request_id, req.accept_billed_answer  # plan's changes
+                if sent is not req:  # the plan's changes, onto the copy placed in shared memory
+                    sent.message.request_id = req.message.request_id
+                    sent.message.accept_billed_answer = req.message.accept_billed_answer
                 try:
                     return self._call(self.stub.Infer, sent)
                 except TeacherError as err:
@@ -223,7 +226,7 @@ class TeacherClient(ClientCore):
         finally:
             release()
 
-    def shared_request(self, req: pb.InferRequest) -> tuple[pb.InferRequest, Callable[[], None]]:
+    def shared_request(self, req: OutgoingRequest) -> tuple[OutgoingRequest, Callable[[], None]]:
         """`req` as it is sent, and what to call once its answer is in: with `shared_memory` (and a teacher on this
         host that reads it) its pixels in a region of this client's until then; else `req` itself."""
         if not self._use_shared_memory():
@@ -252,15 +255,15 @@ class TeacherClient(ClientCore):
                     self._shared_checked = True
         return self._shared is not None
 
-    def log_request(self, req: pb.InferRequest) -> None:
+    def log_request(self, req: OutgoingRequest) -> None:
         """With `request_log`: append {request_id, content_sha256, pid} as one JSON line, where content_sha256 is the
         sha256 of the serialized request without its request_id (what must match when a resumed run re-sends it)."""
         if self.request_log is None:
             return
         content = pb.InferRequest()
-        content.CopyFrom(req)
+        content.CopyFrom(req.message)
         content.request_id = ""
-        digest = hashlib.sha256(content.SerializeToString(deterministic=True)).hexdigest()
+        digest = hashlib.sha256(OutgoingRequest(content, req.pixels).serialize()).hexdigest()
         line = json.dumps({"request_id": req.request_id, "content_sha256": digest, "pid": os.getpid()})
         with self._log_lock, self.request_log.open("a") as f:
             f.write(line + "\n")

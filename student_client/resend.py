@@ -14,8 +14,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Literal
 
-from maskedkd.v1 import teacher_pb2 as pb
 from student_client.errors import TeacherError
+from student_client.outgoing import OutgoingRequest
 
 MAX_RESENDS = 8  # derived ids <id>.r1 .. <id>.r8 tried after a refused replay
 # The server cannot replay this id: billed before for other content, or its stored answer expired.
@@ -24,13 +24,13 @@ REPLAY_REFUSED = frozenset({"ALREADY_EXISTS", "FAILED_PRECONDITION"})
 
 @dataclass
 class ResendPlan:
-    request: pb.InferRequest  # what to send next (changed in place)
+    request: OutgoingRequest  # what to send next (its message changed in place)
     reuse_billed: bool  # may an ALREADY_EXISTS take the answer billed under this id
     resends: int = 0  # derived ids used so far, each billed as new work
     refusals: int = 0  # refused replays so far
 
     def __post_init__(self) -> None:
-        self.original = self.request.request_id
+        self.original = self.request.message.request_id
 
     def after(self, err: TeacherError) -> Literal["reuse", "resend"] | None:
         """Prepare the next attempt after `err`: "reuse" (same id, the billed answer), "resend" (a derived id), or
@@ -38,12 +38,13 @@ class ResendPlan:
         if err.code not in REPLAY_REFUSED or not self.original or self.resends == MAX_RESENDS:
             return None
         self.refusals += 1
-        if err.code == "ALREADY_EXISTS" and self.reuse_billed and not self.request.accept_billed_answer:
-            self.request.accept_billed_answer = True
+        message = self.request.message
+        if err.code == "ALREADY_EXISTS" and self.reuse_billed and not message.accept_billed_answer:
+            message.accept_billed_answer = True
             return "reuse"
         self.resends += 1
-        self.request.accept_billed_answer = False
-        self.request.request_id = f"{self.original}.r{self.resends}"
+        message.accept_billed_answer = False
+        message.request_id = f"{self.original}.r{self.resends}"
         return "resend"
 
 

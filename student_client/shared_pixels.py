@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from multiprocessing import shared_memory
 
 from maskedkd.v1 import teacher_pb2 as pb
+from student_client.outgoing import OutgoingRequest, copy_field
 
 PAGE = 1 << 16  # regions grow in these steps
 
@@ -31,7 +32,7 @@ class SharedPixels:
         self._closed = False
 
     @contextmanager
-    def placed(self, request: pb.InferRequest) -> Iterator[pb.InferRequest]:
+    def placed(self, request: OutgoingRequest | pb.InferRequest) -> Iterator[OutgoingRequest]:
         """`place` for the block."""
         sent, release = self.place(request)
         try:
@@ -39,19 +40,21 @@ class SharedPixels:
         finally:
             release()
 
-    def place(self, request: pb.InferRequest) -> tuple[pb.InferRequest, Callable[[], None]]:
+    def place(self, request: OutgoingRequest | pb.InferRequest) -> tuple[OutgoingRequest, Callable[[], None]]:
         """(a copy of `request` whose input's bytes are in a region of this client's, `data` empty; the function that
         gives the region back once the answer is in). A request already placed, or without input, is returned as is."""
-        which = request.WhichOneof("input")
-        if which is None or getattr(request, which).HasField("shm"):
+        request = OutgoingRequest.of(request)
+        message = request.message
+        which = message.WhichOneof("input")
+        if which is None or getattr(message, which).HasField("shm"):
             return request, nothing_to_release
-        pixels = getattr(request, which)
-        data = pixels.data  # the one read of the bytes out of the message
+        pixels = getattr(message, which)
+        data = pixels.data if request.pixels is None else request.pixels  # `.data` copies the bytes out of a message
         region = self._take(len(data))
         try:
             assert region.buf is not None  # open until unlinked
             region.buf[: len(data)] = data
-            sent = _without(request, which)  # every other field as it is, the pixels' bytes left behind
+            sent = _without(message, which)  # every other field as it is, the pixels' bytes left behind
             tensor = getattr(sent, which)
             tensor.dtype = pixels.dtype
             tensor.shape.extend(pixels.shape)
@@ -65,7 +68,7 @@ class SharedPixels:
             if once.acquire(blocking=False):
                 self._give(region)
 
-        return sent, release
+        return OutgoingRequest(sent), release
 
     def _take(self, nbytes: int) -> shared_memory.SharedMemory:
         with self._lock:
@@ -121,12 +124,6 @@ def _without(request: pb.InferRequest, field: str) -> pb.InferRequest:
     """A copy of `request` without `field` (CopyFrom would copy the pixels' bytes once more only to drop them)."""
     out = pb.InferRequest()
     for descriptor, value in request.ListFields():
-        if descriptor.name == field:
-            continue
-        if descriptor.is_repeated:
-            getattr(out, descriptor.name).extend(value)
-        elif descriptor.type == descriptor.TYPE_MESSAGE:
-            getattr(out, descriptor.name).CopyFrom(value)
-        else:
-            setattr(out, descriptor.name, value)
+        if descriptor.name != field:
+            copy_field(out, descriptor, value)
     return out

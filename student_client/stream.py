@@ -33,6 +33,7 @@ from maskedkd.v1 import teacher_pb2 as pb
 from student_client.client import InferResult, TeacherClient
 from student_client.errors import TeacherError, TeacherInputError
 from student_client.off_thread import DeviceMark, after, mark_after_caller
+from student_client.outgoing import OutgoingRequest
 from student_client.resend import REPLAY_REFUSED
 from student_client.retry import Attempts
 from student_client.wire import Batch, arguments_of, batch_size_of, decode_response
@@ -76,7 +77,7 @@ class TeacherStream:
         self.connection = connection
         self.info = client.info()
         self._lock = threading.Lock()
-        self._pending: dict[str, tuple[pb.InferRequest, Future[InferResult]]] = {}
+        self._pending: dict[str, tuple[OutgoingRequest, Future[InferResult]]] = {}
         self._outbox: queue.Queue[Any] | None = None
         self._reader: threading.Thread | None = None
         self._closed = False
@@ -194,7 +195,7 @@ class TeacherStream:
             self._fail_all(TeacherError(f"teacher at {self.client.target} sent a bad response: {err}"))
 
     def _on_message_error(
-        self, resp: pb.InferResponse, req: pb.InferRequest, fut: Future[InferResult], *, resent: Attempts | None
+        self, resp: pb.InferResponse, req: OutgoingRequest, fut: Future[InferResult], *, resent: Attempts | None
     ) -> None:
         """Resend a request refused with a transient status (same request_id, per the retry policy), else fail it."""
         err = _MessageError(resp)
@@ -214,7 +215,7 @@ class TeacherStream:
         timer.daemon = True
         timer.start()
 
-    def _resend(self, req: pb.InferRequest) -> None:
+    def _resend(self, req: OutgoingRequest) -> None:
         with self._lock:
             if self._closed or req.request_id not in self._pending:
                 return
@@ -266,7 +267,7 @@ class TeacherStream:
         for req, fut in pending.values():
             self._resolve_unary(req, fut)
 
-    def _resolve_unary(self, req: pb.InferRequest, fut: Future[InferResult]) -> None:
+    def _resolve_unary(self, req: OutgoingRequest, fut: Future[InferResult]) -> None:
         """Answer one request with a unary call on its own thread (a refused id goes again under a derived id)."""
 
         def resolve() -> None:

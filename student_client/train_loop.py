@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from maskedkd.host_memory import tune_allocator
 from student_client.checkpointing import TrainState
 from student_client.collective import agree_on_error, sum_over_workers
 from student_client.config import TrainConfig
@@ -51,6 +52,7 @@ def train_worker(config: dict[str, Any]) -> None:
 def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
     """Train per `cfg`; returns the final summary (also reported to Ray and written to out/summary.json)."""
     torch.set_num_threads(max(1, cfg.threads_per_worker))
+    tune_allocator()  # each request's MB of pixels from a reused heap, not pages mapped and faulted in anew
     torch.manual_seed(cfg.seed + ctx.rank)
     started = time.perf_counter()
     try:

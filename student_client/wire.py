@@ -16,7 +16,7 @@ from typing import Concatenate, ParamSpec, TypeVar
 import torch
 import torch.nn.functional as F
 
-from maskedkd.codec import proto_to_tensor, tensor_to_proto
+from maskedkd.codec import proto_to_tensor, tensor_bytes, tensor_header, tensor_to_proto
 from maskedkd.geometry import TeacherGeometry
 from maskedkd.keep import KeepIndicesError, check_keep
 from maskedkd.patches import gather_patches
@@ -25,6 +25,7 @@ from maskedkd.teacher_outputs import OUTPUT_NAMES
 from maskedkd.v1 import teacher_pb2 as pb
 from student_client.errors import TeacherInputError
 from student_client.off_thread import to_host
+from student_client.outgoing import OutgoingRequest
 
 P = ParamSpec("P")
 A = TypeVar("A")
@@ -162,10 +163,10 @@ def build_request(
     purpose: str = "",
     outputs: tuple[str, ...] = (),
     outputs_dtype: str = "",
-) -> pb.InferRequest:
-    """The InferRequest for one batch. With images + keep_indices and `send_patches`, only the kept patches go.
-    `purpose` labels it for the teacher's cost reports ('' = training targets, "probe", ...); `outputs` asks for
-    extra outputs (`Batch.outputs`)."""
+) -> OutgoingRequest:
+    """The InferRequest for one batch, its pixels' bytes kept apart (`OutgoingRequest`). With images + keep_indices
+    and `send_patches`, only the kept patches go. `purpose` labels it for the teacher's cost reports ('' = training
+    targets, "probe", ...); `outputs` asks for extra outputs (`Batch.outputs`)."""
     if (images is None) == (patches is None):
         raise TeacherInputError("pass exactly one of images or patches")
     if (problem := purpose_problem(purpose)) is not None:
@@ -193,21 +194,29 @@ def build_request(
         images = to_teacher_resolution(images, info.image_size)  # [B, C, H_t, W_t]
         if keep_indices is not None and send_patches:
             patches = gather_patches(images, keep_indices, info.patch_size)  # [B, K, C, P, P]
-            req.patches.CopyFrom(tensor_to_proto(to_host(wire_pixels(patches))))
+            pixels = _pixels_into(req.patches, patches)
         else:
-            req.images.CopyFrom(tensor_to_proto(to_host(wire_pixels(images))))
+            pixels = _pixels_into(req.images, images)
     else:
         assert patches is not None
         if keep_indices is None:
             raise TeacherInputError("keep_indices are required with patches")
         if patches.dim() != 5:
             raise TeacherInputError(f"patches must be [B, K, C, P, P], got {list(patches.shape)}")
-        req.patches.CopyFrom(tensor_to_proto(to_host(wire_pixels(patches))))
+        pixels = _pixels_into(req.patches, patches)
     if keep_indices is not None:
         req.keep_indices.CopyFrom(tensor_to_proto(keep_indices.to(_index_dtype(info.num_patches))))
     if keep_counts is not None:
         req.keep_counts.CopyFrom(tensor_to_proto(keep_counts.detach().reshape(-1).to(torch.int32)))
-    return req
+    return OutgoingRequest(req, pixels)
+
+
+def _pixels_into(tensor: pb.Tensor, pixels: torch.Tensor) -> bytes:
+    """Set the input `tensor`'s dtype and shape for `pixels` (uint8, else float16: `wire_pixels`); returns their
+    bytes, copied once from the host (the caller's tensor may change afterwards; a retry sends these)."""
+    host = to_host(wire_pixels(pixels))
+    tensor.CopyFrom(tensor_header(host))
+    return tensor_bytes(host)
 
 
 def check_outputs(info: ModelInfo, outputs: tuple[str, ...], outputs_dtype: str) -> None:
@@ -254,7 +263,7 @@ class Batch:
     outputs: tuple[str, ...] = ()  # extra outputs: pre_logits, patch_tokens, cls_attention, cls_attention_heads
     outputs_dtype: str = ""  # "" / "float32", or "served" (the teacher's compute dtype)
 
-    def requests(self, info: ModelInfo, model: str | None) -> Iterator[pb.InferRequest]:
+    def requests(self, info: ModelInfo, model: str | None) -> Iterator[OutgoingRequest]:
         """Its InferRequests, built one at a time: one per part of at most `info.max_batch_images` rows, under
         `request_id` (a new one when None), or `<request_id>.<i>` when the batch is split."""
         rid = self.request_id or new_request_id()

@@ -17,9 +17,9 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from torch import nn
 
+from maskedkd.host_memory import give_back, tune_allocator
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
-from teacher_server.engine.host_memory import give_back, tune_allocator
 from teacher_server.engine.served_model import build_served_model
 from teacher_server.engine.teacher_loader import load_teacher
 from teacher_server.ingest.remote_rows import RemoteTeacher
@@ -127,7 +127,7 @@ class TeacherServer:
         except TlsConfigError as exc:
             raise ServerStartError(str(exc)) from exc
         if tune_allocator():
-            log.debug("glibc malloc tuned for large request buffers (engine/host_memory.py)")
+            log.debug("glibc malloc tuned for large request buffers (maskedkd/host_memory.py)")
         await self.served.batcher.start()
         limit = s.max_message_bytes
         options: list[tuple[str, int]] = [

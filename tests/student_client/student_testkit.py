@@ -26,6 +26,7 @@ from torch.utils.hooks import RemovableHandle
 
 from student_client.command import student_client_command, train_argv
 from student_client.config import TrainConfig
+from student_client.wire import ModelInfo
 from teacher_server.settings import ServerSettings
 from teacher_server.testing.server import RunningServer, running_server
 
@@ -34,6 +35,20 @@ CIFAR = REPO / "data" / "cifar10-subset"
 # 2-block CIFAR-size ViT (8x8 grid of 4x4 patches): cheap enough for a real training step on 2 cores.
 STUDENT = "vit_tiny_patch16_224"
 STUDENT_KWARGS = {"img_size": 32, "patch_size": 4, "depth": 2}
+# what a teacher of the tiny geometry (32 px, 4 px patches, 10 classes) announces: requests built without a server
+TINY_INFO = ModelInfo(
+    image_size=(32, 32),
+    patch_size=4,
+    in_chans=3,
+    num_prefix_tokens=1,
+    num_classes=10,
+    mean=(0.5, 0.5, 0.5),
+    std=(0.5, 0.5, 0.5),
+    model="tiny",
+    full_gflops=1.0,
+    price_per_gflop=0.0,
+    currency="USD",
+)
 
 
 def make_subset(root: Path, *, train_per_class: int = 4, test_per_class: int = 2) -> Path:

@@ -18,6 +18,7 @@ from student_client.aio_client import AsyncTeacherClient
 from student_client.cli import main as student_cli
 from student_client.client import TeacherClient
 from student_client.errors import TeacherAuthError, TeacherInputError, TeacherQuotaError, TeacherUnavailableError
+from student_client.outgoing import OutgoingRequest
 from student_client.stream import TeacherStream
 from student_client.tls import channel_credentials
 from student_client.wire import wire_pixels
@@ -62,9 +63,9 @@ class Recorder(grpc.UnaryUnaryClientInterceptor):
         self.lose_first = lose_first
 
     def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
-        self.sent.append(request)
+        self.sent.append(request.whole() if isinstance(request, OutgoingRequest) else request)  # as it is now
         outcome = continuation(client_call_details, request)
-        if self.lose_first and isinstance(request, pb.InferRequest):
+        if self.lose_first and isinstance(request, OutgoingRequest):
             self.lose_first = False
             outcome.result()  # the server has answered and written the ledger
             raise LostResponse()

@@ -7,8 +7,10 @@ import threading
 
 import pytest
 import torch
+from student_testkit import TINY_INFO
 
 from student_client.off_thread import after, mark_after_caller, to_device, to_host
+from student_client.wire import build_request
 
 
 @pytest.mark.dtype("float32")
@@ -57,29 +59,14 @@ def test_cpu_tensors_are_already_on_the_host() -> None:
 def test_cuda_requests_leave_through_one_reused_pinned_buffer() -> None:
     """uint8 kept patches on CUDA, requests of growing and shrinking size built one after another on one thread: each
     request's bytes equal the same request built from host tensors, and the copies reuse one pinned buffer."""
-    from student_client.wire import ModelInfo, build_request
-
-    info = ModelInfo(
-        image_size=(32, 32),
-        patch_size=4,
-        in_chans=3,
-        num_prefix_tokens=1,
-        num_classes=10,
-        mean=(0.5,) * 3,
-        std=(0.5,) * 3,
-        model="tiny",
-        full_gflops=1.0,
-        price_per_gflop=0.0,
-        currency="USD",
-    )
     g = torch.Generator().manual_seed(0)
     pointers = set()
     for batch in (4, 64, 2, 64):
         patches = torch.randint(0, 256, (batch, 8, 3, 4, 4), dtype=torch.uint8, generator=g)  # [B,K,C,P,P]
         keep = torch.stack([torch.randperm(64, generator=g)[:8] for _ in range(batch)])  # [B,K]
-        on_host = build_request(info, patches=patches, keep_indices=keep, request_id="r")
-        on_cuda = build_request(info, patches=patches.cuda(), keep_indices=keep.cuda(), request_id="r")
-        assert on_cuda.SerializeToString() == on_host.SerializeToString()
+        on_host = build_request(TINY_INFO, patches=patches, keep_indices=keep, request_id="r")
+        on_cuda = build_request(TINY_INFO, patches=patches.cuda(), keep_indices=keep.cuda(), request_id="r")
+        assert on_cuda.serialize() == on_host.serialize()
         copied = to_host(patches.cuda())
         assert copied.is_pinned() and torch.equal(copied, patches)
         pointers.add(copied.untyped_storage().data_ptr())

@@ -17,6 +17,7 @@ from maskedkd.v1 import teacher_pb2 as pb
 from student_client.channel import on_this_host
 from student_client.client import TeacherClient
 from student_client.context import LocalContext
+from student_client.outgoing import OutgoingRequest
 from student_client.shared_pixels import SharedPixels
 from student_client.stream import TeacherStream
 from student_client.train_loop import run_training
@@ -31,8 +32,8 @@ class Recorder(grpc.UnaryUnaryClientInterceptor):
         self.sent: list[pb.InferRequest] = []
 
     def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
-        if isinstance(request, pb.InferRequest):
-            self.sent.append(request)
+        if isinstance(request, OutgoingRequest):
+            self.sent.append(request.whole())  # as it is now (a resend changes its message)
         return continuation(details, request)
 
 
@@ -159,8 +160,10 @@ def test_only_targets_on_this_host_use_shared_memory(target: str, local: bool) -
     assert on_this_host(target) is local
 
 
-def test_a_placed_request_keeps_every_other_field_and_its_bytes_are_in_the_region() -> None:
-    """uint8 patches, no server: the request as sent equals the one built, but for where the pixel bytes are."""
+@pytest.mark.parametrize("kept_apart", [False, True])
+def test_a_placed_request_keeps_every_other_field_and_its_bytes_are_in_the_region(kept_apart: bool) -> None:
+    """uint8 patches, no server: the request as sent equals the one built, but for where the pixel bytes are; built
+    as one message, or with its pixels' bytes kept apart as the client builds it (`OutgoingRequest`)."""
     patches = torch.arange(2 * 3 * 3 * 4 * 4, dtype=torch.int64).remainder(256).to(torch.uint8).view(2, 3, 3, 4, 4)
     built = pb.InferRequest(
         request_id="r-1",
@@ -174,8 +177,16 @@ def test_a_placed_request_keeps_every_other_field_and_its_bytes_are_in_the_regio
         outputs_dtype="served",
     )
     regions = SharedPixels()
-    with regions.placed(built) as sent:
+    to_place = built
+    if kept_apart:
+        message = pb.InferRequest()
+        message.CopyFrom(built)
+        message.patches.ClearField("data")
+        to_place = OutgoingRequest(message, built.patches.data)
+    with regions.placed(to_place) as placed:
         (name,) = regions.names
+        sent = placed.message
+        assert placed.pixels is None and placed.serialize() == sent.SerializeToString()
         assert sent.patches.shm.name == name and sent.patches.shm.offset == 0 and not sent.patches.data
         assert bytes(Path("/dev/shm", name).read_bytes()[: patches.numel()]) == patches.numpy().tobytes()
         back = pb.InferRequest()

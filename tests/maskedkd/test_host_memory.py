@@ -1,6 +1,7 @@
-"""The server's glibc malloc tuning (engine/host_memory.py), in a child process so this one keeps its allocator:
-freed request-sized buffers stay in the heap for the next request (no unmap and re-fault), `give_back` returns them
-to the OS, and an operator's MALLOC_* environment wins. Host memory only: no dtype, no device."""
+"""glibc malloc tuned for request buffers (maskedkd/host_memory.py: the server and the training loop), in a child
+process so this one keeps its allocator: freed request-sized buffers stay in the heap for the next request (no unmap
+and re-fault), `give_back` returns them to the OS, and an operator's MALLOC_* environment wins. Host memory only: no
+dtype, no device."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.dtype("none")
 
 CHILD = """
 import json, os
-from teacher_server.engine.host_memory import give_back, tune_allocator
+from maskedkd.host_memory import give_back, tune_allocator
 
 def rss_mb():
     with open("/proc/self/statm") as f:

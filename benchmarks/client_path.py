@@ -1,0 +1,97 @@
+"""The client's side of the serving path: CPU-us per image a student's process spends to send kept patches and
+read the answer, by stage. A diagnostic for docs/performance-notes.md, beside `benchmarks.serving` (the server's side).
+
+One `TeacherClient` in this process calls a server child (the negligible DeiT-S-geometry teacher of
+`benchmarks.serving`, float32, one torch thread) with 64-image batches of uint8 kept patches at keep 50% (75 KB an
+image), one call at a time, as `TeacherClient.infer` does in three steps, each timed by the calling thread's CPU
+clock: build (`Batch.requests`: the checks, the pixels' bytes), call (`infer_request`: serialize, gRPC's send, the
+wait, the answer's parse) and decode (`decode_response`: the logits as a tensor). "Process" is this process's whole
+CPU over the calls (gRPC's own threads included). Rounds alternate between the ways the pixels go.
+
+    python -m benchmarks.client_path [--batch 64] [--calls 60] [--rounds 3] [--shared-memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.server_proc import BenchServer
+from benchmarks.serving import ARCH, KEEP, NEGLIGIBLE_TEACHER
+from student_client.client import TeacherClient
+from student_client.wire import Batch, decode_response
+
+STAGES = ("build", "call", "decode", "process")
+
+
+def measure(server: BenchServer, *, batch: int, calls: int, shared_memory: bool, seed: int) -> dict[str, float]:
+    """us per image of each stage over `calls` calls (after two unmeasured ones)."""
+    g = torch.Generator().manual_seed(seed)
+    grid = NEGLIGIBLE_TEACHER["img_size"] // NEGLIGIBLE_TEACHER["patch_size"]
+    patches = torch.randint(0, 256, (batch, KEEP, 3, 16, 16), dtype=torch.uint8, generator=g)  # [B,K,C,P,P]
+    keep = torch.stack([torch.randperm(grid * grid, generator=g)[:KEEP] for _ in range(batch)])  # [B,K]
+    spent = dict.fromkeys(STAGES, 0.0)
+    with TeacherClient(server.address, server.api_key, shared_memory=shared_memory) as client:
+        info = client.info()
+        for call in range(calls + 2):
+            if call == 2:
+                spent = dict.fromkeys(STAGES, 0.0)
+                process = time.process_time()
+            t0 = time.thread_time()
+            (request,) = Batch(patches=patches, keep_indices=keep).requests(info, None)
+            t1 = time.thread_time()
+            response = client.infer_request(request)
+            t2 = time.thread_time()
+            decode_response(response)
+            t3 = time.thread_time()
+            spent["build"] += t1 - t0
+            spent["call"] += t2 - t1
+            spent["decode"] += t3 - t2
+        spent["process"] = time.process_time() - process
+    return {stage: seconds / (calls * batch) * 1e6 for stage, seconds in spent.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.client_path", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--calls", type=int, default=60, help="measured calls per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--shared-memory", action="store_true", help="also the pixels through shared memory")
+    args = parser.parse_args(argv)
+    ways = (False, True) if args.shared_memory else (False,)
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = {
+            "model": ARCH,
+            "model_kwargs": NEGLIGIBLE_TEACHER,
+            "dtype": "float32",
+            "max_batch_images": 256,
+            "token_budget": 256 * (KEEP + 1),
+            "max_delay_ms": 2.0,
+            "shared_memory": args.shared_memory,
+        }
+        server = BenchServer("client-path", settings, Path(tmp), threads=1).start().wait_ready()
+        try:
+            results: dict[bool, list[dict[str, float]]] = {way: [] for way in ways}
+            for r in range(args.rounds):
+                for way in ways:
+                    results[way].append(
+                        measure(server, batch=args.batch, calls=args.calls, shared_memory=way, seed=100 * r + way)
+                    )
+        finally:
+            server.stop()
+    print(f"client CPU-us per image, batch {args.batch}, {args.calls} calls a round; median of {args.rounds} rounds")
+    print("| pixels | " + " | ".join(STAGES) + " |")
+    print("|---|" + "---|" * len(STAGES))
+    for way, rounds in results.items():
+        cells = [f"{statistics.median(r[s] for r in rounds):.1f}" for s in STAGES]
+        print(f"| {'shared memory' if way else 'messages'} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
