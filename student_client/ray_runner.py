@@ -136,12 +136,20 @@ def stored_run(cfg: TrainConfig) -> str | None:
     return run_dir if found else None
 
 
+def process_group_backend(*, use_gpu: bool) -> str:
+    """The workers' torch.distributed backend. On GPUs NCCL reduces the gradients (DDP), and gloo the small host
+    counters summed every step (`collective.summed_over_group`: a fatal error agreed before the backward, the step's
+    numbers after it); with NCCL alone those would be copied to the card and back, each copy waiting for the work
+    queued there, so the backward's launch would wait for the forward to have run."""
+    return "cpu:gloo,cuda:nccl" if use_gpu else "gloo"
+
+
 def run_with_ray(cfg: TrainConfig, *, ray_address: str | None = None, worker_logs: bool = False) -> dict[str, Any]:
     """Train on Ray; returns rank 0's final summary. Raises TrainingError (one line) on failure."""
     require_ray()
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from student_client.ray_progress import ReportedProgress
     from student_client.train_loop import train_worker
@@ -166,6 +174,7 @@ def run_with_ray(cfg: TrainConfig, *, ray_address: str | None = None, worker_log
         train_worker,
         train_loop_config=cfg.to_dict(),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend=process_group_backend(use_gpu=cfg.use_gpu)),
         run_config=RunConfig(
             name=ray_run_name(cfg.run_id),  # same run id (--resume): Ray Train restores its newest checkpoint
             storage_path=cfg.storage,

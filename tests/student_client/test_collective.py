@@ -1,6 +1,7 @@
 """What workers do together (student_client/collective.py), on a real two-process torch.distributed (gloo) group:
-named sums in one all-reduce whatever names each worker gave, and one fatal-error message agreed by both. Plus the
-one-line helpers of error messages (student_client/errors.py)."""
+named sums in one all-reduce whatever names each worker gave, and one fatal-error message agreed by both; also with
+gloo named for the host among per-device backends, as GPU runs on Ray name it ("cpu:gloo,cuda:nccl",
+ray_runner.process_group_backend). Plus the one-line helpers of error messages (student_client/errors.py)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import torch.distributed as dist
 from student_client.collective import TorchDistCollective, agree_on_error, sum_over_workers
 
 rank = int(sys.argv[1])
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[2]}", rank=rank, world_size=2)
+dist.init_process_group(sys.argv[3], init_method=f"tcp://127.0.0.1:{sys.argv[2]}", rank=rank, world_size=2)
 group = TorchDistCollective()
 own = {"images": 8.0, "loss": 1.5} if rank == 0 else {"images": 4.0, "cost": 0.25}  # rank 1 gives no loss
 sums = sum_over_workers(group, own, ("loss", "images", "cost", "fatal"))
@@ -40,13 +41,14 @@ dist.destroy_process_group()
 """
 
 
-def test_two_workers_sum_by_name_and_agree_on_the_failing_workers_message() -> None:
+@pytest.mark.parametrize("backend", ["gloo", "cpu:gloo"])
+def test_two_workers_sum_by_name_and_agree_on_the_failing_workers_message(backend: str) -> None:
     port = str(free_port())
     env = clean_env()
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])  # this checkout's student_client
     workers = [
         subprocess.Popen(
-            [sys.executable, "-c", _WORKER, str(rank), port],
+            [sys.executable, "-c", _WORKER, str(rank), port, backend],
             cwd=REPO,
             env=env,
             stdout=subprocess.PIPE,
@@ -65,6 +67,15 @@ def test_two_workers_sum_by_name_and_agree_on_the_failing_workers_message() -> N
         assert answer["reduced"] == {"total": [3.0, 3.0], "own": [float(rank + 1)] * 2}
         assert answer["none_failed"] is None
         assert answer["one_failed"] == "teacher refused the API key"
+
+
+def test_gpu_workers_sum_their_counters_on_the_host() -> None:
+    """The backend Ray's GPU workers get names gloo for host tensors (the counters summed above), NCCL for CUDA ones
+    (DDP's gradients); CPU workers get gloo alone."""
+    from student_client.ray_runner import process_group_backend
+
+    assert process_group_backend(use_gpu=True).split(",") == ["cpu:gloo", "cuda:nccl"]
+    assert process_group_backend(use_gpu=False) == "gloo"
 
 
 def test_a_name_outside_the_layout_is_refused() -> None:
