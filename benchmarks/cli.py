@@ -11,7 +11,8 @@ Sections (all ratios measured in this run, on this machine):
   gpu         bf16 on the GPU, % of peak (only with CUDA)
   ledger      per-request billing time at growing ledger sizes (SQLite, Postgres), ledger bytes per billed image
   serving     the serving path's own cost: server CPU-us per image above the in-process forward (a negligible
-              teacher of DeiT-S geometry, keep 50%), per stage, and img/s through the server
+              teacher of DeiT-S geometry, keep 50%), per stage, and img/s through the server; the client's CPU per
+              image by stage
   tenants     a light key's p50/p99 alone and under a greedy key's 16-client flood; the flood's goodput, refusals
               and billed-but-undelivered requests (ledger read back with SQL)
   precision   matmul rate per dtype (the best is the machine's limit), the dtype `--dtype auto` serves, and a
@@ -223,7 +224,10 @@ def run_bench(
             s["serving"] = _run(
                 "serving",
                 lambda: run_serving_section(
-                    cfg.serving_configs or CONFIGS, calls=cfg.serving_calls, rounds=cfg.serving_rounds
+                    cfg.serving_configs or CONFIGS,
+                    calls=cfg.serving_calls,
+                    rounds=cfg.serving_rounds,
+                    client_batch=cfg.client_batch,
                 ),
             )
         if "tenants" in sections:

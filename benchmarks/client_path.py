@@ -1,14 +1,16 @@
 """The client's side of the serving path: CPU-us per image a student's process spends to send kept patches and
-read the answer, by stage. A diagnostic for docs/performance-notes.md, beside `benchmarks.serving` (the server's side).
+read the answer, by stage. Beside `benchmarks.serving`, the server's side.
 
 One `TeacherClient` in this process calls a server child (the negligible DeiT-S-geometry teacher of
 `benchmarks.serving`, float32, one torch thread) with 64-image batches of uint8 kept patches at keep 50% (75 KB an
 image), one call at a time, as `TeacherClient.infer` does in three steps, each timed by the calling thread's CPU
 clock: build (`Batch.requests`: the checks, the pixels' bytes), call (`infer_request`: serialize, gRPC's send, the
 wait, the answer's parse) and decode (`decode_response`: the logits as a tensor). "Process" is this process's whole
-CPU over the calls (gRPC's own threads included). Rounds alternate between the ways the pixels go.
+CPU over the calls (gRPC's own threads included). Rounds alternate between the ways the pixels go: in the messages
+and through shared memory. This process keeps glibc's malloc settings, as a user's own loop does (`student-client
+train` tunes them: docs/performance-notes.md, section 23, measures both). `make bench` runs it in its serving section.
 
-    python -m benchmarks.client_path [--batch 64] [--calls 60] [--rounds 3] [--shared-memory]
+    python -m benchmarks.client_path [--batch 64] [--calls 60] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -56,41 +59,63 @@ def measure(server: BenchServer, *, batch: int, calls: int, shared_memory: bool,
     return {stage: seconds / (calls * batch) * 1e6 for stage, seconds in spent.items()}
 
 
+def run_client_rounds(*, batch: int = 64, calls: int = 60, rounds: int = 3) -> list[dict[str, Any]]:
+    """One server child (reading shared memory too); `rounds` rounds, each measuring the messages then shared memory.
+    One row per way: each stage the median of the rounds, `rounds` each round's own figures."""
+    results: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+    with tempfile.TemporaryDirectory(prefix="bench-client-") as tmp:
+        server = BenchServer("client-path", server_settings(), Path(tmp), threads=1).start().wait_ready()
+        try:
+            for r in range(rounds):
+                for way in results:
+                    results[way].append(
+                        measure(server, batch=batch, calls=calls, shared_memory=way, seed=100 * r + way)
+                    )
+        finally:
+            server.stop()
+    return [
+        {
+            "pixels": "shared memory" if way else "messages",
+            "batch": batch,
+            **{stage: statistics.median(r[stage] for r in rows) for stage in STAGES},
+            "rounds": rows,
+        }
+        for way, rows in results.items()
+    ]
+
+
+def server_settings() -> dict[str, Any]:
+    """The negligible teacher as `benchmarks.serving` serves it, float32, reading shared memory too."""
+    return {
+        "model": ARCH,
+        "model_kwargs": NEGLIGIBLE_TEACHER,
+        "dtype": "float32",
+        "max_batch_images": 256,
+        "token_budget": 256 * (KEEP + 1),
+        "max_delay_ms": 2.0,
+        "shared_memory": True,
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = ["pixels", "images per call", "build", "call", "decode", "whole process"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["pixels"], str(row["batch"]), *(f"{row[s]:.1f}" for s in STAGES)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.client_path", description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--calls", type=int, default=60, help="measured calls per round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--shared-memory", action="store_true", help="also the pixels through shared memory")
     args = parser.parse_args(argv)
-    ways = (False, True) if args.shared_memory else (False,)
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        settings = {
-            "model": ARCH,
-            "model_kwargs": NEGLIGIBLE_TEACHER,
-            "dtype": "float32",
-            "max_batch_images": 256,
-            "token_budget": 256 * (KEEP + 1),
-            "max_delay_ms": 2.0,
-            "shared_memory": args.shared_memory,
-        }
-        server = BenchServer("client-path", settings, Path(tmp), threads=1).start().wait_ready()
-        try:
-            results: dict[bool, list[dict[str, float]]] = {way: [] for way in ways}
-            for r in range(args.rounds):
-                for way in ways:
-                    results[way].append(
-                        measure(server, batch=args.batch, calls=args.calls, shared_memory=way, seed=100 * r + way)
-                    )
-        finally:
-            server.stop()
-    print(f"client CPU-us per image, batch {args.batch}, {args.calls} calls a round; median of {args.rounds} rounds")
-    print("| pixels | " + " | ".join(STAGES) + " |")
-    print("|---|" + "---|" * len(STAGES))
-    for way, rounds in results.items():
-        cells = [f"{statistics.median(r[s] for r in rounds):.1f}" for s in STAGES]
-        print(f"| {'shared memory' if way else 'messages'} | " + " | ".join(cells) + " |")
+    rows = run_client_rounds(batch=args.batch, calls=args.calls, rounds=args.rounds)
+    print(f"client CPU-us per image, {args.calls} calls a round; median of {args.rounds} interleaved rounds")
+    print(table(rows))
 
 
 if __name__ == "__main__":

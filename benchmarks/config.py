@@ -77,6 +77,7 @@ class BenchConfig:
     # (clients, images per call, pixels in shared memory, ingest workers) of the serving section; () = its CONFIGS
     serving_configs: tuple[tuple[int, int, bool, int], ...] = ()
     serving_rounds: int = 3  # interleaved rounds of every serving configuration (the section reports medians)
+    client_batch: int = 64  # images per call of the serving section's client (benchmarks/client_path.py)
     tenants_seconds: float = 10.0  # each phase of the tenants section (light alone, light under the flood)
 
 
@@ -168,5 +169,6 @@ QUICK = BenchConfig(
     serving_calls=2,
     serving_configs=((2, 8, False, 0), (2, 8, True, 0), (2, 8, False, 2)),
     serving_rounds=1,
+    client_batch=8,
     tenants_seconds=2.0,
 )

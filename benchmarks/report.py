@@ -388,7 +388,16 @@ def _precision(s: Section) -> str:
 def _serving(section: dict[str, Any]) -> str:
     from benchmarks.serving import table
 
-    return "CPU microseconds per image served (server process, every thread), by stage:\n\n" + table(section["rows"])
+    text = "CPU microseconds per image served (server process, every thread), by stage:\n\n" + table(section["rows"])
+    if section.get("client"):
+        from benchmarks.client_path import table as client_table
+
+        text += (
+            "\n\nThe client's side: CPU microseconds per image of one `TeacherClient` sending uint8 kept patches "
+            "(build, call, decode: the calling thread; whole process: gRPC's threads too), glibc's malloc settings "
+            "(`student-client train` tunes them), medians of the rounds:\n\n" + client_table(section["client"])
+        )
+    return text
 
 
 def _tenants(section: dict[str, Any]) -> str:

@@ -252,9 +252,11 @@ def run_serving_section(
     rounds: int = 3,
     workdir: Path | None = None,
     profile_loop: Path | None = None,
+    client_batch: int = 0,
 ) -> dict[str, Any]:
     """`make bench`'s serving section: `rounds` rounds, each measuring every configuration once (interleaved, so a
-    slow spell of a shared machine touches them all); per configuration the median of the rounds, and each round."""
+    slow spell of a shared machine touches them all); per configuration the median of the rounds, and each round.
+    `client_batch` > 0: then the client's side too (benchmarks/client_path.py), calls of that many images."""
     runs: list[list[ServingResult]] = [[] for _ in configs]
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         for r in range(rounds):
@@ -265,12 +267,18 @@ def run_serving_section(
                 )
                 runs[i].append(result)
     rows = [_median_row(results) for results in runs]
+    client: list[dict[str, Any]] = []
+    if client_batch > 0:
+        from benchmarks.client_path import run_client_rounds  # it serves this module's teacher
+
+        client = run_client_rounds(batch=client_batch, calls=calls, rounds=rounds)
     return {
         "status": "ok",
         "teacher": {"arch": ARCH, **NEGLIGIBLE_TEACHER},
         "keep_patches": KEEP,
         "rounds": rounds,
         "rows": rows,
+        "client": client,
     }
 
 

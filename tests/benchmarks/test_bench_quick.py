@@ -75,6 +75,9 @@ def test_sections_hold_their_measurements(quick_run: tuple[Path, dict, str]) -> 
     assert all(r["images"] > 0 and r["server_cpu_us"] >= 0 for r in serving)
     assert all(r["floor_us"] is not None and r["floor_us"] >= 0 for r in serving[:2])  # messages, shared memory
     assert serving[2]["floor_us"] is None
+    client = s["serving"]["client"]  # the client's side: both ways, every stage measured
+    assert [r["pixels"] for r in client] == ["messages", "shared memory"]
+    assert all(r["process"] > 0 and r["build"] > 0 and r["call"] > 0 for r in client)
     # FlopCounterMode is the independent reference for the FLOP model the server bills with
     assert all(abs(r["ratio"] - 1.0) < 0.01 for r in s["flops"]["rows"])
     assert all(m["groups"] for m in s["breakdown"]["models"])
