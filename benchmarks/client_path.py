@@ -35,8 +35,9 @@ STAGES = ("build", "call", "decode", "process")
 def measure(server: BenchServer, *, batch: int, calls: int, shared_memory: bool, seed: int) -> dict[str, float]:
     """us per image of each stage over `calls` calls (after two unmeasured ones)."""
     g = torch.Generator().manual_seed(seed)
-    grid = NEGLIGIBLE_TEACHER["img_size"] // NEGLIGIBLE_TEACHER["patch_size"]
-    patches = torch.randint(0, 256, (batch, KEEP, 3, 16, 16), dtype=torch.uint8, generator=g)  # [B,K,C,P,P]
+    p = NEGLIGIBLE_TEACHER["patch_size"]
+    grid = NEGLIGIBLE_TEACHER["img_size"] // p
+    patches = torch.randint(0, 256, (batch, KEEP, 3, p, p), dtype=torch.uint8, generator=g)  # [B,K,C,P,P]
     keep = torch.stack([torch.randperm(grid * grid, generator=g)[:KEEP] for _ in range(batch)])  # [B,K]
     spent = dict.fromkeys(STAGES, 0.0)
     with TeacherClient(server.address, server.api_key, shared_memory=shared_memory) as client:

@@ -52,21 +52,25 @@ def tensor_to_proto(tensor: torch.Tensor) -> pb.Tensor:
 
 def tensor_header(tensor: torch.Tensor) -> pb.Tensor:
     """The `Tensor` message of `tensor` without its bytes: dtype and shape (`tensor_bytes` gives the bytes)."""
-    if tensor.dtype not in _TORCH_TO_WIRE:
-        raise TypeError(f"dtype {tensor.dtype} cannot travel; use one of {sorted(WIRE_DTYPES)}")
-    return pb.Tensor(dtype=_TORCH_TO_WIRE[tensor.dtype], shape=list(tensor.shape))
+    return pb.Tensor(dtype=_wire_dtype(tensor), shape=list(tensor.shape))
 
 
 def tensor_bytes(tensor: torch.Tensor) -> bytes:
     """The bytes of `Tensor.data` for `tensor` (row-major, little-endian), in one copy from host memory."""
-    if tensor.dtype not in _TORCH_TO_WIRE:
-        raise TypeError(f"dtype {tensor.dtype} cannot travel; use one of {sorted(WIRE_DTYPES)}")
+    _wire_dtype(tensor)
     t = tensor.detach().contiguous().cpu()
     raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
     arr = raw.numpy()
     if _BIG_ENDIAN:
         arr = arr.byteswap()
     return arr.tobytes()
+
+
+def _wire_dtype(tensor: torch.Tensor) -> str:
+    """The dtype's name on the wire; TypeError for one that cannot travel."""
+    if tensor.dtype not in _TORCH_TO_WIRE:
+        raise TypeError(f"dtype {tensor.dtype} cannot travel; use one of {sorted(WIRE_DTYPES)}")
+    return _TORCH_TO_WIRE[tensor.dtype]
 
 
 def proto_to_tensor(msg: pb.Tensor, *, name: str = "tensor", max_elements: int | None = None) -> torch.Tensor:
