@@ -6,7 +6,8 @@ metrics row and a checkpoint, then the summary (train_report.finish_run). Every 
 any hit a fatal teacher error (bad key, quota, bad input), which stops every worker at the same step, cleanly, instead
 of being retried by Ray's FailureConfig like a crash would be; after the optimizer step they sum one small set of named
 numbers (loss, images, teacher usage: train_stats) in one all-reduce, so the progress bar and the cost figures cover
-all workers.
+all workers, and every worker stops after the same step when that loss is NaN or infinite (a diverged run would keep
+paying the teacher).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from student_client.train_stats import (
     StepStats,
     account_step,
     add_stats,
+    diverged,
     empty_stats,
     step_stats,
     sum_step_over_workers,
@@ -97,7 +99,8 @@ def _train_step(
     run: TrainingRun, log: RunLog, epoch: int, index: int, images: torch.Tensor, targets: torch.Tensor, sums: StepStats
 ) -> str | None:
     """One optimizer step on batch `index` of `epoch`, its numbers (summed over the workers) added into `sums`.
-    Returns the fatal error every worker stops on (then nothing was stepped), or None."""
+    Returns the fatal error every worker stops on, or None: a teacher's (then nothing was stepped), or a loss that
+    is not finite (the step is accounted: its teacher calls were billed)."""
     cfg, ctx, state, kd = run.cfg, run.ctx, run.state, run.kd
     _maybe_inject_failure(cfg, ctx, state)
     step_started = time.perf_counter()
@@ -148,7 +151,7 @@ def _train_step(
     if kd.prober is not None and kd.selector is not None:
         row.update(keep_strategy=kd.selector.strategy, keep=kd.selector.keep)
     log.step(state, row)
-    return None
+    return diverged(stats, epoch=epoch, step=state.global_step)
 
 
 def _end_epoch(run: TrainingRun, log: RunLog, epoch: int, sums: StepStats, epoch_started: float) -> Accuracy | None:

@@ -4,6 +4,8 @@ TrainState and the epoch's sums. Sums, not means, travel, so the totals of all w
 
 from __future__ import annotations
 
+import math
+
 from student_client.checkpointing import TrainState
 from student_client.collective import Collective, sum_over_workers
 from student_client.train_step import StepResult
@@ -61,6 +63,20 @@ def step_stats(result: StepResult, probe_usage: Usage, *, mismatched: int, rebil
 def sum_step_over_workers(ctx: Collective, stats: StepStats) -> StepStats:
     """Every STEP_STATS number summed over the workers (one all-reduce). A collective."""
     return sum_over_workers(ctx, stats, STEP_STATS)
+
+
+def diverged(stats: StepStats, *, epoch: int, step: int) -> str | None:
+    """The run's fatal error when a step's loss (summed over the workers, so every worker sees it) is NaN or
+    infinite, else None. A diverged student still asks the teacher for every step's answers, each billed, and can
+    learn nothing from them; stopping at the first such step pays for that step alone."""
+    loss = stats["loss"]
+    if math.isfinite(loss):
+        return None
+    return (
+        f"the training loss became {loss} at step {step} (epoch {epoch + 1}): the run stopped there so that a "
+        "diverged student pays for no more teacher calls, and saved no weights since its last checkpoint "
+        "(a lower --lr may help)"
+    )
 
 
 def add_stats(total: StepStats, stats: StepStats) -> None:

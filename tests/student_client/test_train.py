@@ -3,7 +3,9 @@ ledger against the FLOP model, what the teacher sees, head-only training, checkp
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +212,29 @@ def test_quota_exhausted_mid_run_stops_cleanly_with_the_reason(env: dict[str, An
     billed = sum(r["gflops"] for r in ledger_rows(srv, "quota-small"))
     assert billed <= 1.5 * one_step + 1e-9
     assert summary["teacher_gflops"] == pytest.approx(one_step, rel=1e-9)
+
+
+def test_a_diverged_run_stops_at_the_first_step_whose_loss_is_not_finite(env: dict[str, Any]) -> None:
+    """float32 on the CPU. AdamW at lr 1e38 moves every weight by ~1e38 a step, so the student's forward soon
+    overflows. The student's NaN scores still pick patches and the teacher still answers (and bills) every such step,
+    so the run must stop itself: after the first step whose loss is not finite, with a one-line reason, that step's
+    teacher calls billed and counted, none after it, and no checkpoint of the diverged weights."""
+    cfg = config(env, "diverged", epochs=4, max_steps=8, lr=1e38)
+    summary = run_training(cfg, LocalContext())
+    error, steps = summary["fatal_error"], summary["global_step"]
+    assert "loss became nan" in error.lower() or "loss became inf" in error.lower(), error
+    assert "\n" not in error and f"at step {steps} " in error
+    assert 1 < steps < 8
+    with (Path(cfg.out) / "metrics_steps.csv").open(newline="") as f:
+        losses = [float(row["loss"]) for row in csv.DictReader(f)]
+    assert len(losses) == steps and not math.isfinite(losses[-1]) and all(map(math.isfinite, losses[:-1]))
+    rows = ledger_rows(env["srv"], "diverged")
+    assert len(rows) == steps * 2  # 2 micro-batches a step, every step up to the diverged one, none after
+    assert summary["teacher_gflops"] == pytest.approx(sum(float(r["gflops"]) for r in rows), rel=1e-9)
+    assert summary["teacher_requests"] == len(rows)
+    last = latest_checkpoint(cfg.out)
+    saved = 0 if last is None else torch.load(last / "train_state.pt", weights_only=False)["state"]["global_step"]
+    assert saved < steps
 
 
 def test_a_resumed_run_sends_the_bytes_of_an_uninterrupted_one_with_heavy_augment_and_random_patches(
