@@ -1,5 +1,11 @@
 # Two commands set up a fresh machine: `make demo` and `make test`. Each installs what it needs itself.
-PYTHON ?= python3.11
+# Python 3.11 or 3.12 (the versions the suite passes on): the first of python3.11, python3.12 and python3 that runs
+# as one (a pyenv shim of a version not installed does not); PYTHON=... wins.
+SUPPORTED_PYTHON := import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 12))
+ifndef PYTHON
+PYTHON := $(or $(firstword $(foreach p,python3.11 python3.12 python3,\
+	$(shell $(p) -c '$(SUPPORTED_PYTHON)' 2>/dev/null && command -v $(p)))),python3.11)
+endif
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
@@ -9,7 +15,8 @@ STAMP  := $(VENV)/.installed
 # The extras `make demo` and `make test` need (pyproject.toml), at the versions pinned in constraints.txt.
 EXTRAS := client,train,server,dashboard,postgres,test
 $(STAMP): pyproject.toml constraints.txt
-	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
+	@$(PYTHON) -c '$(SUPPORTED_PYTHON)' 2>/dev/null || { echo "error: make needs Python 3.11 or 3.12" \
+		"(python3.11, python3.12 or python3 on PATH, or PYTHON=...); $(PYTHON) is missing or another version" >&2; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'

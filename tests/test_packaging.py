@@ -1,4 +1,5 @@
-"""pyproject.toml's extras and constraints.txt: what `pip install maskedkd-service[client]` pulls in, and the pins.
+"""pyproject.toml's extras and constraints.txt: what `pip install maskedkd-service[client]` pulls in, and the pins;
+the Python the Makefile installs them with.
 
 The closure is resolved offline from the installed distributions' own metadata (their Requires-Dist with markers and
 extras), starting from the requirements pyproject.toml names for an extra.
@@ -7,6 +8,9 @@ extras), starting from the requirements pyproject.toml names for an extra.
 from __future__ import annotations
 
 import importlib.metadata as md
+import shutil
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -98,3 +102,42 @@ def test_the_pins_are_what_is_installed_here() -> None:
         name: (version, md.version(name)) for name, version in _constraints().items() if md.version(name) != version
     }
     assert not drift, f"constraints.txt differs from the installed versions (pinned, installed): {drift}"
+
+
+def _make(args: list[str], path: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("no make on this machine")
+    env = {"PATH": path, "HOME": str(tmp_path)}
+    return subprocess.run([make, "-s", "-C", str(REPO), *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def _fake_python(path: Path, exit_code: int) -> Path:
+    """An executable that fails as a pyenv shim of a version not installed does (or an older Python's check)."""
+    path.write_text(f"#!/bin/sh\nexit {exit_code}\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_make_takes_the_first_python_on_path_that_runs_as_311_or_312(tmp_path: Path) -> None:
+    """A fresh machine's Python: python3.11 on PATH that does not run is passed over for python3.12 (here the suite's
+    own interpreter, a 3.11 or 3.12 itself, linked under that name)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake_python(bin_dir / "python3.11", 127)
+    (bin_dir / "python3.12").symlink_to(sys.executable)
+    done = _make(["-p", "-n", "install", f"VENV={tmp_path / 'venv'}"], f"{bin_dir}:/usr/bin:/bin", tmp_path)
+    chosen = [line for line in done.stdout.splitlines() if line.startswith("PYTHON := ")]
+    assert chosen == [f"PYTHON := {bin_dir / 'python3.12'}"], done.stderr[-2000:]
+
+
+def test_make_refuses_another_python_in_one_line_before_making_a_venv(tmp_path: Path) -> None:
+    fake = _fake_python(tmp_path / "python3.10", 1)
+    venv = tmp_path / "venv"
+    done = _make(["install", f"PYTHON={fake}", f"VENV={venv}"], "/usr/bin:/bin", tmp_path)
+    assert done.returncode != 0 and not venv.exists()
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: make needs Python 3.11 or 3.12 (python3.11, python3.12 or python3 on PATH, or PYTHON=...); "
+        f"{fake} is missing or another version"
+    ]
