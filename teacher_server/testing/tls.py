@@ -59,6 +59,12 @@ def _cert(subject: str, key, issuer_name, issuer_key, *, ca: bool, server: bool 
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=2))
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        # Both key identifiers, as a real CA writes them: RFC 5280 strict verification (Python 3.13's default)
+        # refuses a certificate without the authority's.
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key((issuer_key or key).public_key()), critical=False
+        )
     )
     if ca:
         builder = builder.add_extension(

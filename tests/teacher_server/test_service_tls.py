@@ -4,7 +4,10 @@ one from another CA are refused before anything is billed. Bad TLS files are a o
 
 from __future__ import annotations
 
+import socket
+import ssl
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -171,3 +174,23 @@ def test_standalone_dashboard_serves_https(pki: Pki, tls_server: RunningServer) 
         assert response.status_code == 200 and "tls-dashboard" in {k["key"] for k in response.json()["keys"]}
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{port}/api/usage/keys", timeout=5)
+
+
+def test_the_test_pki_passes_strict_x509_verification_both_ways(pki: Pki) -> None:
+    """The throw-away PKI holds up under RFC 5280's strict checks, which Python 3.13's default contexts turn on (a
+    certificate without an authority key identifier fails them): a TLS handshake over a socket pair in which the
+    client checks the server's certificate and the server the client's, both with VERIFY_X509_STRICT. No model."""
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(pki.server_cert, pki.server_key)
+    server_ctx.load_verify_locations(pki.ca)
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    client_ctx = ssl.create_default_context(cafile=pki.ca)
+    client_ctx.load_cert_chain(pki.client_cert, pki.client_key)
+    for ctx in (server_ctx, client_ctx):
+        ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    left, right = socket.socketpair()
+    with left, right, ThreadPoolExecutor(1) as pool:
+        accepted = pool.submit(server_ctx.wrap_socket, right, server_side=True)
+        with client_ctx.wrap_socket(left, server_hostname="localhost") as client, accepted.result(10) as served:
+            assert served.getpeercert()["subject"] == ((("commonName", "student"),),)
+            assert client.getpeercert()["subject"] == ((("commonName", "localhost"),),)
