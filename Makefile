@@ -17,6 +17,10 @@ EXTRAS := client,train,server,dashboard,postgres,test
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c '$(SUPPORTED_PYTHON)' 2>/dev/null || { echo "error: make needs Python 3.11 or 3.12" \
 		"(python3.11, python3.12 or python3 on PATH, or PYTHON=...); $(PYTHON) is missing or another version" >&2; exit 1; }
+	@# Debian and Ubuntu ship venv's ensurepip apart (python3.X-venv): installed like chromium below, when root.
+	@test -x $(PY) || $(PYTHON) -c 'import ensurepip' 2>/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || { \
+		apt-get update -q && apt-get install -y -q \
+		python$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')-venv; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'

@@ -141,3 +141,32 @@ def test_make_refuses_another_python_in_one_line_before_making_a_venv(tmp_path: 
         "error: make needs Python 3.11 or 3.12 (python3.11, python3.12 or python3 on PATH, or PYTHON=...); "
         f"{fake} is missing or another version"
     ]
+
+
+def test_make_installs_the_venv_package_a_debian_python_lacks_when_root(tmp_path: Path) -> None:
+    """Debian and Ubuntu ship ensurepip apart from Python (python3.X-venv); a fresh machine has none, and as root
+    `make` installs it as it installs chromium. The Python, `id` and `apt-get` here are stand-ins on PATH (apt-get
+    records its arguments and "installs" ensurepip); the stand-in Python then fails to make the venv, ending make."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    installed, calls = tmp_path / "ensurepip-installed", tmp_path / "apt-get.calls"
+    python = bin_dir / "python3.12"
+    python.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in\n'
+        f"  *ensurepip*) test -f {installed} ;;\n"
+        "  *print*version_info*) echo 3.12 ;;\n"
+        "  *version_info*) exit 0 ;;\n"
+        "  *) exit 3 ;;\n"
+        "esac\n"
+    )
+    (bin_dir / "id").write_text("#!/bin/sh\necho 0\n")
+    (bin_dir / "apt-get").write_text(f'#!/bin/sh\necho "$*" >> {calls}\ntouch {installed}\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    done = _make(["install", f"PYTHON={python}", f"VENV={tmp_path / 'venv'}"], f"{bin_dir}:/usr/bin:/bin", tmp_path)
+    assert done.returncode != 0  # the stand-in cannot make a venv
+    assert calls.read_text().splitlines() == ["update -q", "install -y -q python3.12-venv"], done.stderr[-2000:]
+    calls.unlink()
+    _make(["install", f"PYTHON={python}", f"VENV={tmp_path / 'venv'}"], f"{bin_dir}:/usr/bin:/bin", tmp_path)
+    assert not calls.exists()  # ensurepip is there now: nothing installed again
