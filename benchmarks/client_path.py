@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from benchmarks.server_proc import BenchServer
-from benchmarks.serving import ARCH, KEEP, NEGLIGIBLE_TEACHER
+from benchmarks.serving import KEEP, NEGLIGIBLE_TEACHER, SERVED
 from student_client.client import TeacherClient
 from student_client.wire import Batch, decode_response
 
@@ -87,15 +87,7 @@ def run_client_rounds(*, batch: int = 64, calls: int = 60, rounds: int = 3) -> l
 
 def server_settings() -> dict[str, Any]:
     """The negligible teacher as `benchmarks.serving` serves it, float32, reading shared memory too."""
-    return {
-        "model": ARCH,
-        "model_kwargs": NEGLIGIBLE_TEACHER,
-        "dtype": "float32",
-        "max_batch_images": 256,
-        "token_budget": 256 * (KEEP + 1),
-        "max_delay_ms": 2.0,
-        "shared_memory": True,
-    }
+    return {**SERVED, "shared_memory": True}
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -53,6 +53,15 @@ NEGLIGIBLE_TEACHER = {
 }
 ARCH = "vit_tiny_patch16_224"
 KEEP = 98  # of 196 patches: keep 50%
+# how the negligible teacher is served (float32, every request of a load in one batch's reach)
+SERVED = {
+    "model": ARCH,
+    "model_kwargs": NEGLIGIBLE_TEACHER,
+    "dtype": "float32",
+    "max_batch_images": 256,
+    "token_budget": 256 * (KEEP + 1),
+    "max_delay_ms": 2.0,
+}
 # (clients, images per call, pixels through shared memory, ingest workers), as docs/performance-notes.md measured them
 CONFIGS = ((2, 64, False, 0), (8, 32, False, 0), (2, 64, True, 0), (8, 32, True, 0), (8, 32, False, 2))
 STAGE_RE = re.compile(r'^maskedkd_stage_cpu_seconds_total\{stage="(\w+)"\} ([0-9.e+-]+)$', re.M)
@@ -170,13 +179,8 @@ def measure(
     server = BenchServer(
         f"serving-{clients}x{batch}",
         {
-            "model": ARCH,
-            "model_kwargs": NEGLIGIBLE_TEACHER,
+            **SERVED,
             "metrics_port": 0,
-            "dtype": "float32",
-            "max_batch_images": 256,
-            "token_budget": 256 * (KEEP + 1),
-            "max_delay_ms": 2.0,
             "shared_memory": shared_memory,
             "ingest_workers": ingest_workers,
             **(settings or {}),
