@@ -16,6 +16,8 @@ not be billed at all.
     python -m benchmarks.tenants --seconds 4 --json out.json
     python -m benchmarks.tenants --ingest-workers 2  # the same against `serve --ingest-workers 2`
     python -m benchmarks.tenants --light-priority interactive  # the light key in a better class than the flood's
+    python -m benchmarks.tenants --max-batch-ms 50  # batches bounded to 50 ms (the greedy calls run in more chunks)
+    python -m benchmarks.tenants --lone-key 0,100,50 --seconds 10  # what the chunks cost a key alone (img/s)
 """
 
 from __future__ import annotations
@@ -156,18 +158,21 @@ def run_tenants(
     threads: int = 0,
     ingest_workers: int = 0,
     light_priority: str = DEFAULT_PRIORITY,
+    max_batch_ms: float | None = None,
 ) -> dict[str, Any]:
     """The scenario against a fresh server child; the figures of `make bench`'s tenants section. `ingest_workers`:
     the server runs that many ingest processes; `light_priority`: the light key's class (the greedy key's is
-    standard)."""
+    standard); `max_batch_ms`: the server's `--max-batch-ms` (None: its default)."""
     from teacher_server.ledger.database import open_ledger
+
+    server = {} if max_batch_ms is None else {"max_batch_ms": max_batch_ms}
     from teacher_server.ledger.keys import create_api_key
 
     with tempfile.TemporaryDirectory(prefix="bench-tenants-") as tmp:
         work = workdir or Path(tmp)
         server = BenchServer(
             "tenants",
-            {"model": ARCH, "model_kwargs": TINY, "dtype": "float32", "ingest_workers": ingest_workers},
+            {"model": ARCH, "model_kwargs": TINY, "dtype": "float32", "ingest_workers": ingest_workers, **server},
             work,
             threads=threads,
         )
@@ -196,6 +201,7 @@ def run_tenants(
         "seconds": seconds,
         "ingest_workers": ingest_workers,
         "light_priority": light_priority,
+        "max_batch_ms": max_batch_ms,
         "light": {"alone": alone, "flood": flood, "p99_ratio": flood["p99_ms"] / alone["p99_ms"], **LIGHT},
         "greedy": {
             **greedy,
@@ -206,6 +212,65 @@ def run_tenants(
             "billed_undelivered": len(undelivered),
         },
     }
+
+
+def lone_key_rates(
+    bounds: list[float], *, seconds: float, rounds: int, clients: int = 2, threads: int = 0
+) -> dict[float, list[float]]:
+    """What splitting large requests costs a key alone: img/s of `clients` sending the greedy key's calls back to back
+    (no deadline) to a server at each `--max-batch-ms` of `bounds` (0: requests are never split), `rounds` interleaved
+    rounds of `seconds` each. Returns img/s per round, by bound."""
+    rates: dict[float, list[float]] = {b: [] for b in bounds}
+    with tempfile.TemporaryDirectory(prefix="bench-lone-key-") as tmp:
+        servers = {
+            b: BenchServer(
+                f"bound-{b:g}",
+                {"model": ARCH, "model_kwargs": TINY, "dtype": "float32", "max_batch_ms": b},
+                Path(tmp) / f"bound-{b:g}",
+                threads=threads,
+            ).start()
+            for b in bounds
+        }
+        try:
+            for b in bounds:
+                servers[b].wait_ready()
+                _back_to_back(servers[b], clients, 2.0)  # warm-up: the compute estimate learns the forward
+            for _ in range(rounds):
+                for b in bounds:
+                    rates[b].append(_back_to_back(servers[b], clients, seconds))
+        finally:
+            for server in servers.values():
+                server.stop()
+    return rates
+
+
+def _back_to_back(server: BenchServer, clients: int, seconds: float) -> float:
+    """img/s answered to `clients` sending greedy-sized calls back to back for `seconds`."""
+    metadata = (("authorization", f"Bearer {server.api_key}"),)
+    base = _request(GREEDY["images"], "", seed=7)
+    answered = [0]
+    lock = threading.Lock()
+    started = time.monotonic()
+
+    def client(c: int) -> None:
+        with grpc.insecure_channel(server.address, options=OPTIONS) as channel:
+            stub = pb_grpc.TeacherServiceStub(channel)
+            i = 0
+            while time.monotonic() < started + seconds:
+                request = pb.InferRequest()
+                request.CopyFrom(base)
+                request.request_id = f"lone-{started}-{c}-{i}"
+                i += 1
+                stub.Infer(request, metadata=metadata, timeout=120)
+                with lock:
+                    answered[0] += GREEDY["images"]
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return answered[0] / (time.monotonic() - started)
 
 
 def table(result: dict[str, Any]) -> str:
@@ -236,6 +301,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--light-priority", choices=PRIORITIES, default=DEFAULT_PRIORITY, help="the light key's priority class"
     )
+    parser.add_argument(
+        "--max-batch-ms", type=float, default=None, help="the server's --max-batch-ms (default: the server's default)"
+    )
+    parser.add_argument(
+        "--lone-key",
+        metavar="MS,MS,...",
+        default=None,
+        help="instead: img/s of a key alone sending greedy calls, at each --max-batch-ms listed (0: never split)",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="with --lone-key: interleaved rounds of --seconds each")
     parser.add_argument("--greedy", nargs=2, metavar=("ADDRESS", "KEY"), help=argparse.SUPPRESS)  # the child
     args = parser.parse_args(argv)
     if args.greedy:
@@ -243,11 +318,22 @@ def main(argv: list[str] | None = None) -> int:
         assert args.json is not None
         args.json.write_text(json.dumps(result))
         return 0
+    if args.lone_key:
+        try:
+            bounds = [float(x) for x in args.lone_key.split(",")]
+        except ValueError:
+            parser.error(f"--lone-key wants milliseconds like 0,100,50, got {args.lone_key!r}")
+        rates = lone_key_rates(bounds, seconds=args.seconds, rounds=args.rounds)
+        print("| --max-batch-ms | img/s, each round | median |\n|---|---|---|")
+        for bound, per_round in rates.items():
+            print(f"| {bound:g} | {' / '.join(f'{r:.0f}' for r in per_round)} | {median(per_round):.0f} |")
+        return 0
     result = run_tenants(
         args.seconds,
         greedy_images=args.greedy_images,
         ingest_workers=args.ingest_workers,
         light_priority=args.light_priority,
+        max_batch_ms=args.max_batch_ms,
     )
     print(table(result))
     if args.json:

@@ -150,6 +150,15 @@ class ServerMetrics:
             ["model"],
             registry=r,
         )
+        self.split_requests = Counter(
+            "maskedkd_split_requests_total",
+            "Requests larger than a batch (--max-batch-ms, --token-budget), run as chunks in consecutive batches",
+            ["model"],
+            registry=r,
+        )
+        self.split_chunks = Counter(
+            "maskedkd_split_chunks_total", "The chunks those requests were queued as", ["model"], registry=r
+        )
         self.ingested_bytes = Counter(
             "maskedkd_ingested_bytes_total",
             "Pixel bytes received (in the messages or from shared memory), per ingest process",

@@ -8,7 +8,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -16,6 +16,9 @@ from teacher_server.engine.answers import Answer
 from teacher_server.engine.decode import DecodedInput
 from teacher_server.engine.rows_runner import JobShape
 from teacher_server.priorities import DEFAULT_PRIORITY, rank_of
+
+if TYPE_CHECKING:
+    from teacher_server.engine.split_requests import ChunkOf
 
 
 @dataclass
@@ -41,6 +44,12 @@ class BatchJob:
     deadline: float | None = None  # monotonic time the caller gives up
     enqueued_at: float = field(default_factory=time.monotonic)
     start_tag: float = 0.0  # its fair-queuing start tag, set as it is taken into a batch
+    part: ChunkOf | None = None  # a chunk of a request too large for one batch (split_requests.py); None: whole
+
+    @property
+    def ends_request(self) -> bool:
+        """Leaving the queue, it ends its request's time there (a whole request, or the last chunk of one)."""
+        return self.part is None or self.part.last
 
     @property
     def images(self) -> int:

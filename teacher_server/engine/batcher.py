@@ -1,9 +1,11 @@
 """The micro-batcher: requests of many clients queued fairly per API key, then staged, run and committed together.
 
-A request is `submit`ted (event loop) into the fair queue (scheduler.py). A batch is formed when it is full (token
-budget or image cap) or when its first request has waited `max_delay_s` and no other batch waits for the forward;
-requests whose deadline cannot be met are dropped unrun there (DEADLINE_EXCEEDED, nothing billed). Then three
-threads work like a pipeline, so batch k+1 is staged while batch k runs its forward and batch k-1 commits:
+A request is `submit`ted (event loop) into the fair queue (scheduler.py); one larger than a batch may hold queues as
+chunks of whole images that run in consecutive batches and is answered once, after its last (split_requests.py).
+A batch is formed as the forward is about to be free, and no other formed batch waits for it, when it is full (token
+budget, cut to `max_batch_s` of forward, or image cap) or its first request has waited `max_delay_s`; requests whose
+deadline cannot be met are dropped unrun there (DEADLINE_EXCEEDED, nothing billed). Then three threads work like a
+pipeline, so batch k+1 is staged while batch k runs its forward and batch k-1 commits:
 
 - stage: the requests' bytes copied once into a reused buffer set (staging.py; on CUDA pinned, one copy to the device);
 - forward: the teacher on those rows (rows_runner.py; with ingest workers, in the device process: ingest/), logits
@@ -42,6 +44,7 @@ from teacher_server.engine.decode import DecodedInput
 from teacher_server.engine.fair_clock import Clock
 from teacher_server.engine.rows_runner import AnswersFn, Late
 from teacher_server.engine.scheduler import Backlog, ComputeEstimate, FairQueue, QueueLimits
+from teacher_server.engine.split_requests import split_job, whole_requests
 from teacher_server.engine.staging import StagedRows, Stager
 from teacher_server.errors import DeadlineUnmetError, ServiceUnavailableError
 from teacher_server.metrics import ServerMetrics
@@ -70,6 +73,7 @@ class TokenBudgetBatcher:
         clock: Clock | None = None,
         max_batch_s: float = 0.0,
         backlog: Backlog | None = None,
+        chunk_sizes: Sequence[int] = (),
     ) -> None:
         self.runner = runner  # runs a staged batch: here (rows_runner.py) or in the device process (ingest/)
         self._stager = stager
@@ -78,6 +82,7 @@ class TokenBudgetBatcher:
         self._max_batch_s = max_batch_s  # a batch's expected forward at most this long (0: no bound)
         self._stage_s = 0.0  # running average of staging a batch: the next batch forms this long before it is due
         self._max_images = max_batch_images
+        self._chunk_sizes = chunk_sizes  # the batch sizes the forward was prepared for: a split request's chunks
         self._max_delay_s = max_delay_s
         self._finalize = finalize
         self._metrics = metrics
@@ -157,10 +162,18 @@ class TokenBudgetBatcher:
             priority=priority,
             deadline=deadline,
         )
-        self.queue.push(job)
-        self._count_queued(job, 1)
-        if self._backlog is not None:
-            self._backlog.taken(rank_of(priority))
+        # larger than a batch may hold: chunks in consecutive batches, other keys' requests served between them
+        chunks = split_job(
+            job, budget=self._batch_tokens(), prefix=self._prefix, seconds=self.compute.seconds, sizes=self._chunk_sizes
+        )
+        if len(chunks) > 1 and self._metrics:
+            self._metrics.split_requests.labels(model=self._name).inc()
+            self._metrics.split_chunks.labels(model=self._name).inc(len(chunks))
+        for queued in chunks:
+            self.queue.push(queued)
+            self._count_queued(queued, 1)
+            if self._backlog is not None:
+                self._backlog.taken(rank_of(priority))
         self._changed.set()
         return await job.future
 
@@ -186,7 +199,7 @@ class TokenBudgetBatcher:
             self._backlog.let_go([rank_of(job.priority) for job in jobs])
 
     def _count_queued(self, job: BatchJob, change: int) -> None:
-        if self._metrics:
+        if self._metrics and job.ends_request:  # a split request counts once, until its last chunk leaves
             self._metrics.queue_depth.inc(change)
             self._metrics.key_queue_depth.labels(key=self._metrics.key_label(job.key_name)).inc(change)
 
@@ -211,17 +224,17 @@ class TokenBudgetBatcher:
             # The next batch forms only as the forward is about to be free (its expected end minus the time staging
             # takes): a request arriving meanwhile, of any key, can still be in it, so a light key waits behind at
             # most the batch running, not also one staged ahead of it.
+            # Nor does it form while one formed batch still waits for its forward to start (being staged): the
+            # running forward's end is not known yet, and a full queue would otherwise stage two batches ahead.
             lead = 2 * self._stage_s + STAGE_LEAD_S
             busy_left = self._forward_busy_until - time.monotonic()
-            if not self._closing and busy_left > lead:
-                await self._wait_changed(busy_left - lead)
+            if not self._closing and (busy_left > lead or self._waiting_forward):
+                await self._wait_changed(busy_left - lead if not self._waiting_forward else None)
                 continue
             due = self.queue.oldest_enqueued() + self._max_delay_s
-            idle = not self._waiting_forward
-            # A batch forms when full, or when its first request waited long enough and the forward has nothing
-            # waiting for it (else it keeps filling while the forward is busy). Closing: everything goes now.
-            if not (self._closing or self._full() or (time.monotonic() >= due and idle)):
-                await self._wait_changed(max(0.0, due - time.monotonic()) if idle else None)
+            # A batch forms when full, or when its first request waited long enough. Closing: everything goes now.
+            if not (self._closing or self._full() or time.monotonic() >= due):
+                await self._wait_changed(max(0.0, due - time.monotonic()))
                 continue
             await self._slots.acquire()
             batch, dropped = self._next_batch()
@@ -382,6 +395,7 @@ class TokenBudgetBatcher:
             self.compute.observe(tokens, compute_s if ran else max(compute_s, *(late.forward_s for _, late in cut)))
             if cut:  # found late where the forward runs: not run, not billed
                 refuse([job for job, _ in cut])
+            ran = whole_requests(ran)  # a split request's chunks wait for its last one
             if not ran:
                 return None
             jobs, per_job = [job for job, _ in ran], [answer for _, answer in ran]

@@ -12,7 +12,7 @@ are cut on the teacher's grid when they are staged, so requests of either kind b
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -53,6 +53,13 @@ class DecodedInput:
     @property
     def counts(self) -> list[int]:
         return [int(c) for c in self.keep_counts.tolist()]
+
+    def rows(self, start: int, stop: int) -> DecodedInput:
+        """Images `start:stop` of this input (views; the payload stays the whole request's, for its digest)."""
+        part = slice(start, stop)
+        return replace(
+            self, pixels=self.pixels[part], keep_indices=self.keep_indices[part], keep_counts=self.keep_counts[part]
+        )
 
     @property
     def raw_scale(self) -> bool:

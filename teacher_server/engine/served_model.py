@@ -205,6 +205,7 @@ def build_served_model(
         limits=queue_limits(settings),
         clock=clock,
         max_batch_s=settings.max_batch_ms / 1000.0,
+        chunk_sizes=sorted({b for b, _ in settings.compile_shapes}) if settings.compile != "off" else (),
         metrics=metrics,
         **batcher_kwargs,  # type: ignore[arg-type]  # the batcher's keyword arguments, passed through
     )
