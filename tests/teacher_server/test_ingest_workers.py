@@ -179,3 +179,30 @@ def test_ingest_workers_need_a_shared_ledger(tmp_path: Path) -> None:
     done = kit.serve_cli("--ingest-workers", "2", "--db", "sqlite://", "--port", "0", "--no-metrics")
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "--ingest-workers needs a ledger the processes share" in done.stderr
+
+
+def test_a_request_larger_than_a_batch_runs_in_chunks_through_the_device_process(tmp_path: Path) -> None:
+    """With `--max-batch-ms 1`, a 48-image request (25 tokens an image: 1,200) on a worker whose compute estimate has
+    seen its batches queues as three chunks that run at the device process one after another: answered equal to the
+    in-process reference, billed once for all 48 images (its row's batch is its last chunk's), counted by the split
+    metrics summed over the processes."""
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    key = create_key(db, "dee")
+    ref = kit.Reference(kit.tiny_vit(seed=11))
+    with start(tmp_path, db, "--max-batch-ms", "1") as server:
+        assert server.ready is not None and server.ready.metrics_url is not None
+        channel, teacher = kit.stub(server.address)  # one connection: one worker takes every call
+        for i in range(3):  # teach that worker's compute estimate (its first batch is not counted)
+            teacher.Infer(kit.image_request(kit.random_images(2, i), kit.random_keep(2, 24, i)), metadata=kit.auth(key))
+        images, keep = kit.random_images(48, 40), kit.random_keep(48, 24, 41)
+        response = teacher.Infer(kit.image_request(images, keep, request_id="big"), metadata=kit.auth(key))
+        channel.close()
+        text = urllib.request.urlopen(server.ready.metrics_url, timeout=10).read().decode()
+        assert server.stop() == 0
+    torch.testing.assert_close(kit.logits_of(response), ref.logits(images, keep), **kit.CLOSE)
+    assert response.usage.gflops == ref.gflops([24] * 48)
+    with sqlite3.connect(db.removeprefix("sqlite:///")) as conn:
+        rows = conn.execute("SELECT images, batch_images FROM usage WHERE request_id = 'big'").fetchall()
+    assert rows == [(48, 16)]
+    split = dict(re.findall(r"(maskedkd_split_(?:requests|chunks)_total)\{[^}]*\} (\S+)", text))
+    assert split == {"maskedkd_split_requests_total": "1.0", "maskedkd_split_chunks_total": "3.0"}
