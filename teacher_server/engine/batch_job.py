@@ -1,6 +1,6 @@
-"""What the micro-batcher (batcher.py) queues and hands back: a request waiting for the teacher, its result, the
-figures of the batch it ran in, the commit hook's signature, and what the forward thread tells an ingest worker's
-backlog."""
+"""What the micro-batcher (batcher.py) queues and hands back: a request waiting for the teacher (or a chunk of one
+larger than a batch, split_requests.py), its result, the figures of the batch it ran in, the commit hook's signature,
+and what the forward thread tells an ingest worker's backlog."""
 
 from __future__ import annotations
 
@@ -8,17 +8,14 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from teacher_server.engine.answers import Answer
+from teacher_server.engine.answers import Answer, joined_answer
 from teacher_server.engine.decode import DecodedInput
 from teacher_server.engine.rows_runner import JobShape
 from teacher_server.priorities import DEFAULT_PRIORITY, rank_of
-
-if TYPE_CHECKING:
-    from teacher_server.engine.split_requests import ChunkOf
 
 
 @dataclass
@@ -60,6 +57,35 @@ class BatchJob:
         """What the forward needs to know of it (rows_runner.py)."""
         i = self.input
         return JobShape(i.images, i.k, i.outputs, self.deadline, rank_of(self.priority), self.start_tag)
+
+
+@dataclass(eq=False)
+class SplitRequest:
+    """A request larger than a batch, run as `count` chunks (split_requests.py); collects their answers until the
+    last one."""
+
+    job: BatchJob  # the request as submitted: its whole input, its caller's future, its billing context
+    count: int
+    answers: dict[int, Answer] = field(default_factory=dict)
+
+    def add(self, index: int, answer: Answer) -> Answer | None:
+        """Keep chunk `index`'s answer; the request's whole answer once every chunk has one, else None."""
+        self.answers[index] = answer
+        if len(self.answers) < self.count:
+            return None
+        return joined_answer([self.answers[i] for i in range(self.count)])
+
+
+@dataclass(frozen=True, eq=False)
+class ChunkOf:
+    """Where a queued chunk belongs: its request and its place in it."""
+
+    request: SplitRequest
+    index: int
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.request.count - 1
 
 
 @dataclass

@@ -21,48 +21,16 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
-from teacher_server.engine.answers import Answer, joined_answer
-
-if TYPE_CHECKING:
-    from teacher_server.engine.batch_job import BatchJob
+from teacher_server.engine.answers import Answer
+from teacher_server.engine.batch_job import BatchJob, ChunkOf, SplitRequest
 
 # A chunk holds at least this many teacher tokens: a CPU's GEMMs on fewer rows run well below its rate (one thread,
 # the tiny 32 px ViT, per image: bf16 1.23 ms at 512 tokens against 1.19 at 1,024 and 5.5 at 33; float32 3.4 / 3.2 /
 # 6.5).
 MIN_CHUNK_TOKENS = 512
-
-
-@dataclass(eq=False)
-class SplitRequest:
-    """A request run as `count` chunks; collects their answers until the last one."""
-
-    job: BatchJob  # the request as submitted: its whole input, its caller's future, its billing context
-    count: int
-    answers: dict[int, Answer] = field(default_factory=dict)
-
-    def add(self, index: int, answer: Answer) -> Answer | None:
-        """Keep chunk `index`'s answer; the request's whole answer once every chunk has one, else None."""
-        self.answers[index] = answer
-        if len(self.answers) < self.count:
-            return None
-        return joined_answer([self.answers[i] for i in range(self.count)])
-
-
-@dataclass(frozen=True, eq=False)
-class ChunkOf:
-    """Where a queued chunk belongs: its request and its place in it."""
-
-    request: SplitRequest
-    index: int
-
-    @property
-    def last(self) -> bool:
-        return self.index == self.request.count - 1
 
 
 def image_ranges(tokens_per_image: torch.Tensor, budget: int) -> list[tuple[int, int]]:
