@@ -18,6 +18,7 @@ not be billed at all.
     python -m benchmarks.tenants --light-priority interactive  # the light key in a better class than the flood's
     python -m benchmarks.tenants --max-batch-ms 50  # batches bounded to 50 ms (the greedy calls run in more chunks)
     python -m benchmarks.tenants --lone-key 0,100,50 --seconds 10  # what the chunks cost a key alone (img/s)
+    python -m benchmarks.tenants --dtype auto  # the teacher in bf16 where the machine computes it natively
 """
 
 from __future__ import annotations
@@ -159,20 +160,21 @@ def run_tenants(
     ingest_workers: int = 0,
     light_priority: str = DEFAULT_PRIORITY,
     max_batch_ms: float | None = None,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """The scenario against a fresh server child; the figures of `make bench`'s tenants section. `ingest_workers`:
     the server runs that many ingest processes; `light_priority`: the light key's class (the greedy key's is
-    standard); `max_batch_ms`: the server's `--max-batch-ms` (None: its default)."""
+    standard); `max_batch_ms`: the server's `--max-batch-ms` (None: its default); `dtype`: the teacher's."""
     from teacher_server.ledger.database import open_ledger
+    from teacher_server.ledger.keys import create_api_key
 
     server = {} if max_batch_ms is None else {"max_batch_ms": max_batch_ms}
-    from teacher_server.ledger.keys import create_api_key
 
     with tempfile.TemporaryDirectory(prefix="bench-tenants-") as tmp:
         work = workdir or Path(tmp)
         server = BenchServer(
             "tenants",
-            {"model": ARCH, "model_kwargs": TINY, "dtype": "float32", "ingest_workers": ingest_workers, **server},
+            {"model": ARCH, "model_kwargs": TINY, "dtype": dtype, "ingest_workers": ingest_workers, **server},
             work,
             threads=threads,
         )
@@ -202,6 +204,7 @@ def run_tenants(
         "ingest_workers": ingest_workers,
         "light_priority": light_priority,
         "max_batch_ms": max_batch_ms,
+        "dtype": dtype,
         "light": {"alone": alone, "flood": flood, "p99_ratio": flood["p99_ms"] / alone["p99_ms"], **LIGHT},
         "greedy": {
             **greedy,
@@ -215,7 +218,7 @@ def run_tenants(
 
 
 def lone_key_rates(
-    bounds: list[float], *, seconds: float, rounds: int, clients: int = 2, threads: int = 0
+    bounds: list[float], *, seconds: float, rounds: int, clients: int = 2, threads: int = 0, dtype: str = "float32"
 ) -> dict[float, list[float]]:
     """What splitting large requests costs a key alone: img/s of `clients` sending the greedy key's calls back to back
     (no deadline) to a server at each `--max-batch-ms` of `bounds` (0: requests are never split), `rounds` interleaved
@@ -225,7 +228,7 @@ def lone_key_rates(
         servers = {
             b: BenchServer(
                 f"bound-{b:g}",
-                {"model": ARCH, "model_kwargs": TINY, "dtype": "float32", "max_batch_ms": b},
+                {"model": ARCH, "model_kwargs": TINY, "dtype": dtype, "max_batch_ms": b},
                 Path(tmp) / f"bound-{b:g}",
                 threads=threads,
             ).start()
@@ -305,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         "--max-batch-ms", type=float, default=None, help="the server's --max-batch-ms (default: the server's default)"
     )
     parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "auto"), default="float32", help="the teacher's (default float32)"
+    )
+    parser.add_argument(
         "--lone-key",
         metavar="MS,MS,...",
         default=None,
@@ -323,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             bounds = [float(x) for x in args.lone_key.split(",")]
         except ValueError:
             parser.error(f"--lone-key wants milliseconds like 0,100,50, got {args.lone_key!r}")
-        rates = lone_key_rates(bounds, seconds=args.seconds, rounds=args.rounds)
+        rates = lone_key_rates(bounds, seconds=args.seconds, rounds=args.rounds, dtype=args.dtype)
         print("| --max-batch-ms | img/s, each round | median |\n|---|---|---|")
         for bound, per_round in rates.items():
             print(f"| {bound:g} | {' / '.join(f'{r:.0f}' for r in per_round)} | {median(per_round):.0f} |")
@@ -334,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         ingest_workers=args.ingest_workers,
         light_priority=args.light_priority,
         max_batch_ms=args.max_batch_ms,
+        dtype=args.dtype,
     )
     print(table(result))
     if args.json:

@@ -49,6 +49,11 @@ class BatchJob:
         return self.part is None or self.part.last
 
     @property
+    def leads_batch(self) -> bool:
+        """A chunk joins a batch only as its first request (scheduler.py)."""
+        return self.part is not None
+
+    @property
     def images(self) -> int:
         return self.input.images
 

@@ -11,6 +11,8 @@
   applies within a class.
 - **Deadlines.** A request whose deadline cannot be met when its batch forms (its time left is below the batch's
   expected compute) is dropped unrun; the batcher answers DEADLINE_EXCEEDED, nothing billed.
+- **Chunks.** A chunk of a request larger than a batch (split_requests.py) joins a batch only as its first request:
+  it fills most of one by itself, so a smaller request of another key taken before it would wait for all of it.
 - **Bounds.** Queued images, tokens and bytes are bounded per key and in all (`QueueLimits`); `room_for` says, before
   a request is read, whether a key may queue more, and `expected_wait_s` how long a request would wait.
 
@@ -38,6 +40,9 @@ class Queued(Protocol):
     deadline: float | None  # monotonic time the caller gives up; None: no deadline
     enqueued_at: float  # monotonic time it was queued
     start_tag: float  # set as it is taken into a batch: its start tag, on the clock (shared by ingest workers)
+
+    @property
+    def leads_batch(self) -> bool: ...  # joins a batch only as its first request (a chunk of a split request)
 
     @property
     def images(self) -> int: ...
@@ -168,7 +173,8 @@ class FairQueue(Generic[J]):
         """(the next micro-batch, the requests dropped because their deadline cannot be met). Takes queue heads in
         fair order while they fit; a request that would miss its deadline even in the batch formed so far (done
         `finish_s(tokens)` seconds from `now`) is dropped instead of run, one whose caller went away (not `live`) is
-        dropped silently. The first request always fits (a request is never larger than a batch)."""
+        dropped silently. The first request always fits (one larger than a batch is queued as chunks that each fit,
+        split_requests.py, but a chunk is never below 512 tokens, whatever the budget)."""
         batch: list[J] = []
         dropped: list[J] = []
         images = tokens = 0
@@ -181,7 +187,7 @@ class FairQueue(Generic[J]):
                 self._pop(job, taken=False)
                 dropped.append(job)
                 continue
-            if batch and (images + job.images > max_images or tokens + job.tokens > token_budget):
+            if batch and (job.leads_batch or images + job.images > max_images or tokens + job.tokens > token_budget):
                 break
             job.start_tag = start_tag
             self._pop(job, taken=True)

@@ -25,6 +25,7 @@ class Job:
     priority: str = "standard"
     deadline: float | None = None
     enqueued_at: float = 0.0
+    leads_batch: bool = False
 
 
 def drain(queue: FairQueue[Job], *, per_batch: int = 1, now: float = 0.0) -> list[Job]:
@@ -62,6 +63,27 @@ def test_backlogged_keys_share_the_teacher_by_weight_and_batches_mix_keys() -> N
         queue.push(Job(key_id=2))
     batch, _ = queue.next_batch(max_images=4, token_budget=10**9, now=0.0, finish_s=lambda t: 0.0, live=lambda j: True)
     assert sorted(j.key_id for j in batch) == [1, 1, 2, 2]  # one batch holds both keys' requests
+
+
+@pytest.mark.parametrize("chunks", [True, False])
+def test_a_chunk_of_a_split_request_joins_a_batch_only_as_its_first_request(chunks: bool) -> None:
+    """A chunk (most of a batch by itself) is not taken behind another key's request, which would then wait for all
+    of it; plain requests of the same sizes share the batch."""
+    queue: FairQueue[Job] = FairQueue()
+    for _ in range(3):
+        queue.push(Job(key_id=1, tokens=80, leads_batch=chunks))  # key 1's request as three chunks
+    first, _ = queue.next_batch(max_images=99, token_budget=100, now=0.0, finish_s=lambda t: 0.0, live=lambda j: True)
+    queue.push(Job(key_id=2, tokens=10))  # a light key, while the first chunk runs: served next
+    batches = [[(j.key_id, j.tokens) for j in first]]
+    while len(queue):
+        batch, _ = queue.next_batch(
+            max_images=99, token_budget=100, now=0.0, finish_s=lambda t: 0.0, live=lambda j: True
+        )
+        batches.append([(j.key_id, j.tokens) for j in batch])
+    if chunks:
+        assert batches == [[(1, 80)], [(2, 10)], [(1, 80)], [(1, 80)]]
+    else:
+        assert batches == [[(1, 80)], [(2, 10), (1, 80)], [(1, 80)]]
 
 
 def test_interactive_before_standard_before_batch_whatever_arrived_first() -> None:
