@@ -102,8 +102,18 @@ def light_load(address: str, api_key: str, seconds: float, tag: str) -> dict[str
     }
 
 
-def greedy_load(address: str, api_key: str, seconds: float, images: int) -> dict[str, Any]:
-    """The greedy tenant (the child process's body): every client sends back to back until `seconds` pass."""
+def greedy_load(
+    address: str,
+    api_key: str,
+    seconds: float,
+    images: int,
+    *,
+    clients: int = GREEDY["clients"],
+    deadline_s: float = GREEDY["deadline_s"],
+    tag: str = "greedy",
+) -> dict[str, Any]:
+    """The greedy tenant (the child process's body): every client sends back to back until `seconds` pass. Request
+    ids start with `tag` (unique per load on one server: a repeated id would be answered from the ledger)."""
     metadata = (("authorization", f"Bearer {api_key}"),)
     lock = threading.Lock()
     received: list[str] = []
@@ -119,11 +129,11 @@ def greedy_load(address: str, api_key: str, seconds: float, images: int) -> dict
             while time.monotonic() < end:
                 request = pb.InferRequest()
                 request.CopyFrom(base)
-                request.request_id = f"greedy-{c}-{i}"
+                request.request_id = f"{tag}-{c}-{i}"
                 i += 1
                 wait = 0.0
                 try:
-                    stub.Infer(request, metadata=metadata, timeout=GREEDY["deadline_s"])
+                    stub.Infer(request, metadata=metadata, timeout=deadline_s)
                     code = "OK"
                 except grpc.RpcError as err:
                     code = err.code().name
@@ -135,12 +145,17 @@ def greedy_load(address: str, api_key: str, seconds: float, images: int) -> dict
                         received.append(request.request_id)
                 time.sleep(min(wait, max(0.0, end - time.monotonic())))  # a refusal's RetryInfo, as the library does
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(GREEDY["clients"])]
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     return {"sent": sent[0], "codes": dict(codes), "received": received}
+
+
+def _served(dtype: str, **more: Any) -> dict[str, Any]:
+    """How the tiny teacher is served here: in `dtype`, otherwise at the server's defaults but for `more`."""
+    return {"model": ARCH, "model_kwargs": TINY, "dtype": dtype, **more}
 
 
 def billed_ids(db_url: str, key: str) -> set[str]:
@@ -168,16 +183,10 @@ def run_tenants(
     from teacher_server.ledger.database import open_ledger
     from teacher_server.ledger.keys import create_api_key
 
-    server = {} if max_batch_ms is None else {"max_batch_ms": max_batch_ms}
-
+    bound = {} if max_batch_ms is None else {"max_batch_ms": max_batch_ms}
     with tempfile.TemporaryDirectory(prefix="bench-tenants-") as tmp:
         work = workdir or Path(tmp)
-        server = BenchServer(
-            "tenants",
-            {"model": ARCH, "model_kwargs": TINY, "dtype": dtype, "ingest_workers": ingest_workers, **server},
-            work,
-            threads=threads,
-        )
+        server = BenchServer("tenants", _served(dtype, ingest_workers=ingest_workers, **bound), work, threads=threads)
         sessions = open_ledger(server.settings["db"])
         light_key, _ = create_api_key(sessions, name="light", priority=light_priority)
         sessions.kw["bind"].dispose()
@@ -227,53 +236,32 @@ def lone_key_rates(
     with tempfile.TemporaryDirectory(prefix="bench-lone-key-") as tmp:
         servers = {
             b: BenchServer(
-                f"bound-{b:g}",
-                {"model": ARCH, "model_kwargs": TINY, "dtype": dtype, "max_batch_ms": b},
-                Path(tmp) / f"bound-{b:g}",
-                threads=threads,
+                f"bound-{b:g}", _served(dtype, max_batch_ms=b), Path(tmp) / f"bound-{b:g}", threads=threads
             ).start()
             for b in bounds
         }
         try:
             for b in bounds:
                 servers[b].wait_ready()
-                _back_to_back(servers[b], clients, 2.0)  # warm-up: the compute estimate learns the forward
-            for _ in range(rounds):
+                _lone_rate(servers[b], clients, 2.0, "warm")  # warm-up: the compute estimate learns the forward
+            for r in range(rounds):
                 for b in bounds:
-                    rates[b].append(_back_to_back(servers[b], clients, seconds))
+                    rates[b].append(_lone_rate(servers[b], clients, seconds, f"round{r}"))
         finally:
             for server in servers.values():
                 server.stop()
     return rates
 
 
-def _back_to_back(server: BenchServer, clients: int, seconds: float) -> float:
-    """img/s answered to `clients` sending greedy-sized calls back to back for `seconds`."""
-    metadata = (("authorization", f"Bearer {server.api_key}"),)
-    base = _request(GREEDY["images"], "", seed=7)
-    answered = [0]
-    lock = threading.Lock()
+def _lone_rate(server: BenchServer, clients: int, seconds: float, tag: str) -> float:
+    """img/s answered to `clients` sending greedy-sized calls back to back, without a deadline, for `seconds`."""
     started = time.monotonic()
-
-    def client(c: int) -> None:
-        with grpc.insecure_channel(server.address, options=OPTIONS) as channel:
-            stub = pb_grpc.TeacherServiceStub(channel)
-            i = 0
-            while time.monotonic() < started + seconds:
-                request = pb.InferRequest()
-                request.CopyFrom(base)
-                request.request_id = f"lone-{started}-{c}-{i}"
-                i += 1
-                stub.Infer(request, metadata=metadata, timeout=120)
-                with lock:
-                    answered[0] += GREEDY["images"]
-
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return answered[0] / (time.monotonic() - started)
+    load = greedy_load(
+        server.address, server.api_key, seconds, GREEDY["images"], clients=clients, deadline_s=120.0, tag=tag
+    )
+    if set(load["codes"]) != {"OK"}:
+        raise RuntimeError(f"a lone key's calls were refused: {load['codes']}")
+    return len(load["received"]) * GREEDY["images"] / (time.monotonic() - started)
 
 
 def table(result: dict[str, Any]) -> str:

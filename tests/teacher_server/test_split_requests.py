@@ -11,7 +11,6 @@ import asyncio
 import time
 import urllib.request
 from collections.abc import Sequence
-from typing import Any
 
 import pytest
 import service_testkit as kit
@@ -25,6 +24,7 @@ from maskedkd.masked_teacher import MaskedTeacher
 from maskedkd.teacher_outputs import OutputChoice, forward_with_outputs
 from teacher_server.engine.answers import Answer, OutputsRequest, job_outputs, joined_answer
 from teacher_server.engine.batch_job import BatchJob, BatchStats
+from teacher_server.engine.batcher import TokenBudgetBatcher
 from teacher_server.engine.decode import DecodedInput
 from teacher_server.engine.split_requests import MIN_CHUNK_TOKENS, image_ranges, shaped_ranges
 from teacher_server.errors import DeadlineUnmetError
@@ -58,7 +58,7 @@ class Commits:
         return [None] * len(jobs)
 
 
-async def taught(fwd: RecordingForward, commits: Commits) -> Any:
+async def taught(fwd: RecordingForward, commits: Commits) -> TokenBudgetBatcher:
     """A batcher whose every batch holds one request at most (each forward takes 200 ms, the bound is 100 ms), its
     compute estimate taught by three one-row requests."""
     b = make(fwd, max_delay_s=0.0, max_batch_s=0.1, finalize=commits)
