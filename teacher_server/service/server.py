@@ -39,6 +39,7 @@ from teacher_server.settings import ServerSettings
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TeacherService"].full_name  # "maskedkd.v1.TeacherService"
+_FIRST_STOP_NEVER_CUTS_S = 1e9  # the first stop only refuses new calls: the second one cuts (stop())
 
 
 class ServerStartError(RuntimeError):
@@ -209,9 +210,11 @@ class TeacherServer:
             # watchers, reflection streams) instead of letting them hold the shutdown for the whole grace period.
             if self._servicer is not None:  # streams answer what they started, then end UNAVAILABLE
                 self._servicer.close_streams()
-            stopping = asyncio.create_task(self._server.stop(grace))
+            # Only the second stop may cut calls, and it does so at once (None, not a grace of 0): grpcio crashes
+            # when one stop's grace expires just as the other stop frees the server (Python >= 3.12).
+            stopping = asyncio.create_task(self._server.stop(_FIRST_STOP_NEVER_CUTS_S))
             await self._interceptor.wait_idle(grace)
-            await self._server.stop(0)
+            await self._server.stop(None)
             await stopping
         await self.served.batcher.close()
         self._stop_dashboard()

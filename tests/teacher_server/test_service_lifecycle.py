@@ -74,6 +74,26 @@ def test_graceful_shutdown_finishes_in_flight_requests(tmp_path) -> None:
     channel.close()
 
 
+def test_only_the_last_of_the_overlapping_grpc_stops_cuts_calls(tmp_path) -> None:
+    """Shutdown overlaps two gRPC stops: one that refuses new calls, one that cuts what is left once the service's
+    calls end. A first stop with a finite grace crashed grpcio (a segfault, seen on Python 3.13) when its grace ran out
+    just as the second stop freed the server, so the first never cuts and the second cuts at once (float32, CPU)."""
+    srv = RunningServer(settings(tmp_path), model=tiny_vit())
+    grpc_server = srv.server._server
+    assert grpc_server is not None
+    graces: list[float | None] = []
+    stop = grpc_server.stop
+
+    async def recorded_stop(grace: float | None) -> None:
+        graces.append(grace)
+        await stop(grace)
+
+    grpc_server.stop = recorded_stop  # type: ignore[method-assign]
+    srv.stop(grace=5.0)  # idle: the cutting stop starts first
+    assert len(graces) == 2 and graces.count(None) == 1
+    assert all(grace is None or grace > 1e6 for grace in graces)  # the other never runs out while the server lives
+
+
 def test_the_dashboard_starts_beside_the_server_when_asked(tmp_path) -> None:
     with running_server(settings(tmp_path, dashboard_port=0), model=tiny_vit()) as srv:
         assert srv.dashboard_url is not None
