@@ -1,9 +1,9 @@
 # Two commands set up a fresh machine: `make demo` and `make test`. Each installs what it needs itself.
-# Python 3.11 or 3.12 (the versions the suite passes on): the first of python3.11, python3.12 and python3 that runs
-# as one (a pyenv shim of a version not installed does not); PYTHON=... wins.
-SUPPORTED_PYTHON := import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 12))
+# Python 3.11 to 3.13 (the versions the suite passes on): the first of python3.11, python3.12, python3.13 and python3
+# that runs as one (a pyenv shim of a version not installed does not); PYTHON=... wins.
+SUPPORTED_PYTHON := import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 13))
 ifndef PYTHON
-PYTHON := $(or $(firstword $(foreach p,python3.11 python3.12 python3,\
+PYTHON := $(or $(firstword $(foreach p,python3.11 python3.12 python3.13 python3,\
 	$(shell $(p) -c '$(SUPPORTED_PYTHON)' 2>/dev/null && command -v $(p)))),python3.11)
 endif
 VENV   ?= .venv
@@ -15,8 +15,8 @@ STAMP  := $(VENV)/.installed
 # The extras `make demo` and `make test` need (pyproject.toml), at the versions pinned in constraints.txt.
 EXTRAS := client,train,server,dashboard,postgres,test
 $(STAMP): pyproject.toml constraints.txt
-	@$(PYTHON) -c '$(SUPPORTED_PYTHON)' 2>/dev/null || { echo "error: make needs Python 3.11 or 3.12" \
-		"(python3.11, python3.12 or python3 on PATH, or PYTHON=...); $(PYTHON) is missing or another version" >&2; exit 1; }
+	@$(PYTHON) -c '$(SUPPORTED_PYTHON)' 2>/dev/null || { echo "error: make needs Python 3.11, 3.12 or 3.13" \
+		"(python3.11, python3.12, python3.13 or python3 on PATH, or PYTHON=...); $(PYTHON) is missing or another version" >&2; exit 1; }
 	@# Debian and Ubuntu ship venv's ensurepip apart (python3.X-venv): installed like chromium below, when root.
 	@test -x $(PY) || $(PYTHON) -c 'import ensurepip' 2>/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || { \
 		apt-get update -q && apt-get install -y -q \

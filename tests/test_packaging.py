@@ -119,9 +119,9 @@ def _fake_python(path: Path, exit_code: int) -> Path:
     return path
 
 
-def test_make_takes_the_first_python_on_path_that_runs_as_311_or_312(tmp_path: Path) -> None:
+def test_make_takes_the_first_python_on_path_that_runs_as_a_supported_version(tmp_path: Path) -> None:
     """A fresh machine's Python: python3.11 on PATH that does not run is passed over for python3.12 (here the suite's
-    own interpreter, a 3.11 or 3.12 itself, linked under that name)."""
+    own interpreter, a 3.11, 3.12 or 3.13 itself, linked under that name)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     _fake_python(bin_dir / "python3.11", 127)
@@ -138,7 +138,8 @@ def test_make_refuses_another_python_in_one_line_before_making_a_venv(tmp_path: 
     assert done.returncode != 0 and not venv.exists()
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert errors == [
-        "error: make needs Python 3.11 or 3.12 (python3.11, python3.12 or python3 on PATH, or PYTHON=...); "
+        "error: make needs Python 3.11, 3.12 or 3.13 (python3.11, python3.12, python3.13 or python3 on PATH, or "
+        "PYTHON=...); "
         f"{fake} is missing or another version"
     ]
 
