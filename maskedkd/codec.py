@@ -26,6 +26,8 @@ _TORCH_TO_WIRE = {v: k for k, v in WIRE_DTYPES.items()}
 _BIG_ENDIAN = sys.byteorder == "big"
 MAX_DIMS = 16  # far above the contract's 5, below numpy's 64
 MAX_EXTENT = 1 << 40  # bound on prod(max(dim, 1)) when the caller gives no max_elements
+# the tensors an Outputs message carries: pre_logits, patch_tokens, cls_attention (its heads travel in that field too)
+OUTPUT_FIELDS: tuple[str, ...] = tuple(f.name for f in pb.Outputs.DESCRIPTOR.fields)
 
 
 def _spend_read_only_warning() -> None:

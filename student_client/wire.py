@@ -16,7 +16,7 @@ from typing import Concatenate, ParamSpec, TypeVar
 import torch
 import torch.nn.functional as F
 
-from maskedkd.codec import proto_to_tensor, tensor_bytes, tensor_header, tensor_to_proto
+from maskedkd.codec import OUTPUT_FIELDS, proto_to_tensor, tensor_bytes, tensor_header, tensor_to_proto
 from maskedkd.geometry import TeacherGeometry
 from maskedkd.keep import KeepIndicesError, check_keep
 from maskedkd.patches import gather_patches
@@ -328,7 +328,7 @@ def decode_response(resp: pb.InferResponse) -> InferResult:
     logits = proto_to_tensor(resp.logits, name="logits").float()
     outputs = {
         name: proto_to_tensor(getattr(resp.outputs, name), name=name)
-        for name in ("pre_logits", "patch_tokens", "cls_attention")
+        for name in OUTPUT_FIELDS
         if resp.HasField("outputs") and resp.outputs.HasField(name)
     }
     return InferResult(logits, Usage.from_proto(resp.usage), outputs)

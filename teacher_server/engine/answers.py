@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from maskedkd.codec import proto_to_tensor, tensor_to_proto
+from maskedkd.codec import OUTPUT_FIELDS, proto_to_tensor, tensor_to_proto
 from maskedkd.masked_teacher import MaskedTeacher
 from maskedkd.teacher_outputs import OUTPUT_NAMES, ForwardOutputs, OutputChoice, available_outputs
 from maskedkd.text import clip
@@ -44,9 +44,6 @@ class Answer:
     outputs: pb.Outputs | None = None  # the extra outputs asked for, encoded; None: logits only
 
 
-_OUTPUT_FIELDS = ("pre_logits", "patch_tokens", "cls_attention")
-
-
 def joined_answer(parts: Sequence[Answer]) -> Answer:
     """One answer of `parts`' rows in order (a request run in chunks: split_requests.py); each part asked for the same
     outputs, and its tensors are joined along their first (image) dimension."""
@@ -54,7 +51,7 @@ def joined_answer(parts: Sequence[Answer]) -> Answer:
     if parts[0].outputs is None:
         return Answer(logits)
     out = pb.Outputs()
-    for name in _OUTPUT_FIELDS:
+    for name in OUTPUT_FIELDS:
         if parts[0].outputs.HasField(name):
             joined = torch.cat([proto_to_tensor(getattr(a.outputs, name)) for a in parts])
             getattr(out, name).CopyFrom(tensor_to_proto(joined))
@@ -63,7 +60,7 @@ def joined_answer(parts: Sequence[Answer]) -> Answer:
 
 def answered_bytes(logits: torch.Tensor, outputs: pb.Outputs | None) -> int:
     """Bytes of the tensors answered (Usage.output_bytes): float32 logits plus the extra outputs."""
-    extra = 0 if outputs is None else sum(len(getattr(outputs, n).data) for n in _OUTPUT_FIELDS)
+    extra = 0 if outputs is None else sum(len(getattr(outputs, n).data) for n in OUTPUT_FIELDS)
     return logits.numel() * 4 + extra
 
 

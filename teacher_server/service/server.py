@@ -39,7 +39,7 @@ from teacher_server.settings import ServerSettings
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TeacherService"].full_name  # "maskedkd.v1.TeacherService"
-_FIRST_STOP_NEVER_CUTS_S = 1e9  # the first stop only refuses new calls: the second one cuts (stop())
+_FIRST_STOP_NEVER_CUTS_S = 1e9  # TeacherServer.stop: one gRPC stop refuses new calls, only the other cuts
 
 
 class ServerStartError(RuntimeError):
