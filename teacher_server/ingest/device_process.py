@@ -32,7 +32,7 @@ from teacher_server.engine.rows_runner import RowsRunner
 from teacher_server.engine.scheduler import ComputeEstimate
 from teacher_server.engine.shared_host import pin_for_cuda, unpin_for_cuda, view_region
 from teacher_server.engine.staging import StagedRows, join_rows
-from teacher_server.ingest.children import die_with_parent
+from teacher_server.ingest.children import die_with_supervisor
 from teacher_server.ingest.class_backlog import ClassBacklog, DeviceBacklog
 from teacher_server.ingest.messages import BatchCall, BatchReply, DeviceFailed, DeviceReady, NewRegion, TensorRef
 from teacher_server.ingest.pending_call import PendingCall
@@ -357,8 +357,8 @@ def _failed(reason: str) -> BatchReply:
 
 
 def device_main(settings: ServerSettings, conns: list[Connection], ready: Connection, backlog: ClassBacklog) -> None:
-    """Entry of the device process (multiprocessing, spawn)."""
-    die_with_parent()
+    """Entry of the device process (forked by the fork server)."""
+    die_with_supervisor()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C: the supervisor stops the workers, then us
     logging.basicConfig(level=logging.INFO, format="%(asctime)s device %(name)s %(levelname)s %(message)s")
     from teacher_server.engine.served_model import rows_runner_for

@@ -12,7 +12,7 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
 from teacher_server.engine.fair_clock import SharedFairClock
-from teacher_server.ingest.children import die_with_parent
+from teacher_server.ingest.children import die_with_supervisor
 from teacher_server.ingest.class_backlog import ClassBacklog
 from teacher_server.ingest.messages import DeviceReady, load_meta_teacher
 from teacher_server.settings import ServerSettings
@@ -44,8 +44,8 @@ def worker_main(
     clock: SharedFairClock,
     backlog: ClassBacklog,
 ) -> None:
-    """Entry of ingest worker `index` (multiprocessing, spawn): serve until SIGTERM (or SIGINT), then drain."""
-    die_with_parent()
+    """Entry of ingest worker `index` (forked by the fork server): serve until SIGTERM (or SIGINT), then drain."""
+    die_with_supervisor()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker-{index} %(name)s %(levelname)s %(message)s")
     from sqlalchemy.exc import SQLAlchemyError
 

@@ -2,14 +2,16 @@
 the teacher. Answers equal the in-process reference, every request is billed once by whichever worker took it (read
 back with SQL), a retry on another connection replays, both workers ingest (their byte counters add up to the bytes
 sent; also from one client's connections, by unary calls and by streams), SIGTERM drains; a dead device process
-fails calls UNAVAILABLE, unbilled, and stops the server."""
+fails calls UNAVAILABLE, unbilled, and stops the server; a killed supervisor leaves none of its processes behind."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import sqlite3
 import subprocess
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -161,8 +163,6 @@ def test_a_dead_device_process_fails_calls_unbilled_and_stops_the_server(tmp_pat
         assert not teacher.Infer(
             kit.image_request(images, keep, request_id="before"), metadata=kit.auth(key)
         ).usage.replayed
-        import os
-
         os.kill(device, signal.SIGKILL)
         with pytest.raises(grpc.RpcError) as failed:
             teacher.Infer(kit.image_request(images, keep, request_id="after"), metadata=kit.auth(key), timeout=30)
@@ -173,6 +173,39 @@ def test_a_dead_device_process_fails_calls_unbilled_and_stops_the_server(tmp_pat
     assert "teacher-device exited unexpectedly" in log
     with sqlite3.connect(db.removeprefix("sqlite:///")) as conn:
         assert [r[0] for r in conn.execute("SELECT request_id FROM usage")] == ["before"]
+
+
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie (an orphan's zombie waits for a reaper this container may lack)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def parent_of(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    found = re.search(r"^PPid:\s+(\d+)$", status, re.M)
+    assert found is not None, status
+    return int(found.group(1))
+
+
+def test_a_killed_supervisor_takes_its_workers_and_the_device_process_with_it(tmp_path: Path) -> None:
+    """SIGKILL leaves the supervisor no time to stop anything: its children (and the fork server that forked them)
+    must still end on their own, not serve on without it."""
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    with start(tmp_path, db) as server:
+        workers, device = pids_of(tmp_path / "serve.log")
+        children = [*workers, device]
+        forked_by = {parent_of(pid) for pid in children} - {server.pid}  # the fork server, when one forked them
+        assert server.pid is not None and all(running(pid) for pid in children)
+        os.kill(server.pid, signal.SIGKILL)
+        assert server.wait(30) == -signal.SIGKILL
+        gone = [*children, *forked_by]
+        deadline = time.monotonic() + 60
+        while any(running(pid) for pid in gone) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in gone if running(pid)], (gone, (tmp_path / "serve.log").read_text()[-2000:])
 
 
 def test_ingest_workers_need_a_shared_ledger(tmp_path: Path) -> None:
