@@ -1,22 +1,14 @@
 """MaskedKD student side: SIPS capture and patch selection, the TeacherClient, KD losses and Ray training.
 
 In one's own loop: `MaskedKD(student, TeacherClient(target, api_key), keep=0.5)`; a whole run:
-`train(TrainConfig(...))`. The client and training names are imported lazily, so `import student_client` for SIPS does
-not load grpc or Ray.
+`train(TrainConfig(...))`. Every name is imported when first used, so `import student_client` for SIPS does not load
+grpc or Ray, and a module of the package (the Ray run's controller unpickling a callback) does not load torch and timm.
 """
 
 from __future__ import annotations
 
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
-
-from student_client.sips import (
-    SIPSCapture,
-    SIPSUnsupportedModelError,
-    select_by_mass,
-    select_patches,
-    sips_overhead_flops,
-)
 
 if TYPE_CHECKING:
     from student_client.aio_client import AsyncTeacherClient
@@ -34,10 +26,22 @@ if TYPE_CHECKING:
     from student_client.kd import KDStep, MaskedKD
     from student_client.losses import DistillationLoss, kd_kl_loss
     from student_client.ray_runner import TrainingError
+    from student_client.sips import (
+        SIPSCapture,
+        SIPSUnsupportedModelError,
+        select_by_mass,
+        select_patches,
+        sips_overhead_flops,
+    )
     from student_client.stream import TeacherStream, TeacherStreams
     from student_client.wire import ModelInfo, Usage
 
 _LAZY = {
+    "SIPSCapture": "student_client.sips",
+    "SIPSUnsupportedModelError": "student_client.sips",
+    "select_by_mass": "student_client.sips",
+    "select_patches": "student_client.sips",
+    "sips_overhead_flops": "student_client.sips",
     "TeacherClient": "student_client.client",
     "AsyncTeacherClient": "student_client.aio_client",
     "TeacherStream": "student_client.stream",

@@ -1,5 +1,6 @@
-"""The per-worker training function: Ray Train's `train_loop_per_worker` (`train_worker`), or in-process
-(`run_training(cfg, LocalContext())`). Model, data and the TeacherClient are built inside the worker (train_run).
+"""The per-worker training function: `run_training(cfg, RayContext())` on each Ray Train worker (ray_runner's
+`train_worker`), or in-process (`run_training(cfg, LocalContext())`). Model, data and the TeacherClient are built
+inside the worker (train_run).
 
 A run is: build it (train_run.build_training_run), then epochs of train steps, each epoch ended by an evaluation, its
 metrics row and a checkpoint, then the summary (train_report.finish_run). Every step all workers first agree whether
@@ -44,11 +45,6 @@ from student_client.train_step import StepResult
 from student_client.wire import Usage
 
 Context = LocalContext | RayContext
-
-
-def train_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point (one call per worker)."""
-    run_training(TrainConfig.from_dict(config), RayContext())
 
 
 def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
