@@ -47,12 +47,11 @@ lint: install
 
 ## The whole suite (CPU only, tiny models). Two pytest workers, since most slow tests wait on Ray and server
 ## subprocesses; whole modules per worker (module fixtures start once), slow modules first (tests/conftest.py).
-## Then the tests marked dtype("auto") once more, with auto precision forced to the dtype this CPU does not pick
-## (bf16 where it is float32, float32 where it is bf16: tests/dtype_marks.py), so both run on every machine.
+## The tests marked dtype("auto") run twice in it: as this CPU resolves auto, and with auto forced to the dtype it
+## does not pick (bf16 where it is float32, float32 where it is bf16: tests/dtype_marks.py), so both run everywhere.
 PYTEST := $(VENV)/bin/pytest -q -ra -n 2 --dist loadscope --no-loadscope-reorder
 test: install browser postgres
 	$(PYTEST) --durations=15 tests
-	$(PYTEST) --force-dtype other tests
 
 ## The demo: teacher server + a key per KD student + three students at once (no KD, full KD, MaskedKD-50) + their
 ## accuracies and bills side by side + the dashboard.

@@ -48,6 +48,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    dtype_marks.parametrize(metafunc)
+
+
+@pytest.fixture(autouse=True)
+def auto_variant(request: pytest.FixtureRequest) -> str | None:
+    """Which of dtype_marks.AUTO_VARIANTS this run of an `auto` test is (None for other tests); the precision itself
+    is set before any fixture starts (pytest_runtest_setup)."""
+    return getattr(request, "param", None)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Before the test's fixtures (module-scoped servers too) start: the precision its dtype mark asks for."""

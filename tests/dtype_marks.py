@@ -4,9 +4,10 @@
   and in every process it starts (MASKEDKD_FORCE_CPU_BF16=0), on any CPU.
 - `bfloat16`: checks bf16 behaviour; auto resolves to bf16 (MASKEDKD_FORCE_CPU_BF16=1: emulated, slowly, where the
   CPU has no bf16 instructions; tiny models keep it fast).
-- `auto`: must pass in whatever auto picks on this machine (bf16 on a CPU with fast native bf16, else float32).
-  `pytest --force-dtype bfloat16|float32|other` runs only these tests, with auto forced that way (`other`: the answer
-  this machine does not pick); `make test` runs them once more with `other`, so both are covered on every machine.
+- `auto`: must pass in whatever auto picks on this machine (bf16 on a CPU with fast native bf16, else float32). Each
+  such CPU test runs twice, `[auto]` as this machine resolves it and `[auto-other]` forced to the answer it does not
+  pick, so both are covered on every machine in one run. `pytest --force-dtype bfloat16|float32|other` runs only
+  these tests, once each, with auto forced that way.
 - `both`: the test forces each answer itself (monkeypatch) and checks both.
 - `none`: no model numerics (ledger, CLI text, manifests, docs).
 
@@ -22,6 +23,8 @@ import pytest
 from maskedkd.precision import FORCE_CPU_BF16_ENV, cpu_bf16_support
 
 DTYPES = ("float32", "bfloat16", "auto", "both", "none")
+AUTO_VARIANT = "auto_variant"  # the autouse fixture (conftest.py) an `auto` CPU test is parametrized over
+AUTO_VARIANTS = ("auto", "auto-other")  # ids that do not depend on what this machine measures (xdist compares them)
 DEVICES = ("cpu", "cuda")
 FORCED = {"float32": "0", "bfloat16": "1"}  # MASKEDKD_FORCE_CPU_BF16 per pinned dtype
 _MACHINE_ENV = os.environ.get(FORCE_CPU_BF16_ENV)  # what the caller set, kept for `auto` tests
@@ -53,12 +56,15 @@ def machine_dtype() -> tuple[str, str]:
     return ("bfloat16" if native else "float32"), why
 
 
+def other_dtype() -> str:
+    """The answer auto does not pick on this machine."""
+    return "float32" if machine_dtype()[0] == "bfloat16" else "bfloat16"
+
+
 def forced_dtype(config: pytest.Config) -> str | None:
     """--force-dtype, with `other` resolved against this machine."""
     forced = config.getoption("--force-dtype")
-    if forced == "other":
-        return "float32" if machine_dtype()[0] == "bfloat16" else "bfloat16"
-    return forced
+    return other_dtype() if forced == "other" else forced
 
 
 def header(config: pytest.Config) -> str:
@@ -66,6 +72,15 @@ def header(config: pytest.Config) -> str:
     forced = forced_dtype(config)
     extra = f"; this run: only dtype('auto') tests, forced to {forced}" if forced else ""
     return f"dtype: auto resolves to {dtype} on this CPU ({why}){extra}"
+
+
+def parametrize(metafunc: pytest.Metafunc) -> None:
+    """Without --force-dtype, a CPU test marked `auto` runs as both AUTO_VARIANTS."""
+    mark = metafunc.definition.get_closest_marker("dtype")
+    if metafunc.config.getoption("--force-dtype") or mark is None or mark.args[:1] != ("auto",):
+        return
+    if mark.kwargs.get("device", "cpu") == "cpu":
+        metafunc.parametrize(AUTO_VARIANT, AUTO_VARIANTS)
 
 
 def mark_of(item: pytest.Item) -> tuple[str, str]:
@@ -101,6 +116,9 @@ def apply(item: pytest.Item) -> None:
         if not torch.cuda.is_available():
             pytest.skip("no CUDA device")
     forced = forced_dtype(item.config)
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and callspec.params.get(AUTO_VARIANT) == "auto-other":
+        forced = other_dtype()
     value = FORCED.get(name) or (FORCED[forced] if forced and name == "auto" else _MACHINE_ENV)
     if value is None:
         os.environ.pop(FORCE_CPU_BF16_ENV, None)
