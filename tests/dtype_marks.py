@@ -20,7 +20,7 @@ import os
 
 import pytest
 
-from maskedkd.precision import FORCE_CPU_BF16_ENV, cpu_bf16_support
+from maskedkd.precision import FORCE_CPU_BF16_ENV, detected_cpu_bf16
 
 DTYPES = ("float32", "bfloat16", "auto", "both", "none")
 AUTO_VARIANT = "auto_variant"  # the autouse fixture (conftest.py) an `auto` CPU test is parametrized over
@@ -52,7 +52,7 @@ def machine_dtype() -> tuple[str, str]:
     """(what auto resolves to on this CPU without a forced answer, why)."""
     if _MACHINE_ENV in ("0", "1"):
         return ("bfloat16" if _MACHINE_ENV == "1" else "float32"), f"{FORCE_CPU_BF16_ENV}={_MACHINE_ENV}"
-    native, why = cpu_bf16_support()
+    native, why = detected_cpu_bf16()  # not cpu_bf16_support(): that reads the precision the last test forced
     return ("bfloat16" if native else "float32"), why
 
 

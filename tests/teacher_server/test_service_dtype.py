@@ -58,6 +58,18 @@ def test_detection_reads_the_cpu_flags_then_measures(monkeypatch: pytest.MonkeyP
     assert ServerSettings().dtype == "auto"
 
 
+def test_the_measurement_runs_on_one_thread_and_gives_the_threads_back() -> None:
+    """Timed in one thread's CPU time (other processes' load cannot reach the ratio), then the caller's thread count
+    is restored, also when it was not the default."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert measured_cpu_bf16_speedup.__wrapped__(n=128, rounds=1) > 0  # uncached: measured again here
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_dtype_is_resolved_reported_exported_and_never_billed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = kit.tiny_vit()
     images, keep = kit.random_images(4, seed=3), kit.random_keep(4, 24, seed=4)
