@@ -55,6 +55,14 @@ def pids_of(log: Path) -> tuple[list[int], int]:
     return [int(p) for p in found.group(1).split(", ")], int(found.group(2))
 
 
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie (an orphan's zombie waits for a reaper this container may lack)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def ingested(metrics_url: str) -> dict[str, float]:
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
     return {m[0]: float(m[1]) for m in re.findall(r'maskedkd_ingested_bytes_total\{process="(\d+)"\} (\S+)', text)}
@@ -141,8 +149,7 @@ def test_two_ingest_workers_answer_bill_and_replay_as_one_server(tmp_path: Path)
         assert server.stop() == 0  # SIGTERM: workers drain, then the device process ends
     log = (tmp_path / "serve.log").read_text()
     assert "teacher-server: stopped" in log and "Traceback" not in log
-    for pid in (*workers, device):
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    assert not [pid for pid in (*workers, device) if running(pid)]
 
     with sqlite3.connect(db.removeprefix("sqlite:///")) as conn:
         rows = conn.execute(
@@ -173,14 +180,6 @@ def test_a_dead_device_process_fails_calls_unbilled_and_stops_the_server(tmp_pat
     assert "teacher-device exited unexpectedly" in log
     with sqlite3.connect(db.removeprefix("sqlite:///")) as conn:
         assert [r[0] for r in conn.execute("SELECT request_id FROM usage")] == ["before"]
-
-
-def running(pid: int) -> bool:
-    """The process exists and is not a zombie (an orphan's zombie waits for a reaper this container may lack)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
 
 
 def parent_of(pid: int) -> int:
