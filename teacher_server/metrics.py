@@ -130,6 +130,13 @@ class ServerMetrics:
             ["key", "reason"],
             registry=r,
         )
+        self.unbilled_images = Counter(
+            "maskedkd_unbilled_images_total",
+            "Images whose forward ran but were not billed: their caller left before the commit and sent no "
+            "request_id, so no retry could be given the answer",
+            ["key"],
+            registry=r,
+        )
         self.stage_cpu = Counter(
             "maskedkd_stage_cpu_seconds_total", "CPU seconds the serving path spent, by stage", ["stage"], registry=r
         )
@@ -209,6 +216,9 @@ class ServerMetrics:
         if self._ingested is None:
             self._ingested = self.ingested_bytes.labels(process=self._process)
         self._ingested.inc(nbytes)
+
+    def count_unbilled(self, *, key: str, images: int) -> None:
+        self.unbilled_images.labels(key=self.key_label(key)).inc(images)
 
     def count_shed(self, *, reason: str, key: str = "") -> None:
         self.shed.labels(key=self.key_label(key), reason=reason).inc()

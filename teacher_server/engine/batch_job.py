@@ -58,6 +58,12 @@ class BatchJob:
         return self.input.images
 
     @property
+    def caller_gone(self) -> bool:
+        """Its caller will not take an answer any more (its future done: a flag the event loop sets; read from any
+        thread)."""
+        return self.future.done()
+
+    @property
     def shape(self) -> JobShape:
         """What the forward needs to know of it (rows_runner.py)."""
         i = self.input
@@ -127,6 +133,6 @@ def still_wanted(jobs: Sequence[BatchJob], answer_by: float) -> tuple[list[Batch
     keep: list[BatchJob] = []
     late: list[BatchJob] = []
     for job in jobs:
-        if not job.future.done():
+        if not job.caller_gone:
             (late if job.deadline is not None and job.deadline < answer_by else keep).append(job)
     return keep, late

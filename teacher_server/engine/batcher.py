@@ -259,7 +259,7 @@ class TokenBudgetBatcher:
         gone: list[BatchJob] = []  # callers that went away while queued: dropped silently
 
         def live(job: BatchJob) -> bool:
-            if job.future.done():
+            if job.caller_gone:
                 gone.append(job)
                 return False
             return True
@@ -300,7 +300,7 @@ class TokenBudgetBatcher:
         loop = asyncio.get_running_loop()
         assert self._slots is not None and self._stage_pool and self._forward_pool and self._commits
         slot = None
-        live = [j for j in batch if not j.future.done()]  # callers that went away before staging: not run, not billed
+        live = [j for j in batch if not j.caller_gone]  # callers that went away before staging: not run, not billed
         handoff = Handoff()
         try:
             if not live:

@@ -21,6 +21,7 @@ from teacher_server.engine.metering import MeteredUsage
 from teacher_server.errors import ReplayExpiredError, RequestIdReusedError, ServiceError
 from teacher_server.ledger import billing, models
 from teacher_server.ledger.billing import Hold, LimitState, unavailable_on_transient_errors
+from teacher_server.metrics import ServerMetrics
 from teacher_server.service.auth import KeyInfo
 from teacher_server.service.content_digest import RequestDigest
 from teacher_server.service.replay_logits import logits_of, stored_logits
@@ -99,6 +100,14 @@ def outcome_from_stored(
     return InferOutcome(record.request_id, record.model, logits, usage, replayed=True, outputs=outputs)
 
 
+def _unclaimable(job: BatchJob) -> bool:
+    """Whether the job's answer can reach nobody: its caller left (cancelled, or its deadline passed) during the
+    forward, and it sent no request_id, so no retry can be given the answer. Such a job is not billed. With a
+    request_id the answer is kept and replayed to the retry, so that job is billed."""
+    context: BillingContext = job.context
+    return not context.replayable and job.caller_gone
+
+
 class Biller:
     """Ledger reads and writes of the serving path; every call opens its own session (worker threads only)."""
 
@@ -109,8 +118,10 @@ class Biller:
         default_price_per_gflop: float,
         currency: str,
         replay_ttl_s: float = DEFAULT_REPLAY_TTL_S,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self._sessions = sessions
+        self._metrics = metrics  # counts the images run for callers who left with no way to get the answer
         self._engine: Engine = sessions.kw["bind"]
         self._default_price = default_price_per_gflop
         self._currency = currency  # stored with every usage row: reports show what was billed, not today's flags
@@ -149,44 +160,52 @@ class Biller:
         self, jobs: Sequence[BatchJob], answers: Sequence[Answer], stats: BatchStats
     ) -> list[InferOutcome | ServiceError | None]:
         """Commit one usage row (and replay payload) per job in one transaction (before any response leaves).
-        Returns per job None (billed now), or for a (key, request_id) billed before: its replay or the refusal."""
+        Returns per job None (billed now, or not billed: see `_unclaimable`), or for a (key, request_id) billed
+        before: its replay or the refusal."""
         now = time.monotonic()
-        items = []
-        for job, answer in zip(jobs, answers, strict=True):
-            b: BillingContext = job.context
-            row = models.NewUsage(
-                api_key_id=b.key.id,
-                request_id=b.request_id,
-                model=b.model,
-                images=b.usage.images,
-                tokens=b.usage.tokens,
-                gflops=b.usage.gflops,
-                full_gflops=b.usage.full_gflops,
-                cost=b.usage.cost,
-                latency_ms=(now - b.received_at) * 1000.0,
-                queue_ms=max(0.0, stats.started_at - job.enqueued_at) * 1000.0,
-                batch_images=stats.images,
-                content_digest=b.digest.value if b.digest else None,
-                price_per_gflop=self.price_of(b.key),
-                currency=self._currency,
-                purpose=b.purpose,
-            )
-            kept = b.replayable
-            items.append(
-                billing.Billable(
-                    row,
-                    b.key.quota_window,
-                    stored_logits(answer.logits) if kept else None,
-                    b.hold,
-                    answer.outputs.SerializeToString() if kept and answer.outputs is not None else None,
-                )
-            )
+        billed = [not _unclaimable(job) for job in jobs]
+        for job, bill in zip(jobs, billed, strict=True):
+            if not bill and self._metrics is not None:
+                self._metrics.count_unbilled(key=job.context.key.name, images=job.context.usage.images)
+        items = [self._billable(j, a, stats, now) for j, a, bill in zip(jobs, answers, billed, strict=True) if bill]
+        if not items:
+            return [None] * len(jobs)
         with unavailable_on_transient_errors(), self._sessions() as session:
-            stored = billing.bill(session, items=items, replay_ttl_s=self._replay_ttl_s)
+            stored = iter(billing.bill(session, items=items, replay_ttl_s=self._replay_ttl_s))
+            records = [next(stored) if bill else None for bill in billed]
             return [
                 None if record is None else self._replay_or_error(session, record, job.context)
-                for record, job in zip(stored, jobs, strict=True)
+                for record, job in zip(records, jobs, strict=True)
             ]
+
+    def _billable(self, job: BatchJob, answer: Answer, stats: BatchStats, now: float) -> billing.Billable:
+        """The job's usage row, with its replay payload when its request_id is the client's."""
+        b: BillingContext = job.context
+        row = models.NewUsage(
+            api_key_id=b.key.id,
+            request_id=b.request_id,
+            model=b.model,
+            images=b.usage.images,
+            tokens=b.usage.tokens,
+            gflops=b.usage.gflops,
+            full_gflops=b.usage.full_gflops,
+            cost=b.usage.cost,
+            latency_ms=(now - b.received_at) * 1000.0,
+            queue_ms=max(0.0, stats.started_at - job.enqueued_at) * 1000.0,
+            batch_images=stats.images,
+            content_digest=b.digest.value if b.digest else None,
+            price_per_gflop=self.price_of(b.key),
+            currency=self._currency,
+            purpose=b.purpose,
+        )
+        kept = b.replayable
+        return billing.Billable(
+            row,
+            b.key.quota_window,
+            stored_logits(answer.logits) if kept else None,
+            b.hold,
+            answer.outputs.SerializeToString() if kept and answer.outputs is not None else None,
+        )
 
     @staticmethod
     def _replay_or_error(

@@ -67,6 +67,7 @@ class TeacherServer:
             default_price_per_gflop=settings.price_per_gflop,
             currency=settings.currency,
             replay_ttl_s=settings.replay_ttl,
+            metrics=self.metrics,
         )
         if remote is None:
             name, teacher, fidelity = load_teacher(settings, model)

@@ -138,6 +138,32 @@ def test_a_deadline_passing_in_the_queue_is_not_billed_and_a_started_forward_is_
     assert billed_ids(srv) == {"started"}  # "late" waited in the queue past its deadline: dropped unrun, unbilled
 
 
+def test_a_started_forward_whose_caller_left_without_a_request_id_is_run_but_not_billed(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Without a request_id no retry can be given an answer, so a caller that leaves while its forward runs could
+    never receive what it would be billed for: nothing is billed, the images are counted as run unbilled."""
+    model, gated = gated_vit()
+    settings = kit.settings(tmp_path, dtype="float32", max_batch_images=2)
+    with running_server(settings, model=model) as srv:
+        key = srv.create_key("tenant")
+        _, teacher = kit.stub(srv.address)
+        images, keep = kit.random_images(2, seed=3), kit.random_keep(2, 20, seed=4)
+        left = teacher.Infer.future(kit.image_request(images, keep), metadata=kit.auth(key), timeout=1.0)
+        assert gated.entered.wait(20)  # its forward started
+        with pytest.raises(grpc.RpcError) as gave_up:
+            left.result(timeout=10)
+        assert gave_up.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        gated.opened.set()
+        wait_until(lambda: srv.server.served.batcher.idle)
+        stayed = teacher.Infer(kit.image_request(images, keep), metadata=kit.auth(key), timeout=60)
+        torch.testing.assert_close(kit.logits_of(stayed), kit.Reference(model).logits(images, keep), **kit.CLOSE)
+        metrics = srv.server.metrics
+        unbilled = metrics.registry.get_sample_value(
+            "maskedkd_unbilled_images_total", {"key": metrics.key_label("tenant")}
+        )
+    assert [r["request_id"] for r in kit.ledger_rows(settings.db)] == [stayed.request_id]  # only the answer received
+    assert unbilled == 2
+
+
 def test_two_replicas_on_postgres_shed_and_late_requests_unbilled_and_a_started_one_replayed_by_the_other(
     postgres_url: str,
 ) -> None:
