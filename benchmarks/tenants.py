@@ -17,7 +17,7 @@ not be billed at all.
     python -m benchmarks.tenants --ingest-workers 2  # the same against `serve --ingest-workers 2`
     python -m benchmarks.tenants --light-priority interactive  # the light key in a better class than the flood's
     python -m benchmarks.tenants --max-batch-ms 50  # batches bounded to 50 ms (the greedy calls run in more chunks)
-    python -m benchmarks.tenants --lone-key 0,100,50 --seconds 10  # what the chunks cost a key alone (img/s)
+    python -m benchmarks.tenants --lone-key 0,100,50 --seconds 10  # a key alone at each bound (img/s; not cut)
     python -m benchmarks.tenants --dtype auto  # the teacher in bf16 where the machine computes it natively
 """
 
@@ -229,9 +229,9 @@ def run_tenants(
 def lone_key_rates(
     bounds: list[float], *, seconds: float, rounds: int, clients: int = 2, threads: int = 0, dtype: str = "float32"
 ) -> dict[float, list[float]]:
-    """What splitting large requests costs a key alone: img/s of `clients` sending the greedy key's calls back to back
-    (no deadline) to a server at each `--max-batch-ms` of `bounds` (0: requests are never split), `rounds` interleaved
-    rounds of `seconds` each. Returns img/s per round, by bound."""
+    """A key alone at each `--max-batch-ms` of `bounds`: img/s of `clients` sending the greedy key's calls back to
+    back (no deadline), `rounds` interleaved rounds of `seconds` each. A key alone is not cut into chunks (0: never
+    cut), so every bound should read the same. Returns img/s per round, by bound."""
     rates: dict[float, list[float]] = {b: [] for b in bounds}
     with tempfile.TemporaryDirectory(prefix="bench-lone-key-") as tmp:
         servers = {

@@ -177,9 +177,9 @@ class ServerSettings(BaseSettings):
     max_batch_ms: float = Field(
         100.0,
         ge=0,
-        description="a micro-batch's expected forward at most this long, in ms, so no key holds the teacher longer: "
-        "a larger request runs as chunks in consecutive batches (0: only --token-budget and --max-batch-images bound "
-        "a batch)",
+        description="while another key shares the teacher (sent a request in the last 10 s), a micro-batch's "
+        "expected forward at most this long, in ms, so no key holds the teacher longer, and a larger request runs as "
+        "chunks in consecutive batches (0: only --token-budget and --max-batch-images bound a batch)",
     )
     mixed_k: Literal["auto", "bucket", "pad", "pack"] = Field(
         "auto",

@@ -44,7 +44,7 @@ from teacher_server.engine.decode import DecodedInput
 from teacher_server.engine.fair_clock import Clock
 from teacher_server.engine.rows_runner import AnswersFn, Late
 from teacher_server.engine.scheduler import Backlog, ComputeEstimate, FairQueue, QueueLimits
-from teacher_server.engine.split_requests import split_job, whole_requests
+from teacher_server.engine.split_requests import RecentSenders, split_job, whole_requests
 from teacher_server.engine.staging import StagedRows, Stager
 from teacher_server.errors import DeadlineUnmetError, ServiceUnavailableError
 from teacher_server.metrics import ServerMetrics
@@ -102,6 +102,7 @@ class TokenBudgetBatcher:
         self._in_flight: set[asyncio.Future[Any]] = set()
         self.batches_started = 0  # micro-batches taken from the queue so far (the server's idle trim reads it)
         self._closing = False
+        self._senders = RecentSenders()  # who shares the teacher: batches are then bounded, large requests cut
 
     @property
     def max_batch_images(self) -> int:
@@ -162,10 +163,13 @@ class TokenBudgetBatcher:
             priority=priority,
             deadline=deadline,
         )
-        # larger than a batch may hold: chunks in consecutive batches, other keys' requests served between them
-        chunks = split_job(
-            job, budget=self._batch_tokens(), prefix=self._prefix, seconds=self.compute.seconds, sizes=self._chunk_sizes
-        )
+        # larger than a batch may hold, while another key shares the teacher: chunks in consecutive batches, other
+        # keys' requests served between them
+        self._senders.sent(key_id, time.monotonic())
+        chunks = [job]
+        if self._shared():
+            budget, seconds = self._batch_tokens(), self.compute.seconds
+            chunks = split_job(job, budget=budget, prefix=self._prefix, seconds=seconds, sizes=self._chunk_sizes)
         if len(chunks) > 1 and self._metrics:
             self._metrics.split_requests.labels(model=self._name).inc()
             self._metrics.split_chunks.labels(model=self._name).inc(len(chunks))
@@ -276,10 +280,16 @@ class TokenBudgetBatcher:
         self._let_go(gone)
         return batch, dropped
 
+    def _shared(self) -> bool:
+        """Whether another key shares the teacher now (split_requests.RecentSenders); an ingest worker, which cannot
+        see the other workers' keys, always assumes so."""
+        return self._backlog is not None or self._senders.several(time.monotonic(), self.queue.key_tokens)
+
     def _batch_tokens(self) -> int:
-        """The token budget, cut to what the forward runs in `max_batch_s` by the running estimate: a batch never
-        holds the teacher so long that another key's request waits for more than about that."""
-        if self._max_batch_s <= 0:
+        """The token budget, cut, while another key shares the teacher, to what the forward runs in `max_batch_s` by
+        the running estimate: a batch never holds the teacher so long that another key's request waits for more than
+        about that."""
+        if self._max_batch_s <= 0 or not self._shared():
             return self._token_budget
         return max(1, min(self._token_budget, self.compute.tokens_within(self._max_batch_s)))
 

@@ -4,7 +4,9 @@ A request with more teacher tokens than one batch may hold (the token budget, cu
 compute estimate) would hold the teacher for its whole forward, and a light request of another key arriving just
 after it would wait that long. It is cut instead into chunks of whole images that each fit a batch. They queue one
 after another under the request's key, so fair queuing serves other keys' requests between them, and the request is
-answered once, when its last chunk ran, with its rows' logits in order.
+answered once, when its last chunk ran, with its rows' logits in order. A request is cut only while another key
+shares the teacher (`RecentSenders`: another key sent a request in the last 10 s, or still has some queued): a key
+alone runs its requests whole, in batches as large as the token budget, as fast as the teacher runs them.
 
 - The chunks share the request's future: a caller gone, a chunk dropped for its deadline, or a chunk's batch failing
   ends the request, and its remaining chunks are let go unrun.
@@ -31,6 +33,7 @@ from teacher_server.engine.batch_job import BatchJob, ChunkOf, SplitRequest
 # the tiny 32 px ViT, per image: bf16 1.23 ms at 512 tokens against 1.19 at 1,024 and 5.5 at 33; float32 3.4 / 3.2 /
 # 6.5).
 MIN_CHUNK_TOKENS = 512
+SHARED_S = 10.0  # a key that sent a request this recently shares the teacher: another key's large requests are cut
 
 
 def image_ranges(tokens_per_image: torch.Tensor, budget: int) -> list[tuple[int, int]]:
@@ -53,6 +56,28 @@ def shaped_ranges(tokens_per_image: torch.Tensor, budget: int, sizes: Sequence[i
     images, widest = int(tokens_per_image.shape[0]), int(tokens_per_image.max())
     size = max((s for s in sizes if s * widest <= budget), default=min(sizes))
     return [(start, min(start + size, images)) for start in range(0, images, size)]
+
+
+class RecentSenders:
+    """The keys that sent a request in the last `window_s` seconds. Only while another key shares the teacher is a
+    batch bounded by `--max-batch-ms` and a larger request cut into chunks: a key alone has nobody waiting behind its
+    forwards, and on a CPU teacher chunks and small batches cost it 10-25% of its throughput (DeiT-S and the CIFAR
+    ViT, 32-image requests; docs/performance-notes.md, section 27)."""
+
+    def __init__(self, window_s: float = SHARED_S) -> None:
+        self.window_s = window_s
+        self._last: dict[int, float] = {}  # key id -> time.monotonic() of its last request
+
+    def sent(self, key_id: int, now: float) -> None:
+        """A request of `key_id` arrived at `now`."""
+        self._last[key_id] = now
+
+    def several(self, now: float, queued_tokens: Callable[[int], int]) -> bool:
+        """Whether more than one key sent a request within `window_s` of `now` or still has `queued_tokens`."""
+        for key_id, sent in list(self._last.items()):
+            if now - sent > self.window_s and not queued_tokens(key_id):
+                del self._last[key_id]
+        return len(self._last) > 1
 
 
 def split_job(

@@ -298,10 +298,11 @@ def test_cuda_rows_staged_from_pinned_uint8_run_through_the_served_forward() -> 
         torch.testing.assert_close(run(forward, rows), expected, atol=1e-4, rtol=1e-4)
 
 
-async def test_a_batch_holds_the_teacher_about_max_batch_s_at_most() -> None:
+async def test_a_batch_holds_the_teacher_about_max_batch_s_at_most_while_keys_share_it() -> None:
     """Every forward takes 50 ms (RecordingForward sleeps), so once the running estimate has seen it, `max_batch_s`
-    = 30 ms caps each batch at the one request it starts with: four requests sent together run as four batches
-    (without the cap, the three queued behind the first would share one)."""
+    = 30 ms caps each batch at the one request it starts with: four requests of four keys sent together run as four
+    batches. A key alone is not capped: its four requests sent together share one batch, as they would without the
+    cap (nobody waits behind it)."""
     fwd = RecordingForward(seconds=0.05)
     b = make(fwd, max_delay_s=0.0, max_batch_s=0.03, token_budget=10_000)
     await b.start()
@@ -309,10 +310,11 @@ async def test_a_batch_holds_the_teacher_about_max_batch_s_at_most() -> None:
         await b.submit(decoded(1, 6))
     assert b.compute.seconds(7) == pytest.approx(0.05, rel=0.3)
     sizes_before = len(fwd.calls)
-    # The estimate says a batch of any size over 7 tokens takes > 30 ms: every batch holds the one request it starts
-    # with, however many are queued.
-    await asyncio.gather(*(b.submit(decoded(1, 6)) for _ in range(4)))
-    assert [rows for rows, _, _ in fwd.calls[sizes_before:]] == [1, 1, 1, 1]
+    await asyncio.gather(*(b.submit(decoded(1, 6)) for _ in range(4)))  # key 0 alone
+    # The estimate says a batch of any size over 7 tokens takes > 30 ms: while keys share the teacher, every batch
+    # holds the one request it starts with, however many are queued.
+    await asyncio.gather(*(b.submit(decoded(1, 6), key_id=key) for key in range(1, 5)))
+    assert [rows for rows, _, _ in fwd.calls[sizes_before:]] == [4, 1, 1, 1, 1]
     await b.close()
 
 

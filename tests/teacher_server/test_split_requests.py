@@ -26,7 +26,7 @@ from teacher_server.engine.answers import Answer, OutputsRequest, job_outputs, j
 from teacher_server.engine.batch_job import BatchJob, BatchStats
 from teacher_server.engine.batcher import TokenBudgetBatcher
 from teacher_server.engine.decode import DecodedInput
-from teacher_server.engine.split_requests import MIN_CHUNK_TOKENS, image_ranges, shaped_ranges
+from teacher_server.engine.split_requests import MIN_CHUNK_TOKENS, RecentSenders, image_ranges, shaped_ranges
 from teacher_server.errors import DeadlineUnmetError
 from teacher_server.testing.server import running_server
 
@@ -58,13 +58,14 @@ class Commits:
         return [None] * len(jobs)
 
 
-async def taught(fwd: RecordingForward, commits: Commits) -> TokenBudgetBatcher:
+async def taught(fwd: RecordingForward, commits: Commits, *, key_id: int = 0) -> TokenBudgetBatcher:
     """A batcher whose every batch holds one request at most (each forward takes 200 ms, the bound is 100 ms), its
-    compute estimate taught by three one-row requests."""
+    compute estimate taught by three one-row requests of `key_id` (key 0: another key than the tests' own, which so
+    share the teacher with it and have their large requests cut)."""
     b = make(fwd, max_delay_s=0.0, max_batch_s=0.1, finalize=commits)
     await b.start()
     for _ in range(3):
-        await b.submit(numbered(1))
+        await b.submit(numbered(1), key_id=key_id)
     fwd.calls.clear()
     commits.seen.clear()
     return b
@@ -104,6 +105,35 @@ async def test_a_large_request_runs_in_chunks_with_another_keys_request_between_
     assert torch.equal(answered.logits, expected(BIG))  # one answer, every row in order
     assert torch.equal(other.logits, expected(1, first=200))
     assert sorted(commits.seen) == [[(1, 1)], [(BIG, BIG)]]  # committed once, whole, with its last chunk
+
+
+async def test_a_key_alone_runs_a_large_request_whole_and_cut_once_another_key_sends() -> None:
+    fwd, commits = RecordingForward(seconds=0.2), Commits()
+    b = await taught(fwd, commits, key_id=1)
+    alone = await b.submit(numbered(BIG), key_id=1)
+    await b.submit(numbered(1, first=200), key_id=2)
+    shared = await b.submit(numbered(BIG), key_id=1)
+    await b.close()
+    assert [rows for rows, _, _ in fwd.calls] == [BIG, 1, 22, 21, 21]  # nobody to wait behind it: one forward
+    assert torch.equal(alone.logits, expected(BIG)) and torch.equal(shared.logits, expected(BIG))
+
+
+def test_keys_share_the_teacher_while_another_sent_within_the_window_or_still_has_requests_queued() -> None:
+    senders, queued = RecentSenders(window_s=10.0), {3: 0}
+    senders.sent(1, 0.0)
+    assert not senders.several(0.0, queued.get)  # alone
+    senders.sent(1, 5.0)
+    assert not senders.several(5.0, queued.get)  # still alone
+    senders.sent(2, 6.0)
+    assert senders.several(6.0, queued.get) and senders.several(15.0, queued.get)  # key 2 sent 9 s before
+    assert not senders.several(16.5, queued.get)  # key 2 idle for 10.5 s: forgotten, key 1 alone again
+    senders.sent(3, 17.0)
+    queued[3] = 40  # key 3 still has requests queued after the window: it still shares the teacher
+    senders.sent(1, 30.0)
+    assert senders.several(30.0, queued.get)
+    queued[3] = 0
+    senders.sent(1, 31.0)
+    assert not senders.several(31.0, queued.get)
 
 
 async def test_a_caller_gone_between_chunks_is_neither_run_further_nor_committed() -> None:
@@ -156,16 +186,16 @@ def test_extra_outputs_of_chunks_join_into_those_of_the_whole_request() -> None:
 
 
 def test_a_split_request_through_the_server_is_answered_billed_and_replayed_as_one(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """A 1 ms batch bound splits a 48-image request (25 tokens an image: 1,200 tokens) into chunks of about
-    MIN_CHUNK_TOKENS: its logits equal the in-process teacher's, its one ledger row bills the FLOP model of all 48
-    images, its batch was one chunk's, and the retry replays it bit for bit."""
+    """A 1 ms batch bound splits a 48-image request (25 tokens an image: 1,200 tokens) of a key sharing the teacher
+    into chunks of about MIN_CHUNK_TOKENS: its logits equal the in-process teacher's, its one ledger row bills the FLOP
+    model of all 48 images, its batch was one chunk's, and the retry replays it bit for bit."""
     model = kit.tiny_vit(seed=21)
     settings = kit.settings(tmp_path, dtype="float32", max_batch_ms=1.0, max_delay_ms=0.0, metrics_port=0)
     with running_server(settings, model=model) as srv:
-        key = srv.create_key("big")
+        key, other = srv.create_key("big"), srv.create_key("other")
         channel, teacher = stub(srv.address)
-        for i in range(3):  # teach the compute estimate (the first batch is not counted)
-            teacher.Infer(image_request(random_images(2, seed=i), random_keep(2, 24, seed=i)), metadata=auth(key))
+        for i in range(3):  # teach the compute estimate (the first batch is not counted); another key: shared
+            teacher.Infer(image_request(random_images(2, seed=i), random_keep(2, 24, seed=i)), metadata=auth(other))
         images, keep = random_images(48, seed=30), random_keep(48, 24, seed=31)
         first = teacher.Infer(image_request(images, keep, request_id="big-1"), metadata=auth(key))
         again = teacher.Infer(image_request(images, keep, request_id="big-1"), metadata=auth(key))
