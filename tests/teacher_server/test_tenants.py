@@ -1,7 +1,8 @@
 """Many keys on one teacher, through real gRPC (a server on 127.0.0.1, its SQLite ledger read back with SQL): a full
 key queue is refused before its request is read and unbilled, with a RetryInfo; another key is not held back by it;
 a request whose deadline passes in the queue is dropped unrun and unbilled; one whose forward started is billed and
-its answer replayed to the retry. The forward is held on a gate so the queue states are exact, not raced.
+its answer replayed to the retry (without a request_id no retry can have it: not billed). The forward is held on a
+gate so the queue states are exact, not raced.
 
 The last test runs two replicas on one Postgres ledger. Checks float32 logits on the CPU (pinned: the gate needs an
 eager forward)."""
