@@ -163,13 +163,12 @@ class TokenBudgetBatcher:
             priority=priority,
             deadline=deadline,
         )
-        # larger than a batch may hold, while another key shares the teacher: chunks in consecutive batches, other
-        # keys' requests served between them
+        # larger than a batch may hold: chunks in consecutive batches, other keys' requests served between them (a
+        # key alone may hold a whole --token-budget: _batch_tokens)
         self._senders.sent(key_id, time.monotonic())
-        chunks = [job]
-        if self._shared():
-            budget, seconds = self._batch_tokens(), self.compute.seconds
-            chunks = split_job(job, budget=budget, prefix=self._prefix, seconds=seconds, sizes=self._chunk_sizes)
+        chunks = split_job(
+            job, budget=self._batch_tokens(), prefix=self._prefix, seconds=self.compute.seconds, sizes=self._chunk_sizes
+        )
         if len(chunks) > 1 and self._metrics:
             self._metrics.split_requests.labels(model=self._name).inc()
             self._metrics.split_chunks.labels(model=self._name).inc(len(chunks))

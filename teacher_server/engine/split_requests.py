@@ -4,9 +4,10 @@ A request with more teacher tokens than one batch may hold (the token budget, cu
 compute estimate) would hold the teacher for its whole forward, and a light request of another key arriving just
 after it would wait that long. It is cut instead into chunks of whole images that each fit a batch. They queue one
 after another under the request's key, so fair queuing serves other keys' requests between them, and the request is
-answered once, when its last chunk ran, with its rows' logits in order. A request is cut only while another key
-shares the teacher (`RecentSenders`: another key sent a request in the last 10 s, or still has some queued): a key
-alone runs its requests whole, in batches as large as the token budget, as fast as the teacher runs them.
+answered once, when its last chunk ran, with its rows' logits in order. Only while another key shares the teacher
+(`RecentSenders`: another key sent a request in the last 10 s, or still has some queued) is the budget cut to
+`--max-batch-ms`: a key alone runs its requests whole in batches up to `--token-budget`, as fast as the teacher runs
+them, and only a request larger than that budget itself is cut.
 
 - The chunks share the request's future: a caller gone, a chunk dropped for its deadline, or a chunk's batch failing
   ends the request, and its remaining chunks are let go unrun.
@@ -60,9 +61,9 @@ def shaped_ranges(tokens_per_image: torch.Tensor, budget: int, sizes: Sequence[i
 
 class RecentSenders:
     """The keys that sent a request in the last `window_s` seconds. Only while another key shares the teacher is a
-    batch bounded by `--max-batch-ms` and a larger request cut into chunks: a key alone has nobody waiting behind its
-    forwards, and on a CPU teacher chunks and small batches cost it 10-25% of its throughput (DeiT-S and the CIFAR
-    ViT, 32-image requests; docs/performance-notes.md, section 27)."""
+    batch bounded by `--max-batch-ms` and a larger request cut into chunks of that size: a key alone has nobody
+    waiting behind its forwards, and on a CPU teacher chunks and small batches cost it 10-25% of its throughput
+    (DeiT-S and the CIFAR ViT, 32-image requests; docs/performance-notes.md, section 27)."""
 
     def __init__(self, window_s: float = SHARED_S) -> None:
         self.window_s = window_s

@@ -118,6 +118,16 @@ async def test_a_key_alone_runs_a_large_request_whole_and_cut_once_another_key_s
     assert torch.equal(alone.logits, expected(BIG)) and torch.equal(shared.logits, expected(BIG))
 
 
+async def test_a_key_alone_still_has_a_request_over_the_token_budget_cut_to_it() -> None:
+    fwd = RecordingForward()
+    b = make(fwd, max_delay_s=0.0, max_batch_s=0.1, token_budget=600)
+    await b.start()
+    answered = await b.submit(numbered(BIG), key_id=1)  # 1,088 tokens, alone: the time bound does not apply
+    await b.close()
+    assert [rows for rows, _, _ in fwd.calls] == [32, 32]  # the token budget does: two chunks of 544 tokens
+    assert torch.equal(answered.logits, expected(BIG))
+
+
 def test_keys_share_the_teacher_while_another_sent_within_the_window_or_still_has_requests_queued() -> None:
     senders, queued = RecentSenders(window_s=10.0), {3: 0}
     senders.sent(1, 0.0)
