@@ -17,7 +17,8 @@ not be billed at all.
     python -m benchmarks.tenants --ingest-workers 2  # the same against `serve --ingest-workers 2`
     python -m benchmarks.tenants --light-priority interactive  # the light key in a better class than the flood's
     python -m benchmarks.tenants --max-batch-ms 50  # batches bounded to 50 ms (the greedy calls run in more chunks)
-    python -m benchmarks.tenants --lone-key 0,100,50 --seconds 10  # a key alone at each bound (img/s; not cut)
+    python -m benchmarks.tenants --lone-key 0,100,50 --seconds 10  # a key alone at each bound (img/s; cut only at 1 s)
+    python -m benchmarks.tenants --lone-key 0,100 --teacher deit_s --waking-keys 3  # and a key starting to send
     python -m benchmarks.tenants --dtype auto  # the teacher in bf16 where the machine computes it natively
 """
 
@@ -32,6 +33,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -45,10 +47,26 @@ from maskedkd.codec import tensor_to_proto
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
 from student_client.retry import retry_after_s
+from teacher_server.engine.split_requests import SHARED_S
 from teacher_server.priorities import DEFAULT_PRIORITY, PRIORITIES
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """A teacher the scenario can run on, and the images its requests carry."""
+
+    arch: str
+    kwargs: dict[str, Any]
+    image_px: int
+    patches: int  # in an image's grid; requests keep half of them
+
 
 ARCH = "vit_tiny_patch16_224"
 TINY = {"img_size": 32, "patch_size": 4, "num_classes": 10}
+TEACHERS = {
+    "tiny": Teacher(ARCH, TINY, 32, 64),
+    "deit_s": Teacher("deit_small_patch16_224", {}, 224, 196),  # where a forward of 256 images takes seconds on a CPU
+}
 LIGHT = {"images": 8, "every_s": 0.2, "deadline_s": 5.0}
 GREEDY = {"clients": 16, "images": 256, "deadline_s": 1.0}
 OPTIONS = [
@@ -58,10 +76,11 @@ OPTIONS = [
 ]
 
 
-def _request(images: int, request_id: str, seed: int) -> pb.InferRequest:
+def _request(images: int, request_id: str, seed: int, teacher: Teacher = TEACHERS["tiny"]) -> pb.InferRequest:
     g = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=g)  # [B,C,H,W] uint8
-    keep = torch.stack([torch.randperm(64, generator=g)[:32].sort().values for _ in range(images)])  # keep 50%
+    px, n = teacher.image_px, teacher.patches
+    pixels = torch.randint(0, 256, (images, 3, px, px), dtype=torch.uint8, generator=g)  # [B,C,H,W] uint8
+    keep = torch.stack([torch.randperm(n, generator=g)[: n // 2].sort().values for _ in range(images)])  # keep 50%
     return pb.InferRequest(
         request_id=request_id, images=tensor_to_proto(pixels), keep_indices=tensor_to_proto(keep.to(torch.int16))
     )
@@ -72,7 +91,9 @@ def _p(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def light_load(address: str, api_key: str, seconds: float, tag: str) -> dict[str, Any]:
+def light_load(
+    address: str, api_key: str, seconds: float, tag: str, teacher: Teacher = TEACHERS["tiny"]
+) -> dict[str, Any]:
     """The light tenant for `seconds`: latencies (ms) of its answers, and its errors by status code."""
     metadata = (("authorization", f"Bearer {api_key}"),)
     latencies: list[float] = []
@@ -84,7 +105,7 @@ def light_load(address: str, api_key: str, seconds: float, tag: str) -> dict[str
         next_at = time.monotonic()
         while next_at < end:
             time.sleep(max(0.0, next_at - time.monotonic()))
-            request = _request(LIGHT["images"], f"light-{tag}-{i}", seed=i)
+            request = _request(LIGHT["images"], f"light-{tag}-{i}", seed=i, teacher=teacher)
             started = time.perf_counter()
             try:
                 stub.Infer(request, metadata=metadata, timeout=LIGHT["deadline_s"])
@@ -111,6 +132,7 @@ def greedy_load(
     clients: int = GREEDY["clients"],
     deadline_s: float = GREEDY["deadline_s"],
     tag: str = "greedy",
+    teacher: Teacher = TEACHERS["tiny"],
 ) -> dict[str, Any]:
     """The greedy tenant (the child process's body): every client sends back to back until `seconds` pass. Request
     ids start with `tag` (unique per load on one server: a repeated id would be answered from the ledger)."""
@@ -119,7 +141,7 @@ def greedy_load(
     received: list[str] = []
     codes: Counter[str] = Counter()
     sent = [0]
-    base = _request(images, "", seed=7)
+    base = _request(images, "", seed=7, teacher=teacher)
     end = time.monotonic() + seconds
 
     def client(c: int) -> None:
@@ -153,9 +175,9 @@ def greedy_load(
     return {"sent": sent[0], "codes": dict(codes), "received": received}
 
 
-def _served(dtype: str, **more: Any) -> dict[str, Any]:
-    """How the tiny teacher is served here: in `dtype`, otherwise at the server's defaults but for `more`."""
-    return {"model": ARCH, "model_kwargs": TINY, "dtype": dtype, **more}
+def _served(dtype: str, teacher: Teacher = TEACHERS["tiny"], **more: Any) -> dict[str, Any]:
+    """How `teacher` is served here: in `dtype`, otherwise at the server's defaults but for `more`."""
+    return {"model": teacher.arch, "model_kwargs": teacher.kwargs, "dtype": dtype, **more}
 
 
 def billed_ids(db_url: str, key: str) -> set[str]:
@@ -176,30 +198,33 @@ def run_tenants(
     light_priority: str = DEFAULT_PRIORITY,
     max_batch_ms: float | None = None,
     dtype: str = "float32",
+    teacher: str = "tiny",
 ) -> dict[str, Any]:
     """The scenario against a fresh server child; the figures of `make bench`'s tenants section. `ingest_workers`:
     the server runs that many ingest processes; `light_priority`: the light key's class (the greedy key's is
-    standard); `max_batch_ms`: the server's `--max-batch-ms` (None: its default); `dtype`: the teacher's."""
+    standard); `max_batch_ms`: the server's `--max-batch-ms` (None: its default); `dtype`: the teacher's; `teacher`:
+    which of TEACHERS."""
     from teacher_server.ledger.database import open_ledger
     from teacher_server.ledger.keys import create_api_key
 
     bound = {} if max_batch_ms is None else {"max_batch_ms": max_batch_ms}
     with tempfile.TemporaryDirectory(prefix="bench-tenants-") as tmp:
         work = workdir or Path(tmp)
-        server = BenchServer("tenants", _served(dtype, ingest_workers=ingest_workers, **bound), work, threads=threads)
+        served = _served(dtype, TEACHERS[teacher], ingest_workers=ingest_workers, **bound)
+        server = BenchServer("tenants", served, work, threads=threads)
         sessions = open_ledger(server.settings["db"])
         light_key, _ = create_api_key(sessions, name="light", priority=light_priority)
         sessions.kw["bind"].dispose()
         server.start().wait_ready()
         try:
-            light_load(server.address, light_key, 1.0, "warm")
-            alone = light_load(server.address, light_key, seconds, "alone")
+            light_load(server.address, light_key, 1.0, "warm", TEACHERS[teacher])
+            alone = light_load(server.address, light_key, seconds, "alone", TEACHERS[teacher])
             out = work / "greedy.json"
             child = ["--greedy", server.address, server.api_key, "--seconds", str(seconds + 2.0), "--json", str(out)]
-            child += ["--greedy-images", str(greedy_images)]
+            child += ["--greedy-images", str(greedy_images), "--teacher", teacher]
             greedy_proc = subprocess.Popen([sys.executable, "-m", "benchmarks.tenants", *child], cwd=REPO)
             time.sleep(1.0)  # the flood is on before the light tenant measures
-            flood = light_load(server.address, light_key, seconds, "flood")
+            flood = light_load(server.address, light_key, seconds, "flood", TEACHERS[teacher])
             greedy_proc.wait(timeout=seconds + 120)
             greedy = json.loads(out.read_text())
         finally:
@@ -214,6 +239,7 @@ def run_tenants(
         "light_priority": light_priority,
         "max_batch_ms": max_batch_ms,
         "dtype": dtype,
+        "teacher": teacher,
         "light": {"alone": alone, "flood": flood, "p99_ratio": flood["p99_ms"] / alone["p99_ms"], **LIGHT},
         "greedy": {
             **greedy,
@@ -227,41 +253,93 @@ def run_tenants(
 
 
 def lone_key_rates(
-    bounds: list[float], *, seconds: float, rounds: int, clients: int = 2, threads: int = 0, dtype: str = "float32"
-) -> dict[float, list[float]]:
-    """A key alone at each `--max-batch-ms` of `bounds`: img/s of `clients` sending the greedy key's calls back to
-    back (no deadline), `rounds` interleaved rounds of `seconds` each. A key alone is not cut into chunks (0: never
-    cut), so every bound should read the same. Returns img/s per round, by bound."""
-    rates: dict[float, list[float]] = {b: [] for b in bounds}
+    bounds: list[float],
+    *,
+    seconds: float,
+    rounds: int,
+    images: int = GREEDY["images"],
+    probes: int = 0,
+    clients: int = 2,
+    threads: int = 0,
+    dtype: str = "float32",
+    teacher: str = "tiny",
+) -> dict[float, dict[str, list[float]]]:
+    """A key alone at each `--max-batch-ms` of `bounds`: img/s of `clients` sending `images`-image calls back to back
+    (no deadline), `rounds` interleaved rounds of `seconds` each ("img_s"). A key alone is cut only into chunks of
+    about `LONE_BATCH_S` (1 s) of forward (0: never cut), so every bound should read about the same. Then, with
+    `probes`, the first call of each of `probes` keys that never sent before, while the key alone keeps sending
+    ("waking_ms"): how long a key starting to send waits."""
+    from teacher_server.ledger.database import open_ledger
+    from teacher_server.ledger.keys import create_api_key
+
+    out: dict[float, dict[str, list[float]]] = {b: {"img_s": [], "waking_ms": []} for b in bounds}
+    waking: dict[float, list[str]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-lone-key-") as tmp:
-        servers = {
-            b: BenchServer(
-                f"bound-{b:g}", _served(dtype, max_batch_ms=b), Path(tmp) / f"bound-{b:g}", threads=threads
-            ).start()
-            for b in bounds
-        }
+        servers = {}
+        for b in bounds:
+            served = _served(dtype, TEACHERS[teacher], max_batch_ms=b)
+            server = BenchServer(f"bound-{b:g}", served, Path(tmp) / f"bound-{b:g}", threads=threads)
+            sessions = open_ledger(server.settings["db"])
+            waking[b] = [create_api_key(sessions, name=f"waking-{i}")[0] for i in range(probes)]
+            sessions.kw["bind"].dispose()
+            servers[b] = server.start()
         try:
             for b in bounds:
                 servers[b].wait_ready()
-                _lone_rate(servers[b], clients, 2.0, "warm")  # warm-up: the compute estimate learns the forward
+                _lone_rate(
+                    servers[b], clients, 2.0, "warm", images, TEACHERS[teacher]
+                )  # warm-up: the compute estimate learns the forward
             for r in range(rounds):
                 for b in bounds:
-                    rates[b].append(_lone_rate(servers[b], clients, seconds, f"round{r}"))
+                    out[b]["img_s"].append(
+                        _lone_rate(servers[b], clients, seconds, f"round{r}", images, TEACHERS[teacher])
+                    )
+            for b in bounds:
+                out[b]["waking_ms"] = _waking_waits(servers[b], waking[b], clients, images, TEACHERS[teacher])
         finally:
             for server in servers.values():
                 server.stop()
-    return rates
+    return out
 
 
-def _lone_rate(server: BenchServer, clients: int, seconds: float, tag: str) -> float:
-    """img/s answered to `clients` sending greedy-sized calls back to back, without a deadline, for `seconds`."""
+def _lone_rate(server: BenchServer, clients: int, seconds: float, tag: str, images: int, teacher: Teacher) -> float:
+    """img/s answered to `clients` sending `images`-image calls back to back, without a deadline, for `seconds`."""
     started = time.monotonic()
     load = greedy_load(
-        server.address, server.api_key, seconds, GREEDY["images"], clients=clients, deadline_s=120.0, tag=tag
+        server.address, server.api_key, seconds, images, clients=clients, deadline_s=120.0, tag=tag, teacher=teacher
     )
     if set(load["codes"]) != {"OK"}:
         raise RuntimeError(f"a lone key's calls were refused: {load['codes']}")
-    return len(load["received"]) * GREEDY["images"] / (time.monotonic() - started)
+    return len(load["received"]) * images / (time.monotonic() - started)
+
+
+def _waking_waits(server: BenchServer, keys: list[str], clients: int, images: int, teacher: Teacher) -> list[float]:
+    """ms to the answer of one light call (LIGHT's images) of each of `keys`, none of which sent before, while
+    `clients` of the server's key send `images`-image calls back to back: each call comes SHARED_S + 5 s after the
+    one before, so the key alone is alone again (split_requests.RecentSenders) and its requests queued since the last
+    call were sent alone, not cut for the other key's sake."""
+    spacing_s = SHARED_S + 5.0
+    flood = threading.Thread(
+        target=greedy_load,
+        args=(server.address, server.api_key, 3.0 + spacing_s * len(keys), images),
+        kwargs={"clients": clients, "deadline_s": 120.0, "tag": "waking-flood", "teacher": teacher},
+    )
+    flood.start()
+    waits: list[float] = []
+    try:
+        for i, key in enumerate(keys):
+            time.sleep(3.0 if i == 0 else max(0.0, spacing_s - waits[-1] / 1e3))
+            with grpc.insecure_channel(server.address, options=OPTIONS) as channel:
+                started = time.perf_counter()
+                pb_grpc.TeacherServiceStub(channel).Infer(
+                    _request(LIGHT["images"], f"waking-{i}", seed=i, teacher=teacher),
+                    metadata=(("authorization", f"Bearer {key}"),),
+                    timeout=120.0,
+                )
+                waits.append((time.perf_counter() - started) * 1e3)
+    finally:
+        flood.join()
+    return waits
 
 
 def table(result: dict[str, Any]) -> str:
@@ -298,17 +376,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dtype", choices=("float32", "bfloat16", "auto"), default="float32", help="the teacher's (default float32)"
     )
+    parser.add_argument("--teacher", choices=sorted(TEACHERS), default="tiny", help="the teacher served (default tiny)")
     parser.add_argument(
         "--lone-key",
         metavar="MS,MS,...",
         default=None,
-        help="instead: img/s of a key alone sending greedy calls, at each --max-batch-ms listed (0: never split)",
+        help="instead: img/s of a key alone sending --greedy-images calls at each --max-batch-ms (0: never cut)",
     )
     parser.add_argument("--rounds", type=int, default=3, help="with --lone-key: interleaved rounds of --seconds each")
+    parser.add_argument(
+        "--waking-keys",
+        type=int,
+        default=0,
+        help="with --lone-key: that many keys then send one call each, 15 s apart, while the key alone keeps sending",
+    )
     parser.add_argument("--greedy", nargs=2, metavar=("ADDRESS", "KEY"), help=argparse.SUPPRESS)  # the child
     args = parser.parse_args(argv)
     if args.greedy:
-        result = greedy_load(*args.greedy, args.seconds, args.greedy_images)
+        result = greedy_load(*args.greedy, args.seconds, args.greedy_images, teacher=TEACHERS[args.teacher])
         assert args.json is not None
         args.json.write_text(json.dumps(result))
         return 0
@@ -317,10 +402,20 @@ def main(argv: list[str] | None = None) -> int:
             bounds = [float(x) for x in args.lone_key.split(",")]
         except ValueError:
             parser.error(f"--lone-key wants milliseconds like 0,100,50, got {args.lone_key!r}")
-        rates = lone_key_rates(bounds, seconds=args.seconds, rounds=args.rounds, dtype=args.dtype)
-        print("| --max-batch-ms | img/s, each round | median |\n|---|---|---|")
-        for bound, per_round in rates.items():
-            print(f"| {bound:g} | {' / '.join(f'{r:.0f}' for r in per_round)} | {median(per_round):.0f} |")
+        rates = lone_key_rates(
+            bounds,
+            seconds=args.seconds,
+            rounds=args.rounds,
+            images=args.greedy_images,
+            probes=args.waking_keys,
+            dtype=args.dtype,
+            teacher=args.teacher,
+        )
+        print("| --max-batch-ms | img/s, each round | median | a waking key's first call, ms |\n|---|---|---|---|")
+        for bound, figures in rates.items():
+            per_round, waits = figures["img_s"], figures["waking_ms"]
+            waking = " / ".join(f"{w:.0f}" for w in waits) or "-"
+            print(f"| {bound:g} | {' / '.join(f'{r:.0f}' for r in per_round)} | {median(per_round):.0f} | {waking} |")
         return 0
     result = run_tenants(
         args.seconds,
@@ -329,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         light_priority=args.light_priority,
         max_batch_ms=args.max_batch_ms,
         dtype=args.dtype,
+        teacher=args.teacher,
     )
     print(table(result))
     if args.json:

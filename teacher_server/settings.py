@@ -179,7 +179,8 @@ class ServerSettings(BaseSettings):
         ge=0,
         description="while another key shares the teacher (sent a request in the last 10 s), a micro-batch's "
         "expected forward at most this long, in ms, so no key holds the teacher longer, and a larger request runs as "
-        "chunks in consecutive batches (0: only --token-budget and --max-batch-images bound a batch)",
+        "chunks in consecutive batches; a key alone is bounded at 1 s "
+        "(0: only --token-budget and --max-batch-images bound a batch)",
     )
     mixed_k: Literal["auto", "bucket", "pad", "pack"] = Field(
         "auto",

@@ -44,7 +44,7 @@ from teacher_server.engine.decode import DecodedInput
 from teacher_server.engine.fair_clock import Clock
 from teacher_server.engine.rows_runner import AnswersFn, Late
 from teacher_server.engine.scheduler import Backlog, ComputeEstimate, FairQueue, QueueLimits
-from teacher_server.engine.split_requests import RecentSenders, split_job, whole_requests
+from teacher_server.engine.split_requests import LONE_BATCH_S, RecentSenders, split_job, whole_requests
 from teacher_server.engine.staging import StagedRows, Stager
 from teacher_server.errors import DeadlineUnmetError, ServiceUnavailableError
 from teacher_server.metrics import ServerMetrics
@@ -164,7 +164,7 @@ class TokenBudgetBatcher:
             deadline=deadline,
         )
         # larger than a batch may hold: chunks in consecutive batches, other keys' requests served between them (a
-        # key alone may hold a whole --token-budget: _batch_tokens)
+        # key alone may hold up to 1 s of forward: _batch_tokens)
         self._senders.sent(key_id, time.monotonic())
         chunks = split_job(
             job, budget=self._batch_tokens(), prefix=self._prefix, seconds=self.compute.seconds, sizes=self._chunk_sizes
@@ -285,12 +285,13 @@ class TokenBudgetBatcher:
         return self._backlog is not None or self._senders.several(time.monotonic(), self.queue.key_tokens)
 
     def _batch_tokens(self) -> int:
-        """The token budget, cut, while another key shares the teacher, to what the forward runs in `max_batch_s` by
-        the running estimate: a batch never holds the teacher so long that another key's request waits for more than
-        about that."""
-        if self._max_batch_s <= 0 or not self._shared():
+        """The token budget, cut to what the forward runs by the running estimate in `max_batch_s` while another key
+        shares the teacher (a batch never holds the teacher so long that another key's request waits for more than
+        about that), in `LONE_BATCH_S` while a key is alone (one starting to send waits about that long at most)."""
+        if self._max_batch_s <= 0:
             return self._token_budget
-        return max(1, min(self._token_budget, self.compute.tokens_within(self._max_batch_s)))
+        bound_s = self._max_batch_s if self._shared() else max(self._max_batch_s, LONE_BATCH_S)
+        return max(1, min(self._token_budget, self.compute.tokens_within(bound_s)))
 
     def _refuse_late(self, dropped: Sequence[BatchJob], *, queued: bool = True) -> None:
         if queued:

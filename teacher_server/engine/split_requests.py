@@ -4,10 +4,10 @@ A request with more teacher tokens than one batch may hold (the token budget, cu
 compute estimate) would hold the teacher for its whole forward, and a light request of another key arriving just
 after it would wait that long. It is cut instead into chunks of whole images that each fit a batch. They queue one
 after another under the request's key, so fair queuing serves other keys' requests between them, and the request is
-answered once, when its last chunk ran, with its rows' logits in order. Only while another key shares the teacher
-(`RecentSenders`: another key sent a request in the last 10 s, or still has some queued) is the budget cut to
-`--max-batch-ms`: a key alone runs its requests whole in batches up to `--token-budget`, as fast as the teacher runs
-them, and only a request larger than that budget itself is cut.
+answered once, when its last chunk ran, with its rows' logits in order. While another key shares the teacher
+(`RecentSenders`: another key sent a request in the last 10 s, or still has some queued) the budget is cut to
+`--max-batch-ms`; a key alone has it cut only to `LONE_BATCH_S` (1 s) of forward, so its requests run whole or in
+large chunks, as fast as the teacher runs them, and a key that starts sending meanwhile waits about 1 s at most.
 
 - The chunks share the request's future: a caller gone, a chunk dropped for its deadline, or a chunk's batch failing
   ends the request, and its remaining chunks are let go unrun.
@@ -35,6 +35,10 @@ from teacher_server.engine.batch_job import BatchJob, ChunkOf, SplitRequest
 # 6.5).
 MIN_CHUNK_TOKENS = 512
 SHARED_S = 10.0  # a key that sent a request this recently shares the teacher: another key's large requests are cut
+# A key alone: batches (and chunks of its larger requests) of about this much forward at most, so that a key starting
+# to send waits about this long at most. Far above a CPU forward's cache-sized pieces (CPU_CHUNK_TOKENS), so it costs
+# the key alone next to nothing; on a GPU the token budget binds long before.
+LONE_BATCH_S = 1.0
 
 
 def image_ranges(tokens_per_image: torch.Tensor, budget: int) -> list[tuple[int, int]]:
@@ -63,7 +67,8 @@ class RecentSenders:
     """The keys that sent a request in the last `window_s` seconds. Only while another key shares the teacher is a
     batch bounded by `--max-batch-ms` and a larger request cut into chunks of that size: a key alone has nobody
     waiting behind its forwards, and on a CPU teacher chunks and small batches cost it 10-25% of its throughput
-    (DeiT-S and the CIFAR ViT, 32-image requests; docs/performance-notes.md, section 27)."""
+    (DeiT-S and the CIFAR ViT, 32-image requests; docs/performance-notes.md, section 27). Its batches are bounded by
+    `LONE_BATCH_S` instead."""
 
     def __init__(self, window_s: float = SHARED_S) -> None:
         self.window_s = window_s

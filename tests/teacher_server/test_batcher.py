@@ -301,8 +301,8 @@ def test_cuda_rows_staged_from_pinned_uint8_run_through_the_served_forward() -> 
 async def test_a_batch_holds_the_teacher_about_max_batch_s_at_most_while_keys_share_it() -> None:
     """Every forward takes 50 ms (RecordingForward sleeps), so once the running estimate has seen it, `max_batch_s`
     = 30 ms caps each batch at the one request it starts with: four requests of four keys sent together run as four
-    batches. A key alone is not capped: its four requests sent together share one batch, as they would without the
-    cap (nobody waits behind it)."""
+    batches. A key alone is capped only at 1 s (`LONE_BATCH_S`): its four requests sent together share one batch, as
+    they would without the cap (nobody waits behind it)."""
     fwd = RecordingForward(seconds=0.05)
     b = make(fwd, max_delay_s=0.0, max_batch_s=0.03, token_budget=10_000)
     await b.start()

@@ -26,7 +26,13 @@ from teacher_server.engine.answers import Answer, OutputsRequest, job_outputs, j
 from teacher_server.engine.batch_job import BatchJob, BatchStats
 from teacher_server.engine.batcher import TokenBudgetBatcher
 from teacher_server.engine.decode import DecodedInput
-from teacher_server.engine.split_requests import MIN_CHUNK_TOKENS, RecentSenders, image_ranges, shaped_ranges
+from teacher_server.engine.split_requests import (
+    LONE_BATCH_S,
+    MIN_CHUNK_TOKENS,
+    RecentSenders,
+    image_ranges,
+    shaped_ranges,
+)
 from teacher_server.errors import DeadlineUnmetError
 from teacher_server.testing.server import running_server
 
@@ -107,15 +113,26 @@ async def test_a_large_request_runs_in_chunks_with_another_keys_request_between_
     assert sorted(commits.seen) == [[(1, 1)], [(BIG, BIG)]]  # committed once, whole, with its last chunk
 
 
-async def test_a_key_alone_runs_a_large_request_whole_and_cut_once_another_key_sends() -> None:
-    fwd, commits = RecordingForward(seconds=0.2), Commits()
-    b = await taught(fwd, commits, key_id=1)
+async def test_a_key_alone_runs_requests_whole_up_to_a_second_of_forward_and_cut_once_another_key_sends() -> None:
+    """Taught on 64-row requests of 0.3 s, the estimate runs 3,626 tokens in `LONE_BATCH_S` (1 s) and 362 in the
+    100 ms bound. A key alone runs a 64-row request (1,088 tokens) whole and a 240-row one (4,080) in two chunks: a
+    key starting to send would wait about 1 s at most. Once another key has sent, 64 rows run in chunks of the
+    512-token floor."""
+    assert LONE_BATCH_S == 1.0
+    fwd = RecordingForward(seconds=0.3)
+    b = make(fwd, max_delay_s=0.0, max_batch_s=0.1, max_batch_images=256)
+    await b.start()
+    for _ in range(3):
+        await b.submit(numbered(BIG), key_id=1)
+    fwd.calls.clear()
     alone = await b.submit(numbered(BIG), key_id=1)
-    await b.submit(numbered(1, first=200), key_id=2)
+    longer = await b.submit(numbered(240), key_id=1)
+    await b.submit(numbered(1, first=250), key_id=2)
     shared = await b.submit(numbered(BIG), key_id=1)
     await b.close()
-    assert [rows for rows, _, _ in fwd.calls] == [BIG, 1, 22, 21, 21]  # nobody to wait behind it: one forward
+    assert [rows for rows, _, _ in fwd.calls] == [BIG, 120, 120, 1, 22, 21, 21]
     assert torch.equal(alone.logits, expected(BIG)) and torch.equal(shared.logits, expected(BIG))
+    assert torch.equal(longer.logits, expected(240))
 
 
 async def test_a_key_alone_still_has_a_request_over_the_token_budget_cut_to_it() -> None:
