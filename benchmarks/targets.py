@@ -271,9 +271,9 @@ FLOOD_NEVER_RAN = "not applicable: the flood never ran on this machine"
 
 
 def tenants_targets(section: dict[str, Any]) -> list[Target]:
-    """Both targets need the greedy key's calls to run. Where every one was refused for its 1 s deadline (a 256-image
-    forward of the tiny teacher takes longer than that on a small CPU), no greedy forward ran and nothing was billed,
-    so neither ratio says anything: N/A, with what was measured."""
+    """Both targets need the greedy key's calls to run. Their size is fitted to the machine (`sized_greedy_images`),
+    but where every one was still refused for its 1 s deadline, no greedy forward ran and nothing was billed, so
+    neither ratio says anything: N/A, with what was measured."""
     light, greedy = section["light"], section["greedy"]
     errors = sum(light["flood"]["errors"].values())
     ran = greedy["answered"] > 0 or greedy["billed"] > 0  # a greedy forward ran (billed: also one answered late)
@@ -286,7 +286,8 @@ def tenants_targets(section: dict[str, Any]) -> list[Target]:
             "<=",
             2.0,
             f"{na}p99 {light['flood']['p99_ms']:.0f} ms under the flood vs {light['alone']['p99_ms']:.0f} ms alone; "
-            f"{errors} light errors under the flood; {greedy['answered']} of {greedy['sent']} greedy calls answered",
+            f"{errors} light errors under the flood; {greedy['answered']} of {greedy['sent']} greedy "
+            f"{greedy['images']}-image calls answered",
             applicable=ran,
         ),
         Target(

@@ -3,11 +3,13 @@
 The scenario a platform team meets (the tiny 32 px teacher, a server child with default queueing settings):
 - light: one client of its own key sends 8 images every 0.2 s with a 5 s deadline (far below capacity); its
   latencies are taken alone, then while the flood runs.
-- greedy: 16 clients (a connection each) of another key send 256 images back to back with a 1 s deadline, no
-  retries; a refused call's RetryInfo is waited out before the next one, as the product's client library does. They
-  run in a child process (`--greedy`), so their threads do not share this process's interpreter lock with the light
-  client's clock (they do share the machine's cores: on a small machine the flood's own CPU shows in the light
-  tenant's latency).
+- greedy: 16 clients (a connection each) of another key send calls back to back with a 1 s deadline, no retries; a
+  refused call's RetryInfo is waited out before the next one, as the product's client library does. A call holds as
+  many images as this machine's teacher runs in a quarter of the deadline, at most 256 (`--greedy-images` sets it):
+  where a call could never end in time (256 images take longer than 1 s on a 2-core CPU), every call is refused, the
+  flood never loads the teacher, and the light key's latency says nothing. They run in a child process (`--greedy`),
+  so their threads do not share this process's interpreter lock with the light client's clock (they do share the
+  machine's cores: on a small machine the flood's own CPU shows in the light tenant's latency).
 After the load, the ledger is read back with SQL: which request ids each key was billed for. A greedy request billed
 but never received (its answer came after the client gave up) is "billed-undelivered"; a refused one (shed) must
 not be billed at all.
@@ -69,6 +71,7 @@ TEACHERS = {
 }
 LIGHT = {"images": 8, "every_s": 0.2, "deadline_s": 5.0}
 GREEDY = {"clients": 16, "images": 256, "deadline_s": 1.0}
+SIZING_IDS = ("size-warm", "size-timed")  # the greedy key's two calls that size its calls (not the flood's)
 OPTIONS = [
     ("grpc.max_send_message_length", 1 << 28),
     ("grpc.max_receive_message_length", 1 << 28),
@@ -191,7 +194,7 @@ def billed_ids(db_url: str, key: str) -> set[str]:
 def run_tenants(
     seconds: float = 10.0,
     *,
-    greedy_images: int = GREEDY["images"],
+    greedy_images: int | None = None,
     workdir: Path | None = None,
     threads: int = 0,
     ingest_workers: int = 0,
@@ -203,7 +206,7 @@ def run_tenants(
     """The scenario against a fresh server child; the figures of `make bench`'s tenants section. `ingest_workers`:
     the server runs that many ingest processes; `light_priority`: the light key's class (the greedy key's is
     standard); `max_batch_ms`: the server's `--max-batch-ms` (None: its default); `dtype`: the teacher's; `teacher`:
-    which of TEACHERS."""
+    which of TEACHERS; `greedy_images`: per greedy call (None: `sized_greedy_images`)."""
     from teacher_server.ledger.database import open_ledger
     from teacher_server.ledger.keys import create_api_key
 
@@ -219,6 +222,9 @@ def run_tenants(
         try:
             light_load(server.address, light_key, 1.0, "warm", TEACHERS[teacher])
             alone = light_load(server.address, light_key, seconds, "alone", TEACHERS[teacher])
+            sized = greedy_images is None
+            if greedy_images is None:
+                greedy_images = sized_greedy_images(server, TEACHERS[teacher])
             out = work / "greedy.json"
             child = ["--greedy", server.address, server.api_key, "--seconds", str(seconds + 2.0), "--json", str(out)]
             child += ["--greedy-images", str(greedy_images), "--teacher", teacher]
@@ -229,7 +235,7 @@ def run_tenants(
             greedy = json.loads(out.read_text())
         finally:
             server.stop()
-        billed = billed_ids(server.settings["db"], "bench-tenants")
+        billed = billed_ids(server.settings["db"], "bench-tenants") - set(SIZING_IDS)
     received = set(greedy.pop("received"))
     undelivered = billed - received
     return {
@@ -245,11 +251,29 @@ def run_tenants(
             **greedy,
             **GREEDY,
             "images": greedy_images,
+            "images_sized": sized,
             "answered": len(received),
             "billed": len(billed),
             "billed_undelivered": len(undelivered),
         },
     }
+
+
+def sized_greedy_images(server: BenchServer, teacher: Teacher) -> int:
+    """Images per greedy call on this machine: as many as the teacher answers in a quarter of the greedy deadline, by
+    the second of two calls of GREEDY's 256 images sent alone (no deadline), at most 256 and at least 8."""
+    most = GREEDY["images"]
+    with grpc.insecure_channel(server.address, options=OPTIONS) as channel:
+        stub = pb_grpc.TeacherServiceStub(channel)
+        for request_id in SIZING_IDS:  # the first one warms the teacher up for this size
+            started = time.perf_counter()
+            stub.Infer(
+                _request(most, request_id, seed=7, teacher=teacher),
+                metadata=(("authorization", f"Bearer {server.api_key}"),),
+                timeout=120.0,
+            )
+            seconds = time.perf_counter() - started
+    return int(max(8, min(most, most * GREEDY["deadline_s"] / 4 / seconds)))
 
 
 def lone_key_rates(
@@ -345,6 +369,7 @@ def _waking_waits(server: BenchServer, keys: list[str], clients: int, images: in
 def table(result: dict[str, Any]) -> str:
     light, greedy = result["light"], result["greedy"]
     codes = ", ".join(f"{k} {v}" for k, v in sorted(greedy["codes"].items()))
+    sized = " (sized to this machine)" if greedy.get("images_sized") else ""
     return "\n".join(
         [
             "| | p50 ms | p99 ms | errors |",
@@ -355,8 +380,8 @@ def table(result: dict[str, Any]) -> str:
             f"{sum(light['flood']['errors'].values())} |",
             "",
             f"light p99 under flood / alone: {light['p99_ratio']:.2f}x",
-            f"greedy: {greedy['sent']} sent ({codes}); {greedy['billed']} billed, "
-            f"{greedy['billed_undelivered']} billed but not received",
+            f"greedy: {greedy['images']}-image calls{sized}, {greedy['sent']} sent ({codes}); "
+            f"{greedy['billed']} billed, {greedy['billed_undelivered']} billed but not received",
         ]
     )
 
@@ -365,7 +390,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tenants", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="of each phase (alone, flood)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    parser.add_argument("--greedy-images", type=int, default=GREEDY["images"], help="images per greedy call")
+    parser.add_argument(
+        "--greedy-images",
+        type=int,
+        default=None,
+        help="images per greedy call (default: what the teacher runs in a quarter of the deadline here, at most 256)",
+    )
     parser.add_argument("--ingest-workers", type=int, default=0, help="serve with that many ingest processes")
     parser.add_argument(
         "--light-priority", choices=PRIORITIES, default=DEFAULT_PRIORITY, help="the light key's priority class"
@@ -393,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--greedy", nargs=2, metavar=("ADDRESS", "KEY"), help=argparse.SUPPRESS)  # the child
     args = parser.parse_args(argv)
     if args.greedy:
+        assert args.greedy_images is not None  # the parent passes what it sized
         result = greedy_load(*args.greedy, args.seconds, args.greedy_images, teacher=TEACHERS[args.teacher])
         assert args.json is not None
         args.json.write_text(json.dumps(result))
@@ -406,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
             bounds,
             seconds=args.seconds,
             rounds=args.rounds,
-            images=args.greedy_images,
+            images=args.greedy_images or GREEDY["images"],
             probes=args.waking_keys,
             dtype=args.dtype,
             teacher=args.teacher,

@@ -18,14 +18,21 @@ def tenants_section(*, answered: int, billed: int, undelivered: int = 0) -> dict
         "flood": {"p50_ms": 45.0, "p99_ms": 60.0, "errors": {}},
         "p99_ratio": 1.2,
     }
-    greedy = {"sent": 128, "answered": answered, "billed": billed, "billed_undelivered": undelivered, "codes": {}}
+    greedy = {
+        "sent": 128,
+        "images": 96,
+        "answered": answered,
+        "billed": billed,
+        "billed_undelivered": undelivered,
+        "codes": {},
+    }
     return {"light": light, "greedy": greedy}
 
 
 def test_a_flood_refused_whole_is_not_a_pass_of_either_tenants_target() -> None:
     isolation, undelivered = tenants_targets(tenants_section(answered=0, billed=0))
     assert isolation.result == undelivered.result == "N/A"
-    assert FLOOD_NEVER_RAN in isolation.detail and "0 of 128 greedy calls answered" in isolation.detail
+    assert FLOOD_NEVER_RAN in isolation.detail and "0 of 128 greedy 96-image calls answered" in isolation.detail
 
 
 def test_a_flood_that_ran_is_judged_and_one_billed_but_never_received_still_counts() -> None:
