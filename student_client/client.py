@@ -33,6 +33,7 @@ from typing import Any, TypedDict, TypeVar, Unpack
 import grpc
 import torch
 
+from maskedkd.torch_threads import helper_pool
 from maskedkd.v1 import teacher_pb2 as pb
 from student_client.channel import is_unix_socket, on_this_host, open_channel
 from student_client.errors import TeacherError
@@ -283,7 +284,7 @@ class TeacherClient(ClientCore):
         off_thread.py); the Future resolves to (logits, usage) or raises a TeacherError."""
         with self._lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="teacher-client")
+                self._pool = helper_pool(4, "teacher-client")  # never an OpenMP team beside training's
             pool = self._pool
         mark = mark_after_caller(images, kwargs.get("patches"), kwargs.get("keep_indices"))
         return pool.submit(self._infer_after, mark, images, **kwargs)

@@ -29,6 +29,7 @@ from typing import Any
 
 import grpc
 
+from maskedkd.torch_threads import helper_pool
 from maskedkd.v1 import teacher_pb2 as pb
 from student_client.client import InferResult, TeacherClient
 from student_client.errors import TeacherError, TeacherInputError
@@ -113,7 +114,7 @@ class TeacherStream:
                 raise ValueError(f"request_id {rid!r} is already in flight on this stream")
             self._building[fut] = rid
             if self._encoder is None:
-                self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-stream-encode")
+                self._encoder = helper_pool(1, "teacher-stream-encode")
             encoder = self._encoder
         mark = mark_after_caller(batch.images, batch.patches, batch.keep_indices)
         encoder.submit(self._build_and_send, batch, fut, mark)

@@ -262,6 +262,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from sqlalchemy.exc import SQLAlchemyError
 
+    from maskedkd.torch_threads import helper_thread
     from teacher_server.engine.teacher_loader import ModelLoadError
     from teacher_server.service.server import ServerStartError, TeacherServer, serve_until_signalled
 
@@ -275,6 +276,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise CliError(first_line(exc)) from exc
     try:
         server = TeacherServer(settings)
+        helper_thread()  # this thread runs the event loop; the forward thread computes (maskedkd/torch_threads.py)
         asyncio.run(serve_until_signalled(server))
     except (ModelLoadError, ServerStartError, SQLAlchemyError) as exc:
         raise CliError(first_line(exc)) from exc

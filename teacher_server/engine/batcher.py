@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from maskedkd.torch_threads import helper_pool
 from teacher_server.engine.answers import Answer
 from teacher_server.engine.batch_job import (
     BatchJob,
@@ -118,7 +119,7 @@ class TokenBudgetBatcher:
         self._loop = asyncio.get_running_loop()
         self._changed = asyncio.Event()
         self._slots = asyncio.Semaphore(self._stager.slots)
-        self._stage_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage-{self._name}")
+        self._stage_pool = helper_pool(1, f"stage-{self._name}")
         self._forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{self._name}")
         commit = functools.partial(commit_batch, finalize=self._finalize, metrics=self._metrics)
         self._commits = CommitStage(commit, name=self._name)

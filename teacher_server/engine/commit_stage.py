@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from maskedkd.torch_threads import helper_pool
 from teacher_server.engine.answers import Answer
 from teacher_server.engine.batch_job import BatchJob, BatchStats, FinalizeFn, JobResult
 from teacher_server.errors import ServiceUnavailableError
@@ -38,7 +38,7 @@ class CommitStage:
 
     def __init__(self, commit: Callable[[Forwarded], Any], *, name: str) -> None:
         self._commit = commit
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"commit-{name}")
+        self._executor = helper_pool(1, f"commit-{name}")
         self._pending: deque[asyncio.Future[Any]] = deque()
 
     def submit(self, batch: Forwarded) -> asyncio.Future[Any]:

@@ -28,6 +28,7 @@ import torch
 
 from maskedkd.masked_teacher import MaskedTeacher
 from maskedkd.text import first_line
+from maskedkd.torch_threads import helper_thread
 from teacher_server.engine.rows_runner import RowsRunner
 from teacher_server.engine.scheduler import ComputeEstimate
 from teacher_server.engine.shared_host import pin_for_cuda, unpin_for_cuda, view_region
@@ -113,21 +114,26 @@ class DeviceLoop:
         return set(self._connected)
 
     def serve(self, conns: list[Connection]) -> None:
+        """The workers' calls, until every worker's connection closed. The forward runs on this thread, the one that
+        loaded the teacher, so that its OpenMP team is the process's only one (maskedkd/torch_threads.py)."""
         self._connected.update(range(len(conns)))
-        forward = threading.Thread(target=self._forward_loop, name="device-forward", daemon=True)
-        forward.start()
         threads = [
             threading.Thread(target=self._serve_worker, args=(i, conn), name=f"device-worker-{i}", daemon=True)
             for i, conn in enumerate(conns)
         ]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
-        self._calls.put(None)
-        forward.join()
+
+        def end_when_workers_gone() -> None:
+            for t in threads:
+                t.join()
+            self._calls.put(None)
+
+        threading.Thread(target=end_when_workers_gone, name="device-workers-gone", daemon=True).start()
+        self._forward_loop()
 
     def _serve_worker(self, index: int, conn: Connection) -> None:
+        helper_thread()
         try:
             self._serve_calls(index, conn)
         finally:

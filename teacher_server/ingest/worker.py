@@ -50,6 +50,7 @@ def worker_main(
     from sqlalchemy.exc import SQLAlchemyError
 
     from maskedkd.text import first_line
+    from maskedkd.torch_threads import helper_thread
     from teacher_server.ingest.remote_rows import RemoteRows, RemoteTeacher
     from teacher_server.service.server import ServerStartError, TeacherServer
 
@@ -65,6 +66,7 @@ def worker_main(
             held,
         )
         server = TeacherServer(settings, remote=remote)
+        helper_thread()  # the teacher computes in the device process (maskedkd/torch_threads.py)
         asyncio.run(_serve(server, status))
     except (ServerStartError, SQLAlchemyError, OSError) as exc:
         status.send(WorkerFailed(first_line(exc)))

@@ -18,9 +18,10 @@ from grpc_reflection.v1alpha import reflection
 from torch import nn
 
 from maskedkd.host_memory import give_back, tune_allocator
+from maskedkd.torch_threads import helper_pool, on_own_thread
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
-from teacher_server.engine.served_model import build_served_model
+from teacher_server.engine.served_model import ServedModel, build_served_model
 from teacher_server.engine.teacher_loader import load_teacher
 from teacher_server.ingest.remote_rows import RemoteTeacher
 from teacher_server.launcher import Ready, TlsMode
@@ -69,23 +70,9 @@ class TeacherServer:
             replay_ttl_s=settings.replay_ttl,
             metrics=self.metrics,
         )
-        if remote is None:
-            name, teacher, fidelity = load_teacher(settings, model)
-        else:
-            name, teacher, fidelity = remote.name, remote.teacher, remote.fidelity
-        self.metrics.dtype_agreement.labels(model=name, dtype=fidelity.dtype).set(fidelity.agreement)
-        self.metrics.dtype_kl.labels(model=name, dtype=fidelity.dtype).set(fidelity.kl)
-        self.served = build_served_model(
-            name,
-            teacher,
-            settings,
-            fidelity=fidelity,
-            runner=remote.runner if remote is not None else None,
-            clock=remote.clock if remote is not None else None,
-            backlog=remote.backlog if remote is not None else None,
-            finalize=self.metrics.timed("commit", biller.finalize),
-            metrics=self.metrics,
-        )
+        # loaded, checked and warmed up on a thread that then exits: the forward thread's OpenMP team stays the
+        # process's only one (maskedkd/torch_threads.py)
+        self.served = on_own_thread(lambda: self._load(settings, model, biller))
         self.service = InferenceService(
             served=self.served,
             biller=biller,
@@ -122,6 +109,27 @@ class TeacherServer:
     def address(self) -> str:
         return f"{self.settings.host}:{self.port}"
 
+    def _load(self, settings: ServerSettings, model: nn.Module | None, biller: Biller) -> ServedModel:
+        """The teacher (loaded here, or the ingest worker's weightless copy) with its meter and micro-batcher."""
+        remote = self.remote
+        if remote is None:
+            name, teacher, fidelity = load_teacher(settings, model)
+        else:
+            name, teacher, fidelity = remote.name, remote.teacher, remote.fidelity
+        self.metrics.dtype_agreement.labels(model=name, dtype=fidelity.dtype).set(fidelity.agreement)
+        self.metrics.dtype_kl.labels(model=name, dtype=fidelity.dtype).set(fidelity.kl)
+        return build_served_model(
+            name,
+            teacher,
+            settings,
+            fidelity=fidelity,
+            runner=remote.runner if remote is not None else None,
+            clock=remote.clock if remote is not None else None,
+            backlog=remote.backlog if remote is not None else None,
+            finalize=self.metrics.timed("commit", biller.finalize),
+            metrics=self.metrics,
+        )
+
     async def start(self) -> None:
         s = self.settings
         try:
@@ -130,6 +138,8 @@ class TeacherServer:
             raise ServerStartError(str(exc)) from exc
         if tune_allocator():
             log.debug("glibc malloc tuned for large request buffers (maskedkd/host_memory.py)")
+        # decoding, digests and ledger calls (asyncio.to_thread) never start an OpenMP team beside the forward's
+        asyncio.get_running_loop().set_default_executor(helper_pool(min(32, (os.cpu_count() or 1) + 4), "server-io"))
         await self.served.batcher.start()
         limit = s.max_message_bytes
         options: list[tuple[str, int]] = [

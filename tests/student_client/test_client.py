@@ -215,6 +215,22 @@ def test_stream_matches_unary_and_fails_cleanly_on_a_bad_key(server) -> None:  #
         TeacherStream(TeacherClient(server.address, "mkd_" + "y" * 43))
 
 
+def test_submitted_calls_are_built_and_sent_on_threads_that_run_torch_alone(server) -> None:  # type: ignore[no-untyped-def]
+    """`submit` builds and sends on helper threads (maskedkd/torch_threads.py): torch runs on one thread there, so a
+    training thread's OpenMP team stays the process's only one (float32, CPU)."""
+    seen: list[int] = []
+
+    class Recording(TeacherClient):
+        def infer_request(self, request: OutgoingRequest | pb.InferRequest) -> pb.InferResponse:
+            seen.append(torch.get_num_threads())
+            return super().infer_request(request)
+
+    client = Recording(server.address, server.create_key("threads"))
+    logits, _ = client.submit(images=pixels(2), keep_indices=random_keep(2, 8)).result(timeout=30)
+    client.close()
+    assert seen == [1] and logits.shape[0] == 2
+
+
 async def test_async_client_matches_the_in_process_teacher(server) -> None:  # type: ignore[no-untyped-def]
     key = server.create_key("aio")
     x, keep = pixels(3, seed=9), random_keep(3, 24, seed=9)

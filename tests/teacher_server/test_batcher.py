@@ -7,6 +7,8 @@ import asyncio
 import multiprocessing
 import threading
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import timm
@@ -16,6 +18,8 @@ from service_testkit import MODEL, TINY, random_keep
 
 from maskedkd.geometry import TeacherGeometry
 from maskedkd.masked_teacher import MaskedTeacher
+from teacher_server.engine.answers import Answer
+from teacher_server.engine.batch_job import BatchJob, BatchStats
 from teacher_server.engine.batcher import TokenBudgetBatcher
 from teacher_server.engine.decode import DecodedInput
 from teacher_server.engine.rows_runner import RowsRunner, run_bucketed, run_padded
@@ -38,11 +42,13 @@ class RecordingForward:
         self.calls: list[tuple[int, int, bool]] = []  # (rows, K, with counts)
         self.spans: list[tuple[float, float]] = []  # (start, end) of each call
         self.threads: set[str] = set()
+        self.torch_threads: set[int] = set()  # torch's thread count on the forward's thread
         self.seconds = seconds
 
     def __call__(self, pixels: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
         start = time.monotonic()
         self.threads.add(threading.current_thread().name)
+        self.torch_threads.add(torch.get_num_threads())
         self.calls.append((pixels.shape[0], pixels.shape[1], counts is not None))
         k = pixels.shape[1]
         valid = torch.ones(pixels.shape[:2]) if counts is None else (torch.arange(k) < counts[:, None]).float()
@@ -84,6 +90,32 @@ async def test_same_k_requests_concatenate_into_one_unpadded_forward() -> None:
     for n, r in zip((1, 2, 3), results, strict=True):
         assert r.stats.images == 6 and r.stats.tokens == 6 * 7
         assert torch.equal(r.logits, torch.full((n, 1), n * 6 * 4.0))
+
+
+async def test_only_the_forward_thread_runs_torch_on_the_processs_threads() -> None:
+    """Staging and committing run torch on one thread each, so the forward's OpenMP team stays the only one
+    (maskedkd/torch_threads.py); the forward keeps what a new thread gets (float32, CPU)."""
+    fwd = RecordingForward()
+    seen: dict[str, int] = {}
+
+    def finalize(jobs: Sequence[BatchJob], answers: Sequence[Answer], stats: BatchStats) -> list[None]:
+        seen["commit"] = torch.get_num_threads()
+        return [None] * len(jobs)
+
+    b = make(fwd, finalize=finalize)
+    original_stage = b._stager.stage
+
+    def stage(*args: Any) -> Any:
+        seen["stage"] = torch.get_num_threads()
+        return original_stage(*args)
+
+    b._stager.stage = stage  # type: ignore[method-assign]  # records the staging thread's count, then stages
+    await b.start()
+    await b.submit(decoded(2, 6))
+    await b.close()
+    fresh = await asyncio.to_thread(torch.get_num_threads)  # what a thread nobody set up gets
+    assert seen == {"stage": 1, "commit": 1}
+    assert fwd.torch_threads == {fresh}
 
 
 async def test_token_budget_and_image_cap_seal_batches() -> None:
