@@ -3,12 +3,11 @@
 On a CPU, torch's parallel ops run on OpenMP (libgomp). Each thread that starts a parallel region gets a team of
 worker threads of its own, kept until that thread exits, and once a process holds more such workers than it has
 CPUs, libgomp stops spinning between regions for every team ("throttled"): each region then waits for its workers to
-wake from a futex. Measured on a 2-core Xeon (float32): the tiny ViT's 8-image forward took 17-22 ms on a thread
-whose team was the only one and 31-43 ms once a second thread had run one parallel op; a training step of that ViT
-(batch 32) 437 ms against 615. The helper threads of the server (decoding, staging, committing) and of the client
-(encoding, sending) run small copies for which one thread is enough, so they never start a team:
-`helper_thread` is their initializer, and the thread that computes (the server's forward, the student's training
-loop) keeps the process's threads.
+wake from a futex. On a 2-core CPU a small forward then runs up to 2x slower and a training step 20-40% slower
+(`python -m benchmarks.omp_teams`; docs/performance-notes.md, section 30). The helper threads of the server
+(decoding, staging, committing) and of the client (encoding, sending) run small copies for which one thread is
+enough, so they never start a team: `helper_thread` is their initializer, and the thread that computes (the server's
+forward, the student's training loop) keeps the process's threads.
 
 Only the calling thread's OpenMP setting changes. `torch.set_num_threads` would also change the count that torch
 gives every thread it has not set up yet, such as a training thread started later.
@@ -39,17 +38,13 @@ def _omp_set_num_threads() -> Callable[[int], None] | None:
     return cast(Callable[[int], None], function)
 
 
-def threads_here(threads: int) -> None:
-    """Run this thread's torch ops on `threads` threads, leaving every other thread's setting as it is."""
+def helper_thread() -> None:
+    """A `ThreadPoolExecutor` initializer (or a thread's first call): its torch ops on this thread alone, every other
+    thread's setting left as it is."""
     torch.get_num_threads()  # torch's own per-thread set-up first: it would later overwrite what follows
     set_threads = _omp_set_num_threads()
     if set_threads is not None:
-        set_threads(threads)
-
-
-def helper_thread() -> None:
-    """A `ThreadPoolExecutor` initializer (or a thread's first call): its torch ops on this thread alone."""
-    threads_here(1)
+        set_threads(1)
 
 
 def helper_pool(max_workers: int, name: str) -> ThreadPoolExecutor:
