@@ -266,14 +266,15 @@ def sized_greedy_images(server: BenchServer, teacher: Teacher) -> int:
     with grpc.insecure_channel(server.address, options=OPTIONS) as channel:
         stub = pb_grpc.TeacherServiceStub(channel)
         for request_id in SIZING_IDS:  # the first one warms the teacher up for this size
-            started = time.perf_counter()
-            stub.Infer(
-                _request(most, request_id, seed=7, teacher=teacher),
-                metadata=(("authorization", f"Bearer {server.api_key}"),),
-                timeout=120.0,
-            )
-            seconds = time.perf_counter() - started
+            seconds = _timed_call(stub, server.api_key, _request(most, request_id, seed=7, teacher=teacher))
     return int(max(8, min(most, most * GREEDY["deadline_s"] / 4 / seconds)))
+
+
+def _timed_call(stub: pb_grpc.TeacherServiceStub, api_key: str, request: pb.InferRequest) -> float:
+    """Seconds to the answer of one call of `api_key` (no deadline but a 120 s guard)."""
+    started = time.perf_counter()
+    stub.Infer(request, metadata=(("authorization", f"Bearer {api_key}"),), timeout=120.0)
+    return time.perf_counter() - started
 
 
 def lone_key_rates(
@@ -353,14 +354,9 @@ def _waking_waits(server: BenchServer, keys: list[str], clients: int, images: in
     try:
         for i, key in enumerate(keys):
             time.sleep(3.0 if i == 0 else max(0.0, spacing_s - waits[-1] / 1e3))
-            with grpc.insecure_channel(server.address, options=OPTIONS) as channel:
-                started = time.perf_counter()
-                pb_grpc.TeacherServiceStub(channel).Infer(
-                    _request(LIGHT["images"], f"waking-{i}", seed=i, teacher=teacher),
-                    metadata=(("authorization", f"Bearer {key}"),),
-                    timeout=120.0,
-                )
-                waits.append((time.perf_counter() - started) * 1e3)
+            with grpc.insecure_channel(server.address, options=OPTIONS) as channel:  # a connection of its own
+                request = _request(LIGHT["images"], f"waking-{i}", seed=i, teacher=teacher)
+                waits.append(_timed_call(pb_grpc.TeacherServiceStub(channel), key, request) * 1e3)
     finally:
         flood.join()
     return waits
