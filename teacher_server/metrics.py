@@ -166,6 +166,12 @@ class ServerMetrics:
         self.split_chunks = Counter(
             "maskedkd_split_chunks_total", "The chunks those requests were queued as", ["model"], registry=r
         )
+        self.preempting_batches = Counter(
+            "maskedkd_preempting_batches_total",
+            "Batches of other keys run between two blocks of a running CPU forward (engine/preemption.py)",
+            ["model"],
+            registry=r,
+        )
         self.ingested_bytes = Counter(
             "maskedkd_ingested_bytes_total",
             "Pixel bytes received (in the messages or from shared memory), per ingest process",

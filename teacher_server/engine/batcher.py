@@ -8,6 +8,8 @@ deadline cannot be met are dropped unrun there (DEADLINE_EXCEEDED, nothing bille
 pipeline, so batch k+1 is staged while batch k runs its forward and batch k-1 commits:
 
 - stage: the requests' bytes copied once into a reused buffer set (staging.py; on CUDA pinned, one copy to the device);
+  on an eager CPU teacher, a batch of keys not running may also be staged while a forward runs, and run between two of
+  its blocks (preemption.py);
 - forward: the teacher on those rows (rows_runner.py; with ingest workers, in the device process: ingest/), logits
   back to the host;
 - commit: the ledger rows of the batch in one transaction (commit_stage.py); only then does each caller get its
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +46,8 @@ from teacher_server.engine.batch_job import (
 from teacher_server.engine.commit_stage import CommitStage, Forwarded, commit_batch, deliver, deliver_error
 from teacher_server.engine.decode import DecodedInput
 from teacher_server.engine.fair_clock import Clock
-from teacher_server.engine.rows_runner import AnswersFn, Late
+from teacher_server.engine.preemption import PREEMPT_MIN_S, Offer, RunningBatch, YieldPoints
+from teacher_server.engine.rows_runner import AnswersFn, JobShape, Late
 from teacher_server.engine.scheduler import Backlog, ComputeEstimate, FairQueue, QueueLimits
 from teacher_server.engine.split_requests import LONE_BATCH_S, RecentSenders, split_job, whole_requests
 from teacher_server.engine.staging import StagedRows, Stager
@@ -75,6 +79,7 @@ class TokenBudgetBatcher:
         max_batch_s: float = 0.0,
         backlog: Backlog | None = None,
         chunk_sizes: Sequence[int] = (),
+        yield_points: YieldPoints | None = None,
     ) -> None:
         self.runner = runner  # runs a staged batch: here (rows_runner.py) or in the device process (ingest/)
         self._stager = stager
@@ -99,6 +104,9 @@ class TokenBudgetBatcher:
         self._slots: asyncio.Semaphore | None = None
         self._waiting_forward: set[object] = set()  # batches formed whose forward has not started
         self._forward_busy_until = 0.0  # monotonic estimate of when the forward in progress ends
+        self._busy_token: object = None  # the forward that set `_forward_busy_until` (a batch run inside it does not)
+        self._running: RunningBatch | None = None  # the batch whose forward runs (not one run between its blocks)
+        self._yields = yield_points  # None: no batch runs between another's blocks
         self._loop: asyncio.AbstractEventLoop | None = None
         self._in_flight: set[asyncio.Future[Any]] = set()
         self.batches_started = 0  # micro-batches taken from the queue so far (the server's idle trim reads it)
@@ -136,7 +144,8 @@ class TokenBudgetBatcher:
         now = time.monotonic()
         ahead = self.queue.tokens_ahead(key_id, priority, tokens, weight)
         busy = max(0.0, self._forward_busy_until - now)
-        return busy + self.compute.seconds(ahead + tokens) + COMMIT_S_MARGIN
+        slowdown = self._yields.slowdown() if self._yields else 1.0  # other keys' batches run inside the forwards
+        return (busy + self.compute.seconds(ahead + tokens)) * slowdown + COMMIT_S_MARGIN
 
     async def submit(
         self,
@@ -233,7 +242,14 @@ class TokenBudgetBatcher:
             lead = 2 * self._stage_s + STAGE_LEAD_S
             busy_left = self._forward_busy_until - time.monotonic()
             if not self._closing and (busy_left > lead or self._waiting_forward):
-                await self._wait_changed(busy_left - lead if not self._waiting_forward else None)
+                # ...but a batch of other keys may run between the running forward's blocks
+                if self._waiting_forward or not self._preemptible(busy_left):
+                    await self._wait_changed(busy_left - lead if not self._waiting_forward else None)
+                    continue
+                assert self._running is not None
+                await self._slots.acquire()
+                budget = min(self._batch_tokens(), self.compute.tokens_within(busy_left))
+                self._launch(*self._next_batch(budget, start_delay=0.0, exclude=self._running.keys), nested=True)
                 continue
             due = self.queue.oldest_enqueued() + self._max_delay_s
             # A batch forms when full, or when its first request waited long enough. Closing: everything goes now.
@@ -241,25 +257,50 @@ class TokenBudgetBatcher:
                 await self._wait_changed(max(0.0, due - time.monotonic()))
                 continue
             await self._slots.acquire()
-            batch, dropped = self._next_batch()
-            self._refuse_late(dropped)
-            if not batch:
-                self._slots.release()
-                continue
-            for job in batch:
-                self._count_queued(job, -1)
-            if self._backlog is not None:
-                self._backlog.formed(*batch_order(batch))
-            ticket = object()
-            self._waiting_forward.add(ticket)
-            run = asyncio.ensure_future(self._run_batch(batch, ticket))
-            self._in_flight.add(run)
-            self.batches_started += 1
-            run.add_done_callback(self._in_flight.discard)
+            self._launch(*self._next_batch(self._batch_tokens()), nested=False)
 
-    def _next_batch(self) -> tuple[list[BatchJob], list[BatchJob]]:
+    def _preemptible(self, busy_left: float) -> bool:
+        """Whether to form now a batch to run between the running forward's blocks (preemption.py): the next request
+        by fair order of the keys not running is of no worse class, and runs in less than what is left of the
+        running forward, which has more than PREEMPT_MIN_S left; a buffer slot is free."""
+        running, slots = self._running, self._slots
+        assert slots is not None
+        if self._yields is None or running is None or self._closing or slots.locked():
+            return False
+        head = self.queue.head(running.keys)
+        return (
+            head is not None
+            and rank_of(head.priority) <= running.rank
+            and busy_left > max(PREEMPT_MIN_S, self.compute.seconds(head.tokens))
+        )
+
+    def _launch(self, batch: list[BatchJob], dropped: list[BatchJob], *, nested: bool) -> None:
+        """Start the pipeline of a batch just formed (its buffer slot acquired); `nested`: offered to run between
+        the running forward's blocks."""
+        assert self._slots is not None
+        self._refuse_late(dropped)
+        if not batch:
+            self._slots.release()
+            return
+        for job in batch:
+            self._count_queued(job, -1)
+        if self._backlog is not None:
+            self._backlog.formed(*batch_order(batch))
+        ticket = object()
+        self._waiting_forward.add(ticket)
+        run = asyncio.ensure_future(self._run_batch(batch, ticket, nested=nested))
+        self._in_flight.add(run)
+        self.batches_started += 1
+        run.add_done_callback(self._in_flight.discard)
+
+    def _next_batch(
+        self, token_budget: int, *, start_delay: float | None = None, exclude: frozenset[int] = frozenset()
+    ) -> tuple[list[BatchJob], list[BatchJob]]:
+        """(the next batch of at most `token_budget` tokens, the requests dropped for their deadline), its forward
+        starting in `start_delay` seconds (None: when the running one ends), of keys not in `exclude`."""
         now = time.monotonic()
-        start_delay = max(0.0, self._forward_busy_until - now)
+        if start_delay is None:
+            start_delay = max(0.0, self._forward_busy_until - now)
         gone: list[BatchJob] = []  # callers that went away while queued: dropped silently
 
         def live(job: BatchJob) -> bool:
@@ -270,10 +311,11 @@ class TokenBudgetBatcher:
 
         batch, dropped = self.queue.next_batch(
             max_images=self._max_images,
-            token_budget=self._batch_tokens(),
+            token_budget=token_budget,
             now=now,
             finish_s=lambda tokens: start_delay + self.compute.seconds(tokens) + COMMIT_S_MARGIN,
             live=live,
+            exclude=exclude,
         )
         for job in gone:
             self._count_queued(job, -1)
@@ -307,7 +349,7 @@ class TokenBudgetBatcher:
                     self._metrics.count_shed(reason="deadline_queue", key=job.key_name)
 
     # ---- the pipeline: stage -> forward -> commit
-    async def _run_batch(self, batch: list[BatchJob], ticket: object) -> None:
+    async def _run_batch(self, batch: list[BatchJob], ticket: object, *, nested: bool = False) -> None:
         loop = asyncio.get_running_loop()
         assert self._slots is not None and self._stage_pool and self._forward_pool and self._commits
         slot = None
@@ -322,7 +364,11 @@ class TokenBudgetBatcher:
             refuse = functools.partial(loop.call_soon_threadsafe, functools.partial(self._refuse_late, queued=False))
             # From the forward's start the batch runs and is billed, also for a caller leaving then: its answer waits
             # for a replay.
-            forwarded = await loop.run_in_executor(self._forward_pool, self._run, live, rows, hook, refuse, handoff)
+            run = functools.partial(self._run, live, rows, hook, refuse, handoff)
+            if nested:
+                forwarded = await self._offer(run, sum(j.tokens for j in live))
+            else:
+                forwarded = await loop.run_in_executor(self._forward_pool, run)
             await self._commits.wait_for_room()  # a ledger slower than the teacher holds the slot: back-pressure
         except Exception as exc:  # noqa: BLE001 - delivered to every caller of the batch; nothing was committed
             deliver_error(live, exc)
@@ -336,6 +382,8 @@ class TokenBudgetBatcher:
             if slot is not None:
                 self._stager.release(slot)
             self._slots.release()
+            assert self._changed is not None
+            self._changed.set()  # a free slot: a batch of other keys may now run inside the running forward
         if forwarded is None:
             return
         if isinstance(forwarded, BaseException):
@@ -344,6 +392,26 @@ class TokenBudgetBatcher:
         done = self._commits.submit(forwarded)
         done.add_done_callback(functools.partial(deliver, forwarded.jobs))
         await asyncio.gather(done, return_exceptions=True)
+
+    async def _offer(self, run: Callable[..., Forwarded | BaseException | None], tokens: int) -> Any:
+        """Run a staged batch of `tokens` at the running forward's next block boundary where its callers can wait,
+        else on the forward thread's queue after it (preemption.py)."""
+        assert self._yields is not None and self._forward_pool is not None
+
+        def fits() -> bool:
+            running = self._running
+            extra_s = self.compute.seconds(tokens)
+            return running is not None and running.allows(now_until=self._forward_busy_until, extra_s=extra_s)
+
+        def run_offered(nested: bool) -> Forwarded | BaseException | None:
+            if nested and self._metrics:
+                self._metrics.preempting_batches.labels(model=self._name).inc()
+            return run(nested=nested)
+
+        offer = Offer(run_offered, fits)
+        self._yields.offer(offer)
+        self._forward_pool.submit(offer.run_unless_taken)
+        return await asyncio.wrap_future(offer.result)
 
     def _stage(self, jobs: list[BatchJob], slot: int) -> StagedRows:
         started = time.monotonic()
@@ -366,9 +434,12 @@ class TokenBudgetBatcher:
         started_hook: Callable[[], object],
         refuse: Callable[..., object],
         handoff: Handoff,
+        *,
+        nested: bool = False,
     ) -> Forwarded | BaseException | None:
         """Forward thread: the teacher on the staged rows; the commit stage commits them. None: nobody to run for.
-        `handoff` gets the jobs handed to the teacher and those not run (which it tells the backlog of)."""
+        `handoff` gets the jobs handed to the teacher and those not run (which it tells the backlog of). `nested`:
+        run between two blocks of the running forward (preemption.py), which keeps its own estimates."""
         try:
             started = time.monotonic()
             if rows.ready is not None:  # the rows' copy to the device, queued on the staging stream
@@ -389,17 +460,21 @@ class TokenBudgetBatcher:
                 started_hook()
                 return None
             tokens = sum(j.tokens for j in jobs)
-            busy_until = started + self.compute.seconds(tokens)
-            self._forward_busy_until = busy_until
+            token = None if nested else self._forward_began(jobs, started + self.compute.seconds(tokens))
             started_hook()
+            preempted_s = self._yields.preempted_s if self._yields else 0.0
             try:
                 shapes = [j.shape for j in jobs]
                 handoff.sent = True
-                with torch.inference_mode(), self._stage_clock(self.runner.stage):
+                with torch.inference_mode(), self._forward_context(shapes, nested=nested):
                     answered = self.runner.answers(rows, shapes)
             finally:
-                self._forward_done(busy_until)
-            compute_s = time.monotonic() - started
+                if nested:  # the running forward ends that much later
+                    self._forward_busy_until += time.monotonic() - started
+                else:
+                    self._forward_done(token)
+            # the batches run between this forward's blocks are not its compute
+            compute_s = time.monotonic() - started - ((self._yields.preempted_s if self._yields else 0.0) - preempted_s)
             ran = [(job, answer) for job, answer in zip(jobs, answered, strict=True) if isinstance(answer, Answer)]
             cut = [(job, answer) for job, answer in zip(jobs, answered, strict=True) if isinstance(answer, Late)]
             # nothing ran: the device's estimate of the forward it refused is what there is to learn
@@ -419,10 +494,29 @@ class TokenBudgetBatcher:
             self._metrics.compute_seconds.observe(compute_s)
         return Forwarded(jobs, per_job, stats)
 
-    def _forward_done(self, busy_until: float) -> None:
-        """Forward thread: the forward that was to end at `busy_until` ended; the next batch may form now, also when
-        the estimate said later (unless another forward started meanwhile)."""
-        if self._forward_busy_until == busy_until:
+    def _forward_began(self, jobs: Sequence[BatchJob], busy_until: float) -> object:
+        """Forward thread: a batch's forward starts, to end at `busy_until`; returns the token `_forward_done` takes."""
+        token = object()
+        latest = min((j.deadline for j in jobs if j.deadline is not None), default=math.inf) - COMMIT_S_MARGIN
+        self._running = RunningBatch(frozenset(j.key_id for j in jobs), min(rank_of(j.priority) for j in jobs), latest)
+        self._busy_token, self._forward_busy_until = token, busy_until
+        return token
+
+    def _forward_context(self, shapes: Sequence[JobShape], *, nested: bool) -> contextlib.ExitStack:
+        """Around a forward: its CPU counted to the runner's stage (a nested one's is counted by the forward it runs
+        in), and, on a logits-only batch, the yield points where a waiting batch of other keys runs."""
+        stack = contextlib.ExitStack()
+        if not nested:
+            stack.enter_context(self._stage_clock(self.runner.stage))
+            if self._yields is not None and not any(s.outputs.choice.any for s in shapes):
+                stack.enter_context(self._yields.preemptible())
+        return stack
+
+    def _forward_done(self, token: object) -> None:
+        """Forward thread: the forward of `token` ended; the next batch may form now, also when the estimate said
+        later (unless another forward started meanwhile)."""
+        self._running = None
+        if self._busy_token is token:
             self._forward_busy_until = time.monotonic()
         if self._loop is not None and self._changed is not None:
             with contextlib.suppress(RuntimeError):  # the loop closed: the server is gone, nobody forms batches

@@ -131,12 +131,19 @@ class FairQueue(Generic[J]):
         q = self._keys.get(key_id)
         return q.tokens if q else 0
 
-    def _head(self) -> tuple[J, float] | None:
+    def head(self, exclude: frozenset[int] = frozenset()) -> J | None:
+        """The request `next_batch` would take first, with the keys of `exclude` left out."""
+        found = self._head(exclude)
+        return None if found is None else found[0]
+
+    def _head(self, exclude: frozenset[int] = frozenset()) -> tuple[J, float] | None:
         """The next request to serve and its start tag: the smallest start tag among queue heads of the highest
-        non-empty class."""
+        non-empty class (keys in `exclude` left out)."""
         best: J | None = None
         best_order = (0, 0.0)
         for key_id, q in self._keys.items():
+            if key_id in exclude:
+                continue
             job = q.jobs[0]
             order = (_rank(job), self._clock.start_tag(key_id))
             if best is None or order < best_order:
@@ -169,16 +176,18 @@ class FairQueue(Generic[J]):
         now: float,
         finish_s: Callable[[int], float],
         live: Callable[[J], bool],
+        exclude: frozenset[int] = frozenset(),
     ) -> tuple[list[J], list[J]]:
         """(the next micro-batch, the requests dropped because their deadline cannot be met). Takes queue heads in
         fair order while they fit; a request that would miss its deadline even in the batch formed so far (done
         `finish_s(tokens)` seconds from `now`) is dropped instead of run, one whose caller went away (not `live`) is
         dropped silently. The first request always fits (one larger than a batch is queued as chunks that each fit,
-        split_requests.py, but a chunk is never below 512 tokens, whatever the budget)."""
+        split_requests.py, but a chunk is never below 512 tokens, whatever the budget). The keys of `exclude` are
+        left queued (a batch run between the blocks of theirs: preemption.py)."""
         batch: list[J] = []
         dropped: list[J] = []
         images = tokens = 0
-        while (head := self._head()) is not None:
+        while (head := self._head(exclude)) is not None:
             job, start_tag = head
             if not live(job):
                 self._pop(job, taken=False)

@@ -19,6 +19,7 @@ from teacher_server.engine.fair_clock import Clock
 from teacher_server.engine.fidelity import DtypeFidelity
 from teacher_server.engine.metering import Meter
 from teacher_server.engine.packing import run_packed, supports_packing
+from teacher_server.engine.preemption import YieldPoints
 from teacher_server.engine.rows_runner import AnswersFn, ForwardFn, MixedK, OutputsForwardFn, RowsRunner
 from teacher_server.engine.scheduler import QueueLimits
 from teacher_server.engine.shape_buckets import ShapeUse
@@ -170,6 +171,14 @@ def rows_runner_for(
     )
 
 
+def yield_points_for(teacher: MaskedTeacher, settings: ServerSettings) -> YieldPoints | None:
+    """Where a batch of other keys may run inside this teacher's forward (preemption.py): between the blocks of an
+    eager CPU teacher served in this process; None elsewhere."""
+    if next(teacher.parameters()).device.type != "cpu" or settings.compile != "off":
+        return None
+    return YieldPoints(list(teacher.model.blocks))
+
+
 def build_served_model(
     name: str,
     teacher: MaskedTeacher,
@@ -206,6 +215,7 @@ def build_served_model(
         clock=clock,
         max_batch_s=settings.max_batch_ms / 1000.0,
         chunk_sizes=sorted({b for b, _ in settings.compile_shapes}) if settings.compile != "off" else (),
+        yield_points=None if remote else yield_points_for(teacher, settings),
         metrics=metrics,
         **batcher_kwargs,  # type: ignore[arg-type]  # the batcher's keyword arguments, passed through
     )

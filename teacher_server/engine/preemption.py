@@ -1,0 +1,146 @@
+"""Another key's batch run between two blocks of a long CPU forward: a light key waits for a block, not a batch.
+
+While keys share a CPU teacher, a batch of one key holds the teacher for up to `--max-batch-ms` of forward, and a
+request of another key arriving just after it started waited for all of it: on a 2-core CPU that is 100 ms beside a
+35-50 ms light request, so the light key's p99 under another key's flood was 2.4-3x its p99 alone (performance notes,
+section 32). Halving the bound brought it near 2x at ~15% of the flood's throughput.
+
+Instead, on an eager CPU teacher in the serving process, the batcher forms the batch that fair queuing would run next
+(of keys not in the running batch, of no worse priority class) while the forward runs, stages it, and offers it here.
+At the next block boundary the forward thread runs that batch whole (its own forward, with no yield points inside),
+then goes on with its own rows. A batch is never cut: each runs with the rows it was formed with, so every request's
+logits are those of its own batch, and billing is as for any batch. An offer that no block takes (the running forward
+ended first, or running it would make a caller of the running batch miss its deadline) runs on the forward thread's
+queue right after the running forward, as any batch would.
+
+Not on a GPU (a forward is queued kernels there, and the token budget keeps batches short), nor for a compiled
+forward (its graph has no blocks to stop between), nor with ingest workers (the device process runs their batches in
+its own order). A forward that runs its blocks' parts itself (ToMe's merging blocks, `--mixed-k pack`) has no yield
+points, and a batch whose requests ask for extra outputs is never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from torch import nn
+
+T = TypeVar("T")
+
+# A batch is offered only while the running forward has more than this left by the estimate: a block boundary is then
+# still ahead (a tiny ViT's block is ~1/12 of its forward), and less than this is not worth the running batch's wait.
+PREEMPT_MIN_S = 0.01
+SHARE_DECAY = 0.8  # of the running share of forward time spent on offers, at each preemptible forward (~5 remembered)
+MAX_SHARE = 0.5  # the share that admission allows for, at most
+
+
+@dataclass(frozen=True)
+class RunningBatch:
+    """What the batcher reads of the batch whose forward runs, to choose what may run between its blocks."""
+
+    keys: frozenset[int]  # its requests' API keys: an offered batch holds none of theirs
+    rank: int  # its best priority class (priorities.rank_of): an offered batch is of no worse class
+    latest_end: float = math.inf  # monotonic time its first caller gives up, less the commit's margin
+
+    def allows(self, *, now_until: float, extra_s: float) -> bool:
+        """Whether it may end `extra_s` later than the estimate `now_until` and still reach all its callers."""
+        return now_until + extra_s <= self.latest_end
+
+
+class Offer(Generic[T]):
+    """A batch's forward that whichever comes first runs, once: a block boundary of the running forward (`nested`)
+    or the forward thread's queue after it. `fits()`: whether running it now keeps the running batch's deadlines."""
+
+    def __init__(self, run: Callable[[bool], T], fits: Callable[[], bool]) -> None:
+        self._run = run
+        self.fits = fits
+        self.result: Future[T] = Future()
+        self._taken = False
+        self._lock = threading.Lock()
+
+    @property
+    def taken(self) -> bool:
+        return self._taken
+
+    def take(self) -> bool:
+        """Claim it: True once, for the caller that will run it."""
+        with self._lock:
+            taken, self._taken = self._taken, True
+            return not taken
+
+    def run(self, *, nested: bool) -> None:
+        """Run it (after `take`) and hand its result or exception to `result`."""
+        try:
+            self.result.set_result(self._run(nested))
+        except BaseException as exc:  # noqa: BLE001 - handed to the event loop awaiting `result`
+            self.result.set_exception(exc)
+
+    def run_unless_taken(self) -> None:
+        """The forward thread's queue: run it unless a block boundary already did."""
+        if self.take():
+            self.run(nested=False)
+
+
+class YieldPoints:
+    """Forward pre-hooks on a teacher's blocks: inside `preemptible`, the forward thread runs a waiting `Offer` at the
+    next block boundary. Other threads running the teacher (start-up checks, warm-up) never do."""
+
+    def __init__(self, blocks: Sequence[nn.Module]) -> None:
+        self._waiting: Offer[object] | None = None
+        self._thread: int | None = None  # the forward thread, while its forward may be preempted
+        self._inside = False  # an offer is running: its own forward has no yield points
+        self.preempted_s = 0.0  # seconds of offers run at block boundaries, in all (the forward thread adds to it)
+        self.share = 0.0  # of the recent preemptible forwards' time, the part their offers took (decaying average)
+        self.handles = [block.register_forward_pre_hook(self._at_block) for block in blocks]
+
+    @contextlib.contextmanager
+    def preemptible(self) -> Iterator[None]:
+        """Forward thread: around a batch's forward that an offer may interrupt between blocks."""
+        self._thread = threading.get_ident()
+        started, before = time.monotonic(), self.preempted_s
+        try:
+            yield
+        finally:
+            self._thread = None
+            wall = time.monotonic() - started
+            if wall > 0:
+                inside = min(1.0, (self.preempted_s - before) / wall)
+                self.share = SHARE_DECAY * self.share + (1 - SHARE_DECAY) * inside
+
+    def slowdown(self) -> float:
+        """How much longer than its own forwards a request waits while offers run inside them, at the recent share:
+        what admission multiplies its estimate by, so that a request admitted leaves room for them (a running batch
+        whose callers could not wait is never interrupted)."""
+        return 1.0 / (1.0 - min(self.share, MAX_SHARE))
+
+    def offer(self, offer: Offer[T]) -> None:
+        """Event loop: `offer` runs at the running forward's next block boundary where it fits (one at a time)."""
+        self._waiting = offer  # type: ignore[assignment]  # the result type is the offerer's business
+
+    @property
+    def waiting(self) -> bool:
+        """An offer was made and not yet taken."""
+        offer = self._waiting
+        return offer is not None and not offer.taken
+
+    def _at_block(self, _module: nn.Module, _args: object) -> None:
+        offer = self._waiting
+        if offer is None or self._inside or self._thread != threading.get_ident():
+            return
+        if not offer.fits() or not offer.take():
+            return
+        self._waiting = None
+        self._inside = True
+        started = time.monotonic()
+        try:
+            offer.run(nested=True)
+        finally:
+            self._inside = False
+            self.preempted_s += time.monotonic() - started

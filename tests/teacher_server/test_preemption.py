@@ -1,0 +1,206 @@
+"""A batch of other keys run between two blocks of a long CPU forward (engine/preemption.py), on a real tiny ViT
+teacher in float32 on the CPU: who may preempt, that each batch's logits are those of its own rows alone, and that an
+offer no block boundary takes runs after the forward."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass
+
+import pytest
+import timm
+import torch
+from service_testkit import MODEL, TINY, random_keep
+from torch import nn
+
+from maskedkd.masked_teacher import MaskedTeacher
+from teacher_server.engine.batch_job import JobResult
+from teacher_server.engine.batcher import TokenBudgetBatcher
+from teacher_server.engine.decode import DecodedInput
+from teacher_server.engine.preemption import Offer, YieldPoints
+from teacher_server.engine.rows_runner import RowsRunner
+from teacher_server.engine.served_model import make_forward
+from teacher_server.engine.staging import Stager
+from teacher_server.metrics import ServerMetrics
+
+pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(120)]
+
+CPU = torch.device("cpu")
+K = 32  # kept patches of the 8x8 grid: keep 50%
+BIG, SMALL = 48, 2  # images of the long batch and of the request that may run between its blocks
+ROW_BLOCK_S = 0.0005  # each block sleeps this long per row: the forward's length follows its rows, as compute does
+
+
+class SlowBlocks:
+    """Forward pre-hooks that make each block of the teacher take ROW_BLOCK_S per row (the tiny ViT alone is too
+    fast for a forward to be caught running), recording which batch size ran each block, in order."""
+
+    def __init__(self, blocks: list[nn.Module]) -> None:
+        self.rows: list[int] = []
+        for block in blocks:
+            block.register_forward_pre_hook(self._slow)
+
+    def _slow(self, _module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        self.rows.append(int(args[0].shape[0]))
+        time.sleep(ROW_BLOCK_S * args[0].shape[0])
+
+
+def teacher() -> MaskedTeacher:
+    torch.manual_seed(0)
+    return MaskedTeacher(timm.create_model(MODEL, pretrained=False, **TINY).eval())
+
+
+def request(images: int, seed: int) -> DecodedInput:
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (images, K, 3, 4, 4), dtype=torch.uint8, generator=g)  # [B, K, C, P, P]
+    return DecodedInput("patches", pixels, random_keep(images, K, seed), torch.full((images,), K), b"")
+
+
+def batcher(model: MaskedTeacher, yields: YieldPoints | None) -> TokenBudgetBatcher:
+    runner = RowsRunner(make_forward(model, CPU, torch.float32))
+    return TokenBudgetBatcher(
+        runner,
+        metrics=ServerMetrics(),
+        stager=Stager(model.geometry, max_images=64, device=CPU, in_place=True),
+        num_prefix_tokens=1,
+        token_budget=65536,
+        max_batch_images=64,
+        max_delay_s=0.0,
+        max_batch_s=10.0,  # no batch is cut: the long one runs whole
+        yield_points=yields,
+    )
+
+
+async def learn_the_forward(b: TokenBudgetBatcher) -> None:
+    """Batches of both sizes alone, so the compute estimate knows a small batch is much shorter than a big one."""
+    for images in (SMALL, BIG, SMALL, BIG, SMALL):
+        await b.submit(request(images, seed=100 + images), key_id=1)
+
+
+def preempting_batches(b: TokenBudgetBatcher) -> float:
+    """`maskedkd_preempting_batches_total` as the server's /metrics would read it."""
+    assert b._metrics is not None
+    value = b._metrics.registry.get_sample_value("maskedkd_preempting_batches_total", {"model": "teacher"})
+    return value or 0.0
+
+
+def alone(model: MaskedTeacher, images: int, seed: int) -> torch.Tensor:
+    """The reference: the request's rows as their own batch, through the teacher's own masked forward."""
+    r = request(images, seed)
+    with torch.inference_mode():
+        return model.forward_pixels(r.pixels, r.keep_indices).float()
+
+
+@dataclass
+class Scenario:
+    """What one run of `big_then_small` saw: (name, result, when answered) in answer order, the batch size of each
+    block run in order, and the batches counted as run inside another's forward."""
+
+    done: list[tuple[str, JobResult, float]]
+    block_rows: list[int]
+    preempting: float
+    model: MaskedTeacher
+
+
+async def big_then_small(*, small_key: int, small_priority: str, yields: bool = True) -> Scenario:
+    """After the batcher learned both batch sizes, key 1 sends BIG images at `interactive`; a quarter into their
+    forward, `small_key` sends SMALL at `small_priority`. `yields`: the teacher has yield points."""
+    model = teacher()
+    slow = SlowBlocks(list(model.model.blocks))
+    b = batcher(model, YieldPoints(list(model.model.blocks)) if yields else None)
+    await b.start()
+    await learn_the_forward(b)
+    slow.rows.clear()
+    done: list[tuple[str, JobResult, float]] = []
+
+    async def send(name: str, images: int, key: int, priority: str, seed: int) -> None:
+        result = await b.submit(request(images, seed), key_id=key, priority=priority)
+        done.append((name, result, time.monotonic()))
+
+    big = asyncio.ensure_future(send("big", BIG, 1, "interactive", seed=1))
+    await asyncio.sleep(12 * ROW_BLOCK_S * BIG * 0.25)
+    await send("small", SMALL, small_key, small_priority, seed=2)
+    await big
+    await b.close()
+    return Scenario(done, slow.rows, preempting_batches(b), model)
+
+
+async def test_another_keys_small_batch_runs_between_the_blocks_of_a_long_forward() -> None:
+    seen = await big_then_small(small_key=2, small_priority="interactive")
+    assert [name for name, _, _ in seen.done] == ["small", "big"]  # answered during the big forward, not after it
+    # the small batch's 12 blocks ran whole between two of the big forward's: some of its blocks before, some after
+    first_small = seen.block_rows.index(SMALL)
+    assert seen.block_rows[first_small : first_small + 12] == [SMALL] * 12
+    assert 0 < first_small < 12 and seen.block_rows.count(BIG) == 12
+    assert seen.preempting == 1
+    (_, small, _), (_, big, big_answered) = seen.done
+    assert small.stats.images == SMALL and big.stats.images == BIG  # each its own batch
+    torch.testing.assert_close(small.logits, alone(seen.model, SMALL, seed=2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(big.logits, alone(seen.model, BIG, seed=1), rtol=1e-5, atol=1e-5)
+    # the big batch's compute (what the estimate learns) leaves out the small batch's forward inside it
+    assert big.stats.compute_s <= big_answered - big.stats.started_at - small.stats.compute_s
+
+
+@pytest.mark.parametrize(
+    ("small_key", "small_priority", "yields"),
+    [(1, "interactive", True), (2, "batch", True), (2, "interactive", False)],
+    ids=["the-running-key", "a-worse-class", "no-yield-points"],
+)
+async def test_the_running_key_a_worse_class_or_a_teacher_without_yield_points_waits_for_the_running_batch(
+    small_key: int, small_priority: str, yields: bool
+) -> None:
+    """Without yield points: a GPU, compiled or ingest-worker teacher; the order fair queuing gives, batch after
+    batch."""
+    seen = await big_then_small(small_key=small_key, small_priority=small_priority, yields=yields)
+    assert [name for name, _, _ in seen.done] == ["big", "small"]
+    assert seen.block_rows == [BIG] * 12 + [SMALL] * 12
+    assert seen.preempting == 0
+
+
+@pytest.mark.dtype("none")
+def test_an_offer_runs_once_at_a_block_boundary_where_it_fits_else_after_the_forward() -> None:
+    blocks = [nn.Identity() for _ in range(4)]
+    yields = YieldPoints(blocks)
+    ran: list[tuple[str, bool]] = []
+
+    def forward(tag: str) -> None:
+        for block in blocks:
+            ran.append((tag, False))
+            block(torch.zeros(1))
+
+    def answer(nested: bool) -> str:
+        ran.append(("offer", nested))
+        return "answer"
+
+    fits = [False, False, True]  # not at the first two boundaries: the running batch's callers could not wait
+    offer: Offer[str] = Offer(answer, lambda: fits.pop(0))
+    yields.offer(offer)
+    with yields.preemptible():
+        forward("running")
+    offer.run_unless_taken()  # the forward thread's queue after the forward: already taken, not run again
+    assert ran.count(("offer", True)) == 1 and ("offer", False) not in ran
+    assert [tag for tag, _ in ran].index("offer") == 3  # after three of the running forward's blocks
+    assert offer.result.result() == "answer" and not yields.waiting and yields.preempted_s > 0
+    # admission then allows for offers running inside forwards: a request's wait is estimated that much longer
+    assert 0 < yields.share <= 1 and yields.slowdown() == pytest.approx(1 / (1 - min(yields.share, 0.5)))
+    share = yields.share
+
+    late: Offer[str] = Offer(lambda nested: "after" if not nested else "inside", lambda: False)
+    yields.offer(late)
+    with yields.preemptible():
+        forward("running")
+    assert yields.waiting
+    late.run_unless_taken()
+    assert late.result.result() == "after"
+    assert yields.share < share  # a forward no offer ran in lowers it
+
+    other_thread: Offer[str] = Offer(lambda nested: "inside", lambda: True)
+    yields.offer(other_thread)
+    with yields.preemptible():
+        worker = threading.Thread(target=forward, args=("elsewhere",))  # a start-up check on another thread
+        worker.start()
+        worker.join()
+    forward("outside")  # the forward thread, but outside `preemptible`
+    assert yields.waiting
