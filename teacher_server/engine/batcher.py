@@ -10,8 +10,8 @@ pipeline, so batch k+1 is staged while batch k runs its forward and batch k-1 co
 - stage: the requests' bytes copied once into a reused buffer set (staging.py; on CUDA pinned, one copy to the device);
   on an eager CPU teacher, a batch of keys not running may also be staged while a forward runs, and run between two of
   its blocks (preemption.py);
-- forward: the teacher on those rows (rows_runner.py; with ingest workers, in the device process: ingest/), logits
-  back to the host;
+- forward: the teacher on those rows (forward_step.py, which runs rows_runner.py; with ingest workers, in the device
+  process: ingest/), logits back to the host;
 - commit: the ledger rows of the batch in one transaction (commit_stage.py); only then does each caller get its
   answer. A failure before the commit is handed to every caller of the batch, and nothing of it is billed.
 
@@ -24,39 +24,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import torch
-
 from maskedkd.torch_threads import helper_pool
-from teacher_server.engine.answers import Answer
-from teacher_server.engine.batch_job import (
-    BatchJob,
-    BatchStats,
-    FinalizeFn,
-    Handoff,
-    JobResult,
-    batch_order,
-    still_wanted,
-)
+from teacher_server.engine.batch_job import BatchJob, FinalizeFn, Handoff, JobResult, batch_order
 from teacher_server.engine.commit_stage import CommitStage, Forwarded, commit_batch, deliver, deliver_error
 from teacher_server.engine.decode import DecodedInput
 from teacher_server.engine.fair_clock import Clock
-from teacher_server.engine.preemption import PREEMPT_MIN_S, Offer, RunningBatch, YieldPoints
-from teacher_server.engine.rows_runner import AnswersFn, JobShape, Late
+from teacher_server.engine.forward_step import COMMIT_S_MARGIN, ForwardStep
+from teacher_server.engine.preemption import PREEMPT_MIN_S, Offer, YieldPoints
+from teacher_server.engine.rows_runner import AnswersFn
 from teacher_server.engine.scheduler import Backlog, ComputeEstimate, FairQueue, QueueLimits
-from teacher_server.engine.split_requests import LONE_BATCH_S, RecentSenders, split_job, whole_requests
+from teacher_server.engine.split_requests import LONE_BATCH_S, RecentSenders, split_job
 from teacher_server.engine.staging import StagedRows, Stager
 from teacher_server.errors import DeadlineUnmetError, ServiceUnavailableError
 from teacher_server.metrics import ServerMetrics
 from teacher_server.priorities import DEFAULT_PRIORITY, rank_of
 
 STAGE_LEAD_S = 0.002  # beyond twice the staging time, how early the next batch forms before the forward is free
-COMMIT_S_MARGIN = 0.05  # seconds a batch's commit and answer take after its forward, at most, for deadline checks
 
 
 class TokenBudgetBatcher:
@@ -81,7 +69,6 @@ class TokenBudgetBatcher:
         chunk_sizes: Sequence[int] = (),
         yield_points: YieldPoints | None = None,
     ) -> None:
-        self.runner = runner  # runs a staged batch: here (rows_runner.py) or in the device process (ingest/)
         self._stager = stager
         self._prefix = num_prefix_tokens
         self._token_budget = token_budget
@@ -103,15 +90,29 @@ class TokenBudgetBatcher:
         self._commits: CommitStage | None = None
         self._slots: asyncio.Semaphore | None = None
         self._waiting_forward: set[object] = set()  # batches formed whose forward has not started
-        self._forward_busy_until = 0.0  # monotonic estimate of when the forward in progress ends
-        self._busy_token: object = None  # the forward that set `_forward_busy_until` (a batch run inside it does not)
-        self._running: RunningBatch | None = None  # the batch whose forward runs (not one run between its blocks)
         self._yields = yield_points  # None: no batch runs between another's blocks
+        self._step = ForwardStep(
+            runner,
+            compute=self.compute,
+            yields=yield_points,
+            metrics=metrics,
+            let_go=self._let_go,
+            wake=self._wake_from_thread,
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._in_flight: set[asyncio.Future[Any]] = set()
         self.batches_started = 0  # micro-batches taken from the queue so far (the server's idle trim reads it)
         self._closing = False
         self._senders = RecentSenders()  # who shares the teacher: batches are then bounded, large requests cut
+
+    @property
+    def runner(self) -> AnswersFn:
+        """Runs a staged batch: here (rows_runner.py) or in the device process (ingest/)."""
+        return self._step.runner
+
+    @runner.setter
+    def runner(self, runner: AnswersFn) -> None:
+        self._step.runner = runner
 
     @property
     def max_batch_images(self) -> int:
@@ -143,7 +144,7 @@ class TokenBudgetBatcher:
         """How long a request of `key_id` with `tokens` would wait before its forward ends, queued now."""
         now = time.monotonic()
         ahead = self.queue.tokens_ahead(key_id, priority, tokens, weight)
-        busy = max(0.0, self._forward_busy_until - now)
+        busy = max(0.0, self._step.busy_until - now)
         slowdown = self._yields.slowdown() if self._yields else 1.0  # other keys' batches run inside the forwards
         return (busy + self.compute.seconds(ahead + tokens)) * slowdown + COMMIT_S_MARGIN
 
@@ -240,16 +241,16 @@ class TokenBudgetBatcher:
             # Nor does it form while one formed batch still waits for its forward to start (being staged): the
             # running forward's end is not known yet, and a full queue would otherwise stage two batches ahead.
             lead = 2 * self._stage_s + STAGE_LEAD_S
-            busy_left = self._forward_busy_until - time.monotonic()
+            busy_left = self._step.busy_until - time.monotonic()
             if not self._closing and (busy_left > lead or self._waiting_forward):
                 # ...but a batch of other keys may run between the running forward's blocks
                 if self._waiting_forward or not self._preemptible(busy_left):
                     await self._wait_changed(busy_left - lead if not self._waiting_forward else None)
                     continue
-                assert self._running is not None
+                assert self._step.running is not None
                 await self._slots.acquire()
                 budget = min(self._batch_tokens(), self.compute.tokens_within(busy_left))
-                self._launch(*self._next_batch(budget, start_delay=0.0, exclude=self._running.keys), nested=True)
+                self._launch(*self._next_batch(budget, start_delay=0.0, exclude=self._step.running.keys), nested=True)
                 continue
             due = self.queue.oldest_enqueued() + self._max_delay_s
             # A batch forms when full, or when its first request waited long enough. Closing: everything goes now.
@@ -263,7 +264,7 @@ class TokenBudgetBatcher:
         """Whether to form now a batch to run between the running forward's blocks (preemption.py): the next request
         by fair order of the keys not running is of no worse class, and runs in less than what is left of the
         running forward, which has more than PREEMPT_MIN_S left; a buffer slot is free."""
-        running, slots = self._running, self._slots
+        running, slots = self._step.running, self._slots
         assert slots is not None
         if self._yields is None or running is None or self._closing or slots.locked():
             return False
@@ -300,7 +301,7 @@ class TokenBudgetBatcher:
         starting in `start_delay` seconds (None: when the running one ends), of keys not in `exclude`."""
         now = time.monotonic()
         if start_delay is None:
-            start_delay = max(0.0, self._forward_busy_until - now)
+            start_delay = max(0.0, self._step.busy_until - now)
         gone: list[BatchJob] = []  # callers that went away while queued: dropped silently
 
         def live(job: BatchJob) -> bool:
@@ -364,7 +365,7 @@ class TokenBudgetBatcher:
             refuse = functools.partial(loop.call_soon_threadsafe, functools.partial(self._refuse_late, queued=False))
             # From the forward's start the batch runs and is billed, also for a caller leaving then: its answer waits
             # for a replay.
-            run = functools.partial(self._run, live, rows, hook, refuse, handoff)
+            run = functools.partial(self._step.run, live, rows, hook, refuse, handoff)
             if nested:
                 forwarded = await self._offer(run, sum(j.tokens for j in live))
             else:
@@ -398,17 +399,12 @@ class TokenBudgetBatcher:
         else on the forward thread's queue after it (preemption.py)."""
         assert self._yields is not None and self._forward_pool is not None
 
-        def fits() -> bool:
-            running = self._running
-            extra_s = self.compute.seconds(tokens)
-            return running is not None and running.allows(now_until=self._forward_busy_until, extra_s=extra_s)
-
         def run_offered(nested: bool) -> Forwarded | BaseException | None:
             if nested and self._metrics:
                 self._metrics.preempting_batches.labels(model=self._name).inc()
             return run(nested=nested)
 
-        offer = Offer(run_offered, fits)
+        offer = Offer(run_offered, functools.partial(self._step.fits_inside, tokens))
         self._yields.offer(offer)
         self._forward_pool.submit(offer.run_unless_taken)
         return await asyncio.wrap_future(offer.result)
@@ -420,104 +416,15 @@ class TokenBudgetBatcher:
         self._stage_s = 0.8 * self._stage_s + 0.2 * (time.monotonic() - started)
         return rows
 
+    def _wake_from_thread(self) -> None:
+        """Another thread: the batch former looks again (a forward ended)."""
+        if self._loop is not None and self._changed is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: the server is gone, nobody forms batches
+                self._loop.call_soon_threadsafe(self._changed.set)
+
     def _forward_started(self, ticket: object) -> None:
         """Event loop: the batch of `ticket` no longer waits for the forward (it started, or will not run)."""
         if ticket in self._waiting_forward:
             self._waiting_forward.discard(ticket)
             assert self._changed is not None
             self._changed.set()
-
-    def _run(
-        self,
-        jobs: list[BatchJob],
-        rows: StagedRows,
-        started_hook: Callable[[], object],
-        refuse: Callable[..., object],
-        handoff: Handoff,
-        *,
-        nested: bool = False,
-    ) -> Forwarded | BaseException | None:
-        """Forward thread: the teacher on the staged rows; the commit stage commits them. None: nobody to run for.
-        `handoff` gets the jobs handed to the teacher and those not run (which it tells the backlog of). `nested`:
-        run between two blocks of the running forward (preemption.py), which keeps its own estimates."""
-        try:
-            started = time.monotonic()
-            if rows.ready is not None:  # the rows' copy to the device, queued on the staging stream
-                torch.cuda.current_stream(rows.pixels.device).wait_event(rows.ready)
-            # a caller gone since staging, or one whose answer could no longer reach it: not run, not billed
-            wanted, late = still_wanted(
-                jobs, started + self.compute.seconds(sum(j.tokens for j in jobs)) + COMMIT_S_MARGIN
-            )
-            kept = {id(j) for j in wanted}
-            if len(wanted) < len(jobs):
-                rows = rows.select_requests([j.images for j in jobs], [id(j) in kept for j in jobs])
-            self._let_go([j for j in jobs if id(j) not in kept])
-            handoff.settled.extend(jobs)
-            jobs = wanted
-            if late:
-                refuse(late)
-            if not jobs:
-                started_hook()
-                return None
-            tokens = sum(j.tokens for j in jobs)
-            token = None if nested else self._forward_began(jobs, started + self.compute.seconds(tokens))
-            started_hook()
-            preempted_s = self._yields.preempted_s if self._yields else 0.0
-            try:
-                shapes = [j.shape for j in jobs]
-                handoff.sent = True
-                with torch.inference_mode(), self._forward_context(shapes, nested=nested):
-                    answered = self.runner.answers(rows, shapes)
-            finally:
-                if nested:  # the running forward ends that much later
-                    self._forward_busy_until += time.monotonic() - started
-                else:
-                    self._forward_done(token)
-            # the batches run between this forward's blocks are not its compute
-            compute_s = time.monotonic() - started - ((self._yields.preempted_s if self._yields else 0.0) - preempted_s)
-            ran = [(job, answer) for job, answer in zip(jobs, answered, strict=True) if isinstance(answer, Answer)]
-            cut = [(job, answer) for job, answer in zip(jobs, answered, strict=True) if isinstance(answer, Late)]
-            # nothing ran: the device's estimate of the forward it refused is what there is to learn
-            self.compute.observe(tokens, compute_s if ran else max(compute_s, *(late.forward_s for _, late in cut)))
-            if cut:  # found late where the forward runs: not run, not billed
-                refuse([job for job, _ in cut])
-            ran = whole_requests(ran)  # a split request's chunks wait for its last one
-            if not ran:
-                return None
-            jobs, per_job = [job for job, _ in ran], [answer for _, answer in ran]
-            stats = BatchStats(images=rows.images, tokens=tokens, compute_s=compute_s, started_at=started)
-        except Exception as exc:  # noqa: BLE001 - delivered to every caller of the batch; nothing was committed
-            return exc
-        if self._metrics and self.runner.runs_here:  # else the device process observes its batches
-            self._metrics.batch_images.observe(stats.images)
-            self._metrics.batch_tokens.observe(stats.tokens)
-            self._metrics.compute_seconds.observe(compute_s)
-        return Forwarded(jobs, per_job, stats)
-
-    def _forward_began(self, jobs: Sequence[BatchJob], busy_until: float) -> object:
-        """Forward thread: a batch's forward starts, to end at `busy_until`; returns the token `_forward_done` takes."""
-        token = object()
-        latest = min((j.deadline for j in jobs if j.deadline is not None), default=math.inf) - COMMIT_S_MARGIN
-        self._running = RunningBatch(frozenset(j.key_id for j in jobs), min(rank_of(j.priority) for j in jobs), latest)
-        self._busy_token, self._forward_busy_until = token, busy_until
-        return token
-
-    def _forward_context(self, shapes: Sequence[JobShape], *, nested: bool) -> contextlib.ExitStack:
-        """Around a forward: its CPU counted to the runner's stage (a nested one's is counted by the forward it runs
-        in), and, on a logits-only batch, the yield points where a waiting batch of other keys runs."""
-        stack = contextlib.ExitStack()
-        if not nested:
-            stack.enter_context(self._stage_clock(self.runner.stage))
-            if self._yields is not None and not any(s.outputs.choice.any for s in shapes):
-                stack.enter_context(self._yields.preemptible())
-        return stack
-
-    def _forward_done(self, token: object) -> None:
-        """Forward thread: the forward of `token` ended; the next batch may form now, also when the estimate said
-        later (unless another forward started meanwhile)."""
-        self._running = None
-        if self._busy_token is token:
-            self._forward_busy_until = time.monotonic()
-        if self._loop is not None and self._changed is not None:
-            with contextlib.suppress(RuntimeError):  # the loop closed: the server is gone, nobody forms batches
-                self._loop.call_soon_threadsafe(self._changed.set)

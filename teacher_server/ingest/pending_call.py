@@ -7,7 +7,7 @@ import threading
 from dataclasses import dataclass, field
 
 from teacher_server.engine.answers import batch_choice
-from teacher_server.engine.batcher import COMMIT_S_MARGIN
+from teacher_server.engine.forward_step import COMMIT_S_MARGIN
 from teacher_server.engine.rows_runner import DEFAULT_RANK, JobShape
 from teacher_server.engine.staging import StagedRows
 from teacher_server.ingest.messages import BatchCall, BatchReply
