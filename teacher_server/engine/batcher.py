@@ -35,7 +35,7 @@ from teacher_server.engine.commit_stage import CommitStage, Forwarded, commit_ba
 from teacher_server.engine.decode import DecodedInput
 from teacher_server.engine.fair_clock import Clock
 from teacher_server.engine.forward_step import COMMIT_S_MARGIN, ForwardStep
-from teacher_server.engine.preemption import PREEMPT_MIN_S, Offer, YieldPoints
+from teacher_server.engine.preemption import PREEMPT_MIN_S, Offer, RunningBatch, YieldPoints
 from teacher_server.engine.rows_runner import AnswersFn
 from teacher_server.engine.scheduler import Backlog, ComputeEstimate, FairQueue, QueueLimits
 from teacher_server.engine.split_requests import LONE_BATCH_S, RecentSenders, split_job
@@ -244,13 +244,13 @@ class TokenBudgetBatcher:
             busy_left = self._step.busy_until - time.monotonic()
             if not self._closing and (busy_left > lead or self._waiting_forward):
                 # ...but a batch of other keys may run between the running forward's blocks
-                if self._waiting_forward or not self._preemptible(busy_left):
+                running = None if self._waiting_forward else self._preemptible(busy_left)
+                if running is None:
                     await self._wait_changed(busy_left - lead if not self._waiting_forward else None)
                     continue
-                assert self._step.running is not None
                 await self._slots.acquire()
                 budget = min(self._batch_tokens(), self.compute.tokens_within(busy_left))
-                self._launch(*self._next_batch(budget, start_delay=0.0, exclude=self._step.running.keys), nested=True)
+                self._launch(*self._next_batch(budget, start_delay=0.0, exclude=running.keys), nested=True)
                 continue
             due = self.queue.oldest_enqueued() + self._max_delay_s
             # A batch forms when full, or when its first request waited long enough. Closing: everything goes now.
@@ -260,20 +260,18 @@ class TokenBudgetBatcher:
             await self._slots.acquire()
             self._launch(*self._next_batch(self._batch_tokens()), nested=False)
 
-    def _preemptible(self, busy_left: float) -> bool:
-        """Whether to form now a batch to run between the running forward's blocks (preemption.py): the next request
-        by fair order of the keys not running is of no worse class, and runs in less than what is left of the
-        running forward, which has more than PREEMPT_MIN_S left; a buffer slot is free."""
-        running, slots = self._step.running, self._slots
+    def _preemptible(self, busy_left: float) -> RunningBatch | None:
+        """The running batch, when a batch to run between its forward's blocks is to form now (preemption.py): the
+        next request by fair order of the keys not in it is of no worse class and runs in less than what is left of
+        the running forward, which has more than PREEMPT_MIN_S left; a buffer slot is free. Else None."""
+        running, slots = self._step.running, self._slots  # the forward thread may end it meanwhile: read once
         assert slots is not None
         if self._yields is None or running is None or self._closing or slots.locked():
-            return False
+            return None
         head = self.queue.head(running.keys)
-        return (
-            head is not None
-            and rank_of(head.priority) <= running.rank
-            and busy_left > max(PREEMPT_MIN_S, self.compute.seconds(head.tokens))
-        )
+        if head is None or rank_of(head.priority) > running.rank:
+            return None
+        return running if busy_left > max(PREEMPT_MIN_S, self.compute.seconds(head.tokens)) else None
 
     def _launch(self, batch: list[BatchJob], dropped: list[BatchJob], *, nested: bool) -> None:
         """Start the pipeline of a batch just formed (its buffer slot acquired); `nested`: offered to run between

@@ -2,11 +2,12 @@
 
 While keys share a CPU teacher, a batch of one key holds the teacher for up to `--max-batch-ms` of forward, and a
 request of another key arriving just after it started waited for all of it: on a 2-core CPU that is 100 ms beside a
-35-50 ms light request, so the light key's p99 under another key's flood was 2.4-3x its p99 alone (performance notes,
+35-50 ms light request, so the light key's p99 under another key's flood was 1.8-3x its p99 alone (performance notes,
 section 32). Halving the bound brought it near 2x at ~15% of the flood's throughput.
 
 Instead, on an eager CPU teacher in the serving process, the batcher forms the batch that fair queuing would run next
-(of keys not in the running batch, of no worse priority class) while the forward runs, stages it, and offers it here.
+among the keys not in the running batch (led by a request of no worse priority class that runs in less than what is
+left of the running forward) while the forward runs, stages it, and offers it here.
 At the next block boundary the forward thread runs that batch whole (its own forward, with no yield points inside),
 then goes on with its own rows. A batch is never cut: each runs with the rows it was formed with, so every request's
 logits are those of its own batch, and billing is as for any batch. An offer that no block takes (the running forward

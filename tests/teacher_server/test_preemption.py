@@ -1,15 +1,21 @@
 """A batch of other keys run between two blocks of a long CPU forward (engine/preemption.py), on a real tiny ViT
-teacher in float32 on the CPU: who may preempt, that each batch's logits are those of its own rows alone, and that an
-offer no block boundary takes runs after the forward."""
+teacher in float32 on the CPU: who may preempt, that each batch's logits are those of its own rows alone, that an
+offer no block boundary takes runs after the forward, and the same through a served teacher, read back from the
+ledger with SQL."""
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pytest
+import service_testkit as kit
 import timm
 import torch
 from service_testkit import MODEL, TINY, random_keep
@@ -24,6 +30,7 @@ from teacher_server.engine.rows_runner import RowsRunner
 from teacher_server.engine.served_model import make_forward
 from teacher_server.engine.staging import Stager
 from teacher_server.metrics import ServerMetrics
+from teacher_server.testing.server import running_server
 
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(120)]
 
@@ -157,6 +164,59 @@ async def test_the_running_key_a_worse_class_or_a_teacher_without_yield_points_w
     assert [name for name, _, _ in seen.done] == ["big", "small"]
     assert seen.block_rows == [BIG] * 12 + [SMALL] * 12
     assert seen.preempting == 0
+
+
+def test_through_the_server_a_light_keys_call_is_answered_inside_a_flood_keys_forward_and_each_billed_once(
+    tmp_path: Path,
+) -> None:
+    """The served teacher (eager, CPU, float32) has yield points: a light key's call sent while another key's long
+    call runs is answered first, from its own batch, and the ledger bills each once, at its own batch's size; the
+    metric counts the batch run inside the other's forward."""
+    model = kit.tiny_vit(seed=3)
+    slow = SlowBlocks(list(model.blocks))
+    settings = kit.settings(tmp_path, dtype="float32", max_batch_ms=10_000.0)  # the flood's call runs as one batch
+    with running_server(settings, model=model) as srv:
+        assert srv.server.served.batcher._yields is not None
+        flood, light = srv.create_key("flood"), srv.create_key("light")
+        _, teacher = kit.stub(srv.address)
+
+        def call(key: str, images: int, request_id: str) -> Any:
+            request = kit.image_request(kit.random_images(images, seed=images), kit.random_keep(images, K, seed=1))
+            request.request_id = request_id
+            return teacher.Infer.future(request, metadata=kit.auth(key), timeout=60)
+
+        for i, images in enumerate((SMALL, BIG, SMALL, BIG, SMALL)):  # the compute estimate learns both sizes
+            call(flood, images, f"learn-{i}").result()
+        slow.rows.clear()
+        answered: list[str] = []
+        big = call(flood, BIG, "big")
+        big.add_done_callback(lambda _: answered.append("big"))
+        time.sleep(12 * ROW_BLOCK_S * BIG * 0.25)
+        small = call(light, SMALL, "small")
+        small.add_done_callback(lambda _: answered.append("small"))
+        small_answer, big_answer = small.result(), big.result()
+        wait_until(lambda: len(answered) == 2)
+        assert answered == ["small", "big"]
+        reference = kit.Reference(model)
+        for answer, images in ((small_answer, SMALL), (big_answer, BIG)):
+            expected = reference.logits(kit.random_images(images, seed=images), kit.random_keep(images, K, seed=1))
+            torch.testing.assert_close(kit.logits_of(answer), expected, **kit.CLOSE)
+        metric = srv.server.metrics.registry.get_sample_value(
+            "maskedkd_preempting_batches_total", {"model": srv.server.served.name}
+        )
+        assert metric == 1
+    rows = sqlite3.connect(settings.db.removeprefix("sqlite:///")).execute(
+        "SELECT k.name, u.request_id, u.images, u.batch_images FROM usage u JOIN api_keys k ON k.id = u.api_key_id "
+        "WHERE u.request_id IN ('big', 'small') ORDER BY u.request_id"
+    )
+    assert rows.fetchall() == [("flood", "big", BIG, BIG), ("light", "small", SMALL, SMALL)]
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    end = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.01)
 
 
 @pytest.mark.dtype("none")
