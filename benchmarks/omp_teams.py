@@ -12,31 +12,17 @@ long as its thread, so the cases run in this order in one process.
 from __future__ import annotations
 
 import argparse
-import statistics
 import threading
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import timm
 import torch
 
+from benchmarks.tenants import ARCH, TINY
+from benchmarks.timing import measure
 from maskedkd.masked_teacher import MaskedTeacher
 from maskedkd.torch_threads import helper_pool
 from teacher_server.engine.served_model import make_forward
-
-TINY = {"img_size": 32, "patch_size": 4, "num_classes": 10}
-
-
-def _median_ms(work: Callable[[], object], repeats: int) -> float:
-    for _ in range(3):
-        work()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        work()
-        times.append((time.perf_counter() - started) * 1e3)
-    return statistics.median(times)
 
 
 def _parallel_op() -> None:
@@ -48,11 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per case")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    teacher = MaskedTeacher(timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY)).eval()
+    teacher = MaskedTeacher(timm.create_model(ARCH, pretrained=False, **TINY)).eval()
     forward = make_forward(teacher, torch.device("cpu"), torch.float32)
     pixels = torch.randint(0, 256, (8, 32, 3, 4, 4), dtype=torch.uint8)  # [B,K,C,P,P]: keep 50% of 64 patches
     indices = torch.stack([torch.randperm(64)[:32].sort().values for _ in range(8)])  # [B,K]
-    student = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY)
+    student = timm.create_model(ARCH, pretrained=False, **TINY)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
     images, labels = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
 
@@ -67,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.step()
 
     def case(name: str) -> None:
-        print(f"| {name} | {_median_ms(serve, args.repeats):.1f} | {_median_ms(train, args.repeats):.0f} |")
+        serve_ms, train_ms = (measure(work, warmup=3, repeats=args.repeats).median_s * 1e3 for work in (serve, train))
+        print(f"| {name} | {serve_ms:.1f} | {train_ms:.0f} |")
 
     print(f"torch threads: {torch.get_num_threads()}, float32, medians of {args.repeats} calls")
     print("| before | 8-image served forward, ms | training step, batch 32, ms |\n|---|---|---|")

@@ -52,7 +52,6 @@ class ForwardStep:
         self._wake = wake  # the batch former, from this thread: the forward ended
         self.busy_until = 0.0  # monotonic estimate of when the forward in progress ends
         self.running: RunningBatch | None = None  # the batch whose forward runs (not one run between its blocks)
-        self._busy_token: object = None  # the forward that set `busy_until` (a batch run inside it does not)
 
     def fits_inside(self, tokens: int) -> bool:
         """Whether a batch of `tokens` may run inside the running forward now: its callers can wait that long."""
@@ -93,7 +92,8 @@ class ForwardStep:
                 started_hook()
                 return None
             tokens = sum(j.tokens for j in jobs)
-            token = None if nested else self._began(jobs, started + self.compute.seconds(tokens))
+            if not nested:
+                self._began(jobs, started + self.compute.seconds(tokens))
             started_hook()
             preempted_s = self._yields.preempted_s if self._yields else 0.0
             try:
@@ -105,7 +105,7 @@ class ForwardStep:
                 if nested:  # the running forward ends that much later
                     self.busy_until += time.monotonic() - started
                 else:
-                    self._done(token)
+                    self._done()
             # the batches run between this forward's blocks are not its compute
             compute_s = time.monotonic() - started - ((self._yields.preempted_s if self._yields else 0.0) - preempted_s)
             ran = [(job, answer) for job, answer in zip(jobs, answered, strict=True) if isinstance(answer, Answer)]
@@ -127,13 +127,11 @@ class ForwardStep:
             self._metrics.compute_seconds.observe(compute_s)
         return Forwarded(jobs, per_job, stats)
 
-    def _began(self, jobs: Sequence[BatchJob], busy_until: float) -> object:
-        """Forward thread: a batch's forward starts, to end at `busy_until`; returns the token `_done` takes."""
-        token = object()
+    def _began(self, jobs: Sequence[BatchJob], busy_until: float) -> None:
+        """Forward thread: a batch's forward starts, to end at `busy_until` by the estimate."""
         latest = min((j.deadline for j in jobs if j.deadline is not None), default=math.inf) - COMMIT_S_MARGIN
         self.running = RunningBatch(frozenset(j.key_id for j in jobs), min(rank_of(j.priority) for j in jobs), latest)
-        self._busy_token, self.busy_until = token, busy_until
-        return token
+        self.busy_until = busy_until
 
     def _context(self, shapes: Sequence[JobShape], *, nested: bool) -> contextlib.ExitStack:
         """Around a forward: its CPU counted to the runner's stage (a nested one's is counted by the forward it runs
@@ -146,10 +144,9 @@ class ForwardStep:
                 stack.enter_context(self._yields.preemptible())
         return stack
 
-    def _done(self, token: object) -> None:
-        """Forward thread: the forward of `token` ended; the next batch may form now, also when the estimate said
-        later (unless another forward started meanwhile)."""
+    def _done(self) -> None:
+        """Forward thread: the running forward ended (the one forward thread runs one at a time, batches offered
+        inside it included); the next batch may form now, also when the estimate said later."""
         self.running = None
-        if self._busy_token is token:
-            self.busy_until = time.monotonic()
+        self.busy_until = time.monotonic()
         self._wake()
