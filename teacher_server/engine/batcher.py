@@ -250,7 +250,8 @@ class TokenBudgetBatcher:
                     continue
                 await self._slots.acquire()
                 budget = min(self._batch_tokens(), self.compute.tokens_within(busy_left))
-                self._launch(*self._next_batch(budget, start_delay=0.0, exclude=running.keys), nested=True)
+                batch = self._next_batch(budget, start_delay=0.0, exclude=running.keys, max_rank=running.rank)
+                self._launch(*batch, nested=True)
                 continue
             due = self.queue.oldest_enqueued() + self._max_delay_s
             # A batch forms when full, or when its first request waited long enough. Closing: everything goes now.
@@ -293,10 +294,16 @@ class TokenBudgetBatcher:
         run.add_done_callback(self._in_flight.discard)
 
     def _next_batch(
-        self, token_budget: int, *, start_delay: float | None = None, exclude: frozenset[int] = frozenset()
+        self,
+        token_budget: int,
+        *,
+        start_delay: float | None = None,
+        exclude: frozenset[int] = frozenset(),
+        max_rank: int | None = None,
     ) -> tuple[list[BatchJob], list[BatchJob]]:
         """(the next batch of at most `token_budget` tokens, the requests dropped for their deadline), its forward
-        starting in `start_delay` seconds (None: when the running one ends), of keys not in `exclude`."""
+        starting in `start_delay` seconds (None: when the running one ends), of keys not in `exclude` and classes
+        ranked `max_rank` or better."""
         now = time.monotonic()
         if start_delay is None:
             start_delay = max(0.0, self._step.busy_until - now)
@@ -315,6 +322,7 @@ class TokenBudgetBatcher:
             finish_s=lambda tokens: start_delay + self.compute.seconds(tokens) + COMMIT_S_MARGIN,
             live=live,
             exclude=exclude,
+            max_rank=max_rank,
         )
         for job in gone:
             self._count_queued(job, -1)

@@ -20,7 +20,7 @@ import torch
 from teacher_server.engine.answers import Answer
 from teacher_server.engine.batch_job import BatchJob, BatchStats, Handoff, still_wanted
 from teacher_server.engine.commit_stage import Forwarded
-from teacher_server.engine.preemption import RunningBatch, YieldPoints
+from teacher_server.engine.preemption import ForwardSpan, RunningBatch, YieldPoints
 from teacher_server.engine.rows_runner import AnswersFn, JobShape, Late
 from teacher_server.engine.scheduler import ComputeEstimate
 from teacher_server.engine.split_requests import whole_requests
@@ -95,11 +95,11 @@ class ForwardStep:
             if not nested:
                 self._began(jobs, started + self.compute.seconds(tokens))
             started_hook()
-            preempted_s = self._yields.preempted_s if self._yields else 0.0
+            span = ForwardSpan()
             try:
                 shapes = [j.shape for j in jobs]
                 handoff.sent = True
-                with torch.inference_mode(), self._context(shapes, nested=nested):
+                with torch.inference_mode(), self._context(shapes, span, nested=nested):
                     answered = self.runner.answers(rows, shapes)
             finally:
                 if nested:  # the running forward ends that much later
@@ -107,7 +107,7 @@ class ForwardStep:
                 else:
                     self._done()
             # the batches run between this forward's blocks are not its compute
-            compute_s = time.monotonic() - started - ((self._yields.preempted_s if self._yields else 0.0) - preempted_s)
+            compute_s = time.monotonic() - started - span.inside_s
             ran = [(job, answer) for job, answer in zip(jobs, answered, strict=True) if isinstance(answer, Answer)]
             cut = [(job, answer) for job, answer in zip(jobs, answered, strict=True) if isinstance(answer, Late)]
             # nothing ran: the device's estimate of the forward it refused is what there is to learn
@@ -133,15 +133,16 @@ class ForwardStep:
         self.running = RunningBatch(frozenset(j.key_id for j in jobs), min(rank_of(j.priority) for j in jobs), latest)
         self.busy_until = busy_until
 
-    def _context(self, shapes: Sequence[JobShape], *, nested: bool) -> contextlib.ExitStack:
+    def _context(self, shapes: Sequence[JobShape], span: ForwardSpan, *, nested: bool) -> contextlib.ExitStack:
         """Around a forward: its CPU counted to the runner's stage (a nested one's is counted by the forward it runs
-        in), and, on a logits-only batch, the yield points where a waiting batch of other keys runs."""
+        in), and, on a logits-only batch, the yield points where a waiting batch of other keys runs (their time
+        goes to `span`)."""
         stack = contextlib.ExitStack()
         if not nested:
             if self._metrics:
                 stack.enter_context(self._metrics.stage(self.runner.stage))
             if self._yields is not None and not any(s.outputs.choice.any for s in shapes):
-                stack.enter_context(self._yields.preemptible())
+                stack.enter_context(self._yields.preemptible(span))
         return stack
 
     def _done(self) -> None:

@@ -6,8 +6,8 @@ request of another key arriving just after it started waited for all of it: on a
 section 32). Halving the bound brought it near 2x at ~15% of the flood's throughput.
 
 Instead, on an eager CPU teacher in the serving process, the batcher forms the batch that fair queuing would run next
-among the keys not in the running batch (led by a request of no worse priority class that runs in less than what is
-left of the running forward) while the forward runs, stages it, and offers it here.
+among the keys not in the running batch and the priority classes no worse than its best (led by a request that runs
+in less than what is left of the running forward) while the forward runs, stages it, and offers it here.
 At the next block boundary the forward thread runs that batch whole (its own forward, with no yield points inside),
 then goes on with its own rows. A batch is never cut: each runs with the rows it was formed with, so every request's
 logits are those of its own batch, and billing is as for any batch. An offer that no block takes (the running forward
@@ -55,6 +55,13 @@ class RunningBatch:
         return now_until + extra_s <= self.latest_end
 
 
+@dataclass
+class ForwardSpan:
+    """One preemptible forward, as the forward thread runs it."""
+
+    inside_s: float = 0.0  # seconds of offers run between its blocks: not its own compute
+
+
 class Offer(Generic[T]):
     """A batch's forward that whichever comes first runs, once: a block boundary of the running forward (`nested`)
     or the forward thread's queue after it. `fits()`: whether running it now keeps the running batch's deadlines."""
@@ -96,23 +103,23 @@ class YieldPoints:
     def __init__(self, blocks: Sequence[nn.Module]) -> None:
         self._waiting: Offer[object] | None = None
         self._thread: int | None = None  # the forward thread, while its forward may be preempted
-        self._inside = False  # an offer is running: its own forward has no yield points
-        self.preempted_s = 0.0  # seconds of offers run at block boundaries, in all (the forward thread adds to it)
+        self._span: ForwardSpan | None = None  # the preemptible forward running, while one runs
         self.share = 0.0  # of the recent preemptible forwards' time, the part their offers took (decaying average)
         self.handles = [block.register_forward_pre_hook(self._at_block) for block in blocks]
 
     @contextlib.contextmanager
-    def preemptible(self) -> Iterator[None]:
-        """Forward thread: around a batch's forward that an offer may interrupt between blocks."""
-        self._thread = threading.get_ident()
-        started, before = time.monotonic(), self.preempted_s
+    def preemptible(self, span: ForwardSpan) -> Iterator[None]:
+        """Forward thread: around a batch's forward that an offer may interrupt between blocks; `span` gets the
+        time those offers take."""
+        self._thread, self._span = threading.get_ident(), span
+        started = time.monotonic()
         try:
             yield
         finally:
-            self._thread = None
+            self._thread = self._span = None
             wall = time.monotonic() - started
             if wall > 0:
-                inside = min(1.0, (self.preempted_s - before) / wall)
+                inside = min(1.0, span.inside_s / wall)
                 self.share = SHARE_DECAY * self.share + (1 - SHARE_DECAY) * inside
 
     def slowdown(self) -> float:
@@ -132,16 +139,16 @@ class YieldPoints:
         return offer is not None and not offer.taken
 
     def _at_block(self, _module: nn.Module, _args: object) -> None:
-        offer = self._waiting
-        if offer is None or self._inside or self._thread != threading.get_ident():
+        offer, span = self._waiting, self._span
+        # not inside an offer's own forward (its blocks have these hooks too: span is None while it runs)
+        if offer is None or span is None or self._thread != threading.get_ident():
             return
         if not offer.fits() or not offer.take():
             return
-        self._waiting = None
-        self._inside = True
+        self._waiting = self._span = None
         started = time.monotonic()
         try:
             offer.run(nested=True)
         finally:
-            self._inside = False
-            self.preempted_s += time.monotonic() - started
+            self._span = span
+            span.inside_s += time.monotonic() - started

@@ -177,18 +177,22 @@ class FairQueue(Generic[J]):
         finish_s: Callable[[int], float],
         live: Callable[[J], bool],
         exclude: frozenset[int] = frozenset(),
+        max_rank: int | None = None,
     ) -> tuple[list[J], list[J]]:
         """(the next micro-batch, the requests dropped because their deadline cannot be met). Takes queue heads in
         fair order while they fit; a request that would miss its deadline even in the batch formed so far (done
         `finish_s(tokens)` seconds from `now`) is dropped instead of run, one whose caller went away (not `live`) is
         dropped silently. The first request always fits (one larger than a batch is queued as chunks that each fit,
         split_requests.py, but a chunk is never below 512 tokens, whatever the budget). The keys of `exclude` are
-        left queued (a batch run between the blocks of theirs: preemption.py)."""
+        left queued (a batch run between the blocks of theirs: preemption.py), and so are requests of a worse class
+        than `max_rank` (such a batch runs none of a worse class than the batch it interrupts)."""
         batch: list[J] = []
         dropped: list[J] = []
         images = tokens = 0
         while (head := self._head(exclude)) is not None:
             job, start_tag = head
+            if max_rank is not None and _rank(job) > max_rank:
+                break  # heads come best class first: every request left is of a worse class
             if not live(job):
                 self._pop(job, taken=False)
                 continue

@@ -25,7 +25,7 @@ from maskedkd.masked_teacher import MaskedTeacher
 from teacher_server.engine.batch_job import JobResult
 from teacher_server.engine.batcher import TokenBudgetBatcher
 from teacher_server.engine.decode import DecodedInput
-from teacher_server.engine.preemption import Offer, YieldPoints
+from teacher_server.engine.preemption import ForwardSpan, Offer, YieldPoints
 from teacher_server.engine.rows_runner import RowsRunner
 from teacher_server.engine.served_model import make_forward
 from teacher_server.engine.staging import Stager
@@ -111,9 +111,12 @@ class Scenario:
     model: MaskedTeacher
 
 
-async def big_then_small(*, small_key: int, small_priority: str, yields: bool = True) -> Scenario:
+async def big_then_small(
+    *, small_key: int, small_priority: str, yields: bool = True, also: tuple[int, str] | None = None
+) -> Scenario:
     """After the batcher learned both batch sizes, key 1 sends BIG images at `interactive`; a quarter into their
-    forward, `small_key` sends SMALL at `small_priority`. `yields`: the teacher has yield points."""
+    forward, `small_key` sends SMALL at `small_priority`, and with it, where `also` is (key, priority), another SMALL
+    request named "also". `yields`: the teacher has yield points."""
     model = teacher()
     slow = SlowBlocks(list(model.model.blocks))
     b = batcher(model, YieldPoints(list(model.model.blocks)) if yields else None)
@@ -128,7 +131,10 @@ async def big_then_small(*, small_key: int, small_priority: str, yields: bool = 
 
     big = asyncio.ensure_future(send("big", BIG, 1, "interactive", seed=1))
     await asyncio.sleep(12 * ROW_BLOCK_S * BIG * 0.25)
-    await send("small", SMALL, small_key, small_priority, seed=2)
+    smalls = [send("small", SMALL, small_key, small_priority, seed=2)]
+    if also is not None:
+        smalls.append(send("also", SMALL, *also, seed=3))
+    await asyncio.gather(*smalls)
     await big
     await b.close()
     return Scenario(done, slow.rows, preempting_batches(b), model)
@@ -148,6 +154,20 @@ async def test_another_keys_small_batch_runs_between_the_blocks_of_a_long_forwar
     torch.testing.assert_close(big.logits, alone(seen.model, BIG, seed=1), rtol=1e-5, atol=1e-5)
     # the big batch's compute (what the estimate learns) leaves out the small batch's forward inside it
     assert big.stats.compute_s <= big_answered - big.stats.started_at - small.stats.compute_s
+
+
+async def test_a_batch_run_between_the_blocks_leaves_out_requests_of_a_worse_class_than_the_running_one() -> None:
+    """Key 2's interactive request and key 3's batch-class request arrive together while key 1's interactive batch
+    runs: fair queuing would put both in the next batch, but only key 2's runs inside the interactive forward."""
+    seen = await big_then_small(small_key=2, small_priority="interactive", also=(3, "batch"))
+    assert [name for name, _, _ in seen.done] == ["small", "big", "also"]
+    first_small = seen.block_rows.index(SMALL)
+    assert 0 < first_small < 12 and seen.block_rows[first_small : first_small + 12] == [SMALL] * 12
+    assert seen.block_rows[-12:] == [SMALL] * 12 and seen.block_rows.count(BIG) == 12
+    assert seen.preempting == 1
+    (_, small, _), _, (_, also, _) = seen.done
+    torch.testing.assert_close(small.logits, alone(seen.model, SMALL, seed=2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(also.logits, alone(seen.model, SMALL, seed=3), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -237,19 +257,20 @@ def test_an_offer_runs_once_at_a_block_boundary_where_it_fits_else_after_the_for
     fits = [False, False, True]  # not at the first two boundaries: the running batch's callers could not wait
     offer: Offer[str] = Offer(answer, lambda: fits.pop(0))
     yields.offer(offer)
-    with yields.preemptible():
+    span = ForwardSpan()
+    with yields.preemptible(span):
         forward("running")
     offer.run_unless_taken()  # the forward thread's queue after the forward: already taken, not run again
     assert ran.count(("offer", True)) == 1 and ("offer", False) not in ran
     assert [tag for tag, _ in ran].index("offer") == 3  # after three of the running forward's blocks
-    assert offer.result.result() == "answer" and not yields.waiting and yields.preempted_s > 0
+    assert offer.result.result() == "answer" and not yields.waiting and span.inside_s > 0
     # admission then allows for offers running inside forwards: a request's wait is estimated that much longer
     assert 0 < yields.share <= 1 and yields.slowdown() == pytest.approx(1 / (1 - min(yields.share, 0.5)))
     share = yields.share
 
     late: Offer[str] = Offer(lambda nested: "after" if not nested else "inside", lambda: False)
     yields.offer(late)
-    with yields.preemptible():
+    with yields.preemptible(ForwardSpan()):
         forward("running")
     assert yields.waiting
     late.run_unless_taken()
@@ -258,7 +279,7 @@ def test_an_offer_runs_once_at_a_block_boundary_where_it_fits_else_after_the_for
 
     other_thread: Offer[str] = Offer(lambda nested: "inside", lambda: True)
     yields.offer(other_thread)
-    with yields.preemptible():
+    with yields.preemptible(ForwardSpan()):
         worker = threading.Thread(target=forward, args=("elsewhere",))  # a start-up check on another thread
         worker.start()
         worker.join()
