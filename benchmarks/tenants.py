@@ -390,12 +390,12 @@ def table(result: dict[str, Any]) -> str:
     sized = " (sized to this machine)" if greedy.get("images_sized") else ""
     return "\n".join(
         [
-            "| | p50 ms | p99 ms | errors |",
-            "|---|---|---|---|",
-            f"| light alone | {light['alone']['p50_ms']:.0f} | {light['alone']['p99_ms']:.0f} | "
-            f"{sum(light['alone']['errors'].values())} |",
-            f"| light under flood | {light['flood']['p50_ms']:.0f} | {light['flood']['p99_ms']:.0f} | "
-            f"{sum(light['flood']['errors'].values())} |",
+            "| | requests answered | p50 ms | p99 ms | errors |",
+            "|---|---|---|---|---|",
+            f"| light alone | {light['alone']['answered']} | {light['alone']['p50_ms']:.0f} | "
+            f"{light['alone']['p99_ms']:.0f} | {sum(light['alone']['errors'].values())} |",
+            f"| light under flood | {light['flood']['answered']} | {light['flood']['p50_ms']:.0f} | "
+            f"{light['flood']['p99_ms']:.0f} | {sum(light['flood']['errors'].values())} |",
             "",
             f"light p99 under flood / alone: {light['p99_ratio']:.2f}x",
             f"greedy: {greedy['images']}-image calls{sized}, {greedy['sent']} sent ({codes}); "
