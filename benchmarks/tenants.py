@@ -11,11 +11,12 @@ The scenario a platform team meets (the tiny 32 px teacher, a server child with 
   flood never loads the teacher, and the light key's latency says nothing. They run in a child process (`--greedy`),
   so their threads do not share this process's interpreter lock with the light client's clock (they do share the
   machine's cores: on a small machine the flood's own CPU shows in the light tenant's latency).
-After the load, the ledger is read back with SQL: which request ids each key was billed for. A greedy request billed
+After the load, the ledger is read back with SQL: which request ids each key was billed for, and the light requests'
+latency in the server (receipt to answer, without the light client's own process). A greedy request billed
 but never received (its answer came after the client gave up) is "billed-undelivered"; a refused one (shed) must
 not be billed at all.
 
-    python -m benchmarks.tenants                  # 10 s alone, 10 s flood; a table on stdout
+    python -m benchmarks.tenants                  # 10 s alone, 10 s flood; a table on stdout (make bench: 30 s each)
     python -m benchmarks.tenants --seconds 4 --json out.json
     python -m benchmarks.tenants --ingest-workers 2  # the same against `serve --ingest-workers 2`
     python -m benchmarks.tenants --light-priority interactive  # the light key in a better class than the flood's
@@ -37,6 +38,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
+from math import nan
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -202,6 +204,20 @@ def billed_ids(db_url: str, key: str) -> set[str]:
     return {r[0] for r in rows}
 
 
+def server_latencies(db_url: str, key: str, prefix: str) -> dict[str, float]:
+    """p50 / p99 (ms) of the server's own latency of `key`'s requests whose ids start with `prefix`, as the ledger
+    holds it (receipt to answer): what the scheduling costs, without the client's own process (which shares this
+    machine's cores with the flood's 16 clients)."""
+    with sqlite3.connect(db_url.removeprefix("sqlite:///")) as conn:
+        rows = conn.execute(
+            "SELECT u.latency_ms FROM usage u JOIN api_keys k ON k.id = u.api_key_id"
+            " WHERE k.name = ? AND u.request_id LIKE ?",
+            (key, prefix + "%"),
+        ).fetchall()
+    latencies = [float(r[0]) for r in rows]
+    return {"server_p50_ms": median(latencies) if latencies else float("nan"), "server_p99_ms": _p(latencies, 0.99)}
+
+
 def run_tenants(
     seconds: float = 10.0,
     *,
@@ -247,6 +263,8 @@ def run_tenants(
         finally:
             server.stop()
         billed = billed_ids(server.settings["db"], "bench-tenants") - set(SIZING_IDS)
+        alone.update(server_latencies(server.settings["db"], "light", "light-alone-"))
+        flood.update(server_latencies(server.settings["db"], "light", "light-flood-"))
     received = set(greedy.pop("received"))
     undelivered = billed - received
     return {
@@ -390,12 +408,14 @@ def table(result: dict[str, Any]) -> str:
     sized = " (sized to this machine)" if greedy.get("images_sized") else ""
     return "\n".join(
         [
-            "| | requests answered | p50 ms | p99 ms | errors |",
-            "|---|---|---|---|---|",
-            f"| light alone | {light['alone']['answered']} | {light['alone']['p50_ms']:.0f} | "
-            f"{light['alone']['p99_ms']:.0f} | {sum(light['alone']['errors'].values())} |",
-            f"| light under flood | {light['flood']['answered']} | {light['flood']['p50_ms']:.0f} | "
-            f"{light['flood']['p99_ms']:.0f} | {sum(light['flood']['errors'].values())} |",
+            "| | requests answered | p50 ms | p99 ms | errors | in the server (ledger): p50 ms | p99 ms |",
+            "|---|---|---|---|---|---|---|",
+            *(
+                f"| light {name} | {phase['answered']} | {phase['p50_ms']:.0f} | {phase['p99_ms']:.0f} | "
+                f"{sum(phase['errors'].values())} | {phase.get('server_p50_ms', nan):.0f} | "
+                f"{phase.get('server_p99_ms', nan):.0f} |"
+                for name, phase in (("alone", light["alone"]), ("under flood", light["flood"]))
+            ),
             "",
             f"light p99 under flood / alone: {light['p99_ratio']:.2f}x",
             f"greedy: {greedy['images']}-image calls{sized}, {greedy['sent']} sent ({codes}); "

@@ -78,6 +78,11 @@ def test_sections_hold_their_measurements(quick_run: tuple[Path, dict, str]) -> 
     client = s["serving"]["client"]  # the client's side: both ways, every stage measured
     assert [r["pixels"] for r in client] == ["messages", "shared memory"]
     assert all(r["process"] > 0 and r["build"] > 0 and r["call"] > 0 for r in client)
+    # the light key's latency in the server, read from the ledger, is part of what its client waited: its median
+    # cannot exceed the client's own (the client's clock is the independent reference)
+    for phase in ("alone", "flood"):
+        light = s["tenants"]["light"][phase]
+        assert 0 < light["server_p50_ms"] <= light["p50_ms"] and light["server_p99_ms"] > 0, light
     # FlopCounterMode is the independent reference for the FLOP model the server bills with
     assert all(abs(r["ratio"] - 1.0) < 0.01 for r in s["flops"]["rows"])
     assert all(m["groups"] for m in s["breakdown"]["models"])
