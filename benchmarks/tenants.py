@@ -52,7 +52,6 @@ from maskedkd.codec import tensor_to_proto
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
 from student_client.retry import retry_after_s
-from teacher_server.engine.split_requests import SHARED_S
 from teacher_server.priorities import DEFAULT_PRIORITY, PRIORITIES
 
 
@@ -83,7 +82,7 @@ OPTIONS = [
 ]
 
 
-def _request(images: int, request_id: str, seed: int, teacher: Teacher = TEACHERS["tiny"]) -> pb.InferRequest:
+def infer_request(images: int, request_id: str, seed: int, teacher: Teacher = TEACHERS["tiny"]) -> pb.InferRequest:
     g = torch.Generator().manual_seed(seed)
     px, n = teacher.image_px, teacher.patches
     pixels = torch.randint(0, 256, (images, 3, px, px), dtype=torch.uint8, generator=g)  # [B,C,H,W] uint8
@@ -112,7 +111,7 @@ def light_load(
         next_at = time.monotonic()
         while next_at < end:
             time.sleep(max(0.0, next_at - time.monotonic()))
-            request = _request(LIGHT["images"], f"light-{tag}-{i}", seed=i, teacher=teacher)
+            request = infer_request(LIGHT["images"], f"light-{tag}-{i}", seed=i, teacher=teacher)
             started = time.perf_counter()
             try:
                 stub.Infer(request, metadata=metadata, timeout=LIGHT["deadline_s"])
@@ -150,7 +149,7 @@ def greedy_load(
     received: list[str] = []
     codes: Counter[str] = Counter()
     sent = [0]
-    base = _request(images, "", seed=7, teacher=teacher)
+    base = infer_request(images, "", seed=7, teacher=teacher)
     end = time.monotonic() + (FLOOD_START_S if running else seconds)
 
     def answered() -> None:  # under `lock`
@@ -191,7 +190,7 @@ def greedy_load(
     return {"sent": sent[0], "codes": dict(codes), "received": received}
 
 
-def _served(dtype: str, teacher: Teacher = TEACHERS["tiny"], **more: Any) -> dict[str, Any]:
+def served_settings(dtype: str, teacher: Teacher = TEACHERS["tiny"], **more: Any) -> dict[str, Any]:
     """How `teacher` is served here: in `dtype`, otherwise at the server's defaults but for `more`."""
     return {"model": teacher.arch, "model_kwargs": teacher.kwargs, "dtype": dtype, **more}
 
@@ -215,7 +214,7 @@ def server_latencies(db_url: str, key: str, prefix: str) -> dict[str, float]:
             (key, prefix + "%"),
         ).fetchall()
     latencies = [float(r[0]) for r in rows]
-    return {"server_p50_ms": median(latencies) if latencies else float("nan"), "server_p99_ms": _p(latencies, 0.99)}
+    return {"server_p50_ms": median(latencies) if latencies else nan, "server_p99_ms": _p(latencies, 0.99)}
 
 
 def run_tenants(
@@ -240,7 +239,7 @@ def run_tenants(
     bound = {} if max_batch_ms is None else {"max_batch_ms": max_batch_ms}
     with tempfile.TemporaryDirectory(prefix="bench-tenants-") as tmp:
         work = workdir or Path(tmp)
-        served = _served(dtype, TEACHERS[teacher], ingest_workers=ingest_workers, **bound)
+        served = served_settings(dtype, TEACHERS[teacher], ingest_workers=ingest_workers, **bound)
         server = BenchServer("tenants", served, work, threads=threads)
         sessions = open_ledger(server.settings["db"])
         light_key, _ = create_api_key(sessions, name="light", priority=light_priority)
@@ -306,100 +305,15 @@ def sized_greedy_images(server: BenchServer, teacher: Teacher) -> int:
     with grpc.insecure_channel(server.address, options=OPTIONS) as channel:
         stub = pb_grpc.TeacherServiceStub(channel)
         for request_id in SIZING_IDS:  # the first one warms the teacher up for this size
-            seconds = _timed_call(stub, server.api_key, _request(most, request_id, seed=7, teacher=teacher))
+            seconds = timed_call(stub, server.api_key, infer_request(most, request_id, seed=7, teacher=teacher))
     return int(max(8, min(most, most * GREEDY["deadline_s"] / 4 / seconds)))
 
 
-def _timed_call(stub: pb_grpc.TeacherServiceStub, api_key: str, request: pb.InferRequest) -> float:
+def timed_call(stub: pb_grpc.TeacherServiceStub, api_key: str, request: pb.InferRequest) -> float:
     """Seconds to the answer of one call of `api_key` (no deadline but a 120 s guard)."""
     started = time.perf_counter()
     stub.Infer(request, metadata=(("authorization", f"Bearer {api_key}"),), timeout=120.0)
     return time.perf_counter() - started
-
-
-def lone_key_rates(
-    bounds: list[float],
-    *,
-    seconds: float,
-    rounds: int,
-    images: int = GREEDY["images"],
-    probes: int = 0,
-    clients: int = 2,
-    threads: int = 0,
-    dtype: str = "float32",
-    teacher: str = "tiny",
-) -> dict[float, dict[str, list[float]]]:
-    """A key alone at each `--max-batch-ms` of `bounds`: img/s of `clients` sending `images`-image calls back to back
-    (no deadline), `rounds` interleaved rounds of `seconds` each ("img_s"). A key alone is cut only into chunks of
-    about `LONE_BATCH_S` (1 s) of forward (0: never cut), so every bound should read about the same. Then, with
-    `probes`, the first call of each of `probes` keys that never sent before, while the key alone keeps sending
-    ("waking_ms"): how long a key starting to send waits."""
-    from teacher_server.ledger.database import open_ledger
-    from teacher_server.ledger.keys import create_api_key
-
-    out: dict[float, dict[str, list[float]]] = {b: {"img_s": [], "waking_ms": []} for b in bounds}
-    waking: dict[float, list[str]] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-lone-key-") as tmp:
-        servers = {}
-        for b in bounds:
-            served = _served(dtype, TEACHERS[teacher], max_batch_ms=b)
-            server = BenchServer(f"bound-{b:g}", served, Path(tmp) / f"bound-{b:g}", threads=threads)
-            sessions = open_ledger(server.settings["db"])
-            waking[b] = [create_api_key(sessions, name=f"waking-{i}")[0] for i in range(probes)]
-            sessions.kw["bind"].dispose()
-            servers[b] = server.start()
-        try:
-            for b in bounds:
-                servers[b].wait_ready()
-                _lone_rate(
-                    servers[b], clients, 2.0, "warm", images, TEACHERS[teacher]
-                )  # warm-up: the compute estimate learns the forward
-            for r in range(rounds):
-                for b in bounds:
-                    out[b]["img_s"].append(
-                        _lone_rate(servers[b], clients, seconds, f"round{r}", images, TEACHERS[teacher])
-                    )
-            for b in bounds:
-                out[b]["waking_ms"] = _waking_waits(servers[b], waking[b], clients, images, TEACHERS[teacher])
-        finally:
-            for server in servers.values():
-                server.stop()
-    return out
-
-
-def _lone_rate(server: BenchServer, clients: int, seconds: float, tag: str, images: int, teacher: Teacher) -> float:
-    """img/s answered to `clients` sending `images`-image calls back to back, without a deadline, for `seconds`."""
-    started = time.monotonic()
-    load = greedy_load(
-        server.address, server.api_key, seconds, images, clients=clients, deadline_s=120.0, tag=tag, teacher=teacher
-    )
-    if set(load["codes"]) != {"OK"}:
-        raise RuntimeError(f"a lone key's calls were refused: {load['codes']}")
-    return len(load["received"]) * images / (time.monotonic() - started)
-
-
-def _waking_waits(server: BenchServer, keys: list[str], clients: int, images: int, teacher: Teacher) -> list[float]:
-    """ms to the answer of one light call (LIGHT's images) of each of `keys`, none of which sent before, while
-    `clients` of the server's key send `images`-image calls back to back: each call comes SHARED_S + 5 s after the
-    one before, so the key alone is alone again (split_requests.RecentSenders) and its requests queued since the last
-    call were sent alone, not cut for the other key's sake."""
-    spacing_s = SHARED_S + 5.0
-    flood = threading.Thread(
-        target=greedy_load,
-        args=(server.address, server.api_key, 3.0 + spacing_s * len(keys), images),
-        kwargs={"clients": clients, "deadline_s": 120.0, "tag": "waking-flood", "teacher": teacher},
-    )
-    flood.start()
-    waits: list[float] = []
-    try:
-        for i, key in enumerate(keys):
-            time.sleep(3.0 if i == 0 else max(0.0, spacing_s - waits[-1] / 1e3))
-            with grpc.insecure_channel(server.address, options=OPTIONS) as channel:  # a connection of its own
-                request = _request(LIGHT["images"], f"waking-{i}", seed=i, teacher=teacher)
-                waits.append(_timed_call(pb_grpc.TeacherServiceStub(channel), key, request) * 1e3)
-    finally:
-        flood.join()
-    return waits
 
 
 def table(result: dict[str, Any]) -> str:
@@ -470,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(result))
         return 0
     if args.lone_key:
+        from benchmarks.lone_key import lone_key_rates, rates_table  # it builds on this module's scenario parts
+
         try:
             bounds = [float(x) for x in args.lone_key.split(",")]
         except ValueError:
@@ -483,11 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             teacher=args.teacher,
         )
-        print("| --max-batch-ms | img/s, each round | median | a waking key's first call, ms |\n|---|---|---|---|")
-        for bound, figures in rates.items():
-            per_round, waits = figures["img_s"], figures["waking_ms"]
-            waking = " / ".join(f"{w:.0f}" for w in waits) or "-"
-            print(f"| {bound:g} | {' / '.join(f'{r:.0f}' for r in per_round)} | {median(per_round):.0f} | {waking} |")
+        print(rates_table(rates))
         return 0
     result = run_tenants(
         args.seconds,
