@@ -26,8 +26,8 @@ import torch
 
 from benchmarks.server_proc import BenchServer
 from benchmarks.serving import KEEP, NEGLIGIBLE_TEACHER, SERVED
-from student_client.client import TeacherClient
-from student_client.wire import Batch, decode_response
+from student_client.transport.client import TeacherClient
+from student_client.transport.wire import Batch, decode_response
 
 STAGES = ("build", "call", "decode", "process")
 

@@ -11,7 +11,7 @@ TARGET_KEEPS = (1.0, 0.5, 0.25)  # where the serving-overhead target applies
 
 
 def num_kept(keep: float, num_patches: int) -> int:
-    """K for a keep fraction, the way `student_client.sips.select_patches` counts it (floor, at least 1)."""
+    """K for a keep fraction, the way `student_client.distill.sips.select_patches` counts it (floor, at least 1)."""
     return max(1, math.floor(keep * num_patches + 1e-9))
 
 

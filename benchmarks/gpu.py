@@ -84,7 +84,7 @@ def run_gpu_section(
         server = pool.get(f"gpu-{case.key}") if pool is not None else None
         client = None
         if server is not None:
-            from student_client.client import TeacherClient
+            from student_client.transport.client import TeacherClient
 
             client = TeacherClient(server.address, server.api_key, timeout_s=600.0)
         rows = []

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import grpc
 
 from maskedkd.v1 import teacher_pb2 as pb
-from student_client.outgoing import TeacherStub
-from student_client.shared_pixels import SharedPixels
+from student_client.transport.outgoing import TeacherStub
+from student_client.transport.shared_pixels import SharedPixels
 
 OPTIONS = [
     ("grpc.max_send_message_length", 1 << 30),
@@ -31,7 +31,8 @@ def client_load(
     shared_memory: bool = False,
 ) -> tuple[float, list[pb.InferResponse], list[str]]:
     """Every client sends its requests, clients at once: (wall seconds, the answers, "CODE: details" of failures).
-    `shared_memory`: each client passes the pixels through a region of its own (student_client/shared_pixels.py)."""
+    `shared_memory`: each client passes the pixels through a region of its own
+    (student_client/transport/shared_pixels.py)."""
     metadata = (("authorization", f"Bearer {api_key}"),)
     answers: list[pb.InferResponse] = []
     errors: list[str] = []

@@ -22,7 +22,7 @@ from benchmarks.teacher import TeacherBatch, build_teacher, make_batch
 
 def _run_clients(server: Any, clients: int, requests_each: int, tb: TeacherBatch, tag: str) -> float:
     """Wall seconds for `clients` threads to send `requests_each` requests each."""
-    from student_client.client import TeacherClient
+    from student_client.transport.client import TeacherClient
 
     barrier = threading.Barrier(clients + 1)
     errors: list[BaseException] = []

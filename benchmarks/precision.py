@@ -89,7 +89,7 @@ def default_vs_fp32_server(cfg: BenchConfig, pool: Any) -> dict[str, Any]:
     """gRPC images/s of the default (`--dtype auto`) server against a float32 server of the same model at keep 50%,
     in interleaved rounds; the median per-round ratio. Only run where auto resolves to bf16."""
     from benchmarks.teacher import build_teacher, make_batch
-    from student_client.client import TeacherClient
+    from student_client.transport.client import TeacherClient
 
     case = next(c for c in cfg.models if c.key == "deit_s_224")
     teacher = build_teacher(case)

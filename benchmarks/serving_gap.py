@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             worker_s = pool.submit(_per_call, direct, args.calls).result()
             print(f"main thread {main_s:.3f} s  worker thread {worker_s:.3f} s per call", flush=True)
         return 0
-    from student_client.client import TeacherClient
+    from student_client.transport.client import TeacherClient
 
     with tempfile.TemporaryDirectory(prefix="serving-gap-") as tmp:
         if args.same_process:

@@ -1,8 +1,8 @@
 """A student's training step with timm's fused attention kernel against the unfused one, in fp32 and bf16 autocast.
 
 Why it exists: on a CPU, torch's flash-attention backward is slow in bf16 (docs/performance-notes.md section 16), so
-`student_client.train_step` runs the student's attention unfused when it trains in bf16 on a CPU. This measures that
-rule on the machine at hand (and on a later torch, which may fix the kernel): a step (forward, cross-entropy,
+`student_client.distill.train_step` runs the student's attention unfused when it trains in bf16 on a CPU. This measures
+that rule on the machine at hand (and on a later torch, which may fix the kernel): a step (forward, cross-entropy,
 backward, AdamW) and an inference forward of the same model, each variant in turn, medians of interleaved rounds.
 
     python -m benchmarks.student_attention --model vit_tiny_patch16_224 --img 32 --patch 4 --batch 64
@@ -22,7 +22,7 @@ import timm
 import torch
 from torch import nn
 
-from student_client.train_step import attention_modules, attention_unfused
+from student_client.distill.train_step import attention_modules, attention_unfused
 
 VARIANTS = (("fp32", True), ("fp32", False), ("bf16", True), ("bf16", False))  # (precision, fused attention)
 

@@ -129,7 +129,7 @@ def run_teacher_section(
 ) -> dict[str, Any]:
     """`matmul_gflops_per_s`: the machine's matmul rate in `dtype` (the dtype served); `limit_gflops_per_s`: the
     best dtype's rate (the machine's limit)."""
-    from student_client.client import TeacherClient
+    from student_client.transport.client import TeacherClient
 
     limit = limit_gflops_per_s or matmul_gflops_per_s
     models = []

@@ -51,7 +51,7 @@ from benchmarks.timing import REPO
 from maskedkd.codec import tensor_to_proto
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
-from student_client.retry import retry_after_s
+from student_client.transport.retry import retry_after_s
 from teacher_server.priorities import DEFAULT_PRIORITY, PRIORITIES
 
 

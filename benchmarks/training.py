@@ -75,8 +75,8 @@ def timed_run(
     (warm-up, timed) steps: the step times after the warm-up and the run's summary. RuntimeError "<what> failed"
     when it failed."""
     from student_client.config import TrainConfig
-    from student_client.context import LocalContext
-    from student_client.train_loop import run_training
+    from student_client.training.context import LocalContext
+    from student_client.training.train_loop import run_training
 
     kd = opts["mode"] != "none"
     train_cfg = TrainConfig(

@@ -1,7 +1,7 @@
 """Bytes on the wire per image: the serialized `InferRequest` the product's client builds, divided by the batch.
 
-The request is built by `student_client.wire.build_request` from un-normalized images exactly as training sends
-them (pixels that are k/255 travel as uint8; only the kept patches go, with int16 positions). At keep 100% the
+The request is built by `student_client.transport.wire.build_request` from un-normalized images exactly as training
+sends them (pixels that are k/255 travel as uint8; only the kept patches go, with int16 positions). At keep 100% the
 client sends the whole image and no positions. References: the kept share of the raw uint8 image
 (keep x C*H*W bytes) and the full image as float32 (4*C*H*W bytes).
 """
@@ -15,7 +15,7 @@ import torch
 
 from benchmarks.config import KEEPS, BenchConfig, num_kept
 from benchmarks.teacher import build_teacher
-from student_client.wire import ModelInfo, build_request, new_request_id
+from student_client.transport.wire import ModelInfo, build_request, new_request_id
 
 
 def model_info_of(teacher: Any, name: str) -> ModelInfo:

@@ -66,10 +66,10 @@ def coverage(
     seed: int = 0,
 ) -> dict[str, Any]:
     from maskedkd.checkpoints import load_model
-    from student_client.checkpointing import resolve_model_file
     from student_client.data import eval_transform, image_folder
-    from student_client.sips import SIPSCapture, select_patches
+    from student_client.distill.sips import SIPSCapture, select_patches
     from student_client.student import describe_student
+    from student_client.training.checkpointing import resolve_model_file
 
     student = load_model(checkpoint=resolve_model_file(student_ckpt))[0].eval()
     spec = describe_student(student)

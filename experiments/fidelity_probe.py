@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from experiments.datasets import evenly_spaced
-from student_client.keep_auto import LADDER
+from student_client.distill.keep_auto import LADDER
 
 KEEPS = (1.0, *LADDER)  # every rung `--keep auto` tries, and the full image
 STRATEGIES = ("sips", "random", "bottom")
@@ -54,13 +54,13 @@ def probe(
 ) -> dict[str, Any]:
     from maskedkd.checkpoints import load_model
     from maskedkd.masked_teacher import MaskedTeacher
-    from student_client.checkpointing import resolve_model_file
     from student_client.data import eval_transform, image_folder
-    from student_client.evaluate import eval_split_dir
-    from student_client.losses import merged_logits
-    from student_client.sips import SIPSCapture, select_patches
+    from student_client.distill.losses import merged_logits
+    from student_client.distill.sips import SIPSCapture, select_patches
     from student_client.student import describe_student
-    from student_client.wire import to_teacher_resolution
+    from student_client.training.checkpointing import resolve_model_file
+    from student_client.training.evaluate import eval_split_dir
+    from student_client.transport.wire import to_teacher_resolution
 
     dev = torch.device(device)
     teacher = MaskedTeacher(load_model(checkpoint=resolve_model_file(teacher_ckpt))[0].to(dev))

@@ -26,7 +26,7 @@ def eval_device(cfg: ReproConfig) -> str:
 
 
 def evaluate(run_dir: Path, data: Path, cfg: ReproConfig) -> dict[str, Any]:
-    from student_client.evaluate import evaluate_checkpoint
+    from student_client.training.evaluate import evaluate_checkpoint
 
     acc = evaluate_checkpoint(run_dir, data, split="test", batch_size=256, device=eval_device(cfg))
     return {"top1": acc.top1, "top5": acc.top5, "images": acc.images}

@@ -11,10 +11,17 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from student_client.aio_client import AsyncTeacherClient
     from student_client.api import train
-    from student_client.client import TeacherClient
     from student_client.config import TrainConfig
+    from student_client.distill.kd import KDStep, MaskedKD
+    from student_client.distill.losses import DistillationLoss, kd_kl_loss
+    from student_client.distill.sips import (
+        SIPSCapture,
+        SIPSUnsupportedModelError,
+        select_by_mass,
+        select_patches,
+        sips_overhead_flops,
+    )
     from student_client.errors import (
         TeacherAnswerError,
         TeacherAuthError,
@@ -23,44 +30,37 @@ if TYPE_CHECKING:
         TeacherQuotaError,
         TeacherUnavailableError,
     )
-    from student_client.kd import KDStep, MaskedKD
-    from student_client.losses import DistillationLoss, kd_kl_loss
-    from student_client.ray_runner import TrainingError
-    from student_client.sips import (
-        SIPSCapture,
-        SIPSUnsupportedModelError,
-        select_by_mass,
-        select_patches,
-        sips_overhead_flops,
-    )
-    from student_client.stream import TeacherStream, TeacherStreams
-    from student_client.wire import ModelInfo, Usage
+    from student_client.training.ray_runner import TrainingError
+    from student_client.transport.aio_client import AsyncTeacherClient
+    from student_client.transport.client import TeacherClient
+    from student_client.transport.stream import TeacherStream, TeacherStreams
+    from student_client.transport.wire import ModelInfo, Usage
 
 _LAZY = {
-    "SIPSCapture": "student_client.sips",
-    "SIPSUnsupportedModelError": "student_client.sips",
-    "select_by_mass": "student_client.sips",
-    "select_patches": "student_client.sips",
-    "sips_overhead_flops": "student_client.sips",
-    "TeacherClient": "student_client.client",
-    "AsyncTeacherClient": "student_client.aio_client",
-    "TeacherStream": "student_client.stream",
-    "TeacherStreams": "student_client.stream",
-    "ModelInfo": "student_client.wire",
-    "Usage": "student_client.wire",
+    "SIPSCapture": "student_client.distill.sips",
+    "SIPSUnsupportedModelError": "student_client.distill.sips",
+    "select_by_mass": "student_client.distill.sips",
+    "select_patches": "student_client.distill.sips",
+    "sips_overhead_flops": "student_client.distill.sips",
+    "TeacherClient": "student_client.transport.client",
+    "AsyncTeacherClient": "student_client.transport.aio_client",
+    "TeacherStream": "student_client.transport.stream",
+    "TeacherStreams": "student_client.transport.stream",
+    "ModelInfo": "student_client.transport.wire",
+    "Usage": "student_client.transport.wire",
     "TeacherError": "student_client.errors",
     "TeacherAnswerError": "student_client.errors",
     "TeacherAuthError": "student_client.errors",
     "TeacherQuotaError": "student_client.errors",
     "TeacherInputError": "student_client.errors",
     "TeacherUnavailableError": "student_client.errors",
-    "DistillationLoss": "student_client.losses",
-    "kd_kl_loss": "student_client.losses",
+    "DistillationLoss": "student_client.distill.losses",
+    "kd_kl_loss": "student_client.distill.losses",
     "TrainConfig": "student_client.config",
-    "MaskedKD": "student_client.kd",
-    "KDStep": "student_client.kd",
+    "MaskedKD": "student_client.distill.kd",
+    "KDStep": "student_client.distill.kd",
     "train": "student_client.api",
-    "TrainingError": "student_client.ray_runner",
+    "TrainingError": "student_client.training.ray_runner",
 }
 
 __all__ = [  # listed, not derived from _LAZY, so tools see what the package exports

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from student_client.config import TrainConfig
-from student_client.ray_runner import TrainingError
+from student_client.training.ray_runner import TrainingError
 
 
 def train(
@@ -32,18 +32,18 @@ def train(
     `check` first runs the checks `student-client train` runs before Ray starts (data tree, student name and kwargs,
     a --resume checkpoint's fit, the teacher's address and key): a bad value raises `UsageError` in one line."""
     if check:
-        from student_client.preflight import preflight
+        from student_client.training.preflight import preflight
 
         preflight(cfg)
     if local:
-        from student_client.context import LocalContext
-        from student_client.train_loop import run_training
+        from student_client.training.context import LocalContext
+        from student_client.training.train_loop import run_training
 
         summary = run_training(cfg, LocalContext())
         if summary.get("fatal_error"):
             raise TrainingError(str(summary["fatal_error"]))
         return summary
-    from student_client.ray_runner import run_with_ray
+    from student_client.training.ray_runner import run_with_ray
 
     return run_with_ray(cfg, ray_address=ray_address, worker_logs=worker_logs)
 

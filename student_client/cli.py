@@ -113,14 +113,14 @@ def _print_summary(s: dict[str, Any], currency: str) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from student_client.checkpointing import latest_checkpoint
-    from student_client.preflight import preflight
+    from student_client.training.checkpointing import latest_checkpoint
+    from student_client.training.preflight import preflight
 
     cfg, launch = _settings(args)
     currency = preflight(cfg)
     existing: Path | str | None = latest_checkpoint(cfg.out)
     if existing is None and not launch.local:
-        from student_client.ray_runner import stored_run
+        from student_client.training.ray_runner import stored_run
 
         existing = stored_run(cfg)  # Ray Train's checkpoints of the run id in --out, on --storage
     if cfg.resume and existing is None:
@@ -141,7 +141,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from student_client.evaluate import evaluate_checkpoint
+    from student_client.training.evaluate import evaluate_checkpoint
 
     acc = evaluate_checkpoint(
         args.checkpoint, args.data, split=args.split, batch_size=args.batch_size, device=args.device
@@ -158,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         return _error(str(err), EXIT_USAGE)
     from maskedkd.checkpoints import CheckpointError
     from student_client.errors import TeacherError
-    from student_client.preflight import UsageError
-    from student_client.ray_runner import TrainingError
+    from student_client.training.preflight import UsageError
+    from student_client.training.ray_runner import TrainingError
 
     try:
         return _train(args) if args.command == "train" else _eval(args)

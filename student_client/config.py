@@ -13,8 +13,9 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from student_client import keep_auto
-from student_client.channel import require_ports
+from student_client.distill import keep_auto
+from student_client.transport.channel import require_ports
+from student_client.transport.tls import TeacherTls
 
 Mode = Literal["kd", "none", "mask-student"]
 Strategy = Literal["sips", "random", "bottom", "all"]
@@ -291,6 +292,15 @@ class TrainConfig(BaseSettings):
     def teacher_wait_s(self) -> float:
         """How long one step waits for a teacher answer: every attempt's deadline plus the patience."""
         return self.teacher_timeout_s * (self.teacher_retries + 1) + self.teacher_patience_s
+
+    @property
+    def teacher_tls(self) -> TeacherTls:
+        """The TLS arguments of TeacherClient."""
+        return {
+            "ca_file": self.teacher_ca,
+            "client_cert": self.teacher_client_cert,
+            "client_key": self.teacher_client_key,
+        }
 
     @property
     def per_worker_batch(self) -> int:

@@ -8,7 +8,7 @@ import timm
 import torch
 
 from benchmarks.student_attention import VARIANTS, main, measure
-from student_client.train_step import attention_modules, attention_unfused
+from student_client.distill.train_step import attention_modules, attention_unfused
 
 pytestmark = pytest.mark.dtype("both")  # runs fp32 and bf16 autocast itself, on the CPU
 

@@ -312,7 +312,7 @@ def fixed_host_ports(service: dict[str, Any]) -> list[str]:
 def test_the_teacher_scales_out(services: dict[str, Any], commands: dict[str, tuple[str, Any]]) -> None:
     """`docker compose up --scale teacher=N`: no host port collision, no fixed container name, clients inside the
     stack balance over every replica (dns:///), Prometheus discovers every replica."""
-    from student_client.channel import grpc_target
+    from student_client.transport.channel import grpc_target
 
     teacher = services["teacher"]
     assert "container_name" not in teacher and fixed_host_ports(teacher) == []

@@ -22,7 +22,7 @@ from kubernetes_validate.utils import schema_contents
 from kustomize_lite import KustomizeError, build, json_patch, load_documents
 from test_compose import parse_cli, student_parser, teacher_parser
 
-from student_client.channel import HEALTH_SERVICE, grpc_target
+from student_client.transport.channel import HEALTH_SERVICE, grpc_target
 from teacher_server.metrics import ServerMetrics
 from teacher_server.service.server import SERVICE_NAME
 

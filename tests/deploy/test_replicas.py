@@ -33,11 +33,11 @@ from postgres_testkit import PostgresServer, pg_rows, postgres_server  # noqa: E
 from service_testkit import MODEL, TINY, random_images, random_keep, settings, tiny_vit  # noqa: E402
 
 from maskedkd.checkpoints import save_model_checkpoint  # noqa: E402
-from student_client.aio_client import AsyncTeacherClient  # noqa: E402
-from student_client.channel import grpc_target  # noqa: E402
-from student_client.client import TeacherClient  # noqa: E402
 from student_client.errors import TeacherQuotaError, TeacherUnavailableError  # noqa: E402
-from student_client.wire import Usage  # noqa: E402
+from student_client.transport.aio_client import AsyncTeacherClient  # noqa: E402
+from student_client.transport.channel import grpc_target  # noqa: E402
+from student_client.transport.client import TeacherClient  # noqa: E402
+from student_client.transport.wire import Usage  # noqa: E402
 from teacher_server.launcher import ServerProcess, serve_argv, settings_flags  # noqa: E402
 from teacher_server.ledger import database  # noqa: E402
 from teacher_server.ledger.keys import create_api_key  # noqa: E402

@@ -1,7 +1,8 @@
 """The package layers: `maskedkd` (the core) imports neither side; `student_client` never imports `teacher_server`;
 inside `teacher_server`, the rooms import downwards only (the ledger and the engine know nothing of the service, the
-CLI or the dashboard; the dashboard knows the ledger and the settings, not the engine or the transport); and no
-modules of the three packages import each other in a circle.
+CLI or the dashboard; the dashboard knows the ledger and the settings, not the engine or the transport); inside
+`student_client` as well (the transport knows nothing of the KD step, the KD step nothing of the run, the run nothing
+of the entry points); and no modules of the three packages import each other in a circle.
 
 Read twice: statically (every import statement in the source, also the lazy ones inside functions) and at run time
 (a fresh interpreter imports every module of the package and reports which top-level packages got loaded).
@@ -36,6 +37,14 @@ ROOMS = {
     "teacher_server/dashboard": {"teacher_server.engine", "teacher_server.service", "teacher_server.testing"},
     # the service may start the dashboard's app beside it (--dashboard-port), never the other way round
     "teacher_server/service": {"teacher_server.cli", "teacher_server.testing"},
+}
+# student_client's rooms: the transport under the KD step under the run, the entries (and the settings) on top
+_ENTRIES = {"student_client.api", "student_client.cli", "student_client.command"}
+ROOMS |= {
+    "student_client/transport": _ENTRIES
+    | {"student_client.config", "student_client.distill", "student_client.training"},
+    "student_client/distill": _ENTRIES | {"student_client.config", "student_client.training"},
+    "student_client/training": _ENTRIES,
 }
 PACKAGES = ("maskedkd", "teacher_server", "student_client")
 
@@ -110,7 +119,7 @@ def test_importing_every_module_loads_no_higher_layer(package: str) -> None:
 
 
 @pytest.mark.parametrize("room", sorted(ROOMS))
-def test_teacher_server_rooms_import_downwards(room: str) -> None:
+def test_rooms_import_downwards(room: str) -> None:
     offenders = {}
     for path in sorted((REPO / room).rglob("*.py")):
         if path.name == "__main__.py":  # `python -m teacher_server.dashboard` is the CLI's entry, not the app

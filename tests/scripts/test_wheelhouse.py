@@ -23,7 +23,7 @@ IMPORTS = (
     "teacher_server.ledger.database",
     "alembic.command",
     "student_client.cli",
-    "student_client.train_loop",
+    "student_client.training.train_loop",
     "benchmarks.gpu_script",
     "pytest_asyncio",
     "pytest_timeout",

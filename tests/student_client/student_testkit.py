@@ -26,7 +26,7 @@ from torch.utils.hooks import RemovableHandle
 
 from student_client.command import student_client_command, train_argv
 from student_client.config import TrainConfig
-from student_client.wire import ModelInfo
+from student_client.transport.wire import ModelInfo
 from teacher_server.settings import ServerSettings
 from teacher_server.testing.server import RunningServer, running_server
 

@@ -191,8 +191,8 @@ def test_train_flags_are_derived_from_train_config_and_env_fills_what_is_not_giv
 
 def _mismatched_checkpoint(out: Path) -> None:
     """out/checkpoints/epoch_0001 of a 3-block student (the runs below ask for 2 blocks)."""
-    from student_client.checkpointing import TrainState, save_training_checkpoint
     from student_client.student import create_student
+    from student_client.training.checkpointing import TrainState, save_training_checkpoint
 
     kwargs = {**STUDENT_KWARGS, "depth": 3, "num_classes": 10}
     model = create_student(STUDENT, kwargs)

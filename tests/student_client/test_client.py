@@ -14,14 +14,14 @@ from student_testkit import ledger_rows, make_subset, teacher_server, tiny_teach
 
 from maskedkd.masked_teacher import MaskedTeacher
 from maskedkd.v1 import teacher_pb2 as pb
-from student_client.aio_client import AsyncTeacherClient
 from student_client.cli import main as student_cli
-from student_client.client import TeacherClient
 from student_client.errors import TeacherAuthError, TeacherInputError, TeacherQuotaError, TeacherUnavailableError
-from student_client.outgoing import OutgoingRequest
-from student_client.stream import TeacherStream
-from student_client.tls import channel_credentials
-from student_client.wire import wire_pixels
+from student_client.transport.aio_client import AsyncTeacherClient
+from student_client.transport.client import TeacherClient
+from student_client.transport.outgoing import OutgoingRequest
+from student_client.transport.stream import TeacherStream
+from student_client.transport.tls import channel_credentials
+from student_client.transport.wire import wire_pixels
 from teacher_server.testing.tls import make_pki
 
 pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU

@@ -16,7 +16,7 @@ from student_testkit import REPO
 
 from maskedkd.text import first_line, one_line
 from student_client.collective import sum_over_workers
-from student_client.context import LocalContext
+from student_client.training.context import LocalContext
 
 pytestmark = pytest.mark.dtype("none")  # sums of counts, messages: no model numerics
 
@@ -72,7 +72,7 @@ def test_two_workers_sum_by_name_and_agree_on_the_failing_workers_message(backen
 def test_gpu_workers_sum_their_counters_on_the_host() -> None:
     """The backend Ray's GPU workers get names gloo for host tensors (the counters summed above), NCCL for CUDA ones
     (DDP's gradients); CPU workers get gloo alone."""
-    from student_client.ray_runner import process_group_backend
+    from student_client.training.ray_runner import process_group_backend
 
     assert process_group_backend(use_gpu=True).split(",") == ["cpu:gloo", "cuda:nccl"]
     assert process_group_backend(use_gpu=False) == "gloo"

@@ -9,11 +9,11 @@ import pytest
 from student_testkit import make_archive, tiny_config
 
 from student_client.cli import main
-from student_client.context import LocalContext
 from student_client.data import class_names_of
 from student_client.data_archive import CACHE_ENV, local_data_root
-from student_client.evaluate import evaluate_checkpoint
-from student_client.train_loop import run_training
+from student_client.training.context import LocalContext
+from student_client.training.evaluate import evaluate_checkpoint
+from student_client.training.train_loop import run_training
 
 pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
 

@@ -27,12 +27,12 @@ from timm_attention import timm_blocks_with_attention
 
 from maskedkd.masked_teacher import MaskedTeacher
 from student_client import MaskedKD
-from student_client.client import TeacherClient
-from student_client.context import LocalContext
-from student_client.feature_kd import feature_kd_loss
-from student_client.feature_step import FeatureDistiller
-from student_client.pipeline import TeacherRequest
-from student_client.train_loop import run_training
+from student_client.distill.feature_kd import feature_kd_loss
+from student_client.distill.feature_step import FeatureDistiller
+from student_client.distill.pipeline import TeacherRequest
+from student_client.training.context import LocalContext
+from student_client.training.train_loop import run_training
+from student_client.transport.client import TeacherClient
 
 pytestmark = pytest.mark.dtype("float32", device="cpu")  # compared with float32 references
 

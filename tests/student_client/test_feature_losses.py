@@ -13,16 +13,16 @@ from conftest import tiny_vit_kwargs
 from timm.layers.attention import Attention
 from torch import nn
 
-from student_client.feature_capture import (
+from student_client.distill.feature_capture import (
     FeatureCaptureUnsupportedError,
     StudentFeatureCapture,
     attention_on_teacher_grid,
     gather_kept,
     student_on_teacher_grid,
 )
-from student_client.feature_kd import FeatureKD, feature_kd_loss
-from student_client.feature_losses import attention_kd_loss, default_layer_map, manifold_loss
-from student_client.sips import select_patches
+from student_client.distill.feature_kd import FeatureKD, feature_kd_loss
+from student_client.distill.feature_losses import attention_kd_loss, default_layer_map, manifold_loss
+from student_client.distill.sips import select_patches
 
 pytestmark = pytest.mark.dtype("float32", device="cpu")  # compared with float32/float64 references, on the CPU
 

@@ -1,5 +1,5 @@
-"""MaskedKD (student_client/kd.py) against a real teacher server: the loss against an independent reference (SIPS,
-teacher and KL computed here from timm's modules), the bill against the FLOP model and the ledger read with SQL,
+"""MaskedKD (student_client/distill/kd.py) against a real teacher server: the loss against an independent reference
+(SIPS, teacher and KL computed here from timm's modules), the bill against the FLOP model and the ledger read with SQL,
 uint8 = float inputs, a retried step replayed unbilled, and one clear error per bad pairing."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from student_testkit import STUDENT, STUDENT_KWARGS, ScalarReads, ledger_rows, t
 from maskedkd.flops import ViTShape, masked_forward_flops
 from maskedkd.masked_teacher import MaskedTeacher
 from student_client import MaskedKD, SIPSUnsupportedModelError
-from student_client.client import TeacherClient
 from student_client.errors import TeacherAuthError
+from student_client.transport.client import TeacherClient
 
 pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
 

@@ -14,9 +14,17 @@ import torch
 import torch.nn.functional as F
 from student_testkit import STUDENT, STUDENT_KWARGS, ledger_rows, make_subset, teacher_server, tiny_config, tiny_teacher
 
-from student_client.context import LocalContext
-from student_client.keep_auto import LADDER, STAY_AGREEMENT_SLACK, STAY_KL_FACTOR, Rung, choose, ladder, rung_sums
-from student_client.train_loop import run_training
+from student_client.distill.keep_auto import (
+    LADDER,
+    STAY_AGREEMENT_SLACK,
+    STAY_KL_FACTOR,
+    Rung,
+    choose,
+    ladder,
+    rung_sums,
+)
+from student_client.training.context import LocalContext
+from student_client.training.train_loop import run_training
 from teacher_server.ledger import database
 from teacher_server.ledger.reports import usage_by_purpose
 
@@ -152,9 +160,9 @@ def test_a_keep_auto_run_bills_its_probes_once_and_logs_each_decision(
 
 
 def test_masked_kd_keep_auto_decides_on_probes_and_bills_them_in_its_usage(tmp_path: Path) -> None:
-    from student_client.client import TeacherClient
-    from student_client.kd import MaskedKD
+    from student_client.distill.kd import MaskedKD
     from student_client.student import create_student
+    from student_client.transport.client import TeacherClient
 
     with teacher_server(tmp_path, tiny_teacher()) as srv:
         key = srv.create_key("lib-auto")

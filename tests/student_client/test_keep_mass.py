@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from student_testkit import ledger_rows, make_subset, teacher_server, tiny_config, tiny_teacher
 
-import student_client.train_step as train_step
+import student_client.distill.train_step as train_step
 import teacher_server.service.inference as inference
 from maskedkd.flops import ViTShape, masked_forward_flops
 from student_client.config import TrainConfig
-from student_client.context import LocalContext
-from student_client.sips import select_by_mass, select_patches
-from student_client.train_loop import run_training
+from student_client.distill.sips import select_by_mass, select_patches
+from student_client.training.context import LocalContext
+from student_client.training.train_loop import run_training
 
 pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
 

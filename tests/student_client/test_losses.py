@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from student_client.losses import DistillationLoss, kd_kl_loss
+from student_client.distill.losses import DistillationLoss, kd_kl_loss
 
 pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
 

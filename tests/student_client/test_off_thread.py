@@ -1,5 +1,5 @@
-"""Requests built off the training thread (student_client/off_thread.py): on a CPU nothing to wait for; on CUDA the
-builder's device work runs on its own stream once the caller's work that made the pixels is done."""
+"""Requests built off the training thread (student_client/transport/off_thread.py): on a CPU nothing to wait for; on
+CUDA the builder's device work runs on its own stream once the caller's work that made the pixels is done."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from student_testkit import TINY_INFO
 
-from student_client.off_thread import after, mark_after_caller, to_device, to_host
-from student_client.wire import build_request
+from student_client.transport.off_thread import after, mark_after_caller, to_device, to_host
+from student_client.transport.wire import build_request
 
 
 @pytest.mark.dtype("float32")

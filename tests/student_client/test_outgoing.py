@@ -1,5 +1,5 @@
-"""The client's requests as they leave (student_client/outgoing.py): the pixels' bytes kept out of the message and
-written once into the serialized request, which must be byte for byte what protobuf serializes for the whole request
+"""The client's requests as they leave (student_client/transport/outgoing.py): the pixels' bytes kept out of the message
+and written once into the serialized request, which must be byte for byte what protobuf serializes for the whole request
 built the plain way (every tensor through `tensor_to_proto`, the message serialized by protobuf)."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from student_testkit import TINY_INFO
 
 from maskedkd.codec import tensor_to_proto
 from maskedkd.v1 import teacher_pb2 as pb
-from student_client.outgoing import OutgoingRequest, serialize_request
-from student_client.resend import ResendPlan
-from student_client.wire import build_request, wire_pixels
+from student_client.transport.outgoing import OutgoingRequest, serialize_request
+from student_client.transport.resend import ResendPlan
+from student_client.transport.wire import build_request, wire_pixels
 
 pytestmark = pytest.mark.dtype("none")  # request bytes on the CPU: uint8 pixels, float16 where they are not k/255
 

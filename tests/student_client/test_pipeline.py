@@ -8,8 +8,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import pytest
 import torch
 
-from student_client.pipeline import OverlapStats, TeacherRequest, pipelined_forward
-from student_client.wire import Usage
+from student_client.distill.pipeline import OverlapStats, TeacherRequest, pipelined_forward
+from student_client.transport.wire import Usage
 
 pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
 

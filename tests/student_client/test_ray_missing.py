@@ -21,7 +21,7 @@ class NoRay:
         if name == "ray" or name.startswith("ray."):
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 sys.meta_path.insert(0, NoRay())
-from student_client.ray_runner import TrainingError, run_with_ray
+from student_client.training.ray_runner import TrainingError, run_with_ray
 try:
     run_with_ray(None)
 except TrainingError as err:

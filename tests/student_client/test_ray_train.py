@@ -21,7 +21,7 @@ from student_testkit import STUDENT, ledger_rows, make_subset, teacher_server, t
 
 from maskedkd.checkpoints import load_model
 from maskedkd.masked_teacher import MaskedTeacher
-from student_client.ray_runner import TrainingError, run_with_ray
+from student_client.training.ray_runner import TrainingError, run_with_ray
 
 # Ray / subprocess end-to-end: `make test` starts slow modules first
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.slow]

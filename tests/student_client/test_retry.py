@@ -12,8 +12,8 @@ import pytest
 import torch
 from student_testkit import ledger_rows, teacher_server, tiny_teacher
 
-from student_client.client import TeacherClient
 from student_client.errors import TeacherUnavailableError
+from student_client.transport.client import TeacherClient
 
 pytestmark = pytest.mark.dtype("none")  # no model numerics
 
@@ -61,8 +61,9 @@ def test_an_id_billed_for_other_content_is_resent_under_a_derived_id_and_counted
 def test_with_reuse_billed_answers_a_changed_resend_takes_the_billed_answer_unbilled(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """What a resumed training run does (student_client/resend.py): the same images with other kept patches under
-    an id billed before come back with the billed answer; another batch size is billed again under a derived id."""
+    """What a resumed training run does (student_client/transport/resend.py): the same images with other kept patches
+    under an id billed before come back with the billed answer; another batch size is billed again under a derived
+    id."""
     images = pixels(2, seed=1)
     with teacher_server(tmp_path, tiny_teacher()) as srv:
         client = TeacherClient(srv.address, srv.create_key("resume"), reuse_billed_answers=True)

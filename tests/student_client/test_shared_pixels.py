@@ -14,13 +14,13 @@ from student_testkit import ledger_rows, make_subset, teacher_server, tiny_confi
 
 from maskedkd.codec import tensor_to_proto
 from maskedkd.v1 import teacher_pb2 as pb
-from student_client.channel import on_this_host
-from student_client.client import TeacherClient
-from student_client.context import LocalContext
-from student_client.outgoing import OutgoingRequest
-from student_client.shared_pixels import SharedPixels
-from student_client.stream import TeacherStream
-from student_client.train_loop import run_training
+from student_client.training.context import LocalContext
+from student_client.training.train_loop import run_training
+from student_client.transport.channel import on_this_host
+from student_client.transport.client import TeacherClient
+from student_client.transport.outgoing import OutgoingRequest
+from student_client.transport.shared_pixels import SharedPixels
+from student_client.transport.stream import TeacherStream
 
 pytestmark = pytest.mark.dtype("float32")  # float32 logits on the CPU, compared across the two paths
 

@@ -21,9 +21,9 @@ from maskedkd.codec import tensor_to_proto
 from maskedkd.geometry import TeacherGeometry
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
-from student_client.client import TeacherClient
 from student_client.errors import TeacherInputError, TeacherUnavailableError
-from student_client.stream import TeacherStream, TeacherStreams
+from student_client.transport.client import TeacherClient
+from student_client.transport.stream import TeacherStream, TeacherStreams
 
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(120)]
 
@@ -177,7 +177,7 @@ def test_requests_are_built_off_the_callers_thread(monkeypatch: pytest.MonkeyPat
     """A submitted batch's request (kept patches gathered, checked, encoded) is built on the stream's encoder thread,
     or the client's pool for unary calls, not on the caller's (training) thread; a request id still in flight is
     refused at once (float32 pixels, CPU)."""
-    import student_client.wire as wire
+    import student_client.transport.wire as wire
 
     built_on: list[str] = []
     build = wire.build_request

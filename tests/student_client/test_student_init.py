@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_file
 from student_testkit import STUDENT, STUDENT_KWARGS, make_subset, tiny_config
 from timm.layers import resample_abs_pos_embed
 
-from student_client.context import LocalContext
-from student_client.student_init import StudentInitError, init_student
-from student_client.train_loop import run_training
+from student_client.training.context import LocalContext
+from student_client.training.student_init import StudentInitError, init_student
+from student_client.training.train_loop import run_training
 
 pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
 

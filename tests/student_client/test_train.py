@@ -25,16 +25,16 @@ from torch.utils.data import DataLoader
 
 from maskedkd.checkpoints import load_state_dict
 from maskedkd.masked_teacher import MaskedTeacher
-from student_client.checkpointing import latest_checkpoint
-from student_client.client import TeacherClient
 from student_client.config import TrainConfig
-from student_client.context import LocalContext
 from student_client.data import Normalizer, build_datasets, build_mixup
-from student_client.losses import DistillationLoss, kd_kl_loss
-from student_client.sips import SIPSCapture
+from student_client.distill.losses import DistillationLoss, kd_kl_loss
+from student_client.distill.sips import SIPSCapture
+from student_client.distill.train_step import PatchSelector, StepRunner
 from student_client.student import create_student, describe_student, student_kwargs_for
-from student_client.train_loop import run_training
-from student_client.train_step import PatchSelector, StepRunner
+from student_client.training.checkpointing import latest_checkpoint
+from student_client.training.context import LocalContext
+from student_client.training.train_loop import run_training
+from student_client.transport.client import TeacherClient
 
 pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
 

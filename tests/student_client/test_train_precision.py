@@ -13,15 +13,15 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from maskedkd.precision import FORCE_CPU_BF16_ENV
-from student_client.client import TeacherClient
 from student_client.config import TrainConfig
-from student_client.context import LocalContext
 from student_client.data import Normalizer
-from student_client.losses import DistillationLoss
-from student_client.sips import SIPSCapture
+from student_client.distill.losses import DistillationLoss
+from student_client.distill.sips import SIPSCapture
+from student_client.distill.train_step import PatchSelector, StepRunner, unfused_attention_modules
 from student_client.student import create_student, describe_student, student_kwargs_for
-from student_client.train_run import build_training_run
-from student_client.train_step import PatchSelector, StepRunner, unfused_attention_modules
+from student_client.training.context import LocalContext
+from student_client.training.train_run import build_training_run
+from student_client.transport.client import TeacherClient
 
 pytestmark = pytest.mark.dtype("both")  # forces bf16 and float32 itself
 

@@ -25,8 +25,8 @@ from dtype_marks import child_env
 from maskedkd.checkpoints import save_model_checkpoint
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
-from student_client.client import TeacherClient
-from student_client.stream import TeacherStreams
+from student_client.transport.client import TeacherClient
+from student_client.transport.stream import TeacherStreams
 from teacher_server.launcher import ServerProcess, serve_argv, teacher_server_command
 
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(240)]

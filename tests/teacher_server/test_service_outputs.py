@@ -19,8 +19,8 @@ from torch import nn
 
 from maskedkd.codec import proto_to_tensor
 from maskedkd.v1 import teacher_pb2 as pb
-from student_client.client import TeacherClient
 from student_client.errors import TeacherInputError
+from student_client.transport.client import TeacherClient
 from teacher_server.testing.server import RunningServer, running_server
 
 pytestmark = [pytest.mark.dtype("float32", device="cpu"), pytest.mark.timeout(180)]

@@ -19,8 +19,8 @@ from service_testkit import ledger_rows, serve_cli, settings
 
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
-from student_client.client import TeacherClient
 from student_client.errors import TeacherUnavailableError
+from student_client.transport.client import TeacherClient
 from teacher_server.testing.server import RunningServer, running_server
 from teacher_server.testing.tls import Pki, make_pki
 

@@ -22,7 +22,7 @@ from postgres_testkit import pg_rows, postgres_server, postgres_url  # noqa: F40
 from torch import nn
 
 from maskedkd.v1 import teacher_pb2 as pb
-from student_client.retry import retry_after_s
+from student_client.transport.retry import retry_after_s
 from teacher_server.settings import ServerSettings
 from teacher_server.testing.server import running_server
 

@@ -19,12 +19,12 @@ from torch import nn
 from maskedkd.purpose import PROBE
 from student_client.collective import Collective, first_error
 from student_client.data import Normalizer
+from student_client.distill.keep_auto import Rung, choose, ladder, rung_sums
+from student_client.distill.pipeline import Submit
+from student_client.distill.sips import select_patches
+from student_client.distill.train_step import PatchSelector
 from student_client.errors import FATAL_ERRORS, TeacherError, TeacherUnavailableError
-from student_client.keep_auto import Rung, choose, ladder, rung_sums
-from student_client.pipeline import Submit
-from student_client.sips import select_patches
-from student_client.train_step import PatchSelector
-from student_client.wire import Usage
+from student_client.transport.wire import Usage
 
 
 @dataclass

@@ -11,14 +11,14 @@ from torch import nn
 
 from student_client.collective import Collective
 from student_client.data import Normalizer
-from student_client.feature_step import FeatureDistiller
-from student_client.keep_auto import KeepAutoSettings
-from student_client.keep_probe import KeepDecision, KeepProber, probe_and_decide
-from student_client.losses import DistillationLoss
-from student_client.pipeline import Submit
-from student_client.sips import SIPSCapture
+from student_client.distill.feature_step import FeatureDistiller
+from student_client.distill.keep_auto import KeepAutoSettings
+from student_client.distill.keep_probe import KeepDecision, KeepProber, probe_and_decide
+from student_client.distill.losses import DistillationLoss
+from student_client.distill.pipeline import Submit
+from student_client.distill.sips import SIPSCapture
+from student_client.distill.train_step import PatchSelector, StepRunner, StepSettings
 from student_client.student import StudentSpec
-from student_client.train_step import PatchSelector, StepRunner, StepSettings
 
 
 @dataclass

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .off_thread import to_device
+from student_client.transport.off_thread import to_device
 
 __all__ = ["INTER_PAIRINGS", "KINDS", "attention_kd_loss", "default_layer_map", "manifold_loss"]
 

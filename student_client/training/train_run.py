@@ -24,28 +24,17 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from maskedkd.precision import resolve_precision
-from student_client.checkpointing import (
-    TrainState,
-    latest_checkpoint,
-    load_training_checkpoint,
-    prune_checkpoints,
-    save_training_checkpoint,
-)
-from student_client.client import TeacherClient
 from student_client.collective import agree_on_error
 from student_client.config import TrainConfig
-from student_client.context import LocalContext, RayContext
 from student_client.data import Normalizer, build_datasets, build_mixup, class_names_of, loader_workers_for
 from student_client.data_archive import is_archive, local_data_root
 from student_client.determinism import SeededSamples, run_id_for
+from student_client.distill.kd_step import KDStepParts, build_kd_step
+from student_client.distill.keep_auto import KeepAutoSettings
+from student_client.distill.keep_probe import apply_decision
+from student_client.distill.losses import DistillationLoss
+from student_client.distill.pipeline import InferFuture
 from student_client.errors import FATAL_ERRORS, TeacherInputError
-from student_client.evaluate import shard
-from student_client.kd_step import KDStepParts, build_kd_step
-from student_client.keep_auto import KeepAutoSettings
-from student_client.keep_probe import apply_decision
-from student_client.losses import DistillationLoss
-from student_client.pipeline import InferFuture
-from student_client.stream import TeacherStreams
 from student_client.student import (
     MaskedStudent,
     StudentSpec,
@@ -54,15 +43,25 @@ from student_client.student import (
     freeze_all_but_head,
     student_kwargs_for,
 )
-from student_client.student_init import init_student
-from student_client.tls import teacher_tls_kwargs
-from student_client.wire import ModelInfo
+from student_client.training.checkpointing import (
+    TrainState,
+    latest_checkpoint,
+    load_training_checkpoint,
+    prune_checkpoints,
+    save_training_checkpoint,
+)
+from student_client.training.context import LocalContext, RayContext
+from student_client.training.evaluate import shard
+from student_client.training.student_init import init_student
+from student_client.transport.client import TeacherClient
+from student_client.transport.stream import TeacherStreams
+from student_client.transport.wire import ModelInfo
 
 Context = LocalContext | RayContext
 
 # What decides which images a request id carries: a resume must keep them (its re-sent ids may take the answers
-# billed under them, student_client/resend.py). `data` is compared by its last path component (a moved run may mount
-# the same data elsewhere).
+# billed under them, student_client/transport/resend.py). `data` is compared by its last path component (a moved run
+# may mount the same data elsewhere).
 IMAGE_SETTINGS = ("data", "seed", "batch_size", "workers", "augment")
 
 
@@ -366,7 +365,7 @@ def _connect_teacher(
         shared_memory=cfg.teacher_shared_memory,
         reuse_billed_answers=True,
         connections=cfg.teacher_connections,
-        **teacher_tls_kwargs(cfg),
+        **cfg.teacher_tls,
     )
     info, error = None, None
     try:

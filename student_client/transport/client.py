@@ -6,12 +6,12 @@
 
 By default only the kept patches travel (uint8 when the pixels are exactly k/255, else float16). Every call carries a
 request_id; a retry after UNAVAILABLE / DEADLINE_EXCEEDED reuses it, so the server answers a retried request from its
-ledger and never bills it twice. Such failures are retried for up to `patience_s` (`student_client.retry`), long enough
+ledger and never bills it twice. Such failures are retried for up to `patience_s` (`retry.py`), long enough
 to ride out a teacher restart.
 
 When the server refuses an id it cannot replay -- ALREADY_EXISTS (it billed that id before for different content, e.g. a
 resumed run whose patch selection flipped a near-tie) or FAILED_PRECONDITION (the stored answer has expired) -- the
-client follows `student_client.resend`: with `reuse_billed_answers` (the training loop's setting) an ALREADY_EXISTS is
+client follows `resend.py`: with `reuse_billed_answers` (the training loop's setting) an ALREADY_EXISTS is
 answered with what the teacher billed under that id, unbilled; otherwise the request is sent again under `<id>.r1`
 (then `.r2`, ...), billed as new work. Both are warned about once and counted (`mismatched_requests`,
 `rebilled_requests`).
@@ -35,15 +35,23 @@ import torch
 
 from maskedkd.torch_threads import helper_pool
 from maskedkd.v1 import teacher_pb2 as pb
-from student_client.channel import is_unix_socket, on_this_host, open_channel
 from student_client.errors import TeacherError
-from student_client.off_thread import DeviceMark, after, mark_after_caller
-from student_client.outgoing import OutgoingRequest, TeacherStub
-from student_client.resend import CountsRefusedReplays, RefusedReplays, ResendPlan
-from student_client.retry import DEFAULT_PATIENCE_S, RetryPolicy
-from student_client.shared_pixels import SharedPixels, nothing_to_release
-from student_client.tls import channel_credentials
-from student_client.wire import Batch, InferResult, ModelInfo, Usage, arguments_of, decode_response, join_results
+from student_client.transport.channel import is_unix_socket, on_this_host, open_channel
+from student_client.transport.off_thread import DeviceMark, after, mark_after_caller
+from student_client.transport.outgoing import OutgoingRequest, TeacherStub
+from student_client.transport.resend import CountsRefusedReplays, RefusedReplays, ResendPlan
+from student_client.transport.retry import DEFAULT_PATIENCE_S, RetryPolicy
+from student_client.transport.shared_pixels import SharedPixels, nothing_to_release
+from student_client.transport.tls import channel_credentials
+from student_client.transport.wire import (
+    Batch,
+    InferResult,
+    ModelInfo,
+    Usage,
+    arguments_of,
+    decode_response,
+    join_results,
+)
 
 T = TypeVar("T")
 
@@ -102,11 +110,11 @@ class ClientCore(CountsRefusedReplays):
             target, timeout_s=timeout_s, patience_s=patience_s, min_retries=max_retries, backoff_s=backoff
         )
         self.refused_replays = RefusedReplays()  # re-sent ids the teacher could not replay (resend.py)
-        self.reuse_billed_answers = reuse_billed_answers  # see student_client/resend.py
+        self.reuse_billed_answers = reuse_billed_answers  # see student_client/transport/resend.py
         self.max_message_mb = max_message_mb
         self.model = model  # None: the server's default model
         self._metadata = (("authorization", f"Bearer {api_key}"),)
-        # one channel over one or many replicas (round-robin, health-checked): see student_client/channel.py
+        # one channel over one or many replicas (round-robin, health-checked): see student_client/transport/channel.py
         # TLS when asked for or when any TLS file is given (ca_file None: the system's root certificates)
         creds = channel_credentials(
             tls=tls,
@@ -169,7 +177,7 @@ class TeacherClient(ClientCore):
         **settings: Unpack[ClientSettings],
     ) -> None:
         self._interceptors = tuple(interceptors)
-        # pixels through shared memory (student_client/shared_pixels.py) when the teacher is on this host and reads
+        # pixels through shared memory (shared_pixels.py) when the teacher is on this host and reads
         # them (ModelInfo.shared_memory); else, with a warning, in the message as usual
         self.shared_memory = shared_memory
         self._shared: SharedPixels | None = None
@@ -208,7 +216,7 @@ class TeacherClient(ClientCore):
         return join_results([decode_response(self.infer_request(req)) for req in parts])
 
     def infer_request(self, request: OutgoingRequest | pb.InferRequest) -> pb.InferResponse:
-        """Send one built request (retried per the policy); a refused replay goes on as `student_client.resend` says."""
+        """Send one built request (retried per the policy); a refused replay goes on as `resend.py` says."""
         req = OutgoingRequest.of(request)
         plan = ResendPlan(req, self.reuse_billed_answers)
         sent, release = self.shared_request(req)

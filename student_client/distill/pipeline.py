@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from student_client.errors import TeacherUnavailableError
-from student_client.wire import Usage
+from student_client.transport.wire import Usage
 
 InferFuture = Future  # Future[(logits [b, classes], Usage)]
 Submit = Callable[..., InferFuture]  # submit(images=..., keep_indices=..., request_id=...) -> Future

@@ -31,13 +31,13 @@ import grpc
 
 from maskedkd.torch_threads import helper_pool
 from maskedkd.v1 import teacher_pb2 as pb
-from student_client.client import InferResult, TeacherClient
 from student_client.errors import TeacherError, TeacherInputError
-from student_client.off_thread import DeviceMark, after, mark_after_caller
-from student_client.outgoing import OutgoingRequest
-from student_client.resend import REPLAY_REFUSED
-from student_client.retry import Attempts
-from student_client.wire import Batch, arguments_of, batch_size_of, decode_response
+from student_client.transport.client import InferResult, TeacherClient
+from student_client.transport.off_thread import DeviceMark, after, mark_after_caller
+from student_client.transport.outgoing import OutgoingRequest
+from student_client.transport.resend import REPLAY_REFUSED
+from student_client.transport.retry import Attempts
+from student_client.transport.wire import Batch, arguments_of, batch_size_of, decode_response
 
 _CLOSE = object()  # ends the request iterator of one stream
 _CODES = {code.value[0]: code for code in grpc.StatusCode}

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from multiprocessing import shared_memory
 
 from maskedkd.v1 import teacher_pb2 as pb
-from student_client.outgoing import OutgoingRequest, copy_field
+from student_client.transport.outgoing import OutgoingRequest, copy_field
 
 PAGE = 1 << 16  # regions grow in these steps
 

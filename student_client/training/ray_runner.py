@@ -151,7 +151,7 @@ def run_with_ray(cfg: TrainConfig, *, ray_address: str | None = None, worker_log
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from student_client.ray_progress import ReportedProgress
+    from student_client.training.ray_progress import ReportedProgress
 
     launched = time.monotonic()
     started = init_ray(ray_address, cfg.workers, worker_logs=worker_logs)
@@ -217,8 +217,8 @@ def train_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry point, one call per worker. Ray pickles it by reference and the run's controller unpickles it
     without calling it: the training loop is imported here when it runs, so the controller loads neither the loop nor
     timm (~3 s of CPU each run)."""
-    from student_client.context import RayContext
-    from student_client.train_loop import run_training
+    from student_client.training.context import RayContext
+    from student_client.training.train_loop import run_training
 
     run_training(TrainConfig.from_dict(config), RayContext())
 
@@ -247,7 +247,7 @@ def _bring_home(out: Path, summary: dict[str, Any], checkpoint: Any) -> None:
     """summary.json from the final report and the newest weights from the storage, into the driver's --out."""
     import tempfile
 
-    from student_client.checkpointing import MODEL_FILE
+    from student_client.training.checkpointing import MODEL_FILE
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

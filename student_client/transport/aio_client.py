@@ -12,11 +12,11 @@ from typing import Any, Unpack
 import grpc
 
 from maskedkd.v1 import teacher_pb2 as pb
-from student_client.client import ClientCore, ClientSettings, InferResult
 from student_client.errors import TeacherError
-from student_client.outgoing import OutgoingRequest
-from student_client.resend import ResendPlan
-from student_client.wire import Batch, ModelInfo, arguments_of, decode_response, join_results
+from student_client.transport.client import ClientCore, ClientSettings, InferResult
+from student_client.transport.outgoing import OutgoingRequest
+from student_client.transport.resend import ResendPlan
+from student_client.transport.wire import Batch, ModelInfo, arguments_of, decode_response, join_results
 
 
 class AsyncTeacherClient(ClientCore):
@@ -44,7 +44,7 @@ class AsyncTeacherClient(ClientCore):
         return join_results([decode_response(r) for r in responses])
 
     async def _infer_request(self, req: OutgoingRequest) -> pb.InferResponse:
-        """As `TeacherClient.infer_request`: a refused replay goes on as `student_client.resend` says."""
+        """As `TeacherClient.infer_request`: a refused replay goes on as `student_client.transport.resend` says."""
         plan = ResendPlan(req, self.reuse_billed_answers)
         while True:
             try:

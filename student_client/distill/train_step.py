@@ -24,12 +24,12 @@ from torch import nn
 
 from maskedkd.precision import resolve_precision
 from student_client.data import Normalizer
-from student_client.feature_step import FeatureDistiller
-from student_client.losses import DistillationLoss, LossParts
-from student_client.off_thread import to_device
-from student_client.pipeline import OverlapStats, Submit, TeacherRequest, pipelined_forward
-from student_client.sips import SIPSCapture, select_by_mass, select_patches
-from student_client.wire import Usage
+from student_client.distill.feature_step import FeatureDistiller
+from student_client.distill.losses import DistillationLoss, LossParts
+from student_client.distill.pipeline import OverlapStats, Submit, TeacherRequest, pipelined_forward
+from student_client.distill.sips import SIPSCapture, select_by_mass, select_patches
+from student_client.transport.off_thread import to_device
+from student_client.transport.wire import Usage
 
 
 @dataclass
@@ -96,7 +96,7 @@ def attention_unfused(modules: list[nn.Module]) -> Iterator[None]:
 
 
 class StepSettings(Protocol):
-    """What a step reads from its config: a TrainConfig, or `student_client.kd.KDSettings` for MaskedKD."""
+    """What a step reads from its config: a TrainConfig, or `student_client.distill.kd.KDSettings` for MaskedKD."""
 
     @property
     def mode(self) -> str: ...  # kd | none | mask-student

@@ -139,8 +139,8 @@ def open_channel(
     own_connection: bool = False,
 ) -> Any:
     """A blocking (or, with `aio`, an asyncio) channel to `target`, balanced and health-checked; TLS when
-    `credentials` are given (student_client/tls.py builds them). `own_connection`: connections of its own (gRPC
-    otherwise shares one among the channels of a process to the same target with the same options)."""
+    `credentials` are given (`tls.py` builds them). `own_connection`: connections of its own (gRPC otherwise shares one
+    among the channels of a process to the same target with the same options)."""
     uri, options = grpc_target(target), channel_options(max_message_mb)
     if own_connection:
         options.append(("grpc.use_local_subchannel_pool", 1))

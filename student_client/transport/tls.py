@@ -3,12 +3,9 @@ for mutual TLS, this client's certificate and key. The same credentials serve gr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, TypedDict
+from typing import TypedDict
 
 import grpc
-
-if TYPE_CHECKING:
-    from student_client.config import TrainConfig
 
 
 def _read(path: str, what: str) -> bytes:
@@ -48,8 +45,3 @@ class TeacherTls(TypedDict):
     ca_file: str | None
     client_cert: str | None
     client_key: str | None
-
-
-def teacher_tls_kwargs(cfg: TrainConfig) -> TeacherTls:
-    """The TLS arguments of TeacherClient from a TrainConfig."""
-    return {"ca_file": cfg.teacher_ca, "client_cert": cfg.teacher_client_cert, "client_key": cfg.teacher_client_key}

@@ -25,7 +25,7 @@ DDP give every rank its own run_id (e.g. f"{run}-w{rank}"): ids are per API key,
 re-sent under `<id>.rN` and billed again (`kd.mismatched_requests`). A resumed loop whose kept patches may come out
 different (another precision, CPU or thread count flipped a near-tie) can build its client with
 `TeacherClient(..., reuse_billed_answers=True)`: a re-sent id of the same batch size then takes the answer billed
-under it, unbilled (student_client/resend.py; `student-client train` does this).
+under it, unbilled (student_client/transport/resend.py; `student-client train` does this).
 
 Build it after the student is on its device (the normalization constants are put there once); in Lightning, in
 `on_fit_start` (examples/lightning_loop.py).
@@ -41,21 +41,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from student_client import keep_auto
-from student_client.client import InferResult, TeacherClient
 from student_client.collective import TorchDistCollective
 from student_client.data import Normalizer, unit_pixels
 from student_client.determinism import step_seed
+from student_client.distill import keep_auto
+from student_client.distill.feature_step import KD_KINDS, check_teacher_outputs
+from student_client.distill.kd_step import build_kd_step
+from student_client.distill.losses import DistillationLoss, LossParts
+from student_client.distill.pipeline import OverlapStats
+from student_client.distill.sips import STRATEGIES, _num_keep, _unwrap
 from student_client.errors import TeacherInputError
-from student_client.feature_step import KD_KINDS
-from student_client.kd_step import build_kd_step
-from student_client.losses import DistillationLoss, LossParts
-from student_client.pipeline import OverlapStats
-from student_client.preflight import check_teacher_outputs
-from student_client.sips import STRATEGIES, _num_keep, _unwrap
-from student_client.stream import TeacherStreams
 from student_client.student import describe_student
-from student_client.wire import ModelInfo, Usage
+from student_client.transport.client import InferResult, TeacherClient
+from student_client.transport.stream import TeacherStreams
+from student_client.transport.wire import ModelInfo, Usage
 
 PRECISIONS = ("fp32", "bf16", "auto")
 TRANSPORTS = ("unary", "stream")

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import math
 
-from student_client.checkpointing import TrainState
 from student_client.collective import Collective, sum_over_workers
-from student_client.train_step import StepResult
-from student_client.wire import Usage
+from student_client.distill.train_step import StepResult
+from student_client.training.checkpointing import TrainState
+from student_client.transport.wire import Usage
 
 StepStats = dict[str, float]
 STEP_STATS = (

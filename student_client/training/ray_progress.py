@@ -18,7 +18,7 @@ from typing import Any
 from ray.train import UserCallback
 from ray.util.queue import Empty, Queue
 
-from student_client.metrics import epoch_line, progress_text
+from student_client.training.metrics import epoch_line, progress_text
 
 
 class ForwardReports(UserCallback):

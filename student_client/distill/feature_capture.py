@@ -17,7 +17,7 @@ from timm.layers.attention import Attention
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .sips import SIPSUnsupportedModelError, _grid, _unwrap
+from student_client.distill.sips import SIPSUnsupportedModelError, _grid, _unwrap
 
 __all__ = [
     "FeatureCaptureUnsupportedError",

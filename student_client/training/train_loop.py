@@ -20,19 +20,20 @@ from typing import Any
 import torch
 
 from maskedkd.host_memory import tune_allocator
-from student_client.checkpointing import TrainState
 from student_client.collective import agree_on_error, sum_over_workers
 from student_client.config import TrainConfig
-from student_client.context import LocalContext, RayContext
 from student_client.data import unit_pixels
 from student_client.determinism import seed_everything, step_seed
+from student_client.distill.keep_probe import decision_line
+from student_client.distill.train_step import StepResult
 from student_client.errors import FATAL_ERRORS
-from student_client.evaluate import Accuracy, count_correct
-from student_client.keep_probe import decision_line
 from student_client.student import unwrap
-from student_client.train_report import RunLog, epoch_row, finish_run, step_row
-from student_client.train_run import RunRefusedError, TrainingRun, build_training_run
-from student_client.train_stats import (
+from student_client.training.checkpointing import TrainState
+from student_client.training.context import LocalContext, RayContext
+from student_client.training.evaluate import Accuracy, count_correct
+from student_client.training.train_report import RunLog, epoch_row, finish_run, step_row
+from student_client.training.train_run import RunRefusedError, TrainingRun, build_training_run
+from student_client.training.train_stats import (
     StepStats,
     account_step,
     add_stats,
@@ -41,8 +42,7 @@ from student_client.train_stats import (
     step_stats,
     sum_step_over_workers,
 )
-from student_client.train_step import StepResult
-from student_client.wire import Usage
+from student_client.transport.wire import Usage
 
 Context = LocalContext | RayContext
 

@@ -49,7 +49,7 @@ def check_data(cfg: TrainConfig) -> list[str]:
 
 def build_meta_student(cfg: TrainConfig, num_classes: int) -> nn.Module:
     """The student as the workers will build it, on the meta device (shapes only, instant even for ViT-L)."""
-    from student_client.sips import SIPSCapture
+    from student_client.distill.sips import SIPSCapture
     from student_client.student import describe_student, student_kwargs_for
 
     if not timm.is_model(cfg.student):
@@ -77,7 +77,7 @@ def build_meta_student(cfg: TrainConfig, num_classes: int) -> nn.Module:
 def check_resume(cfg: TrainConfig, model: nn.Module) -> Path | None:
     """With --resume: the newest checkpoint in --out fits the student (the whole mismatch, in one line)."""
     from maskedkd.checkpoints import CheckpointError, load_state_dict
-    from student_client.checkpointing import MODEL_FILE, latest_checkpoint
+    from student_client.training.checkpointing import MODEL_FILE, latest_checkpoint
 
     checkpoint = latest_checkpoint(cfg.out) if cfg.resume else None
     if checkpoint is None:
@@ -94,7 +94,7 @@ def check_resume(cfg: TrainConfig, model: nn.Module) -> Path | None:
 
 def check_init(cfg: TrainConfig, model: nn.Module) -> None:
     """With --init: the weights load into the student (read once here, on the meta device)."""
-    from student_client.student_init import StudentInitError, init_student
+    from student_client.training.student_init import StudentInitError, init_student
 
     if cfg.student_init:
         try:
@@ -105,8 +105,8 @@ def check_init(cfg: TrainConfig, model: nn.Module) -> None:
 
 def check_teacher(cfg: TrainConfig, num_classes: int) -> str:
     """Reach the teacher once: a bad address or key fails here, in one line. Returns the bill's currency."""
-    from student_client.client import TeacherClient
-    from student_client.tls import teacher_tls_kwargs
+    from student_client.distill.feature_step import check_teacher_outputs
+    from student_client.transport.client import TeacherClient
 
     if cfg.mode == "none":
         return ""
@@ -117,7 +117,7 @@ def check_teacher(cfg: TrainConfig, num_classes: int) -> str:
         max_retries=1,
         patience_s=0,
         model=cfg.teacher_model,
-        **teacher_tls_kwargs(cfg),
+        **cfg.teacher_tls,
     ) as client:
         info = client.info()
         client.check_key()
@@ -127,19 +127,6 @@ def check_teacher(cfg: TrainConfig, num_classes: int) -> str:
         )
     check_teacher_outputs(cfg.kd, info.outputs, info.model)
     return info.currency
-
-
-def check_teacher_outputs(kd: str, offered: tuple[str, ...], model: str) -> None:
-    """--kd manifold|attention: the teacher must answer the kept patches' tokens / class attention."""
-    from student_client.feature_step import TEACHER_OUTPUT
-
-    needed = TEACHER_OUTPUT.get(kd)
-    if needed is not None and needed not in offered:
-        raise ValueError(
-            f"--kd {kd} needs the teacher's {needed}, which {model} does not offer "
-            f"(it offers: {', '.join(offered) or 'logits only'}; a teacher server older than outputs, "
-            "or one merging tokens with --tome-r)"
-        )
 
 
 def preflight(cfg: TrainConfig) -> str:

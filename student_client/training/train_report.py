@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from student_client.checkpointing import TrainState
 from student_client.config import TrainConfig
-from student_client.context import LocalContext, RayContext
-from student_client.evaluate import Accuracy
-from student_client.metrics import MetricsWriter, Progress, epoch_line
-from student_client.train_stats import StepStats
+from student_client.training.checkpointing import TrainState
+from student_client.training.context import LocalContext, RayContext
+from student_client.training.evaluate import Accuracy
+from student_client.training.metrics import MetricsWriter, Progress, epoch_line
+from student_client.training.train_stats import StepStats
 
 Context = LocalContext | RayContext
 

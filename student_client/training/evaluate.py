@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from student_client.data import EVAL_SPLITS, Normalizer, eval_transform, find_split, image_folder, unit_pixels
-from student_client.losses import merged_logits
+from student_client.distill.losses import merged_logits
 
 
 @dataclass
@@ -83,8 +83,8 @@ def evaluate_checkpoint(
 ) -> Accuracy:
     """Load a student checkpoint (ours: no flags needed) and measure top-1 / top-5 on the split."""
     from maskedkd.checkpoints import load_model
-    from student_client.checkpointing import resolve_model_file
     from student_client.student import describe_student
+    from student_client.training.checkpointing import resolve_model_file
 
     model, meta = load_model(checkpoint=resolve_model_file(checkpoint))
     spec = describe_student(model)

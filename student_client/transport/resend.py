@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from student_client.errors import TeacherError
-from student_client.outgoing import OutgoingRequest
+from student_client.transport.outgoing import OutgoingRequest
 
 MAX_RESENDS = 8  # derived ids <id>.r1 .. <id>.r8 tried after a refused replay
 # The server cannot replay this id: billed before for other content, or its stored answer expired.

@@ -20,7 +20,7 @@ from timm.layers.attention import Attention
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from student_client.off_thread import to_device
+from student_client.transport.off_thread import to_device
 
 __all__ = [
     "STRATEGIES",

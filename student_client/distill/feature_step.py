@@ -18,14 +18,25 @@ from typing import Any
 import torch
 from torch import nn
 
+from student_client.distill.feature_capture import StudentFeatureCapture
+from student_client.distill.feature_kd import FeatureKD, check_teacher_features, feature_kd_term
+from student_client.distill.pipeline import Submit, TeacherRequest
 from student_client.errors import TeacherAnswerError
-from student_client.feature_capture import StudentFeatureCapture
-from student_client.feature_kd import FeatureKD, check_teacher_features, feature_kd_term
-from student_client.off_thread import to_device
-from student_client.pipeline import Submit, TeacherRequest
+from student_client.transport.off_thread import to_device
 
 KD_KINDS = ("logit", "manifold", "attention")
 TEACHER_OUTPUT = {"manifold": "patch_tokens", "attention": "cls_attention"}
+
+
+def check_teacher_outputs(kd: str, offered: tuple[str, ...], model: str) -> None:
+    """--kd manifold|attention: the teacher must answer the kept patches' tokens / class attention."""
+    needed = TEACHER_OUTPUT.get(kd)
+    if needed is not None and needed not in offered:
+        raise ValueError(
+            f"--kd {kd} needs the teacher's {needed}, which {model} does not offer "
+            f"(it offers: {', '.join(offered) or 'logits only'}; a teacher server older than outputs, "
+            "or one merging tokens with --tome-r)"
+        )
 
 
 class FeatureDistiller:

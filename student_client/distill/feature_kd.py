@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .feature_capture import (
+from student_client.distill.feature_capture import (
     attention_on_teacher_grid,
     check_kept_positions,
     gather_kept_unchecked,
     student_on_teacher_grid,
 )
-from .feature_losses import (
+from student_client.distill.feature_losses import (
     INTER_PAIRINGS,
     KINDS,
     attention_term,
@@ -31,7 +31,7 @@ from .feature_losses import (
     manifold_term,
     shape_of,
 )
-from .sips import _grid
+from student_client.distill.sips import _grid
 
 __all__ = ["FeatureKD", "check_teacher_features", "feature_kd_loss", "feature_kd_term"]
 

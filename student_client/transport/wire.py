@@ -24,8 +24,8 @@ from maskedkd.purpose import purpose_problem
 from maskedkd.teacher_outputs import OUTPUT_NAMES
 from maskedkd.v1 import teacher_pb2 as pb
 from student_client.errors import TeacherInputError
-from student_client.off_thread import to_host
-from student_client.outgoing import OutgoingRequest
+from student_client.transport.off_thread import to_host
+from student_client.transport.outgoing import OutgoingRequest
 
 P = ParamSpec("P")
 A = TypeVar("A")
