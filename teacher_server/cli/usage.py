@@ -5,20 +5,28 @@ The JSON entries are the dashboard's /api/usage/keys `keys`, field for field; th
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Any
-
-from pydantic import TypeAdapter
+from typing import TYPE_CHECKING, Any
 
 from maskedkd.purpose import PROBE
-from teacher_server.ledger.reports import BilledPrice, PurposeUsage
-from teacher_server.ledger.usage_report import KeyUsage, UsageByKey
+from teacher_server.cli.common import CliError, add_db, open_sessions
+
+if TYPE_CHECKING:  # the ledger's modules load SQLAlchemy: only `usage` itself needs them
+    from teacher_server.ledger.reports import BilledPrice, PurposeUsage
+    from teacher_server.ledger.usage_report import KeyUsage, UsageByKey
 
 
 def report_json(report: UsageByKey) -> list[dict[str, Any]]:
     """One entry per key (a KeyUsage, as the dashboard serializes it), and an entry with key null for calls refused
     before a key was known."""
+    from pydantic import TypeAdapter
+
+    from teacher_server.ledger.usage_report import KeyUsage
+
     entries: list[dict[str, Any]] = TypeAdapter(list[KeyUsage]).dump_python(report.keys, mode="json")
     if report.refused_without_key:
         entries.append({"key": None, "refused": report.refused_without_key})
@@ -73,3 +81,40 @@ def refused_text(counts: dict[str, int]) -> str:
     if not counts:
         return "0"
     return f"{sum(counts.values())} ({', '.join(f'{r} {n}' for r, n in sorted(counts.items()))})"
+
+
+def add_usage_command(sub: Any) -> None:
+    usage = sub.add_parser(
+        "usage",
+        help="totals per key: GFLOPs used, full GFLOPs, saving %%, cost and price as "
+        "billed, what probe requests cost, refused calls",
+    )
+    usage.add_argument("--key", help="only this key (by name)")
+    output = usage.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="machine-readable output")
+    output.add_argument(
+        "--csv",
+        action="store_true",
+        help="usage per UTC day, key, currency and price as CSV (the dashboard's /api/usage/daily.csv)",
+    )
+    add_db(usage)
+
+
+def run_usage(args: argparse.Namespace) -> int:
+    from teacher_server.ledger import models, reports, usage_report
+
+    sessions = open_sessions(args.db, must_exist=True)
+    with sessions() as session:
+        try:
+            if args.csv:
+                reports.check_key_exists(session, key_name=args.key)
+                usage_report.write_usage_csv(reports.usage_by_day(session, key_name=args.key), sys.stdout)
+                return 0
+            report = usage_report.usage_by_key(session, key_name=args.key)
+        except models.LedgerError as exc:
+            raise CliError(str(exc)) from exc
+    if args.json:
+        print(json.dumps(report_json(report), indent=2))
+    else:
+        print("\n".join(report_lines(report)))
+    return 0

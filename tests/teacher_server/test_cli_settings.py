@@ -17,7 +17,8 @@ import pytest
 from maskedkd.settings_cli import flag_of as flag_of_field
 from maskedkd.settings_cli import settings_from_flags
 from teacher_server.cli.dashboard import settings_from_args
-from teacher_server.cli.main import SERVE_FIELDS, build_parser, main
+from teacher_server.cli.main import build_parser, main
+from teacher_server.cli.serve import SERVE_FIELDS
 from teacher_server.cli.settings_flags import SECRET_FIELDS
 from teacher_server.settings import ServerSettings
 

@@ -20,7 +20,8 @@ from service_testkit import MODEL, TINY
 from maskedkd.settings_cli import settings_from_flags
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
-from teacher_server.cli.main import SERVE_FIELDS, build_parser
+from teacher_server.cli.main import build_parser
+from teacher_server.cli.serve import SERVE_FIELDS
 from teacher_server.launcher import LaunchError, Ready, ServerProcess, serve_argv, settings_flags
 from teacher_server.service.server import human_announcement
 from teacher_server.settings import ServerSettings
