@@ -122,7 +122,8 @@ def add_keys_command(sub: Any) -> None:
 def run_keys(args: argparse.Namespace) -> int:
     from teacher_server.ledger import models
 
-    sessions = open_sessions(args.db)
+    # a typo in --db must not read as a ledger without keys: only `create` may start one
+    sessions = open_sessions(args.db, must_exist=args.keys_command != "create")
     try:
         if args.keys_command == "create":
             return _create_key(sessions, args)

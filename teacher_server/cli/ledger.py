@@ -49,7 +49,7 @@ def run_ledger(args: argparse.Namespace) -> int:
             older = None if args.older_than is None else timedelta(seconds=parse_duration(args.older_than))
         except ValueError as exc:
             raise CliError(f"--older-than: {exc}") from exc
-        sessions = open_sessions(args.db)
+        sessions = open_sessions(args.db, must_exist=True)
         with sessions() as session:
             purged = purge(session, older_than=older)
         print(f"purged {purged.payloads} replay payloads; released {purged.holds} stale quota holds")

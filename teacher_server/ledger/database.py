@@ -74,7 +74,7 @@ def require_existing_ledger(url: str) -> None:
     missing = missing_sqlite_file(url)
     if missing is not None:
         raise MissingLedgerError(
-            f"no ledger at {missing} (check --db or MASKEDKD_DB; `teacher-server serve` creates one)"
+            f"no ledger at {missing} (check --db or MASKEDKD_DB; `teacher-server serve` or `keys create` starts one)"
         )
 
 

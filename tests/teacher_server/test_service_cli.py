@@ -83,6 +83,26 @@ def test_keys_and_usage_commands(tmp_path: Path) -> None:
     assert bad_flag.returncode == 2 and bad_flag.stderr.count("\n") == 1 and "--quota-gflops" in bad_flag.stderr
 
 
+@pytest.mark.dtype("none")  # the ledger only
+@pytest.mark.parametrize(
+    "command",
+    [("keys", "list"), ("keys", "disable", "grace"), ("keys", "quota", "grace", "--quota-gflops", "5"),
+     ("ledger", "purge")],
+    ids=["list", "disable", "quota", "purge"],
+)  # fmt: skip
+def test_commands_on_a_ledger_that_does_not_exist_refuse_it_and_create_nothing(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    """A typo in --db must not read as an empty ledger (no keys, "no key named ..."), nor leave a new file behind:
+    every command but `keys create`, `ledger upgrade` and `serve` needs the ledger to exist. Checks no tensors."""
+    typo = tmp_path / "ledgr.db"
+    result = run_cli(*command, db=f"sqlite:///{typo}")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [f"teacher-server: error: no ledger at {typo} " + (
+        "(check --db or MASKEDKD_DB; `teacher-server serve` or `keys create` starts one)")]  # fmt: skip
+    assert not typo.exists()
+
+
 def sql(db: str, query: str) -> list[tuple[object, ...]]:
     with sqlite3.connect(db.removeprefix("sqlite:///")) as conn:
         return conn.execute(query).fetchall()
