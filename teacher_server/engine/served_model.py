@@ -153,6 +153,14 @@ def rows_runner_for(
     weight = next(teacher.parameters())
     mixed_k = mixed_k_of(name, teacher, settings)
     shapes = settings.compile_shapes
+    if settings.compile == "static" and not shapes:
+        log.warning(
+            "%s: --compile static without --compile-shapes: the first request of each new micro-batch shape waits for "
+            "its compile (~20 s on 2 CPU cores; 8 shapes at most, then eager); list the shapes your requests make, "
+            "e.g. --compile-shapes 64:%d",
+            name,
+            (teacher.geometry.num_patches + 1) // 2,
+        )
     use = metrics.shape_use(name) if metrics is not None and shapes else None
     try:
         forward = make_forward(

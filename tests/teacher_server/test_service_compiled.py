@@ -3,6 +3,8 @@ elsewhere) and bills the same."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import service_testkit as kit
 import torch
@@ -19,13 +21,18 @@ def test_unknown_compile_mode_is_refused() -> None:
         forward_pixels_fn(MaskedTeacher(kit.tiny_vit()), "dynamic")
 
 
-def test_compiled_server_answers_like_the_eager_teacher_and_bills_the_flop_model(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_compiled_server_answers_like_the_eager_teacher_and_bills_the_flop_model(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
     from torch._dynamo.utils import counters
 
     model = kit.tiny_vit()
     ref = kit.Reference(model)
     graphs_before = counters["stats"]["unique_graphs"]
-    with running_server(kit.settings(tmp_path, compile="static"), model=model) as srv:
+    with (
+        caplog.at_level(logging.WARNING, logger="teacher_server.engine.served_model"),
+        running_server(kit.settings(tmp_path, compile="static"), model=model) as srv,
+    ):
+        # no shapes listed: the operator is told at start-up that requests will wait for compiles, and what to list
+        assert "--compile static without --compile-shapes" in caplog.text and "--compile-shapes 64:32" in caplog.text
         key = srv.create_key("compiled")
         _, teacher = kit.stub(srv.address)
         images, keep = kit.random_images(4, seed=3), kit.random_keep(4, 12, seed=4)
