@@ -145,7 +145,9 @@ class TokenBudgetBatcher:
         now = time.monotonic()
         ahead = self.queue.tokens_ahead(key_id, priority, tokens, weight)
         busy = max(0.0, self._step.busy_until - now)
-        slowdown = self._yields.slowdown() if self._yields else 1.0  # other keys' batches run inside the forwards
+        slowdown = 1.0  # other keys' batches run inside the forwards, while other keys send
+        if self._yields is not None:
+            slowdown = self._yields.slowdown(shared=self._senders.besides(key_id, now, self.queue.key_tokens))
         return (busy + self.compute.seconds(ahead + tokens)) * slowdown + COMMIT_S_MARGIN
 
     async def submit(

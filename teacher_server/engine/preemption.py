@@ -40,6 +40,10 @@ T = TypeVar("T")
 PREEMPT_MIN_S = 0.01
 SHARE_DECAY = 0.8  # of the running share of forward time spent on offers, at each preemptible forward (~5 remembered)
 MAX_SHARE = 0.5  # the share that admission allows for, at most
+# ... and at least, while another key shares the teacher: the learned share is ~0 when another key's flood begins (no
+# offers ran while one key was alone), and requests admitted to the edge of their deadlines would leave no room for
+# any offer inside their forwards (one light request waited 94 ms there; performance notes, section 33)
+MIN_SHARED_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -122,11 +126,13 @@ class YieldPoints:
                 inside = min(1.0, span.inside_s / wall)
                 self.share = SHARE_DECAY * self.share + (1 - SHARE_DECAY) * inside
 
-    def slowdown(self) -> float:
-        """How much longer than its own forwards a request waits while offers run inside them, at the recent share:
-        what admission multiplies its estimate by, so that a request admitted leaves room for them (a running batch
-        whose callers could not wait is never interrupted)."""
-        return 1.0 / (1.0 - min(self.share, MAX_SHARE))
+    def slowdown(self, *, shared: bool) -> float:
+        """How much longer than its own forwards a request waits while offers run inside them, at the recent share
+        (at least `MIN_SHARED_SHARE` when `shared`: other keys send too): what admission multiplies its estimate by,
+        so that a request admitted leaves room for them (a running batch whose callers could not wait is never
+        interrupted)."""
+        share = max(self.share, MIN_SHARED_SHARE) if shared else self.share
+        return 1.0 / (1.0 - min(share, MAX_SHARE))
 
     def offer(self, offer: Offer[T]) -> None:
         """Event loop: `offer` runs at the running forward's next block boundary where it fits (one at a time)."""

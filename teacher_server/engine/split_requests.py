@@ -80,10 +80,18 @@ class RecentSenders:
 
     def several(self, now: float, queued_tokens: Callable[[int], int]) -> bool:
         """Whether more than one key sent a request within `window_s` of `now` or still has `queued_tokens`."""
+        return len(self._recent(now, queued_tokens)) > 1
+
+    def besides(self, key_id: int, now: float, queued_tokens: Callable[[int], int]) -> bool:
+        """Whether a key other than `key_id` sent a request within `window_s` of `now` or still has `queued_tokens`:
+        a request of `key_id` will share the teacher with it."""
+        return any(k != key_id for k in self._recent(now, queued_tokens))
+
+    def _recent(self, now: float, queued_tokens: Callable[[int], int]) -> dict[int, float]:
         for key_id, sent in list(self._last.items()):
             if now - sent > self.window_s and not queued_tokens(key_id):
                 del self._last[key_id]
-        return len(self._last) > 1
+        return self._last
 
 
 def split_job(

@@ -25,7 +25,8 @@ from maskedkd.masked_teacher import MaskedTeacher
 from teacher_server.engine.batch_job import JobResult
 from teacher_server.engine.batcher import TokenBudgetBatcher
 from teacher_server.engine.decode import DecodedInput
-from teacher_server.engine.preemption import ForwardSpan, Offer, YieldPoints
+from teacher_server.engine.forward_step import COMMIT_S_MARGIN
+from teacher_server.engine.preemption import MIN_SHARED_SHARE, ForwardSpan, Offer, YieldPoints
 from teacher_server.engine.rows_runner import RowsRunner
 from teacher_server.engine.served_model import make_forward
 from teacher_server.engine.staging import Stager
@@ -186,6 +187,37 @@ async def test_the_running_key_a_worse_class_or_a_teacher_without_yield_points_w
     assert seen.preempting == 0
 
 
+async def test_admission_leaves_room_for_offers_once_another_key_sends_even_before_any_ran() -> None:
+    """A key alone is estimated at its own forwards' time (no offer ever runs inside them). A request of a key that
+    starts to send beside it, or of the first key once the other sends, is estimated as if offers took at least
+    MIN_SHARED_SHARE of the forwards, although none ran yet (the learned share is still 0): admitted to the edge of
+    its deadline, a flood's first batches would otherwise leave no room for another key's batch inside them."""
+    model = teacher()
+    yields = YieldPoints(list(model.model.blocks))
+    b = batcher(model, yields)
+    await b.start()
+    await learn_the_forward(b)  # key 1 alone
+    assert yields.share == 0.0
+    tokens = SMALL * (K + 1)
+
+    def own(key: int) -> float:  # the estimate less the commit's margin: the forwards' part
+        return b.expected_wait_s(key, "standard", tokens, 1.0) - COMMIT_S_MARGIN
+
+    alone_s = own(1)
+    assert alone_s == pytest.approx(b.compute.seconds(tokens))  # nothing queued or running, no slowdown
+    assert own(2) == pytest.approx(alone_s / (1 - MIN_SHARED_SHARE))  # key 2 would share the teacher with key 1
+    await b.submit(request(SMALL, seed=5), key_id=2)
+    assert own(1) == pytest.approx(b.compute.seconds(tokens) / (1 - MIN_SHARED_SHARE))  # key 1 now shares it too
+    # a teacher without yield points runs no offers: its estimate has no slowdown however many keys send
+    plain = batcher(model, None)
+    await plain.start()
+    await learn_the_forward(plain)
+    await plain.submit(request(SMALL, seed=5), key_id=2)
+    assert plain.expected_wait_s(1, "standard", tokens, 1.0) - COMMIT_S_MARGIN == pytest.approx(
+        plain.compute.seconds(tokens)
+    )
+
+
 def test_through_the_server_a_light_keys_call_is_answered_inside_a_flood_keys_forward_and_each_billed_once(
     tmp_path: Path,
 ) -> None:
@@ -265,7 +297,9 @@ def test_an_offer_runs_once_at_a_block_boundary_where_it_fits_else_after_the_for
     assert [tag for tag, _ in ran].index("offer") == 3  # after three of the running forward's blocks
     assert offer.result.result() == "answer" and not yields.waiting and span.inside_s > 0
     # admission then allows for offers running inside forwards: a request's wait is estimated that much longer
-    assert 0 < yields.share <= 1 and yields.slowdown() == pytest.approx(1 / (1 - min(yields.share, 0.5)))
+    assert 0 < yields.share <= 1 and yields.slowdown(shared=False) == pytest.approx(1 / (1 - min(yields.share, 0.5)))
+    floor = max(yields.share, MIN_SHARED_SHARE)  # while other keys send: at least that much room for offers
+    assert yields.slowdown(shared=True) == pytest.approx(1 / (1 - min(floor, 0.5)))
     share = yields.share
 
     late: Offer[str] = Offer(lambda nested: "after" if not nested else "inside", lambda: False)
