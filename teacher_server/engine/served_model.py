@@ -159,7 +159,7 @@ def rows_runner_for(
             "its compile (~20 s on 2 CPU cores; 8 shapes at most, then eager); list the shapes your requests make, "
             "e.g. --compile-shapes 64:%d",
             name,
-            (teacher.geometry.num_patches + 1) // 2,
+            max(1, teacher.geometry.num_patches // 2),  # keep 50%, as the client rounds it (down)
         )
     use = metrics.shape_use(name) if metrics is not None and shapes else None
     try:
