@@ -232,6 +232,7 @@ class TokenBudgetBatcher:
     async def _collect(self) -> None:
         assert self._slots is not None
         while True:
+            self._announce_head()
             if not len(self.queue):
                 if self._closing:
                     return
@@ -262,6 +263,13 @@ class TokenBudgetBatcher:
                 continue
             await self._slots.acquire()
             self._launch(*self._next_batch(self._batch_tokens()), nested=False)
+
+    def _announce_head(self) -> None:
+        """An ingest worker tells the device which request its queue would take next, on every turn of this loop
+        (after requests came, after a batch formed): the device waits for a worker whose head goes first."""
+        if self._backlog is not None:
+            head = self.queue.head()
+            self._backlog.queue_head(None if head is None else (rank_of(head.priority), head.key_id))
 
     def _preemptible(self, busy_left: float) -> RunningBatch | None:
         """The running batch, when a batch to run between its forward's blocks is to form now (preemption.py): the

@@ -53,14 +53,15 @@ J = TypeVar("J", bound=Queued)
 
 class Backlog(Protocol):
     """Told of the requests of each priority class (`rank_of`) a batcher takes in and of those it lets go unrun, and
-    of each batch it forms (its best class and that class's smallest start tag) and of those it never sends: an
-    ingest worker's counters (ingest/class_backlog.py), which the device process reads to run the workers' calls in
-    the order one fair queue would."""
+    of each batch it forms (its best class and that class's smallest start tag) and of those it never sends, and of
+    the request its queue would take next (its class and key): an ingest worker's counters (ingest/class_backlog.py),
+    which the device process reads to run the workers' calls in the order one fair queue would."""
 
     def taken(self, rank: int) -> None: ...
     def let_go(self, ranks: Iterable[int]) -> None: ...
     def formed(self, rank: int, tag: float) -> None: ...
     def abandoned(self) -> None: ...
+    def queue_head(self, head: tuple[int, int] | None) -> None: ...
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ the device to run the calls in arrival order, the workers would take turns: one 
 run while another worker's `interactive` requests wait, and a key alone on one worker would get that worker's turns
 whatever its share. So the device runs the calls waiting there as one fair queue would (best class, then smallest
 start tag), and holds a call back for a short while when a worker with no call at the device holds requests of a
-better class, or has formed a batch that goes first (device_process.py): that worker's next call comes within a few
-milliseconds of its last reply.
+better class, or has formed a batch that goes first, or has queued a request that goes first (device_process.py):
+that worker's next call comes within a few milliseconds of its last reply.
 
 Counted with counters that only grow, so that no moment reads wrong. Per worker, written by the worker: per class,
 the requests it took in and those it let go without sending them to the device (dropped in its queue, their caller
@@ -17,6 +17,12 @@ the requests (per class) and calls it received. What the worker holds (queued, o
 sent: a worker forms its next batch while its current one runs) is the first less the other two. A request or call
 in flight from the worker to the device is held until the device has its call, never neither. One aligned 64-bit
 word per counter: a read sees the value before or after a write.
+
+A worker also says which request its fair queue would take next: its class and its key, written on each turn of its
+event loop. A busy worker forms its next batch late (on a host short of CPU, after the device has chosen another
+worker's call), so a formed batch alone says too late that it goes first. The device reads the key's start tag on
+the shared clock when it chooses, not when the worker wrote it: a key's tag only grows, and the worker's true head
+goes no later than that key's, so a stale head can make the device wait less, never for what goes after.
 """
 
 from __future__ import annotations
@@ -26,23 +32,29 @@ from collections.abc import Iterable
 from multiprocessing.context import BaseContext
 from typing import Any
 
+from teacher_server.engine.fair_clock import SharedFairClock
 from teacher_server.priorities import PRIORITIES
 
 CLASSES = len(PRIORITIES)
+_RANK_SHIFT = 56  # a queue head in one word: its class above this bit, its key id + 1 below (0: none)
 
 
 class ClassBacklog:
-    """Per ingest worker: the requests taken in and let go per priority class, and the batches formed and abandoned
-    (with the last one's order). Made by the supervisor (pass it to the processes as an argument); the workers write
-    through `writer`, the device reads through `reader`."""
+    """Per ingest worker: the requests taken in and let go per priority class, the batches formed and abandoned
+    (with the last one's order), and the head of its queue. Made by the supervisor (pass it to the processes as an
+    argument); the workers write through `writer`, the device reads through `reader`. `clock`: the workers' shared
+    fair clock, where the device reads the start tags of the queue heads (without one it waits for formed batches
+    only)."""
 
-    def __init__(self, context: BaseContext, workers: int) -> None:
+    def __init__(self, context: BaseContext, workers: int, clock: SharedFairClock | None = None) -> None:
         self._taken: Any = context.RawArray("q", workers * CLASSES)  # [worker * CLASSES + rank]
         self._let_go: Any = context.RawArray("q", workers * CLASSES)
         self._formed: Any = context.RawArray("q", workers)  # batches formed, per worker
         self._abandoned: Any = context.RawArray("q", workers)  # of those, never sent to the device
         self._formed_rank: Any = context.RawArray("q", workers)  # the last batch formed: its best class
         self._formed_tag: Any = context.RawArray("d", workers)  # and that class's smallest start tag
+        self._head: Any = context.RawArray("q", workers)  # the queue's next request: class << _RANK_SHIFT | key + 1
+        self.clock = clock
         self.workers = workers
 
     def writer(self, worker: int) -> WorkerBacklog:
@@ -65,6 +77,11 @@ class ClassBacklog:
         """(batches worker `worker` formed and did not abandon, the last one's best class, its smallest start tag)."""
         count = self._formed[worker] - self._abandoned[worker]  # first: a batch formed later has its order written
         return count, self._formed_rank[worker], self._formed_tag[worker]
+
+    def head(self, worker: int) -> tuple[int, int] | None:
+        """(class, key id) of the request worker `worker`'s queue would take next, as it last wrote; None: empty."""
+        word = self._head[worker]
+        return None if word == 0 else (word >> _RANK_SHIFT, (word & ((1 << _RANK_SHIFT) - 1)) - 1)
 
 
 class WorkerBacklog:
@@ -99,6 +116,11 @@ class WorkerBacklog:
         with self._lock:
             self._backlog._abandoned[self._worker] += 1
 
+    def queue_head(self, head: tuple[int, int] | None) -> None:
+        """The request the queue would take next: (its class, its key id), or None when nothing is queued. From the
+        event loop only (one word: no lock; key ids, the ledger's, stay below 2**56)."""
+        self._backlog._head[self._worker] = 0 if head is None else head[0] << _RANK_SHIFT | head[1] + 1
+
 
 class DeviceBacklog:
     """The device process's view. `received` from each worker's socket thread, after its call is queued at the
@@ -126,6 +148,16 @@ class DeviceBacklog:
         None when it holds none."""
         kept = self._backlog.kept(worker)
         return next((rank for rank in range(CLASSES) if kept[rank] - received[worker][rank] > 0), None)
+
+    def queued_head(self, worker: int) -> tuple[int, float] | None:
+        """(class, start tag now) of the request worker `worker`'s queue would take next; None when its queue is
+        empty or there is no clock to read the tag on."""
+        head = self._backlog.head(worker)
+        clock = self._backlog.clock
+        if head is None or clock is None:
+            return None
+        rank, key_id = head
+        return rank, clock.start_tag(key_id)
 
     def next_call(self, worker: int, received: list[tuple[int, ...]]) -> tuple[int, float] | None:
         """(best class, smallest start tag) of the batch worker `worker` formed and has not sent yet, beyond

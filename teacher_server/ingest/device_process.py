@@ -65,13 +65,13 @@ class DeviceLoop:
     """Runs the workers' calls: a thread per worker socket reads its calls' rows (on CUDA: copies them to the card on
     a stream of its own, while the forward in progress runs); one forward thread runs them by `PendingCall.order`:
     best priority class, smallest start tag, arrival. With `backlog` (what each worker holds: class_backlog.py), a
-    call is held back, for at most `hold_s`, while a worker with no call here holds requests of a better class or has
-    formed a batch that goes first: its call is on its way (a worker has one call here at a time, and forms the next
-    while it runs). A worker a hold ran out for is not waited for again until a call of its own arrives: it holds
-    work it cannot send (behind its own slow ledger, say), and every later choice would idle the teacher as long. With
-    `merge`, the logits-only calls that queued up while a forward ran go into the next forward together (up to
-    `max_images` images and `token_budget` tokens): N workers' small batches become one, as a lone server's
-    micro-batcher would have made them. Off on a CPU teacher, whose forward costs the same per image in small
+    call is held back, for at most `hold_s`, while a worker with no call here holds requests of a better class, or has
+    formed a batch or queued a request that goes first: its call is on its way (a worker has one call here at a time,
+    and forms the next while it runs). A worker a hold ran out for is not waited for again until a call of its own
+    arrives: it holds work it cannot send (behind its own slow ledger, say), and every later choice would idle the
+    teacher as long. With `merge`, the logits-only calls that queued up while a forward ran go into the next forward
+    together (up to `max_images` images and `token_budget` tokens): N workers' small batches become one, as a lone
+    server's micro-batcher would have made them. Off on a CPU teacher, whose forward costs the same per image in small
     batches and where joining copies the rows (on CUDA the join is a copy on the card)."""
 
     def __init__(
@@ -263,8 +263,8 @@ class DeviceLoop:
 
     def _hold_for_better_call(self, first: PendingCall, received: list[tuple[int, ...]]) -> float:
         """How much longer to hold `first` (the best call waiting) back: while a connected worker with no call here
-        holds requests of a better class, or has formed a batch that goes before `first` (same class, smaller start
-        tag), up to `hold_s` from when that was first seen; 0: run it."""
+        holds requests of a better class, or has formed a batch or queued a request that goes before `first` (same
+        class, smaller start tag), up to `hold_s` from when that was first seen; 0: run it."""
         if self._backlog is None:
             return 0.0
         here = {p.worker for p in self._waiting} | self._not_waited_for
@@ -277,14 +277,17 @@ class DeviceLoop:
         return max(0.0, first.held_until - now)
 
     def _goes_before(self, first: PendingCall, worker: int, received: list[tuple[int, ...]]) -> bool:
-        """Whether `worker` holds what goes before `first`: requests of a better class, or a formed batch of a smaller
-        (class, start tag)."""
+        """Whether `worker` holds what goes before `first`: requests of a better class, or a formed batch or a queued
+        request of a smaller (class, start tag)."""
         assert self._backlog is not None
         best = self._backlog.best_rank(worker, received)
         if best is not None and best < first.rank:
             return True
         formed = self._backlog.next_call(worker, received)
-        return formed is not None and formed < (first.rank, first.tag)
+        if formed is not None and formed < (first.rank, first.tag):
+            return True
+        queued = self._backlog.queued_head(worker)
+        return queued is not None and queued < (first.rank, first.tag)
 
     def _joining(self, first: PendingCall) -> list[PendingCall]:
         """The calls waiting now that fit into `first`'s forward (best class first); the others keep waiting."""

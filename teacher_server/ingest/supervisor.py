@@ -124,7 +124,8 @@ class Supervisor:
         self.port = int(self._reserved.getsockname()[1])
         pairs = [self._ctx.Pipe(duplex=True) for _ in range(s.ingest_workers)]  # (device end, worker end)
         ready_r, ready_w = self._ctx.Pipe(duplex=False)
-        backlog = ClassBacklog(self._ctx, s.ingest_workers)  # what each worker holds per class, read by the device
+        clock = SharedFairClock(self._ctx)  # one fair share across the workers
+        backlog = ClassBacklog(self._ctx, s.ingest_workers, clock)  # what each worker holds, read by the device
         self.device = self._ctx.Process(
             target=device_main, args=(s, [d for d, _ in pairs], ready_w, backlog), name="teacher-device", daemon=False
         )
@@ -138,7 +139,6 @@ class Supervisor:
         assert isinstance(info, DeviceReady)
         self.served_name = info.name
         statuses = []
-        clock = SharedFairClock(self._ctx)  # one fair share across the workers
         for i, (_, w) in enumerate(pairs):
             status_r, status_w = self._ctx.Pipe(duplex=False)
             proc = self._ctx.Process(

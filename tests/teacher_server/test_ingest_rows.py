@@ -26,6 +26,7 @@ from maskedkd.teacher_outputs import OutputChoice
 from teacher_server.engine.answers import NO_OUTPUTS, Answer, OutputsRequest
 from teacher_server.engine.batcher import TokenBudgetBatcher
 from teacher_server.engine.decode import DecodedInput
+from teacher_server.engine.fair_clock import SharedFairClock
 from teacher_server.engine.rows_runner import JobShape, Late, MixedK, RowsRunner
 from teacher_server.engine.served_model import make_outputs_forward
 from teacher_server.engine.shared_host import region_of, shared_host_tensor
@@ -541,3 +542,54 @@ def test_within_a_class_the_device_runs_the_smaller_start_tag_first_and_waits_fo
         for sender in [*senders, last]:
             sender.join(30)
     assert forwards == [1, 3, 4, 2]
+
+
+@pytest.mark.parametrize(
+    ("service_then", "service_now", "held"),
+    [(5.0, 5.0, True), (12.0, 12.0, False), (5.0, 10.0, False)],
+    ids=["head-goes-first", "head-goes-after", "head-served-elsewhere-since"],
+)
+def test_within_a_class_the_device_waits_for_a_worker_whose_queued_head_goes_first(
+    teacher: MaskedTeacher, service_then: float, service_now: float, held: bool
+) -> None:
+    """A worker short of CPU forms its next batch late, after the device chose; so the device also waits for a worker
+    whose queue would next take a request of a smaller start tag than the call it is about to run, reading that
+    request's key's tag on the shared clock as it chooses, not as the worker wrote its head (float32, CPU). Worker 2
+    has queued a request of a key whose service is `service_then` when its head is written and `service_now` (another
+    worker served the key meanwhile) when the device chooses; worker 1's call has tag 9."""
+    context = multiprocessing.get_context("spawn")
+    clock = SharedFairClock(context)
+    backlog = ClassBacklog(context, 3, clock)
+    metrics = ServerMetrics()
+    device, gate, started, forwards = held_device(teacher, metrics, backlog=backlog, hold_s=60.0)
+    key = 7
+    clock.queued(key, 1)
+    clock.take(key, service_then, 1)  # the key's service so far
+    clock.queued(key, 1)  # its next request, queued on worker 2, no batch formed
+    backlog.writer(2).taken(1)
+    backlog.writer(2).queue_head((1, key))
+    sizes = [1, 2, 3]
+    stagers = [Stager(teacher.geometry, max_images=4, device=CPU, allocate=shared_host_tensor) for _ in sizes]
+    staged = [s.stage([request(n, 8, 80 + n)], s.acquire()) for s, n in zip(stagers, sizes, strict=True)]
+    with serving(device, 3) as workers:
+
+        def send(i: int, tag: float) -> None:  # a standard-class call of worker i with start tag `tag`
+            RemoteRows(workers[i], os.getpid()).answers(staged[i], [JobShape(sizes[i], 8, tag=tag)])
+
+        sends = [functools.partial(send, 0, 0.0), functools.partial(send, 1, 9.0)]
+        senders = queue_behind_a_held_forward(device, started, sends)  # worker 0's forward runs, worker 1's waits
+        if service_now > service_then:  # another worker took a request of the key since worker 2 wrote its head
+            clock.take(key, service_now - service_then, 1)
+            clock.queued(key, 1)
+        gate.set()
+        time.sleep(0.3)
+        assert forwards == ([1] if held else [1, 2])  # worker 1's call held for worker 2's, or run at once
+        backlog.writer(2).formed(1, service_now)  # worker 2 forms its batch (its queue is then empty) and sends it
+        backlog.writer(2).queue_head(None)
+        senders.append(threading.Thread(target=send, args=(2, service_now)))
+        senders[-1].start()
+        for sender in senders:
+            sender.join(30)
+    assert forwards == ([1, 3, 2] if held else [1, 2, 3])
+    ended = metrics.registry.get_sample_value("maskedkd_device_holds_total", {"outcome": "ended"})
+    assert ended == (1 if held else None)
