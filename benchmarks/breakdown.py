@@ -12,9 +12,10 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.config import BenchConfig, num_kept
+from benchmarks.config import BenchConfig
 from benchmarks.teacher import build_teacher, make_batch
 from maskedkd.flops import masked_forward_flops
+from maskedkd.keep import num_keep
 
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (  # first match wins
     ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention")),
@@ -61,7 +62,7 @@ def run_breakdown_section(cfg: BenchConfig, matmul_gflops_per_s: float) -> dict[
     models = []
     for case in cfg.models:
         teacher = build_teacher(case)
-        kept = num_kept(cfg.profile_keep, teacher.geometry.num_patches)
+        kept = num_keep(cfg.profile_keep, teacher.geometry.num_patches)
         tb = make_batch(teacher, cfg.batch, kept)
         with torch.inference_mode():
             teacher.forward_patches(tb.normalized, tb.indices)  # warm-up outside the profile

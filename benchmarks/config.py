@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 KEEPS = (1.0, 0.75, 0.5, 0.25)  # fractions of the teacher's patches kept
 TARGET_KEEPS = (1.0, 0.5, 0.25)  # where the serving-overhead target applies
-
-
-def num_kept(keep: float, num_patches: int) -> int:
-    """K for a keep fraction, the way `student_client.distill.sips.select_patches` counts it (floor, at least 1)."""
-    return max(1, math.floor(keep * num_patches + 1e-9))
 
 
 @dataclass(frozen=True)

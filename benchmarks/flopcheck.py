@@ -9,9 +9,10 @@ import torch
 from torch.utils import flop_counter as torch_flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.config import KEEPS, BenchConfig, ModelCase, num_kept
+from benchmarks.config import KEEPS, BenchConfig, ModelCase
 from benchmarks.teacher import build_teacher, make_batch
 from maskedkd.flops import masked_forward_flops
+from maskedkd.keep import num_keep
 
 BATCH = 2  # FLOPs are per image; two images check that nothing is counted per batch
 # the CPU's fused attention kernel; torch 2.11 and older count 0 FLOPs for it
@@ -48,7 +49,7 @@ def run_flops_section(cfg: BenchConfig, extra: tuple[ModelCase, ...] = ()) -> di
         seen.add(case.key)
         teacher = build_teacher(case)
         for keep in KEEPS:
-            kept = num_kept(keep, teacher.geometry.num_patches)
+            kept = num_keep(keep, teacher.geometry.num_patches)
             model = masked_forward_flops(teacher.shape, kept)
             counted = counted_flops(teacher, kept)
             rows.append(

@@ -11,9 +11,10 @@ from typing import Any
 
 import torch
 
-from benchmarks.config import KEEPS, BenchConfig, num_kept
+from benchmarks.config import KEEPS, BenchConfig
 from benchmarks.teacher import build_teacher, make_batch
 from benchmarks.timing import matmul_rate, measure
+from maskedkd.keep import num_keep
 
 # Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, from NVIDIA datasheets; first substring match wins.
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
@@ -90,7 +91,7 @@ def run_gpu_section(
         rows = []
         try:
             for keep in keeps:
-                kept = num_kept(keep, teacher.geometry.num_patches)
+                kept = num_keep(keep, teacher.geometry.num_patches)
                 tb = make_batch(teacher, cfg.gpu_batch, kept)
                 x = tb.normalized.to(device=device, dtype=torch.bfloat16)
                 idx = tb.indices.to(device)

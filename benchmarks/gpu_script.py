@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.config import FULL, QUICK, BenchConfig, ModelCase, TrainPair, num_kept
+from benchmarks.config import FULL, QUICK, BenchConfig, ModelCase, TrainPair
 from benchmarks.gpu import run_gpu_section
 from benchmarks.gpu_plan import (
     CUDA_TEST_FILES,
@@ -54,6 +54,7 @@ from benchmarks.gpu_report import save
 from benchmarks.grpc_load import client_load
 from benchmarks.timing import REPO, machine_info
 from maskedkd.codec import tensor_to_proto
+from maskedkd.keep import num_keep
 from maskedkd.v1 import teacher_pb2 as pb
 
 
@@ -104,7 +105,7 @@ def _requests(teacher: Any, batch: int, count: int, seed: int, *, ragged: bool =
     out = []
     for i in range(count):
         counts = (
-            torch.randint(n // 4, n + 1, (batch,), generator=g) if ragged else torch.full((batch,), num_kept(0.5, n))
+            torch.randint(n // 4, n + 1, (batch,), generator=g) if ragged else torch.full((batch,), num_keep(0.5, n))
         )
         k = int(counts.max())
         keep = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(batch)])  # [B,K]
@@ -134,7 +135,7 @@ def server_vs_inprocess(
     rows = []
     for n, case in enumerate(cfg.gpu_models):
         teacher = build_teacher(case)
-        kept = num_kept(0.5, teacher.geometry.num_patches)
+        kept = num_keep(0.5, teacher.geometry.num_patches)
         on_gpu = device == "cuda"
         graphs = {
             "compile": "graphs" if on_gpu else "static",
@@ -187,7 +188,7 @@ def _server_row(
     requests: int,
 ) -> dict[str, Any]:
     """`clients` clients sending `requests` calls of `batch` images each at keep 50%, against `server`."""
-    kept = num_kept(0.5, teacher.geometry.num_patches)
+    kept = num_keep(0.5, teacher.geometry.num_patches)
     seed = 1000 * clients + (500 if shared else 0)  # ids of their own: none is a replay of another load's
     load = [_requests(teacher, batch, requests, seed=seed + c) for c in range(clients)]
     nbytes = sum(r.ByteSize() for mine in load for r in mine)

@@ -16,8 +16,9 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from benchmarks.config import BenchConfig, num_kept
+from benchmarks.config import BenchConfig
 from benchmarks.teacher import TeacherBatch, build_teacher, make_batch
+from maskedkd.keep import num_keep
 
 
 def _run_clients(server: Any, clients: int, requests_each: int, tb: TeacherBatch, tag: str) -> float:
@@ -74,7 +75,7 @@ def _batch_sizes(server: Any, tag: str) -> dict[str, float]:
 def measure_config(
     server: Any, clients: int, batch: int, total_images: int, teacher: Any, keep: float, repeats: int
 ) -> dict[str, Any]:
-    tb = make_batch(teacher, batch, num_kept(keep, teacher.geometry.num_patches))
+    tb = make_batch(teacher, batch, num_keep(keep, teacher.geometry.num_patches))
     requests_each = max(1, total_images // (clients * batch))
     _run_clients(server, clients, 1, tb, f"warm-{uuid.uuid4().hex[:8]}")
     samples, batches = [], []

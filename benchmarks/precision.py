@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from benchmarks.config import BenchConfig, num_kept
+from benchmarks.config import BenchConfig
 from benchmarks.timing import matmul_rate
+from maskedkd.keep import num_keep
 from maskedkd.precision import dtype_name, native_bf16, resolve_dtype
 
 FP32_SERVER_SUFFIX = "-fp32"  # pool key of the float32 server beside the default one (native-bf16 machines only)
@@ -93,7 +94,7 @@ def default_vs_fp32_server(cfg: BenchConfig, pool: Any) -> dict[str, Any]:
 
     case = next(c for c in cfg.models if c.key == "deit_s_224")
     teacher = build_teacher(case)
-    kept = num_kept(0.5, teacher.geometry.num_patches)
+    kept = num_keep(0.5, teacher.geometry.num_patches)
     tb = make_batch(teacher, cfg.batch, kept)
     default, fp32 = pool.get(case.key), pool.get(case.key + FP32_SERVER_SUFFIX)
     with (

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.config import FULL_MODELS, num_kept
+from benchmarks.config import FULL_MODELS
 from benchmarks.teacher import TeacherBatch, build_teacher, make_batch
+from maskedkd.keep import num_keep
 from maskedkd.masked_teacher import MaskedTeacher
 
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     case = FULL_MODELS[0]  # DeiT-S 224
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     teacher = build_teacher(case, device=args.device, dtype=dtype)
-    tb = make_batch(teacher, args.batch, num_kept(args.keep, teacher.geometry.num_patches))
+    tb = make_batch(teacher, args.batch, num_keep(args.keep, teacher.geometry.num_patches))
     direct = _direct(teacher, tb, args.device, dtype)
     direct()
     if args.threads_only:

@@ -20,8 +20,9 @@ from typing import Any
 import timm
 import torch
 
-from benchmarks.config import KEEPS, BenchConfig, ModelCase, num_kept
+from benchmarks.config import KEEPS, BenchConfig, ModelCase
 from benchmarks.timing import Timing, measure
+from maskedkd.keep import num_keep
 from maskedkd.masked_teacher import MaskedTeacher
 from teacher_server.engine.compiled import compiled_forward_pixels
 from teacher_server.engine.rows_runner import ForwardFn
@@ -141,7 +142,7 @@ def run_teacher_section(
         rows = []
         with TeacherClient(server.address, server.api_key, timeout_s=600.0) as client:
             for keep in KEEPS:
-                kept = num_kept(keep, teacher.geometry.num_patches)
+                kept = num_keep(keep, teacher.geometry.num_patches)
                 tb = make_batch(teacher, cfg.batch, kept)
                 gflops = teacher.gflops(kept)
                 inproc, remote, server_efficiency = interleaved_rates(teacher.forward_patches, client, tb, cfg, dtype)

@@ -18,9 +18,10 @@ from typing import Any
 import timm
 import torch
 
-from benchmarks.config import BenchConfig, TrainPair, num_kept
+from benchmarks.config import BenchConfig, TrainPair
 from benchmarks.timing import REPO
 from maskedkd.flops import ViTShape, masked_forward_flops
+from maskedkd.keep import num_keep
 
 DATA = REPO / "data" / "cifar10-subset"
 MODES: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -46,7 +47,7 @@ def predicted_gflops(pair: TrainPair, num_classes: int) -> dict[str, float]:
         if opts["mode"] == "none":
             out[name] = student_g
         else:
-            kept = num_kept(float(opts["keep"]), t_shape.num_patches)
+            kept = num_keep(float(opts["keep"]), t_shape.num_patches)
             out[name] = student_g + masked_forward_flops(t_shape, kept).total / 1e9
     return out
 

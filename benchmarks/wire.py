@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from benchmarks.config import KEEPS, BenchConfig, num_kept
+from benchmarks.config import KEEPS, BenchConfig
 from benchmarks.teacher import build_teacher
+from maskedkd.keep import num_keep
 from student_client.transport.wire import ModelInfo, build_request, new_request_id
 
 
@@ -41,7 +42,7 @@ def run_wire_section(cfg: BenchConfig) -> dict[str, Any]:
         raw_uint8 = c * h * w
         rows = []
         for keep in KEEPS:
-            kept = num_kept(keep, teacher.geometry.num_patches)
+            kept = num_keep(keep, teacher.geometry.num_patches)
             if kept == teacher.geometry.num_patches:
                 keep_indices = None  # strategy `all` / full KD: the client sends the image itself
             else:

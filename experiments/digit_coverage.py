@@ -66,6 +66,7 @@ def coverage(
     seed: int = 0,
 ) -> dict[str, Any]:
     from maskedkd.checkpoints import load_model
+    from maskedkd.keep import num_keep
     from student_client.data import eval_transform, image_folder
     from student_client.distill.sips import SIPSCapture, select_patches
     from student_client.student import describe_student
@@ -103,7 +104,7 @@ def coverage(
             for keep in keeps:
                 for strategy in STRATEGIES:
                     if strategy == "oracle":  # the most ink a keep of this size can hold
-                        k = max(1, int(keep * grid * grid + 1e-9))
+                        k = num_keep(keep, grid * grid)
                         kept = np.sort(ink, axis=1)[:, ::-1][:, :k].sum(axis=1)
                     else:
                         idx = select_patches(scores, keep, strategy, generator=gen).numpy()  # [B, K]

@@ -19,12 +19,13 @@ def tome_r_for(checkpoint: Path, keep: float) -> int:
     """The ToMe r at which the checkpoint's teacher costs, on a whole image, about what `keep` of its patches cost
     masked (`maskedkd.tome.r_at_masked_cost`)."""
     from maskedkd.checkpoints import load_model
+    from maskedkd.keep import num_keep
     from maskedkd.masked_teacher import MaskedTeacher
     from maskedkd.tome import r_at_masked_cost
 
     model, _ = load_model(checkpoint=checkpoint)
     teacher = MaskedTeacher(model)
-    kept = max(1, int(keep * teacher.geometry.num_patches + 1e-9))
+    kept = num_keep(keep, teacher.geometry.num_patches)
     return r_at_masked_cost(teacher.shape, kept, head_dim=int(model.blocks[0].attn.head_dim))
 
 

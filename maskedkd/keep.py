@@ -1,8 +1,12 @@
-"""The one check of keep_indices / keep_counts against the teacher's grid, run where they enter: the server's
-decode (a request) and the client's request building (its public API). Inside, the masked forward trusts them.
+"""How many patches a keep means, and the one check of keep_indices / keep_counts against the teacher's grid, run
+where they enter: the server's decode (a request) and the client's request building (its public API). Inside, the
+masked forward trusts them.
 """
 
 from __future__ import annotations
+
+import math
+import numbers
 
 import numpy as np
 import torch
@@ -11,6 +15,20 @@ from torch import Tensor
 
 class KeepIndicesError(ValueError):
     """keep_indices / keep_counts the teacher cannot run; the message names the entry and the problem."""
+
+
+def num_keep(keep: float | int, total: int) -> int:
+    """K of `total` patches: a fraction in (0, 1] keeps floor(keep * total), at least 1; an int is a count in
+    [1, total]. The one rounding of a keep fraction: the client's selection, the server's hints, the benchmarks."""
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
+        raise ValueError(f"keep must be a fraction in (0, 1] or an int count, got {keep!r}")
+    if isinstance(keep, numbers.Integral):
+        if not 1 <= int(keep) <= total:
+            raise ValueError(f"keep count {keep} is outside [1, {total}] (patches on the target grid)")
+        return int(keep)
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep fraction {keep!r} is outside (0, 1]; pass an int for a count of patches")
+    return max(1, math.floor(keep * total + 1e-9))  # 1e-9: 0.29 * 100 must give 29, not 28
 
 
 def _is_integer(x: Tensor) -> bool:

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from maskedkd.keep import num_keep
 from student_client.collective import TorchDistCollective
 from student_client.data import Normalizer, unit_pixels
 from student_client.determinism import step_seed
@@ -49,7 +50,7 @@ from student_client.distill.feature_step import KD_KINDS, check_teacher_outputs
 from student_client.distill.kd_step import build_kd_step
 from student_client.distill.losses import DistillationLoss, LossParts
 from student_client.distill.pipeline import OverlapStats
-from student_client.distill.sips import STRATEGIES, _num_keep, _unwrap
+from student_client.distill.sips import STRATEGIES, _unwrap
 from student_client.errors import TeacherInputError
 from student_client.student import describe_student
 from student_client.transport.client import InferResult, TeacherClient
@@ -171,7 +172,7 @@ class MaskedKD:
         check_teacher_outputs(kd, self.info.outputs, self.info.model)
         auto = keep == "auto"
         if not auto:
-            _num_keep(keep, self.info.num_patches)  # type: ignore[arg-type]  # ValueError naming the range
+            num_keep(keep, self.info.num_patches)  # type: ignore[arg-type]  # ValueError naming the range
         elif keep_every < 1 or keep_probes < 1:
             raise ValueError(f"keep_every and keep_probes must be >= 1, got {keep_every}, {keep_probes}")
         if spec.distilled:

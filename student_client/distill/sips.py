@@ -20,6 +20,7 @@ from timm.layers.attention import Attention
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from maskedkd.keep import num_keep
 from student_client.transport.off_thread import to_device
 
 __all__ = [
@@ -150,19 +151,6 @@ def _grid(value: int | Sequence[int], what: str) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
-def _num_keep(keep: float | int, total: int) -> int:
-    """K from a fraction in (0, 1] (floor, at least 1) or a count in [1, total]."""
-    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
-        raise ValueError(f"keep must be a fraction in (0, 1] or an int count, got {keep!r}")
-    if isinstance(keep, numbers.Integral):
-        if not 1 <= int(keep) <= total:
-            raise ValueError(f"keep count {keep} is outside [1, {total}] (patches on the target grid)")
-        return int(keep)
-    if not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep fraction {keep!r} is outside (0, 1]; pass an int for a count of patches")
-    return max(1, math.floor(keep * total + 1e-9))  # 1e-9: 0.29 * 100 must give 29, not 28
-
-
 def _grids(
     scores: torch.Tensor, teacher_grid: int | Sequence[int] | None, student_grid: int | Sequence[int] | None
 ) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -224,7 +212,7 @@ def select_patches(
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
     s_grid, t_grid = _grids(scores, teacher_grid, student_grid)
     B, total = scores.shape[0], t_grid[0] * t_grid[1]
-    k = _num_keep(keep, total)
+    k = num_keep(keep, total)
 
     if strategy == "all":
         return torch.arange(total, device=scores.device).expand(B, total).clone()
@@ -260,7 +248,7 @@ def select_by_mass(
         raise ValueError(f"mass must be a share in (0, 1], got {mass!r}")
     s_grid, t_grid = _grids(scores, teacher_grid, student_grid)
     total = t_grid[0] * t_grid[1]
-    k_max = _num_keep(keep, total)
+    k_max = num_keep(keep, total)
     scores = _on_teacher_grid(scores, s_grid, t_grid).double()  # [B, T]
     if bool((scores < 0).any()):
         raise ValueError("scores must be >= 0 (SIPS is attention mass)")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from maskedkd.keep import num_keep
 from maskedkd.masked_teacher import MaskedTeacher
 from maskedkd.precision import dtype_name
 from maskedkd.teacher_outputs import ForwardOutputs, OutputChoice, available_outputs, forward_with_outputs
@@ -159,7 +160,7 @@ def rows_runner_for(
             "its compile (~20 s on 2 CPU cores; 8 shapes at most, then eager); list the shapes your requests make, "
             "e.g. --compile-shapes 64:%d",
             name,
-            max(1, teacher.geometry.num_patches // 2),  # keep 50%, as the client rounds it (down)
+            num_keep(0.5, teacher.geometry.num_patches),
         )
     use = metrics.shape_use(name) if metrics is not None and shapes else None
     try:

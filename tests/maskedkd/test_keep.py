@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import pytest
 import torch
 
-from maskedkd.keep import KeepIndicesError, check_keep
+from maskedkd.keep import KeepIndicesError, check_keep, num_keep
 
 pytestmark = pytest.mark.dtype("none")  # no model numerics
 
@@ -65,3 +68,24 @@ def test_random_rows_against_a_plain_python_reference() -> None:
         out, out_counts = check_keep(indices.to(torch.int16), counts, batch=batch, num_patches=n)
         assert out.tolist() == [row + [0] * (k - len(row)) for row in rows]
         assert out_counts.tolist() == used
+
+
+def test_a_keep_fraction_keeps_the_floor_of_its_exact_share_of_the_patches() -> None:
+    """The one rounding the client's selection, the server's hints and the benchmarks share, against exact rational
+    arithmetic on the fraction as written (no tensors: dtype none): 0.29 of 100 patches is 29, not 28."""
+    for total in range(1, 260):
+        for hundredths in range(1, 101):
+            keep = hundredths / 100
+            exact = math.floor(Fraction(str(keep)) * total)
+            assert num_keep(keep, total) == max(1, exact), (keep, total)
+    assert num_keep(7, 64) == 7 and num_keep(64, 64) == 64  # an int is a count
+
+
+@pytest.mark.parametrize(
+    ("keep", "message"),
+    [(0.0, r"outside \(0, 1\]"), (1.5, r"outside \(0, 1\]"), (0, r"keep count 0 is outside \[1, 64\]"),
+     (65, r"keep count 65 is outside \[1, 64\]"), (True, "fraction in"), ("0.5", "fraction in")],
+)  # fmt: skip
+def test_a_keep_outside_its_range_is_refused_with_the_range(keep: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        num_keep(keep, 64)  # type: ignore[arg-type]
