@@ -8,11 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.gpu_plan import INGEST_WORKERS, WORKERS_TRAIN_MODE
-from benchmarks.report import pct, table
-
-
-def keep_pct(k: float) -> str:
-    return f"{100 * k:.0f}%"
+from benchmarks.report_tables import keep, pct, table
 
 
 def _training_md(t: dict[str, Any]) -> list[str]:
@@ -53,7 +49,7 @@ def _forward_md(g: dict[str, Any]) -> list[str]:
     rows = [
         (
             mod["label"],
-            keep_pct(r["keep"]),
+            keep(r["keep"]),
             r["kept"],
             f"{r['images_per_s']:.0f}",
             f"{r['tflops_per_s']:.1f}",
