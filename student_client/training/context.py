@@ -104,3 +104,6 @@ class RayContext:
             return
         with checkpoint.as_directory() as d:
             yield Path(d)
+
+
+Context = LocalContext | RayContext  # where a worker runs: one process, or a Ray Train worker

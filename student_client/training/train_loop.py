@@ -29,7 +29,7 @@ from student_client.distill.train_step import StepResult
 from student_client.errors import FATAL_ERRORS
 from student_client.student import unwrap
 from student_client.training.checkpointing import TrainState
-from student_client.training.context import LocalContext, RayContext
+from student_client.training.context import Context
 from student_client.training.evaluate import Accuracy, count_correct
 from student_client.training.train_report import RunLog, epoch_row, finish_run, step_row
 from student_client.training.train_run import RunRefusedError, TrainingRun, build_training_run
@@ -43,8 +43,6 @@ from student_client.training.train_stats import (
     sum_step_over_workers,
 )
 from student_client.transport.wire import Usage
-
-Context = LocalContext | RayContext
 
 
 def run_training(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:

@@ -11,12 +11,10 @@ from typing import Any
 
 from student_client.config import TrainConfig
 from student_client.training.checkpointing import TrainState
-from student_client.training.context import LocalContext, RayContext
+from student_client.training.context import Context
 from student_client.training.evaluate import Accuracy
 from student_client.training.metrics import MetricsWriter, Progress, epoch_line
 from student_client.training.train_stats import StepStats
-
-Context = LocalContext | RayContext
 
 
 def _overlap(stats: StepStats) -> float | str:

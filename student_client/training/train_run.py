@@ -9,7 +9,6 @@ raises RunRefusedError on every worker alike, before anything trains.
 
 from __future__ import annotations
 
-import json
 import math
 import tarfile
 from collections.abc import Callable
@@ -43,26 +42,14 @@ from student_client.student import (
     freeze_all_but_head,
     student_kwargs_for,
 )
-from student_client.training.checkpointing import (
-    TrainState,
-    latest_checkpoint,
-    load_training_checkpoint,
-    prune_checkpoints,
-    save_training_checkpoint,
-)
-from student_client.training.context import LocalContext, RayContext
+from student_client.training.checkpointing import TrainState, prune_checkpoints, save_training_checkpoint
+from student_client.training.context import Context
 from student_client.training.evaluate import shard
+from student_client.training.resume import restore, resume_refusal
 from student_client.training.student_init import init_student
 from student_client.transport.client import TeacherClient
 from student_client.transport.stream import TeacherStreams
 from student_client.transport.wire import ModelInfo
-
-Context = LocalContext | RayContext
-
-# What decides which images a request id carries: a resume must keep them (its re-sent ids may take the answers
-# billed under them, student_client/transport/resend.py). `data` is compared by its last path component (a moved run
-# may mount the same data elsewhere).
-IMAGE_SETTINGS = ("data", "seed", "batch_size", "workers", "augment")
 
 
 class RunRefusedError(Exception):
@@ -190,12 +177,8 @@ def build_training_run(cfg: TrainConfig, ctx: Context) -> TrainingRun:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch))
     )
-    state = _restore(cfg, ctx, raw, optimizer, scheduler)
-    resumed = state.global_step > 0
-    problem = _resume_mismatch(ctx, state) or (
-        _resume_changes_images(cfg, Path(cfg.out)) if resumed and ctx.rank == 0 else None
-    )
-    if (refusal := agree_on_error(ctx, problem)) is not None:
+    state = restore(cfg, ctx, raw, optimizer, scheduler)
+    if (refusal := agree_on_error(ctx, resume_refusal(cfg, ctx, state))) is not None:
         raise RunRefusedError(refusal, state)
     model = ctx.prepare_model(MaskedStudent(raw) if cfg.mode == "mask-student" else raw)
     normalize = Normalizer(spec.mean, spec.std, ctx.device)
@@ -253,7 +236,7 @@ def build_training_run(cfg: TrainConfig, ctx: Context) -> TrainingRun:
         optimizer=optimizer,
         scheduler=scheduler,
         state=state,
-        resumed=resumed,
+        resumed=state.global_step > 0,
         run_id=run_id,
         teacher=teacher,
         kd=kd,
@@ -333,22 +316,6 @@ def _train_data(cfg: TrainConfig, ctx: Context, data_root: str, spec: StudentSpe
     return TrainData(seeded, sampler, loader, eval_loader, class_names)
 
 
-def _restore(
-    cfg: TrainConfig,
-    ctx: Context,
-    raw: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LambdaLR,
-) -> TrainState:
-    """The checkpoint Ray restored after a worker failure, else with --resume the newest in --out, loaded into the
-    student, optimizer and scheduler; a fresh TrainState without one."""
-    with ctx.restored_checkpoint() as ray_checkpoint:
-        source = ray_checkpoint or (latest_checkpoint(cfg.out) if cfg.resume else None)
-        if source is None:
-            return TrainState()
-        return load_training_checkpoint(source, model=raw, optimizer=optimizer, scheduler=scheduler)
-
-
 def _connect_teacher(
     cfg: TrainConfig, ctx: Context, num_classes: int, class_folders: int, state: TrainState
 ) -> TeacherConnection:
@@ -393,34 +360,3 @@ def _run_precision(cfg: TrainConfig, ctx: Context, state: TrainState) -> str:
     if cfg.precision == "auto" and state.precision:
         return state.precision
     return str(ctx.all_gather_object(resolve_precision(cfg.precision, ctx.device))[0])
-
-
-def _resume_changes_images(cfg: TrainConfig, out: Path) -> str | None:
-    """A one-line refusal when --resume changes a setting that decides the images under each request id."""
-    try:
-        started_with = json.loads((out / "config.json").read_text())
-    except (OSError, ValueError):
-        return None  # a run from before config.json was written: nothing to compare
-    now = json.loads(cfg.to_json())
-    for name in IMAGE_SETTINGS:
-        before, after = started_with.get(name), now.get(name)
-        if name == "data" and before is not None and after is not None:
-            before, after = Path(str(before)).name, Path(str(after)).name
-        if before is not None and before != after:
-            flag = "--" + name.replace("_", "-")
-            return (
-                f"--resume: this run was started with {flag} {before}, not {after}; its re-sent requests would "
-                f"carry other images under the same ids: resume with {flag} {before}, or train into a new --out"
-            )
-    return None
-
-
-def _resume_mismatch(ctx: Context, state: TrainState) -> str | None:
-    """Ranks that restored different checkpoints (a --resume from an --out that is not shared) must not train."""
-    steps = ctx.all_gather_object(state.global_step)
-    if len(set(steps)) <= 1:
-        return None
-    return (
-        f"workers restored different checkpoints (global step by rank: {steps}): resume from --storage, or "
-        "make --out a path shared by every node"
-    )
