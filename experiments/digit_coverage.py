@@ -116,7 +116,7 @@ def coverage(
         {
             "strategy": s,
             "keep": k,
-            "kept": max(1, int(k * grid * grid + 1e-9)),
+            "kept": num_keep(k, grid * grid),
             "ink_share": float(np.mean(v)),
             "half_or_more": float(np.mean(np.asarray(v) >= 0.5)),
         }

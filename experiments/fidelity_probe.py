@@ -53,6 +53,7 @@ def probe(
     strategies: tuple[str, ...] = STRATEGIES,
 ) -> dict[str, Any]:
     from maskedkd.checkpoints import load_model
+    from maskedkd.keep import num_keep
     from maskedkd.masked_teacher import MaskedTeacher
     from student_client.data import eval_transform, image_folder
     from student_client.distill.losses import merged_logits
@@ -121,7 +122,7 @@ def probe(
         {
             "strategy": s,
             "keep": k,
-            "kept": max(1, int(k * teacher.geometry.num_patches + 1e-9)),
+            "kept": num_keep(k, teacher.geometry.num_patches),
             "kl": v["kl"] / images,
             "top1_agreement": v["agree"] / images,
             "teacher_top1": 100 * v["correct"] / images,
