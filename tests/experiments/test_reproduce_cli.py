@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from experiments.configs import CIFAR10
+from experiments.repro_loop import retire_runs
 from experiments.repro_training import thread_counts
-from experiments.reproduce import main, recorded_args, retire_runs
+from experiments.reproduce import main, recorded_args
 
 pytestmark = pytest.mark.dtype("none")  # no model numerics
 
