@@ -37,10 +37,10 @@ from typing import Any
 
 import torch
 
+from benchmarks.compute.training import compiled_key
 from benchmarks.config import FULL, QUICK, BenchConfig
-from benchmarks.gpu_plan import STEPS as GPU_STEPS
+from benchmarks.gpu.plan import STEPS as GPU_STEPS
 from benchmarks.timing import load_average, machine_info, matmul_rate, usable_cpus
-from benchmarks.training import compiled_key
 from maskedkd.precision import DTYPES
 
 SECTIONS = (
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--gpu",
         action="store_true",
-        help="the prepared one-GPU run (benchmarks/gpu_script.py): "
+        help="the prepared one-GPU run (benchmarks/gpu/script.py): "
         "CUDA tests, bf16 masked forward of DeiT-S/DeiT-B/ViT-L, gRPC with 8 clients, the training step "
         "-> docs/gpu.md",
     )
@@ -102,7 +102,7 @@ def _servers_needed(cfg: BenchConfig, sections: tuple[str, ...]) -> dict[str, di
             if pair.key in cfg.train_compiled_pairs:
                 needed[compiled_key(pair.teacher.key)] = {**needed[pair.teacher.key], "compile": "static"}
     if "precision" in sections:
-        from benchmarks.precision import FP32_SERVER_SUFFIX
+        from benchmarks.compute.precision import FP32_SERVER_SUFFIX
         from maskedkd.precision import native_bf16
 
         pair = cfg.train_pairs[0]
@@ -142,15 +142,15 @@ def _run(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 def run_bench(
     cfg: BenchConfig, sections: tuple[str, ...], *, threads: int, command: str, workdir: Path
 ) -> dict[str, Any]:
-    from benchmarks.breakdown import run_breakdown_section
-    from benchmarks.flopcheck import run_flops_section
-    from benchmarks.gpu import run_gpu_section
-    from benchmarks.microbatch import run_microbatch_section
-    from benchmarks.precision import dtype_rates, run_precision_training
-    from benchmarks.server_proc import ServerPool
-    from benchmarks.teacher import run_teacher_section
-    from benchmarks.training import run_training_section
-    from benchmarks.wire import run_wire_section
+    from benchmarks.compute.breakdown import run_breakdown_section
+    from benchmarks.compute.flopcheck import run_flops_section
+    from benchmarks.compute.precision import dtype_rates, run_precision_training
+    from benchmarks.compute.teacher import run_teacher_section
+    from benchmarks.compute.training import run_training_section
+    from benchmarks.gpu.forward import run_gpu_section
+    from benchmarks.serving.microbatch import run_microbatch_section
+    from benchmarks.serving.server_proc import ServerPool
+    from benchmarks.serving.wire import run_wire_section
 
     torch.set_num_threads(threads)
     started = time.perf_counter()
@@ -215,11 +215,11 @@ def run_bench(
         if "gpu" in sections:
             s["gpu"] = _run("gpu", lambda: run_gpu_section(cfg, pool if torch.cuda.is_available() else None))
         if "ledger" in sections:
-            from benchmarks.ledger_scale import run_ledger_section
+            from benchmarks.serving.ledger_scale import run_ledger_section
 
             s["ledger"] = _run("ledger", lambda: run_ledger_section(cfg))
         if "serving" in sections:
-            from benchmarks.serving import CONFIGS, run_serving_section
+            from benchmarks.serving.overhead import CONFIGS, run_serving_section
 
             s["serving"] = _run(
                 "serving",
@@ -231,7 +231,7 @@ def run_bench(
                 ),
             )
         if "tenants" in sections:
-            from benchmarks.tenants import run_tenants
+            from benchmarks.serving.tenants import run_tenants
 
             s["tenants"] = _run("tenants", lambda: run_tenants(cfg.tenants_seconds, threads=threads))
         if "matmul" in s and s["matmul"]["status"] == "ok":
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.gpu:
             print("benchmarks: error: --dry-run goes with --gpu", file=sys.stderr)
             return 2
-        from benchmarks.gpu_script import main as gpu_main
+        from benchmarks.gpu.script import main as gpu_main
 
         steps = chosen(args.only, GPU_STEPS, "--gpu step(s)")
         if steps is None:
@@ -279,15 +279,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="maskedkd-bench-") as tmp:
         results = run_bench(cfg, sections, threads=threads, command=command, workdir=Path(tmp))
 
-    from benchmarks.report import write_report
-    from benchmarks.targets import all_targets
+    from benchmarks.report.document import write_report
+    from benchmarks.report.targets import all_targets
 
     results["targets"] = [t.to_dict() for t in all_targets(results)]
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmarks.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     plots: list[str] = []
     if not args.no_plots:
-        from benchmarks.plots import write_plots
+        from benchmarks.report.plots import write_plots
 
         plots = write_plots(results, out)
     write_report(results, out / "benchmarks.md", plots)

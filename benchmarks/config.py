@@ -71,7 +71,7 @@ class BenchConfig:
     # (clients, images per call, pixels in shared memory, ingest workers) of the serving section; () = its CONFIGS
     serving_configs: tuple[tuple[int, int, bool, int], ...] = ()
     serving_rounds: int = 3  # interleaved rounds of every serving configuration (the section reports medians)
-    client_batch: int = 64  # images per call of the serving section's client (benchmarks/client_path.py)
+    client_batch: int = 64  # images per call of the serving section's client (benchmarks/serving/client_path.py)
     # each phase of the tenants section (light alone, light under the flood): 150 light requests, so that their p99
     # is not simply the slowest one (50 in 10 s were)
     tenants_seconds: float = 30.0

@@ -1,11 +1,11 @@
 """glibc's allocator tuned for processes that move large request buffers (the teacher server, and the student's
 training loop, whose client copies each request's pixels into fresh bytes), and memory given back when idle.
 
-With glibc's defaults, every buffer over the (dynamic) mmap threshold is mapped and unmapped again, and the heap top
-is trimmed as soon as 128 KiB are free, so each request's ~MB-sized tensors cost page faults on every use: measured
-with the negligible DeiT-S-geometry teacher (`python -m benchmarks.serving`), the forward's own CPU per image fell
-from 454 to 317 us when buffers up to 256 MiB came from the heap and the heap stopped being trimmed between batches.
-On the client, a 64-image request's pixels cost ~150 us of CPU per image to encode with glibc's defaults and ~35
+With glibc's defaults, every buffer over the (dynamic) mmap threshold is mapped and unmapped again, and the heap top is
+trimmed as soon as 128 KiB are free, so each request's ~MB-sized tensors cost page faults on every use: measured with
+the negligible DeiT-S-geometry teacher (`python -m benchmarks.serving.overhead`), the forward's own CPU per image fell
+from 454 to 317 us when buffers up to 256 MiB came from the heap and the heap stopped being trimmed between batches. On
+the client, a 64-image request's pixels cost ~150 us of CPU per image to encode with glibc's defaults and ~35
 with these settings, before the encoding itself was cut to one copy (docs/performance-notes.md, section 23). The price
 is memory held after a burst; the server's `give_back` returns it (`malloc_trim`) once it has been idle for
 `--idle-trim-s`. Setting any MALLOC_* environment variable keeps glibc's (or the operator's) own settings.

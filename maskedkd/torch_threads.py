@@ -4,7 +4,7 @@ On a CPU, torch's parallel ops run on OpenMP (libgomp). Each thread that starts 
 worker threads of its own, kept until that thread exits, and once a process holds more such workers than it has
 CPUs, libgomp stops spinning between regions for every team ("throttled"): each region then waits for its workers to
 wake from a futex. On a 2-core CPU a small forward then runs up to 2x slower and a training step 20-40% slower
-(`python -m benchmarks.omp_teams`; docs/performance-notes.md, section 30). The helper threads of the server
+(`python -m benchmarks.compute.omp_teams`; docs/performance-notes.md, section 30). The helper threads of the server
 (decoding, staging, committing) and of the client (encoding, sending) run small copies for which one thread is
 enough, so they never start a team: `helper_thread` is their initializer, and the thread that computes (the server's
 forward, the student's training loop) keeps the process's threads.

@@ -33,7 +33,7 @@ from packaging.utils import canonicalize_name
 REPO = Path(__file__).resolve().parents[1]
 EXTRAS = ("server", "client")
 HAVE = ("torch", "torchvision", "triton", "numpy", "pillow")  # a CUDA PyTorch image's own stack
-ALSO = ("pytest", "pytest-timeout", "pytest-asyncio")  # the GPU run's CUDA tests (benchmarks/gpu_script.py)
+ALSO = ("pytest", "pytest-timeout", "pytest-asyncio")  # the GPU run's CUDA tests (benchmarks/gpu/script.py)
 PLATFORMS = (  # manylinux tags pip matches exactly, newest first
     "manylinux_2_28_x86_64",
     "manylinux_2_27_x86_64",

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.compute.teacher import build_teacher, make_batch
 from benchmarks.config import BenchConfig
-from benchmarks.teacher import build_teacher, make_batch
 from maskedkd.flops import masked_forward_flops
 from maskedkd.keep import num_keep
 

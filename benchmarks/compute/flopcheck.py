@@ -9,8 +9,8 @@ import torch
 from torch.utils import flop_counter as torch_flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.compute.teacher import build_teacher, make_batch
 from benchmarks.config import KEEPS, BenchConfig, ModelCase
-from benchmarks.teacher import build_teacher, make_batch
 from maskedkd.flops import masked_forward_flops
 from maskedkd.keep import num_keep
 

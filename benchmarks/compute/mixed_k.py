@@ -1,7 +1,7 @@
 """Mixed keep counts in one micro-batch: bucketing by count vs padding with masks (teacher_server.engine.batcher) vs
 packing every row's tokens without padding (teacher_server/engine/packing.py, `--mixed-k pack`).
 
-    .venv/bin/python benchmarks/teacher_server/bench_mixed_k.py [--reps 5] [--quick]
+    python -m benchmarks.compute.mixed_k [--reps 5] [--quick]
 
 Prints the best-of-reps wall time and CPU time (all threads; steadier on a shared machine) of each strategy for a
 few batch shapes (random weights, float32, CPU).
@@ -32,7 +32,7 @@ CASES = [  # (label, model kwargs, images, counts to draw from)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.compute.mixed_k", description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="the tiny case only")

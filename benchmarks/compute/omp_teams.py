@@ -6,7 +6,7 @@ and exited, then after a helper thread (`helper_pool`) ran one, then with a plai
 team). Medians of `--repeats` calls, float32, torch's default threads. Order matters: a team, once started, lives as
 long as its thread, so the cases run in this order in one process.
 
-    python -m benchmarks.omp_teams
+    python -m benchmarks.compute.omp_teams
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import timm
 import torch
 
-from benchmarks.tenants import ARCH, TINY
+from benchmarks.serving.tenant_loads import ARCH, TINY
 from benchmarks.timing import measure
 from maskedkd.masked_teacher import MaskedTeacher
 from maskedkd.torch_threads import helper_pool
@@ -30,7 +30,9 @@ def _parallel_op() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.omp_teams", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.compute.omp_teams", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per case")
     args = parser.parse_args(argv)
     torch.manual_seed(0)

@@ -50,7 +50,7 @@ def training_precision_pair(cfg: BenchConfig, pool: Any, workdir: Path, threads:
     """MaskedKD-50 (SIPS) step time with the student in fp32 and in bf16 (autocast), same teacher server; and the
     student's step alone (no KD) in each, which shows the student's own speedup apart from the teacher's time (the
     teacher serves in the same dtype in both runs, on the same cores)."""
-    from benchmarks.training import timed_run
+    from benchmarks.compute.training import timed_run
 
     pair = cfg.train_pairs[0]
     server = pool.get(pair.teacher.key)
@@ -89,7 +89,7 @@ def training_precision_pair(cfg: BenchConfig, pool: Any, workdir: Path, threads:
 def default_vs_fp32_server(cfg: BenchConfig, pool: Any) -> dict[str, Any]:
     """gRPC images/s of the default (`--dtype auto`) server against a float32 server of the same model at keep 50%,
     in interleaved rounds; the median per-round ratio. Only run where auto resolves to bf16."""
-    from benchmarks.teacher import build_teacher, make_batch
+    from benchmarks.compute.teacher import build_teacher, make_batch
     from student_client.transport.client import TeacherClient
 
     case = next(c for c in cfg.models if c.key == "deit_s_224")

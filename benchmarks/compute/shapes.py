@@ -6,7 +6,7 @@ with shapes, every size runs in the prepared ones, padded, and nothing compiles 
 CPU-us per image eager (as `serve` runs it: in cache-sized chunks) and in the prepared shapes, medians of interleaved
 rounds; then the compile of one size that was not prepared, as its first request would wait for it.
 
-    python -m benchmarks.shapes [--shapes 16:98,32:98,64:98] [--sizes 8,16,24,40,64] [--rounds 3] [--json FILE]
+    python -m benchmarks.compute.shapes [--shapes 16:98,32:98,64:98] [--sizes 8,16,24,40,64] [--rounds 3] [--json FILE]
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def run(shapes: Sequence[tuple[int, int]], sizes: Sequence[int], rounds: int, re
     compiled_alone = make_forward(teacher, cpu, torch.float32, "static")
     on_demand_s = warm_up_shapes(compiled_alone, teacher, [(unprepared, KEEP)])[0]
     return {
-        "command": "python -m benchmarks.shapes",
+        "command": "python -m benchmarks.compute.shapes",
         "threads": torch.get_num_threads(),
         "shapes": [f"{b}:{k}" for b, k in shapes],
         "compile_s_at_start": compile_s,
@@ -108,7 +108,7 @@ def render(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.shapes", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.compute.shapes", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="16:98,32:98,64:98", help="prepared B:K shapes (K must be 98)")
     parser.add_argument("--sizes", default="8,16,24,40,64", help="micro-batch sizes to time")
     parser.add_argument("--rounds", type=int, default=3)

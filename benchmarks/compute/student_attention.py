@@ -5,7 +5,7 @@ Why it exists: on a CPU, torch's flash-attention backward is slow in bf16 (docs/
 that rule on the machine at hand (and on a later torch, which may fix the kernel): a step (forward, cross-entropy,
 backward, AdamW) and an inference forward of the same model, each variant in turn, medians of interleaved rounds.
 
-    python -m benchmarks.student_attention --model vit_tiny_patch16_224 --img 32 --patch 4 --batch 64
+    python -m benchmarks.compute.student_attention --model vit_tiny_patch16_224 --img 32 --patch 4 --batch 64
 """
 
 from __future__ import annotations
@@ -89,7 +89,9 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.student_attention", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.compute.student_attention", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--model", default="vit_tiny_patch16_224", help="a timm ViT")
     parser.add_argument("--img", type=int, default=32)
     parser.add_argument("--patch", type=int, default=4)

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
+from benchmarks.compute.teacher import build_teacher, make_batch
 from benchmarks.config import KEEPS, BenchConfig
-from benchmarks.teacher import build_teacher, make_batch
 from benchmarks.timing import matmul_rate, measure
 from maskedkd.keep import num_keep
 

@@ -1,4 +1,4 @@
-"""What `python -m benchmarks --gpu` runs (benchmarks/gpu_script.py): the models, loads, training modes and CUDA
+"""What `python -m benchmarks --gpu` runs (benchmarks/gpu/script.py): the models, loads, training modes and CUDA
 test files of the one prepared GPU run, and of its dry run on the CPU."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The GPU run's report (benchmarks/gpu_script.py): docs/gpu.md from the run's result, written again after every step
+"""The GPU run's report (benchmarks/gpu/script.py): docs/gpu.md from the run's result, written again after every step
 with the steps not reached marked so."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.gpu_plan import INGEST_WORKERS, WORKERS_TRAIN_MODE
-from benchmarks.report_tables import keep, pct, table
+from benchmarks.gpu.plan import INGEST_WORKERS, WORKERS_TRAIN_MODE
+from benchmarks.report.tables import keep, pct, table
 
 
 def _training_md(t: dict[str, Any]) -> list[str]:

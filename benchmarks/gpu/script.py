@@ -33,8 +33,8 @@ from typing import Any
 import torch
 
 from benchmarks.config import FULL, QUICK, BenchConfig, ModelCase, TrainPair
-from benchmarks.gpu import run_gpu_section
-from benchmarks.gpu_plan import (
+from benchmarks.gpu.forward import run_gpu_section
+from benchmarks.gpu.plan import (
     CUDA_TEST_FILES,
     DRY_MODELS,
     GPU_KEEPS,
@@ -50,8 +50,8 @@ from benchmarks.gpu_plan import (
     STEPS,
     WORKERS_TRAIN_MODE,
 )
-from benchmarks.gpu_report import save
-from benchmarks.grpc_load import client_load
+from benchmarks.gpu.report import save
+from benchmarks.serving.grpc_load import client_load
 from benchmarks.timing import REPO, machine_info
 from maskedkd.codec import tensor_to_proto
 from maskedkd.keep import num_keep
@@ -125,8 +125,8 @@ def server_vs_inprocess(
     """Per model, a real server process (`--dtype auto`) with 8 and then 32 clients sending `batch` images at keep 50%:
     img/s against the in-process rate of the forward step, GB/s of requests ingested, the forward's busy share of the
     wall time, and the bill against the FLOP model."""
-    from benchmarks.server_proc import BenchServer
-    from benchmarks.teacher import build_teacher
+    from benchmarks.compute.teacher import build_teacher
+    from benchmarks.serving.server_proc import BenchServer
 
     inprocess = {
         m["model"]: next((r["images_per_s"] for r in m["rows"] if r["keep"] == 0.5), None)
@@ -224,8 +224,8 @@ def mixed_keep_load(
 ) -> dict[str, Any]:
     """The load that found the prefetch bug: `clients` clients, ragged keep counts in every request, against one
     server; every answer must be OK and the ledger (read back with SQL) must hold exactly the answers' bills."""
-    from benchmarks.server_proc import BenchServer
-    from benchmarks.teacher import build_teacher
+    from benchmarks.compute.teacher import build_teacher
+    from benchmarks.serving.server_proc import BenchServer
 
     case = cfg.gpu_models[0]
     teacher = build_teacher(case)
@@ -260,8 +260,8 @@ def mixed_keep_load(
 def gpu_training(cfg: BenchConfig, pair: TrainPair, device: str, workdir: Path) -> dict[str, Any]:
     """`run_training` on `device` against a real server process on the same device: median step time per mode and
     its ratio to full KD's, beside the FLOP model's prediction of that ratio."""
-    from benchmarks.server_proc import ServerPool
-    from benchmarks.training import predicted_gflops, run_modes
+    from benchmarks.compute.training import predicted_gflops, run_modes
+    from benchmarks.serving.server_proc import ServerPool
 
     threads = torch.get_num_threads()
     settings = {

@@ -1,5 +1,5 @@
 """docs/benchmarks.md from the results of one run (the JSON beside it holds every number): the run's header, the
-machine, the targets, then the sections (report_sections.py)."""
+machine, the targets, then the sections (sections.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.report_sections import RENDER
-from benchmarks.report_tables import table
+from benchmarks.report.sections import RENDER
+from benchmarks.report.tables import table
 
 MAKE_TARGETS = {
     "python -m benchmarks --out docs": " (`make bench`)",

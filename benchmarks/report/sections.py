@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks.ledger_scale import render_ledger
-from benchmarks.report_tables import KEEP, Column, Section, columns_table, keep, model_tables, pct, table
+from benchmarks.report.tables import KEEP, Column, Section, columns_table, keep, model_tables, pct, table
+from benchmarks.serving.ledger_scale import render_ledger
 
 _TEACHER: tuple[Column, ...] = (
     KEEP,
@@ -307,11 +307,11 @@ def _precision(s: Section) -> str:
 
 
 def _serving(section: dict[str, Any]) -> str:
-    from benchmarks.serving import table
+    from benchmarks.serving.overhead import table
 
     text = "CPU microseconds per image served (server process, every thread), by stage:\n\n" + table(section["rows"])
     if section.get("client"):
-        from benchmarks.client_path import table as client_table
+        from benchmarks.serving.client_path import table as client_table
 
         text += (
             "\n\nThe client's side: CPU microseconds per image of one `TeacherClient` sending uint8 kept patches "
@@ -322,7 +322,7 @@ def _serving(section: dict[str, Any]) -> str:
 
 
 def _tenants(section: dict[str, Any]) -> str:
-    from benchmarks.tenants import table
+    from benchmarks.serving.tenants import table
 
     return table(section)
 

@@ -1,16 +1,16 @@
 """The client's side of the serving path: CPU-us per image a student's process spends to send kept patches and
-read the answer, by stage. Beside `benchmarks.serving`, the server's side.
+read the answer, by stage. Beside `benchmarks.serving.overhead`, the server's side.
 
 One `TeacherClient` in this process calls a server child (the negligible DeiT-S-geometry teacher of
-`benchmarks.serving`, float32, one torch thread) with 64-image batches of uint8 kept patches at keep 50% (75 KB an
-image), one call at a time, as `TeacherClient.infer` does in three steps, each timed by the calling thread's CPU
-clock: build (`Batch.requests`: the checks, the pixels' bytes), call (`infer_request`: serialize, gRPC's send, the
-wait, the answer's parse) and decode (`decode_response`: the logits as a tensor). "Process" is this process's whole
+`benchmarks.serving.overhead`, float32, one torch thread) with 64-image batches of uint8 kept patches at keep 50% (75 KB
+an image), one call at a time, as `TeacherClient.infer` does in three steps, each timed by the calling thread's CPU
+clock: build (`Batch.requests`: the checks, the pixels' bytes), call (`infer_request`: serialize, gRPC's send, the wait,
+the answer's parse) and decode (`decode_response`: the logits as a tensor). "Process" is this process's whole
 CPU over the calls (gRPC's own threads included). Rounds alternate between the ways the pixels go: in the messages
 and through shared memory. This process keeps glibc's malloc settings, as a user's own loop does (`student-client
 train` tunes them: docs/performance-notes.md, section 23, measures both). `make bench` runs it in its serving section.
 
-    python -m benchmarks.client_path [--batch 64] [--calls 60] [--rounds 3]
+    python -m benchmarks.serving.client_path [--batch 64] [--calls 60] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.server_proc import BenchServer
-from benchmarks.serving import KEEP, NEGLIGIBLE_TEACHER, SERVED
+from benchmarks.serving.overhead import KEEP, NEGLIGIBLE_TEACHER, SERVED
+from benchmarks.serving.server_proc import BenchServer
 from student_client.transport.client import TeacherClient
 from student_client.transport.wire import Batch, decode_response
 
@@ -86,7 +86,7 @@ def run_client_rounds(*, batch: int = 64, calls: int = 60, rounds: int = 3) -> l
 
 
 def server_settings() -> dict[str, Any]:
-    """The negligible teacher as `benchmarks.serving` serves it, float32, reading shared memory too."""
+    """The negligible teacher as `benchmarks.serving.overhead` serves it, float32, reading shared memory too."""
     return {**SERVED, "shared_memory": True}
 
 
@@ -100,7 +100,9 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.client_path", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.serving.client_path", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--calls", type=int, default=60, help="measured calls per round")
     parser.add_argument("--rounds", type=int, default=3)

@@ -2,10 +2,10 @@
 counters), and the same forward run directly in the client process. A diagnostic for docs/performance-notes.md,
 not part of `make bench`.
 
-    python -m benchmarks.serving_gap                 # server in its own process (as `make bench` runs it)
-    python -m benchmarks.serving_gap --same-process  # server inside this process (running_server)
-    python -m benchmarks.serving_gap --threads-only  # the forward on the main thread against a worker thread
-    python -m benchmarks.serving_gap --device cuda --batch 128 --keep 0.5   # on a GPU: server and direct in bf16
+    python -m benchmarks.serving.gap                 # server in its own process (as `make bench` runs it)
+    python -m benchmarks.serving.gap --same-process  # server inside this process (running_server)
+    python -m benchmarks.serving.gap --threads-only  # the forward on the main thread against a worker thread
+    python -m benchmarks.serving.gap --device cuda --batch 128 --keep 0.5   # on a GPU: server and direct in bf16
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.compute.teacher import TeacherBatch, build_teacher, make_batch
 from benchmarks.config import FULL_MODELS
-from benchmarks.teacher import TeacherBatch, build_teacher, make_batch
 from maskedkd.keep import num_keep
 from maskedkd.masked_teacher import MaskedTeacher
 
@@ -54,7 +54,7 @@ def _metric(port: int, name: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.serving.gap", description=__doc__.split("\n\n")[0])
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--same-process", action="store_true")
     mode.add_argument("--threads-only", action="store_true")
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 MaskedTeacher.forward_pixels = original  # type: ignore[method-assign]
             return 0
-        from benchmarks.server_proc import ServerPool
+        from benchmarks.serving.server_proc import ServerPool
 
         port = 9777
         with ServerPool(Path(tmp), threads=args.threads) as pool:

@@ -1,13 +1,13 @@
 """The floor of the transport: server CPU per image of a bare gRPC server answering the serving benchmark's calls.
 
-The same `Infer` messages as `benchmarks/serving.py`, sent by the same clients, to a grpc.aio server in its own
+The same `Infer` messages as `benchmarks/serving/overhead.py`, sent by the same clients, to a grpc.aio server in its own
 process that does only what any Python gRPC server must: receive and parse each request, read its pixel bytes once
 (from the message, or with `--shared-memory` out of the caller's region with one `os.pread`, as the teacher server
 reads them), and answer float32 logits of the right shape (zeros) through the generated serializer. No auth, digest,
 ledger, queue or forward. Its CPU per image is what the serving path's overhead cannot go below while requests go
 through Python gRPC on this machine; `make bench` prints it next to the teacher server's figures.
 
-    python -m benchmarks.grpc_floor --clients 2 --batch 64 --calls 40 [--shared-memory]
+    python -m benchmarks.serving.grpc_floor --clients 2 --batch 64 --calls 40 [--shared-memory]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import grpc
 
-from benchmarks.grpc_load import OPTIONS, client_load
+from benchmarks.serving.grpc_load import OPTIONS, client_load
 from benchmarks.timing import REPO, process_cpu_s
 from maskedkd.v1 import teacher_pb2 as pb
 
@@ -80,12 +80,12 @@ def floor_cpu_us(
     shared_memory: bool = False,
 ) -> float:
     """Server CPU microseconds per image of the bare server (one torch-free process) answering `per_client`
-    (`shared_memory`: the clients pass the pixels through regions, as `benchmarks/grpc_load.py` does)."""
+    (`shared_memory`: the clients pass the pixels through regions, as `benchmarks/serving/grpc_load.py` does)."""
     with tempfile.TemporaryDirectory(prefix="grpc-floor-") as tmp:
         port_file = Path(tmp) / "port"
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
         child = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.grpc_floor", "--serve", str(port_file)], cwd=REPO, env=env
+            [sys.executable, "-m", "benchmarks.serving.grpc_floor", "--serve", str(port_file)], cwd=REPO, env=env
         )
         try:
             deadline = time.monotonic() + 60
@@ -107,7 +107,9 @@ def floor_cpu_us(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.grpc_floor", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.serving.grpc_floor", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--serve", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve is not None:
         asyncio.run(_serve(args.serve))
         return 0
-    from benchmarks.serving import requests_for
+    from benchmarks.serving.overhead import requests_for
 
     per_client = [requests_for(args.batch, args.calls, seed=c) for c in range(args.clients)]
     warm = [requests_for(args.batch, 2, seed=1000 + c) for c in range(args.clients)]

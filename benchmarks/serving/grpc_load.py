@@ -1,5 +1,5 @@
-"""Clients against a teacher server, each a thread with a channel (and connection) of its own, sending its requests
-one call at a time: the load of the serving benchmarks (`benchmarks/serving.py`, `benchmarks/gpu_script.py`)."""
+"""Clients against a teacher server, each a thread with a channel (and connection) of its own, sending its requests one
+call at a time: the load of the serving benchmarks (`benchmarks/serving/overhead.py`, `benchmarks/gpu/script.py`)."""
 
 from __future__ import annotations
 

@@ -17,12 +17,12 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select, text
 
-from teacher_server.ledger import billing, database, keys, models
+from benchmarks.timing import REPO
+from teacher_server.ledger import billing, database, keys, models, quota_holds
 
 FULL_ROWS = (10_000, 1_000_000, 10_000_000)
 QUICK_ROWS = (1_000, 10_000)
@@ -34,7 +34,7 @@ CHUNK = 200_000
 
 
 def _testkit() -> Any:
-    path = Path(__file__).resolve().parents[1] / "tests" / "teacher_server" / "postgres_testkit.py"
+    path = REPO / "tests" / "teacher_server" / "postgres_testkit.py"
     spec = importlib.util.spec_from_file_location("postgres_testkit", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -92,7 +92,7 @@ def _load(sessions: Any, rows: int, already: int) -> None:
         raw.close()
 
 
-def _bill_once(sessions: Any, key_id: int, limits: billing.KeyLimits, rid: str) -> float:
+def _bill_once(sessions: Any, key_id: int, limits: quota_holds.KeyLimits, rid: str) -> float:
     payload = billing.StoredLogits(os.urandom(4 * CLASSES * IMAGES_PER_REQUEST), f"{IMAGES_PER_REQUEST},{CLASSES}")
     row = models.NewUsage(
         api_key_id=key_id,
@@ -111,7 +111,7 @@ def _bill_once(sessions: Any, key_id: int, limits: billing.KeyLimits, rid: str) 
     t0 = time.perf_counter()
     with sessions() as s:
         assert not billing.billed_before(s, api_key_id=key_id, request_id=rid)  # the serving path's lookup
-        hold, _ = billing.reserve(s, api_key_id=key_id, gflops=1.0, limits=limits)
+        hold, _ = quota_holds.reserve(s, api_key_id=key_id, gflops=1.0, limits=limits)
         assert hold is not None
         billing.bill(s, items=[billing.Billable(row, "lifetime", payload, hold)], replay_ttl_s=3600)
     return time.perf_counter() - t0
@@ -158,7 +158,7 @@ def _measure_backend(url: str, sizes: tuple[int, ...], requests: int) -> dict[st
         key_ids = [
             keys.add_api_key(s, name=f"k{i}", key_prefix="mkd_bench", key_hash=f"{i:064d}").id for i in range(KEYS)
         ]
-    limits = billing.KeyLimits(quota_gflops=1e18, quota_window="lifetime", rate_limit_gflops_per_min=None)
+    limits = quota_holds.KeyLimits(quota_gflops=1e18, quota_window="lifetime", rate_limit_gflops_per_min=None)
     rows_out, loaded = [], 0
     for n in sizes:
         _load(sessions, n, loaded)

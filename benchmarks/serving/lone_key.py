@@ -2,8 +2,8 @@
 
 A key alone is cut only into chunks of about 1 s of forward (split_requests.py), so its img/s should not depend on
 `--max-batch-ms`; a key that starts sending while it floods waits about one such chunk (performance notes, sections
-27-28). Run through `python -m benchmarks.tenants --lone-key MS,MS,... [--waking-keys N]`, against one server child
-per bound, with the tenants scenario's requests and greedy clients (tenants.py).
+27-28). Run through `python -m benchmarks.serving.tenants --lone-key MS,MS,... [--waking-keys N]`, against one server
+child per bound, with the tenants scenario's requests and greedy clients (tenants.py).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from statistics import median
 
 import grpc
 
-from benchmarks.server_proc import BenchServer
-from benchmarks.tenants import (
+from benchmarks.serving.server_proc import BenchServer
+from benchmarks.serving.tenant_loads import (
     GREEDY,
     LIGHT,
     OPTIONS,

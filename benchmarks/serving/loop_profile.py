@@ -1,13 +1,13 @@
 """The teacher server with its event loop profiled over a window the caller chooses.
 
-    python -m benchmarks.loop_profile OUT serve FLAGS...     # `teacher-server serve FLAGS...`, profiled
+    python -m benchmarks.serving.loop_profile OUT serve FLAGS...     # `teacher-server serve FLAGS...`, profiled
 
 SIGUSR1 starts cProfile on the main thread (the asyncio loop: gRPC's callbacks, the servicer, decode, digest, the
-shared-memory read); SIGUSR2 stops it and writes the pstats file OUT. The timer is the thread's CPU clock, so time
-spent waiting (in epoll, or for the GIL) counts nothing: the figures are the loop's CPU, which is what the serving
-benchmark's per-image cost sums. Python's profiler costs each call some time, so read shares, not absolute times.
-`python -m benchmarks.serving --clients 2 --batch 64 --profile-loop OUT` runs its measured load inside such a window;
-read the result with `python -m pstats OUT` (`sort tottime`, `stats 30`).
+shared-memory read); SIGUSR2 stops it and writes the pstats file OUT. The timer is the thread's CPU clock, so time spent
+waiting (in epoll, or for the GIL) counts nothing: the figures are the loop's CPU, which is what the serving benchmark's
+per-image cost sums. Python's profiler costs each call some time, so read shares, not absolute times. `python -m
+benchmarks.serving.overhead --clients 2 --batch 64 --profile-loop OUT` runs its measured load inside such a window; read
+the result with `python -m pstats OUT` (`sort tottime`, `stats 30`).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class LoopProfile:
 
 def main(argv: list[str]) -> int:
     if len(argv) < 2:
-        print("usage: python -m benchmarks.loop_profile OUT serve FLAGS...", file=sys.stderr)
+        print("usage: python -m benchmarks.serving.loop_profile OUT serve FLAGS...", file=sys.stderr)
         return 2
     LoopProfile(Path(argv[0])).install()
     from teacher_server.cli.main import main as teacher_server

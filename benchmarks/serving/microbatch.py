@@ -16,8 +16,8 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from benchmarks.compute.teacher import TeacherBatch, build_teacher, make_batch
 from benchmarks.config import BenchConfig
-from benchmarks.teacher import TeacherBatch, build_teacher, make_batch
 from maskedkd.keep import num_keep
 
 

@@ -8,9 +8,9 @@ counters before and after the load: the process's CPU time from /proc (every thr
 `maskedkd_stage_cpu_seconds_total{stage}` (the stages' CPU), per image served. The in-process forward is the same
 model's raw-pixel forward (`make_forward`, what the server runs) on one thread in this process, on uint8 rows.
 
-    python -m benchmarks.serving                   # the configurations of `make bench` (3 interleaved rounds)
-    python -m benchmarks.serving --clients 2 --batch 64 --calls 40 [--shared-memory] [--ingest-workers 2]
-    python -m benchmarks.serving --clients 2 --batch 64 --shared-memory --rounds 1 --profile-loop OUT  # loop_profile.py
+    python -m benchmarks.serving.overhead     # the configurations of `make bench` (3 interleaved rounds)
+    python -m benchmarks.serving.overhead --clients 2 --batch 64 --calls 40 [--shared-memory] [--ingest-workers 2]
+    python -m benchmarks.serving.overhead --clients 2 --batch 64 --shared-memory --rounds 1 --profile-loop OUT
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ from typing import Any
 import timm
 import torch
 
-from benchmarks.grpc_floor import floor_cpu_us
-from benchmarks.grpc_load import client_load
-from benchmarks.loop_profile import START, STOP
-from benchmarks.server_proc import BenchServer
+from benchmarks.serving.grpc_floor import floor_cpu_us
+from benchmarks.serving.grpc_load import client_load
+from benchmarks.serving.loop_profile import START, STOP
+from benchmarks.serving.server_proc import BenchServer
 from benchmarks.timing import tree_cpu_s
 from maskedkd.codec import tensor_to_proto
 from maskedkd.masked_teacher import MaskedTeacher
@@ -81,7 +81,7 @@ class ServingResult:
     overhead_us: float  # server_cpu_us - forward_cpu_us
     stages_us: dict[str, float]  # per image, the serving path's stages (forward included)
     above_forward_us: float  # server_cpu_us minus the server's own forward stage: the serving path's CPU alone
-    floor_us: float | None  # per image, a bare gRPC server answering the same calls (benchmarks/grpc_floor.py)
+    floor_us: float | None  # per image, a bare gRPC server answering the same calls (benchmarks/serving/grpc_floor.py)
     ingest_workers: int = 0  # 0: one server process; N: N ingest processes and a device process (all counted)
     ingest_gb_s: dict[str, float] | None = None  # pixel GB/s each ingest process received during the load
 
@@ -193,7 +193,7 @@ def measure(
         server.process.argv = [
             sys.executable,
             "-m",
-            "benchmarks.loop_profile",
+            "benchmarks.serving.loop_profile",
             str(profile_loop),
             *argv[argv.index("serve") :],
         ]
@@ -260,7 +260,7 @@ def run_serving_section(
 ) -> dict[str, Any]:
     """`make bench`'s serving section: `rounds` rounds, each measuring every configuration once (interleaved, so a
     slow spell of a shared machine touches them all); per configuration the median of the rounds, and each round.
-    `client_batch` > 0: then the client's side too (benchmarks/client_path.py), calls of that many images."""
+    `client_batch` > 0: then the client's side too (benchmarks/serving/client_path.py), calls of that many images."""
     runs: list[list[ServingResult]] = [[] for _ in configs]
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         for r in range(rounds):
@@ -273,7 +273,7 @@ def run_serving_section(
     rows = [_median_row(results) for results in runs]
     client: list[dict[str, Any]] = []
     if client_batch > 0:
-        from benchmarks.client_path import run_client_rounds  # it serves this module's teacher
+        from benchmarks.serving.client_path import run_client_rounds  # it serves this module's teacher
 
         client = run_client_rounds(batch=client_batch, calls=calls, rounds=rounds)
     return {
@@ -349,7 +349,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.serving.overhead", description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--calls", type=int, default=40, help="calls per client")
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=None,
         help="with --clients/--batch, one round, no ingest workers: the server's event loop profiled during the "
-        "measured load, into this pstats file (benchmarks/loop_profile.py)",
+        "measured load, into this pstats file (benchmarks/serving/loop_profile.py)",
     )
     args = parser.parse_args(argv)
     chosen = (args.clients, args.batch, args.shared_memory, args.ingest_workers)

@@ -16,14 +16,14 @@ latency in the server (receipt to answer, without the light client's own process
 but never received (its answer came after the client gave up) is "billed-undelivered"; a refused one (shed) must
 not be billed at all.
 
-    python -m benchmarks.tenants                  # 10 s alone, 10 s flood; a table on stdout (make bench: 30 s each)
-    python -m benchmarks.tenants --seconds 4 --json out.json
-    python -m benchmarks.tenants --ingest-workers 2  # the same against `serve --ingest-workers 2`
-    python -m benchmarks.tenants --light-priority interactive  # the light key in a better class than the flood's
-    python -m benchmarks.tenants --max-batch-ms 50  # batches bounded to 50 ms (the greedy calls run in more chunks)
-    python -m benchmarks.tenants --lone-key 0,100,50 --seconds 10  # a key alone at each bound (img/s; cut only at 1 s)
-    python -m benchmarks.tenants --lone-key 0,100 --teacher deit_s --waking-keys 3  # and a key starting to send
-    python -m benchmarks.tenants --dtype auto  # the teacher in bf16 where the machine computes it natively
+    python -m benchmarks.serving.tenants  # 10 s alone, 10 s flood; a table on stdout (make bench: 30 s each)
+    python -m benchmarks.serving.tenants --seconds 4 --json out.json
+    python -m benchmarks.serving.tenants --ingest-workers 2  # the same against `serve --ingest-workers 2`
+    python -m benchmarks.serving.tenants --light-priority interactive  # the light key in a better class
+    python -m benchmarks.serving.tenants --max-batch-ms 50  # batches bounded to 50 ms (the flood in more chunks)
+    python -m benchmarks.serving.tenants --lone-key 0,100,50 --seconds 10  # a key alone at each bound (img/s)
+    python -m benchmarks.serving.tenants --lone-key 0,100 --teacher deit_s --waking-keys 3  # and keys starting to send
+    python -m benchmarks.serving.tenants --dtype auto  # the teacher in bf16 where the machine computes it natively
 """
 
 from __future__ import annotations
@@ -34,165 +34,27 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections import Counter
-from dataclasses import dataclass
 from math import nan
 from pathlib import Path
 from statistics import median
 from typing import Any
 
-import grpc
-import torch
-
-from benchmarks.server_proc import BenchServer
+from benchmarks.serving.server_proc import BenchServer
+from benchmarks.serving.tenant_loads import (
+    FLOOD_START_S,
+    GREEDY,
+    LIGHT,
+    SIZING_IDS,
+    TEACHERS,
+    greedy_load,
+    light_load,
+    percentile,
+    served_settings,
+    sized_greedy_images,
+)
 from benchmarks.timing import REPO
-from maskedkd.codec import tensor_to_proto
-from maskedkd.v1 import teacher_pb2 as pb
-from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
-from student_client.transport.retry import retry_after_s
 from teacher_server.priorities import DEFAULT_PRIORITY, PRIORITIES
-
-
-@dataclass(frozen=True)
-class Teacher:
-    """A teacher the scenario can run on, and the images its requests carry."""
-
-    arch: str
-    kwargs: dict[str, Any]
-    image_px: int
-    patches: int  # in an image's grid; requests keep half of them
-
-
-ARCH = "vit_tiny_patch16_224"
-TINY = {"img_size": 32, "patch_size": 4, "num_classes": 10}
-TEACHERS = {
-    "tiny": Teacher(ARCH, TINY, 32, 64),
-    "deit_s": Teacher("deit_small_patch16_224", {}, 224, 196),  # where a forward of 256 images takes seconds on a CPU
-}
-LIGHT = {"images": 8, "every_s": 0.2, "deadline_s": 5.0}
-GREEDY = {"clients": 16, "images": 256, "deadline_s": 1.0}
-FLOOD_START_S = 60.0  # the greedy child's first answer comes within this, or the scenario fails
-SIZING_IDS = ("size-warm", "size-timed")  # the greedy key's two calls that size its calls (not the flood's)
-OPTIONS = [
-    ("grpc.max_send_message_length", 1 << 28),
-    ("grpc.max_receive_message_length", 1 << 28),
-    ("grpc.use_local_subchannel_pool", 1),  # each client a connection of its own, as separate trainers have
-]
-
-
-def infer_request(images: int, request_id: str, seed: int, teacher: Teacher = TEACHERS["tiny"]) -> pb.InferRequest:
-    g = torch.Generator().manual_seed(seed)
-    px, n = teacher.image_px, teacher.patches
-    pixels = torch.randint(0, 256, (images, 3, px, px), dtype=torch.uint8, generator=g)  # [B,C,H,W] uint8
-    keep = torch.stack([torch.randperm(n, generator=g)[: n // 2].sort().values for _ in range(images)])  # keep 50%
-    return pb.InferRequest(
-        request_id=request_id, images=tensor_to_proto(pixels), keep_indices=tensor_to_proto(keep.to(torch.int16))
-    )
-
-
-def _p(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
-
-
-def light_load(
-    address: str, api_key: str, seconds: float, tag: str, teacher: Teacher = TEACHERS["tiny"]
-) -> dict[str, Any]:
-    """The light tenant for `seconds`: latencies (ms) of its answers, and its errors by status code."""
-    metadata = (("authorization", f"Bearer {api_key}"),)
-    latencies: list[float] = []
-    errors: Counter[str] = Counter()
-    with grpc.insecure_channel(address, options=OPTIONS) as channel:
-        stub = pb_grpc.TeacherServiceStub(channel)
-        end = time.monotonic() + seconds
-        i = 0
-        next_at = time.monotonic()
-        while next_at < end:
-            time.sleep(max(0.0, next_at - time.monotonic()))
-            request = infer_request(LIGHT["images"], f"light-{tag}-{i}", seed=i, teacher=teacher)
-            started = time.perf_counter()
-            try:
-                stub.Infer(request, metadata=metadata, timeout=LIGHT["deadline_s"])
-                latencies.append((time.perf_counter() - started) * 1e3)
-            except grpc.RpcError as err:
-                errors[err.code().name] += 1
-            i += 1
-            next_at += LIGHT["every_s"]
-    return {
-        "sent": i,
-        "answered": len(latencies),
-        "p50_ms": median(latencies) if latencies else float("nan"),
-        "p99_ms": _p(latencies, 0.99),
-        "errors": dict(errors),
-    }
-
-
-def greedy_load(
-    address: str,
-    api_key: str,
-    seconds: float,
-    images: int,
-    *,
-    clients: int = GREEDY["clients"],
-    deadline_s: float = GREEDY["deadline_s"],
-    tag: str = "greedy",
-    teacher: Teacher = TEACHERS["tiny"],
-    running: Path | None = None,
-) -> dict[str, Any]:
-    """The greedy tenant (the child process's body): every client sends back to back until `seconds` pass. Request
-    ids start with `tag` (unique per load on one server: a repeated id would be answered from the ledger). With
-    `running`: the `seconds` count from the first answer, when this file is written (the flood is on)."""
-    metadata = (("authorization", f"Bearer {api_key}"),)
-    lock = threading.Lock()
-    received: list[str] = []
-    codes: Counter[str] = Counter()
-    sent = [0]
-    base = infer_request(images, "", seed=7, teacher=teacher)
-    end = time.monotonic() + (FLOOD_START_S if running else seconds)
-
-    def answered() -> None:  # under `lock`
-        nonlocal end
-        if running is not None and not received:
-            end = time.monotonic() + seconds
-            running.write_text("on")
-
-    def client(c: int) -> None:
-        with grpc.insecure_channel(address, options=OPTIONS) as channel:
-            stub = pb_grpc.TeacherServiceStub(channel)
-            i = 0
-            while time.monotonic() < end:
-                request = pb.InferRequest()
-                request.CopyFrom(base)
-                request.request_id = f"{tag}-{c}-{i}"
-                i += 1
-                wait = 0.0
-                try:
-                    stub.Infer(request, metadata=metadata, timeout=deadline_s)
-                    code = "OK"
-                except grpc.RpcError as err:
-                    code = err.code().name
-                    wait = retry_after_s(err) or 0.0
-                with lock:
-                    sent[0] += 1
-                    codes[code] += 1
-                    if code == "OK":
-                        answered()
-                        received.append(request.request_id)
-                time.sleep(min(wait, max(0.0, end - time.monotonic())))  # a refusal's RetryInfo, as the library does
-
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return {"sent": sent[0], "codes": dict(codes), "received": received}
-
-
-def served_settings(dtype: str, teacher: Teacher = TEACHERS["tiny"], **more: Any) -> dict[str, Any]:
-    """How `teacher` is served here: in `dtype`, otherwise at the server's defaults but for `more`."""
-    return {"model": teacher.arch, "model_kwargs": teacher.kwargs, "dtype": dtype, **more}
 
 
 def billed_ids(db_url: str, key: str) -> set[str]:
@@ -214,7 +76,7 @@ def server_latencies(db_url: str, key: str, prefix: str) -> dict[str, float]:
             (key, prefix + "%"),
         ).fetchall()
     latencies = [float(r[0]) for r in rows]
-    return {"server_p50_ms": median(latencies) if latencies else nan, "server_p99_ms": _p(latencies, 0.99)}
+    return {"server_p50_ms": median(latencies) if latencies else nan, "server_p99_ms": percentile(latencies, 0.99)}
 
 
 def run_tenants(
@@ -254,7 +116,7 @@ def run_tenants(
             out, running = work / "greedy.json", work / "greedy.running"
             child = ["--greedy", server.address, server.api_key, "--seconds", str(seconds + 1.0), "--json", str(out)]
             child += ["--greedy-images", str(greedy_images), "--teacher", teacher, "--running", str(running)]
-            greedy_proc = subprocess.Popen([sys.executable, "-m", "benchmarks.tenants", *child], cwd=REPO)
+            greedy_proc = subprocess.Popen([sys.executable, "-m", "benchmarks.serving.tenants", *child], cwd=REPO)
             _wait_for_flood(running, greedy_proc)
             flood = light_load(server.address, light_key, seconds, "flood", TEACHERS[teacher])
             greedy_proc.wait(timeout=seconds + 120)
@@ -298,24 +160,6 @@ def _wait_for_flood(running: Path, child: subprocess.Popen[bytes]) -> None:
     time.sleep(0.5)  # every greedy client has a call queued by now (each sends as soon as its last one returned)
 
 
-def sized_greedy_images(server: BenchServer, teacher: Teacher) -> int:
-    """Images per greedy call on this machine: as many as the teacher answers in a quarter of the greedy deadline, by
-    the second of two calls of GREEDY's 256 images sent alone (no deadline), at most 256 and at least 8."""
-    most = GREEDY["images"]
-    with grpc.insecure_channel(server.address, options=OPTIONS) as channel:
-        stub = pb_grpc.TeacherServiceStub(channel)
-        for request_id in SIZING_IDS:  # the first one warms the teacher up for this size
-            seconds = timed_call(stub, server.api_key, infer_request(most, request_id, seed=7, teacher=teacher))
-    return int(max(8, min(most, most * GREEDY["deadline_s"] / 4 / seconds)))
-
-
-def timed_call(stub: pb_grpc.TeacherServiceStub, api_key: str, request: pb.InferRequest) -> float:
-    """Seconds to the answer of one call of `api_key` (no deadline but a 120 s guard)."""
-    started = time.perf_counter()
-    stub.Infer(request, metadata=(("authorization", f"Bearer {api_key}"),), timeout=120.0)
-    return time.perf_counter() - started
-
-
 def table(result: dict[str, Any]) -> str:
     light, greedy = result["light"], result["greedy"]
     codes = ", ".join(f"{k} {v}" for k, v in sorted(greedy["codes"].items()))
@@ -339,7 +183,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.tenants", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.serving.tenants", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="of each phase (alone, flood)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument(
@@ -384,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(result))
         return 0
     if args.lone_key:
-        from benchmarks.lone_key import lone_key_rates, rates_table  # it builds on this module's scenario parts
+        from benchmarks.serving.lone_key import lone_key_rates, rates_table  # it builds on this module's scenario parts
 
         try:
             bounds = [float(x) for x in args.lone_key.split(",")]

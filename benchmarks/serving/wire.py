@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
+from benchmarks.compute.teacher import build_teacher
 from benchmarks.config import KEEPS, BenchConfig
-from benchmarks.teacher import build_teacher
 from maskedkd.keep import num_keep
 from student_client.transport.wire import ModelInfo, build_request, new_request_id
 

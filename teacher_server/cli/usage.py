@@ -101,14 +101,14 @@ def add_usage_command(sub: Any) -> None:
 
 
 def run_usage(args: argparse.Namespace) -> int:
-    from teacher_server.ledger import models, reports, usage_report
+    from teacher_server.ledger import models, report_series, reports, usage_report
 
     sessions = open_sessions(args.db, must_exist=True)
     with sessions() as session:
         try:
             if args.csv:
                 reports.check_key_exists(session, key_name=args.key)
-                usage_report.write_usage_csv(reports.usage_by_day(session, key_name=args.key), sys.stdout)
+                usage_report.write_usage_csv(report_series.usage_by_day(session, key_name=args.key), sys.stdout)
                 return 0
             report = usage_report.usage_by_key(session, key_name=args.key)
         except models.LedgerError as exc:

@@ -1,5 +1,5 @@
 """Ragged micro-batches packed without padding: `teacher-server serve --mixed-k pack` (measured against bucketing
-and padding by benchmarks/teacher_server/bench_mixed_k.py).
+and padding by benchmarks/compute/mixed_k.py).
 
 Packed: every row's tokens (prefix + its K kept patches) in one [T, D] sequence, T = sum of the rows' lengths. The
 norms, qkv, attention output projection and MLP run once over all T tokens (one GEMM each, no padding); attention
@@ -8,8 +8,8 @@ plain [G, n, ...] view and uses fused SDPA. Bucketing instead runs the whole mod
 Only plain ViT blocks with a class-token head (timm `Block`, `global_pool="token"`) are covered; other teachers
 fall back to bucketing (`supports_packing`).
 
-Measured 2026-11-29 on the 2-core EPYC, `bench_mixed_k.py --quick --reps 3` (vit_tiny 32px/4px, 64 images, counts
-from {16, 32, 48, 64}, float32, best of 3), on a machine shared with other work:
+Measured 2026-11-29 on the 2-core EPYC, `python -m benchmarks.compute.mixed_k --quick --reps 3` (vit_tiny 32px/4px, 64
+images, counts from {16, 32, 48, 64}, float32, best of 3), on a machine shared with other work:
   load ~8: wall bucket 8925 / pad 5627 / packed 6668 ms; CPU time bucket 4258 / pad 2177 / packed 2178 ms
   load ~5: wall bucket 7516 / pad 5501 / packed 5772 ms; CPU time bucket 3585 / pad 2249 / packed 2370 ms
 max |diff| against bucketing: pad 6e-7..9e-7, packed 0. Under contention fewer, larger calls win (packed beats

@@ -19,7 +19,6 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from teacher_server.ledger.billing import ensure_counter
 from teacher_server.ledger.models import (
     ApiKey,
     DuplicateKeyNameError,
@@ -28,6 +27,7 @@ from teacher_server.ledger.models import (
     UsageRecord,
     utcnow,
 )
+from teacher_server.ledger.quota_holds import ensure_counter
 from teacher_server.ledger.quota_windows import QUOTA_WINDOWS, QuotaWindow, window_start
 from teacher_server.priorities import PRIORITIES
 

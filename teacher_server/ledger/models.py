@@ -3,9 +3,9 @@
 Exactly-once billing rests on the unique (api_key_id, request_id) constraint of `usage`: a row is only ever inserted
 once, and a retry finds it and is answered from it when its content digest matches (replay payloads live in their own
 table, `replay_payloads`, kept for a retention window; billing rows are kept forever). Per-key running totals and the
-quota/rate-limit counters live in `key_counters` (billing.py); the schema is migrated by Alembic (migrate.py,
-migrations/). The dashboard reads these same tables. The data-access modules beside this one take a `Session` and
-keyword-only arguments; the caller owns the transaction unless a function says it commits.
+quota/rate-limit counters live in `key_counters` (quota_holds.py, billing.py); the schema is migrated by Alembic
+(migrate.py, migrations/). The dashboard reads these same tables. The data-access modules beside this one take a
+`Session` and keyword-only arguments; the caller owns the transaction unless a function says it commits.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class ReplayPayload(Base):
 
 class KeyCounter(Base):
     """One row per key: running totals of its usage rows (updated in the same transaction as each row) and the
-    counters its quota and rate limit are checked against with one conditional UPDATE (billing.py)."""
+    counters its quota and rate limit are checked against with one conditional UPDATE (quota_holds.py)."""
 
     __tablename__ = "key_counters"
 

@@ -1,7 +1,7 @@
-"""Every read query of the ledger's usage, one function per question, each returning rows of its own dataclass:
-totals per key, the prices and currencies each key was billed at, usage per purpose (training targets '' and the
-client's `probe` requests apart), per UTC day with its probe share, per time bucket, refused calls per day, and the
-most recent requests. usage_report.py assembles them into the reports `teacher-server usage` and the dashboard show.
+"""The ledger's usage queries per key, one function per question, each returning rows of its own dataclass: totals
+per key, the prices and currencies each key was billed at, and usage per purpose (training targets '' and the client's
+`probe` requests apart); and the query building they share with report_series.py (the same usage over time).
+usage_report.py assembles them into the reports `teacher-server usage` and the dashboard show.
 
 Money is reported as billed: the price and currency come from the usage rows, never from the server's current
 settings; rows billed before revision 0003 have no recorded currency and are reported as UNKNOWN_CURRENCY.
@@ -13,18 +13,14 @@ docstrings, which pydantic turns into the API's field descriptions.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import BigInteger, ColumnElement, Result, Select, and_, case, func, select
-from sqlalchemy.ext.compiler import compiles
+from sqlalchemy import ColumnElement, Result, Select, and_, func, select
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.expression import FunctionElement
 
-from maskedkd.purpose import PROBE
-from teacher_server.ledger.models import ApiKey, KeyCounter, Refusal, UnknownKeyNameError, UsageRecord, as_utc
+from teacher_server.ledger.models import ApiKey, KeyCounter, UnknownKeyNameError, UsageRecord, as_utc
 
-DAY_S = 86400
 UNKNOWN_CURRENCY = "unknown"  # how reports name the currency of rows billed before it was recorded
 DOCUMENTED = {"use_attribute_docstrings": True}  # pydantic: a field's docstring is its description in the API
 AnySelect = TypeVar("AnySelect", bound=Select[*tuple[Any, ...]])
@@ -52,11 +48,11 @@ def check_key_exists(session: Session, *, key_name: str | None) -> None:
         raise UnknownKeyNameError(f"no API key named {key_name!r}")
 
 
-def _of_key(stmt: AnySelect, key_name: str | None) -> AnySelect:
+def of_key(stmt: AnySelect, key_name: str | None) -> AnySelect:
     return stmt if key_name is None else stmt.where(ApiKey.name == key_name)
 
 
-def _usage_of_keys(*columns: Any, since: datetime | None, until: datetime | None) -> Select[*tuple[Any, ...]]:
+def usage_of_keys(*columns: Any, since: datetime | None, until: datetime | None) -> Select[*tuple[Any, ...]]:
     """SELECT columns FROM usage rows in [since, until) joined with their keys."""
     return (
         select(*columns)
@@ -66,11 +62,11 @@ def _usage_of_keys(*columns: Any, since: datetime | None, until: datetime | None
     )
 
 
-_USAGE_SUMS = ("images", "tokens", "gflops", "full_gflops", "cost")  # what each usage row adds up
+USAGE_SUMS = ("images", "tokens", "gflops", "full_gflops", "cost")  # what each usage row adds up
 _INT_SUMS = frozenset({"requests", "images", "tokens", "probe_requests"})  # the other sums are floats
 
 
-def _sums(*columns: str, zero_when_empty: bool = False) -> list[Any]:
+def sum_columns(*columns: str, zero_when_empty: bool = False) -> list[Any]:
     """The row count labelled "requests", then the sum of each named UsageRecord column labelled with its name
     (0 instead of NULL for a group without usage rows when `zero_when_empty`)."""
     sums: list[Any] = [func.count(UsageRecord.id).label("requests")]
@@ -82,12 +78,12 @@ def _sums(*columns: str, zero_when_empty: bool = False) -> list[Any]:
     return sums
 
 
-def _sum_values(row: Any, *labels: str) -> dict[str, Any]:
+def sum_values(row: Any, *labels: str) -> dict[str, Any]:
     """The labelled sums of a result row as ints (counts, images, tokens) or floats (GFLOPs, cost), None as 0."""
     return {label: (int if label in _INT_SUMS else float)(getattr(row, label) or 0) for label in labels}
 
 
-def _usage_groups(
+def usage_groups(
     session: Session,
     groups: tuple[Any, ...],
     sums: list[Any],
@@ -98,46 +94,13 @@ def _usage_groups(
     key_name: str | None,
 ) -> Result[Any]:
     """The usage rows in [since, until) (of the key `key_name` when given) grouped by the columns `groups`, in the
-    order `order_by`: per group the `groups` columns, then the `sums` (aggregate columns, such as `_sums`)."""
-    stmt = _usage_of_keys(*groups, *sums, since=since, until=until).group_by(*groups).order_by(*order_by)
-    return session.execute(_of_key(stmt, key_name))
+    order `order_by`: per group the `groups` columns, then the `sums` (aggregate columns, such as `sum_columns`)."""
+    stmt = usage_of_keys(*groups, *sums, since=since, until=until).group_by(*groups).order_by(*order_by)
+    return session.execute(of_key(stmt, key_name))
 
 
 def currency_name(currency: str | None) -> str:
     return UNKNOWN_CURRENCY if currency is None else currency
-
-
-def _utc_day(epoch_s: Any) -> date:
-    return datetime.fromtimestamp(int(epoch_s), UTC).date()
-
-
-class bucket_start_epoch(FunctionElement[int]):  # noqa: N801 - named like the SQL function it compiles to
-    """Epoch seconds of the start of the `width_s`-second bucket holding a timestamp column (UTC)."""
-
-    type = BigInteger()
-    inherit_cache = False  # `width_s` is rendered as a literal, so statements with different widths differ
-
-    def __init__(self, column: Any, width_s: int) -> None:
-        self.width_s = int(width_s)
-        super().__init__(column)
-
-
-@compiles(bucket_start_epoch, "sqlite")
-def _bucket_sqlite(element: bucket_start_epoch, compiler: Any, **kw: Any) -> str:
-    column = compiler.process(element.clauses, **kw)
-    width = element.width_s
-    # strftime('%s') of SQLAlchemy's stored 'YYYY-MM-DD HH:MM:SS.ffffff' (UTC) rounds to the nearest millisecond
-    # first, so 23:59:59.9996 would land in the next second, minute, hour and day; its first 19 characters are the
-    # whole seconds, floored as Postgres and Python floor them
-    return f"((CAST(strftime('%s', substr({column}, 1, 19)) AS INTEGER) / {width}) * {width})"
-
-
-@compiles(bucket_start_epoch)
-def _bucket_default(element: bucket_start_epoch, compiler: Any, **kw: Any) -> str:
-    column = compiler.process(element.clauses, **kw)
-    width = element.width_s
-    # Postgres: EXTRACT(EPOCH) of a timestamptz is true epoch seconds; of a naive timestamp, as if it were UTC
-    return f"CAST(FLOOR(EXTRACT(EPOCH FROM {column}) / {width}) * {width} AS BIGINT)"
 
 
 @dataclass(frozen=True)
@@ -173,7 +136,7 @@ def usage_totals(
             ApiKey.created_at,
             ApiKey.quota_gflops,
             ApiKey.price_per_gflop,
-            *_sums(*_USAGE_SUMS, zero_when_empty=True),
+            *sum_columns(*USAGE_SUMS, zero_when_empty=True),
             func.max(UsageRecord.created_at).label("last_used_at"),
         )
         .select_from(ApiKey)
@@ -190,7 +153,7 @@ def usage_totals(
         .order_by(ApiKey.name)
     )
     totals = []
-    for r in session.execute(_of_key(stmt, key_name)):
+    for r in session.execute(of_key(stmt, key_name)):
         last_used = r.last_used_at
         if isinstance(last_used, str):  # SQLite returns max() of a DATETIME column as its stored text
             last_used = datetime.fromisoformat(last_used)
@@ -202,7 +165,7 @@ def usage_totals(
                 created_at=as_utc(r.created_at),
                 quota_gflops=r.quota_gflops,
                 price_per_gflop=r.price_per_gflop,
-                **_sum_values(r, "requests", *_USAGE_SUMS),
+                **sum_values(r, "requests", *USAGE_SUMS),
                 last_used_at=as_utc(last_used) if last_used else None,
             )
         )
@@ -232,13 +195,15 @@ def billed_prices(
     """Per key, the distinct (price, currency) its rows in [since, until) were billed at, ordered by key."""
     prices = (ApiKey.name.label("key"), UsageRecord.price_per_gflop, UsageRecord.currency)
     order = (ApiKey.name, UsageRecord.currency, UsageRecord.price_per_gflop)
-    rows = _usage_groups(session, prices, _sums("gflops", "cost"), order, since=since, until=until, key_name=key_name)
+    rows = usage_groups(
+        session, prices, sum_columns("gflops", "cost"), order, since=since, until=until, key_name=key_name
+    )
     return [
         BilledPrice(
             key=r.key,
             price_per_gflop=r.price_per_gflop,
             currency=currency_name(r.currency),
-            **_sum_values(r, "requests", "gflops", "cost"),
+            **sum_values(r, "requests", "gflops", "cost"),
         )
         for r in rows
     ]
@@ -270,161 +235,10 @@ def usage_by_purpose(
     """Per key, the totals of its rows in [since, until) per (purpose, currency), ordered by key and purpose."""
     purposes = (ApiKey.name.label("key"), UsageRecord.purpose, UsageRecord.currency)
     order = (ApiKey.name, UsageRecord.purpose, UsageRecord.currency)
-    rows = _usage_groups(session, purposes, _sums(*_USAGE_SUMS), order, since=since, until=until, key_name=key_name)
+    rows = usage_groups(session, purposes, sum_columns(*USAGE_SUMS), order, since=since, until=until, key_name=key_name)
     return [
         PurposeUsage(
-            key=r.key, purpose=r.purpose, currency=currency_name(r.currency), **_sum_values(r, "requests", *_USAGE_SUMS)
+            key=r.key, purpose=r.purpose, currency=currency_name(r.currency), **sum_values(r, "requests", *USAGE_SUMS)
         )
         for r in rows
-    ]
-
-
-@dataclass(frozen=True)
-class DayUsage:
-    """One key's usage on one UTC day at one price and currency (as billed); probe_* are the part of its requests,
-    GFLOPs and cost sent with purpose 'probe'."""
-
-    __pydantic_config__ = DOCUMENTED
-
-    day: date
-    key: str
-    currency: str
-    """'unknown' for rows billed before the currency was recorded"""
-    price_per_gflop: float | None
-    requests: int
-    images: int
-    tokens: int
-    gflops: float
-    full_gflops: float
-    cost: float
-    probe_requests: int
-    probe_gflops: float
-    probe_cost: float
-
-
-def _probe_sum(column: Any) -> Any:
-    return func.sum(case((UsageRecord.purpose == PROBE, column), else_=0))
-
-
-def usage_by_day(
-    session: Session, *, since: datetime | None = None, until: datetime | None = None, key_name: str | None = None
-) -> list[DayUsage]:
-    """Non-empty (UTC day, key, currency, price) cells of the rows in [since, until), ordered by day and key."""
-    day = bucket_start_epoch(UsageRecord.created_at, DAY_S).label("day")
-    days = (day, ApiKey.name.label("key"), UsageRecord.currency, UsageRecord.price_per_gflop)
-    sums = [
-        *_sums(*_USAGE_SUMS),
-        _probe_sum(1).label("probe_requests"),
-        _probe_sum(UsageRecord.gflops).label("probe_gflops"),
-        _probe_sum(UsageRecord.cost).label("probe_cost"),
-    ]
-    order = (day, ApiKey.name, UsageRecord.currency, UsageRecord.price_per_gflop)
-    rows = _usage_groups(session, days, sums, order, since=since, until=until, key_name=key_name)
-    return [
-        DayUsage(
-            day=_utc_day(r.day),
-            key=r.key,
-            currency=currency_name(r.currency),
-            price_per_gflop=r.price_per_gflop,
-            **_sum_values(r, "requests", *_USAGE_SUMS),
-            **_sum_values(r, "probe_requests", "probe_gflops", "probe_cost"),
-        )
-        for r in rows
-    ]
-
-
-@dataclass(frozen=True)
-class DayRefusals:
-    """Calls refused on one UTC day for one reason, for one key."""
-
-    __pydantic_config__ = DOCUMENTED
-
-    day: date
-    key: str | None
-    """null: refused before a key was known"""
-    reason: str
-    """auth, quota, rate_limit or invalid"""
-    count: int
-
-
-def refusals_by_day(
-    session: Session, *, since: datetime | None = None, until: datetime | None = None, key_name: str | None = None
-) -> list[DayRefusals]:
-    """Refusal counters of the days that overlap [since, until), ordered by day, key and reason."""
-    stmt = (
-        select(Refusal.day_start, ApiKey.name.label("key"), Refusal.reason, Refusal.count.label("calls"))
-        .select_from(Refusal)
-        .outerjoin(ApiKey, ApiKey.id == Refusal.api_key_id)
-        .order_by(Refusal.day_start, ApiKey.name, Refusal.reason)
-    )
-    if since is not None:
-        stmt = stmt.where(Refusal.day_start > int(as_utc(since).timestamp()) - DAY_S)
-    if until is not None:
-        stmt = stmt.where(Refusal.day_start < int(as_utc(until).timestamp()))
-    return [
-        DayRefusals(day=_utc_day(r.day_start), key=r.key, reason=r.reason, count=int(r.calls))
-        for r in session.execute(_of_key(stmt, key_name))
-    ]
-
-
-@dataclass(frozen=True)
-class UsageBucket:
-    """Usage of one key in one time bucket."""
-
-    key: str
-    start_epoch: int  # UTC epoch seconds of the bucket start
-    requests: int
-    images: int
-    gflops: float
-    full_gflops: float
-    cost: float
-
-
-def usage_by_bucket(
-    session: Session,
-    *,
-    width_s: int,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    key_name: str | None = None,
-) -> list[UsageBucket]:
-    """Non-empty (key, bucket) cells in [since, until), ordered by bucket then key."""
-    bucket = bucket_start_epoch(UsageRecord.created_at, width_s).label("start_epoch")
-    summed = ("images", "gflops", "full_gflops", "cost")
-    cells, order = (ApiKey.name.label("key"), bucket), (bucket, ApiKey.name)
-    rows = _usage_groups(session, cells, _sums(*summed), order, since=since, until=until, key_name=key_name)
-    return [UsageBucket(key=r.key, start_epoch=int(r.start_epoch), **_sum_values(r, "requests", *summed)) for r in rows]
-
-
-@dataclass(frozen=True)
-class RecentRequest:
-    key: str
-    latency_ms: float
-    queue_ms: float
-    images: int
-    batch_images: int
-
-
-def recent_requests(
-    session: Session, *, limit: int, since: datetime | None = None, key_name: str | None = None
-) -> list[RecentRequest]:
-    """The last `limit` usage rows (newest first), optionally only after `since` and of one key."""
-    stmt = _usage_of_keys(
-        ApiKey.name.label("key"),
-        UsageRecord.latency_ms,
-        UsageRecord.queue_ms,
-        UsageRecord.images,
-        UsageRecord.batch_images,
-        since=since,
-        until=None,
-    ).order_by(UsageRecord.id.desc())
-    return [
-        RecentRequest(
-            key=r.key,
-            latency_ms=float(r.latency_ms),
-            queue_ms=float(r.queue_ms),
-            images=int(r.images),
-            batch_images=int(r.batch_images),
-        )
-        for r in session.execute(_of_key(stmt, key_name).limit(limit))
     ]

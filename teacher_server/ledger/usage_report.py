@@ -1,5 +1,6 @@
-"""The usage reports, assembled from the queries of reports.py: totals per key with the prices billed, what each
-purpose cost and the calls refused (`usage_by_key`), and usage and refusals per UTC day (`daily_usage`, and its CSV).
+"""The usage reports, assembled from the queries of reports.py and report_series.py: totals per key with the prices
+billed, what each purpose cost and the calls refused (`usage_by_key`), and usage and refusals per UTC day
+(`daily_usage`, and its CSV).
 
 One set of types for every reader: `teacher-server usage --json` prints the `keys` of a UsageByKey and the dashboard's
 /api/usage/keys answers the whole of it, both serialized by pydantic from these dataclasses, so the two agree field
@@ -20,16 +21,13 @@ from sqlalchemy.orm import Session
 
 from maskedkd.purpose import PROBE
 from teacher_server.ledger.models import as_utc
+from teacher_server.ledger.report_series import DayRefusals, DayUsage, refusals_by_day, usage_by_day
 from teacher_server.ledger.reports import (
     DOCUMENTED,
     BilledPrice,
-    DayRefusals,
-    DayUsage,
     PurposeUsage,
     billed_prices,
     check_key_exists,
-    refusals_by_day,
-    usage_by_day,
     usage_by_purpose,
     usage_totals,
 )

@@ -11,7 +11,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from teacher_server.errors import AuthenticationError
 from teacher_server.ledger import keys
-from teacher_server.ledger.billing import KeyLimits, unavailable_on_transient_errors
+from teacher_server.ledger.billing import unavailable_on_transient_errors
+from teacher_server.ledger.quota_holds import KeyLimits
 from teacher_server.ledger.quota_windows import QuotaWindow
 
 

@@ -19,8 +19,9 @@ from teacher_server.engine.answers import Answer
 from teacher_server.engine.batch_job import BatchJob, BatchStats
 from teacher_server.engine.metering import MeteredUsage
 from teacher_server.errors import ReplayExpiredError, RequestIdReusedError, ServiceError
-from teacher_server.ledger import billing, models
-from teacher_server.ledger.billing import Hold, LimitState, unavailable_on_transient_errors
+from teacher_server.ledger import billing, models, quota_holds
+from teacher_server.ledger.billing import unavailable_on_transient_errors
+from teacher_server.ledger.quota_holds import Hold, LimitState
 from teacher_server.metrics import ServerMetrics
 from teacher_server.service.auth import KeyInfo
 from teacher_server.service.content_digest import RequestDigest
@@ -142,17 +143,19 @@ class Biller:
                 return None
             outcome = outcome_from_stored(*found, digest, accept_billed=accept_billed, images=images)
             if key.limits.limited:
-                outcome = replace(outcome, limits=billing.limit_state(session, api_key_id=key.id, limits=key.limits))
+                outcome = replace(
+                    outcome, limits=quota_holds.limit_state(session, api_key_id=key.id, limits=key.limits)
+                )
             return outcome
 
     def reserve(self, key: KeyInfo, gflops: float) -> tuple[Hold | None, LimitState]:
         with unavailable_on_transient_errors(), self._sessions() as session:
-            return billing.reserve(session, api_key_id=key.id, gflops=gflops, limits=key.limits)
+            return quota_holds.reserve(session, api_key_id=key.id, gflops=gflops, limits=key.limits)
 
     def release(self, hold: Hold) -> None:
         try:
             with unavailable_on_transient_errors(), self._sessions() as session:
-                billing.release(session, holds=[hold])
+                quota_holds.release(session, holds=[hold])
         except Exception:  # the hold expires and the periodic purge gives it back
             log.warning("could not release quota hold %d now; the purge will", hold.id, exc_info=True)
 
@@ -223,4 +226,4 @@ class Biller:
     def limit_state(self, key: KeyInfo) -> LimitState:
         """The key's quota/rate-limit state now."""
         with unavailable_on_transient_errors(), self._sessions() as session:
-            return billing.limit_state(session, api_key_id=key.id, limits=key.limits)
+            return quota_holds.limit_state(session, api_key_id=key.id, limits=key.limits)

@@ -4,7 +4,7 @@ Exactly-once, bound to content: a request with a client `request_id` carries a c
 When (key, request_id) is stored in the ledger (also after a restart) or in flight, the same digest is replayed
 (unbilled, `replayed=true`) and another digest is refused with ALREADY_EXISTS; a stored request whose replay payload
 expired is refused with FAILED_PRECONDITION. The unique ledger constraint settles anything else (another server).
-Quota and rate limit: admitted by one conditional UPDATE in the ledger before the forward (billing.reserve),
+Quota and rate limit: admitted by one conditional UPDATE in the ledger before the forward (quota_holds.reserve),
 held until the usage row commits, so requests on any number of servers never overshoot together.
 
 Overload and deadlines, cheapest refusal first (each unbilled, counted as a refusal): a key whose queue is full is
@@ -32,7 +32,7 @@ from teacher_server.engine.decode import DecodedInput, Pixels, declared_bytes, d
 from teacher_server.engine.metering import MeteredUsage
 from teacher_server.engine.served_model import ServedModel
 from teacher_server.errors import MIN_RETRY_S, InvalidRequestError, ReplayExpiredError, RequestIdReusedError
-from teacher_server.ledger.billing import Hold, LimitState
+from teacher_server.ledger.quota_holds import Hold, LimitState
 from teacher_server.metrics import ServerMetrics
 from teacher_server.service.auth import KeyInfo
 from teacher_server.service.biller import Biller, BillingContext, InferOutcome, reused_error

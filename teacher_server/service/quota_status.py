@@ -17,7 +17,7 @@ from __future__ import annotations
 from google.rpc import error_details_pb2
 
 from teacher_server.errors import DeadlineUnmetError, OverloadedError, QuotaExceededError, retry_info
-from teacher_server.ledger.billing import LimitState
+from teacher_server.ledger.quota_holds import LimitState
 from teacher_server.service.auth import KeyInfo
 
 

@@ -12,8 +12,8 @@ the region once, where the bytes path views them in the message (pixels_in_place
 request is the same request as one carrying the same bytes in `data` (decoded, checked, digested, billed, replayed
 alike), and the caller may change the region as soon as it has its answer. The copy is `os.pread`, not a mapping: a
 caller shrinking its region while the server read a mapping of it would fault the server. Measured with `python -m
-benchmarks.serving` (docs/performance-notes.md section 8): ~30 us of server CPU an image less than the same bytes in
-the message, the gRPC transport of 75 KB (before the message's pixels were viewed in place; section 19).
+benchmarks.serving.overhead` (docs/performance-notes.md section 8): ~30 us of server CPU an image less than the same
+bytes in the message, the gRPC transport of 75 KB (before the message's pixels were viewed in place; section 19).
 """
 
 from __future__ import annotations

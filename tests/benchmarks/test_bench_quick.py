@@ -13,8 +13,8 @@ import torch
 
 from benchmarks.cli import SECTIONS, main
 from benchmarks.config import KEEPS, QUICK
-from benchmarks.gpu import NOT_RUN, run_gpu_section, spec_peak_tflops
-from benchmarks.report import render
+from benchmarks.gpu.forward import NOT_RUN, run_gpu_section, spec_peak_tflops
+from benchmarks.report.document import render
 
 # Ray / subprocess end-to-end: `make test` starts slow modules first
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.slow]

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.flopcheck import flop_counter
+from benchmarks.compute.flopcheck import flop_counter
 
 pytestmark = pytest.mark.dtype("float32")  # one float32 attention call, on the CPU
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from benchmarks.cli import main
-from benchmarks.gpu_plan import CUDA_TEST_FILES
+from benchmarks.gpu.plan import CUDA_TEST_FILES
 
 pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
 
@@ -72,7 +72,7 @@ def test_a_run_killed_after_a_step_leaves_the_report_of_the_steps_it_finished(
     """A lent GPU machine kills a command at its time limit: the report and its JSON are written after every step, so
     what ran comes back. The run is stopped as the server step starts (a KeyboardInterrupt: a signal, not an error the
     step would record); the CUDA tests step is left out (the dry run above runs it)."""
-    from benchmarks import gpu_script
+    from benchmarks.gpu import script as gpu_script
 
     def killed(*_args: object, **_kwargs: object) -> None:
         raise KeyboardInterrupt

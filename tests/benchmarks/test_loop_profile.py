@@ -1,5 +1,5 @@
-"""`benchmarks.loop_profile`: the profile covers the window between the two signals, on the main thread's CPU clock,
-and is written whole when it ends (CPU; no tensors)."""
+"""`benchmarks.serving.loop_profile`: the profile covers the window between the two signals, on the main thread's CPU
+clock, and is written whole when it ends (CPU; no tensors)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.loop_profile import START, STOP, LoopProfile, main
+from benchmarks.serving.loop_profile import START, STOP, LoopProfile, main
 
 pytestmark = pytest.mark.dtype("float32")  # no tensors: the mark every test carries
 
@@ -67,4 +67,4 @@ def test_stop_without_start_writes_nothing(tmp_path: Path, restored_handlers: No
 def test_without_a_command_it_says_how_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["out.prof"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("usage: python -m benchmarks.loop_profile OUT serve")
+    assert len(err) == 1 and err[0].startswith("usage: python -m benchmarks.serving.loop_profile OUT serve")

@@ -1,10 +1,10 @@
-"""`python -m benchmarks.shapes`: bad arguments are one line on stderr and exit 2, before any model is built."""
+"""`python -m benchmarks.compute.shapes`: bad arguments are one line on stderr and exit 2, before any model is built."""
 
 from __future__ import annotations
 
 import pytest
 
-from benchmarks.shapes import main
+from benchmarks.compute.shapes import main
 
 pytestmark = pytest.mark.dtype("none")
 
@@ -22,4 +22,4 @@ def test_bad_arguments_are_one_line(argv: list[str], says: str, capsys: pytest.C
         main(argv)
     assert exit_info.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("python -m benchmarks.shapes: error: ") and says in last
+    assert last.startswith("python -m benchmarks.compute.shapes: error: ") and says in last

@@ -1,5 +1,5 @@
-"""`python -m benchmarks.student_attention`: times each (precision, fused attention) variant of a student's step and
-forward, and leaves the model's attention as timm built it; bad arguments are one line, exit 2."""
+"""`python -m benchmarks.compute.student_attention`: times each (precision, fused attention) variant of a student's step
+and forward, and leaves the model's attention as timm built it; bad arguments are one line, exit 2."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from benchmarks.student_attention import VARIANTS, main, measure
+from benchmarks.compute.student_attention import VARIANTS, main, measure
 from student_client.distill.train_step import attention_modules, attention_unfused
 
 pytestmark = pytest.mark.dtype("both")  # runs fp32 and bf16 autocast itself, on the CPU

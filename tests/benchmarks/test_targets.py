@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks.targets import FLOOD_NEVER_RAN, tenants_targets
+from benchmarks.report.targets import FLOOD_NEVER_RAN, tenants_targets
 
 pytestmark = pytest.mark.dtype("none")
 

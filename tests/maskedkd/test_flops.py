@@ -7,7 +7,7 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.flopcheck import flop_counter
+from benchmarks.compute.flopcheck import flop_counter
 from maskedkd.flops import ViTShape, masked_forward_flops
 from maskedkd.masked_teacher import MaskedTeacher
 

@@ -7,7 +7,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from benchmarks.flopcheck import flop_counter
+from benchmarks.compute.flopcheck import flop_counter
 from maskedkd.masked_teacher import MaskedTeacher, UnsupportedModelError
 from maskedkd.tome import ToMeTeacher, merge_schedule, tome_forward_flops
 

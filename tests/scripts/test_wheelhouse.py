@@ -24,7 +24,7 @@ IMPORTS = (
     "alembic.command",
     "student_client.cli",
     "student_client.training.train_loop",
-    "benchmarks.gpu_script",
+    "benchmarks.gpu.script",
     "pytest_asyncio",
     "pytest_timeout",
 )
@@ -67,7 +67,7 @@ def imported_distributions(modules: tuple[str, ...]) -> set[str]:
     the GPU run's CUDA tests (its conftest and test kits included)."""
     code = (
         "import importlib, importlib.metadata as md, sys, pytest\n"
-        "from benchmarks.gpu_plan import CUDA_TEST_FILES\n"
+        "from benchmarks.gpu.plan import CUDA_TEST_FILES\n"
         f"for module in {modules!r}: importlib.import_module(module)\n"
         "pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', '-k', 'cuda', *CUDA_TEST_FILES])\n"
         "dists = md.packages_distributions()\n"

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import tiny_vit_kwargs
 from torch import nn
 
-from benchmarks.flopcheck import flop_counter
+from benchmarks.compute.flopcheck import flop_counter
 from student_client import SIPSCapture, SIPSUnsupportedModelError, select_patches, sips_overhead_flops
 
 pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU

@@ -1,4 +1,4 @@
-"""The packed ragged forward measured in bench_mixed_k.py computes what each row computes alone."""
+"""The packed ragged forward measured in benchmarks/compute/mixed_k.py computes what each row computes alone."""
 
 from __future__ import annotations
 

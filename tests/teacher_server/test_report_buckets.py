@@ -12,7 +12,7 @@ import pytest
 from postgres_testkit import postgres_server, postgres_url  # noqa: F401 (fixtures)
 from sqlalchemy.orm import Session, sessionmaker
 
-from teacher_server.ledger import database, keys, models, reports
+from teacher_server.ledger import database, keys, models, report_series
 
 pytestmark = pytest.mark.dtype("none")  # ledger arithmetic only, no tensors
 
@@ -75,13 +75,13 @@ def ledger(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 @pytest.mark.parametrize("width", [1, 60, 3600, 86400])
 def test_buckets_floor_the_whole_seconds(ledger: sessionmaker[Session], width: int) -> None:
     with ledger() as session:
-        cells = reports.usage_by_bucket(session, width_s=width)
+        cells = report_series.usage_by_bucket(session, width_s=width)
     assert {c.start_epoch: c.gflops for c in cells} == _expected(width)
 
 
 def test_days_floor_the_whole_seconds(ledger: sessionmaker[Session]) -> None:
     with ledger() as session:
-        days = reports.usage_by_day(session)
+        days = report_series.usage_by_day(session)
     by_day = {d.day: d.gflops for d in days}
     assert by_day == {datetime.fromtimestamp(t, UTC).date(): g for t, g in _expected(86400).items()}
     assert by_day[datetime(2026, 12, 5, tzinfo=UTC).date()] == 1 + 2 + 4  # the three rows before midnight

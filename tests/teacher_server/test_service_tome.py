@@ -13,7 +13,7 @@ import torch
 from service_testkit import Reference, auth, image_request, random_images, random_keep, stub
 from torch import nn
 
-from benchmarks.flopcheck import flop_counter
+from benchmarks.compute.flopcheck import flop_counter
 from maskedkd.tome import ToMeTeacher
 from teacher_server.testing.server import RunningServer, running_server
 

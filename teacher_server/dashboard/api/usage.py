@@ -16,7 +16,7 @@ from fastapi.responses import Response
 from teacher_server.dashboard.access import require_viewer
 from teacher_server.dashboard.deps import SessionDep
 from teacher_server.dashboard.schemas import Bucket, ErrorMessage, KeySeries, LatencyFigures, RecentLatency, UsageSeries
-from teacher_server.ledger import reports, usage_report
+from teacher_server.ledger import report_series, reports, usage_report
 from teacher_server.ledger.models import UnknownKeyNameError, as_utc
 from teacher_server.ledger.usage_report import DailyUsage, UsageByKey, one_currency
 
@@ -30,7 +30,7 @@ router = APIRouter(
     },
 )
 
-BUCKET_SECONDS = {Bucket.minute: 60, Bucket.hour: 3600, Bucket.day: reports.DAY_S}
+BUCKET_SECONDS = {Bucket.minute: 60, Bucket.hour: 3600, Bucket.day: report_series.DAY_S}
 DEFAULT_WINDOW = {Bucket.minute: timedelta(hours=6), Bucket.hour: timedelta(days=7), Bucket.day: timedelta(days=90)}
 MAX_BUCKETS = 2000  # per series response; more asks for a coarser bucket or a shorter window
 
@@ -93,7 +93,7 @@ def usage_timeseries(
     start = as_utc(since) if since is not None else end - DEFAULT_WINDOW[bucket]
     if start >= end:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "`since` must be before `until`")
-    cells = reports.usage_by_bucket(session, width_s=width, since=start, until=end, key_name=key)
+    cells = report_series.usage_by_bucket(session, width_s=width, since=start, until=end, key_name=key)
     timestamps: list[int] = []
     if cells:
         first = min(c.start_epoch for c in cells)
@@ -162,7 +162,7 @@ def usage_daily_csv(
     `teacher-server usage --csv` writes the same)."""
     _check_query(session, since, until, key)
     out = io.StringIO()
-    usage_report.write_usage_csv(reports.usage_by_day(session, since=since, until=until, key_name=key), out)
+    usage_report.write_usage_csv(report_series.usage_by_day(session, since=since, until=until, key_name=key), out)
     return Response(
         out.getvalue(),
         media_type="text/csv; charset=utf-8",
@@ -181,7 +181,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def _figures(key: str, rows: list[reports.RecentRequest]) -> LatencyFigures:
+def _figures(key: str, rows: list[report_series.RecentRequest]) -> LatencyFigures:
     if not rows:
         return LatencyFigures(
             key=key,
@@ -228,8 +228,8 @@ def recent_latency(
 ) -> RecentLatency:
     """Percentiles (linear interpolation) over the last `limit` requests, overall and per key."""
     _unknown_key(session, key)
-    rows = reports.recent_requests(session, limit=limit, since=since, key_name=key)
-    per_key: dict[str, list[reports.RecentRequest]] = {}
+    rows = report_series.recent_requests(session, limit=limit, since=since, key_name=key)
+    per_key: dict[str, list[report_series.RecentRequest]] = {}
     for r in rows:
         per_key.setdefault(r.key, []).append(r)
     return RecentLatency(
