@@ -168,7 +168,7 @@ class ServerMetrics:
         )
         self.preempting_batches = Counter(
             "maskedkd_preempting_batches_total",
-            "Batches of other keys run between two blocks of a running CPU forward (engine/preemption.py)",
+            "Batches of other keys run between two blocks of a running CPU forward (engine/batching/preemption.py)",
             ["model"],
             registry=r,
         )
@@ -235,7 +235,7 @@ class ServerMetrics:
         return StageClock(self.stage_cpu.labels(stage=stage) if counter is None else counter)
 
     def shape_use(self, model: str) -> ShapeUseCounters:
-        """Where `model`'s forward ran each batch's rows, counted here (engine/shape_buckets.py's `ShapeUse`)."""
+        """Where `model`'s forward ran each batch's rows (`ShapeUse` of engine/teacher/shape_buckets.py)."""
         return ShapeUseCounters(self, model)
 
     def timed(self, stage: str, fn: Callable[..., T]) -> Callable[..., T]:

@@ -1,5 +1,6 @@
 """A key's priority class: `interactive` requests are served before `standard` ones, `standard` before `batch`; keys
-share the teacher by weighted fair queuing within a class (engine/scheduler.py). Stored per key in the ledger."""
+share the teacher by weighted fair queuing within a class (engine/batching/scheduler.py). Stored per key in the
+ledger."""
 
 from __future__ import annotations
 

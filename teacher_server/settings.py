@@ -189,7 +189,7 @@ class ServerSettings(BaseSettings):
         "per count would be launch-bound and wait on the host each time)",
     )
 
-    # --- queues and overload (engine/scheduler.py): past a bound a request is refused before it is decoded ---
+    # --- queues and overload (engine/batching/scheduler.py): past a bound a request is refused before it is decoded ---
     max_queued_images_per_key: int = Field(4096, ge=0, description="images one API key may have queued (0: no bound)")
     max_queued_mb_per_key: float = Field(
         256.0, ge=0, description="MiB of requests one API key may have queued or being decoded (0: no bound)"

@@ -1,5 +1,6 @@
-"""Mixed keep counts in one micro-batch: bucketing by count vs padding with masks (teacher_server.engine.batcher) vs
-packing every row's tokens without padding (teacher_server/engine/packing.py, `--mixed-k pack`).
+"""Mixed keep counts in one micro-batch: bucketing by count vs padding with masks
+(teacher_server.engine.batching.batcher) vs packing every row's tokens without padding
+(teacher_server/engine/teacher/packing.py, `--mixed-k pack`).
 
     python -m benchmarks.compute.mixed_k [--reps 5] [--quick]
 
@@ -16,9 +17,9 @@ import timm
 import torch
 
 from maskedkd.masked_teacher import MaskedTeacher
-from teacher_server.engine.packing import run_packed
-from teacher_server.engine.rows_runner import run_bucketed, run_padded
-from teacher_server.engine.staging import StagedRows
+from teacher_server.engine.rows.rows_runner import run_bucketed, run_padded
+from teacher_server.engine.rows.staging import StagedRows
+from teacher_server.engine.teacher.packing import run_packed
 
 CASES = [  # (label, model kwargs, images, counts to draw from)
     (

@@ -23,9 +23,9 @@ import torch
 from pydantic import ValidationError
 
 from maskedkd.masked_teacher import MaskedTeacher
-from teacher_server.engine.compiled import warm_up_shapes
 from teacher_server.engine.served_model import make_forward
-from teacher_server.engine.shape_buckets import ShapeBuckets
+from teacher_server.engine.teacher.compiled import warm_up_shapes
+from teacher_server.engine.teacher.shape_buckets import ShapeBuckets
 from teacher_server.settings import ServerSettings
 
 KEEP = 98  # of DeiT-S's 196 patches

@@ -24,8 +24,8 @@ from benchmarks.config import KEEPS, BenchConfig, ModelCase
 from benchmarks.timing import Timing, measure
 from maskedkd.keep import num_keep
 from maskedkd.masked_teacher import MaskedTeacher
-from teacher_server.engine.compiled import compiled_forward_pixels
-from teacher_server.engine.rows_runner import ForwardFn
+from teacher_server.engine.rows.rows_runner import ForwardFn
+from teacher_server.engine.teacher.compiled import compiled_forward_pixels
 
 
 @dataclass

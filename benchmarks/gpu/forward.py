@@ -42,7 +42,7 @@ def spec_peak_tflops(device_name: str) -> float | None:
 def graphed_rate(teacher: Any, tb: Any, kept: int, cfg: BenchConfig, sync: Any) -> dict[str, Any]:
     """img/s of the uint8-pixel forward eager and as `serve --compile graphs` replays it (this batch's shape captured),
     the pixels already on the card: what CUDA graphs save on a launch-bound forward."""
-    from teacher_server.engine.cuda_graphs import graphed_forward
+    from teacher_server.engine.teacher.cuda_graphs import graphed_forward
 
     pixels, idx = tb.pixels.cuda(), tb.indices.cuda()
     rates = {}

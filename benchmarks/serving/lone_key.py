@@ -29,7 +29,7 @@ from benchmarks.serving.tenant_loads import (
     timed_call,
 )
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
-from teacher_server.engine.split_requests import SHARED_S
+from teacher_server.engine.batching.split_requests import SHARED_S
 
 
 def lone_key_rates(

@@ -49,7 +49,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
     from maskedkd.torch_threads import helper_thread
-    from teacher_server.engine.teacher_loader import ModelLoadError
+    from teacher_server.engine.teacher.teacher_loader import ModelLoadError
     from teacher_server.service.server import ServerStartError, TeacherServer, serve_until_signalled
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -1,2 +1,3 @@
-"""The teacher engine: loading the teacher, the start-up dtype check, decoding requests into kept patches, the
-micro-batcher, staging, the forward (eager, compiled or packed) and what a request costs (metering)."""
+"""The teacher engine, in three rooms that import downwards: `rows/` (a request's rows: decode, staging, running,
+answers), `teacher/` (loading, the dtype check, the forwards, metering) and `batching/` (the micro-batcher);
+`served_model.py` puts them together under the name clients use."""

@@ -14,19 +14,19 @@ from maskedkd.precision import dtype_name
 from maskedkd.teacher_outputs import ForwardOutputs, OutputChoice, available_outputs, forward_with_outputs
 from maskedkd.text import clip
 from maskedkd.tome import ToMeTeacher
-from teacher_server.engine.batcher import TokenBudgetBatcher
-from teacher_server.engine.compiled import forward_pixels_fn, warm_up_shapes
-from teacher_server.engine.fair_clock import Clock
-from teacher_server.engine.fidelity import DtypeFidelity
-from teacher_server.engine.metering import Meter
-from teacher_server.engine.packing import run_packed, supports_packing
-from teacher_server.engine.preemption import YieldPoints
-from teacher_server.engine.rows_runner import AnswersFn, ForwardFn, MixedK, OutputsForwardFn, RowsRunner
-from teacher_server.engine.scheduler import QueueLimits
-from teacher_server.engine.shape_buckets import ShapeUse
-from teacher_server.engine.shared_host import shared_host_tensor
-from teacher_server.engine.staging import Stager
-from teacher_server.engine.teacher_loader import ModelLoadError
+from teacher_server.engine.batching.batcher import TokenBudgetBatcher
+from teacher_server.engine.batching.fair_clock import Clock
+from teacher_server.engine.batching.preemption import YieldPoints
+from teacher_server.engine.batching.scheduler import QueueLimits
+from teacher_server.engine.rows.rows_runner import AnswersFn, ForwardFn, MixedK, OutputsForwardFn, RowsRunner
+from teacher_server.engine.rows.shared_host import shared_host_tensor
+from teacher_server.engine.rows.staging import Stager
+from teacher_server.engine.teacher.compiled import forward_pixels_fn, warm_up_shapes
+from teacher_server.engine.teacher.fidelity import DtypeFidelity
+from teacher_server.engine.teacher.metering import Meter
+from teacher_server.engine.teacher.packing import run_packed, supports_packing
+from teacher_server.engine.teacher.shape_buckets import ShapeUse
+from teacher_server.engine.teacher.teacher_loader import ModelLoadError
 from teacher_server.errors import ModelNotFoundError
 from teacher_server.metrics import ServerMetrics
 from teacher_server.settings import ServerSettings

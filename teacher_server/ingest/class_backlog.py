@@ -1,13 +1,13 @@
 """What each ingest worker holds for the teacher, where the device process can read it.
 
 A worker's fair queue serves its priority classes strictly and its keys by start-time fair queuing on the clock all
-workers share (engine/scheduler.py, engine/fair_clock.py), but a worker has one call at the device at a time. Were
-the device to run the calls in arrival order, the workers would take turns: one worker's `batch`-class call would
-run while another worker's `interactive` requests wait, and a key alone on one worker would get that worker's turns
-whatever its share. So the device runs the calls waiting there as one fair queue would (best class, then smallest
-start tag), and holds a call back for a short while when a worker with no call at the device holds requests of a
-better class, or has formed a batch that goes first, or has queued a request that goes first (device_process.py):
-that worker's next call comes within a few milliseconds of its last reply.
+workers share (engine/batching/scheduler.py, engine/batching/fair_clock.py), but a worker has one call at the device at
+a time. Were the device to run the calls in arrival order, the workers would take turns: one worker's `batch`-class call
+would run while another worker's `interactive` requests wait, and a key alone on one worker would get that worker's
+turns whatever its share. So the device runs the calls waiting there as one fair queue would (best class, then smallest
+start tag), and holds a call back for a short while when a worker with no call at the device holds requests of a better
+class, or has formed a batch that goes first, or has queued a request that goes first (device_process.py): that worker's
+next call comes within a few milliseconds of its last reply.
 
 Counted with counters that only grow, so that no moment reads wrong. Per worker, written by the worker: per class,
 the requests it took in and those it let go without sending them to the device (dropped in its queue, their caller
@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from multiprocessing.context import BaseContext
 from typing import Any
 
-from teacher_server.engine.fair_clock import SharedFairClock
+from teacher_server.engine.batching.fair_clock import SharedFairClock
 from teacher_server.priorities import PRIORITIES
 
 CLASSES = len(PRIORITIES)

@@ -29,10 +29,10 @@ import torch
 from maskedkd.masked_teacher import MaskedTeacher
 from maskedkd.text import first_line
 from maskedkd.torch_threads import helper_thread
-from teacher_server.engine.rows_runner import RowsRunner
-from teacher_server.engine.scheduler import ComputeEstimate
-from teacher_server.engine.shared_host import pin_for_cuda, unpin_for_cuda, view_region
-from teacher_server.engine.staging import StagedRows, join_rows
+from teacher_server.engine.batching.scheduler import ComputeEstimate
+from teacher_server.engine.rows.rows_runner import RowsRunner
+from teacher_server.engine.rows.shared_host import pin_for_cuda, unpin_for_cuda, view_region
+from teacher_server.engine.rows.staging import StagedRows, join_rows
 from teacher_server.ingest.children import die_with_supervisor
 from teacher_server.ingest.class_backlog import ClassBacklog, DeviceBacklog
 from teacher_server.ingest.messages import BatchCall, BatchReply, DeviceFailed, DeviceReady, NewRegion, TensorRef
@@ -371,7 +371,7 @@ def device_main(settings: ServerSettings, conns: list[Connection], ready: Connec
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C: the supervisor stops the workers, then us
     logging.basicConfig(level=logging.INFO, format="%(asctime)s device %(name)s %(levelname)s %(message)s")
     from teacher_server.engine.served_model import rows_runner_for
-    from teacher_server.engine.teacher_loader import ModelLoadError, load_teacher
+    from teacher_server.engine.teacher.teacher_loader import ModelLoadError, load_teacher
 
     metrics = ServerMetrics(process="device")  # it ingests nothing; its forward, batches and dtype check count
     try:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from maskedkd.masked_teacher import MaskedTeacher
-from teacher_server.engine.fidelity import DtypeFidelity
-from teacher_server.engine.rows_runner import JobShape
+from teacher_server.engine.rows.rows_runner import JobShape
+from teacher_server.engine.teacher.fidelity import DtypeFidelity
 
 
 @dataclass(frozen=True)

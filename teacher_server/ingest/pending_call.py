@@ -6,10 +6,10 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from teacher_server.engine.answers import batch_choice
-from teacher_server.engine.forward_step import COMMIT_S_MARGIN
-from teacher_server.engine.rows_runner import DEFAULT_RANK, JobShape
-from teacher_server.engine.staging import StagedRows
+from teacher_server.engine.batching.forward_step import COMMIT_S_MARGIN
+from teacher_server.engine.rows.answers import batch_choice
+from teacher_server.engine.rows.rows_runner import DEFAULT_RANK, JobShape
+from teacher_server.engine.rows.staging import StagedRows
 from teacher_server.ingest.messages import BatchCall, BatchReply
 
 

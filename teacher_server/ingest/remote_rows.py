@@ -1,6 +1,6 @@
 """An ingest worker's forward: its staged micro-batch run by the device process (ingest/device_process.py).
 
-The rows were staged into shared memory (engine/shared_host.py), so a call carries only where they lie; the first
+The rows were staged into shared memory (engine/rows/shared_host.py), so a call carries only where they lie; the first
 call that uses a region hands its descriptor over. Rows outside shared memory (a batch some of whose callers left
 before its forward is cut down to a copy: StagedRows.select) are first copied into a spill region.
 """
@@ -17,12 +17,12 @@ import torch
 
 from maskedkd.masked_teacher import MaskedTeacher
 from maskedkd.v1 import teacher_pb2 as pb
-from teacher_server.engine.answers import Answer
-from teacher_server.engine.fair_clock import SharedFairClock
-from teacher_server.engine.fidelity import DtypeFidelity
-from teacher_server.engine.rows_runner import JobShape, Late, split_answers
-from teacher_server.engine.shared_host import SharedRegion, region_of, shared_host_tensor
-from teacher_server.engine.staging import StagedRows
+from teacher_server.engine.batching.fair_clock import SharedFairClock
+from teacher_server.engine.rows.answers import Answer
+from teacher_server.engine.rows.rows_runner import JobShape, Late, split_answers
+from teacher_server.engine.rows.shared_host import SharedRegion, region_of, shared_host_tensor
+from teacher_server.engine.rows.staging import StagedRows
+from teacher_server.engine.teacher.fidelity import DtypeFidelity
 from teacher_server.errors import ServiceUnavailableError
 from teacher_server.ingest.class_backlog import WorkerBacklog
 from teacher_server.ingest.messages import BatchCall, BatchReply, NewRegion, TensorRef

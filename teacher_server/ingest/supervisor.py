@@ -5,10 +5,10 @@ One Python process receives ~0.3-0.7 GB/s of large gRPC messages (two copies und
 thousands of images a second. So with N > 0:
 
 - the device process loads and checks the teacher and runs every micro-batch (ingest/device_process.py);
-- N ingest workers listen on the same port (SO_REUSEPORT: the kernel spreads connections over them), each a whole
-  server (TLS, keys, checks, digests, dedupe, quota, fair queue, ledger, answers) whose sealed micro-batches are staged
-  in shared memory and run by the device process (ingest/remote_rows.py); their fair queues read one clock in shared
-  memory (engine/fair_clock.py), so a key's share of the teacher does not grow with the workers its connections reach
+- N ingest workers listen on the same port (SO_REUSEPORT: the kernel spreads connections over them), each a whole server
+  (TLS, keys, checks, digests, dedupe, quota, fair queue, ledger, answers) whose sealed micro-batches are staged in
+  shared memory and run by the device process (ingest/remote_rows.py); their fair queues read one clock in shared memory
+  (engine/batching/fair_clock.py), so a key's share of the teacher does not grow with the workers its connections reach
   and the queue bounds hold for all of them together;
 - this supervisor reserves the port, starts them, serves /metrics summed over all of them (Prometheus multiprocess
   files), announces readiness once all serve, forwards SIGTERM/SIGINT (workers drain and bill what they ran, then the
@@ -33,7 +33,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from teacher_server.engine.fair_clock import SharedFairClock
+from teacher_server.engine.batching.fair_clock import SharedFairClock
 from teacher_server.ingest.class_backlog import ClassBacklog
 from teacher_server.ingest.device_process import device_main
 from teacher_server.ingest.messages import DeviceFailed, DeviceReady
@@ -50,7 +50,7 @@ CHILD_MODULES = (
     "teacher_server.ingest.device_process",
     "teacher_server.ingest.worker",
     "teacher_server.engine.served_model",
-    "teacher_server.engine.teacher_loader",
+    "teacher_server.engine.teacher.teacher_loader",
     "teacher_server.ingest.remote_rows",
     "teacher_server.service.server",
 )

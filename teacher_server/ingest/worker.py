@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
-from teacher_server.engine.fair_clock import SharedFairClock
+from teacher_server.engine.batching.fair_clock import SharedFairClock
 from teacher_server.ingest.children import die_with_supervisor
 from teacher_server.ingest.class_backlog import ClassBacklog
 from teacher_server.ingest.messages import DeviceReady, load_meta_teacher

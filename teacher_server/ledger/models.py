@@ -64,7 +64,8 @@ class ApiKey(Base):
     price_per_gflop: Mapped[float | None] = mapped_column(Double, nullable=True)  # None: server default
     quota_window: Mapped[QuotaWindow] = mapped_column(String(16), default="lifetime", server_default="lifetime")
     rate_limit_gflops_per_min: Mapped[float | None] = mapped_column(Double, nullable=True)  # None: no rate limit
-    # the key's share of the teacher against keys with queued work, and its priority class (engine/scheduler.py; 0005)
+    # the key's share of the teacher against keys with queued work, and its priority class
+    # (engine/batching/scheduler.py; 0005)
     weight: Mapped[float] = mapped_column(Double, default=1.0, server_default="1")
     priority: Mapped[str] = mapped_column(String(16), default="standard", server_default="standard")
 

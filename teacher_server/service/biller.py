@@ -15,9 +15,9 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from maskedkd.v1 import teacher_pb2 as pb
-from teacher_server.engine.answers import Answer
-from teacher_server.engine.batch_job import BatchJob, BatchStats
-from teacher_server.engine.metering import MeteredUsage
+from teacher_server.engine.batching.batch_job import BatchJob, BatchStats
+from teacher_server.engine.rows.answers import Answer
+from teacher_server.engine.teacher.metering import MeteredUsage
 from teacher_server.errors import ReplayExpiredError, RequestIdReusedError, ServiceError
 from teacher_server.ledger import billing, models, quota_holds
 from teacher_server.ledger.billing import unavailable_on_transient_errors

@@ -24,7 +24,7 @@ from typing import Protocol
 from blake3 import blake3
 
 from maskedkd.v1 import teacher_pb2 as pb
-from teacher_server.engine.decode import Pixels
+from teacher_server.engine.rows.decode import Pixels
 
 PREFIX = "blake3:"
 

@@ -27,10 +27,10 @@ from dataclasses import dataclass, replace
 
 from maskedkd.purpose import purpose_problem
 from maskedkd.v1 import teacher_pb2 as pb
-from teacher_server.engine.answers import NO_OUTPUTS, decode_outputs
-from teacher_server.engine.decode import DecodedInput, Pixels, declared_bytes, decode_input
-from teacher_server.engine.metering import MeteredUsage
+from teacher_server.engine.rows.answers import NO_OUTPUTS, decode_outputs
+from teacher_server.engine.rows.decode import DecodedInput, Pixels, declared_bytes, decode_input
 from teacher_server.engine.served_model import ServedModel
+from teacher_server.engine.teacher.metering import MeteredUsage
 from teacher_server.errors import MIN_RETRY_S, InvalidRequestError, ReplayExpiredError, RequestIdReusedError
 from teacher_server.ledger.quota_holds import Hold, LimitState
 from teacher_server.metrics import ServerMetrics

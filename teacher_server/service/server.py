@@ -22,7 +22,7 @@ from maskedkd.torch_threads import helper_pool, on_own_thread
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
 from teacher_server.engine.served_model import ServedModel, build_served_model
-from teacher_server.engine.teacher_loader import load_teacher
+from teacher_server.engine.teacher.teacher_loader import load_teacher
 from teacher_server.ingest.remote_rows import RemoteTeacher
 from teacher_server.launcher import Ready, TlsMode
 from teacher_server.ledger import database

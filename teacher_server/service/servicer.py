@@ -16,7 +16,7 @@ from maskedkd.codec import tensor_to_proto
 from maskedkd.teacher_outputs import available_outputs
 from maskedkd.v1 import teacher_pb2 as pb
 from maskedkd.v1 import teacher_pb2_grpc as pb_grpc
-from teacher_server.engine.answers import answered_bytes
+from teacher_server.engine.rows.answers import answered_bytes
 from teacher_server.errors import AuthenticationError, ServiceUnavailableError
 from teacher_server.ledger.refusals import RefusalCounter
 from teacher_server.metrics import ServerMetrics

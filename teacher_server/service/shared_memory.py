@@ -25,7 +25,7 @@ from pathlib import Path
 
 from maskedkd.text import clip
 from maskedkd.v1 import teacher_pb2 as pb
-from teacher_server.engine.decode import declared_bytes
+from teacher_server.engine.rows.decode import declared_bytes
 from teacher_server.errors import InvalidRequestError, PermissionDeniedError
 from teacher_server.service.peer_user import peer_uid
 

@@ -1,6 +1,7 @@
 """The package layers: `maskedkd` (the core) imports neither side; `student_client` never imports `teacher_server`;
 inside `teacher_server`, the rooms import downwards only (the ledger and the engine know nothing of the service, the
-CLI or the dashboard; the dashboard knows the ledger and the settings, not the engine or the transport); inside
+CLI or the dashboard; the dashboard knows the ledger and the settings, not the engine or the transport; inside the
+engine, the rows know nothing of the teacher, and neither of the micro-batcher); inside
 `student_client` as well (the transport knows nothing of the KD step, the KD step nothing of the run, the run nothing
 of the entry points); and no modules of the three packages import each other in a circle.
 
@@ -37,6 +38,13 @@ ROOMS = {
     "teacher_server/dashboard": {"teacher_server.engine", "teacher_server.service", "teacher_server.testing"},
     # the service may start the dashboard's app beside it (--dashboard-port), never the other way round
     "teacher_server/service": {"teacher_server.cli", "teacher_server.testing"},
+}
+# the engine's rooms: a request's rows under the teacher as served under the micro-batcher, served_model.py on top
+_SERVED = "teacher_server.engine.served_model"
+ROOMS |= {
+    "teacher_server/engine/rows": {_SERVED, "teacher_server.engine.teacher", "teacher_server.engine.batching"},
+    "teacher_server/engine/teacher": {_SERVED, "teacher_server.engine.batching"},
+    "teacher_server/engine/batching": {_SERVED},
 }
 # student_client's rooms: the transport under the KD step under the run, the entries (and the settings) on top
 _ENTRIES = {"student_client.api", "student_client.cli", "student_client.command"}

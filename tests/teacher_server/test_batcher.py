@@ -18,12 +18,12 @@ from service_testkit import MODEL, TINY, random_keep
 
 from maskedkd.geometry import TeacherGeometry
 from maskedkd.masked_teacher import MaskedTeacher
-from teacher_server.engine.answers import Answer
-from teacher_server.engine.batch_job import BatchJob, BatchStats
-from teacher_server.engine.batcher import TokenBudgetBatcher
-from teacher_server.engine.decode import DecodedInput
-from teacher_server.engine.rows_runner import RowsRunner, run_bucketed, run_padded
-from teacher_server.engine.staging import StagedRows, Stager
+from teacher_server.engine.batching.batch_job import BatchJob, BatchStats
+from teacher_server.engine.batching.batcher import TokenBudgetBatcher
+from teacher_server.engine.rows.answers import Answer
+from teacher_server.engine.rows.decode import DecodedInput
+from teacher_server.engine.rows.rows_runner import RowsRunner, run_bucketed, run_padded
+from teacher_server.engine.rows.staging import StagedRows, Stager
 from teacher_server.errors import DeadlineUnmetError, ServiceUnavailableError
 from teacher_server.ingest.class_backlog import ClassBacklog
 

@@ -23,14 +23,14 @@ import torch
 
 from maskedkd.masked_teacher import MaskedTeacher
 from maskedkd.teacher_outputs import OutputChoice
-from teacher_server.engine.answers import NO_OUTPUTS, Answer, OutputsRequest
-from teacher_server.engine.batcher import TokenBudgetBatcher
-from teacher_server.engine.decode import DecodedInput
-from teacher_server.engine.fair_clock import SharedFairClock
-from teacher_server.engine.rows_runner import JobShape, Late, MixedK, RowsRunner
+from teacher_server.engine.batching.batcher import TokenBudgetBatcher
+from teacher_server.engine.batching.fair_clock import SharedFairClock
+from teacher_server.engine.rows.answers import NO_OUTPUTS, Answer, OutputsRequest
+from teacher_server.engine.rows.decode import DecodedInput
+from teacher_server.engine.rows.rows_runner import JobShape, Late, MixedK, RowsRunner
+from teacher_server.engine.rows.shared_host import region_of, shared_host_tensor
+from teacher_server.engine.rows.staging import Stager
 from teacher_server.engine.served_model import make_outputs_forward
-from teacher_server.engine.shared_host import region_of, shared_host_tensor
-from teacher_server.engine.staging import Stager
 from teacher_server.errors import DeadlineUnmetError, ServiceUnavailableError
 from teacher_server.ingest.class_backlog import ClassBacklog
 from teacher_server.ingest.device_process import DeviceLoop

@@ -10,9 +10,9 @@ import timm
 import torch
 
 from maskedkd.masked_teacher import MaskedTeacher
-from teacher_server.engine.packing import run_packed
-from teacher_server.engine.rows_runner import RowsRunner
+from teacher_server.engine.rows.rows_runner import RowsRunner
 from teacher_server.engine.served_model import auto_mixed_k, build_served_model, mixed_k_of
+from teacher_server.engine.teacher.packing import run_packed
 
 pytestmark = pytest.mark.dtype("float32")  # compared with float32 references, on the CPU
 
@@ -58,9 +58,9 @@ def test_pack_server_answers_ragged_rows_like_each_row_alone_and_bills_the_same(
 
 
 def test_a_teacher_packing_cannot_cover_falls_back_to_bucketing(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from teacher_server.engine.packing import supports_packing
-    from teacher_server.engine.rows_runner import RowsRunner
+    from teacher_server.engine.rows.rows_runner import RowsRunner
     from teacher_server.engine.served_model import build_served_model
+    from teacher_server.engine.teacher.packing import supports_packing
 
     model = timm.create_model(kit.MODEL, pretrained=False, **kit.TINY, depth=1, global_pool="avg", class_token=False)
     model.eval()

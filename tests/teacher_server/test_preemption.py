@@ -1,7 +1,7 @@
-"""A batch of other keys run between two blocks of a long CPU forward (engine/preemption.py), on a real tiny ViT
-teacher in float32 on the CPU: who may preempt, that each batch's logits are those of its own rows alone, that an
-offer no block boundary takes runs after the forward, and the same through a served teacher, read back from the
-ledger with SQL."""
+"""A batch of other keys run between two blocks of a long CPU forward (engine/batching/preemption.py), on a real tiny
+ViT teacher in float32 on the CPU: who may preempt, that each batch's logits are those of its own rows alone, that an
+offer no block boundary takes runs after the forward, and the same through a served teacher, read back from the ledger
+with SQL."""
 
 from __future__ import annotations
 
@@ -22,14 +22,14 @@ from service_testkit import MODEL, TINY, random_keep
 from torch import nn
 
 from maskedkd.masked_teacher import MaskedTeacher
-from teacher_server.engine.batch_job import JobResult
-from teacher_server.engine.batcher import TokenBudgetBatcher
-from teacher_server.engine.decode import DecodedInput
-from teacher_server.engine.forward_step import COMMIT_S_MARGIN
-from teacher_server.engine.preemption import MIN_SHARED_SHARE, ForwardSpan, Offer, YieldPoints
-from teacher_server.engine.rows_runner import RowsRunner
+from teacher_server.engine.batching.batch_job import JobResult
+from teacher_server.engine.batching.batcher import TokenBudgetBatcher
+from teacher_server.engine.batching.forward_step import COMMIT_S_MARGIN
+from teacher_server.engine.batching.preemption import MIN_SHARED_SHARE, ForwardSpan, Offer, YieldPoints
+from teacher_server.engine.rows.decode import DecodedInput
+from teacher_server.engine.rows.rows_runner import RowsRunner
+from teacher_server.engine.rows.staging import Stager
 from teacher_server.engine.served_model import make_forward
-from teacher_server.engine.staging import Stager
 from teacher_server.metrics import ServerMetrics
 from teacher_server.testing.server import running_server
 

@@ -1,7 +1,7 @@
-"""The micro-batcher's scheduler on its own (engine/scheduler.py): fair shares across keys by weight, priority classes,
-deadlines at batch formation, queue bounds, and the running compute estimate; fair shares across queues that read one
-clock, in one process and in shared memory between processes (engine/fair_clock.py). Pure Python: no dtype, no
-device."""
+"""The micro-batcher's scheduler on its own (engine/batching/scheduler.py): fair shares across keys by weight, priority
+classes, deadlines at batch formation, queue bounds, and the running compute estimate; fair shares across queues that
+read one clock, in one process and in shared memory between processes (engine/batching/fair_clock.py). Pure Python: no
+dtype, no device."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from teacher_server.engine.fair_clock import Clock, FairClock, Load, SharedFairClock
-from teacher_server.engine.scheduler import ComputeEstimate, FairQueue, QueueLimits
+from teacher_server.engine.batching.fair_clock import Clock, FairClock, Load, SharedFairClock
+from teacher_server.engine.batching.scheduler import ComputeEstimate, FairQueue, QueueLimits
 
 pytestmark = pytest.mark.dtype("none")
 

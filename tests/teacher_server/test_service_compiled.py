@@ -10,7 +10,7 @@ import service_testkit as kit
 import torch
 
 from maskedkd.masked_teacher import MaskedTeacher
-from teacher_server.engine.compiled import forward_pixels_fn
+from teacher_server.engine.teacher.compiled import forward_pixels_fn
 from teacher_server.testing.server import running_server
 
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(300)]
@@ -73,7 +73,7 @@ def test_compile_shapes_are_compiled_at_start_up_and_no_request_compiles(tmp_pat
 
 
 def test_compile_shape_beyond_the_grid_is_a_load_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from teacher_server.engine.teacher_loader import ModelLoadError
+    from teacher_server.engine.teacher.teacher_loader import ModelLoadError
     from teacher_server.service.server import TeacherServer
 
     with pytest.raises(ModelLoadError, match="more patches than the teacher has"):

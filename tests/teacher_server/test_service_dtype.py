@@ -22,8 +22,8 @@ from maskedkd.precision import (
 )
 from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server.cli.main import main as teacher_cli
-from teacher_server.engine.fidelity import FIDELITY_IMAGES, TIE_MARGIN, compare_logits
-from teacher_server.engine.teacher_loader import load_teacher
+from teacher_server.engine.teacher.fidelity import FIDELITY_IMAGES, TIE_MARGIN, compare_logits
+from teacher_server.engine.teacher.teacher_loader import load_teacher
 from teacher_server.settings import ServerSettings
 from teacher_server.testing.server import running_server
 

@@ -14,8 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from maskedkd.masked_teacher import MaskedTeacher
 from teacher_server.engine.served_model import make_forward
-from teacher_server.engine.shape_buckets import BucketedForward, PaddedShape, ShapeBuckets
-from teacher_server.engine.teacher_loader import ModelLoadError
+from teacher_server.engine.teacher.shape_buckets import BucketedForward, PaddedShape, ShapeBuckets
+from teacher_server.engine.teacher.teacher_loader import ModelLoadError
 
 pytestmark = [pytest.mark.dtype("float32", device="cpu"), pytest.mark.timeout(300)]
 K = 12
@@ -71,7 +71,7 @@ class RecordedUse:
 def test_every_batch_size_runs_in_the_listed_shapes_with_each_rows_own_answer(caplog: pytest.LogCaptureFixture) -> None:
     """float32, CPU: batches of 1-9 rows through shapes 2:K and 4:K give timm's own logits for each row; how each
     size was cut is logged once; the rows told to `use` are the batches' rows, the padding the least there is."""
-    caplog.set_level("INFO", logger="teacher_server.engine.shape_buckets")
+    caplog.set_level("INFO", logger="teacher_server.engine.teacher.shape_buckets")
     model = kit.tiny_vit()
     teacher, ref = MaskedTeacher(model), kit.Reference(model)
     seen: list[tuple[int, int]] = []

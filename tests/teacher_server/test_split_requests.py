@@ -22,17 +22,17 @@ from test_batcher import RecordingForward, make
 from maskedkd.codec import proto_to_tensor
 from maskedkd.masked_teacher import MaskedTeacher
 from maskedkd.teacher_outputs import OutputChoice, forward_with_outputs
-from teacher_server.engine.answers import Answer, OutputsRequest, job_outputs, joined_answer
-from teacher_server.engine.batch_job import BatchJob, BatchStats
-from teacher_server.engine.batcher import TokenBudgetBatcher
-from teacher_server.engine.decode import DecodedInput
-from teacher_server.engine.split_requests import (
+from teacher_server.engine.batching.batch_job import BatchJob, BatchStats
+from teacher_server.engine.batching.batcher import TokenBudgetBatcher
+from teacher_server.engine.batching.split_requests import (
     LONE_BATCH_S,
     MIN_CHUNK_TOKENS,
     RecentSenders,
     image_ranges,
     shaped_ranges,
 )
+from teacher_server.engine.rows.answers import Answer, OutputsRequest, job_outputs, joined_answer
+from teacher_server.engine.rows.decode import DecodedInput
 from teacher_server.errors import DeadlineUnmetError
 from teacher_server.testing.server import running_server
 

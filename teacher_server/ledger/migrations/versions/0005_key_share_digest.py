@@ -2,7 +2,8 @@
 
 - `api_keys.weight` (a key's share of the teacher against other keys with queued work, default 1) and
   `api_keys.priority` (interactive, standard or batch; default standard): the micro-batcher's fair queuing reads them
-  (teacher_server/engine/scheduler.py). Existing keys get the defaults: one ALTER each, NOT NULL with a server default.
+  (teacher_server/engine/batching/scheduler.py). Existing keys get the defaults: one ALTER each, NOT NULL with a server
+  default.
 - No column changes for BLAKE3 content digests: new rows store "blake3:<base64url>" (50 characters) in the same
   64-character `usage.content_digest`; rows billed before keep their bare sha256 hex and are still compared as
   sha256 (content_digest.py). (Widening the column would rebuild `usage` on SQLite, and dropping the old table

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import torch
 
 from maskedkd.masked_teacher import MaskedTeacher
-from teacher_server.engine.rows_runner import ForwardFn
-from teacher_server.engine.shape_buckets import BucketedForward, PaddedShape, ShapeFn, ShapeUse
+from teacher_server.engine.rows.rows_runner import ForwardFn
+from teacher_server.engine.teacher.shape_buckets import BucketedForward, PaddedShape, ShapeFn, ShapeUse
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def forward_pixels_fn(
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
     if mode == "graphs":
-        from teacher_server.engine.cuda_graphs import graphed_forward
+        from teacher_server.engine.teacher.cuda_graphs import graphed_forward
 
         return graphed_forward(teacher, shapes, use)
     if mode == "off":

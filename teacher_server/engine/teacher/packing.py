@@ -12,9 +12,9 @@ Measured 2026-11-29 on the 2-core EPYC, `python -m benchmarks.compute.mixed_k --
 images, counts from {16, 32, 48, 64}, float32, best of 3), on a machine shared with other work:
   load ~8: wall bucket 8925 / pad 5627 / packed 6668 ms; CPU time bucket 4258 / pad 2177 / packed 2178 ms
   load ~5: wall bucket 7516 / pad 5501 / packed 5772 ms; CPU time bucket 3585 / pad 2249 / packed 2370 ms
-max |diff| against bucketing: pad 6e-7..9e-7, packed 0. Under contention fewer, larger calls win (packed beats
-bucketing by ~25%); on the quiet machine of teacher_server/engine/batcher.py's figures bucketing beat padding by ~30%
-and packing was not measured. Bucketing stays the default until a quiet-machine run decides; `--mixed-k pack` is there.
+max |diff| against bucketing: pad 6e-7..9e-7, packed 0. Under contention fewer, larger calls win (packed beats bucketing
+by ~25%); on the quiet machine of teacher_server/engine/batching/batcher.py's figures bucketing beat padding by ~30% and
+packing was not measured. Bucketing stays the default until a quiet-machine run decides; `--mixed-k pack` is there.
 """
 
 from __future__ import annotations

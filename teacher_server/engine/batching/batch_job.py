@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from teacher_server.engine.answers import Answer, joined_answer
-from teacher_server.engine.decode import DecodedInput
-from teacher_server.engine.rows_runner import JobShape
+from teacher_server.engine.rows.answers import Answer, joined_answer
+from teacher_server.engine.rows.decode import DecodedInput
+from teacher_server.engine.rows.rows_runner import JobShape
 from teacher_server.priorities import DEFAULT_PRIORITY, rank_of
 
 

@@ -17,14 +17,14 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from teacher_server.engine.answers import Answer
-from teacher_server.engine.batch_job import BatchJob, BatchStats, Handoff, still_wanted
-from teacher_server.engine.commit_stage import Forwarded
-from teacher_server.engine.preemption import ForwardSpan, RunningBatch, YieldPoints
-from teacher_server.engine.rows_runner import AnswersFn, JobShape, Late
-from teacher_server.engine.scheduler import ComputeEstimate
-from teacher_server.engine.split_requests import whole_requests
-from teacher_server.engine.staging import StagedRows
+from teacher_server.engine.batching.batch_job import BatchJob, BatchStats, Handoff, still_wanted
+from teacher_server.engine.batching.commit_stage import Forwarded
+from teacher_server.engine.batching.preemption import ForwardSpan, RunningBatch, YieldPoints
+from teacher_server.engine.batching.scheduler import ComputeEstimate
+from teacher_server.engine.batching.split_requests import whole_requests
+from teacher_server.engine.rows.answers import Answer
+from teacher_server.engine.rows.rows_runner import AnswersFn, JobShape, Late
+from teacher_server.engine.rows.staging import StagedRows
 from teacher_server.metrics import ServerMetrics
 from teacher_server.priorities import rank_of
 

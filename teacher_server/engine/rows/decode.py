@@ -22,7 +22,7 @@ from maskedkd.geometry import TeacherGeometry
 from maskedkd.keep import KeepIndicesError, check_keep
 from maskedkd.text import clip
 from maskedkd.v1 import teacher_pb2 as pb
-from teacher_server.engine.answers import NO_OUTPUTS, OutputsRequest
+from teacher_server.engine.rows.answers import NO_OUTPUTS, OutputsRequest
 from teacher_server.errors import InvalidRequestError
 
 PIXEL_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from maskedkd.geometry import TeacherGeometry
-from teacher_server.engine.decode import DecodedInput
+from teacher_server.engine.rows.decode import DecodedInput
 
 Allocate = Callable[[int, torch.dtype], torch.Tensor]  # (elements, dtype) -> a 1-D host tensor
 

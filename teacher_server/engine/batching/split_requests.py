@@ -27,8 +27,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from teacher_server.engine.answers import Answer
-from teacher_server.engine.batch_job import BatchJob, ChunkOf, SplitRequest
+from teacher_server.engine.batching.batch_job import BatchJob, ChunkOf, SplitRequest
+from teacher_server.engine.rows.answers import Answer
 
 # A chunk holds at least this many teacher tokens: a CPU's GEMMs on fewer rows run well below its rate (one thread,
 # the tiny 32 px ViT, per image: bf16 1.23 ms at 512 tokens against 1.19 at 1,024 and 5.5 at 33; float32 3.4 / 3.2 /

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from maskedkd.masked_teacher import MaskedTeacher
-from teacher_server.engine.shape_buckets import BucketedForward, PaddedShape, ShapeFn, ShapeUse
+from teacher_server.engine.teacher.shape_buckets import BucketedForward, PaddedShape, ShapeFn, ShapeUse
 
 log = logging.getLogger(__name__)
 

@@ -30,16 +30,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from maskedkd.torch_threads import helper_pool
-from teacher_server.engine.batch_job import BatchJob, FinalizeFn, Handoff, JobResult, batch_order
-from teacher_server.engine.commit_stage import CommitStage, Forwarded, commit_batch, deliver, deliver_error
-from teacher_server.engine.decode import DecodedInput
-from teacher_server.engine.fair_clock import Clock
-from teacher_server.engine.forward_step import COMMIT_S_MARGIN, ForwardStep
-from teacher_server.engine.preemption import PREEMPT_MIN_S, Offer, RunningBatch, YieldPoints
-from teacher_server.engine.rows_runner import AnswersFn
-from teacher_server.engine.scheduler import Backlog, ComputeEstimate, FairQueue, QueueLimits
-from teacher_server.engine.split_requests import LONE_BATCH_S, RecentSenders, split_job
-from teacher_server.engine.staging import StagedRows, Stager
+from teacher_server.engine.batching.batch_job import BatchJob, FinalizeFn, Handoff, JobResult, batch_order
+from teacher_server.engine.batching.commit_stage import CommitStage, Forwarded, commit_batch, deliver, deliver_error
+from teacher_server.engine.batching.fair_clock import Clock
+from teacher_server.engine.batching.forward_step import COMMIT_S_MARGIN, ForwardStep
+from teacher_server.engine.batching.preemption import PREEMPT_MIN_S, Offer, RunningBatch, YieldPoints
+from teacher_server.engine.batching.scheduler import Backlog, ComputeEstimate, FairQueue, QueueLimits
+from teacher_server.engine.batching.split_requests import LONE_BATCH_S, RecentSenders, split_job
+from teacher_server.engine.rows.decode import DecodedInput
+from teacher_server.engine.rows.rows_runner import AnswersFn
+from teacher_server.engine.rows.staging import StagedRows, Stager
 from teacher_server.errors import DeadlineUnmetError, ServiceUnavailableError
 from teacher_server.metrics import ServerMetrics
 from teacher_server.priorities import DEFAULT_PRIORITY, rank_of

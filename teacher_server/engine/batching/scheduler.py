@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
-from teacher_server.engine.fair_clock import Clock, FairClock
+from teacher_server.engine.batching.fair_clock import Clock, FairClock
 from teacher_server.priorities import rank_of
 
 

@@ -16,8 +16,8 @@ import torch
 
 from maskedkd.teacher_outputs import ForwardOutputs, OutputChoice
 from maskedkd.v1 import teacher_pb2 as pb
-from teacher_server.engine.answers import NO_OUTPUTS, Answer, OutputsRequest, batch_choice, job_outputs
-from teacher_server.engine.staging import StagedRows
+from teacher_server.engine.rows.answers import NO_OUTPUTS, Answer, OutputsRequest, batch_choice, job_outputs
+from teacher_server.engine.rows.staging import StagedRows
 from teacher_server.priorities import DEFAULT_PRIORITY, rank_of
 
 # forward(pixels [G,K,C,P,P] raw, keep_indices [G,K], keep_counts [G] | None) -> logits [G, classes] float32 CPU

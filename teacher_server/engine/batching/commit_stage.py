@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from maskedkd.torch_threads import helper_pool
-from teacher_server.engine.answers import Answer
-from teacher_server.engine.batch_job import BatchJob, BatchStats, FinalizeFn, JobResult
+from teacher_server.engine.batching.batch_job import BatchJob, BatchStats, FinalizeFn, JobResult
+from teacher_server.engine.rows.answers import Answer
 from teacher_server.errors import ServiceUnavailableError
 from teacher_server.metrics import ServerMetrics
 

@@ -14,7 +14,7 @@ from maskedkd.masked_teacher import MaskedTeacher
 from maskedkd.precision import dtype_name, resolve_dtype
 from maskedkd.text import first_line
 from maskedkd.tome import ToMeTeacher
-from teacher_server.engine.fidelity import FLOAT32_ITSELF, DtypeFidelity, measure
+from teacher_server.engine.teacher.fidelity import FLOAT32_ITSELF, DtypeFidelity, measure
 from teacher_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
