@@ -1,5 +1,5 @@
 """The client's side of the same-host fast path: a request's pixels written into a POSIX shared memory region the
-teacher server on this machine reads (`Tensor.shm`; the server's side: teacher_server/service/shared_memory.py),
+teacher server on this machine reads (`Tensor.shm`; the server's side: teacher_server/service/wire/shared_memory.py),
 so the gRPC message carries a name and an offset instead of ~75 KB an image.
 
 One region per call in flight, reused from call to call (grown when a larger request comes), created by this

@@ -77,7 +77,7 @@ _ADD_BILLED = (
 
 @dataclass(frozen=True)
 class StoredLogits:
-    """A replay payload's logits as the ledger keeps them (service/replay_logits.py writes and reads them)."""
+    """A replay payload's logits as the ledger keeps them (written and read by service/accounting/replay_logits.py)."""
 
     data: bytes  # little-endian, row-major
     shape: str  # "B,C"

@@ -32,7 +32,7 @@ from teacher_server.errors import AuthenticationError
 from teacher_server.ledger.keys import hash_secret
 from teacher_server.ledger.refusals import RefusalCounter
 from teacher_server.metrics import ServerMetrics
-from teacher_server.service.auth import KeyAuthenticator, KeyInfo, bearer_secret
+from teacher_server.service.accounting.auth import KeyAuthenticator, KeyInfo, bearer_secret
 from teacher_server.service.error_interceptor import ServiceInterceptor, rich_trailing_metadata, status_of
 
 KEYED_METHODS = ("Infer", "InferStream", "GetModelInfo")  # GetModelInfo: the key is optional, a wrong one refused

@@ -19,9 +19,9 @@ from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server.errors import ServiceError
 from teacher_server.ledger.refusals import RefusalCounter
 from teacher_server.metrics import ServerMetrics
-from teacher_server.service.decoding import decoded, tolerant
 from teacher_server.service.inference import CURRENT_LABELS, CallLabels
-from teacher_server.service.pixels_in_place import deserialize_infer_request
+from teacher_server.service.wire.decoding import decoded, tolerant
+from teacher_server.service.wire.pixels_in_place import deserialize_infer_request
 
 log = logging.getLogger(__name__)
 

@@ -34,12 +34,12 @@ from teacher_server.engine.teacher.metering import MeteredUsage
 from teacher_server.errors import MIN_RETRY_S, InvalidRequestError, ReplayExpiredError, RequestIdReusedError
 from teacher_server.ledger.quota_holds import Hold, LimitState
 from teacher_server.metrics import ServerMetrics
-from teacher_server.service.auth import KeyInfo
-from teacher_server.service.biller import Biller, BillingContext, InferOutcome, reused_error
-from teacher_server.service.content_digest import RequestDigest, content_digest
-from teacher_server.service.pixels_in_place import InferWithPixels
-from teacher_server.service.quota_status import deadline_unmet, overloaded, quota_exceeded
-from teacher_server.service.shared_memory import read_shared_pixels, shared_input
+from teacher_server.service.accounting.auth import KeyInfo
+from teacher_server.service.accounting.biller import Biller, BillingContext, InferOutcome, reused_error
+from teacher_server.service.accounting.content_digest import RequestDigest, content_digest
+from teacher_server.service.accounting.quota_status import deadline_unmet, overloaded, quota_exceeded
+from teacher_server.service.wire.pixels_in_place import InferWithPixels
+from teacher_server.service.wire.shared_memory import read_shared_pixels, shared_input
 
 OFFLOAD_BYTES = 16 << 20  # digest and check float payloads above this size off the event loop (a thread hop costs)
 RECENT_REQUESTS = 8  # per key, the requests whose sizes admission remembers

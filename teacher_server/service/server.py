@@ -28,9 +28,9 @@ from teacher_server.launcher import Ready, TlsMode
 from teacher_server.ledger import database
 from teacher_server.ledger.refusals import FLUSH_INTERVAL_S, RefusalCounter
 from teacher_server.metrics import ServerMetrics
-from teacher_server.service.auth import KeyAuthenticator
+from teacher_server.service.accounting.auth import KeyAuthenticator
+from teacher_server.service.accounting.biller import Biller
 from teacher_server.service.auth_guard import AuthFirstInterceptor, FailedAuthLimiter
-from teacher_server.service.biller import Biller
 from teacher_server.service.error_interceptor import ErrorInterceptor
 from teacher_server.service.inference import InferenceService
 from teacher_server.service.servicer import TeacherServicer

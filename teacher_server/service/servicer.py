@@ -21,13 +21,13 @@ from teacher_server.errors import AuthenticationError, ServiceUnavailableError
 from teacher_server.ledger.refusals import RefusalCounter
 from teacher_server.metrics import ServerMetrics
 from teacher_server.priorities import DEFAULT_PRIORITY
-from teacher_server.service.auth import KeyAuthenticator, KeyInfo, bearer_secret
-from teacher_server.service.biller import InferOutcome
-from teacher_server.service.decoding import decoded, request_id_of
+from teacher_server.service.accounting.auth import KeyAuthenticator, KeyInfo, bearer_secret
+from teacher_server.service.accounting.biller import InferOutcome
+from teacher_server.service.accounting.quota_status import limit_metadata
 from teacher_server.service.error_interceptor import mark_counted, status_of
 from teacher_server.service.inference import CURRENT_LABELS, CallLabels, InferenceService, current_labels
-from teacher_server.service.pixels_in_place import InferWithPixels
-from teacher_server.service.quota_status import limit_metadata
+from teacher_server.service.wire.decoding import decoded, request_id_of
+from teacher_server.service.wire.pixels_in_place import InferWithPixels
 from teacher_server.settings import ServerSettings
 
 STREAM_WINDOW = 64  # requests of one stream in flight at once (back-pressure on a fast sender)

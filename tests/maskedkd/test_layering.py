@@ -1,9 +1,10 @@
 """The package layers: `maskedkd` (the core) imports neither side; `student_client` never imports `teacher_server`;
-inside `teacher_server`, the rooms import downwards only (the ledger and the engine know nothing of the service, the
-CLI or the dashboard; the dashboard knows the ledger and the settings, not the engine or the transport; inside the
-engine, the rows know nothing of the teacher, and neither of the micro-batcher); inside
-`student_client` as well (the transport knows nothing of the KD step, the KD step nothing of the run, the run nothing
-of the entry points); and no modules of the three packages import each other in a circle.
+inside `teacher_server`, the rooms import downwards only (the ledger and the engine know nothing of the service, the CLI
+or the dashboard; the dashboard knows the ledger and the settings, not the engine or the transport; inside the engine,
+the rows know nothing of the teacher, and neither of the micro-batcher; inside the service, the wire and the accounting
+know neither each other nor the servicer); inside `student_client` as well (the transport knows nothing of the KD step,
+the KD step nothing of the run, the run nothing of the entry points); and no modules of the three packages import each
+other in a circle.
 
 Read twice: statically (every import statement in the source, also the lazy ones inside functions) and at run time
 (a fresh interpreter imports every module of the package and reports which top-level packages got loaded).
@@ -45,6 +46,14 @@ ROOMS |= {
     "teacher_server/engine/rows": {_SERVED, "teacher_server.engine.teacher", "teacher_server.engine.batching"},
     "teacher_server/engine/teacher": {_SERVED, "teacher_server.engine.batching"},
     "teacher_server/engine/batching": {_SERVED},
+}
+# the service's rooms: the request's bytes and the caller's account, each beside the other, under the servicer
+_SERVICE_TOP = {  # the modules directly in service/
+    f"teacher_server.service.{path.stem}" for path in (REPO / "teacher_server" / "service").glob("*.py")
+} - {"teacher_server.service.__init__"}
+ROOMS |= {
+    "teacher_server/service/wire": _SERVICE_TOP | {"teacher_server.service.accounting"},
+    "teacher_server/service/accounting": _SERVICE_TOP | {"teacher_server.service.wire"},
 }
 # student_client's rooms: the transport under the KD step under the run, the entries (and the settings) on top
 _ENTRIES = {"student_client.api", "student_client.cli", "student_client.command"}

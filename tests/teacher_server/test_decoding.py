@@ -7,7 +7,7 @@ import pytest
 
 from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server.errors import InvalidRequestError
-from teacher_server.service.decoding import UndecodableRequest, decoded, request_id_of, tolerant
+from teacher_server.service.wire.decoding import UndecodableRequest, decoded, request_id_of, tolerant
 
 pytestmark = pytest.mark.dtype("none")  # no model numerics
 

@@ -18,7 +18,7 @@ from dtype_marks import child_env
 from service_testkit import auth, image_request, random_images, random_keep, settings, stub
 
 from maskedkd.v1 import teacher_pb2 as pb
-from teacher_server.service.content_digest import content_digest
+from teacher_server.service.accounting.content_digest import content_digest
 from teacher_server.testing.server import running_server
 
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(180)]
@@ -221,7 +221,7 @@ def test_the_server_purges_expired_replay_payloads_by_itself(tmp_path, model) ->
 def test_a_row_billed_with_the_sha256_digest_before_revision_0005_still_replays(tmp_path, model) -> None:
     """Rows billed before BLAKE3 digests hold a bare sha256 hex: a retry of such a row (after an upgrade, on a
     restarted server) is replayed, not refused or billed again; other content under its id is still refused."""
-    from teacher_server.service.content_digest import sha256_digest
+    from teacher_server.service.accounting.content_digest import sha256_digest
 
     images, keep = random_images(2, 5), random_keep(2, 16, 5)
     original = image_request(images, keep, request_id="old-step")

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from teacher_server.service.peer_user import peer_address, peer_uid
+from teacher_server.service.wire.peer_user import peer_address, peer_uid
 
 pytestmark = pytest.mark.dtype("none")  # no tensors
 

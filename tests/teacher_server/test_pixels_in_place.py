@@ -1,4 +1,4 @@
-"""A request's pixels read where they arrived (`service/pixels_in_place.py`): the split parses to exactly what
+"""A request's pixels read where they arrived (`service/wire/pixels_in_place.py`): the split parses to exactly what
 protobuf parses from the whole message, its pixels are a view of the received bytes, and every other layout goes to
 protobuf whole; a served request takes it and is answered and billed as before (float32, CPU)."""
 
@@ -14,7 +14,12 @@ import torch
 
 from maskedkd.codec import tensor_to_proto
 from maskedkd.v1 import teacher_pb2 as pb
-from teacher_server.service.pixels_in_place import MAX_FIELDS, InferWithPixels, deserialize_infer_request, split_pixels
+from teacher_server.service.wire.pixels_in_place import (
+    MAX_FIELDS,
+    InferWithPixels,
+    deserialize_infer_request,
+    split_pixels,
+)
 from teacher_server.testing.server import running_server
 
 pytestmark = pytest.mark.dtype("float32")

@@ -11,7 +11,7 @@ import service_testkit as kit
 import torch
 from service_testkit import auth, image_request, random_images, random_keep, settings, stub
 
-from teacher_server.service.replay_logits import BFLOAT16, logits_of, stored_logits
+from teacher_server.service.accounting.replay_logits import BFLOAT16, logits_of, stored_logits
 from teacher_server.testing.server import running_server
 
 pytestmark = pytest.mark.timeout(180)

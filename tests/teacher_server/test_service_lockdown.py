@@ -23,7 +23,7 @@ from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server.errors import AuthenticationError
 from teacher_server.ledger import database, keys
 from teacher_server.metrics import ServerMetrics
-from teacher_server.service.auth import KeyAuthenticator
+from teacher_server.service.accounting.auth import KeyAuthenticator
 from teacher_server.service.auth_guard import AuthFirstInterceptor, FailedAuthLimiter, peer_host
 from teacher_server.settings import ServerSettings
 from teacher_server.testing.server import RunningServer, running_server

@@ -19,7 +19,7 @@ import service_testkit as kit
 import torch
 
 from maskedkd.v1 import teacher_pb2 as pb
-from teacher_server.service.shared_memory import is_local_peer
+from teacher_server.service.wire.shared_memory import is_local_peer
 from teacher_server.testing.server import running_server
 
 pytestmark = [pytest.mark.dtype("float32"), pytest.mark.timeout(120)]

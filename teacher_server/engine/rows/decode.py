@@ -153,8 +153,8 @@ def decode_input(
     pixel_bytes: Pixels | None = None,
 ) -> DecodedInput:
     """Check `request` against the teacher's `geometry` and view its pixels; InvalidRequestError names what is wrong.
-    `pixel_bytes`: the pixels read from the shared memory region the input names (service/shared_memory.py), or
-    viewed where the message arrived, parsed without them (service/pixels_in_place.py).
+    `pixel_bytes`: the pixels read from the shared memory region the input names (service/wire/shared_memory.py), or
+    viewed where the message arrived, parsed without them (service/wire/pixels_in_place.py).
     What this returns is trusted from here on (the forward checks nothing again)."""
     which = request.WhichOneof("input")
     p, c = geometry.patch_size, geometry.in_chans

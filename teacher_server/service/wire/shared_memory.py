@@ -27,7 +27,7 @@ from maskedkd.text import clip
 from maskedkd.v1 import teacher_pb2 as pb
 from teacher_server.engine.rows.decode import declared_bytes
 from teacher_server.errors import InvalidRequestError, PermissionDeniedError
-from teacher_server.service.peer_user import peer_uid
+from teacher_server.service.wire.peer_user import peer_uid
 
 REGION_DIR = Path("/dev/shm")  # where Linux keeps POSIX shared memory (shm_open) regions
 NAME_RE = re.compile(r"maskedkd-[A-Za-z0-9_-]{1,64}")

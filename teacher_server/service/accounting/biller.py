@@ -23,9 +23,9 @@ from teacher_server.ledger import billing, models, quota_holds
 from teacher_server.ledger.billing import unavailable_on_transient_errors
 from teacher_server.ledger.quota_holds import Hold, LimitState
 from teacher_server.metrics import ServerMetrics
-from teacher_server.service.auth import KeyInfo
-from teacher_server.service.content_digest import RequestDigest
-from teacher_server.service.replay_logits import logits_of, stored_logits
+from teacher_server.service.accounting.auth import KeyInfo
+from teacher_server.service.accounting.content_digest import RequestDigest
+from teacher_server.service.accounting.replay_logits import logits_of, stored_logits
 
 DEFAULT_REPLAY_TTL_S = 7 * 86400.0
 

@@ -18,7 +18,7 @@ from google.rpc import error_details_pb2
 
 from teacher_server.errors import DeadlineUnmetError, OverloadedError, QuotaExceededError, retry_info
 from teacher_server.ledger.quota_holds import LimitState
-from teacher_server.service.auth import KeyInfo
+from teacher_server.service.accounting.auth import KeyInfo
 
 
 def _seconds(value: float) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from teacher_server.errors import InvalidRequestError
-from teacher_server.service.wire_format import I32, I64, LEN, VARINT, WireFormatError, read_varint
+from teacher_server.service.wire.wire_format import I32, I64, LEN, VARINT, WireFormatError, read_varint
 
 SCAN_FIELDS = 10_000  # fields the scan reads before giving up (it runs in Python, on the event loop)
 _VARINT_TYPES = frozenset(

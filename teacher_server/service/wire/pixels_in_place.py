@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from maskedkd.v1 import teacher_pb2 as pb
-from teacher_server.service.wire_format import I32, I64, LEN, VARINT, WireFormatError, encoded_varint, read_varint
+from teacher_server.service.wire.wire_format import I32, I64, LEN, VARINT, WireFormatError, encoded_varint, read_varint
 
 _INPUT = frozenset({3, 4})  # InferRequest.images, InferRequest.patches: the `input` oneof
 _DTYPE, _DATA, _SHM = 1, 3, 4  # Tensor.dtype, Tensor.data, Tensor.shm
