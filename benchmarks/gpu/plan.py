@@ -52,11 +52,11 @@ WORKERS_TRAIN_MODE = (
 )
 CUDA_TEST_FILES = (
     "tests/maskedkd/test_masked_teacher.py",
-    "tests/teacher_server/test_batcher.py",
-    "tests/teacher_server/test_ingest_rows.py",
-    "tests/teacher_server/test_packing.py",
-    "tests/teacher_server/test_shape_buckets.py",
-    "tests/teacher_server/test_service_dtype.py",
+    "tests/teacher_server/engine/test_batcher.py",
+    "tests/teacher_server/ingest/test_ingest_rows.py",
+    "tests/teacher_server/engine/test_packing.py",
+    "tests/teacher_server/engine/test_shape_buckets.py",
+    "tests/teacher_server/service/test_service_dtype.py",
     "tests/student_client/test_train_precision.py",
     "tests/student_client/test_off_thread.py",
     "tests/student_client/test_feature_kd.py",
