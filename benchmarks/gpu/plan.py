@@ -57,9 +57,9 @@ CUDA_TEST_FILES = (
     "tests/teacher_server/engine/test_packing.py",
     "tests/teacher_server/engine/test_shape_buckets.py",
     "tests/teacher_server/service/test_service_dtype.py",
-    "tests/student_client/test_train_precision.py",
-    "tests/student_client/test_off_thread.py",
-    "tests/student_client/test_feature_kd.py",
+    "tests/student_client/training/test_train_precision.py",
+    "tests/student_client/transport/test_off_thread.py",
+    "tests/student_client/distill/test_feature_kd.py",
 )
 NO_CUDA = (
     "benchmarks --gpu: error: torch sees no CUDA device (torch {torch}, CUDA build {cuda}); nothing was run "

@@ -62,7 +62,7 @@ SUBSTITUTIONS = (
         "--local",
         "Ray Train's start-up (25 s on a quiet 2-core machine, minutes under "
         "load) is over this test's budget: 2 Ray workers run in tests/scripts/test_demo.py and "
-        "tests/student_client/test_ray_train.py; --local is the same training loop in-process",
+        "tests/student_client/training/test_ray_train.py; --local is the same training loop in-process",
     ),
     Substitution("--epochs 3", "--epochs 1", "training is shortened: one epoch ..."),
     Substitution(
@@ -83,7 +83,7 @@ NOT_RUN = (
     NotRun("make test", "the suite itself", "this test is part of it"),
     NotRun(
         "student-client train --ray-address HEAD:6379",
-        "tests/student_client/test_ray_cluster.py",
+        "tests/student_client/training/test_ray_cluster.py",
         "needs a Ray cluster and shared storage; the test starts two `ray start` nodes on loopback",
     ),
     NotRun(

@@ -1,7 +1,7 @@
 """A short `make demo` run end to end (real server subprocess, real keys, the real `student-client` runs), checking its
 printed numbers against the FLOP model of the committed teacher and against the ledger read back through
 `teacher-server usage`. The students train the demo's default way, at once, in-process (no Ray); the Ray path of the
-same training loop, its billing included, is tested in tests/student_client/test_ray_train.py."""
+same training loop, its billing included, is tested in tests/student_client/training/test_ray_train.py."""
 
 from __future__ import annotations
 

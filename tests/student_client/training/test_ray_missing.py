@@ -11,7 +11,7 @@ import pytest
 
 pytestmark = pytest.mark.dtype("none")  # no model numerics
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 # Hides Ray as a client-only install would; then asks for Ray training.
 _PROBE = """
