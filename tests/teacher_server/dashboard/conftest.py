@@ -1,4 +1,5 @@
-"""Fixtures of the dashboard tests: the seeded SQLite ledger and the dashboard serving it on 127.0.0.1."""
+"""Fixtures of the dashboard tests: the seeded SQLite ledger, the dashboard serving it on 127.0.0.1, and its API
+in this process (a FastAPI test client)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
+from api_testkit import VIEWER
+from fastapi.testclient import TestClient
 from seed_ledger import ADMIN_TOKEN, DEFAULT_PRICE, VIEWER_TOKEN, SeededLedger, seed_usage
 
 from teacher_server.dashboard import create_app
@@ -38,3 +41,9 @@ def dashboard(seeded: SeededLedger) -> Iterator[RunningDashboard]:
     running = start_dashboard_thread(create_app(seeded.settings))
     yield running
     running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(seeded: SeededLedger) -> TestClient:
+    """The API in this process, reading with the viewer token (test_access.py covers reading without it)."""
+    return TestClient(create_app(seeded.settings), raise_server_exceptions=False, headers=VIEWER)
