@@ -10,7 +10,9 @@ from markdown_testkit import REPO, Link, anchors, links
 
 pytestmark = pytest.mark.dtype("none")  # no model numerics
 
-DOCUMENTS = sorted({REPO / "README.md", *(REPO / "docs").glob("*.md"), *REPO.glob("*/README.md")})
+# the folders' READMEs, not those of hidden folders (pytest's own cache writes .pytest_cache/README.md)
+FOLDER_READMES = [path for path in REPO.glob("*/README.md") if not path.parent.name.startswith(".")]
+DOCUMENTS = sorted({REPO / "README.md", *(REPO / "docs").glob("*.md"), *FOLDER_READMES})
 EXTERNAL = ("http://", "https://", "mailto:")
 
 
